@@ -1,0 +1,49 @@
+# pkdot — two commands on a fresh clone: `make demo` and `make test` (each runs `setup` first if needed).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MPLBACKEND := Agg
+
+.PHONY: setup demo test test-fast lint bench bench-quality ray-up ray-down clean
+
+$(BIN)/pkdot:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+setup: $(BIN)/pkdot
+
+demo: $(BIN)/pkdot
+	$(BIN)/pkdot run
+
+test: $(BIN)/pkdot
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-fast: $(BIN)/pkdot
+	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
+
+lint: $(BIN)/pkdot
+	$(BIN)/ruff check pkdot flows tests benchmarks
+	$(BIN)/ruff format --check pkdot flows tests benchmarks
+	$(BIN)/mypy pkdot
+
+bench: $(BIN)/pkdot
+	$(BIN)/python benchmarks/speed.py
+
+bench-quality: $(BIN)/pkdot
+	$(BIN)/python benchmarks/quality.py
+
+ray-up: $(BIN)/pkdot
+	$(BIN)/ray start --head --dashboard-host 127.0.0.1 --dashboard-port 8265 --num-cpus 2 --disable-usage-stats
+	@echo "Ray dashboard: http://127.0.0.1:8265 ; run with: $(BIN)/pkdot run --ray-address auto"
+
+ray-down:
+	$(BIN)/ray stop
+
+clean:
+	rm -rf runs .pytest_cache

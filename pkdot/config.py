@@ -1,0 +1,390 @@
+"""The run configuration: one pydantic model for a whole pipeline run.
+
+Every field has a default, so ``pkdot run`` needs no file. A YAML file (or the CLI's ``--set a.b=value``
+overrides) replaces fields; a preset (``demo`` or ``paper``) is applied first. Invalid values raise
+:class:`pkdot.errors.ConfigError` naming the field, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pkdot.errors import ConfigError
+
+Preset = Literal["demo", "paper"]
+DatasetName = Literal["biovid", "affwild2", "table", "synthetic-biovid", "synthetic-affwild2"]
+Task = Literal["binary", "multiclass", "valence", "arousal"]
+
+#: Modality name -> feature file stem under ``<run>/features/`` for the extracted data sets.
+MODALITY_FILES: dict[str, str] = {"video": "faces", "physio": "physio", "audio": "audio"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which data set, where it lives, which task and which modalities."""
+
+    dataset: Literal["biovid", "affwild2", "table"] = "biovid"
+    root: Path | None = Field(default=None, description="Dataset root (None = the synthetic set of the run)")
+    part: Literal["A", "B"] = Field(default="A", description="Biovid part (B adds facial EMG)")
+    task: Task = "binary"
+    skip_bad: bool = Field(default=False, description="Skip and report bad samples instead of failing")
+    # Aff-Wild2 clip windows (frames of the annotation/video timeline)
+    clip_frames: int = Field(default=50, ge=2, description="Aff-Wild2 clip length in frames")
+    clip_stride: int = Field(default=50, ge=1, description="Aff-Wild2 step between clip starts in frames")
+    min_annotated: float = Field(default=0.5, gt=0.0, le=1.0, description="Min fraction of annotated frames")
+    # Modalities: what the student sees at test time, and what only the teacher sees.
+    student_modalities: list[str] = Field(default_factory=lambda: ["video"])
+    privileged_modalities: list[str] = Field(default_factory=lambda: ["physio"])
+
+    @model_validator(mode="after")
+    def _modalities(self) -> DataConfig:
+        if not self.student_modalities:
+            raise ValueError("student_modalities must name at least one modality")
+        if not self.privileged_modalities:
+            raise ValueError("privileged_modalities must name at least one modality")
+        both = set(self.student_modalities) & set(self.privileged_modalities)
+        if both:
+            raise ValueError(f"modalities {sorted(both)} are both student and privileged")
+        if self.dataset == "biovid" and self.task not in ("binary", "multiclass"):
+            raise ValueError(f"task {self.task!r} is not a Biovid task (expected 'binary' or 'multiclass')")
+        if self.dataset == "affwild2" and self.task not in ("valence", "arousal"):
+            raise ValueError(f"task {self.task!r} is not an Aff-Wild2 task (expected 'valence' or 'arousal')")
+        return self
+
+    @property
+    def modalities(self) -> list[str]:
+        return [*self.student_modalities, *self.privileged_modalities]
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task in ("valence", "arousal")
+
+    @property
+    def num_outputs(self) -> int:
+        """Classes for classification, 1 for regression (table tasks use ``binary``/``multiclass``)."""
+        return {"binary": 2, "multiclass": 5, "valence": 1, "arousal": 1}[self.task]
+
+
+class SynthConfig(_Section):
+    """Size of the synthetic data set written when no root is given."""
+
+    subjects: int = Field(default=8, ge=2)
+    samples_per_class: int = Field(default=4, ge=1, description="Biovid: windows per class per subject")
+    videos_per_subject: int = Field(default=1, ge=1, description="Aff-Wild2: videos per subject")
+    seconds_per_video: float = Field(default=12.0, gt=0)
+    frame_size: int = Field(default=160, ge=64, description="Synthetic video frame side (pixels)")
+    fps: int = Field(default=25, ge=5)
+
+
+class FeatureConfig(_Section):
+    """Stage 1: face crops, physiological and audio features."""
+
+    n_frames: int = Field(default=10, ge=1, description="Frames sampled per clip (TSN: one per segment)")
+    crop_size: int = Field(default=112, ge=16)
+    face_margin: float = Field(default=0.25, ge=0.0, le=1.0)
+    detector: Literal["haar", "yunet"] = "haar"
+    yunet_model: Path | None = Field(default=None, description="ONNX file for OpenCV FaceDetectorYN")
+    detect_width: int = Field(default=320, ge=64, description="Frames are downscaled to this width to detect")
+    box_smoothing: float = Field(default=0.5, ge=0.0, lt=1.0, description="EMA factor on face boxes")
+    jpeg_quality: int = Field(default=95, ge=10, le=100)
+    # Physio (Biovid: 512 Hz, 5.5 s windows; the authors use seconds 2-5)
+    physio_fs: float = Field(default=512.0, gt=0)
+    physio_channels: list[str] | None = Field(default=None, description="None = every channel of the part")
+    physio_window: tuple[float, float] = (2.0, 5.0)
+    max_nan_gap_s: float = Field(default=0.1, ge=0.0, description="Longer NaN runs quarantine the sample")
+    spec_nperseg: int = Field(default=16, ge=4)
+    spec_noverlap: int = Field(default=4, ge=0)
+    spec_nfft: int = Field(default=128, ge=4)
+    # Audio
+    audio_sr: int = Field(default=16000, ge=4000)
+    n_mels: int = Field(default=64, ge=8)
+    hop_length: int = Field(default=160, ge=16)
+    # Execution
+    workers: int = Field(default=2, ge=1)
+    shard_size: int = Field(default=32, ge=1)
+
+    @model_validator(mode="after")
+    def _spec(self) -> FeatureConfig:
+        if self.spec_noverlap >= self.spec_nperseg:
+            raise ValueError("spec_noverlap must be smaller than spec_nperseg")
+        if self.spec_nfft < self.spec_nperseg:
+            raise ValueError("spec_nfft must be >= spec_nperseg")
+        lo, hi = self.physio_window
+        if not 0 <= lo < hi:
+            raise ValueError(f"physio_window must be (start, end) seconds with 0 <= start < end, got {lo, hi}")
+        return self
+
+
+class ModelConfig(_Section):
+    """Backbones, fusion and T-Net sizes."""
+
+    embed_dim: int = Field(default=512, ge=4)
+    video_backbone: Literal["r3d18", "small3d"] = "r3d18"
+    video_width: int = Field(default=64, ge=4, description="Channels of the first video stage")
+    physio_input: Literal["spectrogram", "window"] = "spectrogram"
+    physio_width: int = Field(default=64, ge=4)
+    audio_width: int = Field(default=64, ge=4)
+    mlp_hidden: int = Field(default=256, ge=4, description="Hidden size of MLP backbones (table data)")
+    fusion_heads: int = Field(default=2, ge=1)
+    fusion_layers: int = Field(default=1, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    tnet_hidden: list[int] = Field(default_factory=lambda: [256, 128, 256])
+    pretrained_video: Path | None = Field(default=None, description="Local state_dict for the video backbone")
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.embed_dim % self.fusion_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by fusion_heads ({self.fusion_heads})")
+        return self
+
+
+class TrainConfig(_Section):
+    """Teacher/student optimisation, folds and Ray Train scaling."""
+
+    folds: int | Literal["loso"] = Field(default=5, description="Subject k-fold (int >= 2) or 'loso'")
+    max_folds: int | None = Field(default=None, ge=1, description="Run only the first N folds")
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Training subjects held for validation")
+    batch_size: int = Field(default=128, ge=2)
+    teacher_batch_size: int = Field(default=64, ge=2)
+    epochs_unimodal: int = Field(default=20, ge=1)
+    epochs_teacher: int = Field(default=20, ge=1)
+    epochs_tnet: int = Field(default=20, ge=1)
+    epochs_student: int = Field(default=20, ge=1)
+    lr_backbone: float = Field(default=1e-3, gt=0)
+    lr_teacher_backbone: float = Field(default=1e-4, gt=0)
+    lr_fusion: float = Field(default=1e-3, gt=0)
+    lr_tnet: float = Field(default=5e-5, gt=0)
+    lr_student: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    freeze_student_backbone: bool = True
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
+    use_gpu: bool | Literal["auto"] = "auto"
+    max_failures: int = Field(default=2, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("folds must be >= 2 or 'loso'")
+        return v
+
+
+class DistillConfig(_Section):
+    """Distillation losses and their weights: total = task_weight * task + weight * distill."""
+
+    losses: list[str] = Field(default_factory=lambda: ["none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot"])
+    weight: float = Field(default=0.6, ge=0.0)
+    task_weight: float = Field(default=1.0, ge=0.0)
+    k: int | Literal["all"] = Field(default=30, description="PKDOT anchors per row")
+    anchors: Literal["least", "most"] = "least"
+    blur: float = Field(default=0.1, gt=0)
+    scaling: float = Field(default=0.5, gt=0, lt=1)
+    temperature: float = Field(default=4.0, gt=0, description="KD softmax temperature")
+    use_tnet: bool = True
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-loss extra keyword options")
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("k must be >= 1 or 'all'")
+        return v
+
+    @field_validator("losses")
+    @classmethod
+    def _losses(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("losses must name at least one loss")
+        if len(set(v)) != len(v):
+            raise ValueError(f"losses has duplicates: {v}")
+        return v
+
+
+class TrackingConfig(_Section):
+    """MLflow: URI (None = SQLite under the run directory, or $MLFLOW_TRACKING_URI), experiment, registry."""
+
+    tracking_uri: str | None = None
+    experiment: str = "pkdot"
+    register_model: bool = True
+    model_name: str | None = Field(default=None, description="Default: pkdot-student-<dataset>")
+
+
+class RunConfig(_Section):
+    """A whole pipeline run."""
+
+    name: str = "pkdot"
+    preset: Preset = "demo"
+    seed: int = 0
+    run_dir: Path = Path("runs/demo")
+    data: DataConfig = Field(default_factory=DataConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> RunConfig:
+        if self.data.dataset == "biovid":
+            for m in self.data.modalities:
+                if m not in ("video", "physio"):
+                    raise ValueError(f"Biovid has modalities video and physio, not {m!r}")
+        if self.data.dataset == "affwild2":
+            for m in self.data.modalities:
+                if m not in ("video", "audio"):
+                    raise ValueError(f"Aff-Wild2 has modalities video and audio, not {m!r}")
+        return self
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections (for caching a stage on its inputs)."""
+        dump = self.model_dump(mode="json")
+        payload = {s: dump[s] for s in sections} if sections else dump
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"a.b": value}`` (for MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        tmp.replace(path)
+
+
+# ---- presets -----------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny models: seconds per epoch on a 2-core CPU.
+    "demo": {
+        "preset": "demo",
+        "features": {"n_frames": 8, "crop_size": 48, "detect_width": 160, "workers": 2, "shard_size": 16,
+                     "n_mels": 32},
+        "model": {"embed_dim": 64, "video_backbone": "small3d", "video_width": 8, "physio_width": 8,
+                  "audio_width": 8, "mlp_hidden": 64, "fusion_heads": 2, "tnet_hidden": [64, 32, 64],
+                  "dropout": 0.1},
+        "train": {"folds": 4, "max_folds": 2, "batch_size": 32, "teacher_batch_size": 32,
+                  "epochs_unimodal": 6, "epochs_teacher": 6, "epochs_tnet": 10, "epochs_student": 8,
+                  "lr_backbone": 3e-3, "lr_teacher_backbone": 1e-3, "lr_fusion": 3e-3, "lr_tnet": 3e-3,
+                  "lr_student": 3e-3, "num_workers": 2, "seeds": [0]},
+        "distill": {"k": 10},
+        "synth": {"subjects": 8, "samples_per_class": 4},
+    },
+    # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6).
+    "paper": {
+        "preset": "paper",
+        "features": {"n_frames": 10, "crop_size": 112, "detect_width": 320},
+        "model": {"embed_dim": 512, "video_backbone": "r3d18", "video_width": 64, "physio_width": 64,
+                  "audio_width": 64, "fusion_heads": 2, "tnet_hidden": [256, 128, 256]},
+        "train": {"folds": 5, "batch_size": 128, "teacher_batch_size": 64, "epochs_unimodal": 20,
+                  "epochs_teacher": 20, "epochs_tnet": 20, "epochs_student": 20, "lr_backbone": 1e-3,
+                  "lr_teacher_backbone": 1e-4, "lr_fusion": 1e-3, "lr_tnet": 5e-5, "lr_student": 1e-4},
+        "distill": {"k": 30, "weight": 0.6, "blur": 0.1, "anchors": "least"},
+    },
+}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs_student=3"`` -> ``("train.epochs_student", 3)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs_student=3")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid run configuration ({source}):\n" + "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> RunConfig:
+    """Build a :class:`RunConfig` from a preset, an optional YAML file and dotted overrides.
+
+    Order: defaults <- preset (``preset`` argument, else the file's ``preset`` key, else ``demo``)
+    <- YAML file <- overrides. Raises :class:`ConfigError` naming the field on any invalid value.
+    """
+    file_data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        file_data = loaded
+        source = str(p)
+    over: dict[str, Any] = {}
+    if isinstance(overrides, list):
+        for item in overrides:
+            k, v = parse_override(item)
+            _set_dotted(over, k, v)
+    elif overrides:
+        for k, v in overrides.items():
+            if v is not None:
+                _set_dotted(over, k, v)
+    chosen = preset or over.get("preset") or file_data.get("preset") or "demo"
+    if chosen not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
+    merged = _deep_merge(_deep_merge(PRESETS[chosen], file_data), over)
+    merged["preset"] = chosen
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None

@@ -1,0 +1,84 @@
+"""The manifest: one row per sample, the contract between the dataset adapters and stage 1.
+
+Columns (Parquet, schema :data:`MANIFEST_SCHEMA`):
+
+- ``sample_id`` (str, unique), ``subject_id`` (str)
+- ``label`` (int64): class index for classification data sets (Biovid: 0=BL1 .. 4=PA4; table: the user's
+  integer label), -1 where there is none (Aff-Wild2)
+- ``class_name`` (str, may be empty)
+- ``valence``, ``arousal`` (float64): clip-mean annotation for Aff-Wild2, NaN elsewhere
+- ``video_path``, ``physio_path``, ``audio_path`` (str, nullable): absolute paths of the recordings
+- ``start_frame``, ``num_frames`` (int64, nullable): the clip window in the video (Aff-Wild2); null = whole video
+- ``partition`` (str): Aff-Wild2 ``Train_Set``/``Validation_Set``; empty elsewhere
+- ``dataset`` (str): ``biovid``, ``affwild2`` or ``table``
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pkdot.errors import DatasetError
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("subject_id", pa.string()),
+        ("label", pa.int64()),
+        ("class_name", pa.string()),
+        ("valence", pa.float64()),
+        ("arousal", pa.float64()),
+        ("video_path", pa.string()),
+        ("physio_path", pa.string()),
+        ("audio_path", pa.string()),
+        ("start_frame", pa.int64()),
+        ("num_frames", pa.int64()),
+        ("partition", pa.string()),
+        ("dataset", pa.string()),
+    ]
+)
+
+BIOVID_CLASSES = ["BL1", "PA1", "PA2", "PA3", "PA4"]
+
+
+def manifest_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows (dicts with any subset of the manifest columns) -> a DataFrame with every column, in order."""
+    df = pd.DataFrame(rows)
+    for field in MANIFEST_SCHEMA:
+        if field.name not in df.columns:
+            df[field.name] = None
+    df = df[[f.name for f in MANIFEST_SCHEMA]]
+    if df["sample_id"].duplicated().any():
+        dup = df.loc[df["sample_id"].duplicated(), "sample_id"].iloc[0]
+        raise DatasetError(f"manifest: sample_id {dup!r} appears more than once (expected unique ids)")
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a manifest atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(manifest_frame(df.to_dict("records")), schema=MANIFEST_SCHEMA, preserve_index=False)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest and check its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"manifest {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise DatasetError(f"manifest {path} is not a readable Parquet file: {exc}") from exc
+    missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise DatasetError(f"manifest {path}: missing columns {missing} (expected {MANIFEST_SCHEMA.names})")
+    return table.to_pandas()

@@ -1,0 +1,127 @@
+"""Schemas of the feature tables under ``<run>/features/`` (declared once, here).
+
+Every modality table has a ``sample_id`` column and one or more *tensor columns*. A tensor column ``NAME``
+is stored as three Parquet columns: ``NAME`` (binary: the array's C-order bytes), ``NAME_shape``
+(list<int32>) and ``NAME_dtype`` (string, a numpy dtype name). :func:`read_tensors` turns them back into one
+stacked numpy array per column, in the order of the requested sample ids.
+
+Tables and their tensor columns (``T`` frames, ``C`` channels, ``F`` frequencies):
+
+- ``faces.parquet``: ``frames`` uint8 (T, H, W, 3) RGB face crops; ``face_found`` float (fraction of sampled
+  frames where the detector found the face), ``boxes`` list<float> (T*4: x, y, w, h in source pixels),
+  ``lost_frames`` int32.
+- ``physio.parquet``: ``window`` float32 (C, L) filtered window; ``spectrogram`` float32 (C, F, T) log power;
+  ``channels`` list<string>; descriptors ``eda_level``, ``eda_slope``, ``heart_rate``, ``emg_rms`` (float64).
+- ``audio.parquet``: ``logmel`` float32 (n_mels, T).
+- bring-your-own table: ``<modality>.parquet`` with ``vector`` float32 (D,).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pkdot.errors import FeatureError
+
+#: Default tensor column the models read for each extracted modality.
+DEFAULT_TENSOR: dict[str, str] = {"video": "frames", "physio": "spectrogram", "audio": "logmel"}
+#: Rows per Parquet row group (streaming reads never hold more than this many decoded samples).
+ROW_GROUP_SIZE = 64
+
+
+def tensor_fields(name: str) -> list[pa.Field]:
+    return [pa.field(name, pa.binary()), pa.field(f"{name}_shape", pa.list_(pa.int32())),
+            pa.field(f"{name}_dtype", pa.string())]
+
+
+FACES_SCHEMA = pa.schema(
+    [pa.field("sample_id", pa.string()), *tensor_fields("frames"), pa.field("face_found", pa.float64()),
+     pa.field("boxes", pa.list_(pa.float32())), pa.field("lost_frames", pa.int32())]
+)
+PHYSIO_SCHEMA = pa.schema(
+    [pa.field("sample_id", pa.string()), *tensor_fields("window"), *tensor_fields("spectrogram"),
+     pa.field("channels", pa.list_(pa.string())), pa.field("eda_level", pa.float64()),
+     pa.field("eda_slope", pa.float64()), pa.field("heart_rate", pa.float64()), pa.field("emg_rms", pa.float64())]
+)
+AUDIO_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), *tensor_fields("logmel")])
+VECTOR_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), *tensor_fields("vector")])
+
+SCHEMAS: dict[str, pa.Schema] = {"faces": FACES_SCHEMA, "physio": PHYSIO_SCHEMA, "audio": AUDIO_SCHEMA}
+
+
+def feature_path(run_dir: str | Path, modality: str) -> Path:
+    """``<run>/features/<file>.parquet`` for a modality (video -> faces.parquet; table columns by name)."""
+    from pkdot.config import MODALITY_FILES
+
+    return Path(run_dir) / "features" / f"{MODALITY_FILES.get(modality, modality)}.parquet"
+
+
+def encode_tensor(name: str, array: np.ndarray) -> dict[str, object]:
+    """One tensor -> the three column values of a row."""
+    arr = np.ascontiguousarray(array)
+    return {name: arr.tobytes(), f"{name}_shape": list(arr.shape), f"{name}_dtype": arr.dtype.name}
+
+
+def decode_tensor(raw: bytes, shape: Sequence[int], dtype: str) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(tuple(shape))
+
+
+def write_table_atomic(rows: list[dict], schema: pa.Schema, path: str | Path) -> Path:
+    """Write rows to ``path`` via a temp file + rename, row groups of :data:`ROW_GROUP_SIZE`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
+    tmp.replace(path)
+    return path
+
+
+def read_sample_ids(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"feature table {path} does not exist (run `pkdot extract` first)")
+    return pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
+
+
+def iter_tensors(path: str | Path, column: str, batch_rows: int = ROW_GROUP_SIZE) -> Iterable[tuple[list[str], np.ndarray]]:
+    """Stream ``(sample_ids, stacked array)`` batches of one tensor column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"feature table {path} does not exist (run `pkdot extract` first)")
+    pf = pq.ParquetFile(path)
+    if column not in pf.schema_arrow.names:
+        raise FeatureError(f"feature table {path} has no tensor column {column!r} (has {pf.schema_arrow.names})")
+    cols = ["sample_id", column, f"{column}_shape", f"{column}_dtype"]
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+        d = batch.to_pydict()
+        arrays = [decode_tensor(r, s, t) for r, s, t in zip(d[column], d[f"{column}_shape"], d[f"{column}_dtype"], strict=True)]
+        yield d["sample_id"], np.stack(arrays) if arrays else np.empty((0,))
+
+
+def read_tensors(path: str | Path, column: str, sample_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Read one tensor column fully: ``(sample_ids, array of shape (N, *shape))``.
+
+    With ``sample_ids``, rows are returned in that order; a requested id that is absent raises FeatureError.
+    """
+    ids: list[str] = []
+    chunks: list[np.ndarray] = []
+    for b_ids, arr in iter_tensors(path, column):
+        ids.extend(b_ids)
+        chunks.append(arr)
+    if not chunks:
+        raise FeatureError(f"feature table {path} is empty")
+    data = np.concatenate(chunks)
+    if sample_ids is None:
+        return ids, data
+    index = {s: i for i, s in enumerate(ids)}
+    missing = [s for s in sample_ids if s not in index]
+    if missing:
+        raise FeatureError(f"feature table {path}: {len(missing)} requested samples are absent, e.g. {missing[:3]}")
+    order = np.array([index[s] for s in sample_ids], dtype=np.int64)
+    return list(sample_ids), data[order]
