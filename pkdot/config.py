@@ -226,6 +226,7 @@ class RunConfig(_Section):
     preset: Preset = "demo"
     seed: int = 0
     run_dir: Path = Path("runs/demo")
+    ray_address: str | None = Field(default=None, description="Ray cluster ('auto' or host:port); None = $RAY_ADDRESS or a local Ray")
     data: DataConfig = Field(default_factory=DataConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
