@@ -165,6 +165,7 @@ class TrainConfig(_Section):
     lr_tnet: float = Field(default=5e-5, gt=0)
     lr_student: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="Teacher phases (paper: SGD, momentum 0.9)")
     freeze_student_backbone: bool = True
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     use_gpu: bool | Literal["auto"] = "auto"
@@ -278,7 +279,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"folds": 4, "max_folds": 2, "batch_size": 32, "teacher_batch_size": 32,
                   "epochs_unimodal": 6, "epochs_teacher": 6, "epochs_tnet": 10, "epochs_student": 8,
                   "lr_backbone": 3e-3, "lr_teacher_backbone": 1e-3, "lr_fusion": 3e-3, "lr_tnet": 3e-3,
-                  "lr_student": 3e-3, "num_workers": 2, "seeds": [0]},
+                  "lr_student": 3e-3, "num_workers": 2, "seeds": [0], "optimizer": "adam"},
         "distill": {"k": 10},
         "synth": {"subjects": 8, "samples_per_class": 4},
     },

@@ -1,0 +1,270 @@
+"""The ``pkdot`` command: one subcommand per stage, plus ``run`` (the whole pipeline) and ``predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pkdot.errors import PkdotError
+
+log = logging.getLogger("pkdot")
+
+for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "DO_NOT_TRACK": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MPLBACKEND": "Agg"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+    p.add_argument("--config", type=Path, help="Run config YAML (every field optional)")
+    p.add_argument("--preset", choices=["demo", "paper"], help="Preset applied before the file (default demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a config field, e.g. --set train.epochs_student=3 (repeatable)")
+    if dataset:
+        p.add_argument("--dataset", choices=["biovid", "affwild2", "table"])
+        p.add_argument("--root", type=Path, help="Dataset root (a Parquet file for --dataset table)")
+        p.add_argument("--task", choices=["binary", "multiclass", "valence", "arousal"])
+        p.add_argument("--part", choices=["A", "B"])
+        p.add_argument("--skip-bad", action="store_true", help="Skip and report bad samples instead of failing")
+        p.add_argument("--student-modalities", help="Comma list (table data): modalities the student has")
+        p.add_argument("--privileged-modalities", help="Comma list (table data): teacher-only modalities")
+    p.add_argument("--seed", type=int)
+
+
+def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
+    from pkdot.config import load_config
+
+    over: dict[str, Any] = {}
+    ds = getattr(args, "dataset", None)
+    if ds:
+        over["data.dataset"] = ds
+        if ds == "affwild2":
+            over.setdefault("data.privileged_modalities", ["audio"])
+            over.setdefault("data.task", "valence")
+    for attr, key in (("root", "data.root"), ("task", "data.task"), ("part", "data.part"), ("seed", "seed")):
+        v = getattr(args, attr, None)
+        if v is not None:
+            over[key] = str(v) if isinstance(v, Path) else v
+    if getattr(args, "skip_bad", False):
+        over["data.skip_bad"] = True
+    for attr, key in (("student_modalities", "data.student_modalities"),
+                      ("privileged_modalities", "data.privileged_modalities")):
+        v = getattr(args, attr, None)
+        if v:
+            over[key] = [s.strip() for s in v.split(",") if s.strip()]
+    if run_dir is not None:
+        over["run_dir"] = str(run_dir)
+    if getattr(args, "ray_address", None):
+        over["ray_address"] = args.ray_address
+    from pkdot.config import parse_override
+
+    for item in args.overrides:
+        k, v = parse_override(item)
+        over[k] = v
+    return load_config(args.config, preset=args.preset, overrides=over)
+
+
+def _run_config(args: argparse.Namespace):
+    """Config of an existing run directory (its config.yaml) with CLI overrides."""
+    from pkdot.config import load_config, parse_override
+
+    cfg_path = args.run / "config.yaml"
+    if not cfg_path.is_file():
+        raise PkdotError(f"{cfg_path} does not exist: run `pkdot extract ... --out {args.run}` first")
+    over: dict[str, Any] = {"run_dir": str(args.run)}
+    for item in args.overrides:
+        k, v = parse_override(item)
+        over[k] = v
+    if getattr(args, "ray_address", None):
+        over["ray_address"] = args.ray_address
+    return load_config(cfg_path, overrides=over)
+
+
+# ---- commands -----------------------------------------------------------------------------------------------
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pkdot.data.synthetic import write_synthetic
+
+    out = write_synthetic(args.kind, args.out, subjects=args.subjects, seed=args.seed,
+                          samples_per_class=args.samples_per_class, part=args.part,
+                          videos_per_subject=args.videos_per_subject, seconds_per_video=args.seconds_per_video)
+    print(f"wrote a synthetic {args.kind} set to {out}")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from pkdot.data import build_manifest, write_manifest_report
+    from pkdot.data.manifest import write_manifest
+
+    cfg = _build_config(args)
+    result = build_manifest(cfg.data, cfg.data.root)
+    write_manifest(result.frame, args.out)
+    report = args.out.with_name(args.out.stem + "_report.json")
+    write_manifest_report(result, report)
+    df = result.frame
+    print(f"wrote {args.out}: {len(df)} samples, {df['subject_id'].nunique()} subjects"
+          + (f", {len(result.skipped)} skipped (see {report})" if result.skipped else ""))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pkdot.stages import prepare_run, stage_extract, stage_manifest
+
+    over_workers = ["features.workers=%d" % args.workers] if args.workers else []
+    args.overrides = list(args.overrides) + over_workers
+    cfg = prepare_run(_build_config(args, run_dir=args.out))
+    m = stage_manifest(cfg)
+    res = stage_extract(cfg, m.fingerprint)
+    print(f"features in {res.path} ({'up to date' if res.skipped else 'extracted'}); "
+          f"report: {res.path / 'extract_report.json'}")
+    return 0
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from pkdot.stages import stage_train_teacher
+
+    res = stage_train_teacher(_run_config(args))
+    print(f"teachers in {res.path} ({'up to date' if res.skipped else 'trained'})")
+    for k, v in sorted(res.details.get("metrics", {}).items()):
+        print(f"  {k}: {v:.4f}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from pkdot.stages import stage_cache
+
+    res = stage_cache(_run_config(args))
+    print(f"embedding cache in {res.path}: {res.details}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from pkdot.stages import stage_distill
+
+    losses = [s.strip() for item in (args.loss or []) for s in item.split(",") if s.strip()] or None
+    res = stage_distill(_run_config(args), losses=losses)
+    print(f"students in {res.path}: {res.details}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pkdot.stages import stage_evaluate
+
+    res = stage_evaluate(_run_config(args))
+    print(res.details.get("summary_markdown", ""))
+    _print_where(res.details)
+    return 0
+
+
+def _print_where(details: dict[str, Any]) -> None:
+    print(f"report: {details.get('report')}")
+    uri = details.get("tracking_uri")
+    if uri:
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"MLflow: {uri}")
+    if details.get("model_name"):
+        print(f"registered model: models:/{details['model_name']}/{details['model_version']} "
+              f"(alias {details['alias']}: models:/{details['model_name']}@{details['alias']})")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _build_config(args, run_dir=args.run_dir)
+    if args.no_prefect:
+        from pkdot.stages import run_all
+
+        results = run_all(cfg)
+        details = results["evaluate"].details
+    else:
+        from flows.pipeline import pipeline
+
+        cfg_path = Path(cfg.run_dir) / "requested-config.yaml"
+        cfg.to_yaml(cfg_path)
+        details = pipeline(config_path=str(cfg_path))
+        details = details.get("evaluate", details) if isinstance(details, dict) else details
+        if not isinstance(details, dict):
+            details = getattr(details, "details", {})
+        details = details.get("details", details)
+    _print_where(details)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pkdot.predict import predict_videos
+
+    rows = predict_videos(args.model, args.videos)
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pkdot", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="Write a synthetic data set in the real Biovid / Aff-Wild2 layout")
+    p.add_argument("kind", choices=["biovid", "affwild2"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-class", type=int, default=4)
+    p.add_argument("--part", choices=["A", "B"], default="A")
+    p.add_argument("--videos-per-subject", type=int, default=1)
+    p.add_argument("--seconds-per-video", type=float, default=12.0)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("manifest", help="Dataset root -> manifest Parquet")
+    _config_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(fn=cmd_manifest)
+
+    p = sub.add_parser("extract", help="Stage 1: manifest + face/physio/audio features into RUN/features")
+    _config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="Run directory")
+    p.add_argument("--workers", type=int)
+    p.set_defaults(fn=cmd_extract)
+
+    for name, fn, helptext in (("train-teacher", cmd_train_teacher, "Stage 2: teachers + T-Nets on Ray Train"),
+                               ("cache", cmd_cache, "Stage 3: frozen-teacher embedding cache"),
+                               ("distill", cmd_distill, "Stage 4: students, one per loss"),
+                               ("evaluate", cmd_evaluate, "Stage 5: report, plots, MLflow registry")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--run", type=Path, required=True, help="Run directory (from `pkdot extract --out`)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--ray-address")
+        if name == "distill":
+            p.add_argument("--loss", action="append", help="pkdot|none|kd|fitnet|sp|rkd|pkt|crd (repeatable)")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("run", help="The whole pipeline (synthetic Biovid demo with no arguments)")
+    _config_args(p)
+    p.add_argument("--run-dir", type=Path, default=None, help="Default runs/<dataset>-<preset>")
+    p.add_argument("--ray-address", help="'auto' or host:port of a running Ray cluster")
+    p.add_argument("--no-prefect", action="store_true", help="Run the stages directly, without Prefect")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("predict", help="Predict pain level / VA per video with a registered student")
+    p.add_argument("--model", required=True, help="e.g. models:/pkdot-student-biovid@champion")
+    p.add_argument("videos", nargs="+", type=Path)
+    p.set_defaults(fn=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "run" and args.run_dir is None:
+        ds = args.dataset or "biovid"
+        args.run_dir = Path("runs") / f"{ds}-{args.preset or 'demo'}"
+    try:
+        return int(args.fn(args) or 0)
+    except PkdotError as exc:
+        print(f"pkdot {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+r"""FitNets: point-to-point regression of the teacher's embedding (Romero et al., 2015).
+
+A learned linear adapter :math:`W \in \mathbb{R}^{D_t \times D_s}` (with bias) maps the student embedding
+into the teacher's space; the loss is the mean squared error :math:`\frac{1}{B D_t}\|Z_s W^T + b - Z_t\|_F^2`.
+
+References
+----------
+.. [1] A. Romero, N. Ballas, S. E. Kahou, A. Chassang, C. Gatta, Y. Bengio. "FitNets: Hints for Thin Deep
+   Nets." ICLR 2015.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pkdot.distill.base import DistillBatch, DistillLoss, register
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FitNet", "fitnet_loss"]
+
+
+def fitnet_loss(student_z: Tensor, teacher_z: Tensor, adapter: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    r"""Hint loss :math:`\mathrm{MSE}(\text{adapter}(Z_s), Z_t)`.
+
+    Parameters
+    ----------
+    student_z : Tensor, shape (B, Ds)
+    teacher_z : Tensor, shape (B, Dt)
+        Detached.
+    adapter : callable (B, Ds) -> (B, Dt), optional
+        The regressor (a ``nn.Linear``); None requires Ds = Dt.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    projected = adapter(student_z) if adapter is not None else student_z
+    return F.mse_loss(projected, teacher_z.detach().to(projected))
+
+
+@register("fitnet")
+class FitNet(DistillLoss):
+    """FitNet hint loss with a learned ``nn.Linear(student_dim, teacher_dim)`` adapter (trained with the student)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.adapter = nn.Linear(self.student_dim, self.teacher_dim)
+
+    def compute(self, batch: DistillBatch) -> Tensor:
+        return fitnet_loss(batch.student_z, batch.teacher_z, self.adapter)

@@ -1,0 +1,65 @@
+r"""Knowledge distillation with soft targets (Hinton, Vinyals & Dean, 2015).
+
+Classification: :math:`T^2\, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)`,
+averaged over the batch; regression: mean squared error to the teacher's outputs.
+
+References
+----------
+.. [1] G. Hinton, O. Vinyals, J. Dean. "Distilling the Knowledge in a Neural Network." NIPS DL Workshop 2015.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from pkdot.distill.base import DistillBatch, DistillLoss, register
+from pkdot.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KnowledgeDistillation", "kd_loss", "kd_regression_loss"]
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    r"""Hinton's soft-target loss.
+
+    .. math::
+        \mathcal{L}_\text{KD} = \frac{T^2}{B} \sum_{b=1}^{B} \sum_{c=1}^{C} p^t_{bc} \log\frac{p^t_{bc}}{p^s_{bc}},
+        \quad p^t = \mathrm{softmax}(t / T),\ p^s = \mathrm{softmax}(s / T).
+
+    Parameters
+    ----------
+    student_logits : Tensor, shape (B, C)
+    teacher_logits : Tensor, shape (B, C)
+        Detached (the teacher is a target).
+    temperature : float
+        T > 0; the :math:`T^2` factor keeps gradient magnitudes comparable across temperatures.
+
+    Returns
+    -------
+    Tensor, shape ()
+        >= 0, zero iff the tempered distributions agree.
+    """
+    if temperature <= 0:
+        raise ConfigError(f"distill.temperature must be > 0, got {temperature}")
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().to(student_logits) / temperature, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def kd_regression_loss(student_outputs: Tensor, teacher_outputs: Tensor) -> Tensor:
+    r"""Regression KD: :math:`\frac{1}{B\,C} \sum_{b,c} (s_{bc} - t_{bc})^2` (shapes (B, C), usually C = 1)."""
+    return F.mse_loss(student_outputs, teacher_outputs.detach().to(student_outputs))
+
+
+@register("kd")
+class KnowledgeDistillation(DistillLoss):
+    """Soft targets at ``cfg.temperature`` (classification) or MSE to the teacher's outputs (regression)."""
+
+    def compute(self, batch: DistillBatch) -> Tensor:
+        if self.regression:
+            return kd_regression_loss(batch.student_logits, batch.teacher_logits)
+        return kd_loss(batch.student_logits, batch.teacher_logits, self.cfg.temperature)

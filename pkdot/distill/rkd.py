@@ -1,0 +1,95 @@
+r"""Relational knowledge distillation (Park, Kim, Lu & Cho, CVPR 2019): distance- and angle-wise terms.
+
+* Distance: pairwise Euclidean distances, each matrix divided by the mean of its off-diagonal entries,
+  compared with the Huber (smooth-L1) loss.
+* Angle: for every triplet (i, j, k), the cosine of the angle at j between :math:`z_i - z_j` and
+  :math:`z_k - z_j`, compared with the Huber loss.
+
+:math:`\mathcal{L}_\text{RKD} = w_d\, \mathcal{L}_d + w_a\, \mathcal{L}_a` with :math:`w_d = 25`,
+:math:`w_a = 50` as in the paper.
+
+References
+----------
+.. [1] W. Park, D. Kim, Y. Lu, M. Cho. "Relational Knowledge Distillation." CVPR 2019.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pkdot.distill.base import DistillBatch, DistillLoss, register
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RelationalKD", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
+
+
+def _normalised_distances(z: Tensor, eps: float = 1e-12) -> Tensor:
+    """(B, B) Euclidean distances with a zero diagonal, divided by the mean off-diagonal distance."""
+    sq_norms = (z * z).sum(dim=1)
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (z @ z.T)).clamp(min=eps)
+    off_diagonal = 1.0 - torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+    dist = sq_dist.sqrt() * off_diagonal
+    mean = dist.sum() / off_diagonal.sum()
+    return dist / mean.clamp(min=eps)
+
+
+def _triplet_angles(z: Tensor) -> Tensor:
+    """(B, B, B) cosines: entry (j, i, k) = cos of the angle at z_j between z_i - z_j and z_k - z_j."""
+    diff = F.normalize(z.unsqueeze(0) - z.unsqueeze(1), p=2, dim=2)  # diff[j, i] = unit(z_i - z_j)
+    return torch.bmm(diff, diff.transpose(1, 2))
+
+
+def rkd_distance_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
+    r"""Huber loss between mean-normalised pairwise distance matrices, (B, Ds) and (B, Dt) -> ()."""
+    teacher_dist = _normalised_distances(teacher_z.detach().to(student_z))
+    return F.smooth_l1_loss(_normalised_distances(student_z), teacher_dist)
+
+
+def rkd_angle_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
+    r"""Huber loss between the (B, B, B) triplet-angle cosines of student and teacher -> ()."""
+    teacher_angles = _triplet_angles(teacher_z.detach().to(student_z))
+    return F.smooth_l1_loss(_triplet_angles(student_z), teacher_angles)
+
+
+def rkd_loss(
+    student_z: Tensor, teacher_z: Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0
+) -> Tensor:
+    r"""RKD loss :math:`w_d \mathcal{L}_d + w_a \mathcal{L}_a`.
+
+    Parameters
+    ----------
+    student_z : Tensor, shape (B, Ds)
+    teacher_z : Tensor, shape (B, Dt)
+        Detached.
+    distance_weight, angle_weight : float
+        25 and 50 in Park et al.
+
+    Returns
+    -------
+    Tensor, shape ()
+        >= 0; zero when :math:`Z_s = c\, Z_t Q + t` (similarity transform); permutation invariant.
+        Memory is O(B^2 D) for the angle term.
+    """
+    return distance_weight * rkd_distance_loss(student_z, teacher_z) + angle_weight * rkd_angle_loss(
+        student_z, teacher_z
+    )
+
+
+@register("rkd")
+class RelationalKD(DistillLoss):
+    """RKD distance + angle; options ``distance_weight`` (25) and ``angle_weight`` (50)."""
+
+    option_names = ("distance_weight", "angle_weight")
+
+    def compute(self, batch: DistillBatch) -> Tensor:
+        return rkd_loss(
+            batch.student_z,
+            batch.teacher_z,
+            distance_weight=float(self.options.get("distance_weight", 25.0)),
+            angle_weight=float(self.options.get("angle_weight", 50.0)),
+        )

@@ -1,0 +1,1 @@
+"""Evaluation: task metrics, fold aggregation, plots and the report."""

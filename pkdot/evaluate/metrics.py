@@ -1,0 +1,148 @@
+"""Task metrics on numpy arrays: accuracy, macro-F1 and confusion matrix; CCC, RMSE and Pearson's r.
+
+Classification inputs are class indices (integers, or floats holding integers, as stored in
+``predictions.parquet``); regression inputs are real values of the same length.
+
+References
+----------
+Lin, L. I.-K., "A Concordance Correlation Coefficient to Evaluate Reproducibility", Biometrics 45, 1989.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from pkdot.errors import StageError
+
+log = logging.getLogger(__name__)
+
+
+def _pair(y_true: Any, y_pred: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(y_true)
+    b = np.asarray(y_pred)
+    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
+        raise StageError(f"{what}: expected two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise StageError(f"{what}: no samples")
+    return a, b
+
+
+def _labels(values: np.ndarray, what: str, name: str) -> np.ndarray:
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if values.dtype.kind == "b":
+        return values.astype(np.int64)
+    if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        return values.astype(np.int64)
+    raise StageError(f"{what}: {name} must hold integer class indices, got dtype {values.dtype} with non-integer values")
+
+
+def _class_pair(y_true: Any, y_pred: Any, what: str, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _pair(y_true, y_pred, what)
+    a, b = _labels(a, what, "y_true"), _labels(b, what, "y_pred")
+    if num_classes is not None:
+        for name, v in (("y_true", a), ("y_pred", b)):
+            if v.min() < 0 or v.max() >= num_classes:
+                raise StageError(f"{what}: {name} has class indices outside 0..{num_classes - 1}")
+    elif min(a.min(), b.min()) < 0:
+        raise StageError(f"{what}: class indices must be >= 0")
+    return a, b
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Fraction of samples whose predicted class equals the true class: ``mean(y_true == y_pred)``."""
+    a, b = _class_pair(y_true, y_pred, "accuracy", None)
+    return float(np.mean(a == b))
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(num_classes, num_classes)`` int64 counts; entry ``[i, j]`` = samples of true class ``i`` predicted ``j``."""
+    if num_classes < 1:
+        raise StageError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
+    a, b = _class_pair(y_true, y_pred, "confusion_matrix", num_classes)
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (a, b), 1)
+    return counts
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> float:
+    r"""Unweighted mean of per-class F1 over the classes present in ``y_true`` or ``y_pred``.
+
+    .. math:: F1_c = \frac{2\,TP_c}{2\,TP_c + FP_c + FN_c}, \qquad
+              \text{macro-F1} = \frac{1}{|P|} \sum_{c \in P} F1_c,
+
+    with ``P`` the classes that occur in either array (classes absent from both count as nothing; this
+    equals scikit-learn's ``f1_score(average="macro", labels=P)``). ``num_classes`` only checks the range.
+    """
+    a, b = _class_pair(y_true, y_pred, "macro_f1", num_classes)
+    present = np.union1d(a, b)
+    size = int(present.max()) + 1
+    counts = confusion_matrix(a, b, size)
+    tp = np.diag(counts).astype(np.float64)
+    fp = counts.sum(axis=0) - tp
+    fn = counts.sum(axis=1) - tp
+    f1 = 2.0 * tp[present] / (2.0 * tp[present] + fp[present] + fn[present])
+    return float(np.mean(f1))
+
+
+def _real_pair(x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _pair(x, y, what)
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise StageError(f"{what}: inputs contain NaN or infinite values")
+    return a, b
+
+
+def ccc(x: np.ndarray, y: np.ndarray) -> float:
+    r"""Lin's concordance correlation coefficient.
+
+    .. math:: \rho_c = \frac{2\,\sigma_{xy}}{\sigma_x^2 + \sigma_y^2 + (\mu_x - \mu_y)^2}
+
+    with population (``ddof=0``) moments. In ``[-1, 1]``; 1 only when ``x == y``.
+
+    Degenerate inputs (documented choice): when one series is constant, ``sigma_xy = 0`` and the formula gives
+    0 (no concordance is measurable) -- including two constant series with different means. When both are the
+    same constant the formula is 0/0; we return 1.0, because the two series agree exactly (and that is the
+    limit of ``rho_c`` as ``y -> x``).
+    """
+    a, b = _real_pair(x, y, "ccc")
+    mean_a, mean_b = a.mean(), b.mean()
+    cov = np.mean((a - mean_a) * (b - mean_b))
+    denominator = a.var() + b.var() + (mean_a - mean_b) ** 2
+    if denominator == 0.0:
+        return 1.0
+    return float(2.0 * cov / denominator)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's correlation ``sigma_xy / (sigma_x sigma_y)``; 0.0 when either series is constant (undefined)."""
+    a, b = _real_pair(x, y, "pearson")
+    da, db = a - a.mean(), b - b.mean()
+    norm = np.sqrt(np.sum(da * da) * np.sum(db * db))
+    if norm == 0.0:
+        log.debug("pearson: a constant series has no correlation; returning 0.0")
+        return 0.0
+    return float(np.clip(np.sum(da * db) / norm, -1.0, 1.0))
+
+
+def rmse(x: np.ndarray, y: np.ndarray) -> float:
+    """Root mean squared error ``sqrt(mean((x - y)^2))``."""
+    a, b = _real_pair(x, y, "rmse")
+    return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """``{"accuracy": float, "macro_f1": float, "confusion_matrix": list[list[int]]}`` (JSON-ready)."""
+    return {
+        "accuracy": accuracy(y_true, y_pred),
+        "macro_f1": macro_f1(y_true, y_pred, num_classes),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, num_classes).tolist(),
+    }
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """``{"ccc": float, "rmse": float, "pearson": float}``."""
+    return {"ccc": ccc(y_true, y_pred), "rmse": rmse(y_true, y_pred), "pearson": pearson(y_true, y_pred)}

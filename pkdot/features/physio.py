@@ -1,0 +1,378 @@
+"""Physiological windows of Biovid samples: read, check quality, filter, cut, spectrogram, descriptors.
+
+A Biovid ``<sample>_bio.csv`` has a ``time`` column (integer timestamps; the unit is inferred from the step:
+microseconds in Biovid, milliseconds or seconds are accepted) and the channels ``gsr`` (EDA), ``ecg``,
+``emg_trapezius`` (part A) plus ``emg_corrugator`` and ``emg_zygomaticus`` (part B).
+
+Per sample:
+
+1. the sampling rate ``fs = 1 / median(diff(time))`` must be within 2 % of ``features.physio_fs``;
+2. per channel, NaN runs, flat lines and clipping (many samples at the channel's min/max) are measured; NaN
+   runs up to ``max_nan_gap_s`` are linearly interpolated, longer ones or a flat channel quarantine the sample;
+3. zero-phase Butterworth filters (``scipy.signal.sosfiltfilt``, order 4) over the whole recording: EDA
+   low-pass 2 Hz, ECG band-pass 0.5-40 Hz, EMG band-pass 20-250 Hz (capped at 0.9 x Nyquist);
+4. the window ``physio_window = (t0, t1)`` seconds, ``L = round((t1 - t0) * physio_fs)`` samples, is cut;
+   ``window`` (C, L) is each channel z-scored, ``spectrogram`` (C, F, T) is ``log(S + 1e-10)`` of
+   ``scipy.signal.spectrogram`` of the z-scored window (``F = nfft // 2 + 1``,
+   ``T = (L - noverlap) // (nperseg - noverlap)``);
+5. descriptors on the filtered (not z-scored) window: ``eda_level`` (mean EDA), ``eda_slope`` (least-squares
+   slope of EDA per second), ``heart_rate`` (beats per minute, ``60 / median(RR)`` from R peaks found with
+   ``scipy.signal.find_peaks``), ``emg_rms`` (mean over EMG channels of the RMS). A descriptor whose channel
+   is not among the selected channels, or with fewer than two R peaks, is NaN.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import signal
+
+from pkdot.config import FeatureConfig
+from pkdot.errors import ConfigError, FeatureError
+
+logger = logging.getLogger(__name__)
+
+#: Bumped when the physio pipeline changes its output (invalidates cached shards).
+PHYSIO_VERSION = 1
+CHANNELS_BY_PART: dict[str, list[str]] = {
+    "A": ["gsr", "ecg", "emg_trapezius"],
+    "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
+}
+#: Channel -> signal kind (decides the filter and the descriptor it feeds).
+CHANNEL_KIND: dict[str, str] = {
+    "gsr": "eda",
+    "ecg": "ecg",
+    "emg_trapezius": "emg",
+    "emg_corrugator": "emg",
+    "emg_zygomaticus": "emg",
+}
+RATE_TOLERANCE = 0.02
+#: A channel is flagged as clipped when more than this fraction of its samples sit at its min or max.
+CLIP_FRACTION = 0.01
+#: Runs of identical consecutive values longer than this (seconds) are flagged as a flat stretch.
+FLAT_RUN_S = 0.5
+LOG_EPS = 1e-10
+
+
+@dataclass
+class ChannelQuality:
+    """Quality measurements of one channel of a recording (before interpolation)."""
+
+    nan_runs: int = 0
+    longest_nan_run_s: float = 0.0
+    nan_fraction: float = 0.0
+    interpolated: int = 0
+    flat: bool = False
+    longest_flat_run_s: float = 0.0
+    clipped_fraction: float = 0.0
+
+    @property
+    def flags(self) -> list[str]:
+        out = []
+        if self.nan_runs:
+            out.append("nan")
+        if self.flat:
+            out.append("flat")
+        elif self.longest_flat_run_s > FLAT_RUN_S:
+            out.append("flat_run")
+        if self.clipped_fraction > CLIP_FRACTION:
+            out.append("clipped")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "flags": self.flags,
+            "nan_runs": self.nan_runs,
+            "longest_nan_run_s": round(self.longest_nan_run_s, 4),
+            "nan_fraction": round(self.nan_fraction, 6),
+            "interpolated": self.interpolated,
+            "flat": self.flat,
+            "longest_flat_run_s": round(self.longest_flat_run_s, 4),
+            "clipped_fraction": round(self.clipped_fraction, 6),
+        }
+
+
+@dataclass
+class PhysioFeatures:
+    """The physio row of one sample: ``window`` (C, L) and ``spectrogram`` (C, F, T) float32, descriptors."""
+
+    sample_id: str
+    window: np.ndarray
+    spectrogram: np.ndarray
+    channels: list[str]
+    eda_level: float
+    eda_slope: float
+    heart_rate: float
+    emg_rms: float
+
+
+@dataclass
+class PhysioOutcome:
+    """Features, or the reason the sample is quarantined; quality flags in both cases."""
+
+    sample_id: str
+    features: PhysioFeatures | None = None
+    reason: str | None = None
+    quality: dict[str, ChannelQuality] = field(default_factory=dict)
+    fs: float | None = None
+
+
+def resolve_channels(features: FeatureConfig, part: str) -> list[str]:
+    """``features.physio_channels`` or every channel of the Biovid ``part``; unknown names raise ConfigError."""
+    if part not in CHANNELS_BY_PART:
+        raise ConfigError(f"data.part: expected one of {sorted(CHANNELS_BY_PART)}, got {part!r}")
+    channels = list(features.physio_channels) if features.physio_channels else list(CHANNELS_BY_PART[part])
+    unknown = [c for c in channels if c not in CHANNEL_KIND]
+    if unknown:
+        raise ConfigError(f"features.physio_channels: unknown channels {unknown} (expected some of {list(CHANNEL_KIND)})")
+    if len(set(channels)) != len(channels):
+        raise ConfigError(f"features.physio_channels has duplicates: {channels}")
+    return channels
+
+
+def window_length(features: FeatureConfig) -> int:
+    """Samples ``L`` of the analysis window (fixed, so rows stack)."""
+    lo, hi = features.physio_window
+    return int(round((hi - lo) * features.physio_fs))
+
+
+def check_settings(features: FeatureConfig, part: str) -> None:
+    """Fail before any work on settings that cannot produce a spectrogram or a valid filter."""
+    resolve_channels(features, part)
+    length = window_length(features)
+    if length < features.spec_nperseg:
+        raise ConfigError(
+            f"features.physio_window {features.physio_window} gives {length} samples at {features.physio_fs} Hz, "
+            f"fewer than features.spec_nperseg ({features.spec_nperseg})"
+        )
+    if features.physio_fs / 2 <= 40.0:
+        raise ConfigError(f"features.physio_fs {features.physio_fs} Hz is too low for the ECG band (0.5-40 Hz)")
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+def detect_delimiter(path: Path) -> str:
+    """The field separator of a CSV from its header line: tab, comma, semicolon or whitespace."""
+    with open(path, newline="") as fh:
+        header = fh.readline()
+    if not header.strip():
+        raise FeatureError(f"biosignal file {path} is empty (expected a header line 'time gsr ecg ...')")
+    try:
+        return csv.Sniffer().sniff(header, delimiters="\t,; ").delimiter
+    except csv.Error:
+        counts = {d: header.count(d) for d in ("\t", ",", ";")}
+        best = max(counts, key=lambda d: counts[d])
+        if counts[best] == 0:
+            raise FeatureError(f"biosignal file {path}: cannot tell the delimiter of the header {header.strip()!r}") from None
+        return best
+
+
+def read_biosignals(path: str | Path) -> pd.DataFrame:
+    """Read a biosignal CSV (delimiter detected) into a frame with lower-case, stripped column names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"biosignal file {path} does not exist")
+    delimiter = detect_delimiter(path)
+    sep = r"\s+" if delimiter == " " else delimiter
+    try:
+        frame = pd.read_csv(path, sep=sep, engine="c" if sep != r"\s+" else "python")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise FeatureError(f"biosignal file {path} is not a readable CSV: {exc}") from exc
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    if "time" not in frame.columns:
+        raise FeatureError(f"biosignal file {path}: no 'time' column (columns: {list(frame.columns)})")
+    return frame
+
+
+def infer_time_unit(step: float) -> tuple[str, float]:
+    """The unit of a time column from its median step: ``("us", 1e-6)``, ``("ms", 1e-3)`` or ``("s", 1.0)``.
+
+    Steps >= 50 are microseconds (rates up to 20 kHz), steps in [0.05, 50) milliseconds, smaller ones seconds.
+    """
+    if step >= 50:
+        return "us", 1e-6
+    if step >= 0.05:
+        return "ms", 1e-3
+    return "s", 1.0
+
+
+def sampling_rate(time: np.ndarray) -> float:
+    """Hz from a timestamp column (unit inferred by :func:`infer_time_unit`)."""
+    t = np.asarray(time, dtype=np.float64)
+    if len(t) < 2 or not np.isfinite(t).all():
+        raise FeatureError("time column has fewer than two samples or non-finite values")
+    steps = np.diff(t)
+    if (steps <= 0).any():
+        raise FeatureError(f"time column is not strictly increasing (first bad step at row {int(np.argmax(steps <= 0)) + 1})")
+    step = float(np.median(steps))
+    _, unit = infer_time_unit(step)
+    return 1.0 / (step * unit)
+
+
+# ---- quality -----------------------------------------------------------------------------------------------
+def _runs(mask: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of True in a boolean array."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return edges[1::2] - edges[::2]
+
+
+def channel_quality(x: np.ndarray, fs: float) -> ChannelQuality:
+    """NaN runs, flatness and clipping of one channel (samples ``x``, rate ``fs``)."""
+    nan = ~np.isfinite(x)
+    runs = _runs(nan)
+    q = ChannelQuality(
+        nan_runs=int(len(runs)),
+        longest_nan_run_s=float(runs.max() / fs) if len(runs) else 0.0,
+        nan_fraction=float(nan.mean()),
+    )
+    finite = x[~nan]
+    if len(finite) < 2 or float(np.ptp(finite)) == 0.0:
+        q.flat = True
+        q.longest_flat_run_s = len(x) / fs
+        return q
+    same = np.concatenate([[False], np.diff(finite) == 0])
+    flat_runs = _runs(same)
+    q.longest_flat_run_s = float((flat_runs.max() + 1) / fs) if len(flat_runs) else 0.0
+    lo, hi = finite.min(), finite.max()
+    q.clipped_fraction = float(((finite == lo) | (finite == hi)).mean())
+    return q
+
+
+def interpolate_nans(x: np.ndarray) -> np.ndarray:
+    """Linear interpolation over NaN samples (constant at the edges)."""
+    nan = ~np.isfinite(x)
+    if not nan.any():
+        return x
+    idx = np.arange(len(x))
+    out = x.copy()
+    out[nan] = np.interp(idx[nan], idx[~nan], x[~nan])
+    return out
+
+
+# ---- filtering and features ---------------------------------------------------------------------------------
+def design_filter(kind: str, fs: float) -> np.ndarray:
+    """Second-order sections of the Butterworth filter for a signal kind (``eda``, ``ecg``, ``emg``) at ``fs``."""
+    nyquist = fs / 2.0
+    if kind == "eda":
+        return signal.butter(4, min(2.0, 0.9 * nyquist), btype="lowpass", fs=fs, output="sos")
+    if kind == "ecg":
+        return signal.butter(4, [0.5, min(40.0, 0.9 * nyquist)], btype="bandpass", fs=fs, output="sos")
+    if kind == "emg":
+        high = min(250.0, 0.9 * nyquist)
+        if high <= 20.0:
+            raise ConfigError(f"features.physio_fs {fs} Hz is too low for the EMG band (20-250 Hz)")
+        return signal.butter(4, [20.0, high], btype="bandpass", fs=fs, output="sos")
+    raise ConfigError(f"unknown physiological signal kind {kind!r} (expected eda, ecg or emg)")
+
+
+def heart_rate(ecg: np.ndarray, fs: float) -> float:
+    """Beats per minute from R peaks of a filtered ECG: ``60 / median(RR)``; NaN with fewer than two peaks.
+
+    The polarity is chosen so that the R peaks are the largest deviations; peaks are at least 0.3 s apart
+    (<= 200 bpm) with a prominence of at least half the 99.5th-percentile excursion.
+    """
+    x = ecg - np.median(ecg)
+    if abs(np.percentile(x, 0.5)) > abs(np.percentile(x, 99.5)):
+        x = -x
+    top = float(np.percentile(x, 99.5))
+    if top <= 0:
+        return float("nan")
+    peaks, _ = signal.find_peaks(x, distance=max(1, int(0.3 * fs)), prominence=0.5 * top)
+    if len(peaks) < 2:
+        return float("nan")
+    return float(60.0 / np.median(np.diff(peaks) / fs))
+
+
+def extract_physio(sample_id: str, path: str | Path, features: FeatureConfig, part: str = "A") -> PhysioOutcome:
+    """Read, check, filter and window one biosignal file; never raises for a bad recording (see ``reason``)."""
+    path = Path(path)
+    channels = resolve_channels(features, part)
+    fs = features.physio_fs
+    outcome = PhysioOutcome(sample_id)
+    try:
+        frame = read_biosignals(path)
+        missing = [c for c in channels if c not in frame.columns]
+        if missing:
+            raise FeatureError(f"biosignal file {path}: missing channels {missing} (columns: {list(frame.columns)})")
+        try:
+            outcome.fs = sampling_rate(frame["time"].to_numpy(dtype=np.float64))
+        except FeatureError as exc:
+            raise FeatureError(f"biosignal file {path}: {exc}") from None
+    except FeatureError as exc:
+        outcome.reason = str(exc)
+        return outcome
+    except (ValueError, TypeError) as exc:  # non-numeric time column
+        outcome.reason = f"biosignal file {path}: time column is not numeric ({exc})"
+        return outcome
+    if abs(outcome.fs - fs) > RATE_TOLERANCE * fs:
+        outcome.reason = f"biosignal file {path}: sampling rate {outcome.fs:.4g} Hz, expected {fs:.4g} Hz"
+        return outcome
+    time_s = frame["time"].to_numpy(dtype=np.float64)
+    time_s = (time_s - time_s[0]) * infer_time_unit(float(np.median(np.diff(time_s))))[1]
+
+    signals: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for name in channels:
+        x = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
+        q = channel_quality(x, fs)
+        outcome.quality[name] = q
+        if q.flat:
+            problems.append(f"channel {name} is flat (constant or empty)")
+        elif q.longest_nan_run_s > features.max_nan_gap_s:
+            problems.append(
+                f"channel {name} has a NaN run of {q.longest_nan_run_s:.3g} s (max_nan_gap_s {features.max_nan_gap_s} s)"
+            )
+        else:
+            q.interpolated = int((~np.isfinite(x)).sum())
+            signals[name] = interpolate_nans(x)
+    if problems:
+        outcome.reason = f"biosignal file {path}: " + "; ".join(problems)
+        return outcome
+
+    lo, hi = features.physio_window
+    length = window_length(features)
+    start = int(np.searchsorted(time_s, lo - 0.5 / fs))
+    if start + length > len(time_s):
+        outcome.reason = (
+            f"biosignal file {path} is {len(time_s) / fs:.3g} s long; physio_window {lo}-{hi} s needs "
+            f"{start + length} samples, it has {len(time_s)}"
+        )
+        return outcome
+
+    filtered: dict[str, np.ndarray] = {}
+    for name in channels:
+        sos = design_filter(CHANNEL_KIND[name], fs)
+        filtered[name] = signal.sosfiltfilt(sos, signals[name])[start : start + length]
+    window = np.stack([filtered[c] for c in channels])
+    std = window.std(axis=1, keepdims=True)
+    flat_in_window = [c for c, s in zip(channels, std[:, 0], strict=True) if s <= 1e-12 * max(1.0, float(np.abs(window).max()))]
+    if flat_in_window:
+        outcome.reason = f"biosignal file {path}: channels {flat_in_window} are flat within physio_window {lo}-{hi} s"
+        return outcome
+    z = ((window - window.mean(axis=1, keepdims=True)) / std).astype(np.float32)
+    _, _, power = signal.spectrogram(
+        z, fs=fs, nperseg=features.spec_nperseg, noverlap=features.spec_noverlap, nfft=features.spec_nfft, axis=-1
+    )
+    spectrogram = np.log(power + LOG_EPS).astype(np.float32)
+
+    t = np.arange(length) / fs
+    eda = [filtered[c] for c in channels if CHANNEL_KIND[c] == "eda"]
+    ecg = [filtered[c] for c in channels if CHANNEL_KIND[c] == "ecg"]
+    emg = [filtered[c] for c in channels if CHANNEL_KIND[c] == "emg"]
+    outcome.features = PhysioFeatures(
+        sample_id=sample_id,
+        window=z,
+        spectrogram=spectrogram,
+        channels=channels,
+        eda_level=float(np.mean(eda[0])) if eda else float("nan"),
+        eda_slope=float(np.polyfit(t, eda[0], 1)[0]) if eda else float("nan"),
+        heart_rate=heart_rate(ecg[0], fs) if ecg else float("nan"),
+        emg_rms=float(np.mean([np.sqrt(np.mean(e**2)) for e in emg])) if emg else float("nan"),
+    )
+    return outcome

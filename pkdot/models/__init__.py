@@ -1,0 +1,35 @@
+"""Models: modality backbones, gated cross-attention fusion, T-Net, the multimodal teacher and the student."""
+
+from __future__ import annotations
+
+from pkdot.models.audio import LogMelCNN
+from pkdot.models.fusion import GatedCrossAttentionFusion
+from pkdot.models.heads import Backbone, ModelOutput, TaskHead, UnimodalModel
+from pkdot.models.mlp import MLPBackbone
+from pkdot.models.physio import SpectrogramCNN, WindowCNN
+from pkdot.models.student import Student, build_student
+from pkdot.models.teacher import Teacher, build_backbone, build_teacher
+from pkdot.models.tnet import TNet, build_tnets, mmd_rbf
+from pkdot.models.video import VideoBackbone, load_pretrained_video
+
+__all__ = [
+    "Backbone",
+    "GatedCrossAttentionFusion",
+    "LogMelCNN",
+    "MLPBackbone",
+    "ModelOutput",
+    "SpectrogramCNN",
+    "Student",
+    "TNet",
+    "TaskHead",
+    "Teacher",
+    "UnimodalModel",
+    "VideoBackbone",
+    "WindowCNN",
+    "build_backbone",
+    "build_student",
+    "build_teacher",
+    "build_tnets",
+    "load_pretrained_video",
+    "mmd_rbf",
+]

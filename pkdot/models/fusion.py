@@ -1,0 +1,173 @@
+"""Gated cross-attention fusion of per-modality token sequences (the PKDOT teacher's and student's fusion).
+
+For modalities ``m = 1..M`` with tokens ``X_m`` of shape ``(B, N_m, D)``:
+
+1. ``H_m = Encoder_m(X_m + P_{N_m})``: a per-modality transformer encoder (``nn.TransformerEncoderLayer`` with
+   ``batch_first=True``) over the ``N_m`` tokens *of each sample*, with sinusoidal positions ``P``. (The
+   authors' code fed ``(B, 1, 512)`` to a sequence-first layer and so attended across the batch; here a
+   sample's output never depends on the other samples of its batch.)
+2. Cross-attention: ``A_m = LayerNorm(H_m + MHA(query=H_m, key=value=[H_o for o != m]))``, i.e. each modality
+   attends to the concatenated tokens of the others (for ``M = 2``: ``a`` attends to ``b`` and ``b`` to ``a``).
+3. ``c_m = mean_n A_m[:, n, :]`` of shape ``(B, D)``.
+4. Gate. ``M = 2``: ``g = sigmoid(W [c_1; c_2] + b)`` per feature, ``z = g * c_1 + (1 - g) * c_2``.
+   ``M > 2``: ``G = softmax_m(reshape(W [c_1; ..; c_M] + b, (M, D)))``, ``z = sum_m G_m * c_m``.
+   ``M = 1``: no cross-attention, ``z = c_1`` and the gate is 1.
+
+The returned ``gates`` ``(B, M)`` are the per-modality gate weights averaged over the ``D`` features (each row
+sums to 1).
+
+References
+----------
+Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
+Transport", IEEE FG 2024 (arXiv 2401.15489).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import torch
+from torch import Tensor, nn
+
+from pkdot.errors import ConfigError, StageError
+
+log = logging.getLogger(__name__)
+
+
+def sinusoidal_positions(num_tokens: int, dim: int, *, device: torch.device | None = None,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal position codes ``P`` of shape ``(num_tokens, dim)``.
+
+    ``P[n, 2i] = sin(n / 10000^(2i / dim))`` and ``P[n, 2i + 1] = cos(n / 10000^(2i / dim))``.
+    """
+    position = torch.arange(num_tokens, device=device, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    codes = torch.zeros(num_tokens, dim, device=device, dtype=torch.float32)
+    codes[:, 0::2] = torch.sin(position * freq)
+    codes[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return codes.to(dtype)
+
+
+def module_dict(modules: dict[str, nn.Module]) -> nn.ModuleDict:
+    """``nn.ModuleDict`` keyed by modality, with a clear error for names a ModuleDict cannot hold."""
+    out = nn.ModuleDict()
+    for name, module in modules.items():
+        try:
+            out[name] = module
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"modality name {name!r} cannot name a model part (it must be a non-empty string without '.' "
+                f"and not an nn.ModuleDict attribute): {exc}"
+            ) from exc
+    return out
+
+
+class GatedCrossAttentionFusion(nn.Module):
+    """Fuse ``{modality: tokens (B, N_m, D)}`` into ``z (B, D)`` with gates ``(B, M)`` (see the module doc).
+
+    Parameters
+    ----------
+    modalities : list of str
+        The fused modalities, in order (the first is ``c_1`` of the gate).
+    dim : int
+        Token dimension ``D``.
+    heads : int
+        Attention heads (``dim`` must be divisible by it).
+    layers : int
+        Depth of each modality's transformer encoder.
+    dropout : float
+        Dropout of the encoder and attention layers.
+    """
+
+    def __init__(self, modalities: list[str], dim: int, heads: int, layers: int = 1, dropout: float = 0.1) -> None:
+        super().__init__()
+        modalities = list(modalities)
+        if not modalities:
+            raise ConfigError("fusion: at least one modality is required")
+        if len(set(modalities)) != len(modalities):
+            raise ConfigError(f"fusion: modalities must be distinct, got {modalities}")
+        if dim % heads:
+            raise ConfigError(f"model.embed_dim ({dim}) must be divisible by model.fusion_heads ({heads})")
+        if layers < 1:
+            raise ConfigError(f"model.fusion_layers must be >= 1, got {layers}")
+        self.modalities = modalities
+        self.dim = dim
+        self.encoders = module_dict(
+            {
+                m: nn.TransformerEncoder(
+                    nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True),
+                    num_layers=layers,
+                    enable_nested_tensor=False,
+                )
+                for m in modalities
+            }
+        )
+        num = len(modalities)
+        self.cross_attention = module_dict(
+            {m: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) for m in modalities}
+            if num > 1
+            else {}
+        )
+        self.cross_norm = module_dict({m: nn.LayerNorm(dim) for m in modalities} if num > 1 else {})
+        self.cross_dropout = nn.Dropout(dropout)
+        self.gate: nn.Module | None = None
+        if num == 2:
+            self.gate = nn.Linear(2 * dim, dim)
+        elif num > 2:
+            self.gate = nn.Linear(num * dim, num * dim)
+
+    def _check(self, tokens: dict[str, Tensor]) -> int:
+        missing = [m for m in self.modalities if m not in tokens]
+        if missing:
+            raise StageError(f"fusion: tokens for modalities {missing} are missing (got {sorted(tokens)})")
+        batch = None
+        for m in self.modalities:
+            t = tokens[m]
+            if t.dim() != 3 or t.shape[-1] != self.dim or t.shape[1] < 1:
+                raise StageError(f"fusion: tokens of {m!r} must be (B, N, {self.dim}) with N >= 1, got {tuple(t.shape)}")
+            if batch is not None and t.shape[0] != batch:
+                raise StageError(f"fusion: batch sizes differ across modalities ({batch} vs {t.shape[0]} for {m!r})")
+            batch = t.shape[0]
+        return int(batch)  # type: ignore[arg-type]
+
+    def forward(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Fuse the modalities' tokens.
+
+        Parameters
+        ----------
+        tokens : dict[str, Tensor]
+            ``{modality: (B, N_m, D)}`` for every modality of the fusion (extra entries are ignored).
+
+        Returns
+        -------
+        z : Tensor, shape (B, D)
+            The fused embedding.
+        gates : Tensor, shape (B, M)
+            Per-modality gate weights averaged over features (rows sum to 1).
+        """
+        batch = self._check(tokens)
+        encoded: list[Tensor] = []
+        for m in self.modalities:
+            t = tokens[m]
+            t = t + sinusoidal_positions(t.shape[1], self.dim, device=t.device, dtype=t.dtype)
+            encoded.append(self.encoders[m](t))
+        num = len(self.modalities)
+        if num == 1:
+            z = encoded[0].mean(dim=1)
+            return z, torch.ones(batch, 1, device=z.device, dtype=z.dtype)
+        pooled: list[Tensor] = []
+        for i, m in enumerate(self.modalities):
+            others = torch.cat([e for j, e in enumerate(encoded) if j != i], dim=1)
+            attended, _ = self.cross_attention[m](encoded[i], others, others, need_weights=False)
+            pooled.append(self.cross_norm[m](encoded[i] + self.cross_dropout(attended)).mean(dim=1))
+        assert self.gate is not None
+        if num == 2:
+            g = torch.sigmoid(self.gate(torch.cat(pooled, dim=-1)))  # (B, D)
+            z = g * pooled[0] + (1.0 - g) * pooled[1]
+            gates = torch.stack([g.mean(dim=-1), (1.0 - g).mean(dim=-1)], dim=1)
+            return z, gates
+        stacked = torch.stack(pooled, dim=1)  # (B, M, D)
+        weights = torch.softmax(self.gate(stacked.flatten(1)).view(-1, num, self.dim), dim=1)
+        z = (weights * stacked).sum(dim=1)
+        return z, weights.mean(dim=-1)
+

@@ -1,0 +1,162 @@
+"""Shared model pieces: the :class:`ModelOutput` record, the :class:`Backbone` base, task heads.
+
+Every model in :mod:`pkdot.models` returns a :class:`ModelOutput`; every backbone maps one modality's input
+batch to a sequence of ``D``-dimensional tokens ``(B, N, D)`` (``D`` = ``embed_dim``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pkdot.errors import StageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOutput:
+    """What every teacher, student and unimodal model returns.
+
+    Attributes
+    ----------
+    embedding : Tensor, shape (B, D)
+        The embedding that is distilled (teacher: the fused ``z``; student: its fused ``z``; unimodal model:
+        the mean of its backbone tokens).
+    logits : Tensor, shape (B, C) or (B, 1)
+        Class logits, or the regression output in ``[-1, 1]`` (tanh) as ``(B, 1)``.
+    tokens : dict[str, Tensor]
+        Per-modality backbone tokens ``(B, N_m, D)`` after projection (for a student, the privileged entries are
+        the T-Net's hallucinated tokens ``(B, 1, D)``).
+    gates : Tensor or None, shape (B, M)
+        The fusion's mean gate weight of each modality (in the order of the fusion's ``modalities``); rows sum to
+        1. ``None`` for unimodal models.
+    """
+
+    embedding: Tensor
+    logits: Tensor
+    tokens: dict[str, Tensor]
+    gates: Tensor | None = None
+
+
+# ModelOutput crosses torch.export (e.g. mlflow.pytorch.log_model's default format) as a pytree node.
+torch.export.register_dataclass(ModelOutput, serialized_type_name="pkdot.models.ModelOutput")
+
+
+class Backbone(nn.Module):
+    """A modality encoder: ``forward(x) -> tokens (B, N, D)``.
+
+    Subclasses implement :meth:`encode`; :meth:`forward` first checks that ``x`` has the batch shape
+    ``(B, *input_shape)`` and the dtype the backbone was built for (``uint8`` face crops or floating features).
+
+    Parameters
+    ----------
+    modality : str
+        The modality name (``video``, ``physio``, ``audio`` or a table column).
+    input_shape : tuple of int
+        The shape of one sample, without the batch dimension.
+    embed_dim : int
+        Token dimension ``D``.
+    """
+
+    #: ``True`` for backbones that read raw ``uint8`` pixels; others read floating-point features.
+    expects_uint8: bool = False
+
+    def __init__(self, modality: str, input_shape: tuple[int, ...], embed_dim: int) -> None:
+        super().__init__()
+        self.modality = modality
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.embed_dim = int(embed_dim)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Map a checked input batch to tokens ``(B, N, D)`` (implemented by every subclass)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise :class:`StageError` unless ``x`` is ``(B, *input_shape)`` with the expected dtype."""
+        if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
+            raise StageError(
+                f"{self.modality} backbone: expected input of shape (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+        if self.expects_uint8 and x.dtype != torch.uint8:
+            raise StageError(f"{self.modality} backbone: expected uint8 pixels (0..255), got dtype {x.dtype}")
+        if not self.expects_uint8 and not x.is_floating_point():
+            raise StageError(f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if not self.expects_uint8:
+            weight = next(self.parameters(), None)
+            if weight is not None and x.dtype != weight.dtype:
+                x = x.to(weight.dtype)  # e.g. float64 features into a float32 network
+        return self.encode(x)
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """The mean of the tokens over ``N``: ``(B, D)``."""
+        return self.forward(x).mean(dim=1)
+
+
+class TaskHead(nn.Module):
+    """Linear task head on a ``(B, dim)`` embedding.
+
+    Classification: logits ``(B, num_outputs)``. Regression (valence or arousal): ``tanh(w^T z + b)`` of shape
+    ``(B, 1)`` in ``[-1, 1]``.
+    """
+
+    def __init__(self, dim: int, num_outputs: int, regression: bool) -> None:
+        super().__init__()
+        if regression and num_outputs != 1:
+            raise StageError(f"TaskHead: a regression head has 1 output, got num_outputs={num_outputs}")
+        if not regression and num_outputs < 2:
+            raise StageError(f"TaskHead: a classification head needs >= 2 classes, got num_outputs={num_outputs}")
+        self.regression = regression
+        self.num_outputs = num_outputs
+        self.linear = nn.Linear(dim, num_outputs)
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        out = self.linear(embedding)
+        return torch.tanh(out) if self.regression else out
+
+
+class UnimodalModel(nn.Module):
+    """One backbone + a :class:`TaskHead` on its pooled embedding (the unimodal baselines / pre-training).
+
+    ``embedding = mean_n backbone(x)[:, n, :]`` of shape ``(B, D)``; ``logits = head(embedding)``.
+    """
+
+    def __init__(self, backbone: Backbone, num_outputs: int, regression: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = TaskHead(backbone.embed_dim, num_outputs, regression)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        tokens = self.backbone(x)
+        embedding = tokens.mean(dim=1)
+        return ModelOutput(embedding=embedding, logits=self.head(embedding), tokens={self.backbone.modality: tokens})
+
+
+def freeze_(module: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter and put the module in eval mode; returns it."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the block with ``torch.manual_seed(seed)`` and restore the global CPU RNG state afterwards.
+
+    ``seed=None`` leaves the global RNG as it is (the block draws from the current state).
+    """
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,172 @@
+"""The video-only student: its own backbone, frozen T-Nets that hallucinate the privileged modalities, fusion.
+
+For a student input ``x`` (the first of ``cfg.data.student_modalities``, usually ``video``):
+
+``V = backbone(x)`` ``(B, N, D)``, ``v = mean_n V`` ``(B, D)``, ``P_m = T_m(v)[:, None, :]`` ``(B, 1, D)`` for
+each privileged modality ``m``, ``z, gates = fusion({video: V, m: P_m, ...})``, ``logits = head(z)``.
+With ``cfg.distill.use_tnet = False`` there are no T-Nets and the fusion runs over ``V`` alone.
+
+The T-Nets are always frozen (``requires_grad=False``, eval mode); the backbone is frozen when
+``freeze_backbone`` (default ``cfg.train.freeze_student_backbone``), which lets the distillation stage cache
+``V`` once and train from :meth:`Student.forward_from_features`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from pkdot.errors import ConfigError, StageError
+from pkdot.models.fusion import GatedCrossAttentionFusion, module_dict
+from pkdot.models.heads import Backbone, ModelOutput, TaskHead, freeze_, seeded
+from pkdot.models.teacher import check_backbone, build_backbone
+from pkdot.models.tnet import TNet, build_tnets
+
+if TYPE_CHECKING:
+    from pkdot.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class Student(nn.Module):
+    """Student model (see the module doc).
+
+    Parameters
+    ----------
+    modality : str
+        The student's input modality (the key of its tokens).
+    video_backbone : Backbone
+        Backbone of that modality.
+    tnets : dict[str, TNet]
+        Privileged modality -> T-Net (empty: no hallucination). Frozen here.
+    fusion : GatedCrossAttentionFusion
+        Fusion over ``[modality, *tnets]``.
+    head : TaskHead
+        Head on the fused ``z``.
+    freeze_backbone : bool
+        Freeze the backbone (no gradient, eval mode: batch-norm statistics do not move); ``False`` makes every
+        backbone parameter trainable.
+    """
+
+    def __init__(
+        self,
+        modality: str,
+        video_backbone: Backbone,
+        tnets: dict[str, TNet],
+        fusion: GatedCrossAttentionFusion,
+        head: TaskHead,
+        freeze_backbone: bool,
+    ) -> None:
+        super().__init__()
+        expected = [modality, *tnets]
+        if list(fusion.modalities) != expected:
+            raise StageError(f"student: fusion modalities {fusion.modalities} != {expected} (input, then T-Nets)")
+        self.modality = modality
+        self.video_backbone = video_backbone
+        self.tnets = module_dict(dict(tnets))
+        self.fusion = fusion
+        self.head = head
+        self.backbone_frozen = bool(freeze_backbone)
+        freeze_(self.tnets)
+        if self.backbone_frozen:
+            freeze_(self.video_backbone)
+        else:
+            self.video_backbone.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> Student:
+        """Set train/eval mode; the frozen parts stay in eval mode."""
+        super().train(mode)
+        self.tnets.eval()
+        if self.backbone_frozen:
+            self.video_backbone.eval()
+        return self
+
+    def forward(self, video: Tensor) -> ModelOutput:
+        """Input batch of the student modality (``uint8 (B, T, H, W, 3)`` for video) -> :class:`ModelOutput`."""
+        return self.forward_from_features(self.video_backbone(video))
+
+    def forward_from_features(self, video_tokens: Tensor) -> ModelOutput:
+        """Run from the backbone's tokens ``(B, N, D)`` (e.g. cached frozen-backbone features)."""
+        if video_tokens.dim() != 3 or video_tokens.shape[-1] != self.fusion.dim:
+            raise StageError(
+                f"student: expected {self.modality} tokens (B, N, {self.fusion.dim}), got {tuple(video_tokens.shape)}"
+            )
+        tokens = {self.modality: video_tokens}
+        if len(self.tnets):
+            video_embedding = video_tokens.mean(dim=1)
+            for m, tnet in self.tnets.items():
+                tokens[m] = tnet(video_embedding).unsqueeze(1)
+        z, gates = self.fusion(tokens)
+        return ModelOutput(embedding=z, logits=self.head(z), tokens=tokens, gates=gates)
+
+
+def student_modality(cfg: RunConfig) -> str:
+    """The student's input modality: the single entry of ``cfg.data.student_modalities``."""
+    mods = cfg.data.student_modalities
+    if len(mods) != 1:
+        raise ConfigError(f"data.student_modalities: the student reads one modality, got {mods}")
+    return mods[0]
+
+
+def build_student(
+    cfg: RunConfig,
+    input_shapes: dict[str, tuple[int, ...]],
+    *,
+    video_backbone: Backbone | None = None,
+    tnets: dict[str, TNet] | None = None,
+    freeze_backbone: bool | None = None,
+    seed: int | None = None,
+) -> Student:
+    """Compose the student of a run.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run configuration (``data`` for modalities/task, ``model`` for sizes, ``distill.use_tnet``).
+    input_shapes : dict[str, tuple of int]
+        One sample's shape per modality; only the student modality's is used.
+    video_backbone : Backbone, optional
+        Backbone to start from (e.g. the pre-trained unimodal video backbone); it is *copied*, so freezing it
+        here does not touch the caller's module. Default: a new one.
+    tnets : dict[str, TNet], optional
+        Trained T-Nets, one per privileged modality (copied and frozen). Default with ``use_tnet``: freshly
+        initialised ones, for loading a saved student's state_dict into (a warning says so).
+    freeze_backbone : bool, optional
+        Default ``cfg.train.freeze_student_backbone``.
+    seed : int, optional
+        Seed of the new weights (global RNG restored afterwards).
+    """
+    modality = student_modality(cfg)
+    dim = cfg.model.embed_dim
+    freeze = cfg.train.freeze_student_backbone if freeze_backbone is None else bool(freeze_backbone)
+    privileged = cfg.data.privileged_modalities
+    with seeded(seed):
+        if video_backbone is not None:
+            check_backbone("build_student", video_backbone, modality, input_shapes.get(modality), dim)
+            backbone = copy.deepcopy(video_backbone)
+        else:
+            if modality not in input_shapes:
+                raise StageError(f"build_student: no input shape for the student modality {modality!r}")
+            backbone = build_backbone(modality, input_shapes[modality], cfg.model)
+        if not cfg.distill.use_tnet:
+            if tnets:
+                raise ConfigError("build_student: T-Nets were given but distill.use_tnet is false")
+            chosen: dict[str, TNet] = {}
+        elif tnets is None:
+            log.warning("build_student: T-Nets freshly initialised for %s; load trained weights before use", privileged)
+            chosen = build_tnets(cfg)
+        else:
+            if sorted(tnets) != sorted(privileged):
+                raise StageError(f"build_student: T-Nets given for {sorted(tnets)}, privileged modalities are {privileged}")
+            for m, t in tnets.items():
+                if not isinstance(t, TNet) or t.dim != dim:
+                    raise StageError(f"build_student: the T-Net for {m!r} must be a TNet of dim {dim}")
+            chosen = {m: copy.deepcopy(tnets[m]) for m in privileged}
+        fusion = GatedCrossAttentionFusion(
+            [modality, *chosen], dim, cfg.model.fusion_heads, layers=cfg.model.fusion_layers, dropout=cfg.model.dropout
+        )
+        head = TaskHead(dim, cfg.data.num_outputs, cfg.data.is_regression)
+    return Student(modality, backbone, chosen, fusion, head, freeze_backbone=freeze)

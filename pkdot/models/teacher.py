@@ -1,0 +1,176 @@
+"""The multimodal teacher (backbones + gated cross-attention fusion + head) and the backbone factory.
+
+``Teacher(inputs)``: ``tokens_m = backbone_m(inputs[m])`` ``(B, N_m, D)`` for every modality of
+``cfg.data.modalities`` (student modalities first, then the privileged ones), ``z, gates = fusion(tokens)``,
+``logits = head(z)``. ``z`` ``(B, D)`` is the embedding the student distils.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from pkdot.errors import ConfigError, StageError
+from pkdot.models.audio import LogMelCNN
+from pkdot.models.fusion import GatedCrossAttentionFusion, module_dict
+from pkdot.models.heads import Backbone, ModelOutput, TaskHead, seeded
+from pkdot.models.mlp import MLPBackbone
+from pkdot.models.physio import SpectrogramCNN, WindowCNN
+from pkdot.models.video import VideoBackbone, load_pretrained_video
+
+if TYPE_CHECKING:
+    from pkdot.config import ModelConfig, RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_backbone(
+    modality: str, input_shape: tuple[int, ...], cfg: ModelConfig, *, seed: int | None = None
+) -> Backbone:
+    """The backbone for one modality, chosen by its name and the rank of one sample's shape.
+
+    ======================  =====================  =========================================================
+    modality                ``input_shape``         backbone
+    ======================  =====================  =========================================================
+    any                     ``(D_in,)``             :class:`MLPBackbone` (hidden ``mlp_hidden``), 1 token
+    ``video``               ``(T, H, W, 3)`` uint8  :class:`VideoBackbone` (``video_backbone``, ``video_width``)
+    ``physio``              ``(C, F, T)``           :class:`SpectrogramCNN` (``physio_width``)
+    ``physio``              ``(C, L)``              :class:`WindowCNN` (``physio_width``)
+    ``audio``               ``(n_mels, T)``         :class:`LogMelCNN` (``audio_width``)
+    ======================  =====================  =========================================================
+
+    Parameters
+    ----------
+    modality : str
+        Modality name.
+    input_shape : tuple of int
+        One sample's shape (no batch dimension).
+    cfg : ModelConfig
+        ``cfg.model`` of the run. ``pretrained_video`` (a local state_dict file) is loaded into a video
+        backbone; nothing is ever downloaded.
+    seed : int, optional
+        Seed of the initial weights (global RNG restored afterwards); ``None`` draws from the global RNG.
+
+    Raises
+    ------
+    ConfigError
+        No backbone fits the modality and shape, or the pretrained file does not match.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    dim = cfg.embed_dim
+    with seeded(seed):
+        if len(shape) == 1:
+            return MLPBackbone(shape, dim, hidden=cfg.mlp_hidden, dropout=cfg.dropout, modality=modality)
+        if modality == "video":
+            backbone = VideoBackbone(shape, dim, arch=cfg.video_backbone, width=cfg.video_width, modality=modality)
+            if cfg.pretrained_video is not None:
+                load_pretrained_video(backbone, cfg.pretrained_video)
+            return backbone
+        if modality == "physio":
+            expected = {3: "spectrogram", 2: "window"}.get(len(shape))
+            if expected is None:
+                raise ConfigError(f"physio backbone: expected a spectrogram (C, F, T) or a window (C, L), got {shape}")
+            if expected != cfg.physio_input:
+                raise ConfigError(
+                    f"model.physio_input is {cfg.physio_input!r} but the physio input has shape {shape} "
+                    f"(a {expected}); set model.physio_input={expected} or feed the {cfg.physio_input}"
+                )
+            if expected == "spectrogram":
+                return SpectrogramCNN(shape, dim, width=cfg.physio_width, modality=modality)
+            return WindowCNN(shape, dim, width=cfg.physio_width, modality=modality)
+        if modality == "audio":
+            return LogMelCNN(shape, dim, width=cfg.audio_width, modality=modality)
+    raise ConfigError(
+        f"no backbone for modality {modality!r} with input shape {shape}: expected a vector (D,) for table "
+        f"modalities, (T, H, W, 3) for video, (C, F, T) or (C, L) for physio, (n_mels, T) for audio"
+    )
+
+
+class Teacher(nn.Module):
+    """Multimodal teacher: one backbone per modality, :class:`GatedCrossAttentionFusion`, :class:`TaskHead`.
+
+    Parameters
+    ----------
+    backbones : dict[str, Backbone]
+        One backbone per modality, in fusion order.
+    fusion : GatedCrossAttentionFusion
+        Fusion over exactly those modalities.
+    head : TaskHead
+        Head on the fused ``z``.
+    """
+
+    def __init__(self, backbones: dict[str, Backbone], fusion: GatedCrossAttentionFusion, head: TaskHead) -> None:
+        super().__init__()
+        if list(backbones) != list(fusion.modalities):
+            raise StageError(f"teacher: backbones {list(backbones)} do not match the fusion's {fusion.modalities}")
+        self.modalities = list(fusion.modalities)
+        self.backbones = module_dict(dict(backbones))
+        self.fusion = fusion
+        self.head = head
+
+    def forward(self, inputs: dict[str, Tensor]) -> ModelOutput:
+        """``{modality: batch}`` (extra keys such as ``target`` are ignored) -> :class:`ModelOutput`."""
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise StageError(f"teacher: inputs for modalities {missing} are missing (got {sorted(inputs)})")
+        tokens = {m: self.backbones[m](inputs[m]) for m in self.modalities}
+        z, gates = self.fusion(tokens)
+        return ModelOutput(embedding=z, logits=self.head(z), tokens=tokens, gates=gates)
+
+
+def check_backbone(name: str, backbone: Backbone, modality: str, shape: tuple[int, ...] | None, dim: int) -> None:
+    """Raise :class:`StageError` (prefixed ``name``) unless ``backbone`` fits ``modality``, ``shape`` and ``dim``."""
+    if not isinstance(backbone, Backbone):
+        raise StageError(f"{name}: expected a pkdot Backbone for {modality!r}, got {type(backbone).__name__}")
+    if backbone.embed_dim != dim:
+        raise StageError(f"{name}: the {modality!r} backbone has embed_dim {backbone.embed_dim}, model.embed_dim is {dim}")
+    if shape is not None and tuple(shape) != backbone.input_shape:
+        raise StageError(
+            f"{name}: the {modality!r} backbone was built for input {backbone.input_shape}, the data has {tuple(shape)}"
+        )
+
+
+def build_teacher(
+    cfg: RunConfig,
+    input_shapes: dict[str, tuple[int, ...]],
+    backbones: dict[str, Backbone] | None = None,
+    *,
+    seed: int | None = None,
+) -> Teacher:
+    """Compose the teacher of a run from ``cfg.data`` (modalities, task) and ``cfg.model`` (sizes).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run configuration.
+    input_shapes : dict[str, tuple of int]
+        One sample's shape per modality (no batch dimension).
+    backbones : dict[str, Backbone], optional
+        Backbones to use as they are (e.g. pre-trained unimodal ones); missing modalities get new backbones.
+    seed : int, optional
+        Seed of the new weights (global RNG restored afterwards).
+    """
+    modalities = cfg.data.modalities
+    given = dict(backbones or {})
+    extra = sorted(set(given) - set(modalities))
+    if extra:
+        raise StageError(f"build_teacher: backbones given for {extra}, which are not modalities of the run {modalities}")
+    missing = [m for m in modalities if m not in input_shapes and m not in given]
+    if missing:
+        raise StageError(f"build_teacher: no input shape for modalities {missing} (got {sorted(input_shapes)})")
+    dim = cfg.model.embed_dim
+    with seeded(seed):
+        parts: dict[str, Backbone] = {}
+        for m in modalities:
+            if m in given:
+                check_backbone("build_teacher", given[m], m, input_shapes.get(m), dim)
+                parts[m] = given[m]
+            else:
+                parts[m] = build_backbone(m, input_shapes[m], cfg.model)
+        fusion = GatedCrossAttentionFusion(
+            modalities, dim, cfg.model.fusion_heads, layers=cfg.model.fusion_layers, dropout=cfg.model.dropout
+        )
+        head = TaskHead(dim, cfg.data.num_outputs, cfg.data.is_regression)
+    return Teacher(parts, fusion, head)

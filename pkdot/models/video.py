@@ -1,0 +1,222 @@
+"""3-D CNN backbones for face clips: an R3D-18-like network (``r3d18``) and a small one (``small3d``).
+
+Input: ``uint8`` RGB face crops ``(B, T, H, W, 3)``. Inside, pixels are scaled to ``[0, 1]``, standardised
+per channel with the Kinetics-400 statistics used by R3D-18, and permuted to ``(B, 3, T, H, W)``. The CNN body
+gives ``(B, C, T', H', W')``; the tokens are the ``T'`` temporal positions after global spatial average
+pooling, projected to ``embed_dim`` ``D``: ``(B, T', D)``, ending in a ``Linear(D, D)`` like the paper's
+512 -> 512 projection.
+
+The ``r3d18`` body uses the module names of torchvision's ``r3d_18`` (``stem``, ``layer1`` .. ``layer4``), so a
+Kinetics-pretrained ``r3d_18`` state_dict saved to a local file loads into it with
+:func:`load_pretrained_video` (torchvision itself is not a dependency; nothing is ever downloaded).
+
+References
+----------
+Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition", CVPR 2018 (R3D-18).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pkdot.errors import ConfigError
+from pkdot.models.heads import Backbone
+
+log = logging.getLogger(__name__)
+
+#: Per-channel RGB mean / std of Kinetics-400 (the R3D-18 pre-training statistics).
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
+
+class BasicBlock3d(nn.Module):
+    """R3D basic block: two 3x3x3 convolutions with batch norm and an identity (or 1x1x1) shortcut.
+
+    ``y = relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``; ``stride`` applies to (T, H, W) in the first conv.
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv3d(in_channels, channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm3d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm3d(channels)
+        )
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv3d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm3d(channels)
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.conv2(self.conv1(x)) + shortcut)
+
+
+class R3D18Body(nn.Module):
+    """R3D-18 convolutional body: stem (3x7x7, stride (1, 2, 2)) and 4 stages of 2 :class:`BasicBlock3d`.
+
+    Stage widths ``w, 2w, 4w, 8w`` (``w = 64`` is R3D-18), strides 1, 2, 2, 2 (over T, H and W).
+    ``(B, 3, T, H, W) -> (B, 8w, T', H', W')`` with ``T' = ceil(T / 8)`` for the strided stages.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(
+            nn.Conv3d(3, w, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+            nn.BatchNorm3d(w),
+            nn.ReLU(inplace=True),
+        )
+        self.layer1 = nn.Sequential(BasicBlock3d(w, w), BasicBlock3d(w, w))
+        self.layer2 = nn.Sequential(BasicBlock3d(w, 2 * w, stride=2), BasicBlock3d(2 * w, 2 * w))
+        self.layer3 = nn.Sequential(BasicBlock3d(2 * w, 4 * w, stride=2), BasicBlock3d(4 * w, 4 * w))
+        self.layer4 = nn.Sequential(BasicBlock3d(4 * w, 8 * w, stride=2), BasicBlock3d(8 * w, 8 * w))
+        self.out_channels = 8 * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+class Small3dBody(nn.Module):
+    """Three 3x3x3 conv + BN + ReLU stages with widths ``w, 2w, 4w``; strides (1,2,2), (1,2,2), (2,2,2).
+
+    ``(B, 3, T, H, W) -> (B, 4w, ceil(T / 2), H / 8, W / 8)``: seconds per epoch on a CPU at demo sizes.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        w = width
+        stages = []
+        for cin, cout, stride in ((3, w, (1, 2, 2)), (w, 2 * w, (1, 2, 2)), (2 * w, 4 * w, (2, 2, 2))):
+            stages.append(
+                nn.Sequential(
+                    nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                    nn.BatchNorm3d(cout),
+                    nn.ReLU(inplace=True),
+                )
+            )
+        self.stages = nn.Sequential(*stages)
+        self.out_channels = 4 * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stages(x)
+
+
+class VideoBackbone(Backbone):
+    """Face-clip encoder: ``uint8 (B, T, H, W, 3) -> tokens (B, T', D)``.
+
+    ``x -> (x / 255 - mean) / std -> body -> mean over (H', W') -> (B, T', C)`` then
+    ``Linear(C, D) -> ReLU -> Linear(D, D)`` (only the final ``Linear(D, D)`` when ``C == D``).
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(T, H, W, 3)``.
+    embed_dim : int
+        Token dimension ``D``.
+    arch : {"r3d18", "small3d"}
+        The CNN body.
+    width : int
+        Channels of the first stage ``w``.
+    modality : str
+        Name of the modality this backbone reads (``video`` usually).
+    """
+
+    expects_uint8 = True
+
+    def __init__(
+        self, input_shape: tuple[int, ...], embed_dim: int, arch: str = "small3d", width: int = 8,
+        modality: str = "video",
+    ) -> None:
+        super().__init__(modality, input_shape, embed_dim)
+        if len(self.input_shape) != 4 or self.input_shape[3] != 3:
+            raise ConfigError(f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}")
+        if arch == "r3d18":
+            self.body: nn.Module = R3D18Body(width)
+        elif arch == "small3d":
+            self.body = Small3dBody(width)
+        else:
+            raise ConfigError(f"model.video_backbone: unknown architecture {arch!r} (expected 'r3d18' or 'small3d')")
+        self.arch = arch
+        channels = self.body.out_channels
+        self.to_embed: nn.Module = (
+            nn.Identity() if channels == embed_dim else nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU())
+        )
+        self.projection = nn.Linear(embed_dim, embed_dim)
+        self.register_buffer("mean", torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(KINETICS_STD).view(1, 3, 1, 1, 1), persistent=False)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """``uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W)`` scaled to [0, 1] and standardised."""
+        x = x.permute(0, 4, 1, 2, 3).to(self.mean.dtype) / 255.0
+        return (x - self.mean) / self.std
+
+    def encode(self, x: Tensor) -> Tensor:
+        features = self.body(self.normalise(x))  # (B, C, T', H', W')
+        tokens = features.mean(dim=(3, 4)).transpose(1, 2)  # (B, T', C)
+        return self.projection(self.to_embed(tokens))
+
+
+def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
+    """Load a local state_dict into a video backbone (nothing is downloaded).
+
+    Accepted files (``torch.save`` of a dict of tensors):
+
+    - a whole :class:`VideoBackbone` state_dict (same architecture, width and ``embed_dim``), or
+    - a body-only state_dict: the keys of ``backbone.body`` (e.g. torchvision's ``r3d_18`` Kinetics weights for
+      ``r3d18`` with ``video_width=64``; its classifier ``fc.*`` is ignored). The projection stays as
+      initialised.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, unreadable, not a state_dict, or its keys/shapes do not match the backbone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained_video: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(f"model.pretrained_video: {path} is not a readable torch state_dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.pretrained_video: {path} does not hold a state_dict (a dict of tensors)")
+    full_keys = set(backbone.state_dict())
+    body_keys = set(backbone.body.state_dict())
+    keys = set(state)
+    if keys == full_keys:
+        target: nn.Module = backbone
+    elif keys - {"fc.weight", "fc.bias"} == body_keys:
+        target = backbone.body
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    else:
+        expected = full_keys if keys & full_keys else body_keys
+        missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+        raise ConfigError(
+            f"model.pretrained_video: {path} does not match the {backbone.arch} video backbone "
+            f"(width/embed_dim of this run): {len(missing)} missing keys, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}"
+        )
+    current = target.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape)}"
+             for k, v in state.items() if tuple(v.shape) != tuple(current[k].shape)]
+    if wrong:
+        raise ConfigError(
+            f"model.pretrained_video: {path} has {len(wrong)} tensors of the wrong shape "
+            f"(check model.video_width / model.embed_dim), e.g. {wrong[:3]}"
+        )
+    target.load_state_dict(state, strict=True)
+    log.info("loaded pretrained video weights from %s into the %s", path,
+             "whole backbone" if target is backbone else "CNN body (projection freshly initialised)")

@@ -1,0 +1,128 @@
+"""In-memory training data for one fold: feature tensors per modality, targets, subjects, split masks.
+
+The feature tables (stage 1) are read once per worker; arrays stay numpy until a batch is taken, so a batch
+costs one ``torch.from_numpy`` per modality.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pkdot.config import RunConfig
+from pkdot.data.manifest import read_manifest
+from pkdot.errors import StageError
+from pkdot.features.schema import DEFAULT_TENSOR, feature_path, read_sample_ids, read_tensors
+from pkdot.train.splits import Fold
+
+log = logging.getLogger(__name__)
+
+
+def tensor_column(cfg: RunConfig, modality: str) -> str:
+    """Which tensor column of a modality's feature table the models read."""
+    if cfg.data.dataset == "table":
+        return "vector"
+    if modality == "physio":
+        return cfg.model.physio_input
+    return DEFAULT_TENSOR[modality]
+
+
+@dataclass
+class SampleSet:
+    """Samples (rows) with their modality arrays and targets."""
+
+    sample_ids: list[str]
+    subject_ids: np.ndarray
+    targets: np.ndarray  # (N,) int64 class index or float32 regression target
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def subset(self, mask: np.ndarray) -> SampleSet:
+        idx = np.flatnonzero(mask)
+        return SampleSet(
+            sample_ids=[self.sample_ids[i] for i in idx],
+            subject_ids=self.subject_ids[idx],
+            targets=self.targets[idx],
+            arrays={m: a[idx] for m, a in self.arrays.items()},
+        )
+
+    def batch(self, index: np.ndarray, modalities: Sequence[str] | None = None,
+              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        mods = list(modalities) if modalities is not None else list(self.arrays)
+        out = {m: torch.from_numpy(np.ascontiguousarray(self.arrays[m][index])).to(device) for m in mods}
+        out["target"] = torch.from_numpy(self.targets[index]).to(device)
+        out["index"] = torch.from_numpy(np.asarray(index, dtype=np.int64)).to(device)
+        return out
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {m: tuple(a.shape[1:]) for m, a in self.arrays.items()}
+
+
+def targets_from_manifest(cfg: RunConfig, manifest: pd.DataFrame) -> np.ndarray:
+    if cfg.data.is_regression:
+        values = manifest[cfg.data.task].to_numpy(dtype=np.float32)
+        if np.isnan(values).any():
+            raise StageError(f"manifest: column {cfg.data.task!r} has missing values for a regression task")
+        return values
+    labels = manifest["label"].to_numpy(dtype=np.int64)
+    if (labels < 0).any() or (labels >= cfg.data.num_outputs).any():
+        bad = labels[(labels < 0) | (labels >= cfg.data.num_outputs)][0]
+        raise StageError(f"manifest: label {bad} outside 0..{cfg.data.num_outputs - 1} for task {cfg.data.task!r}")
+    return labels
+
+
+def load_samples(cfg: RunConfig, run_dir: Path | None = None, modalities: Sequence[str] | None = None) -> SampleSet:
+    """All extracted samples of the run (those present in every modality table), in manifest order."""
+    run_dir = Path(run_dir or cfg.run_dir)
+    manifest = read_manifest(run_dir / "manifest.parquet")
+    mods = list(modalities) if modalities is not None else cfg.data.modalities
+    present: set[str] | None = None
+    for m in mods:
+        ids = set(read_sample_ids(feature_path(run_dir, m)))
+        present = ids if present is None else present & ids
+    assert present is not None
+    manifest = manifest[manifest["sample_id"].isin(present)].reset_index(drop=True)
+    if manifest.empty:
+        raise StageError(f"{run_dir}: no sample has features for all of {mods} (run `pkdot extract`)")
+    ids = manifest["sample_id"].tolist()
+    arrays = {m: read_tensors(feature_path(run_dir, m), tensor_column(cfg, m), ids)[1] for m in mods}
+    return SampleSet(
+        sample_ids=ids,
+        subject_ids=manifest["subject_id"].astype(str).to_numpy(),
+        targets=targets_from_manifest(cfg, manifest),
+        arrays=arrays,
+    )
+
+
+@dataclass
+class FoldData:
+    """The train / val / test parts of one subject-independent fold."""
+
+    fold: Fold
+    train: SampleSet
+    val: SampleSet
+    test: SampleSet
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.train.input_shapes
+
+
+def split_fold(samples: SampleSet, fold: Fold) -> FoldData:
+    subj = samples.subject_ids
+    parts = {}
+    for name, subjects in (("train", fold.train), ("val", fold.val), ("test", fold.test)):
+        mask = np.isin(subj, np.asarray(subjects, dtype=object))
+        if not mask.any():
+            raise StageError(f"fold {fold.index}: no samples for the {name} subjects {list(subjects)}")
+        parts[name] = samples.subset(mask)
+    return FoldData(fold=fold, **parts)

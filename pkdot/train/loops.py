@@ -1,0 +1,160 @@
+"""One epoch of training and the fit loop: plain PyTorch, no Ray, no MLflow.
+
+Ray Train's per-worker loop (:mod:`pkdot.train.ray_runner`) and the unit tests call the same functions.
+Data parallelism is explicit: each global batch of ``batch_size`` indices is cut into ``world`` equal slices
+and worker ``rank`` takes its slice, so the set of samples per step does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pkdot.evaluate.metrics import accuracy, ccc
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (CPU runs are then repeatable)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
+                  world: int = 1, drop_last: bool = True) -> list[np.ndarray]:
+    """Index batches for one epoch, the ``rank``-th slice of each global batch.
+
+    A last batch smaller than 2 samples is dropped when ``drop_last`` (batch statistics and similarity
+    structures need at least two samples).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if drop_last and len(idx) < max(2, world * 2) and start > 0:
+            continue
+        parts = np.array_split(idx, world)
+        batches.append(parts[rank])
+    return batches
+
+
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Cross-entropy for classification (outputs = logits (B, C)); MSE for regression (outputs (B, 1))."""
+    if regression:
+        return nn.functional.mse_loss(outputs[:, 0], targets.float())
+    return nn.functional.cross_entropy(outputs, targets.long())
+
+
+def train_epoch(step: StepFn, optimizer: torch.optim.Optimizer, batches: Sequence[np.ndarray], *,
+                modules: Sequence[nn.Module] = (), grad_clip: float | None = 5.0) -> dict[str, float]:
+    """One pass over ``batches``: ``step(index)`` returns a dict of named losses with ``"loss"`` the total.
+
+    Returns the mean of every entry over the batches (so each named loss is logged separately).
+    """
+    for m in modules:
+        m.train()
+    sums: dict[str, float] = {}
+    for index in batches:
+        losses = step(index)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if grad_clip is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    return {k: v / max(1, len(batches)) for k, v in sums.items()}
+
+
+def task_metric(targets: np.ndarray, outputs: np.ndarray, regression: bool) -> float:
+    """Model-selection metric: accuracy (classification) or CCC (regression); higher is better."""
+    if regression:
+        return float(ccc(targets.astype(np.float64), outputs[:, 0].astype(np.float64)))
+    return float(accuracy(targets, outputs.argmax(1)))
+
+
+@torch.no_grad()
+def predict(forward: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]], n: int, batch_size: int,
+            modules: Sequence[nn.Module] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``forward(index) -> (outputs, embedding)`` over all ``n`` samples in order, in eval mode."""
+    for m in modules:
+        m.eval()
+    outs, embs = [], []
+    for start in range(0, n, batch_size):
+        o, e = forward(np.arange(start, min(n, start + batch_size)))
+        outs.append(o.float().cpu().numpy())
+        embs.append(e.float().cpu().numpy())
+    return np.concatenate(outs), np.concatenate(embs)
+
+
+@dataclass
+class FitState:
+    """Everything needed to resume a fit at an epoch boundary."""
+
+    epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict[str, Any] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    model_state: dict[str, Any] | None = None
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_state: dict[str, Any] | None = None
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepFn, validate: Callable[[], float],
+        epochs: int, batches_for_epoch: Callable[[int], Sequence[np.ndarray]],
+        on_epoch_end: Callable[[FitState], None] | None = None, resume: FitState | None = None,
+        scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
+        train_modules: Sequence[nn.Module] = (), progress: Callable[[int, dict[str, float]], None] | None = None,
+        ) -> FitState:
+    """Train ``epochs`` epochs, keep the weights of the best validation epoch (higher ``validate()`` is better).
+
+    ``model`` is what is saved/selected (its ``state_dict``); ``train_modules`` are put in train mode for the
+    epoch (default ``[model]``). ``on_epoch_end`` receives the resumable state after every epoch (the Ray
+    runner reports it as a checkpoint). ``resume`` restores model, optimiser and history and continues.
+    """
+    state = resume or FitState()
+    if resume is not None and resume.model_state is not None:
+        model.load_state_dict(resume.model_state)
+        if resume.optimizer_state is not None:
+            optimizer.load_state_dict(resume.optimizer_state)
+        if scheduler is not None and resume.scheduler_state is not None:
+            scheduler.load_state_dict(resume.scheduler_state)
+    mods = list(train_modules) or [model]
+    for epoch in range(state.epoch, epochs):
+        losses = train_epoch(train_step, optimizer, batches_for_epoch(epoch), modules=mods)
+        score = float(validate())
+        if scheduler is not None:
+            scheduler.step(-score)
+        record = {"epoch": epoch + 1, "train_loss": losses.get("loss", float("nan")), "val_metric": score,
+                  **{k: v for k, v in losses.items() if k != "loss"}}
+        state.history.append(record)
+        if score > state.best_score or state.best_state is None:
+            state.best_score, state.best_epoch = score, epoch + 1
+            state.best_state = copy.deepcopy(model.state_dict())
+        state.epoch = epoch + 1
+        state.model_state = model.state_dict()
+        state.optimizer_state = optimizer.state_dict()
+        state.scheduler_state = scheduler.state_dict() if scheduler is not None else None
+        if progress is not None:
+            progress(epoch + 1, record)
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    return state

@@ -1,0 +1,180 @@
+"""Student job of one loss x fold x seed: distil the frozen teacher into the video-only student.
+
+The student = the teacher's video backbone (frozen, as the paper does) + the T-Net(s) trained next to the
+teacher (frozen, *loaded* — the authors' script forgot to load them) + its own fusion block and head. With a
+frozen backbone it trains from the embedding cache (stage 3) alone: cached video tokens in, cached teacher
+embeddings/logits as distillation targets. Total loss = task_weight * task + weight * distill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pkdot.config import RunConfig
+from pkdot.distill import DistillBatch, build_loss, total_loss
+from pkdot.models import build_student
+from pkdot.train.cache import check_cache, read_cache, teacher_dir
+from pkdot.train.data import FoldData, SampleSet, load_samples, split_fold
+from pkdot.train.jobs import (
+    Job,
+    WorkerContext,
+    atomic_torch_save,
+    atomic_write_text,
+    prediction_rows,
+    write_history,
+    write_predictions,
+)
+from pkdot.train.loops import epoch_batches, fit, predict, seed_everything, task_loss, task_metric
+from pkdot.train.splits import Fold
+
+log = logging.getLogger(__name__)
+
+
+def student_dir(run_dir: Path, loss: str, fold: int, seed: int) -> Path:
+    return Path(run_dir) / "student" / loss / f"fold-{fold}" / f"seed-{seed}"
+
+
+def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
+    """Ids/targets of every sample; raw video frames too when the student backbone is trained (not frozen)."""
+    mods = [] if cfg.train.freeze_student_backbone else [cfg.data.student_modalities[0]]
+    if not mods:
+        # ids and targets only: intersect with every modality table so the rows match the teacher's
+        base = load_samples(cfg, run_dir, modalities=[cfg.data.student_modalities[0]])
+        base.arrays = {}
+        return base
+    return load_samples(cfg, run_dir, modalities=mods)
+
+
+def split_student_fold(samples: SampleSet, fold: Fold) -> FoldData:
+    return split_fold(samples, fold)
+
+
+class DistillationObjective(nn.Module):
+    """Student + distillation loss as one module (so data-parallel wrapping syncs the loss's parameters too)."""
+
+    def __init__(self, student: nn.Module, distill_loss: nn.Module, cfg: RunConfig) -> None:
+        super().__init__()
+        self.student = student
+        self.distill_loss = distill_loss
+        self.cfg = cfg
+
+    def forward(self, student_input: torch.Tensor, teacher_z: torch.Tensor, teacher_logits: torch.Tensor,
+                target: torch.Tensor, index: torch.Tensor, from_features: bool) -> dict[str, torch.Tensor]:
+        out = self.student.forward_from_features(student_input) if from_features else self.student(student_input)
+        task = task_loss(out.logits, target, self.cfg.data.is_regression)
+        batch = DistillBatch(student_z=out.embedding, teacher_z=teacher_z, student_logits=out.logits,
+                             teacher_logits=teacher_logits, labels=target, index=index)
+        distill = self.distill_loss(batch)
+        return total_loss(task, distill, self.cfg.distill)
+
+
+def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:
+    run_dir = Path(cfg.run_dir)
+    for part in (data.train, data.val, data.test):
+        arrays = read_cache(run_dir, job.fold, job.seed, part.sample_ids)
+        part.arrays.update(arrays)
+
+
+def build_student_for_job(cfg: RunConfig, job_fold: int, job_seed: int, device: torch.device | str = "cpu"):
+    """A fresh student around the frozen teacher video backbone and loaded T-Nets of (fold, seed)."""
+    from pkdot.train.teacher import load_teacher
+
+    teacher, tnets, shapes = load_teacher(cfg, teacher_dir(Path(cfg.run_dir), job_fold, job_seed), device)
+    video = cfg.data.student_modalities[0]
+    backbone = teacher.backbones[video]
+    freeze = cfg.train.freeze_student_backbone
+    if not freeze:
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+    student = build_student(cfg, shapes, video_backbone=backbone,
+                            tnets=dict(tnets.items()) if cfg.distill.use_tnet else None, freeze_backbone=freeze)
+    return student.to(device), shapes
+
+
+def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext) -> dict[str, float]:
+    """Train (or resume) one student; rank 0 writes student.pt, predictions, history, metrics, DONE."""
+    assert job.loss is not None
+    out_dir = Path(job.out_dir)
+    regression = cfg.data.is_regression
+    metric = "ccc" if regression else "accuracy"
+    meta = check_cache(Path(cfg.run_dir), job.fold, job.seed)
+    _attach_cache(cfg, data, job)
+    video = cfg.data.student_modalities[0]
+    from_features = cfg.train.freeze_student_backbone
+    input_key = "video_tokens" if from_features else video
+
+    seed_everything(job.seed * 7919 + job.fold * 31 + 303)
+    student, _shapes = build_student_for_job(cfg, job.fold, job.seed, ctx.device)
+    dim = cfg.model.embed_dim
+    options = dict(cfg.distill.options.get(job.loss, {}))
+    distill_loss = build_loss(job.loss, student_dim=dim, teacher_dim=dim, num_outputs=cfg.data.num_outputs,
+                              regression=regression, num_samples=len(data.train), cfg=cfg.distill,
+                              **options).to(ctx.device)
+    objective = DistillationObjective(student, distill_loss, cfg)
+    train_objective = ctx.wrap(objective)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.train.lr_student, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
+    b = cfg.train.batch_size
+
+    def tensors(part: SampleSet, index: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(part.arrays[k][index])).to(ctx.device)
+                for k in (input_key, "teacher_embedding", "teacher_logits")}
+
+    def step(index: np.ndarray) -> dict[str, torch.Tensor]:
+        t = tensors(data.train, index)
+        target = torch.from_numpy(data.train.targets[index]).to(ctx.device)
+        return train_objective(t[input_key], t["teacher_embedding"], t["teacher_logits"], target,
+                               torch.from_numpy(index.astype(np.int64)).to(ctx.device), from_features)
+
+    def forward(part: SampleSet, index: np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(part.arrays[input_key][index])).to(ctx.device)
+        o = student.forward_from_features(x) if from_features else student(x)
+        return o.logits, o.embedding
+
+    def validate() -> float:
+        outputs, _ = predict(lambda idx: forward(data.val, idx), len(data.val), b, [student])
+        return task_metric(data.val.targets, outputs, regression)
+
+    phase = f"student-{job.loss}"
+    state = fit(student, optimizer, train_step=step, validate=validate, epochs=cfg.train.epochs_student,
+                batches_for_epoch=lambda e: epoch_batches(len(data.train), b, seed=job.seed * 1000 + job.fold,
+                                                          epoch=e, rank=ctx.rank, world=ctx.world),
+                on_epoch_end=ctx.epoch_hook(phase), resume=ctx.resume_for(phase), scheduler=scheduler,
+                train_modules=[train_objective], progress=ctx.progress_hook(phase))
+    metrics: dict[str, float] = {}
+    if ctx.is_chief:
+        frames = []
+        for split, part in (("val", data.val), ("test", data.test)):
+            outputs, emb = predict(lambda idx, p=part: forward(p, idx), len(part), b, [student])
+            frames.append(prediction_rows(model=phase, fold=job.fold, seed=job.seed, split=split,
+                                          sample_ids=part.sample_ids, subject_ids=part.subject_ids,
+                                          targets=part.targets, outputs=outputs, embeddings=emb,
+                                          regression=regression))
+            metrics[f"{split}_{metric}"] = task_metric(part.targets, outputs, regression)
+        metrics["best_epoch"] = state.best_epoch
+        atomic_torch_save({"state_dict": student.state_dict(), "loss_state": distill_loss.state_dict(),
+                           "cache": meta, "fold": job.fold, "seed": job.seed, "loss": job.loss}, out_dir / "student.pt")
+        write_predictions(frames, out_dir / "predictions.parquet")
+        write_history(out_dir / "history.json", {phase: state}, metric)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(job.done_marker, json.dumps({"cache": meta}))
+    return metrics
+
+
+def load_trained_student(cfg: RunConfig, loss: str, fold: int, seed: int, device: torch.device | str = "cpu"):
+    """The trained student of (loss, fold, seed), frozen, in eval mode (takes raw video input)."""
+    student, shapes = build_student_for_job(cfg, fold, seed, device)
+    path = student_dir(Path(cfg.run_dir), loss, fold, seed) / "student.pt"
+    saved = torch.load(path, weights_only=False, map_location=device)
+    student.load_state_dict(saved["state_dict"])
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return student, shapes

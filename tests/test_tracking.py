@@ -1,0 +1,233 @@
+"""pkdot.tracking against a real MLflow SQLite store in tmp_path (no server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pkdot.config import load_config
+from pkdot.errors import StageError
+from pkdot.tracking import PARENT_FILE, Tracker, load_student, resolve_tracking_uri
+
+
+class TinyVideoStudent(torch.nn.Module):
+    """uint8 video (B, T, H, W, 3) -> {"logits": (B, 2), "embedding": (B, 4)}, like the student."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv3d(3, 4, kernel_size=3, padding=1)
+        self.head = torch.nn.Linear(4, 2)
+        self.dropout = torch.nn.Dropout(0.5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = video.permute(0, 4, 1, 2, 3).float() / 255.0
+        embedding = self.conv(x).mean(dim=(2, 3, 4))
+        return {"logits": self.head(self.dropout(embedding)), "embedding": embedding}
+
+
+@dataclasses.dataclass
+class StudentOutput:
+    logits: torch.Tensor
+    embedding: torch.Tensor
+
+
+class DataclassStudent(TinyVideoStudent):
+    def forward(self, video: torch.Tensor) -> StudentOutput:  # type: ignore[override]
+        out = super().forward(video)
+        return StudentOutput(out["logits"], out["embedding"])
+
+
+def _video(seed: int, batch: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(batch, 3, 8, 8, 3), dtype=np.uint8)
+
+
+@pytest.fixture()
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return load_config(overrides={"run_dir": str(tmp_path / "run"), "tracking.experiment": "pkdot-test"})
+
+
+def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    c = load_config(overrides={"run_dir": str(tmp_path / "r")})
+    assert resolve_tracking_uri(c) == f"sqlite:///{(tmp_path / 'r').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(c) == "http://127.0.0.1:5999"
+    c2 = load_config(overrides={"run_dir": str(tmp_path / "r"), "tracking.tracking_uri": "sqlite:////x/m.db"})
+    assert resolve_tracking_uri(c2) == "sqlite:////x/m.db"
+
+
+def test_two_run_directories_in_one_process_keep_their_own_stores(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a = load_config(overrides={"run_dir": str(tmp_path / "a")})
+    b = load_config(overrides={"run_dir": str(tmp_path / "b")})
+    ta = Tracker(a)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow exports it; Tracker undoes that
+    tb = Tracker(b)
+    assert ta.tracking_uri != tb.tracking_uri == resolve_tracking_uri(b)
+    assert ta.parent_run_id() != tb.parent_run_id()
+    assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
+
+
+def test_parent_and_stage_runs(cfg):
+    tracker = Tracker(cfg)
+    parent = tracker.parent_run_id()
+    run_dir = Path(cfg.run_dir).resolve()
+    assert json.loads((run_dir / PARENT_FILE).read_text())["run_id"] == parent
+    assert (run_dir / "mlflow.db").is_file()
+    # A second Tracker (another stage/process) finds the same parent.
+    assert Tracker(cfg).parent_run_id() == parent
+
+    history = {
+        "epochs": [
+            {"epoch": e, "train_loss": 1.0 / e, "val_metric": 0.5 + 0.1 * e, "loss_task": 0.3}
+            for e in (1, 2, 3)
+        ],
+        "metric": "accuracy",
+        "best_epoch": 3,
+    }
+    with tracker.stage_run("train-teacher", fold=0, seed=1, loss="none") as sr:
+        sr.log_params({"lr": 1e-3, "layers": [1, 2]})
+        sr.log_params({f"many.p{i:03d}": i for i in range(250)})  # three MLflow batches of <= 100
+        sr.log_metrics({"test_accuracy": 0.75}, step=2)
+        tracker.log_history(sr, history)
+        stage_id = sr.run_id
+    with pytest.raises(RuntimeError), tracker.stage_run("distill") as failed:
+        failed_id = failed.run_id
+        raise RuntimeError("boom")
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    prun = client.get_run(parent)
+    flat = cfg.flat()
+    assert len(prun.data.params) == len(flat)
+    assert prun.data.params["train.epochs_student"] == str(flat["train.epochs_student"])
+    assert prun.data.params["distill.losses"] == json.dumps(flat["distill.losses"])
+    assert [a.path for a in client.list_artifacts(parent)] == ["config.yaml"]
+    assert client.get_experiment(prun.info.experiment_id).artifact_location.endswith("run/mlartifacts")
+
+    srun = client.get_run(stage_id)
+    assert srun.data.tags[MLFLOW_PARENT_RUN_ID] == parent
+    assert srun.info.run_name == "train-teacher/fold-0/seed-1"
+    assert srun.data.tags["loss"] == "none" and srun.info.status == "FINISHED"
+    assert {k: srun.data.params[k] for k in ("lr", "layers")} == {"lr": "0.001", "layers": "[1, 2]"}
+    assert len(srun.data.params) == 252 and srun.data.params["many.p249"] == "249"
+    assert srun.data.metrics["test_accuracy"] == 0.75
+    val = client.get_metric_history(stage_id, "val_metric")
+    assert [(m.step, round(m.value, 6)) for m in sorted(val, key=lambda m: m.step)] == [
+        (1, 0.6),
+        (2, 0.7),
+        (3, 0.8),
+    ]
+    assert len(client.get_metric_history(stage_id, "train_loss")) == 3
+    assert srun.data.metrics["best_epoch"] == 3 and srun.data.tags["pkdot.val_metric"] == "accuracy"
+    assert client.get_run(failed_id).info.status == "FAILED"
+
+
+def test_bad_inputs_raise_stage_errors(cfg):
+    tracker = Tracker(cfg)
+    with tracker.stage_run("x") as sr:
+        with pytest.raises(StageError, match="metric 'acc'"):
+            sr.log_metrics({"acc": "high"})
+        with pytest.raises(StageError, match="epochs"):
+            tracker.log_history(sr, {"metric": "accuracy"})
+        with pytest.raises(StageError, match="does not exist"):
+            sr.log_artifact(Path(cfg.run_dir) / "missing.txt")
+    (Path(cfg.run_dir) / PARENT_FILE).write_text("not json")
+    with pytest.raises(StageError, match=PARENT_FILE):
+        Tracker(cfg).parent_run_id()
+
+
+def test_register_champion_challenger_and_load(cfg, tmp_path):
+    tracker = Tracker(cfg)
+    example = _video(0, 2)
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    first, second, third = TinyVideoStudent(1), TinyVideoStudent(2), TinyVideoStudent(3)
+
+    r1 = tracker.register_student(
+        first, example, metric_name="accuracy", metric_value=0.70, extra_artifacts=[report], dataset="biovid"
+    )
+    r2 = tracker.register_student(
+        second, example, metric_name="accuracy", metric_value=0.60, dataset="biovid"
+    )
+    assert (r1.name, r1.alias, r1.previous_champion_version) == ("pkdot-student-biovid", "champion", None)
+    assert (r2.alias, r2.previous_champion_version) == ("challenger", r1.version)
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    assert int(client.get_model_version_by_alias(r1.name, "champion").version) == r1.version
+    assert int(client.get_model_version_by_alias(r1.name, "challenger").version) == r2.version
+    reg_run = client.get_run(r1.run_id)
+    assert reg_run.data.tags[MLFLOW_PARENT_RUN_ID] == tracker.parent_run_id()
+    assert reg_run.data.metrics["accuracy"] == 0.70
+    assert "extra/report.md" in [a.path for a in client.list_artifacts(r1.run_id, "extra")]
+
+    # The champion loads back and gives the logged model's outputs, on a different batch size.
+    video = torch.from_numpy(_video(5, 3))
+    loaded = load_student(f"models:/{r1.name}@champion")
+    first.eval()
+    with torch.no_grad():
+        expected, got = first(video), loaded(video)
+    assert set(got) == {"logits", "embedding"}
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+    assert not torch.allclose(second.eval()(video)["logits"], got["logits"])
+
+    r3 = tracker.register_student(third, example, metric_name="accuracy", metric_value=0.80, dataset="biovid")
+    assert (r3.alias, r3.previous_champion_version) == ("champion", r1.version)
+    assert int(client.get_model_version_by_alias(r1.name, "champion").version) == r3.version
+    assert int(client.get_model_version_by_alias(r1.name, "challenger").version) == r2.version
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_student(f"models:/{r1.name}@champion")(video)["logits"], third.eval()(video)["logits"]
+        )
+
+
+def test_register_lower_is_better_dataclass_output(cfg):
+    tracker = Tracker(cfg)
+    example = _video(0, 2)
+    a = tracker.register_student(
+        DataclassStudent(1),
+        example,
+        metric_name="mse",
+        metric_value=0.5,
+        higher_is_better=False,
+        dataset="affwild2",
+    )
+    b = tracker.register_student(
+        DataclassStudent(2),
+        example,
+        metric_name="mse",
+        metric_value=0.4,
+        higher_is_better=False,
+        dataset="affwild2",
+    )
+    assert a.alias == "champion" and b.alias == "champion" and b.previous_champion_version == a.version
+    model = DataclassStudent(2).eval()
+    video = torch.from_numpy(_video(7, 2))
+    with torch.no_grad():
+        got = load_student(b.model_uri)(video)
+        torch.testing.assert_close(got["logits"], model(video).logits)
+    with pytest.raises(StageError, match="batch of at least 2"):
+        tracker.register_student(model, example[:1], metric_name="mse", metric_value=0.1, dataset="affwild2")
+    with pytest.raises(StageError, match="no metric 'ccc'"):
+        tracker.register_student(model, example, metric_name="ccc", metric_value=0.1, dataset="affwild2")
+
+
+def test_load_student_missing_model_raises(cfg):
+    Tracker(cfg)
+    with pytest.raises(StageError, match="cannot load student"):
+        load_student("models:/does-not-exist@champion", tracking_uri=mlflow.get_tracking_uri())
