@@ -3,7 +3,7 @@
 Each stage is a Prefect task that only calls the matching function of :mod:`pkdot.stages` and returns its
 :class:`pkdot.stages.StageResult`. Two lines of defence make a re-run after a failure cheap:
 
-1. **Prefect task caching.** A stage's cache key is built from its inputs only::
+1. **Prefect task caching.** A stage's cache key (every stage but the manifest, which re-scans the dataset) is built from its inputs only::
 
        key = "<stage>-<pkdot version>-<cfg.section_hash(*STAGE_INPUTS[stage])>-<upstream fingerprint>"
 
@@ -31,6 +31,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
@@ -40,18 +41,17 @@ from pkdot import stages
 from pkdot.config import RunConfig, load_config
 from pkdot.errors import ConfigError, PkdotError, StageError
 from pkdot.stages import StageResult
-from pkdot.tracking import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
 #: Stages in execution order.
 STAGE_ORDER: tuple[str, ...] = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
 
-#: The config sections (top-level RunConfig fields) each stage reads; with the upstream fingerprint they make
-#: the stage's cache key. ``seed`` is part of every key. Over-inclusion only costs a call into the library,
+#: The config sections (top-level RunConfig fields) each cached stage reads; with the upstream fingerprint they
+#: make the stage's cache key. ``seed`` is part of every key. Over-inclusion only costs a call into the library,
 #: which then skips itself; under-inclusion would return stale results, so when in doubt a section is listed.
+#: The manifest stage is not cached (see :func:`manifest_task`).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "manifest": ("seed", "data", "synth"),
     "extract": ("seed", "data", "features"),
     "train-teacher": ("seed", "data", "features", "model", "train"),
     "cache": ("seed", "data", "model", "train"),
@@ -99,6 +99,8 @@ def stage_cache_key(stage: str, cfg: RunConfig, upstream: str) -> str:
     section_hash = cfg.section_hash(*STAGE_INPUTS[stage])
     parts = [stage, pkdot.__version__.replace(".", "_"), section_hash, upstream or "none"]
     if stage == "evaluate":
+        from pkdot.tracking import resolve_tracking_uri  # imports mlflow: only when needed
+
         parts.append(hashlib.sha256(resolve_tracking_uri(cfg).encode()).hexdigest()[:12])
     return "-".join(parts)
 
@@ -133,11 +135,14 @@ def prepare_run_task(cfg: RunConfig) -> RunConfig:
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_pkdot_error,
-    cache_key_fn=_cache_key_fn("manifest"),
-    persist_result=True,
+    cache_policy=NO_CACHE,
 )
 def manifest_task(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Stage 0: the dataset adapter's manifest (``RUN/manifest.parquet``)."""
+    """Stage 0: the dataset adapter's manifest (``RUN/manifest.parquet``).
+
+    Never cached: it re-scans the dataset root every run (cheap), so files added to a dataset are seen; its
+    fingerprint (a hash of the manifest's rows) keys everything downstream.
+    """
     return stages.stage_manifest(cfg, upstream)
 
 
@@ -193,7 +198,7 @@ def build_config(
     config_path: str | None = None,
     dataset: str | None = None,
     root: str | None = None,
-    preset: str | None = "demo",
+    preset: str | None = None,
     losses: list[str] | None = None,
     folds: int | None = None,
     seed: int | None = None,
@@ -264,7 +269,7 @@ def pipeline(
     config_path: str | None = None,
     dataset: str | None = None,
     root: str | None = None,
-    preset: str = "demo",
+    preset: str | None = None,
     losses: list[str] | None = None,
     folds: int | None = None,
     seed: int | None = None,
@@ -281,8 +286,9 @@ def pipeline(
         ``biovid``, ``affwild2`` or ``table`` (``data.dataset``).
     root : str, optional
         Dataset root (``data.root``); None = the run's synthetic set.
-    preset : str
-        ``demo`` (tiny models, minutes on a CPU) or ``paper`` (the paper's sizes).
+    preset : str, optional
+        ``demo`` (tiny models, minutes on a CPU) or ``paper`` (the paper's sizes). None = the config file's
+        ``preset`` key, else ``demo`` (so a saved config is not silently re-based on another preset).
     losses : list of str, optional
         Distillation losses to train students with (``distill.losses``).
     folds : int, optional
@@ -298,7 +304,8 @@ def pipeline(
     -------
     dict
         ``{"run_dir", "config_hash", "stages": {stage: {"path", "fingerprint", "skipped", "cached"}},
-        "evaluation": {"report", "mlflow_run_id", "tracking_uri", "model_name", "model_version", "alias"}}``.
+        "evaluate": {"report", "mlflow_run_id", "tracking_uri", "model_name", "model_version", "alias", ...}}``
+        (the evaluate stage's details without the report's markdown).
         ``cached`` is True when Prefect reused the stage's persisted result; ``skipped`` when the library found
         the stage's outputs complete.
     """
@@ -325,7 +332,9 @@ def pipeline(
     details = dict(result.details)
     missing = [k for k in ("summary_markdown", "mlflow_run_id", "tracking_uri") if k not in details]
     if missing:
-        raise StageError(f"stage evaluate: StageResult.details lacks {missing} (expected by the flow's artifacts)")
+        raise StageError(
+            f"stage evaluate: StageResult.details lacks {missing} (expected by the flow's artifacts)"
+        )
     create_markdown_artifact(
         markdown=details["summary_markdown"],
         key=SUMMARY_ARTIFACT_KEY,
@@ -343,5 +352,5 @@ def pipeline(
         "run_dir": str(Path(cfg.run_dir).resolve()),
         "config_hash": cfg.section_hash(),
         "stages": summary,
-        "evaluation": evaluation,
+        "evaluate": evaluation,
     }

@@ -42,6 +42,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -185,6 +186,24 @@ class _DataclassOutputAsDict(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         out = self.module(x)
         return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+
+
+def _check_batch_is_dynamic(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Export ``model`` with a dynamic batch dimension; raise if its code fixes the batch size.
+
+    MLflow's pt2 export lets ``torch.export`` *specialize* a dimension silently (``Dim.AUTO``); a student
+    whose code turns the batch size into a Python int would then be registered accepting only the example's
+    batch size. Exporting once with a strict ``Dim`` finds that before anything is registered.
+    """
+    try:
+        torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # torch raises UserError/ConstraintViolation/… depending on the cause
+        raise StageError(
+            f"register_student: the student cannot be exported with a dynamic batch size "
+            f"(torch.export: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the registered "
+            "model would only accept batches of the input example's size. Make forward() keep the batch "
+            "dimension symbolic (no int(x.shape[0]) / comparisons that fix it)."
+        ) from exc
 
 
 def _output_arrays(out: Any, where: str, prefix: str = "") -> dict[str, np.ndarray] | np.ndarray:
@@ -484,9 +503,12 @@ class Tracker:
                 out = model(torch.from_numpy(example))
             export_model: torch.nn.Module = model
             if dataclasses.is_dataclass(out) and not isinstance(out, type):
-                export_model = _DataclassOutputAsDict(model).eval()
+                if type(out) not in pytree.SUPPORTED_NODES:
+                    # Not a registered pytree node (torch.export.register_dataclass): export as a dict.
+                    export_model = _DataclassOutputAsDict(model).eval()
                 out = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
             signature = infer_signature(example, _output_arrays(out, "register_student"))
+            _check_batch_is_dynamic(export_model, torch.from_numpy(example))
             with self.stage_run("register", dataset=dataset, model_name=name) as sr:
                 sr.log_metrics({metric_name: metric_value})
                 sr.log_params(

@@ -50,6 +50,15 @@ class DataclassStudent(TinyVideoStudent):
         return StudentOutput(out["logits"], out["embedding"])
 
 
+class FixedBatchStudent(TinyVideoStudent):
+    """Turns the batch size into a Python int: an export would only accept that batch size."""
+
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(video)
+        batch = int(video.shape[0])
+        return {"logits": out["logits"].reshape(batch, 2), "embedding": out["embedding"]}
+
+
 def _video(seed: int, batch: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(batch, 3, 8, 8, 3), dtype=np.uint8)
 
@@ -225,6 +234,16 @@ def test_register_lower_is_better_dataclass_output(cfg):
         tracker.register_student(model, example[:1], metric_name="mse", metric_value=0.1, dataset="affwild2")
     with pytest.raises(StageError, match="no metric 'ccc'"):
         tracker.register_student(model, example, metric_name="ccc", metric_value=0.1, dataset="affwild2")
+
+
+def test_register_refuses_a_student_with_a_fixed_batch_size(cfg):
+    tracker = Tracker(cfg)
+    with pytest.raises(StageError, match="dynamic batch size"):
+        tracker.register_student(
+            FixedBatchStudent(0), _video(0, 2), metric_name="accuracy", metric_value=0.9, dataset="biovid"
+        )
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    assert client.search_registered_models() == []  # nothing registered
 
 
 def test_load_student_missing_model_raises(cfg):

@@ -307,12 +307,12 @@ class FaceRenderer:
         below = np.clip((ay - ecy) / (0.88 * fh), 0.0, 1.0)  # narrow the ellipse towards the chin
         ell = ((ax - cxs) / (0.80 * fw * (1.0 - 0.3 * below))) ** 2 + ((ay - ecy) / (0.88 * fh)) ** 2
         alpha = np.clip((1.0 - ell) / 0.15, 0.0, 1.0).astype(np.float32)
-        self.face_rgba = np.dstack([face, alpha * 255.0]).astype(np.float32)
+        self.face_rgba = np.clip(np.dstack([face, alpha * 255.0]) + 0.5, 0, 255).astype(np.uint8)
         # Expression basis at the ROI grid, converted to ROI pixels (displacement scales with the face).
         basis = expression_basis(lm, ax, ay)
         basis[..., 0] *= self.scale * sx
         basis[..., 1] *= self.scale * sy
-        self.basis = basis.reshape(len(EXPRESSION_UNITS), -1)  # (U, side*side*2)
+        self.basis = np.ascontiguousarray(basis)  # (U, side, side, 2)
         self.grid = np.stack([jj, ii], axis=-1)
         self.roi_center = c
         self.background = self._background()
@@ -349,10 +349,19 @@ class FaceRenderer:
         frame : (F, F, 3) uint8 RGB.
         box : (4,) float64 face box ``(x, y, w, h)`` in frame pixels.
         """
-        side = self.roi_side
-        disp = (np.asarray(expression, np.float32) @ self.basis).reshape(side, side, 2)
-        maps = self.grid - disp  # inverse map: out(p) = face(p - U(p))
-        face = cv2.remap(self.face_rgba, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        # Inverse map: out(p) = face(p - U(p)), U = sum_k e_k B_k. A plain loop over the active units, not a
+        # BLAS product: BLAS threads spin on a shared CPU and made this 100x slower.
+        maps = self.grid.copy()
+        for k, weight in enumerate(np.asarray(expression, np.float64)):
+            if weight != 0.0:
+                maps -= np.float32(weight) * self.basis[k]
+        face = cv2.remap(
+            self.face_rgba,
+            np.ascontiguousarray(maps[..., 0]),
+            np.ascontiguousarray(maps[..., 1]),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+        )
         f = self.frame_size
         cx = f / 2.0 + self.look.offset[0] * f + float(pose[0])
         cy = f / 2.0 + self.look.offset[1] * f + float(pose[1])
@@ -360,7 +369,8 @@ class FaceRenderer:
         m[0, 2] += cx - self.roi_center
         m[1, 2] += cy - self.roi_center
         placed = cv2.warpAffine(face, m, (f, f), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        alpha = placed[..., 3:4] * (1.0 / 255.0)
+        placed = placed.astype(np.float32)
+        alpha = placed[..., 3:4] * np.float32(1.0 / 255.0)
         frame = self.background + (placed[..., :3] - self.background) * alpha
         if noise is not None:
             frame += noise

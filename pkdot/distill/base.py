@@ -117,7 +117,9 @@ class DistillLoss(nn.Module):
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
             allowed = ", ".join(self.option_names) if self.option_names else "none"
-            raise ConfigError(f"distill.options.{self.name}: unknown option(s) {unknown} (accepted: {allowed})")
+            raise ConfigError(
+                f"distill.options.{self.name}: unknown option(s) {unknown} (accepted: {allowed})"
+            )
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
         self.num_outputs = num_outputs
@@ -139,10 +141,14 @@ class DistillLoss(nn.Module):
             The distillation loss (to be weighted by :func:`total_loss`).
         """
         self._check_batch(batch)
-        frozen = replace(batch, teacher_z=batch.teacher_z.detach(), teacher_logits=batch.teacher_logits.detach())
+        frozen = replace(
+            batch, teacher_z=batch.teacher_z.detach(), teacher_logits=batch.teacher_logits.detach()
+        )
         loss = self.compute(frozen)
         if loss.dim() != 0:
-            raise StageError(f"distill loss {self.name!r} returned shape {tuple(loss.shape)}, expected a scalar")
+            raise StageError(
+                f"distill loss {self.name!r} returned shape {tuple(loss.shape)}, expected a scalar"
+            )
         return loss
 
     def _check_batch(self, batch: DistillBatch) -> None:
@@ -160,7 +166,9 @@ class DistillLoss(nn.Module):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise StageError(f"{where}.{field} has shape {shape}, expected (B, {width})")
             if value.shape[0] != size:
-                raise StageError(f"{where}.{field} has {value.shape[0]} rows, expected B = {size} (student_z)")
+                raise StageError(
+                    f"{where}.{field} has {value.shape[0]} rows, expected B = {size} (student_z)"
+                )
         if size < 2:
             raise StageError(f"{where} has B = {size} samples; distillation needs at least 2")
         for field in ("labels", "index"):
@@ -216,12 +224,17 @@ def build_loss(name: str, **kwargs: Any) -> DistillLoss:
         Unknown name (the message lists the available losses), or invalid dimensions/options.
     """
     if name not in _REGISTRY:
-        raise ConfigError(f"distill.losses: unknown loss {name!r} (available: {', '.join(available_losses())})")
+        raise ConfigError(
+            f"distill.losses: unknown loss {name!r} (available: {', '.join(available_losses())})"
+        )
     cfg = kwargs.get("cfg")
     if isinstance(cfg, DistillConfig):
         kwargs = {**cfg.options.get(name, {}), **kwargs}
-    missing = [k for k in ("student_dim", "teacher_dim", "num_outputs", "regression", "num_samples", "cfg")
-               if k not in kwargs]
+    missing = [
+        k
+        for k in ("student_dim", "teacher_dim", "num_outputs", "regression", "num_samples", "cfg")
+        if k not in kwargs
+    ]
     if missing:
         raise ConfigError(f"build_loss({name!r}): missing argument(s) {missing}")
     return _REGISTRY[name](**kwargs)

@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["FitNet", "fitnet_loss"]
 
 
-def fitnet_loss(student_z: Tensor, teacher_z: Tensor, adapter: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def fitnet_loss(
+    student_z: Tensor, teacher_z: Tensor, adapter: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     r"""Hint loss :math:`\mathrm{MSE}(\text{adapter}(Z_s), Z_t)`.
 
     Parameters

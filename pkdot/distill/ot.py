@@ -179,7 +179,9 @@ def _log_weights(w: Tensor | None, n: int, like: Tensor, name: str) -> Tensor:
 
 def _check_clouds(x: Tensor, y: Tensor) -> None:
     if x.dim() != 2 or y.dim() != 2:
-        raise StageError(f"OT point clouds must be (N, D) and (M, D) tensors, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise StageError(
+            f"OT point clouds must be (N, D) and (M, D) tensors, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     if x.shape[1] != y.shape[1]:
         raise StageError(f"OT point clouds must share their dimension D, got {x.shape[1]} and {y.shape[1]}")
     if x.shape[0] == 0 or y.shape[0] == 0:
@@ -402,7 +404,10 @@ def transport_plan(
                 break
             if it == max_iter:
                 logger.warning(
-                    "transport_plan: row marginals off by %.2e (tol %.1e) after %d updates", row_error, tol, it
+                    "transport_plan: row marginals off by %.2e (tol %.1e) after %d updates",
+                    row_error,
+                    tol,
+                    it,
                 )
                 break
             f = _softmin(eps, cost, b_log + g / eps)

@@ -38,7 +38,14 @@ from pkdot.errors import ConfigError, StageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PKDOT", "StructureClouds", "cosine_similarity_matrix", "pkdot_loss", "pkdot_structure", "structure_plan"]
+__all__ = [
+    "PKDOT",
+    "StructureClouds",
+    "cosine_similarity_matrix",
+    "pkdot_loss",
+    "pkdot_structure",
+    "structure_plan",
+]
 
 
 @dataclass
@@ -90,7 +97,9 @@ def _resolve_k(k: int | str, batch_size: int) -> int:
     return min(k, batch_size)
 
 
-def pkdot_structure(student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, anchors: str = "least") -> StructureClouds:
+def pkdot_structure(
+    student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, anchors: str = "least"
+) -> StructureClouds:
     """Build PKDOT's shifted similarity matrices and its two anchored point clouds.
 
     Parameters
@@ -130,7 +139,9 @@ def pkdot_structure(student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, 
     if n_anchors == batch_size:
         anchor_index = torch.arange(batch_size, device=student_z.device).expand(batch_size, batch_size)
     else:
-        anchor_index = torch.topk(teacher_raw, n_anchors, dim=1, largest=anchors == "most", sorted=True).indices
+        anchor_index = torch.topk(
+            teacher_raw, n_anchors, dim=1, largest=anchors == "most", sorted=True
+        ).indices
     return StructureClouds(
         student_sim=student_sim,
         teacher_sim=teacher_sim,

@@ -74,8 +74,12 @@ def logmel(y: np.ndarray, sr: int, n_mels: int, hop_length: int) -> np.ndarray:
     import librosa
 
     mel = librosa.feature.melspectrogram(
-        y=np.asarray(y, dtype=np.float32), sr=sr, n_fft=n_fft_for(sr, hop_length), hop_length=hop_length,
-        n_mels=n_mels, power=2.0,
+        y=np.asarray(y, dtype=np.float32),
+        sr=sr,
+        n_fft=n_fft_for(sr, hop_length),
+        hop_length=hop_length,
+        n_mels=n_mels,
+        power=2.0,
     )
     return librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=TOP_DB).astype(np.float32)
 
@@ -170,12 +174,20 @@ def extract_audio_clips(
             n = int(round((end_s - start_s) * sr))
             i0 = int(round((start_s - t0) * sr))
             if i0 < 0:
-                results.append(AudioFailure(clip.sample_id, f"file {path}: audio starts at {t0:.3f} s, after the clip start {start_s:.3f} s"))
+                results.append(
+                    AudioFailure(
+                        clip.sample_id,
+                        f"file {path}: audio starts at {t0:.3f} s, after the clip start {start_s:.3f} s",
+                    )
+                )
                 continue
             shortfall = end_s - track_end
             if shortfall > MAX_SHORTFALL_S:
                 results.append(
-                    AudioFailure(clip.sample_id, f"file {path}: audio ends at {track_end:.3f} s, the clip needs {start_s:.3f}-{end_s:.3f} s")
+                    AudioFailure(
+                        clip.sample_id,
+                        f"file {path}: audio ends at {track_end:.3f} s, the clip needs {start_s:.3f}-{end_s:.3f} s",
+                    )
                 )
                 continue
             y = samples[i0 : i0 + n]
@@ -183,5 +195,7 @@ def extract_audio_clips(
             if len(y) < n:
                 y = np.concatenate([y, np.zeros(n - len(y), np.float32)])
         silent = bool(np.max(np.abs(y)) < 1e-6) if y.size else True
-        results.append(AudioClip(clip.sample_id, logmel(y, sr, features.n_mels, features.hop_length), padded, silent))
+        results.append(
+            AudioClip(clip.sample_id, logmel(y, sr, features.n_mels, features.hop_length), padded, silent)
+        )
     return results

@@ -124,25 +124,35 @@ class FaceDetector:
                     f"features.yunet_model: detector 'yunet' needs an existing ONNX model file, got {model!r}"
                 )
             try:
-                self._yunet = cv2.FaceDetectorYN.create(str(model), "", (features.detect_width, features.detect_width))
+                self._yunet = cv2.FaceDetectorYN.create(
+                    str(model), "", (features.detect_width, features.detect_width)
+                )
             except cv2.error as exc:
-                raise FeatureError(f"features.yunet_model {model}: OpenCV could not load it as a YuNet model: {exc}") from exc
+                raise FeatureError(
+                    f"features.yunet_model {model}: OpenCV could not load it as a YuNet model: {exc}"
+                ) from exc
         else:
             self._cascade = _haar_cascade()
 
     def detect(self, rgb: np.ndarray) -> Box | None:
         height, width = rgb.shape[:2]
         scale = min(1.0, self.detect_width / width)
-        small = rgb if scale == 1.0 else cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+        small = (
+            rgb
+            if scale == 1.0
+            else cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+        )
         if self.kind == "yunet":
             bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
             self._yunet.setInputSize((bgr.shape[1], bgr.shape[0]))
             _, faces = self._yunet.detect(bgr)
             boxes = np.zeros((0, 4)) if faces is None else np.asarray(faces)[:, :4]
         else:
-            gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
+            gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
             min_side = max(16, small.shape[1] // 12)
-            found = self._cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4, minSize=(min_side, min_side))
+            found = self._cascade.detectMultiScale(
+                gray, scaleFactor=1.1, minNeighbors=4, minSize=(min_side, min_side)
+            )
             boxes = np.asarray(found, dtype=np.float64).reshape(-1, 4)
         if len(boxes) == 0:
             return None
@@ -155,7 +165,9 @@ def _haar_cascade() -> cv2.CascadeClassifier:
     path = Path(cv2.data.haarcascades) / HAAR_CASCADE
     cascade = cv2.CascadeClassifier(str(path))
     if cascade.empty():
-        raise FeatureError(f"OpenCV Haar cascade {path} could not be loaded (expected opencv-python-headless 4.x)")
+        raise FeatureError(
+            f"OpenCV Haar cascade {path} could not be loaded (expected opencv-python-headless 4.x)"
+        )
     return cascade
 
 
@@ -177,7 +189,10 @@ def smooth_boxes(detections: Sequence[Box | None], smoothing: float) -> tuple[np
     if not detected.any():
         raise FeatureError("no face box to track: the face was not found in any frame")
     good = np.flatnonzero(detected)
-    raw = np.array([detections[i] if detections[i] is not None else (0, 0, 0, 0) for i in range(len(detections))], dtype=np.float64)
+    raw = np.array(
+        [detections[i] if detections[i] is not None else (0, 0, 0, 0) for i in range(len(detections))],
+        dtype=np.float64,
+    )
     for i in np.flatnonzero(~detected):
         raw[i] = raw[good[np.argmin(np.abs(good - i))]]
     smoothed = np.empty_like(raw)
@@ -209,7 +224,11 @@ def crop_face(rgb: np.ndarray, box: Sequence[float], margin: float, size: int) -
 
 
 def faces_from_frames(
-    sample_id: str, frames: Sequence[np.ndarray], indices: np.ndarray, features: FeatureConfig, detector: FaceDetector
+    sample_id: str,
+    frames: Sequence[np.ndarray],
+    indices: np.ndarray,
+    features: FeatureConfig,
+    detector: FaceDetector,
 ) -> FaceClip | ClipFailure:
     """Detect, track and crop the face on a clip's sampled RGB frames (each (H, W, 3) uint8)."""
     detections = [detector.detect(f) for f in frames]
@@ -220,7 +239,12 @@ def faces_from_frames(
             sampled_frames=len(frames),
         )
     boxes, detected = smooth_boxes(detections, features.box_smoothing)
-    crops = np.stack([crop_face(f, b, features.face_margin, features.crop_size) for f, b in zip(frames, boxes, strict=True)])
+    crops = np.stack(
+        [
+            crop_face(f, b, features.face_margin, features.crop_size)
+            for f, b in zip(frames, boxes, strict=True)
+        ]
+    )
     return FaceClip(sample_id, crops, boxes, detected, np.asarray(indices, dtype=np.int64))
 
 
@@ -235,7 +259,10 @@ def _video_frame_count(path: Path) -> int:
 
 
 def extract_video_clips(
-    video_path: str | Path, clips: Sequence[ClipRequest], features: FeatureConfig, detector: FaceDetector | None = None
+    video_path: str | Path,
+    clips: Sequence[ClipRequest],
+    features: FeatureConfig,
+    detector: FaceDetector | None = None,
 ) -> Iterator[FaceClip | ClipFailure]:
     """Face crops for every clip of one video, decoding the video once (frames are numbered in decode order).
 
@@ -252,8 +279,7 @@ def extract_video_clips(
         for clip in clips:
             yield ClipFailure(clip.sample_id, reason)
         return
-    for failure in (p for p in pending if isinstance(p, ClipFailure)):
-        yield failure
+    yield from (p for p in pending if isinstance(p, ClipFailure))
     todo = [p for p in pending if isinstance(p, _PendingClip)]
     if not todo:
         return
@@ -274,7 +300,13 @@ def extract_video_clips(
                     p.frames[index] = rgb
                     if len(p.frames) == len(set(p.indices.tolist())):
                         todo.remove(p)
-                        yield faces_from_frames(p.request.sample_id, [p.frames[i] for i in p.indices], p.indices, features, detector)
+                        yield faces_from_frames(
+                            p.request.sample_id,
+                            [p.frames[i] for i in p.indices],
+                            p.indices,
+                            features,
+                            detector,
+                        )
                         p.frames.clear()
             if index >= last_needed:
                 break
@@ -288,7 +320,9 @@ def extract_video_clips(
         yield ClipFailure(p.request.sample_id, reason)
 
 
-def _plan_clips(path: Path, clips: Sequence[ClipRequest], n_frames: int) -> tuple[list[_PendingClip | ClipFailure], int]:
+def _plan_clips(
+    path: Path, clips: Sequence[ClipRequest], n_frames: int
+) -> tuple[list[_PendingClip | ClipFailure], int]:
     if not path.is_file():
         raise FileNotFoundError(f"video {path} does not exist")
     total = _video_frame_count(path)
@@ -296,7 +330,11 @@ def _plan_clips(path: Path, clips: Sequence[ClipRequest], n_frames: int) -> tupl
     for clip in clips:
         length = total - clip.start if clip.length is None else clip.length
         if clip.start < 0 or length < 1:
-            plans.append(ClipFailure(clip.sample_id, f"video {path}: clip window start {clip.start}, length {length} is empty"))
+            plans.append(
+                ClipFailure(
+                    clip.sample_id, f"video {path}: clip window start {clip.start}, length {length} is empty"
+                )
+            )
             continue
         if clip.start + length > total:
             plans.append(
@@ -322,7 +360,9 @@ def _decode_from(path: Path, first_needed: int) -> Iterator[tuple[int, av.VideoF
         rate = stream.average_rate
         if first_needed > SEEK_MIN_FRAMES and rate and stream.time_base:
             target_s = max(0.0, first_needed / float(rate) - 2.0)
-            container.seek(int(target_s / float(stream.time_base)), stream=stream, backward=True, any_frame=False)
+            container.seek(
+                int(target_s / float(stream.time_base)), stream=stream, backward=True, any_frame=False
+            )
             start_time = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             frames = container.decode(stream)
             first = next(frames, None)

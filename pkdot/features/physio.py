@@ -130,7 +130,9 @@ def resolve_channels(features: FeatureConfig, part: str) -> list[str]:
     channels = list(features.physio_channels) if features.physio_channels else list(CHANNELS_BY_PART[part])
     unknown = [c for c in channels if c not in CHANNEL_KIND]
     if unknown:
-        raise ConfigError(f"features.physio_channels: unknown channels {unknown} (expected some of {list(CHANNEL_KIND)})")
+        raise ConfigError(
+            f"features.physio_channels: unknown channels {unknown} (expected some of {list(CHANNEL_KIND)})"
+        )
     if len(set(channels)) != len(channels):
         raise ConfigError(f"features.physio_channels has duplicates: {channels}")
     return channels
@@ -152,7 +154,9 @@ def check_settings(features: FeatureConfig, part: str) -> None:
             f"fewer than features.spec_nperseg ({features.spec_nperseg})"
         )
     if features.physio_fs / 2 <= 40.0:
-        raise ConfigError(f"features.physio_fs {features.physio_fs} Hz is too low for the ECG band (0.5-40 Hz)")
+        raise ConfigError(
+            f"features.physio_fs {features.physio_fs} Hz is too low for the ECG band (0.5-40 Hz)"
+        )
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
@@ -168,7 +172,9 @@ def detect_delimiter(path: Path) -> str:
         counts = {d: header.count(d) for d in ("\t", ",", ";")}
         best = max(counts, key=lambda d: counts[d])
         if counts[best] == 0:
-            raise FeatureError(f"biosignal file {path}: cannot tell the delimiter of the header {header.strip()!r}") from None
+            raise FeatureError(
+                f"biosignal file {path}: cannot tell the delimiter of the header {header.strip()!r}"
+            ) from None
         return best
 
 
@@ -208,7 +214,9 @@ def sampling_rate(time: np.ndarray) -> float:
         raise FeatureError("time column has fewer than two samples or non-finite values")
     steps = np.diff(t)
     if (steps <= 0).any():
-        raise FeatureError(f"time column is not strictly increasing (first bad step at row {int(np.argmax(steps <= 0)) + 1})")
+        raise FeatureError(
+            f"time column is not strictly increasing (first bad step at row {int(np.argmax(steps <= 0)) + 1})"
+        )
     step = float(np.median(steps))
     _, unit = infer_time_unit(step)
     return 1.0 / (step * unit)
@@ -289,7 +297,9 @@ def heart_rate(ecg: np.ndarray, fs: float) -> float:
     return float(60.0 / np.median(np.diff(peaks) / fs))
 
 
-def extract_physio(sample_id: str, path: str | Path, features: FeatureConfig, part: str = "A") -> PhysioOutcome:
+def extract_physio(
+    sample_id: str, path: str | Path, features: FeatureConfig, part: str = "A"
+) -> PhysioOutcome:
     """Read, check, filter and window one biosignal file; never raises for a bad recording (see ``reason``)."""
     path = Path(path)
     channels = resolve_channels(features, part)
@@ -299,7 +309,9 @@ def extract_physio(sample_id: str, path: str | Path, features: FeatureConfig, pa
         frame = read_biosignals(path)
         missing = [c for c in channels if c not in frame.columns]
         if missing:
-            raise FeatureError(f"biosignal file {path}: missing channels {missing} (columns: {list(frame.columns)})")
+            raise FeatureError(
+                f"biosignal file {path}: missing channels {missing} (columns: {list(frame.columns)})"
+            )
         try:
             outcome.fs = sampling_rate(frame["time"].to_numpy(dtype=np.float64))
         except FeatureError as exc:
@@ -351,13 +363,24 @@ def extract_physio(sample_id: str, path: str | Path, features: FeatureConfig, pa
         filtered[name] = signal.sosfiltfilt(sos, signals[name])[start : start + length]
     window = np.stack([filtered[c] for c in channels])
     std = window.std(axis=1, keepdims=True)
-    flat_in_window = [c for c, s in zip(channels, std[:, 0], strict=True) if s <= 1e-12 * max(1.0, float(np.abs(window).max()))]
+    flat_in_window = [
+        c
+        for c, s in zip(channels, std[:, 0], strict=True)
+        if s <= 1e-12 * max(1.0, float(np.abs(window).max()))
+    ]
     if flat_in_window:
-        outcome.reason = f"biosignal file {path}: channels {flat_in_window} are flat within physio_window {lo}-{hi} s"
+        outcome.reason = (
+            f"biosignal file {path}: channels {flat_in_window} are flat within physio_window {lo}-{hi} s"
+        )
         return outcome
     z = ((window - window.mean(axis=1, keepdims=True)) / std).astype(np.float32)
     _, _, power = signal.spectrogram(
-        z, fs=fs, nperseg=features.spec_nperseg, noverlap=features.spec_noverlap, nfft=features.spec_nfft, axis=-1
+        z,
+        fs=fs,
+        nperseg=features.spec_nperseg,
+        noverlap=features.spec_noverlap,
+        nfft=features.spec_nfft,
+        axis=-1,
     )
     spectrogram = np.log(power + LOG_EPS).astype(np.float32)
 

@@ -71,11 +71,19 @@ def decode_tensor(raw: bytes, shape: Sequence[int], dtype: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(tuple(shape))
 
 
-def write_table_atomic(rows: list[dict], schema: pa.Schema, path: str | Path) -> Path:
-    """Write rows to ``path`` via a temp file + rename, row groups of :data:`ROW_GROUP_SIZE`."""
+def write_table_atomic(
+    rows: list[dict], schema: pa.Schema, path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write rows to ``path`` via a temp file + rename, row groups of :data:`ROW_GROUP_SIZE`.
+
+    ``metadata`` (str -> str) is stored in the file's schema metadata (``pq.read_schema(path).metadata``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if metadata:
+        extra = {k.encode(): v.encode() for k, v in metadata.items()}
+        schema = schema.with_metadata({**(schema.metadata or {}), **extra})
     table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
     tmp.replace(path)

@@ -116,19 +116,22 @@ class GatedCrossAttentionFusion(nn.Module):
         elif num > 2:
             self.gate = nn.Linear(num * dim, num * dim)
 
-    def _check(self, tokens: dict[str, Tensor]) -> int:
+    def _check(self, tokens: dict[str, Tensor]) -> None:
         missing = [m for m in self.modalities if m not in tokens]
         if missing:
             raise StageError(f"fusion: tokens for modalities {missing} are missing (got {sorted(tokens)})")
-        batch = None
         for m in self.modalities:
             t = tokens[m]
-            if t.dim() != 3 or t.shape[-1] != self.dim or t.shape[1] < 1:
-                raise StageError(f"fusion: tokens of {m!r} must be (B, N, {self.dim}) with N >= 1, got {tuple(t.shape)}")
-            if batch is not None and t.shape[0] != batch:
-                raise StageError(f"fusion: batch sizes differ across modalities ({batch} vs {t.shape[0]} for {m!r})")
-            batch = t.shape[0]
-        return int(batch)  # type: ignore[arg-type]
+            if t.dim() != 3 or t.shape[-1] != self.dim:
+                raise StageError(f"fusion: tokens of {m!r} must be (B, N, {self.dim}), got {tuple(t.shape)}")
+        if torch.compiler.is_compiling():
+            return  # symbolic batch sizes under torch.export: comparing them would specialise the batch
+        sizes = {m: int(tokens[m].shape[0]) for m in self.modalities}
+        if len(set(sizes.values())) > 1:
+            raise StageError(f"fusion: batch sizes differ across modalities: {sizes}")
+        empty = [m for m in self.modalities if tokens[m].shape[1] == 0]
+        if empty:
+            raise StageError(f"fusion: modalities {empty} have no tokens (N = 0)")
 
     def forward(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Fuse the modalities' tokens.
@@ -145,7 +148,7 @@ class GatedCrossAttentionFusion(nn.Module):
         gates : Tensor, shape (B, M)
             Per-modality gate weights averaged over features (rows sum to 1).
         """
-        batch = self._check(tokens)
+        self._check(tokens)
         encoded: list[Tensor] = []
         for m in self.modalities:
             t = tokens[m]
@@ -154,7 +157,7 @@ class GatedCrossAttentionFusion(nn.Module):
         num = len(self.modalities)
         if num == 1:
             z = encoded[0].mean(dim=1)
-            return z, torch.ones(batch, 1, device=z.device, dtype=z.dtype)
+            return z, z.new_ones(z.shape[0], 1)
         pooled: list[Tensor] = []
         for i, m in enumerate(self.modalities):
             others = torch.cat([e for j, e in enumerate(encoded) if j != i], dim=1)

@@ -174,7 +174,8 @@ def write_history(path: Path, phases: dict[str, FitState], metric: str) -> None:
     """``history.json``: per phase the per-epoch records and the selected epoch."""
     doc = {
         "metric": metric,
-        "phases": {k: {"epochs": s.history, "best_epoch": s.best_epoch, "best_val": s.best_score}
+        "phases": {k: {"epochs": s.history, "best_epoch": s.best_epoch, "best_val": s.best_score,
+                       "resumed_from": list(getattr(s, "resumed_from", []))}
                    for k, s in phases.items()},
     }
     last = list(phases.values())[-1] if phases else None

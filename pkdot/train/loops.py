@@ -114,6 +114,8 @@ class FitState:
     model_state: dict[str, Any] | None = None
     optimizer_state: dict[str, Any] | None = None
     scheduler_state: dict[str, Any] | None = None
+    #: epochs after which the fit was resumed from a checkpoint (one entry per restart)
+    resumed_from: list[int] = field(default_factory=list)
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepFn, validate: Callable[[], float],
@@ -130,6 +132,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepF
     """
     state = resume or FitState()
     if resume is not None and resume.model_state is not None:
+        state.resumed_from = [*state.resumed_from, state.epoch]
         model.load_state_dict(resume.model_state)
         if resume.optimizer_state is not None:
             optimizer.load_state_dict(resume.optimizer_state)
@@ -148,8 +151,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepF
             state.best_score, state.best_epoch = score, epoch + 1
             state.best_state = copy.deepcopy(model.state_dict())
         state.epoch = epoch + 1
-        state.model_state = model.state_dict()
-        state.optimizer_state = optimizer.state_dict()
+        state.model_state = copy.deepcopy(model.state_dict())
+        state.optimizer_state = copy.deepcopy(optimizer.state_dict())
         state.scheduler_state = scheduler.state_dict() if scheduler is not None else None
         if progress is not None:
             progress(epoch + 1, record)

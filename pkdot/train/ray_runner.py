@@ -199,3 +199,19 @@ def run_jobs_on_ray(cfg: RunConfig, kind: str, jobs: Sequence[Job], *, callbacks
     missing = [j.key for j in pending if not j.is_done()]
     if missing:
         raise StageError(f"{kind} training finished but jobs {missing} wrote no DONE marker")
+
+
+class FailOnce:
+    """An epoch callback that raises once, at ``phase``/``epoch`` on worker ``rank`` (chaos testing).
+
+    A marker file makes it fire only once across restarts of the worker group, so Ray Train's recovery
+    (``FailureConfig(max_failures)``) and the checkpoint resume can be exercised on purpose.
+    """
+
+    def __init__(self, marker: str | Path, *, phase: str, epoch: int, rank: int = 0) -> None:
+        self.marker, self.phase, self.epoch, self.rank = str(marker), phase, epoch, rank
+
+    def __call__(self, job_key: str, phase: str, epoch: int, rank: int) -> None:
+        if phase == self.phase and epoch == self.epoch and rank == self.rank and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"{job_key} {phase} epoch {epoch} rank {rank}\n")
+            raise RuntimeError(f"injected worker failure in {job_key} {phase} after epoch {epoch}")

@@ -237,7 +237,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 def _fit_summary(state: FitState) -> dict:
     """A FitState without the heavy weights (stored next to the phase's weights)."""
     return {"epoch": state.epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
-            "history": state.history}
+            "history": state.history, "resumed_from": state.resumed_from}
 
 
 def load_teacher(cfg: RunConfig, job_dir: Path, device: torch.device | str = "cpu"):

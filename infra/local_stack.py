@@ -1,0 +1,506 @@
+"""Start the team stack's servers natively on 127.0.0.1, without Docker: Prefect, MLflow and a Ray head.
+
+The same servers as ``docker-compose.yml``, with local stores: Prefect on SQLite, MLflow on SQLite with
+``--artifacts-destination DIR --serve-artifacts``, a Ray head with ``--num-cpus N`` and no dashboard (unless
+``--ray-dashboard``). Used by ``infra/local-stack.sh`` and by the integration tests' fixtures.
+
+Every server runs in its own session (process group), is recorded with its PID in ``<state>/stack.json``, and
+is stopped by PID only: SIGTERM to its process group, SIGINT if it lingers, SIGKILL as the last resort. A PID
+is only signalled while its command line still is the one we started (a recycled PID is left alone).
+
+Command line::
+
+    python infra/local_stack.py start [--state DIR] [--free-ports] [--services prefect,mlflow,ray]
+    python infra/local_stack.py status [--state DIR]
+    python infra/local_stack.py stop [--state DIR]
+    eval "$(python infra/local_stack.py env)"      # PREFECT_API_URL, MLFLOW_TRACKING_URI, RAY_ADDRESS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SERVICES: tuple[str, ...] = ("prefect", "mlflow", "ray")
+#: The ports of docker-compose.yml, used unless ``free_ports`` is asked for.
+DEFAULT_PORTS: dict[str, int] = {"prefect": 4200, "mlflow": 5000, "ray": 6379, "ray-dashboard": 8265}
+STATE_FILE = "stack.json"
+
+#: Telemetry and usage statistics off for every server and client (see the project's ecosystem notes).
+TELEMETRY_OFF: dict[str, str] = {
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+class StackError(RuntimeError):
+    """A local server could not be started, checked or stopped (the message names it and its log)."""
+
+
+@dataclass
+class ServiceProcess:
+    """One server we started: its PID (= its process group), port, URL and log file."""
+
+    name: str
+    pid: int
+    port: int
+    url: str
+    log: str
+    marker: str  # a token of its command line, checked before signalling the PID
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _http_ok(url: str, timeout: float = 3.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tcp_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.is_file():
+        try:
+            return stat.read_text().split(") ", 1)[1][0] != "Z"
+        except (OSError, IndexError):
+            return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def client_env(ports: dict[str, int]) -> dict[str, str]:
+    """Environment variables that point clients (flows, CLIs, tests) at the servers on ``ports``."""
+    env: dict[str, str] = {}
+    if "prefect" in ports:
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{ports['prefect']}/api"
+    if "mlflow" in ports:
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{ports['mlflow']}"
+    if "ray" in ports:
+        env["RAY_ADDRESS"] = f"127.0.0.1:{ports['ray']}"
+    return env
+
+
+def terminate_process_group(pid: int, name: str, timeout: float = 30.0, marker: str | None = None) -> None:
+    """Stop a process we started in its own session: SIGTERM, then SIGINT, then SIGKILL, to its group only.
+
+    Parameters
+    ----------
+    pid : int
+        The PID returned when it was started with ``start_new_session=True`` (so its process group id).
+    name : str
+        For messages.
+    timeout : float
+        Seconds to wait after SIGTERM and again after SIGINT.
+    marker : str, optional
+        A token its command line must contain; when the PID now belongs to another program it is left alone.
+    """
+    if not _pid_alive(pid):
+        return
+    if marker is not None and marker not in _cmdline(pid):
+        logger.warning(
+            "%s: PID %d is now another program (%r); not signalling it", name, pid, _cmdline(pid)[:80]
+        )
+        return
+    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGINT, timeout / 2), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError as exc:
+            raise StackError(f"{name}: not allowed to signal process group {pid}: {exc}") from exc
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _pid_alive(pid):
+                _signal_group_rest(pid)
+                return
+            time.sleep(0.2)
+        logger.warning("%s (PID %d) still running after %s; escalating", name, pid, signal.Signals(sig).name)
+    raise StackError(f"{name}: PID {pid} survived SIGKILL")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _signal_group_rest(pgid: int) -> None:
+    """After the group leader exited, SIGTERM whatever is left in its group (children it did not stop)."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+
+
+class LocalStack:
+    """Prefect server, MLflow server and Ray head as local processes, recorded under ``state_dir``.
+
+    Parameters
+    ----------
+    state_dir : Path
+        Holds ``stack.json`` (PIDs, ports), the servers' stores (``prefect-home/``, ``mlflow/``) and logs.
+    free_ports : bool
+        Pick free ports (tests) instead of the compose ports 4200 / 5000 / 6379.
+    ray_cpus : int
+        ``--num-cpus`` of the Ray head.
+    ray_dashboard : bool
+        Start Ray's dashboard (needs ``ray[default]``) on 8265 (or a free port).
+    bin_dir : Path, optional
+        Where the ``prefect``, ``mlflow`` and ``ray`` executables are (default: next to this Python).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        free_ports: bool = False,
+        ray_cpus: int = 2,
+        ray_dashboard: bool = False,
+        bin_dir: str | Path | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.free_ports = free_ports
+        self.ray_cpus = ray_cpus
+        self.ray_dashboard = ray_dashboard
+        self.bin_dir = Path(bin_dir) if bin_dir else Path(sys.executable).parent
+
+    # ---- state -------------------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def _load(self) -> dict:
+        if not self.state_file.is_file():
+            return {"services": {}}
+        try:
+            return json.loads(self.state_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise StackError(
+                f"{self.state_file} is not valid JSON ({exc}); remove it after stopping by hand"
+            ) from exc
+
+    def _save(self, state: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_file)
+
+    def services(self) -> dict[str, ServiceProcess]:
+        return {k: ServiceProcess(**v) for k, v in self._load()["services"].items()}
+
+    def ports(self) -> dict[str, int]:
+        return {k: s.port for k, s in self.services().items()}
+
+    def env(self) -> dict[str, str]:
+        """Client environment for the running servers (see :func:`client_env`)."""
+        return client_env(self.ports())
+
+    # ---- start -------------------------------------------------------------------------------------------
+    def _exe(self, name: str) -> str:
+        path = self.bin_dir / name
+        if not path.is_file():
+            found = shutil.which(name)
+            if found is None:
+                raise StackError(
+                    f"executable {name!r} not found in {self.bin_dir} nor on PATH (pip install -e .)"
+                )
+            return found
+        return str(path)
+
+    def _port(self, name: str) -> int:
+        if self.free_ports:
+            return free_port()
+        port = DEFAULT_PORTS[name]
+        if not port_is_free(port):
+            raise StackError(
+                f"{name}: port {port} on 127.0.0.1 is in use (stop that server or use --free-ports)"
+            )
+        return port
+
+    def _server_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(TELEMETRY_OFF)
+        for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+            env.pop(key, None)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], marker: str) -> tuple[int, Path]:
+        log = self.state_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.state_dir,
+                start_new_session=True,
+            )
+        logger.info("%s: started PID %d: %s", name, proc.pid, " ".join(argv))
+        return proc.pid, log
+
+    def _wait_healthy(self, svc: ServiceProcess, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _pid_alive(svc.pid):
+                _reap(svc.pid)
+                raise StackError(f"{svc.name} exited during start-up; see {svc.log}:\n{_tail(Path(svc.log))}")
+            if self._healthy(svc):
+                return
+            time.sleep(0.5)
+        raise StackError(
+            f"{svc.name} not healthy after {timeout:.0f}s; see {svc.log}:\n{_tail(Path(svc.log))}"
+        )
+
+    def _healthy(self, svc: ServiceProcess) -> bool:
+        if svc.name == "prefect":
+            return _http_ok(f"{svc.url}/health")
+        if svc.name == "mlflow":
+            return _http_ok(f"{svc.url}/health")
+        if svc.name == "ray":
+            if not _tcp_open(svc.port):
+                return False
+            done = subprocess.run(
+                [self._exe("ray"), "health-check", "--address", f"127.0.0.1:{svc.port}"],
+                capture_output=True,
+                env=self._server_env(),
+                timeout=60,
+            )
+            return done.returncode == 0
+        raise StackError(f"unknown service {svc.name!r}")
+
+    def start(self, services: Iterable[str] = SERVICES, timeout: float = 180.0) -> dict[str, str]:
+        """Start the servers not yet running; returns the client environment (:meth:`env`)."""
+        wanted = list(services)
+        unknown = sorted(set(wanted) - set(SERVICES))
+        if unknown:
+            raise StackError(f"unknown services {unknown} (expected some of {list(SERVICES)})")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = self._load()
+        env = self._server_env()
+        started: list[ServiceProcess] = []
+        try:
+            for name in wanted:
+                old = state["services"].get(name)
+                if old and _pid_alive(old["pid"]) and old["marker"] in _cmdline(old["pid"]):
+                    logger.info("%s already running (PID %d)", name, old["pid"])
+                    continue
+                svc = self._start_one(name, env)
+                state["services"][name] = asdict(svc)
+                self._save(state)
+                started.append(svc)
+            for svc in started:
+                self._wait_healthy(svc, timeout)
+        except BaseException:
+            for svc in reversed(started):
+                terminate_process_group(svc.pid, svc.name, timeout=15, marker=svc.marker)
+                state["services"].pop(svc.name, None)
+            self._save(state)
+            raise
+        return self.env()
+
+    def _start_one(self, name: str, env: dict[str, str]) -> ServiceProcess:
+        port = self._port(name)
+        if name == "prefect":
+            home = self.state_dir / "prefect-home"
+            home.mkdir(parents=True, exist_ok=True)
+            penv = dict(env, PREFECT_HOME=str(home))
+            argv = [self._exe("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+            pid, log = self._spawn(name, argv, penv, marker="prefect")
+            return ServiceProcess(name, pid, port, f"http://127.0.0.1:{port}/api", str(log), "prefect")
+        if name == "mlflow":
+            store = self.state_dir / "mlflow"
+            (store / "artifacts").mkdir(parents=True, exist_ok=True)
+            argv = [
+                self._exe("mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{store / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(store / "artifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ]
+            pid, log = self._spawn(name, argv, env, marker="mlflow")
+            return ServiceProcess(name, pid, port, f"http://127.0.0.1:{port}", str(log), "mlflow")
+        if name == "ray":
+            # Ray's session directory holds Unix sockets, whose paths must stay short: keep it under /tmp.
+            temp_dir = tempfile.mkdtemp(prefix="pkdot-ray-", dir="/tmp")
+            (self.state_dir / "ray-temp-dir").write_text(temp_dir)
+            argv = [
+                self._exe("ray"),
+                "start",
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num-cpus",
+                str(self.ray_cpus),
+                "--temp-dir",
+                temp_dir,
+                "--disable-usage-stats",
+                "--block",
+            ]
+            if self.ray_dashboard:
+                dash = free_port() if self.free_ports else DEFAULT_PORTS["ray-dashboard"]
+                argv += [
+                    "--include-dashboard=true",
+                    "--dashboard-host",
+                    "127.0.0.1",
+                    "--dashboard-port",
+                    str(dash),
+                ]
+            else:
+                argv += ["--include-dashboard=false"]
+            pid, log = self._spawn(name, argv, env, marker="ray")
+            return ServiceProcess(name, pid, port, f"127.0.0.1:{port}", str(log), "ray")
+        raise StackError(f"unknown service {name!r}")
+
+    # ---- status / stop -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, dict]:
+        """``{service: {"pid", "port", "url", "running", "healthy", "log"}}`` for the recorded servers."""
+        out: dict[str, dict] = {}
+        for name, svc in self.services().items():
+            running = _pid_alive(svc.pid) and svc.marker in _cmdline(svc.pid)
+            out[name] = {
+                "pid": svc.pid,
+                "port": svc.port,
+                "url": svc.url,
+                "running": running,
+                "healthy": bool(running and self._healthy(svc)),
+                "log": svc.log,
+            }
+        return out
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every recorded server, in reverse start order (Ray, then MLflow, then Prefect)."""
+        state = self._load()
+        for name in reversed(SERVICES):
+            raw = state["services"].get(name)
+            if raw is None:
+                continue
+            svc = ServiceProcess(**raw)
+            terminate_process_group(svc.pid, name, timeout=timeout, marker=svc.marker)
+            state["services"].pop(name)
+            self._save(state)
+            logger.info("%s (PID %d) stopped", name, svc.pid)
+        temp_file = self.state_dir / "ray-temp-dir"
+        if temp_file.is_file():
+            shutil.rmtree(temp_file.read_text().strip(), ignore_errors=True)
+            temp_file.unlink()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="local-stack", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["start", "stop", "status", "env"])
+    parser.add_argument(
+        "--state",
+        default=os.environ.get("PKDOT_STACK_DIR", ".local-stack"),
+        help="state directory (default: $PKDOT_STACK_DIR or .local-stack)",
+    )
+    parser.add_argument("--free-ports", action="store_true", help="pick free ports instead of 4200/5000/6379")
+    parser.add_argument("--services", default=",".join(SERVICES), help="comma list (default: %(default)s)")
+    parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--ray-dashboard", action="store_true", help="also start Ray's dashboard (8265)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    stack = LocalStack(
+        args.state, free_ports=args.free_ports, ray_cpus=args.ray_cpus, ray_dashboard=args.ray_dashboard
+    )
+    try:
+        if args.command == "start":
+            env = stack.start([s.strip() for s in args.services.split(",") if s.strip()])
+            for k, v in sorted(env.items()):
+                print(f"export {k}={v}")
+        elif args.command == "env":
+            for k, v in sorted(stack.env().items()):
+                print(f"export {k}={v}")
+        elif args.command == "status":
+            status = stack.status()
+            print(json.dumps(status, indent=1))
+            return 0 if status and all(s["healthy"] for s in status.values()) else 1
+        else:
+            stack.stop()
+    except StackError as exc:
+        print(f"local-stack {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""Small synthetic data sets written *in the real layouts*, so the real adapters read them.
+
+:func:`write_synthetic` writes either a Biovid-like set (face videos + biosignal CSVs + ``samples.csv``) or an
+Aff-Wild2-like set (videos with an audio track + per-frame valence/arousal annotations), plus the ground truth
+``<out>/synthetic_truth.parquet`` (outside the real layout) with, per sample, ``sample_id``, ``subject_id``,
+``expressiveness`` and ``boxes`` (the face box ``[x, y, w, h]`` of every video frame, in video pixels).
+
+How the labels shape the data (Biovid; ``c`` = class id 0..4 = BL1, PA1..PA4):
+
+- Face: expression units of :mod:`pkdot.data.faces_art` (brow lowering, eye narrowing, cheek and upper-lip
+  raise) with intensity ``expressiveness * FACE_LEVEL[c] * u`` (``u ~ U(0.7, 1.3)`` per sample), ramping up
+  from a response onset 0.8-1.8 s into the 5.5 s window. ``expressiveness`` in [0, 1] is per subject, spread
+  evenly over subjects (some near 0: their face says little). Blinks, small spontaneous movements, head
+  motion, per-subject appearance and lighting are nuisances.
+- Physio (512 Hz): heart rate rises by ``reactivity * gain_hr * PHYSIO_LEVEL[c]`` bpm, a skin-conductance
+  response starts 1-2 s after the onset with amplitude ``reactivity * gain_eda * PHYSIO_LEVEL[c]`` (log-normal
+  per-sample noise), EMG burst power rises likewise; per-subject baselines and per-sample noise. ``reactivity``
+  in [0.35, 1] is per subject, independent of expressiveness, so physio carries more label information than
+  the face on average and the two are complementary. Part B's corrugator EMG also follows the brow-lowering
+  track of the face.
+
+Aff-Wild2: valence and arousal are slow random processes in (-1, 1) per frame; valence moves the mouth
+corners (and frowns when negative), arousal widens the eyes and raises the brows; the audio is a voiced
+harmonic tone whose loudness and pitch follow arousal (brighter timbre with higher valence), plus noise.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+from scipy.ndimage import gaussian_filter1d
+from scipy.signal import butter, sosfiltfilt
+
+from pkdot.data.faces_art import EXPRESSION_UNITS, FaceRenderer, blink_track, draw_subject_look, head_motion
+from pkdot.data.manifest import BIOVID_CLASSES
+from pkdot.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Biovid window length (seconds) and biosignal rate (Hz).
+BIOVID_SECONDS = 5.5
+BIOVID_FS = 512
+#: Relative face / physio response of each Biovid class (BL1, PA1..PA4).
+FACE_LEVEL = (0.0, 0.15, 0.35, 0.65, 1.0)
+PHYSIO_LEVEL = (0.0, 0.3, 0.55, 0.8, 1.0)
+#: Audio sample rate of the Aff-Wild2-like videos.
+AUDIO_SR = 16000
+TRUTH_FILE = "synthetic_truth.parquet"
+BIOVID_CHANNELS = {"A": ["gsr", "ecg", "emg_trapezius"], "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"]}
+
+_UNIT = {name: i for i, name in enumerate(EXPRESSION_UNITS)}
+
+
+def write_synthetic(
+    kind: Literal["biovid", "affwild2"],
+    out: Path,
+    *,
+    subjects: int = 8,
+    seed: int = 0,
+    samples_per_class: int = 4,
+    part: Literal["A", "B"] = "A",
+    videos_per_subject: int = 1,
+    seconds_per_video: float = 12.0,
+    frame_size: int = 160,
+    fps: int = 25,
+    progress: bool = True,
+) -> Path:
+    """Write a synthetic data set in the real layout of ``kind`` under ``out`` and return ``out``.
+
+    Parameters
+    ----------
+    kind : ``"biovid"`` (``video/<subject>/<sample>.mp4``, ``biosignals_filtered/<subject>/<sample>_bio.csv``,
+        ``samples.csv``) or ``"affwild2"`` (``videos/<video>.mp4`` with audio,
+        ``annotations/VA_Estimation_Challenge/{Train_Set,Validation_Set}/<video>.txt``).
+    out : output directory (created; files are written to temp names then renamed).
+    subjects : number of synthetic people (>= 1; >= 2 for Aff-Wild2 to fill both partitions).
+    seed : everything is drawn from it; the same seed gives byte-identical CSV/text files.
+    samples_per_class : Biovid windows per class per subject (5.5 s each, ``round(5.5 * fps)`` frames).
+    part : Biovid part; ``"B"`` adds ``emg_corrugator`` and ``emg_zygomaticus``.
+    videos_per_subject : Aff-Wild2 videos per person, 1 (``video<N>``) or 2 (``video<N>_left`` /
+        ``video<N>_right``, which the Aff-Wild2 subject rule maps to the same subject ``video<N>``).
+    seconds_per_video : Aff-Wild2 video length.
+    frame_size : side of the square frames in pixels.
+    fps : frame rate.
+    progress : show a progress bar.
+    """
+    out = Path(out)
+    if kind not in ("biovid", "affwild2"):
+        raise ConfigError(f"synthetic kind must be 'biovid' or 'affwild2', got {kind!r}")
+    if subjects < 1:
+        raise ConfigError(f"synth.subjects must be >= 1, got {subjects}")
+    if frame_size < 48:
+        raise ConfigError(f"synth.frame_size must be >= 48 pixels, got {frame_size}")
+    if fps < 1:
+        raise ConfigError(f"synth.fps must be >= 1, got {fps}")
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "biovid":
+        if samples_per_class < 1:
+            raise ConfigError(f"synth.samples_per_class must be >= 1, got {samples_per_class}")
+        if part not in BIOVID_CHANNELS:
+            raise ConfigError(f"data.part must be 'A' or 'B', got {part!r}")
+        _write_biovid(out, subjects, seed, samples_per_class, part, frame_size, fps, progress)
+    else:
+        if subjects < 2:
+            raise ConfigError(f"synth.subjects must be >= 2 for Aff-Wild2 (train and validation), got {subjects}")
+        if videos_per_subject not in (1, 2):
+            raise ConfigError(
+                f"synth.videos_per_subject must be 1 or 2 for Aff-Wild2 (got {videos_per_subject}): Aff-Wild2 "
+                "derives the subject from the video name, so only a _left/_right pair can share a subject"
+            )
+        if seconds_per_video * fps < 2:
+            raise ConfigError(f"synth.seconds_per_video * fps must give >= 2 frames, got {seconds_per_video * fps}")
+        _write_affwild2(out, subjects, seed, videos_per_subject, seconds_per_video, frame_size, fps, progress)
+    return out
+
+
+# ---- shared helpers ----------------------------------------------------------------------------------------
+@contextmanager
+def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _tmp(path: Path) -> Path:
+    """A temp name next to ``path`` with the same suffix (OpenCV picks the container from the suffix)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "w", newline="") as fh:
+        fh.write(text)
+    tmp.replace(path)
+
+
+def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
+    """``n`` values spread evenly over [lo, hi] (one per stratum, shuffled): always some low and some high."""
+    strata = (rng.permutation(n) + rng.uniform(0.0, 1.0, n)) / n
+    return lo + (hi - lo) * strata
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _noise_bank(rng: np.random.Generator, frame_size: int, count: int = 24, sigma: float = 2.5) -> np.ndarray:
+    return rng.normal(0.0, sigma, (count, frame_size, frame_size, 3)).astype(np.float32)
+
+
+def _write_video_cv2(path: Path, frames: np.ndarray, fps: int) -> None:
+    """Write RGB frames (T, H, W, 3) as MPEG-4 Part 2 (``mp4v``) with OpenCV, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    h, w = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+    if not writer.isOpened():
+        raise OSError(f"OpenCV could not open a mp4v VideoWriter for {tmp}")
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+    tmp.replace(path)
+
+
+def _write_video_av(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray, sr: int) -> None:
+    """Mux RGB frames (T, H, W, 3) as MPEG-4 video and mono float audio (N,) as AAC into an .mp4, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    h, w = frames.shape[1:3]
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        vs = container.add_stream("mpeg4", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.bit_rate = 2_000_000
+        vs.codec_context.thread_count = 1
+        aus = container.add_stream("aac", rate=sr)
+        aus.layout = "mono"
+        for frame in frames:
+            for packet in vs.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in vs.encode():
+            container.mux(packet)
+        chunk = 1024
+        for start in range(0, len(audio), chunk):
+            block = np.ascontiguousarray(audio[start : start + chunk], np.float32)[None, :]
+            af = av.AudioFrame.from_ndarray(block, format="fltp", layout="mono")
+            af.sample_rate, af.pts, af.time_base = sr, start, Fraction(1, sr)
+            for packet in aus.encode(af):
+                container.mux(packet)
+        for packet in aus.encode():
+            container.mux(packet)
+    tmp.replace(path)
+
+
+def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarray]) -> None:
+    """A Biovid biosignal CSV: tab-separated, header ``time <channels>``, values rounded to 6 decimals."""
+    table = pa.table({"time": time_us, **{ch: np.round(x, 6) for ch, x in signals.items()}})
+    buffer = io.BytesIO()
+    buffer.write(("\t".join(table.column_names) + "\n").encode())
+    pcsv.write_csv(table, buffer, pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+
+
+def _write_truth(out: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    tmp = _tmp(out / TRUTH_FILE)
+    pq.write_table(table, tmp)
+    tmp.replace(out / TRUTH_FILE)
+
+
+# ---- Biovid ------------------------------------------------------------------------------------------------
+def _subject_names(rng: np.random.Generator, n: int) -> list[str]:
+    """Biovid-style subject names ``MMDDYY_<m|w>_<age>`` (unique)."""
+    names: list[str] = []
+    while len(names) < n:
+        month, day, year = int(rng.integers(1, 13)), int(rng.integers(1, 29)), int(rng.integers(9, 11))
+        name = f"{month:02d}{day:02d}{year:02d}_{'mw'[int(rng.integers(2))]}_{int(rng.integers(18, 66))}"
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _biovid_physio(
+    rng: np.random.Generator, subject: dict, class_id: int, onset: float, brow_track: np.ndarray, fps: int, part: str
+) -> dict[str, np.ndarray]:
+    """One 5.5 s window of biosignals at 512 Hz: ``{"gsr", "ecg", "emg_*"}`` arrays of 2816 samples.
+
+    ECG: PQRST Gaussian waves at beat times from the integrated instantaneous heart rate
+    ``hr(t) = hr0 + dhr + r * g_hr * L_c * ramp(t) + RSA``. EDA: tonic level + drift + bi-exponential SCRs
+    ``A (e^{-t/3} - e^{-t/0.7})`` (stimulus-locked with ``A = r * g_eda * L_c * LogN(0, 0.35)``, plus a
+    non-specific one in some windows). EMG: 20-200 Hz band-limited noise times an envelope rising with
+    ``r * g_emg * L_c``.
+    """
+    fs, n = BIOVID_FS, int(round(BIOVID_SECONDS * BIOVID_FS))
+    t = np.arange(n) / fs
+    level = PHYSIO_LEVEL[class_id] * subject["reactivity"]
+    # ---- heart rate and ECG (beats on an extended grid so the edges have complete beats)
+    pad = 1.5
+    te = np.arange(int(round((BIOVID_SECONDS + 2 * pad) * fs))) / fs - pad
+    hr_ramp = _smoothstep((te - onset - 0.5) / 1.5)
+    hr = (
+        subject["hr0"]
+        + rng.normal(0.0, 3.0)
+        + subject["hr_gain"] * level * hr_ramp * rng.uniform(0.7, 1.3)
+        + 2.0 * np.sin(2 * np.pi * 0.25 * te + rng.uniform(0, 2 * np.pi))
+    )
+    phase = rng.uniform(0, 1) + np.cumsum(hr / 60.0) / fs
+    beats = te[np.flatnonzero(np.diff(np.floor(phase)) > 0) + 1]
+    ecg = np.zeros(n)
+    waves = ((-0.2, 0.12, 0.025), (-0.035, -0.1, 0.01), (0.0, 1.0, 0.012), (0.035, -0.22, 0.01), (0.26, 0.28, 0.045))
+    for tb in beats:
+        for off, amp, width in waves:
+            ecg += amp * np.exp(-0.5 * ((t - tb - off) / width) ** 2)
+    ecg = subject["ecg_amp"] * ecg + 0.05 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6.3)) + rng.normal(0, 0.02, n)
+    # ---- EDA
+    def scr(start: float, amplitude: float) -> np.ndarray:
+        tau = np.clip(t - start, 0.0, None)
+        shape = np.exp(-tau / 3.0) - np.exp(-tau / 0.7)
+        return amplitude * shape / 0.536  # peak of the bi-exponential (t = 1.35 s) normalised to 1
+
+    gsr = subject["eda0"] + rng.normal(0.0, 0.4) + rng.normal(0.0, 0.05) * t
+    gsr = gsr + scr(onset + rng.uniform(1.0, 2.0), subject["eda_gain"] * level * rng.lognormal(0.0, 0.35))
+    if rng.uniform() < 0.35:
+        gsr = gsr + scr(rng.uniform(-1.0, 4.0), rng.uniform(0.1, 0.5) * subject["eda_gain"] * 0.5)
+    gsr = gsr + rng.normal(0.0, 0.004, n)
+    # ---- EMG channels
+    sos = butter(4, [20.0, 200.0], btype="bandpass", fs=fs, output="sos")
+    emg_ramp = _smoothstep((t - onset) / 1.2)
+    brow = np.interp(t, np.arange(len(brow_track)) / fps, brow_track)
+    bursts = 1.0 + 0.6 * gaussian_filter1d(rng.normal(0, 1, n), 40.0) / 0.06
+    signals = {"gsr": gsr, "ecg": ecg}
+    drive = {
+        "emg_trapezius": subject["emg_gain"] * level * emg_ramp * rng.uniform(0.6, 1.4),
+        "emg_corrugator": 1.5 * subject["emg_gain"] * level * emg_ramp * rng.uniform(0.6, 1.4) + 2.5 * brow,
+        "emg_zygomaticus": 0.4 * subject["emg_gain"] * level * emg_ramp * rng.uniform(0.6, 1.4),
+    }
+    for ch in BIOVID_CHANNELS[part][2:]:
+        carrier = sosfiltfilt(sos, rng.normal(0.0, 1.0, n))
+        envelope = subject["emg0"] * (1.0 + drive[ch] * np.clip(bursts, 0.2, None))
+        signals[ch] = carrier * envelope + rng.normal(0.0, 0.3, n)
+    return signals
+
+
+def _write_biovid(
+    out: Path, subjects: int, seed: int, per_class: int, part: str, frame_size: int, fps: int, progress: bool
+) -> None:
+    rng = np.random.default_rng([seed, 1])
+    names = _subject_names(rng, subjects)
+    expressiveness = _spread(rng, subjects, 0.0, 1.0)
+    reactivity = _spread(rng, subjects, 0.35, 1.0)
+    n_frames = int(round(BIOVID_SECONDS * fps))
+    n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
+    time_us = np.round(np.arange(n_bio) * 1e6 / BIOVID_FS).astype(np.int64)
+    noise = _noise_bank(rng, frame_size)
+    channels = BIOVID_CHANNELS[part]
+    sample_rows: list[str] = ["subject_id\tsubject_name\tclass_id\tclass_name\tsample_id\tsample_name"]
+    truth: list[dict] = []
+    sample_counter = 0
+    with _progress_bar(progress, subjects * per_class * len(BIOVID_CLASSES), "synthetic Biovid") as advance:
+        for s_idx, name in enumerate(names):
+            srng = np.random.default_rng([seed, 2, s_idx])
+            look = draw_subject_look(srng, float(expressiveness[s_idx]))
+            renderer = FaceRenderer(look, frame_size)
+            subject = {
+                "reactivity": float(reactivity[s_idx]),
+                "hr0": srng.uniform(58, 85),
+                "hr_gain": srng.uniform(8, 16),
+                "ecg_amp": srng.uniform(0.6, 1.4),
+                "eda0": srng.uniform(2.0, 12.0),
+                "eda_gain": srng.uniform(0.8, 2.0),
+                "emg0": srng.uniform(3.0, 10.0),
+                "emg_gain": srng.uniform(1.5, 3.5),
+            }
+            session = [(c, k) for k in range(per_class) for c in range(len(BIOVID_CLASSES))]
+            order = srng.permutation(len(session))
+            for position, idx in enumerate(order):
+                class_id, _ = session[int(idx)]
+                class_name = BIOVID_CLASSES[class_id]
+                sample_name = f"{name}-{class_name}-{position + 1:03d}"
+                prng = np.random.default_rng([seed, 3, s_idx, int(idx)])
+                onset = float(prng.uniform(0.8, 1.8))
+                intensity = look.expressiveness * FACE_LEVEL[class_id] * float(prng.uniform(0.7, 1.3))
+                t = np.arange(n_frames) / fps
+                ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
+                ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))
+                expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
+                for unit, weight in (("brow_lower", 1.0), ("eye_narrow", 0.8), ("cheek_raise", 0.7), ("lip_raise", 0.8)):
+                    expr[:, _UNIT[unit]] = weight * intensity * ramp
+                # spontaneous small movements and blinks (label-free nuisance)
+                for unit in ("mouth_corner_up", "brow_raise"):
+                    expr[:, _UNIT[unit]] += 0.2 * gaussian_filter1d(prng.normal(0, 1, n_frames), fps * 0.6) / 0.3
+                expr[:, _UNIT["eye_narrow"]] = np.minimum(
+                    expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
+                )
+                poses = head_motion(prng, n_frames, fps, look, frame_size)
+                frames = np.empty((n_frames, frame_size, frame_size, 3), np.uint8)
+                boxes = np.empty((n_frames, 4), np.float64)
+                picks = prng.integers(0, len(noise), n_frames)
+                for i in range(n_frames):
+                    frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
+                video_rel = Path("video") / name / f"{sample_name}.mp4"
+                _write_video_cv2(out / video_rel, frames, fps)
+                signals = _biovid_physio(prng, subject, class_id, onset, expr[:, _UNIT["brow_lower"]], fps, part)
+                bio_path = out / "biosignals_filtered" / name / f"{sample_name}_bio.csv"
+                _write_bio_csv(bio_path, time_us, {ch: signals[ch] for ch in channels})
+                sample_rows.append(f"{s_idx}\t{name}\t{class_id}\t{class_name}\t{sample_counter}\t{sample_name}")
+                sample_counter += 1
+                truth.append(
+                    {
+                        "sample_id": sample_name,
+                        "subject_id": name,
+                        "expressiveness": look.expressiveness,
+                        "reactivity": subject["reactivity"],
+                        "class_id": class_id,
+                        "face_intensity": intensity,
+                        "onset_s": onset,
+                        "video": video_rel.as_posix(),
+                        "boxes": boxes.tolist(),
+                    }
+                )
+                advance()
+    _write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
+    _write_truth(out, truth)
+    logger.info("synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, sample_counter, out)
+
+
+# ---- Aff-Wild2 ---------------------------------------------------------------------------------------------
+def _va_process(rng: np.random.Generator, n: int, fps: int, mean: float) -> np.ndarray:
+    """A slow random process in (-1, 1): Gaussian-smoothed white noise (sigma 1.2 s), tanh-squashed."""
+    z = gaussian_filter1d(rng.normal(0.0, 1.0, n + 4 * fps), 1.2 * fps, mode="reflect")[2 * fps : 2 * fps + n]
+    z = z / (z.std() + 1e-9)
+    return np.tanh(0.7 * z + mean)
+
+
+def _voice(rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fps: int, f0: float) -> np.ndarray:
+    """Mono audio at :data:`AUDIO_SR`: a harmonic tone, pitch ``f0 * 2^(0.5 a)``, loudness rising with arousal
+    ``a``, spectral tilt falling with valence, gated into syllables, plus noise. Values in [-1, 1]."""
+    n = int(round(len(arousal) / fps * AUDIO_SR))
+    ta = np.arange(n) / AUDIO_SR
+    tf = np.arange(len(arousal)) / fps
+    a = np.interp(ta, tf, arousal)
+    v = np.interp(ta, tf, valence)
+    pitch = f0 * 2.0 ** (0.5 * a)
+    phase = 2 * np.pi * np.cumsum(pitch) / AUDIO_SR
+    tilt = 1.6 - 0.6 * v
+    tone = sum(np.sin(k * phase) / k**tilt for k in range(1, 7))
+    syllables = gaussian_filter1d((rng.uniform(0, 1, int(ta[-1] * 5) + 2) > 0.35).astype(float), 0.6)
+    gate = np.interp(ta, np.arange(len(syllables)) / 5.0, syllables)
+    loud = 0.04 + 0.22 * (a + 1.0) / 2.0
+    audio = loud * gate * tone / 2.0 + rng.normal(0.0, 0.01, n)
+    return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+def _write_affwild2(
+    out: Path, subjects: int, seed: int, per_subject: int, seconds: float, frame_size: int, fps: int, progress: bool
+) -> None:
+    rng = np.random.default_rng([seed, 11])
+    expressiveness = _spread(rng, subjects, 0.0, 1.0)
+    n_val = max(1, int(round(0.25 * subjects)))
+    validation = set(rng.permutation(subjects)[:n_val].tolist())
+    n_frames = int(round(seconds * fps))
+    noise = _noise_bank(rng, frame_size)
+    ann_root = out / "annotations" / "VA_Estimation_Challenge"
+    truth: list[dict] = []
+    with _progress_bar(progress, subjects * per_subject, "synthetic Aff-Wild2") as advance:
+        for s_idx in range(subjects):
+            srng = np.random.default_rng([seed, 12, s_idx])
+            look = draw_subject_look(srng, float(expressiveness[s_idx]))
+            renderer = FaceRenderer(look, frame_size)
+            f0 = float(srng.uniform(110, 230))
+            mean_v, mean_a = float(srng.uniform(-0.3, 0.3)), float(srng.uniform(-0.3, 0.3))
+            subject_id = f"video{s_idx + 1}"
+            stems = [subject_id] if per_subject == 1 else [f"{subject_id}_left", f"{subject_id}_right"]
+            partition = "Validation_Set" if s_idx in validation else "Train_Set"
+            for v_idx, stem in enumerate(stems):
+                vrng = np.random.default_rng([seed, 13, s_idx, v_idx])
+                valence = _va_process(vrng, n_frames, fps, mean_v)
+                arousal = _va_process(vrng, n_frames, fps, mean_a)
+                e = look.expressiveness
+                expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
+                expr[:, _UNIT["mouth_corner_up"]] = 1.2 * e * valence
+                expr[:, _UNIT["brow_lower"]] = 0.6 * e * np.clip(-valence, 0.0, None)
+                expr[:, _UNIT["brow_raise"]] = 0.9 * e * arousal
+                expr[:, _UNIT["eye_narrow"]] = np.minimum(-0.6 * e * arousal + 1.6 * blink_track(vrng, n_frames, fps), 2.2)
+                poses = head_motion(vrng, n_frames, fps, look, frame_size)
+                frames = np.empty((n_frames, frame_size, frame_size, 3), np.uint8)
+                boxes = np.empty((n_frames, 4), np.float64)
+                picks = vrng.integers(0, len(noise), n_frames)
+                for i in range(n_frames):
+                    frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
+                audio = _voice(vrng, valence, arousal, fps, f0)
+                video_rel = Path("videos") / f"{stem}.mp4"
+                _write_video_av(out / video_rel, frames, fps, audio, AUDIO_SR)
+                annotated = np.ones(n_frames, bool)
+                for _ in range(int(vrng.integers(1, 3))):
+                    length = int(vrng.integers(3, max(4, min(25, n_frames // 4))))
+                    start = int(vrng.integers(0, max(1, n_frames - length)))
+                    annotated[start : start + length] = False
+                lines = ["valence,arousal"] + [
+                    f"{va:.3f},{ar:.3f}" if ok else "-5,-5"
+                    for va, ar, ok in zip(valence, arousal, annotated, strict=True)
+                ]
+                _write_text(ann_root / partition / f"{stem}.txt", "\n".join(lines) + "\n")
+                truth.append(
+                    {
+                        "sample_id": stem,
+                        "subject_id": subject_id,
+                        "expressiveness": e,
+                        "partition": partition,
+                        "video": video_rel.as_posix(),
+                        "valence": valence.tolist(),
+                        "arousal": arousal.tolist(),
+                        "annotated": annotated.tolist(),
+                        "boxes": boxes.tolist(),
+                    }
+                )
+                advance()
+    for partition in ("Train_Set", "Validation_Set"):
+        (ann_root / partition).mkdir(parents=True, exist_ok=True)
+    _write_truth(out, truth)
+    logger.info("synthetic Aff-Wild2: %d subjects x %d videos -> %s", subjects, per_subject, out)

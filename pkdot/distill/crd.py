@@ -1,0 +1,184 @@
+r"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020).
+
+Student and teacher embeddings are mapped by linear heads to a shared :math:`d = 128`-dimensional unit
+sphere, :math:`v^s_i = \mathrm{unit}(W_s z^s_i)`, :math:`v^t_i = \mathrm{unit}(W_t z^t_i)`. Two memory
+banks of ``num_samples`` rows keep a running (momentum) average of every training sample's student and
+teacher vectors. For sample i (row ``index[i]``) and K negatives :math:`n_1..n_K` drawn uniformly from the
+other rows, the scores
+
+.. math::
+    h^s_{ij} = \exp(v^s_i \cdot m^t_{j} / \tau) / Z_s, \qquad h^t_{ij} = \exp(v^t_i \cdot m^s_{j} / \tau) / Z_t
+
+(:math:`m^t, m^s` the memory rows, :math:`\tau = 0.07`, :math:`Z` a normalising constant fixed on the first
+batch to :math:`N \cdot \mathrm{mean}(\exp(\cdot/\tau))`) enter the NCE loss, with noise probability
+:math:`P_n = 1/N`,
+
+.. math::
+    \mathcal{L}_\text{NCE}(h) = -\frac{1}{B} \sum_i \Big[ \log\frac{h_{i,\text{pos}}}{h_{i,\text{pos}} + K P_n}
+        + \sum_{k=1}^{K} \log\frac{K P_n}{h_{i,n_k} + K P_n} \Big],
+
+and :math:`\mathcal{L}_\text{CRD} = \mathcal{L}_\text{NCE}(h^s) + \mathcal{L}_\text{NCE}(h^t)`. After the
+loss, the memory rows of the batch move towards the new vectors:
+:math:`m_{\text{index}[i]} \gets \mathrm{unit}(\mu\, m_{\text{index}[i]} + (1 - \mu)\, v_i)`, :math:`\mu = 0.5`.
+
+References
+----------
+.. [1] Y. Tian, D. Krishnan, P. Isola. "Contrastive Representation Distillation." ICLR 2020
+   (reference code: HobbitLong/RepDistiller, ``crd/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pkdot.distill.base import DistillBatch, DistillLoss, register
+from pkdot.errors import ConfigError, StageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ContrastiveRD", "nce_loss", "sample_negatives"]
+
+_NCE_EPS = 1e-7
+
+
+def nce_loss(scores: Tensor, num_samples: int) -> Tensor:
+    r"""Noise-contrastive estimation loss on normalised scores.
+
+    Parameters
+    ----------
+    scores : Tensor, shape (B, K + 1)
+        Column 0: positive pair; columns 1..K: negatives. Non-negative (exponentiated, normalised).
+    num_samples : int
+        N, the size of the memory bank; the noise distribution is uniform, :math:`P_n = 1/N`.
+
+    Returns
+    -------
+    Tensor, shape ()
+        :math:`-\frac1B \sum_i [\log D(h_{i0}) + \sum_k \log(1 - D(h_{ik}))]`, :math:`D(h) = h / (h + K P_n)`.
+    """
+    batch_size, n_columns = scores.shape
+    noise = (n_columns - 1) / num_samples  # K * Pn
+    positive = scores[:, 0]
+    negatives = scores[:, 1:]
+    log_d1 = torch.log(positive / (positive + noise + _NCE_EPS))
+    log_d0 = torch.log(noise / (negatives + noise + _NCE_EPS))
+    return -(log_d1.sum() + log_d0.sum()) / batch_size
+
+
+def sample_negatives(index: Tensor, num_samples: int, n_negatives: int, generator: torch.Generator) -> Tensor:
+    """Rows (B, 1 + K): the positive ``index`` first, then K rows drawn uniformly among the *other* N - 1.
+
+    Parameters
+    ----------
+    index : Tensor, shape (B,), long
+        Training-set rows of the batch.
+    num_samples : int
+        N >= 2.
+    n_negatives : int
+        K >= 1 (drawn with replacement).
+    generator : torch.Generator
+        CPU generator (seeded by the caller: same seed, same negatives).
+    """
+    index_cpu = index.detach().to("cpu", torch.long)
+    draws = torch.randint(0, num_samples - 1, (index_cpu.shape[0], n_negatives), generator=generator)
+    draws = draws + (draws >= index_cpu[:, None]).long()  # skip the positive row
+    return torch.cat([index_cpu[:, None], draws], dim=1).to(index.device)
+
+
+@register("crd")
+class ContrastiveRD(DistillLoss):
+    """CRD with two momentum memory banks of ``num_samples`` rows (needs ``DistillBatch.index``).
+
+    Options
+    -------
+    n_negatives : int
+        Negatives per sample (default ``min(4096, num_samples - 1)``).
+    temperature : float
+        NCE temperature (0.07).
+    momentum : float
+        Memory momentum (0.5).
+    feat_dim : int
+        Width of the shared embedding (128).
+    seed : int
+        Seed of the memory initialisation and the negative sampling (0).
+    """
+
+    option_names = ("n_negatives", "temperature", "momentum", "feat_dim", "seed")
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        opts = self.options
+        if self.num_samples < 2:
+            raise ConfigError(f"distill loss 'crd': num_samples must be >= 2, got {self.num_samples}")
+        self.n_negatives = int(opts.get("n_negatives", min(4096, self.num_samples - 1)))
+        self.temperature = float(opts.get("temperature", 0.07))
+        self.momentum = float(opts.get("momentum", 0.5))
+        self.feat_dim = int(opts.get("feat_dim", 128))
+        seed = int(opts.get("seed", 0))
+        if self.n_negatives < 1:
+            raise ConfigError(f"distill.options.crd.n_negatives must be >= 1, got {self.n_negatives}")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.options.crd.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"distill.options.crd.momentum must be in [0, 1), got {self.momentum}")
+        if self.feat_dim < 1:
+            raise ConfigError(f"distill.options.crd.feat_dim must be >= 1, got {self.feat_dim}")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.embed_student = nn.Linear(self.student_dim, self.feat_dim)
+        self.embed_teacher = nn.Linear(self.teacher_dim, self.feat_dim)
+        bound = 1.0 / math.sqrt(self.feat_dim / 3)
+        init = torch.rand(2, self.num_samples, self.feat_dim, generator=self.generator) * 2 * bound - bound
+        self.register_buffer("memory_student", init[0].clone())
+        self.register_buffer("memory_teacher", init[1].clone())
+        # NCE normalising constants, fixed on the first batch (-1 = not yet set), as in the reference code.
+        self.register_buffer("norm_student", torch.tensor(-1.0))
+        self.register_buffer("norm_teacher", torch.tensor(-1.0))
+
+    def compute(self, batch: DistillBatch) -> Tensor:
+        index = batch.index
+        if index is None:
+            raise StageError(
+                "distill loss 'crd': DistillBatch.index is required (training-set row of each sample)"
+            )
+        if index.dtype not in (torch.int32, torch.int64):
+            raise StageError(f"distill loss 'crd': DistillBatch.index must be integer, got {index.dtype}")
+        if int(index.min()) < 0 or int(index.max()) >= self.num_samples:
+            raise StageError(
+                f"distill loss 'crd': DistillBatch.index must lie in [0, {self.num_samples}), "
+                f"got [{int(index.min())}, {int(index.max())}]"
+            )
+        index = index.long()
+        v_student = F.normalize(self.embed_student(batch.student_z), dim=1)
+        v_teacher = F.normalize(self.embed_teacher(batch.teacher_z.to(self.embed_teacher.weight)), dim=1)
+        rows = sample_negatives(index, self.num_samples, self.n_negatives, self.generator)
+        memory_student = self.memory_student[rows].detach()  # (B, K + 1, d)
+        memory_teacher = self.memory_teacher[rows].detach()
+        scores_student = torch.exp(
+            torch.bmm(memory_teacher, v_student.unsqueeze(2)).squeeze(2) / self.temperature
+        )
+        scores_teacher = torch.exp(
+            torch.bmm(memory_student, v_teacher.unsqueeze(2)).squeeze(2) / self.temperature
+        )
+        with torch.no_grad():
+            if self.norm_student < 0:
+                self.norm_student.fill_(float(scores_student.mean()) * self.num_samples)
+                self.norm_teacher.fill_(float(scores_teacher.mean()) * self.num_samples)
+                logger.debug("crd: NCE constants Z_s=%.4g Z_t=%.4g", self.norm_student, self.norm_teacher)
+        loss = nce_loss(scores_student / self.norm_student, self.num_samples) + nce_loss(
+            scores_teacher / self.norm_teacher, self.num_samples
+        )
+        if self.training:
+            self._update_memory(index, v_student.detach(), v_teacher.detach())
+        return loss
+
+    @torch.no_grad()
+    def _update_memory(self, index: Tensor, v_student: Tensor, v_teacher: Tensor) -> None:
+        """Momentum update of the memory rows ``index``: m <- unit(mu * m + (1 - mu) * v)."""
+        for memory, vectors in ((self.memory_student, v_student), (self.memory_teacher, v_teacher)):
+            moved = memory[index] * self.momentum + vectors.to(memory) * (1.0 - self.momentum)
+            memory.index_copy_(0, index, F.normalize(moved, dim=1))

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pkdot.config import FeatureConfig
+from pkdot.errors import ConfigError, FeatureError
+from pkdot.features import faces
+from pkdot.features.faces import ClipFailure, ClipRequest, FaceClip
+
+FEATURES = FeatureConfig(n_frames=8, crop_size=48, detect_width=160)
+
+
+def _centre(box) -> np.ndarray:
+    x, y, w, h = np.asarray(box, dtype=np.float64).T
+    return np.stack([x + w / 2, y + h / 2], axis=-1)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    from conftest import face_video  # noqa: F401  (fixtures module; import for the helper)
+
+
+@pytest.fixture(scope="module")
+def face_clip_video(tmp_path_factory):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("features_conftest", Path(__file__).with_name("conftest.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    return helpers.face_video(tmp_path_factory.mktemp("faces") / "face.mp4", seconds=5.5)
+
+
+def test_tsn_sampling_takes_the_middle_of_each_segment():
+    idx = faces.sample_indices(100, 10, start=40)
+    assert idx.shape == (10,)
+    assert np.all(np.diff(idx) > 0)
+    # One index per equal segment of 10 frames, in its middle.
+    assert np.array_equal((idx - 40) // 10, np.arange(10))
+    assert np.array_equal((idx - 40) % 10, np.full(10, 5))
+    short = faces.sample_indices(3, 8)
+    assert short.min() >= 0 and short.max() <= 2 and np.all(np.diff(short) >= 0)
+    with pytest.raises(FeatureError):
+        faces.sample_indices(0, 8)
+
+
+def test_smooth_boxes_fills_lost_frames_from_the_nearest_detection_and_smooths():
+    a, b = (10.0, 10.0, 20.0, 20.0), (30.0, 10.0, 20.0, 20.0)
+    boxes, detected = faces.smooth_boxes([None, a, None, None, b, None], smoothing=0.0)
+    assert detected.tolist() == [False, True, False, False, True, False]
+    assert np.allclose(boxes[0], a) and np.allclose(boxes[2], a) and np.allclose(boxes[3], b) and np.allclose(boxes[5], b)
+    smoothed, _ = faces.smooth_boxes([a, b, b], smoothing=0.5)
+    assert np.allclose(smoothed[1], (20, 10, 20, 20)) and np.allclose(smoothed[2], (25, 10, 20, 20))
+    steady, _ = faces.smooth_boxes([a] * 5, smoothing=0.9)
+    assert np.allclose(steady, np.array([a] * 5))
+    with pytest.raises(FeatureError, match="not found"):
+        faces.smooth_boxes([None, None], smoothing=0.5)
+
+
+def test_crop_face_is_square_centred_and_black_outside_the_frame():
+    img = np.zeros((100, 100, 3), np.uint8)
+    img[40:60, 30:50] = (255, 0, 0)  # the "face": a red 20x20 square at (30, 40)
+    crop = faces.crop_face(img, (30, 40, 20, 20), margin=0.5, size=40)
+    assert crop.shape == (40, 40, 3) and crop.dtype == np.uint8
+    # Side 20 * (1 + 2 * 0.5) = 40 -> the face fills the middle half of the crop.
+    assert np.all(crop[12:28, 12:28, 0] > 200) and crop[2, 2, 0] == 0
+    corner = faces.crop_face(img, (0, 0, 20, 20), margin=0.5, size=40)
+    assert np.all(corner[:8, :8] == 0)  # outside the frame: black padding, face stays centred
+
+
+def test_detects_and_centres_the_face_on_a_video(face_clip_video):
+    clips = list(faces.extract_video_clips(face_clip_video.path, [ClipRequest("whole"), ClipRequest("window", 20, 60)], FEATURES))
+    assert {c.sample_id for c in clips} == {"whole", "window"}
+    for clip in clips:
+        assert isinstance(clip, FaceClip), getattr(clip, "reason", "")
+        assert clip.frames.shape == (8, 48, 48, 3) and clip.frames.dtype == np.uint8
+        assert clip.face_found >= 0.95
+        truth = face_clip_video.boxes[clip.frame_indices]
+        # The smoothed box is centred on the pasted face (within 10 % of the face size).
+        err = np.linalg.norm(_centre(clip.boxes) - _centre(truth), axis=1)
+        assert np.all(err < 0.1 * truth[:, 2]), (err, truth[:, 2])
+    window = next(c for c in clips if c.sample_id == "window")
+    assert window.frame_indices.min() >= 20 and window.frame_indices.max() < 80
+
+
+def test_seeking_gives_the_same_frames_as_decoding_from_the_start(face_clip_video, monkeypatch):
+    request = [ClipRequest("late", 100, 30)]
+    plain = next(iter(faces.extract_video_clips(face_clip_video.path, request, FEATURES)))
+    monkeypatch.setattr(faces, "SEEK_MIN_FRAMES", 10)
+    seeked = next(iter(faces.extract_video_clips(face_clip_video.path, request, FEATURES)))
+    assert np.array_equal(plain.frame_indices, seeked.frame_indices)
+    assert np.array_equal(plain.frames, seeked.frames)
+
+
+def test_bad_videos_become_failures_with_a_reason(tmp_path, media):
+    noface = media.face_video(tmp_path / "noface.mp4", seconds=2.0, face=False).path
+    good = media.face_video(tmp_path / "good.mp4", seconds=2.0).path
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    cases = {
+        noface: "no face found",
+        truncated: "not a readable video",
+        text: "not a readable video",
+        tmp_path / "missing.mp4": "does not exist",
+    }
+    for path, expected in cases.items():
+        (result,) = list(faces.extract_video_clips(path, [ClipRequest("s")], FEATURES))
+        assert isinstance(result, ClipFailure) and expected in result.reason and str(path) in result.reason
+    (past_end,) = list(faces.extract_video_clips(good, [ClipRequest("s", 40, 30)], FEATURES))
+    assert isinstance(past_end, ClipFailure) and "runs past its end" in past_end.reason
+
+
+def test_truncated_stream_with_intact_header_is_reported(tmp_path, media):
+    """A file whose header promises more frames than its data holds (cut mid-stream, moov first)."""
+    import av
+
+    src = media.face_video(tmp_path / "src.mp4", seconds=3.0).path
+    faststart = tmp_path / "faststart.mp4"
+    with av.open(str(src)) as inp, av.open(str(faststart), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is None:
+                continue
+            packet.stream = stream
+            out.mux(packet)
+    data = faststart.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.4)])
+    (result,) = list(faces.extract_video_clips(cut, [ClipRequest("s")], FEATURES))
+    assert isinstance(result, ClipFailure)
+    assert "truncated" in result.reason and str(cut) in result.reason
+
+
+def test_yunet_needs_a_model_file(tmp_path):
+    with pytest.raises(ConfigError, match="yunet_model"):
+        faces.FaceDetector(FeatureConfig(detector="yunet"))
+    with pytest.raises(ConfigError, match="yunet_model"):
+        faces.FaceDetector(FeatureConfig(detector="yunet", yunet_model=tmp_path / "absent.onnx"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an onnx model")
+    with pytest.raises(FeatureError, match="YuNet"):
+        faces.FaceDetector(FeatureConfig(detector="yunet", yunet_model=junk))
