@@ -17,11 +17,12 @@ at ``RUN/mlflow.db``). With a SQLite store the experiment's artifacts go to ``RU
 MLflow server keeps its own artifact store).
 
 Model serialization: students are logged in MLflow's ``pt2`` format (``torch.export``): a traced graph,
-loaded back without unpickling Python objects and without needing pkdot's classes. The input example fixes
-every dimension but the batch (a batch of at least 2 is required so that the batch stays dynamic). A model
-whose ``forward`` returns a dataclass is exported through a thin wrapper that returns the dataclass's fields
-as a ``dict`` (``torch.export`` only traces tensors, tuples, lists and dicts), so the loaded model returns
-that dict.
+loaded back without unpickling arbitrary Python objects. The input example fixes every dimension but the
+batch (a batch of at least 2 is required, and the export is checked to keep the batch dynamic). Outputs may
+be tensors, dicts/tuples of tensors, or a dataclass: :class:`pkdot.models.heads.ModelOutput` is a registered
+pytree node and comes back as itself (:func:`load_student` imports it); any other dataclass is exported
+through a thin wrapper that returns its fields as a ``dict``. The register run also holds the run's
+``config.yaml`` (:func:`model_config_path`).
 """
 
 from __future__ import annotations
@@ -528,6 +529,10 @@ class Tracker:
                         # MLflow's pyfunc check serves single-tensor outputs only.
                         validate_serving_input=isinstance(out, torch.Tensor),
                     )
+                with tempfile.TemporaryDirectory() as tmp:
+                    config_path = Path(tmp) / "config.yaml"
+                    self.cfg.to_yaml(config_path)
+                    sr.log_artifact(config_path)  # read back by model_config_path()
                 for p in extra_artifacts:
                     sr.log_artifact(p, "extra")
                 run_id = sr.run_id
@@ -560,13 +565,57 @@ class Tracker:
         )
 
 
+def _split_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None)."""
+    if not model_uri.startswith("models:/"):
+        raise StageError(
+            f"model URI {model_uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    rest = model_uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, None, alias
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, version, None
+    raise StageError(f"model URI {model_uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def model_config_path(model_uri: str, tracking_uri: str | None = None) -> Path:
+    """Download the ``config.yaml`` of the run that registered a student; returns its local path.
+
+    ``model_uri`` is ``models:/<name>@<alias>`` or ``models:/<name>/<version>``; the file is the
+    :class:`~pkdot.config.RunConfig` that :meth:`Tracker.register_student` logged next to the model (so a
+    caller can rebuild the preprocessing, e.g. frame count and crop size, that the student expects).
+    """
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name, version, alias = _split_model_uri(model_uri)
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+        dst = Path(tempfile.mkdtemp(prefix="pkdot-model-config-"))
+        local = client.download_artifacts(mv.run_id, "config.yaml", str(dst))
+    except MlflowException as exc:
+        raise StageError(f"cannot read config.yaml of {model_uri!r} from {uri}: {exc}") from exc
+    return Path(local)
+
+
 def load_student(model_uri: str, tracking_uri: str | None = None) -> torch.nn.Module:
     """Load a registered student, e.g. ``load_student("models:/pkdot-student-biovid@champion")``.
 
     ``models:/`` URIs resolve against ``tracking_uri`` when given (it is then set as MLflow's tracking URI),
     else against MLflow's current tracking URI (set by :class:`Tracker`, or ``$MLFLOW_TRACKING_URI``).
-    Returns the exported graph module (``pt2``): same inputs and outputs as the logged student.
+    Returns the exported graph module (``pt2``): same inputs and outputs as the logged student (a student
+    returning :class:`pkdot.models.heads.ModelOutput` returns it again; an unregistered dataclass comes back
+    as a dict of its fields).
     """
+    # Registers ModelOutput as a pytree node: a pt2 student returning it cannot be deserialized otherwise.
+    import pkdot.models.heads  # noqa: F401
+
     if tracking_uri is not None:
         _use_tracking_uri(tracking_uri)
     try:

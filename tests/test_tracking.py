@@ -16,7 +16,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pkdot.config import load_config
 from pkdot.errors import StageError
-from pkdot.tracking import PARENT_FILE, Tracker, load_student, resolve_tracking_uri
+from pkdot.models.heads import ModelOutput
+from pkdot.tracking import PARENT_FILE, Tracker, load_student, model_config_path, resolve_tracking_uri
 
 
 class TinyVideoStudent(torch.nn.Module):
@@ -48,6 +49,19 @@ class DataclassStudent(TinyVideoStudent):
     def forward(self, video: torch.Tensor) -> StudentOutput:  # type: ignore[override]
         out = super().forward(video)
         return StudentOutput(out["logits"], out["embedding"])
+
+
+class ModelOutputStudent(TinyVideoStudent):
+    """Returns pkdot's ModelOutput (a registered pytree dataclass), with a nested dict and a None field."""
+
+    def forward(self, video: torch.Tensor) -> ModelOutput:  # type: ignore[override]
+        out = super().forward(video)
+        return ModelOutput(
+            embedding=out["embedding"],
+            logits=out["logits"],
+            tokens={"video": out["embedding"].unsqueeze(1)},
+            gates=None,
+        )
 
 
 class FixedBatchStudent(TinyVideoStudent):
@@ -234,6 +248,25 @@ def test_register_lower_is_better_dataclass_output(cfg):
         tracker.register_student(model, example[:1], metric_name="mse", metric_value=0.1, dataset="affwild2")
     with pytest.raises(StageError, match="no metric 'ccc'"):
         tracker.register_student(model, example, metric_name="ccc", metric_value=0.1, dataset="affwild2")
+
+
+def test_register_model_output_student_and_its_config(cfg):
+    tracker = Tracker(cfg)
+    student = ModelOutputStudent(4).eval()
+    reg = tracker.register_student(
+        student, _video(0, 4), metric_name="ccc", metric_value=0.3, dataset="affwild2"
+    )
+    uri = f"models:/{reg.name}@champion"
+    video = torch.from_numpy(_video(9, 5))
+    with torch.no_grad():
+        got, expected = load_student(uri)(video), student(video)
+    assert isinstance(got, ModelOutput) and got.gates is None
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.tokens["video"], expected.tokens["video"])
+    logged = load_config(model_config_path(uri))
+    assert logged == cfg and load_config(model_config_path(reg.model_uri)) == cfg
+    with pytest.raises(StageError, match="expected models:/"):
+        model_config_path("runs:/abc/student")
 
 
 def test_register_refuses_a_student_with_a_fixed_batch_size(cfg):

@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 BIOVID_SECONDS = 5.5
 BIOVID_FS = 512
 #: Relative face / physio response of each Biovid class (BL1, PA1..PA4).
-FACE_LEVEL = (0.0, 0.15, 0.35, 0.65, 1.0)
+FACE_LEVEL = (0.0, 0.1, 0.3, 0.6, 1.0)
 PHYSIO_LEVEL = (0.0, 0.3, 0.55, 0.8, 1.0)
 #: Audio sample rate of the Aff-Wild2-like videos.
 AUDIO_SR = 16000
@@ -249,24 +249,29 @@ def _biovid_physio(
 ) -> dict[str, np.ndarray]:
     """One 5.5 s window of biosignals at 512 Hz: ``{"gsr", "ecg", "emg_*"}`` arrays of 2816 samples.
 
-    ECG: PQRST Gaussian waves at beat times from the integrated instantaneous heart rate
-    ``hr(t) = hr0 + dhr + r * g_hr * L_c * ramp(t) + RSA``. EDA: tonic level + drift + bi-exponential SCRs
-    ``A (e^{-t/3} - e^{-t/0.7})`` (stimulus-locked with ``A = r * g_eda * L_c * LogN(0, 0.35)``, plus a
-    non-specific one in some windows). EMG: 20-200 Hz band-limited noise times an envelope rising with
-    ``r * g_emg * L_c``.
+    With ``L = PHYSIO_LEVEL[c] * reactivity * R`` (``R ~ LogN(0, 0.5)``: how strongly this window responds):
+
+    - ECG: PQRST Gaussian waves at the beats of the integrated instantaneous heart rate
+      ``hr(t) = hr0 + g_hr L ramp(t - onset - 0.5) + RSA + slow random drift`` (bpm).
+    - EDA (GSR, uS): tonic level + random slope + bi-exponential SCRs ``A (e^{-t/3} - e^{-t/0.7})``, the
+      stimulus-locked one ``1-2 s`` after the onset with ``A = g_eda L``, non-specific ones in some windows.
+    - EMG: 20-200 Hz band-limited noise times an envelope ``e0 (1 + g_emg L ramp(t) b(t) + artefacts)`` with
+      ``b`` a bursty modulation and random movement artefacts; Part B's corrugator also follows the face's
+      brow lowering.
     """
     fs, n = BIOVID_FS, int(round(BIOVID_SECONDS * BIOVID_FS))
     t = np.arange(n) / fs
-    level = PHYSIO_LEVEL[class_id] * subject["reactivity"]
+    level = PHYSIO_LEVEL[class_id] * subject["reactivity"] * float(rng.lognormal(0.0, 0.5))
     # ---- heart rate and ECG (beats on an extended grid so the edges have complete beats)
     pad = 1.5
     te = np.arange(int(round((BIOVID_SECONDS + 2 * pad) * fs))) / fs - pad
-    hr_ramp = _smoothstep((te - onset - 0.5) / 1.5)
+    drift = gaussian_filter1d(rng.normal(0.0, 1.0, len(te)), 1.0 * fs)
     hr = (
         subject["hr0"]
         + rng.normal(0.0, 3.0)
-        + subject["hr_gain"] * level * hr_ramp * rng.uniform(0.7, 1.3)
+        + subject["hr_gain"] * level * _smoothstep((te - onset - 0.5) / 1.5)
         + 2.0 * np.sin(2 * np.pi * 0.25 * te + rng.uniform(0, 2 * np.pi))
+        + 4.0 * drift / (drift.std() + 1e-9)
     )
     phase = rng.uniform(0, 1) + np.cumsum(hr / 60.0) / fs
     beats = te[np.flatnonzero(np.diff(np.floor(phase)) > 0) + 1]
@@ -276,32 +281,34 @@ def _biovid_physio(
         for off, amp, width in waves:
             ecg += amp * np.exp(-0.5 * ((t - tb - off) / width) ** 2)
     ecg = subject["ecg_amp"] * ecg + 0.05 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6.3)) + rng.normal(0, 0.02, n)
+
     # ---- EDA
     def scr(start: float, amplitude: float) -> np.ndarray:
         tau = np.clip(t - start, 0.0, None)
         shape = np.exp(-tau / 3.0) - np.exp(-tau / 0.7)
-        return amplitude * shape / 0.536  # peak of the bi-exponential (t = 1.35 s) normalised to 1
+        return amplitude * shape / 0.4  # ~peak of the bi-exponential (t = 1.5 s) normalised to 1
 
-    gsr = subject["eda0"] + rng.normal(0.0, 0.4) + rng.normal(0.0, 0.05) * t
-    gsr = gsr + scr(onset + rng.uniform(1.0, 2.0), subject["eda_gain"] * level * rng.lognormal(0.0, 0.35))
-    if rng.uniform() < 0.35:
-        gsr = gsr + scr(rng.uniform(-1.0, 4.0), rng.uniform(0.1, 0.5) * subject["eda_gain"] * 0.5)
+    gsr = subject["eda0"] + rng.normal(0.0, 0.4) + rng.normal(0.0, 0.12) * t
+    gsr = gsr + scr(onset + rng.uniform(1.0, 2.0), subject["eda_gain"] * level)
+    for _ in range(int(rng.poisson(1.0))):
+        gsr = gsr + scr(rng.uniform(-1.5, 4.5), rng.uniform(0.1, 0.6) * subject["eda_gain"])
     gsr = gsr + rng.normal(0.0, 0.004, n)
     # ---- EMG channels
     sos = butter(4, [20.0, 200.0], btype="bandpass", fs=fs, output="sos")
     emg_ramp = _smoothstep((t - onset) / 1.2)
     brow = np.interp(t, np.arange(len(brow_track)) / fps, brow_track)
-    bursts = 1.0 + 0.6 * gaussian_filter1d(rng.normal(0, 1, n), 40.0) / 0.06
     signals = {"gsr": gsr, "ecg": ecg}
-    drive = {
-        "emg_trapezius": subject["emg_gain"] * level * emg_ramp * rng.uniform(0.6, 1.4),
-        "emg_corrugator": 1.5 * subject["emg_gain"] * level * emg_ramp * rng.uniform(0.6, 1.4) + 2.5 * brow,
-        "emg_zygomaticus": 0.4 * subject["emg_gain"] * level * emg_ramp * rng.uniform(0.6, 1.4),
-    }
+    weight = {"emg_trapezius": 1.0, "emg_corrugator": 1.2, "emg_zygomaticus": 0.4}
     for ch in BIOVID_CHANNELS[part][2:]:
+        bursts = np.clip(1.0 + 0.6 * gaussian_filter1d(rng.normal(0, 1, n), 40.0) / 0.084, 0.2, None)
+        artefacts = np.zeros(n)
+        for _ in range(int(rng.poisson(1.2))):
+            artefacts += rng.uniform(0.3, 1.5) * np.exp(-0.5 * ((t - rng.uniform(0, BIOVID_SECONDS)) / 0.25) ** 2)
+        drive = weight[ch] * subject["emg_gain"] * level * emg_ramp * bursts + artefacts
+        if ch == "emg_corrugator":
+            drive = drive + 2.0 * brow
         carrier = sosfiltfilt(sos, rng.normal(0.0, 1.0, n))
-        envelope = subject["emg0"] * (1.0 + drive[ch] * np.clip(bursts, 0.2, None))
-        signals[ch] = carrier * envelope + rng.normal(0.0, 0.3, n)
+        signals[ch] = subject["emg0"] * carrier * (1.0 + drive) + rng.normal(0.0, 0.3, n)
     return signals
 
 
@@ -310,8 +317,8 @@ def _write_biovid(
 ) -> None:
     rng = np.random.default_rng([seed, 1])
     names = _subject_names(rng, subjects)
-    expressiveness = _spread(rng, subjects, 0.0, 1.0)
-    reactivity = _spread(rng, subjects, 0.35, 1.0)
+    expressiveness = _spread(rng, subjects, 0.0, 1.0) ** 1.7  # skewed low: many faces say little
+    reactivity = _spread(rng, subjects, 0.4, 1.0)
     n_frames = int(round(BIOVID_SECONDS * fps))
     n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
     time_us = np.round(np.arange(n_bio) * 1e6 / BIOVID_FS).astype(np.int64)
@@ -328,12 +335,12 @@ def _write_biovid(
             subject = {
                 "reactivity": float(reactivity[s_idx]),
                 "hr0": srng.uniform(58, 85),
-                "hr_gain": srng.uniform(8, 16),
+                "hr_gain": srng.uniform(5, 12),
                 "ecg_amp": srng.uniform(0.6, 1.4),
                 "eda0": srng.uniform(2.0, 12.0),
-                "eda_gain": srng.uniform(0.8, 2.0),
+                "eda_gain": srng.uniform(0.4, 1.2),
                 "emg0": srng.uniform(3.0, 10.0),
-                "emg_gain": srng.uniform(1.5, 3.5),
+                "emg_gain": srng.uniform(0.5, 1.5),
             }
             session = [(c, k) for k in range(per_class) for c in range(len(BIOVID_CLASSES))]
             order = srng.permutation(len(session))
@@ -343,14 +350,19 @@ def _write_biovid(
                 sample_name = f"{name}-{class_name}-{position + 1:03d}"
                 prng = np.random.default_rng([seed, 3, s_idx, int(idx)])
                 onset = float(prng.uniform(0.8, 1.8))
-                intensity = look.expressiveness * FACE_LEVEL[class_id] * float(prng.uniform(0.7, 1.3))
+                intensity = look.expressiveness * FACE_LEVEL[class_id] * float(prng.lognormal(0.0, 0.4))
                 t = np.arange(n_frames) / fps
                 ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
                 ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))
                 expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
                 for unit, weight in (("brow_lower", 1.0), ("eye_narrow", 0.8), ("cheek_raise", 0.7), ("lip_raise", 0.8)):
                     expr[:, _UNIT[unit]] = weight * intensity * ramp
-                # spontaneous small movements and blinks (label-free nuisance)
+                # label-free nuisances: a frown of concentration in some windows, small movements, blinks
+                if prng.uniform() < 0.3:
+                    frown = look.expressiveness * prng.uniform(0.2, 0.6)
+                    bump = np.exp(-0.5 * ((t - prng.uniform(0.0, BIOVID_SECONDS)) / prng.uniform(0.4, 1.0)) ** 2)
+                    expr[:, _UNIT["brow_lower"]] += frown * bump
+                    expr[:, _UNIT["eye_narrow"]] += 0.6 * frown * bump
                 for unit in ("mouth_corner_up", "brow_raise"):
                     expr[:, _UNIT[unit]] += 0.2 * gaussian_filter1d(prng.normal(0, 1, n_frames), fps * 0.6) / 0.3
                 expr[:, _UNIT["eye_narrow"]] = np.minimum(

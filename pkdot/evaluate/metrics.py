@@ -24,7 +24,9 @@ def _pair(y_true: Any, y_pred: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(y_true)
     b = np.asarray(y_pred)
     if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
-        raise StageError(f"{what}: expected two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}")
+        raise StageError(
+            f"{what}: expected two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}"
+        )
     if a.size == 0:
         raise StageError(f"{what}: no samples")
     return a, b
@@ -37,10 +39,14 @@ def _labels(values: np.ndarray, what: str, name: str) -> np.ndarray:
         return values.astype(np.int64)
     if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
         return values.astype(np.int64)
-    raise StageError(f"{what}: {name} must hold integer class indices, got dtype {values.dtype} with non-integer values")
+    raise StageError(
+        f"{what}: {name} must hold integer class indices, got dtype {values.dtype} with non-integer values"
+    )
 
 
-def _class_pair(y_true: Any, y_pred: Any, what: str, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _class_pair(
+    y_true: Any, y_pred: Any, what: str, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     a, b = _pair(y_true, y_pred, what)
     a, b = _labels(a, what, "y_true"), _labels(b, what, "y_pred")
     if num_classes is not None:
@@ -103,28 +109,31 @@ def ccc(x: np.ndarray, y: np.ndarray) -> float:
 
     with population (``ddof=0``) moments. In ``[-1, 1]``; 1 only when ``x == y``.
 
-    Degenerate inputs (documented choice): when one series is constant, ``sigma_xy = 0`` and the formula gives
-    0 (no concordance is measurable) -- including two constant series with different means. When both are the
-    same constant the formula is 0/0; we return 1.0, because the two series agree exactly (and that is the
-    limit of ``rho_c`` as ``y -> x``).
+    Degenerate inputs (documented choice; "constant" means all values exactly equal): when one series is
+    constant, ``sigma_xy = 0`` and the result is 0.0 (no concordance is measurable) -- also for two constant
+    series with different values. When both are the same constant the formula is 0/0; we return 1.0, because
+    the two series agree exactly (the limit of ``rho_c`` as ``y -> x``).
     """
     a, b = _real_pair(x, y, "ccc")
+    constant_a, constant_b = np.ptp(a) == 0.0, np.ptp(b) == 0.0  # exact test (a mean is not exact)
+    if constant_a and constant_b:
+        return 1.0 if a[0] == b[0] else 0.0
+    if constant_a or constant_b:
+        return 0.0
     mean_a, mean_b = a.mean(), b.mean()
     cov = np.mean((a - mean_a) * (b - mean_b))
     denominator = a.var() + b.var() + (mean_a - mean_b) ** 2
-    if denominator == 0.0:
-        return 1.0
     return float(2.0 * cov / denominator)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson's correlation ``sigma_xy / (sigma_x sigma_y)``; 0.0 when either series is constant (undefined)."""
     a, b = _real_pair(x, y, "pearson")
-    da, db = a - a.mean(), b - b.mean()
-    norm = np.sqrt(np.sum(da * da) * np.sum(db * db))
-    if norm == 0.0:
+    if np.ptp(a) == 0.0 or np.ptp(b) == 0.0:
         log.debug("pearson: a constant series has no correlation; returning 0.0")
         return 0.0
+    da, db = a - a.mean(), b - b.mean()
+    norm = np.sqrt(np.sum(da * da) * np.sum(db * db))
     return float(np.clip(np.sum(da * db) / norm, -1.0, 1.0))
 
 

@@ -229,13 +229,17 @@ def faces_from_frames(
     indices: np.ndarray,
     features: FeatureConfig,
     detector: FaceDetector,
+    source: str = "clip",
 ) -> FaceClip | ClipFailure:
-    """Detect, track and crop the face on a clip's sampled RGB frames (each (H, W, 3) uint8)."""
+    """Detect, track and crop the face on a clip's sampled RGB frames (each (H, W, 3) uint8).
+
+    ``source`` names the clip (its video) in the failure reason.
+    """
     detections = [detector.detect(f) for f in frames]
     if all(d is None for d in detections):
         return ClipFailure(
             sample_id,
-            f"no face found in any of the {len(frames)} sampled frames (detector {features.detector})",
+            f"{source}: no face found in any of the {len(frames)} sampled frames (detector {features.detector})",
             sampled_frames=len(frames),
         )
     boxes, detected = smooth_boxes(detections, features.box_smoothing)
@@ -306,6 +310,7 @@ def extract_video_clips(
                             p.indices,
                             features,
                             detector,
+                            f"video {path}",
                         )
                         p.frames.clear()
             if index >= last_needed:

@@ -31,9 +31,13 @@ class LogMelCNN(SpectrogramCNN):
         Modality name (``audio``).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "audio") -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "audio"
+    ) -> None:
         if len(input_shape) != 2:
-            raise ConfigError(f"{modality} backbone: expected a log-mel shape (n_mels, T), got {tuple(input_shape)}")
+            raise ConfigError(
+                f"{modality} backbone: expected a log-mel shape (n_mels, T), got {tuple(input_shape)}"
+            )
         super().__init__((1, *input_shape), embed_dim, width=width, modality=modality)
         self.input_shape = tuple(int(s) for s in input_shape)
 

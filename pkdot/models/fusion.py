@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+
 import torch
 from torch import Tensor, nn
 
@@ -34,8 +35,9 @@ from pkdot.errors import ConfigError, StageError
 log = logging.getLogger(__name__)
 
 
-def sinusoidal_positions(num_tokens: int, dim: int, *, device: torch.device | None = None,
-                         dtype: torch.dtype = torch.float32) -> Tensor:
+def sinusoidal_positions(
+    num_tokens: int, dim: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Sinusoidal position codes ``P`` of shape ``(num_tokens, dim)``.
 
     ``P[n, 2i] = sin(n / 10000^(2i / dim))`` and ``P[n, 2i + 1] = cos(n / 10000^(2i / dim))``.
@@ -79,7 +81,9 @@ class GatedCrossAttentionFusion(nn.Module):
         Dropout of the encoder and attention layers.
     """
 
-    def __init__(self, modalities: list[str], dim: int, heads: int, layers: int = 1, dropout: float = 0.1) -> None:
+    def __init__(
+        self, modalities: list[str], dim: int, heads: int, layers: int = 1, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         modalities = list(modalities)
         if not modalities:
@@ -95,7 +99,9 @@ class GatedCrossAttentionFusion(nn.Module):
         self.encoders = module_dict(
             {
                 m: nn.TransformerEncoder(
-                    nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True),
+                    nn.TransformerEncoderLayer(
+                        dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True
+                    ),
                     num_layers=layers,
                     enable_nested_tensor=False,
                 )
@@ -173,4 +179,3 @@ class GatedCrossAttentionFusion(nn.Module):
         weights = torch.softmax(self.gate(stacked.flatten(1)).view(-1, num, self.dim), dim=1)
         z = (weights * stacked).sum(dim=1)
         return z, weights.mean(dim=-1)
-

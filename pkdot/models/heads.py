@@ -87,7 +87,9 @@ class Backbone(nn.Module):
         if self.expects_uint8 and x.dtype != torch.uint8:
             raise StageError(f"{self.modality} backbone: expected uint8 pixels (0..255), got dtype {x.dtype}")
         if not self.expects_uint8 and not x.is_floating_point():
-            raise StageError(f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}")
+            raise StageError(
+                f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
@@ -114,7 +116,9 @@ class TaskHead(nn.Module):
         if regression and num_outputs != 1:
             raise StageError(f"TaskHead: a regression head has 1 output, got num_outputs={num_outputs}")
         if not regression and num_outputs < 2:
-            raise StageError(f"TaskHead: a classification head needs >= 2 classes, got num_outputs={num_outputs}")
+            raise StageError(
+                f"TaskHead: a classification head needs >= 2 classes, got num_outputs={num_outputs}"
+            )
         self.regression = regression
         self.num_outputs = num_outputs
         self.linear = nn.Linear(dim, num_outputs)
@@ -138,7 +142,9 @@ class UnimodalModel(nn.Module):
     def forward(self, x: Tensor) -> ModelOutput:
         tokens = self.backbone(x)
         embedding = tokens.mean(dim=1)
-        return ModelOutput(embedding=embedding, logits=self.head(embedding), tokens={self.backbone.modality: tokens})
+        return ModelOutput(
+            embedding=embedding, logits=self.head(embedding), tokens={self.backbone.modality: tokens}
+        )
 
 
 def freeze_(module: nn.Module) -> nn.Module:

@@ -34,7 +34,11 @@ class MLPBackbone(Backbone):
     """
 
     def __init__(
-        self, input_shape: tuple[int, ...], embed_dim: int, hidden: int = 64, dropout: float = 0.1,
+        self,
+        input_shape: tuple[int, ...],
+        embed_dim: int,
+        hidden: int = 64,
+        dropout: float = 0.1,
         modality: str = "vector",
     ) -> None:
         super().__init__(modality, input_shape, embed_dim)

@@ -33,7 +33,9 @@ class BasicBlock2d(nn.Module):
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
-        self.conv2 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        )
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != channels:
             self.downsample = nn.Sequential(
@@ -102,10 +104,14 @@ class SpectrogramCNN(Backbone):
         Modality name (``physio``; :class:`pkdot.models.audio.LogMelCNN` reuses it for ``audio``).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio") -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio"
+    ) -> None:
         super().__init__(modality, input_shape, embed_dim)
         if len(self.input_shape) != 3:
-            raise ConfigError(f"{modality} backbone: expected a spectrogram shape (C, F, T), got {self.input_shape}")
+            raise ConfigError(
+                f"{modality} backbone: expected a spectrogram shape (C, F, T), got {self.input_shape}"
+            )
         self.stem = nn.Sequential(
             nn.Conv2d(self.input_shape[0], width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
@@ -135,7 +141,9 @@ class WindowCNN(Backbone):
         Modality name.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio") -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio"
+    ) -> None:
         super().__init__(modality, input_shape, embed_dim)
         if len(self.input_shape) != 2:
             raise ConfigError(f"{modality} backbone: expected a window shape (C, L), got {self.input_shape}")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from pkdot.errors import ConfigError, StageError
 from pkdot.models.fusion import GatedCrossAttentionFusion, module_dict
 from pkdot.models.heads import Backbone, ModelOutput, TaskHead, freeze_, seeded
-from pkdot.models.teacher import check_backbone, build_backbone
+from pkdot.models.teacher import build_backbone, check_backbone
 from pkdot.models.tnet import TNet, build_tnets
 
 if TYPE_CHECKING:
@@ -63,7 +63,9 @@ class Student(nn.Module):
         super().__init__()
         expected = [modality, *tnets]
         if list(fusion.modalities) != expected:
-            raise StageError(f"student: fusion modalities {fusion.modalities} != {expected} (input, then T-Nets)")
+            raise StageError(
+                f"student: fusion modalities {fusion.modalities} != {expected} (input, then T-Nets)"
+            )
         self.modality = modality
         self.video_backbone = video_backbone
         self.tnets = module_dict(dict(tnets))
@@ -156,17 +158,26 @@ def build_student(
                 raise ConfigError("build_student: T-Nets were given but distill.use_tnet is false")
             chosen: dict[str, TNet] = {}
         elif tnets is None:
-            log.warning("build_student: T-Nets freshly initialised for %s; load trained weights before use", privileged)
+            log.warning(
+                "build_student: T-Nets freshly initialised for %s; load trained weights before use",
+                privileged,
+            )
             chosen = build_tnets(cfg)
         else:
             if sorted(tnets) != sorted(privileged):
-                raise StageError(f"build_student: T-Nets given for {sorted(tnets)}, privileged modalities are {privileged}")
+                raise StageError(
+                    f"build_student: T-Nets given for {sorted(tnets)}, privileged modalities are {privileged}"
+                )
             for m, t in tnets.items():
                 if not isinstance(t, TNet) or t.dim != dim:
                     raise StageError(f"build_student: the T-Net for {m!r} must be a TNet of dim {dim}")
             chosen = {m: copy.deepcopy(tnets[m]) for m in privileged}
         fusion = GatedCrossAttentionFusion(
-            [modality, *chosen], dim, cfg.model.fusion_heads, layers=cfg.model.fusion_layers, dropout=cfg.model.dropout
+            [modality, *chosen],
+            dim,
+            cfg.model.fusion_heads,
+            layers=cfg.model.fusion_layers,
+            dropout=cfg.model.dropout,
         )
         head = TaskHead(dim, cfg.data.num_outputs, cfg.data.is_regression)
     return Student(modality, backbone, chosen, fusion, head, freeze_backbone=freeze)

@@ -64,14 +64,18 @@ def build_backbone(
         if len(shape) == 1:
             return MLPBackbone(shape, dim, hidden=cfg.mlp_hidden, dropout=cfg.dropout, modality=modality)
         if modality == "video":
-            backbone = VideoBackbone(shape, dim, arch=cfg.video_backbone, width=cfg.video_width, modality=modality)
+            backbone = VideoBackbone(
+                shape, dim, arch=cfg.video_backbone, width=cfg.video_width, modality=modality
+            )
             if cfg.pretrained_video is not None:
                 load_pretrained_video(backbone, cfg.pretrained_video)
             return backbone
         if modality == "physio":
             expected = {3: "spectrogram", 2: "window"}.get(len(shape))
             if expected is None:
-                raise ConfigError(f"physio backbone: expected a spectrogram (C, F, T) or a window (C, L), got {shape}")
+                raise ConfigError(
+                    f"physio backbone: expected a spectrogram (C, F, T) or a window (C, L), got {shape}"
+                )
             if expected != cfg.physio_input:
                 raise ConfigError(
                     f"model.physio_input is {cfg.physio_input!r} but the physio input has shape {shape} "
@@ -101,10 +105,14 @@ class Teacher(nn.Module):
         Head on the fused ``z``.
     """
 
-    def __init__(self, backbones: dict[str, Backbone], fusion: GatedCrossAttentionFusion, head: TaskHead) -> None:
+    def __init__(
+        self, backbones: dict[str, Backbone], fusion: GatedCrossAttentionFusion, head: TaskHead
+    ) -> None:
         super().__init__()
         if list(backbones) != list(fusion.modalities):
-            raise StageError(f"teacher: backbones {list(backbones)} do not match the fusion's {fusion.modalities}")
+            raise StageError(
+                f"teacher: backbones {list(backbones)} do not match the fusion's {fusion.modalities}"
+            )
         self.modalities = list(fusion.modalities)
         self.backbones = module_dict(dict(backbones))
         self.fusion = fusion
@@ -120,12 +128,16 @@ class Teacher(nn.Module):
         return ModelOutput(embedding=z, logits=self.head(z), tokens=tokens, gates=gates)
 
 
-def check_backbone(name: str, backbone: Backbone, modality: str, shape: tuple[int, ...] | None, dim: int) -> None:
+def check_backbone(
+    name: str, backbone: Backbone, modality: str, shape: tuple[int, ...] | None, dim: int
+) -> None:
     """Raise :class:`StageError` (prefixed ``name``) unless ``backbone`` fits ``modality``, ``shape`` and ``dim``."""
     if not isinstance(backbone, Backbone):
         raise StageError(f"{name}: expected a pkdot Backbone for {modality!r}, got {type(backbone).__name__}")
     if backbone.embed_dim != dim:
-        raise StageError(f"{name}: the {modality!r} backbone has embed_dim {backbone.embed_dim}, model.embed_dim is {dim}")
+        raise StageError(
+            f"{name}: the {modality!r} backbone has embed_dim {backbone.embed_dim}, model.embed_dim is {dim}"
+        )
     if shape is not None and tuple(shape) != backbone.input_shape:
         raise StageError(
             f"{name}: the {modality!r} backbone was built for input {backbone.input_shape}, the data has {tuple(shape)}"
@@ -156,10 +168,14 @@ def build_teacher(
     given = dict(backbones or {})
     extra = sorted(set(given) - set(modalities))
     if extra:
-        raise StageError(f"build_teacher: backbones given for {extra}, which are not modalities of the run {modalities}")
+        raise StageError(
+            f"build_teacher: backbones given for {extra}, which are not modalities of the run {modalities}"
+        )
     missing = [m for m in modalities if m not in input_shapes and m not in given]
     if missing:
-        raise StageError(f"build_teacher: no input shape for modalities {missing} (got {sorted(input_shapes)})")
+        raise StageError(
+            f"build_teacher: no input shape for modalities {missing} (got {sorted(input_shapes)})"
+        )
     dim = cfg.model.embed_dim
     with seeded(seed):
         parts: dict[str, Backbone] = {}

@@ -96,16 +96,20 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
         distributions are equal.
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise StageError(f"mmd_rbf: expected x (n, d) and y (m, d) with the same d, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise StageError(
+            f"mmd_rbf: expected x (n, d) and y (m, d) with the same d, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     n, m = x.shape[0], y.shape[0]
     if n < 2 or m < 2:
-        raise StageError(f"mmd_rbf: the unbiased estimator needs at least 2 points per sample, got n={n}, m={m}")
+        raise StageError(
+            f"mmd_rbf: the unbiased estimator needs at least 2 points per sample, got n={n}, m={m}"
+        )
     z = torch.cat([x, y], dim=0)
     d2 = squared_distances(z, z)
     if bandwidths is None:
         off_diagonal = d2.detach()[~torch.eye(n + m, dtype=torch.bool, device=z.device)]
         median = off_diagonal.median().clamp_min(torch.finfo(d2.dtype).tiny)
-        scales = [median * s for s in DEFAULT_BANDWIDTH_SCALES]
+        scales: list[Tensor | float] = [median * s for s in DEFAULT_BANDWIDTH_SCALES]
     else:
         if len(bandwidths) == 0 or any(float(h) <= 0 for h in bandwidths):
             raise StageError(f"mmd_rbf: bandwidths must be positive numbers, got {list(bandwidths)}")

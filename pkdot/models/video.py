@@ -133,24 +133,36 @@ class VideoBackbone(Backbone):
     """
 
     expects_uint8 = True
+    mean: Tensor
+    std: Tensor
 
     def __init__(
-        self, input_shape: tuple[int, ...], embed_dim: int, arch: str = "small3d", width: int = 8,
+        self,
+        input_shape: tuple[int, ...],
+        embed_dim: int,
+        arch: str = "small3d",
+        width: int = 8,
         modality: str = "video",
     ) -> None:
         super().__init__(modality, input_shape, embed_dim)
         if len(self.input_shape) != 4 or self.input_shape[3] != 3:
-            raise ConfigError(f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}")
+            raise ConfigError(
+                f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}"
+            )
         if arch == "r3d18":
             self.body: nn.Module = R3D18Body(width)
         elif arch == "small3d":
             self.body = Small3dBody(width)
         else:
-            raise ConfigError(f"model.video_backbone: unknown architecture {arch!r} (expected 'r3d18' or 'small3d')")
+            raise ConfigError(
+                f"model.video_backbone: unknown architecture {arch!r} (expected 'r3d18' or 'small3d')"
+            )
         self.arch = arch
         channels = self.body.out_channels
         self.to_embed: nn.Module = (
-            nn.Identity() if channels == embed_dim else nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU())
+            nn.Identity()
+            if channels == embed_dim
+            else nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU())
         )
         self.projection = nn.Linear(embed_dim, embed_dim)
         self.register_buffer("mean", torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1), persistent=False)
@@ -188,7 +200,9 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ConfigError(f"model.pretrained_video: {path} is not a readable torch state_dict: {exc}") from exc
+        raise ConfigError(
+            f"model.pretrained_video: {path} is not a readable torch state_dict: {exc}"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -210,13 +224,19 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
             f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}"
         )
     current = target.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape)}"
-             for k, v in state.items() if tuple(v.shape) != tuple(current[k].shape)]
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape)}"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(current[k].shape)
+    ]
     if wrong:
         raise ConfigError(
             f"model.pretrained_video: {path} has {len(wrong)} tensors of the wrong shape "
             f"(check model.video_width / model.embed_dim), e.g. {wrong[:3]}"
         )
     target.load_state_dict(state, strict=True)
-    log.info("loaded pretrained video weights from %s into the %s", path,
-             "whole backbone" if target is backbone else "CNN body (projection freshly initialised)")
+    log.info(
+        "loaded pretrained video weights from %s into the %s",
+        path,
+        "whole backbone" if target is backbone else "CNN body (projection freshly initialised)",
+    )

@@ -46,7 +46,9 @@ class Fold:
             for b in SPLIT_NAMES[i + 1 :]:
                 both = set(getattr(self, a)) & set(getattr(self, b))
                 if both:
-                    raise StageError(f"fold {self.index}: subjects {sorted(both)[:5]} are in both {a} and {b}")
+                    raise StageError(
+                        f"fold {self.index}: subjects {sorted(both)[:5]} are in both {a} and {b}"
+                    )
 
     def to_dict(self) -> dict[str, object]:
         """The ``splits.json`` entry ``{"fold", "train", "val", "test"}``."""
@@ -61,7 +63,9 @@ def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
     return sorted(set(ids))
 
 
-def _carve_validation(rest: list[str], val_fraction: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+def _carve_validation(
+    rest: list[str], val_fraction: float, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
     chosen = set(rng.choice(np.asarray(rest, dtype=object), size=n_val, replace=False).tolist())
     return [s for s in rest if s not in chosen], sorted(chosen)
@@ -110,7 +114,9 @@ def subject_folds(
         groups = [[s] for s in subjects]
     elif isinstance(scheme, int) and not isinstance(scheme, bool) and scheme >= 2:
         if n < scheme:
-            raise ConfigError(f"train.folds={scheme}: subject {scheme}-fold needs at least {scheme} subjects, got {n}")
+            raise ConfigError(
+                f"train.folds={scheme}: subject {scheme}-fold needs at least {scheme} subjects, got {n}"
+            )
         order = np.random.default_rng(seed).permutation(n)
         groups = [[subjects[i] for i in part] for part in np.array_split(order, scheme)]
     else:
@@ -154,7 +160,9 @@ def load_folds(path: Path) -> list[Fold]:
     folds: list[Fold] = []
     for k, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"fold", *SPLIT_NAMES}:
-            raise StageError(f"splits file {path}: entry {k} must have exactly the keys fold, train, val, test")
+            raise StageError(
+                f"splits file {path}: entry {k} must have exactly the keys fold, train, val, test"
+            )
         index = entry["fold"]
         if not isinstance(index, int) or isinstance(index, bool):
             raise StageError(f"splits file {path}: entry {k}: 'fold' must be an integer, got {index!r}")
@@ -162,7 +170,9 @@ def load_folds(path: Path) -> list[Fold]:
         for name in SPLIT_NAMES:
             value = entry[name]
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise StageError(f"splits file {path}: fold {index}: {name!r} must be a list of subject ids (strings)")
+                raise StageError(
+                    f"splits file {path}: fold {index}: {name!r} must be a list of subject ids (strings)"
+                )
             parts[name] = tuple(value)
         try:
             folds.append(Fold(index=index, **parts))

@@ -186,7 +186,7 @@ def write_bio_csv(
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def media() -> SimpleNamespace:
     """The helpers above, for tests (the importlib import mode keeps test modules from importing each other)."""
     return SimpleNamespace(

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -19,18 +17,8 @@ def _centre(box) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    from conftest import face_video  # noqa: F401  (fixtures module; import for the helper)
-
-
-@pytest.fixture(scope="module")
-def face_clip_video(tmp_path_factory):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("features_conftest", Path(__file__).with_name("conftest.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    return helpers.face_video(tmp_path_factory.mktemp("faces") / "face.mp4", seconds=5.5)
+def face_clip_video(tmp_path_factory, media):
+    return media.face_video(tmp_path_factory.mktemp("faces") / "face.mp4", seconds=5.5)
 
 
 def test_tsn_sampling_takes_the_middle_of_each_segment():

@@ -75,9 +75,13 @@ def test_video_normalisation_and_layout():
     x[0, 1, ..., 1] = 51  # frame 1: green 0.2
     norm = backbone.normalise(x)
     assert norm.shape == (1, 3, 4, 16, 16)  # (B, 3, T, H, W)
-    torch.testing.assert_close(norm[0, 0], torch.full((4, 16, 16), (1.0 - KINETICS_MEAN[0]) / KINETICS_STD[0]))
+    torch.testing.assert_close(
+        norm[0, 0], torch.full((4, 16, 16), (1.0 - KINETICS_MEAN[0]) / KINETICS_STD[0])
+    )
     torch.testing.assert_close(norm[0, 2], torch.full((4, 16, 16), -KINETICS_MEAN[2] / KINETICS_STD[2]))
-    torch.testing.assert_close(norm[0, 1, 1], torch.full((16, 16), (0.2 - KINETICS_MEAN[1]) / KINETICS_STD[1]))
+    torch.testing.assert_close(
+        norm[0, 1, 1], torch.full((16, 16), (0.2 - KINETICS_MEAN[1]) / KINETICS_STD[1])
+    )
     torch.testing.assert_close(norm[0, 1, 0], torch.full((16, 16), -KINETICS_MEAN[1] / KINETICS_STD[1]))
 
 
@@ -160,8 +164,10 @@ def test_pretrained_video_wrong_files(tiny_config, tmp_path):
         cfg = tiny_config({"model.video_width": 6, "model.pretrained_video": str(wrong_width)})
         build_backbone("video", VIDEO, cfg.model)
     wrong_arch = tmp_path / "r3d.pt"
-    torch.save(build_backbone("video", VIDEO, tiny_config({"model.video_backbone": "r3d18"}).model).state_dict(),
-               wrong_arch)
+    torch.save(
+        build_backbone("video", VIDEO, tiny_config({"model.video_backbone": "r3d18"}).model).state_dict(),
+        wrong_arch,
+    )
     with pytest.raises(ConfigError, match="does not match the small3d"):
         build_backbone("video", VIDEO, tiny_config({"model.pretrained_video": str(wrong_arch)}).model)
     garbage = tmp_path / "garbage.pt"
@@ -169,7 +175,9 @@ def test_pretrained_video_wrong_files(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="not a readable"):
         build_backbone("video", VIDEO, tiny_config({"model.pretrained_video": str(garbage)}).model)
     with pytest.raises(ConfigError, match="does not exist"):
-        build_backbone("video", VIDEO, tiny_config({"model.pretrained_video": str(tmp_path / "nope.pt")}).model)
+        build_backbone(
+            "video", VIDEO, tiny_config({"model.pretrained_video": str(tmp_path / "nope.pt")}).model
+        )
     not_a_dict = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], not_a_dict)
     with pytest.raises(ConfigError, match="state_dict"):

@@ -17,7 +17,12 @@ def _gaussian(n: int, d: int, seed: int) -> torch.Tensor:
 def test_tnet_layout_and_shape():
     tnet = TNet(512, [256, 128, 256])
     linears = [m for m in tnet.layers if isinstance(m, nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(512, 256), (256, 128), (128, 256), (256, 512)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (512, 256),
+        (256, 128),
+        (128, 256),
+        (256, 512),
+    ]
     assert sum(isinstance(m, nn.ReLU) for m in tnet.layers) == 3
     out = tnet(torch.randn(4, 512))
     assert out.shape == (4, 512)
@@ -27,8 +32,13 @@ def test_tnet_layout_and_shape():
 
 
 def test_build_tnets_one_per_privileged_modality(tiny_config):
-    cfg = tiny_config({"data.dataset": "table", "data.student_modalities": ["face"],
-                       "data.privileged_modalities": ["eda", "ecg"]})
+    cfg = tiny_config(
+        {
+            "data.dataset": "table",
+            "data.student_modalities": ["face"],
+            "data.privileged_modalities": ["eda", "ecg"],
+        }
+    )
     tnets = build_tnets(cfg, seed=0)
     assert sorted(tnets) == ["ecg", "eda"]
     assert all(t.dim == 16 and t.hidden == [8, 4, 8] for t in tnets.values())

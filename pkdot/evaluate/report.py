@@ -1,0 +1,512 @@
+"""Stage 5: evaluate a run directory — metrics per fold and seed, confidence intervals, paired comparisons,
+figures, ``report.md`` and ``summary.json``.
+
+Reads (docs/interfaces.md) ``RUN/teacher/fold-k/seed-s/{predictions.parquet, history.json}`` and
+``RUN/student/<loss>/fold-k/seed-s/{predictions.parquet, history.json}``; writes ``RUN/report/``:
+
+- ``report.md``: dataset/task/preset, the table (mean ± std and 95 % CI over folds x seeds), each
+  distillation loss against ``student-none`` (paired by fold and seed), teacher vs unimodal models, figures,
+  the config hash;
+- ``summary.json``: the same numbers, machine-readable (NaN written as null);
+- ``per_fold.csv``: one row per (model, fold, seed);
+- PNG figures (:mod:`pkdot.evaluate.plots`).
+
+Everything is first written into a temporary folder inside ``RUN/report`` and then renamed file by file,
+so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pkdot.config import RunConfig
+from pkdot.errors import StageError
+from pkdot.evaluate.aggregate import (
+    BASELINE_STUDENT,
+    aggregate,
+    collect_predictions,
+    paired_table,
+    primary_metric,
+)
+from pkdot.evaluate.plots import (
+    plot_confusion_matrices,
+    plot_embedding_map,
+    plot_learning_curves,
+    plot_metric_bars,
+    plot_structure,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIDENCE_LEVEL = 0.95
+PKDOT_STUDENT = "student-pkdot"
+
+
+@dataclass
+class EvaluationSummary:
+    """What :func:`evaluate_run` computed and wrote.
+
+    Attributes
+    ----------
+    table : DataFrame
+        One row per model: model, metric, mean, std, ci_low, ci_high, n (folds x seeds), plus
+        ``macro_f1_mean``/``macro_f1_std`` (classification) or ``rmse_mean`` (regression).
+    paired : DataFrame
+        One row per student loss vs ``student-none``: mean_diff, std_diff, ci_low, ci_high, n, p_value.
+    per_fold : DataFrame
+        model, fold, seed, n_samples and the metrics of each run.
+    report_path : Path
+        ``RUN/report/report.md``.
+    plots : list of Path
+        The PNG files written.
+    best_student : str or None
+        The student with the highest mean test metric (None when the run has no student).
+    teacher_vs_unimodal : DataFrame
+        ``teacher`` minus each ``unimodal-<modality>``, paired by fold and seed (same columns as ``paired``).
+    notes : list of str
+        Figures that could not be drawn, and why.
+    """
+
+    table: pd.DataFrame
+    paired: pd.DataFrame
+    per_fold: pd.DataFrame
+    report_path: Path
+    plots: list[Path]
+    best_student: str | None
+    teacher_vs_unimodal: pd.DataFrame = field(default_factory=pd.DataFrame)
+    summary_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- histories -----------------------------------------------------------------------------------------------
+def _history_runs(doc: dict[str, Any], default_model: str, path: Path) -> dict[str, list[dict[str, float]]]:
+    """``history.json`` -> {model: epoch records}. Per-phase files (``phases``) name their models; otherwise
+    the top-level ``epochs`` belong to ``default_model``."""
+    if not isinstance(doc, dict):
+        raise StageError(f"{path}: expected a JSON object with 'epochs' (docs/interfaces.md)")
+    phases = doc.get("phases")
+    if isinstance(phases, dict) and phases:
+        out = {}
+        for name, phase in phases.items():
+            epochs = phase.get("epochs") if isinstance(phase, dict) else None
+            if not isinstance(epochs, list):
+                raise StageError(f"{path}: phases.{name}.epochs must be a list of epoch records")
+            out[name] = epochs
+        return out
+    epochs = doc.get("epochs")
+    if not isinstance(epochs, list):
+        raise StageError(f"{path}: expected 'epochs' (a list of epoch records) or 'phases'")
+    return {default_model: epochs}
+
+
+def collect_histories(run_dir: Path, models: list[str]) -> dict[str, list[list[dict[str, float]]]]:
+    """Learning curves of the run: {model: [epoch records of each (fold, seed)]}, for ``models`` only."""
+    run_dir = Path(run_dir)
+    found: dict[str, list[list[dict[str, float]]]] = {}
+    files = [(p, "teacher") for p in sorted((run_dir / "teacher").glob("fold-*/seed-*/history.json"))]
+    files += [
+        (p, f"student-{p.parents[2].name}")
+        for p in sorted((run_dir / "student").glob("*/fold-*/seed-*/history.json"))
+    ]
+    for path, default_model in files:
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise StageError(f"{path}: not valid JSON ({exc})") from exc
+        for model, epochs in _history_runs(doc, default_model, path).items():
+            if model in models:
+                for rec in epochs:
+                    if not isinstance(rec, dict) or "epoch" not in rec:
+                        raise StageError(f"{path}: every epoch record of {model!r} needs an 'epoch' field")
+                found.setdefault(model, []).append(epochs)
+    return {m: found[m] for m in models if m in found}
+
+
+# ---- embeddings ----------------------------------------------------------------------------------------------
+def _embedding_student(models: list[str]) -> str | None:
+    students = [m for m in models if m.startswith("student-")]
+    if PKDOT_STUDENT in students:
+        return PKDOT_STUDENT
+    return students[0] if students else None
+
+
+def matched_test_embeddings(
+    pred: pd.DataFrame, teacher: str, student: str
+) -> tuple[pd.DataFrame, tuple[int, int]]:
+    """Test rows of ``teacher`` and ``student`` for the first (fold, seed) both have, matched by sample_id.
+
+    Returns a frame with ``sample_id``, ``y_true``, ``teacher_embedding``, ``student_embedding`` (sorted by
+    label, then sample id) and the (fold, seed) used. Raises :class:`StageError` when nothing matches.
+    """
+    test = pred[pred["split"] == "test"]
+    t_runs = set(
+        map(tuple, test.loc[test["model"] == teacher, ["fold", "seed"]].drop_duplicates().to_numpy())
+    )
+    s_runs = set(
+        map(tuple, test.loc[test["model"] == student, ["fold", "seed"]].drop_duplicates().to_numpy())
+    )
+    common = sorted(t_runs & s_runs)
+    if not common:
+        raise StageError(f"{teacher} and {student} have no (fold, seed) with test predictions in common")
+    fold, seed = (int(v) for v in common[0])
+    sel = test[(test["fold"] == fold) & (test["seed"] == seed)]
+    t = sel[sel["model"] == teacher][["sample_id", "y_true", "embedding"]]
+    s = sel[sel["model"] == student][["sample_id", "embedding"]]
+    merged = t.merge(s, on="sample_id", suffixes=("_teacher", "_student"))
+    if merged.empty:
+        raise StageError(f"{teacher} and {student} share no test sample ids in fold {fold} seed {seed}")
+    merged = merged.rename(
+        columns={"embedding_teacher": "teacher_embedding", "embedding_student": "student_embedding"}
+    )
+    return merged.sort_values(["y_true", "sample_id"], ignore_index=True), (fold, seed)
+
+
+def _stack(column: pd.Series, what: str) -> np.ndarray:
+    rows = [np.asarray(v, dtype=np.float32) for v in column]
+    lengths = {r.shape for r in rows}
+    if len(lengths) != 1 or rows[0].ndim != 1 or rows[0].size == 0:
+        raise StageError(
+            f"{what}: embeddings must be non-empty vectors of one length, got shapes {sorted(lengths)}"
+        )
+    return np.stack(rows)
+
+
+# ---- formatting ----------------------------------------------------------------------------------------------
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _fmt_signed(x: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame -> JSON-ready records (numpy scalars to Python, NaN to None)."""
+    out = []
+    for rec in df.to_dict("records"):
+        clean = {}
+        for k, v in rec.items():
+            if isinstance(v, np.generic):
+                v = v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                v = None
+            clean[str(k)] = v
+        out.append(clean)
+    return out
+
+
+def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
+    """One sentence stating PKDOT's measured difference to ``student-none`` and whether its CI excludes 0."""
+    row = paired[paired["model"] == PKDOT_STUDENT]
+    if row.empty:
+        return f"PKDOT was not compared with `{BASELINE_STUDENT}` in this run (one of them is missing)."
+    r = row.iloc[0]
+    if int(r["n"]) == 0 or math.isnan(float(r["mean_diff"])):
+        return (
+            f"PKDOT and `{BASELINE_STUDENT}` share no (fold, seed) run, so no paired difference was measured."
+        )
+    diff, low, high, n = float(r["mean_diff"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n"])
+    if n == 1:
+        verdict = "with a single run there is no interval, so this is not evidence either way"
+    elif low > 0:
+        verdict = "the interval excludes 0: a gain for PKDOT"
+    elif high < 0:
+        verdict = "the interval excludes 0: PKDOT is worse than no distillation here"
+    else:
+        verdict = "the interval includes 0: no significant difference in this run"
+    return (
+        f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student trained "
+        f"without distillation (95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], paired t-test "
+        f"p = {_fmt_p(float(r['p_value']))}, n = {n} fold x seed runs); {verdict}."
+    )
+
+
+def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[str], n_files: int) -> str:
+    """The Markdown text of ``report.md``."""
+    regression = cfg.data.is_regression
+    metric = primary_metric(regression)
+    table = summary.table
+    folds = cfg.train.folds
+    evaluated_folds = sorted(set(summary.per_fold["fold"]))
+    lines = [
+        f"# PKDOT evaluation: {cfg.name}",
+        "",
+        f"- Dataset: **{cfg.data.dataset}**"
+        + (f" (part {cfg.data.part})" if cfg.data.dataset == "biovid" else "")
+        + f"; task: **{cfg.data.task}** ("
+        + (
+            "regression, metric CCC"
+            if regression
+            else f"classification, {cfg.data.num_outputs} classes, metric accuracy and macro-F1"
+        )
+        + ")",
+        f"- Preset: `{cfg.preset}`; folds: {folds} (evaluated: {len(evaluated_folds)}); seeds: {cfg.train.seeds}",
+        f"- Modalities: student {cfg.data.student_modalities}, privileged (teacher only) "
+        f"{cfg.data.privileged_modalities}",
+        f"- Config hash: `{cfg.section_hash()}`",
+        f"- Source: {n_files} predictions files; every score is computed on the test subjects of one (fold, seed) "
+        f"run, then averaged over runs (n = runs).",
+        "",
+        f"## Test {metric} per model (mean ± std over runs, {int(CONFIDENCE_LEVEL * 100)}% Student-t CI)",
+        "",
+    ]
+    header = ["model", f"{metric} mean ± std", "95% CI"]
+    header += ["RMSE mean"] if regression else ["macro-F1 mean ± std"]
+    header += ["n"]
+    rows = []
+    for _, r in table.iterrows():
+        row = [
+            f"`{r['model']}`",
+            f"{_fmt(r['mean'])} ± {_fmt(r['std'])}",
+            f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
+        ]
+        row += (
+            [_fmt(r["rmse_mean"])]
+            if regression
+            else [f"{_fmt(r['macro_f1_mean'])} ± {_fmt(r['macro_f1_std'])}"]
+        )
+        row += [str(int(r["n"]))]
+        rows.append(row)
+    lines += [_md_table(header, rows), ""]
+
+    lines += [f"## Distillation losses vs. `{BASELINE_STUDENT}` (paired by fold and seed)", ""]
+    if summary.paired.empty:
+        lines += [f"No comparison: the run has no `{BASELINE_STUDENT}` or no other student.", ""]
+    else:
+        prow = [
+            [
+                f"`{r['model']}`",
+                _fmt_signed(float(r["mean_diff"]), 4),
+                f"[{_fmt_signed(float(r['ci_low']), 4)}, {_fmt_signed(float(r['ci_high']), 4)}]",
+                _fmt_p(float(r["p_value"])),
+                str(int(r["n"])),
+            ]
+            for _, r in summary.paired.iterrows()
+        ]
+        lines += [_md_table(["student", f"Δ {metric}", "95% CI", "p (paired t)", "n"], prow), ""]
+    lines += [pkdot_sentence(summary.paired, metric), ""]
+
+    lines += ["## Teacher vs. unimodal models", ""]
+    tv = summary.teacher_vs_unimodal
+    if tv.empty:
+        lines += ["The run has no teacher and unimodal predictions to compare.", ""]
+    else:
+        trow = [
+            [
+                f"`teacher` − `{r['baseline']}`",
+                _fmt_signed(float(r["mean_diff"]), 4),
+                f"[{_fmt_signed(float(r['ci_low']), 4)}, {_fmt_signed(float(r['ci_high']), 4)}]",
+                _fmt_p(float(r["p_value"])),
+                str(int(r["n"])),
+            ]
+            for _, r in tv.iterrows()
+        ]
+        lines += [_md_table(["comparison", f"Δ {metric}", "95% CI", "p (paired t)", "n"], trow), ""]
+        lines += [
+            "The teacher sees the privileged modalities; the unimodal models are the teacher's backbones "
+            "trained alone (the first phase of the teacher stage).",
+            "",
+        ]
+
+    if summary.best_student is not None:
+        best = table[table["model"] == summary.best_student].iloc[0]
+        lines += [
+            "## Best student",
+            "",
+            f"Highest mean test {metric}: `{summary.best_student}` ({_fmt(best['mean'])}). "
+            "(The registered model's fold and seed are chosen on validation subjects, not on this number.)",
+            "",
+        ]
+
+    lines += ["## Figures", ""]
+    titles = {
+        "metric_bars.png": "Test metric with confidence intervals",
+        "confusion_matrices.png": "Confusion matrices",
+        "learning_curves.png": "Learning curves",
+        "structure.png": "Teacher vs student similarity structure and OT plan",
+        "embeddings.png": "Embedding map (PCA)",
+    }
+    for name in plot_names:
+        lines += [f"### {titles.get(name, name)}", "", f"![{titles.get(name, name)}]({name})", ""]
+    for note in summary.notes:
+        lines += [f"- Not drawn: {note}"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------
+def _draw_plots(
+    cfg: RunConfig, pred: pd.DataFrame, table: pd.DataFrame, out: Path, run_dir: Path, notes: list[str]
+) -> list[Path]:
+    regression = cfg.data.is_regression
+    models = list(table["model"])
+    plots = [plot_metric_bars(table, out / "metric_bars.png")]
+    if not regression:
+        plots.append(
+            plot_confusion_matrices(pred, cfg.data.num_outputs, out / "confusion_matrices.png", models=models)
+        )
+    histories = collect_histories(run_dir, models)
+    if histories:
+        plots.append(
+            plot_learning_curves(histories, out / "learning_curves.png", metric=primary_metric(regression))
+        )
+    else:
+        notes.append("learning curves (no history.json files)")
+    student = _embedding_student(models)
+    if "teacher" not in models or student is None:
+        notes.append("similarity structure and embedding map (need teacher and student predictions)")
+        return plots
+    try:
+        matched, (fold, seed) = matched_test_embeddings(pred, "teacher", student)
+        teacher_emb = _stack(matched["teacher_embedding"], "teacher test embeddings")
+        student_emb = _stack(matched["student_embedding"], f"{student} test embeddings")
+    except StageError as exc:
+        notes.append(f"similarity structure and embedding map ({exc})")
+        return plots
+    labels = matched["y_true"].to_numpy()
+    batch = min(cfg.train.batch_size, len(matched))
+    if batch < 2:
+        notes.append(
+            f"similarity structure (fold {fold} seed {seed} has {len(matched)} matched test samples)"
+        )
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        idx = np.sort(rng.choice(len(matched), size=batch, replace=False))  # rows stay sorted by label
+        plots.append(
+            plot_structure(
+                teacher_emb[idx],
+                student_emb[idx],
+                out / "structure.png",
+                labels=None if regression else labels[idx],
+                student_name=student,
+                k=cfg.distill.k,
+                anchors=cfg.distill.anchors,
+                blur=cfg.distill.blur,
+                scaling=cfg.distill.scaling,
+            )
+        )
+    if len(matched) >= 2:
+        plots.append(
+            plot_embedding_map(
+                {"teacher": teacher_emb, student: student_emb},
+                labels,
+                out / "embeddings.png",
+                regression=regression,
+                seed=cfg.seed,
+            )
+        )
+    return plots
+
+
+def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSummary:
+    """Evaluate every model of a run and write ``RUN/report/``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        ``data`` (task: regression or classification, number of classes), ``train`` (batch size of the
+        structure figure), ``distill`` (k, anchors, blur, scaling of the OT plan), ``seed``.
+    run_dir : Path, optional
+        Default ``cfg.run_dir``.
+
+    Returns
+    -------
+    EvaluationSummary
+    """
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    regression = cfg.data.is_regression
+    num_classes = cfg.data.num_outputs
+    pred = collect_predictions(run_dir)
+    n_files = int(pred["source"].nunique())
+    per_fold, table, paired = aggregate(
+        pred, regression=regression, num_classes=num_classes, level=CONFIDENCE_LEVEL
+    )
+    metric = primary_metric(regression)
+    models = list(table["model"])
+    unimodal = [m for m in models if m.startswith("unimodal-")]
+    if "teacher" in models and unimodal:
+        teacher_vs_unimodal = pd.concat(
+            [
+                paired_table(per_fold, metric=metric, models=["teacher"], baseline=u, level=CONFIDENCE_LEVEL)
+                for u in unimodal
+            ],
+            ignore_index=True,
+        )
+    else:
+        teacher_vs_unimodal = paired_table(per_fold, metric=metric, models=[], baseline="teacher")
+    students = table[table["model"].str.startswith("student-")]
+    best_student = None if students.empty else str(students.loc[students["mean"].idxmax(), "model"])
+
+    report_dir = run_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=report_dir))
+    notes: list[str] = []
+    try:
+        staged_plots = _draw_plots(cfg, pred, table, staging, run_dir, notes)
+        summary = EvaluationSummary(
+            table=table,
+            paired=paired,
+            per_fold=per_fold,
+            report_path=report_dir / "report.md",
+            plots=[report_dir / p.name for p in staged_plots],
+            best_student=best_student,
+            teacher_vs_unimodal=teacher_vs_unimodal,
+            summary_path=report_dir / "summary.json",
+            notes=notes,
+        )
+        plot_names = [p.name for p in staged_plots]
+        (staging / "report.md").write_text(render_report(cfg, summary, plot_names, n_files))
+        summary_doc = {
+            "name": cfg.name,
+            "dataset": cfg.data.dataset,
+            "task": cfg.data.task,
+            "preset": cfg.preset,
+            "regression": regression,
+            "metric": metric,
+            "confidence_level": CONFIDENCE_LEVEL,
+            "config_hash": cfg.section_hash(),
+            "best_student": best_student,
+            "table": _records(table),
+            "paired": _records(paired),
+            "teacher_vs_unimodal": _records(teacher_vs_unimodal),
+            "plots": plot_names,
+            "notes": notes,
+            "predictions_files": n_files,
+        }
+        (staging / "summary.json").write_text(json.dumps(summary_doc, indent=1, allow_nan=False))
+        per_fold.to_csv(staging / "per_fold.csv", index=False)
+        written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
+        for name in sorted(written):
+            os.replace(staging / name, report_dir / name)
+        for stale in report_dir.glob("*.png"):
+            if stale.name not in written:
+                logger.info("removing %s (not produced by this evaluation)", stale)
+                stale.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("report: %s (best student: %s)", summary.report_path, best_student)
+    return summary
