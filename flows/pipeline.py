@@ -209,8 +209,8 @@ def build_config(
 
     The named parameters are shorthands for dotted overrides: ``dataset`` -> ``data.dataset``, ``root`` ->
     ``data.root``, ``losses`` -> ``distill.losses``, ``folds`` -> ``train.max_folds`` (run only the first N
-    folds), ``seed`` -> ``seed``, ``run_dir`` -> ``run_dir``. Giving the same key both ways with different
-    values raises :class:`ConfigError` rather than silently preferring one.
+    folds), ``seed`` -> ``seed``, ``run_dir`` -> ``run_dir`` (made absolute). Giving the same key both ways
+    with different values raises :class:`ConfigError` rather than silently preferring one.
     """
     merged: dict[str, Any] = dict(overrides or {})
     named = {
@@ -230,7 +230,9 @@ def build_config(
                 f"and {value!r} as a flow parameter"
             )
         merged[key] = value
-    return load_config(config_path, preset=preset, overrides=merged)
+    cfg = load_config(config_path, preset=preset, overrides=merged)
+    # Absolute, so that every process of the run (Ray workers on other nodes too) sees the same directory.
+    return cfg.model_copy(update={"run_dir": Path(cfg.run_dir).resolve()})
 
 
 def _mlflow_run_link(tracking_uri: str, run_id: str) -> tuple[str, str]:

@@ -87,8 +87,9 @@ def _reset(path: Path) -> None:
 # ---- run preparation -------------------------------------------------------------------------------------
 def prepare_run(cfg: RunConfig) -> RunConfig:
     """Make the run directory, write config.yaml, and generate the synthetic set when no root is given."""
-    run_dir = _run_dir(cfg)
+    run_dir = _run_dir(cfg).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"run_dir": run_dir})
     if cfg.data.root is None:
         if cfg.data.dataset == "table":
             raise StageError("data.root: a bring-your-own table run needs --root FILE.parquet")
@@ -380,6 +381,7 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
     details: dict[str, Any] = {"mlflow_run_id": tracker.parent_run_id(), "evaluate_run_id": eval_run_id,
                                "tracking_uri": resolve_tracking_uri(cfg)}
     if not cfg.tracking.register_model or summary.best_student is None:
+        tracker.finish_parent("FINISHED")
         return details
     loss = summary.best_student.removeprefix("student-")
     fold, seed = _best_student_job(cfg, loss)
@@ -387,7 +389,7 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
 
     student, shapes = load_trained_student(cfg, loss, fold, seed)
     video = cfg.data.student_modalities[0]
-    example = np.zeros((1, *shapes[video]), dtype=np.uint8 if video == "video" else np.float32)
+    example = np.zeros((2, *shapes[video]), dtype=np.uint8 if video == "video" else np.float32)
     row = table[table["model"] == summary.best_student].iloc[0]
     reg = tracker.register_student(
         student, example, metric_name=str(row["metric"]), metric_value=float(row["mean"]), higher_is_better=True,
@@ -395,6 +397,7 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
     )
     details.update({"model_name": reg.name, "model_version": str(reg.version), "alias": reg.alias,
                     "registered_loss": loss, "registered_fold": fold, "registered_seed": seed})
+    tracker.finish_parent("FINISHED")
     return details
 
 

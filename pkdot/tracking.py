@@ -227,8 +227,8 @@ def _output_arrays(out: Any, where: str, prefix: str = "") -> dict[str, np.ndarr
                 visit(v, f"{key}.{i}" if key else f"output_{i}")
         else:
             raise StageError(
-                f"{where}: output {key or '<root>'} is a {type(value).__name__}; expected tensors in a tensor, "
-                "dict, tuple or dataclass"
+                f"{where}: output {key or '<root>'} is a {type(value).__name__}; "
+                "expected tensors in a tensor, dict, tuple or dataclass"
             )
 
     visit(out, prefix)
@@ -315,6 +315,12 @@ class Tracker:
                 return run_id
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        """Mark the parent run ended (FINISHED, FAILED or KILLED); call once, at the end of the pipeline."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise StageError(f"finish_parent: status must be FINISHED, FAILED or KILLED, got {status!r}")
+        self.client.set_terminated(self.parent_run_id(), status)
 
     def _read_parent_file(self, path: Path) -> str | None:
         if not path.exists():
@@ -442,6 +448,11 @@ class Tracker:
         if CHAMPION not in registered.aliases:
             return None
         mv = self.client.get_model_version_by_alias(name, CHAMPION)
+        if not mv.run_id:
+            raise StageError(
+                f"registered model {name!r}: champion version {mv.version} has no MLflow run to read "
+                f"{metric_name!r} from (registered outside pkdot?)"
+            )
         run = self.client.get_run(mv.run_id)
         if metric_name not in run.data.metrics:
             raise StageError(
@@ -592,11 +603,14 @@ def model_config_path(model_uri: str, tracking_uri: str | None = None) -> Path:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name, version, alias = _split_model_uri(model_uri)
     try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, str(version))
+        if not mv.run_id:
+            raise StageError(
+                f"{model_uri!r} (version {mv.version}) has no MLflow run holding its config.yaml"
+            )
         dst = Path(tempfile.mkdtemp(prefix="pkdot-model-config-"))
         local = client.download_artifacts(mv.run_id, "config.yaml", str(dst))
     except MlflowException as exc:

@@ -158,6 +158,11 @@ def test_parent_and_stage_runs(cfg):
     assert len(client.get_metric_history(stage_id, "train_loss")) == 3
     assert srun.data.metrics["best_epoch"] == 3 and srun.data.tags["pkdot.val_metric"] == "accuracy"
     assert client.get_run(failed_id).info.status == "FAILED"
+    assert prun.info.status == "RUNNING"
+    tracker.finish_parent()
+    assert client.get_run(parent).info.status == "FINISHED"
+    with pytest.raises(StageError, match="status"):
+        tracker.finish_parent("DONE")
 
 
 def test_bad_inputs_raise_stage_errors(cfg):

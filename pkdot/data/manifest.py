@@ -15,7 +15,9 @@ Columns (Parquet, schema :data:`MANIFEST_SCHEMA`):
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pkdot.errors import DatasetError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -82,3 +86,30 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if missing:
         raise DatasetError(f"manifest {path}: missing columns {missing} (expected {MANIFEST_SCHEMA.names})")
     return table.to_pandas()
+
+
+@dataclass
+class ManifestResult:
+    """What an adapter returns: the manifest rows and the samples it skipped (``data.skip_bad``).
+
+    ``skipped`` holds ``{"path": str, "sample_id": str | None, "reason": str}`` per skipped sample.
+    """
+
+    frame: pd.DataFrame
+    skipped: list[dict] = field(default_factory=list)
+
+
+class BadSamples:
+    """Raise :class:`DatasetError` on a bad sample, or record it and go on when ``skip_bad`` is set."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.skipped: list[dict] = []
+
+    def bad(self, path: str | Path, sample_id: str | None, reason: str) -> None:
+        """Report one bad sample (``reason`` says what was expected); raises unless ``skip_bad``."""
+        if not self.skip_bad:
+            where = f"{path}" + (f" (sample {sample_id!r})" if sample_id is not None else "")
+            raise DatasetError(f"{where}: {reason}")
+        logger.warning("skipping %s%s: %s", path, f" (sample {sample_id!r})" if sample_id else "", reason)
+        self.skipped.append({"path": str(path), "sample_id": sample_id, "reason": reason})

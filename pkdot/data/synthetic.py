@@ -317,7 +317,7 @@ def _write_biovid(
 ) -> None:
     rng = np.random.default_rng([seed, 1])
     names = _subject_names(rng, subjects)
-    expressiveness = _spread(rng, subjects, 0.0, 1.0) ** 1.7  # skewed low: many faces say little
+    expressiveness = _spread(rng, subjects, 0.0, 1.0) ** 2.0  # skewed low: many faces say little
     reactivity = _spread(rng, subjects, 0.4, 1.0)
     n_frames = int(round(BIOVID_SECONDS * fps))
     n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
@@ -350,7 +350,7 @@ def _write_biovid(
                 sample_name = f"{name}-{class_name}-{position + 1:03d}"
                 prng = np.random.default_rng([seed, 3, s_idx, int(idx)])
                 onset = float(prng.uniform(0.8, 1.8))
-                intensity = look.expressiveness * FACE_LEVEL[class_id] * float(prng.lognormal(0.0, 0.4))
+                intensity = look.expressiveness * FACE_LEVEL[class_id] * float(prng.lognormal(0.0, 0.5))
                 t = np.arange(n_frames) / fps
                 ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
                 ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))

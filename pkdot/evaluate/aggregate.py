@@ -4,7 +4,8 @@ Every model (``teacher``, ``unimodal-<modality>``, ``student-<loss>``) is traine
 model has :math:`n = \text{folds} \times \text{seeds}` test scores :math:`x_1..x_n` (one per run, computed
 on that run's test subjects). The table reports
 
-.. math:: \bar x \pm t_{1-\alpha/2,\,n-1}\, \frac{s}{\sqrt n}, \qquad s^2 = \frac{1}{n-1}\sum_i (x_i - \bar x)^2,
+.. math:: \bar x \pm t_{1-\alpha/2,\,n-1}\, \frac{s}{\sqrt n},
+          \qquad s^2 = \frac{1}{n-1}\sum_i (x_i - \bar x)^2,
 
 and each distillation loss is compared with the student trained without distillation (``student-none``)
 *paired by (fold, seed)*: both saw the same subjects and the same seed, so the differences
@@ -76,7 +77,8 @@ def _check_level(level: float) -> None:
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
     r"""Mean, standard deviation and a Student-t confidence interval of the mean.
 
-    .. math:: \text{ci} = \bar x \mp t_{(1+\text{level})/2,\,n-1} \cdot s / \sqrt n, \quad s \text{ with ddof}=1.
+    .. math:: \text{ci} = \bar x \mp t_{(1+\text{level})/2,\,n-1} \cdot s / \sqrt n,
+              \quad s \text{ with ddof}=1.
 
     Parameters
     ----------
@@ -115,7 +117,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
 
     Conventions: with ``n == 1`` the p-value is NaN (no test is possible) and the interval is
     ``(d, d)``; when every difference is the same value (``s_d = 0``) the p-value is 0 if that value is
-    non-zero and 1 if it is zero (equal up to a relative 1e-12; the limits of the t-test as the spread goes to 0).
+    non-zero and 1 if it is zero (equal up to a relative 1e-12; the limits of the t-test as the spread
+    goes to 0).
 
     Raises
     ------
@@ -140,7 +143,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     return {"mean_diff": mean, "std_diff": std, "ci_low": low, "ci_high": high, "n": n, "p_value": p_value}
 
 
-# ---- predictions ---------------------------------------------------------------------------------------------
+# ---- predictions -------------------------------------------------------------------------------------------
 def prediction_files(run_dir: Path) -> list[Path]:
     """Every ``predictions*.parquet`` under ``RUN/teacher/`` and ``RUN/student/`` (sorted)."""
     run_dir = Path(run_dir)
@@ -190,9 +193,11 @@ def collect_predictions(run_dir: Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     files = prediction_files(run_dir)
     if not files:
+        teacher_files = run_dir / "teacher" / "fold-<k>" / "seed-<s>" / "predictions.parquet"
+        student_files = run_dir / "student" / "<loss>" / "fold-<k>" / "seed-<s>" / "predictions.parquet"
         raise StageError(
-            f"no predictions under {run_dir}: expected {run_dir}/teacher/fold-<k>/seed-<s>/predictions.parquet and "
-            f"{run_dir}/student/<loss>/fold-<k>/seed-<s>/predictions.parquet (run the teacher and distill stages)"
+            f"no predictions under {run_dir}: expected {teacher_files} and {student_files} "
+            "(run the teacher and distill stages)"
         )
     pred = pd.concat([_read_predictions(p) for p in files], ignore_index=True)
     key = ["model", "fold", "seed", "split", "sample_id"]
@@ -201,7 +206,8 @@ def collect_predictions(run_dir: Path) -> pd.DataFrame:
         row = pred.loc[dup].iloc[0]
         sources = sorted(set(pred.loc[dup & (pred["model"] == row["model"]), "source"]))
         raise StageError(
-            f"predictions of model {row['model']!r} fold {row['fold']} seed {row['seed']} split {row['split']} "
+            f"predictions of model {row['model']!r} fold {row['fold']} seed {row['seed']} "
+            f"split {row['split']} "
             f"list sample {row['sample_id']!r} more than once (files {sources})"
         )
     logger.info(
@@ -227,7 +233,7 @@ def order_models(models: Sequence[str]) -> list[str]:
     return sorted(set(models), key=rank)
 
 
-# ---- aggregation ---------------------------------------------------------------------------------------------
+# ---- aggregation -------------------------------------------------------------------------------------------
 def per_fold_metrics(
     pred: pd.DataFrame, *, regression: bool, num_classes: int, split: str = "test"
 ) -> pd.DataFrame:

@@ -80,7 +80,9 @@ def plot_confusion_matrices(
     if len(names) != num_classes:
         raise StageError(f"plot_confusion_matrices: {len(names)} class names for {num_classes} classes")
     rows, cols = _grid(len(models))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[len(models) :]:
         ax.axis("off")
     for ax, model in zip(axes.flat, models, strict=False):
@@ -194,7 +196,7 @@ def plot_structure(
         plan = structure_plan(s, t, k=k, anchors=anchors, blur=blur, scaling=scaling).numpy()
     batch = t.shape[0]
     diagonal_mass = float(np.trace(plan))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
     panels = [
         (clouds.teacher_sim.numpy(), "teacher: cosine similarity (shifted)", "viridis"),
         (clouds.student_sim.numpy(), f"{student_name}: cosine similarity (shifted)", "viridis"),
@@ -203,7 +205,7 @@ def plot_structure(
     for ax, (matrix, title, cmap) in zip(axes, panels, strict=True):
         im = ax.imshow(matrix, cmap=cmap)
         ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.colorbar(im, ax=ax, shrink=0.8)
         if labels is not None:
             lab = np.asarray(labels)
             edges = np.flatnonzero(lab[1:] != lab[:-1]) + 0.5
@@ -234,7 +236,9 @@ def plot_embedding_map(
     if not embeddings:
         raise StageError("plot_embedding_map: no embeddings")
     labels = np.asarray(labels)
-    fig, axes = plt.subplots(1, len(embeddings), figsize=(4.6 * len(embeddings), 4.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(embeddings), figsize=(4.8 * len(embeddings), 4.3), squeeze=False, layout="constrained"
+    )
     for ax, (name, emb) in zip(axes.flat, embeddings.items(), strict=True):
         x = np.asarray(emb, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] != labels.shape[0] or x.shape[0] < 2:
@@ -249,7 +253,7 @@ def plot_embedding_map(
             xy = np.column_stack([xy[:, 0], np.zeros(len(xy))])
         if regression:
             sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.astype(float), cmap="coolwarm", s=14)
-            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04)
+            fig.colorbar(sc, ax=ax, shrink=0.8)
         else:
             for c in np.unique(labels):
                 mask = labels == c

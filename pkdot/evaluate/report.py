@@ -89,7 +89,7 @@ class EvaluationSummary:
     notes: list[str] = field(default_factory=list)
 
 
-# ---- histories -----------------------------------------------------------------------------------------------
+# ---- histories ---------------------------------------------------------------------------------------------
 def _history_runs(doc: dict[str, Any], default_model: str, path: Path) -> dict[str, list[dict[str, float]]]:
     """``history.json`` -> {model: epoch records}. Per-phase files (``phases``) name their models; otherwise
     the top-level ``epochs`` belong to ``default_model``."""
@@ -133,7 +133,7 @@ def collect_histories(run_dir: Path, models: list[str]) -> dict[str, list[list[d
     return {m: found[m] for m in models if m in found}
 
 
-# ---- embeddings ----------------------------------------------------------------------------------------------
+# ---- embeddings --------------------------------------------------------------------------------------------
 def _embedding_student(models: list[str]) -> str | None:
     students = [m for m in models if m.startswith("student-")]
     if PKDOT_STUDENT in students:
@@ -182,7 +182,7 @@ def _stack(column: pd.Series, what: str) -> np.ndarray:
     return np.stack(rows)
 
 
-# ---- formatting ----------------------------------------------------------------------------------------------
+# ---- formatting --------------------------------------------------------------------------------------------
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -240,7 +240,8 @@ def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
     else:
         verdict = "the interval includes 0: no significant difference in this run"
     return (
-        f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student trained "
+        f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student "
+        "trained "
         f"without distillation (95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], paired t-test "
         f"p = {_fmt_p(float(r['p_value']))}, n = {n} fold x seed runs); {verdict}."
     )
@@ -265,11 +266,13 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             else f"classification, {cfg.data.num_outputs} classes, metric accuracy and macro-F1"
         )
         + ")",
-        f"- Preset: `{cfg.preset}`; folds: {folds} (evaluated: {len(evaluated_folds)}); seeds: {cfg.train.seeds}",
+        f"- Preset: `{cfg.preset}`; folds: {folds} (evaluated: {len(evaluated_folds)}); "
+        f"seeds: {cfg.train.seeds}",
         f"- Modalities: student {cfg.data.student_modalities}, privileged (teacher only) "
         f"{cfg.data.privileged_modalities}",
         f"- Config hash: `{cfg.section_hash()}`",
-        f"- Source: {n_files} predictions files; every score is computed on the test subjects of one (fold, seed) "
+        f"- Source: {n_files} predictions files; every score is computed on the test subjects of one "
+        "(fold, seed) "
         f"run, then averaged over runs (n = runs).",
         "",
         f"## Test {metric} per model (mean ± std over runs, {int(CONFIDENCE_LEVEL * 100)}% Student-t CI)",
@@ -358,7 +361,7 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
     return "\n".join(lines).rstrip() + "\n"
 
 
-# ---- the stage -----------------------------------------------------------------------------------------------
+# ---- the stage ---------------------------------------------------------------------------------------------
 def _draw_plots(
     cfg: RunConfig, pred: pd.DataFrame, table: pd.DataFrame, out: Path, run_dir: Path, notes: list[str]
 ) -> list[Path]:

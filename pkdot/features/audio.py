@@ -152,7 +152,9 @@ def extract_audio_clips(
             if clip.start is None or clip.length is None:
                 windows.append((0.0, None))
             else:
-                rate = fps if fps is not None else video_fps(path)
+                if fps is None:
+                    fps = video_fps(path)
+                rate = fps
                 windows.append((clip.start / rate, (clip.start + clip.length) / rate))
         first = min(w[0] for w in windows)
         last = None if any(w[1] is None for w in windows) else max(w[1] for w in windows)  # type: ignore[type-var]

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -126,6 +127,7 @@ class _ShardSummary:
     quality: dict[str, dict[str, Any]] = field(default_factory=dict)
     audio_padded_s: dict[str, float] = field(default_factory=dict)
     silent: list[str] = field(default_factory=list)
+    peak_rss_mb: float = 0.0  # peak resident memory of the process that extracted the shard
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -146,6 +148,12 @@ def _opt_int(v: Any) -> int | None:
 
 def _opt_str(v: Any) -> str | None:
     return None if _is_null(v) or str(v) == "" else str(v)
+
+
+def _opt_path(v: Any) -> str | None:
+    """A recording path made absolute (relative paths are relative to the driver's working directory)."""
+    text = _opt_str(v)
+    return None if text is None else str(Path(text).expanduser().absolute())
 
 
 def _file_stamp(path: str | None) -> list[int] | None:
@@ -198,7 +206,7 @@ def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[S
                     row[col] = (
                         _opt_int(rec.get(col))
                         if col in ("start_frame", "num_frames")
-                        else _opt_str(rec.get(col))
+                        else _opt_path(rec.get(col))
                     )
                 rows.append(row)
             key = shard_key(modality, rows, settings)
@@ -229,6 +237,7 @@ def extract_shard(job: ShardJob, features: FeatureConfig) -> dict[str, Any]:
             out_rows.append(results[sid])
             summary.ok.append(sid)
     summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     write_table_atomic(
         out_rows, MODALITY_SCHEMA[job.modality], job.path, metadata={SHARD_META_KEY: summary.to_json()}
     )
@@ -546,12 +555,15 @@ def run_extract(
         with no cluster address, in which case shards run in this process.
     progress : show a progress bar over samples.
 
+    On a Ray cluster, the recordings and ``run_dir`` must be on storage every node sees (workers write the
+    shard files themselves; only small summaries travel back to the driver).
+
     Returns
     -------
     The report dict (also written to ``extract_report.json``). Raises :class:`FeatureError` (after writing
     the report) when no sample has every modality.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # Ray workers may run in another directory
     features_dir = run_dir / "features"
     features_dir.mkdir(parents=True, exist_ok=True)
     report_path = features_dir / REPORT_NAME
@@ -702,6 +714,7 @@ def _build_report(
         "shards_skipped": sum(v["skipped"] for v in per_mod_shards.values()),
         "shards": per_mod_shards,
         "shard_size": cfg.features.shard_size,
+        "worker_peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in summaries), default=0.0),
         "workers": workers,
         "ray": use_ray,
     }

@@ -162,8 +162,11 @@ def check_settings(features: FeatureConfig, part: str) -> None:
 # ---- reading -----------------------------------------------------------------------------------------------
 def detect_delimiter(path: Path) -> str:
     """The field separator of a CSV from its header line: tab, comma, semicolon or whitespace."""
-    with open(path, newline="") as fh:
-        header = fh.readline()
+    try:
+        with open(path, newline="") as fh:
+            header = fh.readline()
+    except UnicodeDecodeError as exc:
+        raise FeatureError(f"biosignal file {path} is not a text CSV ({exc})") from exc
     if not header.strip():
         raise FeatureError(f"biosignal file {path} is empty (expected a header line 'time gsr ecg ...')")
     try:

@@ -32,7 +32,11 @@ def test_logmel_shape_and_padding():
     assert m.shape == (32, 1 + 16000 // 160) and m.dtype == np.float32
     assert m.max() - m.min() <= audio.TOP_DB + 1e-3
     padded = audio.pad_logmel(m, 120)
-    assert padded.shape == (32, 120) and np.array_equal(padded[:, :101], m) and np.all(padded[:, 101:] == m.min())
+    assert (
+        padded.shape == (32, 120)
+        and np.array_equal(padded[:, :101], m)
+        and np.all(padded[:, 101:] == m.min())
+    )
     assert audio.pad_logmel(m, 50).shape == (32, 50)
 
 

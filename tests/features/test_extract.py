@@ -24,7 +24,12 @@ from pkdot.features.schema import read_sample_ids, read_tensors
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-DEMO = {"features.n_frames": 8, "features.crop_size": 48, "features.detect_width": 160, "features.shard_size": 3}
+DEMO = {
+    "features.n_frames": 8,
+    "features.crop_size": 48,
+    "features.detect_width": 160,
+    "features.shard_size": 3,
+}
 
 
 def _biovid_cfg(**extra):
@@ -72,7 +77,14 @@ def biovid_like(tmp_path_factory, media):
     ]
     manifest = manifest_frame(
         [
-            {"sample_id": sid, "subject_id": f"p{i % 3}", "label": i % 2, "video_path": str(v), "physio_path": str(c), "dataset": "biovid"}
+            {
+                "sample_id": sid,
+                "subject_id": f"p{i % 3}",
+                "label": i % 2,
+                "video_path": str(v),
+                "physio_path": str(c),
+                "dataset": "biovid",
+            }
             for i, (sid, v, c) in enumerate(rows)
         ]
     )
@@ -106,7 +118,9 @@ def test_bad_inputs_are_quarantined_with_reasons_and_good_samples_written(biovid
     # The tables align on sample_id, in manifest order, and hold every good sample.
     assert read_sample_ids(run_dir / "features/faces.parquet") == GOOD
     assert read_sample_ids(run_dir / "features/physio.parquet") == GOOD
-    assert report["n_written"] == 4 and {r["sample_id"] for r in report["not_written"]} == {k[0] for k in EXPECTED_REASONS}
+    assert report["n_written"] == 4 and {r["sample_id"] for r in report["not_written"]} == {
+        k[0] for k in EXPECTED_REASONS
+    }
     assert report["counts"] == {"video": {"ok": 6, "quarantined": 3}, "physio": {"ok": 7, "quarantined": 2}}
     ids, frames = read_tensors(run_dir / "features/faces.parquet", "frames", ["good2", "good0"])
     assert ids == ["good2", "good0"] and frames.shape == (2, 8, 48, 48, 3) and frames.dtype == np.uint8
@@ -114,7 +128,9 @@ def test_bad_inputs_are_quarantined_with_reasons_and_good_samples_written(biovid
     assert spec.shape == (4, 3, 65, 127) and spec.dtype == np.float32
     # Face detection over every sampled frame (the no-face clip's 8 frames count as misses).
     assert report["sampled_frames"] == 7 * 8
-    assert report["face_detection_rate"] == pytest.approx(report["detected_frames"] / report["sampled_frames"])
+    assert report["face_detection_rate"] == pytest.approx(
+        report["detected_frames"] / report["sampled_frames"]
+    )
     assert report["detected_frames"] >= 0.95 * 6 * 8
     assert report["physio_quality"]["per_sample"]["nan_short"]["ecg"]["interpolated"] == 30
     assert set(report["time_s"]) >= {"video", "physio", "total"}
@@ -130,10 +146,15 @@ def test_rerun_skips_finished_shards_and_settings_changes_redo_only_their_modali
     again = run_extract(_biovid_cfg(), biovid_like, run_dir, workers=2, progress=False)
     assert again["shards_skipped"] == 6 and again["shards_done"] == 0
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards} == stamps
-    assert again["quarantined"] == first["quarantined"] and again["face_detection_rate"] == first["face_detection_rate"]
+    assert (
+        again["quarantined"] == first["quarantined"]
+        and again["face_detection_rate"] == first["face_detection_rate"]
+    )
     assert read_sample_ids(run_dir / "features/faces.parquet") == GOOD
     # A new crop size redoes the video shards only, and the stale video shard files are removed.
-    bigger = run_extract(_biovid_cfg(**{"features.crop_size": 32}), biovid_like, run_dir, workers=2, progress=False)
+    bigger = run_extract(
+        _biovid_cfg(**{"features.crop_size": 32}), biovid_like, run_dir, workers=2, progress=False
+    )
     assert bigger["shards"]["video"] == {"total": 3, "done": 3, "skipped": 0}
     assert bigger["shards"]["physio"] == {"total": 3, "done": 0, "skipped": 3}
     assert len(list((run_dir / "features/shards/video").glob("*.parquet"))) == 3
@@ -142,10 +163,22 @@ def test_rerun_skips_finished_shards_and_settings_changes_redo_only_their_modali
     # Touching a recording redoes the shards that read it.
     csv = Path(biovid_like.loc[biovid_like.sample_id == "good2", "physio_path"].iloc[0])
     os.utime(csv, ns=(time.time_ns(), time.time_ns()))
-    touched = run_extract(_biovid_cfg(**{"features.crop_size": 32}), biovid_like, run_dir, workers=2, progress=False)
+    touched = run_extract(
+        _biovid_cfg(**{"features.crop_size": 32}), biovid_like, run_dir, workers=2, progress=False
+    )
     # good2's csv is also read by 'noface' (shard 1) and good2 is in shard 2.
     assert touched["shards"]["physio"] == {"total": 3, "done": 2, "skipped": 1}
     assert touched["shards"]["video"]["skipped"] == 3
+
+
+def test_ensure_ray_reuses_the_running_ray():
+    import ray
+
+    from pkdot.ray_utils import ensure_ray
+
+    assert ray.is_initialized()
+    assert ensure_ray(num_cpus=1) is False  # already running: not started again, not to be shut down
+    assert ray.cluster_resources()["CPU"] == 2
 
 
 def test_manifest_problems_raise_before_any_work(biovid_like, tmp_path):
@@ -159,18 +192,33 @@ def test_manifest_problems_raise_before_any_work(biovid_like, tmp_path):
 @pytest.fixture(scope="module")
 def affwild_like(tmp_path_factory, media):
     root = tmp_path_factory.mktemp("affwild_like")
-    with_audio = [media.face_video(root / f"vid{i}.mp4", seconds=4.0, audio=True, seed=i).path for i in range(2)]
+    with_audio = [
+        media.face_video(root / f"vid{i}.mp4", seconds=4.0, audio=True, seed=i).path for i in range(2)
+    ]
     silent = media.write_video_cv2(root / "silent.mp4", media.face_frames(100)[0])
     rows = []
     for video in [*with_audio, silent]:
         for start in (0, 30, 60):
-            rows.append({"sample_id": f"{video.stem}-{start}", "subject_id": video.stem, "label": -1, "valence": 0.1,
-                         "arousal": 0.2, "video_path": str(video), "start_frame": start, "num_frames": 30, "dataset": "affwild2"})
+            rows.append(
+                {
+                    "sample_id": f"{video.stem}-{start}",
+                    "subject_id": video.stem,
+                    "label": -1,
+                    "valence": 0.1,
+                    "arousal": 0.2,
+                    "video_path": str(video),
+                    "start_frame": start,
+                    "num_frames": 30,
+                    "dataset": "affwild2",
+                }
+            )
     return manifest_frame(rows)
 
 
 def test_affwild_like_clips_give_faces_and_stackable_audio(affwild_like, tmp_path):
-    report = run_extract(_affwild_cfg(**{"features.shard_size": 4}), affwild_like, tmp_path, workers=2, progress=False)
+    report = run_extract(
+        _affwild_cfg(**{"features.shard_size": 4}), affwild_like, tmp_path, workers=2, progress=True
+    )
     audio_q = [q for q in report["quarantined"] if q["modality"] == "audio"]
     assert {q["sample_id"] for q in audio_q} == {"silent-0", "silent-30", "silent-60"}
     assert all("no audio track" in q["reason"] for q in audio_q)
@@ -218,7 +266,9 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(biovid_like, 
     done_before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards_dir.glob("*/shard-*.parquet")}
     assert 1 <= len(done_before) < 30  # killed half-way: some shards, not all
     assert not (run_dir / "features" / "faces.parquet").exists()  # never a half-written table
-    report = run_extract(load_config(preset="demo", overrides=overrides), many, run_dir, workers=2, progress=False)
+    report = run_extract(
+        load_config(preset="demo", overrides=overrides), many, run_dir, workers=2, progress=False
+    )
     assert report["shards_skipped"] == len(done_before)
     assert report["shards_done"] == 30 - len(done_before)
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done_before} == done_before
@@ -231,7 +281,9 @@ def _centre(boxes: np.ndarray) -> np.ndarray:
     return boxes[:, :2] + boxes[:, 2:] / 2
 
 
-def _check_centred(run_dir: Path, truth_path: Path, windows: dict[str, tuple[str, int, int]], n_frames: int) -> None:
+def _check_centred(
+    run_dir: Path, truth_path: Path, windows: dict[str, tuple[str, int, int]], n_frames: int
+) -> None:
     """Smoothed boxes are centred on the synthetic truth boxes of the sampled frames."""
     truth = pd.read_parquet(truth_path).set_index("sample_id")
     faces = pq.read_table(run_dir / "features/faces.parquet", columns=["sample_id", "boxes"]).to_pylist()
@@ -253,7 +305,9 @@ def test_synthetic_biovid_extracts_faces_and_physio(tmp_path):
     cfg = _biovid_cfg(**{"data.root": str(root), "features.shard_size": 8})
     manifest = build_manifest(cfg.data, root).frame
     report = run_extract(cfg, manifest, tmp_path / "run", workers=2, progress=False)
-    assert (tmp_path / "run/features/faces.parquet").is_file() and (tmp_path / "run/features/physio.parquet").is_file()
+    assert (tmp_path / "run/features/faces.parquet").is_file() and (
+        tmp_path / "run/features/physio.parquet"
+    ).is_file()
     assert (tmp_path / "run/features" / REPORT_NAME).is_file()
     assert report["n_written"] == len(manifest) == 15 and not report["quarantined"]
     assert report["face_detection_rate"] >= 0.95
@@ -265,7 +319,9 @@ def test_synthetic_affwild2_extracts_faces_and_audio(tmp_path):
     from pkdot.data import build_manifest
     from pkdot.data.synthetic import write_synthetic
 
-    root = write_synthetic("affwild2", tmp_path / "affwild2", subjects=2, seconds_per_video=4.0, progress=False)
+    root = write_synthetic(
+        "affwild2", tmp_path / "affwild2", subjects=2, seconds_per_video=4.0, progress=False
+    )
     cfg = _affwild_cfg(**{"data.root": str(root), "features.shard_size": 8})
     manifest = build_manifest(cfg.data, root).frame
     report = run_extract(cfg, manifest, tmp_path / "run", workers=2, progress=False)
@@ -274,6 +330,7 @@ def test_synthetic_affwild2_extracts_faces_and_audio(tmp_path):
     _, logmel = read_tensors(tmp_path / "run/features/audio.parquet", "logmel")
     assert logmel.shape[:2] == (len(manifest), cfg.features.n_mels)
     windows = {
-        r.sample_id: (Path(r.video_path).stem, int(r.start_frame), int(r.num_frames)) for r in manifest.itertuples()
+        r.sample_id: (Path(r.video_path).stem, int(r.start_frame), int(r.num_frames))
+        for r in manifest.itertuples()
     }
     _check_centred(tmp_path / "run", root / "synthetic_truth.parquet", windows, cfg.features.n_frames)

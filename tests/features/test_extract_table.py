@@ -18,11 +18,19 @@ from pkdot.features.schema import read_tensors
 def _table(tmp_path, face, bio):
     ids = [f"s{i}" for i in range(len(face))]
     path = tmp_path / "features.parquet"
-    pd.DataFrame({"sample_id": ids, "subject": [f"p{i % 3}" for i in range(len(ids))], "face": face, "bio": bio}).to_parquet(path)
-    manifest = manifest_frame([{"sample_id": s, "subject_id": "p", "label": 0, "dataset": "table"} for s in ids])
+    pd.DataFrame(
+        {"sample_id": ids, "subject": [f"p{i % 3}" for i in range(len(ids))], "face": face, "bio": bio}
+    ).to_parquet(path)
+    manifest = manifest_frame(
+        [{"sample_id": s, "subject_id": "p", "label": 0, "dataset": "table"} for s in ids]
+    )
     cfg = load_config(
-        overrides={"data.dataset": "table", "data.root": str(path), "data.student_modalities": ["face"],
-                   "data.privileged_modalities": ["bio"]}
+        overrides={
+            "data.dataset": "table",
+            "data.root": str(path),
+            "data.student_modalities": ["face"],
+            "data.privileged_modalities": ["bio"],
+        }
     )
     return cfg, manifest
 
@@ -52,14 +60,28 @@ def test_table_columns_become_aligned_vector_tables(tmp_path):
 def test_table_errors_name_the_file_and_column(tmp_path):
     cfg, manifest = _table(tmp_path, [[1.0, 2.0]] * 2, [[1.0]] * 2)
     with pytest.raises(DatasetError, match="no column 'eeg'"):
-        run_extract(cfg.model_copy(update={"data": cfg.data.model_copy(update={"privileged_modalities": ["eeg"]})}),
-                    manifest, tmp_path / "run", progress=False)
+        run_extract(
+            cfg.model_copy(update={"data": cfg.data.model_copy(update={"privileged_modalities": ["eeg"]})}),
+            manifest,
+            tmp_path / "run",
+            progress=False,
+        )
     with pytest.raises(DatasetError, match="expected a list of numbers"):
-        run_extract(cfg.model_copy(update={"data": cfg.data.model_copy(update={"privileged_modalities": ["subject"]})}),
-                    manifest, tmp_path / "run", progress=False)
+        run_extract(
+            cfg.model_copy(
+                update={"data": cfg.data.model_copy(update={"privileged_modalities": ["subject"]})}
+            ),
+            manifest,
+            tmp_path / "run",
+            progress=False,
+        )
     with pytest.raises(DatasetError, match="Parquet file"):
-        run_extract(cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": tmp_path / "nope.parquet"})}),
-                    manifest, tmp_path / "run", progress=False)
+        run_extract(
+            cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": tmp_path / "nope.parquet"})}),
+            manifest,
+            tmp_path / "run",
+            progress=False,
+        )
     nan_cfg, nan_manifest = _table(tmp_path, [[1.0, float("nan")]] * 2, [[1.0]] * 2)
     with pytest.raises(FeatureError, match="no sample has valid vectors"):
         run_extract(nan_cfg, nan_manifest, tmp_path / "run2", progress=False)

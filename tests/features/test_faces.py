@@ -38,7 +38,12 @@ def test_smooth_boxes_fills_lost_frames_from_the_nearest_detection_and_smooths()
     a, b = (10.0, 10.0, 20.0, 20.0), (30.0, 10.0, 20.0, 20.0)
     boxes, detected = faces.smooth_boxes([None, a, None, None, b, None], smoothing=0.0)
     assert detected.tolist() == [False, True, False, False, True, False]
-    assert np.allclose(boxes[0], a) and np.allclose(boxes[2], a) and np.allclose(boxes[3], b) and np.allclose(boxes[5], b)
+    assert (
+        np.allclose(boxes[0], a)
+        and np.allclose(boxes[2], a)
+        and np.allclose(boxes[3], b)
+        and np.allclose(boxes[5], b)
+    )
     smoothed, _ = faces.smooth_boxes([a, b, b], smoothing=0.5)
     assert np.allclose(smoothed[1], (20, 10, 20, 20)) and np.allclose(smoothed[2], (25, 10, 20, 20))
     steady, _ = faces.smooth_boxes([a] * 5, smoothing=0.9)
@@ -59,7 +64,11 @@ def test_crop_face_is_square_centred_and_black_outside_the_frame():
 
 
 def test_detects_and_centres_the_face_on_a_video(face_clip_video):
-    clips = list(faces.extract_video_clips(face_clip_video.path, [ClipRequest("whole"), ClipRequest("window", 20, 60)], FEATURES))
+    clips = list(
+        faces.extract_video_clips(
+            face_clip_video.path, [ClipRequest("whole"), ClipRequest("window", 20, 60)], FEATURES
+        )
+    )
     assert {c.sample_id for c in clips} == {"whole", "window"}
     for clip in clips:
         assert isinstance(clip, FaceClip), getattr(clip, "reason", "")

@@ -34,9 +34,14 @@ def test_good_recording_gives_windows_spectrograms_and_descriptors(good_csv):
     length = 3 * 512
     assert f.channels == ["gsr", "ecg", "emg_trapezius"]
     assert f.window.shape == (3, length) and f.window.dtype == np.float32
-    assert np.allclose(f.window.mean(axis=1), 0, atol=1e-4) and np.allclose(f.window.std(axis=1), 1, atol=1e-3)
+    assert np.allclose(f.window.mean(axis=1), 0, atol=1e-4) and np.allclose(
+        f.window.std(axis=1), 1, atol=1e-3
+    )
     n_segments = (length - FEATURES.spec_noverlap) // (FEATURES.spec_nperseg - FEATURES.spec_noverlap)
-    assert f.spectrogram.shape == (3, FEATURES.spec_nfft // 2 + 1, n_segments) and f.spectrogram.dtype == np.float32
+    assert (
+        f.spectrogram.shape == (3, FEATURES.spec_nfft // 2 + 1, n_segments)
+        and f.spectrogram.dtype == np.float32
+    )
     assert np.isfinite(f.spectrogram).all()
     assert f.heart_rate == pytest.approx(72.0, abs=2.0)
     # The synthetic GSR is 5 + 0.2 t: its mean over 2-5 s is 5.7 and its slope 0.2 per second.
@@ -57,7 +62,12 @@ def test_delimiter_and_time_unit_do_not_change_the_features(tmp_path, media, goo
 
 def test_filters_pass_their_band_and_reject_the_rest():
     fs = 512.0
-    for kind, inside, outside in [("eda", 0.5, 20.0), ("ecg", 10.0, 0.05), ("ecg", 10.0, 120.0), ("emg", 80.0, 3.0)]:
+    for kind, inside, outside in [
+        ("eda", 0.5, 20.0),
+        ("ecg", 10.0, 0.05),
+        ("ecg", 10.0, 120.0),
+        ("emg", 80.0, 3.0),
+    ]:
         sos = physio.design_filter(kind, fs)
         _, h = signal.sosfreqz(sos, worN=[inside, outside], fs=fs)
         assert abs(h[0]) > 0.9 and abs(h[1]) < 0.1, (kind, np.abs(h))
@@ -108,7 +118,9 @@ def test_flat_and_clipped_channels(tmp_path, media):
     flat = media.biosignals(seed=4)
     flat["emg_trapezius"][:] = 0.25
     out = physio.extract_physio("s", media.write_bio_csv(tmp_path / "flat.csv", flat), FEATURES)
-    assert out.features is None and "emg_trapezius is flat" in out.reason and out.quality["emg_trapezius"].flat
+    assert (
+        out.features is None and "emg_trapezius is flat" in out.reason and out.quality["emg_trapezius"].flat
+    )
     clipped = media.biosignals(seed=5)
     clipped["ecg"] = np.clip(clipped["ecg"], -0.05, 0.05)
     out = physio.extract_physio("s", media.write_bio_csv(tmp_path / "clip.csv", clipped), FEATURES)
@@ -122,10 +134,14 @@ def test_bad_files_give_reasons(tmp_path, media):
     assert "physio_window" in physio.extract_physio("s", short, FEATURES).reason
     missing = media.biosignals()
     del missing["ecg"]
-    assert "missing channels ['ecg']" in physio.extract_physio("s", media.write_bio_csv(tmp_path / "m.csv", missing), FEATURES).reason
+    assert (
+        "missing channels ['ecg']"
+        in physio.extract_physio("s", media.write_bio_csv(tmp_path / "m.csv", missing), FEATURES).reason
+    )
     junk = tmp_path / "junk.csv"
     junk.write_bytes(bytes(range(256)) * 20)
-    assert str(junk) in physio.extract_physio("s", junk, FEATURES).reason
+    reason = physio.extract_physio("s", junk, FEATURES).reason
+    assert str(junk) in reason and "not a text CSV" in reason
     assert "does not exist" in physio.extract_physio("s", tmp_path / "absent.csv", FEATURES).reason
 
 

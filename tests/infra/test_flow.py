@@ -82,7 +82,8 @@ def test_build_config_maps_named_parameters(tmp_path: Path) -> None:
     )
     assert cfg.data.dataset == "biovid" and cfg.distill.losses == ["none", "pkdot"]
     assert cfg.train.max_folds == 1 and cfg.seed == 3 and cfg.synth.subjects == 4
-    assert Path(cfg.run_dir) == tmp_path / "run"
+    assert Path(cfg.run_dir) == (tmp_path / "run").resolve() and Path(cfg.run_dir).is_absolute()
+    assert pl.build_config(run_dir="runs/x").run_dir == Path.cwd() / "runs" / "x"
     assert cfg.preset == "demo"
     with pytest.raises(ConfigError, match="given twice"):
         pl.build_config(seed=1, overrides={"seed": 2})
@@ -267,8 +268,8 @@ def test_flow_publishes_summary_and_mlflow_link_artifacts(
     by_key = {a.key: a for a in artifacts}
     assert by_key[pl.SUMMARY_ARTIFACT_KEY].type == "markdown"
     assert "# PKDOT report" in by_key[pl.SUMMARY_ARTIFACT_KEY].data
-    assert by_key[pl.MLFLOW_ARTIFACT_KEY].type == "link"
-    assert "http://mlflow.test:5000/#/runs/run123" in by_key[pl.MLFLOW_ARTIFACT_KEY].data
+    # Prefect stores a link artifact as the markdown "[text](link)".
+    assert "](http://mlflow.test:5000/#/runs/run123)" in by_key[pl.MLFLOW_ARTIFACT_KEY].data
 
 
 def test_flow_rejects_an_evaluate_result_without_its_details(

@@ -1,0 +1,191 @@
+"""Aff-Wild2 (valence-arousal track) -> manifest of fixed-length clips.
+
+Layout under the root::
+
+    videos/**/<video>.mp4 | .avi
+    annotations/VA_Estimation_Challenge/Train_Set/<video>.txt
+    annotations/VA_Estimation_Challenge/Validation_Set/<video>.txt
+
+An annotation file has the header ``valence,arousal`` and one ``v,a`` line per video frame, values in
+[-1, 1]; a line with either value equal to -5 marks an unannotated frame.
+
+Clips are windows of ``data.clip_frames`` frames starting every ``data.clip_stride`` frames (windows that
+would run past the last annotated line are not made). A clip is kept if at least ``data.min_annotated`` of
+its frames are annotated; its ``valence`` / ``arousal`` are the means over its annotated frames
+(``label = -1``). ``sample_id = f"{video}@{start_frame}"``; ``subject_id`` is the annotation stem with a
+trailing ``_left`` / ``_right`` removed (two-person videos); the video is looked up by the annotation stem,
+and for a ``_left``/``_right`` stem without its own file, by the stem without the suffix (Aff-Wild2 stores a
+two-person video once). ``audio_path`` is the video itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pkdot.config import DataConfig
+from pkdot.data.manifest import BadSamples, ManifestResult, manifest_frame
+from pkdot.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+PARTITIONS = ("Train_Set", "Validation_Set")
+VIDEO_SUFFIXES = (".mp4", ".avi")
+UNANNOTATED = -5.0
+_SIDE = re.compile(r"_(left|right)$")
+
+
+def subject_of(stem: str) -> str:
+    """Aff-Wild2 subject of an annotation stem: the stem without a trailing ``_left`` / ``_right``."""
+    return _SIDE.sub("", stem)
+
+
+def index_videos(videos_dir: Path) -> dict[str, list[Path]]:
+    """``stem -> [paths]`` of every .mp4/.avi under ``videos_dir`` (recursive, sorted)."""
+    index: dict[str, list[Path]] = {}
+    for path in sorted(videos_dir.rglob("*")):
+        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
+            index.setdefault(path.stem, []).append(path)
+    return index
+
+
+def read_va_annotation(path: Path) -> np.ndarray:
+    """Parse one annotation file into an ``(n_frames, 2)`` float array (NaN rows = unannotated frames).
+
+    Raises :class:`DatasetError` naming the file and line on a wrong header, a malformed line, or a value
+    outside [-1, 1] that is not the -5 marker.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not a UTF-8 text file ({exc})") from exc
+    lines = text.splitlines()
+    if not lines or [c.strip().lower() for c in lines[0].split(",")] != ["valence", "arousal"]:
+        first = lines[0] if lines else ""
+        raise DatasetError(f"{path}: header {first!r} (expected 'valence,arousal')")
+    values = np.empty((len(lines) - 1, 2), np.float64)
+    n = 0
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            if any(rest.strip() for rest in lines[number - 1 :]):
+                raise DatasetError(f"{path}: line {number} is empty (expected 'valence,arousal' numbers)")
+            break
+        parts = line.split(",")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            v, a = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise DatasetError(f"{path}: line {number} {line!r} is not two comma-separated numbers") from None
+        if v == UNANNOTATED or a == UNANNOTATED:
+            values[n] = np.nan
+        elif not (np.isfinite(v) and np.isfinite(a) and -1.0 <= v <= 1.0 and -1.0 <= a <= 1.0):
+            raise DatasetError(f"{path}: line {number} {line!r} has a value outside [-1, 1] (or -5 = unannotated)")
+        else:
+            values[n] = (v, a)
+        n += 1
+    if n == 0:
+        raise DatasetError(f"{path}: no annotation lines after the header (expected one line per frame)")
+    return values[:n]
+
+
+def clip_windows(n_frames: int, clip_frames: int, clip_stride: int) -> list[int]:
+    """Start frames of the full windows ``[s, s + clip_frames)`` inside ``n_frames``, every ``clip_stride``."""
+    return list(range(0, n_frames - clip_frames + 1, clip_stride))
+
+
+def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
+    """Manifest of an Aff-Wild2 root (see the module docstring); raises :class:`DatasetError` on bad input.
+
+    With ``data.skip_bad``, a bad annotation file (header, malformed line, value out of range) or a video
+    that cannot be found is skipped and listed in ``ManifestResult.skipped``; a missing root, videos/ or
+    annotation directory still raises.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"Aff-Wild2 root {root} is not a directory (expected videos/ and annotations/)")
+    ann_root = root / "annotations" / "VA_Estimation_Challenge"
+    videos_dir = root / "videos"
+    if not videos_dir.is_dir():
+        raise DatasetError(f"Aff-Wild2 root {root}: {videos_dir} does not exist (expected the .mp4/.avi videos)")
+    present = [p for p in PARTITIONS if (ann_root / p).is_dir()]
+    if not present:
+        raise DatasetError(
+            f"Aff-Wild2 root {root}: neither {ann_root / PARTITIONS[0]} nor {ann_root / PARTITIONS[1]} exists "
+            "(expected the VA annotation files)"
+        )
+    for p in PARTITIONS:
+        if p not in present:
+            logger.warning("Aff-Wild2: %s is missing; only %s are read", ann_root / p, present)
+    videos = index_videos(videos_dir)
+    bad = BadSamples(data.skip_bad)
+    want_video = "video" in data.modalities
+    want_audio = "audio" in data.modalities
+    rows: list[dict] = []
+    n_annotations = 0
+    for partition in present:
+        for ann in sorted((ann_root / partition).glob("*.txt")):
+            n_annotations += 1
+            stem = ann.stem
+            candidates = videos.get(stem) or videos.get(subject_of(stem)) or []
+            if not candidates:
+                bad.bad(ann, stem, f"no video named {stem}.mp4/.avi (or {subject_of(stem)}.*) under {videos_dir}")
+                continue
+            if len(candidates) > 1:
+                bad.bad(ann, stem, f"several videos match this annotation: {[str(c) for c in candidates]}")
+                continue
+            video = str(candidates[0].resolve())
+            try:
+                va = read_va_annotation(ann)
+            except DatasetError as exc:
+                bad.bad(ann, stem, str(exc).removeprefix(f"{ann}: "))
+                continue
+            annotated = ~np.isnan(va[:, 0])
+            starts = clip_windows(len(va), data.clip_frames, data.clip_stride)
+            kept = 0
+            for start in starts:
+                window = slice(start, start + data.clip_frames)
+                mask = annotated[window]
+                if mask.mean() < data.min_annotated:
+                    continue
+                v, a = va[window][mask].mean(axis=0)
+                rows.append(
+                    {
+                        "sample_id": f"{stem}@{start}",
+                        "subject_id": subject_of(stem),
+                        "label": -1,
+                        "class_name": "",
+                        "valence": float(v),
+                        "arousal": float(a),
+                        "video_path": video if want_video else None,
+                        "audio_path": video if want_audio else None,
+                        "start_frame": start,
+                        "num_frames": data.clip_frames,
+                        "partition": partition,
+                        "dataset": "affwild2",
+                    }
+                )
+                kept += 1
+            if kept == 0:
+                logger.info(
+                    "Aff-Wild2 %s: no clip of %d frames with >= %.0f%% annotated frames (%d frames)",
+                    ann, data.clip_frames, 100 * data.min_annotated, len(va),
+                )
+    if n_annotations == 0:
+        raise DatasetError(f"Aff-Wild2 root {root}: no annotation files (*.txt) under {ann_root}")
+    if not rows:
+        raise DatasetError(
+            f"Aff-Wild2 root {root}: no clip of {data.clip_frames} frames with >= {data.min_annotated:.0%} "
+            f"annotated frames" + (f" ({len(bad.skipped)} files skipped)" if bad.skipped else "")
+        )
+    frame = manifest_frame(rows)
+    frame["start_frame"] = frame["start_frame"].astype("int64")
+    frame["num_frames"] = frame["num_frames"].astype("int64")
+    logger.info(
+        "Aff-Wild2: %d clips from %d annotation files, %d subjects, %d skipped",
+        len(frame), n_annotations, frame["subject_id"].nunique(), len(bad.skipped),
+    )
+    return ManifestResult(frame=frame, skipped=bad.skipped)

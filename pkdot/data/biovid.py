@@ -1,0 +1,201 @@
+"""Biovid Heat Pain (Part A / Part B) -> manifest.
+
+Layout under the root::
+
+    samples.csv                                       subject_id subject_name class_id class_name sample_id sample_name
+    video/<subject_name>/<sample_name>.mp4
+    biosignals_filtered/<subject_name>/<sample_name>_bio.csv   time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]
+
+``samples.csv`` and the biosignal CSVs are tab-separated in the real data; the delimiter is detected (tab,
+comma or semicolon). Manifest ``sample_id`` = ``sample_name`` and ``subject_id`` = ``subject_name`` (both are
+unique, readable and name the files). ``class_id`` 0..4 = BL1, PA1..PA4 and must agree with ``class_name``.
+
+Tasks: ``binary`` keeps BL1 (label 0) and PA4 (label 1); ``multiclass`` keeps all five (label = class_id).
+Only the header of a biosignal CSV is checked here; reading the signals is stage 1's job.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from pkdot.config import DataConfig
+from pkdot.data.manifest import BIOVID_CLASSES, BadSamples, ManifestResult, manifest_frame
+from pkdot.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_COLUMNS = ["subject_id", "subject_name", "class_id", "class_name", "sample_id", "sample_name"]
+#: Biosignal CSV columns per part.
+BIO_COLUMNS = {
+    "A": ["time", "gsr", "ecg", "emg_trapezius"],
+    "B": ["time", "gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
+}
+_DELIMITERS = "\t,;"
+
+
+def detect_delimiter(line: str, path: Path) -> str:
+    """The delimiter of a header line: tab, comma or semicolon (csv.Sniffer, then the most frequent one)."""
+    try:
+        return csv.Sniffer().sniff(line, delimiters=_DELIMITERS).delimiter
+    except csv.Error:
+        counts = {d: line.count(d) for d in _DELIMITERS}
+        best = max(counts, key=lambda d: counts[d])
+        if counts[best] == 0:
+            raise DatasetError(
+                f"{path}: cannot find the column delimiter in the header {line.strip()!r} "
+                "(expected tab-, comma- or semicolon-separated columns)"
+            ) from None
+        return best
+
+
+def read_header(path: Path) -> list[str]:
+    """The column names of a delimited text file (first line), lower-cased and stripped."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        line = fh.readline()
+    if not line.strip():
+        raise DatasetError(f"{path}: the file is empty (expected a header line)")
+    delimiter = detect_delimiter(line, path)
+    return [c.strip().strip('"').lower() for c in line.rstrip("\r\n").split(delimiter)]
+
+
+def read_samples_csv(path: Path) -> pd.DataFrame:
+    """Read ``samples.csv`` as strings and check its header (always raises on a bad header)."""
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist (expected the Biovid samples.csv with columns {SAMPLES_COLUMNS})")
+    header = read_header(path)
+    missing = [c for c in SAMPLES_COLUMNS if c not in header]
+    if missing:
+        raise DatasetError(f"{path}: missing columns {missing} (found {header}, expected {SAMPLES_COLUMNS})")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        delimiter = detect_delimiter(fh.readline(), path)
+    try:
+        df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not a readable delimited table: {exc}") from exc
+    df.columns = [c.strip().strip('"').lower() for c in df.columns]
+    for c in SAMPLES_COLUMNS:
+        df[c] = df[c].str.strip()
+    if df.empty:
+        raise DatasetError(f"{path}: no samples (expected one row per sample after the header)")
+    return df
+
+
+def _class_of(row: pd.Series, path: Path, line: int, bad: BadSamples) -> int | None:
+    """The class id of a samples.csv row, or None (after reporting it) if it is not a valid Biovid class."""
+    sample = row["sample_name"] or None
+    raw = row["class_id"]
+    try:
+        value = float(raw)
+    except ValueError:
+        bad.bad(path, sample, f"line {line}: class_id {raw!r} is not a number (expected 0..4 = {BIOVID_CLASSES})")
+        return None
+    if value < 0 or value != int(value) or int(value) >= len(BIOVID_CLASSES):
+        bad.bad(path, sample, f"line {line}: class_id {raw!r} is not a Biovid class (expected 0..4 = {BIOVID_CLASSES})")
+        return None
+    class_id = int(value)
+    if row["class_name"].upper() != BIOVID_CLASSES[class_id]:
+        bad.bad(
+            path,
+            sample,
+            f"line {line}: class_name {row['class_name']!r} does not match class_id {class_id} "
+            f"(expected {BIOVID_CLASSES[class_id]!r})",
+        )
+        return None
+    return class_id
+
+
+def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
+    """Manifest of a Biovid root (see the module docstring); raises :class:`DatasetError` on bad input.
+
+    With ``data.skip_bad``, a bad sample (bad class, missing video or biosignal CSV, wrong CSV columns,
+    duplicate name) is skipped and listed in ``ManifestResult.skipped``; a missing root or a bad samples.csv
+    header still raises.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"Biovid root {root} is not a directory (expected samples.csv, video/, biosignals_filtered/)")
+    samples_path = root / "samples.csv"
+    samples = read_samples_csv(samples_path)
+    bad = BadSamples(data.skip_bad)
+    want_video = "video" in data.modalities
+    want_physio = "physio" in data.modalities
+    bio_columns = BIO_COLUMNS[data.part]
+    known_columns = set(BIO_COLUMNS["B"])
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for i, row in samples.iterrows():
+        line = int(i) + 2  # 1-based, after the header
+        subject, sample = row["subject_name"], row["sample_name"]
+        if not subject or not sample:
+            bad.bad(samples_path, sample or None, f"line {line}: empty subject_name or sample_name")
+            continue
+        class_id = _class_of(row, samples_path, line, bad)
+        if class_id is None:
+            continue
+        if data.task == "binary":
+            if class_id not in (0, len(BIOVID_CLASSES) - 1):
+                continue
+            label = 0 if class_id == 0 else 1
+        else:
+            label = class_id
+        if sample in seen:
+            bad.bad(samples_path, sample, f"line {line}: sample_name appears more than once (expected unique names)")
+            continue
+        record = {
+            "sample_id": sample,
+            "subject_id": subject,
+            "label": label,
+            "class_name": BIOVID_CLASSES[class_id],
+            "valence": float("nan"),
+            "arousal": float("nan"),
+            "partition": "",
+            "dataset": "biovid",
+        }
+        if want_video:
+            video = root / "video" / subject / f"{sample}.mp4"
+            if not video.is_file():
+                bad.bad(video, sample, "the video of this samples.csv entry does not exist (expected an .mp4 file)")
+                continue
+            record["video_path"] = str(video.resolve())
+        if want_physio:
+            bio = root / "biosignals_filtered" / subject / f"{sample}_bio.csv"
+            if not bio.is_file():
+                bad.bad(bio, sample, "the biosignal CSV of this samples.csv entry does not exist")
+                continue
+            try:
+                header = read_header(bio)
+            except DatasetError as exc:
+                bad.bad(bio, sample, str(exc).removeprefix(f"{bio}: "))
+                continue
+            missing = [c for c in bio_columns if c not in header]
+            unknown = [c for c in header if c not in known_columns]
+            if missing or unknown:
+                bad.bad(
+                    bio,
+                    sample,
+                    f"wrong columns {header}: missing {missing}, unknown {unknown} "
+                    f"(expected Part {data.part} columns {bio_columns})",
+                )
+                continue
+            record["physio_path"] = str(bio.resolve())
+        seen.add(sample)
+        rows.append(record)
+    if not rows:
+        raise DatasetError(
+            f"Biovid root {root}: no usable samples for task {data.task!r}"
+            + (f" ({len(bad.skipped)} skipped)" if bad.skipped else "")
+        )
+    frame = manifest_frame(rows)
+    logger.info(
+        "Biovid part %s (%s): %d samples, %d subjects, %d skipped",
+        data.part,
+        data.task,
+        len(frame),
+        frame["subject_id"].nunique(),
+        len(bad.skipped),
+    )
+    return ManifestResult(frame=frame, skipped=bad.skipped)

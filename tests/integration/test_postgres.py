@@ -1,0 +1,108 @@
+"""The compose stack's Postgres setup, natively: infra/postgres/init-databases.sh on a real PostgreSQL server,
+then a Prefect server on the database it created (the URL form docker-compose.yml gives prefect-server).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SUPERUSER = "pkdot"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(command: str) -> subprocess.CompletedProcess:
+    # initdb refuses to run as root: the cluster belongs to the `postgres` system user.
+    argv = ["su", "postgres", "-c", command] if os.geteuid() == 0 else ["sh", "-c", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[dict[str, str]]:
+    for tool in ("initdb", "pg_ctl", "psql"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (Debian: apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="pkdot-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data, port = root / "data", _free_port()
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    done = _as_postgres(f"{initdb} -D {data} -U {SUPERUSER} --auth=trust")
+    assert done.returncode == 0, done.stderr
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    done = _as_postgres(f"{pg_ctl} -D {data} -o '{opts}' -l {root}/server.log -w start")
+    assert done.returncode == 0, done.stderr + (root / "server.log").read_text(errors="replace")
+    try:
+        yield {"PGHOST": "127.0.0.1", "PGPORT": str(port), "POSTGRES_USER": SUPERUSER}
+    finally:
+        _as_postgres(f"{pg_ctl} -D {data} -m fast -w stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _databases(pg: dict[str, str]) -> set[str]:
+    out = subprocess.run(
+        ["psql", "-h", pg["PGHOST"], "-p", pg["PGPORT"], "-U", SUPERUSER, "-d", "postgres", "-tAc",
+         "select datname from pg_database"],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    return set(out.stdout.split())
+
+
+def _init(it, pg: dict[str, str], prefect_db: str, mlflow_db: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **pg, PREFECT_DB=prefect_db, MLFLOW_DB=mlflow_db)
+    script = it.REPO / "infra" / "postgres" / "init-databases.sh"
+    return subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_init_script_creates_both_databases_idempotently(it, postgres) -> None:
+    for _ in range(2):  # a restart of the container must not fail on existing databases
+        done = _init(it, postgres, "prefect", "mlflow")
+        assert done.returncode == 0, done.stderr
+    assert {"prefect", "mlflow"} <= _databases(postgres)
+    same = _init(it, postgres, "shared", "shared")
+    assert same.returncode != 0 and "must differ" in same.stderr
+    assert "shared" not in _databases(postgres)
+
+
+def test_prefect_server_runs_on_the_created_database(it, postgres, tmp_path: Path, processes) -> None:
+    assert _init(it, postgres, "prefect", "mlflow").returncode == 0
+    port = _free_port()
+    env = it.base_env(tmp_path / "prefect-home")
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+        f"postgresql+asyncpg://{SUPERUSER}:@{postgres['PGHOST']}:{postgres['PGPORT']}/prefect"
+    )
+    argv = [str(it.BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = processes.start("prefect-on-postgres", argv, env)
+    deadline = time.monotonic() + 180
+    while True:
+        assert server.poll() is None, processes.log("prefect-on-postgres")[-4000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=3):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, processes.log("prefect-on-postgres")[-4000:]
+            time.sleep(1)
+    tables = subprocess.run(
+        ["psql", "-h", postgres["PGHOST"], "-p", postgres["PGPORT"], "-U", SUPERUSER, "-d", "prefect", "-tAc",
+         "select count(*) from information_schema.tables where table_name in ('flow', 'flow_run', 'deployment')"],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    assert tables.stdout.strip() == "3", "Prefect did not create its tables in the Postgres database"
+    processes.stop("prefect-on-postgres")
