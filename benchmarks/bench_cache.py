@@ -23,8 +23,15 @@ def prepare(run: Path, subjects: int):
     from pkdot.config import load_config
     from pkdot.stages import prepare_run, stage_cache, stage_extract, stage_manifest, stage_train_teacher
 
-    cfg = load_config(preset="demo", overrides={"run_dir": str(run), "synth.subjects": subjects,
-                                                 "train.max_folds": 1, "train.num_workers": 1})
+    cfg = load_config(
+        preset="demo",
+        overrides={
+            "run_dir": str(run),
+            "synth.subjects": subjects,
+            "train.max_folds": 1,
+            "train.num_workers": 1,
+        },
+    )
     cfg = prepare_run(cfg)
     up = stage_manifest(cfg).fingerprint
     up = stage_extract(cfg, up).fingerprint
@@ -66,9 +73,15 @@ def main() -> None:
 
     def objective():
         student, _ = build_student_for_job(cfg, fold.index, 0)
-        loss = build_loss(args.loss, student_dim=cfg.model.embed_dim, teacher_dim=cfg.model.embed_dim,
-                          num_outputs=cfg.data.num_outputs, regression=cfg.data.is_regression,
-                          num_samples=len(train), cfg=cfg.distill)
+        loss = build_loss(
+            args.loss,
+            student_dim=cfg.model.embed_dim,
+            teacher_dim=cfg.model.embed_dim,
+            num_outputs=cfg.data.num_outputs,
+            regression=cfg.data.is_regression,
+            num_samples=len(train),
+            cfg=cfg.distill,
+        )
         obj = DistillationObjective(student, loss, cfg)
         opt = torch.optim.Adam([p for p in obj.parameters() if p.requires_grad], lr=1e-3)
         return obj, opt
@@ -83,11 +96,23 @@ def main() -> None:
             if live:
                 with torch.no_grad():
                     out = teacher({m: torch.from_numpy(train.arrays[m][idx]) for m in cfg.data.modalities})
-                losses = obj(torch.from_numpy(train.arrays["video"][idx]), out.embedding, out.logits, target, index,
-                             False)
+                losses = obj(
+                    torch.from_numpy(train.arrays["video"][idx]),
+                    out.embedding,
+                    out.logits,
+                    target,
+                    index,
+                    False,
+                )
             else:
-                losses = obj(torch.from_numpy(cache["video_tokens"][idx]), torch.from_numpy(cache["teacher_embedding"][idx]),
-                             torch.from_numpy(cache["teacher_logits"][idx]), target, index, True)
+                losses = obj(
+                    torch.from_numpy(cache["video_tokens"][idx]),
+                    torch.from_numpy(cache["teacher_embedding"][idx]),
+                    torch.from_numpy(cache["teacher_logits"][idx]),
+                    target,
+                    index,
+                    True,
+                )
             opt.zero_grad()
             losses["loss"].backward()
             opt.step()

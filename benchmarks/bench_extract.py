@@ -44,6 +44,7 @@ def _child(args: argparse.Namespace) -> None:
         preset=args.preset,
         overrides={
             "data.root": str(args.data),
+            "data.task": "multiclass",  # all five Biovid classes
             "features.shard_size": args.shard_size,
             "features.workers": args.child_workers,
         },

@@ -83,7 +83,9 @@ def read_va_annotation(path: Path) -> np.ndarray:
         if v == UNANNOTATED or a == UNANNOTATED:
             values[n] = np.nan
         elif not (np.isfinite(v) and np.isfinite(a) and -1.0 <= v <= 1.0 and -1.0 <= a <= 1.0):
-            raise DatasetError(f"{path}: line {number} {line!r} has a value outside [-1, 1] (or -5 = unannotated)")
+            raise DatasetError(
+                f"{path}: line {number} {line!r} has a value outside [-1, 1] (or -5 = unannotated)"
+            )
         else:
             values[n] = (v, a)
         n += 1
@@ -110,7 +112,9 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
     ann_root = root / "annotations" / "VA_Estimation_Challenge"
     videos_dir = root / "videos"
     if not videos_dir.is_dir():
-        raise DatasetError(f"Aff-Wild2 root {root}: {videos_dir} does not exist (expected the .mp4/.avi videos)")
+        raise DatasetError(
+            f"Aff-Wild2 root {root}: {videos_dir} does not exist (expected the .mp4/.avi videos)"
+        )
     present = [p for p in PARTITIONS if (ann_root / p).is_dir()]
     if not present:
         raise DatasetError(
@@ -132,7 +136,9 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
             stem = ann.stem
             candidates = videos.get(stem) or videos.get(subject_of(stem)) or []
             if not candidates:
-                bad.bad(ann, stem, f"no video named {stem}.mp4/.avi (or {subject_of(stem)}.*) under {videos_dir}")
+                bad.bad(
+                    ann, stem, f"no video named {stem}.mp4/.avi (or {subject_of(stem)}.*) under {videos_dir}"
+                )
                 continue
             if len(candidates) > 1:
                 bad.bad(ann, stem, f"several videos match this annotation: {[str(c) for c in candidates]}")
@@ -172,7 +178,10 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
             if kept == 0:
                 logger.info(
                     "Aff-Wild2 %s: no clip of %d frames with >= %.0f%% annotated frames (%d frames)",
-                    ann, data.clip_frames, 100 * data.min_annotated, len(va),
+                    ann,
+                    data.clip_frames,
+                    100 * data.min_annotated,
+                    len(va),
                 )
     if n_annotations == 0:
         raise DatasetError(f"Aff-Wild2 root {root}: no annotation files (*.txt) under {ann_root}")
@@ -186,6 +195,9 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
     frame["num_frames"] = frame["num_frames"].astype("int64")
     logger.info(
         "Aff-Wild2: %d clips from %d annotation files, %d subjects, %d skipped",
-        len(frame), n_annotations, frame["subject_id"].nunique(), len(bad.skipped),
+        len(frame),
+        n_annotations,
+        frame["subject_id"].nunique(),
+        len(bad.skipped),
     )
     return ManifestResult(frame=frame, skipped=bad.skipped)

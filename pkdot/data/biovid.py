@@ -65,7 +65,9 @@ def read_header(path: Path) -> list[str]:
 def read_samples_csv(path: Path) -> pd.DataFrame:
     """Read ``samples.csv`` as strings and check its header (always raises on a bad header)."""
     if not path.is_file():
-        raise DatasetError(f"{path} does not exist (expected the Biovid samples.csv with columns {SAMPLES_COLUMNS})")
+        raise DatasetError(
+            f"{path} does not exist (expected the Biovid samples.csv with columns {SAMPLES_COLUMNS})"
+        )
     header = read_header(path)
     missing = [c for c in SAMPLES_COLUMNS if c not in header]
     if missing:
@@ -91,10 +93,16 @@ def _class_of(row: pd.Series, path: Path, line: int, bad: BadSamples) -> int | N
     try:
         value = float(raw)
     except ValueError:
-        bad.bad(path, sample, f"line {line}: class_id {raw!r} is not a number (expected 0..4 = {BIOVID_CLASSES})")
+        bad.bad(
+            path, sample, f"line {line}: class_id {raw!r} is not a number (expected 0..4 = {BIOVID_CLASSES})"
+        )
         return None
     if value < 0 or value != int(value) or int(value) >= len(BIOVID_CLASSES):
-        bad.bad(path, sample, f"line {line}: class_id {raw!r} is not a Biovid class (expected 0..4 = {BIOVID_CLASSES})")
+        bad.bad(
+            path,
+            sample,
+            f"line {line}: class_id {raw!r} is not a Biovid class (expected 0..4 = {BIOVID_CLASSES})",
+        )
         return None
     class_id = int(value)
     if row["class_name"].upper() != BIOVID_CLASSES[class_id]:
@@ -117,7 +125,9 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"Biovid root {root} is not a directory (expected samples.csv, video/, biosignals_filtered/)")
+        raise DatasetError(
+            f"Biovid root {root} is not a directory (expected samples.csv, video/, biosignals_filtered/)"
+        )
     samples_path = root / "samples.csv"
     samples = read_samples_csv(samples_path)
     bad = BadSamples(data.skip_bad)
@@ -143,7 +153,11 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
         else:
             label = class_id
         if sample in seen:
-            bad.bad(samples_path, sample, f"line {line}: sample_name appears more than once (expected unique names)")
+            bad.bad(
+                samples_path,
+                sample,
+                f"line {line}: sample_name appears more than once (expected unique names)",
+            )
             continue
         record = {
             "sample_id": sample,
@@ -158,7 +172,11 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
         if want_video:
             video = root / "video" / subject / f"{sample}.mp4"
             if not video.is_file():
-                bad.bad(video, sample, "the video of this samples.csv entry does not exist (expected an .mp4 file)")
+                bad.bad(
+                    video,
+                    sample,
+                    "the video of this samples.csv entry does not exist (expected an .mp4 file)",
+                )
                 continue
             record["video_path"] = str(video.resolve())
         if want_physio:

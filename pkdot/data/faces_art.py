@@ -73,7 +73,7 @@ class FaceLandmarks:
 
 def haar_cascade(name: str = "haarcascade_frontalface_default.xml") -> cv2.CascadeClassifier:
     """Load one of OpenCV's bundled Haar cascades (raises FeatureError if the file is missing)."""
-    path = cv2.data.haarcascades + name
+    path = cv2.data.haarcascades + name  # type: ignore[attr-defined]
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
         raise FeatureError(f"OpenCV Haar cascade {path} could not be loaded (opencv-python 4.x ships it)")
@@ -232,7 +232,9 @@ def draw_subject_look(rng: np.random.Generator, expressiveness: float) -> Subjec
     )
 
 
-def head_motion(rng: np.random.Generator, n_frames: int, fps: float, look: SubjectLook, frame_size: int) -> np.ndarray:
+def head_motion(
+    rng: np.random.Generator, n_frames: int, fps: float, look: SubjectLook, frame_size: int
+) -> np.ndarray:
     """Smooth rigid head motion: ``(n_frames, 3)`` = (dx px, dy px, roll degrees) per frame.
 
     Each component is a sum of three sinusoids with random frequencies in [0.1, 0.7] Hz and phases,
@@ -316,7 +318,9 @@ class FaceRenderer:
         self.grid = np.stack([jj, ii], axis=-1)
         self.roi_center = c
         self.background = self._background()
-        self._lut = (255.0 * np.clip(look.gain * (np.arange(256) / 255.0) ** look.gamma, 0, 1)).astype(np.uint8)
+        self._lut = (255.0 * np.clip(look.gain * (np.arange(256) / 255.0) ** look.gamma, 0, 1)).astype(
+            np.uint8
+        )
         self.box_side = fw * self.scale * float(np.sqrt(sx * sy))
 
     def _background(self) -> np.ndarray:
@@ -330,12 +334,16 @@ class FaceRenderer:
             tex = _smooth_noise(rng, f, 6, 3) * 35.0
         elif style == 1:  # stripes (curtain / shelf)
             freq = rng.uniform(4, 10)
-            tex = (np.sin(2 * np.pi * freq * (xx if rng.uniform() < 0.5 else yy)) * 25.0)[..., None] * np.ones(3)
+            tex = (np.sin(2 * np.pi * freq * (xx if rng.uniform() < 0.5 else yy)) * 25.0)[
+                ..., None
+            ] * np.ones(3)
         else:  # fine grain + blobs
             tex = _smooth_noise(rng, f, 12, 3) * 20.0 + _smooth_noise(rng, f, 3, 3) * 30.0
         return np.clip(base + grad + tex, 0, 255).astype(np.float32)
 
-    def render(self, expression: np.ndarray, pose: np.ndarray, noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def render(
+        self, expression: np.ndarray, pose: np.ndarray, noise: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One frame.
 
         Parameters

@@ -15,9 +15,9 @@ Columns (Parquet, schema :data:`MANIFEST_SCHEMA`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -66,7 +66,9 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a manifest atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(manifest_frame(df.to_dict("records")), schema=MANIFEST_SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(
+        manifest_frame(df.to_dict("records")), schema=MANIFEST_SCHEMA, preserve_index=False
+    )
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     tmp.replace(path)
@@ -88,7 +90,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return table.to_pandas()
 
 
-@dataclass
+@dataclasses.dataclass
 class ManifestResult:
     """What an adapter returns: the manifest rows and the samples it skipped (``data.skip_bad``).
 
@@ -96,7 +98,7 @@ class ManifestResult:
     """
 
     frame: pd.DataFrame
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict] = dataclasses.field(default_factory=list)
 
 
 class BadSamples:

@@ -8,16 +8,18 @@ Aff-Wild2-like set (videos with an audio track + per-frame valence/arousal annot
 How the labels shape the data (Biovid; ``c`` = class id 0..4 = BL1, PA1..PA4):
 
 - Face: expression units of :mod:`pkdot.data.faces_art` (brow lowering, eye narrowing, cheek and upper-lip
-  raise) with intensity ``expressiveness * FACE_LEVEL[c] * u`` (``u ~ U(0.7, 1.3)`` per sample), ramping up
-  from a response onset 0.8-1.8 s into the 5.5 s window. ``expressiveness`` in [0, 1] is per subject, spread
-  evenly over subjects (some near 0: their face says little). Blinks, small spontaneous movements, head
-  motion, per-subject appearance and lighting are nuisances.
-- Physio (512 Hz): heart rate rises by ``reactivity * gain_hr * PHYSIO_LEVEL[c]`` bpm, a skin-conductance
-  response starts 1-2 s after the onset with amplitude ``reactivity * gain_eda * PHYSIO_LEVEL[c]`` (log-normal
-  per-sample noise), EMG burst power rises likewise; per-subject baselines and per-sample noise. ``reactivity``
-  in [0.35, 1] is per subject, independent of expressiveness, so physio carries more label information than
-  the face on average and the two are complementary. Part B's corrugator EMG also follows the brow-lowering
-  track of the face.
+  raise) with intensity ``expressiveness * FACE_LEVEL[c] * u`` (``u ~ LogN(0, 0.5)`` per sample), ramping up
+  from a response onset 0.8-1.8 s into the 5.5 s window. ``expressiveness`` in [0, 1] is per subject: one
+  value per stratum of [0, 1], squared (skewed low: several faces say little). Nuisances: a frown of
+  concentration in 30 % of the windows, small spontaneous movements, blinks, head motion, per-subject
+  appearance, background and lighting.
+- Physio (512 Hz): with ``L = PHYSIO_LEVEL[c] * reactivity * r`` (``r ~ LogN(0, 0.5)`` per window), heart
+  rate rises by ``gain_hr * L`` bpm, a skin-conductance response starts 1-2 s after the onset with amplitude
+  ``gain_eda * L``, EMG burst power rises with ``gain_emg * L``; per-subject baselines, heart-rate drift,
+  non-specific SCRs and EMG movement artefacts are noise. ``reactivity`` in [0.4, 1] is per subject,
+  independent of expressiveness, so physio carries more label information than the face on average and the
+  two are complementary (``tests/data/test_synthetic_informativeness.py``). Part B's corrugator EMG also
+  follows the brow-lowering track of the face.
 
 Aff-Wild2: valence and arousal are slow random processes in (-1, 1) per frame; valence moves the mouth
 corners (and frowns when negative), arousal widens the eyes and raises the brows; the audio is a voiced
@@ -59,7 +61,10 @@ PHYSIO_LEVEL = (0.0, 0.3, 0.55, 0.8, 1.0)
 #: Audio sample rate of the Aff-Wild2-like videos.
 AUDIO_SR = 16000
 TRUTH_FILE = "synthetic_truth.parquet"
-BIOVID_CHANNELS = {"A": ["gsr", "ecg", "emg_trapezius"], "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"]}
+BIOVID_CHANNELS = {
+    "A": ["gsr", "ecg", "emg_trapezius"],
+    "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
+}
 
 _UNIT = {name: i for i, name in enumerate(EXPRESSION_UNITS)}
 
@@ -85,7 +90,8 @@ def write_synthetic(
     kind : ``"biovid"`` (``video/<subject>/<sample>.mp4``, ``biosignals_filtered/<subject>/<sample>_bio.csv``,
         ``samples.csv``) or ``"affwild2"`` (``videos/<video>.mp4`` with audio,
         ``annotations/VA_Estimation_Challenge/{Train_Set,Validation_Set}/<video>.txt``).
-    out : output directory (created; files are written to temp names then renamed).
+    out : output directory (created; files are written to temp names then renamed, replacing files of the same
+        name). Use an empty directory: files of an earlier, larger set are not removed.
     subjects : number of synthetic people (>= 1; >= 2 for Aff-Wild2 to fill both partitions).
     seed : everything is drawn from it; the same seed gives byte-identical CSV/text files.
     samples_per_class : Biovid windows per class per subject (5.5 s each, ``round(5.5 * fps)`` frames).
@@ -115,14 +121,18 @@ def write_synthetic(
         _write_biovid(out, subjects, seed, samples_per_class, part, frame_size, fps, progress)
     else:
         if subjects < 2:
-            raise ConfigError(f"synth.subjects must be >= 2 for Aff-Wild2 (train and validation), got {subjects}")
+            raise ConfigError(
+                f"synth.subjects must be >= 2 for Aff-Wild2 (train and validation), got {subjects}"
+            )
         if videos_per_subject not in (1, 2):
             raise ConfigError(
                 f"synth.videos_per_subject must be 1 or 2 for Aff-Wild2 (got {videos_per_subject}): Aff-Wild2 "
                 "derives the subject from the video name, so only a _left/_right pair can share a subject"
             )
         if seconds_per_video * fps < 2:
-            raise ConfigError(f"synth.seconds_per_video * fps must give >= 2 frames, got {seconds_per_video * fps}")
+            raise ConfigError(
+                f"synth.seconds_per_video * fps must give >= 2 frames, got {seconds_per_video * fps}"
+            )
         _write_affwild2(out, subjects, seed, videos_per_subject, seconds_per_video, frame_size, fps, progress)
     return out
 
@@ -135,7 +145,9 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
 
@@ -173,7 +185,7 @@ def _write_video_cv2(path: Path, frames: np.ndarray, fps: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     h, w = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (w, h))
     if not writer.isOpened():
         raise OSError(f"OpenCV could not open a mp4v VideoWriter for {tmp}")
     try:
@@ -218,7 +230,9 @@ def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarra
     table = pa.table({"time": time_us, **{ch: np.round(x, 6) for ch, x in signals.items()}})
     buffer = io.BytesIO()
     buffer.write(("\t".join(table.column_names) + "\n").encode())
-    pcsv.write_csv(table, buffer, pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"))
+    pcsv.write_csv(
+        table, buffer, pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     tmp.write_bytes(buffer.getvalue())
@@ -245,7 +259,13 @@ def _subject_names(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _biovid_physio(
-    rng: np.random.Generator, subject: dict, class_id: int, onset: float, brow_track: np.ndarray, fps: int, part: str
+    rng: np.random.Generator,
+    subject: dict,
+    class_id: int,
+    onset: float,
+    brow_track: np.ndarray,
+    fps: int,
+    part: str,
 ) -> dict[str, np.ndarray]:
     """One 5.5 s window of biosignals at 512 Hz: ``{"gsr", "ecg", "emg_*"}`` arrays of 2816 samples.
 
@@ -276,11 +296,21 @@ def _biovid_physio(
     phase = rng.uniform(0, 1) + np.cumsum(hr / 60.0) / fs
     beats = te[np.flatnonzero(np.diff(np.floor(phase)) > 0) + 1]
     ecg = np.zeros(n)
-    waves = ((-0.2, 0.12, 0.025), (-0.035, -0.1, 0.01), (0.0, 1.0, 0.012), (0.035, -0.22, 0.01), (0.26, 0.28, 0.045))
+    waves = (
+        (-0.2, 0.12, 0.025),
+        (-0.035, -0.1, 0.01),
+        (0.0, 1.0, 0.012),
+        (0.035, -0.22, 0.01),
+        (0.26, 0.28, 0.045),
+    )
     for tb in beats:
         for off, amp, width in waves:
             ecg += amp * np.exp(-0.5 * ((t - tb - off) / width) ** 2)
-    ecg = subject["ecg_amp"] * ecg + 0.05 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6.3)) + rng.normal(0, 0.02, n)
+    ecg = (
+        subject["ecg_amp"] * ecg
+        + 0.05 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6.3))
+        + rng.normal(0, 0.02, n)
+    )
 
     # ---- EDA
     def scr(start: float, amplitude: float) -> np.ndarray:
@@ -303,7 +333,9 @@ def _biovid_physio(
         bursts = np.clip(1.0 + 0.6 * gaussian_filter1d(rng.normal(0, 1, n), 40.0) / 0.084, 0.2, None)
         artefacts = np.zeros(n)
         for _ in range(int(rng.poisson(1.2))):
-            artefacts += rng.uniform(0.3, 1.5) * np.exp(-0.5 * ((t - rng.uniform(0, BIOVID_SECONDS)) / 0.25) ** 2)
+            artefacts += rng.uniform(0.3, 1.5) * np.exp(
+                -0.5 * ((t - rng.uniform(0, BIOVID_SECONDS)) / 0.25) ** 2
+            )
         drive = weight[ch] * subject["emg_gain"] * level * emg_ramp * bursts + artefacts
         if ch == "emg_corrugator":
             drive = drive + 2.0 * brow
@@ -355,16 +387,25 @@ def _write_biovid(
                 ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
                 ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))
                 expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
-                for unit, weight in (("brow_lower", 1.0), ("eye_narrow", 0.8), ("cheek_raise", 0.7), ("lip_raise", 0.8)):
+                for unit, weight in (
+                    ("brow_lower", 1.0),
+                    ("eye_narrow", 0.8),
+                    ("cheek_raise", 0.7),
+                    ("lip_raise", 0.8),
+                ):
                     expr[:, _UNIT[unit]] = weight * intensity * ramp
                 # label-free nuisances: a frown of concentration in some windows, small movements, blinks
                 if prng.uniform() < 0.3:
                     frown = look.expressiveness * prng.uniform(0.2, 0.6)
-                    bump = np.exp(-0.5 * ((t - prng.uniform(0.0, BIOVID_SECONDS)) / prng.uniform(0.4, 1.0)) ** 2)
+                    bump = np.exp(
+                        -0.5 * ((t - prng.uniform(0.0, BIOVID_SECONDS)) / prng.uniform(0.4, 1.0)) ** 2
+                    )
                     expr[:, _UNIT["brow_lower"]] += frown * bump
                     expr[:, _UNIT["eye_narrow"]] += 0.6 * frown * bump
                 for unit in ("mouth_corner_up", "brow_raise"):
-                    expr[:, _UNIT[unit]] += 0.2 * gaussian_filter1d(prng.normal(0, 1, n_frames), fps * 0.6) / 0.3
+                    expr[:, _UNIT[unit]] += (
+                        0.2 * gaussian_filter1d(prng.normal(0, 1, n_frames), fps * 0.6) / 0.3
+                    )
                 expr[:, _UNIT["eye_narrow"]] = np.minimum(
                     expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
                 )
@@ -376,10 +417,14 @@ def _write_biovid(
                     frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
                 video_rel = Path("video") / name / f"{sample_name}.mp4"
                 _write_video_cv2(out / video_rel, frames, fps)
-                signals = _biovid_physio(prng, subject, class_id, onset, expr[:, _UNIT["brow_lower"]], fps, part)
+                signals = _biovid_physio(
+                    prng, subject, class_id, onset, expr[:, _UNIT["brow_lower"]], fps, part
+                )
                 bio_path = out / "biosignals_filtered" / name / f"{sample_name}_bio.csv"
                 _write_bio_csv(bio_path, time_us, {ch: signals[ch] for ch in channels})
-                sample_rows.append(f"{s_idx}\t{name}\t{class_id}\t{class_name}\t{sample_counter}\t{sample_name}")
+                sample_rows.append(
+                    f"{s_idx}\t{name}\t{class_id}\t{class_name}\t{sample_counter}\t{sample_name}"
+                )
                 sample_counter += 1
                 truth.append(
                     {
@@ -397,7 +442,9 @@ def _write_biovid(
                 advance()
     _write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
     _write_truth(out, truth)
-    logger.info("synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, sample_counter, out)
+    logger.info(
+        "synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, sample_counter, out
+    )
 
 
 # ---- Aff-Wild2 ---------------------------------------------------------------------------------------------
@@ -408,7 +455,9 @@ def _va_process(rng: np.random.Generator, n: int, fps: int, mean: float) -> np.n
     return np.tanh(0.7 * z + mean)
 
 
-def _voice(rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fps: int, f0: float) -> np.ndarray:
+def _voice(
+    rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fps: int, f0: float
+) -> np.ndarray:
     """Mono audio at :data:`AUDIO_SR`: a harmonic tone, pitch ``f0 * 2^(0.5 a)``, loudness rising with arousal
     ``a``, spectral tilt falling with valence, gated into syllables, plus noise. Values in [-1, 1]."""
     n = int(round(len(arousal) / fps * AUDIO_SR))
@@ -428,7 +477,14 @@ def _voice(rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, f
 
 
 def _write_affwild2(
-    out: Path, subjects: int, seed: int, per_subject: int, seconds: float, frame_size: int, fps: int, progress: bool
+    out: Path,
+    subjects: int,
+    seed: int,
+    per_subject: int,
+    seconds: float,
+    frame_size: int,
+    fps: int,
+    progress: bool,
 ) -> None:
     rng = np.random.default_rng([seed, 11])
     expressiveness = _spread(rng, subjects, 0.0, 1.0)
@@ -457,7 +513,9 @@ def _write_affwild2(
                 expr[:, _UNIT["mouth_corner_up"]] = 1.2 * e * valence
                 expr[:, _UNIT["brow_lower"]] = 0.6 * e * np.clip(-valence, 0.0, None)
                 expr[:, _UNIT["brow_raise"]] = 0.9 * e * arousal
-                expr[:, _UNIT["eye_narrow"]] = np.minimum(-0.6 * e * arousal + 1.6 * blink_track(vrng, n_frames, fps), 2.2)
+                expr[:, _UNIT["eye_narrow"]] = np.minimum(
+                    -0.6 * e * arousal + 1.6 * blink_track(vrng, n_frames, fps), 2.2
+                )
                 poses = head_motion(vrng, n_frames, fps, look, frame_size)
                 frames = np.empty((n_frames, frame_size, frame_size, 3), np.uint8)
                 boxes = np.empty((n_frames, 4), np.float64)

@@ -76,7 +76,9 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
     """
     path = Path(root)
     if data.task not in ("binary", "multiclass"):
-        raise ConfigError(f"data.task: table data is classification, expected 'binary' or 'multiclass', got {data.task!r}")
+        raise ConfigError(
+            f"data.task: table data is classification, expected 'binary' or 'multiclass', got {data.task!r}"
+        )
     if not path.is_file():
         raise DatasetError(f"table {path} does not exist (expected a Parquet file)")
     try:
@@ -92,10 +94,12 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         )
     for m in modalities:
         kind = table.schema.field(m).type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) or not (
-            pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
-        ):
-            raise DatasetError(f"table {path}: column {m!r} has type {kind} (expected a list of floats per row)")
+        if not (
+            pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+        ) or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+            raise DatasetError(
+                f"table {path}: column {m!r} has type {kind} (expected a list of floats per row)"
+            )
     bad = BadSamples(data.skip_bad)
     n = table.num_rows
     if n == 0:
@@ -121,7 +125,11 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             elif lengths[i] == 0:
                 reject(i, m, "the vector is empty")
             elif lengths[i] != expected:
-                reject(i, m, f"ragged vector of length {lengths[i]} (expected length {expected}, as in most rows)")
+                reject(
+                    i,
+                    m,
+                    f"ragged vector of length {lengths[i]} (expected length {expected}, as in most rows)",
+                )
             elif nonfinite[i]:
                 reject(i, m, "the vector has non-finite values (NaN/inf/null)")
     seen: set[str] = set()
@@ -167,5 +175,11 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         for i, lab in zip(keep, kept_labels, strict=True)
     ]
     frame = manifest_frame(rows)
-    logger.info("table %s: %d samples, %d subjects, %d skipped", path, len(frame), frame["subject_id"].nunique(), len(bad.skipped))
+    logger.info(
+        "table %s: %d samples, %d subjects, %d skipped",
+        path,
+        len(frame),
+        frame["subject_id"].nunique(),
+        len(bad.skipped),
+    )
     return ManifestResult(frame=frame, skipped=bad.skipped)

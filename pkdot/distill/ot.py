@@ -147,21 +147,59 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float, p: int = 2) -
 _LOG_FLOOR = -80.0
 
 
-def _logsumexp(z: Tensor) -> Tensor:
-    """``log(sum(exp(z), -1))`` with the row maximum factored out and underflowing terms clamped.
+def _log_softmin_parts(eps: float, cost: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """In-place core of the soft-min: returns ``(exp(z - max z), max z)`` for ``z = h_j - C_ij / eps``.
 
-    Same value as :func:`torch.logsumexp` to within float rounding (see ``_LOG_FLOOR``); differentiable.
+    One (..., N, M) buffer is allocated and reused in place: on CPU, fresh large buffers per operation
+    (page faults) cost more than the arithmetic.
     """
-    z_max = z.detach().amax(dim=-1, keepdim=True)
-    return torch.log(torch.exp((z - z_max).clamp(min=_LOG_FLOOR)).sum(dim=-1)) + z_max.squeeze(-1)
+    z = torch.sub(h.unsqueeze(-2), cost, alpha=1.0 / eps)
+    z_max = z.amax(dim=-1, keepdim=True)
+    return z.sub_(z_max).clamp_(min=_LOG_FLOOR).exp_(), z_max.squeeze(-1)
+
+
+def _softmin_nograd(eps: float, cost: Tensor, h: Tensor) -> Tensor:
+    r"""Soft-C-transform :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)`, no autograd.
+
+    ``cost`` has shape (..., N, M), ``h`` (..., M); returns (..., N).
+    """
+    weights, z_max = _log_softmin_parts(eps, cost, h)
+    return weights.sum(dim=-1).log_().add_(z_max).mul_(-eps)
+
+
+class _Softmin(torch.autograd.Function):
+    r"""Differentiable soft-min; the backward uses the softmax weights
+    :math:`P_{ij} = \exp(h_j - C_{ij}/\varepsilon - (h - C_i/\varepsilon)_{\mathrm{lse}})`:
+    :math:`\partial f_i / \partial C_{ij} = P_{ij}`, :math:`\partial f_i / \partial h_j = -\varepsilon P_{ij}`."""
+
+    @staticmethod
+    def forward(ctx, eps: float, cost: Tensor, h: Tensor) -> Tensor:  # type: ignore[override]
+        weights, z_max = _log_softmin_parts(eps, cost, h)
+        total = weights.sum(dim=-1)
+        weights.div_(total.unsqueeze(-1))  # softmax over j
+        ctx.eps = eps
+        ctx.save_for_backward(weights)
+        return total.log_().add_(z_max).mul_(-eps)
+
+    @staticmethod
+    def backward(ctx, grad_f: Tensor) -> tuple[None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        (weights,) = ctx.saved_tensors
+        grad_cost = weights * grad_f.unsqueeze(-1) if ctx.needs_input_grad[1] else None
+        grad_h = None
+        if ctx.needs_input_grad[2]:
+            grad_h = (weights * grad_f.unsqueeze(-1)).sum(dim=-2).mul_(-ctx.eps)
+        return None, grad_cost, grad_h
 
 
 def _softmin(eps: float, cost: Tensor, h: Tensor) -> Tensor:
     r"""Soft-C-transform :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)`.
 
-    ``cost`` has shape (..., N, M), ``h`` (..., M); returns (..., N).
+    ``cost`` has shape (..., N, M), ``h`` (..., M); returns (..., N). Differentiable in ``cost`` and ``h``
+    when autograd is on; an in-place, allocation-light path otherwise.
     """
-    return -eps * _logsumexp(h.unsqueeze(-2) - cost / eps)
+    if torch.is_grad_enabled() and (cost.requires_grad or h.requires_grad):
+        return _Softmin.apply(eps, cost, h)
+    return _softmin_nograd(eps, cost, h)
 
 
 def _uniform_log_weights(n: int, like: Tensor) -> Tensor:

@@ -109,10 +109,11 @@ def _decode_mono(path: Path, sr: int, start_s: float, end_s: float | None) -> tu
         if not container.streams.audio:
             raise FeatureError(f"file {path}: no audio track")
         stream = container.streams.audio[0]
+        time_base = float(stream.time_base) if stream.time_base else 1.0 / float(stream.rate or sr)
         if start_s > SEEK_MIN_S:
-            container.seek(int((start_s - 1.0) / float(stream.time_base)), stream=stream, backward=True)
+            container.seek(int((start_s - 1.0) / time_base), stream=stream, backward=True)
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=sr)
-        stream_start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        stream_start = stream.start_time * time_base if stream.start_time is not None else 0.0
         chunks: list[np.ndarray] = []
         first_time: float | None = None
         have = 0

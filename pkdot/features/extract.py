@@ -418,11 +418,10 @@ def _run_jobs(
         disable=not progress,
         transient=False,
     ) as bar:
-        tasks = {}
+        totals: dict[str, int] = defaultdict(int)
         for job in jobs:
-            if job.modality not in tasks:
-                tasks[job.modality] = bar.add_task(f"{job.modality} samples", total=0)
-            bar.update(tasks[job.modality], total=bar.tasks[tasks[job.modality]].total + len(job.rows))
+            totals[job.modality] += len(job.rows)
+        tasks = {m: bar.add_task(f"{m} samples", total=n) for m, n in totals.items()}
         todo = []
         for job in jobs:
             done = _existing_summary(job)

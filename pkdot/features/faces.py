@@ -162,7 +162,7 @@ class FaceDetector:
 
 @functools.lru_cache(maxsize=1)
 def _haar_cascade() -> cv2.CascadeClassifier:
-    path = Path(cv2.data.haarcascades) / HAAR_CASCADE
+    path = Path(cv2.data.haarcascades) / HAAR_CASCADE  # type: ignore[attr-defined]
     cascade = cv2.CascadeClassifier(str(path))
     if cascade.empty():
         raise FeatureError(

@@ -120,3 +120,13 @@ def test_index_required_and_checked(make_batch) -> None:
         _crd(n_negatives=0)
     with pytest.raises(ConfigError, match="num_samples"):
         _crd(num_samples=1)
+
+
+def test_same_seed_same_losses(make_batch) -> None:
+    batch = make_batch(num_samples=50)
+    values = []
+    for _ in range(2):
+        torch.manual_seed(123)  # the heads' nn.Linear initialisation
+        loss = _crd(num_samples=50, n_negatives=8, seed=7)
+        values.append([loss(batch).item() for _ in range(3)])
+    assert values[0] == values[1]

@@ -309,7 +309,7 @@ def test_synthetic_biovid_extracts_faces_and_physio(tmp_path):
         tmp_path / "run/features/physio.parquet"
     ).is_file()
     assert (tmp_path / "run/features" / REPORT_NAME).is_file()
-    assert report["n_written"] == len(manifest) == 15 and not report["quarantined"]
+    assert report["n_written"] == len(manifest) == 6 and not report["quarantined"]  # binary: BL1 and PA4
     assert report["face_detection_rate"] >= 0.95
     windows = {sid: (sid, 0, 0) for sid in manifest.sample_id}
     _check_centred(tmp_path / "run", root / "synthetic_truth.parquet", windows, cfg.features.n_frames)

@@ -149,12 +149,14 @@ def prefect_api(env: dict[str, str], path: str, body: dict | None = None) -> Any
 def wait_for_deployment(
     env: dict[str, str], name: str, timeout: float, procs: Processes, served: str
 ) -> dict:
-    """Poll until ``flow/deployment`` exists (and, for a served one, its process is still alive)."""
+    """Poll until ``flow/deployment`` exists as a served deployment (no work pool) while ``served`` is alive."""
     deadline = time.monotonic() + timeout
     flow, deployment = name.split("/")
     while time.monotonic() < deadline:
         try:
-            return prefect_api(env, f"/deployments/name/{flow}/{deployment}")
+            found = prefect_api(env, f"/deployments/name/{flow}/{deployment}")
+            if found["work_pool_name"] is None:  # (one left by `prefect deploy` has a pool)
+                return found
         except urllib.error.HTTPError as exc:
             if exc.code != 404:
                 raise

@@ -57,6 +57,11 @@ def test_prefect_yaml_deploys_to_the_process_pool_and_a_worker_runs_it(it, stack
     assert flow_run["state"]["type"] == "FAILED", output[-3000:]
     assert "unknown preset 'no-such-preset'" in flow_run["state"]["message"] + output
     processes.stop("worker")
+    done = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "delete", "pkdot/full-pipeline"],
+        cwd=REPO, env=stack_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
 
 
 def test_served_full_pipeline_trains_and_registers_the_champion(
@@ -67,7 +72,7 @@ def test_served_full_pipeline_trains_and_registers_the_champion(
     prefect_api = it.prefect_api
     processes.start("serve", [it.PYTHON, "-m", "flows.serve"], stack_env)
     deployment = it.wait_for_deployment(stack_env, "pkdot/full-pipeline", 180, processes, served="serve")
-    assert deployment["work_pool_name"] is None  # served by the process itself, no pool
+    assert deployment["work_pool_name"] is None and "pkdot" in deployment["tags"]  # served: no pool
 
     run_dir = tmp_path / "run"
     params = {
