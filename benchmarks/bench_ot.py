@@ -32,7 +32,7 @@ import logging
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -46,7 +46,7 @@ def _time(fn: Callable[[], object]) -> float:
 
 
 def _interleaved(
-    methods: dict[str, Callable[[], object]], repeats: int, warmup: int
+    methods: Mapping[str, Callable[[], object]], repeats: int, warmup: int
 ) -> dict[str, list[float]]:
     for _ in range(warmup):
         for fn in methods.values():

@@ -170,6 +170,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     use_gpu: bool | Literal["auto"] = "auto"
     max_failures: int = Field(default=2, ge=0)
+    checkpoint_every_s: float = Field(default=20.0, ge=0, description="Min seconds between Ray Train checkpoints")
     seeds: list[int] = Field(default_factory=lambda: [0])
 
     @field_validator("folds")
@@ -276,12 +277,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"embed_dim": 64, "video_backbone": "small3d", "video_width": 8, "physio_width": 8,
                   "audio_width": 8, "mlp_hidden": 64, "fusion_heads": 2, "tnet_hidden": [64, 32, 64],
                   "dropout": 0.1},
-        "train": {"folds": 4, "max_folds": 2, "batch_size": 32, "teacher_batch_size": 32,
+        "train": {"folds": 5, "max_folds": 2, "batch_size": 32, "teacher_batch_size": 32,
                   "epochs_unimodal": 6, "epochs_teacher": 6, "epochs_tnet": 10, "epochs_student": 8,
                   "lr_backbone": 3e-3, "lr_teacher_backbone": 1e-3, "lr_fusion": 3e-3, "lr_tnet": 3e-3,
                   "lr_student": 3e-3, "num_workers": 2, "seeds": [0], "optimizer": "adam"},
         "distill": {"k": 10},
-        "synth": {"subjects": 8, "samples_per_class": 4},
+        "synth": {"subjects": 10, "samples_per_class": 8},
     },
     # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6).
     "paper": {

@@ -109,6 +109,10 @@ class ContrastiveRD(DistillLoss):
     """
 
     option_names = ("n_negatives", "temperature", "momentum", "feat_dim", "seed")
+    memory_student: Tensor
+    memory_teacher: Tensor
+    norm_student: Tensor
+    norm_teacher: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

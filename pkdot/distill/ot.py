@@ -25,16 +25,21 @@ The algorithm is GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) 
   :math:`\text{scaling}^p` at each iteration until it reaches :math:`\text{blur}^p`
   (:func:`epsilon_schedule`); one symmetric (averaged) update of every potential per temperature;
 * log domain: every update is a soft-min :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij} /
-  \varepsilon)` computed with ``logsumexp`` so that no kernel :math:`e^{-C/\varepsilon}` ever underflows;
+  \varepsilon)` computed as a max-shifted log-sum-exp, so that no kernel :math:`e^{-C/\varepsilon}` ever
+  underflows (in place on one buffer; exponents below -80 are clamped, which changes nothing at float64
+  precision but avoids CPU ``exp``'s slow path on underflowing arguments, 10-20x slower);
 * the four problems :math:`(a \to b, b \to a, a \to a, b \to b)` of the debiased divergence are solved
-  together as one batched ``(4, N, N)`` tensor when :math:`N = M` (one ``logsumexp`` call per iteration);
+  together as one batched ``(4, N, N)`` tensor when :math:`N = M` (one soft-min call per iteration);
 * gradients by the envelope theorem: the loop runs without autograd and only a last, "extrapolation"
   soft-min step (with detached potentials and a cost whose right-hand points are detached) is
   differentiated, which gives :math:`\nabla_{x_i} \mathrm{OT}_\varepsilon = \sum_j \pi_{ij} (x_i - y_j)`
   at convergence, as in GeomLoss.
 
 With the same inputs it reproduces ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling)``
-(tensorized backend) to float rounding.
+(tensorized backend) to float rounding. Measured on a 2-core CPU (``benchmarks/bench_ot.py``, PKDOT clouds,
+k = 30, forward + backward) it takes 0.5-0.8x GeomLoss's time for B = 64..256, and is ~250x faster than
+POT's log-domain Sinkhorn (``ot.sinkhorn2(method="sinkhorn_log")``), which has no epsilon-scaling and runs
+to its iteration cap at eps = 0.01.
 
 References
 ----------

@@ -102,6 +102,32 @@ def predict(forward: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]], 
     return np.concatenate(outs), np.concatenate(embs)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, forward: Callable[[np.ndarray], object],
+                          batches: Sequence[np.ndarray]) -> int:
+    """Re-estimate BatchNorm running statistics with the current weights ("precise BN").
+
+    With few optimisation steps per epoch (small data sets), the exponential running averages lag far behind
+    the weights and eval-mode predictions collapse. This resets the running statistics of every *trainable*
+    BatchNorm layer of ``model`` and accumulates exact averages (``momentum=None``) over ``batches``
+    (``forward(index)`` runs the model on them). Frozen (eval-mode) BatchNorm layers are left alone.
+    Returns the number of layers recalibrated.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+              and m.track_running_stats]
+    if not layers or not batches:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    for index in batches:
+        forward(index)
+    for m, mom in zip(layers, momenta, strict=True):
+        m.momentum = mom
+    return len(layers)
+
+
 @dataclass
 class FitState:
     """Everything needed to resume a fit at an epoch boundary."""
@@ -123,7 +149,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepF
         on_epoch_end: Callable[[FitState], None] | None = None, resume: FitState | None = None,
         scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
         train_modules: Sequence[nn.Module] = (), progress: Callable[[int, dict[str, float]], None] | None = None,
-        ) -> FitState:
+        recalibrate: Callable[[int], None] | None = None) -> FitState:
     """Train ``epochs`` epochs, keep the weights of the best validation epoch (higher ``validate()`` is better).
 
     ``model`` is what is saved/selected (its ``state_dict``); ``train_modules`` are put in train mode for the
@@ -141,6 +167,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepF
     mods = list(train_modules) or [model]
     for epoch in range(state.epoch, epochs):
         losses = train_epoch(train_step, optimizer, batches_for_epoch(epoch), modules=mods)
+        if recalibrate is not None:
+            for m in mods:
+                m.train()
+            recalibrate(epoch)
         score = float(validate())
         if scheduler is not None:
             scheduler.step(-score)

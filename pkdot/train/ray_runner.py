@@ -129,13 +129,21 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             return module
         return ray.train.torch.prepare_model(module, move_to_device=False)
 
+    import time
+
+    last_checkpoint = [0.0]
+    every = float(cfg.train.checkpoint_every_s)
     for job in jobs:
         if job.is_done():
             continue
 
         def on_epoch_end(phase: str, state: FitState, metrics: dict[str, float], job: Job = job) -> None:
             reported = {"job": job.key, "phase": phase, **{k: float(v) for k, v in metrics.items()}}
-            if rank == 0:
+            # every worker reports every epoch; only rank 0 attaches a checkpoint, at most every `every` s
+            due = rank == 0 and time.monotonic() - last_checkpoint[0] >= every
+            if due:
+                last_checkpoint[0] = time.monotonic()
+            if due:
                 with tempfile.TemporaryDirectory() as tmp:
                     (Path(tmp) / "meta.json").write_text(json.dumps({"job": job.key, "phase": phase}))
                     (Path(tmp) / "state.pt").write_bytes(state_to_bytes(state))
@@ -187,15 +195,13 @@ def run_jobs_on_ray(cfg: RunConfig, kind: str, jobs: Sequence[Job], *, callbacks
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
+    # Ray stays up when this call started it: later stages of the same process reuse it, and it ends with
+    # the process (``ray.shutdown()`` between stages made Ray's placement-group cleaner spam the log).
+    del started
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps worker errors in its own types
         raise StageError(f"{kind} training failed on Ray after {cfg.train.max_failures} retries: {exc}") from exc
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     missing = [j.key for j in pending if not j.is_done()]
     if missing:
         raise StageError(f"{kind} training finished but jobs {missing} wrote no DONE marker")

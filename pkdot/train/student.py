@@ -30,7 +30,15 @@ from pkdot.train.jobs import (
     write_history,
     write_predictions,
 )
-from pkdot.train.loops import epoch_batches, fit, predict, seed_everything, task_loss, task_metric
+from pkdot.train.loops import (
+    epoch_batches,
+    fit,
+    predict,
+    recalibrate_batchnorm,
+    seed_everything,
+    task_loss,
+    task_metric,
+)
 from pkdot.train.splits import Fold
 
 log = logging.getLogger(__name__)
@@ -142,12 +150,17 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         outputs, _ = predict(lambda idx: forward(data.val, idx), len(data.val), b, [student])
         return task_metric(data.val.targets, outputs, regression)
 
+    def recalibrate(epoch: int) -> None:
+        if not from_features:  # a trainable backbone: re-estimate its BatchNorm statistics
+            recalibrate_batchnorm(student, lambda idx: forward(data.train, idx),
+                                  epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False))
+
     phase = f"student-{job.loss}"
     state = fit(student, optimizer, train_step=step, validate=validate, epochs=cfg.train.epochs_student,
                 batches_for_epoch=lambda e: epoch_batches(len(data.train), b, seed=job.seed * 1000 + job.fold,
                                                           epoch=e, rank=ctx.rank, world=ctx.world),
                 on_epoch_end=ctx.epoch_hook(phase), resume=ctx.resume_for(phase), scheduler=scheduler,
-                train_modules=[train_objective], progress=ctx.progress_hook(phase))
+                train_modules=[train_objective], progress=ctx.progress_hook(phase), recalibrate=recalibrate)
     metrics: dict[str, float] = {}
     if ctx.is_chief:
         frames = []

@@ -34,7 +34,16 @@ from pkdot.train.jobs import (
     write_history,
     write_predictions,
 )
-from pkdot.train.loops import FitState, epoch_batches, fit, predict, seed_everything, task_loss, task_metric
+from pkdot.train.loops import (
+    FitState,
+    epoch_batches,
+    fit,
+    predict,
+    recalibrate_batchnorm,
+    seed_everything,
+    task_loss,
+    task_metric,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +75,18 @@ def _fit_supervised(cfg: RunConfig, job: Job, ctx: WorkerContext, phase: str, mo
         return task_metric(data.val.targets, outputs, regression)
 
     seed = job.seed * 1000 + job.fold
+
+    def recalibrate(epoch: int) -> None:
+        # every worker recalibrates on the whole training set, so all ranks hold the same statistics
+        recalibrate_batchnorm(model, lambda idx: forward(model, data.train, idx),
+                              epoch_batches(len(data.train), batch_size, seed=seed, epoch=epoch, drop_last=False))
+
     return fit(
         model, optimizer, train_step=step, validate=validate, epochs=epochs,
         batches_for_epoch=lambda e: epoch_batches(len(data.train), batch_size, seed=seed, epoch=e,
                                                   rank=ctx.rank, world=ctx.world),
         on_epoch_end=ctx.epoch_hook(phase), resume=ctx.resume_for(phase), train_modules=[train_model],
-        progress=ctx.progress_hook(phase),
+        progress=ctx.progress_hook(phase), recalibrate=recalibrate,
     )
 
 

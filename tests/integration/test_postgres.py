@@ -34,16 +34,25 @@ def _as_postgres(command: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
+def _postgres_tool(name: str) -> str:
+    """A PostgreSQL server program: on PATH, else in Debian's versioned folder."""
+    found = shutil.which(name) or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None
+    )
+    if found is None:
+        pytest.fail(f"{name} is not installed (Debian: apt-get install postgresql)")
+    return str(found)
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[dict[str, str]]:
-    for tool in ("initdb", "pg_ctl", "psql"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed (Debian: apt-get install postgresql)")
+    initdb, pg_ctl = _postgres_tool("initdb"), _postgres_tool("pg_ctl")
+    if shutil.which("psql") is None:
+        pytest.fail("psql is not installed (Debian: apt-get install postgresql-client)")
     root = Path(tempfile.mkdtemp(prefix="pkdot-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     data, port = root / "data", _free_port()
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     done = _as_postgres(f"{initdb} -D {data} -U {SUPERUSER} --auth=trust")
     assert done.returncode == 0, done.stderr
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
