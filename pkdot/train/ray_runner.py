@@ -131,7 +131,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     import time
 
-    last_checkpoint = [0.0]
+    last_checkpoint = [time.monotonic()]
     every = float(cfg.train.checkpoint_every_s)
     for job in jobs:
         if job.is_done():
@@ -139,17 +139,22 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
         def on_epoch_end(phase: str, state: FitState, metrics: dict[str, float], job: Job = job) -> None:
             reported = {"job": job.key, "phase": phase, **{k: float(v) for k, v in metrics.items()}}
-            # every worker reports every epoch; only rank 0 attaches a checkpoint, at most every `every` s
-            due = rank == 0 and time.monotonic() - last_checkpoint[0] >= every
+            # A report is a synchronisation point of all workers through Ray Train's controller (about a
+            # second each here), so reports are spaced: rank 0 decides by its clock, every rank follows.
+            due = time.monotonic() - last_checkpoint[0] >= every
+            if world > 1:
+                flag = torch.tensor([1.0 if due else 0.0])
+                torch.distributed.broadcast(flag, src=0)
+                due = bool(flag.item())
             if due:
                 last_checkpoint[0] = time.monotonic()
-            if due:
-                with tempfile.TemporaryDirectory() as tmp:
-                    (Path(tmp) / "meta.json").write_text(json.dumps({"job": job.key, "phase": phase}))
-                    (Path(tmp) / "state.pt").write_bytes(state_to_bytes(state))
-                    ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(reported, checkpoint=None)
+                if rank == 0:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        (Path(tmp) / "meta.json").write_text(json.dumps({"job": job.key, "phase": phase}))
+                        (Path(tmp) / "state.pt").write_bytes(state_to_bytes(state))
+                        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(reported, checkpoint=None)
             for cb in callbacks:
                 cb(job.key, phase, int(metrics.get("epoch", state.epoch)), rank)
 
