@@ -51,13 +51,12 @@ def main() -> None:
 
     from pkdot.config import load_config
     from pkdot.distill import build_loss
-    from pkdot.train.cache import read_cache
+    from pkdot.train.cache import read_cache, teacher_dir
     from pkdot.train.data import load_samples, split_fold
     from pkdot.train.loops import epoch_batches
     from pkdot.train.splits import load_folds
     from pkdot.train.student import DistillationObjective, build_student_for_job
     from pkdot.train.teacher import load_teacher
-    from pkdot.train.cache import teacher_dir
 
     if args.run is None:
         cfg = prepare(Path("/tmp/pkdot-bench-cache"), args.subjects)

@@ -6,4 +6,12 @@ __version__ = "0.1.0"
 
 from pkdot.errors import ConfigError, DatasetError, FeatureError, PkdotError, StageError, StaleCacheError
 
-__all__ = ["ConfigError", "DatasetError", "FeatureError", "PkdotError", "StageError", "StaleCacheError", "__version__"]
+__all__ = [
+    "ConfigError",
+    "DatasetError",
+    "FeatureError",
+    "PkdotError",
+    "StageError",
+    "StaleCacheError",
+    "__version__",
+]

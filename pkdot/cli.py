@@ -14,22 +14,37 @@ from pkdot.errors import PkdotError
 
 log = logging.getLogger("pkdot")
 
-for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "DO_NOT_TRACK": "1",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MPLBACKEND": "Agg"}.items():
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MPLBACKEND": "Agg",
+}.items():
     os.environ.setdefault(_k, _v)
 
 
 def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     p.add_argument("--config", type=Path, help="Run config YAML (every field optional)")
-    p.add_argument("--preset", choices=["demo", "paper"], help="Preset applied before the file (default demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override a config field, e.g. --set train.epochs_student=3 (repeatable)")
+    p.add_argument(
+        "--preset", choices=["demo", "paper"], help="Preset applied before the file (default demo)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config field, e.g. --set train.epochs_student=3 (repeatable)",
+    )
     if dataset:
         p.add_argument("--dataset", choices=["biovid", "affwild2", "table"])
         p.add_argument("--root", type=Path, help="Dataset root (a Parquet file for --dataset table)")
         p.add_argument("--task", choices=["binary", "multiclass", "valence", "arousal"])
         p.add_argument("--part", choices=["A", "B"])
-        p.add_argument("--skip-bad", action="store_true", help="Skip and report bad samples instead of failing")
+        p.add_argument(
+            "--skip-bad", action="store_true", help="Skip and report bad samples instead of failing"
+        )
         p.add_argument("--student-modalities", help="Comma list (table data): modalities the student has")
         p.add_argument("--privileged-modalities", help="Comma list (table data): teacher-only modalities")
     p.add_argument("--seed", type=int)
@@ -51,8 +66,10 @@ def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
             over[key] = str(v) if isinstance(v, Path) else v
     if getattr(args, "skip_bad", False):
         over["data.skip_bad"] = True
-    for attr, key in (("student_modalities", "data.student_modalities"),
-                      ("privileged_modalities", "data.privileged_modalities")):
+    for attr, key in (
+        ("student_modalities", "data.student_modalities"),
+        ("privileged_modalities", "data.privileged_modalities"),
+    ):
         v = getattr(args, attr, None)
         if v:
             over[key] = [s.strip() for s in v.split(",") if s.strip()]
@@ -88,9 +105,18 @@ def _run_config(args: argparse.Namespace):
 def cmd_synth(args: argparse.Namespace) -> int:
     from pkdot.data.synthetic import write_synthetic
 
-    out = write_synthetic(args.kind, args.out, subjects=args.subjects, seed=args.seed,
-                          samples_per_class=args.samples_per_class, part=args.part,
-                          videos_per_subject=args.videos_per_subject, seconds_per_video=args.seconds_per_video)
+    out = write_synthetic(
+        args.kind,
+        args.out,
+        subjects=args.subjects,
+        seed=args.seed,
+        samples_per_class=args.samples_per_class,
+        part=args.part,
+        videos_per_subject=args.videos_per_subject,
+        seconds_per_video=args.seconds_per_video,
+        frame_size=args.frame_size,
+        fps=args.fps,
+    )
     print(f"wrote a synthetic {args.kind} set to {out}")
     return 0
 
@@ -105,21 +131,25 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     report = args.out.with_name(args.out.stem + "_report.json")
     write_manifest_report(result, report)
     df = result.frame
-    print(f"wrote {args.out}: {len(df)} samples, {df['subject_id'].nunique()} subjects"
-          + (f", {len(result.skipped)} skipped (see {report})" if result.skipped else ""))
+    print(
+        f"wrote {args.out}: {len(df)} samples, {df['subject_id'].nunique()} subjects"
+        + (f", {len(result.skipped)} skipped (see {report})" if result.skipped else "")
+    )
     return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from pkdot.stages import prepare_run, stage_extract, stage_manifest
 
-    over_workers = ["features.workers=%d" % args.workers] if args.workers else []
+    over_workers = [f"features.workers={args.workers}"] if args.workers else []
     args.overrides = list(args.overrides) + over_workers
     cfg = prepare_run(_build_config(args, run_dir=args.out))
     m = stage_manifest(cfg)
     res = stage_extract(cfg, m.fingerprint)
-    print(f"features in {res.path} ({'up to date' if res.skipped else 'extracted'}); "
-          f"report: {res.path / 'extract_report.json'}")
+    print(
+        f"features in {res.path} ({'up to date' if res.skipped else 'extracted'}); "
+        f"report: {res.path / 'extract_report.json'}"
+    )
     return 0
 
 
@@ -163,10 +193,16 @@ def _print_where(details: dict[str, Any]) -> None:
     print(f"report: {details.get('report')}")
     uri = details.get("tracking_uri")
     if uri:
-        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"MLflow: {uri}")
+        print(
+            f"MLflow UI: mlflow ui --backend-store-uri {uri}"
+            if uri.startswith("sqlite")
+            else f"MLflow: {uri}"
+        )
     if details.get("model_name"):
-        print(f"registered model: models:/{details['model_name']}/{details['model_version']} "
-              f"(alias {details['alias']}: models:/{details['model_name']}@{details['alias']})")
+        print(
+            f"registered model: models:/{details['model_name']}/{details['model_version']} "
+            f"(alias {details['alias']}: models:/{details['model_name']}@{details['alias']})"
+        )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -213,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=["A", "B"], default="A")
     p.add_argument("--videos-per-subject", type=int, default=1)
     p.add_argument("--seconds-per-video", type=float, default=12.0)
+    p.add_argument(
+        "--frame-size", type=int, default=160, help="Frame side in pixels (>= 96 for reliable detection)"
+    )
+    p.add_argument("--fps", type=int, default=25)
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("manifest", help="Dataset root -> manifest Parquet")
@@ -226,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.set_defaults(fn=cmd_extract)
 
-    for name, fn, helptext in (("train-teacher", cmd_train_teacher, "Stage 2: teachers + T-Nets on Ray Train"),
-                               ("cache", cmd_cache, "Stage 3: frozen-teacher embedding cache"),
-                               ("distill", cmd_distill, "Stage 4: students, one per loss"),
-                               ("evaluate", cmd_evaluate, "Stage 5: report, plots, MLflow registry")):
+    for name, fn, helptext in (
+        ("train-teacher", cmd_train_teacher, "Stage 2: teachers + T-Nets on Ray Train"),
+        ("cache", cmd_cache, "Stage 3: frozen-teacher embedding cache"),
+        ("distill", cmd_distill, "Stage 4: students, one per loss"),
+        ("evaluate", cmd_evaluate, "Stage 5: report, plots, MLflow registry"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--run", type=Path, required=True, help="Run directory (from `pkdot extract --out`)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -254,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "run" and args.run_dir is None:
         ds = args.dataset or "biovid"
         args.run_dir = Path("runs") / f"{ds}-{args.preset or 'demo'}"

@@ -95,7 +95,6 @@ class FeatureConfig(_Section):
     yunet_model: Path | None = Field(default=None, description="ONNX file for OpenCV FaceDetectorYN")
     detect_width: int = Field(default=320, ge=64, description="Frames are downscaled to this width to detect")
     box_smoothing: float = Field(default=0.5, ge=0.0, lt=1.0, description="EMA factor on face boxes")
-    jpeg_quality: int = Field(default=95, ge=10, le=100)
     # Physio (Biovid: 512 Hz, 5.5 s windows; the authors use seconds 2-5)
     physio_fs: float = Field(default=512.0, gt=0)
     physio_channels: list[str] | None = Field(default=None, description="None = every channel of the part")
@@ -120,7 +119,9 @@ class FeatureConfig(_Section):
             raise ValueError("spec_nfft must be >= spec_nperseg")
         lo, hi = self.physio_window
         if not 0 <= lo < hi:
-            raise ValueError(f"physio_window must be (start, end) seconds with 0 <= start < end, got {lo, hi}")
+            raise ValueError(
+                f"physio_window must be (start, end) seconds with 0 <= start < end, got {lo, hi}"
+            )
         return self
 
 
@@ -143,7 +144,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
         if self.embed_dim % self.fusion_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by fusion_heads ({self.fusion_heads})")
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by fusion_heads ({self.fusion_heads})"
+            )
         return self
 
 
@@ -152,7 +155,9 @@ class TrainConfig(_Section):
 
     folds: int | Literal["loso"] = Field(default=5, description="Subject k-fold (int >= 2) or 'loso'")
     max_folds: int | None = Field(default=None, ge=1, description="Run only the first N folds")
-    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Training subjects held for validation")
+    val_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="Training subjects held for validation"
+    )
     batch_size: int = Field(default=128, ge=2)
     teacher_batch_size: int = Field(default=64, ge=2)
     epochs_unimodal: int = Field(default=20, ge=1)
@@ -165,12 +170,16 @@ class TrainConfig(_Section):
     lr_tnet: float = Field(default=5e-5, gt=0)
     lr_student: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="Teacher phases (paper: SGD, momentum 0.9)")
+    optimizer: Literal["sgd", "adam"] = Field(
+        default="sgd", description="Teacher phases (paper: SGD, momentum 0.9)"
+    )
     freeze_student_backbone: bool = True
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     use_gpu: bool | Literal["auto"] = "auto"
     max_failures: int = Field(default=2, ge=0)
-    checkpoint_every_s: float = Field(default=20.0, ge=0, description="Min seconds between Ray Train checkpoints")
+    checkpoint_every_s: float = Field(
+        default=20.0, ge=0, description="Min seconds between Ray Train checkpoints"
+    )
     seeds: list[int] = Field(default_factory=lambda: [0])
 
     @field_validator("folds")
@@ -184,7 +193,9 @@ class TrainConfig(_Section):
 class DistillConfig(_Section):
     """Distillation losses and their weights: total = task_weight * task + weight * distill."""
 
-    losses: list[str] = Field(default_factory=lambda: ["none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot"])
+    losses: list[str] = Field(
+        default_factory=lambda: ["none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot"]
+    )
     weight: float = Field(default=0.6, ge=0.0)
     task_weight: float = Field(default=1.0, ge=0.0)
     k: int | Literal["all"] = Field(default=30, description="PKDOT anchors per row")
@@ -193,7 +204,9 @@ class DistillConfig(_Section):
     scaling: float = Field(default=0.5, gt=0, lt=1)
     temperature: float = Field(default=4.0, gt=0, description="KD softmax temperature")
     use_tnet: bool = True
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-loss extra keyword options")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-loss extra keyword options"
+    )
 
     @field_validator("k")
     @classmethod
@@ -228,7 +241,9 @@ class RunConfig(_Section):
     preset: Preset = "demo"
     seed: int = 0
     run_dir: Path = Path("runs/demo")
-    ray_address: str | None = Field(default=None, description="Ray cluster ('auto' or host:port); None = $RAY_ADDRESS or a local Ray")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster ('auto' or host:port); None = $RAY_ADDRESS or a local Ray"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
@@ -272,15 +287,43 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tiny models: seconds per epoch on a 2-core CPU.
     "demo": {
         "preset": "demo",
-        "features": {"n_frames": 8, "crop_size": 48, "detect_width": 160, "workers": 2, "shard_size": 16,
-                     "n_mels": 32},
-        "model": {"embed_dim": 64, "video_backbone": "small3d", "video_width": 8, "physio_width": 8,
-                  "audio_width": 8, "mlp_hidden": 64, "fusion_heads": 2, "tnet_hidden": [64, 32, 64],
-                  "dropout": 0.1},
-        "train": {"folds": 5, "max_folds": 2, "batch_size": 32, "teacher_batch_size": 32,
-                  "epochs_unimodal": 6, "epochs_teacher": 6, "epochs_tnet": 10, "epochs_student": 8,
-                  "lr_backbone": 3e-3, "lr_teacher_backbone": 1e-3, "lr_fusion": 3e-3, "lr_tnet": 3e-3,
-                  "lr_student": 3e-3, "num_workers": 2, "seeds": [0], "optimizer": "adam"},
+        "features": {
+            "n_frames": 8,
+            "crop_size": 48,
+            "detect_width": 160,
+            "workers": 2,
+            "shard_size": 16,
+            "n_mels": 32,
+        },
+        "model": {
+            "embed_dim": 64,
+            "video_backbone": "small3d",
+            "video_width": 8,
+            "physio_width": 8,
+            "audio_width": 8,
+            "mlp_hidden": 64,
+            "fusion_heads": 2,
+            "tnet_hidden": [64, 32, 64],
+            "dropout": 0.1,
+        },
+        "train": {
+            "folds": 5,
+            "max_folds": 2,
+            "batch_size": 32,
+            "teacher_batch_size": 32,
+            "epochs_unimodal": 6,
+            "epochs_teacher": 6,
+            "epochs_tnet": 10,
+            "epochs_student": 8,
+            "lr_backbone": 3e-3,
+            "lr_teacher_backbone": 1e-3,
+            "lr_fusion": 3e-3,
+            "lr_tnet": 3e-3,
+            "lr_student": 3e-3,
+            "num_workers": 2,
+            "seeds": [0],
+            "optimizer": "adam",
+        },
         "distill": {"k": 10},
         "synth": {"subjects": 10, "samples_per_class": 8},
     },
@@ -288,11 +331,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "preset": "paper",
         "features": {"n_frames": 10, "crop_size": 112, "detect_width": 320},
-        "model": {"embed_dim": 512, "video_backbone": "r3d18", "video_width": 64, "physio_width": 64,
-                  "audio_width": 64, "fusion_heads": 2, "tnet_hidden": [256, 128, 256]},
-        "train": {"folds": 5, "batch_size": 128, "teacher_batch_size": 64, "epochs_unimodal": 20,
-                  "epochs_teacher": 20, "epochs_tnet": 20, "epochs_student": 20, "lr_backbone": 1e-3,
-                  "lr_teacher_backbone": 1e-4, "lr_fusion": 1e-3, "lr_tnet": 5e-5, "lr_student": 1e-4},
+        "model": {
+            "embed_dim": 512,
+            "video_backbone": "r3d18",
+            "video_width": 64,
+            "physio_width": 64,
+            "audio_width": 64,
+            "fusion_heads": 2,
+            "tnet_hidden": [256, 128, 256],
+        },
+        "train": {
+            "folds": 5,
+            "batch_size": 128,
+            "teacher_batch_size": 64,
+            "epochs_unimodal": 20,
+            "epochs_teacher": 20,
+            "epochs_tnet": 20,
+            "epochs_student": 20,
+            "lr_backbone": 1e-3,
+            "lr_teacher_backbone": 1e-4,
+            "lr_fusion": 1e-3,
+            "lr_tnet": 5e-5,
+            "lr_student": 1e-4,
+        },
         "distill": {"k": 30, "weight": 0.6, "blur": 0.1, "anchors": "least"},
     },
 }
@@ -370,7 +431,9 @@ def load_config(
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}"
+            )
         file_data = loaded
         source = str(p)
     over: dict[str, Any] = {}

@@ -37,19 +37,30 @@ def predict_videos(model_uri: str, videos: Sequence[Path]) -> list[dict[str, Any
         video = Path(video)
         if not video.is_file():
             raise PkdotError(f"video {video} does not exist")
-        (clip,) = list(extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector))
+        (clip,) = list(
+            extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector)
+        )
         if not isinstance(clip, FaceClip):
             raise FeatureError(f"{video}: {clip.reason}")
         with torch.no_grad():
             out = model(torch.from_numpy(clip.frames[None]))
         logits = out.logits if hasattr(out, "logits") else out
         if cfg.data.is_regression:
-            rows.append({"video": str(video), cfg.data.task: float(logits[0, 0]), "face_found": clip.face_found})
+            rows.append(
+                {"video": str(video), cfg.data.task: float(logits[0, 0]), "face_found": clip.face_found}
+            )
         else:
             probs = torch.softmax(logits[0], dim=0).numpy()
             k = int(np.argmax(probs))
-            rows.append({"video": str(video), "prediction": names[k] if k < len(names) else k,
-                         "probabilities": {names[i] if i < len(names) else str(i): round(float(p), 4)
-                                           for i, p in enumerate(probs)},
-                         "face_found": clip.face_found})
+            rows.append(
+                {
+                    "video": str(video),
+                    "prediction": names[k] if k < len(names) else k,
+                    "probabilities": {
+                        names[i] if i < len(names) else str(i): round(float(p), 4)
+                        for i, p in enumerate(probs)
+                    },
+                    "face_found": clip.face_found,
+                }
+            )
     return rows

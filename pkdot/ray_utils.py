@@ -36,7 +36,12 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
         logger.info("starting a local Ray (num_cpus=%s)", num_cpus)
         # The dashboard (ray[default]) also serves the State API that Ray Train's placement-group cleaner
         # polls; without it the cleaner floods the log. Bound to localhost only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
         url = ray._private.worker.global_worker.node.address_info.get("webui_url")
         if url:
             logger.warning("local Ray started; dashboard at http://%s", url)

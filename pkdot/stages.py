@@ -62,8 +62,13 @@ def _mark(cfg: RunConfig, stage: str, key: str, fingerprint: str, details: dict,
     path = _marker(cfg, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"inputs": key, "fingerprint": fingerprint, "details": details,
-                               "seconds": round(seconds, 2)}, indent=1, default=str))
+    tmp.write_text(
+        json.dumps(
+            {"inputs": key, "fingerprint": fingerprint, "details": details, "seconds": round(seconds, 2)},
+            indent=1,
+            default=str,
+        )
+    )
     tmp.replace(path)
 
 
@@ -99,15 +104,32 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
         root = run_dir / "data" / f"synthetic-{kind}"
         done = root / ".synthetic-complete.json"
         s = cfg.synth
-        params = {"kind": kind, "subjects": s.subjects, "seed": cfg.seed, "samples_per_class": s.samples_per_class,
-                  "part": cfg.data.part, "videos_per_subject": s.videos_per_subject,
-                  "seconds_per_video": s.seconds_per_video, "frame_size": s.frame_size, "fps": s.fps}
+        params = {
+            "kind": kind,
+            "subjects": s.subjects,
+            "seed": cfg.seed,
+            "samples_per_class": s.samples_per_class,
+            "part": cfg.data.part,
+            "videos_per_subject": s.videos_per_subject,
+            "seconds_per_video": s.seconds_per_video,
+            "frame_size": s.frame_size,
+            "fps": s.fps,
+        }
         if not done.is_file() or json.loads(done.read_text()) != params:
             print(f"[pkdot] generating a synthetic {kind} set ({s.subjects} subjects) in {root}", flush=True)
             _reset(root)
-            write_synthetic(kind, root, subjects=s.subjects, seed=cfg.seed, samples_per_class=s.samples_per_class,
-                            part=cfg.data.part, videos_per_subject=s.videos_per_subject,
-                            seconds_per_video=s.seconds_per_video, frame_size=s.frame_size, fps=s.fps)
+            write_synthetic(
+                kind,
+                root,
+                subjects=s.subjects,
+                seed=cfg.seed,
+                samples_per_class=s.samples_per_class,
+                part=cfg.data.part,
+                videos_per_subject=s.videos_per_subject,
+                seconds_per_video=s.seconds_per_video,
+                frame_size=s.frame_size,
+                fps=s.fps,
+            )
             done.write_text(json.dumps(params))
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root.resolve()})})
     cfg.to_yaml(run_dir / "config.yaml")
@@ -128,9 +150,14 @@ def stage_manifest(cfg: RunConfig, upstream: str = "") -> StageResult:
     path = run_dir / "manifest.parquet"
     write_manifest(result.frame, path)
     write_manifest_report(result, run_dir / "manifest_report.json")
-    fingerprint = str(int(pd.util.hash_pandas_object(result.frame.astype(str), index=False).sum() % (1 << 62)))
-    details = {"samples": len(result.frame), "skipped": len(result.skipped),
-               "subjects": int(result.frame["subject_id"].nunique())}
+    fingerprint = str(
+        int(pd.util.hash_pandas_object(result.frame.astype(str), index=False).sum() % (1 << 62))
+    )
+    details = {
+        "samples": len(result.frame),
+        "skipped": len(result.skipped),
+        "subjects": int(result.frame["subject_id"].nunique()),
+    }
     _mark(cfg, "manifest", "always", fingerprint, details, time.time() - t0)
     return StageResult("manifest", path, fingerprint, False, details)
 
@@ -164,8 +191,12 @@ def _folds(cfg: RunConfig):
     from pkdot.train.splits import save_folds, subject_folds
 
     samples = load_samples(cfg, _run_dir(cfg))
-    folds = subject_folds(sorted(set(samples.subject_ids.tolist())), cfg.train.folds,
-                          val_fraction=cfg.train.val_fraction, seed=cfg.seed)
+    folds = subject_folds(
+        sorted(set(samples.subject_ids.tolist())),
+        cfg.train.folds,
+        val_fraction=cfg.train.val_fraction,
+        seed=cfg.seed,
+    )
     if cfg.train.max_folds is not None:
         folds = folds[: cfg.train.max_folds]
     save_folds(folds, _run_dir(cfg) / "splits.json")
@@ -176,17 +207,34 @@ def teacher_jobs(cfg: RunConfig, folds) -> list:
     from pkdot.train.cache import teacher_dir
     from pkdot.train.jobs import Job
 
-    return [Job(key=f"teacher/fold-{f.index}/seed-{s}", out_dir=str(teacher_dir(_run_dir(cfg), f.index, s)),
-                fold=f.index, seed=s) for f in folds for s in cfg.train.seeds]
+    return [
+        Job(
+            key=f"teacher/fold-{f.index}/seed-{s}",
+            out_dir=str(teacher_dir(_run_dir(cfg), f.index, s)),
+            fold=f.index,
+            seed=s,
+        )
+        for f in folds
+        for s in cfg.train.seeds
+    ]
 
 
 def student_jobs(cfg: RunConfig, folds, losses: list[str]) -> list:
     from pkdot.train.jobs import Job
     from pkdot.train.student import student_dir
 
-    return [Job(key=f"student/{loss}/fold-{f.index}/seed-{s}",
-                out_dir=str(student_dir(_run_dir(cfg), loss, f.index, s)), fold=f.index, seed=s, loss=loss)
-            for loss in losses for f in folds for s in cfg.train.seeds]
+    return [
+        Job(
+            key=f"student/{loss}/fold-{f.index}/seed-{s}",
+            out_dir=str(student_dir(_run_dir(cfg), loss, f.index, s)),
+            fold=f.index,
+            seed=s,
+            loss=loss,
+        )
+        for loss in losses
+        for f in folds
+        for s in cfg.train.seeds
+    ]
 
 
 def stage_train_teacher(cfg: RunConfig, upstream: str = "", *, callbacks=()) -> StageResult:
@@ -194,7 +242,9 @@ def stage_train_teacher(cfg: RunConfig, upstream: str = "", *, callbacks=()) -> 
     from pkdot.train.ray_runner import run_jobs_on_ray
 
     run_dir = _run_dir(cfg)
-    key = _inputs_key(cfg, ("data", "features", "model", "train", "seed"), upstream or _fingerprint(cfg, "extract"))
+    key = _inputs_key(
+        cfg, ("data", "features", "model", "train", "seed"), upstream or _fingerprint(cfg, "extract")
+    )
     out = run_dir / "teacher"
     done = _done(cfg, "train-teacher", key)
     if done is not None:
@@ -271,8 +321,9 @@ def stage_cache(cfg: RunConfig, upstream: str = "") -> StageResult:
     return StageResult("cache", run_dir / "embeddings", fingerprint, False, details)
 
 
-def stage_distill(cfg: RunConfig, upstream: str = "", *, losses: list[str] | None = None,
-                  callbacks=()) -> StageResult:
+def stage_distill(
+    cfg: RunConfig, upstream: str = "", *, losses: list[str] | None = None, callbacks=()
+) -> StageResult:
     """One student per loss x fold x seed, from the cache, on Ray Train."""
     from pkdot.train.ray_runner import run_jobs_on_ray
     from pkdot.train.splits import load_folds
@@ -311,8 +362,11 @@ def stage_evaluate(cfg: RunConfig, upstream: str = "") -> StageResult:
         return StageResult("evaluate", run_dir / "report", done["fingerprint"], True, done["details"])
     t0 = time.time()
     summary = evaluate_run(cfg, run_dir)
-    details: dict[str, Any] = {"report": str(summary.report_path), "best_student": summary.best_student,
-                               "summary_markdown": summary.report_path.read_text()}
+    details: dict[str, Any] = {
+        "report": str(summary.report_path),
+        "best_student": summary.best_student,
+        "summary_markdown": summary.report_path.read_text(),
+    }
     details.update(_register_and_log(cfg, summary))
     fingerprint = _hash_files([summary.report_path])
     _mark(cfg, "evaluate", key, fingerprint, details, time.time() - t0)
@@ -354,12 +408,21 @@ def _track_jobs(cfg: RunConfig, stage: str, jobs: list) -> None:
     for job in jobs:
         jdir = Path(job.out_dir)
         tags = {"loss": job.loss} if job.loss else {}
-        with tracker.stage_run(stage if not job.loss else f"{stage}/{job.loss}", fold=job.fold, seed=job.seed,
-                               **tags) as run:
+        with tracker.stage_run(
+            stage if not job.loss else f"{stage}/{job.loss}", fold=job.fold, seed=job.seed, **tags
+        ) as run:
             history = json.loads((jdir / "history.json").read_text())
             for phase, doc in history.get("phases", {}).items():
-                tracker.log_history(run, {"epochs": [{f"{phase}/{k}": v for k, v in rec.items() if k != "epoch"}
-                                                     | {"epoch": rec["epoch"]} for rec in doc["epochs"]]})
+                tracker.log_history(
+                    run,
+                    {
+                        "epochs": [
+                            {f"{phase}/{k}": v for k, v in rec.items() if k != "epoch"}
+                            | {"epoch": rec["epoch"]}
+                            for rec in doc["epochs"]
+                        ]
+                    },
+                )
             metrics = json.loads((jdir / "metrics.json").read_text())
             run.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()})
             run.log_artifact(jdir / "history.json")
@@ -378,8 +441,11 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
             run.log_metrics({f"{row['model']}_mean": float(row["mean"])})
         run.log_artifacts(report_dir, artifact_path="report")
         eval_run_id = run.run_id
-    details: dict[str, Any] = {"mlflow_run_id": tracker.parent_run_id(), "evaluate_run_id": eval_run_id,
-                               "tracking_uri": resolve_tracking_uri(cfg)}
+    details: dict[str, Any] = {
+        "mlflow_run_id": tracker.parent_run_id(),
+        "evaluate_run_id": eval_run_id,
+        "tracking_uri": resolve_tracking_uri(cfg),
+    }
     if not cfg.tracking.register_model or summary.best_student is None:
         tracker.finish_parent("FINISHED")
         return details
@@ -392,19 +458,32 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
     example = np.zeros((2, *shapes[video]), dtype=np.uint8 if video == "video" else np.float32)
     row = table[table["model"] == summary.best_student].iloc[0]
     reg = tracker.register_student(
-        student, example, metric_name=str(row["metric"]), metric_value=float(row["mean"]), higher_is_better=True,
-        extra_artifacts=[_run_dir(cfg) / "config.yaml"], dataset=cfg.data.dataset,
+        student,
+        example,
+        metric_name=str(row["metric"]),
+        metric_value=float(row["mean"]),
+        higher_is_better=True,
+        extra_artifacts=[_run_dir(cfg) / "config.yaml"],
+        dataset=cfg.data.dataset,
     )
-    details.update({"model_name": reg.name, "model_version": str(reg.version), "alias": reg.alias,
-                    "registered_loss": loss, "registered_fold": fold, "registered_seed": seed})
+    details.update(
+        {
+            "model_name": reg.name,
+            "model_version": str(reg.version),
+            "alias": reg.alias,
+            "registered_loss": loss,
+            "registered_fold": fold,
+            "registered_seed": seed,
+        }
+    )
     tracker.finish_parent("FINISHED")
     return details
 
 
 def _best_student_job(cfg: RunConfig, loss: str) -> tuple[int, int]:
     """The (fold, seed) of ``loss`` whose student had the best *validation* metric (never the test fold)."""
-    from pkdot.train.student import student_dir
     from pkdot.train.splits import load_folds
+    from pkdot.train.student import student_dir
 
     best, best_key = -float("inf"), None
     metric = "val_ccc" if cfg.data.is_regression else "val_accuracy"
@@ -423,14 +502,21 @@ def run_all(cfg: RunConfig) -> dict[str, StageResult]:
     cfg = prepare_run(cfg)
     results: dict[str, StageResult] = {}
     upstream = ""
-    for name, fn in (("manifest", stage_manifest), ("extract", stage_extract),
-                     ("train-teacher", stage_train_teacher), ("cache", stage_cache), ("distill", stage_distill),
-                     ("evaluate", stage_evaluate)):
+    for name, fn in (
+        ("manifest", stage_manifest),
+        ("extract", stage_extract),
+        ("train-teacher", stage_train_teacher),
+        ("cache", stage_cache),
+        ("distill", stage_distill),
+        ("evaluate", stage_evaluate),
+    ):
         print(f"[pkdot] stage {name} ...", flush=True)
         t0 = time.time()
         res = fn(cfg, upstream)
-        print(f"[pkdot] stage {name} {'skipped (up to date)' if res.skipped else 'done'} in {time.time() - t0:.1f}s",
-              flush=True)
+        print(
+            f"[pkdot] stage {name} {'skipped (up to date)' if res.skipped else 'done'} in {time.time() - t0:.1f}s",
+            flush=True,
+        )
         results[name] = res
         upstream = res.fingerprint
     return results

@@ -35,18 +35,33 @@ ROW_GROUP_SIZE = 64
 
 
 def tensor_fields(name: str) -> list[pa.Field]:
-    return [pa.field(name, pa.binary()), pa.field(f"{name}_shape", pa.list_(pa.int32())),
-            pa.field(f"{name}_dtype", pa.string())]
+    return [
+        pa.field(name, pa.binary()),
+        pa.field(f"{name}_shape", pa.list_(pa.int32())),
+        pa.field(f"{name}_dtype", pa.string()),
+    ]
 
 
 FACES_SCHEMA = pa.schema(
-    [pa.field("sample_id", pa.string()), *tensor_fields("frames"), pa.field("face_found", pa.float64()),
-     pa.field("boxes", pa.list_(pa.float32())), pa.field("lost_frames", pa.int32())]
+    [
+        pa.field("sample_id", pa.string()),
+        *tensor_fields("frames"),
+        pa.field("face_found", pa.float64()),
+        pa.field("boxes", pa.list_(pa.float32())),
+        pa.field("lost_frames", pa.int32()),
+    ]
 )
 PHYSIO_SCHEMA = pa.schema(
-    [pa.field("sample_id", pa.string()), *tensor_fields("window"), *tensor_fields("spectrogram"),
-     pa.field("channels", pa.list_(pa.string())), pa.field("eda_level", pa.float64()),
-     pa.field("eda_slope", pa.float64()), pa.field("heart_rate", pa.float64()), pa.field("emg_rms", pa.float64())]
+    [
+        pa.field("sample_id", pa.string()),
+        *tensor_fields("window"),
+        *tensor_fields("spectrogram"),
+        pa.field("channels", pa.list_(pa.string())),
+        pa.field("eda_level", pa.float64()),
+        pa.field("eda_slope", pa.float64()),
+        pa.field("heart_rate", pa.float64()),
+        pa.field("emg_rms", pa.float64()),
+    ]
 )
 AUDIO_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), *tensor_fields("logmel")])
 VECTOR_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), *tensor_fields("vector")])
@@ -97,22 +112,31 @@ def read_sample_ids(path: str | Path) -> list[str]:
     return pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
 
 
-def iter_tensors(path: str | Path, column: str, batch_rows: int = ROW_GROUP_SIZE) -> Iterable[tuple[list[str], np.ndarray]]:
+def iter_tensors(
+    path: str | Path, column: str, batch_rows: int = ROW_GROUP_SIZE
+) -> Iterable[tuple[list[str], np.ndarray]]:
     """Stream ``(sample_ids, stacked array)`` batches of one tensor column."""
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"feature table {path} does not exist (run `pkdot extract` first)")
     pf = pq.ParquetFile(path)
     if column not in pf.schema_arrow.names:
-        raise FeatureError(f"feature table {path} has no tensor column {column!r} (has {pf.schema_arrow.names})")
+        raise FeatureError(
+            f"feature table {path} has no tensor column {column!r} (has {pf.schema_arrow.names})"
+        )
     cols = ["sample_id", column, f"{column}_shape", f"{column}_dtype"]
     for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
         d = batch.to_pydict()
-        arrays = [decode_tensor(r, s, t) for r, s, t in zip(d[column], d[f"{column}_shape"], d[f"{column}_dtype"], strict=True)]
+        arrays = [
+            decode_tensor(r, s, t)
+            for r, s, t in zip(d[column], d[f"{column}_shape"], d[f"{column}_dtype"], strict=True)
+        ]
         yield d["sample_id"], np.stack(arrays) if arrays else np.empty((0,))
 
 
-def read_tensors(path: str | Path, column: str, sample_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+def read_tensors(
+    path: str | Path, column: str, sample_ids: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray]:
     """Read one tensor column fully: ``(sample_ids, array of shape (N, *shape))``.
 
     With ``sample_ids``, rows are returned in that order; a requested id that is absent raises FeatureError.
@@ -130,6 +154,8 @@ def read_tensors(path: str | Path, column: str, sample_ids: Sequence[str] | None
     index = {s: i for i, s in enumerate(ids)}
     missing = [s for s in sample_ids if s not in index]
     if missing:
-        raise FeatureError(f"feature table {path}: {len(missing)} requested samples are absent, e.g. {missing[:3]}")
+        raise FeatureError(
+            f"feature table {path}: {len(missing)} requested samples are absent, e.g. {missing[:3]}"
+        )
     order = np.array([index[s] for s in sample_ids], dtype=np.int64)
     return list(sample_ids), data[order]

@@ -28,8 +28,12 @@ from pkdot.train.jobs import file_hash
 log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = pa.schema(
-    [pa.field("sample_id", pa.string()), *tensor_fields("teacher_embedding"), *tensor_fields("teacher_logits"),
-     *tensor_fields("video_tokens")]
+    [
+        pa.field("sample_id", pa.string()),
+        *tensor_fields("teacher_embedding"),
+        *tensor_fields("teacher_logits"),
+        *tensor_fields("video_tokens"),
+    ]
 )
 
 
@@ -52,8 +56,15 @@ def checkpoint_hashes(job_dir: Path) -> dict[str, str]:
 
 
 @torch.no_grad()
-def build_cache(cfg: RunConfig, samples: SampleSet, fold: int, seed: int, *, batch_size: int = 64,
-                device: torch.device | str = "cpu") -> Path:
+def build_cache(
+    cfg: RunConfig,
+    samples: SampleSet,
+    fold: int,
+    seed: int,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> Path:
     """Run the frozen teacher of (fold, seed) over ``samples`` and write the cache file atomically."""
     from pkdot.train.teacher import load_teacher
 
@@ -65,17 +76,21 @@ def build_cache(cfg: RunConfig, samples: SampleSet, fold: int, seed: int, *, bat
     rows = []
     for start in range(0, len(samples), batch_size):
         index = np.arange(start, min(len(samples), start + batch_size))
-        inputs = {m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][index])).to(device)
-                  for m in cfg.data.modalities}
+        inputs = {
+            m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][index])).to(device)
+            for m in cfg.data.modalities
+        }
         out = teacher(inputs)
         tokens = out.tokens[video] if video in out.tokens else teacher.backbones[video](inputs[video])
         for i, j in enumerate(index):
-            rows.append({
-                "sample_id": samples.sample_ids[j],
-                **encode_tensor("teacher_embedding", out.embedding[i].float().cpu().numpy()),
-                **encode_tensor("teacher_logits", out.logits[i].float().cpu().numpy()),
-                **encode_tensor("video_tokens", tokens[i].float().cpu().numpy()),
-            })
+            rows.append(
+                {
+                    "sample_id": samples.sample_ids[j],
+                    **encode_tensor("teacher_embedding", out.embedding[i].float().cpu().numpy()),
+                    **encode_tensor("teacher_logits", out.logits[i].float().cpu().numpy()),
+                    **encode_tensor("video_tokens", tokens[i].float().cpu().numpy()),
+                }
+            )
     table = pa.Table.from_pylist(rows, schema=CACHE_SCHEMA)
     meta = {"fold": fold, "seed": seed, **hashes}
     table = table.replace_schema_metadata({b"pkdot": json.dumps(meta).encode()})
@@ -124,5 +139,7 @@ def read_cache(run_dir: Path, fold: int, seed: int, sample_ids: list[str]) -> di
 
     check_cache(run_dir, fold, seed)
     path = cache_path(run_dir, fold, seed)
-    return {col: read_tensors(path, col, sample_ids)[1]
-            for col in ("teacher_embedding", "teacher_logits", "video_tokens")}
+    return {
+        col: read_tensors(path, col, sample_ids)[1]
+        for col in ("teacher_embedding", "teacher_logits", "video_tokens")
+    }

@@ -54,8 +54,9 @@ class SampleSet:
             arrays={m: a[idx] for m, a in self.arrays.items()},
         )
 
-    def batch(self, index: np.ndarray, modalities: Sequence[str] | None = None,
-              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def batch(
+        self, index: np.ndarray, modalities: Sequence[str] | None = None, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         mods = list(modalities) if modalities is not None else list(self.arrays)
         out = {m: torch.from_numpy(np.ascontiguousarray(self.arrays[m][index])).to(device) for m in mods}
         out["target"] = torch.from_numpy(self.targets[index]).to(device)
@@ -76,11 +77,15 @@ def targets_from_manifest(cfg: RunConfig, manifest: pd.DataFrame) -> np.ndarray:
     labels = manifest["label"].to_numpy(dtype=np.int64)
     if (labels < 0).any() or (labels >= cfg.data.num_outputs).any():
         bad = labels[(labels < 0) | (labels >= cfg.data.num_outputs)][0]
-        raise StageError(f"manifest: label {bad} outside 0..{cfg.data.num_outputs - 1} for task {cfg.data.task!r}")
+        raise StageError(
+            f"manifest: label {bad} outside 0..{cfg.data.num_outputs - 1} for task {cfg.data.task!r}"
+        )
     return labels
 
 
-def load_samples(cfg: RunConfig, run_dir: Path | None = None, modalities: Sequence[str] | None = None) -> SampleSet:
+def load_samples(
+    cfg: RunConfig, run_dir: Path | None = None, modalities: Sequence[str] | None = None
+) -> SampleSet:
     """All extracted samples of the run (those present in every modality table), in manifest order."""
     run_dir = Path(run_dir or cfg.run_dir)
     manifest = read_manifest(run_dir / "manifest.parquet")

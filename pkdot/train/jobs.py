@@ -134,9 +134,19 @@ def state_from_bytes(raw: bytes) -> FitState:
     return FitState(**d)
 
 
-def prediction_rows(*, model: str, fold: int, seed: int, split: str, sample_ids: list[str],
-                    subject_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarray, embeddings: np.ndarray,
-                    regression: bool) -> pd.DataFrame:
+def prediction_rows(
+    *,
+    model: str,
+    fold: int,
+    seed: int,
+    split: str,
+    sample_ids: list[str],
+    subject_ids: np.ndarray,
+    targets: np.ndarray,
+    outputs: np.ndarray,
+    embeddings: np.ndarray,
+    regression: bool,
+) -> pd.DataFrame:
     """Rows of a ``predictions.parquet`` (see docs/interfaces.md)."""
     if regression:
         y_pred = outputs[:, 0].astype(np.float64)
@@ -172,11 +182,17 @@ def write_predictions(frames: list[pd.DataFrame], path: Path) -> Path:
 
 def write_history(path: Path, phases: dict[str, FitState], metric: str) -> None:
     """``history.json``: per phase the per-epoch records and the selected epoch."""
-    doc = {
+    doc: dict[str, Any] = {
         "metric": metric,
-        "phases": {k: {"epochs": s.history, "best_epoch": s.best_epoch, "best_val": s.best_score,
-                       "resumed_from": list(getattr(s, "resumed_from", []))}
-                   for k, s in phases.items()},
+        "phases": {
+            k: {
+                "epochs": s.history,
+                "best_epoch": s.best_epoch,
+                "best_val": s.best_score,
+                "resumed_from": list(getattr(s, "resumed_from", [])),
+            }
+            for k, s in phases.items()
+        },
     }
     last = list(phases.values())[-1] if phases else None
     if last is not None:

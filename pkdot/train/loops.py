@@ -34,8 +34,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
-                  world: int = 1, drop_last: bool = True) -> list[np.ndarray]:
+def epoch_batches(
+    n: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = True,
+) -> list[np.ndarray]:
     """Index batches for one epoch, the ``rank``-th slice of each global batch.
 
     A last batch smaller than 2 samples is dropped when ``drop_last`` (batch statistics and similarity
@@ -44,7 +53,7 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     batches = []
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         if drop_last and len(idx) < max(2, world * 2) and start > 0:
             continue
         parts = np.array_split(idx, world)
@@ -59,8 +68,14 @@ def task_loss(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) ->
     return nn.functional.cross_entropy(outputs, targets.long())
 
 
-def train_epoch(step: StepFn, optimizer: torch.optim.Optimizer, batches: Sequence[np.ndarray], *,
-                modules: Sequence[nn.Module] = (), grad_clip: float | None = 5.0) -> dict[str, float]:
+def train_epoch(
+    step: StepFn,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[np.ndarray],
+    *,
+    modules: Sequence[nn.Module] = (),
+    grad_clip: float | None = 5.0,
+) -> dict[str, float]:
     """One pass over ``batches``: ``step(index)`` returns a dict of named losses with ``"loss"`` the total.
 
     Returns the mean of every entry over the batches (so each named loss is logged separately).
@@ -89,8 +104,12 @@ def task_metric(targets: np.ndarray, outputs: np.ndarray, regression: bool) -> f
 
 
 @torch.no_grad()
-def predict(forward: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]], n: int, batch_size: int,
-            modules: Sequence[nn.Module] = ()) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    forward: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    batch_size: int,
+    modules: Sequence[nn.Module] = (),
+) -> tuple[np.ndarray, np.ndarray]:
     """Run ``forward(index) -> (outputs, embedding)`` over all ``n`` samples in order, in eval mode."""
     for m in modules:
         m.eval()
@@ -103,8 +122,9 @@ def predict(forward: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]], 
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, forward: Callable[[np.ndarray], object],
-                          batches: Sequence[np.ndarray]) -> int:
+def recalibrate_batchnorm(
+    model: nn.Module, forward: Callable[[np.ndarray], object], batches: Sequence[np.ndarray]
+) -> int:
     """Re-estimate BatchNorm running statistics with the current weights ("precise BN").
 
     With few optimisation steps per epoch (small data sets), the exponential running averages lag far behind
@@ -113,8 +133,11 @@ def recalibrate_batchnorm(model: nn.Module, forward: Callable[[np.ndarray], obje
     (``forward(index)`` runs the model on them). Frozen (eval-mode) BatchNorm layers are left alone.
     Returns the number of layers recalibrated.
     """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-              and m.track_running_stats]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     if not layers or not batches:
         return 0
     momenta = [m.momentum for m in layers]
@@ -144,12 +167,21 @@ class FitState:
     resumed_from: list[int] = field(default_factory=list)
 
 
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepFn, validate: Callable[[], float],
-        epochs: int, batches_for_epoch: Callable[[int], Sequence[np.ndarray]],
-        on_epoch_end: Callable[[FitState], None] | None = None, resume: FitState | None = None,
-        scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
-        train_modules: Sequence[nn.Module] = (), progress: Callable[[int, dict[str, float]], None] | None = None,
-        recalibrate: Callable[[int], None] | None = None) -> FitState:
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    train_step: StepFn,
+    validate: Callable[[], float],
+    epochs: int,
+    batches_for_epoch: Callable[[int], Sequence[np.ndarray]],
+    on_epoch_end: Callable[[FitState], None] | None = None,
+    resume: FitState | None = None,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
+    train_modules: Sequence[nn.Module] = (),
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+    recalibrate: Callable[[int], None] | None = None,
+) -> FitState:
     """Train ``epochs`` epochs, keep the weights of the best validation epoch (higher ``validate()`` is better).
 
     ``model`` is what is saved/selected (its ``state_dict``); ``train_modules`` are put in train mode for the
@@ -174,8 +206,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, train_step: StepF
         score = float(validate())
         if scheduler is not None:
             scheduler.step(-score)
-        record = {"epoch": epoch + 1, "train_loss": losses.get("loss", float("nan")), "val_metric": score,
-                  **{k: v for k, v in losses.items() if k != "loss"}}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": losses.get("loss", float("nan")),
+            "val_metric": score,
+            **{k: v for k, v in losses.items() if k != "loss"},
+        }
         state.history.append(record)
         if score > state.best_score or state.best_state is None:
             state.best_score, state.best_epoch = score, epoch + 1

@@ -159,17 +159,28 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 cb(job.key, phase, int(metrics.get("epoch", state.epoch)), rank)
 
         ctx = WorkerContext(
-            rank=rank, world=world, device=device, on_epoch_end=on_epoch_end,
-            resume=resume if resume is not None and resume["job"] == job.key else None, wrap=wrap,
+            rank=rank,
+            world=world,
+            device=device,
+            on_epoch_end=on_epoch_end,
+            resume=resume if resume is not None and resume["job"] == job.key else None,
+            wrap=wrap,
             progress=_print_progress(job.key) if rank == 0 else None,
         )
         run(cfg, job, _fold_data(kind, samples, folds[job.fold], split_fold), ctx)
 
 
-def run_jobs_on_ray(cfg: RunConfig, kind: str, jobs: Sequence[Job], *, callbacks: Sequence[EpochCallback] = (),
-                    name: str | None = None) -> None:
+def run_jobs_on_ray(
+    cfg: RunConfig,
+    kind: str,
+    jobs: Sequence[Job],
+    *,
+    callbacks: Sequence[EpochCallback] = (),
+    name: str | None = None,
+) -> None:
     """Run ``jobs`` with a ``TorchTrainer`` of ``cfg.train.num_workers`` workers (resumable, fault tolerant)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     from pkdot.ray_utils import ensure_ray
@@ -191,8 +202,9 @@ def run_jobs_on_ray(cfg: RunConfig, kind: str, jobs: Sequence[Job], *, callbacks
             "use_gpu": use_gpu,
             "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
         },
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
+        ),
         run_config=RayRunConfig(
             name=name or f"{kind}-{cfg.section_hash('data', 'features', 'model', 'train', 'distill')}",
             storage_path=str(run_dir / "ray"),
@@ -206,7 +218,9 @@ def run_jobs_on_ray(cfg: RunConfig, kind: str, jobs: Sequence[Job], *, callbacks
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps worker errors in its own types
-        raise StageError(f"{kind} training failed on Ray after {cfg.train.max_failures} retries: {exc}") from exc
+        raise StageError(
+            f"{kind} training failed on Ray after {cfg.train.max_failures} retries: {exc}"
+        ) from exc
     missing = [j.key for j in pending if not j.is_done()]
     if missing:
         raise StageError(f"{kind} training finished but jobs {missing} wrote no DONE marker")
@@ -223,6 +237,11 @@ class FailOnce:
         self.marker, self.phase, self.epoch, self.rank = str(marker), phase, epoch, rank
 
     def __call__(self, job_key: str, phase: str, epoch: int, rank: int) -> None:
-        if phase == self.phase and epoch == self.epoch and rank == self.rank and not Path(self.marker).exists():
+        if (
+            phase == self.phase
+            and epoch == self.epoch
+            and rank == self.rank
+            and not Path(self.marker).exists()
+        ):
             Path(self.marker).write_text(f"{job_key} {phase} epoch {epoch} rank {rank}\n")
             raise RuntimeError(f"injected worker failure in {job_key} {phase} after epoch {epoch}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,12 +73,26 @@ class DistillationObjective(nn.Module):
         self.distill_loss = distill_loss
         self.cfg = cfg
 
-    def forward(self, student_input: torch.Tensor, teacher_z: torch.Tensor, teacher_logits: torch.Tensor,
-                target: torch.Tensor, index: torch.Tensor, from_features: bool) -> dict[str, torch.Tensor]:
-        out = self.student.forward_from_features(student_input) if from_features else self.student(student_input)
+    def forward(
+        self,
+        student_input: torch.Tensor,
+        teacher_z: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor,
+        index: torch.Tensor,
+        from_features: bool,
+    ) -> dict[str, torch.Tensor]:
+        student: Any = self.student
+        out = student.forward_from_features(student_input) if from_features else student(student_input)
         task = task_loss(out.logits, target, self.cfg.data.is_regression)
-        batch = DistillBatch(student_z=out.embedding, teacher_z=teacher_z, student_logits=out.logits,
-                             teacher_logits=teacher_logits, labels=target, index=index)
+        batch = DistillBatch(
+            student_z=out.embedding,
+            teacher_z=teacher_z,
+            student_logits=out.logits,
+            teacher_logits=teacher_logits,
+            labels=target,
+            index=index,
+        )
         distill = self.distill_loss(batch)
         return total_loss(task, distill, self.cfg.distill)
 
@@ -100,8 +115,13 @@ def build_student_for_job(cfg: RunConfig, job_fold: int, job_seed: int, device: 
     if not freeze:
         for p in backbone.parameters():
             p.requires_grad_(True)
-    student = build_student(cfg, shapes, video_backbone=backbone,
-                            tnets=dict(tnets.items()) if cfg.distill.use_tnet else None, freeze_backbone=freeze)
+    student = build_student(
+        cfg,
+        shapes,
+        video_backbone=backbone,
+        tnets=dict(tnets.items()) if cfg.distill.use_tnet else None,
+        freeze_backbone=freeze,
+    )
     return student.to(device), shapes
 
 
@@ -121,9 +141,16 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     student, _shapes = build_student_for_job(cfg, job.fold, job.seed, ctx.device)
     dim = cfg.model.embed_dim
     options = dict(cfg.distill.options.get(job.loss, {}))
-    distill_loss = build_loss(job.loss, student_dim=dim, teacher_dim=dim, num_outputs=cfg.data.num_outputs,
-                              regression=regression, num_samples=len(data.train), cfg=cfg.distill,
-                              **options).to(ctx.device)
+    distill_loss = build_loss(
+        job.loss,
+        student_dim=dim,
+        teacher_dim=dim,
+        num_outputs=cfg.data.num_outputs,
+        regression=regression,
+        num_samples=len(data.train),
+        cfg=cfg.distill,
+        **options,
+    ).to(ctx.device)
     objective = DistillationObjective(student, distill_loss, cfg)
     train_objective = ctx.wrap(objective)
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -132,14 +159,22 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     b = cfg.train.batch_size
 
     def tensors(part: SampleSet, index: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.ascontiguousarray(part.arrays[k][index])).to(ctx.device)
-                for k in (input_key, "teacher_embedding", "teacher_logits")}
+        return {
+            k: torch.from_numpy(np.ascontiguousarray(part.arrays[k][index])).to(ctx.device)
+            for k in (input_key, "teacher_embedding", "teacher_logits")
+        }
 
     def step(index: np.ndarray) -> dict[str, torch.Tensor]:
         t = tensors(data.train, index)
         target = torch.from_numpy(data.train.targets[index]).to(ctx.device)
-        return train_objective(t[input_key], t["teacher_embedding"], t["teacher_logits"], target,
-                               torch.from_numpy(index.astype(np.int64)).to(ctx.device), from_features)
+        return train_objective(
+            t[input_key],
+            t["teacher_embedding"],
+            t["teacher_logits"],
+            target,
+            torch.from_numpy(index.astype(np.int64)).to(ctx.device),
+            from_features,
+        )
 
     def forward(part: SampleSet, index: np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(part.arrays[input_key][index])).to(ctx.device)
@@ -152,28 +187,65 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
     def recalibrate(epoch: int) -> None:
         if not from_features:  # a trainable backbone: re-estimate its BatchNorm statistics
-            recalibrate_batchnorm(student, lambda idx: forward(data.train, idx),
-                                  epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False))
+            recalibrate_batchnorm(
+                student,
+                lambda idx: forward(data.train, idx),
+                epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False),
+            )
 
     phase = f"student-{job.loss}"
-    state = fit(student, optimizer, train_step=step, validate=validate, epochs=cfg.train.epochs_student,
-                batches_for_epoch=lambda e: epoch_batches(len(data.train), b, seed=job.seed * 1000 + job.fold,
-                                                          epoch=e, rank=ctx.rank, world=ctx.world),
-                on_epoch_end=ctx.epoch_hook(phase), resume=ctx.resume_for(phase), scheduler=scheduler,
-                train_modules=[train_objective], progress=ctx.progress_hook(phase), recalibrate=recalibrate)
+    state = fit(
+        student,
+        optimizer,
+        train_step=step,
+        validate=validate,
+        epochs=cfg.train.epochs_student,
+        batches_for_epoch=lambda e: epoch_batches(
+            len(data.train), b, seed=job.seed * 1000 + job.fold, epoch=e, rank=ctx.rank, world=ctx.world
+        ),
+        on_epoch_end=ctx.epoch_hook(phase),
+        resume=ctx.resume_for(phase),
+        scheduler=scheduler,
+        train_modules=[train_objective],
+        progress=ctx.progress_hook(phase),
+        recalibrate=recalibrate,
+    )
     metrics: dict[str, float] = {}
     if ctx.is_chief:
         frames = []
         for split, part in (("val", data.val), ("test", data.test)):
-            outputs, emb = predict(lambda idx, p=part: forward(p, idx), len(part), b, [student])
-            frames.append(prediction_rows(model=phase, fold=job.fold, seed=job.seed, split=split,
-                                          sample_ids=part.sample_ids, subject_ids=part.subject_ids,
-                                          targets=part.targets, outputs=outputs, embeddings=emb,
-                                          regression=regression))
+
+            def run(idx: np.ndarray, p: SampleSet = part) -> tuple[torch.Tensor, torch.Tensor]:
+                return forward(p, idx)
+
+            outputs, emb = predict(run, len(part), b, [student])
+            frames.append(
+                prediction_rows(
+                    model=phase,
+                    fold=job.fold,
+                    seed=job.seed,
+                    split=split,
+                    sample_ids=part.sample_ids,
+                    subject_ids=part.subject_ids,
+                    targets=part.targets,
+                    outputs=outputs,
+                    embeddings=emb,
+                    regression=regression,
+                )
+            )
             metrics[f"{split}_{metric}"] = task_metric(part.targets, outputs, regression)
         metrics["best_epoch"] = state.best_epoch
-        atomic_torch_save({"state_dict": student.state_dict(), "loss_state": distill_loss.state_dict(),
-                           "cache": meta, "fold": job.fold, "seed": job.seed, "loss": job.loss}, out_dir / "student.pt")
+        atomic_torch_save(
+            {
+                "state_dict": student.state_dict(),
+                "loss_state": distill_loss.state_dict(),
+                "cache": meta,
+                "fold": job.fold,
+                "seed": job.seed,
+                "loss": job.loss,
+            },
+            out_dir / "student.pt",
+        )
         write_predictions(frames, out_dir / "predictions.parquet")
         write_history(out_dir / "history.json", {phase: state}, metric)
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pkdot.config import RunConfig
-from pkdot.models import UnimodalModel, build_backbone, build_teacher, build_tnets, mmd_rbf
+from pkdot.models import Backbone, UnimodalModel, build_backbone, build_teacher, build_tnets, mmd_rbf
 from pkdot.train.data import FoldData, SampleSet
 from pkdot.train.jobs import (
     Job,
@@ -58,8 +58,18 @@ def _phase_path(job: Job, phase: str) -> Path:
     return Path(job.out_dir) / f"{phase}.pt"
 
 
-def _fit_supervised(cfg: RunConfig, job: Job, ctx: WorkerContext, phase: str, model: nn.Module,
-                    forward, data: FoldData, groups: list[dict], epochs: int, batch_size: int) -> FitState:
+def _fit_supervised(
+    cfg: RunConfig,
+    job: Job,
+    ctx: WorkerContext,
+    phase: str,
+    model: nn.Module,
+    forward,
+    data: FoldData,
+    groups: list[dict],
+    epochs: int,
+    batch_size: int,
+) -> FitState:
     """Train ``model`` (``forward(sampleset, index) -> ModelOutput``) on the task loss, select on val."""
     regression = cfg.data.is_regression
     train_model = ctx.wrap(model)
@@ -71,22 +81,35 @@ def _fit_supervised(cfg: RunConfig, job: Job, ctx: WorkerContext, phase: str, mo
         return {"loss": task_loss(out.logits, target, regression)}
 
     def validate() -> float:
-        outputs, _ = predict(lambda idx: _out_emb(forward(model, data.val, idx)), len(data.val), batch_size, [model])
+        outputs, _ = predict(
+            lambda idx: _out_emb(forward(model, data.val, idx)), len(data.val), batch_size, [model]
+        )
         return task_metric(data.val.targets, outputs, regression)
 
     seed = job.seed * 1000 + job.fold
 
     def recalibrate(epoch: int) -> None:
         # every worker recalibrates on the whole training set, so all ranks hold the same statistics
-        recalibrate_batchnorm(model, lambda idx: forward(model, data.train, idx),
-                              epoch_batches(len(data.train), batch_size, seed=seed, epoch=epoch, drop_last=False))
+        recalibrate_batchnorm(
+            model,
+            lambda idx: forward(model, data.train, idx),
+            epoch_batches(len(data.train), batch_size, seed=seed, epoch=epoch, drop_last=False),
+        )
 
     return fit(
-        model, optimizer, train_step=step, validate=validate, epochs=epochs,
-        batches_for_epoch=lambda e: epoch_batches(len(data.train), batch_size, seed=seed, epoch=e,
-                                                  rank=ctx.rank, world=ctx.world),
-        on_epoch_end=ctx.epoch_hook(phase), resume=ctx.resume_for(phase), train_modules=[train_model],
-        progress=ctx.progress_hook(phase), recalibrate=recalibrate,
+        model,
+        optimizer,
+        train_step=step,
+        validate=validate,
+        epochs=epochs,
+        batches_for_epoch=lambda e: epoch_batches(
+            len(data.train), batch_size, seed=seed, epoch=e, rank=ctx.rank, world=ctx.world
+        ),
+        on_epoch_end=ctx.epoch_hook(phase),
+        resume=ctx.resume_for(phase),
+        train_modules=[train_model],
+        progress=ctx.progress_hook(phase),
+        recalibrate=recalibrate,
     )
 
 
@@ -104,7 +127,9 @@ def _modality_forward(modality: str, device: torch.device):
 
 def _multi_forward(modalities: list[str], device: torch.device):
     def forward(model: nn.Module, samples: SampleSet, index: np.ndarray):
-        inputs = {m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][index])).to(device) for m in modalities}
+        inputs = {
+            m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][index])).to(device) for m in modalities
+        }
         return model(inputs)
 
     return forward
@@ -113,22 +138,37 @@ def _multi_forward(modalities: list[str], device: torch.device):
 def _predictions(cfg: RunConfig, job: Job, name: str, model: nn.Module, forward, data: FoldData, batch: int):
     frames = []
     for split, samples in (("val", data.val), ("test", data.test)):
-        outputs, emb = predict(lambda idx, s=samples: _out_emb(forward(model, s, idx)), len(samples), batch, [model])
-        frames.append(prediction_rows(model=name, fold=job.fold, seed=job.seed, split=split,
-                                      sample_ids=samples.sample_ids, subject_ids=samples.subject_ids,
-                                      targets=samples.targets, outputs=outputs, embeddings=emb,
-                                      regression=cfg.data.is_regression))
+
+        def run(idx: np.ndarray, s: SampleSet = samples) -> tuple[torch.Tensor, torch.Tensor]:
+            return _out_emb(forward(model, s, idx))
+
+        outputs, emb = predict(run, len(samples), batch, [model])
+        frames.append(
+            prediction_rows(
+                model=name,
+                fold=job.fold,
+                seed=job.seed,
+                split=split,
+                sample_ids=samples.sample_ids,
+                subject_ids=samples.subject_ids,
+                targets=samples.targets,
+                outputs=outputs,
+                embeddings=emb,
+                regression=cfg.data.is_regression,
+            )
+        )
     return frames
 
 
 @torch.no_grad()
-def pooled_features(backbone: nn.Module, samples: SampleSet, modality: str, batch: int,
-                    device: torch.device) -> torch.Tensor:
+def pooled_features(
+    backbone: nn.Module, samples: SampleSet, modality: str, batch: int, device: torch.device
+) -> torch.Tensor:
     """(N, D) mean-pooled backbone tokens of every sample (eval mode, no grad)."""
     backbone.eval()
     out = []
     for start in range(0, len(samples), batch):
-        x = torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][start:start + batch])).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][start : start + batch])).to(device)
         out.append(backbone(x).mean(1))
     return torch.cat(out)
 
@@ -142,13 +182,15 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     metric = "ccc" if regression else "accuracy"
     histories: dict[str, FitState] = {}
     frames = []
-    backbones: dict[str, nn.Module] = {}
+    backbones: dict[str, Backbone] = {}
 
     # 1. unimodal models
     for modality in cfg.data.modalities:
         phase = f"unimodal-{modality}"
         seed_everything(job.seed * 7919 + job.fold * 31 + len(backbones))
-        model = UnimodalModel(build_backbone(modality, shapes[modality], cfg.model), n_out, regression).to(ctx.device)
+        model = UnimodalModel(build_backbone(modality, shapes[modality], cfg.model), n_out, regression).to(
+            ctx.device
+        )
         fwd = _modality_forward(modality, ctx.device)
         path = _phase_path(job, phase)
         if path.is_file():
@@ -157,12 +199,28 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
             histories[phase] = FitState(**saved["fit"])
         else:
             groups = [{"params": list(model.parameters()), "lr": cfg.train.lr_backbone}]
-            state = _fit_supervised(cfg, job, ctx, phase, model, fwd, data, groups, cfg.train.epochs_unimodal,
-                                    cfg.train.teacher_batch_size)
+            state = _fit_supervised(
+                cfg,
+                job,
+                ctx,
+                phase,
+                model,
+                fwd,
+                data,
+                groups,
+                cfg.train.epochs_unimodal,
+                cfg.train.teacher_batch_size,
+            )
             histories[phase] = state
             if ctx.is_chief:
-                atomic_torch_save({"state_dict": model.state_dict(), "input_shape": shapes[modality],
-                                   "fit": _fit_summary(state)}, path)
+                atomic_torch_save(
+                    {
+                        "state_dict": model.state_dict(),
+                        "input_shape": shapes[modality],
+                        "fit": _fit_summary(state),
+                    },
+                    path,
+                )
         backbones[modality] = model.backbone
         frames += _predictions(cfg, job, phase, model, fwd, data, cfg.train.teacher_batch_size)
 
@@ -180,14 +238,27 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         backbone_params = [p for p in teacher.backbones.parameters()]
         ids = {id(p) for p in backbone_params}
         other = [p for p in teacher.parameters() if id(p) not in ids]
-        groups = [{"params": backbone_params, "lr": cfg.train.lr_teacher_backbone},
-                  {"params": other, "lr": cfg.train.lr_fusion}]
-        state = _fit_supervised(cfg, job, ctx, phase, teacher, fwd, data, groups, cfg.train.epochs_teacher,
-                                cfg.train.teacher_batch_size)
+        groups = [
+            {"params": backbone_params, "lr": cfg.train.lr_teacher_backbone},
+            {"params": other, "lr": cfg.train.lr_fusion},
+        ]
+        state = _fit_supervised(
+            cfg,
+            job,
+            ctx,
+            phase,
+            teacher,
+            fwd,
+            data,
+            groups,
+            cfg.train.epochs_teacher,
+            cfg.train.teacher_batch_size,
+        )
         histories[phase] = state
         if ctx.is_chief:
-            atomic_torch_save({"state_dict": teacher.state_dict(), "input_shapes": shapes,
-                               "fit": _fit_summary(state)}, path)
+            atomic_torch_save(
+                {"state_dict": teacher.state_dict(), "input_shapes": shapes, "fit": _fit_summary(state)}, path
+            )
     frames += _predictions(cfg, job, "teacher", teacher, fwd, data, cfg.train.teacher_batch_size)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -214,7 +285,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
         def step(index: np.ndarray) -> dict[str, torch.Tensor]:
             losses = {f"mmd_{p}": mmd_rbf(tnets[p](x_train[index]), y_train[p][index]) for p in tnets}
-            total = sum(losses.values())
+            total = torch.stack(list(losses.values())).sum()
             return {"loss": total, **losses}
 
         @torch.no_grad()
@@ -222,13 +293,22 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
             tnets.eval()
             return -float(sum(mmd_rbf(tnets[p](x_val), y_val[p]) for p in tnets))
 
-        state = fit(tnets, optimizer, train_step=step, validate=validate, epochs=cfg.train.epochs_tnet,
-                    # T-Nets train on precomputed features: every worker takes the whole batch (identical
-                    # updates on every rank, no gradient exchange needed)
-                    batches_for_epoch=lambda e: epoch_batches(len(data.train), b, seed=job.seed * 1000 + job.fold,
-                                                              epoch=e),
-                    on_epoch_end=ctx.epoch_hook(phase), resume=ctx.resume_for(phase), train_modules=[tnets],
-                    progress=ctx.progress_hook(phase))
+        state = fit(
+            tnets,
+            optimizer,
+            train_step=step,
+            validate=validate,
+            epochs=cfg.train.epochs_tnet,
+            # T-Nets train on precomputed features: every worker takes the whole batch (identical
+            # updates on every rank, no gradient exchange needed)
+            batches_for_epoch=lambda e: epoch_batches(
+                len(data.train), b, seed=job.seed * 1000 + job.fold, epoch=e
+            ),
+            on_epoch_end=ctx.epoch_hook(phase),
+            resume=ctx.resume_for(phase),
+            train_modules=[tnets],
+            progress=ctx.progress_hook(phase),
+        )
         histories[phase] = state
         if ctx.is_chief:
             atomic_torch_save({"state_dict": tnets.state_dict(), "fit": _fit_summary(state)}, path)
@@ -240,19 +320,33 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         for f in frames:
             if f["split"].iloc[0] == "test":
                 scores = np.stack(f["scores"].to_numpy())
-                metrics[f"{f['model'].iloc[0]}/test_{metric}"] = task_metric(f["y_true"].to_numpy(), scores, regression)
+                metrics[f"{f['model'].iloc[0]}/test_{metric}"] = task_metric(
+                    f["y_true"].to_numpy(), scores, regression
+                )
         import json
 
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-        atomic_write_text(job.done_marker, json.dumps({"teacher_hash": file_hash(_phase_path(job, "teacher")),
-                                                      "tnet_hash": file_hash(_phase_path(job, "tnet"))}))
+        atomic_write_text(
+            job.done_marker,
+            json.dumps(
+                {
+                    "teacher_hash": file_hash(_phase_path(job, "teacher")),
+                    "tnet_hash": file_hash(_phase_path(job, "tnet")),
+                }
+            ),
+        )
     return metrics
 
 
 def _fit_summary(state: FitState) -> dict:
     """A FitState without the heavy weights (stored next to the phase's weights)."""
-    return {"epoch": state.epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
-            "history": state.history, "resumed_from": state.resumed_from}
+    return {
+        "epoch": state.epoch,
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "resumed_from": state.resumed_from,
+    }
 
 
 def load_teacher(cfg: RunConfig, job_dir: Path, device: torch.device | str = "cpu"):

@@ -118,3 +118,19 @@ def test_served_full_pipeline_trains_and_registers_the_champion(
     champion = client.get_model_version_by_alias("pkdot-student-biovid", "champion")
     assert champion.status == "READY"
     assert champion.run_id in {r.info.run_id for r in runs}
+
+    # `pkdot predict` loads the champion from the server's registry and runs stage-1 face extraction on videos.
+    videos = sorted((run_dir / "data").rglob("*.mp4"))[:2]
+    assert videos, "the synthetic set has no videos"
+    done = subprocess.run(
+        [str(it.BIN / "pkdot"), "predict", "--model", "models:/pkdot-student-biovid@champion", *map(str, videos)],
+        env=stack_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json as _json
+
+    rows = [_json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["video"] for r in rows] == [str(v) for v in videos]
+    for r in rows:
+        assert r["prediction"] in ("BL1", "PA4")
+        assert abs(sum(r["probabilities"].values()) - 1.0) < 1e-3

@@ -13,16 +13,33 @@ from pkdot.features.schema import FACES_SCHEMA, PHYSIO_SCHEMA, encode_tensor, wr
 
 TINY = {
     "features": {"n_frames": 4, "crop_size": 16},
-    "model": {"embed_dim": 16, "video_width": 4, "physio_width": 4, "fusion_heads": 2, "tnet_hidden": [8, 8],
-              "dropout": 0.0},
-    "train": {"folds": 3, "max_folds": 1, "batch_size": 16, "teacher_batch_size": 16, "epochs_unimodal": 2,
-              "epochs_teacher": 2, "epochs_tnet": 2, "epochs_student": 3, "num_workers": 1, "seeds": [0]},
+    "model": {
+        "embed_dim": 16,
+        "video_width": 4,
+        "physio_width": 4,
+        "fusion_heads": 2,
+        "tnet_hidden": [8, 8],
+        "dropout": 0.0,
+    },
+    "train": {
+        "folds": 3,
+        "max_folds": 1,
+        "batch_size": 16,
+        "teacher_batch_size": 16,
+        "epochs_unimodal": 2,
+        "epochs_teacher": 2,
+        "epochs_tnet": 2,
+        "epochs_student": 3,
+        "num_workers": 1,
+        "seeds": [0],
+    },
     "distill": {"k": 4, "losses": ["none", "pkdot"]},
 }
 
 
-def make_tiny_run(run_dir: Path, *, subjects: int = 6, per_class: int = 5, seed: int = 0,
-                  overrides: dict | None = None) -> RunConfig:
+def make_tiny_run(
+    run_dir: Path, *, subjects: int = 6, per_class: int = 5, seed: int = 0, overrides: dict | None = None
+) -> RunConfig:
     """Write manifest + faces/physio tables for a binary task; physio is informative, video weakly so."""
     rng = np.random.default_rng(seed)
     rows, faces, physio = [], [], []
@@ -30,18 +47,45 @@ def make_tiny_run(run_dir: Path, *, subjects: int = 6, per_class: int = 5, seed:
         for label in (0, 1):
             for i in range(per_class):
                 sid = f"s{s}-c{label}-{i}"
-                rows.append({"sample_id": sid, "subject_id": f"s{s}", "label": label, "class_name": ["BL1", "PA4"][label],
-                             "video_path": f"/nonexistent/{sid}.mp4", "physio_path": f"/nonexistent/{sid}.csv",
-                             "partition": "", "dataset": "biovid"})
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "subject_id": f"s{s}",
+                        "label": label,
+                        "class_name": ["BL1", "PA4"][label],
+                        "video_path": f"/nonexistent/{sid}.mp4",
+                        "physio_path": f"/nonexistent/{sid}.csv",
+                        "partition": "",
+                        "dataset": "biovid",
+                    }
+                )
                 frames = rng.integers(0, 200, size=(4, 16, 16, 3)).astype(np.uint8)
-                frames[:, 4:12, 4:12, :] = np.clip(frames[:, 4:12, 4:12, :].astype(int) + 40 * label, 0, 255).astype(np.uint8)
-                faces.append({"sample_id": sid, **encode_tensor("frames", frames), "face_found": 1.0,
-                              "boxes": [0.0] * 16, "lost_frames": 0})
+                frames[:, 4:12, 4:12, :] = np.clip(
+                    frames[:, 4:12, 4:12, :].astype(int) + 40 * label, 0, 255
+                ).astype(np.uint8)
+                faces.append(
+                    {
+                        "sample_id": sid,
+                        **encode_tensor("frames", frames),
+                        "face_found": 1.0,
+                        "boxes": [0.0] * 16,
+                        "lost_frames": 0,
+                    }
+                )
                 spec = rng.normal(size=(3, 9, 12)).astype(np.float32) + 1.5 * label
                 window = rng.normal(size=(3, 64)).astype(np.float32) + label
-                physio.append({"sample_id": sid, **encode_tensor("window", window), **encode_tensor("spectrogram", spec),
-                               "channels": ["gsr", "ecg", "emg_trapezius"], "eda_level": 0.0, "eda_slope": 0.0,
-                               "heart_rate": 60.0, "emg_rms": 1.0})
+                physio.append(
+                    {
+                        "sample_id": sid,
+                        **encode_tensor("window", window),
+                        **encode_tensor("spectrogram", spec),
+                        "channels": ["gsr", "ecg", "emg_trapezius"],
+                        "eda_level": 0.0,
+                        "eda_slope": 0.0,
+                        "heart_rate": 60.0,
+                        "emg_rms": 1.0,
+                    }
+                )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest_frame(rows), run_dir / "manifest.parquet")
     write_table_atomic(faces, FACES_SCHEMA, run_dir / "features" / "faces.parquet")

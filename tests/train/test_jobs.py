@@ -38,8 +38,16 @@ def test_teacher_cache_student_chain(tmp_path):
     assert not set(data.train.subject_ids) & set(data.test.subject_ids)
     metrics = run_teacher_job(cfg, job, data, WorkerContext())
     jdir = Path(job.out_dir)
-    for name in ("unimodal-video.pt", "unimodal-physio.pt", "teacher.pt", "tnet.pt", "predictions.parquet",
-                 "history.json", "metrics.json", "DONE.json"):
+    for name in (
+        "unimodal-video.pt",
+        "unimodal-physio.pt",
+        "teacher.pt",
+        "tnet.pt",
+        "predictions.parquet",
+        "history.json",
+        "metrics.json",
+        "DONE.json",
+    ):
         assert (jdir / name).is_file(), name
     pred = pd.read_parquet(jdir / "predictions.parquet")
     assert set(pred["model"]) == {"unimodal-video", "unimodal-physio", "teacher"}

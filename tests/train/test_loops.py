@@ -54,8 +54,14 @@ def _problem(seed: int = 0):
 
 def test_fit_learns_selects_best_and_records_history():
     model, opt, step, validate = _problem()
-    state = fit(model, opt, train_step=step, validate=validate, epochs=6,
-                batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e))
+    state = fit(
+        model,
+        opt,
+        train_step=step,
+        validate=validate,
+        epochs=6,
+        batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e),
+    )
     assert len(state.history) == 6 and state.epoch == 6
     assert state.best_score == max(r["val_metric"] for r in state.history)
     assert state.best_score > 0.8
@@ -64,8 +70,14 @@ def test_fit_learns_selects_best_and_records_history():
 
 def test_fit_resumed_from_a_checkpoint_equals_an_uninterrupted_fit():
     model, opt, step, validate = _problem()
-    full = fit(model, opt, train_step=step, validate=validate, epochs=5,
-               batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e))
+    full = fit(
+        model,
+        opt,
+        train_step=step,
+        validate=validate,
+        epochs=5,
+        batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e),
+    )
     final_full = {k: v.clone() for k, v in full.model_state.items()}
 
     model, opt, step, validate = _problem()
@@ -79,11 +91,25 @@ def test_fit_resumed_from_a_checkpoint_equals_an_uninterrupted_fit():
             raise KeyboardInterrupt  # simulated crash after epoch 2
 
     with pytest.raises(KeyboardInterrupt):
-        fit(model, opt, train_step=step, validate=validate, epochs=5,
-            batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e), on_epoch_end=keep)
+        fit(
+            model,
+            opt,
+            train_step=step,
+            validate=validate,
+            epochs=5,
+            batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e),
+            on_epoch_end=keep,
+        )
     model, opt, step, validate = _problem(seed=123)  # fresh weights: everything must come from the checkpoint
-    resumed = fit(model, opt, train_step=step, validate=validate, epochs=5,
-                  batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e), resume=saved[0])
+    resumed = fit(
+        model,
+        opt,
+        train_step=step,
+        validate=validate,
+        epochs=5,
+        batches_for_epoch=lambda e: epoch_batches(64, 16, seed=0, epoch=e),
+        resume=saved[0],
+    )
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5]
     assert resumed.resumed_from == [2]
     for k, v in resumed.model_state.items():

@@ -13,8 +13,12 @@ from tests.train.conftest import make_tiny_run
 def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
     from pkdot.stages import teacher_jobs
 
-    cfg = make_tiny_run(tmp_path / "run", overrides={"train": {"num_workers": 2, "epochs_teacher": 4,
-                                                               "max_failures": 2, "checkpoint_every_s": 0}})
+    cfg = make_tiny_run(
+        tmp_path / "run",
+        overrides={
+            "train": {"num_workers": 2, "epochs_teacher": 4, "max_failures": 2, "checkpoint_every_s": 0}
+        },
+    )
     folds = subject_folds([f"s{i}" for i in range(6)], 3, val_fraction=0.2, seed=0)[:1]
     save_folds(folds, Path(cfg.run_dir) / "splits.json")
     jobs = teacher_jobs(cfg, folds)
