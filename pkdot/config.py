@@ -308,10 +308,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "train": {
             "folds": 5,
-            "max_folds": 2,
+            "max_folds": None,
             "batch_size": 32,
             "teacher_batch_size": 32,
-            "epochs_unimodal": 6,
+            "epochs_unimodal": 8,
             "epochs_teacher": 6,
             "epochs_tnet": 10,
             "epochs_student": 8,

@@ -28,8 +28,8 @@ def predict_videos(model_uri: str, videos: Sequence[Path]) -> list[dict[str, Any
     from pkdot.tracking import load_student, model_config_path
 
     cfg = load_config(model_config_path(model_uri))
+    # the registered student is a torch.export program, exported in eval mode (it has no .eval())
     model = load_student(model_uri)
-    model.eval()
     detector = FaceDetector(cfg.features)
     names = class_names(cfg.data.task)
     rows: list[dict[str, Any]] = []

@@ -1,0 +1,659 @@
+r"""Quality benchmark: does PKDOT beat the baselines on the synthetic Biovid and Aff-Wild2 sets?
+
+For every task (Biovid ``binary`` BL1 vs PA4 and 5-class ``multiclass`` with the physiological signals as the
+privileged modality; Aff-Wild2 ``valence`` and ``arousal`` with audio as the privileged modality) the whole
+pipeline runs on a synthetic set in the real layout (:func:`pkdot.stages.run_all`, demo-preset model sizes)
+with the subject-independent protocol: subject k-fold, *every* fold evaluated, ``--seeds`` seeds, so each
+model has :math:`n = \text{folds} \times \text{seeds}` test scores. Models: the multimodal ``teacher``, the
+unimodal models of the teacher stage (``unimodal-video``, ``unimodal-physio`` / ``unimodal-audio``) and one
+video-only student per distillation loss (``none``, ``kd``, ``fitnet``, ``sp``, ``rkd``, ``pkt``, ``crd``,
+``pkdot``). The table reports per model the mean test metric (accuracy or CCC) with its 95 % Student-t
+interval, and the difference to ``student-none`` *paired by (fold, seed)* with its interval and paired t-test
+p-value (:mod:`pkdot.evaluate.aggregate`).
+
+Ablations of PKDOT (on the ``binary`` task): anchors per row k in {5, 10, 30, all}, least vs most similar
+anchors, with vs without the T-Net, and the distillation weight lambda in {0.2, 0.6, 1.0}. A variant changes
+only the ``distill`` section, so it reuses the base run's teachers and embedding cache: its run directory
+links (symlinks) the base run's manifest, features, ``splits.json``, ``teacher/``, ``embeddings/`` and the
+markers of the earlier stages, and runs only :func:`pkdot.stages.stage_distill` (losses ``none`` and
+``pkdot``) and :func:`pkdot.stages.stage_evaluate`; each variant's ``pkdot`` is compared with its own
+``none`` (paired). The setting equal to the base run's (the demo preset: k = 10, least, T-Net, lambda 0.6) is
+read from the base run.
+
+Stages are idempotent, so a rerun with the same options only redoes what is missing.
+
+Usage::
+
+    python benchmarks/quality.py                        # all tasks + ablations -> benchmarks/results/quality.md
+    python benchmarks/quality.py --tasks binary --seeds 3 --no-ablations
+    python benchmarks/quality.py --quick --out /tmp/q.md  # tiny sizes (the smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402  (the benchmarks folder is not a package)
+    RESULTS_DIR,
+    fmt_float,
+    link_upstream,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    quiet_environment,
+    write_result,
+)
+
+from pkdot.config import RunConfig, load_config  # noqa: E402
+from pkdot.errors import ConfigError  # noqa: E402
+from pkdot.evaluate.aggregate import (  # noqa: E402
+    BASELINE_STUDENT,
+    aggregate,
+    collect_predictions,
+    order_models,
+    paired_table,
+    primary_metric,
+)
+
+logger = logging.getLogger(__name__)
+
+PKDOT_STUDENT = "student-pkdot"
+LOSSES = ("none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot")
+ABLATION_TASK = "binary"
+EARLIER_STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A benchmark task: data set, task and the privileged (teacher-only) modality."""
+
+    name: str
+    dataset: str
+    task: str
+    privileged: tuple[str, ...]
+    description: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    "binary": TaskSpec("binary", "biovid", "binary", ("physio",), "Biovid, BL1 vs PA4"),
+    "multiclass": TaskSpec("multiclass", "biovid", "multiclass", ("physio",), "Biovid, 5 classes"),
+    "valence": TaskSpec("valence", "affwild2", "valence", ("audio",), "Aff-Wild2, valence"),
+    "arousal": TaskSpec("arousal", "affwild2", "arousal", ("audio",), "Aff-Wild2, arousal"),
+}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One PKDOT setting: ``factor`` = ``setting`` through ``overrides`` of the ``distill`` section."""
+
+    factor: str
+    setting: str
+    overrides: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.factor}={self.setting}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.factor}-{self.setting}".replace(".", "p")
+
+
+ABLATIONS: tuple[Ablation, ...] = (
+    Ablation("k", "5", {"distill.k": 5}),
+    Ablation("k", "10", {"distill.k": 10}),
+    Ablation("k", "30", {"distill.k": 30}),
+    Ablation("k", "all", {"distill.k": "all"}),
+    Ablation("anchors", "least", {"distill.anchors": "least"}),
+    Ablation("anchors", "most", {"distill.anchors": "most"}),
+    Ablation("use_tnet", "true", {"distill.use_tnet": True}),
+    Ablation("use_tnet", "false", {"distill.use_tnet": False}),
+    Ablation("weight", "0.2", {"distill.weight": 0.2}),
+    Ablation("weight", "0.6", {"distill.weight": 0.6}),
+    Ablation("weight", "1.0", {"distill.weight": 1.0}),
+)
+QUICK_ABLATIONS = ("k=5", "k=10", "use_tnet=false")
+
+#: Tiny sizes for ``--quick`` (the smoke test): a few samples, one or two epochs per phase.
+QUICK_OVERRIDES: dict[str, Any] = {
+    "features.workers": 1,
+    "synth.samples_per_class": 2,
+    "synth.seconds_per_video": 6.0,
+    "synth.frame_size": 64,
+    "features.n_frames": 4,
+    "features.crop_size": 32,
+    "train.epochs_unimodal": 1,
+    "train.epochs_teacher": 1,
+    "train.epochs_tnet": 1,
+    "train.epochs_student": 2,
+}
+
+
+@dataclass
+class QualitySettings:
+    """What to run. Defaults: every task, 10 synthetic subjects, 5-fold subject k-fold (all folds), 5 seeds."""
+
+    tasks: tuple[str, ...] = tuple(TASKS)
+    seeds: int = 5
+    subjects: int = 10
+    folds: int = 5
+    workers: int = 1
+    seconds_per_video: float = 24.0
+    ablations: tuple[str, ...] = tuple(a.name for a in ABLATIONS)
+    quick: bool = False
+    work_dir: Path = Path("runs/bench-quality")
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"--tasks: unknown task(s) {unknown} (expected some of {list(TASKS)})")
+        names = {a.name for a in ABLATIONS}
+        bad = [a for a in self.ablations if a not in names]
+        if bad:
+            raise ConfigError(f"--ablations: unknown setting(s) {bad} (expected some of {sorted(names)})")
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
+        if self.subjects < self.folds + 2:
+            raise ConfigError(
+                f"--subjects ({self.subjects}) must be >= folds + 2 ({self.folds + 2}): each fold needs test, "
+                "validation and training subjects"
+            )
+
+    def overrides(self, spec: TaskSpec, run_dir: Path) -> dict[str, Any]:
+        """Dotted overrides of the demo preset for one task's run."""
+        over: dict[str, Any] = {
+            "run_dir": str(run_dir),
+            "data.dataset": spec.dataset,
+            "data.task": spec.task,
+            "data.privileged_modalities": list(spec.privileged),
+            "synth.subjects": self.subjects,
+            "synth.seconds_per_video": self.seconds_per_video,
+            "train.folds": self.folds,
+            # every fold (the demo preset evaluates only the first 2; a None override would be ignored)
+            "train.max_folds": self.folds,
+            "train.seeds": list(range(self.seeds)),
+            "train.num_workers": self.workers,
+            "distill.losses": list(LOSSES),
+            # the benchmark compares models; it does not register them in the MLflow registry
+            "tracking.register_model": False,
+        }
+        if self.quick:
+            over.update(QUICK_OVERRIDES)
+        return over
+
+
+@dataclass
+class TaskResult:
+    """One task's run: its config, per-run metrics, the table and the wall time."""
+
+    spec: TaskSpec
+    cfg: RunConfig
+    per_fold: pd.DataFrame
+    table: pd.DataFrame
+    wall_s: float
+    #: per stage: (seconds when it last ran, whether it ran in this call); "synthetic data" = prepare_run
+    stage_seconds: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    samples: int = 0
+
+    @property
+    def metric(self) -> str:
+        return primary_metric(self.cfg.data.is_regression)
+
+
+@dataclass
+class QualityReport:
+    """Everything :func:`run_quality` measured."""
+
+    settings: QualitySettings
+    tasks: list[TaskResult]
+    ablations: pd.DataFrame
+    ablation_wall_s: float
+    wall_s: float
+
+
+# ---- one task --------------------------------------------------------------------------------------------------
+def model_table(per_fold: pd.DataFrame, table: pd.DataFrame, *, metric: str) -> pd.DataFrame:
+    """The summary table (:func:`pkdot.evaluate.aggregate.summary_table`) with each model's paired difference to
+    ``student-none`` (columns ``diff``, ``diff_ci_low``, ``diff_ci_high``, ``p_value``, ``n_pairs``; NaN for
+    ``student-none`` itself)."""
+    models = [m for m in order_models(per_fold["model"]) if m != BASELINE_STUDENT]
+    out = table.copy()
+    for col in ("diff", "diff_ci_low", "diff_ci_high", "p_value"):
+        out[col] = math.nan
+    out["n_pairs"] = 0
+    if BASELINE_STUDENT not in set(per_fold["model"]):
+        return out
+    paired = paired_table(per_fold, metric=metric, models=models, baseline=BASELINE_STUDENT).set_index(
+        "model"
+    )
+    for i, model in enumerate(out["model"]):
+        if model in paired.index:
+            row = paired.loc[model]
+            out.loc[i, ["diff", "diff_ci_low", "diff_ci_high", "p_value"]] = [
+                row["mean_diff"],
+                row["ci_low"],
+                row["ci_high"],
+                row["p_value"],
+            ]
+            out.loc[i, "n_pairs"] = int(row["n"])
+    return out
+
+
+def _stage_seconds(run_dir: Path, results: dict[str, Any]) -> dict[str, tuple[float, bool]]:
+    """Per stage: (seconds it took when it last ran, from its marker; True when it ran in this call)."""
+    import json
+
+    out: dict[str, tuple[float, bool]] = {}
+    for stage in EARLIER_STAGES:
+        res = results.get(stage)
+        marker = run_dir / "stages" / f"{stage}.json"
+        seconds = (
+            float(json.loads(marker.read_text()).get("seconds", math.nan)) if marker.is_file() else math.nan
+        )
+        out[stage] = (seconds, res is not None and not res.skipped)
+    return out
+
+
+def format_stage_seconds(stage_seconds: dict[str, tuple[float, bool]]) -> str:
+    """``"extract 31 s, train-teacher 80 s (earlier run), ..."``."""
+    return ", ".join(
+        f"{k} {v:.0f} s{'' if ran else ' (earlier run)'}" for k, (v, ran) in stage_seconds.items()
+    )
+
+
+def run_task(spec: TaskSpec, settings: QualitySettings, data_roots: dict[str, Path]) -> TaskResult:
+    """Run (or resume) the whole pipeline for one task and aggregate its test predictions.
+
+    ``data_roots`` maps a data set to a synthetic set written by an earlier task (Biovid ``binary`` and
+    ``multiclass`` read the same recordings); the first task of a data set generates it and records it there.
+    """
+    from pkdot.stages import prepare_run, run_all
+
+    run_dir = (settings.work_dir / spec.name).resolve()
+    over = settings.overrides(spec, run_dir)
+    if spec.dataset in data_roots:
+        over["data.root"] = str(data_roots[spec.dataset])
+    cfg = load_config(preset="demo", overrides=over)
+    print(f"[quality] task {spec.name} ({spec.description}) in {run_dir}", flush=True)
+    start = time.perf_counter()
+    cfg = prepare_run(cfg)  # writes the synthetic set when no root is given
+    synth_s = time.perf_counter() - start
+    results = run_all(cfg)
+    wall = time.perf_counter() - start
+    assert cfg.data.root is not None
+    data_roots.setdefault(spec.dataset, Path(cfg.data.root))
+    stage_seconds = {"synthetic data": (synth_s, True), **_stage_seconds(run_dir, results)}
+    pred = collect_predictions(run_dir)
+    per_fold, table, _ = aggregate(pred, regression=cfg.data.is_regression, num_classes=cfg.data.num_outputs)
+    metric = primary_metric(cfg.data.is_regression)
+    samples = int(results["manifest"].details.get("samples", 0))
+    result = TaskResult(
+        spec, cfg, per_fold, model_table(per_fold, table, metric=metric), wall, stage_seconds, samples
+    )
+    print(
+        f"[quality] task {spec.name}: {wall:.1f} s wall ({format_stage_seconds(stage_seconds)})", flush=True
+    )
+    return result
+
+
+# ---- ablations ------------------------------------------------------------------------------------------------
+def ablation_config(base_cfg: RunConfig, ablation: Ablation, run_dir: Path) -> RunConfig:
+    """The base run's config with the ablation's ``distill`` overrides, losses ``none`` + ``pkdot``.
+
+    Raises
+    ------
+    ConfigError
+        When an override touches anything but the ``distill`` section (the variant shares the base run's
+        teachers and cache, which depend on the other sections).
+    """
+    outside = [k for k in ablation.overrides if not k.startswith("distill.")]
+    if outside:
+        raise ConfigError(
+            f"ablation {ablation.name}: overrides {outside} are outside the distill section; a variant reuses "
+            "the base run's teachers and embedding cache and may only change distill.*"
+        )
+    base_file = Path(base_cfg.run_dir) / "config.yaml"
+    over = {**ablation.overrides, "distill.losses": ["none", "pkdot"], "run_dir": str(run_dir)}
+    variant = load_config(base_file, overrides=over)
+    changed = [
+        s
+        for s in ("data", "synth", "features", "model", "train", "tracking", "seed")
+        if getattr(variant, s) != getattr(base_cfg, s)
+    ]
+    if changed:
+        raise ConfigError(
+            f"ablation {ablation.name}: sections {changed} differ from the base run {base_file}"
+        )
+    return variant
+
+
+def _same_distill(a: RunConfig, b: RunConfig) -> bool:
+    return a.distill.model_dump(exclude={"losses"}) == b.distill.model_dump(exclude={"losses"})
+
+
+def _pkdot_vs_none(per_fold: pd.DataFrame, metric: str) -> dict[str, Any]:
+    paired = paired_table(per_fold, metric=metric, models=[PKDOT_STUDENT], baseline=BASELINE_STUDENT).iloc[0]
+    pk = per_fold.loc[per_fold["model"] == PKDOT_STUDENT, metric]
+    none = per_fold.loc[per_fold["model"] == BASELINE_STUDENT, metric]
+    return {
+        "pkdot_mean": float(pk.mean()),
+        "none_mean": float(none.mean()),
+        "diff": float(paired["mean_diff"]),
+        "diff_ci_low": float(paired["ci_low"]),
+        "diff_ci_high": float(paired["ci_high"]),
+        "p_value": float(paired["p_value"]),
+        "n": int(paired["n"]),
+    }
+
+
+def _none_vs_base(per_fold: pd.DataFrame, base_per_fold: pd.DataFrame, metric: str) -> float:
+    """max |metric(variant none) - metric(base none)| over shared (fold, seed) runs (0 = reproduced exactly)."""
+    a = per_fold[per_fold["model"] == BASELINE_STUDENT].set_index(["fold", "seed"])[metric]
+    b = base_per_fold[base_per_fold["model"] == BASELINE_STUDENT].set_index(["fold", "seed"])[metric]
+    common = a.index.intersection(b.index)
+    return float((a.loc[common] - b.loc[common]).abs().max()) if len(common) else math.nan
+
+
+def run_ablations(base: TaskResult, ablations: Sequence[Ablation], work_dir: Path) -> pd.DataFrame:
+    """PKDOT vs ``none`` (paired) for each ablation, on the base run's teachers and embedding cache.
+
+    Returns one row per ablation: factor, setting, base (bool: the base run's own setting), pkdot_mean,
+    none_mean, diff, diff_ci_low, diff_ci_high, p_value, n, none_vs_base (max absolute difference of the
+    variant's ``student-none`` to the base run's, per run), wall_s, run_dir.
+    """
+    from pkdot.stages import stage_distill, stage_evaluate
+
+    metric = base.metric
+    rows = []
+    for ablation in ablations:
+        run_dir = (work_dir / "ablations" / ablation.slug).resolve()
+        variant = ablation_config(base.cfg, ablation, run_dir)
+        start = time.perf_counter()
+        if _same_distill(variant, base.cfg):
+            per_fold, used_dir, is_base = base.per_fold, Path(base.cfg.run_dir), True
+        else:
+            print(f"[quality] ablation {ablation.name} in {run_dir}", flush=True)
+            link_upstream(Path(base.cfg.run_dir), run_dir)
+            link = run_dir / "base-config.yaml"
+            if not link.is_symlink():
+                link.symlink_to(Path(base.cfg.run_dir) / "config.yaml")
+            variant.to_yaml(run_dir / "config.yaml")
+            distilled = stage_distill(variant, losses=["none", "pkdot"])
+            stage_evaluate(variant, distilled.fingerprint)
+            pred = collect_predictions(run_dir)
+            per_fold, _, _ = aggregate(
+                pred, regression=variant.data.is_regression, num_classes=variant.data.num_outputs
+            )
+            used_dir, is_base = run_dir, False
+        wall = time.perf_counter() - start
+        rows.append(
+            {
+                "factor": ablation.factor,
+                "setting": ablation.setting,
+                "base": is_base,
+                **_pkdot_vs_none(per_fold, metric),
+                "none_vs_base": _none_vs_base(per_fold, base.per_fold, metric),
+                "wall_s": wall,
+                "run_dir": str(used_dir),
+            }
+        )
+        if not is_base:
+            print(f"[quality] ablation {ablation.name}: {wall:.1f} s", flush=True)
+    return pd.DataFrame.from_records(rows)
+
+
+# ---- the whole benchmark ---------------------------------------------------------------------------------------
+def run_quality(settings: QualitySettings) -> QualityReport:
+    """Run every task of ``settings``; the ablations run right after their base task (``binary``)."""
+    quiet_environment()
+    start = time.perf_counter()
+    data_roots: dict[str, Path] = {}
+    chosen = [a for a in ABLATIONS if a.name in settings.ablations]
+    if chosen and ABLATION_TASK not in settings.tasks:
+        logger.warning("ablations run on the %r task, which is not among --tasks: skipped", ABLATION_TASK)
+    results: list[TaskResult] = []
+    ablation_df, ablation_wall = pd.DataFrame(), 0.0
+    for name in settings.tasks:
+        result = run_task(TASKS[name], settings, data_roots)
+        results.append(result)
+        if name == ABLATION_TASK and chosen:
+            ablation_start = time.perf_counter()
+            ablation_df = run_ablations(result, chosen, settings.work_dir)
+            ablation_wall = time.perf_counter() - ablation_start
+    return QualityReport(settings, results, ablation_df, ablation_wall, time.perf_counter() - start)
+
+
+def verdict(table: pd.DataFrame, metric: str) -> str:
+    """One sentence: PKDOT vs ``student-none`` from the paired interval, and PKDOT's rank among the students."""
+    rows = table.set_index("model")
+    if PKDOT_STUDENT not in rows.index or BASELINE_STUDENT not in rows.index:
+        return "PKDOT or the no-distillation student is missing from this run."
+    pk = rows.loc[PKDOT_STUDENT]
+    students = rows[[m.startswith("student-") for m in rows.index]].sort_values("mean", ascending=False)
+    rank = list(students.index).index(PKDOT_STUDENT) + 1
+    lo, hi = pk["diff_ci_low"], pk["diff_ci_high"]
+    if lo > 0:
+        outcome = "PKDOT **beats** the student without distillation"
+    elif hi < 0:
+        outcome = "PKDOT is **worse** than the student without distillation"
+    else:
+        outcome = "PKDOT does **not** beat the student without distillation (the interval includes 0)"
+    return (
+        f"{outcome}: Δ{metric} = {pk['diff']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], paired t-test "
+        f"p = {fmt_float(pk['p_value'])}, n = {int(pk['n_pairs'])} runs; PKDOT ranks {rank} of "
+        f"{len(students)} students by mean {metric}."
+    )
+
+
+def task_markdown(result: TaskResult) -> str:
+    """The Markdown table of one task."""
+    metric = result.metric
+    header = ["model", f"{metric} mean", "95% CI", "Δ vs student-none", "95% CI of Δ", "p (paired t)", "n"]
+    rows = []
+    for _, r in result.table.iterrows():
+        is_base = r["model"] == BASELINE_STUDENT
+        rows.append(
+            [
+                f"`{r['model']}`",
+                fmt_float(r["mean"]),
+                f"[{fmt_float(r['ci_low'])}, {fmt_float(r['ci_high'])}]",
+                "(baseline)" if is_base else fmt_float(r["diff"], 4, signed=True),
+                ""
+                if is_base
+                else f"[{fmt_float(r['diff_ci_low'], 4, True)}, {fmt_float(r['diff_ci_high'], 4, True)}]",
+                "" if is_base else fmt_float(r["p_value"]),
+                int(r["n"]),
+            ]
+        )
+    cfg = result.cfg
+    if cfg.data.dataset == "affwild2":
+        size = (
+            f"{cfg.synth.subjects} synthetic subjects x {cfg.synth.videos_per_subject} video of "
+            f"{cfg.synth.seconds_per_video:g} s, clips of {cfg.data.clip_frames} frames: {result.samples} clips"
+        )
+    else:
+        size = (
+            f"{cfg.synth.subjects} synthetic subjects x {cfg.synth.samples_per_class} windows per class: "
+            f"{result.samples} windows"
+        )
+    times = format_stage_seconds(result.stage_seconds)
+    return "\n".join(
+        [
+            f"## {result.spec.name} — {result.spec.description} ({metric})",
+            "",
+            f"{size}; privileged modality: {', '.join(result.spec.privileged)}; wall time {result.wall_s:.0f} s "
+            f"({times}).",
+            "",
+            markdown_table(header, rows),
+            "",
+            verdict(result.table, metric),
+        ]
+    )
+
+
+def ablation_markdown(df: pd.DataFrame, metric: str) -> str:
+    """The Markdown table of the PKDOT ablations."""
+    header = [
+        "factor",
+        "setting",
+        "student-pkdot",
+        "student-none",
+        "Δ (pkdot − none)",
+        "95% CI of Δ",
+        "p (paired t)",
+        "n",
+        "none vs base none (max abs Δ)",
+    ]
+    rows = []
+    for _, r in df.iterrows():
+        rows.append(
+            [
+                r["factor"],
+                f"{r['setting']}{' (base run)' if r['base'] else ''}",
+                fmt_float(r["pkdot_mean"]),
+                fmt_float(r["none_mean"]),
+                fmt_float(r["diff"], 4, True),
+                f"[{fmt_float(r['diff_ci_low'], 4, True)}, {fmt_float(r['diff_ci_high'], 4, True)}]",
+                fmt_float(r["p_value"]),
+                int(r["n"]),
+                fmt_float(r["none_vs_base"], 4),
+            ]
+        )
+    return "\n".join(
+        [
+            f"## PKDOT ablations — {TASKS[ABLATION_TASK].description} ({metric})",
+            "",
+            "Each variant changes one `distill` setting of the base run (k = 10, least-similar anchors, T-Net, "
+            "λ = 0.6) and reuses its teachers and embedding cache (linked run directory); its `pkdot` student is "
+            "compared with its own `none` student, paired by (fold, seed). The last column checks that the "
+            "variant's `none` student reproduces the base run's (it must be 0 unless the variant changes the "
+            "student's architecture, as `use_tnet=false` does).",
+            "",
+            markdown_table(header, rows),
+        ]
+    )
+
+
+def report_markdown(report: QualityReport, machine: dict[str, Any], command: str) -> str:
+    """The whole results file."""
+    s = report.settings
+    first = report.tasks[0].cfg if report.tasks else None
+    lines = [
+        "# Quality benchmark: does PKDOT beat the baselines?",
+        "",
+        machine_markdown(machine),
+        f"- Command: `{command}`",
+        f"- Total wall time: {report.wall_s / 60:.1f} min (tasks: "
+        + ", ".join(f"{t.spec.name} {t.wall_s:.0f} s" for t in report.tasks)
+        + (f", ablations {report.ablation_wall_s:.0f} s" if len(report.ablations) else "")
+        + ")",
+    ]
+    if first is not None:
+        t, m = first.train, first.model
+        lines += [
+            f"- Protocol: subject-independent {s.folds}-fold subject k-fold, every fold evaluated, seeds "
+            f"{list(range(s.seeds))}: n = {s.folds * s.seeds} test scores per model; epochs selected on the "
+            f"validation subjects carved from each fold's training subjects; test subjects scored once.",
+            f"- Sizes (preset `{first.preset}`{', --quick' if s.quick else ''}): video backbone "
+            f"`{m.video_backbone}` width {m.video_width}, {first.features.n_frames} frames of "
+            f"{first.features.crop_size}x{first.features.crop_size}, embedding {m.embed_dim}; epochs unimodal/"
+            f"teacher/T-Net/student {t.epochs_unimodal}/{t.epochs_teacher}/{t.epochs_tnet}/{t.epochs_student}; "
+            f"batch {t.batch_size}; PKDOT k = {first.distill.k}, λ = {first.distill.weight}; "
+            f"train.num_workers = {t.num_workers}.",
+            "- Metric: accuracy (Biovid) or CCC (Aff-Wild2) on the test subjects of each (fold, seed) run; "
+            "95% Student-t intervals over runs; Δ = model − `student-none` paired by (fold, seed).",
+        ]
+    for result in report.tasks:
+        lines += ["", task_markdown(result)]
+    base = next((r for r in report.tasks if r.spec.name == ABLATION_TASK), None)
+    if len(report.ablations) and base is not None:
+        lines += ["", ablation_markdown(report.ablations, base.metric)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to run")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per fold (default 5; --quick 2)")
+    parser.add_argument(
+        "--subjects", type=int, default=None, help="synthetic subjects (default 10; --quick 4)"
+    )
+    parser.add_argument("--folds", type=int, default=None, help="subject k-fold (default 5; --quick 2)")
+    parser.add_argument("--workers", type=int, default=1, help="train.num_workers (Ray Train workers)")
+    parser.add_argument(
+        "--seconds-per-video", type=float, default=24.0, help="synthetic Aff-Wild2 video length"
+    )
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=None,
+        metavar="FACTOR=SETTING",
+        help=f"PKDOT ablations (default all: {' '.join(a.name for a in ABLATIONS)})",
+    )
+    parser.add_argument("--no-ablations", action="store_true", help="skip the ablations")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (seconds per stage), for the smoke test"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="run directories (default runs/bench-quality)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file (default benchmarks/results/quality.md; --quick: WORK_DIR/quality.md)",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    work_dir = args.work_dir or Path("runs/bench-quality-quick" if quick else "runs/bench-quality")
+    if args.no_ablations:
+        ablations: tuple[str, ...] = ()
+    elif args.ablations is not None:
+        ablations = tuple(args.ablations)
+    else:
+        ablations = QUICK_ABLATIONS if quick else tuple(a.name for a in ABLATIONS)
+    settings = QualitySettings(
+        tasks=tuple(args.tasks),
+        seeds=args.seeds or (2 if quick else 5),
+        subjects=args.subjects or (4 if quick else 10),
+        folds=args.folds or (2 if quick else 5),
+        workers=args.workers,
+        seconds_per_video=args.seconds_per_video,
+        ablations=ablations,
+        quick=quick,
+        work_dir=work_dir,
+    )
+    out = args.out or (work_dir / "quality.md" if quick else RESULTS_DIR / "quality.md")
+    return settings, out
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings, out = parse_args(argv)
+    machine = machine_info()
+    command = "python benchmarks/quality.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
+    report = run_quality(settings)
+    text = report_markdown(report, machine, command.strip())
+    print("\n" + text)
+    write_result(out, text)
+    print(f"[quality] wrote {out} (total {report.wall_s / 60:.1f} min)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,538 @@
+"""Speed benchmark: each stage's throughput, OT solvers, and how the whole demo grows with the data set.
+
+Measured in one invocation (so the ratios share the machine's state), printed as tables at the end and
+written to ``benchmarks/results/speed.md`` with the date and the machine:
+
+1. **Scaling** -- the whole demo pipeline (``pkdot run --no-prefect`` with the demo preset: synthetic data,
+   extract, teacher, cache, 8 students, evaluate + registration) on synthetic Biovid sets of ``--subjects``
+   (default 5, 10, 20) subjects, each in a fresh process; wall time per stage and the ratio to the smallest.
+2. **Extraction throughput** -- face frames/s and physio windows/s per worker, from the extraction report of
+   the middle scaling run (the same figures as ``bench_extract.py``).
+3. **Ray Train workers** -- the teacher, cache and distill stages of the middle run again with
+   ``train.num_workers=1`` (on the same features, Ray already up) against the demo's 2 workers.
+4. **Training throughput** -- samples/s of one training epoch (forward + backward + step) of the unimodal
+   backbones and the fusion teacher on fold 0 of the middle run; the student from the embedding cache vs with
+   a live teacher forward (``bench_cache.py``, run as a child process).
+5. **OT loss** -- forward + backward of the Sinkhorn divergence on PKDOT clouds (k = 30) for B in
+   {64, 128, 256}: ours vs GeomLoss vs POT (the closures of ``bench_ot.py``).
+
+Usage::
+
+    python benchmarks/speed.py               # ~10-15 min on 2 CPU cores
+    python benchmarks/speed.py --quick       # tiny sizes, ~3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402  (the benchmarks folder is not a package)
+    BENCH_DIR,
+    RESULTS_DIR,
+    link_upstream,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    quiet_environment,
+    write_result,
+)
+
+from pkdot.errors import StageError  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
+RETRAIN_STAGES = ("train-teacher", "cache", "distill")
+#: Tiny model/data sizes for ``--quick`` (on top of the demo preset).
+QUICK_OVERRIDES: dict[str, Any] = {
+    "synth.samples_per_class": 2,
+    "synth.frame_size": 64,
+    "features.n_frames": 4,
+    "features.crop_size": 32,
+    "train.folds": 2,
+    "train.epochs_unimodal": 1,
+    "train.epochs_teacher": 1,
+    "train.epochs_tnet": 1,
+    "train.epochs_student": 2,
+}
+
+
+def _marker_seconds(run_dir: Path, stage: str) -> float:
+    path = Path(run_dir) / "stages" / f"{stage}.json"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist: stage {stage!r} did not complete")
+    return float(json.loads(path.read_text())["seconds"])
+
+
+# ---- child processes -------------------------------------------------------------------------------------------
+def child_pipeline(run_dir: Path, subjects: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The whole demo on ``subjects`` synthetic subjects (fresh process): seconds per stage."""
+    from pkdot.config import load_config
+    from pkdot.stages import prepare_run, run_all
+
+    cfg = load_config(
+        preset="demo", overrides={"run_dir": str(run_dir), "synth.subjects": subjects, **overrides}
+    )
+    start = time.perf_counter()
+    cfg = prepare_run(cfg)
+    synth = time.perf_counter() - start
+    results = run_all(cfg)
+    total = time.perf_counter() - start
+    skipped = [name for name, res in results.items() if res.skipped]
+    if skipped:
+        raise StageError(
+            f"{run_dir}: stages {skipped} were up to date; the scaling runs need a fresh directory"
+        )
+    return {
+        "subjects": subjects,
+        "samples": int(results["manifest"].details["samples"]),
+        "synthetic_s": synth,
+        "stages": {s: _marker_seconds(run_dir, s) for s in PIPELINE_STAGES},
+        "total_s": total,
+        "train_workers": cfg.train.num_workers,
+        "folds": len(json.loads((Path(run_dir) / "splits.json").read_text())),
+        "seeds": len(cfg.train.seeds),
+    }
+
+
+def child_retrain(base_run: Path, run_dir: Path, workers: int) -> dict[str, Any]:
+    """Teacher, cache and distill stages of ``base_run`` again with ``workers`` Ray Train workers.
+
+    The run directory links the base run's manifest and features (and their stage markers); Ray is started
+    before the clock so that, as in the base run (where extraction started it), the stages do not pay for it.
+    """
+    from pkdot.config import load_config
+    from pkdot.ray_utils import ensure_ray
+    from pkdot.stages import stage_cache, stage_distill, stage_train_teacher
+
+    cfg = load_config(
+        base_run / "config.yaml", overrides={"run_dir": str(run_dir), "train.num_workers": workers}
+    )
+    link_upstream(
+        base_run, run_dir, entries=("manifest.parquet", "features"), stage_markers=("manifest", "extract")
+    )
+    cfg.to_yaml(run_dir / "config.yaml")
+    ensure_ray(num_cpus=None, address=cfg.ray_address)
+    up = stage_train_teacher(cfg, _marker_fingerprint(run_dir, "extract")).fingerprint
+    up = stage_cache(cfg, up).fingerprint
+    stage_distill(cfg, up)
+    return {"workers": workers, "stages": {s: _marker_seconds(run_dir, s) for s in RETRAIN_STAGES}}
+
+
+def _marker_fingerprint(run_dir: Path, stage: str) -> str:
+    return str(json.loads((Path(run_dir) / "stages" / f"{stage}.json").read_text())["fingerprint"])
+
+
+def _run_child(args: list[str]) -> dict[str, Any]:
+    """Run ``speed.py --child ...`` in a fresh process; return the JSON it prints on its ``BENCH`` line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        raise StageError(f"benchmark child failed (exit {proc.returncode}): {shlex.join(cmd)}")
+    return json.loads(line[len("BENCH ") :])
+
+
+# ---- in-process measurements -----------------------------------------------------------------------------------
+def extraction_throughput(run_dir: Path) -> dict[str, float]:
+    """Face frames/s and physio windows/s per extraction worker (summed shard times), from the run's report."""
+    report = json.loads((Path(run_dir) / "features" / "extract_report.json").read_text())
+    times = report["time_s"]
+    physio_ok = report["counts"].get("physio", {}).get("ok", 0)
+    return {
+        "samples": report["n_written"],
+        "workers": report["workers"],
+        "face_frames": report["sampled_frames"],
+        "face_frames_per_s_per_worker": report["sampled_frames"] / max(times["video"], 1e-9),
+        "physio_windows": physio_ok,
+        "physio_windows_per_s_per_worker": physio_ok / max(times["physio"], 1e-9),
+        "extract_wall_s": times["extract_wall"],
+        "face_detection_rate": report["face_detection_rate"],
+    }
+
+
+def training_throughput(run_dir: Path, epochs: int = 2) -> list[dict[str, Any]]:
+    """Samples/s of one training epoch (forward, backward, optimiser step) per model of the teacher stage.
+
+    Fold 0 of ``run_dir``; models built by :mod:`pkdot.models` with the run's sizes; batches of
+    ``train.teacher_batch_size``; one warm-up epoch, then the median of ``epochs`` epochs. Runs on CUDA when
+    available (``train.use_gpu`` "auto"), else on the CPU with torch's default thread count.
+    """
+    import torch
+
+    from pkdot.config import load_config
+    from pkdot.models import UnimodalModel, build_backbone, build_teacher
+    from pkdot.train.data import load_samples, split_fold
+    from pkdot.train.loops import epoch_batches, task_loss, train_epoch
+    from pkdot.train.splits import load_folds
+
+    cfg = load_config(Path(run_dir) / "config.yaml", overrides={"run_dir": str(run_dir)})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = split_fold(load_samples(cfg, run_dir), load_folds(Path(run_dir) / "splits.json")[0])
+    train, shapes = data.train, data.input_shapes
+    regression, n_out, b = cfg.data.is_regression, cfg.data.num_outputs, cfg.train.teacher_batch_size
+    targets = torch.from_numpy(train.targets).to(device)
+    torch.manual_seed(0)
+    # name -> (model, its input modality; None = the fusion teacher, which takes every modality as a dict)
+    models: dict[str, tuple[torch.nn.Module, str | None]] = {
+        f"unimodal-{m}": (UnimodalModel(build_backbone(m, shapes[m], cfg.model), n_out, regression), m)
+        for m in cfg.data.modalities
+    }
+    models["teacher (fusion)"] = (build_teacher(cfg, shapes, seed=0), None)
+    rows = []
+    for name, (model, modality) in models.items():
+        model.to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(index, model=model, modality=modality):
+            x = {m: torch.from_numpy(train.arrays[m][index]).to(device) for m in cfg.data.modalities}
+            out = model(x if modality is None else x[modality])
+            return {"loss": task_loss(out.logits, targets[index], regression)}
+
+        times = []
+        for epoch in range(epochs + 1):
+            batches = epoch_batches(len(train), b, seed=0, epoch=epoch)
+            start = time.perf_counter()
+            train_epoch(step, optimizer, batches, modules=[model])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        n = sum(len(i) for i in epoch_batches(len(train), b, seed=0, epoch=0))
+        epoch_s = statistics.median(times[1:])
+        rows.append(
+            {
+                "model": name,
+                "samples_per_epoch": n,
+                "epoch_s": epoch_s,
+                "samples_per_s": n / epoch_s,
+                "device": str(device),
+            }
+        )
+    return rows
+
+
+def student_cache_throughput(run_dir: Path, epochs: int) -> dict[str, float]:
+    """``bench_cache.py --run RUN``: student epoch from the embedding cache vs with a live teacher forward."""
+    cmd = [sys.executable, str(BENCH_DIR / "bench_cache.py"), "--run", str(run_dir), "--epochs", str(epochs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    text = proc.stdout
+    head = re.search(r"student epoch \((\d+) training samples, batch (\d+), loss (\w+)", text)
+    live = re.search(r"live teacher forward\s+([\d.]+)", text)
+    cached = re.search(r"embedding cache\s+([\d.]+)", text)
+    if proc.returncode != 0 or not (head and live and cached):
+        sys.stderr.write(text[-3000:] + proc.stderr[-3000:])
+        raise StageError(f"{shlex.join(cmd)} failed or printed no timing table (exit {proc.returncode})")
+    n = int(head.group(1))
+    live_s, cached_s = float(live.group(1)), float(cached.group(1))
+    return {
+        "samples": n,
+        "batch": int(head.group(2)),
+        "loss": head.group(3),
+        "live_epoch_s": live_s,
+        "cached_epoch_s": cached_s,
+        "live_samples_per_s": n / live_s,
+        "cached_samples_per_s": n / cached_s,
+        "speedup": live_s / cached_s,
+    }
+
+
+def ot_timings(sizes: Sequence[int], repeats: int, pot_repeats: int, k: int = 30) -> list[dict[str, Any]]:
+    """Median ms of forward + backward per solver and batch size (``bench_ot``'s closures, interleaved)."""
+    import bench_ot
+
+    warnings.filterwarnings("ignore", message="Sinkhorn did not converge")  # POT at its iteration cap
+    rows = []
+    for size in sizes:
+        methods = bench_ot._ot_methods(size, k, 0.1, 0.5, 0, 1000)
+        reference = methods["geomloss"]().item()
+        rel = {
+            n: abs(methods[n]().item() - reference) / abs(reference) for n in ("ours", "pot-log", "pot-emp")
+        }
+        times = bench_ot._interleaved({n: methods[n] for n in ("ours", "geomloss", "pkdot_loss")}, repeats, 3)
+        times.update(bench_ot._interleaved({n: methods[n] for n in ("pot-log", "pot-emp")}, pot_repeats, 0))
+        med = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+        rows.append(
+            {
+                "B": size,
+                **{f"{n}_ms": v for n, v in med.items()},
+                "ours_over_geomloss": med["ours"] / med["geomloss"],
+                **{f"rel_diff_{n}": v for n, v in rel.items()},
+            }
+        )
+    return rows
+
+
+# ---- the report --------------------------------------------------------------------------------------------------
+def _f(x: float, d: int = 1) -> str:
+    return f"{x:.{d}f}"
+
+
+def report_markdown(results: dict[str, Any], machine: dict[str, Any], command: str, wall_s: float) -> str:
+    """All tables as Markdown."""
+    scaling = results["scaling"]
+    small = scaling[0]
+    lines = [
+        "# Speed benchmark",
+        "",
+        machine_markdown(machine),
+        f"- Command: `{command}`",
+        f"- Total wall time of the benchmark: {wall_s / 60:.1f} min. Timings on a shared machine are noisy; "
+        "all ratios below come from this one invocation.",
+        "",
+    ]
+    demo = scaling[0]
+    lines += [
+        "## Whole demo vs data-set size",
+        "",
+        f"The demo pipeline (preset `demo`, {demo['folds']} folds x {demo['seeds']} seed, 8 students, "
+        f"train.num_workers = {demo['train_workers']}; stages called directly as `pkdot run --no-prefect`, so "
+        "without Prefect's constant start-up) in a fresh process per size. Seconds.",
+        "",
+        markdown_table(
+            [
+                "subjects",
+                "samples",
+                "synthetic data",
+                *PIPELINE_STAGES,
+                "total",
+                "x smallest (total)",
+                "x smallest (pipeline)",
+            ],
+            [
+                [
+                    r["subjects"],
+                    r["samples"],
+                    _f(r["synthetic_s"]),
+                    *(_f(r["stages"][s]) for s in PIPELINE_STAGES),
+                    _f(r["total_s"]),
+                    _f(r["total_s"] / small["total_s"], 2),
+                    _f((r["total_s"] - r["synthetic_s"]) / (small["total_s"] - small["synthetic_s"]), 2),
+                ]
+                for r in scaling
+            ],
+        ),
+    ]
+    ex = results["extraction"]
+    lines += [
+        "",
+        "## Stage throughput",
+        "",
+        markdown_table(
+            ["stage", "measure", "value"],
+            [
+                [
+                    "extract (faces)",
+                    f"face frames/s per worker ({ex['face_frames']} frames, {ex['workers']} workers)",
+                    _f(ex["face_frames_per_s_per_worker"]),
+                ],
+                [
+                    "extract (physio)",
+                    f"physio windows/s per worker ({ex['physio_windows']} windows)",
+                    _f(ex["physio_windows_per_s_per_worker"]),
+                ],
+                *[
+                    [
+                        f"train-teacher ({r['model']})",
+                        f"training samples/s, {r['device']} ({r['samples_per_epoch']} samples/epoch)",
+                        _f(r["samples_per_s"]),
+                    ]
+                    for r in results["training"]
+                ],
+                [
+                    "distill (student, embedding cache)",
+                    f"training samples/s ({results['student']['samples']} samples/epoch, loss "
+                    f"{results['student']['loss']}, 1 thread)",
+                    _f(results["student"]["cached_samples_per_s"]),
+                ],
+                [
+                    "distill (student, live teacher)",
+                    "training samples/s (frozen teacher forward each batch)",
+                    _f(results["student"]["live_samples_per_s"]),
+                ],
+                [
+                    "distill",
+                    "speed-up of the embedding cache over a live teacher",
+                    f"{results['student']['speedup']:.1f}x",
+                ],
+            ],
+        ),
+    ]
+    w = results["workers"]
+    counts = sorted((k for k in w if k != "subjects"), key=int)
+    lines += [
+        "",
+        f"## Ray Train workers ({w['subjects']} subjects)",
+        "",
+        f"The same stages on the same features with {' and '.join(counts)} Ray Train workers (seconds; Ray "
+        "already running, so its start-up is not counted).",
+        "",
+        markdown_table(
+            ["stage", *(f"{n} worker(s)" for n in counts), f"{counts[-1]} / {counts[0]} workers"],
+            [
+                [s, *(_f(w[n][s]) for n in counts), _f(w[counts[-1]][s] / w[counts[0]][s], 2)]
+                for s in RETRAIN_STAGES
+            ],
+        ),
+    ]
+    lines += [
+        "",
+        "## OT loss: forward + backward on PKDOT clouds (k = 30, blur 0.1, eps-scaling 0.5)",
+        "",
+        'Median ms. `ours` = `pkdot.distill.ot.sinkhorn_divergence`; `geomloss` = `SamplesLoss("sinkhorn")`; '
+        "`pot-log`/`pot-emp` = POT's log-domain Sinkhorn (debiased, capped at 1000 iterations: no "
+        "eps-scaling); `pkdot_loss` = structures + anchors + OT. rel. diff = |value - geomloss| / geomloss.",
+        "",
+        markdown_table(
+            [
+                "B",
+                "ours",
+                "geomloss",
+                "pot-log",
+                "pot-emp",
+                "pkdot_loss",
+                "ours / geomloss",
+                "rel. diff ours",
+                "rel. diff pot-log",
+            ],
+            [
+                [
+                    r["B"],
+                    _f(r["ours_ms"], 2),
+                    _f(r["geomloss_ms"], 2),
+                    _f(r["pot-log_ms"], 1),
+                    _f(r["pot-emp_ms"], 1),
+                    _f(r["pkdot_loss_ms"], 2),
+                    _f(r["ours_over_geomloss"], 2),
+                    f"{r['rel_diff_ours']:.1e}",
+                    f"{r['rel_diff_pot-log']:.1e}",
+                ]
+                for r in results["ot"]
+            ],
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a few minutes)")
+    parser.add_argument(
+        "--subjects", type=int, nargs="+", default=None, help="scaling sizes (default 5 10 20)"
+    )
+    parser.add_argument("--ot-sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--ot-repeats", type=int, default=None, help="default 30 (--quick 5)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="default runs/bench-speed[-quick]; emptied first"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file (default benchmarks/results/speed.md; --quick: WORK_DIR/speed.md)",
+    )
+    # internal: one measurement in a fresh process
+    parser.add_argument("--child", choices=["pipeline", "retrain"], help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--base-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-subjects", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-workers", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_environment()
+    args = parse_args(argv)
+    if args.child == "pipeline":
+        res = child_pipeline(args.run_dir, args.child_subjects, json.loads(args.overrides))
+        print("BENCH " + json.dumps(res), flush=True)
+        return None
+    if args.child == "retrain":
+        res = child_retrain(args.base_run, args.run_dir, args.child_workers)
+        print("BENCH " + json.dumps(res), flush=True)
+        return None
+
+    quick = args.quick
+    machine = machine_info()
+    command = "python benchmarks/speed.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
+    work = (args.work_dir or Path("runs/bench-speed-quick" if quick else "runs/bench-speed")).resolve()
+    out = args.out or (work / "speed.md" if quick else RESULTS_DIR / "speed.md")
+    subjects = args.subjects or ([4, 8] if quick else [5, 10, 20])
+    overrides = QUICK_OVERRIDES if quick else {}
+    shutil.rmtree(work, ignore_errors=True)  # every figure is measured in this invocation
+    work.mkdir(parents=True)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"scaling": []}
+    for n in subjects:
+        print(f"[speed] whole demo on {n} subjects ...", flush=True)
+        res = _run_child(
+            [
+                "--child",
+                "pipeline",
+                "--run-dir",
+                str(work / f"demo-{n}"),
+                "--child-subjects",
+                str(n),
+                "--overrides",
+                json.dumps(overrides),
+            ]
+        )
+        print(f"[speed]   {res['samples']} samples: {res['total_s']:.1f} s", flush=True)
+        results["scaling"].append(res)
+    middle = results["scaling"][len(subjects) // 2]
+    mid_run = work / f"demo-{middle['subjects']}"
+    results["extraction"] = extraction_throughput(mid_run)
+    other = 1 if middle["train_workers"] != 1 else 2
+    print(f"[speed] teacher/cache/distill with {other} Ray Train worker(s) ...", flush=True)
+    retrain = _run_child(
+        [
+            "--child",
+            "retrain",
+            "--base-run",
+            str(mid_run),
+            "--run-dir",
+            str(work / f"workers-{other}"),
+            "--child-workers",
+            str(other),
+        ]
+    )
+    results["workers"] = {
+        "subjects": middle["subjects"],
+        str(other): retrain["stages"],
+        str(middle["train_workers"]): {s: middle["stages"][s] for s in RETRAIN_STAGES},
+    }
+    print("[speed] training throughput ...", flush=True)
+    results["training"] = training_throughput(mid_run)
+    results["student"] = student_cache_throughput(mid_run, epochs=2 if quick else 3)
+    print("[speed] OT solvers ...", flush=True)
+    repeats = args.ot_repeats or (5 if quick else 30)
+    results["ot"] = ot_timings(args.ot_sizes, repeats, pot_repeats=1 if quick else 3)
+    wall = time.perf_counter() - start
+    text = report_markdown(results, machine, command.strip(), wall)
+    print("\n" + text)
+    write_result(out, text)
+    write_result(work / "speed.json", json.dumps({"machine": machine, **results}, indent=1, default=str))
+    print(f"[speed] wrote {out} (total {wall / 60:.1f} min)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Smoke test of ``benchmarks/quality.py``: its core on a tiny configuration, so the script cannot rot.
+
+One pipeline run (synthetic Biovid binary, 5 subjects, 3-fold subject k-fold, 1 seed, --quick sizes) plus one
+PKDOT ablation variant on a linked run directory; the checks are on the structure and internal consistency of
+the tables, not on the (meaningless at this size) scores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pkdot.config import load_config
+from pkdot.errors import ConfigError, StageError
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    module_name = f"pkdot_benchmark_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load("quality")
+
+EXPECTED_MODELS = {"teacher", "unimodal-video", "unimodal-physio"} | {
+    f"student-{loss}" for loss in quality.LOSSES
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench-quality")
+    settings = quality.QualitySettings(
+        tasks=("binary",), seeds=1, subjects=5, folds=3, ablations=("k=5", "k=10"), quick=True, work_dir=work
+    )
+    return quality.run_quality(settings)
+
+
+def test_task_table_has_every_model_and_the_paired_columns(tiny_report):
+    (result,) = tiny_report.tasks
+    table = result.table
+    assert set(table["model"]) == EXPECTED_MODELS
+    assert table["model"].iloc[0] == "teacher"
+    for col in (
+        "mean",
+        "ci_low",
+        "ci_high",
+        "n",
+        "diff",
+        "diff_ci_low",
+        "diff_ci_high",
+        "p_value",
+        "n_pairs",
+    ):
+        assert col in table.columns
+    # every fold of the 3-fold protocol is evaluated (the demo preset alone would stop after 2)
+    assert sorted(result.per_fold["fold"].unique()) == [0, 1, 2]
+    assert (table["n"] == 3).all()
+    assert (table["ci_low"] <= table["mean"] + 1e-12).all() and (
+        table["mean"] <= table["ci_high"] + 1e-12
+    ).all()
+    none = table[table["model"] == "student-none"].iloc[0]
+    assert math.isnan(none["diff"]) and none["n_pairs"] == 0
+    others = table[table["model"] != "student-none"]
+    assert (others["n_pairs"] == 3).all()
+    assert (others["diff_ci_low"] <= others["diff"] + 1e-12).all()
+    assert (others["diff"] <= others["diff_ci_high"] + 1e-12).all()
+    # the paired difference is the mean of per-run differences to student-none
+    pf = result.per_fold.set_index(["model", "fold", "seed"])["accuracy"]
+    pkdot = table.set_index("model").loc["student-pkdot", "diff"]
+    assert pkdot == pytest.approx((pf.loc["student-pkdot"] - pf.loc["student-none"]).mean())
+    assert set(result.stage_seconds) == {"synthetic data", *quality.EARLIER_STAGES}
+
+
+def test_ablation_variant_shares_the_base_run_and_reproduces_its_none_student(tiny_report):
+    df = tiny_report.ablations
+    assert list(zip(df["factor"], df["setting"], df["base"], strict=True)) == [
+        ("k", "5", False),
+        ("k", "10", True),
+    ]
+    variant = Path(df.iloc[0]["run_dir"])
+    base = Path(tiny_report.tasks[0].cfg.run_dir)
+    for entry in ("teacher", "embeddings", "features", "splits.json", "manifest.parquet"):
+        assert (variant / entry).is_symlink() and (variant / entry).resolve() == (base / entry).resolve()
+    assert (variant / "stages" / "cache.json").is_symlink()
+    assert not (variant / "stages" / "distill.json").is_symlink()
+    assert not (variant / "student").is_symlink()
+    assert sorted(p.name for p in (variant / "student").iterdir()) == ["none", "pkdot"]
+    assert load_config(variant / "config.yaml").distill.k == 5
+    # k does not touch the no-distillation student: same teacher, cache and seed -> the same scores
+    assert df.iloc[0]["none_vs_base"] == 0.0
+    assert (df["n"] == 3).all()
+    assert (df["diff_ci_low"] <= df["diff"] + 1e-12).all() and (
+        df["diff"] <= df["diff_ci_high"] + 1e-12
+    ).all()
+
+
+def test_markdown_report_lists_every_row(tiny_report):
+    machine = {
+        "date": "d",
+        "platform": "p",
+        "processor": "x",
+        "cpu_count": 2,
+        "python": "3",
+        "torch": "t",
+        "torch_threads": 1,
+        "accelerator": "none",
+        "load_average": (0.0, 0.0, 0.0),
+    }
+    text = quality.report_markdown(tiny_report, machine, "python benchmarks/quality.py --quick")
+    for model in EXPECTED_MODELS:
+        assert f"| `{model}` |" in text
+    assert "## binary" in text and "## PKDOT ablations" in text
+    assert "| k | 5 |" in text and "| k | 10 (base run) |" in text
+    # every table line has the same number of cells as its header
+    for block in text.split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if lines:
+            assert len({ln.count("|") for ln in lines}) == 1, block
+
+
+def test_ablation_config_only_changes_the_distill_section(tmp_path):
+    base = load_config(preset="demo", overrides={"run_dir": str(tmp_path / "base")})
+    base.to_yaml(tmp_path / "base" / "config.yaml")
+    variant = quality.ablation_config(
+        base, quality.Ablation("k", "all", {"distill.k": "all"}), tmp_path / "v"
+    )
+    assert variant.distill.k == "all" and variant.distill.losses == ["none", "pkdot"]
+    assert variant.model == base.model and variant.train == base.train
+    with pytest.raises(ConfigError, match="outside the distill section"):
+        quality.ablation_config(
+            base, quality.Ablation("epochs", "3", {"train.epochs_student": 3}), tmp_path / "w"
+        )
+
+
+def test_settings_reject_unknown_tasks_and_too_few_subjects(tmp_path):
+    with pytest.raises(ConfigError, match="unknown task"):
+        quality.QualitySettings(tasks=("pain",))
+    with pytest.raises(ConfigError, match="--subjects"):
+        quality.QualitySettings(subjects=5, folds=5)
+    with pytest.raises(ConfigError, match="--ablations"):
+        quality.QualitySettings(ablations=("k=7",))
+    settings, out = quality.parse_args(["--quick", "--work-dir", str(tmp_path)])
+    assert out == tmp_path / "quality.md"  # a quick run never overwrites benchmarks/results/quality.md
+    assert settings.quick and settings.ablations == quality.QUICK_ABLATIONS
+
+
+def _table(diff: float, low: float, high: float) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "model": ["student-none", "student-pkdot", "student-kd"],
+            "mean": [0.6, 0.6 + diff, 0.65],
+            "diff": [math.nan, diff, 0.05],
+            "diff_ci_low": [math.nan, low, 0.0],
+            "diff_ci_high": [math.nan, high, 0.1],
+            "p_value": [math.nan, 0.01, 0.5],
+            "n_pairs": [0, 10, 10],
+        }
+    )
+
+
+def test_verdict_reads_the_paired_interval():
+    assert "**beats**" in quality.verdict(_table(0.05, 0.01, 0.09), "accuracy")
+    assert "**worse**" in quality.verdict(_table(-0.05, -0.09, -0.01), "accuracy")
+    text = quality.verdict(_table(0.01, -0.02, 0.04), "accuracy")
+    assert "does **not** beat" in text and "ranks 2 of 3" in text
+
+
+def test_link_upstream_refuses_missing_or_foreign_entries(tmp_path):
+    common = sys.modules["common"]
+    with pytest.raises(StageError, match="does not exist"):
+        common.link_upstream(tmp_path / "empty-base", tmp_path / "sibling")
+    base = tmp_path / "base"
+    for entry in common.UPSTREAM_ENTRIES:
+        (base / entry).mkdir(parents=True)
+    (base / "stages").mkdir()
+    for marker in common.UPSTREAM_STAGE_MARKERS:
+        (base / "stages" / f"{marker}.json").write_text("{}")
+    sibling = tmp_path / "sibling2"
+    (sibling / "teacher").mkdir(parents=True)  # a real folder where a link should go
+    with pytest.raises(StageError, match="is not a link"):
+        common.link_upstream(base, sibling)
+    links = common.link_upstream(base, tmp_path / "sibling3")
+    assert all(p.is_symlink() for p in links)
+    assert common.link_upstream(base, tmp_path / "sibling3") == links  # idempotent
