@@ -231,6 +231,9 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = None
     experiment: str = "pkdot"
     register_model: bool = True
+    log_checkpoints: bool = Field(
+        default=True, description="Log teacher/T-Net/student checkpoints as artifacts"
+    )
     model_name: str | None = Field(default=None, description="Default: pkdot-student-<dataset>")
 
 

@@ -426,6 +426,9 @@ def _track_jobs(cfg: RunConfig, stage: str, jobs: list) -> None:
             metrics = json.loads((jdir / "metrics.json").read_text())
             run.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()})
             run.log_artifact(jdir / "history.json")
+            if cfg.tracking.log_checkpoints:
+                for ckpt in sorted(jdir.glob("*.pt")):
+                    run.log_artifact(ckpt, artifact_path="checkpoints")
 
 
 def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:

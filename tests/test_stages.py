@@ -1,0 +1,96 @@
+"""Stages 2-5 end to end on a tiny run (Ray Train with one worker, MLflow in SQLite), twice, one registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pkdot import stages
+from pkdot.errors import StageError
+from tests.train.conftest import make_tiny_run
+
+
+def _pipeline(cfg):
+    stages._mark(cfg, "extract", "test", "features-v1", {}, 0.0)  # stage 1 stands in: features are written
+    results = {}
+    upstream = "features-v1"
+    for name, fn in (
+        ("train-teacher", stages.stage_train_teacher),
+        ("cache", stages.stage_cache),
+        ("distill", stages.stage_distill),
+        ("evaluate", stages.stage_evaluate),
+    ):
+        results[name] = fn(cfg, upstream)
+        upstream = results[name].fingerprint
+    return results
+
+
+def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    overrides = {"tracking": {"tracking_uri": uri}, "train": {"num_workers": 1}}
+    first = make_tiny_run(tmp_path / "a", overrides=overrides)
+    second = make_tiny_run(tmp_path / "b", seed=5, overrides=overrides | {"seed": 1})
+    res_a = _pipeline(first)
+    res_b = _pipeline(second)
+
+    # files of every stage
+    for cfg in (first, second):
+        run = Path(cfg.run_dir)
+        assert (run / "report" / "report.md").is_file()
+        assert len(list((run / "embeddings").glob("fold-*-seed-*.parquet"))) == 1
+        for loss in ("none", "pkdot"):
+            assert (run / "student" / loss / "fold-0" / "seed-0" / "student.pt").is_file()
+
+    client = MlflowClient(tracking_uri=uri)
+    name = "pkdot-student-biovid"
+    versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+    assert len(versions) == 2
+    metric = res_a["evaluate"].details
+    scores = {}
+    for v in versions.values():
+        run = client.get_run(v.run_id)
+        scores[str(v.version)] = run.data.metrics["accuracy"]  # the metric the registry compares
+    champion = client.get_model_version_by_alias(name, "champion")
+    champion_version = str(champion.version)
+    challenger_versions = [v for v in versions if v != champion_version]
+    assert metric["alias"] == "champion"  # the first registration is always the champion
+    if res_b["evaluate"].details["alias"] == "champion":
+        assert champion_version == res_b["evaluate"].details["model_version"]
+        assert scores[champion_version] > scores[challenger_versions[0]]
+    else:
+        assert res_b["evaluate"].details["alias"] == "challenger"
+        assert champion_version == res_a["evaluate"].details["model_version"]
+        challenger = client.get_model_version_by_alias(name, "challenger")
+        assert str(challenger.version) == res_b["evaluate"].details["model_version"]
+        assert scores[champion_version] >= scores[str(challenger.version)]
+
+    # parent and nested runs, per-epoch metrics, artifacts (checkpoints, history, report)
+    parent_id = json.loads((Path(first.run_dir) / "mlflow_parent.json").read_text())["run_id"]
+    exp = client.get_experiment_by_name("pkdot")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    names = {r.info.run_name for r in children}
+    assert any(n.startswith("train-teacher") for n in names) and any(n.startswith("distill") for n in names)
+    assert any(n.startswith("evaluate") for n in names)
+    teacher_run = next(r for r in children if r.info.run_name.startswith("train-teacher"))
+    history = client.get_metric_history(teacher_run.info.run_id, "teacher/val_metric")
+    assert len(history) == first.train.epochs_teacher
+    artifacts = {a.path for a in client.list_artifacts(teacher_run.info.run_id, "checkpoints")}
+    assert {"checkpoints/teacher.pt", "checkpoints/tnet.pt"} <= artifacts
+    eval_run = next(r for r in children if r.info.run_name.startswith("evaluate"))
+    assert any(a.path == "report" for a in client.list_artifacts(eval_run.info.run_id))
+
+    # every stage is idempotent: a second call does nothing
+    again = stages.stage_distill(first, res_a["cache"].fingerprint)
+    assert again.skipped and again.fingerprint == res_a["distill"].fingerprint
+
+
+def test_a_stage_refuses_to_run_before_its_upstream(tmp_path):
+    cfg = make_tiny_run(tmp_path / "run")
+    with pytest.raises(StageError, match="extract"):
+        stages.stage_train_teacher(cfg)
