@@ -224,6 +224,8 @@ class QualityReport:
     ablations: pd.DataFrame
     ablation_wall_s: float
     wall_s: float
+    #: task (or "ablations") -> the error that stopped it; the other tasks still run
+    failures: dict[str, str] = field(default_factory=dict)
 
 
 # ---- one task --------------------------------------------------------------------------------------------------
@@ -427,15 +429,26 @@ def run_quality(settings: QualitySettings) -> QualityReport:
     if chosen and ABLATION_TASK not in settings.tasks:
         logger.warning("ablations run on the %r task, which is not among --tasks: skipped", ABLATION_TASK)
     results: list[TaskResult] = []
+    failures: dict[str, str] = {}
     ablation_df, ablation_wall = pd.DataFrame(), 0.0
     for name in settings.tasks:
-        result = run_task(TASKS[name], settings, data_roots)
+        # A failing task is reported (in the results file and the exit status), not hidden; the next task runs.
+        try:
+            result = run_task(TASKS[name], settings, data_roots)
+        except Exception as exc:  # any stage's error: pkdot's own, Ray's, MLflow's
+            logger.exception("task %s failed", name)
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            continue
         results.append(result)
         if name == ABLATION_TASK and chosen:
             ablation_start = time.perf_counter()
-            ablation_df = run_ablations(result, chosen, settings.work_dir)
+            try:
+                ablation_df = run_ablations(result, chosen, settings.work_dir)
+            except Exception as exc:  # as above
+                logger.exception("ablations failed")
+                failures["ablations"] = f"{type(exc).__name__}: {exc}"
             ablation_wall = time.perf_counter() - ablation_start
-    return QualityReport(settings, results, ablation_df, ablation_wall, time.perf_counter() - start)
+    return QualityReport(settings, results, ablation_df, ablation_wall, time.perf_counter() - start, failures)
 
 
 def verdict(table: pd.DataFrame, metric: str) -> str:
@@ -578,6 +591,9 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
             "- Metric: accuracy (Biovid) or CCC (Aff-Wild2) on the test subjects of each (fold, seed) run; "
             "95% Student-t intervals over runs; Δ = model − `student-none` paired by (fold, seed).",
         ]
+    if report.failures:
+        lines += ["", "## Failures", "", "These parts stopped with an error (the exit status is 1):", ""]
+        lines += [f"- **{name}**: `{' '.join(err.split())[:600]}`" for name, err in report.failures.items()]
     for result in report.tasks:
         lines += ["", task_markdown(result)]
     base = next((r for r in report.tasks if r.spec.name == ABLATION_TASK), None)
@@ -652,6 +668,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print("\n" + text)
     write_result(out, text)
     print(f"[quality] wrote {out} (total {report.wall_s / 60:.1f} min)")
+    if report.failures:
+        raise SystemExit(f"[quality] failed: {', '.join(report.failures)} (see {out})")
     return out
 
 

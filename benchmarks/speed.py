@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -167,7 +168,7 @@ def extraction_throughput(run_dir: Path) -> dict[str, float]:
     }
 
 
-def training_throughput(run_dir: Path, epochs: int = 2) -> list[dict[str, Any]]:
+def training_throughput(run_dir: Path, epochs: int = 5) -> list[dict[str, Any]]:
     """Samples/s of one training epoch (forward, backward, optimiser step) per model of the teacher stage.
 
     Fold 0 of ``run_dir``; models built by :mod:`pkdot.models` with the run's sizes; batches of
@@ -292,6 +293,7 @@ def report_markdown(results: dict[str, Any], machine: dict[str, Any], command: s
         "",
         machine_markdown(machine),
         f"- Command: `{command}`",
+        f"- Load average (1/5/15 min) when it ended: {machine.get('load_average_end')}",
         f"- Total wall time of the benchmark: {wall_s / 60:.1f} min. Timings on a shared machine are noisy; "
         "all ratios below come from this one invocation.",
         "",
@@ -436,7 +438,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--subjects", type=int, nargs="+", default=None, help="scaling sizes (default 5 10 20)"
     )
-    parser.add_argument("--ot-sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument(
+        "--ot-sizes", type=int, nargs="+", default=None, help="default 64 128 256 (--quick 64)"
+    )
     parser.add_argument("--ot-repeats", type=int, default=None, help="default 30 (--quick 5)")
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="default runs/bench-speed[-quick]; emptied first"
@@ -524,8 +528,10 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     results["student"] = student_cache_throughput(mid_run, epochs=2 if quick else 3)
     print("[speed] OT solvers ...", flush=True)
     repeats = args.ot_repeats or (5 if quick else 30)
-    results["ot"] = ot_timings(args.ot_sizes, repeats, pot_repeats=1 if quick else 3)
+    ot_sizes = args.ot_sizes or ([64] if quick else [64, 128, 256])
+    results["ot"] = ot_timings(ot_sizes, repeats, pot_repeats=1 if quick else 3)
     wall = time.perf_counter() - start
+    machine["load_average_end"] = tuple(round(x, 2) for x in os.getloadavg())
     text = report_markdown(results, machine, command.strip(), wall)
     print("\n" + text)
     write_result(out, text)

@@ -50,6 +50,7 @@ def tiny_report(tmp_path_factory):
 
 
 def test_task_table_has_every_model_and_the_paired_columns(tiny_report):
+    assert tiny_report.failures == {}
     (result,) = tiny_report.tasks
     table = result.table
     assert set(table["model"]) == EXPECTED_MODELS
@@ -196,3 +197,17 @@ def test_link_upstream_refuses_missing_or_foreign_entries(tmp_path):
     links = common.link_upstream(base, tmp_path / "sibling3")
     assert all(p.is_symlink() for p in links)
     assert common.link_upstream(base, tmp_path / "sibling3") == links  # idempotent
+
+
+def test_a_failing_task_is_reported_and_fails_the_command(tmp_path, monkeypatch):
+    def broken(spec, settings, data_roots):
+        raise StageError(f"stage extract failed for {spec.name}")
+
+    monkeypatch.setattr(quality, "run_task", broken)
+    out = tmp_path / "q.md"
+    argv = ["--tasks", "valence", "arousal", "--no-ablations", "--work-dir", str(tmp_path), "--out", str(out)]
+    with pytest.raises(SystemExit, match="valence, arousal"):
+        quality.main(argv)
+    text = out.read_text()
+    assert "## Failures" in text
+    assert "stage extract failed for valence" in text and "stage extract failed for arousal" in text
