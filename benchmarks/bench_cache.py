@@ -19,13 +19,17 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def prepare(run: Path, subjects: int):
+def prepare(run: Path, subjects: int, sets: list[str]):
     from pkdot.config import load_config
     from pkdot.stages import prepare_run, stage_cache, stage_extract, stage_manifest, stage_train_teacher
 
+    from pkdot.config import parse_override
+
+    extra = dict(parse_override(item) for item in sets)
     cfg = load_config(
         preset="demo",
-        overrides={
+        overrides=extra
+        | {
             "run_dir": str(run),
             "synth.subjects": subjects,
             "train.max_folds": 1,
@@ -46,6 +50,8 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--loss", default="pkdot")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="Config override for the prepared run, e.g. --set model.video_backbone=r3d18")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -59,7 +65,8 @@ def main() -> None:
     from pkdot.train.teacher import load_teacher
 
     if args.run is None:
-        cfg = prepare(Path("/tmp/pkdot-bench-cache"), args.subjects)
+        tag = "-".join(x.replace("=", "_").replace(".", "_") for x in args.sets) or "demo"
+        cfg = prepare(Path(f"/tmp/pkdot-bench-cache-{tag}"), args.subjects, args.sets)
     else:
         cfg = load_config(args.run / "config.yaml", overrides={"run_dir": str(args.run)})
     run_dir = Path(cfg.run_dir)

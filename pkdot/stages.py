@@ -375,10 +375,11 @@ def stage_evaluate(cfg: RunConfig, upstream: str = "") -> StageResult:
 
 # ---- MLflow -------------------------------------------------------------------------------------------------
 def _numeric(d: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a report as ``a.b.c`` metric names; per-sample sections are left to the JSON artifact."""
     out: dict[str, float] = {}
     for k, v in d.items():
         name = f"{prefix}{k}"
-        if isinstance(v, bool):
+        if isinstance(v, bool) or k in ("per_sample", "quarantined", "not_written"):
             continue
         if isinstance(v, int | float):
             out[name] = float(v)
