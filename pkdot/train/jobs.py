@@ -170,6 +170,46 @@ def prediction_rows(
     )
 
 
+def split_predictions(
+    *,
+    model: str,
+    job: Job,
+    parts: dict[str, Any],
+    forward: Callable[[Any, np.ndarray], Any],
+    batch_size: int,
+    regression: bool,
+    modules: list[torch.nn.Module],
+) -> list[pd.DataFrame]:
+    """Prediction rows of one model on each named split (``{"val": SampleSet, "test": SampleSet}``).
+
+    ``forward(sample_set, index) -> (outputs, embeddings)`` runs the model on rows ``index`` of a split.
+    """
+    from pkdot.train.loops import predict
+
+    frames = []
+    for split, part in parts.items():
+
+        def run(idx: np.ndarray, p: Any = part) -> tuple[torch.Tensor, torch.Tensor]:
+            return forward(p, idx)
+
+        outputs, emb = predict(run, len(part), batch_size, modules)
+        frames.append(
+            prediction_rows(
+                model=model,
+                fold=job.fold,
+                seed=job.seed,
+                split=split,
+                sample_ids=part.sample_ids,
+                subject_ids=part.subject_ids,
+                targets=part.targets,
+                outputs=outputs,
+                embeddings=emb,
+                regression=regression,
+            )
+        )
+    return frames
+
+
 def write_predictions(frames: list[pd.DataFrame], path: Path) -> Path:
     df = pd.concat(frames, ignore_index=True)
     table = pa.Table.from_pandas(df, schema=PREDICTION_SCHEMA, preserve_index=False)

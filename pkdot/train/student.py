@@ -27,7 +27,7 @@ from pkdot.train.jobs import (
     WorkerContext,
     atomic_torch_save,
     atomic_write_text,
-    prediction_rows,
+    split_predictions,
     write_history,
     write_predictions,
 )
@@ -212,28 +212,20 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     )
     metrics: dict[str, float] = {}
     if ctx.is_chief:
-        frames = []
-        for split, part in (("val", data.val), ("test", data.test)):
-
-            def run(idx: np.ndarray, p: SampleSet = part) -> tuple[torch.Tensor, torch.Tensor]:
-                return forward(p, idx)
-
-            outputs, emb = predict(run, len(part), b, [student])
-            frames.append(
-                prediction_rows(
-                    model=phase,
-                    fold=job.fold,
-                    seed=job.seed,
-                    split=split,
-                    sample_ids=part.sample_ids,
-                    subject_ids=part.subject_ids,
-                    targets=part.targets,
-                    outputs=outputs,
-                    embeddings=emb,
-                    regression=regression,
-                )
+        frames = split_predictions(
+            model=phase,
+            job=job,
+            parts={"val": data.val, "test": data.test},
+            forward=forward,
+            batch_size=b,
+            regression=regression,
+            modules=[student],
+        )
+        for frame in frames:
+            scores = np.stack(frame["scores"].to_numpy())
+            metrics[f"{frame['split'].iloc[0]}_{metric}"] = task_metric(
+                frame["y_true"].to_numpy(), scores, regression
             )
-            metrics[f"{split}_{metric}"] = task_metric(part.targets, outputs, regression)
         metrics["best_epoch"] = state.best_epoch
         atomic_torch_save(
             {

@@ -30,7 +30,7 @@ from pkdot.train.jobs import (
     atomic_torch_save,
     atomic_write_text,
     file_hash,
-    prediction_rows,
+    split_predictions,
     write_history,
     write_predictions,
 )
@@ -136,28 +136,15 @@ def _multi_forward(modalities: list[str], device: torch.device):
 
 
 def _predictions(cfg: RunConfig, job: Job, name: str, model: nn.Module, forward, data: FoldData, batch: int):
-    frames = []
-    for split, samples in (("val", data.val), ("test", data.test)):
-
-        def run(idx: np.ndarray, s: SampleSet = samples) -> tuple[torch.Tensor, torch.Tensor]:
-            return _out_emb(forward(model, s, idx))
-
-        outputs, emb = predict(run, len(samples), batch, [model])
-        frames.append(
-            prediction_rows(
-                model=name,
-                fold=job.fold,
-                seed=job.seed,
-                split=split,
-                sample_ids=samples.sample_ids,
-                subject_ids=samples.subject_ids,
-                targets=samples.targets,
-                outputs=outputs,
-                embeddings=emb,
-                regression=cfg.data.is_regression,
-            )
-        )
-    return frames
+    return split_predictions(
+        model=name,
+        job=job,
+        parts={"val": data.val, "test": data.test},
+        forward=lambda part, idx: _out_emb(forward(model, part, idx)),
+        batch_size=batch,
+        regression=cfg.data.is_regression,
+        modules=[model],
+    )
 
 
 @torch.no_grad()

@@ -16,21 +16,8 @@ import pytest
 from pkdot.config import load_config
 from pkdot.errors import StageError
 from pkdot.evaluate.report import evaluate_run
+from pkdot.train.jobs import PREDICTION_SCHEMA as SCHEMA  # the trainer's own schema
 
-SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("subject_id", pa.string()),
-        ("y_true", pa.float64()),
-        ("y_pred", pa.float64()),
-        ("scores", pa.list_(pa.float32())),
-        ("embedding", pa.list_(pa.float32())),
-        ("model", pa.string()),
-        ("fold", pa.int64()),
-        ("seed", pa.int64()),
-        ("split", pa.string()),
-    ]
-)
 N_TEST, DIM = 24, 6
 #: correct test predictions (of N_TEST) per model and run (fold, seed)
 CORRECT = {
