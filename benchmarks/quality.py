@@ -131,7 +131,6 @@ QUICK_ABLATIONS = ("k=5", "k=10", "use_tnet=false")
 QUICK_OVERRIDES: dict[str, Any] = {
     "features.workers": 1,
     "synth.samples_per_class": 2,
-    "synth.seconds_per_video": 6.0,
     "synth.frame_size": 64,
     "features.n_frames": 4,
     "features.crop_size": 32,
