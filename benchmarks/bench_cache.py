@@ -20,10 +20,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def prepare(run: Path, subjects: int, sets: list[str]):
-    from pkdot.config import load_config
+    from pkdot.config import load_config, parse_override
     from pkdot.stages import prepare_run, stage_cache, stage_extract, stage_manifest, stage_train_teacher
-
-    from pkdot.config import parse_override
 
     extra = dict(parse_override(item) for item in sets)
     cfg = load_config(
@@ -50,8 +48,14 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--loss", default="pkdot")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="Config override for the prepared run, e.g. --set model.video_backbone=r3d18")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Config override for the prepared run, e.g. --set model.video_backbone=r3d18",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
 
