@@ -17,8 +17,8 @@ only the ``distill`` section, so it reuses the base run's teachers and embedding
 links (symlinks) the base run's manifest, features, ``splits.json``, ``teacher/``, ``embeddings/`` and the
 markers of the earlier stages, and runs only :func:`pkdot.stages.stage_distill` (losses ``none`` and
 ``pkdot``) and :func:`pkdot.stages.stage_evaluate`; each variant's ``pkdot`` is compared with its own
-``none`` (paired). The setting equal to the base run's (the demo preset: k = 10, least, T-Net, lambda 0.6) is
-read from the base run.
+``none`` (paired). The setting equal to the base run's (the demo preset's distill section) is read from the
+base run.
 
 Stages are idempotent, so a rerun with the same options only redoes what is missing.
 
@@ -57,7 +57,7 @@ from common import (  # noqa: E402  (the benchmarks folder is not a package)
     write_result,
 )
 
-from pkdot.config import RunConfig, load_config  # noqa: E402
+from pkdot.config import DistillConfig, RunConfig, load_config  # noqa: E402
 from pkdot.errors import ConfigError  # noqa: E402
 from pkdot.evaluate.aggregate import (  # noqa: E402
     BASELINE_STUDENT,
@@ -518,8 +518,8 @@ def task_markdown(result: TaskResult) -> str:
     )
 
 
-def ablation_markdown(df: pd.DataFrame, metric: str) -> str:
-    """The Markdown table of the PKDOT ablations."""
+def ablation_markdown(df: pd.DataFrame, metric: str, base: DistillConfig) -> str:
+    """The Markdown table of the PKDOT ablations (``base``: the base run's distill section)."""
     header = [
         "factor",
         "setting",
@@ -550,8 +550,9 @@ def ablation_markdown(df: pd.DataFrame, metric: str) -> str:
         [
             f"## PKDOT ablations — {TASKS[ABLATION_TASK].description} ({metric})",
             "",
-            "Each variant changes one `distill` setting of the base run (k = 10, least-similar anchors, T-Net, "
-            "λ = 0.6) and reuses its teachers and embedding cache (linked run directory); its `pkdot` student is "
+            f"Each variant changes one `distill` setting of the base run (k = {base.k}, {base.anchors}-similar "
+            f"anchors, {'T-Net' if base.use_tnet else 'no T-Net'}, λ = {base.weight}) and reuses its teachers "
+            "and embedding cache (linked run directory); its `pkdot` student is "
             "compared with its own `none` student, paired by (fold, seed). The last column checks that the "
             "variant's `none` student reproduces the base run's (it must be 0 unless the variant changes the "
             "student's architecture, as `use_tnet=false` does).",
@@ -597,7 +598,7 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
         lines += ["", task_markdown(result)]
     base = next((r for r in report.tasks if r.spec.name == ABLATION_TASK), None)
     if len(report.ablations) and base is not None:
-        lines += ["", ablation_markdown(report.ablations, base.metric)]
+        lines += ["", ablation_markdown(report.ablations, base.metric, base.cfg.distill)]
     return "\n".join(lines) + "\n"
 
 

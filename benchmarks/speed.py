@@ -8,8 +8,8 @@ written to ``benchmarks/results/speed.md`` with the date and the machine:
    (default 5, 10, 20) subjects, each in a fresh process; wall time per stage and the ratio to the smallest.
 2. **Extraction throughput** -- face frames/s and physio windows/s per worker, from the extraction report of
    the middle scaling run (the same figures as ``bench_extract.py``).
-3. **Ray Train workers** -- the teacher, cache and distill stages of the middle run again with
-   ``train.num_workers=1`` (on the same features, Ray already up) against the demo's 2 workers.
+3. **Ray Train workers** -- the teacher and distill stages (the ones on Ray Train) of the middle run again
+   with ``train.num_workers=1`` (on the same features, Ray already up) against the demo's 2 workers.
 4. **Training throughput** -- samples/s of one training epoch (forward + backward + step) of the unimodal
    backbones and the fusion teacher on fold 0 of the middle run; the student from the embedding cache vs with
    a live teacher forward (``bench_cache.py``, run as a child process).
@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
 RETRAIN_STAGES = ("train-teacher", "cache", "distill")
+#: The stages whose jobs run on Ray Train workers (the cache is built in the driver process).
+RAY_TRAIN_STAGES = ("train-teacher", "distill")
 #: Tiny model/data sizes for ``--quick`` (on top of the demo preset).
 QUICK_OVERRIDES: dict[str, Any] = {
     "synth.samples_per_class": 2,
@@ -381,14 +383,14 @@ def report_markdown(results: dict[str, Any], machine: dict[str, Any], command: s
         "",
         f"## Ray Train workers ({w['subjects']} subjects)",
         "",
-        f"The same stages on the same features with {' and '.join(counts)} Ray Train workers (seconds; Ray "
-        "already running, so its start-up is not counted).",
+        f"The stages that run on Ray Train, again on the same features with {' and '.join(counts)} workers "
+        "(seconds; Ray already running, so its start-up is not counted).",
         "",
         markdown_table(
             ["stage", *(f"{n} worker(s)" for n in counts), f"{counts[-1]} / {counts[0]} workers"],
             [
                 [s, *(_f(w[n][s]) for n in counts), _f(w[counts[-1]][s] / w[counts[0]][s], 2)]
-                for s in RETRAIN_STAGES
+                for s in RAY_TRAIN_STAGES
             ],
         ),
     ]
@@ -535,7 +537,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     text = report_markdown(results, machine, command.strip(), wall)
     print("\n" + text)
     write_result(out, text)
-    write_result(work / "speed.json", json.dumps({"machine": machine, **results}, indent=1, default=str))
+    record = {"machine": machine, "command": command.strip(), "wall_s": wall, **results}
+    write_result(work / "speed.json", json.dumps(record, indent=1, default=str))
     print(f"[speed] wrote {out} (total {wall / 60:.1f} min)")
     return out
 

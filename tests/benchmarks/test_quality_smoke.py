@@ -1,8 +1,9 @@
-"""Smoke test of ``benchmarks/quality.py``: its core on a tiny configuration, so the script cannot rot.
+"""Smoke tests of the benchmark scripts, so that they cannot rot.
 
-One pipeline run (synthetic Biovid binary, 5 subjects, 3-fold subject k-fold, 1 seed, --quick sizes) plus one
-PKDOT ablation variant on a linked run directory; the checks are on the structure and internal consistency of
-the tables, not on the (meaningless at this size) scores.
+``benchmarks/quality.py``: its core on a tiny configuration -- one pipeline run (synthetic Biovid binary,
+5 subjects, 3-fold subject k-fold, 1 seed, --quick sizes) plus one PKDOT ablation variant on a linked run
+directory; the checks are on the structure and internal consistency of the tables, not on the (meaningless at
+this size) scores. ``benchmarks/speed.py``: its measurement helpers on the same tiny run, and its report.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _load(name: str):
 
 
 quality = _load("quality")
+speed = _load("speed")
 
 EXPECTED_MODELS = {"teacher", "unimodal-video", "unimodal-physio"} | {
     f"student-{loss}" for loss in quality.LOSSES
@@ -211,3 +213,129 @@ def test_a_failing_task_is_reported_and_fails_the_command(tmp_path, monkeypatch)
     text = out.read_text()
     assert "## Failures" in text
     assert "stage extract failed for valence" in text and "stage extract failed for arousal" in text
+
+
+# ---- benchmarks/speed.py ---------------------------------------------------------------------------------------
+def test_speed_training_and_extraction_throughput_on_the_tiny_run(tiny_report):
+    run_dir = Path(tiny_report.tasks[0].cfg.run_dir)
+    rows = speed.training_throughput(run_dir, epochs=1)
+    assert [r["model"] for r in rows] == ["unimodal-video", "unimodal-physio", "teacher (fusion)"]
+    for r in rows:
+        assert r["samples_per_epoch"] > 0 and r["epoch_s"] > 0
+        assert r["samples_per_s"] == pytest.approx(r["samples_per_epoch"] / r["epoch_s"])
+    ex = speed.extraction_throughput(run_dir)
+    assert ex["samples"] == tiny_report.tasks[0].samples
+    assert ex["face_frames"] == ex["samples"] * tiny_report.tasks[0].cfg.features.n_frames
+    assert ex["face_frames_per_s_per_worker"] > 0 and ex["physio_windows_per_s_per_worker"] > 0
+
+
+def test_speed_reads_the_cache_benchmark(tiny_report):
+    res = speed.student_cache_throughput(Path(tiny_report.tasks[0].cfg.run_dir), epochs=1)
+    assert res["loss"] == "pkdot" and res["samples"] > 0
+    assert res["speedup"] == pytest.approx(res["live_epoch_s"] / res["cached_epoch_s"])
+
+
+def test_speed_ot_timings_agree_with_geomloss():
+    (row,) = speed.ot_timings([16], repeats=1, pot_repeats=1, k=8)
+    assert row["B"] == 16
+    for name in ("ours", "geomloss", "pot-log", "pot-emp", "pkdot_loss"):
+        assert row[f"{name}_ms"] > 0
+    assert row["rel_diff_ours"] < 1e-4  # the same debiased Sinkhorn divergence as GeomLoss
+
+
+def test_speed_report_tables_are_well_formed():
+    stages = {s: 1.0 for s in speed.PIPELINE_STAGES}
+    scaling = [
+        {
+            "subjects": n,
+            "samples": 16 * n,
+            "synthetic_s": 2.0 * n,
+            "stages": stages,
+            "total_s": 10.0 * n,
+            "train_workers": 2,
+            "folds": 5,
+            "seeds": 1,
+        }
+        for n in (5, 10, 20)
+    ]
+    training = [
+        {
+            "model": "teacher (fusion)",
+            "samples_per_epoch": 96,
+            "epoch_s": 0.5,
+            "samples_per_s": 192.0,
+            "device": "cpu",
+        }
+    ]
+    student = {
+        "samples": 96,
+        "batch": 32,
+        "loss": "pkdot",
+        "live_epoch_s": 1.0,
+        "cached_epoch_s": 0.1,
+        "live_samples_per_s": 96.0,
+        "cached_samples_per_s": 960.0,
+        "speedup": 10.0,
+    }
+    extraction = {
+        "samples": 80,
+        "workers": 2,
+        "face_frames": 640,
+        "face_frames_per_s_per_worker": 50.0,
+        "physio_windows": 80,
+        "physio_windows_per_s_per_worker": 100.0,
+    }
+    workers = {
+        "subjects": 10,
+        "1": {s: 10.0 for s in speed.RETRAIN_STAGES},
+        "2": {s: 15.0 for s in speed.RETRAIN_STAGES},
+    }
+    ot = [
+        {
+            "B": 64,
+            "ours_ms": 1.0,
+            "geomloss_ms": 2.0,
+            "pot-log_ms": 100.0,
+            "pot-emp_ms": 90.0,
+            "pkdot_loss_ms": 1.5,
+            "ours_over_geomloss": 0.5,
+            "rel_diff_ours": 0.0,
+            "rel_diff_pot-log": 0.02,
+        }
+    ]
+    results = {
+        "scaling": scaling,
+        "extraction": extraction,
+        "workers": workers,
+        "training": training,
+        "student": student,
+        "ot": ot,
+    }
+    machine = {
+        "date": "d",
+        "platform": "p",
+        "processor": "x",
+        "cpu_count": 2,
+        "python": "3",
+        "torch": "t",
+        "torch_threads": 1,
+        "accelerator": "none",
+        "load_average": (0.0, 0.0, 0.0),
+    }
+    text = speed.report_markdown(results, machine, "python benchmarks/speed.py", 60.0)
+    for heading in (
+        "## Whole demo vs data-set size",
+        "## Stage throughput",
+        "## Ray Train workers",
+        "## OT loss",
+    ):
+        assert heading in text
+    assert "| 20 | 320 | 40.0 |" in text and "| 200.0 | 4.00 |" in text  # totals relative to the smallest
+    workers_section = text.split("## Ray Train workers")[1].split("## OT loss")[0]
+    assert "| train-teacher | 10.0 | 15.0 | 1.50 |" in workers_section
+    assert "| cache |" not in workers_section  # built in the driver: the worker count does not apply
+    assert "10.0x" in text
+    for block in text.split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if lines:
+            assert len({ln.count("|") for ln in lines}) == 1, block
