@@ -10,10 +10,20 @@ export MPLBACKEND := Agg
 
 .PHONY: setup demo test test-fast lint bench bench-quality ray-up ray-down clean
 
+# Where torch==2.13.0 comes from. Default: PyTorch's CPU-only index when the machine has no NVIDIA driver
+# (no `nvidia-smi`), else PyPI's default build (CUDA). Override, e.g.
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a CUDA build from PyTorch's index
+#   make setup TORCH_INDEX=                                          # pip's own configuration (an offline mirror)
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+
+# What setup installs: a venv in .venv; torch 2.13.0 (from TORCH_INDEX); then pkdot in editable mode with its
+# dependencies (pyproject.toml: numpy, scipy, pandas, pyarrow, pydantic, rich, OpenCV headless, PyAV, librosa,
+# scikit-image/-learn, matplotlib, POT, Prefect, Ray[train,default], MLflow) and the dev tools (pytest, ruff,
+# mypy, geomloss, moto, boto3).
 $(BIN)/pkdot:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'
 
 setup: $(BIN)/pkdot

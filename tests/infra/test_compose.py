@@ -196,7 +196,7 @@ def test_depends_on_targets_exist_and_are_checkable(compose: dict[str, Any]) -> 
 
 def test_long_running_services_restart_and_have_healthchecks(compose: dict[str, Any]) -> None:
     for name, svc in compose["services"].items():
-        if name in ONE_SHOT or name == "ray-worker":  # ray-worker is checked through the head's dashboard
+        if name in ONE_SHOT:
             continue
         assert "healthcheck" in svc, f"service {name} has no healthcheck"
         test = svc["healthcheck"]["test"]
@@ -320,3 +320,123 @@ def test_shell_scripts_parse(script: Path) -> None:
     done = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, f"{script}: {done.stderr}"
     assert script.stat().st_mode & 0o111, f"{script} is not executable"
+
+
+def test_mlflow_uses_its_own_minio_user_not_the_root_credentials(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    mlflow_env = service_env(services["mlflow"])
+    assert "MINIO_ROOT" not in mlflow_env["AWS_ACCESS_KEY_ID"] + mlflow_env["AWS_SECRET_ACCESS_KEY"]
+    assert mlflow_env["AWS_ACCESS_KEY_ID"] == env_var_ref("MLFLOW_S3_USER", compose)
+    assert "${MLFLOW_S3_PASSWORD:?" in mlflow_env["AWS_SECRET_ACCESS_KEY"]
+    script = " ".join(walk_strings(services["minio-buckets"]["command"]))
+    # the user exists, and its policy names the artifact bucket and nothing else
+    assert 'mc admin user add pkdot "$$MLFLOW_S3_USER" "$$MLFLOW_S3_PASSWORD"' in script
+    assert "mc admin policy attach pkdot mlflow-artifacts --user" in script
+    resources = re.findall(r'"Resource": \[([^\]]*)\]', script)
+    assert resources and all("$$MLFLOW_BUCKET" in r for r in resources), resources
+    assert '"s3:*"' not in script and '"Resource": ["*"]' not in script
+
+
+def test_compose_file_validates_with_docker_compose(tmp_path: Path) -> None:
+    """``docker compose config`` (v2) or, where only Debian's ``docker-compose`` 1.29 exists, its config check
+    on a copy without the top-level ``name`` (a v2 key that 1.29 does not know). ``.ci/run`` installs the
+    latter when neither is present."""
+    env_file = tmp_path / ".env"
+    values = {k: (v or f"test-{k.lower()}") for k, v in env_example().items()}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    v2 = (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    )
+    if v2:
+        cmd = ["docker", "compose", "--env-file", str(env_file), "-f", str(COMPOSE), "config", "-q"]
+    elif shutil.which("docker-compose"):
+        copy = REPO / f".compose-check-{tmp_path.name}.yml"  # same folder: relative bind mounts resolve alike
+        copy.write_text(re.sub(r"(?m)^name: .*\n", "", COMPOSE.read_text()))
+        cmd = ["docker-compose", "--env-file", str(env_file), "-f", str(copy), "config", "-q"]
+    else:
+        pytest.fail(
+            "neither `docker compose` nor `docker-compose` is installed (.ci/run installs docker-compose)"
+        )
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    finally:
+        if not v2:
+            copy.unlink(missing_ok=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}: {done.stdout}{done.stderr}"
+    # ... and it really checks: an unknown key in a service is rejected
+    if not v2:
+        bad = REPO / f".compose-bad-{tmp_path.name}.yml"
+        bad.write_text(
+            re.sub(r"(?m)^name: .*\n", "", COMPOSE.read_text()).replace(
+                "  postgres:\n", "  postgres:\n    nonsense_key: 1\n", 1
+            )
+        )
+        try:
+            rejected = subprocess.run(
+                ["docker-compose", "--env-file", str(env_file), "-f", str(bad), "config", "-q"],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=120,
+            )
+        finally:
+            bad.unlink(missing_ok=True)
+        assert rejected.returncode != 0
+
+
+def _fake_bin(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def test_worker_deploys_once_and_again_only_when_prefect_yaml_changes(tmp_path: Path) -> None:
+    """The worker entrypoint with stand-ins for ray/prefect on PATH: the first start creates the pool and deploys,
+    a restart does neither (UI edits survive), a changed prefect.yaml deploys again."""
+    bin_dir, app, log = tmp_path / "bin", tmp_path / "app", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    app.mkdir()
+    (app / "prefect.yaml").write_text((REPO / "prefect.yaml").read_text())
+    state = tmp_path / "state"
+    state.mkdir()
+    _fake_bin(bin_dir, "ray", f'echo "ray $*" >> {log}\n')
+    _fake_bin(
+        bin_dir,
+        "prefect",
+        f"""echo "prefect $*" >> {log}
+case "$*" in
+  "work-pool inspect"*) [ -f {state}/pool ] ;;
+  "work-pool create"*) touch {state}/pool ;;
+  "deployment inspect"*) [ -f {state}/deployment ] ;;
+  "--no-prompt deploy --all") touch {state}/deployment ;;
+  "worker start"*) exit 0 ;;
+esac
+""",
+    )
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "PREFECT_API_URL": "http://prefect:4200/api",
+        "RAY_HEAD_ADDRESS": "ray-head:6379",
+        "PKDOT_APP_DIR": str(app),
+        "PKDOT_DEPLOY_STAMP": str(tmp_path / "stamp"),
+    }
+    script = REPO / "infra" / "worker-entrypoint.sh"
+
+    def start() -> list[str]:
+        log.write_text("")
+        done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return log.read_text().splitlines()
+
+    first = start()
+    assert "prefect --no-prompt deploy --all" in first
+    assert any(c.startswith("prefect work-pool create pkdot-pool") for c in first)
+    assert not any("--overwrite" in c for c in first)
+    second = start()
+    assert "prefect --no-prompt deploy --all" not in second
+    assert not any(c.startswith("prefect work-pool create") for c in second)
+    assert second[-1].startswith("prefect worker start --pool pkdot-pool")
+    (app / "prefect.yaml").write_text((app / "prefect.yaml").read_text() + "# changed\n")
+    third = start()
+    assert "prefect --no-prompt deploy --all" in third
