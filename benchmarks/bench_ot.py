@@ -208,7 +208,7 @@ def _step_methods(mode: str, size: int, seed: int) -> dict[str, Callable[[], Non
             out = student.forward_from_features(tokens) if from_tokens else student(video)
             task = torch.nn.functional.cross_entropy(out.logits, labels)
             batch = DistillBatch(out.embedding, teacher_z, out.logits, teacher_logits, labels=labels)
-            total_loss(task, loss(batch), cfg.distill)["loss"].backward()
+            total_loss(task, loss(batch), cfg.distill, loss.name)["loss"].backward()
             optimiser.step()
 
         return step
@@ -219,12 +219,13 @@ def _step_methods(mode: str, size: int, seed: int) -> dict[str, Callable[[], Non
 def bench_step(batch_sizes: list[int], repeats: int, warmup: int, seed: int) -> None:
     """Part 2: one optimiser step of the demo student, CE only vs CE + weight * PKDOT."""
     from pkdot.config import load_config
+    from pkdot.distill import loss_weight
 
     cfg = load_config(preset="demo")
     print(
         f"\n## Training step: demo student ({cfg.model.video_backbone}, width {cfg.model.video_width}, "
         f"{cfg.features.n_frames} x {cfg.features.crop_size}^2 uint8 video, embed {cfg.model.embed_dim}), Adam; "
-        f"CE vs CE + {cfg.distill.weight} * PKDOT (k = {cfg.distill.k})"
+        f"CE vs CE + {loss_weight(cfg.distill, 'pkdot')} * PKDOT (k = {cfg.distill.k})"
     )
     print(f"median ms over {repeats} repeats (min in parentheses)\n")
     print(f"{'mode':>22} | {'B':>4} | {'CE only':>17} | {'CE + PKDOT':>17} | {'ratio':>6}")

@@ -58,6 +58,7 @@ from common import (  # noqa: E402  (the benchmarks folder is not a package)
 )
 
 from pkdot.config import DistillConfig, RunConfig, load_config  # noqa: E402
+from pkdot.distill import loss_weight  # noqa: E402
 from pkdot.errors import ConfigError  # noqa: E402
 from pkdot.evaluate.aggregate import (  # noqa: E402
     BASELINE_STUDENT,
@@ -121,9 +122,9 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("anchors", "most", {"distill.anchors": "most"}),
     Ablation("use_tnet", "true", {"distill.use_tnet": True}),
     Ablation("use_tnet", "false", {"distill.use_tnet": False}),
-    Ablation("weight", "0.2", {"distill.weight": 0.2}),
-    Ablation("weight", "0.6", {"distill.weight": 0.6}),
-    Ablation("weight", "1.0", {"distill.weight": 1.0}),
+    Ablation("weight", "0.2", {"distill.weights.pkdot": 0.2}),
+    Ablation("weight", "0.6", {"distill.weights.pkdot": 0.6}),
+    Ablation("weight", "1.0", {"distill.weights.pkdot": 1.0}),
 )
 QUICK_ABLATIONS = ("k=5", "k=10", "use_tnet=false")
 
@@ -551,7 +552,7 @@ def ablation_markdown(df: pd.DataFrame, metric: str, base: DistillConfig) -> str
             f"## PKDOT ablations — {TASKS[ABLATION_TASK].description} ({metric})",
             "",
             f"Each variant changes one `distill` setting of the base run (k = {base.k}, {base.anchors}-similar "
-            f"anchors, {'T-Net' if base.use_tnet else 'no T-Net'}, λ = {base.weight}) and reuses its teachers "
+            f"anchors, {'T-Net' if base.use_tnet else 'no T-Net'}, λ = {loss_weight(base, 'pkdot')}) and reuses its teachers "
             "and embedding cache (linked run directory); its `pkdot` student is "
             "compared with its own `none` student, paired by (fold, seed). The last column checks that the "
             "variant's `none` student reproduces the base run's (it must be 0 unless the variant changes the "
@@ -586,7 +587,7 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
             f"`{m.video_backbone}` width {m.video_width}, {first.features.n_frames} frames of "
             f"{first.features.crop_size}x{first.features.crop_size}, embedding {m.embed_dim}; epochs unimodal/"
             f"teacher/T-Net/student {t.epochs_unimodal}/{t.epochs_teacher}/{t.epochs_tnet}/{t.epochs_student}; "
-            f"batch {t.batch_size}; PKDOT k = {first.distill.k}, λ = {first.distill.weight}; "
+            f"batch {t.batch_size}; PKDOT k = {first.distill.k}, λ = {loss_weight(first.distill, 'pkdot')}; "
             f"train.num_workers = {t.num_workers}.",
             "- Metric: accuracy (Biovid) or CCC (Aff-Wild2) on the test subjects of each (fold, seed) run; "
             "95% Student-t intervals over runs; Δ = model − `student-none` paired by (fold, seed).",

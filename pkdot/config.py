@@ -191,12 +191,16 @@ class TrainConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """Distillation losses and their weights: total = task_weight * task + weight * distill."""
+    """Distillation losses and their weights: total = task_weight * task + weights[loss] * distill."""
 
     losses: list[str] = Field(
         default_factory=lambda: ["none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot"]
     )
-    weight: float = Field(default=0.6, ge=0.0)
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Loss name -> weight of its term; a loss not named uses its paper's default "
+        "(pkdot.distill.default_weights(): kd 1, fitnet 1, sp 3000, rkd 1, pkt 30000, crd 0.8, pkdot 0.6)",
+    )
     task_weight: float = Field(default=1.0, ge=0.0)
     k: int | Literal["all"] = Field(default=30, description="PKDOT anchors per row")
     anchors: Literal["least", "most"] = "least"
@@ -213,6 +217,25 @@ class DistillConfig(_Section):
     def _k(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
             raise ValueError("k must be >= 1 or 'all'")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_global_weight(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "weight" in data:
+            raise ConfigError(
+                f"distill.weight (got {data['weight']!r}) was replaced by per-loss weights: set "
+                "distill.weights.<loss>, e.g. distill.weights.pkdot=0.6"
+            )
+        return data
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if v:  # names are checked against the loss registry (imported lazily: it imports this module)
+            from pkdot.distill import check_weights
+
+            check_weights(v)
         return v
 
     @field_validator("losses")
@@ -357,7 +380,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lr_tnet": 5e-5,
             "lr_student": 1e-4,
         },
-        "distill": {"k": 30, "weight": 0.6, "blur": 0.1, "anchors": "least"},
+        "distill": {"k": 30, "blur": 0.1, "anchors": "least"},
     },
 }
 

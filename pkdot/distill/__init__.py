@@ -24,8 +24,14 @@ from pkdot.distill.base import (
     DistillLoss,
     available_losses,
     build_loss,
+    check_weights,
+    default_weights,
+    gather_batch,
+    gather_rows,
+    loss_weight,
     register,
     total_loss,
+    world_size,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,11 +70,17 @@ __all__ = [
     "StructureClouds",
     "available_losses",
     "build_loss",
+    "check_weights",
+    "default_weights",
+    "gather_batch",
+    "gather_rows",
     "import_loss_modules",
+    "loss_weight",
     "pkdot_loss",
     "pkdot_structure",
     "register",
     "sinkhorn_divergence",
     "total_loss",
     "transport_plan",
+    "world_size",
 ]

@@ -21,6 +21,11 @@ and :math:`\mathcal{L}_\text{CRD} = \mathcal{L}_\text{NCE}(h^s) + \mathcal{L}_\t
 loss, the memory rows of the batch move towards the new vectors:
 :math:`m_{\text{index}[i]} \gets \mathrm{unit}(\mu\, m_{\text{index}[i]} + (1 - \mu)\, v_i)`, :math:`\mu = 0.5`.
 
+Weight (``default_weight = 0.8``, ``distill.weights.crd``): :math:`\beta = 0.8`, the weight of Tian et
+al.'s experiments and reference code. Gathered across workers under DDP (``batch_structure``): the NCE mean,
+the first-batch normalising constants, the negatives and the memory update then follow the global batch, so
+every worker keeps the same memory bank and the number of workers does not change the loss.
+
 References
 ----------
 .. [1] Y. Tian, D. Krishnan, P. Isola. "Contrastive Representation Distillation." ICLR 2020
@@ -106,7 +111,12 @@ class ContrastiveRD(DistillLoss):
         Width of the shared embedding (128).
     seed : int
         Seed of the memory initialisation and the negative sampling (0).
+
+    Default weight 0.8 (Tian et al. 2020).
     """
+
+    default_weight = 0.8
+    batch_structure = True
 
     option_names = ("n_negatives", "temperature", "momentum", "feat_dim", "seed")
     memory_student: Tensor

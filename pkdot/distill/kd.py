@@ -3,6 +3,12 @@ r"""Knowledge distillation with soft targets (Hinton, Vinyals & Dean, 2015).
 Classification: :math:`T^2\, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)`,
 averaged over the batch; regression: mean squared error to the teacher's outputs.
 
+Weight (``default_weight = 1.0``, ``distill.weights.kd``): Hinton et al. multiply the soft-target term by
+:math:`T^2` so that its gradients keep the scale of the hard-target term's when T changes, and report the
+best results with a lower weight on the hard targets, without one fixed value. With :math:`T^2` inside
+:func:`kd_loss`, weight 1 next to the task loss's 1 is their formulation with equal weights. (RepDistiller's
+KD runs use 0.9 soft / 0.1 hard.) Per-sample loss: no global-batch gather under DDP.
+
 References
 ----------
 .. [1] G. Hinton, O. Vinyals, J. Dean. "Distilling the Knowledge in a Neural Network." NIPS DL Workshop 2015.
@@ -57,7 +63,12 @@ def kd_regression_loss(student_outputs: Tensor, teacher_outputs: Tensor) -> Tens
 
 @register("kd")
 class KnowledgeDistillation(DistillLoss):
-    """Soft targets at ``cfg.temperature`` (classification) or MSE to the teacher's outputs (regression)."""
+    """Soft targets at ``cfg.temperature`` (classification) or MSE to the teacher's outputs (regression).
+
+    Default weight 1.0 (Hinton et al. 2015, with the :math:`T^2` factor; see the module doc).
+    """
+
+    default_weight = 1.0
 
     def compute(self, batch: DistillBatch) -> Tensor:
         if self.regression:

@@ -20,7 +20,9 @@ def no_distillation_loss(student_z: Tensor) -> Tensor:
 
 @register("none")
 class NoDistillation(DistillLoss):
-    """Task loss only: the distillation term is 0."""
+    """Task loss only: the distillation term is 0 (its weight, 0, changes nothing)."""
+
+    default_weight = 0.0
 
     def compute(self, batch: DistillBatch) -> Tensor:
         return no_distillation_loss(batch.student_z)

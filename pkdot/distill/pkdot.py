@@ -13,6 +13,10 @@ embeddings :math:`Z_s \in \mathbb{R}^{B \times D_s}`:
 4. the loss is the debiased Sinkhorn divergence between the two clouds with uniform weights 1/B, cost
    :math:`\tfrac12\|x - y\|^2`, :math:`\varepsilon = \text{blur}^2` (:func:`pkdot.distill.ot.sinkhorn_divergence`).
 
+Weight (``default_weight = 0.6``, ``distill.weights.pkdot``): the paper's total loss is
+:math:`\mathcal{L}_\text{CE} + 0.6\, \mathcal{L}_\text{PKDOT}`. Batch structure: under DDP the loss is
+computed on the batch gathered from all workers, as in a single-process run.
+
 Properties: zero when the student's cosine structure equals the teacher's (e.g. :math:`Z_s = Z_t Q` with Q
 orthogonal), invariant to a joint permutation of the batch, differentiable in :math:`Z_s` only.
 
@@ -212,7 +216,13 @@ def structure_plan(
 
 @register("pkdot")
 class PKDOT(DistillLoss):
-    """PKDOT (Aslam et al., FG 2024) with ``cfg.k``, ``cfg.anchors``, ``cfg.blur`` and ``cfg.scaling``."""
+    """PKDOT (Aslam et al., FG 2024) with ``cfg.k``, ``cfg.anchors``, ``cfg.blur`` and ``cfg.scaling``.
+
+    Default weight 0.6 (the paper's), ``distill.weights.pkdot``.
+    """
+
+    default_weight = 0.6
+    batch_structure = True
 
     def compute(self, batch: DistillBatch) -> Tensor:
         return pkdot_loss(

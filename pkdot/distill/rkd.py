@@ -8,6 +8,11 @@ r"""Relational knowledge distillation (Park, Kim, Lu & Cho, CVPR 2019): distance
 :math:`\mathcal{L}_\text{RKD} = w_d\, \mathcal{L}_d + w_a\, \mathcal{L}_a` with :math:`w_d = 25`,
 :math:`w_a = 50` as in the paper.
 
+Weight of the whole term (``default_weight = 1.0``, ``distill.weights.rkd``): 1, since Park et al.'s
+weights 25 (distance) and 50 (angle) are already inside :func:`rkd_loss` (options ``distance_weight``,
+``angle_weight``); the reference implementation (RepDistiller) also adds it with weight 1. Batch
+structure: gathered across workers under DDP.
+
 References
 ----------
 .. [1] W. Park, D. Kim, Y. Lu, M. Cho. "Relational Knowledge Distillation." CVPR 2019.
@@ -82,7 +87,10 @@ def rkd_loss(
 
 @register("rkd")
 class RelationalKD(DistillLoss):
-    """RKD distance + angle; options ``distance_weight`` (25) and ``angle_weight`` (50)."""
+    """RKD distance + angle; options ``distance_weight`` (25) and ``angle_weight`` (50); default weight 1."""
+
+    default_weight = 1.0
+    batch_structure = True
 
     option_names = ("distance_weight", "angle_weight")
 

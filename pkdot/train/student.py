@@ -3,7 +3,7 @@
 The student = the teacher's video backbone (frozen, as the paper does) + the T-Net(s) trained next to the
 teacher (frozen, *loaded* — the authors' script forgot to load them) + its own fusion block and head. With a
 frozen backbone it trains from the embedding cache (stage 3) alone: cached video tokens in, cached teacher
-embeddings/logits as distillation targets. Total loss = task_weight * task + weight * distill.
+embeddings/logits as distillation targets. Total loss = task_weight * task + weights[loss] * distill.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class DistillationObjective(nn.Module):
             index=index,
         )
         distill = self.distill_loss(batch)
-        return total_loss(task, distill, self.cfg.distill)
+        return total_loss(task, distill, self.cfg.distill, self.distill_loss.name)
 
 
 def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pkdot.config import DistillConfig
-from pkdot.distill import DistillLoss, available_losses, build_loss, register, total_loss
+from pkdot.distill import DistillLoss, available_losses, build_loss, default_weights, register, total_loss
 from pkdot.distill import base as distill_base
 from pkdot.errors import ConfigError, StageError
 
@@ -49,7 +49,7 @@ def test_every_loss_builds_runs_and_never_reaches_the_teacher(
         return
     assert value.item() > 0
     task = torch.nn.functional.mse_loss(batch.student_logits, torch.zeros_like(batch.student_logits))
-    total_loss(task, value, distill_cfg)["loss"].backward()
+    total_loss(task, value, distill_cfg, name)["loss"].backward()
     assert batch.teacher_z.grad is None and batch.teacher_logits.grad is None
     grads = [g for g in (batch.student_z.grad, batch.student_logits.grad) if g is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
@@ -105,15 +105,22 @@ def test_bad_dimensions_and_batches(make_batch, distill_cfg) -> None:
         loss(batch)
 
 
-def test_total_loss_weights(distill_cfg) -> None:
-    cfg = DistillConfig(weight=0.2, task_weight=0.8)
+def test_total_loss_weights_each_term_and_returns_them_separately(distill_cfg) -> None:
+    cfg = DistillConfig(weights={"pkdot": 0.2}, task_weight=0.8)
     task, distill = torch.tensor(2.0), torch.tensor(5.0)
-    parts = total_loss(task, distill, cfg)
-    assert set(parts) == {"loss", "loss_task", "loss_distill"}
+    parts = total_loss(task, distill, cfg, "pkdot")
+    assert set(parts) == {"loss", "loss_task", "loss_pkdot"}
     assert parts["loss"].item() == pytest.approx(0.8 * 2.0 + 0.2 * 5.0)
-    assert parts["loss_task"] is task and parts["loss_distill"] is distill
+    assert parts["loss_task"].item() == pytest.approx(0.8 * 2.0)
+    assert parts["loss_pkdot"].item() == pytest.approx(0.2 * 5.0)
+    # A loss not named in cfg.weights uses its class's default weight.
+    sp = total_loss(task, distill, cfg, "sp")
+    assert set(sp) == {"loss", "loss_task", "loss_sp"}
+    assert sp["loss_sp"].item() == pytest.approx(default_weights()["sp"] * 5.0)
     with pytest.raises(StageError, match="scalar"):
-        total_loss(torch.ones(3), distill, cfg)
+        total_loss(torch.ones(3), distill, cfg, "pkdot")
+    with pytest.raises(ConfigError, match="distill loss 'ot' is not registered"):
+        total_loss(task, distill, cfg, "ot")
 
 
 def test_a_new_loss_is_one_file_with_one_decorator(tmp_path, make_batch, distill_cfg) -> None:

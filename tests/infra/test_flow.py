@@ -45,7 +45,7 @@ def test_cache_key_follows_the_stage_inputs() -> None:
     student = load_config(overrides={"run_dir": "/tmp/x", "train.epochs_student": 3})
     assert pl.stage_cache_key("distill", student, "abc") != key  # its own section changed
     assert pl.stage_cache_key("extract", student, "abc") == pl.stage_cache_key("extract", cfg, "abc")
-    loss = load_config(overrides={"run_dir": "/tmp/x", "distill.weight": 0.2})
+    loss = load_config(overrides={"run_dir": "/tmp/x", "distill.weights.pkdot": 0.2})
     assert pl.stage_cache_key("extract", loss, "m") == pl.stage_cache_key("extract", cfg, "m")
     assert pl.stage_cache_key("distill", loss, "m") != pl.stage_cache_key("distill", cfg, "m")
     seeded = load_config(overrides={"run_dir": "/tmp/x", "seed": 7})
@@ -195,7 +195,7 @@ def test_flow_chains_the_stages_and_caches_finished_ones(
         assert second["stages"][stage] == {**first["stages"][stage], "cached": True}, stage
 
     # A distillation setting changed: only distill and evaluate run again.
-    _run(tmp_path / "run", overrides={"distill.weight": 0.2})
+    _run(tmp_path / "run", overrides={"distill.weights.pkdot": 0.2})
     assert [fake.calls[s] for s in pl.STAGE_ORDER] == [3, 1, 1, 1, 2, 2]
 
     # A different run directory never reuses another one's cache.
