@@ -40,7 +40,7 @@ def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     if dataset:
         p.add_argument("--dataset", choices=["biovid", "affwild2", "table"])
         p.add_argument("--root", type=Path, help="Dataset root (a Parquet file for --dataset table)")
-        p.add_argument("--task", choices=["binary", "multiclass", "valence", "arousal"])
+        p.add_argument("--task", choices=["binary", "multiclass", "valence", "arousal", "regression"])
         p.add_argument("--part", choices=["A", "B"])
         p.add_argument(
             "--skip-bad", action="store_true", help="Skip and report bad samples instead of failing"

@@ -19,7 +19,7 @@ from pkdot.errors import ConfigError
 
 Preset = Literal["demo", "paper"]
 DatasetName = Literal["biovid", "affwild2", "table", "synthetic-biovid", "synthetic-affwild2"]
-Task = Literal["binary", "multiclass", "valence", "arousal"]
+Task = Literal["binary", "multiclass", "valence", "arousal", "regression"]
 
 #: Modality name -> feature file stem under ``<run>/features/`` for the extracted data sets.
 MODALITY_FILES: dict[str, str] = {"video": "faces", "physio": "physio", "audio": "audio"}
@@ -35,7 +35,17 @@ class DataConfig(_Section):
     dataset: Literal["biovid", "affwild2", "table"] = "biovid"
     root: Path | None = Field(default=None, description="Dataset root (None = the synthetic set of the run)")
     part: Literal["A", "B"] = Field(default="A", description="Biovid part (B adds facial EMG)")
-    task: Task = "binary"
+    task: Task = Field(
+        default="binary",
+        description="binary / multiclass (classification), valence / arousal (Aff-Wild2), "
+        "regression (table data: a float 'target' column)",
+    )
+    num_classes: int | None = Field(
+        default=None,
+        ge=2,
+        description="Classes of a multiclass task (None: 5 for Biovid; for table data inferred from the "
+        "labels when the run is prepared)",
+    )
     skip_bad: bool = Field(default=False, description="Skip and report bad samples instead of failing")
     # Aff-Wild2 clip windows (frames of the annotation/video timeline)
     clip_frames: int = Field(default=50, ge=2, description="Aff-Wild2 clip length in frames")
@@ -58,6 +68,13 @@ class DataConfig(_Section):
             raise ValueError(f"task {self.task!r} is not a Biovid task (expected 'binary' or 'multiclass')")
         if self.dataset == "affwild2" and self.task not in ("valence", "arousal"):
             raise ValueError(f"task {self.task!r} is not an Aff-Wild2 task (expected 'valence' or 'arousal')")
+        if self.task == "regression" and self.dataset != "table":
+            raise ValueError("task 'regression' is for table data (a float 'target' column)")
+        if self.num_classes is not None:
+            if self.task != "multiclass":
+                raise ValueError(f"num_classes is for task 'multiclass', not {self.task!r}")
+            if self.dataset == "biovid" and self.num_classes != 5:
+                raise ValueError(f"Biovid multiclass has 5 classes, got num_classes={self.num_classes}")
         return self
 
     @property
@@ -66,12 +83,31 @@ class DataConfig(_Section):
 
     @property
     def is_regression(self) -> bool:
-        return self.task in ("valence", "arousal")
+        return self.task in ("valence", "arousal", "regression")
+
+    @property
+    def target_column(self) -> str:
+        """The manifest column the task's targets come from (``label``, ``valence``, ``arousal`` or ``target``)."""
+        return {"regression": "target", "valence": "valence", "arousal": "arousal"}.get(self.task, "label")
 
     @property
     def num_outputs(self) -> int:
-        """Classes for classification, 1 for regression (table tasks use ``binary``/``multiclass``)."""
-        return {"binary": 2, "multiclass": 5, "valence": 1, "arousal": 1}[self.task]
+        """Classes for classification, 1 for regression.
+
+        ``multiclass`` has ``num_classes`` outputs (Biovid: 5); a table run's ``num_classes`` is inferred from
+        its labels by :func:`pkdot.stages.prepare_run`, and reading this before then raises
+        :class:`ConfigError`.
+        """
+        if self.task == "multiclass":
+            if self.num_classes is not None:
+                return self.num_classes
+            if self.dataset == "table":
+                raise ConfigError(
+                    "data.num_classes: not set and not yet inferred from the table's labels "
+                    "(prepare the run first, or set data.num_classes)"
+                )
+            return 5
+        return {"binary": 2, "valence": 1, "arousal": 1, "regression": 1}[self.task]
 
 
 class SynthConfig(_Section):
@@ -153,7 +189,11 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Teacher/student optimisation, folds and Ray Train scaling."""
 
-    folds: int | Literal["loso"] = Field(default=5, description="Subject k-fold (int >= 2) or 'loso'")
+    folds: int | Literal["loso", "official"] | None = Field(
+        default=None,
+        description="Subject k-fold (int >= 2), 'loso', or 'official' (Aff-Wild2: train on Train_Set minus a "
+        "validation carve-out, test on Validation_Set); None = 'official' for Aff-Wild2, 5 otherwise",
+    )
     max_folds: int | None = Field(default=None, ge=1, description="Run only the first N folds")
     val_fraction: float = Field(
         default=0.2, gt=0.0, lt=1.0, description="Training subjects held for validation"
@@ -184,9 +224,9 @@ class TrainConfig(_Section):
 
     @field_validator("folds")
     @classmethod
-    def _folds(cls, v: int | str) -> int | str:
+    def _folds(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and v < 2:
-            raise ValueError("folds must be >= 2 or 'loso'")
+            raise ValueError("folds must be >= 2, 'loso' or 'official'")
         return v
 
 
@@ -288,6 +328,13 @@ class RunConfig(_Section):
             for m in self.data.modalities:
                 if m not in ("video", "audio"):
                     raise ValueError(f"Aff-Wild2 has modalities video and audio, not {m!r}")
+        if self.train.folds is None:  # the data set's usual protocol
+            self.train.folds = "official" if self.data.dataset == "affwild2" else 5
+        elif self.train.folds == "official" and self.data.dataset != "affwild2":
+            raise ValueError(
+                f"train.folds 'official' is Aff-Wild2's Train_Set/Validation_Set protocol; dataset "
+                f"{self.data.dataset!r} uses subject k-fold (an integer) or 'loso'"
+            )
         return self
 
     # ---- helpers -------------------------------------------------------------------------------------------
@@ -333,7 +380,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dropout": 0.1,
         },
         "train": {
-            "folds": 5,
             "max_folds": None,
             "batch_size": 32,
             "teacher_batch_size": 32,
@@ -367,7 +413,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "tnet_hidden": [256, 128, 256],
         },
         "train": {
-            "folds": 5,
             "batch_size": 128,
             "teacher_batch_size": 64,
             "epochs_unimodal": 20,

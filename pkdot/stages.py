@@ -132,6 +132,11 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
             )
             done.write_text(json.dumps(params))
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root.resolve()})})
+    if cfg.data.dataset == "table" and cfg.data.task == "multiclass" and cfg.data.num_classes is None:
+        from pkdot.data.tabular import infer_num_classes
+
+        data = cfg.data.model_copy(update={"num_classes": infer_num_classes(Path(cfg.data.root))})
+        cfg = cfg.model_copy(update={"data": data})
     cfg.to_yaml(run_dir / "config.yaml")
     return cfg
 
@@ -145,8 +150,12 @@ def stage_manifest(cfg: RunConfig, upstream: str = "") -> StageResult:
     from pkdot.data.manifest import write_manifest
 
     t0 = time.time()
+    from pkdot.data.manifest import fold_plan
+
     run_dir = _run_dir(cfg)
     result = build_manifest(cfg.data, cfg.data.root)
+    # too few subjects for the folds: refuse now, not at training
+    fold_plan(result.frame, cfg.train, cfg.seed)
     path = run_dir / "manifest.parquet"
     write_manifest(result.frame, path)
     write_manifest_report(result, run_dir / "manifest_report.json")
@@ -187,16 +196,13 @@ def stage_extract(cfg: RunConfig, upstream: str = "") -> StageResult:
 
 
 def _folds(cfg: RunConfig):
+    from pkdot.data.manifest import fold_plan, read_manifest
     from pkdot.train.data import load_samples
-    from pkdot.train.splits import save_folds, subject_folds
+    from pkdot.train.splits import save_folds
 
     samples = load_samples(cfg, _run_dir(cfg))
-    folds = subject_folds(
-        sorted(set(samples.subject_ids.tolist())),
-        cfg.train.folds,
-        val_fraction=cfg.train.val_fraction,
-        seed=cfg.seed,
-    )
+    manifest = read_manifest(_run_dir(cfg) / "manifest.parquet")
+    folds = fold_plan(manifest[manifest["sample_id"].isin(samples.sample_ids)], cfg.train, cfg.seed)
     if cfg.train.max_folds is not None:
         folds = folds[: cfg.train.max_folds]
     save_folds(folds, _run_dir(cfg) / "splits.json")

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pkdot.config import DataConfig
 from pkdot.data.manifest import BadSamples, ManifestResult, manifest_frame
@@ -201,3 +202,133 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
         len(bad.skipped),
     )
     return ManifestResult(frame=frame, skipped=bad.skipped)
+
+
+# ---- the challenge's evaluation: per-frame predictions over the whole partition -----------------------------
+def annotation_path(root: Path, partition: str, stem: str) -> Path:
+    """``<root>/annotations/VA_Estimation_Challenge/<partition>/<stem>.txt``."""
+    return Path(root) / "annotations" / "VA_Estimation_Challenge" / partition / f"{stem}.txt"
+
+
+def frame_predictions(
+    manifest: pd.DataFrame, clip_predictions: pd.DataFrame, root: Path, task: str
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Per-frame targets and predictions of the videos that clip predictions cover, as the challenge scores.
+
+    Each clip's prediction is assigned to every frame of its window ``[start_frame, start_frame + num_frames)``
+    (overlapping clips are averaged); an annotated frame that no predicted clip covers (the video's tail, a
+    window dropped by ``data.min_annotated``) takes the prediction of the nearest predicted frame of the same
+    video. Unannotated frames (-5) are left out, as in the challenge.
+
+    Parameters
+    ----------
+    manifest : the run's manifest (``sample_id``, ``start_frame``, ``num_frames``, ``partition``).
+    clip_predictions : one run's rows with ``sample_id`` and ``y_pred`` (clip ``sample_id = f"{stem}@{start}"``).
+    root : the Aff-Wild2 root (per-frame labels are re-read from its annotation files).
+    task : ``valence`` or ``arousal``.
+
+    Returns
+    -------
+    (y_true, y_pred, counts): two ``(F,)`` float arrays over every annotated frame of the covered videos,
+    concatenated in video order, and ``{"videos", "frames", "filled_frames"}`` (frames that took the nearest
+    clip's prediction).
+    """
+    if task not in ("valence", "arousal"):
+        raise DatasetError(f"frame-level CCC is for task 'valence' or 'arousal', got {task!r}")
+    column = 0 if task == "valence" else 1
+    clips = manifest.set_index("sample_id")[["start_frame", "num_frames", "partition"]]
+    missing = sorted(set(clip_predictions["sample_id"]) - set(clips.index))
+    if missing:
+        raise DatasetError(f"predictions name clips that are not in the manifest, e.g. {missing[:3]}")
+    joined = clip_predictions[["sample_id", "y_pred"]].join(clips, on="sample_id")
+    joined["stem"] = joined["sample_id"].str.rsplit("@", n=1).str[0]
+    trues, preds = [], []
+    filled = 0
+    for stem, rows in joined.groupby("stem", sort=True):
+        partitions = set(rows["partition"])
+        if len(partitions) != 1:
+            raise DatasetError(
+                f"Aff-Wild2 video {stem!r} has clips in several partitions {sorted(partitions)}"
+            )
+        labels = read_va_annotation(annotation_path(root, partitions.pop(), str(stem)))[:, column]
+        total = np.zeros(len(labels))
+        count = np.zeros(len(labels))
+        for start, length, value in zip(rows["start_frame"], rows["num_frames"], rows["y_pred"], strict=True):
+            window = slice(int(start), min(int(start) + int(length), len(labels)))
+            total[window] += float(value)
+            count[window] += 1
+        covered = np.flatnonzero(count > 0)
+        per_frame = np.full(len(labels), np.nan)
+        per_frame[covered] = total[covered] / count[covered]
+        annotated = np.flatnonzero(~np.isnan(labels))
+        gaps = annotated[count[annotated] == 0]
+        if gaps.size:
+            nearest = np.clip(np.searchsorted(covered, gaps), 0, len(covered) - 1)
+            left = np.clip(nearest - 1, 0, len(covered) - 1)
+            pick = np.where(
+                np.abs(covered[left] - gaps) <= np.abs(covered[nearest] - gaps),
+                covered[left],
+                covered[nearest],
+            )
+            per_frame[gaps] = per_frame[pick]
+            filled += int(gaps.size)
+        trues.append(labels[annotated])
+        preds.append(per_frame[annotated])
+    y_true = np.concatenate(trues) if trues else np.empty(0)
+    y_pred = np.concatenate(preds) if preds else np.empty(0)
+    counts = {"videos": len(trues), "frames": int(y_true.size), "filled_frames": filled}
+    return y_true, y_pred, counts
+
+
+def challenge_scores(
+    manifest: pd.DataFrame, predictions: pd.DataFrame, root: Path, task: str, split: str = "test"
+) -> pd.DataFrame:
+    """Challenge-style CCC of every (model, fold, seed) run: per-frame, concatenated over the test partition.
+
+    Parameters
+    ----------
+    predictions : rows of ``predictions.parquet`` files (``model``, ``fold``, ``seed``, ``split``, ``sample_id``,
+        ``y_pred``), e.g. :func:`pkdot.evaluate.aggregate.collect_predictions`.
+
+    Returns
+    -------
+    DataFrame with one row per run: ``model``, ``fold``, ``seed``, ``frame_ccc`` (CCC over every annotated frame
+    of the run's test videos, Lin 1989), ``videos``, ``frames``, ``filled_frames``.
+    """
+    from pkdot.evaluate.metrics import ccc
+
+    rows = []
+    test = predictions[predictions["split"] == split]
+    for (model, fold, seed), run in test.groupby(["model", "fold", "seed"], sort=True):
+        y_true, y_pred, counts = frame_predictions(manifest, run, root, task)
+        score = ccc(y_true, y_pred) if y_true.size >= 2 else float("nan")
+        rows.append({"model": model, "fold": int(fold), "seed": int(seed), "frame_ccc": score, **counts})
+    return pd.DataFrame(
+        rows, columns=["model", "fold", "seed", "frame_ccc", "videos", "frames", "filled_frames"]
+    )
+
+
+def challenge_markdown(scores: pd.DataFrame, task: str) -> list[str]:
+    """Report lines (Markdown) for :func:`challenge_scores`: per model, the mean per-frame CCC over runs."""
+    lines = [
+        f"## Challenge-style test CCC ({task}, per frame)",
+        "",
+        "Each clip's prediction is assigned to its annotated frames (overlaps averaged; annotated frames no clip "
+        "covers take the nearest clip's prediction), and one CCC is computed over every annotated frame of the "
+        "test partition, concatenated — the Aff-Wild2 challenge's way. The table above is per clip (clip "
+        "predictions vs clip-mean labels, concatenated over the test subjects).",
+        "",
+    ]
+    if scores.empty:
+        return [*lines, "No test predictions to score.", ""]
+    lines += [
+        "| model | per-frame CCC (mean over runs) | runs | videos | frames | frames filled |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, g in scores.groupby("model", sort=False):
+        mean = float(np.nanmean(g["frame_ccc"])) if g["frame_ccc"].notna().any() else float("nan")
+        lines.append(
+            f"| `{model}` | {'n/a' if np.isnan(mean) else f'{mean:.3f}'} | {len(g)} | {int(g['videos'].iloc[0])} "
+            f"| {int(g['frames'].iloc[0])} | {int(g['filled_frames'].iloc[0])} |"
+        )
+    return [*lines, ""]

@@ -7,6 +7,8 @@ Columns (Parquet, schema :data:`MANIFEST_SCHEMA`):
   integer label), -1 where there is none (Aff-Wild2)
 - ``class_name`` (str, may be empty)
 - ``valence``, ``arousal`` (float64): clip-mean annotation for Aff-Wild2, NaN elsewhere
+- ``target`` (float64): the regression target of table data (``data.task: regression``), NaN elsewhere
+  (optional on read: a manifest written before this column existed reads as all-NaN)
 - ``video_path``, ``physio_path``, ``audio_path`` (str, nullable): absolute paths of the recordings
 - ``start_frame``, ``num_frames`` (int64, nullable): the clip window in the video (Aff-Wild2); null = whole video
 - ``partition`` (str): Aff-Wild2 ``Train_Set``/``Validation_Set``; empty elsewhere
@@ -19,12 +21,17 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pkdot.errors import DatasetError
+from pkdot.errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from pkdot.config import TrainConfig
+    from pkdot.train.splits import Fold
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("class_name", pa.string()),
         ("valence", pa.float64()),
         ("arousal", pa.float64()),
+        ("target", pa.float64()),
         ("video_path", pa.string()),
         ("physio_path", pa.string()),
         ("audio_path", pa.string()),
@@ -47,6 +55,9 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 BIOVID_CLASSES = ["BL1", "PA1", "PA2", "PA3", "PA4"]
+
+#: Columns that an older manifest may lack; they read as null.
+OPTIONAL_COLUMNS = ("target",)
 
 
 def manifest_frame(rows: list[dict]) -> pd.DataFrame:
@@ -84,10 +95,16 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise DatasetError(f"manifest {path} is not a readable Parquet file: {exc}") from exc
-    missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+    missing = [
+        f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names and f.name not in OPTIONAL_COLUMNS
+    ]
     if missing:
         raise DatasetError(f"manifest {path}: missing columns {missing} (expected {MANIFEST_SCHEMA.names})")
-    return table.to_pandas()
+    frame = table.to_pandas()
+    for name in OPTIONAL_COLUMNS:
+        if name not in frame.columns:
+            frame[name] = float("nan")
+    return frame[[f.name for f in MANIFEST_SCHEMA]]
 
 
 @dataclasses.dataclass
@@ -115,3 +132,60 @@ class BadSamples:
             raise DatasetError(f"{where}: {reason}")
         logger.warning("skipping %s%s: %s", path, f" (sample {sample_id!r})" if sample_id else "", reason)
         self.skipped.append({"path": str(path), "sample_id": sample_id, "reason": reason})
+
+
+def subject_partitions(frame: pd.DataFrame) -> dict[str, str]:
+    """Each subject's ``partition`` (Aff-Wild2 ``Train_Set`` / ``Validation_Set``).
+
+    Raises :class:`DatasetError` naming the subjects whose samples lie in more than one partition (the
+    official protocol needs train and test subjects to be disjoint).
+    """
+    pairs = frame[["subject_id", "partition"]].astype(str).drop_duplicates()
+    counts = pairs.groupby("subject_id")["partition"].nunique()
+    both = sorted(counts[counts > 1].index)
+    if both:
+        raise DatasetError(
+            f"manifest: subjects {both[:10]} ({len(both)} in all) have samples in more than one partition "
+            "(expected each video/subject in exactly one of Train_Set and Validation_Set)"
+        )
+    return dict(zip(pairs["subject_id"], pairs["partition"], strict=True))
+
+
+def fold_plan(frame: pd.DataFrame, train: TrainConfig, seed: int) -> list[Fold]:
+    """The subject folds a run of these samples uses (``train.folds``, ``train.val_fraction``, ``seed``).
+
+    ``official``: :func:`pkdot.train.splits.official_folds` over the samples' partitions; otherwise
+    :func:`pkdot.train.splits.subject_folds` over their subjects. ``train.max_folds`` is *not* applied.
+    Raises :class:`ConfigError` when there are too few subjects for the scheme, naming the subjects found and
+    the number the scheme needs (called at manifest time, so a run stops before extraction).
+    """
+    from pkdot.train.splits import official_folds, subject_folds
+
+    if train.folds == "official":
+        return official_folds(subject_partitions(frame), val_fraction=train.val_fraction, seed=seed)
+    scheme = 5 if train.folds is None else train.folds
+    subjects = sorted(set(frame["subject_id"].astype(str)))
+    try:
+        return subject_folds(subjects, scheme, val_fraction=train.val_fraction, seed=seed)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc} [the manifest has {len(frame)} samples from {len(subjects)} subject(s): "
+            f"{subjects[:10]}{' ...' if len(subjects) > 10 else ''}]"
+        ) from None
+
+
+def describe_protocol(scheme: int | str | None, folds: list[Fold]) -> str:
+    """One sentence naming the evaluation protocol of ``splits.json`` (for the report)."""
+    if not folds:
+        return f"train.folds={scheme!r} (no folds)"
+    if scheme == "official":
+        f = folds[0]
+        return (
+            f"official Aff-Wild2 partitions: trained on `Train_Set` ({len(f.train)} videos, {len(f.val)} more held "
+            f"out for validation/model selection), tested on `Validation_Set` ({len(f.test)} videos)"
+        )
+    name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
+    return (
+        f"{name} cross-validation ({len(folds)} folds evaluated; test subjects never seen in training, "
+        "validation subjects carved from each fold's training subjects)"
+    )

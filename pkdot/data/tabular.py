@@ -1,14 +1,26 @@
 """Bring-your-own feature table -> manifest.
 
-The root is one Parquet FILE with the columns ``sample_id`` (str, unique), ``subject_id`` (str), ``label``
-(non-negative integer class) and one column per modality named in ``data.student_modalities`` and
-``data.privileged_modalities``: a list of floats per row, of the same length ``D_m`` in every row, finite.
+The root is one Parquet FILE with the columns ``sample_id`` (str, unique), ``subject_id`` (str), the task's
+target, and one column per modality named in ``data.student_modalities`` and ``data.privileged_modalities``
+(any number of each): a list of floats per row, of one length ``D_m`` per modality, finite. Modalities may
+have different lengths.
 
-The manifest rows carry ``sample_id``, ``subject_id``, ``label`` and ``dataset = "table"``; their recording
-paths stay null. Stage 1 reads the modality vectors from the table itself (``data.root``).
+Targets:
 
-Task: ``binary`` (labels 0/1) or ``multiclass`` (labels ``0..num_outputs-1``) is the user's choice; more
-distinct labels than ``data.num_outputs``, or a label ``>= num_outputs``, raises :class:`DatasetError`.
+- ``binary`` / ``multiclass``: a ``label`` column of non-negative integer classes. ``binary`` expects
+  classes 0/1; ``multiclass`` has ``data.num_classes`` classes, or, when that is unset, ``max(label) + 1``
+  (:func:`infer_num_classes`, called when the run is prepared; every class ``0..K-1`` must then have a row).
+- ``regression``: a ``target`` column of finite floats (metrics CCC, MAE, RMSE; the task head is linear, so a
+  target on a unit scale, e.g. standardised, suits the default learning rates).
+
+The manifest rows carry ``sample_id``, ``subject_id``, ``label`` (``-1`` for regression), ``target`` (NaN for
+classification) and ``dataset = "table"``; their recording paths stay null. Stage 1 reads the modality vectors
+from the table itself (``data.root``).
+
+Every bad row is found before anything is decided: without ``data.skip_bad`` one :class:`DatasetError` lists
+the first :data:`MAX_LISTED` bad rows (row number, sample id, column, what was expected) and the total count;
+with it, all bad rows are skipped and listed in ``ManifestResult.skipped``. A vector length is right when it is
+the most common length of its column (the *modal* length); a tie between lengths has no majority and raises.
 """
 
 from __future__ import annotations
@@ -26,7 +38,15 @@ from pkdot.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
-ID_COLUMNS = ("sample_id", "subject_id", "label")
+ID_COLUMNS = ("sample_id", "subject_id")
+TABLE_TASKS = ("binary", "multiclass", "regression")
+#: Bad rows named in one error message (the total is always given).
+MAX_LISTED = 20
+
+
+def target_column_of(task: str) -> str:
+    """The table column holding the task's target: ``target`` for regression, ``label`` otherwise."""
+    return "target" if task == "regression" else "label"
 
 
 def _label_problem(value: object) -> str | None:
@@ -52,8 +72,24 @@ def _label_problem(value: object) -> str | None:
     return f"{value!r} ({type(value).__name__}) is not an integer class"
 
 
-def _vector_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, list]:
-    """``(lengths, has_nonfinite, values)`` per row of a list<float> column (length -1 for null rows)."""
+def _target_problem(value: object) -> str | None:
+    """Why ``value`` is not a finite regression target (None when it is one)."""
+    if value is None:
+        return "is null"
+    if isinstance(value, bool):
+        return f"{value!r} is a boolean, not a number"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return f"{value!r} is not a number"
+    if isinstance(value, int | float | np.integer | np.floating):
+        return None if np.isfinite(float(value)) else f"{value!r} is not finite"
+    return f"{value!r} ({type(value).__name__}) is not a number"
+
+
+def _vector_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, has_nonfinite)`` per row of a list<float> column (length -1 for null rows)."""
     values = column.to_pylist()
     lengths = np.full(len(values), -1, np.int64)
     nonfinite = np.zeros(len(values), bool)
@@ -63,21 +99,76 @@ def _vector_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, li
         lengths[i] = len(vec)
         arr = np.asarray([np.nan if x is None else x for x in vec], dtype=np.float64)
         nonfinite[i] = bool(arr.size and not np.isfinite(arr).all())
-    return lengths, nonfinite, values
+    return lengths, nonfinite
+
+
+def modal_length(path: Path, column: str, lengths: np.ndarray) -> int:
+    """The most common positive length of a vector column; raises :class:`DatasetError` on a tie.
+
+    Parameters
+    ----------
+    lengths : (N,) int array, ``-1`` for a null row and ``0`` for an empty vector (both ignored).
+    """
+    present = lengths[lengths > 0]
+    if present.size == 0:
+        return 0
+    values, counts = np.unique(present, return_counts=True)
+    top = values[counts == counts.max()]
+    if top.size > 1:
+        spread = ", ".join(f"length {v}: {c} rows" for v, c in zip(values, counts, strict=True))
+        raise DatasetError(
+            f"table {path}: column {column!r} has no majority vector length ({spread}); expected one length "
+            "per modality, and a tie does not say which rows are wrong (fix the table)"
+        )
+    return int(top[0])
+
+
+def _valid_labels(values: list) -> np.ndarray:
+    return np.array([int(float(v)) for v in values if _label_problem(v) is None], np.int64)
+
+
+def infer_num_classes(path: Path) -> int:
+    """``max(label) + 1`` over the valid labels of a table (invalid ones are reported by the manifest).
+
+    Raises :class:`DatasetError` when the file has no ``label`` column or no valid label, or when a class in
+    ``0..max`` has no row (relabel the classes to consecutive integers from 0, or set ``data.num_classes``).
+    """
+    path = Path(path)
+    try:
+        table = pq.read_table(path, columns=["label"])
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        raise DatasetError(
+            f"table {path}: cannot read a 'label' column to count the classes ({exc}); expected a Parquet file "
+            "with an integer 'label' column (or set data.num_classes)"
+        ) from exc
+    labels = _valid_labels(table.column("label").to_pylist())
+    if labels.size == 0:
+        raise DatasetError(f"table {path}: column 'label' has no valid class (expected integers >= 0)")
+    k = int(labels.max()) + 1
+    absent = sorted(set(range(k)) - set(labels.tolist()))
+    if absent:
+        raise DatasetError(
+            f"table {path}: column 'label' has classes up to {k - 1} but no row of class(es) {absent[:20]} "
+            f"(relabel the classes to consecutive integers from 0, or set data.num_classes={k} if they are "
+            "meant to be empty)"
+        )
+    logger.info("table %s: %d classes inferred from column 'label'", path, k)
+    return max(k, 2)
 
 
 def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
     """Manifest of a bring-your-own Parquet table (see the module docstring).
 
-    Missing columns, a column that is not a list of numbers, or too many classes always raise; with
-    ``data.skip_bad`` a bad row (null / ragged / non-finite vector, bad label, empty or duplicate id) is
-    skipped and listed in ``ManifestResult.skipped``, otherwise it raises :class:`DatasetError` naming the file,
-    the column and the sample.
+    Missing columns, a column that is not a list of numbers, a tie between vector lengths, a label set that
+    does not fit the task, or no usable row always raise :class:`DatasetError`; bad rows (null / ragged /
+    empty / non-finite vector, bad label or target, empty or duplicate id) are all listed, then raise, or are
+    skipped under ``data.skip_bad``.
     """
     path = Path(root)
-    if data.task not in ("binary", "multiclass"):
+    if data.task not in TABLE_TASKS:
         raise ConfigError(
-            f"data.task: table data is classification, expected 'binary' or 'multiclass', got {data.task!r}"
+            f"data.task: table data is 'binary', 'multiclass' (column 'label') or 'regression' (column "
+            f"'target'), got {data.task!r}"
         )
     if not path.is_file():
         raise DatasetError(f"table {path} does not exist (expected a Parquet file)")
@@ -85,12 +176,13 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"table {path} is not a readable Parquet file: {exc}") from exc
+    target = target_column_of(data.task)
     modalities = data.modalities
-    missing = [c for c in (*ID_COLUMNS, *modalities) if c not in table.column_names]
+    missing = [c for c in (*ID_COLUMNS, target, *modalities) if c not in table.column_names]
     if missing:
         raise DatasetError(
-            f"table {path}: missing columns {missing} (expected {list(ID_COLUMNS)} and one list-of-float column per "
-            f"modality {modalities}; found {table.column_names})"
+            f"table {path}: missing columns {missing} (expected {[*ID_COLUMNS, target]} and one list-of-float "
+            f"column per modality {modalities}; found {table.column_names})"
         )
     for m in modalities:
         kind = table.schema.field(m).type
@@ -100,25 +192,20 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             raise DatasetError(
                 f"table {path}: column {m!r} has type {kind} (expected a list of floats per row)"
             )
-    bad = BadSamples(data.skip_bad)
     n = table.num_rows
     if n == 0:
         raise DatasetError(f"table {path} has no rows")
     sample_ids = table.column("sample_id").to_pylist()
     subject_ids = table.column("subject_id").to_pylist()
-    labels = table.column("label").to_pylist()
-    ok = np.ones(n, bool)
+    targets = table.column(target).to_pylist()
+    problems: dict[int, str] = {}  # row -> the first thing wrong with it
 
     def reject(i: int, column: str, reason: str) -> None:
-        if ok[i]:
-            sid = None if sample_ids[i] is None else str(sample_ids[i])
-            bad.bad(path, sid, f"column {column!r} row {i}: {reason}")
-            ok[i] = False
+        problems.setdefault(i, f"column {column!r} row {i}: {reason}")
 
     for m in modalities:
-        lengths, nonfinite, _ = _vector_lengths(table.column(m))
-        present = lengths[lengths >= 0]
-        expected = int(np.bincount(present).argmax()) if present.size else 0
+        lengths, nonfinite = _vector_lengths(table.column(m))
+        expected = modal_length(path, m, lengths)
         for i in range(n):
             if lengths[i] < 0:
                 reject(i, m, "the vector is null (expected a list of floats)")
@@ -138,48 +225,119 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             reject(i, "sample_id", "empty sample_id")
         elif str(sample_ids[i]) in seen:
             reject(i, "sample_id", f"duplicate sample_id {sample_ids[i]!r} (expected unique ids)")
+        else:
+            seen.add(str(sample_ids[i]))
         if subject_ids[i] is None or str(subject_ids[i]) == "":
             reject(i, "subject_id", "empty subject_id")
-        problem = _label_problem(labels[i])
-        if problem:
-            reject(i, "label", f"label {problem} (expected a non-negative integer class)")
-        if ok[i]:
-            seen.add(str(sample_ids[i]))
-    keep = np.flatnonzero(ok)
-    if keep.size == 0:
+        if data.task == "regression":
+            problem = _target_problem(targets[i])
+            if problem:
+                reject(i, "target", f"target {problem} (expected a finite number)")
+        else:
+            problem = _label_problem(targets[i])
+            if problem:
+                reject(i, "label", f"label {problem} (expected a non-negative integer class)")
+    if data.task != "regression":
+        _check_classes(data, path, targets, problems, reject)
+
+    bad = BadSamples(data.skip_bad)
+    if problems and not data.skip_bad:
+        raise DatasetError(_bad_rows_message(path, sample_ids, problems))
+    for i in sorted(problems):
+        sid = None if sample_ids[i] is None else str(sample_ids[i])
+        bad.bad(path, sid, problems[i])
+    keep = [i for i in range(n) if i not in problems]
+    if not keep:
         raise DatasetError(f"table {path}: no usable rows ({len(bad.skipped)} skipped)")
-    kept_labels = np.array([int(float(labels[i])) for i in keep], np.int64)
-    distinct = sorted(set(kept_labels.tolist()))
-    k = data.num_outputs
-    if len(distinct) > k:
-        raise DatasetError(
-            f"table {path}: column 'label' has {len(distinct)} distinct classes {distinct[:10]} but task "
-            f"{data.task!r} has {k} outputs (use data.task=multiclass for up to 5 classes)"
-        )
-    if distinct[-1] >= k:
-        raise DatasetError(
-            f"table {path}: column 'label' has class {distinct[-1]} but task {data.task!r} expects classes "
-            f"0..{k - 1} (relabel the classes to consecutive integers from 0)"
-        )
     rows = [
         {
             "sample_id": str(sample_ids[i]),
             "subject_id": str(subject_ids[i]),
-            "label": int(lab),
+            "label": -1 if data.task == "regression" else int(float(targets[i])),
             "class_name": "",
             "valence": float("nan"),
             "arousal": float("nan"),
+            "target": float(targets[i]) if data.task == "regression" else float("nan"),
             "partition": "",
             "dataset": "table",
         }
-        for i, lab in zip(keep, kept_labels, strict=True)
+        for i in keep
     ]
     frame = manifest_frame(rows)
+    if data.task == "regression":
+        values = frame["target"].to_numpy(np.float64)
+        if np.abs(values).max() > 10.0:
+            logger.warning(
+                "table %s: 'target' ranges over [%.3g, %.3g]; the regression head is linear and trained with "
+                "MSE at the configured learning rates, so a standardised target trains faster",
+                path,
+                values.min(),
+                values.max(),
+            )
     logger.info(
-        "table %s: %d samples, %d subjects, %d skipped",
+        "table %s: %d samples, %d subjects, task %s, %d skipped",
         path,
         len(frame),
         frame["subject_id"].nunique(),
+        data.task,
         len(bad.skipped),
     )
     return ManifestResult(frame=frame, skipped=bad.skipped)
+
+
+def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[int, str], reject) -> None:
+    """The label set against the task: too many classes raise; rows with a class outside the range are bad."""
+    valid = [i for i in range(len(labels)) if _label_problem(labels[i]) is None]
+    if not valid:
+        return
+    classes = {i: int(float(labels[i])) for i in valid}
+    distinct = sorted(set(classes.values()))
+    if data.task == "binary":
+        k = 2
+        if len(distinct) > k:
+            raise DatasetError(
+                f"table {path}: column 'label' has {len(distinct)} distinct classes {distinct[:20]} but task "
+                f"'binary' has 2 outputs (use data.task=multiclass; the classes are counted from the labels)"
+            )
+    elif data.num_classes is not None:
+        k = data.num_classes
+    else:
+        k = distinct[-1] + 1
+        absent = sorted(set(range(k)) - set(distinct))
+        if absent:
+            raise DatasetError(
+                f"table {path}: column 'label' has classes up to {k - 1} but no row of class(es) {absent[:20]} "
+                f"(relabel the classes to consecutive integers from 0, or set data.num_classes={k} if they are "
+                "meant to be empty)"
+            )
+    outside = [i for i in valid if classes[i] >= k]
+    if outside and data.task == "binary":
+        rows = ", ".join(f"row {i} (class {classes[i]})" for i in outside[:MAX_LISTED])
+        raise DatasetError(
+            f"table {path}: column 'label' has class {max(classes[i] for i in outside)} but task 'binary' "
+            f"expects classes 0..1 (relabel the classes to 0 and 1): {len(outside)} rows, {rows}"
+        )
+    for i in outside:
+        reject(i, "label", f"label {classes[i]} is outside 0..{k - 1} (data.num_classes={k})")
+    present = {classes[i] for i in valid if i not in problems}
+    absent = sorted(set(range(k)) - present)
+    if absent:
+        logger.warning("table %s: no usable row of class(es) %s (of 0..%d)", path, absent[:20], k - 1)
+
+
+def _bad_rows_message(path: Path, sample_ids: list, problems: dict[int, str]) -> str:
+    """One error naming every bad row (up to :data:`MAX_LISTED`) and how many there are."""
+    rows = sorted(problems)
+    listed = [
+        f"  sample {sample_ids[i]!r}: {problems[i]}"
+        if sample_ids[i] not in (None, "")
+        else f"  {problems[i]}"
+        for i in rows[:MAX_LISTED]
+    ]
+    more = f"\n  ... and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
+    head = (
+        f"table {path}: {len(rows)} bad row{'s' if len(rows) != 1 else ''}"
+        + (f" (the first {MAX_LISTED} listed)" if len(rows) > MAX_LISTED else "")
+        + "; fix them, or set data.skip_bad=true (--skip-bad) to skip and report them:\n"
+    )
+    return head + "\n".join(listed) + more

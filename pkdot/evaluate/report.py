@@ -87,6 +87,8 @@ class EvaluationSummary:
     teacher_vs_unimodal: pd.DataFrame = field(default_factory=pd.DataFrame)
     summary_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    protocol: str = ""  # the evaluation protocol of splits.json (pkdot.data.manifest.describe_protocol)
+    challenge: pd.DataFrame = field(default_factory=pd.DataFrame)  # Aff-Wild2 per-frame CCC per run
 
 
 # ---- histories ---------------------------------------------------------------------------------------------
@@ -268,6 +270,7 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         + ")",
         f"- Preset: `{cfg.preset}`; folds: {folds} (evaluated: {len(evaluated_folds)}); "
         f"seeds: {cfg.train.seeds}",
+        *([f"- Protocol: {summary.protocol}"] if summary.protocol else []),
         f"- Modalities: student {cfg.data.student_modalities}, privileged (teacher only) "
         f"{cfg.data.privileged_modalities}",
         f"- Config hash: `{cfg.section_hash()}`",
@@ -296,6 +299,10 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         row += [str(int(r["n"]))]
         rows.append(row)
     lines += [_md_table(header, rows), ""]
+    if not summary.challenge.empty:
+        from pkdot.data.affwild2 import challenge_markdown
+
+        lines += challenge_markdown(summary.challenge, cfg.data.task)
 
     lines += [f"## Distillation losses vs. `{BASELINE_STUDENT}` (paired by fold and seed)", ""]
     if summary.paired.empty:
@@ -425,6 +432,22 @@ def _draw_plots(
     return plots
 
 
+def _protocol_and_challenge(cfg: RunConfig, run_dir: Path, pred: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """The protocol sentence (from ``splits.json``) and, for Aff-Wild2, the per-frame CCC of every run."""
+    from pkdot.data.manifest import describe_protocol, read_manifest
+    from pkdot.train.splits import load_folds
+
+    splits = run_dir / "splits.json"
+    protocol = describe_protocol(cfg.train.folds, load_folds(splits)) if splits.is_file() else ""
+    challenge = pd.DataFrame()
+    if cfg.data.dataset == "affwild2" and cfg.data.root is not None:
+        from pkdot.data.affwild2 import challenge_scores
+
+        manifest = read_manifest(run_dir / "manifest.parquet")
+        challenge = challenge_scores(manifest, pred, Path(cfg.data.root), cfg.data.task)
+    return protocol, challenge
+
+
 def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSummary:
     """Evaluate every model of a run and write ``RUN/report/``.
 
@@ -468,6 +491,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
     report_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=report_dir))
     notes: list[str] = []
+    protocol, challenge = _protocol_and_challenge(cfg, run_dir, pred)
     try:
         staged_plots = _draw_plots(cfg, pred, table, staging, run_dir, notes)
         summary = EvaluationSummary(
@@ -480,6 +504,8 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
             teacher_vs_unimodal=teacher_vs_unimodal,
             summary_path=report_dir / "summary.json",
             notes=notes,
+            protocol=protocol,
+            challenge=challenge,
         )
         plot_names = [p.name for p in staged_plots]
         (staging / "report.md").write_text(render_report(cfg, summary, plot_names, n_files))
@@ -499,10 +525,15 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
             "plots": plot_names,
             "notes": notes,
             "predictions_files": n_files,
+            "protocol": protocol,
+            "challenge_frame_ccc": _records(challenge),
         }
         (staging / "summary.json").write_text(json.dumps(summary_doc, indent=1, allow_nan=False))
         per_fold.to_csv(staging / "per_fold.csv", index=False)
         written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
+        if not challenge.empty:
+            challenge.to_csv(staging / "challenge_ccc.csv", index=False)
+            written.add("challenge_ccc.csv")
         for name in sorted(written):
             os.replace(staging / name, report_dir / name)
         for stale in report_dir.glob("*.png"):

@@ -108,10 +108,10 @@ class TaskHead(nn.Module):
     """Linear task head on a ``(B, dim)`` embedding.
 
     Classification: logits ``(B, num_outputs)``. Regression (valence or arousal): ``tanh(w^T z + b)`` of shape
-    ``(B, 1)`` in ``[-1, 1]``.
+    ``(B, 1)`` in ``[-1, 1]``; with ``bounded=False`` (a table's free-range ``target``) ``w^T z + b``.
     """
 
-    def __init__(self, dim: int, num_outputs: int, regression: bool) -> None:
+    def __init__(self, dim: int, num_outputs: int, regression: bool, *, bounded: bool = True) -> None:
         super().__init__()
         if regression and num_outputs != 1:
             raise StageError(f"TaskHead: a regression head has 1 output, got num_outputs={num_outputs}")
@@ -120,12 +120,13 @@ class TaskHead(nn.Module):
                 f"TaskHead: a classification head needs >= 2 classes, got num_outputs={num_outputs}"
             )
         self.regression = regression
+        self.bounded = bounded
         self.num_outputs = num_outputs
         self.linear = nn.Linear(dim, num_outputs)
 
     def forward(self, embedding: Tensor) -> Tensor:
         out = self.linear(embedding)
-        return torch.tanh(out) if self.regression else out
+        return torch.tanh(out) if self.regression and self.bounded else out
 
 
 class UnimodalModel(nn.Module):
@@ -134,10 +135,12 @@ class UnimodalModel(nn.Module):
     ``embedding = mean_n backbone(x)[:, n, :]`` of shape ``(B, D)``; ``logits = head(embedding)``.
     """
 
-    def __init__(self, backbone: Backbone, num_outputs: int, regression: bool) -> None:
+    def __init__(
+        self, backbone: Backbone, num_outputs: int, regression: bool, *, bounded: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = TaskHead(backbone.embed_dim, num_outputs, regression)
+        self.head = TaskHead(backbone.embed_dim, num_outputs, regression, bounded=bounded)
 
     def forward(self, x: Tensor) -> ModelOutput:
         tokens = self.backbone(x)

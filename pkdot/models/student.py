@@ -179,5 +179,7 @@ def build_student(
             layers=cfg.model.fusion_layers,
             dropout=cfg.model.dropout,
         )
-        head = TaskHead(dim, cfg.data.num_outputs, cfg.data.is_regression)
+        head = TaskHead(
+            dim, cfg.data.num_outputs, cfg.data.is_regression, bounded=cfg.data.task != "regression"
+        )
     return Student(modality, backbone, chosen, fusion, head, freeze_backbone=freeze)

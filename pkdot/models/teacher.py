@@ -188,5 +188,7 @@ def build_teacher(
         fusion = GatedCrossAttentionFusion(
             modalities, dim, cfg.model.fusion_heads, layers=cfg.model.fusion_layers, dropout=cfg.model.dropout
         )
-        head = TaskHead(dim, cfg.data.num_outputs, cfg.data.is_regression)
+        head = TaskHead(
+            dim, cfg.data.num_outputs, cfg.data.is_regression, bounded=cfg.data.task != "regression"
+        )
     return Teacher(parts, fusion, head)

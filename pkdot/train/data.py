@@ -70,9 +70,10 @@ class SampleSet:
 
 def targets_from_manifest(cfg: RunConfig, manifest: pd.DataFrame) -> np.ndarray:
     if cfg.data.is_regression:
-        values = manifest[cfg.data.task].to_numpy(dtype=np.float32)
+        column = cfg.data.target_column
+        values = manifest[column].to_numpy(dtype=np.float32)
         if np.isnan(values).any():
-            raise StageError(f"manifest: column {cfg.data.task!r} has missing values for a regression task")
+            raise StageError(f"manifest: column {column!r} has missing values for a regression task")
         return values
     labels = manifest["label"].to_numpy(dtype=np.int64)
     if (labels < 0).any() or (labels >= cfg.data.num_outputs).any():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -200,3 +200,66 @@ def fold_masks(subject_of_sample: Sequence[str], fold: Fold) -> dict[str, np.nda
             f"(splits.json was made for other subjects)"
         )
     return masks
+
+
+def official_folds(
+    subject_partition: Mapping[str, str],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    train_partition: str = "Train_Set",
+    test_partition: str = "Validation_Set",
+) -> list[Fold]:
+    """The official Aff-Wild2 protocol as one fold: train on ``Train_Set``, test on ``Validation_Set``.
+
+    The challenge's test labels are withheld, so everyone reports on ``Validation_Set``; model selection then
+    needs its own held-out subjects, carved from ``Train_Set``.
+
+    Parameters
+    ----------
+    subject_partition : mapping of str to str
+        Each subject's partition (``Train_Set`` or ``Validation_Set``); a subject is a video, with the
+        ``_left``/``_right`` tracks of a two-person video merged.
+    val_fraction : float
+        Fraction of the ``Train_Set`` subjects held out for validation (rounded, at least 1, leaving at least 1
+        for training), drawn with ``default_rng([seed, 0])``.
+    seed : int
+        Seed of the validation draw.
+
+    Returns
+    -------
+    list of Fold
+        One fold (index 0): ``train`` and ``val`` from ``Train_Set``, ``test`` = every ``Validation_Set`` subject.
+
+    Raises
+    ------
+    ConfigError
+        A partition other than the two, fewer than 2 ``Train_Set`` subjects, or no ``Validation_Set`` subject.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"train.val_fraction must be in (0, 1), got {val_fraction}")
+    unknown = sorted({p for p in subject_partition.values() if p not in (train_partition, test_partition)})
+    if unknown:
+        raise ConfigError(
+            f"train.folds='official': subjects in partitions {unknown} (expected {train_partition!r} or "
+            f"{test_partition!r}; use train.folds=<k> or 'loso' for data without the official partitions)"
+        )
+    train_subjects = sorted(s for s, p in subject_partition.items() if p == train_partition)
+    test_subjects = sorted(s for s, p in subject_partition.items() if p == test_partition)
+    if len(train_subjects) < 2 or not test_subjects:
+        raise ConfigError(
+            f"train.folds='official' needs >= 2 {train_partition} subjects (training + validation) and >= 1 "
+            f"{test_partition} subject, found {len(train_subjects)} and {len(test_subjects)} "
+            "(use train.folds=<k> or 'loso')"
+        )
+    train, val = _carve_validation(train_subjects, val_fraction, np.random.default_rng([seed, 0]))
+    fold = Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(test_subjects))
+    log.info(
+        "official folds: %d train, %d val (%s), %d test (%s) subjects",
+        len(train),
+        len(val),
+        train_partition,
+        len(test_subjects),
+        test_partition,
+    )
+    return [fold]

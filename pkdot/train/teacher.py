@@ -175,9 +175,12 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     for modality in cfg.data.modalities:
         phase = f"unimodal-{modality}"
         seed_everything(job.seed * 7919 + job.fold * 31 + len(backbones))
-        model = UnimodalModel(build_backbone(modality, shapes[modality], cfg.model), n_out, regression).to(
-            ctx.device
-        )
+        model = UnimodalModel(
+            build_backbone(modality, shapes[modality], cfg.model),
+            n_out,
+            regression,
+            bounded=cfg.data.task != "regression",
+        ).to(ctx.device)
         fwd = _modality_forward(modality, ctx.device)
         path = _phase_path(job, phase)
         if path.is_file():

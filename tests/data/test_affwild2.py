@@ -200,3 +200,75 @@ def test_no_clip_at_all_raises(tmp_path: Path) -> None:
     root = _fake_root(tmp_path / "r", {"v1": ["-5,-5"] * 6})
     with pytest.raises(DatasetError, match="no clip of 2 frames"):
         build_manifest(_cfg(root=root, clip_frames=2, clip_stride=2, skip_bad=True))
+
+
+# ---- the official protocol and the challenge's per-frame CCC ---------------------------------------------
+def test_synthetic_set_has_both_partitions_and_official_folds_follow_them(affwild2: Path) -> None:
+    from pkdot.config import TrainConfig
+    from pkdot.data.manifest import fold_plan
+
+    df = build_manifest(_cfg(root=affwild2, clip_frames=20, clip_stride=20)).frame
+    assert set(df.partition) == {"Train_Set", "Validation_Set"}
+    (fold,) = fold_plan(df, TrainConfig(folds="official", val_fraction=0.3), seed=0)
+    part = df.groupby("subject_id")["partition"].first()
+    assert set(fold.test) == set(part[part == "Validation_Set"].index)
+    assert set(fold.train) | set(fold.val) == set(part[part == "Train_Set"].index)
+    assert fold.val and fold.train  # validation carved from Train_Set subjects, never from the test partition
+    # the carve-out depends on the seed, the test partition does not
+    draws = {fold_plan(df, TrainConfig(folds="official", val_fraction=0.3), seed=s)[0] for s in range(6)}
+    assert {d.test for d in draws} == {fold.test} and len({d.val for d in draws}) > 1
+
+
+def test_official_folds_refuse_data_without_a_validation_partition(tmp_path: Path) -> None:
+    from pkdot.config import TrainConfig
+    from pkdot.data.manifest import fold_plan
+    from pkdot.errors import ConfigError
+
+    root = _fake_root(tmp_path / "r", {f"v{i}": _lines(20) for i in range(3)}, partition="Train_Set")
+    df = build_manifest(_cfg(root=root, clip_frames=10, clip_stride=10)).frame
+    with pytest.raises(ConfigError, match="found 3 and 0"):
+        fold_plan(df, TrainConfig(folds="official"), seed=0)
+    df.loc[df.sample_id == "v1@0", "partition"] = "Validation_Set"  # one video in both partitions
+    with pytest.raises(DatasetError, match=r"subjects \['v1'\].*more than one partition"):
+        fold_plan(df, TrainConfig(folds="official"), seed=0)
+
+
+def test_official_is_the_affwild2_default_and_kfold_stays_available() -> None:
+    from pkdot.config import load_config
+    from pkdot.errors import ConfigError
+
+    aff = ["data.dataset=affwild2", "data.task=valence", "data.privileged_modalities=[audio]"]
+    assert load_config(overrides=aff).train.folds == "official"
+    assert load_config(overrides=[*aff, "train.folds=loso"]).train.folds == "loso"
+    assert load_config(overrides=[*aff, "train.folds=3"]).train.folds == 3
+    assert load_config().train.folds == 5  # Biovid keeps subject 5-fold
+    with pytest.raises(ConfigError, match="official"):
+        load_config(overrides=["train.folds=official"])
+
+
+def test_frame_predictions_assign_each_clip_to_its_frames(tmp_path: Path) -> None:
+    from pkdot.data.affwild2 import challenge_scores, frame_predictions
+    from pkdot.evaluate.metrics import ccc
+
+    # 25 frames: frames 5-7 unannotated; clips of 10 frames at 0 and 10 (frames 20-24 are a tail no clip covers)
+    values = np.linspace(-0.8, 0.8, 25)
+    lines = [f"{v:.3f},0.0" if not 5 <= i <= 7 else "-5,-5" for i, v in enumerate(values)]
+    root = _fake_root(tmp_path / "r", {"v1": lines}, partition="Validation_Set")
+    df = build_manifest(_cfg(root=root, clip_frames=10, clip_stride=10)).frame
+    assert df.sample_id.tolist() == ["v1@0", "v1@10"]
+    pred = pd.DataFrame({"sample_id": ["v1@0", "v1@10"], "y_pred": [0.1, 0.5]})
+    y_true, y_pred, counts = frame_predictions(df, pred, root, "valence")
+    assert counts == {"videos": 1, "frames": 22, "filled_frames": 5}
+    np.testing.assert_allclose(y_true, np.round(np.delete(values, [5, 6, 7]), 3))
+    # 7 annotated frames of clip 0, 10 of clip 1, the 5 tail frames take the nearest clip (clip 1)
+    np.testing.assert_allclose(y_pred, [0.1] * 7 + [0.5] * 15)
+    # per-frame CCC differs from the per-clip one, and a perfect per-frame prediction scores 1
+    scores = challenge_scores(
+        df, pred.assign(model="m", fold=0, seed=0, split="test"), root, "valence"
+    ).set_index("model")
+    assert scores.loc["m", "frame_ccc"] == pytest.approx(ccc(y_true, y_pred))
+    overlap = _cfg(root=root, clip_frames=10, clip_stride=5)
+    df2 = build_manifest(overlap).frame
+    pred2 = pd.DataFrame({"sample_id": df2.sample_id, "y_pred": [0.0, 1.0, 0.0, 1.0][: len(df2)]})
+    _, y2, _ = frame_predictions(df2, pred2, root, "valence")
+    assert 0.5 in set(np.round(y2, 6))  # overlapping clips are averaged on the frames they share

@@ -175,3 +175,60 @@ def test_every_row_bad_raises_even_with_skip_bad(tmp_path: Path) -> None:
     cols["label"] = [-1, -2, -3]
     with pytest.raises(DatasetError, match=r"no usable rows \(3 skipped\)"):
         build_manifest(_cfg(root=_write(tmp_path / "t.parquet", cols), skip_bad=True))
+
+
+# ---- classes from the labels, regression targets, several views ------------------------------------------
+def test_ten_classes_are_inferred_from_the_labels(tmp_path: Path) -> None:
+    from pkdot.data.tabular import infer_num_classes
+
+    path = _write(tmp_path / "t.parquet", _table(40, classes=10))
+    assert infer_num_classes(path) == 10
+    df = build_manifest(_cfg(task="multiclass", root=path)).frame  # no cap at 5
+    assert sorted(df.label.unique()) == list(range(10))
+    assert len(build_manifest(_cfg(task="multiclass", num_classes=12, root=path)).frame) == 40
+    cols = _table(40, classes=10)
+    cols["label"] = [x + 1 for x in cols["label"]]  # 1-based classes: class 0 has no row
+    gap = _write(tmp_path / "gap.parquet", cols)
+    with pytest.raises(DatasetError, match=r"no row of class\(es\) \[0\].*data.num_classes=11"):
+        infer_num_classes(gap)
+    with pytest.raises(DatasetError, match=r"no row of class\(es\) \[0\]"):
+        build_manifest(_cfg(task="multiclass", root=gap))
+
+
+def test_num_classes_and_outputs_in_the_config() -> None:
+    assert _cfg(task="multiclass", num_classes=10).num_outputs == 10
+    assert DataConfig(task="multiclass").num_outputs == 5  # Biovid
+    with pytest.raises(ConfigError, match="num_classes"):
+        _ = _cfg(task="multiclass").num_outputs  # a table's classes are counted when the run is prepared
+    with pytest.raises(ValueError, match="num_classes is for task 'multiclass'"):
+        _cfg(task="binary", num_classes=3)
+    assert _cfg(task="regression").num_outputs == 1 and _cfg(task="regression").is_regression
+
+
+def test_regression_table_reads_a_float_target(tmp_path: Path) -> None:
+    cols = _table(12)
+    del cols["label"]
+    cols["target"] = [0.25 * i - 1.0 for i in range(12)]
+    path = _write(tmp_path / "r.parquet", cols)
+    df = build_manifest(_cfg(task="regression", root=path)).frame
+    assert df.target.tolist() == cols["target"] and (df.label == -1).all()
+    cols["target"][3] = float("nan")
+    cols["target"][8] = None
+    bad = _write(tmp_path / "bad.parquet", cols)
+    with pytest.raises(DatasetError, match=r"(?s)2 bad rows.*row 3: target nan is not finite.*row 8: target"):
+        build_manifest(_cfg(task="regression", root=bad))
+    with pytest.raises(DatasetError, match=r"missing columns \['target'\]"):
+        build_manifest(_cfg(task="regression", root=_write(tmp_path / "c.parquet", _table(12))))
+
+
+def test_three_views_of_different_lengths(tmp_path: Path) -> None:
+    cols = _table(12)
+    cols["gaze"] = [[float(i)] * 11 for i in range(12)]
+    path = _write(tmp_path / "t.parquet", cols)
+    cfg = _cfg(root=path, student_modalities=["face", "gaze"], privileged_modalities=["eeg"])
+    assert len(build_manifest(cfg).frame) == 12
+    cols["gaze"][4] = [1.0] * 3
+    with pytest.raises(
+        DatasetError, match="column 'gaze' row 4: ragged vector of length 3 .expected length 11"
+    ):
+        build_manifest(_cfg(root=_write(tmp_path / "r.parquet", cols), student_modalities=["face", "gaze"]))
