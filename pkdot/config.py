@@ -220,6 +220,22 @@ class TrainConfig(_Section):
     checkpoint_every_s: float = Field(
         default=20.0, ge=0, description="Min seconds between Ray Train checkpoints"
     )
+    max_concurrent_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Training runs (one per job or bundle) at once on Ray; None = as many as the cluster's "
+        "CPUs/GPUs hold (num_workers x cpus_per_worker [x gpus_per_worker] each)",
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    gpus_per_worker: float = Field(
+        default=1.0, gt=0, description="GPUs reserved per Ray Train worker when training on GPU"
+    )
+    jobs_per_run: int = Field(
+        default=1,
+        ge=1,
+        description="Jobs (fold x seed [x loss]) bundled into one Ray Train run, run one after another in it "
+        "(amortises Ray Train's start-up, seconds per run, over short jobs)",
+    )
     seeds: list[int] = Field(default_factory=lambda: [0])
 
     @field_validator("folds")

@@ -1,13 +1,28 @@
-"""Ray Train: 2 workers, a worker that fails mid-training, and a fit that resumes from its checkpoint."""
+"""Ray Train runs per job: a worker that fails mid-training, runs at once, a failed run resumed by a re-run."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pkdot.train.ray_runner import FailOnce, run_jobs_on_ray
+import pytest
+
+from pkdot.errors import StageError
+from pkdot.train.jobs import Job
+from pkdot.train.ray_runner import (
+    FailOnce,
+    _read_token_on_node,
+    fold_of,
+    run_jobs_on_ray,
+    run_name,
+    runs_that_fit,
+)
 from pkdot.train.splits import save_folds, subject_folds
 from tests.train.conftest import make_tiny_run
+
+
+def _teacher_history(job: Job) -> dict:
+    return json.loads((Path(job.out_dir) / "history.json").read_text())["phases"]["teacher"]
 
 
 def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
@@ -23,13 +38,98 @@ def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
     save_folds(folds, Path(cfg.run_dir) / "splits.json")
     jobs = teacher_jobs(cfg, folds)
     marker = tmp_path / "failed-once"
-    run_jobs_on_ray(cfg, "teacher", jobs, callbacks=[FailOnce(marker, phase="teacher", epoch=2, rank=1)])
+    runs = run_jobs_on_ray(
+        cfg, "teacher", jobs, callbacks=[FailOnce(marker, phase="teacher", epoch=2, rank=1)]
+    )
     assert marker.is_file(), "the injected failure never fired"
     jdir = Path(jobs[0].out_dir)
     assert (jdir / "DONE.json").is_file()
-    history = json.loads((jdir / "history.json").read_text())
     # the teacher phase resumed after epoch 2 from the checkpoint: its history is whole and not repeated
-    assert [r["epoch"] for r in history["phases"]["teacher"]["epochs"]] == [1, 2, 3, 4]
-    assert history["phases"]["teacher"]["resumed_from"] == [2]
-    # checkpoints were written by Ray Train under the run directory
-    assert any((Path(cfg.run_dir) / "ray").rglob("state.pt"))
+    history = _teacher_history(jobs[0])
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3, 4]
+    assert history["resumed_from"] == [2]
+    # one Ray Train run, named after the job, whose checkpoints are under the run directory
+    assert [r["name"] for r in runs] == ["teacher-fold-0-seed-0"]
+    run_folders = list((Path(cfg.run_dir) / "ray").glob("teacher-*/teacher-fold-0-seed-0"))
+    assert run_folders and any(run_folders[0].rglob("state.pt"))
+
+
+def test_jobs_run_as_separate_concurrent_runs_and_a_failed_run_resumes(tmp_path):
+    """Two jobs (1 worker each) run at once as two Ray Train runs; a run that exhausted its retries fails
+    the stage naming its job, and the next call resumes that job from the run's last checkpoint."""
+    from pkdot.stages import teacher_jobs
+
+    cfg = make_tiny_run(
+        tmp_path / "run",
+        overrides={
+            "train": {
+                "num_workers": 1,
+                "seeds": [0, 1],
+                "epochs_unimodal": 1,
+                "epochs_tnet": 1,
+                "epochs_teacher": 3,
+                "max_failures": 0,
+                "checkpoint_every_s": 0,
+                "max_concurrent_jobs": 2,
+            }
+        },
+    )
+    folds = subject_folds([f"s{i}" for i in range(6)], 3, val_fraction=0.2, seed=0)[:1]
+    save_folds(folds, Path(cfg.run_dir) / "splits.json")
+    jobs = teacher_jobs(cfg, folds)
+    assert len(jobs) == 2
+    # seed 1's job dies after teacher epoch 2 with no retry left; seed 0's job is unaffected
+    fail = FailOnce(tmp_path / "failed", phase="teacher", epoch=2, rank=0)
+
+    def only_seed_1(job_key: str, phase: str, epoch: int, rank: int) -> None:
+        if job_key.endswith("seed-1"):
+            fail(job_key, phase, epoch, rank)
+
+    with pytest.raises(StageError, match="teacher/fold-0/seed-1"):
+        run_jobs_on_ray(cfg, "teacher", jobs, callbacks=[only_seed_1])
+    assert jobs[0].is_done() and not jobs[1].is_done()
+
+    runs = run_jobs_on_ray(cfg, "teacher", jobs)
+    assert [r["name"] for r in runs] == ["teacher-fold-0-seed-1"], "only the unfinished job runs again"
+    history = _teacher_history(jobs[1])
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3]
+    assert history["resumed_from"] == [2], "the re-run did not resume from the failed run's checkpoint"
+    assert "resumed_from" not in _teacher_history(jobs[0]) or not _teacher_history(jobs[0])["resumed_from"]
+
+
+def test_runs_that_fit_counts_whole_runs_per_resource():
+    from pkdot.config import RunConfig
+
+    cfg = RunConfig.model_validate(
+        {"train": {"num_workers": 2, "cpus_per_worker": 1.5, "gpus_per_worker": 0.5}}
+    )
+    assert runs_that_fit(cfg, {"CPU": 8.0}, use_gpu=False) == 2  # 3 CPUs a run
+    assert runs_that_fit(cfg, {"CPU": 64.0, "GPU": 3.0}, use_gpu=True) == 3  # 1 GPU a run
+    assert runs_that_fit(cfg, {"CPU": 2.0}, use_gpu=False) == 1  # too small: one at a time (with a warning)
+
+
+def test_fold_of_finds_folds_by_index_or_by_seed_and_fold():
+    folds = subject_folds([f"s{i}" for i in range(6)], 3, val_fraction=0.2, seed=0)
+    job = Job(key="teacher/fold-2/seed-7", out_dir="x", fold=2, seed=7)
+    assert fold_of(folds, job).index == 2
+    assert fold_of(folds[2:], job).index == 2  # by index, not position
+    assert fold_of({(7, 2): folds[0]}, job) is folds[0]
+    with pytest.raises(StageError, match="no fold 2 for seed 7"):
+        fold_of({(0, 2): folds[0]}, job)
+    with pytest.raises(StageError, match="no fold with index 2"):
+        fold_of(folds[:2], job)
+
+
+def test_run_names_are_job_keys():
+    jobs = [Job(key=f"student/pkdot/fold-{i}/seed-0", out_dir="x", fold=i, seed=0) for i in range(3)]
+    assert run_name(jobs[:1]) == "student-pkdot-fold-0-seed-0"
+    assert run_name(jobs) == "student-pkdot-fold-0-seed-0+2"
+
+
+def test_node_check_reports_an_unreadable_run_directory(tmp_path):
+    token = tmp_path / ".ray-node-check"
+    assert "cannot read" in _read_token_on_node(str(token), "abc")
+    token.write_text("other")
+    assert "another token" in _read_token_on_node(str(token), "abc")
+    token.write_text("abc\n")
+    assert _read_token_on_node(str(token), "abc") == ""
