@@ -5,6 +5,12 @@ trains) freshly initialised, feeds it a fixed batch of backbone tokens, and comp
 trainable parameters, the gradient norm of ``weight * distill_loss`` with that of the cross-entropy: with the
 default weights it must lie between 0.05x and 20x (issue 10: one shared weight left SP and PKT ~1000x too
 weak to matter).
+
+Not asserted, measured with the same construction at the ``paper`` preset's sizes (embedding 512, batch
+128): pkdot 0.013x, pkt 0.030x, sp 0.058x, rkd 0.12x, fitnet 0.11x, crd 0.47x, kd 1.2x. The cosine-based
+structure losses' gradients scale like 1/||z|| while the cross-entropy's gradient on the head scales like
+||z|| (the fresh paper-size student's embeddings have norm ~16 against ~5.5 at demo size), and SP's and
+PKT's shrink like 1/B: at those sizes the paper's PKDOT weight 0.6 starts ~80x weaker than the task loss.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ def demo_setting():
 
 def _gradient_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return float(torch.sqrt(sum((g * g).sum() for g in grads if g is not None)))
+    return float(torch.cat([g.flatten() for g in grads if g is not None]).norm())
 
 
 @pytest.mark.parametrize("name", available_losses())
