@@ -2,9 +2,9 @@
 
 ``python _ddp_worker.py RANK WORLD PORT OUT_DIR`` joins a gloo process group on 127.0.0.1:PORT, takes its
 rows of a fixed global batch (uneven shards, ``SHARDS``), runs two steps of every batch-structure loss on a
-tiny linear student, averages the parameter gradients over workers as DistributedDataParallel does, and
-saves ``OUT_DIR/rank-RANK.pt``. The test imports :func:`run_steps` to compute the one-process reference on
-the whole batch.
+tiny linear student wrapped with the loss in DistributedDataParallel (which averages the parameter
+gradients over workers), and saves ``OUT_DIR/rank-RANK.pt``. The test imports :func:`run_steps` to
+compute the one-process reference on the whole batch.
 """
 
 from __future__ import annotations
@@ -43,51 +43,62 @@ def fixed_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def run_steps(name: str, rows: slice, average_over_workers: bool) -> list[dict[str, torch.Tensor]]:
-    """``STEPS`` forward/backward passes of loss ``name`` on ``rows`` of the fixed batch.
+class Objective(nn.Module):
+    """A linear student, a head and the distillation loss as one module (as the trainer wraps them in DDP)."""
 
-    Returns, per step, the loss value, the gradient on this worker's student embeddings and the gradient of
-    every parameter (student and loss module; averaged over workers when ``average_over_workers``).
-    """
-    torch.manual_seed(1)
-    student = nn.Linear(IN_DIM, STUDENT_DIM)
-    head = nn.Linear(STUDENT_DIM, CLASSES)
-    loss = build_loss(
-        name,
-        student_dim=STUDENT_DIM,
-        teacher_dim=TEACHER_DIM,
-        num_outputs=CLASSES,
-        regression=False,
-        num_samples=NUM_SAMPLES,
-        cfg=DistillConfig(k=5),
-    )
-    params = dict(student.named_parameters(prefix="student")) | dict(head.named_parameters(prefix="head"))
-    params |= dict(loss.named_parameters(prefix="loss"))
-    data = {key: value[rows] for key, value in fixed_batch().items()}
-    results = []
-    for _ in range(STEPS):
-        for p in params.values():
-            p.grad = None
-        student_z = student(data["inputs"])
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.student = nn.Linear(IN_DIM, STUDENT_DIM)
+        self.head = nn.Linear(STUDENT_DIM, CLASSES)
+        self.distill_loss = build_loss(
+            name,
+            student_dim=STUDENT_DIM,
+            teacher_dim=TEACHER_DIM,
+            num_outputs=CLASSES,
+            regression=False,
+            num_samples=NUM_SAMPLES,
+            cfg=DistillConfig(k=5),
+        )
+
+    def forward(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        student_z = self.student(data["inputs"])
         student_z.retain_grad()
+        self.last_student_z = student_z  # read back for its gradient (DDP wraps the returned tensors)
         batch = DistillBatch(
             student_z=student_z,
             teacher_z=data["teacher_z"],
-            student_logits=head(student_z),
+            student_logits=self.head(student_z),
             teacher_logits=data["teacher_logits"],
             labels=data["labels"],
             index=data["index"],
         )
-        value = loss(batch)
+        return self.distill_loss(batch)
+
+
+def run_steps(name: str, rows: slice, data_parallel: bool) -> list[dict[str, torch.Tensor]]:
+    """``STEPS`` forward/backward passes of loss ``name`` on ``rows`` of the fixed batch.
+
+    With ``data_parallel`` the objective is wrapped in DistributedDataParallel (which averages the
+    parameter gradients over workers). Returns, per step, the loss value, the gradient on this worker's
+    student embeddings and the gradient of every parameter (student, head, loss module).
+    """
+    objective = Objective(name)
+    model: nn.Module = objective
+    if data_parallel:  # the head gets no gradient from a structure loss: tell DDP
+        model = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+    data = {key: value[rows] for key, value in fixed_batch().items()}
+    results = []
+    for _ in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        value = model(data)
         value.backward()
-        grads = {}
-        for key, p in params.items():
-            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-            if average_over_workers:  # what DistributedDataParallel does to parameter gradients
-                dist.all_reduce(grad)
-                grad /= dist.get_world_size()
-            grads[key] = grad
+        student_z = objective.last_student_z
         assert student_z.grad is not None
+        grads = {
+            key: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for key, p in objective.named_parameters()
+        }
         results.append({"value": value.detach().clone(), "student_z_grad": student_z.grad.clone(), **grads})
     return results
 
@@ -98,12 +109,12 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=120),
     )
     try:
         start = sum(SHARDS[:rank])
         rows = slice(start, start + SHARDS[rank])
-        results = {name: run_steps(name, rows, average_over_workers=True) for name in structure_losses()}
+        results = {name: run_steps(name, rows, data_parallel=True) for name in structure_losses()}
         torch.save(results, out_dir / f"rank-{rank}.pt")
     finally:
         dist.destroy_process_group()
