@@ -116,6 +116,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seconds_per_video=args.seconds_per_video,
         frame_size=args.frame_size,
         fps=args.fps,
+        coupling=args.coupling,
     )
     print(f"wrote a synthetic {args.kind} set to {out}")
     return 0
@@ -253,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--frame-size", type=int, default=160, help="Frame side in pixels (>= 96 for reliable detection)"
     )
     p.add_argument("--fps", type=int, default=25)
+    p.add_argument(
+        "--coupling",
+        type=float,
+        default=1.0,
+        help="In [0, 1]: how much the privileged modality (physio / audio) and the face share one latent "
+        "response; 1 = shared (default), 0 = independent given the label (negative control)",
+    )
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("manifest", help="Dataset root -> manifest Parquet")

@@ -119,6 +119,14 @@ class SynthConfig(_Section):
     seconds_per_video: float = Field(default=12.0, gt=0)
     frame_size: int = Field(default=160, ge=64, description="Synthetic video frame side (pixels)")
     fps: int = Field(default=25, ge=5)
+    coupling: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="How much the privileged modality (physio / audio) and the face share one latent response: "
+        "1 = one shared response (privileged information is learnable from video), 0 = independent given the "
+        "label (negative control). See pkdot.data.synthetic",
+    )
 
 
 class FeatureConfig(_Section):

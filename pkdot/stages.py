@@ -98,7 +98,7 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
     if cfg.data.root is None:
         if cfg.data.dataset == "table":
             raise StageError("data.root: a bring-your-own table run needs --root FILE.parquet")
-        from pkdot.data.synthetic import write_synthetic
+        from pkdot.data.synthetic import GENERATOR_VERSION, write_synthetic
 
         kind = cfg.data.dataset
         root = run_dir / "data" / f"synthetic-{kind}"
@@ -114,6 +114,8 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
             "seconds_per_video": s.seconds_per_video,
             "frame_size": s.frame_size,
             "fps": s.fps,
+            "coupling": s.coupling,
+            "generator_version": GENERATOR_VERSION,
         }
         if not done.is_file() or json.loads(done.read_text()) != params:
             print(f"[pkdot] generating a synthetic {kind} set ({s.subjects} subjects) in {root}", flush=True)
@@ -129,6 +131,7 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
                 seconds_per_video=s.seconds_per_video,
                 frame_size=s.frame_size,
                 fps=s.fps,
+                coupling=s.coupling,
             )
             done.write_text(json.dumps(params))
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root.resolve()})})
@@ -162,6 +165,11 @@ def stage_manifest(cfg: RunConfig, upstream: str = "") -> StageResult:
     fingerprint = str(
         int(pd.util.hash_pandas_object(result.frame.astype(str), index=False).sum() % (1 << 62))
     )
+    # A generated set keeps its paths when its parameters (coupling, ...) change: they decide its content.
+    synthetic_marker = Path(cfg.data.root) / ".synthetic-complete.json"
+    if synthetic_marker.is_file():
+        marker_text = synthetic_marker.read_text()
+        fingerprint = hashlib.sha256(f"{fingerprint}|{marker_text}".encode()).hexdigest()[:16]
     details = {
         "samples": len(result.frame),
         "skipped": len(result.skipped),

@@ -2,28 +2,61 @@
 
 :func:`write_synthetic` writes either a Biovid-like set (face videos + biosignal CSVs + ``samples.csv``) or an
 Aff-Wild2-like set (videos with an audio track + per-frame valence/arousal annotations), plus the ground truth
-``<out>/synthetic_truth.parquet`` (outside the real layout) with, per sample, ``sample_id``, ``subject_id``,
-``expressiveness`` and ``boxes`` (the face box ``[x, y, w, h]`` of every video frame, in video pixels).
+``<out>/synthetic_truth.parquet`` (outside the real layout): per sample ``sample_id``, ``subject_id``,
+``expressiveness``, the latent responses described below, ``coupling`` and ``boxes`` (the face box
+``[x, y, w, h]`` of every video frame, in video pixels).
 
-How the labels shape the data (Biovid; ``c`` = class id 0..4 = BL1, PA1..PA4):
+Why the modalities share a latent (learning with privileged information needs it)
+------------------------------------------------------------------------------------
+A physio teacher can only help a video student if physiology tells something about the *face*, beyond the
+label: given the class, the two must co-vary. In real heat-pain recordings they do, because one process drives
+both: how strongly this person reacted to this stimulus this time. Nociceptive input that reaches the brain
+raises sympathetic arousal (heart rate up, a skin-conductance response 1-3 s later, muscle tension in the
+trapezius / corrugator) *and* the facial pain display (brow lowering AU4, orbit tightening AU6/7, levator
+contraction AU9/10). Habituation, attention and the thermode's contact make the same nominal temperature hurt
+more in one trial than in the next, and in some trials nothing happens at all (a non-response, more frequent at
+the low temperatures). Each modality then reads that response through its own gain and noise: autonomic and
+EMG responses follow it closely (they are reflexive), whereas the face is a social display that people
+suppress or exaggerate, so it observes the response less reliably and some people barely show it.
 
+Biovid (``c`` = class id 0..4 = BL1, PA1..PA4), drawn by :func:`draw_biovid_responses`:
+
+- Latent response per window: ``R = 1[responded] * exp(s z - s^2 / 2)``, with a non-response probability
+  :data:`NONRESPONSE` ``[c]`` (BL1 has no stimulus: ``R = 0``) and ``s`` = :data:`RESPONSE_SIGMA`. The gate and
+  the magnitude are thresholds / transforms of standard normals, so a window's response is a function of two
+  normals ``(g, z)``.
+- ``coupling`` ``k`` in [0, 1]: the physio side reads the *shared* response ``R(g_s, z_s)``; the face side
+  reads ``R(k g_s + sqrt(1 - k^2) g_i, k z_s + sqrt(1 - k^2) z_i)`` with ``(g_i, z_i)`` independent normals.
+  Mixing the normals (a Gaussian copula) keeps every marginal distribution the same at any ``k``: the face is
+  exactly as informative about the class at ``k = 0`` as at ``k = 1``, only its dependence on physiology
+  changes. ``k = 1``: one shared response; ``k = 0``: face and physio independent given the class (the
+  negative control, where no distiller can help).
+- Observation noise: ``face_response = R_face * LogN(0,`` :data:`FACE_OBS_SIGMA` ``)`` and
+  ``physio_response = R_shared * LogN(0,`` :data:`PHYSIO_OBS_SIGMA` ``)`` (the face is the noisier reader).
 - Face: expression units of :mod:`pkdot.data.faces_art` (brow lowering, eye narrowing, cheek and upper-lip
-  raise) with intensity ``expressiveness * FACE_LEVEL[c] * u`` (``u ~ LogN(0, 0.5)`` per sample), ramping up
-  from a response onset 0.8-1.8 s into the 5.5 s window. ``expressiveness`` in [0, 1] is per subject: one
-  value per stratum of [0, 1], squared (skewed low: several faces say little). Nuisances: a frown of
-  concentration in 30 % of the windows, small spontaneous movements, blinks, head motion, per-subject
-  appearance, background and lighting.
-- Physio (512 Hz): with ``L = PHYSIO_LEVEL[c] * reactivity * r`` (``r ~ LogN(0, 0.5)`` per window), heart
-  rate rises by ``gain_hr * L`` bpm, a skin-conductance response starts 1-2 s after the onset with amplitude
-  ``gain_eda * L``, EMG burst power rises with ``gain_emg * L``; per-subject baselines, heart-rate drift,
-  non-specific SCRs and EMG movement artefacts are noise. ``reactivity`` in [0.4, 1] is per subject,
-  independent of expressiveness, so physio carries more label information than the face on average and the
-  two are complementary (``tests/data/test_synthetic_informativeness.py``). Part B's corrugator EMG also
-  follows the brow-lowering track of the face.
+  raise) with intensity ``FACE_GAIN * expressiveness * FACE_LEVEL[c] * face_response`` (saturating at
+  :data:`FACE_MAX_INTENSITY`: muscles contract only so far), ramping up from a
+  response onset 0.8-1.8 s into the 5.5 s window. ``expressiveness`` in [0.1, 1] is per subject (one value per
+  stratum, skewed low: several faces say little). Nuisances: a frown of concentration in some windows, small
+  spontaneous movements, blinks, head motion, per-subject appearance, background and lighting.
+- Physio (512 Hz): with ``L = PHYSIO_LEVEL[c] * reactivity * physio_response``, heart rate rises by
+  ``gain_hr * L`` bpm, a skin-conductance response starts 1-2 s after the onset with amplitude ``gain_eda * L``,
+  EMG burst power rises with ``gain_emg * L``; per-subject baselines, heart-rate drift, non-specific SCRs and
+  EMG movement artefacts are noise. ``reactivity`` in [0.4, 1] is per subject, independent of expressiveness.
+  Physio carries more label information than the face, and the two are complementary
+  (``tests/data/test_synthetic_informativeness.py``). Part B's corrugator EMG also follows the brow-lowering
+  track of the face (it *is* the brow-lowering muscle), so Part B couples face and physio at any ``coupling``.
+- Truth columns: ``shared_response``, ``face_response``, ``physio_response``, ``face_intensity`` (the rendered
+  intensity before the unit weights), ``physio_level`` (``L``), ``reactivity``, ``onset_s``.
 
-Aff-Wild2: valence and arousal are slow random processes in (-1, 1) per frame; valence moves the mouth
-corners (and frowns when negative), arousal widens the eyes and raises the brows; the audio is a voiced
-harmonic tone whose loudness and pitch follow arousal (brighter timbre with higher valence), plus noise.
+Aff-Wild2, drawn by :func:`draw_affwild2_tracks`: valence and arousal (the labels) are slow random processes in
+(-1, 1) per frame, ``tanh(0.7 z + mean)`` with ``z`` smoothed white noise. The face follows them with a lag of
+0.1-0.3 s plus its own slow noise: valence moves the mouth corners (and frowns when negative), arousal widens
+the eyes and raises the brows. The voice follows them with a lag of 0.2-0.5 s plus its own (smaller) noise:
+loudness and pitch rise with arousal, the timbre brightens with valence. With ``coupling`` ``k`` < 1 the voice
+reads ``k z + sqrt(1 - k^2) z_i`` with ``z_i`` an independent process (same marginal), so at ``k = 0`` the
+audio says nothing about the labels or the face. Truth columns: ``valence``, ``arousal``, ``face_valence``,
+``face_arousal``, ``audio_valence``, ``audio_arousal`` (per frame), ``face_lag_s``, ``audio_lag_s``.
 """
 
 from __future__ import annotations
@@ -58,6 +91,20 @@ BIOVID_FS = 512
 #: Relative face / physio response of each Biovid class (BL1, PA1..PA4).
 FACE_LEVEL = (0.0, 0.1, 0.3, 0.6, 1.0)
 PHYSIO_LEVEL = (0.0, 0.3, 0.55, 0.8, 1.0)
+#: Probability that a window of each class is a non-response (BL1: no stimulus, never a response).
+NONRESPONSE = (1.0, 0.45, 0.3, 0.2, 0.12)
+#: Log-sd of the latent response magnitude among responding windows.
+RESPONSE_SIGMA = 0.45
+#: Log-sd of each modality's reading of the latent response (the face is the noisier reader).
+FACE_OBS_SIGMA = 0.35
+PHYSIO_OBS_SIGMA = 0.12
+#: Overall scale of the facial expression intensity (unit intensity = :data:`faces_art.UNIT_AMPLITUDE`).
+FACE_GAIN = 2.0
+#: Facial muscles saturate: the rendered intensity is ``FACE_MAX_INTENSITY * tanh(raw / FACE_MAX_INTENSITY)``
+#: (it also keeps the face findable by a frontal-face detector: eyes squeezed shut defeat Haar cascades).
+FACE_MAX_INTENSITY = 1.4
+#: Version of the generators: part of the run's "synthetic set is up to date" marker.
+GENERATOR_VERSION = 2
 #: Audio sample rate of the Aff-Wild2-like videos.
 AUDIO_SR = 16000
 TRUTH_FILE = "synthetic_truth.parquet"
@@ -81,6 +128,7 @@ def write_synthetic(
     seconds_per_video: float = 12.0,
     frame_size: int = 160,
     fps: int = 25,
+    coupling: float = 1.0,
     progress: bool = True,
 ) -> Path:
     """Write a synthetic data set in the real layout of ``kind`` under ``out`` and return ``out``.
@@ -101,6 +149,9 @@ def write_synthetic(
     seconds_per_video : Aff-Wild2 video length.
     frame_size : side of the square frames in pixels.
     fps : frame rate.
+    coupling : in [0, 1], how much the privileged modality (Biovid physio, Aff-Wild2 audio) and the face share
+        one latent response: 1 = one shared response, 0 = independent given the label (negative control).
+        The face's own distribution does not depend on it (see the module docstring).
     progress : show a progress bar.
     """
     out = Path(out)
@@ -112,13 +163,15 @@ def write_synthetic(
         raise ConfigError(f"synth.frame_size must be >= 48 pixels, got {frame_size}")
     if fps < 1:
         raise ConfigError(f"synth.fps must be >= 1, got {fps}")
+    if not 0.0 <= coupling <= 1.0:
+        raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     out.mkdir(parents=True, exist_ok=True)
     if kind == "biovid":
         if samples_per_class < 1:
             raise ConfigError(f"synth.samples_per_class must be >= 1, got {samples_per_class}")
         if part not in BIOVID_CHANNELS:
             raise ConfigError(f"data.part must be 'A' or 'B', got {part!r}")
-        _write_biovid(out, subjects, seed, samples_per_class, part, frame_size, fps, progress)
+        _write_biovid(out, subjects, seed, samples_per_class, part, frame_size, fps, coupling, progress)
     else:
         if subjects < 2:
             raise ConfigError(
@@ -133,7 +186,9 @@ def write_synthetic(
             raise ConfigError(
                 f"synth.seconds_per_video * fps must give >= 2 frames, got {seconds_per_video * fps}"
             )
-        _write_affwild2(out, subjects, seed, videos_per_subject, seconds_per_video, frame_size, fps, progress)
+        _write_affwild2(
+            out, subjects, seed, videos_per_subject, seconds_per_video, frame_size, fps, coupling, progress
+        )
     return out
 
 
@@ -247,6 +302,59 @@ def _write_truth(out: Path, rows: list[dict]) -> None:
 
 
 # ---- Biovid ------------------------------------------------------------------------------------------------
+def _mix(coupling: float, shared: np.ndarray, independent: np.ndarray) -> np.ndarray:
+    """``k * shared + sqrt(1 - k^2) * independent``: a standard normal with correlation ``k`` to ``shared``."""
+    return coupling * shared + np.sqrt(max(0.0, 1.0 - coupling**2)) * independent
+
+
+def _response(class_ids: np.ndarray, gate: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """Latent response of windows: ``1[gate > Phi^-1(NONRESPONSE[c])] * exp(s z - s^2/2)`` (0 for BL1)."""
+    from scipy.stats import norm
+
+    threshold = norm.ppf(np.asarray(NONRESPONSE)[class_ids])  # +inf for BL1
+    responded = gate > threshold
+    return np.where(responded, np.exp(RESPONSE_SIGMA * magnitude - RESPONSE_SIGMA**2 / 2.0), 0.0)
+
+
+def draw_biovid_responses(
+    rng: np.random.Generator, class_ids: np.ndarray, coupling: float
+) -> dict[str, np.ndarray]:
+    """Latent responses of Biovid windows and each modality's noisy reading of them.
+
+    Parameters
+    ----------
+    rng : random generator (six standard normals are drawn per window, whatever ``coupling`` is, so the
+        shared response and the physio side are identical for every coupling at the same seed).
+    class_ids : (N,) ints in 0..4 (BL1, PA1..PA4).
+    coupling : ``k`` in [0, 1]: correlation of the normals behind the face's response with those behind the
+        shared (physio) response.
+
+    Returns
+    -------
+    dict of (N,) float arrays: ``shared_response`` (``R(g_s, z_s)``, read by physio), ``face_latent``
+    (``R(k g_s + sqrt(1-k^2) g_i, k z_s + sqrt(1-k^2) z_i)``), ``face_response`` (``face_latent`` times
+    ``LogN(0, FACE_OBS_SIGMA)``) and ``physio_response`` (``shared_response`` times ``LogN(0,
+    PHYSIO_OBS_SIGMA)``); all are 0 for BL1 and for non-responding windows.
+    """
+    if not 0.0 <= coupling <= 1.0:
+        raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    if class_ids.ndim != 1 or (
+        class_ids.size and (class_ids.min() < 0 or class_ids.max() >= len(NONRESPONSE))
+    ):
+        raise ConfigError(f"class_ids must be a 1-d array of Biovid class ids 0..4, got {class_ids!r}")
+    n = len(class_ids)
+    gate_s, mag_s, gate_i, mag_i, obs_face, obs_physio = rng.standard_normal((6, n))
+    shared = _response(class_ids, gate_s, mag_s)
+    face_latent = _response(class_ids, _mix(coupling, gate_s, gate_i), _mix(coupling, mag_s, mag_i))
+    return {
+        "shared_response": shared,
+        "face_latent": face_latent,
+        "face_response": face_latent * np.exp(FACE_OBS_SIGMA * obs_face - FACE_OBS_SIGMA**2 / 2.0),
+        "physio_response": shared * np.exp(PHYSIO_OBS_SIGMA * obs_physio - PHYSIO_OBS_SIGMA**2 / 2.0),
+    }
+
+
 def _subject_names(rng: np.random.Generator, n: int) -> list[str]:
     """Biovid-style subject names ``MMDDYY_<m|w>_<age>`` (unique)."""
     names: list[str] = []
@@ -261,7 +369,7 @@ def _subject_names(rng: np.random.Generator, n: int) -> list[str]:
 def _biovid_physio(
     rng: np.random.Generator,
     subject: dict,
-    class_id: int,
+    level: float,
     onset: float,
     brow_track: np.ndarray,
     fps: int,
@@ -269,7 +377,7 @@ def _biovid_physio(
 ) -> dict[str, np.ndarray]:
     """One 5.5 s window of biosignals at 512 Hz: ``{"gsr", "ecg", "emg_*"}`` arrays of 2816 samples.
 
-    With ``L = PHYSIO_LEVEL[c] * reactivity * R`` (``R ~ LogN(0, 0.5)``: how strongly this window responds):
+    ``level`` is ``L = PHYSIO_LEVEL[c] * reactivity * physio_response`` (how strongly this window responds):
 
     - ECG: PQRST Gaussian waves at the beats of the integrated instantaneous heart rate
       ``hr(t) = hr0 + g_hr L ramp(t - onset - 0.5) + RSA + slow random drift`` (bpm).
@@ -281,7 +389,6 @@ def _biovid_physio(
     """
     fs, n = BIOVID_FS, int(round(BIOVID_SECONDS * BIOVID_FS))
     t = np.arange(n) / fs
-    level = PHYSIO_LEVEL[class_id] * subject["reactivity"] * float(rng.lognormal(0.0, 0.5))
     # ---- heart rate and ECG (beats on an extended grid so the edges have complete beats)
     pad = 1.5
     te = np.arange(int(round((BIOVID_SECONDS + 2 * pad) * fs))) / fs - pad
@@ -318,10 +425,10 @@ def _biovid_physio(
         shape = np.exp(-tau / 3.0) - np.exp(-tau / 0.7)
         return amplitude * shape / 0.4  # ~peak of the bi-exponential (t = 1.5 s) normalised to 1
 
-    gsr = subject["eda0"] + rng.normal(0.0, 0.4) + rng.normal(0.0, 0.12) * t
+    gsr = subject["eda0"] + rng.normal(0.0, 0.4) + rng.normal(0.0, 0.08) * t
     gsr = gsr + scr(onset + rng.uniform(1.0, 2.0), subject["eda_gain"] * level)
-    for _ in range(int(rng.poisson(1.0))):
-        gsr = gsr + scr(rng.uniform(-1.5, 4.5), rng.uniform(0.1, 0.6) * subject["eda_gain"])
+    for _ in range(int(rng.poisson(0.7))):
+        gsr = gsr + scr(rng.uniform(-1.5, 4.5), rng.uniform(0.1, 0.45) * subject["eda_gain"])
     gsr = gsr + rng.normal(0.0, 0.004, n)
     # ---- EMG channels
     sos = butter(4, [20.0, 200.0], btype="bandpass", fs=fs, output="sos")
@@ -345,11 +452,21 @@ def _biovid_physio(
 
 
 def _write_biovid(
-    out: Path, subjects: int, seed: int, per_class: int, part: str, frame_size: int, fps: int, progress: bool
+    out: Path,
+    subjects: int,
+    seed: int,
+    per_class: int,
+    part: str,
+    frame_size: int,
+    fps: int,
+    coupling: float,
+    progress: bool,
 ) -> None:
     rng = np.random.default_rng([seed, 1])
     names = _subject_names(rng, subjects)
-    expressiveness = _spread(rng, subjects, 0.0, 1.0) ** 2.0  # skewed low: many faces say little
+    expressiveness = (
+        0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5
+    )  # skewed low: several faces say little
     reactivity = _spread(rng, subjects, 0.4, 1.0)
     n_frames = int(round(BIOVID_SECONDS * fps))
     n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
@@ -376,13 +493,20 @@ def _write_biovid(
             }
             session = [(c, k) for k in range(per_class) for c in range(len(BIOVID_CLASSES))]
             order = srng.permutation(len(session))
+            responses = draw_biovid_responses(
+                np.random.default_rng([seed, 4, s_idx]), np.array([c for c, _ in session]), coupling
+            )
             for position, idx in enumerate(order):
                 class_id, _ = session[int(idx)]
                 class_name = BIOVID_CLASSES[class_id]
                 sample_name = f"{name}-{class_name}-{position + 1:03d}"
                 prng = np.random.default_rng([seed, 3, s_idx, int(idx)])
                 onset = float(prng.uniform(0.8, 1.8))
-                intensity = look.expressiveness * FACE_LEVEL[class_id] * float(prng.lognormal(0.0, 0.5))
+                face_response = float(responses["face_response"][idx])
+                physio_response = float(responses["physio_response"][idx])
+                raw_intensity = FACE_GAIN * look.expressiveness * FACE_LEVEL[class_id] * face_response
+                intensity = FACE_MAX_INTENSITY * float(np.tanh(raw_intensity / FACE_MAX_INTENSITY))
+                level = PHYSIO_LEVEL[class_id] * subject["reactivity"] * physio_response
                 t = np.arange(n_frames) / fps
                 ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
                 ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))
@@ -395,8 +519,8 @@ def _write_biovid(
                 ):
                     expr[:, _UNIT[unit]] = weight * intensity * ramp
                 # label-free nuisances: a frown of concentration in some windows, small movements, blinks
-                if prng.uniform() < 0.3:
-                    frown = look.expressiveness * prng.uniform(0.2, 0.6)
+                if prng.uniform() < 0.25:
+                    frown = look.expressiveness * prng.uniform(0.2, 0.5)
                     bump = np.exp(
                         -0.5 * ((t - prng.uniform(0.0, BIOVID_SECONDS)) / prng.uniform(0.4, 1.0)) ** 2
                     )
@@ -417,9 +541,7 @@ def _write_biovid(
                     frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
                 video_rel = Path("video") / name / f"{sample_name}.mp4"
                 _write_video_cv2(out / video_rel, frames, fps)
-                signals = _biovid_physio(
-                    prng, subject, class_id, onset, expr[:, _UNIT["brow_lower"]], fps, part
-                )
+                signals = _biovid_physio(prng, subject, level, onset, expr[:, _UNIT["brow_lower"]], fps, part)
                 bio_path = out / "biosignals_filtered" / name / f"{sample_name}_bio.csv"
                 _write_bio_csv(bio_path, time_us, {ch: signals[ch] for ch in channels})
                 sample_rows.append(
@@ -433,7 +555,12 @@ def _write_biovid(
                         "expressiveness": look.expressiveness,
                         "reactivity": subject["reactivity"],
                         "class_id": class_id,
+                        "coupling": float(coupling),
+                        "shared_response": float(responses["shared_response"][idx]),
+                        "face_response": face_response,
+                        "physio_response": physio_response,
                         "face_intensity": intensity,
+                        "physio_level": level,
                         "onset_s": onset,
                         "video": video_rel.as_posix(),
                         "boxes": boxes.tolist(),
@@ -448,11 +575,82 @@ def _write_biovid(
 
 
 # ---- Aff-Wild2 ---------------------------------------------------------------------------------------------
-def _va_process(rng: np.random.Generator, n: int, fps: int, mean: float) -> np.ndarray:
-    """A slow random process in (-1, 1): Gaussian-smoothed white noise (sigma 1.2 s), tanh-squashed."""
-    z = gaussian_filter1d(rng.normal(0.0, 1.0, n + 4 * fps), 1.2 * fps, mode="reflect")[2 * fps : 2 * fps + n]
-    z = z / (z.std() + 1e-9)
-    return np.tanh(0.7 * z + mean)
+#: Smoothing (seconds) of the latent valence/arousal processes and of each modality's own noise.
+VA_SMOOTH_S = 1.2
+VA_NOISE_SMOOTH_S = 0.4
+#: Amplitude of the face's / the voice's own slow noise on valence and arousal (the voice reads more cleanly).
+FACE_VA_NOISE = 0.2
+AUDIO_VA_NOISE = 0.1
+#: Longest lag (seconds) of a modality behind the latent valence/arousal.
+MAX_VA_LAG_S = 1.0
+
+
+def _smooth_normal(rng: np.random.Generator, n: int, fps: int, sigma_s: float) -> np.ndarray:
+    """(n,) Gaussian-smoothed white noise (sigma ``sigma_s`` seconds), standardised to mean 0 and sd 1."""
+    pad = int(np.ceil(2 * sigma_s * fps))
+    z = gaussian_filter1d(rng.normal(0.0, 1.0, n + 2 * pad), sigma_s * fps, mode="reflect")[pad : pad + n]
+    return (z - z.mean()) / (z.std() + 1e-9)
+
+
+def draw_affwild2_tracks(
+    rng: np.random.Generator,
+    n_frames: int,
+    fps: int,
+    coupling: float,
+    *,
+    mean_valence: float = 0.0,
+    mean_arousal: float = 0.0,
+    face_lag_s: float = 0.2,
+    audio_lag_s: float = 0.35,
+) -> dict[str, np.ndarray]:
+    """Latent valence/arousal of one video (the labels) and the face's and the voice's readings of them.
+
+    The latents are ``tanh(0.7 z + mean)`` with ``z`` a standardised slow process (:data:`VA_SMOOTH_S`). The
+    face reads them ``face_lag_s`` late plus :data:`FACE_VA_NOISE` times its own slow noise; the voice reads
+    ``tanh(0.7 (k z + sqrt(1-k^2) z_i) + mean)`` (``z_i`` an independent process, ``k`` = ``coupling``)
+    ``audio_lag_s`` late plus :data:`AUDIO_VA_NOISE` times its own noise. Readings are clipped to [-1, 1]. The
+    same random draws are made at every coupling, so labels and face are identical across couplings.
+
+    Parameters
+    ----------
+    rng : random generator.
+    n_frames, fps : length of the video in frames, frame rate.
+    coupling : ``k`` in [0, 1].
+    mean_valence, mean_arousal : the person's mean (pre-tanh offset).
+    face_lag_s, audio_lag_s : lags in [0, :data:`MAX_VA_LAG_S`] seconds.
+
+    Returns
+    -------
+    dict of (n_frames,) float arrays: ``valence``, ``arousal`` (labels), ``face_valence``, ``face_arousal``,
+    ``audio_valence``, ``audio_arousal``.
+    """
+    if not 0.0 <= coupling <= 1.0:
+        raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
+    for name, lag in (("face_lag_s", face_lag_s), ("audio_lag_s", audio_lag_s)):
+        if not 0.0 <= lag <= MAX_VA_LAG_S:
+            raise ConfigError(f"{name} must be in [0, {MAX_VA_LAG_S}] seconds, got {lag}")
+    pad = int(np.ceil(MAX_VA_LAG_S * fps)) + 1
+    n_ext = n_frames + pad
+    t_ext = (
+        np.arange(n_ext) - pad
+    ) / fps  # the first `pad` frames precede the video: lagged readings see them
+    t = np.arange(n_frames) / fps
+    out: dict[str, np.ndarray] = {}
+    for dim, mean in (("valence", mean_valence), ("arousal", mean_arousal)):
+        z = _smooth_normal(rng, n_ext, fps, VA_SMOOTH_S)
+        z_independent = _smooth_normal(rng, n_ext, fps, VA_SMOOTH_S)
+        face_noise = _smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S)
+        audio_noise = _smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S)
+        latent = np.tanh(0.7 * z + mean)
+        voice_latent = np.tanh(0.7 * _mix(coupling, z, z_independent) + mean)
+        out[dim] = np.interp(t, t_ext, latent)
+        out[f"face_{dim}"] = np.clip(
+            np.interp(t - face_lag_s, t_ext, latent) + FACE_VA_NOISE * face_noise, -1, 1
+        )
+        out[f"audio_{dim}"] = np.clip(
+            np.interp(t - audio_lag_s, t_ext, voice_latent) + AUDIO_VA_NOISE * audio_noise, -1, 1
+        )
+    return out
 
 
 def _voice(
@@ -484,6 +682,7 @@ def _write_affwild2(
     seconds: float,
     frame_size: int,
     fps: int,
+    coupling: float,
     progress: bool,
 ) -> None:
     rng = np.random.default_rng([seed, 11])
@@ -501,20 +700,31 @@ def _write_affwild2(
             renderer = FaceRenderer(look, frame_size)
             f0 = float(srng.uniform(110, 230))
             mean_v, mean_a = float(srng.uniform(-0.3, 0.3)), float(srng.uniform(-0.3, 0.3))
+            face_lag, audio_lag = float(srng.uniform(0.1, 0.3)), float(srng.uniform(0.2, 0.5))
             subject_id = f"video{s_idx + 1}"
             stems = [subject_id] if per_subject == 1 else [f"{subject_id}_left", f"{subject_id}_right"]
             partition = "Validation_Set" if s_idx in validation else "Train_Set"
             for v_idx, stem in enumerate(stems):
                 vrng = np.random.default_rng([seed, 13, s_idx, v_idx])
-                valence = _va_process(vrng, n_frames, fps, mean_v)
-                arousal = _va_process(vrng, n_frames, fps, mean_a)
+                tracks = draw_affwild2_tracks(
+                    vrng,
+                    n_frames,
+                    fps,
+                    coupling,
+                    mean_valence=mean_v,
+                    mean_arousal=mean_a,
+                    face_lag_s=face_lag,
+                    audio_lag_s=audio_lag,
+                )
+                valence, arousal = tracks["valence"], tracks["arousal"]
+                face_v, face_a = tracks["face_valence"], tracks["face_arousal"]
                 e = look.expressiveness
                 expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
-                expr[:, _UNIT["mouth_corner_up"]] = 1.2 * e * valence
-                expr[:, _UNIT["brow_lower"]] = 0.6 * e * np.clip(-valence, 0.0, None)
-                expr[:, _UNIT["brow_raise"]] = 0.9 * e * arousal
+                expr[:, _UNIT["mouth_corner_up"]] = 1.2 * e * face_v
+                expr[:, _UNIT["brow_lower"]] = 0.6 * e * np.clip(-face_v, 0.0, None)
+                expr[:, _UNIT["brow_raise"]] = 0.9 * e * face_a
                 expr[:, _UNIT["eye_narrow"]] = np.minimum(
-                    -0.6 * e * arousal + 1.6 * blink_track(vrng, n_frames, fps), 2.2
+                    -0.6 * e * face_a + 1.6 * blink_track(vrng, n_frames, fps), 2.2
                 )
                 poses = head_motion(vrng, n_frames, fps, look, frame_size)
                 frames = np.empty((n_frames, frame_size, frame_size, 3), np.uint8)
@@ -522,7 +732,7 @@ def _write_affwild2(
                 picks = vrng.integers(0, len(noise), n_frames)
                 for i in range(n_frames):
                     frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
-                audio = _voice(vrng, valence, arousal, fps, f0)
+                audio = _voice(vrng, tracks["audio_valence"], tracks["audio_arousal"], fps, f0)
                 video_rel = Path("videos") / f"{stem}.mp4"
                 _write_video_av(out / video_rel, frames, fps, audio, AUDIO_SR)
                 annotated = np.ones(n_frames, bool)
@@ -542,8 +752,10 @@ def _write_affwild2(
                         "expressiveness": e,
                         "partition": partition,
                         "video": video_rel.as_posix(),
-                        "valence": valence.tolist(),
-                        "arousal": arousal.tolist(),
+                        "coupling": float(coupling),
+                        "face_lag_s": face_lag,
+                        "audio_lag_s": audio_lag,
+                        **{key: track.tolist() for key, track in tracks.items()},
                         "annotated": annotated.tolist(),
                         "boxes": boxes.tolist(),
                     }
