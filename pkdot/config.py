@@ -51,6 +51,12 @@ class DataConfig(_Section):
     clip_frames: int = Field(default=50, ge=2, description="Aff-Wild2 clip length in frames")
     clip_stride: int = Field(default=50, ge=1, description="Aff-Wild2 step between clip starts in frames")
     min_annotated: float = Field(default=0.5, gt=0.0, le=1.0, description="Min fraction of annotated frames")
+    faces: Literal["video", "frames"] | None = Field(
+        default=None,
+        description="Where face crops come from: 'video' (decode + detect) or 'frames' (face-crop folders: "
+        "Aff-Wild2 cropped_aligned/<video>/<frame:05d>.jpg, Biovid frames/<subject>/<sample>/<frame:05d>.jpg; "
+        "1-based, a missing file = no face); None = 'frames' when that folder exists under the root",
+    )
     # Modalities: what the student sees at test time, and what only the teacher sees.
     student_modalities: list[str] = Field(default_factory=lambda: ["video"])
     privileged_modalities: list[str] = Field(default_factory=lambda: ["physio"])
@@ -137,7 +143,26 @@ class FeatureConfig(_Section):
     face_margin: float = Field(default=0.25, ge=0.0, le=1.0)
     detector: Literal["haar", "yunet"] = "haar"
     yunet_model: Path | None = Field(default=None, description="ONNX file for OpenCV FaceDetectorYN")
-    detect_width: int = Field(default=320, ge=64, description="Frames are downscaled to this width to detect")
+    min_face_px: int = Field(
+        default=64,
+        ge=8,
+        description="Smallest face width to find, in source pixels: frames are downscaled for detection so "
+        "that a face of this width still spans the detector's minimum (24 px for Haar)",
+    )
+    detect_width: int | None = Field(
+        default=None,
+        ge=64,
+        description="Optional cap on the width frames are downscaled to for detection (speed); None = the "
+        "scale follows min_face_px. A cap below what min_face_px needs raises the smallest face found "
+        "(logged)",
+    )
+    detect_every: int = Field(
+        default=0,
+        ge=0,
+        description="Full-frame face detection on every N-th sampled frame of a clip; in between the face is "
+        "tracked (re-detected near its last box). 0 = full detection only on a clip's first sampled frame and "
+        "whenever the tracker loses the face",
+    )
     box_smoothing: float = Field(default=0.5, ge=0.0, lt=1.0, description="EMA factor on face boxes")
     # Physio (Biovid: 512 Hz, 5.5 s windows; the authors use seconds 2-5)
     physio_fs: float = Field(default=512.0, gt=0)
@@ -387,7 +412,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "features": {
             "n_frames": 8,
             "crop_size": 48,
-            "detect_width": 160,
+            "min_face_px": 24,  # the demo's 160-px frames: detect at full resolution
             "workers": 2,
             "shard_size": 16,
             "n_mels": 32,
@@ -426,7 +451,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6).
     "paper": {
         "preset": "paper",
-        "features": {"n_frames": 10, "crop_size": 112, "detect_width": 320},
+        "features": {"n_frames": 10, "crop_size": 112},
         "model": {
             "embed_dim": 512,
             "video_backbone": "r3d18",

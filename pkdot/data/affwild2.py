@@ -16,6 +16,11 @@ its frames are annotated; its ``valence`` / ``arousal`` are the means over its a
 trailing ``_left`` / ``_right`` removed (two-person videos); the video is looked up by the annotation stem,
 and for a ``_left``/``_right`` stem without its own file, by the stem without the suffix (Aff-Wild2 stores a
 two-person video once). ``audio_path`` is the video itself.
+
+Face crops (``data.faces``): with ``cropped_aligned/<annotation stem>/<frame:05d>.jpg`` under the root
+(the organisers' aligned crops; 1-based frame numbers, a missing file = no face) and ``data.faces`` None or
+``'frames'``, a clip's ``video_path`` is that folder (stage 1 reads the crops, no detection); videos are then
+needed only for audio. ``data.faces: video`` always uses the videos.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 PARTITIONS = ("Train_Set", "Validation_Set")
 VIDEO_SUFFIXES = (".mp4", ".avi")
+#: Folder of the organisers' face crops: ``cropped_aligned/<annotation stem>/<frame:05d>.jpg`` (1-based).
+FRAMES_DIR = "cropped_aligned"
 UNANNOTATED = -5.0
 _SIDE = re.compile(r"_(left|right)$")
 
@@ -112,7 +119,18 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
         raise DatasetError(f"Aff-Wild2 root {root} is not a directory (expected videos/ and annotations/)")
     ann_root = root / "annotations" / "VA_Estimation_Challenge"
     videos_dir = root / "videos"
-    if not videos_dir.is_dir():
+    # Face crops: the organisers' cropped_aligned/<video>/<frame:05d>.jpg folders, or the videos.
+    faces_dir = root / FRAMES_DIR
+    want_video = "video" in data.modalities
+    want_audio = "audio" in data.modalities
+    if want_video and data.faces == "frames" and not faces_dir.is_dir():
+        raise DatasetError(
+            f"Aff-Wild2 root {root}: {faces_dir} does not exist (data.faces 'frames' expects "
+            "cropped_aligned/<video>/<frame:05d>.jpg)"
+        )
+    use_frames = want_video and (data.faces == "frames" or (data.faces is None and faces_dir.is_dir()))
+    need_videos = want_audio or (want_video and not use_frames)
+    if need_videos and not videos_dir.is_dir():
         raise DatasetError(
             f"Aff-Wild2 root {root}: {videos_dir} does not exist (expected the .mp4/.avi videos)"
         )
@@ -125,18 +143,20 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
     for p in PARTITIONS:
         if p not in present:
             logger.warning("Aff-Wild2: %s is missing; only %s are read", ann_root / p, present)
-    videos = index_videos(videos_dir)
+    videos = index_videos(videos_dir) if videos_dir.is_dir() else {}
     bad = BadSamples(data.skip_bad)
-    want_video = "video" in data.modalities
-    want_audio = "audio" in data.modalities
     rows: list[dict] = []
     n_annotations = 0
     for partition in present:
         for ann in sorted((ann_root / partition).glob("*.txt")):
             n_annotations += 1
             stem = ann.stem
-            candidates = videos.get(stem) or videos.get(subject_of(stem)) or []
-            if not candidates:
+            frames_dir = faces_dir / stem
+            if use_frames and not frames_dir.is_dir():
+                bad.bad(ann, stem, f"no face-crop folder {frames_dir} (expected <frame:05d>.jpg files)")
+                continue
+            candidates = videos.get(stem) or videos.get(subject_of(stem)) or [None]
+            if need_videos and candidates == [None]:
                 bad.bad(
                     ann, stem, f"no video named {stem}.mp4/.avi (or {subject_of(stem)}.*) under {videos_dir}"
                 )
@@ -144,7 +164,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
             if len(candidates) > 1:
                 bad.bad(ann, stem, f"several videos match this annotation: {[str(c) for c in candidates]}")
                 continue
-            video = str(candidates[0].resolve())
+            video = None if candidates[0] is None else str(candidates[0].resolve())
             try:
                 va = read_va_annotation(ann)
             except DatasetError as exc:
@@ -167,7 +187,9 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
                         "class_name": "",
                         "valence": float(v),
                         "arousal": float(a),
-                        "video_path": video if want_video else None,
+                        "video_path": (str(frames_dir.resolve()) if use_frames else video)
+                        if want_video
+                        else None,
                         "audio_path": video if want_audio else None,
                         "start_frame": start,
                         "num_frames": data.clip_frames,

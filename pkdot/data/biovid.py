@@ -12,6 +12,11 @@ unique, readable and name the files). ``class_id`` 0..4 = BL1, PA1..PA4 and must
 
 Tasks: ``binary`` keeps BL1 (label 0) and PA4 (label 1); ``multiclass`` keeps all five (label = class_id).
 Only the header of a biosignal CSV is checked here; reading the signals is stage 1's job.
+
+Face crops (``data.faces``): per-sample folders ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` (crops
+from your own face pipeline; 1-based frame numbers, a missing file = no face) are used instead of the videos
+when ``data.faces`` is ``'frames'``, or None and ``frames/`` exists; the sample's ``video_path`` is then its
+folder (stage 1 reads the crops, no detection).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ BIO_COLUMNS = {
 }
 _DELIMITERS = "\t,;"
 
+#: Per-sample face-crop folders: ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` (1-based).
+FRAMES_DIR = "frames"
 
 def detect_delimiter(line: str, path: Path) -> str:
     """The delimiter of a header line: tab, comma or semicolon (csv.Sniffer, then the most frequent one)."""
@@ -140,6 +147,13 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
     for i, row in samples.iterrows():
         line = int(i) + 2  # 1-based, after the header
         subject, sample = row["subject_name"], row["sample_name"]
+    frames_root = root / FRAMES_DIR
+    if want_video and data.faces == "frames" and not frames_root.is_dir():
+        raise DatasetError(
+            f"Biovid root {root}: {frames_root} does not exist (data.faces 'frames' expects "
+            "frames/<subject_name>/<sample_name>/<frame:05d>.jpg)"
+        )
+    use_frames = data.faces == "frames" or (data.faces is None and frames_root.is_dir())
         if not subject or not sample:
             bad.bad(samples_path, sample or None, f"line {line}: empty subject_name or sample_name")
             continue
@@ -169,7 +183,13 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
             "partition": "",
             "dataset": "biovid",
         }
-        if want_video:
+        if want_video and use_frames:
+            folder = root / FRAMES_DIR / subject / sample
+            if not folder.is_dir():
+                bad.bad(folder, sample, "the face-crop folder of this samples.csv entry does not exist")
+                continue
+            record["video_path"] = str(folder.resolve())
+        elif want_video:
             video = root / "video" / subject / f"{sample}.mp4"
             if not video.is_file():
                 bad.bad(

@@ -75,6 +75,8 @@ MODALITY_SETTINGS: dict[str, tuple[str, ...]] = {
         "yunet_model",
         "detect_width",
         "box_smoothing",
+        "min_face_px",
+        "detect_every",
     ),
     "physio": (
         "physio_fs",
@@ -267,9 +269,21 @@ def _extract_faces_rows(job: ShardJob, features: FeatureConfig, summary: _ShardS
             _quarantine(summary, row["sample_id"], "the manifest gives no video_path")
     for path, rows in _group_by(with_video, lambda r: r["video_path"]).items():
         clips = [
-            face_features.ClipRequest(r["sample_id"], r["start_frame"] or 0, r["num_frames"]) for r in rows
+            face_features.ClipRequest(
+                r["sample_id"],
+                r["start_frame"] or 0,
+                r["num_frames"],
+                face_features.face_side(r["sample_id"], path),
+            )
+            for r in rows
         ]
-        for clip in face_features.extract_video_clips(path, clips, features, detector):
+        # A folder is a face-crop source (Aff-Wild2 cropped_aligned, Biovid frame folders); a file a video.
+        extracted = (
+            face_features.extract_folder_clips(path, clips, features)
+            if Path(path).is_dir()
+            else face_features.extract_video_clips(path, clips, features, detector)
+        )
+        for clip in extracted:
             if isinstance(clip, face_features.ClipFailure):
                 summary.sampled_frames += clip.sampled_frames
                 _quarantine(summary, clip.sample_id, clip.reason)
@@ -345,6 +359,9 @@ def _extract_audio_rows(job: ShardJob, features: FeatureConfig, summary: _ShardS
             if clip.silent:
                 summary.silent.append(clip.sample_id)
             results[clip.sample_id] = {"sample_id": clip.sample_id, **encode_tensor("logmel", clip.logmel)}
+        # Face crops from a folder: the frame rate is that of the video the audio comes from.
+        if video is not None and Path(video).is_dir():
+            video = rows[0]["audio_path"]
     return results
 
 

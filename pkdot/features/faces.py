@@ -1,23 +1,46 @@
-"""Face crops from video clips: decode, sample TSN-style, detect, track, crop, resize.
+"""Face crops from video clips or face-crop folders: decode, sample TSN-style, detect, track, crop, resize.
 
 For each clip (a whole Biovid sample video, or an Aff-Wild2 window ``start_frame .. start_frame+num_frames``)
-``T = n_frames`` frames are sampled, one in the middle of each of ``T`` equal segments (TSN). On each sampled
-frame, downscaled to ``detect_width``, the face detector (OpenCV Haar cascade, or YuNet
-``cv2.FaceDetectorYN`` with an ONNX model file) proposes boxes and the largest is kept. Frames where no face
-is found reuse the box of the nearest frame (in time) where it was found, and are counted as *lost*. The box
-sequence ``b_t = (x, y, w, h)`` is then smoothed with an exponential moving average
+``T = n_frames`` frames are sampled, one in the middle of each of ``T`` equal segments (TSN).
+
+**Decoding.** Only the sampled frames are needed: a demux pass (no decoding) lists the packets' timestamps
+and key frames; for each needed frame the decoder seeks to the key frame before it unless the frames in
+between are fewer than the ones already decoded would cost (so a frame is never decoded twice), and frames
+are numbered by the rank of their presentation timestamp. Files without timestamps are decoded from the start.
+
+**Detection.** The detector (OpenCV Haar cascade, or YuNet ``cv2.FaceDetectorYN`` with an ONNX model file)
+runs on the frame downscaled by ``s = min(1, m / min_face_px)`` where ``m`` is the detector's smallest face
+(:data:`DETECTOR_MIN_PX`), so a face of ``features.min_face_px`` *source* pixels is still found whatever the
+frame size (``features.detect_width`` optionally caps the detection width). It runs on the whole frame on a
+clip's first sampled frame (and every ``detect_every``-th one); in between the face is *tracked*: re-detected
+in a window of 2.5 box widths around its last box, downscaled so that the face is ~1.7 x ``m`` pixels wide,
+which costs a fraction of a full-frame search. When the tracker loses the face, the whole frame is searched.
+Among several faces, the one nearest the tracked box is kept; without a tracked box, the largest, or for an
+Aff-Wild2 two-person annotation ``<video>_left`` / ``<video>_right`` (see :func:`face_side`), the largest
+whose centre lies in that half of the frame.
+
+**Tracking and cropping.** Frames where no face is found reuse the box of the nearest frame (in time) where
+it was found, and are counted as *lost*. The box sequence ``b_t = (x, y, w, h)`` is then smoothed with an
+exponential moving average
 
     s_0 = b_0,    s_t = a * s_{t-1} + (1 - a) * b_t,    a = ``box_smoothing``,
 
 enlarged by ``face_margin`` of its size on every side, made square (side ``max(w, h) * (1 + 2 * margin)``
 around the box centre; pixels outside the frame are black) and resized to ``crop_size``. One video is decoded
 once for all its clips in a shard; only the sampled frames of clips not yet finished are held in memory.
+
+**Face-crop folders** (:func:`extract_folder_clips`): a folder of already cropped (and aligned) faces named by
+1-based frame number (Aff-Wild2 ``cropped_aligned/<video>/<frame:05d>.jpg``). No detection: the sampled
+frame ``i`` (0-based) is file number ``i + 1``; a missing file is a frame where no face was found (it reuses
+the nearest present frame, counted as lost); each image is resized to ``crop_size``.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,22 +55,105 @@ from pkdot.errors import ConfigError, FeatureError
 logger = logging.getLogger(__name__)
 
 #: Bumped when the face pipeline changes in a way that changes its output (invalidates cached shards).
-FACES_VERSION = 1
-#: A clip whose first sampled frame lies further than this many frames into the video is reached by seeking
-#: (to the key frame before it) instead of decoding from the start.
-SEEK_MIN_FRAMES = 250
+FACES_VERSION = 2
+#: Seek to the key frame before a needed frame (False: decode every frame from the start; for tests).
+SEEK = True
+#: PyAV decoder threading (``"AUTO"``: frame and slice threads where the codec has them).
+DECODE_THREAD_TYPE = "AUTO"
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
+#: Smallest face (pixels, on the frame the detector sees) each detector finds: the Haar cascade's window is
+#: 24 x 24; YuNet's smallest anchors are ~10 px, 20 px keeps its recall.
+DETECTOR_MIN_PX: dict[str, int] = {"haar": 24, "yunet": 20}
+#: Tracking window: the search region around the last box is this many box widths per side.
+TRACK_PAD = 0.75
+#: Tracking accepts faces from ``TRACK_MIN_SCALE`` to ``TRACK_MAX_SCALE`` times the last box width.
+TRACK_MIN_SCALE, TRACK_MAX_SCALE = 0.6, 1.6
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_SIDE = re.compile(r"_(left|right)$")
 
 Box = tuple[float, float, float, float]
 
 
+class YuvFrame:
+    """A decoded ``yuv420p`` frame kept as its planes (BT.601 limited range, as swscale's RGB conversion).
+
+    The detector reads the luma plane as the grey image (no conversion); :func:`image_rgb` converts to RGB
+    only the region it is asked for (a face crop), instead of the whole frame.
+    """
+
+    __slots__ = ("y", "u", "v")
+
+    def __init__(self, frame: av.VideoFrame) -> None:
+        height, width = frame.height, frame.width
+        chroma = ((height + 1) // 2, (width + 1) // 2)
+        self.y = _plane(frame.planes[0], height, width)
+        self.u = _plane(frame.planes[1], *chroma)
+        self.v = _plane(frame.planes[2], *chroma)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.y.shape[0], self.y.shape[1], 3)
+
+
+def _plane(plane: av.video.plane.VideoPlane, height: int, width: int) -> np.ndarray:
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:height, :width].copy()
+
+
+#: A frame: an RGB array (H, W, 3) uint8 or a :class:`YuvFrame`.
+Image = np.ndarray | YuvFrame
+
+
+def as_image(frame: av.VideoFrame) -> Image:
+    """A decoded frame as a :class:`YuvFrame` (``yuv420p``) or, for any other pixel format, an RGB array."""
+    if frame.format.name == "yuv420p" and frame.width >= 2 and frame.height >= 2:
+        return YuvFrame(frame)
+    return frame.to_ndarray(format="rgb24")
+
+
+def image_gray(image: Image, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Grey (luma) pixels ``[y0:y1, x0:x1]`` of a frame, uint8 (y1 - y0, x1 - x0)."""
+    if isinstance(image, YuvFrame):
+        return image.y[y0:y1, x0:x1]
+    return cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+
+
+def image_rgb(image: Image, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """RGB pixels ``[y0:y1, x0:x1]`` of a frame (inside it), uint8 (y1 - y0, x1 - x0, 3).
+
+    For a :class:`YuvFrame` only that region is converted: it is widened to even bounds and a height that is
+    a multiple of 4 (padding with black outside the frame), converted with OpenCV's I420 -> RGB, and cut.
+    """
+    if not isinstance(image, YuvFrame):
+        return image[y0:y1, x0:x1]
+    ex0, ey0 = x0 - x0 % 2, y0 - y0 % 2
+    w = x1 - ex0 + (x1 - ex0) % 2
+    h = y1 - ey0
+    h += (-h) % 4
+    ys = np.full((h, w), 16, np.uint8)
+    luma = image.y[ey0 : ey0 + h, ex0 : ex0 + w]
+    ys[: luma.shape[0], : luma.shape[1]] = luma
+    buf = np.empty((h * 3 // 2, w), np.uint8)
+    buf[:h] = ys
+    for k, chroma_plane in enumerate((image.u, image.v)):
+        cs = np.full((h // 2, w // 2), 128, np.uint8)
+        c = chroma_plane[ey0 // 2 : ey0 // 2 + h // 2, ex0 // 2 : ex0 // 2 + w // 2]
+        cs[: c.shape[0], : c.shape[1]] = c
+        buf[h + k * h // 4 : h + (k + 1) * h // 4] = cs.reshape(h // 4, w)
+    rgb = cv2.cvtColor(buf, cv2.COLOR_YUV2RGB_I420)
+    return rgb[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0]
+
+
 @dataclass(frozen=True)
 class ClipRequest:
-    """One clip to extract from a video: frames ``start .. start+length`` (``length`` None = to the end)."""
+    """One clip to extract: frames ``start .. start+length`` (``length`` None = to the end).
+
+    ``side`` (``"left"`` / ``"right"`` / None) picks the face in that half of the frame (two-person videos).
+    """
 
     sample_id: str
     start: int = 0
     length: int | None = None
+    side: str | None = None
 
 
 @dataclass
@@ -107,16 +213,40 @@ def sample_indices(num_frames: int, n_frames: int, start: int = 0) -> np.ndarray
     return start + np.minimum(offsets, num_frames - 1)
 
 
+def face_side(sample_id: str, source: str | Path) -> str | None:
+    """The person of a two-person Aff-Wild2 clip: ``"left"``, ``"right"`` or None.
+
+    A sample ``<video>_left@<start>`` / ``<video>_right@<start>`` whose face source (video file or frame
+    folder) is *not* itself named ``<video>_left`` / ``<video>_right`` shares the video with the other
+    person, so its face is the one on the named side. A source named after the annotation holds one person.
+    """
+    stem = str(sample_id).rsplit("@", 1)[0]
+    match = _SIDE.search(stem)
+    if match is None:
+        return None
+    src = Path(source)
+    if src.stem == stem or src.name == stem:
+        return None
+    return match.group(1)
+
+
 # ---- detectors ----------------------------------------------------------------------------------------------
 class FaceDetector:
-    """Largest-face detector on a frame downscaled to ``detect_width`` pixels.
+    """Face detector on frames downscaled so that a ``min_face_px``-wide face spans the detector's minimum.
 
-    ``detect(rgb)`` returns ``(x, y, w, h)`` in the source frame's pixels, or None when no face is found.
+    ``detect_all(rgb)`` returns every face box ``(K, 4)`` (x, y, w, h) in source pixels; ``detect_near(rgb,
+    box)`` searches only around ``box`` (tracking); ``detect(rgb)`` returns the largest box or None.
+    ``full_searches`` / ``local_searches`` count the calls (for benchmarks).
     """
 
     def __init__(self, features: FeatureConfig) -> None:
-        self.detect_width = features.detect_width
         self.kind = features.detector
+        self.min_face_px = features.min_face_px
+        self.detect_width = features.detect_width
+        self.min_px = DETECTOR_MIN_PX[self.kind]
+        self.full_searches = 0
+        self.local_searches = 0
+        self._warned_widths: set[int] = set()
         if self.kind == "yunet":
             model = features.yunet_model
             if model is None or not Path(model).is_file():
@@ -124,9 +254,7 @@ class FaceDetector:
                     f"features.yunet_model: detector 'yunet' needs an existing ONNX model file, got {model!r}"
                 )
             try:
-                self._yunet = cv2.FaceDetectorYN.create(
-                    str(model), "", (features.detect_width, features.detect_width)
-                )
+                self._yunet = cv2.FaceDetectorYN.create(str(model), "", (320, 320))
             except cv2.error as exc:
                 raise FeatureError(
                     f"features.yunet_model {model}: OpenCV could not load it as a YuNet model: {exc}"
@@ -134,29 +262,101 @@ class FaceDetector:
         else:
             self._cascade = _haar_cascade()
 
-    def detect(self, rgb: np.ndarray) -> Box | None:
-        height, width = rgb.shape[:2]
-        scale = min(1.0, self.detect_width / width)
-        small = (
-            rgb
-            if scale == 1.0
-            else cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-        )
+    def scale_for(self, width: int) -> float:
+        """Detection scale for a frame ``width`` pixels wide: ``min(1, m / min_face_px[, detect_width / width])``."""
+        scale = min(1.0, self.min_px / self.min_face_px)
+        if self.detect_width is not None and self.detect_width / width < scale:
+            scale = self.detect_width / width
+            if width not in self._warned_widths:
+                self._warned_widths.add(width)
+                logger.warning(
+                    "features.detect_width %d caps detection on %d-px frames: the smallest face found is %.0f px, "
+                    "not features.min_face_px %d",
+                    self.detect_width,
+                    width,
+                    self.min_px / scale,
+                    self.min_face_px,
+                )
+        return scale
+
+    def smallest_face(self, width: int) -> float:
+        """Width in source pixels of the smallest face found on a frame ``width`` pixels wide."""
+        return self.min_px / self.scale_for(width)
+
+    def _search(
+        self,
+        image: Image,
+        region: tuple[int, int, int, int],
+        scale: float,
+        min_side: int,
+        max_side: int | None = None,
+        coarse: bool = False,
+    ) -> np.ndarray:
+        """Boxes (K, 4) in ``region``'s pixels found on ``image[y0:y1, x0:x1]`` resized by ``scale``.
+
+        ``coarse``: a whole-frame search (Haar pyramid step 1.2, 3 neighbours, instead of 1.1 and 4).
+        """
+        x0, y0, x1, y1 = region
+        width, height = x1 - x0, y1 - y0
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
         if self.kind == "yunet":
+            rgb = image_rgb(image, x0, y0, x1, y1)
+            small = rgb if scale == 1.0 else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
             bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
             self._yunet.setInputSize((bgr.shape[1], bgr.shape[0]))
             _, faces = self._yunet.detect(bgr)
-            boxes = np.zeros((0, 4)) if faces is None else np.asarray(faces)[:, :4]
+            boxes = np.zeros((0, 4)) if faces is None else np.asarray(faces, np.float64)[:, :4]
+            keep = boxes[:, 2] >= min_side
+            if max_side is not None:
+                keep &= boxes[:, 2] <= max_side
+            boxes = boxes[keep]
         else:
-            gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-            min_side = max(16, small.shape[1] // 12)
+            gray = image_gray(image, x0, y0, x1, y1)
+            if scale != 1.0:
+                gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+            if min(gray.shape) < min_side:
+                return np.zeros((0, 4))
             found = self._cascade.detectMultiScale(
-                gray, scaleFactor=1.1, minNeighbors=4, minSize=(min_side, min_side)
+                gray,
+                scaleFactor=1.2 if coarse else 1.1,
+                minNeighbors=3 if coarse else 4,
+                minSize=(min_side, min_side),
+                maxSize=(max_side, max_side) if max_side else (0, 0),
             )
             boxes = np.asarray(found, dtype=np.float64).reshape(-1, 4)
+        return boxes / scale
+
+    def detect_all(self, rgb: Image) -> np.ndarray:
+        """Every face on the whole frame: float64 (K, 4) boxes (x, y, w, h) in source pixels."""
+        self.full_searches += 1
+        height, width = rgb.shape[:2]
+        return self._search(rgb, (0, 0, width, height), self.scale_for(width), self.min_px, coarse=True)
+
+    def detect_near(self, rgb: Image, box: Sequence[float]) -> np.ndarray:
+        """Faces within ``TRACK_PAD`` box widths of ``box`` and 0.6-1.6 times its width: (K, 4) source pixels."""
+        self.local_searches += 1
+        x, y, w, h = (float(v) for v in box)
+        side = max(w, h)
+        pad = TRACK_PAD * side
+        height, width = rgb.shape[:2]
+        x0, y0 = max(0, int(x - pad)), max(0, int(y - pad))
+        x1, y1 = min(width, int(np.ceil(x + w + pad))), min(height, int(np.ceil(y + h + pad)))
+        if x1 - x0 < self.min_px or y1 - y0 < self.min_px:
+            return np.zeros((0, 4))
+        scale = min(1.0, self.min_px / (TRACK_MIN_SCALE * side))
+        max_side = max(self.min_px + 1, int(np.ceil(TRACK_MAX_SCALE * side * scale)))
+        boxes = self._search(rgb, (x0, y0, x1, y1), scale, self.min_px, max_side)
+        if len(boxes):
+            boxes[:, 0] += x0
+            boxes[:, 1] += y0
+        return boxes
+
+    def detect(self, rgb: Image) -> Box | None:
+        """The largest face on the whole frame, or None."""
+        boxes = self.detect_all(rgb)
         if len(boxes) == 0:
             return None
-        x, y, w, h = boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))] / scale
+        x, y, w, h = boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
         return float(x), float(y), float(w), float(h)
 
 
@@ -171,7 +371,65 @@ def _haar_cascade() -> cv2.CascadeClassifier:
     return cascade
 
 
-# ---- tracking and cropping ----------------------------------------------------------------------------------
+# ---- choosing and tracking ----------------------------------------------------------------------------------
+def choose_face(
+    boxes: np.ndarray, frame_width: int, side: str | None = None, previous: Sequence[float] | None = None
+) -> Box | None:
+    """The face to keep among ``boxes`` (K, 4).
+
+    With a ``previous`` box: the box whose centre is nearest to it, if closer than the previous box's width.
+    Otherwise the largest box, restricted to centres in the ``side`` half of a ``frame_width``-wide frame
+    (``"left"``: ``cx < W / 2``; ``"right"``: ``cx >= W / 2``). None if no box qualifies.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return None
+    centres = boxes[:, :2] + boxes[:, 2:] / 2.0
+    if previous is not None:
+        px, py, pw, ph = (float(v) for v in previous)
+        dist = np.hypot(centres[:, 0] - (px + pw / 2.0), centres[:, 1] - (py + ph / 2.0))
+        best = int(np.argmin(dist))
+        if dist[best] < max(pw, ph):
+            return tuple(float(v) for v in boxes[best])  # type: ignore[return-value]
+    if side is not None:
+        if side not in ("left", "right"):
+            raise ConfigError(f"face side must be 'left' or 'right', got {side!r}")
+        on_side = centres[:, 0] < frame_width / 2.0 if side == "left" else centres[:, 0] >= frame_width / 2.0
+        boxes = boxes[on_side]
+        if len(boxes) == 0:
+            return None
+    x, y, w, h = boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
+    return float(x), float(y), float(w), float(h)
+
+
+def track_faces(
+    frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 0
+) -> list[Box | None]:
+    """One face box (or None) per frame of a clip, in order (see the module docstring: detect, then track).
+
+    Parameters
+    ----------
+    frames : T RGB frames (H, W, 3) uint8, in time order.
+    detector : the detector (whole-frame and local searches).
+    side : ``"left"`` / ``"right"`` picks the face in that half when there is no tracked box; None = largest.
+    detect_every : whole-frame search on every N-th frame (0 = only when no face is being tracked).
+    """
+    detections: list[Box | None] = []
+    previous: Box | None = None
+    for t, rgb in enumerate(frames):
+        box: Box | None = None
+        full = previous is None or (detect_every > 0 and t % detect_every == 0)
+        if not full:
+            box = choose_face(detector.detect_near(rgb, previous), rgb.shape[1], None, previous)  # type: ignore[arg-type]
+            full = box is None
+        if full:
+            box = choose_face(detector.detect_all(rgb), rgb.shape[1], side, previous)
+        detections.append(box)
+        if box is not None:
+            previous = box
+    return detections
+
+
 def smooth_boxes(detections: Sequence[Box | None], smoothing: float) -> tuple[np.ndarray, np.ndarray]:
     """Fill lost frames with the nearest detected box, then smooth with an EMA.
 
@@ -202,7 +460,7 @@ def smooth_boxes(detections: Sequence[Box | None], smoothing: float) -> tuple[np
     return smoothed.astype(np.float32), detected
 
 
-def crop_face(rgb: np.ndarray, box: Sequence[float], margin: float, size: int) -> np.ndarray:
+def crop_face(rgb: Image, box: Sequence[float], margin: float, size: int) -> np.ndarray:
     """Square crop around ``box`` enlarged by ``margin`` per side, resized to ``(size, size, 3)`` uint8.
 
     The square's side is ``max(w, h) * (1 + 2 * margin)``, centred on the box centre; what falls outside the
@@ -218,28 +476,33 @@ def crop_face(rgb: np.ndarray, box: Sequence[float], margin: float, size: int) -
     sx0, sy0 = max(x0, 0), max(y0, 0)
     sx1, sy1 = min(x0 + side_px, width), min(y0 + side_px, height)
     if sx1 > sx0 and sy1 > sy0:
-        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image_rgb(rgb, sx0, sy0, sx1, sy1)
     interp = cv2.INTER_AREA if side_px > size else cv2.INTER_LINEAR
     return cv2.resize(patch, (size, size), interpolation=interp)
 
 
 def faces_from_frames(
     sample_id: str,
-    frames: Sequence[np.ndarray],
+    frames: Sequence[Image],
     indices: np.ndarray,
     features: FeatureConfig,
     detector: FaceDetector,
     source: str = "clip",
+    side: str | None = None,
 ) -> FaceClip | ClipFailure:
     """Detect, track and crop the face on a clip's sampled RGB frames (each (H, W, 3) uint8).
 
-    ``source`` names the clip (its video) in the failure reason.
+    ``source`` names the clip (its video) in the failure reason; ``side`` picks the person of a two-person
+    video (see :func:`choose_face`).
     """
-    detections = [detector.detect(f) for f in frames]
+    detections = track_faces(frames, detector, side, features.detect_every)
     if all(d is None for d in detections):
+        width = frames[0].shape[1] if len(frames) else 0
+        where = f" in the {side} half of the frame" if side else ""
         return ClipFailure(
             sample_id,
-            f"{source}: no face found in any of the {len(frames)} sampled frames (detector {features.detector})",
+            f"{source}: no face found{where} in any of the {len(frames)} sampled frames (detector "
+            f"{features.detector}, smallest face {detector.smallest_face(width):.0f} px = features.min_face_px)",
             sampled_frames=len(frames),
         )
     boxes, detected = smooth_boxes(detections, features.box_smoothing)
@@ -268,7 +531,7 @@ def extract_video_clips(
     features: FeatureConfig,
     detector: FaceDetector | None = None,
 ) -> Iterator[FaceClip | ClipFailure]:
-    """Face crops for every clip of one video, decoding the video once (frames are numbered in decode order).
+    """Face crops for every clip of one video, decoding each needed frame once (frames numbered from 0).
 
     Yields one :class:`FaceClip` or :class:`ClipFailure` per requested clip (in completion order). A file that
     cannot be opened or decoded, has no video stream, or ends before a clip's frames gives a ClipFailure
@@ -291,30 +554,26 @@ def extract_video_clips(
     for p in todo:
         for idx in set(p.indices.tolist()):
             wanted.setdefault(idx, []).append(p)
-    last_needed = max(wanted)
-    first_needed = min(wanted)
     decoded = 0
     error: str | None = None
     try:
-        for index, frame in _decode_from(path, first_needed):
+        for index, frame in decode_frames(path, sorted(wanted)):
             decoded = index + 1
-            if index in wanted:
-                rgb = frame.to_ndarray(format="rgb24")
-                for p in wanted.pop(index):
-                    p.frames[index] = rgb
-                    if len(p.frames) == len(set(p.indices.tolist())):
-                        todo.remove(p)
-                        yield faces_from_frames(
-                            p.request.sample_id,
-                            [p.frames[i] for i in p.indices],
-                            p.indices,
-                            features,
-                            detector,
-                            f"video {path}",
-                        )
-                        p.frames.clear()
-            if index >= last_needed:
-                break
+            rgb = as_image(frame)
+            for p in wanted.pop(index):
+                p.frames[index] = rgb
+                if len(p.frames) == len(set(p.indices.tolist())):
+                    todo.remove(p)
+                    yield faces_from_frames(
+                        p.request.sample_id,
+                        [p.frames[i] for i in p.indices],
+                        p.indices,
+                        features,
+                        detector,
+                        f"video {path}",
+                        p.request.side,
+                    )
+                    p.frames.clear()
     except (av.FFmpegError, OSError) as exc:
         error = f"{_media_reason(path, exc)} (after frame {decoded})"
     for p in todo:
@@ -353,37 +612,103 @@ def _plan_clips(
     return plans, total
 
 
-def _decode_from(path: Path, first_needed: int) -> Iterator[tuple[int, av.VideoFrame]]:
-    """Decoded frames with their index (decode order from frame 0).
+@dataclass
+class FrameTable:
+    """Presentation timestamps of a video stream's frames (sorted) and the indices of its key frames."""
 
-    When ``first_needed`` is far into the video, seek to the key frame two seconds before it and number the
-    frames from the first decoded frame's timestamp; if that lands past ``first_needed`` (or gives no
-    timestamp), decode from the start instead.
+    pts: list[int]
+    keyframes: list[int]
+
+
+def frame_table(path: str | Path) -> FrameTable | None:
+    """Demux (no decoding) the first video stream: its frames' timestamps and key frames.
+
+    Frame ``i`` is the frame with the ``i``-th smallest presentation timestamp. None when a packet has no
+    timestamp or two share one (such files are decoded from the start).
     """
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        rate = stream.average_rate
-        if first_needed > SEEK_MIN_FRAMES and rate and stream.time_base:
-            target_s = max(0.0, first_needed / float(rate) - 2.0)
-            container.seek(
-                int(target_s / float(stream.time_base)), stream=stream, backward=True, any_frame=False
-            )
-            start_time = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-            frames = container.decode(stream)
-            first = next(frames, None)
-            if first is not None and first.pts is not None:
-                index = int(round((float(first.pts * stream.time_base) - start_time) * float(rate)))
-                if 0 <= index <= first_needed:
-                    yield index, first
-                    for frame in frames:
-                        index += 1
-                        yield index, frame
-                    return
-            logger.debug("seek in %s landed past frame %d; decoding from the start", path, first_needed)
+        packets = [(p.pts, bool(p.is_keyframe)) for p in container.demux(stream) if p.size > 0]
+    if not packets or any(pts is None for pts, _ in packets):
+        return None
+    pts = sorted(int(p) for p, _ in packets)  # type: ignore[arg-type]
+    if len(set(pts)) != len(pts):
+        return None
+    rank = {p: i for i, p in enumerate(pts)}
+    keyframes = sorted(rank[int(p)] for p, key in packets if key)  # type: ignore[arg-type]
+    if not keyframes or keyframes[0] != 0:
+        return None
+    return FrameTable(pts, keyframes)
+
+
+class _SeekMismatch(Exception):
+    """Decoding after a seek did not give the expected frames (timestamps disagree with the demux pass)."""
+
+
+def decode_frames(path: str | Path, needed: Sequence[int]) -> Iterator[tuple[int, av.VideoFrame]]:
+    """The frames ``needed`` (sorted, distinct, 0-based) of a video, in order, decoding as little as possible.
+
+    For each needed frame the decoder seeks to the key frame at or before it when that skips frames it would
+    otherwise decode (see :func:`frame_table`); without usable timestamps, or when a seek lands elsewhere than
+    the demux pass promised, it decodes from the start. Frames past the end are not yielded.
+    """
+    needed = sorted(set(int(i) for i in needed))
+    table = frame_table(path) if SEEK else None
+    done: set[int] = set()
+    if table is not None:
+        try:
+            for index, frame in _decode_seeking(path, needed, table):
+                done.add(index)
+                yield index, frame
+            return
+        except _SeekMismatch as exc:
+            logger.debug("seeking in %s failed (%s); decoding from the start", path, exc)
+    rest = [i for i in needed if i not in done]
+    if not rest:
+        return
+    wanted = set(rest)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        stream.thread_type = DECODE_THREAD_TYPE
         for index, frame in enumerate(container.decode(stream)):
-            yield index, frame
+            if index in wanted:
+                yield index, frame
+                wanted.discard(index)
+                if not wanted:
+                    return
+
+
+def _decode_seeking(
+    path: str | Path, needed: list[int], table: FrameTable
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    rank = {p: i for i, p in enumerate(table.pts)}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = DECODE_THREAD_TYPE
+        frames: Iterator[av.VideoFrame] | None = None
+        position = -1  # the last decoded frame
+        for target in needed:
+            if target >= len(table.pts):
+                return
+            key = table.keyframes[bisect.bisect_right(table.keyframes, target) - 1]
+            if frames is None or target <= position or key > position + 1:
+                container.seek(table.pts[key], stream=stream, backward=True, any_frame=False)
+                frames = iter(container.decode(stream))
+                position = key - 1
+            for frame in frames:
+                index = rank.get(frame.pts) if frame.pts is not None else None
+                if index is None:
+                    raise _SeekMismatch(
+                        f"decoded a frame with pts {frame.pts} that the demux pass did not list"
+                    )
+                position = index
+                if index == target:
+                    yield index, frame
+                    break
+                if index > target:
+                    raise _SeekMismatch(f"frame {index} decoded while looking for frame {target}")
+            else:
+                return  # the stream ended before ``target``: truncated
 
 
 def _media_reason(path: Path, exc: BaseException) -> str:
@@ -392,3 +717,102 @@ def _media_reason(path: Path, exc: BaseException) -> str:
     if isinstance(exc, IndexError):
         return f"file {path} has no video stream"
     return f"file {path} is not a readable video (truncated or corrupt?): {exc}"
+
+
+# ---- face-crop folders --------------------------------------------------------------------------------------
+def index_frame_folder(folder: str | Path) -> dict[int, Path]:
+    """``frame number -> image`` of a face-crop folder: files ``<digits>.jpg|.jpeg|.png|.bmp`` (numbers as named)."""
+    index: dict[int, Path] = {}
+    for path in Path(folder).iterdir():
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.stem.isdigit() and path.is_file():
+            number = int(path.stem)
+            if number in index:
+                raise FeatureError(
+                    f"frame folder {folder}: frame {number} appears twice ({index[number].name}, {path.name})"
+                )
+            index[number] = path
+    return index
+
+
+def _read_rgb(path: Path) -> np.ndarray | None:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def extract_folder_clips(
+    folder: str | Path, clips: Sequence[ClipRequest], features: FeatureConfig
+) -> Iterator[FaceClip | ClipFailure]:
+    """Face crops for every clip of one face-crop folder (no detection; see the module docstring).
+
+    Frame ``i`` (0-based, as in the manifest's ``start_frame``) is the file numbered ``i + 1``; a missing file
+    is a frame without a face; the folder's last file ends a clip with ``length`` None. The crops are the
+    images resized to ``crop_size``; ``boxes`` are each image's full extent ``(0, 0, w, h)``. A clip with no
+    image among its sampled frames, an unreadable image or a missing folder gives a :class:`ClipFailure`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        for clip in clips:
+            yield ClipFailure(clip.sample_id, f"frame folder {folder} does not exist")
+        return
+    try:
+        files = index_frame_folder(folder)
+    except (FeatureError, OSError) as exc:
+        for clip in clips:
+            yield ClipFailure(clip.sample_id, str(exc))
+        return
+    if not files:
+        for clip in clips:
+            yield ClipFailure(
+                clip.sample_id,
+                f"frame folder {folder} has no frame images (expected <frame number>{'/'.join(IMAGE_SUFFIXES)})",
+            )
+        return
+    last = max(files)
+    size = features.crop_size
+    for clip in clips:
+        length = last - clip.start if clip.length is None else clip.length
+        if clip.start < 0 or length < 1:
+            yield ClipFailure(
+                clip.sample_id,
+                f"frame folder {folder}: clip window start {clip.start}, length {length} is empty",
+            )
+            continue
+        indices = sample_indices(length, features.n_frames, clip.start)
+        crops: dict[int, np.ndarray] = {}
+        sizes: dict[int, tuple[int, int]] = {}
+        failure = None
+        for i in sorted(set(indices.tolist())):
+            path = files.get(i + 1)
+            if path is None:
+                continue
+            rgb = _read_rgb(path)
+            if rgb is None:
+                failure = f"frame folder {folder}: {path.name} is not a readable image"
+                break
+            sizes[i] = (rgb.shape[1], rgb.shape[0])
+            interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
+            crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)
+        if failure is not None:
+            yield ClipFailure(clip.sample_id, failure)
+            continue
+        if not crops:
+            yield ClipFailure(
+                clip.sample_id,
+                f"frame folder {folder}: no face image for any of the {len(indices)} sampled frames "
+                f"(files {int(indices.min()) + 1:05d}..{int(indices.max()) + 1:05d}; a missing file = no face)",
+                sampled_frames=len(indices),
+            )
+            continue
+        present = [
+            (0.0, 0.0, float(sizes[i][0]), float(sizes[i][1])) if i in crops else None
+            for i in indices.tolist()
+        ]
+        boxes, detected = smooth_boxes(present, 0.0)
+        good = indices[detected]
+        frames = np.stack(
+            [
+                crops[int(i)] if ok else crops[int(good[np.argmin(np.abs(good - i))])]
+                for i, ok in zip(indices, detected, strict=True)
+            ]
+        )
+        yield FaceClip(clip.sample_id, frames, boxes, detected, indices.astype(np.int64))

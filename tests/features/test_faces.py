@@ -8,7 +8,7 @@ from pkdot.errors import ConfigError, FeatureError
 from pkdot.features import faces
 from pkdot.features.faces import ClipFailure, ClipRequest, FaceClip
 
-FEATURES = FeatureConfig(n_frames=8, crop_size=48, detect_width=160)
+FEATURES = FeatureConfig(n_frames=8, crop_size=48, min_face_px=24)  # the fixture faces are ~42 px
 
 
 def _centre(box) -> np.ndarray:
@@ -83,12 +83,27 @@ def test_detects_and_centres_the_face_on_a_video(face_clip_video):
 
 
 def test_seeking_gives_the_same_frames_as_decoding_from_the_start(face_clip_video, monkeypatch):
-    request = [ClipRequest("late", 100, 30)]
-    plain = next(iter(faces.extract_video_clips(face_clip_video.path, request, FEATURES)))
-    monkeypatch.setattr(faces, "SEEK_MIN_FRAMES", 10)
-    seeked = next(iter(faces.extract_video_clips(face_clip_video.path, request, FEATURES)))
-    assert np.array_equal(plain.frame_indices, seeked.frame_indices)
-    assert np.array_equal(plain.frames, seeked.frames)
+    request = [ClipRequest("late", 100, 30), ClipRequest("early", 3, 40)]
+    seeked = {c.sample_id: c for c in faces.extract_video_clips(face_clip_video.path, request, FEATURES)}
+    monkeypatch.setattr(faces, "SEEK", False)
+    plain = {c.sample_id: c for c in faces.extract_video_clips(face_clip_video.path, request, FEATURES)}
+    for sid in ("late", "early"):
+        assert np.array_equal(plain[sid].frame_indices, seeked[sid].frame_indices)
+        assert np.array_equal(plain[sid].frames, seeked[sid].frames)
+
+
+def test_decode_frames_returns_exactly_the_needed_frames(face_clip_video):
+    import av
+
+    with av.open(str(face_clip_video.path)) as container:
+        reference = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    needed = [0, 1, 30, 31, 77, len(reference) - 1]
+    got = list(faces.decode_frames(face_clip_video.path, needed + [len(reference) + 5]))
+    assert [i for i, _ in got] == needed  # past the end: not yielded
+    for i, frame in got:
+        assert np.array_equal(frame.to_ndarray(format="rgb24"), reference[i])
+    table = faces.frame_table(face_clip_video.path)
+    assert table is not None and len(table.pts) == len(reference) and table.keyframes[0] == 0
 
 
 def test_bad_videos_become_failures_with_a_reason(tmp_path, media):
@@ -141,3 +156,91 @@ def test_yunet_needs_a_model_file(tmp_path):
     junk.write_bytes(b"not an onnx model")
     with pytest.raises(FeatureError, match="YuNet"):
         faces.FaceDetector(FeatureConfig(detector="yunet", yunet_model=junk))
+
+
+# ---- two-person videos (Aff-Wild2 <video>_left / <video>_right) ---------------------------------------------
+def _iou(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    x0, y0 = np.maximum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1])
+    x1 = np.minimum(a[:, 0] + a[:, 2], b[:, 0] + b[:, 2])
+    y1 = np.minimum(a[:, 1] + a[:, 3], b[:, 1] + b[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    return inter / (a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter)
+
+
+@pytest.fixture(scope="module")
+def two_person_video(tmp_path_factory, media):
+    """Two synthetic people side by side (320 x 160): a smaller frowning one on the left, a larger smiling
+    one on the right, each moving; returns the video path and each side's true face boxes (n_frames, 4)."""
+    import dataclasses
+
+    from pkdot.data.faces_art import EXPRESSION_UNITS, FaceRenderer, draw_subject_look, head_motion
+
+    rng = np.random.default_rng(3)
+    size, n = 160, 60
+    looks = {
+        "left": dataclasses.replace(draw_subject_look(rng, 1.0), face_fraction=0.45),
+        "right": dataclasses.replace(draw_subject_look(rng, 1.0), face_fraction=0.6),
+    }
+    expression = {side: np.zeros(len(EXPRESSION_UNITS)) for side in looks}
+    expression["left"][EXPRESSION_UNITS.index("brow_lower")] = 1.5
+    expression["right"][EXPRESSION_UNITS.index("mouth_corner_up")] = 1.5
+    frames = np.empty((n, size, 2 * size, 3), np.uint8)
+    truth = {side: np.empty((n, 4)) for side in looks}
+    for k, (side, look) in enumerate(looks.items()):
+        renderer = FaceRenderer(look, size)
+        poses = head_motion(rng, n, 25, look, size)
+        for i in range(n):
+            half, box = renderer.render(expression[side], poses[i])
+            frames[i, :, k * size : (k + 1) * size] = half
+            truth[side][i] = box + np.array([k * size, 0, 0, 0])
+    # The video is stored once, under the name without the side (as Aff-Wild2 does).
+    path = media.write_video(tmp_path_factory.mktemp("two") / "10-60-1280x720.mp4", frames)
+    return path, truth
+
+
+def test_face_side_only_for_a_shared_two_person_video(tmp_path):
+    shared = tmp_path / "10-60-1280x720.mp4"
+    assert faces.face_side("10-60-1280x720_left@50", shared) == "left"
+    assert faces.face_side("10-60-1280x720_right@0", shared) == "right"
+    assert faces.face_side("10-60-1280x720_left@0", tmp_path / "10-60-1280x720_left.mp4") is None
+    assert faces.face_side("10-60-1280x720_right@0", tmp_path / "cropped" / "10-60-1280x720_right") is None
+    assert faces.face_side("video3@0", tmp_path / "video3.mp4") is None
+
+
+def test_two_person_video_gives_each_side_its_own_face(two_person_video):
+    path, truth = two_person_video
+    features = FeatureConfig(n_frames=8, crop_size=48, min_face_px=48)
+    requests = [
+        ClipRequest(f"10-60-1280x720_{side}@0", 0, 60, faces.face_side(f"10-60-1280x720_{side}@0", path))
+        for side in ("left", "right")
+    ]
+    assert [r.side for r in requests] == ["left", "right"]
+    clips = {
+        c.sample_id.split("_")[-1].split("@")[0]: c
+        for c in faces.extract_video_clips(path, requests, features)
+    }
+    for side in ("left", "right"):
+        clip = clips[side]
+        assert isinstance(clip, FaceClip), getattr(clip, "reason", "")
+        assert clip.face_found >= 0.75
+        iou = _iou(clip.boxes, truth[side][clip.frame_indices])
+        assert np.all(iou > 0.5), (side, iou)
+    # Different people / expressions: the crops differ far more than a crop differs over time.
+    between = np.abs(clips["left"].frames.astype(float) - clips["right"].frames.astype(float)).mean()
+    within = np.abs(np.diff(clips["left"].frames.astype(float), axis=0)).mean()
+    assert between > 3 * within, (between, within)
+    # Without a side, the largest face (the right person) is taken: the old behaviour for both tracks.
+    (unsided,) = list(faces.extract_video_clips(path, [ClipRequest("x", 0, 60)], features))
+    assert np.all(_iou(unsided.boxes, truth["right"][unsided.frame_indices]) > 0.5)
+
+
+def test_choose_face_prefers_the_tracked_face_then_the_named_side():
+    boxes = np.array([[10, 10, 30, 30], [200, 10, 60, 60]], np.float64)
+    assert faces.choose_face(boxes, 320) == (200.0, 10.0, 60.0, 60.0)  # largest
+    assert faces.choose_face(boxes, 320, side="left") == (10.0, 10.0, 30.0, 30.0)
+    assert faces.choose_face(boxes[1:], 320, side="left") is None
+    # A tracked face wins over the side rule, even after it crosses the middle of the frame.
+    assert faces.choose_face(boxes, 320, side="left", previous=(190, 12, 58, 58)) == (200.0, 10.0, 60.0, 60.0)
+    with pytest.raises(ConfigError):
+        faces.choose_face(boxes, 320, side="top")
