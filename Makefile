@@ -48,9 +48,17 @@ bench: $(BIN)/pkdot
 bench-quality: $(BIN)/pkdot
 	$(BIN)/python benchmarks/quality.py
 
+# A Ray head for `pkdot run --ray-address auto`. Every listener (GCS, raylet, dashboard and its agent, runtime-env
+# agent, metrics, client server) binds to RAY_NODE_IP = 127.0.0.1, the agents on free ports. Setting RAY_NODE_IP
+# to an address of this machine opens Ray to that network with Ray's token authentication on (clients need
+# ~/.ray/auth_token): without it anyone who reaches the ports can run code as you.
+RAY_NODE_IP ?= 127.0.0.1
+RAY_PORT ?= 6379
+RAY_CPUS ?= 2
 ray-up: $(BIN)/pkdot
-	$(BIN)/ray start --head --dashboard-host 127.0.0.1 --dashboard-port 8265 --num-cpus 2 --disable-usage-stats
-	@echo "Ray dashboard: http://127.0.0.1:8265 ; run with: $(BIN)/pkdot run --ray-address auto"
+	env $$($(BIN)/python -m pkdot.ray_utils head-env $(RAY_NODE_IP)) $(BIN)/ray start --head --port $(RAY_PORT) \
+		--num-cpus $(RAY_CPUS) --disable-usage-stats $$($(BIN)/python -m pkdot.ray_utils head-args $(RAY_NODE_IP) --dashboard)
+	@echo "Ray head on $(RAY_NODE_IP):$(RAY_PORT) (dashboard URL above); run with: $(BIN)/pkdot run --ray-address auto"
 
 ray-down:
 	$(BIN)/ray stop

@@ -3,19 +3,30 @@
 Each stage is a Prefect task that only calls the matching function of :mod:`pkdot.stages` and returns its
 :class:`pkdot.stages.StageResult`. Two lines of defence make a re-run after a failure cheap:
 
-1. **Prefect task caching.** A stage's cache key (every stage but the manifest, which re-scans the dataset) is built from its inputs only::
+1. **Prefect task caching.** A stage's cache key (every stage but the manifest, which re-scans the dataset and
+   the identity of every recording) is the library's own stage key, :func:`pkdot.fingerprint.stage_key`
+   (config sections + upstream output fingerprint + the stage's source code), never computed separately::
 
-       key = "<stage>-<pkdot version>-<cfg.section_hash(*STAGE_INPUTS[stage])>-<upstream fingerprint>"
+       key = "<stage>-<stage_key(cfg, stage, upstream)>"
 
-   where the upstream fingerprint is the hash of the previous stage's outputs, so a change anywhere upstream
-   changes every key below it. Results are persisted with the run, under ``<run_dir>/.prefect/results/``:
-   deleting a run directory deletes its cache, and two run directories never share one. A cached result whose
-   artifact path has disappeared is recomputed (``refresh_cache``), never trusted.
-2. **The library's own idempotence.** Every ``stage_*`` function skips itself when its outputs are complete
-   for the same inputs (``StageResult.skipped``), e.g. after the Prefect cache was lost.
+   The upstream fingerprint is the hash of the previous stage's outputs, so a change anywhere upstream (down to
+   one recording rewritten in place) changes every key below it. Results are persisted with the run, under
+   ``<run_dir>/.prefect/results/``. A cached result that no longer describes the run directory (its path is
+   gone, or the stage's marker records other outputs, or outputs changed since) is recomputed
+   (``refresh_cache``), never trusted (:func:`pkdot.stages.result_is_current`).
+2. **The library's own idempotence.** Every ``stage_*`` function skips itself when its outputs are intact
+   for the same key (``StageResult.skipped``), e.g. after the Prefect cache was lost.
 
-The I/O stages (manifest, extract) are retried. At the end the flow publishes two Prefect artifacts: the
-evaluation summary (markdown) and a link to the pipeline's MLflow run.
+Every stage task is retried on *infrastructure* failures only (a Ray worker or node died, out of memory, an
+object store full, ``OSError``: :func:`pkdot.ray_utils.is_infrastructure_error`); bad data or config (any other
+:class:`PkdotError`) fails at once. The flow marks the MLflow parent run FAILED when it fails and KILLED when
+interrupted.
+
+What the Prefect UI shows of a run: pkdot's own log lines in the flow run's logs
+(:func:`send_library_logs_to_prefect`); a progress artifact per long stage (``pkdot-progress-extract``: shards,
+``pkdot-progress-train-teacher`` and ``pkdot-progress-distill``: training jobs, fed by
+:func:`pkdot.progress.report`); at the end the evaluation summary (markdown), the results table (one row per
+model) and a link to the pipeline's MLflow run on the MLflow UI (``tracking.public_uri``).
 
 ``pkdot run`` calls :func:`pipeline` in-process (Prefect's ephemeral API); ``flows/serve.py`` and
 ``prefect.yaml`` expose it as the deployment ``pkdot/full-pipeline``.
@@ -23,43 +34,92 @@ evaluation summary (markdown) and a link to the pipeline's MLflow run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 
-import pkdot
 from pkdot import stages
 from pkdot.config import RunConfig, load_config
-from pkdot.errors import ConfigError, PkdotError, StageError
+from pkdot.errors import ConfigError, StageError
+from pkdot.fingerprint import STAGE_SECTIONS, stage_key
+from pkdot.progress import Progress, listening
+from pkdot.ray_utils import is_infrastructure_error
 from pkdot.stages import StageResult
 
-logger = logging.getLogger(__name__)
+# Under "pkdot" (not __name__: a worker loads this file by path, as a module with a generated name), so that
+# the flow's own lines go where the library's go (see send_library_logs_to_prefect).
+logger = logging.getLogger("pkdot.flows.pipeline")
+
+#: The loggers whose records also go to the flow run's logs in Prefect (the UI's "Logs" tab).
+RUN_LOGGERS: tuple[str, ...] = ("pkdot",)
+
+
+def send_library_logs_to_prefect(names: tuple[str, ...] = RUN_LOGGERS) -> list[str]:
+    """Attach Prefect's API log handler to pkdot's loggers, so their records reach the flow run's logs.
+
+    This is what ``PREFECT_LOGGING_EXTRA_LOGGERS=pkdot`` does, but that setting is read once, when Prefect
+    configures logging on import; the process that runs a flow (the spawned child of ``flow.serve``, or
+    ``python -m prefect.engine`` under a worker) has imported Prefect before it loads this file, so setting it
+    here would be too late and setting it everywhere else is easy to forget. The handlers are the ones Prefect
+    configured for its ``prefect.extra`` logger (the API handler); they send a record only inside a flow or
+    task run and respect ``PREFECT_LOGGING_TO_API_ENABLED``. Levels stay the loggers' own (``pkdot -v``).
+
+    Returns
+    -------
+    list of str
+        The loggers that got a handler now (none when called again, or when Prefect's logging is not set up).
+    """
+    extra = logging.getLogger("prefect.extra")
+    attached = []
+    for name in names:
+        library_logger = logging.getLogger(name)
+        for handler in extra.handlers:
+            if handler not in library_logger.handlers:
+                library_logger.addHandler(handler)
+                attached.append(name)
+    return attached
+
+
+send_library_logs_to_prefect()
+
+
+def _deployment_log_level() -> None:
+    """In a deployment run (served, or on a worker) with no level set for pkdot, use Prefect's level
+    (``PREFECT_LOGGING_LEVEL``, INFO by default) so the flow run's logs show pkdot's INFO lines (stages run or
+    cached, jobs started); ``pkdot run`` keeps the CLI's level (WARNING, INFO with ``-v``)."""
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_LOGGING_LEVEL
+
+    library_logger = logging.getLogger(RUN_LOGGERS[0])
+    if flow_run.deployment_id is None or library_logger.level != logging.NOTSET:
+        return
+    level = logging.getLevelName(str(PREFECT_LOGGING_LEVEL.value()).upper())
+    if isinstance(level, int):
+        library_logger.setLevel(level)
+
 
 #: Stages in execution order.
 STAGE_ORDER: tuple[str, ...] = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
 
-#: The config sections (top-level RunConfig fields) each cached stage reads; with the upstream fingerprint they
-#: make the stage's cache key. ``seed`` is part of every key. Over-inclusion only costs a call into the library,
-#: which then skips itself; under-inclusion would return stale results, so when in doubt a section is listed.
-#: The manifest stage is not cached (see :func:`manifest_task`).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "extract": ("seed", "data", "features"),
-    "train-teacher": ("seed", "data", "features", "model", "train"),
-    "cache": ("seed", "data", "model", "train"),
-    "distill": ("seed", "data", "model", "train", "distill"),
-    "evaluate": ("seed", "data", "train", "distill", "tracking"),
-}
+#: The config sections each cached stage reads (the library's :data:`pkdot.fingerprint.STAGE_SECTIONS`, which
+#: its key hashes). The manifest stage is not cached (see :func:`manifest_task`).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {k: v for k, v in STAGE_SECTIONS.items() if k != "manifest"}
 
-#: Prefect retries of the I/O stages (reading recordings, writing Parquet).
+#: Prefect retries of a stage after an infrastructure failure (see :func:`retry_on_infrastructure_error`).
 IO_RETRIES = 2
 IO_RETRY_DELAY_S = 10.0
 
@@ -69,6 +129,22 @@ RESULTS_DIR = Path(".prefect") / "results"
 #: Prefect artifact keys (lowercase letters, digits and dashes).
 SUMMARY_ARTIFACT_KEY = "pkdot-summary"
 MLFLOW_ARTIFACT_KEY = "pkdot-mlflow-run"
+RESULTS_ARTIFACT_KEY = "pkdot-results"
+PROGRESS_ARTIFACT_PREFIX = "pkdot-progress-"
+
+#: The columns of the results table artifact (those of ``report/summary.json``'s table that exist).
+RESULTS_COLUMNS: tuple[str, ...] = (
+    "model",
+    "metric",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "n",
+    "macro_f1_mean",
+    "mae_mean",
+    "rmse_mean",
+)
 
 #: The address ``mlflow ui`` serves on by default (for links to runs kept in a local SQLite store).
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
@@ -90,19 +166,13 @@ def stage_cache_key(stage: str, cfg: RunConfig, upstream: str) -> str:
     Returns
     -------
     str
-        ``"<stage>-<version>-<section hash>-<upstream>"``; evaluate also hashes the resolved MLflow tracking
-        URI, so pointing a run at another MLflow server registers the model there instead of reusing a result
-        that was registered elsewhere.
+        ``"<stage>-<key>"`` with ``key`` = :func:`pkdot.fingerprint.stage_key` (the key the library's stage
+        marker records): config sections, upstream fingerprint, the stage's source code, and for evaluate the
+        resolved MLflow tracking URI (pointing a run at another MLflow server registers the model there).
     """
     if stage not in STAGE_INPUTS:
         raise StageError(f"unknown stage {stage!r} (expected one of {list(STAGE_ORDER)})")
-    section_hash = cfg.section_hash(*STAGE_INPUTS[stage])
-    parts = [stage, pkdot.__version__.replace(".", "_"), section_hash, upstream or "none"]
-    if stage == "evaluate":
-        from pkdot.tracking import resolve_tracking_uri  # imports mlflow: only when needed
-
-        parts.append(hashlib.sha256(resolve_tracking_uri(cfg).encode()).hexdigest()[:12])
-    return "-".join(parts)
+    return f"{stage}-{stage_key(cfg, stage, upstream)}"
 
 
 def _cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
@@ -113,9 +183,62 @@ def _cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]
     return key
 
 
-def retry_unless_pkdot_error(task: Any, task_run: TaskRun, state: State) -> bool:
-    """Prefect ``retry_condition_fn``: retry I/O failures, not :class:`PkdotError` (bad input stays bad)."""
-    return not isinstance(state.data, PkdotError)
+def _state_exception(state: State) -> BaseException | None:
+    """The exception a failed task state holds (Prefect keeps it as the state's result)."""
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as exc:  # noqa: BLE001 - we only classify it
+        return exc
+    data = getattr(state, "data", None)
+    return data if isinstance(data, BaseException) else None
+
+
+def retry_on_infrastructure_error(task: Any, task_run: TaskRun, state: State) -> bool:
+    """Prefect ``retry_condition_fn``: retry infrastructure failures (a Ray worker/node died, out of memory,
+    object store full, ``OSError``), never bad input (:class:`PkdotError`) nor programming errors."""
+    exc = _state_exception(state)
+    retry = is_infrastructure_error(exc)
+    if exc is not None:
+        logger.warning(
+            "task %s failed (%s: %s); %s",
+            task_run.name,
+            type(exc).__name__,
+            exc,
+            "retrying" if retry else "not retried",
+        )
+    return retry
+
+
+#: The former name (kept for callers of the flow module).
+retry_unless_pkdot_error = retry_on_infrastructure_error
+
+
+# ---- progress artifacts -------------------------------------------------------------------------------------
+class StageProgressArtifact:
+    """A Prefect progress artifact ``pkdot-progress-<stage>`` that follows the library's progress reports.
+
+    Install it with :func:`pkdot.progress.listening` around a stage call (in a task run): the first report of
+    ``stage`` creates the artifact (percent of jobs / shards done, "3 of 4 jobs done" as its description), the
+    next ones update it. Reports of other stages are ignored.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.key = f"{PROGRESS_ARTIFACT_PREFIX}{stage}"
+        self.artifact_id: Any = None
+        self._last: tuple[int, int] | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        if progress.stage != self.stage or self._last == (progress.done, progress.total):
+            return
+        description = f"{progress.stage}: {progress.done} of {progress.total} {progress.unit} done"
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                progress=progress.percent, key=self.key, description=description
+            )
+        else:
+            update_progress_artifact(self.artifact_id, progress.percent, description=description)
+        self._last = (progress.done, progress.total)
 
 
 # ---- tasks: each only calls the library ------------------------------------------------------------------
@@ -123,7 +246,7 @@ def retry_unless_pkdot_error(task: Any, task_run: TaskRun, state: State) -> bool
     name="prepare-run",
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_unless_pkdot_error,
+    retry_condition_fn=retry_on_infrastructure_error,
 )
 def prepare_run_task(cfg: RunConfig) -> RunConfig:
     """Create the run directory, write ``config.yaml`` and (when no data root is given) the synthetic set."""
@@ -134,7 +257,7 @@ def prepare_run_task(cfg: RunConfig) -> RunConfig:
     name="manifest",
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_unless_pkdot_error,
+    retry_condition_fn=retry_on_infrastructure_error,
     cache_policy=NO_CACHE,
 )
 def manifest_task(cfg: RunConfig, upstream: str = "") -> StageResult:
@@ -150,34 +273,65 @@ def manifest_task(cfg: RunConfig, upstream: str = "") -> StageResult:
     name="extract",
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_unless_pkdot_error,
+    retry_condition_fn=retry_on_infrastructure_error,
     cache_key_fn=_cache_key_fn("extract"),
     persist_result=True,
 )
 def extract_task(cfg: RunConfig, upstream: str = "") -> StageResult:
     """Stage 1: face crops, physiological and audio features (``RUN/features/``)."""
-    return stages.stage_extract(cfg, upstream)
+    with listening(StageProgressArtifact("extract")):
+        return stages.stage_extract(cfg, upstream)
 
 
-@task(name="train-teacher", cache_key_fn=_cache_key_fn("train-teacher"), persist_result=True)
+@task(
+    name="train-teacher",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_infrastructure_error,
+    cache_key_fn=_cache_key_fn("train-teacher"),
+    persist_result=True,
+)
 def train_teacher_task(cfg: RunConfig, upstream: str = "") -> StageResult:
     """Stage 2: unimodal backbones, the fused teacher and the T-Net per fold (``RUN/teacher/``)."""
-    return stages.stage_train_teacher(cfg, upstream)
+    with listening(StageProgressArtifact("train-teacher")):
+        return stages.stage_train_teacher(cfg, upstream)
 
 
-@task(name="cache", cache_key_fn=_cache_key_fn("cache"), persist_result=True)
+@task(
+    name="cache",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_infrastructure_error,
+    cache_key_fn=_cache_key_fn("cache"),
+    persist_result=True,
+)
 def cache_task(cfg: RunConfig, upstream: str = "") -> StageResult:
     """Stage 3: frozen teacher embeddings and student features (``RUN/embeddings/``)."""
     return stages.stage_cache(cfg, upstream)
 
 
-@task(name="distill", cache_key_fn=_cache_key_fn("distill"), persist_result=True)
+@task(
+    name="distill",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_infrastructure_error,
+    cache_key_fn=_cache_key_fn("distill"),
+    persist_result=True,
+)
 def distill_task(cfg: RunConfig, upstream: str = "") -> StageResult:
     """Stage 4: one student per distillation loss, fold and seed (``RUN/student/``)."""
-    return stages.stage_distill(cfg, upstream)
+    with listening(StageProgressArtifact("distill")):
+        return stages.stage_distill(cfg, upstream)
 
 
-@task(name="evaluate", cache_key_fn=_cache_key_fn("evaluate"), persist_result=True)
+@task(
+    name="evaluate",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_infrastructure_error,
+    cache_key_fn=_cache_key_fn("evaluate"),
+    persist_result=True,
+)
 def evaluate_task(cfg: RunConfig, upstream: str = "") -> StageResult:
     """Stage 5: metrics, report, and registration of the student in MLflow (``RUN/report/``)."""
     return stages.stage_evaluate(cfg, upstream)
@@ -204,17 +358,20 @@ def build_config(
     seed: int | None = None,
     run_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
+    task: str | None = None,
 ) -> RunConfig:
     """The flow's parameters -> a validated :class:`RunConfig` (via :func:`pkdot.config.load_config`).
 
-    The named parameters are shorthands for dotted overrides: ``dataset`` -> ``data.dataset``, ``root`` ->
-    ``data.root``, ``losses`` -> ``distill.losses``, ``folds`` -> ``train.max_folds`` (run only the first N
-    folds), ``seed`` -> ``seed``, ``run_dir`` -> ``run_dir`` (made absolute). Giving the same key both ways
-    with different values raises :class:`ConfigError` rather than silently preferring one.
+    The named parameters are shorthands for dotted overrides: ``dataset`` -> ``data.dataset``, ``task`` ->
+    ``data.task``, ``root`` -> ``data.root``, ``losses`` -> ``distill.losses``, ``folds`` ->
+    ``train.max_folds`` (run only the first N folds), ``seed`` -> ``seed``, ``run_dir`` -> ``run_dir`` (made
+    absolute). Giving the same key both ways with different values raises :class:`ConfigError` rather than
+    silently preferring one.
     """
     merged: dict[str, Any] = dict(overrides or {})
     named = {
         "data.dataset": dataset,
+        "data.task": task,
         "data.root": root,
         "distill.losses": losses,
         "train.max_folds": folds,
@@ -235,15 +392,45 @@ def build_config(
     return cfg.model_copy(update={"run_dir": Path(cfg.run_dir).resolve()})
 
 
-def _mlflow_run_link(tracking_uri: str, run_id: str) -> tuple[str, str]:
-    """(link, description) of an MLflow run: the server's UI, or ``mlflow ui`` for a local store."""
+def _mlflow_run_link(
+    tracking_uri: str, run_id: str, public_uri: str | None = None, experiment_id: str | None = None
+) -> tuple[str, str]:
+    """(link, description) of an MLflow run for people: its page on ``public_uri`` (the UI address,
+    :func:`pkdot.tracking.resolve_public_uri`), else on the tracking server, else ``mlflow ui`` on a local
+    store (:data:`LOCAL_MLFLOW_UI`)."""
+    from pkdot.tracking import run_ui_url
+
+    if public_uri:
+        where = f"{public_uri}" + (
+            "" if public_uri == tracking_uri.rstrip("/") else f" (logged to {tracking_uri})"
+        )
+        return run_ui_url(public_uri, run_id, experiment_id), f"MLflow run {run_id} on {where}"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/runs/{run_id}", f"MLflow run {run_id} on {tracking_uri}"
+        return run_ui_url(tracking_uri, run_id, experiment_id), f"MLflow run {run_id} on {tracking_uri}"
     return (
-        f"{LOCAL_MLFLOW_UI}/#/runs/{run_id}",
+        run_ui_url(LOCAL_MLFLOW_UI, run_id, experiment_id),
         f"MLflow run {run_id} in the local store {tracking_uri}; open it with "
         f"`mlflow ui --backend-store-uri {tracking_uri}` first.",
     )
+
+
+def results_table(summary_path: Path) -> list[dict[str, Any]]:
+    """The rows of the results table artifact: one per model, :data:`RESULTS_COLUMNS` of the evaluate
+    stage's ``report/summary.json`` (numbers rounded to 4 decimals)."""
+    import json
+
+    try:
+        table = json.loads(Path(summary_path).read_text())["table"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageError(
+            f"stage evaluate: cannot read the results table from {summary_path} (expected the JSON object "
+            f"that pkdot.evaluate.report writes, with a 'table' list): {exc}"
+        ) from exc
+    rows = []
+    for record in table:
+        row = {c: record[c] for c in RESULTS_COLUMNS if c in record}
+        rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
 
 
 def _run_stage(name: str, cfg: RunConfig, upstream: str, results_dir: Path) -> tuple[StageResult, bool]:
@@ -252,8 +439,8 @@ def _run_stage(name: str, cfg: RunConfig, upstream: str, results_dir: Path) -> t
     state: State = stage_task(cfg, upstream, return_state=True)
     result: StageResult = state.result()
     cached = state.name == "Cached"
-    if cached and not Path(result.path).exists():
-        logger.warning("stage %s: cached result points at missing %s; recomputing", name, result.path)
+    if cached and not stages.result_is_current(cfg, result):
+        logger.warning("stage %s: the cached result no longer describes %s; recomputing", name, result.path)
         state = stage_task.with_options(refresh_cache=True)(cfg, upstream, return_state=True)
         result = state.result()
         cached = False
@@ -269,49 +456,66 @@ def _run_stage(name: str, cfg: RunConfig, upstream: str, results_dir: Path) -> t
 @flow(name="pkdot")
 def pipeline(
     config_path: str | None = None,
-    dataset: str | None = None,
+    dataset: Literal["biovid", "affwild2", "table"] | None = None,
+    task: Literal["binary", "multiclass", "valence", "arousal", "regression"] | None = None,
     root: str | None = None,
-    preset: str | None = None,
+    preset: Literal["demo", "paper"] | None = None,
     losses: list[str] | None = None,
     folds: int | None = None,
     seed: int | None = None,
     run_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole PKDOT pipeline: manifest -> extract -> train-teacher -> cache -> distill -> evaluate.
+    """Run the whole PKDOT pipeline: manifest, extract, train-teacher, cache, distill, evaluate.
 
-    Parameters
-    ----------
-    config_path : str, optional
-        A run config YAML (see :mod:`pkdot.config`); every field has a default.
-    dataset : str, optional
-        ``biovid``, ``affwild2`` or ``table`` (``data.dataset``).
-    root : str, optional
-        Dataset root (``data.root``); None = the run's synthetic set.
-    preset : str, optional
-        ``demo`` (tiny models, minutes on a CPU) or ``paper`` (the paper's sizes). None = the config file's
-        ``preset`` key, else ``demo`` (so a saved config is not silently re-based on another preset).
-    losses : list of str, optional
-        Distillation losses to train students with (``distill.losses``).
-    folds : int, optional
-        Run only the first N subject folds (``train.max_folds``).
-    seed : int, optional
-        Global seed.
-    run_dir : str, optional
-        Run directory (artifacts, persisted task results, default MLflow store).
-    overrides : dict, optional
-        Dotted config overrides, e.g. ``{"synth.subjects": 4, "train.epochs_student": 2}``.
+    (Google style, unlike the rest of pkdot: Prefect reads the "Args" section into the parameter descriptions
+    of the deployment's "Custom run" form.)
 
-    Returns
-    -------
-    dict
-        ``{"run_dir", "config_hash", "stages": {stage: {"path", "fingerprint", "skipped", "cached"}},
-        "evaluate": {"report", "mlflow_run_id", "tracking_uri", "model_name", "model_version", "alias", ...}}``
-        (the evaluate stage's details without the report's markdown).
-        ``cached`` is True when Prefect reused the stage's persisted result; ``skipped`` when the library found
-        the stage's outputs complete.
+    Args:
+        config_path: Path of a run config YAML (see pkdot.config); every field has a default, so none is
+            needed. The other parameters override the file.
+        dataset: Dataset adapter (data.dataset): biovid, affwild2, or table (bring-your-own feature table).
+            Empty = the config file's, else biovid.
+        task: Prediction target (data.task): binary (BL1 vs PA4) or multiclass pain for Biovid, valence or
+            arousal for Aff-Wild2, regression for a table. Empty = the config file's, else binary.
+        root: Dataset root folder (data.root). Empty = a synthetic set generated inside the run directory.
+        preset: Model and training sizes: demo (tiny models, minutes on a CPU) or paper (the paper's sizes).
+            Empty = the config file's preset key, else demo (a saved config is never silently re-based).
+        losses: Distillation losses to train one student each with (distill.losses), e.g. ["none", "pkdot",
+            "kd"]. Empty = the config's list.
+        folds: Run only the first N subject folds (train.max_folds). Empty = every fold.
+        seed: Global seed (same seed and data give the same metrics on CPU). Empty = the config's, else 0.
+        run_dir: Run directory for every artifact, the persisted task results and the default MLflow store.
+            Relative paths are resolved in the process that runs the flow. Empty = the config's run_dir.
+        overrides: Dotted config overrides, e.g. {"synth.subjects": 4, "train.epochs_student": 2}.
+
+    Returns:
+        {"run_dir", "config_hash", "stages": {stage: {"path", "fingerprint", "skipped", "cached"}}, "evaluate":
+        {"report", "mlflow_run_id", "tracking_uri", "model_name", "model_version", "alias", ...}} (the
+        evaluate stage's details without the report's markdown). "cached" is True when Prefect reused the
+        stage's persisted result; "skipped" when the library found the stage's outputs complete.
     """
-    cfg = build_config(config_path, dataset, root, preset, losses, folds, seed, run_dir, overrides)
+    _deployment_log_level()
+    cfg = build_config(config_path, dataset, root, preset, losses, folds, seed, run_dir, overrides, task=task)
+    try:
+        return _pipeline_stages(cfg)
+    except BaseException as exc:
+        _end_parent_run(cfg, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _end_parent_run(cfg: RunConfig, status: str) -> None:
+    """Mark the run's MLflow parent run ended (a failed or interrupted flow must not leave it RUNNING)."""
+    try:
+        from pkdot.tracking import end_parent_run
+
+        end_parent_run(cfg.run_dir, status)
+    except Exception as exc:  # noqa: BLE001 - never hide the flow's own error behind a tracking one
+        logger.warning("could not mark the MLflow parent run of %s %s: %s", cfg.run_dir, status, exc)
+
+
+def _pipeline_stages(cfg: RunConfig) -> dict[str, Any]:
+    """The body of :func:`pipeline` once its config is built."""
     cfg = prepare_run_task(cfg)
     results_dir = Path(cfg.run_dir).resolve() / RESULTS_DIR
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +546,19 @@ def pipeline(
         key=SUMMARY_ARTIFACT_KEY,
         description=f"PKDOT evaluation summary of {cfg.run_dir}",
     )
-    link, description = _mlflow_run_link(details["tracking_uri"], details["mlflow_run_id"])
+    create_table_artifact(
+        table=results_table(Path(details["report"]).parent / "summary.json"),
+        key=RESULTS_ARTIFACT_KEY,
+        description=f"Test metric per model (mean, std and corrected 95% CI over runs) of {cfg.run_dir}",
+    )
+    from pkdot.tracking import resolve_public_uri
+
+    link, description = _mlflow_run_link(
+        details["tracking_uri"],
+        details["mlflow_run_id"],
+        public_uri=resolve_public_uri(cfg, details["tracking_uri"]),
+        experiment_id=details.get("experiment_id"),
+    )
     create_link_artifact(
         link=link,
         link_text=f"MLflow run {details['mlflow_run_id']}",

@@ -206,6 +206,10 @@ class LocalStack:
         ``--num-cpus`` of the Ray head.
     ray_dashboard : bool
         Start Ray's dashboard (needs ``ray[default]``) on 8265 (or a free port).
+    ray_node_ip : str
+        The address every Ray listener binds to: ``127.0.0.1`` (default). Another address of this machine
+        opens the Ray head to that network, with Ray's token authentication on (``RAY_AUTH_MODE=token``):
+        anyone who can reach an open Ray without it can run code as you.
     bin_dir : Path, optional
         Where the ``prefect``, ``mlflow`` and ``ray`` executables are (default: next to this Python).
     """
@@ -218,7 +222,9 @@ class LocalStack:
         ray_cpus: int = 2,
         ray_dashboard: bool = False,
         bin_dir: str | Path | None = None,
+        ray_node_ip: str = "127.0.0.1",
     ) -> None:
+        self.ray_node_ip = ray_node_ip
         self.state_dir = Path(state_dir).resolve()
         self.free_ports = free_ports
         self.ray_cpus = ray_cpus
@@ -320,10 +326,11 @@ class LocalStack:
         if svc.name == "mlflow":
             return _http_ok(f"{svc.url}/health")
         if svc.name == "ray":
-            if not _tcp_open(svc.port):
+            host = svc.url.rsplit(":", 1)[0] or "127.0.0.1"
+            if not _tcp_open(svc.port, host):
                 return False
             done = subprocess.run(
-                [self._exe("ray"), "health-check", "--address", f"127.0.0.1:{svc.port}"],
+                [self._exe("ray"), "health-check", "--address", svc.url],
                 capture_output=True,
                 env=self._server_env(),
                 timeout=60,
@@ -394,12 +401,14 @@ class LocalStack:
             # Ray's session directory holds Unix sockets, whose paths must stay short: keep it under /tmp.
             temp_dir = tempfile.mkdtemp(prefix="pkdot-ray-", dir="/tmp")
             (self.state_dir / "ray-temp-dir").write_text(temp_dir)
+            from pkdot.ray_utils import loopback_env, loopback_head_args
+
+            # Every listener (GCS, raylet, agents, metrics, client server, dashboard) on the node IP, which is
+            # 127.0.0.1 unless --ray-node-ip opens it (then with Ray's token authentication), on free ports.
             argv = [
                 self._exe("ray"),
                 "start",
                 "--head",
-                "--node-ip-address",
-                "127.0.0.1",
                 "--port",
                 str(port),
                 "--num-cpus",
@@ -408,22 +417,22 @@ class LocalStack:
                 temp_dir,
                 "--disable-usage-stats",
                 "--block",
+                *loopback_head_args(self.ray_node_ip, dashboard=self.ray_dashboard),
             ]
-            if self.ray_dashboard:
-                dash = free_port() if self.free_ports else DEFAULT_PORTS["ray-dashboard"]
-                argv += [
-                    "--include-dashboard=true",
-                    "--dashboard-host",
-                    "127.0.0.1",
-                    "--dashboard-port",
-                    str(dash),
-                ]
-            else:
-                argv += ["--include-dashboard=false"]
+            if self.ray_dashboard and not self.free_ports:
+                dash_at = argv.index("--dashboard-port") + 1
+                if port_is_free(DEFAULT_PORTS["ray-dashboard"]):
+                    argv[dash_at] = str(DEFAULT_PORTS["ray-dashboard"])
             # A local head has nothing to drain for: stop at once on SIGTERM instead of after 30 s.
-            renv = dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+            renv = dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", **loopback_env(self.ray_node_ip))
+            if "RAY_AUTH_MODE" in loopback_env(self.ray_node_ip):
+                logger.warning(
+                    "ray: listening on %s (reachable from that network); Ray token authentication is on: "
+                    "clients need the token (~/.ray/auth_token or $RAY_AUTH_TOKEN)",
+                    self.ray_node_ip,
+                )
             pid, log = self._spawn(name, argv, renv, marker="ray")
-            return ServiceProcess(name, pid, port, f"127.0.0.1:{port}", str(log), "ray")
+            return ServiceProcess(name, pid, port, f"{self.ray_node_ip}:{port}", str(log), "ray")
         raise StackError(f"unknown service {name!r}")
 
     # ---- status / stop -----------------------------------------------------------------------------------
@@ -479,10 +488,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--services", default=",".join(SERVICES), help="comma list (default: %(default)s)")
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--ray-dashboard", action="store_true", help="also start Ray's dashboard (8265)")
+    parser.add_argument(
+        "--ray-node-ip",
+        default="127.0.0.1",
+        help="address every Ray listener binds to (default 127.0.0.1); another one opens Ray to that "
+        "network, with Ray's token authentication on",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     stack = LocalStack(
-        args.state, free_ports=args.free_ports, ray_cpus=args.ray_cpus, ray_dashboard=args.ray_dashboard
+        args.state,
+        free_ports=args.free_ports,
+        ray_cpus=args.ray_cpus,
+        ray_dashboard=args.ray_dashboard,
+        ray_node_ip=args.ray_node_ip,
     )
     try:
         if args.command == "start":

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pkdot.stages import stage_evaluate
 
-    res = stage_evaluate(_run_config(args))
+    res = stage_evaluate(_run_config(args), robustness=args.robustness)
     print(res.details.get("summary_markdown", ""))
     _print_where(res.details)
     return 0
@@ -230,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pkdot.predict import predict_videos
 
-    rows = predict_videos(args.model, args.videos)
+    rows = predict_videos(args.model, args.videos, tracking_uri=args.tracking_uri)
     for r in rows:
         print(json.dumps(r))
     return 0
@@ -286,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ray-address")
         if name == "distill":
             p.add_argument("--loss", action="append", help="pkdot|none|kd|fitnet|sp|rkd|pkt|crd (repeatable)")
+        if name == "evaluate":
+            p.add_argument(
+                "--robustness",
+                action="store_true",
+                help="Also evaluate the students and the unimodal video model on degraded test video (0-90%% "
+                "of frames dropped, Gaussian noise, blur): report/robustness.png, robustness.csv, a report "
+                "section and MLflow metrics (default: off)",
+            )
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("run", help="The whole pipeline (synthetic Biovid demo with no arguments)")
@@ -297,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="Predict pain level / VA per video with a registered student")
     p.add_argument("--model", required=True, help="e.g. models:/pkdot-student-biovid@champion")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store holding the registered model, e.g. sqlite:///runs/biovid-demo/mlflow.db or "
+        "http://HOST:5000 (default: $MLFLOW_TRACKING_URI; required when that is unset)",
+    )
     p.add_argument("videos", nargs="+", type=Path)
     p.set_defaults(fn=cmd_predict)
     return parser
@@ -311,10 +326,43 @@ def main(argv: list[str] | None = None) -> int:
         ds = args.dataset or "biovid"
         args.run_dir = Path("runs") / f"{ds}-{args.preset or 'demo'}"
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        _end_parent_run(args, "KILLED")
+        print(f"pkdot {args.command}: {INTERRUPTED}", file=sys.stderr)
+        return 130
     except PkdotError as exc:
+        _end_parent_run(args, "FAILED")
         print(f"pkdot {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BaseException:
+        _end_parent_run(args, "FAILED")
+        raise
+    _end_parent_run(args, "FINISHED" if code == 0 else "FAILED")
+    return code
+
+
+#: What Ctrl-C prints (every stage writes atomically and resumes from what is complete).
+INTERRUPTED = "interrupted; the run directory is consistent, re-run to resume"
+
+
+def _end_parent_run(args: argparse.Namespace, status: str) -> None:
+    """End the run directory's MLflow parent run (if the command made one) so it never stays RUNNING."""
+    run_dir = getattr(args, "out", None) if args.command == "extract" else None
+    run_dir = run_dir or getattr(args, "run", None) or getattr(args, "run_dir", None)
+    if args.command in ("synth", "manifest", "predict") or run_dir is None:
+        return
+    if not (Path(run_dir) / "mlflow_parent.json").is_file():
+        return
+    try:
+        from pkdot.tracking import end_parent_run
+
+        end_parent_run(run_dir, status)
+    except (PkdotError, OSError) as exc:
+        log.warning("could not mark the MLflow parent run of %s %s: %s", run_dir, status, exc)
+    except Exception as exc:  # noqa: BLE001 - MLflow's own errors: never hide the command's outcome behind them
+        log.warning("could not mark the MLflow parent run of %s %s: %s", run_dir, status, exc)
 
 
 if __name__ == "__main__":

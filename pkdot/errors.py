@@ -25,3 +25,8 @@ class StaleCacheError(PkdotError):
 
 class StageError(PkdotError):
     """A pipeline stage is missing an upstream artifact or was given inconsistent inputs."""
+
+
+class InfrastructureError(PkdotError):
+    """A transient failure of the machinery, not of the input (a Ray worker or node died, out of memory, an
+    object store full, I/O): the flow retries it, re-running resumes (see :func:`pkdot.ray_utils.is_infrastructure_error`)."""

@@ -1,13 +1,136 @@
-"""Starting (or joining) Ray the same way everywhere in pkdot."""
+"""Starting (or joining) Ray the same way everywhere in pkdot — on loopback unless opened on purpose.
+
+A Ray node has many listeners: the GCS, the raylet (node manager + object manager), the dashboard and its
+agent (HTTP + gRPC), the runtime-env agent, the metrics exporter, the Ray client server and every worker's
+gRPC server. Ray binds them to the *node IP*, and on Linux it rewrites a requested ``127.0.0.1`` into the
+machine's routable address (``resolve_ip_for_localhost``) unless multi-node clusters are disabled, which is
+what ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does (measured with Ray 2.60: with it and node IP 127.0.0.1, every
+listener of ``ray.init`` and of ``ray start --head`` is on 127.0.0.1; without it the GCS, raylet and workers
+are on ``*`` and the agents on the external address). :func:`ensure_ray` starts its private Ray that way,
+``make ray-up`` and ``infra/local_stack.py`` start ``ray start --head`` that way (:func:`loopback_env`,
+:func:`loopback_head_args`).
+
+Opening Ray to a network is explicit (``PKDOT_RAY_NODE_IP=<address>`` for the embedded Ray,
+``RAY_NODE_IP=<address>`` for ``make ray-up``, ``--ray-node-ip`` for the local stack) and turns Ray's token
+authentication on (``RAY_AUTH_MODE=token``): without it anyone who can reach the ports can run code as you.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from pkdot.errors import ConfigError
+from pkdot.errors import ConfigError, InfrastructureError, PkdotError
 
 logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+#: Ray's switch that keeps a node's listeners on the loopback address it was given (see the module docstring).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: Set to an address of this machine to open the embedded Ray to a network (token authentication on).
+NODE_IP_ENV = "PKDOT_RAY_NODE_IP"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` right now (the OS picks it; Ray's fixed defaults collide between Rays)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def is_loopback(address: str) -> bool:
+    """Whether an IP address (``127.0.0.0/8``, ``::1`` or IPv4-mapped loopback) is a loopback address."""
+    import ipaddress
+
+    host = address.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def loopback_env(node_ip: str = LOOPBACK) -> dict[str, str]:
+    """Environment for a ``ray start --head`` process: loopback switch, or token auth for a network address."""
+    if is_loopback(node_ip):
+        return dict(LOOPBACK_ENV)
+    return {"RAY_AUTH_MODE": "token"}
+
+
+def loopback_head_args(node_ip: str = LOOPBACK, *, dashboard: bool = False) -> list[str]:
+    """``ray start --head`` arguments that put every listener on ``node_ip`` on free ports.
+
+    Node IP, dashboard host, and free ports for the dashboard, its agent (HTTP and gRPC), the runtime-env
+    agent, the metrics exporter and the Ray client server (Ray's fixed defaults 8265, 52365, 10001 collide
+    with any other Ray on the machine). The GCS port is the caller's (``--port``).
+    """
+    args = [
+        "--node-ip-address",
+        node_ip,
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--ray-client-server-port",
+        str(free_port()),
+    ]
+    if dashboard:
+        args += [
+            "--include-dashboard=true",
+            "--dashboard-host",
+            node_ip,
+            "--dashboard-port",
+            str(free_port()),
+        ]
+    else:
+        args += ["--include-dashboard=false"]
+    return args
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Within the block, Ray (this process and the processes it spawns) keeps loopback listeners on loopback.
+
+    Ray reads the switch at import time (``ray_constants.ENABLE_RAY_CLUSTER``), so the already imported
+    constant is set too; both are restored afterwards, so that a later ``ray.init(address=...)`` of the same
+    process can still join a multi-node cluster with its real address.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def running_local_cluster() -> str | None:
+    """The address of a ``ray start`` cluster this machine's Ray would join by default, or None."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        found = find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - Ray's discovery reads /tmp files; anything odd means "none found"
+        return None
+    return found or None
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
@@ -15,9 +138,11 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
 
     Parameters
     ----------
-    num_cpus : CPUs of a local Ray (None = all of the machine's). Ignored when joining a cluster.
-    address : a Ray cluster (``"auto"`` or ``host:port``); None = ``$RAY_ADDRESS`` if set, else a new local
-        Ray without the dashboard. Usage statistics are disabled (``RAY_USAGE_STATS_ENABLED=0``).
+    num_cpus : CPUs of a private Ray (None = all of the machine's). Ignored when joining a cluster.
+    address : a Ray cluster (``"auto"`` or ``host:port``); None = ``$RAY_ADDRESS`` if set, else a new private
+        Ray (``address="local"``: never the ``ray start`` cluster that may be up on this machine, which is
+        only joined when asked for, e.g. ``--ray-address auto``). Its listeners are on 127.0.0.1 (see the
+        module docstring) unless ``$PKDOT_RAY_NODE_IP`` names another address; usage statistics are off.
     """
     import ray
 
@@ -26,23 +151,118 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target:
-        logger.info("joining the Ray cluster at %s", target)
+        logger.warning(
+            "joining the Ray cluster at %s (as asked by %s)",
+            target,
+            "ray_address" if address else "$RAY_ADDRESS",
+        )
         try:
             ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True)
-        except ConnectionError as exc:
+        except (ConnectionError, ValueError, RuntimeError) as exc:
             source = "ray_address" if address else "$RAY_ADDRESS"
             raise ConfigError(f"{source} {target!r}: cannot connect to a Ray cluster there ({exc})") from exc
-    else:
-        logger.info("starting a local Ray (num_cpus=%s)", num_cpus)
-        # The dashboard (ray[default]) also serves the State API that Ray Train's placement-group cleaner
-        # polls; without it the cleaner floods the log. Bound to localhost only.
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
+        return True
+    existing = running_local_cluster()
+    if existing:
+        logger.warning(
+            "a Ray cluster is running on this machine (%s); starting a private Ray instead "
+            "(pass --ray-address auto to use that cluster)",
+            existing,
         )
-        url = ray._private.worker.global_worker.node.address_info.get("webui_url")
-        if url:
-            logger.warning("local Ray started; dashboard at http://%s", url)
+    node_ip = os.environ.get(NODE_IP_ENV) or LOOPBACK
+    kwargs: dict[str, Any] = {
+        "address": "local",
+        "num_cpus": num_cpus,
+        # The dashboard (ray[default]) also serves the State API that Ray Train's placement-group cleaner
+        # polls; without it the cleaner floods the log. On the node IP, on a free port (8265 may be taken).
+        "include_dashboard": True,
+        "dashboard_host": node_ip,
+        "dashboard_port": free_port(),
+        "logging_level": logging.WARNING,
+        "_node_ip_address": node_ip,
+    }
+    if is_loopback(node_ip):
+        logger.info("starting a private Ray on %s (num_cpus=%s)", node_ip, num_cpus)
+        with _loopback_only():
+            ray.init(**kwargs)
+    else:
+        logger.warning(
+            "starting a private Ray on %s (%s): reachable from that network, with Ray token authentication",
+            node_ip,
+            NODE_IP_ENV,
+        )
+        os.environ["RAY_AUTH_MODE"] = "token"
+        ray.init(**kwargs)
+    url = ray._private.worker.global_worker.node.address_info.get("webui_url")
+    if url:
+        logger.info("private Ray started; dashboard at http://%s", url)
     return True
+
+
+#: Ray exceptions that mean the infrastructure failed (a process, node or store), not the task's input.
+_RAY_INFRASTRUCTURE = (
+    "LocalRayletDiedError",
+    "WorkerCrashedError",
+    "RayActorError",
+    "RaySystemError",
+    "ObjectStoreFullError",
+    "OutOfDiskError",
+    "OutOfMemoryError",
+    "NodeDiedError",
+    "ObjectLostError",
+    "RpcError",
+    "GetTimeoutError",
+    "TaskPlacementGroupRemoved",
+    "ActorPlacementGroupRemoved",
+)
+
+
+def is_infrastructure_error(exc: BaseException | None) -> bool:
+    """Whether an exception is a transient infrastructure failure (worth retrying) rather than bad input.
+
+    True for :class:`pkdot.errors.InfrastructureError`, ``OSError`` (I/O, connections, timeouts), and Ray's
+    worker/actor/node deaths, out-of-memory kills and object-store failures (also when a task's error
+    carries one as its cause). False for every other :class:`pkdot.errors.PkdotError` (bad data or config
+    stays bad), and for other exceptions (programming errors fail the same way again).
+    """
+    if exc is None:
+        return False
+    if isinstance(exc, InfrastructureError):
+        return True
+    if isinstance(exc, PkdotError):
+        return False
+    if isinstance(exc, OSError):
+        return True
+    try:
+        import ray.exceptions as rex
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    infra = tuple(getattr(rex, name) for name in _RAY_INFRASTRUCTURE if hasattr(rex, name))
+    if isinstance(exc, infra):
+        return True
+    if isinstance(exc, rex.RayTaskError):  # the task raised: infrastructure only if what it raised is
+        cause = getattr(exc, "cause", None)
+        return cause is not exc and is_infrastructure_error(cause)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pkdot.ray_utils head-args|head-env NODE_IP [--dashboard]`` (used by ``make ray-up``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pkdot.ray_utils")
+    parser.add_argument("what", choices=["head-args", "head-env"])
+    parser.add_argument("node_ip", nargs="?", default=LOOPBACK)
+    parser.add_argument("--dashboard", action="store_true")
+    args = parser.parse_args(argv)
+    if args.what == "head-args":
+        print(" ".join(loopback_head_args(args.node_ip, dashboard=args.dashboard)))
+    else:
+        print(" ".join(f"{k}={v}" for k, v in loopback_env(args.node_ip).items()))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

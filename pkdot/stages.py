@@ -1,10 +1,15 @@
 """The pipeline's stages as plain functions over a run directory (Prefect tasks and the CLI call these).
 
 Each stage reads its inputs from ``cfg.run_dir``, writes its outputs there (atomically), logs to MLflow through
-:mod:`pkdot.tracking`, and returns a :class:`StageResult`. A stage is idempotent: it records the hash of its
-inputs (the config sections it depends on + the upstream stage's output fingerprint) in
-``<run>/stages/<stage>.json`` and does nothing when its outputs are complete for the same inputs. When its
-inputs changed it rebuilds its own outputs, and never touches an earlier stage's.
+:mod:`pkdot.tracking`, and returns a :class:`StageResult`. A stage is idempotent: it records its key
+(:func:`pkdot.fingerprint.stage_key`: config sections + upstream output fingerprint + the stage's source code;
+the Prefect cache uses the same key), its output fingerprint and the size/mtime of its output files in
+``<run>/stages/<stage>.json``, and does nothing when its outputs are intact for the same key. When its inputs
+changed it rebuilds its own outputs, and never touches an earlier stage's.
+
+Before it writes, a stage marks itself pending (its marker loses its fingerprint) and removes the old results a
+failure would leave readable; a stage refuses to start when its upstream stage is pending, or when an output an
+earlier stage recorded changed or disappeared since, naming the command to re-run.
 """
 
 from __future__ import annotations
@@ -12,18 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pkdot.config import RunConfig
 from pkdot.errors import StageError
+from pkdot.fingerprint import STAGES
 
 log = logging.getLogger(__name__)
-
-STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
 
 
 @dataclass
@@ -46,30 +52,163 @@ def _marker(cfg: RunConfig, stage: str) -> Path:
     return _run_dir(cfg) / "stages" / f"{stage}.json"
 
 
-def _inputs_key(cfg: RunConfig, sections: tuple[str, ...], upstream: str) -> str:
-    return hashlib.sha256(f"{cfg.section_hash(*sections)}|{upstream}".encode()).hexdigest()[:16]
+def _key(cfg: RunConfig, stage: str, upstream: str, **kw: Any) -> str:
+    """The stage's key (:func:`pkdot.fingerprint.stage_key`, the same one Prefect's cache uses)."""
+    from pkdot.fingerprint import stage_key
+
+    return stage_key(cfg, stage, upstream, **kw)
 
 
-def _done(cfg: RunConfig, stage: str, key: str) -> dict | None:
+#: The command that (re)runs a stage, for messages.
+STAGE_COMMAND = {
+    "manifest": "pkdot extract",
+    "extract": "pkdot extract",
+    "train-teacher": "pkdot train-teacher",
+    "cache": "pkdot cache",
+    "distill": "pkdot distill",
+    "evaluate": "pkdot evaluate",
+}
+
+
+def _read_marker(cfg: RunConfig, stage: str) -> dict | None:
     path = _marker(cfg, stage)
     if not path.is_file():
         return None
-    doc = json.loads(path.read_text())
-    return doc if doc.get("inputs") == key else None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageError(
+            f"{path} is not a readable stage marker ({exc}); re-run {STAGE_COMMAND[stage]}"
+        ) from exc
+    return doc if isinstance(doc, dict) else None
 
 
-def _mark(cfg: RunConfig, stage: str, key: str, fingerprint: str, details: dict, seconds: float) -> None:
+def _changed_outputs(cfg: RunConfig, doc: dict) -> list[str]:
+    """The outputs a marker records whose size or mtime is not what the stage wrote (or that are gone)."""
+    from pkdot.fingerprint import output_stamp
+
+    changed = []
+    for rel, stamp in (doc.get("outputs") or {}).items():
+        path = _run_dir(cfg) / rel
+        try:
+            if output_stamp(path) != list(stamp):
+                changed.append(f"{path} (changed)")
+        except OSError:
+            changed.append(f"{path} (missing)")
+    return changed
+
+
+def _done(cfg: RunConfig, stage: str, key: str) -> dict | None:
+    """The marker of ``stage`` when it completed for ``key`` and its recorded outputs are intact, else None."""
+    doc = _read_marker(cfg, stage)
+    if doc is None or doc.get("inputs") != key or "fingerprint" not in doc:
+        return None
+    changed = _changed_outputs(cfg, doc)
+    if changed:
+        log.warning(
+            "stage %s: outputs changed since it ran (%s); running it again", stage, ", ".join(changed[:3])
+        )
+        return None
+    return doc
+
+
+def _mark(
+    cfg: RunConfig,
+    stage: str,
+    key: str,
+    fingerprint: str,
+    details: dict,
+    seconds: float,
+    outputs: list[Path] | None = None,
+) -> None:
+    """Record a completed stage: its key, output fingerprint, and the size/mtime of each output file."""
+    from pkdot.fingerprint import output_stamp
+
     path = _marker(cfg, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    run_dir = _run_dir(cfg).resolve()
+    stamps = {
+        str(Path(p).resolve().relative_to(run_dir)): output_stamp(p)
+        for p in (outputs or [])
+        if Path(p).is_file()
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(
         json.dumps(
-            {"inputs": key, "fingerprint": fingerprint, "details": details, "seconds": round(seconds, 2)},
+            {
+                "inputs": key,
+                "fingerprint": fingerprint,
+                "outputs": stamps,
+                "details": details,
+                "seconds": round(seconds, 2),
+            },
             indent=1,
             default=str,
         )
     )
     tmp.replace(path)
+
+
+def _upstream(cfg: RunConfig, stage: str, upstream: str = "") -> str:
+    """The output fingerprint of the completed stage ``stage``, after checking its outputs on disk.
+
+    Raises :class:`StageError` naming the stage to re-run when it has not completed, its last run failed or was
+    interrupted, an output it recorded changed or disappeared since, or ``upstream`` (what the caller was
+    handed) is not what the stage recorded.
+    """
+    doc = _read_marker(cfg, stage)
+    again = STAGE_COMMAND[stage]
+    if doc is None:
+        raise StageError(f"stage {stage!r} has not completed in {cfg.run_dir}: run `{again}` first")
+    if "fingerprint" not in doc:
+        raise StageError(
+            f"stage {stage!r} did not complete in {cfg.run_dir} (its last run failed or was interrupted, and its "
+            f"old outputs were invalidated): re-run `{again}`"
+        )
+    changed = _changed_outputs(cfg, doc)
+    if changed:
+        raise StageError(
+            f"the outputs of stage {stage!r} changed since it wrote them: {', '.join(changed[:5])}"
+            f"{f' and {len(changed) - 5} more' if len(changed) > 5 else ''}; re-run `{again}`"
+        )
+    if upstream and upstream != doc["fingerprint"]:
+        raise StageError(
+            f"stage {stage!r} in {cfg.run_dir} recorded outputs {doc['fingerprint']}, not the {upstream} this "
+            f"stage was given: re-run `{again}`"
+        )
+    for earlier in STAGES[: STAGES.index(stage)]:  # later stages read these too (features, splits, ...)
+        earlier_doc = _read_marker(cfg, earlier)
+        changed = _changed_outputs(cfg, earlier_doc) if earlier_doc else []
+        if changed:
+            raise StageError(
+                f"the outputs of stage {earlier!r} changed since it wrote them: {', '.join(changed[:5])}; "
+                f"re-run `{STAGE_COMMAND[earlier]}`"
+            )
+    return str(doc["fingerprint"])
+
+
+def _invalidate(cfg: RunConfig, stage: str, key: str, outputs: Sequence[Path] = ()) -> None:
+    """Before a stage writes: mark it pending (no fingerprint: nothing downstream accepts it) and remove
+    ``outputs``, its old results that a failure would otherwise leave readable."""
+    _mark_pending(cfg, stage, key)
+    for p in outputs:
+        if p.is_file():
+            log.info("stage %s: removing its old output %s before writing", stage, p)
+            p.unlink()
+
+
+def result_is_current(cfg: RunConfig, result: StageResult) -> bool:
+    """Whether a stage result (e.g. one Prefect served from its cache) still describes the run directory.
+
+    False when its path is gone, or the stage's marker records another fingerprint, or outputs that changed.
+    A missing marker is accepted when the path exists (results not produced by these stage functions).
+    """
+    if not Path(result.path).exists():
+        return False
+    doc = _read_marker(cfg, result.stage)
+    if doc is None:
+        return True
+    return doc.get("fingerprint") == result.fingerprint and not _changed_outputs(cfg, doc)
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -170,12 +309,19 @@ def stage_manifest(cfg: RunConfig, upstream: str = "") -> StageResult:
     if synthetic_marker.is_file():
         marker_text = synthetic_marker.read_text()
         fingerprint = hashlib.sha256(f"{fingerprint}|{marker_text}".encode()).hexdigest()[:16]
+    # The identity of every recording and of the root's index files: a recording zeroed or rewritten in place
+    # changes the manifest's fingerprint, so extract (and everything below) is run again for it.
+    from pkdot.fingerprint import hash_json, recordings_identity
+
+    fingerprint = hash_json(
+        {"rows": fingerprint, "recordings": recordings_identity(result.frame, cfg.data.root)}
+    )
     details = {
         "samples": len(result.frame),
         "skipped": len(result.skipped),
         "subjects": int(result.frame["subject_id"].nunique()),
     }
-    _mark(cfg, "manifest", "always", fingerprint, details, time.time() - t0)
+    _mark(cfg, "manifest", "always", fingerprint, details, time.time() - t0, outputs=[path])
     return StageResult("manifest", path, fingerprint, False, details)
 
 
@@ -185,70 +331,50 @@ def stage_extract(cfg: RunConfig, upstream: str = "") -> StageResult:
     from pkdot.features.extract import run_extract
 
     run_dir = _run_dir(cfg)
-    key = _inputs_key(cfg, ("data", "features"), upstream)
+    key = _key(cfg, "extract", _upstream(cfg, "manifest", upstream))
     done = _done(cfg, "extract", key)
     out = run_dir / "features"
     if done is not None:
         return StageResult("extract", out, done["fingerprint"], True, done["details"])
     t0 = time.time()
+    # Nothing downstream may read the old tables while (or if) this run fails: they go first; the shards
+    # stay (each is keyed by its own rows' recordings, so a re-run redoes only the shards that changed).
+    _invalidate(cfg, "extract", key, sorted(out.glob("*.parquet")) + [out / "extract_report.json"])
     manifest = read_manifest(run_dir / "manifest.parquet")
     report = run_extract(cfg, manifest, run_dir, workers=cfg.features.workers)
     tables = sorted(p for p in out.glob("*.parquet"))
     if not tables:
         raise StageError(f"extraction wrote no feature table under {out}")
     fingerprint = _hash_files(tables)
-    details = {k: report[k] for k in ("counts", "face_detection_rate") if k in report}
-    _mark(cfg, "extract", key, fingerprint, details, time.time() - t0)
+    details = {
+        k: report[k]
+        for k in ("counts", "face_detection_rate", "shards_done", "shards_skipped")
+        if k in report
+    }
+    _mark(cfg, "extract", key, fingerprint, details, time.time() - t0, outputs=tables)
     _track_stage(cfg, "extract", metrics=_numeric(report), artifacts=[out / "extract_report.json"])
     return StageResult("extract", out, fingerprint, False, details)
 
 
 def _folds(cfg: RunConfig):
-    from pkdot.data.manifest import fold_plan, read_manifest
-    from pkdot.train.data import load_samples
-    from pkdot.train.splits import save_folds
+    """Each seed's subject folds (+ crossfit groups) -> ``splits.json`` (:func:`pkdot.train.splits.plan_run_folds`)."""
+    from pkdot.train.splits import write_run_folds
 
-    samples = load_samples(cfg, _run_dir(cfg))
-    manifest = read_manifest(_run_dir(cfg) / "manifest.parquet")
-    folds = fold_plan(manifest[manifest["sample_id"].isin(samples.sample_ids)], cfg.train, cfg.seed)
-    if cfg.train.max_folds is not None:
-        folds = folds[: cfg.train.max_folds]
-    save_folds(folds, _run_dir(cfg) / "splits.json")
-    return folds
+    return write_run_folds(cfg, _run_dir(cfg))
 
 
 def teacher_jobs(cfg: RunConfig, folds) -> list:
-    from pkdot.train.cache import teacher_dir
-    from pkdot.train.jobs import Job
+    """Teacher jobs of a fold plan, cross-fitting ones included (:func:`pkdot.train.jobs.teacher_jobs`)."""
+    from pkdot.train.jobs import teacher_jobs as make
 
-    return [
-        Job(
-            key=f"teacher/fold-{f.index}/seed-{s}",
-            out_dir=str(teacher_dir(_run_dir(cfg), f.index, s)),
-            fold=f.index,
-            seed=s,
-        )
-        for f in folds
-        for s in cfg.train.seeds
-    ]
+    return make(cfg, folds)
 
 
 def student_jobs(cfg: RunConfig, folds, losses: list[str]) -> list:
-    from pkdot.train.jobs import Job
-    from pkdot.train.student import student_dir
+    """Student jobs of a fold plan (:func:`pkdot.train.jobs.student_jobs`)."""
+    from pkdot.train.jobs import student_jobs as make
 
-    return [
-        Job(
-            key=f"student/{loss}/fold-{f.index}/seed-{s}",
-            out_dir=str(student_dir(_run_dir(cfg), loss, f.index, s)),
-            fold=f.index,
-            seed=s,
-            loss=loss,
-        )
-        for loss in losses
-        for f in folds
-        for s in cfg.train.seeds
-    ]
+    return make(cfg, folds, losses)
 
 
 def stage_train_teacher(cfg: RunConfig, upstream: str = "", *, callbacks=()) -> StageResult:
@@ -256,9 +382,7 @@ def stage_train_teacher(cfg: RunConfig, upstream: str = "", *, callbacks=()) -> 
     from pkdot.train.ray_runner import run_jobs_on_ray
 
     run_dir = _run_dir(cfg)
-    key = _inputs_key(
-        cfg, ("data", "features", "model", "train", "seed"), upstream or _fingerprint(cfg, "extract")
-    )
+    key = _key(cfg, "train-teacher", _upstream(cfg, "extract", upstream))
     out = run_dir / "teacher"
     done = _done(cfg, "train-teacher", key)
     if done is not None:
@@ -266,18 +390,33 @@ def stage_train_teacher(cfg: RunConfig, upstream: str = "", *, callbacks=()) -> 
     if _previous_inputs(cfg, "train-teacher") not in (None, key):  # inputs changed: its jobs are stale
         _reset(out)
     t0 = time.time()
+    # Pending until every job is done: downstream refuses the old checkpoints meanwhile (same-key jobs that
+    # completed are kept and resumed).
+    _mark_pending(cfg, "train-teacher", key)
     folds = _folds(cfg)
     jobs = teacher_jobs(cfg, folds)
-    _mark_pending(cfg, "train-teacher", key)
     run_jobs_on_ray(cfg, "teacher", jobs, callbacks=callbacks)
+    from pkdot.train.jobs import teacher_checkpoints, teacher_cost
+
     metrics = {}
     for job in jobs:
+        group = "" if job.group is None else f"_without{job.group}"  # cross-fitting teachers
         for k, v in json.loads((Path(job.out_dir) / "metrics.json").read_text()).items():
-            metrics[f"fold{job.fold}_seed{job.seed}/{k}"] = v
-    fingerprint = _hash_files([Path(j.out_dir) / n for j in jobs for n in ("teacher.pt", "tnet.pt")])
-    _mark(cfg, "train-teacher", key, fingerprint, {"jobs": len(jobs), "metrics": metrics}, time.time() - t0)
+            metrics[f"fold{job.fold}_seed{job.seed}{group}/{k}"] = v
+    checkpoints = [p for j in jobs for p in teacher_checkpoints(j)]
+    fingerprint = _hash_files(checkpoints)
+    _mark(
+        cfg,
+        "train-teacher",
+        key,
+        fingerprint,
+        {"jobs": len(jobs), "cost": teacher_cost(jobs), "metrics": metrics},
+        time.time() - t0,
+        outputs=[*checkpoints, run_dir / "splits.json"],
+    )
     _track_jobs(cfg, "train-teacher", jobs)
-    return StageResult("train-teacher", out, fingerprint, False, {"jobs": len(jobs), "metrics": metrics})
+    details = {"jobs": len(jobs), "cost": teacher_cost(jobs), "metrics": metrics}
+    return StageResult("train-teacher", out, fingerprint, False, details)
 
 
 def _previous_inputs(cfg: RunConfig, stage: str) -> str | None:
@@ -296,42 +435,38 @@ def _mark_pending(cfg: RunConfig, stage: str, key: str) -> None:
 
 
 def _fingerprint(cfg: RunConfig, stage: str) -> str:
-    path = _marker(cfg, stage)
-    if not path.is_file():
-        raise StageError(f"stage {stage!r} has not completed in {cfg.run_dir} (run it first)")
-    doc = json.loads(path.read_text())
-    if "fingerprint" not in doc:
-        raise StageError(f"stage {stage!r} did not complete in {cfg.run_dir} (run it again)")
-    return doc["fingerprint"]
+    """The output fingerprint of a completed stage (checked against its outputs on disk, see :func:`_upstream`)."""
+    return _upstream(cfg, stage)
 
 
 def stage_cache(cfg: RunConfig, upstream: str = "") -> StageResult:
     """Run each frozen teacher once over its fold's samples -> ``embeddings/fold-<k>-seed-<s>.parquet``."""
-    from pkdot.train.cache import build_cache, cache_is_fresh, cache_path
+    from pkdot.train.cache import build_cache, cache_is_fresh, cache_path, crossfit_cost, crossfit_groups_of
     from pkdot.train.data import load_samples
-    from pkdot.train.splits import load_folds
+    from pkdot.train.splits import load_fold_plan
 
     run_dir = _run_dir(cfg)
-    key = _inputs_key(cfg, ("data", "model"), upstream or _fingerprint(cfg, "train-teacher"))
-    folds = load_folds(run_dir / "splits.json")
-    paths = [cache_path(run_dir, f.index, s) for f in folds for s in cfg.train.seeds]
+    key = _key(cfg, "cache", _upstream(cfg, "train-teacher", upstream))
+    pairs = load_fold_plan(run_dir / "splits.json").pairs(cfg.train.seeds)  # each seed's own folds
+    cf = crossfit_groups_of(cfg)
+    paths = [cache_path(run_dir, f.index, s, cf) for s, f in pairs]
     done = _done(cfg, "cache", key)
-    if done is not None and all(cache_is_fresh(run_dir, f.index, s) for f in folds for s in cfg.train.seeds):
+    if done is not None and all(cache_is_fresh(run_dir, f.index, s, cf) for s, f in pairs):
         return StageResult("cache", run_dir / "embeddings", done["fingerprint"], True, done["details"])
     t0 = time.time()
+    _mark_pending(cfg, "cache", key)
     samples = None
     built = 0
-    for f in folds:
-        for s in cfg.train.seeds:
-            if cache_is_fresh(run_dir, f.index, s):
-                continue
-            if samples is None:
-                samples = load_samples(cfg, run_dir)
-            build_cache(cfg, samples, f.index, s)
-            built += 1
+    for s, f in pairs:
+        if cache_is_fresh(run_dir, f.index, s, cf):
+            continue
+        if samples is None:
+            samples = load_samples(cfg, run_dir)
+        build_cache(cfg, samples, f.index, s)
+        built += 1
     fingerprint = _hash_files(paths)
-    details = {"files": len(paths), "built": built}
-    _mark(cfg, "cache", key, fingerprint, details, time.time() - t0)
+    details = {"files": len(paths), "built": built, **crossfit_cost(paths)}
+    _mark(cfg, "cache", key, fingerprint, details, time.time() - t0, outputs=paths)
     return StageResult("cache", run_dir / "embeddings", fingerprint, False, details)
 
 
@@ -340,12 +475,11 @@ def stage_distill(
 ) -> StageResult:
     """One student per loss x fold x seed, from the cache, on Ray Train."""
     from pkdot.train.ray_runner import run_jobs_on_ray
-    from pkdot.train.splits import load_folds
+    from pkdot.train.splits import load_fold_plan
 
     run_dir = _run_dir(cfg)
     losses = list(losses or cfg.distill.losses)
-    key = _inputs_key(cfg, ("distill", "train", "model", "seed"), upstream or _fingerprint(cfg, "cache"))
-    key = hashlib.sha256(f"{key}|{','.join(losses)}".encode()).hexdigest()[:16]
+    key = _key(cfg, "distill", _upstream(cfg, "cache", upstream), losses=losses)
     out = run_dir / "student"
     done = _done(cfg, "distill", key)
     if done is not None:
@@ -354,28 +488,35 @@ def stage_distill(
         for loss in losses:
             _reset(out / loss)
     t0 = time.time()
-    folds = load_folds(run_dir / "splits.json")
-    jobs = student_jobs(cfg, folds, losses)
     _mark_pending(cfg, "distill", key)
+    folds = load_fold_plan(run_dir / "splits.json")
+    jobs = student_jobs(cfg, folds, losses)
     run_jobs_on_ray(cfg, "student", jobs, callbacks=callbacks)
-    fingerprint = _hash_files([Path(j.out_dir) / "student.pt" for j in jobs])
+    checkpoints = [Path(j.out_dir) / "student.pt" for j in jobs]
+    fingerprint = _hash_files(checkpoints)
     details = {"jobs": len(jobs), "losses": losses}
-    _mark(cfg, "distill", key, fingerprint, details, time.time() - t0)
+    _mark(cfg, "distill", key, fingerprint, details, time.time() - t0, outputs=checkpoints)
     _track_jobs(cfg, "distill", jobs)
     return StageResult("distill", out, fingerprint, False, details)
 
 
-def stage_evaluate(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Metrics, CIs, paired comparisons, report.md + plots; register the best student in MLflow."""
+def stage_evaluate(cfg: RunConfig, upstream: str = "", *, robustness: bool = False) -> StageResult:
+    """Metrics, CIs, paired comparisons, report.md + plots; register the best student in MLflow.
+
+    ``robustness``: also evaluate the video models on degraded test video (:mod:`pkdot.evaluate.robustness`).
+    """
     from pkdot.evaluate.report import evaluate_run
 
     run_dir = _run_dir(cfg)
-    key = _inputs_key(cfg, ("data", "distill", "tracking"), upstream or _fingerprint(cfg, "distill"))
+    key = _key(cfg, "evaluate", _upstream(cfg, "distill", upstream))
+    if robustness:  # a report with robustness curves is a different output
+        key = hashlib.sha256(f"{key}|robustness".encode()).hexdigest()[:16]
     done = _done(cfg, "evaluate", key)
     if done is not None:
         return StageResult("evaluate", run_dir / "report", done["fingerprint"], True, done["details"])
     t0 = time.time()
-    summary = evaluate_run(cfg, run_dir)
+    _mark_pending(cfg, "evaluate", key)
+    summary = evaluate_run(cfg, run_dir, robustness=robustness)
     details: dict[str, Any] = {
         "report": str(summary.report_path),
         "best_student": summary.best_student,
@@ -383,7 +524,7 @@ def stage_evaluate(cfg: RunConfig, upstream: str = "") -> StageResult:
     }
     details.update(_register_and_log(cfg, summary))
     fingerprint = _hash_files([summary.report_path])
-    _mark(cfg, "evaluate", key, fingerprint, details, time.time() - t0)
+    _mark(cfg, "evaluate", key, fingerprint, details, time.time() - t0, outputs=[summary.report_path])
     return StageResult("evaluate", run_dir / "report", fingerprint, False, details)
 
 
@@ -449,7 +590,7 @@ def _track_jobs(cfg: RunConfig, stage: str, jobs: list) -> None:
 def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
     import numpy as np
 
-    from pkdot.tracking import Tracker, resolve_tracking_uri
+    from pkdot.tracking import Tracker, resolve_public_uri, resolve_tracking_uri
 
     tracker = Tracker(cfg)
     report_dir = Path(summary.report_path).parent
@@ -457,12 +598,21 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
         table = summary.table
         for _, row in table.iterrows():
             run.log_metrics({f"{row['model']}_mean": float(row["mean"])})
+        if summary.robustness is not None:  # e.g. robustness/student-pkdot/frame_drop_0.3
+            run.log_metrics(
+                {
+                    f"robustness/{r['model']}/{r['perturbation']}_{r['level']:g}": float(r["mean"])
+                    for _, r in summary.robustness.iterrows()
+                }
+            )
         run.log_artifacts(report_dir, artifact_path="report")
         eval_run_id = run.run_id
     details: dict[str, Any] = {
         "mlflow_run_id": tracker.parent_run_id(),
         "evaluate_run_id": eval_run_id,
         "tracking_uri": resolve_tracking_uri(cfg),
+        "experiment_id": tracker.experiment_id,
+        "mlflow_ui": resolve_public_uri(cfg),
     }
     if not cfg.tracking.register_model or summary.best_student is None:
         tracker.finish_parent("FINISHED")
@@ -475,14 +625,30 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
     video = cfg.data.student_modalities[0]
     example = np.zeros((2, *shapes[video]), dtype=np.uint8 if video == "video" else np.float32)
     row = table[table["model"] == summary.best_student].iloc[0]
+    metric = str(row["metric"])
+    # The registered model's own scores (its fold and seed): the champion is chosen on its validation score;
+    # its test scores and the loss's mean over every run are recorded next to it.
+    own = json.loads((_job_dir(cfg, loss, fold, seed) / "metrics.json").read_text())
+    scores = {f"test_{metric}": float(own[f"test_{metric}"])}
+    per_run = summary.per_fold
+    mine = per_run[
+        (per_run["model"] == summary.best_student) & (per_run["fold"] == fold) & (per_run["seed"] == seed)
+    ]
+    if len(mine) == 1:  # every test metric of that run (macro-F1, MAE, ...)
+        for col in ("accuracy", "macro_f1", "ccc", "mae", "rmse", "pearson"):
+            if col in mine.columns and np.isfinite(float(mine[col].iloc[0])):
+                scores[f"test_{col}"] = float(mine[col].iloc[0])
+    scores[f"mean_test_{metric}_over_runs"] = float(row["mean"])
     reg = tracker.register_student(
         student,
         example,
-        metric_name=str(row["metric"]),
-        metric_value=float(row["mean"]),
+        metric_name=f"val_{metric}",
+        metric_value=float(own[f"val_{metric}"]),
         higher_is_better=True,
         extra_artifacts=[_run_dir(cfg) / "config.yaml"],
         dataset=cfg.data.dataset,
+        scores=scores,
+        datasets=_split_datasets(cfg, fold, seed),
     )
     details.update(
         {
@@ -498,18 +664,56 @@ def _register_and_log(cfg: RunConfig, summary) -> dict[str, Any]:
     return details
 
 
+def _job_dir(cfg: RunConfig, loss: str, fold: int, seed: int) -> Path:
+    from pkdot.train.student import student_dir
+
+    return student_dir(_run_dir(cfg), loss, fold, seed)
+
+
+def _split_datasets(cfg: RunConfig, fold: int, seed: int) -> list:
+    """The manifest rows of (fold, seed)'s train / validation / test subjects, as MLflow dataset inputs.
+
+    Named ``<dataset>-fold<k>-seed<s>-<split>``; the digest hashes the manifest's fingerprint (its rows and the
+    identity of every recording) with the split's sample ids.
+    """
+    from pkdot.data.manifest import read_manifest
+    from pkdot.tracking import DatasetSplit
+    from pkdot.train.splits import load_fold_plan
+
+    run_dir = _run_dir(cfg)
+    manifest_path = run_dir / "manifest.parquet"
+    manifest = read_manifest(manifest_path)
+    subjects = load_fold_plan(run_dir / "splits.json").fold(seed, fold)
+    marker = _read_marker(cfg, "manifest") or {}
+    splits = []
+    for split, context in (("train", "train"), ("val", "validation"), ("test", "test")):
+        rows = manifest[manifest["subject_id"].astype(str).isin(set(getattr(subjects, split)))]
+        rows = rows.reset_index(drop=True)
+        ids = ",".join(sorted(rows["sample_id"].astype(str)))
+        digest = hashlib.sha256(f"{marker.get('fingerprint', '')}|{ids}".encode()).hexdigest()[:16]
+        splits.append(
+            DatasetSplit(
+                name=f"{cfg.data.dataset}-fold{fold}-seed{seed}-{split}",
+                context=context,
+                frame=rows,
+                source=str(manifest_path),
+                digest=digest,
+            )
+        )
+    return splits
+
+
 def _best_student_job(cfg: RunConfig, loss: str) -> tuple[int, int]:
     """The (fold, seed) of ``loss`` whose student had the best *validation* metric (never the test fold)."""
-    from pkdot.train.splits import load_folds
+    from pkdot.train.splits import load_fold_plan
     from pkdot.train.student import student_dir
 
     best, best_key = -float("inf"), None
     metric = "val_ccc" if cfg.data.is_regression else "val_accuracy"
-    for f in load_folds(_run_dir(cfg) / "splits.json"):
-        for s in cfg.train.seeds:
-            m = json.loads((student_dir(_run_dir(cfg), loss, f.index, s) / "metrics.json").read_text())
-            if m[metric] > best:
-                best, best_key = m[metric], (f.index, s)
+    for s, f in load_fold_plan(_run_dir(cfg) / "splits.json").pairs(cfg.train.seeds):
+        m = json.loads((student_dir(_run_dir(cfg), loss, f.index, s) / "metrics.json").read_text())
+        if m[metric] > best:
+            best, best_key = m[metric], (f.index, s)
     if best_key is None:
         raise StageError(f"no trained student for loss {loss!r}")
     return best_key

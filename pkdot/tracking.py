@@ -80,6 +80,57 @@ def resolve_tracking_uri(cfg: RunConfig) -> str:
     return f"sqlite:///{Path(cfg.run_dir).resolve()}/mlflow.db"
 
 
+#: Environment variable with the MLflow UI address people open (set by docker-compose.yml).
+PUBLIC_URI_ENV = "PKDOT_MLFLOW_PUBLIC_URI"
+
+
+def resolve_public_uri(cfg: RunConfig, tracking_uri: str | None = None) -> str | None:
+    """The MLflow UI address for links people open, or None when there is no server to link to.
+
+    ``cfg.tracking.public_uri`` if set, else ``$PKDOT_MLFLOW_PUBLIC_URI`` if set, else the tracking URI
+    (``tracking_uri``, default :func:`resolve_tracking_uri`) when it is an ``http(s)://`` server. A local store
+    (SQLite) has no UI until someone runs ``mlflow ui`` on it: None. The tracking URI stays what the processes
+    log to (in a compose stack ``http://mlflow:5000``, a name only the containers resolve).
+    """
+    if cfg.tracking.public_uri:
+        return cfg.tracking.public_uri.rstrip("/")
+    env = os.environ.get(PUBLIC_URI_ENV)
+    if env:
+        return env.rstrip("/")
+    uri = tracking_uri or resolve_tracking_uri(cfg)
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def run_ui_url(public_uri: str, run_id: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI page of a run: ``<public_uri>/#/experiments/<experiment_id>/runs/<run_id>``
+    (``<public_uri>/#/runs/<run_id>`` without an experiment id)."""
+    base = public_uri.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+#: MLflow loggers whose INFO lines are store set-up chatter ("Creating initial MLflow database tables...",
+#: "Updating database tables", alembic's migration steps).
+MLFLOW_NOISY_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic")
+
+
+def _mlflow_store_chatter_filter(record: logging.LogRecord) -> bool:
+    """Let a record of :data:`MLFLOW_NOISY_LOGGERS` through when it is a warning or worse, when the process
+    logs at INFO or below (``pkdot -v``: the root logger's level, read when the record is emitted), or when
+    the user chose MLflow's level with ``$MLFLOW_LOGGING_LEVEL``."""
+    return (
+        record.levelno >= logging.WARNING
+        or logging.getLogger().getEffectiveLevel() <= logging.INFO
+        or bool(os.environ.get("MLFLOW_LOGGING_LEVEL"))
+    )
+
+
+for _name in MLFLOW_NOISY_LOGGERS:
+    if _mlflow_store_chatter_filter not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_mlflow_store_chatter_filter)
+
+
 def _use_tracking_uri(uri: str) -> None:
     """Point MLflow's fluent API (``mlflow.pytorch.log_model``, ``load_model``) at ``uri``.
 
@@ -130,6 +181,32 @@ class Registration:
     def model_uri(self) -> str:
         """``models:/<name>/<version>`` (load it with :func:`load_student`)."""
         return f"models:/{self.name}/{self.version}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplit:
+    """Rows of the manifest a model was trained or tested on, for :func:`mlflow.log_input`.
+
+    Attributes
+    ----------
+    name : str
+        The dataset's name in MLflow, e.g. ``biovid-fold0-seed0-train``.
+    context : str
+        ``"train"``, ``"validation"`` or ``"test"`` (the input tag ``mlflow.data.context``).
+    frame : pandas.DataFrame
+        The manifest rows (one per sample).
+    source : str
+        Where the rows come from (the manifest file).
+    digest : str
+        The rows' identity (e.g. a hash of the manifest fingerprint and the sample ids): MLflow shows one
+        dataset per (name, digest).
+    """
+
+    name: str
+    context: str
+    frame: Any
+    source: str
+    digest: str
 
 
 class StageRun:
@@ -322,6 +399,11 @@ class Tracker:
             raise StageError(f"finish_parent: status must be FINISHED, FAILED or KILLED, got {status!r}")
         self.client.set_terminated(self.parent_run_id(), status)
 
+    def _reopen_parent(self, run_id: str) -> None:
+        """A stage starts under a parent that an earlier command ended (FINISHED/FAILED/KILLED): RUNNING again."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
     def _read_parent_file(self, path: Path) -> str | None:
         if not path.exists():
             return None
@@ -397,11 +479,13 @@ class Tracker:
             run_tags["pkdot.seed"] = str(seed)
         run_tags.update({k: str(v) for k, v in tags.items()})
         run = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags)
+        self._reopen_parent(parent)
         stage_run = StageRun(self.client, run.info.run_id, name)
         try:
             yield stage_run
-        except BaseException:
-            self.client.set_terminated(stage_run.run_id, RunStatus.to_string(RunStatus.FAILED))
+        except BaseException as exc:
+            status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+            self.client.set_terminated(stage_run.run_id, RunStatus.to_string(status))
             raise
         # Resumed by mlflow.start_run inside the block (register_student), the run may be ended already.
         self.client.set_terminated(stage_run.run_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -471,6 +555,8 @@ class Tracker:
         higher_is_better: bool = True,
         extra_artifacts: Sequence[Path] = (),
         dataset: str,
+        scores: Mapping[str, float] | None = None,
+        datasets: Sequence[DatasetSplit] = (),
     ) -> Registration:
         """Log a student as a new registered-model version and move the ``champion`` alias if it wins.
 
@@ -491,6 +577,12 @@ class Tracker:
             Files logged next to the model (under ``extra/``), e.g. the report.
         dataset
             Names the registered model when ``cfg.tracking.model_name`` is None.
+        scores
+            This model's own scores (its fold and seed, e.g. ``{"val_accuracy": 0.8, "test_accuracy": 0.7}``),
+            logged as metrics of the register run and as tags of the model version, next to the selection
+            metric.
+        datasets
+            The manifest rows it was trained / validated / tested on, logged with :func:`mlflow.log_input`.
         """
         if not math.isfinite(float(metric_value)):
             raise StageError(
@@ -505,6 +597,10 @@ class Tracker:
         for p in extra_artifacts:
             if not Path(p).is_file():
                 raise StageError(f"register_student: extra artifact {p} does not exist")
+        own_scores = {str(k): float(v) for k, v in (scores or {}).items()}
+        for key, value in own_scores.items():
+            if not math.isfinite(value):
+                raise StageError(f"register_student: score {key!r} is {value}; expected a finite number")
         name = self.model_name(dataset)
         previous = self._champion(name, metric_name)
 
@@ -522,12 +618,19 @@ class Tracker:
             signature = infer_signature(example, _output_arrays(out, "register_student"))
             _check_batch_is_dynamic(export_model, torch.from_numpy(example))
             with self.stage_run("register", dataset=dataset, model_name=name) as sr:
-                sr.log_metrics({metric_name: metric_value})
+                sr.log_metrics({metric_name: metric_value, **own_scores})
                 sr.log_params(
                     {"metric_name": metric_name, "higher_is_better": higher_is_better, "dataset": dataset}
                 )
                 _use_tracking_uri(self.tracking_uri)  # another Tracker in this process may have moved it
                 with mlflow.start_run(run_id=sr.run_id, nested=True):
+                    for split in datasets:
+                        mlflow.log_input(
+                            mlflow.data.from_pandas(
+                                split.frame, source=split.source, name=split.name, digest=split.digest
+                            ),
+                            context=split.context,
+                        )
                     info = mlflow.pytorch.log_model(
                         export_model,
                         name="student",
@@ -558,6 +661,8 @@ class Tracker:
         alias = CHAMPION if better else CHALLENGER
         self.client.set_registered_model_alias(name, alias, str(version))
         self.client.set_model_version_tag(name, str(version), metric_name, str(metric_value))
+        for key, value in own_scores.items():
+            self.client.set_model_version_tag(name, str(version), key, str(value))
         logger.info(
             "registered %s version %d (%s=%.4f) as %s (previous champion: %s)",
             name,
@@ -574,6 +679,55 @@ class Tracker:
             previous_champion_version=None if previous is None else previous[0],
             run_id=run_id,
         )
+
+
+def end_parent_run(run_dir: str | Path, status: str) -> str | None:
+    """Mark the parent MLflow run of a run directory ended with ``status`` (FINISHED, FAILED or KILLED).
+
+    Called when a ``pkdot`` command or the flow ends (``pkdot extract`` alone, an error, Ctrl-C), so the parent
+    never stays RUNNING. Does nothing (returns None) when the run directory has no parent run yet; returns the
+    parent's run id otherwise. The tracking URI is the one recorded in ``RUN/mlflow_parent.json``.
+    """
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise StageError(f"end_parent_run: status must be FINISHED, FAILED or KILLED, got {status!r}")
+    path = Path(run_dir) / PARENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        run_id, uri = str(data["run_id"]), str(data["tracking_uri"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise StageError(
+            f"{path}: expected JSON {{'run_id', 'tracking_uri'}} naming the parent run ({exc})"
+        ) from exc
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_run(run_id).info.status != status:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def require_existing_store(uri: str) -> str:
+    """Return ``uri`` when it names an MLflow server or a local store that exists; raise otherwise.
+
+    Opening a local store that does not exist makes MLflow create an empty one (``sqlite:///mlflow.db`` in
+    the working directory is MLflow's default): a command that only *reads* a registry (``pkdot predict``)
+    checks first, so it fails with a clear message and leaves no stray ``mlflow.db`` or ``mlruns`` behind.
+    """
+    if uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql")):
+        return uri
+    if uri.startswith("sqlite:"):
+        # sqlite:///relative.db or sqlite:////absolute/path.db (SQLAlchemy's form)
+        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        if not path.is_file():
+            raise StageError(
+                f"MLflow store {uri!r}: {path.resolve()} does not exist (expected the mlflow.db of a run, e.g. "
+                "sqlite:///runs/biovid-demo/mlflow.db, or a server http://HOST:5000)"
+            )
+        return uri
+    local = Path(uri.removeprefix("file://")) if uri.startswith("file:") else Path(uri)
+    if not local.is_dir():
+        raise StageError(f"MLflow store {uri!r}: the folder {local.resolve()} does not exist")
+    return uri
 
 
 def _split_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:

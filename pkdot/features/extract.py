@@ -77,6 +77,7 @@ MODALITY_SETTINGS: dict[str, tuple[str, ...]] = {
         "box_smoothing",
         "min_face_px",
         "detect_every",
+        "box_smoothing",
     ),
     "physio": (
         "physio_fs",
@@ -93,6 +94,12 @@ MODALITY_VERSION: dict[str, int] = {
     "video": face_features.FACES_VERSION,
     "physio": physio_features.PHYSIO_VERSION,
     "audio": audio_features.AUDIO_VERSION,
+}
+#: Source files (relative to ``pkdot/``) whose code computes each modality's shard rows.
+MODALITY_CODE: dict[str, tuple[str, ...]] = {
+    "video": ("features/faces.py", "features/schema.py"),
+    "physio": ("features/physio.py", "features/schema.py"),
+    "audio": ("features/audio.py", "features/schema.py"),
 }
 #: Manifest columns each modality reads.
 MODALITY_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -169,9 +176,13 @@ def _file_stamp(path: str | None) -> list[int] | None:
 
 
 def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dict[str, Any]:
+    from pkdot.fingerprint import source_hash
+
     dump = features.model_dump(mode="json")
     settings = {k: dump[k] for k in MODALITY_SETTINGS[modality]}
     settings["version"] = MODALITY_VERSION[modality]
+    # The extractor's code: editing it re-extracts that modality's shards (not the others').
+    settings["code"] = source_hash(MODALITY_CODE[modality])
     if modality == "physio":
         settings["physio_channels"] = physio_features.resolve_channels(features, part)
     if modality == "video" and features.detector == "yunet":
@@ -180,7 +191,13 @@ def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dic
 
 
 def shard_key(modality: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    """Hash of a shard: its rows (with the size and mtime of every recording they name) and the settings."""
+    """Hash of a shard: its rows (with the identity of every recording they name) and the settings.
+
+    A recording's identity is :func:`pkdot.fingerprint.file_identity` (content hash of a small file, size +
+    mtime of a large one), the same one the manifest's fingerprint uses.
+    """
+    from pkdot.fingerprint import file_identity
+
     stamped = []
     for row in rows:
         stamps = {c: _file_stamp(row[c]) for c in ("video_path", "physio_path", "audio_path") if c in row}
@@ -479,9 +496,17 @@ def _run_jobs(
                 except ray.exceptions.RayError as exc:
                     for other in in_flight:
                         ray.cancel(other)
-                    raise FeatureError(
-                        f"extraction of {job.modality} shard {job.index} ({job.path.name}) failed: {exc}"
-                    ) from exc
+                    from pkdot.errors import InfrastructureError
+                    from pkdot.ray_utils import is_infrastructure_error
+
+                    where = f"extraction of {job.modality} shard {job.index} ({job.path.name})"
+                    # A worker crashed or was OOM-killed, a node died: retried by the flow, not bad input.
+                    if is_infrastructure_error(exc):
+                        raise InfrastructureError(
+                            f"{where}: Ray infrastructure failure ({type(exc).__name__}); the shards written "
+                            f"so far are kept, re-run to resume: {exc}"
+                        ) from exc
+                    raise FeatureError(f"{where} failed: {exc}") from exc
                 finished(job, summary)
     return summaries
 

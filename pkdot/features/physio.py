@@ -198,6 +198,31 @@ def read_biosignals(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def non_numeric_cell(frame: pd.DataFrame, columns: list[str]) -> str | None:
+    """Where a text value sits in a numeric column, or None: ``"line L, column 'c': 'x' is not a number"``.
+
+    Empty cells and pandas' NA tokens (``NaN``, ``NA``, ...) are missing values, handled as NaN runs; any other
+    text is an error, never silently turned into NaN. ``L`` is the 1-based line of the file (the header is
+    line 1). When several cells are bad the count is given too.
+    """
+    found: list[tuple[int, str, str]] = []
+    total = 0
+    for name in columns:
+        raw = frame[name]
+        if raw.dtype != object:
+            continue
+        bad = pd.to_numeric(raw, errors="coerce").isna() & raw.notna()
+        if bad.any():
+            total += int(bad.sum())
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            found.append((i + 2, name, str(raw.iloc[i])))
+    if not found:
+        return None
+    line, name, value = min(found)
+    more = f" ({total} non-numeric cells in all)" if total > 1 else ""
+    return f"line {line}, column {name!r}: {value!r} is not a number{more}"
+
+
 def infer_time_unit(step: float) -> tuple[str, float]:
     """The unit of a time column from its median step: ``("us", 1e-6)``, ``("ms", 1e-3)`` or ``("s", 1.0)``.
 
@@ -315,6 +340,9 @@ def extract_physio(
             raise FeatureError(
                 f"biosignal file {path}: missing channels {missing} (columns: {list(frame.columns)})"
             )
+        not_numeric = non_numeric_cell(frame, ["time", *channels])
+        if not_numeric:
+            raise FeatureError(f"biosignal file {path}: {not_numeric}")
         try:
             outcome.fs = sampling_rate(frame["time"].to_numpy(dtype=np.float64))
         except FeatureError as exc:
