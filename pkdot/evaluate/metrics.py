@@ -1,7 +1,12 @@
-"""Task metrics on numpy arrays: accuracy, macro-F1 and confusion matrix; CCC, RMSE and Pearson's r.
+"""Task metrics on numpy arrays, as thin calls of scikit-learn and scipy (CCC is ours: no library has it).
+
+- classification: accuracy, macro-F1 and confusion matrix (:mod:`sklearn.metrics`);
+- regression: Lin's CCC (here), MAE and RMSE (:mod:`sklearn.metrics`), Pearson's r
+  (:func:`scipy.stats.pearsonr`).
 
 Classification inputs are class indices (integers, or floats holding integers, as stored in
-``predictions.parquet``); regression inputs are real values of the same length.
+``predictions.parquet``); regression inputs are real values of the same length. Every function checks its
+inputs first and raises :class:`~pkdot.errors.StageError` naming the metric and what was expected.
 
 References
 ----------
@@ -14,6 +19,8 @@ import logging
 from typing import Any
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
 
 from pkdot.errors import StageError
 
@@ -59,19 +66,18 @@ def _class_pair(
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Fraction of samples whose predicted class equals the true class: ``mean(y_true == y_pred)``."""
+    """Fraction of samples whose predicted class equals the true class (:func:`sklearn.metrics.accuracy_score`)."""
     a, b = _class_pair(y_true, y_pred, "accuracy", None)
-    return float(np.mean(a == b))
+    return float(skm.accuracy_score(a, b))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(num_classes, num_classes)`` int64 counts; entry ``[i, j]`` = samples of true class ``i`` predicted ``j``."""
+    """``(num_classes, num_classes)`` int64 counts; entry ``[i, j]`` = samples of true class ``i`` predicted ``j``
+    (:func:`sklearn.metrics.confusion_matrix` with ``labels = 0..num_classes-1``)."""
     if num_classes < 1:
         raise StageError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
     a, b = _class_pair(y_true, y_pred, "confusion_matrix", num_classes)
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(counts, (a, b), 1)
-    return counts
+    return skm.confusion_matrix(a, b, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> float:
@@ -80,18 +86,12 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = N
     .. math:: F1_c = \frac{2\,TP_c}{2\,TP_c + FP_c + FN_c}, \qquad
               \text{macro-F1} = \frac{1}{|P|} \sum_{c \in P} F1_c,
 
-    with ``P`` the classes that occur in either array (classes absent from both count as nothing; this
-    equals scikit-learn's ``f1_score(average="macro", labels=P)``). ``num_classes`` only checks the range.
+    with ``P`` the classes that occur in either array (classes absent from both count as nothing):
+    :func:`sklearn.metrics.f1_score` with ``average="macro", labels=P``. ``num_classes`` only checks the range.
     """
     a, b = _class_pair(y_true, y_pred, "macro_f1", num_classes)
     present = np.union1d(a, b)
-    size = int(present.max()) + 1
-    counts = confusion_matrix(a, b, size)
-    tp = np.diag(counts).astype(np.float64)
-    fp = counts.sum(axis=0) - tp
-    fn = counts.sum(axis=1) - tp
-    f1 = 2.0 * tp[present] / (2.0 * tp[present] + fp[present] + fn[present])
-    return float(np.mean(f1))
+    return float(skm.f1_score(a, b, average="macro", labels=present, zero_division=0.0))
 
 
 def _real_pair(x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -127,20 +127,24 @@ def ccc(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson's correlation ``sigma_xy / (sigma_x sigma_y)``; 0.0 when either series is constant (undefined)."""
+    """Pearson's correlation (:func:`scipy.stats.pearsonr`); 0.0 when either series is constant (undefined)."""
     a, b = _real_pair(x, y, "pearson")
-    if np.ptp(a) == 0.0 or np.ptp(b) == 0.0:
+    if np.ptp(a) == 0.0 or np.ptp(b) == 0.0 or a.size < 2:
         log.debug("pearson: a constant series has no correlation; returning 0.0")
         return 0.0
-    da, db = a - a.mean(), b - b.mean()
-    norm = np.sqrt(np.sum(da * da) * np.sum(db * db))
-    return float(np.clip(np.sum(da * db) / norm, -1.0, 1.0))
+    return float(np.clip(stats.pearsonr(a, b).statistic, -1.0, 1.0))
 
 
 def rmse(x: np.ndarray, y: np.ndarray) -> float:
-    """Root mean squared error ``sqrt(mean((x - y)^2))``."""
+    """Root mean squared error ``sqrt(mean((x - y)^2))`` (:func:`sklearn.metrics.root_mean_squared_error`)."""
     a, b = _real_pair(x, y, "rmse")
-    return float(np.sqrt(np.mean((a - b) ** 2)))
+    return float(skm.root_mean_squared_error(a, b))
+
+
+def mae(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean absolute error ``mean(|x - y|)`` (:func:`sklearn.metrics.mean_absolute_error`)."""
+    a, b = _real_pair(x, y, "mae")
+    return float(skm.mean_absolute_error(a, b))
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, Any]:
@@ -153,5 +157,10 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """``{"ccc": float, "rmse": float, "pearson": float}``."""
-    return {"ccc": ccc(y_true, y_pred), "rmse": rmse(y_true, y_pred), "pearson": pearson(y_true, y_pred)}
+    """``{"ccc": float, "mae": float, "rmse": float, "pearson": float}``."""
+    return {
+        "ccc": ccc(y_true, y_pred),
+        "mae": mae(y_true, y_pred),
+        "rmse": rmse(y_true, y_pred),
+        "pearson": pearson(y_true, y_pred),
+    }

@@ -1,9 +1,11 @@
 """Report figures (matplotlib, Agg backend, PNG). Each function writes one file and returns its path.
 
 - :func:`plot_confusion_matrices`: per model, summed over folds and seeds (classification only).
-- :func:`plot_learning_curves`: train loss and validation metric per epoch, per model (mean over runs).
+- :func:`plot_learning_curves`: train loss and validation metric per epoch, one panel row per model family
+  (teacher, unimodal, students), a distinct colour per model, the best validation epoch starred.
+- :func:`plot_robustness`: test metric against the perturbation level, per model, with corrected CIs.
 - :func:`plot_structure`: for one batch of test samples, the teacher's and the student's shifted
-  cosine-similarity matrices and PKDOT's entropic transport plan between their anchored clouds.
+  cosine-similarity matrices and PKDOT's entropic transport plan between their anchored clouds (POT).
 - :func:`plot_embedding_map`: 2-D PCA of teacher and student test embeddings, coloured by label.
 - :func:`plot_metric_bars`: the summary table's means with their confidence intervals.
 
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
 from pkdot.errors import StageError  # noqa: E402
@@ -110,10 +114,61 @@ def plot_confusion_matrices(
     return _save(fig, path)
 
 
+#: Learning-curve panels, in order: (title, test on the model name).
+MODEL_FAMILIES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("Teacher", lambda m: m == "teacher" or m == "tnet"),
+    ("Unimodal models", lambda m: m.startswith("unimodal-")),
+    ("Students", lambda m: m.startswith("student-")),
+)
+
+
+def model_family(model: str) -> str:
+    """The learning-curve panel of a model: ``Teacher``, ``Unimodal models``, ``Students`` or ``Other``."""
+    for title, member in MODEL_FAMILIES:
+        if member(model):
+            return title
+    return "Other"
+
+
+def distinct_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` different colours: the 10 hues of ``tab10`` first, then tab20's 10 light variants, then
+    ``tab20b`` and ``tab20c`` (60 in all)."""
+    tab20 = plt.get_cmap("tab20")
+    palette = [tab20(i) for i in range(0, 20, 2)] + [tab20(i) for i in range(1, 20, 2)]
+    palette += [plt.get_cmap(name)(i) for name in ("tab20b", "tab20c") for i in range(20)]
+    if n > len(palette):
+        raise StageError(f"distinct_colors: {n} models, at most {len(palette)} distinct colours")
+    return palette[:n]
+
+
+def _mean_curve(runs: Sequence[Sequence[Mapping[str, float]]], key: str):
+    by_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        for rec in run:
+            value = rec.get(key)
+            if value is not None and np.isfinite(value):
+                by_epoch.setdefault(int(rec["epoch"]), []).append(float(value))
+    if not by_epoch:
+        return None
+    epochs = np.array(sorted(by_epoch))
+    values = [np.array(by_epoch[e]) for e in epochs]
+    return (
+        epochs,
+        np.array([v.mean() for v in values]),
+        np.array([v.min() for v in values]),
+        np.array([v.max() for v in values]),
+    )
+
+
 def plot_learning_curves(
     histories: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], path: Path, metric: str = "val_metric"
 ) -> Path:
-    """Train loss and validation metric per epoch, one line per model (mean over its runs, band = min..max).
+    """Train loss and validation metric per epoch: one row of panels per model family, one colour per model.
+
+    Rows: teacher, unimodal models, students (:data:`MODEL_FAMILIES`; only families present); columns:
+    training loss and validation ``metric``. Each line is a model's mean over its runs (band = min..max);
+    every model has its own colour (:func:`distinct_colors`, never repeated across the figure), and a star
+    marks the epoch with the best mean validation metric (higher is better: accuracy, CCC).
 
     Parameters
     ----------
@@ -125,34 +180,101 @@ def plot_learning_curves(
     """
     if not histories:
         raise StageError("plot_learning_curves: no histories")
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    for model, runs in histories.items():
-        for key, ax in (("train_loss", ax_loss), ("val_metric", ax_val)):
-            by_epoch: dict[int, list[float]] = {}
-            for run in runs:
-                for rec in run:
-                    value = rec.get(key)
-                    if value is not None and np.isfinite(value):
-                        by_epoch.setdefault(int(rec["epoch"]), []).append(float(value))
-            if not by_epoch:
-                continue
-            epochs = np.array(sorted(by_epoch))
-            values = [np.array(by_epoch[e]) for e in epochs]
-            mean = np.array([v.mean() for v in values])
-            (line,) = ax.plot(epochs, mean, marker=".", label=model)
-            ax.fill_between(
-                epochs,
-                [v.min() for v in values],
-                [v.max() for v in values],
-                alpha=0.15,
-                color=line.get_color(),
-            )
-    ax_loss.set(title="Training loss", xlabel="epoch", ylabel="train loss")
-    ax_val.set(title=f"Validation {metric}", xlabel="epoch", ylabel=metric)
-    for ax in (ax_loss, ax_val):
-        ax.grid(alpha=0.3)
-    ax_val.legend(fontsize=7, loc="best")
+    families: dict[str, list[str]] = {}
+    for model in histories:
+        families.setdefault(model_family(model), []).append(model)
+    # the most crowded panel gets the 10 strongest hues first; no colour is used twice in the figure
+    by_size = [m for f in sorted(families, key=lambda f: -len(families[f])) for m in families[f]]
+    colors = dict(zip(by_size, distinct_colors(len(by_size)), strict=True))
+    order = [t for t, _ in MODEL_FAMILIES if t in families] + (["Other"] if "Other" in families else [])
+    fig, axes = plt.subplots(
+        len(order), 2, figsize=(12, 3.3 * len(order)), squeeze=False, layout="constrained"
+    )
+    for row, family in zip(axes, order, strict=True):
+        ax_loss, ax_val = row
+        for model in families[family]:
+            color = colors[model]
+            for key, ax in (("train_loss", ax_loss), ("val_metric", ax_val)):
+                curve = _mean_curve(histories[model], key)
+                if curve is None:
+                    continue
+                epochs, mean, low, high = curve
+                label = model
+                if key == "val_metric":
+                    best = int(np.argmax(mean))
+                    label = f"{model} (best {mean[best]:.3f} @ epoch {epochs[best]})"
+                    ax.plot(
+                        epochs[best], mean[best], marker="*", markersize=13, color=color, markeredgecolor="k"
+                    )
+                ax.plot(epochs, mean, marker=".", color=color, label=label, lw=1.6)
+                if np.any(high > low):
+                    ax.fill_between(epochs, low, high, alpha=0.12, color=color)
+        ax_loss.set(title=f"{family}: training loss", xlabel="epoch", ylabel="train loss")
+        ax_val.set(title=f"{family}: validation {metric} (★ best epoch)", xlabel="epoch", ylabel=metric)
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_val.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle("Learning curves (mean over folds x seeds; band = min..max)", fontsize=10)
     return _save(fig, path)
+
+
+def transport_plan_pot(
+    student_cloud: np.ndarray, teacher_cloud: np.ndarray, *, blur: float = 0.1, max_iter: int = 10000
+) -> np.ndarray:
+    r"""Entropic OT plan between two uniform point clouds, solved by POT.
+
+    .. math:: P = \arg\min_{P 1 = a,\ P^T 1 = b} \langle P, C \rangle - \varepsilon H(P), \qquad
+              C_{ij} = \tfrac12 \|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2,\ a = b = 1/B,
+
+    the plan of PKDOT's training loss (:func:`pkdot.distill.ot.transport_plan` solves the same problem; the
+    training loop keeps that solver because it is faster there, see ``pkdot/distill/ot.py``). Computed with
+    :func:`ot.sinkhorn` (``method="sinkhorn_epsilon_scaling"``, log-domain stabilised with epsilon
+    annealing; a plain log-domain Sinkhorn does not converge at eps = 0.01 within minutes).
+
+    Parameters
+    ----------
+    student_cloud : array, shape (B, K)
+    teacher_cloud : array, shape (M, K)
+    blur : float
+        The temperature is ``blur ** 2`` (as ``distill.blur``).
+
+    Returns
+    -------
+    array, shape (B, M)
+        Non-negative, rows summing to ``1/B`` and columns to ``1/M``.
+    """
+    import ot
+
+    x = np.asarray(student_cloud, dtype=np.float64)
+    y = np.asarray(teacher_cloud, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise StageError(
+            f"transport_plan_pot: expected clouds (B, K) and (M, K), got {x.shape} and {y.shape}"
+        )
+    if blur <= 0:
+        raise StageError(f"transport_plan_pot: blur must be > 0, got {blur}")
+    cost = ot.dist(x, y, metric="sqeuclidean") / 2.0
+    a = np.full(x.shape[0], 1.0 / x.shape[0])
+    b = np.full(y.shape[0], 1.0 / y.shape[0])
+    with warnings.catch_warnings():
+        # the annealing's inner loops stop at 100 iterations per temperature and warn each time; what
+        # matters is the final plan's marginals, checked below
+        warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
+        plan = np.asarray(
+            ot.sinkhorn(
+                a, b, cost, reg=blur**2, method="sinkhorn_epsilon_scaling", numItermax=max_iter, stopThr=1e-9
+            )
+        )
+    row_error = float(np.abs(plan.sum(axis=1) - a).max() / a.max())
+    col_error = float(np.abs(plan.sum(axis=0) - b).max() / b.max())
+    if max(row_error, col_error) > 1e-3:
+        logger.warning(
+            "transport_plan_pot: marginals off by %.1e (rows) / %.1e (columns) of the sample weight",
+            row_error,
+            col_error,
+        )
+    return plan
 
 
 def plot_structure(
@@ -165,15 +287,14 @@ def plot_structure(
     k: int | str = 30,
     anchors: str = "least",
     blur: float = 0.1,
-    scaling: float = 0.5,
 ) -> Path:
     r"""Teacher vs student similarity structure of one batch, and PKDOT's transport plan between them.
 
     Panels: shifted cosine similarities :math:`\tilde S_t`, :math:`\tilde S_s` (B x B,
     :func:`pkdot.distill.pkdot.pkdot_structure`), and the entropic plan :math:`P \in \mathbb{R}^{B\times B}`
-    (rows: student samples, columns: teacher samples; :func:`pkdot.distill.pkdot.structure_plan`) shown as
-    :math:`B \cdot P` (1 on a row = all of that sample's mass). The caption gives the plan's mass on its
-    diagonal (1 = every sample's student structure is matched with its own teacher structure).
+    between the anchored clouds (rows: student samples, columns: teacher samples; :func:`transport_plan_pot`)
+    shown as :math:`B \cdot P` (1 on a row = all of that sample's mass). The caption gives the plan's mass
+    on its diagonal (1 = every sample's student structure is matched with its own teacher structure).
 
     Parameters
     ----------
@@ -182,7 +303,7 @@ def plot_structure(
     labels : array, shape (B,), optional
         Marked along the axes.
     """
-    from pkdot.distill.pkdot import pkdot_structure, structure_plan
+    from pkdot.distill.pkdot import pkdot_structure
 
     t = torch.as_tensor(np.asarray(teacher_embedding, dtype=np.float32))
     s = torch.as_tensor(np.asarray(student_embedding, dtype=np.float32))
@@ -193,7 +314,7 @@ def plot_structure(
         )
     with torch.no_grad():
         clouds = pkdot_structure(s, t, k=k, anchors=anchors)
-        plan = structure_plan(s, t, k=k, anchors=anchors, blur=blur, scaling=scaling).numpy()
+    plan = transport_plan_pot(clouds.student_cloud.numpy(), clouds.teacher_cloud.numpy(), blur=blur)
     batch = t.shape[0]
     diagonal_mass = float(np.trace(plan))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
@@ -291,4 +412,61 @@ def plot_metric_bars(table: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel(f"test {metric} (mean, 95% CI)")
     ax.set_title(f"Test {metric} over folds x seeds (n = {int(table['n'].max())})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Path:
+    """Test ``metric`` against the perturbation level: one panel per perturbation, one line per model.
+
+    Parameters
+    ----------
+    robustness : DataFrame
+        One row per (model, perturbation, level) with ``mean``, ``ci_low``, ``ci_high`` and ``n``
+        (:func:`pkdot.evaluate.robustness.summarise_robustness`); the band is the confidence interval.
+    path : Path
+    metric : str
+        The metric's name (y axis).
+    """
+    needed = {"model", "perturbation", "level", "mean", "ci_low", "ci_high"}
+    if robustness.empty or not needed <= set(robustness.columns):
+        raise StageError(f"plot_robustness: expected a non-empty table with columns {sorted(needed)}")
+    perturbations = list(dict.fromkeys(robustness["perturbation"]))
+    models = list(dict.fromkeys(robustness["model"]))
+    colors = dict(zip(models, distinct_colors(len(models)), strict=True))
+    units = {
+        "frame_drop": "fraction of frames dropped",
+        "noise": "noise std (0-255)",
+        "blur": "blur sigma (px)",
+    }
+    fig, axes = plt.subplots(
+        1,
+        len(perturbations),
+        figsize=(4.6 * len(perturbations) + 1.5, 3.8),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, perturbation in zip(axes.flat, perturbations, strict=True):
+        g = robustness[robustness["perturbation"] == perturbation]
+        for model in models:
+            gm = g[g["model"] == model].sort_values("level")
+            if gm.empty:
+                continue
+            x = gm["level"].to_numpy(float)
+            ax.plot(x, gm["mean"].to_numpy(float), marker="o", color=colors[model], label=model)
+            ax.fill_between(
+                x,
+                gm["ci_low"].to_numpy(float),
+                gm["ci_high"].to_numpy(float),
+                alpha=0.15,
+                color=colors[model],
+            )
+        ax.set(
+            title=perturbation.replace("_", " "),
+            xlabel=units.get(perturbation, "level"),
+            ylabel=f"test {metric}",
+        )
+        ax.grid(alpha=0.3)
+    axes.flat[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    n = int(robustness["n"].max()) if "n" in robustness.columns else 0
+    fig.suptitle(f"Robustness to degraded test video (mean and corrected 95% CI over {n} runs)", fontsize=10)
     return _save(fig, path)

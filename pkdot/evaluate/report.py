@@ -4,11 +4,15 @@ figures, ``report.md`` and ``summary.json``.
 Reads (docs/interfaces.md) ``RUN/teacher/fold-k/seed-s/{predictions.parquet, history.json}`` and
 ``RUN/student/<loss>/fold-k/seed-s/{predictions.parquet, history.json}``; writes ``RUN/report/``:
 
-- ``report.md``: dataset/task/preset, the table (mean ± std and 95 % CI over folds x seeds), each
-  distillation loss against ``student-none`` (paired by fold and seed), teacher vs unimodal models, figures,
-  the config hash;
-- ``summary.json``: the same numbers, machine-readable (NaN written as null);
-- ``per_fold.csv``: one row per (model, fold, seed);
+- ``report.md``: a summary that stays short whatever the number of folds (87 for Biovid LOSO):
+  dataset/task/preset, the statistics used, the table (mean ± std and 95 % CI over folds x seeds, corrected
+  for overlapping training sets, :mod:`pkdot.evaluate.aggregate`), each distillation loss against
+  ``student-none`` (paired by fold and seed), teacher vs unimodal models, robustness (when asked), figures,
+  the config hash; per-run numbers are only in the CSV it links;
+- ``summary.json``: the same numbers, machine-readable (NaN written as null), with the uncorrected
+  intervals as ``naive_*``;
+- ``per_fold.csv``: one row per (model, fold, seed): the metrics, ``n_test`` and ``n_train``;
+- ``robustness.csv`` (``evaluate --robustness``): one row per model, perturbation, level and run;
 - PNG figures (:mod:`pkdot.evaluate.plots`).
 
 Everything is first written into a temporary folder inside ``RUN/report`` and then renamed file by file,
@@ -31,11 +35,15 @@ import numpy as np
 import pandas as pd
 
 from pkdot.config import RunConfig
-from pkdot.errors import StageError
+from pkdot.errors import ConfigError, StageError
 from pkdot.evaluate.aggregate import (
     BASELINE_STUDENT,
+    CORRECTION_FORMULA,
+    CORRECTION_NAME,
     aggregate,
     collect_predictions,
+    fold_size_ratio,
+    fold_sizes,
     paired_table,
     primary_metric,
 )
@@ -44,6 +52,7 @@ from pkdot.evaluate.plots import (
     plot_embedding_map,
     plot_learning_curves,
     plot_metric_bars,
+    plot_robustness,
     plot_structure,
 )
 
@@ -76,6 +85,13 @@ class EvaluationSummary:
         ``teacher`` minus each ``unimodal-<modality>``, paired by fold and seed (same columns as ``paired``).
     notes : list of str
         Figures that could not be drawn, and why.
+    test_train_ratio : float
+        :math:`n_{test}/n_{train}` (mean over runs) of the corrected t intervals.
+    ratio_source : str
+        How that ratio was obtained (counted from the manifest, or ``1/(k-1)``).
+    robustness : DataFrame or None
+        ``evaluate --robustness``: one row per model, perturbation and level, with the metric's mean and
+        corrected CI over runs (:func:`pkdot.evaluate.robustness.summarise_robustness`).
     """
 
     table: pd.DataFrame
@@ -87,6 +103,10 @@ class EvaluationSummary:
     teacher_vs_unimodal: pd.DataFrame = field(default_factory=pd.DataFrame)
     summary_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    test_train_ratio: float = math.nan
+    ratio_source: str = ""
+    num_classes: int | None = None
+    robustness: pd.DataFrame | None = None
     protocol: str = ""  # the evaluation protocol of splits.json (pkdot.data.manifest.describe_protocol)
     challenge: pd.DataFrame = field(default_factory=pd.DataFrame)  # Aff-Wild2 per-frame CCC per run
 
@@ -244,13 +264,73 @@ def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
     return (
         f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student "
         "trained "
-        f"without distillation (95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], paired t-test "
+        f"without distillation (corrected 95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], "
+        "corrected paired t-test "
         f"p = {_fmt_p(float(r['p_value']))}, n = {n} fold x seed runs); {verdict}."
     )
 
 
+def _num_classes(cfg: RunConfig, pred: pd.DataFrame | None = None) -> int:
+    """``cfg.data.num_outputs``; for a table run whose classes were not yet written into the config, the length
+    of the stored class scores (every prediction row has one score per class)."""
+    try:
+        return int(cfg.data.num_outputs)
+    except ConfigError:
+        if pred is None or pred.empty:
+            raise
+        lengths = {len(v) for v in pred["scores"]}
+        if len(lengths) != 1:
+            raise StageError(f"predictions: class scores of different lengths {sorted(lengths)}") from None
+        n = lengths.pop()
+        logger.info("data.num_classes not set: %d classes, from the length of the predicted scores", n)
+        return n
+
+
+def statistics_lines(summary: EvaluationSummary) -> list[str]:
+    """The report's statement of the statistics: which correction, its formula, the ratio and its source."""
+    ratio = summary.test_train_ratio
+    return [
+        f"- Statistics: intervals and p-values over runs use the {CORRECTION_NAME} (Nadeau & Bengio 2003), "
+        "for runs whose training sets overlap: "
+        f"`{CORRECTION_FORMULA}`; here n_test/n_train = {_fmt(ratio, 4)} ({summary.ratio_source}). "
+        "Uncorrected intervals are only in `summary.json` (`naive_*`).",
+        "- Per-run scores (one row per model × fold × seed, with n_test and n_train): "
+        "[per_fold.csv](per_fold.csv).",
+    ]
+
+
+def robustness_lines(robustness: pd.DataFrame, metric: str) -> list[str]:
+    """A compact table: one row per model and perturbation, one column per level (mean [corrected CI])."""
+    lines = [
+        "## Robustness of the video models to degraded test video",
+        "",
+        "Test clips perturbed before the video backbone (the face crops); every model re-encodes them. "
+        "Frame drop: that fraction of frames removed and the clip re-sampled to its length from the frames "
+        "kept (nearest frame). Noise: Gaussian pixel noise of that standard deviation (0-255 scale). "
+        f"Blur: Gaussian blur of that sigma in pixels. Cells: test {metric}, mean [corrected 95% CI] over "
+        "runs; all rows in [robustness.csv](robustness.csv).",
+        "",
+    ]
+    for perturbation, g in robustness.groupby("perturbation", sort=False):
+        levels = sorted(set(g["level"]))
+        header = ["model", *[f"{perturbation} {lv:g}" for lv in levels]]
+        rows = []
+        for model, gm in g.groupby("model", sort=False):
+            by_level = gm.set_index("level")
+            row = [f"`{model}`"]
+            for lv in levels:
+                if lv in by_level.index:
+                    r = by_level.loc[lv]
+                    row.append(f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]")
+                else:
+                    row.append("n/a")
+            rows.append(row)
+        lines += [_md_table(header, rows), ""]
+    return lines
+
+
 def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[str], n_files: int) -> str:
-    """The Markdown text of ``report.md``."""
+    """The Markdown text of ``report.md`` (a summary: per-run numbers are in ``per_fold.csv``)."""
     regression = cfg.data.is_regression
     metric = primary_metric(regression)
     table = summary.table
@@ -263,9 +343,9 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         + (f" (part {cfg.data.part})" if cfg.data.dataset == "biovid" else "")
         + f"; task: **{cfg.data.task}** ("
         + (
-            "regression, metric CCC"
+            "regression, metrics CCC, MAE and RMSE"
             if regression
-            else f"classification, {cfg.data.num_outputs} classes, metric accuracy and macro-F1"
+            else f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
         )
         + ")",
         f"- Preset: `{cfg.preset}`; folds: {folds} (evaluated: {len(evaluated_folds)}); "
@@ -277,12 +357,13 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         f"- Source: {n_files} predictions files; every score is computed on the test subjects of one "
         "(fold, seed) "
         f"run, then averaged over runs (n = runs).",
+        *statistics_lines(summary),
         "",
-        f"## Test {metric} per model (mean ± std over runs, {int(CONFIDENCE_LEVEL * 100)}% Student-t CI)",
+        f"## Test {metric} per model (mean ± std over runs, {int(CONFIDENCE_LEVEL * 100)}% corrected CI)",
         "",
     ]
-    header = ["model", f"{metric} mean ± std", "95% CI"]
-    header += ["RMSE mean"] if regression else ["macro-F1 mean ± std"]
+    header = ["model", f"{metric} mean ± std", "95% CI (corrected)"]
+    header += ["MAE mean", "RMSE mean"] if regression else ["macro-F1 mean ± std"]
     header += ["n"]
     rows = []
     for _, r in table.iterrows():
@@ -292,7 +373,7 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
         ]
         row += (
-            [_fmt(r["rmse_mean"])]
+            [_fmt(r["mae_mean"]), _fmt(r["rmse_mean"])]
             if regression
             else [f"{_fmt(r['macro_f1_mean'])} ± {_fmt(r['macro_f1_std'])}"]
         )
@@ -318,7 +399,10 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             ]
             for _, r in summary.paired.iterrows()
         ]
-        lines += [_md_table(["student", f"Δ {metric}", "95% CI", "p (paired t)", "n"], prow), ""]
+        lines += [
+            _md_table(["student", f"Δ {metric}", "95% CI (corrected)", "p (corrected paired t)", "n"], prow),
+            "",
+        ]
     lines += [pkdot_sentence(summary.paired, metric), ""]
 
     lines += ["## Teacher vs. unimodal models", ""]
@@ -336,7 +420,12 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             ]
             for _, r in tv.iterrows()
         ]
-        lines += [_md_table(["comparison", f"Δ {metric}", "95% CI", "p (paired t)", "n"], trow), ""]
+        lines += [
+            _md_table(
+                ["comparison", f"Δ {metric}", "95% CI (corrected)", "p (corrected paired t)", "n"], trow
+            ),
+            "",
+        ]
         lines += [
             "The teacher sees the privileged modalities; the unimodal models are the teacher's backbones "
             "trained alone (the first phase of the teacher stage).",
@@ -353,8 +442,12 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             "",
         ]
 
+    if summary.robustness is not None and not summary.robustness.empty:
+        lines += robustness_lines(summary.robustness, metric)
+
     lines += ["## Figures", ""]
     titles = {
+        "robustness.png": "Robustness to degraded test video (mean and corrected 95% CI over runs)",
         "metric_bars.png": "Test metric with confidence intervals",
         "confusion_matrices.png": "Confusion matrices",
         "learning_curves.png": "Learning curves",
@@ -377,7 +470,9 @@ def _draw_plots(
     plots = [plot_metric_bars(table, out / "metric_bars.png")]
     if not regression:
         plots.append(
-            plot_confusion_matrices(pred, cfg.data.num_outputs, out / "confusion_matrices.png", models=models)
+            plot_confusion_matrices(
+                pred, _num_classes(cfg, pred), out / "confusion_matrices.png", models=models
+            )
         )
     histories = collect_histories(run_dir, models)
     if histories:
@@ -416,7 +511,6 @@ def _draw_plots(
                 k=cfg.distill.k,
                 anchors=cfg.distill.anchors,
                 blur=cfg.distill.blur,
-                scaling=cfg.distill.scaling,
             )
         )
     if len(matched) >= 2:
@@ -448,16 +542,39 @@ def _protocol_and_challenge(cfg: RunConfig, run_dir: Path, pred: pd.DataFrame) -
     return protocol, challenge
 
 
-def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSummary:
+def test_train_sizes(
+    cfg: RunConfig, run_dir: Path, pred: pd.DataFrame
+) -> tuple[pd.DataFrame | None, float, str]:
+    """Per-run ``n_test``/``n_train`` (:func:`~pkdot.evaluate.aggregate.fold_sizes`), their mean ratio and
+    where it came from. Without a manifest, the k-fold value ``1/(k-1)`` (``k = train.folds``, or the
+    number of folds evaluated), which the report states."""
+    sizes = fold_sizes(run_dir, pred, cfg.data.modalities)
+    if sizes is not None:
+        return sizes, fold_size_ratio(sizes), "counted per run from the manifest and the folds' subjects"
+    k = cfg.train.folds if isinstance(cfg.train.folds, int) else int(pred["fold"].nunique())
+    if k < 2:
+        raise StageError(
+            f"{run_dir}: no manifest.parquet to count training samples, and {k} fold(s): cannot set "
+            "n_test/n_train for the corrected t interval"
+        )
+    return None, 1.0 / (k - 1), f"1/(k-1) for k = {k} folds: {run_dir / 'manifest.parquet'} not found"
+
+
+def evaluate_run(
+    cfg: RunConfig, run_dir: Path | None = None, *, robustness: bool = False
+) -> EvaluationSummary:
     """Evaluate every model of a run and write ``RUN/report/``.
 
     Parameters
     ----------
     cfg : RunConfig
         ``data`` (task: regression or classification, number of classes), ``train`` (batch size of the
-        structure figure), ``distill`` (k, anchors, blur, scaling of the OT plan), ``seed``.
+        structure figure), ``distill`` (k, anchors, blur of the OT plan), ``seed``.
     run_dir : Path, optional
         Default ``cfg.run_dir``.
+    robustness : bool
+        Also evaluate the video models on degraded test video (:mod:`pkdot.evaluate.robustness`): a section
+        of the report, ``robustness.csv``, ``robustness.png``.
 
     Returns
     -------
@@ -465,19 +582,29 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
     """
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     regression = cfg.data.is_regression
-    num_classes = cfg.data.num_outputs
     pred = collect_predictions(run_dir)
+    num_classes = _num_classes(cfg, pred)
     n_files = int(pred["source"].nunique())
+    sizes, ratio, ratio_source = test_train_sizes(cfg, run_dir, pred)
     per_fold, table, paired = aggregate(
-        pred, regression=regression, num_classes=num_classes, level=CONFIDENCE_LEVEL
+        pred, regression=regression, num_classes=num_classes, level=CONFIDENCE_LEVEL, test_train_ratio=ratio
     )
+    if sizes is not None:
+        per_fold = per_fold.merge(sizes[["fold", "seed", "n_train"]], on=["fold", "seed"], how="left")
     metric = primary_metric(regression)
     models = list(table["model"])
     unimodal = [m for m in models if m.startswith("unimodal-")]
     if "teacher" in models and unimodal:
         teacher_vs_unimodal = pd.concat(
             [
-                paired_table(per_fold, metric=metric, models=["teacher"], baseline=u, level=CONFIDENCE_LEVEL)
+                paired_table(
+                    per_fold,
+                    metric=metric,
+                    models=["teacher"],
+                    baseline=u,
+                    level=CONFIDENCE_LEVEL,
+                    test_train_ratio=ratio,
+                )
                 for u in unimodal
             ],
             ignore_index=True,
@@ -492,8 +619,18 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=report_dir))
     notes: list[str] = []
     protocol, challenge = _protocol_and_challenge(cfg, run_dir, pred)
+    robustness_runs = robustness_table = None
+    if robustness:
+        from pkdot.evaluate.robustness import run_robustness, summarise_robustness
+
+        robustness_runs = run_robustness(cfg, run_dir)
+        robustness_table = summarise_robustness(
+            robustness_runs, metric=metric, level=CONFIDENCE_LEVEL, test_train_ratio=ratio
+        )
     try:
         staged_plots = _draw_plots(cfg, pred, table, staging, run_dir, notes)
+        if robustness_table is not None:
+            staged_plots.append(plot_robustness(robustness_table, staging / "robustness.png", metric=metric))
         summary = EvaluationSummary(
             table=table,
             paired=paired,
@@ -506,6 +643,10 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
             notes=notes,
             protocol=protocol,
             challenge=challenge,
+            test_train_ratio=ratio,
+            ratio_source=ratio_source,
+            num_classes=None if regression else num_classes,
+            robustness=robustness_table,
         )
         plot_names = [p.name for p in staged_plots]
         (staging / "report.md").write_text(render_report(cfg, summary, plot_names, n_files))
@@ -517,6 +658,12 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
             "regression": regression,
             "metric": metric,
             "confidence_level": CONFIDENCE_LEVEL,
+            "statistics": {
+                "correction": CORRECTION_NAME,
+                "formula": CORRECTION_FORMULA,
+                "test_train_ratio": ratio,
+                "ratio_source": ratio_source,
+            },
             "config_hash": cfg.section_hash(),
             "best_student": best_student,
             "table": _records(table),
@@ -525,12 +672,16 @@ def evaluate_run(cfg: RunConfig, run_dir: Path | None = None) -> EvaluationSumma
             "plots": plot_names,
             "notes": notes,
             "predictions_files": n_files,
+            "robustness": None if robustness_table is None else _records(robustness_table),
             "protocol": protocol,
             "challenge_frame_ccc": _records(challenge),
         }
         (staging / "summary.json").write_text(json.dumps(summary_doc, indent=1, allow_nan=False))
         per_fold.to_csv(staging / "per_fold.csv", index=False)
         written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
+        if robustness_runs is not None:
+            robustness_runs.to_csv(staging / "robustness.csv", index=False)
+            written.add("robustness.csv")
         if not challenge.empty:
             challenge.to_csv(staging / "challenge_ccc.csv", index=False)
             written.add("challenge_ccc.csv")

@@ -206,3 +206,50 @@ def test_collect_predictions_reads_files_and_rejects_bad_ones(tmp_path):
         collect_predictions(tmp_path)
     with pytest.raises(StageError, match="no predictions"):
         collect_predictions(tmp_path / "empty")
+
+
+def test_nadeau_bengio_corrected_interval_by_hand_and_wider_than_naive():
+    from pkdot.evaluate.aggregate import fold_size_ratio
+
+    # 3 folds x 2 seeds of paired differences; each run trains on 40 samples and tests on 10
+    d = [0.02, 0.05, -0.01, 0.04, 0.03, 0.00]
+    sizes = pd.DataFrame({"fold": [0, 1, 2] * 2, "seed": [0] * 3 + [1] * 3, "n_test": 10, "n_train": 40})
+    ratio = fold_size_ratio(sizes)
+    assert ratio == 0.25
+    zeros = [0.0] * 6
+    corrected = paired_difference(d, zeros, test_train_ratio=ratio)
+    naive = paired_difference(d, zeros)
+    # by hand: mean 0.021667, s = 0.023166, se = s * sqrt(1/6 + 10/40), t_{0.975, 5} = 2.5706
+    assert corrected["mean_diff"] == pytest.approx(0.0216667, abs=1e-6)
+    assert corrected["ci_low"] == pytest.approx(-0.0167729, abs=1e-6)
+    assert corrected["ci_high"] == pytest.approx(0.0601062, abs=1e-6)
+    assert corrected["p_value"] == pytest.approx(0.207034, abs=1e-5)
+    # the naive interval excludes 0 here; the corrected one, rightly, does not
+    assert naive["ci_low"] == pytest.approx(-0.0026446, abs=1e-6)
+    assert corrected["ci_low"] < naive["ci_low"] and corrected["ci_high"] > naive["ci_high"]
+    assert corrected["p_value"] > naive["p_value"]
+    _, _, low, high = mean_ci(d, test_train_ratio=ratio)
+    assert (low, high) == pytest.approx((corrected["ci_low"], corrected["ci_high"]))
+    with pytest.raises(StageError, match="training samples"):
+        fold_size_ratio(sizes.assign(n_train=0))
+    with pytest.raises(StageError, match="test_train_ratio"):
+        mean_ci(d, test_train_ratio=-1.0)
+
+
+def test_aggregate_reports_corrected_and_naive_columns():
+    rng = np.random.default_rng(3)
+    y = np.tile([0, 1], 10)
+    frames = []
+    for fold in range(3):
+        for seed in range(2):
+            for model, p_correct in (("student-none", 0.6), ("student-pkdot", 0.7)):
+                pred = np.where(rng.random(20) < p_correct, y, 1 - y)
+                frames.append(_classification_rows(model, fold, seed, y, pred))
+    pred = pd.concat(frames, ignore_index=True)
+    _, table, paired = aggregate(pred, regression=False, num_classes=2, test_train_ratio=0.5)
+    _, table_naive, paired_naive = aggregate(pred, regression=False, num_classes=2)
+    for t in (table, paired):
+        assert ((t["ci_high"] - t["ci_low"]) > (t["naive_ci_high"] - t["naive_ci_low"])).all()
+    np.testing.assert_allclose(table["naive_ci_low"], table_naive["ci_low"])
+    np.testing.assert_allclose(paired["naive_p_value"], paired_naive["p_value"])
+    assert (paired["p_value"] > paired["naive_p_value"]).all()

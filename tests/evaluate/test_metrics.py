@@ -113,4 +113,17 @@ def test_metric_dicts():
     assert set(c) == {"accuracy", "macro_f1", "confusion_matrix"}
     assert c["accuracy"] == 0.75 and c["confusion_matrix"] == [[2, 0], [1, 1]]
     r = regression_metrics(np.array([0.1, 0.5, -0.2]), np.array([0.0, 0.4, -0.1]))
-    assert set(r) == {"ccc", "rmse", "pearson"} and all(isinstance(v, float) for v in r.values())
+    assert set(r) == {"ccc", "mae", "rmse", "pearson"} and all(isinstance(v, float) for v in r.values())
+
+
+def test_mae_and_many_classes():
+    from pkdot.evaluate.metrics import mae
+
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    assert mae(x, x + np.array([0.5, -0.5, 1.0, 0.0])) == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 12, size=200)  # a 12-class table: nothing assumes 5 classes
+    p = np.where(rng.random(200) < 0.6, y, rng.integers(0, 12, size=200))
+    c = classification_metrics(y, p, 12)
+    assert np.array(c["confusion_matrix"]).shape == (12, 12)
+    assert c["accuracy"] == pytest.approx(float(np.mean(y == p)))

@@ -124,3 +124,49 @@ def test_metric_bars(tmp_path):
     _png_size(path)
     with pytest.raises(StageError, match="columns"):
         plot_metric_bars(table.drop(columns=["ci_low"]), tmp_path / "bad.png")
+
+
+def test_transport_plan_pot_matches_the_training_solver():
+    import torch
+
+    from pkdot.distill.ot import transport_plan
+    from pkdot.evaluate.plots import transport_plan_pot
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1.5, size=(12, 6))
+    y = x[rng.permutation(12)] + rng.normal(0, 0.05, size=(12, 6))
+    plan = transport_plan_pot(x, y, blur=0.1)
+    assert plan.shape == (12, 12) and (plan >= 0).all()
+    np.testing.assert_allclose(plan.sum(1), 1 / 12, atol=1e-6)
+    np.testing.assert_allclose(plan.sum(0), 1 / 12, atol=1e-6)
+    ours = transport_plan(torch.from_numpy(x), torch.from_numpy(y), blur=0.1).numpy()
+    np.testing.assert_allclose(plan, ours, atol=2e-4)  # the same entropic OT problem
+    with pytest.raises(StageError, match="clouds"):
+        transport_plan_pot(x, y[:, :3])
+
+
+def test_learning_curves_one_panel_row_per_family_and_distinct_colours(tmp_path):
+    from pkdot.evaluate.plots import distinct_colors, model_family
+
+    losses = ["none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot"]
+    models = ["teacher", "unimodal-video", "unimodal-physio", *[f"student-{m}" for m in losses]]
+    assert [model_family(m) for m in models[:4]] == [
+        "Teacher",
+        "Unimodal models",
+        "Unimodal models",
+        "Students",
+    ]
+    for n in (3, 11, 25):
+        colors = distinct_colors(n)
+        assert len(set(colors)) == n  # never a repeated colour
+    histories = {
+        m: [[{"epoch": e, "train_loss": 1 / e + i, "val_metric": 0.5 + 0.01 * i * e} for e in range(1, 6)]]
+        for i, m in enumerate(models)
+    }
+    path = plot_learning_curves(histories, tmp_path / "curves.png", metric="accuracy")
+    width, height = _png_size(path)
+    assert height > 700  # three rows of panels
+    only_students = plot_learning_curves(
+        {m: histories[m] for m in models[3:]}, tmp_path / "students.png", metric="accuracy"
+    )
+    assert _png_size(only_students)[1] < height / 2

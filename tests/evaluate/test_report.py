@@ -227,3 +227,68 @@ def test_evaluate_run_without_predictions_raises(tmp_path):
     cfg = load_config(overrides={"run_dir": str(tmp_path / "empty")})
     with pytest.raises(StageError, match="no predictions"):
         evaluate_run(cfg)
+
+
+def test_report_stays_short_with_87_loso_folds(tmp_path):
+    """Biovid part A with LOSO: 87 folds. Per-run numbers go to per_fold.csv; report.md is a summary."""
+    from pkdot.data.manifest import manifest_frame, write_manifest
+
+    run_dir = tmp_path / "run"
+    n_subjects, per_subject = 87, 4
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "sample_id": f"p{s:02d}-{i}",
+            "subject_id": f"p{s:02d}",
+            "label": i % 2,
+            "class_name": ["BL1", "PA4"][i % 2],
+            "video_path": f"/nonexistent/p{s:02d}-{i}.mp4",
+            "physio_path": f"/nonexistent/p{s:02d}-{i}.csv",
+            "partition": "",
+            "dataset": "biovid",
+        }
+        for s in range(n_subjects)
+        for i in range(per_subject)
+    ]
+    run_dir.mkdir(parents=True)
+    write_manifest(manifest_frame(rows), run_dir / "manifest.parquet")
+    y = np.array([0, 1, 0, 1])
+    for fold in range(n_subjects):
+        frames = {}
+        for model, p_correct in (
+            ("teacher", 0.9),
+            ("unimodal-video", 0.6),
+            ("student-none", 0.6),
+            ("student-pkdot", 0.65),
+        ):
+            parts = []
+            for split, subject in (("test", fold), ("val", (fold + 1) % n_subjects)):
+                pred = np.where(rng.random(4) < p_correct, y, 1 - y)
+                df = _frame(model, fold, 0, split, y, pred, rng.normal(size=(4, DIM)))
+                df["sample_id"] = [f"p{subject:02d}-{i}" for i in range(4)]
+                df["subject_id"] = f"p{subject:02d}"
+                parts.append(df)
+            frames[model] = pd.concat(parts, ignore_index=True)
+        tdir = run_dir / "teacher" / f"fold-{fold}" / "seed-0"
+        _write(
+            pd.concat([frames["teacher"], frames["unimodal-video"]], ignore_index=True),
+            tdir / "predictions.parquet",
+        )
+        for loss in ("none", "pkdot"):
+            _write(
+                frames[f"student-{loss}"],
+                run_dir / "student" / loss / f"fold-{fold}" / "seed-0" / "predictions.parquet",
+            )
+    cfg = load_config(overrides={"run_dir": str(run_dir), "train.folds": "loso", "train.batch_size": 16})
+    summary = evaluate_run(cfg)
+    text = summary.report_path.read_text()
+    assert len(text.splitlines()) < 150
+    assert "](per_fold.csv)" in text and "Nadeau-Bengio" in text and "sqrt(1/J + n_test/n_train)" in text
+    per_fold = pd.read_csv(summary.report_path.parent / "per_fold.csv")
+    assert len(per_fold) == 4 * n_subjects
+    # LOSO: each run trains on the 85 subjects that are neither test nor validation subjects
+    assert (per_fold["n_train"] == (n_subjects - 2) * per_subject).all()
+    assert summary.test_train_ratio == pytest.approx(1 / (n_subjects - 2))
+    assert (summary.table["n"] == n_subjects).all()
+    corrected = summary.paired.iloc[0]
+    assert corrected["ci_high"] - corrected["ci_low"] > corrected["naive_ci_high"] - corrected["naive_ci_low"]

@@ -1,0 +1,394 @@
+r"""Robustness of the video models to degraded test video (``pkdot evaluate --robustness``).
+
+In the wild, frames go missing (the face tracker loses the face, a stream drops frames) or are noisy and
+blurred. This module re-evaluates the trained video-side models of a run -- every trained student
+(``student-<loss>``) and the unimodal video model (``unimodal-video``) -- on the *test* clips of each
+(fold, seed) after perturbing the face crops, and re-encodes the perturbed crops with each model's own video
+backbone. For students trained with ``train.student_init = teacher-frozen`` that backbone is the teacher's
+frozen video backbone, whose tokens the embedding cache holds for clean clips: the student is loaded in its
+registered, raw-video form (:func:`pkdot.train.student.load_trained_student`, which rebuilds it around the
+teacher's backbone exactly as the distill stage did), so the perturbed tokens come from the same backbone
+as the cached ones.
+
+Perturbations of a clip ``x`` of shape ``(T, H, W, 3)`` (uint8), each at several levels (level 0 = the clean
+clip, shared by the three):
+
+- ``frame_drop`` (fraction ``f``): :math:`n = \min(T - 1, \lfloor f T + 1/2 \rfloor)` frames, drawn at random
+  without replacement, are *removed*, and the clip is re-sampled back to ``T`` frames from the ``T - n``
+  frames kept (nearest kept frame in time order: frame ``i`` of the output is kept frame
+  :math:`\lfloor i (T - n) / T \rfloor`), as a video loader does when frames are missing. Chosen over
+  zeroing because black frames are an input the models never saw, not missing information; the count is
+  exact (:func:`drop_frames` returns it).
+- ``noise`` (standard deviation ``s`` on the 0-255 scale): i.i.d. Gaussian pixel noise, clipped to 0-255.
+- ``blur`` (sigma ``s`` in pixels): a spatial Gaussian blur of every frame
+  (:func:`scipy.ndimage.gaussian_filter`, no blur across time or channels).
+
+The random draws are seeded by (seed, fold, perturbation, level), and every model sees the same perturbed
+clips, so models can be compared run by run. The scores get the same corrected intervals as the main
+table (:mod:`pkdot.evaluate.aggregate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+
+from pkdot.config import RunConfig
+from pkdot.errors import StageError
+from pkdot.evaluate.aggregate import corrected_and_naive, primary_metric
+from pkdot.evaluate.metrics import accuracy, ccc
+
+logger = logging.getLogger(__name__)
+
+#: Levels of each perturbation (level 0 = the clean clip).
+DEFAULT_LEVELS: dict[str, tuple[float, ...]] = {
+    "frame_drop": (0.0, 0.3, 0.6, 0.9),
+    "noise": (0.0, 10.0, 25.0, 50.0),
+    "blur": (0.0, 1.0, 2.0, 4.0),
+}
+PERTURBATIONS = tuple(DEFAULT_LEVELS)
+RUN_COLUMNS = [
+    "model",
+    "perturbation",
+    "level",
+    "fold",
+    "seed",
+    "n_samples",
+    "metric",
+    "value",
+    "frames_dropped",
+    "changed_predictions",
+    "output_change",
+    "agreement_with_stored",
+]
+SUMMARY_COLUMNS = [
+    "model",
+    "perturbation",
+    "level",
+    "metric",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "naive_ci_low",
+    "naive_ci_high",
+    "n",
+]
+
+
+# ---- perturbations -----------------------------------------------------------------------------------------
+def _check_clip(clip: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(clip)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or x.shape[0] < 1:
+        raise StageError(f"{what}: expected a uint8 clip (T, H, W, 3) with T >= 1, got {x.dtype} {x.shape}")
+    return x
+
+
+def frames_to_drop(n_frames: int, fraction: float) -> int:
+    r"""How many of ``n_frames`` frames a drop of ``fraction`` removes: :math:`\min(T-1, \lfloor fT + 1/2
+    \rfloor)` (at least one frame is kept)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise StageError(f"frame_drop: the fraction must be in [0, 1], got {fraction}")
+    return min(n_frames - 1, int(math.floor(fraction * n_frames + 0.5)))
+
+
+def drop_frames(clip: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Remove ``frames_to_drop(T, fraction)`` random frames and re-sample the clip back to ``T`` frames.
+
+    Parameters
+    ----------
+    clip : uint8 array, shape (T, H, W, 3)
+    fraction : float in [0, 1]
+    rng : numpy Generator
+        Draws which frames are dropped.
+
+    Returns
+    -------
+    (clip, n_dropped)
+        The clip of the same shape, made only of the ``T - n_dropped`` kept frames in time order (frame ``i``
+        is kept frame ``floor(i * kept / T)``), and the number of frames dropped.
+    """
+    x = _check_clip(clip, "drop_frames")
+    t = x.shape[0]
+    n_drop = frames_to_drop(t, fraction)
+    if n_drop == 0:
+        return x.copy(), 0
+    dropped = rng.choice(t, size=n_drop, replace=False)
+    kept = np.setdiff1d(np.arange(t), dropped)
+    source = kept[(np.arange(t) * len(kept)) // t]
+    return x[source], n_drop
+
+
+def add_noise(clip: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """``clip + N(0, std^2)`` per pixel and channel (0-255 scale), rounded and clipped to uint8."""
+    x = _check_clip(clip, "add_noise")
+    if std < 0:
+        raise StageError(f"noise: the standard deviation must be >= 0, got {std}")
+    if std == 0:
+        return x.copy()
+    noisy = x.astype(np.float32) + rng.normal(0.0, std, size=x.shape).astype(np.float32)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def blur(clip: np.ndarray, sigma: float) -> np.ndarray:
+    """Spatial Gaussian blur of every frame (sigma in pixels over H and W; none over time or channels)."""
+    x = _check_clip(clip, "blur")
+    if sigma < 0:
+        raise StageError(f"blur: sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return x.copy()
+    out = ndimage.gaussian_filter(x.astype(np.float32), sigma=(0.0, sigma, sigma, 0.0), mode="nearest")
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def perturb_clips(
+    clips: np.ndarray, perturbation: str, level: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply one perturbation at one level to every clip of ``clips`` ``(N, T, H, W, 3)``.
+
+    Returns the perturbed clips (same shape, uint8) and the frames dropped per clip ``(N,)`` (zeros except
+    for ``frame_drop``).
+    """
+    x = np.asarray(clips)
+    if x.ndim != 5:
+        raise StageError(f"perturb_clips: expected clips (N, T, H, W, 3), got shape {x.shape}")
+    out = np.empty_like(x)
+    dropped = np.zeros(len(x), dtype=np.int64)
+    for i, clip in enumerate(x):
+        if perturbation == "frame_drop":
+            out[i], dropped[i] = drop_frames(clip, level, rng)
+        elif perturbation == "noise":
+            out[i] = add_noise(clip, level, rng)
+        elif perturbation == "blur":
+            out[i] = blur(clip, level)
+        else:
+            raise StageError(f"unknown perturbation {perturbation!r}; expected one of {list(PERTURBATIONS)}")
+    return out, dropped
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+def load_unimodal_video(cfg: RunConfig, fold: int, seed: int, device: torch.device | str = "cpu"):
+    """The trained ``unimodal-<video>`` model of (fold, seed) (teacher stage, phase 1), frozen, eval mode."""
+    from pkdot.models import UnimodalModel, build_backbone
+    from pkdot.train.cache import teacher_dir
+
+    video = cfg.data.student_modalities[0]
+    path = teacher_dir(Path(cfg.run_dir), fold, seed) / f"unimodal-{video}.pt"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
+    saved = torch.load(path, weights_only=False, map_location=device)
+    model = UnimodalModel(
+        build_backbone(video, tuple(saved["input_shape"]), cfg.model),
+        cfg.data.num_outputs,
+        cfg.data.is_regression,
+        bounded=cfg.data.task != "regression",
+    )
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device)
+
+
+def trained_video_models(run_dir: Path, losses: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
+    """``(model, fold, seed)`` of every trained student (``student.pt``) and unimodal video model of a run."""
+    run_dir = Path(run_dir)
+    found = []
+    for path in sorted((run_dir / "student").glob("*/fold-*/seed-*/student.pt")):
+        loss = path.parents[2].name
+        if losses is None or loss in losses:
+            found.append((f"student-{loss}", int(path.parents[1].name[5:]), int(path.parent.name[5:])))
+    for path in sorted((run_dir / "teacher").glob("fold-*/seed-*/unimodal-video.pt")):
+        found.append(("unimodal-video", int(path.parents[1].name[5:]), int(path.parent.name[5:])))
+    return found
+
+
+def _stored_test_predictions(run_dir: Path, model: str, fold: int, seed: int) -> pd.DataFrame:
+    if model.startswith("student-"):
+        path = run_dir / "student" / model.removeprefix("student-") / f"fold-{fold}" / f"seed-{seed}"
+    else:
+        path = run_dir / "teacher" / f"fold-{fold}" / f"seed-{seed}"
+    path = path / "predictions.parquet"
+    if not path.is_file():
+        raise StageError(
+            f"{path} does not exist: the test samples of {model} fold {fold} seed {seed} are unknown"
+        )
+    pred = pd.read_parquet(path, columns=["sample_id", "y_true", "y_pred", "model", "split"])
+    return pred[(pred["model"] == model) & (pred["split"] == "test")].reset_index(drop=True)
+
+
+def _load_model(cfg: RunConfig, model: str, fold: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    if model.startswith("student-"):
+        from pkdot.train.student import load_trained_student
+
+        student, _ = load_trained_student(cfg, model.removeprefix("student-"), fold, seed)
+        return lambda x: student(x).logits
+    unimodal = load_unimodal_video(cfg, fold, seed)
+    return lambda x: unimodal(x).logits
+
+
+@torch.no_grad()
+def predict_clips(
+    forward: Callable[[torch.Tensor], torch.Tensor], clips: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Outputs ``(N, C)`` of ``forward`` on uint8 clips ``(N, T, H, W, 3)``, in batches."""
+    outs = [
+        forward(torch.from_numpy(np.ascontiguousarray(clips[i : i + batch_size]))).float().numpy()
+        for i in range(0, len(clips), batch_size)
+    ]
+    return np.concatenate(outs)
+
+
+def _score(y_true: np.ndarray, outputs: np.ndarray, regression: bool) -> tuple[float, np.ndarray]:
+    if regression:
+        y_pred = outputs[:, 0].astype(np.float64)
+        return ccc(y_true, y_pred), y_pred
+    y_pred = outputs.argmax(1).astype(np.float64)
+    return accuracy(y_true, y_pred), y_pred
+
+
+def run_robustness(
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    *,
+    levels: dict[str, Sequence[float]] | None = None,
+    losses: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Evaluate every trained video model of a run on perturbed test clips.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's configuration (models, task, batch size).
+    run_dir : Path, optional
+        Default ``cfg.run_dir``.
+    levels : dict perturbation -> levels, optional
+        Default :data:`DEFAULT_LEVELS`.
+    losses : sequence of str, optional
+        Students to evaluate (default: every trained loss).
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, perturbation, level, fold, seed): ``n_samples``, ``metric`` (accuracy or ccc),
+        ``value``, ``frames_dropped`` (mean per clip), ``changed_predictions`` (fraction of test samples
+        whose prediction differs from the clean clip's), ``output_change`` (mean absolute change of the
+        model's outputs -- logits or regression values -- from the clean clip's) and, at level 0,
+        ``agreement_with_stored``: the fraction of test predictions equal to the stored
+        ``predictions.parquet`` (1 when the clean re-run reproduces the stage's own predictions).
+
+    Raises
+    ------
+    StageError
+        When the student modality is not video, or the run has no trained video model.
+    """
+    from pkdot.train.data import load_samples
+
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    video = cfg.data.student_modalities[0]
+    if video != "video":
+        raise StageError(f"--robustness perturbs face video; the student modality of this run is {video!r}")
+    levels = {k: tuple(v) for k, v in (levels or DEFAULT_LEVELS).items()}
+    unknown = sorted(set(levels) - set(PERTURBATIONS))
+    if unknown:
+        raise StageError(f"robustness: unknown perturbations {unknown}; expected {list(PERTURBATIONS)}")
+    jobs = trained_video_models(run_dir, losses)
+    if not jobs:
+        raise StageError(f"{run_dir}: no trained student or unimodal video model to evaluate for robustness")
+    regression = cfg.data.is_regression
+    metric = primary_metric(regression)
+    samples = load_samples(cfg, run_dir, modalities=[video])
+    row_of = {sid: i for i, sid in enumerate(samples.sample_ids)}
+    batch = cfg.train.batch_size
+    records = []
+    for fold, seed in sorted({(f, s) for _, f, s in jobs}):
+        models = [m for m, f, s in jobs if (f, s) == (fold, seed)]
+        stored = {m: _stored_test_predictions(run_dir, m, fold, seed) for m in models}
+        ids = sorted(set.intersection(*(set(p["sample_id"]) for p in stored.values())))
+        missing = [s for s in ids if s not in row_of]
+        if not ids or missing:
+            raise StageError(
+                f"fold {fold} seed {seed}: {len(missing)} of {len(ids)} test samples have no face features "
+                f"in {run_dir / 'features'}"
+            )
+        index = np.array([row_of[s] for s in ids])
+        clean = samples.arrays[video][index]
+        y_true = samples.targets[index].astype(np.float64)
+        forwards = {m: _load_model(cfg, m, fold, seed) for m in models}
+        clean_outputs = {m: predict_clips(forwards[m], clean, batch) for m in models}
+        for p_index, (perturbation, plevels) in enumerate(levels.items()):
+            for level in plevels:
+                rng = np.random.default_rng([seed, fold, p_index, int(round(level * 1000))])
+                clips, dropped = perturb_clips(clean, perturbation, level, rng)
+                for model in models:
+                    outputs = predict_clips(forwards[model], clips, batch)
+                    value, y_pred = _score(y_true, outputs, regression)
+                    _, clean_pred = _score(y_true, clean_outputs[model], regression)
+                    agreement = math.nan
+                    if level == 0:
+                        ref = stored[model].set_index("sample_id").loc[ids, "y_pred"].to_numpy(np.float64)
+                        close = np.isclose(ref, y_pred, atol=1e-4) if regression else ref == y_pred
+                        agreement = float(np.mean(close))
+                        if agreement < 0.99:
+                            logger.warning(
+                                "robustness: clean re-run of %s fold %d seed %d agrees with its stored test "
+                                "predictions on only %.1f%% of samples",
+                                model,
+                                fold,
+                                seed,
+                                100 * agreement,
+                            )
+                    records.append(
+                        {
+                            "model": model,
+                            "perturbation": perturbation,
+                            "level": float(level),
+                            "fold": fold,
+                            "seed": seed,
+                            "n_samples": len(ids),
+                            "metric": metric,
+                            "value": value,
+                            "frames_dropped": float(dropped.mean()),
+                            "changed_predictions": float(np.mean(y_pred != clean_pred)),
+                            "output_change": float(np.abs(outputs - clean_outputs[model]).mean()),
+                            "agreement_with_stored": agreement,
+                        }
+                    )
+        logger.info("robustness: fold %d seed %d done (%d models)", fold, seed, len(models))
+    return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
+
+
+def summarise_robustness(
+    runs: pd.DataFrame, *, metric: str, level: float = 0.95, test_train_ratio: float | None = None
+) -> pd.DataFrame:
+    """Mean and corrected CI over runs of each (model, perturbation, level) (:func:`run_robustness` rows)."""
+    if runs.empty:
+        raise StageError("summarise_robustness: no robustness rows")
+    records = []
+    for (model, perturbation, lv), g in runs.groupby(["model", "perturbation", "level"], sort=False):
+        stats_ = corrected_and_naive(g["value"].to_numpy(), None, level, test_train_ratio)
+        records.append(
+            {
+                "model": model,
+                "perturbation": perturbation,
+                "level": float(lv),
+                "metric": metric,
+                **stats_,
+                "n": int(len(g)),
+            }
+        )
+    from pkdot.evaluate.aggregate import order_models
+
+    order = {m: i for i, m in enumerate(order_models(runs["model"]))}
+    perturbation_order = {p: i for i, p in enumerate(dict.fromkeys(runs["perturbation"]))}
+    out = pd.DataFrame.from_records(records, columns=SUMMARY_COLUMNS)
+    out["_p"] = out["perturbation"].map(perturbation_order)
+    out["_m"] = out["model"].map(order)
+    return out.sort_values(["_p", "_m", "level"], ignore_index=True).drop(columns=["_p", "_m"])
