@@ -377,6 +377,11 @@ class RunConfig(_Section):
             for m in self.data.modalities:
                 if m not in ("video", "audio"):
                     raise ValueError(f"Aff-Wild2 has modalities video and audio, not {m!r}")
+        if len(self.data.student_modalities) > 1:
+            raise ValueError(
+                f"data.student_modalities {self.data.student_modalities}: the student reads one modality (the one "
+                "it has at test time); several privileged (teacher-only) modalities are supported"
+            )
         if self.train.folds is None:  # the data set's usual protocol
             self.train.folds = "official" if self.data.dataset == "affwild2" else 5
         elif self.train.folds == "official" and self.data.dataset != "affwild2":

@@ -1,8 +1,8 @@
 """Bring-your-own tables end to end (manifest -> extract -> teacher -> cache -> distill -> evaluate), tiny.
 
-A 10-class table with two student views and one privileged view, and a regression table with one student view
-and two privileged views of different lengths: the number of classes comes from the labels (no cap at 5), the
-regression target from a float ``target`` column, and the report shows the task's metrics.
+A 10-class table and a regression table, each with three views of different lengths (one for the student, two
+privileged): the number of classes comes from the labels (no cap at 5), the regression target from a float
+``target`` column, and the report shows the task's metrics. Both start a local Ray (integration).
 """
 
 from __future__ import annotations
@@ -83,9 +83,10 @@ def _run(tmp_path: Path, table: Path, task: str, student: list[str], privileged:
     return stages.run_all(cfg)
 
 
-def test_ten_class_table_with_two_student_views(tmp_path: Path) -> None:
+@pytest.mark.integration
+def test_ten_class_table_with_three_views(tmp_path: Path) -> None:
     table = _table(tmp_path / "ten.parquet", classes=10)
-    results = _run(tmp_path, table, "multiclass", ["a", "b"], ["c"])
+    results = _run(tmp_path, table, "multiclass", ["a"], ["b", "c"])
     run = Path(results["manifest"].path).parent
     cfg = load_config(run / "config.yaml")
     assert cfg.data.num_classes == 10 and cfg.data.num_outputs == 10  # inferred from the labels
@@ -98,9 +99,10 @@ def test_ten_class_table_with_two_student_views(tmp_path: Path) -> None:
     assert {"student-none", "student-pkdot", "teacher"} <= {r["model"] for r in summary["table"]}
 
 
-def test_regression_table_with_two_privileged_views(tmp_path: Path) -> None:
+@pytest.mark.integration
+def test_regression_table_with_three_views(tmp_path: Path) -> None:
     table = _table(tmp_path / "reg.parquet", classes=None)
-    results = _run(tmp_path, table, "regression", ["a"], ["b", "c"])
+    results = _run(tmp_path, table, "regression", ["b"], ["c", "a"])
     run = Path(results["manifest"].path).parent
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert summary["regression"] and summary["metric"] == "ccc"

@@ -77,7 +77,6 @@ MODALITY_SETTINGS: dict[str, tuple[str, ...]] = {
         "box_smoothing",
         "min_face_px",
         "detect_every",
-        "box_smoothing",
     ),
     "physio": (
         "physio_fs",
@@ -95,15 +94,15 @@ MODALITY_VERSION: dict[str, int] = {
     "physio": physio_features.PHYSIO_VERSION,
     "audio": audio_features.AUDIO_VERSION,
 }
+#: Manifest columns each modality reads.
+MODALITY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "video": ("video_path", "start_frame", "num_frames"),
 #: Source files (relative to ``pkdot/``) whose code computes each modality's shard rows.
 MODALITY_CODE: dict[str, tuple[str, ...]] = {
     "video": ("features/faces.py", "features/schema.py"),
     "physio": ("features/physio.py", "features/schema.py"),
     "audio": ("features/audio.py", "features/schema.py"),
 }
-#: Manifest columns each modality reads.
-MODALITY_COLUMNS: dict[str, tuple[str, ...]] = {
-    "video": ("video_path", "start_frame", "num_frames"),
     "physio": ("physio_path",),
     "audio": ("audio_path", "video_path", "start_frame", "num_frames"),
 }
@@ -176,16 +175,16 @@ def _file_stamp(path: str | None) -> list[int] | None:
 
 
 def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dict[str, Any]:
-    from pkdot.fingerprint import source_hash
-
     dump = features.model_dump(mode="json")
     settings = {k: dump[k] for k in MODALITY_SETTINGS[modality]}
     settings["version"] = MODALITY_VERSION[modality]
-    # The extractor's code: editing it re-extracts that modality's shards (not the others').
-    settings["code"] = source_hash(MODALITY_CODE[modality])
+    from pkdot.fingerprint import source_hash
+
     if modality == "physio":
         settings["physio_channels"] = physio_features.resolve_channels(features, part)
     if modality == "video" and features.detector == "yunet":
+    # The extractor's code: editing it re-extracts that modality's shards (not the others').
+    settings["code"] = source_hash(MODALITY_CODE[modality])
         settings["yunet_stamp"] = _file_stamp(str(features.yunet_model))
     return settings
 
@@ -200,7 +199,7 @@ def shard_key(modality: str, rows: list[dict[str, Any]], settings: dict[str, Any
 
     stamped = []
     for row in rows:
-        stamps = {c: _file_stamp(row[c]) for c in ("video_path", "physio_path", "audio_path") if c in row}
+        stamps = {c: file_identity(row[c]) for c in ("video_path", "physio_path", "audio_path") if c in row}
         stamped.append({**row, "stamps": stamps})
     payload = json.dumps(
         {"modality": modality, "settings": settings, "rows": stamped}, sort_keys=True, default=str
@@ -496,9 +495,6 @@ def _run_jobs(
                 except ray.exceptions.RayError as exc:
                     for other in in_flight:
                         ray.cancel(other)
-                    from pkdot.errors import InfrastructureError
-                    from pkdot.ray_utils import is_infrastructure_error
-
                     where = f"extraction of {job.modality} shard {job.index} ({job.path.name})"
                     # A worker crashed or was OOM-killed, a node died: retried by the flow, not bad input.
                     if is_infrastructure_error(exc):
@@ -522,6 +518,9 @@ def _merge(jobs: list[ShardJob], modality: str, keep: set[str], out: Path, audio
 
         def flush(final: bool) -> None:
             nonlocal pending, pending_rows, written
+                    from pkdot.errors import InfrastructureError
+                    from pkdot.ray_utils import is_infrastructure_error
+
             if not pending:
                 return
             table = pa.concat_tables(pending)

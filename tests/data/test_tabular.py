@@ -225,10 +225,22 @@ def test_three_views_of_different_lengths(tmp_path: Path) -> None:
     cols = _table(12)
     cols["gaze"] = [[float(i)] * 11 for i in range(12)]
     path = _write(tmp_path / "t.parquet", cols)
-    cfg = _cfg(root=path, student_modalities=["face", "gaze"], privileged_modalities=["eeg"])
+    cfg = _cfg(root=path, student_modalities=["face"], privileged_modalities=["eeg", "gaze"])
     assert len(build_manifest(cfg).frame) == 12
     cols["gaze"][4] = [1.0] * 3
     with pytest.raises(
         DatasetError, match="column 'gaze' row 4: ragged vector of length 3 .expected length 11"
     ):
-        build_manifest(_cfg(root=_write(tmp_path / "r.parquet", cols), student_modalities=["face", "gaze"]))
+        build_manifest(_cfg(root=_write(tmp_path / "r.parquet", cols), privileged_modalities=["eeg", "gaze"]))
+
+
+def test_a_run_with_several_student_modalities_is_refused_up_front() -> None:
+    from pkdot.config import load_config
+
+    views = ["data.dataset=table", "data.student_modalities=[face, gaze]", "data.privileged_modalities=[eeg]"]
+    with pytest.raises(ConfigError, match="the student reads one modality"):
+        load_config(overrides=views)
+    cfg = load_config(
+        overrides=[*views[:1], "data.student_modalities=[face]", "data.privileged_modalities=[eeg, gaze]"]
+    )
+    assert cfg.data.modalities == ["face", "eeg", "gaze"]

@@ -42,6 +42,7 @@ COMBINATIONS = {
         {
             "data.dataset": "table",
             "data.task": "multiclass",
+            "data.num_classes": 5,
             "data.student_modalities": ["face"],
             "data.privileged_modalities": ["eda", "ecg"],
         },
