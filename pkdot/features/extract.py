@@ -54,6 +54,7 @@ from pkdot.features.schema import (
     feature_path,
     write_table_atomic,
 )
+from pkdot.progress import report as report_progress
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ MODALITY_SETTINGS: dict[str, tuple[str, ...]] = {
         "detector",
         "yunet_model",
         "detect_width",
-        "box_smoothing",
         "min_face_px",
         "detect_every",
+        "box_smoothing",
     ),
     "physio": (
         "physio_fs",
@@ -94,15 +95,15 @@ MODALITY_VERSION: dict[str, int] = {
     "physio": physio_features.PHYSIO_VERSION,
     "audio": audio_features.AUDIO_VERSION,
 }
-#: Manifest columns each modality reads.
-MODALITY_COLUMNS: dict[str, tuple[str, ...]] = {
-    "video": ("video_path", "start_frame", "num_frames"),
 #: Source files (relative to ``pkdot/``) whose code computes each modality's shard rows.
 MODALITY_CODE: dict[str, tuple[str, ...]] = {
     "video": ("features/faces.py", "features/schema.py"),
     "physio": ("features/physio.py", "features/schema.py"),
     "audio": ("features/audio.py", "features/schema.py"),
 }
+#: Manifest columns each modality reads.
+MODALITY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "video": ("video_path", "start_frame", "num_frames"),
     "physio": ("physio_path",),
     "audio": ("audio_path", "video_path", "start_frame", "num_frames"),
 }
@@ -175,16 +176,16 @@ def _file_stamp(path: str | None) -> list[int] | None:
 
 
 def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dict[str, Any]:
+    from pkdot.fingerprint import source_hash
+
     dump = features.model_dump(mode="json")
     settings = {k: dump[k] for k in MODALITY_SETTINGS[modality]}
     settings["version"] = MODALITY_VERSION[modality]
-    from pkdot.fingerprint import source_hash
-
+    # The extractor's code: editing it re-extracts that modality's shards (not the others').
+    settings["code"] = source_hash(MODALITY_CODE[modality])
     if modality == "physio":
         settings["physio_channels"] = physio_features.resolve_channels(features, part)
     if modality == "video" and features.detector == "yunet":
-    # The extractor's code: editing it re-extracts that modality's shards (not the others').
-    settings["code"] = source_hash(MODALITY_CODE[modality])
         settings["yunet_stamp"] = _file_stamp(str(features.yunet_model))
     return settings
 
@@ -358,6 +359,9 @@ def _extract_audio_rows(job: ShardJob, features: FeatureConfig, summary: _ShardS
         media = rows[0]["audio_path"] or rows[0]["video_path"]
         fps: float | None = None
         video = rows[0]["video_path"]
+        # Face crops from a folder: the frame rate is that of the video the audio comes from.
+        if video is not None and Path(video).is_dir():
+            video = rows[0]["audio_path"]
         if rows[0]["audio_path"] and video and any(r["start_frame"] is not None for r in rows):
             try:
                 fps = audio_features.video_fps(video)
@@ -375,9 +379,6 @@ def _extract_audio_rows(job: ShardJob, features: FeatureConfig, summary: _ShardS
             if clip.silent:
                 summary.silent.append(clip.sample_id)
             results[clip.sample_id] = {"sample_id": clip.sample_id, **encode_tensor("logmel", clip.logmel)}
-        # Face crops from a folder: the frame rate is that of the video the audio comes from.
-        if video is not None and Path(video).is_dir():
-            video = rows[0]["audio_path"]
     return results
 
 
@@ -467,11 +468,13 @@ def _run_jobs(
         logger.info(
             "extract: %d shard jobs, %d already done, %d to run", len(jobs), len(jobs) - len(todo), len(todo)
         )
+        report_progress("extract", len(summaries), len(jobs), "shards")
 
         def finished(job: ShardJob, summary: dict[str, Any]) -> None:
             summary["skipped"] = False
             summaries.append(summary)
             bar.advance(tasks[job.modality], len(job.rows))
+            report_progress("extract", len(summaries), len(jobs), "shards")
 
         if not use_ray:
             for job in todo:
@@ -493,6 +496,9 @@ def _run_jobs(
                 try:
                     summary = ray.get(ref)
                 except ray.exceptions.RayError as exc:
+                    from pkdot.errors import InfrastructureError
+                    from pkdot.ray_utils import is_infrastructure_error
+
                     for other in in_flight:
                         ray.cancel(other)
                     where = f"extraction of {job.modality} shard {job.index} ({job.path.name})"
@@ -518,9 +524,6 @@ def _merge(jobs: list[ShardJob], modality: str, keep: set[str], out: Path, audio
 
         def flush(final: bool) -> None:
             nonlocal pending, pending_rows, written
-                    from pkdot.errors import InfrastructureError
-                    from pkdot.ray_utils import is_infrastructure_error
-
             if not pending:
                 return
             table = pa.concat_tables(pending)
@@ -641,6 +644,16 @@ def run_extract(
     keep = [sid for sid in order if all(sid in ok[m] for m in modalities)]
     keep_set = set(keep)
     report = _build_report(cfg, summaries, modalities, order, keep, workers, use_ray)
+    if report["quarantined"]:  # on the driver: shards on Ray workers log their own lines only there
+        first = report["quarantined"][0]
+        logger.warning(
+            "extract: %d sample(s) quarantined (first: %s, %s: %s); every reason is in %s",
+            len(report["quarantined"]),
+            first.get("sample_id"),
+            first.get("modality"),
+            first.get("reason"),
+            report_path,
+        )
     if not keep:
         report["time_s"] = {"total": round(time.perf_counter() - t_start, 3)}
         _write_report(report_path, report)
