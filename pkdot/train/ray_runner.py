@@ -261,6 +261,8 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     t0, started = time.monotonic(), time.time()
+    # The dashboard's Train tab lists runs (by name, with their workers and nodes) only with state tracking.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     per_worker = {"CPU": spec["cpus_per_worker"]}
     if spec["use_gpu"]:
         per_worker["GPU"] = spec["gpus_per_worker"]
