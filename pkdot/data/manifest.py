@@ -18,6 +18,7 @@ Columns (Parquet, schema :data:`MANIFEST_SCHEMA`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -174,18 +175,27 @@ def fold_plan(frame: pd.DataFrame, train: TrainConfig, seed: int) -> list[Fold]:
         ) from None
 
 
-def describe_protocol(scheme: int | str | None, folds: list[Fold]) -> str:
-    """One sentence naming the evaluation protocol of ``splits.json`` (for the report)."""
-    if not folds:
-        return f"train.folds={scheme!r} (no folds)"
+def describe_protocol(scheme: int | str | None, splits_path: Path) -> str:
+    """One sentence naming the evaluation protocol recorded in ``splits.json`` (for the report).
+
+    Reads the file's entries (``fold``, ``train``, ``val``, ``test`` and, for repeated folds, ``seed``) and
+    describes the folds of the first seed listed.
+    """
+    entries = json.loads(Path(splits_path).read_text())
+    if not isinstance(entries, list) or not entries:
+        raise DatasetError(f"splits file {splits_path}: expected a non-empty list of folds")
+    first_seed = entries[0].get("seed")
+    folds = [e for e in entries if e.get("seed") == first_seed]
+    seeds = sorted({e.get("seed") for e in entries if e.get("seed") is not None})
     if scheme == "official":
         f = folds[0]
         return (
-            f"official Aff-Wild2 partitions: trained on `Train_Set` ({len(f.train)} videos, {len(f.val)} more held "
-            f"out for validation/model selection), tested on `Validation_Set` ({len(f.test)} videos)"
+            f"official Aff-Wild2 partitions: trained on `Train_Set` ({len(f['train'])} videos, {len(f['val'])} "
+            f"more held out for validation/model selection), tested on `Validation_Set` ({len(f['test'])} videos)"
         )
     name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
+    repeats = f", drawn anew for each of {len(seeds)} seeds" if len(seeds) > 1 and scheme != "loso" else ""
     return (
-        f"{name} cross-validation ({len(folds)} folds evaluated; test subjects never seen in training, "
-        "validation subjects carved from each fold's training subjects)"
+        f"{name} cross-validation ({len(folds)} folds evaluated{repeats}; test subjects never seen in "
+        "training, validation subjects carved from each fold's training subjects)"
     )

@@ -529,10 +529,9 @@ def _draw_plots(
 def _protocol_and_challenge(cfg: RunConfig, run_dir: Path, pred: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     """The protocol sentence (from ``splits.json``) and, for Aff-Wild2, the per-frame CCC of every run."""
     from pkdot.data.manifest import describe_protocol, read_manifest
-    from pkdot.train.splits import load_folds
 
     splits = run_dir / "splits.json"
-    protocol = describe_protocol(cfg.train.folds, load_folds(splits)) if splits.is_file() else ""
+    protocol = describe_protocol(cfg.train.folds, splits) if splits.is_file() else ""
     challenge = pd.DataFrame()
     if cfg.data.dataset == "affwild2" and cfg.data.root is not None:
         from pkdot.data.affwild2 import challenge_scores

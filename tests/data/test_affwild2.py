@@ -203,7 +203,9 @@ def test_no_clip_at_all_raises(tmp_path: Path) -> None:
 
 
 # ---- the official protocol and the challenge's per-frame CCC ---------------------------------------------
-def test_synthetic_set_has_both_partitions_and_official_folds_follow_them(affwild2: Path) -> None:
+def test_synthetic_set_has_both_partitions_and_official_folds_follow_them(
+    affwild2: Path, tmp_path: Path
+) -> None:
     from pkdot.config import TrainConfig
     from pkdot.data.manifest import fold_plan
 
@@ -214,6 +216,15 @@ def test_synthetic_set_has_both_partitions_and_official_folds_follow_them(affwil
     assert set(fold.test) == set(part[part == "Validation_Set"].index)
     assert set(fold.train) | set(fold.val) == set(part[part == "Train_Set"].index)
     assert fold.val and fold.train  # validation carved from Train_Set subjects, never from the test partition
+    from pkdot.data.manifest import describe_protocol
+    from pkdot.train.splits import save_folds
+
+    save_folds([fold], tmp_path / "splits.json")
+    text = describe_protocol("official", tmp_path / "splits.json")
+    assert (
+        text.startswith("official Aff-Wild2 partitions")
+        and f"`Validation_Set` ({len(fold.test)} videos)" in text
+    )
     # the carve-out depends on the seed, the test partition does not
     draws = {fold_plan(df, TrainConfig(folds="official", val_fraction=0.3), seed=s)[0] for s in range(6)}
     assert {d.test for d in draws} == {fold.test} and len({d.val for d in draws}) > 1

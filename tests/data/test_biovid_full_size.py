@@ -78,6 +78,11 @@ def test_87_subject_manifest_builds_loso_folds(tmp_path: Path) -> None:
         assert not (m["train"] & m["test"]).any() and not (m["val"] & m["test"]).any()
         assert (m["train"] | m["val"] | m["test"]).all()
     assert len({f.val for f in folds}) > 1  # validation subjects are drawn per fold
+    from pkdot.data.manifest import describe_protocol
+
+    assert describe_protocol("loso", Path(cfg.run_dir) / "splits.json").startswith(
+        "leave-one-subject-out cross-validation (87 folds evaluated"
+    )
     assert np.bincount(manifest["label"], minlength=5).tolist() == [SUBJECTS * PER_CLASS] * 5
     print(json.dumps({"manifest_s": round(t_manifest, 2), "folds_s": round(t_folds, 2)}))
     assert t_manifest < 60 and t_folds < 30  # seconds; measured ~ a few seconds on 2 cores
