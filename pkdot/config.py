@@ -157,11 +157,11 @@ class FeatureConfig(_Section):
         "(logged)",
     )
     detect_every: int = Field(
-        default=0,
-        ge=0,
-        description="Full-frame face detection on every N-th sampled frame of a clip; in between the face is "
-        "tracked (re-detected near its last box). 0 = full detection only on a clip's first sampled frame and "
-        "whenever the tracker loses the face",
+        default=3,
+        ge=1,
+        description="The face detector runs (near the tracked box) on every N-th sampled frame of a clip; in "
+        "between the box follows the face by template matching (1 = detect on every frame). The whole frame "
+        "is searched on a clip's first sampled frame and whenever the face is lost",
     )
     box_smoothing: float = Field(default=0.5, ge=0.0, lt=1.0, description="EMA factor on face boxes")
     # Physio (Biovid: 512 Hz, 5.5 s windows; the authors use seconds 2-5)

@@ -11,10 +11,13 @@ are numbered by the rank of their presentation timestamp. Files without timestam
 **Detection.** The detector (OpenCV Haar cascade, or YuNet ``cv2.FaceDetectorYN`` with an ONNX model file)
 runs on the frame downscaled by ``s = min(1, m / min_face_px)`` where ``m`` is the detector's smallest face
 (:data:`DETECTOR_MIN_PX`), so a face of ``features.min_face_px`` *source* pixels is still found whatever the
-frame size (``features.detect_width`` optionally caps the detection width). It runs on the whole frame on a
-clip's first sampled frame (and every ``detect_every``-th one); in between the face is *tracked*: re-detected
-in a window of 2.5 box widths around its last box, downscaled so that the face is ~1.7 x ``m`` pixels wide,
-which costs a fraction of a full-frame search. When the tracker loses the face, the whole frame is searched.
+frame size (``features.detect_width`` optionally caps the detection width). It searches the whole frame on a
+clip's first sampled frame (and whenever the face is lost); then the face is *tracked*: on every
+``detect_every``-th sampled frame the detector runs only in a window of 2.5 box widths around the last box,
+downscaled so that the face is ~1.7 x ``m`` pixels wide; on the frames in between the box follows the face
+by template matching (normalised cross-correlation of the last face patch, ~32 px wide, in that window),
+which costs a fraction of a millisecond. A weak match falls back to the local search, a failed local search
+to the whole frame. ``detected`` marks the sampled frames where the face was located (found or tracked).
 Among several faces, the one nearest the tracked box is kept; without a tracked box, the largest, or for an
 Aff-Wild2 two-person annotation ``<video>_left`` / ``<video>_right`` (see :func:`face_side`), the largest
 whose centre lies in that half of the frame.
@@ -68,6 +71,8 @@ DETECTOR_MIN_PX: dict[str, int] = {"haar": 24, "yunet": 20}
 TRACK_PAD = 0.75
 #: Tracking accepts faces from ``TRACK_MIN_SCALE`` to ``TRACK_MAX_SCALE`` times the last box width.
 TRACK_MIN_SCALE, TRACK_MAX_SCALE = 0.6, 1.6
+#: Template tracking: the face patch is matched at this width (pixels), and a match needs this correlation.
+TEMPLATE_PX, TEMPLATE_MIN_SCORE = 32, 0.6
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _SIDE = re.compile(r"_(left|right)$")
 
@@ -81,11 +86,12 @@ class YuvFrame:
     only the region it is asked for (a face crop), instead of the whole frame.
     """
 
-    __slots__ = ("y", "u", "v")
+    __slots__ = ("_frame", "y", "u", "v")
 
     def __init__(self, frame: av.VideoFrame) -> None:
         height, width = frame.height, frame.width
         chroma = ((height + 1) // 2, (width + 1) // 2)
+        self._frame = frame  # the planes are views of its buffers (no copy): keep it alive with them
         self.y = _plane(frame.planes[0], height, width)
         self.u = _plane(frame.planes[1], *chroma)
         self.v = _plane(frame.planes[2], *chroma)
@@ -96,7 +102,9 @@ class YuvFrame:
 
 
 def _plane(plane: av.video.plane.VideoPlane, height: int, width: int) -> np.ndarray:
-    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:height, :width].copy()
+    view = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:height, :width]
+    view.flags.writeable = False
+    return view
 
 
 #: A frame: an RGB array (H, W, 3) uint8 or a :class:`YuvFrame`.
@@ -235,8 +243,8 @@ class FaceDetector:
     """Face detector on frames downscaled so that a ``min_face_px``-wide face spans the detector's minimum.
 
     ``detect_all(rgb)`` returns every face box ``(K, 4)`` (x, y, w, h) in source pixels; ``detect_near(rgb,
-    box)`` searches only around ``box`` (tracking); ``detect(rgb)`` returns the largest box or None.
-    ``full_searches`` / ``local_searches`` count the calls (for benchmarks).
+    box)`` searches only around ``box`` (tracking); ``match_near`` follows a face patch by template matching; ``detect(rgb)`` returns the
+    largest box or None. ``full_searches`` / ``local_searches`` / ``template_tracks`` count the calls.
     """
 
     def __init__(self, features: FeatureConfig) -> None:
@@ -246,6 +254,7 @@ class FaceDetector:
         self.min_px = DETECTOR_MIN_PX[self.kind]
         self.full_searches = 0
         self.local_searches = 0
+        self.template_tracks = 0
         self._warned_widths: set[int] = set()
         if self.kind == "yunet":
             model = features.yunet_model
@@ -351,6 +360,43 @@ class FaceDetector:
             boxes[:, 1] += y0
         return boxes
 
+    def _template_scale(self, box: Sequence[float]) -> float:
+        return min(1.0, TEMPLATE_PX / max(float(box[2]), float(box[3]), 1.0))
+
+    def face_template(self, image: Image, box: Sequence[float]) -> np.ndarray | None:
+        """The grey face patch of ``box``, downscaled to ~``TEMPLATE_PX`` wide (None if it leaves the frame)."""
+        x, y, w, h = (int(round(float(v))) for v in box)
+        height, width = image.shape[:2]
+        if x < 0 or y < 0 or x + w > width or y + h > height or w < 4 or h < 4:
+            return None
+        scale = self._template_scale(box)
+        gray = image_gray(image, x, y, x + w, y + h)
+        size = (max(4, round(w * scale)), max(4, round(h * scale)))
+        return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+
+    def match_near(self, image: Image, box: Sequence[float], template: np.ndarray) -> Box | None:
+        """Follow the face of ``box`` by template matching (normalised cross-correlation) in the tracking window.
+
+        Returns ``box`` moved to the best match, or None when the best correlation is below
+        :data:`TEMPLATE_MIN_SCORE` (then the caller runs the detector).
+        """
+        self.template_tracks += 1
+        x, y, w, h = (float(v) for v in box)
+        pad = TRACK_PAD * max(w, h)
+        height, width = image.shape[:2]
+        x0, y0 = max(0, int(x - pad)), max(0, int(y - pad))
+        x1, y1 = min(width, int(np.ceil(x + w + pad))), min(height, int(np.ceil(y + h + pad)))
+        scale = self._template_scale(box)
+        size = (round((x1 - x0) * scale), round((y1 - y0) * scale))
+        if size[0] < template.shape[1] or size[1] < template.shape[0]:
+            return None
+        roi = cv2.resize(image_gray(image, x0, y0, x1, y1), size, interpolation=cv2.INTER_AREA)
+        scores = cv2.matchTemplate(roi, template, cv2.TM_CCOEFF_NORMED)
+        _, best, _, (mx, my) = cv2.minMaxLoc(scores)
+        if not np.isfinite(best) or best < TEMPLATE_MIN_SCORE:
+            return None
+        return x0 + mx / scale, y0 + my / scale, w, h
+
     def detect(self, rgb: Image) -> Box | None:
         """The largest face on the whole frame, or None."""
         boxes = self.detect_all(rgb)
@@ -403,30 +449,40 @@ def choose_face(
 
 
 def track_faces(
-    frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 0
+    frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 3
 ) -> list[Box | None]:
     """One face box (or None) per frame of a clip, in order (see the module docstring: detect, then track).
 
     Parameters
     ----------
-    frames : T RGB frames (H, W, 3) uint8, in time order.
-    detector : the detector (whole-frame and local searches).
+    frames : T frames (RGB arrays (H, W, 3) uint8 or :class:`YuvFrame`), in time order.
+    detector : the detector (whole-frame and local searches, template tracking).
     side : ``"left"`` / ``"right"`` picks the face in that half when there is no tracked box; None = largest.
-    detect_every : whole-frame search on every N-th frame (0 = only when no face is being tracked).
+    detect_every : the detector runs (near the tracked box) on every N-th frame after the last detection; in
+        between the box follows the face by template matching (1 = detect on every frame). The whole frame is
+        searched when no face is tracked or the local search loses it.
     """
+    if detect_every < 1:
+        raise ConfigError(f"features.detect_every must be >= 1, got {detect_every}")
     detections: list[Box | None] = []
     previous: Box | None = None
-    for t, rgb in enumerate(frames):
+    template: np.ndarray | None = None
+    last_detection = -detect_every
+    for t, image in enumerate(frames):
         box: Box | None = None
-        full = previous is None or (detect_every > 0 and t % detect_every == 0)
-        if not full:
-            box = choose_face(detector.detect_near(rgb, previous), rgb.shape[1], None, previous)  # type: ignore[arg-type]
-            full = box is None
-        if full:
-            box = choose_face(detector.detect_all(rgb), rgb.shape[1], side, previous)
+        width = image.shape[1]
+        if previous is not None and template is not None and t - last_detection < detect_every:
+            box = detector.match_near(image, previous, template)
+        if box is None and previous is not None:
+            box = choose_face(detector.detect_near(image, previous), width, None, previous)
+            last_detection = t
+        if box is None:
+            box = choose_face(detector.detect_all(image), width, side, previous)
+            last_detection = t
         detections.append(box)
         if box is not None:
             previous = box
+            template = detector.face_template(image, box)
     return detections
 
 

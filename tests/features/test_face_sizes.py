@@ -82,7 +82,17 @@ def test_tracking_follows_a_small_face_with_local_searches():
     detector = faces.FaceDetector(FeatureConfig())
     frame, truth = _frame_with_face(64, 5)
     shifted = np.roll(frame, (12, 20), axis=(0, 1))  # the face moved 20 px right, 12 px down
-    boxes = faces.track_faces([frame, shifted, shifted], detector)
-    assert detector.full_searches == 1 and detector.local_searches == 2
+    moved = (truth[0] + 20, truth[1] + 12, truth[2], truth[3])
+    boxes = faces.track_faces([frame, shifted, shifted, shifted], detector, detect_every=2)
+    # frame 0: whole frame; 1: template match; 2: local detection; 3: template match
+    assert (detector.full_searches, detector.local_searches, detector.template_tracks) == (1, 1, 2)
     assert _matches(boxes[0], truth)
-    assert _matches(boxes[2], (truth[0] + 20, truth[1] + 12, truth[2], truth[3]))
+    assert all(_matches(b, moved) for b in boxes[1:]), boxes
+    every = faces.FaceDetector(FeatureConfig())
+    faces.track_faces([frame, shifted, shifted], every, detect_every=1)
+    assert (every.full_searches, every.local_searches, every.template_tracks) == (1, 2, 0)
+    # A face that vanishes is not "tracked" onto the background: the template match fails, so do the searches.
+    blank = np.full_like(frame, 120)
+    lost = faces.FaceDetector(FeatureConfig())
+    assert faces.track_faces([frame, blank], lost, detect_every=3)[1] is None
+    assert (lost.full_searches, lost.local_searches, lost.template_tracks) == (2, 1, 1)
