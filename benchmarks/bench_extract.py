@@ -385,7 +385,7 @@ def fullsize_main(argv: list[str]) -> None:
     parser.add_argument("--clips", type=int, nargs="+", default=[4, 8], help="data-set sizes (clips)")
     parser.add_argument("--n-frames", type=int, default=10, help="TSN frames per clip (paper: 10)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
-    parser.add_argument("--detect-every", type=int, default=0)
+    parser.add_argument("--detect-every", type=int, default=3, help="features.detect_every")
     parser.add_argument("--thread-types", nargs="+", default=["AUTO", "NONE"])
     parser.add_argument("--min-face", type=int, nargs="+", default=[32, 48, 64, 100, 175])
     parser.add_argument("--work-dir", type=Path, default=None)
