@@ -246,7 +246,13 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam"] = Field(
         default="sgd", description="Teacher phases (paper: SGD, momentum 0.9)"
     )
-    freeze_student_backbone: bool = True
+    student_init: Literal["teacher-frozen", "teacher-finetune", "scratch", "pretrained"] = Field(
+        default="teacher-frozen",
+        description="The student's video backbone: 'teacher-frozen' (the paper's: the teacher's, frozen; the "
+        "student trains from cached tokens), 'teacher-finetune' (starts from the teacher's, trained), 'scratch' "
+        "(freshly initialised), 'pretrained' (loads model.pretrained_video). Non-frozen students read the face "
+        "crops. Replaces freeze_student_backbone (true = teacher-frozen, false = teacher-finetune)",
+    )
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     use_gpu: bool | Literal["auto"] = "auto"
     max_failures: int = Field(default=2, ge=0)
@@ -278,6 +284,29 @@ class TrainConfig(_Section):
             raise ValueError("folds must be >= 2, 'loso' or 'official'")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_freeze(cls, data: Any) -> Any:
+        """``freeze_student_backbone`` (older configs): true -> 'teacher-frozen', false -> 'teacher-finetune'."""
+        if isinstance(data, dict) and "freeze_student_backbone" in data:
+            data = dict(data)
+            freeze = data.pop("freeze_student_backbone")
+            if not isinstance(freeze, bool):
+                raise ValueError(f"freeze_student_backbone must be true or false, got {freeze!r}")
+            mapped = "teacher-frozen" if freeze else "teacher-finetune"
+            if data.get("student_init", mapped) != mapped:
+                raise ValueError(
+                    f"freeze_student_backbone={freeze} contradicts student_init={data['student_init']!r} "
+                    "(set student_init only)"
+                )
+            data["student_init"] = mapped
+        return data
+
+    @property
+    def student_backbone_frozen(self) -> bool:
+        """Whether the student keeps the teacher's frozen video backbone (and trains from cached tokens)."""
+        return self.student_init == "teacher-frozen"
+
 
 class DistillConfig(_Section):
     """Distillation losses and their weights: total = task_weight * task + weights[loss] * distill."""
@@ -297,6 +326,13 @@ class DistillConfig(_Section):
     scaling: float = Field(default=0.5, gt=0, lt=1)
     temperature: float = Field(default=4.0, gt=0, description="KD softmax temperature")
     use_tnet: bool = True
+    teacher_targets: Literal["fit", "crossfit"] = Field(
+        default="fit",
+        description="'fit' (the paper's): targets from the teacher trained on the fold's training subjects; "
+        "'crossfit': training subjects are cut into crossfit_groups groups and a teacher trained without "
+        "group j gives group j's targets (val/test: the full-fold teacher); student batches stay in one group",
+    )
+    crossfit_groups: int = Field(default=3, ge=2, description="Groups J of teacher_targets='crossfit'")
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-loss extra keyword options"
     )
@@ -377,6 +413,11 @@ class RunConfig(_Section):
             for m in self.data.modalities:
                 if m not in ("video", "audio"):
                     raise ValueError(f"Aff-Wild2 has modalities video and audio, not {m!r}")
+        if self.train.student_init == "pretrained" and self.model.pretrained_video is None:
+            raise ValueError(
+                "train.student_init 'pretrained' needs model.pretrained_video (a local state_dict file of the "
+                "video backbone)"
+            )
         if len(self.data.student_modalities) > 1:
             raise ValueError(
                 f"data.student_modalities {self.data.student_modalities}: the student reads one modality (the one "

@@ -7,8 +7,10 @@ each privileged modality ``m``, ``z, gates = fusion({video: V, m: P_m, ...})``, 
 With ``cfg.distill.use_tnet = False`` there are no T-Nets and the fusion runs over ``V`` alone.
 
 The T-Nets are always frozen (``requires_grad=False``, eval mode); the backbone is frozen when
-``freeze_backbone`` (default ``cfg.train.freeze_student_backbone``), which lets the distillation stage cache
-``V`` once and train from :meth:`Student.forward_from_features`.
+``freeze_backbone`` (default: ``cfg.train.student_init == "teacher-frozen"``), which lets the distillation stage
+cache ``V`` once and train from :meth:`Student.forward_from_features`. Where the backbone comes from
+(``train.student_init``: the teacher's, a fresh one, or ``model.pretrained_video``) is the trainer's choice
+(:func:`pkdot.train.student.build_student_for_job`).
 """
 
 from __future__ import annotations
@@ -132,18 +134,19 @@ def build_student(
         One sample's shape per modality; only the student modality's is used.
     video_backbone : Backbone, optional
         Backbone to start from (e.g. the pre-trained unimodal video backbone); it is *copied*, so freezing it
-        here does not touch the caller's module. Default: a new one.
+        here does not touch the caller's module. Default: a new one (``build_backbone``, which loads
+        ``cfg.model.pretrained_video`` when set).
     tnets : dict[str, TNet], optional
         Trained T-Nets, one per privileged modality (copied and frozen). Default with ``use_tnet``: freshly
         initialised ones, for loading a saved student's state_dict into (a warning says so).
     freeze_backbone : bool, optional
-        Default ``cfg.train.freeze_student_backbone``.
+        Default: ``cfg.train.student_init == "teacher-frozen"``.
     seed : int, optional
         Seed of the new weights (global RNG restored afterwards).
     """
     modality = student_modality(cfg)
     dim = cfg.model.embed_dim
-    freeze = cfg.train.freeze_student_backbone if freeze_backbone is None else bool(freeze_backbone)
+    freeze = cfg.train.student_backbone_frozen if freeze_backbone is None else bool(freeze_backbone)
     privileged = cfg.data.privileged_modalities
     with seeded(seed):
         if video_backbone is not None:

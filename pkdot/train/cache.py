@@ -1,10 +1,18 @@
 """Stage 3: the frozen-teacher embedding cache.
 
 Each frozen teacher runs once over its fold's samples and writes ``<run>/embeddings/fold-<k>-seed-<s>.parquet``:
-``sample_id``, the teacher embedding (D,), the teacher logits/outputs (C,) and — the paper freezes the
-student's video backbone — the student's frozen video-backbone tokens (N, D). The file's metadata records the
-hashes of the teacher and T-Net checkpoints it came from; the distill stage refuses a cache whose hashes do not
-match the checkpoints (:class:`~pkdot.errors.StaleCacheError`).
+``sample_id``, the teacher embedding (D,), the teacher logits/outputs (C,), ``target_group`` (the crossfit
+group whose teacher gave the row's targets, -1 for the full-fold teacher) and — the paper freezes the
+student's video backbone — the student's frozen video-backbone tokens (N, D) (from the full-fold teacher). The
+file's metadata records the hashes of the checkpoints it came from; the distill stage refuses a cache whose
+hashes do not match the checkpoints (:class:`~pkdot.errors.StaleCacheError`).
+
+Cross-fitted targets (``distill.teacher_targets = "crossfit"``, J = ``distill.crossfit_groups``) go to
+``fold-<k>-seed-<s>-crossfit<J>.parquet``: a training sample of crossfit group j gets the embedding and logits
+of the teacher trained *without* group j (``teacher/fold-<k>/seed-<s>/crossfit-<J>/without-<j>/``), so no
+training target comes from a teacher that saw the sample's subject; validation and test samples get the
+full-fold teacher's. The metadata lists each group's subjects, the subjects its teacher trained on, and the
+extra teacher jobs and their seconds (the cost of cross-fitting).
 """
 
 from __future__ import annotations
@@ -32,27 +40,75 @@ CACHE_SCHEMA = pa.schema(
         pa.field("sample_id", pa.string()),
         *tensor_fields("teacher_embedding"),
         *tensor_fields("teacher_logits"),
+        pa.field("target_group", pa.int32()),
         *tensor_fields("video_tokens"),
     ]
 )
 
-
-def cache_path(run_dir: Path, fold: int, seed: int) -> Path:
-    return Path(run_dir) / "embeddings" / f"fold-{fold}-seed-{seed}.parquet"
-
-
-def teacher_dir(run_dir: Path, fold: int, seed: int) -> Path:
-    return Path(run_dir) / "teacher" / f"fold-{fold}" / f"seed-{seed}"
+#: The cached arrays read by default (``target_group`` too where the file has it).
+CACHE_COLUMNS = ("teacher_embedding", "teacher_logits", "video_tokens")
 
 
-def checkpoint_hashes(job_dir: Path) -> dict[str, str]:
+def crossfit_groups_of(cfg: RunConfig) -> int | None:
+    """J when the run cross-fits its teacher targets, else None."""
+    return cfg.distill.crossfit_groups if cfg.distill.teacher_targets == "crossfit" else None
+
+
+def cache_path(run_dir: Path, fold: int, seed: int, crossfit: int | None = None) -> Path:
+    """``embeddings/fold-<k>-seed-<s>.parquet`` (``crossfit`` = J: ``...-crossfit<J>.parquet``)."""
+    suffix = "" if crossfit is None else f"-crossfit{crossfit}"
+    return Path(run_dir) / "embeddings" / f"fold-{fold}-seed-{seed}{suffix}.parquet"
+
+
+def teacher_dir(
+    run_dir: Path, fold: int, seed: int, group: int | None = None, groups: int | None = None
+) -> Path:
+    """Folder of the full-fold teacher job, or (``group`` of ``groups``) of a cross-fitting teacher job."""
+    base = Path(run_dir) / "teacher" / f"fold-{fold}" / f"seed-{seed}"
+    if group is None:
+        return base
+    if groups is None:
+        raise StageError("teacher_dir: a crossfit group needs the number of groups")
+    return base / f"crossfit-{groups}" / f"without-{group}"
+
+
+def checkpoint_hashes(job_dir: Path, names: tuple[str, ...] = ("teacher", "tnet")) -> dict[str, str]:
     out = {}
-    for name in ("teacher", "tnet"):
+    for name in names:
         path = Path(job_dir) / f"{name}.pt"
         if not path.is_file():
             raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
         out[f"{name}_hash"] = file_hash(path)
     return out
+
+
+def job_record(job_dir: Path) -> dict:
+    """A finished teacher job's ``DONE.json`` (hashes, seconds, the subjects it trained on)."""
+    path = Path(job_dir) / "DONE.json"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
+    return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def _teacher_outputs(
+    cfg: RunConfig, teacher, samples: SampleSet, index: np.ndarray, batch_size: int, device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings (n, D), logits (n, C), student-modality tokens (n, N, D)) of ``teacher`` on rows ``index``."""
+    video = cfg.data.student_modalities[0]
+    emb, logits, tokens = [], [], []
+    for start in range(0, len(index), batch_size):
+        rows = index[start : start + batch_size]
+        inputs = {
+            m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][rows])).to(device)
+            for m in cfg.data.modalities
+        }
+        out = teacher(inputs)
+        tok = out.tokens[video] if video in out.tokens else teacher.backbones[video](inputs[video])
+        emb.append(out.embedding.float().cpu().numpy())
+        logits.append(out.logits.float().cpu().numpy())
+        tokens.append(tok.float().cpu().numpy())
+    return np.concatenate(emb), np.concatenate(logits), np.concatenate(tokens)
 
 
 @torch.no_grad()
@@ -65,36 +121,74 @@ def build_cache(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
 ) -> Path:
-    """Run the frozen teacher of (fold, seed) over ``samples`` and write the cache file atomically."""
+    """Run the frozen teacher(s) of (fold, seed) over ``samples`` and write the cache file atomically.
+
+    With ``distill.teacher_targets = "crossfit"`` the training samples of crossfit group j (``splits.json``)
+    take their embedding/logits from the teacher trained without group j (see the module doc).
+    """
+    from pkdot.train.splits import load_fold_plan
     from pkdot.train.teacher import load_teacher
 
     run_dir = Path(cfg.run_dir)
+    groups = crossfit_groups_of(cfg)
     jdir = teacher_dir(run_dir, fold, seed)
     hashes = checkpoint_hashes(jdir)
     teacher, _tnets, _shapes = load_teacher(cfg, jdir, device)
-    video = cfg.data.student_modalities[0]
-    rows = []
-    for start in range(0, len(samples), batch_size):
-        index = np.arange(start, min(len(samples), start + batch_size))
-        inputs = {
-            m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][index])).to(device)
-            for m in cfg.data.modalities
-        }
-        out = teacher(inputs)
-        tokens = out.tokens[video] if video in out.tokens else teacher.backbones[video](inputs[video])
-        for i, j in enumerate(index):
-            rows.append(
+    everything = np.arange(len(samples))
+    embedding, logits, tokens = _teacher_outputs(cfg, teacher, samples, everything, batch_size, device)
+    target_group = np.full(len(samples), -1, dtype=np.int32)
+    meta: dict = {"fold": fold, "seed": seed, "teacher_targets": "fit", **hashes}
+    if groups is not None:
+        the_fold = load_fold_plan(run_dir / "splits.json").fold(seed, fold)
+        if len(the_fold.crossfit) != groups:
+            raise StageError(
+                f"{run_dir / 'splits.json'}: fold {fold} of seed {seed} has {len(the_fold.crossfit)} crossfit "
+                f"groups, distill.crossfit_groups is {groups} (rerun train-teacher)"
+            )
+        subjects = np.asarray(samples.subject_ids, dtype=object)
+        records = []
+        for j, members in enumerate(the_fold.crossfit):
+            gdir = teacher_dir(run_dir, fold, seed, j, groups)
+            record = job_record(gdir)
+            trained_on = set(record.get("train_subjects", []))
+            if trained_on & set(members):
+                raise StageError(
+                    f"{gdir}: the teacher for crossfit group {j} was trained on its subjects "
+                    f"{sorted(trained_on & set(members))[:5]} (stale teacher; rerun train-teacher)"
+                )
+            rows = np.flatnonzero(np.isin(subjects, np.asarray(members, dtype=object)))
+            group_teacher, _, _ = load_teacher(cfg, gdir, device, with_tnets=False)
+            e, lg, _ = _teacher_outputs(cfg, group_teacher, samples, rows, batch_size, device)
+            embedding[rows], logits[rows], target_group[rows] = e, lg, j
+            records.append(
                 {
-                    "sample_id": samples.sample_ids[j],
-                    **encode_tensor("teacher_embedding", out.embedding[i].float().cpu().numpy()),
-                    **encode_tensor("teacher_logits", out.logits[i].float().cpu().numpy()),
-                    **encode_tensor("video_tokens", tokens[i].float().cpu().numpy()),
+                    "group": j,
+                    "subjects": list(members),
+                    "teacher_train_subjects": sorted(trained_on),
+                    "seconds": float(record.get("seconds", float("nan"))),
+                    **checkpoint_hashes(gdir, ("teacher",)),
                 }
             )
-    table = pa.Table.from_pylist(rows, schema=CACHE_SCHEMA)
-    meta = {"fold": fold, "seed": seed, **hashes}
+        meta |= {
+            "teacher_targets": "crossfit",
+            "crossfit_groups": groups,
+            "groups": records,
+            "extra_teacher_jobs": len(records),
+            "extra_teacher_seconds": round(sum(r["seconds"] for r in records), 2),
+        }
+    rows_out = [
+        {
+            "sample_id": samples.sample_ids[i],
+            **encode_tensor("teacher_embedding", embedding[i]),
+            **encode_tensor("teacher_logits", logits[i]),
+            "target_group": int(target_group[i]),
+            **encode_tensor("video_tokens", tokens[i]),
+        }
+        for i in range(len(samples))
+    ]
+    table = pa.Table.from_pylist(rows_out, schema=CACHE_SCHEMA)
     table = table.replace_schema_metadata({b"pkdot": json.dumps(meta).encode()})
-    path = cache_path(run_dir, fold, seed)
+    path = cache_path(run_dir, fold, seed, groups)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, row_group_size=256)
@@ -111,35 +205,81 @@ def cache_metadata(path: Path) -> dict:
     return json.loads(meta[b"pkdot"])
 
 
-def check_cache(run_dir: Path, fold: int, seed: int) -> dict:
-    """Raise :class:`StaleCacheError` unless the cache of (fold, seed) matches the teacher checkpoints."""
-    path = cache_path(run_dir, fold, seed)
+def check_cache(run_dir: Path, fold: int, seed: int, crossfit: int | None = None) -> dict:
+    """Raise :class:`StaleCacheError` unless the cache of (fold, seed) matches the teacher checkpoints.
+
+    ``crossfit`` = J checks the cross-fitted cache and the checkpoints of its J group teachers too.
+    """
+    path = cache_path(run_dir, fold, seed, crossfit)
     meta = cache_metadata(path)
-    current = checkpoint_hashes(teacher_dir(run_dir, fold, seed))
-    for key, value in current.items():
-        if meta.get(key) != value:
+    expected = [(teacher_dir(run_dir, fold, seed), checkpoint_hashes(teacher_dir(run_dir, fold, seed)), meta)]
+    if crossfit is not None:
+        records = meta.get("groups", [])
+        if meta.get("crossfit_groups") != crossfit or len(records) != crossfit:
             raise StaleCacheError(
-                f"embedding cache {path} was built from a different {key.split('_')[0]} checkpoint "
-                f"({meta.get(key)} != {value}); rebuild it with `pkdot cache` (the teacher was retrained)"
+                f"embedding cache {path} is not a {crossfit}-group crossfit cache; rebuild it with `pkdot cache`"
             )
+        for r in records:
+            gdir = teacher_dir(run_dir, fold, seed, r["group"], crossfit)
+            expected.append((gdir, checkpoint_hashes(gdir, ("teacher",)), r))
+    for jdir, current, recorded in expected:
+        for key, value in current.items():
+            if recorded.get(key) != value:
+                raise StaleCacheError(
+                    f"embedding cache {path} was built from a different {key.split('_')[0]} checkpoint of "
+                    f"{jdir} ({recorded.get(key)} != {value}); rebuild it with `pkdot cache` (the teacher was "
+                    "retrained)"
+                )
     return meta
 
 
-def cache_is_fresh(run_dir: Path, fold: int, seed: int) -> bool:
+def cache_is_fresh(run_dir: Path, fold: int, seed: int, crossfit: int | None = None) -> bool:
     try:
-        check_cache(run_dir, fold, seed)
+        check_cache(run_dir, fold, seed, crossfit)
     except (StaleCacheError, StageError):
         return False
     return True
 
 
-def read_cache(run_dir: Path, fold: int, seed: int, sample_ids: list[str]) -> dict[str, np.ndarray]:
-    """The cached arrays of (fold, seed) for ``sample_ids`` (checked against the teacher first)."""
+def read_cache(
+    run_dir: Path,
+    fold: int,
+    seed: int,
+    sample_ids: list[str],
+    crossfit: int | None = None,
+    columns: tuple[str, ...] = CACHE_COLUMNS,
+) -> dict[str, np.ndarray]:
+    """The cached arrays of (fold, seed) for ``sample_ids`` (checked against the teacher(s) first).
+
+    ``columns`` may include ``target_group`` ((n,) int32: the crossfit group whose teacher gave the row's
+    targets, -1 for the full-fold teacher).
+    """
     from pkdot.features.schema import read_tensors
 
-    check_cache(run_dir, fold, seed)
-    path = cache_path(run_dir, fold, seed)
+    check_cache(run_dir, fold, seed, crossfit)
+    path = cache_path(run_dir, fold, seed, crossfit)
+    out = {}
+    for col in columns:
+        if col == "target_group":
+            table = pq.read_table(path, columns=["sample_id", "target_group"])
+            position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+            missing = [s for s in sample_ids if s not in position]
+            if missing:
+                raise StageError(f"embedding cache {path} has no rows for samples {missing[:5]}")
+            values = table.column("target_group").to_numpy()
+            out[col] = np.asarray([values[position[s]] for s in sample_ids], dtype=np.int32)
+        else:
+            out[col] = read_tensors(path, col, sample_ids)[1]
+    return out
+
+
+def crossfit_cost(paths: list[Path]) -> dict[str, float]:
+    """The extra teacher jobs and their seconds recorded in cross-fitted caches (empty for fit caches)."""
+    metas = [cache_metadata(p) for p in paths if Path(p).is_file()]
+    metas = [m for m in metas if m.get("teacher_targets") == "crossfit"]
+    if not metas:
+        return {}
     return {
-        col: read_tensors(path, col, sample_ids)[1]
-        for col in ("teacher_embedding", "teacher_logits", "video_tokens")
+        "crossfit_teacher_jobs": int(sum(m["extra_teacher_jobs"] for m in metas)),
+        "crossfit_teacher_seconds": round(float(sum(m["extra_teacher_seconds"] for m in metas)), 2),
     }

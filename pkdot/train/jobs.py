@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 import torch
 
 from pkdot.train.loops import FitState
+
+if TYPE_CHECKING:
+    from pkdot.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,18 @@ PREDICTION_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of training: a fold, a seed and (for students) a distillation loss."""
+    """One unit of training: a fold, a seed and (for students) a distillation loss.
+
+    ``group`` (teachers only, cross-fitted targets): the crossfit group of the fold's training subjects this
+    teacher is trained *without*; it gives that group's distillation targets. None: the full-fold job.
+    """
 
     key: str
     out_dir: str
     fold: int
     seed: int
     loss: str | None = None
+    group: int | None = None
 
     @property
     def done_marker(self) -> Path:
@@ -59,6 +67,84 @@ class Job:
 
     def is_done(self) -> bool:
         return self.done_marker.is_file()
+
+
+def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
+    """The teacher jobs of a run: one per (seed, fold), plus J per (seed, fold) with cross-fitted targets.
+
+    ``folds``: a :class:`~pkdot.train.splits.FoldPlan`, a ``{seed: folds}`` mapping, or one list of folds for
+    every seed of ``cfg.train.seeds``. A cross-fitting job ``teacher/fold-<k>/seed-<s>/without-<j>-of-<J>``
+    trains on the fold's training subjects minus crossfit group j (``Fold.crossfit``).
+    """
+    from pkdot.train.cache import crossfit_groups_of, teacher_dir
+    from pkdot.train.splits import as_plan
+
+    run_dir = Path(cfg.run_dir)
+    plan = as_plan(folds)
+    groups = crossfit_groups_of(cfg)
+    jobs = []
+    for s, f in plan.pairs(cfg.train.seeds):
+        base = f"teacher/fold-{f.index}/seed-{s}"
+        jobs.append(Job(key=base, out_dir=str(teacher_dir(run_dir, f.index, s)), fold=f.index, seed=s))
+        if groups is None:
+            continue
+        if len(f.crossfit) != groups:
+            from pkdot.errors import StageError
+
+            raise StageError(
+                f"fold {f.index} of seed {s} has {len(f.crossfit)} crossfit groups, distill.crossfit_groups is "
+                f"{groups} (the fold plan was made for another setting: rerun train-teacher)"
+            )
+        for j in range(groups):
+            jobs.append(
+                Job(
+                    key=f"{base}/without-{j}-of-{groups}",
+                    out_dir=str(teacher_dir(run_dir, f.index, s, j, groups)),
+                    fold=f.index,
+                    seed=s,
+                    group=j,
+                )
+            )
+    return jobs
+
+
+def student_jobs(cfg: RunConfig, folds: Any, losses: list[str]) -> list[Job]:
+    """One student job per (loss, seed, fold) of the fold plan (``folds`` as in :func:`teacher_jobs`)."""
+    from pkdot.train.splits import as_plan
+    from pkdot.train.student import student_dir
+
+    plan = as_plan(folds)
+    return [
+        Job(
+            key=f"student/{loss}/fold-{f.index}/seed-{s}",
+            out_dir=str(student_dir(Path(cfg.run_dir), loss, f.index, s)),
+            fold=f.index,
+            seed=s,
+            loss=loss,
+        )
+        for loss in losses
+        for s, f in plan.pairs(cfg.train.seeds)
+    ]
+
+
+def teacher_checkpoints(job: Job) -> list[Path]:
+    """The checkpoint files a finished teacher job leaves (cross-fitting jobs train no T-Net)."""
+    names = ("teacher.pt", "tnet.pt") if job.group is None else ("teacher.pt",)
+    return [Path(job.out_dir) / n for n in names]
+
+
+def teacher_cost(jobs: list[Job]) -> dict[str, float]:
+    """Counts and job-seconds (from each job's ``DONE.json``) of full-fold and cross-fitting teacher jobs.
+
+    ``crossfit_jobs`` / ``crossfit_seconds`` are the extra cost of ``distill.teacher_targets = "crossfit"``.
+    """
+    out = {"teacher_jobs": 0, "teacher_seconds": 0.0, "crossfit_jobs": 0, "crossfit_seconds": 0.0}
+    for job in jobs:
+        seconds = float(json.loads(job.done_marker.read_text()).get("seconds", 0.0)) if job.is_done() else 0.0
+        prefix = "teacher" if job.group is None else "crossfit"
+        out[f"{prefix}_jobs"] += 1
+        out[f"{prefix}_seconds"] = round(out[f"{prefix}_seconds"] + seconds, 2)
+    return out
 
 
 @dataclass

@@ -61,6 +61,41 @@ def epoch_batches(
     return batches
 
 
+def group_batches(
+    groups: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = True,
+) -> list[np.ndarray]:
+    """Index batches for one epoch in which every global batch holds samples of a single group.
+
+    For cross-fitted teacher targets: each crossfit group's targets live in the embedding space of its own
+    teacher, and batch-structure losses compare the samples of a batch, so a batch must not mix groups.
+    Each group's indices (``groups`` is ``(N,)``, one label per sample) are shuffled and cut into batches of
+    ``batch_size``; the batches of all groups are then shuffled together (``default_rng([seed, epoch])``).
+    Returns the ``rank``-th slice of each global batch, like :func:`epoch_batches`; with ``drop_last`` a
+    group's last batch is dropped when smaller than ``max(2, 2 * world)`` (unless it is the group's only one
+    and has at least 2 samples).
+    """
+    groups = np.asarray(groups)
+    rng = np.random.default_rng([seed, epoch])
+    global_batches = []
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        members = members[rng.permutation(len(members))]
+        for start in range(0, len(members), batch_size):
+            idx = members[start : start + batch_size]
+            if drop_last and len(idx) < max(2, world * 2) and (start > 0 or len(idx) < 2):
+                continue
+            global_batches.append(idx)
+    order = rng.permutation(len(global_batches))
+    return [np.array_split(global_batches[i], world)[rank] for i in order]
+
+
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> torch.Tensor:
     """Cross-entropy for classification (outputs = logits (B, C)); MSE for regression (outputs (B, 1))."""
     if regression:

@@ -1,9 +1,19 @@
 """Student job of one loss x fold x seed: distil the frozen teacher into the video-only student.
 
-The student = the teacher's video backbone (frozen, as the paper does) + the T-Net(s) trained next to the
-teacher (frozen, *loaded* — the authors' script forgot to load them) + its own fusion block and head. With a
-frozen backbone it trains from the embedding cache (stage 3) alone: cached video tokens in, cached teacher
-embeddings/logits as distillation targets. Total loss = task_weight * task + weights[loss] * distill.
+The student = a video backbone + the T-Net(s) trained next to the full-fold teacher (frozen, *loaded* — the
+authors' script forgot to load them) + its own fusion block and head. ``train.student_init`` chooses the
+backbone:
+
+- ``teacher-frozen`` (the paper's): the teacher's video backbone, frozen. The student trains from the
+  embedding cache (stage 3) alone: cached video tokens in, cached teacher embeddings/logits as targets.
+- ``teacher-finetune``: starts from the teacher's video backbone and trains it;
+- ``scratch``: a freshly initialised backbone (seeded by the job);
+- ``pretrained``: a fresh backbone loaded from ``model.pretrained_video`` (a local state_dict).
+
+Non-frozen students read the face crops (``features/faces.parquet``) and run their backbone every step; the
+cache still supplies the teacher's side. With cross-fitted targets (``distill.teacher_targets = "crossfit"``)
+every training batch holds one crossfit group only (:func:`pkdot.train.loops.group_batches`), for every loss,
+so that all losses see the same batches. Total loss = task_weight * task + weights[loss] * distill.
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ from torch import nn
 
 from pkdot.config import RunConfig
 from pkdot.distill import DistillBatch, build_loss, total_loss
-from pkdot.models import build_student
-from pkdot.train.cache import check_cache, read_cache, teacher_dir
+from pkdot.errors import ConfigError, StageError
+from pkdot.models import build_backbone, build_student, load_pretrained_video
+from pkdot.train.cache import check_cache, crossfit_groups_of, read_cache, teacher_dir
 from pkdot.train.data import FoldData, SampleSet, load_samples, split_fold
 from pkdot.train.jobs import (
     Job,
@@ -34,6 +45,7 @@ from pkdot.train.jobs import (
 from pkdot.train.loops import (
     epoch_batches,
     fit,
+    group_batches,
     predict,
     recalibrate_batchnorm,
     seed_everything,
@@ -51,7 +63,7 @@ def student_dir(run_dir: Path, loss: str, fold: int, seed: int) -> Path:
 
 def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
     """Ids/targets of every sample; raw video frames too when the student backbone is trained (not frozen)."""
-    mods = [] if cfg.train.freeze_student_backbone else [cfg.data.student_modalities[0]]
+    mods = [] if cfg.train.student_backbone_frozen else [cfg.data.student_modalities[0]]
     if not mods:
         # ids and targets only: intersect with every modality table so the rows match the teacher's
         base = load_samples(cfg, run_dir, modalities=[cfg.data.student_modalities[0]])
@@ -98,29 +110,64 @@ class DistillationObjective(nn.Module):
 
 
 def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:
+    """Add the cached teacher arrays to every part (``video_tokens`` for a frozen backbone, ``target_group``
+    to the training part with cross-fitted targets)."""
     run_dir = Path(cfg.run_dir)
-    for part in (data.train, data.val, data.test):
-        arrays = read_cache(run_dir, job.fold, job.seed, part.sample_ids)
-        part.arrays.update(arrays)
+    crossfit = crossfit_groups_of(cfg)
+    columns = ("teacher_embedding", "teacher_logits")
+    if cfg.train.student_backbone_frozen:
+        columns += ("video_tokens",)
+    for name, part in (("train", data.train), ("val", data.val), ("test", data.test)):
+        extra = ("target_group",) if crossfit is not None and name == "train" else ()
+        part.arrays.update(
+            read_cache(run_dir, job.fold, job.seed, part.sample_ids, crossfit, columns + extra)
+        )
 
 
-def build_student_for_job(cfg: RunConfig, job_fold: int, job_seed: int, device: torch.device | str = "cpu"):
-    """A fresh student around the frozen teacher video backbone and loaded T-Nets of (fold, seed)."""
+def build_student_for_job(
+    cfg: RunConfig,
+    job_fold: int,
+    job_seed: int,
+    device: torch.device | str = "cpu",
+    *,
+    initialise: bool = True,
+):
+    """The untrained student of (fold, seed): its video backbone as ``train.student_init`` says, the full-fold
+    teacher's loaded T-Nets, fresh fusion and head.
+
+    ``initialise=False`` skips loading ``model.pretrained_video`` (for a trained student whose saved
+    state_dict replaces every weight anyway). Raises :class:`ConfigError` for ``pretrained`` without a file.
+    """
     from pkdot.train.teacher import load_teacher
 
     teacher, tnets, shapes = load_teacher(cfg, teacher_dir(Path(cfg.run_dir), job_fold, job_seed), device)
     video = cfg.data.student_modalities[0]
-    backbone = teacher.backbones[video]
-    freeze = cfg.train.freeze_student_backbone
-    if not freeze:
-        for p in backbone.parameters():
-            p.requires_grad_(True)
+    mode = cfg.train.student_init
+    if mode in ("teacher-frozen", "teacher-finetune"):
+        backbone = teacher.backbones[video]
+    else:
+        if video not in shapes:
+            raise StageError(
+                f"teacher checkpoint of fold {job_fold} seed {job_seed} has no {video!r} input shape"
+            )
+        fresh = cfg.model.model_copy(update={"pretrained_video": None})
+        backbone = build_backbone(video, shapes[video], fresh, seed=job_seed * 7919 + job_fold * 31 + 404)
+        if mode == "pretrained" and initialise:
+            if cfg.model.pretrained_video is None:
+                raise ConfigError(
+                    "train.student_init 'pretrained' needs model.pretrained_video (a state_dict file)"
+                )
+            if video != "video":
+                raise ConfigError(
+                    f"train.student_init 'pretrained' loads a video backbone, the student reads {video!r}"
+                )
+            load_pretrained_video(backbone, cfg.model.pretrained_video)
     student = build_student(
         cfg,
         shapes,
         video_backbone=backbone,
         tnets=dict(tnets.items()) if cfg.distill.use_tnet else None,
-        freeze_backbone=freeze,
+        freeze_backbone=mode == "teacher-frozen",
     )
     return student.to(device), shapes
 
@@ -131,11 +178,23 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     out_dir = Path(job.out_dir)
     regression = cfg.data.is_regression
     metric = "ccc" if regression else "accuracy"
-    meta = check_cache(Path(cfg.run_dir), job.fold, job.seed)
+    crossfit = crossfit_groups_of(cfg)
+    meta = check_cache(Path(cfg.run_dir), job.fold, job.seed, crossfit)
     _attach_cache(cfg, data, job)
     video = cfg.data.student_modalities[0]
-    from_features = cfg.train.freeze_student_backbone
+    from_features = cfg.train.student_backbone_frozen
     input_key = "video_tokens" if from_features else video
+    if not from_features and video not in data.train.arrays:
+        raise StageError(
+            f"train.student_init {cfg.train.student_init!r} trains the {video} backbone: the student's samples "
+            f"need the {video} inputs (load them with load_student_samples)"
+        )
+    train_groups = data.train.arrays.get("target_group") if crossfit is not None else None
+    if train_groups is not None and (train_groups < 0).any():
+        raise StageError(
+            f"fold {job.fold} seed {job.seed}: {int((train_groups < 0).sum())} training samples have no crossfit "
+            "teacher target (the cache and splits.json disagree; rebuild the cache)"
+        )
 
     seed_everything(job.seed * 7919 + job.fold * 31 + 303)
     student, _shapes = build_student_for_job(cfg, job.fold, job.seed, ctx.device)
@@ -193,6 +252,12 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
                 epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False),
             )
 
+    def batches_for_epoch(epoch: int) -> list[np.ndarray]:
+        seed = job.seed * 1000 + job.fold
+        if train_groups is not None:  # one crossfit group (one teacher's embedding space) per batch
+            return group_batches(train_groups, b, seed=seed, epoch=epoch, rank=ctx.rank, world=ctx.world)
+        return epoch_batches(len(data.train), b, seed=seed, epoch=epoch, rank=ctx.rank, world=ctx.world)
+
     phase = f"student-{job.loss}"
     state = fit(
         student,
@@ -200,9 +265,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         train_step=step,
         validate=validate,
         epochs=cfg.train.epochs_student,
-        batches_for_epoch=lambda e: epoch_batches(
-            len(data.train), b, seed=job.seed * 1000 + job.fold, epoch=e, rank=ctx.rank, world=ctx.world
-        ),
+        batches_for_epoch=batches_for_epoch,
         on_epoch_end=ctx.epoch_hook(phase),
         resume=ctx.resume_for(phase),
         scheduler=scheduler,
@@ -235,6 +298,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
                 "fold": job.fold,
                 "seed": job.seed,
                 "loss": job.loss,
+                "student_init": cfg.train.student_init,
             },
             out_dir / "student.pt",
         )
@@ -247,7 +311,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
 def load_trained_student(cfg: RunConfig, loss: str, fold: int, seed: int, device: torch.device | str = "cpu"):
     """The trained student of (loss, fold, seed), frozen, in eval mode (takes raw video input)."""
-    student, shapes = build_student_for_job(cfg, fold, seed, device)
+    student, shapes = build_student_for_job(cfg, fold, seed, device, initialise=False)
     path = student_dir(Path(cfg.run_dir), loss, fold, seed) / "student.pt"
     saved = torch.load(path, weights_only=False, map_location=device)
     student.load_state_dict(saved["state_dict"])

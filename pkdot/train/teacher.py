@@ -10,6 +10,13 @@ Phases, as the paper trains them:
    pooled privileged features, trained with an RBF-kernel MMD (lr ``lr_tnet``); the teacher is frozen.
 
 Model selection uses the fold's *validation subjects* only; test predictions are written once, at the end.
+
+A cross-fitting job (``job.group`` set, ``distill.teacher_targets = "crossfit"``) runs phases 1 and 2 on the
+fold's training subjects minus one crossfit group and skips the T-Net (the student's T-Nets come from the
+full-fold teacher); it writes no ``predictions.parquet`` (it is not a model of the report), only its
+checkpoints, history, metrics and ``DONE.json``. Every job's ``DONE.json`` records the subjects it trained on
+and its seconds, which is how the cache proves that no target comes from a teacher that saw the subject, and
+how the benchmark reports the cost of cross-fitting.
 """
 
 from __future__ import annotations
@@ -162,7 +169,11 @@ def pooled_features(
 
 def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext) -> dict[str, float]:
     """Train (or resume) every phase of a teacher job; rank 0 writes the job's files. Returns test metrics."""
+    import time
+
+    started = time.perf_counter()
     out = Path(job.out_dir)
+    full_fold = job.group is None
     regression = cfg.data.is_regression
     n_out = cfg.data.num_outputs
     shapes = data.input_shapes
@@ -254,16 +265,16 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         p.requires_grad_(False)
     teacher.eval()
 
-    # 3. T-Nets: teacher video features -> teacher privileged features (MMD)
+    # 3. T-Nets: teacher video features -> teacher privileged features (MMD); full-fold teachers only
     student_modality = cfg.data.student_modalities[0]
     phase = "tnet"
     tnets = nn.ModuleDict(build_tnets(cfg)).to(ctx.device)
     path = _phase_path(job, phase)
-    if path.is_file():
+    if full_fold and path.is_file():
         saved = torch.load(path, weights_only=False, map_location=ctx.device)
         tnets.load_state_dict(saved["state_dict"])
         histories[phase] = FitState(**saved["fit"])
-    else:
+    elif full_fold:
         seed_everything(job.seed * 7919 + job.fold * 31 + 202)
         b = cfg.train.teacher_batch_size
         vid = teacher.backbones[student_modality]
@@ -305,7 +316,8 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
     metrics: dict[str, float] = {}
     if ctx.is_chief:
-        write_predictions(frames, out / "predictions.parquet")
+        if full_fold:
+            write_predictions(frames, out / "predictions.parquet")
         write_history(out / "history.json", histories, metric)
         for f in frames:
             if f["split"].iloc[0] == "test":
@@ -316,15 +328,16 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         import json
 
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-        atomic_write_text(
-            job.done_marker,
-            json.dumps(
-                {
-                    "teacher_hash": file_hash(_phase_path(job, "teacher")),
-                    "tnet_hash": file_hash(_phase_path(job, "tnet")),
-                }
-            ),
-        )
+        record = {
+            "teacher_hash": file_hash(_phase_path(job, "teacher")),
+            "train_subjects": sorted(set(data.train.subject_ids.tolist())),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        if full_fold:
+            record["tnet_hash"] = file_hash(_phase_path(job, "tnet"))
+        else:
+            record["held_out_group"] = job.group
+        atomic_write_text(job.done_marker, json.dumps(record, indent=1))
     return metrics
 
 
@@ -339,8 +352,13 @@ def _fit_summary(state: FitState) -> dict:
     }
 
 
-def load_teacher(cfg: RunConfig, job_dir: Path, device: torch.device | str = "cpu"):
-    """The trained teacher and T-Nets of a job folder (frozen, eval mode)."""
+def load_teacher(
+    cfg: RunConfig, job_dir: Path, device: torch.device | str = "cpu", *, with_tnets: bool = True
+):
+    """The trained teacher and T-Nets of a job folder (frozen, eval mode).
+
+    ``with_tnets=False`` (cross-fitting teachers, which train none): the T-Nets returned are None.
+    """
     from pkdot.errors import StageError
 
     path = Path(job_dir) / "teacher.pt"
@@ -349,13 +367,17 @@ def load_teacher(cfg: RunConfig, job_dir: Path, device: torch.device | str = "cp
     saved = torch.load(path, weights_only=False, map_location=device)
     teacher = build_teacher(cfg, saved["input_shapes"])
     teacher.load_state_dict(saved["state_dict"])
-    tnets = nn.ModuleDict(build_tnets(cfg))
-    tpath = Path(job_dir) / "tnet.pt"
-    if not tpath.is_file():
-        raise StageError(f"T-Net checkpoint {tpath} does not exist (run `pkdot train-teacher` first)")
-    tnets.load_state_dict(torch.load(tpath, weights_only=False, map_location=device)["state_dict"])
-    for m in (teacher, tnets):
+    modules: list[nn.Module] = [teacher]
+    tnets = None
+    if with_tnets:
+        tnets = nn.ModuleDict(build_tnets(cfg))
+        tpath = Path(job_dir) / "tnet.pt"
+        if not tpath.is_file():
+            raise StageError(f"T-Net checkpoint {tpath} does not exist (run `pkdot train-teacher` first)")
+        tnets.load_state_dict(torch.load(tpath, weights_only=False, map_location=device)["state_dict"])
+        modules.append(tnets)
+    for m in modules:
         m.eval()
         for p in m.parameters():
             p.requires_grad_(False)
-    return teacher.to(device), tnets.to(device), saved["input_shapes"]
+    return teacher.to(device), (tnets.to(device) if tnets is not None else None), saved["input_shapes"]

@@ -114,3 +114,21 @@ def test_fit_resumed_from_a_checkpoint_equals_an_uninterrupted_fit():
     assert resumed.resumed_from == [2]
     for k, v in resumed.model_state.items():
         assert torch.allclose(v, final_full[k], atol=1e-6)
+
+
+def test_group_batches_hold_one_group_each():
+    from pkdot.train.loops import group_batches
+
+    groups = np.repeat([0, 1, 2], [20, 13, 7])
+    full = group_batches(groups, 8, seed=3, epoch=0, drop_last=False)
+    assert sorted(np.concatenate(full).tolist()) == list(range(40))  # every sample once
+    assert all(len(set(groups[b].tolist())) == 1 for b in full)
+    assert len({int(groups[b[0]]) for b in full[:4]}) > 1  # groups are interleaved, not in blocks
+    r0 = group_batches(groups, 8, seed=3, epoch=0, rank=0, world=2, drop_last=False)
+    r1 = group_batches(groups, 8, seed=3, epoch=0, rank=1, world=2, drop_last=False)
+    assert [np.concatenate([a, b]).tolist() for a, b in zip(r0, r1, strict=True)] == [
+        b.tolist() for b in full
+    ]
+    assert group_batches(groups, 8, seed=3, epoch=1)[0].tolist() != full[0].tolist()
+    dropped = group_batches(np.array([0] * 9 + [1]), 8, seed=0, epoch=0)
+    assert [len(b) for b in dropped] == [8]  # a 1-sample group and a 1-sample tail are dropped

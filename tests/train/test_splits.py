@@ -82,7 +82,7 @@ def test_save_and_load_round_trip(tmp_path):
     [
         ("not json", "not valid JSON"),
         ("[]", "non-empty list"),
-        ('[{"fold": 0, "train": ["a"], "val": ["b"]}]', "exactly the keys"),
+        ('[{"fold": 0, "train": ["a"], "val": ["b"]}]', "must have the keys fold, train, val, test"),
         ('[{"fold": "x", "train": ["a"], "val": ["b"], "test": ["c"]}]', "'fold' must be an integer"),
         ('[{"fold": 0, "train": ["a"], "val": [1], "test": ["c"]}]', "'val' must be a list"),
         ('[{"fold": 0, "train": ["a", "c"], "val": ["b"], "test": ["c"]}]', "both train and test"),
@@ -116,3 +116,80 @@ def test_fold_masks():
     assert (total == 1).all()
     with pytest.raises(StageError, match="no split"):
         fold_masks(["a", "zz"], fold)
+
+
+def test_each_seed_draws_its_own_k_fold_partition_and_loso_is_fixed():
+    from pkdot.train.splits import fold_seed
+
+    a = subject_folds(SUBJECTS, 4, seed=fold_seed(4, 0, 0))
+    b = subject_folds(SUBJECTS, 4, seed=fold_seed(4, 0, 1))
+    _check_folds(a, SUBJECTS)
+    _check_folds(b, SUBJECTS)
+    assert [f.test for f in a] != [f.test for f in b]
+    assert fold_seed(4, 0, 1) == fold_seed(4, 0, 1) != fold_seed(4, 1, 1)  # (run seed, seed) decide
+    assert fold_seed("loso", 3, 0) == fold_seed("loso", 3, 9) == fold_seed("official", 3, 9) == 3
+
+
+def _tiny(tmp_path, **overrides):
+    from tests.train.conftest import make_tiny_run
+
+    return make_tiny_run(tmp_path / "run", subjects=7, per_class=1, overrides=overrides)
+
+
+def test_run_fold_plan_is_per_seed_and_round_trips(tmp_path):
+    from pkdot.train.jobs import teacher_jobs
+    from pkdot.train.splits import fold_for_job, load_fold_plan, write_run_folds
+
+    cfg = _tiny(tmp_path, train={"folds": 3, "max_folds": None, "seeds": [0, 1, 2]})
+    plan = write_run_folds(cfg)
+    subjects = [f"s{i}" for i in range(7)]
+    assert plan.seeds == [0, 1, 2]
+    for s in plan.seeds:
+        folds = plan.folds(s)
+        assert all(f.seed == s for f in folds)
+        _check_folds(folds, subjects)  # no subject in two of train/val/test, every subject tested once
+    assert len({tuple(f.test for f in plan.folds(s)) for s in plan.seeds}) > 1
+    path = tmp_path / "run" / "splits.json"
+    assert all("seed" in e for e in json.loads(path.read_text()))
+    assert load_fold_plan(path) == plan
+    with pytest.raises(StageError, match="say which seed"):
+        load_folds(path)
+    assert load_folds(path, seed=1) == plan.folds(1)
+    for job in teacher_jobs(cfg, plan):  # every job trains on its own seed's fold
+        assert fold_for_job(plan, job) == plan.fold(job.seed, job.fold)
+
+    loso = write_run_folds(_tiny(tmp_path / "loso", train={"folds": "loso", "seeds": [0, 1]}))
+    assert [(f.train, f.val, f.test) for f in loso.folds(0)] == [
+        (f.train, f.val, f.test) for f in loso.folds(1)
+    ]
+
+
+def test_splits_without_seeds_serve_every_seed(tmp_path):
+    from pkdot.train.splits import load_fold_plan
+
+    folds = subject_folds(SUBJECTS, 3, seed=1)
+    save_folds(folds, tmp_path / "splits.json")
+    plan = load_fold_plan(tmp_path / "splits.json")
+    assert plan.folds(0) == plan.folds(5) == folds == load_folds(tmp_path / "splits.json")
+
+
+def test_crossfit_groups_partition_the_training_subjects():
+    from pkdot.train.splits import assign_crossfit_groups
+
+    fold = subject_folds(SUBJECTS, 3, seed=0)[0]
+    cut = assign_crossfit_groups(fold, 3, seed=4)
+    assert sorted(s for g in cut.crossfit for s in g) == sorted(fold.train)
+    assert max(map(len, cut.crossfit)) - min(map(len, cut.crossfit)) <= 1
+    for j, group in enumerate(cut.crossfit):
+        rest = cut.without_group(j)
+        assert (
+            set(rest.train) == set(fold.train) - set(group)
+            and rest.val == fold.val
+            and rest.test == fold.test
+        )
+        assert all(cut.group_of(s) == j for s in group)
+    assert Fold(**{**fold.__dict__, "crossfit": cut.crossfit}) == cut
+    with pytest.raises(StageError, match="partition"):
+        Fold(fold.index, fold.train, fold.val, fold.test, crossfit=(cut.crossfit[0], cut.crossfit[1]))
+    with pytest.raises(ConfigError, match="crossfit_groups"):
+        assign_crossfit_groups(fold, len(fold.train) + 1, seed=0)
