@@ -481,7 +481,8 @@ def _fullsize_markdown(rows: list[dict], keyframes: dict, costs: list[dict], arg
         "Floor = PyAV alone decoding the frames the clips need, the faster of *sequential* (decode up to the "
         "last sampled frame) and *seek* (seek to the key frame before each sampled frame); no conversion, no "
         "detection. Extraction = `extract_video_clips` (demux pass, seeking decode, RGB conversion of the "
-        "sampled frames, one whole-frame Haar search per clip then tracking, crops).",
+        "sampled frames, one whole-frame Haar search per clip, then a local Haar search every "
+        f"`detect_every` = {args.detect_every} sampled frames and template matching in between, crops).",
         "",
         "| clips | PyAV threads | sequential s (frames) | seek s (frames) | floor | extraction s | ratio | "
         "extraction peak RSS MB | face found |",

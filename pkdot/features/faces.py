@@ -44,7 +44,7 @@ import bisect
 import functools
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,11 +349,22 @@ class FaceDetector:
             boxes = np.asarray(found, dtype=np.float64).reshape(-1, 4)
         return boxes / scale
 
-    def detect_all(self, rgb: Image) -> np.ndarray:
-        """Every face on the whole frame: float64 (K, 4) boxes (x, y, w, h) in source pixels."""
+    def detect_all(self, rgb: Image, wanted: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+        """Faces on the whole frame: float64 (K, 4) boxes (x, y, w, h) in source pixels.
+
+        Coarse to fine: faces of at least ``2 * min_face_px`` are searched at half the detection scale (a
+        quarter of the pixels) first; only if none is found (or none passes ``wanted``) the frame is searched
+        again at the full detection scale for faces between ``min_face_px`` and ``2 * min_face_px``.
+        """
         self.full_searches += 1
         height, width = rgb.shape[:2]
-        return self._search(rgb, (0, 0, width, height), self.scale_for(width), self.min_px, coarse=True)
+        scale = self.scale_for(width)
+        region = (0, 0, width, height)
+        large = self._search(rgb, region, scale / 2.0, self.min_px, coarse=True)
+        if len(large) and (wanted is None or wanted(large)):
+            return large
+        small = self._search(rgb, region, scale, self.min_px, 2 * self.min_px + 2, coarse=True)
+        return np.concatenate([large.reshape(-1, 4), small.reshape(-1, 4)])
 
     def detect_near(self, rgb: Image, box: Sequence[float]) -> np.ndarray:
         """Faces within ``TRACK_PAD`` box widths of ``box`` and 0.6-1.6 times its width: (K, 4) source pixels."""
@@ -462,6 +473,10 @@ def choose_face(
     return float(x), float(y), float(w), float(h)
 
 
+def _qualifies(boxes: np.ndarray, frame_width: int, side: str | None, previous: Box | None) -> bool:
+    return choose_face(boxes, frame_width, side, previous) is not None
+
+
 def track_faces(
     frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 3
 ) -> list[Box | None]:
@@ -491,7 +506,8 @@ def track_faces(
             box = choose_face(detector.detect_near(image, previous), width, None, previous)
             last_detection = t
         if box is None:
-            box = choose_face(detector.detect_all(image), width, side, previous)
+            qualifies = functools.partial(_qualifies, frame_width=width, side=side, previous=previous)
+            box = choose_face(detector.detect_all(image, qualifies), width, side, previous)
             last_detection = t
         detections.append(box)
         if box is not None:
