@@ -329,10 +329,13 @@ class LocalStack:
             host = svc.url.rsplit(":", 1)[0] or "127.0.0.1"
             if not _tcp_open(svc.port, host):
                 return False
+            from pkdot.ray_utils import loopback_env
+
+            # A client must keep 127.0.0.1 as it is too (Ray resolves it to the external address otherwise).
             done = subprocess.run(
                 [self._exe("ray"), "health-check", "--address", svc.url],
                 capture_output=True,
-                env=self._server_env(),
+                env=dict(self._server_env(), **loopback_env(self.ray_node_ip)),
                 timeout=60,
             )
             return done.returncode == 0

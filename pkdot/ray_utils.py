@@ -20,8 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from pkdot.errors import ConfigError, InfrastructureError, PkdotError
@@ -97,29 +95,37 @@ def loopback_head_args(node_ip: str = LOOPBACK, *, dashboard: bool = False) -> l
     return args
 
 
-@contextmanager
-def _loopback_only() -> Iterator[None]:
-    """Within the block, Ray (this process and the processes it spawns) keeps loopback listeners on loopback.
+_ORIGINAL_CLUSTER_FLAG: list[bool] = []
 
-    Ray reads the switch at import time (``ray_constants.ENABLE_RAY_CLUSTER``), so the already imported
-    constant is set too; both are restored afterwards, so that a later ``ray.init(address=...)`` of the same
-    process can still join a multi-node cluster with its real address.
+
+def _set_loopback_only(on: bool) -> None:
+    """Keep (or stop keeping) loopback addresses on loopback in this process and the Ray processes it spawns.
+
+    Ray reads the switch at import time (``ray_constants.ENABLE_RAY_CLUSTER``) and when it canonicalises an
+    address (``127.0.0.1:6379`` becomes ``<external IP>:6379`` unless it is set), so both the environment and
+    the imported constant are set. It stays set while this process uses a loopback Ray (its later State API
+    and Ray Train calls resolve addresses too); joining a cluster on a network address turns it back off, so
+    that this driver advertises its real address there.
     """
     import ray._private.ray_constants as ray_constants
 
-    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(LOOPBACK_ENV)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if not _ORIGINAL_CLUSTER_FLAG:
+        _ORIGINAL_CLUSTER_FLAG.append(bool(ray_constants.ENABLE_RAY_CLUSTER))
+    if on:
+        os.environ.update(LOOPBACK_ENV)
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    else:
+        for k in LOOPBACK_ENV:
+            os.environ.pop(k, None)
+        ray_constants.ENABLE_RAY_CLUSTER = _ORIGINAL_CLUSTER_FLAG[0]
+
+
+def _address_host(target: str) -> str | None:
+    """The host of a Ray address (``auto`` resolved to the running cluster's), None for a Ray client URL."""
+    address = running_local_cluster() if target == "auto" else target
+    if not address or "://" in address:
+        return None
+    return address.rsplit(":", 1)[0]
 
 
 def running_local_cluster() -> str | None:
@@ -146,7 +152,10 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     """
     import ray
 
+    from pkdot.console import route_ray_worker_logs  # the CLI: workers' output to the log, not the console
+
     if ray.is_initialized():
+        route_ray_worker_logs()
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     target = address or os.environ.get("RAY_ADDRESS") or None
@@ -156,11 +165,14 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
             target,
             "ray_address" if address else "$RAY_ADDRESS",
         )
+        host = _address_host(target)
+        _set_loopback_only(host is not None and is_loopback(host))
         try:
             ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             source = "ray_address" if address else "$RAY_ADDRESS"
             raise ConfigError(f"{source} {target!r}: cannot connect to a Ray cluster there ({exc})") from exc
+        route_ray_worker_logs()
         return True
     existing = running_local_cluster()
     if existing:
@@ -183,8 +195,8 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     }
     if is_loopback(node_ip):
         logger.info("starting a private Ray on %s (num_cpus=%s)", node_ip, num_cpus)
-        with _loopback_only():
-            ray.init(**kwargs)
+        _set_loopback_only(True)
+        ray.init(**kwargs)
     else:
         logger.warning(
             "starting a private Ray on %s (%s): reachable from that network, with Ray token authentication",
@@ -192,10 +204,12 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
             NODE_IP_ENV,
         )
         os.environ["RAY_AUTH_MODE"] = "token"
+        _set_loopback_only(False)
         ray.init(**kwargs)
     url = ray._private.worker.global_worker.node.address_info.get("webui_url")
     if url:
         logger.info("private Ray started; dashboard at http://%s", url)
+    route_ray_worker_logs()
     return True
 
 

@@ -149,3 +149,25 @@ def test_extract_with_a_running_cluster_starts_a_private_ray(
     assert "starting a private Ray instead (pass --ray-address auto to use that cluster)" in done.stderr
     assert (run / "features" / "faces.parquet").is_file()
     assert session_pids(int(ray_up_cluster["sid"])), "the running cluster was left alone"
+
+
+def test_extract_joins_the_running_cluster_when_asked(
+    ray_up_cluster: dict[str, str], tiny_biovid: Path, tmp_path: Path
+) -> None:
+    """``ray_address=auto`` joins the ``make ray-up`` cluster on 127.0.0.1 (Ray would rewrite that address to
+    the machine's external one, where nothing listens, without pkdot's loopback switch)."""
+    env = dict(os.environ, RAY_TMPDIR=ray_up_cluster["RAY_TMPDIR"])
+    env.pop("RAY_ADDRESS", None)
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [str(PKDOT), *cli_args(tiny_biovid, run, **{"features.workers": 2, "ray_address": "auto"})],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "joining the Ray cluster at auto (as asked by ray_address)" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (run / "features" / "faces.parquet").is_file()
