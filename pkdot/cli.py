@@ -1,4 +1,8 @@
-"""The ``pkdot`` command: one subcommand per stage, plus ``run`` (the whole pipeline) and ``predict``."""
+"""The ``pkdot`` command: one subcommand per stage, plus ``run`` (the whole pipeline) and ``predict``.
+
+``pkdot --help`` shows :data:`DESCRIPTION` (plain text) and :data:`EXAMPLES`; every option's help ends with its
+default (:class:`HelpFormatter`).
+"""
 
 from __future__ import annotations
 
@@ -21,14 +25,24 @@ for _k, _v in {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MPLBACKEND": "Agg",
+    # Ray Train V2 turns a worker's print() into a log record *and* (as a Ray worker's sys.stdout is not
+    # sys.__stdout__) the print itself: every printed line reached the driver twice. One copy is enough.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }.items():
     os.environ.setdefault(_k, _v)
 
 
 def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
-    p.add_argument("--config", type=Path, help="Run config YAML (every field optional)")
     p.add_argument(
-        "--preset", choices=["demo", "paper"], help="Preset applied before the file (default demo)"
+        "--config",
+        type=Path,
+        help="Run config YAML, every field optional (default: none: the preset's values)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["demo", "paper"],
+        help="Preset applied before the file: demo = tiny models, minutes on a CPU; paper = the paper's "
+        "sizes (default: the config file's preset, else demo)",
     )
     p.add_argument(
         "--set",
@@ -39,16 +53,46 @@ def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
         help="Override a config field, e.g. --set train.epochs_student=3 (repeatable)",
     )
     if dataset:
-        p.add_argument("--dataset", choices=["biovid", "affwild2", "table"])
-        p.add_argument("--root", type=Path, help="Dataset root (a Parquet file for --dataset table)")
-        p.add_argument("--task", choices=["binary", "multiclass", "valence", "arousal", "regression"])
-        p.add_argument("--part", choices=["A", "B"])
+        p.add_argument(
+            "--dataset",
+            choices=["biovid", "affwild2", "table"],
+            help="Data set kind; table = a Parquet file of per-sample feature vectors (default: the config's "
+            "data.dataset, biovid)",
+        )
+        p.add_argument(
+            "--root",
+            type=Path,
+            help="Dataset root, a Parquet file for --dataset table (default: a synthetic set generated in "
+            "the run directory)",
+        )
+        p.add_argument(
+            "--task",
+            choices=["binary", "multiclass", "valence", "arousal", "regression"],
+            help="binary (BL1 vs PA4) / multiclass (Biovid), valence / arousal (Aff-Wild2), regression "
+            "(table with a float 'target' column) (default: binary; valence for --dataset affwild2)",
+        )
+        p.add_argument(
+            "--part", choices=["A", "B"], help="Biovid part; B adds facial EMG (default: the config's, A)"
+        )
         p.add_argument(
             "--skip-bad", action="store_true", help="Skip and report bad samples instead of failing"
         )
-        p.add_argument("--student-modalities", help="Comma list (table data): modalities the student has")
-        p.add_argument("--privileged-modalities", help="Comma list (table data): teacher-only modalities")
-    p.add_argument("--seed", type=int)
+        p.add_argument(
+            "--student-modalities",
+            metavar="LIST",
+            help="Comma list (table data): the modality the student has at test time (default: video)",
+        )
+        p.add_argument(
+            "--privileged-modalities",
+            metavar="LIST",
+            help="Comma list (table data): teacher-only modalities (default: physio for Biovid, audio for "
+            "Aff-Wild2)",
+        )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="Seed of the synthetic data and of the fold assignment (default: the config's seed, 0)",
+    )
 
 
 def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
@@ -237,96 +281,271 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pkdot", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+pkdot: privileged multimodal knowledge distillation with optimal transport (PKDOT).
 
-    p = sub.add_parser("synth", help="Write a synthetic data set in the real Biovid / Aff-Wild2 layout")
-    p.add_argument("kind", choices=["biovid", "affwild2"])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--subjects", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-class", type=int, default=4)
-    p.add_argument("--part", choices=["A", "B"], default="A")
-    p.add_argument("--videos-per-subject", type=int, default=1)
-    p.add_argument("--seconds-per-video", type=float, default=12.0)
+A video-only student learns from a teacher that also saw a privileged modality (physiology, audio) during
+training. One subcommand per pipeline stage (extract, train-teacher, cache, distill, evaluate) working on a
+run directory, 'run' for the whole pipeline (a Prefect flow; a synthetic Biovid demo with no arguments), and
+'predict' for a registered student. Every option below shows its default.
+"""
+
+EXAMPLES = """\
+examples:
+  pkdot run                                   synthetic Biovid demo (what 'make demo' runs)
+  pkdot run --dataset biovid --root /data/biovid/PartA --task binary
+  pkdot run --dataset affwild2 --root /data/affwild2 --task valence --preset paper
+  pkdot run --dataset table --root feats.parquet --student-modalities face --privileged-modalities eeg,gsr
+  pkdot run --set train.folds=loso --set train.epochs_student=30 --run-dir runs/loso
+  pkdot extract --dataset biovid --root /data/biovid/PartA --out runs/r1
+  pkdot train-teacher --run runs/r1 --ray-address auto
+  pkdot distill --run runs/r1 --loss pkdot --loss none
+  pkdot evaluate --run runs/r1 --robustness
+  pkdot predict --model models:/pkdot-student-biovid@champion \\
+      --tracking-uri sqlite:///runs/biovid-demo/mlflow.db clip1.mp4 clip2.mp4
+  pkdot -v run                                per-epoch lines and INFO logs on the console too
+
+The console shows one progress display per stage; the full log (per-epoch lines included) is in
+RUN/logs/pkdot.log, the per-epoch metrics also in MLflow.
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the description/epilogue as written and adds ``(default: ...)`` to every option's help.
+
+    ``None`` defaults (\"take it from the config\") are described in the help text itself; a flag's
+    ``False`` reads ``off`` and an empty list ``none``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "(default" in text
+            or action.default is argparse.SUPPRESS
+            or action.required
+            or action.default is None
+        ):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        if action.default is False and action.nargs == 0:
+            return f"{text} (default: off)"
+        if action.default == []:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+def _add_parser(sub: Any, name: str, help: str, epilog: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose help lists every option with its default (and ``-v`` also after the command)."""
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=("examples:\n" + epilog) if epilog else None,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="Also show INFO logs and the per-epoch lines on the console (same as 'pkdot -v') (default: off)",
+    )
+    return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pkdot")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        from pkdot import __version__
+
+        return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pkdot", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Also show INFO logs and the per-epoch training lines on the console (they are always in "
+        "RUN/logs/pkdot.log)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add_parser(
+        sub,
+        "synth",
+        "Write a synthetic data set in the real Biovid / Aff-Wild2 layout",
+        "  pkdot synth biovid --out /tmp/b --subjects 4 --seed 0\n",
+    )
+    p.add_argument("kind", choices=["biovid", "affwild2"], help="Which data set's layout to write")
+    p.add_argument("--out", type=Path, required=True, help="Folder to write the data set to (required)")
+    p.add_argument("--subjects", type=int, default=8, help="Number of synthetic subjects")
+    p.add_argument("--seed", type=int, default=0, help="Random seed (same seed = byte-identical files)")
+    p.add_argument(
+        "--samples-per-class", type=int, default=4, help="Biovid: samples per subject and pain level"
+    )
+    p.add_argument("--part", choices=["A", "B"], default="A", help="Biovid part (B adds facial EMG)")
+    p.add_argument("--videos-per-subject", type=int, default=1, help="Aff-Wild2: videos per subject")
+    p.add_argument("--seconds-per-video", type=float, default=12.0, help="Aff-Wild2: length of each video")
     p.add_argument(
         "--frame-size", type=int, default=160, help="Frame side in pixels (>= 96 for reliable detection)"
     )
-    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--fps", type=int, default=25, help="Frames per second of the videos")
     p.add_argument(
         "--coupling",
         type=float,
         default=1.0,
         help="In [0, 1]: how much the privileged modality (physio / audio) and the face share one latent "
-        "response; 1 = shared (default), 0 = independent given the label (negative control)",
+        "response; 1 = shared, 0 = independent given the label (negative control)",
     )
     p.set_defaults(fn=cmd_synth)
 
-    p = sub.add_parser("manifest", help="Dataset root -> manifest Parquet")
+    p = _add_parser(
+        sub,
+        "manifest",
+        "Dataset root -> manifest Parquet (one row per sample; bad samples named)",
+        "  pkdot manifest --dataset biovid --root /tmp/b --out /tmp/m.parquet\n",
+    )
     _config_args(p)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="Manifest Parquet file to write (required)")
     p.set_defaults(fn=cmd_manifest)
 
-    p = sub.add_parser("extract", help="Stage 1: manifest + face/physio/audio features into RUN/features")
+    p = _add_parser(
+        sub,
+        "extract",
+        "Stage 1: manifest + face/physio/audio features into RUN/features",
+        "  pkdot extract --dataset biovid --root /data/biovid/PartA --out runs/r1 --workers 4\n",
+    )
     _config_args(p)
-    p.add_argument("--out", type=Path, required=True, help="Run directory")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--out", type=Path, required=True, help="Run directory (required)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="Parallel extraction tasks (default: the config's features.workers, 2 in both presets)",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster for the extraction tasks: 'auto' or host:port (default: $RAY_ADDRESS, else a "
+        "private local Ray)",
+    )
     p.set_defaults(fn=cmd_extract)
 
-    for name, fn, helptext in (
-        ("train-teacher", cmd_train_teacher, "Stage 2: teachers + T-Nets on Ray Train"),
-        ("cache", cmd_cache, "Stage 3: frozen-teacher embedding cache"),
-        ("distill", cmd_distill, "Stage 4: students, one per loss"),
-        ("evaluate", cmd_evaluate, "Stage 5: report, plots, MLflow registry"),
+    for name, fn, helptext, example in (
+        (
+            "train-teacher",
+            cmd_train_teacher,
+            "Stage 2: teachers + T-Nets on Ray Train",
+            "  pkdot train-teacher --run runs/r1 --set train.epochs_teacher=30\n",
+        ),
+        ("cache", cmd_cache, "Stage 3: frozen-teacher embedding cache", "  pkdot cache --run runs/r1\n"),
+        (
+            "distill",
+            cmd_distill,
+            "Stage 4: students, one per loss",
+            "  pkdot distill --run runs/r1 --loss pkdot --loss none,kd\n",
+        ),
+        (
+            "evaluate",
+            cmd_evaluate,
+            "Stage 5: report, plots, MLflow registry",
+            "  pkdot evaluate --run runs/r1 --robustness\n",
+        ),
     ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--run", type=Path, required=True, help="Run directory (from `pkdot extract --out`)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-        p.add_argument("--ray-address")
+        p = _add_parser(sub, name, helptext, example)
+        p.add_argument(
+            "--run", type=Path, required=True, help="Run directory (from 'pkdot extract --out') (required)"
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Override a field of the run's config.yaml, e.g. --set train.epochs_student=3 (repeatable)",
+        )
+        p.add_argument(
+            "--ray-address",
+            help="Ray cluster: 'auto' or host:port (default: the run's ray_address, else $RAY_ADDRESS, else a "
+            "private local Ray)",
+        )
         if name == "distill":
-            p.add_argument("--loss", action="append", help="pkdot|none|kd|fitnet|sp|rkd|pkt|crd (repeatable)")
+            p.add_argument(
+                "--loss",
+                action="append",
+                help="pkdot|none|kd|fitnet|sp|rkd|pkt|crd|cosine, repeatable or comma-separated (default: the "
+                "config's distill.losses)",
+            )
         if name == "evaluate":
             p.add_argument(
                 "--robustness",
                 action="store_true",
                 help="Also evaluate the students and the unimodal video model on degraded test video (0-90%% "
                 "of frames dropped, Gaussian noise, blur): report/robustness.png, robustness.csv, a report "
-                "section and MLflow metrics (default: off)",
+                "section and MLflow metrics",
             )
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("run", help="The whole pipeline (synthetic Biovid demo with no arguments)")
+    p = _add_parser(
+        sub,
+        "run",
+        "The whole pipeline (synthetic Biovid demo with no arguments)",
+        "  pkdot run\n  pkdot run --dataset biovid --root /data/biovid/PartA --task multiclass --preset paper\n",
+    )
     _config_args(p)
-    p.add_argument("--run-dir", type=Path, default=None, help="Default runs/<dataset>-<preset>")
-    p.add_argument("--ray-address", help="'auto' or host:port of a running Ray cluster")
+    p.add_argument(
+        "--run-dir", type=Path, default=None, help="Run directory (default: runs/<dataset>-<preset>)"
+    )
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster: 'auto' or host:port of a running cluster (default: $RAY_ADDRESS, else a private "
+        "local Ray)",
+    )
     p.add_argument("--no-prefect", action="store_true", help="Run the stages directly, without Prefect")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("predict", help="Predict pain level / VA per video with a registered student")
-    p.add_argument("--model", required=True, help="e.g. models:/pkdot-student-biovid@champion")
+    p = _add_parser(
+        sub,
+        "predict",
+        "Predict pain level / VA per video with a registered student",
+        "  pkdot predict --model models:/pkdot-student-biovid@champion \\\n"
+        "      --tracking-uri sqlite:///runs/biovid-demo/mlflow.db clip1.mp4\n",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Registered model URI, e.g. models:/pkdot-student-biovid@champion (required)",
+    )
     p.add_argument(
         "--tracking-uri",
         default=None,
         help="MLflow store holding the registered model, e.g. sqlite:///runs/biovid-demo/mlflow.db or "
         "http://HOST:5000 (default: $MLFLOW_TRACKING_URI; required when that is unset)",
     )
-    p.add_argument("videos", nargs="+", type=Path)
+    p.add_argument(
+        "videos", nargs="+", type=Path, help="Video files (mp4, ...) to predict, one JSON line each"
+    )
     p.set_defaults(fn=cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
     if args.command == "run" and args.run_dir is None:
         ds = args.dataset or "biovid"
         args.run_dir = Path("runs") / f"{ds}-{args.preset or 'demo'}"
+    from pkdot.console import console_session
+
     try:
-        code = int(args.fn(args) or 0)
+        with console_session(verbose=args.verbose, run_dir=_run_dir_of(args)):
+            code = int(args.fn(args) or 0)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
         _end_parent_run(args, "KILLED")
@@ -347,11 +566,18 @@ def main(argv: list[str] | None = None) -> int:
 INTERRUPTED = "interrupted; the run directory is consistent, re-run to resume"
 
 
+def _run_dir_of(args: argparse.Namespace) -> Path | None:
+    """The run directory a command works in (None for synth, manifest and predict)."""
+    if args.command in ("synth", "manifest", "predict"):
+        return None
+    run_dir = getattr(args, "out", None) if args.command == "extract" else None
+    return run_dir or getattr(args, "run", None) or getattr(args, "run_dir", None)
+
+
 def _end_parent_run(args: argparse.Namespace, status: str) -> None:
     """End the run directory's MLflow parent run (if the command made one) so it never stays RUNNING."""
-    run_dir = getattr(args, "out", None) if args.command == "extract" else None
-    run_dir = run_dir or getattr(args, "run", None) or getattr(args, "run_dir", None)
-    if args.command in ("synth", "manifest", "predict") or run_dir is None:
+    run_dir = _run_dir_of(args)
+    if run_dir is None:
         return
     if not (Path(run_dir) / "mlflow_parent.json").is_file():
         return

@@ -30,6 +30,8 @@ from pkdot.errors import StageError
 from pkdot.fingerprint import STAGES
 
 log = logging.getLogger(__name__)
+#: A few lines the console shows by default (``pkdot.console.STATUS_LOGGER``): a stage done, the data set.
+status = logging.getLogger("pkdot.status")
 
 
 @dataclass
@@ -257,7 +259,7 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
             "generator_version": GENERATOR_VERSION,
         }
         if not done.is_file() or json.loads(done.read_text()) != params:
-            print(f"[pkdot] generating a synthetic {kind} set ({s.subjects} subjects) in {root}", flush=True)
+            status.info("generating a synthetic %s set (%d subjects) in %s", kind, s.subjects, root)
             _reset(root)
             write_synthetic(
                 kind,
@@ -732,12 +734,11 @@ def run_all(cfg: RunConfig) -> dict[str, StageResult]:
         ("distill", stage_distill),
         ("evaluate", stage_evaluate),
     ):
-        print(f"[pkdot] stage {name} ...", flush=True)
+        log.info("stage %s ...", name)
         t0 = time.time()
         res = fn(cfg, upstream)
-        print(
-            f"[pkdot] stage {name} {'skipped (up to date)' if res.skipped else 'done'} in {time.time() - t0:.1f}s",
-            flush=True,
+        status.info(
+            "stage %s %s in %.1fs", name, "skipped (up to date)" if res.skipped else "done", time.time() - t0
         )
         results[name] = res
         upstream = res.fingerprint

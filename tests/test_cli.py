@@ -1,12 +1,16 @@
-"""The `pkdot` command: synth / manifest for every dataset kind, and config errors that name the field."""
+"""The `pkdot` command: synth / manifest for every dataset kind, config errors that name the field, and a help
+text with its default for every option of every subcommand (plus ``--version`` and examples)."""
 
 from __future__ import annotations
+
+import argparse
+import importlib.metadata
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pkdot.cli import main
+from pkdot.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +187,75 @@ def test_missing_root_is_a_dataset_error(tmp_path, capsys):
     )
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+# ---- help texts ------------------------------------------------------------------------------------------------
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """``pkdot`` and every subcommand's parser, by name."""
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"pkdot": parser} | {f"pkdot {name}": p for name, p in sub.choices.items()}
+
+
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    skip = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+    return [a for a in parser._actions if not isinstance(a, skip)]
+
+
+def test_every_command_is_covered():
+    assert set(_parsers()) >= {
+        "pkdot",
+        *(
+            f"pkdot {c}"
+            for c in ("synth", "manifest", "extract", "train-teacher", "cache", "distill", "evaluate", "run")
+        ),
+        "pkdot predict",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_parsers()))
+def test_every_option_has_help_and_shows_its_default(name):
+    parser = _parsers()[name]
+    formatter = parser._get_formatter()
+    rendered = parser.format_help()
+    for action in _options(parser):
+        what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+        assert action.help and len(action.help.strip()) > 10, f"{what}: no help text"
+        for option in action.option_strings:
+            assert option in rendered, f"{what}: missing from --help"
+        if not action.option_strings:
+            continue
+        shown = formatter._expand_help(action)  # what --help prints for it, default filled in
+        if action.required:
+            assert "required" in shown, f"{what}: a required option should say so"
+        else:
+            assert "(default: " in shown, f"{what}: no default in its help: {shown!r}"
+            assert "(default: None)" not in shown, f"{what}: says 'None' instead of what that means"
+
+
+@pytest.mark.parametrize("name", sorted(_parsers()))
+def test_help_is_plain_text_with_examples(name):
+    text = _parsers()[name].format_help()
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+    assert "examples:\n" in text and "pkdot " in text.split("examples:\n", 1)[1]
+
+
+def test_defaults_are_the_ones_used():
+    args = build_parser().parse_args(["synth", "biovid", "--out", "x"])
+    shown = build_parser().format_help()
+    assert args.subjects == 8 and args.frame_size == 160 and "pkdot run" in shown
+    sub_help = _parsers()["pkdot synth"].format_help()
+    assert "(default: 8)" in sub_help and "(default: 160)" in sub_help
+
+
+def test_verbose_flag_before_or_after_the_command():
+    assert build_parser().parse_args(["-v", "cache", "--run", "r"]).verbose is True
+    assert build_parser().parse_args(["cache", "--run", "r", "-v"]).verbose is True
+    assert build_parser().parse_args(["cache", "--run", "r"]).verbose is False
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pkdot {importlib.metadata.version('pkdot')}"

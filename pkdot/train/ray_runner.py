@@ -45,7 +45,9 @@ from typing import Any
 import torch
 
 from pkdot.config import RunConfig
+from pkdot.console import EpochTail, describe_record, epoch_logger, epoch_recorder
 from pkdot.errors import StageError
+from pkdot.progress import report as report_progress
 from pkdot.train.jobs import Job, WorkerContext, atomic_write_text, state_from_bytes, state_to_bytes
 from pkdot.train.loops import FitState
 
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 #: simulates a worker failure (used by the fault-tolerance test).
 EpochCallback = Callable[[str, str, int, int], None]
 
+#: Seconds between two reads of the workers' epoch records while the driver waits for the runs.
+PROGRESS_POLL_S = 2.0
 #: The file in a job's folder whose content ties checkpoints to this attempt of the job.
 ATTEMPT_TOKEN = ".attempt-token"
 #: Run directories already checked on every node, per Ray cluster (``check_run_dir_on_nodes``).
@@ -134,7 +138,7 @@ def run_jobs_local(cfg: RunConfig, kind: str, jobs: Sequence[Job], *, progress: 
     for job in jobs:
         if job.is_done():
             continue
-        ctx = WorkerContext(progress=_print_progress(job.key) if progress else None)
+        ctx = WorkerContext(progress=epoch_logger(job.key) if progress else None)
         run(cfg, job, _fold_data(kind, samples, fold_of(folds, job), split_fold), ctx)
 
 
@@ -144,14 +148,6 @@ def _fold_data(kind: str, samples, fold, split_fold):
     from pkdot.train.student import split_student_fold
 
     return split_student_fold(samples, fold)
-
-
-def _print_progress(job_key: str):
-    def show(phase: str, epoch: int, record: dict[str, float]) -> None:
-        extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch",))
-        print(f"[{job_key}] {phase} epoch {epoch}: {extras}", flush=True)
-
-    return show
 
 
 def attempt_token(job: Job) -> str:
@@ -193,12 +189,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             state = state_from_bytes((Path(d) / "state.pt").read_bytes())
         if meta.get("token") == tokens.get(meta["job"]):
             resume = {"job": meta["job"], "phase": meta["phase"], "state": state}
+            # logging, not print: Ray Train's print patch would send a print to the driver twice
             if rank == 0:
-                print(
-                    f"[pkdot] resuming {meta['job']} / {meta['phase']} after epoch {state.epoch}", flush=True
-                )
+                log.info("resuming %s / %s after epoch %d", meta["job"], meta["phase"], state.epoch)
         elif rank == 0:
-            print(f"[pkdot] ignoring a checkpoint of an earlier attempt of {meta['job']}", flush=True)
+            log.info("ignoring a checkpoint of an earlier attempt of %s", meta["job"])
 
     pending = [job for job in jobs if not job.is_done()]
     if not pending:
@@ -244,7 +239,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             on_epoch_end=on_epoch_end,
             resume=resume if resume is not None and resume["job"] == job.key else None,
             wrap=wrap,
-            progress=_print_progress(job.key) if rank == 0 else None,
+            # Epoch lines go to a file the driver reads (EpochTail), not to stdout: Ray Train's print patch
+            # would send them to the worker's console log, which Ray forwards to the driver's console.
+            progress=epoch_recorder(cfg.run_dir, job.key) if rank == 0 else None,
         )
         run(cfg, job, _fold_data(kind, samples, fold_of(folds, job), split_fold), ctx)
 
@@ -404,6 +401,8 @@ def run_jobs_on_ray(
     from pkdot.ray_utils import ensure_ray
 
     pending = [j for j in jobs if not j.is_done()]
+    stage = {"teacher": "train-teacher", "student": "distill"}.get(kind, kind)
+    report_progress(stage, len(jobs) - len(pending), len(jobs), "jobs")
     if not pending:
         log.info("all %d %s jobs are already done", len(jobs), kind)
         return []
@@ -455,6 +454,21 @@ def run_jobs_on_ray(
     in_flight: dict[Any, dict[str, Any]] = {}
     finished: list[dict[str, Any]] = []
     failures: list[tuple[dict[str, Any], BaseException]] = []
+    # The workers' epoch records: logged once here (log file; console with -v), the newest one shown as the
+    # stage's current metric.
+    tail = EpochTail(run_dir, [j.key for j in pending])
+    detail = ""
+
+    def poll_epochs(keys: list[str]) -> None:
+        nonlocal detail
+        newest = tail.poll(keys)
+        if newest is not None:
+            detail = describe_record(newest)
+            report_progress(stage, len(jobs) - len(pending) + done_count(), len(jobs), "jobs", detail)
+
+    def done_count() -> int:
+        return sum(len(f["jobs"]) for f in finished)
+
     try:
         # Ray's "limit the pending tasks with ray.wait" pattern: Ray Train's placement groups put each run's
         # workers wherever resources are free; this only keeps `limit` runs asking for them at once.
@@ -464,11 +478,13 @@ def run_jobs_on_ray(
                 in_flight[task.options(name=f"pkdot:{spec['name']}").remote(spec)] = spec
             if not in_flight:
                 break
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=PROGRESS_POLL_S)
+            poll_epochs([key for spec in in_flight.values() for key in spec["jobs"]])
             for ref in done:
                 spec = in_flight.pop(ref)
                 try:
                     finished.append(ray.get(ref) | {"jobs": spec["jobs"]})
+                    report_progress(stage, len(jobs) - len(pending) + done_count(), len(jobs), "jobs", detail)
                 except Exception as exc:  # Ray wraps the trainer's errors in its own types
                     failures.append((spec, exc))
     except BaseException:
