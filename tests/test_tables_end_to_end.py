@@ -2,7 +2,8 @@
 
 A 10-class table and a regression table, each with three views of different lengths (one for the student, two
 privileged): the number of classes comes from the labels (no cap at 5), the regression target from a float
-``target`` column, and the report shows the task's metrics. Both start a local Ray (integration).
+``target`` column, and the report shows the task's metrics. Training jobs run in this process
+(:func:`pkdot.train.ray_runner.run_jobs_local`, the same job functions Ray Train calls), so no Ray starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from pkdot import stages
 from pkdot.config import load_config
+from pkdot.train import ray_runner
 
 TINY = [
     "model.embed_dim=16",
@@ -83,7 +85,6 @@ def _run(tmp_path: Path, table: Path, task: str, student: list[str], privileged:
     return stages.run_all(cfg)
 
 
-@pytest.mark.integration
 def test_ten_class_table_with_three_views(tmp_path: Path) -> None:
     table = _table(tmp_path / "ten.parquet", classes=10)
     results = _run(tmp_path, table, "multiclass", ["a"], ["b", "c"])
@@ -99,7 +100,6 @@ def test_ten_class_table_with_three_views(tmp_path: Path) -> None:
     assert {"student-none", "student-pkdot", "teacher"} <= {r["model"] for r in summary["table"]}
 
 
-@pytest.mark.integration
 def test_regression_table_with_three_views(tmp_path: Path) -> None:
     table = _table(tmp_path / "reg.parquet", classes=None)
     results = _run(tmp_path, table, "regression", ["b"], ["c", "a"])
@@ -116,5 +116,9 @@ def test_regression_table_with_three_views(tmp_path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch) -> None:
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+def _jobs_in_process(monkeypatch) -> None:
+    def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
+        ray_runner.run_jobs_local(cfg, kind, jobs, progress=False)
+        return []
+
+    monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)

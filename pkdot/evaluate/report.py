@@ -361,6 +361,15 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         "",
         f"## Test {metric} per model (mean ± std over runs, {int(CONFIDENCE_LEVEL * 100)}% corrected CI)",
         "",
+        *(
+            [
+                "CCC here is per clip: each clip's prediction against its clip-mean label, over all test clips of "
+                "a run (the challenge's per-frame CCC follows the table).",
+                "",
+            ]
+            if cfg.data.dataset == "affwild2"
+            else []
+        ),
     ]
     header = ["model", f"{metric} mean ± std", "95% CI (corrected)"]
     header += ["MAE mean", "RMSE mean"] if regression else ["macro-F1 mean ± std"]
