@@ -472,7 +472,8 @@ def _fullsize_markdown(rows: list[dict], keyframes: dict, costs: list[dict], arg
         "# Face extraction at Biovid's frame size (1388 x 1038, 25 fps, 5.5-s clips)",
         "",
         f"`python benchmarks/bench_extract.py --fullsize --clips {' '.join(map(str, args.clips))}` on "
-        f"{platform.machine()} with {os.cpu_count()} cores (shared), one process = one worker "
+        f"{platform.machine()} with {os.cpu_count()} cores (shared; 1-min load average "
+        f"{os.getloadavg()[0]:.0f} when written), one process = one worker "
         f"(`cv2.setNumThreads(1)`), best of {args.repeats}; synthetic mp4v clips (cv2.VideoWriter, GOP 12) "
         f"with a moving 150-330-px face and sensor noise; {args.n_frames} TSN frames per clip; default "
         "features (`min_face_px` 64, crops 112 px, `detect_every` "
