@@ -430,7 +430,329 @@ def report_markdown(results: dict[str, Any], machine: dict[str, Any], command: s
             ],
         ),
     ]
+    text = "\n".join(lines) + "\n"
+    if "concurrency" in results:
+        text += "\n" + concurrency_markdown(results["concurrency"])
+        text += "\n" + cost_markdown(results["paper_costs"], results["cost_model"])
+    return text
+
+
+# ---- concurrent jobs and the cost model (issue 13) ------------------------------------------------------------
+#: Biovid Part A, binary BL1 vs PA4: 87 subjects x 20 samples per class; LOSO = 87 folds.
+BIOVID_A = {"subjects": 87, "samples_per_subject": 40}
+#: Named assumptions of the cost model (no GPU was measured here): dense BF16 peak of one H100 SXM and the
+#: fraction of it a 3D-CNN training step reaches (model FLOPs utilisation), and the read bandwidth of the
+#: shared storage a job loads its feature table from.
+GPU_PEAK_FLOPS = 989e12
+GPU_MFU = 0.30
+STORAGE_BYTES_PER_S = 1e9
+
+
+def child_concurrency(base_run: Path, work: Path, n_jobs: int) -> dict[str, Any]:
+    """``n_jobs`` student jobs of ``base_run`` three ways: in-process without Ray, and as Ray Train runs (1
+    worker each) with 1 and then 2 runs at once. Ray is started before the clock; each way in a fresh sibling
+    run directory that links the base run's teacher and embedding cache.
+
+    Returns per way the wall seconds, and per job the in-process seconds and the Ray run's seconds (task wall
+    time: Ray Train's start-up + the job).
+    """
+    from pkdot.config import load_config
+    from pkdot.ray_utils import ensure_ray
+    from pkdot.stages import student_jobs
+    from pkdot.train.ray_runner import run_jobs_local, run_jobs_on_ray
+    from pkdot.train.splits import load_folds
+
+    base = load_config(base_run / "config.yaml", overrides={"run_dir": str(base_run)})
+    ensure_ray(num_cpus=None, address=base.ray_address)
+    import ray
+
+    out: dict[str, Any] = {"n_jobs": n_jobs, "cpus": ray.cluster_resources().get("CPU", 0.0), "ways": {}}
+    for way, concurrent in (("local", None), ("1", 1), ("2", 2)):
+        run_dir = work / f"concurrency-{way}"
+        link_upstream(base_run, run_dir)
+        cfg = load_config(
+            base_run / "config.yaml",
+            overrides={
+                "run_dir": str(run_dir),
+                "train.num_workers": 1,
+                "train.max_concurrent_jobs": concurrent,
+            },
+        )
+        cfg.to_yaml(run_dir / "config.yaml")
+        jobs = student_jobs(cfg, load_folds(run_dir / "splits.json"), list(cfg.distill.losses))[:n_jobs]
+        if len(jobs) < n_jobs:
+            raise StageError(f"{base_run} has only {len(jobs)} student jobs, {n_jobs} asked for")
+        start = time.perf_counter()
+        if concurrent is None:
+            per_job = {}
+            for job in jobs:
+                t0 = time.perf_counter()
+                run_jobs_local(cfg, "student", [job], progress=False)
+                per_job[job.key] = time.perf_counter() - t0
+        else:
+            runs = run_jobs_on_ray(cfg, "student", jobs)
+            per_job = {r["jobs"][0]: r["seconds"] for r in runs}
+        out["ways"][way] = {"wall_s": time.perf_counter() - start, "per_job_s": per_job}
+        print(f"[speed]   {n_jobs} student jobs, {way}: {out['ways'][way]['wall_s']:.1f} s", flush=True)
+    first = jobs[0]
+    out["job_samples"] = _student_job_samples(work / "concurrency-local", first)
+    out["epochs_student"] = cfg.train.epochs_student
+    return out
+
+
+def _student_job_samples(run_dir: Path, job: Any) -> int:
+    """Training samples of one student job (its history's first epoch record, else the fold's train split)."""
+    from pkdot.train.splits import load_folds
+
+    folds = {f.index: f for f in load_folds(run_dir / "splits.json")}
+    import pandas as pd
+
+    manifest = pd.read_parquet(run_dir / "manifest.parquet", columns=["subject_id"])
+    return int(manifest["subject_id"].isin(set(folds[job.fold].train)).sum())
+
+
+def paper_model_costs(base_run: Path, batch: int = 2) -> dict[str, Any]:
+    """FLOPs per sample (torch's ``FlopCounterMode``) of the paper preset's models, and this CPU's measured
+    seconds for one forward + backward of the video model.
+
+    Shapes: video ``(10, 112, 112, 3)`` (paper preset), physio as extracted in ``base_run``. Returns, per model
+    (``unimodal-video``, ``unimodal-physio``, ``teacher``), forward+backward and forward-only FLOPs per sample,
+    and ``cpu_video_fwd_bwd_s`` per sample.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pkdot.config import load_config
+    from pkdot.models import UnimodalModel, build_backbone, build_teacher
+    from pkdot.train.data import load_samples
+
+    base = load_config(base_run / "config.yaml", overrides={"run_dir": str(base_run)})
+    cfg = load_config(preset="paper", overrides={"run_dir": str(base_run)})
+    shapes = dict(load_samples(base, base_run).input_shapes)
+    shapes["video"] = (cfg.features.n_frames, cfg.features.crop_size, cfg.features.crop_size, 3)
+    shapes = {m: shapes[m] for m in cfg.data.modalities}
+    n_out, regression = cfg.data.num_outputs, cfg.data.is_regression
+    torch.manual_seed(0)
+    models: dict[str, tuple[torch.nn.Module, str | None]] = {
+        f"unimodal-{m}": (UnimodalModel(build_backbone(m, shapes[m], cfg.model), n_out, regression), m)
+        for m in shapes
+    }
+    models["teacher"] = (build_teacher(cfg, shapes, seed=0), None)
+
+    def inputs() -> dict[str, torch.Tensor]:
+        x = {}
+        for m, s in shapes.items():
+            if m == "video":
+                x[m] = torch.randint(0, 255, (batch, *s), dtype=torch.uint8)
+            else:
+                x[m] = torch.randn(batch, *s)
+        return x
+
+    costs: dict[str, Any] = {"batch": batch, "shapes": {m: list(s) for m, s in shapes.items()}}
+    for name, (model, modality) in models.items():
+        x = inputs()
+        arg = x if modality is None else x[modality]
+        with FlopCounterMode(display=False) as fwd:
+            model(arg).logits.sum()
+        with FlopCounterMode(display=False) as both:
+            model(arg).logits.sum().backward()
+        costs[name] = {
+            "fwd_flops": fwd.get_total_flops() / batch,
+            "fwd_bwd_flops": both.get_total_flops() / batch,
+        }
+    video, _ = models["unimodal-video"]
+    x = inputs()["video"]
+    video(x).logits.sum().backward()  # warm-up
+    start = time.perf_counter()
+    video(x).logits.sum().backward()
+    costs["cpu_video_fwd_bwd_s"] = (time.perf_counter() - start) / batch
+    costs["cpu_flops_per_s"] = costs["unimodal-video"]["fwd_bwd_flops"] / costs["cpu_video_fwd_bwd_s"]
+    costs["paper"] = {
+        "epochs_unimodal": cfg.train.epochs_unimodal,
+        "epochs_teacher": cfg.train.epochs_teacher,
+        "epochs_tnet": cfg.train.epochs_tnet,
+        "epochs_student": cfg.train.epochs_student,
+        "losses": list(cfg.distill.losses),
+        "seeds": list(cfg.train.seeds),
+        "val_fraction": cfg.train.val_fraction,
+    }
+    return costs
+
+
+def loso_cost_model(
+    costs: dict[str, Any],
+    concurrency: dict[str, Any],
+    student_samples_per_s: float,
+    gpus: Sequence[int] = (1, 8, 64),
+) -> dict[str, Any]:
+    """Wall time of Biovid Part A LOSO with the paper preset on ``gpus`` GPUs (arithmetic, stated assumptions).
+
+    Per fold: ``n_train`` = 69 training subjects x 40 samples (86 minus the 20 % validation subjects), ``n_val``
+    = 17 x 40. Teacher job FLOPs = epochs_unimodal x n_train x (video + physio fwd+bwd) + epochs_teacher x
+    n_train x teacher fwd+bwd + epochs_tnet x n_train x teacher fwd (T-Net on frozen features) + a validation
+    forward each epoch; seconds = FLOPs / (GPU_PEAK_FLOPS x GPU_MFU) + the feature table's read time +
+    Ray Train's measured start-up per run. A student job (from the embedding cache) costs its measured fixed
+    part (a tiny job in-process) + epochs x n_train / ``student_samples_per_s`` (measured on this CPU: a
+    conservative bound, it may as well run on a GPU) + the start-up per run. The
+    cache is one teacher forward over every sample per fold, in the driver (one device). Jobs of a stage run
+    in waves of ``gpus`` (1 job = 1 worker = 1 GPU): wall = ceil(jobs / gpus) x job seconds.
+    """
+    import math
+    import statistics as st
+
+    paper = costs["paper"]
+    folds = BIOVID_A["subjects"]
+    per_subject = BIOVID_A["samples_per_subject"]
+    val_subjects = round((folds - 1) * paper["val_fraction"])
+    n_train = (folds - 1 - val_subjects) * per_subject
+    n_val = val_subjects * per_subject
+    n_all = folds * per_subject
+    v, p, t = costs["unimodal-video"], costs["unimodal-physio"], costs["teacher"]
+    teacher_flops = (
+        paper["epochs_unimodal"] * (n_train * (v["fwd_bwd_flops"] + p["fwd_bwd_flops"]))
+        + paper["epochs_unimodal"] * n_val * (v["fwd_flops"] + p["fwd_flops"])
+        + paper["epochs_teacher"] * (n_train * t["fwd_bwd_flops"] + n_val * t["fwd_flops"])
+        + paper["epochs_tnet"] * (n_train + n_val) * t["fwd_flops"]
+    )
+    gpu_flops = GPU_PEAK_FLOPS * GPU_MFU
+    video_bytes = n_all * math.prod(costs["shapes"]["video"])
+    local = concurrency["ways"]["local"]["per_job_s"]
+    on_ray = concurrency["ways"]["1"]["per_job_s"]
+    overhead = st.median(on_ray[k] - local[k] for k in local if k in on_ray)
+    student_s = st.median(local.values()) + n_train * paper["epochs_student"] / student_samples_per_s
+    teacher_s = teacher_flops / gpu_flops + video_bytes / STORAGE_BYTES_PER_S
+    cache_s = folds * n_all * t["fwd_flops"] / gpu_flops
+    n_teacher = folds * len(paper["seeds"])
+    n_student = n_teacher * len(paper["losses"])
+    rows = []
+    for g in gpus:
+        teacher_wall = math.ceil(n_teacher / g) * (teacher_s + overhead)
+        student_wall = math.ceil(n_student / g) * (student_s + overhead)
+        bundled = math.ceil(n_teacher / g) * (len(paper["losses"]) * student_s + overhead)
+        rows.append(
+            {
+                "gpus": g,
+                "teacher_h": teacher_wall / 3600,
+                "cache_h": cache_s / 3600,
+                "students_h": student_wall / 3600,
+                "students_bundled_h": bundled / 3600,
+                "total_h": (teacher_wall + cache_s + min(student_wall, bundled)) / 3600,
+            }
+        )
+    cpu_teacher_h = teacher_flops / costs["cpu_flops_per_s"] / 3600
+    return {
+        "n_train": n_train,
+        "n_val": n_val,
+        "teacher_jobs": n_teacher,
+        "student_jobs": n_student,
+        "teacher_tflops_per_job": teacher_flops / 1e12,
+        "teacher_job_s": teacher_s,
+        "student_job_s": student_s,
+        "student_samples_per_s": student_samples_per_s,
+        "ray_run_overhead_s": overhead,
+        "cache_s": cache_s,
+        "cpu_teacher_job_h": cpu_teacher_h,
+        "rows": rows,
+    }
+
+
+def concurrency_markdown(conc: dict[str, Any]) -> str:
+    ways = conc["ways"]
+    one, two = ways["1"]["wall_s"], ways["2"]["wall_s"]
+    lines = [
+        "## Concurrent training jobs",
+        "",
+        f"{conc['n_jobs']} independent student jobs (tiny: {conc['job_samples']} training samples, "
+        f"{conc['epochs_student']} epochs, from the embedding cache) run as one Ray Train run each (1 worker of "
+        f"1 CPU) with `train.max_concurrent_jobs` = 1 and = 2 on a local Ray of {conc['cpus']:.0f} CPUs, and the "
+        "same jobs in-process without Ray (`run_jobs_local`). Ray is up before the clock starts. Seconds.",
+        "",
+        markdown_table(
+            ["way", "wall", "median per job", "x (1 at a time)"],
+            [
+                [
+                    {"local": "in-process, no Ray", "1": "Ray, 1 at a time", "2": "Ray, 2 at once"}[w],
+                    _f(ways[w]["wall_s"]),
+                    _f(statistics.median(ways[w]["per_job_s"].values()), 2),
+                    _f(ways[w]["wall_s"] / one, 2),
+                ]
+                for w in ("local", "1", "2")
+            ],
+        ),
+        "",
+        f"2 concurrent / 1 at a time = **{two / one:.2f}** (wall). A Ray Train run's own start-up (controller, "
+        "worker group, placement group, process group: the Ray per-job time minus the in-process time) is "
+        f"{statistics.median(ways['1']['per_job_s'][k] - t for k, t in ways['local']['per_job_s'].items()):.1f} s "
+        "here, which is why tiny jobs are better bundled (`train.jobs_per_run`).",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def cost_markdown(costs: dict[str, Any], model: dict[str, Any]) -> str:
+    paper = costs["paper"]
+    lines = [
+        "## Cost model: Biovid Part A LOSO, paper preset",
+        "",
+        f"Arithmetic, not a measurement on a GPU (none was available). 87 folds x {len(paper['seeds'])} seed: "
+        f"{model['teacher_jobs']} teacher jobs, then {model['student_jobs']} student jobs "
+        f"({len(paper['losses'])} losses); per fold {model['n_train']} training and {model['n_val']} validation "
+        f"samples; {paper['epochs_unimodal']}/{paper['epochs_teacher']}/{paper['epochs_tnet']}/"
+        f"{paper['epochs_student']} epochs (unimodal/teacher/T-Net/student).",
+        "",
+        "Measured here: FLOPs per sample of the paper models (`torch.utils.flop_counter`, video "
+        f"{costs['shapes']['video']}): video fwd+bwd {costs['unimodal-video']['fwd_bwd_flops'] / 1e9:.1f} GFLOP, "
+        f"teacher fwd+bwd {costs['teacher']['fwd_bwd_flops'] / 1e9:.1f} GFLOP; this CPU runs the video model at "
+        f"{costs['cpu_flops_per_s'] / 1e9:.1f} GFLOP/s (one teacher job would take "
+        f"{model['cpu_teacher_job_h']:.1f} h on it); a Ray Train run's start-up "
+        f"{model['ray_run_overhead_s']:.1f} s; a tiny student job in-process and the student's training samples/s "
+        "from the embedding cache (sections above).",
+        "",
+        f"Assumed (named factors in `benchmarks/speed.py`): GPU = {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s BF16 peak "
+        f"(H100 SXM) x MFU {GPU_MFU} ; feature table read at {STORAGE_BYTES_PER_S / 1e9:.0f} GB/s from shared "
+        "storage; one job = one worker = one GPU; jobs of a stage run in waves (ceil(jobs / GPUs)); the cache "
+        "stage runs in the driver on one GPU; no cross-fitting. Per teacher job: "
+        f"{model['teacher_tflops_per_job']:.0f} TFLOP = {model['teacher_job_s'] / 60:.1f} min on one GPU; per "
+        f"student job {model['student_job_s']:.1f} s + start-up.",
+        "",
+        markdown_table(
+            [
+                "GPUs",
+                "teacher (h)",
+                "cache (h)",
+                "students, 1 job/run (h)",
+                "students, 8 jobs/run (h)",
+                "total (h)",
+            ],
+            [
+                [
+                    r["gpus"],
+                    _f(r["teacher_h"], 2),
+                    _f(r["cache_h"], 3),
+                    _f(r["students_h"], 2),
+                    _f(r["students_bundled_h"], 2),
+                    _f(r["total_h"], 2),
+                ]
+                for r in model["rows"]
+            ],
+        ),
+        "",
+        "At 64 GPUs the 87 teacher jobs take two waves (64 + 23): the second wave leaves 41 GPUs idle; "
+        "2-worker DDP jobs (`train.num_workers=2`) would fill them only if DDP scales (it did not on 2 CPU "
+        "cores). Student jobs are dominated by the per-run start-up unless bundled.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def replace_sections(text: str, sections: Sequence[str]) -> str:
+    """Replace each ``## Heading`` section of ``text`` by the one given (same heading), or append it."""
+    for section in sections:
+        heading = section.splitlines()[0]
+        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+        if pattern.search(text):
+            text = pattern.sub(lambda _m, s=section: s.rstrip("\n") + "\n\n", text, count=1)
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    return text.rstrip("\n") + "\n"
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -453,8 +775,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="results file (default benchmarks/results/speed.md; --quick: WORK_DIR/speed.md)",
     )
+    parser.add_argument(
+        "--only",
+        choices=["jobs"],
+        help="jobs: only the concurrent-jobs section and the cost model (on a --quick-size base run, ~5 min); "
+        "updates those sections of the results file",
+    )
+    parser.add_argument(
+        "--concurrency-jobs", type=int, default=8, help="student jobs of the concurrent-jobs section"
+    )
     # internal: one measurement in a fresh process
-    parser.add_argument("--child", choices=["pipeline", "retrain"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["pipeline", "retrain", "concurrency"], help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--base-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-subjects", type=int, help=argparse.SUPPRESS)
@@ -475,6 +806,12 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         res = child_retrain(args.base_run, args.run_dir, args.child_workers)
         print("BENCH " + json.dumps(res), flush=True)
         return None
+    if args.child == "concurrency":
+        res = child_concurrency(args.base_run, args.run_dir, args.concurrency_jobs)
+        print("BENCH " + json.dumps(res), flush=True)
+        return None
+    if args.only == "jobs":
+        return main_jobs(args, argv)
 
     quick = args.quick
     machine = machine_info()
@@ -528,6 +865,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     print("[speed] training throughput ...", flush=True)
     results["training"] = training_throughput(mid_run)
     results["student"] = student_cache_throughput(mid_run, epochs=2 if quick else 3)
+    results.update(jobs_and_costs(mid_run, work, args.concurrency_jobs, results["student"]))
     print("[speed] OT solvers ...", flush=True)
     repeats = args.ot_repeats or (5 if quick else 30)
     ot_sizes = args.ot_sizes or ([64] if quick else [64, 128, 256])
@@ -540,6 +878,73 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     record = {"machine": machine, "command": command.strip(), "wall_s": wall, **results}
     write_result(work / "speed.json", json.dumps(record, indent=1, default=str))
     print(f"[speed] wrote {out} (total {wall / 60:.1f} min)")
+    return out
+
+
+def jobs_and_costs(base_run: Path, work: Path, n_jobs: int, student: dict[str, Any]) -> dict[str, Any]:
+    """The concurrent-jobs measurement (a fresh process) and the LOSO cost model built on it."""
+    print(f"[speed] {n_jobs} student jobs: in-process, 1 and 2 concurrent Ray Train runs ...", flush=True)
+    conc = _run_child(
+        [
+            "--child",
+            "concurrency",
+            "--base-run",
+            str(base_run),
+            "--run-dir",
+            str(work),
+            "--concurrency-jobs",
+            str(n_jobs),
+        ]
+    )
+    print("[speed] paper-size model FLOPs and CPU speed ...", flush=True)
+    costs = paper_model_costs(base_run)
+    model = loso_cost_model(costs, conc, student["cached_samples_per_s"])
+    return {"concurrency": conc, "paper_costs": costs, "cost_model": model}
+
+
+def main_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
+    """``--only jobs``: a quick base run, then the concurrent-jobs section and the cost model only."""
+    machine = machine_info()
+    command = "python benchmarks/speed.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
+    work = (args.work_dir or Path("runs/bench-speed-jobs")).resolve()
+    out = args.out or RESULTS_DIR / "speed.md"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    start = time.perf_counter()
+    print("[speed] a quick base run (teacher + embedding cache) ...", flush=True)
+    base = work / "base"
+    _run_child(
+        [
+            "--child",
+            "pipeline",
+            "--run-dir",
+            str(base),
+            "--child-subjects",
+            "4",
+            "--overrides",
+            json.dumps(QUICK_OVERRIDES),
+        ]
+    )
+    student = student_cache_throughput(base, epochs=2)
+    results = jobs_and_costs(base, work, args.concurrency_jobs, student)
+    wall = time.perf_counter() - start
+    load_end = tuple(round(x, 2) for x in os.getloadavg())
+    note = (
+        f"\n_Measured {machine.get('date', '')} by `{command.strip()}` ({wall / 60:.1f} min; load average "
+        f"{machine.get('load_average')} at the start, {load_end} at the end; {machine.get('cpu_count', '?')} CPUs)._\n"
+    )
+    sections = [
+        concurrency_markdown(results["concurrency"]) + note,
+        cost_markdown(results["paper_costs"], results["cost_model"]),
+    ]
+    previous = out.read_text() if out.is_file() else "# Speed benchmark\n"
+    text = replace_sections(previous, sections)
+    print("\n" + "\n".join(sections))
+    write_result(out, text)
+    write_result(
+        work / "speed-jobs.json", json.dumps(results | {"command": command.strip()}, indent=1, default=str)
+    )
+    print(f"[speed] updated {out} (total {wall / 60:.1f} min)")
     return out
 
 
