@@ -81,16 +81,23 @@ def send_library_logs_to_prefect(names: tuple[str, ...] = RUN_LOGGERS) -> list[s
     Returns
     -------
     list of str
-        The loggers that got a handler now (none when called again, or when Prefect's logging is not set up).
+        The loggers that got a handler now (none when each already has one of every class of handler, or when
+        Prefect's logging is not set up).
     """
     extra = logging.getLogger("prefect.extra")
+    # One handler per class (Prefect may configure logging again and hand out new handler objects: a second
+    # API handler would send every record twice).
+    # Prefect's own handlers only (a test harness may add its capture handlers to every logger).
+    handlers = {type(h): h for h in extra.handlers if type(h).__module__.startswith("prefect.")}
     attached = []
     for name in names:
         library_logger = logging.getLogger(name)
-        for handler in extra.handlers:
-            if handler not in library_logger.handlers:
-                library_logger.addHandler(handler)
-                attached.append(name)
+        for cls, handler in handlers.items():
+            mine = [h for h in library_logger.handlers if type(h) is cls]
+            if mine:
+                continue
+            library_logger.addHandler(handler)
+            attached.append(name)
     return attached
 
 
@@ -101,11 +108,11 @@ def _deployment_log_level() -> None:
     """In a deployment run (served, or on a worker) with no level set for pkdot, use Prefect's level
     (``PREFECT_LOGGING_LEVEL``, INFO by default) so the flow run's logs show pkdot's INFO lines (stages run or
     cached, jobs started); ``pkdot run`` keeps the CLI's level (WARNING, INFO with ``-v``)."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment
     from prefect.settings import PREFECT_LOGGING_LEVEL
 
     library_logger = logging.getLogger(RUN_LOGGERS[0])
-    if flow_run.deployment_id is None or library_logger.level != logging.NOTSET:
+    if deployment.id is None or library_logger.level != logging.NOTSET:
         return
     level = logging.getLevelName(str(PREFECT_LOGGING_LEVEL.value()).upper())
     if isinstance(level, int):

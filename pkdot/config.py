@@ -377,6 +377,13 @@ class TrackingConfig(_Section):
     """MLflow: URI (None = SQLite under the run directory, or $MLFLOW_TRACKING_URI), experiment, registry."""
 
     tracking_uri: str | None = None
+    public_uri: str | None = Field(
+        default=None,
+        description="The MLflow UI address people open (links in Prefect artifacts and printed messages), when "
+        "it differs from the tracking URI the processes log to (e.g. http://localhost:5000 for a compose "
+        "stack whose services reach MLflow at http://mlflow:5000). None = $PKDOT_MLFLOW_PUBLIC_URI, else the "
+        "tracking URI when it is an http(s) server",
+    )
     experiment: str = "pkdot"
     register_model: bool = True
     log_checkpoints: bool = Field(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 
 from pkdot.config import load_config
 from pkdot.data.manifest import BIOVID_CLASSES
-from pkdot.errors import FeatureError, PkdotError
+from pkdot.errors import ConfigError, FeatureError, PkdotError
 
 
 def class_names(task: str) -> list[str]:
@@ -22,14 +24,47 @@ def class_names(task: str) -> list[str]:
     return []
 
 
-def predict_videos(model_uri: str, videos: Sequence[Path]) -> list[dict[str, Any]]:
-    """One prediction per video: the pain class and its probabilities, or the valence/arousal value."""
+def resolve_registry_uri(tracking_uri: str | None = None) -> str:
+    """The MLflow store ``pkdot predict`` reads the registered student from.
+
+    ``tracking_uri`` (``--tracking-uri``) if given, else ``$MLFLOW_TRACKING_URI``; there is no default (MLflow's
+    own, ``sqlite:///mlflow.db`` in the working directory, would create an empty store wherever the command
+    runs). The store must exist (:func:`pkdot.tracking.require_existing_store`).
+    """
+    from pkdot.tracking import require_existing_store
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError(
+            "pkdot predict: no MLflow store to read the model from; pass --tracking-uri (e.g. "
+            "sqlite:///runs/biovid-demo/mlflow.db for a local run, http://HOST:5000 for a server) or set "
+            "MLFLOW_TRACKING_URI"
+        )
+    return require_existing_store(uri)
+
+
+def predict_videos(
+    model_uri: str, videos: Sequence[Path], tracking_uri: str | None = None
+) -> list[dict[str, Any]]:
+    """One prediction per video: the pain class and its probabilities, or the valence/arousal value.
+
+    ``model_uri`` is ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in the store
+    :func:`resolve_registry_uri` (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``).
+    """
     from pkdot.features.faces import ClipRequest, FaceClip, FaceDetector, extract_video_clips
     from pkdot.tracking import load_student, model_config_path
 
-    cfg = load_config(model_config_path(model_uri))
+    uri = resolve_registry_uri(tracking_uri)
+    for video in videos:  # before anything is downloaded
+        if not Path(video).is_file():
+            raise PkdotError(f"video {video} does not exist")
+    config_file = model_config_path(model_uri, tracking_uri=uri)
+    try:
+        cfg = load_config(config_file)
+    finally:
+        shutil.rmtree(config_file.parent, ignore_errors=True)  # a temporary download folder
     # the registered student is a torch.export program, exported in eval mode (it has no .eval())
-    model = load_student(model_uri)
+    model = load_student(model_uri, tracking_uri=uri)
     detector = FaceDetector(cfg.features)
     names = class_names(cfg.data.task)
     rows: list[dict[str, Any]] = []
@@ -44,7 +79,8 @@ def predict_videos(model_uri: str, videos: Sequence[Path]) -> list[dict[str, Any
             raise FeatureError(f"{video}: {clip.reason}")
         with torch.no_grad():
             out = model(torch.from_numpy(clip.frames[None]))
-        logits = out.logits if hasattr(out, "logits") else out
+        # ModelOutput (pkdot's student), a dict of outputs (another dataclass), or the logits themselves
+        logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)
         if cfg.data.is_regression:
             rows.append(
                 {"video": str(video), cfg.data.task: float(logits[0, 0]), "face_found": clip.face_found}

@@ -288,3 +288,151 @@ def test_load_student_missing_model_raises(cfg):
     Tracker(cfg)
     with pytest.raises(StageError, match="cannot load student"):
         load_student("models:/does-not-exist@champion", tracking_uri=mlflow.get_tracking_uri())
+
+
+# ---- issue 14: public UI address, the version's own scores, dataset inputs, quiet store, predict -------------
+def test_public_uri_is_distinct_from_the_tracking_uri(tmp_path, monkeypatch):
+    from pkdot.tracking import PUBLIC_URI_ENV, resolve_public_uri, run_ui_url
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(PUBLIC_URI_ENV, raising=False)
+    local = load_config(overrides={"run_dir": str(tmp_path / "r")})
+    assert resolve_public_uri(local) is None  # a SQLite store has no UI to link to
+    server = load_config(
+        overrides={"run_dir": str(tmp_path / "r"), "tracking.tracking_uri": "http://mlflow:5000/"}
+    )
+    assert resolve_public_uri(server) == "http://mlflow:5000"
+    monkeypatch.setenv(PUBLIC_URI_ENV, "http://localhost:5000/")
+    assert resolve_public_uri(server) == "http://localhost:5000"
+    assert resolve_tracking_uri(server) == "http://mlflow:5000/"  # processes still log to the service name
+    assert resolve_public_uri(local) == "http://localhost:5000"
+    own = load_config(
+        overrides={"run_dir": str(tmp_path / "r"), "tracking.public_uri": "https://mlflow.example.org"}
+    )
+    assert resolve_public_uri(own) == "https://mlflow.example.org"  # the config wins over the environment
+    assert run_ui_url("http://h:5000/", "abc") == "http://h:5000/#/runs/abc"
+    assert run_ui_url("http://h:5000", "abc", "7") == "http://h:5000/#/experiments/7/runs/abc"
+
+
+def test_registered_version_carries_its_own_scores_and_datasets(cfg):
+    import pandas as pd
+
+    from pkdot.tracking import DatasetSplit
+
+    manifest = pd.DataFrame(
+        {"sample_id": [f"s{i}" for i in range(6)], "subject_id": list("aabbcc"), "label": [0, 1] * 3}
+    )
+    splits = [
+        DatasetSplit(
+            "biovid-fold0-seed0-train", "train", manifest[manifest.subject_id != "c"], "m.parquet", "d1"
+        ),
+        DatasetSplit(
+            "biovid-fold0-seed0-test", "test", manifest[manifest.subject_id == "c"], "m.parquet", "d2"
+        ),
+    ]
+    tracker = Tracker(cfg)
+    reg = tracker.register_student(
+        TinyVideoStudent(1),
+        _video(0, 2),
+        metric_name="val_accuracy",
+        metric_value=0.75,
+        dataset="biovid",
+        scores={"test_accuracy": 0.625, "test_macro_f1": 0.6, "mean_test_accuracy_over_runs": 0.7},
+        datasets=splits,
+    )
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    version = client.get_model_version(reg.name, str(reg.version))
+    assert version.tags["val_accuracy"] == "0.75" and version.tags["test_accuracy"] == "0.625"
+    assert version.tags["mean_test_accuracy_over_runs"] == "0.7"
+    run = client.get_run(reg.run_id)
+    assert run.data.metrics["val_accuracy"] == 0.75 and run.data.metrics["test_macro_f1"] == 0.6
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"biovid-fold0-seed0-train", "biovid-fold0-seed0-test"}
+    assert inputs["biovid-fold0-seed0-train"].dataset.digest == "d1"
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
+    assert contexts == {"biovid-fold0-seed0-train": "train", "biovid-fold0-seed0-test": "test"}
+    assert json.loads(inputs["biovid-fold0-seed0-test"].dataset.profile)["num_rows"] == 2
+    with pytest.raises(StageError, match="score 'test_accuracy'"):
+        tracker.register_student(
+            TinyVideoStudent(2), _video(0, 2), metric_name="val_accuracy", metric_value=0.5,
+            dataset="biovid", scores={"test_accuracy": float("nan")},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(("verbose", "shown"), [(False, False), (True, True)])
+def test_mlflow_store_chatter_is_muted_unless_verbose(tmp_path, verbose, shown):
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        f"logging.basicConfig(level=logging.{'INFO' if verbose else 'WARNING'})\n"
+        "from pkdot.config import load_config\n"
+        "from pkdot.tracking import Tracker\n"
+        "Tracker(load_config(overrides={'run_dir': sys.argv[1]})).parent_run_id()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL")}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "mlflow.db").is_file()
+    assert ("Creating initial MLflow database tables" in done.stderr) is shown, done.stderr[-2000:]
+
+
+def _face_video(path: Path, frames: int = 12, size: int = 256) -> Path:
+    """A short MP4 of the (public-domain) astronaut portrait, whose face OpenCV's cascade finds."""
+    import cv2
+    from skimage import data
+
+    image = cv2.resize(cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR), (size, size))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (size, size))
+    for _ in range(frames):
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def test_predict_reads_the_given_store_and_leaves_no_stray_files(tmp_path, monkeypatch, capsys):
+    from pkdot import cli
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    small = load_config(
+        overrides={
+            "run_dir": str(tmp_path / "run"),
+            "features.n_frames": 2,
+            "features.crop_size": 16,
+            "features.min_face_px": 32,
+        }
+    )
+    reg = Tracker(small).register_student(
+        TinyVideoStudent(1), np.zeros((2, 2, 16, 16, 3), np.uint8), metric_name="val_accuracy",
+        metric_value=0.7, dataset="biovid",
+    )  # fmt: skip
+    store = resolve_tracking_uri(small)
+    video = _face_video(tmp_path / "face.mp4")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    # No store named: a clear error, and MLflow's default (./mlflow.db) is not created.
+    assert cli.main(["predict", "--model", f"models:/{reg.name}@champion", str(video)]) == 2
+    assert "--tracking-uri" in capsys.readouterr().err
+    missing = f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}"
+    assert cli.main(["predict", "--tracking-uri", missing, "--model", "models:/x@champion", str(video)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+    code = cli.main(
+        ["predict", "--tracking-uri", store, "--model", f"models:/{reg.name}@champion", str(video)]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    (row,) = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
+    assert row["video"] == str(video) and abs(sum(row["probabilities"].values()) - 1.0) < 1e-3
+    assert sorted(p.name for p in elsewhere.iterdir()) == []  # no mlflow.db, no mlruns

@@ -7,6 +7,9 @@ The orchestration is tested here with small stand-in stage functions (each write
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import yaml
 from flows import pipeline as pl
 from pkdot.config import load_config
 from pkdot.errors import ConfigError, DatasetError, StageError
+from pkdot.progress import report as report_progress
 from pkdot.stages import StageResult
 
 STAGE_FUNCTIONS = {
@@ -34,6 +38,54 @@ ARTIFACT_DIRS = {
     "distill": "student",
     "evaluate": "report",
 }
+
+
+PROGRESS_UNITS = {"extract": "shards", "train-teacher": "jobs", "distill": "jobs"}
+BAD_VIDEO = "video s-7.mp4 cannot be decoded"
+SUMMARY_TABLE = [
+    {"model": "student-pkdot", "metric": "accuracy", "mean": 0.912345, "std": 0.1, "ci_low": 0.7,
+     "ci_high": 1.0, "n": 2, "macro_f1_mean": 0.9, "naive_ci_low": 0.8},
+    {"model": "student-none", "metric": "accuracy", "mean": 0.8, "std": 0.1, "ci_low": 0.6,
+     "ci_high": 1.0, "n": 2, "macro_f1_mean": 0.79, "naive_ci_low": 0.7},
+]  # fmt: skip
+
+
+# ---- the deployment's parameter form (no Prefect server) ---------------------------------------------------
+def _enum(prop: dict) -> list | None:
+    for option in prop.get("anyOf", [prop]):
+        if "enum" in option:
+            return option["enum"]
+    return None
+
+
+@pytest.mark.parametrize("source", ["function", "entrypoint"])
+def test_parameter_schema_documents_every_parameter_and_offers_choices(source: str) -> None:
+    """What the UI's "Custom run" form shows: a description per parameter (from the Google-style "Args"), and
+    drop-downs (enums) for dataset, task and preset, read as `prefect deploy` (entrypoint) and `serve` do."""
+    from prefect.utilities.callables import parameter_schema, parameter_schema_from_entrypoint
+
+    from pkdot.config import DataConfig, Preset, Task
+
+    if source == "function":
+        schema = parameter_schema(pl.pipeline).model_dump()
+    else:
+        entrypoint = f"{Path(pl.__file__).resolve()}:pipeline"
+        schema = parameter_schema_from_entrypoint(entrypoint).model_dump()
+    props = schema["properties"]
+    assert list(props)[:5] == ["config_path", "dataset", "task", "root", "preset"]
+    for name, prop in props.items():
+        assert len(prop.get("description") or "") > 20, f"{name} has no description"
+    assert _enum(props["dataset"]) == list(typing.get_args(DataConfig.model_fields["dataset"].annotation))
+    assert _enum(props["task"]) == list(typing.get_args(Task))
+    assert _enum(props["preset"]) == list(typing.get_args(Preset))
+    assert _enum(props["root"]) is None and _enum(props["run_dir"]) is None
+    assert "synth.subjects" in props["overrides"]["description"]
+
+
+def test_build_config_maps_task() -> None:
+    assert pl.build_config(dataset="biovid", task="multiclass").data.task == "multiclass"
+    with pytest.raises(ConfigError, match="given twice"):
+        pl.build_config(task="binary", overrides={"data.task": "multiclass"})
 
 
 # ---- cache keys and config (no Prefect server) ------------------------------------------------------------
@@ -145,15 +197,22 @@ class FakeStages:
             path = Path(cfg.run_dir) / ARTIFACT_DIRS[name]
             path.mkdir(parents=True, exist_ok=True)
             (path / "out.txt").write_text(upstream)
+            if name in PROGRESS_UNITS:  # what the library reports as it goes (pkdot.progress)
+                for done in range(4):
+                    report_progress(name, done, 3, PROGRESS_UNITS[name])
+            if name == "extract":
+                logging.getLogger("pkdot.features.extract").warning("quarantined s-7 (video): %s", BAD_VIDEO)
             sections = pl.STAGE_INPUTS.get(name, ("data",))
             fingerprint = hashlib.sha256(
                 f"{name}|{cfg.section_hash(*sections)}|{upstream}".encode()
             ).hexdigest()
             details = {"n": self.calls[name]}
             if name == "evaluate":
+                (path / "summary.json").write_text(json.dumps({"table": SUMMARY_TABLE}))
                 details.update(
                     summary_markdown="# PKDOT report\n| model | accuracy |\n|---|---|\n| student-pkdot | 0.9 |",
                     report=str(path / "report.md"),
+                    experiment_id="7",
                     mlflow_run_id="run123",
                     tracking_uri="http://mlflow.test:5000",
                     model_name="pkdot-student-biovid",
@@ -250,26 +309,81 @@ def test_io_stages_retry_io_errors_but_not_bad_input(
     assert fake.calls["manifest"] == 2  # one call in the flaky run + one here: no retry of bad input
 
 
-def test_flow_publishes_summary_and_mlflow_link_artifacts(
-    prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def _artifacts_of(flow_run_id) -> dict:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    FakeStages(monkeypatch)
-    state = pl.pipeline(run_dir=str(tmp_path / "run"), return_state=True)
-    assert state.is_completed()
-    flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    by_key = {a.key: a for a in artifacts}
+    return {a.key: a for a in artifacts}
+
+
+def test_flow_publishes_summary_results_progress_and_mlflow_link_artifacts(
+    prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pkdot.tracking import PUBLIC_URI_ENV
+
+    monkeypatch.delenv(PUBLIC_URI_ENV, raising=False)
+    FakeStages(monkeypatch)
+    state = pl.pipeline(run_dir=str(tmp_path / "run"), return_state=True)
+    assert state.is_completed()
+    by_key = _artifacts_of(state.state_details.flow_run_id)
     assert by_key[pl.SUMMARY_ARTIFACT_KEY].type == "markdown"
     assert "# PKDOT report" in by_key[pl.SUMMARY_ARTIFACT_KEY].data
     # Prefect stores a link artifact as the markdown "[text](link)".
-    assert "](http://mlflow.test:5000/#/runs/run123)" in by_key[pl.MLFLOW_ARTIFACT_KEY].data
+    assert "](http://mlflow.test:5000/#/experiments/7/runs/run123)" in by_key[pl.MLFLOW_ARTIFACT_KEY].data
+
+    # The results table: one row per model, the chosen columns, rounded.
+    results = by_key[pl.RESULTS_ARTIFACT_KEY]
+    assert results.type == "table"
+    rows = json.loads(results.data)
+    assert [r["model"] for r in rows] == ["student-pkdot", "student-none"]
+    assert rows[0]["mean"] == 0.9123 and "naive_ci_low" not in rows[0] and rows[0]["macro_f1_mean"] == 0.9
+
+    # One progress artifact per long stage, at 100 % after its last report.
+    for stage, unit in PROGRESS_UNITS.items():
+        progress = by_key[f"{pl.PROGRESS_ARTIFACT_PREFIX}{stage}"]
+        assert progress.type == "progress" and float(progress.data) == 100.0, stage
+        assert progress.description == f"{stage}: 3 of 3 {unit} done"
+    assert not any(k.endswith(("-cache", "-evaluate", "-manifest")) for k in by_key)
+
+    # With a public UI address (a compose stack), the link points there, not at the service name.
+    monkeypatch.setenv(PUBLIC_URI_ENV, "http://localhost:5999")
+    state = pl.pipeline(run_dir=str(tmp_path / "run"), return_state=True)
+    link = _artifacts_of(state.state_details.flow_run_id)[pl.MLFLOW_ARTIFACT_KEY]
+    assert "](http://localhost:5999/#/experiments/7/runs/run123)" in link.data
+    assert "logged to http://mlflow.test:5000" in link.description
+
+
+def test_pkdot_log_lines_reach_the_flow_run_logs(
+    prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    assert any(isinstance(h, APILogHandler) for h in logging.getLogger("pkdot").handlers)
+    assert pl.send_library_logs_to_prefect() == []  # idempotent: no second handler
+    FakeStages(monkeypatch)
+    state = pl.pipeline(run_dir=str(tmp_path / "run"), return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    messages: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        messages = [f"{log.name} {logging.getLevelName(log.level)} {log.message}" for log in logs]
+        if any(BAD_VIDEO in m for m in messages):
+            break
+        time.sleep(0.5)
+    assert any(m.startswith("pkdot.features.extract WARNING") and BAD_VIDEO in m for m in messages), messages[
+        -20:
+    ]
+    assert sum(BAD_VIDEO in m for m in messages) == 1  # once, not once per handler
 
 
 def test_flow_rejects_an_evaluate_result_without_its_details(
