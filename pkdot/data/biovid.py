@@ -41,9 +41,9 @@ BIO_COLUMNS = {
     "B": ["time", "gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
 }
 _DELIMITERS = "\t,;"
-
 #: Per-sample face-crop folders: ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` (1-based).
 FRAMES_DIR = "frames"
+
 
 def detect_delimiter(line: str, path: Path) -> str:
     """The delimiter of a header line: tab, comma or semicolon (csv.Sniffer, then the most frequent one)."""
@@ -147,6 +147,13 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
     samples = read_samples_csv(samples_path)
     bad = BadSamples(data.skip_bad)
     want_video = "video" in data.modalities
+    frames_root = root / FRAMES_DIR
+    if want_video and data.faces == "frames" and not frames_root.is_dir():
+        raise DatasetError(
+            f"Biovid root {root}: {frames_root} does not exist (data.faces 'frames' expects "
+            "frames/<subject_name>/<sample_name>/<frame:05d>.jpg)"
+        )
+    use_frames = data.faces == "frames" or (data.faces is None and frames_root.is_dir())
     want_physio = "physio" in data.modalities
     bio_columns = BIO_COLUMNS[data.part]
     known_columns = set(BIO_COLUMNS["B"])
@@ -155,13 +162,6 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
     for i, row in samples.iterrows():
         line = int(i) + 2  # 1-based, after the header
         subject, sample = row["subject_name"], row["sample_name"]
-    frames_root = root / FRAMES_DIR
-    if want_video and data.faces == "frames" and not frames_root.is_dir():
-        raise DatasetError(
-            f"Biovid root {root}: {frames_root} does not exist (data.faces 'frames' expects "
-            "frames/<subject_name>/<sample_name>/<frame:05d>.jpg)"
-        )
-    use_frames = data.faces == "frames" or (data.faces is None and frames_root.is_dir())
         if not subject or not sample:
             bad.bad(samples_path, sample or None, f"line {line}: empty subject_name or sample_name")
             continue
