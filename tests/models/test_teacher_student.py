@@ -156,7 +156,7 @@ def test_frozen_parts_get_no_gradient_and_do_not_change(tiny_config, random_inpu
 
 def test_unfrozen_backbone_trains(tiny_config, random_input):
     overrides, shapes = COMBINATIONS["video+physio-spectrogram"]
-    cfg = tiny_config({**overrides, "train.freeze_student_backbone": False})
+    cfg = tiny_config({**overrides, "train.student_init": "teacher-finetune"})
     student = build_student(cfg, shapes, tnets=build_tnets(cfg, seed=1), seed=0).train()
     assert student.video_backbone.training and all(
         p.requires_grad for p in student.video_backbone.parameters()
