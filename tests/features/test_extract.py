@@ -160,9 +160,15 @@ def test_rerun_skips_finished_shards_and_settings_changes_redo_only_their_modali
     assert len(list((run_dir / "features/shards/video").glob("*.parquet"))) == 3
     _, frames = read_tensors(run_dir / "features/faces.parquet", "frames")
     assert frames.shape[2:] == (32, 32, 3)
-    # Touching a recording redoes the shards that read it.
+    # Changing a recording redoes the shards that read it (a small file is identified by its content, so a
+    # mere touch does not: see pkdot.fingerprint.file_identity).
     csv = Path(biovid_like.loc[biovid_like.sample_id == "good2", "physio_path"].iloc[0])
     os.utime(csv, ns=(time.time_ns(), time.time_ns()))
+    untouched = run_extract(
+        _biovid_cfg(**{"features.crop_size": 32}), biovid_like, run_dir, workers=2, progress=False
+    )
+    assert untouched["shards_done"] == 0
+    csv.write_text(csv.read_text() + "\n")  # a trailing empty line: new content, same signals
     touched = run_extract(
         _biovid_cfg(**{"features.crop_size": 32}), biovid_like, run_dir, workers=2, progress=False
     )
