@@ -35,6 +35,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -625,12 +626,13 @@ class Tracker:
                 _use_tracking_uri(self.tracking_uri)  # another Tracker in this process may have moved it
                 with mlflow.start_run(run_id=sr.run_id, nested=True):
                     for split in datasets:
-                        mlflow.log_input(
-                            mlflow.data.from_pandas(
+                        with warnings.catch_warnings():  # MLflow's hints on a file source / int columns
+                            warnings.filterwarnings("ignore", message=".*interpreted in multiple ways.*")
+                            warnings.filterwarnings("ignore", message=".*Inferred schema contains integer.*")
+                            data = mlflow.data.from_pandas(
                                 split.frame, source=split.source, name=split.name, digest=split.digest
-                            ),
-                            context=split.context,
-                        )
+                            )
+                        mlflow.log_input(data, context=split.context)
                     info = mlflow.pytorch.log_model(
                         export_model,
                         name="student",
