@@ -28,6 +28,9 @@ for _k, _v in {
     # Ray Train V2 turns a worker's print() into a log record *and* (as a Ray worker's sys.stdout is not
     # sys.__stdout__) the print itself: every printed line reached the driver twice. One copy is enough.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Lines logged outside a Prefect flow run (the Ray workers' output, read by Ray's log thread) stay out of
+    # Prefect's API log handler quietly instead of printing a UserWarning each time.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }.items():
     os.environ.setdefault(_k, _v)
 
