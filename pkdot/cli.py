@@ -31,6 +31,9 @@ for _k, _v in {
     # Lines logged outside a Prefect flow run (the Ray workers' output, read by Ray's log thread) stay out of
     # Prefect's API log handler quietly instead of printing a UserWarning each time.
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # `pkdot run` starts Prefect's temporary server in-process; its 20 s default start-up limit fails the whole
+    # command on a busy machine (measured: a 2-core machine at load 50 needed more).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }.items():
     os.environ.setdefault(_k, _v)
 
