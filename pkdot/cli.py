@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     from pkdot.console import console_session
 
     try:
-        with console_session(verbose=args.verbose, run_dir=_run_dir_of(args)):
+        with console_session(verbose=args.verbose, run_dir=_log_dir_of(args)):
             code = int(args.fn(args) or 0)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
@@ -578,6 +578,15 @@ def _run_dir_of(args: argparse.Namespace) -> Path | None:
         return None
     run_dir = getattr(args, "out", None) if args.command == "extract" else None
     return run_dir or getattr(args, "run", None) or getattr(args, "run_dir", None)
+
+
+def _log_dir_of(args: argparse.Namespace) -> Path | None:
+    """Where the command's log file goes: its run directory, unless a stage command names one that is not a run
+    (that command fails with a message; it must not leave a ``logs/`` folder behind)."""
+    run_dir = _run_dir_of(args)
+    if run_dir is None or args.command in ("run", "extract"):
+        return run_dir
+    return run_dir if (Path(run_dir) / "config.yaml").is_file() else None
 
 
 def _end_parent_run(args: argparse.Namespace, status: str) -> None:

@@ -259,3 +259,10 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"pkdot {importlib.metadata.version('pkdot')}"
+
+
+def test_a_stage_on_a_missing_run_dir_fails_and_leaves_nothing(tmp_path, capsys):
+    run = tmp_path / "not-a-run"
+    assert main(["cache", "--run", str(run)]) == 2
+    assert "config.yaml does not exist" in capsys.readouterr().err
+    assert not run.exists()
