@@ -10,6 +10,14 @@ per epoch to ``<run>/logs/epochs/<job>.jsonl`` (:func:`epoch_recorder`; a Ray Tr
 used, so nothing is forwarded twice by Ray), and the driver reads the new records while it waits for the jobs
 (:class:`EpochTail`) and logs them once through the ``pkdot.epochs`` logger.
 
+Why lines used to appear twice: Ray Train V2 patches ``print`` in its workers to log the text through the root
+logger (to stderr) and, because a Ray worker's ``sys.stdout`` is not ``sys.__stdout__``, to print it as well
+(to stdout); Ray forwards both streams to the driver (``log_to_driver``), and its deduplication only merges
+identical lines of *different* processes. So workers no longer print (epoch records, ``logging``), the CLI
+turns the patch off (``RAY_TRAIN_ENABLE_PRINT_PATCH=0``), and within a console session the Ray workers'
+forwarded output goes to logging (:func:`route_ray_worker_logs`: the log file; the console with ``-v``, or
+when a line is a WARNING/ERROR) instead of Ray's own printer.
+
 Example::
 
     with console_session(verbose=False, run_dir=Path("runs/demo")):
