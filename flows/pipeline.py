@@ -35,6 +35,7 @@ model) and a link to the pipeline's MLflow run on the MLflow UI (``tracking.publ
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -68,36 +69,54 @@ logger = logging.getLogger("pkdot.flows.pipeline")
 RUN_LOGGERS: tuple[str, ...] = ("pkdot",)
 
 
+class RunLogForwarder(logging.Handler):
+    """Forwards pkdot's records emitted inside a Prefect flow or task run to Prefect's own handlers (the API
+    handler that stores them as the run's logs); records emitted outside any run are left to the other
+    handlers (the console), without Prefect's "attempted to send logs to the API without a flow run id"
+    warning."""
+
+    def __init__(self, targets: list[logging.Handler]) -> None:
+        super().__init__()
+        self.targets = targets
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        for target in self.targets:
+            if record.levelno >= target.level:
+                target.handle(record)
+
+
 def send_library_logs_to_prefect(names: tuple[str, ...] = RUN_LOGGERS) -> list[str]:
-    """Attach Prefect's API log handler to pkdot's loggers, so their records reach the flow run's logs.
+    """Send pkdot's log records to the logs of the flow run they are emitted in (the Prefect UI's "Logs").
 
     This is what ``PREFECT_LOGGING_EXTRA_LOGGERS=pkdot`` does, but that setting is read once, when Prefect
     configures logging on import; the process that runs a flow (the spawned child of ``flow.serve``, or
     ``python -m prefect.engine`` under a worker) has imported Prefect before it loads this file, so setting it
-    here would be too late and setting it everywhere else is easy to forget. The handlers are the ones Prefect
-    configured for its ``prefect.extra`` logger (the API handler); they send a record only inside a flow or
-    task run and respect ``PREFECT_LOGGING_TO_API_ENABLED``. Levels stay the loggers' own (``pkdot -v``).
+    here would be too late and setting it everywhere else is easy to forget. Each logger gets one
+    :class:`RunLogForwarder` to the handlers Prefect configured for its ``prefect.extra`` logger (the API
+    handler, which respects ``PREFECT_LOGGING_TO_API_ENABLED``); calling again points it at the current ones
+    (Prefect may configure logging again). Levels stay the loggers' own (``pkdot -v``).
 
     Returns
     -------
     list of str
-        The loggers that got a handler now (none when each already has one of every class of handler, or when
-        Prefect's logging is not set up).
+        The loggers that got a forwarder now (none when called again).
     """
     extra = logging.getLogger("prefect.extra")
-    # One handler per class (Prefect may configure logging again and hand out new handler objects: a second
-    # API handler would send every record twice).
     # Prefect's own handlers only (a test harness may add its capture handlers to every logger).
-    handlers = {type(h): h for h in extra.handlers if type(h).__module__.startswith("prefect.")}
+    targets = [h for h in extra.handlers if type(h).__module__.startswith("prefect.")]
     attached = []
     for name in names:
         library_logger = logging.getLogger(name)
-        for cls, handler in handlers.items():
-            mine = [h for h in library_logger.handlers if type(h) is cls]
-            if mine:
-                continue
-            library_logger.addHandler(handler)
-            attached.append(name)
+        forwarders = [h for h in library_logger.handlers if isinstance(h, RunLogForwarder)]
+        if forwarders:
+            forwarders[0].targets = targets
+            continue
+        library_logger.addHandler(RunLogForwarder(targets))
+        attached.append(name)
     return attached
 
 
@@ -509,6 +528,12 @@ def pipeline(
     except BaseException as exc:
         _end_parent_run(cfg, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+# This module uses `from __future__ import annotations`, so the flow's annotations are strings. A served flow is
+# pickled by value into the process that runs it, where names used only in annotations (Literal, Any) are not
+# part of the function's globals: Prefect's parameter validation would fail to resolve them. Resolve them now.
+pipeline.fn.__annotations__ = typing.get_type_hints(pipeline.fn)
 
 
 def _end_parent_run(cfg: RunConfig, status: str) -> None:

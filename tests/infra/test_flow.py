@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import typing
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -80,6 +81,24 @@ def test_parameter_schema_documents_every_parameter_and_offers_choices(source: s
     assert _enum(props["preset"]) == list(typing.get_args(Preset))
     assert _enum(props["root"]) is None and _enum(props["run_dir"]) is None
     assert "synth.subjects" in props["overrides"]["description"]
+
+
+def test_flow_pickled_by_value_still_validates_its_parameters() -> None:
+    """`flow.serve` runs a flow in a process that gets it pickled by value: names used only in its annotations
+    (Literal, Any) must not be needed there (they were, and every served run failed validation)."""
+    import pickle
+
+    import cloudpickle
+
+    assert not any(isinstance(a, str) for a in pl.pipeline.fn.__annotations__.values())
+    cloudpickle.register_pickle_by_value(pl)
+    try:
+        served = pickle.loads(cloudpickle.dumps(pl.pipeline))
+    finally:
+        cloudpickle.unregister_pickle_by_value(pl)
+    assert served.validate_parameters({"preset": "demo", "dataset": "biovid"})["preset"] == "demo"
+    with pytest.raises(Exception, match="preset"):
+        served.validate_parameters({"preset": "huge"})
 
 
 def test_build_config_maps_task() -> None:
@@ -366,8 +385,13 @@ def test_pkdot_log_lines_reach_the_flow_run_logs(
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
-    assert any(isinstance(h, APILogHandler) for h in logging.getLogger("pkdot").handlers)
-    assert pl.send_library_logs_to_prefect() == []  # idempotent: no second handler
+    (forwarder,) = [h for h in logging.getLogger("pkdot").handlers if isinstance(h, pl.RunLogForwarder)]
+    assert any(isinstance(h, APILogHandler) for h in forwarder.targets)
+    assert pl.send_library_logs_to_prefect() == []  # idempotent: no second forwarder
+    # Outside a run, a pkdot record goes nowhere near the API (no "without a flow run id" warning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logging.getLogger("pkdot.test").warning("outside any flow run")
     FakeStages(monkeypatch)
     state = pl.pipeline(run_dir=str(tmp_path / "run"), return_state=True)
     flow_run_id = state.state_details.flow_run_id
