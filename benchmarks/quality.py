@@ -79,21 +79,91 @@ EARLIER_STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "e
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A benchmark task: data set, task and the privileged (teacher-only) modality."""
+    """A benchmark task: data set, task, the student's and the privileged (teacher-only) modalities.
+
+    ``overrides``: dotted config overrides of this task (e.g. ``synth.coupling``); ``control_of``: the task
+    whose validation-selected configuration this negative control reuses (its own grid is not run);
+    ``data``: ``"synthetic"`` (written by :func:`pkdot.stages.prepare_run`) or ``"wdbc"``
+    (:mod:`real_tables`).
+    """
 
     name: str
     dataset: str
     task: str
     privileged: tuple[str, ...]
     description: str
+    student: tuple[str, ...] = ("video",)
+    overrides: tuple[tuple[str, Any], ...] = ()
+    control_of: str | None = None
+    data: str = "synthetic"
 
 
 TASKS: dict[str, TaskSpec] = {
-    "binary": TaskSpec("binary", "biovid", "binary", ("physio",), "Biovid, BL1 vs PA4"),
-    "multiclass": TaskSpec("multiclass", "biovid", "multiclass", ("physio",), "Biovid, 5 classes"),
-    "valence": TaskSpec("valence", "affwild2", "valence", ("audio",), "Aff-Wild2, valence"),
-    "arousal": TaskSpec("arousal", "affwild2", "arousal", ("audio",), "Aff-Wild2, arousal"),
+    "binary": TaskSpec(
+        "binary",
+        "biovid",
+        "binary",
+        ("physio",),
+        "synthetic Biovid, BL1 vs PA4, coupling 1",
+        overrides=(("synth.coupling", 1.0),),
+    ),
+    "control": TaskSpec(
+        "control",
+        "biovid",
+        "binary",
+        ("physio",),
+        "synthetic Biovid, BL1 vs PA4, coupling 0 (negative control: face and physio independent given the class)",
+        overrides=(("synth.coupling", 0.0),),
+        control_of="binary",
+    ),
+    "multiclass": TaskSpec(
+        "multiclass",
+        "biovid",
+        "multiclass",
+        ("physio",),
+        "synthetic Biovid, 5 classes, coupling 1",
+        overrides=(("synth.coupling", 1.0),),
+    ),
+    "valence": TaskSpec(
+        "valence",
+        "affwild2",
+        "valence",
+        ("audio",),
+        "synthetic Aff-Wild2, valence, coupling 1",
+        overrides=(("synth.coupling", 1.0),),
+    ),
+    "arousal": TaskSpec(
+        "arousal",
+        "affwild2",
+        "arousal",
+        ("audio",),
+        "synthetic Aff-Wild2, arousal, coupling 1",
+        overrides=(("synth.coupling", 1.0),),
+    ),
+    "wdbc": TaskSpec(
+        "wdbc",
+        "table",
+        "binary",
+        ("worst", "error"),
+        "real: Breast Cancer Wisconsin (Diagnostic), malignant vs benign; student view `mean`, privileged "
+        "views `worst` and `error` (scikit-learn's copy, CC BY 4.0)",
+        student=("mean",),
+        data="wdbc",
+    ),
 }
+DEFAULT_TASKS = ("binary", "control", "valence", "wdbc")
+
+#: The grid of issue #10: these losses are trained in every cell (student initialisation x teacher targets).
+GRID_LOSSES = ("none", "kd", "pkdot")
+#: ``pretrained`` is left out: no pretrained video weights exist offline (it needs ``model.pretrained_video``).
+STUDENT_INITS = ("teacher-frozen", "teacher-finetune", "scratch")
+TEACHER_TARGETS = ("fit", "crossfit")
+#: The cell in which every loss of :data:`LOSSES` is trained (the paper's configuration).
+BASE_CELL = ("teacher-frozen", "fit")
+
+
+def cell_name(cell: tuple[str, str]) -> str:
+    return f"{cell[0]}/{cell[1]}"
 
 
 @dataclass(frozen=True)
@@ -139,20 +209,29 @@ QUICK_OVERRIDES: dict[str, Any] = {
     "train.epochs_teacher": 1,
     "train.epochs_tnet": 1,
     "train.epochs_student": 2,
+    # tiny runs have few training subjects per fold: two cross-fitting groups
+    "distill.crossfit_groups": 2,
 }
 
 
 @dataclass
 class QualitySettings:
-    """What to run. Defaults: every task, 10 synthetic subjects, 5-fold subject k-fold (all folds), 5 seeds."""
+    """What to run. Defaults: the tasks of :data:`DEFAULT_TASKS`, 10 synthetic subjects, 5-fold subject k-fold
+    (all folds), 5 seeds each drawing its own folds, the init x targets grid for :data:`GRID_LOSSES`."""
 
-    tasks: tuple[str, ...] = tuple(TASKS)
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     seeds: int = 5
     subjects: int = 10
     folds: int = 5
     workers: int = 1
+    concurrent: int | None = None
+    #: jobs per Ray Train run: bundling amortises a run's start-up (seconds) over several short student jobs
+    jobs_per_run: int = 8
     seconds_per_video: float = 24.0
-    ablations: tuple[str, ...] = tuple(a.name for a in ABLATIONS)
+    grid: bool = True
+    #: grid cells to run (None = every cell of :func:`grid_cells`); the base cell always runs
+    cells: tuple[tuple[str, str], ...] | None = None
+    ablations: tuple[str, ...] = ()
     quick: bool = False
     work_dir: Path = Path("runs/bench-quality")
 
@@ -174,37 +253,50 @@ class QualitySettings:
                 "validation and training subjects"
             )
 
-    def overrides(self, spec: TaskSpec, run_dir: Path) -> dict[str, Any]:
-        """Dotted overrides of the demo preset for one task's run."""
+    def overrides(
+        self, spec: TaskSpec, run_dir: Path, cell: tuple[str, str], losses: Sequence[str]
+    ) -> dict[str, Any]:
+        """Dotted overrides of the demo preset for one task's run in one grid cell."""
         over: dict[str, Any] = {
             "run_dir": str(run_dir),
             "data.dataset": spec.dataset,
             "data.task": spec.task,
+            "data.student_modalities": list(spec.student),
             "data.privileged_modalities": list(spec.privileged),
             "synth.subjects": self.subjects,
             "synth.seconds_per_video": self.seconds_per_video,
+            # subject k-fold for every data set (Aff-Wild2's default is its official partition: one test set)
             "train.folds": self.folds,
-            # every fold (the demo preset evaluates only the first 2; a None override would be ignored)
             "train.max_folds": self.folds,
+            # each seed draws its own subject folds (repeated subject k-fold)
             "train.seeds": list(range(self.seeds)),
             "train.num_workers": self.workers,
-            "distill.losses": list(LOSSES),
+            "train.jobs_per_run": self.jobs_per_run,
+            "train.student_init": cell[0],
+            "distill.teacher_targets": cell[1],
+            "distill.losses": list(losses),
             # the benchmark compares models; it does not register them in the MLflow registry
             "tracking.register_model": False,
         }
+        if self.concurrent is not None:
+            over["train.max_concurrent_jobs"] = self.concurrent
+        over.update(dict(spec.overrides))
         if self.quick:
             over.update(QUICK_OVERRIDES)
         return over
 
 
 @dataclass
-class TaskResult:
-    """One task's run: its config, per-run metrics, the table and the wall time."""
+class RunResult:
+    """One run of a task in one grid cell: its config, per-run metrics (test and validation), the table."""
 
     spec: TaskSpec
+    cell: tuple[str, str]
     cfg: RunConfig
     per_fold: pd.DataFrame
+    per_fold_val: pd.DataFrame
     table: pd.DataFrame
+    test_train_ratio: float
     wall_s: float
     #: per stage: (seconds when it last ran, whether it ran in this call); "synthetic data" = prepare_run
     stage_seconds: dict[str, tuple[float, bool]] = field(default_factory=dict)
@@ -213,6 +305,35 @@ class TaskResult:
     @property
     def metric(self) -> str:
         return primary_metric(self.cfg.data.is_regression)
+
+
+@dataclass
+class TaskResult:
+    """Every run of one task: the base cell (all losses) and the grid cells (:data:`GRID_LOSSES`)."""
+
+    spec: TaskSpec
+    runs: dict[tuple[str, str], RunResult]
+    wall_s: float
+
+    @property
+    def base(self) -> RunResult:
+        return self.runs[BASE_CELL] if BASE_CELL in self.runs else next(iter(self.runs.values()))
+
+    @property
+    def metric(self) -> str:
+        return self.base.metric
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.base.cfg
+
+    @property
+    def per_fold(self) -> pd.DataFrame:
+        return self.base.per_fold
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.base.table
 
 
 @dataclass
@@ -226,13 +347,18 @@ class QualityReport:
     wall_s: float
     #: task (or "ablations") -> the error that stopped it; the other tasks still run
     failures: dict[str, str] = field(default_factory=dict)
+    #: task -> the cell validation selected (for the control: the one its source task selected)
+    selected: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-# ---- one task --------------------------------------------------------------------------------------------------
-def model_table(per_fold: pd.DataFrame, table: pd.DataFrame, *, metric: str) -> pd.DataFrame:
+# ---- one run ---------------------------------------------------------------------------------------------------
+def model_table(
+    per_fold: pd.DataFrame, table: pd.DataFrame, *, metric: str, test_train_ratio: float | None = None
+) -> pd.DataFrame:
     """The summary table (:func:`pkdot.evaluate.aggregate.summary_table`) with each model's paired difference to
     ``student-none`` (columns ``diff``, ``diff_ci_low``, ``diff_ci_high``, ``p_value``, ``n_pairs``; NaN for
-    ``student-none`` itself)."""
+    ``student-none`` itself), corrected for repeated cross-validation with ``test_train_ratio``
+    (Nadeau and Bengio)."""
     models = [m for m in order_models(per_fold["model"]) if m != BASELINE_STUDENT]
     out = table.copy()
     for col in ("diff", "diff_ci_low", "diff_ci_high", "p_value"):
@@ -240,9 +366,9 @@ def model_table(per_fold: pd.DataFrame, table: pd.DataFrame, *, metric: str) -> 
     out["n_pairs"] = 0
     if BASELINE_STUDENT not in set(per_fold["model"]):
         return out
-    paired = paired_table(per_fold, metric=metric, models=models, baseline=BASELINE_STUDENT).set_index(
-        "model"
-    )
+    paired = paired_table(
+        per_fold, metric=metric, models=models, baseline=BASELINE_STUDENT, test_train_ratio=test_train_ratio
+    ).set_index("model")
     for i, model in enumerate(out["model"]):
         if model in paired.index:
             row = paired.loc[model]
@@ -278,39 +404,166 @@ def format_stage_seconds(stage_seconds: dict[str, tuple[float, bool]]) -> str:
     )
 
 
-def run_task(spec: TaskSpec, settings: QualitySettings, data_roots: dict[str, Path]) -> TaskResult:
-    """Run (or resume) the whole pipeline for one task and aggregate its test predictions.
+def _measure(spec: TaskSpec, cell: tuple[str, str], cfg: RunConfig, run_dir: Path) -> tuple:
+    """Test and validation metrics per run, the corrected table and the test/train size ratio of a run dir."""
+    from pkdot.evaluate.aggregate import per_fold_metrics
+    from pkdot.evaluate.report import test_train_sizes
 
-    ``data_roots`` maps a data set to a synthetic set written by an earlier task (Biovid ``binary`` and
-    ``multiclass`` read the same recordings); the first task of a data set generates it and records it there.
+    pred = collect_predictions(run_dir)
+    _, ratio, _ = test_train_sizes(cfg, run_dir, pred)
+    num_classes = (
+        int(max(pred["y_true"].max(), pred["y_pred"].max()) + 1) if not cfg.data.is_regression else 1
+    )
+    if cfg.data.task == "binary":
+        num_classes = 2
+    per_fold, table, _ = aggregate(
+        pred, regression=cfg.data.is_regression, num_classes=num_classes, test_train_ratio=ratio
+    )
+    per_fold_val = per_fold_metrics(
+        pred, regression=cfg.data.is_regression, num_classes=num_classes, split="val"
+    )
+    metric = primary_metric(cfg.data.is_regression)
+    return per_fold, per_fold_val, model_table(per_fold, table, metric=metric, test_train_ratio=ratio), ratio
+
+
+def run_full(
+    spec: TaskSpec,
+    settings: QualitySettings,
+    data_roots: dict[str, Path],
+    cell: tuple[str, str],
+    losses: Sequence[str],
+) -> RunResult:
+    """Run (or resume) the whole pipeline for one task in one cell (its own teachers and cache).
+
+    ``data_roots`` maps a data set key to a data set written by an earlier run (the runs of a task, and the
+    Biovid tasks of one coupling, read the same recordings); the first run generates it and records it there.
     """
     from pkdot.stages import prepare_run, run_all
 
-    run_dir = (settings.work_dir / spec.name).resolve()
-    over = settings.overrides(spec, run_dir)
-    if spec.dataset in data_roots:
-        over["data.root"] = str(data_roots[spec.dataset])
+    run_dir = (settings.work_dir / spec.name / cell[1]).resolve()
+    over = settings.overrides(spec, run_dir, cell, losses)
+    key = data_key(spec)
+    if key in data_roots:
+        over["data.root"] = str(data_roots[key])
+    elif spec.data == "wdbc":
+        from real_tables import write_wdbc_table
+
+        data_roots[key] = write_wdbc_table(settings.work_dir / "data" / "wdbc.parquet").resolve()
+        over["data.root"] = str(data_roots[key])
     cfg = load_config(preset="demo", overrides=over)
-    print(f"[quality] task {spec.name} ({spec.description}) in {run_dir}", flush=True)
+    print(f"[quality] {spec.name} {cell_name(cell)} ({spec.description}) in {run_dir}", flush=True)
     start = time.perf_counter()
     cfg = prepare_run(cfg)  # writes the synthetic set when no root is given
     synth_s = time.perf_counter() - start
     results = run_all(cfg)
     wall = time.perf_counter() - start
     assert cfg.data.root is not None
-    data_roots.setdefault(spec.dataset, Path(cfg.data.root))
+    data_roots.setdefault(key, Path(cfg.data.root))
     stage_seconds = {"synthetic data": (synth_s, True), **_stage_seconds(run_dir, results)}
-    pred = collect_predictions(run_dir)
-    per_fold, table, _ = aggregate(pred, regression=cfg.data.is_regression, num_classes=cfg.data.num_outputs)
-    metric = primary_metric(cfg.data.is_regression)
+    per_fold, per_fold_val, table, ratio = _measure(spec, cell, cfg, run_dir)
     samples = int(results["manifest"].details.get("samples", 0))
-    result = TaskResult(
-        spec, cfg, per_fold, model_table(per_fold, table, metric=metric), wall, stage_seconds, samples
-    )
     print(
-        f"[quality] task {spec.name}: {wall:.1f} s wall ({format_stage_seconds(stage_seconds)})", flush=True
+        f"[quality] {spec.name} {cell_name(cell)}: {wall:.1f} s ({format_stage_seconds(stage_seconds)})",
+        flush=True,
     )
-    return result
+    return RunResult(spec, cell, cfg, per_fold, per_fold_val, table, ratio, wall, stage_seconds, samples)
+
+
+def data_key(spec: TaskSpec) -> str:
+    """Runs with the same key read the same recordings (the data set and its generating overrides)."""
+    return f"{spec.dataset}:{spec.data}:{sorted(spec.overrides)}"
+
+
+def run_variant(base: RunResult, cell: tuple[str, str], losses: Sequence[str], work_dir: Path) -> RunResult:
+    """Another student initialisation on ``base``'s teachers and embedding cache (same teacher targets).
+
+    The variant's run directory links the base run's manifest, features, splits, teachers, cache and the markers
+    of those stages (:func:`common.link_upstream`), and runs only ``distill`` (``losses``) and ``evaluate``.
+    """
+    from pkdot.stages import stage_distill, stage_evaluate
+
+    if cell[1] != base.cell[1]:
+        raise ConfigError(
+            f"variant {cell_name(cell)} needs teacher targets {cell[1]!r}; base has {base.cell[1]!r}"
+        )
+    run_dir = (work_dir / base.spec.name / f"{cell[1]}-{cell[0]}").resolve()
+    base_file = Path(base.cfg.run_dir) / "config.yaml"
+    variant = load_config(
+        base_file,
+        overrides={"train.student_init": cell[0], "distill.losses": list(losses), "run_dir": str(run_dir)},
+    )
+    print(f"[quality] {base.spec.name} {cell_name(cell)} in {run_dir}", flush=True)
+    start = time.perf_counter()
+    link_upstream(Path(base.cfg.run_dir), run_dir)
+    variant.to_yaml(run_dir / "config.yaml")
+    distilled = stage_distill(variant, losses=list(losses))
+    stage_evaluate(variant, distilled.fingerprint)
+    wall = time.perf_counter() - start
+    per_fold, per_fold_val, table, ratio = _measure(base.spec, cell, variant, run_dir)
+    print(f"[quality] {base.spec.name} {cell_name(cell)}: {wall:.1f} s", flush=True)
+    return RunResult(
+        base.spec,
+        cell,
+        variant,
+        per_fold,
+        per_fold_val,
+        table,
+        ratio,
+        wall,
+        {"distill+evaluate": (wall, True)},
+        base.samples,
+    )
+
+
+def grid_cells() -> list[tuple[str, str]]:
+    return [(init, targets) for targets in TEACHER_TARGETS for init in STUDENT_INITS]
+
+
+def run_task(
+    spec: TaskSpec,
+    settings: QualitySettings,
+    data_roots: dict[str, Path],
+    cells: Sequence[tuple[str, str]] | None = None,
+) -> TaskResult:
+    """The base cell with every loss, then (``settings.grid``) every other cell of ``cells`` with
+    :data:`GRID_LOSSES`. A cell with ``teacher-frozen`` trains its own teachers/cache; the others reuse the
+    frozen run of the same teacher targets."""
+    start = time.perf_counter()
+    if cells is None:
+        cells = (settings.cells or tuple(grid_cells())) if settings.grid else (BASE_CELL,)
+    wanted = list(cells)
+    if BASE_CELL not in wanted:
+        wanted.insert(0, BASE_CELL)
+    runs: dict[tuple[str, str], RunResult] = {}
+    full: dict[str, RunResult] = {}
+    for cell in sorted(
+        wanted, key=lambda c: (c != BASE_CELL, TEACHER_TARGETS.index(c[1]), c[0] != "teacher-frozen")
+    ):
+        losses = LOSSES if cell == BASE_CELL else GRID_LOSSES
+        targets = cell[1]
+        if targets not in full:
+            frozen = ("teacher-frozen", targets)
+            full[targets] = run_full(
+                spec, settings, data_roots, frozen, LOSSES if frozen == BASE_CELL else GRID_LOSSES
+            )
+            runs[frozen] = full[targets]
+        if cell not in runs:
+            runs[cell] = run_variant(full[targets], cell, losses, settings.work_dir)
+    return TaskResult(spec, runs, time.perf_counter() - start)
+
+
+def select_cell(result: TaskResult, loss: str = "pkdot") -> tuple[str, str]:
+    """The grid cell whose ``student-<loss>`` has the best mean *validation* metric (test scores not used)."""
+    best, best_score = BASE_CELL, -math.inf
+    for cell, run in result.runs.items():
+        val = run.per_fold_val
+        rows = val[val["model"] == f"student-{loss}"]
+        if rows.empty:
+            continue
+        score = float(rows[run.metric].mean())
+        if score > best_score:
+            best, best_score = cell, score
+    return best
 
 
 # ---- ablations ------------------------------------------------------------------------------------------------
@@ -348,8 +601,10 @@ def _same_distill(a: RunConfig, b: RunConfig) -> bool:
     return a.distill.model_dump(exclude={"losses"}) == b.distill.model_dump(exclude={"losses"})
 
 
-def _pkdot_vs_none(per_fold: pd.DataFrame, metric: str) -> dict[str, Any]:
-    paired = paired_table(per_fold, metric=metric, models=[PKDOT_STUDENT], baseline=BASELINE_STUDENT).iloc[0]
+def _pkdot_vs_none(per_fold: pd.DataFrame, metric: str, ratio: float | None = None) -> dict[str, Any]:
+    paired = paired_table(
+        per_fold, metric=metric, models=[PKDOT_STUDENT], baseline=BASELINE_STUDENT, test_train_ratio=ratio
+    ).iloc[0]
     pk = per_fold.loc[per_fold["model"] == PKDOT_STUDENT, metric]
     none = per_fold.loc[per_fold["model"] == BASELINE_STUDENT, metric]
     return {
@@ -408,7 +663,7 @@ def run_ablations(base: TaskResult, ablations: Sequence[Ablation], work_dir: Pat
                 "factor": ablation.factor,
                 "setting": ablation.setting,
                 "base": is_base,
-                **_pkdot_vs_none(per_fold, metric),
+                **_pkdot_vs_none(per_fold, metric, base.base.test_train_ratio),
                 "none_vs_base": _none_vs_base(per_fold, base.per_fold, metric),
                 "wall_s": wall,
                 "run_dir": str(used_dir),
@@ -421,25 +676,36 @@ def run_ablations(base: TaskResult, ablations: Sequence[Ablation], work_dir: Pat
 
 # ---- the whole benchmark ---------------------------------------------------------------------------------------
 def run_quality(settings: QualitySettings) -> QualityReport:
-    """Run every task of ``settings``; the ablations run right after their base task (``binary``)."""
+    """Run every task of ``settings`` (a negative control after the task it controls, in the cell that task's
+    validation selected); the ablations run right after their base task (``binary``)."""
     quiet_environment()
     start = time.perf_counter()
     data_roots: dict[str, Path] = {}
     chosen = [a for a in ABLATIONS if a.name in settings.ablations]
     if chosen and ABLATION_TASK not in settings.tasks:
         logger.warning("ablations run on the %r task, which is not among --tasks: skipped", ABLATION_TASK)
+    order = sorted(settings.tasks, key=lambda n: TASKS[n].control_of is not None)
     results: list[TaskResult] = []
     failures: dict[str, str] = {}
+    selected: dict[str, tuple[str, str]] = {}
     ablation_df, ablation_wall = pd.DataFrame(), 0.0
-    for name in settings.tasks:
+    for name in order:
+        spec = TASKS[name]
+        cells: list[tuple[str, str]] | None = None
+        if spec.control_of is not None:
+            source = selected.get(spec.control_of, BASE_CELL)
+            cells = [BASE_CELL, source] if source != BASE_CELL else [BASE_CELL]
         # A failing task is reported (in the results file and the exit status), not hidden; the next task runs.
         try:
-            result = run_task(TASKS[name], settings, data_roots)
+            result = run_task(spec, settings, data_roots, cells)
         except Exception as exc:  # any stage's error: pkdot's own, Ray's, MLflow's
             logger.exception("task %s failed", name)
             failures[name] = f"{type(exc).__name__}: {exc}"
             continue
         results.append(result)
+        selected[name] = (
+            selected.get(spec.control_of, BASE_CELL) if spec.control_of is not None else select_cell(result)
+        )
         if name == ABLATION_TASK and chosen:
             ablation_start = time.perf_counter()
             try:
@@ -448,7 +714,10 @@ def run_quality(settings: QualitySettings) -> QualityReport:
                 logger.exception("ablations failed")
                 failures["ablations"] = f"{type(exc).__name__}: {exc}"
             ablation_wall = time.perf_counter() - ablation_start
-    return QualityReport(settings, results, ablation_df, ablation_wall, time.perf_counter() - start, failures)
+    results.sort(key=lambda r: settings.tasks.index(r.spec.name))
+    return QualityReport(
+        settings, results, ablation_df, ablation_wall, time.perf_counter() - start, failures, selected
+    )
 
 
 def verdict(table: pd.DataFrame, metric: str) -> str:
@@ -467,18 +736,98 @@ def verdict(table: pd.DataFrame, metric: str) -> str:
     else:
         outcome = "PKDOT does **not** beat the student without distillation (the interval includes 0)"
     return (
-        f"{outcome}: Δ{metric} = {pk['diff']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], paired t-test "
+        f"{outcome}: Δ{metric} = {pk['diff']:+.4f}, corrected 95% CI [{lo:+.4f}, {hi:+.4f}], corrected "
         f"p = {fmt_float(pk['p_value'])}, n = {int(pk['n_pairs'])} runs; PKDOT ranks {rank} of "
         f"{len(students)} students by mean {metric}."
     )
 
 
-def task_markdown(result: TaskResult) -> str:
-    """The Markdown table of one task."""
-    metric = result.metric
-    header = ["model", f"{metric} mean", "95% CI", "Δ vs student-none", "95% CI of Δ", "p (paired t)", "n"]
+def _paired_row(run: RunResult, model: str, baseline: str) -> dict[str, float] | None:
+    models = set(run.per_fold["model"])
+    if model not in models or baseline not in models:
+        return None
+    row = paired_table(
+        run.per_fold,
+        metric=run.metric,
+        models=[model],
+        baseline=baseline,
+        test_train_ratio=run.test_train_ratio,
+    ).iloc[0]
+    return {k: float(row[k]) for k in ("mean_diff", "ci_low", "ci_high", "p_value", "n")}
+
+
+def _fmt_diff(d: dict[str, float] | None) -> str:
+    if d is None:
+        return "—"
+    return f"{d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], p = {fmt_float(d['p_value'])}"
+
+
+def best_other_distiller(run: RunResult) -> str | None:
+    """Among the base run's distillers other than ``none``/``pkdot``: the best by mean *validation* metric."""
+    val = run.per_fold_val
+    others = [
+        m
+        for m in set(val["model"])
+        if m.startswith("student-") and m not in (BASELINE_STUDENT, PKDOT_STUDENT)
+    ]
+    if not others:
+        return None
+    return max(sorted(others), key=lambda m: float(val.loc[val["model"] == m, run.metric].mean()))
+
+
+def grid_markdown(result: TaskResult, selected: tuple[str, str] | None) -> str:
+    """One row per (cell, loss): validation mean, test mean [corrected CI], Δ vs that cell's ``none``."""
+    header = [
+        "student init / teacher targets",
+        "loss",
+        "val mean",
+        "test mean",
+        "95% CI (corrected)",
+        "Δ vs none (same cell), corrected CI, p",
+        "n",
+    ]
     rows = []
-    for _, r in result.table.iterrows():
+    for cell in [c for c in grid_cells() if c in result.runs] + [
+        c for c in result.runs if c not in grid_cells()
+    ]:
+        run = result.runs[cell]
+        table = run.table.set_index("model")
+        for loss in GRID_LOSSES:
+            model = f"student-{loss}"
+            if model not in table.index:
+                continue
+            r = table.loc[model]
+            val = run.per_fold_val.loc[run.per_fold_val["model"] == model, run.metric].mean()
+            mark = " **(selected by validation)**" if selected == cell and loss == "pkdot" else ""
+            rows.append(
+                [
+                    f"`{cell_name(cell)}`{mark}",
+                    loss,
+                    fmt_float(val),
+                    fmt_float(r["mean"]),
+                    f"[{fmt_float(r['ci_low'])}, {fmt_float(r['ci_high'])}]",
+                    "(baseline)" if loss == "none" else _fmt_diff(_paired_row(run, model, BASELINE_STUDENT)),
+                    int(r["n"]),
+                ]
+            )
+    return markdown_table(header, rows)
+
+
+def task_markdown(result: TaskResult, selected: tuple[str, str] | None = None) -> str:
+    """The Markdown section of one task: the base cell with every loss, then the grid."""
+    base = result.base
+    metric = base.metric
+    header = [
+        "model",
+        f"{metric} mean",
+        "95% CI (corrected)",
+        "Δ vs student-none",
+        "95% CI of Δ (corrected)",
+        "p (corrected)",
+        "n",
+    ]
+    rows = []
+    for _, r in base.table.iterrows():
         is_base = r["model"] == BASELINE_STUDENT
         rows.append(
             [
@@ -493,30 +842,73 @@ def task_markdown(result: TaskResult) -> str:
                 int(r["n"]),
             ]
         )
-    cfg = result.cfg
+    cfg = base.cfg
     if cfg.data.dataset == "affwild2":
         size = (
             f"{cfg.synth.subjects} synthetic subjects x {cfg.synth.videos_per_subject} video of "
-            f"{cfg.synth.seconds_per_video:g} s, clips of {cfg.data.clip_frames} frames: {result.samples} clips"
+            f"{cfg.synth.seconds_per_video:g} s, clips of {cfg.data.clip_frames} frames: {base.samples} clips"
         )
+    elif cfg.data.dataset == "table":
+        size = f"{base.samples} samples (one per patient)"
     else:
         size = (
             f"{cfg.synth.subjects} synthetic subjects x {cfg.synth.samples_per_class} windows per class: "
-            f"{result.samples} windows"
+            f"{base.samples} windows"
         )
-    times = format_stage_seconds(result.stage_seconds)
-    return "\n".join(
-        [
-            f"## {result.spec.name} — {result.spec.description} ({metric})",
+    times = ", ".join(f"{cell_name(c)} {r.wall_s:.0f} s" for c, r in result.runs.items())
+    lines = [
+        f"## {result.spec.name} — {result.spec.description} ({metric})",
+        "",
+        f"{size}; student modality: {', '.join(result.spec.student)}; privileged: "
+        f"{', '.join(result.spec.privileged)}; n_test/n_train = {base.test_train_ratio:.3f}; wall time "
+        f"{result.wall_s:.0f} s ({times}; base run stages: {format_stage_seconds(base.stage_seconds)}).",
+        "",
+        f"### Every loss, cell `{cell_name(base.cell)}` (the paper's: frozen teacher backbone, targets of the "
+        "fitted teacher)",
+        "",
+        markdown_table(header, rows),
+        "",
+        verdict(base.table, metric),
+    ]
+    other = best_other_distiller(base)
+    if other is not None:
+        lines += [
             "",
-            f"{size}; privileged modality: {', '.join(result.spec.privileged)}; wall time {result.wall_s:.0f} s "
-            f"({times}).",
-            "",
-            markdown_table(header, rows),
-            "",
-            verdict(result.table, metric),
+            f"PKDOT vs the best other distiller by validation (`{other}`): "
+            f"{_fmt_diff(_paired_row(base, PKDOT_STUDENT, other))}.",
         ]
-    )
+    checks = []
+    for cell, run in result.runs.items():
+        d = (
+            _paired_row(run, BASELINE_STUDENT, "unimodal-video")
+            if "unimodal-video" in set(run.per_fold["model"])
+            else None
+        )
+        if d is not None:
+            checks.append(f"`{cell_name(cell)}` {_fmt_diff(d)}")
+    if checks:
+        lines += [
+            "",
+            "`student-none` − `unimodal-video` (does the student design cost anything?): "
+            + "; ".join(checks)
+            + ".",
+        ]
+    if len(result.runs) > 1:
+        lines += [
+            "",
+            "### Grid: student initialisation x teacher targets (losses none, kd, pkdot)",
+            "",
+            grid_markdown(result, selected),
+        ]
+        if selected is not None and selected in result.runs:
+            run = result.runs[selected]
+            lines += [
+                "",
+                f"Validation selects `{cell_name(selected)}` for PKDOT; there, test: PKDOT vs none "
+                f"{_fmt_diff(_paired_row(run, PKDOT_STUDENT, BASELINE_STUDENT))}; PKDOT vs kd "
+                f"{_fmt_diff(_paired_row(run, PKDOT_STUDENT, 'student-kd'))}.",
+            ]
+    return "\n".join(lines)
 
 
 def ablation_markdown(df: pd.DataFrame, metric: str, base: DistillConfig) -> str:
@@ -568,7 +960,7 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
     s = report.settings
     first = report.tasks[0].cfg if report.tasks else None
     lines = [
-        "# Quality benchmark: does PKDOT beat the baselines?",
+        "# Quality benchmark: does privileged distillation make the video-only student better?",
         "",
         machine_markdown(machine),
         f"- Command: `{command}`",
@@ -580,23 +972,27 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
     if first is not None:
         t, m = first.train, first.model
         lines += [
-            f"- Protocol: subject-independent {s.folds}-fold subject k-fold, every fold evaluated, seeds "
-            f"{list(range(s.seeds))}: n = {s.folds * s.seeds} test scores per model; epochs selected on the "
-            f"validation subjects carved from each fold's training subjects; test subjects scored once.",
+            f"- Protocol: repeated subject k-fold: {s.folds} folds x {s.seeds} seeds, *each seed drawing its own "
+            f"subject folds*: n = {s.folds * s.seeds} test scores per model; epochs selected on the validation "
+            "subjects carved from each fold's training subjects; test subjects scored once. Grid cells and the "
+            "presets' defaults are chosen by *validation* scores only.",
+            "- Intervals and p-values: Nadeau and Bengio's corrected resampled t (variance factor "
+            "1/n + n_test/n_train, n = folds x seeds runs), because repeated CV runs share training data; "
+            "Δ = model − reference paired by (fold, seed).",
             f"- Sizes (preset `{first.preset}`{', --quick' if s.quick else ''}): video backbone "
             f"`{m.video_backbone}` width {m.video_width}, {first.features.n_frames} frames of "
             f"{first.features.crop_size}x{first.features.crop_size}, embedding {m.embed_dim}; epochs unimodal/"
             f"teacher/T-Net/student {t.epochs_unimodal}/{t.epochs_teacher}/{t.epochs_tnet}/{t.epochs_student}; "
-            f"batch {t.batch_size}; PKDOT k = {first.distill.k}, λ = {loss_weight(first.distill, 'pkdot')}; "
-            f"train.num_workers = {t.num_workers}.",
-            "- Metric: accuracy (Biovid) or CCC (Aff-Wild2) on the test subjects of each (fold, seed) run; "
-            "95% Student-t intervals over runs; Δ = model − `student-none` paired by (fold, seed).",
+            f"batch {t.batch_size}; PKDOT k = {first.distill.k}; loss weights: "
+            + ", ".join(f"{k} {v:g}" for k, v in sorted(first.distill.weights.items()))
+            + f"; crossfit groups J = {first.distill.crossfit_groups}; train.num_workers = {t.num_workers} "
+            "(fixed: 1 and 2 workers give different teachers).",
         ]
     if report.failures:
         lines += ["", "## Failures", "", "These parts stopped with an error (the exit status is 1):", ""]
         lines += [f"- **{name}**: `{' '.join(err.split())[:600]}`" for name, err in report.failures.items()]
     for result in report.tasks:
-        lines += ["", task_markdown(result)]
+        lines += ["", task_markdown(result, report.selected.get(result.spec.name))]
     base = next((r for r in report.tasks if r.spec.name == ABLATION_TASK), None)
     if len(report.ablations) and base is not None:
         lines += ["", ablation_markdown(report.ablations, base.metric, base.cfg.distill)]
@@ -605,24 +1001,42 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to run")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per fold (default 5; --quick 2)")
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS), help="tasks to run"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds, each with its own folds (default 5; --quick 2)"
+    )
     parser.add_argument(
         "--subjects", type=int, default=None, help="synthetic subjects (default 10; --quick 4)"
     )
     parser.add_argument("--folds", type=int, default=None, help="subject k-fold (default 5; --quick 2)")
-    parser.add_argument("--workers", type=int, default=1, help="train.num_workers (Ray Train workers)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="train.num_workers (Ray Train workers per job)"
+    )
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=None,
+        help="train.max_concurrent_jobs (default: what the CPUs allow)",
+    )
+    parser.add_argument(
+        "--jobs-per-run", type=int, default=8, help="train.jobs_per_run (jobs bundled into one Ray Train run)"
+    )
     parser.add_argument(
         "--seconds-per-video", type=float, default=24.0, help="synthetic Aff-Wild2 video length"
+    )
+    parser.add_argument(
+        "--no-grid", action="store_true", help="only the base cell (every loss), no init x targets grid"
     )
     parser.add_argument(
         "--ablations",
         nargs="*",
         default=None,
         metavar="FACTOR=SETTING",
-        help=f"PKDOT ablations (default all: {' '.join(a.name for a in ABLATIONS)})",
+        help=f"PKDOT ablations on the binary task (default none; bare --ablations: all of "
+        f"{' '.join(a.name for a in ABLATIONS)})",
     )
-    parser.add_argument("--no-ablations", action="store_true", help="skip the ablations")
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes (seconds per stage), for the smoke test"
     )
@@ -638,19 +1052,22 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
     args = parser.parse_args(argv)
     quick = args.quick
     work_dir = args.work_dir or Path("runs/bench-quality-quick" if quick else "runs/bench-quality")
-    if args.no_ablations:
+    if args.ablations is None:
         ablations: tuple[str, ...] = ()
-    elif args.ablations is not None:
-        ablations = tuple(args.ablations)
-    else:
+    elif not args.ablations:
         ablations = QUICK_ABLATIONS if quick else tuple(a.name for a in ABLATIONS)
+    else:
+        ablations = tuple(args.ablations)
     settings = QualitySettings(
         tasks=tuple(args.tasks),
         seeds=args.seeds or (2 if quick else 5),
         subjects=args.subjects or (4 if quick else 10),
         folds=args.folds or (2 if quick else 5),
         workers=args.workers,
+        concurrent=args.concurrent,
+        jobs_per_run=args.jobs_per_run,
         seconds_per_video=args.seconds_per_video,
+        grid=not args.no_grid,
         ablations=ablations,
         quick=quick,
         work_dir=work_dir,

@@ -1,8 +1,9 @@
 """Smoke tests of the benchmark scripts, so that they cannot rot.
 
-``benchmarks/quality.py``: its core on a tiny configuration -- one pipeline run (synthetic Biovid binary,
-5 subjects, 3-fold subject k-fold, 1 seed, --quick sizes) plus one PKDOT ablation variant on a linked run
-directory; the checks are on the structure and internal consistency of the tables, not on the (meaningless at
+``benchmarks/quality.py``: its core on a tiny configuration -- synthetic Biovid binary (5 subjects, 3-fold
+subject k-fold, 1 seed, --quick sizes) in three grid cells (the base cell with every loss, a ``scratch``
+student on the base run's linked teachers, and a cross-fitted run), plus one PKDOT ablation variant on a
+linked run directory; the checks are on the structure and internal consistency of the tables, not on the (meaningless at
 this size) scores. ``benchmarks/speed.py``: its measurement helpers on the same tiny run, and its report.
 """
 
@@ -42,11 +43,22 @@ EXPECTED_MODELS = {"teacher", "unimodal-video", "unimodal-physio"} | {
 }
 
 
+GRID_SCRATCH = ("scratch", "fit")
+GRID_CROSSFIT = ("teacher-frozen", "crossfit")
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench-quality")
     settings = quality.QualitySettings(
-        tasks=("binary",), seeds=1, subjects=5, folds=3, ablations=("k=5", "k=10"), quick=True, work_dir=work
+        tasks=("binary",),
+        seeds=1,
+        subjects=5,
+        folds=3,
+        ablations=("k=5", "k=10"),
+        quick=True,
+        work_dir=work,
+        cells=(GRID_SCRATCH, GRID_CROSSFIT),
     )
     return quality.run_quality(settings)
 
@@ -85,7 +97,36 @@ def test_task_table_has_every_model_and_the_paired_columns(tiny_report):
     pf = result.per_fold.set_index(["model", "fold", "seed"])["accuracy"]
     pkdot = table.set_index("model").loc["student-pkdot", "diff"]
     assert pkdot == pytest.approx((pf.loc["student-pkdot"] - pf.loc["student-none"]).mean())
-    assert set(result.stage_seconds) == {"synthetic data", *quality.EARLIER_STAGES}
+    assert set(result.base.stage_seconds) == {"synthetic data", *quality.EARLIER_STAGES}
+    # the table's intervals are the corrected ones (Nadeau-Bengio): wider than the naive t interval
+    assert result.base.test_train_ratio > 0
+    assert "naive_ci_low" in table.columns
+    with_naive = table.dropna(subset=["ci_low", "naive_ci_low"])
+    assert (
+        (with_naive["ci_high"] - with_naive["ci_low"])
+        >= (with_naive["naive_ci_high"] - with_naive["naive_ci_low"]) - 1e-12
+    ).all()
+
+
+def test_grid_cells_train_the_grid_losses_on_their_own_or_linked_teachers(tiny_report):
+    (result,) = tiny_report.tasks
+    assert set(result.runs) == {quality.BASE_CELL, GRID_SCRATCH, GRID_CROSSFIT}
+    grid_models = {f"student-{loss}" for loss in quality.GRID_LOSSES}
+    for cell in (GRID_SCRATCH, GRID_CROSSFIT):
+        run = result.runs[cell]
+        assert grid_models <= set(run.per_fold["model"])
+        assert not {"student-sp", "student-crd"} & set(run.per_fold["model"])
+        assert run.cfg.train.student_init == cell[0] and run.cfg.distill.teacher_targets == cell[1]
+        assert set(run.per_fold_val["model"]) >= grid_models  # validation scores exist for the selection
+    base_dir = Path(result.base.cfg.run_dir)
+    scratch_dir = Path(result.runs[GRID_SCRATCH].cfg.run_dir)
+    assert (scratch_dir / "teacher").resolve() == (base_dir / "teacher").resolve()  # linked, not retrained
+    crossfit_dir = Path(result.runs[GRID_CROSSFIT].cfg.run_dir)
+    assert not (crossfit_dir / "teacher").is_symlink()  # its own teachers, with the crossfit groups
+    assert list((crossfit_dir / "embeddings").glob("*crossfit*.parquet"))
+    # selection reads validation scores only: it is one of the cells run
+    assert tiny_report.selected["binary"] in result.runs
+    assert quality.select_cell(result) == tiny_report.selected["binary"]
 
 
 def test_ablation_variant_shares_the_base_run_and_reproduces_its_none_student(tiny_report):
@@ -127,6 +168,9 @@ def test_markdown_report_lists_every_row(tiny_report):
     for model in EXPECTED_MODELS:
         assert f"| `{model}` |" in text
     assert "## binary" in text and "## PKDOT ablations" in text
+    assert "### Grid: student initialisation x teacher targets" in text
+    assert "`scratch/fit`" in text and "`teacher-frozen/crossfit`" in text
+    assert "Nadeau and Bengio" in text
     assert "| k | 5 |" in text and "| k | 10 (base run) |" in text
     # every table line has the same number of cells as its header
     for block in text.split("\n\n"):
@@ -158,7 +202,10 @@ def test_settings_reject_unknown_tasks_and_too_few_subjects(tmp_path):
         quality.QualitySettings(ablations=("k=7",))
     settings, out = quality.parse_args(["--quick", "--work-dir", str(tmp_path)])
     assert out == tmp_path / "quality.md"  # a quick run never overwrites benchmarks/results/quality.md
-    assert settings.quick and settings.ablations == quality.QUICK_ABLATIONS
+    assert settings.quick and settings.ablations == () and settings.grid
+    settings, _ = quality.parse_args(["--quick", "--ablations", "--no-grid", "--work-dir", str(tmp_path)])
+    assert settings.ablations == quality.QUICK_ABLATIONS and not settings.grid
+    assert settings.tasks == quality.DEFAULT_TASKS and "control" in settings.tasks
 
 
 def _table(diff: float, low: float, high: float) -> pd.DataFrame:
@@ -202,12 +249,12 @@ def test_link_upstream_refuses_missing_or_foreign_entries(tmp_path):
 
 
 def test_a_failing_task_is_reported_and_fails_the_command(tmp_path, monkeypatch):
-    def broken(spec, settings, data_roots):
+    def broken(spec, settings, data_roots, cells=None):
         raise StageError(f"stage extract failed for {spec.name}")
 
     monkeypatch.setattr(quality, "run_task", broken)
     out = tmp_path / "q.md"
-    argv = ["--tasks", "valence", "arousal", "--no-ablations", "--work-dir", str(tmp_path), "--out", str(out)]
+    argv = ["--tasks", "valence", "arousal", "--work-dir", str(tmp_path), "--out", str(out)]
     with pytest.raises(SystemExit, match="valence, arousal"):
         quality.main(argv)
     text = out.read_text()
@@ -224,7 +271,7 @@ def test_speed_training_and_extraction_throughput_on_the_tiny_run(tiny_report):
         assert r["samples_per_epoch"] > 0 and r["epoch_s"] > 0
         assert r["samples_per_s"] == pytest.approx(r["samples_per_epoch"] / r["epoch_s"])
     ex = speed.extraction_throughput(run_dir)
-    assert ex["samples"] == tiny_report.tasks[0].samples
+    assert ex["samples"] == tiny_report.tasks[0].base.samples
     assert ex["face_frames"] == ex["samples"] * tiny_report.tasks[0].cfg.features.n_frames
     assert ex["face_frames_per_s_per_worker"] > 0 and ex["physio_windows_per_s_per_worker"] > 0
 
