@@ -321,14 +321,16 @@ def route_ray_worker_logs() -> bool:
         return False
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    # Every ray.init (a stage that shut its Ray down and a later one that starts another) adds Ray's printer
+    # again, while ours stays registered: take Ray's out each time.
     names = [name for name, _ in dispatcher.handlers]
-    if _OUR_PRINTER in names:
-        return True
-    if _RAY_PRINTER not in names:  # log_to_driver=False: nothing reaches this process to route
+    if _RAY_PRINTER in names:
+        _replaced[:] = [pair for pair in dispatcher.handlers if pair[0] == _RAY_PRINTER][:1]
+        dispatcher.remove_handler(_RAY_PRINTER)
+    elif _OUR_PRINTER not in names:  # log_to_driver=False: nothing reaches this process to route
         return False
-    _replaced.extend(pair for pair in dispatcher.handlers if pair[0] == _RAY_PRINTER)
-    dispatcher.remove_handler(_RAY_PRINTER)
-    dispatcher.add_handler(_OUR_PRINTER, _log_worker_lines)
+    if _OUR_PRINTER not in names:
+        dispatcher.add_handler(_OUR_PRINTER, _log_worker_lines)
     return True
 
 

@@ -117,13 +117,20 @@ def test_ray_worker_lines_go_to_logging_only_in_a_session(tmp_path, caplog):
                 }
             )
             dispatcher.emit({"pid": "raylet", "lines": ["A worker died"], "is_err": True})
+            # a stage shuts its Ray down (Ray removes its printer) and the next stage starts another one
+            dispatcher.remove_handler("ray_print_logs")
+            dispatcher.add_handler("ray_print_logs", printed.append)
+            assert route_ray_worker_logs() is True
+            dispatcher.emit({"pid": 8, "lines": ["second Ray"], "is_err": False})
         assert printed == []
         levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "pkdot.ray_workers"}
         assert levels == {
             "(TrainController pid=7) Requesting resources": logging.INFO,
             "(TrainController pid=7) 2026-12-02 10:00:00,1\tWARNING x.py:3 -- disk low": logging.WARNING,
             "(pid=raylet) A worker died": logging.WARNING,
+            "(pid=8) second Ray": logging.INFO,
         }
+        assert [name for name, _ in dispatcher.handlers].count("pkdot_worker_logs") == 0
         assert "pkdot_worker_logs" not in [name for name, _ in dispatcher.handlers]
     finally:
         dispatcher.remove_handler("ray_print_logs")
