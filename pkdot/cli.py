@@ -486,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--loss",
                 action="append",
-                help="pkdot|none|kd|fitnet|sp|rkd|pkt|crd|cosine, repeatable or comma-separated (default: the "
-                "config's distill.losses)",
+                help="A registered loss: pkdot, none, kd, fitnet, sp, rkd, pkt, crd; repeatable or "
+                "comma-separated (default: the config's distill.losses)",
             )
         if name == "evaluate":
             p.add_argument(
