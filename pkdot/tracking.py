@@ -131,6 +131,12 @@ for _name in MLFLOW_NOISY_LOGGERS:
     if _mlflow_store_chatter_filter not in logging.getLogger(_name).filters:
         logging.getLogger(_name).addFilter(_mlflow_store_chatter_filter)
 
+# MLflow writes "🏃 View run <name> at: <tracking server>/#/..." to stdout for every run that ends on a server:
+# two lines per nested run, with the address the processes log to (http://mlflow:5000 in the compose stack),
+# not the one people open. pkdot links its runs with the public address (resolve_public_uri) instead; set the
+# variable to "false" to get MLflow's lines back.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 def _use_tracking_uri(uri: str) -> None:
     """Point MLflow's fluent API (``mlflow.pytorch.log_model``, ``load_model``) at ``uri``.

@@ -436,3 +436,12 @@ def test_predict_reads_the_given_store_and_leaves_no_stray_files(tmp_path, monke
     (row,) = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
     assert row["video"] == str(video) and abs(sum(row["probabilities"].values()) - 1.0) < 1e-3
     assert sorted(p.name for p in elsewhere.iterdir()) == []  # no mlflow.db, no mlruns
+
+
+def test_mlflow_run_links_on_stdout_are_off_by_default():
+    """MLflow would print "View run ... at <tracking server>" per ended run (the internal address)."""
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    import pkdot.tracking  # noqa: F401 - sets the default on import
+
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True
