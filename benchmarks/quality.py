@@ -211,6 +211,8 @@ QUICK_OVERRIDES: dict[str, Any] = {
     "train.epochs_student": 2,
     # tiny runs have few training subjects per fold: two cross-fitting groups
     "distill.crossfit_groups": 2,
+    # 64-px frames: faces are ~30 px wide
+    "features.min_face_px": 16,
 }
 
 
@@ -234,6 +236,8 @@ class QualitySettings:
     ablations: tuple[str, ...] = ()
     quick: bool = False
     work_dir: Path = Path("runs/bench-quality")
+    #: only read the run directories a previous call completed (no stage runs): cells not found are skipped
+    report_only: bool = False
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -441,6 +445,8 @@ def run_full(
     from pkdot.stages import prepare_run, run_all
 
     run_dir = (settings.work_dir / spec.name / cell[1]).resolve()
+    if settings.report_only:
+        return _read_run(spec, cell, run_dir)
     over = settings.overrides(spec, run_dir, cell, losses)
     key = data_key(spec)
     if key in data_roots:
@@ -469,12 +475,35 @@ def run_full(
     return RunResult(spec, cell, cfg, per_fold, per_fold_val, table, ratio, wall, stage_seconds, samples)
 
 
+def _read_run(spec: TaskSpec, cell: tuple[str, str], run_dir: Path, samples: int | None = None) -> RunResult:
+    """A run a previous call completed (``--report-only``): its config and predictions, no stage runs."""
+    import json
+
+    done = run_dir / "stages" / "evaluate.json"
+    if not done.is_file():
+        raise FileNotFoundError(f"{run_dir}: no completed evaluate stage")
+    cfg = load_config(run_dir / "config.yaml")
+    per_fold, per_fold_val, table, ratio = _measure(spec, cell, cfg, run_dir)
+    seconds: dict[str, tuple[float, bool]] = {}
+    for stage in EARLIER_STAGES:
+        marker = run_dir / "stages" / f"{stage}.json"
+        if marker.is_file() and not marker.is_symlink():
+            seconds[stage] = (float(json.loads(marker.read_text()).get("seconds", math.nan)), False)
+    if samples is None:
+        manifest = json.loads((run_dir / "stages" / "manifest.json").read_text())
+        samples = int(manifest.get("details", {}).get("samples", 0))
+    wall = sum(v for v, _ in seconds.values() if math.isfinite(v))
+    return RunResult(spec, cell, cfg, per_fold, per_fold_val, table, ratio, wall, seconds, samples)
+
+
 def data_key(spec: TaskSpec) -> str:
     """Runs with the same key read the same recordings (the data set and its generating overrides)."""
     return f"{spec.dataset}:{spec.data}:{sorted(spec.overrides)}"
 
 
-def run_variant(base: RunResult, cell: tuple[str, str], losses: Sequence[str], work_dir: Path) -> RunResult:
+def run_variant(
+    base: RunResult, cell: tuple[str, str], losses: Sequence[str], work_dir: Path, report_only: bool = False
+) -> RunResult:
     """Another student initialisation on ``base``'s teachers and embedding cache (same teacher targets).
 
     The variant's run directory links the base run's manifest, features, splits, teachers, cache and the markers
@@ -487,6 +516,8 @@ def run_variant(base: RunResult, cell: tuple[str, str], losses: Sequence[str], w
             f"variant {cell_name(cell)} needs teacher targets {cell[1]!r}; base has {base.cell[1]!r}"
         )
     run_dir = (work_dir / base.spec.name / f"{cell[1]}-{cell[0]}").resolve()
+    if report_only:
+        return _read_run(base.spec, cell, run_dir, samples=base.samples)
     base_file = Path(base.cfg.run_dir) / "config.yaml"
     variant = load_config(
         base_file,
@@ -543,12 +574,22 @@ def run_task(
         targets = cell[1]
         if targets not in full:
             frozen = ("teacher-frozen", targets)
+            if (
+                settings.report_only
+                and not (settings.work_dir / spec.name / targets / "stages" / "evaluate.json").is_file()
+            ):
+                continue
             full[targets] = run_full(
                 spec, settings, data_roots, frozen, LOSSES if frozen == BASE_CELL else GRID_LOSSES
             )
             runs[frozen] = full[targets]
+        if targets not in full:
+            continue
         if cell not in runs:
-            runs[cell] = run_variant(full[targets], cell, losses, settings.work_dir)
+            try:
+                runs[cell] = run_variant(full[targets], cell, losses, settings.work_dir, settings.report_only)
+            except FileNotFoundError:  # --report-only: this cell was not run
+                continue
     return TaskResult(spec, runs, time.perf_counter() - start)
 
 
@@ -1041,6 +1082,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         "--quick", action="store_true", help="tiny sizes (seconds per stage), for the smoke test"
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the results file from the run directories a previous call completed (runs no stage)",
+    )
+    parser.add_argument(
         "--work-dir", type=Path, default=None, help="run directories (default runs/bench-quality)"
     )
     parser.add_argument(
@@ -1071,6 +1117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         ablations=ablations,
         quick=quick,
         work_dir=work_dir,
+        report_only=args.report_only,
     )
     out = args.out or (work_dir / "quality.md" if quick else RESULTS_DIR / "quality.md")
     return settings, out

@@ -492,11 +492,18 @@ def run_jobs_on_ray(
             ray.cancel(ref, force=True)
         raise
     if failures:
+        from pkdot.errors import InfrastructureError
+        from pkdot.ray_utils import is_infrastructure_error
+
         described = "; ".join(f"{spec['name']} ({', '.join(spec['jobs'])}): {exc}" for spec, exc in failures)
-        raise StageError(
+        message = (
             f"{kind} training failed on Ray after {cfg.train.max_failures} retries in {len(failures)} run(s)"
             f"{f' ({len(waiting)} not started)' if waiting else ''}: {described}"
         )
+        # A dead worker/node, an OOM kill or a full object store is retried by the flow; bad input is not.
+        if all(is_infrastructure_error(exc) for _, exc in failures):
+            raise InfrastructureError(message) from failures[0][1]
+        raise StageError(message) from failures[0][1]
     missing = [j.key for j in pending if not j.is_done()]
     if missing:
         raise StageError(f"{kind} training finished but jobs {missing} wrote no DONE marker")
