@@ -112,6 +112,18 @@ def _ours(handler: logging.Handler) -> bool:
     return bool(getattr(handler, "_pkdot_console", False))
 
 
+def _prefect_console_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """Prefect's stream handlers on ``logger`` (its console handler), not pkdot's."""
+    return [
+        h
+        for h in logger.handlers
+        if not _ours(h)
+        and type(h).__module__.startswith("prefect.")
+        and isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
+    ]
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Install the console handler on the root logger (replacing one installed earlier).
 
@@ -452,6 +464,13 @@ def console_session(*, verbose: bool = False, run_dir: str | Path | None = None)
             stack.callback(logging.getLogger(name or None).setLevel, level)
         setup_logging(verbose)
         stack.callback(remove_handlers)
+        # One console: a console handler Prefect put on the root logger earlier in this process (when it was
+        # imported before the session, e.g. by a test or a notebook) would print every record a second time,
+        # at its own level. It is set aside for the session and put back after.
+        root = logging.getLogger()
+        for handler in _prefect_console_handlers(root):
+            root.removeHandler(handler)
+            stack.callback(root.addHandler, handler)
         _route_ray_logs = True
         stack.callback(_stop_routing_ray_logs)
         log_path = attach_log_file(run_dir) if run_dir is not None else None

@@ -51,6 +51,27 @@ def test_default_console_shows_warnings_and_status_log_file_gets_info(tmp_path, 
     assert "after the session" not in log_path.read_text()
 
 
+def test_a_prefect_console_handler_installed_earlier_is_set_aside_for_the_session(tmp_path, capsys):
+    """Prefect imported before the session (a notebook, an earlier flow in the process) leaves its console
+    handler on the root logger; the session prints each record once, at its own threshold, and puts it back."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    root = logging.getLogger()
+    prefect_handler = PrefectConsoleHandler(level=logging.INFO)
+    root.addHandler(prefect_handler)
+    try:
+        with console_session(verbose=False, run_dir=tmp_path):
+            assert prefect_handler not in root.handlers
+            logging.getLogger("pkdot.train").info("an info line")
+            logging.getLogger("pkdot.train").warning("a warning line")
+        err = capsys.readouterr().err
+        assert "an info line" not in err
+        assert err.count("a warning line") == 1
+        assert prefect_handler in root.handlers  # restored after the session
+    finally:
+        root.removeHandler(prefect_handler)
+
+
 def test_verbose_console_shows_info(tmp_path, capsys):
     with console_session(verbose=True, run_dir=tmp_path):
         logging.getLogger("pkdot.epochs").info("[job] teacher epoch 1: loss=1")

@@ -53,7 +53,7 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     scores = {}
     for v in versions.values():
         run = client.get_run(v.run_id)
-        scores[str(v.version)] = run.data.metrics["accuracy"]  # the metric the registry compares
+        scores[str(v.version)] = run.data.metrics["val_accuracy"]  # the metric the registry compares
     champion = client.get_model_version_by_alias(name, "champion")
     champion_version = str(champion.version)
     challenger_versions = [v for v in versions if v != champion_version]
