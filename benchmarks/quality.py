@@ -83,8 +83,8 @@ class TaskSpec:
 
     ``overrides``: dotted config overrides of this task (e.g. ``synth.coupling``); ``control_of``: the task
     whose validation-selected configuration this negative control reuses (its own grid is not run);
-    ``data``: ``"synthetic"`` (written by :func:`pkdot.stages.prepare_run`) or ``"wdbc"``
-    (:mod:`real_tables`).
+    ``data``: ``"synthetic"`` (written by :func:`pkdot.stages.prepare_run`), ``"wdbc"`` (:mod:`real_tables`)
+    or ``"features"`` (:mod:`pkdot.data.synthetic_features`, coupling from ``overrides``).
     """
 
     name: str
@@ -150,8 +150,34 @@ TASKS: dict[str, TaskSpec] = {
         student=("mean",),
         data="wdbc",
     ),
+    "features": TaskSpec(
+        "features",
+        "table",
+        "binary",
+        ("physio",),
+        "synthetic Biovid *features* at Part A's size, BL1 vs PA4, coupling 1; student view `face_au` "
+        "(12 action-unit intensities), privileged view `physio` (8 biosignal features)",
+        student=("face_au",),
+        overrides=(("synth.coupling", 1.0),),
+        data="features",
+    ),
+    "features-control": TaskSpec(
+        "features-control",
+        "table",
+        "binary",
+        ("physio",),
+        "synthetic Biovid *features*, BL1 vs PA4, coupling 0 (negative control of `features`)",
+        student=("face_au",),
+        overrides=(("synth.coupling", 0.0),),
+        control_of="features",
+        data="features",
+    ),
 }
-DEFAULT_TASKS = ("binary", "control", "valence", "wdbc")
+DEFAULT_TASKS = ("binary", "control", "features", "features-control", "valence", "wdbc")
+#: Size of the synthetic feature table (:mod:`pkdot.data.synthetic_features`): Biovid Part A's 87 subjects x
+#: 20 windows per class; ``--quick``: 8 x 4.
+FEATURE_SUBJECTS, FEATURE_PER_CLASS = 87, 20
+QUICK_FEATURE_SUBJECTS, QUICK_FEATURE_PER_CLASS = 8, 4
 
 #: The grid of issue #10: these losses are trained in every cell (student initialisation x teacher targets).
 GRID_LOSSES = ("none", "kd", "pkdot")
@@ -455,6 +481,20 @@ def run_full(
         from real_tables import write_wdbc_table
 
         data_roots[key] = write_wdbc_table(settings.work_dir / "data" / "wdbc.parquet").resolve()
+        over["data.root"] = str(data_roots[key])
+    elif spec.data == "features":
+        from pkdot.data.synthetic_features import write_feature_table
+
+        coupling = float(dict(spec.overrides)["synth.coupling"])
+        subjects, per_class = (
+            (QUICK_FEATURE_SUBJECTS, QUICK_FEATURE_PER_CLASS)
+            if settings.quick
+            else (FEATURE_SUBJECTS, FEATURE_PER_CLASS)
+        )
+        name = f"biovid-features-c{coupling:g}-{subjects}x{per_class}.parquet"
+        data_roots[key] = write_feature_table(
+            settings.work_dir / "data" / name, subjects=subjects, per_class=per_class, coupling=coupling
+        ).resolve()
         over["data.root"] = str(data_roots[key])
     cfg = load_config(preset="demo", overrides=over)
     print(f"[quality] {spec.name} {cell_name(cell)} ({spec.description}) in {run_dir}", flush=True)
@@ -889,6 +929,9 @@ def task_markdown(result: TaskResult, selected: tuple[str, str] | None = None) -
             f"{cfg.synth.subjects} synthetic subjects x {cfg.synth.videos_per_subject} video of "
             f"{cfg.synth.seconds_per_video:g} s, clips of {cfg.data.clip_frames} frames: {base.samples} clips"
         )
+    elif base.spec.data == "features":
+        people = pd.read_parquet(Path(cfg.run_dir) / "manifest.parquet", columns=["subject_id"])["subject_id"]
+        size = f"{base.samples} windows of {people.nunique()} synthetic subjects (feature table)"
     elif cfg.data.dataset == "table":
         size = f"{base.samples} samples (one per patient)"
     else:

@@ -71,6 +71,15 @@ def _metrics(run_dir: Path) -> dict[str, dict]:
     }
 
 
+def _readable(path: Path) -> bool:
+    """A checkpoint's meta.json that is complete (Ray copies checkpoint folders in while we look)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _resumed_jobs(run_dir: Path) -> dict[str, dict[str, list[int]]]:
     """Per student job folder, the phases that were resumed from a checkpoint and after which epochs."""
     found = {}
@@ -183,7 +192,14 @@ def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_node(i
                     run_name = Path(psutil.Process(actor.pid).cwd()).name  # Ray Train's per-run working dir
                 except (psutil.Error, ValueError):
                     continue
-                if any((two / "ray").glob(f"student-*/{run_name}/checkpoint_*")):
+                # Kill once the *student* phase has a checkpoint: a checkpoint of the one-epoch T-Net phase
+                # is of a phase already finished (its output file exists), so the restarted job would rightly
+                # start the student phase from epoch 1 and nothing would be resumed.
+                if any(
+                    json.loads(meta.read_text()).get("phase") == "student"
+                    for meta in (two / "ray").glob(f"student-*/{run_name}/checkpoint_*/meta.json")
+                    if _readable(meta)
+                ):
                     os.kill(actor.pid, signal.SIGKILL)
                     killed = run_name
                     break

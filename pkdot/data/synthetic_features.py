@@ -1,0 +1,185 @@
+"""A synthetic Biovid *feature table*: per-window facial action-unit intensities and physiological features.
+
+Many Biovid users do not train on pixels: they run a face analyser (OpenFace's action-unit intensities) and
+compute classic biosignal features per window, then learn on the vectors (``pkdot run --dataset table``,
+:mod:`pkdot.data.tabular`). This module writes such a table from the *same* generative process as the
+synthetic videos (:func:`pkdot.data.synthetic.draw_biovid_responses`): each window's latent response drives both
+the pain-related action units and the autonomic/EMG responses, each read through its own per-subject gain and
+noise, with ``coupling`` mixing the face's copy of the response exactly as for the videos (1 = one shared
+response; 0 = face and physio independent given the class, the negative control). Because it skips rendering and
+decoding it is cheap, so a benchmark can afford Biovid's real size (87 subjects x 20 windows per class), where
+the video set is limited to a handful of subjects on a laptop.
+
+Views (one list column each):
+
+- ``face_au`` (the student's): 12 OpenFace-style AU intensities (0-5 scale, clipped at 0): AU01, AU02, AU04,
+  AU06, AU07, AU09, AU10, AU12, AU15, AU17, AU25, AU45. The pain display (AU04 brow lowerer, AU06/AU07 orbit
+  tightening, AU09/AU10 levator) has intensity ``I = FACE_MAX_INTENSITY tanh(FACE_GAIN e FACE_LEVEL[c] R_face /
+  FACE_MAX_INTENSITY)`` (``e`` = the subject's expressiveness, as for the videos), spread over the units by
+  per-subject weights (people show pain with different muscles). Nuisances: each person's neutral-face offsets
+  (the analyser's per-person bias), a frown of concentration in a quarter of the windows, smiles and talking
+  (AU12/AU25), blinks (AU45), the analyser's measurement noise.
+- ``physio`` (privileged): 8 features of a window: heart-rate rise and mean (ECG), skin-conductance response
+  amplitude, tonic level and slope (EDA), trapezius EMG RMS and peak, and the count of non-specific SCRs. With
+  ``L = PHYSIO_LEVEL[c] * reactivity * R_physio``, the responses scale with ``L`` through per-subject gains;
+  baselines, drift, non-specific SCRs and EMG artefacts are noise (as in ``_biovid_physio``).
+
+The face reads the response less reliably than physiology (``FACE_OBS_SIGMA`` vs ``PHYSIO_OBS_SIGMA``) and
+through a subject's expressiveness, so given the class the physio features tell which windows were strong
+responses and which were non-responses, which is what a physio teacher can pass to a face student when
+``coupling`` is 1, and cannot when it is 0. ``tests/data/test_synthetic_features.py`` measures that.
+The constants were set from the physiology above before any distillation result was seen; they are not tuned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pkdot.data.manifest import BIOVID_CLASSES
+from pkdot.data.synthetic import (
+    FACE_GAIN,
+    FACE_LEVEL,
+    FACE_MAX_INTENSITY,
+    PHYSIO_LEVEL,
+    _spread,
+    _subject_names,
+    draw_biovid_responses,
+)
+from pkdot.errors import ConfigError
+
+#: OpenFace action units of the ``face_au`` view, in column order.
+AU_NAMES = ("AU01", "AU02", "AU04", "AU06", "AU07", "AU09", "AU10", "AU12", "AU15", "AU17", "AU25", "AU45")
+#: The pain display: unit -> mean weight (brow lowering strongest, then orbit tightening and the levator).
+PAIN_UNITS = {"AU04": 1.0, "AU06": 0.7, "AU07": 0.8, "AU09": 0.5, "AU10": 0.8}
+#: Standard deviation of the analyser's measurement noise on each AU intensity.
+AU_NOISE = 0.2
+PHYSIO_NAMES = (
+    "hr_rise",
+    "hr_mean",
+    "scr_amplitude",
+    "eda_tonic",
+    "eda_slope",
+    "emg_rms",
+    "emg_peak",
+    "nonspecific_scrs",
+)
+#: Binary task: BL1 (label 0) vs PA4 (label 1), as Biovid's usual binary protocol.
+BINARY_CLASSES = (0, 4)
+TABLE_TASKS = ("binary", "multiclass")
+_AU = {name: i for i, name in enumerate(AU_NAMES)}
+
+
+def draw_feature_table(
+    *, subjects: int, per_class: int, coupling: float, seed: int, task: Literal["binary", "multiclass"]
+) -> dict[str, np.ndarray | list[str]]:
+    """Draw the table's columns: ``sample_id``, ``subject_id`` (lists of str), ``label`` (N,) int,
+    ``face_au`` (N, 12), ``physio`` (N, 8), and the truth ``face_response``, ``physio_response`` (N,)."""
+    if task not in TABLE_TASKS:
+        raise ConfigError(f"synthetic feature table: task must be one of {TABLE_TASKS}, got {task!r}")
+    if subjects < 1 or per_class < 1:
+        raise ConfigError(f"synthetic feature table: subjects and per_class must be >= 1, got {subjects}, {per_class}")
+    if not 0.0 <= coupling <= 1.0:
+        raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
+    classes = BINARY_CLASSES if task == "binary" else tuple(range(len(BIOVID_CLASSES)))
+    rng = np.random.default_rng([seed, 11])
+    names = _subject_names(rng, subjects)
+    expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # as the videos: skewed low
+    reactivity = _spread(rng, subjects, 0.4, 1.0)
+    sample_ids: list[str] = []
+    subject_ids: list[str] = []
+    labels, face_rows, physio_rows, face_truth, physio_truth = [], [], [], [], []
+    for s, name in enumerate(names):
+        srng = np.random.default_rng([seed, 12, s])
+        e, r = float(expressiveness[s]), float(reactivity[s])
+        neutral = np.abs(srng.normal(0.0, 0.25, len(AU_NAMES)))  # the analyser's per-person bias
+        weights = {u: w * float(np.exp(srng.normal(0.0, 0.3))) for u, w in PAIN_UNITS.items()}
+        hr0, hr_gain = srng.uniform(58, 85), srng.uniform(5, 12)
+        eda0, eda_gain = srng.uniform(2.0, 12.0), srng.uniform(0.4, 1.2)
+        emg0, emg_gain = srng.uniform(3.0, 10.0), srng.uniform(0.5, 1.5)
+        class_ids = np.repeat(np.asarray(classes), per_class)
+        resp = draw_biovid_responses(np.random.default_rng([seed, 13, s]), class_ids, coupling)
+        wrng = np.random.default_rng([seed, 14, s])
+        for i, c in enumerate(class_ids):
+            c = int(c)
+            raw = FACE_GAIN * e * FACE_LEVEL[c] * float(resp["face_response"][i])
+            intensity = FACE_MAX_INTENSITY * np.tanh(raw / FACE_MAX_INTENSITY)
+            au = neutral.copy()
+            for unit, w in weights.items():
+                au[_AU[unit]] += w * intensity
+            if wrng.uniform() < 0.25:  # a frown of concentration
+                frown = e * wrng.uniform(0.2, 0.5)
+                au[_AU["AU04"]] += frown
+                au[_AU["AU07"]] += 0.6 * frown
+            au[_AU["AU12"]] += abs(wrng.normal(0.0, 0.3))  # smiles
+            au[_AU["AU25"]] += abs(wrng.normal(0.0, 0.3))  # talking
+            au[_AU["AU45"]] += wrng.uniform(0.0, 1.0)  # blinks
+            au = np.clip(au + wrng.normal(0.0, AU_NOISE, len(AU_NAMES)), 0.0, 5.0)
+
+            level = PHYSIO_LEVEL[c] * r * float(resp["physio_response"][i])
+            hr_rise = hr_gain * level + wrng.normal(0.0, 2.5)  # drift, respiratory sinus arrhythmia
+            nonspecific = int(wrng.poisson(0.7))
+            scr = eda_gain * level + sum(wrng.uniform(0.1, 0.45) * eda_gain for _ in range(nonspecific))
+            artefacts = sum(wrng.uniform(0.3, 1.5) for _ in range(int(wrng.poisson(1.2))))
+            emg = emg0 * (1.0 + 0.6 * emg_gain * level + 0.25 * artefacts)
+            physio = [
+                hr_rise,
+                hr0 + wrng.normal(0.0, 3.0) + 0.5 * hr_rise,
+                scr + wrng.normal(0.0, 0.02),
+                eda0 + wrng.normal(0.0, 0.4),
+                wrng.normal(0.0, 0.08) + 0.2 * scr,
+                emg + wrng.normal(0.0, 0.3),
+                emg * wrng.uniform(1.5, 2.5) + wrng.normal(0.0, 0.5),
+                float(nonspecific),
+            ]
+            sample_ids.append(f"{name}-{BIOVID_CLASSES[c]}-{i + 1:03d}")
+            subject_ids.append(name)
+            labels.append(classes.index(c) if task == "binary" else c)
+            face_rows.append(au)
+            physio_rows.append(physio)
+            face_truth.append(float(resp["face_response"][i]))
+            physio_truth.append(float(resp["physio_response"][i]))
+    return {
+        "sample_id": sample_ids,
+        "subject_id": subject_ids,
+        "label": np.asarray(labels, dtype=np.int64),
+        "face_au": np.asarray(face_rows, dtype=np.float32),
+        "physio": np.asarray(physio_rows, dtype=np.float32),
+        "face_response": np.asarray(face_truth),
+        "physio_response": np.asarray(physio_truth),
+    }
+
+
+def write_feature_table(
+    path: str | Path,
+    *,
+    subjects: int = 87,
+    per_class: int = 20,
+    coupling: float = 1.0,
+    seed: int = 0,
+    task: Literal["binary", "multiclass"] = "binary",
+) -> Path:
+    """Write the table (``sample_id``, ``subject_id``, ``label``, ``face_au``, ``physio``) as Parquet, the layout
+    :mod:`pkdot.data.tabular` reads, written to a temp name then renamed. Returns ``path``.
+
+    Defaults: Biovid Part A's size (87 subjects, 20 windows per class)."""
+    cols = draw_feature_table(subjects=subjects, per_class=per_class, coupling=coupling, seed=seed, task=task)
+    table = pa.table(
+        {
+            "sample_id": pa.array(cols["sample_id"]),
+            "subject_id": pa.array(cols["subject_id"]),
+            "label": pa.array(cols["label"]),
+            "face_au": pa.array([row.tolist() for row in cols["face_au"]], type=pa.list_(pa.float32())),
+            "physio": pa.array([row.tolist() for row in cols["physio"]], type=pa.list_(pa.float32())),
+        }
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
