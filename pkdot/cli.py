@@ -492,10 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument(
                 "--robustness",
-                action="store_true",
-                help="Also evaluate the students and the unimodal video model on degraded test video (0-90%% "
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="Evaluate the students and the unimodal video model on degraded test video (0-90%% "
                 "of frames dropped, Gaussian noise, blur): report/robustness.png, robustness.csv, a report "
-                "section and MLflow metrics",
+                "section and MLflow metrics (default: the config's evaluate.robustness, which is on whenever "
+                "the student watches video)",
             )
         p.set_defaults(fn=fn)
 

@@ -392,6 +392,18 @@ class TrackingConfig(_Section):
     model_name: str | None = Field(default=None, description="Default: pkdot-student-<dataset>")
 
 
+class EvaluateConfig(_Section):
+    """The evaluate stage: what the report holds beyond the test scores."""
+
+    robustness: bool | None = Field(
+        default=None,
+        description="Robustness curves: the students and the unimodal video model re-evaluated on degraded "
+        "test video (0-90 % of frames dropped, Gaussian noise, blur; report/robustness.png, robustness.csv, "
+        "MLflow metrics). None = whenever the student's modality is video (the data sets' default); true on a "
+        "student without video is a configuration error",
+    )
+
+
 class RunConfig(_Section):
     """A whole pipeline run."""
 
@@ -409,6 +421,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
@@ -430,6 +443,11 @@ class RunConfig(_Section):
                 f"data.student_modalities {self.data.student_modalities}: the student reads one modality (the one "
                 "it has at test time); several privileged (teacher-only) modalities are supported"
             )
+        if self.evaluate.robustness and "video" not in self.data.student_modalities:
+            raise ValueError(
+                f"evaluate.robustness is true, but the student reads {self.data.student_modalities}: the "
+                "robustness curves degrade test *video* (set it to false or null)"
+            )
         if self.train.folds is None:  # the data set's usual protocol
             self.train.folds = "official" if self.data.dataset == "affwild2" else 5
         elif self.train.folds == "official" and self.data.dataset != "affwild2":
@@ -440,6 +458,14 @@ class RunConfig(_Section):
         return self
 
     # ---- helpers -------------------------------------------------------------------------------------------
+    @property
+    def robustness_curves(self) -> bool:
+        """Whether the evaluate stage computes robustness curves (``evaluate.robustness``; None = when the
+        student's modality is video)."""
+        if self.evaluate.robustness is None:
+            return "video" in self.data.student_modalities
+        return bool(self.evaluate.robustness)
+
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections (for caching a stage on its inputs)."""
         dump = self.model_dump(mode="json")

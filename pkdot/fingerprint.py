@@ -49,7 +49,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train-teacher": ("seed", "data", "features", "model", "train"),
     "cache": ("seed", "data", "model", "train"),
     "distill": ("seed", "data", "model", "train", "distill"),
-    "evaluate": ("seed", "data", "train", "distill", "tracking"),
+    "evaluate": ("seed", "data", "train", "distill", "tracking", "evaluate"),
 }
 
 #: Source files (relative to ``pkdot/``; a directory means every ``*.py`` under it) whose code computes each

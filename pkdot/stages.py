@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pkdot.config import RunConfig
-from pkdot.errors import StageError
+from pkdot.errors import ConfigError, StageError
 from pkdot.fingerprint import STAGES
 
 log = logging.getLogger(__name__)
@@ -502,13 +502,21 @@ def stage_distill(
     return StageResult("distill", out, fingerprint, False, details)
 
 
-def stage_evaluate(cfg: RunConfig, upstream: str = "", *, robustness: bool = False) -> StageResult:
+def stage_evaluate(cfg: RunConfig, upstream: str = "", *, robustness: bool | None = None) -> StageResult:
     """Metrics, CIs, paired comparisons, report.md + plots; register the best student in MLflow.
 
-    ``robustness``: also evaluate the video models on degraded test video (:mod:`pkdot.evaluate.robustness`).
+    ``robustness``: also evaluate the video models on degraded test video (:mod:`pkdot.evaluate.robustness`);
+    None = the config's choice (:attr:`RunConfig.robustness_curves`: on whenever the student watches video).
     """
     from pkdot.evaluate.report import evaluate_run
 
+    if robustness is None:
+        robustness = cfg.robustness_curves
+    elif robustness and "video" not in cfg.data.student_modalities:
+        raise ConfigError(
+            f"evaluate --robustness: the student reads {cfg.data.student_modalities}; the robustness curves "
+            "degrade test video"
+        )
     run_dir = _run_dir(cfg)
     key = _key(cfg, "evaluate", _upstream(cfg, "distill", upstream))
     if robustness:  # a report with robustness curves is a different output

@@ -41,6 +41,9 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     for cfg in (first, second):
         run = Path(cfg.run_dir)
         assert (run / "report" / "report.md").is_file()
+        # robustness curves by default (the student watches video: evaluate.robustness null = on)
+        assert (run / "report" / "robustness.png").is_file() and (run / "report" / "robustness.csv").is_file()
+        assert "## Robustness" in (run / "report" / "report.md").read_text()
         assert len(list((run / "embeddings").glob("fold-*-seed-*.parquet"))) == 1
         for loss in ("none", "pkdot"):
             assert (run / "student" / loss / "fold-0" / "seed-0" / "student.pt").is_file()

@@ -156,3 +156,20 @@ def test_robustness_on_a_trained_run_drops_frames_and_changes_predictions(tmp_pa
     assert runs["value"].between(0.0, 1.0).all()
     with pytest.raises(StageError, match="unknown perturbations"):
         run_robustness(cfg, levels={"rain": (1.0,)})
+
+
+def test_robustness_is_on_for_video_students_and_refused_without_video():
+    from pkdot.config import load_config
+    from pkdot.errors import ConfigError
+
+    assert load_config(preset="demo").robustness_curves  # Biovid demo: the student watches video
+    assert not load_config(preset="demo", overrides={"evaluate.robustness": False}).robustness_curves
+    table = {
+        "data.dataset": "table",
+        "data.task": "binary",
+        "data.student_modalities": ["mean"],
+        "data.privileged_modalities": ["worst"],
+    }
+    assert not load_config(preset="demo", overrides=table).robustness_curves
+    with pytest.raises(ConfigError, match="robustness"):
+        load_config(preset="demo", overrides=table | {"evaluate.robustness": True})
