@@ -82,7 +82,9 @@ def draw_feature_table(
     if task not in TABLE_TASKS:
         raise ConfigError(f"synthetic feature table: task must be one of {TABLE_TASKS}, got {task!r}")
     if subjects < 1 or per_class < 1:
-        raise ConfigError(f"synthetic feature table: subjects and per_class must be >= 1, got {subjects}, {per_class}")
+        raise ConfigError(
+            f"synthetic feature table: subjects and per_class must be >= 1, got {subjects}, {per_class}"
+        )
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     classes = BINARY_CLASSES if task == "binary" else tuple(range(len(BIOVID_CLASSES)))

@@ -160,6 +160,10 @@ def _mean_curve(runs: Sequence[Sequence[Mapping[str, float]]], key: str):
     )
 
 
+#: A training-loss panel whose curves span more than this factor is drawn on a log axis.
+LOG_LOSS_SPAN = 20.0
+
+
 def plot_learning_curves(
     histories: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], path: Path, metric: str = "val_metric"
 ) -> Path:
@@ -192,6 +196,7 @@ def plot_learning_curves(
     )
     for row, family in zip(axes, order, strict=True):
         ax_loss, ax_val = row
+        loss_levels: list[float] = []
         for model in families[family]:
             color = colors[model]
             for key, ax in (("train_loss", ax_loss), ("val_metric", ax_val)):
@@ -199,6 +204,8 @@ def plot_learning_curves(
                 if curve is None:
                     continue
                 epochs, mean, low, high = curve
+                if key == "train_loss":
+                    loss_levels.extend(float(v) for v in mean if np.isfinite(v))
                 label = model
                 if key == "val_metric":
                     best = int(np.argmax(mean))
@@ -210,6 +217,11 @@ def plot_learning_curves(
                 if np.any(high > low):
                     ax.fill_between(epochs, low, high, alpha=0.12, color=color)
         ax_loss.set(title=f"{family}: training loss", xlabel="epoch", ylabel="train loss")
+        # Weighted distillation totals differ by orders of magnitude (PKT/SP's weights are 3e4/3e3): on a
+        # linear axis the largest flattens the others, so a panel spanning > 20x is drawn on a log axis.
+        if loss_levels and min(loss_levels) > 0 and max(loss_levels) / min(loss_levels) > LOG_LOSS_SPAN:
+            ax_loss.set_yscale("log")
+            ax_loss.set_ylabel("train loss (log scale)")
         ax_val.set(title=f"{family}: validation {metric} (★ best epoch)", xlabel="epoch", ylabel=metric)
         for ax in row:
             ax.grid(alpha=0.3)

@@ -170,3 +170,21 @@ def test_learning_curves_one_panel_row_per_family_and_distinct_colours(tmp_path)
         {m: histories[m] for m in models[3:]}, tmp_path / "students.png", metric="accuracy"
     )
     assert _png_size(only_students)[1] < height / 2
+
+
+def test_learning_curves_log_axis_when_weighted_losses_span_orders_of_magnitude(tmp_path, monkeypatch):
+    """PKT/SP's weighted totals (~100) next to CE-sized losses (~0.5): the students' loss panel is logarithmic,
+    the teacher's (one model) stays linear."""
+    import pkdot.evaluate.plots as plots
+
+    figures = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), real_save(fig, path))[1])
+    runs = lambda level: [[{"epoch": e, "train_loss": level / e, "val_metric": 0.6} for e in (1, 2, 3)]]  # noqa: E731
+    histories = {"teacher": runs(0.7), "student-none": runs(0.6), "student-pkt": runs(130.0)}
+    plots.plot_learning_curves(histories, tmp_path / "curves.png", metric="accuracy")
+    (fig,) = figures
+    scales = {
+        ax.get_title().split(":")[0]: ax.get_yscale() for ax in fig.axes if "training loss" in ax.get_title()
+    }
+    assert scales == {"Teacher": "linear", "Students": "log"}
