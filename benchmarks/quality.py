@@ -96,6 +96,8 @@ class TaskSpec:
     overrides: tuple[tuple[str, Any], ...] = ()
     control_of: str | None = None
     data: str = "synthetic"
+    #: ``data == "features"``: (subjects, windows per class) of the synthetic feature table
+    table_size: tuple[int, int] = (87, 20)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -173,10 +175,33 @@ TASKS: dict[str, TaskSpec] = {
         data="features",
     ),
 }
-DEFAULT_TASKS = ("binary", "control", "features", "features-control", "valence", "wdbc")
-#: Size of the synthetic feature table (:mod:`pkdot.data.synthetic_features`): Biovid Part A's 87 subjects x
-#: 20 windows per class; ``--quick``: 8 x 4.
-FEATURE_SUBJECTS, FEATURE_PER_CLASS = 87, 20
+for _name, _coupling, _control in (("landmarks", 1.0, None), ("landmarks-control", 0.0, "landmarks")):
+    TASKS[_name] = TaskSpec(
+        _name,
+        "table",
+        "binary",
+        ("physio",),
+        "synthetic Biovid *features*, a small study (30 subjects x 10 windows per class), BL1 vs PA4, coupling "
+        f"{_coupling:g}; student view `face_landmarks` (64 landmark coordinates, mostly face shape and pose), "
+        "privileged view `physio`: the high-dimensional, few-sample regime in which LUPI theory predicts a gain"
+        + ("" if _control is None else " (negative control of `landmarks`)"),
+        student=("face_landmarks",),
+        overrides=(("synth.coupling", _coupling),),
+        control_of=_control,
+        data="features",
+        table_size=(30, 10),
+    )
+DEFAULT_TASKS = (
+    "binary",
+    "control",
+    "features",
+    "features-control",
+    "landmarks",
+    "landmarks-control",
+    "valence",
+    "wdbc",
+)
+#: ``--quick`` size of the synthetic feature tables (:mod:`pkdot.data.synthetic_features`).
 QUICK_FEATURE_SUBJECTS, QUICK_FEATURE_PER_CLASS = 8, 4
 
 #: The grid of issue #10: these losses are trained in every cell (student initialisation x teacher targets).
@@ -487,9 +512,7 @@ def run_full(
 
         coupling = float(dict(spec.overrides)["synth.coupling"])
         subjects, per_class = (
-            (QUICK_FEATURE_SUBJECTS, QUICK_FEATURE_PER_CLASS)
-            if settings.quick
-            else (FEATURE_SUBJECTS, FEATURE_PER_CLASS)
+            (QUICK_FEATURE_SUBJECTS, QUICK_FEATURE_PER_CLASS) if settings.quick else spec.table_size
         )
         name = f"biovid-features-c{coupling:g}-{subjects}x{per_class}.parquet"
         data_roots[key] = write_feature_table(
@@ -538,7 +561,8 @@ def _read_run(spec: TaskSpec, cell: tuple[str, str], run_dir: Path, samples: int
 
 def data_key(spec: TaskSpec) -> str:
     """Runs with the same key read the same recordings (the data set and its generating overrides)."""
-    return f"{spec.dataset}:{spec.data}:{sorted(spec.overrides)}"
+    size = f":{spec.table_size}" if spec.data == "features" else ""
+    return f"{spec.dataset}:{spec.data}:{sorted(spec.overrides)}{size}"
 
 
 def run_variant(

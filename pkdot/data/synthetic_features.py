@@ -19,6 +19,14 @@ Views (one list column each):
   per-subject weights (people show pain with different muscles). Nuisances: each person's neutral-face offsets
   (the analyser's per-person bias), a frown of concentration in a quarter of the windows, smiles and talking
   (AU12/AU25), blinks (AU45), the analyser's measurement noise.
+- ``face_landmarks`` (the student's, the other face descriptor people use): the 2-D positions of
+  :data:`N_LANDMARKS` facial landmarks (brows, eyes, nose, mouth; x and y, face-size normalised), as a face
+  analyser gives them. Most of their variance is *not* about pain: each person's face shape (per-subject
+  offsets), head pose and the tracker's jitter. The pain display moves a few of them, linearly in its
+  intensity: brow lowering pulls the brow points down and together, orbit tightening closes the eyelids, the
+  levator lifts the upper lip and the nose wings. A high-dimensional, mostly-nuisance descriptor is the regime
+  in which learning with privileged information is predicted to help (the student's estimation variance
+  dominates: Vapnik & Izmailov 2015; Lopez-Paz et al. 2016): the same windows as ``face_au``, other numbers.
 - ``physio`` (privileged): 8 features of a window: heart-rate rise and mean (ECG), skin-conductance response
   amplitude, tonic level and slope (EDA), trapezius EMG RMS and peak, and the count of non-specific SCRs. With
   ``L = PHYSIO_LEVEL[c] * reactivity * R_physio``, the responses scale with ``L`` through per-subject gains;
@@ -68,17 +76,45 @@ PHYSIO_NAMES = (
     "emg_peak",
     "nonspecific_scrs",
 )
+#: Landmarks of the ``face_landmarks`` view (x and y each): 10 brow, 12 eye, 4 nose, 6 mouth points.
+N_LANDMARKS = 32
+#: Which landmark coordinates the pain display moves, and how far per unit of intensity (face-size units x 10):
+#: brow points' y down (and inner brows together), eyelid points' y closing, upper-lip and nose-wing y up.
+_BROW, _EYE, _NOSE, _MOUTH = range(0, 10), range(10, 22), range(22, 26), range(26, 32)
+#: Per-window nuisance of the landmarks: tracker jitter and head pose (sd, same units).
+LANDMARK_JITTER = 0.5
 #: Binary task: BL1 (label 0) vs PA4 (label 1), as Biovid's usual binary protocol.
 BINARY_CLASSES = (0, 4)
 TABLE_TASKS = ("binary", "multiclass")
 _AU = {name: i for i, name in enumerate(AU_NAMES)}
 
 
+def _landmark_display(rng: np.random.Generator) -> np.ndarray:
+    """(2 * N_LANDMARKS,) displacement per unit of pain-display intensity, x then y per landmark; the
+    direction is the same for everyone, the amount per person (log-normal)."""
+    move = np.zeros((N_LANDMARKS, 2))
+    move[list(_BROW), 1] = 0.8  # brows down
+    move[[3, 4, 5, 6], 0] = [0.3, 0.3, -0.3, -0.3]  # inner brows together
+    move[list(_EYE), 1] = np.tile([0.5, 0.5, 0.5, -0.5, -0.5, -0.5], 2)  # lids close
+    move[list(_NOSE), 1] = -0.4  # nose wings up
+    move[[26, 27, 28], 1] = -0.5  # upper lip up
+    return move.reshape(-1) * float(np.exp(rng.normal(0.0, 0.3)))
+
+
+_POSE_BASIS = np.random.default_rng(20261203).normal(0.0, 0.6, (3, 2 * N_LANDMARKS))
+
+
+def _pose_distortion(pose: np.ndarray) -> np.ndarray:
+    """What a small head rotation does to the normalised landmarks: a fixed linear map of (yaw, pitch, roll)."""
+    return pose @ _POSE_BASIS
+
+
 def draw_feature_table(
     *, subjects: int, per_class: int, coupling: float, seed: int, task: Literal["binary", "multiclass"]
 ) -> dict[str, np.ndarray | list[str]]:
     """Draw the table's columns: ``sample_id``, ``subject_id`` (lists of str), ``label`` (N,) int,
-    ``face_au`` (N, 12), ``physio`` (N, 8), and the truth ``face_response``, ``physio_response`` (N,)."""
+    ``face_au`` (N, 12), ``face_landmarks`` (N, 64), ``physio`` (N, 8), and the truth ``face_response``,
+    ``physio_response`` (N,)."""
     if task not in TABLE_TASKS:
         raise ConfigError(f"synthetic feature table: task must be one of {TABLE_TASKS}, got {task!r}")
     if subjects < 1 or per_class < 1:
@@ -94,11 +130,14 @@ def draw_feature_table(
     reactivity = _spread(rng, subjects, 0.4, 1.0)
     sample_ids: list[str] = []
     subject_ids: list[str] = []
-    labels, face_rows, physio_rows, face_truth, physio_truth = [], [], [], [], []
+    labels, face_rows, physio_rows, face_truth, physio_truth, landmark_rows = [], [], [], [], [], []
     for s, name in enumerate(names):
         srng = np.random.default_rng([seed, 12, s])
         e, r = float(expressiveness[s]), float(reactivity[s])
         neutral = np.abs(srng.normal(0.0, 0.25, len(AU_NAMES)))  # the analyser's per-person bias
+        lrng = np.random.default_rng([seed, 15, s])
+        shape = lrng.normal(0.0, 1.0, 2 * N_LANDMARKS)  # this person's face shape (x, y per landmark)
+        display = _landmark_display(lrng)  # how this face's landmarks move with the pain display
         weights = {u: w * float(np.exp(srng.normal(0.0, 0.3))) for u, w in PAIN_UNITS.items()}
         hr0, hr_gain = srng.uniform(58, 85), srng.uniform(5, 12)
         eda0, eda_gain = srng.uniform(2.0, 12.0), srng.uniform(0.4, 1.2)
@@ -121,6 +160,14 @@ def draw_feature_table(
             au[_AU["AU25"]] += abs(wrng.normal(0.0, 0.3))  # talking
             au[_AU["AU45"]] += wrng.uniform(0.0, 1.0)  # blinks
             au = np.clip(au + wrng.normal(0.0, AU_NOISE, len(AU_NAMES)), 0.0, 5.0)
+            # (own random stream: the AU and physio draws are the same with or without this view)
+            pose = lrng.normal(0.0, 1.0, 3)  # yaw, pitch, roll: a smooth, low-rank distortion of every point
+            landmarks = (
+                shape
+                + display * intensity
+                + _pose_distortion(pose)
+                + lrng.normal(0.0, LANDMARK_JITTER, 2 * N_LANDMARKS)
+            )
 
             level = PHYSIO_LEVEL[c] * r * float(resp["physio_response"][i])
             hr_rise = hr_gain * level + wrng.normal(0.0, 2.5)  # drift, respiratory sinus arrhythmia
@@ -142,6 +189,7 @@ def draw_feature_table(
             subject_ids.append(name)
             labels.append(classes.index(c) if task == "binary" else c)
             face_rows.append(au)
+            landmark_rows.append(landmarks)
             physio_rows.append(physio)
             face_truth.append(float(resp["face_response"][i]))
             physio_truth.append(float(resp["physio_response"][i]))
@@ -150,6 +198,7 @@ def draw_feature_table(
         "subject_id": subject_ids,
         "label": np.asarray(labels, dtype=np.int64),
         "face_au": np.asarray(face_rows, dtype=np.float32),
+        "face_landmarks": np.asarray(landmark_rows, dtype=np.float32),
         "physio": np.asarray(physio_rows, dtype=np.float32),
         "face_response": np.asarray(face_truth),
         "physio_response": np.asarray(physio_truth),
@@ -165,7 +214,8 @@ def write_feature_table(
     seed: int = 0,
     task: Literal["binary", "multiclass"] = "binary",
 ) -> Path:
-    """Write the table (``sample_id``, ``subject_id``, ``label``, ``face_au``, ``physio``) as Parquet, the layout
+    """Write the table (``sample_id``, ``subject_id``, ``label``, ``face_au``, ``face_landmarks``, ``physio``)
+    as Parquet, the layout
     :mod:`pkdot.data.tabular` reads, written to a temp name then renamed. Returns ``path``.
 
     Defaults: Biovid Part A's size (87 subjects, 20 windows per class)."""
@@ -176,6 +226,9 @@ def write_feature_table(
             "subject_id": pa.array(cols["subject_id"]),
             "label": pa.array(cols["label"]),
             "face_au": pa.array([row.tolist() for row in cols["face_au"]], type=pa.list_(pa.float32())),
+            "face_landmarks": pa.array(
+                [row.tolist() for row in cols["face_landmarks"]], type=pa.list_(pa.float32())
+            ),
             "physio": pa.array([row.tolist() for row in cols["physio"]], type=pa.list_(pa.float32())),
         }
     )

@@ -55,6 +55,23 @@ def test_each_view_alone_is_informative_and_physio_more(coupling: float) -> None
     assert 0.7 < scores["face_au"] < scores["physio"], scores
 
 
+def test_landmarks_are_mostly_nuisance_but_carry_the_pain_display() -> None:
+    """The landmark view: 64 coordinates whose variance is mostly face shape and pose (per subject), yet a
+    subject-wise linear probe finds the pain display in them; its own random stream leaves the AU and physio
+    draws unchanged."""
+    d = _draw(1.0)
+    landmarks, groups = d["face_landmarks"], np.asarray(d["subject_id"])
+    assert landmarks.shape == (len(d["label"]), 64)
+    total = landmarks.var(0).sum()
+    subject_means = np.stack([landmarks[groups == g].mean(0) for g in groups])
+    class_means = np.stack([landmarks[d["label"] == c].mean(0) for c in d["label"]])
+    assert subject_means.var(0).sum() > 0.3 * total  # who it is (face shape) ...
+    assert class_means.var(0).sum() < 0.05 * total  # ... far more than what they feel
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    score = cross_val_score(model, landmarks, d["label"], groups=groups, cv=GroupKFold(4)).mean()
+    assert 0.6 < score < 0.95, score
+
+
 def test_draw_is_deterministic_and_the_physio_side_does_not_depend_on_coupling() -> None:
     a, b, zero = _draw(1.0), _draw(1.0), _draw(0.0)
     assert np.array_equal(a["face_au"], b["face_au"]) and np.array_equal(a["physio"], b["physio"])
@@ -79,8 +96,8 @@ def test_written_table_is_a_valid_table_root(tmp_path) -> None:
         dataset="table",
         task="binary",
         root=str(path),
-        student_modalities=["face_au"],
-        privileged_modalities=["physio"],
+        student_modalities=["face_landmarks"],
+        privileged_modalities=["physio", "face_au"],
     )
     result = build_table_manifest(data, path)
     frame = result.frame
