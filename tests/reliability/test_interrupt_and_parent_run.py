@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from pkdot import cli
 from tests.reliability.conftest import PKDOT, REPO, cli_args, parent_run_status
@@ -37,9 +38,21 @@ def test_extract_alone_finishes_its_parent_run_and_a_failure_marks_it_failed(
     assert parent_run_status(run) == "FAILED"
 
 
+@pytest.fixture
+def interruptible_biovid(tmp_path: Path) -> Path:
+    """A set large enough (90 one-sample shards per modality) that its extraction is still running when the
+    signal lands: on a fast machine the 15-sample set was done before Ctrl-C arrived (exit 0)."""
+    from pkdot.data.synthetic import write_synthetic
+
+    return write_synthetic(
+        "biovid", tmp_path / "data", subjects=6, samples_per_class=3, frame_size=96, seed=1, progress=False
+    )
+
+
 def test_ctrl_c_mid_stage_one_line_exit_130_parent_killed_and_resumable(
-    tiny_biovid: Path, tmp_path: Path
+    interruptible_biovid: Path, tmp_path: Path
 ) -> None:
+    tiny_biovid = interruptible_biovid
     run = tmp_path / "run"
     assert cli.main(cli_args(tiny_biovid, run)) == 0  # a parent run exists (FINISHED)
     again = cli_args(tiny_biovid, run, **{"features.crop_size": 40})  # new settings: every shard again
