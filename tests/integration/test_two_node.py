@@ -192,11 +192,11 @@ def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_node(i
                     run_name = Path(psutil.Process(actor.pid).cwd()).name  # Ray Train's per-run working dir
                 except (psutil.Error, ValueError):
                     continue
-                # Kill once the *student* phase has a checkpoint: a checkpoint of the one-epoch T-Net phase
+                # Kill once the *student* phase (`student-<loss>`) has a checkpoint: a checkpoint of the one-epoch T-Net phase
                 # is of a phase already finished (its output file exists), so the restarted job would rightly
                 # start the student phase from epoch 1 and nothing would be resumed.
                 if any(
-                    json.loads(meta.read_text()).get("phase") == "student"
+                    str(json.loads(meta.read_text()).get("phase", "")).startswith("student-")
                     for meta in (two / "ray").glob(f"student-*/{run_name}/checkpoint_*/meta.json")
                     if _readable(meta)
                 ):
