@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+# 2026-12-03, quiet machine (3 min 56 s): with the kill now landing in the student phase, the job still finishes
+# without a recorded resume (history resumed_from empty) -- the open question of issue 13. Earlier:
 # Marked slow until it is seen to pass: on the shared 2-core machine (load average 30-60) it ran 12 min and
 # failed at the resume check -- the worker killed on the second node was restarted by Ray Train, but the job
 # started again from epoch 1 (history resumed_from == []) instead of its last checkpoint. Everything before
