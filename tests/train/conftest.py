@@ -32,6 +32,9 @@ TINY = {
         "epochs_student": 3,
         "num_workers": 1,
         "seeds": [0],
+        # these tests drive the cache path with load_samples (no face crops for the student): pin the paper's
+        # frozen init; tests/train/test_student_init.py covers the other modes
+        "student_init": "teacher-frozen",
     },
     "distill": {"k": 4, "losses": ["none", "pkdot"]},
 }
