@@ -213,6 +213,13 @@ TEACHER_TARGETS = ("fit", "crossfit")
 BASE_CELL = ("teacher-frozen", "fit")
 
 
+
+def effective_weights(cfg: Any) -> dict[str, float]:
+    """Each loss's weight in a run: the loss's default (pkdot.distill.default_weights) unless overridden."""
+    from pkdot.distill import default_weights
+
+    return {**default_weights(), **cfg.distill.weights}
+
 def cell_name(cell: tuple[str, str]) -> str:
     return f"{cell[0]}/{cell[1]}"
 
@@ -1092,7 +1099,7 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
             f"{first.features.crop_size}x{first.features.crop_size}, embedding {m.embed_dim}; epochs unimodal/"
             f"teacher/T-Net/student {t.epochs_unimodal}/{t.epochs_teacher}/{t.epochs_tnet}/{t.epochs_student}; "
             f"batch {t.batch_size}; PKDOT k = {first.distill.k}; loss weights: "
-            + ", ".join(f"{k} {v:g}" for k, v in sorted(first.distill.weights.items()))
+            + ", ".join(f"{k} {v:g}" for k, v in sorted(effective_weights(first).items()))
             + f"; crossfit groups J = {first.distill.crossfit_groups}; train.num_workers = {t.num_workers} "
             "(fixed: 1 and 2 workers give different teachers).",
         ]
