@@ -575,6 +575,7 @@ def paper_model_costs(base_run: Path, batch: int = 2) -> dict[str, Any]:
         "losses": list(cfg.distill.losses),
         "seeds": list(cfg.train.seeds),
         "val_fraction": cfg.train.val_fraction,
+        "student_init": cfg.train.student_init,
     }
     return costs
 
@@ -619,7 +620,15 @@ def loso_cost_model(
     local = concurrency["ways"]["local"]["per_job_s"]
     on_ray = concurrency["ways"]["1"]["per_job_s"]
     overhead = st.median(on_ray[k] - local[k] for k in local if k in on_ray)
-    student_s = st.median(local.values()) + n_train * paper["epochs_student"] / student_samples_per_s
+    frozen = paper.get("student_init", "teacher-frozen") == "teacher-frozen"
+    if frozen:  # from the embedding cache: measured fixed part + samples at the cached student's CPU rate
+        student_flops = 0.0
+        student_s = st.median(local.values()) + n_train * paper["epochs_student"] / student_samples_per_s
+    else:  # the student trains its own video backbone on the face crops: the video model's FLOPs, as a teacher
+        student_flops = paper["epochs_student"] * (
+            n_train * v["fwd_bwd_flops"] + n_val * v["fwd_flops"]
+        )
+        student_s = student_flops / gpu_flops + video_bytes / STORAGE_BYTES_PER_S
     teacher_s = teacher_flops / gpu_flops + video_bytes / STORAGE_BYTES_PER_S
     cache_s = folds * n_all * t["fwd_flops"] / gpu_flops
     n_teacher = folds * len(paper["seeds"])
@@ -648,6 +657,8 @@ def loso_cost_model(
         "teacher_tflops_per_job": teacher_flops / 1e12,
         "teacher_job_s": teacher_s,
         "student_job_s": student_s,
+        "student_init": paper.get("student_init", "teacher-frozen"),
+        "student_tflops_per_job": student_flops / 1e12,
         "student_samples_per_s": student_samples_per_s,
         "ray_run_overhead_s": overhead,
         "cache_s": cache_s,
@@ -712,7 +723,13 @@ def cost_markdown(costs: dict[str, Any], model: dict[str, Any]) -> str:
         "storage; one job = one worker = one GPU; jobs of a stage run in waves (ceil(jobs / GPUs)); the cache "
         "stage runs in the driver on one GPU; no cross-fitting. Per teacher job: "
         f"{model['teacher_tflops_per_job']:.0f} TFLOP = {model['teacher_job_s'] / 60:.1f} min on one GPU; per "
-        f"student job {model['student_job_s']:.1f} s + start-up.",
+        f"student job (`train.student_init` = `{model.get('student_init', 'teacher-frozen')}`"
+        + (
+            ": from the embedding cache, at this CPU's rate"
+            if model.get("student_init", "teacher-frozen") == "teacher-frozen"
+            else f": its own video backbone, {model['student_tflops_per_job']:.0f} TFLOP"
+        )
+        + f") {model['student_job_s']:.1f} s + start-up.",
         "",
         markdown_table(
             [
@@ -922,7 +939,8 @@ def main_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
             "--child-subjects",
             "4",
             "--overrides",
-            json.dumps(QUICK_OVERRIDES),
+            # one worker: a fold of this tiny set trains on 1 subject (3-4 windows), too few for 2 DDP workers
+            json.dumps(QUICK_OVERRIDES | {"train.num_workers": 1}),
         ]
     )
     student = student_cache_throughput(base, epochs=2)

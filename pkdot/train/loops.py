@@ -47,9 +47,18 @@ def epoch_batches(
 ) -> list[np.ndarray]:
     """Index batches for one epoch, the ``rank``-th slice of each global batch.
 
-    A last batch smaller than 2 samples is dropped when ``drop_last`` (batch statistics and similarity
-    structures need at least two samples).
+    A last batch smaller than 2 samples (2 per worker) is dropped when ``drop_last`` (batch statistics and
+    similarity structures need at least two samples); with ``drop_last`` and ``world`` > 1, fewer than
+    ``2 * world`` samples in all is a :class:`~pkdot.errors.StageError` (a worker would get one sample or none).
     """
+    if drop_last and world > 1 and n < 2 * world:
+        from pkdot.errors import StageError
+
+        # every worker runs the same steps (DDP), and each needs two samples per batch
+        raise StageError(
+            f"{n} training samples cannot be split over train.num_workers = {world} workers (each needs at "
+            f"least 2 per batch, so at least {2 * world} samples): use fewer workers or more training subjects"
+        )
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     batches = []
     for start in range(0, n, batch_size):

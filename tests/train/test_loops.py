@@ -132,3 +132,13 @@ def test_group_batches_hold_one_group_each():
     assert group_batches(groups, 8, seed=3, epoch=1)[0].tolist() != full[0].tolist()
     dropped = group_batches(np.array([0] * 9 + [1]), 8, seed=0, epoch=0)
     assert [len(b) for b in dropped] == [8]  # a 1-sample group and a 1-sample tail are dropped
+
+
+def test_too_few_samples_for_the_workers_is_a_clear_error():
+    from pkdot.errors import StageError
+
+    # 3 samples over 2 workers would give one worker a batch of 1 (which a batch-structure loss refuses)
+    with pytest.raises(StageError, match="3 training samples cannot be split over train.num_workers = 2"):
+        epoch_batches(3, 32, seed=0, epoch=0, rank=1, world=2)
+    assert [len(b) for b in epoch_batches(4, 32, seed=0, epoch=0, rank=1, world=2)] == [2]
+    assert [len(b) for b in epoch_batches(3, 32, seed=0, epoch=0)] == [3]
