@@ -528,6 +528,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             # Picked by validation in the quality benchmark (benchmarks/results/quality-biovid.md: val
             # accuracy 0.650/0.654/0.625 for none/kd/pkdot vs 0.604/0.583/0.596 with 'teacher-frozen').
             "student_init": "teacher-finetune",
+            # a demo job trains for seconds, a Ray Train run starts in ~13 s (benchmarks/results/speed.md): the
+            # 8 losses of a fold share one run (on a 2-core machine only one 2-worker run fits at a time anyway)
+            "jobs_per_run": 8,
         },
         "distill": {"k": 10},
         "synth": {"subjects": 10, "samples_per_class": 8},

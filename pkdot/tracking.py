@@ -638,7 +638,8 @@ class Tracker:
                             data = mlflow.data.from_pandas(
                                 split.frame, source=split.source, name=split.name, digest=split.digest
                             )
-                        mlflow.log_input(data, context=split.context)
+                            # the schema is inferred lazily, when the input is logged: filtered here too
+                            mlflow.log_input(data, context=split.context)
                     info = mlflow.pytorch.log_model(
                         export_model,
                         name="student",

@@ -41,6 +41,7 @@ OVERRIDES = {
     "train.epochs_tnet": 1,
     "train.epochs_student": 6,
     "train.num_workers": 1,
+    "train.jobs_per_run": 1,  # one Ray Train run per job, so jobs can land on both nodes (demo bundles 8)
     "train.max_failures": 2,
     "train.checkpoint_every_s": 0,
     "model.dropout": 0.0,

@@ -35,6 +35,7 @@ TINY = {
         # these tests drive the cache path with load_samples (no face crops for the student): pin the paper's
         # frozen init; tests/train/test_student_init.py covers the other modes
         "student_init": "teacher-frozen",
+        "jobs_per_run": 1,  # one Ray Train run per job, as these tests inspect (the demo preset bundles 8)
     },
     "distill": {"k": 4, "losses": ["none", "pkdot"]},
 }
