@@ -37,6 +37,12 @@ TINY_OVERRIDES: dict[str, Any] = {
     "train.epochs_student": 1,
     "train.num_workers": 1,
     "features.workers": 1,
+    # These tests are about the servers, the flow and resumption, not the student's init: the paper's frozen
+    # init (students from the embedding cache) and one Ray Train run per job keep them fast; the demo
+    # preset's teacher-finetune / 8 jobs per run are covered by tests/train/test_student_init.py and the
+    # table/console end-to-end runs.
+    "train.student_init": "teacher-frozen",
+    "train.jobs_per_run": 1,
 }
 TINY_LOSSES = ["none", "pkdot"]
 

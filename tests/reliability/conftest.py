@@ -38,6 +38,8 @@ TINY = {
     "features.shard_size": 1,
     "features.workers": 1,
     "train.folds": 3,
+    "train.student_init": "teacher-frozen",  # students from the cache: fast (finetune: test_student_init)
+    "train.jobs_per_run": 1,
 }
 
 
