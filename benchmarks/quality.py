@@ -215,10 +215,12 @@ BASE_CELL = ("teacher-frozen", "fit")
 
 
 def effective_weights(cfg: Any) -> dict[str, float]:
-    """Each loss's weight in a run: the loss's default (pkdot.distill.default_weights) unless overridden."""
+    """Each loss's weight in a run, as training reads it (:func:`pkdot.distill.base.loss_weight`)."""
     from pkdot.distill import default_weights
+    from pkdot.distill.base import loss_weight
 
-    return {**default_weights(), **cfg.distill.weights}
+    return {name: loss_weight(cfg.distill, name) for name in default_weights()}
+
 
 def cell_name(cell: tuple[str, str]) -> str:
     return f"{cell[0]}/{cell[1]}"

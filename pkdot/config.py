@@ -8,7 +8,6 @@ overrides) replaces fields; a preset (``demo`` or ``paper``) is applied first. I
 from __future__ import annotations
 
 import copy
-
 import hashlib
 import json
 from pathlib import Path

@@ -38,6 +38,11 @@ from pkdot.evaluate.metrics import confusion_matrix  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+#: Students whose spread is drawn as a band when many models share a panel (the reference and PKDOT's):
+#: eight overlapping bands are unreadable.
+BANDED_STUDENTS = ("student-none", "student-pkdot")
+
+
 def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +221,7 @@ def plot_learning_curves(
                 ax.plot(epochs, mean, marker=".", color=color, label=label, lw=1.6)
                 # eight students' bands overlap into one blur: in a family of more than 3 models only the
                 # reference (student-none) and PKDOT's student keep their band
-                crowded = len(families[family]) > 3 and model not in ("student-none", "student-pkdot")
+                crowded = len(families[family]) > 3 and model not in BANDED_STUDENTS
                 if np.any(high > low) and not crowded:
                     ax.fill_between(epochs, low, high, alpha=0.12, color=color)
         ax_loss.set(title=f"{family}: training loss", xlabel="epoch", ylabel="train loss")
@@ -453,7 +458,7 @@ def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Pat
     colors = dict(zip(models, distinct_colors(len(models)), strict=True))
     # Nine overlapping bands are unreadable: bands for the comparison that matters (the video model trained
     # alone, the student without distillation, PKDOT's student), lines only for the other students.
-    banded = [m for m in models if m.startswith("unimodal-") or m in ("student-none", "student-pkdot")]
+    banded = [m for m in models if m.startswith("unimodal-") or m in BANDED_STUDENTS]
     if len(models) <= 3 or not banded:
         banded = models
     units = {
