@@ -213,7 +213,6 @@ TEACHER_TARGETS = ("fit", "crossfit")
 BASE_CELL = ("teacher-frozen", "fit")
 
 
-
 def effective_weights(cfg: Any) -> dict[str, float]:
     """Each loss's weight in a run, as training reads it (:func:`pkdot.distill.base.loss_weight`)."""
     from pkdot.distill import default_weights
