@@ -142,6 +142,25 @@ TASKS: dict[str, TaskSpec] = {
         "synthetic Aff-Wild2, arousal, coupling 1",
         overrides=(("synth.coupling", 1.0),),
     ),
+    "valence-control": TaskSpec(
+        "valence-control",
+        "affwild2",
+        "valence",
+        ("audio",),
+        "synthetic Aff-Wild2, valence, coupling 0 (negative control of `valence`: the voice follows its own "
+        "affect process, independent of the face's)",
+        overrides=(("synth.coupling", 0.0),),
+        control_of="valence",
+    ),
+    "arousal-control": TaskSpec(
+        "arousal-control",
+        "affwild2",
+        "arousal",
+        ("audio",),
+        "synthetic Aff-Wild2, arousal, coupling 0 (negative control of `arousal`)",
+        overrides=(("synth.coupling", 0.0),),
+        control_of="arousal",
+    ),
     "wdbc": TaskSpec(
         "wdbc",
         "table",
@@ -199,6 +218,7 @@ DEFAULT_TASKS = (
     "landmarks",
     "landmarks-control",
     "valence",
+    "valence-control",
     "wdbc",
 )
 #: ``--quick`` size of the synthetic feature tables (:mod:`pkdot.data.synthetic_features`).

@@ -204,6 +204,32 @@ def test_settings_reject_unknown_tasks_and_too_few_subjects(tmp_path):
     assert settings.tasks == quality.DEFAULT_TASKS and "control" in settings.tasks
 
 
+def test_every_control_is_its_task_at_coupling_zero():
+    """A negative control reads the same data set, task and views as the task it controls; only the coupling
+    differs (1 there, 0 here); and every coupling-1 synthetic task has its control."""
+    controls = {spec.control_of: spec for spec in quality.TASKS.values() if spec.control_of is not None}
+    for source, control in controls.items():
+        task = quality.TASKS[source]
+        assert (
+            control.dataset,
+            control.task,
+            control.privileged,
+            control.student,
+            control.data,
+            control.table_size,
+        ) == (
+            task.dataset,
+            task.task,
+            task.privileged,
+            task.student,
+            task.data,
+            task.table_size,
+        ), control.name
+        assert dict(task.overrides)["synth.coupling"] == 1.0
+        assert dict(control.overrides)["synth.coupling"] == 0.0
+    assert {"binary", "features", "landmarks", "valence", "arousal"} <= set(controls)
+
+
 def _table(diff: float, low: float, high: float) -> pd.DataFrame:
     return pd.DataFrame(
         {
