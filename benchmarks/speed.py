@@ -625,9 +625,7 @@ def loso_cost_model(
         student_flops = 0.0
         student_s = st.median(local.values()) + n_train * paper["epochs_student"] / student_samples_per_s
     else:  # the student trains its own video backbone on the face crops: the video model's FLOPs, as a teacher
-        student_flops = paper["epochs_student"] * (
-            n_train * v["fwd_bwd_flops"] + n_val * v["fwd_flops"]
-        )
+        student_flops = paper["epochs_student"] * (n_train * v["fwd_bwd_flops"] + n_val * v["fwd_flops"])
         student_s = student_flops / gpu_flops + video_bytes / STORAGE_BYTES_PER_S
     teacher_s = teacher_flops / gpu_flops + video_bytes / STORAGE_BYTES_PER_S
     cache_s = folds * n_all * t["fwd_flops"] / gpu_flops
