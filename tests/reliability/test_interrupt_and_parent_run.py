@@ -49,6 +49,10 @@ def interruptible_biovid(tmp_path: Path) -> Path:
     )
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_stage_one_line_exit_130_parent_killed_and_resumable(
     interruptible_biovid: Path, tmp_path: Path
 ) -> None:
@@ -65,6 +69,9 @@ def test_ctrl_c_mid_stage_one_line_exit_130_parent_killed_and_resumable(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # A foreground command's Ctrl-C: a test run started in the background by a non-interactive shell
+        # (`cmd &`) inherits SIGINT ignored, and Python keeps an inherited SIG_IGN, so restore the default.
+        preexec_fn=_sigint_default,
     )
     marker = run / "stages" / "extract.json"
     deadline = time.monotonic() + 120
