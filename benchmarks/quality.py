@@ -126,41 +126,6 @@ TASKS: dict[str, TaskSpec] = {
         "synthetic Biovid, 5 classes, coupling 1",
         overrides=(("synth.coupling", 1.0),),
     ),
-    "valence": TaskSpec(
-        "valence",
-        "affwild2",
-        "valence",
-        ("audio",),
-        "synthetic Aff-Wild2, valence, coupling 1",
-        overrides=(("synth.coupling", 1.0),),
-    ),
-    "arousal": TaskSpec(
-        "arousal",
-        "affwild2",
-        "arousal",
-        ("audio",),
-        "synthetic Aff-Wild2, arousal, coupling 1",
-        overrides=(("synth.coupling", 1.0),),
-    ),
-    "valence-control": TaskSpec(
-        "valence-control",
-        "affwild2",
-        "valence",
-        ("audio",),
-        "synthetic Aff-Wild2, valence, coupling 0 (negative control of `valence`: the voice follows its own "
-        "affect process, independent of the face's)",
-        overrides=(("synth.coupling", 0.0),),
-        control_of="valence",
-    ),
-    "arousal-control": TaskSpec(
-        "arousal-control",
-        "affwild2",
-        "arousal",
-        ("audio",),
-        "synthetic Aff-Wild2, arousal, coupling 0 (negative control of `arousal`)",
-        overrides=(("synth.coupling", 0.0),),
-        control_of="arousal",
-    ),
     "wdbc": TaskSpec(
         "wdbc",
         "table",
@@ -194,6 +159,25 @@ TASKS: dict[str, TaskSpec] = {
         data="features",
     ),
 }
+for _dim in ("valence", "arousal"):
+    TASKS[_dim] = TaskSpec(
+        _dim,
+        "affwild2",
+        _dim,
+        ("audio",),
+        f"synthetic Aff-Wild2, {_dim}, coupling 1",
+        overrides=(("synth.coupling", 1.0),),
+    )
+    TASKS[f"{_dim}-control"] = TaskSpec(
+        f"{_dim}-control",
+        "affwild2",
+        _dim,
+        ("audio",),
+        f"synthetic Aff-Wild2, {_dim}, coupling 0 (negative control of `{_dim}`: the voice follows its own "
+        "affect process, independent of the face's)",
+        overrides=(("synth.coupling", 0.0),),
+        control_of=_dim,
+    )
 for _name, _coupling, _control in (("landmarks", 1.0, None), ("landmarks-control", 0.0, "landmarks")):
     TASKS[_name] = TaskSpec(
         _name,
