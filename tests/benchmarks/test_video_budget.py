@@ -1,0 +1,64 @@
+"""The video-budget check (benchmarks/video_budget.py): reading the validation curves and choosing per budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load():
+    name = "pkdot_benchmark_video_budget"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "video_budget.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+budget = _load()
+
+
+def _history(run: Path, job: str, vals: list[float], phase: str = "unimodal-video") -> None:
+    path = run / "teacher" / job / "history.json"
+    path.parent.mkdir(parents=True)
+    epochs = [{"epoch": i + 1, "train_loss": 0.1, "val_metric": v} for i, v in enumerate(vals)]
+    other = [{"epoch": 1, "train_loss": 0.1, "val_metric": 0.99}]
+    path.write_text(json.dumps({"phases": {phase: {"epochs": epochs}, "teacher": {"epochs": other}}}))
+
+
+def test_each_budget_keeps_each_jobs_best_epoch_within_it(tmp_path):
+    _history(tmp_path, "fold-0/seed-0", [0.0, 0.1, 0.05, 0.4])
+    _history(tmp_path, "fold-1/seed-0", [0.2, 0.0, 0.3, 0.1])
+    curves = budget.read_curves(tmp_path)
+    assert sorted(curves["job"].unique()) == ["fold-0/seed-0", "fold-1/seed-0"]
+    assert len(curves) == 8  # the teacher phase is not read
+    table = budget.summarise(curves, [2, 4, 8]).set_index("budget")
+    assert list(table.index) == [2, 4]  # 8 is longer than any curve
+    assert table.loc[2, "val_mean"] == pytest.approx((0.1 + 0.2) / 2)
+    assert table.loc[2, "best_epoch_mean"] == pytest.approx((2 + 1) / 2)
+    assert table.loc[4, "val_mean"] == pytest.approx((0.4 + 0.3) / 2)
+    assert table.loc[4, "best_epoch_mean"] == pytest.approx((4 + 3) / 2)
+
+
+def test_missing_histories_and_phases_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no history.json"):
+        budget.read_curves(tmp_path)
+    _history(tmp_path, "fold-0/seed-0", [0.1], phase="unimodal-audio")
+    with pytest.raises(KeyError, match="fold-0/seed-0/history.json: no phase 'unimodal-video'"):
+        budget.read_curves(tmp_path)
+
+
+def test_the_benchmarks_data_seed_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        budget.parse_args(["--data-seed", "0"])
+    assert "quality benchmark's data" in capsys.readouterr().err
+    assert budget.parse_args([]).data_seed != 0
