@@ -424,6 +424,14 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_run_dir(cls, value: Path) -> Path:
+        """Made absolute against the current directory: every job's output folder derives from it, and Ray
+        Train runs workers in their own working directory, where a relative run directory names another
+        folder (``pkdot train-teacher --run runs/r1`` wrote its jobs under Ray's session folder)."""
+        return Path(value).expanduser().resolve()
+
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
         if self.data.dataset == "biovid":

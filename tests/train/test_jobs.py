@@ -116,3 +116,25 @@ def test_teacher_job_is_deterministic_for_a_seed(tmp_path):
         run_teacher_job(cfg, tjobs[0], split_fold(samples, folds[0]), WorkerContext())
         results.append(pd.read_parquet(Path(tjobs[0].out_dir) / "predictions.parquet"))
     np.testing.assert_array_equal(np.stack(results[0]["scores"]), np.stack(results[1]["scores"]))
+
+
+def test_a_relative_run_directory_gives_jobs_absolute_output_folders(tmp_path, monkeypatch):
+    """`pkdot train-teacher --run runs/r1`: Ray Train runs workers in their own working directory, so a job's
+    output folder must not be relative (it was, and the jobs wrote under Ray's session folder)."""
+    import argparse
+
+    from pkdot.cli import _run_config
+    from pkdot.config import RunConfig
+    from pkdot.stages import student_jobs, teacher_jobs
+
+    cfg = make_tiny_run(tmp_path / "runs" / "r1")
+    folds = subject_folds(sorted(set(load_samples(cfg, Path(cfg.run_dir)).subject_ids.tolist())), 3, seed=0)
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(run=Path("runs/r1"), overrides=["train.epochs_teacher=1"], ray_address=None)
+    loaded = _run_config(args)
+    assert Path(loaded.run_dir) == (tmp_path / "runs" / "r1").resolve()
+    jobs = teacher_jobs(loaded, folds) + student_jobs(loaded, folds, ["none"])
+    assert jobs and all(Path(j.out_dir).is_absolute() for j in jobs)
+    monkeypatch.chdir(tmp_path / "runs")  # a worker's own working directory
+    assert all(Path(j.out_dir).is_relative_to(tmp_path / "runs" / "r1") for j in jobs)
+    assert RunConfig(run_dir=Path("x")).run_dir == (tmp_path / "runs" / "x").resolve()
