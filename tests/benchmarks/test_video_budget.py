@@ -62,3 +62,31 @@ def test_the_benchmarks_data_seed_is_refused(capsys):
         budget.parse_args(["--data-seed", "0"])
     assert "quality benchmark's data" in capsys.readouterr().err
     assert budget.parse_args([]).data_seed != 0
+
+
+def _crops_run(run, seed, signal: bool) -> None:
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    n, shape = 120, (2, 16, 16, 3)
+    y = rng.uniform(-1, 1, n)
+    frames = rng.integers(0, 60, (n, *shape)).astype(np.uint8)
+    if signal:  # the lower half's brightness follows the label, the upper half is noise
+        frames[:, :, 8:, :, :] += (100 + 60 * y).astype(np.uint8)[:, None, None, None, None]
+    ids = [f"s{i}" for i in range(n)]
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "features").mkdir(exist_ok=True)
+    pd.DataFrame(
+        {"sample_id": ids, "frames": [f.tobytes() for f in frames], "frames_shape": [list(shape)] * n}
+    ).to_parquet(run / "features" / "faces.parquet")
+    pd.DataFrame({"sample_id": ids, "subject_id": [f"p{i % 10}" for i in range(n)], "valence": y}).to_parquet(
+        run / "manifest.parquet"
+    )
+
+
+def test_the_ridge_reference_finds_a_linear_signal_in_the_crops_and_none_without(tmp_path):
+    _crops_run(tmp_path / "with", 0, signal=True)
+    _crops_run(tmp_path / "without", 0, signal=False)
+    assert budget.ridge_reference(tmp_path / "with", 5, "valence") > 0.8
+    assert abs(budget.ridge_reference(tmp_path / "without", 5, "valence")) < 0.3
