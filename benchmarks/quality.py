@@ -1157,6 +1157,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         "--no-grid", action="store_true", help="only the base cell (every loss), no init x targets grid"
     )
     parser.add_argument(
+        "--cells",
+        nargs="+",
+        default=None,
+        metavar="INIT/TARGETS",
+        help="grid cells to run besides the base cell, e.g. scratch/fit (default: every cell)",
+    )
+    parser.add_argument(
         "--ablations",
         nargs="*",
         default=None,
@@ -1190,8 +1197,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         ablations = QUICK_ABLATIONS if quick else tuple(a.name for a in ABLATIONS)
     else:
         ablations = tuple(args.ablations)
+    cells = None
+    if args.cells is not None:
+        known = {cell_name(c): c for c in grid_cells()}
+        unknown = [c for c in args.cells if c not in known]
+        if unknown:
+            parser.error(f"--cells: unknown cell(s) {unknown} (expected some of {sorted(known)})")
+        if args.no_grid:
+            parser.error("--cells and --no-grid exclude each other")
+        cells = tuple(known[c] for c in args.cells)
     settings = QualitySettings(
         tasks=tuple(args.tasks),
+        cells=cells,
         seeds=args.seeds or (2 if quick else 5),
         subjects=args.subjects or (4 if quick else 10),
         folds=args.folds or (2 if quick else 5),

@@ -204,6 +204,18 @@ def test_settings_reject_unknown_tasks_and_too_few_subjects(tmp_path):
     assert settings.tasks == quality.DEFAULT_TASKS and "control" in settings.tasks
 
 
+def test_cells_option_names_grid_cells(capsys):
+    settings, _ = quality.parse_args(["--cells", "scratch/fit", "teacher-finetune/crossfit"])
+    assert settings.cells == (("scratch", "fit"), ("teacher-finetune", "crossfit")) and settings.grid
+    assert quality.parse_args([])[0].cells is None  # every cell
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--cells", "scratch/kd"])
+    assert "unknown cell(s) ['scratch/kd']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--cells", "scratch/fit", "--no-grid"])
+    assert "exclude each other" in capsys.readouterr().err
+
+
 def test_every_control_is_its_task_at_coupling_zero():
     """A negative control reads the same data set, task and views as the task it controls; only the coupling
     differs (1 there, 0 here); and every coupling-1 synthetic task has its control."""
