@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.bench_loader import load_benchmark
 
-
-def _load():
-    name = "pkdot_benchmark_lupi_power"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "lupi_power.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-power = _load()
+power = load_benchmark("lupi_power")
 TINY = {"test_subjects": 6, "ceiling_subjects": 12}
 
 

@@ -9,7 +9,6 @@ this size) scores. ``benchmarks/speed.py``: its measurement helpers on the same 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -19,24 +18,10 @@ import pytest
 
 from pkdot.config import load_config
 from pkdot.errors import ConfigError, StageError
+from tests.benchmarks.bench_loader import load_benchmark
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    module_name = f"pkdot_benchmark_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load("quality")
-speed = _load("speed")
+quality = load_benchmark("quality")
+speed = load_benchmark("speed")
 
 EXPECTED_MODELS = {"teacher", "unimodal-video", "unimodal-physio"} | {
     f"student-{loss}" for loss in quality.LOSSES

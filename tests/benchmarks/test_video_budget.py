@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.bench_loader import load_benchmark
 
-
-def _load():
-    name = "pkdot_benchmark_video_budget"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / "video_budget.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-budget = _load()
+budget = load_benchmark("video_budget")
 
 
 def _history(run: Path, job: str, vals: list[float], phase: str = "unimodal-video") -> None:
