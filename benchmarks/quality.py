@@ -84,7 +84,8 @@ class TaskSpec:
     ``overrides``: dotted config overrides of this task (e.g. ``synth.coupling``); ``control_of``: the task
     whose validation-selected configuration this negative control reuses (its own grid is not run);
     ``data``: ``"synthetic"`` (written by :func:`pkdot.stages.prepare_run`), ``"wdbc"`` (:mod:`real_tables`)
-    or ``"features"`` (:mod:`pkdot.data.synthetic_features`, coupling from ``overrides``).
+    or ``"features"`` (:mod:`pkdot.data.synthetic_features`, coupling from ``overrides``) or ``"relevant"``
+    (:mod:`lupi_control`, the positive control: "relevant features as privileged information").
     """
 
     name: str
@@ -96,7 +97,8 @@ class TaskSpec:
     overrides: tuple[tuple[str, Any], ...] = ()
     control_of: str | None = None
     data: str = "synthetic"
-    #: ``data == "features"``: (subjects, windows per class) of the synthetic feature table
+    #: ``data == "features"``: (subjects, windows per class) of the synthetic feature table; ``"relevant"``:
+    #: (subjects, windows per subject)
     table_size: tuple[int, int] = (87, 20)
 
 
@@ -200,6 +202,34 @@ for _name, _coupling, _control in (("landmarks", 1.0, None), ("landmarks-control
         control_of=_control,
         data="features",
         table_size=(30, 10),
+    )
+#: The positive control's training recipe, fixed on a *pilot* data seed (101; the benchmark's is 0) before the
+#: benchmark ran: the student imitates the privileged-only model (``distill.teacher_source = privileged``;
+#: the fusion teacher, which also reads the 50 observed dimensions, is less accurate: 0.890 vs 0.965 on the
+#: pilot), for 32 epochs, with the KD term weighted 4 (imitation dominating, as Lopez-Paz et al.'s best
+#: settings). Cells still choose the student's initialisation.
+RELEVANT_OVERRIDES = (
+    ("distill.teacher_source", "privileged"),
+    ("train.epochs_student", 32),
+    ("distill.weights.kd", 4.0),
+)
+for _name, _coupling, _control in (("relevant", 1.0, None), ("relevant-control", 0.0, "relevant")):
+    TASKS[_name] = TaskSpec(
+        _name,
+        "table",
+        "binary",
+        ("relevant",),
+        "positive control (Lopez-Paz et al. 2016, relevant features as privileged information), 20 subjects x "
+        f"10 windows, coupling {_coupling:g}; student view `observed` (50 dimensions), privileged view `relevant` "
+        "(the 3 that decide the label"
+        + (
+            ")" if _control is None else ", drawn afresh with the same label: negative control of `relevant`)"
+        ),
+        student=("observed",),
+        overrides=(("synth.coupling", _coupling), *RELEVANT_OVERRIDES),
+        control_of=_control,
+        data="relevant",
+        table_size=(20, 10),
     )
 DEFAULT_TASKS = (
     "binary",
@@ -526,6 +556,20 @@ def run_full(
 
         data_roots[key] = write_wdbc_table(settings.work_dir / "data" / "wdbc.parquet").resolve()
         over["data.root"] = str(data_roots[key])
+    elif spec.data == "relevant":
+        from lupi_control import write_relevant_table
+
+        coupling = float(dict(spec.overrides)["synth.coupling"])
+        subjects, per_subject = (
+            (QUICK_FEATURE_SUBJECTS, 2 * QUICK_FEATURE_PER_CLASS) if settings.quick else spec.table_size
+        )
+        data_roots[key] = write_relevant_table(
+            settings.work_dir / "data" / f"relevant-c{coupling:g}-{subjects}x{per_subject}.parquet",
+            subjects=subjects,
+            per_subject=per_subject,
+            coupling=coupling,
+        ).resolve()
+        over["data.root"] = str(data_roots[key])
     elif spec.data == "features":
         from pkdot.data.synthetic_features import write_feature_table
 
@@ -580,7 +624,7 @@ def _read_run(spec: TaskSpec, cell: tuple[str, str], run_dir: Path, samples: int
 
 def data_key(spec: TaskSpec) -> str:
     """Runs with the same key read the same recordings (the data set and its generating overrides)."""
-    size = f":{spec.table_size}" if spec.data == "features" else ""
+    size = f":{spec.table_size}" if spec.data in ("features", "relevant") else ""
     return f"{spec.dataset}:{spec.data}:{sorted(spec.overrides)}{size}"
 
 
@@ -972,7 +1016,7 @@ def task_markdown(result: TaskResult, selected: tuple[str, str] | None = None) -
             f"{cfg.synth.subjects} synthetic subjects x {cfg.synth.videos_per_subject} video of "
             f"{cfg.synth.seconds_per_video:g} s, clips of {cfg.data.clip_frames} frames: {base.samples} clips"
         )
-    elif base.spec.data == "features":
+    elif base.spec.data in ("features", "relevant"):
         people = pd.read_parquet(Path(cfg.run_dir) / "manifest.parquet", columns=["subject_id"])["subject_id"]
         size = f"{base.samples} windows of {people.nunique()} synthetic subjects (feature table)"
     elif cfg.data.dataset == "table":

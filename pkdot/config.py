@@ -334,6 +334,13 @@ class DistillConfig(_Section):
         "group j gives group j's targets (val/test: the full-fold teacher); student batches stay in one group",
     )
     crossfit_groups: int = Field(default=3, ge=2, description="Groups J of teacher_targets='crossfit'")
+    teacher_source: Literal["fusion", "privileged"] = Field(
+        default="fusion",
+        description="Which trained model's embedding and outputs the student imitates: 'fusion' (the paper's: "
+        "the multimodal teacher) or 'privileged' (the unimodal model of the one privileged modality, trained "
+        "in the teacher stage's phase 1). The student's T-Nets and frozen tokens still come from the fusion "
+        "teacher's job",
+    )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-loss extra keyword options"
     )
@@ -451,6 +458,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"data.student_modalities {self.data.student_modalities}: the student reads one modality (the one "
                 "it has at test time); several privileged (teacher-only) modalities are supported"
+            )
+        if self.distill.teacher_source == "privileged" and len(self.data.privileged_modalities) != 1:
+            raise ValueError(
+                f"distill.teacher_source 'privileged' imitates the unimodal model of *the* privileged modality; "
+                f"data.privileged_modalities is {self.data.privileged_modalities} (name one, or use 'fusion')"
             )
         if self.evaluate.robustness and "video" not in self.data.student_modalities:
             raise ValueError(

@@ -176,6 +176,9 @@ def stage_key(cfg: RunConfig, stage: str, upstream: str, *, losses: Iterable[str
     if stage in ("train-teacher", "cache") and cfg.distill.teacher_targets == "crossfit":
         # cross-fitted targets add teacher jobs and change the cache (fit keys stay as they were)
         payload["teacher_targets"] = ["crossfit", cfg.distill.crossfit_groups]
+    if stage == "cache" and cfg.distill.teacher_source != "fusion":
+        # another model's targets (fusion keys stay as they were)
+        payload["teacher_source"] = cfg.distill.teacher_source
     if stage == "evaluate":
         from pkdot.tracking import resolve_tracking_uri  # imports mlflow: only when needed
 

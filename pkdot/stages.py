@@ -453,14 +453,16 @@ def stage_cache(cfg: RunConfig, upstream: str = "") -> StageResult:
     cf = crossfit_groups_of(cfg)
     paths = [cache_path(run_dir, f.index, s, cf) for s, f in pairs]
     done = _done(cfg, "cache", key)
-    if done is not None and all(cache_is_fresh(run_dir, f.index, s, cf) for s, f in pairs):
+    if done is not None and all(
+        cache_is_fresh(run_dir, f.index, s, cf, cfg.distill.teacher_source) for s, f in pairs
+    ):
         return StageResult("cache", run_dir / "embeddings", done["fingerprint"], True, done["details"])
     t0 = time.time()
     _mark_pending(cfg, "cache", key)
     samples = None
     built = 0
     for s, f in pairs:
-        if cache_is_fresh(run_dir, f.index, s, cf):
+        if cache_is_fresh(run_dir, f.index, s, cf, cfg.distill.teacher_source):
             continue
         if samples is None:
             samples = load_samples(cfg, run_dir)

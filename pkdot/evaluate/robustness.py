@@ -176,25 +176,11 @@ def perturb_clips(
 # ---- models ------------------------------------------------------------------------------------------------
 def load_unimodal_video(cfg: RunConfig, fold: int, seed: int, device: torch.device | str = "cpu"):
     """The trained ``unimodal-<video>`` model of (fold, seed) (teacher stage, phase 1), frozen, eval mode."""
-    from pkdot.models import UnimodalModel, build_backbone
     from pkdot.train.cache import teacher_dir
+    from pkdot.train.teacher import load_unimodal
 
     video = cfg.data.student_modalities[0]
-    path = teacher_dir(Path(cfg.run_dir), fold, seed) / f"unimodal-{video}.pt"
-    if not path.is_file():
-        raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
-    saved = torch.load(path, weights_only=False, map_location=device)
-    model = UnimodalModel(
-        build_backbone(video, tuple(saved["input_shape"]), cfg.model),
-        cfg.data.num_outputs,
-        cfg.data.is_regression,
-        bounded=cfg.data.task != "regression",
-    )
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(device)
+    return load_unimodal(cfg, teacher_dir(Path(cfg.run_dir), fold, seed), video, device)
 
 
 def trained_video_models(run_dir: Path, losses: Sequence[str] | None = None) -> list[tuple[str, int, int]]:

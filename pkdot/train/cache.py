@@ -13,6 +13,10 @@ of the teacher trained *without* group j (``teacher/fold-<k>/seed-<s>/crossfit-<
 training target comes from a teacher that saw the sample's subject; validation and test samples get the
 full-fold teacher's. The metadata lists each group's subjects, the subjects its teacher trained on, and the
 extra teacher jobs and their seconds (the cost of cross-fitting).
+
+With ``distill.teacher_source = "privileged"`` the embedding and logits (of every row, and of each crossfit
+group's teacher) come from the job's ``unimodal-<privileged>`` model instead of the fusion teacher; the tokens
+still come from the full-fold fusion teacher. The metadata records the source and that model's hash too.
 """
 
 from __future__ import annotations
@@ -72,6 +76,20 @@ def teacher_dir(
     return base / f"crossfit-{groups}" / f"without-{group}"
 
 
+def target_checkpoints(meta_or_source: dict | str, privileged: str | None = None) -> tuple[str, ...]:
+    """The checkpoints (besides ``teacher``/``tnet``) whose outputs a cache holds: ``("unimodal-<p>",)`` for
+    ``teacher_source = "privileged"`` (from a cache's metadata, or a source name and the modality)."""
+    if isinstance(meta_or_source, dict):
+        source, privileged = meta_or_source.get("teacher_source", "fusion"), meta_or_source.get("privileged")
+    else:
+        source = meta_or_source
+    if source == "fusion":
+        return ()
+    if source != "privileged" or not privileged:
+        raise StaleCacheError(f"unknown teacher source {source!r} (privileged modality {privileged!r})")
+    return (f"unimodal-{privileged}",)
+
+
 def checkpoint_hashes(job_dir: Path, names: tuple[str, ...] = ("teacher", "tnet")) -> dict[str, str]:
     out = {}
     for name in names:
@@ -112,6 +130,20 @@ def _teacher_outputs(
 
 
 @torch.no_grad()
+def _unimodal_outputs(
+    model, modality: str, samples: SampleSet, index: np.ndarray, batch_size: int, device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (n, D), logits (n, C)) of a unimodal model on rows ``index``."""
+    emb, logits = [], []
+    for start in range(0, len(index), batch_size):
+        rows = index[start : start + batch_size]
+        out = model(torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][rows])).to(device))
+        emb.append(out.embedding.float().cpu().numpy())
+        logits.append(out.logits.float().cpu().numpy())
+    return np.concatenate(emb), np.concatenate(logits)
+
+
+@torch.no_grad()
 def build_cache(
     cfg: RunConfig,
     samples: SampleSet,
@@ -127,17 +159,26 @@ def build_cache(
     take their embedding/logits from the teacher trained without group j (see the module doc).
     """
     from pkdot.train.splits import load_fold_plan
-    from pkdot.train.teacher import load_teacher
+    from pkdot.train.teacher import load_teacher, load_unimodal
 
     run_dir = Path(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
+    source = cfg.distill.teacher_source
+    privileged = cfg.data.privileged_modalities[0] if source == "privileged" else None
+    extra = target_checkpoints(source, privileged)
     jdir = teacher_dir(run_dir, fold, seed)
-    hashes = checkpoint_hashes(jdir)
+    hashes = checkpoint_hashes(jdir, ("teacher", "tnet", *extra))
     teacher, _tnets, _shapes = load_teacher(cfg, jdir, device)
     everything = np.arange(len(samples))
     embedding, logits, tokens = _teacher_outputs(cfg, teacher, samples, everything, batch_size, device)
+    if privileged is not None:
+        embedding, logits = _unimodal_outputs(
+            load_unimodal(cfg, jdir, privileged, device), privileged, samples, everything, batch_size, device
+        )
     target_group = np.full(len(samples), -1, dtype=np.int32)
-    meta: dict = {"fold": fold, "seed": seed, "teacher_targets": "fit", **hashes}
+    meta: dict = {"fold": fold, "seed": seed, "teacher_targets": "fit", "teacher_source": source, **hashes}
+    if privileged is not None:
+        meta["privileged"] = privileged
     if groups is not None:
         the_fold = load_fold_plan(run_dir / "splits.json").fold(seed, fold)
         if len(the_fold.crossfit) != groups:
@@ -157,8 +198,12 @@ def build_cache(
                     f"{sorted(trained_on & set(members))[:5]} (stale teacher; rerun train-teacher)"
                 )
             rows = np.flatnonzero(np.isin(subjects, np.asarray(members, dtype=object)))
-            group_teacher, _, _ = load_teacher(cfg, gdir, device, with_tnets=False)
-            e, lg, _ = _teacher_outputs(cfg, group_teacher, samples, rows, batch_size, device)
+            if privileged is None:
+                group_teacher, _, _ = load_teacher(cfg, gdir, device, with_tnets=False)
+                e, lg, _ = _teacher_outputs(cfg, group_teacher, samples, rows, batch_size, device)
+            else:
+                model = load_unimodal(cfg, gdir, privileged, device)
+                e, lg = _unimodal_outputs(model, privileged, samples, rows, batch_size, device)
             embedding[rows], logits[rows], target_group[rows] = e, lg, j
             records.append(
                 {
@@ -166,7 +211,7 @@ def build_cache(
                     "subjects": list(members),
                     "teacher_train_subjects": sorted(trained_on),
                     "seconds": float(record.get("seconds", float("nan"))),
-                    **checkpoint_hashes(gdir, ("teacher",)),
+                    **checkpoint_hashes(gdir, ("teacher", *extra)),
                 }
             )
         meta |= {
@@ -205,14 +250,25 @@ def cache_metadata(path: Path) -> dict:
     return json.loads(meta[b"pkdot"])
 
 
-def check_cache(run_dir: Path, fold: int, seed: int, crossfit: int | None = None) -> dict:
+def check_cache(
+    run_dir: Path, fold: int, seed: int, crossfit: int | None = None, teacher_source: str | None = None
+) -> dict:
     """Raise :class:`StaleCacheError` unless the cache of (fold, seed) matches the teacher checkpoints.
 
-    ``crossfit`` = J checks the cross-fitted cache and the checkpoints of its J group teachers too.
+    ``crossfit`` = J checks the cross-fitted cache and the checkpoints of its J group teachers too;
+    ``teacher_source`` (``distill.teacher_source``), when given, must be the source the cache was built from.
     """
     path = cache_path(run_dir, fold, seed, crossfit)
     meta = cache_metadata(path)
-    expected = [(teacher_dir(run_dir, fold, seed), checkpoint_hashes(teacher_dir(run_dir, fold, seed)), meta)]
+    built_from = meta.get("teacher_source", "fusion")
+    if teacher_source is not None and built_from != teacher_source:
+        raise StaleCacheError(
+            f"embedding cache {path} holds the {built_from!r} teacher's targets, distill.teacher_source is "
+            f"{teacher_source!r}; rebuild it with `pkdot cache`"
+        )
+    extra = target_checkpoints(meta)
+    jdir = teacher_dir(run_dir, fold, seed)
+    expected = [(jdir, checkpoint_hashes(jdir, ("teacher", "tnet", *extra)), meta)]
     if crossfit is not None:
         records = meta.get("groups", [])
         if meta.get("crossfit_groups") != crossfit or len(records) != crossfit:
@@ -221,7 +277,7 @@ def check_cache(run_dir: Path, fold: int, seed: int, crossfit: int | None = None
             )
         for r in records:
             gdir = teacher_dir(run_dir, fold, seed, r["group"], crossfit)
-            expected.append((gdir, checkpoint_hashes(gdir, ("teacher",)), r))
+            expected.append((gdir, checkpoint_hashes(gdir, ("teacher", *extra)), r))
     for jdir, current, recorded in expected:
         for key, value in current.items():
             if recorded.get(key) != value:
@@ -233,9 +289,11 @@ def check_cache(run_dir: Path, fold: int, seed: int, crossfit: int | None = None
     return meta
 
 
-def cache_is_fresh(run_dir: Path, fold: int, seed: int, crossfit: int | None = None) -> bool:
+def cache_is_fresh(
+    run_dir: Path, fold: int, seed: int, crossfit: int | None = None, teacher_source: str | None = None
+) -> bool:
     try:
-        check_cache(run_dir, fold, seed, crossfit)
+        check_cache(run_dir, fold, seed, crossfit, teacher_source)
     except (StaleCacheError, StageError):
         return False
     return True

@@ -179,7 +179,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     regression = cfg.data.is_regression
     metric = "ccc" if regression else "accuracy"
     crossfit = crossfit_groups_of(cfg)
-    meta = check_cache(Path(cfg.run_dir), job.fold, job.seed, crossfit)
+    meta = check_cache(Path(cfg.run_dir), job.fold, job.seed, crossfit, cfg.distill.teacher_source)
     _attach_cache(cfg, data, job)
     video = cfg.data.student_modalities[0]
     from_features = cfg.train.student_backbone_frozen

@@ -381,3 +381,24 @@ def load_teacher(
         for p in m.parameters():
             p.requires_grad_(False)
     return teacher.to(device), (tnets.to(device) if tnets is not None else None), saved["input_shapes"]
+
+
+def load_unimodal(cfg: RunConfig, job_dir: Path, modality: str, device: torch.device | str = "cpu"):
+    """The trained ``unimodal-<modality>`` model of a teacher job folder (phase 1), frozen, eval mode."""
+    from pkdot.errors import StageError
+
+    path = Path(job_dir) / f"unimodal-{modality}.pt"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
+    saved = torch.load(path, weights_only=False, map_location=device)
+    model = UnimodalModel(
+        build_backbone(modality, tuple(saved["input_shape"]), cfg.model),
+        cfg.data.num_outputs,
+        cfg.data.is_regression,
+        bounded=cfg.data.task != "regression",
+    )
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device)

@@ -226,7 +226,7 @@ def test_every_control_is_its_task_at_coupling_zero():
         assert dict(control.overrides)["synth.coupling"] == 0.0
         others = {k: v for k, v in task.overrides if k != "synth.coupling"}
         assert {k: v for k, v in control.overrides if k != "synth.coupling"} == others, control.name
-    assert {"binary", "features", "landmarks", "valence", "arousal"} <= set(controls)
+    assert {"binary", "features", "landmarks", "valence", "arousal", "relevant"} <= set(controls)
 
 
 def _table(diff: float, low: float, high: float) -> pd.DataFrame:
