@@ -100,6 +100,8 @@ class TaskSpec:
     #: ``data == "features"``: (subjects, windows per class) of the synthetic feature table; ``"relevant"``:
     #: (subjects, windows per subject)
     table_size: tuple[int, int] = (87, 20)
+    #: ``data == "relevant"``: the table's data seed
+    data_seed: int = 0
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -220,24 +222,31 @@ for _base, _recipe, _extra in (
             data="features",
             table_size=(30, 10),
         )
-for _name, _coupling, _control in (("relevant", 1.0, None), ("relevant-control", 0.0, "relevant")):
-    TASKS[_name] = TaskSpec(
-        _name,
-        "table",
-        "binary",
-        ("relevant",),
-        "positive control (Lopez-Paz et al. 2016, relevant features as privileged information), 20 subjects x "
-        f"10 windows, coupling {_coupling:g}; student view `observed` (50 dimensions), privileged view `relevant` "
-        "(the 3 that decide the label"
-        + (
-            ")" if _control is None else ", drawn afresh with the same label: negative control of `relevant`)"
-        ),
-        student=("observed",),
-        overrides=(("synth.coupling", _coupling), *IMITATION_OVERRIDES),
-        control_of=_control,
-        data="relevant",
-        table_size=(20, 10),
-    )
+#: ``relevant``: the first run's size. ``relevant-large``: 3x the windows per subject (so 3x the test windows per
+#: fold), sized from the first run's per-run deviation of kd - none (0.088; a gain of 0.06 needs about 0.05), on
+#: its own data seed (1) so that its windows are not the first run's.
+for _base, _size, _seed in (("relevant", (20, 10), 0), ("relevant-large", (20, 30), 1)):
+    for _name, _coupling, _control in ((_base, 1.0, None), (f"{_base}-control", 0.0, _base)):
+        TASKS[_name] = TaskSpec(
+            _name,
+            "table",
+            "binary",
+            ("relevant",),
+            "positive control (Lopez-Paz et al. 2016, relevant features as privileged information), "
+            f"{_size[0]} subjects x {_size[1]} windows (data seed {_seed}), coupling {_coupling:g}; student view "
+            "`observed` (50 dimensions), privileged view `relevant` (the 3 that decide the label"
+            + (
+                ")"
+                if _control is None
+                else f", drawn afresh with the same label: negative control of `{_base}`)"
+            ),
+            student=("observed",),
+            overrides=(("synth.coupling", _coupling), *IMITATION_OVERRIDES),
+            control_of=_control,
+            data="relevant",
+            table_size=_size,
+            data_seed=_seed,
+        )
 DEFAULT_TASKS = (
     "binary",
     "control",
@@ -343,6 +352,8 @@ class QualitySettings:
     ablations: tuple[str, ...] = ()
     quick: bool = False
     work_dir: Path = Path("runs/bench-quality")
+    #: losses of the base cell (default every loss); a subset must keep ``none`` and ``pkdot``
+    base_losses: tuple[str, ...] = LOSSES
     #: only read the run directories a previous call completed (no stage runs): cells not found are skipped
     report_only: bool = False
 
@@ -354,6 +365,12 @@ class QualitySettings:
         bad = [a for a in self.ablations if a not in names]
         if bad:
             raise ConfigError(f"--ablations: unknown setting(s) {bad} (expected some of {sorted(names)})")
+        odd = [loss for loss in self.base_losses if loss not in LOSSES]
+        if odd or not {"none", "pkdot"} <= set(self.base_losses):
+            raise ConfigError(
+                f"--base-losses {list(self.base_losses)}: expected some of {list(LOSSES)}, including none and "
+                "pkdot (the report compares PKDOT with the student without distillation)"
+            )
         if self.seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
         if self.folds < 2:
@@ -571,10 +588,13 @@ def run_full(
             (QUICK_FEATURE_SUBJECTS, 2 * QUICK_FEATURE_PER_CLASS) if settings.quick else spec.table_size
         )
         data_roots[key] = write_relevant_table(
-            settings.work_dir / "data" / f"relevant-c{coupling:g}-{subjects}x{per_subject}.parquet",
+            settings.work_dir
+            / "data"
+            / f"relevant-c{coupling:g}-{subjects}x{per_subject}-s{spec.data_seed}.parquet",
             subjects=subjects,
             per_subject=per_subject,
             coupling=coupling,
+            seed=spec.data_seed,
         ).resolve()
         over["data.root"] = str(data_roots[key])
     elif spec.data == "features":
@@ -631,7 +651,7 @@ def _read_run(spec: TaskSpec, cell: tuple[str, str], run_dir: Path, samples: int
 
 def data_key(spec: TaskSpec) -> str:
     """Runs with the same key read the same recordings (the data set and its generating overrides)."""
-    size = f":{spec.table_size}" if spec.data in ("features", "relevant") else ""
+    size = f":{spec.table_size}:{spec.data_seed}" if spec.data in ("features", "relevant") else ""
     generating = sorted((k, v) for k, v in spec.overrides if k.startswith("synth."))
     return f"{spec.dataset}:{spec.data}:{generating}{size}"
 
@@ -705,7 +725,7 @@ def run_task(
     for cell in sorted(
         wanted, key=lambda c: (c != BASE_CELL, TEACHER_TARGETS.index(c[1]), c[0] != "teacher-frozen")
     ):
-        losses = LOSSES if cell == BASE_CELL else GRID_LOSSES
+        losses = settings.base_losses if cell == BASE_CELL else GRID_LOSSES
         targets = cell[1]
         if targets not in full:
             frozen = ("teacher-frozen", targets)
@@ -715,7 +735,11 @@ def run_task(
             ):
                 continue
             full[targets] = run_full(
-                spec, settings, data_roots, frozen, LOSSES if frozen == BASE_CELL else GRID_LOSSES
+                spec,
+                settings,
+                data_roots,
+                frozen,
+                settings.base_losses if frozen == BASE_CELL else GRID_LOSSES,
             )
             runs[frozen] = full[targets]
         if targets not in full:
@@ -1209,6 +1233,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         "--no-grid", action="store_true", help="only the base cell (every loss), no init x targets grid"
     )
     parser.add_argument(
+        "--base-losses",
+        nargs="*",
+        default=None,
+        metavar="LOSS",
+        help="losses of the base cell (default all; keep none and pkdot), e.g. none kd pkdot to save time",
+    )
+    parser.add_argument(
         "--cells",
         nargs="+",
         default=None,
@@ -1242,6 +1273,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
     )
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.base_losses is not None and not args.base_losses:
+        parser.error("--base-losses: name at least none and pkdot")
     work_dir = args.work_dir or Path("runs/bench-quality-quick" if quick else "runs/bench-quality")
     if args.ablations is None:
         ablations: tuple[str, ...] = ()
@@ -1273,6 +1306,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         quick=quick,
         work_dir=work_dir,
         report_only=args.report_only,
+        base_losses=tuple(args.base_losses) if args.base_losses else LOSSES,
     )
     out = args.out or (work_dir / "quality.md" if quick else RESULTS_DIR / "quality.md")
     return settings, out

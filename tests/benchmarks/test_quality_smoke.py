@@ -201,6 +201,40 @@ def test_cells_option_names_grid_cells(capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
+def test_base_losses_option_trains_only_those_losses_in_the_base_cell(tmp_path, monkeypatch):
+    settings, _ = quality.parse_args(["--base-losses", "none", "kd", "pkdot", "--cells", "scratch/fit"])
+    assert settings.base_losses == ("none", "kd", "pkdot")
+    assert quality.parse_args([])[0].base_losses == quality.LOSSES
+    with pytest.raises(ConfigError, match="including none and pkdot"):
+        quality.parse_args(["--base-losses", "kd", "sp"])
+    trained: dict = {}
+
+    def full(spec, settings, data_roots, cell, losses):
+        trained[cell] = tuple(losses)
+        return cell
+
+    def variant(base, cell, losses, work_dir, report_only):
+        trained[cell] = tuple(losses)
+        return cell
+
+    monkeypatch.setattr(quality, "run_full", full)
+    monkeypatch.setattr(quality, "run_variant", variant)
+    quality.run_task(quality.TASKS["relevant"], settings, {})
+    assert trained == {quality.BASE_CELL: ("none", "kd", "pkdot"), ("scratch", "fit"): quality.GRID_LOSSES}
+
+
+def test_positive_control_tasks_read_their_own_tables():
+    small, large = quality.TASKS["relevant"], quality.TASKS["relevant-large"]
+    assert (small.table_size, small.data_seed) == ((20, 10), 0)
+    assert (large.table_size, large.data_seed) == ((20, 30), 1)
+    keys = {quality.data_key(quality.TASKS[n]) for n in ("relevant", "relevant-control", "relevant-large")}
+    assert len(keys) == 3
+    # a task's data key is its generating overrides only: the recipe does not make another data set
+    assert quality.data_key(quality.TASKS["landmarks"]) == quality.data_key(
+        quality.TASKS["landmarks-imitation"]
+    )
+
+
 def test_every_control_is_its_task_at_coupling_zero():
     """A negative control reads the same data set, task and views as the task it controls; only the coupling
     differs (1 there, 0 here); and every coupling-1 synthetic task has its control."""
