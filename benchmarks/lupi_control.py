@@ -31,8 +31,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 #: Dimensions of the student's view, and how many of them decide the label (Lopez-Paz et al. 2016, sec. 4).
 DIMS = 50
@@ -85,21 +83,8 @@ def write_relevant_table(
     path: Path, *, subjects: int, per_subject: int, coupling: float, seed: int = 0
 ) -> Path:
     """Write the table in :mod:`pkdot.data.tabular`'s layout (temp file, then rename). Returns ``path``."""
+    from pkdot.data.tabular import write_view_table
+
     cols = draw_relevant_table(subjects=subjects, per_subject=per_subject, coupling=coupling, seed=seed)
-    table = pa.table(
-        {
-            "sample_id": pa.array(cols["sample_id"]),
-            "subject_id": pa.array(cols["subject_id"]),
-            "label": pa.array(cols["label"]),
-            **{
-                view: pa.array([row.tolist() for row in cols[view]], type=pa.list_(pa.float32()))
-                for view in (STUDENT_VIEW, PRIVILEGED_VIEW)
-            },
-        }
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    views = {view: cols[view] for view in (STUDENT_VIEW, PRIVILEGED_VIEW)}
+    return write_view_table(path, cols["sample_id"], cols["subject_id"], cols["label"], views)

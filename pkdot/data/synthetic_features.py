@@ -45,8 +45,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.data.synthetic import (
@@ -219,22 +217,8 @@ def write_feature_table(
     :mod:`pkdot.data.tabular` reads, written to a temp name then renamed. Returns ``path``.
 
     Defaults: Biovid Part A's size (87 subjects, 20 windows per class)."""
+    from pkdot.data.tabular import write_view_table
+
     cols = draw_feature_table(subjects=subjects, per_class=per_class, coupling=coupling, seed=seed, task=task)
-    table = pa.table(
-        {
-            "sample_id": pa.array(cols["sample_id"]),
-            "subject_id": pa.array(cols["subject_id"]),
-            "label": pa.array(cols["label"]),
-            "face_au": pa.array([row.tolist() for row in cols["face_au"]], type=pa.list_(pa.float32())),
-            "face_landmarks": pa.array(
-                [row.tolist() for row in cols["face_landmarks"]], type=pa.list_(pa.float32())
-            ),
-            "physio": pa.array([row.tolist() for row in cols["physio"]], type=pa.list_(pa.float32())),
-        }
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    views = {view: cols[view] for view in ("face_au", "face_landmarks", "physio")}
+    return write_view_table(path, cols["sample_id"], cols["subject_id"], cols["label"], views)

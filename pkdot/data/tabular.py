@@ -341,3 +341,31 @@ def _bad_rows_message(path: Path, sample_ids: list, problems: dict[int, str]) ->
         + "; fix them, or set data.skip_bad=true (--skip-bad) to skip and report them:\n"
     )
     return head + "\n".join(listed) + more
+
+
+def write_view_table(
+    path: str | Path,
+    sample_ids: list[str],
+    subject_ids: list[str],
+    labels: np.ndarray,
+    views: dict[str, np.ndarray],
+) -> Path:
+    """Write a table in this module's layout (``sample_id``, ``subject_id``, ``label``, one float32 list column
+    per view of ``views``: name -> (N, D_m)), via a temp file then a rename. Returns ``path``."""
+    table = pa.table(
+        {
+            "sample_id": pa.array(sample_ids),
+            "subject_id": pa.array(subject_ids),
+            "label": pa.array(labels),
+            **{
+                name: pa.array([row.tolist() for row in values], type=pa.list_(pa.float32()))
+                for name, values in views.items()
+            },
+        }
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path

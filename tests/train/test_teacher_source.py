@@ -25,21 +25,11 @@ from pkdot.train.ray_runner import run_jobs_local
 from pkdot.train.splits import write_run_folds
 from pkdot.train.teacher import load_teacher, load_unimodal
 from tests.train.conftest import make_tiny_run
+from tests.train.test_crossfit import CROSSFIT
 
 PRIVILEGED = {
-    "distill": {
-        "teacher_targets": "crossfit",
-        "crossfit_groups": 2,
-        "teacher_source": "privileged",
-        "losses": ["kd"],
-    },
-    "train": {
-        "epochs_unimodal": 1,
-        "epochs_teacher": 1,
-        "epochs_tnet": 1,
-        "epochs_student": 1,
-        "batch_size": 8,
-    },
+    "distill": {**CROSSFIT["distill"], "teacher_source": "privileged", "losses": ["kd"]},
+    "train": CROSSFIT["train"],
 }
 
 
