@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test test-fast lint bench bench-quality ray-up ray-down clean
+.PHONY: setup demo test test-fast lint imports bench bench-quality ray-up ray-down clean
 
 # Where torch==2.13.0 comes from. Default: PyTorch's CPU-only index when the machine has no NVIDIA driver
 # (no `nvidia-smi`), else PyPI's default build (CUDA). Override, e.g.
@@ -37,7 +37,11 @@ test: $(BIN)/pkdot
 test-fast: $(BIN)/pkdot
 	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
 
-lint: $(BIN)/pkdot
+# The layers contract (pyproject.toml [tool.importlinter], docs/architecture.md); CI runs it before the tests.
+imports: $(BIN)/pkdot
+	$(BIN)/lint-imports
+
+lint: imports
 	$(BIN)/ruff check pkdot flows tests benchmarks
 	$(BIN)/ruff format --check pkdot flows tests benchmarks
 	$(BIN)/mypy pkdot

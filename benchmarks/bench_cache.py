@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def prepare(run: Path, subjects: int, sets: list[str]):
     from pkdot.config import load_config, parse_override
-    from pkdot.stages import prepare_run, stage_cache, stage_extract, stage_manifest, stage_train_teacher
+    from pkdot.pipeline import prepare_run, run_stage
 
     extra = dict(parse_override(item) for item in sets)
     cfg = load_config(
@@ -35,10 +35,10 @@ def prepare(run: Path, subjects: int, sets: list[str]):
         },
     )
     cfg = prepare_run(cfg)
-    up = stage_manifest(cfg).fingerprint
-    up = stage_extract(cfg, up).fingerprint
-    up = stage_train_teacher(cfg, up).fingerprint
-    stage_cache(cfg, up)
+    up = run_stage("manifest", cfg).fingerprint
+    up = run_stage("extract", cfg, up).fingerprint
+    up = run_stage("train-teacher", cfg, up).fingerprint
+    run_stage("cache", cfg, up)
     return cfg
 
 
@@ -61,10 +61,11 @@ def main() -> None:
 
     from pkdot.config import load_config
     from pkdot.distill import build_loss
-    from pkdot.train.cache import read_cache, teacher_dir
+    from pkdot.folds import load_folds
+    from pkdot.rundir import RunDir
+    from pkdot.train.cache import read_cache
     from pkdot.train.data import load_samples, split_fold
     from pkdot.train.loops import epoch_batches
-    from pkdot.train.splits import load_folds
     from pkdot.train.student import DistillationObjective, build_student_for_job
     from pkdot.train.teacher import load_teacher
 
@@ -78,7 +79,7 @@ def main() -> None:
     samples = load_samples(cfg, run_dir)
     train = split_fold(samples, fold).train
     cache = read_cache(run_dir, fold.index, 0, train.sample_ids)
-    teacher, _, _ = load_teacher(cfg, teacher_dir(run_dir, fold.index, 0))
+    teacher, _, _ = load_teacher(cfg, RunDir(run_dir).teacher(fold.index, 0))
     b = cfg.train.batch_size
 
     def objective():
@@ -90,7 +91,7 @@ def main() -> None:
             num_outputs=cfg.data.num_outputs,
             regression=cfg.data.is_regression,
             num_samples=len(train),
-            cfg=cfg.distill,
+            options=cfg.distill.options(args.loss),
         )
         obj = DistillationObjective(student, loss, cfg)
         opt = torch.optim.Adam([p for p in obj.parameters() if p.requires_grad], lr=1e-3)

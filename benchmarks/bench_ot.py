@@ -200,7 +200,7 @@ def _step_methods(mode: str, size: int, seed: int) -> dict[str, Callable[[], Non
             num_outputs=classes,
             regression=False,
             num_samples=size,
-            cfg=cfg.distill,
+            options=cfg.distill.options(name),
         )
 
         def step() -> None:
@@ -219,13 +219,12 @@ def _step_methods(mode: str, size: int, seed: int) -> dict[str, Callable[[], Non
 def bench_step(batch_sizes: list[int], repeats: int, warmup: int, seed: int) -> None:
     """Part 2: one optimiser step of the demo student, CE only vs CE + weight * PKDOT."""
     from pkdot.config import load_config
-    from pkdot.distill import loss_weight
 
     cfg = load_config(preset="demo")
     print(
         f"\n## Training step: demo student ({cfg.model.video_backbone}, width {cfg.model.video_width}, "
         f"{cfg.features.n_frames} x {cfg.features.crop_size}^2 uint8 video, embed {cfg.model.embed_dim}), Adam; "
-        f"CE vs CE + {loss_weight(cfg.distill, 'pkdot')} * PKDOT (k = {cfg.distill.k})"
+        f"CE vs CE + {cfg.distill.pkdot.weight} * PKDOT (k = {cfg.distill.pkdot.k})"
     )
     print(f"median ms over {repeats} repeats (min in parentheses)\n")
     print(f"{'mode':>22} | {'B':>4} | {'CE only':>17} | {'CE + PKDOT':>17} | {'ratio':>6}")

@@ -98,7 +98,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def write_result(path: Path, text: str) -> Path:
     """Write a result file atomically (temp file in the same folder, then rename)."""
-    from pkdot.train.jobs import atomic_write_text
+    from pkdot.rundir import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, text)
@@ -115,7 +115,7 @@ def link_upstream(
     """Make ``sibling_run`` share the upstream artifacts of ``base_run`` through symbolic links.
 
     Links ``entries`` (files or folders of the run directory) and ``stages/<marker>.json`` of the earlier
-    stages, so that the stage functions of :mod:`pkdot.stages` see those stages as done (same fingerprints)
+    stages, so that the stage functions of :mod:`pkdot.pipeline` see those stages as done (same fingerprints)
     and only the later stages run in ``sibling_run``. The sibling's own ``stages/`` folder is a real folder:
     the stages it runs write their markers there, never into the base run. Existing correct links are kept.
 

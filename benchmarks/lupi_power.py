@@ -7,14 +7,16 @@ physio read one shared response) and at coupling 0 (the negative control). If th
 half-width of the benchmark's corrected confidence interval, a null result of the benchmark says "too small to
 see at this size", not "no effect".
 
-The learners are deliberately simple and fixed before any number was seen (nothing here is tuned):
+The learners are deliberately simple and fixed before any number was seen (nothing here is tuned); they are
+:mod:`pkdot.evaluate.diagnose`'s (``fit_probe``, ``crossfit_outputs``, ``fit_soft_student``), the gain that
+``pkdot diagnose`` measures:
 
 - student: scikit-learn's L2 logistic regression (``C = 1``) on the standardised student view;
 - teacher: the same model on the standardised student and privileged views together, **cross-fitted** over
   3 subject groups (each training window's target comes from a teacher that never saw it: the
   ``distill.teacher_targets = crossfit`` idea), its logit divided by a temperature ``T``;
 - ``kd`` student: logistic regression on the soft target ``alpha * label + (1 - alpha) * sigmoid(logit / T)``
-  (each window entered twice, as label 1 with weight ``target`` and label 0 with weight ``1 - target``).
+  (each window entered once per class, weighted by the target's probability of that class).
 
 Data seeds are disjoint from the benchmark's (training sets ``1000 + rep``, test sets ``5000 + rep``; the
 benchmark's table is seed 0), so this check cannot leak the benchmark's test subjects into any choice.
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,6 @@ class Gain:
         return self.kd - self.none
 
 
-def _logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None):
-    from sklearn.linear_model import LogisticRegression
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # lbfgs convergence chatter on tiny sets
-        return LogisticRegression(C=1.0, max_iter=3000).fit(x, y, sample_weight=weight)
-
-
 def held_out_gain(
     view: str,
     subjects: int,
@@ -86,10 +79,10 @@ def held_out_gain(
     groups: int = 3,
     ceiling_subjects: int = CEILING_SUBJECTS,
 ) -> tuple[float, float, float, float]:
-    """(none, kd, teacher, ceiling) accuracies of one repetition (see the module doc)."""
-    from sklearn.preprocessing import StandardScaler
-
+    """(none, kd, teacher, ceiling) accuracies of one repetition (see the module doc; the learners are
+    :mod:`pkdot.evaluate.diagnose`'s)."""
     from pkdot.data.synthetic_features import draw_feature_table
+    from pkdot.evaluate.diagnose import crossfit_outputs, fit_probe, fit_soft_student
 
     train = draw_feature_table(
         subjects=subjects, per_class=per_class, coupling=coupling, seed=1000 + rep, task="binary"
@@ -102,32 +95,17 @@ def held_out_gain(
     subject = np.asarray(train["subject_id"])
     names = np.unique(subject)
     group_of = dict(zip(names, np.random.default_rng(rep).permutation(len(names)) % groups, strict=True))
-    group = np.array([group_of[s] for s in subject])
-    logit = np.zeros(len(y))
-    for j in range(groups):
-        fit_rows, target_rows = group != j, group == j
-        if len(np.unique(y[fit_rows])) < 2:
-            raise ValueError(f"crossfit group {j}: the other groups hold one class only; use more subjects")
-        scale = StandardScaler().fit(both[fit_rows])
-        teacher = _logistic(scale.transform(both[fit_rows]), y[fit_rows])
-        logit[target_rows] = teacher.decision_function(scale.transform(both[target_rows]))
-    target = alpha * y + (1.0 - alpha) / (1.0 + np.exp(-logit / temperature))
-    scale = StandardScaler().fit(x)
-    xs, xt, yt = scale.transform(x), scale.transform(np.asarray(test[view], dtype=float)), test["label"]
-    none = float((_logistic(xs, y).predict(xt) == yt).mean())
-    doubled = np.vstack([xs, xs])
-    kd_model = _logistic(doubled, np.r_[np.ones(len(y)), np.zeros(len(y))], np.r_[target, 1.0 - target])
+    teacher_out = crossfit_outputs(both, y, np.array([group_of[s] for s in subject]))
+    xt, yt = np.asarray(test[view], dtype=float), np.asarray(test["label"])
+    none = float((fit_probe(x, y).predict(xt) == yt).mean())
+    kd_model = fit_soft_student(x, y, teacher_out, temperature=temperature, alpha=alpha)
     kd = float((kd_model.predict(xt) == yt).mean())
     big = draw_feature_table(
         subjects=ceiling_subjects, per_class=20, coupling=coupling, seed=9000 + rep, task="binary"
     )
-    xb = np.asarray(big[view], dtype=float)
-    big_scale = StandardScaler().fit(xb)
-    ceiling_model = _logistic(big_scale.transform(xb), np.asarray(big["label"]))
-    ceiling = float(
-        (ceiling_model.predict(big_scale.transform(np.asarray(test[view], dtype=float))) == yt).mean()
-    )
-    return none, kd, float(((logit > 0) == y).mean()), ceiling
+    ceiling_model = fit_probe(np.asarray(big[view], dtype=float), np.asarray(big["label"]))
+    ceiling = float((ceiling_model.predict(xt) == yt).mean())
+    return none, kd, float((teacher_out.argmax(1) == y).mean()), ceiling
 
 
 def measure(views: Sequence[str], sizes: Sequence[tuple[int, int]], reps: int, **kwargs: float) -> list[Gain]:

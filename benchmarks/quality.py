@@ -2,7 +2,7 @@ r"""Quality benchmark: does PKDOT beat the baselines on the synthetic Biovid and
 
 For every task (Biovid ``binary`` BL1 vs PA4 and 5-class ``multiclass`` with the physiological signals as the
 privileged modality; Aff-Wild2 ``valence`` and ``arousal`` with audio as the privileged modality) the whole
-pipeline runs on a synthetic set in the real layout (:func:`pkdot.stages.run_all`, demo-preset model sizes)
+pipeline runs on a synthetic set in the real layout (:func:`pkdot.pipeline.run_all`, demo-preset model sizes)
 with the subject-independent protocol: subject k-fold, *every* fold evaluated, ``--seeds`` seeds, so each
 model has :math:`n = \text{folds} \times \text{seeds}` test scores. Models: the multimodal ``teacher``, the
 unimodal models of the teacher stage (``unimodal-video``, ``unimodal-physio`` / ``unimodal-audio``) and one
@@ -15,8 +15,8 @@ Ablations of PKDOT (on the ``binary`` task): anchors per row k in {5, 10, 30, al
 anchors, with vs without the T-Net, and the distillation weight lambda in {0.2, 0.6, 1.0}. A variant changes
 only the ``distill`` section, so it reuses the base run's teachers and embedding cache: its run directory
 links (symlinks) the base run's manifest, features, ``splits.json``, ``teacher/``, ``embeddings/`` and the
-markers of the earlier stages, and runs only :func:`pkdot.stages.stage_distill` (losses ``none`` and
-``pkdot``) and :func:`pkdot.stages.stage_evaluate`; each variant's ``pkdot`` is compared with its own
+markers of the earlier stages, and runs only `pkdot.pipeline.run_stage("distill", ...)` (losses ``none`` and
+``pkdot``) and `run_stage("evaluate", ...)`; each variant's ``pkdot`` is compared with its own
 ``none`` (paired). The setting equal to the base run's (the demo preset's distill section) is read from the
 base run.
 
@@ -57,8 +57,8 @@ from common import (  # noqa: E402  (the benchmarks folder is not a package)
     write_result,
 )
 
+from pkdot.config import LOSSES as CONFIG_LOSSES  # noqa: E402
 from pkdot.config import DistillConfig, RunConfig, load_config  # noqa: E402
-from pkdot.distill import loss_weight  # noqa: E402
 from pkdot.errors import ConfigError  # noqa: E402
 from pkdot.evaluate.aggregate import (  # noqa: E402
     BASELINE_STUDENT,
@@ -68,11 +68,12 @@ from pkdot.evaluate.aggregate import (  # noqa: E402
     paired_table,
     primary_metric,
 )
+from pkdot.rundir import atomic_write_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 PKDOT_STUDENT = "student-pkdot"
-LOSSES = ("none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot")
+LOSSES = tuple(CONFIG_LOSSES)
 ABLATION_TASK = "binary"
 EARLIER_STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
 
@@ -83,7 +84,7 @@ class TaskSpec:
 
     ``overrides``: dotted config overrides of this task (e.g. ``synth.coupling``); ``control_of``: the task
     whose validation-selected configuration this negative control reuses (its own grid is not run);
-    ``data``: ``"synthetic"`` (written by :func:`pkdot.stages.prepare_run`), ``"wdbc"`` (:mod:`real_tables`)
+    ``data``: ``"synthetic"`` (written by :func:`pkdot.pipeline.prepare_run`), ``"wdbc"`` (:mod:`real_tables`)
     or ``"features"`` (:mod:`pkdot.data.synthetic_features`, coupling from ``overrides``) or ``"relevant"``
     (:mod:`lupi_control`, the positive control: "relevant features as privileged information").
     """
@@ -197,7 +198,7 @@ for _dim in ("valence", "arousal"):
 IMITATION_OVERRIDES = (
     ("distill.teacher_source", "privileged"),
     ("train.epochs_student", 32),
-    ("distill.weights.kd", 4.0),
+    ("distill.kd.weight", 4.0),
 )
 #: Run on the physiological tables as well (``landmarks-imitation``), unchanged: does the recipe that finds the
 #: positive control's effect find one where the privileged view is physiology?
@@ -271,11 +272,8 @@ BASE_CELL = ("teacher-frozen", "fit")
 
 
 def effective_weights(cfg: Any) -> dict[str, float]:
-    """Each loss's weight in a run, as training reads it (:func:`pkdot.distill.base.loss_weight`)."""
-    from pkdot.distill import default_weights
-    from pkdot.distill.base import loss_weight
-
-    return {name: loss_weight(cfg.distill, name) for name in default_weights()}
+    """Each loss's weight in a run, as training reads it (``distill.<loss>.weight``)."""
+    return {name: cfg.distill.weight(name) for name in CONFIG_LOSSES}
 
 
 def cell_name(cell: tuple[str, str]) -> str:
@@ -300,17 +298,17 @@ class Ablation:
 
 
 ABLATIONS: tuple[Ablation, ...] = (
-    Ablation("k", "5", {"distill.k": 5}),
-    Ablation("k", "10", {"distill.k": 10}),
-    Ablation("k", "30", {"distill.k": 30}),
-    Ablation("k", "all", {"distill.k": "all"}),
-    Ablation("anchors", "least", {"distill.anchors": "least"}),
-    Ablation("anchors", "most", {"distill.anchors": "most"}),
+    Ablation("k", "5", {"distill.pkdot.k": 5}),
+    Ablation("k", "10", {"distill.pkdot.k": 10}),
+    Ablation("k", "30", {"distill.pkdot.k": 30}),
+    Ablation("k", "all", {"distill.pkdot.k": "all"}),
+    Ablation("anchors", "least", {"distill.pkdot.anchors": "least"}),
+    Ablation("anchors", "most", {"distill.pkdot.anchors": "most"}),
     Ablation("use_tnet", "true", {"distill.use_tnet": True}),
     Ablation("use_tnet", "false", {"distill.use_tnet": False}),
-    Ablation("weight", "0.2", {"distill.weights.pkdot": 0.2}),
-    Ablation("weight", "0.6", {"distill.weights.pkdot": 0.6}),
-    Ablation("weight", "1.0", {"distill.weights.pkdot": 1.0}),
+    Ablation("weight", "0.2", {"distill.pkdot.weight": 0.2}),
+    Ablation("weight", "0.6", {"distill.pkdot.weight": 0.6}),
+    Ablation("weight", "1.0", {"distill.pkdot.weight": 1.0}),
 )
 QUICK_ABLATIONS = ("k=5", "k=10", "use_tnet=false")
 
@@ -566,7 +564,7 @@ def run_full(
     ``data_roots`` maps a data set key to a data set written by an earlier run (the runs of a task, and the
     Biovid tasks of one coupling, read the same recordings); the first run generates it and records it there.
     """
-    from pkdot.stages import prepare_run, run_all
+    from pkdot.pipeline import prepare_run, run_all
 
     run_dir = (settings.work_dir / spec.name / cell[1]).resolve()
     if settings.report_only:
@@ -664,7 +662,7 @@ def run_variant(
     The variant's run directory links the base run's manifest, features, splits, teachers, cache and the markers
     of those stages (:func:`common.link_upstream`), and runs only ``distill`` (``losses``) and ``evaluate``.
     """
-    from pkdot.stages import stage_distill, stage_evaluate
+    from pkdot.pipeline import run_stage
 
     if cell[1] != base.cell[1]:
         raise ConfigError(
@@ -681,9 +679,9 @@ def run_variant(
     print(f"[quality] {base.spec.name} {cell_name(cell)} in {run_dir}", flush=True)
     start = time.perf_counter()
     link_upstream(Path(base.cfg.run_dir), run_dir)
-    variant.to_yaml(run_dir / "config.yaml")
-    distilled = stage_distill(variant, losses=list(losses))
-    stage_evaluate(variant, distilled.fingerprint)
+    atomic_write_text(run_dir / "config.yaml", variant.yaml_text())
+    distilled = run_stage("distill", variant, losses=list(losses))
+    run_stage("evaluate", variant, distilled.fingerprint)
     wall = time.perf_counter() - start
     per_fold, per_fold_val, table, ratio = _measure(base.spec, cell, variant, run_dir)
     print(f"[quality] {base.spec.name} {cell_name(cell)}: {wall:.1f} s", flush=True)
@@ -833,7 +831,7 @@ def run_ablations(base: TaskResult, ablations: Sequence[Ablation], work_dir: Pat
     none_mean, diff, diff_ci_low, diff_ci_high, p_value, n, none_vs_base (max absolute difference of the
     variant's ``student-none`` to the base run's, per run), wall_s, run_dir.
     """
-    from pkdot.stages import stage_distill, stage_evaluate
+    from pkdot.pipeline import run_stage
 
     metric = base.metric
     rows = []
@@ -849,9 +847,9 @@ def run_ablations(base: TaskResult, ablations: Sequence[Ablation], work_dir: Pat
             link = run_dir / "base-config.yaml"
             if not link.is_symlink():
                 link.symlink_to(Path(base.cfg.run_dir) / "config.yaml")
-            variant.to_yaml(run_dir / "config.yaml")
-            distilled = stage_distill(variant, losses=["none", "pkdot"])
-            stage_evaluate(variant, distilled.fingerprint)
+            atomic_write_text(run_dir / "config.yaml", variant.yaml_text())
+            distilled = run_stage("distill", variant, losses=["none", "pkdot"])
+            run_stage("evaluate", variant, distilled.fingerprint)
             pred = collect_predictions(run_dir)
             per_fold, _, _ = aggregate(
                 pred, regression=variant.data.is_regression, num_classes=variant.data.num_outputs
@@ -1146,8 +1144,8 @@ def ablation_markdown(df: pd.DataFrame, metric: str, base: DistillConfig) -> str
         [
             f"## PKDOT ablations — {TASKS[ABLATION_TASK].description} ({metric})",
             "",
-            f"Each variant changes one `distill` setting of the base run (k = {base.k}, {base.anchors}-similar "
-            f"anchors, {'T-Net' if base.use_tnet else 'no T-Net'}, λ = {loss_weight(base, 'pkdot')}) and reuses its teachers "
+            f"Each variant changes one `distill` setting of the base run (k = {base.pkdot.k}, {base.pkdot.anchors}-similar "
+            f"anchors, {'T-Net' if base.use_tnet else 'no T-Net'}, λ = {base.pkdot.weight}) and reuses its teachers "
             "and embedding cache (linked run directory); its `pkdot` student is "
             "compared with its own `none` student, paired by (fold, seed). The last column checks that the "
             "variant's `none` student reproduces the base run's (it must be 0 unless the variant changes the "
@@ -1186,7 +1184,7 @@ def report_markdown(report: QualityReport, machine: dict[str, Any], command: str
             f"`{m.video_backbone}` width {m.video_width}, {first.features.n_frames} frames of "
             f"{first.features.crop_size}x{first.features.crop_size}, embedding {m.embed_dim}; epochs unimodal/"
             f"teacher/T-Net/student {t.epochs_unimodal}/{t.epochs_teacher}/{t.epochs_tnet}/{t.epochs_student}; "
-            f"batch {t.batch_size}; PKDOT k = {first.distill.k}; loss weights: "
+            f"batch {t.batch_size}; PKDOT k = {first.distill.pkdot.k}; loss weights: "
             + ", ".join(f"{k} {v:g}" for k, v in sorted(effective_weights(first).items()))
             + f"; crossfit groups J = {first.distill.crossfit_groups}; train.num_workers = {t.num_workers} "
             "(fixed: 1 and 2 workers give different teachers).",

@@ -54,6 +54,7 @@ from common import (  # noqa: E402  (the benchmarks folder is not a package)
 )
 
 from pkdot.errors import StageError  # noqa: E402
+from pkdot.rundir import atomic_write_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _marker_seconds(run_dir: Path, stage: str) -> float:
 def child_pipeline(run_dir: Path, subjects: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """The whole demo on ``subjects`` synthetic subjects (fresh process): seconds per stage."""
     from pkdot.config import load_config
-    from pkdot.stages import prepare_run, run_all
+    from pkdot.pipeline import prepare_run, run_all
 
     cfg = load_config(
         preset="demo", overrides={"run_dir": str(run_dir), "synth.subjects": subjects, **overrides}
@@ -120,8 +121,8 @@ def child_retrain(base_run: Path, run_dir: Path, workers: int) -> dict[str, Any]
     before the clock so that, as in the base run (where extraction started it), the stages do not pay for it.
     """
     from pkdot.config import load_config
+    from pkdot.pipeline import run_stage
     from pkdot.ray_utils import ensure_ray
-    from pkdot.stages import stage_cache, stage_distill, stage_train_teacher
 
     cfg = load_config(
         base_run / "config.yaml", overrides={"run_dir": str(run_dir), "train.num_workers": workers}
@@ -129,11 +130,11 @@ def child_retrain(base_run: Path, run_dir: Path, workers: int) -> dict[str, Any]
     link_upstream(
         base_run, run_dir, entries=("manifest.parquet", "features"), stage_markers=("manifest", "extract")
     )
-    cfg.to_yaml(run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", cfg.yaml_text())
     ensure_ray(num_cpus=None, address=cfg.ray_address)
-    up = stage_train_teacher(cfg, _marker_fingerprint(run_dir, "extract")).fingerprint
-    up = stage_cache(cfg, up).fingerprint
-    stage_distill(cfg, up)
+    up = run_stage("train-teacher", cfg, _marker_fingerprint(run_dir, "extract")).fingerprint
+    up = run_stage("cache", cfg, up).fingerprint
+    run_stage("distill", cfg, up)
     return {"workers": workers, "stages": {s: _marker_seconds(run_dir, s) for s in RETRAIN_STAGES}}
 
 
@@ -180,10 +181,10 @@ def training_throughput(run_dir: Path, epochs: int = 5) -> list[dict[str, Any]]:
     import torch
 
     from pkdot.config import load_config
+    from pkdot.folds import load_folds
     from pkdot.models import UnimodalModel, build_backbone, build_teacher
     from pkdot.train.data import load_samples, split_fold
     from pkdot.train.loops import epoch_batches, task_loss, train_epoch
-    from pkdot.train.splits import load_folds
 
     cfg = load_config(Path(run_dir) / "config.yaml", overrides={"run_dir": str(run_dir)})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -457,10 +458,11 @@ def child_concurrency(base_run: Path, work: Path, n_jobs: int) -> dict[str, Any]
     time: Ray Train's start-up + the job).
     """
     from pkdot.config import load_config
+    from pkdot.folds import load_folds
     from pkdot.ray_utils import ensure_ray
-    from pkdot.stages import student_jobs
-    from pkdot.train.ray_runner import run_jobs_local, run_jobs_on_ray
-    from pkdot.train.splits import load_folds
+    from pkdot.train.jobs import student_jobs
+    from pkdot.train.ray_runner import run_jobs_on_ray
+    from tests.train.conftest import run_jobs_local
 
     base = load_config(base_run / "config.yaml", overrides={"run_dir": str(base_run)})
     ensure_ray(num_cpus=None, address=base.ray_address)
@@ -478,7 +480,7 @@ def child_concurrency(base_run: Path, work: Path, n_jobs: int) -> dict[str, Any]
                 "train.max_concurrent_jobs": concurrent,
             },
         )
-        cfg.to_yaml(run_dir / "config.yaml")
+        atomic_write_text(run_dir / "config.yaml", cfg.yaml_text())
         jobs = student_jobs(cfg, load_folds(run_dir / "splits.json"), list(cfg.distill.losses))[:n_jobs]
         if len(jobs) < n_jobs:
             raise StageError(f"{base_run} has only {len(jobs)} student jobs, {n_jobs} asked for")
@@ -502,7 +504,7 @@ def child_concurrency(base_run: Path, work: Path, n_jobs: int) -> dict[str, Any]
 
 def _student_job_samples(run_dir: Path, job: Any) -> int:
     """Training samples of one student job (its history's first epoch record, else the fold's train split)."""
-    from pkdot.train.splits import load_folds
+    from pkdot.folds import load_folds
 
     folds = {f.index: f for f in load_folds(run_dir / "splits.json")}
     import pandas as pd

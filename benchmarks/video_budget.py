@@ -97,7 +97,7 @@ def ridge_reference(run_dir: Path, folds: int, task: str) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pkdot.evaluate.metrics import ccc
+    from pkdot.metrics import ccc
 
     faces = pd.read_parquet(Path(run_dir) / "features" / "faces.parquet")
     manifest = pd.read_parquet(Path(run_dir) / "manifest.parquet")

@@ -1,30 +1,17 @@
-"""The Prefect flow ``pkdot``: manifest -> extract -> train-teacher -> cache -> distill -> evaluate.
+"""The Prefect flow ``pkdot``: one task per stage of :data:`pkdot.pipeline.STAGES`, in that order.
 
-Each stage is a Prefect task that only calls the matching function of :mod:`pkdot.stages` and returns its
-:class:`pkdot.stages.StageResult`. Two lines of defence make a re-run after a failure cheap:
+Each task only calls :func:`pkdot.pipeline.run_stage`, which skips the stage when its outputs are up to date (the
+library's one "up to date" decision): Prefect caches nothing, so a re-run of the flow on a finished run directory
+shows every stage as a completed task whose result says ``skipped``. The flow holds the run directory's lock
+(:func:`pkdot.pipeline.run_dir_lock`) for its whole run.
 
-1. **Prefect task caching.** A stage's cache key (every stage but the manifest, which re-scans the dataset and
-   the identity of every recording) is the library's own stage key, :func:`pkdot.fingerprint.stage_key`
-   (config sections + upstream output fingerprint + the stage's source code), never computed separately::
-
-       key = "<stage>-<stage_key(cfg, stage, upstream)>"
-
-   The upstream fingerprint is the hash of the previous stage's outputs, so a change anywhere upstream (down to
-   one recording rewritten in place) changes every key below it. Results are persisted with the run, under
-   ``<run_dir>/.prefect/results/``. A cached result that no longer describes the run directory (its path is
-   gone, or the stage's marker records other outputs, or outputs changed since) is recomputed
-   (``refresh_cache``), never trusted (:func:`pkdot.stages.result_is_current`).
-2. **The library's own idempotence.** Every ``stage_*`` function skips itself when its outputs are intact
-   for the same key (``StageResult.skipped``), e.g. after the Prefect cache was lost.
-
-Every stage task is retried on *infrastructure* failures only (a Ray worker or node died, out of memory, an
-object store full, ``OSError``: :func:`pkdot.ray_utils.is_infrastructure_error`); bad data or config (any other
-:class:`PkdotError`) fails at once. The flow marks the MLflow parent run FAILED when it fails and KILLED when
-interrupted.
+Every stage task is retried on *infrastructure* failures only (a Ray worker or node died, an object store full,
+a connection reset: :func:`pkdot.ray_utils.is_infrastructure_error`); bad data or config (any other
+:class:`PkdotError`) and exhausted resources (disk full, out of memory) fail at once. The flow marks the MLflow
+parent run FAILED when it fails and KILLED when interrupted.
 
 What the Prefect UI shows of a run: pkdot's own log lines in the flow run's logs
-(:func:`send_library_logs_to_prefect`); a progress artifact per long stage (``pkdot-progress-extract``: shards,
-``pkdot-progress-train-teacher`` and ``pkdot-progress-distill``: training jobs, fed by
+(:func:`send_library_logs_to_prefect`); a progress artifact per long stage (``pkdot-progress-<stage>``, fed by
 :func:`pkdot.progress.report`); at the end the evaluation summary (markdown), the results table (one row per
 model) and a link to the pipeline's MLflow run on the MLflow UI (``tracking.public_uri``).
 
@@ -36,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,16 +36,15 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.context import TaskRunContext
 from prefect.states import State
 
-from pkdot import stages
+from pkdot import pipeline as stages
 from pkdot.config import RunConfig, load_config
 from pkdot.errors import ConfigError, StageError
-from pkdot.fingerprint import STAGE_SECTIONS, stage_key
+from pkdot.pipeline import STAGES, Stage, StageResult
 from pkdot.progress import Progress, listening
 from pkdot.ray_utils import is_infrastructure_error
-from pkdot.stages import StageResult
+from pkdot.rundir import RunDir
 
 # Under "pkdot" (not __name__: a worker loads this file by path, as a module with a generated name), so that
 # the flow's own lines go where the library's go (see send_library_logs_to_prefect).
@@ -126,7 +111,7 @@ send_library_logs_to_prefect()
 def _deployment_log_level() -> None:
     """In a deployment run (served, or on a worker) with no level set for pkdot, use Prefect's level
     (``PREFECT_LOGGING_LEVEL``, INFO by default) so the flow run's logs show pkdot's INFO lines (stages run or
-    cached, jobs started); ``pkdot run`` keeps the CLI's level (WARNING, INFO with ``-v``)."""
+    skipped, jobs started); ``pkdot run`` keeps the CLI's level (WARNING, INFO with ``-v``)."""
     from prefect.runtime import deployment
     from prefect.settings import PREFECT_LOGGING_LEVEL
 
@@ -138,19 +123,9 @@ def _deployment_log_level() -> None:
         library_logger.setLevel(level)
 
 
-#: Stages in execution order.
-STAGE_ORDER: tuple[str, ...] = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
-
-#: The config sections each cached stage reads (the library's :data:`pkdot.fingerprint.STAGE_SECTIONS`, which
-#: its key hashes). The manifest stage is not cached (see :func:`manifest_task`).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {k: v for k, v in STAGE_SECTIONS.items() if k != "manifest"}
-
 #: Prefect retries of a stage after an infrastructure failure (see :func:`retry_on_infrastructure_error`).
 IO_RETRIES = 2
 IO_RETRY_DELAY_S = 10.0
-
-#: Where a run directory keeps its persisted Prefect task results (and so its task cache).
-RESULTS_DIR = Path(".prefect") / "results"
 
 #: Prefect artifact keys (lowercase letters, digits and dashes).
 SUMMARY_ARTIFACT_KEY = "pkdot-summary"
@@ -176,39 +151,7 @@ RESULTS_COLUMNS: tuple[str, ...] = (
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
-# ---- cache keys -----------------------------------------------------------------------------------------------
-def stage_cache_key(stage: str, cfg: RunConfig, upstream: str) -> str:
-    """The Prefect cache key of ``stage`` for a config and an upstream fingerprint.
-
-    Parameters
-    ----------
-    stage : str
-        One of :data:`STAGE_ORDER`.
-    cfg : RunConfig
-        The run's configuration (after :func:`pkdot.stages.prepare_run`).
-    upstream : str
-        The fingerprint of the previous stage's outputs (``""`` for the first stage).
-
-    Returns
-    -------
-    str
-        ``"<stage>-<key>"`` with ``key`` = :func:`pkdot.fingerprint.stage_key` (the key the library's stage
-        marker records): config sections, upstream fingerprint, the stage's source code, and for evaluate the
-        resolved MLflow tracking URI (pointing a run at another MLflow server registers the model there).
-    """
-    if stage not in STAGE_INPUTS:
-        raise StageError(f"unknown stage {stage!r} (expected one of {list(STAGE_ORDER)})")
-    return f"{stage}-{stage_key(cfg, stage, upstream)}"
-
-
-def _cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        return stage_cache_key(stage, parameters["cfg"], parameters["upstream"])
-
-    key.__name__ = f"cache_key_{stage.replace('-', '_')}"
-    return key
-
-
+# ---- retries ------------------------------------------------------------------------------------------------
 def _state_exception(state: State) -> BaseException | None:
     """The exception a failed task state holds (Prefect keeps it as the state's result)."""
     try:
@@ -233,10 +176,6 @@ def retry_on_infrastructure_error(task: Any, task_run: TaskRun, state: State) ->
             "retrying" if retry else "not retried",
         )
     return retry
-
-
-#: The former name (kept for callers of the flow module).
-retry_unless_pkdot_error = retry_on_infrastructure_error
 
 
 # ---- progress artifacts -------------------------------------------------------------------------------------
@@ -273,104 +212,33 @@ class StageProgressArtifact:
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAY_S,
     retry_condition_fn=retry_on_infrastructure_error,
+    cache_policy=NO_CACHE,
 )
 def prepare_run_task(cfg: RunConfig) -> RunConfig:
     """Create the run directory, write ``config.yaml`` and (when no data root is given) the synthetic set."""
     return stages.prepare_run(cfg)
 
 
-@task(
-    name="manifest",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_infrastructure_error,
-    cache_policy=NO_CACHE,
-)
-def manifest_task(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Stage 0: the dataset adapter's manifest (``RUN/manifest.parquet``).
+def _stage_task(stage: Stage) -> Any:
+    """The Prefect task of one stage: it calls :func:`pkdot.pipeline.run_stage` and nothing else."""
 
-    Never cached: it re-scans the dataset root every run (cheap), so files added to a dataset are seen; its
-    fingerprint (a hash of the manifest's rows) keys everything downstream.
-    """
-    return stages.stage_manifest(cfg, upstream)
+    def run(cfg: RunConfig, upstream: str = "") -> StageResult:
+        with listening(StageProgressArtifact(stage.name)):
+            return stages.run_stage(stage.name, cfg, upstream)
 
-
-@task(
-    name="extract",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_infrastructure_error,
-    cache_key_fn=_cache_key_fn("extract"),
-    persist_result=True,
-)
-def extract_task(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Stage 1: face crops, physiological and audio features (``RUN/features/``)."""
-    with listening(StageProgressArtifact("extract")):
-        return stages.stage_extract(cfg, upstream)
+    run.__name__ = run.__qualname__ = f"{stage.name.replace('-', '_')}_task"
+    run.__doc__ = stage.help
+    return task(
+        run,
+        name=stage.name,
+        retries=IO_RETRIES,
+        retry_delay_seconds=IO_RETRY_DELAY_S,
+        retry_condition_fn=retry_on_infrastructure_error,
+        cache_policy=NO_CACHE,
+    )
 
 
-@task(
-    name="train-teacher",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_infrastructure_error,
-    cache_key_fn=_cache_key_fn("train-teacher"),
-    persist_result=True,
-)
-def train_teacher_task(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Stage 2: unimodal backbones, the fused teacher and the T-Net per fold (``RUN/teacher/``)."""
-    with listening(StageProgressArtifact("train-teacher")):
-        return stages.stage_train_teacher(cfg, upstream)
-
-
-@task(
-    name="cache",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_infrastructure_error,
-    cache_key_fn=_cache_key_fn("cache"),
-    persist_result=True,
-)
-def cache_task(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Stage 3: frozen teacher embeddings and student features (``RUN/embeddings/``)."""
-    return stages.stage_cache(cfg, upstream)
-
-
-@task(
-    name="distill",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_infrastructure_error,
-    cache_key_fn=_cache_key_fn("distill"),
-    persist_result=True,
-)
-def distill_task(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Stage 4: one student per distillation loss, fold and seed (``RUN/student/``)."""
-    with listening(StageProgressArtifact("distill")):
-        return stages.stage_distill(cfg, upstream)
-
-
-@task(
-    name="evaluate",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_infrastructure_error,
-    cache_key_fn=_cache_key_fn("evaluate"),
-    persist_result=True,
-)
-def evaluate_task(cfg: RunConfig, upstream: str = "") -> StageResult:
-    """Stage 5: metrics, report, and registration of the student in MLflow (``RUN/report/``)."""
-    return stages.stage_evaluate(cfg, upstream)
-
-
-STAGE_TASKS = {
-    "manifest": manifest_task,
-    "extract": extract_task,
-    "train-teacher": train_teacher_task,
-    "cache": cache_task,
-    "distill": distill_task,
-    "evaluate": evaluate_task,
-}
+STAGE_TASKS = {s.name: _stage_task(s) for s in STAGES}
 
 
 # ---- flow helpers (orchestration only) ---------------------------------------------------------------------
@@ -459,26 +327,6 @@ def results_table(summary_path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_stage(name: str, cfg: RunConfig, upstream: str, results_dir: Path) -> tuple[StageResult, bool]:
-    """Run one stage task; returns its result and whether Prefect served it from the cache."""
-    stage_task = STAGE_TASKS[name].with_options(result_storage=results_dir)
-    state: State = stage_task(cfg, upstream, return_state=True)
-    result: StageResult = state.result()
-    cached = state.name == "Cached"
-    if cached and not stages.result_is_current(cfg, result):
-        logger.warning("stage %s: the cached result no longer describes %s; recomputing", name, result.path)
-        state = stage_task.with_options(refresh_cache=True)(cfg, upstream, return_state=True)
-        result = state.result()
-        cached = False
-    logger.info(
-        "stage %s: %s (fingerprint %s)",
-        name,
-        "cached" if cached else ("skipped by the library" if result.skipped else "ran"),
-        result.fingerprint,
-    )
-    return result, cached
-
-
 @flow(name="pkdot")
 def pipeline(
     config_path: str | None = None,
@@ -511,20 +359,21 @@ def pipeline(
             "kd"]. Empty = the config's list.
         folds: Run only the first N subject folds (train.max_folds). Empty = every fold.
         seed: Global seed (same seed and data give the same metrics on CPU). Empty = the config's, else 0.
-        run_dir: Run directory for every artifact, the persisted task results and the default MLflow store.
+        run_dir: Run directory for every artifact and the default MLflow store.
             Relative paths are resolved in the process that runs the flow. Empty = the config's run_dir.
         overrides: Dotted config overrides, e.g. {"synth.subjects": 4, "train.epochs_student": 2}.
 
     Returns:
-        {"run_dir", "config_hash", "stages": {stage: {"path", "fingerprint", "skipped", "cached"}}, "evaluate":
+        {"run_dir", "config_hash", "stages": {stage: {"path", "fingerprint", "skipped"}}, "evaluate":
         {"report", "mlflow_run_id", "tracking_uri", "model_name", "model_version", "alias", ...}} (the
-        evaluate stage's details without the report's markdown). "cached" is True when Prefect reused the
-        stage's persisted result; "skipped" when the library found the stage's outputs complete.
+        evaluate stage's details without the report's markdown). "skipped" is True when the library found the
+        stage's outputs up to date.
     """
     _deployment_log_level()
     cfg = build_config(config_path, dataset, root, preset, losses, folds, seed, run_dir, overrides, task=task)
     try:
-        return _pipeline_stages(cfg)
+        with stages.run_dir_lock(cfg.run_dir, command=f"prefect flow pkdot ({cfg.run_dir})"):
+            return _pipeline_stages(cfg)
     except BaseException as exc:
         _end_parent_run(cfg, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -549,19 +398,21 @@ def _end_parent_run(cfg: RunConfig, status: str) -> None:
 def _pipeline_stages(cfg: RunConfig) -> dict[str, Any]:
     """The body of :func:`pipeline` once its config is built."""
     cfg = prepare_run_task(cfg)
-    results_dir = Path(cfg.run_dir).resolve() / RESULTS_DIR
-    results_dir.mkdir(parents=True, exist_ok=True)
-
     summary: dict[str, dict[str, Any]] = {}
     upstream = ""
     result: StageResult | None = None
-    for name in STAGE_ORDER:
-        result, cached = _run_stage(name, cfg, upstream, results_dir)
-        summary[name] = {
+    for s in STAGES:
+        result = STAGE_TASKS[s.name](cfg, upstream)
+        logger.info(
+            "stage %s: %s (fingerprint %s)",
+            s.name,
+            "skipped" if result.skipped else "ran",
+            result.fingerprint,
+        )
+        summary[s.name] = {
             "path": str(result.path),
             "fingerprint": result.fingerprint,
             "skipped": bool(result.skipped),
-            "cached": cached,
         }
         upstream = result.fingerprint
 
@@ -579,7 +430,7 @@ def _pipeline_stages(cfg: RunConfig) -> dict[str, Any]:
         description=f"PKDOT evaluation summary of {cfg.run_dir}",
     )
     create_table_artifact(
-        table=results_table(Path(details["report"]).parent / "summary.json"),
+        table=results_table(RunDir(cfg.run_dir).summary),
         key=RESULTS_ARTIFACT_KEY,
         description=f"Test metric per model (mean, std and corrected 95% CI over runs) of {cfg.run_dir}",
     )

@@ -10,18 +10,27 @@ is only signalled while its command line still is the one we started (a recycled
 
 Command line::
 
-    python infra/local_stack.py start [--state DIR] [--free-ports] [--services prefect,mlflow,ray]
+    python infra/local_stack.py start [--state DIR] [--free-ports] [--services prefect,mlflow,ray] [--auth]
     python infra/local_stack.py status [--state DIR]
     python infra/local_stack.py stop [--state DIR]
     eval "$(python infra/local_stack.py env)"      # PREFECT_API_URL, MLFLOW_TRACKING_URI, RAY_ADDRESS
+
+Credentials (``--auth``, and always when Ray is opened with ``--ray-node-ip``): MLflow runs its basic-auth app
+(``mlflow server --app-name basic-auth``) with the admin user ``$MLFLOW_TRACKING_USERNAME`` /
+``$MLFLOW_TRACKING_PASSWORD``, and Prefect requires ``$PREFECT_API_AUTH_STRING`` (``user:password``, the server's
+``PREFECT_SERVER_API_AUTH_STRING``). pkdot's clients, Prefect's and MLflow's read the same variables, which come
+from the environment (``.env``) only: they are never written to the printed ``env`` lines, logs or state file.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import ipaddress
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,6 +62,14 @@ TELEMETRY_OFF: dict[str, str] = {
     "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
+
+
+#: What the servers' credentials are read from (the environment: ``.env``).
+CREDENTIAL_VARS: tuple[str, ...] = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "PREFECT_API_AUTH_STRING",
+)
 
 
 class StackError(RuntimeError):
@@ -87,9 +104,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def _http_ok(url: str, timeout: float = 3.0) -> bool:
+def _http_ok(url: str, timeout: float = 3.0, user_password: str | None = None) -> bool:
+    request = urllib.request.Request(url)
+    if user_password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(user_password.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return 200 <= resp.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -212,6 +232,8 @@ class LocalStack:
         anyone who can reach an open Ray without it can run code as you.
     bin_dir : Path, optional
         Where the ``prefect``, ``mlflow`` and ``ray`` executables are (default: next to this Python).
+    auth : bool
+        Credentials on MLflow and Prefect (see the module docstring); forced on when Ray is opened.
     """
 
     def __init__(
@@ -223,8 +245,10 @@ class LocalStack:
         ray_dashboard: bool = False,
         bin_dir: str | Path | None = None,
         ray_node_ip: str = "127.0.0.1",
+        auth: bool = False,
     ) -> None:
         self.ray_node_ip = ray_node_ip
+        self.auth = auth or not ipaddress.ip_address(ray_node_ip).is_loopback
         self.state_dir = Path(state_dir).resolve()
         self.free_ports = free_ports
         self.ray_cpus = ray_cpus
@@ -247,10 +271,9 @@ class LocalStack:
             ) from exc
 
     def _save(self, state: dict) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.state_file)
+        from pkdot.rundir import atomic_write_json
+
+        atomic_write_json(self.state_file, state)
 
     def services(self) -> dict[str, ServiceProcess]:
         return {k: ServiceProcess(**v) for k, v in self._load()["services"].items()}
@@ -283,6 +306,35 @@ class LocalStack:
                 f"{name}: port {port} on 127.0.0.1 is in use (stop that server or use --free-ports)"
             )
         return port
+
+    def credentials(self) -> dict[str, str]:
+        """The credentials from the environment; :class:`StackError` naming what is missing."""
+        missing = [k for k in CREDENTIAL_VARS if not os.environ.get(k)]
+        if missing:
+            raise StackError(
+                f"credentials are on but {', '.join(missing)} not set: put them in .env (see .env.example); "
+                "no default password is ever used"
+            )
+        if ":" not in os.environ["PREFECT_API_AUTH_STRING"]:
+            raise StackError("PREFECT_API_AUTH_STRING must be 'user:password'")
+        return {k: os.environ[k] for k in CREDENTIAL_VARS}
+
+    def _mlflow_auth_config(self, store: Path) -> Path:
+        """The basic-auth app's configuration (admin user from the environment), readable by us only."""
+        creds = self.credentials()
+        path = store / "basic_auth.ini"
+        text = (
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{store / 'basic_auth.db'}\n"
+            f"admin_username = {creds['MLFLOW_TRACKING_USERNAME']}\n"
+            f"admin_password = {creds['MLFLOW_TRACKING_PASSWORD']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return path
 
     def _server_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -322,9 +374,14 @@ class LocalStack:
 
     def _healthy(self, svc: ServiceProcess) -> bool:
         if svc.name == "prefect":
-            return _http_ok(f"{svc.url}/health")
+            creds = self.credentials()["PREFECT_API_AUTH_STRING"] if self.auth else None
+            return _http_ok(f"{svc.url}/health", user_password=creds)
         if svc.name == "mlflow":
-            return _http_ok(f"{svc.url}/health")
+            if not self.auth:
+                return _http_ok(f"{svc.url}/health")
+            creds = self.credentials()
+            user = f"{creds['MLFLOW_TRACKING_USERNAME']}:{creds['MLFLOW_TRACKING_PASSWORD']}"
+            return _http_ok(f"{svc.url}/api/2.0/mlflow/experiments/search?max_results=1", user_password=user)
         if svc.name == "ray":
             host = svc.url.rsplit(":", 1)[0] or "127.0.0.1"
             if not _tcp_open(svc.port, host):
@@ -377,6 +434,8 @@ class LocalStack:
             home = self.state_dir / "prefect-home"
             home.mkdir(parents=True, exist_ok=True)
             penv = dict(env, PREFECT_HOME=str(home))
+            if self.auth:
+                penv["PREFECT_SERVER_API_AUTH_STRING"] = self.credentials()["PREFECT_API_AUTH_STRING"]
             argv = [self._exe("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
             pid, log = self._spawn(name, argv, penv, marker="prefect")
             return ServiceProcess(name, pid, port, f"http://127.0.0.1:{port}/api", str(log), "prefect")
@@ -398,7 +457,12 @@ class LocalStack:
                 "--workers",
                 "1",
             ]
-            pid, log = self._spawn(name, argv, env, marker="mlflow")
+            menv = dict(env)
+            if self.auth:
+                argv += ["--app-name", "basic-auth"]
+                menv["MLFLOW_AUTH_CONFIG_PATH"] = str(self._mlflow_auth_config(store))
+                menv["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
+            pid, log = self._spawn(name, argv, menv, marker="mlflow")
             return ServiceProcess(name, pid, port, f"http://127.0.0.1:{port}", str(log), "mlflow")
         if name == "ray":
             # Ray's session directory holds Unix sockets, whose paths must stay short: keep it under /tmp.
@@ -492,6 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--ray-dashboard", action="store_true", help="also start Ray's dashboard (8265)")
     parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="credentials on MLflow (basic-auth app) and Prefect (auth string), from $MLFLOW_TRACKING_USERNAME, "
+        "$MLFLOW_TRACKING_PASSWORD and $PREFECT_API_AUTH_STRING (always on when --ray-node-ip opens Ray)",
+    )
+    parser.add_argument(
         "--ray-node-ip",
         default="127.0.0.1",
         help="address every Ray listener binds to (default 127.0.0.1); another one opens Ray to that "
@@ -505,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray_cpus=args.ray_cpus,
         ray_dashboard=args.ray_dashboard,
         ray_node_ip=args.ray_node_ip,
+        auth=args.auth,
     )
     try:
         if args.command == "start":

@@ -190,54 +190,38 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    from pkdot.stages import prepare_run, stage_extract, stage_manifest
-
-    over_workers = [f"features.workers={args.workers}"] if args.workers else []
-    args.overrides = list(args.overrides) + over_workers
-    cfg = prepare_run(_build_config(args, run_dir=args.out))
-    m = stage_manifest(cfg)
-    res = stage_extract(cfg, m.fingerprint)
-    print(
-        f"features in {res.path} ({'up to date' if res.skipped else 'extracted'}); "
-        f"report: {res.path / 'extract_report.json'}"
-    )
-    return 0
+def _stage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """A stage command's own options (``--loss`` of distill, ``--robustness`` of evaluate)."""
+    options: dict[str, Any] = {}
+    if getattr(args, "loss", None):
+        options["losses"] = [s.strip() for item in args.loss for s in item.split(",") if s.strip()]
+    if getattr(args, "robustness", None) is not None:
+        options["robustness"] = args.robustness
+    return options
 
 
-def cmd_train_teacher(args: argparse.Namespace) -> int:
-    from pkdot.stages import stage_train_teacher
+def cmd_stage(args: argparse.Namespace) -> int:
+    """One stage on a run directory (extract: makes the run directory and its manifest first)."""
+    from pkdot.pipeline import prepare_run, run_dir_lock, run_stage
 
-    res = stage_train_teacher(_run_config(args))
-    print(f"teachers in {res.path} ({'up to date' if res.skipped else 'trained'})")
-    for k, v in sorted(res.details.get("metrics", {}).items()):
-        print(f"  {k}: {v:.4f}")
-    return 0
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    from pkdot.stages import stage_cache
-
-    res = stage_cache(_run_config(args))
-    print(f"embedding cache in {res.path}: {res.details}")
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from pkdot.stages import stage_distill
-
-    losses = [s.strip() for item in (args.loss or []) for s in item.split(",") if s.strip()] or None
-    res = stage_distill(_run_config(args), losses=losses)
-    print(f"students in {res.path}: {res.details}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pkdot.stages import stage_evaluate
-
-    res = stage_evaluate(_run_config(args), robustness=args.robustness)
-    print(res.details.get("summary_markdown", ""))
-    _print_where(res.details)
+    if args.command == "extract":
+        if args.workers:
+            args.overrides = [*args.overrides, f"features.workers={args.workers}"]
+        cfg = _build_config(args, run_dir=args.out)
+    else:
+        cfg = _run_config(args)
+    with run_dir_lock(cfg.run_dir, wait=args.wait_lock):
+        if args.command == "extract":
+            cfg = prepare_run(cfg)
+            run_stage("manifest", cfg)
+        res = run_stage(args.command, cfg, **_stage_options(args))
+    print(f"{args.command}: {res.path} ({'up to date' if res.skipped else 'done'})")
+    if args.command == "evaluate":
+        print(res.details.get("summary_markdown", ""))
+        _print_where(res.details)
+    else:
+        for k, v in sorted(res.details.items()):
+            print(f"  {k}: {v}")
     return 0
 
 
@@ -258,22 +242,19 @@ def _print_where(details: dict[str, Any]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pkdot.pipeline import run_all, run_dir_lock
+
     cfg = _build_config(args, run_dir=args.run_dir)
-    if args.no_prefect:
-        from pkdot.stages import run_all
+    with run_dir_lock(cfg.run_dir, wait=args.wait_lock):
+        if args.no_prefect:
+            details = run_all(cfg)["evaluate"].details
+        else:
+            from flows.pipeline import pipeline
+            from pkdot.rundir import atomic_write_text
 
-        results = run_all(cfg)
-        details = results["evaluate"].details
-    else:
-        from flows.pipeline import pipeline
-
-        cfg_path = Path(cfg.run_dir) / "requested-config.yaml"
-        cfg.to_yaml(cfg_path)
-        details = pipeline(config_path=str(cfg_path))
-        details = details.get("evaluate", details) if isinstance(details, dict) else details
-        if not isinstance(details, dict):
-            details = getattr(details, "details", {})
-        details = details.get("details", details)
+            cfg_path = Path(cfg.run_dir) / "requested-config.yaml"
+            atomic_write_text(cfg_path, cfg.yaml_text())
+            details = pipeline(config_path=str(cfg_path))["evaluate"]
     _print_where(details)
     return 0
 
@@ -284,6 +265,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = predict_videos(args.model, args.videos, tracking_uri=args.tracking_uri)
     for r in rows:
         print(json.dumps(r))
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from pkdot.evaluate.diagnose import diagnose, run_views, table_views, write_outputs
+    from pkdot.rundir import RunDir
+
+    pick = lambda names: [m for n in names or () for m in n.split(",") if m]  # noqa: E731
+    student, privileged = pick(args.student_modalities), pick(args.privileged_modalities)
+    if args.table is not None:
+        views = table_views(args.table, student, privileged)
+        out = args.out or args.table.with_name(f"{args.table.stem}-diagnose")
+    else:
+        views = run_views(args.run, student, privileged)
+        out = args.out or RunDir(args.run).diagnose
+    result = diagnose(views, folds=args.folds, repeats=args.repeats)
+    files = write_outputs(result, out)
+    print(result.text())
+    print("wrote " + ", ".join(str(f) for f in files))
+    if args.run is not None:
+        from pkdot.config import load_config
+        from pkdot.tracking import Tracker
+
+        cfg = load_config(RunDir(args.run).config)
+        if cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+            with Tracker(cfg).stage_run("diagnose", verdict=result.verdict) as stage_run:
+                stage_run.log_metrics({f"{k}_{s}": v[s] for k, v in result.summary().items() for s in v})
+                for path in files:
+                    stage_run.log_artifact(path, "diagnose")
     return 0
 
 
@@ -314,6 +324,24 @@ examples:
 The console shows one progress display per stage; the full log (per-epoch lines included) is in
 RUN/logs/pkdot.log, the per-epoch metrics also in MLflow.
 """
+
+
+#: An example line per stage subcommand (its --help epilogue).
+STAGE_EXAMPLES = {
+    "extract": "  pkdot extract --dataset biovid --root /data/biovid/PartA --out runs/r1 --workers 4\n",
+    "train-teacher": "  pkdot train-teacher --run runs/r1 --set train.epochs_teacher=30\n",
+    "cache": "  pkdot cache --run runs/r1\n",
+    "distill": "  pkdot distill --run runs/r1 --loss pkdot --loss none,kd\n",
+    "evaluate": "  pkdot evaluate --run runs/r1 --robustness\n",
+}
+
+
+def _lock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait-lock",
+        action="store_true",
+        help="When another pkdot command writes to the run directory, wait for it instead of failing",
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -424,72 +452,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="Manifest Parquet file to write (required)")
     p.set_defaults(fn=cmd_manifest)
 
-    p = _add_parser(
-        sub,
-        "extract",
-        "Stage 1: manifest + face/physio/audio features into RUN/features",
-        "  pkdot extract --dataset biovid --root /data/biovid/PartA --out runs/r1 --workers 4\n",
-    )
-    _config_args(p)
-    p.add_argument("--out", type=Path, required=True, help="Run directory (required)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        help="Parallel extraction tasks (default: the config's features.workers, 2 in both presets)",
-    )
-    p.add_argument(
-        "--ray-address",
-        help="Ray cluster for the extraction tasks: 'auto' or host:port (default: $RAY_ADDRESS, else a "
-        "private local Ray)",
-    )
-    p.set_defaults(fn=cmd_extract)
+    from pkdot.pipeline import STAGES
 
-    for name, fn, helptext, example in (
-        (
-            "train-teacher",
-            cmd_train_teacher,
-            "Stage 2: teachers + T-Nets on Ray Train",
-            "  pkdot train-teacher --run runs/r1 --set train.epochs_teacher=30\n",
-        ),
-        ("cache", cmd_cache, "Stage 3: frozen-teacher embedding cache", "  pkdot cache --run runs/r1\n"),
-        (
-            "distill",
-            cmd_distill,
-            "Stage 4: students, one per loss",
-            "  pkdot distill --run runs/r1 --loss pkdot --loss none,kd\n",
-        ),
-        (
-            "evaluate",
-            cmd_evaluate,
-            "Stage 5: report, plots, MLflow registry",
-            "  pkdot evaluate --run runs/r1 --robustness\n",
-        ),
-    ):
-        p = _add_parser(sub, name, helptext, example)
-        p.add_argument(
-            "--run", type=Path, required=True, help="Run directory (from 'pkdot extract --out') (required)"
-        )
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="Override a field of the run's config.yaml, e.g. --set train.epochs_student=3 (repeatable)",
-        )
+    for number, stage in enumerate(STAGES[1:], start=1):  # the manifest is part of extract
+        p = _add_parser(sub, stage.name, f"Stage {number}: {stage.help}", STAGE_EXAMPLES.get(stage.name, ""))
+        if stage.name == "extract":
+            _config_args(p)
+            p.add_argument("--out", type=Path, required=True, help="Run directory (required)")
+            p.add_argument(
+                "--workers",
+                type=int,
+                help="Parallel extraction tasks (default: the config's features.workers, 2 in both presets)",
+            )
+        else:
+            p.add_argument(
+                "--run",
+                type=Path,
+                required=True,
+                help="Run directory (from 'pkdot extract --out') (required)",
+            )
+            p.add_argument(
+                "--set",
+                dest="overrides",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="Override a field of the run's config.yaml, e.g. --set train.epochs_student=3 (repeatable)",
+            )
         p.add_argument(
             "--ray-address",
             help="Ray cluster: 'auto' or host:port (default: the run's ray_address, else $RAY_ADDRESS, else a "
             "private local Ray)",
         )
-        if name == "distill":
+        _lock_arg(p)
+        if stage.name == "distill":
             p.add_argument(
                 "--loss",
                 action="append",
-                help="A registered loss: pkdot, none, kd, fitnet, sp, rkd, pkt, crd; repeatable or "
-                "comma-separated (default: the config's distill.losses)",
+                help="A registered loss (see distill.losses); repeatable or comma-separated (default: the "
+                "config's distill.losses)",
             )
-        if name == "evaluate":
+        if stage.name == "evaluate":
             p.add_argument(
                 "--robustness",
                 action=argparse.BooleanOptionalAction,
@@ -499,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "section and MLflow metrics (default: the config's evaluate.robustness, which is on whenever "
                 "the student watches video)",
             )
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=cmd_stage)
 
     p = _add_parser(
         sub,
@@ -517,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "local Ray)",
     )
     p.add_argument("--no-prefect", action="store_true", help="Run the stages directly, without Prefect")
+    _lock_arg(p)
     p.set_defaults(fn=cmd_run)
 
     p = _add_parser(
@@ -541,6 +545,33 @@ def build_parser() -> argparse.ArgumentParser:
         "videos", nargs="+", type=Path, help="Video files (mp4, ...) to predict, one JSON line each"
     )
     p.set_defaults(fn=cmd_predict)
+
+    p = _add_parser(
+        sub,
+        "diagnose",
+        "Will the privileged modality help the student? Linear probes with subject folds, before training",
+        "  pkdot diagnose --table feats.parquet --student-modalities face --privileged-modalities eeg,gsr\n"
+        "  pkdot diagnose --run runs/r1\n",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--table", type=Path, help="A feature table (the layout of --dataset table)")
+    source.add_argument("--run", type=Path, help="A run directory after `pkdot extract` (its features/)")
+    for view, default in (("student", "the table's first list column"), ("privileged", "the other ones")):
+        p.add_argument(
+            f"--{view}-modalities",
+            nargs="+",
+            help=f"{view.capitalize()} columns/modalities, comma- or space-separated (default: {default}; "
+            "for --run the run's config)",
+        )
+    p.add_argument("--folds", type=int, default=5, help="Subject folds per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="Repeats of the subject k-fold (different folds)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Folder for diagnose.json/png (default: RUN/diagnose, FILE-diagnose)",
+    )
+    p.set_defaults(fn=cmd_diagnose)
     return parser
 
 
@@ -549,8 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and args.run_dir is None:
         ds = args.dataset or "biovid"
         args.run_dir = Path("runs") / f"{ds}-{args.preset or 'demo'}"
-    from pkdot.console import console_session
+    from pkdot.console import console_session, route_ray_worker_logs
+    from pkdot.ray_utils import add_init_hook
 
+    add_init_hook(route_ray_worker_logs)  # within the session, Ray's worker output goes to the log
     try:
         with console_session(verbose=args.verbose, run_dir=_log_dir_of(args)):
             code = int(args.fn(args) or 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pkdot.errors import ConfigError
 
+logger = logging.getLogger(__name__)
 Preset = Literal["demo", "paper"]
 DatasetName = Literal["biovid", "affwild2", "table", "synthetic-biovid", "synthetic-affwild2"]
 Task = Literal["binary", "multiclass", "valence", "arousal", "regression"]
@@ -102,7 +104,7 @@ class DataConfig(_Section):
         """Classes for classification, 1 for regression.
 
         ``multiclass`` has ``num_classes`` outputs (Biovid: 5); a table run's ``num_classes`` is inferred from
-        its labels by :func:`pkdot.stages.prepare_run`, and reading this before then raises
+        its labels by :func:`pkdot.pipeline.prepare_run`, and reading this before then raises
         :class:`ConfigError`.
         """
         if self.task == "multiclass":
@@ -170,6 +172,15 @@ class FeatureConfig(_Section):
     physio_channels: list[str] | None = Field(default=None, description="None = every channel of the part")
     physio_window: tuple[float, float] = (2.0, 5.0)
     max_nan_gap_s: float = Field(default=0.1, ge=0.0, description="Longer NaN runs quarantine the sample")
+    biovid_window_s: float = Field(
+        default=5.5, gt=0, description="Duration of a Biovid sample (its video and biosignal file cover it)"
+    )
+    duration_tolerance_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="A recording shorter than its sample's window (biovid_window_s) by more than this, or a "
+        "video and a biosignal file of one sample whose durations differ by more than this, quarantines the sample",
+    )
     spec_nperseg: int = Field(default=16, ge=4)
     spec_noverlap: int = Field(default=4, ge=0)
     spec_nfft: int = Field(default=128, ge=4)
@@ -252,7 +263,7 @@ class TrainConfig(_Section):
         description="The student's video backbone: 'teacher-frozen' (the paper's: the teacher's, frozen; the "
         "student trains from cached tokens), 'teacher-finetune' (starts from the teacher's, trained), 'scratch' "
         "(freshly initialised), 'pretrained' (loads model.pretrained_video). Non-frozen students read the face "
-        "crops. Replaces freeze_student_backbone (true = teacher-frozen, false = teacher-finetune)",
+        "crops. Replaces freeze_student_backbone (true = teacher-frozen, false = teacher-finetune; still read)",
     )
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     use_gpu: bool | Literal["auto"] = "auto"
@@ -285,47 +296,91 @@ class TrainConfig(_Section):
             raise ValueError("folds must be >= 2, 'loso' or 'official'")
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_freeze(cls, data: Any) -> Any:
-        """``freeze_student_backbone`` (older configs): true -> 'teacher-frozen', false -> 'teacher-finetune'."""
-        if isinstance(data, dict) and "freeze_student_backbone" in data:
-            data = dict(data)
-            freeze = data.pop("freeze_student_backbone")
-            if not isinstance(freeze, bool):
-                raise ValueError(f"freeze_student_backbone must be true or false, got {freeze!r}")
-            mapped = "teacher-frozen" if freeze else "teacher-finetune"
-            if data.get("student_init", mapped) != mapped:
-                raise ValueError(
-                    f"freeze_student_backbone={freeze} contradicts student_init={data['student_init']!r} "
-                    "(set student_init only)"
-                )
-            data["student_init"] = mapped
-        return data
-
     @property
     def student_backbone_frozen(self) -> bool:
         """Whether the student keeps the teacher's frozen video backbone (and trains from cached tokens)."""
         return self.student_init == "teacher-frozen"
 
 
-class DistillConfig(_Section):
-    """Distillation losses and their weights: total = task_weight * task + weights[loss] * distill."""
+# ---- distillation: one options model per loss (its class's keyword arguments) and its term's weight --------
+def _weight(default: float) -> Any:
+    return Field(default=default, ge=0.0, allow_inf_nan=False, description="Weight of this loss's term")
 
-    losses: list[str] = Field(
-        default_factory=lambda: ["none", "kd", "fitnet", "sp", "rkd", "pkt", "crd", "pkdot"]
+
+class LossOptions(_Section):
+    """Options of one distillation loss and the weight of its term (cited in the loss's module)."""
+
+    weight: float = _weight(1.0)
+
+
+class NoneOptions(LossOptions):
+    weight: float = _weight(0.0)
+
+
+class KDOptions(LossOptions):
+    temperature: float = Field(default=4.0, gt=0, description="Softmax temperature T")
+
+
+class FitNetOptions(LossOptions):
+    pass
+
+
+class SPOptions(LossOptions):
+    weight: float = _weight(3000.0)
+
+
+class RKDOptions(LossOptions):
+    distance_weight: float = Field(default=25.0, ge=0)
+    angle_weight: float = Field(default=50.0, ge=0)
+
+
+class PKTOptions(LossOptions):
+    weight: float = _weight(30000.0)
+
+
+class CRDOptions(LossOptions):
+    weight: float = _weight(0.8)
+    n_negatives: int | None = Field(
+        default=None, ge=1, description="Negatives per sample (None: min(4096, N-1))"
     )
-    weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="Loss name -> weight of its term; a loss not named uses its paper's default "
-        "(pkdot.distill.default_weights(): kd 1, fitnet 1, sp 3000, rkd 1, pkt 30000, crd 0.8, pkdot 0.6)",
-    )
+    temperature: float = Field(default=0.07, gt=0, description="NCE temperature")
+    momentum: float = Field(default=0.5, ge=0.0, lt=1.0, description="Memory-bank momentum")
+    feat_dim: int = Field(default=128, ge=1, description="Width of the shared embedding")
+    seed: int = Field(default=0, description="Seed of the memory initialisation and negative sampling")
+
+
+class PkdotOptions(LossOptions):
+    weight: float = _weight(0.6)
+    k: int | Literal["all"] = Field(default=30, description="Anchors per row (int >= 1 or 'all')")
+    anchors: Literal["least", "most"] = Field(default="least", description="Least or most similar columns")
+    blur: float = Field(default=0.1, gt=0, description="Sinkhorn blur (eps = blur^2)")
+    scaling: float = Field(default=0.5, gt=0, lt=1, description="Epsilon-scaling ratio")
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("k must be >= 1 or 'all'")
+        return v
+
+
+class DistillConfig(_Section):
+    """The student's objective: task_weight * task loss + ``<loss>.weight`` * the loss of ``losses``.
+
+    Each field typed by a :class:`LossOptions` subclass is one loss (its name, options and weight); they make
+    :data:`LOSSES`, the list of loss names. ``distill.weights.<loss>`` is accepted as ``distill.<loss>.weight``.
+    """
+
+    losses: list[str] = Field(default_factory=lambda: list(LOSSES), description="One student per loss")
     task_weight: float = Field(default=1.0, ge=0.0)
-    k: int | Literal["all"] = Field(default=30, description="PKDOT anchors per row")
-    anchors: Literal["least", "most"] = "least"
-    blur: float = Field(default=0.1, gt=0)
-    scaling: float = Field(default=0.5, gt=0, lt=1)
-    temperature: float = Field(default=4.0, gt=0, description="KD softmax temperature")
+    none: NoneOptions = Field(default_factory=NoneOptions)
+    kd: KDOptions = Field(default_factory=KDOptions)
+    fitnet: FitNetOptions = Field(default_factory=FitNetOptions)
+    sp: SPOptions = Field(default_factory=SPOptions)
+    rkd: RKDOptions = Field(default_factory=RKDOptions)
+    pkt: PKTOptions = Field(default_factory=PKTOptions)
+    crd: CRDOptions = Field(default_factory=CRDOptions)
+    pkdot: PkdotOptions = Field(default_factory=PkdotOptions)
     use_tnet: bool = True
     teacher_targets: Literal["fit", "crossfit"] = Field(
         default="fit",
@@ -341,35 +396,6 @@ class DistillConfig(_Section):
         "in the teacher stage's phase 1). The student's T-Nets and frozen tokens still come from the fusion "
         "teacher's job",
     )
-    options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per-loss extra keyword options"
-    )
-
-    @field_validator("k")
-    @classmethod
-    def _k(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("k must be >= 1 or 'all'")
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_global_weight(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "weight" in data:
-            raise ConfigError(
-                f"distill.weight (got {data['weight']!r}) was replaced by per-loss weights: set "
-                "distill.weights.<loss>, e.g. distill.weights.pkdot=0.6"
-            )
-        return data
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        if v:  # names are checked against the loss registry (imported lazily: it imports this module)
-            from pkdot.distill import check_weights
-
-            check_weights(v)
-        return v
 
     @field_validator("losses")
     @classmethod
@@ -378,7 +404,74 @@ class DistillConfig(_Section):
             raise ValueError("losses must name at least one loss")
         if len(set(v)) != len(v):
             raise ValueError(f"losses has duplicates: {v}")
+        unknown = [name for name in v if name not in LOSSES]
+        if unknown:
+            raise ValueError(f"unknown loss(es) {unknown} (valid: {', '.join(LOSSES)})")
         return v
+
+    def options(self, name: str) -> LossOptions:
+        """The options section of loss ``name`` (``distill.<name>``)."""
+        if name not in LOSSES:
+            raise ConfigError(f"distill: unknown loss {name!r} (valid: {', '.join(LOSSES)})")
+        return getattr(self, name)
+
+    def weight(self, name: str) -> float:
+        """The weight of loss ``name``'s term (``distill.<name>.weight``)."""
+        return self.options(name).weight
+
+
+#: Loss name -> its options model: THE list of distillation losses (pkdot.distill registers exactly these).
+LOSSES: dict[str, type[LossOptions]] = {
+    name: field.annotation
+    for name, field in DistillConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, LossOptions)
+}
+#: Former distill fields (before per-loss sections) -> their section; ``options.<loss>`` -> ``<loss>``.
+_MOVED = {"k": "pkdot", "anchors": "pkdot", "blur": "pkdot", "scaling": "pkdot", "temperature": "kd"}
+
+
+def _upgrade(layer: dict[str, Any], source: str) -> dict[str, Any]:
+    """One config layer with former fields mapped onto today's: ``train.freeze_student_backbone``,
+    ``distill.{k,anchors,blur,scaling,temperature,options}``; and ``distill.weights.<loss>`` (an alias of
+    ``distill.<loss>.weight``)."""
+    layer = dict(layer)
+    train = layer.get("train")
+    if isinstance(train, dict) and "freeze_student_backbone" in train:
+        train = layer["train"] = dict(train)
+        freeze = train.pop("freeze_student_backbone")
+        mapped = "teacher-frozen" if freeze is True else "teacher-finetune" if freeze is False else None
+        if mapped is None or train.setdefault("student_init", mapped) != mapped:
+            problem = "must be true or false" if mapped is None else f"contradicts {train['student_init']!r}"
+            raise ConfigError(
+                f"{source}: train.freeze_student_backbone={freeze!r} {problem} (set student_init only)"
+            )
+    distill = layer.get("distill")
+    if not isinstance(distill, dict):
+        return layer
+    distill = layer["distill"] = dict(distill)
+    if "weight" in distill:
+        raise ConfigError(
+            f"{source}: distill.weight (got {distill['weight']!r}) was replaced by per-loss weights: set "
+            "distill.<loss>.weight, e.g. distill.pkdot.weight=0.6"
+        )
+    moved = []  # (former key, section, option, value)
+    for key, value in (distill.pop("weights", None) or {}).items():
+        if key not in LOSSES:
+            raise ConfigError(
+                f"{source}: distill.weights.{key}: unknown loss {key!r} (valid: {', '.join(LOSSES)})"
+            )
+        moved.append((f"weights.{key}", key, "weight", value))
+    moved += [(key, _MOVED[key], key, distill.pop(key)) for key in _MOVED if key in distill]
+    for name, options in (distill.pop("options", None) or {}).items():
+        moved += [(f"options.{name}.{key}", name, key, value) for key, value in (options or {}).items()]
+    for key, section, option, value in moved:
+        target = distill.setdefault(section, {})
+        if not isinstance(target, dict) or target.setdefault(option, value) != value:
+            raise ConfigError(f"{source}: distill.{key}={value!r} contradicts distill.{section}.{option}")
+    renamed = [f"distill.{k} -> distill.{s}.{o}" for k, s, o, _ in moved if not k.startswith("weights.")]
+    if renamed:
+        logger.warning("%s: former distill fields, set the new ones: %s", source, ", ".join(renamed))
+    return layer
 
 
 class TrackingConfig(_Section):
@@ -441,14 +534,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
-        if self.data.dataset == "biovid":
-            for m in self.data.modalities:
-                if m not in ("video", "physio"):
-                    raise ValueError(f"Biovid has modalities video and physio, not {m!r}")
-        if self.data.dataset == "affwild2":
-            for m in self.data.modalities:
-                if m not in ("video", "audio"):
-                    raise ValueError(f"Aff-Wild2 has modalities video and audio, not {m!r}")
+        known = {"biovid": ("Biovid", "video", "physio"), "affwild2": ("Aff-Wild2", "video", "audio")}
+        name, *allowed = known.get(self.data.dataset, ("", *self.data.modalities))
+        for m in self.data.modalities:
+            if m not in allowed:
+                raise ValueError(f"{name} has modalities {' and '.join(allowed)}, not {m!r}")
         if self.train.student_init == "pretrained" and self.model.pretrained_video is None:
             raise ValueError(
                 "train.student_init 'pretrained' needs model.pretrained_video (a local state_dict file of the "
@@ -497,11 +587,9 @@ class RunConfig(_Section):
         """The config as ``{"a.b": value}`` (for MLflow params)."""
         return _flatten(self.model_dump(mode="json"))
 
-    def to_yaml(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
-        tmp.replace(path)
+    def yaml_text(self) -> str:
+        """The config as YAML (write it with :func:`pkdot.rundir.atomic_write_text`)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 # ---- presets -----------------------------------------------------------------------------------------------
@@ -513,7 +601,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "n_frames": 8,
             "crop_size": 48,
             "min_face_px": 24,  # the demo's 160-px frames: detect at full resolution
-            "workers": 2,
             "shard_size": 16,
             "n_mels": 32,
         },
@@ -524,12 +611,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "physio_width": 8,
             "audio_width": 8,
             "mlp_hidden": 64,
-            "fusion_heads": 2,
             "tnet_hidden": [64, 32, 64],
-            "dropout": 0.1,
         },
         "train": {
-            "max_folds": None,
             "batch_size": 32,
             "teacher_batch_size": 32,
             "epochs_unimodal": 8,
@@ -541,8 +625,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lr_fusion": 3e-3,
             "lr_tnet": 3e-3,
             "lr_student": 3e-3,
-            "num_workers": 2,
-            "seeds": [0],
             "optimizer": "adam",
             # Picked by validation in the quality benchmark (benchmarks/results/quality-biovid.md: val
             # accuracy 0.650/0.654/0.625 for none/kd/pkdot vs 0.604/0.583/0.596 with 'teacher-frozen').
@@ -551,38 +633,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             # 8 losses of a fold share one run (on a 2-core machine only one 2-worker run fits at a time anyway)
             "jobs_per_run": 8,
         },
-        "distill": {"k": 10},
+        "distill": {"pkdot": {"k": 10}},
         "synth": {"subjects": 10, "samples_per_class": 8},
     },
-    # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6).
+    # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6) are the defaults.
     "paper": {
         "preset": "paper",
-        "features": {"n_frames": 10, "crop_size": 112},
-        "model": {
-            "embed_dim": 512,
-            "video_backbone": "r3d18",
-            "video_width": 64,
-            "physio_width": 64,
-            "audio_width": 64,
-            "fusion_heads": 2,
-            "tnet_hidden": [256, 128, 256],
-        },
-        "train": {
-            "batch_size": 128,
-            "teacher_batch_size": 64,
-            "epochs_unimodal": 20,
-            "epochs_teacher": 20,
-            "epochs_tnet": 20,
-            "epochs_student": 20,
-            "lr_backbone": 1e-3,
-            "lr_teacher_backbone": 1e-4,
-            "lr_fusion": 1e-3,
-            "lr_tnet": 5e-5,
-            "lr_student": 1e-4,
-            "student_init": "teacher-finetune",  # as `demo`: the quality benchmark's validation pick
-        },
-        "distill": {"k": 30, "blur": 0.1, "anchors": "least"},
-    },
+        "train": {"student_init": "teacher-finetune"},
+    },  # as `demo`: validation's pick
 }
 
 
@@ -600,7 +658,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -626,11 +684,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def _valid_fields(loc: tuple[Any, ...]) -> str:
+    """`` (valid: a, b, ...)``: the fields of the section that holds ``loc`` (for an unknown field)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+    return f" (valid: {', '.join(model.model_fields)})"
+
+
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+        valid = _valid_fields(e["loc"]) if e["type"] == "extra_forbidden" else ""
+        got = f" (got {e.get('input')!r})" if e["loc"] else ""
+        lines.append(f"  {loc}: {e['msg']}{valid}{got}")
     return f"invalid run configuration ({source}):\n" + "\n".join(lines)
 
 
@@ -652,11 +723,9 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}"
@@ -676,11 +745,7 @@ def load_config(
     if chosen not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
     merged = copy.deepcopy(PRESETS[chosen])
-    for layer in (file_data, over):
-        train = layer.get("train")
-        if isinstance(train, dict) and "freeze_student_backbone" in train and "student_init" not in train:
-            # the former flag, set by the user, replaces an earlier layer's (the preset's) student_init
-            merged.get("train", {}).pop("student_init", None)
+    for layer in (_upgrade(file_data, source), _upgrade(over, "overrides")):
         merged = _deep_merge(merged, layer)
     merged["preset"] = chosen
     try:

@@ -321,7 +321,7 @@ def route_ray_worker_logs() -> bool:
 
     With ``log_to_driver`` Ray prints every line a worker writes (stdout and stderr) on the driver's stdout or
     stderr; this swaps that printer for one that logs each line once (:func:`_log_worker_lines`). Called by
-    :func:`pkdot.ray_utils.ensure_ray` after ``ray.init``; outside a console session (library use, tests) it
+    ``pkdot.ray_utils.ensure_ray`` after ``ray.init`` (the CLI adds it as an init hook); outside a console session it
     does nothing and Ray prints as usual.
 
     Returns

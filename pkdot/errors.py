@@ -30,3 +30,68 @@ class StageError(PkdotError):
 class InfrastructureError(PkdotError):
     """A transient failure of the machinery, not of the input (a Ray worker or node died, out of memory, an
     object store full, I/O): the flow retries it, re-running resumes (see :func:`pkdot.ray_utils.is_infrastructure_error`)."""
+
+
+class ResourceError(PkdotError):
+    """The machine ran out of something (disk, memory, file descriptors) or may not write somewhere: a retry
+    cannot fix it, so it is never retried; the message names the path and what to do."""
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (``__cause__``, ``__context__``, Ray's ``cause``), outermost first."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return seen
+
+
+def resource_error(exc: BaseException) -> ResourceError | None:
+    """A :class:`ResourceError` in one line for an exhausted resource found in ``exc`` or what it wraps (disk full,
+    out of memory, too many open files, permission denied), else None."""
+    import errno
+    import shutil
+
+    for e in _causes(exc):
+        if isinstance(e, ResourceError):
+            return e
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+            return ResourceError(
+                "out of memory: lower features.workers (extraction) or train.batch_size / "
+                "train.max_concurrent_jobs (training), or use a machine with more memory"
+            )
+        if not isinstance(e, OSError):
+            continue
+        path = e.filename or "(unknown path)"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = ""
+            try:
+                free = f" ({shutil.disk_usage(_existing_parent(path)).free // 2**20} MB free now)"
+            except OSError:
+                pass
+            return ResourceError(
+                f"disk full writing {path}{free}: free space on that file system (or point run_dir elsewhere) "
+                "and re-run; finished work is kept"
+            )
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            return ResourceError(
+                f"too many open files (at {path}): lower features.workers, or raise the limit (`ulimit -n`)"
+            )
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return ResourceError(
+                f"permission denied: {path}: make it writable by this user, or choose another run_dir"
+            )
+    return None
+
+
+def _existing_parent(path: str) -> str:
+    import os
+
+    p = os.path.abspath(str(path))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    return p

@@ -1,18 +1,11 @@
 """Starting (or joining) Ray the same way everywhere in pkdot — on loopback unless opened on purpose.
 
-A Ray node has many listeners: the GCS, the raylet (node manager + object manager), the dashboard and its
-agent (HTTP + gRPC), the runtime-env agent, the metrics exporter, the Ray client server and every worker's
-gRPC server. Ray binds them to the *node IP*, and on Linux it rewrites a requested ``127.0.0.1`` into the
-machine's routable address (``resolve_ip_for_localhost``) unless multi-node clusters are disabled, which is
-what ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does (measured with Ray 2.60: with it and node IP 127.0.0.1, every
-listener of ``ray.init`` and of ``ray start --head`` is on 127.0.0.1; without it the GCS, raylet and workers
-are on ``*`` and the agents on the external address). :func:`ensure_ray` starts its private Ray that way,
-``make ray-up`` and ``infra/local_stack.py`` start ``ray start --head`` that way (:func:`loopback_env`,
-:func:`loopback_head_args`).
-
-Opening Ray to a network is explicit (``PKDOT_RAY_NODE_IP=<address>`` for the embedded Ray,
-``RAY_NODE_IP=<address>`` for ``make ray-up``, ``--ray-node-ip`` for the local stack) and turns Ray's token
-authentication on (``RAY_AUTH_MODE=token``): without it anyone who can reach the ports can run code as you.
+Ray binds its many listeners (GCS, raylet, dashboard and agents, runtime-env agent, metrics, client server,
+workers) to the node IP, and on Linux rewrites a requested ``127.0.0.1`` into the routable address unless
+multi-node clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; measured with Ray 2.60).
+:func:`ensure_ray`, ``make ray-up`` and ``infra/local_stack.py`` start Ray that way (:func:`loopback_env`,
+:func:`loopback_head_args`). Opening Ray to a network is explicit (``PKDOT_RAY_NODE_IP``, ``RAY_NODE_IP``,
+``--ray-node-ip``) and turns Ray's token authentication on (``RAY_AUTH_MODE=token``).
 """
 
 from __future__ import annotations
@@ -20,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from pkdot.errors import ConfigError, InfrastructureError, PkdotError
@@ -96,16 +90,26 @@ def loopback_head_args(node_ip: str = LOOPBACK, *, dashboard: bool = False) -> l
 
 
 _ORIGINAL_CLUSTER_FLAG: list[bool] = []
+#: Called after every :func:`ensure_ray` (the CLI adds one that sends Ray's worker output to its log file).
+_init_hooks: list[Callable[[], object]] = []
+
+
+def add_init_hook(hook: Callable[[], object]) -> None:
+    """Run ``hook()`` after every :func:`ensure_ray` (once, however often it is added)."""
+    if hook not in _init_hooks:
+        _init_hooks.append(hook)
+
+
+def _after_init() -> None:
+    for hook in _init_hooks:
+        hook()
 
 
 def _set_loopback_only(on: bool) -> None:
     """Keep (or stop keeping) loopback addresses on loopback in this process and the Ray processes it spawns.
 
-    Ray reads the switch at import time (``ray_constants.ENABLE_RAY_CLUSTER``) and when it canonicalises an
-    address (``127.0.0.1:6379`` becomes ``<external IP>:6379`` unless it is set), so both the environment and
-    the imported constant are set. It stays set while this process uses a loopback Ray (its later State API
-    and Ray Train calls resolve addresses too); joining a cluster on a network address turns it back off, so
-    that this driver advertises its real address there.
+    Ray reads the switch at import time and whenever it canonicalises an address, so both the environment and
+    the imported constant are set; joining a cluster on a network address turns it back off.
     """
     import ray._private.ray_constants as ray_constants
 
@@ -152,10 +156,8 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     """
     import ray
 
-    from pkdot.console import route_ray_worker_logs  # the CLI: workers' output to the log, not the console
-
     if ray.is_initialized():
-        route_ray_worker_logs()
+        _after_init()
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     target = address or os.environ.get("RAY_ADDRESS") or None
@@ -172,7 +174,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
         except (ConnectionError, ValueError, RuntimeError) as exc:
             source = "ray_address" if address else "$RAY_ADDRESS"
             raise ConfigError(f"{source} {target!r}: cannot connect to a Ray cluster there ({exc})") from exc
-        route_ray_worker_logs()
+        _after_init()
         return True
     existing = running_local_cluster()
     if existing:
@@ -209,7 +211,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     url = ray._private.worker.global_worker.node.address_info.get("webui_url")
     if url:
         logger.info("private Ray started; dashboard at http://%s", url)
-    route_ray_worker_logs()
+    _after_init()
     return True
 
 

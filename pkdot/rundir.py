@@ -12,6 +12,7 @@ A run directory is what the stages hand each other::
     RUN/embeddings/fold-<k>-seed-<s>[-crossfit<J>].parquet      frozen teacher outputs
     RUN/student/<loss>/fold-<k>/seed-<s>/                        student job
     RUN/report/                           report.md, summary.json, plots
+    RUN/diagnose/                         pkdot diagnose --run: diagnose.json, diagnose.png
     RUN/stages/<stage>.json               stage markers (pkdot.pipeline.base)
 
 :class:`RunDir` is the only place these paths are built. :func:`atomic_path` is the only place a temporary file
@@ -35,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from pkdot.config import MODALITY_FILES
+
+#: The package's source directory (what stage code hashes read).
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 #: Files up to this size are identified by a hash of their content; larger ones by size and mtime.
 SMALL_FILE_BYTES = 256 * 1024
@@ -140,6 +144,15 @@ class RunDir:
     def student(self, loss: str, fold: int, seed: int) -> Path:
         return self.students / loss / f"fold-{fold}" / f"seed-{seed}"
 
+    def ray_runs(self, name: str) -> Path:
+        """``ray/<name>/``: the Ray Train storage folder (checkpoints) of a stage's runs."""
+        return self.root / "ray" / name
+
+    @property
+    def node_check(self) -> Path:
+        """The token file every Ray node reads to prove it sees the run directory."""
+        return self.root / ".ray-node-check"
+
     # ---- evaluation -------------------------------------------------------------------------------------
     @property
     def report(self) -> Path:
@@ -152,6 +165,11 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.report / "summary.json"
+
+    @property
+    def diagnose(self) -> Path:
+        """``diagnose/``: what ``pkdot diagnose --run`` writes (diagnose.json, diagnose.png)."""
+        return self.root / "diagnose"
 
 
 # ---- atomic writes ----------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ import pytest
 
 from pkdot.cli import main
 from pkdot.config import load_config
+from pkdot.folds import load_folds
 from pkdot.train import ray_runner
-from pkdot.train.splits import load_folds
+from tests.train.conftest import run_jobs_local
 
 TINY = [
     "synth.subjects=4",
@@ -41,7 +42,7 @@ TINY = [
     "train.num_workers=1",
     "train.checkpoint_every_s=0",
     "distill.losses=[none]",
-    "distill.k=4",
+    "distill.pkdot.k=4",
     "tracking.register_model=false",
     "tracking.log_checkpoints=false",
 ]
@@ -49,7 +50,7 @@ TINY = [
 
 def test_affwild2_run_uses_the_official_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
-        ray_runner.run_jobs_local(cfg, kind, jobs, progress=False)
+        run_jobs_local(cfg, kind, jobs, progress=False)
         return []
 
     monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)

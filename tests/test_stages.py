@@ -7,22 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from pkdot import stages
+from pkdot import pipeline
 from pkdot.errors import StageError
 from tests.train.conftest import make_tiny_run
 
 
 def _pipeline(cfg):
-    stages._mark(cfg, "extract", "test", "features-v1", {}, 0.0)  # stage 1 stands in: features are written
+    extract = pipeline.stage("extract")  # stage 1 stands in: features are written
+    pipeline.base.mark_done(cfg, extract, "test", "features-v1", pipeline.base.StageOutput([]), 0.0)
     results = {}
     upstream = "features-v1"
-    for name, fn in (
-        ("train-teacher", stages.stage_train_teacher),
-        ("cache", stages.stage_cache),
-        ("distill", stages.stage_distill),
-        ("evaluate", stages.stage_evaluate),
-    ):
-        results[name] = fn(cfg, upstream)
+    for name in ("train-teacher", "cache", "distill", "evaluate"):
+        results[name] = pipeline.run_stage(name, cfg, upstream)
         upstream = results[name].fingerprint
     return results
 
@@ -89,11 +85,11 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     assert any(a.path == "report" for a in client.list_artifacts(eval_run.info.run_id))
 
     # every stage is idempotent: a second call does nothing
-    again = stages.stage_distill(first, res_a["cache"].fingerprint)
+    again = pipeline.run_stage("distill", first, res_a["cache"].fingerprint)
     assert again.skipped and again.fingerprint == res_a["distill"].fingerprint
 
 
 def test_a_stage_refuses_to_run_before_its_upstream(tmp_path):
     cfg = make_tiny_run(tmp_path / "run")
     with pytest.raises(StageError, match="extract"):
-        stages.stage_train_teacher(cfg)
+        pipeline.run_stage("train-teacher", cfg)

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pkdot import stages
+from pkdot import pipeline
 from pkdot.config import load_config
 from pkdot.train import ray_runner
+from tests.train.conftest import run_jobs_local
 
 TINY = [
     "model.embed_dim=16",
@@ -35,7 +36,7 @@ TINY = [
     "train.num_workers=1",
     "train.checkpoint_every_s=0",
     "distill.losses=[none, pkdot]",
-    "distill.k=4",
+    "distill.pkdot.k=4",
     "tracking.register_model=false",
     "tracking.log_checkpoints=false",
     "features.workers=1",
@@ -82,7 +83,7 @@ def _run(tmp_path: Path, table: Path, task: str, student: list[str], privileged:
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
     cfg = load_config(preset="demo", overrides=overrides)
-    return stages.run_all(cfg)
+    return pipeline.run_all(cfg)
 
 
 def test_ten_class_table_with_three_views(tmp_path: Path) -> None:
@@ -118,7 +119,7 @@ def test_regression_table_with_three_views(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _jobs_in_process(monkeypatch) -> None:
     def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
-        ray_runner.run_jobs_local(cfg, kind, jobs, progress=False)
+        run_jobs_local(cfg, kind, jobs, progress=False)
         return []
 
     monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)

@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from pkdot.config import DataConfig
 from pkdot.data.manifest import ManifestResult
 from pkdot.errors import DatasetError
+from pkdot.rundir import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +57,7 @@ def build_manifest(data: DataConfig, root: Path | None = None) -> ManifestResult
 
 
 def write_manifest_report(result: ManifestResult, path: Path) -> None:
-    """Write ``{"samples", "subjects", "skipped_count", "skipped": [...]}`` as JSON (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``{"samples", "subjects", "skipped_count", "skipped": [...]}`` as JSON."""
     frame = result.frame
     report = {
         "samples": int(len(frame)),
@@ -68,7 +65,5 @@ def write_manifest_report(result: ManifestResult, path: Path) -> None:
         "skipped_count": len(result.skipped),
         "skipped": list(result.skipped),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, report, indent=2)
     logger.info("manifest report -> %s (%d skipped)", path, len(result.skipped))

@@ -1,26 +1,14 @@
-"""Aff-Wild2 (valence-arousal track) -> manifest of fixed-length clips.
+"""Aff-Wild2 (valence-arousal track) -> manifest of fixed-length clips, and the challenge's per-frame scoring.
 
-Layout under the root::
+Layout: ``videos/**/<video>.mp4|.avi``, ``annotations/VA_Estimation_Challenge/{Train_Set,Validation_Set}/
+<video>.txt`` (header ``valence,arousal``, one ``v,a`` line per frame in [-1, 1]; -5 = unannotated).
 
-    videos/**/<video>.mp4 | .avi
-    annotations/VA_Estimation_Challenge/Train_Set/<video>.txt
-    annotations/VA_Estimation_Challenge/Validation_Set/<video>.txt
-
-An annotation file has the header ``valence,arousal`` and one ``v,a`` line per video frame, values in
-[-1, 1]; a line with either value equal to -5 marks an unannotated frame.
-
-Clips are windows of ``data.clip_frames`` frames starting every ``data.clip_stride`` frames (windows that
-would run past the last annotated line are not made). A clip is kept if at least ``data.min_annotated`` of
-its frames are annotated; its ``valence`` / ``arousal`` are the means over its annotated frames
-(``label = -1``). ``sample_id = f"{video}@{start_frame}"``; ``subject_id`` is the annotation stem with a
-trailing ``_left`` / ``_right`` removed (two-person videos); the video is looked up by the annotation stem,
-and for a ``_left``/``_right`` stem without its own file, by the stem without the suffix (Aff-Wild2 stores a
-two-person video once). ``audio_path`` is the video itself.
-
-Face crops (``data.faces``): with ``cropped_aligned/<annotation stem>/<frame:05d>.jpg`` under the root
-(the organisers' aligned crops; 1-based frame numbers, a missing file = no face) and ``data.faces`` None or
-``'frames'``, a clip's ``video_path`` is that folder (stage 1 reads the crops, no detection); videos are then
-needed only for audio. ``data.faces: video`` always uses the videos.
+Clips are windows of ``data.clip_frames`` frames every ``data.clip_stride`` frames, kept when at least
+``data.min_annotated`` of their frames are annotated; ``valence`` / ``arousal`` are the means over those
+frames. ``sample_id = f"{video}@{start_frame}"``; ``subject_id`` is the annotation stem without a trailing
+``_left`` / ``_right``; a two-person video stored once is found by that subject name. ``audio_path`` is the video.
+With ``cropped_aligned/<stem>/<frame:05d>.jpg`` (1-based) and ``data.faces`` None or ``'frames'``, a clip's
+``video_path`` is that folder (no detection); ``data.faces: video`` always uses the videos.
 """
 
 from __future__ import annotations
@@ -317,7 +305,7 @@ def challenge_scores(
     DataFrame with one row per run: ``model``, ``fold``, ``seed``, ``frame_ccc`` (CCC over every annotated frame
     of the run's test videos, Lin 1989), ``videos``, ``frames``, ``filled_frames``.
     """
-    from pkdot.evaluate.metrics import ccc
+    from pkdot.metrics import ccc
 
     rows = []
     test = predictions[predictions["split"] == split]

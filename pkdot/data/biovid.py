@@ -1,28 +1,16 @@
 """Biovid Heat Pain (Part A / Part B) -> manifest.
 
-Layout under the root::
-
-    samples.csv                                       subject_id subject_name class_id class_name sample_id sample_name
-    video/<subject_name>/<sample_name>.mp4
-    biosignals_filtered/<subject_name>/<sample_name>_bio.csv   time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]
-
-``samples.csv`` and the biosignal CSVs are tab-separated in the real data; the delimiter is detected (tab,
-comma or semicolon). Manifest ``sample_id`` = ``sample_name`` and ``subject_id`` = ``subject_name`` (both are
-unique, readable and name the files). ``class_id`` 0..4 = BL1, PA1..PA4 and must agree with ``class_name``.
-
-Tasks: ``binary`` keeps BL1 (label 0) and PA4 (label 1); ``multiclass`` keeps all five (label = class_id).
-Only the header of a biosignal CSV is checked here; reading the signals is stage 1's job.
-
-Face crops (``data.faces``): per-sample folders ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` (crops
-from your own face pipeline; 1-based frame numbers, a missing file = no face) are used instead of the videos
-when ``data.faces`` is ``'frames'``, or None and ``frames/`` exists; the sample's ``video_path`` is then its
-folder (stage 1 reads the crops, no detection).
+Layout: ``samples.csv`` (``subject_id subject_name class_id class_name sample_id sample_name``),
+``video/<subject_name>/<sample_name>.mp4``, ``biosignals_filtered/<subject_name>/<sample_name>_bio.csv``
+(``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``); delimiters are detected (tab, comma,
+semicolon). ``sample_id`` = ``sample_name``, ``subject_id`` = ``subject_name``; ``class_id`` 0..4 = BL1,
+PA1..PA4 must agree with ``class_name``. ``binary`` keeps BL1 (0) and PA4 (1); ``multiclass`` all five. Only
+the header of a biosignal CSV is checked here. Face crops ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg``
+replace the videos when ``data.faces`` is ``'frames'`` (or None and ``frames/`` exists).
 """
 
 from __future__ import annotations
 
-import csv
-import functools
 import logging
 from pathlib import Path
 
@@ -31,6 +19,7 @@ import pandas as pd
 from pkdot.config import DataConfig
 from pkdot.data.manifest import BIOVID_CLASSES, BadSamples, ManifestResult, manifest_frame
 from pkdot.errors import DatasetError
+from pkdot.tables import sniff_delimiter
 
 logger = logging.getLogger(__name__)
 
@@ -40,31 +29,19 @@ BIO_COLUMNS = {
     "A": ["time", "gsr", "ecg", "emg_trapezius"],
     "B": ["time", "gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
 }
-_DELIMITERS = "\t,;"
 #: Per-sample face-crop folders: ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` (1-based).
 FRAMES_DIR = "frames"
 
 
 def detect_delimiter(line: str, path: Path) -> str:
-    """The delimiter of a header line: tab, comma or semicolon (csv.Sniffer, then the most frequent one)."""
-    delimiter = _sniff_delimiter(line)
+    """The delimiter of a header line: tab, comma or semicolon (:func:`pkdot.tables.sniff_delimiter`)."""
+    delimiter = sniff_delimiter(line)
     if delimiter is None:
         raise DatasetError(
             f"{path}: cannot find the column delimiter in the header {line.strip()!r} "
             "(expected tab-, comma- or semicolon-separated columns)"
         )
     return delimiter
-
-
-@functools.lru_cache(maxsize=256)
-def _sniff_delimiter(line: str) -> str | None:
-    """:func:`detect_delimiter` of one header text (cached: the 8,700 biosignal files share a few headers)."""
-    try:
-        return csv.Sniffer().sniff(line, delimiters=_DELIMITERS).delimiter
-    except csv.Error:
-        counts = {d: line.count(d) for d in _DELIMITERS}
-        best = max(counts, key=lambda d: counts[d])
-        return best if counts[best] else None
 
 
 def read_header(path: Path) -> list[str]:

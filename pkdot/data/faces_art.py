@@ -1,22 +1,10 @@
 """Synthetic talking / grimacing faces built from ``skimage.data.astronaut()`` (ships offline).
 
-The astronaut portrait is a real frontal face, so OpenCV's Haar frontal-face cascade finds it. We locate the
-face and eyes once with Haar cascades, derive brows and mouth from the eye geometry, and build *expression
-units*: smooth displacement fields centred on those landmarks, applied with :func:`cv2.remap`.
-
-Expression units (unit intensity = the displacement in source pixels given in :data:`UNIT_AMPLITUDE`):
-
-- ``brow_lower`` (AU4): brows move down and towards the midline.
-- ``eye_narrow`` (AU6/7): the eye region is compressed towards the eye line (negative = eyes wider).
-- ``cheek_raise`` (AU6): the cheeks under the eyes move up.
-- ``lip_raise`` (AU9/10): the upper lip and nose wings move up.
-- ``mouth_corner_up``: the mouth corners move up (negative = down).
-- ``brow_raise`` (AU1/2): brows move up.
-
-A frame is composed as ``background * (1 - alpha) + face * alpha`` where the face is the subject's
-(tinted, globally warped, scaled) head region, deformed by the frame's expression vector and placed with a
-per-frame rigid pose (translation, small rotation). The returned face box is the Haar face box of the source
-mapped through the same transform: ``(x, y, w, h)`` in frame pixels.
+The face and eyes are found once with Haar cascades; brows and mouth are placed from the eye geometry. An
+*expression unit* (:data:`EXPRESSION_UNITS`: AU4 brow lowering, AU6/7 eye narrowing, AU6 cheek raise, AU9/10
+lip raise, mouth corners, AU1/2 brow raise) is a smooth displacement field around those landmarks, applied with
+:func:`cv2.remap`. A frame is the subject's tinted, warped, scaled head deformed by the frame's expression
+vector, placed with a rigid pose over a background; the face box is the Haar box through the same transform.
 """
 
 from __future__ import annotations

@@ -1,69 +1,47 @@
 """Small synthetic data sets written *in the real layouts*, so the real adapters read them.
 
-:func:`write_synthetic` writes either a Biovid-like set (face videos + biosignal CSVs + ``samples.csv``) or an
+:func:`write_synthetic` writes a Biovid-like set (face videos + biosignal CSVs + ``samples.csv``) or an
 Aff-Wild2-like set (videos with an audio track + per-frame valence/arousal annotations), plus the ground truth
-``<out>/synthetic_truth.parquet`` (outside the real layout): per sample ``sample_id``, ``subject_id``,
-``expressiveness``, the latent responses described below, ``coupling`` and ``boxes`` (the face box
-``[x, y, w, h]`` of every video frame, in video pixels).
+``<out>/synthetic_truth.parquet`` (outside the real layout): per sample the latent responses below,
+``expressiveness``, ``coupling`` and ``boxes`` (the face box ``[x, y, w, h]`` of every frame, in video pixels).
 
-Why the modalities share a latent (learning with privileged information needs it)
-------------------------------------------------------------------------------------
-A physio teacher can only help a video student if physiology tells something about the *face*, beyond the
-label: given the class, the two must co-vary. In real heat-pain recordings they do, because one process drives
-both: how strongly this person reacted to this stimulus this time. Nociceptive input that reaches the brain
-raises sympathetic arousal (heart rate up, a skin-conductance response 1-3 s later, muscle tension in the
-trapezius / corrugator) *and* the facial pain display (brow lowering AU4, orbit tightening AU6/7, levator
-contraction AU9/10). Habituation, attention and the thermode's contact make the same nominal temperature hurt
-more in one trial than in the next, and in some trials nothing happens at all (a non-response, more frequent at
-the low temperatures). Each modality then reads that response through its own gain and noise: autonomic and
-EMG responses follow it closely (they are reflexive), whereas the face is a social display that people
-suppress or exaggerate, so it observes the response less reliably and some people barely show it.
+Why the modalities share a latent: a physio teacher can only help a video student if, given the class,
+physiology co-varies with the *face*. In heat-pain recordings one process drives both: how strongly this
+person reacted to this stimulus this time (sympathetic arousal: heart rate, a skin-conductance response 1-3 s
+later, muscle tension; and the facial pain display AU4, AU6/7, AU9/10). Habituation and attention make the same
+temperature hurt more in one trial than the next, and some trials get no response at all (more often at low
+temperatures). Each modality reads that response through its own gain and noise; the face, a social display,
+reads it less reliably and some people barely show it.
 
-Biovid (``c`` = class id 0..4 = BL1, PA1..PA4), drawn by :func:`draw_biovid_responses`:
+Biovid (``c`` = class id 0..4 = BL1, PA1..PA4), :func:`draw_biovid_responses`:
 
-- Latent response per window: ``R = 1[responded] * exp(s z - s^2 / 2)``, with a non-response probability
-  :data:`NONRESPONSE` ``[c]`` (BL1 has no stimulus: ``R = 0``) and ``s`` = :data:`RESPONSE_SIGMA`. The gate and
-  the magnitude are thresholds / transforms of standard normals, so a window's response is a function of two
-  normals ``(g, z)``.
-- ``coupling`` ``k`` in [0, 1]: the physio side reads the *shared* response ``R(g_s, z_s)``; the face side
-  reads ``R(k g_s + sqrt(1 - k^2) g_i, k z_s + sqrt(1 - k^2) z_i)`` with ``(g_i, z_i)`` independent normals.
-  Mixing the normals (a Gaussian copula) keeps every marginal distribution the same at any ``k``: the face is
-  exactly as informative about the class at ``k = 0`` as at ``k = 1``, only its dependence on physiology
-  changes. ``k = 1``: one shared response; ``k = 0``: face and physio independent given the class (the
-  negative control, where no distiller can help).
-- Observation noise: ``face_response = R_face * LogN(0,`` :data:`FACE_OBS_SIGMA` ``)`` and
-  ``physio_response = R_shared * LogN(0,`` :data:`PHYSIO_OBS_SIGMA` ``)`` (the face is the noisier reader).
-- Face: expression units of :mod:`pkdot.data.faces_art` (brow lowering, eye narrowing, cheek and upper-lip
-  raise) with intensity ``FACE_GAIN * expressiveness * FACE_LEVEL[c] * face_response`` (saturating at
-  :data:`FACE_MAX_INTENSITY`: muscles contract only so far), ramping up from a
-  response onset 0.8-1.8 s into the 5.5 s window. ``expressiveness`` in [0.1, 1] is per subject (one value per
-  stratum, skewed low: several faces say little). Nuisances: a frown of concentration in some windows, small
-  spontaneous movements, blinks, head motion, per-subject appearance, background and lighting.
-- Physio (512 Hz): with ``L = PHYSIO_LEVEL[c] * reactivity * physio_response``, heart rate rises by
-  ``gain_hr * L`` bpm, a skin-conductance response starts 1-2 s after the onset with amplitude ``gain_eda * L``,
-  EMG burst power rises with ``gain_emg * L``; per-subject baselines, heart-rate drift, non-specific SCRs and
-  EMG movement artefacts are noise. ``reactivity`` in [0.4, 1] is per subject, independent of expressiveness.
-  Physio carries more label information than the face, and the two are complementary
-  (``tests/data/test_synthetic_informativeness.py``). Part B's corrugator EMG also follows the brow-lowering
-  track of the face (it *is* the brow-lowering muscle), so Part B couples face and physio at any ``coupling``.
-- Truth columns: ``shared_response``, ``face_response``, ``physio_response``, ``face_intensity`` (the rendered
-  intensity before the unit weights), ``physio_level`` (``L``), ``reactivity``, ``onset_s``.
+- Latent response ``R = 1[responded] * exp(s z - s^2 / 2)``: non-response probability :data:`NONRESPONSE`
+  ``[c]`` (BL1: ``R = 0``), ``s`` = :data:`RESPONSE_SIGMA`; a window's response is a function of two normals
+  ``(g, z)``.
+- ``coupling`` ``k`` in [0, 1]: physio reads the shared ``R(g_s, z_s)``; the face reads
+  ``R(k g_s + sqrt(1 - k^2) g_i, k z_s + sqrt(1 - k^2) z_i)`` (a Gaussian copula: every marginal is the same
+  at any ``k``, only the dependence on physiology changes; ``k = 0`` is the negative control).
+- Observation noise ``LogN(0,`` :data:`FACE_OBS_SIGMA` ``)`` on the face, ``LogN(0,`` :data:`PHYSIO_OBS_SIGMA`
+  ``)`` on physio.
+- Face: expression units of :mod:`pkdot.data.faces_art` with intensity ``FACE_GAIN * expressiveness *
+  FACE_LEVEL[c] * face_response`` (saturating at :data:`FACE_MAX_INTENSITY`), ramping up from an onset
+  0.8-1.8 s into the 5.5 s window; ``expressiveness`` in [0.1, 1] per subject (skewed low). Nuisances: frowns
+  of concentration, small movements, blinks, head motion, appearance, background, lighting.
+- Physio (512 Hz), ``L = PHYSIO_LEVEL[c] * reactivity * physio_response``: heart rate up by ``gain_hr * L``
+  bpm, an SCR of amplitude ``gain_eda * L``, EMG bursts with ``gain_emg * L``; baselines, drift, non-specific
+  SCRs and EMG artefacts are noise (:func:`_biovid_physio`). Part B's corrugator EMG also follows the face's
+  brow lowering, so Part B couples face and physio at any ``coupling``.
 
-Aff-Wild2, drawn by :func:`draw_affwild2_tracks`: valence and arousal (the labels) are slow random processes in
-(-1, 1) per frame, ``tanh(0.7 z + mean)`` with ``z`` smoothed white noise. The face follows them with a lag of
-0.1-0.3 s plus its own slow noise: valence moves the mouth corners (and frowns when negative), arousal widens
-the eyes and raises the brows. The voice follows them with a lag of 0.2-0.5 s plus its own (smaller) noise:
-loudness and pitch rise with arousal, the timbre brightens with valence. With ``coupling`` ``k`` < 1 the voice
-reads ``k z + sqrt(1 - k^2) z_i`` with ``z_i`` an independent process (same marginal), so at ``k = 0`` the
-audio says nothing about the labels or the face. Truth columns: ``valence``, ``arousal``, ``face_valence``,
-``face_arousal``, ``audio_valence``, ``audio_arousal`` (per frame), ``face_lag_s``, ``audio_lag_s``.
+Aff-Wild2, :func:`draw_affwild2_tracks`: valence and arousal (the labels) are slow processes
+``tanh(0.7 z + mean)``; the face follows them 0.1-0.3 s late plus its own slow noise (mouth corners, frowns,
+brows, eye opening); the voice 0.2-0.5 s late with less noise (loudness and pitch with arousal, timbre with
+valence), reading ``k z + sqrt(1 - k^2) z_i`` so that at ``k = 0`` the audio says nothing about the labels.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -75,13 +53,13 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import butter, sosfiltfilt
 
 from pkdot.data.faces_art import EXPRESSION_UNITS, FaceRenderer, blink_track, draw_subject_look, head_motion
 from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.errors import ConfigError
+from pkdot.rundir import atomic_path, atomic_write_bytes, atomic_write_parquet, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -207,19 +185,6 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
         yield lambda: bar.advance(task)
 
 
-def _tmp(path: Path) -> Path:
-    """A temp name next to ``path`` with the same suffix (OpenCV picks the container from the suffix)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
-    tmp.replace(path)
-
-
 def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
     """``n`` values spread evenly over [lo, hi] (one per stratum, shuffled): always some low and some high."""
     strata = (rng.permutation(n) + rng.uniform(0.0, 1.0, n)) / n
@@ -237,26 +202,22 @@ def _noise_bank(rng: np.random.Generator, frame_size: int, count: int = 24, sigm
 
 def _write_video_cv2(path: Path, frames: np.ndarray, fps: int) -> None:
     """Write RGB frames (T, H, W, 3) as MPEG-4 Part 2 (``mp4v``) with OpenCV, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
     h, w = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (w, h))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV could not open a mp4v VideoWriter for {tmp}")
-    try:
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (w, h))
+        if not writer.isOpened():
+            raise OSError(f"OpenCV could not open a mp4v VideoWriter for {tmp}")
+        try:
+            for frame in frames:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
 
 
 def _write_video_av(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray, sr: int) -> None:
     """Mux RGB frames (T, H, W, 3) as MPEG-4 video and mono float audio (N,) as AAC into an .mp4, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
     h, w = frames.shape[1:3]
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         vs = container.add_stream("mpeg4", rate=fps)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         vs.bit_rate = 2_000_000
@@ -277,7 +238,6 @@ def _write_video_av(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray,
                 container.mux(packet)
         for packet in aus.encode():
             container.mux(packet)
-    tmp.replace(path)
 
 
 def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarray]) -> None:
@@ -288,17 +248,11 @@ def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarra
     pcsv.write_csv(
         table, buffer, pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _write_truth(out: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows)
-    tmp = _tmp(out / TRUTH_FILE)
-    pq.write_table(table, tmp)
-    tmp.replace(out / TRUTH_FILE)
+    atomic_write_parquet(pa.Table.from_pylist(rows), out / TRUTH_FILE)
 
 
 # ---- Biovid ------------------------------------------------------------------------------------------------
@@ -319,22 +273,13 @@ def _response(class_ids: np.ndarray, gate: np.ndarray, magnitude: np.ndarray) ->
 def draw_biovid_responses(
     rng: np.random.Generator, class_ids: np.ndarray, coupling: float
 ) -> dict[str, np.ndarray]:
-    """Latent responses of Biovid windows and each modality's noisy reading of them.
+    """Latent responses of Biovid windows and each modality's noisy reading of them (module docstring).
 
-    Parameters
-    ----------
-    rng : random generator (six standard normals are drawn per window, whatever ``coupling`` is, so the
-        shared response and the physio side are identical for every coupling at the same seed).
-    class_ids : (N,) ints in 0..4 (BL1, PA1..PA4).
-    coupling : ``k`` in [0, 1]: correlation of the normals behind the face's response with those behind the
-        shared (physio) response.
+    Six standard normals are drawn per window whatever ``coupling`` is, so the shared response and the physio
+    side are identical for every coupling at the same seed. ``class_ids``: (N,) ints in 0..4.
 
-    Returns
-    -------
-    dict of (N,) float arrays: ``shared_response`` (``R(g_s, z_s)``, read by physio), ``face_latent``
-    (``R(k g_s + sqrt(1-k^2) g_i, k z_s + sqrt(1-k^2) z_i)``), ``face_response`` (``face_latent`` times
-    ``LogN(0, FACE_OBS_SIGMA)``) and ``physio_response`` (``shared_response`` times ``LogN(0,
-    PHYSIO_OBS_SIGMA)``); all are 0 for BL1 and for non-responding windows.
+    Returns (N,) arrays ``shared_response``, ``face_latent``, ``face_response``, ``physio_response`` (0 for BL1
+    and non-responding windows).
     """
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
@@ -377,15 +322,9 @@ def _biovid_physio(
 ) -> dict[str, np.ndarray]:
     """One 5.5 s window of biosignals at 512 Hz: ``{"gsr", "ecg", "emg_*"}`` arrays of 2816 samples.
 
-    ``level`` is ``L = PHYSIO_LEVEL[c] * reactivity * physio_response`` (how strongly this window responds):
-
-    - ECG: PQRST Gaussian waves at the beats of the integrated instantaneous heart rate
-      ``hr(t) = hr0 + g_hr L ramp(t - onset - 0.5) + RSA + slow random drift`` (bpm).
-    - EDA (GSR, uS): tonic level + random slope + bi-exponential SCRs ``A (e^{-t/3} - e^{-t/0.7})``, the
-      stimulus-locked one ``1-2 s`` after the onset with ``A = g_eda L``, non-specific ones in some windows.
-    - EMG: 20-200 Hz band-limited noise times an envelope ``e0 (1 + g_emg L ramp(t) b(t) + artefacts)`` with
-      ``b`` a bursty modulation and random movement artefacts; Part B's corrugator also follows the face's
-      brow lowering.
+    With ``L = level``: ECG = PQRST waves at the beats of ``hr(t) = hr0 + g_hr L ramp + RSA + drift``; EDA =
+    tonic level + slope + bi-exponential SCRs (the stimulus-locked one 1-2 s after the onset, amplitude
+    ``g_eda L``); EMG = 20-200 Hz noise times ``e0 (1 + g_emg L ramp(t) b(t) + artefacts)``.
     """
     fs, n = BIOVID_FS, int(round(BIOVID_SECONDS * BIOVID_FS))
     t = np.arange(n) / fs
@@ -567,7 +506,7 @@ def _write_biovid(
                     }
                 )
                 advance()
-    _write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
+    atomic_write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
     _write_truth(out, truth)
     logger.info(
         "synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, sample_counter, out
@@ -605,23 +544,13 @@ def draw_affwild2_tracks(
 ) -> dict[str, np.ndarray]:
     """Latent valence/arousal of one video (the labels) and the face's and the voice's readings of them.
 
-    The latents are ``tanh(0.7 z + mean)`` with ``z`` a standardised slow process (:data:`VA_SMOOTH_S`). The
-    face reads them ``face_lag_s`` late plus :data:`FACE_VA_NOISE` times its own slow noise; the voice reads
-    ``tanh(0.7 (k z + sqrt(1-k^2) z_i) + mean)`` (``z_i`` an independent process, ``k`` = ``coupling``)
-    ``audio_lag_s`` late plus :data:`AUDIO_VA_NOISE` times its own noise. Readings are clipped to [-1, 1]. The
-    same random draws are made at every coupling, so labels and face are identical across couplings.
+    Latents ``tanh(0.7 z + mean)``, ``z`` a slow process (:data:`VA_SMOOTH_S`); the face reads them
+    ``face_lag_s`` late plus :data:`FACE_VA_NOISE` times its own noise, the voice reads
+    ``tanh(0.7 (k z + sqrt(1-k^2) z_i) + mean)`` ``audio_lag_s`` late plus :data:`AUDIO_VA_NOISE` times its
+    noise; readings are clipped to [-1, 1]. The same draws are made at every ``coupling`` ``k``. Lags are in
+    [0, :data:`MAX_VA_LAG_S`] s.
 
-    Parameters
-    ----------
-    rng : random generator.
-    n_frames, fps : length of the video in frames, frame rate.
-    coupling : ``k`` in [0, 1].
-    mean_valence, mean_arousal : the person's mean (pre-tanh offset).
-    face_lag_s, audio_lag_s : lags in [0, :data:`MAX_VA_LAG_S`] seconds.
-
-    Returns
-    -------
-    dict of (n_frames,) float arrays: ``valence``, ``arousal`` (labels), ``face_valence``, ``face_arousal``,
+    Returns (n_frames,) arrays ``valence``, ``arousal`` (labels), ``face_valence``, ``face_arousal``,
     ``audio_valence``, ``audio_arousal``.
     """
     if not 0.0 <= coupling <= 1.0:
@@ -744,7 +673,7 @@ def _write_affwild2(
                     f"{va:.3f},{ar:.3f}" if ok else "-5,-5"
                     for va, ar, ok in zip(valence, arousal, annotated, strict=True)
                 ]
-                _write_text(ann_root / partition / f"{stem}.txt", "\n".join(lines) + "\n")
+                atomic_write_text(ann_root / partition / f"{stem}.txt", "\n".join(lines) + "\n")
                 truth.append(
                     {
                         "sample_id": stem,

@@ -1,42 +1,20 @@
 """A synthetic Biovid *feature table*: per-window facial action-unit intensities and physiological features.
 
-Many Biovid users do not train on pixels: they run a face analyser (OpenFace's action-unit intensities) and
-compute classic biosignal features per window, then learn on the vectors (``pkdot run --dataset table``,
-:mod:`pkdot.data.tabular`). This module writes such a table from the *same* generative process as the
-synthetic videos (:func:`pkdot.data.synthetic.draw_biovid_responses`): each window's latent response drives both
-the pain-related action units and the autonomic/EMG responses, each read through its own per-subject gain and
-noise, with ``coupling`` mixing the face's copy of the response exactly as for the videos (1 = one shared
-response; 0 = face and physio independent given the class, the negative control). Because it skips rendering and
-decoding it is cheap, so a benchmark can afford Biovid's real size (87 subjects x 20 windows per class), where
-the video set is limited to a handful of subjects on a laptop.
+Many Biovid users learn on per-window vectors (OpenFace action units, classic biosignal features) rather than
+pixels (``pkdot run --dataset table``, :mod:`pkdot.data.tabular`). This module writes such a table from the
+*same* generative process as the synthetic videos (:func:`pkdot.data.synthetic.draw_biovid_responses`, with
+the same ``coupling``), cheap enough for Biovid's real size (87 subjects x 20 windows per class). Views:
 
-Views (one list column each):
+- ``face_au`` (student): 12 OpenFace-style AU intensities (0-5); the pain display (AU04, AU06/07, AU09/10) has
+  the videos' intensity spread over the units by per-subject weights; nuisances are per-person offsets,
+  frowns, smiles, talking, blinks and measurement noise.
+- ``face_landmarks`` (student): :data:`N_LANDMARKS` 2-D landmarks, mostly face shape, head pose and jitter;
+  the pain display moves a few of them linearly (a high-dimensional, mostly-nuisance descriptor, the regime
+  where privileged information is predicted to help: Vapnik & Izmailov 2015; Lopez-Paz et al. 2016).
+- ``physio`` (privileged): 8 window features (heart-rate rise and mean, SCR amplitude, EDA level and slope,
+  EMG RMS and peak, non-specific SCR count) scaling with ``L = PHYSIO_LEVEL[c] * reactivity * R_physio``.
 
-- ``face_au`` (the student's): 12 OpenFace-style AU intensities (0-5 scale, clipped at 0): AU01, AU02, AU04,
-  AU06, AU07, AU09, AU10, AU12, AU15, AU17, AU25, AU45. The pain display (AU04 brow lowerer, AU06/AU07 orbit
-  tightening, AU09/AU10 levator) has intensity ``I = FACE_MAX_INTENSITY tanh(FACE_GAIN e FACE_LEVEL[c] R_face /
-  FACE_MAX_INTENSITY)`` (``e`` = the subject's expressiveness, as for the videos), spread over the units by
-  per-subject weights (people show pain with different muscles). Nuisances: each person's neutral-face offsets
-  (the analyser's per-person bias), a frown of concentration in a quarter of the windows, smiles and talking
-  (AU12/AU25), blinks (AU45), the analyser's measurement noise.
-- ``face_landmarks`` (the student's, the other face descriptor people use): the 2-D positions of
-  :data:`N_LANDMARKS` facial landmarks (brows, eyes, nose, mouth; x and y, face-size normalised), as a face
-  analyser gives them. Most of their variance is *not* about pain: each person's face shape (per-subject
-  offsets), head pose and the tracker's jitter. The pain display moves a few of them, linearly in its
-  intensity: brow lowering pulls the brow points down and together, orbit tightening closes the eyelids, the
-  levator lifts the upper lip and the nose wings. A high-dimensional, mostly-nuisance descriptor is the regime
-  in which learning with privileged information is predicted to help (the student's estimation variance
-  dominates: Vapnik & Izmailov 2015; Lopez-Paz et al. 2016): the same windows as ``face_au``, other numbers.
-- ``physio`` (privileged): 8 features of a window: heart-rate rise and mean (ECG), skin-conductance response
-  amplitude, tonic level and slope (EDA), trapezius EMG RMS and peak, and the count of non-specific SCRs. With
-  ``L = PHYSIO_LEVEL[c] * reactivity * R_physio``, the responses scale with ``L`` through per-subject gains;
-  baselines, drift, non-specific SCRs and EMG artefacts are noise (as in ``_biovid_physio``).
-
-The face reads the response less reliably than physiology (``FACE_OBS_SIGMA`` vs ``PHYSIO_OBS_SIGMA``) and
-through a subject's expressiveness, so given the class the physio features tell which windows were strong
-responses and which were non-responses, which is what a physio teacher can pass to a face student when
-``coupling`` is 1, and cannot when it is 0. ``tests/data/test_synthetic_features.py`` measures that.
-The constants were set from the physiology above before any distillation result was seen; they are not tuned.
+The constants were set from the physiology before any distillation result was seen; they are not tuned.
 """
 
 from __future__ import annotations

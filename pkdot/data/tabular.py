@@ -1,26 +1,14 @@
 """Bring-your-own feature table -> manifest.
 
-The root is one Parquet FILE with the columns ``sample_id`` (str, unique), ``subject_id`` (str), the task's
-target, and one column per modality named in ``data.student_modalities`` and ``data.privileged_modalities``
-(any number of each): a list of floats per row, of one length ``D_m`` per modality, finite. Modalities may
-have different lengths.
+The root is one Parquet FILE with ``sample_id`` (unique), ``subject_id``, the target (``label``: non-negative
+integer classes for ``binary`` (0/1) / ``multiclass`` (``data.num_classes``, or ``max(label) + 1``:
+:func:`infer_num_classes`); ``target``: finite floats for ``regression``), and one list-of-float column per
+modality of ``data.student_modalities`` / ``data.privileged_modalities`` (one length per column, finite).
+Stage 1 reads the vectors from the table itself; the manifest's recording paths stay null.
 
-Targets:
-
-- ``binary`` / ``multiclass``: a ``label`` column of non-negative integer classes. ``binary`` expects
-  classes 0/1; ``multiclass`` has ``data.num_classes`` classes, or, when that is unset, ``max(label) + 1``
-  (:func:`infer_num_classes`, called when the run is prepared; every class ``0..K-1`` must then have a row).
-- ``regression``: a ``target`` column of finite floats (metrics CCC, MAE, RMSE; the task head is linear, so a
-  target on a unit scale, e.g. standardised, suits the default learning rates).
-
-The manifest rows carry ``sample_id``, ``subject_id``, ``label`` (``-1`` for regression), ``target`` (NaN for
-classification) and ``dataset = "table"``; their recording paths stay null. Stage 1 reads the modality vectors
-from the table itself (``data.root``).
-
-Every bad row is found before anything is decided: without ``data.skip_bad`` one :class:`DatasetError` lists
-the first :data:`MAX_LISTED` bad rows (row number, sample id, column, what was expected) and the total count;
-with it, all bad rows are skipped and listed in ``ManifestResult.skipped``. A vector length is right when it is
-the most common length of its column (the *modal* length); a tie between lengths has no majority and raises.
+Every bad row is found before anything is decided: without ``data.skip_bad`` one :class:`DatasetError` lists the
+first :data:`MAX_LISTED` (row, sample id, column, what was expected) and the count; with it, they are skipped
+and listed. A vector length is right when it is the most common one of its column; a tie raises.
 """
 
 from __future__ import annotations
@@ -35,6 +23,8 @@ import pyarrow.parquet as pq
 from pkdot.config import DataConfig
 from pkdot.data.manifest import BadSamples, ManifestResult, manifest_frame
 from pkdot.errors import ConfigError, DatasetError
+from pkdot.rundir import atomic_write_parquet
+from pkdot.tables import is_vector_type, modal_length, vector_lengths, vector_problem
 
 logger = logging.getLogger(__name__)
 
@@ -88,41 +78,6 @@ def _target_problem(value: object) -> str | None:
     return f"{value!r} ({type(value).__name__}) is not a number"
 
 
-def _vector_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """``(lengths, has_nonfinite)`` per row of a list<float> column (length -1 for null rows)."""
-    values = column.to_pylist()
-    lengths = np.full(len(values), -1, np.int64)
-    nonfinite = np.zeros(len(values), bool)
-    for i, vec in enumerate(values):
-        if vec is None:
-            continue
-        lengths[i] = len(vec)
-        arr = np.asarray([np.nan if x is None else x for x in vec], dtype=np.float64)
-        nonfinite[i] = bool(arr.size and not np.isfinite(arr).all())
-    return lengths, nonfinite
-
-
-def modal_length(path: Path, column: str, lengths: np.ndarray) -> int:
-    """The most common positive length of a vector column; raises :class:`DatasetError` on a tie.
-
-    Parameters
-    ----------
-    lengths : (N,) int array, ``-1`` for a null row and ``0`` for an empty vector (both ignored).
-    """
-    present = lengths[lengths > 0]
-    if present.size == 0:
-        return 0
-    values, counts = np.unique(present, return_counts=True)
-    top = values[counts == counts.max()]
-    if top.size > 1:
-        spread = ", ".join(f"length {v}: {c} rows" for v, c in zip(values, counts, strict=True))
-        raise DatasetError(
-            f"table {path}: column {column!r} has no majority vector length ({spread}); expected one length "
-            "per modality, and a tie does not say which rows are wrong (fix the table)"
-        )
-    return int(top[0])
-
-
 def _valid_labels(values: list) -> np.ndarray:
     return np.array([int(float(v)) for v in values if _label_problem(v) is None], np.int64)
 
@@ -144,16 +99,22 @@ def infer_num_classes(path: Path) -> int:
     labels = _valid_labels(table.column("label").to_pylist())
     if labels.size == 0:
         raise DatasetError(f"table {path}: column 'label' has no valid class (expected integers >= 0)")
-    k = int(labels.max()) + 1
-    absent = sorted(set(range(k)) - set(labels.tolist()))
+    k = _consecutive_classes(path, labels.tolist())
+    logger.info("table %s: %d classes inferred from column 'label'", path, k)
+    return max(k, 2)
+
+
+def _consecutive_classes(path: Path, classes: list[int]) -> int:
+    """``max(classes) + 1``; raises :class:`DatasetError` when a class in ``0..max`` has no row."""
+    k = int(max(classes)) + 1
+    absent = sorted(set(range(k)) - set(classes))
     if absent:
         raise DatasetError(
             f"table {path}: column 'label' has classes up to {k - 1} but no row of class(es) {absent[:20]} "
             f"(relabel the classes to consecutive integers from 0, or set data.num_classes={k} if they are "
             "meant to be empty)"
         )
-    logger.info("table %s: %d classes inferred from column 'label'", path, k)
-    return max(k, 2)
+    return k
 
 
 def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
@@ -185,12 +146,10 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             f"column per modality {modalities}; found {table.column_names})"
         )
     for m in modalities:
-        kind = table.schema.field(m).type
-        if not (
-            pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-        ) or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+        if not is_vector_type(table.schema.field(m).type):
             raise DatasetError(
-                f"table {path}: column {m!r} has type {kind} (expected a list of floats per row)"
+                f"table {path}: column {m!r} has type {table.schema.field(m).type} (expected a list of floats "
+                "per row)"
             )
     n = table.num_rows
     if n == 0:
@@ -204,21 +163,12 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         problems.setdefault(i, f"column {column!r} row {i}: {reason}")
 
     for m in modalities:
-        lengths, nonfinite = _vector_lengths(table.column(m))
+        lengths, nonfinite = vector_lengths(table.column(m))
         expected = modal_length(path, m, lengths)
         for i in range(n):
-            if lengths[i] < 0:
-                reject(i, m, "the vector is null (expected a list of floats)")
-            elif lengths[i] == 0:
-                reject(i, m, "the vector is empty")
-            elif lengths[i] != expected:
-                reject(
-                    i,
-                    m,
-                    f"ragged vector of length {lengths[i]} (expected length {expected}, as in most rows)",
-                )
-            elif nonfinite[i]:
-                reject(i, m, "the vector has non-finite values (NaN/inf/null)")
+            problem = vector_problem(lengths[i], nonfinite[i], expected)
+            if problem:
+                reject(i, m, problem)
     seen: set[str] = set()
     for i in range(n):
         if sample_ids[i] is None or str(sample_ids[i]) == "":
@@ -302,14 +252,7 @@ def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[in
     elif data.num_classes is not None:
         k = data.num_classes
     else:
-        k = distinct[-1] + 1
-        absent = sorted(set(range(k)) - set(distinct))
-        if absent:
-            raise DatasetError(
-                f"table {path}: column 'label' has classes up to {k - 1} but no row of class(es) {absent[:20]} "
-                f"(relabel the classes to consecutive integers from 0, or set data.num_classes={k} if they are "
-                "meant to be empty)"
-            )
+        k = _consecutive_classes(path, distinct)
     outside = [i for i in valid if classes[i] >= k]
     if outside and data.task == "binary":
         rows = ", ".join(f"row {i} (class {classes[i]})" for i in outside[:MAX_LISTED])
@@ -351,7 +294,7 @@ def write_view_table(
     views: dict[str, np.ndarray],
 ) -> Path:
     """Write a table in this module's layout (``sample_id``, ``subject_id``, ``label``, one float32 list column
-    per view of ``views``: name -> (N, D_m)), via a temp file then a rename. Returns ``path``."""
+    per view of ``views``: name -> (N, D_m)), atomically. Returns ``path``."""
     table = pa.table(
         {
             "sample_id": pa.array(sample_ids),
@@ -363,9 +306,5 @@ def write_view_table(
             },
         }
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    atomic_write_parquet(table, path)
+    return Path(path)

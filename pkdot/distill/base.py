@@ -1,68 +1,40 @@
 r"""The distillation-loss base class, the batch it reads, the registry and the total loss.
 
 Every method is a plain loss function (``similarity_preserving_loss(student_z, teacher_z)``) plus a thin
-class registered under a name::
+class registered under a name of :data:`pkdot.config.LOSSES`, whose ``__init__`` takes that loss's options
+(its config section, ``distill.<name>``) as typed keyword arguments::
 
     @register("sp")
     class SimilarityPreserving(DistillLoss):
         def compute(self, batch: DistillBatch) -> Tensor:
             return similarity_preserving_loss(batch.student_z, batch.teacher_z)
 
-Adding a method is one new module in ``pkdot/distill/`` with one decorator: the package imports every
-module it contains, so the registry fills itself. ``DistillLoss.forward`` checks the batch's shapes against
-the dimensions the loss was built for, detaches the teacher's tensors (the teacher is frozen: no gradient
-ever reaches it) and calls ``compute``. Extra state (FitNet's adapter, CRD's embedding heads and memory
-bank) are parameters/buffers of the module: the trainer puts ``loss.parameters()`` in its optimiser and
-saves ``loss.state_dict()``.
+:meth:`DistillLoss.forward` checks the batch's shapes, detaches the teacher's tensors (the teacher is frozen)
+and calls ``compute``. Extra state (FitNet's adapter, CRD's heads and memory bank) are parameters/buffers
+of the module: the trainer optimises ``loss.parameters()`` and saves ``loss.state_dict()``.
 
-Weights. Each class states its ``default_weight``, taken from its paper or reference code and cited in its
-docstring; ``distill.weights`` (loss name -> weight) overrides it, and a name that is not a registered loss
-raises :class:`ConfigError`. :func:`total_loss` returns the weighted terms separately
-(``{"loss", "loss_task", "loss_<name>"}``) so the training loop logs each one.
-
-Global batch under data parallelism. A loss whose value depends on the relations *between* samples of a
-batch (``batch_structure = True``: PKDOT, SP, RKD, PKT, and CRD, whose NCE mean and memory update follow the
-batch) would otherwise see only its worker's shard, so the number of Ray workers would change the loss.
-When ``torch.distributed`` is initialised with world size W > 1, :meth:`DistillLoss.forward` gathers every
-tensor of the batch from all workers (rank order) and computes the loss on the global batch. The gather is
-differentiable: each worker's gradient with respect to its own rows is the *sum* over workers of
-:math:`\partial \mathcal{L} / \partial z_\text{local}`, i.e. :math:`W\, \partial \mathcal{L} / \partial
-z_\text{local}` (every worker back-propagates the same global loss), so DistributedDataParallel's *mean* of
-the workers' parameter gradients is exactly the gradient of the global-batch loss. Per-sample losses (KD,
-FitNet) need no gather: DDP's mean of the shard means is already the global mean.
+Global batch under data parallelism. A loss whose value depends on the relations *between* samples
+(``batch_structure = True``: PKDOT, SP, RKD, PKT, CRD) would otherwise see only its worker's shard. When
+``torch.distributed`` runs W > 1 workers, ``forward`` gathers every tensor of the batch from all workers
+(rank order) with the differentiable ``torch.distributed.nn.functional.all_gather``: the gradient reaching
+a worker's rows is the sum over workers of the gradient each back-propagates into them, :math:`W\,
+\partial \mathcal{L} / \partial z_\text{local}`, so DistributedDataParallel's *mean* of the workers'
+parameter gradients is the gradient of the global-batch loss. Per-sample losses (KD, FitNet) need no gather.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from pkdot.config import DistillConfig
+from pkdot.config import LOSSES, DistillConfig, LossOptions
 from pkdot.errors import ConfigError, StageError
-
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "DistillBatch",
-    "DistillLoss",
-    "available_losses",
-    "build_loss",
-    "check_weights",
-    "default_weights",
-    "gather_batch",
-    "gather_rows",
-    "loss_weight",
-    "register",
-    "total_loss",
-    "world_size",
-]
 
 _REGISTRY: dict[str, type[DistillLoss]] = {}
 
@@ -77,10 +49,8 @@ class DistillBatch:
         Student embeddings (with gradient).
     teacher_z : Tensor, shape (B, Dt)
         Frozen teacher embeddings (no gradient reaches them).
-    student_logits : Tensor, shape (B, C) or (B, 1)
-        Student logits (classification) or outputs (regression).
-    teacher_logits : Tensor, shape (B, C) or (B, 1)
-        Teacher logits or outputs.
+    student_logits, teacher_logits : Tensor, shape (B, C) or (B, 1)
+        Logits (classification) or outputs (regression).
     labels : Tensor, shape (B,), optional
         Class indices (long) or regression targets (float).
     index : Tensor, shape (B,), optional
@@ -100,53 +70,27 @@ class DistillLoss(nn.Module):
 
     Parameters
     ----------
-    student_dim : int
-        Ds, the width of ``DistillBatch.student_z``.
-    teacher_dim : int
-        Dt, the width of ``DistillBatch.teacher_z``.
+    student_dim, teacher_dim : int
+        Ds and Dt, the widths of ``DistillBatch.student_z`` and ``teacher_z``.
     num_outputs : int
         C, the width of the logits (1 for regression).
     regression : bool
-        Whether the task is regression (valence/arousal) rather than classification.
+        Whether the task is regression (valence/arousal/table targets) rather than classification.
     num_samples : int
         Size of the training set (rows addressed by ``DistillBatch.index``).
-    cfg : DistillConfig
-        The run's distillation section (temperature, PKDOT's k/anchors/blur/scaling, ...).
-    **options
-        Per-loss options (``cfg.options[name]``); each subclass lists the names it accepts in
-        ``option_names``; any other name raises :class:`ConfigError`.
 
-    Subclasses implement :meth:`compute`; :meth:`forward` validates the batch, detaches the teacher and,
-    for ``batch_structure`` losses under ``torch.distributed`` with more than one worker, gathers the
-    global batch.
-
-    Attributes
-    ----------
-    loss_weight : float
-        This loss's weight in :func:`total_loss`: ``cfg.weights[name]``, else the class's ``default_weight``.
+    Subclasses add their options (the fields of their :class:`pkdot.config.LossOptions` section, weight
+    excepted) as keyword arguments and implement :meth:`compute`.
     """
 
     name: ClassVar[str] = ""
-    option_names: ClassVar[tuple[str, ...]] = ()
-    #: Weight of the loss in the student's objective when ``distill.weights`` does not name it (cite the
-    #: paper or reference code it comes from in the subclass's docstring).
-    default_weight: ClassVar[float] = 1.0
     #: True for losses computed from relations between the samples of a batch: gathered across workers.
     batch_structure: ClassVar[bool] = False
 
     def __init__(
-        self,
-        *,
-        student_dim: int,
-        teacher_dim: int,
-        num_outputs: int,
-        regression: bool,
-        num_samples: int,
-        cfg: DistillConfig,
-        **options: Any,
+        self, *, student_dim: int, teacher_dim: int, num_outputs: int, regression: bool, num_samples: int
     ) -> None:
         super().__init__()
-        where = f"distill loss {self.name!r}"
         for field, value in (
             ("student_dim", student_dim),
             ("teacher_dim", teacher_dim),
@@ -154,39 +98,22 @@ class DistillLoss(nn.Module):
             ("num_samples", num_samples),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}: {field} must be a positive int, got {value!r}")
-        if not isinstance(cfg, DistillConfig):
-            raise ConfigError(f"{where}: cfg must be a pkdot.config.DistillConfig, got {type(cfg).__name__}")
-        unknown = sorted(set(options) - set(self.option_names))
-        if unknown:
-            allowed = ", ".join(self.option_names) if self.option_names else "none"
-            raise ConfigError(
-                f"distill.options.{self.name}: unknown option(s) {unknown} (accepted: {allowed})"
-            )
-        self.student_dim = student_dim
-        self.teacher_dim = teacher_dim
-        self.num_outputs = num_outputs
+                raise ConfigError(
+                    f"distill loss {self.name!r}: {field} must be a positive int, got {value!r}"
+                )
+        self.student_dim, self.teacher_dim, self.num_outputs = student_dim, teacher_dim, num_outputs
         self.regression = bool(regression)
         self.num_samples = num_samples
-        self.cfg = cfg
-        self.options: dict[str, Any] = dict(options)
-        self.loss_weight = loss_weight(cfg, self.name)
 
     def compute(self, batch: DistillBatch) -> Tensor:
         """The loss on a validated batch whose teacher tensors are detached; a scalar tensor."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute(batch)")
 
     def forward(self, batch: DistillBatch) -> Tensor:
-        """Validate ``batch`` (shapes, sizes), detach the teacher's tensors and return ``compute(batch)``.
+        """Validate ``batch``, detach the teacher's tensors and return ``compute(batch)`` (unweighted, shape ()).
 
-        With ``batch_structure`` and an initialised process group of W > 1 workers, ``compute`` sees the
-        global batch (:func:`gather_batch`): every worker returns the same value, the loss of the
-        concatenation of all workers' batches in rank order.
-
-        Returns
-        -------
-        Tensor, shape ()
-            The distillation loss, unweighted (:func:`total_loss` applies ``loss_weight``).
+        With ``batch_structure`` and a process group of W > 1 workers, ``compute`` sees the global batch
+        (:func:`gather_batch`): every worker returns the loss of all workers' batches in rank order.
         """
         self._check_batch(batch)
         frozen = replace(
@@ -203,14 +130,11 @@ class DistillLoss(nn.Module):
 
     def _check_batch(self, batch: DistillBatch) -> None:
         where = f"distill loss {self.name!r}: DistillBatch"
-        expected = {
-            "student_z": (self.student_dim,),
-            "teacher_z": (self.teacher_dim,),
-            "student_logits": (self.num_outputs,),
-            "teacher_logits": (self.num_outputs,),
-        }
         size = batch.student_z.shape[0] if batch.student_z.dim() > 0 else -1
-        for field, (width,) in expected.items():
+        widths = (self.student_dim, self.teacher_dim, self.num_outputs, self.num_outputs)
+        for field, width in zip(
+            ("student_z", "teacher_z", "student_logits", "teacher_logits"), widths, strict=True
+        ):
             value = getattr(batch, field)
             if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[1] != width:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -228,29 +152,28 @@ class DistillLoss(nn.Module):
 
 
 def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
-    """Class decorator: register a :class:`DistillLoss` subclass under ``name`` (sets ``cls.name``).
+    """Class decorator: register a :class:`DistillLoss` subclass as loss ``name`` (one of ``config.LOSSES``).
 
     Raises
     ------
     ConfigError
-        If ``name`` is already taken by another class, or the class is not a DistillLoss.
+        ``name`` is not in :data:`pkdot.config.LOSSES`, is taken by another class, or the class is not a
+        DistillLoss.
     """
 
     def decorate(cls: type[DistillLoss]) -> type[DistillLoss]:
         if not (isinstance(cls, type) and issubclass(cls, DistillLoss)):
             raise ConfigError(f"register({name!r}): {cls!r} is not a DistillLoss subclass")
-        existing = _REGISTRY.get(name)
-        same_class = existing is not None and (existing.__module__, existing.__qualname__) == (
-            cls.__module__,
-            cls.__qualname__,
-        )  # a module imported twice (e.g. reloaded) re-registers its own class
-        if existing is not None and not same_class:
+        if name not in LOSSES:
             raise ConfigError(
-                f"register({name!r}): name already used by {existing.__module__}.{existing.__qualname__}"
+                f"register({name!r}): not a loss of pkdot.config.LOSSES ({', '.join(LOSSES)}); add its "
+                "options section to pkdot.config.DistillConfig first"
             )
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ConfigError(f"register({name!r}): name already used by {existing.__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
-        logger.debug("registered distillation loss %r -> %s", name, cls.__qualname__)
         return cls
 
     return decorate
@@ -261,106 +184,58 @@ def available_losses() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_loss(name: str, **kwargs: Any) -> DistillLoss:
-    """Build the registered loss ``name``.
-
-    ``kwargs`` are the :class:`DistillLoss` constructor's (``student_dim``, ``teacher_dim``,
-    ``num_outputs``, ``regression``, ``num_samples``, ``cfg``) plus options; options found in
-    ``cfg.options[name]`` are added, explicit keyword arguments winning.
+def build_loss(
+    name: str,
+    *,
+    student_dim: int,
+    teacher_dim: int,
+    num_outputs: int,
+    regression: bool,
+    num_samples: int,
+    options: LossOptions | None = None,
+) -> DistillLoss:
+    """Build the registered loss ``name`` with its options (``distill.<name>``; None: the defaults).
 
     Raises
     ------
     ConfigError
-        Unknown name (the message lists the available losses), or invalid dimensions/options.
+        Unknown name (the message lists the losses), options of another loss, or invalid dimensions.
     """
     if name not in _REGISTRY:
         raise ConfigError(
             f"distill.losses: unknown loss {name!r} (available: {', '.join(available_losses())})"
         )
-    cfg = kwargs.get("cfg")
-    if isinstance(cfg, DistillConfig):
-        kwargs = {**cfg.options.get(name, {}), **kwargs}
-    missing = [
-        k
-        for k in ("student_dim", "teacher_dim", "num_outputs", "regression", "num_samples", "cfg")
-        if k not in kwargs
-    ]
-    if missing:
-        raise ConfigError(f"build_loss({name!r}): missing argument(s) {missing}")
-    return _REGISTRY[name](**kwargs)
-
-
-def default_weights() -> dict[str, float]:
-    """Registered loss name -> its ``default_weight`` (the paper's or reference code's), sorted by name."""
-    return {name: float(_REGISTRY[name].default_weight) for name in available_losses()}
-
-
-def check_weights(weights: dict[str, float]) -> None:
-    """Check ``distill.weights``: every key a registered loss, every value a finite number >= 0.
-
-    Raises
-    ------
-    ConfigError
-        Naming the offending key ``distill.weights.<key>`` and what was expected.
-    """
-    for key, value in weights.items():
-        if key not in _REGISTRY:
-            raise ConfigError(
-                f"distill.weights.{key}: unknown loss {key!r} (available: {', '.join(available_losses())})"
-            )
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ConfigError(f"distill.weights.{key}: expected a finite number >= 0, got {value!r}")
-
-
-def loss_weight(cfg: DistillConfig, name: str) -> float:
-    """The weight of loss ``name``: ``cfg.weights[name]`` if set, else the class's ``default_weight``.
-
-    Raises
-    ------
-    ConfigError
-        Unknown ``name``, or an invalid entry of ``cfg.weights`` (see :func:`check_weights`).
-    """
-    check_weights(cfg.weights)
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"distill loss {name!r} is not registered (available: {', '.join(available_losses())})"
-        )
-    return float(cfg.weights.get(name, _REGISTRY[name].default_weight))
+    options = LOSSES[name]() if options is None else options
+    if type(options) is not LOSSES[name]:
+        raise ConfigError(f"build_loss({name!r}): options must be a {LOSSES[name].__name__}, got {options!r}")
+    return _REGISTRY[name](
+        student_dim=student_dim,
+        teacher_dim=teacher_dim,
+        num_outputs=num_outputs,
+        regression=regression,
+        num_samples=num_samples,
+        **options.model_dump(exclude={"weight"}),
+    )
 
 
 def total_loss(task_loss: Tensor, distill_loss: Tensor, cfg: DistillConfig, name: str) -> dict[str, Tensor]:
-    r"""The student's training objective and its weighted parts, for logging each separately.
+    r"""The student's objective and its weighted parts, for logging each separately.
 
     .. math:: \mathcal{L} = w_\text{task}\, \mathcal{L}_\text{task} + w_\text{name}\, \mathcal{L}_\text{name}
 
-    Parameters
-    ----------
-    task_loss : Tensor, shape ()
-        Cross-entropy (classification) or the regression loss.
-    distill_loss : Tensor, shape ()
-        The (unweighted) output of the :class:`DistillLoss` registered as ``name``.
-    cfg : DistillConfig
-        Supplies ``task_weight`` and ``weights`` (:func:`loss_weight`).
-    name : str
-        The registered name of the distillation loss.
+    with :math:`w_\text{task}` = ``cfg.task_weight`` and :math:`w_\text{name}` = ``cfg.<name>.weight``.
 
     Returns
     -------
     dict
-        ``{"loss": total, "loss_task": w_task * task_loss, "loss_<name>": w_name * distill_loss}``: the
-        total and each weighted term.
+        ``{"loss": total, "loss_task": w_task * task_loss, "loss_<name>": w_name * distill_loss}``.
     """
     if task_loss.dim() != 0 or distill_loss.dim() != 0:
         raise StageError(
             f"total_loss expects scalar losses, got task {tuple(task_loss.shape)}, distill {tuple(distill_loss.shape)}"
         )
     weighted_task = cfg.task_weight * task_loss
-    weighted_distill = loss_weight(cfg, name) * distill_loss.to(task_loss)
+    weighted_distill = cfg.weight(name) * distill_loss.to(task_loss)
     return {
         "loss": weighted_task + weighted_distill,
         "loss_task": weighted_task,
@@ -370,74 +245,29 @@ def total_loss(task_loss: Tensor, distill_loss: Tensor, cfg: DistillConfig, name
 
 def world_size() -> int:
     """Workers of the default ``torch.distributed`` process group (1 when none is initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-class _AllGatherRows(torch.autograd.Function):
-    """Concatenate equal-shaped (M, ...) tensors of all workers; backward: sum the gradients of all workers
-    (every worker back-propagates its own loss through the whole gathered tensor) and keep this worker's
-    rows."""
-
-    @staticmethod
-    def forward(ctx: Any, local: Tensor) -> Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.contiguous())
-        ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
-        summed = grad.contiguous().clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def gather_rows(x: Tensor) -> Tensor:
     """Concatenate ``x`` (B_r, ...) of every worker in rank order -> (sum_r B_r, ...); B_r may differ.
 
-    Differentiable when ``x`` requires grad: the gradient reaching worker r's ``x`` is the sum over workers
-    of the gradient each one back-propagates into rows r (see the module doc). Every worker must call it
-    (it is a collective); with no process group, or W = 1, ``x`` is returned unchanged.
+    A collective (every worker calls it), differentiable through ``torch.distributed.nn.functional.all_gather``
+    (see the module doc); with no process group, or W = 1, ``x`` is returned unchanged.
     """
     world = world_size()
     if world == 1:
         return x
-    local_rows = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    all_rows = [torch.zeros_like(local_rows) for _ in range(world)]
-    dist.all_gather(all_rows, local_rows)
-    rows = [int(r.item()) for r in all_rows]
-    most = max(rows)
-    padded = x
+    rows = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(rows, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    counts = [int(r.item()) for r in rows]
+    most = max(counts)
     if x.shape[0] < most:  # all_gather needs equal shapes: pad, gather, cut the padding out
-        padded = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))], dim=0)
-    if padded.requires_grad:
-        gathered = _AllGatherRows.apply(padded)
-    else:
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-        gathered = torch.cat(parts, dim=0)
-    if all(r == most for r in rows):
-        return gathered
-    return torch.cat([gathered[i * most : i * most + r] for i, r in enumerate(rows)], dim=0)
+        x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))], dim=0)
+    parts = dist_fn.all_gather(x)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)], dim=0)
 
 
 def gather_batch(batch: DistillBatch) -> DistillBatch:
-    """The global batch: every tensor of ``batch`` gathered from all workers (:func:`gather_rows`).
-
-    ``labels``/``index`` are gathered when present (they are present or absent on every worker alike).
-    """
-    return DistillBatch(
-        student_z=gather_rows(batch.student_z),
-        teacher_z=gather_rows(batch.teacher_z),
-        student_logits=gather_rows(batch.student_logits),
-        teacher_logits=gather_rows(batch.teacher_logits),
-        labels=None if batch.labels is None else gather_rows(batch.labels),
-        index=None if batch.index is None else gather_rows(batch.index),
-    )
-
-
-def zero_loss(like: Tensor) -> Tensor:
-    """A scalar zero on ``like``'s device and dtype (no gradient needed)."""
-    return torch.zeros((), dtype=like.dtype, device=like.device)
+    """The global batch: every tensor of ``batch`` gathered from all workers (:func:`gather_rows`)."""
+    gathered = {f.name: gather_rows(v) for f in fields(batch) if (v := getattr(batch, f.name)) is not None}
+    return replace(batch, **gathered)

@@ -21,7 +21,7 @@ and :math:`\mathcal{L}_\text{CRD} = \mathcal{L}_\text{NCE}(h^s) + \mathcal{L}_\t
 loss, the memory rows of the batch move towards the new vectors:
 :math:`m_{\text{index}[i]} \gets \mathrm{unit}(\mu\, m_{\text{index}[i]} + (1 - \mu)\, v_i)`, :math:`\mu = 0.5`.
 
-Weight (``default_weight = 0.8``, ``distill.weights.crd``): :math:`\beta = 0.8`, the weight of Tian et
+Weight (0.8, ``distill.crd.weight``): :math:`\beta = 0.8`, the weight of Tian et
 al.'s experiments and reference code. Gathered across workers under DDP (``batch_structure``): the NCE mean,
 the first-batch normalising constants, the negatives and the memory update then follow the global batch, so
 every worker keeps the same memory bank and the number of workers does not change the loss.
@@ -34,8 +34,8 @@ References
 
 from __future__ import annotations
 
-import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,6 @@ from torch import Tensor, nn
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 from pkdot.errors import ConfigError, StageError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ContrastiveRD", "nce_loss", "sample_negatives"]
 
@@ -99,54 +97,38 @@ def sample_negatives(index: Tensor, num_samples: int, n_negatives: int, generato
 class ContrastiveRD(DistillLoss):
     """CRD with two momentum memory banks of ``num_samples`` rows (needs ``DistillBatch.index``).
 
-    Options
-    -------
-    n_negatives : int
-        Negatives per sample (default ``min(4096, num_samples - 1)``).
-    temperature : float
-        NCE temperature (0.07).
-    momentum : float
-        Memory momentum (0.5).
-    feat_dim : int
-        Width of the shared embedding (128).
-    seed : int
-        Seed of the memory initialisation and the negative sampling (0).
-
-    Default weight 0.8 (Tian et al. 2020).
+    Options (``distill.crd``): ``n_negatives`` per sample (None: ``min(4096, num_samples - 1)``), NCE
+    ``temperature``, memory ``momentum``, ``feat_dim`` of the shared embedding, and the ``seed`` of the memory
+    initialisation and of the negative sampling.
     """
 
-    default_weight = 0.8
     batch_structure = True
 
-    option_names = ("n_negatives", "temperature", "momentum", "feat_dim", "seed")
     memory_student: Tensor
     memory_teacher: Tensor
     norm_student: Tensor
     norm_teacher: Tensor
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        opts = self.options
+    def __init__(
+        self,
+        *,
+        n_negatives: int | None,
+        temperature: float,
+        momentum: float,
+        feat_dim: int,
+        seed: int,
+        **dims: Any,
+    ) -> None:
+        super().__init__(**dims)
         if self.num_samples < 2:
             raise ConfigError(f"distill loss 'crd': num_samples must be >= 2, got {self.num_samples}")
-        self.n_negatives = int(opts.get("n_negatives", min(4096, self.num_samples - 1)))
-        self.temperature = float(opts.get("temperature", 0.07))
-        self.momentum = float(opts.get("momentum", 0.5))
-        self.feat_dim = int(opts.get("feat_dim", 128))
-        seed = int(opts.get("seed", 0))
-        if self.n_negatives < 1:
-            raise ConfigError(f"distill.options.crd.n_negatives must be >= 1, got {self.n_negatives}")
-        if self.temperature <= 0:
-            raise ConfigError(f"distill.options.crd.temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"distill.options.crd.momentum must be in [0, 1), got {self.momentum}")
-        if self.feat_dim < 1:
-            raise ConfigError(f"distill.options.crd.feat_dim must be >= 1, got {self.feat_dim}")
+        self.n_negatives = min(4096, self.num_samples - 1) if n_negatives is None else n_negatives
+        self.temperature, self.momentum, self.feat_dim = temperature, momentum, feat_dim
         self.generator = torch.Generator().manual_seed(seed)
-        self.embed_student = nn.Linear(self.student_dim, self.feat_dim)
-        self.embed_teacher = nn.Linear(self.teacher_dim, self.feat_dim)
-        bound = 1.0 / math.sqrt(self.feat_dim / 3)
-        init = torch.rand(2, self.num_samples, self.feat_dim, generator=self.generator) * 2 * bound - bound
+        self.embed_student = nn.Linear(self.student_dim, feat_dim)
+        self.embed_teacher = nn.Linear(self.teacher_dim, feat_dim)
+        bound = 1.0 / math.sqrt(feat_dim / 3)
+        init = torch.rand(2, self.num_samples, feat_dim, generator=self.generator) * 2 * bound - bound
         self.register_buffer("memory_student", init[0].clone())
         self.register_buffer("memory_teacher", init[1].clone())
         # NCE normalising constants, fixed on the first batch (-1 = not yet set), as in the reference code.
@@ -182,7 +164,6 @@ class ContrastiveRD(DistillLoss):
             if self.norm_student < 0:
                 self.norm_student.fill_(float(scores_student.mean()) * self.num_samples)
                 self.norm_teacher.fill_(float(scores_teacher.mean()) * self.num_samples)
-                logger.debug("crd: NCE constants Z_s=%.4g Z_t=%.4g", self.norm_student, self.norm_teacher)
         loss = nce_loss(scores_student / self.norm_student, self.num_samples) + nce_loss(
             scores_teacher / self.norm_teacher, self.num_samples
         )

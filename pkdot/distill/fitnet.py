@@ -3,7 +3,7 @@ r"""FitNets: point-to-point regression of the teacher's embedding (Romero et al.
 A learned linear adapter :math:`W \in \mathbb{R}^{D_t \times D_s}` (with bias) maps the student embedding
 into the teacher's space; the loss is the mean squared error :math:`\frac{1}{B D_t}\|Z_s W^T + b - Z_t\|_F^2`.
 
-Weight (``default_weight = 1.0``, ``distill.weights.fitnet``): Romero et al. train the hint in a separate
+Weight (1, ``distill.fitnet.weight``): Romero et al. train the hint in a separate
 first stage, so the paper has no relative weight; the reference implementation of the baselines
 (RepDistiller) adds the hint MSE to the cross-entropy with weight 100, on C x H x W convolutional maps. On
 our (B, D) embeddings weight 100 gives a gradient ~110x the cross-entropy's at initialisation (demo sizes:
@@ -19,15 +19,13 @@ References
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["FitNet", "fitnet_loss"]
 
@@ -55,15 +53,10 @@ def fitnet_loss(
 
 @register("fitnet")
 class FitNet(DistillLoss):
-    """FitNet hint loss with a learned ``nn.Linear(student_dim, teacher_dim)`` adapter (trained with the student).
+    """FitNet hint loss with a learned ``nn.Linear(student_dim, teacher_dim)`` adapter (trained with the student)."""
 
-    Default weight 1.0 (not RepDistiller's 100: see the module doc).
-    """
-
-    default_weight = 1.0
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, **dims: Any) -> None:
+        super().__init__(**dims)
         self.adapter = nn.Linear(self.student_dim, self.teacher_dim)
 
     def compute(self, batch: DistillBatch) -> Tensor:

@@ -3,7 +3,7 @@ r"""Knowledge distillation with soft targets (Hinton, Vinyals & Dean, 2015).
 Classification: :math:`T^2\, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)`,
 averaged over the batch; regression: mean squared error to the teacher's outputs.
 
-Weight (``default_weight = 1.0``, ``distill.weights.kd``): Hinton et al. multiply the soft-target term by
+Weight (1, ``distill.kd.weight``): Hinton et al. multiply the soft-target term by
 :math:`T^2` so that its gradients keep the scale of the hard-target term's when T changes, and report the
 best results with a lower weight on the hard targets, without one fixed value. With :math:`T^2` inside
 :func:`kd_loss`, weight 1 next to the task loss's 1 is their formulation with equal weights. (RepDistiller's
@@ -16,15 +16,13 @@ References
 
 from __future__ import annotations
 
-import logging
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 from pkdot.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["KnowledgeDistillation", "kd_loss", "kd_regression_loss"]
 
@@ -50,7 +48,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
         >= 0, zero iff the tempered distributions agree.
     """
     if temperature <= 0:
-        raise ConfigError(f"distill.temperature must be > 0, got {temperature}")
+        raise ConfigError(f"distill.kd.temperature must be > 0, got {temperature}")
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().to(student_logits) / temperature, dim=1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
@@ -63,14 +61,13 @@ def kd_regression_loss(student_outputs: Tensor, teacher_outputs: Tensor) -> Tens
 
 @register("kd")
 class KnowledgeDistillation(DistillLoss):
-    """Soft targets at ``cfg.temperature`` (classification) or MSE to the teacher's outputs (regression).
+    """Soft targets at ``temperature`` (classification) or MSE to the teacher's outputs (regression)."""
 
-    Default weight 1.0 (Hinton et al. 2015, with the :math:`T^2` factor; see the module doc).
-    """
-
-    default_weight = 1.0
+    def __init__(self, *, temperature: float, **dims: Any) -> None:
+        super().__init__(**dims)
+        self.temperature = temperature
 
     def compute(self, batch: DistillBatch) -> Tensor:
         if self.regression:
             return kd_regression_loss(batch.student_logits, batch.teacher_logits)
-        return kd_loss(batch.student_logits, batch.teacher_logits, self.cfg.temperature)
+        return kd_loss(batch.student_logits, batch.teacher_logits, self.temperature)

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-
 from torch import Tensor
 
-from pkdot.distill.base import DistillBatch, DistillLoss, register, zero_loss
-
-logger = logging.getLogger(__name__)
+from pkdot.distill.base import DistillBatch, DistillLoss, register
 
 __all__ = ["NoDistillation", "no_distillation_loss"]
 
 
 def no_distillation_loss(student_z: Tensor) -> Tensor:
     """A scalar zero (dtype and device of ``student_z``): total = task_weight * task loss."""
-    return zero_loss(student_z)
+    return student_z.new_zeros(())
 
 
 @register("none")
 class NoDistillation(DistillLoss):
     """Task loss only: the distillation term is 0 (its weight, 0, changes nothing)."""
-
-    default_weight = 0.0
 
     def compute(self, batch: DistillBatch) -> Tensor:
         return no_distillation_loss(batch.student_z)

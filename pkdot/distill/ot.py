@@ -20,33 +20,19 @@ which is non-negative, zero iff :math:`\alpha = \beta`, and a smooth function of
 The temperature is :math:`\varepsilon = \text{blur}^p` (``p = 2``: blur 0.1 gives eps 0.01).
 
 The algorithm is GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors:
+epsilon-scaling (the temperature starts at :math:`\text{diameter}^p` and is divided by
+:math:`\text{scaling}^p` per iteration down to :math:`\text{blur}^p`, :func:`epsilon_schedule`), log-domain
+soft-min updates (max-shifted log-sum-exp, in place on one buffer; exponents below -80 are clamped, which
+changes nothing at float64 precision but avoids CPU ``exp``'s 10-20x slower underflow path), the four
+problems of the debiased divergence solved as one batched ``(4, N, N)`` tensor when :math:`N = M`, and
+gradients by the envelope theorem: the loop runs without autograd and only a last soft-min step is
+differentiated, which gives :math:`\nabla_{x_i} \mathrm{OT}_\varepsilon = \sum_j \pi_{ij} (x_i - y_j)`.
+It reproduces ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling)`` to float rounding.
 
-* epsilon-scaling: the temperature starts at :math:`\text{diameter}^p` and is divided by
-  :math:`\text{scaling}^p` at each iteration until it reaches :math:`\text{blur}^p`
-  (:func:`epsilon_schedule`); one symmetric (averaged) update of every potential per temperature;
-* log domain: every update is a soft-min :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij} /
-  \varepsilon)` computed as a max-shifted log-sum-exp, so that no kernel :math:`e^{-C/\varepsilon}` ever
-  underflows (in place on one buffer; exponents below -80 are clamped, which changes nothing at float64
-  precision but avoids CPU ``exp``'s slow path on underflowing arguments, 10-20x slower);
-* the four problems :math:`(a \to b, b \to a, a \to a, b \to b)` of the debiased divergence are solved
-  together as one batched ``(4, N, N)`` tensor when :math:`N = M` (one soft-min call per iteration);
-* gradients by the envelope theorem: the loop runs without autograd and only a last, "extrapolation"
-  soft-min step (with detached potentials and a cost whose right-hand points are detached) is
-  differentiated, which gives :math:`\nabla_{x_i} \mathrm{OT}_\varepsilon = \sum_j \pi_{ij} (x_i - y_j)`
-  at convergence, as in GeomLoss.
-
-With the same inputs it reproduces ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling)``
-(tensorized backend) to float rounding.
-
-Why our own solver and not a library's for the training loss: it is faster at our sizes, and it would be
-replaced by GeomLoss the day a benchmark says otherwise. Measured on a 2-core CPU (``benchmarks/bench_ot.py``,
-PKDOT clouds, k = 30, forward + backward; ``benchmarks/results/speed.md``) it takes 0.46-0.66x GeomLoss's time
-for B = 64..256 (median 0.69 vs 1.48 ms at B = 64), with values equal to GeomLoss's to float rounding
-(relative difference <= 1e-7), and is ~250x faster than POT's log-domain Sinkhorn
-(``ot.sinkhorn2(method="sinkhorn_log")``), which has no epsilon-scaling and runs to its iteration cap at
-eps = 0.01 (relative difference 2-8 %). GeomLoss is therefore only a development dependency
-(``pip install -e .[dev]``): ``tests/distill/test_ot.py`` pins our values and gradients to it, and the
-benchmark times both.
+Why our own solver: at our sizes it takes 0.46-0.66x GeomLoss's time (B = 64..256, k = 30, forward +
+backward on a 2-core CPU, ``benchmarks/bench_ot.py``, ``benchmarks/results/speed.md``) and ~1/250 of POT's
+log-domain Sinkhorn, which has no epsilon-scaling. GeomLoss is a development dependency only:
+``tests/distill/test_ot.py`` pins our values and gradients to it.
 
 References
 ----------
@@ -141,9 +127,9 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float, p: int = 2) -
         The temperatures, one Sinkhorn iteration each (the same list as GeomLoss's ``epsilon_schedule``).
     """
     if not 0.0 < scaling < 1.0:
-        raise ConfigError(f"distill.scaling must be in (0, 1), got {scaling}")
+        raise ConfigError(f"distill.pkdot.scaling must be in (0, 1), got {scaling}")
     if blur <= 0.0:
-        raise ConfigError(f"distill.blur must be > 0, got {blur}")
+        raise ConfigError(f"distill.pkdot.blur must be > 0, got {blur}")
     if diameter <= 0.0:  # all points coincide: no annealing needed (and log(0) is undefined)
         return [blur**p]
     start, stop, step = p * math.log(diameter), p * math.log(blur), p * math.log(scaling)

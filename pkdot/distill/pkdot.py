@@ -13,7 +13,7 @@ embeddings :math:`Z_s \in \mathbb{R}^{B \times D_s}`:
 4. the loss is the debiased Sinkhorn divergence between the two clouds with uniform weights 1/B, cost
    :math:`\tfrac12\|x - y\|^2`, :math:`\varepsilon = \text{blur}^2` (:func:`pkdot.distill.ot.sinkhorn_divergence`).
 
-Weight (``default_weight = 0.6``, ``distill.weights.pkdot``): the paper's total loss is
+Weight (0.6, ``distill.pkdot.weight``): the paper's total loss is
 :math:`\mathcal{L}_\text{CE} + 0.6\, \mathcal{L}_\text{PKDOT}`. Batch structure: under DDP the loss is
 computed on the batch gathered from all workers, as in a single-process run.
 
@@ -29,27 +29,18 @@ References
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
-from pkdot.distill.ot import sinkhorn_divergence, transport_plan
+from pkdot.distill.ot import sinkhorn_divergence
 from pkdot.errors import ConfigError, StageError
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "PKDOT",
-    "StructureClouds",
-    "cosine_similarity_matrix",
-    "pkdot_loss",
-    "pkdot_structure",
-    "structure_plan",
-]
+__all__ = ["PKDOT", "StructureClouds", "cosine_similarity_matrix", "pkdot_loss", "pkdot_structure"]
 
 
 @dataclass
@@ -97,7 +88,7 @@ def _resolve_k(k: int | str, batch_size: int) -> int:
     if k == "all":
         return batch_size
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"distill.k must be a positive int or 'all', got {k!r}")
+        raise ConfigError(f"distill.pkdot.k must be a positive int or 'all', got {k!r}")
     return min(k, batch_size)
 
 
@@ -133,7 +124,7 @@ def pkdot_structure(
     if batch_size < 2:
         raise StageError(f"pkdot: needs a batch of at least 2 samples, got {batch_size}")
     if anchors not in ("least", "most"):
-        raise ConfigError(f"distill.anchors must be 'least' or 'most', got {anchors!r}")
+        raise ConfigError(f"distill.pkdot.anchors must be 'least' or 'most', got {anchors!r}")
     n_anchors = _resolve_k(k, batch_size)
     teacher_z = teacher_z.detach().to(student_z.dtype)
     student_raw = cosine_similarity_matrix(student_z)
@@ -196,40 +187,22 @@ def pkdot_loss(
     return sinkhorn_divergence(clouds.student_cloud, clouds.teacher_cloud, blur=blur, scaling=scaling)
 
 
-def structure_plan(
-    student_z: Tensor,
-    teacher_z: Tensor,
-    *,
-    k: int | str = 30,
-    anchors: str = "least",
-    blur: float = 0.1,
-    scaling: float = 0.5,
-) -> Tensor:
-    """The (B, B) entropic transport plan between the student and teacher clouds (rows: student samples).
-
-    For plots: a plan concentrated on the diagonal means each sample's student structure is transported
-    onto its own teacher structure. See :func:`pkdot.distill.ot.transport_plan`.
-    """
-    clouds = pkdot_structure(student_z.detach(), teacher_z, k=k, anchors=anchors)
-    return transport_plan(clouds.student_cloud, clouds.teacher_cloud, blur=blur, scaling=scaling)
-
-
 @register("pkdot")
 class PKDOT(DistillLoss):
-    """PKDOT (Aslam et al., FG 2024) with ``cfg.k``, ``cfg.anchors``, ``cfg.blur`` and ``cfg.scaling``.
+    """PKDOT (Aslam et al., FG 2024): :func:`pkdot_loss` with the options of ``distill.pkdot``."""
 
-    Default weight 0.6 (the paper's), ``distill.weights.pkdot``.
-    """
-
-    default_weight = 0.6
     batch_structure = True
+
+    def __init__(self, *, k: int | str, anchors: str, blur: float, scaling: float, **dims: Any) -> None:
+        super().__init__(**dims)
+        self.k, self.anchors, self.blur, self.scaling = k, anchors, blur, scaling
 
     def compute(self, batch: DistillBatch) -> Tensor:
         return pkdot_loss(
             batch.student_z,
             batch.teacher_z,
-            k=self.cfg.k,
-            anchors=self.cfg.anchors,
-            blur=self.cfg.blur,
-            scaling=self.cfg.scaling,
+            k=self.k,
+            anchors=self.anchors,
+            blur=self.blur,
+            scaling=self.scaling,
         )

@@ -4,7 +4,7 @@ Cosine-similarity kernels turned into conditional probabilities
 :math:`p_{j|i} = K_{ij} / \sum_l K_{il}`, :math:`K_{ij} = (\cos(z_i, z_j) + 1) / 2`, for teacher and
 student; the loss is the divergence :math:`\frac{1}{B^2} \sum_{i,j} p^t_{j|i} \log(p^t_{j|i} / p^s_{j|i})`.
 
-Weight (``default_weight = 30000``, ``distill.weights.pkt``): the weight of the reference implementation of
+Weight (30000, ``distill.pkt.weight``): the weight of the reference implementation of
 the baselines (RepDistiller, ``-b 30000``), which computes the loss as here (mean over the B x B entries);
 the paper trains PKT alone and gives no relative weight. As the probabilities are ~1/B, the loss and its
 gradient shrink with B (at initialisation ~4x the cross-entropy's gradient at B = 32, ~0.3x at B = 128,
@@ -18,15 +18,11 @@ References
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ProbabilisticKT", "pkt_loss"]
 
@@ -65,9 +61,8 @@ def pkt_loss(student_z: Tensor, teacher_z: Tensor, eps: float = 1e-7) -> Tensor:
 
 @register("pkt")
 class ProbabilisticKT(DistillLoss):
-    """PKT on the embeddings; default weight 30000 (RepDistiller's, see the module doc)."""
+    """PKT on the embeddings (Passalis & Tefas 2018)."""
 
-    default_weight = 30000.0
     batch_structure = True
 
     def compute(self, batch: DistillBatch) -> Tensor:

@@ -8,9 +8,8 @@ r"""Relational knowledge distillation (Park, Kim, Lu & Cho, CVPR 2019): distance
 :math:`\mathcal{L}_\text{RKD} = w_d\, \mathcal{L}_d + w_a\, \mathcal{L}_a` with :math:`w_d = 25`,
 :math:`w_a = 50` as in the paper.
 
-Weight of the whole term (``default_weight = 1.0``, ``distill.weights.rkd``): 1, since Park et al.'s
-weights 25 (distance) and 50 (angle) are already inside :func:`rkd_loss` (options ``distance_weight``,
-``angle_weight``); the reference implementation (RepDistiller) also adds it with weight 1. Batch
+Weight of the whole term (1, ``distill.rkd.weight``): 1, since Park et al.'s weights 25 (distance) and 50
+(angle) are already inside :func:`rkd_loss` (options ``distill.rkd.distance_weight``, ``angle_weight``); the reference implementation (RepDistiller) also adds it with weight 1. Batch
 structure: gathered across workers under DDP.
 
 References
@@ -20,15 +19,13 @@ References
 
 from __future__ import annotations
 
-import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["RelationalKD", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
@@ -87,17 +84,18 @@ def rkd_loss(
 
 @register("rkd")
 class RelationalKD(DistillLoss):
-    """RKD distance + angle; options ``distance_weight`` (25) and ``angle_weight`` (50); default weight 1."""
+    """RKD: :func:`rkd_loss` with ``distance_weight`` and ``angle_weight`` (``distill.rkd``)."""
 
-    default_weight = 1.0
     batch_structure = True
 
-    option_names = ("distance_weight", "angle_weight")
+    def __init__(self, *, distance_weight: float, angle_weight: float, **dims: Any) -> None:
+        super().__init__(**dims)
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     def compute(self, batch: DistillBatch) -> Tensor:
         return rkd_loss(
             batch.student_z,
             batch.teacher_z,
-            distance_weight=float(self.options.get("distance_weight", 25.0)),
-            angle_weight=float(self.options.get("angle_weight", 50.0)),
+            distance_weight=self.distance_weight,
+            angle_weight=self.angle_weight,
         )

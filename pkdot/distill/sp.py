@@ -3,7 +3,7 @@ r"""Similarity-preserving distillation (Tung & Mori, ICCV 2019).
 With :math:`G = Z Z^T` (B x B) and :math:`\hat G` its rows L2-normalised,
 :math:`\mathcal{L}_\text{SP} = \frac{1}{B^2} \|\hat G_s - \hat G_t\|_F^2`.
 
-Weight (``default_weight = 3000``, ``distill.weights.sp``): the :math:`\gamma = 3000` of Tung & Mori's
+Weight (3000, ``distill.sp.weight``): the :math:`\gamma = 3000` of Tung & Mori's
 CIFAR experiments and of the reference implementation (RepDistiller, ``-b 3000``), with the same
 :math:`1/B^2` normalisation. The loss shrinks like 1/B, so its gradient relative to the cross-entropy's
 does too (at initialisation ~7x at B = 32, ~0.7x at B = 128, D = 64). Batch structure: gathered across
@@ -16,14 +16,10 @@ References
 
 from __future__ import annotations
 
-import logging
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["SimilarityPreserving", "similarity_preserving_loss"]
 
@@ -55,9 +51,8 @@ def similarity_preserving_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
 
 @register("sp")
 class SimilarityPreserving(DistillLoss):
-    """Similarity-preserving KD on the embeddings; default weight 3000 (Tung & Mori 2019)."""
+    """Similarity-preserving KD on the embeddings (Tung & Mori 2019)."""
 
-    default_weight = 3000.0
     batch_structure = True
 
     def compute(self, batch: DistillBatch) -> Tensor:

@@ -1,26 +1,12 @@
-r"""Fold/seed aggregation: per-run metrics, means with confidence intervals corrected for repeated CV, paired
-comparisons.
+r"""Fold/seed aggregation: per-run metrics, means with intervals corrected for repeated CV, paired comparisons.
 
-Every model (``teacher``, ``unimodal-<modality>``, ``student-<loss>``) is trained once per (fold, seed), so a
-model has :math:`J = \text{folds} \times \text{seeds}` test scores :math:`x_1..x_J` (one per run, computed
-on that run's test subjects). The runs are *not* independent: their training sets overlap (repeated
-subject k-fold), so the plain Student-t interval :math:`s/\sqrt J` is too narrow. Intervals and p-values use
-Nadeau and Bengio's corrected resampled t statistic,
+A model trained once per (fold, seed) has :math:`J` test scores whose training sets overlap, so the plain
+t interval :math:`s/\sqrt J` is too narrow: intervals and p-values use Nadeau and Bengio's corrected resampled t,
+:math:`\bar x \pm t_{1-\alpha/2, J-1}\, s \sqrt{1/J + n_{test}/n_{train}}`. Each distillation loss is compared
+with ``student-none`` paired by (fold, seed). Uncorrected numbers are kept as ``naive_*``.
 
-.. math:: \bar x \pm t_{1-\alpha/2,\,J-1}\, s\,\sqrt{\tfrac{1}{J} + \tfrac{n_{test}}{n_{train}}},
-          \qquad s^2 = \frac{1}{J-1}\sum_j (x_j - \bar x)^2,
-
-with :math:`n_{test}/n_{train}` the ratio of test to training samples of a run (mean over runs). Each
-distillation loss is compared with the student trained without distillation (``student-none``) *paired by
-(fold, seed)*: :math:`d_j = x^{\text{loss}}_j - x^{\text{none}}_j` get the same corrected interval and the
-two-sided p-value of :math:`t = \bar d / (s_d \sqrt{1/J + n_{test}/n_{train}})` with :math:`J-1` degrees of
-freedom (:mod:`scipy.stats`). The uncorrected numbers are kept next to them as ``naive_*`` (labelled so).
-
-References
-----------
-C. Nadeau, Y. Bengio. "Inference for the Generalization Error." Machine Learning 52, 239-281, 2003.
-R. Bouckaert, E. Frank. "Evaluating the Replicability of Significance Tests for Comparing Learning
-Algorithms." PAKDD 2004 (the corrected repeated k-fold t-test).
+References: C. Nadeau, Y. Bengio, "Inference for the Generalization Error", Machine Learning 52, 2003;
+R. Bouckaert, E. Frank, "Evaluating the Replicability of Significance Tests...", PAKDD 2004.
 """
 
 from __future__ import annotations
@@ -28,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +24,22 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from pkdot.errors import StageError
-from pkdot.evaluate.metrics import classification_metrics, regression_metrics
+from pkdot.metrics import classification_metrics, regression_metrics
+from pkdot.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
 #: Columns every ``predictions.parquet`` has (docs/interfaces.md).
-PREDICTION_COLUMNS = (
-    "sample_id",
-    "subject_id",
-    "y_true",
-    "y_pred",
-    "scores",
-    "embedding",
-    "model",
-    "fold",
-    "seed",
-    "split",
+PREDICTION_COLUMNS = tuple(
+    "sample_id subject_id y_true y_pred scores embedding model fold seed split".split()
 )
 BASELINE_STUDENT = "student-none"
 
 PER_FOLD_COLUMNS_CLASSIFICATION = ["model", "fold", "seed", "n_samples", "accuracy", "macro_f1"]
 PER_FOLD_COLUMNS_REGRESSION = ["model", "fold", "seed", "n_samples", "ccc", "mae", "rmse", "pearson"]
-TABLE_COLUMNS = ["model", "metric", "mean", "std", "ci_low", "ci_high", "naive_ci_low", "naive_ci_high", "n"]
-PAIRED_COLUMNS = [
-    "model",
-    "baseline",
-    "metric",
-    "mean_diff",
-    "std_diff",
-    "ci_low",
-    "ci_high",
-    "n",
-    "p_value",
-    "naive_ci_low",
-    "naive_ci_high",
-    "naive_p_value",
-]
+PAIRED_COLUMNS = (
+    "model baseline metric mean_diff std_diff ci_low ci_high n p_value naive_ci_low naive_ci_high naive_p_value"
+).split()
 
 
 def primary_metric(regression: bool) -> str:
@@ -111,34 +78,12 @@ def _variance_factor(n: int, test_train_ratio: float | None) -> float:
 def mean_ci(
     values: Sequence[float], level: float = 0.95, *, test_train_ratio: float | None = None
 ) -> tuple[float, float, float, float]:
-    r"""Mean, standard deviation and a Student-t confidence interval of the mean.
+    r"""Mean, standard deviation (ddof=1) and Student-t interval of the mean,
+    :math:`\bar x \mp t_{(1+\text{level})/2,\,n-1}\, s \sqrt{c}` (:func:`scipy.stats.t.interval`), with
+    :math:`c = 1/n` (``test_train_ratio=None``) or Nadeau-Bengio's :math:`c = 1/n + n_{test}/n_{train}`.
 
-    .. math:: \text{ci} = \bar x \mp t_{(1+\text{level})/2,\,n-1} \cdot s \cdot \sqrt{c},
-              \quad s \text{ with ddof}=1,
-
-    with :math:`c = 1/n` (plain t, ``test_train_ratio=None``) or :math:`c = 1/n + n_{test}/n_{train}`
-    (Nadeau and Bengio's correction for runs with overlapping training sets). Computed with
-    :func:`scipy.stats.t.interval`.
-
-    Parameters
-    ----------
-    values : sequence of float, length n >= 1
-        One score per run (fold x seed).
-    level : float in (0, 1)
-        Coverage of the interval (0.95 -> 95 %).
-    test_train_ratio : float, optional
-        :math:`n_{test}/n_{train}` of a run; None gives the uncorrected interval.
-
-    Returns
-    -------
-    (mean, std, ci_low, ci_high)
-        With ``n == 1`` the spread is unknown: ``std`` is reported as 0 and the interval collapses to
-        ``(mean, mean)`` (a documented convention, not a claim of certainty).
-
-    Raises
-    ------
-    StageError
-        On an empty sequence, NaN/inf values, a level outside (0, 1) or a negative ratio.
+    With ``n == 1`` (or no spread) ``std`` is 0 and the interval is ``(mean, mean)``, a convention, not a claim
+    of certainty. Raises :class:`StageError` on no values, NaN/inf, a level outside (0, 1) or a negative ratio.
     """
     _check_level(level)
     x = _finite_values(values, "mean_ci")
@@ -156,23 +101,12 @@ def mean_ci(
 def paired_difference(
     a: Sequence[float], b: Sequence[float], level: float = 0.95, *, test_train_ratio: float | None = None
 ) -> dict[str, float]:
-    r"""Paired comparison of two models scored on the same runs (``a[i]`` and ``b[i]`` share fold and seed).
+    r"""Paired comparison of two models scored on the same runs (``a[i]``, ``b[i]`` share fold and seed).
 
-    Differences :math:`d_i = a_i - b_i`; returns ``mean_diff`` :math:`\bar d`, ``std_diff`` (ddof=1), the
-    interval of :math:`\bar d` (:func:`mean_ci`, with the same ``test_train_ratio``), ``n`` and the
-    two-sided ``p_value`` of :math:`t = \bar d / (s_d \sqrt{c})`, ``c`` as in :func:`mean_ci`, with
-    ``n - 1`` degrees of freedom. Uncorrected (``test_train_ratio=None``) this is
-    :func:`scipy.stats.ttest_rel`; corrected, :func:`scipy.stats.t.sf` of the corrected statistic.
-
-    Conventions: with ``n == 1`` the p-value is NaN (no test is possible) and the interval is
-    ``(d, d)``; when every difference is the same value (``s_d = 0``) the p-value is 0 if that value is
-    non-zero and 1 if it is zero (equal up to a relative 1e-12; the limits of the t-test as the spread
-    goes to 0).
-
-    Raises
-    ------
-    StageError
-        When the sequences differ in length, are empty or hold NaN/inf.
+    On :math:`d_i = a_i - b_i`: ``mean_diff``, ``std_diff``, the interval of :func:`mean_ci` (same
+    ``test_train_ratio``), ``n`` and the two-sided ``p_value`` of :math:`t = \bar d / (s_d \sqrt{c})` with
+    ``n - 1`` degrees of freedom (uncorrected: :func:`scipy.stats.ttest_rel`). With ``n == 1`` the p-value is NaN;
+    when every difference is equal (up to 1e-12) it is 0 (non-zero difference) or 1 (zero), the t-test's limits.
     """
     x = _finite_values(a, "paired_difference(a)")
     y = _finite_values(b, "paired_difference(b)")
@@ -196,21 +130,36 @@ def paired_difference(
     return {"mean_diff": mean, "std_diff": std, "ci_low": low, "ci_high": high, "n": n, "p_value": p_value}
 
 
+#: The range of each bounded metric: its intervals are clipped to it (a t interval is symmetric and can leave it).
+METRIC_RANGE = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "ccc": (-1.0, 1.0), "pearson": (-1.0, 1.0)}
+BOUNDS_SENTENCE = (
+    "Intervals of accuracy and F1 are clipped to [0, 1], those of CCC to [-1, 1] (the metric's range; "
+    "the t interval itself is symmetric and can leave it)."
+)
+
+
 def corrected_and_naive(
-    a: Sequence[float], b: Sequence[float] | None, level: float, test_train_ratio: float | None
+    a: Sequence[float],
+    b: Sequence[float] | None,
+    level: float,
+    test_train_ratio: float | None,
+    metric: str | None = None,
 ) -> dict[str, float]:
     """:func:`paired_difference` (``b`` given) or :func:`mean_ci` of ``a``, corrected, plus the uncorrected
-    interval (and p-value) as ``naive_ci_low``, ``naive_ci_high`` (``naive_p_value``)."""
+    interval (and p-value) as ``naive_ci_low``, ``naive_ci_high`` (``naive_p_value``). Intervals of a mean of
+    ``metric`` are clipped to :data:`METRIC_RANGE` (differences are not)."""
     if b is None:
         mean, std, low, high = mean_ci(a, level, test_train_ratio=test_train_ratio)
         _, _, nlow, nhigh = mean_ci(a, level)
+        lo, hi = METRIC_RANGE.get(metric or "", (-math.inf, math.inf))
+        clip = lambda v: min(max(v, lo), hi)  # noqa: E731
         return {
             "mean": mean,
             "std": std,
-            "ci_low": low,
-            "ci_high": high,
-            "naive_ci_low": nlow,
-            "naive_ci_high": nhigh,
+            "ci_low": clip(low),
+            "ci_high": clip(high),
+            "naive_ci_low": clip(nlow),
+            "naive_ci_high": clip(nhigh),
         }
     rec = paired_difference(a, b, level, test_train_ratio=test_train_ratio)
     naive = paired_difference(a, b, level)
@@ -225,13 +174,7 @@ def corrected_and_naive(
 
 
 def fold_size_ratio(sizes: pd.DataFrame) -> float:
-    r"""Mean over runs of :math:`n_{test}/n_{train}` from a frame with columns ``n_test`` and ``n_train``.
-
-    Raises
-    ------
-    StageError
-        When the frame is empty or a run has no training samples.
-    """
+    r"""Mean over runs of :math:`n_{test}/n_{train}` (columns ``n_test``, ``n_train``); raises when a run has none."""
     if sizes.empty or not {"n_test", "n_train"} <= set(sizes.columns):
         raise StageError("fold_size_ratio: expected one row per run with columns n_test and n_train")
     bad = sizes[~(sizes["n_train"] > 0)]
@@ -247,10 +190,9 @@ def fold_size_ratio(sizes: pd.DataFrame) -> float:
 # ---- predictions -------------------------------------------------------------------------------------------
 def prediction_files(run_dir: Path) -> list[Path]:
     """Every ``predictions*.parquet`` under ``RUN/teacher/`` and ``RUN/student/`` (sorted)."""
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     files: list[Path] = []
-    for stage in ("teacher", "student"):
-        root = run_dir / stage
+    for root in (rd.teachers, rd.students):
         if root.is_dir():
             files += [p for p in root.rglob("predictions*.parquet") if not p.name.startswith(".")]
     return sorted(files)
@@ -280,24 +222,16 @@ def _read_predictions(path: Path) -> pd.DataFrame:
 
 
 def collect_predictions(run_dir: Path) -> pd.DataFrame:
-    """All rows of every predictions file of a run (teacher, unimodal and student models).
-
-    Reads ``RUN/teacher/fold-k/seed-s/predictions*.parquet`` and ``RUN/student/<loss>/fold-k/seed-s/
-    predictions.parquet`` (docs/interfaces.md), adds a ``source`` column (the file), and checks that no
-    (model, fold, seed, split, sample_id) appears twice.
-
-    Raises
-    ------
-    StageError
-        When the run has no predictions, a file is unreadable or lacks columns, or rows are duplicated.
-    """
+    """Every row of the run's ``predictions*.parquet`` files (teacher, unimodal and student models) with a
+    ``source`` column; raises :class:`StageError` when there are none, a file is unreadable or lacks columns, or a
+    (model, fold, seed, split, sample_id) appears twice."""
     run_dir = Path(run_dir)
     files = prediction_files(run_dir)
     if not files:
-        teacher_files = run_dir / "teacher" / "fold-<k>" / "seed-<s>" / "predictions.parquet"
-        student_files = run_dir / "student" / "<loss>" / "fold-<k>" / "seed-<s>" / "predictions.parquet"
+        rd = RunDir(run_dir)
         raise StageError(
-            f"no predictions under {run_dir}: expected {teacher_files} and {student_files} "
+            f"no predictions under {run_dir}: expected {rd.teachers}/fold-<k>/seed-<s>/predictions.parquet and "
+            f"{rd.students}/<loss>/fold-<k>/seed-<s>/predictions.parquet "
             "(run the teacher and distill stages)"
         )
     pred = pd.concat([_read_predictions(p) for p in files], ignore_index=True)
@@ -318,29 +252,18 @@ def collect_predictions(run_dir: Path) -> pd.DataFrame:
 
 
 def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()) -> pd.DataFrame | None:
-    """Test and training set sizes of every (fold, seed) run, for the corrected t interval.
-
-    ``n_test`` = distinct test samples of the run (its prediction rows); ``n_train`` = samples of the run's
-    *training* subjects, i.e. every subject of ``RUN/manifest.parquet`` that is neither a test nor a
-    validation subject of that run (subject-independent folds: k-fold, LOSO and the official partition
-    all train on the rest), counting only samples that have features for every one of ``modalities`` (the
-    rows training saw). Works with folds that differ between seeds.
-
-    Returns
-    -------
-    DataFrame or None
-        Columns ``fold``, ``seed``, ``n_test``, ``n_val``, ``n_train``; None when the run has no manifest
-        (the caller then states its fallback).
-    """
+    """Per (fold, seed) run: ``n_test`` and ``n_val`` (its distinct prediction samples) and ``n_train`` (samples of
+    every manifest subject that is neither a test nor a validation subject of the run, with features for each of
+    ``modalities``), for the corrected interval. None when the run has no ``manifest.parquet``."""
     from pkdot.data.manifest import read_manifest
-    from pkdot.features.schema import feature_path, read_sample_ids
+    from pkdot.features.schema import read_sample_ids
 
-    manifest_path = Path(run_dir) / "manifest.parquet"
+    manifest_path = RunDir(run_dir).manifest
     if not manifest_path.is_file():
         return None
     manifest = read_manifest(manifest_path)
     for m in modalities:
-        path = feature_path(run_dir, m)
+        path = RunDir(run_dir).feature_table(m)
         if path.is_file():
             manifest = manifest[manifest["sample_id"].isin(set(read_sample_ids(path)))]
     per_subject = manifest.groupby(manifest["subject_id"].astype(str)).size()
@@ -422,8 +345,9 @@ def summary_table(
     records = []
     for model in order_models(per_fold["model"]):
         g = per_fold[per_fold["model"] == model]
-        stats_ = corrected_and_naive(g[metric].to_numpy(), None, level, test_train_ratio)
+        stats_ = corrected_and_naive(g[metric].to_numpy(), None, level, test_train_ratio, metric)
         rec: dict[str, Any] = {"model": model, "metric": metric, **stats_, "n": int(len(g))}
+        rec["val_mean"] = float(g[f"val_{metric}"].mean()) if f"val_{metric}" in g else math.nan
         if regression:
             rec["mae_mean"] = float(g["mae"].mean())
             rec["rmse_mean"] = float(g["rmse"].mean())
@@ -481,36 +405,20 @@ def aggregate(
     level: float = 0.95,
     test_train_ratio: float | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Test-split metrics per run, their summary per model, and each student loss against ``student-none``.
-
-    Parameters
-    ----------
-    pred : DataFrame
-        Rows of ``predictions.parquet`` files (:func:`collect_predictions`); only ``split == "test"`` is used.
-    regression : bool
-        CCC (regression) or accuracy/macro-F1 (classification).
-    num_classes : int
-        Number of classes (checks the label range; ignored for regression).
-    level : float
-        Confidence level of the intervals.
-    test_train_ratio : float, optional
-        :math:`n_{test}/n_{train}` of a run (:func:`fold_size_ratio`) for Nadeau and Bengio's correction;
-        None gives uncorrected intervals (then the ``naive_*`` columns equal the others).
-
-    Returns
-    -------
-    per_fold : DataFrame
-        model, fold, seed, n_samples and the metrics (:func:`per_fold_metrics`).
-    table : DataFrame
-        One row per model (:func:`summary_table`).
-    paired : DataFrame
-        One row per ``student-<loss>`` other than ``student-none`` (:func:`paired_table`); empty (with its
-        columns) when the run has no ``student-none``.
-    """
+    """Test metrics per run (:func:`per_fold_metrics`, plus each run's ``val_<metric>`` from its ``val`` rows), the
+    summary per model (:func:`summary_table`, intervals corrected with ``test_train_ratio``) and each student loss
+    against ``student-none`` (:func:`paired_table`; empty when the run has no ``student-none``)."""
     missing = [c for c in ("model", "fold", "seed", "split", "y_true", "y_pred") if c not in pred.columns]
     if missing:
         raise StageError(f"aggregate: predictions lack columns {missing}")
     per_fold = per_fold_metrics(pred, regression=regression, num_classes=num_classes)
+    metric = primary_metric(regression)
+    if (pred["split"] == "val").any():  # each run's validation score, for selection (never the test score)
+        val = per_fold_metrics(pred, regression=regression, num_classes=num_classes, split="val")
+        val = val[["model", "fold", "seed", metric]].rename(columns={metric: f"val_{metric}"})
+        per_fold = per_fold.merge(val, on=["model", "fold", "seed"], how="left")
+    else:
+        per_fold[f"val_{metric}"] = math.nan
     table = summary_table(per_fold, regression=regression, level=level, test_train_ratio=test_train_ratio)
     students = [
         m for m in order_models(per_fold["model"]) if m.startswith("student-") and m != BASELINE_STUDENT
@@ -518,7 +426,7 @@ def aggregate(
     if BASELINE_STUDENT in set(per_fold["model"]):
         paired = paired_table(
             per_fold,
-            metric=primary_metric(regression),
+            metric=metric,
             models=students,
             baseline=BASELINE_STUDENT,
             level=level,
@@ -531,3 +439,54 @@ def aggregate(
             )
         paired = pd.DataFrame(columns=PAIRED_COLUMNS)
     return per_fold, table, paired
+
+
+# ---- selection ---------------------------------------------------------------------------------------------
+SELECTION_RULE = (
+    "the student with the highest mean validation {metric} over the (fold, seed) runs (validation subjects "
+    "only; test scores play no part), ties going to the simpler model (`none` first, then the order of "
+    "`distill.losses`)"
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The student to ship, chosen on validation scores only (:func:`select_student`)."""
+
+    model: str  # student-<loss>
+    loss: str
+    fold: int  # the (fold, seed) run of that loss with the best validation score
+    seed: int
+    metric: str
+    val_mean: float
+
+    @property
+    def rule(self) -> str:
+        return SELECTION_RULE.format(metric=self.metric)
+
+
+def select_student(per_fold: pd.DataFrame, metric: str, losses: Sequence[str] = ()) -> Selection | None:
+    """The student with the highest mean ``val_<metric>`` over its runs (:data:`SELECTION_RULE`), and its run
+    with the best validation score; None when ``per_fold`` has no student."""
+    students = per_fold[per_fold["model"].str.startswith("student-")]
+    if students.empty:
+        return None
+    column = f"val_{metric}"
+    means = students.groupby("model")[column].mean().dropna().round(12)
+    if means.empty:
+        raise StageError(
+            f"no validation predictions of any student (split 'val'): the model to ship is chosen on "
+            f"validation {metric}"
+        )
+    order = ["none", *[loss for loss in losses if loss != "none"]]
+
+    def simplicity(model: str) -> int:
+        loss = model.removeprefix("student-")
+        return order.index(loss) if loss in order else len(order)
+
+    best = max(means.index, key=lambda m: (means[m], -simplicity(m)))
+    runs = students[students["model"] == best].sort_values(["fold", "seed"])
+    run = runs.loc[runs[column].idxmax()]
+    return Selection(
+        best, best.removeprefix("student-"), int(run["fold"]), int(run["seed"]), metric, means[best]
+    )

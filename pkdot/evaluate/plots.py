@@ -1,21 +1,11 @@
-"""Report figures (matplotlib, Agg backend, PNG). Each function writes one file and returns its path.
-
-- :func:`plot_confusion_matrices`: per model, summed over folds and seeds (classification only).
-- :func:`plot_learning_curves`: train loss and validation metric per epoch, one panel row per model family
-  (teacher, unimodal, students), a distinct colour per model, the best validation epoch starred.
-- :func:`plot_robustness`: test metric against the perturbation level, per model, with corrected CIs.
-- :func:`plot_structure`: for one batch of test samples, the teacher's and the student's shifted
-  cosine-similarity matrices and PKDOT's entropic transport plan between their anchored clouds (POT).
-- :func:`plot_embedding_map`: 2-D PCA of teacher and student test embeddings, coloured by label.
-- :func:`plot_metric_bars`: the summary table's means with their confidence intervals.
-
-Files are written to a temporary name in the target directory and renamed (no partial PNG).
+"""Report figures (matplotlib, Agg backend, PNG); each function writes one file atomically and returns its path:
+confusion matrices, learning curves, robustness curves, the teacher/student similarity structure with PKDOT's
+transport plan, a PCA map of embeddings, and the summary table's means with their intervals.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +23,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
 from pkdot.errors import StageError  # noqa: E402
-from pkdot.evaluate.metrics import confusion_matrix  # noqa: E402
+from pkdot.metrics import confusion_matrix  # noqa: E402
+from pkdot.rundir import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +35,12 @@ BANDED_STUDENTS = ("student-none", "student-pkdot")
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
@@ -67,20 +55,8 @@ def plot_confusion_matrices(
     class_names: Sequence[str] | None = None,
     models: Sequence[str] | None = None,
 ) -> Path:
-    """One confusion matrix per model (test rows, counts summed over folds and seeds), row-normalised colours.
-
-    Parameters
-    ----------
-    pred : DataFrame
-        Prediction rows (``model``, ``split``, ``y_true``, ``y_pred`` as class indices).
-    num_classes : int
-    path : Path
-        The PNG to write.
-    class_names : sequence of str, optional
-        Tick labels (default ``0..C-1``).
-    models : sequence of str, optional
-        Models and their order (default: every model with test rows).
-    """
+    """One confusion matrix per model (test rows, counts summed over folds and seeds, row-normalised colours);
+    ``models`` sets the models and their order, ``class_names`` the tick labels."""
     test = pred[pred["split"] == "test"]
     models = list(models) if models is not None else sorted(set(test["model"]))
     if not models:
@@ -172,21 +148,9 @@ LOG_LOSS_SPAN = 20.0
 def plot_learning_curves(
     histories: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], path: Path, metric: str = "val_metric"
 ) -> Path:
-    """Train loss and validation metric per epoch: one row of panels per model family, one colour per model.
-
-    Rows: teacher, unimodal models, students (:data:`MODEL_FAMILIES`; only families present); columns:
-    training loss and validation ``metric``. Each line is a model's mean over its runs (band = min..max);
-    every model has its own colour (:func:`distinct_colors`, never repeated across the figure), and a star
-    marks the epoch with the best mean validation metric (higher is better: accuracy, CCC).
-
-    Parameters
-    ----------
-    histories : mapping model -> list of runs, each a list of epoch records
-        Records are ``{"epoch": int, "train_loss": float, "val_metric": float, ...}`` (``history.json``).
-    path : Path
-    metric : str
-        Name shown on the validation axis.
-    """
+    """Train loss and validation ``metric`` per epoch: one row of panels per model family (:data:`MODEL_FAMILIES`),
+    each model's mean over runs (band = min..max) in its own colour (:func:`distinct_colors`), a star at its best
+    mean validation epoch. ``histories``: model -> runs -> ``history.json`` epoch records."""
     if not histories:
         raise StageError("plot_learning_curves: no histories")
     families: dict[str, list[str]] = {}
@@ -245,27 +209,11 @@ def plot_learning_curves(
 def transport_plan_pot(
     student_cloud: np.ndarray, teacher_cloud: np.ndarray, *, blur: float = 0.1, max_iter: int = 10000
 ) -> np.ndarray:
-    r"""Entropic OT plan between two uniform point clouds, solved by POT.
-
-    .. math:: P = \arg\min_{P 1 = a,\ P^T 1 = b} \langle P, C \rangle - \varepsilon H(P), \qquad
-              C_{ij} = \tfrac12 \|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2,\ a = b = 1/B,
-
-    the plan of PKDOT's training loss (:func:`pkdot.distill.ot.transport_plan` solves the same problem; the
-    training loop keeps that solver because it is faster there, see ``pkdot/distill/ot.py``). Computed with
-    :func:`ot.sinkhorn` (``method="sinkhorn_epsilon_scaling"``, log-domain stabilised with epsilon
-    annealing; a plain log-domain Sinkhorn does not converge at eps = 0.01 within minutes).
-
-    Parameters
-    ----------
-    student_cloud : array, shape (B, K)
-    teacher_cloud : array, shape (M, K)
-    blur : float
-        The temperature is ``blur ** 2`` (as ``distill.blur``).
-
-    Returns
-    -------
-    array, shape (B, M)
-        Non-negative, rows summing to ``1/B`` and columns to ``1/M``.
+    r"""Entropic OT plan between uniform clouds ``(B, K)`` and ``(M, K)``, solved by POT:
+    :math:`\arg\min_{P 1 = a, P^T 1 = b} \langle P, C\rangle - \varepsilon H(P)`, :math:`C_{ij} = \|x_i - y_j\|^2/2`,
+    :math:`\varepsilon = \text{blur}^2` (PKDOT's plan; :func:`pkdot.distill.ot.transport_plan` solves the same
+    problem faster for training). :func:`ot.sinkhorn` with epsilon scaling (a plain log-domain Sinkhorn does not
+    converge at eps = 0.01 within minutes). Returns ``(B, M)``, rows summing to ``1/B``, columns to ``1/M``.
     """
     import ot
 
@@ -311,21 +259,10 @@ def plot_structure(
     anchors: str = "least",
     blur: float = 0.1,
 ) -> Path:
-    r"""Teacher vs student similarity structure of one batch, and PKDOT's transport plan between them.
-
-    Panels: shifted cosine similarities :math:`\tilde S_t`, :math:`\tilde S_s` (B x B,
-    :func:`pkdot.distill.pkdot.pkdot_structure`), and the entropic plan :math:`P \in \mathbb{R}^{B\times B}`
-    between the anchored clouds (rows: student samples, columns: teacher samples; :func:`transport_plan_pot`)
-    shown as :math:`B \cdot P` (1 on a row = all of that sample's mass). The caption gives the plan's mass
-    on its diagonal (1 = every sample's student structure is matched with its own teacher structure).
-
-    Parameters
-    ----------
-    teacher_embedding, student_embedding : array, shape (B, Dt) and (B, Ds)
-        Rows are the same samples, in the same order (sort them by label for a readable block structure).
-    labels : array, shape (B,), optional
-        Marked along the axes.
-    """
+    r"""For one batch (rows = the same samples, sorted by label): the teacher's and the student's shifted cosine
+    similarities (:func:`pkdot.distill.pkdot.pkdot_structure`) and PKDOT's transport plan between their anchored
+    clouds (:func:`transport_plan_pot`) shown as :math:`B \cdot P`, captioned with its diagonal mass (1 = every
+    sample matched with its own teacher structure). ``labels`` are marked along the axes."""
     from pkdot.distill.pkdot import pkdot_structure
 
     t = torch.as_tensor(np.asarray(teacher_embedding, dtype=np.float32))
@@ -366,17 +303,8 @@ def plot_structure(
 def plot_embedding_map(
     embeddings: Mapping[str, np.ndarray], labels: np.ndarray, path: Path, *, regression: bool, seed: int = 0
 ) -> Path:
-    """2-D PCA (scikit-learn, fitted per model) of test embeddings, one panel per model, coloured by label.
-
-    Parameters
-    ----------
-    embeddings : mapping name -> array (N, D)
-        Same N samples (same order) for every model; dimensions may differ between models.
-    labels : array (N,)
-        Class indices (discrete colours) or regression targets (a colour scale).
-    seed : int
-        ``random_state`` of the PCA solver.
-    """
+    """2-D PCA (fitted per model, ``random_state=seed``) of test embeddings ``{name: (N, D)}`` of the same N samples,
+    one panel per model, coloured by label (classes, or a colour scale for regression targets)."""
     if not embeddings:
         raise StageError("plot_embedding_map: no embeddings")
     labels = np.asarray(labels)
@@ -417,16 +345,8 @@ def plot_metric_bars(table: pd.DataFrame, path: Path) -> Path:
         raise StageError(f"plot_metric_bars: expected a non-empty table with columns {sorted(needed)}")
     mean = table["mean"].to_numpy(float)
     err = np.vstack([mean - table["ci_low"].to_numpy(float), table["ci_high"].to_numpy(float) - mean])
-    colors = [
-        "tab:gray"
-        if m == "teacher"
-        else "tab:olive"
-        if str(m).startswith("unimodal-")
-        else "tab:red"
-        if m == "student-pkdot"
-        else "tab:blue"
-        for m in table["model"]
-    ]
+    family = {"teacher": "tab:gray", "unimodal": "tab:olive", "student-pkdot": "tab:red"}
+    colors = [family.get(m, family.get(str(m).split("-")[0], "tab:blue")) for m in table["model"]]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table) + 2), 4))
     x = np.arange(len(table))
     ax.bar(x, mean, yerr=err, capsize=4, color=colors)
@@ -439,17 +359,8 @@ def plot_metric_bars(table: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Path:
-    """Test ``metric`` against the perturbation level: one panel per perturbation, one line per model.
-
-    Parameters
-    ----------
-    robustness : DataFrame
-        One row per (model, perturbation, level) with ``mean``, ``ci_low``, ``ci_high`` and ``n``
-        (:func:`pkdot.evaluate.robustness.summarise_robustness`); the band is the confidence interval.
-    path : Path
-    metric : str
-        The metric's name (y axis).
-    """
+    """Test ``metric`` against the perturbation level (:func:`pkdot.evaluate.robustness.summarise_robustness` rows):
+    one panel per perturbation, one line per model, the corrected interval as a band."""
     needed = {"model", "perturbation", "level", "mean", "ci_low", "ci_high"}
     if robustness.empty or not needed <= set(robustness.columns):
         raise StageError(f"plot_robustness: expected a non-empty table with columns {sorted(needed)}")

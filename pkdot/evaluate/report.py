@@ -1,22 +1,11 @@
-"""Stage 5: evaluate a run directory — metrics per fold and seed, confidence intervals, paired comparisons,
-figures, ``report.md`` and ``summary.json``.
+"""Stage 5: evaluate a run directory: metrics per (fold, seed), corrected intervals, paired comparisons, the
+student to ship (chosen on validation), figures, ``report.md`` and ``summary.json``.
 
-Reads (docs/interfaces.md) ``RUN/teacher/fold-k/seed-s/{predictions.parquet, history.json}`` and
-``RUN/student/<loss>/fold-k/seed-s/{predictions.parquet, history.json}``; writes ``RUN/report/``:
-
-- ``report.md``: a summary that stays short whatever the number of folds (87 for Biovid LOSO):
-  dataset/task/preset, the statistics used, the table (mean ± std and 95 % CI over folds x seeds, corrected
-  for overlapping training sets, :mod:`pkdot.evaluate.aggregate`), each distillation loss against
-  ``student-none`` (paired by fold and seed), teacher vs unimodal models, robustness (when asked), figures,
-  the config hash; per-run numbers are only in the CSV it links;
-- ``summary.json``: the same numbers, machine-readable (NaN written as null), with the uncorrected
-  intervals as ``naive_*``;
-- ``per_fold.csv``: one row per (model, fold, seed): the metrics, ``n_test`` and ``n_train``;
-- ``robustness.csv`` (``evaluate --robustness``): one row per model, perturbation, level and run;
-- PNG figures (:mod:`pkdot.evaluate.plots`).
-
-Everything is first written into a temporary folder inside ``RUN/report`` and then renamed file by file,
-so a reader never sees a half-written file.
+Reads every ``predictions.parquet`` and ``history.json`` of ``RUN/teacher/`` and ``RUN/student/``; writes
+``RUN/report/``: ``report.md`` (a summary that stays short whatever the number of folds), ``summary.json`` (the
+same numbers, NaN as null, uncorrected intervals as ``naive_*``), ``per_fold.csv`` (one row per model, fold and
+seed, with ``n_test``/``n_train`` and the validation score), ``robustness.csv`` (``--robustness``) and PNG figures
+(:mod:`pkdot.evaluate.plots`). Each file is written atomically (:mod:`pkdot.rundir`).
 """
 
 from __future__ import annotations
@@ -24,9 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +24,18 @@ from pkdot.config import RunConfig
 from pkdot.errors import ConfigError, StageError
 from pkdot.evaluate.aggregate import (
     BASELINE_STUDENT,
+    BOUNDS_SENTENCE,
     CORRECTION_FORMULA,
     CORRECTION_NAME,
+    SELECTION_RULE,
+    Selection,
     aggregate,
     collect_predictions,
     fold_size_ratio,
     fold_sizes,
     paired_table,
     primary_metric,
+    select_student,
 )
 from pkdot.evaluate.plots import (
     plot_confusion_matrices,
@@ -55,6 +45,7 @@ from pkdot.evaluate.plots import (
     plot_robustness,
     plot_structure,
 )
+from pkdot.rundir import RunDir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -66,32 +57,13 @@ PKDOT_STUDENT = "student-pkdot"
 class EvaluationSummary:
     """What :func:`evaluate_run` computed and wrote.
 
-    Attributes
-    ----------
-    table : DataFrame
-        One row per model: model, metric, mean, std, ci_low, ci_high, n (folds x seeds), plus
-        ``macro_f1_mean``/``macro_f1_std`` (classification) or ``rmse_mean`` (regression).
-    paired : DataFrame
-        One row per student loss vs ``student-none``: mean_diff, std_diff, ci_low, ci_high, n, p_value.
-    per_fold : DataFrame
-        model, fold, seed, n_samples and the metrics of each run.
-    report_path : Path
-        ``RUN/report/report.md``.
-    plots : list of Path
-        The PNG files written.
-    best_student : str or None
-        The student with the highest mean test metric (None when the run has no student).
-    teacher_vs_unimodal : DataFrame
-        ``teacher`` minus each ``unimodal-<modality>``, paired by fold and seed (same columns as ``paired``).
-    notes : list of str
-        Figures that could not be drawn, and why.
-    test_train_ratio : float
-        :math:`n_{test}/n_{train}` (mean over runs) of the corrected t intervals.
-    ratio_source : str
-        How that ratio was obtained (counted from the manifest, or ``1/(k-1)``).
-    robustness : DataFrame or None
-        ``evaluate --robustness``: one row per model, perturbation and level, with the metric's mean and
-        corrected CI over runs (:func:`pkdot.evaluate.robustness.summarise_robustness`).
+    ``table``: one row per model (metric, mean, std, ci_low, ci_high, naive_*, n, val_mean, macro-F1 or MAE/RMSE
+    means); ``paired``: each student loss minus ``student-none`` paired by (fold, seed); ``per_fold``: the
+    metrics of every run (test, and ``val_<metric>``); ``selection``: the student to ship, chosen on validation
+    (:func:`~pkdot.evaluate.aggregate.select_student`), ``best_student`` its model name; ``teacher_vs_unimodal``:
+    ``teacher`` minus each ``unimodal-<modality>``; ``test_train_ratio``/``ratio_source``: the correction's
+    n_test/n_train and where it came from; ``robustness``: ``--robustness`` summary; ``protocol``: the folds'
+    description (``splits.json``); ``challenge``: Aff-Wild2's per-frame CCC per run; ``notes``: figures not drawn.
     """
 
     table: pd.DataFrame
@@ -107,8 +79,9 @@ class EvaluationSummary:
     ratio_source: str = ""
     num_classes: int | None = None
     robustness: pd.DataFrame | None = None
-    protocol: str = ""  # the evaluation protocol of splits.json (pkdot.data.manifest.describe_protocol)
-    challenge: pd.DataFrame = field(default_factory=pd.DataFrame)  # Aff-Wild2 per-frame CCC per run
+    protocol: str = ""
+    challenge: pd.DataFrame = field(default_factory=pd.DataFrame)
+    selection: Selection | None = None
 
 
 # ---- histories ---------------------------------------------------------------------------------------------
@@ -134,12 +107,11 @@ def _history_runs(doc: dict[str, Any], default_model: str, path: Path) -> dict[s
 
 def collect_histories(run_dir: Path, models: list[str]) -> dict[str, list[list[dict[str, float]]]]:
     """Learning curves of the run: {model: [epoch records of each (fold, seed)]}, for ``models`` only."""
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     found: dict[str, list[list[dict[str, float]]]] = {}
-    files = [(p, "teacher") for p in sorted((run_dir / "teacher").glob("fold-*/seed-*/history.json"))]
+    files = [(p, "teacher") for p in sorted(rd.teachers.glob("fold-*/seed-*/history.json"))]
     files += [
-        (p, f"student-{p.parents[2].name}")
-        for p in sorted((run_dir / "student").glob("*/fold-*/seed-*/history.json"))
+        (p, f"student-{p.parents[2].name}") for p in sorted(rd.students.glob("*/fold-*/seed-*/history.json"))
     ]
     for path, default_model in files:
         try:
@@ -229,17 +201,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """DataFrame -> JSON-ready records (numpy scalars to Python, NaN to None)."""
-    out = []
-    for rec in df.to_dict("records"):
-        clean = {}
-        for k, v in rec.items():
-            if isinstance(v, np.generic):
-                v = v.item()
-            if isinstance(v, float) and not math.isfinite(v):
-                v = None
-            clean[str(k)] = v
-        out.append(clean)
-    return out
+    df = df.replace([np.inf, -np.inf], np.nan)
+    return df.astype(object).where(df.notna(), None).to_dict("records")
 
 
 def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
@@ -294,7 +257,8 @@ def statistics_lines(summary: EvaluationSummary) -> list[str]:
         "for runs whose training sets overlap: "
         f"`{CORRECTION_FORMULA}`; here n_test/n_train = {_fmt(ratio, 4)} ({summary.ratio_source}). "
         "Uncorrected intervals are only in `summary.json` (`naive_*`).",
-        "- Per-run scores (one row per model × fold × seed, with n_test and n_train): "
+        f"- {BOUNDS_SENTENCE}",
+        "- Per-run scores (one row per model × fold × seed, with n_test, n_train and the validation score): "
         "[per_fold.csv](per_fold.csv).",
     ]
 
@@ -371,13 +335,14 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             else []
         ),
     ]
-    header = ["model", f"{metric} mean ± std", "95% CI (corrected)"]
+    header = ["model", f"validation {metric} mean", f"test {metric} mean ± std", "95% CI (corrected)"]
     header += ["MAE mean", "RMSE mean"] if regression else ["macro-F1 mean ± std"]
     header += ["n"]
     rows = []
     for _, r in table.iterrows():
         row = [
             f"`{r['model']}`",
+            _fmt(r.get("val_mean")),
             f"{_fmt(r['mean'])} ± {_fmt(r['std'])}",
             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
         ]
@@ -441,13 +406,17 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             "",
         ]
 
-    if summary.best_student is not None:
-        best = table[table["model"] == summary.best_student].iloc[0]
+    sel = summary.selection
+    if sel is not None:
+        best = table[table["model"] == sel.model].iloc[0]
         lines += [
-            "## Best student",
+            "## The student to ship (chosen on validation)",
             "",
-            f"Highest mean test {metric}: `{summary.best_student}` ({_fmt(best['mean'])}). "
-            "(The registered model's fold and seed are chosen on validation subjects, not on this number.)",
+            f"Rule: {SELECTION_RULE.format(metric=metric)}. Chosen: `{sel.model}`, mean validation {metric} "
+            f"{_fmt(sel.val_mean)}; its registered run is fold {sel.fold}, seed {sel.seed} (the best validation "
+            f"{metric} of that loss). Cross-validated estimate of this choice: test {metric} "
+            f"{_fmt(best['mean'])} [{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}] (corrected 95% CI, "
+            f"n = {int(best['n'])} runs).",
             "",
         ]
 
@@ -517,9 +486,9 @@ def _draw_plots(
                 out / "structure.png",
                 labels=None if regression else labels[idx],
                 student_name=student,
-                k=cfg.distill.k,
-                anchors=cfg.distill.anchors,
-                blur=cfg.distill.blur,
+                k=cfg.distill.pkdot.k,
+                anchors=cfg.distill.pkdot.anchors,
+                blur=cfg.distill.pkdot.blur,
             )
         )
     if len(matched) >= 2:
@@ -537,15 +506,16 @@ def _draw_plots(
 
 def _protocol_and_challenge(cfg: RunConfig, run_dir: Path, pred: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     """The protocol sentence (from ``splits.json``) and, for Aff-Wild2, the per-frame CCC of every run."""
-    from pkdot.data.manifest import describe_protocol, read_manifest
+    from pkdot.data.manifest import read_manifest
+    from pkdot.folds import describe_protocol
 
-    splits = run_dir / "splits.json"
-    protocol = describe_protocol(cfg.train.folds, splits) if splits.is_file() else ""
+    rd = RunDir(run_dir)
+    protocol = describe_protocol(cfg.train.folds, rd.splits) if rd.splits.is_file() else ""
     challenge = pd.DataFrame()
     if cfg.data.dataset == "affwild2" and cfg.data.root is not None:
         from pkdot.data.affwild2 import challenge_scores
 
-        manifest = read_manifest(run_dir / "manifest.parquet")
+        manifest = read_manifest(rd.manifest)
         challenge = challenge_scores(manifest, pred, Path(cfg.data.root), cfg.data.task)
     return protocol, challenge
 
@@ -565,29 +535,14 @@ def test_train_sizes(
             f"{run_dir}: no manifest.parquet to count training samples, and {k} fold(s): cannot set "
             "n_test/n_train for the corrected t interval"
         )
-    return None, 1.0 / (k - 1), f"1/(k-1) for k = {k} folds: {run_dir / 'manifest.parquet'} not found"
+    return None, 1.0 / (k - 1), f"1/(k-1) for k = {k} folds: {RunDir(run_dir).manifest} not found"
 
 
 def evaluate_run(
     cfg: RunConfig, run_dir: Path | None = None, *, robustness: bool = False
 ) -> EvaluationSummary:
-    """Evaluate every model of a run and write ``RUN/report/``.
-
-    Parameters
-    ----------
-    cfg : RunConfig
-        ``data`` (task: regression or classification, number of classes), ``train`` (batch size of the
-        structure figure), ``distill`` (k, anchors, blur of the OT plan), ``seed``.
-    run_dir : Path, optional
-        Default ``cfg.run_dir``.
-    robustness : bool
-        Also evaluate the video models on degraded test video (:mod:`pkdot.evaluate.robustness`): a section
-        of the report, ``robustness.csv``, ``robustness.png``.
-
-    Returns
-    -------
-    EvaluationSummary
-    """
+    """Evaluate every model of a run (default ``cfg.run_dir``), choose the student to ship on validation and write
+    ``RUN/report/``; ``robustness`` adds the degraded-video evaluation (:mod:`pkdot.evaluate.robustness`)."""
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     regression = cfg.data.is_regression
     pred = collect_predictions(run_dir)
@@ -619,12 +574,9 @@ def evaluate_run(
         )
     else:
         teacher_vs_unimodal = paired_table(per_fold, metric=metric, models=[], baseline="teacher")
-    students = table[table["model"].str.startswith("student-")]
-    best_student = None if students.empty else str(students.loc[students["mean"].idxmax(), "model"])
-
-    report_dir = run_dir / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=report_dir))
+    selection = select_student(per_fold, metric, cfg.distill.losses)
+    best_student = None if selection is None else selection.model
+    rd = RunDir(run_dir)
     notes: list[str] = []
     protocol, challenge = _protocol_and_challenge(cfg, run_dir, pred)
     robustness_runs = robustness_table = None
@@ -635,71 +587,68 @@ def evaluate_run(
         robustness_table = summarise_robustness(
             robustness_runs, metric=metric, level=CONFIDENCE_LEVEL, test_train_ratio=ratio
         )
-    try:
-        staged_plots = _draw_plots(cfg, pred, table, staging, run_dir, notes)
-        if robustness_table is not None:
-            staged_plots.append(plot_robustness(robustness_table, staging / "robustness.png", metric=metric))
-        summary = EvaluationSummary(
-            table=table,
-            paired=paired,
-            per_fold=per_fold,
-            report_path=report_dir / "report.md",
-            plots=[report_dir / p.name for p in staged_plots],
-            best_student=best_student,
-            teacher_vs_unimodal=teacher_vs_unimodal,
-            summary_path=report_dir / "summary.json",
-            notes=notes,
-            protocol=protocol,
-            challenge=challenge,
-            test_train_ratio=ratio,
-            ratio_source=ratio_source,
-            num_classes=None if regression else num_classes,
-            robustness=robustness_table,
-        )
-        plot_names = [p.name for p in staged_plots]
-        (staging / "report.md").write_text(render_report(cfg, summary, plot_names, n_files))
-        summary_doc = {
-            "name": cfg.name,
-            "dataset": cfg.data.dataset,
-            "task": cfg.data.task,
-            "preset": cfg.preset,
-            "regression": regression,
-            "metric": metric,
-            "confidence_level": CONFIDENCE_LEVEL,
-            "statistics": {
-                "correction": CORRECTION_NAME,
-                "formula": CORRECTION_FORMULA,
-                "test_train_ratio": ratio,
-                "ratio_source": ratio_source,
-            },
-            "config_hash": cfg.section_hash(),
-            "best_student": best_student,
-            "table": _records(table),
-            "paired": _records(paired),
-            "teacher_vs_unimodal": _records(teacher_vs_unimodal),
-            "plots": plot_names,
-            "notes": notes,
-            "predictions_files": n_files,
-            "robustness": None if robustness_table is None else _records(robustness_table),
-            "protocol": protocol,
-            "challenge_frame_ccc": _records(challenge),
-        }
-        (staging / "summary.json").write_text(json.dumps(summary_doc, indent=1, allow_nan=False))
-        per_fold.to_csv(staging / "per_fold.csv", index=False)
-        written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
-        if robustness_runs is not None:
-            robustness_runs.to_csv(staging / "robustness.csv", index=False)
-            written.add("robustness.csv")
-        if not challenge.empty:
-            challenge.to_csv(staging / "challenge_ccc.csv", index=False)
-            written.add("challenge_ccc.csv")
-        for name in sorted(written):
-            os.replace(staging / name, report_dir / name)
-        for stale in report_dir.glob("*.png"):
-            if stale.name not in written:
-                logger.info("removing %s (not produced by this evaluation)", stale)
-                stale.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    plots = _draw_plots(cfg, pred, table, rd.report, run_dir, notes)
+    if robustness_table is not None:
+        plots.append(plot_robustness(robustness_table, rd.report / "robustness.png", metric=metric))
+    summary = EvaluationSummary(
+        table=table,
+        paired=paired,
+        per_fold=per_fold,
+        report_path=rd.report_md,
+        plots=plots,
+        best_student=best_student,
+        teacher_vs_unimodal=teacher_vs_unimodal,
+        summary_path=rd.summary,
+        notes=notes,
+        protocol=protocol,
+        challenge=challenge,
+        test_train_ratio=ratio,
+        ratio_source=ratio_source,
+        num_classes=None if regression else num_classes,
+        robustness=robustness_table,
+        selection=selection,
+    )
+    plot_names = [p.name for p in plots]
+    summary_doc = {
+        "name": cfg.name,
+        "dataset": cfg.data.dataset,
+        "task": cfg.data.task,
+        "preset": cfg.preset,
+        "regression": regression,
+        "metric": metric,
+        "confidence_level": CONFIDENCE_LEVEL,
+        "statistics": {
+            "correction": CORRECTION_NAME,
+            "formula": CORRECTION_FORMULA,
+            "test_train_ratio": ratio,
+            "ratio_source": ratio_source,
+            "bounds": BOUNDS_SENTENCE,
+        },
+        "config_hash": cfg.section_hash(),
+        "best_student": best_student,
+        "selection": None if selection is None else _records(pd.DataFrame([vars(selection)]))[0],
+        "selection_rule": SELECTION_RULE.format(metric=metric),
+        "table": _records(table),
+        "paired": _records(paired),
+        "teacher_vs_unimodal": _records(teacher_vs_unimodal),
+        "plots": plot_names,
+        "notes": notes,
+        "predictions_files": n_files,
+        "robustness": None if robustness_table is None else _records(robustness_table),
+        "protocol": protocol,
+        "challenge_frame_ccc": _records(challenge),
+    }
+    written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
+    tables = {"per_fold.csv": per_fold, "robustness.csv": robustness_runs, "challenge_ccc.csv": challenge}
+    for name, frame in tables.items():
+        if frame is not None and not frame.empty:
+            atomic_write_text(rd.report / name, frame.to_csv(index=False))
+            written.add(name)
+    atomic_write_text(rd.summary, json.dumps(summary_doc, indent=1, allow_nan=False))
+    atomic_write_text(rd.report_md, render_report(cfg, summary, plot_names, n_files))
+    for stale in rd.report.glob("*.png"):
+        if stale.name not in written:
+            logger.info("removing %s (not produced by this evaluation)", stale)
+            stale.unlink()
     logger.info("report: %s (best student: %s)", summary.report_path, best_student)
     return summary

@@ -1,31 +1,13 @@
 r"""Robustness of the video models to degraded test video (``pkdot evaluate --robustness``).
 
-In the wild, frames go missing (the face tracker loses the face, a stream drops frames) or are noisy and
-blurred. This module re-evaluates the trained video-side models of a run -- every trained student
-(``student-<loss>``) and the unimodal video model (``unimodal-video``) -- on the *test* clips of each
-(fold, seed) after perturbing the face crops, and re-encodes the perturbed crops with each model's own video
-backbone. For students trained with ``train.student_init = teacher-frozen`` that backbone is the teacher's
-frozen video backbone, whose tokens the embedding cache holds for clean clips: the student is loaded in its
-registered, raw-video form (:func:`pkdot.train.student.load_trained_student`, which rebuilds it around the
-teacher's backbone exactly as the distill stage did), so the perturbed tokens come from the same backbone
-as the cached ones.
-
-Perturbations of a clip ``x`` of shape ``(T, H, W, 3)`` (uint8), each at several levels (level 0 = the clean
-clip, shared by the three):
-
-- ``frame_drop`` (fraction ``f``): :math:`n = \min(T - 1, \lfloor f T + 1/2 \rfloor)` frames, drawn at random
-  without replacement, are *removed*, and the clip is re-sampled back to ``T`` frames from the ``T - n``
-  frames kept (nearest kept frame in time order: frame ``i`` of the output is kept frame
-  :math:`\lfloor i (T - n) / T \rfloor`), as a video loader does when frames are missing. Chosen over
-  zeroing because black frames are an input the models never saw, not missing information; the count is
-  exact (:func:`drop_frames` returns it).
-- ``noise`` (standard deviation ``s`` on the 0-255 scale): i.i.d. Gaussian pixel noise, clipped to 0-255.
-- ``blur`` (sigma ``s`` in pixels): a spatial Gaussian blur of every frame
-  (:func:`scipy.ndimage.gaussian_filter`, no blur across time or channels).
-
-The random draws are seeded by (seed, fold, perturbation, level), and every model sees the same perturbed
-clips, so models can be compared run by run. The scores get the same corrected intervals as the main
-table (:mod:`pkdot.evaluate.aggregate`).
+Every trained student and the unimodal video model of each (fold, seed) re-encode that run's *test* clips after
+a perturbation of the face crops ``(T, H, W, 3)`` uint8, at several levels (level 0 = the clean clip):
+``frame_drop`` (fraction ``f``: :math:`\min(T-1, \lfloor fT + 1/2\rfloor)` random frames removed and the clip
+re-sampled to ``T`` from the kept ones, nearest in time, as a loader does with missing frames; not zeroed,
+black frames being an input the models never saw), ``noise`` (Gaussian, std on the 0-255 scale, clipped) and
+``blur`` (spatial Gaussian, sigma in pixels). Students are loaded in their raw-video form
+(:func:`pkdot.train.student.load_trained_student`). Draws are seeded by (seed, fold, perturbation, level) and
+shared by every model; scores get the main table's corrected intervals.
 """
 
 from __future__ import annotations
@@ -43,7 +25,8 @@ from scipy import ndimage
 from pkdot.config import RunConfig
 from pkdot.errors import StageError
 from pkdot.evaluate.aggregate import corrected_and_naive, primary_metric
-from pkdot.evaluate.metrics import accuracy, ccc
+from pkdot.metrics import accuracy, ccc
+from pkdot.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -54,33 +37,13 @@ DEFAULT_LEVELS: dict[str, tuple[float, ...]] = {
     "blur": (0.0, 1.0, 2.0, 4.0),
 }
 PERTURBATIONS = tuple(DEFAULT_LEVELS)
-RUN_COLUMNS = [
-    "model",
-    "perturbation",
-    "level",
-    "fold",
-    "seed",
-    "n_samples",
-    "metric",
-    "value",
-    "frames_dropped",
-    "changed_predictions",
-    "output_change",
-    "agreement_with_stored",
-]
-SUMMARY_COLUMNS = [
-    "model",
-    "perturbation",
-    "level",
-    "metric",
-    "mean",
-    "std",
-    "ci_low",
-    "ci_high",
-    "naive_ci_low",
-    "naive_ci_high",
-    "n",
-]
+RUN_COLUMNS = (
+    "model perturbation level fold seed n_samples metric value frames_dropped changed_predictions output_change "
+    "agreement_with_stored"
+).split()
+SUMMARY_COLUMNS = (
+    "model perturbation level metric mean std ci_low ci_high naive_ci_low naive_ci_high n".split()
+)
 
 
 # ---- perturbations -----------------------------------------------------------------------------------------
@@ -100,21 +63,8 @@ def frames_to_drop(n_frames: int, fraction: float) -> int:
 
 
 def drop_frames(clip: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Remove ``frames_to_drop(T, fraction)`` random frames and re-sample the clip back to ``T`` frames.
-
-    Parameters
-    ----------
-    clip : uint8 array, shape (T, H, W, 3)
-    fraction : float in [0, 1]
-    rng : numpy Generator
-        Draws which frames are dropped.
-
-    Returns
-    -------
-    (clip, n_dropped)
-        The clip of the same shape, made only of the ``T - n_dropped`` kept frames in time order (frame ``i``
-        is kept frame ``floor(i * kept / T)``), and the number of frames dropped.
-    """
+    """Remove ``frames_to_drop(T, fraction)`` random frames of a ``(T, H, W, 3)`` clip and re-sample it to ``T``
+    frames from the kept ones (frame ``i`` = kept frame ``floor(i * kept / T)``); returns it and the count dropped."""
     x = _check_clip(clip, "drop_frames")
     t = x.shape[0]
     n_drop = frames_to_drop(t, fraction)
@@ -176,32 +126,29 @@ def perturb_clips(
 # ---- models ------------------------------------------------------------------------------------------------
 def load_unimodal_video(cfg: RunConfig, fold: int, seed: int, device: torch.device | str = "cpu"):
     """The trained ``unimodal-<video>`` model of (fold, seed) (teacher stage, phase 1), frozen, eval mode."""
-    from pkdot.train.cache import teacher_dir
     from pkdot.train.teacher import load_unimodal
 
     video = cfg.data.student_modalities[0]
-    return load_unimodal(cfg, teacher_dir(Path(cfg.run_dir), fold, seed), video, device)
+    return load_unimodal(cfg, RunDir(cfg.run_dir).teacher(fold, seed), video, device)
 
 
 def trained_video_models(run_dir: Path, losses: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
     """``(model, fold, seed)`` of every trained student (``student.pt``) and unimodal video model of a run."""
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     found = []
-    for path in sorted((run_dir / "student").glob("*/fold-*/seed-*/student.pt")):
+    for path in sorted(rd.students.glob("*/fold-*/seed-*/student.pt")):
         loss = path.parents[2].name
         if losses is None or loss in losses:
             found.append((f"student-{loss}", int(path.parents[1].name[5:]), int(path.parent.name[5:])))
-    for path in sorted((run_dir / "teacher").glob("fold-*/seed-*/unimodal-video.pt")):
+    for path in sorted(rd.teachers.glob("fold-*/seed-*/unimodal-video.pt")):
         found.append(("unimodal-video", int(path.parents[1].name[5:]), int(path.parent.name[5:])))
     return found
 
 
 def _stored_test_predictions(run_dir: Path, model: str, fold: int, seed: int) -> pd.DataFrame:
-    if model.startswith("student-"):
-        path = run_dir / "student" / model.removeprefix("student-") / f"fold-{fold}" / f"seed-{seed}"
-    else:
-        path = run_dir / "teacher" / f"fold-{fold}" / f"seed-{seed}"
-    path = path / "predictions.parquet"
+    rd = RunDir(run_dir)
+    loss = model.removeprefix("student-")
+    path = (rd.student(loss, fold, seed) if model != loss else rd.teacher(fold, seed)) / "predictions.parquet"
     if not path.is_file():
         raise StageError(
             f"{path} does not exist: the test samples of {model} fold {fold} seed {seed} are unknown"
@@ -247,33 +194,13 @@ def run_robustness(
     levels: dict[str, Sequence[float]] | None = None,
     losses: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Evaluate every trained video model of a run on perturbed test clips.
+    """Evaluate every trained video model (or the students of ``losses``) on perturbed test clips (``levels``:
+    perturbation -> levels, default :data:`DEFAULT_LEVELS`).
 
-    Parameters
-    ----------
-    cfg : RunConfig
-        The run's configuration (models, task, batch size).
-    run_dir : Path, optional
-        Default ``cfg.run_dir``.
-    levels : dict perturbation -> levels, optional
-        Default :data:`DEFAULT_LEVELS`.
-    losses : sequence of str, optional
-        Students to evaluate (default: every trained loss).
-
-    Returns
-    -------
-    DataFrame
-        One row per (model, perturbation, level, fold, seed): ``n_samples``, ``metric`` (accuracy or ccc),
-        ``value``, ``frames_dropped`` (mean per clip), ``changed_predictions`` (fraction of test samples
-        whose prediction differs from the clean clip's), ``output_change`` (mean absolute change of the
-        model's outputs -- logits or regression values -- from the clean clip's) and, at level 0,
-        ``agreement_with_stored``: the fraction of test predictions equal to the stored
-        ``predictions.parquet`` (1 when the clean re-run reproduces the stage's own predictions).
-
-    Raises
-    ------
-    StageError
-        When the student modality is not video, or the run has no trained video model.
+    Returns one row per (model, perturbation, level, fold, seed): ``n_samples``, ``metric``, ``value``,
+    ``frames_dropped`` (mean per clip), ``changed_predictions`` (fraction differing from the clean clip's),
+    ``output_change`` (mean absolute change of the outputs) and, at level 0, ``agreement_with_stored`` (fraction
+    equal to the stored test predictions). Raises when the student does not read video or nothing is trained.
     """
     from pkdot.train.data import load_samples
 
@@ -302,7 +229,7 @@ def run_robustness(
         if not ids or missing:
             raise StageError(
                 f"fold {fold} seed {seed}: {len(missing)} of {len(ids)} test samples have no face features "
-                f"in {run_dir / 'features'}"
+                f"in {RunDir(run_dir).features}"
             )
         index = np.array([row_of[s] for s in ids])
         clean = samples.arrays[video][index]
@@ -359,7 +286,7 @@ def summarise_robustness(
         raise StageError("summarise_robustness: no robustness rows")
     records = []
     for (model, perturbation, lv), g in runs.groupby(["model", "perturbation", "level"], sort=False):
-        stats_ = corrected_and_naive(g["value"].to_numpy(), None, level, test_train_ratio)
+        stats_ = corrected_and_naive(g["value"].to_numpy(), None, level, test_train_ratio, metric)
         records.append(
             {
                 "model": model,

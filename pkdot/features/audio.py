@@ -1,21 +1,13 @@
 """Log-mel spectrograms of the audio track of video clips (Aff-Wild2).
 
-The first audio stream is decoded with PyAV, mixed to mono and resampled to ``features.audio_sr`` (PyAV's
-``AudioResampler``, i.e. libswresample). A clip covers ``start_frame / fps .. (start_frame + num_frames) / fps``
-seconds of the video timeline (``fps`` of the video stream), or the whole track when the window is null. Its
-log-mel spectrogram is
-
-    M = power_to_db(mel_filterbank(n_mels) @ |STFT(y; n_fft, hop_length)|^2, ref=1, amin=1e-10, top_db=80)
-
-of shape ``(n_mels, T)`` with ``T = 1 + n // hop_length`` for ``n`` samples (``librosa.feature.melspectrogram``,
-centred frames, ``n_fft`` the power of two >= 25 ms). Rows are padded to a common ``T`` when the feature table
-is merged (:func:`pad_logmel`). One file is decoded once per shard for all its clips; a clip far into the file
-is reached by seeking.
+The first audio stream is decoded with PyAV, mixed to mono and resampled to ``features.audio_sr``. A clip covers
+``start_frame / fps .. (start_frame + num_frames) / fps`` seconds (the whole track when the window is null); its
+``(n_mels, T)`` log-mel power spectrogram (``librosa``, ``top_db`` 80) is padded to a common ``T`` when the table
+is merged (:func:`pad_logmel`). A file is decoded once per shard for all its clips.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +18,6 @@ import numpy as np
 
 from pkdot.config import FeatureConfig
 from pkdot.errors import FeatureError
-
-logger = logging.getLogger(__name__)
 
 #: Bumped when the audio pipeline changes its output (invalidates cached shards).
 AUDIO_VERSION = 1

@@ -1,27 +1,20 @@
 """Stage 1: feature extraction over a manifest, sharded on Ray, resumable, merged into aligned tables.
 
-The manifest is cut into shards of ``features.shard_size`` consecutive rows. Every (modality, shard) pair is
-one Ray task (``num_cpus=1``, at most ``workers`` in flight) that writes
-``<run>/features/shards/<modality>/shard-<i>-<hash>.parquet`` atomically (temp file, then rename). The hash
-covers the shard's manifest rows as extraction sees them (sample ids, recording paths with their sizes and
-modification times, clip windows), the modality's feature settings and the code version of its extractor,
-so a re-run skips every shard whose file exists with the same hash and redoes the others. Each shard file
-carries its summary (samples quarantined with reasons, face detection counts, quality flags, timing) in its
-Parquet metadata, so the report is complete even when every shard was skipped.
+Every (modality, shard of ``features.shard_size`` manifest rows) is one task that writes
+``RunDir.shards(modality)/shard-<i>-<key>.parquet`` atomically. The key hashes the shard's rows (with the
+identity of every recording they name), the modality's settings and its extractor's code, so a re-run redoes
+only the shards whose key changed. A shard file carries its summary (quarantined samples, detection counts,
+quality flags, timing) in its Parquet metadata. The shards are then merged, streaming, into
+``features/{faces,physio,audio}.parquet``, keeping the samples for which every modality succeeded (aligned on
+``sample_id``); ``extract_report.json`` is written last, so its presence marks a complete extraction.
 
-The shards are then merged, streaming, into ``<run>/features/{faces,physio,audio}.parquet``: a sample is
-written only if every modality it needs succeeded, so the tables align on ``sample_id`` (manifest order).
-Tables are written under temp names and renamed at the end; ``extract_report.json`` is removed at the start
-and written last, so its presence marks a complete extraction.
-
-For the bring-your-own ``table`` data set, ``cfg.data.root`` is a Parquet file whose modality columns hold
-one numeric vector per row; each becomes ``<column>.parquet`` with a ``vector`` float32 (D,) tensor, with the
-same validation and report, without shards.
+For the bring-your-own ``table`` data set each modality column of the Parquet file becomes
+``<column>.parquet`` with a ``vector`` float32 (D,) tensor, with the same validation and report, without shards.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -51,14 +44,23 @@ from pkdot.features.schema import (
     ROW_GROUP_SIZE,
     VECTOR_SCHEMA,
     encode_tensor,
-    feature_path,
     write_table_atomic,
 )
 from pkdot.progress import report as report_progress
+from pkdot import rundir
+from pkdot.rundir import (
+    RunDir,
+    atomic_path,
+    atomic_write_json,
+    file_identity,
+    hash_json,
+    remove_temp_files,
+    source_hash,
+)
+from pkdot.tables import is_vector_type, modal_length, vector_lengths, vector_problem
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "extract_report.json"
 SHARD_META_KEY = "pkdot_shard"
 EXTRACTED_MODALITIES = ("video", "physio", "audio")
 MODALITY_SCHEMA: dict[str, pa.Schema] = {
@@ -136,6 +138,7 @@ class _ShardSummary:
     quality: dict[str, dict[str, Any]] = field(default_factory=dict)
     audio_padded_s: dict[str, float] = field(default_factory=dict)
     silent: list[str] = field(default_factory=list)
+    durations: dict[str, tuple[str, float]] = field(default_factory=dict)  # sample -> (recording, seconds)
     peak_rss_mb: float = 0.0  # peak resident memory of the process that extracted the shard
 
     def to_json(self) -> str:
@@ -147,16 +150,12 @@ class _ShardSummary:
 
 
 # ---- planning -----------------------------------------------------------------------------------------------
-def _is_null(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or v is pd.NaT
-
-
 def _opt_int(v: Any) -> int | None:
-    return None if _is_null(v) else int(v)
+    return None if pd.isna(v) else int(v)
 
 
 def _opt_str(v: Any) -> str | None:
-    return None if _is_null(v) or str(v) == "" else str(v)
+    return None if pd.isna(v) or str(v) == "" else str(v)
 
 
 def _opt_path(v: Any) -> str | None:
@@ -165,47 +164,31 @@ def _opt_path(v: Any) -> str | None:
     return None if text is None else str(Path(text).expanduser().absolute())
 
 
-def _file_stamp(path: str | None) -> list[int] | None:
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dict[str, Any]:
-    from pkdot.fingerprint import source_hash
-
     dump = features.model_dump(mode="json")
     settings = {k: dump[k] for k in MODALITY_SETTINGS[modality]}
     settings["version"] = MODALITY_VERSION[modality]
     # The extractor's code: editing it re-extracts that modality's shards (not the others').
-    settings["code"] = source_hash(MODALITY_CODE[modality])
+    package = rundir.PACKAGE_DIR  # read at call time (tests point it at an edited copy)
+    settings["code"] = source_hash([package / f for f in MODALITY_CODE[modality]], package)
     if modality == "physio":
         settings["physio_channels"] = physio_features.resolve_channels(features, part)
     if modality == "video" and features.detector == "yunet":
-        settings["yunet_stamp"] = _file_stamp(str(features.yunet_model))
+        settings["yunet_stamp"] = file_identity(features.yunet_model)
     return settings
 
 
 def shard_key(modality: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     """Hash of a shard: its rows (with the identity of every recording they name) and the settings.
 
-    A recording's identity is :func:`pkdot.fingerprint.file_identity` (content hash of a small file, size +
-    mtime of a large one), the same one the manifest's fingerprint uses.
+    A recording's identity is :func:`pkdot.rundir.file_identity` (content hash of a small file, size + mtime
+    of a large one), the same one the manifest's fingerprint uses.
     """
-    from pkdot.fingerprint import file_identity
-
     stamped = []
     for row in rows:
         stamps = {c: file_identity(row[c]) for c in ("video_path", "physio_path", "audio_path") if c in row}
         stamped.append({**row, "stamps": stamps})
-    payload = json.dumps(
-        {"modality": modality, "settings": settings, "rows": stamped}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return hash_json({"modality": modality, "settings": settings, "rows": stamped})
 
 
 def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[ShardJob]:
@@ -216,7 +199,7 @@ def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[S
     jobs: list[ShardJob] = []
     for modality in cfg.data.modalities:
         settings = _modality_settings(features, modality, cfg.data.part)
-        out_dir = run_dir / "features" / "shards" / modality
+        out_dir = RunDir(run_dir).shards(modality)
         for index, first in enumerate(range(0, len(records), size)):
             rows = []
             for rec in records[first : first + size]:
@@ -309,6 +292,8 @@ def _extract_faces_rows(job: ShardJob, features: FeatureConfig, summary: _ShardS
             summary.detected_frames += int(clip.detected.sum())
             if clip.lost_frames:
                 summary.lost_frames[clip.sample_id] = clip.lost_frames
+            if clip.video_seconds is not None:
+                summary.durations[clip.sample_id] = (path, clip.video_seconds)
             results[clip.sample_id] = {
                 "sample_id": clip.sample_id,
                 **encode_tensor("frames", clip.frames),
@@ -334,6 +319,8 @@ def _extract_physio_rows(job: ShardJob, features: FeatureConfig, summary: _Shard
             _quarantine(summary, sid, outcome.reason or "unknown physio failure")
             continue
         f = outcome.features
+        if outcome.seconds is not None:
+            summary.durations[sid] = (row["physio_path"], outcome.seconds)
         results[sid] = {
             "sample_id": sid,
             **encode_tensor("window", f.window),
@@ -410,15 +397,6 @@ def _validate(cfg: RunConfig, manifest: pd.DataFrame) -> None:
         physio_features.check_settings(cfg.features, cfg.data.part)
 
 
-def _sweep_temp_files(features_dir: Path) -> None:
-    """Remove temp files a killed run left behind (``.<name>.tmp-<pid>``)."""
-    if not features_dir.is_dir():
-        return
-    for tmp in features_dir.rglob(".*.tmp-*"):
-        logger.info("removing the leftover temp file %s", tmp)
-        tmp.unlink(missing_ok=True)
-
-
 def _existing_summary(job: ShardJob) -> dict[str, Any] | None:
     if not job.path.is_file():
         return None
@@ -482,34 +460,20 @@ def _run_jobs(
             return summaries
         import ray
 
+        from pkdot.scheduler import run_bounded
+
         remote = ray.remote(num_cpus=1)(extract_shard)
         features_ref = ray.put(cfg.features)
-        queue = list(todo)
-        in_flight: dict[Any, ShardJob] = {}
-        while queue or in_flight:
-            while queue and len(in_flight) < workers:
-                job = queue.pop(0)
-                in_flight[remote.remote(job, features_ref)] = job
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in ready:
-                job = in_flight.pop(ref)
-                try:
-                    summary = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    from pkdot.errors import InfrastructureError
-                    from pkdot.ray_utils import is_infrastructure_error
-
-                    for other in in_flight:
-                        ray.cancel(other)
-                    where = f"extraction of {job.modality} shard {job.index} ({job.path.name})"
-                    # A worker crashed or was OOM-killed, a node died: retried by the flow, not bad input.
-                    if is_infrastructure_error(exc):
-                        raise InfrastructureError(
-                            f"{where}: Ray infrastructure failure ({type(exc).__name__}); the shards written "
-                            f"so far are kept, re-run to resume: {exc}"
-                        ) from exc
-                    raise FeatureError(f"{where} failed: {exc}") from exc
-                finished(job, summary)
+        run_bounded(
+            todo,
+            lambda job: remote.remote(job, features_ref),
+            limit=workers,
+            what="extraction",
+            describe=lambda job: f"extraction of {job.modality} shard {job.index} ({job.path.name})",
+            error=FeatureError,
+            drain=False,
+            on_result=finished,
+        )
     return summaries
 
 
@@ -572,12 +536,6 @@ def _audio_frames(jobs: list[ShardJob], keep: set[str]) -> int | None:
     return longest
 
 
-def _write_report(path: Path, report: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
-
-
 def run_extract(
     cfg: RunConfig,
     manifest: pd.DataFrame,
@@ -607,11 +565,11 @@ def run_extract(
     the report) when no sample has every modality.
     """
     run_dir = Path(run_dir).resolve()  # Ray workers may run in another directory
-    features_dir = run_dir / "features"
-    features_dir.mkdir(parents=True, exist_ok=True)
-    report_path = features_dir / REPORT_NAME
+    rd = RunDir(run_dir)
+    rd.features.mkdir(parents=True, exist_ok=True)
+    report_path = rd.extract_report
     report_path.unlink(missing_ok=True)
-    _sweep_temp_files(features_dir)
+    remove_temp_files(rd.features)
     if cfg.data.dataset == "table":
         return _run_table(cfg, manifest, run_dir, progress)
     t_start = time.perf_counter()
@@ -635,6 +593,7 @@ def run_extract(
 
             ray.shutdown()
     t_extracted = time.perf_counter()
+    _check_durations(cfg, summaries)
 
     modalities = list(cfg.data.modalities)
     ok: dict[str, set[str]] = {m: set() for m in modalities}
@@ -656,24 +615,17 @@ def run_extract(
         )
     if not keep:
         report["time_s"] = {"total": round(time.perf_counter() - t_start, 3)}
-        _write_report(report_path, report)
+        atomic_write_json(report_path, report, indent=2)
         raise FeatureError(
             f"extraction wrote no sample: none of the {len(order)} samples has every modality {modalities} "
             f"(see {report_path}; first reasons: {[q['reason'] for q in report['quarantined'][:3]]})"
         )
     audio_frames = _audio_frames(jobs, keep_set) if "audio" in modalities else None
-    temps: dict[str, Path] = {}
-    try:
+    with contextlib.ExitStack() as tables:  # every table is renamed into place only when all are merged
         for modality in modalities:
-            final = feature_path(run_dir, modality)
-            temps[modality] = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            _merge(jobs, modality, keep_set, temps[modality], audio_frames)
-        for modality, tmp in temps.items():
-            tmp.replace(feature_path(run_dir, modality))
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-    _remove_stale_shards(features_dir / "shards", jobs)
+            tmp = tables.enter_context(atomic_path(rd.feature_table(modality)))
+            _merge(jobs, modality, keep_set, tmp, audio_frames)
+    _remove_stale_shards(rd.shards(), jobs)
     if audio_frames is not None:
         report["audio"]["frames"] = audio_frames
     per_modality_time: dict[str, float] = defaultdict(float)
@@ -686,8 +638,8 @@ def run_extract(
         "merge": round(time.perf_counter() - t_extracted, 3),
         "total": round(time.perf_counter() - t_start, 3),
     }
-    report["tables"] = {m: str(feature_path(run_dir, m)) for m in modalities}
-    _write_report(report_path, report)
+    report["tables"] = {m: str(rd.feature_table(m)) for m in modalities}
+    atomic_write_json(report_path, report, indent=2)
     logger.info(
         "extract: wrote %d of %d samples (%d quarantined), face detection rate %s, shards done %d / skipped %d",
         len(keep),
@@ -698,6 +650,40 @@ def run_extract(
         report["shards_skipped"],
     )
     return report
+
+
+def _check_durations(cfg: RunConfig, summaries: list[dict[str, Any]]) -> None:
+    """Quarantine (in the summaries) the samples whose recordings are much shorter than the sample's window
+    (Biovid: ``features.biovid_window_s``) or whose video and biosignal file disagree in duration by more than
+    ``features.duration_tolerance_s``. Runs on the driver, so a new tolerance re-extracts nothing."""
+    tolerance = cfg.features.duration_tolerance_s
+    window = cfg.features.biovid_window_s if cfg.data.dataset == "biovid" else None
+    found: dict[str, dict[str, tuple[dict[str, Any], str, float]]] = defaultdict(dict)
+    for s in summaries:
+        for sid, (path, seconds) in s.get("durations", {}).items():
+            if sid in s["ok"]:
+                found[sid][s["modality"]] = (s, path, seconds)
+    noun = {"video": "video", "physio": "biosignal file"}
+    for sid, recordings in found.items():
+        problems: dict[str, str] = {}
+        for modality, (_, path, seconds) in recordings.items():
+            if window is not None and seconds < window - tolerance:
+                problems[modality] = (
+                    f"{noun[modality]} {path} lasts {seconds:.3g} s, shorter than the sample's {window:g} s "
+                    f"window (features.biovid_window_s; features.duration_tolerance_s {tolerance:g} s)"
+                )
+        if not problems and {"video", "physio"} <= recordings.keys():
+            (_, video, v_s), (_, bio, b_s) = recordings["video"], recordings["physio"]
+            if abs(v_s - b_s) > tolerance:
+                problems["video"] = (
+                    f"video {video} lasts {v_s:.3g} s but biosignal file {bio} lasts {b_s:.3g} s "
+                    f"(they differ by more than features.duration_tolerance_s {tolerance:g} s)"
+                )
+        for modality, reason in problems.items():
+            summary = recordings[modality][0]
+            summary["ok"].remove(sid)
+            summary["quarantined"].append({"sample_id": sid, "modality": modality, "reason": reason})
+            logger.warning("quarantined %s (%s): %s", sid, modality, reason)
 
 
 def _build_report(
@@ -782,23 +768,6 @@ def _remove_stale_shards(shards_dir: Path, jobs: list[ShardJob]) -> None:
 
 
 # ---- bring-your-own feature table ---------------------------------------------------------------------------
-def _vector_column_ok(field_type: pa.DataType) -> bool:
-    if (
-        pa.types.is_list(field_type)
-        or pa.types.is_large_list(field_type)
-        or pa.types.is_fixed_size_list(field_type)
-    ):
-        inner = field_type.value_type
-        return pa.types.is_integer(inner) or pa.types.is_floating(inner)
-    return pa.types.is_integer(field_type) or pa.types.is_floating(field_type)
-
-
-def _as_vector(value: Any) -> np.ndarray | None:
-    if value is None:
-        return None
-    return np.atleast_1d(np.asarray(value, dtype=np.float64))
-
-
 def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: bool) -> dict:
     """Bring-your-own table: validate each modality column's vectors and write ``<column>.parquet``."""
     t_start = time.perf_counter()
@@ -818,47 +787,30 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
     for m in modalities:
         if m not in schema.names:
             raise DatasetError(f"{root}: no column {m!r} for modality {m!r} (columns: {schema.names})")
-        if not _vector_column_ok(schema.field(m).type):
+        if not is_vector_type(schema.field(m).type):
             raise DatasetError(
                 f"{root}: column {m!r} has type {schema.field(m).type}; expected a list of numbers per row"
             )
     order = manifest["sample_id"].astype(str).tolist()
-    wanted = set(order)
-    seen: set[str] = set()
-    lengths: dict[str, dict[str, int]] = {m: {} for m in modalities}
-    reasons: dict[str, dict[str, str]] = {m: {} for m in modalities}
-    for batch in pf.iter_batches(batch_size=ROW_GROUP_SIZE * 16, columns=["sample_id", *modalities]):
-        d = batch.to_pydict()
-        for i, sid in enumerate(map(str, d["sample_id"])):
-            if sid not in wanted:
-                continue
-            if sid in seen:
-                raise DatasetError(f"{root}: sample_id {sid!r} appears more than once")
-            seen.add(sid)
-            for m in modalities:
-                v = _as_vector(d[m][i])
-                if v is None or v.size == 0:
-                    reasons[m][sid] = f"{root}: column {m!r} is empty for this sample"
-                elif not np.isfinite(v).all():
-                    reasons[m][sid] = (
-                        f"{root}: column {m!r} has {int((~np.isfinite(v)).sum())} non-finite values"
-                    )
-                else:
-                    lengths[m][sid] = v.size
+    ids = [str(s) for s in pf.read(columns=["sample_id"]).column("sample_id").to_pylist()]
+    row_of: dict[str, int] = {}
+    for i, sid in enumerate(ids):
+        if sid in row_of:
+            raise DatasetError(f"{root}: sample_id {sid!r} appears more than once")
+        row_of[sid] = i
+    at = np.array([row_of.get(sid, -1) for sid in order])
     dims: dict[str, int] = {}
+    reasons: dict[str, dict[str, str]] = {m: {} for m in modalities}
     for m in modalities:
-        if lengths[m]:
-            values, counts = np.unique(list(lengths[m].values()), return_counts=True)
-            dims[m] = int(values[np.argmax(counts)])
-            for sid, n in lengths[m].items():
-                if n != dims[m]:
-                    reasons[m][sid] = (
-                        f"{root}: column {m!r} has {n} values for this sample, expected {dims[m]}"
-                    )
-        for sid in order:
-            if sid not in seen:
-                reasons[m][sid] = f"{root}: sample not in the table"
-    ok = {m: {sid for sid in lengths[m] if sid not in reasons[m]} for m in modalities}
+        lengths, nonfinite = vector_lengths(pf.read(columns=[m]).column(m))
+        dims[m] = modal_length(root, m, lengths[at[at >= 0]])
+        for sid, i in zip(order, at, strict=True):
+            problem = (
+                "sample not in the table" if i < 0 else vector_problem(lengths[i], nonfinite[i], dims[m])
+            )
+            if problem:
+                reasons[m][sid] = f"{root}: column {m!r}: {problem}"
+    ok = {m: {sid for sid in order if sid not in reasons[m]} for m in modalities}
     keep = [sid for sid in order if all(sid in ok[m] for m in modalities)]
     keep_set = set(keep)
     summaries = [
@@ -874,38 +826,34 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
     report.update(
         {"shards_total": 0, "shards_done": 0, "shards_skipped": 0, "shards": {}, "vector_dims": dims}
     )
-    report_path = run_dir / "features" / REPORT_NAME
+    rd = RunDir(run_dir)
+    report_path = rd.extract_report
     if not keep:
-        _write_report(report_path, report)
+        atomic_write_json(report_path, report, indent=2)
         raise FeatureError(
             f"table {root}: no sample has valid vectors for every modality {modalities} (see {report_path})"
         )
-    temps = {m: feature_path(run_dir, m).with_name(f".{m}.parquet.tmp-{os.getpid()}") for m in modalities}
-    writers = {m: pq.ParquetWriter(temps[m], VECTOR_SCHEMA) for m in modalities}
-    try:
+    with contextlib.ExitStack() as tables:  # each writer is closed before its table is renamed into place
+        writers = {
+            m: tables.enter_context(
+                pq.ParquetWriter(tables.enter_context(atomic_path(rd.feature_table(m))), VECTOR_SCHEMA)
+            )
+            for m in modalities
+        }
         for batch in pf.iter_batches(batch_size=ROW_GROUP_SIZE, columns=["sample_id", *modalities]):
             d = batch.to_pydict()
             rows: dict[str, list[dict]] = {m: [] for m in modalities}
             for i, sid in enumerate(map(str, d["sample_id"])):
                 if sid in keep_set:
                     for m in modalities:
-                        vector = np.asarray(_as_vector(d[m][i]), dtype=np.float32)
+                        vector = np.asarray(d[m][i], dtype=np.float32)
                         rows[m].append({"sample_id": sid, **encode_tensor("vector", vector)})
             for m in modalities:
                 if rows[m]:
                     writers[m].write_table(
                         pa.Table.from_pylist(rows[m], schema=VECTOR_SCHEMA), row_group_size=ROW_GROUP_SIZE
                     )
-        for w in writers.values():
-            w.close()
-        for m in modalities:
-            temps[m].replace(feature_path(run_dir, m))
-    finally:
-        for w in writers.values():
-            w.close()
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
     report["time_s"] = {"total": round(time.perf_counter() - t_start, 3)}
-    report["tables"] = {m: str(feature_path(run_dir, m)) for m in modalities}
-    _write_report(report_path, report)
+    report["tables"] = {m: str(rd.feature_table(m)) for m in modalities}
+    atomic_write_json(report_path, report, indent=2)
     return report

@@ -1,41 +1,20 @@
 """Face crops from video clips or face-crop folders: decode, sample TSN-style, detect, track, crop, resize.
 
-For each clip (a whole Biovid sample video, or an Aff-Wild2 window ``start_frame .. start_frame+num_frames``)
-``T = n_frames`` frames are sampled, one in the middle of each of ``T`` equal segments (TSN).
+Each clip (a Biovid sample video, or an Aff-Wild2 window) gives ``T = n_frames`` frames, the middle one of each
+of ``T`` equal segments (TSN). Only those frames are decoded: a demux pass lists timestamps and key frames, and
+the decoder seeks to the key frame before a needed frame when that saves decoding (:func:`decode_frames`).
 
-**Decoding.** Only the sampled frames are needed: a demux pass (no decoding) lists the packets' timestamps
-and key frames; for each needed frame the decoder seeks to the key frame before it unless the frames in
-between are fewer than the ones already decoded would cost (so a frame is never decoded twice), and frames
-are numbered by the rank of their presentation timestamp. Files without timestamps are decoded from the start.
+Detection (Haar cascade, or YuNet with an ONNX file) runs on the frame downscaled so that a face of
+``features.min_face_px`` source pixels spans the detector's smallest face (:data:`DETECTOR_MIN_PX`). The whole
+frame is searched on the first frame and whenever the face is lost; then the face is tracked: every
+``detect_every``-th frame the detector runs in a window around the last box, and in between the box follows the
+face by template matching. Frames without a face reuse the nearest found box (counted as *lost*); boxes are
+smoothed by an EMA (``box_smoothing``), enlarged by ``face_margin`` per side, made square (black outside the
+frame) and resized to ``crop_size``. For an Aff-Wild2 ``<video>_left`` / ``_right`` annotation the face in that
+half of the frame is kept (:func:`face_side`).
 
-**Detection.** The detector (OpenCV Haar cascade, or YuNet ``cv2.FaceDetectorYN`` with an ONNX model file)
-runs on the frame downscaled by ``s = min(1, m / min_face_px)`` where ``m`` is the detector's smallest face
-(:data:`DETECTOR_MIN_PX`), so a face of ``features.min_face_px`` *source* pixels is still found whatever the
-frame size (``features.detect_width`` optionally caps the detection width). It searches the whole frame on a
-clip's first sampled frame (and whenever the face is lost); then the face is *tracked*: on every
-``detect_every``-th sampled frame the detector runs only in a window of 2.5 box widths around the last box,
-downscaled so that the face is ~1.7 x ``m`` pixels wide; on the frames in between the box follows the face
-by template matching (normalised cross-correlation of the last face patch, ~32 px wide, in that window),
-which costs a fraction of a millisecond. A weak match falls back to the local search, a failed local search
-to the whole frame. ``detected`` marks the sampled frames where the face was located (found or tracked).
-Among several faces, the one nearest the tracked box is kept; without a tracked box, the largest, or for an
-Aff-Wild2 two-person annotation ``<video>_left`` / ``<video>_right`` (see :func:`face_side`), the largest
-whose centre lies in that half of the frame.
-
-**Tracking and cropping.** Frames where no face is found reuse the box of the nearest frame (in time) where
-it was found, and are counted as *lost*. The box sequence ``b_t = (x, y, w, h)`` is then smoothed with an
-exponential moving average
-
-    s_0 = b_0,    s_t = a * s_{t-1} + (1 - a) * b_t,    a = ``box_smoothing``,
-
-enlarged by ``face_margin`` of its size on every side, made square (side ``max(w, h) * (1 + 2 * margin)``
-around the box centre; pixels outside the frame are black) and resized to ``crop_size``. One video is decoded
-once for all its clips in a shard; only the sampled frames of clips not yet finished are held in memory.
-
-**Face-crop folders** (:func:`extract_folder_clips`): a folder of already cropped (and aligned) faces named by
-1-based frame number (Aff-Wild2 ``cropped_aligned/<video>/<frame:05d>.jpg``). No detection: the sampled
-frame ``i`` (0-based) is file number ``i + 1``; a missing file is a frame where no face was found (it reuses
-the nearest present frame, counted as lost); each image is resized to ``crop_size``.
+Face-crop folders (:func:`extract_folder_clips`, e.g. Aff-Wild2 ``cropped_aligned/<video>/<frame:05d>.jpg``):
+no detection; sampled frame ``i`` is file ``i + 1``, a missing file is a frame without a face.
 """
 
 from __future__ import annotations
@@ -58,9 +37,7 @@ from pkdot.errors import ConfigError, FeatureError
 logger = logging.getLogger(__name__)
 
 #: Bumped when the face pipeline changes in a way that changes its output (invalidates cached shards).
-FACES_VERSION = 2
-#: Seek to the key frame before a needed frame (False: decode every frame from the start; for tests).
-SEEK = True
+FACES_VERSION = 3
 #: PyAV decoder threading (``"AUTO"``: frame and slice threads where the codec has them).
 DECODE_THREAD_TYPE = "AUTO"
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
@@ -73,6 +50,10 @@ TRACK_PAD = 0.75
 TRACK_MIN_SCALE, TRACK_MAX_SCALE = 0.6, 1.6
 #: Template tracking: the face patch is matched at this width (pixels), and a match needs this correlation.
 TEMPLATE_PX, TEMPLATE_MIN_SCORE = 32, 0.6
+#: A clip is *blank* when every sampled frame's grey levels have a standard deviation below ``BLANK_SD``, and
+#: *frozen* when every sampled frame differs from the first by less than ``FROZEN_DIFF`` grey levels on average
+#: (a re-encoded still image differs by ~0.02; a face moving 3 px between samples by ~20).
+BLANK_SD, FROZEN_DIFF = 2.0, 0.5
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _SIDE = re.compile(r"_(left|right)$")
 
@@ -188,6 +169,7 @@ class FaceClip:
     boxes : float32 array (T, 4), the smoothed face boxes (x, y, w, h) in source pixels.
     detected : bool array (T,), whether the detector found the face on each sampled frame.
     frame_indices : int array (T,), the sampled frame numbers in the video.
+    video_seconds : duration of the whole video (frames / frame rate); None for a face-crop folder.
     """
 
     sample_id: str
@@ -195,6 +177,7 @@ class FaceClip:
     boxes: np.ndarray
     detected: np.ndarray
     frame_indices: np.ndarray
+    video_seconds: float | None = None
 
     @property
     def face_found(self) -> float:
@@ -235,6 +218,29 @@ def sample_indices(num_frames: int, n_frames: int, start: int = 0) -> np.ndarray
     return start + np.minimum(offsets, num_frames - 1)
 
 
+def frames_problem(grey: Sequence[np.ndarray], indices: np.ndarray) -> str | None:
+    """Why a clip's sampled grey frames hold no usable face: ``"blank: ..."``, ``"frozen: ..."`` or None.
+
+    See :data:`BLANK_SD` and :data:`FROZEN_DIFF`; frames are compared on every 4th pixel (cheap).
+    """
+    small = [np.asarray(g)[::4, ::4].astype(np.float32) for g in grey]
+    spread = max(float(g.std()) for g in small)
+    if spread < BLANK_SD:
+        return (
+            f"blank: every one of the {len(small)} sampled frames is one flat colour "
+            f"(grey-level sd {spread:.2g} < {BLANK_SD})"
+        )
+    distinct = sorted(set(np.asarray(indices).tolist()))
+    if len(distinct) > 1:
+        change = max(float(np.abs(g - small[0]).mean()) for g in small[1:])
+        if change < FROZEN_DIFF:
+            return (
+                f"frozen: the {len(distinct)} sampled frames {distinct[0]}..{distinct[-1]} are identical "
+                f"(mean grey-level change {change:.2g} < {FROZEN_DIFF})"
+            )
+    return None
+
+
 def face_side(sample_id: str, source: str | Path) -> str | None:
     """The person of a two-person Aff-Wild2 clip: ``"left"``, ``"right"`` or None.
 
@@ -257,8 +263,8 @@ class FaceDetector:
     """Face detector on frames downscaled so that a ``min_face_px``-wide face spans the detector's minimum.
 
     ``detect_all(rgb)`` returns every face box ``(K, 4)`` (x, y, w, h) in source pixels; ``detect_near(rgb,
-    box)`` searches only around ``box`` (tracking); ``match_near`` follows a face patch by template matching; ``detect(rgb)`` returns the
-    largest box or None. ``full_searches`` / ``local_searches`` / ``template_tracks`` count the calls.
+    box)`` searches only around ``box`` (tracking); ``match_near`` follows a face patch by template matching;
+    ``detect(rgb)`` returns the largest box or None. ``full_searches`` / ``local_searches`` / ``template_tracks`` count the calls.
     """
 
     def __init__(self, features: FeatureConfig) -> None:
@@ -580,8 +586,11 @@ def faces_from_frames(
     """Detect, track and crop the face on a clip's sampled RGB frames (each (H, W, 3) uint8).
 
     ``source`` names the clip (its video) in the failure reason; ``side`` picks the person of a two-person
-    video (see :func:`choose_face`).
+    video (see :func:`choose_face`). A blank or frozen clip (:func:`frames_problem`) fails before detection.
     """
+    problem = frames_problem([image_gray(f, 0, 0, f.shape[1], f.shape[0]) for f in frames], indices)
+    if problem is not None:
+        return ClipFailure(sample_id, f"{source} is {problem}", sampled_frames=len(frames))
     detections = track_faces(frames, detector, side, features.detect_every)
     if all(d is None for d in detections):
         width = frames[0].shape[1] if len(frames) else 0
@@ -603,13 +612,20 @@ def faces_from_frames(
 
 
 # ---- decoding ----------------------------------------------------------------------------------------------
-def _video_frame_count(path: Path) -> int:
-    """Frames in the first video stream: container metadata, else a demux-only count of packets."""
+def video_length(path: Path) -> tuple[int, float | None]:
+    """Frames in the first video stream (container metadata, else a demux-only count of packets) and its
+    frame rate (None when the container gives none)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
         if stream.frames and stream.frames > 0:
-            return int(stream.frames)
-        return sum(1 for p in container.demux(stream) if p.size > 0)
+            return int(stream.frames), fps
+        return sum(1 for p in container.demux(stream) if p.size > 0), fps
+
+
+def _video_frame_count(path: Path) -> int:
+    return video_length(path)[0]
 
 
 def extract_video_clips(
@@ -627,7 +643,7 @@ def extract_video_clips(
     path = Path(video_path)
     detector = detector or FaceDetector(features)
     try:
-        pending, total = _plan_clips(path, clips, features.n_frames)
+        pending, total, fps = _plan_clips(path, clips, features.n_frames)
     except (av.FFmpegError, OSError, IndexError) as exc:
         reason = _media_reason(path, exc)
         for clip in clips:
@@ -651,7 +667,7 @@ def extract_video_clips(
                 p.frames[index] = rgb
                 if len(p.frames) == len(set(p.indices.tolist())):
                     todo.remove(p)
-                    yield faces_from_frames(
+                    clip = faces_from_frames(
                         p.request.sample_id,
                         [p.frames[i] for i in p.indices],
                         p.indices,
@@ -660,6 +676,9 @@ def extract_video_clips(
                         f"video {path}",
                         p.request.side,
                     )
+                    if isinstance(clip, FaceClip) and fps:
+                        clip.video_seconds = total / fps
+                    yield clip
                     p.frames.clear()
     except (av.FFmpegError, OSError) as exc:
         error = f"{_media_reason(path, exc)} (after frame {decoded})"
@@ -673,10 +692,10 @@ def extract_video_clips(
 
 def _plan_clips(
     path: Path, clips: Sequence[ClipRequest], n_frames: int
-) -> tuple[list[_PendingClip | ClipFailure], int]:
+) -> tuple[list[_PendingClip | ClipFailure], int, float | None]:
     if not path.is_file():
         raise FileNotFoundError(f"video {path} does not exist")
-    total = _video_frame_count(path)
+    total, fps = video_length(path)
     plans: list[_PendingClip | ClipFailure] = []
     for clip in clips:
         length = total - clip.start if clip.length is None else clip.length
@@ -696,7 +715,7 @@ def _plan_clips(
             )
             continue
         plans.append(_PendingClip(clip, sample_indices(length, n_frames, clip.start)))
-    return plans, total
+    return plans, total, fps
 
 
 @dataclass
@@ -740,7 +759,7 @@ def decode_frames(path: str | Path, needed: Sequence[int]) -> Iterator[tuple[int
     the demux pass promised, it decodes from the start. Frames past the end are not yielded.
     """
     needed = sorted(set(int(i) for i in needed))
-    table = frame_table(path) if SEEK else None
+    table = frame_table(path)
     done: set[int] = set()
     if table is not None:
         try:

@@ -1,30 +1,17 @@
 """Physiological windows of Biovid samples: read, check quality, filter, cut, spectrogram, descriptors.
 
-A Biovid ``<sample>_bio.csv`` has a ``time`` column (integer timestamps; the unit is inferred from the step:
-microseconds in Biovid, milliseconds or seconds are accepted) and the channels ``gsr`` (EDA), ``ecg``,
-``emg_trapezius`` (part A) plus ``emg_corrugator`` and ``emg_zygomaticus`` (part B).
-
-Per sample:
-
-1. the sampling rate ``fs = 1 / median(diff(time))`` must be within 2 % of ``features.physio_fs``;
-2. per channel, NaN runs, flat lines and clipping (many samples at the channel's min/max) are measured; NaN
-   runs up to ``max_nan_gap_s`` are linearly interpolated, longer ones or a flat channel quarantine the sample;
-3. zero-phase Butterworth filters (``scipy.signal.sosfiltfilt``, order 4) over the whole recording: EDA
-   low-pass 2 Hz, ECG band-pass 0.5-40 Hz, EMG band-pass 20-250 Hz (capped at 0.9 x Nyquist);
-4. the window ``physio_window = (t0, t1)`` seconds, ``L = round((t1 - t0) * physio_fs)`` samples, is cut;
-   ``window`` (C, L) is each channel z-scored, ``spectrogram`` (C, F, T) is ``log(S + 1e-10)`` of
-   ``scipy.signal.spectrogram`` of the z-scored window (``F = nfft // 2 + 1``,
-   ``T = (L - noverlap) // (nperseg - noverlap)``);
-5. descriptors on the filtered (not z-scored) window: ``eda_level`` (mean EDA), ``eda_slope`` (least-squares
-   slope of EDA per second), ``heart_rate`` (beats per minute, ``60 / median(RR)`` from R peaks found with
-   ``scipy.signal.find_peaks``), ``emg_rms`` (mean over EMG channels of the RMS). A descriptor whose channel
-   is not among the selected channels, or with fewer than two R peaks, is NaN.
+A ``<sample>_bio.csv`` has a ``time`` column (unit inferred from the step: us, ms or s) and the channels
+``gsr``, ``ecg``, ``emg_trapezius`` (+ ``emg_corrugator``, ``emg_zygomaticus`` in part B). Per sample: the rate
+must be within 2 % of ``features.physio_fs``; NaN runs up to ``max_nan_gap_s`` are interpolated, longer ones or
+a flat channel quarantine the sample (clipping and flat stretches are flagged); zero-phase Butterworth filters
+(EDA low-pass 2 Hz, ECG 0.5-40 Hz, EMG 20-250 Hz); the ``physio_window`` is cut, z-scored per channel
+(``window`` (C, L)) and turned into ``spectrogram`` (C, F, T) = ``log(S + 1e-10)``; descriptors ``eda_level``,
+``eda_slope``, ``heart_rate`` (R peaks), ``emg_rms`` come from the filtered window (NaN without the channel).
 """
 
 from __future__ import annotations
 
-import csv
-import logging
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +22,7 @@ from scipy import signal
 
 from pkdot.config import FeatureConfig
 from pkdot.errors import ConfigError, FeatureError
-
-logger = logging.getLogger(__name__)
+from pkdot.tables import sniff_delimiter
 
 #: Bumped when the physio pipeline changes its output (invalidates cached shards).
 PHYSIO_VERSION = 1
@@ -86,16 +72,12 @@ class ChannelQuality:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "flags": self.flags,
-            "nan_runs": self.nan_runs,
-            "longest_nan_run_s": round(self.longest_nan_run_s, 4),
-            "nan_fraction": round(self.nan_fraction, 6),
-            "interpolated": self.interpolated,
-            "flat": self.flat,
-            "longest_flat_run_s": round(self.longest_flat_run_s, 4),
-            "clipped_fraction": round(self.clipped_fraction, 6),
+        """The flags and every field (fractions rounded to 6 decimals, seconds to 4)."""
+        fields = {
+            k: round(v, 6 if k.endswith("fraction") else 4) if isinstance(v, float) else v
+            for k, v in dataclasses.asdict(self).items()
         }
+        return {"flags": self.flags, **fields}
 
 
 @dataclass
@@ -121,6 +103,7 @@ class PhysioOutcome:
     reason: str | None = None
     quality: dict[str, ChannelQuality] = field(default_factory=dict)
     fs: float | None = None
+    seconds: float | None = None  # the recording's duration: rows / rate
 
 
 def resolve_channels(features: FeatureConfig, part: str) -> list[str]:
@@ -169,16 +152,12 @@ def detect_delimiter(path: Path) -> str:
         raise FeatureError(f"biosignal file {path} is not a text CSV ({exc})") from exc
     if not header.strip():
         raise FeatureError(f"biosignal file {path} is empty (expected a header line 'time gsr ecg ...')")
-    try:
-        return csv.Sniffer().sniff(header, delimiters="\t,; ").delimiter
-    except csv.Error:
-        counts = {d: header.count(d) for d in ("\t", ",", ";")}
-        best = max(counts, key=lambda d: counts[d])
-        if counts[best] == 0:
-            raise FeatureError(
-                f"biosignal file {path}: cannot tell the delimiter of the header {header.strip()!r}"
-            ) from None
-        return best
+    delimiter = sniff_delimiter(header, "\t,; ")
+    if delimiter is None:
+        raise FeatureError(
+            f"biosignal file {path}: cannot tell the delimiter of the header {header.strip()!r}"
+        )
+    return delimiter
 
 
 def read_biosignals(path: str | Path) -> pd.DataFrame:
@@ -358,6 +337,7 @@ def extract_physio(
         return outcome
     time_s = frame["time"].to_numpy(dtype=np.float64)
     time_s = (time_s - time_s[0]) * infer_time_unit(float(np.median(np.diff(time_s))))[1]
+    outcome.seconds = len(time_s) / outcome.fs
 
     signals: dict[str, np.ndarray] = {}
     problems: list[str] = []

@@ -18,7 +18,6 @@ Tables and their tensor columns (``T`` frames, ``C`` channels, ``F`` frequencies
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pkdot.errors import FeatureError
+from pkdot.rundir import atomic_path
 
 #: Default tensor column the models read for each extracted modality.
 DEFAULT_TENSOR: dict[str, str] = {"video": "frames", "physio": "spectrogram", "audio": "logmel"}
@@ -66,15 +66,6 @@ PHYSIO_SCHEMA = pa.schema(
 AUDIO_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), *tensor_fields("logmel")])
 VECTOR_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), *tensor_fields("vector")])
 
-SCHEMAS: dict[str, pa.Schema] = {"faces": FACES_SCHEMA, "physio": PHYSIO_SCHEMA, "audio": AUDIO_SCHEMA}
-
-
-def feature_path(run_dir: str | Path, modality: str) -> Path:
-    """``<run>/features/<file>.parquet`` for a modality (video -> faces.parquet; table columns by name)."""
-    from pkdot.config import MODALITY_FILES
-
-    return Path(run_dir) / "features" / f"{MODALITY_FILES.get(modality, modality)}.parquet"
-
 
 def encode_tensor(name: str, array: np.ndarray) -> dict[str, object]:
     """One tensor -> the three column values of a row."""
@@ -89,20 +80,13 @@ def decode_tensor(raw: bytes, shape: Sequence[int], dtype: str) -> np.ndarray:
 def write_table_atomic(
     rows: list[dict], schema: pa.Schema, path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write rows to ``path`` via a temp file + rename, row groups of :data:`ROW_GROUP_SIZE`.
-
-    ``metadata`` (str -> str) is stored in the file's schema metadata (``pq.read_schema(path).metadata``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write rows to ``path`` atomically, row groups of :data:`ROW_GROUP_SIZE`; ``metadata`` (str -> str) goes
+    into the file's schema metadata (``pq.read_schema(path).metadata``)."""
     if metadata:
-        extra = {k.encode(): v.encode() for k, v in metadata.items()}
-        schema = schema.with_metadata({**(schema.metadata or {}), **extra})
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
-    tmp.replace(path)
-    return path
+        schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, row_group_size=ROW_GROUP_SIZE)
+    return Path(path)
 
 
 def read_sample_ids(path: str | Path) -> list[str]:

@@ -6,14 +6,10 @@ channel (width ``cfg.model.audio_width``) ``-> tokens (B, T', D)``, ``T' = ceil(
 
 from __future__ import annotations
 
-import logging
-
 from torch import Tensor
 
 from pkdot.errors import ConfigError
 from pkdot.models.physio import SpectrogramCNN
-
-log = logging.getLogger(__name__)
 
 
 class LogMelCNN(SpectrogramCNN):
@@ -21,14 +17,10 @@ class LogMelCNN(SpectrogramCNN):
 
     Parameters
     ----------
-    input_shape : tuple of int
-        ``(n_mels, T)``.
-    embed_dim : int
-        Token dimension ``D``.
-    width : int
-        Channels of the first stage ``w``.
-    modality : str
-        Modality name (``audio``).
+    input_shape : ``(n_mels, T)``.
+    embed_dim : Token dimension ``D``.
+    width : Channels of the first stage ``w``.
+    modality : Modality name (``audio``).
     """
 
     def __init__(

@@ -24,15 +24,12 @@ Transport", IEEE FG 2024 (arXiv 2401.15489).
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 from torch import Tensor, nn
 
 from pkdot.errors import ConfigError, StageError
-
-log = logging.getLogger(__name__)
 
 
 def sinusoidal_positions(
@@ -69,16 +66,11 @@ class GatedCrossAttentionFusion(nn.Module):
 
     Parameters
     ----------
-    modalities : list of str
-        The fused modalities, in order (the first is ``c_1`` of the gate).
-    dim : int
-        Token dimension ``D``.
-    heads : int
-        Attention heads (``dim`` must be divisible by it).
-    layers : int
-        Depth of each modality's transformer encoder.
-    dropout : float
-        Dropout of the encoder and attention layers.
+    modalities : The fused modalities, in order (the first is ``c_1`` of the gate).
+    dim : Token dimension ``D``.
+    heads : Attention heads (``dim`` must be divisible by it).
+    layers : Depth of each modality's transformer encoder.
+    dropout : Dropout of the encoder and attention layers.
     """
 
     def __init__(
@@ -144,15 +136,12 @@ class GatedCrossAttentionFusion(nn.Module):
 
         Parameters
         ----------
-        tokens : dict[str, Tensor]
-            ``{modality: (B, N_m, D)}`` for every modality of the fusion (extra entries are ignored).
+        tokens : ``{modality: (B, N_m, D)}`` for every modality of the fusion (extra entries are ignored).
 
         Returns
         -------
-        z : Tensor, shape (B, D)
-            The fused embedding.
-        gates : Tensor, shape (B, M)
-            Per-modality gate weights averaged over features (rows sum to 1).
+        z : (B, D) the fused embedding.
+        gates : (B, M) per-modality gate weights averaged over features (rows sum to 1).
         """
         self._check(tokens)
         encoded: list[Tensor] = []

@@ -7,7 +7,6 @@ batch to a sequence of ``D``-dimensional tokens ``(B, N, D)`` (``D`` = ``embed_d
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,8 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from pkdot.errors import StageError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,8 +25,7 @@ class ModelOutput:
     embedding : Tensor, shape (B, D)
         The embedding that is distilled (teacher: the fused ``z``; student: its fused ``z``; unimodal model:
         the mean of its backbone tokens).
-    logits : Tensor, shape (B, C) or (B, 1)
-        Class logits, or the regression output in ``[-1, 1]`` (tanh) as ``(B, 1)``.
+    logits : (B, C) class logits, or the regression output in ``[-1, 1]`` (tanh) as ``(B, 1)``.
     tokens : dict[str, Tensor]
         Per-modality backbone tokens ``(B, N_m, D)`` after projection (for a student, the privileged entries are
         the T-Net's hallucinated tokens ``(B, 1, D)``).
@@ -56,12 +52,9 @@ class Backbone(nn.Module):
 
     Parameters
     ----------
-    modality : str
-        The modality name (``video``, ``physio``, ``audio`` or a table column).
-    input_shape : tuple of int
-        The shape of one sample, without the batch dimension.
-    embed_dim : int
-        Token dimension ``D``.
+    modality : The modality name (``video``, ``physio``, ``audio`` or a table column).
+    input_shape : The shape of one sample, without the batch dimension.
+    embed_dim : Token dimension ``D``.
     """
 
     #: ``True`` for backbones that read raw ``uint8`` pixels; others read floating-point features.
@@ -148,6 +141,37 @@ class UnimodalModel(nn.Module):
         return ModelOutput(
             embedding=embedding, logits=self.head(embedding), tokens={self.backbone.modality: tokens}
         )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block in ``dims`` = 1, 2 or 3 dimensions: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``.
+
+    ``stride`` applies in the first convolution; the shortcut is a strided 1x1 convolution + batch norm when the
+    shape changes. Module names are torchvision's (``conv1``, ``conv2``, ``downsample``), so ``r3d_18``
+    weights load into the 3-D version.
+    """
+
+    def __init__(self, dims: int, in_channels: int, channels: int, stride: int = 1, kernel: int = 3) -> None:
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+        pad = kernel // 2
+        self.conv1 = nn.Sequential(
+            conv(in_channels, channels, kernel, stride=stride, padding=pad, bias=False),
+            norm(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.conv2 = nn.Sequential(conv(channels, channels, kernel, padding=pad, bias=False), norm(channels))
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                conv(in_channels, channels, 1, stride=stride, bias=False), norm(channels)
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.conv2(self.conv1(x)) + shortcut)
 
 
 def freeze_(module: nn.Module) -> nn.Module:

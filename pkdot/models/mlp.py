@@ -6,14 +6,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from torch import Tensor, nn
 
 from pkdot.errors import ConfigError
 from pkdot.models.heads import Backbone
-
-log = logging.getLogger(__name__)
 
 
 class MLPBackbone(Backbone):
@@ -21,16 +17,11 @@ class MLPBackbone(Backbone):
 
     Parameters
     ----------
-    input_shape : tuple of int
-        ``(D_in,)``.
-    embed_dim : int
-        Token dimension ``D``.
-    hidden : int
-        Hidden width ``h``.
-    dropout : float
-        Dropout after the hidden layer.
-    modality : str
-        Modality name (the table column).
+    input_shape : ``(D_in,)``.
+    embed_dim : Token dimension ``D``.
+    hidden : Hidden width ``h``.
+    dropout : Dropout after the hidden layer.
+    modality : Modality name (the table column).
     """
 
     def __init__(

@@ -13,74 +13,19 @@ Both end in ``Linear(8w, D) -> ReLU -> Linear(D, D)`` (the paper's 512 -> 512 pr
 
 from __future__ import annotations
 
-import logging
-
 from torch import Tensor, nn
 
 from pkdot.errors import ConfigError
-from pkdot.models.heads import Backbone
-
-log = logging.getLogger(__name__)
+from pkdot.models.heads import Backbone, BasicBlock
 
 
-class BasicBlock2d(nn.Module):
-    """ResNet basic block in 2-D: ``relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x))``."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
-        )
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
-            )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.conv2(self.conv1(x)) + shortcut)
-
-
-class BasicBlock1d(nn.Module):
-    """ResNet basic block in 1-D (kernel 7): ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, kernel: int = 7) -> None:
-        super().__init__()
-        pad = kernel // 2
-        self.conv1 = nn.Sequential(
-            nn.Conv1d(in_channels, channels, kernel, stride=stride, padding=pad, bias=False),
-            nn.BatchNorm1d(channels),
-            nn.ReLU(inplace=True),
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv1d(channels, channels, kernel, padding=pad, bias=False), nn.BatchNorm1d(channels)
-        )
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(
-                nn.Conv1d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm1d(channels)
-            )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.conv2(self.conv1(x)) + shortcut)
-
-
-def _stages(block: type[nn.Module], width: int) -> nn.Sequential:
-    """Four stages of two blocks, widths ``w, 2w, 4w, 8w``, the first block of each with stride 2."""
+def _stages(dims: int, width: int, kernel: int) -> nn.Sequential:
+    """Four stages of two :class:`BasicBlock`, widths ``w, 2w, 4w, 8w``, the first block of each with stride 2."""
     layers: list[nn.Module] = []
     cin = width
     for mult in (1, 2, 4, 8):
         cout = mult * width
-        layers += [block(cin, cout, stride=2), block(cout, cout)]
+        layers += [BasicBlock(dims, cin, cout, 2, kernel), BasicBlock(dims, cout, cout, 1, kernel)]
         cin = cout
     return nn.Sequential(*layers)
 
@@ -94,14 +39,10 @@ class SpectrogramCNN(Backbone):
 
     Parameters
     ----------
-    input_shape : tuple of int
-        ``(C, F, T)``: channels, frequencies, time frames.
-    embed_dim : int
-        Token dimension ``D``.
-    width : int
-        Channels of the first stage ``w``.
-    modality : str
-        Modality name (``physio``; :class:`pkdot.models.audio.LogMelCNN` reuses it for ``audio``).
+    input_shape : ``(C, F, T)``: channels, frequencies, time frames.
+    embed_dim : Token dimension ``D``.
+    width : Channels of the first stage ``w``.
+    modality : Modality name (``physio``; :class:`pkdot.models.audio.LogMelCNN` reuses it for ``audio``).
     """
 
     def __init__(
@@ -117,7 +58,7 @@ class SpectrogramCNN(Backbone):
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         )
-        self.stages = _stages(BasicBlock2d, width)
+        self.stages = _stages(2, width, kernel=3)
         self.projection = _projection(8 * width, embed_dim)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -131,14 +72,10 @@ class WindowCNN(Backbone):
 
     Parameters
     ----------
-    input_shape : tuple of int
-        ``(C, L)``: channels and samples.
-    embed_dim : int
-        Token dimension ``D``.
-    width : int
-        Channels of the first stage ``w``.
-    modality : str
-        Modality name.
+    input_shape : ``(C, L)``: channels and samples.
+    embed_dim : Token dimension ``D``.
+    width : Channels of the first stage ``w``.
+    modality : Modality name.
     """
 
     def __init__(
@@ -152,7 +89,7 @@ class WindowCNN(Backbone):
             nn.BatchNorm1d(width),
             nn.ReLU(inplace=True),
         )
-        self.stages = _stages(BasicBlock1d, width)
+        self.stages = _stages(1, width, kernel=7)
         self.projection = _projection(8 * width, embed_dim)
 
     def encode(self, x: Tensor) -> Tensor:

@@ -1,16 +1,9 @@
 """The video-only student: its own backbone, frozen T-Nets that hallucinate the privileged modalities, fusion.
 
-For a student input ``x`` (the first of ``cfg.data.student_modalities``, usually ``video``):
-
-``V = backbone(x)`` ``(B, N, D)``, ``v = mean_n V`` ``(B, D)``, ``P_m = T_m(v)[:, None, :]`` ``(B, 1, D)`` for
-each privileged modality ``m``, ``z, gates = fusion({video: V, m: P_m, ...})``, ``logits = head(z)``.
-With ``cfg.distill.use_tnet = False`` there are no T-Nets and the fusion runs over ``V`` alone.
-
-The T-Nets are always frozen (``requires_grad=False``, eval mode); the backbone is frozen when
-``freeze_backbone`` (default: ``cfg.train.student_init == "teacher-frozen"``), which lets the distillation stage
-cache ``V`` once and train from :meth:`Student.forward_from_features`. Where the backbone comes from
-(``train.student_init``: the teacher's, a fresh one, or ``model.pretrained_video``) is the trainer's choice
-(:func:`pkdot.train.student.build_student_for_job`).
+``V = backbone(x)`` ``(B, N, D)``, ``P_m = T_m(mean_n V)[:, None, :]`` per privileged modality, ``z, gates =
+fusion({video: V, m: P_m})``, ``logits = head(z)`` (no T-Nets with ``distill.use_tnet = False``). T-Nets are
+always frozen; the backbone is frozen when ``freeze_backbone`` (default ``train.student_init ==
+"teacher-frozen"``), so distillation can cache ``V`` and train from :meth:`Student.forward_from_features`.
 """
 
 from __future__ import annotations
@@ -38,16 +31,11 @@ class Student(nn.Module):
 
     Parameters
     ----------
-    modality : str
-        The student's input modality (the key of its tokens).
-    video_backbone : Backbone
-        Backbone of that modality.
-    tnets : dict[str, TNet]
-        Privileged modality -> T-Net (empty: no hallucination). Frozen here.
-    fusion : GatedCrossAttentionFusion
-        Fusion over ``[modality, *tnets]``.
-    head : TaskHead
-        Head on the fused ``z``.
+    modality : The student's input modality (the key of its tokens).
+    video_backbone : Backbone of that modality.
+    tnets : Privileged modality -> T-Net (empty: no hallucination). Frozen here.
+    fusion : Fusion over ``[modality, *tnets]``.
+    head : Head on the fused ``z``.
     freeze_backbone : bool
         Freeze the backbone (no gradient, eval mode: batch-norm statistics do not move); ``False`` makes every
         backbone parameter trainable.
@@ -128,10 +116,8 @@ def build_student(
 
     Parameters
     ----------
-    cfg : RunConfig
-        The run configuration (``data`` for modalities/task, ``model`` for sizes, ``distill.use_tnet``).
-    input_shapes : dict[str, tuple of int]
-        One sample's shape per modality; only the student modality's is used.
+    cfg : The run configuration (``data`` for modalities/task, ``model`` for sizes, ``distill.use_tnet``).
+    input_shapes : One sample's shape per modality; only the student modality's is used.
     video_backbone : Backbone, optional
         Backbone to start from (e.g. the pre-trained unimodal video backbone); it is *copied*, so freezing it
         here does not touch the caller's module. Default: a new one (``build_backbone``, which loads
@@ -139,10 +125,8 @@ def build_student(
     tnets : dict[str, TNet], optional
         Trained T-Nets, one per privileged modality (copied and frozen). Default with ``use_tnet``: freshly
         initialised ones, for loading a saved student's state_dict into (a warning says so).
-    freeze_backbone : bool, optional
-        Default: ``cfg.train.student_init == "teacher-frozen"``.
-    seed : int, optional
-        Seed of the new weights (global RNG restored afterwards).
+    freeze_backbone : Default: ``cfg.train.student_init == "teacher-frozen"``.
+    seed : Seed of the new weights (global RNG restored afterwards).
     """
     modality = student_modality(cfg)
     dim = cfg.model.embed_dim

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
@@ -22,8 +21,6 @@ from pkdot.models.video import VideoBackbone, load_pretrained_video
 
 if TYPE_CHECKING:
     from pkdot.config import ModelConfig, RunConfig
-
-log = logging.getLogger(__name__)
 
 
 def build_backbone(
@@ -43,15 +40,11 @@ def build_backbone(
 
     Parameters
     ----------
-    modality : str
-        Modality name.
-    input_shape : tuple of int
-        One sample's shape (no batch dimension).
-    cfg : ModelConfig
-        ``cfg.model`` of the run. ``pretrained_video`` (a local state_dict file) is loaded into a video
+    modality : Modality name.
+    input_shape : One sample's shape (no batch dimension).
+    cfg : ``cfg.model`` of the run. ``pretrained_video`` (a local state_dict file) is loaded into a video
         backbone; nothing is ever downloaded.
-    seed : int, optional
-        Seed of the initial weights (global RNG restored afterwards); ``None`` draws from the global RNG.
+    seed : Seed of the initial weights (global RNG restored afterwards); ``None`` draws from the global RNG.
 
     Raises
     ------
@@ -97,12 +90,9 @@ class Teacher(nn.Module):
 
     Parameters
     ----------
-    backbones : dict[str, Backbone]
-        One backbone per modality, in fusion order.
-    fusion : GatedCrossAttentionFusion
-        Fusion over exactly those modalities.
-    head : TaskHead
-        Head on the fused ``z``.
+    backbones : One backbone per modality, in fusion order.
+    fusion : Fusion over exactly those modalities.
+    head : Head on the fused ``z``.
     """
 
     def __init__(
@@ -155,14 +145,11 @@ def build_teacher(
 
     Parameters
     ----------
-    cfg : RunConfig
-        The run configuration.
-    input_shapes : dict[str, tuple of int]
-        One sample's shape per modality (no batch dimension).
+    cfg : The run configuration.
+    input_shapes : One sample's shape per modality (no batch dimension).
     backbones : dict[str, Backbone], optional
         Backbones to use as they are (e.g. pre-trained unimodal ones); missing modalities get new backbones.
-    seed : int, optional
-        Seed of the new weights (global RNG restored afterwards).
+    seed : Seed of the new weights (global RNG restored afterwards).
     """
     modalities = cfg.data.modalities
     given = dict(backbones or {})

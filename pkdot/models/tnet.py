@@ -1,20 +1,14 @@
-"""T-Net: hallucinate a privileged modality's embedding from the video embedding, and the MMD loss it trains on.
+"""T-Net: hallucinate a privileged modality's embedding from the video embedding, and its MMD loss.
 
-The T-Net is an MLP ``R^D -> R^D`` (paper: 512 -> 256 -> 128 -> 256 -> 512). It is trained next to the teacher
-to make the distribution of ``T(v)`` (``v`` = pooled video features) match the distribution of the real
-privileged features ``p`` by minimising :func:`mmd_rbf` ``(T(v), p)``; at test time the student fuses
-``v`` with ``T(v)``.
+The T-Net is an MLP ``R^D -> R^D`` (paper: 512 -> 256 -> 128 -> 256 -> 512) trained next to the teacher so that
+``T(v)`` (``v`` = pooled video features) matches the distribution of the privileged features ``p``
+(:func:`mmd_rbf`); at test time the student fuses ``v`` with ``T(v)``.
 
-References
-----------
-Gretton et al., "A Kernel Two-Sample Test", JMLR 13, 2012 (the unbiased MMD^2 estimator).
-Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
-Transport", IEEE FG 2024.
+References: Gretton et al., "A Kernel Two-Sample Test", JMLR 2012; Aslam et al., IEEE FG 2024.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -27,7 +21,6 @@ from pkdot.models.heads import seeded
 if TYPE_CHECKING:
     from pkdot.config import RunConfig
 
-log = logging.getLogger(__name__)
 
 #: Multipliers of the median heuristic used when no bandwidths are given.
 DEFAULT_BANDWIDTH_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -38,10 +31,8 @@ class TNet(nn.Module):
 
     Parameters
     ----------
-    dim : int
-        Input and output dimension ``D`` (the embedding dimension).
-    hidden : list of int
-        Hidden widths (paper: ``[256, 128, 256]`` with ``D = 512``).
+    dim : Input and output dimension ``D`` (the embedding dimension).
+    hidden : Hidden widths (paper: ``[256, 128, 256]`` with ``D = 512``).
     """
 
     def __init__(self, dim: int, hidden: list[int]) -> None:
@@ -80,10 +71,8 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
 
     Parameters
     ----------
-    x : Tensor, shape (n, d)
-        First sample (e.g. T-Net outputs), ``n >= 2``.
-    y : Tensor, shape (m, d)
-        Second sample (e.g. real privileged embeddings), ``m >= 2``.
+    x : (n, d) first sample (e.g. T-Net outputs), ``n >= 2``.
+    y : (m, d) second sample (e.g. real privileged embeddings), ``m >= 2``.
     bandwidths : sequence of float, optional
         The ``h_s`` (squared length scales, > 0). Default: the median heuristic ``h_s = s * median``, with
         ``median`` the median squared distance between distinct points of ``[x; y]`` (not differentiated) and

@@ -1,18 +1,11 @@
 """3-D CNN backbones for face clips: an R3D-18-like network (``r3d18``) and a small one (``small3d``).
 
-Input: ``uint8`` RGB face crops ``(B, T, H, W, 3)``. Inside, pixels are scaled to ``[0, 1]``, standardised
-per channel with the Kinetics-400 statistics used by R3D-18, and permuted to ``(B, 3, T, H, W)``. The CNN body
-gives ``(B, C, T', H', W')``; the tokens are the ``T'`` temporal positions after global spatial average
-pooling, projected to ``embed_dim`` ``D``: ``(B, T', D)``, ending in a ``Linear(D, D)`` like the paper's
-512 -> 512 projection.
+``uint8 (B, T, H, W, 3)`` crops are scaled to [0, 1], standardised with the Kinetics-400 statistics and permuted
+to ``(B, 3, T, H, W)``; the body's output is averaged over space and projected to tokens ``(B, T', D)``. The
+``r3d18`` body uses torchvision's ``r3d_18`` module names, so a Kinetics state_dict saved to a local file loads
+with :func:`load_pretrained_video` (nothing is downloaded).
 
-The ``r3d18`` body uses the module names of torchvision's ``r3d_18`` (``stem``, ``layer1`` .. ``layer4``), so a
-Kinetics-pretrained ``r3d_18`` state_dict saved to a local file loads into it with
-:func:`load_pretrained_video` (torchvision itself is not a dependency; nothing is ever downloaded).
-
-References
-----------
-Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition", CVPR 2018 (R3D-18).
+References: Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition", CVPR 2018.
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from pkdot.errors import ConfigError
-from pkdot.models.heads import Backbone
+from pkdot.models.heads import Backbone, BasicBlock
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +27,8 @@ KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 
-class BasicBlock3d(nn.Module):
-    """R3D basic block: two 3x3x3 convolutions with batch norm and an identity (or 1x1x1) shortcut.
-
-    ``y = relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``; ``stride`` applies to (T, H, W) in the first conv.
-    """
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Sequential(
-            nn.Conv3d(in_channels, channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm3d(channels),
-            nn.ReLU(inplace=True),
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv3d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm3d(channels)
-        )
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(
-                nn.Conv3d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm3d(channels)
-            )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.conv2(self.conv1(x)) + shortcut)
-
-
 class R3D18Body(nn.Module):
-    """R3D-18 convolutional body: stem (3x7x7, stride (1, 2, 2)) and 4 stages of 2 :class:`BasicBlock3d`.
+    """R3D-18 convolutional body: stem (3x7x7, stride (1, 2, 2)) and 4 stages of 2 3-D :class:`BasicBlock`.
 
     Stage widths ``w, 2w, 4w, 8w`` (``w = 64`` is R3D-18), strides 1, 2, 2, 2 (over T, H and W).
     ``(B, 3, T, H, W) -> (B, 8w, T', H', W')`` with ``T' = ceil(T / 8)`` for the strided stages.
@@ -77,10 +42,10 @@ class R3D18Body(nn.Module):
             nn.BatchNorm3d(w),
             nn.ReLU(inplace=True),
         )
-        self.layer1 = nn.Sequential(BasicBlock3d(w, w), BasicBlock3d(w, w))
-        self.layer2 = nn.Sequential(BasicBlock3d(w, 2 * w, stride=2), BasicBlock3d(2 * w, 2 * w))
-        self.layer3 = nn.Sequential(BasicBlock3d(2 * w, 4 * w, stride=2), BasicBlock3d(4 * w, 4 * w))
-        self.layer4 = nn.Sequential(BasicBlock3d(4 * w, 8 * w, stride=2), BasicBlock3d(8 * w, 8 * w))
+        self.layer1 = nn.Sequential(BasicBlock(3, w, w), BasicBlock(3, w, w))
+        self.layer2 = nn.Sequential(BasicBlock(3, w, 2 * w, stride=2), BasicBlock(3, 2 * w, 2 * w))
+        self.layer3 = nn.Sequential(BasicBlock(3, 2 * w, 4 * w, stride=2), BasicBlock(3, 4 * w, 4 * w))
+        self.layer4 = nn.Sequential(BasicBlock(3, 4 * w, 8 * w, stride=2), BasicBlock(3, 8 * w, 8 * w))
         self.out_channels = 8 * w
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,16 +85,11 @@ class VideoBackbone(Backbone):
 
     Parameters
     ----------
-    input_shape : tuple of int
-        ``(T, H, W, 3)``.
-    embed_dim : int
-        Token dimension ``D``.
-    arch : {"r3d18", "small3d"}
-        The CNN body.
-    width : int
-        Channels of the first stage ``w``.
-    modality : str
-        Name of the modality this backbone reads (``video`` usually).
+    input_shape : ``(T, H, W, 3)``.
+    embed_dim : Token dimension ``D``.
+    arch : the CNN body, ``"r3d18"`` or ``"small3d"``.
+    width : Channels of the first stage ``w``.
+    modality : Name of the modality this backbone reads (``video`` usually).
     """
 
     expects_uint8 = True

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,10 @@ import torch
 
 from pkdot.config import RunConfig
 from pkdot.errors import StageError, StaleCacheError
-from pkdot.features.schema import encode_tensor, tensor_fields
+from pkdot.features.schema import encode_tensor, read_tensors, tensor_fields
+from pkdot.folds import crossfit_groups_of, load_fold_plan
+from pkdot.rundir import DONE, RunDir, atomic_write_parquet, content_hash
 from pkdot.train.data import SampleSet
-from pkdot.train.jobs import file_hash
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +51,6 @@ CACHE_SCHEMA = pa.schema(
 
 #: The cached arrays read by default (``target_group`` too where the file has it).
 CACHE_COLUMNS = ("teacher_embedding", "teacher_logits", "video_tokens")
-
-
-def crossfit_groups_of(cfg: RunConfig) -> int | None:
-    """J when the run cross-fits its teacher targets, else None."""
-    return cfg.distill.crossfit_groups if cfg.distill.teacher_targets == "crossfit" else None
-
-
-def cache_path(run_dir: Path, fold: int, seed: int, crossfit: int | None = None) -> Path:
-    """``embeddings/fold-<k>-seed-<s>.parquet`` (``crossfit`` = J: ``...-crossfit<J>.parquet``)."""
-    suffix = "" if crossfit is None else f"-crossfit{crossfit}"
-    return Path(run_dir) / "embeddings" / f"fold-{fold}-seed-{seed}{suffix}.parquet"
-
-
-def teacher_dir(
-    run_dir: Path, fold: int, seed: int, group: int | None = None, groups: int | None = None
-) -> Path:
-    """Folder of the full-fold teacher job, or (``group`` of ``groups``) of a cross-fitting teacher job."""
-    base = Path(run_dir) / "teacher" / f"fold-{fold}" / f"seed-{seed}"
-    if group is None:
-        return base
-    if groups is None:
-        raise StageError("teacher_dir: a crossfit group needs the number of groups")
-    return base / f"crossfit-{groups}" / f"without-{group}"
 
 
 def target_checkpoints(meta_or_source: dict | str, privileged: str | None = None) -> tuple[str, ...]:
@@ -96,13 +73,13 @@ def checkpoint_hashes(job_dir: Path, names: tuple[str, ...] = ("teacher", "tnet"
         path = Path(job_dir) / f"{name}.pt"
         if not path.is_file():
             raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
-        out[f"{name}_hash"] = file_hash(path)
+        out[f"{name}_hash"] = content_hash(path)
     return out
 
 
 def job_record(job_dir: Path) -> dict:
     """A finished teacher job's ``DONE.json`` (hashes, seconds, the subjects it trained on)."""
-    path = Path(job_dir) / "DONE.json"
+    path = Path(job_dir) / DONE
     if not path.is_file():
         raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
     return json.loads(path.read_text())
@@ -158,15 +135,14 @@ def build_cache(
     With ``distill.teacher_targets = "crossfit"`` the training samples of crossfit group j (``splits.json``)
     take their embedding/logits from the teacher trained without group j (see the module doc).
     """
-    from pkdot.train.splits import load_fold_plan
     from pkdot.train.teacher import load_teacher, load_unimodal
 
-    run_dir = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
     source = cfg.distill.teacher_source
     privileged = cfg.data.privileged_modalities[0] if source == "privileged" else None
     extra = target_checkpoints(source, privileged)
-    jdir = teacher_dir(run_dir, fold, seed)
+    jdir = run.teacher(fold, seed)
     hashes = checkpoint_hashes(jdir, ("teacher", "tnet", *extra))
     teacher, _tnets, _shapes = load_teacher(cfg, jdir, device)
     everything = np.arange(len(samples))
@@ -180,16 +156,16 @@ def build_cache(
     if privileged is not None:
         meta["privileged"] = privileged
     if groups is not None:
-        the_fold = load_fold_plan(run_dir / "splits.json").fold(seed, fold)
+        the_fold = load_fold_plan(run.splits).fold(seed, fold)
         if len(the_fold.crossfit) != groups:
             raise StageError(
-                f"{run_dir / 'splits.json'}: fold {fold} of seed {seed} has {len(the_fold.crossfit)} crossfit "
+                f"{run.splits}: fold {fold} of seed {seed} has {len(the_fold.crossfit)} crossfit "
                 f"groups, distill.crossfit_groups is {groups} (rerun train-teacher)"
             )
         subjects = np.asarray(samples.subject_ids, dtype=object)
         records = []
         for j, members in enumerate(the_fold.crossfit):
-            gdir = teacher_dir(run_dir, fold, seed, j, groups)
+            gdir = run.teacher(fold, seed, j, groups)
             record = job_record(gdir)
             trained_on = set(record.get("train_subjects", []))
             if trained_on & set(members):
@@ -233,11 +209,8 @@ def build_cache(
     ]
     table = pa.Table.from_pylist(rows_out, schema=CACHE_SCHEMA)
     table = table.replace_schema_metadata({b"pkdot": json.dumps(meta).encode()})
-    path = cache_path(run_dir, fold, seed, groups)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, row_group_size=256)
-    tmp.replace(path)
+    path = run.cache(fold, seed, groups)
+    atomic_write_parquet(table, path, row_group_size=256)
     return path
 
 
@@ -258,7 +231,8 @@ def check_cache(
     ``crossfit`` = J checks the cross-fitted cache and the checkpoints of its J group teachers too;
     ``teacher_source`` (``distill.teacher_source``), when given, must be the source the cache was built from.
     """
-    path = cache_path(run_dir, fold, seed, crossfit)
+    run = RunDir(run_dir)
+    path = run.cache(fold, seed, crossfit)
     meta = cache_metadata(path)
     built_from = meta.get("teacher_source", "fusion")
     if teacher_source is not None and built_from != teacher_source:
@@ -267,7 +241,7 @@ def check_cache(
             f"{teacher_source!r}; rebuild it with `pkdot cache`"
         )
     extra = target_checkpoints(meta)
-    jdir = teacher_dir(run_dir, fold, seed)
+    jdir = run.teacher(fold, seed)
     expected = [(jdir, checkpoint_hashes(jdir, ("teacher", "tnet", *extra)), meta)]
     if crossfit is not None:
         records = meta.get("groups", [])
@@ -276,7 +250,7 @@ def check_cache(
                 f"embedding cache {path} is not a {crossfit}-group crossfit cache; rebuild it with `pkdot cache`"
             )
         for r in records:
-            gdir = teacher_dir(run_dir, fold, seed, r["group"], crossfit)
+            gdir = run.teacher(fold, seed, r["group"], crossfit)
             expected.append((gdir, checkpoint_hashes(gdir, ("teacher", *extra)), r))
     for jdir, current, recorded in expected:
         for key, value in current.items():
@@ -312,10 +286,8 @@ def read_cache(
     ``columns`` may include ``target_group`` ((n,) int32: the crossfit group whose teacher gave the row's
     targets, -1 for the full-fold teacher).
     """
-    from pkdot.features.schema import read_tensors
-
     check_cache(run_dir, fold, seed, crossfit)
-    path = cache_path(run_dir, fold, seed, crossfit)
+    path = RunDir(run_dir).cache(fold, seed, crossfit)
     out = {}
     for col in columns:
         if col == "target_group":

@@ -18,8 +18,9 @@ import torch
 from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
 from pkdot.errors import StageError
-from pkdot.features.schema import DEFAULT_TENSOR, feature_path, read_sample_ids, read_tensors
-from pkdot.train.splits import Fold
+from pkdot.features.schema import DEFAULT_TENSOR, read_sample_ids, read_tensors
+from pkdot.folds import Fold, FoldPlan, plan_run_folds, save_folds
+from pkdot.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,18 @@ def load_samples(
 ) -> SampleSet:
     """All extracted samples of the run (those present in every modality table), in manifest order."""
     run_dir = Path(run_dir or cfg.run_dir)
-    manifest = read_manifest(run_dir / "manifest.parquet")
+    manifest = read_manifest(RunDir(run_dir).manifest)
     mods = list(modalities) if modalities is not None else cfg.data.modalities
     present: set[str] | None = None
     for m in mods:
-        ids = set(read_sample_ids(feature_path(run_dir, m)))
+        ids = set(read_sample_ids(RunDir(run_dir).feature_table(m)))
         present = ids if present is None else present & ids
     assert present is not None
     manifest = manifest[manifest["sample_id"].isin(present)].reset_index(drop=True)
     if manifest.empty:
         raise StageError(f"{run_dir}: no sample has features for all of {mods} (run `pkdot extract`)")
     ids = manifest["sample_id"].tolist()
-    arrays = {m: read_tensors(feature_path(run_dir, m), tensor_column(cfg, m), ids)[1] for m in mods}
+    arrays = {m: read_tensors(RunDir(run_dir).feature_table(m), tensor_column(cfg, m), ids)[1] for m in mods}
     return SampleSet(
         sample_ids=ids,
         subject_ids=manifest["subject_id"].astype(str).to_numpy(),
@@ -132,3 +133,14 @@ def split_fold(samples: SampleSet, fold: Fold) -> FoldData:
             raise StageError(f"fold {fold.index}: no samples for the {name} subjects {list(subjects)}")
         parts[name] = samples.subset(mask)
     return FoldData(fold=fold, **parts)
+
+
+def write_run_folds(cfg: RunConfig, run_dir: Path | None = None) -> FoldPlan:
+    """The run's fold plan (:func:`pkdot.folds.plan_run_folds` over every sample with features for all
+    modalities), written to ``RUN/splits.json``."""
+    run = RunDir(run_dir or cfg.run_dir)
+    samples = load_samples(cfg, run.root)
+    manifest = read_manifest(run.manifest)
+    plan = plan_run_folds(cfg, manifest[manifest["sample_id"].isin(samples.sample_ids)])
+    save_folds(plan, run.splits)
+    return plan

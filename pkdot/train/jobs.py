@@ -3,15 +3,15 @@
 A job runs inside a Ray Train worker (or directly, in tests). It is made of *phases* (e.g. the unimodal
 backbones, the fusion teacher, the T-Net); each finished phase is written to the job's folder (atomically, by
 rank 0), so a restarted job loads finished phases and resumes the running one from its last epoch
-checkpoint.
+checkpoint. Checkpoints hold tensors and plain values only and are read with ``weights_only=True``
+(:func:`load_checkpoint`): a file in a run directory is never unpickled.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from pkdot.train.loops import FitState
+from pkdot.errors import StageError
+from pkdot.folds import Fold, FoldPlan, as_plan, crossfit_groups_of
+from pkdot.rundir import DONE, HISTORY, RunDir, atomic_write_json, atomic_write_parquet
+from pkdot.train.loops import FitState, predict
 
 if TYPE_CHECKING:
     from pkdot.config import RunConfig
@@ -63,7 +65,7 @@ class Job:
 
     @property
     def done_marker(self) -> Path:
-        return Path(self.out_dir) / "DONE.json"
+        return Path(self.out_dir) / DONE
 
     def is_done(self) -> bool:
         return self.done_marker.is_file()
@@ -72,59 +74,55 @@ class Job:
 def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
     """The teacher jobs of a run: one per (seed, fold), plus J per (seed, fold) with cross-fitted targets.
 
-    ``folds``: a :class:`~pkdot.train.splits.FoldPlan`, a ``{seed: folds}`` mapping, or one list of folds for
-    every seed of ``cfg.train.seeds``. A cross-fitting job ``teacher/fold-<k>/seed-<s>/without-<j>-of-<J>``
-    trains on the fold's training subjects minus crossfit group j (``Fold.crossfit``).
+    ``folds``: a :class:`~pkdot.folds.FoldPlan`, a ``{seed: folds}`` mapping, or one list of folds for every
+    seed of ``cfg.train.seeds``. Cross-fitting job ``j`` trains without crossfit group j (``Fold.crossfit``).
     """
-    from pkdot.train.cache import crossfit_groups_of, teacher_dir
-    from pkdot.train.splits import as_plan
-
-    run_dir = Path(cfg.run_dir)
-    plan = as_plan(folds)
+    run = RunDir(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
     jobs = []
-    for s, f in plan.pairs(cfg.train.seeds):
+    for s, f in as_plan(folds).pairs(cfg.train.seeds):
         base = f"teacher/fold-{f.index}/seed-{s}"
-        jobs.append(Job(key=base, out_dir=str(teacher_dir(run_dir, f.index, s)), fold=f.index, seed=s))
+        jobs.append(Job(key=base, out_dir=str(run.teacher(f.index, s)), fold=f.index, seed=s))
         if groups is None:
             continue
         if len(f.crossfit) != groups:
-            from pkdot.errors import StageError
-
             raise StageError(
                 f"fold {f.index} of seed {s} has {len(f.crossfit)} crossfit groups, distill.crossfit_groups is "
                 f"{groups} (the fold plan was made for another setting: rerun train-teacher)"
             )
-        for j in range(groups):
-            jobs.append(
-                Job(
-                    key=f"{base}/without-{j}-of-{groups}",
-                    out_dir=str(teacher_dir(run_dir, f.index, s, j, groups)),
-                    fold=f.index,
-                    seed=s,
-                    group=j,
-                )
+        jobs += [
+            Job(
+                f"{base}/without-{j}-of-{groups}",
+                str(run.teacher(f.index, s, j, groups)),
+                f.index,
+                s,
+                group=j,
             )
+            for j in range(groups)
+        ]
     return jobs
 
 
 def student_jobs(cfg: RunConfig, folds: Any, losses: list[str]) -> list[Job]:
     """One student job per (loss, seed, fold) of the fold plan (``folds`` as in :func:`teacher_jobs`)."""
-    from pkdot.train.splits import as_plan
-    from pkdot.train.student import student_dir
-
-    plan = as_plan(folds)
+    run = RunDir(cfg.run_dir)
     return [
         Job(
-            key=f"student/{loss}/fold-{f.index}/seed-{s}",
-            out_dir=str(student_dir(Path(cfg.run_dir), loss, f.index, s)),
-            fold=f.index,
-            seed=s,
+            f"student/{loss}/fold-{f.index}/seed-{s}",
+            str(run.student(loss, f.index, s)),
+            f.index,
+            s,
             loss=loss,
         )
         for loss in losses
-        for s, f in plan.pairs(cfg.train.seeds)
+        for s, f in as_plan(folds).pairs(cfg.train.seeds)
     ]
+
+
+def fold_for_job(plan: FoldPlan, job: Job) -> Fold:
+    """The fold a training job trains on: its (seed, fold), minus its crossfit group when it has one."""
+    fold = plan.fold(job.seed, job.fold)
+    return fold if job.group is None else fold.without_group(job.group)
 
 
 def teacher_checkpoints(job: Job) -> list[Path]:
@@ -185,75 +183,24 @@ class WorkerContext:
         return lambda epoch, record: fn(phase, epoch, record)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint of tensors and plain values, read with ``torch.load(weights_only=True)``.
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def file_hash(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def state_to_bytes(state: FitState) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state.__dict__, buf)
-    return buf.getvalue()
-
-
-def state_from_bytes(raw: bytes) -> FitState:
-    d = torch.load(io.BytesIO(raw), weights_only=False)
-    return FitState(**d)
-
-
-def prediction_rows(
-    *,
-    model: str,
-    fold: int,
-    seed: int,
-    split: str,
-    sample_ids: list[str],
-    subject_ids: np.ndarray,
-    targets: np.ndarray,
-    outputs: np.ndarray,
-    embeddings: np.ndarray,
-    regression: bool,
-) -> pd.DataFrame:
-    """Rows of a ``predictions.parquet`` (see docs/interfaces.md)."""
-    if regression:
-        y_pred = outputs[:, 0].astype(np.float64)
-        scores = outputs.astype(np.float32)
-    else:
-        y_pred = outputs.argmax(1).astype(np.float64)
-        scores = torch.softmax(torch.from_numpy(outputs.astype(np.float32)), dim=1).numpy()
-    return pd.DataFrame(
-        {
-            "sample_id": sample_ids,
-            "subject_id": [str(s) for s in subject_ids],
-            "y_true": targets.astype(np.float64),
-            "y_pred": y_pred,
-            "scores": [row.tolist() for row in scores],
-            "embedding": [row.astype(np.float32).tolist() for row in embeddings],
-            "model": model,
-            "fold": fold,
-            "seed": seed,
-            "split": split,
-        }
-    )
+    Raises :class:`StageError` naming the file when it is missing, or holds anything else (a pickled object
+    is refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(
+            f"checkpoint {path} does not exist (run `pkdot train-teacher` / `pkdot distill` first)"
+        )
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise StageError(
+            f"checkpoint {path} is not a state_dict of tensors and plain values (refused: pkdot never unpickles "
+            f"objects from a run directory; retrain to rewrite it): {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def split_predictions(
@@ -266,48 +213,38 @@ def split_predictions(
     regression: bool,
     modules: list[torch.nn.Module],
 ) -> list[pd.DataFrame]:
-    """Prediction rows of one model on each named split (``{"val": SampleSet, "test": SampleSet}``).
-
-    ``forward(sample_set, index) -> (outputs, embeddings)`` runs the model on rows ``index`` of a split.
-    """
-    from pkdot.train.loops import predict
-
+    """``predictions.parquet`` rows (:data:`PREDICTION_SCHEMA`) of one model on each named split
+    (``{"val": SampleSet, "test": SampleSet}``); ``forward(sample_set, index) -> (outputs, embeddings)``."""
     frames = []
     for split, part in parts.items():
-
-        def run(idx: np.ndarray, p: Any = part) -> tuple[torch.Tensor, torch.Tensor]:
-            return forward(p, idx)
-
-        outputs, emb = predict(run, len(part), batch_size, modules)
+        outputs, emb = predict(lambda idx, p=part: forward(p, idx), len(part), batch_size, modules)
+        if regression:
+            y_pred, scores = outputs[:, 0].astype(np.float64), outputs.astype(np.float32)
+        else:
+            y_pred = outputs.argmax(1).astype(np.float64)
+            scores = torch.softmax(torch.from_numpy(outputs.astype(np.float32)), dim=1).numpy()
+        frame = {
+            "sample_id": part.sample_ids,
+            "subject_id": [str(s) for s in part.subject_ids],
+            "y_true": part.targets.astype(np.float64),
+            "y_pred": y_pred,
+            "scores": [row.tolist() for row in scores],
+            "embedding": [row.astype(np.float32).tolist() for row in emb],
+        }
         frames.append(
-            prediction_rows(
-                model=model,
-                fold=job.fold,
-                seed=job.seed,
-                split=split,
-                sample_ids=part.sample_ids,
-                subject_ids=part.subject_ids,
-                targets=part.targets,
-                outputs=outputs,
-                embeddings=emb,
-                regression=regression,
-            )
+            pd.DataFrame(frame | {"model": model, "fold": job.fold, "seed": job.seed, "split": split})
         )
     return frames
 
 
 def write_predictions(frames: list[pd.DataFrame], path: Path) -> Path:
     df = pd.concat(frames, ignore_index=True)
-    table = pa.Table.from_pandas(df, schema=PREDICTION_SCHEMA, preserve_index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write_parquet(pa.Table.from_pandas(df, schema=PREDICTION_SCHEMA, preserve_index=False), path)
     return path
 
 
-def write_history(path: Path, phases: dict[str, FitState], metric: str) -> None:
-    """``history.json``: per phase the per-epoch records and the selected epoch."""
+def write_history(out_dir: Path, phases: dict[str, FitState], metric: str) -> None:
+    """``<job>/history.json``: per phase the per-epoch records and the selected epoch."""
     doc: dict[str, Any] = {
         "metric": metric,
         "phases": {
@@ -324,4 +261,4 @@ def write_history(path: Path, phases: dict[str, FitState], metric: str) -> None:
     if last is not None:
         doc["epochs"] = last.history
         doc["best_epoch"] = last.best_epoch
-    atomic_write_text(path, json.dumps(doc, indent=1, default=float))
+    atomic_write_json(Path(out_dir) / HISTORY, doc)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pkdot.evaluate.metrics import accuracy, ccc
+from pkdot.metrics import accuracy, ccc
 
 log = logging.getLogger(__name__)
 
@@ -163,36 +163,6 @@ def predict(
         outs.append(o.float().cpu().numpy())
         embs.append(e.float().cpu().numpy())
     return np.concatenate(outs), np.concatenate(embs)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(
-    model: nn.Module, forward: Callable[[np.ndarray], object], batches: Sequence[np.ndarray]
-) -> int:
-    """Re-estimate BatchNorm running statistics with the current weights ("precise BN").
-
-    With few optimisation steps per epoch (small data sets), the exponential running averages lag far behind
-    the weights and eval-mode predictions collapse. This resets the running statistics of every *trainable*
-    BatchNorm layer of ``model`` and accumulates exact averages (``momentum=None``) over ``batches``
-    (``forward(index)`` runs the model on them). Frozen (eval-mode) BatchNorm layers are left alone.
-    Returns the number of layers recalibrated.
-    """
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    if not layers or not batches:
-        return 0
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    for index in batches:
-        forward(index)
-    for m, mom in zip(layers, momenta, strict=True):
-        m.momentum = mom
-    return len(layers)
 
 
 @dataclass

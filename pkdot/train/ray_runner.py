@@ -1,33 +1,18 @@
-"""Run training jobs on Ray: one Ray Train run per job (or small bundle), many runs at once across a cluster.
+"""Run training jobs on Ray: one Ray Train run per job (or bundle of ``train.jobs_per_run``), many at once.
 
-A *job* is one fold x seed [x loss] (:class:`~pkdot.train.jobs.Job`). Jobs are independent, so each one (or a
-bundle of ``train.jobs_per_run`` of them) is its own Ray Train run: a ``TorchTrainer`` with its own
-``ScalingConfig`` (``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs [and
-``train.gpus_per_worker`` GPUs]), its own storage folder and checkpoints (``<run>/ray/<kind>-<config hash>/
-<run name>``) and its own ``FailureConfig(max_failures)``. The run's name is the job key with ``/`` -> ``-``
-(``teacher-fold-0-seed-0``); that is what the Ray dashboard lists (one Train run, one task per job).
+Each run is a ``TorchTrainer`` with its own ``ScalingConfig`` (``train.num_workers`` workers of
+``train.cpus_per_worker`` CPUs [and ``train.gpus_per_worker`` GPUs]), storage folder
+(``<run>/ray/<kind>-<config hash>/<run name>``, the run name being the job key with ``/`` -> ``-``) and
+``FailureConfig(max_failures)``. Its ``fit()`` runs inside a 0-CPU Ray task, so Ray places the worker groups on
+any node with free resources; :func:`pkdot.scheduler.run_bounded` keeps at most ``train.max_concurrent_jobs``
+runs in flight (default: as many as the cluster holds). A Tune ``Tuner`` over the job grid is not used: a
+trial must reserve a non-empty bundle, which takes CPUs from the trainers' own placement groups.
 
-Each run's ``fit()`` is called inside a Ray task (0 CPUs: it only waits on Ray Train's controller), so Ray
-places the runs: the worker groups go wherever the cluster has free resources, on any node. At most
-``train.max_concurrent_jobs`` tasks are in flight (default: as many runs as the cluster's CPUs/GPUs hold) --
-Ray's "limit pending tasks with ``ray.wait``" pattern; Ray Train's placement groups do the rest.
-
-Fault tolerance, per run:
-
-* a worker that fails is restarted by Ray Train (``FailureConfig``); the job loop resumes: finished phases are
-  files in the job's folder, the running phase continues from ``ray.train.get_checkpoint()``;
-* a driver that crashed and is started again re-runs only the jobs without a ``DONE.json``; Ray Train V2
-  restores each run's checkpoint list from its storage folder (same run name), so a job resumes from its
-  last epoch checkpoint. A checkpoint carries the job folder's *attempt token*: a folder reset by the stage
-  (changed inputs) gets a new token, so a stale checkpoint is never resumed.
-
-Before the first run, every alive node of the cluster reads a token file from the run directory
-(:func:`check_run_dir_on_nodes`): a run directory that is not on storage all nodes share fails there, with a
-message naming the node, instead of as missing files inside a job.
-
-Why Ray tasks around ``fit()`` and not a Ray Tune ``Tuner`` over the job grid: a Tune trial must reserve a
-non-empty resource bundle (``{"CPU": 0}`` is refused), which on a small cluster takes CPU away from the
-trainers' own placement groups; a 0-CPU task costs none and is reused between runs.
+Fault tolerance: Ray Train restarts a failed worker group and the job resumes (finished phases are files in
+the job's folder, the running phase continues from ``ray.train.get_checkpoint()``); a restarted driver re-runs
+only jobs without a ``DONE.json`` and Ray Train restores each run's checkpoints from its storage folder. A
+checkpoint carries the job folder's *attempt token*, so a folder reset by the stage never resumes a stale one.
+Before the first run every node checks that it reads the run directory (:func:`check_run_dir_on_nodes`).
 """
 
 from __future__ import annotations
@@ -45,16 +30,20 @@ from typing import Any
 import torch
 
 from pkdot.config import RunConfig
-from pkdot.console import EpochTail, describe_record, epoch_logger, epoch_recorder
+from pkdot.console import EpochTail, describe_record, epoch_recorder
 from pkdot.errors import StageError
+from pkdot.folds import FoldPlan, load_fold_plan
 from pkdot.progress import report as report_progress
-from pkdot.train.jobs import Job, WorkerContext, atomic_write_text, state_from_bytes, state_to_bytes
+from pkdot.ray_utils import ensure_ray
+from pkdot.rundir import RunDir, atomic_write_text
+from pkdot.scheduler import run_bounded
+from pkdot.train.data import SampleSet, load_samples, split_fold
+from pkdot.train.jobs import Job, WorkerContext, fold_for_job, load_checkpoint
 from pkdot.train.loops import FitState
 
 log = logging.getLogger(__name__)
 
-#: A callback run on every worker after every epoch: (job key, phase, epoch, rank). Raising from it
-#: simulates a worker failure (used by the fault-tolerance test).
+#: A callback run on every worker after every epoch: (job key, phase, epoch, rank) (fault-injection tests).
 EpochCallback = Callable[[str, str, int, int], None]
 
 #: Seconds between two reads of the workers' epoch records while the driver waits for the runs.
@@ -63,15 +52,6 @@ PROGRESS_POLL_S = 2.0
 ATTEMPT_TOKEN = ".attempt-token"
 #: Run directories already checked on every node, per Ray cluster (``check_run_dir_on_nodes``).
 _CHECKED_RUN_DIRS: set[tuple[str, str]] = set()
-
-
-def resolve_use_gpu(cfg: RunConfig) -> bool:
-    """Whether jobs train on GPUs: ``train.use_gpu``, with ``"auto"`` = this machine has CUDA."""
-    if cfg.train.use_gpu == "auto":
-        return torch.cuda.is_available()
-    if cfg.train.use_gpu and not torch.cuda.is_available():
-        raise StageError("train.use_gpu is true but CUDA is not available on this machine")
-    return bool(cfg.train.use_gpu)
 
 
 def _resolve_use_gpu_on_cluster(cfg: RunConfig, cluster: Mapping[str, float]) -> bool:
@@ -84,70 +64,39 @@ def _resolve_use_gpu_on_cluster(cfg: RunConfig, cluster: Mapping[str, float]) ->
     return bool(cfg.train.use_gpu)
 
 
-def _job_runner(kind: str):
+def job_inputs(cfg: RunConfig, kind: str) -> tuple[SampleSet, FoldPlan]:
+    """The samples (``kind`` ``"teacher"`` or ``"student"``) and the fold plan the jobs of a stage train on."""
     if kind == "teacher":
-        from pkdot.train.teacher import run_teacher_job
-
-        return run_teacher_job
-    if kind == "student":
-        from pkdot.train.student import run_student_job
-
-        return run_student_job
-    raise StageError(f"unknown job kind {kind!r}")
-
-
-def _load_job_data(cfg: RunConfig, kind: str):
-    from pkdot.train.data import load_samples
-    from pkdot.train.splits import load_fold_plan
-
-    run_dir = Path(cfg.run_dir)
-    folds = load_fold_plan(run_dir / "splits.json")  # each seed's folds (+ crossfit groups)
-    if kind == "teacher":
-        samples = load_samples(cfg, run_dir)
+        samples = load_samples(cfg)
     else:
         from pkdot.train.student import load_student_samples
 
-        samples = load_student_samples(cfg, run_dir)
-    return samples, folds
+        samples = load_student_samples(cfg, Path(cfg.run_dir))
+    return samples, load_fold_plan(RunDir(cfg.run_dir).splits)
 
 
-def fold_of(folds: Any, job: Job):
-    """The fold a job trains on: ``folds[(seed, fold)]`` for per-seed folds (a mapping), else the fold whose
-    ``index`` is ``job.fold`` in a list."""
-    from pkdot.train.splits import FoldPlan, fold_for_job
-
-    if isinstance(folds, FoldPlan):  # splits.json: the seed's fold, minus a cross-fitting job's group
-        return fold_for_job(folds, job)
-    if isinstance(folds, Mapping):
-        key = (job.seed, job.fold)
-        if key not in folds:
-            raise StageError(f"job {job.key}: splits.json has no fold {job.fold} for seed {job.seed}")
-        return folds[key]
-    for fold in folds:
-        if getattr(fold, "index", None) == job.fold:
-            return fold
-    raise StageError(f"job {job.key}: splits.json has no fold with index {job.fold}")
-
-
-def run_jobs_local(cfg: RunConfig, kind: str, jobs: Sequence[Job], *, progress: bool = True) -> None:
-    """Run jobs in this process (one worker, no Ray): what tests and debugging use."""
-    from pkdot.train.data import split_fold
-
-    samples, folds = _load_job_data(cfg, kind)
-    run = _job_runner(kind)
-    for job in jobs:
-        if job.is_done():
-            continue
-        ctx = WorkerContext(progress=epoch_logger(job.key) if progress else None)
-        run(cfg, job, _fold_data(kind, samples, fold_of(folds, job), split_fold), ctx)
-
-
-def _fold_data(kind: str, samples, fold, split_fold):
+def run_job(
+    cfg: RunConfig, kind: str, job: Job, samples: SampleSet, plan: FoldPlan, ctx: WorkerContext
+) -> dict[str, float]:
+    """Run one teacher or student job on its fold of ``samples`` (what every Ray Train worker calls)."""
     if kind == "teacher":
-        return split_fold(samples, fold)
-    from pkdot.train.student import split_student_fold
+        from pkdot.train.teacher import run_teacher_job as run
+    elif kind == "student":
+        from pkdot.train.student import run_student_job as run
+    else:
+        raise StageError(f"unknown job kind {kind!r} (expected 'teacher' or 'student')")
+    return run(cfg, job, split_fold(samples, fold_for_job(plan, job)), ctx)
 
-    return split_student_fold(samples, fold)
+
+def resume_state(checkpoint_dir: str | Path, tokens: Mapping[str, str]) -> dict[str, Any] | None:
+    """The resumable ``{"job", "phase", "state"}`` of a Ray Train checkpoint folder (``meta.json`` +
+    ``state.pt``), or None when it belongs to an earlier attempt of its job (another attempt token)."""
+    meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+    if meta.get("token") != tokens.get(meta["job"]):
+        log.info("ignoring a checkpoint of an earlier attempt of %s", meta["job"])
+        return None
+    state = FitState(**load_checkpoint(Path(checkpoint_dir) / "state.pt"))
+    return {"job": meta["job"], "phase": meta["phase"], "state": state}
 
 
 def attempt_token(job: Job) -> str:
@@ -169,8 +118,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pkdot.train.data import split_fold
-
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = RunConfig.model_validate(config["cfg"])
     kind: str = config["kind"]
@@ -185,21 +132,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            meta = json.loads((Path(d) / "meta.json").read_text())
-            state = state_from_bytes((Path(d) / "state.pt").read_bytes())
-        if meta.get("token") == tokens.get(meta["job"]):
-            resume = {"job": meta["job"], "phase": meta["phase"], "state": state}
-            # logging, not print: Ray Train's print patch would send a print to the driver twice
-            if rank == 0:
-                log.info("resuming %s / %s after epoch %d", meta["job"], meta["phase"], state.epoch)
-        elif rank == 0:
-            log.info("ignoring a checkpoint of an earlier attempt of %s", meta["job"])
+            resume = resume_state(d, tokens)
+        if resume is not None and rank == 0:  # logging, not print (Ray Train's print patch doubles prints)
+            log.info("resuming %s / %s after epoch %d", resume["job"], resume["phase"], resume["state"].epoch)
 
     pending = [job for job in jobs if not job.is_done()]
     if not pending:
         return
-    samples, folds = _load_job_data(cfg, kind)
-    run = _job_runner(kind)
+    samples, plan = job_inputs(cfg, kind)
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
@@ -225,7 +165,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                     meta = {"job": job.key, "phase": phase, "token": tokens[job.key]}
                     with tempfile.TemporaryDirectory() as tmp:
                         (Path(tmp) / "meta.json").write_text(json.dumps(meta))
-                        (Path(tmp) / "state.pt").write_bytes(state_to_bytes(state))
+                        torch.save(state.__dict__, Path(tmp) / "state.pt")  # tensors and plain values
                         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp))
                 else:
                     ray.train.report(reported, checkpoint=None)
@@ -243,7 +183,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             # would send them to the worker's console log, which Ray forwards to the driver's console.
             progress=epoch_recorder(cfg.run_dir, job.key) if rank == 0 else None,
         )
-        run(cfg, job, _fold_data(kind, samples, fold_of(folds, job), split_fold), ctx)
+        run_job(cfg, kind, job, samples, plan, ctx)
 
 
 def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -279,6 +219,7 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.fit()
     return {
         "name": spec["name"],
+        "jobs": spec["jobs"],
         "node_id": ray.get_runtime_context().get_node_id(),
         "seconds": time.monotonic() - t0,
         "started": started,
@@ -336,7 +277,7 @@ def check_run_dir_on_nodes(run_dir: str | Path, *, timeout_s: float = 120.0) -> 
     if cluster_key in _CHECKED_RUN_DIRS:
         return [n["NodeID"] for n in nodes]
     token = uuid.uuid4().hex
-    path = run_dir / ".ray-node-check"
+    path = RunDir(run_dir).node_check
     atomic_write_text(path, token)
     reader = ray.remote(num_cpus=0, max_retries=0)(_read_token_on_node)
     refs = {
@@ -398,8 +339,6 @@ def run_jobs_on_ray(
     """
     import ray
 
-    from pkdot.ray_utils import ensure_ray
-
     pending = [j for j in jobs if not j.is_done()]
     stage = {"teacher": "train-teacher", "student": "distill"}.get(kind, kind)
     report_progress(stage, len(jobs) - len(pending), len(jobs), "jobs")
@@ -414,10 +353,8 @@ def run_jobs_on_ray(
     size = cfg.train.jobs_per_run
     bundles = [pending[i : i + size] for i in range(0, len(pending), size)]
     limit = cfg.train.max_concurrent_jobs or runs_that_fit(cfg, cluster, use_gpu)
-    storage = (
-        run_dir
-        / "ray"
-        / (name or f"{kind}-{cfg.section_hash('data', 'features', 'model', 'train', 'distill')}")
+    storage = RunDir(run_dir).ray_runs(
+        name or f"{kind}-{cfg.section_hash('data', 'features', 'model', 'train', 'distill')}"
     )
     base_config = {
         "cfg": cfg.model_dump(mode="json") | {"run_dir": str(run_dir)},
@@ -450,82 +387,23 @@ def run_jobs_on_ray(
         cfg.train.num_workers,
     )
     task = ray.remote(num_cpus=0, max_retries=0)(_fit_run)
-    waiting = list(specs)
-    in_flight: dict[Any, dict[str, Any]] = {}
-    finished: list[dict[str, Any]] = []
-    failures: list[tuple[dict[str, Any], BaseException]] = []
-    # The workers' epoch records: logged once here (log file; console with -v), the newest one shown as the
-    # stage's current metric.
+    # The workers' epoch records: logged once here, the newest one shown as the stage's current metric.
     tail = EpochTail(run_dir, [j.key for j in pending])
-    detail = ""
-
-    def poll_epochs(keys: list[str]) -> None:
-        nonlocal detail
-        newest = tail.poll(keys)
-        if newest is not None:
-            detail = describe_record(newest)
-            report_progress(stage, len(jobs) - len(pending) + done_count(), len(jobs), "jobs", detail)
-
-    def done_count() -> int:
-        return sum(len(f["jobs"]) for f in finished)
-
-    try:
-        # Ray's "limit the pending tasks with ray.wait" pattern: Ray Train's placement groups put each run's
-        # workers wherever resources are free; this only keeps `limit` runs asking for them at once.
-        while waiting or in_flight:
-            while waiting and len(in_flight) < limit and not failures:
-                spec = waiting.pop(0)
-                in_flight[task.options(name=f"pkdot:{spec['name']}").remote(spec)] = spec
-            if not in_flight:
-                break
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=PROGRESS_POLL_S)
-            poll_epochs([key for spec in in_flight.values() for key in spec["jobs"]])
-            for ref in done:
-                spec = in_flight.pop(ref)
-                try:
-                    finished.append(ray.get(ref) | {"jobs": spec["jobs"]})
-                    report_progress(stage, len(jobs) - len(pending) + done_count(), len(jobs), "jobs", detail)
-                except Exception as exc:  # Ray wraps the trainer's errors in its own types
-                    failures.append((spec, exc))
-    except BaseException:
-        for ref in in_flight:  # interrupted: stop the running fits (their controllers end with the task)
-            ray.cancel(ref, force=True)
-        raise
-    if failures:
-        from pkdot.errors import InfrastructureError
-        from pkdot.ray_utils import is_infrastructure_error
-
-        described = "; ".join(f"{spec['name']} ({', '.join(spec['jobs'])}): {exc}" for spec, exc in failures)
-        message = (
-            f"{kind} training failed on Ray after {cfg.train.max_failures} retries in {len(failures)} run(s)"
-            f"{f' ({len(waiting)} not started)' if waiting else ''}: {described}"
-        )
-        # A dead worker/node, an OOM kill or a full object store is retried by the flow; bad input is not.
-        if all(is_infrastructure_error(exc) for _, exc in failures):
-            raise InfrastructureError(message) from failures[0][1]
-        raise StageError(message) from failures[0][1]
+    finished = run_bounded(
+        specs,
+        lambda spec: task.options(name=f"pkdot:{spec['name']}").remote(spec),
+        limit=limit,
+        what=f"{kind} training on Ray (after {cfg.train.max_failures} retries per run)",
+        describe=lambda spec: f"{spec['name']} ({', '.join(spec['jobs'])})",
+        stage=stage,
+        unit="jobs",
+        done=len(jobs) - len(pending),
+        total=len(jobs),
+        weight=lambda spec: len(spec["jobs"]),
+        poll=lambda running: describe_record(tail.poll([k for spec in running for k in spec["jobs"]])),
+        poll_s=PROGRESS_POLL_S,
+    )
     missing = [j.key for j in pending if not j.is_done()]
     if missing:
         raise StageError(f"{kind} training finished but jobs {missing} wrote no DONE marker")
     return finished
-
-
-class FailOnce:
-    """An epoch callback that raises once, at ``phase``/``epoch`` on worker ``rank`` (chaos testing).
-
-    A marker file makes it fire only once across restarts of the worker group, so Ray Train's recovery
-    (``FailureConfig(max_failures)``) and the checkpoint resume can be exercised on purpose.
-    """
-
-    def __init__(self, marker: str | Path, *, phase: str, epoch: int, rank: int = 0) -> None:
-        self.marker, self.phase, self.epoch, self.rank = str(marker), phase, epoch, rank
-
-    def __call__(self, job_key: str, phase: str, epoch: int, rank: int) -> None:
-        if (
-            phase == self.phase
-            and epoch == self.epoch
-            and rank == self.rank
-            and not Path(self.marker).exists()
-        ):
-            Path(self.marker).write_text(f"{job_key} {phase} epoch {epoch} rank {rank}\n")
-            raise RuntimeError(f"injected worker failure in {job_key} {phase} after epoch {epoch}")

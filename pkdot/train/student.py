@@ -18,7 +18,6 @@ so that all losses see the same batches. Total loss = task_weight * task + weigh
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from pkdot.config import RunConfig
 from pkdot.distill import DistillBatch, build_loss, total_loss
 from pkdot.errors import ConfigError, StageError
+from pkdot.folds import crossfit_groups_of
 from pkdot.models import build_backbone, build_student, load_pretrained_video
-from pkdot.train.cache import check_cache, crossfit_groups_of, read_cache, teacher_dir
-from pkdot.train.data import FoldData, SampleSet, load_samples, split_fold
+from pkdot.rundir import METRICS, RunDir, atomic_torch_save, atomic_write_json
+from pkdot.train.cache import check_cache, read_cache
+from pkdot.train.data import FoldData, SampleSet, load_samples
 from pkdot.train.jobs import (
     Job,
     WorkerContext,
-    atomic_torch_save,
-    atomic_write_text,
+    load_checkpoint,
     split_predictions,
     write_history,
     write_predictions,
@@ -47,18 +48,12 @@ from pkdot.train.loops import (
     fit,
     group_batches,
     predict,
-    recalibrate_batchnorm,
     seed_everything,
     task_loss,
     task_metric,
 )
-from pkdot.train.splits import Fold
 
 log = logging.getLogger(__name__)
-
-
-def student_dir(run_dir: Path, loss: str, fold: int, seed: int) -> Path:
-    return Path(run_dir) / "student" / loss / f"fold-{fold}" / f"seed-{seed}"
 
 
 def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
@@ -72,8 +67,8 @@ def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
     return load_samples(cfg, run_dir, modalities=mods)
 
 
-def split_student_fold(samples: SampleSet, fold: Fold) -> FoldData:
-    return split_fold(samples, fold)
+def _rows(part: SampleSet, key: str, index: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(part.arrays[key][index])).to(device)
 
 
 class DistillationObjective(nn.Module):
@@ -140,7 +135,7 @@ def build_student_for_job(
     """
     from pkdot.train.teacher import load_teacher
 
-    teacher, tnets, shapes = load_teacher(cfg, teacher_dir(Path(cfg.run_dir), job_fold, job_seed), device)
+    teacher, tnets, shapes = load_teacher(cfg, RunDir(cfg.run_dir).teacher(job_fold, job_seed), device)
     video = cfg.data.student_modalities[0]
     mode = cfg.train.student_init
     if mode in ("teacher-frozen", "teacher-finetune"):
@@ -199,7 +194,6 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     seed_everything(job.seed * 7919 + job.fold * 31 + 303)
     student, _shapes = build_student_for_job(cfg, job.fold, job.seed, ctx.device)
     dim = cfg.model.embed_dim
-    options = dict(cfg.distill.options.get(job.loss, {}))
     distill_loss = build_loss(
         job.loss,
         student_dim=dim,
@@ -207,8 +201,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         num_outputs=cfg.data.num_outputs,
         regression=regression,
         num_samples=len(data.train),
-        cfg=cfg.distill,
-        **options,
+        options=cfg.distill.options(job.loss),
     ).to(ctx.device)
     objective = DistillationObjective(student, distill_loss, cfg)
     train_objective = ctx.wrap(objective)
@@ -219,8 +212,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
     def tensors(part: SampleSet, index: np.ndarray) -> dict[str, torch.Tensor]:
         return {
-            k: torch.from_numpy(np.ascontiguousarray(part.arrays[k][index])).to(ctx.device)
-            for k in (input_key, "teacher_embedding", "teacher_logits")
+            k: _rows(part, k, index, ctx.device) for k in (input_key, "teacher_embedding", "teacher_logits")
         }
 
     def step(index: np.ndarray) -> dict[str, torch.Tensor]:
@@ -236,7 +228,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         )
 
     def forward(part: SampleSet, index: np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(part.arrays[input_key][index])).to(ctx.device)
+        x = _rows(part, input_key, index, ctx.device)
         o = student.forward_from_features(x) if from_features else student(x)
         return o.logits, o.embedding
 
@@ -245,12 +237,9 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         return task_metric(data.val.targets, outputs, regression)
 
     def recalibrate(epoch: int) -> None:
-        if not from_features:  # a trainable backbone: re-estimate its BatchNorm statistics
-            recalibrate_batchnorm(
-                student,
-                lambda idx: forward(data.train, idx),
-                epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False),
-            )
+        if not from_features:  # a trainable backbone: exact BatchNorm statistics of the current weights
+            batches = epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False)
+            update_bn((_rows(data.train, input_key, idx, ctx.device) for idx in batches), student)
 
     def batches_for_epoch(epoch: int) -> list[np.ndarray]:
         seed = job.seed * 1000 + job.fold
@@ -303,17 +292,16 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
             out_dir / "student.pt",
         )
         write_predictions(frames, out_dir / "predictions.parquet")
-        write_history(out_dir / "history.json", {phase: state}, metric)
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-        atomic_write_text(job.done_marker, json.dumps({"cache": meta}))
+        write_history(out_dir, {phase: state}, metric)
+        atomic_write_json(out_dir / METRICS, metrics)
+        atomic_write_json(job.done_marker, {"cache": meta}, indent=None)
     return metrics
 
 
 def load_trained_student(cfg: RunConfig, loss: str, fold: int, seed: int, device: torch.device | str = "cpu"):
     """The trained student of (loss, fold, seed), frozen, in eval mode (takes raw video input)."""
+    saved = load_checkpoint(RunDir(cfg.run_dir).student(loss, fold, seed) / "student.pt", device)
     student, shapes = build_student_for_job(cfg, fold, seed, device, initialise=False)
-    path = student_dir(Path(cfg.run_dir), loss, fold, seed) / "student.pt"
-    saved = torch.load(path, weights_only=False, map_location=device)
     student.load_state_dict(saved["state_dict"])
     student.eval()
     for p in student.parameters():

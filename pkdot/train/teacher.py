@@ -21,38 +21,36 @@ how the benchmark reports the cost of cross-fitting.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from pkdot.config import RunConfig
 from pkdot.models import Backbone, UnimodalModel, build_backbone, build_teacher, build_tnets, mmd_rbf
+from pkdot.rundir import METRICS, atomic_torch_save, atomic_write_json, content_hash
 from pkdot.train.data import FoldData, SampleSet
 from pkdot.train.jobs import (
     Job,
     WorkerContext,
-    atomic_torch_save,
-    atomic_write_text,
-    file_hash,
+    load_checkpoint,
     split_predictions,
     write_history,
     write_predictions,
 )
-from pkdot.train.loops import (
-    FitState,
-    epoch_batches,
-    fit,
-    predict,
-    recalibrate_batchnorm,
-    seed_everything,
-    task_loss,
-    task_metric,
-)
+from pkdot.train.loops import FitState, epoch_batches, fit, predict, seed_everything, task_loss, task_metric
 
 log = logging.getLogger(__name__)
+
+#: builds a model's input from rows ``index`` of a sample set
+Inputs = Callable[[SampleSet, np.ndarray], Any]
 
 
 def _optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -65,47 +63,69 @@ def _phase_path(job: Job, phase: str) -> Path:
     return Path(job.out_dir) / f"{phase}.pt"
 
 
+def _fit_summary(state: FitState) -> dict:
+    """A FitState without the weights (stored next to the phase's weights)."""
+    return {
+        "epoch": state.epoch,
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "resumed_from": state.resumed_from,
+    }
+
+
+def _phase(
+    job: Job, ctx: WorkerContext, phase: str, model: nn.Module, train: Callable[[], FitState], **extra: Any
+) -> FitState:
+    """Load a finished phase's weights from ``<job>/<phase>.pt``, or train it and (rank 0) save them."""
+    path = _phase_path(job, phase)
+    if path.is_file():
+        saved = load_checkpoint(path, ctx.device)
+        model.load_state_dict(saved["state_dict"])
+        return FitState(**saved["fit"])
+    state = train()
+    if ctx.is_chief:
+        atomic_torch_save({"state_dict": model.state_dict(), **extra, "fit": _fit_summary(state)}, path)
+    return state
+
+
 def _fit_supervised(
     cfg: RunConfig,
     job: Job,
     ctx: WorkerContext,
     phase: str,
     model: nn.Module,
-    forward,
+    inputs: Inputs,
     data: FoldData,
     groups: list[dict],
     epochs: int,
-    batch_size: int,
 ) -> FitState:
-    """Train ``model`` (``forward(sampleset, index) -> ModelOutput``) on the task loss, select on val."""
+    """Train ``model`` (``model(inputs(samples, index))``) on the task loss, select on val."""
     regression = cfg.data.is_regression
+    batch_size = cfg.train.teacher_batch_size
     train_model = ctx.wrap(model)
-    optimizer = _optimizer(cfg, groups)
+    seed = job.seed * 1000 + job.fold
 
     def step(index: np.ndarray) -> dict[str, torch.Tensor]:
-        out = forward(train_model, data.train, index)
+        out = train_model(inputs(data.train, index))
         target = torch.from_numpy(data.train.targets[index]).to(ctx.device)
         return {"loss": task_loss(out.logits, target, regression)}
 
     def validate() -> float:
         outputs, _ = predict(
-            lambda idx: _out_emb(forward(model, data.val, idx)), len(data.val), batch_size, [model]
+            lambda idx: _out_emb(model(inputs(data.val, idx))), len(data.val), batch_size, [model]
         )
         return task_metric(data.val.targets, outputs, regression)
 
-    seed = job.seed * 1000 + job.fold
-
     def recalibrate(epoch: int) -> None:
-        # every worker recalibrates on the whole training set, so all ranks hold the same statistics
-        recalibrate_batchnorm(
-            model,
-            lambda idx: forward(model, data.train, idx),
-            epoch_batches(len(data.train), batch_size, seed=seed, epoch=epoch, drop_last=False),
-        )
+        # "precise BN": exact BatchNorm statistics of the current weights over the whole training set (on
+        # every worker, so all ranks hold the same); few steps per epoch leave the running averages far behind
+        batches = epoch_batches(len(data.train), batch_size, seed=seed, epoch=epoch, drop_last=False)
+        update_bn((inputs(data.train, idx) for idx in batches), model)
 
     return fit(
         model,
-        optimizer,
+        _optimizer(cfg, groups),
         train_step=step,
         validate=validate,
         epochs=epochs,
@@ -124,31 +144,19 @@ def _out_emb(out):
     return out.logits, out.embedding
 
 
-def _modality_forward(modality: str, device: torch.device):
-    def forward(model: nn.Module, samples: SampleSet, index: np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][index])).to(device)
-        return model(x)
-
-    return forward
+def _array(
+    samples: SampleSet, modality: str, index: np.ndarray | slice, device: torch.device
+) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][index])).to(device)
 
 
-def _multi_forward(modalities: list[str], device: torch.device):
-    def forward(model: nn.Module, samples: SampleSet, index: np.ndarray):
-        inputs = {
-            m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][index])).to(device) for m in modalities
-        }
-        return model(inputs)
-
-    return forward
-
-
-def _predictions(cfg: RunConfig, job: Job, name: str, model: nn.Module, forward, data: FoldData, batch: int):
+def _predictions(cfg: RunConfig, job: Job, name: str, model: nn.Module, inputs: Inputs, data: FoldData):
     return split_predictions(
         model=name,
         job=job,
         parts={"val": data.val, "test": data.test},
-        forward=lambda part, idx: _out_emb(forward(model, part, idx)),
-        batch_size=batch,
+        forward=lambda part, idx: _out_emb(model(inputs(part, idx))),
+        batch_size=cfg.train.teacher_batch_size,
         regression=cfg.data.is_regression,
         modules=[model],
     )
@@ -160,22 +168,66 @@ def pooled_features(
 ) -> torch.Tensor:
     """(N, D) mean-pooled backbone tokens of every sample (eval mode, no grad)."""
     backbone.eval()
-    out = []
-    for start in range(0, len(samples), batch):
-        x = torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][start : start + batch])).to(device)
-        out.append(backbone(x).mean(1))
+    out = [
+        backbone(_array(samples, modality, slice(start, start + batch), device)).mean(1)
+        for start in range(0, len(samples), batch)
+    ]
     return torch.cat(out)
+
+
+def _unimodal(
+    cfg: RunConfig, modality: str, shape: tuple[int, ...], device: torch.device | str
+) -> UnimodalModel:
+    backbone = build_backbone(modality, shape, cfg.model)
+    bounded = cfg.data.task != "regression"
+    return UnimodalModel(backbone, cfg.data.num_outputs, cfg.data.is_regression, bounded=bounded).to(device)
+
+
+def _train_tnets(
+    cfg: RunConfig, job: Job, ctx: WorkerContext, teacher: nn.Module, tnets: nn.ModuleDict, data: FoldData
+) -> FitState:
+    """T-Nets: the teacher's pooled video features -> its pooled privileged features (RBF-kernel MMD)."""
+    seed_everything(job.seed * 7919 + job.fold * 31 + 202)
+    b = cfg.train.teacher_batch_size
+    video = cfg.data.student_modalities[0]
+    vid = teacher.backbones[video]
+    x_train = pooled_features(vid, data.train, video, b, ctx.device)
+    x_val = pooled_features(vid, data.val, video, b, ctx.device)
+    y_train = {p: pooled_features(teacher.backbones[p], data.train, p, b, ctx.device) for p in tnets}
+    y_val = {p: pooled_features(teacher.backbones[p], data.val, p, b, ctx.device) for p in tnets}
+
+    def step(index: np.ndarray) -> dict[str, torch.Tensor]:
+        losses = {f"mmd_{p}": mmd_rbf(tnets[p](x_train[index]), y_train[p][index]) for p in tnets}
+        return {"loss": torch.stack(list(losses.values())).sum(), **losses}
+
+    @torch.no_grad()
+    def validate() -> float:
+        tnets.eval()
+        return -float(sum(mmd_rbf(tnets[p](x_val), y_val[p]) for p in tnets))
+
+    return fit(
+        tnets,
+        torch.optim.Adam(tnets.parameters(), lr=cfg.train.lr_tnet),
+        train_step=step,
+        validate=validate,
+        epochs=cfg.train.epochs_tnet,
+        # precomputed features: every worker takes the whole batch (identical updates, no gradient exchange)
+        batches_for_epoch=lambda e: epoch_batches(
+            len(data.train), b, seed=job.seed * 1000 + job.fold, epoch=e
+        ),
+        on_epoch_end=ctx.epoch_hook("tnet"),
+        resume=ctx.resume_for("tnet"),
+        train_modules=[tnets],
+        progress=ctx.progress_hook("tnet"),
+    )
 
 
 def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext) -> dict[str, float]:
     """Train (or resume) every phase of a teacher job; rank 0 writes the job's files. Returns test metrics."""
-    import time
-
     started = time.perf_counter()
     out = Path(job.out_dir)
     full_fold = job.group is None
     regression = cfg.data.is_regression
-    n_out = cfg.data.num_outputs
     shapes = data.input_shapes
     metric = "ccc" if regression else "accuracy"
     histories: dict[str, FitState] = {}
@@ -186,219 +238,111 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     for modality in cfg.data.modalities:
         phase = f"unimodal-{modality}"
         seed_everything(job.seed * 7919 + job.fold * 31 + len(backbones))
-        model = UnimodalModel(
-            build_backbone(modality, shapes[modality], cfg.model),
-            n_out,
-            regression,
-            bounded=cfg.data.task != "regression",
-        ).to(ctx.device)
-        fwd = _modality_forward(modality, ctx.device)
-        path = _phase_path(job, phase)
-        if path.is_file():
-            saved = torch.load(path, weights_only=False, map_location=ctx.device)
-            model.load_state_dict(saved["state_dict"])
-            histories[phase] = FitState(**saved["fit"])
-        else:
-            groups = [{"params": list(model.parameters()), "lr": cfg.train.lr_backbone}]
-            state = _fit_supervised(
-                cfg,
-                job,
-                ctx,
-                phase,
-                model,
-                fwd,
-                data,
-                groups,
-                cfg.train.epochs_unimodal,
-                cfg.train.teacher_batch_size,
-            )
-            histories[phase] = state
-            if ctx.is_chief:
-                atomic_torch_save(
-                    {
-                        "state_dict": model.state_dict(),
-                        "input_shape": shapes[modality],
-                        "fit": _fit_summary(state),
-                    },
-                    path,
-                )
-        backbones[modality] = model.backbone
-        frames += _predictions(cfg, job, phase, model, fwd, data, cfg.train.teacher_batch_size)
+        model = _unimodal(cfg, modality, shapes[modality], ctx.device)
 
-    # 2. fusion teacher, backbones initialised from the unimodal models
-    phase = "teacher"
-    seed_everything(job.seed * 7919 + job.fold * 31 + 101)
-    teacher = build_teacher(cfg, shapes, backbones=backbones).to(ctx.device)
-    fwd = _multi_forward(cfg.data.modalities, ctx.device)
-    path = _phase_path(job, phase)
-    if path.is_file():
-        saved = torch.load(path, weights_only=False, map_location=ctx.device)
-        teacher.load_state_dict(saved["state_dict"])
-        histories[phase] = FitState(**saved["fit"])
-    else:
-        backbone_params = [p for p in teacher.backbones.parameters()]
-        ids = {id(p) for p in backbone_params}
-        other = [p for p in teacher.parameters() if id(p) not in ids]
-        groups = [
-            {"params": backbone_params, "lr": cfg.train.lr_teacher_backbone},
-            {"params": other, "lr": cfg.train.lr_fusion},
-        ]
-        state = _fit_supervised(
-            cfg,
+        def one(samples: SampleSet, idx: np.ndarray, m: str = modality) -> torch.Tensor:
+            return _array(samples, m, idx, ctx.device)
+
+        groups = [{"params": list(model.parameters()), "lr": cfg.train.lr_backbone}]
+        histories[phase] = _phase(
             job,
             ctx,
             phase,
-            teacher,
-            fwd,
-            data,
-            groups,
-            cfg.train.epochs_teacher,
-            cfg.train.teacher_batch_size,
+            model,
+            functools.partial(
+                _fit_supervised, cfg, job, ctx, phase, model, one, data, groups, cfg.train.epochs_unimodal
+            ),
+            input_shape=shapes[modality],
         )
-        histories[phase] = state
-        if ctx.is_chief:
-            atomic_torch_save(
-                {"state_dict": teacher.state_dict(), "input_shapes": shapes, "fit": _fit_summary(state)}, path
-            )
-    frames += _predictions(cfg, job, "teacher", teacher, fwd, data, cfg.train.teacher_batch_size)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+        backbones[modality] = model.backbone
+        frames += _predictions(cfg, job, phase, model, one, data)
+
+    # 2. fusion teacher, backbones initialised from the unimodal models
+    seed_everything(job.seed * 7919 + job.fold * 31 + 101)
+    teacher = build_teacher(cfg, shapes, backbones=backbones).to(ctx.device)
+
+    def multi(samples: SampleSet, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return {m: _array(samples, m, idx, ctx.device) for m in cfg.data.modalities}
+
+    backbone_params = list(teacher.backbones.parameters())
+    ids = {id(p) for p in backbone_params}
+    groups = [
+        {"params": backbone_params, "lr": cfg.train.lr_teacher_backbone},
+        {"params": [p for p in teacher.parameters() if id(p) not in ids], "lr": cfg.train.lr_fusion},
+    ]
+    histories["teacher"] = _phase(
+        job,
+        ctx,
+        "teacher",
+        teacher,
+        lambda: _fit_supervised(
+            cfg, job, ctx, "teacher", teacher, multi, data, groups, cfg.train.epochs_teacher
+        ),
+        input_shapes=shapes,
+    )
+    frames += _predictions(cfg, job, "teacher", teacher, multi, data)
+    teacher.requires_grad_(False)
     teacher.eval()
 
-    # 3. T-Nets: teacher video features -> teacher privileged features (MMD); full-fold teachers only
-    student_modality = cfg.data.student_modalities[0]
-    phase = "tnet"
-    tnets = nn.ModuleDict(build_tnets(cfg)).to(ctx.device)
-    path = _phase_path(job, phase)
-    if full_fold and path.is_file():
-        saved = torch.load(path, weights_only=False, map_location=ctx.device)
-        tnets.load_state_dict(saved["state_dict"])
-        histories[phase] = FitState(**saved["fit"])
-    elif full_fold:
-        seed_everything(job.seed * 7919 + job.fold * 31 + 202)
-        b = cfg.train.teacher_batch_size
-        vid = teacher.backbones[student_modality]
-        x_train = pooled_features(vid, data.train, student_modality, b, ctx.device)
-        x_val = pooled_features(vid, data.val, student_modality, b, ctx.device)
-        y_train = {p: pooled_features(teacher.backbones[p], data.train, p, b, ctx.device) for p in tnets}
-        y_val = {p: pooled_features(teacher.backbones[p], data.val, p, b, ctx.device) for p in tnets}
-        optimizer = torch.optim.Adam(tnets.parameters(), lr=cfg.train.lr_tnet)
-
-        def step(index: np.ndarray) -> dict[str, torch.Tensor]:
-            losses = {f"mmd_{p}": mmd_rbf(tnets[p](x_train[index]), y_train[p][index]) for p in tnets}
-            total = torch.stack(list(losses.values())).sum()
-            return {"loss": total, **losses}
-
-        @torch.no_grad()
-        def validate() -> float:
-            tnets.eval()
-            return -float(sum(mmd_rbf(tnets[p](x_val), y_val[p]) for p in tnets))
-
-        state = fit(
-            tnets,
-            optimizer,
-            train_step=step,
-            validate=validate,
-            epochs=cfg.train.epochs_tnet,
-            # T-Nets train on precomputed features: every worker takes the whole batch (identical
-            # updates on every rank, no gradient exchange needed)
-            batches_for_epoch=lambda e: epoch_batches(
-                len(data.train), b, seed=job.seed * 1000 + job.fold, epoch=e
-            ),
-            on_epoch_end=ctx.epoch_hook(phase),
-            resume=ctx.resume_for(phase),
-            train_modules=[tnets],
-            progress=ctx.progress_hook(phase),
+    # 3. T-Nets (full-fold teachers only)
+    if full_fold:
+        tnets = nn.ModuleDict(build_tnets(cfg)).to(ctx.device)
+        histories["tnet"] = _phase(
+            job, ctx, "tnet", tnets, lambda: _train_tnets(cfg, job, ctx, teacher, tnets, data)
         )
-        histories[phase] = state
-        if ctx.is_chief:
-            atomic_torch_save({"state_dict": tnets.state_dict(), "fit": _fit_summary(state)}, path)
 
     metrics: dict[str, float] = {}
     if ctx.is_chief:
         if full_fold:
             write_predictions(frames, out / "predictions.parquet")
-        write_history(out / "history.json", histories, metric)
+        write_history(out, histories, metric)
         for f in frames:
             if f["split"].iloc[0] == "test":
                 scores = np.stack(f["scores"].to_numpy())
                 metrics[f"{f['model'].iloc[0]}/test_{metric}"] = task_metric(
                     f["y_true"].to_numpy(), scores, regression
                 )
-        import json
-
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_json(out / METRICS, metrics)
         record = {
-            "teacher_hash": file_hash(_phase_path(job, "teacher")),
+            "teacher_hash": content_hash(_phase_path(job, "teacher")),
             "train_subjects": sorted(set(data.train.subject_ids.tolist())),
             "seconds": round(time.perf_counter() - started, 2),
         }
         if full_fold:
-            record["tnet_hash"] = file_hash(_phase_path(job, "tnet"))
+            record["tnet_hash"] = content_hash(_phase_path(job, "tnet"))
         else:
             record["held_out_group"] = job.group
-        atomic_write_text(job.done_marker, json.dumps(record, indent=1))
+        atomic_write_json(job.done_marker, record)
     return metrics
 
 
-def _fit_summary(state: FitState) -> dict:
-    """A FitState without the heavy weights (stored next to the phase's weights)."""
-    return {
-        "epoch": state.epoch,
-        "best_score": state.best_score,
-        "best_epoch": state.best_epoch,
-        "history": state.history,
-        "resumed_from": state.resumed_from,
-    }
+def _frozen(*modules: nn.Module) -> None:
+    for m in modules:
+        m.eval()
+        m.requires_grad_(False)
 
 
 def load_teacher(
     cfg: RunConfig, job_dir: Path, device: torch.device | str = "cpu", *, with_tnets: bool = True
 ):
-    """The trained teacher and T-Nets of a job folder (frozen, eval mode).
-
-    ``with_tnets=False`` (cross-fitting teachers, which train none): the T-Nets returned are None.
-    """
-    from pkdot.errors import StageError
-
-    path = Path(job_dir) / "teacher.pt"
-    if not path.is_file():
-        raise StageError(f"teacher checkpoint {path} does not exist (run `pkdot train-teacher` first)")
-    saved = torch.load(path, weights_only=False, map_location=device)
+    """The trained teacher, T-Nets (None with ``with_tnets=False``) and input shapes of a job folder (frozen)."""
+    saved = load_checkpoint(Path(job_dir) / "teacher.pt", device)
     teacher = build_teacher(cfg, saved["input_shapes"])
     teacher.load_state_dict(saved["state_dict"])
-    modules: list[nn.Module] = [teacher]
+    _frozen(teacher)
     tnets = None
     if with_tnets:
         tnets = nn.ModuleDict(build_tnets(cfg))
-        tpath = Path(job_dir) / "tnet.pt"
-        if not tpath.is_file():
-            raise StageError(f"T-Net checkpoint {tpath} does not exist (run `pkdot train-teacher` first)")
-        tnets.load_state_dict(torch.load(tpath, weights_only=False, map_location=device)["state_dict"])
-        modules.append(tnets)
-    for m in modules:
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-    return teacher.to(device), (tnets.to(device) if tnets is not None else None), saved["input_shapes"]
+        tnets.load_state_dict(load_checkpoint(Path(job_dir) / "tnet.pt", device)["state_dict"])
+        _frozen(tnets)
+        tnets = tnets.to(device)
+    return teacher.to(device), tnets, saved["input_shapes"]
 
 
 def load_unimodal(cfg: RunConfig, job_dir: Path, modality: str, device: torch.device | str = "cpu"):
     """The trained ``unimodal-<modality>`` model of a teacher job folder (phase 1), frozen, eval mode."""
-    from pkdot.errors import StageError
-
-    path = Path(job_dir) / f"unimodal-{modality}.pt"
-    if not path.is_file():
-        raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
-    saved = torch.load(path, weights_only=False, map_location=device)
-    model = UnimodalModel(
-        build_backbone(modality, tuple(saved["input_shape"]), cfg.model),
-        cfg.data.num_outputs,
-        cfg.data.is_regression,
-        bounded=cfg.data.task != "regression",
-    )
+    saved = load_checkpoint(Path(job_dir) / f"unimodal-{modality}.pt", device)
+    model = _unimodal(cfg, modality, tuple(saved["input_shape"]), "cpu")
     model.load_state_dict(saved["state_dict"])
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _frozen(model)
     return model.to(device)

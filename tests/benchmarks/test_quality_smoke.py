@@ -124,7 +124,7 @@ def test_ablation_variant_shares_the_base_run_and_reproduces_its_none_student(ti
     assert not (variant / "stages" / "distill.json").is_symlink()
     assert not (variant / "student").is_symlink()
     assert sorted(p.name for p in (variant / "student").iterdir()) == ["none", "pkdot"]
-    assert load_config(variant / "config.yaml").distill.k == 5
+    assert load_config(variant / "config.yaml").distill.pkdot.k == 5
     # k does not touch the no-distillation student: same teacher, cache and seed -> the same scores
     assert df.iloc[0]["none_vs_base"] == 0.0
     assert (df["n"] == 3).all()
@@ -162,11 +162,12 @@ def test_markdown_report_lists_every_row(tiny_report):
 
 def test_ablation_config_only_changes_the_distill_section(tmp_path):
     base = load_config(preset="demo", overrides={"run_dir": str(tmp_path / "base")})
-    base.to_yaml(tmp_path / "base" / "config.yaml")
+    (tmp_path / "base").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "base" / "config.yaml").write_text(base.yaml_text())
     variant = quality.ablation_config(
-        base, quality.Ablation("k", "all", {"distill.k": "all"}), tmp_path / "v"
+        base, quality.Ablation("k", "all", {"distill.pkdot.k": "all"}), tmp_path / "v"
     )
-    assert variant.distill.k == "all" and variant.distill.losses == ["none", "pkdot"]
+    assert variant.distill.pkdot.k == "all" and variant.distill.losses == ["none", "pkdot"]
     assert variant.model == base.model and variant.train == base.train
     with pytest.raises(ConfigError, match="outside the distill section"):
         quality.ablation_config(

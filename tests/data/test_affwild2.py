@@ -207,7 +207,7 @@ def test_synthetic_set_has_both_partitions_and_official_folds_follow_them(
     affwild2: Path, tmp_path: Path
 ) -> None:
     from pkdot.config import TrainConfig
-    from pkdot.data.manifest import fold_plan
+    from pkdot.folds import fold_plan
 
     df = build_manifest(_cfg(root=affwild2, clip_frames=20, clip_stride=20)).frame
     assert set(df.partition) == {"Train_Set", "Validation_Set"}
@@ -216,8 +216,7 @@ def test_synthetic_set_has_both_partitions_and_official_folds_follow_them(
     assert set(fold.test) == set(part[part == "Validation_Set"].index)
     assert set(fold.train) | set(fold.val) == set(part[part == "Train_Set"].index)
     assert fold.val and fold.train  # validation carved from Train_Set subjects, never from the test partition
-    from pkdot.data.manifest import describe_protocol
-    from pkdot.train.splits import save_folds
+    from pkdot.folds import describe_protocol, save_folds
 
     save_folds([fold], tmp_path / "splits.json")
     text = describe_protocol("official", tmp_path / "splits.json")
@@ -232,8 +231,8 @@ def test_synthetic_set_has_both_partitions_and_official_folds_follow_them(
 
 def test_official_folds_refuse_data_without_a_validation_partition(tmp_path: Path) -> None:
     from pkdot.config import TrainConfig
-    from pkdot.data.manifest import fold_plan
     from pkdot.errors import ConfigError
+    from pkdot.folds import fold_plan
 
     root = _fake_root(tmp_path / "r", {f"v{i}": _lines(20) for i in range(3)}, partition="Train_Set")
     df = build_manifest(_cfg(root=root, clip_frames=10, clip_stride=10)).frame
@@ -259,7 +258,7 @@ def test_official_is_the_affwild2_default_and_kfold_stays_available() -> None:
 
 def test_frame_predictions_assign_each_clip_to_its_frames(tmp_path: Path) -> None:
     from pkdot.data.affwild2 import challenge_scores, frame_predictions
-    from pkdot.evaluate.metrics import ccc
+    from pkdot.metrics import ccc
 
     # 25 frames: frames 5-7 unannotated; clips of 10 frames at 0 and 10 (frames 20-24 are a tail no clip covers)
     values = np.linspace(-0.8, 0.8, 25)

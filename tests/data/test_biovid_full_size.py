@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pkdot import stages
+from pkdot import pipeline
 from pkdot.config import load_config
 from pkdot.data.manifest import BIOVID_CLASSES, read_manifest
-from pkdot.train.splits import fold_masks, load_folds
+from pkdot.folds import fold_masks, load_folds
 
 SUBJECTS = 87
 PER_CLASS = 20
@@ -53,14 +53,13 @@ def test_87_subject_manifest_builds_loso_folds(tmp_path: Path) -> None:
         ]
     )
     t0 = time.perf_counter()
-    result = stages.stage_manifest(cfg)
+    result = pipeline.run_stage("manifest", cfg)
     t_manifest = time.perf_counter() - t0
     assert result.details == {"samples": SUBJECTS * 5 * PER_CLASS, "skipped": 0, "subjects": SUBJECTS}
 
     manifest = read_manifest(Path(cfg.run_dir) / "manifest.parquet")
     t0 = time.perf_counter()
-    from pkdot.data.manifest import fold_plan
-    from pkdot.train.splits import save_folds
+    from pkdot.folds import fold_plan, save_folds
 
     folds = fold_plan(manifest, cfg.train, cfg.seed)
     save_folds(folds, Path(cfg.run_dir) / "splits.json")
@@ -78,7 +77,7 @@ def test_87_subject_manifest_builds_loso_folds(tmp_path: Path) -> None:
         assert not (m["train"] & m["test"]).any() and not (m["val"] & m["test"]).any()
         assert (m["train"] | m["val"] | m["test"]).all()
     assert len({f.val for f in folds}) > 1  # validation subjects are drawn per fold
-    from pkdot.data.manifest import describe_protocol
+    from pkdot.folds import describe_protocol
 
     assert describe_protocol("loso", Path(cfg.run_dir) / "splits.json").startswith(
         "leave-one-subject-out cross-validation (87 folds evaluated"

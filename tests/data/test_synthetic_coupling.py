@@ -173,7 +173,7 @@ def test_write_synthetic_rejects_coupling_outside_0_1(tmp_path: Path) -> None:
 def test_run_regenerates_its_synthetic_set_when_the_coupling_changes(tmp_path: Path) -> None:
     """``synth.coupling`` is part of what decides that a run's synthetic set is up to date."""
     from pkdot.config import load_config
-    from pkdot.stages import prepare_run
+    from pkdot.pipeline import prepare_run
 
     def prepared(coupling: float) -> pd.DataFrame:
         overrides = {

@@ -58,7 +58,7 @@ class Objective(nn.Module):
             num_outputs=CLASSES,
             regression=False,
             num_samples=NUM_SAMPLES,
-            cfg=DistillConfig(k=5),
+            options=DistillConfig(pkdot={"k": 5}).options(name),
         )
 
     def forward(self, data: dict[str, torch.Tensor]) -> torch.Tensor:

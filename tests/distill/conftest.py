@@ -46,7 +46,7 @@ def make_batch() -> Callable[..., DistillBatch]:
 
 @pytest.fixture
 def distill_cfg() -> DistillConfig:
-    return DistillConfig(k=5)
+    return DistillConfig(pkdot={"k": 5})
 
 
 def _random_orthogonal(dim: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,15 +1,14 @@
-"""Registry, base-class checks and the total loss (pkdot/distill/base.py and the package's auto-import)."""
+"""Registry, base-class checks and the total loss (pkdot/distill/base.py and the package's import list)."""
 
 from __future__ import annotations
 
-import sys
-import textwrap
-
 import pytest
 import torch
+from pydantic import ValidationError
 
-from pkdot.config import DistillConfig
-from pkdot.distill import DistillLoss, available_losses, build_loss, default_weights, register, total_loss
+from pkdot import config
+from pkdot.config import DistillConfig, LossOptions, RKDOptions, SPOptions
+from pkdot.distill import DistillLoss, available_losses, build_loss, register, total_loss
 from pkdot.distill import base as distill_base
 from pkdot.errors import ConfigError, StageError
 
@@ -24,14 +23,14 @@ def _build(name: str, cfg: DistillConfig, regression: bool = False, **options) -
         num_outputs=1 if regression else 3,
         regression=regression,
         num_samples=50,
-        cfg=cfg,
-        **options,
+        options=cfg.options(name).model_copy(update=options),
     )
 
 
-def test_importing_the_package_registers_every_loss() -> None:
-    assert EXPECTED <= set(available_losses())
+def test_the_registry_is_exactly_the_configs_list_of_losses() -> None:
+    assert set(available_losses()) == set(config.LOSSES) == EXPECTED
     assert available_losses() == sorted(available_losses())
+    assert DistillConfig().losses == list(config.LOSSES)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -55,42 +54,45 @@ def test_every_loss_builds_runs_and_never_reaches_the_teacher(
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_unknown_name_lists_the_available_losses(distill_cfg) -> None:
+def test_unknown_name_lists_the_available_losses() -> None:
     with pytest.raises(ConfigError, match="unknown loss 'ot'") as info:
-        _build("ot", distill_cfg)
+        build_loss("ot", student_dim=12, teacher_dim=20, num_outputs=3, regression=False, num_samples=50)
     for name in EXPECTED:
         assert name in str(info.value)
 
 
-def test_options_unknown_rejected_and_config_options_applied(make_batch) -> None:
-    with pytest.raises(ConfigError, match=r"distill.options.sp: unknown option\(s\) \['alpha'\]"):
-        _build("sp", DistillConfig(), alpha=1.0)
-    cfg = DistillConfig(options={"rkd": {"distance_weight": 0.0, "angle_weight": 1.0}})
-    batch = make_batch()
-    from pkdot.distill.rkd import rkd_angle_loss
-
-    assert _build("rkd", cfg)(batch).item() == pytest.approx(
-        rkd_angle_loss(batch.student_z, batch.teacher_z).item()
-    )
-    # An explicit keyword wins over cfg.options.
-    assert _build("rkd", cfg, angle_weight=2.0)(batch).item() == pytest.approx(
-        2.0 * rkd_angle_loss(batch.student_z, batch.teacher_z).item()
-    )
-
-
-def test_bad_dimensions_and_batches(make_batch, distill_cfg) -> None:
-    with pytest.raises(ConfigError, match="student_dim"):
+def test_options_are_typed_per_loss_and_reach_the_class(make_batch) -> None:
+    with pytest.raises(ValidationError, match="alpha"):
+        SPOptions(alpha=1.0)
+    with pytest.raises(ConfigError, match="options must be a SPOptions"):
         build_loss(
             "sp",
-            student_dim=0,
+            student_dim=12,
             teacher_dim=20,
             num_outputs=3,
             regression=False,
             num_samples=5,
-            cfg=distill_cfg,
+            options=RKDOptions(),
         )
-    with pytest.raises(ConfigError, match="missing"):
-        build_loss("sp", student_dim=12, cfg=distill_cfg)
+    batch = make_batch()
+    from pkdot.distill.rkd import rkd_angle_loss
+
+    cfg = DistillConfig(rkd={"distance_weight": 0.0, "angle_weight": 2.0})
+    loss = _build("rkd", cfg)
+    assert (loss.distance_weight, loss.angle_weight) == (0.0, 2.0)
+    assert loss(batch).item() == pytest.approx(2.0 * rkd_angle_loss(batch.student_z, batch.teacher_z).item())
+    # with no options, the defaults of the loss's section
+    default = build_loss(
+        "rkd", student_dim=12, teacher_dim=20, num_outputs=3, regression=False, num_samples=5
+    )
+    assert (default.distance_weight, default.angle_weight) == (25.0, 50.0)
+
+
+def test_bad_dimensions_and_batches(make_batch, distill_cfg) -> None:
+    with pytest.raises(ConfigError, match="student_dim"):
+        build_loss("sp", student_dim=0, teacher_dim=20, num_outputs=3, regression=False, num_samples=5)
+    with pytest.raises(TypeError, match="teacher_dim"):
+        build_loss("sp", student_dim=12)  # type: ignore[call-arg]
     loss = _build("sp", distill_cfg)
     batch = make_batch(student_dim=7)
     with pytest.raises(StageError, match=r"student_z has shape \(16, 7\), expected \(B, 12\)"):
@@ -105,8 +107,8 @@ def test_bad_dimensions_and_batches(make_batch, distill_cfg) -> None:
         loss(batch)
 
 
-def test_total_loss_weights_each_term_and_returns_them_separately(distill_cfg) -> None:
-    cfg = DistillConfig(weights={"pkdot": 0.2}, task_weight=0.8)
+def test_total_loss_weights_each_term_and_returns_them_separately() -> None:
+    cfg = DistillConfig(pkdot={"weight": 0.2}, task_weight=0.8)
     task, distill = torch.tensor(2.0), torch.tensor(5.0)
     parts = total_loss(task, distill, cfg, "pkdot")
     assert set(parts) == {"loss", "loss_task", "loss_pkdot"}
@@ -116,45 +118,43 @@ def test_total_loss_weights_each_term_and_returns_them_separately(distill_cfg) -
     # A loss not named in cfg.weights uses its class's default weight.
     sp = total_loss(task, distill, cfg, "sp")
     assert set(sp) == {"loss", "loss_task", "loss_sp"}
-    assert sp["loss_sp"].item() == pytest.approx(default_weights()["sp"] * 5.0)
+    assert sp["loss_sp"].item() == pytest.approx(3000.0 * 5.0)
     with pytest.raises(StageError, match="scalar"):
         total_loss(torch.ones(3), distill, cfg, "pkdot")
-    with pytest.raises(ConfigError, match="distill loss 'ot' is not registered"):
+    with pytest.raises(ConfigError, match="unknown loss 'ot'"):
         total_loss(task, distill, cfg, "ot")
 
 
-def test_a_new_loss_is_one_file_with_one_decorator(tmp_path, make_batch, distill_cfg) -> None:
-    """A package whose __init__ uses the same auto-import as pkdot.distill picks up a dropped-in file."""
-    package = tmp_path / "extra_losses_pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "from pkdot.distill import import_loss_modules\nimport_loss_modules(__path__, __name__)\n"
-    )
-    (package / "mean_gap.py").write_text(
-        textwrap.dedent(
-            """
-            from pkdot.distill import DistillLoss, register
+def test_a_new_loss_is_an_options_section_and_one_decorated_class(monkeypatch, make_batch) -> None:
+    """Registering a name outside config.LOSSES is refused; once the config lists it, one class suffices."""
 
-            @register("mean-gap")
-            class MeanGap(DistillLoss):
-                def compute(self, batch):
-                    return (batch.student_z.mean() - batch.teacher_z.mean()).abs()
-            """
-        )
-    )
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import extra_losses_pkg  # noqa: F401
+    class MeanGapOptions(LossOptions):
+        scale: float = 1.0
 
-        assert "mean-gap" in available_losses()
-        batch = make_batch()
-        value = _build("mean-gap", distill_cfg)(batch)
-        assert value.item() == pytest.approx((batch.student_z.mean() - batch.teacher_z.mean()).abs().item())
-    finally:
-        sys.path.remove(str(tmp_path))
-        distill_base._REGISTRY.pop("mean-gap", None)
-        for mod in [m for m in sys.modules if m.startswith("extra_losses_pkg")]:
-            del sys.modules[mod]
+    class MeanGap(DistillLoss):
+        def __init__(self, *, scale: float, **dims) -> None:
+            super().__init__(**dims)
+            self.scale = scale
+
+        def compute(self, batch):
+            return self.scale * (batch.student_z.mean() - batch.teacher_z.mean()).abs()
+
+    with pytest.raises(ConfigError, match="not a loss of pkdot.config.LOSSES"):
+        register("mean-gap")(MeanGap)
+    monkeypatch.setitem(config.LOSSES, "mean-gap", MeanGapOptions)
+    monkeypatch.setitem(distill_base._REGISTRY, "mean-gap", MeanGap)  # restored (removed) after the test
+    register("mean-gap")(MeanGap)
+    batch = make_batch()
+    value = build_loss(
+        "mean-gap",
+        student_dim=12,
+        teacher_dim=20,
+        num_outputs=3,
+        regression=False,
+        num_samples=50,
+        options=MeanGapOptions(scale=2.0),
+    )(batch)
+    assert value.item() == pytest.approx(2.0 * (batch.student_z.mean() - batch.teacher_z.mean()).abs().item())
 
 
 def test_register_rejects_a_taken_name_and_non_losses() -> None:
@@ -165,5 +165,5 @@ def test_register_rejects_a_taken_name_and_non_losses() -> None:
             pass
 
     with pytest.raises(ConfigError, match="not a DistillLoss"):
-        register("thing")(int)  # type: ignore[arg-type]
-    assert "thing" not in available_losses()
+        register("sp")(int)  # type: ignore[arg-type]
+    assert available_losses() == sorted(EXPECTED)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
-from pkdot.config import DistillConfig
+from pkdot.config import CRDOptions
 from pkdot.distill import DistillBatch, build_loss
 from pkdot.distill.crd import nce_loss, sample_negatives
 from pkdot.errors import ConfigError, StageError
@@ -20,8 +21,7 @@ def _crd(num_samples: int = 40, **options):
         num_outputs=3,
         regression=False,
         num_samples=num_samples,
-        cfg=DistillConfig(),
-        **options,
+        options=CRDOptions(**options),
     )
 
 
@@ -116,7 +116,7 @@ def test_index_required_and_checked(make_batch) -> None:
     batch.index = batch.index + 50
     with pytest.raises(StageError, match=r"\[0, 50\)"):
         loss(batch)
-    with pytest.raises(ConfigError, match="n_negatives"):
+    with pytest.raises(ValidationError, match="n_negatives"):
         _crd(n_negatives=0)
     with pytest.raises(ConfigError, match="num_samples"):
         _crd(num_samples=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pkdot.config import DistillConfig
 from pkdot.distill import DistillBatch, build_loss
 from pkdot.distill.fitnet import fitnet_loss
 
@@ -18,7 +17,6 @@ def _fitnet(student_dim: int, teacher_dim: int):
         num_outputs=2,
         regression=False,
         num_samples=10,
-        cfg=DistillConfig(),
     )
 
 

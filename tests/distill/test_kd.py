@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pkdot.config import DistillConfig
+from pkdot.config import KDOptions
 from pkdot.distill import build_loss
 from pkdot.distill.kd import kd_loss, kd_regression_loss
 
@@ -29,18 +29,18 @@ def test_value_is_t_squared_kl_batchmean() -> None:
         assert kd_loss(student, teacher, temperature).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_class_uses_cfg_temperature_and_regression_mse(make_batch) -> None:
+def test_class_uses_its_temperature_and_regression_mse(make_batch) -> None:
     batch = make_batch()
-    cfg = DistillConfig(temperature=2.0)
+    options = KDOptions(temperature=2.0)
     loss = build_loss(
-        "kd", student_dim=12, teacher_dim=20, num_outputs=3, regression=False, num_samples=50, cfg=cfg
+        "kd", student_dim=12, teacher_dim=20, num_outputs=3, regression=False, num_samples=50, options=options
     )
     assert loss(batch).item() == pytest.approx(
         kd_loss(batch.student_logits, batch.teacher_logits, 2.0).item()
     )
     regression_batch = make_batch(num_outputs=1, regression=True)
     loss = build_loss(
-        "kd", student_dim=12, teacher_dim=20, num_outputs=1, regression=True, num_samples=50, cfg=cfg
+        "kd", student_dim=12, teacher_dim=20, num_outputs=1, regression=True, num_samples=50, options=options
     )
     expected = ((regression_batch.student_logits - regression_batch.teacher_logits) ** 2).mean()
     assert loss(regression_batch).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -9,9 +9,15 @@ from pkdot.distill import build_loss, total_loss
 
 
 def test_none_is_zero_and_total_is_the_task_loss(make_batch) -> None:
-    cfg = DistillConfig(weights={"none": 0.6}, task_weight=1.0)
+    cfg = DistillConfig(none={"weight": 0.6}, task_weight=1.0)
     loss = build_loss(
-        "none", student_dim=12, teacher_dim=20, num_outputs=3, regression=False, num_samples=50, cfg=cfg
+        "none",
+        student_dim=12,
+        teacher_dim=20,
+        num_outputs=3,
+        regression=False,
+        num_samples=50,
+        options=cfg.none,
     )
     batch = make_batch()
     value = loss(batch)

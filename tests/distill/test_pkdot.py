@@ -6,9 +6,10 @@ import pytest
 import torch
 from geomloss import SamplesLoss
 
-from pkdot.config import DistillConfig
+from pkdot.config import PkdotOptions
 from pkdot.distill import build_loss, pkdot_loss, pkdot_structure
-from pkdot.distill.pkdot import cosine_similarity_matrix, structure_plan
+from pkdot.distill.ot import transport_plan
+from pkdot.distill.pkdot import cosine_similarity_matrix
 from pkdot.errors import ConfigError, StageError
 
 
@@ -104,11 +105,17 @@ def test_gradient_reaches_the_student_only_and_descends() -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_registered_class_uses_the_config() -> None:
+def test_registered_class_uses_its_options() -> None:
     student_z, teacher_z = _embeddings(batch_size=24)
-    cfg = DistillConfig(k=7, anchors="most", blur=0.2, scaling=0.6)
+    options = PkdotOptions(k=7, anchors="most", blur=0.2, scaling=0.6)
     loss = build_loss(
-        "pkdot", student_dim=16, teacher_dim=24, num_outputs=2, regression=False, num_samples=24, cfg=cfg
+        "pkdot",
+        student_dim=16,
+        teacher_dim=24,
+        num_outputs=2,
+        regression=False,
+        num_samples=24,
+        options=options,
     )
     from pkdot.distill import DistillBatch
 
@@ -121,7 +128,8 @@ def test_registered_class_uses_the_config() -> None:
 def test_structure_plan_is_diagonal_for_identical_structures() -> None:
     gen = torch.Generator().manual_seed(2)
     teacher_z = torch.randn(12, 8, generator=gen)
-    plan = structure_plan(teacher_z, teacher_z, k="all")
+    clouds = pkdot_structure(teacher_z, teacher_z, k="all")
+    plan = transport_plan(clouds.student_cloud, clouds.teacher_cloud, blur=0.1, scaling=0.5)
     assert plan.shape == (12, 12)
     assert float(plan.sum()) == pytest.approx(1.0, abs=1e-3)
     assert torch.equal(plan.argmax(dim=1), torch.arange(12))
@@ -137,5 +145,5 @@ def test_bad_inputs() -> None:
         pkdot_loss(student_z[:1], teacher_z[:1])
     with pytest.raises(ConfigError, match="anchors"):
         pkdot_loss(student_z, teacher_z, anchors="random")
-    with pytest.raises(ConfigError, match="distill.k"):
+    with pytest.raises(ConfigError, match="distill.pkdot.k"):
         pkdot_loss(student_z, teacher_z, k=0)

@@ -1,4 +1,4 @@
-"""Per-loss weights (``distill.weights``) and the gradient-scale check of every registered loss.
+"""Per-loss weights (``distill.<loss>.weight``, alias ``distill.weights.<loss>``) and the gradient-scale check of every registered loss.
 
 The scale test builds the ``demo`` preset's student (embedding 64, batch 32: the sizes the quality benchmark
 trains) freshly initialised, feeds it a fixed batch of backbone tokens, and compares, on the student's
@@ -20,8 +20,8 @@ import logging
 import pytest
 import torch
 
-from pkdot.config import DistillConfig, load_config
-from pkdot.distill import DistillBatch, available_losses, build_loss, default_weights, loss_weight
+from pkdot.config import LOSSES, DistillConfig, load_config
+from pkdot.distill import DistillBatch, available_losses, build_loss
 from pkdot.errors import ConfigError
 from pkdot.models.student import build_student
 from pkdot.train.loops import task_loss
@@ -29,33 +29,46 @@ from pkdot.train.loops import task_loss
 LOW, HIGH = 0.05, 20.0
 
 
-def test_unknown_loss_name_in_weights_is_a_config_error_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"distill\.weights\.pkdtot: unknown loss 'pkdtot'"):
-        DistillConfig(weights={"pkdtot": 0.6})
-    with pytest.raises(ConfigError, match=r"distill\.weights\.ot"):
-        load_config(overrides={"run_dir": "/tmp/x", "distill.weights.ot": 1.0})
+def test_weights_are_checked_at_load_naming_the_field() -> None:
+    with pytest.raises(
+        ConfigError, match=r"distill\.weights\.pkdtot: unknown loss 'pkdtot' \(valid: none, kd"
+    ):
+        load_config(overrides={"run_dir": "/tmp/x", "distill.weights.pkdtot": 0.6})
     for bad in (-1.0, float("inf"), float("nan")):
-        with pytest.raises(ConfigError, match=r"distill\.weights\.sp: expected a finite number >= 0"):
-            DistillConfig(weights={"sp": bad})
+        with pytest.raises(ConfigError, match=r"distill\.sp\.weight: Input should be"):
+            load_config(overrides={"run_dir": "/tmp/x", "distill.sp.weight": bad})
+        with pytest.raises(ConfigError, match=r"distill\.sp\.weight"):
+            load_config(overrides={"run_dir": "/tmp/x", "distill.weights.sp": bad})
 
 
 def test_the_removed_global_weight_says_what_replaced_it() -> None:
-    with pytest.raises(ConfigError, match=r"distill\.weights\.pkdot"):
+    with pytest.raises(ConfigError, match=r"distill\.<loss>\.weight"):
         load_config(overrides={"run_dir": "/tmp/x", "distill.weight": 0.2})
 
 
 def test_defaults_are_the_cited_values_and_weights_override_them() -> None:
-    defaults = default_weights()
-    assert set(defaults) == set(available_losses())
-    cited = {"kd": 1.0, "sp": 3000.0, "rkd": 1.0, "pkt": 30000.0, "crd": 0.8, "pkdot": 0.6, "none": 0.0}
-    assert {k: defaults[k] for k in cited} == cited
-    cfg = load_config(overrides={"run_dir": "/tmp/x", "distill.weights.pkdot": 0.25})
-    assert loss_weight(cfg.distill, "pkdot") == 0.25
-    assert loss_weight(cfg.distill, "sp") == 3000.0
-    loss = build_loss(
-        "pkdot", student_dim=8, teacher_dim=8, num_outputs=2, regression=False, num_samples=4, cfg=cfg.distill
-    )
-    assert loss.loss_weight == 0.25
+    defaults = {name: DistillConfig().weight(name) for name in LOSSES}
+    cited = {
+        "kd": 1.0,
+        "fitnet": 1.0,
+        "sp": 3000.0,
+        "rkd": 1.0,
+        "pkt": 30000.0,
+        "crd": 0.8,
+        "pkdot": 0.6,
+        "none": 0.0,
+    }
+    assert defaults == cited
+    # distill.weights.<loss> is an alias of distill.<loss>.weight: one value, in the loss's section
+    for key in ("distill.weights.pkdot", "distill.pkdot.weight"):
+        cfg = load_config(overrides={"run_dir": "/tmp/x", key: 0.25})
+        assert cfg.distill.weight("pkdot") == cfg.distill.pkdot.weight == 0.25
+        assert cfg.distill.weight("sp") == 3000.0
+        assert "weights" not in cfg.distill.model_dump()
+    with pytest.raises(ConfigError, match="contradicts"):
+        load_config(
+            overrides={"run_dir": "/tmp/x", "distill.weights.pkdot": 0.2, "distill.pkdot.weight": 0.3}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +107,13 @@ def test_weighted_distillation_gradient_is_on_the_task_gradient_scale(name, demo
         num_outputs=cfg.data.num_outputs,
         regression=False,
         num_samples=4 * len(labels),
-        cfg=cfg.distill,
+        options=cfg.distill.options(name),
     )
-    assert loss.loss_weight == default_weights()[name]
     out = student.forward_from_features(tokens)
     batch = DistillBatch(
         out.embedding, teacher_z, out.logits, teacher_logits, labels, torch.arange(len(labels))
     )
-    value = loss.loss_weight * loss(batch)
+    value = cfg.distill.weight(name) * loss(batch)
     if name == "none":
         assert value.item() == 0.0
         return

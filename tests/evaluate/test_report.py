@@ -26,6 +26,8 @@ CORRECT = {
     "student-none": {(0, 0): 15, (0, 1): 14, (1, 0): 16, (1, 1): 15},
     "student-pkdot": {(0, 0): 18, (0, 1): 17, (1, 0): 18, (1, 1): 19},
 }
+#: correct validation predictions (of N_TEST): the best validation mean (student-none) is not the best test mean
+VAL_CORRECT = {"teacher": 23, "unimodal-video": 20, "student-none": 21, "student-pkdot": 19}
 
 
 def _frame(model, fold, seed, split, y, y_pred, emb):
@@ -86,7 +88,12 @@ def write_fake_run(run_dir: Path, *, regression: bool = False) -> None:
                     labels = y
                 emb = teacher_emb if model == "teacher" else teacher_emb @ rng.normal(size=(DIM, DIM)) * 0.5
                 test = _frame(model, fold, seed, "test", labels, pred, emb)
-                val = _frame(model, fold, seed, "val", labels, labels, emb)  # perfect on val: must not count
+                val_pred = labels.copy()
+                if not regression:  # in the test table, val rows must not count
+                    val_pred[: N_TEST - VAL_CORRECT[model] - fold] = (
+                        1 - val_pred[: N_TEST - VAL_CORRECT[model] - fold]
+                    )
+                val = _frame(model, fold, seed, "val", labels, val_pred, emb)
                 frames[model] = pd.concat([test, val], ignore_index=True)
             tdir = run_dir / "teacher" / f"fold-{fold}" / f"seed-{seed}"
             _write(
@@ -150,7 +157,11 @@ def test_evaluate_run_writes_report_summary_and_plots(classification_run):
         assert table.loc[model, "mean"] == pytest.approx(np.mean(list(runs.values())) / N_TEST)
         assert table.loc[model, "n"] == 4
         assert table.loc[model, "ci_low"] < table.loc[model, "mean"] < table.loc[model, "ci_high"]
-    assert summary.best_student == "student-pkdot"
+    # issue 22: the student to ship is chosen on validation (student-none), not on test (student-pkdot)
+    assert table.loc["student-pkdot", "mean"] > table.loc["student-none", "mean"]
+    assert table.loc["student-none", "val_mean"] > table.loc["student-pkdot", "val_mean"]
+    assert summary.best_student == "student-none" and summary.selection.loss == "none"
+    assert (summary.selection.fold, summary.selection.seed) == (1, 0)  # fold 1 has the better val scores
     gain = (
         np.mean([CORRECT["student-pkdot"][r] - CORRECT["student-none"][r] for r in CORRECT["student-none"]])
         / N_TEST
@@ -166,6 +177,9 @@ def test_evaluate_run_writes_report_summary_and_plots(classification_run):
     assert f"{gain:+.4f}" in text and "the interval excludes 0: a gain for PKDOT" in text
     assert "`teacher` − `unimodal-video`" in text
     assert cfg.section_hash() in text and "biovid" in text and "binary" in text and "demo" in text
+    assert "Highest mean test" not in text and "highest mean validation accuracy" in text
+    assert f"| `student-none` | {table.loc['student-none', 'val_mean']:.3f} |" in text
+    assert "clipped to [0, 1]" in text
 
     names = {p.name for p in summary.plots}
     assert names == {
@@ -182,7 +196,8 @@ def test_evaluate_run_writes_report_summary_and_plots(classification_run):
     assert not [p for p in report_dir.iterdir() if p.name.startswith(".")]  # staging folder removed
 
     doc = json.loads((report_dir / "summary.json").read_text())
-    assert doc["best_student"] == "student-pkdot" and doc["metric"] == "accuracy"
+    assert doc["best_student"] == "student-none" and doc["metric"] == "accuracy"
+    assert doc["selection"]["loss"] == "none" and "validation" in doc["selection_rule"]
     assert pd.DataFrame(doc["table"]).equals(summary.table)
     round_trip = pd.DataFrame(doc["paired"])
     assert round_trip["mean_diff"].tolist() == pytest.approx(summary.paired["mean_diff"].tolist())
@@ -292,3 +307,44 @@ def test_report_stays_short_with_87_loso_folds(tmp_path):
     assert (summary.table["n"] == n_subjects).all()
     corrected = summary.paired.iloc[0]
     assert corrected["ci_high"] - corrected["ci_low"] > corrected["naive_ci_high"] - corrected["naive_ci_low"]
+
+
+def test_selection_ties_go_to_the_simpler_model():
+    from pkdot.evaluate.aggregate import select_student
+
+    per_fold = pd.DataFrame(
+        {
+            "model": ["student-pkdot", "student-kd", "student-pkdot", "student-kd", "teacher"],
+            "fold": [0, 0, 1, 1, 0],
+            "seed": 0,
+            "val_accuracy": [0.8, 0.7, 0.6, 0.7, 0.99],
+        }
+    )
+    assert select_student(per_fold, "accuracy", ["none", "kd", "pkdot"]).model == "student-kd"
+    assert select_student(per_fold, "accuracy", ["pkdot", "kd"]).model == "student-pkdot"
+    assert select_student(per_fold[per_fold["model"] == "teacher"], "accuracy") is None
+    with pytest.raises(StageError, match="validation"):
+        select_student(per_fold.assign(val_accuracy=np.nan), "accuracy")
+
+
+def test_intervals_stay_in_the_metric_range(classification_run):
+    """Two runs far apart: the t interval of the mean leaves [0, 1]; the report clips it and says so."""
+    from pkdot.evaluate.aggregate import summary_table
+
+    per_fold = pd.DataFrame(
+        {"model": "student-none", "fold": [0, 1], "seed": 0, "accuracy": [0.5, 1.0], "macro_f1": [0.5, 1.0]}
+    )
+    row = summary_table(per_fold, regression=False, test_train_ratio=0.25).iloc[0]
+    assert row["ci_low"] == 0.0 and row["ci_high"] == 1.0 and row["naive_ci_high"] == 1.0
+    ccc = pd.DataFrame(
+        {"model": "teacher", "fold": [0, 1], "seed": 0, "ccc": [-0.9, 0.9], "mae": 0.1, "rmse": 0.1}
+    )
+    row = summary_table(ccc, regression=True).iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (-1.0, 1.0)
+    cfg, run_dir = classification_run
+    summary = evaluate_run(cfg, run_dir)
+    assert (summary.table["ci_low"] >= 0).all() and (summary.table["ci_high"] <= 1).all()
+    assert (
+        "Intervals of accuracy and F1 are clipped to [0, 1], those of CCC to [-1, 1]"
+        in summary.report_path.read_text()
+    )

@@ -92,21 +92,24 @@ def test_summarise_robustness_gives_corrected_intervals():
             "level": [0.0, 0.0, 0.9, 0.9],
             "fold": [0, 1, 0, 1],
             "seed": 0,
-            "value": [0.8, 0.7, 0.5, 0.6],
+            "value": [0.8, 0.78, 0.5, 0.52],
         }
     )
     table = summarise_robustness(runs, metric="accuracy", test_train_ratio=0.5)
-    assert table["mean"].tolist() == pytest.approx([0.75, 0.55])
+    assert table["mean"].tolist() == pytest.approx([0.79, 0.51])
     assert ((table["ci_high"] - table["ci_low"]) > (table["naive_ci_high"] - table["naive_ci_low"])).all()
+    wide = summarise_robustness(
+        runs.assign(value=[0.9, 0.6, 0.5, 0.6]), metric="accuracy", test_train_ratio=0.5
+    )
+    assert (wide["ci_high"] <= 1.0).all() and wide["ci_high"].iloc[0] == 1.0  # clipped to accuracy's range
 
 
 def _train_tiny_run(run_dir: Path):
     """Teacher (with unimodal-video) and students 'none' and 'pkdot' of one fold, trained without Ray."""
-    from pkdot.stages import student_jobs, teacher_jobs
+    from pkdot.folds import save_folds, subject_folds
     from pkdot.train.cache import build_cache
     from pkdot.train.data import load_samples, split_fold
-    from pkdot.train.jobs import WorkerContext
-    from pkdot.train.splits import save_folds, subject_folds
+    from pkdot.train.jobs import WorkerContext, student_jobs, teacher_jobs
     from pkdot.train.student import run_student_job
     from pkdot.train.teacher import run_teacher_job
 

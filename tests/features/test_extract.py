@@ -18,9 +18,10 @@ import pytest
 from pkdot.config import load_config
 from pkdot.data.manifest import manifest_frame
 from pkdot.errors import DatasetError
-from pkdot.features.extract import REPORT_NAME, run_extract
+from pkdot.features.extract import run_extract
 from pkdot.features.faces import sample_indices
 from pkdot.features.schema import read_sample_ids, read_tensors
+from pkdot.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -134,7 +135,7 @@ def test_bad_inputs_are_quarantined_with_reasons_and_good_samples_written(biovid
     assert report["detected_frames"] >= 0.95 * 6 * 8
     assert report["physio_quality"]["per_sample"]["nan_short"]["ecg"]["interpolated"] == 30
     assert set(report["time_s"]) >= {"video", "physio", "total"}
-    on_disk = json.loads((run_dir / "features" / REPORT_NAME).read_text())
+    on_disk = json.loads(RunDir(run_dir).extract_report.read_text())
     assert on_disk["quarantined"] == report["quarantined"]
     assert report["shards_done"] == 6 and report["shards_skipped"] == 0
 
@@ -161,7 +162,7 @@ def test_rerun_skips_finished_shards_and_settings_changes_redo_only_their_modali
     _, frames = read_tensors(run_dir / "features/faces.parquet", "frames")
     assert frames.shape[2:] == (32, 32, 3)
     # Changing a recording redoes the shards that read it (a small file is identified by its content, so a
-    # mere touch does not: see pkdot.fingerprint.file_identity).
+    # mere touch does not: see pkdot.rundir.file_identity).
     csv = Path(biovid_like.loc[biovid_like.sample_id == "good2", "physio_path"].iloc[0])
     os.utime(csv, ns=(time.time_ns(), time.time_ns()))
     untouched = run_extract(
@@ -314,7 +315,7 @@ def test_synthetic_biovid_extracts_faces_and_physio(tmp_path):
     assert (tmp_path / "run/features/faces.parquet").is_file() and (
         tmp_path / "run/features/physio.parquet"
     ).is_file()
-    assert (tmp_path / "run/features" / REPORT_NAME).is_file()
+    assert RunDir(tmp_path / "run").extract_report.is_file()
     assert report["n_written"] == len(manifest) == 6 and not report["quarantined"]  # binary: BL1 and PA4
     assert report["face_detection_rate"] >= 0.95
     windows = {sid: (sid, 0, 0) for sid in manifest.sample_id}

@@ -11,8 +11,9 @@ import pytest
 from pkdot.config import load_config
 from pkdot.data.manifest import manifest_frame
 from pkdot.errors import DatasetError, FeatureError
-from pkdot.features.extract import REPORT_NAME, run_extract
+from pkdot.features.extract import run_extract
 from pkdot.features.schema import read_tensors
+from pkdot.rundir import RunDir
 
 
 def _table(tmp_path, face, bio):
@@ -46,7 +47,7 @@ def test_table_columns_become_aligned_vector_tables(tmp_path):
     report = run_extract(cfg, manifest, tmp_path / "run", progress=False)
     reasons = {(q["sample_id"], q["modality"]): q["reason"] for q in report["quarantined"]}
     assert "non-finite" in reasons[("s1", "face")]
-    assert "has 3 values for this sample, expected 4" in reasons[("s3", "bio")]
+    assert "ragged vector of length 3 (expected length 4" in reasons[("s3", "bio")]
     assert "not in the table" in reasons[("absent", "face")]
     ids_face, face_arr = read_tensors(tmp_path / "run/features/face.parquet", "vector")
     ids_bio, bio_arr = read_tensors(tmp_path / "run/features/bio.parquet", "vector")
@@ -54,7 +55,7 @@ def test_table_columns_become_aligned_vector_tables(tmp_path):
     assert face_arr.shape == (4, 6) and bio_arr.shape == (4, 4) and face_arr.dtype == np.float32
     assert np.allclose(face_arr[1], face[2])
     assert report["vector_dims"] == {"face": 6, "bio": 4}
-    assert json.loads((tmp_path / "run/features" / REPORT_NAME).read_text())["n_written"] == 4
+    assert json.loads(RunDir(tmp_path / "run").extract_report.read_text())["n_written"] == 4
 
 
 def test_table_errors_name_the_file_and_column(tmp_path):
@@ -85,4 +86,4 @@ def test_table_errors_name_the_file_and_column(tmp_path):
     nan_cfg, nan_manifest = _table(tmp_path, [[1.0, float("nan")]] * 2, [[1.0]] * 2)
     with pytest.raises(FeatureError, match="no sample has valid vectors"):
         run_extract(nan_cfg, nan_manifest, tmp_path / "run2", progress=False)
-    assert (tmp_path / "run2/features" / REPORT_NAME).is_file()
+    assert RunDir(tmp_path / "run2").extract_report.is_file()

@@ -192,7 +192,7 @@ def test_crop_folders_are_faster_than_video_for_the_same_clips(affwild2_with_cro
 
 @pytest.mark.integration
 def test_cropped_aligned_runs_manifest_extract_train_evaluate(tmp_path, affwild2_with_crops):
-    from pkdot import stages
+    from pkdot import pipeline
 
     cfg = load_config(
         preset="demo",
@@ -222,18 +222,11 @@ def test_cropped_aligned_runs_manifest_extract_train_evaluate(tmp_path, affwild2
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         },
     )
-    cfg = stages.prepare_run(cfg)
+    cfg = pipeline.prepare_run(cfg)
     upstream = ""
     results = {}
-    for name, fn in (
-        ("manifest", stages.stage_manifest),
-        ("extract", stages.stage_extract),
-        ("train-teacher", stages.stage_train_teacher),
-        ("cache", stages.stage_cache),
-        ("distill", stages.stage_distill),
-        ("evaluate", stages.stage_evaluate),
-    ):
-        results[name] = fn(cfg, upstream)
+    for name in [s.name for s in pipeline.STAGES]:
+        results[name] = pipeline.run_stage(name, cfg, upstream)
         upstream = results[name].fingerprint
     manifest = pd.read_parquet(Path(cfg.run_dir) / "manifest.parquet")
     assert manifest["video_path"].map(lambda p: Path(p).parent.name == "cropped_aligned").all()

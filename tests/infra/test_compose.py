@@ -34,7 +34,7 @@ EXPECTED_SERVICES = {
 ONE_SHOT = {"minio-buckets"}
 
 _VAR = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH_STRING", re.IGNORECASE)
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:

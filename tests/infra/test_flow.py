@@ -1,7 +1,8 @@
-"""The Prefect flow ``pkdot`` (flows/pipeline.py): cache keys, config parameters, caching across runs, retries.
+"""The Prefect flow ``pkdot`` (flows/pipeline.py): config parameters, skipping finished stages, retries, artifacts.
 
-The orchestration is tested here with small stand-in stage functions (each writes a file and returns a
-``StageResult``) on a temporary Prefect server; the real stages run in tests/integration/.
+The orchestration is tested here with small stand-in stage bodies (each writes a file) behind the library's real
+"up to date" decision (:func:`pkdot.pipeline.base.execute`), on a temporary Prefect server; the real stages run
+in tests/integration/.
 """
 
 from __future__ import annotations
@@ -18,19 +19,12 @@ import pytest
 import yaml
 
 from flows import pipeline as pl
-from pkdot.config import load_config
+from pkdot import pipeline
 from pkdot.errors import ConfigError, DatasetError, StageError
+from pkdot.pipeline.base import StageOutput
 from pkdot.progress import report as report_progress
-from pkdot.stages import StageResult
 
-STAGE_FUNCTIONS = {
-    "manifest": "stage_manifest",
-    "extract": "stage_extract",
-    "train-teacher": "stage_train_teacher",
-    "cache": "stage_cache",
-    "distill": "stage_distill",
-    "evaluate": "stage_evaluate",
-}
+STAGE_ORDER = [s.name for s in pipeline.STAGES]
 ARTIFACT_DIRS = {
     "manifest": "manifest.parquet",
     "extract": "features",
@@ -108,38 +102,13 @@ def test_build_config_maps_task() -> None:
 
 
 # ---- cache keys and config (no Prefect server) ------------------------------------------------------------
-def test_cache_key_follows_the_stage_inputs() -> None:
-    cfg = load_config(overrides={"run_dir": "/tmp/x"})
-    key = pl.stage_cache_key("distill", cfg, "abc")
-    assert key == pl.stage_cache_key("distill", cfg, "abc")  # deterministic
-    assert key != pl.stage_cache_key("distill", cfg, "abd")  # upstream outputs changed
-    student = load_config(overrides={"run_dir": "/tmp/x", "train.epochs_student": 3})
-    assert pl.stage_cache_key("distill", student, "abc") != key  # its own section changed
-    assert pl.stage_cache_key("extract", student, "abc") == pl.stage_cache_key("extract", cfg, "abc")
-    loss = load_config(overrides={"run_dir": "/tmp/x", "distill.weights.pkdot": 0.2})
-    assert pl.stage_cache_key("extract", loss, "m") == pl.stage_cache_key("extract", cfg, "m")
-    assert pl.stage_cache_key("distill", loss, "m") != pl.stage_cache_key("distill", cfg, "m")
-    seeded = load_config(overrides={"run_dir": "/tmp/x", "seed": 7})
-    for stage in pl.STAGE_INPUTS:
-        assert pl.stage_cache_key(stage, seeded, "u") != pl.stage_cache_key(stage, cfg, "u")
-    with pytest.raises(StageError, match="unknown stage"):
-        pl.stage_cache_key("nonsense", cfg, "")
+def test_the_flow_makes_no_caching_decision_of_its_own() -> None:
+    from prefect.cache_policies import NO_CACHE
 
-
-def test_evaluate_key_follows_the_tracking_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(overrides={"run_dir": "/tmp/x"})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://a:5000")
-    at_a = pl.stage_cache_key("evaluate", cfg, "u")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://b:5000")
-    assert pl.stage_cache_key("evaluate", cfg, "u") != at_a
-    assert pl.stage_cache_key("distill", cfg, "u") == pl.stage_cache_key("distill", cfg, "u")
-
-
-def test_every_stage_but_manifest_has_cache_inputs() -> None:
-    assert set(pl.STAGE_INPUTS) == set(pl.STAGE_ORDER) - {"manifest"}
-    sections = set(load_config().model_dump())
-    for stage, inputs in pl.STAGE_INPUTS.items():
-        assert "seed" in inputs and set(inputs) <= sections, stage
+    assert list(pl.STAGE_TASKS) == STAGE_ORDER
+    for name, stage_task in pl.STAGE_TASKS.items():
+        assert stage_task.cache_policy is NO_CACHE and not stage_task.persist_result, name
+        assert stage_task.name == name
 
 
 def test_build_config_maps_named_parameters(tmp_path: Path) -> None:
@@ -190,16 +159,19 @@ def prefect_server():
 
 
 class FakeStages:
-    """Stand-ins for pkdot.stages: write the stage's artifact, count calls, fingerprint = hash(inputs)."""
+    """Stand-in stage bodies (write the stage's artifact, count calls) behind the real up-to-date decision."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import dataclasses
+
         self.calls: Counter[str] = Counter()
         self.fail: dict[str, list[BaseException]] = {}
-        from pkdot import stages
-
-        monkeypatch.setattr(stages, "prepare_run", self.prepare_run)
-        for name, fn in STAGE_FUNCTIONS.items():
-            monkeypatch.setattr(stages, fn, self._stage(name))
+        monkeypatch.setattr(pipeline, "prepare_run", self.prepare_run)
+        fakes = tuple(
+            dataclasses.replace(s, body=self._body(s), key_extra=None, before=None, is_current=None)
+            for s in pipeline.STAGES
+        )
+        monkeypatch.setattr(pipeline, "STAGES", fakes)
 
     @staticmethod
     def prepare_run(cfg):
@@ -208,23 +180,22 @@ class FakeStages:
             update={"data": cfg.data.model_copy(update={"root": Path(cfg.run_dir) / "data"})}
         )
 
-    def _stage(self, name: str):
-        def run(cfg, upstream: str = "") -> StageResult:
+    def _body(self, stage):
+        name = stage.name
+
+        def run(cfg) -> StageOutput:
             self.calls[name] += 1
             if self.fail.get(name):
                 raise self.fail[name].pop(0)
             path = Path(cfg.run_dir) / ARTIFACT_DIRS[name]
             path.mkdir(parents=True, exist_ok=True)
-            (path / "out.txt").write_text(upstream)
+            (path / "out.txt").write_text(str(self.calls[name]))
             if name in PROGRESS_UNITS:  # what the library reports as it goes (pkdot.progress)
                 for done in range(4):
                     report_progress(name, done, 3, PROGRESS_UNITS[name])
             if name == "extract":
                 logging.getLogger("pkdot.features.extract").warning("quarantined s-7 (video): %s", BAD_VIDEO)
-            sections = pl.STAGE_INPUTS.get(name, ("data",))
-            fingerprint = hashlib.sha256(
-                f"{name}|{cfg.section_hash(*sections)}|{upstream}".encode()
-            ).hexdigest()
+            fingerprint = hashlib.sha256(f"{name}|{cfg.section_hash(*stage.sections)}".encode()).hexdigest()
             details = {"n": self.calls[name]}
             if name == "evaluate":
                 (path / "summary.json").write_text(json.dumps({"table": SUMMARY_TABLE}))
@@ -238,7 +209,7 @@ class FakeStages:
                     model_version="1",
                     alias="champion",
                 )
-            return StageResult(name, path, fingerprint[:16], False, details)
+            return StageOutput([path / "out.txt"], details, fingerprint=fingerprint[:16])
 
         return run
 
@@ -247,52 +218,43 @@ def _run(run_dir: Path, **params) -> dict:
     return pl.pipeline(run_dir=str(run_dir), **params)
 
 
-def test_flow_chains_the_stages_and_caches_finished_ones(
+def test_flow_chains_the_stages_and_skips_finished_ones(
     prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     fake = FakeStages(monkeypatch)
     first = _run(tmp_path / "run")
-    assert list(first["stages"]) == list(pl.STAGE_ORDER)
-    assert not any(s["cached"] for s in first["stages"].values())
-    assert all(fake.calls[s] == 1 for s in pl.STAGE_ORDER)
-    # each stage got the previous stage's fingerprint as `upstream`
-    for before, after in zip(pl.STAGE_ORDER, pl.STAGE_ORDER[1:], strict=False):
-        written = (Path(first["stages"][after]["path"]) / "out.txt").read_text()
-        assert written == first["stages"][before]["fingerprint"]
+    assert list(first["stages"]) == STAGE_ORDER
+    assert not any(s["skipped"] for s in first["stages"].values())
+    assert all(fake.calls[s] == 1 for s in STAGE_ORDER)
     assert first["evaluate"]["alias"] == "champion" and "summary_markdown" not in first["evaluate"]
-    assert any((tmp_path / "run" / pl.RESULTS_DIR).iterdir()), (
-        "results are not persisted in the run directory"
-    )
+    assert not (tmp_path / "run" / ".prefect").exists()  # Prefect persists nothing: it decides nothing
 
-    # Same inputs: every stage but the manifest comes from Prefect's cache.
+    # A finished run directory: every stage is skipped by the library (the manifest re-scans its data set).
     second = _run(tmp_path / "run")
-    assert second["stages"]["manifest"]["cached"] is False and fake.calls["manifest"] == 2
-    for stage in pl.STAGE_ORDER[1:]:
-        assert second["stages"][stage]["cached"] is True, stage
+    assert fake.calls["manifest"] == 2
+    for stage in STAGE_ORDER[1:]:
+        assert second["stages"][stage] == {**first["stages"][stage], "skipped": True}, stage
         assert fake.calls[stage] == 1, stage
-        assert second["stages"][stage] == {**first["stages"][stage], "cached": True}, stage
 
     # A distillation setting changed: only distill and evaluate run again.
     _run(tmp_path / "run", overrides={"distill.weights.pkdot": 0.2})
-    assert [fake.calls[s] for s in pl.STAGE_ORDER] == [3, 1, 1, 1, 2, 2]
+    assert [fake.calls[s] for s in STAGE_ORDER] == [3, 1, 1, 1, 2, 2]
 
-    # A different run directory never reuses another one's cache.
+    # A different run directory never reuses another one's results.
     _run(tmp_path / "other")
     assert fake.calls["extract"] == 2
 
 
-def test_cached_result_with_missing_artifacts_is_recomputed(
+def test_an_output_removed_behind_the_flow_is_rebuilt(
     prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import shutil
-
     fake = FakeStages(monkeypatch)
     _run(tmp_path / "run")
-    shutil.rmtree(tmp_path / "run" / "teacher")
+    (tmp_path / "run" / "teacher" / "out.txt").unlink()
     again = _run(tmp_path / "run")
-    assert fake.calls["train-teacher"] == 2 and again["stages"]["train-teacher"]["cached"] is False
+    assert fake.calls["train-teacher"] == 2 and not again["stages"]["train-teacher"]["skipped"]
     assert (tmp_path / "run" / "teacher" / "out.txt").is_file()
-    assert again["stages"]["extract"]["cached"] is True
+    assert again["stages"]["extract"]["skipped"] is True
 
 
 def test_rerun_after_a_failure_skips_the_finished_stages(
@@ -305,8 +267,45 @@ def test_rerun_after_a_failure_skips_the_finished_stages(
     assert fake.calls["evaluate"] == 0
     resumed = _run(tmp_path / "run")
     for stage in ("extract", "train-teacher", "cache"):
-        assert resumed["stages"][stage]["cached"] is True and fake.calls[stage] == 1, stage
-    assert fake.calls["distill"] == 2 and resumed["stages"]["distill"]["cached"] is False
+        assert resumed["stages"][stage]["skipped"] is True and fake.calls[stage] == 1, stage
+    assert fake.calls["distill"] == 2 and not resumed["stages"]["distill"]["skipped"]
+
+
+def test_a_second_flow_on_a_run_directory_in_use_is_refused(
+    prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pkdot.pipeline.lock import RunDirBusy
+
+    fake = FakeStages(monkeypatch)
+    holder = _hold_lock_in_child(tmp_path / "run")
+    try:
+        with pytest.raises(RunDirBusy, match=rf"in use by pid {holder.pid} "):
+            _run(tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sum(fake.calls.values()) == 0
+    _run(tmp_path / "run")  # the holder died: the kernel released its lock
+    assert fake.calls["evaluate"] == 1
+
+
+def _hold_lock_in_child(run_dir: Path):
+    """A child process that holds the run directory's lock until killed."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from pkdot.pipeline.lock import run_dir_lock\n"
+        f"with run_dir_lock({str(run_dir)!r}, command='pkdot run (test holder)'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    time.sleep(0.1)
+    return child
 
 
 def test_io_stages_retry_io_errors_but_not_bad_input(
@@ -320,7 +319,7 @@ def test_io_stages_retry_io_errors_but_not_bad_input(
 
     fake.fail["extract"] = [OSError("NFS hiccup")]
     done = _run(tmp_path / "flaky")
-    assert fake.calls["extract"] == 2 and done["stages"]["extract"]["cached"] is False
+    assert fake.calls["extract"] == 2 and not done["stages"]["extract"]["skipped"]
 
     fake.fail["manifest"] = [DatasetError("samples.csv: missing column 'subject_name'")]
     with pytest.raises(DatasetError, match="subject_name"):
@@ -413,16 +412,18 @@ def test_pkdot_log_lines_reach_the_flow_run_logs(
 def test_flow_rejects_an_evaluate_result_without_its_details(
     prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    import dataclasses
+
     fake = FakeStages(monkeypatch)
-    from pkdot import stages
+    stages = list(pipeline.STAGES)
+    real = stages[-1].body
 
-    real_evaluate = stages.stage_evaluate
+    def evaluate_without_details(cfg):
+        out = real(cfg)
+        return StageOutput(out.outputs, {"report": "r.md"}, out.fingerprint)
 
-    def evaluate_without_details(cfg, upstream=""):
-        result = real_evaluate(cfg, upstream)
-        return StageResult(result.stage, result.path, result.fingerprint, False, {"report": "r.md"})
-
-    monkeypatch.setattr(stages, "stage_evaluate", evaluate_without_details)
+    stages[-1] = dataclasses.replace(stages[-1], body=evaluate_without_details)
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages))
     with pytest.raises(StageError, match="summary_markdown"):
         _run(tmp_path / "run")
     assert fake.calls["evaluate"] == 1

@@ -1,16 +1,21 @@
 """Real servers for the integration tests: a Prefect server, an MLflow server and a Ray head on 127.0.0.1.
 
 They are started by ``infra/local_stack.py`` (the code behind ``infra/local-stack.sh``) on free ports, with their
-stores in a temporary directory, and stopped by PID at the end of the session. Processes a test starts itself
+stores in a temporary directory, and stopped by PID at the end of the session. Credentials are on (``--auth``):
+MLflow's basic-auth app and Prefect's auth string, with secrets drawn for the session (:data:`SECRETS`) and set in
+this process's environment, as ``.env`` sets them for a team; every client (pkdot, Prefect, MLflow) reads them
+from there. Processes a test starts itself
 (``python -m flows.serve``, ``prefect worker``) go through :class:`Processes`, which stops them before the
 servers: workers first, then the stack.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -116,14 +121,31 @@ class Processes:
             self.started.remove(entry)
 
 
+#: The session's credentials (random): the tests check that none of them ever reaches MLflow or a log.
+SECRETS: dict[str, str] = {
+    "MLFLOW_TRACKING_USERNAME": "pkdot-admin",
+    "MLFLOW_TRACKING_PASSWORD": f"mlflow-{secrets.token_urlsafe(16)}",
+    "PREFECT_API_AUTH_STRING": f"pkdot:prefect-{secrets.token_urlsafe(16)}",
+}
+
+
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    stack = local_stack_module.LocalStack(tmp_path_factory.mktemp("stack"), free_ports=True, ray_cpus=2)
+    saved = {k: os.environ.get(k) for k in SECRETS}
+    os.environ.update(SECRETS)
+    stack = local_stack_module.LocalStack(
+        tmp_path_factory.mktemp("stack"), free_ports=True, ray_cpus=2, auth=True
+    )
     try:
         stack.start(timeout=240)
         yield stack
     finally:
         stack.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture
@@ -148,6 +170,9 @@ def prefect_api(env: dict[str, str], path: str, body: dict | None = None) -> Any
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
     req.add_header("Content-Type", "application/json")
+    auth = env.get("PREFECT_API_AUTH_STRING")
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -209,6 +234,8 @@ def it() -> Any:
         PYTHON=PYTHON,
         TINY_OVERRIDES=TINY_OVERRIDES,
         TINY_LOSSES=TINY_LOSSES,
+        SECRETS=SECRETS,
+        local_stack=local_stack_module,
         base_env=base_env,
         prefect_api=prefect_api,
         run_deployment=run_deployment,

@@ -206,3 +206,30 @@ def test_served_full_pipeline_trains_and_registers_the_champion(
         assert r["prediction"] in ("BL1", "PA4")
         assert abs(sum(r["probabilities"].values()) - 1.0) < 1e-3
     assert list(elsewhere.iterdir()) == []
+
+    # Issue 24 case 6: the credentials never reach MLflow (params, tags, logged files) nor the run directory.
+    leaks = []
+    for run in runs:
+        values = [*run.data.params.values(), *run.data.tags.values()]
+        leaks += [f"run {run.info.run_id}: {v[:60]}" for v in values if any(s in v for s in it.SECRETS.values())]
+        for artifact in _artifact_files(client, run.info.run_id):
+            text = client.download_artifacts(run.info.run_id, artifact, str(tmp_path / "artifacts"))
+            content = Path(text).read_bytes()
+            leaks += [f"{run.info.run_id}/{artifact}" for s in it.SECRETS.values() if s.encode() in content]
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".json", ".log", ".md", ".txt", ".jsonl"):
+            content = path.read_bytes()
+            leaks += [str(path) for s in it.SECRETS.values() if s.encode() in content]
+    leaks += [f"serve log: {s[:4]}..." for s in it.SECRETS.values() if s in processes.log("serve")]
+    assert not leaks, leaks
+
+
+def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
+    """Every small text artifact of a run (YAML, JSON, Markdown, logs), recursively."""
+    found = []
+    for entry in client.list_artifacts(run_id, path):
+        if entry.is_dir:
+            found += _artifact_files(client, run_id, entry.path)
+        elif entry.path.endswith((".yaml", ".json", ".md", ".txt", ".log", ".csv")):
+            found.append(entry.path)
+    return found

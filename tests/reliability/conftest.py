@@ -49,7 +49,7 @@ def tiny_overrides(root: Path, run_dir: Path, **extra: object) -> dict[str, obje
 
 def tiny_cfg(root: Path, run_dir: Path, **extra: object) -> RunConfig:
     """A prepared run config over ``root`` (binary Biovid task: 2 classes x 3 subjects = 6 samples)."""
-    from pkdot.stages import prepare_run
+    from pkdot.pipeline import prepare_run
 
     return prepare_run(load_config(preset="demo", overrides=tiny_overrides(root, run_dir, **extra)))
 
@@ -85,9 +85,9 @@ def tiny_biovid(tiny_biovid_master: Path, tmp_path: Path) -> Path:
 
 def extract(cfg: RunConfig):
     """``pkdot extract``'s two stages in this process (manifest, then extract); returns the extract result."""
-    from pkdot.stages import stage_extract, stage_manifest
+    from pkdot.pipeline import run_stage
 
-    return stage_extract(cfg, stage_manifest(cfg).fingerprint)
+    return run_stage("extract", cfg, run_stage("manifest", cfg).fingerprint)
 
 
 # ---- processes and sockets -----------------------------------------------------------------------------------

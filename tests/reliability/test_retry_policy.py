@@ -70,7 +70,7 @@ def test_a_worker_crash_during_extraction_is_retried_not_a_feature_error(
     from pkdot.config import load_config
     from pkdot.data.manifest import read_manifest
     from pkdot.features import extract as extract_module
-    from pkdot.stages import prepare_run, stage_manifest
+    from pkdot.pipeline import prepare_run, run_stage
     from tests.reliability.conftest import tiny_overrides
 
     cfg = prepare_run(
@@ -78,7 +78,7 @@ def test_a_worker_crash_during_extraction_is_retried_not_a_feature_error(
             preset="demo", overrides=tiny_overrides(tiny_biovid, tmp_path / "run", **{"features.workers": 2})
         )
     )
-    stage_manifest(cfg)
+    run_stage("manifest", cfg)
 
     def crash(job, features):  # pickled by value: runs in the worker, and kills it
         os._exit(1)

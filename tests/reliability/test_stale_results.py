@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pkdot import fingerprint, stages
+from pkdot import pipeline, rundir
 from pkdot.errors import FeatureError, StageError
+from pkdot.pipeline.base import code_hash
 from tests.reliability.conftest import extract, tiny_cfg
 
 
@@ -40,7 +41,7 @@ def test_failed_reextract_leaves_no_usable_features(tiny_biovid: Path, tmp_path:
     assert not (run / "features" / "physio.parquet").exists()
     assert "fingerprint" not in _marker(run, "extract")  # ... and so is the marker's fingerprint
     with pytest.raises(StageError, match=r"stage 'extract' did not complete .* re-run `pkdot extract`"):
-        stages.stage_train_teacher(cfg)
+        pipeline.run_stage("train-teacher", cfg)
     # what the manifest stage wrote is intact (all six rows; the quarantine happened in extract)
     pd.testing.assert_frame_equal(pd.read_parquet(run / "manifest.parquet"), manifest_before)
     report = json.loads((run / "features" / "extract_report.json").read_text())
@@ -54,10 +55,10 @@ def test_features_changed_behind_the_pipeline_are_refused(tiny_biovid: Path, tmp
     faces = run / "features" / "faces.parquet"
     faces.write_bytes(faces.read_bytes())  # rewritten (new mtime): not what extract recorded
     with pytest.raises(StageError, match=r"faces\.parquet \(changed\).*re-run `pkdot extract`"):
-        stages.stage_train_teacher(cfg)
+        pipeline.run_stage("train-teacher", cfg)
     faces.unlink()
     with pytest.raises(StageError, match=r"faces\.parquet \(missing\).*re-run `pkdot extract`"):
-        stages.stage_train_teacher(cfg)
+        pipeline.run_stage("train-teacher", cfg)
     again = extract(cfg)  # extract sees its own outputs changed and rebuilds them from the kept shards
     assert not again.skipped and faces.is_file()
     assert again.details["shards_done"] == 0 and again.details["shards_skipped"] == 12
@@ -87,36 +88,35 @@ def test_a_recording_changed_in_place_redoes_exactly_its_shards(tiny_biovid: Pat
     assert rewritten.details["shards_done"] == 1 and rewritten.details["shards_skipped"] == 11
 
 
-def test_prefect_cache_key_is_the_library_key(tiny_biovid: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_rewritten_recording_changes_the_extract_key_and_the_version_string_does_not(
+    tiny_biovid: Path, tmp_path: Path, monkeypatch
+) -> None:
     import pkdot
-    from flows import pipeline as pl
 
-    run = tmp_path / "run"
-    cfg = tiny_cfg(tiny_biovid, run)
-    manifest = stages.stage_manifest(cfg)
-    key = pl.stage_cache_key("extract", cfg, manifest.fingerprint)
-    assert key == f"extract-{fingerprint.stage_key(cfg, 'extract', manifest.fingerprint)}"
+    cfg = tiny_cfg(tiny_biovid, tmp_path / "run")
+    manifest = pipeline.run_stage("manifest", cfg)
+    key = pipeline.key_of("extract", cfg, manifest.fingerprint)
     monkeypatch.setattr(pkdot, "__version__", "99.0")  # the version string is not part of any key
-    assert pl.stage_cache_key("extract", cfg, manifest.fingerprint) == key
+    assert pipeline.key_of("extract", cfg, manifest.fingerprint) == key
 
     sorted((tiny_biovid / "video").rglob("*.mp4"))[0].write_bytes(b"")
-    changed = stages.stage_manifest(cfg)
+    changed = pipeline.run_stage("manifest", cfg)
     assert changed.fingerprint != manifest.fingerprint
-    assert pl.stage_cache_key("extract", cfg, changed.fingerprint) != key
+    assert pipeline.key_of("extract", cfg, changed.fingerprint) != key
 
 
 def test_editing_a_stage_source_file_changes_only_that_stage_key(tmp_path: Path) -> None:
-    package = Path(shutil.copytree(fingerprint.PACKAGE_DIR, tmp_path / "pkdot"))
-    before = {s: fingerprint.code_hash(s, package) for s in fingerprint.STAGES}
+    package = Path(shutil.copytree(rundir.PACKAGE_DIR, tmp_path / "pkdot"))
+    before = {s.name: code_hash(s, package) for s in pipeline.STAGES}
     faces = package / "features" / "faces.py"
     faces.write_text(faces.read_text() + "\n# an edit\n")
-    after = {s: fingerprint.code_hash(s, package) for s in fingerprint.STAGES}
+    after = {s.name: code_hash(s, package) for s in pipeline.STAGES}
     assert after["extract"] != before["extract"]
-    assert {s for s in fingerprint.STAGES if after[s] != before[s]} == {"extract"}
+    assert {s for s in after if after[s] != before[s]} == {"extract"}
     loss = package / "distill" / "kd.py"
     loss.write_text(loss.read_text() + "\n# an edit\n")
-    assert fingerprint.code_hash("distill", package) != before["distill"]
-    assert fingerprint.code_hash("train-teacher", package) == before["train-teacher"]
+    assert code_hash(pipeline.stage("distill"), package) != before["distill"]
+    assert code_hash(pipeline.stage("train-teacher"), package) == before["train-teacher"]
 
 
 def test_an_edited_extractor_reruns_the_stage_and_its_modality_shards(
@@ -125,10 +125,10 @@ def test_an_edited_extractor_reruns_the_stage_and_its_modality_shards(
     run = tmp_path / "run"
     cfg = tiny_cfg(tiny_biovid, run)
     extract(cfg)
-    package = Path(shutil.copytree(fingerprint.PACKAGE_DIR, tmp_path / "pkdot"))
+    package = Path(shutil.copytree(rundir.PACKAGE_DIR, tmp_path / "pkdot"))
     physio = package / "features" / "physio.py"
     physio.write_text(physio.read_text() + "\n# an edit\n")
-    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", package)
+    monkeypatch.setattr(rundir, "PACKAGE_DIR", package)
     again = extract(cfg)
     assert not again.skipped
     assert again.details["shards_done"] == 6 and again.details["shards_skipped"] == 6  # the physio shards

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pkdot import stages
+from pkdot import pipeline
 from pkdot.config import DataConfig, load_config
 from pkdot.data import build_manifest
 from pkdot.data.tabular import MAX_LISTED
@@ -59,18 +59,18 @@ def test_a_single_subject_is_refused_at_manifest_time(tmp_path: Path) -> None:
     table = _write(tmp_path / "t.parquet", _table(subjects=1))
     cfg = _run_cfg(tmp_path, table)
     with pytest.raises(ConfigError, match=r"train.folds=5.*got 1.*24 samples from 1 subject\(s\): \['p0'\]"):
-        stages.stage_manifest(cfg)
+        pipeline.run_stage("manifest", cfg)
     assert not (tmp_path / "run" / "manifest.parquet").exists()  # nothing for extract to pick up
 
 
 def test_fewer_subjects_than_folds_is_refused_at_manifest_time(tmp_path: Path) -> None:
     table = _write(tmp_path / "t.parquet", _table(subjects=3))
     with pytest.raises(ConfigError, match=r"5-fold needs at least 5 subjects, got 3.*from 3 subject\(s\)"):
-        stages.stage_manifest(_run_cfg(tmp_path, table))
+        pipeline.run_stage("manifest", _run_cfg(tmp_path, table))
     two = _write(tmp_path / "two.parquet", _table(subjects=2))
     with pytest.raises(ConfigError, match=r"'loso'.*2 subjects leave 1 outside a test fold.*from 2 subject"):
-        stages.stage_manifest(_run_cfg(tmp_path, two, "train.folds=loso"))
-    stages.stage_manifest(_run_cfg(tmp_path, table, "train.folds=3"))  # 3 subjects, 3 folds: 1+1+1 per fold
+        pipeline.run_stage("manifest", _run_cfg(tmp_path, two, "train.folds=loso"))
+    pipeline.run_stage("manifest", _run_cfg(tmp_path, table, "train.folds=3"))  # 3 subjects, 3 folds: 1+1+1 per fold
     assert (tmp_path / "run" / "manifest.parquet").is_file()
 
 

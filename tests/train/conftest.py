@@ -10,6 +10,7 @@ import pytest
 from pkdot.config import RunConfig, load_config
 from pkdot.data.manifest import manifest_frame, write_manifest
 from pkdot.features.schema import FACES_SCHEMA, PHYSIO_SCHEMA, encode_tensor, write_table_atomic
+from pkdot.rundir import RunDir, atomic_write_text
 
 TINY = {
     "features": {"n_frames": 4, "crop_size": 16},
@@ -37,7 +38,7 @@ TINY = {
         "student_init": "teacher-frozen",
         "jobs_per_run": 1,  # one Ray Train run per job, as these tests inspect (the demo preset bundles 8)
     },
-    "distill": {"k": 4, "losses": ["none", "pkdot"]},
+    "distill": {"pkdot": {"k": 4}, "losses": ["none", "pkdot"]},
 }
 
 
@@ -103,10 +104,40 @@ def make_tiny_run(
     if overrides:
         merged = _deep_merge(merged, overrides)
     cfg = RunConfig.model_validate(merged)
-    cfg.to_yaml(run_dir / "config.yaml")
+    atomic_write_text(RunDir(run_dir).config, cfg.yaml_text())
     return cfg
 
 
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> RunConfig:
     return make_tiny_run(tmp_path / "run")
+
+
+def run_jobs_local(cfg: RunConfig, kind: str, jobs, *, progress: bool = False) -> None:
+    """Run jobs in this process (one worker, no Ray), with the functions every Ray Train worker calls."""
+    from pkdot.console import epoch_logger
+    from pkdot.train.jobs import WorkerContext
+    from pkdot.train.ray_runner import job_inputs, run_job
+
+    samples, plan = job_inputs(cfg, kind)
+    for job in jobs:
+        if not job.is_done():
+            ctx = WorkerContext(progress=epoch_logger(job.key) if progress else None)
+            run_job(cfg, kind, job, samples, plan, ctx)
+
+
+class FailOnce:
+    """An epoch callback that raises once, at ``phase``/``epoch`` on worker ``rank`` (fault injection).
+
+    A marker file makes it fire only once across restarts of the worker group, so Ray Train's recovery
+    (``FailureConfig(max_failures)``) and the checkpoint resume can be exercised on purpose.
+    """
+
+    def __init__(self, marker: str | Path, *, phase: str, epoch: int, rank: int = 0) -> None:
+        self.marker, self.phase, self.epoch, self.rank = str(marker), phase, epoch, rank
+
+    def __call__(self, job_key: str, phase: str, epoch: int, rank: int) -> None:
+        hit = (phase, epoch, rank) == (self.phase, self.epoch, self.rank)
+        if hit and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"{job_key} {phase} epoch {epoch} rank {rank}\n")
+            raise RuntimeError(f"injected worker failure in {job_key} {phase} after epoch {epoch}")

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkdot.train.cache import build_cache, cache_metadata, job_record, read_cache, teacher_dir
-from pkdot.train.data import load_samples
+from pkdot.rundir import RunDir
+from pkdot.train.cache import build_cache, cache_metadata, job_record, read_cache
+from pkdot.train.data import load_samples, split_fold, write_run_folds
 from pkdot.train.jobs import student_jobs, teacher_cost, teacher_jobs
-from pkdot.train.ray_runner import run_jobs_local
-from pkdot.train.splits import write_run_folds
-from pkdot.train.student import DistillationObjective, load_student_samples, split_student_fold
+from pkdot.train.student import DistillationObjective, load_student_samples
 from pkdot.train.teacher import load_teacher
-from tests.train.conftest import make_tiny_run
+from tests.train.conftest import make_tiny_run, run_jobs_local
 
 CROSSFIT = {
     "distill": {"teacher_targets": "crossfit", "crossfit_groups": 2, "losses": ["pkdot"]},
@@ -43,9 +42,9 @@ def test_crossfit_targets_jobs_cache_and_batches(tmp_path, monkeypatch):
     # each cross-fitting teacher trained on the fold's training subjects minus its own group (its DONE record
     # lists the subjects of the data it was given)
     for j, group in enumerate(fold.crossfit):
-        trained_on = set(job_record(teacher_dir(run_dir, 0, 0, j, 2))["train_subjects"])
+        trained_on = set(job_record(RunDir(run_dir).teacher(0, 0, j, 2))["train_subjects"])
         assert trained_on == set(fold.train) - set(group)
-    assert set(job_record(teacher_dir(run_dir, 0, 0))["train_subjects"]) == set(fold.train)
+    assert set(job_record(RunDir(run_dir).teacher(0, 0))["train_subjects"]) == set(fold.train)
     cost = teacher_cost(jobs)
     assert cost["teacher_jobs"] == 1 and cost["crossfit_jobs"] == 2 and cost["crossfit_seconds"] > 0
 
@@ -59,11 +58,13 @@ def test_crossfit_targets_jobs_cache_and_batches(tmp_path, monkeypatch):
     for sample, subject, g in zip(samples.sample_ids, samples.subject_ids, groups, strict=True):
         if subject in fold.train:
             assert g == fold.group_of(subject), sample
-            assert subject not in job_record(teacher_dir(run_dir, 0, 0, int(g), 2))["train_subjects"], sample
+            assert subject not in job_record(RunDir(run_dir).teacher(0, 0, int(g), 2))["train_subjects"], (
+                sample
+            )
         else:
             assert g == -1, sample  # validation / test: the full-fold teacher
     # the full-fold teacher's embeddings are kept for val/test rows and replaced for training rows
-    full, _, _ = load_teacher(cfg, teacher_dir(run_dir, 0, 0))
+    full, _, _ = load_teacher(cfg, RunDir(run_dir).teacher(0, 0))
     with torch.no_grad():
         z = full({m: torch.from_numpy(samples.arrays[m]) for m in cfg.data.modalities}).embedding.numpy()
     outside = groups < 0
@@ -80,7 +81,7 @@ def test_crossfit_targets_jobs_cache_and_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(DistillationObjective, "forward", spy)
     run_jobs_local(cfg, "student", student_jobs(cfg, plan, ["pkdot"]), progress=False)
-    train = split_student_fold(load_student_samples(cfg, run_dir), fold).train
+    train = split_fold(load_student_samples(cfg, run_dir), fold).train
     assert seen and sum(len(i) for i in seen) > 0
     for index in seen:
         assert len({fold.group_of(train.subject_ids[i]) for i in index}) == 1

@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from pkdot.errors import StaleCacheError
-from pkdot.train.cache import build_cache, cache_path, check_cache, read_cache
+from pkdot.folds import save_folds, subject_folds
+from pkdot.rundir import RunDir
+from pkdot.train.cache import build_cache, check_cache, read_cache
 from pkdot.train.data import load_samples, split_fold
 from pkdot.train.jobs import WorkerContext
-from pkdot.train.splits import save_folds, subject_folds
-from pkdot.train.student import load_trained_student, run_student_job, student_dir
+from pkdot.train.student import load_trained_student, run_student_job
 from pkdot.train.teacher import run_teacher_job
 from tests.train.conftest import make_tiny_run
 
 
 def _setup(cfg):
-    from pkdot.stages import student_jobs, teacher_jobs
+    from pkdot.train.jobs import student_jobs, teacher_jobs
 
     run_dir = Path(cfg.run_dir)
     samples = load_samples(cfg, run_dir)
@@ -64,7 +65,7 @@ def test_teacher_cache_student_chain(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in jdir.glob("*.pt")} == mtimes
 
     cpath = build_cache(cfg, samples, job.fold, job.seed)
-    assert cpath == cache_path(Path(cfg.run_dir), 0, 0)
+    assert cpath == RunDir(cfg.run_dir).cache(0, 0)
     arrays = read_cache(Path(cfg.run_dir), 0, 0, samples.sample_ids[:5])
     assert arrays["teacher_embedding"].shape == (5, cfg.model.embed_dim)
     assert arrays["teacher_logits"].shape == (5, 2)
@@ -85,7 +86,7 @@ def test_teacher_cache_student_chain(tmp_path):
             part.arrays = {}
         m = run_student_job(cfg, sjob, sdata, WorkerContext())
         assert 0.0 <= m["test_accuracy"] <= 1.0
-        sd = student_dir(Path(cfg.run_dir), sjob.loss, 0, 0)
+        sd = RunDir(cfg.run_dir).student(sjob.loss, 0, 0)
         assert (sd / "DONE.json").is_file()
         p = pd.read_parquet(sd / "predictions.parquet")
         assert set(p["model"]) == {f"student-{sjob.loss}"}
@@ -100,7 +101,7 @@ def test_teacher_cache_student_chain(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
     # retraining the teacher makes the cache stale, and the distill stage refuses it
-    saved = torch.load(jdir / "teacher.pt", weights_only=False)
+    saved = torch.load(jdir / "teacher.pt", weights_only=True)
     key = next(iter(saved["state_dict"]))
     saved["state_dict"][key] = saved["state_dict"][key] + 1.0
     torch.save(saved, jdir / "teacher.pt")
@@ -125,7 +126,7 @@ def test_a_relative_run_directory_gives_jobs_absolute_output_folders(tmp_path, m
 
     from pkdot.cli import _run_config
     from pkdot.config import RunConfig
-    from pkdot.stages import student_jobs, teacher_jobs
+    from pkdot.train.jobs import student_jobs, teacher_jobs
 
     cfg = make_tiny_run(tmp_path / "runs" / "r1")
     folds = subject_folds(sorted(set(load_samples(cfg, Path(cfg.run_dir)).subject_ids.tolist())), 3, seed=0)

@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 
 from pkdot.errors import StageError
-from pkdot.train.jobs import Job
-from pkdot.train.ray_runner import (
-    FailOnce,
-    _read_token_on_node,
-    fold_of,
-    run_jobs_on_ray,
-    run_name,
-    runs_that_fit,
-)
-from pkdot.train.splits import save_folds, subject_folds
-from tests.train.conftest import make_tiny_run
+from pkdot.folds import FoldPlan, as_plan, save_folds, subject_folds
+from pkdot.train.jobs import Job, fold_for_job
+from pkdot.train.ray_runner import _read_token_on_node, run_jobs_on_ray, run_name, runs_that_fit
+from tests.train.conftest import FailOnce, make_tiny_run
 
 
 def _teacher_history(job: Job) -> dict:
@@ -26,7 +19,7 @@ def _teacher_history(job: Job) -> dict:
 
 
 def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
-    from pkdot.stages import teacher_jobs
+    from pkdot.train.jobs import teacher_jobs
 
     cfg = make_tiny_run(
         tmp_path / "run",
@@ -57,7 +50,7 @@ def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
 def test_jobs_run_as_separate_concurrent_runs_and_a_failed_run_resumes(tmp_path):
     """Two jobs (1 worker each) run at once as two Ray Train runs; a run that exhausted its retries fails
     the stage naming its job, and the next call resumes that job from the run's last checkpoint."""
-    from pkdot.stages import teacher_jobs
+    from pkdot.train.jobs import teacher_jobs
 
     cfg = make_tiny_run(
         tmp_path / "run",
@@ -108,16 +101,16 @@ def test_runs_that_fit_counts_whole_runs_per_resource():
     assert runs_that_fit(cfg, {"CPU": 2.0}, use_gpu=False) == 1  # too small: one at a time (with a warning)
 
 
-def test_fold_of_finds_folds_by_index_or_by_seed_and_fold():
+def test_fold_for_job_finds_the_seeds_fold_by_index():
     folds = subject_folds([f"s{i}" for i in range(6)], 3, val_fraction=0.2, seed=0)
     job = Job(key="teacher/fold-2/seed-7", out_dir="x", fold=2, seed=7)
-    assert fold_of(folds, job).index == 2
-    assert fold_of(folds[2:], job).index == 2  # by index, not position
-    assert fold_of({(7, 2): folds[0]}, job) is folds[0]
+    assert fold_for_job(as_plan(folds), job) == folds[2]
+    assert fold_for_job(as_plan(folds[2:]), job) == folds[2]  # by index, not position
+    assert fold_for_job(as_plan({7: folds}), job).test == folds[2].test
+    with pytest.raises(StageError, match="no folds for seed 7"):
+        fold_for_job(as_plan({0: folds}), job)
     with pytest.raises(StageError, match="no fold 2 for seed 7"):
-        fold_of({(0, 2): folds[0]}, job)
-    with pytest.raises(StageError, match="no fold with index 2"):
-        fold_of(folds[:2], job)
+        fold_for_job(FoldPlan(by_seed={}, shared=tuple(folds[:2])), job)
 
 
 def test_run_names_are_job_keys():

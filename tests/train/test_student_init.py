@@ -10,14 +10,14 @@ import torch
 
 from pkdot.config import RunConfig, load_config
 from pkdot.errors import ConfigError
+from pkdot.folds import load_fold_plan
 from pkdot.models import build_backbone
-from pkdot.train.cache import build_cache, teacher_dir
-from pkdot.train.data import load_samples
+from pkdot.rundir import RunDir
+from pkdot.train.cache import build_cache
+from pkdot.train.data import load_samples, write_run_folds
 from pkdot.train.jobs import student_jobs, teacher_jobs
-from pkdot.train.ray_runner import run_jobs_local
-from pkdot.train.splits import load_fold_plan, write_run_folds
 from pkdot.train.student import build_student_for_job
-from tests.train.conftest import make_tiny_run
+from tests.train.conftest import make_tiny_run, run_jobs_local
 
 ONE_EPOCH = {"train": {"epochs_unimodal": 1, "epochs_teacher": 1, "epochs_tnet": 1, "epochs_student": 1}}
 
@@ -50,7 +50,7 @@ def _backbone(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 def _train_student(cfg: RunConfig) -> dict[str, torch.Tensor]:
     job = student_jobs(cfg, load_fold_plan(Path(cfg.run_dir) / "splits.json"), ["kd"])[0]
     run_jobs_local(cfg, "student", [job], progress=False)
-    saved = torch.load(Path(job.out_dir) / "student.pt", weights_only=False)
+    saved = torch.load(Path(job.out_dir) / "student.pt", weights_only=True)
     assert saved["student_init"] == cfg.train.student_init
     return _backbone(saved["state_dict"], "video_backbone.")
 
@@ -61,7 +61,7 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str
 
 
 def _teacher_backbone(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    saved = torch.load(teacher_dir(Path(cfg.run_dir), 0, 0) / "teacher.pt", weights_only=False)
+    saved = torch.load(RunDir(cfg.run_dir).teacher(0, 0) / "teacher.pt", weights_only=True)
     return _backbone(saved["state_dict"], "backbones.video.")
 
 
@@ -113,5 +113,5 @@ def test_student_init_config():
     assert load_config().train.student_init == "teacher-finetune"
     assert load_config(preset="paper").train.student_init == "teacher-finetune"
     assert RunConfig().train.student_init == "teacher-frozen"
-    with pytest.raises(ConfigError, match="contradicts"):
+    with pytest.raises(ConfigError, match="contradict"):
         load_config(overrides={"train.freeze_student_backbone": True, "train.student_init": "scratch"})

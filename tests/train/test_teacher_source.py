@@ -11,20 +11,18 @@ import torch
 
 from pkdot.config import load_config
 from pkdot.errors import ConfigError, StaleCacheError
+from pkdot.rundir import RunDir, atomic_torch_save
 from pkdot.train.cache import (
     build_cache,
     cache_is_fresh,
     cache_metadata,
     check_cache,
     read_cache,
-    teacher_dir,
 )
-from pkdot.train.data import load_samples
-from pkdot.train.jobs import atomic_torch_save, student_jobs, teacher_jobs
-from pkdot.train.ray_runner import run_jobs_local
-from pkdot.train.splits import write_run_folds
+from pkdot.train.data import load_samples, write_run_folds
+from pkdot.train.jobs import student_jobs, teacher_jobs
 from pkdot.train.teacher import load_teacher, load_unimodal
-from tests.train.conftest import make_tiny_run
+from tests.train.conftest import make_tiny_run, run_jobs_local
 from tests.train.test_crossfit import CROSSFIT
 
 PRIVILEGED = {
@@ -55,18 +53,18 @@ def test_privileged_teacher_source_cache(tmp_path):
     groups = read_cache(run_dir, 0, 0, samples.sample_ids, 2, ("target_group",))["target_group"]
     physio = torch.from_numpy(samples.arrays["physio"])
     # validation/test rows: the full-fold physio-only model; training rows: the one trained without their group
-    z, logits = _outputs(load_unimodal(cfg, teacher_dir(run_dir, 0, 0), "physio"), samples, physio)
+    z, logits = _outputs(load_unimodal(cfg, RunDir(run_dir).teacher(0, 0), "physio"), samples, physio)
     outside = groups < 0
     assert outside.any() and (~outside).any()
     np.testing.assert_allclose(cached["teacher_embedding"][outside], z[outside], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(cached["teacher_logits"][outside], logits[outside], rtol=1e-4, atol=1e-5)
     for j in range(len(fold.crossfit)):
         rows = groups == j
-        zj, lj = _outputs(load_unimodal(cfg, teacher_dir(run_dir, 0, 0, j, 2), "physio"), samples, physio)
+        zj, lj = _outputs(load_unimodal(cfg, RunDir(run_dir).teacher(0, 0, j, 2), "physio"), samples, physio)
         np.testing.assert_allclose(cached["teacher_embedding"][rows], zj[rows], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(cached["teacher_logits"][rows], lj[rows], rtol=1e-4, atol=1e-5)
     # not the fusion teacher's targets; its video tokens still are the student's frozen input
-    fusion, _, _ = load_teacher(cfg, teacher_dir(run_dir, 0, 0))
+    fusion, _, _ = load_teacher(cfg, RunDir(run_dir).teacher(0, 0))
     inputs = {m: torch.from_numpy(samples.arrays[m]) for m in cfg.data.modalities}
     with torch.no_grad():
         out = fusion(inputs)
@@ -80,8 +78,8 @@ def test_privileged_teacher_source_cache(tmp_path):
         check_cache(run_dir, 0, 0, 2, "fusion")
     assert not cache_is_fresh(run_dir, 0, 0, 2, "fusion")
     # retraining the privileged model of a crossfit group makes the cache stale
-    gpath = teacher_dir(run_dir, 0, 0, 1, 2) / "unimodal-physio.pt"
-    saved = torch.load(gpath, weights_only=False)
+    gpath = RunDir(run_dir).teacher(0, 0, 1, 2) / "unimodal-physio.pt"
+    saved = torch.load(gpath, weights_only=True)
     saved["state_dict"] = {
         k: v + 0.01 if v.is_floating_point() else v for k, v in saved["state_dict"].items()
     }
@@ -107,9 +105,9 @@ def test_privileged_teacher_source_needs_one_privileged_modality(tmp_path):
 
 
 def test_teacher_source_changes_the_cache_key_only_where_it_matters(tmp_path):
-    from pkdot.fingerprint import stage_key
+    from pkdot.pipeline import key_of
 
     fusion = load_config(overrides={"run_dir": str(tmp_path)})
     privileged = load_config(overrides={"run_dir": str(tmp_path), "distill.teacher_source": "privileged"})
-    assert stage_key(fusion, "cache", "up") != stage_key(privileged, "cache", "up")
-    assert stage_key(fusion, "train-teacher", "up") == stage_key(privileged, "train-teacher", "up")
+    assert key_of("cache", fusion, "up") != key_of("cache", privileged, "up")
+    assert key_of("train-teacher", fusion, "up") == key_of("train-teacher", privileged, "up")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pkdot.errors import ConfigError, StageError
-from pkdot.train.splits import Fold, fold_masks, load_folds, save_folds, subject_folds
+from pkdot.folds import Fold, fold_masks, load_folds, save_folds, subject_folds
 
 SUBJECTS = [f"s{i:02d}" for i in range(11)]
 
@@ -119,7 +119,7 @@ def test_fold_masks():
 
 
 def test_each_seed_draws_its_own_k_fold_partition_and_loso_is_fixed():
-    from pkdot.train.splits import fold_seed
+    from pkdot.folds import fold_seed
 
     a = subject_folds(SUBJECTS, 4, seed=fold_seed(4, 0, 0))
     b = subject_folds(SUBJECTS, 4, seed=fold_seed(4, 0, 1))
@@ -137,8 +137,9 @@ def _tiny(tmp_path, **overrides):
 
 
 def test_run_fold_plan_is_per_seed_and_round_trips(tmp_path):
-    from pkdot.train.jobs import teacher_jobs
-    from pkdot.train.splits import fold_for_job, load_fold_plan, write_run_folds
+    from pkdot.folds import load_fold_plan
+    from pkdot.train.data import write_run_folds
+    from pkdot.train.jobs import fold_for_job, teacher_jobs
 
     cfg = _tiny(tmp_path, train={"folds": 3, "max_folds": None, "seeds": [0, 1, 2]})
     plan = write_run_folds(cfg)
@@ -165,7 +166,7 @@ def test_run_fold_plan_is_per_seed_and_round_trips(tmp_path):
 
 
 def test_splits_without_seeds_serve_every_seed(tmp_path):
-    from pkdot.train.splits import load_fold_plan
+    from pkdot.folds import load_fold_plan
 
     folds = subject_folds(SUBJECTS, 3, seed=1)
     save_folds(folds, tmp_path / "splits.json")
@@ -174,7 +175,7 @@ def test_splits_without_seeds_serve_every_seed(tmp_path):
 
 
 def test_crossfit_groups_partition_the_training_subjects():
-    from pkdot.train.splits import assign_crossfit_groups
+    from pkdot.folds import assign_crossfit_groups
 
     fold = subject_folds(SUBJECTS, 3, seed=0)[0]
     cut = assign_crossfit_groups(fold, 3, seed=4)

@@ -1,10 +1,9 @@
-"""pkdot.tracking against a real MLflow SQLite store in tmp_path (no server)."""
+"""pkdot.tracking.registry against a real MLflow SQLite store in tmp_path (no server)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pkdot.config import load_config
 from pkdot.errors import StageError
 from pkdot.models.heads import ModelOutput
-from pkdot.tracking import PARENT_FILE, Tracker, load_student, model_config_path, resolve_tracking_uri
+from pkdot.tracking import Tracker, load_student, model_config_path, register_student, resolve_tracking_uri
 
 
 class TinyVideoStudent(torch.nn.Module):
@@ -85,101 +84,6 @@ def cfg(tmp_path, monkeypatch):
     return load_config(overrides={"run_dir": str(tmp_path / "run"), "tracking.experiment": "pkdot-test"})
 
 
-def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    c = load_config(overrides={"run_dir": str(tmp_path / "r")})
-    assert resolve_tracking_uri(c) == f"sqlite:///{(tmp_path / 'r').resolve()}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert resolve_tracking_uri(c) == "http://127.0.0.1:5999"
-    c2 = load_config(overrides={"run_dir": str(tmp_path / "r"), "tracking.tracking_uri": "sqlite:////x/m.db"})
-    assert resolve_tracking_uri(c2) == "sqlite:////x/m.db"
-
-
-def test_two_run_directories_in_one_process_keep_their_own_stores(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    a = load_config(overrides={"run_dir": str(tmp_path / "a")})
-    b = load_config(overrides={"run_dir": str(tmp_path / "b")})
-    ta = Tracker(a)
-    assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow exports it; Tracker undoes that
-    tb = Tracker(b)
-    assert ta.tracking_uri != tb.tracking_uri == resolve_tracking_uri(b)
-    assert ta.parent_run_id() != tb.parent_run_id()
-    assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
-
-
-def test_parent_and_stage_runs(cfg):
-    tracker = Tracker(cfg)
-    parent = tracker.parent_run_id()
-    run_dir = Path(cfg.run_dir).resolve()
-    assert json.loads((run_dir / PARENT_FILE).read_text())["run_id"] == parent
-    assert (run_dir / "mlflow.db").is_file()
-    # A second Tracker (another stage/process) finds the same parent.
-    assert Tracker(cfg).parent_run_id() == parent
-
-    history = {
-        "epochs": [
-            {"epoch": e, "train_loss": 1.0 / e, "val_metric": 0.5 + 0.1 * e, "loss_task": 0.3}
-            for e in (1, 2, 3)
-        ],
-        "metric": "accuracy",
-        "best_epoch": 3,
-    }
-    with tracker.stage_run("train-teacher", fold=0, seed=1, loss="none") as sr:
-        sr.log_params({"lr": 1e-3, "layers": [1, 2]})
-        sr.log_params({f"many.p{i:03d}": i for i in range(250)})  # three MLflow batches of <= 100
-        sr.log_metrics({"test_accuracy": 0.75}, step=2)
-        tracker.log_history(sr, history)
-        stage_id = sr.run_id
-    with pytest.raises(RuntimeError), tracker.stage_run("distill") as failed:
-        failed_id = failed.run_id
-        raise RuntimeError("boom")
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
-    prun = client.get_run(parent)
-    flat = cfg.flat()
-    assert len(prun.data.params) == len(flat)
-    assert prun.data.params["train.epochs_student"] == str(flat["train.epochs_student"])
-    assert prun.data.params["distill.losses"] == json.dumps(flat["distill.losses"])
-    assert [a.path for a in client.list_artifacts(parent)] == ["config.yaml"]
-    assert client.get_experiment(prun.info.experiment_id).artifact_location.endswith("run/mlartifacts")
-
-    srun = client.get_run(stage_id)
-    assert srun.data.tags[MLFLOW_PARENT_RUN_ID] == parent
-    assert srun.info.run_name == "train-teacher/fold-0/seed-1"
-    assert srun.data.tags["loss"] == "none" and srun.info.status == "FINISHED"
-    assert {k: srun.data.params[k] for k in ("lr", "layers")} == {"lr": "0.001", "layers": "[1, 2]"}
-    assert len(srun.data.params) == 252 and srun.data.params["many.p249"] == "249"
-    assert srun.data.metrics["test_accuracy"] == 0.75
-    val = client.get_metric_history(stage_id, "val_metric")
-    assert [(m.step, round(m.value, 6)) for m in sorted(val, key=lambda m: m.step)] == [
-        (1, 0.6),
-        (2, 0.7),
-        (3, 0.8),
-    ]
-    assert len(client.get_metric_history(stage_id, "train_loss")) == 3
-    assert srun.data.metrics["best_epoch"] == 3 and srun.data.tags["pkdot.val_metric"] == "accuracy"
-    assert client.get_run(failed_id).info.status == "FAILED"
-    assert prun.info.status == "RUNNING"
-    tracker.finish_parent()
-    assert client.get_run(parent).info.status == "FINISHED"
-    with pytest.raises(StageError, match="status"):
-        tracker.finish_parent("DONE")
-
-
-def test_bad_inputs_raise_stage_errors(cfg):
-    tracker = Tracker(cfg)
-    with tracker.stage_run("x") as sr:
-        with pytest.raises(StageError, match="metric 'acc'"):
-            sr.log_metrics({"acc": "high"})
-        with pytest.raises(StageError, match="epochs"):
-            tracker.log_history(sr, {"metric": "accuracy"})
-        with pytest.raises(StageError, match="does not exist"):
-            sr.log_artifact(Path(cfg.run_dir) / "missing.txt")
-    (Path(cfg.run_dir) / PARENT_FILE).write_text("not json")
-    with pytest.raises(StageError, match=PARENT_FILE):
-        Tracker(cfg).parent_run_id()
-
-
 def test_register_champion_challenger_and_load(cfg, tmp_path):
     tracker = Tracker(cfg)
     example = _video(0, 2)
@@ -187,11 +91,17 @@ def test_register_champion_challenger_and_load(cfg, tmp_path):
     report.write_text("# report\n")
     first, second, third = TinyVideoStudent(1), TinyVideoStudent(2), TinyVideoStudent(3)
 
-    r1 = tracker.register_student(
-        first, example, metric_name="accuracy", metric_value=0.70, extra_artifacts=[report], dataset="biovid"
+    r1 = register_student(
+        tracker,
+        first,
+        example,
+        metric_name="accuracy",
+        metric_value=0.70,
+        extra_artifacts=[report],
+        dataset="biovid",
     )
-    r2 = tracker.register_student(
-        second, example, metric_name="accuracy", metric_value=0.60, dataset="biovid"
+    r2 = register_student(
+        tracker, second, example, metric_name="accuracy", metric_value=0.60, dataset="biovid"
     )
     assert (r1.name, r1.alias, r1.previous_champion_version) == ("pkdot-student-biovid", "champion", None)
     assert (r2.alias, r2.previous_champion_version) == ("challenger", r1.version)
@@ -215,7 +125,9 @@ def test_register_champion_challenger_and_load(cfg, tmp_path):
         torch.testing.assert_close(got[key], expected[key])
     assert not torch.allclose(second.eval()(video)["logits"], got["logits"])
 
-    r3 = tracker.register_student(third, example, metric_name="accuracy", metric_value=0.80, dataset="biovid")
+    r3 = register_student(
+        tracker, third, example, metric_name="accuracy", metric_value=0.80, dataset="biovid"
+    )
     assert (r3.alias, r3.previous_champion_version) == ("champion", r1.version)
     assert int(client.get_model_version_by_alias(r1.name, "champion").version) == r3.version
     assert int(client.get_model_version_by_alias(r1.name, "challenger").version) == r2.version
@@ -228,7 +140,8 @@ def test_register_champion_challenger_and_load(cfg, tmp_path):
 def test_register_lower_is_better_dataclass_output(cfg):
     tracker = Tracker(cfg)
     example = _video(0, 2)
-    a = tracker.register_student(
+    a = register_student(
+        tracker,
         DataclassStudent(1),
         example,
         metric_name="mse",
@@ -236,7 +149,8 @@ def test_register_lower_is_better_dataclass_output(cfg):
         higher_is_better=False,
         dataset="affwild2",
     )
-    b = tracker.register_student(
+    b = register_student(
+        tracker,
         DataclassStudent(2),
         example,
         metric_name="mse",
@@ -251,16 +165,16 @@ def test_register_lower_is_better_dataclass_output(cfg):
         got = load_student(b.model_uri)(video)
         torch.testing.assert_close(got["logits"], model(video).logits)
     with pytest.raises(StageError, match="batch of at least 2"):
-        tracker.register_student(model, example[:1], metric_name="mse", metric_value=0.1, dataset="affwild2")
+        register_student(tracker, model, example[:1], metric_name="mse", metric_value=0.1, dataset="affwild2")
     with pytest.raises(StageError, match="no metric 'ccc'"):
-        tracker.register_student(model, example, metric_name="ccc", metric_value=0.1, dataset="affwild2")
+        register_student(tracker, model, example, metric_name="ccc", metric_value=0.1, dataset="affwild2")
 
 
 def test_register_model_output_student_and_its_config(cfg):
     tracker = Tracker(cfg)
     student = ModelOutputStudent(4).eval()
-    reg = tracker.register_student(
-        student, _video(0, 4), metric_name="ccc", metric_value=0.3, dataset="affwild2"
+    reg = register_student(
+        tracker, student, _video(0, 4), metric_name="ccc", metric_value=0.3, dataset="affwild2"
     )
     uri = f"models:/{reg.name}@champion"
     video = torch.from_numpy(_video(9, 5))
@@ -278,8 +192,13 @@ def test_register_model_output_student_and_its_config(cfg):
 def test_register_refuses_a_student_with_a_fixed_batch_size(cfg):
     tracker = Tracker(cfg)
     with pytest.raises(StageError, match="dynamic batch size"):
-        tracker.register_student(
-            FixedBatchStudent(0), _video(0, 2), metric_name="accuracy", metric_value=0.9, dataset="biovid"
+        register_student(
+            tracker,
+            FixedBatchStudent(0),
+            _video(0, 2),
+            metric_name="accuracy",
+            metric_value=0.9,
+            dataset="biovid",
         )
     client = MlflowClient(tracking_uri=tracker.tracking_uri)
     assert client.search_registered_models() == []  # nothing registered
@@ -289,30 +208,6 @@ def test_load_student_missing_model_raises(cfg):
     Tracker(cfg)
     with pytest.raises(StageError, match="cannot load student"):
         load_student("models:/does-not-exist@champion", tracking_uri=mlflow.get_tracking_uri())
-
-
-# ---- issue 14: public UI address, the version's own scores, dataset inputs, quiet store, predict -------------
-def test_public_uri_is_distinct_from_the_tracking_uri(tmp_path, monkeypatch):
-    from pkdot.tracking import PUBLIC_URI_ENV, resolve_public_uri, run_ui_url
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(PUBLIC_URI_ENV, raising=False)
-    local = load_config(overrides={"run_dir": str(tmp_path / "r")})
-    assert resolve_public_uri(local) is None  # a SQLite store has no UI to link to
-    server = load_config(
-        overrides={"run_dir": str(tmp_path / "r"), "tracking.tracking_uri": "http://mlflow:5000/"}
-    )
-    assert resolve_public_uri(server) == "http://mlflow:5000"
-    monkeypatch.setenv(PUBLIC_URI_ENV, "http://localhost:5000/")
-    assert resolve_public_uri(server) == "http://localhost:5000"
-    assert resolve_tracking_uri(server) == "http://mlflow:5000/"  # processes still log to the service name
-    assert resolve_public_uri(local) == "http://localhost:5000"
-    own = load_config(
-        overrides={"run_dir": str(tmp_path / "r"), "tracking.public_uri": "https://mlflow.example.org"}
-    )
-    assert resolve_public_uri(own) == "https://mlflow.example.org"  # the config wins over the environment
-    assert run_ui_url("http://h:5000/", "abc") == "http://h:5000/#/runs/abc"
-    assert run_ui_url("http://h:5000", "abc", "7") == "http://h:5000/#/experiments/7/runs/abc"
 
 
 def test_registered_version_carries_its_own_scores_and_datasets(cfg):
@@ -334,7 +229,8 @@ def test_registered_version_carries_its_own_scores_and_datasets(cfg):
     tracker = Tracker(cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reg = tracker.register_student(
+        reg = register_student(
+            tracker,
             TinyVideoStudent(1),
             _video(0, 2),
             metric_name="val_accuracy",
@@ -359,46 +255,22 @@ def test_registered_version_carries_its_own_scores_and_datasets(cfg):
     assert contexts == {"biovid-fold0-seed0-train": "train", "biovid-fold0-seed0-test": "test"}
     assert json.loads(inputs["biovid-fold0-seed0-test"].dataset.profile)["num_rows"] == 2
     with pytest.raises(StageError, match="score 'test_accuracy'"):
-        tracker.register_student(
+        register_student(
+            tracker,
             TinyVideoStudent(2), _video(0, 2), metric_name="val_accuracy", metric_value=0.5,
             dataset="biovid", scores={"test_accuracy": float("nan")},
         )  # fmt: skip
 
 
-@pytest.mark.parametrize(("verbose", "shown"), [(False, False), (True, True)])
-def test_mlflow_store_chatter_is_muted_unless_verbose(tmp_path, verbose, shown):
-    import subprocess
-    import sys
-
-    code = (
-        "import logging, sys\n"
-        f"logging.basicConfig(level=logging.{'INFO' if verbose else 'WARNING'})\n"
-        "from pkdot.config import load_config\n"
-        "from pkdot.tracking import Tracker\n"
-        "Tracker(load_config(overrides={'run_dir': sys.argv[1]})).parent_run_id()\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL")}
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "run")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "run" / "mlflow.db").is_file()
-    assert ("Creating initial MLflow database tables" in done.stderr) is shown, done.stderr[-2000:]
-
-
 def _face_video(path: Path, frames: int = 12, size: int = 256) -> Path:
-    """A short MP4 of the (public-domain) astronaut portrait, whose face OpenCV's cascade finds."""
+    """A short MP4 of the (public-domain) astronaut portrait, whose face OpenCV's cascade finds, panning."""
     import cv2
     from skimage import data
 
     image = cv2.resize(cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR), (size, size))
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (size, size))
-    for _ in range(frames):
-        writer.write(image)
+    for i in range(frames):  # moving a little: pkdot refuses a frozen video
+        writer.write(np.roll(image, 2 * i, axis=1))
     writer.release()
     return path
 
@@ -416,7 +288,8 @@ def test_predict_reads_the_given_store_and_leaves_no_stray_files(tmp_path, monke
             "features.min_face_px": 32,
         }
     )
-    reg = Tracker(small).register_student(
+    reg = register_student(
+        Tracker(small),
         TinyVideoStudent(1), np.zeros((2, 2, 16, 16, 3), np.uint8), metric_name="val_accuracy",
         metric_value=0.7, dataset="biovid",
     )  # fmt: skip
@@ -444,10 +317,108 @@ def test_predict_reads_the_given_store_and_leaves_no_stray_files(tmp_path, monke
     assert sorted(p.name for p in elsewhere.iterdir()) == []  # no mlflow.db, no mlruns
 
 
-def test_mlflow_run_links_on_stdout_are_off_by_default():
-    """MLflow would print "View run ... at <tracking server>" per ended run (the internal address)."""
-    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+def _run_results(test_gain: float, val_gain: float):
+    """Per-run tables of students `none` and `pkdot` (2 folds x 2 seeds): pkdot is better on test by
+    ``test_gain`` and on validation by ``val_gain`` (negative: worse)."""
+    import types
 
-    import pkdot.tracking  # noqa: F401 - sets the default on import
+    import pandas as pd
 
-    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True
+    from pkdot.evaluate.aggregate import select_student, summary_table
+
+    rows = []
+    for fold in (0, 1):
+        for seed in (0, 1):
+            base = 0.6 + 0.02 * fold + 0.01 * seed
+            for loss, test, val in (
+                ("none", base, base + 0.1),
+                ("pkdot", base + test_gain, base + 0.1 + val_gain),
+            ):
+                rows.append(
+                    {"model": f"student-{loss}", "fold": fold, "seed": seed, "n_samples": 10}
+                    | {"accuracy": test, "macro_f1": test, "val_accuracy": val}
+                )
+    per_fold = pd.DataFrame(rows)
+    table = summary_table(per_fold, regression=False, test_train_ratio=0.25)
+    selection = select_student(per_fold, "accuracy", ["none", "kd", "pkdot"])
+    protocol = "subject 3-fold cross-validation (3 folds evaluated)"
+    return types.SimpleNamespace(selection=selection, table=table, per_fold=per_fold, protocol=protocol)
+
+
+def _register_best(cfg, summary, **kw):
+    import pandas as pd
+
+    from pkdot.tracking import register_best
+
+    manifest = pd.DataFrame({"sample_id": [f"s{i}" for i in range(8)], "subject_id": list("aabbccdd")})
+    subjects = {"train": ["a", "b"], "val": ["c"], "test": ["d"]}
+    return register_best(
+        cfg, summary, TinyVideoStudent(1), (3, 8, 8, 3), manifest=manifest, subjects=subjects, **kw
+    )
+
+
+def test_registered_loss_is_chosen_on_validation_and_described_by_its_card(cfg):
+    """Issue 22: best test mean (pkdot) and best validation mean (none) differ; `none` is registered, with a
+    model card (protocol, CV estimate and interval, subjects, code) as description and tags."""
+    summary = _run_results(test_gain=0.05, val_gain=-0.03)
+    table = summary.table.set_index("model")
+    assert table.loc["student-pkdot", "mean"] > table.loc["student-none", "mean"]
+    details = _register_best(cfg, summary, manifest_fingerprint="fp")
+    assert details["registered_loss"] == "none" and details["alias"] == "champion"
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    version = client.get_model_version_by_alias(details["model_name"], "champion")
+    card, tags = version.description, version.tags
+    none = table.loc["student-none"]
+    assert (
+        tags["pkdot.loss"] == "none" and tags["pkdot.dataset"] == "biovid" and tags["pkdot.task"] == "binary"
+    )
+    assert tags["pkdot.training_subjects"] == "2" and tags["pkdot.config_hash"] == cfg.section_hash()
+    assert tags["pkdot.cv_estimate"] == f"{none['mean']:.4f} [{none['ci_low']:.4f}, {none['ci_high']:.4f}]"
+    assert "validation" in tags["pkdot.selection_rule"] and tags["pkdot.alias"] == "champion"
+    for text in (
+        "subject 3-fold cross-validation",
+        "highest mean validation accuracy",
+        f"{none['mean']:.4f}, corrected 95% CI [{none['ci_low']:.4f}, {none['ci_high']:.4f}] over 4",
+        "2 subjects: fold",
+        "uint8 array (batch, 3, 8, 8, 3)",
+        "logits over 2 classes",
+        "`champion`: the first version",
+        "pkdot ",
+    ):
+        assert text in card, (text, card)
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["cv_accuracy"] == pytest.approx(none["mean"])
+    assert run.data.metrics["val_accuracy"] == pytest.approx(summary.selection.val_mean + 0.0, abs=0.05)
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {
+        f"biovid-fold{details['registered_fold']}-seed{details['registered_seed']}-{s}"
+        for s in ("train", "val", "test")
+    }
+
+
+def test_champion_moves_only_when_the_cv_estimate_beats_it(cfg, tmp_path):
+    first = _register_best(cfg, _run_results(test_gain=0.0, val_gain=0.05))  # pkdot, CV mean ~0.625
+    worse = _register_best(cfg, _run_results(test_gain=-0.1, val_gain=0.05))  # pkdot again, lower CV estimate
+    refit = _register_best(cfg, _run_results(test_gain=0.1, val_gain=0.05), trained_on="all subjects (refit)")
+    assert [first["alias"], worse["alias"], refit["alias"]] == ["champion", "challenger", "champion"]
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    name = first["model_name"]
+    loser = client.get_model_version(name, worse["model_version"])
+    assert (
+        "`challenger`: its cv_accuracy" in loser.description
+        and "does not beat champion v1" in loser.description
+    )
+    assert "beats the current champion's" in loser.description  # the rule itself
+    assert (
+        client.get_model_version(name, refit["model_version"])
+        .tags["pkdot.trained_on"]
+        .startswith("all subjects")
+    )
+    # another task under the same name is not compared: challenger, and the card says why
+    other = load_config(
+        overrides={"run_dir": cfg.run_dir, "tracking.experiment": "pkdot-test", "data.task": "multiclass"}
+    )
+    summary = _run_results(test_gain=0.3, val_gain=0.05)
+    assert _register_best(other, summary)["alias"] == "challenger"
+    last = client.get_model_version_by_alias(name, "challenger")
+    assert "another task" in last.description and last.tags["pkdot.task"] == "multiclass"

@@ -1,16 +1,9 @@
-"""Task metrics on numpy arrays, as thin calls of scikit-learn and scipy (CCC is ours: no library has it).
+"""Task metrics on numpy arrays: scikit-learn and scipy, plus Lin's CCC (no library has it).
 
-- classification: accuracy, macro-F1 and confusion matrix (:mod:`sklearn.metrics`);
-- regression: Lin's CCC (here), MAE and RMSE (:mod:`sklearn.metrics`), Pearson's r
-  (:func:`scipy.stats.pearsonr`).
+Classification inputs are class indices (integers, or floats holding integers); regression inputs are real
+values of the same length. Inputs are checked first; :class:`~pkdot.errors.StageError` names the metric.
 
-Classification inputs are class indices (integers, or floats holding integers, as stored in
-``predictions.parquet``); regression inputs are real values of the same length. Every function checks its
-inputs first and raises :class:`~pkdot.errors.StageError` naming the metric and what was expected.
-
-References
-----------
-Lin, L. I.-K., "A Concordance Correlation Coefficient to Evaluate Reproducibility", Biometrics 45, 1989.
+References: Lin, "A Concordance Correlation Coefficient to Evaluate Reproducibility", Biometrics 45, 1989.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import f1_score
 
 from pkdot.errors import StageError
-from pkdot.evaluate.metrics import (
+from pkdot.metrics import (
     accuracy,
     ccc,
     classification_metrics,
@@ -117,7 +117,7 @@ def test_metric_dicts():
 
 
 def test_mae_and_many_classes():
-    from pkdot.evaluate.metrics import mae
+    from pkdot.metrics import mae
 
     x = np.array([0.0, 1.0, 2.0, 3.0])
     assert mae(x, x + np.array([0.5, -0.5, 1.0, 0.0])) == pytest.approx(0.5)

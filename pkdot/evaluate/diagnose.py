@@ -1,0 +1,335 @@
+"""Will privileged information help on my data? Linear probes with subject-grouped cross-validation, before training.
+
+On a feature table (:mod:`pkdot.data.tabular`'s layout) or a run directory's extracted features, repeated subject
+k-fold (scikit-learn ``StratifiedGroupKFold``; ``GroupKFold`` for regression) measures on each run's test subjects:
+
+- head-room: L2 logistic regression (``C = 1``; ridge for regression) on the student view, the privileged view
+  and both (accuracy, or CCC for regression);
+- transfer: R² of the privileged model's output (log-odds) predicted from the student view by ``RidgeCV``,
+  fitted on the training subjects' *cross-fitted* outputs, overall and *beyond the label* (output minus its
+  class mean): only the part beyond the label can teach the student something the labels do not;
+- gain: a student trained on cross-fitted soft labels ``alpha * label + (1 - alpha) * softmax(logits / T)`` of
+  the privileged model minus the same student trained on labels (generalised distillation, Lopez-Paz et al.,
+  ICLR 2016), paired by run, with the Nadeau-Bengio corrected interval (:mod:`pkdot.evaluate.aggregate`).
+
+The verdict rule (fixed before any control was run): **too few subjects to tell** below :data:`MIN_SUBJECTS`;
+**can help** when the gain's corrected 95 % interval lies above 0; **unlikely to help** when it lies below
+:data:`MARGIN` (a gain worth having is ruled out) or the privileged output beyond the label is not predictable
+from the student view (R² < :data:`MIN_TRANSFER_R2`: soft labels can then only smooth the labels); otherwise
+**too few subjects to tell**.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pkdot.errors import DatasetError, StageError
+from pkdot.evaluate.aggregate import corrected_and_naive
+from pkdot.metrics import ccc
+from pkdot.rundir import RunDir, atomic_write_json
+
+MIN_SUBJECTS = 10
+MARGIN = 0.02
+MIN_TRANSFER_R2 = 0.05
+RULE = (
+    f"can help: gain interval above 0; unlikely to help: gain interval below +{MARGIN} or R² beyond the label "
+    f"< {MIN_TRANSFER_R2}; too few subjects to tell: < {MIN_SUBJECTS} subjects or neither"
+)
+PROBES = ("student", "privileged", "both", "soft_label_student")
+DIFFERENCES = {"gain": ("soft_label_student", "student"), "headroom": ("privileged", "student")}
+#: A run directory's modality wider than this is reduced by PCA (label-free, on all rows).
+MAX_DIMS = 50
+
+
+class Views(NamedTuple):
+    """N samples seen two ways: ``student`` (N, Ds), ``privileged`` (N, Dp), ``target`` and ``subject`` (N,)."""
+
+    student: np.ndarray
+    privileged: np.ndarray
+    target: np.ndarray
+    subject: np.ndarray
+    regression: bool = False
+    names: tuple[list[str], list[str]] = ([], [])
+
+
+def fit_probe(
+    x: np.ndarray, y: np.ndarray, regression: bool = False, weight: np.ndarray | None = None
+) -> Any:
+    """Standardise, then L2 logistic regression (``C = 1``) or ridge (``alpha = 1``) with optional row weights."""
+    model = make_pipeline(StandardScaler(), Ridge(1.0) if regression else LogisticRegression(max_iter=3000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lbfgs convergence chatter on tiny sets
+        return model.fit(x, y, **({} if weight is None else {model.steps[-1][0] + "__sample_weight": weight}))
+
+
+def _output(model: Any, x: np.ndarray, regression: bool) -> np.ndarray:
+    """(N,) predictions for regression, (N, K) logits (log-probabilities up to a per-row constant) otherwise."""
+    if regression:
+        return model.predict(x)
+    logits = model.decision_function(x)
+    return np.c_[np.zeros(len(x)), logits] if logits.ndim == 1 else logits
+
+
+def crossfit_outputs(x: np.ndarray, y: np.ndarray, group: np.ndarray, regression: bool = False) -> np.ndarray:
+    """Each row's output (see :func:`_output`) from a model fitted on the other groups' rows."""
+    out = np.zeros(len(y)) if regression else np.zeros((len(y), int(y.max()) + 1))
+    for j in np.unique(group):
+        fit_rows = group != j
+        if not regression and len(np.unique(y[fit_rows])) < out.shape[1]:
+            raise StageError(f"crossfit group {j}: the other groups miss a class; use more subjects")
+        out[group == j] = _output(fit_probe(x[fit_rows], y[fit_rows], regression), x[group == j], regression)
+    return out
+
+
+def fit_soft_student(
+    x: np.ndarray, y: np.ndarray, teacher_out: np.ndarray, *, temperature: float = 4.0, alpha: float = 0.5
+) -> Any:
+    """Student fitted on ``alpha * label + (1 - alpha) * teacher`` (classification: ``softmax(logits / T)``, each
+    row entered once per class with the target's probability as weight; regression: the teacher's prediction)."""
+    if teacher_out.ndim == 1:
+        return fit_probe(x, alpha * y + (1.0 - alpha) * teacher_out, True)
+    logits = teacher_out / temperature
+    soft = np.exp(logits - logits.max(1, keepdims=True))
+    target = alpha * np.eye(teacher_out.shape[1])[y] + (1.0 - alpha) * soft / soft.sum(1, keepdims=True)
+    classes = np.repeat(np.arange(target.shape[1]), len(y))
+    return fit_probe(np.tile(x, (target.shape[1], 1)), classes, False, target.T.ravel())
+
+
+def _logit(out: np.ndarray) -> np.ndarray:
+    """Log-odds (binary), centred logits (multiclass) or the regression output."""
+    if out.ndim == 1:
+        return out
+    return out[:, 1] - out[:, 0] if out.shape[1] == 2 else out - out.mean(1, keepdims=True)
+
+
+def _beyond_label(out: np.ndarray, y: np.ndarray, y_fit: np.ndarray, out_fit: np.ndarray) -> np.ndarray:
+    """``out`` minus what the label explains: least squares of ``out_fit`` on the one-hot label (class means),
+    or on an affine function of a regression target."""
+    if np.issubdtype(y_fit.dtype, np.integer):  # classes: their means
+        design = lambda v: np.eye(int(y_fit.max()) + 1)[v]  # noqa: E731
+    else:
+        design = lambda v: np.c_[np.ones(len(v)), v]  # noqa: E731
+    return out - design(y) @ np.linalg.lstsq(design(y_fit), out_fit, rcond=None)[0]
+
+
+def _r2(x_fit: np.ndarray, target_fit: np.ndarray, x_test: np.ndarray, target_test: np.ndarray) -> float:
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(x_fit, target_fit)
+    return float(r2_score(target_test, model.predict(x_test), multioutput="variance_weighted"))
+
+
+@dataclass
+class Diagnosis:
+    """Scores of every run (fold x repeat) and the verdict; :meth:`summary` gives means and corrected intervals."""
+
+    metric: str
+    subjects: int
+    samples: int
+    test_train_ratio: float
+    names: tuple[list[str], list[str]]
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    verdict: str = ""
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Mean, sd and corrected 95 % interval of each score (probes clipped to the metric's range) and of the
+        paired differences ``gain`` (soft-label student - student) and ``headroom`` (privileged - student)."""
+        out = {}
+        for name, (a, b) in {**{n: (n, None) for n in self.runs}, **DIFFERENCES}.items():
+            metric = self.metric if name in PROBES else None
+            c = corrected_and_naive(self.runs[a], b and self.runs[b], 0.95, self.test_train_ratio, metric)
+            out[name] = {"mean": c.get("mean", c.get("mean_diff")), "sd": c.get("std", c.get("std_diff"))}
+            out[name].update(ci_low=c["ci_low"], ci_high=c["ci_high"])
+        return out
+
+    def text(self) -> str:
+        s = self.summary()
+        ci = lambda k, f="+.3f": f"{s[k]['mean']:{f}} [{s[k]['ci_low']:{f}}, {s[k]['ci_high']:{f}}]"  # noqa: E731
+        student, privileged = (", ".join(n) or "?" for n in self.names)
+        return "\n".join(
+            [
+                f"verdict: {self.verdict} (gain {ci('gain')}, R² beyond the label "
+                f"{s['r2_beyond_label']['mean']:+.2f}; {self.subjects} subjects, {len(self.runs['student'])} runs)",
+                f"  {self.metric} on test subjects: student ({student}) {ci('student', '.3f')}, privileged "
+                f"({privileged}) {ci('privileged', '.3f')}, both {ci('both', '.3f')}",
+                f"  head-room privileged - student {ci('headroom')}; soft-label student "
+                f"{ci('soft_label_student', '.3f')}, gain over labels {ci('gain')}",
+                f"  privileged output from the student view: R² {ci('r2_output', '+.2f')}, beyond the label "
+                f"{ci('r2_beyond_label', '+.2f')}",
+                "  (means with 95 % Nadeau-Bengio corrected intervals over subject folds x repeats)",
+                f"  rule: {RULE}",
+            ]
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "summary": self.summary(), "rule": RULE}
+
+
+def decide(subjects: int, summary: dict[str, dict[str, float]]) -> str:
+    """The module's verdict rule."""
+    if subjects < MIN_SUBJECTS:
+        return "too few subjects to tell"
+    if summary["gain"]["ci_low"] > 0:
+        return "can help"
+    if summary["gain"]["ci_high"] < MARGIN or summary["r2_beyond_label"]["mean"] < MIN_TRANSFER_R2:
+        return "unlikely to help"
+    return "too few subjects to tell"
+
+
+def diagnose(
+    views: Views,
+    *,
+    folds: int = 5,
+    repeats: int = 3,
+    crossfit_groups: int = 3,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+) -> Diagnosis:
+    """The module's measurements and verdict on ``views`` over ``folds`` x ``repeats`` subject-grouped runs."""
+    subject = np.asarray(views.subject)
+    names = np.unique(subject)
+    if len(names) < max(4, crossfit_groups + 1):
+        raise StageError(f"diagnose: needs at least {max(4, crossfit_groups + 1)} subjects, got {len(names)}")
+    regression = views.regression
+    y = (
+        np.asarray(views.target, np.float64)
+        if regression
+        else np.unique(views.target, return_inverse=True)[1]
+    )
+    x = {"student": np.asarray(views.student), "privileged": np.asarray(views.privileged)}
+    x["both"] = np.c_[x["student"], x["privileged"]]
+    runs: dict[str, list[float]] = {}
+    ratios = []
+    for rep in range(repeats):
+        splitter = (GroupKFold if regression else StratifiedGroupKFold)(
+            min(folds, len(names)), shuffle=True, random_state=rep
+        )
+        for train, test in splitter.split(x["student"], y, subject):
+            rng = np.random.default_rng([rep, int(test[0])])
+            one = _one_run(x, y, subject, train, test, regression, rng, crossfit_groups, temperature, alpha)
+            for name, value in one.items():
+                runs.setdefault(name, []).append(value)
+            ratios.append(len(test) / len(train))
+    metric = "ccc" if regression else "accuracy"
+    result = Diagnosis(metric, len(names), len(y), float(np.mean(ratios)), views.names, runs)
+    result.verdict = decide(result.subjects, result.summary())
+    return result
+
+
+def _one_run(x, y, subject, train, test, regression, rng, groups, temperature, alpha) -> dict[str, float]:
+    """The scores of one (fold, repeat): the probes, the soft-label student and the transfer R²."""
+
+    def score(model: Any, view: str) -> float:
+        pred = model.predict(x[view][test])
+        return ccc(y[test], pred) if regression else float((pred == y[test]).mean())
+
+    models = {name: fit_probe(view[train], y[train], regression) for name, view in x.items()}
+    train_subjects = np.unique(subject[train])
+    group_of = dict(zip(train_subjects, rng.permutation(len(train_subjects)) % groups, strict=True))
+    group = np.array([group_of[s] for s in subject[train]])
+    out_fit = crossfit_outputs(x["privileged"][train], y[train], group, regression)
+    soft = fit_soft_student(x["student"][train], y[train], out_fit, temperature=temperature, alpha=alpha)
+    logit_fit = _logit(out_fit)
+    logit_test = _logit(_output(models["privileged"], x["privileged"][test], regression))
+    beyond_fit = _beyond_label(logit_fit, y[train], y[train], logit_fit)
+    beyond_test = _beyond_label(logit_test, y[test], y[train], logit_fit)
+    x_fit, x_test = x["student"][train], x["student"][test]
+    return {
+        **{name: score(model, name) for name, model in models.items()},
+        "soft_label_student": score(soft, "student"),
+        "r2_output": _r2(x_fit, logit_fit, x_test, logit_test),
+        "r2_beyond_label": _r2(x_fit, beyond_fit, x_test, beyond_test),
+    }
+
+
+def table_views(path: str | Path, student: Sequence[str] = (), privileged: Sequence[str] = ()) -> Views:
+    """The views of a feature table; by default the first list column is the student view, the others privileged."""
+    table = pq.read_table(path)
+    lists = [f.name for f in table.schema if str(f.type).startswith(("list", "large_list", "fixed_size"))]
+    student = list(student) or lists[:1]
+    privileged = list(privileged) or [c for c in lists if c not in student]
+    for name in ("subject_id", *student, *privileged):
+        if name not in table.column_names:
+            raise DatasetError(f"table {path}: no column {name!r} (columns: {table.column_names})")
+    if not student or not privileged:
+        raise DatasetError(f"table {path}: needs a student and a privileged list column, found {lists}")
+    regression = "target" in table.column_names
+    if not regression and "label" not in table.column_names:
+        raise DatasetError(
+            f"table {path}: expected a 'label' (classification) or 'target' (regression) column"
+        )
+    stack = lambda cols: np.hstack([np.asarray(table[c].to_pylist(), np.float64) for c in cols])  # noqa: E731
+    target = np.asarray(table["target" if regression else "label"].to_pylist())
+    subject = np.asarray(table["subject_id"].to_pylist())
+    return Views(stack(student), stack(privileged), target, subject, regression, (student, privileged))
+
+
+def run_views(run: str | Path, student: Sequence[str] = (), privileged: Sequence[str] = ()) -> Views:
+    """The views of a run directory's ``features/`` tables (by default the modalities of its ``config.yaml``):
+    video as each clip's mean grey frame, other modalities' default tensor flattened; each reduced to
+    :data:`MAX_DIMS` dimensions by PCA (fitted on all rows, no labels)."""
+    from pkdot.config import load_config
+    from pkdot.data.manifest import read_manifest
+    from pkdot.features.schema import DEFAULT_TENSOR, iter_tensors
+
+    rd = RunDir(run)
+    data = load_config(rd.config).data
+    manifest = read_manifest(rd.manifest)
+    order = manifest["sample_id"].tolist()
+
+    def view(modalities: Sequence[str]) -> np.ndarray:
+        parts = []
+        for modality in modalities:
+            path, ids, rows = rd.feature_table(modality), [], []
+            for batch_ids, arr in iter_tensors(path, DEFAULT_TENSOR.get(modality, "vector")):
+                flat = arr.astype(np.float32).mean(axis=(1, 4)) if modality == "video" else arr
+                ids += batch_ids
+                rows.append(flat.reshape(len(batch_ids), -1))
+            row_of = {sample: i for i, sample in enumerate(ids)}
+            missing = [sample for sample in order if sample not in row_of]
+            if missing:
+                raise DatasetError(
+                    f"{path}: no features for {len(missing)} manifest samples, e.g. {missing[:3]}"
+                )
+            x = np.concatenate(rows)[[row_of[sample] for sample in order]]
+            dims = min(MAX_DIMS, len(x))
+            parts.append(PCA(dims, random_state=0).fit_transform(x) if x.shape[1] > dims else x)
+        return np.hstack(parts)
+
+    student = list(student) or list(data.student_modalities)
+    privileged = list(privileged) or list(data.privileged_modalities)
+    target, subject = manifest[data.target_column].to_numpy(), manifest["subject_id"].to_numpy()
+    return Views(view(student), view(privileged), target, subject, data.is_regression, (student, privileged))
+
+
+def write_outputs(result: Diagnosis, out_dir: str | Path) -> tuple[Path, Path]:
+    """``diagnose.json`` and ``diagnose.png`` (the probes and differences with their corrected intervals)."""
+    import matplotlib.pyplot as plt
+
+    from pkdot.evaluate.plots import _save
+
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "diagnose.json", result.to_json())
+    s = result.summary()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [4, 2]})
+    for ax, names in zip(axes, (PROBES, tuple(DIFFERENCES)), strict=True):
+        means = np.array([s[n]["mean"] for n in names])
+        err = np.abs(np.array([[s[n]["ci_low"] for n in names], [s[n]["ci_high"] for n in names]]) - means)
+        ax.bar(range(len(names)), means, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+    axes[1].axhline(0.0, color="k", lw=0.6)
+    axes[1].set_ylabel("paired difference", fontsize=8)
+    axes[0].set_ylabel(f"{result.metric}, test subjects (95 % corrected CI)", fontsize=8)
+    fig.suptitle(f"{result.verdict} ({result.subjects} subjects)", fontsize=10)
+    return out_dir / "diagnose.json", _save(fig, out_dir / "diagnose.png")

@@ -1,0 +1,447 @@
+"""Subject-wise fold planning: pure functions over subject ids, no data loading.
+
+Folds are over subjects (subject k-fold, leave-one-subject-out, or the official Aff-Wild2 partition); each
+fold's validation subjects, used for model selection, are carved from its training subjects. Each training
+seed draws its own subject k-fold partition (:func:`fold_seed`: repeated cross-validation); LOSO and the
+official partition are the same for every seed.
+
+``RUN/splits.json`` holds ``[{"seed": s, "fold": k, "train": [..], "val": [..], "test": [..]}, ...]``, one
+entry per (seed, fold), plus ``"crossfit_groups"`` with cross-fitted teacher targets. Entries without
+``"seed"`` (a plain list of folds) serve every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from pkdot.errors import ConfigError, DatasetError, StageError
+from pkdot.rundir import atomic_write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pkdot.config import RunConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold: disjoint tuples of subject ids for training, validation (model selection) and test.
+
+    ``seed``: the training seed whose partition this fold belongs to (None: every seed's). ``crossfit``
+    (cross-fitted teacher targets only): J >= 2 disjoint groups that together cover ``train``.
+    """
+
+    index: int
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    seed: int | None = None
+    crossfit: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        where = f"fold {self.index}" + (f" of seed {self.seed}" if self.seed is not None else "")
+        for name in SPLIT_NAMES:
+            subjects = getattr(self, name)
+            if not subjects:
+                raise StageError(f"{where}: the {name} split has no subjects")
+            if len(set(subjects)) != len(subjects):
+                raise StageError(f"{where}: the {name} split lists a subject twice")
+        for i, a in enumerate(SPLIT_NAMES):
+            for b in SPLIT_NAMES[i + 1 :]:
+                both = set(getattr(self, a)) & set(getattr(self, b))
+                if both:
+                    raise StageError(f"{where}: subjects {sorted(both)[:5]} are in both {a} and {b}")
+        if self.crossfit:
+            grouped = [s for g in self.crossfit for s in g]
+            if any(not g for g in self.crossfit) or len(self.crossfit) < 2:
+                raise StageError(f"{where}: crossfit needs >= 2 non-empty groups, got {len(self.crossfit)}")
+            if len(set(grouped)) != len(grouped) or set(grouped) != set(self.train):
+                raise StageError(
+                    f"{where}: the crossfit groups must partition the training subjects (each in exactly one)"
+                )
+
+    def to_dict(self) -> dict[str, object]:
+        """The ``splits.json`` entry ``{["seed"], "fold", "train", "val", "test", ["crossfit_groups"]}``."""
+        out: dict[str, object] = {} if self.seed is None else {"seed": self.seed}
+        out |= {"fold": self.index, "train": list(self.train), "val": list(self.val), "test": list(self.test)}
+        if self.crossfit:
+            out["crossfit_groups"] = [list(g) for g in self.crossfit]
+        return out
+
+    def group_of(self, subject: str) -> int:
+        """Index of the crossfit group holding a training subject (StageError if none does)."""
+        for j, group in enumerate(self.crossfit):
+            if subject in group:
+                return j
+        raise StageError(f"fold {self.index}: subject {subject!r} is in no crossfit group")
+
+    def without_group(self, group: int) -> Fold:
+        """The fold a cross-fitting teacher trains on: ``train`` minus crossfit group ``group`` (val/test kept)."""
+        if not 0 <= group < len(self.crossfit):
+            raise StageError(
+                f"fold {self.index}: no crossfit group {group} (the fold has {len(self.crossfit)} groups)"
+            )
+        held_out = set(self.crossfit[group])
+        train = tuple(s for s in self.train if s not in held_out)
+        return Fold(self.index, train, self.val, self.test, seed=self.seed)
+
+
+def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
+    ids = list(subject_ids)
+    bad = [s for s in ids if not isinstance(s, str) or not s]
+    if bad:
+        raise StageError(f"subject ids must be non-empty strings, got e.g. {bad[0]!r}")
+    return sorted(set(ids))
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"train.val_fraction must be in (0, 1), got {val_fraction}")
+
+
+def _carve_validation(
+    rest: list[str], val_fraction: float, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
+    n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
+    chosen = set(rng.choice(np.asarray(rest, dtype=object), size=n_val, replace=False).tolist())
+    return [s for s in rest if s not in chosen], sorted(chosen)
+
+
+def subject_folds(
+    subject_ids: Sequence[str],
+    scheme: int | Literal["loso"],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[Fold]:
+    """Subject-independent folds: every subject in exactly one fold's test set; train/val/test disjoint.
+
+    ``scheme`` ``k >= 2``: the sorted subjects (``subject_ids`` may repeat) are shuffled with ``seed`` and cut
+    into ``k`` groups (sizes differ by at most 1), group ``i`` being fold ``i``'s test set; ``"loso"``: one fold
+    per subject. Each fold's validation subjects are ``val_fraction`` of the rest (rounded, at least 1, leaving
+    at least 1 for training), drawn with ``default_rng([seed, i])``. :class:`ConfigError` for an unknown
+    scheme, ``val_fraction`` outside (0, 1) or too few subjects.
+    """
+    subjects = _unique_subjects(subject_ids)
+    n = len(subjects)
+    _check_val_fraction(val_fraction)
+    if scheme == "loso":
+        groups = [[s] for s in subjects]
+    elif isinstance(scheme, int) and not isinstance(scheme, bool) and scheme >= 2:
+        if n < scheme:
+            raise ConfigError(
+                f"train.folds={scheme}: subject {scheme}-fold needs at least {scheme} subjects, got {n}"
+            )
+        order = np.random.default_rng(seed).permutation(n)
+        groups = [[subjects[i] for i in part] for part in np.array_split(order, scheme)]
+    else:
+        raise ConfigError(f"train.folds: expected an integer >= 2 or 'loso', got {scheme!r}")
+    largest = max(len(g) for g in groups)
+    if n - largest < 2:
+        raise ConfigError(
+            f"train.folds={scheme!r}: {n} subjects leave {n - largest} outside a test fold, but each fold needs at "
+            f"least 1 training and 1 validation subject (use fewer folds or more subjects)"
+        )
+    folds = []
+    for i, group in enumerate(groups):
+        rest = [s for s in subjects if s not in set(group)]
+        train, val = _carve_validation(rest, val_fraction, np.random.default_rng([seed, i]))
+        folds.append(Fold(index=i, train=tuple(train), val=tuple(val), test=tuple(sorted(group))))
+    log.info("%d subject folds (%s) over %d subjects", len(folds), scheme, n)
+    return folds
+
+
+def official_folds(
+    subject_partition: Mapping[str, str],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    train_partition: str = "Train_Set",
+    test_partition: str = "Validation_Set",
+) -> list[Fold]:
+    """The official Aff-Wild2 protocol as one fold: train on ``Train_Set``, test on ``Validation_Set``.
+
+    ``subject_partition``: each subject's (video's) partition. The challenge's test labels are withheld, so
+    everyone reports on ``Validation_Set``; validation subjects for model selection are carved from
+    ``Train_Set`` as in :func:`subject_folds`. :class:`ConfigError` for another partition, fewer than 2
+    ``Train_Set`` subjects or no ``Validation_Set`` subject.
+    """
+    _check_val_fraction(val_fraction)
+    unknown = sorted({p for p in subject_partition.values() if p not in (train_partition, test_partition)})
+    if unknown:
+        raise ConfigError(
+            f"train.folds='official': subjects in partitions {unknown} (expected {train_partition!r} or "
+            f"{test_partition!r}; use train.folds=<k> or 'loso' for data without the official partitions)"
+        )
+    train_subjects = sorted(s for s, p in subject_partition.items() if p == train_partition)
+    test_subjects = sorted(s for s, p in subject_partition.items() if p == test_partition)
+    if len(train_subjects) < 2 or not test_subjects:
+        raise ConfigError(
+            f"train.folds='official' needs >= 2 {train_partition} subjects (training + validation) and >= 1 "
+            f"{test_partition} subject, found {len(train_subjects)} and {len(test_subjects)} "
+            "(use train.folds=<k> or 'loso')"
+        )
+    train, val = _carve_validation(train_subjects, val_fraction, np.random.default_rng([seed, 0]))
+    log.info("official folds: %d train, %d val, %d test subjects", len(train), len(val), len(test_subjects))
+    return [Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(test_subjects))]
+
+
+def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
+    """The seed of the subject partition of training seed ``repeat_seed`` in a run seeded ``run_seed``.
+
+    Subject k-fold (``scheme`` an int, or None = 5): ``SeedSequence([run_seed, repeat_seed])``, a different
+    partition per training seed. ``"loso"`` and ``"official"``: the run seed (fixed test assignment and
+    validation carve-out, identical across seeds).
+    """
+    if scheme in ("loso", "official"):
+        return int(run_seed)
+    if run_seed < 0 or repeat_seed < 0:
+        raise ConfigError(
+            f"seeds must be >= 0 for repeated k-fold, got run seed {run_seed}, seed {repeat_seed}"
+        )
+    return int(np.random.SeedSequence([int(run_seed), int(repeat_seed)]).generate_state(1)[0])
+
+
+def assign_crossfit_groups(fold: Fold, groups: int, seed: int) -> Fold:
+    """Cut a fold's training subjects into ``groups`` disjoint groups (sizes differ by at most one).
+
+    The sorted training subjects are permuted with ``default_rng([seed, fold.index, groups])`` and split with
+    ``numpy.array_split``. :class:`ConfigError` with fewer training subjects than groups.
+    """
+    train = sorted(fold.train)
+    if groups < 2:
+        raise ConfigError(f"distill.crossfit_groups must be >= 2, got {groups}")
+    if len(train) < groups:
+        raise ConfigError(
+            f"distill.crossfit_groups={groups}: fold {fold.index} has only {len(train)} training subjects "
+            f"(need at least one per group; use fewer groups or more subjects)"
+        )
+    order = np.random.default_rng([int(seed), fold.index, groups]).permutation(len(train))
+    cut = tuple(tuple(sorted(train[i] for i in part)) for part in np.array_split(order, groups))
+    return replace(fold, crossfit=cut)
+
+
+def crossfit_groups_of(cfg: RunConfig) -> int | None:
+    """J when the run cross-fits its teacher targets (``distill.teacher_targets = "crossfit"``), else None."""
+    return cfg.distill.crossfit_groups if cfg.distill.teacher_targets == "crossfit" else None
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """The folds of every training seed: ``by_seed[s]`` lists seed ``s``'s folds; ``shared`` serves every seed."""
+
+    by_seed: Mapping[int, tuple[Fold, ...]]
+    shared: tuple[Fold, ...] | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.by_seed)
+
+    def folds(self, seed: int | None = None) -> list[Fold]:
+        """The folds of ``seed`` (``None``: allowed when the plan has one partition for every seed)."""
+        if self.shared is not None:
+            return list(self.shared)
+        if seed is None:
+            if len(self.by_seed) == 1:
+                return list(next(iter(self.by_seed.values())))
+            raise StageError(f"the fold plan has folds for seeds {self.seeds}: say which seed's folds")
+        if seed not in self.by_seed:
+            raise StageError(
+                f"the fold plan has no folds for seed {seed} (seeds {self.seeds}); rerun train-teacher"
+            )
+        return list(self.by_seed[seed])
+
+    def fold(self, seed: int, index: int) -> Fold:
+        """Fold ``index`` of ``seed``'s partition."""
+        for f in self.folds(seed):
+            if f.index == index:
+                return f
+        raise StageError(f"the fold plan has no fold {index} for seed {seed}")
+
+    def pairs(self, seeds: Sequence[int]) -> list[tuple[int, Fold]]:
+        """Every (seed, fold) of ``seeds``, seed-major."""
+        return [(s, f) for s in seeds for f in self.folds(s)]
+
+
+def as_plan(folds: FoldPlan | Mapping[int, Sequence[Fold]] | Sequence[Fold]) -> FoldPlan:
+    """A :class:`FoldPlan` from a plan, a ``{seed: folds}`` mapping, or one list of folds for every seed."""
+    if isinstance(folds, FoldPlan):
+        return folds
+    if isinstance(folds, Mapping):
+        return FoldPlan(
+            by_seed={int(s): tuple(replace(f, seed=int(s)) for f in fs) for s, fs in folds.items()}
+        )
+    return FoldPlan(by_seed={}, shared=tuple(folds))
+
+
+def subject_partitions(frame: pd.DataFrame) -> dict[str, str]:
+    """Each subject's manifest ``partition``; :class:`DatasetError` naming subjects found in two partitions."""
+    pairs = frame[["subject_id", "partition"]].astype(str).drop_duplicates()
+    counts = pairs.groupby("subject_id")["partition"].nunique()
+    both = sorted(counts[counts > 1].index)
+    if both:
+        raise DatasetError(
+            f"manifest: subjects {both[:10]} ({len(both)} in all) have samples in more than one partition "
+            "(expected each video/subject in exactly one of Train_Set and Validation_Set)"
+        )
+    return dict(zip(pairs["subject_id"], pairs["partition"], strict=True))
+
+
+def fold_plan(frame: pd.DataFrame, train: TrainConfig, seed: int) -> list[Fold]:
+    """The subject folds of a manifest's samples (``train.folds``, ``train.val_fraction``, ``seed``).
+
+    ``official``: :func:`official_folds` over the samples' partitions; else :func:`subject_folds` over their
+    subjects. ``train.max_folds`` is *not* applied. :class:`ConfigError` (naming the subjects found) when
+    there are too few subjects for the scheme.
+    """
+    if train.folds == "official":
+        return official_folds(subject_partitions(frame), val_fraction=train.val_fraction, seed=seed)
+    scheme = 5 if train.folds is None else train.folds
+    subjects = sorted(set(frame["subject_id"].astype(str)))
+    try:
+        return subject_folds(subjects, scheme, val_fraction=train.val_fraction, seed=seed)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc} [the manifest has {len(frame)} samples from {len(subjects)} subject(s): "
+            f"{subjects[:10]}{' ...' if len(subjects) > 10 else ''}]"
+        ) from None
+
+
+def plan_run_folds(cfg: RunConfig, frame: pd.DataFrame) -> FoldPlan:
+    """The fold plan of a run over the manifest rows ``frame`` (the samples that take part).
+
+    Seed ``s`` of ``train.seeds`` draws :func:`fold_plan` seeded by :func:`fold_seed`; ``train.max_folds``
+    keeps each seed's first folds; with cross-fitted targets each fold's training subjects are cut into
+    ``distill.crossfit_groups`` groups (:func:`assign_crossfit_groups`, seeded like the folds).
+    """
+    crossfit = crossfit_groups_of(cfg)
+    by_seed: dict[int, tuple[Fold, ...]] = {}
+    for s in cfg.train.seeds:
+        partition_seed = fold_seed(cfg.train.folds, cfg.seed, s)
+        folds = [replace(f, seed=s) for f in fold_plan(frame, cfg.train, partition_seed)]
+        folds = folds[: cfg.train.max_folds] if cfg.train.max_folds is not None else folds
+        if crossfit is not None:
+            folds = [assign_crossfit_groups(f, crossfit, partition_seed) for f in folds]
+        by_seed[s] = tuple(folds)
+    return FoldPlan(by_seed=by_seed)
+
+
+def save_folds(folds: FoldPlan | Mapping[int, Sequence[Fold]] | Sequence[Fold], path: str | Path) -> None:
+    """Write ``splits.json`` atomically: a plan / ``{seed: folds}`` mapping, or a list written as it is."""
+    plan = as_plan(folds)
+    entries = [f.to_dict() for f in plan.shared or ()] + [f.to_dict() for _, f in plan.pairs(plan.seeds)]
+    atomic_write_json(path, entries)
+
+
+_OPTIONAL_KEYS = {"seed", "crossfit_groups"}
+
+
+def _fold_entry(path: Path, k: int, entry: object) -> Fold:
+    required = {"fold", *SPLIT_NAMES}
+    if not isinstance(entry, dict) or not required <= set(entry) <= required | _OPTIONAL_KEYS:
+        raise StageError(
+            f"splits file {path}: entry {k} must have the keys fold, train, val, test "
+            f"(and optionally seed, crossfit_groups)"
+        )
+    index, seed = entry["fold"], entry.get("seed")
+    for name, value in (("fold", index), ("seed", seed)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise StageError(f"splits file {path}: entry {k}: {name!r} must be an integer, got {value!r}")
+    parts = {}
+    for name in SPLIT_NAMES:
+        value = entry[name]
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise StageError(
+                f"splits file {path}: fold {index}: {name!r} must be a list of subject ids (strings)"
+            )
+        parts[name] = tuple(value)
+    groups = entry.get("crossfit_groups", [])
+    if not isinstance(groups, list) or not all(
+        isinstance(g, list) and all(isinstance(s, str) for s in g) for g in groups
+    ):
+        raise StageError(f"splits file {path}: fold {index}: 'crossfit_groups' must be lists of subject ids")
+    try:
+        return Fold(index=index, **parts, seed=seed, crossfit=tuple(tuple(g) for g in groups))
+    except StageError as exc:
+        raise StageError(f"splits file {path}: {exc}") from exc
+
+
+def load_fold_plan(path: str | Path) -> FoldPlan:
+    """Read ``splits.json`` into a :class:`FoldPlan`; :class:`StageError` naming the file and entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"splits file {path} does not exist (the pipeline writes it before training)")
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageError(f"splits file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(entries, list) or not entries:
+        raise StageError(f"splits file {path}: expected a non-empty list of folds")
+    folds = [_fold_entry(path, k, e) for k, e in enumerate(entries)]
+    seeded = {f.seed is not None for f in folds}
+    if len(seeded) > 1:
+        raise StageError(f"splits file {path}: some entries have a 'seed' and others do not")
+    keys = [(f.seed, f.index) for f in folds]
+    if len(set(keys)) != len(keys):
+        raise StageError(f"splits file {path}: (seed, fold) entries repeat: {keys}")
+    if seeded == {False}:
+        return FoldPlan(by_seed={}, shared=tuple(folds))
+    by_seed: dict[int, list[Fold]] = {}
+    for f in folds:
+        by_seed.setdefault(int(f.seed), []).append(f)  # type: ignore[arg-type]
+    return FoldPlan(by_seed={s: tuple(fs) for s, fs in by_seed.items()})
+
+
+def load_folds(path: str | Path, seed: int | None = None) -> list[Fold]:
+    """The folds of ``seed`` in ``splits.json`` (``None``: the file must hold one partition for every seed)."""
+    return load_fold_plan(path).folds(seed)
+
+
+def fold_masks(subject_of_sample: Sequence[str], fold: Fold) -> dict[str, np.ndarray]:
+    """Boolean sample masks ``{"train", "val", "test"}`` (each ``(N,)``) from each sample's subject id.
+
+    :class:`StageError` if a sample's subject is in none of the fold's splits.
+    """
+    subjects = np.asarray(list(subject_of_sample), dtype=object)
+    masks = {name: np.isin(subjects, np.asarray(getattr(fold, name), dtype=object)) for name in SPLIT_NAMES}
+    unassigned = ~(masks["train"] | masks["val"] | masks["test"])
+    if unassigned.any():
+        unknown = sorted(set(subjects[unassigned].tolist()))
+        raise StageError(
+            f"fold {fold.index}: {int(unassigned.sum())} samples belong to subjects in no split, e.g. {unknown[:5]} "
+            f"(splits.json was made for other subjects)"
+        )
+    return masks
+
+
+def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
+    """One sentence naming the evaluation protocol recorded in ``splits.json`` (for the report)."""
+    plan = load_fold_plan(splits_path)
+    folds = plan.folds(None if plan.shared is not None else plan.seeds[0])
+    if scheme == "official":
+        f = folds[0]
+        return (
+            f"official Aff-Wild2 partitions: trained on `Train_Set` ({len(f.train)} videos, {len(f.val)} "
+            f"more held out for validation/model selection), tested on `Validation_Set` ({len(f.test)} videos)"
+        )
+    name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
+    repeats = (
+        f", drawn anew for each of {len(plan.seeds)} seeds"
+        if len(plan.seeds) > 1 and scheme != "loso"
+        else ""
+    )
+    return (
+        f"{name} cross-validation ({len(folds)} folds evaluated{repeats}; test subjects never seen in "
+        "training, validation subjects carved from each fold's training subjects)"
+    )

@@ -1,0 +1,76 @@
+"""The pipeline: :data:`STAGES`, the one ordered list of stages, and the functions that run them.
+
+``manifest -> extract -> train-teacher -> cache -> distill -> evaluate``; each stage's module in this package
+reads top to bottom (its body, then its :class:`~pkdot.pipeline.base.Stage`). :func:`run_stage` runs one stage
+unless it is up to date (the only such decision: :func:`pkdot.pipeline.base.execute`); :func:`run_all` runs
+them all in this process (``pkdot run --no-prefect``); ``flows/pipeline.py`` wraps each as a Prefect task and
+``pkdot.cli`` generates a subcommand per stage, both from :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pkdot.config import RunConfig
+from pkdot.errors import StageError
+from pkdot.pipeline import cache, distill, evaluate, extract, manifest, train_teacher
+from pkdot.pipeline.base import Stage, StageResult, execute, stage_key
+from pkdot.pipeline.lock import run_dir_lock
+from pkdot.pipeline.prepare import prepare_run
+
+__all__ = ["STAGES", "Stage", "StageResult", "prepare_run", "run_all", "run_dir_lock", "run_stage", "stage"]
+
+log = logging.getLogger(__name__)
+status = logging.getLogger("pkdot.status")
+
+#: The stages, in execution order.
+STAGES: tuple[Stage, ...] = (
+    manifest.STAGE,
+    extract.STAGE,
+    train_teacher.STAGE,
+    cache.STAGE,
+    distill.STAGE,
+    evaluate.STAGE,
+)
+_INDEX = {s.name: i for i, s in enumerate(STAGES)}
+
+
+def stage(name: str) -> Stage:
+    """The stage called ``name``."""
+    if name not in _INDEX:
+        raise StageError(f"unknown stage {name!r} (expected one of {list(_INDEX)})")
+    return STAGES[_INDEX[name]]
+
+
+def run_stage(name: str, cfg: RunConfig, upstream: str = "", **options: Any) -> StageResult:
+    """Run stage ``name`` on ``cfg.run_dir`` unless it is up to date; ``upstream`` is the previous stage's output
+    fingerprint when the caller has it (checked against that stage's marker)."""
+    stage(name)
+    return execute(cfg, STAGES, _INDEX[name], upstream, **options)
+
+
+def key_of(name: str, cfg: RunConfig, upstream: str, **options: Any) -> str:
+    """The key under which stage ``name``'s outputs are up to date (:func:`pkdot.pipeline.base.stage_key`)."""
+    return stage_key(cfg, stage(name), upstream, options)
+
+
+def run_all(cfg: RunConfig) -> dict[str, StageResult]:
+    """Every stage in order, in this process (what ``pkdot run --no-prefect`` does), holding the run lock."""
+    with run_dir_lock(cfg.run_dir, command="pkdot run --no-prefect"):
+        cfg = prepare_run(cfg)
+        results: dict[str, StageResult] = {}
+        upstream = ""
+        for s in STAGES:
+            t0 = time.time()
+            res = run_stage(s.name, cfg, upstream)
+            status.info(
+                "stage %s %s in %.1fs",
+                s.name,
+                "skipped (up to date)" if res.skipped else "done",
+                time.time() - t0,
+            )
+            results[s.name] = res
+            upstream = res.fingerprint
+        return results

@@ -1,0 +1,276 @@
+"""What a stage is, and the one decision of whether it is up to date.
+
+A :class:`Stage` is a name, the config sections and source files its outputs depend on, the command that re-runs
+it, and a body that does the work. :func:`run_stage` is the only code that decides whether a stage runs: it
+computes the stage's *key* (:func:`stage_key`: config sections + the upstream stage's output fingerprint + the
+stage's source code + the stage's own options), and skips the stage when its marker ``RUN/stages/<stage>.json``
+records the same key and the outputs it recorded are intact. Otherwise it marks the stage pending (its marker
+loses its fingerprint, so nothing downstream accepts the old outputs), lets the stage remove what a failure would
+leave readable, runs the body, and records the key, the output fingerprint and each output's size/mtime.
+
+A stage refuses to start when its upstream stage is pending, or when an output an earlier stage recorded changed
+or disappeared since, naming the command to re-run. Prefect (``flows/``) and the CLI call :func:`run_stage`; they
+make no decision of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pkdot import rundir
+from pkdot.config import RunConfig
+from pkdot.errors import StageError, resource_error
+from pkdot.rundir import RunDir, atomic_write_json, hash_files, hash_json, output_stamp, source_hash
+
+log = logging.getLogger(__name__)
+#: A few lines the console shows by default (``pkdot.console.STATUS_LOGGER``): a stage done, the data set.
+status = logging.getLogger("pkdot.status")
+
+
+@dataclass
+class StageResult:
+    """What a stage hands the next one."""
+
+    stage: str
+    path: Path
+    fingerprint: str
+    skipped: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageOutput:
+    """What a stage body returns: the files it wrote (recorded in its marker), details for people and MLflow,
+    and its output fingerprint (default: :func:`pkdot.rundir.hash_files` of ``outputs``)."""
+
+    outputs: list[Path]
+    details: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    Attributes
+    ----------
+    name : str
+        As in markers, the CLI and Prefect (``train-teacher``).
+    sections : tuple of str
+        Top-level config fields its outputs depend on (over-inclusion costs a re-run; under-inclusion would
+        reuse stale results).
+    code : tuple of str
+        Source files under ``pkdot/`` (a directory means every ``*.py`` in it) whose code computes it.
+    output : callable
+        ``RunDir -> Path``: what :attr:`StageResult.path` names.
+    body : callable
+        ``(cfg, **options) -> StageOutput``: the work.
+    help : str
+        One line for ``pkdot --help``.
+    key_extra : callable, optional
+        ``(cfg, options) -> dict``: what else enters the key (the losses trained, the tracking URI, ...).
+    before : callable, optional
+        ``(cfg, inputs_changed, options) -> None``: called before the body once the stage must run; removes the
+        stage's own stale outputs.
+    is_current : callable, optional
+        ``(cfg, options) -> bool``: an extra check, beyond the marker, that the outputs are usable.
+    always : bool
+        Run every time (the manifest: it re-scans the data set; its fingerprint keys everything below).
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    code: tuple[str, ...]
+    output: Callable[[RunDir], Path]
+    body: Callable[..., StageOutput]
+    help: str
+    key_extra: Callable[[RunConfig, dict[str, Any]], dict[str, Any]] | None = None
+    before: Callable[[RunConfig, bool, dict[str, Any]], None] | None = None
+    is_current: Callable[[RunConfig, dict[str, Any]], bool] | None = None
+    always: bool = False
+
+    @property
+    def command(self) -> str:
+        """The command that (re)runs the stage, for messages."""
+        return "pkdot extract" if self.name == "manifest" else f"pkdot {self.name}"
+
+
+#: Source files part of every stage's code (besides the stage's own module).
+COMMON_CODE: tuple[str, ...] = ("pipeline/base.py", "pipeline/__init__.py", "rundir.py")
+
+
+def code_hash(stage: Stage, package_dir: Path | None = None) -> str:
+    """Hash of the source code that computes ``stage`` (its :attr:`Stage.code`, its module, :data:`COMMON_CODE`)."""
+    base = Path(package_dir or rundir.PACKAGE_DIR)  # read at call time (tests point it at a copy)
+    files: list[Path] = []
+    own = f"pipeline/{stage.name.replace('-', '_')}.py"
+    for entry in (*stage.code, *COMMON_CODE, own):
+        p = base / entry
+        if p.is_dir():
+            files.extend(q for q in p.rglob("*.py") if "__pycache__" not in q.parts)
+        elif p.is_file():
+            files.append(p)
+    return source_hash(files, base)
+
+
+def stage_key(cfg: RunConfig, stage: Stage, upstream: str, options: dict[str, Any] | None = None) -> str:
+    """The key under which ``stage``'s outputs are up to date: 16 hex digits of its config sections (with
+    ``seed``), the upstream output fingerprint, its source code and :attr:`Stage.key_extra`."""
+    payload: dict[str, Any] = {
+        "stage": stage.name,
+        "sections": cfg.section_hash(*stage.sections),
+        "upstream": upstream or "",
+        "code": code_hash(stage),
+    }
+    if stage.key_extra is not None:
+        payload.update(stage.key_extra(cfg, options or {}))
+    return hash_json(payload)
+
+
+# ---- markers ----------------------------------------------------------------------------------------------
+def read_marker(cfg: RunConfig, stage: Stage) -> dict | None:
+    path = RunDir(cfg.run_dir).marker(stage.name)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageError(f"{path} is not a readable stage marker ({exc}); re-run {stage.command}") from exc
+    return doc if isinstance(doc, dict) else None
+
+
+def changed_outputs(cfg: RunConfig, doc: dict) -> list[str]:
+    """The outputs a marker records whose size or mtime is not what the stage wrote (or that are gone)."""
+    changed = []
+    for rel, stamp in (doc.get("outputs") or {}).items():
+        path = Path(cfg.run_dir) / rel
+        try:
+            if output_stamp(path) != list(stamp):
+                changed.append(f"{path} (changed)")
+        except OSError:
+            changed.append(f"{path} (missing)")
+    return changed
+
+
+def done_marker(cfg: RunConfig, stage: Stage, key: str) -> dict | None:
+    """The marker of ``stage`` when it completed for ``key`` and its recorded outputs are intact, else None."""
+    doc = read_marker(cfg, stage)
+    if doc is None or doc.get("inputs") != key or "fingerprint" not in doc:
+        return None
+    changed = changed_outputs(cfg, doc)
+    if changed:
+        log.warning("stage %s: outputs changed since it ran (%s); running it again", stage.name, changed[:3])
+        return None
+    return doc
+
+
+def previous_inputs(cfg: RunConfig, stage: Stage) -> str | None:
+    """The key of the last (finished or interrupted) run of a stage, or None."""
+    doc = read_marker(cfg, stage)
+    return None if doc is None else str(doc.get("inputs", "")).removeprefix("pending:")
+
+
+def mark_pending(cfg: RunConfig, stage: Stage, key: str) -> None:
+    """Record the key a stage is working on, with no fingerprint: downstream refuses its outputs meanwhile."""
+    atomic_write_json(RunDir(cfg.run_dir).marker(stage.name), {"inputs": f"pending:{key}"})
+
+
+def mark_done(
+    cfg: RunConfig, stage: Stage, key: str, fingerprint: str, out: StageOutput, seconds: float
+) -> None:
+    """Record a completed stage: its key, output fingerprint, and the size/mtime of each output file."""
+    root = Path(cfg.run_dir).resolve()
+    stamps = {
+        str(Path(p).resolve().relative_to(root)): output_stamp(p) for p in out.outputs if Path(p).is_file()
+    }
+    doc = {
+        "inputs": key,
+        "fingerprint": fingerprint,
+        "outputs": stamps,
+        "details": out.details,
+        "seconds": round(seconds, 2),
+    }
+    atomic_write_json(RunDir(cfg.run_dir).marker(stage.name), doc)
+
+
+def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream: str = "") -> str:
+    """The output fingerprint of ``stages[index - 1]``, after checking it and every earlier stage on disk.
+
+    Raises :class:`StageError` naming the stage to re-run when it has not completed, its last run failed or was
+    interrupted, an output it (or an earlier stage) recorded changed or disappeared since, or ``upstream`` (what
+    the caller was handed) is not what the stage recorded.
+    """
+    previous = stages[index - 1]
+    doc = read_marker(cfg, previous)
+    if doc is None:
+        raise StageError(
+            f"stage {previous.name!r} has not completed in {cfg.run_dir}: run `{previous.command}` first"
+        )
+    if "fingerprint" not in doc:
+        raise StageError(
+            f"stage {previous.name!r} did not complete in {cfg.run_dir} (its last run failed or was interrupted, "
+            f"and its old outputs were invalidated): re-run `{previous.command}`"
+        )
+    if upstream and upstream != doc["fingerprint"]:
+        raise StageError(
+            f"stage {previous.name!r} in {cfg.run_dir} recorded outputs {doc['fingerprint']}, not the {upstream} "
+            f"this stage was given: re-run `{previous.command}`"
+        )
+    for earlier in stages[:index]:  # later stages read these too (features, splits, ...)
+        earlier_doc = doc if earlier is previous else read_marker(cfg, earlier)
+        changed = changed_outputs(cfg, earlier_doc) if earlier_doc else []
+        if changed:
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            raise StageError(
+                f"the outputs of stage {earlier.name!r} changed since it wrote them: {', '.join(changed[:5])}"
+                f"{more}; re-run `{earlier.command}`"
+            )
+    return str(doc["fingerprint"])
+
+
+def remove_stale(path: Path) -> None:
+    """Remove a stage's own outputs that its changed inputs made stale (a file or a folder)."""
+    if path.is_dir():
+        log.info("inputs changed: removing stale %s", path)
+        shutil.rmtree(path)
+    elif path.is_file():
+        log.info("removing the old output %s before writing", path)
+        path.unlink()
+
+
+def execute(
+    cfg: RunConfig, stages: Sequence[Stage], index: int, upstream: str = "", **options: Any
+) -> StageResult:
+    """Run ``stages[index]`` unless it is up to date (see the module docstring)."""
+    stage = stages[index]
+    rd = RunDir(cfg.run_dir)
+    if stage.always:
+        key = "always"
+    else:
+        key = stage_key(cfg, stage, check_upstream(cfg, stages, index, upstream), options)
+        done = done_marker(cfg, stage, key)
+        if done is not None and (stage.is_current is None or stage.is_current(cfg, options)):
+            return StageResult(stage.name, stage.output(rd), done["fingerprint"], True, done["details"])
+        if stage.before is not None:
+            stage.before(cfg, previous_inputs(cfg, stage) not in (None, key), options)
+        mark_pending(cfg, stage, key)
+    t0 = time.time()
+    try:
+        out = stage.body(cfg, **options)
+    except (
+        Exception
+    ) as exc:  # an exhausted resource, in one line and never retried (pkdot.errors.resource_error)
+        exhausted = resource_error(exc)
+        if exhausted is None or exhausted is exc:
+            raise
+        raise exhausted from exc
+    fingerprint = out.fingerprint or hash_files(p for p in out.outputs if Path(p).is_file())
+    mark_done(cfg, stage, key, fingerprint, out, time.time() - t0)
+    return StageResult(stage.name, stage.output(rd), fingerprint, False, out.details)

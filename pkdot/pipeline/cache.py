@@ -1,0 +1,64 @@
+"""Stage ``cache``: each frozen teacher run once over its fold's samples -> ``RUN/embeddings/``.
+
+Only caches that are not fresh for their teacher (:func:`pkdot.train.cache.cache_is_fresh`) are rebuilt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pkdot.config import RunConfig
+from pkdot.folds import load_fold_plan
+from pkdot.pipeline.base import Stage, StageOutput
+from pkdot.rundir import RunDir
+from pkdot.train.cache import build_cache, cache_is_fresh, crossfit_cost, crossfit_groups_of
+from pkdot.train.data import load_samples
+
+
+def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if cfg.distill.teacher_targets == "crossfit":
+        extra["teacher_targets"] = ["crossfit", cfg.distill.crossfit_groups]
+    if cfg.distill.teacher_source != "fusion":  # another model's targets (fusion keys stay as they were)
+        extra["teacher_source"] = cfg.distill.teacher_source
+    return extra
+
+
+def _pairs(cfg: RunConfig) -> list:
+    return load_fold_plan(RunDir(cfg.run_dir).splits).pairs(cfg.train.seeds)  # each seed's own folds
+
+
+def is_current(cfg: RunConfig, options: dict[str, Any]) -> bool:
+    cf = crossfit_groups_of(cfg)
+    return all(
+        cache_is_fresh(cfg.run_dir, f.index, s, cf, cfg.distill.teacher_source) for s, f in _pairs(cfg)
+    )
+
+
+def run(cfg: RunConfig) -> StageOutput:
+    rd = RunDir(cfg.run_dir)
+    cf = crossfit_groups_of(cfg)
+    samples = None
+    built = 0
+    paths = []
+    for s, f in _pairs(cfg):
+        paths.append(rd.cache(f.index, s, cf))
+        if cache_is_fresh(rd.root, f.index, s, cf, cfg.distill.teacher_source):
+            continue
+        if samples is None:
+            samples = load_samples(cfg, rd.root)
+        build_cache(cfg, samples, f.index, s)
+        built += 1
+    return StageOutput(paths, {"files": len(paths), "built": built, **crossfit_cost(paths)})
+
+
+STAGE = Stage(
+    name="cache",
+    sections=("seed", "data", "model", "train"),
+    code=("models", "train"),
+    output=lambda rd: rd.embeddings,
+    body=run,
+    key_extra=key_extra,
+    is_current=is_current,
+    help="Frozen-teacher embedding cache",
+)

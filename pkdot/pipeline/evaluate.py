@@ -1,0 +1,81 @@
+"""Stage ``evaluate``: metrics, corrected intervals, paired comparisons, ``RUN/report/``; logs the evaluation
+to MLflow and registers the student chosen on validation (:func:`pkdot.evaluate.aggregate.select_student`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pkdot import tracking
+from pkdot.config import RunConfig
+from pkdot.data.manifest import read_manifest
+from pkdot.errors import ConfigError
+from pkdot.evaluate.report import EvaluationSummary, evaluate_run
+from pkdot.folds import load_fold_plan
+from pkdot.pipeline.base import Stage, StageOutput, read_marker
+from pkdot.pipeline.manifest import STAGE as MANIFEST
+from pkdot.rundir import RunDir
+from pkdot.train.student import load_trained_student
+
+
+def _robustness(cfg: RunConfig, options: dict[str, Any]) -> bool:
+    robustness = options.get("robustness")
+    if robustness is None:
+        return cfg.robustness_curves
+    if robustness and "video" not in cfg.data.student_modalities:
+        raise ConfigError(
+            f"evaluate --robustness: the student reads {cfg.data.student_modalities}; the robustness curves "
+            "degrade test video"
+        )
+    return bool(robustness)
+
+
+def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
+    # the MLflow store it registers to; a report with robustness curves is a different output
+    extra: dict[str, Any] = {"tracking_uri": tracking.resolve_tracking_uri(cfg)}
+    if _robustness(cfg, options):
+        extra["robustness"] = True
+    return extra
+
+
+def register(cfg: RunConfig, summary: EvaluationSummary) -> dict[str, Any]:
+    """Register the student chosen on validation: its (fold, seed) run with the best validation score."""
+    sel = summary.selection
+    rd = RunDir(cfg.run_dir)
+    student, shapes = load_trained_student(cfg, sel.loss, sel.fold, sel.seed)
+    subjects = load_fold_plan(rd.splits).fold(sel.seed, sel.fold)
+    return tracking.register_best(
+        cfg,
+        summary,
+        student,
+        shapes[cfg.data.student_modalities[0]],
+        manifest=read_manifest(rd.manifest),
+        subjects={"train": subjects.train, "val": subjects.val, "test": subjects.test},
+        manifest_fingerprint=(read_marker(cfg, MANIFEST) or {}).get("fingerprint", ""),
+    )
+
+
+def run(cfg: RunConfig, *, robustness: bool | None = None) -> StageOutput:
+    summary = evaluate_run(
+        cfg, RunDir(cfg.run_dir).root, robustness=_robustness(cfg, {"robustness": robustness})
+    )
+    details: dict[str, Any] = {
+        "report": str(summary.report_path),
+        "best_student": summary.best_student,
+        "summary_markdown": summary.report_path.read_text(),
+        **tracking.log_evaluation(cfg, summary),
+    }
+    if cfg.tracking.register_model and summary.selection is not None:
+        details.update(register(cfg, summary))
+    tracking.end_parent_run(cfg.run_dir, "FINISHED")
+    return StageOutput([summary.report_path], details)
+
+
+STAGE = Stage(
+    name="evaluate",
+    sections=("seed", "data", "train", "distill", "tracking", "evaluate"),
+    code=("evaluate", "tracking", "models", "train", "metrics.py"),
+    output=lambda rd: rd.report,
+    body=run,
+    key_extra=key_extra,
+    help="Report, plots, MLflow registry",
+)

@@ -1,0 +1,88 @@
+"""One writer per run directory: an OS lock on ``RUN/run.lock``.
+
+``fcntl.flock`` on the lock file; the kernel releases it when the holding process dies, so a crash never
+leaves a stale lock. The holder writes who it is (pid, host, command, since when) into the file, and a second
+writer is refused at once with that line (or waits, ``wait=True``). Re-entrant within a process (``pkdot run``
+holds it and the flow it starts takes it again). Read-only commands (``predict``, reading a report) do not take
+it.
+
+What is guaranteed where: on a local file system, exclusion between every process of every user of the machine.
+On NFS (v4, or v3 with lockd), Linux maps ``flock`` to POSIX byte-range locks held by the server, so two nodes
+exclude each other as long as the server's lock manager is reachable; a node that loses the server for longer
+than its lease may lose the lock. On file systems without locking (some FUSE mounts) ``flock`` fails and pkdot
+says so rather than running unprotected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pkdot.errors import StageError
+from pkdot.rundir import RunDir
+
+#: Locks held by this process: path -> (file descriptor, depth).
+_HELD: dict[str, list[int]] = {}
+
+
+class RunDirBusy(StageError):
+    """Another process writes to this run directory."""
+
+
+def holder_of(path: Path) -> str:
+    """The holder line recorded in a lock file, for messages."""
+    try:
+        doc = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return "an unknown process"
+    return f"pid {doc.get('pid')} on {doc.get('host')} ({doc.get('command')!r}, since {doc.get('since')})"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path, *, command: str | None = None, wait: bool = False) -> Iterator[Path]:
+    """Hold the run directory's lock for the block; raise :class:`RunDirBusy` naming the holder when another
+    process holds it (``wait=True``: block until it is released)."""
+    path = RunDir(run_dir).lock.resolve()
+    key = str(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RunDirBusy(
+                f"{Path(run_dir)} is in use by {holder_of(path)}: wait for it to finish, or pass --wait-lock "
+                f"(lock file {path})"
+            ) from None
+        except OSError as exc:
+            raise StageError(f"cannot lock {path} ({exc}): this file system does not support locks") from exc
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command or " ".join(["pkdot", *sys.argv[1:]]),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        _HELD[key] = [fd, 1]
+        try:
+            yield path
+        finally:
+            del _HELD[key]
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

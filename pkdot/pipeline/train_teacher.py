@@ -1,0 +1,56 @@
+"""Stage ``train-teacher``: per fold x seed, the unimodal backbones, the fusion teacher and the T-Nets, as Ray
+Train jobs (``RUN/teacher/``). Jobs that completed for the same key are kept and resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pkdot.config import RunConfig
+from pkdot.pipeline.base import Stage, StageOutput, remove_stale
+from pkdot.rundir import METRICS, RunDir
+from pkdot.tracking import log_jobs
+from pkdot.train.data import write_run_folds
+from pkdot.train.jobs import teacher_checkpoints, teacher_cost, teacher_jobs
+from pkdot.train.ray_runner import run_jobs_on_ray
+
+
+def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
+    # cross-fitted targets add teacher jobs (fit keys stay as they were)
+    if cfg.distill.teacher_targets == "crossfit":
+        return {"teacher_targets": ["crossfit", cfg.distill.crossfit_groups]}
+    return {}
+
+
+def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> None:
+    if inputs_changed:  # its jobs are stale
+        remove_stale(RunDir(cfg.run_dir).teachers)
+
+
+def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
+    rd = RunDir(cfg.run_dir)
+    jobs = teacher_jobs(cfg, write_run_folds(cfg, rd.root))
+    run_jobs_on_ray(cfg, "teacher", jobs, callbacks=callbacks)
+    metrics = {}
+    for job in jobs:
+        group = "" if job.group is None else f"_without{job.group}"  # cross-fitting teachers
+        for k, v in json.loads((Path(job.out_dir) / METRICS).read_text()).items():
+            metrics[f"fold{job.fold}_seed{job.seed}{group}/{k}"] = v
+    checkpoints = [p for j in jobs for p in teacher_checkpoints(j)]
+    details = {"jobs": len(jobs), "cost": teacher_cost(jobs), "metrics": metrics}
+    log_jobs(cfg, "train-teacher", jobs)
+    out = StageOutput([*checkpoints, rd.splits], details)
+    return out
+
+
+STAGE = Stage(
+    name="train-teacher",
+    sections=("seed", "data", "features", "model", "train"),
+    code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py"),
+    output=lambda rd: rd.teachers,
+    body=run,
+    key_extra=key_extra,
+    before=before,
+    help="Teachers + T-Nets per fold and seed, on Ray Train",
+)

@@ -1,0 +1,413 @@
+"""MLflow run lifecycle: the store, the experiment, one parent run per run directory, nested stage runs.
+
+Layout in MLflow (one experiment, ``cfg.tracking.experiment``, tagged as model development so the UI opens on
+its runs): one *parent* run per run directory (the flattened config as params, ``config.yaml`` as an artifact;
+its id in ``RUN/mlflow_parent.json``, so every stage, process and Ray worker finds the same parent), and one
+*nested* run per stage call named ``<stage>[/fold-<k>][/seed-<s>]``, e.g. ``train-teacher/fold-0``. The store
+is :func:`resolve_tracking_uri`; with a SQLite store the artifacts go to ``RUN/mlartifacts/``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pkdot.config import RunConfig
+from pkdot.errors import StageError
+from pkdot.rundir import HISTORY, METRICS, RunDir, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+#: MLflow's limits (mlflow.utils.validation): params per ``log_batch``, param length, metrics per ``log_batch``.
+PARAMS_PER_BATCH = 100
+MAX_PARAM_VALUE_LENGTH = 6000
+METRICS_PER_BATCH = 1000
+PARENT_FILE = "mlflow_parent.json"
+#: MLflow 3 opens an experiment on its GenAI overview unless it is tagged as model development.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: Environment variable with the MLflow UI address people open (set by docker-compose.yml).
+PUBLIC_URI_ENV = "PKDOT_MLFLOW_PUBLIC_URI"
+#: MLflow loggers whose INFO lines are store set-up chatter ("Creating initial MLflow database tables...").
+MLFLOW_NOISY_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic")
+
+
+def resolve_tracking_uri(cfg: RunConfig) -> str:
+    """``cfg.tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<run_dir>/mlflow.db``."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.run_dir).resolve()}/mlflow.db"
+
+
+def resolve_public_uri(cfg: RunConfig, tracking_uri: str | None = None) -> str | None:
+    """The MLflow UI address for links people open: ``cfg.tracking.public_uri``, else ``$PKDOT_MLFLOW_PUBLIC_URI``,
+    else the tracking URI when it is an ``http(s)://`` server; None for a local store (no UI to link to)."""
+    if cfg.tracking.public_uri:
+        return cfg.tracking.public_uri.rstrip("/")
+    if os.environ.get(PUBLIC_URI_ENV):
+        return os.environ[PUBLIC_URI_ENV].rstrip("/")
+    uri = tracking_uri or resolve_tracking_uri(cfg)
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def run_ui_url(public_uri: str, run_id: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI page of a run (``<ui>/#/experiments/<id>/runs/<run>``, or ``<ui>/#/runs/<run>``)."""
+    base = public_uri.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _mlflow_store_chatter_filter(record: logging.LogRecord) -> bool:
+    """Let a store set-up record through when it is a warning, when the process logs at INFO (``pkdot -v``), or
+    when the user set ``$MLFLOW_LOGGING_LEVEL``."""
+    return (
+        record.levelno >= logging.WARNING
+        or logging.getLogger().getEffectiveLevel() <= logging.INFO
+        or bool(os.environ.get("MLFLOW_LOGGING_LEVEL"))
+    )
+
+
+for _name in MLFLOW_NOISY_LOGGERS:
+    if _mlflow_store_chatter_filter not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_mlflow_store_chatter_filter)
+# MLflow prints "View run <name> at: <tracking server>/#/..." per ended run, with the address the processes log
+# to, not the one people open (pkdot links with resolve_public_uri). "false" brings MLflow's lines back.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point MLflow's fluent API (``log_model``, ``load_model``) at ``uri`` without leaving it exported in
+    ``$MLFLOW_TRACKING_URI`` (another run directory of this process still resolves its own store)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def _param_value(key: str, value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    if len(text) > MAX_PARAM_VALUE_LENGTH:
+        logger.warning(
+            "param %s is %d characters long; MLflow keeps %d", key, len(text), MAX_PARAM_VALUE_LENGTH
+        )
+        text = text[: MAX_PARAM_VALUE_LENGTH - 3] + "..."
+    return text
+
+
+def _metric_value(key: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise StageError(f"metric {key!r}: expected a number, got {type(value).__name__} ({value!r})")
+    return float(value)
+
+
+def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    entries = [Param(k, _param_value(k, v)) for k, v in params.items()]
+    for i in range(0, len(entries), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=entries[i : i + PARAMS_PER_BATCH])
+
+
+class StageRun:
+    """A nested MLflow run of one stage call; logs through :class:`mlflow.tracking.MlflowClient`."""
+
+    def __init__(self, client: MlflowClient, run_id: str, name: str) -> None:
+        self._client = client
+        self.run_id = run_id
+        self.name = name
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log numeric metrics at ``step`` (0 when None)."""
+        now = int(time.time() * 1000)
+        entries = [Metric(k, _metric_value(k, v), now, int(step or 0)) for k, v in metrics.items()]
+        for i in range(0, len(entries), METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=entries[i : i + METRICS_PER_BATCH])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values stringified, in batches of 100)."""
+        _log_params(self._client, self.run_id, params)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not Path(path).is_file():
+            raise StageError(f"artifact {path} does not exist or is not a file")
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        if not Path(directory).is_dir():
+            raise StageError(f"artifact directory {directory} does not exist")
+        self._client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if tags:
+            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+class Tracker:
+    """MLflow logging for one run directory. The only global state it sets is MLflow's tracking URI
+    (:func:`use_tracking_uri`), which ``mlflow.pytorch.log_model`` needs."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = resolve_tracking_uri(cfg)
+        use_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self._experiment_id: str | None = None
+        self._parent_run_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        """Id of ``cfg.tracking.experiment`` (created on first use, tagged :data:`EXPERIMENT_KIND`)."""
+        if self._experiment_id is None:
+            name = self.cfg.tracking.experiment
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                location = (
+                    (self.run_dir / "mlartifacts").as_uri()
+                    if self.tracking_uri.startswith("sqlite:")
+                    else None
+                )
+                try:
+                    self.client.create_experiment(name, artifact_location=location)
+                except MlflowException as exc:  # created meanwhile by another process
+                    logger.debug("experiment %r: %s", name, exc)
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise StageError(
+                        f"MLflow experiment {name!r} could not be created at {self.tracking_uri}"
+                    )
+            if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+            self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def parent_run_id(self) -> str:
+        """The parent run of this run directory, created once (``RUN/mlflow_parent.json``, written under a file
+        lock so concurrent processes agree). A file naming another store is replaced (a new parent there); one
+        whose run is missing from its own store raises :class:`StageError`."""
+        if self._parent_run_id is not None:
+            return self._parent_run_id
+        path = RunDir(self.run_dir).mlflow_parent
+        with open(self.run_dir / f".{PARENT_FILE}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                run_id = self._read_parent_file(path)
+                if run_id is None:
+                    run_id = self._create_parent_run()
+                    doc = {
+                        "run_id": run_id,
+                        "tracking_uri": self.tracking_uri,
+                        "experiment_id": self.experiment_id,
+                    }
+                    atomic_write_json(path, doc, indent=2)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        self._parent_run_id = run_id
+        return run_id
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        """Mark the parent run ended (FINISHED, FAILED or KILLED)."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise StageError(f"finish_parent: status must be FINISHED, FAILED or KILLED, got {status!r}")
+        self.client.set_terminated(self.parent_run_id(), status)
+
+    def _read_parent_file(self, path: Path) -> str | None:
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            run_id = str(data["run_id"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise StageError(
+                f"{path}: expected JSON {{'run_id': ...}} naming the parent MLflow run ({exc})"
+            ) from exc
+        stored_uri = data.get("tracking_uri")
+        if stored_uri is not None and stored_uri != self.tracking_uri:
+            logger.warning(
+                "%s names parent run %s in store %s; this run tracks to %s: starting a new parent",
+                path, run_id, stored_uri, self.tracking_uri,
+            )  # fmt: skip
+            return None
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as exc:
+            raise StageError(
+                f"{path}: parent run {run_id} is not in the MLflow store {self.tracking_uri} "
+                f"(deleted? remove the file to start a new parent): {exc}"
+            ) from exc
+        return run_id
+
+    def _create_parent_run(self) -> str:
+        cfg = self.cfg
+        tags = {
+            "pkdot.run_dir": str(self.run_dir),
+            "pkdot.preset": cfg.preset,
+            "pkdot.dataset": cfg.data.dataset,
+            "pkdot.task": cfg.data.task,
+            "pkdot.config_hash": cfg.section_hash(),
+        }
+        run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
+        _log_params(self.client, run_id, cfg.flat())
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(cfg.yaml_text())
+            self.client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        logger.info(
+            "MLflow parent run %s (experiment %r, %s)", run_id, cfg.tracking.experiment, self.tracking_uri
+        )
+        return run_id
+
+    @contextmanager
+    def stage_run(
+        self, stage: str, fold: int | None = None, seed: int | None = None, **tags: Any
+    ) -> Iterator[StageRun]:
+        """A nested run under the parent, named ``stage[/fold-k][/seed-s]``; it ends FINISHED, or FAILED (KILLED on
+        Ctrl-C) when the block raises."""
+        parent = self.parent_run_id()
+        name = (
+            stage
+            + (f"/fold-{fold}" if fold is not None else "")
+            + (f"/seed-{seed}" if seed is not None else "")
+        )
+        run_tags = {MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: name, "pkdot.stage": stage}
+        run_tags.update({f"pkdot.{k}": str(v) for k, v in (("fold", fold), ("seed", seed)) if v is not None})
+        run_tags.update({k: str(v) for k, v in tags.items()})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags)
+        if self.client.get_run(parent).info.status != "RUNNING":  # an earlier command ended the parent
+            self.client.update_run(parent, status="RUNNING")
+        stage_run = StageRun(self.client, run.info.run_id, name)
+        try:
+            yield stage_run
+        except BaseException as exc:
+            status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+            self.client.set_terminated(stage_run.run_id, RunStatus.to_string(status))
+            raise
+        self.client.set_terminated(stage_run.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def log_history(self, stage_run: StageRun, history: Mapping[str, Any]) -> None:
+        """Log a ``history.json``: every numeric field of each epoch at step = epoch, ``best_epoch`` as a metric
+        and the history's ``metric`` as the tag ``pkdot.val_metric``."""
+        epochs = history.get("epochs") if isinstance(history, Mapping) else None
+        if not isinstance(epochs, list):
+            raise StageError(f"history of {stage_run.name}: expected {{'epochs': [...], 'metric': ...}}")
+        for i, entry in enumerate(epochs):
+            if not isinstance(entry, Mapping) or "epoch" not in entry:
+                raise StageError(f"history of {stage_run.name}: epochs[{i}] has no 'epoch' field")
+            numeric = {
+                k: v
+                for k, v in entry.items()
+                if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            if numeric:
+                stage_run.log_metrics(numeric, step=int(entry["epoch"]))
+        if history.get("best_epoch") is not None:
+            stage_run.log_metrics({"best_epoch": history["best_epoch"]})
+        if history.get("metric"):
+            stage_run.set_tags({"pkdot.val_metric": history["metric"]})
+
+    def model_name(self, dataset: str) -> str:
+        """``cfg.tracking.model_name`` or ``pkdot-student-<dataset>``."""
+        return self.cfg.tracking.model_name or f"pkdot-student-{dataset}"
+
+
+def end_parent_run(run_dir: str | Path, status: str) -> str | None:
+    """Mark the parent run of a run directory ended with ``status`` (FINISHED, FAILED or KILLED), so it never stays
+    RUNNING after a command or the flow ends. Returns its id, or None when the run directory has none yet."""
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise StageError(f"end_parent_run: status must be FINISHED, FAILED or KILLED, got {status!r}")
+    path = RunDir(run_dir).mlflow_parent
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        run_id, uri = str(data["run_id"]), str(data["tracking_uri"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise StageError(
+            f"{path}: expected JSON {{'run_id', 'tracking_uri'}} naming the parent run ({exc})"
+        ) from exc
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_run(run_id).info.status != status:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+# ---- what the stages log ----------------------------------------------------------------------------------
+def log_stage(
+    cfg: RunConfig, stage: str, *, metrics: Mapping[str, float], artifacts: Sequence[Path] = ()
+) -> None:
+    """One nested run of ``stage`` with ``metrics`` (``/`` and ``:`` in names become ``_``) and the files of
+    ``artifacts`` that exist."""
+    with Tracker(cfg).stage_run(stage) as run:
+        clean = {k.replace("/", "_").replace(":", "_"): v for k, v in metrics.items()}
+        if clean:
+            run.log_metrics(clean)
+        for path in artifacts:
+            if Path(path).exists():
+                run.log_artifact(path)
+
+
+def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
+    """A nested run per training job (``out_dir``, ``fold``, ``seed``, ``loss``): its per-epoch history (every
+    phase, as ``<phase>/<field>``), its ``metrics.json`` and ``history.json`` (and checkpoints when
+    ``tracking.log_checkpoints``)."""
+    tracker = Tracker(cfg)
+    for job in jobs:
+        jdir = Path(job.out_dir)
+        tags = {"loss": job.loss} if job.loss else {}
+        name = f"{stage}/{job.loss}" if job.loss else stage
+        with tracker.stage_run(name, fold=job.fold, seed=job.seed, **tags) as run:
+            history = json.loads((jdir / HISTORY).read_text())
+            for phase, doc in history.get("phases", {}).items():
+                epochs = [
+                    {f"{phase}/{k}": v for k, v in r.items() if k != "epoch"} | {"epoch": r["epoch"]}
+                    for r in doc["epochs"]
+                ]
+                tracker.log_history(run, {"epochs": epochs})
+            metrics = json.loads((jdir / METRICS).read_text())
+            run.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()})
+            run.log_artifact(jdir / HISTORY)
+            if cfg.tracking.log_checkpoints:
+                for ckpt in sorted(jdir.glob("*.pt")):
+                    run.log_artifact(ckpt, artifact_path="checkpoints")
+
+
+def log_evaluation(cfg: RunConfig, summary: Any) -> dict[str, Any]:
+    """The ``evaluate`` run: each model's mean (``<model>_mean``), the robustness means, ``RUN/report/`` as
+    artifacts. ``summary`` is an :class:`pkdot.evaluate.report.EvaluationSummary`. Returns the ids and addresses
+    the stage records (``mlflow_run_id``, ``evaluate_run_id``, ``tracking_uri``, ``experiment_id``, ``mlflow_ui``)."""
+    tracker = Tracker(cfg)
+    with tracker.stage_run("evaluate") as run:
+        run.log_metrics({f"{r['model']}_mean": float(r["mean"]) for _, r in summary.table.iterrows()})
+        if summary.robustness is not None:  # e.g. robustness/student-pkdot/frame_drop_0.3
+            run.log_metrics(
+                {
+                    f"robustness/{r['model']}/{r['perturbation']}_{r['level']:g}": float(r["mean"])
+                    for _, r in summary.robustness.iterrows()
+                }
+            )
+        run.log_artifacts(Path(summary.report_path).parent, artifact_path="report")
+    return {
+        "mlflow_run_id": tracker.parent_run_id(),
+        "evaluate_run_id": run.run_id,
+        "tracking_uri": tracker.tracking_uri,
+        "experiment_id": tracker.experiment_id,
+        "mlflow_ui": resolve_public_uri(cfg),
+    }
