@@ -1,14 +1,14 @@
 """What does the PKDOT loss transfer? Measured on the loss itself, without a network or a data set.
 
 A free student embedding :math:`Z_s` (B x D, a leaf tensor) is optimised with Adam for a fixed number of steps
-(learning rate annealed to 0) to minimise a structure loss against a fixed teacher embedding :math:`Z_t` with low-rank structure (a rank-4
-Gaussian latent mapped linearly to D dimensions, plus isotropic noise). Then the two B x B cosine matrices are
-compared:
+(learning rate annealed to 0) to minimise a structure loss against a fixed teacher embedding :math:`Z_t` with
+low-rank structure (a rank-4 Gaussian latent mapped linearly to D dimensions, plus isotropic noise). Then the
+two B x B cosine matrices are compared:
 
 - *similarity correlation*: Pearson correlation of their off-diagonal entries (1 = the student's pairwise
   structure is the teacher's);
-- *nearest-neighbour agreement*: the fraction of samples whose nearest other sample (highest cosine) is the same
-  in both.
+- *nearest-neighbour agreement*: the fraction of samples whose nearest other sample (highest cosine) is the
+  same in both.
 
 Settings: PKDOT (:func:`pkdot.distill.pkdot_loss`, the paper's blur 0.1 and scaling 0.5) with the paper's
 k = 30 *least*-similar anchors, with the 30 *most*-similar anchors, with every column (``k: all``), and the
@@ -162,18 +162,19 @@ def markdown(outcomes: Sequence[Outcome]) -> str:
 
 
 EXPLANATION = """\
-What it shows. PKDOT's optimal transport compares two *clouds* of anchored similarity profiles (one point per
-sample, uniform weights): it is zero whenever the student's set of profiles equals the teacher's *as a set*,
-whichever sample holds which profile. With the paper's k = 30 least-similar anchors the student drives that loss
-to the lowest value of the three PKDOT settings while its pairwise similarities follow the teacher's least, and
-more than half of the samples lose their teacher nearest neighbour. Anchoring on the 30 most-similar columns keeps
-the part of each profile that decides neighbours, and every column (`k: all`) makes each profile nearly identify
-its sample: the higher final loss of `k: all` is a harder target (longer profiles), yet its cosine matrix is close
-to the teacher's. The identity-aligned SP loss, which compares each sample with its *own* teacher row, reaches the
-highest similarity correlation; its nearest-neighbour agreement is lower than `k: all`'s: the teacher's rank-4
-structure leaves many near-ties between neighbours, and SP matches row-normalised Gram rows, not cosines, so
-small residual errors reorder them. The OT matches the *distribution* of anchored similarity profiles, not each
-sample's own profile; how much of the teacher's structure follows depends on how much the anchors pin down."""
+What it shows. PKDOT's optimal transport compares two *clouds* of anchored similarity profiles (one point
+per sample, uniform weights): it is zero whenever the student's set of profiles equals the teacher's *as a
+set*, whichever sample holds which profile. With the paper's k = 30 least-similar anchors the student drives
+that loss to the lowest value of the three PKDOT settings while its pairwise similarities follow the teacher's
+least, and more than half of the samples lose their teacher nearest neighbour. Anchoring on the 30 most-similar
+columns keeps the part of each profile that decides neighbours, and every column (`k: all`) makes each profile
+nearly identify its sample: the higher final loss of `k: all` is a harder target (longer profiles), yet its
+cosine matrix is close to the teacher's. The identity-aligned SP loss, which compares each sample with its
+*own* teacher row, reaches the highest similarity correlation, yet its nearest-neighbour agreement is lower
+than `k: all`'s: the teacher's rank-4 structure leaves many near-ties between neighbours, which small residual
+errors reorder (SP matches row-normalised Gram rows, not cosines). The OT matches the
+*distribution* of anchored similarity profiles, not each sample's own profile; how much of the teacher's
+structure follows depends on how much the anchors pin down."""
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -191,12 +192,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "# Structure transfer: what the PKDOT loss transfers, measured on the loss itself\n\n"
         f"- Date: {info['date']}; command: `{command}`; wall time {time.perf_counter() - start:.0f} s on "
         f"{info['cpu_count']} CPUs (torch, 1 thread)\n"
-        f"- Free student embedding B = {BATCH} x D = {DIM}, Adam (lr {LR}, cosine-annealed to 0), {args.steps} steps; teacher: rank-"
-        f"{RANK} Gaussian latent mapped to {DIM} dims + noise (sd {NOISE}); seeds {list(SEEDS)}\n\n"
-        + markdown(outcomes)
-        + "\n\n"
-        + EXPLANATION
-        + "\n"
+        f"- Free student embedding B = {BATCH} x D = {DIM}, Adam (lr {LR}, cosine-annealed to 0), "
+        f"{args.steps} steps; teacher: rank-{RANK} Gaussian latent mapped to {DIM} dims + noise (sd {NOISE}); "
+        f"seeds {list(SEEDS)}\n\n" + markdown(outcomes) + "\n\n" + EXPLANATION + "\n"
     )
     print(text)
     return write_result(args.out, text)

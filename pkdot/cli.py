@@ -554,14 +554,19 @@ def build_parser() -> argparse.ArgumentParser:
         "  pkdot diagnose --run runs/r1\n",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--table", type=Path, help="A feature table (the layout of --dataset table)")
-    source.add_argument("--run", type=Path, help="A run directory after `pkdot extract` (its features/)")
+    source.add_argument(
+        "--table", type=Path, help="A feature table, the layout of --dataset table (default: none; or --run)"
+    )
+    source.add_argument(
+        "--run", type=Path, help="A run directory after 'pkdot extract' (default: none; or --table)"
+    )
     for view, default in (("student", "the table's first list column"), ("privileged", "the other ones")):
         p.add_argument(
             f"--{view}-modalities",
             nargs="+",
+            metavar="NAME",
             help=f"{view.capitalize()} columns/modalities, comma- or space-separated (default: {default}; "
-            "for --run the run's config)",
+            "for --run, the run's config)",
         )
     p.add_argument("--folds", type=int, default=5, help="Subject folds per repeat")
     p.add_argument("--repeats", type=int, default=3, help="Repeats of the subject k-fold (different folds)")

@@ -1,13 +1,14 @@
-"""Will privileged information help on my data? Linear probes with subject-grouped cross-validation, before training.
+"""Will privileged information help on my data? Linear probes with subject-grouped cross-validation.
 
-On a feature table (:mod:`pkdot.data.tabular`'s layout) or a run directory's extracted features, repeated subject
-k-fold (scikit-learn ``StratifiedGroupKFold``; ``GroupKFold`` for regression) measures on each run's test subjects:
+On a feature table (:mod:`pkdot.data.tabular`'s layout) or a run directory's extracted features, before any
+training, repeated subject k-fold (scikit-learn ``StratifiedGroupKFold``; ``GroupKFold`` for regression)
+measures on each run's test subjects:
 
 - head-room: L2 logistic regression (``C = 1``; ridge for regression) on the student view, the privileged view
   and both (accuracy, or CCC for regression);
-- transfer: R² of the privileged model's output (log-odds) predicted from the student view by ``RidgeCV``,
-  fitted on the training subjects' *cross-fitted* outputs, overall and *beyond the label* (output minus its
-  class mean): only the part beyond the label can teach the student something the labels do not;
+- transfer: R² of the privileged model's output (centred logits) predicted from the student view by
+  ``RidgeCV``, fitted on the training subjects' *cross-fitted* outputs, overall and *beyond the label* (output
+  minus its class mean): only the part beyond the label can teach the student what the labels do not;
 - gain: a student trained on cross-fitted soft labels ``alpha * label + (1 - alpha) * softmax(logits / T)`` of
   the privileged model minus the same student trained on labels (generalised distillation, Lopez-Paz et al.,
   ICLR 2016), paired by run, with the Nadeau-Bengio corrected interval (:mod:`pkdot.evaluate.aggregate`).
@@ -45,8 +46,8 @@ MIN_SUBJECTS = 10
 MARGIN = 0.02
 MIN_TRANSFER_R2 = 0.05
 RULE = (
-    f"can help: gain interval above 0; unlikely to help: gain interval below +{MARGIN} or R² beyond the label "
-    f"< {MIN_TRANSFER_R2}; too few subjects to tell: < {MIN_SUBJECTS} subjects or neither"
+    f"can help: gain interval above 0; unlikely to help: gain interval below +{MARGIN} or R² beyond the "
+    f"label < {MIN_TRANSFER_R2}; too few subjects to tell: < {MIN_SUBJECTS} subjects or neither"
 )
 PROBES = ("student", "privileged", "both", "soft_label_student")
 DIFFERENCES = {"gain": ("soft_label_student", "student"), "headroom": ("privileged", "student")}
@@ -55,7 +56,7 @@ MAX_DIMS = 50
 
 
 class Views(NamedTuple):
-    """N samples seen two ways: ``student`` (N, Ds), ``privileged`` (N, Dp), ``target`` and ``subject`` (N,)."""
+    """N samples in two views, ``student`` (N, Ds) and ``privileged`` (N, Dp); ``target``, ``subject`` (N,)"""
 
     student: np.ndarray
     privileged: np.ndarray
@@ -68,7 +69,7 @@ class Views(NamedTuple):
 def fit_probe(
     x: np.ndarray, y: np.ndarray, regression: bool = False, weight: np.ndarray | None = None
 ) -> Any:
-    """Standardise, then L2 logistic regression (``C = 1``) or ridge (``alpha = 1``) with optional row weights."""
+    """Standardise, then L2 logistic regression (``C = 1``) or ridge (``alpha = 1``); optional row weights."""
     model = make_pipeline(StandardScaler(), Ridge(1.0) if regression else LogisticRegression(max_iter=3000))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence chatter on tiny sets
@@ -76,7 +77,7 @@ def fit_probe(
 
 
 def _output(model: Any, x: np.ndarray, regression: bool) -> np.ndarray:
-    """(N,) predictions for regression, (N, K) logits (log-probabilities up to a per-row constant) otherwise."""
+    """(N,) predictions for regression, else (N, K) logits (log-probabilities up to a per-row constant)."""
     if regression:
         return model.predict(x)
     logits = model.decision_function(x)
@@ -97,8 +98,8 @@ def crossfit_outputs(x: np.ndarray, y: np.ndarray, group: np.ndarray, regression
 def fit_soft_student(
     x: np.ndarray, y: np.ndarray, teacher_out: np.ndarray, *, temperature: float = 4.0, alpha: float = 0.5
 ) -> Any:
-    """Student fitted on ``alpha * label + (1 - alpha) * teacher`` (classification: ``softmax(logits / T)``, each
-    row entered once per class with the target's probability as weight; regression: the teacher's prediction)."""
+    """Student fitted on ``alpha * label + (1 - alpha) * teacher`` (classification: ``softmax(logits / T)``,
+    each row entered once per class weighted by the target's probability; regression: the prediction)."""
     if teacher_out.ndim == 1:
         return fit_probe(x, alpha * y + (1.0 - alpha) * teacher_out, True)
     logits = teacher_out / temperature
@@ -108,20 +109,11 @@ def fit_soft_student(
     return fit_probe(np.tile(x, (target.shape[1], 1)), classes, False, target.T.ravel())
 
 
-def _logit(out: np.ndarray) -> np.ndarray:
-    """Log-odds (binary), centred logits (multiclass) or the regression output."""
-    if out.ndim == 1:
-        return out
-    return out[:, 1] - out[:, 0] if out.shape[1] == 2 else out - out.mean(1, keepdims=True)
-
-
 def _beyond_label(out: np.ndarray, y: np.ndarray, y_fit: np.ndarray, out_fit: np.ndarray) -> np.ndarray:
     """``out`` minus what the label explains: least squares of ``out_fit`` on the one-hot label (class means),
     or on an affine function of a regression target."""
-    if np.issubdtype(y_fit.dtype, np.integer):  # classes: their means
-        design = lambda v: np.eye(int(y_fit.max()) + 1)[v]  # noqa: E731
-    else:
-        design = lambda v: np.c_[np.ones(len(v)), v]  # noqa: E731
+    classes = np.issubdtype(y_fit.dtype, np.integer)
+    design = (lambda v: np.eye(int(y_fit.max()) + 1)[v]) if classes else (lambda v: np.c_[np.ones(len(v)), v])
     return out - design(y) @ np.linalg.lstsq(design(y_fit), out_fit, rcond=None)[0]
 
 
@@ -132,7 +124,7 @@ def _r2(x_fit: np.ndarray, target_fit: np.ndarray, x_test: np.ndarray, target_te
 
 @dataclass
 class Diagnosis:
-    """Scores of every run (fold x repeat) and the verdict; :meth:`summary` gives means and corrected intervals."""
+    """Scores of every run (fold x repeat) and the verdict; :meth:`summary`: means, corrected intervals."""
 
     metric: str
     subjects: int
@@ -143,8 +135,8 @@ class Diagnosis:
     verdict: str = ""
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Mean, sd and corrected 95 % interval of each score (probes clipped to the metric's range) and of the
-        paired differences ``gain`` (soft-label student - student) and ``headroom`` (privileged - student)."""
+        """Mean, sd and corrected 95 % interval of each score (probes clipped to the metric's range) and of
+        the paired differences ``gain`` (soft-label student - student), ``headroom`` (privileged - student)"""
         out = {}
         for name, (a, b) in {**{n: (n, None) for n in self.runs}, **DIFFERENCES}.items():
             metric = self.metric if name in PROBES else None
@@ -154,13 +146,16 @@ class Diagnosis:
         return out
 
     def text(self) -> str:
-        s = self.summary()
-        ci = lambda k, f="+.3f": f"{s[k]['mean']:{f}} [{s[k]['ci_low']:{f}}, {s[k]['ci_high']:{f}}]"  # noqa: E731
+        s, s_runs = self.summary(), self.runs["student"]
+
+        def ci(k: str, f: str = "+.3f") -> str:
+            return f"{s[k]['mean']:{f}} [{s[k]['ci_low']:{f}}, {s[k]['ci_high']:{f}}]"
+
         student, privileged = (", ".join(n) or "?" for n in self.names)
         return "\n".join(
             [
                 f"verdict: {self.verdict} (gain {ci('gain')}, R² beyond the label "
-                f"{s['r2_beyond_label']['mean']:+.2f}; {self.subjects} subjects, {len(self.runs['student'])} runs)",
+                f"{s['r2_beyond_label']['mean']:+.2f}; {self.subjects} subjects, {len(s_runs)} runs)",
                 f"  {self.metric} on test subjects: student ({student}) {ci('student', '.3f')}, privileged "
                 f"({privileged}) {ci('privileged', '.3f')}, both {ci('both', '.3f')}",
                 f"  head-room privileged - student {ci('headroom')}; soft-label student "
@@ -196,17 +191,13 @@ def diagnose(
     temperature: float = 4.0,
     alpha: float = 0.5,
 ) -> Diagnosis:
-    """The module's measurements and verdict on ``views`` over ``folds`` x ``repeats`` subject-grouped runs."""
+    """The module's measurements and verdict on ``views``, over ``folds`` x ``repeats`` subject folds."""
     subject = np.asarray(views.subject)
     names = np.unique(subject)
     if len(names) < max(4, crossfit_groups + 1):
         raise StageError(f"diagnose: needs at least {max(4, crossfit_groups + 1)} subjects, got {len(names)}")
     regression = views.regression
-    y = (
-        np.asarray(views.target, np.float64)
-        if regression
-        else np.unique(views.target, return_inverse=True)[1]
-    )
+    y = np.asarray(views.target, float) if regression else np.unique(views.target, return_inverse=True)[1]
     x = {"student": np.asarray(views.student), "privileged": np.asarray(views.privileged)}
     x["both"] = np.c_[x["student"], x["privileged"]]
     runs: dict[str, list[float]] = {}
@@ -240,21 +231,21 @@ def _one_run(x, y, subject, train, test, regression, rng, groups, temperature, a
     group = np.array([group_of[s] for s in subject[train]])
     out_fit = crossfit_outputs(x["privileged"][train], y[train], group, regression)
     soft = fit_soft_student(x["student"][train], y[train], out_fit, temperature=temperature, alpha=alpha)
-    logit_fit = _logit(out_fit)
-    logit_test = _logit(_output(models["privileged"], x["privileged"][test], regression))
-    beyond_fit = _beyond_label(logit_fit, y[train], y[train], logit_fit)
-    beyond_test = _beyond_label(logit_test, y[test], y[train], logit_fit)
-    x_fit, x_test = x["student"][train], x["student"][test]
+    centred = lambda out: out - out.mean(1, keepdims=True) if out.ndim == 2 else out  # noqa: E731
+    fit_, test_ = centred(out_fit), centred(_output(models["privileged"], x["privileged"][test], regression))
+    beyond = [_beyond_label(logit, y[rows], y[train], fit_) for logit, rows in ((fit_, train), (test_, test))]
     return {
         **{name: score(model, name) for name, model in models.items()},
         "soft_label_student": score(soft, "student"),
-        "r2_output": _r2(x_fit, logit_fit, x_test, logit_test),
-        "r2_beyond_label": _r2(x_fit, beyond_fit, x_test, beyond_test),
+        "r2_output": _r2(x["student"][train], fit_, x["student"][test], test_),
+        "r2_beyond_label": _r2(x["student"][train], beyond[0], x["student"][test], beyond[1]),
     }
 
 
 def table_views(path: str | Path, student: Sequence[str] = (), privileged: Sequence[str] = ()) -> Views:
-    """The views of a feature table; by default the first list column is the student view, the others privileged."""
+    """A feature table's views; by default the first list column is the student's, the others privileged."""
+    if not Path(path).is_file():
+        raise DatasetError(f"table {path} does not exist (expected a Parquet feature table)")
     table = pq.read_table(path)
     lists = [f.name for f in table.schema if str(f.type).startswith(("list", "large_list", "fixed_size"))]
     student = list(student) or lists[:1]
@@ -266,9 +257,7 @@ def table_views(path: str | Path, student: Sequence[str] = (), privileged: Seque
         raise DatasetError(f"table {path}: needs a student and a privileged list column, found {lists}")
     regression = "target" in table.column_names
     if not regression and "label" not in table.column_names:
-        raise DatasetError(
-            f"table {path}: expected a 'label' (classification) or 'target' (regression) column"
-        )
+        raise DatasetError(f"table {path}: expected a 'label' (classes) or 'target' (regression) column")
     stack = lambda cols: np.hstack([np.asarray(table[c].to_pylist(), np.float64) for c in cols])  # noqa: E731
     target = np.asarray(table["target" if regression else "label"].to_pylist())
     subject = np.asarray(table["subject_id"].to_pylist())
@@ -300,7 +289,7 @@ def run_views(run: str | Path, student: Sequence[str] = (), privileged: Sequence
             missing = [sample for sample in order if sample not in row_of]
             if missing:
                 raise DatasetError(
-                    f"{path}: no features for {len(missing)} manifest samples, e.g. {missing[:3]}"
+                    f"{path}: no features for {len(missing)} manifest samples ({missing[:3]}...)"
                 )
             x = np.concatenate(rows)[[row_of[sample] for sample in order]]
             dims = min(MAX_DIMS, len(x))

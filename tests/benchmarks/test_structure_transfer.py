@@ -1,4 +1,4 @@
-"""The structure-transfer benchmark (benchmarks/structure_transfer.py) at a tiny size: seconds, not its real size."""
+"""The structure-transfer benchmark (benchmarks/structure_transfer.py) at a tiny size: seconds, not minutes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ from tests.benchmarks.bench_loader import load_benchmark
 
 bench = load_benchmark("structure_transfer")
 TINY = {"batch": 32, "dim": 16, "steps": 60}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As the benchmark runs (tiny tensors: threads only add overhead); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_compare_is_one_for_the_same_structure_and_lower_for_another():
