@@ -287,7 +287,11 @@ class TrainConfig(_Section):
         description="Jobs (fold x seed [x loss]) bundled into one Ray Train run, run one after another in it "
         "(amortises Ray Train's start-up, seconds per run, over short jobs)",
     )
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="Training seeds: each repeats every fold with its own folds (one at least)",
+    )
 
     @field_validator("folds")
     @classmethod
@@ -400,13 +404,9 @@ class DistillConfig(_Section):
     @field_validator("losses")
     @classmethod
     def _losses(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("losses must name at least one loss")
-        if len(set(v)) != len(v):
-            raise ValueError(f"losses has duplicates: {v}")
-        unknown = [name for name in v if name not in LOSSES]
-        if unknown:
-            raise ValueError(f"unknown loss(es) {unknown} (valid: {', '.join(LOSSES)})")
+        problem = loss_names_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     def options(self, name: str) -> LossOptions:
@@ -421,6 +421,18 @@ class DistillConfig(_Section):
 
 
 #: Loss name -> its options model: THE list of distillation losses (pkdot.distill registers exactly these).
+def loss_names_problem(names: list[str]) -> str | None:
+    """What is wrong with a list of losses to train (empty, duplicates, unknown names), or None."""
+    if not names:
+        return "losses must name at least one loss"
+    if len(set(names)) != len(names):
+        return f"losses has duplicates: {names}"
+    unknown = [name for name in names if name not in LOSSES]
+    if unknown:
+        return f"unknown loss(es) {unknown} (valid: {', '.join(LOSSES)})"
+    return None
+
+
 LOSSES: dict[str, type[LossOptions]] = {
     name: field.annotation
     for name, field in DistillConfig.model_fields.items()

@@ -66,11 +66,12 @@ def resource_error(exc: BaseException) -> ResourceError | None:
             )
         if not isinstance(e, OSError):
             continue
-        path = e.filename or "(unknown path)"
+        path = e.filename or "(a file whose name the system did not give)"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = ""
             try:
-                free = f" ({shutil.disk_usage(_existing_parent(path)).free // 2**20} MB free now)"
+                if e.filename:
+                    free = f" ({shutil.disk_usage(_existing_parent(path)).free // 2**20} MB free now)"
             except OSError:
                 pass
             return ResourceError(

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pkdot.errors import ConfigError, InfrastructureError, PkdotError
+from pkdot.errors import ConfigError, InfrastructureError, PkdotError, resource_error
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
     carries one as its cause). False for every other :class:`pkdot.errors.PkdotError` (bad data or config
     stays bad), and for other exceptions (programming errors fail the same way again).
     """
-    if exc is None:
+    if exc is None or resource_error(exc) is not None:  # a full disk or memory: a retry cannot fix it
         return False
     if isinstance(exc, InfrastructureError):
         return True

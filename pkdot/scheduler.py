@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from pkdot.errors import InfrastructureError, PkdotError, StageError
+from pkdot.errors import InfrastructureError, PkdotError, StageError, resource_error
 from pkdot.progress import report
 from pkdot.ray_utils import is_infrastructure_error
 
@@ -104,6 +104,9 @@ def run_bounded(
         described = "; ".join(f"{describe(i)}: {type(e).__name__}: {e}" for i, e in failures)
         not_started = f", {len(waiting)} not started" if waiting else ""
         message = f"{what} failed in {len(failures)} task(s){not_started}: {described}"
+        exhausted = next((r for r in (resource_error(e) for _, e in failures) if r is not None), None)
+        if exhausted is not None:  # a full disk, memory, ...: one line, never retried
+            raise exhausted from failures[0][1]
         if all(is_infrastructure_error(e) for _, e in failures):
             raise InfrastructureError(
                 f"{message} (Ray infrastructure failure; finished work is kept, re-run to resume)"

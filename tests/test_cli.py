@@ -266,3 +266,26 @@ def test_a_stage_on_a_missing_run_dir_fails_and_leaves_nothing(tmp_path, capsys)
     assert main(["cache", "--run", str(run)]) == 2
     assert "config.yaml does not exist" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_a_misspelled_loss_fails_in_seconds_before_any_work(tmp_path, capsys):
+    """Issue 21: `--set 'distill.losses=[kd,pkdto]'` is refused at config load, naming the field and the valid
+    names, before any data is generated; `pkdot distill --loss pkdto` likewise."""
+    import time
+
+    from pkdot.config import LOSSES, load_config
+    from pkdot.rundir import atomic_write_text
+
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    assert main(["run", "--no-prefect", "--run-dir", str(run), "--set", "distill.losses=[kd,pkdto]"]) == 2
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert "distill.losses" in err and "pkdto" in err and all(name in err for name in LOSSES)
+    assert not (run / "data").exists() and not (run / "stages").exists()
+
+    atomic_write_text(run / "config.yaml", load_config(overrides={"run_dir": str(run)}).yaml_text())
+    assert main(["distill", "--run", str(run), "--loss", "kd,pkdto"]) == 2
+    err = capsys.readouterr().err
+    assert "--loss" in err and "pkdto" in err and "pkdot" in err
+    assert not (run / "stages" / "distill.json").exists()

@@ -50,7 +50,9 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     assert len(versions) == 2
     metric = res_a["evaluate"].details
     scores = {}
-    for v in versions.values():  # the metric the registry compares: the chosen loss's cross-validated estimate
+    for (
+        v
+    ) in versions.values():  # the metric the registry compares: the chosen loss's cross-validated estimate
         scores[str(v.version)] = float(v.tags["cv_accuracy"])
     champion = client.get_model_version_by_alias(name, "champion")
     champion_version = str(champion.version)

@@ -86,10 +86,11 @@ def _output(model: Any, x: np.ndarray, regression: bool) -> np.ndarray:
 
 def crossfit_outputs(x: np.ndarray, y: np.ndarray, group: np.ndarray, regression: bool = False) -> np.ndarray:
     """Each row's output (see :func:`_output`) from a model fitted on the other groups' rows."""
-    out = np.zeros(len(y)) if regression else np.zeros((len(y), int(y.max()) + 1))
+    classes = 0 if regression else int(y.max()) + 1
+    out = np.zeros(len(y)) if regression else np.zeros((len(y), classes))
     for j in np.unique(group):
         fit_rows = group != j
-        if not regression and len(np.unique(y[fit_rows])) < out.shape[1]:
+        if len(np.unique(y[fit_rows])) < classes:
             raise StageError(f"crossfit group {j}: the other groups miss a class; use more subjects")
         out[group == j] = _output(fit_probe(x[fit_rows], y[fit_rows], regression), x[group == j], regression)
     return out
@@ -138,11 +139,13 @@ class Diagnosis:
         """Mean, sd and corrected 95 % interval of each score (probes clipped to the metric's range) and of
         the paired differences ``gain`` (soft-label student - student), ``headroom`` (privileged - student)"""
         out = {}
-        for name, (a, b) in {**{n: (n, None) for n in self.runs}, **DIFFERENCES}.items():
+        pairs: dict[str, tuple[str, str | None]] = {**{n: (n, None) for n in self.runs}, **DIFFERENCES}
+        for name, (a, b) in pairs.items():
             metric = self.metric if name in PROBES else None
-            c = corrected_and_naive(self.runs[a], b and self.runs[b], 0.95, self.test_train_ratio, metric)
-            out[name] = {"mean": c.get("mean", c.get("mean_diff")), "sd": c.get("std", c.get("std_diff"))}
-            out[name].update(ci_low=c["ci_low"], ci_high=c["ci_high"])
+            base = None if b is None else self.runs[b]
+            c = corrected_and_naive(self.runs[a], base, 0.95, self.test_train_ratio, metric)
+            mean, sd = ("mean", "std") if b is None else ("mean_diff", "std_diff")
+            out[name] = {"mean": c[mean], "sd": c[sd], "ci_low": c["ci_low"], "ci_high": c["ci_high"]}
         return out
 
     def text(self) -> str:
@@ -166,9 +169,6 @@ class Diagnosis:
                 f"  rule: {RULE}",
             ]
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary(), "rule": RULE}
 
 
 def decide(subjects: int, summary: dict[str, dict[str, float]]) -> str:
@@ -309,8 +309,8 @@ def write_outputs(result: Diagnosis, out_dir: str | Path) -> tuple[Path, Path]:
     from pkdot.evaluate.plots import _save
 
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "diagnose.json", result.to_json())
     s = result.summary()
+    atomic_write_json(out_dir / "diagnose.json", {**asdict(result), "summary": s, "rule": RULE})
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [4, 2]})
     for ax, names in zip(axes, (PROBES, tuple(DIFFERENCES)), strict=True):
         means = np.array([s[n]["mean"] for n in names])

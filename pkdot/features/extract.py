@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pkdot import rundir
 from pkdot.config import FeatureConfig, RunConfig
 from pkdot.errors import ConfigError, DatasetError, FeatureError
 from pkdot.features import audio as audio_features
@@ -47,7 +48,6 @@ from pkdot.features.schema import (
     write_table_atomic,
 )
 from pkdot.progress import report as report_progress
-from pkdot import rundir
 from pkdot.rundir import (
     RunDir,
     atomic_path,

@@ -251,6 +251,8 @@ def execute(
     """Run ``stages[index]`` unless it is up to date (see the module docstring)."""
     stage = stages[index]
     rd = RunDir(cfg.run_dir)
+    if stage.key_extra is not None:  # validates the stage's options before anything else
+        stage.key_extra(cfg, options)
     if stage.always:
         key = "always"
     else:

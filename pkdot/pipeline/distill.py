@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pkdot.config import RunConfig
+from pkdot.config import RunConfig, loss_names_problem
+from pkdot.errors import ConfigError
 from pkdot.folds import load_fold_plan
 from pkdot.pipeline.base import Stage, StageOutput, remove_stale
 from pkdot.rundir import RunDir
@@ -15,7 +16,12 @@ from pkdot.train.ray_runner import run_jobs_on_ray
 
 
 def _losses(cfg: RunConfig, options: dict[str, Any]) -> list[str]:
-    return list(options.get("losses") or cfg.distill.losses)
+    if not options.get("losses"):
+        return list(cfg.distill.losses)
+    problem = loss_names_problem(list(options["losses"]))
+    if problem:
+        raise ConfigError(f"--loss: {problem}")
+    return list(options["losses"])
 
 
 def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:

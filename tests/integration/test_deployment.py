@@ -211,7 +211,9 @@ def test_served_full_pipeline_trains_and_registers_the_champion(
     leaks = []
     for run in runs:
         values = [*run.data.params.values(), *run.data.tags.values()]
-        leaks += [f"run {run.info.run_id}: {v[:60]}" for v in values if any(s in v for s in it.SECRETS.values())]
+        leaks += [
+            f"run {run.info.run_id}: {v[:60]}" for v in values if any(s in v for s in it.SECRETS.values())
+        ]
         for artifact in _artifact_files(client, run.info.run_id):
             text = client.download_artifacts(run.info.run_id, artifact, str(tmp_path / "artifacts"))
             content = Path(text).read_bytes()

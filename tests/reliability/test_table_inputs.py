@@ -70,7 +70,9 @@ def test_fewer_subjects_than_folds_is_refused_at_manifest_time(tmp_path: Path) -
     two = _write(tmp_path / "two.parquet", _table(subjects=2))
     with pytest.raises(ConfigError, match=r"'loso'.*2 subjects leave 1 outside a test fold.*from 2 subject"):
         pipeline.run_stage("manifest", _run_cfg(tmp_path, two, "train.folds=loso"))
-    pipeline.run_stage("manifest", _run_cfg(tmp_path, table, "train.folds=3"))  # 3 subjects, 3 folds: 1+1+1 per fold
+    pipeline.run_stage(
+        "manifest", _run_cfg(tmp_path, table, "train.folds=3")
+    )  # 3 subjects, 3 folds: 1+1+1 per fold
     assert (tmp_path / "run" / "manifest.parquet").is_file()
 
 
