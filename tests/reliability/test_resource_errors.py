@@ -82,10 +82,9 @@ def test_resource_errors_in_a_stage_are_named_and_not_retried(tmp_path, monkeypa
         dataclasses.replace(s, body=exhausted) if s.name == "manifest" else s for s in pipeline.STAGES
     )
     monkeypatch.setattr(pipeline, "STAGES", stages)
-    run = tmp_path / "run"
-    atomic_write_text(run / "config.yaml", load_config(overrides={"run_dir": str(run)}).yaml_text())
+    cfg = load_config(overrides={"run_dir": str(tmp_path / "run")})
     with pytest.raises(ResourceError, match=says.replace("(", r"\(").replace(")", r"\)")) as raised:
-        pipeline.run_stage("manifest", pipeline.prepare_run(load_config(overrides={"run_dir": str(run)})))
+        pipeline.run_stage("manifest", cfg)
     assert not is_infrastructure_error(raised.value)  # the flow does not retry it
     assert not is_infrastructure_error(exc)
 
