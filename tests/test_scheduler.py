@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pkdot.errors import FeatureError, InfrastructureError, StageError
+from pkdot.errors import FeatureError, InfrastructureError, ResourceError, StageError
 from pkdot.progress import listening
 from pkdot.scheduler import run_bounded
 
@@ -25,6 +25,8 @@ def _work(x: int) -> int:
     if x == 13:
         raise ValueError("thirteen")
     if x == 99:
+        raise OSError(5, "Input/output error")
+    if x == 28:
         raise OSError(28, "No space left on device")
     return x * x
 
@@ -79,5 +81,11 @@ def test_a_failure_names_its_item_and_bad_input_is_not_infrastructure(ray_up):
 
 def test_an_infrastructure_failure_is_retried_by_the_flow(ray_up):
     task = ray_up.remote(num_cpus=0, max_retries=0)(_work)
-    with pytest.raises(InfrastructureError, match="No space left"):
+    with pytest.raises(InfrastructureError, match="Input/output error"):
         run_bounded([99, 2], task.remote, limit=2, what="extraction", error=FeatureError)
+
+
+def test_an_exhausted_resource_is_one_line_and_not_retried(ray_up):
+    task = ray_up.remote(num_cpus=0, max_retries=0)(_work)
+    with pytest.raises(ResourceError, match="disk full writing"):
+        run_bounded([28, 2], task.remote, limit=2, what="extraction", error=FeatureError)

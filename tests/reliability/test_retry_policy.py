@@ -24,7 +24,7 @@ INFRASTRUCTURE = [
     rex.NodeDiedError("node died"),
     rex.ActorDiedError(),
     rex.LocalRayletDiedError(),
-    OSError(28, "No space left on device"),
+    OSError(5, "Input/output error"),  # (a full disk is a resource error, never retried: test_resource_errors)
     ConnectionResetError(),
     InfrastructureError("extraction of video shard 3: Ray infrastructure failure (WorkerCrashedError)"),
 ]
@@ -54,9 +54,11 @@ def test_the_flow_does_not_retry_bad_input(exc: BaseException) -> None:
 
 
 def test_a_task_error_is_infrastructure_only_when_its_cause_is() -> None:
+    io_error = rex.RayTaskError("extract_shard", "traceback", OSError(5, "Input/output error"))
     disk_full = rex.RayTaskError("extract_shard", "traceback", OSError(28, "No space left on device"))
     bad_value = rex.RayTaskError("extract_shard", "traceback", ValueError("bad"))
-    assert is_infrastructure_error(disk_full.as_instanceof_cause())
+    assert is_infrastructure_error(io_error.as_instanceof_cause())
+    assert not is_infrastructure_error(disk_full.as_instanceof_cause())  # a retry cannot free the disk
     assert not is_infrastructure_error(bad_value.as_instanceof_cause())
 
 
