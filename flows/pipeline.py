@@ -400,9 +400,9 @@ def _pipeline_stages(cfg: RunConfig) -> dict[str, Any]:
     cfg = prepare_run_task(cfg)
     summary: dict[str, dict[str, Any]] = {}
     upstream = ""
-    result: StageResult | None = None
+    results: dict[str, StageResult] = {}
     for s in STAGES:
-        result = STAGE_TASKS[s.name](cfg, upstream)
+        result = results[s.name] = STAGE_TASKS[s.name](cfg, upstream)
         logger.info(
             "stage %s: %s (fingerprint %s)",
             s.name,
@@ -416,9 +416,10 @@ def _pipeline_stages(cfg: RunConfig) -> dict[str, Any]:
         }
         upstream = result.fingerprint
 
-    if result is None or result.stage != "evaluate":
-        raise StageError(f"the flow ended on {result and result.stage!r}, expected the evaluate stage")
-    details = dict(result.details)
+    # the evaluation (report, MLflow run) and the registered model (refit's, or evaluate's without refit)
+    details = dict(results["evaluate"].details) | {
+        k: v for k, v in results["refit"].details.items() if k.startswith(("model_", "registered_", "alias"))
+    }
     missing = [k for k in ("summary_markdown", "mlflow_run_id", "tracking_uri") if k not in details]
     if missing:
         raise StageError(

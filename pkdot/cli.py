@@ -247,7 +247,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _build_config(args, run_dir=args.run_dir)
     with run_dir_lock(cfg.run_dir, wait=args.wait_lock):
         if args.no_prefect:
-            details = run_all(cfg)["evaluate"].details
+            results = run_all(cfg)
+            details = results["evaluate"].details | results["refit"].details
         else:
             from flows.pipeline import pipeline
             from pkdot.rundir import atomic_write_text
@@ -260,8 +261,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pkdot.predict import predict_videos
+    from pkdot.predict import describe_model, predict_videos
 
+    if args.describe:
+        print(describe_model(args.model, tracking_uri=args.tracking_uri))
+    if not args.videos:
+        if args.describe:
+            return 0
+        raise PkdotError("pkdot predict: name at least one video (or pass --describe alone)")
     rows = predict_videos(args.model, args.videos, tracking_uri=args.tracking_uri)
     for r in rows:
         print(json.dumps(r))
@@ -542,7 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
         "http://HOST:5000 (default: $MLFLOW_TRACKING_URI; required when that is unset)",
     )
     p.add_argument(
-        "videos", nargs="+", type=Path, help="Video files (mp4, ...) to predict, one JSON line each"
+        "videos", nargs="*", type=Path, help="Video files (mp4, ...) to predict, one JSON line each"
+    )
+    p.add_argument(
+        "--describe",
+        action="store_true",
+        help="Print the model card's one-line summary (what the model predicts, from what, its cross-validated "
+        "estimate, what it was trained on) first",
     )
     p.set_defaults(fn=cmd_predict)
 

@@ -287,6 +287,11 @@ class TrainConfig(_Section):
         description="Jobs (fold x seed [x loss]) bundled into one Ray Train run, run one after another in it "
         "(amortises Ray Train's start-up, seconds per run, over short jobs)",
     )
+    refit: bool = Field(
+        default=True,
+        description="Refit the configuration chosen on validation on every subject and register that model (the "
+        "refit stage); false registers the best-validation fold model instead",
+    )
     seeds: list[int] = Field(
         default_factory=lambda: [0],
         min_length=1,

@@ -48,6 +48,7 @@ class Fold:
     test: tuple[str, ...]
     seed: int | None = None
     crossfit: tuple[tuple[str, ...], ...] = ()
+    refit: bool = False  # the refit on every subject: its "test" split is its validation split again
 
     def __post_init__(self) -> None:
         where = f"fold {self.index}" + (f" of seed {self.seed}" if self.seed is not None else "")
@@ -57,8 +58,12 @@ class Fold:
                 raise StageError(f"{where}: the {name} split has no subjects")
             if len(set(subjects)) != len(subjects):
                 raise StageError(f"{where}: the {name} split lists a subject twice")
+        if self.refit and self.test != self.val:
+            raise StageError(f"{where}: a refit fold's test split is its validation split")
         for i, a in enumerate(SPLIT_NAMES):
             for b in SPLIT_NAMES[i + 1 :]:
+                if self.refit and (a, b) == ("val", "test"):
+                    continue
                 both = set(getattr(self, a)) & set(getattr(self, b))
                 if both:
                     raise StageError(f"{where}: subjects {sorted(both)[:5]} are in both {a} and {b}")
@@ -77,6 +82,8 @@ class Fold:
         out |= {"fold": self.index, "train": list(self.train), "val": list(self.val), "test": list(self.test)}
         if self.crossfit:
             out["crossfit_groups"] = [list(g) for g in self.crossfit]
+        if self.refit:
+            out["refit"] = True
         return out
 
     def group_of(self, subject: str) -> int:
@@ -94,7 +101,7 @@ class Fold:
             )
         held_out = set(self.crossfit[group])
         train = tuple(s for s in self.train if s not in held_out)
-        return Fold(self.index, train, self.val, self.test, seed=self.seed)
+        return Fold(self.index, train, self.val, self.test, seed=self.seed, refit=self.refit)
 
 
 def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
@@ -195,6 +202,20 @@ def official_folds(
     train, val = _carve_validation(train_subjects, val_fraction, np.random.default_rng([seed, 0]))
     log.info("official folds: %d train, %d val, %d test subjects", len(train), len(val), len(test_subjects))
     return [Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(test_subjects))]
+
+
+def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fold:
+    """The one fold of a refit on every subject: ``val_fraction`` of them carved for epoch selection (as in each
+    fold, drawn with ``default_rng([seed, "refit"])``), the rest for training; its test split is the validation
+    split again (training code predicts on it; nothing reports it)."""
+    subjects = _unique_subjects(subject_ids)
+    _check_val_fraction(val_fraction)
+    if len(subjects) < 2:
+        raise ConfigError(
+            f"train.refit: a refit needs at least 2 subjects (1 to train, 1 to validate), got {subjects}"
+        )
+    train, val = _carve_validation(subjects, val_fraction, np.random.default_rng([seed, 0x7E717]))
+    return Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(val), refit=True)
 
 
 def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
@@ -344,7 +365,7 @@ def save_folds(folds: FoldPlan | Mapping[int, Sequence[Fold]] | Sequence[Fold], 
     atomic_write_json(path, entries)
 
 
-_OPTIONAL_KEYS = {"seed", "crossfit_groups"}
+_OPTIONAL_KEYS = {"seed", "crossfit_groups", "refit"}
 
 
 def _fold_entry(path: Path, k: int, entry: object) -> Fold:
@@ -372,7 +393,8 @@ def _fold_entry(path: Path, k: int, entry: object) -> Fold:
     ):
         raise StageError(f"splits file {path}: fold {index}: 'crossfit_groups' must be lists of subject ids")
     try:
-        return Fold(index=index, **parts, seed=seed, crossfit=tuple(tuple(g) for g in groups))
+        refit = entry.get("refit", False) is True
+        return Fold(index=index, **parts, seed=seed, crossfit=tuple(tuple(g) for g in groups), refit=refit)
     except StageError as exc:
         raise StageError(f"splits file {path}: {exc}") from exc
 

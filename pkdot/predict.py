@@ -43,6 +43,19 @@ def resolve_registry_uri(tracking_uri: str | None = None) -> str:
     return require_existing_store(uri)
 
 
+def describe_model(model_uri: str, tracking_uri: str | None = None) -> str:
+    """The one-line summary of a registered student's model card (the first line of its description)."""
+    from pkdot.tracking import model_version
+
+    mv = model_version(model_uri, resolve_registry_uri(tracking_uri))
+    lines = (mv.description or "").strip().splitlines()
+    if not lines:
+        raise PkdotError(
+            f"{model_uri} (version {mv.version}) has no model card (registered by an older pkdot)"
+        )
+    return f"{model_uri} (version {mv.version}): {lines[0].lstrip('# ').strip()}"
+
+
 def predict_videos(
     model_uri: str, videos: Sequence[Path], tracking_uri: str | None = None
 ) -> list[dict[str, Any]]:

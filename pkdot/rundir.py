@@ -12,6 +12,7 @@ A run directory is what the stages hand each other::
     RUN/embeddings/fold-<k>-seed-<s>[-crossfit<J>].parquet      frozen teacher outputs
     RUN/student/<loss>/fold-<k>/seed-<s>/                        student job
     RUN/report/                           report.md, summary.json, plots
+    RUN/refit/                            the chosen configuration refit on every subject (same layout)
     RUN/diagnose/                         pkdot diagnose --run: diagnose.json, diagnose.png
     RUN/stages/<stage>.json               stage markers (pkdot.pipeline.base)
 
@@ -152,6 +153,11 @@ class RunDir:
     def node_check(self) -> Path:
         """The token file every Ray node reads to prove it sees the run directory."""
         return self.root / ".ray-node-check"
+
+    @property
+    def refit(self) -> RunDir:
+        """``RUN/refit/``: the chosen configuration retrained on every subject (a run directory of its own)."""
+        return RunDir(self.root / "refit")
 
     # ---- evaluation -------------------------------------------------------------------------------------
     @property

@@ -194,3 +194,19 @@ def test_crossfit_groups_partition_the_training_subjects():
         Fold(fold.index, fold.train, fold.val, fold.test, crossfit=(cut.crossfit[0], cut.crossfit[1]))
     with pytest.raises(ConfigError, match="crossfit_groups"):
         assign_crossfit_groups(fold, len(fold.train) + 1, seed=0)
+
+
+def test_refit_fold_covers_every_subject_with_a_validation_carve_out(tmp_path):
+    from dataclasses import replace
+
+    from pkdot.folds import FoldPlan, load_fold_plan, refit_fold, save_folds
+
+    subjects = [f"s{i}" for i in range(10)]
+    fold = refit_fold(subjects * 2, 0.2, seed=3)
+    assert set(fold.train) | set(fold.val) == set(subjects) and not set(fold.train) & set(fold.val)
+    assert len(fold.val) == 2 and fold.test == fold.val and fold.refit
+    assert refit_fold(list(reversed(subjects)), 0.2, seed=3) == fold  # deterministic, order-free
+    save_folds(FoldPlan(by_seed={7: (replace(fold, seed=7),)}), tmp_path / "splits.json")
+    assert load_fold_plan(tmp_path / "splits.json").fold(7, 0) == replace(fold, seed=7)
+    with pytest.raises(StageError, match="in both val and test"):
+        replace(fold, refit=False)  # only a refit fold may reuse its validation subjects

@@ -17,7 +17,7 @@ def _pipeline(cfg):
     pipeline.base.mark_done(cfg, extract, "test", "features-v1", pipeline.base.StageOutput([]), 0.0)
     results = {}
     upstream = "features-v1"
-    for name in ("train-teacher", "cache", "distill", "evaluate"):
+    for name in ("train-teacher", "cache", "distill", "evaluate", "refit"):
         results[name] = pipeline.run_stage(name, cfg, upstream)
         upstream = results[name].fingerprint
     return results
@@ -28,8 +28,10 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     overrides = {"tracking": {"tracking_uri": uri}, "train": {"num_workers": 1}}
-    first = make_tiny_run(tmp_path / "a", overrides=overrides)
-    second = make_tiny_run(tmp_path / "b", seed=5, overrides=overrides | {"seed": 1})
+    first = make_tiny_run(tmp_path / "a", overrides=overrides)  # refit on every subject (the default)
+    second = make_tiny_run(  # registers its best-validation fold model
+        tmp_path / "b", seed=5, overrides=overrides | {"seed": 1, "train": {"num_workers": 1, "refit": False}}
+    )
     res_a = _pipeline(first)
     res_b = _pipeline(second)
 
@@ -48,7 +50,9 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     name = "pkdot-student-biovid"
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     assert len(versions) == 2
-    metric = res_a["evaluate"].details
+    metric = res_a["refit"].details  # the refit registers; evaluate does not
+    assert "model_version" not in res_a["evaluate"].details
+    assert "model_version" in res_b["evaluate"].details and res_b["refit"].details["refit"].startswith("off")
     scores = {}
     for (
         v
@@ -58,12 +62,28 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     champion_version = str(champion.version)
     challenger_versions = [v for v in versions if v != champion_version]
     assert metric["alias"] == "champion"  # the first registration is always the champion
+    # the refit model: trained on every subject of the data set (a validation carve-out for epoch selection)
+    manifest_subjects = {f"s{i}" for i in range(6)}
+    refit_fold = json.loads((Path(first.run_dir) / "refit" / "splits.json").read_text())[0]
+    assert set(refit_fold["train"]) | set(refit_fold["val"]) == manifest_subjects and refit_fold["refit"]
+    loss = res_a["refit"].details["registered_loss"]
+    assert (Path(first.run_dir) / "refit" / "student" / loss / "fold-0" / "seed-0" / "student.pt").is_file()
+    refit_version = versions[res_a["refit"].details["model_version"]]
+    assert refit_version.tags["pkdot.trained_on"].startswith("all 6 subjects (refit")
+    assert (
+        "Trained on" in refit_version.description
+        and "Cross-validated test accuracy" in refit_version.description
+    )
+    from pkdot.predict import describe_model
+
+    line = describe_model(f"models:/{name}/{refit_version.version}", tracking_uri=uri)
+    assert f"(loss {loss}, input video)" in line and "trained on" in line
     if res_b["evaluate"].details["alias"] == "champion":
         assert champion_version == res_b["evaluate"].details["model_version"]
         assert scores[champion_version] > scores[challenger_versions[0]]
     else:
         assert res_b["evaluate"].details["alias"] == "challenger"
-        assert champion_version == res_a["evaluate"].details["model_version"]
+        assert champion_version == res_a["refit"].details["model_version"]
         challenger = client.get_model_version_by_alias(name, "challenger")
         assert str(challenger.version) == res_b["evaluate"].details["model_version"]
         assert scores[champion_version] >= scores[str(challenger.version)]

@@ -538,6 +538,31 @@ def test_train_sizes(
     return None, 1.0 / (k - 1), f"1/(k-1) for k = {k} folds: {RunDir(run_dir).manifest} not found"
 
 
+def read_summary(rd: RunDir) -> EvaluationSummary:
+    """The evaluation a previous :func:`evaluate_run` wrote (``report/summary.json`` and ``per_fold.csv``): what
+    the refit stage needs to register the chosen configuration (selection, table, runs, protocol)."""
+    path = rd.summary
+    try:
+        doc = json.loads(path.read_text())
+        per_fold = pd.read_csv(rd.report / "per_fold.csv")
+    except (OSError, ValueError) as exc:
+        raise StageError(
+            f"cannot read the evaluation in {rd.report} ({exc}): re-run `pkdot evaluate`"
+        ) from exc
+    sel = doc.get("selection")
+    return EvaluationSummary(
+        table=pd.DataFrame(doc["table"]),
+        paired=pd.DataFrame(doc["paired"]),
+        per_fold=per_fold,
+        report_path=rd.report_md,
+        plots=[rd.report / p for p in doc["plots"]],
+        best_student=doc["best_student"],
+        summary_path=path,
+        protocol=doc.get("protocol") or "",
+        selection=None if sel is None else Selection(**sel),
+    )
+
+
 def evaluate_run(
     cfg: RunConfig, run_dir: Path | None = None, *, robustness: bool = False
 ) -> EvaluationSummary:

@@ -1,6 +1,6 @@
 """The pipeline: :data:`STAGES`, the one ordered list of stages, and the functions that run them.
 
-``manifest -> extract -> train-teacher -> cache -> distill -> evaluate``; each stage's module in this package
+``manifest -> extract -> train-teacher -> cache -> distill -> evaluate -> refit``; each stage's module in this package
 reads top to bottom (its body, then its :class:`~pkdot.pipeline.base.Stage`). :func:`run_stage` runs one stage
 unless it is up to date (the only such decision: :func:`pkdot.pipeline.base.execute`); :func:`run_all` runs
 them all in this process (``pkdot run --no-prefect``); ``flows/pipeline.py`` wraps each as a Prefect task and
@@ -15,7 +15,7 @@ from typing import Any
 
 from pkdot.config import RunConfig
 from pkdot.errors import StageError
-from pkdot.pipeline import cache, distill, evaluate, extract, manifest, train_teacher
+from pkdot.pipeline import cache, distill, evaluate, extract, manifest, refit, train_teacher
 from pkdot.pipeline.base import Stage, StageResult, execute, stage_key
 from pkdot.pipeline.lock import run_dir_lock
 from pkdot.pipeline.prepare import prepare_run
@@ -33,6 +33,7 @@ STAGES: tuple[Stage, ...] = (
     cache.STAGE,
     distill.STAGE,
     evaluate.STAGE,
+    refit.STAGE,
 )
 _INDEX = {s.name: i for i, s in enumerate(STAGES)}
 

@@ -1,5 +1,7 @@
 """Stage ``evaluate``: metrics, corrected intervals, paired comparisons, ``RUN/report/``; logs the evaluation
-to MLflow and registers the student chosen on validation (:func:`pkdot.evaluate.aggregate.select_student`)."""
+to MLflow; with ``train.refit: false`` registers the student chosen on validation
+(:func:`pkdot.evaluate.aggregate.select_student`), else the ``refit`` stage registers that configuration refit on
+every subject."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def run(cfg: RunConfig, *, robustness: bool | None = None) -> StageOutput:
         "summary_markdown": summary.report_path.read_text(),
         **tracking.log_evaluation(cfg, summary),
     }
-    if cfg.tracking.register_model and summary.selection is not None:
+    if cfg.tracking.register_model and summary.selection is not None and not cfg.train.refit:
         details.update(register(cfg, summary))
     tracking.end_parent_run(cfg.run_dir, "FINISHED")
     return StageOutput([summary.report_path], details)

@@ -32,6 +32,7 @@ ARTIFACT_DIRS = {
     "cache": "embeddings",
     "distill": "student",
     "evaluate": "report",
+    "refit": "refit",
 }
 
 
@@ -238,7 +239,7 @@ def test_flow_chains_the_stages_and_skips_finished_ones(
 
     # A distillation setting changed: only distill and evaluate run again.
     _run(tmp_path / "run", overrides={"distill.weights.pkdot": 0.2})
-    assert [fake.calls[s] for s in STAGE_ORDER] == [3, 1, 1, 1, 2, 2]
+    assert [fake.calls[s] for s in STAGE_ORDER] == [3, 1, 1, 1, 2, 2, 2]
 
     # A different run directory never reuses another one's results.
     _run(tmp_path / "other")
@@ -416,13 +417,14 @@ def test_flow_rejects_an_evaluate_result_without_its_details(
 
     fake = FakeStages(monkeypatch)
     stages = list(pipeline.STAGES)
-    real = stages[-1].body
+    at = STAGE_ORDER.index("evaluate")
+    real = stages[at].body
 
     def evaluate_without_details(cfg):
         out = real(cfg)
         return StageOutput(out.outputs, {"report": "r.md"}, out.fingerprint)
 
-    stages[-1] = dataclasses.replace(stages[-1], body=evaluate_without_details)
+    stages[at] = dataclasses.replace(stages[at], body=evaluate_without_details)
     monkeypatch.setattr(pipeline, "STAGES", tuple(stages))
     with pytest.raises(StageError, match="summary_markdown"):
         _run(tmp_path / "run")

@@ -73,7 +73,6 @@ def test_disk_full_during_extract_is_one_line_naming_the_path(tiny_biovid, tmp_p
 )
 def test_resource_errors_in_a_stage_are_named_and_not_retried(tmp_path, monkeypatch, capsys, exc, says):
     from pkdot.config import load_config
-    from pkdot.rundir import atomic_write_text
 
     def exhausted(cfg, **options):
         raise RuntimeError("a Ray task failed") from exc  # as the scheduler's errors wrap their cause

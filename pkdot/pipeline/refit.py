@@ -1,0 +1,112 @@
+"""Stage ``refit``: the configuration chosen on validation, retrained on every subject, and registered.
+
+Cross-validation estimates how well a *procedure* generalises; the model to ship is that procedure refit on all
+the data. ``RUN/refit/`` is a run directory of its own with one fold over every subject of the data set: a
+validation carve-out (``train.val_fraction``) selects epochs as in each fold, and nothing is held out for test
+(the model's estimate is the cross-validated one of the same configuration, ``evaluate``'s; the fold's "test"
+split is its validation carve-out again and is never reported). It reads the run's manifest and features (linked)
+and trains with the same jobs as the fold models, on Ray Train: the teacher and T-Net (and cross-fitting
+teachers), the cache, and the chosen student of the first training seed. The result is registered with its model
+card (``trained on all N subjects``). ``train.refit: false`` skips it: ``evaluate`` then registers the
+best-validation fold model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from pkdot import tracking
+from pkdot.config import RunConfig
+from pkdot.data.manifest import read_manifest
+from pkdot.evaluate.report import read_summary
+from pkdot.folds import FoldPlan, assign_crossfit_groups, crossfit_groups_of, refit_fold, save_folds
+from pkdot.pipeline.base import Stage, StageOutput, read_marker, remove_stale
+from pkdot.pipeline.manifest import STAGE as MANIFEST
+from pkdot.rundir import RunDir, atomic_write_text
+from pkdot.train.cache import build_cache, cache_is_fresh
+from pkdot.train.data import load_samples
+from pkdot.train.jobs import student_jobs, teacher_jobs
+from pkdot.train.ray_runner import run_jobs_on_ray
+from pkdot.train.student import load_trained_student
+
+
+def refit_config(cfg: RunConfig, loss: str) -> RunConfig:
+    """The run config of ``RUN/refit/``: the chosen loss, the first training seed, every fold's subjects."""
+    train = cfg.train.model_copy(update={"seeds": cfg.train.seeds[:1], "max_folds": None})
+    distill = cfg.distill.model_copy(update={"losses": [loss]})
+    return cfg.model_copy(
+        update={"run_dir": RunDir(cfg.run_dir).refit.root, "train": train, "distill": distill}
+    )
+
+
+def _link(target: Any, link: Any) -> None:
+    """``link`` -> ``target`` (relative), replacing an older link."""
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def run(cfg: RunConfig) -> StageOutput:
+    rd = RunDir(cfg.run_dir)
+    if not cfg.train.refit:
+        return StageOutput(
+            [], {"refit": "off (train.refit: false): evaluate registered the best-validation fold model"}
+        )
+    summary = read_summary(rd)
+    if summary.selection is None:
+        return StageOutput([], {"refit": "no student to refit"})
+    sel = summary.selection
+    rcfg = refit_config(cfg, sel.loss)
+    refit = rd.refit
+    refit.features.parent.mkdir(parents=True, exist_ok=True)
+    _link(rd.features, refit.features)
+    _link(rd.manifest, refit.manifest)
+    atomic_write_text(refit.config, rcfg.yaml_text())
+    manifest = read_manifest(rd.manifest)
+    seed = rcfg.train.seeds[0]
+    fold = replace(
+        refit_fold(manifest["subject_id"].astype(str), cfg.train.val_fraction, cfg.seed), seed=seed
+    )
+    if crossfit_groups_of(rcfg) is not None:
+        fold = assign_crossfit_groups(fold, rcfg.distill.crossfit_groups, cfg.seed)
+    plan = FoldPlan(by_seed={seed: (fold,)})
+    save_folds(plan, refit.splits)
+    run_jobs_on_ray(rcfg, "teacher", teacher_jobs(rcfg, plan), name="refit-teacher")
+    cf = crossfit_groups_of(rcfg)
+    if not cache_is_fresh(refit.root, fold.index, seed, cf, rcfg.distill.teacher_source):
+        build_cache(rcfg, load_samples(rcfg, refit.root), fold.index, seed)
+    jobs = student_jobs(rcfg, plan, [sel.loss])
+    run_jobs_on_ray(rcfg, "student", jobs, name="refit-student")
+    details: dict[str, Any] = {"loss": sel.loss, "subjects": len(fold.train) + len(fold.val)}
+    if cfg.tracking.register_model:
+        student, shapes = load_trained_student(rcfg, sel.loss, fold.index, seed)
+        details |= tracking.register_best(
+            cfg,
+            summary,
+            student,
+            shapes[cfg.data.student_modalities[0]],
+            manifest=manifest,
+            subjects={"train": fold.train, "val": fold.val},
+            manifest_fingerprint=(read_marker(cfg, MANIFEST) or {}).get("fingerprint", ""),
+            trained_on=f"all {details['subjects']} subjects (refit; {len(fold.val)} of them for epoch selection)",
+        )
+    tracking.end_parent_run(cfg.run_dir, "FINISHED")
+    return StageOutput([j.done_marker for j in jobs], details)
+
+
+def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> None:
+    if inputs_changed:  # another configuration, other data: its jobs are stale
+        remove_stale(RunDir(cfg.run_dir).refit.root)
+
+
+STAGE = Stage(
+    name="refit",
+    sections=("seed", "data", "features", "model", "train", "distill", "tracking"),
+    code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py", "tracking"),
+    output=lambda rd: rd.refit.root,
+    body=run,
+    before=before,
+    help="The configuration chosen on validation, retrained on every subject and registered",
+)
