@@ -18,6 +18,7 @@ import logging
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -181,13 +182,19 @@ def test_served_full_pipeline_trains_and_registers_the_champion(
     champion = client.get_model_version_by_alias("pkdot-student-biovid", "champion")
     assert champion.status == "READY"
     assert champion.run_id in {r.info.run_id for r in runs}
-    # The version carries its own (fold, seed) scores, and its run the manifest rows it was trained/tested on.
-    assert {"val_accuracy", "test_accuracy", "mean_test_accuracy_over_runs"} <= set(champion.tags)
+    # Issue 22: the champion is the chosen configuration refit on every subject of the data set, with its card;
+    # its run logs the manifest rows it was trained on (train + the validation carve-out: every sample).
+    subjects = set(pd.read_parquet(run_dir / "manifest.parquet")["subject_id"].astype(str))
+    refit_fold = json.loads((run_dir / "refit" / "splits.json").read_text())[0]
+    assert set(refit_fold["train"]) | set(refit_fold["val"]) == subjects
+    assert champion.tags["pkdot.trained_on"].startswith(f"all {len(subjects)} subjects (refit")
+    assert {"cv_accuracy", "pkdot.cv_estimate", "pkdot.protocol", "pkdot.loss"} <= set(champion.tags)
+    assert "Cross-validated test accuracy" in champion.description
     register_run = client.get_run(champion.run_id)
     contexts = {
         {t.key: t.value for t in d.tags}["mlflow.data.context"] for d in register_run.inputs.dataset_inputs
     }
-    assert contexts == {"train", "validation", "test"}
+    assert contexts == {"train", "validation"}
 
     # `pkdot predict` loads the champion from the server's registry and runs stage-1 face extraction on videos,
     # from a folder it leaves empty.

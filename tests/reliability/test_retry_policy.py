@@ -24,7 +24,9 @@ INFRASTRUCTURE = [
     rex.NodeDiedError("node died"),
     rex.ActorDiedError(),
     rex.LocalRayletDiedError(),
-    OSError(5, "Input/output error"),  # (a full disk is a resource error, never retried: test_resource_errors)
+    OSError(
+        5, "Input/output error"
+    ),  # (a full disk is a resource error, never retried: test_resource_errors)
     ConnectionResetError(),
     InfrastructureError("extraction of video shard 3: Ray infrastructure failure (WorkerCrashedError)"),
 ]
