@@ -267,6 +267,11 @@ class TrainConfig(_Section):
     )
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
     use_gpu: bool | Literal["auto"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Autocast precision of training and prediction ('auto': bf16 on a CUDA GPU that supports "
+        "it, fp32 otherwise; 'fp16' adds gradient scaling); losses are computed in fp32",
+    )
     max_failures: int = Field(default=2, ge=0)
     checkpoint_every_s: float = Field(
         default=20.0, ge=0, description="Min seconds between Ray Train checkpoints"

@@ -46,8 +46,11 @@ References
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -59,11 +62,34 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "cloud_diameter",
     "epsilon_schedule",
+    "float32_math",
     "sinkhorn_divergence",
     "sinkhorn_potentials",
     "squared_euclidean_cost",
     "transport_plan",
 ]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def float32_math(fn: F) -> F:
+    """Run ``fn`` outside autocast with its float16/bfloat16 tensor arguments cast to float32 (float64 kept).
+
+    Under mixed precision (``train.precision``) the cosine matrices and the Sinkhorn iterations stay in float32:
+    exponents of -C/eps with eps = 0.01 are far beyond half precision's 8 (bf16) or 11 (fp16) mantissa bits.
+    """
+
+    def up(v: Any) -> Any:
+        return v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        device = next((v.device.type for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapped  # type: ignore[return-value]
 
 
 def squared_euclidean_cost(x: Tensor, y: Tensor) -> Tensor:
@@ -226,6 +252,7 @@ def _check_clouds(x: Tensor, y: Tensor) -> None:
         raise StageError("OT point clouds contain NaN or infinite values")
 
 
+@float32_math
 def sinkhorn_potentials(
     x: Tensor,
     y: Tensor,
@@ -329,6 +356,7 @@ def _potentials_stacked(
     return pot[2], pot[3], pot[1], pot[0]
 
 
+@float32_math
 def sinkhorn_divergence(
     x: Tensor,
     y: Tensor,
@@ -381,6 +409,7 @@ def sinkhorn_divergence(
     return (a_w * f_ba).sum() + (b_w * g_ab).sum()
 
 
+@float32_math
 def transport_plan(
     x: Tensor,
     y: Tensor,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
-from pkdot.distill.ot import sinkhorn_divergence
+from pkdot.distill.ot import float32_math, sinkhorn_divergence
 from pkdot.errors import ConfigError, StageError
 
 __all__ = ["PKDOT", "StructureClouds", "cosine_similarity_matrix", "pkdot_loss", "pkdot_structure"]
@@ -92,6 +92,7 @@ def _resolve_k(k: int | str, batch_size: int) -> int:
     return min(k, batch_size)
 
 
+@float32_math
 def pkdot_structure(
     student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, anchors: str = "least"
 ) -> StructureClouds:
@@ -112,7 +113,8 @@ def pkdot_structure(
     Returns
     -------
     StructureClouds
-        Matrices (B, B), anchor indices (B, k') and clouds (B, k') with k' = min(k, B).
+        Matrices (B, B), anchor indices (B, k') and clouds (B, k') with k' = min(k, B); float32 (outside
+        autocast) for half-precision inputs.
     """
     if student_z.dim() != 2 or teacher_z.dim() != 2:
         raise StageError(

@@ -36,6 +36,7 @@ from pkdot.features.schema import encode_tensor, read_tensors, tensor_fields
 from pkdot.folds import crossfit_groups_of, load_fold_plan
 from pkdot.rundir import DONE, RunDir, atomic_write_parquet, content_hash
 from pkdot.train.data import SampleSet
+from pkdot.train.loops import Amp
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,17 @@ def job_record(job_dir: Path) -> dict:
 
 @torch.no_grad()
 def _teacher_outputs(
-    cfg: RunConfig, teacher, samples: SampleSet, index: np.ndarray, batch_size: int, device
+    cfg: RunConfig, teacher, samples: SampleSet, index: np.ndarray, batch_size: int, amp: Amp
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings (n, D), logits (n, C), student-modality tokens (n, N, D)) of ``teacher`` on rows ``index``."""
     video = cfg.data.student_modalities[0]
     emb, logits, tokens = [], [], []
     for start in range(0, len(index), batch_size):
         rows = index[start : start + batch_size]
-        inputs = {
-            m: torch.from_numpy(np.ascontiguousarray(samples.arrays[m][rows])).to(device)
-            for m in cfg.data.modalities
-        }
-        out = teacher(inputs)
-        tok = out.tokens[video] if video in out.tokens else teacher.backbones[video](inputs[video])
+        inputs = {m: amp.tensor(samples.arrays[m][rows]) for m in cfg.data.modalities}
+        with amp.autocast():
+            out = teacher(inputs)
+            tok = out.tokens[video] if video in out.tokens else teacher.backbones[video](inputs[video])
         emb.append(out.embedding.float().cpu().numpy())
         logits.append(out.logits.float().cpu().numpy())
         tokens.append(tok.float().cpu().numpy())
@@ -108,13 +107,12 @@ def _teacher_outputs(
 
 @torch.no_grad()
 def _unimodal_outputs(
-    model, modality: str, samples: SampleSet, index: np.ndarray, batch_size: int, device
+    model, modality: str, samples: SampleSet, index: np.ndarray, batch_size: int, amp: Amp
 ) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings (n, D), logits (n, C)) of a unimodal model on rows ``index``."""
     emb, logits = [], []
     for start in range(0, len(index), batch_size):
-        rows = index[start : start + batch_size]
-        out = model(torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][rows])).to(device))
+        out = amp.wrap(model)(amp.tensor(samples.arrays[modality][index[start : start + batch_size]]))
         emb.append(out.embedding.float().cpu().numpy())
         logits.append(out.logits.float().cpu().numpy())
     return np.concatenate(emb), np.concatenate(logits)
@@ -145,11 +143,12 @@ def build_cache(
     jdir = run.teacher(fold, seed)
     hashes = checkpoint_hashes(jdir, ("teacher", "tnet", *extra))
     teacher, _tnets, _shapes = load_teacher(cfg, jdir, device)
+    amp = Amp.of(cfg.train.precision, device)
     everything = np.arange(len(samples))
-    embedding, logits, tokens = _teacher_outputs(cfg, teacher, samples, everything, batch_size, device)
+    embedding, logits, tokens = _teacher_outputs(cfg, teacher, samples, everything, batch_size, amp)
     if privileged is not None:
         embedding, logits = _unimodal_outputs(
-            load_unimodal(cfg, jdir, privileged, device), privileged, samples, everything, batch_size, device
+            load_unimodal(cfg, jdir, privileged, device), privileged, samples, everything, batch_size, amp
         )
     target_group = np.full(len(samples), -1, dtype=np.int32)
     meta: dict = {"fold": fold, "seed": seed, "teacher_targets": "fit", "teacher_source": source, **hashes}
@@ -176,10 +175,10 @@ def build_cache(
             rows = np.flatnonzero(np.isin(subjects, np.asarray(members, dtype=object)))
             if privileged is None:
                 group_teacher, _, _ = load_teacher(cfg, gdir, device, with_tnets=False)
-                e, lg, _ = _teacher_outputs(cfg, group_teacher, samples, rows, batch_size, device)
+                e, lg, _ = _teacher_outputs(cfg, group_teacher, samples, rows, batch_size, amp)
             else:
                 model = load_unimodal(cfg, gdir, privileged, device)
-                e, lg = _unimodal_outputs(model, privileged, samples, rows, batch_size, device)
+                e, lg = _unimodal_outputs(model, privileged, samples, rows, batch_size, amp)
             embedding[rows], logits[rows], target_group[rows] = e, lg, j
             records.append(
                 {

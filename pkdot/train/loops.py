@@ -3,6 +3,7 @@
 Ray Train's per-worker loop (:mod:`pkdot.train.ray_runner`) and the unit tests call the same functions.
 Data parallelism is explicit: each global batch of ``batch_size`` indices is cut into ``world`` equal slices
 and worker ``rank`` takes its slice, so the set of samples per step does not depend on the number of workers.
+Mixed precision (``train.precision``) is one object, :class:`Amp`, that every loop and forward pass uses.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,53 @@ from pkdot.metrics import accuracy, ccc
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
+F = TypeVar("F", bound=Callable[..., Any])
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Amp:
+    """``train.precision`` on a device: autocast for forward passes, a gradient scaler (fp16 only), and
+    host-to-device copies (pinned memory, non-blocking, on CUDA only). Losses stay in float32
+    (:func:`task_loss`; the distillation losses disable autocast themselves)."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None  # None: float32, no autocast
+
+    @classmethod
+    def of(cls, precision: str, device: torch.device | str) -> Amp:
+        """``auto``: bf16 on a CUDA device that supports it, else fp32; ``fp32`` / ``bf16`` / ``fp16``."""
+        device = torch.device(device)
+        if precision == "auto":
+            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if bf16 else "fp32"
+        return cls(device, AMP_DTYPES[precision])
+
+    @property
+    def name(self) -> str:
+        return next(k for k, v in AMP_DTYPES.items() if v == self.dtype)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def wrap(self, fn: F) -> F:
+        """``fn`` run under :meth:`autocast` (a forward function for :func:`predict`)."""
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with self.autocast():
+                return fn(*args, **kwargs)
+
+        return wrapped  # type: ignore[return-value]
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` on the device (through pinned memory, non-blocking, on CUDA)."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -106,10 +154,13 @@ def group_batches(
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Cross-entropy for classification (outputs = logits (B, C)); MSE for regression (outputs (B, 1))."""
-    if regression:
-        return nn.functional.mse_loss(outputs[:, 0], targets.float())
-    return nn.functional.cross_entropy(outputs, targets.long())
+    """Cross-entropy for classification (outputs = logits (B, C)); MSE for regression (outputs (B, 1)).
+
+    Computed in float32 outside autocast, whatever the precision of ``outputs``."""
+    with torch.autocast(outputs.device.type, enabled=False):
+        if regression:
+            return nn.functional.mse_loss(outputs[:, 0].float(), targets.float())
+        return nn.functional.cross_entropy(outputs.float(), targets.long())
 
 
 def train_epoch(
@@ -119,22 +170,29 @@ def train_epoch(
     *,
     modules: Sequence[nn.Module] = (),
     grad_clip: float | None = 5.0,
+    amp: Amp = Amp(),
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches``: ``step(index)`` returns a dict of named losses with ``"loss"`` the total.
+    """One pass over ``batches``: ``step(index)`` (run under ``amp.autocast()``) returns a dict of named losses
+    with ``"loss"`` the total; ``scaler`` scales the gradients (fp16).
 
     Returns the mean of every entry over the batches (so each named loss is logged separately).
     """
     for m in modules:
         m.train()
+    scaler = amp.scaler() if scaler is None else scaler
     sums: dict[str, float] = {}
     for index in batches:
-        losses = step(index)
+        with amp.autocast():
+            losses = step(index)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        scaler.scale(losses["loss"]).backward()
         if grad_clip is not None:
+            scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
     return {k: v / max(1, len(batches)) for k, v in sums.items()}
@@ -195,12 +253,14 @@ def fit(
     train_modules: Sequence[nn.Module] = (),
     progress: Callable[[int, dict[str, float]], None] | None = None,
     recalibrate: Callable[[int], None] | None = None,
+    amp: Amp = Amp(),
 ) -> FitState:
     """Train ``epochs`` epochs, keep the weights of the best validation epoch (higher ``validate()`` is better).
 
     ``model`` is what is saved/selected (its ``state_dict``); ``train_modules`` are put in train mode for the
     epoch (default ``[model]``). ``on_epoch_end`` receives the resumable state after every epoch (the Ray
     runner reports it as a checkpoint). ``resume`` restores model, optimiser and history and continues.
+    Training steps and ``recalibrate`` run under ``amp.autocast()``.
     """
     state = resume or FitState()
     if resume is not None and resume.model_state is not None:
@@ -211,12 +271,16 @@ def fit(
         if scheduler is not None and resume.scheduler_state is not None:
             scheduler.load_state_dict(resume.scheduler_state)
     mods = list(train_modules) or [model]
+    scaler = amp.scaler()
     for epoch in range(state.epoch, epochs):
-        losses = train_epoch(train_step, optimizer, batches_for_epoch(epoch), modules=mods)
+        losses = train_epoch(
+            train_step, optimizer, batches_for_epoch(epoch), modules=mods, amp=amp, scaler=scaler
+        )
         if recalibrate is not None:
             for m in mods:
                 m.train()
-            recalibrate(epoch)
+            with amp.autocast():
+                recalibrate(epoch)
         score = float(validate())
         if scheduler is not None:
             scheduler.step(-score)

@@ -44,6 +44,7 @@ from pkdot.train.jobs import (
     write_predictions,
 )
 from pkdot.train.loops import (
+    Amp,
     epoch_batches,
     fit,
     group_batches,
@@ -67,12 +68,10 @@ def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
     return load_samples(cfg, run_dir, modalities=mods)
 
 
-def _rows(part: SampleSet, key: str, index: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(part.arrays[key][index])).to(device)
-
-
 class DistillationObjective(nn.Module):
-    """Student + distillation loss as one module (so data-parallel wrapping syncs the loss's parameters too)."""
+    """Student + distillation loss as one module (so data-parallel wrapping syncs the loss's parameters too).
+
+    The student's forward pass runs under the caller's autocast; the task and distillation losses in float32."""
 
     def __init__(self, student: nn.Module, distill_loss: nn.Module, cfg: RunConfig) -> None:
         super().__init__()
@@ -91,17 +90,18 @@ class DistillationObjective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         student: Any = self.student
         out = student.forward_from_features(student_input) if from_features else student(student_input)
-        task = task_loss(out.logits, target, self.cfg.data.is_regression)
-        batch = DistillBatch(
-            student_z=out.embedding,
-            teacher_z=teacher_z,
-            student_logits=out.logits,
-            teacher_logits=teacher_logits,
-            labels=target,
-            index=index,
-        )
-        distill = self.distill_loss(batch)
-        return total_loss(task, distill, self.cfg.distill, self.distill_loss.name)
+        with torch.autocast(target.device.type, enabled=False):
+            task = task_loss(out.logits, target, self.cfg.data.is_regression)
+            batch = DistillBatch(
+                student_z=out.embedding.float(),
+                teacher_z=teacher_z.float(),
+                student_logits=out.logits.float(),
+                teacher_logits=teacher_logits.float(),
+                labels=target,
+                index=index,
+            )
+            distill = self.distill_loss(batch)
+            return total_loss(task, distill, self.cfg.distill, self.distill_loss.name)
 
 
 def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:
@@ -209,26 +209,22 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     optimizer = torch.optim.Adam(params, lr=cfg.train.lr_student, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
     b = cfg.train.batch_size
-
-    def tensors(part: SampleSet, index: np.ndarray) -> dict[str, torch.Tensor]:
-        return {
-            k: _rows(part, k, index, ctx.device) for k in (input_key, "teacher_embedding", "teacher_logits")
-        }
+    amp = Amp.of(cfg.train.precision, ctx.device)
 
     def step(index: np.ndarray) -> dict[str, torch.Tensor]:
-        t = tensors(data.train, index)
-        target = torch.from_numpy(data.train.targets[index]).to(ctx.device)
+        arrays = data.train.arrays
         return train_objective(
-            t[input_key],
-            t["teacher_embedding"],
-            t["teacher_logits"],
-            target,
-            torch.from_numpy(index.astype(np.int64)).to(ctx.device),
+            amp.tensor(arrays[input_key][index]),
+            amp.tensor(arrays["teacher_embedding"][index]),
+            amp.tensor(arrays["teacher_logits"][index]),
+            amp.tensor(data.train.targets[index]),
+            amp.tensor(index.astype(np.int64)),
             from_features,
         )
 
+    @amp.wrap
     def forward(part: SampleSet, index: np.ndarray):
-        x = _rows(part, input_key, index, ctx.device)
+        x = amp.tensor(part.arrays[input_key][index])
         o = student.forward_from_features(x) if from_features else student(x)
         return o.logits, o.embedding
 
@@ -239,7 +235,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     def recalibrate(epoch: int) -> None:
         if not from_features:  # a trainable backbone: exact BatchNorm statistics of the current weights
             batches = epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False)
-            update_bn((_rows(data.train, input_key, idx, ctx.device) for idx in batches), student)
+            update_bn((amp.tensor(data.train.arrays[input_key][idx]) for idx in batches), student)
 
     def batches_for_epoch(epoch: int) -> list[np.ndarray]:
         seed = job.seed * 1000 + job.fold
@@ -261,6 +257,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         train_modules=[train_objective],
         progress=ctx.progress_hook(phase),
         recalibrate=recalibrate,
+        amp=amp,
     )
     metrics: dict[str, float] = {}
     if ctx.is_chief:

@@ -45,7 +45,16 @@ from pkdot.train.jobs import (
     write_history,
     write_predictions,
 )
-from pkdot.train.loops import FitState, epoch_batches, fit, predict, seed_everything, task_loss, task_metric
+from pkdot.train.loops import (
+    Amp,
+    FitState,
+    epoch_batches,
+    fit,
+    predict,
+    seed_everything,
+    task_loss,
+    task_metric,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +114,15 @@ def _fit_supervised(
     batch_size = cfg.train.teacher_batch_size
     train_model = ctx.wrap(model)
     seed = job.seed * 1000 + job.fold
+    amp = Amp.of(cfg.train.precision, ctx.device)
 
     def step(index: np.ndarray) -> dict[str, torch.Tensor]:
         out = train_model(inputs(data.train, index))
-        target = torch.from_numpy(data.train.targets[index]).to(ctx.device)
-        return {"loss": task_loss(out.logits, target, regression)}
+        return {"loss": task_loss(out.logits, amp.tensor(data.train.targets[index]), regression)}
 
     def validate() -> float:
-        outputs, _ = predict(
-            lambda idx: _out_emb(model(inputs(data.val, idx))), len(data.val), batch_size, [model]
-        )
+        forward = amp.wrap(lambda idx: _out_emb(model(inputs(data.val, idx))))
+        outputs, _ = predict(forward, len(data.val), batch_size, [model])
         return task_metric(data.val.targets, outputs, regression)
 
     def recalibrate(epoch: int) -> None:
@@ -137,6 +145,7 @@ def _fit_supervised(
         train_modules=[train_model],
         progress=ctx.progress_hook(phase),
         recalibrate=recalibrate,
+        amp=amp,
     )
 
 
@@ -144,18 +153,14 @@ def _out_emb(out):
     return out.logits, out.embedding
 
 
-def _array(
-    samples: SampleSet, modality: str, index: np.ndarray | slice, device: torch.device
-) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(samples.arrays[modality][index])).to(device)
-
-
-def _predictions(cfg: RunConfig, job: Job, name: str, model: nn.Module, inputs: Inputs, data: FoldData):
+def _predictions(
+    cfg: RunConfig, job: Job, name: str, model: nn.Module, inputs: Inputs, data: FoldData, amp: Amp
+):
     return split_predictions(
         model=name,
         job=job,
         parts={"val": data.val, "test": data.test},
-        forward=lambda part, idx: _out_emb(model(inputs(part, idx))),
+        forward=amp.wrap(lambda part, idx: _out_emb(model(inputs(part, idx)))),
         batch_size=cfg.train.teacher_batch_size,
         regression=cfg.data.is_regression,
         modules=[model],
@@ -164,15 +169,15 @@ def _predictions(cfg: RunConfig, job: Job, name: str, model: nn.Module, inputs: 
 
 @torch.no_grad()
 def pooled_features(
-    backbone: nn.Module, samples: SampleSet, modality: str, batch: int, device: torch.device
+    backbone: nn.Module, samples: SampleSet, modality: str, batch: int, amp: Amp
 ) -> torch.Tensor:
-    """(N, D) mean-pooled backbone tokens of every sample (eval mode, no grad)."""
+    """(N, D) mean-pooled backbone tokens of every sample (eval mode, no grad, autocast; float32)."""
     backbone.eval()
-    out = [
-        backbone(_array(samples, modality, slice(start, start + batch), device)).mean(1)
-        for start in range(0, len(samples), batch)
-    ]
-    return torch.cat(out)
+    run = amp.wrap(lambda x: backbone(x).mean(1).float())
+    arrays = samples.arrays[modality]
+    return torch.cat(
+        [run(amp.tensor(arrays[start : start + batch])) for start in range(0, len(samples), batch)]
+    )
 
 
 def _unimodal(
@@ -186,15 +191,19 @@ def _unimodal(
 def _train_tnets(
     cfg: RunConfig, job: Job, ctx: WorkerContext, teacher: nn.Module, tnets: nn.ModuleDict, data: FoldData
 ) -> FitState:
-    """T-Nets: the teacher's pooled video features -> its pooled privileged features (RBF-kernel MMD)."""
+    """T-Nets: the teacher's pooled video features -> its pooled privileged features (RBF-kernel MMD).
+
+    The features come from the teacher under ``train.precision``; the small T-Net MLPs and their MMD train
+    in float32."""
     seed_everything(job.seed * 7919 + job.fold * 31 + 202)
     b = cfg.train.teacher_batch_size
+    amp = Amp.of(cfg.train.precision, ctx.device)
     video = cfg.data.student_modalities[0]
     vid = teacher.backbones[video]
-    x_train = pooled_features(vid, data.train, video, b, ctx.device)
-    x_val = pooled_features(vid, data.val, video, b, ctx.device)
-    y_train = {p: pooled_features(teacher.backbones[p], data.train, p, b, ctx.device) for p in tnets}
-    y_val = {p: pooled_features(teacher.backbones[p], data.val, p, b, ctx.device) for p in tnets}
+    x_train = pooled_features(vid, data.train, video, b, amp)
+    x_val = pooled_features(vid, data.val, video, b, amp)
+    y_train = {p: pooled_features(teacher.backbones[p], data.train, p, b, amp) for p in tnets}
+    y_val = {p: pooled_features(teacher.backbones[p], data.val, p, b, amp) for p in tnets}
 
     def step(index: np.ndarray) -> dict[str, torch.Tensor]:
         losses = {f"mmd_{p}": mmd_rbf(tnets[p](x_train[index]), y_train[p][index]) for p in tnets}
@@ -230,6 +239,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     regression = cfg.data.is_regression
     shapes = data.input_shapes
     metric = "ccc" if regression else "accuracy"
+    amp = Amp.of(cfg.train.precision, ctx.device)
     histories: dict[str, FitState] = {}
     frames = []
     backbones: dict[str, Backbone] = {}
@@ -241,7 +251,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         model = _unimodal(cfg, modality, shapes[modality], ctx.device)
 
         def one(samples: SampleSet, idx: np.ndarray, m: str = modality) -> torch.Tensor:
-            return _array(samples, m, idx, ctx.device)
+            return amp.tensor(samples.arrays[m][idx])
 
         groups = [{"params": list(model.parameters()), "lr": cfg.train.lr_backbone}]
         histories[phase] = _phase(
@@ -255,14 +265,14 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
             input_shape=shapes[modality],
         )
         backbones[modality] = model.backbone
-        frames += _predictions(cfg, job, phase, model, one, data)
+        frames += _predictions(cfg, job, phase, model, one, data, amp)
 
     # 2. fusion teacher, backbones initialised from the unimodal models
     seed_everything(job.seed * 7919 + job.fold * 31 + 101)
     teacher = build_teacher(cfg, shapes, backbones=backbones).to(ctx.device)
 
     def multi(samples: SampleSet, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        return {m: _array(samples, m, idx, ctx.device) for m in cfg.data.modalities}
+        return {m: amp.tensor(samples.arrays[m][idx]) for m in cfg.data.modalities}
 
     backbone_params = list(teacher.backbones.parameters())
     ids = {id(p) for p in backbone_params}
@@ -280,7 +290,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         ),
         input_shapes=shapes,
     )
-    frames += _predictions(cfg, job, "teacher", teacher, multi, data)
+    frames += _predictions(cfg, job, "teacher", teacher, multi, data, amp)
     teacher.requires_grad_(False)
     teacher.eval()
 
