@@ -234,10 +234,22 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Teacher/student optimisation, folds and Ray Train scaling."""
 
-    folds: int | Literal["loso", "official"] | None = Field(
+    folds: int | Literal["loso", "official", "clips"] | None = Field(
         default=None,
         description="Subject k-fold (int >= 2), 'loso', or 'official' (Aff-Wild2: train on Train_Set minus a "
-        "validation carve-out, test on Validation_Set); None = 'official' for Aff-Wild2, 5 otherwise",
+        "validation carve-out, test on Validation_Set); None = 'official' for Aff-Wild2, 5 otherwise. "
+        "'clips' (authors' protocol, optimistic by construction): stratified 5-fold over samples, ignoring "
+        "subjects",
+    )
+    select_on: Literal["val", "test"] = Field(
+        default="val",
+        description="Where each model's epoch is selected: 'val' (validation subjects) or 'test' (authors' "
+        "protocol, optimistic by construction: the fold's test samples serve as its validation part)",
+    )
+    teacher_scope: Literal["fold", "all"] = Field(
+        default="fold",
+        description="'fold': each fold's teacher trains on the fold's training subjects; 'all' (authors' "
+        "protocol, optimistic by construction): on every sample but the validation carve-out, test included",
     )
     max_folds: int | None = Field(default=None, ge=1, description="Run only the first N folds")
     val_fraction: float = Field(
@@ -307,8 +319,15 @@ class TrainConfig(_Section):
     @classmethod
     def _folds(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and v < 2:
-            raise ValueError("folds must be >= 2, 'loso' or 'official'")
+            raise ValueError("folds must be >= 2, 'loso', 'official' or 'clips'")
         return v
+
+    @property
+    def optimistic_switches(self) -> list[str]:
+        """The authors'-protocol switches this config sets (each makes scores optimistic by construction)."""
+        on = {"folds": self.folds == "clips", "select_on": self.select_on == "test"}
+        on["teacher_scope"] = self.teacher_scope == "all"
+        return [f"train.{k}={getattr(self, k)}" for k, v in on.items() if v]
 
     @property
     def student_backbone_frozen(self) -> bool:
@@ -378,14 +397,33 @@ class PkdotOptions(LossOptions):
         return v
 
 
+class PkdotMostOptions(PkdotOptions):
+    """PKDOT on the k most-similar anchors (a structure-faithful variant, issue 25)."""
+
+    anchors: Literal["least", "most"] = Field(default="most", description="Least or most similar columns")
+
+
+class PkdotAllOptions(PkdotOptions):
+    """PKDOT on every column of the similarity matrices (a structure-faithful variant, issue 25)."""
+
+    k: int | Literal["all"] = Field(default="all", description="Anchors per row (int >= 1 or 'all')")
+
+
 class DistillConfig(_Section):
     """The student's objective: task_weight * task loss + ``<loss>.weight`` * the loss of ``losses``.
 
-    Each field typed by a :class:`LossOptions` subclass is one loss (its name, options and weight); they make
-    :data:`LOSSES`, the list of loss names. ``distill.weights.<loss>`` is accepted as ``distill.<loss>.weight``.
+    Each field typed by a :class:`LossOptions` subclass is one loss (its name -- the field's alias when it has
+    one, e.g. ``pkdot-most`` -- options and weight); they make :data:`LOSSES`. A composite ``a+b`` trains one
+    student on the sum of the terms, each with its own weight. ``distill.weights.<loss>`` is accepted as
+    ``distill.<loss>.weight``.
     """
 
-    losses: list[str] = Field(default_factory=lambda: list(LOSSES), description="One student per loss")
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    losses: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LOSSES),
+        description="One student per loss; 'a+b' trains one student on the sum of registered losses a and b",
+    )
     task_weight: float = Field(default=1.0, ge=0.0)
     none: NoneOptions = Field(default_factory=NoneOptions)
     kd: KDOptions = Field(default_factory=KDOptions)
@@ -395,6 +433,8 @@ class DistillConfig(_Section):
     pkt: PKTOptions = Field(default_factory=PKTOptions)
     crd: CRDOptions = Field(default_factory=CRDOptions)
     pkdot: PkdotOptions = Field(default_factory=PkdotOptions)
+    pkdot_most: PkdotMostOptions = Field(default_factory=PkdotMostOptions, alias="pkdot-most")
+    pkdot_all: PkdotAllOptions = Field(default_factory=PkdotAllOptions, alias="pkdot-all")
     use_tnet: bool = True
     teacher_targets: Literal["fit", "crossfit"] = Field(
         default="fit",
@@ -419,35 +459,56 @@ class DistillConfig(_Section):
             raise ValueError(problem)
         return v
 
-    def options(self, name: str) -> LossOptions:
-        """The options section of loss ``name`` (``distill.<name>``)."""
+    def options(self, name: str) -> Any:
+        """The options section of loss ``name`` (``distill.<name>``); of a composite ``a+b``, ``{part: section}``."""
+        if "+" in name:
+            return {part: self.options(part) for part in loss_terms(name)}
         if name not in LOSSES:
             raise ConfigError(f"distill: unknown loss {name!r} (valid: {', '.join(LOSSES)})")
-        return getattr(self, name)
+        return getattr(self, name.replace("-", "_"))
 
     def weight(self, name: str) -> float:
         """The weight of loss ``name``'s term (``distill.<name>.weight``)."""
         return self.options(name).weight
 
 
-#: Loss name -> its options model: THE list of distillation losses (pkdot.distill registers exactly these).
-def loss_names_problem(names: list[str]) -> str | None:
-    """What is wrong with a list of losses to train (empty, duplicates, unknown names), or None."""
-    if not names:
-        return "losses must name at least one loss"
-    if len(set(names)) != len(names):
-        return f"losses has duplicates: {names}"
-    unknown = [name for name in names if name not in LOSSES]
+def loss_terms(name: str) -> list[str]:
+    """The registered losses a loss name sums: ``"kd+pkdot"`` -> ``["kd", "pkdot"]``, ``"kd"`` -> ``["kd"]``."""
+    return name.split("+")
+
+
+def _loss_name_problem(name: str) -> str | None:
+    terms = loss_terms(name)
+    unknown = [t for t in terms if t not in LOSSES]
     if unknown:
-        return f"unknown loss(es) {unknown} (valid: {', '.join(LOSSES)})"
+        return f"unknown loss(es) {unknown}" + (f" in {name!r}" if len(terms) > 1 else "")
+    if len(terms) > 1 and "none" in terms:
+        return f"{name!r}: 'none' cannot be part of a sum"
+    if len(set(terms)) != len(terms):
+        return f"{name!r} repeats a term"
     return None
 
 
+def loss_names_problem(names: list[str]) -> str | None:
+    """What is wrong with a list of losses to train (empty, duplicates, unknown names, bad sums), or None."""
+    if not names:
+        return "losses must name at least one loss"
+    if len({frozenset(loss_terms(n)) for n in names}) != len(names):
+        return f"losses has duplicates: {names}"
+    problems = [p for p in map(_loss_name_problem, names) if p]
+    if problems:
+        return f"{'; '.join(problems)} (valid: {', '.join(LOSSES)}, or sums of them such as 'kd+pkdot')"
+    return None
+
+
+#: Loss name -> its options model: THE list of distillation losses (pkdot.distill registers exactly these).
 LOSSES: dict[str, type[LossOptions]] = {
-    name: field.annotation
+    field.alias or name: field.annotation
     for name, field in DistillConfig.model_fields.items()
     if isinstance(field.annotation, type) and issubclass(field.annotation, LossOptions)
 }
+#: The losses a run trains by default: every loss but the structure-faithful PKDOT variants.
+DEFAULT_LOSSES = [name for name in LOSSES if name not in ("pkdot-most", "pkdot-all")]
 #: Former distill fields (before per-loss sections) -> their section; ``options.<loss>`` -> ``<loss>``.
 _MOVED = {"k": "pkdot", "anchors": "pkdot", "blur": "pkdot", "scaling": "pkdot", "temperature": "kd"}
 
@@ -581,6 +642,8 @@ class RunConfig(_Section):
                 f"evaluate.robustness is true, but the student reads {self.data.student_modalities}: the "
                 "robustness curves degrade test *video* (set it to false or null)"
             )
+        if self.train.folds == "clips" and self.distill.teacher_targets == "crossfit":
+            raise ValueError("train.folds 'clips' cannot be combined with distill.teacher_targets 'crossfit'")
         if self.train.folds is None:  # the data set's usual protocol
             self.train.folds = "official" if self.data.dataset == "affwild2" else 5
         elif self.train.folds == "official" and self.data.dataset != "affwild2":
@@ -655,7 +718,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             # 8 losses of a fold share one run (on a 2-core machine only one 2-worker run fits at a time anyway)
             "jobs_per_run": 8,
         },
-        "distill": {"pkdot": {"k": 10}},
+        "distill": {"pkdot": {"k": 10}, "pkdot-most": {"k": 10}},
         "synth": {"subjects": 10, "samples_per_class": 8},
     },
     # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6) are the defaults.
@@ -710,11 +773,12 @@ def _valid_fields(loc: tuple[Any, ...]) -> str:
     """`` (valid: a, b, ...)``: the fields of the section that holds ``loc`` (for an unknown field)."""
     model: Any = RunConfig
     for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(part) if isinstance(part, str) else None
         model = field.annotation if field is not None else None
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return ""
-    return f" (valid: {', '.join(model.model_fields)})"
+    return f" (valid: {', '.join(f.alias or n for n, f in model.model_fields.items())})"
 
 
 def _format_validation(err: ValidationError, source: str) -> str:
@@ -767,6 +831,13 @@ def load_config(
     if chosen not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
     merged = copy.deepcopy(PRESETS[chosen])
+    leaks = {("folds", "clips"), ("select_on", "test"), ("teacher_scope", "all")}
+    switches = [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if (k, v) in leaks]
+    if switches:
+        raise ConfigError(
+            f"preset {chosen!r} sets {', '.join(switches)}: the authors'-protocol switches are optimistic by "
+            "construction and never part of a preset (set them in the run's config)"
+        )
     for layer in (_upgrade(file_data, source), _upgrade(over, "overrides")):
         merged = _deep_merge(merged, layer)
     merged["preset"] = chosen

@@ -5,6 +5,11 @@ fold's validation subjects, used for model selection, are carved from its traini
 seed draws its own subject k-fold partition (:func:`fold_seed`: repeated cross-validation); LOSO and the
 official partition are the same for every seed.
 
+The authors' protocol (``train.folds: clips``, ``train.select_on: test``, ``train.teacher_scope: all``;
+optimistic by construction) is planned here too: folds over sample ids (``Fold.unit``), the test part as the
+validation part, and teachers trained with the test part (:meth:`Fold.with_test_in_training`); such folds are
+``leaky`` (their parts may overlap).
+
 ``RUN/splits.json`` holds ``[{"seed": s, "fold": k, "train": [..], "val": [..], "test": [..]}, ...]``, one
 entry per (seed, fold), plus ``"crossfit_groups"`` with cross-fitted teacher targets. Entries without
 ``"seed"`` (a plain list of folds) serve every seed.
@@ -39,7 +44,9 @@ class Fold:
     """One fold: disjoint tuples of subject ids for training, validation (model selection) and test.
 
     ``seed``: the training seed whose partition this fold belongs to (None: every seed's). ``crossfit``
-    (cross-fitted teacher targets only): J >= 2 disjoint groups that together cover ``train``.
+    (cross-fitted teacher targets only): J >= 2 disjoint groups that together cover ``train``. ``unit``: the
+    manifest column the ids come from (``sample_id`` under ``train.folds: clips``). ``leaky``: the parts may
+    overlap (``train.select_on: test``, ``train.teacher_scope: all``).
     """
 
     index: int
@@ -48,6 +55,8 @@ class Fold:
     test: tuple[str, ...]
     seed: int | None = None
     crossfit: tuple[tuple[str, ...], ...] = ()
+    unit: Literal["subject_id", "sample_id"] = "subject_id"
+    leaky: bool = False
     refit: bool = False  # the refit on every subject: its "test" split is its validation split again
 
     def __post_init__(self) -> None:
@@ -61,7 +70,7 @@ class Fold:
         if self.refit and self.test != self.val:
             raise StageError(f"{where}: a refit fold's test split is its validation split")
         for i, a in enumerate(SPLIT_NAMES):
-            for b in SPLIT_NAMES[i + 1 :]:
+            for b in SPLIT_NAMES[i + 1 :] if not self.leaky else ():
                 if self.refit and (a, b) == ("val", "test"):
                     continue
                 both = set(getattr(self, a)) & set(getattr(self, b))
@@ -82,9 +91,13 @@ class Fold:
         out |= {"fold": self.index, "train": list(self.train), "val": list(self.val), "test": list(self.test)}
         if self.crossfit:
             out["crossfit_groups"] = [list(g) for g in self.crossfit]
-        if self.refit:
-            out["refit"] = True
-        return out
+        if self.unit != "subject_id":
+            out["unit"] = self.unit
+        return out | ({"leaky": True} if self.leaky else {}) | ({"refit": True} if self.refit else {})
+
+    def with_test_in_training(self) -> Fold:
+        """The fold of a teacher under ``train.teacher_scope: all``: its test part added to its training part."""
+        return replace(self, train=(*self.train, *self.test), crossfit=(), leaky=True)
 
     def group_of(self, subject: str) -> int:
         """Index of the crossfit group holding a training subject (StageError if none does)."""
@@ -101,7 +114,7 @@ class Fold:
             )
         held_out = set(self.crossfit[group])
         train = tuple(s for s in self.train if s not in held_out)
-        return Fold(self.index, train, self.val, self.test, seed=self.seed, refit=self.refit)
+        return replace(self, train=train, crossfit=())
 
 
 def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
@@ -169,6 +182,39 @@ def subject_folds(
     return folds
 
 
+def clip_folds(
+    sample_ids: Sequence[str],
+    labels: Sequence[object] | None,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    n_splits: int = 5,
+) -> list[Fold]:
+    """The authors' folds (optimistic by construction): stratified k-fold over samples, ignoring subjects.
+
+    ``StratifiedKFold(n_splits, shuffle=True, random_state=seed)`` on ``labels`` (None, e.g. regression:
+    ``KFold``); each fold's validation samples are ``val_fraction`` of its other samples, as in
+    :func:`subject_folds`. The folds hold sample ids (``unit="sample_id"``).
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    _check_val_fraction(val_fraction)
+    ids = np.asarray(_unique_subjects(sample_ids), dtype=object)
+    if len(ids) != len(sample_ids):
+        raise StageError("train.folds='clips': sample ids repeat")
+    if len(ids) < 2 * n_splits:
+        raise ConfigError(f"train.folds='clips' needs at least {2 * n_splits} samples, got {len(ids)}")
+    order = np.argsort(np.asarray(list(sample_ids), dtype=object), kind="stable")
+    splitter = (KFold if labels is None else StratifiedKFold)(n_splits, shuffle=True, random_state=seed)
+    y = np.zeros(len(ids)) if labels is None else np.asarray(list(labels))[order]
+    folds = []
+    for i, (rest, test) in enumerate(splitter.split(ids, y)):
+        train, val = _carve_validation(ids[rest].tolist(), val_fraction, np.random.default_rng([seed, i]))
+        folds.append(Fold(i, tuple(train), tuple(val), tuple(ids[test].tolist()), unit="sample_id"))
+    log.info("%d clip folds over %d samples (subjects ignored)", len(folds), len(ids))
+    return folds
+
+
 def official_folds(
     subject_partition: Mapping[str, str],
     *,
@@ -221,7 +267,7 @@ def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fo
 def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
     """The seed of the subject partition of training seed ``repeat_seed`` in a run seeded ``run_seed``.
 
-    Subject k-fold (``scheme`` an int, or None = 5): ``SeedSequence([run_seed, repeat_seed])``, a different
+    Subject or clip k-fold (``scheme`` an int, None = 5, or ``"clips"``): ``SeedSequence([run_seed, repeat_seed])``, a different
     partition per training seed. ``"loso"`` and ``"official"``: the run seed (fixed test assignment and
     validation carve-out, identical across seeds).
     """
@@ -319,13 +365,28 @@ def subject_partitions(frame: pd.DataFrame) -> dict[str, str]:
     return dict(zip(pairs["subject_id"], pairs["partition"], strict=True))
 
 
-def fold_plan(frame: pd.DataFrame, train: TrainConfig, seed: int) -> list[Fold]:
-    """The subject folds of a manifest's samples (``train.folds``, ``train.val_fraction``, ``seed``).
+def fold_plan(
+    frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str | None = "label"
+) -> list[Fold]:
+    """The folds of a manifest's samples (``train.folds``, ``train.val_fraction``, ``train.select_on``, ``seed``).
 
-    ``official``: :func:`official_folds` over the samples' partitions; else :func:`subject_folds` over their
-    subjects. ``train.max_folds`` is *not* applied. :class:`ConfigError` (naming the subjects found) when
-    there are too few subjects for the scheme.
+    ``official``: :func:`official_folds` over the samples' partitions; ``clips``: :func:`clip_folds` over
+    their ids, stratified on the ``stratify`` column (when the frame has it); else :func:`subject_folds` over
+    their subjects. ``select_on: test``: each fold's validation part is its test part. ``train.max_folds`` is
+    *not* applied. :class:`ConfigError` (naming the subjects found) when there are too few subjects.
     """
+    folds = _fold_plan(frame, train, seed, stratify)
+    if train.select_on == "test":
+        folds = [replace(f, val=f.test, leaky=True) for f in folds]
+    return folds
+
+
+def _fold_plan(frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str | None) -> list[Fold]:
+    if train.folds == "clips":
+        labels = frame[stratify].tolist() if stratify in frame.columns else None
+        return clip_folds(
+            frame["sample_id"].astype(str).tolist(), labels, val_fraction=train.val_fraction, seed=seed
+        )
     if train.folds == "official":
         return official_folds(subject_partitions(frame), val_fraction=train.val_fraction, seed=seed)
     scheme = 5 if train.folds is None else train.folds
@@ -350,7 +411,8 @@ def plan_run_folds(cfg: RunConfig, frame: pd.DataFrame) -> FoldPlan:
     by_seed: dict[int, tuple[Fold, ...]] = {}
     for s in cfg.train.seeds:
         partition_seed = fold_seed(cfg.train.folds, cfg.seed, s)
-        folds = [replace(f, seed=s) for f in fold_plan(frame, cfg.train, partition_seed)]
+        stratify = None if cfg.data.is_regression else "label"
+        folds = [replace(f, seed=s) for f in fold_plan(frame, cfg.train, partition_seed, stratify)]
         folds = folds[: cfg.train.max_folds] if cfg.train.max_folds is not None else folds
         if crossfit is not None:
             folds = [assign_crossfit_groups(f, crossfit, partition_seed) for f in folds]
@@ -365,7 +427,7 @@ def save_folds(folds: FoldPlan | Mapping[int, Sequence[Fold]] | Sequence[Fold], 
     atomic_write_json(path, entries)
 
 
-_OPTIONAL_KEYS = {"seed", "crossfit_groups", "refit"}
+_OPTIONAL_KEYS = {"seed", "crossfit_groups", "unit", "leaky", "refit"}
 
 
 def _fold_entry(path: Path, k: int, entry: object) -> Fold:
@@ -373,7 +435,7 @@ def _fold_entry(path: Path, k: int, entry: object) -> Fold:
     if not isinstance(entry, dict) or not required <= set(entry) <= required | _OPTIONAL_KEYS:
         raise StageError(
             f"splits file {path}: entry {k} must have the keys fold, train, val, test "
-            f"(and optionally seed, crossfit_groups)"
+            f"(and optionally seed, crossfit_groups, unit, leaky, refit)"
         )
     index, seed = entry["fold"], entry.get("seed")
     for name, value in (("fold", index), ("seed", seed)):
@@ -392,9 +454,20 @@ def _fold_entry(path: Path, k: int, entry: object) -> Fold:
         isinstance(g, list) and all(isinstance(s, str) for s in g) for g in groups
     ):
         raise StageError(f"splits file {path}: fold {index}: 'crossfit_groups' must be lists of subject ids")
+    unit, leaky = entry.get("unit", "subject_id"), entry.get("leaky", False)
+    if unit not in ("subject_id", "sample_id") or not isinstance(leaky, bool):
+        raise StageError(f"splits file {path}: fold {index}: bad 'unit' {unit!r} or 'leaky' {leaky!r}")
     try:
         refit = entry.get("refit", False) is True
-        return Fold(index=index, **parts, seed=seed, crossfit=tuple(tuple(g) for g in groups), refit=refit)
+        return Fold(
+            index,
+            **parts,
+            seed=seed,
+            crossfit=tuple(tuple(g) for g in groups),
+            unit=unit,
+            leaky=leaky,
+            refit=refit,
+        )
     except StageError as exc:
         raise StageError(f"splits file {path}: {exc}") from exc
 
@@ -430,12 +503,13 @@ def load_folds(path: str | Path, seed: int | None = None) -> list[Fold]:
     return load_fold_plan(path).folds(seed)
 
 
-def fold_masks(subject_of_sample: Sequence[str], fold: Fold) -> dict[str, np.ndarray]:
-    """Boolean sample masks ``{"train", "val", "test"}`` (each ``(N,)``) from each sample's subject id.
+def fold_masks(id_of_sample: Sequence[str], fold: Fold) -> dict[str, np.ndarray]:
+    """Boolean sample masks ``{"train", "val", "test"}`` (each ``(N,)``) from each sample's id in the fold's
+    unit (its ``Fold.unit`` column: subject id, or sample id under ``train.folds: clips``).
 
-    :class:`StageError` if a sample's subject is in none of the fold's splits.
+    :class:`StageError` if a sample's id is in none of the fold's splits.
     """
-    subjects = np.asarray(list(subject_of_sample), dtype=object)
+    subjects = np.asarray(list(id_of_sample), dtype=object)
     masks = {name: np.isin(subjects, np.asarray(getattr(fold, name), dtype=object)) for name in SPLIT_NAMES}
     unassigned = ~(masks["train"] | masks["val"] | masks["test"])
     if unassigned.any():
@@ -456,6 +530,11 @@ def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
         return (
             f"official Aff-Wild2 partitions: trained on `Train_Set` ({len(f.train)} videos, {len(f.val)} "
             f"more held out for validation/model selection), tested on `Validation_Set` ({len(f.test)} videos)"
+        )
+    if scheme == "clips":
+        return (
+            f"stratified {len(folds)}-fold cross-validation over clips, ignoring subjects (the same subjects are "
+            "in training and test)"
         )
     name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
     repeats = (

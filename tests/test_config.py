@@ -102,3 +102,30 @@ def test_yaml_text_round_trips(tmp_path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(cfg.yaml_text())
     assert load_config(path) == cfg
+
+
+def test_the_authors_protocol_switches_are_off_by_default_and_refused_in_presets(monkeypatch) -> None:
+    from pkdot import config
+
+    train = load_config().train
+    assert (train.folds, train.select_on, train.teacher_scope, train.optimistic_switches) == (
+        5,
+        "val",
+        "fold",
+        [],
+    )
+    cfg = load_config(overrides=["train.folds=clips", "train.select_on=test", "train.teacher_scope=all"])
+    assert cfg.train.optimistic_switches == [
+        "train.folds=clips",
+        "train.select_on=test",
+        "train.teacher_scope=all",
+    ]
+    assert "crossfit" in _error(overrides=["train.folds=clips", "distill.teacher_targets=crossfit"])
+    for switch in ({"folds": "clips"}, {"select_on": "test"}, {"teacher_scope": "all"}):
+        bad = config._deep_merge(config.PRESETS["demo"], {"train": switch})
+        monkeypatch.setitem(config.PRESETS, "demo", bad)
+        message = _error(preset="demo")
+        assert "preset 'demo'" in message and "optimistic by construction" in message
+    for name in config.PRESETS:
+        monkeypatch.undo()
+        assert load_config(preset=name).train.optimistic_switches == []

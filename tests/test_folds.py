@@ -210,3 +210,53 @@ def test_refit_fold_covers_every_subject_with_a_validation_carve_out(tmp_path):
     assert load_fold_plan(tmp_path / "splits.json").fold(7, 0) == replace(fold, seed=7)
     with pytest.raises(StageError, match="in both val and test"):
         replace(fold, refit=False)  # only a refit fold may reuse its validation subjects
+
+
+# ---- the authors' protocol switches (optimistic by construction) ------------------------------------------
+def _manifest(subjects: int = 6, per_subject: int = 10):
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {"sample_id": f"s{s}-{i}", "subject_id": f"s{s}", "label": i % 2}
+            for s in range(subjects)
+            for i in range(per_subject)
+        ]
+    )
+
+
+def test_clip_folds_are_stratified_over_samples_and_ignore_subjects(tmp_path):
+    from sklearn.model_selection import StratifiedKFold
+
+    from pkdot.config import TrainConfig
+    from pkdot.folds import fold_plan
+
+    frame = _manifest()
+    folds = fold_plan(frame, TrainConfig(folds="clips"), seed=3)
+    assert len(folds) == 5 and all(f.unit == "sample_id" and not f.leaky for f in folds)
+    _check_folds(folds, frame["sample_id"].tolist())  # every clip tested once, parts disjoint over clips
+    ids = np.array(sorted(frame["sample_id"]), dtype=object)
+    labels = frame.set_index("sample_id").loc[ids, "label"].to_numpy()
+    expected = StratifiedKFold(n_splits=5, shuffle=True, random_state=3).split(ids, labels)
+    assert [sorted(f.test) for f in folds] == [sorted(ids[t]) for _, t in expected]
+    subject = dict(zip(frame["sample_id"], frame["subject_id"], strict=True))
+    assert {subject[s] for s in folds[0].train} & {subject[s] for s in folds[0].test}  # subjects shared
+    masks = fold_masks(frame["sample_id"], folds[0])  # matched on the fold's unit: sample ids
+    assert masks["test"].sum() == len(folds[0].test) == 12
+    save_folds(folds, tmp_path / "splits.json")
+    assert load_folds(tmp_path / "splits.json") == folds
+
+
+def test_selection_on_test_makes_the_validation_part_the_test_part(tmp_path):
+    from pkdot.config import TrainConfig
+    from pkdot.folds import fold_plan
+
+    frame = _manifest()
+    sound = fold_plan(frame, TrainConfig(folds=3), seed=0)
+    leaky = fold_plan(frame, TrainConfig(folds=3, select_on="test"), seed=0)
+    for a, b in zip(sound, leaky, strict=True):
+        assert b.leaky and b.val == b.test == a.test and b.train == a.train
+    save_folds(leaky, tmp_path / "splits.json")
+    assert load_folds(tmp_path / "splits.json") == leaky
+    with pytest.raises(StageError, match="in both"):  # a sound fold still refuses overlapping parts
+        Fold(0, ("a",), ("b",), ("b",))

@@ -2,7 +2,8 @@
 
 One module per loss: a plain loss function and a class registered under its name. The losses are the names
 of :data:`pkdot.config.LOSSES` (one options section each in :class:`pkdot.config.DistillConfig`), and the
-imports below register exactly those (``tests/distill/test_base.py`` checks it).
+imports below register exactly those (``tests/distill/test_base.py`` checks it). A sum ``kd+pkdot`` builds a
+:class:`CompositeLoss` of registered losses.
 
 Example
 -------
@@ -17,6 +18,7 @@ from __future__ import annotations
 # The registered losses, one module each: importing a module registers its loss.
 from pkdot.distill import crd, fitnet, kd, none, pkdot, pkt, rkd, sp  # noqa: F401
 from pkdot.distill.base import (
+    CompositeLoss,
     DistillBatch,
     DistillLoss,
     available_losses,
@@ -31,6 +33,7 @@ from pkdot.distill.ot import sinkhorn_divergence, transport_plan
 from pkdot.distill.pkdot import StructureClouds, pkdot_loss, pkdot_structure
 
 __all__ = [
+    "CompositeLoss",
     "DistillBatch",
     "DistillLoss",
     "StructureClouds",

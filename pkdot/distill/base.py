@@ -24,7 +24,7 @@ parameter gradients is the gradient of the global-batch loss. Per-sample losses 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from pkdot.config import LOSSES, DistillConfig, LossOptions
+from pkdot.config import LOSSES, DistillConfig, LossOptions, loss_names_problem, loss_terms
 from pkdot.errors import ConfigError, StageError
 
 _REGISTRY: dict[str, type[DistillLoss]] = {}
@@ -179,6 +179,20 @@ def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
     return decorate
 
 
+class CompositeLoss(nn.Module):
+    """A sum of registered losses (``kd+pkdot``): ``forward`` returns each term, unweighted, by name;
+    :func:`total_loss` weighs each with its own ``distill.<term>.weight``. The terms are submodules, so their
+    parameters (FitNet's adapter, CRD's heads) are optimised and saved like a single loss's."""
+
+    def __init__(self, name: str, terms: Mapping[str, DistillLoss]) -> None:
+        super().__init__()
+        self.name = name
+        self.terms = nn.ModuleDict(terms)
+
+    def forward(self, batch: DistillBatch) -> dict[str, Tensor]:
+        return {term: loss(batch) for term, loss in self.terms.items()}
+
+
 def available_losses() -> list[str]:
     """Names of the registered distillation losses, sorted."""
     return sorted(_REGISTRY)
@@ -192,15 +206,31 @@ def build_loss(
     num_outputs: int,
     regression: bool,
     num_samples: int,
-    options: LossOptions | None = None,
-) -> DistillLoss:
+    options: LossOptions | Mapping[str, LossOptions] | None = None,
+) -> DistillLoss | CompositeLoss:
     """Build the registered loss ``name`` with its options (``distill.<name>``; None: the defaults).
+
+    A sum ``a+b`` builds a :class:`CompositeLoss` of the terms, ``options`` then mapping each term to its
+    options (``DistillConfig.options("a+b")``; None: the defaults).
 
     Raises
     ------
     ConfigError
         Unknown name (the message lists the losses), options of another loss, or invalid dimensions.
     """
+    dims = dict(
+        student_dim=student_dim,
+        teacher_dim=teacher_dim,
+        num_outputs=num_outputs,
+        regression=regression,
+        num_samples=num_samples,
+    )
+    if "+" in name:
+        problem = loss_names_problem([name])
+        if problem:
+            raise ConfigError(f"distill.losses: {problem}")
+        given = options or {}
+        return CompositeLoss(name, {t: build_loss(t, **dims, options=given.get(t)) for t in loss_terms(name)})
     if name not in _REGISTRY:
         raise ConfigError(
             f"distill.losses: unknown loss {name!r} (available: {', '.join(available_losses())})"
@@ -208,39 +238,35 @@ def build_loss(
     options = LOSSES[name]() if options is None else options
     if type(options) is not LOSSES[name]:
         raise ConfigError(f"build_loss({name!r}): options must be a {LOSSES[name].__name__}, got {options!r}")
-    return _REGISTRY[name](
-        student_dim=student_dim,
-        teacher_dim=teacher_dim,
-        num_outputs=num_outputs,
-        regression=regression,
-        num_samples=num_samples,
-        **options.model_dump(exclude={"weight"}),
-    )
+    return _REGISTRY[name](**dims, **options.model_dump(exclude={"weight"}))
 
 
-def total_loss(task_loss: Tensor, distill_loss: Tensor, cfg: DistillConfig, name: str) -> dict[str, Tensor]:
+def total_loss(
+    task_loss: Tensor, distill_loss: Tensor | Mapping[str, Tensor], cfg: DistillConfig, name: str
+) -> dict[str, Tensor]:
     r"""The student's objective and its weighted parts, for logging each separately.
 
-    .. math:: \mathcal{L} = w_\text{task}\, \mathcal{L}_\text{task} + w_\text{name}\, \mathcal{L}_\text{name}
+    .. math:: \mathcal{L} = w_\text{task}\, \mathcal{L}_\text{task} + \sum_t w_t\, \mathcal{L}_t
 
-    with :math:`w_\text{task}` = ``cfg.task_weight`` and :math:`w_\text{name}` = ``cfg.<name>.weight``.
+    with :math:`w_\text{task}` = ``cfg.task_weight`` and :math:`w_t` = ``cfg.<t>.weight`` for each term t of
+    ``name`` (one for a single loss; ``distill_loss`` then a scalar, else :class:`CompositeLoss`'s dict).
 
     Returns
     -------
     dict
-        ``{"loss": total, "loss_task": w_task * task_loss, "loss_<name>": w_name * distill_loss}``.
+        ``{"loss": total, "loss_task": w_task * task_loss, "loss_<t>": w_t * term t, ...}``.
     """
-    if task_loss.dim() != 0 or distill_loss.dim() != 0:
+    terms = dict(distill_loss) if isinstance(distill_loss, Mapping) else {name: distill_loss}
+    if task_loss.dim() != 0 or any(v.dim() != 0 for v in terms.values()):
+        shapes = {k: tuple(v.shape) for k, v in terms.items()}
         raise StageError(
-            f"total_loss expects scalar losses, got task {tuple(task_loss.shape)}, distill {tuple(distill_loss.shape)}"
+            f"total_loss expects scalar losses, got task {tuple(task_loss.shape)}, distill {shapes}"
         )
-    weighted_task = cfg.task_weight * task_loss
-    weighted_distill = cfg.weight(name) * distill_loss.to(task_loss)
-    return {
-        "loss": weighted_task + weighted_distill,
-        "loss_task": weighted_task,
-        f"loss_{name}": weighted_distill,
-    }
+    if sorted(terms) != sorted(loss_terms(name)):
+        raise StageError(f"total_loss of {name!r}: got the terms {sorted(terms)}")
+    out = {"loss_task": cfg.task_weight * task_loss}
+    out |= {f"loss_{t}": cfg.weight(t) * v.to(task_loss) for t, v in terms.items()}
+    return {"loss": sum(out.values()), **out}
 
 
 def world_size() -> int:

@@ -40,7 +40,15 @@ from pkdot.distill.base import DistillBatch, DistillLoss, register
 from pkdot.distill.ot import float32_math, sinkhorn_divergence
 from pkdot.errors import ConfigError, StageError
 
-__all__ = ["PKDOT", "StructureClouds", "cosine_similarity_matrix", "pkdot_loss", "pkdot_structure"]
+__all__ = [
+    "PKDOT",
+    "PKDOTAll",
+    "PKDOTMost",
+    "StructureClouds",
+    "cosine_similarity_matrix",
+    "pkdot_loss",
+    "pkdot_structure",
+]
 
 
 @dataclass
@@ -208,3 +216,13 @@ class PKDOT(DistillLoss):
             blur=self.blur,
             scaling=self.scaling,
         )
+
+
+@register("pkdot-most")
+class PKDOTMost(PKDOT):
+    """Structure-faithful PKDOT: the k *most*-similar anchors (``distill.pkdot-most``)."""
+
+
+@register("pkdot-all")
+class PKDOTAll(PKDOT):
+    """Structure-faithful PKDOT: every column as anchors (``distill.pkdot-all``, ``k: all``)."""

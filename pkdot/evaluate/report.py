@@ -293,6 +293,23 @@ def robustness_lines(robustness: pd.DataFrame, metric: str) -> list[str]:
     return lines
 
 
+_LEAKS = {
+    "train.folds=clips": "folds drawn over clips, ignoring subjects (the same subjects are in training and test)",
+    "train.select_on=test": "every epoch selected on the test fold (so is every choice 'on validation' below)",
+    "train.teacher_scope=all": "each fold's teacher trained with that fold's test samples",
+}
+
+
+def protocol_banner(cfg: RunConfig) -> list[str]:
+    """The report's first lines when the run uses an authors'-protocol switch (``train.folds: clips``,
+    ``train.select_on: test``, ``train.teacher_scope: all``); none otherwise."""
+    switches = cfg.train.optimistic_switches
+    if not switches:
+        return []
+    said = "; ".join(f"`{s}`: {_LEAKS[s]}" for s in switches)
+    return [f"> **Optimistic by construction; for comparison with published numbers only.** {said}.", ""]
+
+
 def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[str], n_files: int) -> str:
     """The Markdown text of ``report.md`` (a summary: per-run numbers are in ``per_fold.csv``)."""
     regression = cfg.data.is_regression
@@ -301,6 +318,7 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
     folds = cfg.train.folds
     evaluated_folds = sorted(set(summary.per_fold["fold"]))
     lines = [
+        *protocol_banner(cfg),
         f"# PKDOT evaluation: {cfg.name}",
         "",
         f"- Dataset: **{cfg.data.dataset}**"

@@ -135,9 +135,13 @@ class StageRun:
         self.name = name
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log numeric metrics at ``step`` (0 when None)."""
+        """Log numeric metrics at ``step`` (0 when None); MLflow refuses '+' in names: a composite loss's
+        ``kd+pkdot`` is logged as ``kd_plus_pkdot``."""
         now = int(time.time() * 1000)
-        entries = [Metric(k, _metric_value(k, v), now, int(step or 0)) for k, v in metrics.items()]
+        entries = [
+            Metric(k.replace("+", "_plus_"), _metric_value(k, v), now, int(step or 0))
+            for k, v in metrics.items()
+        ]
         for i in range(0, len(entries), METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=entries[i : i + METRICS_PER_BATCH])
 

@@ -125,12 +125,13 @@ class FoldData:
 
 
 def split_fold(samples: SampleSet, fold: Fold) -> FoldData:
-    subj = samples.subject_ids
+    """The fold's parts, matched on the fold's unit (subject ids; sample ids under ``train.folds: clips``)."""
+    ids = samples.subject_ids if fold.unit == "subject_id" else np.asarray(samples.sample_ids, dtype=object)
     parts = {}
     for name, subjects in (("train", fold.train), ("val", fold.val), ("test", fold.test)):
-        mask = np.isin(subj, np.asarray(subjects, dtype=object))
+        mask = np.isin(ids, np.asarray(subjects, dtype=object))
         if not mask.any():
-            raise StageError(f"fold {fold.index}: no samples for the {name} subjects {list(subjects)}")
+            raise StageError(f"fold {fold.index}: no samples for the {name} ids {list(subjects)[:10]}")
         parts[name] = samples.subset(mask)
     return FoldData(fold=fold, **parts)
 

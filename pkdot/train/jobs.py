@@ -54,6 +54,8 @@ class Job:
 
     ``group`` (teachers only, cross-fitted targets): the crossfit group of the fold's training subjects this
     teacher is trained *without*; it gives that group's distillation targets. None: the full-fold job.
+    ``with_test`` (teachers under ``train.teacher_scope: all``): the fold's test part is added to its training
+    part (:meth:`pkdot.folds.Fold.with_test_in_training`).
     """
 
     key: str
@@ -62,6 +64,7 @@ class Job:
     seed: int
     loss: str | None = None
     group: int | None = None
+    with_test: bool = False
 
     @property
     def done_marker(self) -> Path:
@@ -79,10 +82,11 @@ def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
     """
     run = RunDir(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
+    leak = cfg.train.teacher_scope == "all"
     jobs = []
     for s, f in as_plan(folds).pairs(cfg.train.seeds):
         base = f"teacher/fold-{f.index}/seed-{s}"
-        jobs.append(Job(key=base, out_dir=str(run.teacher(f.index, s)), fold=f.index, seed=s))
+        jobs.append(Job(base, str(run.teacher(f.index, s)), f.index, s, with_test=leak))
         if groups is None:
             continue
         if len(f.crossfit) != groups:
@@ -97,6 +101,7 @@ def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
                 f.index,
                 s,
                 group=j,
+                with_test=leak,
             )
             for j in range(groups)
         ]
@@ -120,9 +125,11 @@ def student_jobs(cfg: RunConfig, folds: Any, losses: list[str]) -> list[Job]:
 
 
 def fold_for_job(plan: FoldPlan, job: Job) -> Fold:
-    """The fold a training job trains on: its (seed, fold), minus its crossfit group when it has one."""
+    """The fold a training job trains on: its (seed, fold), minus its crossfit group when it has one, plus
+    its test part for a teacher under ``train.teacher_scope: all``."""
     fold = plan.fold(job.seed, job.fold)
-    return fold if job.group is None else fold.without_group(job.group)
+    fold = fold if job.group is None else fold.without_group(job.group)
+    return fold.with_test_in_training() if job.with_test else fold
 
 
 def teacher_checkpoints(job: Job) -> list[Path]:

@@ -56,6 +56,8 @@ def test_defaults_are_the_cited_values_and_weights_override_them() -> None:
         "pkt": 30000.0,
         "crd": 0.8,
         "pkdot": 0.6,
+        "pkdot-most": 0.6,
+        "pkdot-all": 0.6,
         "none": 0.0,
     }
     assert defaults == cited

@@ -348,3 +348,28 @@ def test_intervals_stay_in_the_metric_range(classification_run):
         "Intervals of accuracy and F1 are clipped to [0, 1], those of CCC to [-1, 1]"
         in summary.report_path.read_text()
     )
+
+
+def test_a_report_made_with_an_authors_protocol_switch_starts_with_the_banner(classification_run):
+    import shutil
+
+    from pkdot.evaluate.report import render_report
+
+    cfg, run_dir = classification_run
+    shutil.copytree(run_dir / "student" / "pkdot", run_dir / "student" / "kd+pkdot")  # a composite's folder
+    for path in (run_dir / "student" / "kd+pkdot").glob("*/*/predictions.parquet"):
+        _write(pd.read_parquet(path).assign(model="student-kd+pkdot"), path)
+    cfg = cfg.model_copy(
+        update={"distill": cfg.distill.model_copy(update={"losses": ["none", "pkdot", "kd+pkdot"]})}
+    )
+    summary = evaluate_run(cfg)
+    assert "student-kd+pkdot" in set(summary.table["model"])
+    assert not summary.report_path.read_text().startswith(">")
+    for switch in ({"folds": "clips"}, {"select_on": "test"}, {"teacher_scope": "all"}):
+        leaky = cfg.model_copy(update={"train": cfg.train.model_copy(update=switch)})
+        text = render_report(leaky, summary, [], 4)
+        ((key, value),) = switch.items()
+        assert text.startswith(
+            "> **Optimistic by construction; for comparison with published numbers only.**"
+        )
+        assert f"`train.{key}={value}`" in text.splitlines()[0]

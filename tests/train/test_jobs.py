@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pkdot.errors import StaleCacheError
-from pkdot.folds import save_folds, subject_folds
+from pkdot.folds import as_plan, save_folds, subject_folds
 from pkdot.rundir import RunDir
 from pkdot.train.cache import build_cache, check_cache, read_cache
 from pkdot.train.data import load_samples, split_fold
@@ -139,3 +139,30 @@ def test_a_relative_run_directory_gives_jobs_absolute_output_folders(tmp_path, m
     monkeypatch.chdir(tmp_path / "runs")  # a worker's own working directory
     assert all(Path(j.out_dir).is_relative_to(tmp_path / "runs" / "r1") for j in jobs)
     assert RunConfig(run_dir=Path("x")).run_dir == (tmp_path / "runs" / "x").resolve()
+
+
+def test_teachers_under_teacher_scope_all_train_with_the_test_part(tmp_path):
+    from pkdot.train.jobs import fold_for_job, student_jobs, teacher_jobs
+
+    cfg = make_tiny_run(tmp_path / "run", overrides={"train": {"teacher_scope": "all"}})
+    samples = load_samples(cfg, Path(cfg.run_dir))
+    fold = subject_folds(sorted(set(samples.subject_ids.tolist())), 3, seed=0)[0]
+    (tjob,) = teacher_jobs(cfg, [fold])
+    taught = fold_for_job(as_plan([fold]), tjob)
+    assert taught.train == (*fold.train, *fold.test) and (taught.val, taught.test) == (fold.val, fold.test)
+    assert tjob.out_dir == str(RunDir(cfg.run_dir).teacher(0, 0))  # same paths, another fold
+    data = split_fold(samples, taught)
+    assert set(data.test.sample_ids) <= set(data.train.sample_ids)
+    assert fold_for_job(as_plan([fold]), student_jobs(cfg, [fold], ["kd"])[0]) == fold
+    sound = make_tiny_run(tmp_path / "sound")
+    assert fold_for_job(as_plan([fold]), teacher_jobs(sound, [fold])[0]) == fold
+
+
+def test_clip_folds_split_the_samples_by_sample_id(tmp_path):
+    from pkdot.train.data import write_run_folds
+
+    cfg = make_tiny_run(tmp_path / "run", overrides={"train": {"folds": "clips", "max_folds": 2}})
+    plan = write_run_folds(cfg)
+    data = split_fold(load_samples(cfg, Path(cfg.run_dir)), plan.fold(0, 1))
+    assert sorted(data.test.sample_ids) == sorted(plan.fold(0, 1).test) and len(data.test) == 12
+    assert set(data.train.subject_ids) & set(data.test.subject_ids)  # subjects ignored
