@@ -1,27 +1,10 @@
 """What a ``pkdot`` command shows on the console, and the run's log file that keeps everything else.
 
-By default the console gets WARNING and ERROR lines, one rich progress display per long stage (jobs done of
-total, the latest epoch's metric, elapsed time and ETA) and the command's own result lines. Everything at INFO
-level -- the per-epoch training lines included -- goes to ``<run>/logs/pkdot.log`` (and the per-epoch metrics
-to MLflow). ``pkdot -v`` puts the INFO lines on the console too.
-
-The per-epoch lines travel the same way wherever a job runs: the job's rank-0 worker appends one JSON record
-per epoch to ``<run>/logs/epochs/<job>.jsonl`` (:func:`epoch_recorder`; a Ray Train worker's stdout is not
-used, so nothing is forwarded twice by Ray), and the driver reads the new records while it waits for the jobs
-(:class:`EpochTail`) and logs them once through the ``pkdot.epochs`` logger.
-
-Why lines used to appear twice: Ray Train V2 patches ``print`` in its workers to log the text through the root
-logger (to stderr) and, because a Ray worker's ``sys.stdout`` is not ``sys.__stdout__``, to print it as well
-(to stdout); Ray forwards both streams to the driver (``log_to_driver``), and its deduplication only merges
-identical lines of *different* processes. So workers no longer print (epoch records, ``logging``), the CLI
-turns the patch off (``RAY_TRAIN_ENABLE_PRINT_PATCH=0``), and within a console session the Ray workers'
-forwarded output goes to logging (:func:`route_ray_worker_logs`: the log file; the console with ``-v``, or
-when a line is a WARNING/ERROR) instead of Ray's own printer.
-
-Example::
-
-    with console_session(verbose=False, run_dir=Path("runs/demo")):
-        run_all(cfg)  # progress on stderr, full log in runs/demo/logs/pkdot.log
+The console gets WARNING/ERROR lines, status lines, one rich progress display per long stage and the command's
+result lines (INFO too with ``pkdot -v``); every pkdot INFO record goes to ``<run>/logs/pkdot.log``. Workers
+append one JSON epoch record per line to ``<run>/logs/epochs/<job>.jsonl`` (:func:`epoch_recorder`) and the
+driver logs each once (:class:`EpochTail`), so no line is forwarded twice by Ray; within a session Ray's
+forwarded worker output goes to logging too (:func:`route_ray_worker_logs`).
 """
 
 from __future__ import annotations
@@ -50,18 +33,14 @@ EPOCH_LOGGER = "pkdot.epochs"
 STATUS_LOGGER = "pkdot.status"
 
 _CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
-_STATUS_FORMAT = "%(message)s"
+_STATUS_FORMATTER = logging.Formatter("%(message)s")
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 epoch_log = logging.getLogger(EPOCH_LOGGER)
 
 
 class ConsoleHandler(logging.StreamHandler):
-    """A handler that writes to whatever ``sys.stderr`` is at the time of the record.
-
-    A live rich display replaces ``sys.stderr`` with a proxy that prints above the bar; a handler holding
-    the original stream would draw through the bar instead.
-    """
+    """Writes to whatever ``sys.stderr`` is at the time of the record (a live rich display replaces it)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -78,34 +57,10 @@ class ConsoleHandler(logging.StreamHandler):
 class _ConsoleFormatter(logging.Formatter):
     """``LEVEL logger: message``; a status line (:data:`STATUS_LOGGER`) at INFO is just its message."""
 
-    def __init__(self) -> None:
-        super().__init__(_CONSOLE_FORMAT)
-        self._plain = logging.Formatter(_STATUS_FORMAT)
-
     def format(self, record: logging.LogRecord) -> str:
         if record.name == STATUS_LOGGER and record.levelno == logging.INFO:
-            return self._plain.format(record)
+            return _STATUS_FORMATTER.format(record)
         return super().format(record)
-
-
-class _ConsoleThreshold(logging.Filter):
-    """Records at ``level`` and above, plus the status lines (:data:`STATUS_LOGGER`) at INFO."""
-
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.level or (
-            record.name == STATUS_LOGGER and record.levelno >= logging.INFO
-        )
-
-
-class _OnlyLibraryInfo(logging.Filter):
-    """Lets pkdot's own records through at INFO, other libraries' from WARNING (their INFO is chatter)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name == "pkdot" or record.name.startswith("pkdot.")
 
 
 def _ours(handler: logging.Handler) -> bool:
@@ -125,26 +80,20 @@ def _prefect_console_handlers(logger: logging.Logger) -> list[logging.Handler]:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Install the console handler on the root logger (replacing one installed earlier).
-
-    Parameters
-    ----------
-    verbose : INFO and above on the console (every library), else WARNING and above.
-
-    The ``pkdot`` logger is set to INFO either way, so its records reach the run's log file
-    (:func:`attach_log_file`); other libraries' INFO records stay below the root level unless ``verbose``.
-    Prefect keeps a root logger that already has a handler, so this must run before Prefect is imported.
-    """
+    """Install the console handler on the root logger (replacing one installed earlier): INFO and above on the
+    console with ``verbose``, else WARNING and above. The ``pkdot`` logger is at INFO either way (the log file)."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if _ours(h) and not isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
     handler = ConsoleHandler()
     handler.setLevel(logging.INFO)
-    handler.addFilter(_ConsoleThreshold(logging.INFO if verbose else logging.WARNING))
-    handler.setFormatter(_ConsoleFormatter())
+    level = logging.INFO if verbose else logging.WARNING
+    # records at ``level`` and above, plus the status lines at INFO
+    handler.addFilter(lambda r: r.levelno >= level or (r.name == STATUS_LOGGER and r.levelno >= logging.INFO))
+    handler.setFormatter(_ConsoleFormatter(_CONSOLE_FORMAT))
     handler._pkdot_console = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.setLevel(level)
     logging.getLogger("pkdot").setLevel(logging.INFO)
     logging.getLogger("flows").setLevel(logging.INFO)
     # Prefect's own console handler (for processes where Prefect configured the root first) follows suit.
@@ -152,15 +101,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def attach_log_file(run_dir: str | Path) -> Path:
-    """Write every pkdot INFO+ record (and every library's WARNING+) to ``<run_dir>/logs/pkdot.log``.
-
-    Appends (a resumed run continues the same file). Replaces a log file attached earlier in this process.
-
-    Returns
-    -------
-    Path
-        The log file.
-    """
+    """Append every pkdot INFO+ record (and every library's WARNING+) to ``<run_dir>/logs/pkdot.log`` (replacing
+    a log file attached earlier in this process); returns its path."""
     path = Path(run_dir) / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -170,7 +112,10 @@ def attach_log_file(run_dir: str | Path) -> Path:
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
-    handler.addFilter(_OnlyLibraryInfo())
+    # pkdot's own records at INFO, other libraries' from WARNING (their INFO is chatter)
+    handler.addFilter(
+        lambda r: r.levelno >= logging.WARNING or r.name == "pkdot" or r.name.startswith("pkdot.")
+    )
     handler._pkdot_console = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     logging.getLogger("pkdot").setLevel(logging.INFO)
@@ -200,11 +145,8 @@ def epoch_file(run_dir: str | Path, job_key: str) -> Path:
 
 
 def epoch_recorder(run_dir: str | Path, job_key: str) -> Callable[[str, int, dict[str, float]], None]:
-    """A ``WorkerContext.progress`` hook for a worker: one JSON line per epoch in the job's epoch file.
-
-    Each record is written with one ``write`` on a file opened for appending, so a reader never sees half a
-    line from a live writer for more than one poll (it waits for the newline).
-    """
+    """A ``WorkerContext.progress`` hook for a worker: one JSON line per epoch (one ``write``, appending) in the
+    job's epoch file."""
     path = epoch_file(run_dir, job_key)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -229,18 +171,14 @@ def epoch_logger(job_key: str) -> Callable[[str, int, dict[str, float]], None]:
 
 
 class EpochTail:
-    """Reads the epoch records the workers append (:func:`epoch_recorder`) and logs each one once.
-
-    ``poll()`` reads what was appended since the last call to the files of the given jobs (files that existed
-    before the tail started are read from their end at that time: a resumed run does not log old epochs
-    again) and returns the newest record, from which a progress display shows the current metric.
-    """
+    """Reads the epoch records the workers append (:func:`epoch_recorder`) and logs each one once; files that
+    existed before are read from their end then (a resumed run does not log old epochs again)."""
 
     def __init__(self, run_dir: str | Path, job_keys: list[str]) -> None:
-        self._offsets: dict[str, int] = {}
         self._paths = {key: epoch_file(run_dir, key) for key in job_keys}
-        for key, path in self._paths.items():
-            self._offsets[key] = path.stat().st_size if path.is_file() else 0
+        self._offsets = {
+            key: path.stat().st_size if path.is_file() else 0 for key, path in self._paths.items()
+        }
 
     def poll(self, job_keys: list[str] | None = None) -> dict[str, Any] | None:
         """Log the new records of ``job_keys`` (default: all); return the newest one read, or None."""
@@ -269,10 +207,8 @@ class EpochTail:
 
 
 def describe_record(rec: dict[str, Any] | None) -> str:
-    """The current-metric text of a progress display: ``teacher-fold-0-seed-0 teacher ep 3 val_metric=0.820``.
-
-    The validation metric the job selects on (``val_metric``), else another ``val_*`` entry, else the loss.
-    """
+    """The current-metric text of a progress display: ``teacher-fold-0-seed-0 teacher ep 3 val_metric=0.820``
+    (``val_metric``, else another ``val_*`` entry, else the loss)."""
     if not rec:
         return ""
     keys = [k for k in rec if k not in ("job", "phase", "epoch")]
@@ -294,12 +230,8 @@ ray_worker_log = logging.getLogger("pkdot.ray_workers")
 
 
 def _log_worker_lines(data: dict[str, Any]) -> None:
-    """Log the lines a Ray worker wrote (what Ray would print) through ``pkdot.ray_workers``.
-
-    A line is logged at the level it names (``WARNING``/``ERROR``/``CRITICAL`` near its start, as Python's
-    logging writes it in a worker; any raylet line is a WARNING: those are worker deaths and OOM kills), else
-    at INFO: the log file always, the console with ``-v``.
-    """
+    """Log the lines a Ray worker wrote through ``pkdot.ray_workers``, at the level a line names near its start
+    (a raylet line, a worker death or OOM kill, at least WARNING), else at INFO."""
     pid = data.get("pid")
     name = data.get("actor_name") or data.get("task_name") or ""
     prefix = f"({name + ' ' if name else ''}pid={pid}{', ip=' + data['ip'] if data.get('ip') else ''})"
@@ -317,18 +249,9 @@ def _log_worker_lines(data: dict[str, Any]) -> None:
 
 
 def route_ray_worker_logs() -> bool:
-    """Within a :func:`console_session`, send Ray's worker output to logging instead of the driver's console.
-
-    With ``log_to_driver`` Ray prints every line a worker writes (stdout and stderr) on the driver's stdout or
-    stderr; this swaps that printer for one that logs each line once (:func:`_log_worker_lines`). Called by
-    ``pkdot.ray_utils.ensure_ray`` after ``ray.init`` (the CLI adds it as an init hook); outside a console session it
-    does nothing and Ray prints as usual.
-
-    Returns
-    -------
-    bool
-        Whether the workers' output now goes to logging.
-    """
+    """Within a :func:`console_session`, swap Ray's printer of the workers' output (``log_to_driver``) for one
+    that logs each line once (:func:`_log_worker_lines`); called after ``ray.init`` (the CLI's init hook).
+    Returns whether the workers' output now goes to logging."""
     if not _route_ray_logs:
         return False
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -370,17 +293,9 @@ def _stop_routing_ray_logs() -> None:
 
 # ---- progress display ---------------------------------------------------------------------------------------
 class StageProgressDisplay:
-    """A :mod:`pkdot.progress` listener that shows one rich progress display per stage on stderr.
-
-    The display of a stage starts with its first report and ends when ``done == total`` (or when the next
-    stage reports, or on :meth:`close`). On a terminal it redraws in place; elsewhere (a pipe, a CI log) rich
-    prints it once, when it ends: one line per stage.
-
-    Parameters
-    ----------
-    skip : stages that draw their own display (``extract`` has a per-modality bar of samples).
-    file : the stream (default ``sys.stderr``; a test passes a buffer).
-    """
+    """A :mod:`pkdot.progress` listener showing one rich progress display per stage on ``file`` (stderr): from
+    its first report until ``done == total``, the next stage or :meth:`close`; off a terminal, one line per stage.
+    ``skip``: stages that draw their own display."""
 
     def __init__(self, *, skip: frozenset[str] = frozenset({"extract"}), file: TextIO | None = None) -> None:
         self.skip = skip
@@ -437,10 +352,9 @@ class StageProgressDisplay:
             if self._stage != progress.stage:
                 self._finish()
                 self._start(progress)
-            detail = getattr(progress, "detail", "") or ""
-            fields: dict[str, Any] = {"unit": progress.unit}
-            if detail:
-                fields["detail"] = detail
+            fields = {"unit": progress.unit} | (
+                {"detail": d} if (d := getattr(progress, "detail", "")) else {}
+            )
             self._progress.update(self._task, completed=progress.done, total=max(progress.total, 1), **fields)
             if progress.total > 0 and progress.done >= progress.total:
                 self._finish()
@@ -453,10 +367,8 @@ class StageProgressDisplay:
 
 @contextmanager
 def console_session(*, verbose: bool = False, run_dir: str | Path | None = None) -> Iterator[Path | None]:
-    """Console logging, the run's log file and the stage progress displays, for the duration of a command.
-
-    Yields the log file (None without a run directory). On exit the handlers are removed and closed.
-    """
+    """Console logging, the run's log file and the stage progress displays for the duration of a command; yields
+    the log file (None without a run directory)."""
     global _route_ray_logs
     levels = {name: logging.getLogger(name).level for name in ("", "pkdot", "flows")}
     with ExitStack() as stack:
@@ -464,9 +376,7 @@ def console_session(*, verbose: bool = False, run_dir: str | Path | None = None)
             stack.callback(logging.getLogger(name or None).setLevel, level)
         setup_logging(verbose)
         stack.callback(remove_handlers)
-        # One console: a console handler Prefect put on the root logger earlier in this process (when it was
-        # imported before the session, e.g. by a test or a notebook) would print every record a second time,
-        # at its own level. It is set aside for the session and put back after.
+        # a console handler Prefect put on the root logger earlier would print every record twice: set aside
         root = logging.getLogger()
         for handler in _prefect_console_handlers(root):
             root.removeHandler(handler)

@@ -1,41 +1,15 @@
 """Small synthetic data sets written *in the real layouts*, so the real adapters read them.
 
 :func:`write_synthetic` writes a Biovid-like set (face videos + biosignal CSVs + ``samples.csv``) or an
-Aff-Wild2-like set (videos with an audio track + per-frame valence/arousal annotations), plus the ground truth
-``<out>/synthetic_truth.parquet`` (outside the real layout): per sample the latent responses below,
-``expressiveness``, ``coupling`` and ``boxes`` (the face box ``[x, y, w, h]`` of every frame, in video pixels).
+Aff-Wild2-like set (videos with audio + per-frame valence/arousal), plus the ground truth
+``<out>/synthetic_truth.parquet`` (latent responses, ``expressiveness``, ``coupling``, per-frame face ``boxes``).
 
-Why the modalities share a latent: a physio teacher can only help a video student if, given the class,
-physiology co-varies with the *face*. In heat-pain recordings one process drives both: how strongly this
-person reacted to this stimulus this time (sympathetic arousal: heart rate, a skin-conductance response 1-3 s
-later, muscle tension; and the facial pain display AU4, AU6/7, AU9/10). Habituation and attention make the same
-temperature hurt more in one trial than the next, and some trials get no response at all (more often at low
-temperatures). Each modality reads that response through its own gain and noise; the face, a social display,
-reads it less reliably and some people barely show it.
-
-Biovid (``c`` = class id 0..4 = BL1, PA1..PA4), :func:`draw_biovid_responses`:
-
-- Latent response ``R = 1[responded] * exp(s z - s^2 / 2)``: non-response probability :data:`NONRESPONSE`
-  ``[c]`` (BL1: ``R = 0``), ``s`` = :data:`RESPONSE_SIGMA`; a window's response is a function of two normals
-  ``(g, z)``.
-- ``coupling`` ``k`` in [0, 1]: physio reads the shared ``R(g_s, z_s)``; the face reads
-  ``R(k g_s + sqrt(1 - k^2) g_i, k z_s + sqrt(1 - k^2) z_i)`` (a Gaussian copula: every marginal is the same
-  at any ``k``, only the dependence on physiology changes; ``k = 0`` is the negative control).
-- Observation noise ``LogN(0,`` :data:`FACE_OBS_SIGMA` ``)`` on the face, ``LogN(0,`` :data:`PHYSIO_OBS_SIGMA`
-  ``)`` on physio.
-- Face: expression units of :mod:`pkdot.data.faces_art` with intensity ``FACE_GAIN * expressiveness *
-  FACE_LEVEL[c] * face_response`` (saturating at :data:`FACE_MAX_INTENSITY`), ramping up from an onset
-  0.8-1.8 s into the 5.5 s window; ``expressiveness`` in [0.1, 1] per subject (skewed low). Nuisances: frowns
-  of concentration, small movements, blinks, head motion, appearance, background, lighting.
-- Physio (512 Hz), ``L = PHYSIO_LEVEL[c] * reactivity * physio_response``: heart rate up by ``gain_hr * L``
-  bpm, an SCR of amplitude ``gain_eda * L``, EMG bursts with ``gain_emg * L``; baselines, drift, non-specific
-  SCRs and EMG artefacts are noise (:func:`_biovid_physio`). Part B's corrugator EMG also follows the face's
-  brow lowering, so Part B couples face and physio at any ``coupling``.
-
-Aff-Wild2, :func:`draw_affwild2_tracks`: valence and arousal (the labels) are slow processes
-``tanh(0.7 z + mean)``; the face follows them 0.1-0.3 s late plus its own slow noise (mouth corners, frowns,
-brows, eye opening); the voice 0.2-0.5 s late with less noise (loudness and pitch with arousal, timbre with
-valence), reading ``k z + sqrt(1 - k^2) z_i`` so that at ``k = 0`` the audio says nothing about the labels.
+The modalities share a latent response, read by each through its own gain and noise (the face less reliably):
+Biovid (:func:`draw_biovid_responses`): ``R = 1[responded] * exp(s z - s^2 / 2)`` (non-response probability
+:data:`NONRESPONSE` per class), physio reads ``R(g_s, z_s)``, the face ``R`` of the Gaussian-copula mix
+``k g_s + sqrt(1 - k^2) g_i`` (``k`` = ``coupling``; every marginal is the same at any ``k``). Part B's
+corrugator EMG also follows the brow. Aff-Wild2 (:func:`draw_affwild2_tracks`): valence/arousal are slow
+processes; the face follows them 0.1-0.3 s late, the voice 0.2-0.5 s late reading the ``k``-mix.
 """
 
 from __future__ import annotations
@@ -109,28 +83,18 @@ def write_synthetic(
     coupling: float = 1.0,
     progress: bool = True,
 ) -> Path:
-    """Write a synthetic data set in the real layout of ``kind`` under ``out`` and return ``out``.
+    """Write a synthetic data set in the real layout of ``kind`` (``"biovid"`` or ``"affwild2"``) under ``out``
+    (use an empty directory) and return ``out``.
 
     Parameters
     ----------
-    kind : ``"biovid"`` (``video/<subject>/<sample>.mp4``, ``biosignals_filtered/<subject>/<sample>_bio.csv``,
-        ``samples.csv``) or ``"affwild2"`` (``videos/<video>.mp4`` with audio,
-        ``annotations/VA_Estimation_Challenge/{Train_Set,Validation_Set}/<video>.txt``).
-    out : output directory (created; files are written to temp names then renamed, replacing files of the same
-        name). Use an empty directory: files of an earlier, larger set are not removed.
-    subjects : number of synthetic people (>= 1; >= 2 for Aff-Wild2 to fill both partitions).
-    seed : everything is drawn from it; the same seed gives byte-identical CSV/text files.
-    samples_per_class : Biovid windows per class per subject (5.5 s each, ``round(5.5 * fps)`` frames).
+    subjects : synthetic people (>= 1; >= 2 for Aff-Wild2 to fill both partitions).
+    seed : everything is drawn from it; the same seed gives byte-identical files.
+    samples_per_class : Biovid windows (5.5 s) per class per subject.
     part : Biovid part; ``"B"`` adds ``emg_corrugator`` and ``emg_zygomaticus``.
-    videos_per_subject : Aff-Wild2 videos per person, 1 (``video<N>``) or 2 (``video<N>_left`` /
-        ``video<N>_right``, which the Aff-Wild2 subject rule maps to the same subject ``video<N>``).
-    seconds_per_video : Aff-Wild2 video length.
-    frame_size : side of the square frames in pixels.
-    fps : frame rate.
-    coupling : in [0, 1], how much the privileged modality (Biovid physio, Aff-Wild2 audio) and the face share
-        one latent response: 1 = one shared response, 0 = independent given the label (negative control).
-        The face's own distribution does not depend on it (see the module docstring).
-    progress : show a progress bar.
+    videos_per_subject : Aff-Wild2 videos per person, 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``).
+    coupling : in [0, 1], how much the privileged modality (physio, audio) and the face share one latent
+        response: 1 = one shared response, 0 = independent given the label (negative control).
     """
     out = Path(out)
     if kind not in ("biovid", "affwild2"):
@@ -251,6 +215,18 @@ def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarra
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _render(renderer: FaceRenderer, rng: np.random.Generator, expr: np.ndarray, fps: int, noise: np.ndarray):
+    """Frames (T, F, F, 3) and face boxes (T, 4) of expression vectors ``expr`` (T, U) with head motion."""
+    n_frames, size = len(expr), renderer.frame_size
+    poses = head_motion(rng, n_frames, fps, renderer.look, size)
+    frames = np.empty((n_frames, size, size, 3), np.uint8)
+    boxes = np.empty((n_frames, 4), np.float64)
+    picks = rng.integers(0, len(noise), n_frames)
+    for i in range(n_frames):
+        frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
+    return frames, boxes
+
+
 def _write_truth(out: Path, rows: list[dict]) -> None:
     atomic_write_parquet(pa.Table.from_pylist(rows), out / TRUTH_FILE)
 
@@ -273,14 +249,9 @@ def _response(class_ids: np.ndarray, gate: np.ndarray, magnitude: np.ndarray) ->
 def draw_biovid_responses(
     rng: np.random.Generator, class_ids: np.ndarray, coupling: float
 ) -> dict[str, np.ndarray]:
-    """Latent responses of Biovid windows and each modality's noisy reading of them (module docstring).
-
-    Six standard normals are drawn per window whatever ``coupling`` is, so the shared response and the physio
-    side are identical for every coupling at the same seed. ``class_ids``: (N,) ints in 0..4.
-
-    Returns (N,) arrays ``shared_response``, ``face_latent``, ``face_response``, ``physio_response`` (0 for BL1
-    and non-responding windows).
-    """
+    """Latent responses of Biovid windows ``class_ids`` (N,) and each modality's noisy reading of them: (N,)
+    arrays ``shared_response``, ``face_latent``, ``face_response``, ``physio_response``. The same six normals
+    per window are drawn at every ``coupling``."""
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     class_ids = np.asarray(class_ids, dtype=np.int64)
@@ -320,12 +291,8 @@ def _biovid_physio(
     fps: int,
     part: str,
 ) -> dict[str, np.ndarray]:
-    """One 5.5 s window of biosignals at 512 Hz: ``{"gsr", "ecg", "emg_*"}`` arrays of 2816 samples.
-
-    With ``L = level``: ECG = PQRST waves at the beats of ``hr(t) = hr0 + g_hr L ramp + RSA + drift``; EDA =
-    tonic level + slope + bi-exponential SCRs (the stimulus-locked one 1-2 s after the onset, amplitude
-    ``g_eda L``); EMG = 20-200 Hz noise times ``e0 (1 + g_emg L ramp(t) b(t) + artefacts)``.
-    """
+    """One 5.5 s window of biosignals at 512 Hz, ``{"gsr", "ecg", "emg_*"}``: ECG beats at a heart rate rising
+    with ``level``, EDA with a stimulus-locked SCR of amplitude ``eda_gain * level``, EMG bursts."""
     fs, n = BIOVID_FS, int(round(BIOVID_SECONDS * BIOVID_FS))
     t = np.arange(n) / fs
     # ---- heart rate and ECG (beats on an extended grid so the edges have complete beats)
@@ -403,9 +370,7 @@ def _write_biovid(
 ) -> None:
     rng = np.random.default_rng([seed, 1])
     names = _subject_names(rng, subjects)
-    expressiveness = (
-        0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5
-    )  # skewed low: several faces say little
+    expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = _spread(rng, subjects, 0.4, 1.0)
     n_frames = int(round(BIOVID_SECONDS * fps))
     n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
@@ -472,12 +437,7 @@ def _write_biovid(
                 expr[:, _UNIT["eye_narrow"]] = np.minimum(
                     expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
                 )
-                poses = head_motion(prng, n_frames, fps, look, frame_size)
-                frames = np.empty((n_frames, frame_size, frame_size, 3), np.uint8)
-                boxes = np.empty((n_frames, 4), np.float64)
-                picks = prng.integers(0, len(noise), n_frames)
-                for i in range(n_frames):
-                    frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
+                frames, boxes = _render(renderer, prng, expr, fps, noise)
                 video_rel = Path("video") / name / f"{sample_name}.mp4"
                 _write_video_cv2(out / video_rel, frames, fps)
                 signals = _biovid_physio(prng, subject, level, onset, expr[:, _UNIT["brow_lower"]], fps, part)
@@ -542,17 +502,9 @@ def draw_affwild2_tracks(
     face_lag_s: float = 0.2,
     audio_lag_s: float = 0.35,
 ) -> dict[str, np.ndarray]:
-    """Latent valence/arousal of one video (the labels) and the face's and the voice's readings of them.
-
-    Latents ``tanh(0.7 z + mean)``, ``z`` a slow process (:data:`VA_SMOOTH_S`); the face reads them
-    ``face_lag_s`` late plus :data:`FACE_VA_NOISE` times its own noise, the voice reads
-    ``tanh(0.7 (k z + sqrt(1-k^2) z_i) + mean)`` ``audio_lag_s`` late plus :data:`AUDIO_VA_NOISE` times its
-    noise; readings are clipped to [-1, 1]. The same draws are made at every ``coupling`` ``k``. Lags are in
-    [0, :data:`MAX_VA_LAG_S`] s.
-
-    Returns (n_frames,) arrays ``valence``, ``arousal`` (labels), ``face_valence``, ``face_arousal``,
-    ``audio_valence``, ``audio_arousal``.
-    """
+    """Latent valence/arousal ``tanh(0.7 z + mean)`` of one video (the labels) and the face's (``face_lag_s``
+    late) and the voice's (``audio_lag_s`` late, reading the ``coupling``-mix) noisy readings, clipped to
+    [-1, 1]: (n_frames,) arrays ``valence``, ``arousal``, ``face_*``, ``audio_*``."""
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     for name, lag in (("face_lag_s", face_lag_s), ("audio_lag_s", audio_lag_s)):
@@ -585,8 +537,7 @@ def draw_affwild2_tracks(
 def _voice(
     rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fps: int, f0: float
 ) -> np.ndarray:
-    """Mono audio at :data:`AUDIO_SR`: a harmonic tone, pitch ``f0 * 2^(0.5 a)``, loudness rising with arousal
-    ``a``, spectral tilt falling with valence, gated into syllables, plus noise. Values in [-1, 1]."""
+    """Mono audio at :data:`AUDIO_SR`: a harmonic tone, pitch and loudness rising with arousal, tilt with valence."""
     n = int(round(len(arousal) / fps * AUDIO_SR))
     ta = np.arange(n) / AUDIO_SR
     tf = np.arange(len(arousal)) / fps
@@ -635,16 +586,9 @@ def _write_affwild2(
             partition = "Validation_Set" if s_idx in validation else "Train_Set"
             for v_idx, stem in enumerate(stems):
                 vrng = np.random.default_rng([seed, 13, s_idx, v_idx])
-                tracks = draw_affwild2_tracks(
-                    vrng,
-                    n_frames,
-                    fps,
-                    coupling,
-                    mean_valence=mean_v,
-                    mean_arousal=mean_a,
-                    face_lag_s=face_lag,
-                    audio_lag_s=audio_lag,
-                )
+                lags = {"face_lag_s": face_lag, "audio_lag_s": audio_lag}
+                means = {"mean_valence": mean_v, "mean_arousal": mean_a}
+                tracks = draw_affwild2_tracks(vrng, n_frames, fps, coupling, **means, **lags)
                 valence, arousal = tracks["valence"], tracks["arousal"]
                 face_v, face_a = tracks["face_valence"], tracks["face_arousal"]
                 e = look.expressiveness
@@ -655,12 +599,7 @@ def _write_affwild2(
                 expr[:, _UNIT["eye_narrow"]] = np.minimum(
                     -0.6 * e * face_a + 1.6 * blink_track(vrng, n_frames, fps), 2.2
                 )
-                poses = head_motion(vrng, n_frames, fps, look, frame_size)
-                frames = np.empty((n_frames, frame_size, frame_size, 3), np.uint8)
-                boxes = np.empty((n_frames, 4), np.float64)
-                picks = vrng.integers(0, len(noise), n_frames)
-                for i in range(n_frames):
-                    frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
+                frames, boxes = _render(renderer, vrng, expr, fps, noise)
                 audio = _voice(vrng, tracks["audio_valence"], tracks["audio_arousal"], fps, f0)
                 video_rel = Path("videos") / f"{stem}.mp4"
                 _write_video_av(out / video_rel, frames, fps, audio, AUDIO_SR)

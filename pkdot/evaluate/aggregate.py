@@ -78,13 +78,8 @@ def _variance_factor(n: int, test_train_ratio: float | None) -> float:
 def mean_ci(
     values: Sequence[float], level: float = 0.95, *, test_train_ratio: float | None = None
 ) -> tuple[float, float, float, float]:
-    r"""Mean, standard deviation (ddof=1) and Student-t interval of the mean,
-    :math:`\bar x \mp t_{(1+\text{level})/2,\,n-1}\, s \sqrt{c}` (:func:`scipy.stats.t.interval`), with
-    :math:`c = 1/n` (``test_train_ratio=None``) or Nadeau-Bengio's :math:`c = 1/n + n_{test}/n_{train}`.
-
-    With ``n == 1`` (or no spread) ``std`` is 0 and the interval is ``(mean, mean)``, a convention, not a claim
-    of certainty. Raises :class:`StageError` on no values, NaN/inf, a level outside (0, 1) or a negative ratio.
-    """
+    r"""Mean, std (ddof=1) and Student-t interval :math:`\bar x \mp t\, s \sqrt{c}`, :math:`c = 1/n` or
+    Nadeau-Bengio's :math:`1/n + n_{test}/n_{train}` (``test_train_ratio``); ``(mean, mean)`` without spread."""
     _check_level(level)
     x = _finite_values(values, "mean_ci")
     mean = float(x.mean())
@@ -101,13 +96,9 @@ def mean_ci(
 def paired_difference(
     a: Sequence[float], b: Sequence[float], level: float = 0.95, *, test_train_ratio: float | None = None
 ) -> dict[str, float]:
-    r"""Paired comparison of two models scored on the same runs (``a[i]``, ``b[i]`` share fold and seed).
-
-    On :math:`d_i = a_i - b_i`: ``mean_diff``, ``std_diff``, the interval of :func:`mean_ci` (same
-    ``test_train_ratio``), ``n`` and the two-sided ``p_value`` of :math:`t = \bar d / (s_d \sqrt{c})` with
-    ``n - 1`` degrees of freedom (uncorrected: :func:`scipy.stats.ttest_rel`). With ``n == 1`` the p-value is NaN;
-    when every difference is equal (up to 1e-12) it is 0 (non-zero difference) or 1 (zero), the t-test's limits.
-    """
+    r"""Paired comparison of two models scored on the same runs: on :math:`d = a - b`, ``mean_diff``,
+    ``std_diff``, the :func:`mean_ci` interval, ``n`` and the two-sided t-test ``p_value`` (NaN with one run;
+    0 or 1 when every difference is equal)."""
     x = _finite_values(a, "paired_difference(a)")
     y = _finite_values(b, "paired_difference(b)")
     if x.shape != y.shape:
@@ -145,9 +136,8 @@ def corrected_and_naive(
     test_train_ratio: float | None,
     metric: str | None = None,
 ) -> dict[str, float]:
-    """:func:`paired_difference` (``b`` given) or :func:`mean_ci` of ``a``, corrected, plus the uncorrected
-    interval (and p-value) as ``naive_ci_low``, ``naive_ci_high`` (``naive_p_value``). Intervals of a mean of
-    ``metric`` are clipped to :data:`METRIC_RANGE` (differences are not)."""
+    """:func:`paired_difference` (``b`` given) or :func:`mean_ci` of ``a`` (clipped to :data:`METRIC_RANGE`),
+    corrected, plus the uncorrected ``naive_*`` interval (and p-value)."""
     if b is None:
         mean, std, low, high = mean_ci(a, level, test_train_ratio=test_train_ratio)
         _, _, nlow, nhigh = mean_ci(a, level)
@@ -222,9 +212,8 @@ def _read_predictions(path: Path) -> pd.DataFrame:
 
 
 def collect_predictions(run_dir: Path) -> pd.DataFrame:
-    """Every row of the run's ``predictions*.parquet`` files (teacher, unimodal and student models) with a
-    ``source`` column; raises :class:`StageError` when there are none, a file is unreadable or lacks columns, or a
-    (model, fold, seed, split, sample_id) appears twice."""
+    """Every row of the run's ``predictions*.parquet`` files with a ``source`` column (checked: readable, with
+    the columns, no (model, fold, seed, split, sample_id) twice)."""
     run_dir = Path(run_dir)
     files = prediction_files(run_dir)
     if not files:
@@ -252,9 +241,8 @@ def collect_predictions(run_dir: Path) -> pd.DataFrame:
 
 
 def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()) -> pd.DataFrame | None:
-    """Per (fold, seed) run: ``n_test`` and ``n_val`` (its distinct prediction samples) and ``n_train`` (samples of
-    every manifest subject that is neither a test nor a validation subject of the run, with features for each of
-    ``modalities``), for the corrected interval. None when the run has no ``manifest.parquet``."""
+    """Per (fold, seed) run: ``n_test``, ``n_val`` and ``n_train`` (manifest samples, with features of
+    ``modalities``, of the other subjects), for the corrected interval; None without ``manifest.parquet``."""
     from pkdot.data.manifest import read_manifest
     from pkdot.features.schema import read_sample_ids
 
@@ -306,11 +294,7 @@ def order_models(models: Sequence[str]) -> list[str]:
 def per_fold_metrics(
     pred: pd.DataFrame, *, regression: bool, num_classes: int, split: str = "test"
 ) -> pd.DataFrame:
-    """One row per (model, fold, seed): the task metrics on that run's ``split`` rows.
-
-    Classification: ``accuracy``, ``macro_f1`` (``y_true``/``y_pred`` are class indices in
-    ``0..num_classes-1``); regression: ``ccc``, ``mae``, ``rmse``, ``pearson``. Also ``n_samples``.
-    """
+    """One row per (model, fold, seed): ``n_samples`` and the task metrics on that run's ``split`` rows."""
     rows = pred[pred["split"] == split]
     if rows.empty:
         raise StageError(f"no {split!r} predictions to evaluate (models: {sorted(set(pred['model']))})")
@@ -338,9 +322,8 @@ def per_fold_metrics(
 def summary_table(
     per_fold: pd.DataFrame, *, regression: bool, level: float = 0.95, test_train_ratio: float | None = None
 ) -> pd.DataFrame:
-    """One row per model: the primary metric's mean, std, CI (corrected with ``test_train_ratio``, see
-    :func:`mean_ci`), the uncorrected CI (``naive_ci_*``) and n (runs); classification adds ``macro_f1_mean``
-    and ``macro_f1_std``, regression ``mae_mean`` and ``rmse_mean``."""
+    """One row per model: the primary metric's mean, std, corrected and naive CI, n, ``val_mean``, and
+    ``macro_f1_mean``/``_std`` (classification) or ``mae_mean``, ``rmse_mean`` (regression)."""
     metric = primary_metric(regression)
     records = []
     for model in order_models(per_fold["model"]):
@@ -367,12 +350,8 @@ def paired_table(
     level: float = 0.95,
     test_train_ratio: float | None = None,
 ) -> pd.DataFrame:
-    """Each of ``models`` minus ``baseline``, paired on (fold, seed) runs both have (:func:`paired_difference`,
-    corrected with ``test_train_ratio``; the uncorrected interval and p-value as ``naive_*``).
-
-    Runs present for only one side are left out (with a warning); a model sharing no run with the baseline
-    gets ``n = 0`` and NaN statistics.
-    """
+    """Each of ``models`` minus ``baseline``, paired on the (fold, seed) runs both have (others left out with a
+    warning; no run in common: ``n = 0``, NaN)."""
     base = per_fold[per_fold["model"] == baseline].set_index(["fold", "seed"])[metric]
     records = []
     for model in models:
@@ -381,11 +360,7 @@ def paired_table(
         if len(common) < max(len(base), len(other)):
             logger.warning(
                 "paired %s vs %s: %d runs in common (of %d and %d); the others are left out",
-                model,
-                baseline,
-                len(common),
-                len(other),
-                len(base),
+                *(model, baseline, len(common), len(other), len(base)),
             )
         if len(common) == 0:
             rec: dict[str, Any] = {c: math.nan for c in PAIRED_COLUMNS[3:]} | {"n": 0}
@@ -405,9 +380,8 @@ def aggregate(
     level: float = 0.95,
     test_train_ratio: float | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Test metrics per run (:func:`per_fold_metrics`, plus each run's ``val_<metric>`` from its ``val`` rows), the
-    summary per model (:func:`summary_table`, intervals corrected with ``test_train_ratio``) and each student loss
-    against ``student-none`` (:func:`paired_table`; empty when the run has no ``student-none``)."""
+    """Per-run test metrics (plus ``val_<metric>``), the summary per model and each student loss against
+    ``student-none`` (empty without it)."""
     missing = [c for c in ("model", "fold", "seed", "split", "y_true", "y_pred") if c not in pred.columns]
     if missing:
         raise StageError(f"aggregate: predictions lack columns {missing}")

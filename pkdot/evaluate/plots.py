@@ -77,15 +77,8 @@ def plot_confusion_matrices(
         ax.imshow(rate, vmin=0.0, vmax=1.0, cmap="Blues")
         for i in range(num_classes):
             for j in range(num_classes):
-                ax.text(
-                    j,
-                    i,
-                    str(counts[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if rate[i, j] > 0.5 else "black",
-                )
+                color = "white" if rate[i, j] > 0.5 else "black"
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8, color=color)
         ax.set_title(model, fontsize=9)
         ax.set_xticks(range(num_classes), names, fontsize=7)
         ax.set_yticks(range(num_classes), names, fontsize=7)
@@ -133,12 +126,7 @@ def _mean_curve(runs: Sequence[Sequence[Mapping[str, float]]], key: str):
         return None
     epochs = np.array(sorted(by_epoch))
     values = [np.array(by_epoch[e]) for e in epochs]
-    return (
-        epochs,
-        np.array([v.mean() for v in values]),
-        np.array([v.min() for v in values]),
-        np.array([v.max() for v in values]),
-    )
+    return epochs, *(np.array([f(v) for v in values]) for f in (np.mean, np.min, np.max))
 
 
 #: A training-loss panel whose curves span more than this factor is drawn on a log axis.
@@ -148,9 +136,8 @@ LOG_LOSS_SPAN = 20.0
 def plot_learning_curves(
     histories: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], path: Path, metric: str = "val_metric"
 ) -> Path:
-    """Train loss and validation ``metric`` per epoch: one row of panels per model family (:data:`MODEL_FAMILIES`),
-    each model's mean over runs (band = min..max) in its own colour (:func:`distinct_colors`), a star at its best
-    mean validation epoch. ``histories``: model -> runs -> ``history.json`` epoch records."""
+    """Train loss and validation ``metric`` per epoch, one row of panels per model family: each model's mean over
+    runs (band = min..max), a star at its best epoch. ``histories``: model -> runs -> epoch records."""
     if not histories:
         raise StageError("plot_learning_curves: no histories")
     families: dict[str, list[str]] = {}
@@ -209,12 +196,9 @@ def plot_learning_curves(
 def transport_plan_pot(
     student_cloud: np.ndarray, teacher_cloud: np.ndarray, *, blur: float = 0.1, max_iter: int = 10000
 ) -> np.ndarray:
-    r"""Entropic OT plan between uniform clouds ``(B, K)`` and ``(M, K)``, solved by POT:
-    :math:`\arg\min_{P 1 = a, P^T 1 = b} \langle P, C\rangle - \varepsilon H(P)`, :math:`C_{ij} = \|x_i - y_j\|^2/2`,
-    :math:`\varepsilon = \text{blur}^2` (PKDOT's plan; :func:`pkdot.distill.ot.transport_plan` solves the same
-    problem faster for training). :func:`ot.sinkhorn` with epsilon scaling (a plain log-domain Sinkhorn does not
-    converge at eps = 0.01 within minutes). Returns ``(B, M)``, rows summing to ``1/B``, columns to ``1/M``.
-    """
+    r"""Entropic OT plan ``(B, M)`` between uniform clouds ``(B, K)`` and ``(M, K)``, solved by POT's epsilon-scaling
+    Sinkhorn: :math:`\arg\min_{P 1 = a, P^T 1 = b} \langle P, C\rangle - \varepsilon H(P)`,
+    :math:`C_{ij} = \|x_i - y_j\|^2/2`, :math:`\varepsilon = \text{blur}^2` (PKDOT's plan)."""
     import ot
 
     x = np.asarray(student_cloud, dtype=np.float64)
@@ -241,9 +225,7 @@ def transport_plan_pot(
     col_error = float(np.abs(plan.sum(axis=0) - b).max() / b.max())
     if max(row_error, col_error) > 1e-3:
         logger.warning(
-            "transport_plan_pot: marginals off by %.1e (rows) / %.1e (columns) of the sample weight",
-            row_error,
-            col_error,
+            "transport_plan_pot: marginals off by %.1e (rows) / %.1e (columns)", row_error, col_error
         )
     return plan
 
@@ -259,10 +241,8 @@ def plot_structure(
     anchors: str = "least",
     blur: float = 0.1,
 ) -> Path:
-    r"""For one batch (rows = the same samples, sorted by label): the teacher's and the student's shifted cosine
-    similarities (:func:`pkdot.distill.pkdot.pkdot_structure`) and PKDOT's transport plan between their anchored
-    clouds (:func:`transport_plan_pot`) shown as :math:`B \cdot P`, captioned with its diagonal mass (1 = every
-    sample matched with its own teacher structure). ``labels`` are marked along the axes."""
+    r"""For one batch: the teacher's and the student's shifted cosine similarities and PKDOT's transport plan
+    between their anchored clouds as :math:`B \cdot P`, with its diagonal mass; ``labels`` marked on the axes."""
     from pkdot.distill.pkdot import pkdot_structure
 
     t = torch.as_tensor(np.asarray(teacher_embedding, dtype=np.float32))
@@ -303,8 +283,7 @@ def plot_structure(
 def plot_embedding_map(
     embeddings: Mapping[str, np.ndarray], labels: np.ndarray, path: Path, *, regression: bool, seed: int = 0
 ) -> Path:
-    """2-D PCA (fitted per model, ``random_state=seed``) of test embeddings ``{name: (N, D)}`` of the same N samples,
-    one panel per model, coloured by label (classes, or a colour scale for regression targets)."""
+    """2-D PCA of test embeddings ``{name: (N, D)}`` of the same N samples, one panel per model, by label."""
     if not embeddings:
         raise StageError("plot_embedding_map: no embeddings")
     labels = np.asarray(labels)
@@ -359,8 +338,8 @@ def plot_metric_bars(table: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Path:
-    """Test ``metric`` against the perturbation level (:func:`pkdot.evaluate.robustness.summarise_robustness` rows):
-    one panel per perturbation, one line per model, the corrected interval as a band."""
+    """Test ``metric`` against the perturbation level (``summarise_robustness`` rows): one panel per perturbation,
+    one line per model, the corrected interval as a band."""
     needed = {"model", "perturbation", "level", "mean", "ci_low", "ci_high"}
     if robustness.empty or not needed <= set(robustness.columns):
         raise StageError(f"plot_robustness: expected a non-empty table with columns {sorted(needed)}")
@@ -377,13 +356,8 @@ def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Pat
         "noise": "noise std (0-255)",
         "blur": "blur sigma (px)",
     }
-    fig, axes = plt.subplots(
-        1,
-        len(perturbations),
-        figsize=(4.6 * len(perturbations) + 1.5, 3.8),
-        squeeze=False,
-        layout="constrained",
-    )
+    size = (4.6 * len(perturbations) + 1.5, 3.8)
+    fig, axes = plt.subplots(1, len(perturbations), figsize=size, squeeze=False, layout="constrained")
     for ax, perturbation in zip(axes.flat, perturbations, strict=True):
         g = robustness[robustness["perturbation"] == perturbation]
         for model in models:
@@ -392,28 +366,17 @@ def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Pat
                 continue
             x = gm["level"].to_numpy(float)
             band = model in banded
-            ax.plot(
-                x,
-                gm["mean"].to_numpy(float),
-                marker="o" if band else ".",
-                linewidth=2.0 if band else 1.0,
-                alpha=1.0 if band else 0.8,
-                color=colors[model],
-                label=model,
+            style = (
+                {"marker": "o", "linewidth": 2.0, "alpha": 1.0}
+                if band
+                else {"marker": ".", "linewidth": 1.0, "alpha": 0.8}
             )
+            ax.plot(x, gm["mean"].to_numpy(float), **style, color=colors[model], label=model)
             if band:
-                ax.fill_between(
-                    x,
-                    gm["ci_low"].to_numpy(float),
-                    gm["ci_high"].to_numpy(float),
-                    alpha=0.15,
-                    color=colors[model],
-                )
-        ax.set(
-            title=perturbation.replace("_", " "),
-            xlabel=units.get(perturbation, "level"),
-            ylabel=f"test {metric}",
-        )
+                low, high = gm["ci_low"].to_numpy(float), gm["ci_high"].to_numpy(float)
+                ax.fill_between(x, low, high, alpha=0.15, color=colors[model])
+        xlabel = units.get(perturbation, "level")
+        ax.set(title=perturbation.replace("_", " "), xlabel=xlabel, ylabel=f"test {metric}")
         ax.grid(alpha=0.3)
     axes.flat[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     n = int(robustness["n"].max()) if "n" in robustness.columns else 0

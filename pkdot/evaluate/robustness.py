@@ -1,13 +1,7 @@
-r"""Robustness of the video models to degraded test video (``pkdot evaluate --robustness``).
-
-Every trained student and the unimodal video model of each (fold, seed) re-encode that run's *test* clips after
-a perturbation of the face crops ``(T, H, W, 3)`` uint8, at several levels (level 0 = the clean clip):
-``frame_drop`` (fraction ``f``: :math:`\min(T-1, \lfloor fT + 1/2\rfloor)` random frames removed and the clip
-re-sampled to ``T`` from the kept ones, nearest in time, as a loader does with missing frames; not zeroed,
-black frames being an input the models never saw), ``noise`` (Gaussian, std on the 0-255 scale, clipped) and
-``blur`` (spatial Gaussian, sigma in pixels). Students are loaded in their raw-video form
-(:func:`pkdot.train.student.load_trained_student`). Draws are seeded by (seed, fold, perturbation, level) and
-shared by every model; scores get the main table's corrected intervals.
+"""Robustness of the video models to degraded test video (``pkdot evaluate --robustness``): every trained
+student and unimodal video model re-scores its (fold, seed)'s test clips after ``frame_drop``, ``noise`` or
+``blur`` at several levels (0 = clean), draws seeded by (seed, fold, perturbation, level) and shared by every
+model; scores get the main table's corrected intervals.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ from scipy import ndimage
 
 from pkdot.config import RunConfig
 from pkdot.errors import StageError
-from pkdot.evaluate.aggregate import corrected_and_naive, primary_metric
+from pkdot.evaluate.aggregate import corrected_and_naive, order_models, primary_metric
 from pkdot.metrics import accuracy, ccc
 from pkdot.rundir import RunDir
 
@@ -101,11 +95,7 @@ def blur(clip: np.ndarray, sigma: float) -> np.ndarray:
 def perturb_clips(
     clips: np.ndarray, perturbation: str, level: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply one perturbation at one level to every clip of ``clips`` ``(N, T, H, W, 3)``.
-
-    Returns the perturbed clips (same shape, uint8) and the frames dropped per clip ``(N,)`` (zeros except
-    for ``frame_drop``).
-    """
+    """Apply one perturbation at one level to every clip ``(N, T, H, W, 3)``: the clips and frames dropped (N,)."""
     x = np.asarray(clips)
     if x.ndim != 5:
         raise StageError(f"perturb_clips: expected clips (N, T, H, W, 3), got shape {x.shape}")
@@ -194,14 +184,8 @@ def run_robustness(
     levels: dict[str, Sequence[float]] | None = None,
     losses: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Evaluate every trained video model (or the students of ``losses``) on perturbed test clips (``levels``:
-    perturbation -> levels, default :data:`DEFAULT_LEVELS`).
-
-    Returns one row per (model, perturbation, level, fold, seed): ``n_samples``, ``metric``, ``value``,
-    ``frames_dropped`` (mean per clip), ``changed_predictions`` (fraction differing from the clean clip's),
-    ``output_change`` (mean absolute change of the outputs) and, at level 0, ``agreement_with_stored`` (fraction
-    equal to the stored test predictions). Raises when the student does not read video or nothing is trained.
-    """
+    """Score every trained video model (or the students of ``losses``) on perturbed test clips (``levels``,
+    default :data:`DEFAULT_LEVELS`): one row of :data:`RUN_COLUMNS` per (model, perturbation, level, fold, seed)."""
     from pkdot.train.data import load_samples
 
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
@@ -253,10 +237,7 @@ def run_robustness(
                             logger.warning(
                                 "robustness: clean re-run of %s fold %d seed %d agrees with its stored test "
                                 "predictions on only %.1f%% of samples",
-                                model,
-                                fold,
-                                seed,
-                                100 * agreement,
+                                *(model, fold, seed, 100 * agreement),
                             )
                     records.append(
                         {
@@ -287,17 +268,8 @@ def summarise_robustness(
     records = []
     for (model, perturbation, lv), g in runs.groupby(["model", "perturbation", "level"], sort=False):
         stats_ = corrected_and_naive(g["value"].to_numpy(), None, level, test_train_ratio, metric)
-        records.append(
-            {
-                "model": model,
-                "perturbation": perturbation,
-                "level": float(lv),
-                "metric": metric,
-                **stats_,
-                "n": int(len(g)),
-            }
-        )
-    from pkdot.evaluate.aggregate import order_models
+        rec = {"model": model, "perturbation": perturbation, "level": float(lv), "metric": metric}
+        records.append(rec | stats_ | {"n": int(len(g))})
 
     order = {m: i for i, m in enumerate(order_models(runs["model"]))}
     perturbation_order = {p: i for i, p in enumerate(dict.fromkeys(runs["perturbation"]))}

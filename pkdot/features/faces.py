@@ -1,20 +1,10 @@
 """Face crops from video clips or face-crop folders: decode, sample TSN-style, detect, track, crop, resize.
 
-Each clip (a Biovid sample video, or an Aff-Wild2 window) gives ``T = n_frames`` frames, the middle one of each
-of ``T`` equal segments (TSN). Only those frames are decoded: a demux pass lists timestamps and key frames, and
-the decoder seeks to the key frame before a needed frame when that saves decoding (:func:`decode_frames`).
-
-Detection (Haar cascade, or YuNet with an ONNX file) runs on the frame downscaled so that a face of
-``features.min_face_px`` source pixels spans the detector's smallest face (:data:`DETECTOR_MIN_PX`). The whole
-frame is searched on the first frame and whenever the face is lost; then the face is tracked: every
-``detect_every``-th frame the detector runs in a window around the last box, and in between the box follows the
-face by template matching. Frames without a face reuse the nearest found box (counted as *lost*); boxes are
-smoothed by an EMA (``box_smoothing``), enlarged by ``face_margin`` per side, made square (black outside the
-frame) and resized to ``crop_size``. For an Aff-Wild2 ``<video>_left`` / ``_right`` annotation the face in that
-half of the frame is kept (:func:`face_side`).
-
-Face-crop folders (:func:`extract_folder_clips`, e.g. Aff-Wild2 ``cropped_aligned/<video>/<frame:05d>.jpg``):
-no detection; sampled frame ``i`` is file ``i + 1``, a missing file is a frame without a face.
+Each clip gives ``T = n_frames`` frames, the middle one of each of ``T`` equal segments; only those are decoded
+(:func:`decode_frames` seeks to key frames). The detector (Haar, or YuNet) searches the whole frame, downscaled
+so a ``features.min_face_px`` face spans its smallest window, then tracks the face (:func:`track_faces`); boxes
+are filled, smoothed (:func:`smooth_boxes`) and cropped square (:func:`crop_face`). Face-crop folders
+(:func:`extract_folder_clips`) need no detection: sampled frame ``i`` is file ``i + 1``.
 """
 
 from __future__ import annotations
@@ -61,11 +51,8 @@ Box = tuple[float, float, float, float]
 
 
 class YuvFrame:
-    """A decoded ``yuv420p`` frame kept as its planes (BT.601 limited range, as swscale's RGB conversion).
-
-    The detector reads the luma plane as the grey image (no conversion); :func:`image_rgb` converts to RGB
-    only the region it is asked for (a face crop), instead of the whole frame.
-    """
+    """A decoded ``yuv420p`` frame kept as its planes: the detector reads luma as grey, :func:`image_rgb`
+    converts only the region it is asked for."""
 
     __slots__ = ("_frame", "y", "u", "v")
 
@@ -100,11 +87,8 @@ def as_image(frame: av.VideoFrame) -> Image:
 
 
 def shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Downscale to ``size`` (width, height) by area averaging; beyond 4x, first keep every ``k``-th pixel.
-
-    ``k = floor(ratio / 2)``: the area average still spans >= 2 x 2 source pixels per output pixel, at
-    ``1 / k^2`` of the cost (a 1388-px frame region shrunk to a 32-px template costs ~100x less).
-    """
+    """Downscale to ``size`` (width, height) by area averaging; beyond 4x, first keep every ``k = floor(ratio /
+    2)``-th pixel (>= 2 x 2 source pixels per output pixel, at ``1 / k^2`` of the cost)."""
     height, width = image.shape[:2]
     k = int(min(width / size[0], height / size[1]) / 2)
     if k >= 2:
@@ -120,11 +104,8 @@ def image_gray(image: Image, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
 
 
 def image_rgb(image: Image, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """RGB pixels ``[y0:y1, x0:x1]`` of a frame (inside it), uint8 (y1 - y0, x1 - x0, 3).
-
-    For a :class:`YuvFrame` only that region is converted: it is widened to even bounds and a height that is
-    a multiple of 4 (padding with black outside the frame), converted with OpenCV's I420 -> RGB, and cut.
-    """
+    """RGB pixels ``[y0:y1, x0:x1]`` of a frame (for a :class:`YuvFrame`, that region widened to even bounds,
+    converted with OpenCV's I420 -> RGB, and cut)."""
     if not isinstance(image, YuvFrame):
         return image[y0:y1, x0:x1]
     ex0, ey0 = x0 - x0 % 2, y0 - y0 % 2
@@ -148,10 +129,8 @@ def image_rgb(image: Image, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClipRequest:
-    """One clip to extract: frames ``start .. start+length`` (``length`` None = to the end).
-
-    ``side`` (``"left"`` / ``"right"`` / None) picks the face in that half of the frame (two-person videos).
-    """
+    """One clip to extract: frames ``start .. start+length`` (None = to the end); ``side`` picks the face in that
+    half of the frame (two-person videos)."""
 
     sample_id: str
     start: int = 0
@@ -161,16 +140,8 @@ class ClipRequest:
 
 @dataclass
 class FaceClip:
-    """Face crops of one clip.
-
-    Attributes
-    ----------
-    frames : uint8 array (T, S, S, 3), RGB face crops.
-    boxes : float32 array (T, 4), the smoothed face boxes (x, y, w, h) in source pixels.
-    detected : bool array (T,), whether the detector found the face on each sampled frame.
-    frame_indices : int array (T,), the sampled frame numbers in the video.
-    video_seconds : duration of the whole video (frames / frame rate); None for a face-crop folder.
-    """
+    """Face crops of one clip: ``frames`` (T, S, S, 3) uint8 RGB, ``boxes`` (T, 4) smoothed (x, y, w, h) in
+    source pixels, ``detected`` (T,), ``frame_indices`` (T,), ``video_seconds`` (None for a face-crop folder)."""
 
     sample_id: str
     frames: np.ndarray
@@ -205,11 +176,8 @@ class _PendingClip:
 
 
 def sample_indices(num_frames: int, n_frames: int, start: int = 0) -> np.ndarray:
-    """TSN sampling: the middle frame of each of ``n_frames`` equal segments of ``[start, start+num_frames)``.
-
-    Index ``i`` is ``start + floor((i + 0.5) * num_frames / n_frames)``, ``i = 0 .. n_frames-1``; a clip
-    shorter than ``n_frames`` repeats frames. Returns an int64 array of shape ``(n_frames,)``.
-    """
+    """TSN sampling: the middle frame of each of ``n_frames`` equal segments of ``[start, start+num_frames)``
+    (int64 ``(n_frames,)``; a shorter clip repeats frames)."""
     if num_frames < 1:
         raise FeatureError(f"clip has {num_frames} frames; expected at least 1")
     if n_frames < 1:
@@ -219,10 +187,7 @@ def sample_indices(num_frames: int, n_frames: int, start: int = 0) -> np.ndarray
 
 
 def frames_problem(grey: Sequence[np.ndarray], indices: np.ndarray) -> str | None:
-    """Why a clip's sampled grey frames hold no usable face: ``"blank: ..."``, ``"frozen: ..."`` or None.
-
-    See :data:`BLANK_SD` and :data:`FROZEN_DIFF`; frames are compared on every 4th pixel (cheap).
-    """
+    """Why a clip's sampled grey frames hold no usable face (:data:`BLANK_SD`, :data:`FROZEN_DIFF`), or None."""
     small = [np.asarray(g)[::4, ::4].astype(np.float32) for g in grey]
     spread = max(float(g.std()) for g in small)
     if spread < BLANK_SD:
@@ -242,12 +207,8 @@ def frames_problem(grey: Sequence[np.ndarray], indices: np.ndarray) -> str | Non
 
 
 def face_side(sample_id: str, source: str | Path) -> str | None:
-    """The person of a two-person Aff-Wild2 clip: ``"left"``, ``"right"`` or None.
-
-    A sample ``<video>_left@<start>`` / ``<video>_right@<start>`` whose face source (video file or frame
-    folder) is *not* itself named ``<video>_left`` / ``<video>_right`` shares the video with the other
-    person, so its face is the one on the named side. A source named after the annotation holds one person.
-    """
+    """The person of a two-person Aff-Wild2 clip ``<video>_left|right@<start>``: ``"left"``, ``"right"``, or None
+    when the ``source`` is named after the annotation (it holds one person)."""
     stem = str(sample_id).rsplit("@", 1)[0]
     match = _SIDE.search(stem)
     if match is None:
@@ -260,12 +221,8 @@ def face_side(sample_id: str, source: str | Path) -> str | None:
 
 # ---- detectors ----------------------------------------------------------------------------------------------
 class FaceDetector:
-    """Face detector on frames downscaled so that a ``min_face_px``-wide face spans the detector's minimum.
-
-    ``detect_all(rgb)`` returns every face box ``(K, 4)`` (x, y, w, h) in source pixels; ``detect_near(rgb,
-    box)`` searches only around ``box`` (tracking); ``match_near`` follows a face patch by template matching;
-    ``detect(rgb)`` returns the largest box or None. ``full_searches`` / ``local_searches`` / ``template_tracks`` count the calls.
-    """
+    """Face detector on frames downscaled so that a ``min_face_px``-wide face spans the detector's minimum;
+    ``full_searches`` / ``local_searches`` / ``template_tracks`` count the calls."""
 
     def __init__(self, features: FeatureConfig) -> None:
         self.kind = features.detector
@@ -321,10 +278,7 @@ class FaceDetector:
         max_side: int | None = None,
         coarse: bool = False,
     ) -> np.ndarray:
-        """Boxes (K, 4) in ``region``'s pixels found on ``image[y0:y1, x0:x1]`` resized by ``scale``.
-
-        ``coarse``: a whole-frame search (Haar pyramid step 1.2, 3 neighbours, instead of 1.1 and 4).
-        """
+        """Boxes (K, 4) in ``region``'s pixels found on it resized by ``scale`` (``coarse``: a faster pyramid)."""
         x0, y0, x1, y1 = region
         width, height = x1 - x0, y1 - y0
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -356,12 +310,8 @@ class FaceDetector:
         return boxes / scale
 
     def detect_all(self, rgb: Image, wanted: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
-        """Faces on the whole frame: float64 (K, 4) boxes (x, y, w, h) in source pixels.
-
-        Coarse to fine: faces of at least ``2 * min_face_px`` are searched at half the detection scale (a
-        quarter of the pixels) first; only if none is found (or none passes ``wanted``) the frame is searched
-        again at the full detection scale for faces between ``min_face_px`` and ``2 * min_face_px``.
-        """
+        """Faces on the whole frame, (K, 4) source pixels: large faces at half the detection scale first, then
+        (when none is found or passes ``wanted``) the smaller ones at the full scale."""
         self.full_searches += 1
         height, width = rgb.shape[:2]
         scale = self.scale_for(width)
@@ -406,11 +356,8 @@ class FaceDetector:
         return shrink(gray, size)
 
     def match_near(self, image: Image, box: Sequence[float], template: np.ndarray) -> Box | None:
-        """Follow the face of ``box`` by template matching (normalised cross-correlation) in the tracking window.
-
-        Returns ``box`` moved to the best match, or None when the best correlation is below
-        :data:`TEMPLATE_MIN_SCORE` (then the caller runs the detector).
-        """
+        """``box`` moved to the best template match in the tracking window, or None below
+        :data:`TEMPLATE_MIN_SCORE`."""
         self.template_tracks += 1
         x, y, w, h = (float(v) for v in box)
         pad = TRACK_PAD * max(w, h)
@@ -452,12 +399,8 @@ def _haar_cascade() -> cv2.CascadeClassifier:
 def choose_face(
     boxes: np.ndarray, frame_width: int, side: str | None = None, previous: Sequence[float] | None = None
 ) -> Box | None:
-    """The face to keep among ``boxes`` (K, 4).
-
-    With a ``previous`` box: the box whose centre is nearest to it, if closer than the previous box's width.
-    Otherwise the largest box, restricted to centres in the ``side`` half of a ``frame_width``-wide frame
-    (``"left"``: ``cx < W / 2``; ``"right"``: ``cx >= W / 2``). None if no box qualifies.
-    """
+    """The face to keep among ``boxes`` (K, 4): the one nearest ``previous`` (closer than its width), else the
+    largest with its centre in the ``side`` half of the frame; None if no box qualifies."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     if len(boxes) == 0:
         return None
@@ -486,16 +429,10 @@ def _qualifies(boxes: np.ndarray, frame_width: int, side: str | None, previous: 
 def track_faces(
     frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 3
 ) -> list[Box | None]:
-    """One face box (or None) per frame of a clip, in order (see the module docstring: detect, then track).
+    """One face box (or None) per frame of a clip.
 
-    Parameters
-    ----------
-    frames : T frames (RGB arrays (H, W, 3) uint8 or :class:`YuvFrame`), in time order.
-    detector : the detector (whole-frame and local searches, template tracking).
-    side : ``"left"`` / ``"right"`` picks the face in that half when there is no tracked box; None = largest.
-    detect_every : the detector runs (near the tracked box) on every N-th frame after the last detection; in
-        between the box follows the face by template matching (1 = detect on every frame). The whole frame is
-        searched when no face is tracked or the local search loses it.
+    The whole frame is searched until a face is found or when it is lost; then the detector runs near the box
+    every ``detect_every``-th frame and template matching follows it in between. ``side``: see :func:`choose_face`.
     """
     if detect_every < 1:
         raise ConfigError(f"features.detect_every must be >= 1, got {detect_every}")
@@ -523,18 +460,8 @@ def track_faces(
 
 
 def smooth_boxes(detections: Sequence[Box | None], smoothing: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fill lost frames with the nearest detected box, then smooth with an EMA.
-
-    Parameters
-    ----------
-    detections : T boxes ``(x, y, w, h)`` or None where the face was not found (at least one box).
-    smoothing : EMA factor ``a`` in [0, 1): ``s_t = a s_{t-1} + (1 - a) b_t``.
-
-    Returns
-    -------
-    boxes : float32 array (T, 4), the smoothed boxes.
-    detected : bool array (T,).
-    """
+    """Fill lost frames (None) with the nearest detected box, then smooth with an EMA ``s_t = a s_{t-1} + (1 - a)
+    b_t``, ``a = smoothing``; returns float32 boxes (T, 4) and ``detected`` (T,)."""
     detected = np.array([d is not None for d in detections], dtype=bool)
     if not detected.any():
         raise FeatureError("no face box to track: the face was not found in any frame")
@@ -553,11 +480,8 @@ def smooth_boxes(detections: Sequence[Box | None], smoothing: float) -> tuple[np
 
 
 def crop_face(rgb: Image, box: Sequence[float], margin: float, size: int) -> np.ndarray:
-    """Square crop around ``box`` enlarged by ``margin`` per side, resized to ``(size, size, 3)`` uint8.
-
-    The square's side is ``max(w, h) * (1 + 2 * margin)``, centred on the box centre; what falls outside the
-    frame is black, so the face stays centred in the crop.
-    """
+    """Square crop (side ``max(w, h) * (1 + 2 * margin)``, black outside the frame) centred on ``box``, resized
+    to ``(size, size, 3)`` uint8."""
     x, y, w, h = (float(v) for v in box)
     side = max(w, h) * (1.0 + 2.0 * margin)
     side_px = max(2, int(round(side)))
@@ -583,11 +507,7 @@ def faces_from_frames(
     source: str = "clip",
     side: str | None = None,
 ) -> FaceClip | ClipFailure:
-    """Detect, track and crop the face on a clip's sampled RGB frames (each (H, W, 3) uint8).
-
-    ``source`` names the clip (its video) in the failure reason; ``side`` picks the person of a two-person
-    video (see :func:`choose_face`). A blank or frozen clip (:func:`frames_problem`) fails before detection.
-    """
+    """Detect, track and crop the face on a clip's sampled frames (``source`` names it in a failure)."""
     problem = frames_problem([image_gray(f, 0, 0, f.shape[1], f.shape[0]) for f in frames], indices)
     if problem is not None:
         return ClipFailure(sample_id, f"{source} is {problem}", sampled_frames=len(frames))
@@ -634,12 +554,8 @@ def extract_video_clips(
     features: FeatureConfig,
     detector: FaceDetector | None = None,
 ) -> Iterator[FaceClip | ClipFailure]:
-    """Face crops for every clip of one video, decoding each needed frame once (frames numbered from 0).
-
-    Yields one :class:`FaceClip` or :class:`ClipFailure` per requested clip (in completion order). A file that
-    cannot be opened or decoded, has no video stream, or ends before a clip's frames gives a ClipFailure
-    naming the file and the reason; no exception escapes for bad media.
-    """
+    """Face crops for every clip of one video, decoding each needed frame once: one :class:`FaceClip` or
+    :class:`ClipFailure` (bad media included) per clip, in completion order."""
     path = Path(video_path)
     detector = detector or FaceDetector(features)
     try:
@@ -727,11 +643,8 @@ class FrameTable:
 
 
 def frame_table(path: str | Path) -> FrameTable | None:
-    """Demux (no decoding) the first video stream: its frames' timestamps and key frames.
-
-    Frame ``i`` is the frame with the ``i``-th smallest presentation timestamp. None when a packet has no
-    timestamp or two share one (such files are decoded from the start).
-    """
+    """Demux the first video stream (no decoding): its sorted frame timestamps and key frames; None when a
+    packet has no timestamp or two share one."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         packets = [(p.pts, bool(p.is_keyframe)) for p in container.demux(stream) if p.size > 0]
@@ -752,12 +665,8 @@ class _SeekMismatch(Exception):
 
 
 def decode_frames(path: str | Path, needed: Sequence[int]) -> Iterator[tuple[int, av.VideoFrame]]:
-    """The frames ``needed`` (sorted, distinct, 0-based) of a video, in order, decoding as little as possible.
-
-    For each needed frame the decoder seeks to the key frame at or before it when that skips frames it would
-    otherwise decode (see :func:`frame_table`); without usable timestamps, or when a seek lands elsewhere than
-    the demux pass promised, it decodes from the start. Frames past the end are not yielded.
-    """
+    """The frames ``needed`` (0-based) of a video, in order, seeking to key frames when that saves decoding (else,
+    or when a seek lands elsewhere, decoding from the start)."""
     needed = sorted(set(int(i) for i in needed))
     table = frame_table(path)
     done: set[int] = set()
@@ -848,13 +757,8 @@ def _read_rgb(path: Path) -> np.ndarray | None:
 def extract_folder_clips(
     folder: str | Path, clips: Sequence[ClipRequest], features: FeatureConfig
 ) -> Iterator[FaceClip | ClipFailure]:
-    """Face crops for every clip of one face-crop folder (no detection; see the module docstring).
-
-    Frame ``i`` (0-based, as in the manifest's ``start_frame``) is the file numbered ``i + 1``; a missing file
-    is a frame without a face; the folder's last file ends a clip with ``length`` None. The crops are the
-    images resized to ``crop_size``; ``boxes`` are each image's full extent ``(0, 0, w, h)``. A clip with no
-    image among its sampled frames, an unreadable image or a missing folder gives a :class:`ClipFailure`.
-    """
+    """Face crops for every clip of one face-crop folder: frame ``i`` is file ``i + 1`` (missing = no face),
+    resized to ``crop_size``, box = the image's extent; a :class:`ClipFailure` when no image can be used."""
     folder = Path(folder)
     if not folder.is_dir():
         for clip in clips:

@@ -1,13 +1,5 @@
-"""The model registry: registering a student with its model card, the champion rule, loading it back.
-
-A registered student is a version of ``cfg.tracking.model_name`` (default ``pkdot-student-<dataset>``), logged
-by a nested ``register`` run in MLflow's ``pt2`` format (``torch.export``: a traced graph, loaded without
-unpickling Python objects; the batch dimension stays dynamic, which is checked before anything is registered).
-Its description is a model card (:class:`ModelCard`: data set, task, modalities, protocol, selection rule,
-cross-validated estimate with its corrected interval, training subjects, config hash, code version, input and
-output), also written as tags. **Champion rule**: a version becomes ``champion`` when there is none, or when its
-cross-validated estimate (same metric, data set and task) beats the champion's; otherwise ``challenger``.
-"""
+"""The model registry: a student version (MLflow ``pt2`` format, dynamic batch) with its model card
+(:class:`ModelCard`, description and tags), the champion rule (:data:`CHAMPION_RULE`), loading it back."""
 
 from __future__ import annotations
 
@@ -64,9 +56,7 @@ class Registration:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSplit:
-    """Manifest rows a model was trained, validated or tested on, for :func:`mlflow.log_input`: ``name`` (e.g.
-    ``biovid-fold0-seed0-train``), ``context`` (train / validation / test), ``frame`` (the rows), ``source`` (the
-    manifest file), ``digest`` (the rows' identity; MLflow shows one dataset per name and digest)."""
+    """Manifest rows (``frame``) a model was trained, validated or tested on, for :func:`mlflow.log_input`."""
 
     name: str
     context: str
@@ -82,8 +72,8 @@ def dataset_splits(
     label: str,
     manifest_fingerprint: str,
 ) -> list[DatasetSplit]:
-    """The manifest rows of each split's subjects (``{"train": [...], "val": [...], "test": [...]}``), named
-    ``<dataset>-<label>-<split>``; the digest hashes the manifest's fingerprint with the split's sample ids."""
+    """The manifest rows of each split's ``subjects``, named ``<dataset>-<label>-<split>``, digest = hash of the
+    manifest's fingerprint and the split's sample ids."""
     contexts = {"train": "train", "val": "validation", "test": "test"}
     out = []
     for split, ids in subjects.items():
@@ -105,13 +95,8 @@ def _code_version() -> tuple[str, str | None]:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        git = ["git", "rev-parse", "HEAD"]
+        done = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return version, None
     return version, (done.stdout.strip() or None) if done.returncode == 0 else None
@@ -202,8 +187,8 @@ class ModelCard:
 def model_card(
     cfg: RunConfig, summary: Any, *, input_example: np.ndarray, training_subjects: int, trained_on: str
 ) -> ModelCard:
-    """The card of ``summary.selection`` (an :class:`pkdot.evaluate.report.EvaluationSummary`): its loss and the
-    cross-validated estimate of that loss (``summary.table``), the run's protocol and config."""
+    """The card of ``summary.selection`` (an ``EvaluationSummary``): its loss, its cross-validated estimate, the
+    run's protocol and config."""
     sel = summary.selection
     row = summary.table[summary.table["model"] == sel.model].iloc[0]
     version, commit = _code_version()
@@ -256,8 +241,7 @@ class _DataclassOutputAsDict(torch.nn.Module):
 
 
 def _check_batch_is_dynamic(model: torch.nn.Module, example: torch.Tensor) -> None:
-    """Export with a strict dynamic batch ``Dim``: MLflow's export would silently specialise a batch size that the
-    student's code turns into a Python int, registering a model that accepts only the example's batch size."""
+    """Export with a strict dynamic batch ``Dim`` (MLflow's export would silently specialise the batch size)."""
     try:
         torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as exc:  # torch raises UserError/ConstraintViolation/... depending on the cause
@@ -270,8 +254,7 @@ def _check_batch_is_dynamic(model: torch.nn.Module, example: torch.Tensor) -> No
 
 
 def _output_arrays(out: Any, where: str) -> dict[str, np.ndarray] | np.ndarray:
-    """Model outputs -> numpy for the signature: a tensor stays one array; nested dicts/tuples/lists become
-    ``{"a.b": array}``; ``None`` entries are left out."""
+    """Model outputs -> numpy for the signature: one array, or ``{"a.b": array}`` for nested containers."""
     if isinstance(out, torch.Tensor):
         return out.detach().cpu().numpy()
     flat: dict[str, np.ndarray] = {}
@@ -335,12 +318,11 @@ def register_student(
     datasets: Sequence[DatasetSplit] = (),
     card: ModelCard | None = None,
 ) -> Registration:
-    """Log ``model`` (eval mode, one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it.
+    """Log ``model`` (one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it.
 
-    ``input_example``: a batch of >= 2 inputs fixing every dimension but the batch. ``metric_name``/``metric_value``
-    /``higher_is_better``: what the champion rule compares. ``scores``: the model's own scores (metrics and version
-    tags). ``datasets``: the rows it saw (:func:`mlflow.log_input`). ``extra_artifacts``: files under ``extra/``
-    (the run's ``config.yaml`` is always logged, :func:`model_config_path`). ``card``: the description and tags.
+    ``input_example``: a batch of >= 2 inputs. ``metric_name``/``metric_value``/``higher_is_better``: what the
+    champion rule compares. ``scores``: the model's own scores. ``datasets``: the rows it saw.
+    ``extra_artifacts``: files under ``extra/`` (``config.yaml`` is always logged). ``card``: description, tags.
     """
     if not math.isfinite(float(metric_value)):
         raise StageError(
@@ -414,12 +396,8 @@ def register_student(
     if previous is None:
         alias, note = CHAMPION, "the first version of this model"
     elif previous[1] is None:
-        alias, note = (
-            CHALLENGER,
-            (
-                f"not compared: champion v{previous[0]} is for another task (set tracking.model_name to keep tasks apart)"
-            ),
-        )
+        alias = CHALLENGER
+        note = f"not compared: champion v{previous[0]} is for another task (set tracking.model_name to keep tasks apart)"
     else:
         better = metric_value > previous[1] if higher_is_better else metric_value < previous[1]
         alias = CHAMPION if better else CHALLENGER
@@ -460,11 +438,9 @@ def register_best(
 ) -> dict[str, Any]:
     """Register the student chosen on validation (``summary.selection``) with its model card.
 
-    ``student`` is that loss's model: its best-validation (fold, seed) run, or the configuration refit on every
-    subject (pass ``trained_on``, e.g. ``"all subjects (refit)"``). ``subjects`` maps train / val (/ test) to
-    the subjects it saw; ``manifest`` is ``RUN/manifest.parquet`` (the rows logged as dataset inputs). The
-    champion rule compares ``cv_<metric>``, the cross-validated test estimate of the chosen loss. Returns the
-    details the stage records (``model_name``, ``model_version``, ``alias``, ``registered_*``, ``model_card``).
+    ``student``: its best-validation (fold, seed) model, or one refit on every subject (``trained_on``, e.g.
+    ``"all subjects (refit)"``). ``subjects``: split -> subjects it saw. The champion rule compares
+    ``cv_<metric>``. Returns the details the stage records.
     """
     sel = summary.selection
     video = cfg.data.student_modalities[0]
@@ -511,8 +487,7 @@ def register_best(
 
 # ---- reading the registry ------------------------------------------------------------------------------------
 def require_existing_store(uri: str) -> str:
-    """Return ``uri`` when it names a server or a local store that exists; raise otherwise (opening a missing
-    local store makes MLflow create an empty one, so a command that only reads, ``pkdot predict``, checks first)."""
+    """Return ``uri`` when it names a server or an existing local store (MLflow would create a missing one)."""
     if uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql")):
         return uri
     if uri.startswith("sqlite:"):
@@ -530,8 +505,7 @@ def require_existing_store(uri: str) -> str:
 
 
 def model_version(model_uri: str, tracking_uri: str | None = None):
-    """The :class:`~mlflow.entities.model_registry.ModelVersion` of ``models:/<name>@<alias>`` or
-    ``models:/<name>/<version>`` (its ``description`` is the model card, its ``tags`` the card's fields)."""
+    """The MLflow ``ModelVersion`` of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
     uri = tracking_uri or mlflow.get_tracking_uri()
     rest = model_uri.removeprefix("models:/").strip("/")
     if not model_uri.startswith("models:/") or ("@" not in rest and "/" not in rest):
@@ -548,8 +522,7 @@ def model_version(model_uri: str, tracking_uri: str | None = None):
 
 
 def model_config_path(model_uri: str, tracking_uri: str | None = None) -> Path:
-    """Download the ``config.yaml`` logged with a registered student (its preprocessing: frames, crop size);
-    returns the local path."""
+    """Download the ``config.yaml`` logged with a registered student; returns the local path."""
     uri = tracking_uri or mlflow.get_tracking_uri()
     mv = model_version(model_uri, uri)
     if not mv.run_id:
@@ -563,8 +536,7 @@ def model_config_path(model_uri: str, tracking_uri: str | None = None) -> Path:
 
 def load_student(model_uri: str, tracking_uri: str | None = None) -> torch.nn.Module:
     """Load a registered student (the exported ``pt2`` graph), e.g. ``models:/pkdot-student-biovid@champion``,
-    from ``tracking_uri`` or MLflow's current store. A student returning
-    :class:`pkdot.models.heads.ModelOutput` returns it again; another dataclass comes back as a dict."""
+    from ``tracking_uri`` or MLflow's current store (another dataclass than ``ModelOutput`` comes back a dict)."""
     import pkdot.models.heads  # noqa: F401 - registers ModelOutput as a pytree node, needed to deserialize
 
     if tracking_uri is not None:

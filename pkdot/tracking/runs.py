@@ -1,11 +1,6 @@
-"""MLflow run lifecycle: the store, the experiment, one parent run per run directory, nested stage runs.
-
-Layout in MLflow (one experiment, ``cfg.tracking.experiment``, tagged as model development so the UI opens on
-its runs): one *parent* run per run directory (the flattened config as params, ``config.yaml`` as an artifact;
-its id in ``RUN/mlflow_parent.json``, so every stage, process and Ray worker finds the same parent), and one
-*nested* run per stage call named ``<stage>[/fold-<k>][/seed-<s>]``, e.g. ``train-teacher/fold-0``. The store
-is :func:`resolve_tracking_uri`; with a SQLite store the artifacts go to ``RUN/mlartifacts/``.
-"""
+"""MLflow run lifecycle: one experiment (``cfg.tracking.experiment``), one *parent* run per run directory (the
+config as params and artifact; its id in ``RUN/mlflow_parent.json``, shared by every process) and one *nested*
+run per stage call, named ``<stage>[/fold-<k>][/seed-<s>]``."""
 
 from __future__ import annotations
 
@@ -74,8 +69,7 @@ def run_ui_url(public_uri: str, run_id: str, experiment_id: str | None = None) -
 
 
 def _mlflow_store_chatter_filter(record: logging.LogRecord) -> bool:
-    """Let a store set-up record through when it is a warning, when the process logs at INFO (``pkdot -v``), or
-    when the user set ``$MLFLOW_LOGGING_LEVEL``."""
+    """Store set-up chatter only as a warning, at INFO (``pkdot -v``) or with ``$MLFLOW_LOGGING_LEVEL``."""
     return (
         record.levelno >= logging.WARNING
         or logging.getLogger().getEffectiveLevel() <= logging.INFO
@@ -92,8 +86,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def use_tracking_uri(uri: str) -> None:
-    """Point MLflow's fluent API (``log_model``, ``load_model``) at ``uri`` without leaving it exported in
-    ``$MLFLOW_TRACKING_URI`` (another run directory of this process still resolves its own store)."""
+    """Point MLflow's fluent API at ``uri`` without leaving it in ``$MLFLOW_TRACKING_URI``."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if before is None:
@@ -165,8 +158,7 @@ class StageRun:
 
 
 class Tracker:
-    """MLflow logging for one run directory. The only global state it sets is MLflow's tracking URI
-    (:func:`use_tracking_uri`), which ``mlflow.pytorch.log_model`` needs."""
+    """MLflow logging for one run directory (sets only MLflow's tracking URI, :func:`use_tracking_uri`)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -205,9 +197,8 @@ class Tracker:
         return self._experiment_id
 
     def parent_run_id(self) -> str:
-        """The parent run of this run directory, created once (``RUN/mlflow_parent.json``, written under a file
-        lock so concurrent processes agree). A file naming another store is replaced (a new parent there); one
-        whose run is missing from its own store raises :class:`StageError`."""
+        """The parent run of this run directory, created once (``RUN/mlflow_parent.json``, under a file lock); a
+        file naming another store gets a new parent, one whose run is missing raises :class:`StageError`."""
         if self._parent_run_id is not None:
             return self._parent_run_id
         path = RunDir(self.run_dir).mlflow_parent
@@ -217,12 +208,8 @@ class Tracker:
                 run_id = self._read_parent_file(path)
                 if run_id is None:
                     run_id = self._create_parent_run()
-                    doc = {
-                        "run_id": run_id,
-                        "tracking_uri": self.tracking_uri,
-                        "experiment_id": self.experiment_id,
-                    }
-                    atomic_write_json(path, doc, indent=2)
+                    doc = {"run_id": run_id, "tracking_uri": self.tracking_uri}
+                    atomic_write_json(path, doc | {"experiment_id": self.experiment_id}, indent=2)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self._parent_run_id = run_id
@@ -283,16 +270,12 @@ class Tracker:
     def stage_run(
         self, stage: str, fold: int | None = None, seed: int | None = None, **tags: Any
     ) -> Iterator[StageRun]:
-        """A nested run under the parent, named ``stage[/fold-k][/seed-s]``; it ends FINISHED, or FAILED (KILLED on
-        Ctrl-C) when the block raises."""
+        """A nested run named ``stage[/fold-k][/seed-s]``; FAILED (KILLED on Ctrl-C) when the block raises."""
         parent = self.parent_run_id()
-        name = (
-            stage
-            + (f"/fold-{fold}" if fold is not None else "")
-            + (f"/seed-{seed}" if seed is not None else "")
-        )
+        parts = {k: v for k, v in (("fold", fold), ("seed", seed)) if v is not None}
+        name = stage + "".join(f"/{k}-{v}" for k, v in parts.items())
         run_tags = {MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: name, "pkdot.stage": stage}
-        run_tags.update({f"pkdot.{k}": str(v) for k, v in (("fold", fold), ("seed", seed)) if v is not None})
+        run_tags.update({f"pkdot.{k}": str(v) for k, v in parts.items()})
         run_tags.update({k: str(v) for k, v in tags.items()})
         run = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags)
         if self.client.get_run(parent).info.status != "RUNNING":  # an earlier command ended the parent
@@ -307,8 +290,7 @@ class Tracker:
         self.client.set_terminated(stage_run.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def log_history(self, stage_run: StageRun, history: Mapping[str, Any]) -> None:
-        """Log a ``history.json``: every numeric field of each epoch at step = epoch, ``best_epoch`` as a metric
-        and the history's ``metric`` as the tag ``pkdot.val_metric``."""
+        """Log a ``history.json``: numeric epoch fields at step = epoch, ``best_epoch``, tag ``pkdot.val_metric``."""
         epochs = history.get("epochs") if isinstance(history, Mapping) else None
         if not isinstance(epochs, list):
             raise StageError(f"history of {stage_run.name}: expected {{'epochs': [...], 'metric': ...}}")
@@ -333,8 +315,8 @@ class Tracker:
 
 
 def end_parent_run(run_dir: str | Path, status: str) -> str | None:
-    """Mark the parent run of a run directory ended with ``status`` (FINISHED, FAILED or KILLED), so it never stays
-    RUNNING after a command or the flow ends. Returns its id, or None when the run directory has none yet."""
+    """Mark the parent run of a run directory ended with ``status`` (FINISHED, FAILED or KILLED); returns its id,
+    or None when the run directory has none yet."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise StageError(f"end_parent_run: status must be FINISHED, FAILED or KILLED, got {status!r}")
     path = RunDir(run_dir).mlflow_parent
@@ -357,8 +339,7 @@ def end_parent_run(run_dir: str | Path, status: str) -> str | None:
 def log_stage(
     cfg: RunConfig, stage: str, *, metrics: Mapping[str, float], artifacts: Sequence[Path] = ()
 ) -> None:
-    """One nested run of ``stage`` with ``metrics`` (``/`` and ``:`` in names become ``_``) and the files of
-    ``artifacts`` that exist."""
+    """One nested run of ``stage`` with ``metrics`` (``/``, ``:`` -> ``_``) and the ``artifacts`` that exist."""
     with Tracker(cfg).stage_run(stage) as run:
         clean = {k.replace("/", "_").replace(":", "_"): v for k, v in metrics.items()}
         if clean:
@@ -369,9 +350,8 @@ def log_stage(
 
 
 def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
-    """A nested run per training job (``out_dir``, ``fold``, ``seed``, ``loss``): its per-epoch history (every
-    phase, as ``<phase>/<field>``), its ``metrics.json`` and ``history.json`` (and checkpoints when
-    ``tracking.log_checkpoints``)."""
+    """A nested run per training job (``out_dir``, ``fold``, ``seed``, ``loss``): its per-epoch history (as
+    ``<phase>/<field>``), ``metrics.json``, ``history.json`` (and checkpoints with ``tracking.log_checkpoints``)."""
     tracker = Tracker(cfg)
     for job in jobs:
         jdir = Path(job.out_dir)
@@ -394,9 +374,8 @@ def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
 
 
 def log_evaluation(cfg: RunConfig, summary: Any) -> dict[str, Any]:
-    """The ``evaluate`` run: each model's mean (``<model>_mean``), the robustness means, ``RUN/report/`` as
-    artifacts. ``summary`` is an :class:`pkdot.evaluate.report.EvaluationSummary`. Returns the ids and addresses
-    the stage records (``mlflow_run_id``, ``evaluate_run_id``, ``tracking_uri``, ``experiment_id``, ``mlflow_ui``)."""
+    """The ``evaluate`` run of an ``EvaluationSummary``: each model's mean, the robustness means, ``RUN/report/``;
+    returns the ids and addresses the stage records."""
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate") as run:
         run.log_metrics({f"{r['model']}_mean": float(r["mean"]) for _, r in summary.table.iterrows()})
