@@ -340,6 +340,7 @@ STAGE_EXAMPLES = {
     "cache": "  pkdot cache --run runs/r1\n",
     "distill": "  pkdot distill --run runs/r1 --loss pkdot --loss none,kd\n",
     "evaluate": "  pkdot evaluate --run runs/r1 --robustness\n",
+    "refit": "  pkdot refit --run runs/r1\n  pkdot refit --run runs/r1 --set train.refit=false   # skip it\n",
 }
 
 
