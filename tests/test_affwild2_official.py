@@ -44,6 +44,7 @@ TINY = [
     "distill.losses=[none]",
     "distill.pkdot.k=4",
     "tracking.register_model=false",
+    "train.refit=false",
     "tracking.log_checkpoints=false",
 ]
 

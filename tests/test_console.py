@@ -177,6 +177,7 @@ TINY = [
     "distill.losses=[none, pkdot]",
     "distill.pkdot.k=4",
     "tracking.register_model=false",
+    "train.refit=false",  # (the refit stage: tests/test_stages.py, tests/integration/test_deployment.py)
     "tracking.log_checkpoints=false",
     "features.workers=1",
 ]
@@ -231,9 +232,7 @@ def test_a_tiny_run_prints_few_lines_none_twice_and_logs_the_epochs(tmp_path):
     log = (run_dir / "logs" / "pkdot.log").read_text()
     epoch_lines = [line for line in log.splitlines() if "pkdot.epochs:" in line]
     # teacher job: unimodal (2 epochs per modality) + teacher 2 + T-Net 2; 2 students x 2 epochs
-    assert len([line for line in epoch_lines if "[student/" in line]) == 6, (
-        log
-    )  # 2 students + the refit, 2 epochs
+    assert len([line for line in epoch_lines if "[student/" in line]) == 4, log
     assert len([line for line in epoch_lines if "[teacher/" in line]) >= 6, log
     assert len(epoch_lines) == len(set(epoch_lines)), "an epoch line logged twice"
     files = [

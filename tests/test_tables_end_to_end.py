@@ -38,6 +38,7 @@ TINY = [
     "distill.losses=[none, pkdot]",
     "distill.pkdot.k=4",
     "tracking.register_model=false",
+    "train.refit=false",
     "tracking.log_checkpoints=false",
     "features.workers=1",
 ]

@@ -219,6 +219,7 @@ def test_cropped_aligned_runs_manifest_extract_train_evaluate(tmp_path, affwild2
             "train.epochs_student": 1,
             "train.num_workers": 1,
             "distill.losses": ["none"],
+            "train.refit": False,
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         },
     )

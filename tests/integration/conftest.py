@@ -48,6 +48,9 @@ TINY_OVERRIDES: dict[str, Any] = {
     # table/console end-to-end runs.
     "train.student_init": "teacher-frozen",
     "train.jobs_per_run": 1,
+    # The refit stage (one more teacher + student job) is tested where the champion is checked:
+    # test_deployment.py turns it back on.
+    "train.refit": False,
 }
 TINY_LOSSES = ["none", "pkdot"]
 

@@ -133,7 +133,7 @@ def test_served_full_pipeline_trains_and_registers_the_champion(
         "losses": it.TINY_LOSSES,
         "folds": 1,
         "run_dir": str(run_dir),
-        "overrides": it.TINY_OVERRIDES,
+        "overrides": {**it.TINY_OVERRIDES, "train.refit": True},  # the champion is the refit (issue 22)
     }
     flow_run_id, output = it.run_deployment(stack_env, params, timeout=PIPELINE_TIMEOUT_S)
     flow_run = prefect_api(stack_env, f"/flow_runs/{flow_run_id}")

@@ -47,6 +47,7 @@ OVERRIDES = {
     "model.dropout": 0.0,
     "tracking.log_checkpoints": False,
     "distill.losses": ["none"],
+    "train.refit": False,  # about spreading jobs over nodes; the refit stage is tested in test_deployment.py
 }
 STEP_TIMEOUT_S = 600
 
