@@ -38,6 +38,18 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 
+def _set_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): dotted config overrides."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{what}, e.g. --set train.epochs_student=3 (repeatable)",
+    )
+
+
 def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     p.add_argument(
         "--config",
@@ -50,14 +62,7 @@ def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
         help="Preset applied before the file: demo = tiny models, minutes on a CPU; paper = the paper's "
         "sizes (default: the config file's preset, else demo)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a config field, e.g. --set train.epochs_student=3 (repeatable)",
-    )
+    _set_option(p, "Override a config field")
     if dataset:
         p.add_argument(
             "--dataset",
@@ -479,14 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                 required=True,
                 help="Run directory (from 'pkdot extract --out') (required)",
             )
-            p.add_argument(
-                "--set",
-                dest="overrides",
-                action="append",
-                default=[],
-                metavar="KEY=VALUE",
-                help="Override a field of the run's config.yaml, e.g. --set train.epochs_student=3 (repeatable)",
-            )
+            _set_option(p, "Override a field of the run's config.yaml")
         p.add_argument(
             "--ray-address",
             help="Ray cluster: 'auto' or host:port (default: the run's ray_address, else $RAY_ADDRESS, else a "
