@@ -794,9 +794,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["jobs"],
+        choices=["jobs", "demo"],
         help="jobs: only the concurrent-jobs section and the cost model (on a --quick-size base run, ~5 min); "
-        "updates those sections of the results file",
+        "demo: `pkdot run` as a new user types it, its wall time and per-stage / per-job breakdown "
+        "(--demo-runs times); each updates its sections of the results file",
+    )
+    parser.add_argument("--demo-runs", type=int, default=2, help="--only demo: fresh demo runs to time")
+    parser.add_argument(
+        "--demo-set", action="append", default=[], help="--only demo: KEY=VALUE passed to `pkdot run --set`"
     )
     parser.add_argument(
         "--concurrency-jobs", type=int, default=8, help="student jobs of the concurrent-jobs section"
@@ -829,6 +834,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         return None
     if args.only == "jobs":
         return main_jobs(args, argv)
+    if args.only == "demo":
+        return main_demo(args, argv)
 
     quick = args.quick
     machine = machine_info()
@@ -963,6 +970,132 @@ def main_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
         work / "speed-jobs.json", json.dumps(results | {"command": command.strip()}, indent=1, default=str)
     )
     print(f"[speed] updated {out} (total {wall / 60:.1f} min)")
+    return out
+
+
+# ---- the demo as a new user runs it (issue 23) --------------------------------------------------------------
+#: Log lines that bound the synthetic data set's writing (pkdot.pipeline.prepare, pkdot.data.synthetic).
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def _log_seconds(log: Path, start: str, end: str) -> float | None:
+    """Seconds between the first log line containing ``start`` and the first later one containing ``end``."""
+    from datetime import datetime
+
+    t0 = None
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+        m = _LOG_TIME.match(line)
+        if not m:
+            continue
+        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        if t0 is None and start in line:
+            t0 = t
+        elif t0 is not None and end in line:
+            return (t - t0).total_seconds()
+    return None
+
+
+def demo_breakdown(run_dir: Path, wall_s: float) -> dict[str, Any]:
+    """Where a finished demo run's wall time went: stage markers, the synthetic set, jobs and Ray Train runs."""
+    from pkdot.pipeline import STAGES
+
+    stages = {s.name: _marker_seconds(run_dir, s.name) for s in STAGES}
+    jobs: dict[str, list[float]] = {}
+    for kind in ("teacher", "student", "refit/teacher", "refit/student"):
+        for done in sorted((run_dir / kind).rglob("DONE.json")) if (run_dir / kind).is_dir() else []:
+            seconds = json.loads(done.read_text()).get("seconds")
+            if seconds is not None:
+                jobs.setdefault(kind, []).append(float(seconds))
+    ray_runs = {
+        d.name: sum(1 for r in d.iterdir() if r.is_dir())
+        for d in sorted((run_dir / "ray").glob("*"))
+        if d.is_dir()
+    }
+    synthetic = _log_seconds(run_dir / "logs" / "pkdot.log", "generating a synthetic", "synthetic ")
+    return {
+        "wall_s": wall_s,
+        "stages_s": stages,
+        "synthetic_s": synthetic,
+        "outside_stages_s": wall_s - sum(stages.values()),
+        "jobs_s": {k: {"n": len(v), "sum": sum(v), "median": statistics.median(v)} for k, v in jobs.items()},
+        "ray_train_runs": ray_runs,
+    }
+
+
+def demo_markdown(runs: list[dict[str, Any]], command: str, machine: dict[str, Any]) -> str:
+    names = list(runs[0]["stages_s"])
+    rows = [["wall (`pkdot run`, process start to exit)", *[f"{r['wall_s']:.1f}" for r in runs]]]
+    rows.append(
+        [
+            "  synthetic data set (inside the start-up)",
+            *["?" if r["synthetic_s"] is None else f"{r['synthetic_s']:.1f}" for r in runs],
+        ]
+    )
+    rows.append(
+        ["  outside the stages (start-up, Prefect/MLflow/Ray, synthetic set)"]
+        + [f"{r['outside_stages_s']:.1f}" for r in runs]
+    )
+    rows += [[f"  stage `{n}`", *[f"{r['stages_s'][n]:.1f}" for r in runs]] for n in names]
+    for kind in runs[0]["jobs_s"]:
+        rows.append(
+            [f"  {kind} jobs: n, sum, median (in their workers)"]
+            + [
+                "{n}, {sum:.1f}, {median:.1f}".format(
+                    **r["jobs_s"].get(kind, {"n": 0, "sum": 0, "median": 0})
+                )
+                for r in runs
+            ]
+        )
+    rows.append(
+        ["  Ray Train runs per stage folder"]
+        + ["; ".join(f"{k.split('-')[0]} {v}" for k, v in r["ray_train_runs"].items()) for r in runs]
+    )
+    return "\n".join(
+        [
+            "## The demo (`pkdot run`)",
+            "",
+            f"Seconds. Measured {machine.get('date', '')} by `{command}` on {machine.get('cpu_count', '?')} CPUs, "
+            f"load average {machine.get('load_average')} at the start. Each run: a fresh run directory, the "
+            "demo preset, embedded Prefect/MLflow/Ray, every stage up to the registered model. Job seconds are "
+            "each job's own time in its Ray Train worker (`DONE.json`); the rest of a stage is Ray Train's "
+            "start-up, scheduling and the driver's work.",
+            "",
+            markdown_table(["", *[f"run {i + 1}" for i in range(len(runs))]], rows),
+            "",
+        ]
+    )
+
+
+def main_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
+    """``--only demo``: ``pkdot run`` in a fresh run directory, ``--demo-runs`` times; the breakdown of each."""
+    machine = machine_info()
+    command = "python benchmarks/speed.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
+    work = (args.work_dir or Path("runs/bench-speed-demo")).resolve()
+    out = args.out or RESULTS_DIR / "speed.md"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    pkdot = Path(sys.executable).parent / "pkdot"
+    runs = []
+    for i in range(args.demo_runs):
+        run_dir = work / f"demo-{i + 1}"
+        argv_run = [str(pkdot), "run", "--run-dir", str(run_dir)]
+        for kv in args.demo_set:
+            argv_run += ["--set", kv]
+        env = dict(os.environ, PREFECT_HOME=str(work / f"prefect-home-{i + 1}"))
+        print(f"[speed] demo run {i + 1}/{args.demo_runs}: {shlex.join(argv_run)}", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run(argv_run, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise StageError(f"the demo failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+        runs.append(demo_breakdown(run_dir, wall))
+        print(f"[speed]   {wall:.1f} s", flush=True)
+    section = demo_markdown(runs, command.strip(), machine)
+    print("\n" + section)
+    previous = out.read_text() if out.is_file() else "# Speed benchmark\n"
+    write_result(out, replace_sections(previous, [section]))
+    write_result(work / "speed-demo.json", json.dumps({"command": command.strip(), "runs": runs}, indent=1))
+    print(f"[speed] updated {out}")
     return out
 
 

@@ -298,12 +298,19 @@ class TrainConfig(_Section):
     gpus_per_worker: float = Field(
         default=1.0, gt=0, description="GPUs reserved per Ray Train worker when training on GPU"
     )
-    jobs_per_run: int = Field(
+    jobs_per_run: int | Literal["auto"] = Field(
         default=1,
-        ge=1,
         description="Jobs (fold x seed [x loss]) bundled into one Ray Train run, run one after another in it "
-        "(amortises Ray Train's start-up, seconds per run, over short jobs)",
+        "(amortises Ray Train's start-up, seconds per run, over short jobs); 'auto': as many runs as fit at "
+        "once, the stage's jobs shared evenly between them",
     )
+
+    @field_validator("jobs_per_run")
+    @classmethod
+    def _jobs_per_run(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("jobs_per_run must be >= 1 or 'auto'")
+        return v
     refit: bool = Field(
         default=True,
         description="Refit the configuration chosen on validation on every subject and register that model (the "
@@ -714,12 +721,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             # Picked by validation in the quality benchmark (benchmarks/results/quality-biovid.md: val
             # accuracy 0.650/0.654/0.625 for none/kd/pkdot vs 0.604/0.583/0.596 with 'teacher-frozen').
             "student_init": "teacher-finetune",
-            # a demo job trains for seconds, a Ray Train run starts in ~13 s (benchmarks/results/speed.md): the
-            # 8 losses of a fold share one run (on a 2-core machine only one 2-worker run fits at a time anyway)
-            "jobs_per_run": 8,
+            # a demo job trains for seconds, a Ray Train run starts in ~13 s (benchmarks/results/speed.md): one
+            # 1-worker run per CPU slot takes a stage's jobs (2-worker DDP did not scale on 2 CPUs)
+            "num_workers": 1,
+            "jobs_per_run": "auto",
         },
         "distill": {"pkdot": {"k": 10}, "pkdot-most": {"k": 10}},
-        "synth": {"subjects": 10, "samples_per_class": 8},
+        # 10 frames/s (not Biovid's 25): the demo samples 8 frames per window, and writing the set is 2.5x faster
+        "synth": {"subjects": 10, "samples_per_class": 8, "fps": 10},
     },
     # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6) are the defaults.
     "paper": {

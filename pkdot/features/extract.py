@@ -580,18 +580,11 @@ def run_extract(
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     use_ray = workers > 1 or bool(address)
     jobs = plan_shards(cfg, manifest, run_dir)
-    started_ray = False
-    if use_ray:
+    if use_ray:  # the whole machine (shards run `workers` at a time); left up for the training stages
         from pkdot.ray_utils import ensure_ray
 
-        started_ray = ensure_ray(num_cpus=workers, address=cfg.ray_address)
-    try:
-        summaries = _run_jobs(jobs, cfg, workers, use_ray, progress)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        ensure_ray(num_cpus=None, address=cfg.ray_address)
+    summaries = _run_jobs(jobs, cfg, workers, use_ray, progress)
     t_extracted = time.perf_counter()
     _check_durations(cfg, summaries)
 

@@ -113,6 +113,16 @@ def run_name(jobs: Sequence[Job]) -> str:
     return name if len(jobs) == 1 else f"{name}+{len(jobs) - 1}"
 
 
+def bundle_jobs(jobs: Sequence[Job], per_run: int | str, limit: int) -> list[list[Job]]:
+    """The jobs of each Ray Train run: bundles of ``per_run`` in order, or (``"auto"``) ``limit`` runs (the runs
+    that fit at once) sharing the jobs evenly, so each slot pays Ray Train's start-up once."""
+    if per_run == "auto":
+        n = max(1, min(limit, len(jobs)))
+        return [list(jobs[i::n]) for i in range(n) if jobs[i::n]]
+    size = int(per_run)
+    return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train run: the jobs of a bundle (usually one), resumed from the run's checkpoint if any."""
     import ray.train
@@ -350,9 +360,8 @@ def run_jobs_on_ray(
     check_run_dir_on_nodes(run_dir)
     cluster = ray.cluster_resources()
     use_gpu = _resolve_use_gpu_on_cluster(cfg, cluster)
-    size = cfg.train.jobs_per_run
-    bundles = [pending[i : i + size] for i in range(0, len(pending), size)]
     limit = cfg.train.max_concurrent_jobs or runs_that_fit(cfg, cluster, use_gpu)
+    bundles = bundle_jobs(pending, cfg.train.jobs_per_run, limit)
     storage = RunDir(run_dir).ray_runs(
         name or f"{kind}-{cfg.section_hash('data', 'features', 'model', 'train', 'distill')}"
     )

@@ -19,6 +19,7 @@ so that all losses see the same batches. Total loss = task_weight * task + weigh
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,7 @@ def build_student_for_job(
 def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext) -> dict[str, float]:
     """Train (or resume) one student; rank 0 writes student.pt, predictions, history, metrics, DONE."""
     assert job.loss is not None
+    started = time.perf_counter()
     out_dir = Path(job.out_dir)
     regression = cfg.data.is_regression
     metric = "ccc" if regression else "accuracy"
@@ -291,7 +293,9 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         write_predictions(frames, out_dir / "predictions.parquet")
         write_history(out_dir, {phase: state}, metric)
         atomic_write_json(out_dir / METRICS, metrics)
-        atomic_write_json(job.done_marker, {"cache": meta}, indent=None)
+        atomic_write_json(
+            job.done_marker, {"cache": meta, "seconds": round(time.perf_counter() - started, 2)}, indent=None
+        )
     return metrics
 
 

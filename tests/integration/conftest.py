@@ -43,11 +43,10 @@ TINY_OVERRIDES: dict[str, Any] = {
     "train.num_workers": 1,
     "features.workers": 1,
     # These tests are about the servers, the flow and resumption, not the student's init: the paper's frozen
-    # init (students from the embedding cache) and one Ray Train run per job keep them fast; the demo
-    # preset's teacher-finetune / 8 jobs per run are covered by tests/train/test_student_init.py and the
-    # table/console end-to-end runs.
+    # init (students from the embedding cache) keeps them fast (teacher-finetune: tests/train/test_student_init.py).
+    # One Ray Train run per slot (the demo's bundling) pays Ray Train's start-up once per stage and slot.
     "train.student_init": "teacher-frozen",
-    "train.jobs_per_run": 1,
+    "train.jobs_per_run": "auto",
     # The refit stage (one more teacher + student job) is tested where the champion is checked:
     # test_deployment.py turns it back on.
     "train.refit": False,

@@ -39,7 +39,7 @@ TINY = {
     "features.workers": 1,
     "train.folds": 3,
     "train.student_init": "teacher-frozen",  # students from the cache: fast (finetune: test_student_init)
-    "train.jobs_per_run": 1,
+    "train.jobs_per_run": "auto",
 }
 
 
