@@ -346,8 +346,9 @@ class QualitySettings:
     folds: int = 5
     workers: int = 1
     concurrent: int | None = None
-    #: jobs per Ray Train run: bundling amortises a run's start-up (seconds) over several short student jobs
-    jobs_per_run: int = 8
+    #: jobs per Ray Train run: bundling amortises a run's start-up (seconds) over several short student jobs;
+    #: "auto" = one run per slot that fits at once
+    jobs_per_run: int | str = "auto"
     seconds_per_video: float = 24.0
     grid: bool = True
     #: grid cells to run (None = every cell of :func:`grid_cells`); the base cell always runs
@@ -1228,7 +1229,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         help="train.max_concurrent_jobs (default: what the CPUs allow)",
     )
     parser.add_argument(
-        "--jobs-per-run", type=int, default=8, help="train.jobs_per_run (jobs bundled into one Ray Train run)"
+        "--jobs-per-run",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="train.jobs_per_run: jobs bundled into one Ray Train run, or 'auto' (one run per slot; default)",
     )
     parser.add_argument(
         "--seconds-per-video", type=float, default=24.0, help="synthetic Aff-Wild2 video length"

@@ -183,6 +183,8 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
             "(pass --ray-address auto to use that cluster)",
             existing,
         )
+    # One machine cannot be preempted from under itself: no watcher actor (a process) per Ray Train run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     node_ip = os.environ.get(NODE_IP_ENV) or LOOPBACK
     kwargs: dict[str, Any] = {
         "address": "local",
