@@ -96,17 +96,13 @@ class DataConfig(_Section):
 
     @property
     def target_column(self) -> str:
-        """The manifest column the task's targets come from (``label``, ``valence``, ``arousal`` or ``target``)."""
+        """The manifest column of the task's targets."""
         return {"regression": "target", "valence": "valence", "arousal": "arousal"}.get(self.task, "label")
 
     @property
     def num_outputs(self) -> int:
-        """Classes for classification, 1 for regression.
-
-        ``multiclass`` has ``num_classes`` outputs (Biovid: 5); a table run's ``num_classes`` is inferred from
-        its labels by :func:`pkdot.pipeline.prepare_run`, and reading this before then raises
-        :class:`ConfigError`.
-        """
+        """Classes for classification, 1 for regression (a table run's multiclass ``num_classes`` is inferred
+        from its labels when the run is prepared; reading this before then raises :class:`ConfigError`)."""
         if self.task == "multiclass":
             if self.num_classes is not None:
                 return self.num_classes
@@ -231,6 +227,10 @@ class ModelConfig(_Section):
         return self
 
 
+#: The authors'-protocol switches (train field -> value), each optimistic by construction.
+_OPTIMISTIC = {"folds": "clips", "select_on": "test", "teacher_scope": "all"}
+
+
 class TrainConfig(_Section):
     """Teacher/student optimisation, folds and Ray Train scaling."""
 
@@ -325,9 +325,7 @@ class TrainConfig(_Section):
     @property
     def optimistic_switches(self) -> list[str]:
         """The authors'-protocol switches this config sets (each makes scores optimistic by construction)."""
-        on = {"folds": self.folds == "clips", "select_on": self.select_on == "test"}
-        on["teacher_scope"] = self.teacher_scope == "all"
-        return [f"train.{k}={getattr(self, k)}" for k, v in on.items() if v]
+        return [f"train.{k}={v}" for k, v in _OPTIMISTIC.items() if getattr(self, k) == v]
 
     @property
     def student_backbone_frozen(self) -> bool:
@@ -341,7 +339,7 @@ def _weight(default: float) -> Any:
 
 
 class LossOptions(_Section):
-    """Options of one distillation loss and the weight of its term (cited in the loss's module)."""
+    """Options of one distillation loss and the weight of its term (the weight's source: the loss's module)."""
 
     weight: float = _weight(1.0)
 
@@ -412,10 +410,8 @@ class PkdotAllOptions(PkdotOptions):
 class DistillConfig(_Section):
     """The student's objective: task_weight * task loss + ``<loss>.weight`` * the loss of ``losses``.
 
-    Each field typed by a :class:`LossOptions` subclass is one loss (its name -- the field's alias when it has
-    one, e.g. ``pkdot-most`` -- options and weight); they make :data:`LOSSES`. A composite ``a+b`` trains one
-    student on the sum of the terms, each with its own weight. ``distill.weights.<loss>`` is accepted as
-    ``distill.<loss>.weight``.
+    Each field typed by a :class:`LossOptions` subclass is one loss (named by the field's alias when it has
+    one, e.g. ``pkdot-most``); they make :data:`LOSSES`.
     """
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
@@ -656,11 +652,10 @@ class RunConfig(_Section):
     # ---- helpers -------------------------------------------------------------------------------------------
     @property
     def robustness_curves(self) -> bool:
-        """Whether the evaluate stage computes robustness curves (``evaluate.robustness``; None = when the
-        student's modality is video)."""
+        """Whether the evaluate stage computes robustness curves (``evaluate.robustness``, resolved)."""
         if self.evaluate.robustness is None:
             return "video" in self.data.student_modalities
-        return bool(self.evaluate.robustness)
+        return self.evaluate.robustness
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections (for caching a stage on its inputs)."""
@@ -831,8 +826,7 @@ def load_config(
     if chosen not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
     merged = copy.deepcopy(PRESETS[chosen])
-    leaks = {("folds", "clips"), ("select_on", "test"), ("teacher_scope", "all")}
-    switches = [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if (k, v) in leaks]
+    switches = [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if _OPTIMISTIC.get(k) == v]
     if switches:
         raise ConfigError(
             f"preset {chosen!r} sets {', '.join(switches)}: the authors'-protocol switches are optimistic by "
