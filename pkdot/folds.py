@@ -269,8 +269,6 @@ def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
 def assign_crossfit_groups(fold: Fold, groups: int, seed: int) -> Fold:
     """Cut a fold's training subjects into ``groups`` disjoint groups (sizes differ by at most one)."""
     train = sorted(fold.train)
-    if groups < 2:
-        raise ConfigError(f"distill.crossfit_groups must be >= 2, got {groups}")
     if len(train) < groups:
         raise ConfigError(
             f"distill.crossfit_groups={groups}: fold {fold.index} has only {len(train)} training subjects "

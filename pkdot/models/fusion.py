@@ -73,8 +73,6 @@ class GatedCrossAttentionFusion(nn.Module):
             raise ConfigError(f"fusion: modalities must be distinct, got {modalities}")
         if dim % heads:
             raise ConfigError(f"model.embed_dim ({dim}) must be divisible by model.fusion_heads ({heads})")
-        if layers < 1:
-            raise ConfigError(f"model.fusion_layers must be >= 1, got {layers}")
         self.modalities = modalities
         self.dim = dim
         self.encoders = module_dict(
