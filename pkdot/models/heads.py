@@ -81,6 +81,12 @@ class TaskHead(nn.Module):
 
     def __init__(self, dim: int, num_outputs: int, regression: bool, *, bounded: bool = True) -> None:
         super().__init__()
+        if regression and num_outputs != 1:
+            raise StageError(f"TaskHead: a regression head has 1 output, got num_outputs={num_outputs}")
+        if not regression and num_outputs < 2:
+            raise StageError(
+                f"TaskHead: a classification head needs >= 2 classes, got num_outputs={num_outputs}"
+            )
         self.regression = regression
         self.bounded = bounded
         self.num_outputs = num_outputs
@@ -150,9 +156,7 @@ def freeze_(module: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
     """Run the block with ``torch.manual_seed(seed)``, restoring the global CPU RNG state afterwards (None: as is)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         yield

@@ -77,11 +77,8 @@ class Student(nn.Module):
             raise StageError(
                 f"student: expected {self.modality} tokens (B, N, {self.fusion.dim}), got {tuple(video_tokens.shape)}"
             )
-        tokens = {self.modality: video_tokens}
-        if len(self.tnets):
-            video_embedding = video_tokens.mean(dim=1)
-            for m, tnet in self.tnets.items():
-                tokens[m] = tnet(video_embedding).unsqueeze(1)
+        pooled = video_tokens.mean(dim=1)
+        tokens = {self.modality: video_tokens} | {m: t(pooled).unsqueeze(1) for m, t in self.tnets.items()}
         z, gates = self.fusion(tokens)
         return ModelOutput(embedding=z, logits=self.head(z), tokens=tokens, gates=gates)
 

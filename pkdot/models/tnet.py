@@ -82,9 +82,9 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
         off_diagonal = d2.detach()[~torch.eye(n + m, dtype=torch.bool, device=z.device)]
         median = off_diagonal.median().clamp_min(torch.finfo(d2.dtype).tiny)
         scales: list[Tensor | float] = [median * s for s in DEFAULT_BANDWIDTH_SCALES]
+    elif len(bandwidths) == 0 or any(float(h) <= 0 for h in bandwidths):
+        raise StageError(f"mmd_rbf: bandwidths must be positive numbers, got {list(bandwidths)}")
     else:
-        if len(bandwidths) == 0 or any(float(h) <= 0 for h in bandwidths):
-            raise StageError(f"mmd_rbf: bandwidths must be positive numbers, got {list(bandwidths)}")
         scales = [float(h) for h in bandwidths]
     kernel = sum(torch.exp(-d2 / h) for h in scales)
     assert isinstance(kernel, Tensor)

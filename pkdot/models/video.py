@@ -78,11 +78,8 @@ class Small3dBody(nn.Module):
 
 
 class VideoBackbone(Backbone):
-    """Face-clip encoder: ``uint8 (B, T, H, W, 3) -> tokens (B, T', D)``.
-
-    ``x -> (x / 255 - mean) / std -> body -> mean over (H', W') -> (B, T', C)`` then
-    ``Linear(C, D) -> ReLU -> Linear(D, D)`` (only the final ``Linear(D, D)`` when ``C == D``).
-    """
+    """Face-clip encoder: ``uint8 (B, T, H, W, 3) -> tokens (B, T', D)``; the body's ``(B, T', C)`` spatial means
+    go through ``Linear(C, D) -> ReLU -> Linear(D, D)`` (only the final ``Linear(D, D)`` when ``C == D``)."""
 
     expects_uint8 = True
     mean: Tensor
