@@ -36,26 +36,26 @@ class DataConfig(_Section):
     """Which data set, where it lives, which task and which modalities."""
 
     dataset: Literal["biovid", "affwild2", "table"] = "biovid"
-    root: Path | None = Field(default=None, description="Dataset root (None = the synthetic set of the run)")
-    part: Literal["A", "B"] = Field(default="A", description="Biovid part (B adds facial EMG)")
+    root: Path | None = Field(None, description="Dataset root (None = the synthetic set of the run)")
+    part: Literal["A", "B"] = Field("A", description="Biovid part (B adds facial EMG)")
     task: Task = Field(
-        default="binary",
+        "binary",
         description="binary / multiclass (classification), valence / arousal (Aff-Wild2), "
         "regression (table data: a float 'target' column)",
     )
     num_classes: int | None = Field(
-        default=None,
+        None,
         ge=2,
         description="Classes of a multiclass task (None: 5 for Biovid; for table data inferred from the "
         "labels when the run is prepared)",
     )
-    skip_bad: bool = Field(default=False, description="Skip and report bad samples instead of failing")
+    skip_bad: bool = Field(False, description="Skip and report bad samples instead of failing")
     # Aff-Wild2 clip windows (frames of the annotation/video timeline)
-    clip_frames: int = Field(default=50, ge=2, description="Aff-Wild2 clip length in frames")
-    clip_stride: int = Field(default=50, ge=1, description="Aff-Wild2 step between clip starts in frames")
-    min_annotated: float = Field(default=0.5, gt=0.0, le=1.0, description="Min fraction of annotated frames")
+    clip_frames: int = Field(50, ge=2, description="Aff-Wild2 clip length in frames")
+    clip_stride: int = Field(50, ge=1, description="Aff-Wild2 step between clip starts in frames")
+    min_annotated: float = Field(0.5, gt=0.0, le=1.0, description="Min fraction of annotated frames")
     faces: Literal["video", "frames"] | None = Field(
-        default=None,
+        None,
         description="Where face crops come from: 'video' (decode + detect) or 'frames' (face-crop folders: "
         "Aff-Wild2 cropped_aligned/<video>/<frame:05d>.jpg, Biovid frames/<subject>/<sample>/<frame:05d>.jpg; "
         "1-based, a missing file = no face); None = 'frames' when that folder exists under the root",
@@ -96,17 +96,13 @@ class DataConfig(_Section):
 
     @property
     def target_column(self) -> str:
-        """The manifest column the task's targets come from (``label``, ``valence``, ``arousal`` or ``target``)."""
+        """The manifest column of the task's targets."""
         return {"regression": "target", "valence": "valence", "arousal": "arousal"}.get(self.task, "label")
 
     @property
     def num_outputs(self) -> int:
-        """Classes for classification, 1 for regression.
-
-        ``multiclass`` has ``num_classes`` outputs (Biovid: 5); a table run's ``num_classes`` is inferred from
-        its labels by :func:`pkdot.pipeline.prepare_run`, and reading this before then raises
-        :class:`ConfigError`.
-        """
+        """Classes for classification, 1 for regression (a table run's multiclass ``num_classes`` is inferred
+        from its labels when the run is prepared; reading this before then raises :class:`ConfigError`)."""
         if self.task == "multiclass":
             if self.num_classes is not None:
                 return self.num_classes
@@ -122,14 +118,14 @@ class DataConfig(_Section):
 class SynthConfig(_Section):
     """Size of the synthetic data set written when no root is given."""
 
-    subjects: int = Field(default=8, ge=2)
-    samples_per_class: int = Field(default=4, ge=1, description="Biovid: windows per class per subject")
-    videos_per_subject: int = Field(default=1, ge=1, description="Aff-Wild2: videos per subject")
-    seconds_per_video: float = Field(default=12.0, gt=0)
-    frame_size: int = Field(default=160, ge=64, description="Synthetic video frame side (pixels)")
-    fps: int = Field(default=25, ge=5)
+    subjects: int = Field(8, ge=2)
+    samples_per_class: int = Field(4, ge=1, description="Biovid: windows per class per subject")
+    videos_per_subject: int = Field(1, ge=1, description="Aff-Wild2: videos per subject")
+    seconds_per_video: float = Field(12.0, gt=0)
+    frame_size: int = Field(160, ge=64, description="Synthetic video frame side (pixels)")
+    fps: int = Field(25, ge=5)
     coupling: float = Field(
-        default=1.0,
+        1.0,
         ge=0.0,
         le=1.0,
         description="How much the privileged modality (physio / audio) and the face share one latent response: "
@@ -141,56 +137,54 @@ class SynthConfig(_Section):
 class FeatureConfig(_Section):
     """Stage 1: face crops, physiological and audio features."""
 
-    n_frames: int = Field(default=10, ge=1, description="Frames sampled per clip (TSN: one per segment)")
-    crop_size: int = Field(default=112, ge=16)
-    face_margin: float = Field(default=0.25, ge=0.0, le=1.0)
+    n_frames: int = Field(10, ge=1, description="Frames sampled per clip (TSN: one per segment)")
+    crop_size: int = Field(112, ge=16)
+    face_margin: float = Field(0.25, ge=0.0, le=1.0)
     detector: Literal["haar", "yunet"] = "haar"
-    yunet_model: Path | None = Field(default=None, description="ONNX file for OpenCV FaceDetectorYN")
+    yunet_model: Path | None = Field(None, description="ONNX file for OpenCV FaceDetectorYN")
     min_face_px: int = Field(
-        default=64,
+        64,
         ge=8,
         description="Smallest face width to find, in source pixels: frames are downscaled for detection so "
         "that a face of this width still spans the detector's minimum (24 px for Haar)",
     )
     detect_width: int | None = Field(
-        default=None,
+        None,
         ge=64,
         description="Optional cap on the width frames are downscaled to for detection (speed); None = the "
         "scale follows min_face_px. A cap below what min_face_px needs raises the smallest face found "
         "(logged)",
     )
     detect_every: int = Field(
-        default=3,
+        3,
         ge=1,
         description="The face detector runs (near the tracked box) on every N-th sampled frame of a clip; in "
         "between the box follows the face by template matching (1 = detect on every frame). The whole frame "
         "is searched on a clip's first sampled frame and whenever the face is lost",
     )
-    box_smoothing: float = Field(default=0.5, ge=0.0, lt=1.0, description="EMA factor on face boxes")
+    box_smoothing: float = Field(0.5, ge=0.0, lt=1.0, description="EMA factor on face boxes")
     # Physio (Biovid: 512 Hz, 5.5 s windows; the authors use seconds 2-5)
-    physio_fs: float = Field(default=512.0, gt=0)
-    physio_channels: list[str] | None = Field(default=None, description="None = every channel of the part")
+    physio_fs: float = Field(512.0, gt=0)
+    physio_channels: list[str] | None = Field(None, description="None = every channel of the part")
     physio_window: tuple[float, float] = (2.0, 5.0)
-    max_nan_gap_s: float = Field(default=0.1, ge=0.0, description="Longer NaN runs quarantine the sample")
-    biovid_window_s: float = Field(
-        default=5.5, gt=0, description="Duration of a Biovid sample (its video and biosignal file cover it)"
-    )
+    max_nan_gap_s: float = Field(0.1, ge=0.0, description="Longer NaN runs quarantine the sample")
+    biovid_window_s: float = Field(5.5, gt=0, description="Seconds of a Biovid sample (video and biosignals)")
     duration_tolerance_s: float = Field(
-        default=0.5,
+        0.5,
         ge=0,
         description="A recording shorter than its sample's window (biovid_window_s) by more than this, or a "
         "video and a biosignal file of one sample whose durations differ by more than this, quarantines the sample",
     )
-    spec_nperseg: int = Field(default=16, ge=4)
-    spec_noverlap: int = Field(default=4, ge=0)
-    spec_nfft: int = Field(default=128, ge=4)
+    spec_nperseg: int = Field(16, ge=4)
+    spec_noverlap: int = Field(4, ge=0)
+    spec_nfft: int = Field(128, ge=4)
     # Audio
-    audio_sr: int = Field(default=16000, ge=4000)
-    n_mels: int = Field(default=64, ge=8)
-    hop_length: int = Field(default=160, ge=16)
+    audio_sr: int = Field(16000, ge=4000)
+    n_mels: int = Field(64, ge=8)
+    hop_length: int = Field(160, ge=16)
     # Execution
-    workers: int = Field(default=2, ge=1)
-    shard_size: int = Field(default=32, ge=1)
+    workers: int = Field(2, ge=1)
+    shard_size: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _spec(self) -> FeatureConfig:
@@ -209,18 +203,18 @@ class FeatureConfig(_Section):
 class ModelConfig(_Section):
     """Backbones, fusion and T-Net sizes."""
 
-    embed_dim: int = Field(default=512, ge=4)
+    embed_dim: int = Field(512, ge=4)
     video_backbone: Literal["r3d18", "small3d"] = "r3d18"
-    video_width: int = Field(default=64, ge=4, description="Channels of the first video stage")
+    video_width: int = Field(64, ge=4, description="Channels of the first video stage")
     physio_input: Literal["spectrogram", "window"] = "spectrogram"
-    physio_width: int = Field(default=64, ge=4)
-    audio_width: int = Field(default=64, ge=4)
-    mlp_hidden: int = Field(default=256, ge=4, description="Hidden size of MLP backbones (table data)")
-    fusion_heads: int = Field(default=2, ge=1)
-    fusion_layers: int = Field(default=1, ge=1)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    physio_width: int = Field(64, ge=4)
+    audio_width: int = Field(64, ge=4)
+    mlp_hidden: int = Field(256, ge=4, description="Hidden size of MLP backbones (table data)")
+    fusion_heads: int = Field(2, ge=1)
+    fusion_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
     tnet_hidden: list[int] = Field(default_factory=lambda: [256, 128, 256])
-    pretrained_video: Path | None = Field(default=None, description="Local state_dict for the video backbone")
+    pretrained_video: Path | None = Field(None, description="Local state_dict for the video backbone")
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -231,75 +225,71 @@ class ModelConfig(_Section):
         return self
 
 
+#: The authors'-protocol switches (train field -> value), each optimistic by construction.
+_OPTIMISTIC = {"folds": "clips", "select_on": "test", "teacher_scope": "all"}
+
+
 class TrainConfig(_Section):
     """Teacher/student optimisation, folds and Ray Train scaling."""
 
     folds: int | Literal["loso", "official", "clips"] | None = Field(
-        default=None,
+        None,
         description="Subject k-fold (int >= 2), 'loso', or 'official' (Aff-Wild2: train on Train_Set minus a "
         "validation carve-out, test on Validation_Set); None = 'official' for Aff-Wild2, 5 otherwise. "
         "'clips' (authors' protocol, optimistic by construction): stratified 5-fold over samples, ignoring "
         "subjects",
     )
     select_on: Literal["val", "test"] = Field(
-        default="val",
+        "val",
         description="Where each model's epoch is selected: 'val' (validation subjects) or 'test' (authors' "
         "protocol, optimistic by construction: the fold's test samples serve as its validation part)",
     )
     teacher_scope: Literal["fold", "all"] = Field(
-        default="fold",
+        "fold",
         description="'fold': each fold's teacher trains on the fold's training subjects; 'all' (authors' "
         "protocol, optimistic by construction): on every sample but the validation carve-out, test included",
     )
-    max_folds: int | None = Field(default=None, ge=1, description="Run only the first N folds")
-    val_fraction: float = Field(
-        default=0.2, gt=0.0, lt=1.0, description="Training subjects held for validation"
-    )
-    batch_size: int = Field(default=128, ge=2)
-    teacher_batch_size: int = Field(default=64, ge=2)
-    epochs_unimodal: int = Field(default=20, ge=1)
-    epochs_teacher: int = Field(default=20, ge=1)
-    epochs_tnet: int = Field(default=20, ge=1)
-    epochs_student: int = Field(default=20, ge=1)
-    lr_backbone: float = Field(default=1e-3, gt=0)
-    lr_teacher_backbone: float = Field(default=1e-4, gt=0)
-    lr_fusion: float = Field(default=1e-3, gt=0)
-    lr_tnet: float = Field(default=5e-5, gt=0)
-    lr_student: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    optimizer: Literal["sgd", "adam"] = Field(
-        default="sgd", description="Teacher phases (paper: SGD, momentum 0.9)"
-    )
+    max_folds: int | None = Field(None, ge=1, description="Run only the first N folds")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Training subjects held for validation")
+    batch_size: int = Field(128, ge=2)
+    teacher_batch_size: int = Field(64, ge=2)
+    epochs_unimodal: int = Field(20, ge=1)
+    epochs_teacher: int = Field(20, ge=1)
+    epochs_tnet: int = Field(20, ge=1)
+    epochs_student: int = Field(20, ge=1)
+    lr_backbone: float = Field(1e-3, gt=0)
+    lr_teacher_backbone: float = Field(1e-4, gt=0)
+    lr_fusion: float = Field(1e-3, gt=0)
+    lr_tnet: float = Field(5e-5, gt=0)
+    lr_student: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Teacher phases (paper: SGD, momentum 0.9)")
     student_init: Literal["teacher-frozen", "teacher-finetune", "scratch", "pretrained"] = Field(
-        default="teacher-frozen",
+        "teacher-frozen",
         description="The student's video backbone: 'teacher-frozen' (the paper's: the teacher's, frozen; the "
         "student trains from cached tokens), 'teacher-finetune' (starts from the teacher's, trained), 'scratch' "
         "(freshly initialised), 'pretrained' (loads model.pretrained_video). Non-frozen students read the face "
         "crops. Replaces freeze_student_backbone (true = teacher-frozen, false = teacher-finetune; still read)",
     )
-    num_workers: int = Field(default=2, ge=1, description="Ray Train workers")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
     use_gpu: bool | Literal["auto"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto",
+        "auto",
         description="Autocast precision of training and prediction ('auto': bf16 on a CUDA GPU that supports "
         "it, fp32 otherwise; 'fp16' adds gradient scaling); losses are computed in fp32",
     )
-    max_failures: int = Field(default=2, ge=0)
-    checkpoint_every_s: float = Field(
-        default=20.0, ge=0, description="Min seconds between Ray Train checkpoints"
-    )
+    max_failures: int = Field(2, ge=0)
+    checkpoint_every_s: float = Field(20.0, ge=0, description="Min seconds between Ray Train checkpoints")
     max_concurrent_jobs: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description="Training runs (one per job or bundle) at once on Ray; None = as many as the cluster's "
         "CPUs/GPUs hold (num_workers x cpus_per_worker [x gpus_per_worker] each)",
     )
-    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per Ray Train worker")
-    gpus_per_worker: float = Field(
-        default=1.0, gt=0, description="GPUs reserved per Ray Train worker when training on GPU"
-    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs reserved per Ray Train worker (GPU runs)")
     jobs_per_run: int | Literal["auto"] = Field(
-        default=1,
+        1,
         description="Jobs (fold x seed [x loss]) bundled into one Ray Train run, run one after another in it "
         "(amortises Ray Train's start-up, seconds per run, over short jobs); 'auto': as many runs as fit at "
         "once, the stage's jobs shared evenly between them",
@@ -311,8 +301,9 @@ class TrainConfig(_Section):
         if v != "auto" and v < 1:
             raise ValueError("jobs_per_run must be >= 1 or 'auto'")
         return v
+
     refit: bool = Field(
-        default=True,
+        True,
         description="Refit the configuration chosen on validation on every subject and register that model (the "
         "refit stage); false registers the best-validation fold model instead",
     )
@@ -332,9 +323,7 @@ class TrainConfig(_Section):
     @property
     def optimistic_switches(self) -> list[str]:
         """The authors'-protocol switches this config sets (each makes scores optimistic by construction)."""
-        on = {"folds": self.folds == "clips", "select_on": self.select_on == "test"}
-        on["teacher_scope"] = self.teacher_scope == "all"
-        return [f"train.{k}={getattr(self, k)}" for k, v in on.items() if v]
+        return [f"train.{k}={v}" for k, v in _OPTIMISTIC.items() if getattr(self, k) == v]
 
     @property
     def student_backbone_frozen(self) -> bool:
@@ -344,11 +333,11 @@ class TrainConfig(_Section):
 
 # ---- distillation: one options model per loss (its class's keyword arguments) and its term's weight --------
 def _weight(default: float) -> Any:
-    return Field(default=default, ge=0.0, allow_inf_nan=False, description="Weight of this loss's term")
+    return Field(default, ge=0.0, allow_inf_nan=False, description="Weight of this loss's term")
 
 
 class LossOptions(_Section):
-    """Options of one distillation loss and the weight of its term (cited in the loss's module)."""
+    """Options of one distillation loss and the weight of its term (the weight's source: the loss's module)."""
 
     weight: float = _weight(1.0)
 
@@ -358,7 +347,7 @@ class NoneOptions(LossOptions):
 
 
 class KDOptions(LossOptions):
-    temperature: float = Field(default=4.0, gt=0, description="Softmax temperature T")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T")
 
 
 class FitNetOptions(LossOptions):
@@ -370,8 +359,8 @@ class SPOptions(LossOptions):
 
 
 class RKDOptions(LossOptions):
-    distance_weight: float = Field(default=25.0, ge=0)
-    angle_weight: float = Field(default=50.0, ge=0)
+    distance_weight: float = Field(25.0, ge=0)
+    angle_weight: float = Field(50.0, ge=0)
 
 
 class PKTOptions(LossOptions):
@@ -380,21 +369,19 @@ class PKTOptions(LossOptions):
 
 class CRDOptions(LossOptions):
     weight: float = _weight(0.8)
-    n_negatives: int | None = Field(
-        default=None, ge=1, description="Negatives per sample (None: min(4096, N-1))"
-    )
-    temperature: float = Field(default=0.07, gt=0, description="NCE temperature")
-    momentum: float = Field(default=0.5, ge=0.0, lt=1.0, description="Memory-bank momentum")
-    feat_dim: int = Field(default=128, ge=1, description="Width of the shared embedding")
-    seed: int = Field(default=0, description="Seed of the memory initialisation and negative sampling")
+    n_negatives: int | None = Field(None, ge=1, description="Negatives per sample (None: min(4096, N-1))")
+    temperature: float = Field(0.07, gt=0, description="NCE temperature")
+    momentum: float = Field(0.5, ge=0.0, lt=1.0, description="Memory-bank momentum")
+    feat_dim: int = Field(128, ge=1, description="Width of the shared embedding")
+    seed: int = Field(0, description="Seed of the memory initialisation and negative sampling")
 
 
 class PkdotOptions(LossOptions):
     weight: float = _weight(0.6)
-    k: int | Literal["all"] = Field(default=30, description="Anchors per row (int >= 1 or 'all')")
-    anchors: Literal["least", "most"] = Field(default="least", description="Least or most similar columns")
-    blur: float = Field(default=0.1, gt=0, description="Sinkhorn blur (eps = blur^2)")
-    scaling: float = Field(default=0.5, gt=0, lt=1, description="Epsilon-scaling ratio")
+    k: int | Literal["all"] = Field(30, description="Anchors per row (int >= 1 or 'all')")
+    anchors: Literal["least", "most"] = Field("least", description="Least or most similar columns")
+    blur: float = Field(0.1, gt=0, description="Sinkhorn blur (eps = blur^2)")
+    scaling: float = Field(0.5, gt=0, lt=1, description="Epsilon-scaling ratio")
 
     @field_validator("k")
     @classmethod
@@ -407,22 +394,20 @@ class PkdotOptions(LossOptions):
 class PkdotMostOptions(PkdotOptions):
     """PKDOT on the k most-similar anchors (a structure-faithful variant, issue 25)."""
 
-    anchors: Literal["least", "most"] = Field(default="most", description="Least or most similar columns")
+    anchors: Literal["least", "most"] = Field("most", description="Least or most similar columns")
 
 
 class PkdotAllOptions(PkdotOptions):
     """PKDOT on every column of the similarity matrices (a structure-faithful variant, issue 25)."""
 
-    k: int | Literal["all"] = Field(default="all", description="Anchors per row (int >= 1 or 'all')")
+    k: int | Literal["all"] = Field("all", description="Anchors per row (int >= 1 or 'all')")
 
 
 class DistillConfig(_Section):
     """The student's objective: task_weight * task loss + ``<loss>.weight`` * the loss of ``losses``.
 
-    Each field typed by a :class:`LossOptions` subclass is one loss (its name -- the field's alias when it has
-    one, e.g. ``pkdot-most`` -- options and weight); they make :data:`LOSSES`. A composite ``a+b`` trains one
-    student on the sum of the terms, each with its own weight. ``distill.weights.<loss>`` is accepted as
-    ``distill.<loss>.weight``.
+    Each field typed by a :class:`LossOptions` subclass is one loss (named by the field's alias when it has
+    one, e.g. ``pkdot-most``); they make :data:`LOSSES`.
     """
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
@@ -431,7 +416,7 @@ class DistillConfig(_Section):
         default_factory=lambda: list(DEFAULT_LOSSES),
         description="One student per loss; 'a+b' trains one student on the sum of registered losses a and b",
     )
-    task_weight: float = Field(default=1.0, ge=0.0)
+    task_weight: float = Field(1.0, ge=0.0)
     none: NoneOptions = Field(default_factory=NoneOptions)
     kd: KDOptions = Field(default_factory=KDOptions)
     fitnet: FitNetOptions = Field(default_factory=FitNetOptions)
@@ -444,14 +429,14 @@ class DistillConfig(_Section):
     pkdot_all: PkdotAllOptions = Field(default_factory=PkdotAllOptions, alias="pkdot-all")
     use_tnet: bool = True
     teacher_targets: Literal["fit", "crossfit"] = Field(
-        default="fit",
+        "fit",
         description="'fit' (the paper's): targets from the teacher trained on the fold's training subjects; "
         "'crossfit': training subjects are cut into crossfit_groups groups and a teacher trained without "
         "group j gives group j's targets (val/test: the full-fold teacher); student batches stay in one group",
     )
-    crossfit_groups: int = Field(default=3, ge=2, description="Groups J of teacher_targets='crossfit'")
+    crossfit_groups: int = Field(3, ge=2, description="Groups J of teacher_targets='crossfit'")
     teacher_source: Literal["fusion", "privileged"] = Field(
-        default="fusion",
+        "fusion",
         description="Which trained model's embedding and outputs the student imitates: 'fusion' (the paper's: "
         "the multimodal teacher) or 'privileged' (the unimodal model of the one privileged modality, trained "
         "in the teacher stage's phase 1). The student's T-Nets and frozen tokens still come from the fusion "
@@ -569,7 +554,7 @@ class TrackingConfig(_Section):
 
     tracking_uri: str | None = None
     public_uri: str | None = Field(
-        default=None,
+        None,
         description="The MLflow UI address people open (links in Prefect artifacts and printed messages), when "
         "it differs from the tracking URI the processes log to (e.g. http://localhost:5000 for a compose "
         "stack whose services reach MLflow at http://mlflow:5000). None = $PKDOT_MLFLOW_PUBLIC_URI, else the "
@@ -577,17 +562,15 @@ class TrackingConfig(_Section):
     )
     experiment: str = "pkdot"
     register_model: bool = True
-    log_checkpoints: bool = Field(
-        default=True, description="Log teacher/T-Net/student checkpoints as artifacts"
-    )
-    model_name: str | None = Field(default=None, description="Default: pkdot-student-<dataset>")
+    log_checkpoints: bool = Field(True, description="Log teacher/T-Net/student checkpoints as artifacts")
+    model_name: str | None = Field(None, description="Default: pkdot-student-<dataset>")
 
 
 class EvaluateConfig(_Section):
     """The evaluate stage: what the report holds beyond the test scores."""
 
     robustness: bool | None = Field(
-        default=None,
+        None,
         description="Robustness curves: the students and the unimodal video model re-evaluated on degraded "
         "test video (0-90 % of frames dropped, Gaussian noise, blur; report/robustness.png, robustness.csv, "
         "MLflow metrics). None = whenever the student's modality is video (the data sets' default); true on a "
@@ -603,7 +586,7 @@ class RunConfig(_Section):
     seed: int = 0
     run_dir: Path = Path("runs/demo")
     ray_address: str | None = Field(
-        default=None, description="Ray cluster ('auto' or host:port); None = $RAY_ADDRESS or a local Ray"
+        None, description="Ray cluster ('auto' or host:port); None = $RAY_ADDRESS or a local Ray"
     )
     data: DataConfig = Field(default_factory=DataConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
@@ -663,11 +646,10 @@ class RunConfig(_Section):
     # ---- helpers -------------------------------------------------------------------------------------------
     @property
     def robustness_curves(self) -> bool:
-        """Whether the evaluate stage computes robustness curves (``evaluate.robustness``; None = when the
-        student's modality is video)."""
+        """Whether the evaluate stage computes robustness curves (``evaluate.robustness``, resolved)."""
         if self.evaluate.robustness is None:
             return "video" in self.data.student_modalities
-        return bool(self.evaluate.robustness)
+        return self.evaluate.robustness
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections (for caching a stage on its inputs)."""
@@ -689,13 +671,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tiny models: seconds per epoch on a 2-core CPU.
     "demo": {
         "preset": "demo",
-        "features": {
-            "n_frames": 8,
-            "crop_size": 48,
-            "min_face_px": 24,  # the demo's 160-px frames: detect at full resolution
-            "shard_size": 16,
-            "n_mels": 32,
-        },
+        # min_face_px 24: the demo's 160-px frames are searched at full resolution
+        "features": {"n_frames": 8, "crop_size": 48, "min_face_px": 24, "shard_size": 16, "n_mels": 32},
         "model": {
             "embed_dim": 64,
             "video_backbone": "small3d",
@@ -730,11 +707,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 10 frames/s (not Biovid's 25): the demo samples 8 frames per window, and writing the set is 2.5x faster
         "synth": {"subjects": 10, "samples_per_class": 8, "fps": 10},
     },
-    # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6) are the defaults.
-    "paper": {
-        "preset": "paper",
-        "train": {"student_init": "teacher-finetune"},
-    },  # as `demo`: validation's pick
+    # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6) are the defaults;
+    # student_init as in `demo` (validation's pick).
+    "paper": {"preset": "paper", "train": {"student_init": "teacher-finetune"}},
 }
 
 
@@ -840,8 +815,7 @@ def load_config(
     if chosen not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
     merged = copy.deepcopy(PRESETS[chosen])
-    leaks = {("folds", "clips"), ("select_on", "test"), ("teacher_scope", "all")}
-    switches = [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if (k, v) in leaks]
+    switches = [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if _OPTIMISTIC.get(k) == v]
     if switches:
         raise ConfigError(
             f"preset {chosen!r} sets {', '.join(switches)}: the authors'-protocol switches are optimistic by "

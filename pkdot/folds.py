@@ -2,21 +2,17 @@
 
 Folds are over subjects (subject k-fold, leave-one-subject-out, or the official Aff-Wild2 partition); each
 fold's validation subjects, used for model selection, are carved from its training subjects. Each training
-seed draws its own subject k-fold partition (:func:`fold_seed`: repeated cross-validation); LOSO and the
-official partition are the same for every seed.
+seed draws its own subject k-fold partition (:func:`fold_seed`); LOSO and the official partition are the same
+for every seed. The authors' protocol (``train.folds: clips``, ``select_on: test``, ``teacher_scope: all``;
+optimistic by construction) gives ``leaky`` folds, whose parts may overlap.
 
-The authors' protocol (``train.folds: clips``, ``train.select_on: test``, ``train.teacher_scope: all``;
-optimistic by construction) is planned here too: folds over sample ids (``Fold.unit``), the test part as the
-validation part, and teachers trained with the test part (:meth:`Fold.with_test_in_training`); such folds are
-``leaky`` (their parts may overlap).
-
-``RUN/splits.json`` holds ``[{"seed": s, "fold": k, "train": [..], "val": [..], "test": [..]}, ...]``, one
-entry per (seed, fold), plus ``"crossfit_groups"`` with cross-fitted teacher targets. Entries without
-``"seed"`` (a plain list of folds) serve every seed.
+``RUN/splits.json`` holds one :meth:`Fold.to_dict` entry per (seed, fold); entries without ``"seed"`` serve
+every seed.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -43,10 +39,9 @@ SPLIT_NAMES = ("train", "val", "test")
 class Fold:
     """One fold: disjoint tuples of subject ids for training, validation (model selection) and test.
 
-    ``seed``: the training seed whose partition this fold belongs to (None: every seed's). ``crossfit``
-    (cross-fitted teacher targets only): J >= 2 disjoint groups that together cover ``train``. ``unit``: the
-    manifest column the ids come from (``sample_id`` under ``train.folds: clips``). ``leaky``: the parts may
-    overlap (``train.select_on: test``, ``train.teacher_scope: all``).
+    ``seed``: the training seed whose partition this is (None: every seed's). ``crossfit``: J >= 2 disjoint
+    groups covering ``train`` (cross-fitted teacher targets only). ``unit``: the manifest column of the ids
+    (``sample_id`` under ``train.folds: clips``). ``leaky``: the parts may overlap.
     """
 
     index: int
@@ -69,13 +64,10 @@ class Fold:
                 raise StageError(f"{where}: the {name} split lists a subject twice")
         if self.refit and self.test != self.val:
             raise StageError(f"{where}: a refit fold's test split is its validation split")
-        for i, a in enumerate(SPLIT_NAMES):
-            for b in SPLIT_NAMES[i + 1 :] if not self.leaky else ():
-                if self.refit and (a, b) == ("val", "test"):
-                    continue
-                both = set(getattr(self, a)) & set(getattr(self, b))
-                if both:
-                    raise StageError(f"{where}: subjects {sorted(both)[:5]} are in both {a} and {b}")
+        for a, b in () if self.leaky else itertools.combinations(SPLIT_NAMES, 2):
+            both = set(getattr(self, a)) & set(getattr(self, b))
+            if both and not (self.refit and (a, b) == ("val", "test")):
+                raise StageError(f"{where}: subjects {sorted(both)[:5]} are in both {a} and {b}")
         if self.crossfit:
             grouped = [s for g in self.crossfit for s in g]
             if any(not g for g in self.crossfit) or len(self.crossfit) < 2:
@@ -86,7 +78,7 @@ class Fold:
                 )
 
     def to_dict(self) -> dict[str, object]:
-        """The ``splits.json`` entry ``{["seed"], "fold", "train", "val", "test", ["crossfit_groups"]}``."""
+        """The ``splits.json`` entry (``seed``, ``crossfit_groups``, ``unit``, ``leaky``, ``refit`` when set)."""
         out: dict[str, object] = {} if self.seed is None else {"seed": self.seed}
         out |= {"fold": self.index, "train": list(self.train), "val": list(self.val), "test": list(self.test)}
         if self.crossfit:
@@ -100,7 +92,7 @@ class Fold:
         return replace(self, train=(*self.train, *self.test), crossfit=(), leaky=True)
 
     def group_of(self, subject: str) -> int:
-        """Index of the crossfit group holding a training subject (StageError if none does)."""
+        """Index of the crossfit group holding a training subject."""
         for j, group in enumerate(self.crossfit):
             if subject in group:
                 return j
@@ -113,8 +105,7 @@ class Fold:
                 f"fold {self.index}: no crossfit group {group} (the fold has {len(self.crossfit)} groups)"
             )
         held_out = set(self.crossfit[group])
-        train = tuple(s for s in self.train if s not in held_out)
-        return replace(self, train=train, crossfit=())
+        return replace(self, train=tuple(s for s in self.train if s not in held_out), crossfit=())
 
 
 def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
@@ -150,8 +141,7 @@ def subject_folds(
     ``scheme`` ``k >= 2``: the sorted subjects (``subject_ids`` may repeat) are shuffled with ``seed`` and cut
     into ``k`` groups (sizes differ by at most 1), group ``i`` being fold ``i``'s test set; ``"loso"``: one fold
     per subject. Each fold's validation subjects are ``val_fraction`` of the rest (rounded, at least 1, leaving
-    at least 1 for training), drawn with ``default_rng([seed, i])``. :class:`ConfigError` for an unknown
-    scheme, ``val_fraction`` outside (0, 1) or too few subjects.
+    at least 1 for training), drawn with ``default_rng([seed, i])``.
     """
     subjects = _unique_subjects(subject_ids)
     n = len(subjects)
@@ -193,8 +183,7 @@ def clip_folds(
     """The authors' folds (optimistic by construction): stratified k-fold over samples, ignoring subjects.
 
     ``StratifiedKFold(n_splits, shuffle=True, random_state=seed)`` on ``labels`` (None, e.g. regression:
-    ``KFold``); each fold's validation samples are ``val_fraction`` of its other samples, as in
-    :func:`subject_folds`. The folds hold sample ids (``unit="sample_id"``).
+    ``KFold``); validation carved as in :func:`subject_folds`; the folds hold sample ids.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -226,9 +215,7 @@ def official_folds(
     """The official Aff-Wild2 protocol as one fold: train on ``Train_Set``, test on ``Validation_Set``.
 
     ``subject_partition``: each subject's (video's) partition. The challenge's test labels are withheld, so
-    everyone reports on ``Validation_Set``; validation subjects for model selection are carved from
-    ``Train_Set`` as in :func:`subject_folds`. :class:`ConfigError` for another partition, fewer than 2
-    ``Train_Set`` subjects or no ``Validation_Set`` subject.
+    everyone reports on ``Validation_Set``; validation subjects are carved from ``Train_Set``.
     """
     _check_val_fraction(val_fraction)
     unknown = sorted({p for p in subject_partition.values() if p not in (train_partition, test_partition)})
@@ -251,9 +238,9 @@ def official_folds(
 
 
 def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fold:
-    """The one fold of a refit on every subject: ``val_fraction`` of them carved for epoch selection (as in each
-    fold, drawn with ``default_rng([seed, "refit"])``), the rest for training; its test split is the validation
-    split again (training code predicts on it; nothing reports it)."""
+    """The one fold of a refit on every subject: ``val_fraction`` of them carved for epoch selection, the rest
+    for training; its test split is the validation split again (training code predicts on it; nothing reports
+    it)."""
     subjects = _unique_subjects(subject_ids)
     _check_val_fraction(val_fraction)
     if len(subjects) < 2:
@@ -267,9 +254,8 @@ def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fo
 def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
     """The seed of the subject partition of training seed ``repeat_seed`` in a run seeded ``run_seed``.
 
-    Subject or clip k-fold (``scheme`` an int, None = 5, or ``"clips"``): ``SeedSequence([run_seed, repeat_seed])``, a different
-    partition per training seed. ``"loso"`` and ``"official"``: the run seed (fixed test assignment and
-    validation carve-out, identical across seeds).
+    k-fold and ``"clips"``: ``SeedSequence([run_seed, repeat_seed])``, a partition per training seed.
+    ``"loso"`` and ``"official"``: the run seed (the same folds for every seed).
     """
     if scheme in ("loso", "official"):
         return int(run_seed)
@@ -281,14 +267,8 @@ def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
 
 
 def assign_crossfit_groups(fold: Fold, groups: int, seed: int) -> Fold:
-    """Cut a fold's training subjects into ``groups`` disjoint groups (sizes differ by at most one).
-
-    The sorted training subjects are permuted with ``default_rng([seed, fold.index, groups])`` and split with
-    ``numpy.array_split``. :class:`ConfigError` with fewer training subjects than groups.
-    """
+    """Cut a fold's training subjects into ``groups`` disjoint groups (sizes differ by at most one)."""
     train = sorted(fold.train)
-    if groups < 2:
-        raise ConfigError(f"distill.crossfit_groups must be >= 2, got {groups}")
     if len(train) < groups:
         raise ConfigError(
             f"distill.crossfit_groups={groups}: fold {fold.index} has only {len(train)} training subjects "
@@ -316,7 +296,7 @@ class FoldPlan:
         return sorted(self.by_seed)
 
     def folds(self, seed: int | None = None) -> list[Fold]:
-        """The folds of ``seed`` (``None``: allowed when the plan has one partition for every seed)."""
+        """The folds of ``seed`` (``None``: when the plan has one partition for every seed)."""
         if self.shared is not None:
             return list(self.shared)
         if seed is None:
@@ -330,7 +310,6 @@ class FoldPlan:
         return list(self.by_seed[seed])
 
     def fold(self, seed: int, index: int) -> Fold:
-        """Fold ``index`` of ``seed``'s partition."""
         for f in self.folds(seed):
             if f.index == index:
                 return f
@@ -353,7 +332,7 @@ def as_plan(folds: FoldPlan | Mapping[int, Sequence[Fold]] | Sequence[Fold]) -> 
 
 
 def subject_partitions(frame: pd.DataFrame) -> dict[str, str]:
-    """Each subject's manifest ``partition``; :class:`DatasetError` naming subjects found in two partitions."""
+    """Each subject's manifest ``partition`` (each subject in one)."""
     pairs = frame[["subject_id", "partition"]].astype(str).drop_duplicates()
     counts = pairs.groupby("subject_id")["partition"].nunique()
     both = sorted(counts[counts > 1].index)
@@ -368,20 +347,15 @@ def subject_partitions(frame: pd.DataFrame) -> dict[str, str]:
 def fold_plan(
     frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str | None = "label"
 ) -> list[Fold]:
-    """The folds of a manifest's samples (``train.folds``, ``train.val_fraction``, ``train.select_on``, ``seed``).
-
-    ``official``: :func:`official_folds` over the samples' partitions; ``clips``: :func:`clip_folds` over
-    their ids, stratified on the ``stratify`` column (when the frame has it); else :func:`subject_folds` over
-    their subjects. ``select_on: test``: each fold's validation part is its test part. ``train.max_folds`` is
-    *not* applied. :class:`ConfigError` (naming the subjects found) when there are too few subjects.
+    """The folds of a manifest's samples by ``train.folds`` (``clips``: stratified on the ``stratify`` column
+    when the frame has it); ``select_on: test`` makes each fold's validation part its test part.
+    ``train.max_folds`` is *not* applied.
     """
-    folds = _fold_plan(frame, train, seed, stratify)
-    if train.select_on == "test":
-        folds = [replace(f, val=f.test, leaky=True) for f in folds]
-    return folds
+    folds = _scheme_folds(frame, train, seed, stratify)
+    return [replace(f, val=f.test, leaky=True) for f in folds] if train.select_on == "test" else folds
 
 
-def _fold_plan(frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str | None) -> list[Fold]:
+def _scheme_folds(frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str | None) -> list[Fold]:
     if train.folds == "clips":
         labels = frame[stratify].tolist() if stratify in frame.columns else None
         return clip_folds(
@@ -401,12 +375,9 @@ def _fold_plan(frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str
 
 
 def plan_run_folds(cfg: RunConfig, frame: pd.DataFrame) -> FoldPlan:
-    """The fold plan of a run over the manifest rows ``frame`` (the samples that take part).
-
-    Seed ``s`` of ``train.seeds`` draws :func:`fold_plan` seeded by :func:`fold_seed`; ``train.max_folds``
-    keeps each seed's first folds; with cross-fitted targets each fold's training subjects are cut into
-    ``distill.crossfit_groups`` groups (:func:`assign_crossfit_groups`, seeded like the folds).
-    """
+    """The fold plan of a run over the manifest rows ``frame``: for each of ``train.seeds``, :func:`fold_plan`
+    seeded by :func:`fold_seed`, its first ``train.max_folds`` folds, with crossfit groups when the run
+    cross-fits its teacher targets (seeded like the folds)."""
     crossfit = crossfit_groups_of(cfg)
     by_seed: dict[int, tuple[Fold, ...]] = {}
     for s in cfg.train.seeds:
@@ -421,13 +392,17 @@ def plan_run_folds(cfg: RunConfig, frame: pd.DataFrame) -> FoldPlan:
 
 
 def save_folds(folds: FoldPlan | Mapping[int, Sequence[Fold]] | Sequence[Fold], path: str | Path) -> None:
-    """Write ``splits.json`` atomically: a plan / ``{seed: folds}`` mapping, or a list written as it is."""
+    """Write ``splits.json`` atomically: a plan, a ``{seed: folds}`` mapping, or a list written as it is."""
     plan = as_plan(folds)
     entries = [f.to_dict() for f in plan.shared or ()] + [f.to_dict() for _, f in plan.pairs(plan.seeds)]
     atomic_write_json(path, entries)
 
 
 _OPTIONAL_KEYS = {"seed", "crossfit_groups", "unit", "leaky", "refit"}
+
+
+def _is_id_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(s, str) for s in value)
 
 
 def _fold_entry(path: Path, k: int, entry: object) -> Fold:
@@ -441,39 +416,27 @@ def _fold_entry(path: Path, k: int, entry: object) -> Fold:
     for name, value in (("fold", index), ("seed", seed)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise StageError(f"splits file {path}: entry {k}: {name!r} must be an integer, got {value!r}")
-    parts = {}
     for name in SPLIT_NAMES:
-        value = entry[name]
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        if not _is_id_list(entry[name]):
             raise StageError(
                 f"splits file {path}: fold {index}: {name!r} must be a list of subject ids (strings)"
             )
-        parts[name] = tuple(value)
     groups = entry.get("crossfit_groups", [])
-    if not isinstance(groups, list) or not all(
-        isinstance(g, list) and all(isinstance(s, str) for s in g) for g in groups
-    ):
+    if not isinstance(groups, list) or not all(map(_is_id_list, groups)):
         raise StageError(f"splits file {path}: fold {index}: 'crossfit_groups' must be lists of subject ids")
     unit, leaky = entry.get("unit", "subject_id"), entry.get("leaky", False)
     if unit not in ("subject_id", "sample_id") or not isinstance(leaky, bool):
         raise StageError(f"splits file {path}: fold {index}: bad 'unit' {unit!r} or 'leaky' {leaky!r}")
+    fields = {name: tuple(entry[name]) for name in SPLIT_NAMES}
+    fields |= {"seed": seed, "crossfit": tuple(tuple(g) for g in groups), "unit": unit, "leaky": leaky}
     try:
-        refit = entry.get("refit", False) is True
-        return Fold(
-            index,
-            **parts,
-            seed=seed,
-            crossfit=tuple(tuple(g) for g in groups),
-            unit=unit,
-            leaky=leaky,
-            refit=refit,
-        )
+        return Fold(index, **fields, refit=entry.get("refit") is True)
     except StageError as exc:
         raise StageError(f"splits file {path}: {exc}") from exc
 
 
 def load_fold_plan(path: str | Path) -> FoldPlan:
-    """Read ``splits.json`` into a :class:`FoldPlan`; :class:`StageError` naming the file and entry."""
+    """Read ``splits.json`` into a :class:`FoldPlan` (:class:`StageError` naming the file and entry)."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"splits file {path} does not exist (the pipeline writes it before training)")
@@ -492,10 +455,8 @@ def load_fold_plan(path: str | Path) -> FoldPlan:
         raise StageError(f"splits file {path}: (seed, fold) entries repeat: {keys}")
     if seeded == {False}:
         return FoldPlan(by_seed={}, shared=tuple(folds))
-    by_seed: dict[int, list[Fold]] = {}
-    for f in folds:
-        by_seed.setdefault(int(f.seed), []).append(f)  # type: ignore[arg-type]
-    return FoldPlan(by_seed={s: tuple(fs) for s, fs in by_seed.items()})
+    seeds = dict.fromkeys(int(f.seed) for f in folds)  # type: ignore[arg-type]
+    return FoldPlan(by_seed={s: tuple(f for f in folds if f.seed == s) for s in seeds})
 
 
 def load_folds(path: str | Path, seed: int | None = None) -> list[Fold]:
@@ -505,10 +466,7 @@ def load_folds(path: str | Path, seed: int | None = None) -> list[Fold]:
 
 def fold_masks(id_of_sample: Sequence[str], fold: Fold) -> dict[str, np.ndarray]:
     """Boolean sample masks ``{"train", "val", "test"}`` (each ``(N,)``) from each sample's id in the fold's
-    unit (its ``Fold.unit`` column: subject id, or sample id under ``train.folds: clips``).
-
-    :class:`StageError` if a sample's id is in none of the fold's splits.
-    """
+    ``unit`` (subject id, or sample id under ``train.folds: clips``)."""
     subjects = np.asarray(list(id_of_sample), dtype=object)
     masks = {name: np.isin(subjects, np.asarray(getattr(fold, name), dtype=object)) for name in SPLIT_NAMES}
     unassigned = ~(masks["train"] | masks["val"] | masks["test"])

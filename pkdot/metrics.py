@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _pair(y_true: Any, y_pred: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(y_true)
-    b = np.asarray(y_pred)
+    a, b = np.asarray(y_true), np.asarray(y_pred)
     if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
         raise StageError(
             f"{what}: expected two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}"
@@ -33,11 +32,8 @@ def _pair(y_true: Any, y_pred: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _labels(values: np.ndarray, what: str, name: str) -> np.ndarray:
-    if values.dtype.kind in "iu":
-        return values.astype(np.int64)
-    if values.dtype.kind == "b":
-        return values.astype(np.int64)
-    if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+    kind = values.dtype.kind
+    if kind in "iub" or (kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values))):
         return values.astype(np.int64)
     raise StageError(
         f"{what}: {name} must hold integer class indices, got dtype {values.dtype} with non-integer values"
@@ -59,14 +55,13 @@ def _class_pair(
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Fraction of samples whose predicted class equals the true class (:func:`sklearn.metrics.accuracy_score`)."""
+    """Fraction of samples whose predicted class equals the true class."""
     a, b = _class_pair(y_true, y_pred, "accuracy", None)
     return float(skm.accuracy_score(a, b))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(num_classes, num_classes)`` int64 counts; entry ``[i, j]`` = samples of true class ``i`` predicted ``j``
-    (:func:`sklearn.metrics.confusion_matrix` with ``labels = 0..num_classes-1``)."""
+    """``(num_classes, num_classes)`` int64 counts; entry ``[i, j]`` = samples of true class ``i`` predicted ``j``."""
     if num_classes < 1:
         raise StageError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
     a, b = _class_pair(y_true, y_pred, "confusion_matrix", num_classes)
@@ -74,17 +69,10 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> float:
-    r"""Unweighted mean of per-class F1 over the classes present in ``y_true`` or ``y_pred``.
-
-    .. math:: F1_c = \frac{2\,TP_c}{2\,TP_c + FP_c + FN_c}, \qquad
-              \text{macro-F1} = \frac{1}{|P|} \sum_{c \in P} F1_c,
-
-    with ``P`` the classes that occur in either array (classes absent from both count as nothing):
-    :func:`sklearn.metrics.f1_score` with ``average="macro", labels=P``. ``num_classes`` only checks the range.
-    """
+    """Unweighted mean of per-class F1 over the classes present in ``y_true`` or ``y_pred`` (classes absent from
+    both count as nothing); ``num_classes`` only checks the range."""
     a, b = _class_pair(y_true, y_pred, "macro_f1", num_classes)
-    present = np.union1d(a, b)
-    return float(skm.f1_score(a, b, average="macro", labels=present, zero_division=0.0))
+    return float(skm.f1_score(a, b, average="macro", labels=np.union1d(a, b), zero_division=0.0))
 
 
 def _real_pair(x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,16 +84,13 @@ def _real_pair(x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ccc(x: np.ndarray, y: np.ndarray) -> float:
-    r"""Lin's concordance correlation coefficient.
+    r"""Lin's concordance correlation coefficient, in [-1, 1], 1 only when ``x == y``.
 
     .. math:: \rho_c = \frac{2\,\sigma_{xy}}{\sigma_x^2 + \sigma_y^2 + (\mu_x - \mu_y)^2}
 
-    with population (``ddof=0``) moments. In ``[-1, 1]``; 1 only when ``x == y``.
-
-    Degenerate inputs (documented choice; "constant" means all values exactly equal): when one series is
-    constant, ``sigma_xy = 0`` and the result is 0.0 (no concordance is measurable) -- also for two constant
-    series with different values. When both are the same constant the formula is 0/0; we return 1.0, because
-    the two series agree exactly (the limit of ``rho_c`` as ``y -> x``).
+    with population (``ddof=0``) moments. When one series is constant (all values exactly equal),
+    ``sigma_xy = 0`` and the result is 0.0, also for two different constants; two equal constants give 0/0, and
+    we return 1.0: the series agree exactly (the limit of ``rho_c`` as ``y -> x``).
     """
     a, b = _real_pair(x, y, "ccc")
     constant_a, constant_b = np.ptp(a) == 0.0, np.ptp(b) == 0.0  # exact test (a mean is not exact)
@@ -129,13 +114,13 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def rmse(x: np.ndarray, y: np.ndarray) -> float:
-    """Root mean squared error ``sqrt(mean((x - y)^2))`` (:func:`sklearn.metrics.root_mean_squared_error`)."""
+    """Root mean squared error ``sqrt(mean((x - y)^2))``."""
     a, b = _real_pair(x, y, "rmse")
     return float(skm.root_mean_squared_error(a, b))
 
 
 def mae(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean absolute error ``mean(|x - y|)`` (:func:`sklearn.metrics.mean_absolute_error`)."""
+    """Mean absolute error ``mean(|x - y|)``."""
     a, b = _real_pair(x, y, "mae")
     return float(skm.mean_absolute_error(a, b))
 

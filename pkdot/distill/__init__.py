@@ -2,15 +2,7 @@
 
 One module per loss: a plain loss function and a class registered under its name. The losses are the names
 of :data:`pkdot.config.LOSSES` (one options section each in :class:`pkdot.config.DistillConfig`), and the
-imports below register exactly those (``tests/distill/test_base.py`` checks it). A sum ``kd+pkdot`` builds a
-:class:`CompositeLoss` of registered losses.
-
-Example
--------
->>> from pkdot.config import DistillConfig
->>> from pkdot.distill import build_loss
->>> loss = build_loss("pkdot", student_dim=64, teacher_dim=64, num_outputs=2, regression=False,
-...                   num_samples=100, options=DistillConfig().pkdot)
+imports below register exactly those (``tests/distill/test_base.py`` checks it); :func:`build_loss` builds one.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 r"""The distillation-loss base class, the batch it reads, the registry and the total loss.
 
-Every method is a plain loss function (``similarity_preserving_loss(student_z, teacher_z)``) plus a thin
-class registered under a name of :data:`pkdot.config.LOSSES`, whose ``__init__`` takes that loss's options
-(its config section, ``distill.<name>``) as typed keyword arguments::
-
-    @register("sp")
-    class SimilarityPreserving(DistillLoss):
-        def compute(self, batch: DistillBatch) -> Tensor:
-            return similarity_preserving_loss(batch.student_z, batch.teacher_z)
-
-:meth:`DistillLoss.forward` checks the batch's shapes, detaches the teacher's tensors (the teacher is frozen)
-and calls ``compute``. Extra state (FitNet's adapter, CRD's heads and memory bank) are parameters/buffers
-of the module: the trainer optimises ``loss.parameters()`` and saves ``loss.state_dict()``.
+Every method is a plain loss function plus a thin class registered under a name of
+:data:`pkdot.config.LOSSES`, whose ``__init__`` takes that loss's options (``distill.<name>``) as keyword
+arguments and whose ``compute(batch)`` returns the loss. Extra state (FitNet's adapter, CRD's heads and memory
+bank) are parameters/buffers of the module: the trainer optimises and saves them with the student.
 
 Global batch under data parallelism. A loss whose value depends on the relations *between* samples
 (``batch_structure = True``: PKDOT, SP, RKD, PKT, CRD) would otherwise see only its worker's shard. When
@@ -41,21 +33,9 @@ _REGISTRY: dict[str, type[DistillLoss]] = {}
 
 @dataclass
 class DistillBatch:
-    """One training batch as the distillation losses see it.
-
-    Attributes
-    ----------
-    student_z : Tensor, shape (B, Ds)
-        Student embeddings (with gradient).
-    teacher_z : Tensor, shape (B, Dt)
-        Frozen teacher embeddings (no gradient reaches them).
-    student_logits, teacher_logits : Tensor, shape (B, C) or (B, 1)
-        Logits (classification) or outputs (regression).
-    labels : Tensor, shape (B,), optional
-        Class indices (long) or regression targets (float).
-    index : Tensor, shape (B,), optional
-        Row index of each sample in the training set (long; CRD's memory bank).
-    """
+    """One training batch: embeddings ``student_z`` (B, Ds) and ``teacher_z`` (B, Dt, frozen), logits or
+    regression outputs (B, C) of each, class indices or targets ``labels`` (B,), and ``index`` (B,), each
+    sample's row in the training set (CRD's memory bank)."""
 
     student_z: Tensor
     teacher_z: Tensor
@@ -68,19 +48,9 @@ class DistillBatch:
 class DistillLoss(nn.Module):
     """Base class of the registered distillation losses.
 
-    Parameters
-    ----------
-    student_dim, teacher_dim : int
-        Ds and Dt, the widths of ``DistillBatch.student_z`` and ``teacher_z``.
-    num_outputs : int
-        C, the width of the logits (1 for regression).
-    regression : bool
-        Whether the task is regression (valence/arousal/table targets) rather than classification.
-    num_samples : int
-        Size of the training set (rows addressed by ``DistillBatch.index``).
-
-    Subclasses add their options (the fields of their :class:`pkdot.config.LossOptions` section, weight
-    excepted) as keyword arguments and implement :meth:`compute`.
+    ``student_dim``, ``teacher_dim``: Ds and Dt; ``num_outputs``: C (1 for regression); ``num_samples``: rows
+    of the training set (``DistillBatch.index``). Subclasses add the fields of their
+    :class:`pkdot.config.LossOptions` section (weight excepted) as keyword arguments and implement ``compute``.
     """
 
     name: ClassVar[str] = ""
@@ -106,15 +76,12 @@ class DistillLoss(nn.Module):
         self.num_samples = num_samples
 
     def compute(self, batch: DistillBatch) -> Tensor:
-        """The loss on a validated batch whose teacher tensors are detached; a scalar tensor."""
+        """The scalar loss of a validated batch whose teacher tensors are detached."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute(batch)")
 
     def forward(self, batch: DistillBatch) -> Tensor:
-        """Validate ``batch``, detach the teacher's tensors and return ``compute(batch)`` (unweighted, shape ()).
-
-        With ``batch_structure`` and a process group of W > 1 workers, ``compute`` sees the global batch
-        (:func:`gather_batch`): every worker returns the loss of all workers' batches in rank order.
-        """
+        """Validate ``batch``, detach the teacher's tensors and return ``compute(batch)`` (unweighted, shape ());
+        with ``batch_structure`` and W > 1 workers, on the global batch (:func:`gather_batch`)."""
         self._check_batch(batch)
         frozen = replace(
             batch, teacher_z=batch.teacher_z.detach(), teacher_logits=batch.teacher_logits.detach()
@@ -152,14 +119,7 @@ class DistillLoss(nn.Module):
 
 
 def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
-    """Class decorator: register a :class:`DistillLoss` subclass as loss ``name`` (one of ``config.LOSSES``).
-
-    Raises
-    ------
-    ConfigError
-        ``name`` is not in :data:`pkdot.config.LOSSES`, is taken by another class, or the class is not a
-        DistillLoss.
-    """
+    """Class decorator: register a :class:`DistillLoss` subclass as loss ``name`` (one of ``config.LOSSES``)."""
 
     def decorate(cls: type[DistillLoss]) -> type[DistillLoss]:
         if not (isinstance(cls, type) and issubclass(cls, DistillLoss)):
@@ -210,13 +170,8 @@ def build_loss(
 ) -> DistillLoss | CompositeLoss:
     """Build the registered loss ``name`` with its options (``distill.<name>``; None: the defaults).
 
-    A sum ``a+b`` builds a :class:`CompositeLoss` of the terms, ``options`` then mapping each term to its
-    options (``DistillConfig.options("a+b")``; None: the defaults).
-
-    Raises
-    ------
-    ConfigError
-        Unknown name (the message lists the losses), options of another loss, or invalid dimensions.
+    A sum ``a+b`` builds a :class:`CompositeLoss`, ``options`` then mapping each term to its options
+    (``DistillConfig.options("a+b")``). :class:`ConfigError` for an unknown name or another loss's options.
     """
     dims = dict(
         student_dim=student_dim,
@@ -244,17 +199,11 @@ def build_loss(
 def total_loss(
     task_loss: Tensor, distill_loss: Tensor | Mapping[str, Tensor], cfg: DistillConfig, name: str
 ) -> dict[str, Tensor]:
-    r"""The student's objective and its weighted parts, for logging each separately.
+    r"""The student's objective :math:`w_\text{task} \mathcal{L}_\text{task} + \sum_t w_t \mathcal{L}_t` and its
+    weighted parts, ``{"loss": total, "loss_task": ..., "loss_<t>": ...}``, for logging each separately.
 
-    .. math:: \mathcal{L} = w_\text{task}\, \mathcal{L}_\text{task} + \sum_t w_t\, \mathcal{L}_t
-
-    with :math:`w_\text{task}` = ``cfg.task_weight`` and :math:`w_t` = ``cfg.<t>.weight`` for each term t of
-    ``name`` (one for a single loss; ``distill_loss`` then a scalar, else :class:`CompositeLoss`'s dict).
-
-    Returns
-    -------
-    dict
-        ``{"loss": total, "loss_task": w_task * task_loss, "loss_<t>": w_t * term t, ...}``.
+    :math:`w_\text{task}` = ``cfg.task_weight``, :math:`w_t` = ``cfg.<t>.weight`` for each term t of ``name``
+    (``distill_loss``: a scalar for a single loss, :class:`CompositeLoss`'s dict for a sum).
     """
     terms = dict(distill_loss) if isinstance(distill_loss, Mapping) else {name: distill_loss}
     if task_loss.dim() != 0 or any(v.dim() != 0 for v in terms.values()):
@@ -277,8 +226,7 @@ def world_size() -> int:
 def gather_rows(x: Tensor) -> Tensor:
     """Concatenate ``x`` (B_r, ...) of every worker in rank order -> (sum_r B_r, ...); B_r may differ.
 
-    A collective (every worker calls it), differentiable through ``torch.distributed.nn.functional.all_gather``
-    (see the module doc); with no process group, or W = 1, ``x`` is returned unchanged.
+    A differentiable collective (see the module doc); with no process group, or W = 1, ``x`` unchanged.
     """
     world = world_size()
     if world == 1:

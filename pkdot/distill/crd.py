@@ -44,49 +44,25 @@ from torch import Tensor, nn
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 from pkdot.errors import ConfigError, StageError
 
-__all__ = ["ContrastiveRD", "nce_loss", "sample_negatives"]
-
 _NCE_EPS = 1e-7
 
 
 def nce_loss(scores: Tensor, num_samples: int) -> Tensor:
-    r"""Noise-contrastive estimation loss on normalised scores.
+    r"""NCE loss :math:`-\frac1B \sum_i [\log D(h_{i0}) + \sum_k \log(1 - D(h_{ik}))]`, :math:`D(h) = h / (h + K P_n)`.
 
-    Parameters
-    ----------
-    scores : Tensor, shape (B, K + 1)
-        Column 0: positive pair; columns 1..K: negatives. Non-negative (exponentiated, normalised).
-    num_samples : int
-        N, the size of the memory bank; the noise distribution is uniform, :math:`P_n = 1/N`.
-
-    Returns
-    -------
-    Tensor, shape ()
-        :math:`-\frac1B \sum_i [\log D(h_{i0}) + \sum_k \log(1 - D(h_{ik}))]`, :math:`D(h) = h / (h + K P_n)`.
+    ``scores`` (B, K + 1), non-negative: column 0 the positive pair, 1..K the negatives; noise uniform over
+    the ``num_samples`` = N memory rows, :math:`P_n = 1/N`.
     """
-    batch_size, n_columns = scores.shape
-    noise = (n_columns - 1) / num_samples  # K * Pn
-    positive = scores[:, 0]
-    negatives = scores[:, 1:]
+    noise = (scores.shape[1] - 1) / num_samples  # K * Pn
+    positive, negatives = scores[:, 0], scores[:, 1:]
     log_d1 = torch.log(positive / (positive + noise + _NCE_EPS))
     log_d0 = torch.log(noise / (negatives + noise + _NCE_EPS))
-    return -(log_d1.sum() + log_d0.sum()) / batch_size
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
 
 
 def sample_negatives(index: Tensor, num_samples: int, n_negatives: int, generator: torch.Generator) -> Tensor:
-    """Rows (B, 1 + K): the positive ``index`` first, then K rows drawn uniformly among the *other* N - 1.
-
-    Parameters
-    ----------
-    index : Tensor, shape (B,), long
-        Training-set rows of the batch.
-    num_samples : int
-        N >= 2.
-    n_negatives : int
-        K >= 1 (drawn with replacement).
-    generator : torch.Generator
-        CPU generator (seeded by the caller: same seed, same negatives).
-    """
+    """Rows (B, 1 + K): the positive ``index`` (B,) first, then K rows drawn with replacement, uniformly among
+    the *other* N - 1, from the caller's seeded CPU ``generator``."""
     index_cpu = index.detach().to("cpu", torch.long)
     draws = torch.randint(0, num_samples - 1, (index_cpu.shape[0], n_negatives), generator=generator)
     draws = draws + (draws >= index_cpu[:, None]).long()  # skip the positive row
@@ -95,12 +71,8 @@ def sample_negatives(index: Tensor, num_samples: int, n_negatives: int, generato
 
 @register("crd")
 class ContrastiveRD(DistillLoss):
-    """CRD with two momentum memory banks of ``num_samples`` rows (needs ``DistillBatch.index``).
-
-    Options (``distill.crd``): ``n_negatives`` per sample (None: ``min(4096, num_samples - 1)``), NCE
-    ``temperature``, memory ``momentum``, ``feat_dim`` of the shared embedding, and the ``seed`` of the memory
-    initialisation and of the negative sampling.
-    """
+    """CRD with two momentum memory banks of ``num_samples`` rows (needs ``DistillBatch.index``); options
+    ``distill.crd`` (``n_negatives`` None: ``min(4096, num_samples - 1)``)."""
 
     batch_structure = True
 

@@ -27,25 +27,13 @@ from torch import Tensor, nn
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 
-__all__ = ["FitNet", "fitnet_loss"]
-
 
 def fitnet_loss(
     student_z: Tensor, teacher_z: Tensor, adapter: Callable[[Tensor], Tensor] | None = None
 ) -> Tensor:
-    r"""Hint loss :math:`\mathrm{MSE}(\text{adapter}(Z_s), Z_t)`.
+    r"""Hint loss :math:`\mathrm{MSE}(\text{adapter}(Z_s), Z_t)` of (B, Ds) and (B, Dt, detached) embeddings.
 
-    Parameters
-    ----------
-    student_z : Tensor, shape (B, Ds)
-    teacher_z : Tensor, shape (B, Dt)
-        Detached.
-    adapter : callable (B, Ds) -> (B, Dt), optional
-        The regressor (a ``nn.Linear``); None requires Ds = Dt.
-
-    Returns
-    -------
-    Tensor, shape ()
+    ``adapter``: the (B, Ds) -> (B, Dt) regressor (a ``nn.Linear``); None requires Ds = Dt.
     """
     projected = adapter(student_z) if adapter is not None else student_z
     return F.mse_loss(projected, teacher_z.detach().to(projected))

@@ -24,28 +24,13 @@ from torch import Tensor
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 from pkdot.errors import ConfigError
 
-__all__ = ["KnowledgeDistillation", "kd_loss", "kd_regression_loss"]
-
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    r"""Hinton's soft-target loss.
+    r"""Hinton's soft-target loss of (B, C) logits (the teacher's detached); >= 0, zero iff they agree at T.
 
     .. math::
         \mathcal{L}_\text{KD} = \frac{T^2}{B} \sum_{b=1}^{B} \sum_{c=1}^{C} p^t_{bc} \log\frac{p^t_{bc}}{p^s_{bc}},
         \quad p^t = \mathrm{softmax}(t / T),\ p^s = \mathrm{softmax}(s / T).
-
-    Parameters
-    ----------
-    student_logits : Tensor, shape (B, C)
-    teacher_logits : Tensor, shape (B, C)
-        Detached (the teacher is a target).
-    temperature : float
-        T > 0; the :math:`T^2` factor keeps gradient magnitudes comparable across temperatures.
-
-    Returns
-    -------
-    Tensor, shape ()
-        >= 0, zero iff the tempered distributions agree.
     """
     if temperature <= 0:
         raise ConfigError(f"distill.kd.temperature must be > 0, got {temperature}")

@@ -6,8 +6,6 @@ from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 
-__all__ = ["NoDistillation", "no_distillation_loss"]
-
 
 def no_distillation_loss(student_z: Tensor) -> Tensor:
     """A scalar zero (dtype and device of ``student_z``): total = task_weight * task loss."""

@@ -1,13 +1,12 @@
 r"""Entropic optimal transport between point clouds: a log-domain Sinkhorn solver with epsilon-scaling.
 
-This module solves, for two discrete measures :math:`\alpha = \sum_i a_i \delta_{x_i}` and
-:math:`\beta = \sum_j b_j \delta_{y_j}` (points :math:`x \in \mathbb{R}^{N \times D}`,
-:math:`y \in \mathbb{R}^{M \times D}`),
+For two discrete measures :math:`\alpha = \sum_i a_i \delta_{x_i}`, :math:`\beta = \sum_j b_j \delta_{y_j}`
+(points :math:`x \in \mathbb{R}^{N \times D}`, :math:`y \in \mathbb{R}^{M \times D}`) it solves
 
 .. math::
     \mathrm{OT}_\varepsilon(\alpha, \beta) = \min_{\pi \ge 0,\ \pi 1 = a,\ \pi^T 1 = b}
         \langle \pi, C \rangle + \varepsilon\, \mathrm{KL}(\pi \,\|\, a \otimes b),
-    \qquad C_{ij} = \tfrac{1}{2} \|x_i - y_j\|^2,
+    \qquad C_{ij} = \tfrac{1}{2} \|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2,
 
 through its dual potentials :math:`(f, g)`, and returns the debiased Sinkhorn divergence
 
@@ -16,17 +15,13 @@ through its dual potentials :math:`(f, g)`, and returns the debiased Sinkhorn di
         - \tfrac{1}{2} \mathrm{OT}_\varepsilon(\alpha, \alpha) - \tfrac{1}{2} \mathrm{OT}_\varepsilon(\beta, \beta)
         = \langle a, f_{ba} - f_{aa} \rangle + \langle b, g_{ab} - g_{bb} \rangle,
 
-which is non-negative, zero iff :math:`\alpha = \beta`, and a smooth function of the points.
-The temperature is :math:`\varepsilon = \text{blur}^p` (``p = 2``: blur 0.1 gives eps 0.01).
+non-negative, zero iff :math:`\alpha = \beta`, and smooth in the points.
 
 The algorithm is GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors:
-epsilon-scaling (the temperature starts at :math:`\text{diameter}^p` and is divided by
-:math:`\text{scaling}^p` per iteration down to :math:`\text{blur}^p`, :func:`epsilon_schedule`), log-domain
-soft-min updates (max-shifted log-sum-exp, in place on one buffer; exponents below -80 are clamped, which
-changes nothing at float64 precision but avoids CPU ``exp``'s 10-20x slower underflow path), the four
-problems of the debiased divergence solved as one batched ``(4, N, N)`` tensor when :math:`N = M`, and
-gradients by the envelope theorem: the loop runs without autograd and only a last soft-min step is
-differentiated, which gives :math:`\nabla_{x_i} \mathrm{OT}_\varepsilon = \sum_j \pi_{ij} (x_i - y_j)`.
+epsilon-scaling from :math:`\text{diameter}^2` down to :math:`\text{blur}^2` (:func:`epsilon_schedule`),
+log-domain soft-min updates, the four problems of the debiased divergence batched as one ``(4, N, N)`` tensor
+when :math:`N = M`, and gradients by the envelope theorem: the loop runs without autograd and only a last
+soft-min step is differentiated (:math:`\nabla_{x_i} \mathrm{OT}_\varepsilon = \sum_j \pi_{ij} (x_i - y_j)`).
 It reproduces ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling)`` to float rounding.
 
 Why our own solver: at our sizes it takes 0.46-0.66x GeomLoss's time (B = 64..256, k = 30, forward +
@@ -93,64 +88,26 @@ def float32_math(fn: F) -> F:
 
 
 def squared_euclidean_cost(x: Tensor, y: Tensor) -> Tensor:
-    r"""Halved squared Euclidean cost :math:`C_{ij} = \tfrac{1}{2}\|x_i - y_j\|^2`.
-
-    Parameters
-    ----------
-    x : Tensor, shape (..., N, D)
-    y : Tensor, shape (..., M, D)
-
-    Returns
-    -------
-    Tensor, shape (..., N, M)
-        Computed as :math:`(\|x_i\|^2 - 2 x_i \cdot y_j + \|y_j\|^2) / 2` (one matrix product).
-    """
+    r""":math:`C_{ij} = \tfrac{1}{2}\|x_i - y_j\|^2`: (..., N, D), (..., M, D) -> (..., N, M), by one matmul."""
     x_sq = (x * x).sum(-1).unsqueeze(-1)
     y_sq = (y * y).sum(-1).unsqueeze(-2)
     return (x_sq - 2.0 * (x @ y.transpose(-1, -2)) + y_sq) / 2.0
 
 
 def cloud_diameter(x: Tensor, y: Tensor) -> float:
-    r"""Upper bound on :math:`\max_{i,j} \|x_i - y_j\|`: the diagonal of the joint bounding box.
-
-    Parameters
-    ----------
-    x : Tensor, shape (N, D)
-    y : Tensor, shape (M, D)
-
-    Returns
-    -------
-    float
-        :math:`\| \max(x \cup y) - \min(x \cup y) \|_2` with max/min taken per coordinate
-        (GeomLoss's ``max_diameter``); the starting scale of the epsilon-scaling schedule.
-    """
+    """Upper bound on ``max ||x_i - y_j||`` for (N, D) and (M, D) clouds: the joint bounding box's diagonal
+    (GeomLoss's ``max_diameter``), the start of the epsilon-scaling schedule."""
     both = torch.cat([x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])], dim=0)
     return float((both.max(dim=0).values - both.min(dim=0).values).norm())
 
 
 def epsilon_schedule(diameter: float, blur: float, scaling: float, p: int = 2) -> list[float]:
-    r"""Temperatures of the epsilon-scaling (annealing) descent.
+    r"""Temperatures of the epsilon-scaling descent, one Sinkhorn iteration each (GeomLoss's schedule).
 
     .. math::
         \varepsilon_0 = \text{diameter}^p,\quad
         \varepsilon_t = \exp\big(p \log \text{diameter} + t\, p \log \text{scaling}\big)
         \ \text{while}\ > \text{blur}^p,\quad \varepsilon_{\text{last}} = \text{blur}^p.
-
-    Parameters
-    ----------
-    diameter : float
-        Upper bound on the distances between points (:func:`cloud_diameter`).
-    blur : float
-        Target blur; the final temperature is ``blur ** p``.
-    scaling : float in (0, 1)
-        Ratio between two successive blur values.
-    p : int
-        Exponent of the cost (2 for the squared Euclidean cost).
-
-    Returns
-    -------
-    list of float
-        The temperatures, one Sinkhorn iteration each (the same list as GeomLoss's ``epsilon_schedule``).
     """
     if not 0.0 < scaling < 1.0:
         raise ConfigError(f"distill.pkdot.scaling must be in (0, 1), got {scaling}")
@@ -160,9 +117,7 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float, p: int = 2) -
         return [blur**p]
     start, stop, step = p * math.log(diameter), p * math.log(blur), p * math.log(scaling)
     n_steps = max(0, math.ceil((stop - start) / step))  # same count as numpy.arange(start, stop, step)
-    schedule = [diameter**p] + [math.exp(start + i * step) for i in range(n_steps)]
-    schedule.append(blur**p)
-    return schedule
+    return [diameter**p] + [math.exp(start + i * step) for i in range(n_steps)] + [blur**p]
 
 
 #: Exponents below this (relative to the row maximum) are clamped before ``exp``: their terms are
@@ -172,29 +127,16 @@ _LOG_FLOOR = -80.0
 
 
 def _log_softmin_parts(eps: float, cost: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """In-place core of the soft-min: returns ``(exp(z - max z), max z)`` for ``z = h_j - C_ij / eps``.
-
-    One (..., N, M) buffer is allocated and reused in place: on CPU, fresh large buffers per operation
-    (page faults) cost more than the arithmetic.
-    """
+    """``(exp(z - max z), max z)`` for ``z = h_j - C_ij / eps``, in one reused (..., N, M) buffer: on CPU,
+    fresh large buffers per operation (page faults) cost more than the arithmetic."""
     z = torch.sub(h.unsqueeze(-2), cost, alpha=1.0 / eps)
     z_max = z.amax(dim=-1, keepdim=True)
     return z.sub_(z_max).clamp_(min=_LOG_FLOOR).exp_(), z_max.squeeze(-1)
 
 
-def _softmin_nograd(eps: float, cost: Tensor, h: Tensor) -> Tensor:
-    r"""Soft-C-transform :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)`, no autograd.
-
-    ``cost`` has shape (..., N, M), ``h`` (..., M); returns (..., N).
-    """
-    weights, z_max = _log_softmin_parts(eps, cost, h)
-    return weights.sum(dim=-1).log_().add_(z_max).mul_(-eps)
-
-
 class _Softmin(torch.autograd.Function):
-    r"""Differentiable soft-min; the backward uses the softmax weights
-    :math:`P_{ij} = \exp(h_j - C_{ij}/\varepsilon - (h - C_i/\varepsilon)_{\mathrm{lse}})`:
-    :math:`\partial f_i / \partial C_{ij} = P_{ij}`, :math:`\partial f_i / \partial h_j = -\varepsilon P_{ij}`."""
+    r"""Differentiable soft-min; with the softmax weights :math:`P_{ij}` over j,
+    :math:`\partial f_i / \partial C_{ij} = P_{ij}` and :math:`\partial f_i / \partial h_j = -\varepsilon P_{ij}`."""
 
     @staticmethod
     def forward(ctx, eps: float, cost: Tensor, h: Tensor) -> Tensor:  # type: ignore[override]
@@ -218,21 +160,17 @@ class _Softmin(torch.autograd.Function):
 def _softmin(eps: float, cost: Tensor, h: Tensor) -> Tensor:
     r"""Soft-C-transform :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)`.
 
-    ``cost`` has shape (..., N, M), ``h`` (..., M); returns (..., N). Differentiable in ``cost`` and ``h``
-    when autograd is on; an in-place, allocation-light path otherwise.
+    ``cost`` (..., N, M), ``h`` (..., M) -> (..., N); differentiable when autograd is on, in place otherwise.
     """
     if torch.is_grad_enabled() and (cost.requires_grad or h.requires_grad):
         return _Softmin.apply(eps, cost, h)
-    return _softmin_nograd(eps, cost, h)
-
-
-def _uniform_log_weights(n: int, like: Tensor) -> Tensor:
-    return torch.full((n,), -math.log(n), dtype=like.dtype, device=like.device)
+    weights, z_max = _log_softmin_parts(eps, cost, h)
+    return weights.sum(dim=-1).log_().add_(z_max).mul_(-eps)
 
 
 def _log_weights(w: Tensor | None, n: int, like: Tensor, name: str) -> Tensor:
     if w is None:
-        return _uniform_log_weights(n, like)
+        return torch.full((n,), -math.log(n), dtype=like.dtype, device=like.device)
     if w.shape != (n,):
         raise StageError(f"OT weights {name} must have shape ({n},), got {tuple(w.shape)}")
     log_w = w.to(like).log()
@@ -263,97 +201,46 @@ def sinkhorn_potentials(
     scaling: float = 0.5,
     debias: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, float]:
-    r"""Dual potentials of the entropic OT problems between :math:`\alpha` and :math:`\beta`.
+    r"""Dual potentials ``(f_aa, g_bb, g_ab, f_ba, eps)`` of the entropic OT problems between x (N, D) and y (M, D).
 
-    Runs the epsilon-scaling loop without autograd, then one differentiable soft-min step per potential
-    (envelope theorem: the returned potentials carry the gradient of the OT value with respect to
-    ``x`` and ``y`` at convergence; second derivatives are not supported).
-
-    Parameters
-    ----------
-    x : Tensor, shape (N, D)
-        Support of the first measure.
-    y : Tensor, shape (M, D)
-        Support of the second measure.
-    a, b : Tensor, shapes (N,) and (M,), optional
-        Non-negative weights summing to 1 (default uniform ``1/N``, ``1/M``).
-    blur : float
-        Final blur; :math:`\varepsilon = \text{blur}^2`.
-    scaling : float in (0, 1)
-        Epsilon-scaling ratio.
-    debias : bool
-        Also solve the symmetric problems :math:`a \to a` and :math:`b \to b`.
-
-    Returns
-    -------
-    f_aa : Tensor (N,) or None
-        Potential of :math:`\mathrm{OT}_\varepsilon(\alpha, \alpha)` (None without ``debias``).
-    g_bb : Tensor (M,) or None
-        Potential of :math:`\mathrm{OT}_\varepsilon(\beta, \beta)` (None without ``debias``).
-    g_ab : Tensor (M,)
-        Potential on :math:`y` of :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`.
-    f_ba : Tensor (N,)
-        Potential on :math:`x` of :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`.
-    eps : float
-        The final temperature :math:`\text{blur}^2`.
+    ``a`` (N,), ``b`` (M,): non-negative weights summing to 1 (default uniform). ``f_ba`` (N,) and ``g_ab``
+    (M,) solve :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`; ``f_aa`` (N,) and ``g_bb`` (M,) the symmetric
+    problems (None without ``debias``); ``eps = blur**2``. The returned potentials carry the envelope-theorem
+    gradient with respect to ``x`` and ``y`` (no second derivatives).
     """
     _check_clouds(x, y)
-    n, m = x.shape[0], y.shape[0]
-    a_log = _log_weights(a, n, x, "a")
-    b_log = _log_weights(b, m, x, "b")
+    a_log = _log_weights(a, x.shape[0], x, "a")
+    b_log = _log_weights(b, y.shape[0], x, "b")
     eps_list = epsilon_schedule(cloud_diameter(x, y), blur, scaling, p=2)
-    eps_final = eps_list[-1]
-    # Cost matrices: the right-hand points are detached, so that each matrix carries the gradient with
-    # respect to its *row* points only (the C_yx matrix carries y's gradient), as in GeomLoss.
-    if debias and n == m:
-        return (*_potentials_stacked(x, y, a_log, b_log, eps_list), eps_final)
-    c_xy = squared_euclidean_cost(x, y.detach())
-    c_yx = squared_euclidean_cost(y, x.detach())
-    c_xx = squared_euclidean_cost(x, x.detach()) if debias else None
-    c_yy = squared_euclidean_cost(y, y.detach()) if debias else None
-    with torch.no_grad():
-        eps = eps_list[0]
-        g_ab = _softmin(eps, c_yx, a_log)
-        f_ba = _softmin(eps, c_xy, b_log)
-        f_aa = _softmin(eps, c_xx, a_log) if c_xx is not None else None
-        g_bb = _softmin(eps, c_yy, b_log) if c_yy is not None else None
-        for eps in eps_list:
-            ft_ba = _softmin(eps, c_xy, b_log + g_ab / eps)
-            gt_ab = _softmin(eps, c_yx, a_log + f_ba / eps)
-            f_ba, g_ab = 0.5 * (f_ba + ft_ba), 0.5 * (g_ab + gt_ab)
-            if c_xx is not None and c_yy is not None and f_aa is not None and g_bb is not None:
-                ft_aa = _softmin(eps, c_xx, a_log + f_aa / eps)
-                gt_bb = _softmin(eps, c_yy, b_log + g_bb / eps)
-                f_aa, g_bb = 0.5 * (f_aa + ft_aa), 0.5 * (g_bb + gt_bb)
-    eps = eps_final
-    f_ba_out = _softmin(eps, c_xy, b_log + g_ab / eps)
-    g_ab_out = _softmin(eps, c_yx, a_log + f_ba / eps)
-    f_aa_out = _softmin(eps, c_xx, a_log + f_aa / eps) if c_xx is not None and f_aa is not None else None
-    g_bb_out = _softmin(eps, c_yy, b_log + g_bb / eps) if c_yy is not None and g_bb is not None else None
-    return f_aa_out, g_bb_out, g_ab_out, f_ba_out, eps_final
-
-
-def _potentials_stacked(
-    x: Tensor, y: Tensor, a_log: Tensor, b_log: Tensor, eps_list: list[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four debiased problems at once, for clouds of equal size N: one (4, N, N) logsumexp per step.
-
-    Problem order (rows -> columns): 0: x -> y (f_ba), 1: y -> x (g_ab), 2: x -> x (f_aa), 3: y -> y (g_bb).
-    The potential of each problem on its *columns* is that of problem ``partner[i]``.
-    """
-    rows = torch.stack([x, y, x, y])
-    cols = torch.stack([y, x, x, y]).detach()
-    cost = squared_euclidean_cost(rows, cols)  # (4, N, N), differentiable in the row points only
-    col_log_w = torch.stack([b_log, a_log, a_log, b_log])  # (4, N)
+    # Each cost matrix carries the gradient with respect to its *row* points only (its columns are
+    # detached), as in GeomLoss. Problems (rows -> columns): x -> y (f_ba), y -> x (g_ab), x -> x (f_aa),
+    # y -> y (g_bb); the potential of problem i on its columns is that of problem ``partner[i]``.
     partner = [1, 0, 2, 3]
+    if debias and x.shape[0] == y.shape[0]:  # one (4, N, N) logsumexp per step
+        cost = squared_euclidean_cost(torch.stack([x, y, x, y]), torch.stack([y, x, x, y]).detach())
+        col_log_w = torch.stack([b_log, a_log, a_log, b_log])
+        with torch.no_grad():
+            pot = _softmin(eps_list[0], cost.detach(), col_log_w)
+            for eps in eps_list:
+                pot = 0.5 * (pot + _softmin(eps, cost.detach(), col_log_w + pot[partner] / eps))
+        pot = _softmin(eps_list[-1], cost, col_log_w + pot[partner] / eps_list[-1])
+        return pot[2], pot[3], pot[1], pot[0], eps_list[-1]
+    problems = [(x, y, b_log), (y, x, a_log)] + ([(x, x, a_log), (y, y, b_log)] if debias else [])
+    costs = [squared_euclidean_cost(rows, cols.detach()) for rows, cols, _ in problems]
+    col_log_ws = [w for *_, w in problems]
     with torch.no_grad():
-        cost_nograd = cost.detach()
-        pot = _softmin(eps_list[0], cost_nograd, col_log_w)
+        pots = [_softmin(eps_list[0], c, w) for c, w in zip(costs, col_log_ws, strict=True)]
         for eps in eps_list:
-            pot = 0.5 * (pot + _softmin(eps, cost_nograd, col_log_w + pot[partner] / eps))
+            pots = [
+                0.5 * (p + _softmin(eps, c, w + pots[j] / eps))
+                for p, c, w, j in zip(pots, costs, col_log_ws, partner, strict=False)
+            ]
     eps = eps_list[-1]
-    pot = _softmin(eps, cost, col_log_w + pot[partner] / eps)
-    return pot[2], pot[3], pot[1], pot[0]
+    f_ba, g_ab, *sym = [
+        _softmin(eps, c, w + pots[j] / eps) for c, w, j in zip(costs, col_log_ws, partner, strict=False)
+    ]
+    f_aa, g_bb = sym if debias else (None, None)
+    return f_aa, g_bb, g_ab, f_ba, eps
 
 
 @float32_math
@@ -367,39 +254,16 @@ def sinkhorn_divergence(
     scaling: float = 0.5,
     debias: bool = True,
 ) -> Tensor:
-    r"""Debiased Sinkhorn divergence :math:`S_\varepsilon(\alpha, \beta)` between two point clouds.
+    r"""Debiased Sinkhorn divergence :math:`S_\varepsilon(\alpha, \beta)` between x (N, D) and y (M, D).
 
     .. math::
-        S_\varepsilon(\alpha, \beta) = \mathrm{OT}_\varepsilon(\alpha, \beta)
-            - \tfrac{1}{2}\mathrm{OT}_\varepsilon(\alpha, \alpha) - \tfrac{1}{2}\mathrm{OT}_\varepsilon(\beta, \beta),
-        \quad C_{ij} = \tfrac{1}{2}\|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2,
+        S_\varepsilon(\alpha, \beta) = \langle a, f_{ba} - f_{aa} \rangle + \langle b, g_{ab} - g_{bb} \rangle,
+        \quad C_{ij} = \tfrac{1}{2}\|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2
 
-    computed as :math:`\langle a, f_{ba} - f_{aa} \rangle + \langle b, g_{ab} - g_{bb} \rangle`
-    (``debias=False``: the raw :math:`\mathrm{OT}_\varepsilon(\alpha, \beta) = \langle a, f_{ba} \rangle +
-    \langle b, g_{ab} \rangle`).
-
-    Parameters
-    ----------
-    x : Tensor, shape (N, D)
-    y : Tensor, shape (M, D)
-    a, b : Tensor, shapes (N,) and (M,), optional
-        Weights (default uniform).
-    blur : float
-        Final blur (:math:`\varepsilon = \text{blur}^2`).
-    scaling : float in (0, 1)
-        Epsilon-scaling ratio.
-    debias : bool
-        Debiased divergence (default) or raw entropic OT cost.
-
-    Returns
-    -------
-    Tensor, shape ()
-        Differentiable with respect to ``x`` and ``y`` (envelope-theorem gradient).
-
-    Notes
-    -----
-    Equal to ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=debias)(x, y)``
-    up to float rounding.
+    (``debias=False``: the raw :math:`\mathrm{OT}_\varepsilon = \langle a, f_{ba} \rangle + \langle b,
+    g_{ab} \rangle`). Weights ``a`` (N,), ``b`` (M,) default to uniform; ``scaling`` in (0, 1) is the
+    epsilon-scaling ratio. Returns a scalar, differentiable in ``x`` and ``y``, equal to
+    ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=debias)(x, y)`` up to rounding.
     """
     f_aa, g_bb, g_ab, f_ba, _ = sinkhorn_potentials(x, y, a=a, b=b, blur=blur, scaling=scaling, debias=debias)
     a_w = torch.full_like(f_ba, 1.0 / f_ba.shape[0]) if a is None else a.to(f_ba)
@@ -421,42 +285,21 @@ def transport_plan(
     tol: float = 1e-3,
     max_iter: int = 10000,
 ) -> Tensor:
-    r"""Entropic transport plan between two point clouds (for plots and inspection).
+    r"""Entropic transport plan (N, M) between x (N, D) and y (M, D), without autograd (plots, inspection).
 
     .. math::
-        \pi_{ij} = a_i\, b_j \exp\big( (f_i + g_j - C_{ij}) / \varepsilon \big),
-        \qquad C_{ij} = \tfrac{1}{2}\|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2,
+        \pi_{ij} = a_i\, b_j \exp\big( (f_i + g_j - C_{ij}) / \varepsilon \big)
 
-    with :math:`(f, g)` the potentials of :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`: the
-    epsilon-scaling loop of :func:`sinkhorn_potentials` (few iterations: enough for the divergence's value
-    and gradient), then alternate Sinkhorn updates at the final temperature until the marginals match,
-    :math:`\max_i |(\pi 1)_i - a_i| \le \text{tol} \cdot \max_i a_i` (column marginals are exact after each
-    update), or ``max_iter`` updates.
-
-    Parameters
-    ----------
-    x : Tensor, shape (N, D)
-    y : Tensor, shape (M, D)
-    a, b : Tensor, shapes (N,) and (M,), optional
-        Weights (default uniform).
-    blur, scaling : float
-        As in :func:`sinkhorn_divergence`.
-    tol : float
-        Relative tolerance on the row marginals.
-    max_iter : int
-        Cap on the extra Sinkhorn updates (a warning is logged if the tolerance is not reached).
-
-    Returns
-    -------
-    Tensor, shape (N, M)
-        The plan: non-negative, columns summing to ``b``, rows to ``a`` within ``tol``; no autograd.
+    with :math:`(f, g)` the potentials of :func:`sinkhorn_potentials` (enough for the divergence, not for the
+    marginals), refined by alternate Sinkhorn updates at the final temperature until
+    :math:`\max_i |(\pi 1)_i - a_i| \le \text{tol} \cdot \max_i a_i` (columns are exact after each update) or
+    ``max_iter`` updates (then a warning).
     """
     with torch.no_grad():
         x, y = x.detach(), y.detach()
         _, _, g, f, eps = sinkhorn_potentials(x, y, a=a, b=b, blur=blur, scaling=scaling, debias=False)
-        n, m = x.shape[0], y.shape[0]
-        a_log = _log_weights(a, n, x, "a")
-        b_log = _log_weights(b, m, x, "b")
+        a_log = _log_weights(a, x.shape[0], x, "a")
+        b_log = _log_weights(b, y.shape[0], x, "b")
         cost = squared_euclidean_cost(x, y)
         cost_t = cost.T.contiguous()
         a_max = float(a_log.exp().max())

@@ -40,34 +40,11 @@ from pkdot.distill.base import DistillBatch, DistillLoss, register
 from pkdot.distill.ot import float32_math, sinkhorn_divergence
 from pkdot.errors import ConfigError, StageError
 
-__all__ = [
-    "PKDOT",
-    "PKDOTAll",
-    "PKDOTMost",
-    "StructureClouds",
-    "cosine_similarity_matrix",
-    "pkdot_loss",
-    "pkdot_structure",
-]
-
 
 @dataclass
 class StructureClouds:
-    """The similarity structures PKDOT compares, and the point clouds built from them.
-
-    Attributes
-    ----------
-    student_sim : Tensor, shape (B, B)
-        Shifted student cosine similarities :math:`S_s - \\min S_s` (non-negative).
-    teacher_sim : Tensor, shape (B, B)
-        Shifted teacher cosine similarities (non-negative, no gradient).
-    anchor_index : Tensor, shape (B, k), long
-        Columns chosen per row from the teacher matrix.
-    student_cloud : Tensor, shape (B, k)
-        ``student_sim.gather(1, anchor_index)``: B points in R^k.
-    teacher_cloud : Tensor, shape (B, k)
-        ``teacher_sim.gather(1, anchor_index)``.
-    """
+    """PKDOT's shifted similarity matrices ``student_sim``, ``teacher_sim`` (B, B), the teacher's
+    ``anchor_index`` (B, k) per row, and the clouds ``*_sim.gather(1, anchor_index)`` (B, k)."""
 
     student_sim: Tensor
     teacher_sim: Tensor
@@ -77,17 +54,7 @@ class StructureClouds:
 
 
 def cosine_similarity_matrix(z: Tensor) -> Tensor:
-    r"""Pairwise cosine similarities :math:`S_{ij} = z_i \cdot z_j / (\|z_i\| \|z_j\|)`.
-
-    Parameters
-    ----------
-    z : Tensor, shape (B, D)
-
-    Returns
-    -------
-    Tensor, shape (B, B)
-        In [-1, 1]; a zero row gets similarity 0 with every row (norms are clamped at 1e-8).
-    """
+    """Pairwise cosine similarities (B, D) -> (B, B); a zero row has similarity 0 (norms clamped at 1e-8)."""
     unit = F.normalize(z, p=2, dim=1, eps=1e-8)
     return unit @ unit.T
 
@@ -104,25 +71,10 @@ def _resolve_k(k: int | str, batch_size: int) -> int:
 def pkdot_structure(
     student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, anchors: str = "least"
 ) -> StructureClouds:
-    """Build PKDOT's shifted similarity matrices and its two anchored point clouds.
+    """PKDOT's matrices and anchored clouds of student (B, Ds) and teacher (B, Dt, detached) embeddings.
 
-    Parameters
-    ----------
-    student_z : Tensor, shape (B, Ds)
-        Student embeddings.
-    teacher_z : Tensor, shape (B, Dt)
-        Teacher embeddings (detached here).
-    k : int or "all"
-        Anchors per row; ``"all"`` or ``k >= B`` keeps every column (in index order).
-    anchors : {"least", "most"}
-        Keep the k least (authors' default) or most similar columns of each teacher row, ordered by
-        teacher similarity (ascending for "least", descending for "most").
-
-    Returns
-    -------
-    StructureClouds
-        Matrices (B, B), anchor indices (B, k') and clouds (B, k') with k' = min(k, B); float32 (outside
-        autocast) for half-precision inputs.
+    The ``min(k, B)`` anchors of a row are ordered by teacher similarity (ascending for "least",
+    descending for "most"); ``k="all"`` or ``k >= B`` keeps every column in index order.
     """
     if student_z.dim() != 2 or teacher_z.dim() != 2:
         raise StageError(
@@ -136,17 +88,14 @@ def pkdot_structure(
     if anchors not in ("least", "most"):
         raise ConfigError(f"distill.pkdot.anchors must be 'least' or 'most', got {anchors!r}")
     n_anchors = _resolve_k(k, batch_size)
-    teacher_z = teacher_z.detach().to(student_z.dtype)
     student_raw = cosine_similarity_matrix(student_z)
-    teacher_raw = cosine_similarity_matrix(teacher_z)
+    teacher_raw = cosine_similarity_matrix(teacher_z.detach().to(student_z.dtype))
     student_sim = student_raw - student_raw.min()
     teacher_sim = teacher_raw - teacher_raw.min()
     if n_anchors == batch_size:
         anchor_index = torch.arange(batch_size, device=student_z.device).expand(batch_size, batch_size)
     else:
-        anchor_index = torch.topk(
-            teacher_raw, n_anchors, dim=1, largest=anchors == "most", sorted=True
-        ).indices
+        anchor_index = torch.topk(teacher_raw, n_anchors, dim=1, largest=anchors == "most").indices
     return StructureClouds(
         student_sim=student_sim,
         teacher_sim=teacher_sim,
@@ -165,33 +114,13 @@ def pkdot_loss(
     blur: float = 0.1,
     scaling: float = 0.5,
 ) -> Tensor:
-    r"""PKDOT loss: debiased Sinkhorn divergence between the anchored student and teacher structures.
+    r"""PKDOT loss (scalar) of student (B, Ds) and teacher (B, Dt) embeddings; the gradient reaches the student only.
 
     .. math::
         \mathcal{L}_\text{PKDOT} = S_\varepsilon\Big(\tfrac1B \sum_i \delta_{\tilde S_s[i, A_i]},\
-            \tfrac1B \sum_i \delta_{\tilde S_t[i, A_i]}\Big), \qquad \varepsilon = \text{blur}^2,
+            \tfrac1B \sum_i \delta_{\tilde S_t[i, A_i]}\Big), \qquad \varepsilon = \text{blur}^2
 
-    (see :func:`pkdot_structure` for :math:`\tilde S` and the anchors :math:`A_i`).
-
-    Parameters
-    ----------
-    student_z : Tensor, shape (B, Ds)
-    teacher_z : Tensor, shape (B, Dt)
-        Detached: the gradient reaches the student only.
-    k : int or "all"
-        Anchors per row (paper: 30).
-    anchors : {"least", "most"}
-        Which teacher columns to keep (paper: "least").
-    blur : float
-        Sinkhorn blur (paper: 0.1, i.e. eps = 0.01).
-    scaling : float in (0, 1)
-        Epsilon-scaling ratio (paper: 0.5).
-
-    Returns
-    -------
-    Tensor, shape ()
-        Non-negative up to solver rounding; equals ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur,
-        scaling=scaling)`` on the two clouds.
+    (:func:`pkdot_structure`). Paper: k = 30, anchors "least", blur 0.1, scaling 0.5.
     """
     clouds = pkdot_structure(student_z, teacher_z, k=k, anchors=anchors)
     return sinkhorn_divergence(clouds.student_cloud, clouds.teacher_cloud, blur=blur, scaling=scaling)
@@ -205,17 +134,10 @@ class PKDOT(DistillLoss):
 
     def __init__(self, *, k: int | str, anchors: str, blur: float, scaling: float, **dims: Any) -> None:
         super().__init__(**dims)
-        self.k, self.anchors, self.blur, self.scaling = k, anchors, blur, scaling
+        self.options = {"k": k, "anchors": anchors, "blur": blur, "scaling": scaling}
 
     def compute(self, batch: DistillBatch) -> Tensor:
-        return pkdot_loss(
-            batch.student_z,
-            batch.teacher_z,
-            k=self.k,
-            anchors=self.anchors,
-            blur=self.blur,
-            scaling=self.scaling,
-        )
+        return pkdot_loss(batch.student_z, batch.teacher_z, **self.options)
 
 
 @register("pkdot-most")

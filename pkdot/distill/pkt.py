@@ -24,8 +24,6 @@ from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 
-__all__ = ["ProbabilisticKT", "pkt_loss"]
-
 
 def _conditional_probabilities(z: Tensor, eps: float) -> Tensor:
     unit = F.normalize(z, p=2, dim=1, eps=eps)
@@ -34,25 +32,13 @@ def _conditional_probabilities(z: Tensor, eps: float) -> Tensor:
 
 
 def pkt_loss(student_z: Tensor, teacher_z: Tensor, eps: float = 1e-7) -> Tensor:
-    r"""PKT loss (mean over the B x B entries, as the authors' code).
+    r"""PKT loss of (B, Ds) and (B, Dt, detached) embeddings, the mean over the B x B entries (authors' code).
 
     .. math::
         \mathcal{L}_\text{PKT} = \frac{1}{B^2} \sum_{i,j} p^t_{j|i}
             \log \frac{p^t_{j|i} + \epsilon}{p^s_{j|i} + \epsilon}
 
-    Parameters
-    ----------
-    student_z : Tensor, shape (B, Ds)
-    teacher_z : Tensor, shape (B, Dt)
-        Detached.
-    eps : float
-        Stabiliser inside the logarithm.
-
-    Returns
-    -------
-    Tensor, shape ()
-        Zero when student and teacher cosine structures agree (e.g. :math:`Z_s = Z_t Q`); permutation
-        invariant.
+    Zero when the cosine structures agree (e.g. :math:`Z_s = Z_t Q`); permutation invariant.
     """
     p_student = _conditional_probabilities(student_z, eps)
     p_teacher = _conditional_probabilities(teacher_z.detach().to(student_z), eps)

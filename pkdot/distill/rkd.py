@@ -27,8 +27,6 @@ from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 
-__all__ = ["RelationalKD", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
-
 
 def _normalised_distances(z: Tensor, eps: float = 1e-12) -> Tensor:
     """(B, B) Euclidean distances with a zero diagonal, divided by the mean off-diagonal distance."""
@@ -61,25 +59,13 @@ def rkd_angle_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
 def rkd_loss(
     student_z: Tensor, teacher_z: Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0
 ) -> Tensor:
-    r"""RKD loss :math:`w_d \mathcal{L}_d + w_a \mathcal{L}_a`.
+    r"""RKD loss :math:`w_d \mathcal{L}_d + w_a \mathcal{L}_a` of (B, Ds) and (B, Dt, detached) embeddings.
 
-    Parameters
-    ----------
-    student_z : Tensor, shape (B, Ds)
-    teacher_z : Tensor, shape (B, Dt)
-        Detached.
-    distance_weight, angle_weight : float
-        25 and 50 in Park et al.
-
-    Returns
-    -------
-    Tensor, shape ()
-        >= 0; zero when :math:`Z_s = c\, Z_t Q + t` (similarity transform); permutation invariant.
-        Memory is O(B^2 D) for the angle term.
+    >= 0; zero when :math:`Z_s = c\, Z_t Q + t` (similarity transform); permutation invariant. Memory is
+    O(B^2 D) for the angle term.
     """
-    return distance_weight * rkd_distance_loss(student_z, teacher_z) + angle_weight * rkd_angle_loss(
-        student_z, teacher_z
-    )
+    distance = rkd_distance_loss(student_z, teacher_z)
+    return distance_weight * distance + angle_weight * rkd_angle_loss(student_z, teacher_z)
 
 
 @register("rkd")
@@ -93,9 +79,5 @@ class RelationalKD(DistillLoss):
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     def compute(self, batch: DistillBatch) -> Tensor:
-        return rkd_loss(
-            batch.student_z,
-            batch.teacher_z,
-            distance_weight=self.distance_weight,
-            angle_weight=self.angle_weight,
-        )
+        weights = {"distance_weight": self.distance_weight, "angle_weight": self.angle_weight}
+        return rkd_loss(batch.student_z, batch.teacher_z, **weights)

@@ -21,32 +21,19 @@ from torch import Tensor
 
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 
-__all__ = ["SimilarityPreserving", "similarity_preserving_loss"]
-
 
 def _normalised_gram(z: Tensor) -> Tensor:
-    gram = z @ z.T
-    return F.normalize(gram, p=2, dim=1)
+    return F.normalize(z @ z.T, p=2, dim=1)
 
 
 def similarity_preserving_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
     r"""SP loss :math:`\frac{1}{B^2}\|\hat G_s - \hat G_t\|_F^2`, :math:`\hat G = \mathrm{rownorm}(Z Z^T)`.
 
-    Parameters
-    ----------
-    student_z : Tensor, shape (B, Ds)
-    teacher_z : Tensor, shape (B, Dt)
-        Detached; Ds and Dt may differ (only B x B Gram matrices are compared).
-
-    Returns
-    -------
-    Tensor, shape ()
-        >= 0; zero when :math:`Z_s = c\, Z_t Q` (Q orthogonal, c > 0); invariant to a joint permutation.
+    Of (B, Ds) and (B, Dt, detached) embeddings; >= 0, zero when :math:`Z_s = c\, Z_t Q` (Q orthogonal,
+    c > 0); invariant to a joint permutation.
     """
-    student_gram = _normalised_gram(student_z)
     teacher_gram = _normalised_gram(teacher_z.detach().to(student_z))
-    batch_size = student_z.shape[0]
-    return (student_gram - teacher_gram).pow(2).sum() / batch_size**2
+    return (_normalised_gram(student_z) - teacher_gram).pow(2).sum() / student_z.shape[0] ** 2
 
 
 @register("sp")

@@ -13,15 +13,7 @@ from pkdot.models.physio import SpectrogramCNN
 
 
 class LogMelCNN(SpectrogramCNN):
-    """Log-mel encoder: ``float (B, n_mels, T) -> tokens (B, T', D)``.
-
-    Parameters
-    ----------
-    input_shape : ``(n_mels, T)``.
-    embed_dim : Token dimension ``D``.
-    width : Channels of the first stage ``w``.
-    modality : Modality name (``audio``).
-    """
+    """Log-mel encoder: ``float (B, n_mels, T) -> tokens (B, T', D)``."""
 
     def __init__(
         self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "audio"

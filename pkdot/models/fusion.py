@@ -16,9 +16,7 @@ For modalities ``m = 1..M`` with tokens ``X_m`` of shape ``(B, N_m, D)``:
 The returned ``gates`` ``(B, M)`` are the per-modality gate weights averaged over the ``D`` features (each row
 sums to 1).
 
-References
-----------
-Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
+References: Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
 Transport", IEEE FG 2024 (arXiv 2401.15489).
 """
 
@@ -35,10 +33,7 @@ from pkdot.errors import ConfigError, StageError
 def sinusoidal_positions(
     num_tokens: int, dim: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Sinusoidal position codes ``P`` of shape ``(num_tokens, dim)``.
-
-    ``P[n, 2i] = sin(n / 10000^(2i / dim))`` and ``P[n, 2i + 1] = cos(n / 10000^(2i / dim))``.
-    """
+    """Position codes ``(num_tokens, dim)``: ``P[n, 2i] = sin(n / 10000^(2i / dim))``, ``P[n, 2i + 1]`` the cos."""
     position = torch.arange(num_tokens, device=device, dtype=torch.float32).unsqueeze(1)
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
     codes = torch.zeros(num_tokens, dim, device=device, dtype=torch.float32)
@@ -64,13 +59,7 @@ def module_dict(modules: dict[str, nn.Module]) -> nn.ModuleDict:
 class GatedCrossAttentionFusion(nn.Module):
     """Fuse ``{modality: tokens (B, N_m, D)}`` into ``z (B, D)`` with gates ``(B, M)`` (see the module doc).
 
-    Parameters
-    ----------
-    modalities : The fused modalities, in order (the first is ``c_1`` of the gate).
-    dim : Token dimension ``D``.
-    heads : Attention heads (``dim`` must be divisible by it).
-    layers : Depth of each modality's transformer encoder.
-    dropout : Dropout of the encoder and attention layers.
+    ``modalities`` in order (the first is ``c_1`` of the gate); ``layers``: depth of each modality's encoder.
     """
 
     def __init__(
@@ -84,8 +73,6 @@ class GatedCrossAttentionFusion(nn.Module):
             raise ConfigError(f"fusion: modalities must be distinct, got {modalities}")
         if dim % heads:
             raise ConfigError(f"model.embed_dim ({dim}) must be divisible by model.fusion_heads ({heads})")
-        if layers < 1:
-            raise ConfigError(f"model.fusion_layers must be >= 1, got {layers}")
         self.modalities = modalities
         self.dim = dim
         self.encoders = module_dict(
@@ -132,17 +119,7 @@ class GatedCrossAttentionFusion(nn.Module):
             raise StageError(f"fusion: modalities {empty} have no tokens (N = 0)")
 
     def forward(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Fuse the modalities' tokens.
-
-        Parameters
-        ----------
-        tokens : ``{modality: (B, N_m, D)}`` for every modality of the fusion (extra entries are ignored).
-
-        Returns
-        -------
-        z : (B, D) the fused embedding.
-        gates : (B, M) per-modality gate weights averaged over features (rows sum to 1).
-        """
+        """``{modality: (B, N_m, D)}`` (extra entries ignored) -> ``z (B, D)``, ``gates (B, M)``."""
         self._check(tokens)
         encoded: list[Tensor] = []
         for m in self.modalities:

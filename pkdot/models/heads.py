@@ -1,8 +1,4 @@
-"""Shared model pieces: the :class:`ModelOutput` record, the :class:`Backbone` base, task heads.
-
-Every model in :mod:`pkdot.models` returns a :class:`ModelOutput`; every backbone maps one modality's input
-batch to a sequence of ``D``-dimensional tokens ``(B, N, D)`` (``D`` = ``embed_dim``).
-"""
+"""Shared model pieces: the :class:`ModelOutput` every model returns, the :class:`Backbone` base, task heads."""
 
 from __future__ import annotations
 
@@ -20,18 +16,10 @@ from pkdot.errors import StageError
 class ModelOutput:
     """What every teacher, student and unimodal model returns.
 
-    Attributes
-    ----------
-    embedding : Tensor, shape (B, D)
-        The embedding that is distilled (teacher: the fused ``z``; student: its fused ``z``; unimodal model:
-        the mean of its backbone tokens).
-    logits : (B, C) class logits, or the regression output in ``[-1, 1]`` (tanh) as ``(B, 1)``.
-    tokens : dict[str, Tensor]
-        Per-modality backbone tokens ``(B, N_m, D)`` after projection (for a student, the privileged entries are
-        the T-Net's hallucinated tokens ``(B, 1, D)``).
-    gates : Tensor or None, shape (B, M)
-        The fusion's mean gate weight of each modality (in the order of the fusion's ``modalities``); rows sum to
-        1. ``None`` for unimodal models.
+    ``embedding`` (B, D): the distilled embedding (the fused ``z``; a unimodal model's mean token).
+    ``logits`` (B, C), or the regression output (B, 1). ``tokens``: per-modality backbone tokens (B, N_m, D)
+    (a student's privileged entries are its T-Nets' (B, 1, D)). ``gates`` (B, M): the fusion's mean gate of
+    each modality, rows summing to 1 (None for unimodal models).
     """
 
     embedding: Tensor
@@ -45,16 +33,10 @@ torch.export.register_dataclass(ModelOutput, serialized_type_name="pkdot.models.
 
 
 class Backbone(nn.Module):
-    """A modality encoder: ``forward(x) -> tokens (B, N, D)``.
+    """A modality encoder: ``forward(x) -> tokens (B, N, D)`` for ``x`` of shape ``(B, *input_shape)``.
 
-    Subclasses implement :meth:`encode`; :meth:`forward` first checks that ``x`` has the batch shape
-    ``(B, *input_shape)`` and the dtype the backbone was built for (``uint8`` face crops or floating features).
-
-    Parameters
-    ----------
-    modality : The modality name (``video``, ``physio``, ``audio`` or a table column).
-    input_shape : The shape of one sample, without the batch dimension.
-    embed_dim : Token dimension ``D``.
+    Subclasses implement :meth:`encode`; :meth:`forward` first checks the shape and the dtype the backbone was
+    built for (``uint8`` face crops or floating features).
     """
 
     #: ``True`` for backbones that read raw ``uint8`` pixels; others read floating-point features.
@@ -67,11 +49,10 @@ class Backbone(nn.Module):
         self.embed_dim = int(embed_dim)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Map a checked input batch to tokens ``(B, N, D)`` (implemented by every subclass)."""
+        """Map a checked input batch to tokens ``(B, N, D)``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
 
-    def check_input(self, x: Tensor) -> None:
-        """Raise :class:`StageError` unless ``x`` is ``(B, *input_shape)`` with the expected dtype."""
+    def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
             raise StageError(
                 f"{self.modality} backbone: expected input of shape (B, {', '.join(map(str, self.input_shape))}), "
@@ -83,9 +64,6 @@ class Backbone(nn.Module):
             raise StageError(
                 f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}"
             )
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
         if not self.expects_uint8:
             weight = next(self.parameters(), None)
             if weight is not None and x.dtype != weight.dtype:
@@ -98,11 +76,8 @@ class Backbone(nn.Module):
 
 
 class TaskHead(nn.Module):
-    """Linear task head on a ``(B, dim)`` embedding.
-
-    Classification: logits ``(B, num_outputs)``. Regression (valence or arousal): ``tanh(w^T z + b)`` of shape
-    ``(B, 1)`` in ``[-1, 1]``; with ``bounded=False`` (a table's free-range ``target``) ``w^T z + b``.
-    """
+    """Linear head on a ``(B, dim)`` embedding: logits ``(B, num_outputs)``, or for regression ``tanh(w^T z + b)``
+    ``(B, 1)`` in [-1, 1] (``bounded=False``, a table's free-range ``target``: ``w^T z + b``)."""
 
     def __init__(self, dim: int, num_outputs: int, regression: bool, *, bounded: bool = True) -> None:
         super().__init__()
@@ -123,10 +98,7 @@ class TaskHead(nn.Module):
 
 
 class UnimodalModel(nn.Module):
-    """One backbone + a :class:`TaskHead` on its pooled embedding (the unimodal baselines / pre-training).
-
-    ``embedding = mean_n backbone(x)[:, n, :]`` of shape ``(B, D)``; ``logits = head(embedding)``.
-    """
+    """One backbone + a :class:`TaskHead` on its mean token ``(B, D)`` (the unimodal baselines / pre-training)."""
 
     def __init__(
         self, backbone: Backbone, num_outputs: int, regression: bool, *, bounded: bool = True
@@ -183,13 +155,8 @@ def freeze_(module: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
-    """Run the block with ``torch.manual_seed(seed)`` and restore the global CPU RNG state afterwards.
-
-    ``seed=None`` leaves the global RNG as it is (the block draws from the current state).
-    """
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """Run the block with ``torch.manual_seed(seed)``, restoring the global CPU RNG state afterwards (None: as is)."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         yield

@@ -13,16 +13,7 @@ from pkdot.models.heads import Backbone
 
 
 class MLPBackbone(Backbone):
-    """Vector encoder: ``float (B, D_in) -> tokens (B, 1, D)``.
-
-    Parameters
-    ----------
-    input_shape : ``(D_in,)``.
-    embed_dim : Token dimension ``D``.
-    hidden : Hidden width ``h``.
-    dropout : Dropout after the hidden layer.
-    modality : Modality name (the table column).
-    """
+    """Vector encoder: ``float (B, D_in) -> tokens (B, 1, D)`` (``modality``: the table column)."""
 
     def __init__(
         self,

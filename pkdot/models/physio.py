@@ -19,78 +19,61 @@ from pkdot.errors import ConfigError
 from pkdot.models.heads import Backbone, BasicBlock
 
 
-def _stages(dims: int, width: int, kernel: int) -> nn.Sequential:
-    """Four stages of two :class:`BasicBlock`, widths ``w, 2w, 4w, 8w``, the first block of each with stride 2."""
-    layers: list[nn.Module] = []
-    cin = width
-    for mult in (1, 2, 4, 8):
-        cout = mult * width
-        layers += [BasicBlock(dims, cin, cout, 2, kernel), BasicBlock(dims, cout, cout, 1, kernel)]
-        cin = cout
-    return nn.Sequential(*layers)
+class _ResNetEncoder(Backbone):
+    """Stem, four stages of two :class:`BasicBlock` (widths ``w, 2w, 4w, 8w``, the first of each with stride 2)
+    and the projection, in ``dims`` = 1 or 2 dimensions over ``input_shape = (C, *spatial)``."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        embed_dim: int,
+        width: int,
+        modality: str,
+        *,
+        dims: int,
+        kernel: int,
+    ) -> None:
+        super().__init__(modality, input_shape, embed_dim)
+        if len(self.input_shape) != dims + 1:
+            what = "a spectrogram shape (C, F, T)" if dims == 2 else "a window shape (C, L)"
+            raise ConfigError(f"{modality} backbone: expected {what}, got {self.input_shape}")
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        stride = 2 if dims == 1 else 1
+        self.stem = nn.Sequential(
+            conv(self.input_shape[0], width, kernel, stride=stride, padding=kernel // 2, bias=False),
+            norm(width),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        for cin, cout in ((width, width), (width, 2 * width), (2 * width, 4 * width), (4 * width, 8 * width)):
+            layers += [BasicBlock(dims, cin, cout, 2, kernel), BasicBlock(dims, cout, cout, 1, kernel)]
+        self.stages = nn.Sequential(*layers)
+        self.projection = nn.Sequential(
+            nn.Linear(8 * width, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim)
+        )
 
 
-def _projection(channels: int, embed_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
-
-
-class SpectrogramCNN(Backbone):
-    """2-D ResNet-ish encoder of a ``(C, F, T)`` spectrogram: ``(B, C, F, T) -> tokens (B, T', D)``.
-
-    Parameters
-    ----------
-    input_shape : ``(C, F, T)``: channels, frequencies, time frames.
-    embed_dim : Token dimension ``D``.
-    width : Channels of the first stage ``w``.
-    modality : Modality name (``physio``; :class:`pkdot.models.audio.LogMelCNN` reuses it for ``audio``).
-    """
+class SpectrogramCNN(_ResNetEncoder):
+    """2-D encoder of a ``(C, F, T)`` spectrogram (channels, frequencies, time frames) -> tokens ``(B, T', D)``;
+    :class:`pkdot.models.audio.LogMelCNN` reuses it for ``audio``."""
 
     def __init__(
         self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio"
     ) -> None:
-        super().__init__(modality, input_shape, embed_dim)
-        if len(self.input_shape) != 3:
-            raise ConfigError(
-                f"{modality} backbone: expected a spectrogram shape (C, F, T), got {self.input_shape}"
-            )
-        self.stem = nn.Sequential(
-            nn.Conv2d(self.input_shape[0], width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-        )
-        self.stages = _stages(2, width, kernel=3)
-        self.projection = _projection(8 * width, embed_dim)
+        super().__init__(input_shape, embed_dim, width, modality, dims=2, kernel=3)
 
     def encode(self, x: Tensor) -> Tensor:
         features = self.stages(self.stem(x))  # (B, 8w, F', T')
-        tokens = features.mean(dim=2).transpose(1, 2)  # (B, T', 8w)
-        return self.projection(tokens)
+        return self.projection(features.mean(dim=2).transpose(1, 2))
 
 
-class WindowCNN(Backbone):
-    """1-D ResNet-ish encoder of a raw ``(C, L)`` window: ``(B, C, L) -> tokens (B, L', D)``.
-
-    Parameters
-    ----------
-    input_shape : ``(C, L)``: channels and samples.
-    embed_dim : Token dimension ``D``.
-    width : Channels of the first stage ``w``.
-    modality : Modality name.
-    """
+class WindowCNN(_ResNetEncoder):
+    """1-D encoder of a raw ``(C, L)`` window (channels, samples) -> tokens ``(B, L', D)``."""
 
     def __init__(
         self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio"
     ) -> None:
-        super().__init__(modality, input_shape, embed_dim)
-        if len(self.input_shape) != 2:
-            raise ConfigError(f"{modality} backbone: expected a window shape (C, L), got {self.input_shape}")
-        self.stem = nn.Sequential(
-            nn.Conv1d(self.input_shape[0], width, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm1d(width),
-            nn.ReLU(inplace=True),
-        )
-        self.stages = _stages(1, width, kernel=7)
-        self.projection = _projection(8 * width, embed_dim)
+        super().__init__(input_shape, embed_dim, width, modality, dims=1, kernel=7)
 
     def encode(self, x: Tensor) -> Tensor:
         features = self.stages(self.stem(x))  # (B, 8w, L')

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pkdot.errors import ConfigError, StageError
 from pkdot.models.fusion import GatedCrossAttentionFusion, module_dict
 from pkdot.models.heads import Backbone, ModelOutput, TaskHead, freeze_, seeded
-from pkdot.models.teacher import build_backbone, check_backbone
+from pkdot.models.teacher import build_backbone, check_backbone, fusion_and_head
 from pkdot.models.tnet import TNet, build_tnets
 
 if TYPE_CHECKING:
@@ -27,18 +27,9 @@ log = logging.getLogger(__name__)
 
 
 class Student(nn.Module):
-    """Student model (see the module doc).
-
-    Parameters
-    ----------
-    modality : The student's input modality (the key of its tokens).
-    video_backbone : Backbone of that modality.
-    tnets : Privileged modality -> T-Net (empty: no hallucination). Frozen here.
-    fusion : Fusion over ``[modality, *tnets]``.
-    head : Head on the fused ``z``.
-    freeze_backbone : bool
-        Freeze the backbone (no gradient, eval mode: batch-norm statistics do not move); ``False`` makes every
-        backbone parameter trainable.
+    """Student model (see the module doc): ``video_backbone`` reads ``modality``; ``tnets`` (privileged
+    modality -> T-Net, frozen here; empty: no hallucination) feed ``fusion`` over ``[modality, *tnets]``.
+    ``freeze_backbone``: no gradient and eval mode (batch-norm statistics do not move); else all trainable.
     """
 
     def __init__(
@@ -86,21 +77,10 @@ class Student(nn.Module):
             raise StageError(
                 f"student: expected {self.modality} tokens (B, N, {self.fusion.dim}), got {tuple(video_tokens.shape)}"
             )
-        tokens = {self.modality: video_tokens}
-        if len(self.tnets):
-            video_embedding = video_tokens.mean(dim=1)
-            for m, tnet in self.tnets.items():
-                tokens[m] = tnet(video_embedding).unsqueeze(1)
+        pooled = video_tokens.mean(dim=1)
+        tokens = {self.modality: video_tokens} | {m: t(pooled).unsqueeze(1) for m, t in self.tnets.items()}
         z, gates = self.fusion(tokens)
         return ModelOutput(embedding=z, logits=self.head(z), tokens=tokens, gates=gates)
-
-
-def student_modality(cfg: RunConfig) -> str:
-    """The student's input modality: the single entry of ``cfg.data.student_modalities``."""
-    mods = cfg.data.student_modalities
-    if len(mods) != 1:
-        raise ConfigError(f"data.student_modalities: the student reads one modality, got {mods}")
-    return mods[0]
 
 
 def build_student(
@@ -112,23 +92,15 @@ def build_student(
     freeze_backbone: bool | None = None,
     seed: int | None = None,
 ) -> Student:
-    """Compose the student of a run.
+    """Compose the student of a run (``input_shapes``: one sample's shape per modality).
 
-    Parameters
-    ----------
-    cfg : The run configuration (``data`` for modalities/task, ``model`` for sizes, ``distill.use_tnet``).
-    input_shapes : One sample's shape per modality; only the student modality's is used.
-    video_backbone : Backbone, optional
-        Backbone to start from (e.g. the pre-trained unimodal video backbone); it is *copied*, so freezing it
-        here does not touch the caller's module. Default: a new one (``build_backbone``, which loads
-        ``cfg.model.pretrained_video`` when set).
-    tnets : dict[str, TNet], optional
-        Trained T-Nets, one per privileged modality (copied and frozen). Default with ``use_tnet``: freshly
-        initialised ones, for loading a saved student's state_dict into (a warning says so).
-    freeze_backbone : Default: ``cfg.train.student_init == "teacher-frozen"``.
-    seed : Seed of the new weights (global RNG restored afterwards).
+    ``video_backbone`` (e.g. the pre-trained unimodal one) is *copied*, so freezing it here leaves the caller's
+    module alone; default a new one (:func:`build_backbone`). ``tnets``: trained T-Nets, one per privileged
+    modality (copied, frozen); default with ``use_tnet``: fresh ones to load a saved state_dict into (a
+    warning says so). ``freeze_backbone`` default: ``train.student_init == "teacher-frozen"``. ``seed``: of
+    the new weights (global RNG restored afterwards).
     """
-    modality = student_modality(cfg)
+    (modality,) = cfg.data.student_modalities  # one, checked at config load
     dim = cfg.model.embed_dim
     freeze = cfg.train.student_backbone_frozen if freeze_backbone is None else bool(freeze_backbone)
     privileged = cfg.data.privileged_modalities
@@ -159,14 +131,5 @@ def build_student(
                 if not isinstance(t, TNet) or t.dim != dim:
                     raise StageError(f"build_student: the T-Net for {m!r} must be a TNet of dim {dim}")
             chosen = {m: copy.deepcopy(tnets[m]) for m in privileged}
-        fusion = GatedCrossAttentionFusion(
-            [modality, *chosen],
-            dim,
-            cfg.model.fusion_heads,
-            layers=cfg.model.fusion_layers,
-            dropout=cfg.model.dropout,
-        )
-        head = TaskHead(
-            dim, cfg.data.num_outputs, cfg.data.is_regression, bounded=cfg.data.task != "regression"
-        )
+        fusion, head = fusion_and_head(cfg, [modality, *chosen])
     return Student(modality, backbone, chosen, fusion, head, freeze_backbone=freeze)

@@ -38,18 +38,8 @@ def build_backbone(
     ``audio``               ``(n_mels, T)``         :class:`LogMelCNN` (``audio_width``)
     ======================  =====================  =========================================================
 
-    Parameters
-    ----------
-    modality : Modality name.
-    input_shape : One sample's shape (no batch dimension).
-    cfg : ``cfg.model`` of the run. ``pretrained_video`` (a local state_dict file) is loaded into a video
-        backbone; nothing is ever downloaded.
-    seed : Seed of the initial weights (global RNG restored afterwards); ``None`` draws from the global RNG.
-
-    Raises
-    ------
-    ConfigError
-        No backbone fits the modality and shape, or the pretrained file does not match.
+    ``cfg.pretrained_video`` (a local file) is loaded into a video backbone. ``seed``: of the initial weights
+    (global RNG restored afterwards; None draws from it). :class:`ConfigError` when no backbone fits.
     """
     shape = tuple(int(s) for s in input_shape)
     dim = cfg.embed_dim
@@ -86,14 +76,7 @@ def build_backbone(
 
 
 class Teacher(nn.Module):
-    """Multimodal teacher: one backbone per modality, :class:`GatedCrossAttentionFusion`, :class:`TaskHead`.
-
-    Parameters
-    ----------
-    backbones : One backbone per modality, in fusion order.
-    fusion : Fusion over exactly those modalities.
-    head : Head on the fused ``z``.
-    """
+    """Multimodal teacher: one backbone per modality (in fusion order), the fusion over them, a head on ``z``."""
 
     def __init__(
         self, backbones: dict[str, Backbone], fusion: GatedCrossAttentionFusion, head: TaskHead
@@ -143,13 +126,8 @@ def build_teacher(
 ) -> Teacher:
     """Compose the teacher of a run from ``cfg.data`` (modalities, task) and ``cfg.model`` (sizes).
 
-    Parameters
-    ----------
-    cfg : The run configuration.
-    input_shapes : One sample's shape per modality (no batch dimension).
-    backbones : dict[str, Backbone], optional
-        Backbones to use as they are (e.g. pre-trained unimodal ones); missing modalities get new backbones.
-    seed : Seed of the new weights (global RNG restored afterwards).
+    ``input_shapes``: one sample's shape per modality; ``backbones``: used as they are (e.g. pre-trained
+    unimodal ones), new ones for the other modalities; ``seed``: of the new weights (global RNG restored).
     """
     modalities = cfg.data.modalities
     given = dict(backbones or {})
@@ -172,10 +150,15 @@ def build_teacher(
                 parts[m] = given[m]
             else:
                 parts[m] = build_backbone(m, input_shapes[m], cfg.model)
-        fusion = GatedCrossAttentionFusion(
-            modalities, dim, cfg.model.fusion_heads, layers=cfg.model.fusion_layers, dropout=cfg.model.dropout
-        )
-        head = TaskHead(
-            dim, cfg.data.num_outputs, cfg.data.is_regression, bounded=cfg.data.task != "regression"
-        )
-    return Teacher(parts, fusion, head)
+        return Teacher(parts, *fusion_and_head(cfg, modalities))
+
+
+def fusion_and_head(cfg: RunConfig, modalities: list[str]) -> tuple[GatedCrossAttentionFusion, TaskHead]:
+    """The fusion over ``modalities`` and the task head of a run (drawn from the current RNG, in that order)."""
+    dim = cfg.model.embed_dim
+    fusion = GatedCrossAttentionFusion(
+        modalities, dim, cfg.model.fusion_heads, layers=cfg.model.fusion_layers, dropout=cfg.model.dropout
+    )
+    return fusion, TaskHead(
+        dim, cfg.data.num_outputs, cfg.data.is_regression, bounded=cfg.data.task != "regression"
+    )

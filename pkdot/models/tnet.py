@@ -27,13 +27,7 @@ DEFAULT_BANDWIDTH_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 class TNet(nn.Module):
-    """MLP ``dim -> hidden[0] -> ... -> hidden[-1] -> dim`` with ReLU between layers, linear output.
-
-    Parameters
-    ----------
-    dim : Input and output dimension ``D`` (the embedding dimension).
-    hidden : Hidden widths (paper: ``[256, 128, 256]`` with ``D = 512``).
-    """
+    """MLP ``dim -> hidden[0] -> ... -> hidden[-1] -> dim``, ReLU between layers (paper: D = 512, [256, 128, 256])."""
 
     def __init__(self, dim: int, hidden: list[int]) -> None:
         super().__init__()
@@ -69,20 +63,9 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
           + \frac{1}{m(m-1)} \sum_{i \ne j} k(y_i, y_j) - \frac{2}{nm} \sum_{i, j} k(x_i, y_j),
         \qquad k(a, b) = \sum_s \exp\left(-\|a - b\|^2 / h_s\right).
 
-    Parameters
-    ----------
-    x : (n, d) first sample (e.g. T-Net outputs), ``n >= 2``.
-    y : (m, d) second sample (e.g. real privileged embeddings), ``m >= 2``.
-    bandwidths : sequence of float, optional
-        The ``h_s`` (squared length scales, > 0). Default: the median heuristic ``h_s = s * median``, with
-        ``median`` the median squared distance between distinct points of ``[x; y]`` (not differentiated) and
-        ``s`` in ``(0.25, 0.5, 1, 2, 4)``.
-
-    Returns
-    -------
-    Tensor
-        Scalar, differentiable in ``x`` and ``y``. Unbiased, so it can be slightly negative when the two
-        distributions are equal.
+    ``x`` (n, d), ``y`` (m, d), n, m >= 2. ``bandwidths``: the ``h_s`` (> 0); default the median heuristic
+    ``h_s = s * median`` (median squared distance between distinct points of ``[x; y]``, not differentiated;
+    ``s`` in ``DEFAULT_BANDWIDTH_SCALES``). Unbiased, so slightly negative for equal distributions.
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise StageError(
@@ -99,9 +82,9 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
         off_diagonal = d2.detach()[~torch.eye(n + m, dtype=torch.bool, device=z.device)]
         median = off_diagonal.median().clamp_min(torch.finfo(d2.dtype).tiny)
         scales: list[Tensor | float] = [median * s for s in DEFAULT_BANDWIDTH_SCALES]
+    elif len(bandwidths) == 0 or any(float(h) <= 0 for h in bandwidths):
+        raise StageError(f"mmd_rbf: bandwidths must be positive numbers, got {list(bandwidths)}")
     else:
-        if len(bandwidths) == 0 or any(float(h) <= 0 for h in bandwidths):
-            raise StageError(f"mmd_rbf: bandwidths must be positive numbers, got {list(bandwidths)}")
         scales = [float(h) for h in bandwidths]
     kernel = sum(torch.exp(-d2 / h) for h in scales)
     assert isinstance(kernel, Tensor)
@@ -112,10 +95,6 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
 
 
 def build_tnets(cfg: RunConfig, *, seed: int | None = None) -> dict[str, TNet]:
-    """One freshly initialised :class:`TNet` per privileged modality: ``{modality: TNet(D, tnet_hidden)}``.
-
-    With ``seed``, the initial weights are drawn from ``torch.manual_seed(seed)`` (the global RNG state is
-    restored afterwards).
-    """
+    """One fresh :class:`TNet` per privileged modality (``seed``: of the weights, global RNG restored)."""
     with seeded(seed):
         return {m: TNet(cfg.model.embed_dim, cfg.model.tnet_hidden) for m in cfg.data.privileged_modalities}

@@ -61,16 +61,16 @@ class Small3dBody(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         w = width
-        stages = []
-        for cin, cout, stride in ((3, w, (1, 2, 2)), (w, 2 * w, (1, 2, 2)), (2 * w, 4 * w, (2, 2, 2))):
-            stages.append(
+        self.stages = nn.Sequential(
+            *(
                 nn.Sequential(
                     nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
                     nn.BatchNorm3d(cout),
                     nn.ReLU(inplace=True),
                 )
+                for cin, cout, stride in ((3, w, (1, 2, 2)), (w, 2 * w, (1, 2, 2)), (2 * w, 4 * w, (2, 2, 2)))
             )
-        self.stages = nn.Sequential(*stages)
+        )
         self.out_channels = 4 * w
 
     def forward(self, x: Tensor) -> Tensor:
@@ -78,19 +78,8 @@ class Small3dBody(nn.Module):
 
 
 class VideoBackbone(Backbone):
-    """Face-clip encoder: ``uint8 (B, T, H, W, 3) -> tokens (B, T', D)``.
-
-    ``x -> (x / 255 - mean) / std -> body -> mean over (H', W') -> (B, T', C)`` then
-    ``Linear(C, D) -> ReLU -> Linear(D, D)`` (only the final ``Linear(D, D)`` when ``C == D``).
-
-    Parameters
-    ----------
-    input_shape : ``(T, H, W, 3)``.
-    embed_dim : Token dimension ``D``.
-    arch : the CNN body, ``"r3d18"`` or ``"small3d"``.
-    width : Channels of the first stage ``w``.
-    modality : Name of the modality this backbone reads (``video`` usually).
-    """
+    """Face-clip encoder: ``uint8 (B, T, H, W, 3) -> tokens (B, T', D)``; the body's ``(B, T', C)`` spatial means
+    go through ``Linear(C, D) -> ReLU -> Linear(D, D)`` (only the final ``Linear(D, D)`` when ``C == D``)."""
 
     expects_uint8 = True
     mean: Tensor
@@ -140,19 +129,11 @@ class VideoBackbone(Backbone):
 
 
 def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
-    """Load a local state_dict into a video backbone (nothing is downloaded).
+    """Load a local state_dict (``torch.save`` of a dict of tensors) into a video backbone; nothing is downloaded.
 
-    Accepted files (``torch.save`` of a dict of tensors):
-
-    - a whole :class:`VideoBackbone` state_dict (same architecture, width and ``embed_dim``), or
-    - a body-only state_dict: the keys of ``backbone.body`` (e.g. torchvision's ``r3d_18`` Kinetics weights for
-      ``r3d18`` with ``video_width=64``; its classifier ``fc.*`` is ignored). The projection stays as
-      initialised.
-
-    Raises
-    ------
-    ConfigError
-        The file is missing, unreadable, not a state_dict, or its keys/shapes do not match the backbone.
+    Either a whole :class:`VideoBackbone` state_dict (same architecture, width and ``embed_dim``), or the keys
+    of ``backbone.body`` only (e.g. torchvision's ``r3d_18`` Kinetics weights for ``r3d18`` with
+    ``video_width=64``; its classifier ``fc.*`` is ignored; the projection stays as initialised).
     """
     path = Path(path)
     if not path.is_file():
