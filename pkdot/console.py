@@ -279,29 +279,22 @@ class StageProgressDisplay:
         self._lock = threading.Lock()
 
     def _start(self, progress: Progress) -> None:
+        from rich import progress as rp
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import Progress as RichProgress
 
         stream = self.file or sys.stderr
         console = Console(file=stream)
         if not console.is_terminal:  # a log file or a pipe: one unwrapped line at the end of the stage
             console = Console(file=stream, width=max(console.width, 120))
-        self._progress = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=16),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[detail]}"),
+        self._progress = rp.Progress(
+            rp.TextColumn("[bold]{task.description}"),
+            rp.BarColumn(bar_width=16),
+            rp.MofNCompleteColumn(),
+            rp.TextColumn("{task.fields[unit]}"),
+            rp.TimeElapsedColumn(),
+            rp.TextColumn("ETA"),
+            rp.TimeRemainingColumn(),
+            rp.TextColumn("{task.fields[detail]}"),
             console=console,
             transient=False,
             # jobs take minutes: estimate the rate over the whole stage, not rich's default last 30 s

@@ -312,12 +312,9 @@ def register_student(
     datasets: Sequence[DatasetSplit] = (),
     card: ModelCard | None = None,
 ) -> Registration:
-    """Log ``model`` (one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it.
-
-    ``input_example``: a batch of >= 2 inputs. ``metric_name``/``metric_value``/``higher_is_better``: what the
-    champion rule compares. ``scores``: the model's own scores. ``datasets``: the rows it saw.
-    ``extra_artifacts``: files under ``extra/`` (``config.yaml`` is always logged). ``card``: description, tags.
-    """
+    """Log ``model`` (one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it by the
+    champion rule on ``metric_name``. ``input_example``: a batch of >= 2 inputs; ``scores``: the model's own;
+    ``datasets``: the rows it saw; ``extra_artifacts``: files under ``extra/`` (``config.yaml`` always)."""
     if not math.isfinite(float(metric_value)):
         raise StageError(
             f"register_student: metric {metric_name!r} is {metric_value}; expected a finite number"
@@ -426,12 +423,9 @@ def register_best(
     manifest_fingerprint: str = "",
     trained_on: str | None = None,
 ) -> dict[str, Any]:
-    """Register the student chosen on validation (``summary.selection``) with its model card.
-
-    ``student``: its best-validation (fold, seed) model, or one refit on every subject (``trained_on``, e.g.
-    ``"all subjects (refit)"``). ``subjects``: split -> subjects it saw. The champion rule compares
-    ``cv_<metric>``. Returns the details the stage records.
-    """
+    """Register the student chosen on validation (``summary.selection``) with its model card; returns the details
+    the stage records. ``student``: its best-validation (fold, seed) model, or one refit on every subject
+    (``trained_on``, e.g. ``"all subjects (refit)"``); ``subjects``: split -> subjects it saw."""
     sel = summary.selection
     dtype = np.uint8 if cfg.data.student_modalities[0] == "video" else np.float32
     example = np.zeros((2, *input_shape), dtype=dtype)
