@@ -1,8 +1,5 @@
-"""The ``pkdot`` command: one subcommand per stage, plus ``run`` (the whole pipeline) and ``predict``.
-
-``pkdot --help`` shows :data:`DESCRIPTION` (plain text) and :data:`EXAMPLES`; every option's help ends with its
-default (:class:`HelpFormatter`).
-"""
+"""The ``pkdot`` command: one subcommand per stage, plus ``run`` (the whole pipeline) and ``predict``; every
+option's help ends with its default (:class:`HelpFormatter`)."""
 
 from __future__ import annotations
 
@@ -50,7 +47,7 @@ def _set_option(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         type=Path,
@@ -63,42 +60,39 @@ def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
         "sizes (default: the config file's preset, else demo)",
     )
     _set_option(p, "Override a config field")
-    if dataset:
-        p.add_argument(
-            "--dataset",
-            choices=["biovid", "affwild2", "table"],
-            help="Data set kind; table = a Parquet file of per-sample feature vectors (default: the config's "
-            "data.dataset, biovid)",
-        )
-        p.add_argument(
-            "--root",
-            type=Path,
-            help="Dataset root, a Parquet file for --dataset table (default: a synthetic set generated in "
-            "the run directory)",
-        )
-        p.add_argument(
-            "--task",
-            choices=["binary", "multiclass", "valence", "arousal", "regression"],
-            help="binary (BL1 vs PA4) / multiclass (Biovid), valence / arousal (Aff-Wild2), regression "
-            "(table with a float 'target' column) (default: binary; valence for --dataset affwild2)",
-        )
-        p.add_argument(
-            "--part", choices=["A", "B"], help="Biovid part; B adds facial EMG (default: the config's, A)"
-        )
-        p.add_argument(
-            "--skip-bad", action="store_true", help="Skip and report bad samples instead of failing"
-        )
-        p.add_argument(
-            "--student-modalities",
-            metavar="LIST",
-            help="Comma list (table data): the modality the student has at test time (default: video)",
-        )
-        p.add_argument(
-            "--privileged-modalities",
-            metavar="LIST",
-            help="Comma list (table data): teacher-only modalities (default: physio for Biovid, audio for "
-            "Aff-Wild2)",
-        )
+    p.add_argument(
+        "--dataset",
+        choices=["biovid", "affwild2", "table"],
+        help="Data set kind; table = a Parquet file of per-sample feature vectors (default: the config's "
+        "data.dataset, biovid)",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        help="Dataset root, a Parquet file for --dataset table (default: a synthetic set generated in "
+        "the run directory)",
+    )
+    p.add_argument(
+        "--task",
+        choices=["binary", "multiclass", "valence", "arousal", "regression"],
+        help="binary (BL1 vs PA4) / multiclass (Biovid), valence / arousal (Aff-Wild2), regression "
+        "(table with a float 'target' column) (default: binary; valence for --dataset affwild2)",
+    )
+    p.add_argument(
+        "--part", choices=["A", "B"], help="Biovid part; B adds facial EMG (default: the config's, A)"
+    )
+    p.add_argument("--skip-bad", action="store_true", help="Skip and report bad samples instead of failing")
+    p.add_argument(
+        "--student-modalities",
+        metavar="LIST",
+        help="Comma list (table data): the modality the student has at test time (default: video)",
+    )
+    p.add_argument(
+        "--privileged-modalities",
+        metavar="LIST",
+        help="Comma list (table data): teacher-only modalities (default: physio for Biovid, audio for "
+        "Aff-Wild2)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -107,7 +101,7 @@ def _config_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
 
 
 def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
-    from pkdot.config import load_config
+    from pkdot.config import load_config, parse_override
 
     over: dict[str, Any] = {}
     ds = getattr(args, "dataset", None)
@@ -122,22 +116,14 @@ def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
             over[key] = str(v) if isinstance(v, Path) else v
     if getattr(args, "skip_bad", False):
         over["data.skip_bad"] = True
-    for attr, key in (
-        ("student_modalities", "data.student_modalities"),
-        ("privileged_modalities", "data.privileged_modalities"),
-    ):
-        v = getattr(args, attr, None)
-        if v:
-            over[key] = [s.strip() for s in v.split(",") if s.strip()]
+    for attr in ("student_modalities", "privileged_modalities"):
+        if v := getattr(args, attr, None):
+            over[f"data.{attr}"] = [s.strip() for s in v.split(",") if s.strip()]
     if run_dir is not None:
         over["run_dir"] = str(run_dir)
     if getattr(args, "ray_address", None):
         over["ray_address"] = args.ray_address
-    from pkdot.config import parse_override
-
-    for item in args.overrides:
-        k, v = parse_override(item)
-        over[k] = v
+    over |= dict(map(parse_override, args.overrides))
     return load_config(args.config, preset=args.preset, overrides=over)
 
 
@@ -148,10 +134,7 @@ def _run_config(args: argparse.Namespace):
     cfg_path = args.run / "config.yaml"
     if not cfg_path.is_file():
         raise PkdotError(f"{cfg_path} does not exist: run `pkdot extract ... --out {args.run}` first")
-    over: dict[str, Any] = {"run_dir": str(args.run)}
-    for item in args.overrides:
-        k, v = parse_override(item)
-        over[k] = v
+    over: dict[str, Any] = {"run_dir": str(args.run), **dict(map(parse_override, args.overrides))}
     if getattr(args, "ray_address", None):
         over["ray_address"] = args.ray_address
     return load_config(cfg_path, overrides=over)
@@ -161,19 +144,10 @@ def _run_config(args: argparse.Namespace):
 def cmd_synth(args: argparse.Namespace) -> int:
     from pkdot.data.synthetic import write_synthetic
 
-    out = write_synthetic(
-        args.kind,
-        args.out,
-        subjects=args.subjects,
-        seed=args.seed,
-        samples_per_class=args.samples_per_class,
-        part=args.part,
-        videos_per_subject=args.videos_per_subject,
-        seconds_per_video=args.seconds_per_video,
-        frame_size=args.frame_size,
-        fps=args.fps,
-        coupling=args.coupling,
+    options = (
+        "subjects seed samples_per_class part videos_per_subject seconds_per_video frame_size fps coupling"
     )
+    out = write_synthetic(args.kind, args.out, **{k: getattr(args, k) for k in options.split()})
     print(f"wrote a synthetic {args.kind} set to {out}")
     return 0
 
@@ -187,22 +161,11 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     write_manifest(result.frame, args.out)
     report = args.out.with_name(args.out.stem + "_report.json")
     write_manifest_report(result, report)
-    df = result.frame
+    skipped = f", {len(result.skipped)} skipped (see {report})" if result.skipped else ""
     print(
-        f"wrote {args.out}: {len(df)} samples, {df['subject_id'].nunique()} subjects"
-        + (f", {len(result.skipped)} skipped (see {report})" if result.skipped else "")
+        f"wrote {args.out}: {len(result.frame)} samples, {result.frame['subject_id'].nunique()} subjects{skipped}"
     )
     return 0
-
-
-def _stage_options(args: argparse.Namespace) -> dict[str, Any]:
-    """A stage command's own options (``--loss`` of distill, ``--robustness`` of evaluate)."""
-    options: dict[str, Any] = {}
-    if getattr(args, "loss", None):
-        options["losses"] = [s.strip() for item in args.loss for s in item.split(",") if s.strip()]
-    if getattr(args, "robustness", None) is not None:
-        options["robustness"] = args.robustness
-    return options
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -219,7 +182,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
         if args.command == "extract":
             cfg = prepare_run(cfg)
             run_stage("manifest", cfg)
-        res = run_stage(args.command, cfg, **_stage_options(args))
+        options: dict[str, Any] = {}  # the stage's own: --loss of distill, --robustness of evaluate
+        if getattr(args, "loss", None):
+            options["losses"] = [s.strip() for item in args.loss for s in item.split(",") if s.strip()]
+        if getattr(args, "robustness", None) is not None:
+            options["robustness"] = args.robustness
+        res = run_stage(args.command, cfg, **options)
     print(f"{args.command}: {res.path} ({'up to date' if res.skipped else 'done'})")
     if args.command == "evaluate":
         print(res.details.get("summary_markdown", ""))
@@ -274,9 +242,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.describe:
             return 0
         raise PkdotError("pkdot predict: name at least one video (or pass --describe alone)")
-    rows = predict_videos(args.model, args.videos, tracking_uri=args.tracking_uri)
-    for r in rows:
-        print(json.dumps(r))
+    for row in predict_videos(args.model, args.videos, tracking_uri=args.tracking_uri):
+        print(json.dumps(row))
     return 0
 
 
@@ -358,20 +325,12 @@ def _lock_arg(p: argparse.ArgumentParser) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the description/epilogue as written and adds ``(default: ...)`` to every option's help.
-
-    ``None`` defaults (\"take it from the config\") are described in the help text itself; a flag's
-    ``False`` reads ``off`` and an empty list ``none``.
-    """
+    """Keeps the description/epilogue as written and adds ``(default: ...)`` to every option's help; ``None``
+    defaults ("take it from the config") are described in the help text itself."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (
-            "(default" in text
-            or action.default is argparse.SUPPRESS
-            or action.required
-            or action.default is None
-        ):
+        if "(default" in text or action.default in (argparse.SUPPRESS, None) or action.required:
             return text
         if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text
@@ -583,10 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="Subject folds per repeat")
     p.add_argument("--repeats", type=int, default=3, help="Repeats of the subject k-fold (different folds)")
     p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="Folder for diagnose.json/png (default: RUN/diagnose, FILE-diagnose)",
+        "--out", type=Path, help="Folder for diagnose.json/png (default: RUN/diagnose, FILE-diagnose)"
     )
     p.set_defaults(fn=cmd_diagnose)
     return parser
@@ -601,8 +557,17 @@ def main(argv: list[str] | None = None) -> int:
     from pkdot.ray_utils import add_init_hook
 
     add_init_hook(route_ray_worker_logs)  # within the session, Ray's worker output goes to the log
+    # the log file goes to the run directory, unless a stage command names one that is not a run (that command
+    # fails with a message; it must not leave a logs/ folder behind)
+    log_dir = _run_dir_of(args)
+    if (
+        log_dir is not None
+        and args.command not in ("run", "extract")
+        and not (log_dir / "config.yaml").is_file()
+    ):
+        log_dir = None
     try:
-        with console_session(verbose=args.verbose, run_dir=_log_dir_of(args)):
+        with console_session(verbose=args.verbose, run_dir=log_dir):
             code = int(args.fn(args) or 0)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
@@ -632,29 +597,16 @@ def _run_dir_of(args: argparse.Namespace) -> Path | None:
     return run_dir or getattr(args, "run", None) or getattr(args, "run_dir", None)
 
 
-def _log_dir_of(args: argparse.Namespace) -> Path | None:
-    """Where the command's log file goes: its run directory, unless a stage command names one that is not a run
-    (that command fails with a message; it must not leave a ``logs/`` folder behind)."""
-    run_dir = _run_dir_of(args)
-    if run_dir is None or args.command in ("run", "extract"):
-        return run_dir
-    return run_dir if (Path(run_dir) / "config.yaml").is_file() else None
-
-
 def _end_parent_run(args: argparse.Namespace, status: str) -> None:
     """End the run directory's MLflow parent run (if the command made one) so it never stays RUNNING."""
     run_dir = _run_dir_of(args)
-    if run_dir is None:
-        return
-    if not (Path(run_dir) / "mlflow_parent.json").is_file():
+    if run_dir is None or not (Path(run_dir) / "mlflow_parent.json").is_file():
         return
     try:
         from pkdot.tracking import end_parent_run
 
         end_parent_run(run_dir, status)
-    except (PkdotError, OSError) as exc:
-        log.warning("could not mark the MLflow parent run of %s %s: %s", run_dir, status, exc)
-    except Exception as exc:  # noqa: BLE001 - MLflow's own errors: never hide the command's outcome behind them
+    except Exception as exc:  # noqa: BLE001 - MLflow's own errors too: never hide the command's outcome
         log.warning("could not mark the MLflow parent run of %s %s: %s", run_dir, status, exc)
 
 

@@ -1,11 +1,7 @@
-"""What a ``pkdot`` command shows on the console, and the run's log file that keeps everything else.
-
-The console gets WARNING/ERROR lines, status lines, one rich progress display per long stage and the command's
-result lines (INFO too with ``pkdot -v``); every pkdot INFO record goes to ``<run>/logs/pkdot.log``. Workers
-append one JSON epoch record per line to ``<run>/logs/epochs/<job>.jsonl`` (:func:`epoch_recorder`) and the
-driver logs each once (:class:`EpochTail`), so no line is forwarded twice by Ray; within a session Ray's
-forwarded worker output goes to logging too (:func:`route_ray_worker_logs`).
-"""
+"""What a ``pkdot`` command shows on the console (WARNING+, status lines, one progress display per stage; INFO
+too with ``-v``) and the run's log file ``<run>/logs/pkdot.log`` that keeps every pkdot INFO record. Workers append
+JSON epoch records to ``<run>/logs/epochs/<job>.jsonl`` and the driver logs each once (:class:`EpochTail`), so
+Ray forwards no line twice."""
 
 from __future__ import annotations
 
@@ -22,21 +18,11 @@ from typing import Any, TextIO
 
 from pkdot.progress import Progress, listening
 
-#: The run's log file, relative to the run directory.
-LOG_FILE = Path("logs") / "pkdot.log"
-#: Per-job files of epoch records written by the workers, relative to the run directory.
-EPOCH_DIR = Path("logs") / "epochs"
-#: The logger of the per-epoch lines (INFO: in the log file always, on the console with ``-v``).
-EPOCH_LOGGER = "pkdot.epochs"
 #: The logger of the few lines a user wants by default (a stage done, where the data set is): INFO on the
 #: console even without ``-v``.
 STATUS_LOGGER = "pkdot.status"
-
-_CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
-_STATUS_FORMATTER = logging.Formatter("%(message)s")
-_FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-epoch_log = logging.getLogger(EPOCH_LOGGER)
+#: The per-epoch lines: INFO, in the log file always, on the console with ``-v``.
+epoch_log = logging.getLogger("pkdot.epochs")
 
 
 class ConsoleHandler(logging.StreamHandler):
@@ -59,24 +45,12 @@ class _ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == STATUS_LOGGER and record.levelno == logging.INFO:
-            return _STATUS_FORMATTER.format(record)
+            return logging.Formatter("%(message)s").format(record)
         return super().format(record)
 
 
 def _ours(handler: logging.Handler) -> bool:
     return bool(getattr(handler, "_pkdot_console", False))
-
-
-def _prefect_console_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    """Prefect's stream handlers on ``logger`` (its console handler), not pkdot's."""
-    return [
-        h
-        for h in logger.handlers
-        if not _ours(h)
-        and type(h).__module__.startswith("prefect.")
-        and isinstance(h, logging.StreamHandler)
-        and not isinstance(h, logging.FileHandler)
-    ]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -90,7 +64,7 @@ def setup_logging(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.WARNING
     # records at ``level`` and above, plus the status lines at INFO
     handler.addFilter(lambda r: r.levelno >= level or (r.name == STATUS_LOGGER and r.levelno >= logging.INFO))
-    handler.setFormatter(_ConsoleFormatter(_CONSOLE_FORMAT))
+    handler.setFormatter(_ConsoleFormatter("%(levelname)s %(name)s: %(message)s"))
     handler._pkdot_console = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
@@ -103,7 +77,7 @@ def setup_logging(verbose: bool = False) -> None:
 def attach_log_file(run_dir: str | Path) -> Path:
     """Append every pkdot INFO+ record (and every library's WARNING+) to ``<run_dir>/logs/pkdot.log`` (replacing
     a log file attached earlier in this process); returns its path."""
-    path = Path(run_dir) / LOG_FILE
+    path = Path(run_dir) / "logs" / "pkdot.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if _ours(h) and isinstance(h, logging.FileHandler)]:
@@ -111,7 +85,7 @@ def attach_log_file(run_dir: str | Path) -> Path:
         old.close()
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # pkdot's own records at INFO, other libraries' from WARNING (their INFO is chatter)
     handler.addFilter(
         lambda r: r.levelno >= logging.WARNING or r.name == "pkdot" or r.name.startswith("pkdot.")
@@ -141,7 +115,7 @@ def format_epoch(job_key: str, phase: str, epoch: int, record: dict[str, Any]) -
 
 def epoch_file(run_dir: str | Path, job_key: str) -> Path:
     """The epoch-record file of a job: ``<run>/logs/epochs/<job key, '/' -> '-'>.jsonl``."""
-    return Path(run_dir) / EPOCH_DIR / (job_key.replace("/", "-") + ".jsonl")
+    return Path(run_dir) / "logs" / "epochs" / (job_key.replace("/", "-") + ".jsonl")
 
 
 def epoch_recorder(run_dir: str | Path, job_key: str) -> Callable[[str, int, dict[str, float]], None]:
@@ -225,7 +199,6 @@ _RAY_PRINTER = "ray_print_logs"
 _OUR_PRINTER = "pkdot_worker_logs"
 _route_ray_logs = False
 _WORKER_LEVEL = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
-_LEVELS = {"WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
 ray_worker_log = logging.getLogger("pkdot.ray_workers")
 
 
@@ -242,7 +215,7 @@ def _log_worker_lines(data: dict[str, Any]) -> None:
         lines = list(filter_autoscaler_events(lines))
     for line in lines:
         found = _WORKER_LEVEL.search(line[:80])
-        level = _LEVELS[found.group(1)] if found else logging.INFO
+        level = logging.getLevelName(found.group(1)) if found else logging.INFO
         if pid == "raylet":
             level = max(level, logging.WARNING)
         ray_worker_log.log(level, "%s %s", prefix, line)
@@ -306,29 +279,22 @@ class StageProgressDisplay:
         self._lock = threading.Lock()
 
     def _start(self, progress: Progress) -> None:
+        from rich import progress as rp
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import Progress as RichProgress
 
         stream = self.file or sys.stderr
         console = Console(file=stream)
         if not console.is_terminal:  # a log file or a pipe: one unwrapped line at the end of the stage
             console = Console(file=stream, width=max(console.width, 120))
-        self._progress = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=16),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[detail]}"),
+        self._progress = rp.Progress(
+            rp.TextColumn("[bold]{task.description}"),
+            rp.BarColumn(bar_width=16),
+            rp.MofNCompleteColumn(),
+            rp.TextColumn("{task.fields[unit]}"),
+            rp.TimeElapsedColumn(),
+            rp.TextColumn("ETA"),
+            rp.TimeRemainingColumn(),
+            rp.TextColumn("{task.fields[detail]}"),
             console=console,
             transient=False,
             # jobs take minutes: estimate the rate over the whole stage, not rich's default last 30 s
@@ -378,7 +344,15 @@ def console_session(*, verbose: bool = False, run_dir: str | Path | None = None)
         stack.callback(remove_handlers)
         # a console handler Prefect put on the root logger earlier would print every record twice: set aside
         root = logging.getLogger()
-        for handler in _prefect_console_handlers(root):
+        prefect_console = [
+            h
+            for h in root.handlers
+            if not _ours(h)
+            and type(h).__module__.startswith("prefect.")
+            and isinstance(h, logging.StreamHandler)
+            and not isinstance(h, logging.FileHandler)
+        ]
+        for handler in prefect_console:
             root.removeHandler(handler)
             stack.callback(root.addHandler, handler)
         _route_ray_logs = True

@@ -17,20 +17,14 @@ from pkdot.errors import ConfigError, FeatureError, PkdotError
 
 
 def class_names(task: str) -> list[str]:
-    if task == "binary":
-        return [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]]
-    if task == "multiclass":
-        return list(BIOVID_CLASSES)
-    return []
+    return {"binary": [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]], "multiclass": list(BIOVID_CLASSES)}.get(
+        task, []
+    )
 
 
 def resolve_registry_uri(tracking_uri: str | None = None) -> str:
-    """The MLflow store ``pkdot predict`` reads the registered student from.
-
-    ``tracking_uri`` (``--tracking-uri``) if given, else ``$MLFLOW_TRACKING_URI``; there is no default (MLflow's
-    own, ``sqlite:///mlflow.db`` in the working directory, would create an empty store wherever the command
-    runs). The store must exist (:func:`pkdot.tracking.require_existing_store`).
-    """
+    """The existing MLflow store ``pkdot predict`` reads from: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``; no
+    default (MLflow's own, ``sqlite:///mlflow.db`` in the working directory, would create an empty store)."""
     from pkdot.tracking import require_existing_store
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -81,13 +75,8 @@ def predict_videos(
     detector = FaceDetector(cfg.features)
     names = class_names(cfg.data.task)
     rows: list[dict[str, Any]] = []
-    for video in videos:
-        video = Path(video)
-        if not video.is_file():
-            raise PkdotError(f"video {video} does not exist")
-        (clip,) = list(
-            extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector)
-        )
+    for video in map(Path, videos):
+        (clip,) = extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector)
         if not isinstance(clip, FaceClip):
             raise FeatureError(f"{video}: {clip.reason}")
         with torch.no_grad():
@@ -98,18 +87,17 @@ def predict_videos(
             rows.append(
                 {"video": str(video), cfg.data.task: float(logits[0, 0]), "face_found": clip.face_found}
             )
-        else:
-            probs = torch.softmax(logits[0], dim=0).numpy()
-            k = int(np.argmax(probs))
-            rows.append(
-                {
-                    "video": str(video),
-                    "prediction": names[k] if k < len(names) else k,
-                    "probabilities": {
-                        names[i] if i < len(names) else str(i): round(float(p), 4)
-                        for i, p in enumerate(probs)
-                    },
-                    "face_found": clip.face_found,
-                }
-            )
+            continue
+        probs = torch.softmax(logits[0], dim=0).numpy()
+        k = int(np.argmax(probs))
+        rows.append(
+            {
+                "video": str(video),
+                "prediction": names[k] if k < len(names) else k,
+                "probabilities": {
+                    names[i] if i < len(names) else str(i): round(float(p), 4) for i, p in enumerate(probs)
+                },
+                "face_found": clip.face_found,
+            }
+        )
     return rows

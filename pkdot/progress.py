@@ -1,14 +1,5 @@
-"""Progress of a long stage, reported by the library and shown by whoever listens (a Prefect artifact, a bar).
-
-The library calls :func:`report` at natural boundaries (a shard extracted, a training job finished) on the
-driver; :func:`listening` installs a listener for the duration of a block. With no listener, :func:`report`
-does nothing, so library code never depends on who shows the progress.
-
-Example::
-
-    with listening(lambda p: print(f"{p.stage}: {p.done}/{p.total} {p.unit}")):
-        stage_distill(cfg)
-"""
+"""Progress of a long stage, reported by the library (:func:`report`, on the driver) and shown by whoever listens
+(:func:`listening`: a Prefect artifact, a bar); with no listener :func:`report` does nothing."""
 
 from __future__ import annotations
 
@@ -23,10 +14,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Progress:
-    """``done`` of ``total`` units (``"jobs"``, ``"video shards"``...) of ``stage`` are finished.
-
-    ``detail``: what is running now, e.g. the latest epoch's validation metric (``""`` when unknown).
-    """
+    """``done`` of ``total`` units (``"jobs"``, ``"video shards"``...) of ``stage`` are finished; ``detail``: what
+    runs now, e.g. the latest epoch's validation metric."""
 
     stage: str
     done: int
@@ -37,9 +26,7 @@ class Progress:
     @property
     def percent(self) -> float:
         """``100 * done / total`` in [0, 100] (100 when there is nothing to do)."""
-        if self.total <= 0:
-            return 100.0
-        return max(0.0, min(100.0, 100.0 * self.done / self.total))
+        return 100.0 if self.total <= 0 else max(0.0, min(100.0, 100.0 * self.done / self.total))
 
 
 Listener = Callable[[Progress], None]
@@ -49,10 +36,7 @@ _lock = threading.Lock()
 
 
 def report(stage: str, done: int, total: int, unit: str, detail: str = "") -> None:
-    """Tell every listener that ``done`` of ``total`` units of ``stage`` are finished (``detail``: what runs now).
-
-    A listener that raises is logged and skipped: showing progress must never fail the stage.
-    """
+    """Tell every listener; one that raises is logged and skipped (showing progress must never fail the stage)."""
     progress = Progress(stage, int(done), int(total), unit, str(detail))
     with _lock:
         listeners = list(_listeners)

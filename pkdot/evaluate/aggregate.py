@@ -35,8 +35,6 @@ PREDICTION_COLUMNS = tuple(
 )
 BASELINE_STUDENT = "student-none"
 
-PER_FOLD_COLUMNS_CLASSIFICATION = ["model", "fold", "seed", "n_samples", "accuracy", "macro_f1"]
-PER_FOLD_COLUMNS_REGRESSION = ["model", "fold", "seed", "n_samples", "ccc", "mae", "rmse", "pearson"]
 PAIRED_COLUMNS = (
     "model baseline metric mean_diff std_diff ci_low ci_high n p_value naive_ci_low naive_ci_high naive_p_value"
 ).split()
@@ -54,11 +52,6 @@ def _finite_values(values: Sequence[float], what: str) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise StageError(f"{what}: values contain NaN or infinity ({x.tolist()})")
     return x
-
-
-def _check_level(level: float) -> None:
-    if not 0.0 < level < 1.0:
-        raise StageError(f"confidence level must be in (0, 1), got {level}")
 
 
 #: Name and one-line formula of the interval correction, as the report states it.
@@ -80,12 +73,11 @@ def mean_ci(
 ) -> tuple[float, float, float, float]:
     r"""Mean, std (ddof=1) and Student-t interval :math:`\bar x \mp t\, s \sqrt{c}`, :math:`c = 1/n` or
     Nadeau-Bengio's :math:`1/n + n_{test}/n_{train}` (``test_train_ratio``); ``(mean, mean)`` without spread."""
-    _check_level(level)
+    if not 0.0 < level < 1.0:
+        raise StageError(f"confidence level must be in (0, 1), got {level}")
     x = _finite_values(values, "mean_ci")
     mean = float(x.mean())
-    if x.size == 1:
-        return mean, 0.0, mean, mean
-    std = float(x.std(ddof=1))
+    std = float(x.std(ddof=1)) if x.size > 1 else 0.0
     if std == 0.0:
         return mean, 0.0, mean, mean
     scale = std * math.sqrt(_variance_factor(x.size, test_train_ratio))
@@ -142,25 +134,19 @@ def corrected_and_naive(
         mean, std, low, high = mean_ci(a, level, test_train_ratio=test_train_ratio)
         _, _, nlow, nhigh = mean_ci(a, level)
         lo, hi = METRIC_RANGE.get(metric or "", (-math.inf, math.inf))
-        clip = lambda v: min(max(v, lo), hi)  # noqa: E731
+        low, high, nlow, nhigh = (min(max(v, lo), hi) for v in (low, high, nlow, nhigh))
         return {
             "mean": mean,
             "std": std,
-            "ci_low": clip(low),
-            "ci_high": clip(high),
-            "naive_ci_low": clip(nlow),
-            "naive_ci_high": clip(nhigh),
+            "ci_low": low,
+            "ci_high": high,
+            "naive_ci_low": nlow,
+            "naive_ci_high": nhigh,
         }
-    rec = paired_difference(a, b, level, test_train_ratio=test_train_ratio)
     naive = paired_difference(a, b, level)
-    rec.update(
-        {
-            "naive_ci_low": naive["ci_low"],
-            "naive_ci_high": naive["ci_high"],
-            "naive_p_value": naive["p_value"],
-        }
-    )
-    return rec
+    return paired_difference(a, b, level, test_train_ratio=test_train_ratio) | {
+        f"naive_{k}": naive[k] for k in ("ci_low", "ci_high", "p_value")
+    }
 
 
 def fold_size_ratio(sizes: pd.DataFrame) -> float:
@@ -181,11 +167,10 @@ def fold_size_ratio(sizes: pd.DataFrame) -> float:
 def prediction_files(run_dir: Path) -> list[Path]:
     """Every ``predictions*.parquet`` under ``RUN/teacher/`` and ``RUN/student/`` (sorted)."""
     rd = RunDir(run_dir)
-    files: list[Path] = []
-    for root in (rd.teachers, rd.students):
-        if root.is_dir():
-            files += [p for p in root.rglob("predictions*.parquet") if not p.name.startswith(".")]
-    return sorted(files)
+    roots = [root for root in (rd.teachers, rd.students) if root.is_dir()]
+    return sorted(
+        p for root in roots for p in root.rglob("predictions*.parquet") if not p.name.startswith(".")
+    )
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:
@@ -199,8 +184,7 @@ def _read_predictions(path: Path) -> pd.DataFrame:
             f"predictions file {path}: missing columns {missing} (expected {list(PREDICTION_COLUMNS)})"
         )
     df = table.to_pandas()
-    bad_split = sorted(set(df["split"]) - {"test", "val"})
-    if bad_split:
+    if bad_split := sorted(set(df["split"]) - {"test", "val"}):
         raise StageError(f"predictions file {path}: column split has {bad_split}; expected 'test' or 'val'")
     for col in ("y_true", "y_pred"):
         if not pd.api.types.is_numeric_dtype(df[col]):
@@ -214,7 +198,6 @@ def _read_predictions(path: Path) -> pd.DataFrame:
 def collect_predictions(run_dir: Path) -> pd.DataFrame:
     """Every row of the run's ``predictions*.parquet`` files with a ``source`` column (checked: readable, with
     the columns, no (model, fold, seed, split, sample_id) twice)."""
-    run_dir = Path(run_dir)
     files = prediction_files(run_dir)
     if not files:
         rd = RunDir(run_dir)
@@ -224,14 +207,12 @@ def collect_predictions(run_dir: Path) -> pd.DataFrame:
             "(run the teacher and distill stages)"
         )
     pred = pd.concat([_read_predictions(p) for p in files], ignore_index=True)
-    key = ["model", "fold", "seed", "split", "sample_id"]
-    dup = pred.duplicated(key, keep=False)
+    dup = pred.duplicated(["model", "fold", "seed", "split", "sample_id"], keep=False)
     if dup.any():
         row = pred.loc[dup].iloc[0]
         sources = sorted(set(pred.loc[dup & (pred["model"] == row["model"]), "source"]))
         raise StageError(
-            f"predictions of model {row['model']!r} fold {row['fold']} seed {row['seed']} "
-            f"split {row['split']} "
+            f"predictions of model {row['model']!r} fold {row['fold']} seed {row['seed']} split {row['split']} "
             f"list sample {row['sample_id']!r} more than once (files {sources})"
         )
     logger.info(
@@ -246,30 +227,21 @@ def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()
     from pkdot.data.manifest import read_manifest
     from pkdot.features.schema import read_sample_ids
 
-    manifest_path = RunDir(run_dir).manifest
-    if not manifest_path.is_file():
+    rd = RunDir(run_dir)
+    if not rd.manifest.is_file():
         return None
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(rd.manifest)
     for m in modalities:
-        path = RunDir(run_dir).feature_table(m)
-        if path.is_file():
+        if (path := rd.feature_table(m)).is_file():
             manifest = manifest[manifest["sample_id"].isin(set(read_sample_ids(path)))]
     per_subject = manifest.groupby(manifest["subject_id"].astype(str)).size()
     records = []
     for (fold, seed), g in pred.groupby(["fold", "seed"], sort=True):
-        test = g[g["split"] == "test"]
-        val = g[g["split"] == "val"]
+        test, val = g[g["split"] == "test"], g[g["split"] == "val"]
         held_out = set(test["subject_id"].astype(str)) | set(val["subject_id"].astype(str))
         n_train = int(per_subject[~per_subject.index.isin(held_out)].sum())
-        records.append(
-            {
-                "fold": int(fold),
-                "seed": int(seed),
-                "n_test": int(test["sample_id"].nunique()),
-                "n_val": int(val["sample_id"].nunique()),
-                "n_train": n_train,
-            }
-        )
+        n_test, n_val = int(test["sample_id"].nunique()), int(val["sample_id"].nunique())
+        records.append((int(fold), int(seed), n_test, n_val, n_train))
     return pd.DataFrame.from_records(records, columns=["fold", "seed", "n_test", "n_val", "n_train"])
 
 
@@ -277,15 +249,9 @@ def order_models(models: Sequence[str]) -> list[str]:
     """Report order: ``teacher``, ``unimodal-*``, ``student-none``, other students, anything else."""
 
     def rank(name: str) -> tuple[int, str]:
-        if name == "teacher":
-            return 0, name
-        if name.startswith("unimodal-"):
-            return 1, name
-        if name == BASELINE_STUDENT:
-            return 2, name
-        if name.startswith("student-"):
-            return 3, name
-        return 4, name
+        starts = name.startswith
+        groups = (name == "teacher", starts("unimodal-"), name == BASELINE_STUDENT, starts("student-"), True)
+        return groups.index(True), name
 
     return sorted(set(models), key=rank)
 
@@ -311,8 +277,8 @@ def per_fold_metrics(
         rec: dict[str, Any] = {"model": model, "fold": int(fold), "seed": int(seed), "n_samples": int(len(g))}
         rec.update({k: float(v) for k, v in m.items() if isinstance(v, int | float)})
         records.append(rec)
-    columns = PER_FOLD_COLUMNS_REGRESSION if regression else PER_FOLD_COLUMNS_CLASSIFICATION
-    per_fold = pd.DataFrame.from_records(records)[columns]
+    metrics = ["ccc", "mae", "rmse", "pearson"] if regression else ["accuracy", "macro_f1"]
+    per_fold = pd.DataFrame.from_records(records)[["model", "fold", "seed", "n_samples", *metrics]]
     order = {m: i for i, m in enumerate(order_models(per_fold["model"]))}
     return per_fold.sort_values(
         ["model", "fold", "seed"], key=lambda s: s.map(order) if s.name == "model" else s, ignore_index=True
@@ -382,8 +348,9 @@ def aggregate(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per-run test metrics (plus ``val_<metric>``), the summary per model and each student loss against
     ``student-none`` (empty without it)."""
-    missing = [c for c in ("model", "fold", "seed", "split", "y_true", "y_pred") if c not in pred.columns]
-    if missing:
+    if missing := [
+        c for c in ("model", "fold", "seed", "split", "y_true", "y_pred") if c not in pred.columns
+    ]:
         raise StageError(f"aggregate: predictions lack columns {missing}")
     per_fold = per_fold_metrics(pred, regression=regression, num_classes=num_classes)
     metric = primary_metric(regression)
@@ -393,19 +360,13 @@ def aggregate(
         per_fold = per_fold.merge(val, on=["model", "fold", "seed"], how="left")
     else:
         per_fold[f"val_{metric}"] = math.nan
-    table = summary_table(per_fold, regression=regression, level=level, test_train_ratio=test_train_ratio)
+    interval = {"level": level, "test_train_ratio": test_train_ratio}
+    table = summary_table(per_fold, regression=regression, **interval)
     students = [
         m for m in order_models(per_fold["model"]) if m.startswith("student-") and m != BASELINE_STUDENT
     ]
     if BASELINE_STUDENT in set(per_fold["model"]):
-        paired = paired_table(
-            per_fold,
-            metric=metric,
-            models=students,
-            baseline=BASELINE_STUDENT,
-            level=level,
-            test_train_ratio=test_train_ratio,
-        )
+        paired = paired_table(per_fold, metric=metric, models=students, baseline=BASELINE_STUDENT, **interval)
     else:
         if students:
             logger.warning(

@@ -98,10 +98,7 @@ MODEL_FAMILIES: tuple[tuple[str, Callable[[str], bool]], ...] = (
 
 def model_family(model: str) -> str:
     """The learning-curve panel of a model: ``Teacher``, ``Unimodal models``, ``Students`` or ``Other``."""
-    for title, member in MODEL_FAMILIES:
-        if member(model):
-            return title
-    return "Other"
+    return next((title for title, member in MODEL_FAMILIES if member(model)), "Other")
 
 
 def distinct_colors(n: int) -> list[tuple[float, float, float, float]]:
@@ -221,12 +218,9 @@ def transport_plan_pot(
                 a, b, cost, reg=blur**2, method="sinkhorn_epsilon_scaling", numItermax=max_iter, stopThr=1e-9
             )
         )
-    row_error = float(np.abs(plan.sum(axis=1) - a).max() / a.max())
-    col_error = float(np.abs(plan.sum(axis=0) - b).max() / b.max())
-    if max(row_error, col_error) > 1e-3:
-        logger.warning(
-            "transport_plan_pot: marginals off by %.1e (rows) / %.1e (columns)", row_error, col_error
-        )
+    errors = [float(np.abs(plan.sum(axis=i) - m).max() / m.max()) for i, m in ((1, a), (0, b))]
+    if max(errors) > 1e-3:
+        logger.warning("transport_plan_pot: marginals off by %.1e (rows) / %.1e (columns)", *errors)
     return plan
 
 
@@ -297,10 +291,9 @@ def plot_embedding_map(
                 f"plot_embedding_map: {name} embeddings have shape {x.shape}; expected "
                 f"({labels.shape[0]}, D) with at least 2 samples"
             )
-        n_comp = min(2, x.shape[1], x.shape[0])
-        pca = PCA(n_components=n_comp, random_state=seed)
+        pca = PCA(n_components=min(2, x.shape[1], x.shape[0]), random_state=seed)
         xy = pca.fit_transform(x)
-        if n_comp == 1:
+        if xy.shape[1] == 1:
             xy = np.column_stack([xy[:, 0], np.zeros(len(xy))])
         if regression:
             sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.astype(float), cmap="coolwarm", s=14)
@@ -310,8 +303,7 @@ def plot_embedding_map(
                 mask = labels == c
                 ax.scatter(xy[mask, 0], xy[mask, 1], s=14, label=f"class {int(c)}")
             ax.legend(fontsize=7, loc="best")
-        explained = pca.explained_variance_ratio_.sum()
-        ax.set_title(f"{name} (PCA, {explained:.0%} variance)", fontsize=9)
+        ax.set_title(f"{name} (PCA, {pca.explained_variance_ratio_.sum():.0%} variance)", fontsize=9)
         ax.set(xlabel="PC 1", ylabel="PC 2")
     fig.suptitle("Test embeddings", fontsize=10)
     return _save(fig, path)
@@ -375,8 +367,11 @@ def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Pat
             if band:
                 low, high = gm["ci_low"].to_numpy(float), gm["ci_high"].to_numpy(float)
                 ax.fill_between(x, low, high, alpha=0.15, color=colors[model])
-        xlabel = units.get(perturbation, "level")
-        ax.set(title=perturbation.replace("_", " "), xlabel=xlabel, ylabel=f"test {metric}")
+        ax.set(
+            title=perturbation.replace("_", " "),
+            xlabel=units.get(perturbation, "level"),
+            ylabel=f"test {metric}",
+        )
         ax.grid(alpha=0.3)
     axes.flat[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     n = int(robustness["n"].max()) if "n" in robustness.columns else 0

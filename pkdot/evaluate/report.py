@@ -1,11 +1,9 @@
-"""Stage 5: evaluate a run directory: metrics per (fold, seed), corrected intervals, paired comparisons, the
-student to ship (chosen on validation), figures, ``report.md`` and ``summary.json``.
+"""Stage 5: evaluate a run directory and write ``RUN/report/``.
 
 Reads every ``predictions.parquet`` and ``history.json`` of ``RUN/teacher/`` and ``RUN/student/``; writes
-``RUN/report/``: ``report.md`` (a summary that stays short whatever the number of folds), ``summary.json`` (the
-same numbers, NaN as null, uncorrected intervals as ``naive_*``), ``per_fold.csv`` (one row per model, fold and
-seed, with ``n_test``/``n_train`` and the validation score), ``robustness.csv`` (``--robustness``) and PNG figures
-(:mod:`pkdot.evaluate.plots`). Each file is written atomically (:mod:`pkdot.rundir`).
+``report.md`` (short whatever the number of folds), ``summary.json`` (the same numbers, NaN as null, uncorrected
+intervals as ``naive_*``), ``per_fold.csv`` (one row per model, fold and seed), ``robustness.csv``
+(``--robustness``) and the figures of :mod:`pkdot.evaluate.plots`, each written atomically.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from pkdot.evaluate.aggregate import (
     BOUNDS_SENTENCE,
     CORRECTION_FORMULA,
     CORRECTION_NAME,
+    PAIRED_COLUMNS,
     SELECTION_RULE,
     Selection,
     aggregate,
@@ -57,13 +56,10 @@ PKDOT_STUDENT = "student-pkdot"
 class EvaluationSummary:
     """What :func:`evaluate_run` computed and wrote.
 
-    ``table``: one row per model (metric, mean, std, ci_low, ci_high, naive_*, n, val_mean, macro-F1 or MAE/RMSE
-    means); ``paired``: each student loss minus ``student-none`` paired by (fold, seed); ``per_fold``: the
-    metrics of every run (test, and ``val_<metric>``); ``selection``: the student to ship, chosen on validation
-    (:func:`~pkdot.evaluate.aggregate.select_student`), ``best_student`` its model name; ``teacher_vs_unimodal``:
-    ``teacher`` minus each ``unimodal-<modality>``; ``test_train_ratio``/``ratio_source``: the correction's
-    n_test/n_train and where it came from; ``robustness``: ``--robustness`` summary; ``protocol``: the folds'
-    description (``splits.json``); ``challenge``: Aff-Wild2's per-frame CCC per run; ``notes``: figures not drawn.
+    ``paired``: each student loss minus ``student-none``, paired by (fold, seed); ``teacher_vs_unimodal``:
+    ``teacher`` minus each ``unimodal-<modality>``; ``selection``: the student to ship, chosen on validation;
+    ``test_train_ratio``/``ratio_source``: the correction's n_test/n_train and where it came from;
+    ``challenge``: Aff-Wild2's per-frame CCC per run; ``notes``: figures not drawn.
     """
 
     table: pd.DataFrame
@@ -84,55 +80,42 @@ class EvaluationSummary:
     selection: Selection | None = None
 
 
-# ---- histories ---------------------------------------------------------------------------------------------
-def _history_runs(doc: dict[str, Any], default_model: str, path: Path) -> dict[str, list[dict[str, float]]]:
-    """``history.json`` -> {model: epoch records}. Per-phase files (``phases``) name their models; otherwise
-    the top-level ``epochs`` belong to ``default_model``."""
-    if not isinstance(doc, dict):
-        raise StageError(f"{path}: expected a JSON object with 'epochs' (docs/interfaces.md)")
-    phases = doc.get("phases")
-    if isinstance(phases, dict) and phases:
-        out = {}
-        for name, phase in phases.items():
-            epochs = phase.get("epochs") if isinstance(phase, dict) else None
-            if not isinstance(epochs, list):
-                raise StageError(f"{path}: phases.{name}.epochs must be a list of epoch records")
-            out[name] = epochs
-        return out
-    epochs = doc.get("epochs")
-    if not isinstance(epochs, list):
-        raise StageError(f"{path}: expected 'epochs' (a list of epoch records) or 'phases'")
-    return {default_model: epochs}
-
-
+# ---- histories and embeddings ------------------------------------------------------------------------------
 def collect_histories(run_dir: Path, models: list[str]) -> dict[str, list[list[dict[str, float]]]]:
-    """Learning curves of the run: {model: [epoch records of each (fold, seed)]}, for ``models`` only."""
+    """Learning curves of the run: {model: [epoch records of each (fold, seed)]}, for ``models`` only. A
+    ``history.json`` with ``phases`` names its models; otherwise its ``epochs`` belong to the job's model."""
     rd = RunDir(run_dir)
-    found: dict[str, list[list[dict[str, float]]]] = {}
     files = [(p, "teacher") for p in sorted(rd.teachers.glob("fold-*/seed-*/history.json"))]
     files += [
         (p, f"student-{p.parents[2].name}") for p in sorted(rd.students.glob("*/fold-*/seed-*/history.json"))
     ]
+    found: dict[str, list[list[dict[str, float]]]] = {}
     for path, default_model in files:
         try:
             doc = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise StageError(f"{path}: not valid JSON ({exc})") from exc
-        for model, epochs in _history_runs(doc, default_model, path).items():
+        if not isinstance(doc, dict):
+            raise StageError(f"{path}: expected a JSON object with 'epochs' (docs/interfaces.md)")
+        phases = doc.get("phases")
+        if isinstance(phases, dict) and phases:
+            runs = {
+                name: phase.get("epochs") if isinstance(phase, dict) else None
+                for name, phase in phases.items()
+            }
+            for name, epochs in runs.items():
+                if not isinstance(epochs, list):
+                    raise StageError(f"{path}: phases.{name}.epochs must be a list of epoch records")
+        else:
+            runs = {default_model: doc.get("epochs")}
+            if not isinstance(runs[default_model], list):
+                raise StageError(f"{path}: expected 'epochs' (a list of epoch records) or 'phases'")
+        for model, epochs in runs.items():
             if model in models:
-                for rec in epochs:
-                    if not isinstance(rec, dict) or "epoch" not in rec:
-                        raise StageError(f"{path}: every epoch record of {model!r} needs an 'epoch' field")
+                if not all(isinstance(rec, dict) and "epoch" in rec for rec in epochs):
+                    raise StageError(f"{path}: every epoch record of {model!r} needs an 'epoch' field")
                 found.setdefault(model, []).append(epochs)
     return {m: found[m] for m in models if m in found}
-
-
-# ---- embeddings --------------------------------------------------------------------------------------------
-def _embedding_student(models: list[str]) -> str | None:
-    students = [m for m in models if m.startswith("student-")]
-    if PKDOT_STUDENT in students:
-        return PKDOT_STUDENT
-    return students[0] if students else None
 
 
 def matched_test_embeddings(
@@ -144,25 +127,22 @@ def matched_test_embeddings(
     label, then sample id) and the (fold, seed) used. Raises :class:`StageError` when nothing matches.
     """
     test = pred[pred["split"] == "test"]
-    t_runs = set(
-        map(tuple, test.loc[test["model"] == teacher, ["fold", "seed"]].drop_duplicates().to_numpy())
-    )
-    s_runs = set(
-        map(tuple, test.loc[test["model"] == student, ["fold", "seed"]].drop_duplicates().to_numpy())
+    t_runs, s_runs = (
+        set(test.loc[test["model"] == m, ["fold", "seed"]].itertuples(index=False, name=None))
+        for m in (teacher, student)
     )
     common = sorted(t_runs & s_runs)
     if not common:
         raise StageError(f"{teacher} and {student} have no (fold, seed) with test predictions in common")
     fold, seed = (int(v) for v in common[0])
     sel = test[(test["fold"] == fold) & (test["seed"] == seed)]
-    t = sel[sel["model"] == teacher][["sample_id", "y_true", "embedding"]]
-    s = sel[sel["model"] == student][["sample_id", "embedding"]]
-    merged = t.merge(s, on="sample_id", suffixes=("_teacher", "_student"))
+    t = sel.loc[sel["model"] == teacher, ["sample_id", "y_true", "embedding"]]
+    s = sel.loc[sel["model"] == student, ["sample_id", "embedding"]]
+    merged = t.rename(columns={"embedding": "teacher_embedding"}).merge(
+        s.rename(columns={"embedding": "student_embedding"}), on="sample_id"
+    )
     if merged.empty:
         raise StageError(f"{teacher} and {student} share no test sample ids in fold {fold} seed {seed}")
-    merged = merged.rename(
-        columns={"embedding_teacher": "teacher_embedding", "embedding_student": "student_embedding"}
-    )
     return merged.sort_values(["y_true", "sample_id"], ignore_index=True), (fold, seed)
 
 
@@ -178,9 +158,7 @@ def _stack(column: pd.Series, what: str) -> np.ndarray:
 
 # ---- formatting --------------------------------------------------------------------------------------------
 def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}"
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def _fmt_signed(x: float, digits: int = 3) -> str:
@@ -188,15 +166,32 @@ def _fmt_signed(x: float, digits: int = 3) -> str:
 
 
 def _fmt_p(p: float) -> str:
-    if math.isnan(p):
-        return "n/a"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return "n/a" if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _ci(r: Any) -> str:
+    """``[ci_low, ci_high]`` of a table row."""
+    return f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _difference_table(diffs: pd.DataFrame, first: str, metric: str, name: Any) -> str:
+    """A paired-difference table, one row per row of ``diffs`` (``name(row)``: its first cell)."""
+    rows = [
+        [
+            name(r),
+            _fmt_signed(float(r["mean_diff"]), 4),
+            f"[{_fmt_signed(float(r['ci_low']), 4)}, {_fmt_signed(float(r['ci_high']), 4)}]",
+            _fmt_p(float(r["p_value"])),
+            str(int(r["n"])),
+        ]
+        for _, r in diffs.iterrows()
+    ]
+    return _md_table([first, f"Δ {metric}", "95% CI (corrected)", "p (corrected paired t)", "n"], rows)
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -211,11 +206,11 @@ def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
     if row.empty:
         return f"PKDOT was not compared with `{BASELINE_STUDENT}` in this run (one of them is missing)."
     r = row.iloc[0]
-    if int(r["n"]) == 0 or math.isnan(float(r["mean_diff"])):
+    diff, low, high, n = float(r["mean_diff"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n"])
+    if n == 0 or math.isnan(diff):
         return (
             f"PKDOT and `{BASELINE_STUDENT}` share no (fold, seed) run, so no paired difference was measured."
         )
-    diff, low, high, n = float(r["mean_diff"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n"])
     if n == 1:
         verdict = "with a single run there is no interval, so this is not evidence either way"
     elif low > 0:
@@ -225,11 +220,9 @@ def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
     else:
         verdict = "the interval includes 0: no significant difference in this run"
     return (
-        f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student "
-        "trained "
-        f"without distillation (corrected 95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], "
-        "corrected paired t-test "
-        f"p = {_fmt_p(float(r['p_value']))}, n = {n} fold x seed runs); {verdict}."
+        f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student trained "
+        f"without distillation (corrected 95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], corrected "
+        f"paired t-test p = {_fmt_p(float(r['p_value']))}, n = {n} fold x seed runs); {verdict}."
     )
 
 
@@ -251,11 +244,10 @@ def _num_classes(cfg: RunConfig, pred: pd.DataFrame | None = None) -> int:
 
 def statistics_lines(summary: EvaluationSummary) -> list[str]:
     """The report's statement of the statistics: which correction, its formula, the ratio and its source."""
-    ratio = summary.test_train_ratio
     return [
         f"- Statistics: intervals and p-values over runs use the {CORRECTION_NAME} (Nadeau & Bengio 2003), "
-        "for runs whose training sets overlap: "
-        f"`{CORRECTION_FORMULA}`; here n_test/n_train = {_fmt(ratio, 4)} ({summary.ratio_source}). "
+        f"for runs whose training sets overlap: `{CORRECTION_FORMULA}`; here n_test/n_train = "
+        f"{_fmt(summary.test_train_ratio, 4)} ({summary.ratio_source}). "
         "Uncorrected intervals are only in `summary.json` (`naive_*`).",
         f"- {BOUNDS_SENTENCE}",
         "- Per-run scores (one row per model × fold × seed, with n_test, n_train and the validation score): "
@@ -277,19 +269,15 @@ def robustness_lines(robustness: pd.DataFrame, metric: str) -> list[str]:
     ]
     for perturbation, g in robustness.groupby("perturbation", sort=False):
         levels = sorted(set(g["level"]))
-        header = ["model", *[f"{perturbation} {lv:g}" for lv in levels]]
         rows = []
         for model, gm in g.groupby("model", sort=False):
             by_level = gm.set_index("level")
-            row = [f"`{model}`"]
-            for lv in levels:
-                if lv in by_level.index:
-                    r = by_level.loc[lv]
-                    row.append(f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]")
-                else:
-                    row.append("n/a")
-            rows.append(row)
-        lines += [_md_table(header, rows), ""]
+            cells = [
+                f"{_fmt(by_level.loc[lv, 'mean'])} {_ci(by_level.loc[lv])}" if lv in by_level.index else "n/a"
+                for lv in levels
+            ]
+            rows.append([f"`{model}`", *cells])
+        lines += [_md_table(["model", *[f"{perturbation} {lv:g}" for lv in levels]], rows), ""]
     return lines
 
 
@@ -310,67 +298,63 @@ def protocol_banner(cfg: RunConfig) -> list[str]:
     return [f"> **Optimistic by construction; for comparison with published numbers only.** {said}.", ""]
 
 
+#: The report's title of each figure file.
+FIGURE_TITLES = {
+    "robustness.png": "Robustness to degraded test video (mean and corrected 95% CI over runs)",
+    "metric_bars.png": "Test metric with confidence intervals",
+    "confusion_matrices.png": "Confusion matrices",
+    "learning_curves.png": "Learning curves",
+    "structure.png": "Teacher vs student similarity structure and OT plan",
+    "embeddings.png": "Embedding map (PCA)",
+}
+
+
 def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[str], n_files: int) -> str:
     """The Markdown text of ``report.md`` (a summary: per-run numbers are in ``per_fold.csv``)."""
     regression = cfg.data.is_regression
     metric = primary_metric(regression)
     table = summary.table
-    folds = cfg.train.folds
-    evaluated_folds = sorted(set(summary.per_fold["fold"]))
+    kind = (
+        "regression, metrics CCC, MAE and RMSE"
+        if regression
+        else f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
+    )
+    part = f" (part {cfg.data.part})" if cfg.data.dataset == "biovid" else ""
     lines = [
         *protocol_banner(cfg),
         f"# PKDOT evaluation: {cfg.name}",
         "",
-        f"- Dataset: **{cfg.data.dataset}**"
-        + (f" (part {cfg.data.part})" if cfg.data.dataset == "biovid" else "")
-        + f"; task: **{cfg.data.task}** ("
-        + (
-            "regression, metrics CCC, MAE and RMSE"
-            if regression
-            else f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
-        )
-        + ")",
-        f"- Preset: `{cfg.preset}`; folds: {folds} (evaluated: {len(evaluated_folds)}); "
+        f"- Dataset: **{cfg.data.dataset}**{part}; task: **{cfg.data.task}** ({kind})",
+        f"- Preset: `{cfg.preset}`; folds: {cfg.train.folds} (evaluated: {summary.per_fold['fold'].nunique()}); "
         f"seeds: {cfg.train.seeds}",
         *([f"- Protocol: {summary.protocol}"] if summary.protocol else []),
         f"- Modalities: student {cfg.data.student_modalities}, privileged (teacher only) "
         f"{cfg.data.privileged_modalities}",
         f"- Config hash: `{cfg.section_hash()}`",
-        f"- Source: {n_files} predictions files; every score is computed on the test subjects of one "
-        "(fold, seed) "
-        f"run, then averaged over runs (n = runs).",
+        f"- Source: {n_files} predictions files; every score is computed on the test subjects of one (fold, seed) "
+        "run, then averaged over runs (n = runs).",
         *statistics_lines(summary),
         "",
         f"## Test {metric} per model (mean ± std over runs, {int(CONFIDENCE_LEVEL * 100)}% corrected CI)",
         "",
-        *(
-            [
-                "CCC here is per clip: each clip's prediction against its clip-mean label, over all test clips of "
-                "a run (the challenge's per-frame CCC follows the table).",
-                "",
-            ]
-            if cfg.data.dataset == "affwild2"
-            else []
-        ),
     ]
+    if cfg.data.dataset == "affwild2":
+        lines += [
+            "CCC here is per clip: each clip's prediction against its clip-mean label, over all test clips of "
+            "a run (the challenge's per-frame CCC follows the table).",
+            "",
+        ]
     header = ["model", f"validation {metric} mean", f"test {metric} mean ± std", "95% CI (corrected)"]
-    header += ["MAE mean", "RMSE mean"] if regression else ["macro-F1 mean ± std"]
-    header += ["n"]
+    header += [*(["MAE mean", "RMSE mean"] if regression else ["macro-F1 mean ± std"]), "n"]
     rows = []
     for _, r in table.iterrows():
-        row = [
-            f"`{r['model']}`",
-            _fmt(r.get("val_mean")),
-            f"{_fmt(r['mean'])} ± {_fmt(r['std'])}",
-            f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
-        ]
-        row += (
+        extra = (
             [_fmt(r["mae_mean"]), _fmt(r["rmse_mean"])]
             if regression
             else [f"{_fmt(r['macro_f1_mean'])} ± {_fmt(r['macro_f1_std'])}"]
         )
-        row += [str(int(r["n"]))]
-        rows.append(row)
+        row = [f"`{r['model']}`", _fmt(r.get("val_mean")), f"{_fmt(r['mean'])} ± {_fmt(r['std'])}", _ci(r)]
+        rows.append([*row, *extra, str(int(r["n"]))])
     lines += [_md_table(header, rows), ""]
     if not summary.challenge.empty:
         from pkdot.data.affwild2 import challenge_markdown
@@ -381,44 +365,15 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
     if summary.paired.empty:
         lines += [f"No comparison: the run has no `{BASELINE_STUDENT}` or no other student.", ""]
     else:
-        prow = [
-            [
-                f"`{r['model']}`",
-                _fmt_signed(float(r["mean_diff"]), 4),
-                f"[{_fmt_signed(float(r['ci_low']), 4)}, {_fmt_signed(float(r['ci_high']), 4)}]",
-                _fmt_p(float(r["p_value"])),
-                str(int(r["n"])),
-            ]
-            for _, r in summary.paired.iterrows()
-        ]
-        lines += [
-            _md_table(["student", f"Δ {metric}", "95% CI (corrected)", "p (corrected paired t)", "n"], prow),
-            "",
-        ]
-    lines += [pkdot_sentence(summary.paired, metric), ""]
-
-    lines += ["## Teacher vs. unimodal models", ""]
-    tv = summary.teacher_vs_unimodal
-    if tv.empty:
+        lines += [_difference_table(summary.paired, "student", metric, lambda r: f"`{r['model']}`"), ""]
+    lines += [pkdot_sentence(summary.paired, metric), "", "## Teacher vs. unimodal models", ""]
+    if summary.teacher_vs_unimodal.empty:
         lines += ["The run has no teacher and unimodal predictions to compare.", ""]
     else:
-        trow = [
-            [
-                f"`teacher` − `{r['baseline']}`",
-                _fmt_signed(float(r["mean_diff"]), 4),
-                f"[{_fmt_signed(float(r['ci_low']), 4)}, {_fmt_signed(float(r['ci_high']), 4)}]",
-                _fmt_p(float(r["p_value"])),
-                str(int(r["n"])),
-            ]
-            for _, r in tv.iterrows()
-        ]
+        name = lambda r: f"`teacher` − `{r['baseline']}`"  # noqa: E731
         lines += [
-            _md_table(
-                ["comparison", f"Δ {metric}", "95% CI (corrected)", "p (corrected paired t)", "n"], trow
-            ),
+            _difference_table(summary.teacher_vs_unimodal, "comparison", metric, name),
             "",
-        ]
-        lines += [
             "The teacher sees the privileged modalities; the unimodal models are the teacher's backbones "
             "trained alone (the first phase of the teacher stage).",
             "",
@@ -433,27 +388,16 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             f"Rule: {SELECTION_RULE.format(metric=metric)}. Chosen: `{sel.model}`, mean validation {metric} "
             f"{_fmt(sel.val_mean)}; its registered run is fold {sel.fold}, seed {sel.seed} (the best validation "
             f"{metric} of that loss). Cross-validated estimate of this choice: test {metric} "
-            f"{_fmt(best['mean'])} [{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}] (corrected 95% CI, "
-            f"n = {int(best['n'])} runs).",
+            f"{_fmt(best['mean'])} {_ci(best)} (corrected 95% CI, n = {int(best['n'])} runs).",
             "",
         ]
-
     if summary.robustness is not None and not summary.robustness.empty:
         lines += robustness_lines(summary.robustness, metric)
-
     lines += ["## Figures", ""]
-    titles = {
-        "robustness.png": "Robustness to degraded test video (mean and corrected 95% CI over runs)",
-        "metric_bars.png": "Test metric with confidence intervals",
-        "confusion_matrices.png": "Confusion matrices",
-        "learning_curves.png": "Learning curves",
-        "structure.png": "Teacher vs student similarity structure and OT plan",
-        "embeddings.png": "Embedding map (PCA)",
-    }
     for name in plot_names:
-        lines += [f"### {titles.get(name, name)}", "", f"![{titles.get(name, name)}]({name})", ""]
-    for note in summary.notes:
-        lines += [f"- Not drawn: {note}"]
+        title = FIGURE_TITLES.get(name, name)
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    lines += [f"- Not drawn: {note}" for note in summary.notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -465,19 +409,18 @@ def _draw_plots(
     models = list(table["model"])
     plots = [plot_metric_bars(table, out / "metric_bars.png")]
     if not regression:
+        num_classes = _num_classes(cfg, pred)
         plots.append(
-            plot_confusion_matrices(
-                pred, _num_classes(cfg, pred), out / "confusion_matrices.png", models=models
-            )
+            plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models=models)
         )
     histories = collect_histories(run_dir, models)
     if histories:
-        plots.append(
-            plot_learning_curves(histories, out / "learning_curves.png", metric=primary_metric(regression))
-        )
+        metric = primary_metric(regression)
+        plots.append(plot_learning_curves(histories, out / "learning_curves.png", metric=metric))
     else:
         notes.append("learning curves (no history.json files)")
-    student = _embedding_student(models)
+    students = [m for m in models if m.startswith("student-")]
+    student = PKDOT_STUDENT if PKDOT_STUDENT in students else next(iter(students), None)
     if "teacher" not in models or student is None:
         notes.append("similarity structure and embedding map (need teacher and student predictions)")
         return plots
@@ -495,47 +438,25 @@ def _draw_plots(
             f"similarity structure (fold {fold} seed {seed} has {len(matched)} matched test samples)"
         )
     else:
-        rng = np.random.default_rng(cfg.seed)
-        idx = np.sort(rng.choice(len(matched), size=batch, replace=False))  # rows stay sorted by label
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(matched), size=batch, replace=False))
+        pk = cfg.distill.pkdot
         plots.append(
             plot_structure(
                 teacher_emb[idx],
                 student_emb[idx],
                 out / "structure.png",
-                labels=None if regression else labels[idx],
+                labels=None if regression else labels[idx],  # rows stay sorted by label
                 student_name=student,
-                k=cfg.distill.pkdot.k,
-                anchors=cfg.distill.pkdot.anchors,
-                blur=cfg.distill.pkdot.blur,
+                k=pk.k,
+                anchors=pk.anchors,
+                blur=pk.blur,
             )
         )
     if len(matched) >= 2:
-        plots.append(
-            plot_embedding_map(
-                {"teacher": teacher_emb, student: student_emb},
-                labels,
-                out / "embeddings.png",
-                regression=regression,
-                seed=cfg.seed,
-            )
-        )
+        embeddings = {"teacher": teacher_emb, student: student_emb}
+        path = out / "embeddings.png"
+        plots.append(plot_embedding_map(embeddings, labels, path, regression=regression, seed=cfg.seed))
     return plots
-
-
-def _protocol_and_challenge(cfg: RunConfig, run_dir: Path, pred: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """The protocol sentence (from ``splits.json``) and, for Aff-Wild2, the per-frame CCC of every run."""
-    from pkdot.data.manifest import read_manifest
-    from pkdot.folds import describe_protocol
-
-    rd = RunDir(run_dir)
-    protocol = describe_protocol(cfg.train.folds, rd.splits) if rd.splits.is_file() else ""
-    challenge = pd.DataFrame()
-    if cfg.data.dataset == "affwild2" and cfg.data.root is not None:
-        from pkdot.data.affwild2 import challenge_scores
-
-        manifest = read_manifest(rd.manifest)
-        challenge = challenge_scores(manifest, pred, Path(cfg.data.root), cfg.data.task)
-    return protocol, challenge
 
 
 def test_train_sizes(
@@ -559,9 +480,8 @@ def test_train_sizes(
 def read_summary(rd: RunDir) -> EvaluationSummary:
     """The evaluation a previous :func:`evaluate_run` wrote (``report/summary.json`` and ``per_fold.csv``): what
     the refit stage needs to register the chosen configuration (selection, table, runs, protocol)."""
-    path = rd.summary
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(rd.summary.read_text())
         per_fold = pd.read_csv(rd.report / "per_fold.csv")
     except (OSError, ValueError) as exc:
         raise StageError(
@@ -575,7 +495,7 @@ def read_summary(rd: RunDir) -> EvaluationSummary:
         report_path=rd.report_md,
         plots=[rd.report / p for p in doc["plots"]],
         best_student=doc["best_student"],
-        summary_path=path,
+        summary_path=rd.summary,
         protocol=doc.get("protocol") or "",
         selection=None if sel is None else Selection(**sel),
     )
@@ -586,50 +506,49 @@ def evaluate_run(
 ) -> EvaluationSummary:
     """Evaluate every model of a run (default ``cfg.run_dir``), choose the student to ship on validation and write
     ``RUN/report/``; ``robustness`` adds the degraded-video evaluation (:mod:`pkdot.evaluate.robustness`)."""
+    from pkdot.data.manifest import read_manifest
+    from pkdot.folds import describe_protocol
+
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    rd = RunDir(run_dir)
     regression = cfg.data.is_regression
+    metric = primary_metric(regression)
     pred = collect_predictions(run_dir)
     num_classes = _num_classes(cfg, pred)
     n_files = int(pred["source"].nunique())
     sizes, ratio, ratio_source = test_train_sizes(cfg, run_dir, pred)
-    per_fold, table, paired = aggregate(
-        pred, regression=regression, num_classes=num_classes, level=CONFIDENCE_LEVEL, test_train_ratio=ratio
-    )
+    stats = {"level": CONFIDENCE_LEVEL, "test_train_ratio": ratio}
+    per_fold, table, paired = aggregate(pred, regression=regression, num_classes=num_classes, **stats)
     if sizes is not None:
         per_fold = per_fold.merge(sizes[["fold", "seed", "n_train"]], on=["fold", "seed"], how="left")
-    metric = primary_metric(regression)
     models = list(table["model"])
-    unimodal = [m for m in models if m.startswith("unimodal-")]
-    if "teacher" in models and unimodal:
-        teacher_vs_unimodal = pd.concat(
+    unimodal = [m for m in models if m.startswith("unimodal-")] if "teacher" in models else []
+    teacher_vs_unimodal = (
+        pd.concat(
             [
-                paired_table(
-                    per_fold,
-                    metric=metric,
-                    models=["teacher"],
-                    baseline=u,
-                    level=CONFIDENCE_LEVEL,
-                    test_train_ratio=ratio,
-                )
+                paired_table(per_fold, metric=metric, models=["teacher"], baseline=u, **stats)
                 for u in unimodal
             ],
             ignore_index=True,
         )
-    else:
-        teacher_vs_unimodal = paired_table(per_fold, metric=metric, models=[], baseline="teacher")
+        if unimodal
+        else pd.DataFrame(columns=PAIRED_COLUMNS)
+    )
     selection = select_student(per_fold, metric, cfg.distill.losses)
     best_student = None if selection is None else selection.model
-    rd = RunDir(run_dir)
-    notes: list[str] = []
-    protocol, challenge = _protocol_and_challenge(cfg, run_dir, pred)
+    protocol = describe_protocol(cfg.train.folds, rd.splits) if rd.splits.is_file() else ""
+    challenge = pd.DataFrame()  # Aff-Wild2: the challenge's per-frame CCC of every run
+    if cfg.data.dataset == "affwild2" and cfg.data.root is not None:
+        from pkdot.data.affwild2 import challenge_scores
+
+        challenge = challenge_scores(read_manifest(rd.manifest), pred, Path(cfg.data.root), cfg.data.task)
     robustness_runs = robustness_table = None
     if robustness:
         from pkdot.evaluate.robustness import run_robustness, summarise_robustness
 
         robustness_runs = run_robustness(cfg, run_dir)
-        robustness_table = summarise_robustness(
-            robustness_runs, metric=metric, level=CONFIDENCE_LEVEL, test_train_ratio=ratio
-        )
+        robustness_table = summarise_robustness(robustness_runs, metric=metric, **stats)
+    notes: list[str] = []
     plots = _draw_plots(cfg, pred, table, rd.report, run_dir, notes)
     if robustness_table is not None:
         plots.append(plot_robustness(robustness_table, rd.report / "robustness.png", metric=metric))
@@ -682,8 +601,11 @@ def evaluate_run(
         "challenge_frame_ccc": _records(challenge),
     }
     written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
-    tables = {"per_fold.csv": per_fold, "robustness.csv": robustness_runs, "challenge_ccc.csv": challenge}
-    for name, frame in tables.items():
+    for name, frame in {
+        "per_fold.csv": per_fold,
+        "robustness.csv": robustness_runs,
+        "challenge_ccc.csv": challenge,
+    }.items():
         if frame is not None and not frame.empty:
             atomic_write_text(rd.report / name, frame.to_csv(index=False))
             written.add(name)

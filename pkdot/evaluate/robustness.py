@@ -99,17 +99,15 @@ def perturb_clips(
     x = np.asarray(clips)
     if x.ndim != 5:
         raise StageError(f"perturb_clips: expected clips (N, T, H, W, 3), got shape {x.shape}")
+    if perturbation not in PERTURBATIONS:
+        raise StageError(f"unknown perturbation {perturbation!r}; expected one of {list(PERTURBATIONS)}")
     out = np.empty_like(x)
     dropped = np.zeros(len(x), dtype=np.int64)
     for i, clip in enumerate(x):
         if perturbation == "frame_drop":
             out[i], dropped[i] = drop_frames(clip, level, rng)
-        elif perturbation == "noise":
-            out[i] = add_noise(clip, level, rng)
-        elif perturbation == "blur":
-            out[i] = blur(clip, level)
         else:
-            raise StageError(f"unknown perturbation {perturbation!r}; expected one of {list(PERTURBATIONS)}")
+            out[i] = add_noise(clip, level, rng) if perturbation == "noise" else blur(clip, level)
     return out, dropped
 
 
@@ -193,8 +191,7 @@ def run_robustness(
     if video != "video":
         raise StageError(f"--robustness perturbs face video; the student modality of this run is {video!r}")
     levels = {k: tuple(v) for k, v in (levels or DEFAULT_LEVELS).items()}
-    unknown = sorted(set(levels) - set(PERTURBATIONS))
-    if unknown:
+    if unknown := sorted(set(levels) - set(PERTURBATIONS)):
         raise StageError(f"robustness: unknown perturbations {unknown}; expected {list(PERTURBATIONS)}")
     jobs = trained_video_models(run_dir, losses)
     if not jobs:
@@ -239,22 +236,12 @@ def run_robustness(
                                 "predictions on only %.1f%% of samples",
                                 *(model, fold, seed, 100 * agreement),
                             )
+                    changed = float(np.mean(y_pred != clean_pred))
+                    output_change = float(np.abs(outputs - clean_outputs[model]).mean())
+                    run = (model, perturbation, float(level), fold, seed, len(ids), metric, value)
                     records.append(
-                        {
-                            "model": model,
-                            "perturbation": perturbation,
-                            "level": float(level),
-                            "fold": fold,
-                            "seed": seed,
-                            "n_samples": len(ids),
-                            "metric": metric,
-                            "value": value,
-                            "frames_dropped": float(dropped.mean()),
-                            "changed_predictions": float(np.mean(y_pred != clean_pred)),
-                            "output_change": float(np.abs(outputs - clean_outputs[model]).mean()),
-                            "agreement_with_stored": agreement,
-                        }
-                    )
+                        (*run, float(dropped.mean()), changed, output_change, agreement)
+                    )  # RUN_COLUMNS
         logger.info("robustness: fold %d seed %d done (%d models)", fold, seed, len(models))
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
 
@@ -271,9 +258,7 @@ def summarise_robustness(
         rec = {"model": model, "perturbation": perturbation, "level": float(lv), "metric": metric}
         records.append(rec | stats_ | {"n": int(len(g))})
 
-    order = {m: i for i, m in enumerate(order_models(runs["model"]))}
-    perturbation_order = {p: i for i, p in enumerate(dict.fromkeys(runs["perturbation"]))}
+    order = {m: i for i, m in enumerate([*dict.fromkeys(runs["perturbation"]), *order_models(runs["model"])])}
     out = pd.DataFrame.from_records(records, columns=SUMMARY_COLUMNS)
-    out["_p"] = out["perturbation"].map(perturbation_order)
-    out["_m"] = out["model"].map(order)
-    return out.sort_values(["_p", "_m", "level"], ignore_index=True).drop(columns=["_p", "_m"])
+    by = lambda column: column if column.name == "level" else column.map(order)  # noqa: E731
+    return out.sort_values(["perturbation", "model", "level"], key=by, ignore_index=True)

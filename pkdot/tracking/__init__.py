@@ -2,16 +2,9 @@
 lifecycle (store, experiment, parent and stage runs, what the stages log); :mod:`~pkdot.tracking.registry` the
 model registry (registration, model card, champion rule, loading a student back)."""
 
-from pkdot.tracking.registry import (  # noqa: F401 - the public API
-    CHALLENGER,
-    CHAMPION,
-    CHAMPION_RULE,
+from pkdot.tracking.registry import (  # noqa: F401 - what the rest of pkdot uses
     DatasetSplit,
-    ModelCard,
-    Registration,
-    dataset_splits,
     load_student,
-    model_card,
     model_config_path,
     model_version,
     register_best,
@@ -22,7 +15,6 @@ from pkdot.tracking.runs import (  # noqa: F401
     EXPERIMENT_KIND,
     PARENT_FILE,
     PUBLIC_URI_ENV,
-    StageRun,
     Tracker,
     end_parent_run,
     log_evaluation,
@@ -31,5 +23,4 @@ from pkdot.tracking.runs import (  # noqa: F401
     resolve_public_uri,
     resolve_tracking_uri,
     run_ui_url,
-    use_tracking_uri,
 )

@@ -74,16 +74,14 @@ def dataset_splits(
 ) -> list[DatasetSplit]:
     """The manifest rows of each split's ``subjects``, named ``<dataset>-<label>-<split>``, digest = hash of the
     manifest's fingerprint and the split's sample ids."""
-    contexts = {"train": "train", "val": "validation", "test": "test"}
     out = []
     for split, ids in subjects.items():
         rows = manifest[manifest["subject_id"].astype(str).isin({str(s) for s in ids})].reset_index(drop=True)
         samples = ",".join(sorted(rows["sample_id"].astype(str)))
         digest = hashlib.sha256(f"{manifest_fingerprint}|{samples}".encode()).hexdigest()[:16]
-        name = f"{cfg.data.dataset}-{label}-{split}"
-        out.append(
-            DatasetSplit(name, contexts.get(split, split), rows, str(RunDir(cfg.run_dir).manifest), digest)
-        )
+        context = {"val": "validation"}.get(split, split)
+        source = str(RunDir(cfg.run_dir).manifest)
+        out.append(DatasetSplit(f"{cfg.data.dataset}-{label}-{split}", context, rows, source, digest))
     return out
 
 
@@ -193,13 +191,9 @@ def model_card(
     row = summary.table[summary.table["model"] == sel.model].iloc[0]
     version, commit = _code_version()
     f = cfg.features
-    video = "video" in cfg.data.student_modalities
+    what = f"uint8 face clips ({f.n_frames} frames of {f.crop_size}x{f.crop_size} RGB crops)"
+    what = what if "video" in cfg.data.student_modalities else "features"
     shape = ", ".join(str(d) for d in input_example.shape[1:])
-    what = (
-        f"uint8 face clips ({f.n_frames} frames of {f.crop_size}x{f.crop_size} RGB crops)"
-        if video
-        else "features"
-    )
     if cfg.data.is_regression:
         output = f"logits[:, 0] = the predicted {cfg.data.task}; embedding"
     else:
@@ -318,12 +312,9 @@ def register_student(
     datasets: Sequence[DatasetSplit] = (),
     card: ModelCard | None = None,
 ) -> Registration:
-    """Log ``model`` (one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it.
-
-    ``input_example``: a batch of >= 2 inputs. ``metric_name``/``metric_value``/``higher_is_better``: what the
-    champion rule compares. ``scores``: the model's own scores. ``datasets``: the rows it saw.
-    ``extra_artifacts``: files under ``extra/`` (``config.yaml`` is always logged). ``card``: description, tags.
-    """
+    """Log ``model`` (one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it by the
+    champion rule on ``metric_name``. ``input_example``: a batch of >= 2 inputs; ``scores``: the model's own;
+    ``datasets``: the rows it saw; ``extra_artifacts``: files under ``extra/`` (``config.yaml`` always)."""
     if not math.isfinite(float(metric_value)):
         raise StageError(
             f"register_student: metric {metric_name!r} is {metric_value}; expected a finite number"
@@ -341,8 +332,7 @@ def register_student(
     for key, value in own_scores.items():
         if not math.isfinite(value):
             raise StageError(f"register_student: score {key!r} is {value}; expected a finite number")
-    name = tracker.model_name(dataset)
-    task = tracker.cfg.data.task
+    name, task = tracker.model_name(dataset), tracker.cfg.data.task
     previous = _champion(tracker, name, metric_name, task)
 
     was_training = model.training
@@ -414,11 +404,8 @@ def register_student(
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     if card is not None:
-        shapes = (
-            {k: tuple(v.shape[1:]) for k, v in outputs.items()}
-            if isinstance(outputs, dict)
-            else outputs.shape[1:]
-        )
+        per_output = isinstance(outputs, dict)
+        shapes = {k: tuple(v.shape[1:]) for k, v in outputs.items()} if per_output else outputs.shape[1:]
         card_md = card.markdown(f"`{alias}`: {note}.") + f"\nOutput arrays (after the batch axis): {shapes}\n"
         client.update_model_version(name, str(version), description=card_md)
     logger.info("registered %s version %d as %s: %s", name, version, alias, note)
@@ -436,23 +423,18 @@ def register_best(
     manifest_fingerprint: str = "",
     trained_on: str | None = None,
 ) -> dict[str, Any]:
-    """Register the student chosen on validation (``summary.selection``) with its model card.
-
-    ``student``: its best-validation (fold, seed) model, or one refit on every subject (``trained_on``, e.g.
-    ``"all subjects (refit)"``). ``subjects``: split -> subjects it saw. The champion rule compares
-    ``cv_<metric>``. Returns the details the stage records.
-    """
+    """Register the student chosen on validation (``summary.selection``) with its model card; returns the details
+    the stage records. ``student``: its best-validation (fold, seed) model, or one refit on every subject
+    (``trained_on``, e.g. ``"all subjects (refit)"``); ``subjects``: split -> subjects it saw."""
     sel = summary.selection
-    video = cfg.data.student_modalities[0]
-    example = np.zeros((2, *input_shape), dtype=np.uint8 if video == "video" else np.float32)
+    dtype = np.uint8 if cfg.data.student_modalities[0] == "video" else np.float32
+    example = np.zeros((2, *input_shape), dtype=dtype)
     trained_on = trained_on or f"fold {sel.fold}, seed {sel.seed} (the best validation run of that loss)"
     card = model_card(
         cfg, summary, input_example=example, training_subjects=len(subjects["train"]), trained_on=trained_on
     )
-    per_fold = summary.per_fold
-    run = per_fold[
-        (per_fold["model"] == sel.model) & (per_fold["fold"] == sel.fold) & (per_fold["seed"] == sel.seed)
-    ]
+    pf = summary.per_fold
+    run = pf[(pf["model"] == sel.model) & (pf["fold"] == sel.fold) & (pf["seed"] == sel.seed)]
     scores = {
         f"mean_val_{sel.metric}": sel.val_mean,
         f"cv_{sel.metric}_ci_low": card.cv_ci[0],

@@ -62,17 +62,16 @@ def resolve_public_uri(cfg: RunConfig, tracking_uri: str | None = None) -> str |
 
 def run_ui_url(public_uri: str, run_id: str, experiment_id: str | None = None) -> str:
     """The MLflow UI page of a run (``<ui>/#/experiments/<id>/runs/<run>``, or ``<ui>/#/runs/<run>``)."""
-    base = public_uri.rstrip("/")
-    if experiment_id is None:
-        return f"{base}/#/runs/{run_id}"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    experiment = "" if experiment_id is None else f"/experiments/{experiment_id}"
+    return f"{public_uri.rstrip('/')}/#{experiment}/runs/{run_id}"
 
 
 def _mlflow_store_chatter_filter(record: logging.LogRecord) -> bool:
     """Store set-up chatter only as a warning, at INFO (``pkdot -v``) or with ``$MLFLOW_LOGGING_LEVEL``."""
+    root_level = logging.getLogger().getEffectiveLevel()
     return (
         record.levelno >= logging.WARNING
-        or logging.getLogger().getEffectiveLevel() <= logging.INFO
+        or root_level <= logging.INFO
         or bool(os.environ.get("MLFLOW_LOGGING_LEVEL"))
     )
 
@@ -139,7 +138,6 @@ class StageRun:
             self._client.log_batch(self.run_id, metrics=entries[i : i + METRICS_PER_BATCH])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params (values stringified, in batches of 100)."""
         _log_params(self._client, self.run_id, params)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -177,11 +175,8 @@ class Tracker:
             name = self.cfg.tracking.experiment
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
-                location = (
-                    (self.run_dir / "mlartifacts").as_uri()
-                    if self.tracking_uri.startswith("sqlite:")
-                    else None
-                )
+                sqlite = self.tracking_uri.startswith("sqlite:")
+                location = (self.run_dir / "mlartifacts").as_uri() if sqlite else None
                 try:
                     self.client.create_experiment(name, artifact_location=location)
                 except MlflowException as exc:  # created meanwhile by another process
@@ -208,18 +203,16 @@ class Tracker:
                 run_id = self._read_parent_file(path)
                 if run_id is None:
                     run_id = self._create_parent_run()
-                    doc = {"run_id": run_id, "tracking_uri": self.tracking_uri}
-                    atomic_write_json(path, doc | {"experiment_id": self.experiment_id}, indent=2)
+                    doc = {
+                        "run_id": run_id,
+                        "tracking_uri": self.tracking_uri,
+                        "experiment_id": self.experiment_id,
+                    }
+                    atomic_write_json(path, doc, indent=2)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self._parent_run_id = run_id
         return run_id
-
-    def finish_parent(self, status: str = "FINISHED") -> None:
-        """Mark the parent run ended (FINISHED, FAILED or KILLED)."""
-        if status not in ("FINISHED", "FAILED", "KILLED"):
-            raise StageError(f"finish_parent: status must be FINISHED, FAILED or KILLED, got {status!r}")
-        self.client.set_terminated(self.parent_run_id(), status)
 
     def _read_parent_file(self, path: Path) -> str | None:
         if not path.exists():
@@ -341,9 +334,7 @@ def log_stage(
 ) -> None:
     """One nested run of ``stage`` with ``metrics`` (``/``, ``:`` -> ``_``) and the ``artifacts`` that exist."""
     with Tracker(cfg).stage_run(stage) as run:
-        clean = {k.replace("/", "_").replace(":", "_"): v for k, v in metrics.items()}
-        if clean:
-            run.log_metrics(clean)
+        run.log_metrics({k.replace("/", "_").replace(":", "_"): v for k, v in metrics.items()})
         for path in artifacts:
             if Path(path).exists():
                 run.log_artifact(path)
@@ -356,8 +347,9 @@ def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
     for job in jobs:
         jdir = Path(job.out_dir)
         tags = {"loss": job.loss} if job.loss else {}
-        name = f"{stage}/{job.loss}" if job.loss else stage
-        with tracker.stage_run(name, fold=job.fold, seed=job.seed, **tags) as run:
+        with tracker.stage_run(
+            f"{stage}/{job.loss}" if job.loss else stage, fold=job.fold, seed=job.seed, **tags
+        ) as run:
             history = json.loads((jdir / HISTORY).read_text())
             for phase, doc in history.get("phases", {}).items():
                 epochs = [

@@ -12,7 +12,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pkdot.config import load_config
 from pkdot.errors import StageError
-from pkdot.tracking import EXPERIMENT_KIND, PARENT_FILE, Tracker, resolve_tracking_uri
+from pkdot.tracking import EXPERIMENT_KIND, PARENT_FILE, Tracker, end_parent_run, resolve_tracking_uri
 
 
 @pytest.fixture()
@@ -97,10 +97,10 @@ def test_parent_and_stage_runs(cfg):
     assert srun.data.metrics["best_epoch"] == 3 and srun.data.tags["pkdot.val_metric"] == "accuracy"
     assert client.get_run(failed_id).info.status == "FAILED"
     assert prun.info.status == "RUNNING"
-    tracker.finish_parent()
+    end_parent_run(cfg.run_dir, "FINISHED")
     assert client.get_run(parent).info.status == "FINISHED"
     with pytest.raises(StageError, match="status"):
-        tracker.finish_parent("DONE")
+        end_parent_run(cfg.run_dir, "DONE")
 
 
 def test_bad_inputs_raise_stage_errors(cfg):
