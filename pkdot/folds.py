@@ -489,10 +489,13 @@ def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
             f"official Aff-Wild2 partitions: trained on `Train_Set` ({len(f.train)} videos, {len(f.val)} "
             f"more held out for validation/model selection), tested on `Validation_Set` ({len(f.test)} videos)"
         )
+    # train.select_on: test -- each fold's validation part is its test part
+    on_test = all(set(f.val) == set(f.test) for f in folds)
     if scheme == "clips":
+        selection = "; epochs selected on the test clips" if on_test else ""
         return (
             f"stratified {len(folds)}-fold cross-validation over clips, ignoring subjects (the same subjects are "
-            "in training and test)"
+            f"in training and test{selection})"
         )
     name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
     repeats = (
@@ -500,7 +503,12 @@ def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
         if len(plan.seeds) > 1 and scheme != "loso"
         else ""
     )
+    selection = (
+        "each model's epoch selected on the test subjects themselves"
+        if on_test
+        else "validation subjects carved from each fold's training subjects"
+    )
     return (
         f"{name} cross-validation ({len(folds)} folds evaluated{repeats}; test subjects never seen in "
-        "training, validation subjects carved from each fold's training subjects)"
+        f"training, {selection})"
     )

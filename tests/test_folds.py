@@ -258,5 +258,11 @@ def test_selection_on_test_makes_the_validation_part_the_test_part(tmp_path):
         assert b.leaky and b.val == b.test == a.test and b.train == a.train
     save_folds(leaky, tmp_path / "splits.json")
     assert load_folds(tmp_path / "splits.json") == leaky
+    # the report's protocol sentence says where epochs were selected
+    from pkdot.folds import describe_protocol
+
+    assert "selected on the test subjects themselves" in describe_protocol(3, tmp_path / "splits.json")
+    save_folds(sound, tmp_path / "sound.json")
+    assert "validation subjects carved" in describe_protocol(3, tmp_path / "sound.json")
     with pytest.raises(StageError, match="in both"):  # a sound fold still refuses overlapping parts
         Fold(0, ("a",), ("b",), ("b",))

@@ -53,6 +53,7 @@ def register(cfg: RunConfig, summary: EvaluationSummary) -> dict[str, Any]:
         manifest=read_manifest(rd.manifest),
         subjects={"train": subjects.train, "val": subjects.val, "test": subjects.test},
         manifest_fingerprint=(read_marker(cfg, MANIFEST) or {}).get("fingerprint", ""),
+        unit=subjects.unit,
     )
 
 

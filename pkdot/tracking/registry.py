@@ -71,12 +71,14 @@ def dataset_splits(
     subjects: Mapping[str, Sequence[str]],
     label: str,
     manifest_fingerprint: str,
+    unit: str = "subject_id",
 ) -> list[DatasetSplit]:
-    """The manifest rows of each split's ``subjects``, named ``<dataset>-<label>-<split>``, digest = hash of the
-    manifest's fingerprint and the split's sample ids."""
+    """The manifest rows of each split's ``subjects`` (ids of the ``unit`` column: sample ids under
+    ``train.folds: clips``), named ``<dataset>-<label>-<split>``, digest = hash of the manifest's fingerprint and
+    the split's sample ids."""
     out = []
     for split, ids in subjects.items():
-        rows = manifest[manifest["subject_id"].astype(str).isin({str(s) for s in ids})].reset_index(drop=True)
+        rows = manifest[manifest[unit].astype(str).isin({str(s) for s in ids})].reset_index(drop=True)
         samples = ",".join(sorted(rows["sample_id"].astype(str)))
         digest = hashlib.sha256(f"{manifest_fingerprint}|{samples}".encode()).hexdigest()[:16]
         context = {"val": "validation"}.get(split, split)
@@ -422,6 +424,7 @@ def register_best(
     subjects: Mapping[str, Sequence[str]],
     manifest_fingerprint: str = "",
     trained_on: str | None = None,
+    unit: str = "subject_id",
 ) -> dict[str, Any]:
     """Register the student chosen on validation (``summary.selection``) with its model card; returns the details
     the stage records. ``student``: its best-validation (fold, seed) model, or one refit on every subject
@@ -430,8 +433,15 @@ def register_best(
     dtype = np.uint8 if cfg.data.student_modalities[0] == "video" else np.float32
     example = np.zeros((2, *input_shape), dtype=dtype)
     trained_on = trained_on or f"fold {sel.fold}, seed {sel.seed} (the best validation run of that loss)"
+    label = f"fold{sel.fold}-seed{sel.seed}" if trained_on.startswith("fold") else "refit"
+    datasets = dataset_splits(cfg, manifest, subjects, label, manifest_fingerprint, unit)
+    training_subjects = len(subjects["train"])
+    if unit != "subject_id":  # clips folds: count the people behind the training clips
+        training_subjects = int(
+            next(d for d in datasets if d.context == "train").frame["subject_id"].nunique()
+        )
     card = model_card(
-        cfg, summary, input_example=example, training_subjects=len(subjects["train"]), trained_on=trained_on
+        cfg, summary, input_example=example, training_subjects=training_subjects, trained_on=trained_on
     )
     pf = summary.per_fold
     run = pf[(pf["model"] == sel.model) & (pf["fold"] == sel.fold) & (pf["seed"] == sel.seed)]
@@ -444,7 +454,6 @@ def register_best(
         for col in (f"val_{sel.metric}", "accuracy", "macro_f1", "ccc", "mae", "rmse", "pearson"):
             if col in run.columns and np.isfinite(float(run[col].iloc[0])):
                 scores[col if col.startswith("val_") else f"test_{col}"] = float(run[col].iloc[0])
-    label = f"fold{sel.fold}-seed{sel.seed}" if trained_on.startswith("fold") else "refit"
     reg = register_student(
         Tracker(cfg),
         student,
@@ -453,7 +462,7 @@ def register_best(
         metric_value=card.cv_mean,
         dataset=cfg.data.dataset,
         scores=scores,
-        datasets=dataset_splits(cfg, manifest, subjects, label, manifest_fingerprint),
+        datasets=datasets,
         card=card,
     )
     return {

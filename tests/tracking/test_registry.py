@@ -422,3 +422,21 @@ def test_champion_moves_only_when_the_cv_estimate_beats_it(cfg, tmp_path):
     assert _register_best(other, summary)["alias"] == "challenger"
     last = client.get_model_version_by_alias(name, "challenger")
     assert "another task" in last.description and last.tags["pkdot.task"] == "multiclass"
+
+
+def test_dataset_splits_follow_the_fold_unit_clip_folds_log_their_clips(cfg):
+    """Under ``train.folds: clips`` a fold lists sample ids: the logged dataset frames are those clips, not empty."""
+    import pandas as pd
+
+    from pkdot.tracking.registry import dataset_splits
+
+    manifest = pd.DataFrame(
+        {"subject_id": ["a", "a", "b", "b"], "sample_id": ["a1", "a2", "b1", "b2"], "label": [0, 1, 0, 1]}
+    )
+    by_subject = dataset_splits(cfg, manifest, {"train": ["a"], "test": ["b"]}, "fold0-seed0", "fp")
+    assert [len(d.frame) for d in by_subject] == [2, 2]
+    by_clip = dataset_splits(
+        cfg, manifest, {"train": ["a1", "b2"], "test": ["a2"]}, "fold0-seed0", "fp", unit="sample_id"
+    )
+    assert [sorted(d.frame["sample_id"]) for d in by_clip] == [["a1", "b2"], ["a2"]]
+    assert by_clip[0].digest != by_subject[0].digest
