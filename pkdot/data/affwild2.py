@@ -192,9 +192,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
             f"Aff-Wild2 root {root}: no clip of {data.clip_frames} frames with >= {data.min_annotated:.0%} "
             f"annotated frames" + (f" ({len(bad.skipped)} files skipped)" if bad.skipped else "")
         )
-    frame = manifest_frame(rows)
-    frame["start_frame"] = frame["start_frame"].astype("int64")
-    frame["num_frames"] = frame["num_frames"].astype("int64")
+    frame = manifest_frame(rows).astype({"start_frame": "int64", "num_frames": "int64"})
     logger.info(
         "Aff-Wild2: %d clips from %d annotation files, %d subjects, %d skipped",
         len(frame),

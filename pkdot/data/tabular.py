@@ -30,11 +30,6 @@ TABLE_TASKS = ("binary", "multiclass", "regression")
 MAX_LISTED = 20
 
 
-def target_column_of(task: str) -> str:
-    """The table column holding the task's target: ``target`` for regression, ``label`` otherwise."""
-    return "target" if task == "regression" else "label"
-
-
 def _value_problem(value: object, label: bool) -> str | None:
     """Why ``value`` is not a class ``label`` (a non-negative integer) / a finite regression target, or None."""
     kind = "an integer class" if label else "a number"
@@ -57,10 +52,6 @@ def _value_problem(value: object, label: bool) -> str | None:
     return f"{value!r} is negative" if label and value < 0 else None
 
 
-def _valid_labels(values: list) -> np.ndarray:
-    return np.array([int(float(v)) for v in values if _value_problem(v, label=True) is None], np.int64)
-
-
 def infer_num_classes(path: Path) -> int:
     """``max(label) + 1`` over the valid labels of a table; :class:`DatasetError` when there is no ``label``
     column or valid label, or a class in ``0..max`` has no row."""
@@ -72,10 +63,12 @@ def infer_num_classes(path: Path) -> int:
             f"table {path}: cannot read a 'label' column to count the classes ({exc}); expected a Parquet file "
             "with an integer 'label' column (or set data.num_classes)"
         ) from exc
-    labels = _valid_labels(table.column("label").to_pylist())
-    if labels.size == 0:
+    labels = [
+        int(float(v)) for v in table.column("label").to_pylist() if _value_problem(v, label=True) is None
+    ]
+    if not labels:
         raise DatasetError(f"table {path}: column 'label' has no valid class (expected integers >= 0)")
-    k = _consecutive_classes(path, labels.tolist())
+    k = _consecutive_classes(path, labels)
     logger.info("table %s: %d classes inferred from column 'label'", path, k)
     return max(k, 2)
 
@@ -108,7 +101,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"table {path} is not a readable Parquet file: {exc}") from exc
-    target = target_column_of(data.task)
+    target = "target" if data.task == "regression" else "label"
     modalities = data.modalities
     missing = [c for c in (*ID_COLUMNS, target, *modalities) if c not in table.column_names]
     if missing:

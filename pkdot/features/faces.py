@@ -731,11 +731,6 @@ def index_frame_folder(folder: str | Path) -> dict[int, Path]:
     return index
 
 
-def _read_rgb(path: Path) -> np.ndarray | None:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def extract_folder_clips(
     folder: str | Path, clips: Sequence[ClipRequest], features: FeatureConfig
 ) -> Iterator[FaceClip | ClipFailure]:
@@ -771,10 +766,11 @@ def extract_folder_clips(
             path = files.get(i + 1)
             if path is None:
                 continue
-            rgb = _read_rgb(path)
-            if rgb is None:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
                 failure = f"frame folder {folder}: {path.name} is not a readable image"
                 break
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             sizes[i] = (rgb.shape[1], rgb.shape[0])
             interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
             crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)
