@@ -73,32 +73,21 @@ def read_samples_csv(path: Path) -> pd.DataFrame:
 
 def _class_of(row: pd.Series, path: Path, line: int, bad: BadSamples) -> int | None:
     """The class id of a samples.csv row, or None (after reporting it) if it is not a valid Biovid class."""
-    sample = row["sample_name"] or None
     raw = row["class_id"]
     try:
         value = float(raw)
     except ValueError:
-        bad.bad(
-            path, sample, f"line {line}: class_id {raw!r} is not a number (expected 0..4 = {BIOVID_CLASSES})"
-        )
-        return None
-    if value < 0 or value != int(value) or int(value) >= len(BIOVID_CLASSES):
-        bad.bad(
-            path,
-            sample,
-            f"line {line}: class_id {raw!r} is not a Biovid class (expected 0..4 = {BIOVID_CLASSES})",
-        )
-        return None
-    class_id = int(value)
-    if row["class_name"].upper() != BIOVID_CLASSES[class_id]:
-        bad.bad(
-            path,
-            sample,
-            f"line {line}: class_name {row['class_name']!r} does not match class_id {class_id} "
-            f"(expected {BIOVID_CLASSES[class_id]!r})",
-        )
-        return None
-    return class_id
+        problem = f"class_id {raw!r} is not a number (expected 0..4 = {BIOVID_CLASSES})"
+    else:
+        if value < 0 or value != int(value) or int(value) >= len(BIOVID_CLASSES):
+            problem = f"class_id {raw!r} is not a Biovid class (expected 0..4 = {BIOVID_CLASSES})"
+        elif row["class_name"].upper() != BIOVID_CLASSES[int(value)]:
+            expected = BIOVID_CLASSES[int(value)]
+            problem = f"class_name {row['class_name']!r} does not match class_id {int(value)} (expected {expected!r})"
+        else:
+            return int(value)
+    bad.bad(path, row["sample_name"] or None, f"line {line}: {problem}")
+    return None
 
 
 def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
