@@ -62,32 +62,27 @@ def read_va_annotation(path: Path) -> np.ndarray:
     if not lines or [c.strip().lower() for c in lines[0].split(",")] != ["valence", "arousal"]:
         first = lines[0] if lines else ""
         raise DatasetError(f"{path}: header {first!r} (expected 'valence,arousal')")
-    values = np.empty((len(lines) - 1, 2), np.float64)
-    n = 0
+    values: list[tuple[float, float]] = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             if any(rest.strip() for rest in lines[number - 1 :]):
                 raise DatasetError(f"{path}: line {number} is empty (expected 'valence,arousal' numbers)")
             break
-        parts = line.split(",")
         try:
-            if len(parts) != 2:
-                raise ValueError
-            v, a = float(parts[0]), float(parts[1])
+            v, a = (float(part) for part in line.split(","))
         except ValueError:
             raise DatasetError(f"{path}: line {number} {line!r} is not two comma-separated numbers") from None
         if v == UNANNOTATED or a == UNANNOTATED:
-            values[n] = np.nan
-        elif not (np.isfinite(v) and np.isfinite(a) and -1.0 <= v <= 1.0 and -1.0 <= a <= 1.0):
+            values.append((np.nan, np.nan))
+        elif not (-1.0 <= v <= 1.0 and -1.0 <= a <= 1.0):
             raise DatasetError(
                 f"{path}: line {number} {line!r} has a value outside [-1, 1] (or -5 = unannotated)"
             )
         else:
-            values[n] = (v, a)
-        n += 1
-    if n == 0:
+            values.append((v, a))
+    if not values:
         raise DatasetError(f"{path}: no annotation lines after the header (expected one line per frame)")
-    return values[:n]
+    return np.array(values, np.float64)
 
 
 def clip_windows(n_frames: int, clip_frames: int, clip_stride: int) -> list[int]:
@@ -96,12 +91,8 @@ def clip_windows(n_frames: int, clip_frames: int, clip_stride: int) -> list[int]
 
 
 def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
-    """Manifest of an Aff-Wild2 root (see the module docstring); raises :class:`DatasetError` on bad input.
-
-    With ``data.skip_bad``, a bad annotation file (header, malformed line, value out of range) or a video
-    that cannot be found is skipped and listed in ``ManifestResult.skipped``; a missing root, videos/ or
-    annotation directory still raises.
-    """
+    """Manifest of an Aff-Wild2 root; raises :class:`DatasetError` on bad input (a bad annotation file or a
+    missing video is skipped and listed under ``data.skip_bad``; a missing directory still raises)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"Aff-Wild2 root {root} is not a directory (expected videos/ and annotations/)")
@@ -201,9 +192,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
             f"Aff-Wild2 root {root}: no clip of {data.clip_frames} frames with >= {data.min_annotated:.0%} "
             f"annotated frames" + (f" ({len(bad.skipped)} files skipped)" if bad.skipped else "")
         )
-    frame = manifest_frame(rows)
-    frame["start_frame"] = frame["start_frame"].astype("int64")
-    frame["num_frames"] = frame["num_frames"].astype("int64")
+    frame = manifest_frame(rows).astype({"start_frame": "int64", "num_frames": "int64"})
     logger.info(
         "Aff-Wild2: %d clips from %d annotation files, %d subjects, %d skipped",
         len(frame),
@@ -223,25 +212,13 @@ def annotation_path(root: Path, partition: str, stem: str) -> Path:
 def frame_predictions(
     manifest: pd.DataFrame, clip_predictions: pd.DataFrame, root: Path, task: str
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Per-frame targets and predictions of the videos that clip predictions cover, as the challenge scores.
+    """Per-frame ``(y_true, y_pred, counts)`` of the videos one run's ``clip_predictions`` (``sample_id``,
+    ``y_pred``) cover, as the challenge scores: ``(F,)`` arrays over every annotated frame, in video order, and
+    ``{"videos", "frames", "filled_frames"}``.
 
-    Each clip's prediction is assigned to every frame of its window ``[start_frame, start_frame + num_frames)``
-    (overlapping clips are averaged); an annotated frame that no predicted clip covers (the video's tail, a
-    window dropped by ``data.min_annotated``) takes the prediction of the nearest predicted frame of the same
-    video. Unannotated frames (-5) are left out, as in the challenge.
-
-    Parameters
-    ----------
-    manifest : the run's manifest (``sample_id``, ``start_frame``, ``num_frames``, ``partition``).
-    clip_predictions : one run's rows with ``sample_id`` and ``y_pred`` (clip ``sample_id = f"{stem}@{start}"``).
-    root : the Aff-Wild2 root (per-frame labels are re-read from its annotation files).
-    task : ``valence`` or ``arousal``.
-
-    Returns
-    -------
-    (y_true, y_pred, counts): two ``(F,)`` float arrays over every annotated frame of the covered videos,
-    concatenated in video order, and ``{"videos", "frames", "filled_frames"}`` (frames that took the nearest
-    clip's prediction).
+    A clip's prediction goes to every frame of its window (overlaps averaged); an annotated frame no clip covers
+    (the video's tail, a window dropped by ``data.min_annotated``) takes the nearest predicted frame's value
+    (counted in ``filled_frames``). Labels are re-read from ``root``'s annotation files; -5 frames are left out.
     """
     if task not in ("valence", "arousal"):
         raise DatasetError(f"frame-level CCC is for task 'valence' or 'arousal', got {task!r}")
@@ -293,18 +270,9 @@ def frame_predictions(
 def challenge_scores(
     manifest: pd.DataFrame, predictions: pd.DataFrame, root: Path, task: str, split: str = "test"
 ) -> pd.DataFrame:
-    """Challenge-style CCC of every (model, fold, seed) run: per-frame, concatenated over the test partition.
-
-    Parameters
-    ----------
-    predictions : rows of ``predictions.parquet`` files (``model``, ``fold``, ``seed``, ``split``, ``sample_id``,
-        ``y_pred``), e.g. :func:`pkdot.evaluate.aggregate.collect_predictions`.
-
-    Returns
-    -------
-    DataFrame with one row per run: ``model``, ``fold``, ``seed``, ``frame_ccc`` (CCC over every annotated frame
-    of the run's test videos, Lin 1989), ``videos``, ``frames``, ``filled_frames``.
-    """
+    """Challenge-style CCC (Lin 1989) of every (model, fold, seed) run of ``predictions`` (rows of
+    ``predictions.parquet`` files): per frame, concatenated over the test partition. One row per run: ``model``,
+    ``fold``, ``seed``, ``frame_ccc``, ``videos``, ``frames``, ``filled_frames``."""
     from pkdot.metrics import ccc
 
     rows = []

@@ -33,25 +33,20 @@ BIO_COLUMNS = {
 FRAMES_DIR = "frames"
 
 
-def detect_delimiter(line: str, path: Path) -> str:
-    """The delimiter of a header line: tab, comma or semicolon (:func:`pkdot.tables.sniff_delimiter`)."""
+def read_header(path: Path) -> tuple[list[str], str]:
+    """The column names (lower-cased, stripped) of a delimited text file and its delimiter: tab, comma or
+    semicolon (:func:`pkdot.tables.sniff_delimiter`)."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        line = fh.readline()
+    if not line.strip():
+        raise DatasetError(f"{path}: the file is empty (expected a header line)")
     delimiter = sniff_delimiter(line)
     if delimiter is None:
         raise DatasetError(
             f"{path}: cannot find the column delimiter in the header {line.strip()!r} "
             "(expected tab-, comma- or semicolon-separated columns)"
         )
-    return delimiter
-
-
-def read_header(path: Path) -> list[str]:
-    """The column names of a delimited text file (first line), lower-cased and stripped."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        line = fh.readline()
-    if not line.strip():
-        raise DatasetError(f"{path}: the file is empty (expected a header line)")
-    delimiter = detect_delimiter(line, path)
-    return [c.strip().strip('"').lower() for c in line.rstrip("\r\n").split(delimiter)]
+    return [c.strip().strip('"').lower() for c in line.rstrip("\r\n").split(delimiter)], delimiter
 
 
 def read_samples_csv(path: Path) -> pd.DataFrame:
@@ -60,12 +55,10 @@ def read_samples_csv(path: Path) -> pd.DataFrame:
         raise DatasetError(
             f"{path} does not exist (expected the Biovid samples.csv with columns {SAMPLES_COLUMNS})"
         )
-    header = read_header(path)
+    header, delimiter = read_header(path)
     missing = [c for c in SAMPLES_COLUMNS if c not in header]
     if missing:
         raise DatasetError(f"{path}: missing columns {missing} (found {header}, expected {SAMPLES_COLUMNS})")
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        delimiter = detect_delimiter(fh.readline(), path)
     try:
         df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -80,41 +73,26 @@ def read_samples_csv(path: Path) -> pd.DataFrame:
 
 def _class_of(row: pd.Series, path: Path, line: int, bad: BadSamples) -> int | None:
     """The class id of a samples.csv row, or None (after reporting it) if it is not a valid Biovid class."""
-    sample = row["sample_name"] or None
     raw = row["class_id"]
     try:
         value = float(raw)
     except ValueError:
-        bad.bad(
-            path, sample, f"line {line}: class_id {raw!r} is not a number (expected 0..4 = {BIOVID_CLASSES})"
-        )
-        return None
-    if value < 0 or value != int(value) or int(value) >= len(BIOVID_CLASSES):
-        bad.bad(
-            path,
-            sample,
-            f"line {line}: class_id {raw!r} is not a Biovid class (expected 0..4 = {BIOVID_CLASSES})",
-        )
-        return None
-    class_id = int(value)
-    if row["class_name"].upper() != BIOVID_CLASSES[class_id]:
-        bad.bad(
-            path,
-            sample,
-            f"line {line}: class_name {row['class_name']!r} does not match class_id {class_id} "
-            f"(expected {BIOVID_CLASSES[class_id]!r})",
-        )
-        return None
-    return class_id
+        problem = f"class_id {raw!r} is not a number (expected 0..4 = {BIOVID_CLASSES})"
+    else:
+        if value < 0 or value != int(value) or int(value) >= len(BIOVID_CLASSES):
+            problem = f"class_id {raw!r} is not a Biovid class (expected 0..4 = {BIOVID_CLASSES})"
+        elif row["class_name"].upper() != BIOVID_CLASSES[int(value)]:
+            expected = BIOVID_CLASSES[int(value)]
+            problem = f"class_name {row['class_name']!r} does not match class_id {int(value)} (expected {expected!r})"
+        else:
+            return int(value)
+    bad.bad(path, row["sample_name"] or None, f"line {line}: {problem}")
+    return None
 
 
 def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
-    """Manifest of a Biovid root (see the module docstring); raises :class:`DatasetError` on bad input.
-
-    With ``data.skip_bad``, a bad sample (bad class, missing video or biosignal CSV, wrong CSV columns,
-    duplicate name) is skipped and listed in ``ManifestResult.skipped``; a missing root or a bad samples.csv
-    header still raises.
-    """
+    """Manifest of a Biovid root; raises :class:`DatasetError` on bad input (a bad sample is skipped and listed
+    under ``data.skip_bad``; a missing root or a bad samples.csv header still raises)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(
@@ -190,7 +168,7 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
                 bad.bad(bio, sample, "the biosignal CSV of this samples.csv entry does not exist")
                 continue
             try:
-                header = read_header(bio)
+                header, _ = read_header(bio)
             except DatasetError as exc:
                 bad.bad(bio, sample, str(exc).removeprefix(f"{bio}: "))
                 continue

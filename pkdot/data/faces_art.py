@@ -120,18 +120,9 @@ def _gauss(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, sx: float, sy: 
 
 
 def expression_basis(lm: FaceLandmarks, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Displacement fields of the expression units on a pixel grid of the astronaut coordinates.
-
-    Parameters
-    ----------
-    lm : landmarks (astronaut pixels).
-    xx, yy : (H, W) arrays of astronaut x / y coordinates of each grid pixel.
-
-    Returns
-    -------
-    (U, H, W, 2) float32: forward displacement ``(dx, dy)`` in astronaut pixels of unit ``u`` at intensity 1
-    (content at ``p`` moves to ``p + field(p)``), ``U = len(EXPRESSION_UNITS)``.
-    """
+    """Displacement fields of the expression units on a grid ``xx, yy`` (H, W) of astronaut coordinates:
+    (U, H, W, 2) float32 forward displacement ``(dx, dy)`` (astronaut pixels) of each unit at intensity 1
+    (content at ``p`` moves to ``p + field(p)``)."""
     d = lm.interocular
     mid_x = (lm.left_eye[0] + lm.right_eye[0]) / 2.0
     out = np.zeros((len(EXPRESSION_UNITS), *xx.shape, 2), np.float32)
@@ -254,16 +245,10 @@ def blink_track(rng: np.random.Generator, n_frames: int, fps: float) -> np.ndarr
 
 
 class FaceRenderer:
-    """Render frames of one subject: expression vector + pose -> RGB frame and face box.
+    """Render frames (``frame_size`` square) of one subject: expression vector + pose -> RGB frame and face box.
 
-    The head region of the astronaut is tinted, warped (subject warp + aspect) and resampled once at the
-    subject's scale; each frame then costs one ``remap`` (expression) and one ``warpAffine`` (pose) of a
-    small image.
-
-    Parameters
-    ----------
-    look : the subject.
-    frame_size : side of the square frame in pixels.
+    The astronaut's head region is tinted, warped and resampled once at the subject's scale; each frame then
+    costs one ``remap`` (expression) and one ``warpAffine`` (pose) of a small image.
     """
 
     def __init__(self, look: SubjectLook, frame_size: int) -> None:
@@ -278,7 +263,6 @@ class FaceRenderer:
         sx, sy = look.aspect
         half = 1.15 * fw  # head region half-side in source pixels
         side = int(np.ceil(2 * half * self.scale * max(sx, sy))) | 1
-        self.roi_side = side
         c = (side - 1) / 2.0
         # Grid of the scaled ROI -> astronaut coordinates (inverse of scale/aspect about the face centre).
         jj, ii = np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32))
@@ -332,18 +316,10 @@ class FaceRenderer:
     def render(
         self, expression: np.ndarray, pose: np.ndarray, noise: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One frame.
+        """One frame (F, F, 3) uint8 RGB and its face box ``(x, y, w, h)`` (4,) float64, in frame pixels.
 
-        Parameters
-        ----------
-        expression : (U,) intensities of :data:`EXPRESSION_UNITS` (already scaled by expressiveness).
-        pose : (3,) dx, dy (frame pixels) and roll (degrees).
-        noise : optional (F, F, 3) additive sensor noise (grey levels).
-
-        Returns
-        -------
-        frame : (F, F, 3) uint8 RGB.
-        box : (4,) float64 face box ``(x, y, w, h)`` in frame pixels.
+        ``expression``: (U,) intensities of :data:`EXPRESSION_UNITS`; ``pose``: (3,) dx, dy (frame pixels) and
+        roll (degrees); ``noise``: optional (F, F, 3) additive sensor noise (grey levels).
         """
         # Inverse map: out(p) = face(p - U(p)), U = sum_k e_k B_k. A plain loop over the active units, not a
         # BLAS product: BLAS threads spin on a shared CPU and made this 100x slower.

@@ -81,10 +81,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 @dataclasses.dataclass
 class ManifestResult:
-    """What an adapter returns: the manifest rows and the samples it skipped (``data.skip_bad``).
-
-    ``skipped`` holds ``{"path": str, "sample_id": str | None, "reason": str}`` per skipped sample.
-    """
+    """What an adapter returns: the manifest rows and the samples it skipped (``data.skip_bad``), each
+    ``{"path": str, "sample_id": str | None, "reason": str}``."""
 
     frame: pd.DataFrame
     skipped: list[dict] = dataclasses.field(default_factory=list)

@@ -30,6 +30,7 @@ import pyarrow.csv as pcsv
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import butter, sosfiltfilt
 
+from pkdot.data.biovid import BIO_COLUMNS
 from pkdot.data.faces_art import EXPRESSION_UNITS, FaceRenderer, blink_track, draw_subject_look, head_motion
 from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.errors import ConfigError
@@ -52,6 +53,8 @@ FACE_OBS_SIGMA = 0.35
 PHYSIO_OBS_SIGMA = 0.12
 #: Overall scale of the facial expression intensity (unit intensity = :data:`faces_art.UNIT_AMPLITUDE`).
 FACE_GAIN = 2.0
+#: Expression units of the pain display (AU4, AU6/7, AU9/10) and their weights.
+PAIN_DISPLAY = {"brow_lower": 1.0, "eye_narrow": 0.8, "cheek_raise": 0.7, "lip_raise": 0.8}
 #: Facial muscles saturate: the rendered intensity is ``FACE_MAX_INTENSITY * tanh(raw / FACE_MAX_INTENSITY)``
 #: (it also keeps the face findable by a frontal-face detector: eyes squeezed shut defeat Haar cascades).
 FACE_MAX_INTENSITY = 1.4
@@ -60,10 +63,7 @@ GENERATOR_VERSION = 2
 #: Audio sample rate of the Aff-Wild2-like videos.
 AUDIO_SR = 16000
 TRUTH_FILE = "synthetic_truth.parquet"
-BIOVID_CHANNELS = {
-    "A": ["gsr", "ecg", "emg_trapezius"],
-    "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
-}
+BIOVID_CHANNELS = {part: columns[1:] for part, columns in BIO_COLUMNS.items()}  # without "time"
 
 _UNIT = {name: i for i, name in enumerate(EXPRESSION_UNITS)}
 
@@ -83,18 +83,12 @@ def write_synthetic(
     coupling: float = 1.0,
     progress: bool = True,
 ) -> Path:
-    """Write a synthetic data set in the real layout of ``kind`` (``"biovid"`` or ``"affwild2"``) under ``out``
-    (use an empty directory) and return ``out``.
+    """Write a synthetic data set in the real layout of ``kind`` under ``out`` (an empty directory); returns ``out``.
 
-    Parameters
-    ----------
-    subjects : synthetic people (>= 1; >= 2 for Aff-Wild2 to fill both partitions).
-    seed : everything is drawn from it; the same seed gives byte-identical files.
-    samples_per_class : Biovid windows (5.5 s) per class per subject.
-    part : Biovid part; ``"B"`` adds ``emg_corrugator`` and ``emg_zygomaticus``.
-    videos_per_subject : Aff-Wild2 videos per person, 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``).
-    coupling : in [0, 1], how much the privileged modality (physio, audio) and the face share one latent
-        response: 1 = one shared response, 0 = independent given the label (negative control).
+    The same ``seed`` gives byte-identical files. ``subjects``: >= 2 for Aff-Wild2 (both partitions);
+    ``samples_per_class``: Biovid windows per class per subject; ``videos_per_subject``: Aff-Wild2 videos per
+    person, 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``); ``coupling`` in [0, 1]: how much the
+    privileged modality and the face share one latent response (0 = independent given the label).
     """
     out = Path(out)
     if kind not in ("biovid", "affwild2"):
@@ -137,14 +131,15 @@ def write_synthetic(
 # ---- shared helpers ----------------------------------------------------------------------------------------
 @contextmanager
 def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich import progress as rp
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-    ) as bar:
+    columns = (
+        rp.TextColumn("{task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TimeRemainingColumn(),
+    )
+    with rp.Progress(*columns, disable=not enabled) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
 
@@ -225,10 +220,6 @@ def _render(renderer: FaceRenderer, rng: np.random.Generator, expr: np.ndarray, 
     for i in range(n_frames):
         frames[i], boxes[i] = renderer.render(expr[i], poses[i], noise[picks[i]])
     return frames, boxes
-
-
-def _write_truth(out: Path, rows: list[dict]) -> None:
-    atomic_write_parquet(pa.Table.from_pylist(rows), out / TRUTH_FILE)
 
 
 # ---- Biovid ------------------------------------------------------------------------------------------------
@@ -415,12 +406,7 @@ def _write_biovid(
                 ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
                 ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))
                 expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
-                for unit, weight in (
-                    ("brow_lower", 1.0),
-                    ("eye_narrow", 0.8),
-                    ("cheek_raise", 0.7),
-                    ("lip_raise", 0.8),
-                ):
+                for unit, weight in PAIN_DISPLAY.items():
                     expr[:, _UNIT[unit]] = weight * intensity * ramp
                 # label-free nuisances: a frown of concentration in some windows, small movements, blinks
                 if prng.uniform() < 0.25:
@@ -467,7 +453,7 @@ def _write_biovid(
                 )
                 advance()
     atomic_write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
-    _write_truth(out, truth)
+    atomic_write_parquet(pa.Table.from_pylist(truth), out / TRUTH_FILE)
     logger.info(
         "synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, sample_counter, out
     )
@@ -512,9 +498,8 @@ def draw_affwild2_tracks(
             raise ConfigError(f"{name} must be in [0, {MAX_VA_LAG_S}] seconds, got {lag}")
     pad = int(np.ceil(MAX_VA_LAG_S * fps)) + 1
     n_ext = n_frames + pad
-    t_ext = (
-        np.arange(n_ext) - pad
-    ) / fps  # the first `pad` frames precede the video: lagged readings see them
+    # the first `pad` frames precede the video: lagged readings see them
+    t_ext = (np.arange(n_ext) - pad) / fps
     t = np.arange(n_frames) / fps
     out: dict[str, np.ndarray] = {}
     for dim, mean in (("valence", mean_valence), ("arousal", mean_arousal)):
@@ -589,7 +574,6 @@ def _write_affwild2(
                 lags = {"face_lag_s": face_lag, "audio_lag_s": audio_lag}
                 means = {"mean_valence": mean_v, "mean_arousal": mean_a}
                 tracks = draw_affwild2_tracks(vrng, n_frames, fps, coupling, **means, **lags)
-                valence, arousal = tracks["valence"], tracks["arousal"]
                 face_v, face_a = tracks["face_valence"], tracks["face_arousal"]
                 e = look.expressiveness
                 expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
@@ -610,7 +594,7 @@ def _write_affwild2(
                     annotated[start : start + length] = False
                 lines = ["valence,arousal"] + [
                     f"{va:.3f},{ar:.3f}" if ok else "-5,-5"
-                    for va, ar, ok in zip(valence, arousal, annotated, strict=True)
+                    for va, ar, ok in zip(tracks["valence"], tracks["arousal"], annotated, strict=True)
                 ]
                 atomic_write_text(ann_root / partition / f"{stem}.txt", "\n".join(lines) + "\n")
                 truth.append(
@@ -631,5 +615,5 @@ def _write_affwild2(
                 advance()
     for partition in ("Train_Set", "Validation_Set"):
         (ann_root / partition).mkdir(parents=True, exist_ok=True)
-    _write_truth(out, truth)
+    atomic_write_parquet(pa.Table.from_pylist(truth), out / TRUTH_FILE)
     logger.info("synthetic Aff-Wild2: %d subjects x %d videos -> %s", subjects, per_subject, out)

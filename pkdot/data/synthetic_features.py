@@ -77,12 +77,8 @@ def _landmark_display(rng: np.random.Generator) -> np.ndarray:
     return move.reshape(-1) * float(np.exp(rng.normal(0.0, 0.3)))
 
 
+#: What a small head rotation does to the normalised landmarks: a fixed linear map of (yaw, pitch, roll).
 _POSE_BASIS = np.random.default_rng(20261203).normal(0.0, 0.6, (3, 2 * N_LANDMARKS))
-
-
-def _pose_distortion(pose: np.ndarray) -> np.ndarray:
-    """What a small head rotation does to the normalised landmarks: a fixed linear map of (yaw, pitch, roll)."""
-    return pose @ _POSE_BASIS
 
 
 def draw_feature_table(
@@ -141,7 +137,7 @@ def draw_feature_table(
             landmarks = (
                 shape
                 + display * intensity
-                + _pose_distortion(pose)
+                + pose @ _POSE_BASIS
                 + lrng.normal(0.0, LANDMARK_JITTER, 2 * N_LANDMARKS)
             )
 
@@ -191,10 +187,7 @@ def write_feature_table(
     task: Literal["binary", "multiclass"] = "binary",
 ) -> Path:
     """Write the table (``sample_id``, ``subject_id``, ``label``, ``face_au``, ``face_landmarks``, ``physio``)
-    as Parquet, the layout
-    :mod:`pkdot.data.tabular` reads, written to a temp name then renamed. Returns ``path``.
-
-    Defaults: Biovid Part A's size (87 subjects, 20 windows per class)."""
+    atomically in :mod:`pkdot.data.tabular`'s layout; the defaults are Biovid Part A's size. Returns ``path``."""
     from pkdot.data.tabular import write_view_table
 
     cols = draw_feature_table(subjects=subjects, per_class=per_class, coupling=coupling, seed=seed, task=task)

@@ -1,14 +1,10 @@
 """Bring-your-own feature table -> manifest.
 
-The root is one Parquet FILE with ``sample_id`` (unique), ``subject_id``, the target (``label``: non-negative
-integer classes for ``binary`` (0/1) / ``multiclass`` (``data.num_classes``, or ``max(label) + 1``:
-:func:`infer_num_classes`); ``target``: finite floats for ``regression``), and one list-of-float column per
-modality of ``data.student_modalities`` / ``data.privileged_modalities`` (one length per column, finite).
-Stage 1 reads the vectors from the table itself; the manifest's recording paths stay null.
-
-Every bad row is found before anything is decided: without ``data.skip_bad`` one :class:`DatasetError` lists the
-first :data:`MAX_LISTED` (row, sample id, column, what was expected) and the count; with it, they are skipped
-and listed. A vector length is right when it is the most common one of its column; a tie raises.
+The root is one Parquet FILE with ``sample_id`` (unique), ``subject_id``, the target (``label``: classes
+0..K-1 for ``binary`` / ``multiclass``; ``target``: finite floats for ``regression``) and one list-of-float
+column per modality (one length per column: the most common one; a tie raises). Stage 1 reads the vectors
+from the table itself. Every bad row is found first, then all are reported in one :class:`DatasetError`
+(the first :data:`MAX_LISTED`), or skipped and listed under ``data.skip_bad``.
 """
 
 from __future__ import annotations
@@ -34,60 +30,31 @@ TABLE_TASKS = ("binary", "multiclass", "regression")
 MAX_LISTED = 20
 
 
-def target_column_of(task: str) -> str:
-    """The table column holding the task's target: ``target`` for regression, ``label`` otherwise."""
-    return "target" if task == "regression" else "label"
-
-
-def _label_problem(value: object) -> str | None:
-    """Why ``value`` is not a non-negative integer class label (None when it is one)."""
+def _value_problem(value: object, label: bool) -> str | None:
+    """Why ``value`` is not a class ``label`` (a non-negative integer) / a finite regression target, or None."""
+    kind = "an integer class" if label else "a number"
     if value is None:
         return "is null"
     if isinstance(value, bool):
-        return f"{value!r} is a boolean, not an integer class"
-    if isinstance(value, int | np.integer):
-        return None if value >= 0 else f"{value!r} is negative"
-    if isinstance(value, float | np.floating):
-        if not np.isfinite(value):
-            return f"{value!r} is not finite"
-        if value != int(value):
-            return f"{value!r} is not an integer"
-        return None if value >= 0 else f"{value!r} is negative"
+        return f"{value!r} is a boolean, not {kind}"
     if isinstance(value, str):
         try:
             number = float(value)
         except ValueError:
             return f"{value!r} is not a number"
-        return _label_problem(number)
-    return f"{value!r} ({type(value).__name__}) is not an integer class"
-
-
-def _target_problem(value: object) -> str | None:
-    """Why ``value`` is not a finite regression target (None when it is one)."""
-    if value is None:
-        return "is null"
-    if isinstance(value, bool):
-        return f"{value!r} is a boolean, not a number"
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return f"{value!r} is not a number"
-    if isinstance(value, int | float | np.integer | np.floating):
-        return None if np.isfinite(float(value)) else f"{value!r} is not finite"
-    return f"{value!r} ({type(value).__name__}) is not a number"
-
-
-def _valid_labels(values: list) -> np.ndarray:
-    return np.array([int(float(v)) for v in values if _label_problem(v) is None], np.int64)
+        return _value_problem(number, label)
+    if not isinstance(value, int | float | np.integer | np.floating):
+        return f"{value!r} ({type(value).__name__}) is not {kind}"
+    if not np.isfinite(float(value)):
+        return f"{value!r} is not finite"
+    if label and value != int(value):
+        return f"{value!r} is not an integer"
+    return f"{value!r} is negative" if label and value < 0 else None
 
 
 def infer_num_classes(path: Path) -> int:
-    """``max(label) + 1`` over the valid labels of a table (invalid ones are reported by the manifest).
-
-    Raises :class:`DatasetError` when the file has no ``label`` column or no valid label, or when a class in
-    ``0..max`` has no row (relabel the classes to consecutive integers from 0, or set ``data.num_classes``).
-    """
+    """``max(label) + 1`` over the valid labels of a table; :class:`DatasetError` when there is no ``label``
+    column or valid label, or a class in ``0..max`` has no row."""
     path = Path(path)
     try:
         table = pq.read_table(path, columns=["label"])
@@ -96,10 +63,12 @@ def infer_num_classes(path: Path) -> int:
             f"table {path}: cannot read a 'label' column to count the classes ({exc}); expected a Parquet file "
             "with an integer 'label' column (or set data.num_classes)"
         ) from exc
-    labels = _valid_labels(table.column("label").to_pylist())
-    if labels.size == 0:
+    labels = [
+        int(float(v)) for v in table.column("label").to_pylist() if _value_problem(v, label=True) is None
+    ]
+    if not labels:
         raise DatasetError(f"table {path}: column 'label' has no valid class (expected integers >= 0)")
-    k = _consecutive_classes(path, labels.tolist())
+    k = _consecutive_classes(path, labels)
     logger.info("table %s: %d classes inferred from column 'label'", path, k)
     return max(k, 2)
 
@@ -118,13 +87,8 @@ def _consecutive_classes(path: Path, classes: list[int]) -> int:
 
 
 def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
-    """Manifest of a bring-your-own Parquet table (see the module docstring).
-
-    Missing columns, a column that is not a list of numbers, a tie between vector lengths, a label set that
-    does not fit the task, or no usable row always raise :class:`DatasetError`; bad rows (null / ragged /
-    empty / non-finite vector, bad label or target, empty or duplicate id) are all listed, then raise, or are
-    skipped under ``data.skip_bad``.
-    """
+    """Manifest of a bring-your-own Parquet table (see the module docstring); a bad column, label set or no
+    usable row always raises :class:`DatasetError`, bad rows (vector, label, target, id) unless ``skip_bad``."""
     path = Path(root)
     if data.task not in TABLE_TASKS:
         raise ConfigError(
@@ -137,7 +101,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"table {path} is not a readable Parquet file: {exc}") from exc
-    target = target_column_of(data.task)
+    target = "target" if data.task == "regression" else "label"
     modalities = data.modalities
     missing = [c for c in (*ID_COLUMNS, target, *modalities) if c not in table.column_names]
     if missing:
@@ -180,11 +144,11 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         if subject_ids[i] is None or str(subject_ids[i]) == "":
             reject(i, "subject_id", "empty subject_id")
         if data.task == "regression":
-            problem = _target_problem(targets[i])
+            problem = _value_problem(targets[i], label=False)
             if problem:
                 reject(i, "target", f"target {problem} (expected a finite number)")
         else:
-            problem = _label_problem(targets[i])
+            problem = _value_problem(targets[i], label=True)
             if problem:
                 reject(i, "label", f"label {problem} (expected a non-negative integer class)")
     if data.task != "regression":
@@ -237,7 +201,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
 
 def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[int, str], reject) -> None:
     """The label set against the task: too many classes raise; rows with a class outside the range are bad."""
-    valid = [i for i in range(len(labels)) if _label_problem(labels[i]) is None]
+    valid = [i for i in range(len(labels)) if _value_problem(labels[i], label=True) is None]
     if not valid:
         return
     classes = {i: int(float(labels[i])) for i in valid}

@@ -110,17 +110,13 @@ def _decode_mono(path: Path, sr: int, start_s: float, end_s: float | None) -> tu
         for frame in container.decode(stream):
             if first_time is None:
                 first_time = (float(frame.time) - stream_start) if frame.time is not None else 0.0
-            for out in resampler.resample(frame):
-                chunk = out.to_ndarray().reshape(-1)
-                chunks.append(chunk)
-                have += len(chunk)
+            new = [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+            chunks += new
+            have += sum(len(chunk) for chunk in new)
             if end_s is not None and first_time + have / sr >= end_s + 0.1:
                 break
-        else:
-            for out in resampler.resample(None):
-                chunk = out.to_ndarray().reshape(-1)
-                chunks.append(chunk)
-                have += len(chunk)
+        else:  # the end of the stream: flush the resampler
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     return samples, first_time or 0.0
 
@@ -145,8 +141,7 @@ def extract_audio_clips(
             else:
                 if fps is None:
                     fps = video_fps(path)
-                rate = fps
-                windows.append((clip.start / rate, (clip.start + clip.length) / rate))
+                windows.append((clip.start / fps, (clip.start + clip.length) / fps))
         first = min(w[0] for w in windows)
         last = None if any(w[1] is None for w in windows) else max(w[1] for w in windows)  # type: ignore[type-var]
         samples, t0 = _decode_mono(path, sr, first, last)
@@ -166,22 +161,13 @@ def extract_audio_clips(
         else:
             n = int(round((end_s - start_s) * sr))
             i0 = int(round((start_s - t0) * sr))
+            problem = None
             if i0 < 0:
-                results.append(
-                    AudioFailure(
-                        clip.sample_id,
-                        f"file {path}: audio starts at {t0:.3f} s, after the clip start {start_s:.3f} s",
-                    )
-                )
-                continue
-            shortfall = end_s - track_end
-            if shortfall > MAX_SHORTFALL_S:
-                results.append(
-                    AudioFailure(
-                        clip.sample_id,
-                        f"file {path}: audio ends at {track_end:.3f} s, the clip needs {start_s:.3f}-{end_s:.3f} s",
-                    )
-                )
+                problem = f"file {path}: audio starts at {t0:.3f} s, after the clip start {start_s:.3f} s"
+            elif end_s - track_end > MAX_SHORTFALL_S:
+                problem = f"file {path}: audio ends at {track_end:.3f} s, the clip needs {start_s:.3f}-{end_s:.3f} s"
+            if problem:
+                results.append(AudioFailure(clip.sample_id, problem))
                 continue
             y = samples[i0 : i0 + n]
             padded = (n - len(y)) / sr

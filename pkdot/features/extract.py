@@ -1,15 +1,11 @@
 """Stage 1: feature extraction over a manifest, sharded on Ray, resumable, merged into aligned tables.
 
-Every (modality, shard of ``features.shard_size`` manifest rows) is one task that writes
-``RunDir.shards(modality)/shard-<i>-<key>.parquet`` atomically. The key hashes the shard's rows (with the
-identity of every recording they name), the modality's settings and its extractor's code, so a re-run redoes
-only the shards whose key changed. A shard file carries its summary (quarantined samples, detection counts,
-quality flags, timing) in its Parquet metadata. The shards are then merged, streaming, into
-``features/{faces,physio,audio}.parquet``, keeping the samples for which every modality succeeded (aligned on
-``sample_id``); ``extract_report.json`` is written last, so its presence marks a complete extraction.
-
-For the bring-your-own ``table`` data set each modality column of the Parquet file becomes
-``<column>.parquet`` with a ``vector`` float32 (D,) tensor, with the same validation and report, without shards.
+Each (modality, shard of ``features.shard_size`` rows) task writes ``shard-<i>-<key>.parquet`` atomically, its
+summary in the Parquet metadata; the key hashes the rows (with their recordings' identity), the modality's
+settings and its extractor's code, so a re-run redoes only changed shards. The shards are merged, streaming,
+into ``features/{faces,physio,audio}.parquet`` keeping the samples every modality succeeded on;
+``extract_report.json`` is written last and marks a complete extraction. A ``table`` data set's modality
+columns become ``<column>.parquet`` (``vector`` float32 (D,)) with the same checks and report, without shards.
 """
 
 from __future__ import annotations
@@ -141,27 +137,15 @@ class _ShardSummary:
     durations: dict[str, tuple[str, float]] = field(default_factory=dict)  # sample -> (recording, seconds)
     peak_rss_mb: float = 0.0  # peak resident memory of the process that extracted the shard
 
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> _ShardSummary:
-        return cls(**json.loads(text))
-
 
 # ---- planning -----------------------------------------------------------------------------------------------
-def _opt_int(v: Any) -> int | None:
-    return None if pd.isna(v) else int(v)
-
-
-def _opt_str(v: Any) -> str | None:
-    return None if pd.isna(v) or str(v) == "" else str(v)
-
-
-def _opt_path(v: Any) -> str | None:
-    """A recording path made absolute (relative paths are relative to the driver's working directory)."""
-    text = _opt_str(v)
-    return None if text is None else str(Path(text).expanduser().absolute())
+def _shard_value(column: str, value: Any) -> int | str | None:
+    """A manifest cell in a shard row: None, a frame number, or a path made absolute (on the driver)."""
+    if pd.isna(value) or str(value) == "":
+        return None
+    if column in ("start_frame", "num_frames"):
+        return int(value)
+    return str(Path(str(value)).expanduser().absolute())
 
 
 def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dict[str, Any]:
@@ -179,44 +163,29 @@ def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dic
 
 
 def shard_key(modality: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    """Hash of a shard: its rows (with the identity of every recording they name) and the settings.
-
-    A recording's identity is :func:`pkdot.rundir.file_identity` (content hash of a small file, size + mtime
-    of a large one), the same one the manifest's fingerprint uses.
-    """
-    stamped = []
-    for row in rows:
-        stamps = {c: file_identity(row[c]) for c in ("video_path", "physio_path", "audio_path") if c in row}
-        stamped.append({**row, "stamps": stamps})
+    """Hash of a shard: its rows, the :func:`pkdot.rundir.file_identity` of every recording they name, the settings."""
+    paths = ("video_path", "physio_path", "audio_path")
+    stamped = [{**row, "stamps": {c: file_identity(row[c]) for c in paths if c in row}} for row in rows]
     return hash_json({"modality": modality, "settings": settings, "rows": stamped})
 
 
 def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[ShardJob]:
     """Cut the manifest into shards of ``features.shard_size`` rows, one job per (modality, shard)."""
-    features = cfg.features
-    size = features.shard_size
+    size = cfg.features.shard_size
     records = manifest.to_dict("records")
     jobs: list[ShardJob] = []
     for modality in cfg.data.modalities:
-        settings = _modality_settings(features, modality, cfg.data.part)
+        settings = _modality_settings(cfg.features, modality, cfg.data.part)
         out_dir = RunDir(run_dir).shards(modality)
         for index, first in enumerate(range(0, len(records), size)):
-            rows = []
-            for rec in records[first : first + size]:
-                row: dict[str, Any] = {"sample_id": str(rec["sample_id"])}
-                for col in MODALITY_COLUMNS[modality]:
-                    row[col] = (
-                        _opt_int(rec.get(col))
-                        if col in ("start_frame", "num_frames")
-                        else _opt_path(rec.get(col))
-                    )
-                rows.append(row)
+            rows: list[dict[str, Any]] = [
+                {"sample_id": str(rec["sample_id"])}
+                | {col: _shard_value(col, rec.get(col)) for col in MODALITY_COLUMNS[modality]}
+                for rec in records[first : first + size]
+            ]
             key = shard_key(modality, rows, settings)
-            jobs.append(
-                ShardJob(
-                    modality, index, rows, key, out_dir / f"shard-{index:05d}-{key}.parquet", cfg.data.part
-                )
-            )
+            path = out_dir / f"shard-{index:05d}-{key}.parquet"
+            jobs.append(ShardJob(modality, index, rows, key, path, cfg.data.part))
     return jobs
 
 
@@ -232,16 +201,12 @@ def extract_shard(job: ShardJob, features: FeatureConfig) -> dict[str, Any]:
         job.modality
     ]
     results = extractor(job, features, summary)
-    out_rows = []
-    for row in job.rows:  # manifest order
-        sid = row["sample_id"]
-        if sid in results:
-            out_rows.append(results[sid])
-            summary.ok.append(sid)
+    summary.ok = [row["sample_id"] for row in job.rows if row["sample_id"] in results]  # manifest order
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    metadata = {SHARD_META_KEY: json.dumps(summary.__dict__)}
     write_table_atomic(
-        out_rows, MODALITY_SCHEMA[job.modality], job.path, metadata={SHARD_META_KEY: summary.to_json()}
+        [results[sid] for sid in summary.ok], MODALITY_SCHEMA[job.modality], job.path, metadata
     )
     return summary.__dict__
 
@@ -251,10 +216,8 @@ def _quarantine(summary: _ShardSummary, sample_id: str, reason: str) -> None:
     summary.quarantined.append({"sample_id": sample_id, "modality": summary.modality, "reason": reason})
 
 
-def _group_by(
-    rows: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], str]
-) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = {}
+def _group_by(rows: Iterable[dict], key: Callable[[dict], str]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(key(row), []).append(row)
     return groups
@@ -263,10 +226,10 @@ def _group_by(
 def _extract_faces_rows(job: ShardJob, features: FeatureConfig, summary: _ShardSummary) -> dict[str, dict]:
     detector = face_features.FaceDetector(features)
     results: dict[str, dict] = {}
-    with_video = [r for r in job.rows if r["video_path"] is not None]
     for row in job.rows:
         if row["video_path"] is None:
             _quarantine(summary, row["sample_id"], "the manifest gives no video_path")
+    with_video = (r for r in job.rows if r["video_path"] is not None)
     for path, rows in _group_by(with_video, lambda r: r["video_path"]).items():
         clips = [
             face_features.ClipRequest(
@@ -318,30 +281,23 @@ def _extract_physio_rows(job: ShardJob, features: FeatureConfig, summary: _Shard
         if outcome.features is None:
             _quarantine(summary, sid, outcome.reason or "unknown physio failure")
             continue
-        f = outcome.features
         if outcome.seconds is not None:
             summary.durations[sid] = (row["physio_path"], outcome.seconds)
+        f = outcome.features.__dict__
         results[sid] = {
-            "sample_id": sid,
-            **encode_tensor("window", f.window),
-            **encode_tensor("spectrogram", f.spectrogram),
-            "channels": f.channels,
-            "eda_level": f.eda_level,
-            "eda_slope": f.eda_slope,
-            "heart_rate": f.heart_rate,
-            "emg_rms": f.emg_rms,
+            **f,
+            **encode_tensor("window", f["window"]),
+            **encode_tensor("spectrogram", f["spectrogram"]),
         }
     return results
 
 
 def _extract_audio_rows(job: ShardJob, features: FeatureConfig, summary: _ShardSummary) -> dict[str, dict]:
     results: dict[str, dict] = {}
-    with_media = []
     for row in job.rows:
         if (row["audio_path"] or row["video_path"]) is None:
             _quarantine(summary, row["sample_id"], "the manifest gives neither audio_path nor video_path")
-        else:
-            with_media.append(row)
+    with_media = (r for r in job.rows if (r["audio_path"] or r["video_path"]) is not None)
     for _, rows in _group_by(with_media, lambda r: f"{r['audio_path']}|{r['video_path']}").items():
         media = rows[0]["audio_path"] or rows[0]["video_path"]
         fps: float | None = None
@@ -402,7 +358,7 @@ def _existing_summary(job: ShardJob) -> dict[str, Any] | None:
         return None
     try:
         meta = pq.read_schema(job.path).metadata or {}
-        return _ShardSummary.from_json(meta[SHARD_META_KEY.encode()]).__dict__
+        return _ShardSummary(**json.loads(meta[SHARD_META_KEY.encode()])).__dict__
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowInvalid) as exc:
         logger.warning("shard file %s is unreadable (%s); extracting it again", job.path, exc)
         return None
@@ -411,22 +367,15 @@ def _existing_summary(job: ShardJob) -> dict[str, Any] | None:
 def _run_jobs(
     jobs: list[ShardJob], cfg: RunConfig, workers: int, use_ray: bool, progress: bool
 ) -> list[dict[str, Any]]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich import progress as rp
 
     summaries: list[dict[str, Any]] = []
-    with Progress(
-        TextColumn("[bold]extract {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
+    with rp.Progress(
+        rp.TextColumn("[bold]extract {task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TimeElapsedColumn(),
+        rp.TimeRemainingColumn(),
         disable=not progress,
         transient=False,
     ) as bar:
@@ -477,42 +426,25 @@ def _run_jobs(
     return summaries
 
 
-def _merge(jobs: list[ShardJob], modality: str, keep: set[str], out: Path, audio_frames: int | None) -> int:
-    """Stream the shards of a modality into ``out`` (temp name), keeping the samples in ``keep``."""
+def _merge(jobs: list[ShardJob], modality: str, keep: set[str], out: Path, audio_frames: int | None) -> None:
+    """Stream the shards of a modality into ``out`` (temp name), keeping the samples in ``keep``, in row groups
+    of :data:`ROW_GROUP_SIZE`."""
     schema = MODALITY_SCHEMA[modality]
     keep_array = pa.array(sorted(keep), type=pa.string())
-    written = 0
-    pending: list[pa.Table] = []
-    pending_rows = 0
+    pending = schema.empty_table()  # rows not written yet (fewer than a row group)
     with pq.ParquetWriter(out, schema) as writer:
-
-        def flush(final: bool) -> None:
-            nonlocal pending, pending_rows, written
-            if not pending:
-                return
-            table = pa.concat_tables(pending)
-            while table.num_rows >= ROW_GROUP_SIZE or (final and table.num_rows):
-                head = table.slice(0, ROW_GROUP_SIZE)
-                writer.write_table(head, row_group_size=ROW_GROUP_SIZE)
-                written += head.num_rows
-                table = table.slice(head.num_rows)
-            pending, pending_rows = ([table], table.num_rows) if table.num_rows else ([], 0)
-
         for job in (j for j in jobs if j.modality == modality):
-            pf = pq.ParquetFile(job.path)
-            for batch in pf.iter_batches(batch_size=ROW_GROUP_SIZE):
+            for batch in pq.ParquetFile(job.path).iter_batches(batch_size=ROW_GROUP_SIZE):
                 table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
                 table = table.filter(pc.is_in(table.column("sample_id"), value_set=keep_array))
-                if table.num_rows == 0:
-                    continue
-                if modality == "audio" and audio_frames is not None:
+                if modality == "audio" and audio_frames is not None and table.num_rows:
                     table = _pad_audio(table, audio_frames)
-                pending.append(table.cast(schema))
-                pending_rows += table.num_rows
-                if pending_rows >= ROW_GROUP_SIZE:
-                    flush(final=False)
-        flush(final=True)
-    return written
+                pending = pa.concat_tables([pending, table.cast(schema)])
+                while pending.num_rows >= ROW_GROUP_SIZE:
+                    writer.write_table(pending.slice(0, ROW_GROUP_SIZE), row_group_size=ROW_GROUP_SIZE)
+                    pending = pending.slice(ROW_GROUP_SIZE)
+        if pending.num_rows:
+            writer.write_table(pending, row_group_size=ROW_GROUP_SIZE)
 
 
 def _pad_audio(table: pa.Table, frames: int) -> pa.Table:
@@ -527,13 +459,14 @@ def _pad_audio(table: pa.Table, frames: int) -> pa.Table:
 
 def _audio_frames(jobs: list[ShardJob], keep: set[str]) -> int | None:
     """The common T of the audio rows: the longest log-mel among the samples kept."""
-    longest = None
-    for job in (j for j in jobs if j.modality == "audio"):
-        t = pq.read_table(job.path, columns=["sample_id", "logmel_shape"]).to_pydict()
-        for sid, shape in zip(t["sample_id"], t["logmel_shape"], strict=True):
-            if sid in keep:
-                longest = shape[1] if longest is None else max(longest, shape[1])
-    return longest
+    lengths = [
+        row["logmel_shape"][1]
+        for job in jobs
+        if job.modality == "audio"
+        for row in pq.read_table(job.path, columns=["sample_id", "logmel_shape"]).to_pylist()
+        if row["sample_id"] in keep
+    ]
+    return max(lengths, default=None)
 
 
 def run_extract(
@@ -544,25 +477,13 @@ def run_extract(
     workers: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Extract the modalities ``cfg.data.modalities`` of every manifest row into ``run_dir/features/``.
+    """Extract ``cfg.data.modalities`` of every manifest row into ``run_dir/features/``; returns the report
+    (also written to ``extract_report.json``), or raises :class:`FeatureError` after writing it when no sample
+    has every modality.
 
-    Parameters
-    ----------
-    cfg : the run configuration (``cfg.features`` settings, ``cfg.data`` modalities/part, ``cfg.ray_address``).
-    manifest : one row per sample (:mod:`pkdot.data.manifest` columns).
-    run_dir : the run directory; writes ``features/{faces,physio,audio}.parquet`` (or ``<column>.parquet``
-        for table data), ``features/shards/`` and ``features/extract_report.json``.
-    workers : shard tasks in flight (default ``cfg.features.workers``). Ray is used unless ``workers == 1``
-        with no cluster address, in which case shards run in this process.
-    progress : show a progress bar over samples.
-
-    On a Ray cluster, the recordings and ``run_dir`` must be on storage every node sees (workers write the
-    shard files themselves; only small summaries travel back to the driver).
-
-    Returns
-    -------
-    The report dict (also written to ``extract_report.json``). Raises :class:`FeatureError` (after writing
-    the report) when no sample has every modality.
+    ``workers``: shard tasks in flight (default ``cfg.features.workers``); with 1 and no cluster address the
+    shards run in this process, else on Ray, where the recordings and ``run_dir`` must be on storage every node
+    sees (workers write the shard files; only small summaries travel back). ``progress``: a bar over samples.
     """
     run_dir = Path(run_dir).resolve()  # Ray workers may run in another directory
     rd = RunDir(run_dir)
@@ -589,21 +510,17 @@ def run_extract(
     _check_durations(cfg, summaries)
 
     modalities = list(cfg.data.modalities)
-    ok: dict[str, set[str]] = {m: set() for m in modalities}
-    for s in summaries:
-        ok[s["modality"]].update(s["ok"])
     order = manifest["sample_id"].astype(str).tolist()
-    keep = [sid for sid in order if all(sid in ok[m] for m in modalities)]
+    report, keep = _build_report(cfg, summaries, modalities, order, workers, use_ray)
     keep_set = set(keep)
-    report = _build_report(cfg, summaries, modalities, order, keep, workers, use_ray)
     if report["quarantined"]:  # on the driver: shards on Ray workers log their own lines only there
         first = report["quarantined"][0]
         logger.warning(
             "extract: %d sample(s) quarantined (first: %s, %s: %s); every reason is in %s",
             len(report["quarantined"]),
-            first.get("sample_id"),
-            first.get("modality"),
-            first.get("reason"),
+            first["sample_id"],
+            first["modality"],
+            first["reason"],
             report_path,
         )
     if not keep:
@@ -684,72 +601,67 @@ def _build_report(
     summaries: list[dict[str, Any]],
     modalities: list[str],
     order: list[str],
-    keep: list[str],
     workers: int,
     use_ray: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[str]]:
+    """The extraction report and the samples (manifest ``order``) that every modality extracted."""
     summaries = sorted(summaries, key=lambda s: (modalities.index(s["modality"]), s["index"]))
+    by_modality = {m: [s for s in summaries if s["modality"] == m] for m in modalities}
+    ok = {m: {sid for s in group for sid in s["ok"]} for m, group in by_modality.items()}
+    keep = [sid for sid in order if all(sid in ok[m] for m in modalities)]
     quarantined = [q for s in summaries for q in s["quarantined"]]
-    counts = {
-        m: {
-            "ok": sum(len(s["ok"]) for s in summaries if s["modality"] == m),
-            "quarantined": sum(len(s["quarantined"]) for s in summaries if s["modality"] == m),
-        }
-        for m in modalities
-    }
-    keep_set = set(keep)
     failed_in: dict[str, list[str]] = defaultdict(list)
     for q in quarantined:
         failed_in[q["sample_id"]].append(q["modality"])
-    not_written = [
-        {"sample_id": sid, "failed_modalities": failed_in[sid]} for sid in order if sid not in keep_set
-    ]
     sampled = sum(s["sampled_frames"] for s in summaries)
     detected = sum(s["detected_frames"] for s in summaries)
     lost = {sid: n for s in summaries for sid, n in s["lost_frames"].items()}
     quality = {sid: q for s in summaries for sid, q in s["quality"].items()}
-    flag_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    flag_counts: dict[str, dict[str, int]] = {}
     for per_channel in quality.values():
         for ch, q in per_channel.items():
             for flag in q["flags"]:
-                flag_counts[ch][flag] += 1
-    per_mod_shards = {
+                flag_counts.setdefault(ch, {})[flag] = flag_counts.get(ch, {}).get(flag, 0) + 1
+    shards = {
         m: {
-            "total": sum(1 for s in summaries if s["modality"] == m),
-            "done": sum(1 for s in summaries if s["modality"] == m and not s.get("skipped")),
-            "skipped": sum(1 for s in summaries if s["modality"] == m and s.get("skipped")),
+            "total": len(g),
+            "done": sum(not s.get("skipped") for s in g),
+            "skipped": sum(bool(s.get("skipped")) for s in g),
         }
-        for m in modalities
+        for m, g in by_modality.items()
     }
-    return {
+    report = {
         "dataset": cfg.data.dataset,
         "modalities": modalities,
         "n_manifest": len(order),
         "n_written": len(keep),
-        "counts": counts,
+        "counts": {
+            m: {"ok": sum(len(s["ok"]) for s in g), "quarantined": sum(len(s["quarantined"]) for s in g)}
+            for m, g in by_modality.items()
+        },
         "quarantined": quarantined,
-        "not_written": not_written,
+        "not_written": [
+            {"sample_id": sid, "failed_modalities": failed_in[sid]} for sid in order if sid not in set(keep)
+        ],
         "face_detection_rate": (detected / sampled) if sampled else None,
         "sampled_frames": sampled,
         "detected_frames": detected,
         "lost_frames": {"total": int(sum(lost.values())), "per_sample": lost},
-        "physio_quality": {
-            "flag_counts": {ch: dict(v) for ch, v in flag_counts.items()},
-            "per_sample": quality,
-        },
+        "physio_quality": {"flag_counts": flag_counts, "per_sample": quality},
         "audio": {
             "padded_s": {sid: v for s in summaries for sid, v in s["audio_padded_s"].items()},
             "silent": [sid for s in summaries for sid in s["silent"]],
         },
         "shards_total": len(summaries),
-        "shards_done": sum(v["done"] for v in per_mod_shards.values()),
-        "shards_skipped": sum(v["skipped"] for v in per_mod_shards.values()),
-        "shards": per_mod_shards,
+        "shards_done": sum(v["done"] for v in shards.values()),
+        "shards_skipped": sum(v["skipped"] for v in shards.values()),
+        "shards": shards,
         "shard_size": cfg.features.shard_size,
         "worker_peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in summaries), default=0.0),
         "workers": workers,
         "ray": use_ray,
     }
+    return report, keep
 
 
 def _remove_stale_shards(shards_dir: Path, jobs: list[ShardJob]) -> None:
@@ -785,12 +697,10 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
                 f"{root}: column {m!r} has type {schema.field(m).type}; expected a list of numbers per row"
             )
     order = manifest["sample_id"].astype(str).tolist()
-    ids = [str(s) for s in pf.read(columns=["sample_id"]).column("sample_id").to_pylist()]
-    row_of: dict[str, int] = {}
-    for i, sid in enumerate(ids):
-        if sid in row_of:
-            raise DatasetError(f"{root}: sample_id {sid!r} appears more than once")
-        row_of[sid] = i
+    ids = pf.read(columns=["sample_id"]).column("sample_id").to_pandas().astype(str)
+    if ids.duplicated().any():
+        raise DatasetError(f"{root}: sample_id {ids[ids.duplicated()].iloc[0]!r} appears more than once")
+    row_of = dict(zip(ids, range(len(ids)), strict=True))
     at = np.array([row_of.get(sid, -1) for sid in order])
     dims: dict[str, int] = {}
     reasons: dict[str, dict[str, str]] = {m: {} for m in modalities}
@@ -803,19 +713,17 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
             )
             if problem:
                 reasons[m][sid] = f"{root}: column {m!r}: {problem}"
-    ok = {m: {sid for sid in order if sid not in reasons[m]} for m in modalities}
-    keep = [sid for sid in order if all(sid in ok[m] for m in modalities)]
-    keep_set = set(keep)
     summaries = [
         {
             **_ShardSummary(m, 0, "table", rows=len(order)).__dict__,
-            "ok": sorted(ok[m]),
+            "ok": [sid for sid in order if sid not in reasons[m]],
             "quarantined": [{"sample_id": sid, "modality": m, "reason": r} for sid, r in reasons[m].items()],
             "skipped": False,
         }
         for m in modalities
     ]
-    report = _build_report(cfg, summaries, modalities, order, keep, workers=1, use_ray=False)
+    report, keep = _build_report(cfg, summaries, modalities, order, workers=1, use_ray=False)
+    keep_set = set(keep)
     report.update(
         {"shards_total": 0, "shards_done": 0, "shards_skipped": 0, "shards": {}, "vector_dims": dims}
     )
@@ -835,17 +743,15 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
         }
         for batch in pf.iter_batches(batch_size=ROW_GROUP_SIZE, columns=["sample_id", *modalities]):
             d = batch.to_pydict()
-            rows: dict[str, list[dict]] = {m: [] for m in modalities}
-            for i, sid in enumerate(map(str, d["sample_id"])):
-                if sid in keep_set:
-                    for m in modalities:
-                        vector = np.asarray(d[m][i], dtype=np.float32)
-                        rows[m].append({"sample_id": sid, **encode_tensor("vector", vector)})
+            kept = [(i, sid) for i, sid in enumerate(map(str, d["sample_id"])) if sid in keep_set]
             for m in modalities:
-                if rows[m]:
-                    writers[m].write_table(
-                        pa.Table.from_pylist(rows[m], schema=VECTOR_SCHEMA), row_group_size=ROW_GROUP_SIZE
-                    )
+                rows = [
+                    {"sample_id": sid, **encode_tensor("vector", np.asarray(d[m][i], np.float32))}
+                    for i, sid in kept
+                ]
+                if rows:
+                    table = pa.Table.from_pylist(rows, schema=VECTOR_SCHEMA)
+                    writers[m].write_table(table, row_group_size=ROW_GROUP_SIZE)
     report["time_s"] = {"total": round(time.perf_counter() - t_start, 3)}
     report["tables"] = {m: str(rd.feature_table(m)) for m in modalities}
     atomic_write_json(report_path, report, indent=2)

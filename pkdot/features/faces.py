@@ -1,10 +1,9 @@
 """Face crops from video clips or face-crop folders: decode, sample TSN-style, detect, track, crop, resize.
 
-Each clip gives ``T = n_frames`` frames, the middle one of each of ``T`` equal segments; only those are decoded
-(:func:`decode_frames` seeks to key frames). The detector (Haar, or YuNet) searches the whole frame, downscaled
-so a ``features.min_face_px`` face spans its smallest window, then tracks the face (:func:`track_faces`); boxes
-are filled, smoothed (:func:`smooth_boxes`) and cropped square (:func:`crop_face`). Face-crop folders
-(:func:`extract_folder_clips`) need no detection: sampled frame ``i`` is file ``i + 1``.
+A clip gives ``T = n_frames`` frames, the middle one of each of ``T`` equal segments, the only ones decoded. The
+detector (Haar or YuNet) searches the frame downscaled so a ``features.min_face_px`` face spans its smallest
+window, then tracks the face; boxes are filled, smoothed and cropped square. Face-crop folders need no
+detection: sampled frame ``i`` is file ``i + 1``.
 """
 
 from __future__ import annotations
@@ -211,10 +210,7 @@ def face_side(sample_id: str, source: str | Path) -> str | None:
     when the ``source`` is named after the annotation (it holds one person)."""
     stem = str(sample_id).rsplit("@", 1)[0]
     match = _SIDE.search(stem)
-    if match is None:
-        return None
-    src = Path(source)
-    if src.stem == stem or src.name == stem:
+    if match is None or stem in (Path(source).stem, Path(source).name):
         return None
     return match.group(1)
 
@@ -323,14 +319,10 @@ class FaceDetector:
         return np.concatenate([large.reshape(-1, 4), small.reshape(-1, 4)])
 
     def detect_near(self, rgb: Image, box: Sequence[float]) -> np.ndarray:
-        """Faces within ``TRACK_PAD`` box widths of ``box`` and 0.6-1.6 times its width: (K, 4) source pixels."""
+        """Faces in the tracking window of ``box``, 0.6-1.6 times its width: (K, 4) source pixels."""
         self.local_searches += 1
-        x, y, w, h = (float(v) for v in box)
-        side = max(w, h)
-        pad = TRACK_PAD * side
-        height, width = rgb.shape[:2]
-        x0, y0 = max(0, int(x - pad)), max(0, int(y - pad))
-        x1, y1 = min(width, int(np.ceil(x + w + pad))), min(height, int(np.ceil(y + h + pad)))
+        side = max(float(box[2]), float(box[3]))
+        x0, y0, x1, y1 = _track_window(rgb, box)
         if x1 - x0 < self.min_px or y1 - y0 < self.min_px:
             return np.zeros((0, 4))
         scale = min(1.0, self.min_px / (TRACK_MIN_SCALE * side))
@@ -359,11 +351,7 @@ class FaceDetector:
         """``box`` moved to the best template match in the tracking window, or None below
         :data:`TEMPLATE_MIN_SCORE`."""
         self.template_tracks += 1
-        x, y, w, h = (float(v) for v in box)
-        pad = TRACK_PAD * max(w, h)
-        height, width = image.shape[:2]
-        x0, y0 = max(0, int(x - pad)), max(0, int(y - pad))
-        x1, y1 = min(width, int(np.ceil(x + w + pad))), min(height, int(np.ceil(y + h + pad)))
+        x0, y0, x1, y1 = _track_window(image, box)
         scale = self._template_scale(box)
         size = (round((x1 - x0) * scale), round((y1 - y0) * scale))
         if size[0] < template.shape[1] or size[1] < template.shape[0]:
@@ -373,15 +361,21 @@ class FaceDetector:
         _, best, _, (mx, my) = cv2.minMaxLoc(scores)
         if not np.isfinite(best) or best < TEMPLATE_MIN_SCORE:
             return None
-        return x0 + mx / scale, y0 + my / scale, w, h
+        return x0 + mx / scale, y0 + my / scale, float(box[2]), float(box[3])
 
     def detect(self, rgb: Image) -> Box | None:
         """The largest face on the whole frame, or None."""
-        boxes = self.detect_all(rgb)
-        if len(boxes) == 0:
-            return None
-        x, y, w, h = boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
-        return float(x), float(y), float(w), float(h)
+        return choose_face(self.detect_all(rgb), rgb.shape[1])
+
+
+def _track_window(image: Image, box: Sequence[float]) -> tuple[int, int, int, int]:
+    """The tracking search region ``(x0, y0, x1, y1)``: ``box`` widened by ``TRACK_PAD`` box widths per side,
+    inside the frame."""
+    x, y, w, h = (float(v) for v in box)
+    pad = TRACK_PAD * max(w, h)
+    height, width = image.shape[:2]
+    x0, y0 = max(0, int(x - pad)), max(0, int(y - pad))
+    return x0, y0, min(width, int(np.ceil(x + w + pad))), min(height, int(np.ceil(y + h + pad)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -466,10 +460,7 @@ def smooth_boxes(detections: Sequence[Box | None], smoothing: float) -> tuple[np
     if not detected.any():
         raise FeatureError("no face box to track: the face was not found in any frame")
     good = np.flatnonzero(detected)
-    raw = np.array(
-        [detections[i] if detections[i] is not None else (0, 0, 0, 0) for i in range(len(detections))],
-        dtype=np.float64,
-    )
+    raw = np.array([(0, 0, 0, 0) if d is None else d for d in detections], dtype=np.float64)
     for i in np.flatnonzero(~detected):
         raw[i] = raw[good[np.argmin(np.abs(good - i))]]
     smoothed = np.empty_like(raw)
@@ -616,21 +607,13 @@ def _plan_clips(
     for clip in clips:
         length = total - clip.start if clip.length is None else clip.length
         if clip.start < 0 or length < 1:
-            plans.append(
-                ClipFailure(
-                    clip.sample_id, f"video {path}: clip window start {clip.start}, length {length} is empty"
-                )
-            )
+            reason = f"video {path}: clip window start {clip.start}, length {length} is empty"
+        elif clip.start + length > total:
+            reason = f"video {path} has {total} frames; clip window {clip.start}..{clip.start + length} runs past its end"
+        else:
+            plans.append(_PendingClip(clip, sample_indices(length, n_frames, clip.start)))
             continue
-        if clip.start + length > total:
-            plans.append(
-                ClipFailure(
-                    clip.sample_id,
-                    f"video {path} has {total} frames; clip window {clip.start}..{clip.start + length} runs past its end",
-                )
-            )
-            continue
-        plans.append(_PendingClip(clip, sample_indices(length, n_frames, clip.start)))
+        plans.append(ClipFailure(clip.sample_id, reason))
     return plans, total, fps
 
 
@@ -678,10 +661,9 @@ def decode_frames(path: str | Path, needed: Sequence[int]) -> Iterator[tuple[int
             return
         except _SeekMismatch as exc:
             logger.debug("seeking in %s failed (%s); decoding from the start", path, exc)
-    rest = [i for i in needed if i not in done]
-    if not rest:
+    wanted = set(needed) - done
+    if not wanted:
         return
-    wanted = set(rest)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = DECODE_THREAD_TYPE
@@ -749,33 +731,22 @@ def index_frame_folder(folder: str | Path) -> dict[int, Path]:
     return index
 
 
-def _read_rgb(path: Path) -> np.ndarray | None:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def extract_folder_clips(
     folder: str | Path, clips: Sequence[ClipRequest], features: FeatureConfig
 ) -> Iterator[FaceClip | ClipFailure]:
     """Face crops for every clip of one face-crop folder: frame ``i`` is file ``i + 1`` (missing = no face),
     resized to ``crop_size``, box = the image's extent; a :class:`ClipFailure` when no image can be used."""
     folder = Path(folder)
-    if not folder.is_dir():
-        for clip in clips:
-            yield ClipFailure(clip.sample_id, f"frame folder {folder} does not exist")
-        return
     try:
+        if not folder.is_dir():
+            raise FeatureError(f"frame folder {folder} does not exist")
         files = index_frame_folder(folder)
-    except (FeatureError, OSError) as exc:
-        for clip in clips:
-            yield ClipFailure(clip.sample_id, str(exc))
-        return
-    if not files:
-        for clip in clips:
-            yield ClipFailure(
-                clip.sample_id,
-                f"frame folder {folder} has no frame images (expected <frame number>{'/'.join(IMAGE_SUFFIXES)})",
+        if not files:
+            raise FeatureError(
+                f"frame folder {folder} has no frame images (expected <frame number>{'/'.join(IMAGE_SUFFIXES)})"
             )
+    except (FeatureError, OSError) as exc:
+        yield from (ClipFailure(clip.sample_id, str(exc)) for clip in clips)
         return
     last = max(files)
     size = features.crop_size
@@ -795,10 +766,11 @@ def extract_folder_clips(
             path = files.get(i + 1)
             if path is None:
                 continue
-            rgb = _read_rgb(path)
-            if rgb is None:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
                 failure = f"frame folder {folder}: {path.name} is not a readable image"
                 break
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             sizes[i] = (rgb.shape[1], rgb.shape[0])
             interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
             crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)

@@ -143,8 +143,12 @@ def check_settings(features: FeatureConfig, part: str) -> None:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
-def detect_delimiter(path: Path) -> str:
-    """The field separator of a CSV from its header line: tab, comma, semicolon or whitespace."""
+def read_biosignals(path: str | Path) -> pd.DataFrame:
+    """Read a biosignal CSV (delimiter from the header line: tab, comma, semicolon or whitespace) into a frame
+    with lower-case, stripped column names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"biosignal file {path} does not exist")
     try:
         with open(path, newline="") as fh:
             header = fh.readline()
@@ -157,15 +161,6 @@ def detect_delimiter(path: Path) -> str:
         raise FeatureError(
             f"biosignal file {path}: cannot tell the delimiter of the header {header.strip()!r}"
         )
-    return delimiter
-
-
-def read_biosignals(path: str | Path) -> pd.DataFrame:
-    """Read a biosignal CSV (delimiter detected) into a frame with lower-case, stripped column names."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeatureError(f"biosignal file {path} does not exist")
-    delimiter = detect_delimiter(path)
     sep = r"\s+" if delimiter == " " else delimiter
     try:
         frame = pd.read_csv(path, sep=sep, engine="c" if sep != r"\s+" else "python")

@@ -73,10 +73,6 @@ def encode_tensor(name: str, array: np.ndarray) -> dict[str, object]:
     return {name: arr.tobytes(), f"{name}_shape": list(arr.shape), f"{name}_dtype": arr.dtype.name}
 
 
-def decode_tensor(raw: bytes, shape: Sequence[int], dtype: str) -> np.ndarray:
-    return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(tuple(shape))
-
-
 def write_table_atomic(
     rows: list[dict], schema: pa.Schema, path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
@@ -112,7 +108,7 @@ def iter_tensors(
     for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
         d = batch.to_pydict()
         arrays = [
-            decode_tensor(r, s, t)
+            np.frombuffer(r, dtype=np.dtype(t)).reshape(tuple(s))
             for r, s, t in zip(d[column], d[f"{column}_shape"], d[f"{column}_dtype"], strict=True)
         ]
         yield d["sample_id"], np.stack(arrays) if arrays else np.empty((0,))
