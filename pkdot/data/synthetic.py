@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import av
 import cv2
@@ -82,6 +83,8 @@ def write_synthetic(
     fps: int = 25,
     coupling: float = 1.0,
     progress: bool = True,
+    classes: Sequence[str] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write a synthetic data set in the real layout of ``kind`` under ``out`` (an empty directory); returns ``out``.
 
@@ -89,6 +92,8 @@ def write_synthetic(
     ``samples_per_class``: Biovid windows per class per subject; ``videos_per_subject``: Aff-Wild2 videos per
     person, 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``); ``coupling`` in [0, 1]: how much the
     privileged modality and the face share one latent response (0 = independent given the label).
+    ``classes``: the Biovid classes to write (default all five; each window's draws are its own, so the windows
+    written are the same as in the full set); ``workers``: processes writing Biovid subjects (same files).
     """
     out = Path(out)
     if kind not in ("biovid", "affwild2"):
@@ -107,8 +112,15 @@ def write_synthetic(
             raise ConfigError(f"synth.samples_per_class must be >= 1, got {samples_per_class}")
         if part not in BIOVID_CHANNELS:
             raise ConfigError(f"data.part must be 'A' or 'B', got {part!r}")
-        _write_biovid(out, subjects, seed, samples_per_class, part, frame_size, fps, coupling, progress)
+        keep = list(BIOVID_CLASSES if classes is None else classes)
+        if unknown := sorted(set(keep) - set(BIOVID_CLASSES)):
+            raise ConfigError(f"synthetic Biovid classes {unknown}: expected some of {BIOVID_CLASSES}")
+        _write_biovid(
+            out, subjects, seed, samples_per_class, part, frame_size, fps, coupling, progress, keep, workers
+        )
     else:
+        if classes is not None:
+            raise ConfigError("synthetic Aff-Wild2 has no classes to choose (valence/arousal tracks)")
         if subjects < 2:
             raise ConfigError(
                 f"synth.subjects must be >= 2 for Aff-Wild2 (train and validation), got {subjects}"
@@ -348,6 +360,112 @@ def _biovid_physio(
     return signals
 
 
+@dataclass(frozen=True)
+class _BiovidSubject:
+    """What one synthetic Biovid subject's windows are drawn from (one job of the writer's process pool)."""
+
+    out: Path
+    s_idx: int
+    name: str
+    expressiveness: float
+    reactivity: float
+    seed: int
+    per_class: int
+    part: str
+    frame_size: int
+    fps: int
+    coupling: float
+    noise: np.ndarray
+    keep: tuple[str, ...]
+
+
+def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
+    """Write one subject's windows; returns its ``samples.csv`` rows (``{id}`` left to fill) and truth rows."""
+    out, s_idx, name, seed, fps, keep = job.out, job.s_idx, job.name, job.seed, job.fps, job.keep
+    coupling, part = job.coupling, job.part
+    n_frames = int(round(BIOVID_SECONDS * fps))
+    n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
+    time_us = np.round(np.arange(n_bio) * 1e6 / BIOVID_FS).astype(np.int64)
+    channels = BIOVID_CHANNELS[part]
+    noise = job.noise
+    srng = np.random.default_rng([seed, 2, s_idx])
+    look = draw_subject_look(srng, job.expressiveness)
+    renderer = FaceRenderer(look, job.frame_size)
+    subject = {
+        "reactivity": job.reactivity,
+        "hr0": srng.uniform(58, 85),
+        "hr_gain": srng.uniform(5, 12),
+        "ecg_amp": srng.uniform(0.6, 1.4),
+        "eda0": srng.uniform(2.0, 12.0),
+        "eda_gain": srng.uniform(0.4, 1.2),
+        "emg0": srng.uniform(3.0, 10.0),
+        "emg_gain": srng.uniform(0.5, 1.5),
+    }
+    session = [(c, k) for k in range(job.per_class) for c in range(len(BIOVID_CLASSES))]
+    order = srng.permutation(len(session))
+    responses = draw_biovid_responses(
+        np.random.default_rng([seed, 4, s_idx]), np.array([c for c, _ in session]), coupling
+    )
+    rows: list[str] = []
+    truth: list[dict] = []
+    for position, idx in enumerate(order):
+        class_id, _ = session[int(idx)]
+        class_name = BIOVID_CLASSES[class_id]
+        if class_name not in keep:  # its draws are its own (seeded by the sample): the others are unchanged
+            continue
+        sample_name = f"{name}-{class_name}-{position + 1:03d}"
+        prng = np.random.default_rng([seed, 3, s_idx, int(idx)])
+        onset = float(prng.uniform(0.8, 1.8))
+        face_response = float(responses["face_response"][idx])
+        physio_response = float(responses["physio_response"][idx])
+        raw_intensity = FACE_GAIN * look.expressiveness * FACE_LEVEL[class_id] * face_response
+        intensity = FACE_MAX_INTENSITY * float(np.tanh(raw_intensity / FACE_MAX_INTENSITY))
+        level = PHYSIO_LEVEL[class_id] * subject["reactivity"] * physio_response
+        t = np.arange(n_frames) / fps
+        ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
+        ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))
+        expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
+        for unit, weight in PAIN_DISPLAY.items():
+            expr[:, _UNIT[unit]] = weight * intensity * ramp
+        # label-free nuisances: a frown of concentration in some windows, small movements, blinks
+        if prng.uniform() < 0.25:
+            frown = look.expressiveness * prng.uniform(0.2, 0.5)
+            bump = np.exp(-0.5 * ((t - prng.uniform(0.0, BIOVID_SECONDS)) / prng.uniform(0.4, 1.0)) ** 2)
+            expr[:, _UNIT["brow_lower"]] += frown * bump
+            expr[:, _UNIT["eye_narrow"]] += 0.6 * frown * bump
+        for unit in ("mouth_corner_up", "brow_raise"):
+            expr[:, _UNIT[unit]] += 0.2 * gaussian_filter1d(prng.normal(0, 1, n_frames), fps * 0.6) / 0.3
+        expr[:, _UNIT["eye_narrow"]] = np.minimum(
+            expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
+        )
+        frames, boxes = _render(renderer, prng, expr, fps, noise)
+        video_rel = Path("video") / name / f"{sample_name}.mp4"
+        _write_video_cv2(out / video_rel, frames, fps)
+        signals = _biovid_physio(prng, subject, level, onset, expr[:, _UNIT["brow_lower"]], fps, part)
+        bio_path = out / "biosignals_filtered" / name / f"{sample_name}_bio.csv"
+        _write_bio_csv(bio_path, time_us, {ch: signals[ch] for ch in channels})
+        rows.append(f"{s_idx}\t{name}\t{class_id}\t{class_name}\t{{id}}\t{sample_name}")
+        truth.append(
+            {
+                "sample_id": sample_name,
+                "subject_id": name,
+                "expressiveness": look.expressiveness,
+                "reactivity": subject["reactivity"],
+                "class_id": class_id,
+                "coupling": float(coupling),
+                "shared_response": float(responses["shared_response"][idx]),
+                "face_response": face_response,
+                "physio_response": physio_response,
+                "face_intensity": intensity,
+                "physio_level": level,
+                "onset_s": onset,
+                "video": video_rel.as_posix(),
+                "boxes": boxes.tolist(),
+            }
+        )
+    return rows, truth
+
+
 def _write_biovid(
     out: Path,
     subjects: int,
@@ -358,105 +476,50 @@ def _write_biovid(
     fps: int,
     coupling: float,
     progress: bool,
+    classes: Sequence[str],
+    workers: int,
 ) -> None:
     rng = np.random.default_rng([seed, 1])
     names = _subject_names(rng, subjects)
     expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = _spread(rng, subjects, 0.4, 1.0)
-    n_frames = int(round(BIOVID_SECONDS * fps))
-    n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
-    time_us = np.round(np.arange(n_bio) * 1e6 / BIOVID_FS).astype(np.int64)
     noise = _noise_bank(rng, frame_size)
-    channels = BIOVID_CHANNELS[part]
+    jobs = [
+        _BiovidSubject(
+            out, s_idx, name, float(expressiveness[s_idx]), float(reactivity[s_idx]), seed, per_class, part,
+            frame_size, fps, coupling, noise, tuple(classes),
+        )
+        for s_idx, name in enumerate(names)
+    ]  # fmt: skip
     sample_rows: list[str] = ["subject_id\tsubject_name\tclass_id\tclass_name\tsample_id\tsample_name"]
     truth: list[dict] = []
-    sample_counter = 0
-    with _progress_bar(progress, subjects * per_class * len(BIOVID_CLASSES), "synthetic Biovid") as advance:
-        for s_idx, name in enumerate(names):
-            srng = np.random.default_rng([seed, 2, s_idx])
-            look = draw_subject_look(srng, float(expressiveness[s_idx]))
-            renderer = FaceRenderer(look, frame_size)
-            subject = {
-                "reactivity": float(reactivity[s_idx]),
-                "hr0": srng.uniform(58, 85),
-                "hr_gain": srng.uniform(5, 12),
-                "ecg_amp": srng.uniform(0.6, 1.4),
-                "eda0": srng.uniform(2.0, 12.0),
-                "eda_gain": srng.uniform(0.4, 1.2),
-                "emg0": srng.uniform(3.0, 10.0),
-                "emg_gain": srng.uniform(0.5, 1.5),
-            }
-            session = [(c, k) for k in range(per_class) for c in range(len(BIOVID_CLASSES))]
-            order = srng.permutation(len(session))
-            responses = draw_biovid_responses(
-                np.random.default_rng([seed, 4, s_idx]), np.array([c for c, _ in session]), coupling
-            )
-            for position, idx in enumerate(order):
-                class_id, _ = session[int(idx)]
-                class_name = BIOVID_CLASSES[class_id]
-                sample_name = f"{name}-{class_name}-{position + 1:03d}"
-                prng = np.random.default_rng([seed, 3, s_idx, int(idx)])
-                onset = float(prng.uniform(0.8, 1.8))
-                face_response = float(responses["face_response"][idx])
-                physio_response = float(responses["physio_response"][idx])
-                raw_intensity = FACE_GAIN * look.expressiveness * FACE_LEVEL[class_id] * face_response
-                intensity = FACE_MAX_INTENSITY * float(np.tanh(raw_intensity / FACE_MAX_INTENSITY))
-                level = PHYSIO_LEVEL[class_id] * subject["reactivity"] * physio_response
-                t = np.arange(n_frames) / fps
-                ramp = _smoothstep((t - onset) / float(prng.uniform(0.8, 1.5)))
-                ramp = ramp * (1.0 + 0.08 * np.sin(2 * np.pi * 0.7 * t + prng.uniform(0, 6.3)))
-                expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
-                for unit, weight in PAIN_DISPLAY.items():
-                    expr[:, _UNIT[unit]] = weight * intensity * ramp
-                # label-free nuisances: a frown of concentration in some windows, small movements, blinks
-                if prng.uniform() < 0.25:
-                    frown = look.expressiveness * prng.uniform(0.2, 0.5)
-                    bump = np.exp(
-                        -0.5 * ((t - prng.uniform(0.0, BIOVID_SECONDS)) / prng.uniform(0.4, 1.0)) ** 2
-                    )
-                    expr[:, _UNIT["brow_lower"]] += frown * bump
-                    expr[:, _UNIT["eye_narrow"]] += 0.6 * frown * bump
-                for unit in ("mouth_corner_up", "brow_raise"):
-                    expr[:, _UNIT[unit]] += (
-                        0.2 * gaussian_filter1d(prng.normal(0, 1, n_frames), fps * 0.6) / 0.3
-                    )
-                expr[:, _UNIT["eye_narrow"]] = np.minimum(
-                    expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
-                )
-                frames, boxes = _render(renderer, prng, expr, fps, noise)
-                video_rel = Path("video") / name / f"{sample_name}.mp4"
-                _write_video_cv2(out / video_rel, frames, fps)
-                signals = _biovid_physio(prng, subject, level, onset, expr[:, _UNIT["brow_lower"]], fps, part)
-                bio_path = out / "biosignals_filtered" / name / f"{sample_name}_bio.csv"
-                _write_bio_csv(bio_path, time_us, {ch: signals[ch] for ch in channels})
-                sample_rows.append(
-                    f"{s_idx}\t{name}\t{class_id}\t{class_name}\t{sample_counter}\t{sample_name}"
-                )
-                sample_counter += 1
-                truth.append(
-                    {
-                        "sample_id": sample_name,
-                        "subject_id": name,
-                        "expressiveness": look.expressiveness,
-                        "reactivity": subject["reactivity"],
-                        "class_id": class_id,
-                        "coupling": float(coupling),
-                        "shared_response": float(responses["shared_response"][idx]),
-                        "face_response": face_response,
-                        "physio_response": physio_response,
-                        "face_intensity": intensity,
-                        "physio_level": level,
-                        "onset_s": onset,
-                        "video": video_rel.as_posix(),
-                        "boxes": boxes.tolist(),
-                    }
-                )
+    per_subject = per_class * len(classes)
+    with _progress_bar(progress, subjects * per_subject, "synthetic Biovid") as advance:
+        # every subject's draws are seeded by the subject: the files are the same whatever the worker count
+        results = _map_subjects(_biovid_subject, jobs, workers)
+        for rows, subject_truth in results:
+            for row in rows:
+                sample_rows.append(row.replace("{id}", str(len(sample_rows) - 1)))
+            truth.extend(subject_truth)
+            for _ in range(per_subject):
                 advance()
     atomic_write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
     atomic_write_parquet(pa.Table.from_pylist(truth), out / TRUTH_FILE)
-    logger.info(
-        "synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, sample_counter, out
-    )
+    logger.info("synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, len(truth), out)
+
+
+def _map_subjects(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Iterator[Any]:
+    """``fn`` over ``jobs`` in order, in ``workers`` processes (spawned: the caller may hold threads) when > 1."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        yield from pool.map(fn, jobs)
 
 
 # ---- Aff-Wild2 ---------------------------------------------------------------------------------------------

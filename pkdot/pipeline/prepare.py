@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from pkdot.config import RunConfig
+from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.data.synthetic import GENERATOR_VERSION, write_synthetic
 from pkdot.data.tabular import infer_num_classes
 from pkdot.errors import StageError
@@ -41,11 +43,14 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
             "fps": s.fps,
             "coupling": s.coupling,
         }
+        if kind == "biovid" and cfg.data.task == "binary":  # the windows the task reads: BL1 and PA4
+            params["classes"] = [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]]
         marker = {"kind": kind, **params, "generator_version": GENERATOR_VERSION}
         if not done.is_file() or json.loads(done.read_text()) != marker:
             status.info("generating a synthetic %s set (%d subjects) in %s", kind, s.subjects, root)
             remove_stale(root)
-            write_synthetic(kind, root, **params)
+            # the same files whatever the number of processes writing them
+            write_synthetic(kind, root, **params, workers=os.cpu_count() or 1)
             atomic_write_json(done, marker, indent=None)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root.resolve()})})
     if cfg.data.dataset == "table" and cfg.data.task == "multiclass" and cfg.data.num_classes is None:

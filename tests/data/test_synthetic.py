@@ -195,6 +195,27 @@ def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
     assert _digest(a, "*.txt") == _digest(b, "*.txt") and len(_digest(a, "*.txt")) == 2
 
 
+def test_processes_and_a_class_subset_write_the_same_windows(tmp_path: Path) -> None:
+    """Two writer processes give the same files as one; a class subset writes exactly those windows of the
+    full set (each window's draws are its own), numbered anew in samples.csv."""
+    kwargs = {"subjects": 2, "samples_per_class": 1, "frame_size": 64, "fps": 10, "progress": False}
+    full = write_synthetic("biovid", tmp_path / "full", seed=3, **kwargs)
+    two = write_synthetic("biovid", tmp_path / "two", seed=3, workers=2, **kwargs)
+    assert _digest(two, "*.csv") == _digest(full, "*.csv")
+    assert pd.read_parquet(two / TRUTH_FILE).equals(pd.read_parquet(full / TRUTH_FILE))
+    part = write_synthetic("biovid", tmp_path / "part", seed=3, classes=["BL1", "PA4"], **kwargs)
+    samples = pd.read_csv(part / "samples.csv", sep="\t")
+    assert sorted(samples["class_name"].unique()) == ["BL1", "PA4"] and len(samples) == 2 * 2
+    assert samples["sample_id"].tolist() == list(range(4))
+    for video in sorted(part.rglob("*.mp4")):
+        fa, fb = _frames(video), _frames(full / video.relative_to(part))
+        assert len(fa) == len(fb) and all(np.array_equal(x, y) for x, y in zip(fa, fb, strict=True))
+    csvs = {k: v for k, v in _digest(part, "*.csv").items() if k != "samples.csv"}
+    assert csvs and all(_digest(full, "*.csv")[k] == v for k, v in csvs.items())
+    with pytest.raises(ConfigError, match="PA9"):
+        write_synthetic("biovid", tmp_path / "bad", classes=["PA9"], **kwargs)
+
+
 @pytest.mark.parametrize(
     ("kind", "kwargs", "field"),
     [
