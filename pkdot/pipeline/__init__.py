@@ -19,7 +19,6 @@ from pkdot.pipeline.prepare import prepare_run
 
 __all__ = ["STAGES", "Stage", "StageResult", "prepare_run", "run_all", "run_dir_lock", "run_stage", "stage"]
 
-log = logging.getLogger(__name__)
 status = logging.getLogger("pkdot.status")
 
 #: The stages, in execution order.

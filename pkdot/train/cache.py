@@ -276,13 +276,11 @@ def read_cache(
     out = {}
     for col in columns:
         if col == "target_group":
-            table = pq.read_table(path, columns=["sample_id", "target_group"])
-            position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-            missing = [s for s in sample_ids if s not in position]
+            groups = pq.read_table(path, columns=["sample_id", col]).to_pandas().set_index("sample_id")[col]
+            missing = [s for s in sample_ids if s not in groups.index]
             if missing:
                 raise StageError(f"embedding cache {path} has no rows for samples {missing[:5]}")
-            values = table.column("target_group").to_numpy()
-            out[col] = np.asarray([values[position[s]] for s in sample_ids], dtype=np.int32)
+            out[col] = groups.loc[sample_ids].to_numpy(dtype=np.int32)
         else:
             out[col] = read_tensors(path, col, sample_ids)[1]
     return out
