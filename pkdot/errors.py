@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+
 
 class PkdotError(Exception):
     """Base class of every error pkdot raises on purpose."""
@@ -28,8 +34,8 @@ class StageError(PkdotError):
 
 
 class InfrastructureError(PkdotError):
-    """A transient failure of the machinery, not of the input (a Ray worker or node died, out of memory, an
-    object store full, I/O): the flow retries it, re-running resumes (see :func:`pkdot.ray_utils.is_infrastructure_error`)."""
+    """A transient failure of the machinery, not of the input (a Ray worker or node died, I/O): the flow retries
+    it, re-running resumes (:func:`pkdot.ray_utils.is_infrastructure_error`)."""
 
 
 class ResourceError(PkdotError):
@@ -53,9 +59,6 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def resource_error(exc: BaseException) -> ResourceError | None:
     """A :class:`ResourceError` in one line for an exhausted resource found in ``exc`` or what it wraps (disk full,
     out of memory, too many open files, permission denied), else None."""
-    import errno
-    import shutil
-
     for e in _causes(exc):
         if isinstance(e, ResourceError):
             return e
@@ -69,11 +72,9 @@ def resource_error(exc: BaseException) -> ResourceError | None:
         path = e.filename or "(a file whose name the system did not give)"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = ""
-            try:
+            with contextlib.suppress(OSError):
                 if e.filename:
                     free = f" ({shutil.disk_usage(_existing_parent(path)).free // 2**20} MB free now)"
-            except OSError:
-                pass
             return ResourceError(
                 f"disk full writing {path}{free}: free space on that file system (or point run_dir elsewhere) "
                 "and re-run; finished work is kept"
@@ -89,10 +90,6 @@ def resource_error(exc: BaseException) -> ResourceError | None:
     return None
 
 
-def _existing_parent(path: str) -> str:
-    import os
-
-    p = os.path.abspath(str(path))
-    while not os.path.exists(p) and os.path.dirname(p) != p:
-        p = os.path.dirname(p)
-    return p
+def _existing_parent(path: str) -> Path:
+    p = Path(os.path.abspath(str(path)))
+    return next(q for q in (p, *p.parents) if q.exists())

@@ -1,11 +1,9 @@
 """Starting (or joining) Ray the same way everywhere in pkdot — on loopback unless opened on purpose.
 
-Ray binds its many listeners (GCS, raylet, dashboard and agents, runtime-env agent, metrics, client server,
-workers) to the node IP, and on Linux rewrites a requested ``127.0.0.1`` into the routable address unless
-multi-node clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; measured with Ray 2.60).
-:func:`ensure_ray`, ``make ray-up`` and ``infra/local_stack.py`` start Ray that way (:func:`loopback_env`,
-:func:`loopback_head_args`). Opening Ray to a network is explicit (``PKDOT_RAY_NODE_IP``, ``RAY_NODE_IP``,
-``--ray-node-ip``) and turns Ray's token authentication on (``RAY_AUTH_MODE=token``).
+Ray binds all its listeners to the node IP and on Linux rewrites a requested ``127.0.0.1`` into the routable
+address unless multi-node clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; Ray 2.60).
+:func:`ensure_ray`, ``make ray-up`` and ``infra/local_stack.py`` start Ray that way. Opening Ray to a network is
+explicit (``PKDOT_RAY_NODE_IP``, ``RAY_NODE_IP``, ``--ray-node-ip``) and turns token authentication on.
 """
 
 from __future__ import annotations
@@ -25,6 +23,14 @@ LOOPBACK = "127.0.0.1"
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 #: Set to an address of this machine to open the embedded Ray to a network (token authentication on).
 NODE_IP_ENV = "PKDOT_RAY_NODE_IP"
+#: ``ray start`` options of the listeners :func:`loopback_head_args` puts on free ports.
+PORT_FLAGS = (
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--ray-client-server-port",
+)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -56,37 +62,15 @@ def loopback_env(node_ip: str = LOOPBACK) -> dict[str, str]:
 
 
 def loopback_head_args(node_ip: str = LOOPBACK, *, dashboard: bool = False) -> list[str]:
-    """``ray start --head`` arguments that put every listener on ``node_ip`` on free ports.
-
-    Node IP, dashboard host, and free ports for the dashboard, its agent (HTTP and gRPC), the runtime-env
-    agent, the metrics exporter and the Ray client server (Ray's fixed defaults 8265, 52365, 10001 collide
-    with any other Ray on the machine). The GCS port is the caller's (``--port``).
-    """
-    args = [
-        "--node-ip-address",
-        node_ip,
-        "--dashboard-agent-listen-port",
-        str(free_port()),
-        "--dashboard-agent-grpc-port",
-        str(free_port()),
-        "--runtime-env-agent-port",
-        str(free_port()),
-        "--metrics-export-port",
-        str(free_port()),
-        "--ray-client-server-port",
-        str(free_port()),
-    ]
-    if dashboard:
-        args += [
-            "--include-dashboard=true",
-            "--dashboard-host",
-            node_ip,
-            "--dashboard-port",
-            str(free_port()),
-        ]
-    else:
-        args += ["--include-dashboard=false"]
-    return args
+    """``ray start --head`` arguments that put every listener on ``node_ip``, each on a free port (Ray's fixed
+    defaults 8265, 52365, 10001 collide with any other Ray on the machine). The GCS port is the caller's."""
+    args = ["--node-ip-address", node_ip]
+    for flag in PORT_FLAGS:
+        args += [flag, str(free_port())]
+    if not dashboard:
+        return [*args, "--include-dashboard=false"]
+    dash = ["--include-dashboard=true", "--dashboard-host", node_ip, "--dashboard-port", str(free_port())]
+    return args + dash
 
 
 _ORIGINAL_CLUSTER_FLAG: list[bool] = []
@@ -100,17 +84,9 @@ def add_init_hook(hook: Callable[[], object]) -> None:
         _init_hooks.append(hook)
 
 
-def _after_init() -> None:
-    for hook in _init_hooks:
-        hook()
-
-
 def _set_loopback_only(on: bool) -> None:
-    """Keep (or stop keeping) loopback addresses on loopback in this process and the Ray processes it spawns.
-
-    Ray reads the switch at import time and whenever it canonicalises an address, so both the environment and
-    the imported constant are set; joining a cluster on a network address turns it back off.
-    """
+    """Keep (or stop keeping) loopback addresses on loopback here and in the Ray processes this one spawns (Ray
+    reads the switch at import time and when it canonicalises an address: both env and constant are set)."""
     import ray._private.ray_constants as ray_constants
 
     if not _ORIGINAL_CLUSTER_FLAG:
@@ -146,36 +122,34 @@ def running_local_cluster() -> str | None:
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     """Initialise Ray unless it already is; return True when this call started it (the caller shuts it down).
 
-    Parameters
-    ----------
-    num_cpus : CPUs of a private Ray (None = all of the machine's). Ignored when joining a cluster.
-    address : a Ray cluster (``"auto"`` or ``host:port``); None = ``$RAY_ADDRESS`` if set, else a new private
-        Ray (``address="local"``: never the ``ray start`` cluster that may be up on this machine, which is
-        only joined when asked for, e.g. ``--ray-address auto``). Its listeners are on 127.0.0.1 (see the
-        module docstring) unless ``$PKDOT_RAY_NODE_IP`` names another address; usage statistics are off.
+    ``num_cpus``: CPUs of a private Ray (None = all; ignored when joining). ``address``: a Ray cluster (``"auto"``
+    or ``host:port``); None = ``$RAY_ADDRESS`` if set, else a new private Ray (``address="local"``: a ``ray
+    start`` cluster on this machine is only joined when asked for, e.g. ``--ray-address auto``), on 127.0.0.1
+    unless ``$PKDOT_RAY_NODE_IP`` names another address. Usage statistics are off.
     """
     import ray
 
-    if ray.is_initialized():
-        _after_init()
-        return False
+    started = not ray.is_initialized()
+    if started:
+        _init(ray, num_cpus, address)
+    for hook in _init_hooks:
+        hook()
+    return started
+
+
+def _init(ray: Any, num_cpus: int | None, address: str | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target:
-        logger.warning(
-            "joining the Ray cluster at %s (as asked by %s)",
-            target,
-            "ray_address" if address else "$RAY_ADDRESS",
-        )
+        source = "ray_address" if address else "$RAY_ADDRESS"
+        logger.warning("joining the Ray cluster at %s (as asked by %s)", target, source)
         host = _address_host(target)
         _set_loopback_only(host is not None and is_loopback(host))
         try:
             ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            source = "ray_address" if address else "$RAY_ADDRESS"
             raise ConfigError(f"{source} {target!r}: cannot connect to a Ray cluster there ({exc})") from exc
-        _after_init()
-        return True
+        return
     existing = running_local_cluster()
     if existing:
         logger.warning(
@@ -197,51 +171,34 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
         "logging_level": logging.WARNING,
         "_node_ip_address": node_ip,
     }
-    if is_loopback(node_ip):
+    loopback = is_loopback(node_ip)
+    if loopback:
         logger.info("starting a private Ray on %s (num_cpus=%s)", node_ip, num_cpus)
-        _set_loopback_only(True)
-        ray.init(**kwargs)
     else:
-        logger.warning(
-            "starting a private Ray on %s (%s): reachable from that network, with Ray token authentication",
-            node_ip,
-            NODE_IP_ENV,
-        )
+        msg = "starting a private Ray on %s (%s): reachable from that network, with Ray token authentication"
+        logger.warning(msg, node_ip, NODE_IP_ENV)
         os.environ["RAY_AUTH_MODE"] = "token"
-        _set_loopback_only(False)
-        ray.init(**kwargs)
+    _set_loopback_only(loopback)
+    ray.init(**kwargs)
     url = ray._private.worker.global_worker.node.address_info.get("webui_url")
     if url:
         logger.info("private Ray started; dashboard at http://%s", url)
-    _after_init()
-    return True
 
 
 #: Ray exceptions that mean the infrastructure failed (a process, node or store), not the task's input.
 _RAY_INFRASTRUCTURE = (
-    "LocalRayletDiedError",
-    "WorkerCrashedError",
-    "RayActorError",
-    "RaySystemError",
-    "ObjectStoreFullError",
-    "OutOfDiskError",
-    "OutOfMemoryError",
-    "NodeDiedError",
-    "ObjectLostError",
-    "RpcError",
-    "GetTimeoutError",
-    "TaskPlacementGroupRemoved",
-    "ActorPlacementGroupRemoved",
-)
+    "LocalRayletDiedError WorkerCrashedError RayActorError RaySystemError ObjectStoreFullError OutOfDiskError "
+    "OutOfMemoryError NodeDiedError ObjectLostError RpcError GetTimeoutError TaskPlacementGroupRemoved "
+    "ActorPlacementGroupRemoved"
+).split()
 
 
 def is_infrastructure_error(exc: BaseException | None) -> bool:
     """Whether an exception is a transient infrastructure failure (worth retrying) rather than bad input.
 
-    True for :class:`pkdot.errors.InfrastructureError`, ``OSError`` (I/O, connections, timeouts), and Ray's
-    worker/actor/node deaths, out-of-memory kills and object-store failures (also when a task's error
-    carries one as its cause). False for every other :class:`pkdot.errors.PkdotError` (bad data or config
-    stays bad), and for other exceptions (programming errors fail the same way again).
+    True for :class:`pkdot.errors.InfrastructureError`, ``OSError`` and Ray's worker/node deaths, OOM kills and
+    object-store failures (also as a task error's cause); False for other :class:`pkdot.errors.PkdotError`
+    (bad data stays bad), exhausted resources and any other exception (a bug fails the same way again).
     """
     if exc is None or resource_error(exc) is not None:  # a full disk or memory: a retry cannot fix it
         return False
@@ -251,10 +208,8 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, OSError):
         return True
-    try:
-        import ray.exceptions as rex
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return False
+    import ray.exceptions as rex
+
     infra = tuple(getattr(rex, name) for name in _RAY_INFRASTRUCTURE if hasattr(rex, name))
     if isinstance(exc, infra):
         return True

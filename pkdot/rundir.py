@@ -16,14 +16,8 @@ A run directory is what the stages hand each other::
     RUN/diagnose/                         pkdot diagnose --run: diagnose.json, diagnose.png
     RUN/stages/<stage>.json               stage markers (pkdot.pipeline.base)
 
-:class:`RunDir` is the only place these paths are built. :func:`atomic_path` is the only place a temporary file
-is renamed into place: every writer (text, JSON, torch, Parquet, figures) goes through it, so a reader never sees
-a half-written file and a killed writer leaves only a ``.<name>.tmp-<pid>`` file behind
-(:func:`remove_temp_files`).
-
-Hashing: :func:`content_hash` of a file's bytes, :func:`file_identity` (content for small files, size + mtime
-for large ones), :func:`hash_json` of a payload, :func:`hash_files` of a set of files, :func:`source_hash` of
-source files. Stage fingerprints and job-level resume (``DONE.json``) both use these.
+:class:`RunDir` is the only place these paths are built; :func:`atomic_path` the only place a temporary file is
+renamed into place (a reader never sees a half-written file; a killed writer leaves a ``.<name>.tmp-<pid>``).
 """
 
 from __future__ import annotations
@@ -54,71 +48,43 @@ class RunDir:
     """The paths of one run directory (nothing is created by building a path)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = root = Path(root)
+        self.config = root / "config.yaml"
+        self.lock = root / "run.lock"
+        self.manifest = root / "manifest.parquet"
+        self.manifest_report = root / "manifest_report.json"
+        self.splits = root / "splits.json"
+        self.stages = root / "stages"
+        self.mlflow_parent = root / "mlflow_parent.json"
+        self.features = root / "features"
+        self.extract_report = self.features / "extract_report.json"
+        self.teachers = root / "teacher"
+        self.embeddings = root / "embeddings"
+        self.students = root / "student"
+        #: the token file every Ray node reads to prove it sees the run directory
+        self.node_check = root / ".ray-node-check"
+        self.report = root / "report"
+        self.report_md = self.report / "report.md"
+        self.summary = self.report / "summary.json"
+        #: what ``pkdot diagnose --run`` writes (diagnose.json, diagnose.png)
+        self.diagnose = root / "diagnose"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
 
-    # ---- run level --------------------------------------------------------------------------------------
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "run.lock"
-
     def synthetic_root(self, kind: str) -> Path:
         return self.root / "data" / f"synthetic-{kind}"
 
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.parquet"
-
-    @property
-    def manifest_report(self) -> Path:
-        return self.root / "manifest_report.json"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.json"
-
-    @property
-    def stages(self) -> Path:
-        return self.root / "stages"
-
     def marker(self, stage: str) -> Path:
         return self.stages / f"{stage}.json"
-
-    @property
-    def prefect_results(self) -> Path:
-        return self.root / ".prefect" / "results"
-
-    @property
-    def mlflow_parent(self) -> Path:
-        return self.root / "mlflow_parent.json"
-
-    # ---- features ---------------------------------------------------------------------------------------
-    @property
-    def features(self) -> Path:
-        return self.root / "features"
 
     def feature_table(self, modality: str) -> Path:
         """``features/<file>.parquet`` of a modality (video -> faces.parquet; table columns by name)."""
         return self.features / f"{MODALITY_FILES.get(modality, modality)}.parquet"
 
-    @property
-    def extract_report(self) -> Path:
-        return self.features / "extract_report.json"
-
     def shards(self, modality: str | None = None) -> Path:
         base = self.features / "shards"
         return base if modality is None else base / modality
-
-    # ---- training ---------------------------------------------------------------------------------------
-    @property
-    def teachers(self) -> Path:
-        return self.root / "teacher"
 
     def teacher(self, fold: int, seed: int, group: int | None = None, groups: int | None = None) -> Path:
         """Folder of the full-fold teacher job, or (``group`` of ``groups``) of a cross-fitting teacher job."""
@@ -129,18 +95,10 @@ class RunDir:
             raise ValueError("RunDir.teacher: a crossfit group needs the number of groups")
         return base / f"crossfit-{groups}" / f"without-{group}"
 
-    @property
-    def embeddings(self) -> Path:
-        return self.root / "embeddings"
-
     def cache(self, fold: int, seed: int, crossfit: int | None = None) -> Path:
         """``embeddings/fold-<k>-seed-<s>.parquet`` (``crossfit`` = J: ``...-crossfit<J>.parquet``)."""
         suffix = "" if crossfit is None else f"-crossfit{crossfit}"
         return self.embeddings / f"fold-{fold}-seed-{seed}{suffix}.parquet"
-
-    @property
-    def students(self) -> Path:
-        return self.root / "student"
 
     def student(self, loss: str, fold: int, seed: int) -> Path:
         return self.students / loss / f"fold-{fold}" / f"seed-{seed}"
@@ -150,48 +108,21 @@ class RunDir:
         return self.root / "ray" / name
 
     @property
-    def node_check(self) -> Path:
-        """The token file every Ray node reads to prove it sees the run directory."""
-        return self.root / ".ray-node-check"
-
-    @property
     def refit(self) -> RunDir:
         """``RUN/refit/``: the chosen configuration retrained on every subject (a run directory of its own)."""
         return RunDir(self.root / "refit")
 
-    # ---- evaluation -------------------------------------------------------------------------------------
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def report_md(self) -> Path:
-        return self.report / "report.md"
-
-    @property
-    def summary(self) -> Path:
-        return self.report / "summary.json"
-
-    @property
-    def diagnose(self) -> Path:
-        """``diagnose/``: what ``pkdot diagnose --run`` writes (diagnose.json, diagnose.png)."""
-        return self.root / "diagnose"
-
 
 # ---- atomic writes ----------------------------------------------------------------------------------------
 def temp_path(path: str | Path) -> Path:
-    """The temporary sibling a writer fills before :func:`atomic_path` renames it (keeps the suffix, so writers
-    that choose a format by suffix, e.g. matplotlib or OpenCV, still work)."""
+    """The temporary sibling :func:`atomic_path` fills (keeps the suffix: matplotlib, OpenCV choose by it)."""
     path = Path(path)
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success rename it onto ``path`` (atomic on POSIX), on error remove it.
-
-    The only place in pkdot that renames a temporary file into place.
-    """
+    """Yield a temporary path to write; on success rename it onto ``path`` (atomic on POSIX), on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -264,11 +195,8 @@ def content_hash(path: str | Path) -> str:
 
 
 def file_identity(path: str | Path | None) -> list[Any] | None:
-    """What identifies a file's content: ``["sha256", hash]`` when it is small, else ``["stat", size, mtime_ns]``.
-
-    None for a missing path (so a file appearing or disappearing changes the identity too). Content hashes are
-    memoised per (path, size, mtime, inode) within the process.
-    """
+    """``["sha256", hash]`` of a small file, else ``["stat", size, mtime_ns]``; None for a missing path. Content
+    hashes are memoised per (path, size, mtime, inode) within the process."""
     if path is None:
         return None
     try:
@@ -307,8 +235,7 @@ def hash_files(paths: Iterable[str | Path]) -> str:
 
 
 def source_hash(files: Iterable[Path], base: Path) -> str:
-    """Hash of source files: each file's path relative to ``base`` and its content (edits, additions and
-    removals all change it)."""
+    """Hash of source files: each file's path relative to ``base`` and its content."""
     h = hashlib.sha256()
     for f in sorted(set(files)):
         h.update(f.relative_to(base).as_posix().encode())

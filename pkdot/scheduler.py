@@ -1,11 +1,9 @@
-"""One bounded scheduler over Ray tasks: training runs and extraction shards both go through :func:`run_bounded`.
+"""One bounded scheduler over Ray tasks (training runs and extraction shards): :func:`run_bounded`.
 
-At most ``limit`` tasks are in flight (Ray's "limit pending tasks with ``ray.wait``" pattern); each result is
-handed to ``on_result`` as it arrives and counted in the stage's progress (:mod:`pkdot.progress`). A failed
-task either stops new submissions while the running ones finish (``drain=True``) or cancels them
-(``drain=False``). Failures end in one error naming every failed item: :class:`InfrastructureError` (the flow
-retries it) when every failure is one of the infrastructure (:func:`pkdot.ray_utils.is_infrastructure_error`),
-else ``error``. An interrupt cancels the tasks in flight.
+At most ``limit`` tasks are in flight (Ray's "limit pending tasks with ``ray.wait``" pattern). Failures end in
+one error naming every failed item: :class:`InfrastructureError` (the flow retries it) when every failure is one
+of the infrastructure (:func:`pkdot.ray_utils.is_infrastructure_error`), else ``error``. An interrupt cancels the
+tasks in flight.
 """
 
 from __future__ import annotations
@@ -38,24 +36,13 @@ def run_bounded(
     poll: Callable[[list[T]], str | None] | None = None,
     poll_s: float | None = None,
 ) -> list[Any]:
-    """Run ``start(item)`` (which submits a Ray task and returns its ref) for every item, ``limit`` at a time.
+    """Run ``start(item)`` (submits a Ray task, returns its ref) for every item, ``limit`` at a time; return the
+    results in completion order.
 
-    Parameters
-    ----------
-    items, start : the work and how to submit one item.
-    limit : tasks in flight at most (>= 1).
-    what, describe, error : how a failure is reported (``"<what> failed ...: <describe(item)>: <exc>"``).
-    drain : after a failure, let running tasks finish (True) or cancel them (False); none is started.
-    on_result : called on the driver with each item and its result, in completion order.
-    stage, unit, done, total, weight : progress (``done`` units before this call, of ``total``; each finished
-        item adds ``weight(item)``). No reports without ``stage``.
-    poll, poll_s : ``poll(items in flight)`` runs every ``poll_s`` seconds while waiting and may return a
-        detail text for the progress display (e.g. the newest epoch's metric).
-
-    Returns
-    -------
-    list
-        The results, in completion order.
+    A failure is reported as ``"<what> failed ...: <describe(item)>: <exc>"``; after one, no task starts and the
+    running ones finish (``drain``) or are cancelled. ``on_result(item, result)`` runs on the driver as results
+    arrive. Progress (only with ``stage``): ``done`` units before this call of ``total``, each finished item adds
+    ``weight(item)``; ``poll(items in flight)`` runs every ``poll_s`` s and may return a detail text to show.
     """
     import ray
 

@@ -1,10 +1,7 @@
 """The pipeline: :data:`STAGES`, the one ordered list of stages, and the functions that run them.
 
-``manifest -> extract -> train-teacher -> cache -> distill -> evaluate -> refit``; each stage's module in this package
-reads top to bottom (its body, then its :class:`~pkdot.pipeline.base.Stage`). :func:`run_stage` runs one stage
-unless it is up to date (the only such decision: :func:`pkdot.pipeline.base.execute`); :func:`run_all` runs
-them all in this process (``pkdot run --no-prefect``); ``flows/pipeline.py`` wraps each as a Prefect task and
-``pkdot.cli`` generates a subcommand per stage, both from :data:`STAGES`.
+Each stage's module in this package reads top to bottom (its body, then its
+:class:`~pkdot.pipeline.base.Stage`); ``flows/pipeline.py`` and ``pkdot.cli`` build a task / a subcommand per stage.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from pkdot.pipeline.prepare import prepare_run
 
 __all__ = ["STAGES", "Stage", "StageResult", "prepare_run", "run_all", "run_dir_lock", "run_stage", "stage"]
 
-log = logging.getLogger(__name__)
 status = logging.getLogger("pkdot.status")
 
 #: The stages, in execution order.
@@ -48,8 +44,7 @@ def stage(name: str) -> Stage:
 def run_stage(name: str, cfg: RunConfig, upstream: str = "", **options: Any) -> StageResult:
     """Run stage ``name`` on ``cfg.run_dir`` unless it is up to date; ``upstream`` is the previous stage's output
     fingerprint when the caller has it (checked against that stage's marker)."""
-    stage(name)
-    return execute(cfg, STAGES, _INDEX[name], upstream, **options)
+    return execute(cfg, STAGES, STAGES.index(stage(name)), upstream, **options)
 
 
 def key_of(name: str, cfg: RunConfig, upstream: str, **options: Any) -> str:
@@ -66,12 +61,8 @@ def run_all(cfg: RunConfig) -> dict[str, StageResult]:
         for s in STAGES:
             t0 = time.time()
             res = run_stage(s.name, cfg, upstream)
-            status.info(
-                "stage %s %s in %.1fs",
-                s.name,
-                "skipped (up to date)" if res.skipped else "done",
-                time.time() - t0,
-            )
+            state = "skipped (up to date)" if res.skipped else "done"
+            status.info("stage %s %s in %.1fs", s.name, state, time.time() - t0)
             results[s.name] = res
             upstream = res.fingerprint
         return results

@@ -1,16 +1,11 @@
 """What a stage is, and the one decision of whether it is up to date.
 
-A :class:`Stage` is a name, the config sections and source files its outputs depend on, the command that re-runs
-it, and a body that does the work. :func:`run_stage` is the only code that decides whether a stage runs: it
-computes the stage's *key* (:func:`stage_key`: config sections + the upstream stage's output fingerprint + the
-stage's source code + the stage's own options), and skips the stage when its marker ``RUN/stages/<stage>.json``
-records the same key and the outputs it recorded are intact. Otherwise it marks the stage pending (its marker
-loses its fingerprint, so nothing downstream accepts the old outputs), lets the stage remove what a failure would
-leave readable, runs the body, and records the key, the output fingerprint and each output's size/mtime.
-
-A stage refuses to start when its upstream stage is pending, or when an output an earlier stage recorded changed
-or disappeared since, naming the command to re-run. Prefect (``flows/``) and the CLI call :func:`run_stage`; they
-make no decision of their own.
+:func:`execute` is the only code that decides whether a stage runs: it skips the stage when its marker
+``RUN/stages/<stage>.json`` records the same key (:func:`stage_key`: config sections, upstream fingerprint, source
+code, the stage's options) and intact outputs. Otherwise it marks the stage pending (downstream refuses the old
+outputs), lets the stage remove stale outputs, runs the body, and records key, fingerprint and output stamps.
+A stage refuses to start when an earlier stage is pending or its recorded outputs changed, naming the command to
+re-run. Prefect (``flows/``) and the CLI make no decision of their own.
 """
 
 from __future__ import annotations
@@ -30,8 +25,6 @@ from pkdot.errors import StageError, resource_error
 from pkdot.rundir import RunDir, atomic_write_json, hash_files, hash_json, output_stamp, source_hash
 
 log = logging.getLogger(__name__)
-#: A few lines the console shows by default (``pkdot.console.STATUS_LOGGER``): a stage done, the data set.
-status = logging.getLogger("pkdot.status")
 
 
 @dataclass
@@ -59,30 +52,12 @@ class StageOutput:
 class Stage:
     """One pipeline stage.
 
-    Attributes
-    ----------
-    name : str
-        As in markers, the CLI and Prefect (``train-teacher``).
-    sections : tuple of str
-        Top-level config fields its outputs depend on (over-inclusion costs a re-run; under-inclusion would
-        reuse stale results).
-    code : tuple of str
-        Source files under ``pkdot/`` (a directory means every ``*.py`` in it) whose code computes it.
-    output : callable
-        ``RunDir -> Path``: what :attr:`StageResult.path` names.
-    body : callable
-        ``(cfg, **options) -> StageOutput``: the work.
-    help : str
-        One line for ``pkdot --help``.
-    key_extra : callable, optional
-        ``(cfg, options) -> dict``: what else enters the key (the losses trained, the tracking URI, ...).
-    before : callable, optional
-        ``(cfg, inputs_changed, options) -> None``: called before the body once the stage must run; removes the
-        stage's own stale outputs.
-    is_current : callable, optional
-        ``(cfg, options) -> bool``: an extra check, beyond the marker, that the outputs are usable.
-    always : bool
-        Run every time (the manifest: it re-scans the data set; its fingerprint keys everything below).
+    ``sections``: top-level config fields its outputs depend on (over-inclusion costs a re-run, under-inclusion
+    reuses stale results); ``code``: source files under ``pkdot/`` (a directory: every ``*.py`` in it) that
+    compute it; ``output``: ``RunDir -> Path`` of :attr:`StageResult.path`; ``body``: ``(cfg, **options) ->
+    StageOutput``; ``key_extra``: ``(cfg, options) -> dict``, what else enters the key; ``before``: ``(cfg,
+    inputs_changed, options)``, removes the stage's stale outputs before the body; ``is_current``: ``(cfg,
+    options) -> bool``, a check beyond the marker; ``always``: run every time (the manifest re-scans the data).
     """
 
     name: str
@@ -190,14 +165,8 @@ def mark_done(
     stamps = {
         str(Path(p).resolve().relative_to(root)): output_stamp(p) for p in out.outputs if Path(p).is_file()
     }
-    doc = {
-        "inputs": key,
-        "fingerprint": fingerprint,
-        "outputs": stamps,
-        "details": out.details,
-        "seconds": round(seconds, 2),
-    }
-    atomic_write_json(RunDir(cfg.run_dir).marker(stage.name), doc)
+    doc = {"inputs": key, "fingerprint": fingerprint, "outputs": stamps, "details": out.details}
+    atomic_write_json(RunDir(cfg.run_dir).marker(stage.name), doc | {"seconds": round(seconds, 2)})
 
 
 def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream: str = "") -> str:
@@ -266,9 +235,7 @@ def execute(
     t0 = time.time()
     try:
         out = stage.body(cfg, **options)
-    except (
-        Exception
-    ) as exc:  # an exhausted resource, in one line and never retried (pkdot.errors.resource_error)
+    except Exception as exc:  # an exhausted resource: one line, never retried (pkdot.errors.resource_error)
         exhausted = resource_error(exc)
         if exhausted is None or exhausted is exc:
             raise

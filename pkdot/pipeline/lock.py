@@ -1,16 +1,9 @@
-"""One writer per run directory: an OS lock on ``RUN/run.lock``.
+"""One writer per run directory: ``fcntl.flock`` on ``RUN/run.lock`` (released by the kernel when the holder
+dies, so a crash never leaves a stale lock). The holder writes who it is into the file; a second writer is refused
+with that line (or waits). Re-entrant within a process. Read-only commands do not take it.
 
-``fcntl.flock`` on the lock file; the kernel releases it when the holding process dies, so a crash never
-leaves a stale lock. The holder writes who it is (pid, host, command, since when) into the file, and a second
-writer is refused at once with that line (or waits, ``wait=True``). Re-entrant within a process (``pkdot run``
-holds it and the flow it starts takes it again). Read-only commands (``predict``, reading a report) do not take
-it.
-
-What is guaranteed where: on a local file system, exclusion between every process of every user of the machine.
-On NFS (v4, or v3 with lockd), Linux maps ``flock`` to POSIX byte-range locks held by the server, so two nodes
-exclude each other as long as the server's lock manager is reachable; a node that loses the server for longer
-than its lease may lose the lock. On file systems without locking (some FUSE mounts) ``flock`` fails and pkdot
-says so rather than running unprotected.
+On NFS (v4, or v3 with lockd) Linux maps ``flock`` to server-held POSIX locks, so nodes exclude each other while
+the server's lock manager is reachable; where ``flock`` fails (some FUSE mounts) pkdot says so.
 """
 
 from __future__ import annotations

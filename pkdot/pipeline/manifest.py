@@ -39,9 +39,8 @@ def recordings_identity(frame: pd.DataFrame, root: str | Path | None) -> str:
 def run(cfg: RunConfig) -> StageOutput:
     rd = RunDir(cfg.run_dir)
     result = build_manifest(cfg.data, cfg.data.root)
-    fold_plan(
-        result.frame, cfg.train, cfg.seed
-    )  # too few subjects for the folds: refuse now, not at training
+    # too few subjects for the folds: refuse now, not at training
+    fold_plan(result.frame, cfg.train, cfg.seed)
     write_manifest(result.frame, rd.manifest)
     write_manifest_report(result, rd.manifest_report)
     rows = str(int(pd.util.hash_pandas_object(result.frame.astype(str), index=False).sum() % (1 << 62)))

@@ -1,14 +1,10 @@
 """Stage ``refit``: the configuration chosen on validation, retrained on every subject, and registered.
 
 Cross-validation estimates how well a *procedure* generalises; the model to ship is that procedure refit on all
-the data. ``RUN/refit/`` is a run directory of its own with one fold over every subject of the data set: a
-validation carve-out (``train.val_fraction``) selects epochs as in each fold, and nothing is held out for test
-(the model's estimate is the cross-validated one of the same configuration, ``evaluate``'s; the fold's "test"
-split is its validation carve-out again and is never reported). It reads the run's manifest and features (linked)
-and trains with the same jobs as the fold models, on Ray Train: the teacher and T-Net (and cross-fitting
-teachers), the cache, and the chosen student of the first training seed. The result is registered with its model
-card (``trained on all N subjects``). ``train.refit: false`` skips it: ``evaluate`` then registers the
-best-validation fold model.
+the data. ``RUN/refit/`` is a run directory of its own (manifest and features linked) with one fold over every
+subject: a validation carve-out (``train.val_fraction``) selects epochs, nothing is held out for test (the
+estimate is ``evaluate``'s cross-validated one). Same jobs as the fold models, first training seed only.
+``train.refit: false`` skips it: ``evaluate`` then registers the best-validation fold model.
 """
 
 from __future__ import annotations

@@ -40,8 +40,7 @@ def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
     checkpoints = [p for j in jobs for p in teacher_checkpoints(j)]
     details = {"jobs": len(jobs), "cost": teacher_cost(jobs), "metrics": metrics}
     log_jobs(cfg, "train-teacher", jobs)
-    out = StageOutput([*checkpoints, rd.splits], details)
-    return out
+    return StageOutput([*checkpoints, rd.splits], details)
 
 
 STAGE = Stage(

@@ -1,28 +1,19 @@
-"""Stage 3: the frozen-teacher embedding cache.
+"""Stage 3: the frozen-teacher embedding cache, ``<run>/embeddings/fold-<k>-seed-<s>.parquet``.
 
-Each frozen teacher runs once over its fold's samples and writes ``<run>/embeddings/fold-<k>-seed-<s>.parquet``:
-``sample_id``, the teacher embedding (D,), the teacher logits/outputs (C,), ``target_group`` (the crossfit
-group whose teacher gave the row's targets, -1 for the full-fold teacher) and — the paper freezes the
-student's video backbone — the student's frozen video-backbone tokens (N, D) (from the full-fold teacher). The
-file's metadata records the hashes of the checkpoints it came from; the distill stage refuses a cache whose
-hashes do not match the checkpoints (:class:`~pkdot.errors.StaleCacheError`).
+Per sample: the teacher embedding (D,) and logits (C,), ``target_group`` (the crossfit group whose teacher gave
+the targets, -1 for the full-fold teacher) and the full-fold teacher's video-backbone tokens (N, D) (the paper
+freezes the student's backbone). The metadata records the hashes of the checkpoints it came from; a cache that
+does not match them is refused (:class:`~pkdot.errors.StaleCacheError`).
 
-Cross-fitted targets (``distill.teacher_targets = "crossfit"``, J = ``distill.crossfit_groups``) go to
-``fold-<k>-seed-<s>-crossfit<J>.parquet``: a training sample of crossfit group j gets the embedding and logits
-of the teacher trained *without* group j (``teacher/fold-<k>/seed-<s>/crossfit-<J>/without-<j>/``), so no
-training target comes from a teacher that saw the sample's subject; validation and test samples get the
-full-fold teacher's. The metadata lists each group's subjects, the subjects its teacher trained on, and the
-extra teacher jobs and their seconds (the cost of cross-fitting).
-
-With ``distill.teacher_source = "privileged"`` the embedding and logits (of every row, and of each crossfit
-group's teacher) come from the job's ``unimodal-<privileged>`` model instead of the fusion teacher; the tokens
-still come from the full-fold fusion teacher. The metadata records the source and that model's hash too.
+Cross-fitted targets (``...-crossfit<J>.parquet``): a training sample of group j gets the targets of the teacher
+trained *without* group j, so no target comes from a teacher that saw its subject; val/test samples get the
+full-fold teacher's. ``distill.teacher_source = "privileged"``: embeddings and logits come from the
+``unimodal-<privileged>`` models instead (the tokens still from the fusion teacher).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +28,6 @@ from pkdot.folds import crossfit_groups_of, load_fold_plan
 from pkdot.rundir import DONE, RunDir, atomic_write_parquet, content_hash
 from pkdot.train.data import SampleSet
 from pkdot.train.loops import Amp
-
-log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -68,22 +57,19 @@ def target_checkpoints(meta_or_source: dict | str, privileged: str | None = None
     return (f"unimodal-{privileged}",)
 
 
+def _teacher_file(path: Path) -> Path:
+    if not path.is_file():
+        raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
+    return path
+
+
 def checkpoint_hashes(job_dir: Path, names: tuple[str, ...] = ("teacher", "tnet")) -> dict[str, str]:
-    out = {}
-    for name in names:
-        path = Path(job_dir) / f"{name}.pt"
-        if not path.is_file():
-            raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
-        out[f"{name}_hash"] = content_hash(path)
-    return out
+    return {f"{name}_hash": content_hash(_teacher_file(Path(job_dir) / f"{name}.pt")) for name in names}
 
 
 def job_record(job_dir: Path) -> dict:
     """A finished teacher job's ``DONE.json`` (hashes, seconds, the subjects it trained on)."""
-    path = Path(job_dir) / DONE
-    if not path.is_file():
-        raise StageError(f"{path} does not exist (run `pkdot train-teacher` first)")
-    return json.loads(path.read_text())
+    return json.loads(_teacher_file(Path(job_dir) / DONE).read_text())
 
 
 @torch.no_grad()
@@ -290,13 +276,11 @@ def read_cache(
     out = {}
     for col in columns:
         if col == "target_group":
-            table = pq.read_table(path, columns=["sample_id", "target_group"])
-            position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-            missing = [s for s in sample_ids if s not in position]
+            groups = pq.read_table(path, columns=["sample_id", col]).to_pandas().set_index("sample_id")[col]
+            missing = [s for s in sample_ids if s not in groups.index]
             if missing:
                 raise StageError(f"embedding cache {path} has no rows for samples {missing[:5]}")
-            values = table.column("target_group").to_numpy()
-            out[col] = np.asarray([values[position[s]] for s in sample_ids], dtype=np.int32)
+            out[col] = groups.loc[sample_ids].to_numpy(dtype=np.int32)
         else:
             out[col] = read_tensors(path, col, sample_ids)[1]
     return out

@@ -1,19 +1,14 @@
-"""In-memory training data for one fold: feature tensors per modality, targets, subjects, split masks.
-
-The feature tables (stage 1) are read once per worker; arrays stay numpy until a batch is taken, so a batch
-costs one ``torch.from_numpy`` per modality.
-"""
+"""In-memory training data: feature arrays per modality (numpy until a batch is taken), targets, subjects,
+and a fold's train / val / test parts."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
@@ -21,8 +16,6 @@ from pkdot.errors import StageError
 from pkdot.features.schema import DEFAULT_TENSOR, read_sample_ids, read_tensors
 from pkdot.folds import Fold, FoldPlan, plan_run_folds, save_folds
 from pkdot.rundir import RunDir
-
-log = logging.getLogger(__name__)
 
 
 def tensor_column(cfg: RunConfig, modality: str) -> str:
@@ -55,15 +48,6 @@ class SampleSet:
             arrays={m: a[idx] for m, a in self.arrays.items()},
         )
 
-    def batch(
-        self, index: np.ndarray, modalities: Sequence[str] | None = None, device: torch.device | str = "cpu"
-    ) -> dict[str, torch.Tensor]:
-        mods = list(modalities) if modalities is not None else list(self.arrays)
-        out = {m: torch.from_numpy(np.ascontiguousarray(self.arrays[m][index])).to(device) for m in mods}
-        out["target"] = torch.from_numpy(self.targets[index]).to(device)
-        out["index"] = torch.from_numpy(np.asarray(index, dtype=np.int64)).to(device)
-        return out
-
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {m: tuple(a.shape[1:]) for m, a in self.arrays.items()}
@@ -89,19 +73,16 @@ def load_samples(
     cfg: RunConfig, run_dir: Path | None = None, modalities: Sequence[str] | None = None
 ) -> SampleSet:
     """All extracted samples of the run (those present in every modality table), in manifest order."""
-    run_dir = Path(run_dir or cfg.run_dir)
-    manifest = read_manifest(RunDir(run_dir).manifest)
+    run = RunDir(run_dir or cfg.run_dir)
     mods = list(modalities) if modalities is not None else cfg.data.modalities
-    present: set[str] | None = None
+    manifest = read_manifest(run.manifest)
     for m in mods:
-        ids = set(read_sample_ids(RunDir(run_dir).feature_table(m)))
-        present = ids if present is None else present & ids
-    assert present is not None
-    manifest = manifest[manifest["sample_id"].isin(present)].reset_index(drop=True)
+        manifest = manifest[manifest["sample_id"].isin(set(read_sample_ids(run.feature_table(m))))]
+    manifest = manifest.reset_index(drop=True)
     if manifest.empty:
-        raise StageError(f"{run_dir}: no sample has features for all of {mods} (run `pkdot extract`)")
+        raise StageError(f"{run.root}: no sample has features for all of {mods} (run `pkdot extract`)")
     ids = manifest["sample_id"].tolist()
-    arrays = {m: read_tensors(RunDir(run_dir).feature_table(m), tensor_column(cfg, m), ids)[1] for m in mods}
+    arrays = {m: read_tensors(run.feature_table(m), tensor_column(cfg, m), ids)[1] for m in mods}
     return SampleSet(
         sample_ids=ids,
         subject_ids=manifest["subject_id"].astype(str).to_numpy(),

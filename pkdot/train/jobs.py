@@ -1,16 +1,13 @@
-"""Training jobs (one per fold x seed [x loss]) and how their phases checkpoint and resume.
+"""Training jobs (one per fold x seed [x loss]) and what they share: context, checkpoints, prediction files.
 
-A job runs inside a Ray Train worker (or directly, in tests). It is made of *phases* (e.g. the unimodal
-backbones, the fusion teacher, the T-Net); each finished phase is written to the job's folder (atomically, by
-rank 0), so a restarted job loads finished phases and resumes the running one from its last epoch
-checkpoint. Checkpoints hold tensors and plain values only and are read with ``weights_only=True``
-(:func:`load_checkpoint`): a file in a run directory is never unpickled.
+A job runs inside a Ray Train worker (or directly, in tests) as *phases*; rank 0 writes each finished phase to
+the job's folder, so a restarted job loads finished phases and resumes the running one from its last epoch
+checkpoint. Checkpoints hold tensors and plain values only (:func:`load_checkpoint`: never unpickled).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,12 +22,11 @@ import torch
 from pkdot.errors import StageError
 from pkdot.folds import Fold, FoldPlan, as_plan, crossfit_groups_of
 from pkdot.rundir import DONE, HISTORY, RunDir, atomic_write_json, atomic_write_parquet
-from pkdot.train.loops import FitState, predict
+from pkdot.train.data import FoldData
+from pkdot.train.loops import FitState, predict, task_metric
 
 if TYPE_CHECKING:
     from pkdot.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -94,27 +90,19 @@ def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
                 f"fold {f.index} of seed {s} has {len(f.crossfit)} crossfit groups, distill.crossfit_groups is "
                 f"{groups} (the fold plan was made for another setting: rerun train-teacher)"
             )
-        jobs += [
-            Job(
-                f"{base}/without-{j}-of-{groups}",
-                str(run.teacher(f.index, s, j, groups)),
-                f.index,
-                s,
-                group=j,
-                with_test=leak,
-            )
-            for j in range(groups)
-        ]
+        for j in range(groups):
+            out_dir = str(run.teacher(f.index, s, j, groups))
+            jobs.append(Job(f"{base}/without-{j}-of-{groups}", out_dir, f.index, s, group=j, with_test=leak))
     return jobs
 
 
 def student_jobs(cfg: RunConfig, folds: Any, losses: list[str]) -> list[Job]:
     """One student job per (loss, seed, fold) of the fold plan (``folds`` as in :func:`teacher_jobs`)."""
-    run = RunDir(cfg.run_dir)
+    rd = RunDir(cfg.run_dir)
     return [
         Job(
             f"student/{loss}/fold-{f.index}/seed-{s}",
-            str(run.student(loss, f.index, s)),
+            str(rd.student(loss, f.index, s)),
             f.index,
             s,
             loss=loss,
@@ -171,23 +159,19 @@ class WorkerContext:
     def is_chief(self) -> bool:
         return self.rank == 0
 
-    def resume_for(self, phase: str) -> FitState | None:
-        if self.resume and self.resume.get("phase") == phase:
-            return self.resume["state"]
-        return None
+    def fit_hooks(self, phase: str) -> dict[str, Any]:
+        """:func:`~pkdot.train.loops.fit`'s ``on_epoch_end``, ``resume`` and ``progress`` for ``phase``."""
+        report, progress = self.on_epoch_end, self.progress
 
-    def epoch_hook(self, phase: str) -> Callable[[FitState], None]:
-        def hook(state: FitState) -> None:
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(phase, state, dict(state.history[-1]))
+        def on_epoch_end(state: FitState) -> None:
+            if report is not None:
+                report(phase, state, dict(state.history[-1]))
 
-        return hook
-
-    def progress_hook(self, phase: str) -> Callable[[int, dict[str, float]], None] | None:
-        if self.progress is None:
-            return None
-        fn = self.progress
-        return lambda epoch, record: fn(phase, epoch, record)
+        return {
+            "on_epoch_end": on_epoch_end,
+            "resume": self.resume["state"] if self.resume and self.resume.get("phase") == phase else None,
+            "progress": None if progress is None else lambda epoch, record: progress(phase, epoch, record),
+        }
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -211,19 +195,18 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
 
 
 def split_predictions(
-    *,
     model: str,
     job: Job,
-    parts: dict[str, Any],
+    data: FoldData,
     forward: Callable[[Any, np.ndarray], Any],
     batch_size: int,
     regression: bool,
     modules: list[torch.nn.Module],
 ) -> list[pd.DataFrame]:
-    """``predictions.parquet`` rows (:data:`PREDICTION_SCHEMA`) of one model on each named split
-    (``{"val": SampleSet, "test": SampleSet}``); ``forward(sample_set, index) -> (outputs, embeddings)``."""
+    """``predictions.parquet`` rows (:data:`PREDICTION_SCHEMA`) of one model on the val and test parts;
+    ``forward(sample_set, index) -> (outputs, embeddings)``."""
     frames = []
-    for split, part in parts.items():
+    for split, part in (("val", data.val), ("test", data.test)):
         outputs, emb = predict(lambda idx, p=part: forward(p, idx), len(part), batch_size, modules)
         if regression:
             y_pred, scores = outputs[:, 0].astype(np.float64), outputs.astype(np.float32)
@@ -244,6 +227,11 @@ def split_predictions(
     return frames
 
 
+def frame_metric(frame: pd.DataFrame, regression: bool) -> float:
+    """The task metric of one :func:`split_predictions` frame."""
+    return task_metric(frame["y_true"].to_numpy(), np.stack(frame["scores"].to_numpy()), regression)
+
+
 def write_predictions(frames: list[pd.DataFrame], path: Path) -> Path:
     df = pd.concat(frames, ignore_index=True)
     atomic_write_parquet(pa.Table.from_pandas(df, schema=PREDICTION_SCHEMA, preserve_index=False), path)
@@ -251,21 +239,11 @@ def write_predictions(frames: list[pd.DataFrame], path: Path) -> Path:
 
 
 def write_history(out_dir: Path, phases: dict[str, FitState], metric: str) -> None:
-    """``<job>/history.json``: per phase the per-epoch records and the selected epoch."""
-    doc: dict[str, Any] = {
-        "metric": metric,
-        "phases": {
-            k: {
-                "epochs": s.history,
-                "best_epoch": s.best_epoch,
-                "best_val": s.best_score,
-                "resumed_from": list(getattr(s, "resumed_from", [])),
-            }
-            for k, s in phases.items()
-        },
-    }
-    last = list(phases.values())[-1] if phases else None
-    if last is not None:
-        doc["epochs"] = last.history
-        doc["best_epoch"] = last.best_epoch
+    """``<job>/history.json``: per phase the per-epoch records and the selected epoch (the last phase's also
+    at the top level)."""
+    doc: dict[str, Any] = {"metric": metric, "phases": {}}
+    for k, s in phases.items():
+        record = {"epochs": s.history, "best_epoch": s.best_epoch, "best_val": s.best_score}
+        doc["phases"][k] = record | {"resumed_from": list(s.resumed_from)}
+        doc |= {"epochs": s.history, "best_epoch": s.best_epoch}
     atomic_write_json(Path(out_dir) / HISTORY, doc)

@@ -1,15 +1,11 @@
-"""One epoch of training and the fit loop: plain PyTorch, no Ray, no MLflow.
-
-Ray Train's per-worker loop (:mod:`pkdot.train.ray_runner`) and the unit tests call the same functions.
-Data parallelism is explicit: each global batch of ``batch_size`` indices is cut into ``world`` equal slices
-and worker ``rank`` takes its slice, so the set of samples per step does not depend on the number of workers.
-Mixed precision (``train.precision``) is one object, :class:`Amp`, that every loop and forward pass uses.
+"""One epoch of training and the fit loop: plain PyTorch, no Ray, no MLflow (Ray Train's workers and the tests
+call the same functions). Each global batch is cut into ``world`` slices and worker ``rank`` takes its own, so
+the samples of a step do not depend on the number of workers. :class:`Amp` is ``train.precision``.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +17,6 @@ from torch import nn
 
 from pkdot.metrics import accuracy, ccc
 
-log = logging.getLogger(__name__)
-
 StepFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
 F = TypeVar("F", bound=Callable[..., Any])
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,9 +24,8 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Amp:
-    """``train.precision`` on a device: autocast for forward passes, a gradient scaler (fp16 only), and
-    host-to-device copies (pinned memory, non-blocking, on CUDA only). Losses stay in float32
-    (:func:`task_loss`; the distillation losses disable autocast themselves)."""
+    """``train.precision`` on a device: autocast for forward passes, a gradient scaler (fp16 only) and
+    host-to-device copies (pinned, non-blocking on CUDA). Losses stay in float32 (:func:`task_loss`)."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype | None = None  # None: float32, no autocast
@@ -95,9 +88,8 @@ def epoch_batches(
 ) -> list[np.ndarray]:
     """Index batches for one epoch, the ``rank``-th slice of each global batch.
 
-    A last batch smaller than 2 samples (2 per worker) is dropped when ``drop_last`` (batch statistics and
-    similarity structures need at least two samples); with ``drop_last`` and ``world`` > 1, fewer than
-    ``2 * world`` samples in all is a :class:`~pkdot.errors.StageError` (a worker would get one sample or none).
+    With ``drop_last`` a last batch under 2 samples per worker is dropped (batch statistics and similarity
+    structures need two), and fewer than ``2 * world`` samples in all is a :class:`~pkdot.errors.StageError`.
     """
     if drop_last and world > 1 and n < 2 * world:
         from pkdot.errors import StageError
@@ -108,14 +100,9 @@ def epoch_batches(
             f"least 2 per batch, so at least {2 * world} samples): use fewer workers or more training subjects"
         )
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    batches = []
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        if drop_last and len(idx) < max(2, world * 2) and start > 0:
-            continue
-        parts = np.array_split(idx, world)
-        batches.append(parts[rank])
-    return batches
+    batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    kept = [b for i, b in enumerate(batches) if i == 0 or not drop_last or len(b) >= max(2, world * 2)]
+    return [np.array_split(b, world)[rank] for b in kept]
 
 
 def group_batches(
@@ -128,15 +115,12 @@ def group_batches(
     world: int = 1,
     drop_last: bool = True,
 ) -> list[np.ndarray]:
-    """Index batches for one epoch in which every global batch holds samples of a single group.
+    """Like :func:`epoch_batches`, but every global batch holds samples of one group (``groups``: (N,) labels).
 
-    For cross-fitted teacher targets: each crossfit group's targets live in the embedding space of its own
-    teacher, and batch-structure losses compare the samples of a batch, so a batch must not mix groups.
-    Each group's indices (``groups`` is ``(N,)``, one label per sample) are shuffled and cut into batches of
-    ``batch_size``; the batches of all groups are then shuffled together (``default_rng([seed, epoch])``).
-    Returns the ``rank``-th slice of each global batch, like :func:`epoch_batches`; with ``drop_last`` a
-    group's last batch is dropped when smaller than ``max(2, 2 * world)`` (unless it is the group's only one
-    and has at least 2 samples).
+    For cross-fitted targets: each crossfit group's targets live in its own teacher's embedding space, and
+    batch-structure losses compare the samples of a batch. Each group is shuffled and cut into batches, then
+    all batches are shuffled together; with ``drop_last`` a group's last batch under ``max(2, 2 * world)`` is
+    dropped (unless it is the group's only one and has at least 2 samples).
     """
     groups = np.asarray(groups)
     rng = np.random.default_rng([seed, epoch])
@@ -173,11 +157,8 @@ def train_epoch(
     amp: Amp = Amp(),
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches``: ``step(index)`` (run under ``amp.autocast()``) returns a dict of named losses
-    with ``"loss"`` the total; ``scaler`` scales the gradients (fp16).
-
-    Returns the mean of every entry over the batches (so each named loss is logged separately).
-    """
+    """One pass over ``batches``; ``step(index)`` (under ``amp.autocast()``) returns named losses, ``"loss"`` the
+    total. Returns the mean of every entry over the batches (each named loss is logged separately)."""
     for m in modules:
         m.train()
     scaler = amp.scaler() if scaler is None else scaler
@@ -257,10 +238,8 @@ def fit(
 ) -> FitState:
     """Train ``epochs`` epochs, keep the weights of the best validation epoch (higher ``validate()`` is better).
 
-    ``model`` is what is saved/selected (its ``state_dict``); ``train_modules`` are put in train mode for the
-    epoch (default ``[model]``). ``on_epoch_end`` receives the resumable state after every epoch (the Ray
-    runner reports it as a checkpoint). ``resume`` restores model, optimiser and history and continues.
-    Training steps and ``recalibrate`` run under ``amp.autocast()``.
+    ``model`` is what is saved/selected; ``train_modules`` (default ``[model]``) are put in train mode.
+    ``on_epoch_end`` receives the resumable state after every epoch; ``resume`` restores it and continues.
     """
     state = resume or FitState()
     if resume is not None and resume.model_state is not None:

@@ -1,18 +1,13 @@
 """Run training jobs on Ray: one Ray Train run per job (or bundle of ``train.jobs_per_run``), many at once.
 
-Each run is a ``TorchTrainer`` with its own ``ScalingConfig`` (``train.num_workers`` workers of
-``train.cpus_per_worker`` CPUs [and ``train.gpus_per_worker`` GPUs]), storage folder
-(``<run>/ray/<kind>-<config hash>/<run name>``, the run name being the job key with ``/`` -> ``-``) and
-``FailureConfig(max_failures)``. Its ``fit()`` runs inside a 0-CPU Ray task, so Ray places the worker groups on
-any node with free resources; :func:`pkdot.scheduler.run_bounded` keeps at most ``train.max_concurrent_jobs``
-runs in flight (default: as many as the cluster holds). A Tune ``Tuner`` over the job grid is not used: a
-trial must reserve a non-empty bundle, which takes CPUs from the trainers' own placement groups.
+Each run is a ``TorchTrainer`` (its own ``ScalingConfig``, storage folder ``<run>/ray/<kind>-<config hash>/<run
+name>`` and ``FailureConfig(max_failures)``) whose ``fit()`` runs in a 0-CPU Ray task, so Ray places the worker
+groups on any node with room; :func:`pkdot.scheduler.run_bounded` bounds the runs in flight. A Tune ``Tuner``
+is not used: a trial must reserve a non-empty bundle, which takes CPUs from the trainers' placement groups.
 
-Fault tolerance: Ray Train restarts a failed worker group and the job resumes (finished phases are files in
-the job's folder, the running phase continues from ``ray.train.get_checkpoint()``); a restarted driver re-runs
-only jobs without a ``DONE.json`` and Ray Train restores each run's checkpoints from its storage folder. A
-checkpoint carries the job folder's *attempt token*, so a folder reset by the stage never resumes a stale one.
-Before the first run every node checks that it reads the run directory (:func:`check_run_dir_on_nodes`).
+Fault tolerance: Ray Train restarts a failed worker group, and the job loads its finished phases from its folder
+and resumes the running one from ``ray.train.get_checkpoint()``; a restarted driver re-runs only jobs without a
+``DONE.json``. A checkpoint carries the job folder's *attempt token*, so a reset folder never resumes a stale one.
 """
 
 from __future__ import annotations
@@ -130,8 +125,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = RunConfig.model_validate(config["cfg"])
-    kind: str = config["kind"]
-    jobs = [Job(**j) for j in config["jobs"]]
     tokens: dict[str, str] = config["tokens"]
     callbacks: list[EpochCallback] = config.get("callbacks") or []
     context = ray.train.get_context()
@@ -146,15 +139,13 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         if resume is not None and rank == 0:  # logging, not print (Ray Train's print patch doubles prints)
             log.info("resuming %s / %s after epoch %d", resume["job"], resume["phase"], resume["state"].epoch)
 
-    pending = [job for job in jobs if not job.is_done()]
+    pending = [job for job in (Job(**j) for j in config["jobs"]) if not job.is_done()]
     if not pending:
         return
-    samples, plan = job_inputs(cfg, kind)
+    samples, plan = job_inputs(cfg, config["kind"])
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        if world == 1:
-            return module
-        return ray.train.torch.prepare_model(module, move_to_device=False)
+        return module if world == 1 else ray.train.torch.prepare_model(module, move_to_device=False)
 
     last_checkpoint = [time.monotonic()]
     every = float(cfg.train.checkpoint_every_s)
@@ -193,15 +184,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             # would send them to the worker's console log, which Ray forwards to the driver's console.
             progress=epoch_recorder(cfg.run_dir, job.key) if rank == 0 else None,
         )
-        run_job(cfg, kind, job, samples, plan, ctx)
+        run_job(cfg, config["kind"], job, samples, plan, ctx)
 
 
 def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Body of the Ray task of one run: build the ``TorchTrainer`` and ``fit()`` it (blocks until done).
-
-    Returns the run's name, the node that ran the task (and so Ray Train's controller), its wall time and
-    its start/end (Unix seconds).
-    """
+    """Body of the Ray task of one run: ``fit()`` its ``TorchTrainer``; return its name, jobs, the node that ran
+    the task (and so Ray Train's controller), its wall time and its start/end (Unix seconds)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -244,10 +232,9 @@ def runs_that_fit(cfg: RunConfig, cluster: Mapping[str, float], use_gpu: bool) -
         need["GPU"] = cfg.train.num_workers * cfg.train.gpus_per_worker
     fits = min(int(float(cluster.get(k, 0.0)) // v) for k, v in need.items())
     if fits < 1:
+        has = {k: cluster.get(k, 0.0) for k in need}
         log.warning(
-            "one run needs %s but the Ray cluster has %s: runs will wait for resources (an autoscaler?)",
-            need,
-            {k: cluster.get(k, 0.0) for k in need},
+            "one run needs %s but the Ray cluster has %s: runs wait for resources (autoscaler?)", need, has
         )
     return max(1, fits)
 
@@ -266,17 +253,10 @@ def _read_token_on_node(path: str, expected: str) -> str:
 
 
 def check_run_dir_on_nodes(run_dir: str | Path, *, timeout_s: float = 120.0) -> list[str]:
-    """Check that every alive Ray node reads the run directory; return the node ids checked.
+    """Check that every alive Ray node reads the run directory (jobs run on any node); return the node ids.
 
-    The driver writes a fresh token into ``<run_dir>/.ray-node-check``; a 0-CPU task pinned to each alive
-    node (``NodeAffinitySchedulingStrategy(soft=False)``) reads it back. Jobs read their inputs and write
-    their outputs in the run directory from whichever node Ray places them on, so it must be on storage
-    that all nodes share, at the same path.
-
-    Raises
-    ------
-    StageError
-        A node that cannot read the token (or reads a different one), naming the node and its address.
+    The driver writes a fresh token into ``<run_dir>/.ray-node-check`` and a 0-CPU task pinned to each node
+    reads it back; a :class:`StageError` names each node that cannot (or reads another token).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -299,9 +279,8 @@ def check_run_dir_on_nodes(run_dir: str | Path, *, timeout_s: float = 120.0) -> 
     }
     problems = []
     for node in nodes:
-        ref = refs[node["NodeID"]]
         try:
-            why = ray.get(ref, timeout=timeout_s)
+            why = ray.get(refs[node["NodeID"]], timeout=timeout_s)
         except Exception as exc:  # a node that cannot run the check is a node that cannot run jobs
             why = f"the check did not run there ({type(exc).__name__}: {exc})"
         if why:
@@ -325,27 +304,13 @@ def run_jobs_on_ray(
     callbacks: Sequence[EpochCallback] = (),
     name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the pending ``jobs``, one Ray Train run per bundle of ``train.jobs_per_run``, concurrently on Ray.
+    """Run the jobs without a ``DONE.json``, one Ray Train run per bundle of ``train.jobs_per_run``, at most
+    ``train.max_concurrent_jobs`` at once (default: as many as the cluster holds); return :func:`_fit_run`'s
+    record of each run.
 
-    Parameters
-    ----------
-    cfg : the run's configuration (``train.num_workers``, ``cpus_per_worker``, ``gpus_per_worker``,
-        ``max_failures``, ``max_concurrent_jobs``, ``jobs_per_run``; ``ray_address``).
-    kind : ``"teacher"`` or ``"student"``.
-    jobs : every job of the stage; those with a ``DONE.json`` are skipped.
-    callbacks : epoch callbacks run on every worker (chaos tests).
-    name : the storage folder of the stage's runs under ``<run_dir>/ray`` (default ``<kind>-<config hash>``).
-
-    Returns
-    -------
-    list of dict
-        Per run: ``name``, ``jobs`` (keys), ``node_id`` of its task, ``seconds``, ``started``/``ended``.
-
-    Raises
-    ------
-    StageError
-        A run that failed after ``train.max_failures`` restarts (naming its jobs; the others still finish
-        when already running, none is started after a failure), or a job left without a ``DONE.json``.
+    ``callbacks`` run on every worker after every epoch (chaos tests); ``name`` is the runs' storage folder
+    under ``<run_dir>/ray`` (default ``<kind>-<config hash>``). A run that failed after ``train.max_failures``
+    restarts is a :class:`StageError` naming its jobs (running runs finish, none starts after a failure).
     """
     import ray
 
@@ -372,29 +337,23 @@ def run_jobs_on_ray(
         "use_gpu": use_gpu,
         "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
     }
+    run_spec = {
+        "storage_path": str(storage),
+        "use_gpu": use_gpu,
+        **cfg.train.model_dump(include={"num_workers", "cpus_per_worker", "gpus_per_worker", "max_failures"}),
+    }
     specs = [
-        {
+        run_spec
+        | {
             "name": run_name(bundle),
             "jobs": [j.key for j in bundle],
-            "storage_path": str(storage),
-            "num_workers": cfg.train.num_workers,
-            "cpus_per_worker": cfg.train.cpus_per_worker,
-            "gpus_per_worker": cfg.train.gpus_per_worker,
-            "use_gpu": use_gpu,
-            "max_failures": cfg.train.max_failures,
             "loop_config": base_config
             | {"jobs": [j.__dict__ for j in bundle], "tokens": {j.key: attempt_token(j) for j in bundle}},
         }
         for bundle in bundles
     ]
-    log.info(
-        "%s: %d pending jobs in %d Ray Train runs, up to %d at once (%d worker(s) each)",
-        kind,
-        len(pending),
-        len(specs),
-        limit,
-        cfg.train.num_workers,
-    )
+    what = "%s: %d pending jobs in %d Ray Train runs, up to %d at once (%d worker(s) each)"
+    log.info(what, kind, len(pending), len(specs), limit, cfg.train.num_workers)
     task = ray.remote(num_cpus=0, max_retries=0)(_fit_run)
     # The workers' epoch records: logged once here, the newest one shown as the stage's current metric.
     tail = EpochTail(run_dir, [j.key for j in pending])

@@ -1,24 +1,16 @@
 """Student job of one loss x fold x seed: distil the frozen teacher into the video-only student.
 
-The student = a video backbone + the T-Net(s) trained next to the full-fold teacher (frozen, *loaded* — the
-authors' script forgot to load them) + its own fusion block and head. ``train.student_init`` chooses the
-backbone:
-
-- ``teacher-frozen`` (the paper's): the teacher's video backbone, frozen. The student trains from the
-  embedding cache (stage 3) alone: cached video tokens in, cached teacher embeddings/logits as targets.
-- ``teacher-finetune``: starts from the teacher's video backbone and trains it;
-- ``scratch``: a freshly initialised backbone (seeded by the job);
-- ``pretrained``: a fresh backbone loaded from ``model.pretrained_video`` (a local state_dict).
-
-Non-frozen students read the face crops (``features/faces.parquet``) and run their backbone every step; the
-cache still supplies the teacher's side. With cross-fitted targets (``distill.teacher_targets = "crossfit"``)
-every training batch holds one crossfit group only (:func:`pkdot.train.loops.group_batches`), for every loss,
-so that all losses see the same batches. Total loss = task_weight * task + weights[loss] * distill.
+The student = a video backbone + the full-fold teacher's T-Net(s) (frozen, *loaded* — the authors' script forgot
+to load them) + its own fusion block and head. ``train.student_init`` chooses the backbone: ``teacher-frozen``
+(the paper's; the student then trains from the embedding cache alone, cached video tokens in),
+``teacher-finetune``, ``scratch`` (seeded by the job) or ``pretrained`` (``model.pretrained_video``). Non-frozen
+students read the face crops and run their backbone every step. With cross-fitted targets every training batch
+holds one crossfit group (:func:`pkdot.train.loops.group_batches`), for every loss, so all losses see the same
+batches.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +31,7 @@ from pkdot.train.data import FoldData, SampleSet, load_samples
 from pkdot.train.jobs import (
     Job,
     WorkerContext,
+    frame_metric,
     load_checkpoint,
     split_predictions,
     write_history,
@@ -55,18 +48,13 @@ from pkdot.train.loops import (
     task_metric,
 )
 
-log = logging.getLogger(__name__)
-
 
 def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
     """Ids/targets of every sample; raw video frames too when the student backbone is trained (not frozen)."""
-    mods = [] if cfg.train.student_backbone_frozen else [cfg.data.student_modalities[0]]
-    if not mods:
-        # ids and targets only: intersect with every modality table so the rows match the teacher's
-        base = load_samples(cfg, run_dir, modalities=[cfg.data.student_modalities[0]])
-        base.arrays = {}
-        return base
-    return load_samples(cfg, run_dir, modalities=mods)
+    samples = load_samples(cfg, run_dir, modalities=[cfg.data.student_modalities[0]])
+    if cfg.train.student_backbone_frozen:
+        samples.arrays = {}  # ids and targets only
+    return samples
 
 
 class DistillationObjective(nn.Module):
@@ -108,15 +96,14 @@ class DistillationObjective(nn.Module):
 def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:
     """Add the cached teacher arrays to every part (``video_tokens`` for a frozen backbone, ``target_group``
     to the training part with cross-fitted targets)."""
-    run_dir = Path(cfg.run_dir)
     crossfit = crossfit_groups_of(cfg)
     columns = ("teacher_embedding", "teacher_logits")
     if cfg.train.student_backbone_frozen:
         columns += ("video_tokens",)
-    for name, part in (("train", data.train), ("val", data.val), ("test", data.test)):
-        extra = ("target_group",) if crossfit is not None and name == "train" else ()
+    for part in (data.train, data.val, data.test):
+        extra = ("target_group",) if crossfit is not None and part is data.train else ()
         part.arrays.update(
-            read_cache(run_dir, job.fold, job.seed, part.sample_ids, crossfit, columns + extra)
+            read_cache(cfg.run_dir, job.fold, job.seed, part.sample_ids, crossfit, columns + extra)
         )
 
 
@@ -129,11 +116,8 @@ def build_student_for_job(
     initialise: bool = True,
 ):
     """The untrained student of (fold, seed): its video backbone as ``train.student_init`` says, the full-fold
-    teacher's loaded T-Nets, fresh fusion and head.
-
-    ``initialise=False`` skips loading ``model.pretrained_video`` (for a trained student whose saved
-    state_dict replaces every weight anyway). Raises :class:`ConfigError` for ``pretrained`` without a file.
-    """
+    teacher's loaded T-Nets, fresh fusion and head. ``initialise=False`` skips loading
+    ``model.pretrained_video`` (a trained student's saved state_dict replaces every weight anyway)."""
     from pkdot.train.teacher import load_teacher
 
     teacher, tnets, shapes = load_teacher(cfg, RunDir(cfg.run_dir).teacher(job_fold, job_seed), device)
@@ -176,7 +160,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     regression = cfg.data.is_regression
     metric = "ccc" if regression else "accuracy"
     crossfit = crossfit_groups_of(cfg)
-    meta = check_cache(Path(cfg.run_dir), job.fold, job.seed, crossfit, cfg.distill.teacher_source)
+    meta = check_cache(cfg.run_dir, job.fold, job.seed, crossfit, cfg.distill.teacher_source)
     _attach_cache(cfg, data, job)
     video = cfg.data.student_modalities[0]
     from_features = cfg.train.student_backbone_frozen
@@ -253,30 +237,16 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         validate=validate,
         epochs=cfg.train.epochs_student,
         batches_for_epoch=batches_for_epoch,
-        on_epoch_end=ctx.epoch_hook(phase),
-        resume=ctx.resume_for(phase),
         scheduler=scheduler,
         train_modules=[train_objective],
-        progress=ctx.progress_hook(phase),
         recalibrate=recalibrate,
         amp=amp,
+        **ctx.fit_hooks(phase),
     )
     metrics: dict[str, float] = {}
     if ctx.is_chief:
-        frames = split_predictions(
-            model=phase,
-            job=job,
-            parts={"val": data.val, "test": data.test},
-            forward=forward,
-            batch_size=b,
-            regression=regression,
-            modules=[student],
-        )
-        for frame in frames:
-            scores = np.stack(frame["scores"].to_numpy())
-            metrics[f"{frame['split'].iloc[0]}_{metric}"] = task_metric(
-                frame["y_true"].to_numpy(), scores, regression
-            )
+        frames = split_predictions(phase, job, data, forward, b, regression, [student])
+        metrics = {f"{f['split'].iloc[0]}_{metric}": frame_metric(f, regression) for f in frames}
         metrics["best_epoch"] = state.best_epoch
         atomic_torch_save(
             {
@@ -304,7 +274,4 @@ def load_trained_student(cfg: RunConfig, loss: str, fold: int, seed: int, device
     saved = load_checkpoint(RunDir(cfg.run_dir).student(loss, fold, seed) / "student.pt", device)
     student, shapes = build_student_for_job(cfg, fold, seed, device, initialise=False)
     student.load_state_dict(saved["state_dict"])
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    return student, shapes
+    return student.eval().requires_grad_(False), shapes

@@ -1,30 +1,22 @@
 """Teacher job of one fold x seed: unimodal backbones, then the fusion teacher, then the T-Net(s).
 
-Phases, as the paper trains them:
+Phases, as the paper trains them (model selection on the fold's validation subjects only):
 
-1. ``unimodal-<m>`` for every training modality: backbone + head on that modality alone (also the
-   video-only / physio-only / audio-only reference models of the report).
-2. ``teacher``: the gated cross-attention fusion on all modalities, backbones initialised from phase 1
-   (backbone lr ``lr_teacher_backbone``, fusion/head lr ``lr_fusion``).
-3. ``tnet``: for each privileged modality, a T-Net from the teacher's pooled video features to the teacher's
-   pooled privileged features, trained with an RBF-kernel MMD (lr ``lr_tnet``); the teacher is frozen.
+1. ``unimodal-<m>`` per modality: backbone + head on that modality alone (also the report's reference models).
+2. ``teacher``: the gated cross-attention fusion, backbones initialised from phase 1.
+3. ``tnet``: per privileged modality, a T-Net from the frozen teacher's pooled video features to its pooled
+   privileged features, trained with an RBF-kernel MMD.
 
-Model selection uses the fold's *validation subjects* only; test predictions are written once, at the end.
-
-A cross-fitting job (``job.group`` set, ``distill.teacher_targets = "crossfit"``) runs phases 1 and 2 on the
-fold's training subjects minus one crossfit group and skips the T-Net (the student's T-Nets come from the
-full-fold teacher); it writes no ``predictions.parquet`` (it is not a model of the report), only its
-checkpoints, history, metrics and ``DONE.json``. Every job's ``DONE.json`` records the subjects it trained on
-and its seconds, which is how the cache proves that no target comes from a teacher that saw the subject, and
-how the benchmark reports the cost of cross-fitting.
+A cross-fitting job (``job.group`` set) runs phases 1 and 2 without one crossfit group and no T-Net, and writes
+no ``predictions.parquet`` (it is not a model of the report). Every ``DONE.json`` records the subjects the job
+trained on (the cache's proof that no target comes from a teacher that saw the subject) and its seconds.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +32,7 @@ from pkdot.train.data import FoldData, SampleSet
 from pkdot.train.jobs import (
     Job,
     WorkerContext,
+    frame_metric,
     load_checkpoint,
     split_predictions,
     write_history,
@@ -56,8 +49,6 @@ from pkdot.train.loops import (
     task_metric,
 )
 
-log = logging.getLogger(__name__)
-
 #: builds a model's input from rows ``index`` of a sample set
 Inputs = Callable[[SampleSet, np.ndarray], Any]
 
@@ -72,17 +63,6 @@ def _phase_path(job: Job, phase: str) -> Path:
     return Path(job.out_dir) / f"{phase}.pt"
 
 
-def _fit_summary(state: FitState) -> dict:
-    """A FitState without the weights (stored next to the phase's weights)."""
-    return {
-        "epoch": state.epoch,
-        "best_score": state.best_score,
-        "best_epoch": state.best_epoch,
-        "history": state.history,
-        "resumed_from": state.resumed_from,
-    }
-
-
 def _phase(
     job: Job, ctx: WorkerContext, phase: str, model: nn.Module, train: Callable[[], FitState], **extra: Any
 ) -> FitState:
@@ -93,9 +73,14 @@ def _phase(
         model.load_state_dict(saved["state_dict"])
         return FitState(**saved["fit"])
     state = train()
-    if ctx.is_chief:
-        atomic_torch_save({"state_dict": model.state_dict(), **extra, "fit": _fit_summary(state)}, path)
+    if ctx.is_chief:  # the FitState without its weights
+        fit = {k: getattr(state, k) for k in ("epoch", "best_score", "best_epoch", "history", "resumed_from")}
+        atomic_torch_save({"state_dict": model.state_dict(), **extra, "fit": fit}, path)
     return state
+
+
+def _out_emb(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return out.logits, out.embedding
 
 
 def _fit_supervised(
@@ -107,7 +92,6 @@ def _fit_supervised(
     inputs: Inputs,
     data: FoldData,
     groups: list[dict],
-    epochs: int,
 ) -> FitState:
     """Train ``model`` (``model(inputs(samples, index))``) on the task loss, select on val."""
     regression = cfg.data.is_regression
@@ -136,34 +120,23 @@ def _fit_supervised(
         _optimizer(cfg, groups),
         train_step=step,
         validate=validate,
-        epochs=epochs,
+        epochs=cfg.train.epochs_teacher if phase == "teacher" else cfg.train.epochs_unimodal,
         batches_for_epoch=lambda e: epoch_batches(
             len(data.train), batch_size, seed=seed, epoch=e, rank=ctx.rank, world=ctx.world
         ),
-        on_epoch_end=ctx.epoch_hook(phase),
-        resume=ctx.resume_for(phase),
         train_modules=[train_model],
-        progress=ctx.progress_hook(phase),
         recalibrate=recalibrate,
         amp=amp,
+        **ctx.fit_hooks(phase),
     )
-
-
-def _out_emb(out):
-    return out.logits, out.embedding
 
 
 def _predictions(
     cfg: RunConfig, job: Job, name: str, model: nn.Module, inputs: Inputs, data: FoldData, amp: Amp
 ):
+    forward = amp.wrap(lambda part, idx: _out_emb(model(inputs(part, idx))))
     return split_predictions(
-        model=name,
-        job=job,
-        parts={"val": data.val, "test": data.test},
-        forward=amp.wrap(lambda part, idx: _out_emb(model(inputs(part, idx)))),
-        batch_size=cfg.train.teacher_batch_size,
-        regression=cfg.data.is_regression,
-        modules=[model],
+        name, job, data, forward, cfg.train.teacher_batch_size, cfg.data.is_regression, [model]
     )
 
 
@@ -191,17 +164,14 @@ def _unimodal(
 def _train_tnets(
     cfg: RunConfig, job: Job, ctx: WorkerContext, teacher: nn.Module, tnets: nn.ModuleDict, data: FoldData
 ) -> FitState:
-    """T-Nets: the teacher's pooled video features -> its pooled privileged features (RBF-kernel MMD).
-
-    The features come from the teacher under ``train.precision``; the small T-Net MLPs and their MMD train
-    in float32."""
+    """T-Nets: the teacher's pooled video features -> its pooled privileged features (RBF-kernel MMD); the
+    features come from the teacher under ``train.precision``, the T-Nets and their MMD train in float32."""
     seed_everything(job.seed * 7919 + job.fold * 31 + 202)
     b = cfg.train.teacher_batch_size
     amp = Amp.of(cfg.train.precision, ctx.device)
     video = cfg.data.student_modalities[0]
-    vid = teacher.backbones[video]
-    x_train = pooled_features(vid, data.train, video, b, amp)
-    x_val = pooled_features(vid, data.val, video, b, amp)
+    x_train = pooled_features(teacher.backbones[video], data.train, video, b, amp)
+    x_val = pooled_features(teacher.backbones[video], data.val, video, b, amp)
     y_train = {p: pooled_features(teacher.backbones[p], data.train, p, b, amp) for p in tnets}
     y_val = {p: pooled_features(teacher.backbones[p], data.val, p, b, amp) for p in tnets}
 
@@ -224,21 +194,16 @@ def _train_tnets(
         batches_for_epoch=lambda e: epoch_batches(
             len(data.train), b, seed=job.seed * 1000 + job.fold, epoch=e
         ),
-        on_epoch_end=ctx.epoch_hook("tnet"),
-        resume=ctx.resume_for("tnet"),
         train_modules=[tnets],
-        progress=ctx.progress_hook("tnet"),
+        **ctx.fit_hooks("tnet"),
     )
 
 
 def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext) -> dict[str, float]:
     """Train (or resume) every phase of a teacher job; rank 0 writes the job's files. Returns test metrics."""
     started = time.perf_counter()
-    out = Path(job.out_dir)
     full_fold = job.group is None
-    regression = cfg.data.is_regression
     shapes = data.input_shapes
-    metric = "ccc" if regression else "accuracy"
     amp = Amp.of(cfg.train.precision, ctx.device)
     histories: dict[str, FitState] = {}
     frames = []
@@ -254,16 +219,8 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
             return amp.tensor(samples.arrays[m][idx])
 
         groups = [{"params": list(model.parameters()), "lr": cfg.train.lr_backbone}]
-        histories[phase] = _phase(
-            job,
-            ctx,
-            phase,
-            model,
-            functools.partial(
-                _fit_supervised, cfg, job, ctx, phase, model, one, data, groups, cfg.train.epochs_unimodal
-            ),
-            input_shape=shapes[modality],
-        )
+        train = partial(_fit_supervised, cfg, job, ctx, phase, model, one, data, groups)
+        histories[phase] = _phase(job, ctx, phase, model, train, input_shape=shapes[modality])
         backbones[modality] = model.backbone
         frames += _predictions(cfg, job, phase, model, one, data, amp)
 
@@ -280,19 +237,10 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         {"params": backbone_params, "lr": cfg.train.lr_teacher_backbone},
         {"params": [p for p in teacher.parameters() if id(p) not in ids], "lr": cfg.train.lr_fusion},
     ]
-    histories["teacher"] = _phase(
-        job,
-        ctx,
-        "teacher",
-        teacher,
-        lambda: _fit_supervised(
-            cfg, job, ctx, "teacher", teacher, multi, data, groups, cfg.train.epochs_teacher
-        ),
-        input_shapes=shapes,
-    )
+    train = partial(_fit_supervised, cfg, job, ctx, "teacher", teacher, multi, data, groups)
+    histories["teacher"] = _phase(job, ctx, "teacher", teacher, train, input_shapes=shapes)
     frames += _predictions(cfg, job, "teacher", teacher, multi, data, amp)
-    teacher.requires_grad_(False)
-    teacher.eval()
+    _frozen(teacher)
 
     # 3. T-Nets (full-fold teachers only)
     if full_fold:
@@ -303,15 +251,14 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
     metrics: dict[str, float] = {}
     if ctx.is_chief:
+        out = Path(job.out_dir)
+        metric = "ccc" if cfg.data.is_regression else "accuracy"
         if full_fold:
             write_predictions(frames, out / "predictions.parquet")
         write_history(out, histories, metric)
         for f in frames:
             if f["split"].iloc[0] == "test":
-                scores = np.stack(f["scores"].to_numpy())
-                metrics[f"{f['model'].iloc[0]}/test_{metric}"] = task_metric(
-                    f["y_true"].to_numpy(), scores, regression
-                )
+                metrics[f"{f['model'].iloc[0]}/test_{metric}"] = frame_metric(f, cfg.data.is_regression)
         atomic_write_json(out / METRICS, metrics)
         record = {
             "teacher_hash": content_hash(_phase_path(job, "teacher")),
@@ -326,10 +273,9 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     return metrics
 
 
-def _frozen(*modules: nn.Module) -> None:
-    for m in modules:
-        m.eval()
-        m.requires_grad_(False)
+def _frozen(model: nn.Module) -> None:
+    model.requires_grad_(False)
+    model.eval()
 
 
 def load_teacher(
