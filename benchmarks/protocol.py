@@ -408,8 +408,8 @@ def report_markdown(report: ProtocolReport, machine: dict[str, Any], command: st
     lines = [
         f"# Protocol benchmark ({report.data}): the authors' protocol beside a sound one",
         "",
-        f"> Rows other than `sound` use switches that are **{BANNER.lower().rstrip('.')}** They measure how "
-        "much of a published gain such a protocol can create; they are not results about PKDOT.",
+        f"> **{BANNER}** Rows other than `sound` use the authors'-protocol switches: they measure how much of "
+        "a published gain such a protocol can create; they are not results about PKDOT.",
         "",
         machine_markdown(machine),
         f"- Command: `{command}`",

@@ -1147,7 +1147,7 @@ def task_markdown(result: TaskResult, selected: tuple[str, str] | None = None) -
     if len(result.runs) > 1:
         lines += [
             "",
-            "### Grid: student initialisation x teacher targets (losses none, kd, pkdot)",
+            f"### Grid: student initialisation x teacher targets (losses {', '.join(_grid_losses(result))})",
             "",
             grid_markdown(result, selected),
         ]
