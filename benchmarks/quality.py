@@ -62,6 +62,8 @@ from pkdot.config import (  # noqa: E402
     DistillConfig,
     RunConfig,
     load_config,
+    loss_names_problem,
+    loss_terms,
 )
 from pkdot.config import LOSSES as CONFIG_LOSSES  # noqa: E402
 from pkdot.errors import ConfigError  # noqa: E402
@@ -356,8 +358,11 @@ class QualitySettings:
     ablations: tuple[str, ...] = ()
     quick: bool = False
     work_dir: Path = Path("runs/bench-quality")
-    #: losses of the base cell (default every loss); a subset must keep ``none`` and ``pkdot``
+    #: losses of the base cell (default every loss); a subset must keep ``none`` and ``pkdot``; registered
+    #: losses or sums of them (``kd+pkdot``)
     base_losses: tuple[str, ...] = LOSSES
+    #: losses of the other grid cells (default :data:`GRID_LOSSES`; the same rules as ``base_losses``)
+    grid_losses: tuple[str, ...] = GRID_LOSSES
     #: only read the run directories a previous call completed (no stage runs): cells not found are skipped
     report_only: bool = False
 
@@ -369,12 +374,14 @@ class QualitySettings:
         bad = [a for a in self.ablations if a not in names]
         if bad:
             raise ConfigError(f"--ablations: unknown setting(s) {bad} (expected some of {sorted(names)})")
-        odd = [loss for loss in self.base_losses if loss not in LOSSES]
-        if odd or not {"none", "pkdot"} <= set(self.base_losses):
-            raise ConfigError(
-                f"--base-losses {list(self.base_losses)}: expected some of {list(LOSSES)}, including none and "
-                "pkdot (the report compares PKDOT with the student without distillation)"
-            )
+        for option, losses in (("--base-losses", self.base_losses), ("--grid-losses", self.grid_losses)):
+            problem = loss_names_problem(list(losses))
+            if problem or not {"none", "pkdot"} <= set(losses):
+                raise ConfigError(
+                    f"{option} {list(losses)}: expected registered losses ({', '.join(CONFIG_LOSSES)}) or sums "
+                    "of them such as kd+pkdot, including none and pkdot (the report compares PKDOT with the "
+                    f"student without distillation){': ' + problem if problem else ''}"
+                )
         if self.seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
         if self.folds < 2:
@@ -730,7 +737,7 @@ def run_task(
     for cell in sorted(
         wanted, key=lambda c: (c != BASE_CELL, TEACHER_TARGETS.index(c[1]), c[0] != "teacher-frozen")
     ):
-        losses = settings.base_losses if cell == BASE_CELL else GRID_LOSSES
+        losses = settings.base_losses if cell == BASE_CELL else settings.grid_losses
         targets = cell[1]
         if targets not in full:
             frozen = ("teacher-frozen", targets)
@@ -744,7 +751,7 @@ def run_task(
                 settings,
                 data_roots,
                 frozen,
-                settings.base_losses if frozen == BASE_CELL else GRID_LOSSES,
+                settings.base_losses if frozen == BASE_CELL else settings.grid_losses,
             )
             runs[frozen] = full[targets]
         if targets not in full:
@@ -980,6 +987,42 @@ def best_other_distiller(run: RunResult) -> str | None:
     return max(sorted(others), key=lambda m: float(val.loc[val["model"] == m, run.metric].mean()))
 
 
+def _grid_losses(result: TaskResult) -> list[str]:
+    """The losses the grid cells other than the base cell trained (``none`` first), :data:`GRID_LOSSES` by
+    default."""
+    models = [m for c, r in result.runs.items() if c != BASE_CELL for m in set(r.per_fold["model"])]
+    losses = [m.removeprefix("student-") for m in order_models(models) if m.startswith("student-")]
+    return losses or list(GRID_LOSSES)
+
+
+def composite_lines(result: TaskResult) -> list[str]:
+    """Each composite student (``student-a+b``) against each of its terms, paired by (fold, seed) in every cell
+    that trained both, and the cell validation selects for the composite (:func:`select_cell`)."""
+    composites = sorted(
+        {
+            m
+            for r in result.runs.values()
+            for m in set(r.per_fold["model"])
+            if m.startswith("student-") and "+" in m
+        }
+    )
+    lines: list[str] = []
+    for model in composites:
+        loss = model.removeprefix("student-")
+        chosen = select_cell(result, loss)
+        lines += ["", f"`{loss}` against its terms (Δ paired by (fold, seed), corrected 95% CI, p):", ""]
+        for cell, run in result.runs.items():
+            if model not in set(run.per_fold["model"]):
+                continue
+            parts = [
+                f"− `{term}` {_fmt_diff(_paired_row(run, model, f'student-{term}'))}"
+                for term in loss_terms(loss)
+            ]
+            mark = " **(selected by validation)**" if cell == chosen else ""
+            lines.append(f"- `{cell_name(cell)}`{mark}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def grid_markdown(result: TaskResult, selected: tuple[str, str] | None) -> str:
     """One row per (cell, loss): validation mean, test mean [corrected CI], Δ vs that cell's ``none``."""
     header = [
@@ -997,7 +1040,7 @@ def grid_markdown(result: TaskResult, selected: tuple[str, str] | None) -> str:
     ]:
         run = result.runs[cell]
         table = run.table.set_index("model")
-        for loss in GRID_LOSSES:
+        for loss in _grid_losses(result):
             model = f"student-{loss}"
             if model not in table.index:
                 continue
@@ -1085,6 +1128,7 @@ def task_markdown(result: TaskResult, selected: tuple[str, str] | None = None) -
             f"PKDOT vs the best other distiller by validation (`{other}`): "
             f"{_fmt_diff(_paired_row(base, PKDOT_STUDENT, other))}.",
         ]
+    lines += composite_lines(result)
     checks = []
     for cell, run in result.runs.items():
         d = (
@@ -1104,7 +1148,7 @@ def task_markdown(result: TaskResult, selected: tuple[str, str] | None = None) -
     if len(result.runs) > 1:
         lines += [
             "",
-            "### Grid: student initialisation x teacher targets (losses none, kd, pkdot)",
+            f"### Grid: student initialisation x teacher targets (losses {', '.join(_grid_losses(result))})",
             "",
             grid_markdown(result, selected),
         ]
@@ -1245,7 +1289,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         nargs="*",
         default=None,
         metavar="LOSS",
-        help="losses of the base cell (default all; keep none and pkdot), e.g. none kd pkdot to save time",
+        help="losses of the base cell (default the eight defaults; keep none and pkdot), e.g. none kd pkdot to "
+        "save time; registered variants (pkdot-most, pkdot-all) and sums (kd+pkdot) are accepted",
+    )
+    parser.add_argument(
+        "--grid-losses",
+        nargs="+",
+        default=None,
+        metavar="LOSS",
+        help=f"losses of the other grid cells (default {' '.join(GRID_LOSSES)}; keep none and pkdot)",
     )
     parser.add_argument(
         "--cells",
@@ -1315,6 +1367,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualitySettings, Path
         work_dir=work_dir,
         report_only=args.report_only,
         base_losses=tuple(args.base_losses) if args.base_losses else LOSSES,
+        grid_losses=tuple(args.grid_losses) if args.grid_losses else GRID_LOSSES,
     )
     out = args.out or (work_dir / "quality.md" if quick else RESULTS_DIR / "quality.md")
     return settings, out
