@@ -188,4 +188,6 @@ def test_run_regenerates_its_synthetic_set_when_the_coupling_changes(tmp_path: P
 
     assert (prepared(1.0).coupling == 1.0).all()
     truth = prepared(0.0)
-    assert (truth.coupling == 0.0).all() and len(truth) == 10
+    # 2 subjects x 1 window of each class the (binary) task reads: BL1 and PA4
+    assert (truth.coupling == 0.0).all() and len(truth) == 4
+    assert set(truth.class_id) == {0, 4}
