@@ -223,7 +223,8 @@ def collect_predictions(run_dir: Path) -> pd.DataFrame:
 
 def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()) -> pd.DataFrame | None:
     """Per (fold, seed) run: ``n_test``, ``n_val`` and ``n_train`` (manifest samples, with features of
-    ``modalities``, of the other subjects), for the corrected interval; None without ``manifest.parquet``."""
+    ``modalities``, of the other subjects -- of the other samples when ``splits.json`` holds folds over samples,
+    ``train.folds: clips``), for the corrected interval; None without ``manifest.parquet``."""
     from pkdot.data.manifest import read_manifest
     from pkdot.features.schema import read_sample_ids
 
@@ -234,12 +235,21 @@ def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()
     for m in modalities:
         if (path := rd.feature_table(m)).is_file():
             manifest = manifest[manifest["sample_id"].isin(set(read_sample_ids(path)))]
-    per_subject = manifest.groupby(manifest["subject_id"].astype(str)).size()
+    # the folds' unit: subjects, or samples under train.folds: clips (every subject is then in some test part)
+    unit = "subject_id"
+    if rd.splits.is_file():
+        from pkdot.folds import load_fold_plan
+
+        plan = load_fold_plan(rd.splits)
+        folds = list(plan.shared or ()) + [f for _, f in plan.pairs(plan.seeds)]
+        if any(f.unit == "sample_id" for f in folds):
+            unit = "sample_id"
+    per_unit = manifest.groupby(manifest[unit].astype(str)).size()
     records = []
     for (fold, seed), g in pred.groupby(["fold", "seed"], sort=True):
         test, val = g[g["split"] == "test"], g[g["split"] == "val"]
-        held_out = set(test["subject_id"].astype(str)) | set(val["subject_id"].astype(str))
-        n_train = int(per_subject[~per_subject.index.isin(held_out)].sum())
+        held_out = set(test[unit].astype(str)) | set(val[unit].astype(str))
+        n_train = int(per_unit[~per_unit.index.isin(held_out)].sum())
         n_test, n_val = int(test["sample_id"].nunique()), int(val["sample_id"].nunique())
         records.append((int(fold), int(seed), n_test, n_val, n_train))
     return pd.DataFrame.from_records(records, columns=["fold", "seed", "n_test", "n_val", "n_train"])
