@@ -926,14 +926,21 @@ def jobs_and_costs(base_run: Path, work: Path, n_jobs: int, student: dict[str, A
     return {"concurrency": conc, "paper_costs": costs, "cost_model": model}
 
 
-def main_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
-    """``--only jobs``: a quick base run, then the concurrent-jobs section and the cost model only."""
+def _section_run(
+    args: argparse.Namespace, argv: Sequence[str] | None, default_work: str
+) -> tuple[dict[str, Any], str, Path, Path]:
+    """An ``--only`` run's machine, command line, emptied work folder and results file."""
     machine = machine_info()
     command = "python benchmarks/speed.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
-    work = (args.work_dir or Path("runs/bench-speed-jobs")).resolve()
-    out = args.out or RESULTS_DIR / "speed.md"
+    work = (args.work_dir or Path(default_work)).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    return machine, command, work, args.out or RESULTS_DIR / "speed.md"
+
+
+def main_jobs(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
+    """``--only jobs``: a quick base run, then the concurrent-jobs section and the cost model only."""
+    machine, command, work, out = _section_run(args, argv, "runs/bench-speed-jobs")
     start = time.perf_counter()
     print("[speed] a quick base run (teacher + embedding cache) ...", flush=True)
     base = work / "base"
@@ -1068,12 +1075,7 @@ def demo_markdown(runs: list[dict[str, Any]], command: str, machine: dict[str, A
 
 def main_demo(args: argparse.Namespace, argv: Sequence[str] | None) -> Path:
     """``--only demo``: ``pkdot run`` in a fresh run directory, ``--demo-runs`` times; the breakdown of each."""
-    machine = machine_info()
-    command = "python benchmarks/speed.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
-    work = (args.work_dir or Path("runs/bench-speed-demo")).resolve()
-    out = args.out or RESULTS_DIR / "speed.md"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    machine, command, work, out = _section_run(args, argv, "runs/bench-speed-demo")
     pkdot = Path(sys.executable).parent / "pkdot"
     runs = []
     for i in range(args.demo_runs):

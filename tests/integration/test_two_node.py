@@ -62,17 +62,14 @@ REFERENCE = (
 )
 
 
-def _pkdot(it, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [str(it.BIN / "pkdot"), *args],
-        cwd=it.REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=STEP_TIMEOUT_S,
-    )
-    assert done.returncode == 0, f"pkdot {' '.join(args)} failed:\n{(done.stdout + done.stderr)[-6000:]}"
+def _checked(it, env: dict[str, str], argv: list[str], what: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(argv, cwd=it.REPO, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
+    assert done.returncode == 0, f"{what} failed:\n{(done.stdout + done.stderr)[-6000:]}"
     return done
+
+
+def _pkdot(it, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return _checked(it, env, [str(it.BIN / "pkdot"), *args], f"pkdot {' '.join(args)}")
 
 
 def _metrics(run_dir: Path) -> dict[str, dict]:
@@ -175,15 +172,7 @@ def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_node(i
 
     # -- the reference: one node (a local Ray started by the process), the three stages in one process (what
     # `pkdot train-teacher/cache/distill --run` call, without paying Python's and Ray's start-up three times)
-    done = subprocess.run(
-        [str(it.PYTHON), "-c", REFERENCE, str(one)],
-        cwd=it.REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=STEP_TIMEOUT_S,
-    )
-    assert done.returncode == 0, f"the one-node reference failed:\n{(done.stdout + done.stderr)[-6000:]}"
+    _checked(it, env, [str(it.PYTHON), "-c", REFERENCE, str(one)], "the one-node reference")
 
     # -- the cluster: teacher jobs, one per node at a time (1 CPU each)
     _pkdot(it, env, "train-teacher", "--run", str(two), "--ray-address", cluster.address)
