@@ -704,8 +704,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "jobs_per_run": "auto",
         },
         "distill": {"pkdot": {"k": 10}, "pkdot-most": {"k": 10}},
-        # 10 frames/s (not Biovid's 25): the demo samples 8 frames per window, and writing the set is 2.5x faster
-        "synth": {"subjects": 10, "samples_per_class": 8, "fps": 10},
+        "synth": {"subjects": 10, "samples_per_class": 8},
     },
     # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6) are the defaults;
     # student_init as in `demo` (validation's pick).
