@@ -702,8 +702,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             # 1-worker run per CPU slot takes a stage's jobs (2-worker DDP did not scale on 2 CPUs)
             "num_workers": 1,
             "jobs_per_run": "auto",
+            # 3 of the 5 subject folds and 4 students: the demo in ~3 min instead of ~5.5 on 2 CPUs
+            # (benchmarks/results/speed.md); benchmarks and your own runs lift both.
+            "max_folds": 3,
         },
-        "distill": {"pkdot": {"k": 10}, "pkdot-most": {"k": 10}},
+        "distill": {"losses": ["none", "kd", "rkd", "pkdot"], "pkdot": {"k": 10}, "pkdot-most": {"k": 10}},
         "synth": {"subjects": 10, "samples_per_class": 8},
     },
     # The paper's sizes (R3D-18-like, 112x112, 10 frames, batch 128, k = 30, weight 0.6) are the defaults;
