@@ -174,6 +174,7 @@ TINY = [
     "train.epochs_tnet=2",
     "train.epochs_student=2",
     "train.num_workers=1",
+    "train.jobs_per_run=2",  # both students in one Ray Train run (one start-up)
     "distill.losses=[none, pkdot]",
     "distill.pkdot.k=4",
     "tracking.register_model=false",

@@ -27,10 +27,12 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    overrides = {"tracking": {"tracking_uri": uri}, "train": {"num_workers": 1}}
+    overrides = {"tracking": {"tracking_uri": uri}, "train": {"num_workers": 1, "jobs_per_run": 2}}
     first = make_tiny_run(tmp_path / "a", overrides=overrides)  # refit on every subject (the default)
     second = make_tiny_run(  # registers its best-validation fold model
-        tmp_path / "b", seed=5, overrides=overrides | {"seed": 1, "train": {"num_workers": 1, "refit": False}}
+        tmp_path / "b",
+        seed=5,
+        overrides=overrides | {"seed": 1, "train": {"num_workers": 1, "jobs_per_run": 2, "refit": False}},
     )
     res_a = _pipeline(first)
     res_b = _pipeline(second)

@@ -44,9 +44,9 @@ TINY_OVERRIDES: dict[str, Any] = {
     "features.workers": 1,
     # These tests are about the servers, the flow and resumption, not the student's init: the paper's frozen
     # init (students from the embedding cache) keeps them fast (teacher-finetune: tests/train/test_student_init.py).
-    # One Ray Train run per slot (the demo's bundling) pays Ray Train's start-up once per stage and slot.
     "train.student_init": "teacher-frozen",
-    "train.jobs_per_run": "auto",
+    # Both students in one Ray Train run: one start-up per stage (bundling: tests/train/test_bundles.py).
+    "train.jobs_per_run": 2,
     # The refit stage (one more teacher + student job) is tested where the champion is checked:
     # test_deployment.py turns it back on.
     "train.refit": False,
