@@ -38,7 +38,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1023,6 +1023,55 @@ def composite_lines(result: TaskResult) -> list[str]:
     return lines
 
 
+#: The PKDOT settings validation chooses between when a run trained more than one (issue 25, item 4).
+PKDOT_VARIANTS = ("pkdot", "pkdot-most", "pkdot-all")
+VARIANT_CHOICE = "student-pkdot-by-val"
+
+
+def variant_choice(run: RunResult) -> pd.DataFrame | None:
+    """Per (fold, seed): the test scores of the PKDOT variant with the best *validation* score (ties: the first
+    of :data:`PKDOT_VARIANTS`), as model :data:`VARIANT_CHOICE` (column ``variant``: the one picked); None when
+    the run trained fewer than two variants."""
+    models = [f"student-{v}" for v in PKDOT_VARIANTS if f"student-{v}" in set(run.per_fold["model"])]
+    if len(models) < 2:
+        return None
+    val = run.per_fold_val[run.per_fold_val["model"].isin(models)].set_index(["fold", "seed", "model"])
+    chosen = val[run.metric].unstack("model")[models].idxmax(axis=1).rename("model").reset_index()
+    picked = run.per_fold.merge(chosen, on=["fold", "seed", "model"])
+    return picked.assign(variant=picked["model"], model=VARIANT_CHOICE)
+
+
+def variant_choice_lines(result: TaskResult) -> list[str]:
+    """Where a cell trained several PKDOT variants: the one validation picks per run, against none, kd, pkdot."""
+    lines: list[str] = []
+    for cell, run in result.runs.items():
+        picked = variant_choice(run)
+        if picked is None:
+            continue
+        if not lines:
+            lines += [
+                "",
+                "PKDOT, its variant chosen per run by validation (`pkdot`, `pkdot-most`, `pkdot-all`):",
+                "",
+            ]
+        per_fold = pd.concat([run.per_fold, picked.drop(columns="variant")], ignore_index=True)
+        both = replace(run, per_fold=per_fold)
+        tally = ", ".join(
+            f"`{m.removeprefix('student-')}` {n}x" for m, n in picked["variant"].value_counts().items()
+        )
+        models = set(run.per_fold["model"])
+        parts = [
+            f"− `{b.removeprefix('student-')}` {_fmt_diff(_paired_row(both, VARIANT_CHOICE, b))}"
+            for b in (BASELINE_STUDENT, "student-kd", PKDOT_STUDENT)
+            if b in models
+        ]
+        lines.append(
+            f"- `{cell_name(cell)}` (test mean {picked[run.metric].mean():.4f}, {len(picked)} runs; picked "
+            f"{tally}): " + "; ".join(parts) + "."
+        )
+    return lines
+
+
 def grid_markdown(result: TaskResult, selected: tuple[str, str] | None) -> str:
     """One row per (cell, loss): validation mean, test mean [corrected CI], Δ vs that cell's ``none``."""
     header = [
@@ -1129,6 +1178,7 @@ def task_markdown(result: TaskResult, selected: tuple[str, str] | None = None) -
             f"{_fmt_diff(_paired_row(base, PKDOT_STUDENT, other))}.",
         ]
     lines += composite_lines(result)
+    lines += variant_choice_lines(result)
     checks = []
     for cell, run in result.runs.items():
         d = (

@@ -452,3 +452,32 @@ def test_speed_report_tables_are_well_formed():
         lines = [ln for ln in block.splitlines() if ln.startswith("|")]
         if lines:
             assert len({ln.count("|") for ln in lines}) == 1, block
+
+
+def test_variant_choice_takes_each_runs_best_validation_variant_and_scores_it_on_test():
+    rows, val = [], []
+    # run (0, 0): pkdot-most best on validation, worst on test; run (1, 0): a tie on validation -> pkdot
+    scores = {
+        (0, "student-pkdot"): (0.6, 0.7),
+        (0, "student-pkdot-most"): (0.9, 0.5),
+        (1, "student-pkdot"): (0.8, 0.6),
+        (1, "student-pkdot-most"): (0.8, 0.9),
+    }
+    for (fold, model), (v, t) in scores.items():
+        rows.append({"model": model, "fold": fold, "seed": 0, "accuracy": t})
+        val.append({"model": model, "fold": fold, "seed": 0, "accuracy": v})
+    for fold in (0, 1):
+        rows.append({"model": "student-none", "fold": fold, "seed": 0, "accuracy": 0.5})
+    run = quality.RunResult(
+        spec=None, cell=("scratch", "fit"), cfg=load_config(preset="demo"), per_fold=pd.DataFrame(rows),
+        per_fold_val=pd.DataFrame(val), table=pd.DataFrame(), test_train_ratio=0.25, wall_s=0.0,
+    )  # fmt: skip
+    picked = quality.variant_choice(run).sort_values("fold")
+    assert list(picked["variant"]) == ["student-pkdot-most", "student-pkdot"]
+    assert list(picked["accuracy"]) == [0.5, 0.6] and set(picked["model"]) == {quality.VARIANT_CHOICE}
+    line = quality.variant_choice_lines(quality.TaskResult(None, {run.cell: run}, 0.0))[-1]
+    assert "`scratch/fit`" in line and "− `none` +0.0500" in line
+    one = quality.RunResult(
+        **{**run.__dict__, "per_fold": run.per_fold[run.per_fold["model"] != "student-pkdot-most"]}
+    )
+    assert quality.variant_choice(one) is None  # a single variant: nothing to choose
