@@ -25,8 +25,7 @@ ADAPTERS = {
 def build_manifest(data: DataConfig, root: Path | None = None) -> ManifestResult:
     """Read a dataset ``root`` (a directory; for ``dataset: table`` the Parquet file; default ``data.root``) into
     a manifest; raises :class:`DatasetError` naming the path and what was expected."""
-    chosen = root if root is not None else data.root
-    if chosen is None:
+    if (chosen := root if root is not None else data.root) is None:
         raise DatasetError(
             f"data.root is not set for dataset {data.dataset!r} (give a dataset root, or let `pkdot run` "
             "generate the synthetic set)"

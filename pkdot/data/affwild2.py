@@ -113,8 +113,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
         raise DatasetError(
             f"Aff-Wild2 root {root}: {videos_dir} does not exist (expected the .mp4/.avi videos)"
         )
-    present = [p for p in PARTITIONS if (ann_root / p).is_dir()]
-    if not present:
+    if not (present := [p for p in PARTITIONS if (ann_root / p).is_dir()]):
         raise DatasetError(
             f"Aff-Wild2 root {root}: neither {ann_root / PARTITIONS[0]} nor {ann_root / PARTITIONS[1]} exists "
             "(expected the VA annotation files)"
@@ -224,8 +223,7 @@ def frame_predictions(
         raise DatasetError(f"frame-level CCC is for task 'valence' or 'arousal', got {task!r}")
     column = 0 if task == "valence" else 1
     clips = manifest.set_index("sample_id")[["start_frame", "num_frames", "partition"]]
-    missing = sorted(set(clip_predictions["sample_id"]) - set(clips.index))
-    if missing:
+    if missing := sorted(set(clip_predictions["sample_id"]) - set(clips.index)):
         raise DatasetError(f"predictions name clips that are not in the manifest, e.g. {missing[:3]}")
     joined = clip_predictions[["sample_id", "y_pred"]].join(clips, on="sample_id")
     joined["stem"] = joined["sample_id"].str.rsplit("@", n=1).str[0]

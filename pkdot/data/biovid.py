@@ -40,8 +40,7 @@ def read_header(path: Path) -> tuple[list[str], str]:
         line = fh.readline()
     if not line.strip():
         raise DatasetError(f"{path}: the file is empty (expected a header line)")
-    delimiter = sniff_delimiter(line)
-    if delimiter is None:
+    if (delimiter := sniff_delimiter(line)) is None:
         raise DatasetError(
             f"{path}: cannot find the column delimiter in the header {line.strip()!r} "
             "(expected tab-, comma- or semicolon-separated columns)"
@@ -56,8 +55,7 @@ def read_samples_csv(path: Path) -> pd.DataFrame:
             f"{path} does not exist (expected the Biovid samples.csv with columns {SAMPLES_COLUMNS})"
         )
     header, delimiter = read_header(path)
-    missing = [c for c in SAMPLES_COLUMNS if c not in header]
-    if missing:
+    if missing := [c for c in SAMPLES_COLUMNS if c not in header]:
         raise DatasetError(f"{path}: missing columns {missing} (found {header}, expected {SAMPLES_COLUMNS})")
     try:
         df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False)
@@ -120,8 +118,7 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
         if not subject or not sample:
             bad.bad(samples_path, sample or None, f"line {line}: empty subject_name or sample_name")
             continue
-        class_id = _class_of(row, samples_path, line, bad)
-        if class_id is None:
+        if (class_id := _class_of(row, samples_path, line, bad)) is None:
             continue
         if data.task == "binary":
             if class_id not in (0, len(BIOVID_CLASSES) - 1):

@@ -1,15 +1,10 @@
 """Small synthetic data sets written *in the real layouts*, so the real adapters read them.
 
-:func:`write_synthetic` writes a Biovid-like set (face videos + biosignal CSVs + ``samples.csv``) or an
-Aff-Wild2-like set (videos with audio + per-frame valence/arousal), plus the ground truth
-``<out>/synthetic_truth.parquet`` (latent responses, ``expressiveness``, ``coupling``, per-frame face ``boxes``).
-
-The modalities share a latent response, read by each through its own gain and noise (the face less reliably):
-Biovid (:func:`draw_biovid_responses`): ``R = 1[responded] * exp(s z - s^2 / 2)`` (non-response probability
-:data:`NONRESPONSE` per class), physio reads ``R(g_s, z_s)``, the face ``R`` of the Gaussian-copula mix
-``k g_s + sqrt(1 - k^2) g_i`` (``k`` = ``coupling``; every marginal is the same at any ``k``). Part B's
-corrugator EMG also follows the brow. Aff-Wild2 (:func:`draw_affwild2_tracks`): valence/arousal are slow
-processes; the face follows them 0.1-0.3 s late, the voice 0.2-0.5 s late reading the ``k``-mix.
+:func:`write_synthetic` writes a Biovid-like set (face videos, biosignal CSVs, ``samples.csv``) or an
+Aff-Wild2-like set (videos with audio, per-frame valence/arousal), plus the truth ``synthetic_truth.parquet``
+(latent responses, ``expressiveness``, ``coupling``, face ``boxes``). The modalities read one latent response,
+each with its own gain and noise, the face less reliably (:func:`draw_biovid_responses`,
+:func:`draw_affwild2_tracks`); Part B's corrugator EMG also follows the brow.
 """
 
 from __future__ import annotations
@@ -252,9 +247,10 @@ def _response(class_ids: np.ndarray, gate: np.ndarray, magnitude: np.ndarray) ->
 def draw_biovid_responses(
     rng: np.random.Generator, class_ids: np.ndarray, coupling: float
 ) -> dict[str, np.ndarray]:
-    """Latent responses of Biovid windows ``class_ids`` (N,) and each modality's noisy reading of them: (N,)
-    arrays ``shared_response``, ``face_latent``, ``face_response``, ``physio_response``. The same six normals
-    per window are drawn at every ``coupling``."""
+    """Latent responses ``R = 1[responded] * exp(s z - s^2 / 2)`` of Biovid windows ``class_ids`` (N,) and each
+    modality's noisy reading: (N,) ``shared_response``, ``face_latent``, ``face_response``, ``physio_response``.
+    Physio reads ``R(g_s, z_s)``, the face ``R`` of the Gaussian-copula mix ``k g_s + sqrt(1 - k^2) g_i``
+    (``k`` = ``coupling``: every marginal is the same at any ``k``, from the same six normals per window)."""
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     class_ids = np.asarray(class_ids, dtype=np.int64)
@@ -286,13 +282,7 @@ def _subject_names(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _biovid_physio(
-    rng: np.random.Generator,
-    subject: dict,
-    level: float,
-    onset: float,
-    brow_track: np.ndarray,
-    fps: int,
-    part: str,
+    rng: np.random.Generator, subject: dict, level: float, onset: float, brow: np.ndarray, fps: int, part: str
 ) -> dict[str, np.ndarray]:
     """One 5.5 s window of biosignals at 512 Hz, ``{"gsr", "ecg", "emg_*"}``: ECG beats at a heart rate rising
     with ``level``, EDA with a stimulus-locked SCR of amplitude ``eda_gain * level``, EMG bursts."""
@@ -342,7 +332,7 @@ def _biovid_physio(
     # ---- EMG channels
     sos = butter(4, [20.0, 200.0], btype="bandpass", fs=fs, output="sos")
     emg_ramp = _smoothstep((t - onset) / 1.2)
-    brow = np.interp(t, np.arange(len(brow_track)) / fps, brow_track)
+    brow = np.interp(t, np.arange(len(brow)) / fps, brow)
     signals = {"gsr": gsr, "ecg": ecg}
     weight = {"emg_trapezius": 1.0, "emg_corrugator": 1.2, "emg_zygomaticus": 0.4}
     for ch in BIOVID_CHANNELS[part][2:]:

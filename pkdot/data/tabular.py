@@ -76,8 +76,7 @@ def infer_num_classes(path: Path) -> int:
 def _consecutive_classes(path: Path, classes: list[int]) -> int:
     """``max(classes) + 1``; raises :class:`DatasetError` when a class in ``0..max`` has no row."""
     k = int(max(classes)) + 1
-    absent = sorted(set(range(k)) - set(classes))
-    if absent:
+    if absent := sorted(set(range(k)) - set(classes)):
         raise DatasetError(
             f"table {path}: column 'label' has classes up to {k - 1} but no row of class(es) {absent[:20]} "
             f"(relabel the classes to consecutive integers from 0, or set data.num_classes={k} if they are "
@@ -103,8 +102,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         raise DatasetError(f"table {path} is not a readable Parquet file: {exc}") from exc
     target = "target" if data.task == "regression" else "label"
     modalities = data.modalities
-    missing = [c for c in (*ID_COLUMNS, target, *modalities) if c not in table.column_names]
-    if missing:
+    if missing := [c for c in (*ID_COLUMNS, target, *modalities) if c not in table.column_names]:
         raise DatasetError(
             f"table {path}: missing columns {missing} (expected {[*ID_COLUMNS, target]} and one list-of-float "
             f"column per modality {modalities}; found {table.column_names})"
@@ -130,8 +128,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         lengths, nonfinite = vector_lengths(table.column(m))
         expected = modal_length(path, m, lengths)
         for i in range(n):
-            problem = vector_problem(lengths[i], nonfinite[i], expected)
-            if problem:
+            if problem := vector_problem(lengths[i], nonfinite[i], expected):
                 reject(i, m, problem)
     seen: set[str] = set()
     for i in range(n):
@@ -144,12 +141,10 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         if subject_ids[i] is None or str(subject_ids[i]) == "":
             reject(i, "subject_id", "empty subject_id")
         if data.task == "regression":
-            problem = _value_problem(targets[i], label=False)
-            if problem:
+            if problem := _value_problem(targets[i], label=False):
                 reject(i, "target", f"target {problem} (expected a finite number)")
         else:
-            problem = _value_problem(targets[i], label=True)
-            if problem:
+            if problem := _value_problem(targets[i], label=True):
                 reject(i, "label", f"label {problem} (expected a non-negative integer class)")
     if data.task != "regression":
         _check_classes(data, path, targets, problems, reject)
@@ -160,8 +155,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
     for i in sorted(problems):
         sid = None if sample_ids[i] is None else str(sample_ids[i])
         bad.bad(path, sid, problems[i])
-    keep = [i for i in range(n) if i not in problems]
-    if not keep:
+    if not (keep := [i for i in range(n) if i not in problems]):
         raise DatasetError(f"table {path}: no usable rows ({len(bad.skipped)} skipped)")
     rows = [
         {
@@ -201,8 +195,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
 
 def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[int, str], reject) -> None:
     """The label set against the task: too many classes raise; rows with a class outside the range are bad."""
-    valid = [i for i in range(len(labels)) if _value_problem(labels[i], label=True) is None]
-    if not valid:
+    if not (valid := [i for i in range(len(labels)) if _value_problem(labels[i], label=True) is None]):
         return
     classes = {i: int(float(labels[i])) for i in valid}
     distinct = sorted(set(classes.values()))
@@ -227,8 +220,7 @@ def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[in
     for i in outside:
         reject(i, "label", f"label {classes[i]} is outside 0..{k - 1} (data.num_classes={k})")
     present = {classes[i] for i in valid if i not in problems}
-    absent = sorted(set(range(k)) - present)
-    if absent:
+    if absent := sorted(set(range(k)) - present):
         logger.warning("table %s: no usable row of class(es) %s (of 0..%d)", path, absent[:20], k - 1)
 
 

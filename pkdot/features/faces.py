@@ -225,9 +225,7 @@ class FaceDetector:
         self.min_face_px = features.min_face_px
         self.detect_width = features.detect_width
         self.min_px = DETECTOR_MIN_PX[self.kind]
-        self.full_searches = 0
-        self.local_searches = 0
-        self.template_tracks = 0
+        self.full_searches = self.local_searches = self.template_tracks = 0
         self._warned_widths: set[int] = set()
         if self.kind == "yunet":
             model = features.yunet_model
@@ -285,10 +283,7 @@ class FaceDetector:
             self._yunet.setInputSize((bgr.shape[1], bgr.shape[0]))
             _, faces = self._yunet.detect(bgr)
             boxes = np.zeros((0, 4)) if faces is None else np.asarray(faces, np.float64)[:, :4]
-            keep = boxes[:, 2] >= min_side
-            if max_side is not None:
-                keep &= boxes[:, 2] <= max_side
-            boxes = boxes[keep]
+            boxes = boxes[(boxes[:, 2] >= min_side) & (boxes[:, 2] <= (max_side or np.inf))]
         else:
             gray = image_gray(image, x0, y0, x1, y1)
             if scale != 1.0:
@@ -423,11 +418,8 @@ def _qualifies(boxes: np.ndarray, frame_width: int, side: str | None, previous: 
 def track_faces(
     frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 3
 ) -> list[Box | None]:
-    """One face box (or None) per frame of a clip.
-
-    The whole frame is searched until a face is found or when it is lost; then the detector runs near the box
-    every ``detect_every``-th frame and template matching follows it in between. ``side``: see :func:`choose_face`.
-    """
+    """One face box (or None) per frame of a clip: the whole frame is searched until a face is found or when it
+    is lost, then the detector runs near the box every ``detect_every``-th frame, template matching in between."""
     if detect_every < 1:
         raise ConfigError(f"features.detect_every must be >= 1, got {detect_every}")
     detections: list[Box | None] = []
@@ -513,12 +505,8 @@ def faces_from_frames(
             sampled_frames=len(frames),
         )
     boxes, detected = smooth_boxes(detections, features.box_smoothing)
-    crops = np.stack(
-        [
-            crop_face(f, b, features.face_margin, features.crop_size)
-            for f, b in zip(frames, boxes, strict=True)
-        ]
-    )
+    margin, size = features.face_margin, features.crop_size
+    crops = np.stack([crop_face(f, b, margin, size) for f, b in zip(frames, boxes, strict=True)])
     return FaceClip(sample_id, crops, boxes, detected, np.asarray(indices, dtype=np.int64))
 
 
@@ -535,10 +523,6 @@ def video_length(path: Path) -> tuple[int, float | None]:
         return sum(1 for p in container.demux(stream) if p.size > 0), fps
 
 
-def _video_frame_count(path: Path) -> int:
-    return video_length(path)[0]
-
-
 def extract_video_clips(
     video_path: str | Path,
     clips: Sequence[ClipRequest],
@@ -553,12 +537,10 @@ def extract_video_clips(
         pending, total, fps = _plan_clips(path, clips, features.n_frames)
     except (av.FFmpegError, OSError, IndexError) as exc:
         reason = _media_reason(path, exc)
-        for clip in clips:
-            yield ClipFailure(clip.sample_id, reason)
+        yield from (ClipFailure(clip.sample_id, reason) for clip in clips)
         return
     yield from (p for p in pending if isinstance(p, ClipFailure))
-    todo = [p for p in pending if isinstance(p, _PendingClip)]
-    if not todo:
+    if not (todo := [p for p in pending if isinstance(p, _PendingClip)]):
         return
     wanted: dict[int, list[_PendingClip]] = {}
     for p in todo:
@@ -574,14 +556,9 @@ def extract_video_clips(
                 p.frames[index] = rgb
                 if len(p.frames) == len(set(p.indices.tolist())):
                     todo.remove(p)
+                    frames, req = [p.frames[i] for i in p.indices], p.request
                     clip = faces_from_frames(
-                        p.request.sample_id,
-                        [p.frames[i] for i in p.indices],
-                        p.indices,
-                        features,
-                        detector,
-                        f"video {path}",
-                        p.request.side,
+                        req.sample_id, frames, p.indices, features, detector, f"video {path}", req.side
                     )
                     if isinstance(clip, FaceClip) and fps:
                         clip.video_seconds = total / fps
@@ -661,8 +638,7 @@ def decode_frames(path: str | Path, needed: Sequence[int]) -> Iterator[tuple[int
             return
         except _SeekMismatch as exc:
             logger.debug("seeking in %s failed (%s); decoding from the start", path, exc)
-    wanted = set(needed) - done
-    if not wanted:
+    if not (wanted := set(needed) - done):
         return
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -740,8 +716,7 @@ def extract_folder_clips(
     try:
         if not folder.is_dir():
             raise FeatureError(f"frame folder {folder} does not exist")
-        files = index_frame_folder(folder)
-        if not files:
+        if not (files := index_frame_folder(folder)):
             raise FeatureError(
                 f"frame folder {folder} has no frame images (expected <frame number>{'/'.join(IMAGE_SUFFIXES)})"
             )
@@ -760,18 +735,16 @@ def extract_folder_clips(
             continue
         indices = sample_indices(length, features.n_frames, clip.start)
         crops: dict[int, np.ndarray] = {}
-        sizes: dict[int, tuple[int, int]] = {}
+        extent: dict[int, Box] = {}  # the box of a face crop: the whole image
         failure = None
         for i in sorted(set(indices.tolist())):
-            path = files.get(i + 1)
-            if path is None:
+            if (path := files.get(i + 1)) is None:
                 continue
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if bgr is None:
+            if (bgr := cv2.imread(str(path), cv2.IMREAD_COLOR)) is None:
                 failure = f"frame folder {folder}: {path.name} is not a readable image"
                 break
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            sizes[i] = (rgb.shape[1], rgb.shape[0])
+            extent[i] = (0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0]))
             interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
             crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)
         if failure is not None:
@@ -785,16 +758,8 @@ def extract_folder_clips(
                 sampled_frames=len(indices),
             )
             continue
-        present = [
-            (0.0, 0.0, float(sizes[i][0]), float(sizes[i][1])) if i in crops else None
-            for i in indices.tolist()
-        ]
-        boxes, detected = smooth_boxes(present, 0.0)
-        good = indices[detected]
-        frames = np.stack(
-            [
-                crops[int(i)] if ok else crops[int(good[np.argmin(np.abs(good - i))])]
-                for i, ok in zip(indices, detected, strict=True)
-            ]
-        )
+        boxes, detected = smooth_boxes([extent.get(i) for i in indices.tolist()], 0.0)
+        good = indices[detected]  # a frame without a face image shows the nearest one with
+        nearest = good[np.abs(good[None, :] - indices[:, None]).argmin(axis=1)]
+        frames = np.stack([crops[int(i)] for i in nearest])
         yield FaceClip(clip.sample_id, frames, boxes, detected, indices.astype(np.int64))
