@@ -2,11 +2,11 @@
 
 Layout: ``samples.csv`` (``subject_id subject_name class_id class_name sample_id sample_name``),
 ``video/<subject_name>/<sample_name>.mp4``, ``biosignals_filtered/<subject_name>/<sample_name>_bio.csv``
-(``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``); delimiters are detected (tab, comma,
-semicolon). ``sample_id`` = ``sample_name``, ``subject_id`` = ``subject_name``; ``class_id`` 0..4 = BL1,
-PA1..PA4 must agree with ``class_name``. ``binary`` keeps BL1 (0) and PA4 (1); ``multiclass`` all five. Only
-the header of a biosignal CSV is checked here. Face crops ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg``
-replace the videos when ``data.faces`` is ``'frames'`` (or None and ``frames/`` exists).
+(``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``; only its header is checked here); tab, comma
+or semicolon separated. ``sample_id``/``subject_id`` = ``sample_name``/``subject_name``; ``class_id`` 0..4 (BL1,
+PA1..PA4) must agree with ``class_name``; ``binary`` keeps BL1 (0) and PA4 (1). Face crops
+``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` replace the videos when ``data.faces`` is ``'frames'``
+(or None and ``frames/`` exists).
 """
 
 from __future__ import annotations
@@ -120,12 +120,8 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
             continue
         if (class_id := _class_of(row, samples_path, line, bad)) is None:
             continue
-        if data.task == "binary":
-            if class_id not in (0, len(BIOVID_CLASSES) - 1):
-                continue
-            label = 0 if class_id == 0 else 1
-        else:
-            label = class_id
+        if data.task == "binary" and class_id not in (0, len(BIOVID_CLASSES) - 1):
+            continue
         if sample in seen:
             bad.bad(
                 samples_path,
@@ -136,7 +132,7 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
         record = {
             "sample_id": sample,
             "subject_id": subject,
-            "label": label,
+            "label": int(class_id > 0) if data.task == "binary" else class_id,
             "class_name": BIOVID_CLASSES[class_id],
             "valence": float("nan"),
             "arousal": float("nan"),

@@ -374,10 +374,8 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
     out, s_idx, name, seed, fps, keep = job.out, job.s_idx, job.name, job.seed, job.fps, job.keep
     coupling, part = job.coupling, job.part
     n_frames = int(round(BIOVID_SECONDS * fps))
-    n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
-    time_us = np.round(np.arange(n_bio) * 1e6 / BIOVID_FS).astype(np.int64)
+    time_us = np.round(np.arange(int(round(BIOVID_SECONDS * BIOVID_FS))) * 1e6 / BIOVID_FS).astype(np.int64)
     channels = BIOVID_CHANNELS[part]
-    noise = job.noise
     srng = np.random.default_rng([seed, 2, s_idx])
     look = draw_subject_look(srng, job.expressiveness)
     renderer = FaceRenderer(look, job.frame_size)
@@ -391,15 +389,13 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
         "emg0": srng.uniform(3.0, 10.0),
         "emg_gain": srng.uniform(0.5, 1.5),
     }
-    session = [(c, k) for k in range(job.per_class) for c in range(len(BIOVID_CLASSES))]
+    session = [c for _ in range(job.per_class) for c in range(len(BIOVID_CLASSES))]  # class of each window
     order = srng.permutation(len(session))
-    responses = draw_biovid_responses(
-        np.random.default_rng([seed, 4, s_idx]), np.array([c for c, _ in session]), coupling
-    )
+    responses = draw_biovid_responses(np.random.default_rng([seed, 4, s_idx]), np.array(session), coupling)
     rows: list[str] = []
     truth: list[dict] = []
     for position, idx in enumerate(order):
-        class_id, _ = session[int(idx)]
+        class_id = session[int(idx)]
         class_name = BIOVID_CLASSES[class_id]
         if class_name not in keep:  # its draws are its own (seeded by the sample): the others are unchanged
             continue
@@ -428,7 +424,7 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
         expr[:, _UNIT["eye_narrow"]] = np.minimum(
             expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
         )
-        frames, boxes = _render(renderer, prng, expr, fps, noise)
+        frames, boxes = _render(renderer, prng, expr, fps, job.noise)
         video_rel = Path("video") / name / f"{sample_name}.mp4"
         _write_video_cv2(out / video_rel, frames, fps)
         signals = _biovid_physio(prng, subject, level, onset, expr[:, _UNIT["brow_lower"]], fps, part)
@@ -618,15 +614,15 @@ def _write_affwild2(
             renderer = FaceRenderer(look, frame_size)
             f0 = float(srng.uniform(110, 230))
             mean_v, mean_a = float(srng.uniform(-0.3, 0.3)), float(srng.uniform(-0.3, 0.3))
-            face_lag, audio_lag = float(srng.uniform(0.1, 0.3)), float(srng.uniform(0.2, 0.5))
+            lags = {"face_lag_s": float(srng.uniform(0.1, 0.3)), "audio_lag_s": float(srng.uniform(0.2, 0.5))}
             subject_id = f"video{s_idx + 1}"
             stems = [subject_id] if per_subject == 1 else [f"{subject_id}_left", f"{subject_id}_right"]
             partition = "Validation_Set" if s_idx in validation else "Train_Set"
             for v_idx, stem in enumerate(stems):
                 vrng = np.random.default_rng([seed, 13, s_idx, v_idx])
-                lags = {"face_lag_s": face_lag, "audio_lag_s": audio_lag}
-                means = {"mean_valence": mean_v, "mean_arousal": mean_a}
-                tracks = draw_affwild2_tracks(vrng, n_frames, fps, coupling, **means, **lags)
+                tracks = draw_affwild2_tracks(
+                    vrng, n_frames, fps, coupling, mean_valence=mean_v, mean_arousal=mean_a, **lags
+                )
                 face_v, face_a = tracks["face_valence"], tracks["face_arousal"]
                 e = look.expressiveness
                 expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
@@ -658,8 +654,7 @@ def _write_affwild2(
                         "partition": partition,
                         "video": video_rel.as_posix(),
                         "coupling": float(coupling),
-                        "face_lag_s": face_lag,
-                        "audio_lag_s": audio_lag,
+                        **lags,
                         **{key: track.tolist() for key, track in tracks.items()},
                         "annotated": annotated.tolist(),
                         "boxes": boxes.tolist(),

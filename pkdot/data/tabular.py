@@ -251,16 +251,9 @@ def write_view_table(
 ) -> Path:
     """Write a table in this module's layout (``sample_id``, ``subject_id``, ``label``, one float32 list column
     per view of ``views``: name -> (N, D_m)), atomically. Returns ``path``."""
-    table = pa.table(
-        {
-            "sample_id": pa.array(sample_ids),
-            "subject_id": pa.array(subject_ids),
-            "label": pa.array(labels),
-            **{
-                name: pa.array([row.tolist() for row in values], type=pa.list_(pa.float32()))
-                for name, values in views.items()
-            },
-        }
-    )
-    atomic_write_parquet(table, path)
+    ids = {"sample_id": pa.array(sample_ids), "subject_id": pa.array(subject_ids), "label": pa.array(labels)}
+    vectors = {
+        m: pa.array([row.tolist() for row in x], type=pa.list_(pa.float32())) for m, x in views.items()
+    }
+    atomic_write_parquet(pa.table(ids | vectors), path)
     return Path(path)

@@ -187,17 +187,14 @@ def extract_shard(job: ShardJob, features: FeatureConfig) -> dict[str, Any]:
     Bad recordings are quarantined (listed with the reason in the summary), never raised."""
     t0 = time.perf_counter()
     summary = _ShardSummary(job.modality, job.index, job.key, rows=len(job.rows))
-    extractor = {"video": _extract_faces_rows, "physio": _extract_physio_rows, "audio": _extract_audio_rows}[
-        job.modality
-    ]
-    results = extractor(job, features, summary)
+    extract = {"video": _extract_faces_rows, "physio": _extract_physio_rows, "audio": _extract_audio_rows}
+    results = extract[job.modality](job, features, summary)
     summary.ok = [row["sample_id"] for row in job.rows if row["sample_id"] in results]  # manifest order
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     metadata = {SHARD_META_KEY: json.dumps(summary.__dict__)}
-    write_table_atomic(
-        [results[sid] for sid in summary.ok], MODALITY_SCHEMA[job.modality], job.path, metadata
-    )
+    rows = [results[sid] for sid in summary.ok]
+    write_table_atomic(rows, MODALITY_SCHEMA[job.modality], job.path, metadata)
     return summary.__dict__
 
 

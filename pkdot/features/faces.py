@@ -179,8 +179,6 @@ def sample_indices(num_frames: int, n_frames: int, start: int = 0) -> np.ndarray
     (int64 ``(n_frames,)``; a shorter clip repeats frames)."""
     if num_frames < 1:
         raise FeatureError(f"clip has {num_frames} frames; expected at least 1")
-    if n_frames < 1:
-        raise ConfigError(f"features.n_frames must be >= 1, got {n_frames}")
     offsets = np.floor((np.arange(n_frames) + 0.5) * num_frames / n_frames).astype(np.int64)
     return start + np.minimum(offsets, num_frames - 1)
 
@@ -420,8 +418,6 @@ def track_faces(
 ) -> list[Box | None]:
     """One face box (or None) per frame of a clip: the whole frame is searched until a face is found or when it
     is lost, then the detector runs near the box every ``detect_every``-th frame, template matching in between."""
-    if detect_every < 1:
-        raise ConfigError(f"features.detect_every must be >= 1, got {detect_every}")
     detections: list[Box | None] = []
     previous: Box | None = None
     template: np.ndarray | None = None
@@ -534,13 +530,21 @@ def extract_video_clips(
     path = Path(video_path)
     detector = detector or FaceDetector(features)
     try:
-        pending, total, fps = _plan_clips(path, clips, features.n_frames)
+        if not path.is_file():
+            raise FileNotFoundError(f"video {path} does not exist")
+        total, fps = video_length(path)
     except (av.FFmpegError, OSError, IndexError) as exc:
         reason = _media_reason(path, exc)
         yield from (ClipFailure(clip.sample_id, reason) for clip in clips)
         return
-    yield from (p for p in pending if isinstance(p, ClipFailure))
-    if not (todo := [p for p in pending if isinstance(p, _PendingClip)]):
+    todo: list[_PendingClip] = []
+    for clip in clips:
+        window = _sample_window(f"video {path}", clip, total, features.n_frames, bounded=True)
+        if isinstance(window, str):
+            yield ClipFailure(clip.sample_id, window)
+        else:
+            todo.append(_PendingClip(clip, window))
+    if not todo:
         return
     wanted: dict[int, list[_PendingClip]] = {}
     for p in todo:
@@ -574,24 +578,14 @@ def extract_video_clips(
         yield ClipFailure(p.request.sample_id, reason)
 
 
-def _plan_clips(
-    path: Path, clips: Sequence[ClipRequest], n_frames: int
-) -> tuple[list[_PendingClip | ClipFailure], int, float | None]:
-    if not path.is_file():
-        raise FileNotFoundError(f"video {path} does not exist")
-    total, fps = video_length(path)
-    plans: list[_PendingClip | ClipFailure] = []
-    for clip in clips:
-        length = total - clip.start if clip.length is None else clip.length
-        if clip.start < 0 or length < 1:
-            reason = f"video {path}: clip window start {clip.start}, length {length} is empty"
-        elif clip.start + length > total:
-            reason = f"video {path} has {total} frames; clip window {clip.start}..{clip.start + length} runs past its end"
-        else:
-            plans.append(_PendingClip(clip, sample_indices(length, n_frames, clip.start)))
-            continue
-        plans.append(ClipFailure(clip.sample_id, reason))
-    return plans, total, fps
+def _sample_window(src: str, clip: ClipRequest, total: int, n_frames: int, bounded: bool) -> np.ndarray | str:
+    """The sampled frame indices of ``clip`` in a source of ``total`` frames, or why its window is unusable."""
+    length = total - clip.start if clip.length is None else clip.length
+    if clip.start < 0 or length < 1:
+        return f"{src}: clip window start {clip.start}, length {length} is empty"
+    if bounded and clip.start + length > total:
+        return f"{src} has {total} frames; clip window {clip.start}..{clip.start + length} runs past its end"
+    return sample_indices(length, n_frames, clip.start)
 
 
 @dataclass
@@ -726,14 +720,10 @@ def extract_folder_clips(
     last = max(files)
     size = features.crop_size
     for clip in clips:
-        length = last - clip.start if clip.length is None else clip.length
-        if clip.start < 0 or length < 1:
-            yield ClipFailure(
-                clip.sample_id,
-                f"frame folder {folder}: clip window start {clip.start}, length {length} is empty",
-            )
+        indices = _sample_window(f"frame folder {folder}", clip, last, features.n_frames, bounded=False)
+        if isinstance(indices, str):
+            yield ClipFailure(clip.sample_id, indices)
             continue
-        indices = sample_indices(length, features.n_frames, clip.start)
         crops: dict[int, np.ndarray] = {}
         extent: dict[int, Box] = {}  # the box of a face crop: the whole image
         failure = None

@@ -29,13 +29,7 @@ CHANNELS_BY_PART: dict[str, list[str]] = {
     "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
 }
 #: Channel -> signal kind (decides the filter and the descriptor it feeds).
-CHANNEL_KIND: dict[str, str] = {
-    "gsr": "eda",
-    "ecg": "ecg",
-    "emg_trapezius": "emg",
-    "emg_corrugator": "emg",
-    "emg_zygomaticus": "emg",
-}
+CHANNEL_KIND: dict[str, str] = {"gsr": "eda", "ecg": "ecg"} | dict.fromkeys(CHANNELS_BY_PART["B"][2:], "emg")
 RATE_TOLERANCE = 0.02
 #: A channel is flagged as clipped when more than this fraction of its samples sit at its min or max.
 CLIP_FRACTION = 0.01
@@ -58,16 +52,13 @@ class ChannelQuality:
 
     @property
     def flags(self) -> list[str]:
-        out = []
-        if self.nan_runs:
-            out.append("nan")
-        if self.flat:
-            out.append("flat")
-        elif self.longest_flat_run_s > FLAT_RUN_S:
-            out.append("flat_run")
-        if self.clipped_fraction > CLIP_FRACTION:
-            out.append("clipped")
-        return out
+        checks = {
+            "nan": self.nan_runs > 0,
+            "flat": self.flat,
+            "flat_run": not self.flat and self.longest_flat_run_s > FLAT_RUN_S,
+            "clipped": self.clipped_fraction > CLIP_FRACTION,
+        }
+        return [flag for flag, on in checks.items() if on]
 
     def as_dict(self) -> dict[str, Any]:
         """The flags and every field (fractions rounded to 6 decimals, seconds to 4)."""
@@ -226,11 +217,7 @@ def channel_quality(x: np.ndarray, fs: float) -> ChannelQuality:
     """NaN runs, flatness and clipping of one channel (samples ``x``, rate ``fs``)."""
     nan = ~np.isfinite(x)
     runs = _runs(nan)
-    q = ChannelQuality(
-        nan_runs=int(len(runs)),
-        longest_nan_run_s=float(runs.max() / fs) if len(runs) else 0.0,
-        nan_fraction=float(nan.mean()),
-    )
+    q = ChannelQuality(len(runs), float(runs.max() / fs) if len(runs) else 0.0, float(nan.mean()))
     finite = x[~nan]
     if len(finite) < 2 or float(np.ptp(finite)) == 0.0:
         q.flat = True
