@@ -15,11 +15,7 @@ from pkdot.errors import DatasetError
 from pkdot.rundir import atomic_write_json
 
 logger = logging.getLogger(__name__)
-ADAPTERS = {
-    "biovid": build_biovid_manifest,
-    "affwild2": build_affwild2_manifest,
-    "table": build_table_manifest,
-}
+ADAPTERS = dict(biovid=build_biovid_manifest, affwild2=build_affwild2_manifest, table=build_table_manifest)
 
 
 def build_manifest(data: DataConfig, root: Path | None = None) -> ManifestResult:
@@ -29,10 +25,6 @@ def build_manifest(data: DataConfig, root: Path | None = None) -> ManifestResult
         raise DatasetError(
             f"data.root is not set for dataset {data.dataset!r} (give a dataset root, or let `pkdot run` "
             "generate the synthetic set)"
-        )
-    if data.dataset not in ADAPTERS:
-        raise DatasetError(
-            f"data.dataset {data.dataset!r} has no adapter (expected biovid, affwild2 or table)"
         )
     return ADAPTERS[data.dataset](data, Path(chosen).expanduser())
 

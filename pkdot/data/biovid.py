@@ -2,11 +2,10 @@
 
 Layout: ``samples.csv`` (``subject_id subject_name class_id class_name sample_id sample_name``),
 ``video/<subject_name>/<sample_name>.mp4``, ``biosignals_filtered/<subject_name>/<sample_name>_bio.csv``
-(``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``; only its header is checked here); tab, comma
-or semicolon separated. ``sample_id``/``subject_id`` = ``sample_name``/``subject_name``; ``class_id`` 0..4 (BL1,
-PA1..PA4) must agree with ``class_name``; ``binary`` keeps BL1 (0) and PA4 (1). Face crops
-``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` replace the videos when ``data.faces`` is ``'frames'``
-(or None and ``frames/`` exists).
+(``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``; header checked here), tab, comma or
+semicolon separated; ``sample_id``/``subject_id`` = ``sample_name``/``subject_name``; ``binary`` keeps BL1 and
+PA4. Face crops ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` replace the videos with ``data.faces:
+frames`` (or unset and ``frames/`` present).
 """
 
 from __future__ import annotations

@@ -20,14 +20,9 @@ from pkdot.errors import FeatureError
 logger = logging.getLogger(__name__)
 
 #: Peak displacement of each expression unit at intensity 1, as a fraction of the inter-ocular distance.
-UNIT_AMPLITUDE: dict[str, float] = {
-    "brow_lower": 0.17,
-    "eye_narrow": 0.10,
-    "cheek_raise": 0.07,
-    "lip_raise": 0.13,
-    "mouth_corner_up": 0.11,
-    "brow_raise": 0.13,
-}
+UNIT_AMPLITUDE: dict[str, float] = dict(
+    brow_lower=0.17, eye_narrow=0.10, cheek_raise=0.07, lip_raise=0.13, mouth_corner_up=0.11, brow_raise=0.13
+)
 #: Names of the expression units, in the order of an expression vector.
 EXPRESSION_UNITS: tuple[str, ...] = tuple(UNIT_AMPLITUDE)
 

@@ -82,14 +82,10 @@ def write_synthetic(
     workers: int = 1,
 ) -> Path:
     """Write a synthetic data set in the real layout of ``kind`` under ``out`` (an empty directory); returns ``out``.
-
-    The same ``seed`` gives byte-identical files. ``subjects``: >= 2 for Aff-Wild2 (both partitions);
-    ``samples_per_class``: Biovid windows per class per subject; ``videos_per_subject``: Aff-Wild2 videos per
-    person, 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``); ``coupling`` in [0, 1]: how much the
-    privileged modality and the face share one latent response (0 = independent given the label).
-    ``classes``: the Biovid classes to write (default all five; each window's draws are its own, so the windows
-    written are the same as in the full set); ``workers``: processes writing Biovid subjects (same files).
-    """
+    The same ``seed`` gives byte-identical files, whatever the ``workers`` (processes writing Biovid subjects).
+    ``videos_per_subject``: 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``); ``coupling`` in [0, 1]: how
+    much the privileged modality and the face share one latent response (0 = independent given the label);
+    ``classes``: the Biovid classes to write (each window's draws are its own: the same as in the full set)."""
     out = Path(out)
     if kind not in ("biovid", "affwild2"):
         raise ConfigError(f"synthetic kind must be 'biovid' or 'affwild2', got {kind!r}")

@@ -14,16 +14,9 @@ from typing import Literal
 
 import numpy as np
 
+from pkdot.data import synthetic
 from pkdot.data.manifest import BIOVID_CLASSES
-from pkdot.data.synthetic import (
-    FACE_GAIN,
-    FACE_LEVEL,
-    FACE_MAX_INTENSITY,
-    PHYSIO_LEVEL,
-    _spread,
-    _subject_names,
-    draw_biovid_responses,
-)
+from pkdot.data.synthetic import FACE_GAIN, FACE_LEVEL, FACE_MAX_INTENSITY, draw_biovid_responses
 from pkdot.errors import ConfigError
 
 #: OpenFace action units of the ``face_au`` view, in column order.
@@ -81,9 +74,9 @@ def draw_feature_table(
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     classes = BINARY_CLASSES if task == "binary" else tuple(range(len(BIOVID_CLASSES)))
     rng = np.random.default_rng([seed, 11])
-    names = _subject_names(rng, subjects)
-    expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # as the videos: skewed low
-    reactivity = _spread(rng, subjects, 0.4, 1.0)
+    names = synthetic._subject_names(rng, subjects)
+    expressiveness = 0.1 + 0.9 * synthetic._spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
+    reactivity = synthetic._spread(rng, subjects, 0.4, 1.0)
     sample_ids: list[str] = []
     subject_ids: list[str] = []
     labels, face_rows, physio_rows, face_truth, physio_truth, landmark_rows = [], [], [], [], [], []
@@ -118,14 +111,10 @@ def draw_feature_table(
             au = np.clip(au + wrng.normal(0.0, AU_NOISE, len(AU_NAMES)), 0.0, 5.0)
             # (own random stream: the AU and physio draws are the same with or without this view)
             pose = lrng.normal(0.0, 1.0, 3)  # yaw, pitch, roll: a smooth, low-rank distortion of every point
-            landmarks = (
-                shape
-                + display * intensity
-                + pose @ _POSE_BASIS
-                + lrng.normal(0.0, LANDMARK_JITTER, 2 * N_LANDMARKS)
-            )
+            jitter = lrng.normal(0.0, LANDMARK_JITTER, 2 * N_LANDMARKS)
+            landmarks = shape + display * intensity + pose @ _POSE_BASIS + jitter
 
-            level = PHYSIO_LEVEL[c] * r * float(resp["physio_response"][i])
+            level = synthetic.PHYSIO_LEVEL[c] * r * float(resp["physio_response"][i])
             hr_rise = hr_gain * level + wrng.normal(0.0, 2.5)  # drift, respiratory sinus arrhythmia
             nonspecific = int(wrng.poisson(0.7))
             scr = eda_gain * level + sum(wrng.uniform(0.1, 0.45) * eda_gain for _ in range(nonspecific))

@@ -113,8 +113,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
                 f"table {path}: column {m!r} has type {table.schema.field(m).type} (expected a list of floats "
                 "per row)"
             )
-    n = table.num_rows
-    if n == 0:
+    if (n := table.num_rows) == 0:
         raise DatasetError(f"table {path} has no rows")
     sample_ids = table.column("sample_id").to_pylist()
     subject_ids = table.column("subject_id").to_pylist()
@@ -131,6 +130,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             if problem := vector_problem(lengths[i], nonfinite[i], expected):
                 reject(i, m, problem)
     seen: set[str] = set()
+    wanted = "a finite number" if data.task == "regression" else "a non-negative integer class"
     for i in range(n):
         if sample_ids[i] is None or str(sample_ids[i]) == "":
             reject(i, "sample_id", "empty sample_id")
@@ -140,12 +140,8 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             seen.add(str(sample_ids[i]))
         if subject_ids[i] is None or str(subject_ids[i]) == "":
             reject(i, "subject_id", "empty subject_id")
-        if data.task == "regression":
-            if problem := _value_problem(targets[i], label=False):
-                reject(i, "target", f"target {problem} (expected a finite number)")
-        else:
-            if problem := _value_problem(targets[i], label=True):
-                reject(i, "label", f"label {problem} (expected a non-negative integer class)")
+        if problem := _value_problem(targets[i], label=data.task != "regression"):
+            reject(i, target, f"{target} {problem} (expected {wanted})")
     if data.task != "regression":
         _check_classes(data, path, targets, problems, reject)
 

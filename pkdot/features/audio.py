@@ -163,10 +163,8 @@ def extract_audio_clips(
                 continue
             y = samples[i0 : i0 + n]
             padded = (n - len(y)) / sr
-            if len(y) < n:
-                y = np.concatenate([y, np.zeros(n - len(y), np.float32)])
+            y = np.pad(y, (0, n - len(y)))
         silent = bool(np.max(np.abs(y)) < 1e-6) if y.size else True
-        results.append(
-            AudioClip(clip.sample_id, logmel(y, sr, features.n_mels, features.hop_length), padded, silent)
-        )
+        mel = logmel(y, sr, features.n_mels, features.hop_length)
+        results.append(AudioClip(clip.sample_id, mel, padded, silent))
     return results

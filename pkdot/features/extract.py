@@ -32,56 +32,27 @@ from pkdot.errors import ConfigError, DatasetError, FeatureError
 from pkdot.features import audio as audio_features
 from pkdot.features import faces as face_features
 from pkdot.features import physio as physio_features
+from pkdot.features import schema
 from pkdot.features.faces import ClipFailure, ClipRequest, face_side
-from pkdot.features.schema import (
-    AUDIO_SCHEMA,
-    FACES_SCHEMA,
-    PHYSIO_SCHEMA,
-    ROW_GROUP_SIZE,
-    VECTOR_SCHEMA,
-    encode_tensor,
-    write_table_atomic,
-)
+from pkdot.features.schema import ROW_GROUP_SIZE, VECTOR_SCHEMA, encode_tensor, write_table_atomic
 from pkdot.progress import report as report_progress
-from pkdot.rundir import (
-    RunDir,
-    atomic_path,
-    atomic_write_json,
-    file_identity,
-    hash_json,
-    remove_temp_files,
-    source_hash,
-)
+from pkdot.rundir import RunDir, atomic_path, atomic_write_json
 from pkdot.tables import is_vector_type, modal_length, vector_lengths, vector_problem
 
 logger = logging.getLogger(__name__)
 
 SHARD_META_KEY = "pkdot_shard"
 EXTRACTED_MODALITIES = ("video", "physio", "audio")
-MODALITY_SCHEMA = {"video": FACES_SCHEMA, "physio": PHYSIO_SCHEMA, "audio": AUDIO_SCHEMA}
+MODALITY_SCHEMA = {"video": schema.FACES_SCHEMA, "physio": schema.PHYSIO_SCHEMA, "audio": schema.AUDIO_SCHEMA}
 #: Feature settings (FeatureConfig fields) each extractor's output depends on.
-MODALITY_SETTINGS: dict[str, tuple[str, ...]] = {
-    "video": (
-        "n_frames",
-        "crop_size",
-        "face_margin",
-        "detector",
-        "yunet_model",
-        "detect_width",
-        "min_face_px",
-        "detect_every",
+MODALITY_SETTINGS = {
+    modality: tuple(fields.split())
+    for modality, fields in {
+        "video": "n_frames crop_size face_margin detector yunet_model detect_width min_face_px detect_every "
         "box_smoothing",
-    ),
-    "physio": (
-        "physio_fs",
-        "physio_channels",
-        "physio_window",
-        "max_nan_gap_s",
-        "spec_nperseg",
-        "spec_noverlap",
-        "spec_nfft",
-    ),
-    "audio": ("audio_sr", "n_mels", "hop_length"),
+        "physio": "physio_fs physio_channels physio_window max_nan_gap_s spec_nperseg spec_noverlap spec_nfft",
+        "audio": "audio_sr n_mels hop_length",
+    }.items()
 }
 MODALITY_VERSION: dict[str, int] = {
     "video": face_features.FACES_VERSION,
@@ -146,19 +117,21 @@ def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dic
     # The extractor's code: editing it re-extracts that modality's shards (not the others').
     package = rundir.PACKAGE_DIR  # read at call time (tests point it at an edited copy)
     code = [package / "features" / f for f in (MODALITY_CODE[modality], "schema.py")]
-    settings["code"] = source_hash(code, package)
+    settings["code"] = rundir.source_hash(code, package)
     if modality == "physio":
         settings["physio_channels"] = physio_features.resolve_channels(features, part)
     if modality == "video" and features.detector == "yunet":
-        settings["yunet_stamp"] = file_identity(features.yunet_model)
+        settings["yunet_stamp"] = rundir.file_identity(features.yunet_model)
     return settings
 
 
 def shard_key(modality: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     """Hash of a shard: its rows, the :func:`pkdot.rundir.file_identity` of every recording they name, the settings."""
     paths = ("video_path", "physio_path", "audio_path")
-    stamped = [{**row, "stamps": {c: file_identity(row[c]) for c in paths if c in row}} for row in rows]
-    return hash_json({"modality": modality, "settings": settings, "rows": stamped})
+    stamped = [
+        {**row, "stamps": {c: rundir.file_identity(row[c]) for c in paths if c in row}} for row in rows
+    ]
+    return rundir.hash_json({"modality": modality, "settings": settings, "rows": stamped})
 
 
 def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[ShardJob]:
@@ -402,17 +375,17 @@ def _run_jobs(
 
 def _merge(jobs: list[ShardJob], modality: str, keep: set[str], out: Path, audio_frames: int | None) -> None:
     """Stream the shards of a modality into ``out``, keeping the samples in ``keep``, in row groups."""
-    schema = MODALITY_SCHEMA[modality]
+    table_schema = MODALITY_SCHEMA[modality]
     keep_array = pa.array(sorted(keep), type=pa.string())
-    pending = schema.empty_table()  # rows not written yet (fewer than a row group)
-    with pq.ParquetWriter(out, schema) as writer:
+    pending = table_schema.empty_table()  # rows not written yet (fewer than a row group)
+    with pq.ParquetWriter(out, table_schema) as writer:
         for job in (j for j in jobs if j.modality == modality):
             for batch in pq.ParquetFile(job.path).iter_batches(batch_size=ROW_GROUP_SIZE):
                 table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
                 table = table.filter(pc.is_in(table.column("sample_id"), value_set=keep_array))
                 if modality == "audio" and audio_frames is not None and table.num_rows:
                     table = _pad_audio(table, audio_frames)
-                pending = pa.concat_tables([pending, table.cast(schema)])
+                pending = pa.concat_tables([pending, table.cast(table_schema)])
                 while pending.num_rows >= ROW_GROUP_SIZE:
                     writer.write_table(pending.slice(0, ROW_GROUP_SIZE), row_group_size=ROW_GROUP_SIZE)
                     pending = pending.slice(ROW_GROUP_SIZE)
@@ -427,7 +400,7 @@ def _pad_audio(table: pa.Table, frames: int) -> pa.Table:
         if shape[1] != frames:
             m = np.frombuffer(row["logmel"], dtype=np.dtype(row["logmel_dtype"])).reshape(shape)
             row.update(encode_tensor("logmel", audio_features.pad_logmel(m, frames)))
-    return pa.Table.from_pylist(rows, schema=AUDIO_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=MODALITY_SCHEMA["audio"])
 
 
 def _audio_frames(jobs: list[ShardJob], keep: set[str]) -> int | None:
@@ -459,7 +432,7 @@ def run_extract(
     rd.features.mkdir(parents=True, exist_ok=True)
     report_path = rd.extract_report
     report_path.unlink(missing_ok=True)
-    remove_temp_files(rd.features)
+    rundir.remove_temp_files(rd.features)
     if cfg.data.dataset == "table":
         return _run_table(cfg, manifest, rd)
     t_start = time.perf_counter()
@@ -643,16 +616,16 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, rd: RunDir) -> dict:
         pf = pq.ParquetFile(root)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DatasetError(f"data.root {root} is not a readable Parquet file: {exc}") from exc
-    schema = pf.schema_arrow
+    columns = pf.schema_arrow
     modalities = list(cfg.data.modalities)
-    if "sample_id" not in schema.names:
-        raise DatasetError(f"{root}: no 'sample_id' column (columns: {schema.names})")
+    if "sample_id" not in columns.names:
+        raise DatasetError(f"{root}: no 'sample_id' column (columns: {columns.names})")
     for m in modalities:
-        if m not in schema.names:
-            raise DatasetError(f"{root}: no column {m!r} for modality {m!r} (columns: {schema.names})")
-        if not is_vector_type(schema.field(m).type):
+        if m not in columns.names:
+            raise DatasetError(f"{root}: no column {m!r} for modality {m!r} (columns: {columns.names})")
+        if not is_vector_type(columns.field(m).type):
             raise DatasetError(
-                f"{root}: column {m!r} has type {schema.field(m).type}; expected a list of numbers per row"
+                f"{root}: column {m!r} has type {columns.field(m).type}; expected a list of numbers per row"
             )
     order = manifest["sample_id"].astype(str).tolist()
     ids = pf.read(columns=["sample_id"]).column("sample_id").to_pandas().astype(str)
