@@ -19,8 +19,7 @@ ADAPTERS = dict(biovid=build_biovid_manifest, affwild2=build_affwild2_manifest, 
 
 
 def build_manifest(data: DataConfig, root: Path | None = None) -> ManifestResult:
-    """Read a dataset ``root`` (a directory; for ``dataset: table`` the Parquet file; default ``data.root``) into
-    a manifest; raises :class:`DatasetError` naming the path and what was expected."""
+    """Read a dataset ``root`` (default ``data.root``; for a ``table`` a Parquet file) into a manifest."""
     if (chosen := root if root is not None else data.root) is None:
         raise DatasetError(
             f"data.root is not set for dataset {data.dataset!r} (give a dataset root, or let `pkdot run` "

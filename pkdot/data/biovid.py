@@ -33,8 +33,7 @@ FRAMES_DIR = "frames"
 
 
 def read_header(path: Path) -> tuple[list[str], str]:
-    """The column names (lower-cased, stripped) of a delimited text file and its delimiter: tab, comma or
-    semicolon (:func:`pkdot.tables.sniff_delimiter`)."""
+    """The lower-cased column names of a delimited text file and its delimiter (tab, comma or semicolon)."""
     with open(path, encoding="utf-8", errors="replace") as fh:
         line = fh.readline()
     if not line.strip():

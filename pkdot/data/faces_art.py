@@ -265,9 +265,8 @@ class FaceRenderer:
         self.grid = np.stack([jj, ii], axis=-1)
         self.roi_center = c
         self.background = self._background()
-        self._lut = (255.0 * np.clip(look.gain * (np.arange(256) / 255.0) ** look.gamma, 0, 1)).astype(
-            np.uint8
-        )
+        lut = 255.0 * np.clip(look.gain * (np.arange(256) / 255.0) ** look.gamma, 0, 1)
+        self._lut = lut.astype(np.uint8)
         self.box_side = fw * self.scale * float(np.sqrt(sx * sy))
 
     def _background(self) -> np.ndarray:

@@ -207,9 +207,8 @@ def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarra
     table = pa.table({"time": time_us, **{ch: np.round(x, 6) for ch, x in signals.items()}})
     buffer = io.BytesIO()
     buffer.write(("\t".join(table.column_names) + "\n").encode())
-    pcsv.write_csv(
-        table, buffer, pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    )
+    options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    pcsv.write_csv(table, buffer, options)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -156,8 +156,7 @@ def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[S
 
 # ---- per-shard extraction (runs in a Ray worker) ------------------------------------------------------------
 def extract_shard(job: ShardJob, features: FeatureConfig) -> dict[str, Any]:
-    """Extract one shard and write its Parquet file atomically; returns the shard's summary (a small dict).
-    Bad recordings are quarantined (listed with the reason in the summary), never raised."""
+    """Extract one shard into its Parquet file; returns its summary (bad recordings are quarantined there)."""
     t0 = time.perf_counter()
     summary = _ShardSummary(job.modality, job.index, job.key, rows=len(job.rows))
     extract = {"video": _extract_faces_rows, "physio": _extract_physio_rows, "audio": _extract_audio_rows}

@@ -341,8 +341,7 @@ class FaceDetector:
         return shrink(gray, size)
 
     def match_near(self, image: Image, box: Sequence[float], template: np.ndarray) -> Box | None:
-        """``box`` moved to the best template match in the tracking window, or None below
-        :data:`TEMPLATE_MIN_SCORE`."""
+        """``box`` moved to the best template match near it, or None below :data:`TEMPLATE_MIN_SCORE`."""
         self.template_tracks += 1
         x0, y0, x1, y1 = _track_window(image, box)
         scale = self._template_scale(box)
@@ -362,8 +361,7 @@ class FaceDetector:
 
 
 def _track_window(image: Image, box: Sequence[float]) -> tuple[int, int, int, int]:
-    """The tracking search region ``(x0, y0, x1, y1)``: ``box`` widened by ``TRACK_PAD`` box widths per side,
-    inside the frame."""
+    """The tracking search region ``(x0, y0, x1, y1)``: ``box`` widened by ``TRACK_PAD`` widths per side."""
     x, y, w, h = (float(v) for v in box)
     pad = TRACK_PAD * max(w, h)
     height, width = image.shape[:2]
@@ -508,8 +506,7 @@ def faces_from_frames(
 
 # ---- decoding ----------------------------------------------------------------------------------------------
 def video_length(path: Path) -> tuple[int, float | None]:
-    """Frames in the first video stream (container metadata, else a demux-only count of packets) and its
-    frame rate (None when the container gives none)."""
+    """Frames in the first video stream (metadata, else a count of demuxed packets) and its fps (or None)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
@@ -597,8 +594,7 @@ class FrameTable:
 
 
 def frame_table(path: str | Path) -> FrameTable | None:
-    """Demux the first video stream (no decoding): its sorted frame timestamps and key frames; None when a
-    packet has no timestamp or two share one."""
+    """Demux (no decoding) the sorted frame timestamps and key frames; None if one is missing or shared."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         packets = [(p.pts, bool(p.is_keyframe)) for p in container.demux(stream) if p.size > 0]

@@ -130,8 +130,7 @@ def check_settings(features: FeatureConfig, part: str) -> None:
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_biosignals(path: str | Path) -> pd.DataFrame:
-    """Read a biosignal CSV (delimiter from the header line: tab, comma, semicolon or whitespace) into a frame
-    with lower-case, stripped column names."""
+    """Read a biosignal CSV (tab, comma, semicolon or whitespace separated); column names lower-cased."""
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"biosignal file {path} does not exist")

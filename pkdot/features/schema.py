@@ -65,8 +65,7 @@ def encode_tensor(name: str, array: np.ndarray) -> dict[str, object]:
 def write_table_atomic(
     rows: list[dict], schema: pa.Schema, path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write rows to ``path`` atomically, row groups of :data:`ROW_GROUP_SIZE`; ``metadata`` (str -> str) goes
-    into the file's schema metadata (``pq.read_schema(path).metadata``)."""
+    """Write rows to ``path`` atomically, in row groups; ``metadata`` goes into the file's schema metadata."""
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
