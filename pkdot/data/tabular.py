@@ -223,12 +223,8 @@ def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[in
 def _bad_rows_message(path: Path, sample_ids: list, problems: dict[int, str]) -> str:
     """One error naming every bad row (up to :data:`MAX_LISTED`) and how many there are."""
     rows = sorted(problems)
-    listed = [
-        f"  sample {sample_ids[i]!r}: {problems[i]}"
-        if sample_ids[i] not in (None, "")
-        else f"  {problems[i]}"
-        for i in rows[:MAX_LISTED]
-    ]
+    named = {i: f"sample {sample_ids[i]!r}: " for i in rows if sample_ids[i] not in (None, "")}
+    listed = [f"  {named.get(i, '')}{problems[i]}" for i in rows[:MAX_LISTED]]
     more = f"\n  ... and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
     head = (
         f"table {path}: {len(rows)} bad row{'s' if len(rows) != 1 else ''}"
