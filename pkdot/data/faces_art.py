@@ -145,14 +145,11 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int
 
 @dataclass(frozen=True)
 class SubjectLook:
-    """How one synthetic person looks and moves (all fields drawn by :func:`draw_subject_look`).
-
-    ``face_fraction``: face box width / frame width; ``aspect``: (x, y) stretch of the head; ``tint``: RGB gain
-    of the face; ``gain``/``gamma``: scene lighting; ``offset``: face centre offset from the frame centre (frame
-    fractions); ``tilt``: static roll (degrees); ``motion_px``/``motion_deg``: head-motion amplitudes at a
-    160-pixel frame; ``warp_seed``: seed of the subject's low-frequency face warp; ``expressiveness`` in
-    [0, 1] scales every expression.
-    """
+    """How one synthetic person looks and moves (drawn by :func:`draw_subject_look`): ``face_fraction`` =
+    face box width / frame width, ``aspect`` (x, y) head stretch, ``tint`` RGB face gain, ``gain``/``gamma``
+    lighting, ``offset`` face centre offset (frame fractions), ``tilt`` roll (deg), ``motion_px``/``motion_deg``
+    head-motion amplitudes at 160 px, ``warp_seed`` the face warp's seed, ``expressiveness`` in [0, 1] scales
+    every expression."""
 
     face_fraction: float
     aspect: tuple[float, float]
