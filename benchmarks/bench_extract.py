@@ -228,9 +228,9 @@ def write_fullsize_clips(out: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def _needed(path: Path, n_frames: int) -> list[int]:
-    from pkdot.features.faces import _video_frame_count, sample_indices
+    from pkdot.features.faces import sample_indices, video_length
 
-    return sorted(set(sample_indices(_video_frame_count(path), n_frames).tolist()))
+    return sorted(set(sample_indices(video_length(path)[0], n_frames).tolist()))
 
 
 def decode_sequential(path: Path, needed: list[int], thread_type: str) -> int:

@@ -15,25 +15,15 @@ from pkdot.errors import DatasetError
 from pkdot.rundir import atomic_write_json
 
 logger = logging.getLogger(__name__)
-ADAPTERS = {
-    "biovid": build_biovid_manifest,
-    "affwild2": build_affwild2_manifest,
-    "table": build_table_manifest,
-}
+ADAPTERS = dict(biovid=build_biovid_manifest, affwild2=build_affwild2_manifest, table=build_table_manifest)
 
 
 def build_manifest(data: DataConfig, root: Path | None = None) -> ManifestResult:
-    """Read a dataset ``root`` (a directory; for ``dataset: table`` the Parquet file; default ``data.root``) into
-    a manifest; raises :class:`DatasetError` naming the path and what was expected."""
-    chosen = root if root is not None else data.root
-    if chosen is None:
+    """Read a dataset ``root`` (default ``data.root``; for a ``table`` a Parquet file) into a manifest."""
+    if (chosen := root if root is not None else data.root) is None:
         raise DatasetError(
             f"data.root is not set for dataset {data.dataset!r} (give a dataset root, or let `pkdot run` "
             "generate the synthetic set)"
-        )
-    if data.dataset not in ADAPTERS:
-        raise DatasetError(
-            f"data.dataset {data.dataset!r} has no adapter (expected biovid, affwild2 or table)"
         )
     return ADAPTERS[data.dataset](data, Path(chosen).expanduser())
 

@@ -1,14 +1,11 @@
 """Aff-Wild2 (valence-arousal track) -> manifest of fixed-length clips, and the challenge's per-frame scoring.
 
 Layout: ``videos/**/<video>.mp4|.avi``, ``annotations/VA_Estimation_Challenge/{Train_Set,Validation_Set}/
-<video>.txt`` (header ``valence,arousal``, one ``v,a`` line per frame in [-1, 1]; -5 = unannotated).
-
-Clips are windows of ``data.clip_frames`` frames every ``data.clip_stride`` frames, kept when at least
-``data.min_annotated`` of their frames are annotated; ``valence`` / ``arousal`` are the means over those
-frames. ``sample_id = f"{video}@{start_frame}"``; ``subject_id`` is the annotation stem without a trailing
-``_left`` / ``_right``; a two-person video stored once is found by that subject name. ``audio_path`` is the video.
-With ``cropped_aligned/<stem>/<frame:05d>.jpg`` (1-based) and ``data.faces`` None or ``'frames'``, a clip's
-``video_path`` is that folder (no detection); ``data.faces: video`` always uses the videos.
+<video>.txt`` (header ``valence,arousal``, one ``v,a`` line per frame in [-1, 1]; -5 = unannotated). Clips are
+windows of ``data.clip_frames`` frames every ``data.clip_stride``, kept when ``data.min_annotated`` of their
+frames are annotated (labels: the means over those); ``sample_id = f"{video}@{start_frame}"``, ``subject_id``
+= the stem without ``_left`` / ``_right``. With ``cropped_aligned/<stem>/<frame:05d>.jpg`` (1-based) and
+``data.faces`` None or ``'frames'``, a clip's ``video_path`` is that folder; ``audio_path`` is the video.
 """
 
 from __future__ import annotations
@@ -49,11 +46,8 @@ def index_videos(videos_dir: Path) -> dict[str, list[Path]]:
 
 
 def read_va_annotation(path: Path) -> np.ndarray:
-    """Parse one annotation file into an ``(n_frames, 2)`` float array (NaN rows = unannotated frames).
-
-    Raises :class:`DatasetError` naming the file and line on a wrong header, a malformed line, or a value
-    outside [-1, 1] that is not the -5 marker.
-    """
+    """Parse one annotation file into an ``(n_frames, 2)`` float array (NaN rows = unannotated frames);
+    :class:`DatasetError` names the file and line of a bad header, line or value."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -113,8 +107,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
         raise DatasetError(
             f"Aff-Wild2 root {root}: {videos_dir} does not exist (expected the .mp4/.avi videos)"
         )
-    present = [p for p in PARTITIONS if (ann_root / p).is_dir()]
-    if not present:
+    if not (present := [p for p in PARTITIONS if (ann_root / p).is_dir()]):
         raise DatasetError(
             f"Aff-Wild2 root {root}: neither {ann_root / PARTITIONS[0]} nor {ann_root / PARTITIONS[1]} exists "
             "(expected the VA annotation files)"
@@ -150,9 +143,9 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
                 bad.bad(ann, stem, str(exc).removeprefix(f"{ann}: "))
                 continue
             annotated = ~np.isnan(va[:, 0])
-            starts = clip_windows(len(va), data.clip_frames, data.clip_stride)
-            kept = 0
-            for start in starts:
+            clip_video = (str(frames_dir.resolve()) if use_frames else video) if want_video else None
+            before = len(rows)
+            for start in clip_windows(len(va), data.clip_frames, data.clip_stride):
                 window = slice(start, start + data.clip_frames)
                 mask = annotated[window]
                 if mask.mean() < data.min_annotated:
@@ -166,9 +159,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
                         "class_name": "",
                         "valence": float(v),
                         "arousal": float(a),
-                        "video_path": (str(frames_dir.resolve()) if use_frames else video)
-                        if want_video
-                        else None,
+                        "video_path": clip_video,
                         "audio_path": video if want_audio else None,
                         "start_frame": start,
                         "num_frames": data.clip_frames,
@@ -176,8 +167,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
                         "dataset": "affwild2",
                     }
                 )
-                kept += 1
-            if kept == 0:
+            if len(rows) == before:
                 logger.info(
                     "Aff-Wild2 %s: no clip of %d frames with >= %.0f%% annotated frames (%d frames)",
                     ann,
@@ -214,18 +204,13 @@ def frame_predictions(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Per-frame ``(y_true, y_pred, counts)`` of the videos one run's ``clip_predictions`` (``sample_id``,
     ``y_pred``) cover, as the challenge scores: ``(F,)`` arrays over every annotated frame, in video order, and
-    ``{"videos", "frames", "filled_frames"}``.
-
-    A clip's prediction goes to every frame of its window (overlaps averaged); an annotated frame no clip covers
-    (the video's tail, a window dropped by ``data.min_annotated``) takes the nearest predicted frame's value
-    (counted in ``filled_frames``). Labels are re-read from ``root``'s annotation files; -5 frames are left out.
-    """
+    ``{"videos", "frames", "filled_frames"}``. A clip's prediction goes to every frame of its window (overlaps
+    averaged); an annotated frame no clip covers takes the nearest predicted frame's (``filled_frames``)."""
     if task not in ("valence", "arousal"):
         raise DatasetError(f"frame-level CCC is for task 'valence' or 'arousal', got {task!r}")
     column = 0 if task == "valence" else 1
     clips = manifest.set_index("sample_id")[["start_frame", "num_frames", "partition"]]
-    missing = sorted(set(clip_predictions["sample_id"]) - set(clips.index))
-    if missing:
+    if missing := sorted(set(clip_predictions["sample_id"]) - set(clips.index)):
         raise DatasetError(f"predictions name clips that are not in the manifest, e.g. {missing[:3]}")
     joined = clip_predictions[["sample_id", "y_pred"]].join(clips, on="sample_id")
     joined["stem"] = joined["sample_id"].str.rsplit("@", n=1).str[0]
@@ -252,12 +237,8 @@ def frame_predictions(
         if gaps.size:
             nearest = np.clip(np.searchsorted(covered, gaps), 0, len(covered) - 1)
             left = np.clip(nearest - 1, 0, len(covered) - 1)
-            pick = np.where(
-                np.abs(covered[left] - gaps) <= np.abs(covered[nearest] - gaps),
-                covered[left],
-                covered[nearest],
-            )
-            per_frame[gaps] = per_frame[pick]
+            left_closer = np.abs(covered[left] - gaps) <= np.abs(covered[nearest] - gaps)
+            per_frame[gaps] = per_frame[np.where(left_closer, covered[left], covered[nearest])]
             filled += int(gaps.size)
         trues.append(labels[annotated])
         preds.append(per_frame[annotated])

@@ -2,11 +2,10 @@
 
 Layout: ``samples.csv`` (``subject_id subject_name class_id class_name sample_id sample_name``),
 ``video/<subject_name>/<sample_name>.mp4``, ``biosignals_filtered/<subject_name>/<sample_name>_bio.csv``
-(``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``); delimiters are detected (tab, comma,
-semicolon). ``sample_id`` = ``sample_name``, ``subject_id`` = ``subject_name``; ``class_id`` 0..4 = BL1,
-PA1..PA4 must agree with ``class_name``. ``binary`` keeps BL1 (0) and PA4 (1); ``multiclass`` all five. Only
-the header of a biosignal CSV is checked here. Face crops ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg``
-replace the videos when ``data.faces`` is ``'frames'`` (or None and ``frames/`` exists).
+(``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``; header checked here), tab, comma or
+semicolon separated; ``sample_id``/``subject_id`` = ``sample_name``/``subject_name``; ``binary`` keeps BL1 and
+PA4. Face crops ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` replace the videos with ``data.faces:
+frames`` (or unset and ``frames/`` present).
 """
 
 from __future__ import annotations
@@ -34,14 +33,12 @@ FRAMES_DIR = "frames"
 
 
 def read_header(path: Path) -> tuple[list[str], str]:
-    """The column names (lower-cased, stripped) of a delimited text file and its delimiter: tab, comma or
-    semicolon (:func:`pkdot.tables.sniff_delimiter`)."""
+    """The lower-cased column names of a delimited text file and its delimiter (tab, comma or semicolon)."""
     with open(path, encoding="utf-8", errors="replace") as fh:
         line = fh.readline()
     if not line.strip():
         raise DatasetError(f"{path}: the file is empty (expected a header line)")
-    delimiter = sniff_delimiter(line)
-    if delimiter is None:
+    if (delimiter := sniff_delimiter(line)) is None:
         raise DatasetError(
             f"{path}: cannot find the column delimiter in the header {line.strip()!r} "
             "(expected tab-, comma- or semicolon-separated columns)"
@@ -56,8 +53,7 @@ def read_samples_csv(path: Path) -> pd.DataFrame:
             f"{path} does not exist (expected the Biovid samples.csv with columns {SAMPLES_COLUMNS})"
         )
     header, delimiter = read_header(path)
-    missing = [c for c in SAMPLES_COLUMNS if c not in header]
-    if missing:
+    if missing := [c for c in SAMPLES_COLUMNS if c not in header]:
         raise DatasetError(f"{path}: missing columns {missing} (found {header}, expected {SAMPLES_COLUMNS})")
     try:
         df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False)
@@ -120,15 +116,10 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
         if not subject or not sample:
             bad.bad(samples_path, sample or None, f"line {line}: empty subject_name or sample_name")
             continue
-        class_id = _class_of(row, samples_path, line, bad)
-        if class_id is None:
+        if (class_id := _class_of(row, samples_path, line, bad)) is None:
             continue
-        if data.task == "binary":
-            if class_id not in (0, len(BIOVID_CLASSES) - 1):
-                continue
-            label = 0 if class_id == 0 else 1
-        else:
-            label = class_id
+        if data.task == "binary" and class_id not in (0, len(BIOVID_CLASSES) - 1):
+            continue
         if sample in seen:
             bad.bad(
                 samples_path,
@@ -139,7 +130,7 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
         record = {
             "sample_id": sample,
             "subject_id": subject,
-            "label": label,
+            "label": int(class_id > 0) if data.task == "binary" else class_id,
             "class_name": BIOVID_CLASSES[class_id],
             "valence": float("nan"),
             "arousal": float("nan"),

@@ -1,10 +1,9 @@
 """Synthetic talking / grimacing faces built from ``skimage.data.astronaut()`` (ships offline).
 
-The face and eyes are found once with Haar cascades; brows and mouth are placed from the eye geometry. An
-*expression unit* (:data:`EXPRESSION_UNITS`: AU4 brow lowering, AU6/7 eye narrowing, AU6 cheek raise, AU9/10
-lip raise, mouth corners, AU1/2 brow raise) is a smooth displacement field around those landmarks, applied with
-:func:`cv2.remap`. A frame is the subject's tinted, warped, scaled head deformed by the frame's expression
-vector, placed with a rigid pose over a background; the face box is the Haar box through the same transform.
+The face and eyes are found once with Haar cascades, brows and mouth placed from the eye geometry. An
+*expression unit* (AU4 brow lowering, AU6/7 eye narrowing, AU6 cheek raise, AU9/10 lip raise, mouth corners,
+AU1/2 brow raise) is a smooth displacement field around those landmarks, applied with :func:`cv2.remap` to the
+subject's tinted, warped head, placed with a rigid pose over a background; the face box follows the Haar box.
 """
 
 from __future__ import annotations
@@ -20,24 +19,12 @@ from pkdot.errors import FeatureError
 
 logger = logging.getLogger(__name__)
 
-#: Names of the expression units, in the order of an expression vector.
-EXPRESSION_UNITS: tuple[str, ...] = (
-    "brow_lower",
-    "eye_narrow",
-    "cheek_raise",
-    "lip_raise",
-    "mouth_corner_up",
-    "brow_raise",
+#: Peak displacement of each expression unit at intensity 1, as a fraction of the inter-ocular distance.
+UNIT_AMPLITUDE: dict[str, float] = dict(
+    brow_lower=0.17, eye_narrow=0.10, cheek_raise=0.07, lip_raise=0.13, mouth_corner_up=0.11, brow_raise=0.13
 )
-#: Peak displacement of each unit at intensity 1, as a fraction of the inter-ocular distance.
-UNIT_AMPLITUDE: dict[str, float] = {
-    "brow_lower": 0.17,
-    "eye_narrow": 0.10,
-    "cheek_raise": 0.07,
-    "lip_raise": 0.13,
-    "mouth_corner_up": 0.11,
-    "brow_raise": 0.13,
-}
+#: Names of the expression units, in the order of an expression vector.
+EXPRESSION_UNITS: tuple[str, ...] = tuple(UNIT_AMPLITUDE)
 
 
 @dataclass(frozen=True)
@@ -78,12 +65,8 @@ def astronaut_rgb() -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def locate_landmarks() -> FaceLandmarks:
-    """Find the face (frontal-face cascade) and both eyes (eye cascade) on the astronaut, once.
-
-    Brows, mouth and lip positions are placed from the eye geometry with standard facial proportions
-    (``d`` = inter-ocular distance): brows ``0.25 d`` above the eyes, mouth centre ``0.95 d`` below the eye
-    midpoint, corners ``+-0.45 d`` from it, upper lip ``0.1 d`` above the mouth centre.
-    """
+    """Find the face and both eyes on the astronaut (Haar cascades), once; brows ``0.25 d`` above the eyes,
+    mouth centre ``0.95 d`` below their midpoint, corners ``+-0.45 d`` from it, upper lip ``0.1 d`` above."""
     gray = cv2.cvtColor(astronaut_rgb(), cv2.COLOR_RGB2GRAY)
     faces = haar_cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(60, 60))
     if len(faces) == 0:
@@ -146,10 +129,8 @@ def expression_basis(lm: FaceLandmarks, xx: np.ndarray, yy: np.ndarray) -> np.nd
     # lip_raise: upper lip and nose wings up.
     ux, uy = lm.upper_lip
     out[3, ..., 1] += -amp("lip_raise") * _gauss(xx, yy, ux, uy - 0.1 * d, 0.4 * d, 0.22 * d)
-    # mouth_corner_up.
     for cx, cy in (lm.mouth_left, lm.mouth_right):
         out[4, ..., 1] += -amp("mouth_corner_up") * _gauss(xx, yy, cx, cy, 0.18 * d, 0.18 * d)
-    # brow_raise.
     for bx, by in (lm.left_brow, lm.right_brow):
         out[5, ..., 1] += -amp("brow_raise") * _gauss(xx, yy, bx, by - 0.05 * d, 0.35 * d, 0.25 * d)
     return out
@@ -164,14 +145,11 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int
 
 @dataclass(frozen=True)
 class SubjectLook:
-    """How one synthetic person looks and moves (all fields drawn by :func:`draw_subject_look`).
-
-    ``face_fraction``: face box width / frame width; ``aspect``: (x, y) stretch of the head; ``tint``: RGB gain
-    of the face; ``gain``/``gamma``: scene lighting; ``offset``: face centre offset from the frame centre (frame
-    fractions); ``tilt``: static roll (degrees); ``motion_px``/``motion_deg``: head-motion amplitudes at a
-    160-pixel frame; ``warp_seed``: seed of the subject's low-frequency face warp; ``expressiveness`` in
-    [0, 1] scales every expression.
-    """
+    """How one synthetic person looks and moves (drawn by :func:`draw_subject_look`): ``face_fraction`` =
+    face box width / frame width, ``aspect`` (x, y) head stretch, ``tint`` RGB face gain, ``gain``/``gamma``
+    lighting, ``offset`` face centre offset (frame fractions), ``tilt`` roll (deg), ``motion_px``/``motion_deg``
+    head-motion amplitudes at 160 px, ``warp_seed`` the face warp's seed, ``expressiveness`` in [0, 1] scales
+    every expression."""
 
     face_fraction: float
     aspect: tuple[float, float]
@@ -214,11 +192,8 @@ def draw_subject_look(rng: np.random.Generator, expressiveness: float) -> Subjec
 def head_motion(
     rng: np.random.Generator, n_frames: int, fps: float, look: SubjectLook, frame_size: int
 ) -> np.ndarray:
-    """Smooth rigid head motion: ``(n_frames, 3)`` = (dx px, dy px, roll degrees) per frame.
-
-    Each component is a sum of three sinusoids with random frequencies in [0.1, 0.7] Hz and phases,
-    normalised to the subject's amplitude (pixels scale with ``frame_size / 160``).
-    """
+    """Smooth rigid head motion ``(n_frames, 3)`` = (dx px, dy px, roll degrees): each a sum of three
+    sinusoids of 0.1-0.7 Hz, normalised to the subject's amplitude (pixels scale with ``frame_size / 160``)."""
     t = np.arange(n_frames, dtype=np.float64) / fps
     out = np.zeros((n_frames, 3), np.float64)
     amps = (look.motion_px * frame_size / 160.0, look.motion_px * frame_size / 160.0, look.motion_deg)
@@ -246,10 +221,7 @@ def blink_track(rng: np.random.Generator, n_frames: int, fps: float) -> np.ndarr
 
 class FaceRenderer:
     """Render frames (``frame_size`` square) of one subject: expression vector + pose -> RGB frame and face box.
-
-    The astronaut's head region is tinted, warped and resampled once at the subject's scale; each frame then
-    costs one ``remap`` (expression) and one ``warpAffine`` (pose) of a small image.
-    """
+    The head is tinted, warped and resampled once; a frame costs one ``remap`` and one ``warpAffine``."""
 
     def __init__(self, look: SubjectLook, frame_size: int) -> None:
         self.look = look
@@ -290,9 +262,8 @@ class FaceRenderer:
         self.grid = np.stack([jj, ii], axis=-1)
         self.roi_center = c
         self.background = self._background()
-        self._lut = (255.0 * np.clip(look.gain * (np.arange(256) / 255.0) ** look.gamma, 0, 1)).astype(
-            np.uint8
-        )
+        lut = 255.0 * np.clip(look.gain * (np.arange(256) / 255.0) ** look.gamma, 0, 1)
+        self._lut = lut.astype(np.uint8)
         self.box_side = fw * self.scale * float(np.sqrt(sx * sy))
 
     def _background(self) -> np.ndarray:
@@ -316,11 +287,8 @@ class FaceRenderer:
     def render(
         self, expression: np.ndarray, pose: np.ndarray, noise: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One frame (F, F, 3) uint8 RGB and its face box ``(x, y, w, h)`` (4,) float64, in frame pixels.
-
-        ``expression``: (U,) intensities of :data:`EXPRESSION_UNITS`; ``pose``: (3,) dx, dy (frame pixels) and
-        roll (degrees); ``noise``: optional (F, F, 3) additive sensor noise (grey levels).
-        """
+        """One frame (F, F, 3) uint8 RGB and its face box ``(x, y, w, h)`` float64 in frame pixels;
+        ``expression`` (U,) unit intensities, ``pose`` (3,) dx, dy (px), roll (deg), ``noise`` (F, F, 3)."""
         # Inverse map: out(p) = face(p - U(p)), U = sum_k e_k B_k. A plain loop over the active units, not a
         # BLAS product: BLAS threads spin on a shared CPU and made this 100x slower.
         maps = self.grid.copy()

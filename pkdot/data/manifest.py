@@ -73,8 +73,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise DatasetError(f"manifest {path} is not a readable Parquet file: {exc}") from exc
-    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
-    if missing:
+    if missing := [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]:
         raise DatasetError(f"manifest {path}: missing columns {missing} (expected {MANIFEST_SCHEMA.names})")
     return table.to_pandas()[MANIFEST_SCHEMA.names]
 

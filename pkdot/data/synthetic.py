@@ -1,15 +1,10 @@
 """Small synthetic data sets written *in the real layouts*, so the real adapters read them.
 
-:func:`write_synthetic` writes a Biovid-like set (face videos + biosignal CSVs + ``samples.csv``) or an
-Aff-Wild2-like set (videos with audio + per-frame valence/arousal), plus the ground truth
-``<out>/synthetic_truth.parquet`` (latent responses, ``expressiveness``, ``coupling``, per-frame face ``boxes``).
-
-The modalities share a latent response, read by each through its own gain and noise (the face less reliably):
-Biovid (:func:`draw_biovid_responses`): ``R = 1[responded] * exp(s z - s^2 / 2)`` (non-response probability
-:data:`NONRESPONSE` per class), physio reads ``R(g_s, z_s)``, the face ``R`` of the Gaussian-copula mix
-``k g_s + sqrt(1 - k^2) g_i`` (``k`` = ``coupling``; every marginal is the same at any ``k``). Part B's
-corrugator EMG also follows the brow. Aff-Wild2 (:func:`draw_affwild2_tracks`): valence/arousal are slow
-processes; the face follows them 0.1-0.3 s late, the voice 0.2-0.5 s late reading the ``k``-mix.
+:func:`write_synthetic` writes a Biovid-like set (face videos, biosignal CSVs, ``samples.csv``) or an
+Aff-Wild2-like set (videos with audio, per-frame valence/arousal), plus the truth ``synthetic_truth.parquet``
+(latent responses, ``expressiveness``, ``coupling``, face ``boxes``). The modalities read one latent response,
+each with its own gain and noise, the face less reliably (:func:`draw_biovid_responses`,
+:func:`draw_affwild2_tracks`); Part B's corrugator EMG also follows the brow.
 """
 
 from __future__ import annotations
@@ -87,14 +82,10 @@ def write_synthetic(
     workers: int = 1,
 ) -> Path:
     """Write a synthetic data set in the real layout of ``kind`` under ``out`` (an empty directory); returns ``out``.
-
-    The same ``seed`` gives byte-identical files. ``subjects``: >= 2 for Aff-Wild2 (both partitions);
-    ``samples_per_class``: Biovid windows per class per subject; ``videos_per_subject``: Aff-Wild2 videos per
-    person, 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``); ``coupling`` in [0, 1]: how much the
-    privileged modality and the face share one latent response (0 = independent given the label).
-    ``classes``: the Biovid classes to write (default all five; each window's draws are its own, so the windows
-    written are the same as in the full set); ``workers``: processes writing Biovid subjects (same files).
-    """
+    The same ``seed`` gives byte-identical files, whatever the ``workers`` (processes writing Biovid subjects).
+    ``videos_per_subject``: 1 (``video<N>``) or 2 (``video<N>_left`` / ``_right``); ``coupling`` in [0, 1]: how
+    much the privileged modality and the face share one latent response (0 = independent given the label);
+    ``classes``: the Biovid classes to write (each window's draws are its own: the same as in the full set)."""
     out = Path(out)
     if kind not in ("biovid", "affwild2"):
         raise ConfigError(f"synthetic kind must be 'biovid' or 'affwild2', got {kind!r}")
@@ -216,9 +207,8 @@ def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarra
     table = pa.table({"time": time_us, **{ch: np.round(x, 6) for ch, x in signals.items()}})
     buffer = io.BytesIO()
     buffer.write(("\t".join(table.column_names) + "\n").encode())
-    pcsv.write_csv(
-        table, buffer, pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    )
+    options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    pcsv.write_csv(table, buffer, options)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -252,9 +242,10 @@ def _response(class_ids: np.ndarray, gate: np.ndarray, magnitude: np.ndarray) ->
 def draw_biovid_responses(
     rng: np.random.Generator, class_ids: np.ndarray, coupling: float
 ) -> dict[str, np.ndarray]:
-    """Latent responses of Biovid windows ``class_ids`` (N,) and each modality's noisy reading of them: (N,)
-    arrays ``shared_response``, ``face_latent``, ``face_response``, ``physio_response``. The same six normals
-    per window are drawn at every ``coupling``."""
+    """Latent responses ``R = 1[responded] * exp(s z - s^2 / 2)`` of Biovid windows ``class_ids`` (N,) and each
+    modality's noisy reading: (N,) ``shared_response``, ``face_latent``, ``face_response``, ``physio_response``.
+    Physio reads ``R(g_s, z_s)``, the face ``R`` of the Gaussian-copula mix ``k g_s + sqrt(1 - k^2) g_i``
+    (``k`` = ``coupling``: every marginal is the same at any ``k``, from the same six normals per window)."""
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     class_ids = np.asarray(class_ids, dtype=np.int64)
@@ -286,13 +277,7 @@ def _subject_names(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _biovid_physio(
-    rng: np.random.Generator,
-    subject: dict,
-    level: float,
-    onset: float,
-    brow_track: np.ndarray,
-    fps: int,
-    part: str,
+    rng: np.random.Generator, subject: dict, level: float, onset: float, brow: np.ndarray, fps: int, part: str
 ) -> dict[str, np.ndarray]:
     """One 5.5 s window of biosignals at 512 Hz, ``{"gsr", "ecg", "emg_*"}``: ECG beats at a heart rate rising
     with ``level``, EDA with a stimulus-locked SCR of amplitude ``eda_gain * level``, EMG bursts."""
@@ -342,7 +327,7 @@ def _biovid_physio(
     # ---- EMG channels
     sos = butter(4, [20.0, 200.0], btype="bandpass", fs=fs, output="sos")
     emg_ramp = _smoothstep((t - onset) / 1.2)
-    brow = np.interp(t, np.arange(len(brow_track)) / fps, brow_track)
+    brow = np.interp(t, np.arange(len(brow)) / fps, brow)
     signals = {"gsr": gsr, "ecg": ecg}
     weight = {"emg_trapezius": 1.0, "emg_corrugator": 1.2, "emg_zygomaticus": 0.4}
     for ch in BIOVID_CHANNELS[part][2:]:
@@ -384,10 +369,8 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
     out, s_idx, name, seed, fps, keep = job.out, job.s_idx, job.name, job.seed, job.fps, job.keep
     coupling, part = job.coupling, job.part
     n_frames = int(round(BIOVID_SECONDS * fps))
-    n_bio = int(round(BIOVID_SECONDS * BIOVID_FS))
-    time_us = np.round(np.arange(n_bio) * 1e6 / BIOVID_FS).astype(np.int64)
+    time_us = np.round(np.arange(int(round(BIOVID_SECONDS * BIOVID_FS))) * 1e6 / BIOVID_FS).astype(np.int64)
     channels = BIOVID_CHANNELS[part]
-    noise = job.noise
     srng = np.random.default_rng([seed, 2, s_idx])
     look = draw_subject_look(srng, job.expressiveness)
     renderer = FaceRenderer(look, job.frame_size)
@@ -401,15 +384,13 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
         "emg0": srng.uniform(3.0, 10.0),
         "emg_gain": srng.uniform(0.5, 1.5),
     }
-    session = [(c, k) for k in range(job.per_class) for c in range(len(BIOVID_CLASSES))]
+    session = [c for _ in range(job.per_class) for c in range(len(BIOVID_CLASSES))]  # class of each window
     order = srng.permutation(len(session))
-    responses = draw_biovid_responses(
-        np.random.default_rng([seed, 4, s_idx]), np.array([c for c, _ in session]), coupling
-    )
+    responses = draw_biovid_responses(np.random.default_rng([seed, 4, s_idx]), np.array(session), coupling)
     rows: list[str] = []
     truth: list[dict] = []
     for position, idx in enumerate(order):
-        class_id, _ = session[int(idx)]
+        class_id = session[int(idx)]
         class_name = BIOVID_CLASSES[class_id]
         if class_name not in keep:  # its draws are its own (seeded by the sample): the others are unchanged
             continue
@@ -438,7 +419,7 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
         expr[:, _UNIT["eye_narrow"]] = np.minimum(
             expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
         )
-        frames, boxes = _render(renderer, prng, expr, fps, noise)
+        frames, boxes = _render(renderer, prng, expr, fps, job.noise)
         video_rel = Path("video") / name / f"{sample_name}.mp4"
         _write_video_cv2(out / video_rel, frames, fps)
         signals = _biovid_physio(prng, subject, level, onset, expr[:, _UNIT["brow_lower"]], fps, part)
@@ -628,15 +609,15 @@ def _write_affwild2(
             renderer = FaceRenderer(look, frame_size)
             f0 = float(srng.uniform(110, 230))
             mean_v, mean_a = float(srng.uniform(-0.3, 0.3)), float(srng.uniform(-0.3, 0.3))
-            face_lag, audio_lag = float(srng.uniform(0.1, 0.3)), float(srng.uniform(0.2, 0.5))
+            lags = {"face_lag_s": float(srng.uniform(0.1, 0.3)), "audio_lag_s": float(srng.uniform(0.2, 0.5))}
             subject_id = f"video{s_idx + 1}"
             stems = [subject_id] if per_subject == 1 else [f"{subject_id}_left", f"{subject_id}_right"]
             partition = "Validation_Set" if s_idx in validation else "Train_Set"
             for v_idx, stem in enumerate(stems):
                 vrng = np.random.default_rng([seed, 13, s_idx, v_idx])
-                lags = {"face_lag_s": face_lag, "audio_lag_s": audio_lag}
-                means = {"mean_valence": mean_v, "mean_arousal": mean_a}
-                tracks = draw_affwild2_tracks(vrng, n_frames, fps, coupling, **means, **lags)
+                tracks = draw_affwild2_tracks(
+                    vrng, n_frames, fps, coupling, mean_valence=mean_v, mean_arousal=mean_a, **lags
+                )
                 face_v, face_a = tracks["face_valence"], tracks["face_arousal"]
                 e = look.expressiveness
                 expr = np.zeros((n_frames, len(EXPRESSION_UNITS)), np.float32)
@@ -668,8 +649,7 @@ def _write_affwild2(
                         "partition": partition,
                         "video": video_rel.as_posix(),
                         "coupling": float(coupling),
-                        "face_lag_s": face_lag,
-                        "audio_lag_s": audio_lag,
+                        **lags,
                         **{key: track.tolist() for key, track in tracks.items()},
                         "annotated": annotated.tolist(),
                         "boxes": boxes.tolist(),

@@ -1,19 +1,9 @@
-"""A synthetic Biovid *feature table*: per-window facial action-unit intensities and physiological features.
-
-Many Biovid users learn on per-window vectors (OpenFace action units, classic biosignal features) rather than
-pixels (``pkdot run --dataset table``, :mod:`pkdot.data.tabular`). This module writes such a table from the
-*same* generative process as the synthetic videos (:func:`pkdot.data.synthetic.draw_biovid_responses`, with
-the same ``coupling``), cheap enough for Biovid's real size (87 subjects x 20 windows per class). Views:
-
-- ``face_au`` (student): 12 OpenFace-style AU intensities (0-5); the pain display (AU04, AU06/07, AU09/10) has
-  the videos' intensity spread over the units by per-subject weights; nuisances are per-person offsets,
-  frowns, smiles, talking, blinks and measurement noise.
-- ``face_landmarks`` (student): :data:`N_LANDMARKS` 2-D landmarks, mostly face shape, head pose and jitter;
-  the pain display moves a few of them linearly (a high-dimensional, mostly-nuisance descriptor, the regime
-  where privileged information is predicted to help: Vapnik & Izmailov 2015; Lopez-Paz et al. 2016).
-- ``physio`` (privileged): 8 window features (heart-rate rise and mean, SCR amplitude, EDA level and slope,
-  EMG RMS and peak, non-specific SCR count) scaling with ``L = PHYSIO_LEVEL[c] * reactivity * R_physio``.
-
+"""A synthetic Biovid *feature table* (``pkdot run --dataset table``) from the *same* generative process as
+the synthetic videos (:func:`pkdot.data.synthetic.draw_biovid_responses`), cheap at Biovid's real size. Views:
+``face_au`` (student): 12 OpenFace-style AU intensities (0-5), the pain display spread over AU04, AU06/07,
+AU09/10 plus per-person nuisances; ``face_landmarks`` (student): mostly face shape, pose and jitter, a few
+points moved by the pain display (the regime where privileged information helps: Vapnik & Izmailov 2015);
+``physio`` (privileged): 8 window features scaling with ``PHYSIO_LEVEL[c] * reactivity * R_physio``.
 The constants were set from the physiology before any distillation result was seen; they are not tuned.
 """
 
@@ -24,16 +14,9 @@ from typing import Literal
 
 import numpy as np
 
+from pkdot.data import synthetic
 from pkdot.data.manifest import BIOVID_CLASSES
-from pkdot.data.synthetic import (
-    FACE_GAIN,
-    FACE_LEVEL,
-    FACE_MAX_INTENSITY,
-    PHYSIO_LEVEL,
-    _spread,
-    _subject_names,
-    draw_biovid_responses,
-)
+from pkdot.data.synthetic import FACE_GAIN, FACE_LEVEL, FACE_MAX_INTENSITY, draw_biovid_responses
 from pkdot.errors import ConfigError
 
 #: OpenFace action units of the ``face_au`` view, in column order.
@@ -42,15 +25,9 @@ AU_NAMES = ("AU01", "AU02", "AU04", "AU06", "AU07", "AU09", "AU10", "AU12", "AU1
 PAIN_UNITS = {"AU04": 1.0, "AU06": 0.7, "AU07": 0.8, "AU09": 0.5, "AU10": 0.8}
 #: Standard deviation of the analyser's measurement noise on each AU intensity.
 AU_NOISE = 0.2
-PHYSIO_NAMES = (
-    "hr_rise",
-    "hr_mean",
-    "scr_amplitude",
-    "eda_tonic",
-    "eda_slope",
-    "emg_rms",
-    "emg_peak",
-    "nonspecific_scrs",
+#: Columns of the ``physio`` view.
+PHYSIO_NAMES = tuple(
+    "hr_rise hr_mean scr_amplitude eda_tonic eda_slope emg_rms emg_peak nonspecific_scrs".split()
 )
 #: Landmarks of the ``face_landmarks`` view (x and y each): 10 brow, 12 eye, 4 nose, 6 mouth points.
 N_LANDMARKS = 32
@@ -97,9 +74,9 @@ def draw_feature_table(
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     classes = BINARY_CLASSES if task == "binary" else tuple(range(len(BIOVID_CLASSES)))
     rng = np.random.default_rng([seed, 11])
-    names = _subject_names(rng, subjects)
-    expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # as the videos: skewed low
-    reactivity = _spread(rng, subjects, 0.4, 1.0)
+    names = synthetic._subject_names(rng, subjects)
+    expressiveness = 0.1 + 0.9 * synthetic._spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
+    reactivity = synthetic._spread(rng, subjects, 0.4, 1.0)
     sample_ids: list[str] = []
     subject_ids: list[str] = []
     labels, face_rows, physio_rows, face_truth, physio_truth, landmark_rows = [], [], [], [], [], []
@@ -134,14 +111,10 @@ def draw_feature_table(
             au = np.clip(au + wrng.normal(0.0, AU_NOISE, len(AU_NAMES)), 0.0, 5.0)
             # (own random stream: the AU and physio draws are the same with or without this view)
             pose = lrng.normal(0.0, 1.0, 3)  # yaw, pitch, roll: a smooth, low-rank distortion of every point
-            landmarks = (
-                shape
-                + display * intensity
-                + pose @ _POSE_BASIS
-                + lrng.normal(0.0, LANDMARK_JITTER, 2 * N_LANDMARKS)
-            )
+            jitter = lrng.normal(0.0, LANDMARK_JITTER, 2 * N_LANDMARKS)
+            landmarks = shape + display * intensity + pose @ _POSE_BASIS + jitter
 
-            level = PHYSIO_LEVEL[c] * r * float(resp["physio_response"][i])
+            level = synthetic.PHYSIO_LEVEL[c] * r * float(resp["physio_response"][i])
             hr_rise = hr_gain * level + wrng.normal(0.0, 2.5)  # drift, respiratory sinus arrhythmia
             nonspecific = int(wrng.poisson(0.7))
             scr = eda_gain * level + sum(wrng.uniform(0.1, 0.45) * eda_gain for _ in range(nonspecific))

@@ -76,8 +76,7 @@ def infer_num_classes(path: Path) -> int:
 def _consecutive_classes(path: Path, classes: list[int]) -> int:
     """``max(classes) + 1``; raises :class:`DatasetError` when a class in ``0..max`` has no row."""
     k = int(max(classes)) + 1
-    absent = sorted(set(range(k)) - set(classes))
-    if absent:
+    if absent := sorted(set(range(k)) - set(classes)):
         raise DatasetError(
             f"table {path}: column 'label' has classes up to {k - 1} but no row of class(es) {absent[:20]} "
             f"(relabel the classes to consecutive integers from 0, or set data.num_classes={k} if they are "
@@ -103,8 +102,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         raise DatasetError(f"table {path} is not a readable Parquet file: {exc}") from exc
     target = "target" if data.task == "regression" else "label"
     modalities = data.modalities
-    missing = [c for c in (*ID_COLUMNS, target, *modalities) if c not in table.column_names]
-    if missing:
+    if missing := [c for c in (*ID_COLUMNS, target, *modalities) if c not in table.column_names]:
         raise DatasetError(
             f"table {path}: missing columns {missing} (expected {[*ID_COLUMNS, target]} and one list-of-float "
             f"column per modality {modalities}; found {table.column_names})"
@@ -115,8 +113,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
                 f"table {path}: column {m!r} has type {table.schema.field(m).type} (expected a list of floats "
                 "per row)"
             )
-    n = table.num_rows
-    if n == 0:
+    if (n := table.num_rows) == 0:
         raise DatasetError(f"table {path} has no rows")
     sample_ids = table.column("sample_id").to_pylist()
     subject_ids = table.column("subject_id").to_pylist()
@@ -130,10 +127,10 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
         lengths, nonfinite = vector_lengths(table.column(m))
         expected = modal_length(path, m, lengths)
         for i in range(n):
-            problem = vector_problem(lengths[i], nonfinite[i], expected)
-            if problem:
+            if problem := vector_problem(lengths[i], nonfinite[i], expected):
                 reject(i, m, problem)
     seen: set[str] = set()
+    wanted = "a finite number" if data.task == "regression" else "a non-negative integer class"
     for i in range(n):
         if sample_ids[i] is None or str(sample_ids[i]) == "":
             reject(i, "sample_id", "empty sample_id")
@@ -143,14 +140,8 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             seen.add(str(sample_ids[i]))
         if subject_ids[i] is None or str(subject_ids[i]) == "":
             reject(i, "subject_id", "empty subject_id")
-        if data.task == "regression":
-            problem = _value_problem(targets[i], label=False)
-            if problem:
-                reject(i, "target", f"target {problem} (expected a finite number)")
-        else:
-            problem = _value_problem(targets[i], label=True)
-            if problem:
-                reject(i, "label", f"label {problem} (expected a non-negative integer class)")
+        if problem := _value_problem(targets[i], label=data.task != "regression"):
+            reject(i, target, f"{target} {problem} (expected {wanted})")
     if data.task != "regression":
         _check_classes(data, path, targets, problems, reject)
 
@@ -160,8 +151,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
     for i in sorted(problems):
         sid = None if sample_ids[i] is None else str(sample_ids[i])
         bad.bad(path, sid, problems[i])
-    keep = [i for i in range(n) if i not in problems]
-    if not keep:
+    if not (keep := [i for i in range(n) if i not in problems]):
         raise DatasetError(f"table {path}: no usable rows ({len(bad.skipped)} skipped)")
     rows = [
         {
@@ -201,8 +191,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
 
 def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[int, str], reject) -> None:
     """The label set against the task: too many classes raise; rows with a class outside the range are bad."""
-    valid = [i for i in range(len(labels)) if _value_problem(labels[i], label=True) is None]
-    if not valid:
+    if not (valid := [i for i in range(len(labels)) if _value_problem(labels[i], label=True) is None]):
         return
     classes = {i: int(float(labels[i])) for i in valid}
     distinct = sorted(set(classes.values()))
@@ -227,20 +216,15 @@ def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[in
     for i in outside:
         reject(i, "label", f"label {classes[i]} is outside 0..{k - 1} (data.num_classes={k})")
     present = {classes[i] for i in valid if i not in problems}
-    absent = sorted(set(range(k)) - present)
-    if absent:
+    if absent := sorted(set(range(k)) - present):
         logger.warning("table %s: no usable row of class(es) %s (of 0..%d)", path, absent[:20], k - 1)
 
 
 def _bad_rows_message(path: Path, sample_ids: list, problems: dict[int, str]) -> str:
     """One error naming every bad row (up to :data:`MAX_LISTED`) and how many there are."""
     rows = sorted(problems)
-    listed = [
-        f"  sample {sample_ids[i]!r}: {problems[i]}"
-        if sample_ids[i] not in (None, "")
-        else f"  {problems[i]}"
-        for i in rows[:MAX_LISTED]
-    ]
+    named = {i: f"sample {sample_ids[i]!r}: " for i in rows if sample_ids[i] not in (None, "")}
+    listed = [f"  {named.get(i, '')}{problems[i]}" for i in rows[:MAX_LISTED]]
     more = f"\n  ... and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
     head = (
         f"table {path}: {len(rows)} bad row{'s' if len(rows) != 1 else ''}"
@@ -259,16 +243,9 @@ def write_view_table(
 ) -> Path:
     """Write a table in this module's layout (``sample_id``, ``subject_id``, ``label``, one float32 list column
     per view of ``views``: name -> (N, D_m)), atomically. Returns ``path``."""
-    table = pa.table(
-        {
-            "sample_id": pa.array(sample_ids),
-            "subject_id": pa.array(subject_ids),
-            "label": pa.array(labels),
-            **{
-                name: pa.array([row.tolist() for row in values], type=pa.list_(pa.float32()))
-                for name, values in views.items()
-            },
-        }
-    )
-    atomic_write_parquet(table, path)
+    ids = {"sample_id": pa.array(sample_ids), "subject_id": pa.array(subject_ids), "label": pa.array(labels)}
+    vectors = {
+        m: pa.array([row.tolist() for row in x], type=pa.list_(pa.float32())) for m, x in views.items()
+    }
+    atomic_write_parquet(pa.table(ids | vectors), path)
     return Path(path)

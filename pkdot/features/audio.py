@@ -63,13 +63,9 @@ def logmel(y: np.ndarray, sr: int, n_mels: int, hop_length: int) -> np.ndarray:
     """Log-mel power spectrogram (dB) of a mono signal ``y`` (n,) -> float32 ``(n_mels, 1 + n // hop_length)``."""
     import librosa
 
+    n_fft = n_fft_for(sr, hop_length)
     mel = librosa.feature.melspectrogram(
-        y=np.asarray(y, dtype=np.float32),
-        sr=sr,
-        n_fft=n_fft_for(sr, hop_length),
-        hop_length=hop_length,
-        n_mels=n_mels,
-        power=2.0,
+        y=np.asarray(y, np.float32), sr=sr, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
     )
     return librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=TOP_DB).astype(np.float32)
 
@@ -87,8 +83,7 @@ def video_fps(path: str | Path) -> float:
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise FeatureError(f"file {path} has no video stream to convert clip frames to seconds")
-        rate = container.streams.video[0].average_rate
-        if not rate:
+        if not (rate := container.streams.video[0].average_rate):
             raise FeatureError(f"video {path} has no frame rate")
         return float(rate)
 
@@ -124,24 +119,21 @@ def _decode_mono(path: Path, sr: int, start_s: float, end_s: float | None) -> tu
 def extract_audio_clips(
     media_path: str | Path, clips: Sequence[AudioRequest], features: FeatureConfig, fps: float | None = None
 ) -> list[AudioClip | AudioFailure]:
-    """Log-mel spectrograms of the clips of one audio-bearing file, decoding it once.
-
-    ``fps`` converts clip frames to seconds (default: the file's own video frame rate). Bad media (missing,
-    unreadable, no audio track, audio ending before a clip) yields :class:`AudioFailure` with the reason.
-    """
+    """Log-mel spectrograms of the clips of one audio-bearing file, decoding it once; ``fps`` converts clip
+    frames to seconds (default: the file's video frame rate). Bad media gives :class:`AudioFailure`s."""
     path = Path(media_path)
     sr = features.audio_sr
     try:
         if not path.is_file():
             raise FeatureError(f"media file {path} does not exist")
-        windows: list[tuple[float, float | None]] = []
-        for clip in clips:
-            if clip.start is None or clip.length is None:
-                windows.append((0.0, None))
-            else:
-                if fps is None:
-                    fps = video_fps(path)
-                windows.append((clip.start / fps, (clip.start + clip.length) / fps))
+        if fps is None and any(c.start is not None and c.length is not None for c in clips):
+            fps = video_fps(path)
+        windows: list[tuple[float, float | None]] = [
+            (0.0, None)
+            if c.start is None or c.length is None
+            else (c.start / fps, (c.start + c.length) / fps)
+            for c in clips
+        ]
         first = min(w[0] for w in windows)
         last = None if any(w[1] is None for w in windows) else max(w[1] for w in windows)  # type: ignore[type-var]
         samples, t0 = _decode_mono(path, sr, first, last)
@@ -171,10 +163,8 @@ def extract_audio_clips(
                 continue
             y = samples[i0 : i0 + n]
             padded = (n - len(y)) / sr
-            if len(y) < n:
-                y = np.concatenate([y, np.zeros(n - len(y), np.float32)])
+            y = np.pad(y, (0, n - len(y)))
         silent = bool(np.max(np.abs(y)) < 1e-6) if y.size else True
-        results.append(
-            AudioClip(clip.sample_id, logmel(y, sr, features.n_mels, features.hop_length), padded, silent)
-        )
+        mel = logmel(y, sr, features.n_mels, features.hop_length)
+        results.append(AudioClip(clip.sample_id, mel, padded, silent))
     return results

@@ -1,11 +1,10 @@
 """Stage 1: feature extraction over a manifest, sharded on Ray, resumable, merged into aligned tables.
 
-Each (modality, shard of ``features.shard_size`` rows) task writes ``shard-<i>-<key>.parquet`` atomically, its
-summary in the Parquet metadata; the key hashes the rows (with their recordings' identity), the modality's
-settings and its extractor's code, so a re-run redoes only changed shards. The shards are merged, streaming,
-into ``features/{faces,physio,audio}.parquet`` keeping the samples every modality succeeded on;
-``extract_report.json`` is written last and marks a complete extraction. A ``table`` data set's modality
-columns become ``<column>.parquet`` (``vector`` float32 (D,)) with the same checks and report, without shards.
+Each (modality, shard) task writes ``shard-<i>-<key>.parquet`` atomically, its summary in the file metadata;
+the key hashes the rows, their recordings' identity, the settings and the extractor's code, so a re-run
+redoes only changed shards. Shards merge into ``features/{faces,physio,audio}.parquet`` (the samples every
+modality got); ``extract_report.json``, written last, marks a complete extraction. A ``table`` set's columns
+become ``<column>.parquet`` (``vector`` float32 (D,)) with the same checks and report, without shards.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import logging
 import os
 import resource
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,71 +32,35 @@ from pkdot.errors import ConfigError, DatasetError, FeatureError
 from pkdot.features import audio as audio_features
 from pkdot.features import faces as face_features
 from pkdot.features import physio as physio_features
-from pkdot.features.schema import (
-    AUDIO_SCHEMA,
-    FACES_SCHEMA,
-    PHYSIO_SCHEMA,
-    ROW_GROUP_SIZE,
-    VECTOR_SCHEMA,
-    encode_tensor,
-    write_table_atomic,
-)
+from pkdot.features import schema
+from pkdot.features.faces import ClipFailure, ClipRequest, face_side
+from pkdot.features.schema import ROW_GROUP_SIZE, VECTOR_SCHEMA, encode_tensor, write_table_atomic
 from pkdot.progress import report as report_progress
-from pkdot.rundir import (
-    RunDir,
-    atomic_path,
-    atomic_write_json,
-    file_identity,
-    hash_json,
-    remove_temp_files,
-    source_hash,
-)
+from pkdot.rundir import RunDir, atomic_path, atomic_write_json
 from pkdot.tables import is_vector_type, modal_length, vector_lengths, vector_problem
 
 logger = logging.getLogger(__name__)
 
 SHARD_META_KEY = "pkdot_shard"
 EXTRACTED_MODALITIES = ("video", "physio", "audio")
-MODALITY_SCHEMA: dict[str, pa.Schema] = {
-    "video": FACES_SCHEMA,
-    "physio": PHYSIO_SCHEMA,
-    "audio": AUDIO_SCHEMA,
-}
+MODALITY_SCHEMA = {"video": schema.FACES_SCHEMA, "physio": schema.PHYSIO_SCHEMA, "audio": schema.AUDIO_SCHEMA}
 #: Feature settings (FeatureConfig fields) each extractor's output depends on.
-MODALITY_SETTINGS: dict[str, tuple[str, ...]] = {
-    "video": (
-        "n_frames",
-        "crop_size",
-        "face_margin",
-        "detector",
-        "yunet_model",
-        "detect_width",
-        "min_face_px",
-        "detect_every",
+MODALITY_SETTINGS = {
+    modality: tuple(fields.split())
+    for modality, fields in {
+        "video": "n_frames crop_size face_margin detector yunet_model detect_width min_face_px detect_every "
         "box_smoothing",
-    ),
-    "physio": (
-        "physio_fs",
-        "physio_channels",
-        "physio_window",
-        "max_nan_gap_s",
-        "spec_nperseg",
-        "spec_noverlap",
-        "spec_nfft",
-    ),
-    "audio": ("audio_sr", "n_mels", "hop_length"),
+        "physio": "physio_fs physio_channels physio_window max_nan_gap_s spec_nperseg spec_noverlap spec_nfft",
+        "audio": "audio_sr n_mels hop_length",
+    }.items()
 }
 MODALITY_VERSION: dict[str, int] = {
     "video": face_features.FACES_VERSION,
     "physio": physio_features.PHYSIO_VERSION,
     "audio": audio_features.AUDIO_VERSION,
 }
-#: Source files (relative to ``pkdot/``) whose code computes each modality's shard rows.
-MODALITY_CODE: dict[str, tuple[str, ...]] = {
-    "video": ("features/faces.py", "features/schema.py"),
-    "physio": ("features/physio.py", "features/schema.py"),
-    "audio": ("features/audio.py", "features/schema.py"),
-}
+#: The module (in ``pkdot/features/``, with ``schema.py``) whose code computes each modality's shard rows.
+MODALITY_CODE = {"video": "faces.py", "physio": "physio.py", "audio": "audio.py"}
 #: Manifest columns each modality reads.
 MODALITY_COLUMNS: dict[str, tuple[str, ...]] = {
     "video": ("video_path", "start_frame", "num_frames"),
@@ -154,19 +116,22 @@ def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dic
     settings["version"] = MODALITY_VERSION[modality]
     # The extractor's code: editing it re-extracts that modality's shards (not the others').
     package = rundir.PACKAGE_DIR  # read at call time (tests point it at an edited copy)
-    settings["code"] = source_hash([package / f for f in MODALITY_CODE[modality]], package)
+    code = [package / "features" / f for f in (MODALITY_CODE[modality], "schema.py")]
+    settings["code"] = rundir.source_hash(code, package)
     if modality == "physio":
         settings["physio_channels"] = physio_features.resolve_channels(features, part)
     if modality == "video" and features.detector == "yunet":
-        settings["yunet_stamp"] = file_identity(features.yunet_model)
+        settings["yunet_stamp"] = rundir.file_identity(features.yunet_model)
     return settings
 
 
 def shard_key(modality: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     """Hash of a shard: its rows, the :func:`pkdot.rundir.file_identity` of every recording they name, the settings."""
     paths = ("video_path", "physio_path", "audio_path")
-    stamped = [{**row, "stamps": {c: file_identity(row[c]) for c in paths if c in row}} for row in rows]
-    return hash_json({"modality": modality, "settings": settings, "rows": stamped})
+    stamped = [
+        {**row, "stamps": {c: rundir.file_identity(row[c]) for c in paths if c in row}} for row in rows
+    ]
+    return rundir.hash_json({"modality": modality, "settings": settings, "rows": stamped})
 
 
 def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[ShardJob]:
@@ -191,23 +156,17 @@ def plan_shards(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path) -> list[S
 
 # ---- per-shard extraction (runs in a Ray worker) ------------------------------------------------------------
 def extract_shard(job: ShardJob, features: FeatureConfig) -> dict[str, Any]:
-    """Extract one shard and write its Parquet file atomically; returns the shard's summary (a small dict).
-
-    Bad recordings are quarantined (listed with the reason in the summary), never raised.
-    """
+    """Extract one shard into its Parquet file; returns its summary (bad recordings are quarantined there)."""
     t0 = time.perf_counter()
     summary = _ShardSummary(job.modality, job.index, job.key, rows=len(job.rows))
-    extractor = {"video": _extract_faces_rows, "physio": _extract_physio_rows, "audio": _extract_audio_rows}[
-        job.modality
-    ]
-    results = extractor(job, features, summary)
+    extract = {"video": _extract_faces_rows, "physio": _extract_physio_rows, "audio": _extract_audio_rows}
+    results = extract[job.modality](job, features, summary)
     summary.ok = [row["sample_id"] for row in job.rows if row["sample_id"] in results]  # manifest order
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     metadata = {SHARD_META_KEY: json.dumps(summary.__dict__)}
-    write_table_atomic(
-        [results[sid] for sid in summary.ok], MODALITY_SCHEMA[job.modality], job.path, metadata
-    )
+    rows = [results[sid] for sid in summary.ok]
+    write_table_atomic(rows, MODALITY_SCHEMA[job.modality], job.path, metadata)
     return summary.__dict__
 
 
@@ -216,27 +175,24 @@ def _quarantine(summary: _ShardSummary, sample_id: str, reason: str) -> None:
     summary.quarantined.append({"sample_id": sample_id, "modality": summary.modality, "reason": reason})
 
 
-def _group_by(rows: Iterable[dict], key: Callable[[dict], str]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(key(row), []).append(row)
+def _by_recording(job: ShardJob, summary: _ShardSummary, columns: tuple[str, ...], missing: str) -> dict:
+    """The shard's rows grouped by their recording paths ``columns``; rows with none are quarantined."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in job.rows:
+        if all(row[c] is None for c in columns):
+            _quarantine(summary, row["sample_id"], f"the manifest gives {missing}")
+        else:
+            groups.setdefault(tuple(row[c] for c in columns), []).append(row)
     return groups
 
 
 def _extract_faces_rows(job: ShardJob, features: FeatureConfig, summary: _ShardSummary) -> dict[str, dict]:
     detector = face_features.FaceDetector(features)
     results: dict[str, dict] = {}
-    for row in job.rows:
-        if row["video_path"] is None:
-            _quarantine(summary, row["sample_id"], "the manifest gives no video_path")
-    with_video = (r for r in job.rows if r["video_path"] is not None)
-    for path, rows in _group_by(with_video, lambda r: r["video_path"]).items():
+    for (path,), rows in _by_recording(job, summary, ("video_path",), "no video_path").items():
         clips = [
-            face_features.ClipRequest(
-                r["sample_id"],
-                r["start_frame"] or 0,
-                r["num_frames"],
-                face_features.face_side(r["sample_id"], path),
+            ClipRequest(
+                r["sample_id"], r["start_frame"] or 0, r["num_frames"], face_side(r["sample_id"], path)
             )
             for r in rows
         ]
@@ -247,7 +203,7 @@ def _extract_faces_rows(job: ShardJob, features: FeatureConfig, summary: _ShardS
             else face_features.extract_video_clips(path, clips, features, detector)
         )
         for clip in extracted:
-            if isinstance(clip, face_features.ClipFailure):
+            if isinstance(clip, ClipFailure):
                 summary.sampled_frames += clip.sampled_frames
                 _quarantine(summary, clip.sample_id, clip.reason)
                 continue
@@ -275,8 +231,7 @@ def _extract_physio_rows(job: ShardJob, features: FeatureConfig, summary: _Shard
             _quarantine(summary, sid, "the manifest gives no physio_path")
             continue
         outcome = physio_features.extract_physio(sid, row["physio_path"], features, job.part)
-        flagged = {ch: q.as_dict() for ch, q in outcome.quality.items() if q.flags}
-        if flagged:
+        if flagged := {ch: q.as_dict() for ch, q in outcome.quality.items() if q.flags}:
             summary.quality[sid] = flagged
         if outcome.features is None:
             _quarantine(summary, sid, outcome.reason or "unknown physio failure")
@@ -284,28 +239,22 @@ def _extract_physio_rows(job: ShardJob, features: FeatureConfig, summary: _Shard
         if outcome.seconds is not None:
             summary.durations[sid] = (row["physio_path"], outcome.seconds)
         f = outcome.features.__dict__
-        results[sid] = {
-            **f,
-            **encode_tensor("window", f["window"]),
-            **encode_tensor("spectrogram", f["spectrogram"]),
-        }
+        results[sid] = (
+            f | encode_tensor("window", f["window"]) | encode_tensor("spectrogram", f["spectrogram"])
+        )
     return results
 
 
 def _extract_audio_rows(job: ShardJob, features: FeatureConfig, summary: _ShardSummary) -> dict[str, dict]:
     results: dict[str, dict] = {}
-    for row in job.rows:
-        if (row["audio_path"] or row["video_path"]) is None:
-            _quarantine(summary, row["sample_id"], "the manifest gives neither audio_path nor video_path")
-    with_media = (r for r in job.rows if (r["audio_path"] or r["video_path"]) is not None)
-    for _, rows in _group_by(with_media, lambda r: f"{r['audio_path']}|{r['video_path']}").items():
-        media = rows[0]["audio_path"] or rows[0]["video_path"]
+    groups = _by_recording(job, summary, ("audio_path", "video_path"), "neither audio_path nor video_path")
+    for (audio, video), rows in groups.items():
+        media = audio or video
         fps: float | None = None
-        video = rows[0]["video_path"]
         # Face crops from a folder: the frame rate is that of the video the audio comes from.
         if video is not None and Path(video).is_dir():
-            video = rows[0]["audio_path"]
-        if rows[0]["audio_path"] and video and any(r["start_frame"] is not None for r in rows):
+            video = audio
+        if audio and video and any(r["start_frame"] is not None for r in rows):
             try:
                 fps = audio_features.video_fps(video)
             except (FeatureError, OSError, audio_features.av.FFmpegError) as exc:
@@ -331,8 +280,7 @@ def _validate(cfg: RunConfig, manifest: pd.DataFrame) -> None:
         raise DatasetError("manifest: it has no rows (expected one row per sample)")
     if "sample_id" not in manifest.columns:
         raise DatasetError(f"manifest: no 'sample_id' column (columns: {list(manifest.columns)})")
-    dup = manifest["sample_id"].astype(str).duplicated()
-    if dup.any():
+    if (dup := manifest["sample_id"].astype(str).duplicated()).any():
         raise DatasetError(
             f"manifest: sample_id {manifest['sample_id'][dup].iloc[0]!r} appears more than once"
         )
@@ -377,7 +325,6 @@ def _run_jobs(
         rp.TimeElapsedColumn(),
         rp.TimeRemainingColumn(),
         disable=not progress,
-        transient=False,
     ) as bar:
         totals: dict[str, int] = defaultdict(int)
         for job in jobs:
@@ -385,8 +332,7 @@ def _run_jobs(
         tasks = {m: bar.add_task(f"{m} samples", total=n) for m, n in totals.items()}
         todo = []
         for job in jobs:
-            done = _existing_summary(job)
-            if done is not None:
+            if (done := _existing_summary(job)) is not None:
                 done["skipped"] = True
                 summaries.append(done)
                 bar.advance(tasks[job.modality], len(job.rows))
@@ -427,19 +373,18 @@ def _run_jobs(
 
 
 def _merge(jobs: list[ShardJob], modality: str, keep: set[str], out: Path, audio_frames: int | None) -> None:
-    """Stream the shards of a modality into ``out`` (temp name), keeping the samples in ``keep``, in row groups
-    of :data:`ROW_GROUP_SIZE`."""
-    schema = MODALITY_SCHEMA[modality]
+    """Stream the shards of a modality into ``out``, keeping the samples in ``keep``, in row groups."""
+    table_schema = MODALITY_SCHEMA[modality]
     keep_array = pa.array(sorted(keep), type=pa.string())
-    pending = schema.empty_table()  # rows not written yet (fewer than a row group)
-    with pq.ParquetWriter(out, schema) as writer:
+    pending = table_schema.empty_table()  # rows not written yet (fewer than a row group)
+    with pq.ParquetWriter(out, table_schema) as writer:
         for job in (j for j in jobs if j.modality == modality):
             for batch in pq.ParquetFile(job.path).iter_batches(batch_size=ROW_GROUP_SIZE):
                 table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
                 table = table.filter(pc.is_in(table.column("sample_id"), value_set=keep_array))
                 if modality == "audio" and audio_frames is not None and table.num_rows:
                     table = _pad_audio(table, audio_frames)
-                pending = pa.concat_tables([pending, table.cast(schema)])
+                pending = pa.concat_tables([pending, table.cast(table_schema)])
                 while pending.num_rows >= ROW_GROUP_SIZE:
                     writer.write_table(pending.slice(0, ROW_GROUP_SIZE), row_group_size=ROW_GROUP_SIZE)
                     pending = pending.slice(ROW_GROUP_SIZE)
@@ -454,7 +399,7 @@ def _pad_audio(table: pa.Table, frames: int) -> pa.Table:
         if shape[1] != frames:
             m = np.frombuffer(row["logmel"], dtype=np.dtype(row["logmel_dtype"])).reshape(shape)
             row.update(encode_tensor("logmel", audio_features.pad_logmel(m, frames)))
-    return pa.Table.from_pylist(rows, schema=AUDIO_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=MODALITY_SCHEMA["audio"])
 
 
 def _audio_frames(jobs: list[ShardJob], keep: set[str]) -> int | None:
@@ -478,21 +423,17 @@ def run_extract(
     progress: bool = True,
 ) -> dict:
     """Extract ``cfg.data.modalities`` of every manifest row into ``run_dir/features/``; returns the report
-    (also written to ``extract_report.json``), or raises :class:`FeatureError` after writing it when no sample
-    has every modality.
-
-    ``workers``: shard tasks in flight (default ``cfg.features.workers``); with 1 and no cluster address the
-    shards run in this process, else on Ray, where the recordings and ``run_dir`` must be on storage every node
-    sees (workers write the shard files; only small summaries travel back). ``progress``: a bar over samples.
-    """
+    (also in ``extract_report.json``; raises :class:`FeatureError` after writing it when no sample has every
+    modality). ``workers``: shard tasks in flight (default ``features.workers``); with 1 and no cluster
+    address the shards run here, else on Ray (recordings and ``run_dir`` on storage every node sees)."""
     run_dir = Path(run_dir).resolve()  # Ray workers may run in another directory
     rd = RunDir(run_dir)
     rd.features.mkdir(parents=True, exist_ok=True)
     report_path = rd.extract_report
     report_path.unlink(missing_ok=True)
-    remove_temp_files(rd.features)
+    rundir.remove_temp_files(rd.features)
     if cfg.data.dataset == "table":
-        return _run_table(cfg, manifest, run_dir, progress)
+        return _run_table(cfg, manifest, rd)
     t_start = time.perf_counter()
     _validate(cfg, manifest)
     workers = int(workers or cfg.features.workers)
@@ -511,7 +452,7 @@ def run_extract(
 
     modalities = list(cfg.data.modalities)
     order = manifest["sample_id"].astype(str).tolist()
-    report, keep = _build_report(cfg, summaries, modalities, order, workers, use_ray)
+    report, keep = _build_report(cfg, summaries, order, workers, use_ray)
     keep_set = set(keep)
     if report["quarantined"]:  # on the driver: shards on Ray workers log their own lines only there
         first = report["quarantined"][0]
@@ -538,12 +479,9 @@ def run_extract(
     _remove_stale_shards(rd.shards(), jobs)
     if audio_frames is not None:
         report["audio"]["frames"] = audio_frames
-    per_modality_time: dict[str, float] = defaultdict(float)
-    for s in summaries:
-        if not s.get("skipped"):
-            per_modality_time[s["modality"]] += s["seconds"]
+    busy = [s for s in summaries if not s.get("skipped")]
     report["time_s"] = {
-        **{m: round(per_modality_time[m], 3) for m in modalities},
+        **{m: round(sum((s["seconds"] for s in busy if s["modality"] == m), 0.0), 3) for m in modalities},
         "extract_wall": round(t_extracted - t_start, 3),
         "merge": round(time.perf_counter() - t_extracted, 3),
         "total": round(time.perf_counter() - t_start, 3),
@@ -597,14 +535,10 @@ def _check_durations(cfg: RunConfig, summaries: list[dict[str, Any]]) -> None:
 
 
 def _build_report(
-    cfg: RunConfig,
-    summaries: list[dict[str, Any]],
-    modalities: list[str],
-    order: list[str],
-    workers: int,
-    use_ray: bool,
+    cfg: RunConfig, summaries: list[dict[str, Any]], order: list[str], workers: int = 1, use_ray: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
     """The extraction report and the samples (manifest ``order``) that every modality extracted."""
+    modalities = list(cfg.data.modalities)
     summaries = sorted(summaries, key=lambda s: (modalities.index(s["modality"]), s["index"]))
     by_modality = {m: [s for s in summaries if s["modality"] == m] for m in modalities}
     ok = {m: {sid for s in group for sid in s["ok"]} for m, group in by_modality.items()}
@@ -617,17 +551,13 @@ def _build_report(
     detected = sum(s["detected_frames"] for s in summaries)
     lost = {sid: n for s in summaries for sid, n in s["lost_frames"].items()}
     quality = {sid: q for s in summaries for sid, q in s["quality"].items()}
-    flag_counts: dict[str, dict[str, int]] = {}
+    flag_counts: dict[str, Counter] = defaultdict(Counter)
     for per_channel in quality.values():
         for ch, q in per_channel.items():
-            for flag in q["flags"]:
-                flag_counts.setdefault(ch, {})[flag] = flag_counts.get(ch, {}).get(flag, 0) + 1
+            flag_counts[ch].update(q["flags"])
+    skipped = {m: sum(bool(s.get("skipped")) for s in g) for m, g in by_modality.items()}
     shards = {
-        m: {
-            "total": len(g),
-            "done": sum(not s.get("skipped") for s in g),
-            "skipped": sum(bool(s.get("skipped")) for s in g),
-        }
+        m: {"total": len(g), "done": len(g) - skipped[m], "skipped": skipped[m]}
         for m, g in by_modality.items()
     }
     report = {
@@ -673,7 +603,7 @@ def _remove_stale_shards(shards_dir: Path, jobs: list[ShardJob]) -> None:
 
 
 # ---- bring-your-own feature table ---------------------------------------------------------------------------
-def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: bool) -> dict:
+def _run_table(cfg: RunConfig, manifest: pd.DataFrame, rd: RunDir) -> dict:
     """Bring-your-own table: validate each modality column's vectors and write ``<column>.parquet``."""
     t_start = time.perf_counter()
     root = cfg.data.root
@@ -685,16 +615,16 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
         pf = pq.ParquetFile(root)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DatasetError(f"data.root {root} is not a readable Parquet file: {exc}") from exc
-    schema = pf.schema_arrow
+    columns = pf.schema_arrow
     modalities = list(cfg.data.modalities)
-    if "sample_id" not in schema.names:
-        raise DatasetError(f"{root}: no 'sample_id' column (columns: {schema.names})")
+    if "sample_id" not in columns.names:
+        raise DatasetError(f"{root}: no 'sample_id' column (columns: {columns.names})")
     for m in modalities:
-        if m not in schema.names:
-            raise DatasetError(f"{root}: no column {m!r} for modality {m!r} (columns: {schema.names})")
-        if not is_vector_type(schema.field(m).type):
+        if m not in columns.names:
+            raise DatasetError(f"{root}: no column {m!r} for modality {m!r} (columns: {columns.names})")
+        if not is_vector_type(columns.field(m).type):
             raise DatasetError(
-                f"{root}: column {m!r} has type {schema.field(m).type}; expected a list of numbers per row"
+                f"{root}: column {m!r} has type {columns.field(m).type}; expected a list of numbers per row"
             )
     order = manifest["sample_id"].astype(str).tolist()
     ids = pf.read(columns=["sample_id"]).column("sample_id").to_pandas().astype(str)
@@ -709,7 +639,7 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
         dims[m] = modal_length(root, m, lengths[at[at >= 0]])
         for sid, i in zip(order, at, strict=True):
             problem = (
-                "sample not in the table" if i < 0 else vector_problem(lengths[i], nonfinite[i], dims[m])
+                vector_problem(lengths[i], nonfinite[i], dims[m]) if i >= 0 else "sample not in the table"
             )
             if problem:
                 reasons[m][sid] = f"{root}: column {m!r}: {problem}"
@@ -722,12 +652,9 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, run_dir: Path, progress: 
         }
         for m in modalities
     ]
-    report, keep = _build_report(cfg, summaries, modalities, order, workers=1, use_ray=False)
+    report, keep = _build_report(cfg, summaries, order)
     keep_set = set(keep)
-    report.update(
-        {"shards_total": 0, "shards_done": 0, "shards_skipped": 0, "shards": {}, "vector_dims": dims}
-    )
-    rd = RunDir(run_dir)
+    report |= {"shards_total": 0, "shards_done": 0, "shards_skipped": 0, "shards": {}, "vector_dims": dims}
     report_path = rd.extract_report
     if not keep:
         atomic_write_json(report_path, report, indent=2)

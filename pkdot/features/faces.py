@@ -179,8 +179,6 @@ def sample_indices(num_frames: int, n_frames: int, start: int = 0) -> np.ndarray
     (int64 ``(n_frames,)``; a shorter clip repeats frames)."""
     if num_frames < 1:
         raise FeatureError(f"clip has {num_frames} frames; expected at least 1")
-    if n_frames < 1:
-        raise ConfigError(f"features.n_frames must be >= 1, got {n_frames}")
     offsets = np.floor((np.arange(n_frames) + 0.5) * num_frames / n_frames).astype(np.int64)
     return start + np.minimum(offsets, num_frames - 1)
 
@@ -225,9 +223,7 @@ class FaceDetector:
         self.min_face_px = features.min_face_px
         self.detect_width = features.detect_width
         self.min_px = DETECTOR_MIN_PX[self.kind]
-        self.full_searches = 0
-        self.local_searches = 0
-        self.template_tracks = 0
+        self.full_searches = self.local_searches = self.template_tracks = 0
         self._warned_widths: set[int] = set()
         if self.kind == "yunet":
             model = features.yunet_model
@@ -285,10 +281,7 @@ class FaceDetector:
             self._yunet.setInputSize((bgr.shape[1], bgr.shape[0]))
             _, faces = self._yunet.detect(bgr)
             boxes = np.zeros((0, 4)) if faces is None else np.asarray(faces, np.float64)[:, :4]
-            keep = boxes[:, 2] >= min_side
-            if max_side is not None:
-                keep &= boxes[:, 2] <= max_side
-            boxes = boxes[keep]
+            boxes = boxes[(boxes[:, 2] >= min_side) & (boxes[:, 2] <= (max_side or np.inf))]
         else:
             gray = image_gray(image, x0, y0, x1, y1)
             if scale != 1.0:
@@ -348,8 +341,7 @@ class FaceDetector:
         return shrink(gray, size)
 
     def match_near(self, image: Image, box: Sequence[float], template: np.ndarray) -> Box | None:
-        """``box`` moved to the best template match in the tracking window, or None below
-        :data:`TEMPLATE_MIN_SCORE`."""
+        """``box`` moved to the best template match near it, or None below :data:`TEMPLATE_MIN_SCORE`."""
         self.template_tracks += 1
         x0, y0, x1, y1 = _track_window(image, box)
         scale = self._template_scale(box)
@@ -369,8 +361,7 @@ class FaceDetector:
 
 
 def _track_window(image: Image, box: Sequence[float]) -> tuple[int, int, int, int]:
-    """The tracking search region ``(x0, y0, x1, y1)``: ``box`` widened by ``TRACK_PAD`` box widths per side,
-    inside the frame."""
+    """The tracking search region ``(x0, y0, x1, y1)``: ``box`` widened by ``TRACK_PAD`` widths per side."""
     x, y, w, h = (float(v) for v in box)
     pad = TRACK_PAD * max(w, h)
     height, width = image.shape[:2]
@@ -423,13 +414,8 @@ def _qualifies(boxes: np.ndarray, frame_width: int, side: str | None, previous: 
 def track_faces(
     frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 3
 ) -> list[Box | None]:
-    """One face box (or None) per frame of a clip.
-
-    The whole frame is searched until a face is found or when it is lost; then the detector runs near the box
-    every ``detect_every``-th frame and template matching follows it in between. ``side``: see :func:`choose_face`.
-    """
-    if detect_every < 1:
-        raise ConfigError(f"features.detect_every must be >= 1, got {detect_every}")
+    """One face box (or None) per frame of a clip: the whole frame is searched until a face is found or when it
+    is lost, then the detector runs near the box every ``detect_every``-th frame, template matching in between."""
     detections: list[Box | None] = []
     previous: Box | None = None
     template: np.ndarray | None = None
@@ -513,19 +499,14 @@ def faces_from_frames(
             sampled_frames=len(frames),
         )
     boxes, detected = smooth_boxes(detections, features.box_smoothing)
-    crops = np.stack(
-        [
-            crop_face(f, b, features.face_margin, features.crop_size)
-            for f, b in zip(frames, boxes, strict=True)
-        ]
-    )
+    margin, size = features.face_margin, features.crop_size
+    crops = np.stack([crop_face(f, b, margin, size) for f, b in zip(frames, boxes, strict=True)])
     return FaceClip(sample_id, crops, boxes, detected, np.asarray(indices, dtype=np.int64))
 
 
 # ---- decoding ----------------------------------------------------------------------------------------------
 def video_length(path: Path) -> tuple[int, float | None]:
-    """Frames in the first video stream (container metadata, else a demux-only count of packets) and its
-    frame rate (None when the container gives none)."""
+    """Frames in the first video stream (metadata, else a count of demuxed packets) and its fps (or None)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
@@ -533,10 +514,6 @@ def video_length(path: Path) -> tuple[int, float | None]:
         if stream.frames and stream.frames > 0:
             return int(stream.frames), fps
         return sum(1 for p in container.demux(stream) if p.size > 0), fps
-
-
-def _video_frame_count(path: Path) -> int:
-    return video_length(path)[0]
 
 
 def extract_video_clips(
@@ -550,14 +527,20 @@ def extract_video_clips(
     path = Path(video_path)
     detector = detector or FaceDetector(features)
     try:
-        pending, total, fps = _plan_clips(path, clips, features.n_frames)
+        if not path.is_file():
+            raise FileNotFoundError(f"video {path} does not exist")
+        total, fps = video_length(path)
     except (av.FFmpegError, OSError, IndexError) as exc:
         reason = _media_reason(path, exc)
-        for clip in clips:
-            yield ClipFailure(clip.sample_id, reason)
+        yield from (ClipFailure(clip.sample_id, reason) for clip in clips)
         return
-    yield from (p for p in pending if isinstance(p, ClipFailure))
-    todo = [p for p in pending if isinstance(p, _PendingClip)]
+    todo: list[_PendingClip] = []
+    for clip in clips:
+        window = _sample_window(f"video {path}", clip, total, features.n_frames, bounded=True)
+        if isinstance(window, str):
+            yield ClipFailure(clip.sample_id, window)
+        else:
+            todo.append(_PendingClip(clip, window))
     if not todo:
         return
     wanted: dict[int, list[_PendingClip]] = {}
@@ -574,14 +557,9 @@ def extract_video_clips(
                 p.frames[index] = rgb
                 if len(p.frames) == len(set(p.indices.tolist())):
                     todo.remove(p)
+                    frames, req = [p.frames[i] for i in p.indices], p.request
                     clip = faces_from_frames(
-                        p.request.sample_id,
-                        [p.frames[i] for i in p.indices],
-                        p.indices,
-                        features,
-                        detector,
-                        f"video {path}",
-                        p.request.side,
+                        req.sample_id, frames, p.indices, features, detector, f"video {path}", req.side
                     )
                     if isinstance(clip, FaceClip) and fps:
                         clip.video_seconds = total / fps
@@ -597,24 +575,14 @@ def extract_video_clips(
         yield ClipFailure(p.request.sample_id, reason)
 
 
-def _plan_clips(
-    path: Path, clips: Sequence[ClipRequest], n_frames: int
-) -> tuple[list[_PendingClip | ClipFailure], int, float | None]:
-    if not path.is_file():
-        raise FileNotFoundError(f"video {path} does not exist")
-    total, fps = video_length(path)
-    plans: list[_PendingClip | ClipFailure] = []
-    for clip in clips:
-        length = total - clip.start if clip.length is None else clip.length
-        if clip.start < 0 or length < 1:
-            reason = f"video {path}: clip window start {clip.start}, length {length} is empty"
-        elif clip.start + length > total:
-            reason = f"video {path} has {total} frames; clip window {clip.start}..{clip.start + length} runs past its end"
-        else:
-            plans.append(_PendingClip(clip, sample_indices(length, n_frames, clip.start)))
-            continue
-        plans.append(ClipFailure(clip.sample_id, reason))
-    return plans, total, fps
+def _sample_window(src: str, clip: ClipRequest, total: int, n_frames: int, bounded: bool) -> np.ndarray | str:
+    """The sampled frame indices of ``clip`` in a source of ``total`` frames, or why its window is unusable."""
+    length = total - clip.start if clip.length is None else clip.length
+    if clip.start < 0 or length < 1:
+        return f"{src}: clip window start {clip.start}, length {length} is empty"
+    if bounded and clip.start + length > total:
+        return f"{src} has {total} frames; clip window {clip.start}..{clip.start + length} runs past its end"
+    return sample_indices(length, n_frames, clip.start)
 
 
 @dataclass
@@ -626,8 +594,7 @@ class FrameTable:
 
 
 def frame_table(path: str | Path) -> FrameTable | None:
-    """Demux the first video stream (no decoding): its sorted frame timestamps and key frames; None when a
-    packet has no timestamp or two share one."""
+    """Demux (no decoding) the sorted frame timestamps and key frames; None if one is missing or shared."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         packets = [(p.pts, bool(p.is_keyframe)) for p in container.demux(stream) if p.size > 0]
@@ -661,8 +628,7 @@ def decode_frames(path: str | Path, needed: Sequence[int]) -> Iterator[tuple[int
             return
         except _SeekMismatch as exc:
             logger.debug("seeking in %s failed (%s); decoding from the start", path, exc)
-    wanted = set(needed) - done
-    if not wanted:
+    if not (wanted := set(needed) - done):
         return
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -740,8 +706,7 @@ def extract_folder_clips(
     try:
         if not folder.is_dir():
             raise FeatureError(f"frame folder {folder} does not exist")
-        files = index_frame_folder(folder)
-        if not files:
+        if not (files := index_frame_folder(folder)):
             raise FeatureError(
                 f"frame folder {folder} has no frame images (expected <frame number>{'/'.join(IMAGE_SUFFIXES)})"
             )
@@ -751,27 +716,21 @@ def extract_folder_clips(
     last = max(files)
     size = features.crop_size
     for clip in clips:
-        length = last - clip.start if clip.length is None else clip.length
-        if clip.start < 0 or length < 1:
-            yield ClipFailure(
-                clip.sample_id,
-                f"frame folder {folder}: clip window start {clip.start}, length {length} is empty",
-            )
+        indices = _sample_window(f"frame folder {folder}", clip, last, features.n_frames, bounded=False)
+        if isinstance(indices, str):
+            yield ClipFailure(clip.sample_id, indices)
             continue
-        indices = sample_indices(length, features.n_frames, clip.start)
         crops: dict[int, np.ndarray] = {}
-        sizes: dict[int, tuple[int, int]] = {}
+        extent: dict[int, Box] = {}  # the box of a face crop: the whole image
         failure = None
         for i in sorted(set(indices.tolist())):
-            path = files.get(i + 1)
-            if path is None:
+            if (path := files.get(i + 1)) is None:
                 continue
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if bgr is None:
+            if (bgr := cv2.imread(str(path), cv2.IMREAD_COLOR)) is None:
                 failure = f"frame folder {folder}: {path.name} is not a readable image"
                 break
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            sizes[i] = (rgb.shape[1], rgb.shape[0])
+            extent[i] = (0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0]))
             interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
             crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)
         if failure is not None:
@@ -785,16 +744,8 @@ def extract_folder_clips(
                 sampled_frames=len(indices),
             )
             continue
-        present = [
-            (0.0, 0.0, float(sizes[i][0]), float(sizes[i][1])) if i in crops else None
-            for i in indices.tolist()
-        ]
-        boxes, detected = smooth_boxes(present, 0.0)
-        good = indices[detected]
-        frames = np.stack(
-            [
-                crops[int(i)] if ok else crops[int(good[np.argmin(np.abs(good - i))])]
-                for i, ok in zip(indices, detected, strict=True)
-            ]
-        )
+        boxes, detected = smooth_boxes([extent.get(i) for i in indices.tolist()], 0.0)
+        good = indices[detected]  # a frame without a face image shows the nearest one with
+        nearest = good[np.abs(good[None, :] - indices[:, None]).argmin(axis=1)]
+        frames = np.stack([crops[int(i)] for i in nearest])
         yield FaceClip(clip.sample_id, frames, boxes, detected, indices.astype(np.int64))

@@ -1,12 +1,10 @@
 """Physiological windows of Biovid samples: read, check quality, filter, cut, spectrogram, descriptors.
 
-A ``<sample>_bio.csv`` has a ``time`` column (unit inferred from the step: us, ms or s) and the channels
-``gsr``, ``ecg``, ``emg_trapezius`` (+ ``emg_corrugator``, ``emg_zygomaticus`` in part B). Per sample: the rate
-must be within 2 % of ``features.physio_fs``; NaN runs up to ``max_nan_gap_s`` are interpolated, longer ones or
-a flat channel quarantine the sample (clipping and flat stretches are flagged); zero-phase Butterworth filters
-(EDA low-pass 2 Hz, ECG 0.5-40 Hz, EMG 20-250 Hz); the ``physio_window`` is cut, z-scored per channel
-(``window`` (C, L)) and turned into ``spectrogram`` (C, F, T) = ``log(S + 1e-10)``; descriptors ``eda_level``,
-``eda_slope``, ``heart_rate`` (R peaks), ``emg_rms`` come from the filtered window (NaN without the channel).
+A ``<sample>_bio.csv`` has ``time`` (us, ms or s, from the step), ``gsr``, ``ecg``, ``emg_trapezius`` (part B
+also ``emg_corrugator``, ``emg_zygomaticus``). The rate must be within 2 % of ``features.physio_fs``; NaN runs
+up to ``max_nan_gap_s`` are interpolated, longer ones or a flat channel quarantine the sample; zero-phase
+Butterworth filters; the ``physio_window`` is z-scored per channel (``window`` (C, L)), ``spectrogram``
+(C, F, T) = ``log(S + 1e-10)``; descriptors from the filtered window (NaN without their channel).
 """
 
 from __future__ import annotations
@@ -31,13 +29,7 @@ CHANNELS_BY_PART: dict[str, list[str]] = {
     "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
 }
 #: Channel -> signal kind (decides the filter and the descriptor it feeds).
-CHANNEL_KIND: dict[str, str] = {
-    "gsr": "eda",
-    "ecg": "ecg",
-    "emg_trapezius": "emg",
-    "emg_corrugator": "emg",
-    "emg_zygomaticus": "emg",
-}
+CHANNEL_KIND: dict[str, str] = {"gsr": "eda", "ecg": "ecg"} | dict.fromkeys(CHANNELS_BY_PART["B"][2:], "emg")
 RATE_TOLERANCE = 0.02
 #: A channel is flagged as clipped when more than this fraction of its samples sit at its min or max.
 CLIP_FRACTION = 0.01
@@ -60,16 +52,13 @@ class ChannelQuality:
 
     @property
     def flags(self) -> list[str]:
-        out = []
-        if self.nan_runs:
-            out.append("nan")
-        if self.flat:
-            out.append("flat")
-        elif self.longest_flat_run_s > FLAT_RUN_S:
-            out.append("flat_run")
-        if self.clipped_fraction > CLIP_FRACTION:
-            out.append("clipped")
-        return out
+        checks = {
+            "nan": self.nan_runs > 0,
+            "flat": self.flat,
+            "flat_run": not self.flat and self.longest_flat_run_s > FLAT_RUN_S,
+            "clipped": self.clipped_fraction > CLIP_FRACTION,
+        }
+        return [flag for flag, on in checks.items() if on]
 
     def as_dict(self) -> dict[str, Any]:
         """The flags and every field (fractions rounded to 6 decimals, seconds to 4)."""
@@ -108,11 +97,8 @@ class PhysioOutcome:
 
 def resolve_channels(features: FeatureConfig, part: str) -> list[str]:
     """``features.physio_channels`` or every channel of the Biovid ``part``; unknown names raise ConfigError."""
-    if part not in CHANNELS_BY_PART:
-        raise ConfigError(f"data.part: expected one of {sorted(CHANNELS_BY_PART)}, got {part!r}")
     channels = list(features.physio_channels) if features.physio_channels else list(CHANNELS_BY_PART[part])
-    unknown = [c for c in channels if c not in CHANNEL_KIND]
-    if unknown:
+    if unknown := [c for c in channels if c not in CHANNEL_KIND]:
         raise ConfigError(
             f"features.physio_channels: unknown channels {unknown} (expected some of {list(CHANNEL_KIND)})"
         )
@@ -144,8 +130,7 @@ def check_settings(features: FeatureConfig, part: str) -> None:
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_biosignals(path: str | Path) -> pd.DataFrame:
-    """Read a biosignal CSV (delimiter from the header line: tab, comma, semicolon or whitespace) into a frame
-    with lower-case, stripped column names."""
+    """Read a biosignal CSV (tab, comma, semicolon or whitespace separated); column names lower-cased."""
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"biosignal file {path} does not exist")
@@ -156,8 +141,7 @@ def read_biosignals(path: str | Path) -> pd.DataFrame:
         raise FeatureError(f"biosignal file {path} is not a text CSV ({exc})") from exc
     if not header.strip():
         raise FeatureError(f"biosignal file {path} is empty (expected a header line 'time gsr ecg ...')")
-    delimiter = sniff_delimiter(header, "\t,; ")
-    if delimiter is None:
+    if (delimiter := sniff_delimiter(header, "\t,; ")) is None:
         raise FeatureError(
             f"biosignal file {path}: cannot tell the delimiter of the header {header.strip()!r}"
         )
@@ -173,12 +157,8 @@ def read_biosignals(path: str | Path) -> pd.DataFrame:
 
 
 def non_numeric_cell(frame: pd.DataFrame, columns: list[str]) -> str | None:
-    """Where a text value sits in a numeric column, or None: ``"line L, column 'c': 'x' is not a number"``.
-
-    Empty cells and pandas' NA tokens (``NaN``, ``NA``, ...) are missing values, handled as NaN runs; any other
-    text is an error, never silently turned into NaN. ``L`` is the 1-based line of the file (the header is
-    line 1). When several cells are bad the count is given too.
-    """
+    """Where a text value sits in a numeric column (``"line L, column 'c': 'x' is not a number"``, L 1-based
+    with the header), or None. Empty cells and pandas' NA tokens are missing values (NaN runs), not errors."""
     found: list[tuple[int, str, str]] = []
     total = 0
     for name in columns:
@@ -198,10 +178,8 @@ def non_numeric_cell(frame: pd.DataFrame, columns: list[str]) -> str | None:
 
 
 def infer_time_unit(step: float) -> tuple[str, float]:
-    """The unit of a time column from its median step: ``("us", 1e-6)``, ``("ms", 1e-3)`` or ``("s", 1.0)``.
-
-    Steps >= 50 are microseconds (rates up to 20 kHz), steps in [0.05, 50) milliseconds, smaller ones seconds.
-    """
+    """The unit of a time column from its median step: ``("us", 1e-6)`` for steps >= 50 (rates up to 20 kHz),
+    ``("ms", 1e-3)`` for steps in [0.05, 50), else ``("s", 1.0)``."""
     if step >= 50:
         return "us", 1e-6
     if step >= 0.05:
@@ -236,11 +214,7 @@ def channel_quality(x: np.ndarray, fs: float) -> ChannelQuality:
     """NaN runs, flatness and clipping of one channel (samples ``x``, rate ``fs``)."""
     nan = ~np.isfinite(x)
     runs = _runs(nan)
-    q = ChannelQuality(
-        nan_runs=int(len(runs)),
-        longest_nan_run_s=float(runs.max() / fs) if len(runs) else 0.0,
-        nan_fraction=float(nan.mean()),
-    )
+    q = ChannelQuality(len(runs), float(runs.max() / fs) if len(runs) else 0.0, float(nan.mean()))
     finite = x[~nan]
     if len(finite) < 2 or float(np.ptp(finite)) == 0.0:
         q.flat = True
@@ -283,10 +257,8 @@ def design_filter(kind: str, fs: float) -> np.ndarray:
 
 def heart_rate(ecg: np.ndarray, fs: float) -> float:
     """Beats per minute from R peaks of a filtered ECG: ``60 / median(RR)``; NaN with fewer than two peaks.
-
-    The polarity is chosen so that the R peaks are the largest deviations; peaks are at least 0.3 s apart
-    (<= 200 bpm) with a prominence of at least half the 99.5th-percentile excursion.
-    """
+    R peaks are the largest deviations (either polarity), >= 0.3 s apart, with a prominence of at least half
+    the 99.5th-percentile excursion."""
     x = ecg - np.median(ecg)
     if abs(np.percentile(x, 0.5)) > abs(np.percentile(x, 99.5)):
         x = -x
@@ -309,13 +281,11 @@ def extract_physio(
     outcome = PhysioOutcome(sample_id)
     try:
         frame = read_biosignals(path)
-        missing = [c for c in channels if c not in frame.columns]
-        if missing:
+        if missing := [c for c in channels if c not in frame.columns]:
             raise FeatureError(
                 f"biosignal file {path}: missing channels {missing} (columns: {list(frame.columns)})"
             )
-        not_numeric = non_numeric_cell(frame, ["time", *channels])
-        if not_numeric:
+        if not_numeric := non_numeric_cell(frame, ["time", *channels]):
             raise FeatureError(f"biosignal file {path}: {not_numeric}")
         try:
             outcome.fs = sampling_rate(frame["time"].to_numpy(dtype=np.float64))
@@ -369,24 +339,15 @@ def extract_physio(
         filtered[name] = signal.sosfiltfilt(sos, signals[name])[start : start + length]
     window = np.stack([filtered[c] for c in channels])
     std = window.std(axis=1, keepdims=True)
-    flat_in_window = [
-        c
-        for c, s in zip(channels, std[:, 0], strict=True)
-        if s <= 1e-12 * max(1.0, float(np.abs(window).max()))
-    ]
-    if flat_in_window:
+    tiny = 1e-12 * max(1.0, float(np.abs(window).max()))
+    if flat_in_window := [c for c, s in zip(channels, std[:, 0], strict=True) if s <= tiny]:
         outcome.reason = (
             f"biosignal file {path}: channels {flat_in_window} are flat within physio_window {lo}-{hi} s"
         )
         return outcome
     z = ((window - window.mean(axis=1, keepdims=True)) / std).astype(np.float32)
     _, _, power = signal.spectrogram(
-        z,
-        fs=fs,
-        nperseg=features.spec_nperseg,
-        noverlap=features.spec_noverlap,
-        nfft=features.spec_nfft,
-        axis=-1,
+        z, fs=fs, nperseg=features.spec_nperseg, noverlap=features.spec_noverlap, nfft=features.spec_nfft
     )
     spectrogram = np.log(power + LOG_EPS).astype(np.float32)
 

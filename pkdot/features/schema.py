@@ -1,19 +1,11 @@
-"""Schemas of the feature tables under ``<run>/features/`` (declared once, here).
+"""Schemas of the feature tables under ``<run>/features/``: a ``sample_id`` column and *tensor columns*, each
+stored as ``NAME`` (the array's C-order bytes), ``NAME_shape`` (list<int32>) and ``NAME_dtype`` (numpy name).
 
-Every modality table has a ``sample_id`` column and one or more *tensor columns*. A tensor column ``NAME``
-is stored as three Parquet columns: ``NAME`` (binary: the array's C-order bytes), ``NAME_shape``
-(list<int32>) and ``NAME_dtype`` (string, a numpy dtype name). :func:`read_tensors` turns them back into one
-stacked numpy array per column, in the order of the requested sample ids.
-
-Tables and their tensor columns (``T`` frames, ``C`` channels, ``F`` frequencies):
-
-- ``faces.parquet``: ``frames`` uint8 (T, H, W, 3) RGB face crops; ``face_found`` float (fraction of sampled
-  frames where the detector found the face), ``boxes`` list<float> (T*4: x, y, w, h in source pixels),
-  ``lost_frames`` int32.
-- ``physio.parquet``: ``window`` float32 (C, L) filtered window; ``spectrogram`` float32 (C, F, T) log power;
-  ``channels`` list<string>; descriptors ``eda_level``, ``eda_slope``, ``heart_rate``, ``emg_rms`` (float64).
-- ``audio.parquet``: ``logmel`` float32 (n_mels, T).
-- bring-your-own table: ``<modality>.parquet`` with ``vector`` float32 (D,).
+- ``faces.parquet``: ``frames`` uint8 (T, H, W, 3) RGB crops; ``face_found`` (fraction of sampled frames with
+  the face), ``boxes`` (T*4: x, y, w, h in source pixels), ``lost_frames``.
+- ``physio.parquet``: ``window`` float32 (C, L); ``spectrogram`` float32 (C, F, T) log power; ``channels``;
+  descriptors ``eda_level``, ``eda_slope``, ``heart_rate``, ``emg_rms``.
+- ``audio.parquet``: ``logmel`` float32 (n_mels, T); bring-your-own ``<modality>.parquet``: ``vector`` (D,).
 """
 
 from __future__ import annotations
@@ -57,10 +49,7 @@ PHYSIO_SCHEMA = pa.schema(
         *tensor_fields("window"),
         *tensor_fields("spectrogram"),
         pa.field("channels", pa.list_(pa.string())),
-        pa.field("eda_level", pa.float64()),
-        pa.field("eda_slope", pa.float64()),
-        pa.field("heart_rate", pa.float64()),
-        pa.field("emg_rms", pa.float64()),
+        *(pa.field(name, pa.float64()) for name in ("eda_level", "eda_slope", "heart_rate", "emg_rms")),
     ]
 )
 AUDIO_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), *tensor_fields("logmel")])
@@ -76,8 +65,7 @@ def encode_tensor(name: str, array: np.ndarray) -> dict[str, object]:
 def write_table_atomic(
     rows: list[dict], schema: pa.Schema, path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write rows to ``path`` atomically, row groups of :data:`ROW_GROUP_SIZE`; ``metadata`` (str -> str) goes
-    into the file's schema metadata (``pq.read_schema(path).metadata``)."""
+    """Write rows to ``path`` atomically, in row groups; ``metadata`` goes into the file's schema metadata."""
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
@@ -117,10 +105,8 @@ def iter_tensors(
 def read_tensors(
     path: str | Path, column: str, sample_ids: Sequence[str] | None = None
 ) -> tuple[list[str], np.ndarray]:
-    """Read one tensor column fully: ``(sample_ids, array of shape (N, *shape))``.
-
-    With ``sample_ids``, rows are returned in that order; a requested id that is absent raises FeatureError.
-    """
+    """Read one tensor column fully: ``(sample_ids, array (N, *shape))``, in the order of ``sample_ids`` when
+    given (an absent one raises FeatureError)."""
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     for b_ids, arr in iter_tensors(path, column):
@@ -132,8 +118,7 @@ def read_tensors(
     if sample_ids is None:
         return ids, data
     index = {s: i for i, s in enumerate(ids)}
-    missing = [s for s in sample_ids if s not in index]
-    if missing:
+    if missing := [s for s in sample_ids if s not in index]:
         raise FeatureError(
             f"feature table {path}: {len(missing)} requested samples are absent, e.g. {missing[:3]}"
         )
