@@ -28,16 +28,8 @@ epoch_log = logging.getLogger("pkdot.epochs")
 class ConsoleHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (a live rich display replaces it)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property  # type: ignore[override]
-    def stream(self) -> TextIO:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it; the property wins
-        pass
+    # StreamHandler.__init__ assigns the stream: the setter ignores it
+    stream = property(lambda self: sys.stderr, lambda self, value: None)  # type: ignore[assignment]
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -133,15 +125,6 @@ def epoch_recorder(run_dir: str | Path, job_key: str) -> Callable[[str, int, dic
             f.write(line + "\n")
 
     return record
-
-
-def epoch_logger(job_key: str) -> Callable[[str, int, dict[str, float]], None]:
-    """A ``WorkerContext.progress`` hook for a job run in the driver: one ``pkdot.epochs`` INFO line."""
-
-    def log_epoch(phase: str, epoch: int, metrics: dict[str, float]) -> None:
-        epoch_log.info(format_epoch(job_key, phase, epoch, metrics))
-
-    return log_epoch
 
 
 class EpochTail:
@@ -318,9 +301,7 @@ class StageProgressDisplay:
             if self._stage != progress.stage:
                 self._finish()
                 self._start(progress)
-            fields = {"unit": progress.unit} | (
-                {"detail": d} if (d := getattr(progress, "detail", "")) else {}
-            )
+            fields = {"unit": progress.unit} | ({"detail": progress.detail} if progress.detail else {})
             self._progress.update(self._task, completed=progress.done, total=max(progress.total, 1), **fields)
             if progress.total > 0 and progress.done >= progress.total:
                 self._finish()

@@ -570,19 +570,14 @@ def evaluate_run(
         "protocol": protocol,
         "challenge_frame_ccc": _records(challenge),
     }
-    written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
-    for name, frame in {
-        "per_fold.csv": per_fold,
-        "robustness.csv": robustness_runs,
-        "challenge_ccc.csv": challenge,
-    }.items():
+    tables = {"per_fold.csv": per_fold, "robustness.csv": robustness_runs, "challenge_ccc.csv": challenge}
+    for name, frame in tables.items():
         if frame is not None and not frame.empty:
             atomic_write_text(rd.report / name, frame.to_csv(index=False))
-            written.add(name)
     atomic_write_text(rd.summary, json.dumps(summary_doc, indent=1, allow_nan=False))
     atomic_write_text(rd.report_md, render_report(cfg, summary, plot_names, n_files))
     for stale in rd.report.glob("*.png"):
-        if stale.name not in written:
+        if stale.name not in plot_names:
             logger.info("removing %s (not produced by this evaluation)", stale)
             stale.unlink()
     logger.info("report: %s (best student: %s)", summary.report_path, best_student)

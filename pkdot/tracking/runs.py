@@ -8,7 +8,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -251,9 +250,7 @@ class Tracker:
         }
         run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
         _log_params(self.client, run_id, cfg.flat())
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(cfg.yaml_text())
-            self.client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        self.client.log_text(run_id, cfg.yaml_text(), "config.yaml")
         logger.info(
             "MLflow parent run %s (experiment %r, %s)", run_id, cfg.tracking.experiment, self.tracking_uri
         )
@@ -371,13 +368,9 @@ def log_evaluation(cfg: RunConfig, summary: Any) -> dict[str, Any]:
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate") as run:
         run.log_metrics({f"{r['model']}_mean": float(r["mean"]) for _, r in summary.table.iterrows()})
-        if summary.robustness is not None:  # e.g. robustness/student-pkdot/frame_drop_0.3
-            run.log_metrics(
-                {
-                    f"robustness/{r['model']}/{r['perturbation']}_{r['level']:g}": float(r["mean"])
-                    for _, r in summary.robustness.iterrows()
-                }
-            )
+        if (rob := summary.robustness) is not None:  # e.g. robustness/student-pkdot/frame_drop_0.3
+            cols = (rob[c] for c in ("model", "perturbation", "level", "mean"))
+            run.log_metrics({f"robustness/{m}/{p}_{lv:g}": v for m, p, lv, v in zip(*cols, strict=True)})
         run.log_artifacts(Path(summary.report_path).parent, artifact_path="report")
     return {
         "mlflow_run_id": tracker.parent_run_id(),
