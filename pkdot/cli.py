@@ -546,8 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run" and args.run_dir is None:
-        ds = args.dataset or "biovid"
-        args.run_dir = Path("runs") / f"{ds}-{args.preset or 'demo'}"
+        args.run_dir = Path("runs") / f"{args.dataset or 'biovid'}-{args.preset or 'demo'}"
     from pkdot.console import console_session, route_ray_worker_logs
     from pkdot.ray_utils import add_init_hook
 

@@ -111,8 +111,7 @@ def epoch_file(run_dir: str | Path, job_key: str) -> Path:
 
 
 def epoch_recorder(run_dir: str | Path, job_key: str) -> Callable[[str, int, dict[str, float]], None]:
-    """A ``WorkerContext.progress`` hook for a worker: one JSON line per epoch (one ``write``, appending) in the
-    job's epoch file."""
+    """A worker's ``WorkerContext.progress`` hook: one JSON line per epoch, appended to the job's epoch file."""
     path = epoch_file(run_dir, job_key)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -168,8 +167,7 @@ def describe_record(rec: dict[str, Any] | None) -> str:
     (``val_metric``, else another ``val_*`` entry, else the loss)."""
     if not rec:
         return ""
-    keys = [k for k in rec if k not in ("job", "phase", "epoch")]
-    preferred = ["val_metric"] + [k for k in keys if k.startswith("val_")] + ["train_loss", "loss"]
+    preferred = ["val_metric", *[k for k in rec if k.startswith("val_")], "train_loss", "loss"]
     metric = next((k for k in preferred if k in rec), None)
     value = f" {metric}={rec[metric]:.3f}" if metric is not None else ""
     job = str(rec.get("job", "")).replace("/", "-")
@@ -314,8 +312,7 @@ class StageProgressDisplay:
 
 @contextmanager
 def console_session(*, verbose: bool = False, run_dir: str | Path | None = None) -> Iterator[Path | None]:
-    """Console logging, the run's log file and the stage progress displays for the duration of a command; yields
-    the log file (None without a run directory)."""
+    """Console logging, the run's log file and stage progress displays for a command; yields the log file."""
     global _route_ray_logs
     levels = {name: logging.getLogger(name).level for name in ("", "pkdot", "flows")}
     with ExitStack() as stack:

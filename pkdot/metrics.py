@@ -49,16 +49,15 @@ def _class_pair(
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of samples whose predicted class equals the true class."""
-    a, b = _class_pair(y_true, y_pred, "accuracy", None)
-    return float(skm.accuracy_score(a, b))
+    return float(skm.accuracy_score(*_class_pair(y_true, y_pred, "accuracy", None)))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """``(num_classes, num_classes)`` int64 counts; entry ``[i, j]`` = samples of true class ``i`` predicted ``j``."""
     if num_classes < 1:
         raise StageError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
-    a, b = _class_pair(y_true, y_pred, "confusion_matrix", num_classes)
-    return skm.confusion_matrix(a, b, labels=np.arange(num_classes)).astype(np.int64)
+    pair = _class_pair(y_true, y_pred, "confusion_matrix", num_classes)
+    return skm.confusion_matrix(*pair, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> float:
@@ -82,14 +81,11 @@ def ccc(x: np.ndarray, y: np.ndarray) -> float:
     [-1, 1]: 0.0 when one series is constant, 1.0 for two equal constants (0/0: they agree exactly)."""
     a, b = _real_pair(x, y, "ccc")
     constant_a, constant_b = np.ptp(a) == 0.0, np.ptp(b) == 0.0  # exact test (a mean is not exact)
-    if constant_a and constant_b:
-        return 1.0 if a[0] == b[0] else 0.0
     if constant_a or constant_b:
-        return 0.0
+        return 1.0 if constant_a and constant_b and a[0] == b[0] else 0.0
     mean_a, mean_b = a.mean(), b.mean()
     cov = np.mean((a - mean_a) * (b - mean_b))
-    denominator = a.var() + b.var() + (mean_a - mean_b) ** 2
-    return float(2.0 * cov / denominator)
+    return float(2.0 * cov / (a.var() + b.var() + (mean_a - mean_b) ** 2))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -103,14 +99,12 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def rmse(x: np.ndarray, y: np.ndarray) -> float:
     """Root mean squared error ``sqrt(mean((x - y)^2))``."""
-    a, b = _real_pair(x, y, "rmse")
-    return float(skm.root_mean_squared_error(a, b))
+    return float(skm.root_mean_squared_error(*_real_pair(x, y, "rmse")))
 
 
 def mae(x: np.ndarray, y: np.ndarray) -> float:
     """Mean absolute error ``mean(|x - y|)``."""
-    a, b = _real_pair(x, y, "mae")
-    return float(skm.mean_absolute_error(a, b))
+    return float(skm.mean_absolute_error(*_real_pair(x, y, "mae")))
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, Any]:

@@ -88,8 +88,7 @@ def paired_difference(
     r"""Paired comparison of two models scored on the same runs: on :math:`d = a - b`, ``mean_diff``,
     ``std_diff``, the :func:`mean_ci` interval, ``n`` and the two-sided t-test ``p_value`` (NaN with one run;
     0 or 1 when every difference is equal)."""
-    x = _finite_values(a, "paired_difference(a)")
-    y = _finite_values(b, "paired_difference(b)")
+    x, y = _finite_values(a, "paired_difference(a)"), _finite_values(b, "paired_difference(b)")
     if x.shape != y.shape:
         raise StageError(
             f"paired_difference: a has {x.size} values and b has {y.size}; expected one pair per run"
@@ -289,8 +288,7 @@ def summary_table(
         rec: dict[str, Any] = {"model": model, "metric": metric, **stats_, "n": int(len(g))}
         rec["val_mean"] = float(g[f"val_{metric}"].mean()) if f"val_{metric}" in g else math.nan
         if regression:
-            rec["mae_mean"] = float(g["mae"].mean())
-            rec["rmse_mean"] = float(g["rmse"].mean())
+            rec |= {"mae_mean": float(g["mae"].mean()), "rmse_mean": float(g["rmse"].mean())}
         else:
             rec["macro_f1_mean"] = float(g["macro_f1"].mean())
             rec["macro_f1_std"] = float(g["macro_f1"].std(ddof=1)) if len(g) > 1 else 0.0
@@ -355,11 +353,11 @@ def aggregate(
     if BASELINE_STUDENT in set(per_fold["model"]):
         paired = paired_table(per_fold, metric=metric, models=students, baseline=BASELINE_STUDENT, **interval)
     else:
+        paired = pd.DataFrame(columns=PAIRED_COLUMNS)
         if students:
             logger.warning(
                 "no %s predictions: the distillation losses are not compared with it", BASELINE_STUDENT
             )
-        paired = pd.DataFrame(columns=PAIRED_COLUMNS)
     return per_fold, table, paired
 
 

@@ -135,8 +135,7 @@ class ModelCard:
         )
 
     def tags(self) -> dict[str, str]:
-        """``pkdot.<field>`` for every field (lists comma-joined; ``metric`` as ``cv_metric``, ``pkdot_version``
-        as ``version``; ``cv_mean`` and ``cv_ci`` as one ``cv_estimate``)."""
+        """``pkdot.<field>`` of every field (lists comma-joined; ``cv_mean`` and ``cv_ci`` as ``cv_estimate``)."""
         low, high = self.cv_ci
         renamed = {"metric": "cv_metric", "pkdot_version": "version"}
         tags = {
@@ -176,8 +175,7 @@ class ModelCard:
 def model_card(
     cfg: RunConfig, summary: Any, *, input_example: np.ndarray, training_subjects: int, trained_on: str
 ) -> ModelCard:
-    """The card of ``summary.selection`` (an ``EvaluationSummary``): its loss, its cross-validated estimate, the
-    run's protocol and config."""
+    """The card of ``summary.selection`` (an ``EvaluationSummary``)."""
     sel = summary.selection
     row = summary.table[summary.table["model"] == sel.model].iloc[0]
     version, commit = _code_version()
