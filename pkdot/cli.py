@@ -104,12 +104,10 @@ def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
     from pkdot.config import load_config, parse_override
 
     over: dict[str, Any] = {}
-    ds = getattr(args, "dataset", None)
-    if ds:
+    if ds := getattr(args, "dataset", None):
         over["data.dataset"] = ds
         if ds == "affwild2":
-            over.setdefault("data.privileged_modalities", ["audio"])
-            over.setdefault("data.task", "valence")
+            over |= {"data.privileged_modalities": ["audio"], "data.task": "valence"}
     for attr, key in (("root", "data.root"), ("task", "data.task"), ("part", "data.part"), ("seed", "seed")):
         v = getattr(args, attr, None)
         if v is not None:
@@ -200,8 +198,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def _print_where(details: dict[str, Any]) -> None:
     print(f"report: {details.get('report')}")
-    uri = details.get("tracking_uri")
-    if uri:
+    if uri := details.get("tracking_uri"):
         print(
             f"MLflow UI: mlflow ui --backend-store-uri {uri}"
             if uri.startswith("sqlite")
@@ -238,11 +235,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.describe:
         print(describe_model(args.model, tracking_uri=args.tracking_uri))
-    if not args.videos:
-        if args.describe:
-            return 0
+    elif not args.videos:
         raise PkdotError("pkdot predict: name at least one video (or pass --describe alone)")
-    for row in predict_videos(args.model, args.videos, tracking_uri=args.tracking_uri):
+    for row in predict_videos(args.model, args.videos, tracking_uri=args.tracking_uri) if args.videos else []:
         print(json.dumps(row))
     return 0
 
@@ -551,8 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run" and args.run_dir is None:
-        ds = args.dataset or "biovid"
-        args.run_dir = Path("runs") / f"{ds}-{args.preset or 'demo'}"
+        args.run_dir = Path("runs") / f"{args.dataset or 'biovid'}-{args.preset or 'demo'}"
     from pkdot.console import console_session, route_ray_worker_logs
     from pkdot.ray_utils import add_init_hook
 
@@ -560,11 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     # the log file goes to the run directory, unless a stage command names one that is not a run (that command
     # fails with a message; it must not leave a logs/ folder behind)
     log_dir = _run_dir_of(args)
-    if (
-        log_dir is not None
-        and args.command not in ("run", "extract")
-        and not (log_dir / "config.yaml").is_file()
-    ):
+    if log_dir and args.command not in ("run", "extract") and not (log_dir / "config.yaml").is_file():
         log_dir = None
     try:
         with console_session(verbose=args.verbose, run_dir=log_dir):

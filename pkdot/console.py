@@ -28,16 +28,8 @@ epoch_log = logging.getLogger("pkdot.epochs")
 class ConsoleHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (a live rich display replaces it)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property  # type: ignore[override]
-    def stream(self) -> TextIO:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it; the property wins
-        pass
+    # StreamHandler.__init__ assigns the stream: the setter ignores it
+    stream = property(lambda self: sys.stderr, lambda self, value: None)  # type: ignore[assignment]
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -119,8 +111,7 @@ def epoch_file(run_dir: str | Path, job_key: str) -> Path:
 
 
 def epoch_recorder(run_dir: str | Path, job_key: str) -> Callable[[str, int, dict[str, float]], None]:
-    """A ``WorkerContext.progress`` hook for a worker: one JSON line per epoch (one ``write``, appending) in the
-    job's epoch file."""
+    """A worker's ``WorkerContext.progress`` hook: one JSON line per epoch, appended to the job's epoch file."""
     path = epoch_file(run_dir, job_key)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -133,15 +124,6 @@ def epoch_recorder(run_dir: str | Path, job_key: str) -> Callable[[str, int, dic
             f.write(line + "\n")
 
     return record
-
-
-def epoch_logger(job_key: str) -> Callable[[str, int, dict[str, float]], None]:
-    """A ``WorkerContext.progress`` hook for a job run in the driver: one ``pkdot.epochs`` INFO line."""
-
-    def log_epoch(phase: str, epoch: int, metrics: dict[str, float]) -> None:
-        epoch_log.info(format_epoch(job_key, phase, epoch, metrics))
-
-    return log_epoch
 
 
 class EpochTail:
@@ -185,8 +167,7 @@ def describe_record(rec: dict[str, Any] | None) -> str:
     (``val_metric``, else another ``val_*`` entry, else the loss)."""
     if not rec:
         return ""
-    keys = [k for k in rec if k not in ("job", "phase", "epoch")]
-    preferred = ["val_metric"] + [k for k in keys if k.startswith("val_")] + ["train_loss", "loss"]
+    preferred = ["val_metric", *[k for k in rec if k.startswith("val_")], "train_loss", "loss"]
     metric = next((k for k in preferred if k in rec), None)
     value = f" {metric}={rec[metric]:.3f}" if metric is not None else ""
     job = str(rec.get("job", "")).replace("/", "-")
@@ -318,9 +299,7 @@ class StageProgressDisplay:
             if self._stage != progress.stage:
                 self._finish()
                 self._start(progress)
-            fields = {"unit": progress.unit} | (
-                {"detail": d} if (d := getattr(progress, "detail", "")) else {}
-            )
+            fields = {"unit": progress.unit} | ({"detail": progress.detail} if progress.detail else {})
             self._progress.update(self._task, completed=progress.done, total=max(progress.total, 1), **fields)
             if progress.total > 0 and progress.done >= progress.total:
                 self._finish()
@@ -333,8 +312,7 @@ class StageProgressDisplay:
 
 @contextmanager
 def console_session(*, verbose: bool = False, run_dir: str | Path | None = None) -> Iterator[Path | None]:
-    """Console logging, the run's log file and the stage progress displays for the duration of a command; yields
-    the log file (None without a run directory)."""
+    """Console logging, the run's log file and stage progress displays for a command; yields the log file."""
     global _route_ray_logs
     levels = {name: logging.getLogger(name).level for name in ("", "pkdot", "flows")}
     with ExitStack() as stack:

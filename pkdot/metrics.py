@@ -1,10 +1,6 @@
-"""Task metrics on numpy arrays: scikit-learn and scipy, plus Lin's CCC (no library has it).
-
-Classification inputs are class indices (integers, or floats holding integers); regression inputs are real
-values of the same length. Inputs are checked first; :class:`~pkdot.errors.StageError` names the metric.
-
-References: Lin, "A Concordance Correlation Coefficient to Evaluate Reproducibility", Biometrics 45, 1989.
-"""
+"""Task metrics on numpy arrays: scikit-learn and scipy, plus Lin's CCC (no library has it; Lin, Biometrics 45,
+1989). Classification inputs are class indices (integers, or floats holding integers), regression inputs real
+values; inputs are checked first and a :class:`~pkdot.errors.StageError` names the metric."""
 
 from __future__ import annotations
 
@@ -31,20 +27,17 @@ def _pair(y_true: Any, y_pred: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _labels(values: np.ndarray, what: str, name: str) -> np.ndarray:
-    kind = values.dtype.kind
-    if kind in "iub" or (kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values))):
-        return values.astype(np.int64)
-    raise StageError(
-        f"{what}: {name} must hold integer class indices, got dtype {values.dtype} with non-integer values"
-    )
-
-
 def _class_pair(
     y_true: Any, y_pred: Any, what: str, num_classes: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     a, b = _pair(y_true, y_pred, what)
-    a, b = _labels(a, what, "y_true"), _labels(b, what, "y_pred")
+    for name, v in (("y_true", a), ("y_pred", b)):
+        kind = v.dtype.kind
+        if kind not in "iub" and not (kind == "f" and np.all(np.isfinite(v) & (v == np.round(v)))):
+            raise StageError(
+                f"{what}: {name} must hold integer class indices, got dtype {v.dtype} with non-integer values"
+            )
+    a, b = a.astype(np.int64), b.astype(np.int64)
     if num_classes is not None:
         for name, v in (("y_true", a), ("y_pred", b)):
             if v.min() < 0 or v.max() >= num_classes:
@@ -56,16 +49,15 @@ def _class_pair(
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of samples whose predicted class equals the true class."""
-    a, b = _class_pair(y_true, y_pred, "accuracy", None)
-    return float(skm.accuracy_score(a, b))
+    return float(skm.accuracy_score(*_class_pair(y_true, y_pred, "accuracy", None)))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """``(num_classes, num_classes)`` int64 counts; entry ``[i, j]`` = samples of true class ``i`` predicted ``j``."""
     if num_classes < 1:
         raise StageError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
-    a, b = _class_pair(y_true, y_pred, "confusion_matrix", num_classes)
-    return skm.confusion_matrix(a, b, labels=np.arange(num_classes)).astype(np.int64)
+    pair = _class_pair(y_true, y_pred, "confusion_matrix", num_classes)
+    return skm.confusion_matrix(*pair, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> float:
@@ -84,24 +76,16 @@ def _real_pair(x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ccc(x: np.ndarray, y: np.ndarray) -> float:
-    r"""Lin's concordance correlation coefficient, in [-1, 1], 1 only when ``x == y``.
-
-    .. math:: \rho_c = \frac{2\,\sigma_{xy}}{\sigma_x^2 + \sigma_y^2 + (\mu_x - \mu_y)^2}
-
-    with population (``ddof=0``) moments. When one series is constant (all values exactly equal),
-    ``sigma_xy = 0`` and the result is 0.0, also for two different constants; two equal constants give 0/0, and
-    we return 1.0: the series agree exactly (the limit of ``rho_c`` as ``y -> x``).
-    """
+    r"""Lin's concordance correlation coefficient
+    :math:`\rho_c = 2\sigma_{xy} / (\sigma_x^2 + \sigma_y^2 + (\mu_x - \mu_y)^2)` (``ddof=0`` moments), in
+    [-1, 1]: 0.0 when one series is constant, 1.0 for two equal constants (0/0: they agree exactly)."""
     a, b = _real_pair(x, y, "ccc")
     constant_a, constant_b = np.ptp(a) == 0.0, np.ptp(b) == 0.0  # exact test (a mean is not exact)
-    if constant_a and constant_b:
-        return 1.0 if a[0] == b[0] else 0.0
     if constant_a or constant_b:
-        return 0.0
+        return 1.0 if constant_a and constant_b and a[0] == b[0] else 0.0
     mean_a, mean_b = a.mean(), b.mean()
     cov = np.mean((a - mean_a) * (b - mean_b))
-    denominator = a.var() + b.var() + (mean_a - mean_b) ** 2
-    return float(2.0 * cov / denominator)
+    return float(2.0 * cov / (a.var() + b.var() + (mean_a - mean_b) ** 2))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -115,14 +99,12 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def rmse(x: np.ndarray, y: np.ndarray) -> float:
     """Root mean squared error ``sqrt(mean((x - y)^2))``."""
-    a, b = _real_pair(x, y, "rmse")
-    return float(skm.root_mean_squared_error(a, b))
+    return float(skm.root_mean_squared_error(*_real_pair(x, y, "rmse")))
 
 
 def mae(x: np.ndarray, y: np.ndarray) -> float:
     """Mean absolute error ``mean(|x - y|)``."""
-    a, b = _real_pair(x, y, "mae")
-    return float(skm.mean_absolute_error(a, b))
+    return float(skm.mean_absolute_error(*_real_pair(x, y, "mae")))
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, Any]:

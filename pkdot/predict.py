@@ -53,11 +53,8 @@ def describe_model(model_uri: str, tracking_uri: str | None = None) -> str:
 def predict_videos(
     model_uri: str, videos: Sequence[Path], tracking_uri: str | None = None
 ) -> list[dict[str, Any]]:
-    """One prediction per video: the pain class and its probabilities, or the valence/arousal value.
-
-    ``model_uri`` is ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in the store
-    :func:`resolve_registry_uri` (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``).
-    """
+    """One prediction per video: the pain class and its probabilities, or the valence/arousal value, by
+    ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` of the store :func:`resolve_registry_uri`."""
     from pkdot.features.faces import ClipRequest, FaceClip, FaceDetector, extract_video_clips
     from pkdot.tracking import load_student, model_config_path
 
@@ -73,7 +70,7 @@ def predict_videos(
     # the registered student is a torch.export program, exported in eval mode (it has no .eval())
     model = load_student(model_uri, tracking_uri=uri)
     detector = FaceDetector(cfg.features)
-    names = class_names(cfg.data.task)
+    names = dict(enumerate(class_names(cfg.data.task)))
     rows: list[dict[str, Any]] = []
     for video in map(Path, videos):
         (clip,) = extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector)
@@ -83,21 +80,13 @@ def predict_videos(
             out = model(torch.from_numpy(clip.frames[None]))
         # ModelOutput (pkdot's student), a dict of outputs (another dataclass), or the logits themselves
         logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)
+        row: dict[str, Any] = {"video": str(video)}
         if cfg.data.is_regression:
-            rows.append(
-                {"video": str(video), cfg.data.task: float(logits[0, 0]), "face_found": clip.face_found}
-            )
-            continue
-        probs = torch.softmax(logits[0], dim=0).numpy()
-        k = int(np.argmax(probs))
-        rows.append(
-            {
-                "video": str(video),
-                "prediction": names[k] if k < len(names) else k,
-                "probabilities": {
-                    names[i] if i < len(names) else str(i): round(float(p), 4) for i, p in enumerate(probs)
-                },
-                "face_found": clip.face_found,
-            }
-        )
+            row[cfg.data.task] = float(logits[0, 0])
+        else:
+            probs = torch.softmax(logits[0], dim=0).numpy()
+            k = int(np.argmax(probs))
+            row["prediction"] = names.get(k, k)
+            row["probabilities"] = {names.get(i, str(i)): round(float(p), 4) for i, p in enumerate(probs)}
+        rows.append(row | {"face_found": clip.face_found})
     return rows

@@ -34,22 +34,16 @@ def is_vector_type(kind: pa.DataType) -> bool:
 def vector_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """``(lengths, has_nonfinite)`` per row of a list<float> column (length -1 for null rows)."""
     values = column.to_pylist()
-    lengths = np.full(len(values), -1, np.int64)
-    nonfinite = np.zeros(len(values), bool)
-    for i, vec in enumerate(values):
-        if vec is None:
-            continue
-        lengths[i] = len(vec)
-        arr = np.asarray([np.nan if x is None else x for x in vec], dtype=np.float64)
-        nonfinite[i] = bool(arr.size and not np.isfinite(arr).all())
+    lengths = np.array([-1 if vec is None else len(vec) for vec in values], np.int64)
+    nonfinite = np.array(
+        [vec is not None and not np.isfinite(np.array(vec, dtype=np.float64)).all() for vec in values], bool
+    )
     return lengths, nonfinite
 
 
 def modal_length(path: Path, column: str, lengths: np.ndarray) -> int:
-    """The most common positive length of a vector column; raises :class:`DatasetError` on a tie.
-
-    ``lengths``: (N,) ints, ``-1`` for a null row and ``0`` for an empty vector (both ignored).
-    """
+    """The most common positive length of a vector column (``lengths`` of :func:`vector_lengths`; nulls and
+    empty vectors ignored); raises :class:`DatasetError` on a tie."""
     present = lengths[lengths > 0]
     if present.size == 0:
         return 0

@@ -5,8 +5,7 @@ t interval :math:`s/\sqrt J` is too narrow: intervals and p-values use Nadeau an
 :math:`\bar x \pm t_{1-\alpha/2, J-1}\, s \sqrt{1/J + n_{test}/n_{train}}`. Each distillation loss is compared
 with ``student-none`` paired by (fold, seed). Uncorrected numbers are kept as ``naive_*``.
 
-References: C. Nadeau, Y. Bengio, "Inference for the Generalization Error", Machine Learning 52, 2003;
-R. Bouckaert, E. Frank, "Evaluating the Replicability of Significance Tests...", PAKDD 2004.
+References: Nadeau & Bengio, "Inference for the Generalization Error", Machine Learning 52, 2003.
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ from pkdot.rundir import RunDir
 logger = logging.getLogger(__name__)
 
 #: Columns every ``predictions.parquet`` has (docs/interfaces.md).
-PREDICTION_COLUMNS = tuple(
-    "sample_id subject_id y_true y_pred scores embedding model fold seed split".split()
-)
+PREDICTION_COLUMNS = "sample_id subject_id y_true y_pred scores embedding model fold seed split".split()
 BASELINE_STUDENT = "student-none"
 
 PAIRED_COLUMNS = (
@@ -91,8 +88,7 @@ def paired_difference(
     r"""Paired comparison of two models scored on the same runs: on :math:`d = a - b`, ``mean_diff``,
     ``std_diff``, the :func:`mean_ci` interval, ``n`` and the two-sided t-test ``p_value`` (NaN with one run;
     0 or 1 when every difference is equal)."""
-    x = _finite_values(a, "paired_difference(a)")
-    y = _finite_values(b, "paired_difference(b)")
+    x, y = _finite_values(a, "paired_difference(a)"), _finite_values(b, "paired_difference(b)")
     if x.shape != y.shape:
         raise StageError(
             f"paired_difference: a has {x.size} values and b has {y.size}; expected one pair per run"
@@ -134,15 +130,9 @@ def corrected_and_naive(
         mean, std, low, high = mean_ci(a, level, test_train_ratio=test_train_ratio)
         _, _, nlow, nhigh = mean_ci(a, level)
         lo, hi = METRIC_RANGE.get(metric or "", (-math.inf, math.inf))
-        low, high, nlow, nhigh = (min(max(v, lo), hi) for v in (low, high, nlow, nhigh))
-        return {
-            "mean": mean,
-            "std": std,
-            "ci_low": low,
-            "ci_high": high,
-            "naive_ci_low": nlow,
-            "naive_ci_high": nhigh,
-        }
+        clipped = [min(max(v, lo), hi) for v in (low, high, nlow, nhigh)]
+        names = ("ci_low", "ci_high", "naive_ci_low", "naive_ci_high")
+        return {"mean": mean, "std": std, **dict(zip(names, clipped, strict=True))}
     naive = paired_difference(a, b, level)
     return paired_difference(a, b, level, test_train_ratio=test_train_ratio) | {
         f"naive_{k}": naive[k] for k in ("ci_low", "ci_high", "p_value")
@@ -151,8 +141,6 @@ def corrected_and_naive(
 
 def fold_size_ratio(sizes: pd.DataFrame) -> float:
     r"""Mean over runs of :math:`n_{test}/n_{train}` (columns ``n_test``, ``n_train``); raises when a run has none."""
-    if sizes.empty or not {"n_test", "n_train"} <= set(sizes.columns):
-        raise StageError("fold_size_ratio: expected one row per run with columns n_test and n_train")
     bad = sizes[~(sizes["n_train"] > 0)]
     if not bad.empty:
         r = bad.iloc[0]
@@ -164,15 +152,6 @@ def fold_size_ratio(sizes: pd.DataFrame) -> float:
 
 
 # ---- predictions -------------------------------------------------------------------------------------------
-def prediction_files(run_dir: Path) -> list[Path]:
-    """Every ``predictions*.parquet`` under ``RUN/teacher/`` and ``RUN/student/`` (sorted)."""
-    rd = RunDir(run_dir)
-    roots = [root for root in (rd.teachers, rd.students) if root.is_dir()]
-    return sorted(
-        p for root in roots for p in root.rglob("predictions*.parquet") if not p.name.startswith(".")
-    )
-
-
 def _read_predictions(path: Path) -> pd.DataFrame:
     try:
         table = pq.read_table(path)
@@ -196,11 +175,12 @@ def _read_predictions(path: Path) -> pd.DataFrame:
 
 
 def collect_predictions(run_dir: Path) -> pd.DataFrame:
-    """Every row of the run's ``predictions*.parquet`` files with a ``source`` column (checked: readable, with
-    the columns, no (model, fold, seed, split, sample_id) twice)."""
-    files = prediction_files(run_dir)
+    """Every row of the run's ``predictions*.parquet`` files (under ``RUN/teacher/``, ``RUN/student/``) with a
+    ``source`` column (checked: readable, with the columns, no (model, fold, seed, split, sample_id) twice)."""
+    rd = RunDir(run_dir)
+    roots = [root for root in (rd.teachers, rd.students) if root.is_dir()]
+    files = sorted(p for r in roots for p in r.rglob("predictions*.parquet") if not p.name.startswith("."))
     if not files:
-        rd = RunDir(run_dir)
         raise StageError(
             f"no predictions under {run_dir}: expected {rd.teachers}/fold-<k>/seed-<s>/predictions.parquet and "
             f"{rd.students}/<loss>/fold-<k>/seed-<s>/predictions.parquet "
@@ -308,8 +288,7 @@ def summary_table(
         rec: dict[str, Any] = {"model": model, "metric": metric, **stats_, "n": int(len(g))}
         rec["val_mean"] = float(g[f"val_{metric}"].mean()) if f"val_{metric}" in g else math.nan
         if regression:
-            rec["mae_mean"] = float(g["mae"].mean())
-            rec["rmse_mean"] = float(g["rmse"].mean())
+            rec |= {"mae_mean": float(g["mae"].mean()), "rmse_mean": float(g["rmse"].mean())}
         else:
             rec["macro_f1_mean"] = float(g["macro_f1"].mean())
             rec["macro_f1_std"] = float(g["macro_f1"].std(ddof=1)) if len(g) > 1 else 0.0
@@ -358,10 +337,6 @@ def aggregate(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per-run test metrics (plus ``val_<metric>``), the summary per model and each student loss against
     ``student-none`` (empty without it)."""
-    if missing := [
-        c for c in ("model", "fold", "seed", "split", "y_true", "y_pred") if c not in pred.columns
-    ]:
-        raise StageError(f"aggregate: predictions lack columns {missing}")
     per_fold = per_fold_metrics(pred, regression=regression, num_classes=num_classes)
     metric = primary_metric(regression)
     if (pred["split"] == "val").any():  # each run's validation score, for selection (never the test score)
@@ -378,11 +353,11 @@ def aggregate(
     if BASELINE_STUDENT in set(per_fold["model"]):
         paired = paired_table(per_fold, metric=metric, models=students, baseline=BASELINE_STUDENT, **interval)
     else:
+        paired = pd.DataFrame(columns=PAIRED_COLUMNS)
         if students:
             logger.warning(
                 "no %s predictions: the distillation losses are not compared with it", BASELINE_STUDENT
             )
-        paired = pd.DataFrame(columns=PAIRED_COLUMNS)
     return per_fold, table, paired
 
 
@@ -424,12 +399,8 @@ def select_student(per_fold: pd.DataFrame, metric: str, losses: Sequence[str] = 
             f"validation {metric}"
         )
     order = ["none", *[loss for loss in losses if loss != "none"]]
-
-    def simplicity(model: str) -> int:
-        loss = model.removeprefix("student-")
-        return order.index(loss) if loss in order else len(order)
-
-    best = max(means.index, key=lambda m: (means[m], -simplicity(m)))
+    rank = {f"student-{loss}": i for i, loss in enumerate(order)}
+    best = max(means.index, key=lambda m: (means[m], -rank.get(m, len(order))))
     runs = students[students["model"] == best].sort_values(["fold", "seed"])
     run = runs.loc[runs[column].idxmax()]
     return Selection(

@@ -1,23 +1,11 @@
 """Will privileged information help on my data? Linear probes with subject-grouped cross-validation.
 
-On a feature table (:mod:`pkdot.data.tabular`'s layout) or a run directory's extracted features, before any
-training, repeated subject k-fold (scikit-learn ``StratifiedGroupKFold``; ``GroupKFold`` for regression)
-measures on each run's test subjects:
-
-- head-room: L2 logistic regression (``C = 1``; ridge for regression) on the student view, the privileged view
-  and both (accuracy, or CCC for regression);
-- transfer: R² of the privileged model's output (centred logits) predicted from the student view by
-  ``RidgeCV``, fitted on the training subjects' *cross-fitted* outputs, overall and *beyond the label* (output
-  minus its class mean): only the part beyond the label can teach the student what the labels do not;
-- gain: a student trained on cross-fitted soft labels ``alpha * label + (1 - alpha) * softmax(logits / T)`` of
-  the privileged model minus the same student trained on labels (generalised distillation, Lopez-Paz et al.,
-  ICLR 2016), paired by run, with the Nadeau-Bengio corrected interval (:mod:`pkdot.evaluate.aggregate`).
-
-The verdict rule (fixed before any control was run): **too few subjects to tell** below :data:`MIN_SUBJECTS`;
-**can help** when the gain's corrected 95 % interval lies above 0; **unlikely to help** when it lies below
-:data:`MARGIN` (a gain worth having is ruled out) or the privileged output beyond the label is not predictable
-from the student view (R² < :data:`MIN_TRANSFER_R2`: soft labels can then only smooth the labels); otherwise
-**too few subjects to tell**.
+On a feature table or a run's extracted features, before any training, repeated subject k-fold measures on
+test subjects: the head-room (student view, privileged view, both), the transfer (R² of the privileged model's
+output predicted from the student view, overall and beyond the label: only that part teaches what labels do
+not) and the gain of a student fitted on cross-fitted soft labels over one fitted on labels (generalised
+distillation, Lopez-Paz et al., ICLR 2016), with Nadeau-Bengio corrected intervals; the verdict rule is
+:data:`RULE`, fixed before any control was run.
 """
 
 from __future__ import annotations

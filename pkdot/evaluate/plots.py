@@ -43,11 +43,6 @@ def _save(fig: Figure, path: Path) -> Path:
     return Path(path)
 
 
-def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return (n + cols - 1) // cols, cols
-
-
 def plot_confusion_matrices(
     pred: pd.DataFrame,
     num_classes: int,
@@ -64,7 +59,8 @@ def plot_confusion_matrices(
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise StageError(f"plot_confusion_matrices: {len(names)} class names for {num_classes} classes")
-    rows, cols = _grid(len(models))
+    cols = min(len(models), 4)
+    rows = -(-len(models) // cols)
     fig, axes = plt.subplots(
         rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False, layout="constrained"
     )
@@ -75,10 +71,9 @@ def plot_confusion_matrices(
         counts = confusion_matrix(g["y_true"].to_numpy(), g["y_pred"].to_numpy(), num_classes)
         rate = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax.imshow(rate, vmin=0.0, vmax=1.0, cmap="Blues")
-        for i in range(num_classes):
-            for j in range(num_classes):
-                color = "white" if rate[i, j] > 0.5 else "black"
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8, color=color)
+        for (i, j), count in np.ndenumerate(counts):
+            color = "white" if rate[i, j] > 0.5 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=color)
         ax.set_title(model, fontsize=9)
         ax.set_xticks(range(num_classes), names, fontsize=7)
         ax.set_yticks(range(num_classes), names, fontsize=7)
@@ -343,11 +338,7 @@ def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Pat
     banded = [m for m in models if m.startswith("unimodal-") or m in BANDED_STUDENTS]
     if len(models) <= 3 or not banded:
         banded = models
-    units = {
-        "frame_drop": "fraction of frames dropped",
-        "noise": "noise std (0-255)",
-        "blur": "blur sigma (px)",
-    }
+    units = dict(frame_drop="fraction of frames dropped", noise="noise std (0-255)", blur="blur sigma (px)")
     size = (4.6 * len(perturbations) + 1.5, 3.8)
     fig, axes = plt.subplots(1, len(perturbations), figsize=size, squeeze=False, layout="constrained")
     for ax, perturbation in zip(axes.flat, perturbations, strict=True):

@@ -54,13 +54,9 @@ PKDOT_STUDENT = "student-pkdot"
 
 @dataclass
 class EvaluationSummary:
-    """What :func:`evaluate_run` computed and wrote.
-
-    ``paired``: each student loss minus ``student-none``, paired by (fold, seed); ``teacher_vs_unimodal``:
-    ``teacher`` minus each ``unimodal-<modality>``; ``selection``: the student to ship, chosen on validation;
-    ``test_train_ratio``/``ratio_source``: the correction's n_test/n_train and where it came from;
-    ``challenge``: Aff-Wild2's per-frame CCC per run; ``notes``: figures not drawn.
-    """
+    """What :func:`evaluate_run` computed and wrote. ``paired``: each student loss minus ``student-none``, by
+    (fold, seed); ``teacher_vs_unimodal``: ``teacher`` minus each ``unimodal-*``; ``test_train_ratio``: the
+    correction's n_test/n_train; ``challenge``: Aff-Wild2's per-frame CCC per run; ``notes``: figures not drawn."""
 
     table: pd.DataFrame
     paired: pd.DataFrame
@@ -99,10 +95,7 @@ def collect_histories(run_dir: Path, models: list[str]) -> dict[str, list[list[d
             raise StageError(f"{path}: expected a JSON object with 'epochs' (docs/interfaces.md)")
         phases = doc.get("phases")
         if isinstance(phases, dict) and phases:
-            runs = {
-                name: phase.get("epochs") if isinstance(phase, dict) else None
-                for name, phase in phases.items()
-            }
+            runs = {name: p.get("epochs") if isinstance(p, dict) else None for name, p in phases.items()}
             for name, epochs in runs.items():
                 if not isinstance(epochs, list):
                     raise StageError(f"{path}: phases.{name}.epochs must be a list of epoch records")
@@ -121,11 +114,9 @@ def collect_histories(run_dir: Path, models: list[str]) -> dict[str, list[list[d
 def matched_test_embeddings(
     pred: pd.DataFrame, teacher: str, student: str
 ) -> tuple[pd.DataFrame, tuple[int, int]]:
-    """Test rows of ``teacher`` and ``student`` for the first (fold, seed) both have, matched by sample_id.
-
-    Returns a frame with ``sample_id``, ``y_true``, ``teacher_embedding``, ``student_embedding`` (sorted by
-    label, then sample id) and the (fold, seed) used. Raises :class:`StageError` when nothing matches.
-    """
+    """Test rows of ``teacher`` and ``student`` for the first (fold, seed) both have, matched by sample_id: a
+    frame of ``sample_id``, ``y_true``, ``teacher_embedding``, ``student_embedding`` (sorted by label, then sample
+    id) and the (fold, seed) used."""
     test = pred[pred["split"] == "test"]
     t_runs, s_runs = (
         set(test.loc[test["model"] == m, ["fold", "seed"]].itertuples(index=False, name=None))
@@ -242,19 +233,6 @@ def _num_classes(cfg: RunConfig, pred: pd.DataFrame | None = None) -> int:
         return n
 
 
-def statistics_lines(summary: EvaluationSummary) -> list[str]:
-    """The report's statement of the statistics: which correction, its formula, the ratio and its source."""
-    return [
-        f"- Statistics: intervals and p-values over runs use the {CORRECTION_NAME} (Nadeau & Bengio 2003), "
-        f"for runs whose training sets overlap: `{CORRECTION_FORMULA}`; here n_test/n_train = "
-        f"{_fmt(summary.test_train_ratio, 4)} ({summary.ratio_source}). "
-        "Uncorrected intervals are only in `summary.json` (`naive_*`).",
-        f"- {BOUNDS_SENTENCE}",
-        "- Per-run scores (one row per model × fold × seed, with n_test, n_train and the validation score): "
-        "[per_fold.csv](per_fold.csv).",
-    ]
-
-
 def robustness_lines(robustness: pd.DataFrame, metric: str) -> list[str]:
     """A compact table: one row per model and perturbation, one column per level (mean [corrected CI])."""
     lines = [
@@ -333,7 +311,13 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         f"- Config hash: `{cfg.section_hash()}`",
         f"- Source: {n_files} predictions files; every score is computed on the test subjects of one (fold, seed) "
         "run, then averaged over runs (n = runs).",
-        *statistics_lines(summary),
+        f"- Statistics: intervals and p-values over runs use the {CORRECTION_NAME} (Nadeau & Bengio 2003), "
+        f"for runs whose training sets overlap: `{CORRECTION_FORMULA}`; here n_test/n_train = "
+        f"{_fmt(summary.test_train_ratio, 4)} ({summary.ratio_source}). "
+        "Uncorrected intervals are only in `summary.json` (`naive_*`).",
+        f"- {BOUNDS_SENTENCE}",
+        "- Per-run scores (one row per model × fold × seed, with n_test, n_train and the validation score): "
+        "[per_fold.csv](per_fold.csv).",
         "",
         f"## Test {metric} per model (mean ± std over runs, {int(CONFIDENCE_LEVEL * 100)}% corrected CI)",
         "",
@@ -439,19 +423,10 @@ def _draw_plots(
         )
     else:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(len(matched), size=batch, replace=False))
-        pk = cfg.distill.pkdot
-        plots.append(
-            plot_structure(
-                teacher_emb[idx],
-                student_emb[idx],
-                out / "structure.png",
-                labels=None if regression else labels[idx],  # rows stay sorted by label
-                student_name=student,
-                k=pk.k,
-                anchors=pk.anchors,
-                blur=pk.blur,
-            )
-        )
+        pk = cfg.distill.pkdot.model_dump(include={"k", "anchors", "blur"})
+        sub_labels = None if regression else labels[idx]  # rows stay sorted by label
+        clouds = (teacher_emb[idx], student_emb[idx], out / "structure.png")
+        plots.append(plot_structure(*clouds, labels=sub_labels, student_name=student, **pk))
     if len(matched) >= 2:
         embeddings = {"teacher": teacher_emb, student: student_emb}
         path = out / "embeddings.png"
@@ -523,16 +498,11 @@ def evaluate_run(
         per_fold = per_fold.merge(sizes[["fold", "seed", "n_train"]], on=["fold", "seed"], how="left")
     models = list(table["model"])
     unimodal = [m for m in models if m.startswith("unimodal-")] if "teacher" in models else []
+    vs_unimodal = [
+        paired_table(per_fold, metric=metric, models=["teacher"], baseline=u, **stats) for u in unimodal
+    ]
     teacher_vs_unimodal = (
-        pd.concat(
-            [
-                paired_table(per_fold, metric=metric, models=["teacher"], baseline=u, **stats)
-                for u in unimodal
-            ],
-            ignore_index=True,
-        )
-        if unimodal
-        else pd.DataFrame(columns=PAIRED_COLUMNS)
+        pd.concat(vs_unimodal, ignore_index=True) if unimodal else pd.DataFrame(columns=PAIRED_COLUMNS)
     )
     selection = select_student(per_fold, metric, cfg.distill.losses)
     best_student = None if selection is None else selection.model
@@ -600,19 +570,14 @@ def evaluate_run(
         "protocol": protocol,
         "challenge_frame_ccc": _records(challenge),
     }
-    written = {"report.md", "summary.json", "per_fold.csv", *plot_names}
-    for name, frame in {
-        "per_fold.csv": per_fold,
-        "robustness.csv": robustness_runs,
-        "challenge_ccc.csv": challenge,
-    }.items():
+    tables = {"per_fold.csv": per_fold, "robustness.csv": robustness_runs, "challenge_ccc.csv": challenge}
+    for name, frame in tables.items():
         if frame is not None and not frame.empty:
             atomic_write_text(rd.report / name, frame.to_csv(index=False))
-            written.add(name)
     atomic_write_text(rd.summary, json.dumps(summary_doc, indent=1, allow_nan=False))
     atomic_write_text(rd.report_md, render_report(cfg, summary, plot_names, n_files))
     for stale in rd.report.glob("*.png"):
-        if stale.name not in written:
+        if stale.name not in plot_names:
             logger.info("removing %s (not produced by this evaluation)", stale)
             stale.unlink()
     logger.info("report: %s (best student: %s)", summary.report_path, best_student)

@@ -112,25 +112,14 @@ def perturb_clips(
 
 
 # ---- models ------------------------------------------------------------------------------------------------
-def load_unimodal_video(cfg: RunConfig, fold: int, seed: int, device: torch.device | str = "cpu"):
-    """The trained ``unimodal-<video>`` model of (fold, seed) (teacher stage, phase 1), frozen, eval mode."""
-    from pkdot.train.teacher import load_unimodal
-
-    video = cfg.data.student_modalities[0]
-    return load_unimodal(cfg, RunDir(cfg.run_dir).teacher(fold, seed), video, device)
-
-
-def trained_video_models(run_dir: Path, losses: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
+def trained_video_models(run_dir: Path) -> list[tuple[str, int, int]]:
     """``(model, fold, seed)`` of every trained student (``student.pt``) and unimodal video model of a run."""
     rd = RunDir(run_dir)
-    found = []
-    for path in sorted(rd.students.glob("*/fold-*/seed-*/student.pt")):
-        loss = path.parents[2].name
-        if losses is None or loss in losses:
-            found.append((f"student-{loss}", int(path.parents[1].name[5:]), int(path.parent.name[5:])))
-    for path in sorted(rd.teachers.glob("fold-*/seed-*/unimodal-video.pt")):
-        found.append(("unimodal-video", int(path.parents[1].name[5:]), int(path.parent.name[5:])))
-    return found
+    found = [
+        (f"student-{p.parents[2].name}", p) for p in sorted(rd.students.glob("*/fold-*/seed-*/student.pt"))
+    ]
+    found += [("unimodal-video", p) for p in sorted(rd.teachers.glob("fold-*/seed-*/unimodal-video.pt"))]
+    return [(model, int(p.parents[1].name[5:]), int(p.parent.name[5:])) for model, p in found]
 
 
 def _stored_test_predictions(run_dir: Path, model: str, fold: int, seed: int) -> pd.DataFrame:
@@ -146,13 +135,15 @@ def _stored_test_predictions(run_dir: Path, model: str, fold: int, seed: int) ->
 
 
 def _load_model(cfg: RunConfig, model: str, fold: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    if model.startswith("student-"):
-        from pkdot.train.student import load_trained_student
+    """The logits of a trained student, or of the unimodal video model (teacher stage, phase 1) on the CPU."""
+    from pkdot.train.student import load_trained_student
+    from pkdot.train.teacher import load_unimodal
 
-        student, _ = load_trained_student(cfg, model.removeprefix("student-"), fold, seed)
-        return lambda x: student(x).logits
-    unimodal = load_unimodal_video(cfg, fold, seed)
-    return lambda x: unimodal(x).logits
+    if model.startswith("student-"):
+        net, _ = load_trained_student(cfg, model.removeprefix("student-"), fold, seed)
+    else:
+        net = load_unimodal(cfg, RunDir(cfg.run_dir).teacher(fold, seed), cfg.data.student_modalities[0])
+    return lambda x: net(x).logits
 
 
 @torch.no_grad()
@@ -168,11 +159,8 @@ def predict_clips(
 
 
 def _score(y_true: np.ndarray, outputs: np.ndarray, regression: bool) -> tuple[float, np.ndarray]:
-    if regression:
-        y_pred = outputs[:, 0].astype(np.float64)
-        return ccc(y_true, y_pred), y_pred
-    y_pred = outputs.argmax(1).astype(np.float64)
-    return accuracy(y_true, y_pred), y_pred
+    y_pred = (outputs[:, 0] if regression else outputs.argmax(1)).astype(np.float64)
+    return (ccc if regression else accuracy)(y_true, y_pred), y_pred
 
 
 def run_robustness(
@@ -180,10 +168,9 @@ def run_robustness(
     run_dir: Path | None = None,
     *,
     levels: dict[str, Sequence[float]] | None = None,
-    losses: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Score every trained video model (or the students of ``losses``) on perturbed test clips (``levels``,
-    default :data:`DEFAULT_LEVELS`): one row of :data:`RUN_COLUMNS` per (model, perturbation, level, fold, seed)."""
+    """Score every trained video model on perturbed test clips (``levels``, default :data:`DEFAULT_LEVELS`): one
+    row of :data:`RUN_COLUMNS` per (model, perturbation, level, fold, seed)."""
     from pkdot.train.data import load_samples
 
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
@@ -193,7 +180,7 @@ def run_robustness(
     levels = {k: tuple(v) for k, v in (levels or DEFAULT_LEVELS).items()}
     if unknown := sorted(set(levels) - set(PERTURBATIONS)):
         raise StageError(f"robustness: unknown perturbations {unknown}; expected {list(PERTURBATIONS)}")
-    jobs = trained_video_models(run_dir, losses)
+    jobs = trained_video_models(run_dir)
     if not jobs:
         raise StageError(f"{run_dir}: no trained student or unimodal video model to evaluate for robustness")
     regression = cfg.data.is_regression

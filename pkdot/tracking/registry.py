@@ -135,26 +135,16 @@ class ModelCard:
         )
 
     def tags(self) -> dict[str, str]:
+        """``pkdot.<field>`` of every field (lists comma-joined; ``cv_mean`` and ``cv_ci`` as ``cv_estimate``)."""
         low, high = self.cv_ci
-        return {
-            "pkdot.dataset": self.dataset,
-            "pkdot.task": self.task,
-            "pkdot.loss": self.loss,
-            "pkdot.student_modalities": ",".join(self.student_modalities),
-            "pkdot.privileged_modalities": ",".join(self.privileged_modalities),
-            "pkdot.protocol": self.protocol,
-            "pkdot.selection_rule": self.selection_rule,
-            "pkdot.cv_metric": self.metric,
-            "pkdot.cv_estimate": f"{self.cv_mean:.4f} [{low:.4f}, {high:.4f}]",
-            "pkdot.cv_runs": str(self.cv_runs),
-            "pkdot.trained_on": self.trained_on,
-            "pkdot.training_subjects": str(self.training_subjects),
-            "pkdot.config_hash": self.config_hash,
-            "pkdot.version": self.pkdot_version,
-            "pkdot.git_commit": self.git_commit or "unknown",
-            "pkdot.input": self.input,
-            "pkdot.output": self.output,
+        renamed = {"metric": "cv_metric", "pkdot_version": "version"}
+        tags = {
+            f"pkdot.{renamed.get(k, k)}": ",".join(v) if isinstance(v, list) else str(v)
+            for k, v in vars(self).items()
+            if k not in ("cv_mean", "cv_ci")
         }
+        estimate = f"{self.cv_mean:.4f} [{low:.4f}, {high:.4f}]"
+        return tags | {"pkdot.cv_estimate": estimate, "pkdot.git_commit": self.git_commit or "unknown"}
 
     def markdown(self, alias_note: str = "") -> str:
         low, high = self.cv_ci
@@ -178,17 +168,14 @@ class ModelCard:
             ("Code", f"pkdot {self.pkdot_version}, commit {self.git_commit or 'unknown'}"),
         ]
         lines = [f"# {self.summary()}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
-        return (
-            "\n".join([*lines, CHAMPION_RULE, *([f"**This version:** {alias_note}"] if alias_note else [])])
-            + "\n"
-        )
+        lines += [CHAMPION_RULE, *([f"**This version:** {alias_note}"] if alias_note else [])]
+        return "\n".join(lines) + "\n"
 
 
 def model_card(
     cfg: RunConfig, summary: Any, *, input_example: np.ndarray, training_subjects: int, trained_on: str
 ) -> ModelCard:
-    """The card of ``summary.selection`` (an ``EvaluationSummary``): its loss, its cross-validated estimate, the
-    run's protocol and config."""
+    """The card of ``summary.selection`` (an ``EvaluationSummary``)."""
     sel = summary.selection
     row = summary.table[summary.table["model"] == sel.model].iloc[0]
     version, commit = _code_version()
@@ -317,10 +304,11 @@ def register_student(
     """Log ``model`` (one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it by the
     champion rule on ``metric_name``. ``input_example``: a batch of >= 2 inputs; ``scores``: the model's own;
     ``datasets``: the rows it saw; ``extra_artifacts``: files under ``extra/`` (``config.yaml`` always)."""
-    if not math.isfinite(float(metric_value)):
-        raise StageError(
-            f"register_student: metric {metric_name!r} is {metric_value}; expected a finite number"
-        )
+    own_scores = {str(k): float(v) for k, v in (scores or {}).items()}
+    checked = {f"metric {metric_name!r}": metric_value} | {f"score {k!r}": v for k, v in own_scores.items()}
+    for what, value in checked.items():
+        if not math.isfinite(float(value)):
+            raise StageError(f"register_student: {what} is {value}; expected a finite number")
     example = np.asarray(input_example)
     if example.ndim < 1 or example.shape[0] < 2:
         raise StageError(
@@ -330,10 +318,6 @@ def register_student(
     for p in extra_artifacts:
         if not Path(p).is_file():
             raise StageError(f"register_student: extra artifact {p} does not exist")
-    own_scores = {str(k): float(v) for k, v in (scores or {}).items()}
-    for key, value in own_scores.items():
-        if not math.isfinite(value):
-            raise StageError(f"register_student: score {key!r} is {value}; expected a finite number")
     name, task = tracker.model_name(dataset), tracker.cfg.data.task
     previous = _champion(tracker, name, metric_name, task)
 
@@ -375,9 +359,7 @@ def register_student(
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # pt2 needs torch only
                     validate_serving_input=isinstance(out, torch.Tensor),  # pyfunc serves single tensors only
                 )
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "config.yaml").write_text(tracker.cfg.yaml_text())
-                sr.log_artifact(Path(tmp) / "config.yaml")  # read back by model_config_path()
+            tracker.client.log_text(sr.run_id, tracker.cfg.yaml_text(), "config.yaml")  # model_config_path()
             for p in extra_artifacts:
                 sr.log_artifact(p, "extra")
     finally:
@@ -396,15 +378,10 @@ def register_student(
         note = f"{mine} {'beats' if better else 'does not beat'} champion v{previous[0]}'s {previous[1]:.4f}"
     client = tracker.client
     client.set_registered_model_alias(name, alias, str(version))
-    tags = {
-        "pkdot.dataset": dataset,
-        "pkdot.task": task,
-        "pkdot.alias": alias,
-        metric_name: str(metric_value),
-    }
-    tags |= {k: str(v) for k, v in own_scores.items()} | (card.tags() if card else {})
+    tags = {"pkdot.dataset": dataset, "pkdot.task": task, "pkdot.alias": alias, metric_name: metric_value}
+    tags |= own_scores | (card.tags() if card else {})
     for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, value)
+        client.set_model_version_tag(name, str(version), key, str(value))
     if card is not None:
         per_output = isinstance(outputs, dict)
         shapes = {k: tuple(v.shape[1:]) for k, v in outputs.items()} if per_output else outputs.shape[1:]
@@ -452,8 +429,8 @@ def register_best(
     }
     if len(run) == 1 and not trained_on.startswith("all"):  # the fold model's own scores
         for col in (f"val_{sel.metric}", "accuracy", "macro_f1", "ccc", "mae", "rmse", "pearson"):
-            if col in run.columns and np.isfinite(float(run[col].iloc[0])):
-                scores[col if col.startswith("val_") else f"test_{col}"] = float(run[col].iloc[0])
+            if col in run.columns and np.isfinite(value := float(run[col].iloc[0])):
+                scores[col if col.startswith("val_") else f"test_{col}"] = value
     reg = register_student(
         Tracker(cfg),
         student,

@@ -8,7 +8,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -77,8 +76,7 @@ def _mlflow_store_chatter_filter(record: logging.LogRecord) -> bool:
 
 
 for _name in MLFLOW_NOISY_LOGGERS:
-    if _mlflow_store_chatter_filter not in logging.getLogger(_name).filters:
-        logging.getLogger(_name).addFilter(_mlflow_store_chatter_filter)
+    logging.getLogger(_name).addFilter(_mlflow_store_chatter_filter)  # once: addFilter skips a filter it has
 # MLflow prints "View run <name> at: <tracking server>/#/..." per ended run, with the address the processes log
 # to, not the one people open (pkdot links with resolve_public_uri). "false" brings MLflow's lines back.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -200,15 +198,7 @@ class Tracker:
         with open(self.run_dir / f".{PARENT_FILE}.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                run_id = self._read_parent_file(path)
-                if run_id is None:
-                    run_id = self._create_parent_run()
-                    doc = {
-                        "run_id": run_id,
-                        "tracking_uri": self.tracking_uri,
-                        "experiment_id": self.experiment_id,
-                    }
-                    atomic_write_json(path, doc, indent=2)
+                run_id = self._read_parent_file(path) or self._create_parent_run(path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self._parent_run_id = run_id
@@ -240,7 +230,7 @@ class Tracker:
             ) from exc
         return run_id
 
-    def _create_parent_run(self) -> str:
+    def _create_parent_run(self, path: Path) -> str:
         cfg = self.cfg
         tags = {
             "pkdot.run_dir": str(self.run_dir),
@@ -251,9 +241,9 @@ class Tracker:
         }
         run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
         _log_params(self.client, run_id, cfg.flat())
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(cfg.yaml_text())
-            self.client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        self.client.log_text(run_id, cfg.yaml_text(), "config.yaml")
+        doc = {"run_id": run_id, "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
+        atomic_write_json(path, doc, indent=2)
         logger.info(
             "MLflow parent run %s (experiment %r, %s)", run_id, cfg.tracking.experiment, self.tracking_uri
         )
@@ -366,18 +356,13 @@ def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
 
 
 def log_evaluation(cfg: RunConfig, summary: Any) -> dict[str, Any]:
-    """The ``evaluate`` run of an ``EvaluationSummary``: each model's mean, the robustness means, ``RUN/report/``;
-    returns the ids and addresses the stage records."""
+    """The ``evaluate`` run of an ``EvaluationSummary`` (means, robustness means, ``RUN/report/``); its ids."""
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate") as run:
         run.log_metrics({f"{r['model']}_mean": float(r["mean"]) for _, r in summary.table.iterrows()})
-        if summary.robustness is not None:  # e.g. robustness/student-pkdot/frame_drop_0.3
-            run.log_metrics(
-                {
-                    f"robustness/{r['model']}/{r['perturbation']}_{r['level']:g}": float(r["mean"])
-                    for _, r in summary.robustness.iterrows()
-                }
-            )
+        if (rob := summary.robustness) is not None:  # e.g. robustness/student-pkdot/frame_drop_0.3
+            cols = (rob[c] for c in ("model", "perturbation", "level", "mean"))
+            run.log_metrics({f"robustness/{m}/{p}_{lv:g}": v for m, p, lv, v in zip(*cols, strict=True)})
         run.log_artifacts(Path(summary.report_path).parent, artifact_path="report")
     return {
         "mlflow_run_id": tracker.parent_run_id(),
