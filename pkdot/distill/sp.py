@@ -1,17 +1,8 @@
 r"""Similarity-preserving distillation (Tung & Mori, ICCV 2019).
 
-With :math:`G = Z Z^T` (B x B) and :math:`\hat G` its rows L2-normalised,
-:math:`\mathcal{L}_\text{SP} = \frac{1}{B^2} \|\hat G_s - \hat G_t\|_F^2`.
-
-Weight (3000, ``distill.sp.weight``): the :math:`\gamma = 3000` of Tung & Mori's
-CIFAR experiments and of the reference implementation (RepDistiller, ``-b 3000``), with the same
-:math:`1/B^2` normalisation. The loss shrinks like 1/B, so its gradient relative to the cross-entropy's
-does too (at initialisation ~7x at B = 32, ~0.7x at B = 128, D = 64). Batch structure: gathered across
-workers under DDP.
-
-References
-----------
-.. [1] F. Tung, G. Mori. "Similarity-Preserving Knowledge Distillation." ICCV 2019.
+Weight 3000 (``distill.sp.weight``): the :math:`\gamma` of Tung & Mori's CIFAR experiments and of RepDistiller
+(``-b 3000``), with the same :math:`1/B^2` normalisation. The loss shrinks like 1/B, and its gradient relative
+to the cross-entropy's too (~7x at B = 32, ~0.7x at B = 128, D = 64). Gathered across workers under DDP.
 """
 
 from __future__ import annotations
