@@ -126,11 +126,7 @@ def _carve_validation(
 
 
 def subject_folds(
-    subject_ids: Sequence[str],
-    scheme: int | Literal["loso"],
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    subject_ids: Sequence[str], scheme: int | Literal["loso"], *, val_fraction: float = 0.2, seed: int = 0
 ) -> list[Fold]:
     """Subject-independent folds: every subject in exactly one fold's test set; train/val/test disjoint.
 
