@@ -33,11 +33,8 @@ torch.export.register_dataclass(ModelOutput, serialized_type_name="pkdot.models.
 
 
 class Backbone(nn.Module):
-    """A modality encoder: ``forward(x) -> tokens (B, N, D)`` for ``x`` of shape ``(B, *input_shape)``.
-
-    Subclasses implement :meth:`encode`; :meth:`forward` first checks the shape and the dtype the backbone was
-    built for (``uint8`` face crops or floating features).
-    """
+    """A modality encoder: ``forward(x) -> tokens (B, N, D)`` for ``x`` of shape ``(B, *input_shape)``; checks
+    the shape and dtype (``uint8`` face crops or floating features), then calls the subclass's :meth:`encode`."""
 
     #: ``True`` for backbones that read raw ``uint8`` pixels; others read floating-point features.
     expects_uint8: bool = False
@@ -49,7 +46,6 @@ class Backbone(nn.Module):
         self.embed_dim = int(embed_dim)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Map a checked input batch to tokens ``(B, N, D)``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -70,10 +66,6 @@ class Backbone(nn.Module):
                 x = x.to(weight.dtype)  # e.g. float64 features into a float32 network
         return self.encode(x)
 
-    def pooled(self, x: Tensor) -> Tensor:
-        """The mean of the tokens over ``N``: ``(B, D)``."""
-        return self.forward(x).mean(dim=1)
-
 
 class TaskHead(nn.Module):
     """Linear head on a ``(B, dim)`` embedding: logits ``(B, num_outputs)``, or for regression ``tanh(w^T z + b)``
@@ -87,9 +79,7 @@ class TaskHead(nn.Module):
             raise StageError(
                 f"TaskHead: a classification head needs >= 2 classes, got num_outputs={num_outputs}"
             )
-        self.regression = regression
-        self.bounded = bounded
-        self.num_outputs = num_outputs
+        self.regression, self.bounded = regression, bounded
         self.linear = nn.Linear(dim, num_outputs)
 
     def forward(self, embedding: Tensor) -> Tensor:

@@ -1,15 +1,14 @@
 """T-Net: hallucinate a privileged modality's embedding from the video embedding, and its MMD loss.
 
-The T-Net is an MLP ``R^D -> R^D`` (paper: 512 -> 256 -> 128 -> 256 -> 512) trained next to the teacher so that
-``T(v)`` (``v`` = pooled video features) matches the distribution of the privileged features ``p``
-(:func:`mmd_rbf`); at test time the student fuses ``v`` with ``T(v)``.
-
-References: Gretton et al., "A Kernel Two-Sample Test", JMLR 2012; Aslam et al., IEEE FG 2024.
+The T-Net, an MLP ``R^D -> R^D`` trained next to the teacher, maps the pooled video features ``v`` so that
+``T(v)`` matches the distribution of the privileged features (:func:`mmd_rbf`); at test time the student fuses
+``v`` with ``T(v)``. References: Gretton et al., JMLR 2012; Aslam et al., IEEE FG 2024.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,18 +32,12 @@ class TNet(nn.Module):
         super().__init__()
         if dim < 1 or any(h < 1 for h in hidden):
             raise ConfigError(f"model.tnet_hidden: widths must be >= 1, got dim={dim}, hidden={list(hidden)}")
-        self.dim = dim
-        self.hidden = list(hidden)
+        self.dim, self.hidden = dim, list(hidden)
         widths = [dim, *hidden, dim]
-        layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-            layers.append(nn.Linear(cin, cout))
-            if i < len(widths) - 2:
-                layers.append(nn.ReLU())
-        self.layers = nn.Sequential(*layers)
+        layers = [m for cin, cout in pairwise(widths) for m in (nn.Linear(cin, cout), nn.ReLU())]
+        self.layers = nn.Sequential(*layers[:-1])
 
     def forward(self, video_embedding: Tensor) -> Tensor:
-        """``(B, D)`` video embedding -> ``(B, D)`` hallucinated privileged embedding."""
         return self.layers(video_embedding)
 
 

@@ -1,11 +1,8 @@
-"""3-D CNN backbones for face clips: an R3D-18-like network (``r3d18``) and a small one (``small3d``).
+"""3-D CNN backbones for face clips: an R3D-18-like network (``r3d18``, Tran et al., CVPR 2018) and ``small3d``.
 
 ``uint8 (B, T, H, W, 3)`` crops are scaled to [0, 1], standardised with the Kinetics-400 statistics and permuted
-to ``(B, 3, T, H, W)``; the body's output is averaged over space and projected to tokens ``(B, T', D)``. The
-``r3d18`` body uses torchvision's ``r3d_18`` module names, so a Kinetics state_dict saved to a local file loads
-with :func:`load_pretrained_video` (nothing is downloaded).
-
-References: Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition", CVPR 2018.
+to ``(B, 3, T, H, W)``; the body's output is averaged over space and projected to tokens ``(B, T', D)``. ``r3d18``
+uses torchvision's ``r3d_18`` module names, so a local Kinetics state_dict loads (:func:`load_pretrained_video`).
 """
 
 from __future__ import annotations
