@@ -64,8 +64,7 @@ class GatedCrossAttentionFusion(nn.Module):
             raise ConfigError(f"fusion: modalities must be distinct, got {modalities}")
         if dim % heads:
             raise ConfigError(f"model.embed_dim ({dim}) must be divisible by model.fusion_heads ({heads})")
-        self.modalities = modalities
-        self.dim = dim
+        self.modalities, self.dim = modalities, dim
         self.encoders = module_dict(
             {
                 m: nn.TransformerEncoder(

@@ -56,14 +56,13 @@ class Backbone(nn.Module):
             )
         if self.expects_uint8 and x.dtype != torch.uint8:
             raise StageError(f"{self.modality} backbone: expected uint8 pixels (0..255), got dtype {x.dtype}")
-        if not self.expects_uint8 and not x.is_floating_point():
-            raise StageError(
-                f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}"
-            )
         if not self.expects_uint8:
+            if not x.is_floating_point():
+                raise StageError(
+                    f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}"
+                )
             weight = next(self.parameters(), None)
-            if weight is not None and x.dtype != weight.dtype:
-                x = x.to(weight.dtype)  # e.g. float64 features into a float32 network
+            x = x if weight is None else x.to(weight.dtype)  # e.g. float64 features into a float32 network
         return self.encode(x)
 
 

@@ -45,12 +45,9 @@ class Student(nn.Module):
             raise StageError(
                 f"student: fusion modalities {fusion.modalities} != {expected} (input, then T-Nets)"
             )
-        self.modality = modality
-        self.video_backbone = video_backbone
+        self.modality, self.video_backbone = modality, video_backbone
         self.tnets = module_dict(dict(tnets))
-        self.fusion = fusion
-        self.head = head
-        self.backbone_frozen = bool(freeze_backbone)
+        self.fusion, self.head, self.backbone_frozen = fusion, head, bool(freeze_backbone)
         freeze_(self.tnets)
         if self.backbone_frozen:
             freeze_(self.video_backbone)

@@ -87,8 +87,7 @@ class Teacher(nn.Module):
             )
         self.modalities = list(fusion.modalities)
         self.backbones = module_dict(dict(backbones))
-        self.fusion = fusion
-        self.head = head
+        self.fusion, self.head = fusion, head
 
     def forward(self, inputs: dict[str, Tensor]) -> ModelOutput:
         """``{modality: batch}`` (extra keys such as ``target`` are ignored) -> :class:`ModelOutput`."""

@@ -95,21 +95,15 @@ class VideoBackbone(Backbone):
             raise ConfigError(
                 f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}"
             )
-        if arch == "r3d18":
-            self.body: nn.Module = R3D18Body(width)
-        elif arch == "small3d":
-            self.body = Small3dBody(width)
-        else:
+        bodies = {"r3d18": R3D18Body, "small3d": Small3dBody}
+        if arch not in bodies:
             raise ConfigError(
                 f"model.video_backbone: unknown architecture {arch!r} (expected 'r3d18' or 'small3d')"
             )
-        self.arch = arch
+        self.arch, self.body = arch, bodies[arch](width)
         channels = self.body.out_channels
-        self.to_embed: nn.Module = (
-            nn.Identity()
-            if channels == embed_dim
-            else nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU())
-        )
+        to_embed = [] if channels == embed_dim else [nn.Linear(channels, embed_dim), nn.ReLU()]
+        self.to_embed = nn.Sequential(*to_embed)
         self.projection = nn.Linear(embed_dim, embed_dim)
         self.register_buffer("mean", torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(KINETICS_STD).view(1, 3, 1, 1, 1), persistent=False)
@@ -145,9 +139,7 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.pretrained_video: {path} does not hold a state_dict (a dict of tensors)")
-    full_keys = set(backbone.state_dict())
-    body_keys = set(backbone.body.state_dict())
-    keys = set(state)
+    keys, full_keys, body_keys = set(state), set(backbone.state_dict()), set(backbone.body.state_dict())
     if keys == full_keys:
         target: nn.Module = backbone
     elif keys - {"fc.weight", "fc.bias"} == body_keys:
@@ -173,8 +165,5 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
             f"(check model.video_width / model.embed_dim), e.g. {wrong[:3]}"
         )
     target.load_state_dict(state, strict=True)
-    log.info(
-        "loaded pretrained video weights from %s into the %s",
-        path,
-        "whole backbone" if target is backbone else "CNN body (projection freshly initialised)",
-    )
+    part = "whole backbone" if target is backbone else "CNN body (projection freshly initialised)"
+    log.info("loaded pretrained video weights from %s into the %s", path, part)
