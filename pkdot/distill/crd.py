@@ -105,18 +105,13 @@ class ContrastiveRD(DistillLoss):
         v_student = F.normalize(self.embed_student(batch.student_z), dim=1)
         v_teacher = F.normalize(self.embed_teacher(batch.teacher_z.to(self.embed_teacher.weight)), dim=1)
         rows = sample_negatives(index, self.num_samples, self.n_negatives, self.generator)
-        memory_student = self.memory_student[rows].detach()  # (B, K + 1, d)
-        memory_teacher = self.memory_teacher[rows].detach()
-        scores_student = torch.exp(
-            torch.bmm(memory_teacher, v_student.unsqueeze(2)).squeeze(2) / self.temperature
+        scores_student, scores_teacher = (  # (B, K + 1)
+            torch.exp(torch.bmm(memory[rows].detach(), v.unsqueeze(2)).squeeze(2) / self.temperature)
+            for memory, v in ((self.memory_teacher, v_student), (self.memory_student, v_teacher))
         )
-        scores_teacher = torch.exp(
-            torch.bmm(memory_student, v_teacher.unsqueeze(2)).squeeze(2) / self.temperature
-        )
-        with torch.no_grad():
-            if self.norm_student < 0:
-                self.norm_student.fill_(float(scores_student.mean()) * self.num_samples)
-                self.norm_teacher.fill_(float(scores_teacher.mean()) * self.num_samples)
+        if self.norm_student < 0:
+            self.norm_student.fill_(float(scores_student.mean()) * self.num_samples)
+            self.norm_teacher.fill_(float(scores_teacher.mean()) * self.num_samples)
         loss = nce_loss(scores_student / self.norm_student, self.num_samples) + nce_loss(
             scores_teacher / self.norm_teacher, self.num_samples
         )

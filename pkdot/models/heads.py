@@ -28,7 +28,7 @@ class ModelOutput:
     gates: Tensor | None = None
 
 
-# ModelOutput crosses torch.export (e.g. mlflow.pytorch.log_model's default format) as a pytree node.
+# ModelOutput crosses torch.export (mlflow.pytorch.log_model's default format) as a pytree node.
 torch.export.register_dataclass(ModelOutput, serialized_type_name="pkdot.models.ModelOutput")
 
 
@@ -105,12 +105,8 @@ class UnimodalModel(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block in ``dims`` = 1, 2 or 3 dimensions: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``.
-
-    ``stride`` applies in the first convolution; the shortcut is a strided 1x1 convolution + batch norm when the
-    shape changes. Module names are torchvision's (``conv1``, ``conv2``, ``downsample``), so ``r3d_18``
-    weights load into the 3-D version.
-    """
+    """ResNet basic block in ``dims`` = 1, 2 or 3 dimensions: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``,
+    ``stride`` in the first convolution; torchvision's module names, so ``r3d_18`` weights load into the 3-D one."""
 
     def __init__(self, dims: int, in_channels: int, channels: int, stride: int = 1, kernel: int = 3) -> None:
         super().__init__()

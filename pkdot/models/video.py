@@ -25,11 +25,8 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 
 class R3D18Body(nn.Module):
-    """R3D-18 convolutional body: stem (3x7x7, stride (1, 2, 2)) and 4 stages of 2 3-D :class:`BasicBlock`.
-
-    Stage widths ``w, 2w, 4w, 8w`` (``w = 64`` is R3D-18), strides 1, 2, 2, 2 (over T, H and W).
-    ``(B, 3, T, H, W) -> (B, 8w, T', H', W')`` with ``T' = ceil(T / 8)`` for the strided stages.
-    """
+    """R3D-18 body: stem (3x7x7, stride (1, 2, 2)), 4 stages of 2 3-D :class:`BasicBlock`, widths ``w .. 8w``
+    (``w = 64`` is R3D-18), strides 1, 2, 2, 2: ``(B, 3, T, H, W) -> (B, 8w, ceil(T / 8), H', W')``."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -50,10 +47,8 @@ class R3D18Body(nn.Module):
 
 
 class Small3dBody(nn.Module):
-    """Three 3x3x3 conv + BN + ReLU stages with widths ``w, 2w, 4w``; strides (1,2,2), (1,2,2), (2,2,2).
-
-    ``(B, 3, T, H, W) -> (B, 4w, ceil(T / 2), H / 8, W / 8)``: seconds per epoch on a CPU at demo sizes.
-    """
+    """Three 3x3x3 conv + BN + ReLU stages, widths ``w, 2w, 4w``, strides (1,2,2), (1,2,2), (2,2,2):
+    ``(B, 3, T, H, W) -> (B, 4w, ceil(T / 2), H / 8, W / 8)``, seconds per epoch on a CPU at demo sizes."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
