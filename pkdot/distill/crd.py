@@ -110,8 +110,8 @@ class ContrastiveRD(DistillLoss):
             for memory, v in ((self.memory_teacher, v_student), (self.memory_student, v_teacher))
         )
         if self.norm_student < 0:
-            self.norm_student.fill_(float(scores_student.mean()) * self.num_samples)
-            self.norm_teacher.fill_(float(scores_teacher.mean()) * self.num_samples)
+            self.norm_student.fill_(float(scores_student.detach().mean()) * self.num_samples)
+            self.norm_teacher.fill_(float(scores_teacher.detach().mean()) * self.num_samples)
         loss = nce_loss(scores_student / self.norm_student, self.num_samples) + nce_loss(
             scores_teacher / self.norm_teacher, self.num_samples
         )

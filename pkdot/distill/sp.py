@@ -13,18 +13,14 @@ from torch import Tensor
 from pkdot.distill.base import DistillBatch, DistillLoss, register
 
 
-def _normalised_gram(z: Tensor) -> Tensor:
-    return F.normalize(z @ z.T, p=2, dim=1)
-
-
 def similarity_preserving_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
     r"""SP loss :math:`\frac{1}{B^2}\|\hat G_s - \hat G_t\|_F^2`, :math:`\hat G = \mathrm{rownorm}(Z Z^T)`.
 
     Of (B, Ds) and (B, Dt, detached) embeddings; >= 0, zero when :math:`Z_s = c\, Z_t Q` (Q orthogonal,
     c > 0); invariant to a joint permutation.
     """
-    teacher_gram = _normalised_gram(teacher_z.detach().to(student_z))
-    return (_normalised_gram(student_z) - teacher_gram).pow(2).sum() / student_z.shape[0] ** 2
+    gram_s, gram_t = (F.normalize(z @ z.T, p=2, dim=1) for z in (student_z, teacher_z.detach().to(student_z)))
+    return (gram_s - gram_t).pow(2).sum() / student_z.shape[0] ** 2
 
 
 @register("sp")

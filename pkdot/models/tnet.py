@@ -41,12 +41,6 @@ class TNet(nn.Module):
         return self.layers(video_embedding)
 
 
-def squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """Pairwise squared Euclidean distances ``||x_i - y_j||^2``: ``(n, d), (m, d) -> (n, m)``, clamped at 0."""
-    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1).unsqueeze(0) - 2.0 * x @ y.T
-    return d2.clamp_min(0.0)
-
-
 def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> Tensor:
     r"""Unbiased squared maximum mean discrepancy with a sum of RBF kernels.
 
@@ -70,7 +64,7 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
             f"mmd_rbf: the unbiased estimator needs at least 2 points per sample, got n={n}, m={m}"
         )
     z = torch.cat([x, y], dim=0)
-    d2 = squared_distances(z, z)
+    d2 = ((z * z).sum(1, keepdim=True) + (z * z).sum(1).unsqueeze(0) - 2.0 * z @ z.T).clamp_min(0.0)
     if bandwidths is None:
         off_diagonal = d2.detach()[~torch.eye(n + m, dtype=torch.bool, device=z.device)]
         median = off_diagonal.median().clamp_min(torch.finfo(d2.dtype).tiny)
