@@ -392,13 +392,13 @@ class PkdotOptions(LossOptions):
 
 
 class PkdotMostOptions(PkdotOptions):
-    """PKDOT on the k most-similar anchors (a structure-faithful variant, issue 25)."""
+    """PKDOT on the k most-similar anchors (a structure-faithful variant)."""
 
     anchors: Literal["least", "most"] = Field("most", description="Least or most similar columns")
 
 
 class PkdotAllOptions(PkdotOptions):
-    """PKDOT on every column of the similarity matrices (a structure-faithful variant, issue 25)."""
+    """PKDOT on every column of the similarity matrices (a structure-faithful variant)."""
 
     k: int | Literal["all"] = Field("all", description="Anchors per row (int >= 1 or 'all')")
 
@@ -600,9 +600,8 @@ class RunConfig(_Section):
     @field_validator("run_dir")
     @classmethod
     def _absolute_run_dir(cls, value: Path) -> Path:
-        """Made absolute against the current directory: every job's output folder derives from it, and Ray
-        Train runs workers in their own working directory, where a relative run directory names another
-        folder (``pkdot train-teacher --run runs/r1`` wrote its jobs under Ray's session folder)."""
+        """Made absolute against the current directory: Ray Train workers run in their own working directory,
+        where a relative run directory names another folder."""
         return Path(value).expanduser().resolve()
 
     @model_validator(mode="after")
@@ -643,7 +642,6 @@ class RunConfig(_Section):
             )
         return self
 
-    # ---- helpers -------------------------------------------------------------------------------------------
     @property
     def robustness_curves(self) -> bool:
         """Whether the evaluate stage computes robustness curves (``evaluate.robustness``, resolved)."""
@@ -718,21 +716,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
     return out
 
 
 def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -806,13 +797,11 @@ def load_config(
         source = str(p)
     over: dict[str, Any] = {}
     if isinstance(overrides, list):
-        for item in overrides:
-            k, v = parse_override(item)
-            _set_dotted(over, k, v)
-    elif overrides:
-        for k, v in overrides.items():
-            if v is not None:
-                _set_dotted(over, k, v)
+        pairs = [parse_override(item) for item in overrides]
+    else:
+        pairs = [(k, v) for k, v in (overrides or {}).items() if v is not None]
+    for k, v in pairs:
+        _set_dotted(over, k, v)
     chosen = preset or over.get("preset") or file_data.get("preset") or "demo"
     if chosen not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")

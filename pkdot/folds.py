@@ -1,13 +1,9 @@
 """Subject-wise fold planning: pure functions over subject ids, no data loading.
 
-Folds are over subjects (subject k-fold, leave-one-subject-out, or the official Aff-Wild2 partition); each
-fold's validation subjects, used for model selection, are carved from its training subjects. Each training
-seed draws its own subject k-fold partition (:func:`fold_seed`); LOSO and the official partition are the same
-for every seed. The authors' protocol (``train.folds: clips``, ``select_on: test``, ``teacher_scope: all``;
-optimistic by construction) gives ``leaky`` folds, whose parts may overlap.
-
-``RUN/splits.json`` holds one :meth:`Fold.to_dict` entry per (seed, fold); entries without ``"seed"`` serve
-every seed.
+Folds are over subjects (k-fold, leave-one-subject-out or the official Aff-Wild2 partition), validation subjects
+carved from each fold's training subjects; each training seed draws its own k-fold partition (:func:`fold_seed`).
+The authors' protocol (``train.folds: clips``, ``select_on: test``, ``teacher_scope: all``) gives ``leaky`` folds.
+``RUN/splits.json`` holds one :meth:`Fold.to_dict` entry per (seed, fold); entries without ``"seed"`` serve every seed.
 """
 
 from __future__ import annotations
@@ -130,18 +126,13 @@ def _carve_validation(
 
 
 def subject_folds(
-    subject_ids: Sequence[str],
-    scheme: int | Literal["loso"],
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    subject_ids: Sequence[str], scheme: int | Literal["loso"], *, val_fraction: float = 0.2, seed: int = 0
 ) -> list[Fold]:
     """Subject-independent folds: every subject in exactly one fold's test set; train/val/test disjoint.
 
-    ``scheme`` ``k >= 2``: the sorted subjects (``subject_ids`` may repeat) are shuffled with ``seed`` and cut
-    into ``k`` groups (sizes differ by at most 1), group ``i`` being fold ``i``'s test set; ``"loso"``: one fold
-    per subject. Each fold's validation subjects are ``val_fraction`` of the rest (rounded, at least 1, leaving
-    at least 1 for training), drawn with ``default_rng([seed, i])``.
+    ``scheme`` ``k >= 2``: the sorted subjects, shuffled with ``seed``, cut into ``k`` test groups (sizes differ
+    by at most 1); ``"loso"``: one fold per subject. Fold ``i``'s validation subjects are ``val_fraction`` of the
+    rest (at least 1, leaving at least 1 for training), drawn with ``default_rng([seed, i])``.
     """
     subjects = _unique_subjects(subject_ids)
     n = len(subjects)
@@ -212,11 +203,8 @@ def official_folds(
     train_partition: str = "Train_Set",
     test_partition: str = "Validation_Set",
 ) -> list[Fold]:
-    """The official Aff-Wild2 protocol as one fold: train on ``Train_Set``, test on ``Validation_Set``.
-
-    ``subject_partition``: each subject's (video's) partition. The challenge's test labels are withheld, so
-    everyone reports on ``Validation_Set``; validation subjects are carved from ``Train_Set``.
-    """
+    """The official Aff-Wild2 protocol as one fold from each subject's (video's) partition: train on
+    ``Train_Set`` (validation carved from it), test on ``Validation_Set`` (the challenge withholds test labels)."""
     _check_val_fraction(val_fraction)
     unknown = sorted({p for p in subject_partition.values() if p not in (train_partition, test_partition)})
     if unknown:
@@ -239,8 +227,7 @@ def official_folds(
 
 def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fold:
     """The one fold of a refit on every subject: ``val_fraction`` of them carved for epoch selection, the rest
-    for training; its test split is the validation split again (training code predicts on it; nothing reports
-    it)."""
+    for training; its test split is the validation split again (nothing reports it)."""
     subjects = _unique_subjects(subject_ids)
     _check_val_fraction(val_fraction)
     if len(subjects) < 2:
@@ -252,11 +239,8 @@ def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fo
 
 
 def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
-    """The seed of the subject partition of training seed ``repeat_seed`` in a run seeded ``run_seed``.
-
-    k-fold and ``"clips"``: ``SeedSequence([run_seed, repeat_seed])``, a partition per training seed.
-    ``"loso"`` and ``"official"``: the run seed (the same folds for every seed).
-    """
+    """The seed of training seed ``repeat_seed``'s partition: ``SeedSequence([run_seed, repeat_seed])`` for
+    k-fold and ``"clips"``, the run seed for ``"loso"`` and ``"official"`` (the same folds for every seed)."""
     if scheme in ("loso", "official"):
         return int(run_seed)
     if run_seed < 0 or repeat_seed < 0:
@@ -348,9 +332,7 @@ def fold_plan(
     frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str | None = "label"
 ) -> list[Fold]:
     """The folds of a manifest's samples by ``train.folds`` (``clips``: stratified on the ``stratify`` column
-    when the frame has it); ``select_on: test`` makes each fold's validation part its test part.
-    ``train.max_folds`` is *not* applied.
-    """
+    when the frame has it); ``select_on: test`` makes each fold's validation part its test part (no max_folds)."""
     folds = _scheme_folds(frame, train, seed, stratify)
     return [replace(f, val=f.test, leaky=True) for f in folds] if train.select_on == "test" else folds
 
@@ -380,11 +362,11 @@ def plan_run_folds(cfg: RunConfig, frame: pd.DataFrame) -> FoldPlan:
     cross-fits its teacher targets (seeded like the folds)."""
     crossfit = crossfit_groups_of(cfg)
     by_seed: dict[int, tuple[Fold, ...]] = {}
+    stratify = None if cfg.data.is_regression else "label"
     for s in cfg.train.seeds:
         partition_seed = fold_seed(cfg.train.folds, cfg.seed, s)
-        stratify = None if cfg.data.is_regression else "label"
-        folds = [replace(f, seed=s) for f in fold_plan(frame, cfg.train, partition_seed, stratify)]
-        folds = folds[: cfg.train.max_folds] if cfg.train.max_folds is not None else folds
+        folds = fold_plan(frame, cfg.train, partition_seed, stratify)[: cfg.train.max_folds]
+        folds = [replace(f, seed=s) for f in folds]
         if crossfit is not None:
             folds = [assign_crossfit_groups(f, crossfit, partition_seed) for f in folds]
         by_seed[s] = tuple(folds)
@@ -464,21 +446,6 @@ def load_folds(path: str | Path, seed: int | None = None) -> list[Fold]:
     return load_fold_plan(path).folds(seed)
 
 
-def fold_masks(id_of_sample: Sequence[str], fold: Fold) -> dict[str, np.ndarray]:
-    """Boolean sample masks ``{"train", "val", "test"}`` (each ``(N,)``) from each sample's id in the fold's
-    ``unit`` (subject id, or sample id under ``train.folds: clips``)."""
-    subjects = np.asarray(list(id_of_sample), dtype=object)
-    masks = {name: np.isin(subjects, np.asarray(getattr(fold, name), dtype=object)) for name in SPLIT_NAMES}
-    unassigned = ~(masks["train"] | masks["val"] | masks["test"])
-    if unassigned.any():
-        unknown = sorted(set(subjects[unassigned].tolist()))
-        raise StageError(
-            f"fold {fold.index}: {int(unassigned.sum())} samples belong to subjects in no split, e.g. {unknown[:5]} "
-            f"(splits.json was made for other subjects)"
-        )
-    return masks
-
-
 def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
     """One sentence naming the evaluation protocol recorded in ``splits.json`` (for the report)."""
     plan = load_fold_plan(splits_path)
@@ -489,7 +456,6 @@ def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
             f"official Aff-Wild2 partitions: trained on `Train_Set` ({len(f.train)} videos, {len(f.val)} "
             f"more held out for validation/model selection), tested on `Validation_Set` ({len(f.test)} videos)"
         )
-    # train.select_on: test -- each fold's validation part is its test part
     on_test = all(set(f.val) == set(f.test) for f in folds)
     if scheme == "clips":
         selection = "; epochs selected on the test clips" if on_test else ""
@@ -498,11 +464,8 @@ def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
             f"in training and test{selection})"
         )
     name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
-    repeats = (
-        f", drawn anew for each of {len(plan.seeds)} seeds"
-        if len(plan.seeds) > 1 and scheme != "loso"
-        else ""
-    )
+    many = len(plan.seeds) > 1 and scheme != "loso"
+    repeats = f", drawn anew for each of {len(plan.seeds)} seeds" if many else ""
     selection = (
         "each model's epoch selected on the test subjects themselves"
         if on_test

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pkdot.errors import ConfigError, StageError
-from pkdot.folds import Fold, fold_masks, load_folds, save_folds, subject_folds
+from pkdot.folds import Fold, load_folds, save_folds, subject_folds
 
 SUBJECTS = [f"s{i:02d}" for i in range(11)]
 
@@ -103,19 +103,6 @@ def test_load_rejects_malformed_files(tmp_path, content, message):
 def test_load_missing_file(tmp_path):
     with pytest.raises(StageError, match="does not exist"):
         load_folds(tmp_path / "splits.json")
-
-
-def test_fold_masks():
-    fold = Fold(index=0, train=("a", "b"), val=("c",), test=("d",))
-    samples = ["a", "d", "c", "b", "a", "d"]
-    masks = fold_masks(samples, fold)
-    np.testing.assert_array_equal(masks["train"], [True, False, False, True, True, False])
-    np.testing.assert_array_equal(masks["val"], [False, False, True, False, False, False])
-    np.testing.assert_array_equal(masks["test"], [False, True, False, False, False, True])
-    total = masks["train"].astype(int) + masks["val"] + masks["test"]
-    assert (total == 1).all()
-    with pytest.raises(StageError, match="no split"):
-        fold_masks(["a", "zz"], fold)
 
 
 def test_each_seed_draws_its_own_k_fold_partition_and_loso_is_fixed():
@@ -241,8 +228,7 @@ def test_clip_folds_are_stratified_over_samples_and_ignore_subjects(tmp_path):
     assert [sorted(f.test) for f in folds] == [sorted(ids[t]) for _, t in expected]
     subject = dict(zip(frame["sample_id"], frame["subject_id"], strict=True))
     assert {subject[s] for s in folds[0].train} & {subject[s] for s in folds[0].test}  # subjects shared
-    masks = fold_masks(frame["sample_id"], folds[0])  # matched on the fold's unit: sample ids
-    assert masks["test"].sum() == len(folds[0].test) == 12
+    assert frame["sample_id"].isin(folds[0].test).sum() == len(folds[0].test) == 12
     save_folds(folds, tmp_path / "splits.json")
     assert load_folds(tmp_path / "splits.json") == folds
 

@@ -15,29 +15,23 @@ from pkdot.distill.base import (
     DistillLoss,
     available_losses,
     build_loss,
-    gather_batch,
     gather_rows,
     register,
     total_loss,
     world_size,
 )
-from pkdot.distill.ot import sinkhorn_divergence, transport_plan
-from pkdot.distill.pkdot import StructureClouds, pkdot_loss, pkdot_structure
+from pkdot.distill.pkdot import pkdot_loss, pkdot_structure
 
 __all__ = [
     "CompositeLoss",
     "DistillBatch",
     "DistillLoss",
-    "StructureClouds",
     "available_losses",
     "build_loss",
-    "gather_batch",
     "gather_rows",
     "pkdot_loss",
     "pkdot_structure",
     "register",
-    "sinkhorn_divergence",
     "total_loss",
-    "transport_plan",
     "world_size",
 ]

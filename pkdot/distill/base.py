@@ -1,17 +1,9 @@
 r"""The distillation-loss base class, the batch it reads, the registry and the total loss.
 
-Every method is a plain loss function plus a thin class registered under a name of
-:data:`pkdot.config.LOSSES`, whose ``__init__`` takes that loss's options (``distill.<name>``) as keyword
-arguments and whose ``compute(batch)`` returns the loss. Extra state (FitNet's adapter, CRD's heads and memory
-bank) are parameters/buffers of the module: the trainer optimises and saves them with the student.
-
-Global batch under data parallelism. A loss whose value depends on the relations *between* samples
-(``batch_structure = True``: PKDOT, SP, RKD, PKT, CRD) would otherwise see only its worker's shard. When
-``torch.distributed`` runs W > 1 workers, ``forward`` gathers every tensor of the batch from all workers
-(rank order) with the differentiable ``torch.distributed.nn.functional.all_gather``: the gradient reaching
-a worker's rows is the sum over workers of the gradient each back-propagates into them, :math:`W\,
-\partial \mathcal{L} / \partial z_\text{local}`, so DistributedDataParallel's *mean* of the workers'
-parameter gradients is the gradient of the global-batch loss. Per-sample losses (KD, FitNet) need no gather.
+Global batch under data parallelism: a ``batch_structure`` loss (PKDOT, SP, RKD, PKT, CRD) gathers every
+tensor of the batch from all W workers with the differentiable ``all_gather``, so a worker's rows receive
+:math:`W\, \partial \mathcal{L} / \partial z_\text{local}` and DistributedDataParallel's *mean* of the
+workers' gradients is the gradient of the global-batch loss. Per-sample losses (KD, FitNet) need no gather.
 """
 
 from __future__ import annotations
@@ -46,11 +38,12 @@ class DistillBatch:
 
 
 class DistillLoss(nn.Module):
-    """Base class of the registered distillation losses.
+    """Base class of the registered distillation losses; extra state (FitNet's adapter, CRD's memory) are its
+    parameters/buffers, optimised and saved with the student.
 
     ``student_dim``, ``teacher_dim``: Ds and Dt; ``num_outputs``: C (1 for regression); ``num_samples``: rows
-    of the training set (``DistillBatch.index``). Subclasses add the fields of their
-    :class:`pkdot.config.LossOptions` section (weight excepted) as keyword arguments and implement ``compute``.
+    of the training set (``DistillBatch.index``). Subclasses take their :class:`pkdot.config.LossOptions`
+    fields (weight excepted) as keyword arguments and implement ``compute``.
     """
 
     name: ClassVar[str] = ""
@@ -72,8 +65,7 @@ class DistillLoss(nn.Module):
                     f"distill loss {self.name!r}: {field} must be a positive int, got {value!r}"
                 )
         self.student_dim, self.teacher_dim, self.num_outputs = student_dim, teacher_dim, num_outputs
-        self.regression = bool(regression)
-        self.num_samples = num_samples
+        self.regression, self.num_samples = bool(regression), num_samples
 
     def compute(self, batch: DistillBatch) -> Tensor:
         """The scalar loss of a validated batch whose teacher tensors are detached."""
@@ -159,27 +151,14 @@ def available_losses() -> list[str]:
 
 
 def build_loss(
-    name: str,
-    *,
-    student_dim: int,
-    teacher_dim: int,
-    num_outputs: int,
-    regression: bool,
-    num_samples: int,
-    options: LossOptions | Mapping[str, LossOptions] | None = None,
+    name: str, *, options: LossOptions | Mapping[str, LossOptions] | None = None, **dims: int | bool
 ) -> DistillLoss | CompositeLoss:
-    """Build the registered loss ``name`` with its options (``distill.<name>``; None: the defaults).
+    """Build the registered loss ``name`` with its options (``distill.<name>``; None: the defaults) and the
+    :class:`DistillLoss` dimensions ``dims`` (student_dim, teacher_dim, num_outputs, regression, num_samples).
 
     A sum ``a+b`` builds a :class:`CompositeLoss`, ``options`` then mapping each term to its options
     (``DistillConfig.options("a+b")``). :class:`ConfigError` for an unknown name or another loss's options.
     """
-    dims = dict(
-        student_dim=student_dim,
-        teacher_dim=teacher_dim,
-        num_outputs=num_outputs,
-        regression=regression,
-        num_samples=num_samples,
-    )
     if "+" in name:
         problem = loss_names_problem([name])
         if problem:
@@ -200,10 +179,8 @@ def total_loss(
     task_loss: Tensor, distill_loss: Tensor | Mapping[str, Tensor], cfg: DistillConfig, name: str
 ) -> dict[str, Tensor]:
     r"""The student's objective :math:`w_\text{task} \mathcal{L}_\text{task} + \sum_t w_t \mathcal{L}_t` and its
-    weighted parts, ``{"loss": total, "loss_task": ..., "loss_<t>": ...}``, for logging each separately.
-
-    :math:`w_\text{task}` = ``cfg.task_weight``, :math:`w_t` = ``cfg.<t>.weight`` for each term t of ``name``
-    (``distill_loss``: a scalar for a single loss, :class:`CompositeLoss`'s dict for a sum).
+    weighted parts, ``{"loss": total, "loss_task": ..., "loss_<t>": ...}``; :math:`w_t` = ``cfg.<t>.weight``
+    for each term t of ``name`` (``distill_loss``: a scalar, or :class:`CompositeLoss`'s dict for a sum).
     """
     terms = dict(distill_loss) if isinstance(distill_loss, Mapping) else {name: distill_loss}
     if task_loss.dim() != 0 or any(v.dim() != 0 for v in terms.values()):
@@ -224,10 +201,8 @@ def world_size() -> int:
 
 
 def gather_rows(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (B_r, ...) of every worker in rank order -> (sum_r B_r, ...); B_r may differ.
-
-    A differentiable collective (see the module doc); with no process group, or W = 1, ``x`` unchanged.
-    """
+    """Concatenate ``x`` (B_r, ...) of every worker in rank order -> (sum_r B_r, ...), differentiably; B_r may
+    differ. With no process group, or W = 1, ``x`` unchanged."""
     world = world_size()
     if world == 1:
         return x

@@ -1,35 +1,10 @@
 r"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020).
 
-Student and teacher embeddings are mapped by linear heads to a shared :math:`d = 128`-dimensional unit
-sphere, :math:`v^s_i = \mathrm{unit}(W_s z^s_i)`, :math:`v^t_i = \mathrm{unit}(W_t z^t_i)`. Two memory
-banks of ``num_samples`` rows keep a running (momentum) average of every training sample's student and
-teacher vectors. For sample i (row ``index[i]``) and K negatives :math:`n_1..n_K` drawn uniformly from the
-other rows, the scores
-
-.. math::
-    h^s_{ij} = \exp(v^s_i \cdot m^t_{j} / \tau) / Z_s, \qquad h^t_{ij} = \exp(v^t_i \cdot m^s_{j} / \tau) / Z_t
-
-(:math:`m^t, m^s` the memory rows, :math:`\tau = 0.07`, :math:`Z` a normalising constant fixed on the first
-batch to :math:`N \cdot \mathrm{mean}(\exp(\cdot/\tau))`) enter the NCE loss, with noise probability
-:math:`P_n = 1/N`,
-
-.. math::
-    \mathcal{L}_\text{NCE}(h) = -\frac{1}{B} \sum_i \Big[ \log\frac{h_{i,\text{pos}}}{h_{i,\text{pos}} + K P_n}
-        + \sum_{k=1}^{K} \log\frac{K P_n}{h_{i,n_k} + K P_n} \Big],
-
-and :math:`\mathcal{L}_\text{CRD} = \mathcal{L}_\text{NCE}(h^s) + \mathcal{L}_\text{NCE}(h^t)`. After the
-loss, the memory rows of the batch move towards the new vectors:
-:math:`m_{\text{index}[i]} \gets \mathrm{unit}(\mu\, m_{\text{index}[i]} + (1 - \mu)\, v_i)`, :math:`\mu = 0.5`.
-
-Weight (0.8, ``distill.crd.weight``): :math:`\beta = 0.8`, the weight of Tian et
-al.'s experiments and reference code. Gathered across workers under DDP (``batch_structure``): the NCE mean,
-the first-batch normalising constants, the negatives and the memory update then follow the global batch, so
-every worker keeps the same memory bank and the number of workers does not change the loss.
-
-References
-----------
-.. [1] Y. Tian, D. Krishnan, P. Isola. "Contrastive Representation Distillation." ICLR 2020
-   (reference code: HobbitLong/RepDistiller, ``crd/``).
+Linear heads map student and teacher embeddings to a shared unit sphere; two momentum memory banks of
+``num_samples`` rows hold every training sample's vectors, and the NCE loss contrasts each sample's pair with
+K negatives drawn from the banks. Weight 0.8 (``distill.crd.weight``): Tian et al.'s experiments and reference
+code (HobbitLong/RepDistiller, ``crd/``). Gathered across workers under DDP, so every worker keeps the same
+memory bank and the number of workers does not change the loss.
 """
 
 from __future__ import annotations
@@ -71,8 +46,14 @@ def sample_negatives(index: Tensor, num_samples: int, n_negatives: int, generato
 
 @register("crd")
 class ContrastiveRD(DistillLoss):
-    """CRD with two momentum memory banks of ``num_samples`` rows (needs ``DistillBatch.index``); options
-    ``distill.crd`` (``n_negatives`` None: ``min(4096, num_samples - 1)``)."""
+    r"""CRD (needs ``DistillBatch.index``); ``n_negatives`` None: ``min(4096, num_samples - 1)``.
+
+    Unit vectors :math:`v^s_i = \mathrm{unit}(W_s z^s_i)`, :math:`v^t_i = \mathrm{unit}(W_t z^t_i)`; scores
+    :math:`h^s_{ij} = \exp(v^s_i \cdot m^t_j / \tau) / Z_s` (and :math:`h^t` with :math:`m^s`) over the positive
+    and K negative memory rows, :math:`Z` fixed on the first batch to :math:`N \cdot \mathrm{mean}(\exp(\cdot /
+    \tau))`; loss :math:`\mathrm{NCE}(h^s) + \mathrm{NCE}(h^t)`, then the batch's memory rows move:
+    :math:`m \gets \mathrm{unit}(\mu m + (1 - \mu) v)`.
+    """
 
     batch_structure = True
 
@@ -124,18 +105,13 @@ class ContrastiveRD(DistillLoss):
         v_student = F.normalize(self.embed_student(batch.student_z), dim=1)
         v_teacher = F.normalize(self.embed_teacher(batch.teacher_z.to(self.embed_teacher.weight)), dim=1)
         rows = sample_negatives(index, self.num_samples, self.n_negatives, self.generator)
-        memory_student = self.memory_student[rows].detach()  # (B, K + 1, d)
-        memory_teacher = self.memory_teacher[rows].detach()
-        scores_student = torch.exp(
-            torch.bmm(memory_teacher, v_student.unsqueeze(2)).squeeze(2) / self.temperature
+        scores_student, scores_teacher = (  # (B, K + 1)
+            torch.exp(torch.bmm(memory[rows].detach(), v.unsqueeze(2)).squeeze(2) / self.temperature)
+            for memory, v in ((self.memory_teacher, v_student), (self.memory_student, v_teacher))
         )
-        scores_teacher = torch.exp(
-            torch.bmm(memory_student, v_teacher.unsqueeze(2)).squeeze(2) / self.temperature
-        )
-        with torch.no_grad():
-            if self.norm_student < 0:
-                self.norm_student.fill_(float(scores_student.mean()) * self.num_samples)
-                self.norm_teacher.fill_(float(scores_teacher.mean()) * self.num_samples)
+        if self.norm_student < 0:
+            self.norm_student.fill_(float(scores_student.detach().mean()) * self.num_samples)
+            self.norm_teacher.fill_(float(scores_teacher.detach().mean()) * self.num_samples)
         loss = nce_loss(scores_student / self.norm_student, self.num_samples) + nce_loss(
             scores_teacher / self.norm_teacher, self.num_samples
         )

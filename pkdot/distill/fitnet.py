@@ -1,20 +1,8 @@
-r"""FitNets: point-to-point regression of the teacher's embedding (Romero et al., 2015).
+r"""FitNets: point-to-point regression of the teacher's embedding (Romero et al., ICLR 2015).
 
-A learned linear adapter :math:`W \in \mathbb{R}^{D_t \times D_s}` (with bias) maps the student embedding
-into the teacher's space; the loss is the mean squared error :math:`\frac{1}{B D_t}\|Z_s W^T + b - Z_t\|_F^2`.
-
-Weight (1, ``distill.fitnet.weight``): Romero et al. train the hint in a separate
-first stage, so the paper has no relative weight; the reference implementation of the baselines
-(RepDistiller) adds the hint MSE to the cross-entropy with weight 100, on C x H x W convolutional maps. On
-our (B, D) embeddings weight 100 gives a gradient ~110x the cross-entropy's at initialisation (demo sizes:
-D = 64, B = 32), outside the 0.05x-20x band that ``tests/distill/test_weights.py`` checks; weight 1 gives
-~1.4x. This is a deviation from the reference code, made for scale. Per-sample loss: no global-batch gather
-under DDP.
-
-References
-----------
-.. [1] A. Romero, N. Ballas, S. E. Kahou, A. Chassang, C. Gatta, Y. Bengio. "FitNets: Hints for Thin Deep
-   Nets." ICLR 2015.
+Weight 1 (``distill.fitnet.weight``), a deviation from the reference code (RepDistiller: 100, on C x H x W
+maps): on our (B, D) embeddings 100 gives a gradient ~110x the cross-entropy's at initialisation (D = 64,
+B = 32), outside the 0.05x-20x band ``tests/distill/test_weights.py`` checks; 1 gives ~1.4x.
 """
 
 from __future__ import annotations

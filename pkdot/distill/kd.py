@@ -1,17 +1,8 @@
-r"""Knowledge distillation with soft targets (Hinton, Vinyals & Dean, 2015).
+r"""Knowledge distillation with soft targets (Hinton, Vinyals & Dean, NIPS DL Workshop 2015).
 
-Classification: :math:`T^2\, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)`,
-averaged over the batch; regression: mean squared error to the teacher's outputs.
-
-Weight (1, ``distill.kd.weight``): Hinton et al. multiply the soft-target term by
-:math:`T^2` so that its gradients keep the scale of the hard-target term's when T changes, and report the
-best results with a lower weight on the hard targets, without one fixed value. With :math:`T^2` inside
-:func:`kd_loss`, weight 1 next to the task loss's 1 is their formulation with equal weights. (RepDistiller's
-KD runs use 0.9 soft / 0.1 hard.) Per-sample loss: no global-batch gather under DDP.
-
-References
-----------
-.. [1] G. Hinton, O. Vinyals, J. Dean. "Distilling the Knowledge in a Neural Network." NIPS DL Workshop 2015.
+Weight 1 (``distill.kd.weight``): with the :math:`T^2` factor inside :func:`kd_loss` (which keeps the
+gradient scale as T changes), weight 1 next to the task loss's 1 is Hinton et al.'s formulation with equal
+weights (they give no fixed value; RepDistiller's KD runs use 0.9 soft / 0.1 hard).
 """
 
 from __future__ import annotations

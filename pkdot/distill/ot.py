@@ -1,42 +1,10 @@
 r"""Entropic optimal transport between point clouds: a log-domain Sinkhorn solver with epsilon-scaling.
 
-For two discrete measures :math:`\alpha = \sum_i a_i \delta_{x_i}`, :math:`\beta = \sum_j b_j \delta_{y_j}`
-(points :math:`x \in \mathbb{R}^{N \times D}`, :math:`y \in \mathbb{R}^{M \times D}`) it solves
-
-.. math::
-    \mathrm{OT}_\varepsilon(\alpha, \beta) = \min_{\pi \ge 0,\ \pi 1 = a,\ \pi^T 1 = b}
-        \langle \pi, C \rangle + \varepsilon\, \mathrm{KL}(\pi \,\|\, a \otimes b),
-    \qquad C_{ij} = \tfrac{1}{2} \|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2,
-
-through its dual potentials :math:`(f, g)`, and returns the debiased Sinkhorn divergence
-
-.. math::
-    S_\varepsilon(\alpha, \beta) = \mathrm{OT}_\varepsilon(\alpha, \beta)
-        - \tfrac{1}{2} \mathrm{OT}_\varepsilon(\alpha, \alpha) - \tfrac{1}{2} \mathrm{OT}_\varepsilon(\beta, \beta)
-        = \langle a, f_{ba} - f_{aa} \rangle + \langle b, g_{ab} - g_{bb} \rangle,
-
-non-negative, zero iff :math:`\alpha = \beta`, and smooth in the points.
-
-The algorithm is GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors:
-epsilon-scaling from :math:`\text{diameter}^2` down to :math:`\text{blur}^2` (:func:`epsilon_schedule`),
-log-domain soft-min updates, the four problems of the debiased divergence batched as one ``(4, N, N)`` tensor
-when :math:`N = M`, and gradients by the envelope theorem: the loop runs without autograd and only a last
-soft-min step is differentiated (:math:`\nabla_{x_i} \mathrm{OT}_\varepsilon = \sum_j \pi_{ij} (x_i - y_j)`).
-It reproduces ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling)`` to float rounding.
-
-Why our own solver: at our sizes it takes 0.46-0.66x GeomLoss's time (B = 64..256, k = 30, forward +
-backward on a 2-core CPU, ``benchmarks/bench_ot.py``, ``benchmarks/results/speed.md``) and ~1/250 of POT's
-log-domain Sinkhorn, which has no epsilon-scaling. GeomLoss is a development dependency only:
-``tests/distill/test_ot.py`` pins our values and gradients to it.
-
-References
-----------
-.. [1] J. Feydy, T. Séjourné, F.-X. Vialard, S. Amari, A. Trouvé, G. Peyré. "Interpolating between Optimal
-   Transport and MMD using Sinkhorn Divergences." AISTATS 2019.
-.. [2] J. Feydy. "Geometric data analysis, beyond convolutions." PhD thesis, Université Paris-Saclay, 2020,
-   Section 3.3 (Algorithm 3.5, Eqs. 3.186, 3.209, 3.226).
-.. [3] B. Schmitzer. "Stabilized sparse scaling algorithms for entropy regularized transport problems."
-   SIAM J. Sci. Comput. 2019 (log-domain stabilisation, epsilon-scaling).
+GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors; gradients by the envelope
+theorem (the loop runs without autograd, only a last soft-min step is differentiated). Why our own solver: at
+our sizes it takes 0.46-0.66x GeomLoss's time (B = 64..256, k = 30, ``benchmarks/bench_ot.py``) and ~1/250 of
+POT's log-domain Sinkhorn, which has no epsilon-scaling; GeomLoss, a development dependency only, pins our
+values and gradients in ``tests/distill/test_ot.py``.
 """
 
 from __future__ import annotations
@@ -54,25 +22,14 @@ from pkdot.errors import ConfigError, StageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "cloud_diameter",
-    "epsilon_schedule",
-    "float32_math",
-    "sinkhorn_divergence",
-    "sinkhorn_potentials",
-    "squared_euclidean_cost",
-    "transport_plan",
-]
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def float32_math(fn: F) -> F:
     """Run ``fn`` outside autocast with its float16/bfloat16 tensor arguments cast to float32 (float64 kept).
 
-    Under mixed precision (``train.precision``) the cosine matrices and the Sinkhorn iterations stay in float32:
-    exponents of -C/eps with eps = 0.01 are far beyond half precision's 8 (bf16) or 11 (fp16) mantissa bits.
+    Under mixed precision the cosine matrices and Sinkhorn iterations stay in float32: exponents of -C/eps with
+    eps = 0.01 are far beyond half precision's mantissa.
     """
 
     def up(v: Any) -> Any:
@@ -95,20 +52,14 @@ def squared_euclidean_cost(x: Tensor, y: Tensor) -> Tensor:
 
 
 def cloud_diameter(x: Tensor, y: Tensor) -> float:
-    """Upper bound on ``max ||x_i - y_j||`` for (N, D) and (M, D) clouds: the joint bounding box's diagonal
-    (GeomLoss's ``max_diameter``), the start of the epsilon-scaling schedule."""
+    """Upper bound on ``max ||x_i - y_j||``: the joint bounding box's diagonal (GeomLoss's ``max_diameter``)."""
     both = torch.cat([x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])], dim=0)
     return float((both.max(dim=0).values - both.min(dim=0).values).norm())
 
 
 def epsilon_schedule(diameter: float, blur: float, scaling: float, p: int = 2) -> list[float]:
-    r"""Temperatures of the epsilon-scaling descent, one Sinkhorn iteration each (GeomLoss's schedule).
-
-    .. math::
-        \varepsilon_0 = \text{diameter}^p,\quad
-        \varepsilon_t = \exp\big(p \log \text{diameter} + t\, p \log \text{scaling}\big)
-        \ \text{while}\ > \text{blur}^p,\quad \varepsilon_{\text{last}} = \text{blur}^p.
-    """
+    """Temperatures of the epsilon-scaling descent (GeomLoss's): diameter^p, then a geometric descent by
+    scaling^p while above blur^p, then blur^p; one Sinkhorn iteration each."""
     if not 0.0 < scaling < 1.0:
         raise ConfigError(f"distill.pkdot.scaling must be in (0, 1), got {scaling}")
     if blur <= 0.0:
@@ -120,15 +71,14 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float, p: int = 2) -
     return [diameter**p] + [math.exp(start + i * step) for i in range(n_steps)] + [blur**p]
 
 
-#: Exponents below this (relative to the row maximum) are clamped before ``exp``: their terms are
-#: < e^-80 ~ 1.8e-35 of the largest one, far below float64 rounding, and CPU ``exp`` is 10-20x slower on
-#: arguments that underflow (its vectorised path falls back to a slow one).
+#: Exponents below this (relative to the row maximum) are clamped before ``exp``: such terms are below float64
+#: rounding, and CPU ``exp`` is 10-20x slower on arguments that underflow.
 _LOG_FLOOR = -80.0
 
 
 def _log_softmin_parts(eps: float, cost: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """``(exp(z - max z), max z)`` for ``z = h_j - C_ij / eps``, in one reused (..., N, M) buffer: on CPU,
-    fresh large buffers per operation (page faults) cost more than the arithmetic."""
+    """``(exp(z - max z), max z)`` for ``z = h_j - C_ij / eps``, in one reused (..., N, M) buffer (on CPU, fresh
+    buffers cost more than the arithmetic)."""
     z = torch.sub(h.unsqueeze(-2), cost, alpha=1.0 / eps)
     z_max = z.amax(dim=-1, keepdim=True)
     return z.sub_(z_max).clamp_(min=_LOG_FLOOR).exp_(), z_max.squeeze(-1)
@@ -150,18 +100,14 @@ class _Softmin(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_f: Tensor) -> tuple[None, Tensor | None, Tensor | None]:  # type: ignore[override]
         (weights,) = ctx.saved_tensors
-        grad_cost = weights * grad_f.unsqueeze(-1) if ctx.needs_input_grad[1] else None
-        grad_h = None
-        if ctx.needs_input_grad[2]:
-            grad_h = (weights * grad_f.unsqueeze(-1)).sum(dim=-2).mul_(-ctx.eps)
-        return None, grad_cost, grad_h
+        weighted = weights * grad_f.unsqueeze(-1)
+        grad_h = weighted.sum(dim=-2).mul_(-ctx.eps) if ctx.needs_input_grad[2] else None
+        return None, weighted if ctx.needs_input_grad[1] else None, grad_h
 
 
 def _softmin(eps: float, cost: Tensor, h: Tensor) -> Tensor:
-    r"""Soft-C-transform :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)`.
-
-    ``cost`` (..., N, M), ``h`` (..., M) -> (..., N); differentiable when autograd is on, in place otherwise.
-    """
+    r"""Soft-C-transform :math:`f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)`: (..., N, M),
+    (..., M) -> (..., N); differentiable when autograd is on, in place otherwise."""
     if torch.is_grad_enabled() and (cost.requires_grad or h.requires_grad):
         return _Softmin.apply(eps, cost, h)
     weights, z_max = _log_softmin_parts(eps, cost, h)
@@ -203,10 +149,9 @@ def sinkhorn_potentials(
 ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, float]:
     r"""Dual potentials ``(f_aa, g_bb, g_ab, f_ba, eps)`` of the entropic OT problems between x (N, D) and y (M, D).
 
-    ``a`` (N,), ``b`` (M,): non-negative weights summing to 1 (default uniform). ``f_ba`` (N,) and ``g_ab``
-    (M,) solve :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`; ``f_aa`` (N,) and ``g_bb`` (M,) the symmetric
-    problems (None without ``debias``); ``eps = blur**2``. The returned potentials carry the envelope-theorem
-    gradient with respect to ``x`` and ``y`` (no second derivatives).
+    ``a`` (N,), ``b`` (M,): weights summing to 1 (default uniform). ``f_ba``, ``g_ab`` solve
+    :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`; ``f_aa``, ``g_bb`` the symmetric problems (None without
+    ``debias``); ``eps = blur**2``. The potentials carry the envelope-theorem gradient (no second derivatives).
     """
     _check_clouds(x, y)
     a_log = _log_weights(a, x.shape[0], x, "a")
@@ -260,10 +205,13 @@ def sinkhorn_divergence(
         S_\varepsilon(\alpha, \beta) = \langle a, f_{ba} - f_{aa} \rangle + \langle b, g_{ab} - g_{bb} \rangle,
         \quad C_{ij} = \tfrac{1}{2}\|x_i - y_j\|^2,\ \varepsilon = \text{blur}^2
 
-    (``debias=False``: the raw :math:`\mathrm{OT}_\varepsilon = \langle a, f_{ba} \rangle + \langle b,
-    g_{ab} \rangle`). Weights ``a`` (N,), ``b`` (M,) default to uniform; ``scaling`` in (0, 1) is the
-    epsilon-scaling ratio. Returns a scalar, differentiable in ``x`` and ``y``, equal to
+    with :math:`\mathrm{OT}_\varepsilon(\alpha, \beta) = \min_{\pi 1 = a, \pi^T 1 = b} \langle \pi, C \rangle
+    + \varepsilon \mathrm{KL}(\pi \| a \otimes b)` (``debias=False``: the raw :math:`\mathrm{OT}_\varepsilon`).
+    Weights ``a`` (N,), ``b`` (M,) default to uniform. A scalar, differentiable in ``x`` and ``y``, equal to
     ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=debias)(x, y)`` up to rounding.
+
+    References: Feydy et al., "Interpolating between Optimal Transport and MMD using Sinkhorn Divergences",
+    AISTATS 2019; Feydy, PhD thesis, 2020, Section 3.3; Schmitzer, SIAM J. Sci. Comput. 2019.
     """
     f_aa, g_bb, g_ab, f_ba, _ = sinkhorn_potentials(x, y, a=a, b=b, blur=blur, scaling=scaling, debias=debias)
     a_w = torch.full_like(f_ba, 1.0 / f_ba.shape[0]) if a is None else a.to(f_ba)
@@ -290,13 +238,11 @@ def transport_plan(
     .. math::
         \pi_{ij} = a_i\, b_j \exp\big( (f_i + g_j - C_{ij}) / \varepsilon \big)
 
-    with :math:`(f, g)` the potentials of :func:`sinkhorn_potentials` (enough for the divergence, not for the
-    marginals), refined by alternate Sinkhorn updates at the final temperature until
-    :math:`\max_i |(\pi 1)_i - a_i| \le \text{tol} \cdot \max_i a_i` (columns are exact after each update) or
-    ``max_iter`` updates (then a warning).
+    with :math:`(f, g)` from :func:`sinkhorn_potentials`, refined by Sinkhorn updates at the final temperature
+    until the row marginals are within ``tol * max(a)`` (columns are exact after each update) or ``max_iter``
+    updates (then a warning).
     """
     with torch.no_grad():
-        x, y = x.detach(), y.detach()
         _, _, g, f, eps = sinkhorn_potentials(x, y, a=a, b=b, blur=blur, scaling=scaling, debias=False)
         a_log = _log_weights(a, x.shape[0], x, "a")
         b_log = _log_weights(b, y.shape[0], x, "b")
@@ -304,19 +250,14 @@ def transport_plan(
         cost_t = cost.T.contiguous()
         a_max = float(a_log.exp().max())
         for it in range(max_iter + 1):
-            g = _softmin(eps, cost_t, a_log + f / eps)  # columns now exact
+            g = _softmin(eps, cost_t, a_log + f / eps)
             log_plan = a_log[:, None] + b_log[None, :] + (f[:, None] + g[None, :] - cost) / eps
             row_error = float((torch.logsumexp(log_plan, dim=1).exp() - a_log.exp()).abs().max())
             if row_error <= tol * a_max:
-                logger.debug("transport_plan: marginals within tol after %d extra updates", it)
                 break
             if it == max_iter:
-                logger.warning(
-                    "transport_plan: row marginals off by %.2e (tol %.1e) after %d updates",
-                    row_error,
-                    tol,
-                    it,
-                )
+                msg = "transport_plan: row marginals off by %.2e (tol %.1e) after %d updates"
+                logger.warning(msg, row_error, tol, it)
                 break
             f = _softmin(eps, cost, b_log + g / eps)
         return torch.exp(log_plan)

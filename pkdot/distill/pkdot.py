@@ -1,30 +1,12 @@
 r"""PKDOT: structural distillation by optimal transport between similarity structures.
 
-For a batch of B samples with teacher embeddings :math:`Z_t \in \mathbb{R}^{B \times D_t}` and student
-embeddings :math:`Z_s \in \mathbb{R}^{B \times D_s}`:
+Cosine-similarity matrices of the teacher's and the student's batch embeddings, each shifted to be non-negative;
+for each row the k columns with the least (the authors' default) or most teacher similarity are its anchors;
+the rows restricted to the anchors make two point clouds in R^k, and the loss is the debiased Sinkhorn divergence
+between them. Weight 0.6 (``distill.pkdot.weight``): the paper's total loss is CE + 0.6 PKDOT.
 
-1. cosine-similarity matrices :math:`S_t, S_s \in [-1, 1]^{B \times B}`, each shifted to be non-negative,
-   :math:`\tilde S = S - \min_{ij} S_{ij}`;
-2. anchors from the *teacher*: for each row i, the k columns :math:`A_i \subset \{1..B\}` with the least
-   (``anchors="least"``, the authors' default) or most (``"most"``) teacher similarity; ``k="all"`` or
-   :math:`k \ge B` keeps every column;
-3. two point clouds in :math:`\mathbb{R}^k`, row i of each being :math:`(\tilde S_{i, A_{i1}}, \dots,
-   \tilde S_{i, A_{ik}})` — the same columns gathered from both matrices;
-4. the loss is the debiased Sinkhorn divergence between the two clouds with uniform weights 1/B, cost
-   :math:`\tfrac12\|x - y\|^2`, :math:`\varepsilon = \text{blur}^2` (:func:`pkdot.distill.ot.sinkhorn_divergence`).
-
-Weight (0.6, ``distill.pkdot.weight``): the paper's total loss is
-:math:`\mathcal{L}_\text{CE} + 0.6\, \mathcal{L}_\text{PKDOT}`. Batch structure: under DDP the loss is
-computed on the batch gathered from all workers, as in a single-process run.
-
-Properties: zero when the student's cosine structure equals the teacher's (e.g. :math:`Z_s = Z_t Q` with Q
-orthogonal), invariant to a joint permutation of the batch, differentiable in :math:`Z_s` only.
-
-References
-----------
-.. [1] M. H. Aslam, M. O. Zeeshan, S. Belharbi, M. Pedersoli, A. L. Koerich, S. Bacon, E. Granger.
-   "Distilling Privileged Multimodal Information for Expression Recognition using Optimal Transport."
-   IEEE FG 2024, arXiv:2401.15489.
+Reference: M. H. Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using
+Optimal Transport", IEEE FG 2024, arXiv:2401.15489.
 """
 
 from __future__ import annotations
@@ -71,11 +53,9 @@ def _resolve_k(k: int | str, batch_size: int) -> int:
 def pkdot_structure(
     student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, anchors: str = "least"
 ) -> StructureClouds:
-    """PKDOT's matrices and anchored clouds of student (B, Ds) and teacher (B, Dt, detached) embeddings.
-
-    The ``min(k, B)`` anchors of a row are ordered by teacher similarity (ascending for "least",
-    descending for "most"); ``k="all"`` or ``k >= B`` keeps every column in index order.
-    """
+    """PKDOT's matrices, shifted to be non-negative (S - min S), and anchored clouds of student (B, Ds) and
+    teacher (B, Dt, detached) embeddings. A row's ``min(k, B)`` anchors are ordered by teacher similarity
+    (ascending for "least"); ``k="all"`` or ``k >= B`` keeps every column in index order."""
     if student_z.dim() != 2 or teacher_z.dim() != 2:
         raise StageError(
             f"pkdot: student_z and teacher_z must be (B, D), got {tuple(student_z.shape)} and {tuple(teacher_z.shape)}"
@@ -96,13 +76,8 @@ def pkdot_structure(
         anchor_index = torch.arange(batch_size, device=student_z.device).expand(batch_size, batch_size)
     else:
         anchor_index = torch.topk(teacher_raw, n_anchors, dim=1, largest=anchors == "most").indices
-    return StructureClouds(
-        student_sim=student_sim,
-        teacher_sim=teacher_sim,
-        anchor_index=anchor_index,
-        student_cloud=student_sim.gather(1, anchor_index),
-        teacher_cloud=teacher_sim.gather(1, anchor_index),
-    )
+    clouds = (student_sim.gather(1, anchor_index), teacher_sim.gather(1, anchor_index))
+    return StructureClouds(student_sim, teacher_sim, anchor_index, *clouds)
 
 
 def pkdot_loss(
@@ -120,7 +95,8 @@ def pkdot_loss(
         \mathcal{L}_\text{PKDOT} = S_\varepsilon\Big(\tfrac1B \sum_i \delta_{\tilde S_s[i, A_i]},\
             \tfrac1B \sum_i \delta_{\tilde S_t[i, A_i]}\Big), \qquad \varepsilon = \text{blur}^2
 
-    (:func:`pkdot_structure`). Paper: k = 30, anchors "least", blur 0.1, scaling 0.5.
+    (:func:`pkdot_structure`). Paper: k = 30, anchors "least", blur 0.1, scaling 0.5. Zero when the cosine
+    structures agree (e.g. :math:`Z_s = Z_t Q`, Q orthogonal); invariant to a joint permutation of the batch.
     """
     clouds = pkdot_structure(student_z, teacher_z, k=k, anchors=anchors)
     return sinkhorn_divergence(clouds.student_cloud, clouds.teacher_cloud, blur=blur, scaling=scaling)

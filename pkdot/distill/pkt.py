@@ -1,19 +1,8 @@
 r"""Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018).
 
-Cosine-similarity kernels turned into conditional probabilities
-:math:`p_{j|i} = K_{ij} / \sum_l K_{il}`, :math:`K_{ij} = (\cos(z_i, z_j) + 1) / 2`, for teacher and
-student; the loss is the divergence :math:`\frac{1}{B^2} \sum_{i,j} p^t_{j|i} \log(p^t_{j|i} / p^s_{j|i})`.
-
-Weight (30000, ``distill.pkt.weight``): the weight of the reference implementation of
-the baselines (RepDistiller, ``-b 30000``), which computes the loss as here (mean over the B x B entries);
-the paper trains PKT alone and gives no relative weight. As the probabilities are ~1/B, the loss and its
-gradient shrink with B (at initialisation ~4x the cross-entropy's gradient at B = 32, ~0.3x at B = 128,
-D = 64). Batch structure: gathered across workers under DDP.
-
-References
-----------
-.. [1] N. Passalis, A. Tefas. "Learning Deep Representations with Probabilistic Knowledge Transfer."
-   ECCV 2018.
+Weight 30000 (``distill.pkt.weight``): the reference implementation's (RepDistiller, ``-b 30000``), which also
+takes the mean over the B x B entries; the paper trains PKT alone. The probabilities are ~1/B, so the gradient
+shrinks with B (~4x the cross-entropy's at B = 32, ~0.3x at B = 128, D = 64). Gathered across workers under DDP.
 """
 
 from __future__ import annotations

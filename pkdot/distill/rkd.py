@@ -1,20 +1,8 @@
 r"""Relational knowledge distillation (Park, Kim, Lu & Cho, CVPR 2019): distance- and angle-wise terms.
 
-* Distance: pairwise Euclidean distances, each matrix divided by the mean of its off-diagonal entries,
-  compared with the Huber (smooth-L1) loss.
-* Angle: for every triplet (i, j, k), the cosine of the angle at j between :math:`z_i - z_j` and
-  :math:`z_k - z_j`, compared with the Huber loss.
-
-:math:`\mathcal{L}_\text{RKD} = w_d\, \mathcal{L}_d + w_a\, \mathcal{L}_a` with :math:`w_d = 25`,
-:math:`w_a = 50` as in the paper.
-
-Weight of the whole term (1, ``distill.rkd.weight``): 1, since Park et al.'s weights 25 (distance) and 50
-(angle) are already inside :func:`rkd_loss` (options ``distill.rkd.distance_weight``, ``angle_weight``); the reference implementation (RepDistiller) also adds it with weight 1. Batch
-structure: gathered across workers under DDP.
-
-References
-----------
-.. [1] W. Park, D. Kim, Y. Lu, M. Cho. "Relational Knowledge Distillation." CVPR 2019.
+Weight 1 (``distill.rkd.weight``): the paper's weights 25 (distance) and 50 (angle) are inside
+:func:`rkd_loss` (``distill.rkd.distance_weight``, ``angle_weight``); RepDistiller also adds it with weight 1.
+Gathered across workers under DDP.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pkdot.models.audio import LogMelCNN
 from pkdot.models.fusion import GatedCrossAttentionFusion
-from pkdot.models.heads import Backbone, ModelOutput, TaskHead, UnimodalModel
+from pkdot.models.heads import Backbone, UnimodalModel
 from pkdot.models.mlp import MLPBackbone
 from pkdot.models.physio import SpectrogramCNN, WindowCNN
 from pkdot.models.student import Student, build_student
@@ -17,11 +17,9 @@ __all__ = [
     "GatedCrossAttentionFusion",
     "LogMelCNN",
     "MLPBackbone",
-    "ModelOutput",
     "SpectrogramCNN",
     "Student",
     "TNet",
-    "TaskHead",
     "Teacher",
     "UnimodalModel",
     "VideoBackbone",

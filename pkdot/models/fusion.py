@@ -1,22 +1,6 @@
 """Gated cross-attention fusion of per-modality token sequences (the PKDOT teacher's and student's fusion).
 
-For modalities ``m = 1..M`` with tokens ``X_m`` of shape ``(B, N_m, D)``:
-
-1. ``H_m = Encoder_m(X_m + P_{N_m})``: a per-modality transformer encoder (``nn.TransformerEncoderLayer`` with
-   ``batch_first=True``) over the ``N_m`` tokens *of each sample*, with sinusoidal positions ``P``. (The
-   authors' code fed ``(B, 1, 512)`` to a sequence-first layer and so attended across the batch; here a
-   sample's output never depends on the other samples of its batch.)
-2. Cross-attention: ``A_m = LayerNorm(H_m + MHA(query=H_m, key=value=[H_o for o != m]))``, i.e. each modality
-   attends to the concatenated tokens of the others (for ``M = 2``: ``a`` attends to ``b`` and ``b`` to ``a``).
-3. ``c_m = mean_n A_m[:, n, :]`` of shape ``(B, D)``.
-4. Gate. ``M = 2``: ``g = sigmoid(W [c_1; c_2] + b)`` per feature, ``z = g * c_1 + (1 - g) * c_2``.
-   ``M > 2``: ``G = softmax_m(reshape(W [c_1; ..; c_M] + b, (M, D)))``, ``z = sum_m G_m * c_m``.
-   ``M = 1``: no cross-attention, ``z = c_1`` and the gate is 1.
-
-The returned ``gates`` ``(B, M)`` are the per-modality gate weights averaged over the ``D`` features (each row
-sums to 1).
-
-References: Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
+Reference: Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
 Transport", IEEE FG 2024 (arXiv 2401.15489).
 """
 
@@ -57,9 +41,16 @@ def module_dict(modules: dict[str, nn.Module]) -> nn.ModuleDict:
 
 
 class GatedCrossAttentionFusion(nn.Module):
-    """Fuse ``{modality: tokens (B, N_m, D)}`` into ``z (B, D)`` with gates ``(B, M)`` (see the module doc).
+    """Fuse ``{modality: tokens (B, N_m, D)}`` in ``modalities`` order into ``z (B, D)`` and gates ``(B, M)``.
 
-    ``modalities`` in order (the first is ``c_1`` of the gate); ``layers``: depth of each modality's encoder.
+    1. ``H_m = Encoder_m(X_m + P_{N_m})``: a ``layers``-deep transformer encoder over each sample's tokens, with
+       sinusoidal positions ``P`` (the authors' code attended across the batch; here a sample's output never
+       depends on the other samples of its batch).
+    2. ``A_m = LayerNorm(H_m + MHA(query=H_m, key=value=[H_o for o != m]))``; ``c_m = mean_n A_m`` ``(B, D)``.
+    3. Gate. ``M = 2``: ``g = sigmoid(W [c_1; c_2] + b)``, ``z = g * c_1 + (1 - g) * c_2``. ``M > 2``:
+       ``G = softmax_m(reshape(W [c_1; ..; c_M] + b, (M, D)))``, ``z = sum_m G_m * c_m``. ``M = 1``: ``z = c_1``.
+
+    ``gates``: each modality's gate weights averaged over the ``D`` features (rows sum to 1).
     """
 
     def __init__(
@@ -73,8 +64,7 @@ class GatedCrossAttentionFusion(nn.Module):
             raise ConfigError(f"fusion: modalities must be distinct, got {modalities}")
         if dim % heads:
             raise ConfigError(f"model.embed_dim ({dim}) must be divisible by model.fusion_heads ({heads})")
-        self.modalities = modalities
-        self.dim = dim
+        self.modalities, self.dim = modalities, dim
         self.encoders = module_dict(
             {
                 m: nn.TransformerEncoder(

@@ -28,16 +28,13 @@ class ModelOutput:
     gates: Tensor | None = None
 
 
-# ModelOutput crosses torch.export (e.g. mlflow.pytorch.log_model's default format) as a pytree node.
+# ModelOutput crosses torch.export (mlflow.pytorch.log_model's default format) as a pytree node.
 torch.export.register_dataclass(ModelOutput, serialized_type_name="pkdot.models.ModelOutput")
 
 
 class Backbone(nn.Module):
-    """A modality encoder: ``forward(x) -> tokens (B, N, D)`` for ``x`` of shape ``(B, *input_shape)``.
-
-    Subclasses implement :meth:`encode`; :meth:`forward` first checks the shape and the dtype the backbone was
-    built for (``uint8`` face crops or floating features).
-    """
+    """A modality encoder: ``forward(x) -> tokens (B, N, D)`` for ``x`` of shape ``(B, *input_shape)``; checks
+    the shape and dtype (``uint8`` face crops or floating features), then calls the subclass's :meth:`encode`."""
 
     #: ``True`` for backbones that read raw ``uint8`` pixels; others read floating-point features.
     expects_uint8: bool = False
@@ -49,7 +46,6 @@ class Backbone(nn.Module):
         self.embed_dim = int(embed_dim)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Map a checked input batch to tokens ``(B, N, D)``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -60,19 +56,14 @@ class Backbone(nn.Module):
             )
         if self.expects_uint8 and x.dtype != torch.uint8:
             raise StageError(f"{self.modality} backbone: expected uint8 pixels (0..255), got dtype {x.dtype}")
-        if not self.expects_uint8 and not x.is_floating_point():
-            raise StageError(
-                f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}"
-            )
         if not self.expects_uint8:
+            if not x.is_floating_point():
+                raise StageError(
+                    f"{self.modality} backbone: expected floating-point features, got dtype {x.dtype}"
+                )
             weight = next(self.parameters(), None)
-            if weight is not None and x.dtype != weight.dtype:
-                x = x.to(weight.dtype)  # e.g. float64 features into a float32 network
+            x = x if weight is None else x.to(weight.dtype)  # e.g. float64 features into a float32 network
         return self.encode(x)
-
-    def pooled(self, x: Tensor) -> Tensor:
-        """The mean of the tokens over ``N``: ``(B, D)``."""
-        return self.forward(x).mean(dim=1)
 
 
 class TaskHead(nn.Module):
@@ -87,9 +78,7 @@ class TaskHead(nn.Module):
             raise StageError(
                 f"TaskHead: a classification head needs >= 2 classes, got num_outputs={num_outputs}"
             )
-        self.regression = regression
-        self.bounded = bounded
-        self.num_outputs = num_outputs
+        self.regression, self.bounded = regression, bounded
         self.linear = nn.Linear(dim, num_outputs)
 
     def forward(self, embedding: Tensor) -> Tensor:
@@ -116,12 +105,8 @@ class UnimodalModel(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block in ``dims`` = 1, 2 or 3 dimensions: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``.
-
-    ``stride`` applies in the first convolution; the shortcut is a strided 1x1 convolution + batch norm when the
-    shape changes. Module names are torchvision's (``conv1``, ``conv2``, ``downsample``), so ``r3d_18``
-    weights load into the 3-D version.
-    """
+    """ResNet basic block in ``dims`` = 1, 2 or 3 dimensions: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``,
+    ``stride`` in the first convolution; torchvision's module names, so ``r3d_18`` weights load into the 3-D one."""
 
     def __init__(self, dims: int, in_channels: int, channels: int, stride: int = 1, kernel: int = 3) -> None:
         super().__init__()

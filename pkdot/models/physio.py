@@ -1,14 +1,8 @@
 """Backbones for physiological signals: a 2-D CNN on spectrograms and a 1-D CNN on raw windows.
 
-- :class:`SpectrogramCNN`: ``(B, C, F, T) -> tokens (B, T', D)``: a small ResNet (stem + 4 stages of 2 basic
-  blocks, widths ``w, 2w, 4w, 8w``, stride 2 each, like ResNet-18 without the max-pool) over the
-  ``(F, T)`` plane with ``C`` input channels (one per physiological channel), then the mean over frequency,
-  so the tokens run along time (``T' = ceil(T / 16)``). The paper used a ResNet-18 with 1 input channel on one
-  EMG channel's spectrogram.
-- :class:`WindowCNN`: ``(B, C, L) -> tokens (B, L', D)``: the same design in 1-D over the filtered window
-  (stem stride 2 + 4 stages of stride 2: ``L' = ceil(L / 32)``).
-
-Both end in ``Linear(8w, D) -> ReLU -> Linear(D, D)`` (the paper's 512 -> 512 projection).
+Both are a small ResNet (stem + 4 stages of 2 basic blocks, widths ``w, 2w, 4w, 8w``, stride 2 each, like
+ResNet-18 without the max-pool; the paper used a ResNet-18 on one EMG channel's spectrogram) ending in
+``Linear(8w, D) -> ReLU -> Linear(D, D)`` (the paper's 512 -> 512 projection), tokens along time.
 """
 
 from __future__ import annotations
@@ -54,8 +48,8 @@ class _ResNetEncoder(Backbone):
 
 
 class SpectrogramCNN(_ResNetEncoder):
-    """2-D encoder of a ``(C, F, T)`` spectrogram (channels, frequencies, time frames) -> tokens ``(B, T', D)``;
-    :class:`pkdot.models.audio.LogMelCNN` reuses it for ``audio``."""
+    """2-D encoder of a ``(C, F, T)`` spectrogram (channels, frequencies, time frames) -> tokens ``(B, T', D)``,
+    ``T' = ceil(T / 16)`` (mean over frequency); :class:`pkdot.models.audio.LogMelCNN` reuses it for ``audio``."""
 
     def __init__(
         self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio"
@@ -68,7 +62,7 @@ class SpectrogramCNN(_ResNetEncoder):
 
 
 class WindowCNN(_ResNetEncoder):
-    """1-D encoder of a raw ``(C, L)`` window (channels, samples) -> tokens ``(B, L', D)``."""
+    """1-D encoder of a raw ``(C, L)`` window (channels, samples) -> tokens ``(B, L', D)``, ``L' = ceil(L / 32)``."""
 
     def __init__(
         self, input_shape: tuple[int, ...], embed_dim: int, width: int = 8, modality: str = "physio"

@@ -1,9 +1,8 @@
 """The video-only student: its own backbone, frozen T-Nets that hallucinate the privileged modalities, fusion.
 
-``V = backbone(x)`` ``(B, N, D)``, ``P_m = T_m(mean_n V)[:, None, :]`` per privileged modality, ``z, gates =
-fusion({video: V, m: P_m})``, ``logits = head(z)`` (no T-Nets with ``distill.use_tnet = False``). T-Nets are
-always frozen; the backbone is frozen when ``freeze_backbone`` (default ``train.student_init ==
-"teacher-frozen"``), so distillation can cache ``V`` and train from :meth:`Student.forward_from_features`.
+``V = backbone(x)`` ``(B, N, D)``, ``P_m = T_m(mean_n V)[:, None, :]`` per privileged modality (none with
+``distill.use_tnet = False``), ``z, gates = fusion({video: V, m: P_m})``, ``logits = head(z)``. With a frozen
+backbone distillation can cache ``V`` and train from :meth:`Student.forward_from_features`.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class Student(nn.Module):
-    """Student model (see the module doc): ``video_backbone`` reads ``modality``; ``tnets`` (privileged
-    modality -> T-Net, frozen here; empty: no hallucination) feed ``fusion`` over ``[modality, *tnets]``.
-    ``freeze_backbone``: no gradient and eval mode (batch-norm statistics do not move); else all trainable.
-    """
+    """Student model: ``video_backbone`` reads ``modality``; ``tnets`` (privileged modality -> T-Net, frozen;
+    empty: no hallucination) feed ``fusion`` over ``[modality, *tnets]``. ``freeze_backbone``: no gradient and
+    eval mode (batch-norm statistics do not move)."""
 
     def __init__(
         self,
@@ -47,12 +45,9 @@ class Student(nn.Module):
             raise StageError(
                 f"student: fusion modalities {fusion.modalities} != {expected} (input, then T-Nets)"
             )
-        self.modality = modality
-        self.video_backbone = video_backbone
+        self.modality, self.video_backbone = modality, video_backbone
         self.tnets = module_dict(dict(tnets))
-        self.fusion = fusion
-        self.head = head
-        self.backbone_frozen = bool(freeze_backbone)
+        self.fusion, self.head, self.backbone_frozen = fusion, head, bool(freeze_backbone)
         freeze_(self.tnets)
         if self.backbone_frozen:
             freeze_(self.video_backbone)
@@ -60,7 +55,7 @@ class Student(nn.Module):
             self.video_backbone.requires_grad_(True)
 
     def train(self, mode: bool = True) -> Student:
-        """Set train/eval mode; the frozen parts stay in eval mode."""
+        """Set train/eval mode, the frozen parts staying in eval mode."""
         super().train(mode)
         self.tnets.eval()
         if self.backbone_frozen:
@@ -94,13 +89,12 @@ def build_student(
 ) -> Student:
     """Compose the student of a run (``input_shapes``: one sample's shape per modality).
 
-    ``video_backbone`` (e.g. the pre-trained unimodal one) is *copied*, so freezing it here leaves the caller's
-    module alone; default a new one (:func:`build_backbone`). ``tnets``: trained T-Nets, one per privileged
-    modality (copied, frozen); default with ``use_tnet``: fresh ones to load a saved state_dict into (a
-    warning says so). ``freeze_backbone`` default: ``train.student_init == "teacher-frozen"``. ``seed``: of
-    the new weights (global RNG restored afterwards).
+    ``video_backbone`` and ``tnets`` (trained, one per privileged modality) are *copied*, so freezing them leaves
+    the caller's modules alone; by default new ones (fresh T-Nets, with a warning, to load a state_dict into).
+    ``freeze_backbone`` default: ``train.student_init == "teacher-frozen"``. ``seed``: of the new weights
+    (global RNG restored afterwards).
     """
-    (modality,) = cfg.data.student_modalities  # one, checked at config load
+    (modality,) = cfg.data.student_modalities
     dim = cfg.model.embed_dim
     freeze = cfg.train.student_backbone_frozen if freeze_backbone is None else bool(freeze_backbone)
     privileged = cfg.data.privileged_modalities

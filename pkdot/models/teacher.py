@@ -1,8 +1,7 @@
 """The multimodal teacher (backbones + gated cross-attention fusion + head) and the backbone factory.
 
-``Teacher(inputs)``: ``tokens_m = backbone_m(inputs[m])`` ``(B, N_m, D)`` for every modality of
-``cfg.data.modalities`` (student modalities first, then the privileged ones), ``z, gates = fusion(tokens)``,
-``logits = head(z)``. ``z`` ``(B, D)`` is the embedding the student distils.
+``tokens_m = backbone_m(inputs[m])`` ``(B, N_m, D)`` for every modality of ``cfg.data.modalities`` (student
+modalities first), ``z, gates = fusion(tokens)``, ``logits = head(z)``; ``z`` ``(B, D)`` is what the student distils.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def build_backbone(
     ======================  =====================  =========================================================
 
     ``cfg.pretrained_video`` (a local file) is loaded into a video backbone. ``seed``: of the initial weights
-    (global RNG restored afterwards; None draws from it). :class:`ConfigError` when no backbone fits.
+    (global RNG restored afterwards; None draws from it).
     """
     shape = tuple(int(s) for s in input_shape)
     dim = cfg.embed_dim
@@ -88,8 +87,7 @@ class Teacher(nn.Module):
             )
         self.modalities = list(fusion.modalities)
         self.backbones = module_dict(dict(backbones))
-        self.fusion = fusion
-        self.head = head
+        self.fusion, self.head = fusion, head
 
     def forward(self, inputs: dict[str, Tensor]) -> ModelOutput:
         """``{modality: batch}`` (extra keys such as ``target`` are ignored) -> :class:`ModelOutput`."""
@@ -124,11 +122,8 @@ def build_teacher(
     *,
     seed: int | None = None,
 ) -> Teacher:
-    """Compose the teacher of a run from ``cfg.data`` (modalities, task) and ``cfg.model`` (sizes).
-
-    ``input_shapes``: one sample's shape per modality; ``backbones``: used as they are (e.g. pre-trained
-    unimodal ones), new ones for the other modalities; ``seed``: of the new weights (global RNG restored).
-    """
+    """Compose the teacher of a run; ``input_shapes``: one sample's shape per modality; ``backbones``: used as
+    they are (e.g. pre-trained unimodal ones); ``seed``: of the new weights (global RNG restored)."""
     modalities = cfg.data.modalities
     given = dict(backbones or {})
     extra = sorted(set(given) - set(modalities))

@@ -1,15 +1,14 @@
 """T-Net: hallucinate a privileged modality's embedding from the video embedding, and its MMD loss.
 
-The T-Net is an MLP ``R^D -> R^D`` (paper: 512 -> 256 -> 128 -> 256 -> 512) trained next to the teacher so that
-``T(v)`` (``v`` = pooled video features) matches the distribution of the privileged features ``p``
-(:func:`mmd_rbf`); at test time the student fuses ``v`` with ``T(v)``.
-
-References: Gretton et al., "A Kernel Two-Sample Test", JMLR 2012; Aslam et al., IEEE FG 2024.
+The T-Net, an MLP ``R^D -> R^D`` trained next to the teacher, maps the pooled video features ``v`` so that
+``T(v)`` matches the distribution of the privileged features (:func:`mmd_rbf`); at test time the student fuses
+``v`` with ``T(v)``. References: Gretton et al., JMLR 2012; Aslam et al., IEEE FG 2024.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,25 +32,13 @@ class TNet(nn.Module):
         super().__init__()
         if dim < 1 or any(h < 1 for h in hidden):
             raise ConfigError(f"model.tnet_hidden: widths must be >= 1, got dim={dim}, hidden={list(hidden)}")
-        self.dim = dim
-        self.hidden = list(hidden)
+        self.dim, self.hidden = dim, list(hidden)
         widths = [dim, *hidden, dim]
-        layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-            layers.append(nn.Linear(cin, cout))
-            if i < len(widths) - 2:
-                layers.append(nn.ReLU())
-        self.layers = nn.Sequential(*layers)
+        layers = [m for cin, cout in pairwise(widths) for m in (nn.Linear(cin, cout), nn.ReLU())]
+        self.layers = nn.Sequential(*layers[:-1])
 
     def forward(self, video_embedding: Tensor) -> Tensor:
-        """``(B, D)`` video embedding -> ``(B, D)`` hallucinated privileged embedding."""
         return self.layers(video_embedding)
-
-
-def squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """Pairwise squared Euclidean distances ``||x_i - y_j||^2``: ``(n, d), (m, d) -> (n, m)``, clamped at 0."""
-    d2 = (x * x).sum(1, keepdim=True) + (y * y).sum(1).unsqueeze(0) - 2.0 * x @ y.T
-    return d2.clamp_min(0.0)
 
 
 def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> Tensor:
@@ -77,7 +64,7 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
             f"mmd_rbf: the unbiased estimator needs at least 2 points per sample, got n={n}, m={m}"
         )
     z = torch.cat([x, y], dim=0)
-    d2 = squared_distances(z, z)
+    d2 = ((z * z).sum(1, keepdim=True) + (z * z).sum(1).unsqueeze(0) - 2.0 * z @ z.T).clamp_min(0.0)
     if bandwidths is None:
         off_diagonal = d2.detach()[~torch.eye(n + m, dtype=torch.bool, device=z.device)]
         median = off_diagonal.median().clamp_min(torch.finfo(d2.dtype).tiny)

@@ -1,11 +1,8 @@
-"""3-D CNN backbones for face clips: an R3D-18-like network (``r3d18``) and a small one (``small3d``).
+"""3-D CNN backbones for face clips: an R3D-18-like network (``r3d18``, Tran et al., CVPR 2018) and ``small3d``.
 
 ``uint8 (B, T, H, W, 3)`` crops are scaled to [0, 1], standardised with the Kinetics-400 statistics and permuted
-to ``(B, 3, T, H, W)``; the body's output is averaged over space and projected to tokens ``(B, T', D)``. The
-``r3d18`` body uses torchvision's ``r3d_18`` module names, so a Kinetics state_dict saved to a local file loads
-with :func:`load_pretrained_video` (nothing is downloaded).
-
-References: Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition", CVPR 2018.
+to ``(B, 3, T, H, W)``; the body's output is averaged over space and projected to tokens ``(B, T', D)``. ``r3d18``
+uses torchvision's ``r3d_18`` module names, so a local Kinetics state_dict loads (:func:`load_pretrained_video`).
 """
 
 from __future__ import annotations
@@ -28,11 +25,8 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 
 class R3D18Body(nn.Module):
-    """R3D-18 convolutional body: stem (3x7x7, stride (1, 2, 2)) and 4 stages of 2 3-D :class:`BasicBlock`.
-
-    Stage widths ``w, 2w, 4w, 8w`` (``w = 64`` is R3D-18), strides 1, 2, 2, 2 (over T, H and W).
-    ``(B, 3, T, H, W) -> (B, 8w, T', H', W')`` with ``T' = ceil(T / 8)`` for the strided stages.
-    """
+    """R3D-18 body: stem (3x7x7, stride (1, 2, 2)), 4 stages of 2 3-D :class:`BasicBlock`, widths ``w .. 8w``
+    (``w = 64`` is R3D-18), strides 1, 2, 2, 2: ``(B, 3, T, H, W) -> (B, 8w, ceil(T / 8), H', W')``."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -53,10 +47,8 @@ class R3D18Body(nn.Module):
 
 
 class Small3dBody(nn.Module):
-    """Three 3x3x3 conv + BN + ReLU stages with widths ``w, 2w, 4w``; strides (1,2,2), (1,2,2), (2,2,2).
-
-    ``(B, 3, T, H, W) -> (B, 4w, ceil(T / 2), H / 8, W / 8)``: seconds per epoch on a CPU at demo sizes.
-    """
+    """Three 3x3x3 conv + BN + ReLU stages, widths ``w, 2w, 4w``, strides (1,2,2), (1,2,2), (2,2,2):
+    ``(B, 3, T, H, W) -> (B, 4w, ceil(T / 2), H / 8, W / 8)``, seconds per epoch on a CPU at demo sizes."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -98,21 +90,15 @@ class VideoBackbone(Backbone):
             raise ConfigError(
                 f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}"
             )
-        if arch == "r3d18":
-            self.body: nn.Module = R3D18Body(width)
-        elif arch == "small3d":
-            self.body = Small3dBody(width)
-        else:
+        bodies = {"r3d18": R3D18Body, "small3d": Small3dBody}
+        if arch not in bodies:
             raise ConfigError(
                 f"model.video_backbone: unknown architecture {arch!r} (expected 'r3d18' or 'small3d')"
             )
-        self.arch = arch
+        self.arch, self.body = arch, bodies[arch](width)
         channels = self.body.out_channels
-        self.to_embed: nn.Module = (
-            nn.Identity()
-            if channels == embed_dim
-            else nn.Sequential(nn.Linear(channels, embed_dim), nn.ReLU())
-        )
+        to_embed = [] if channels == embed_dim else [nn.Linear(channels, embed_dim), nn.ReLU()]
+        self.to_embed = nn.Sequential(*to_embed)
         self.projection = nn.Linear(embed_dim, embed_dim)
         self.register_buffer("mean", torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(KINETICS_STD).view(1, 3, 1, 1, 1), persistent=False)
@@ -148,9 +134,7 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.pretrained_video: {path} does not hold a state_dict (a dict of tensors)")
-    full_keys = set(backbone.state_dict())
-    body_keys = set(backbone.body.state_dict())
-    keys = set(state)
+    keys, full_keys, body_keys = set(state), set(backbone.state_dict()), set(backbone.body.state_dict())
     if keys == full_keys:
         target: nn.Module = backbone
     elif keys - {"fc.weight", "fc.bias"} == body_keys:
@@ -176,8 +160,5 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
             f"(check model.video_width / model.embed_dim), e.g. {wrong[:3]}"
         )
     target.load_state_dict(state, strict=True)
-    log.info(
-        "loaded pretrained video weights from %s into the %s",
-        path,
-        "whole backbone" if target is backbone else "CNN body (projection freshly initialised)",
-    )
+    part = "whole backbone" if target is backbone else "CNN body (projection freshly initialised)"
+    log.info("loaded pretrained video weights from %s into the %s", path, part)

@@ -42,9 +42,6 @@ def test_backbone_tokens(tiny_config, random_input, modality, shape, overrides, 
     out = backbone(x)
     assert out.shape == (3, tokens, 16)
     assert torch.isfinite(out).all()
-    pooled = backbone.pooled(x)
-    assert pooled.shape == (3, 16)
-    torch.testing.assert_close(pooled, out.mean(1))
     out.sum().backward()  # differentiable end to end
     assert all(p.grad is not None for p in backbone.parameters())
 
