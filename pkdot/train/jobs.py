@@ -154,13 +154,8 @@ class WorkerContext:
     def fit_hooks(self, phase: str) -> dict[str, Any]:
         """:func:`~pkdot.train.loops.fit`'s ``on_epoch_end``, ``resume`` and ``progress`` for ``phase``."""
         report, progress = self.on_epoch_end, self.progress
-
-        def on_epoch_end(state: FitState) -> None:
-            if report is not None:
-                report(phase, state, dict(state.history[-1]))
-
         return {
-            "on_epoch_end": on_epoch_end,
+            "on_epoch_end": None if report is None else lambda s: report(phase, s, dict(s.history[-1])),
             "resume": self.resume["state"] if self.resume and self.resume.get("phase") == phase else None,
             "progress": None if progress is None else lambda epoch, record: progress(phase, epoch, record),
         }
