@@ -17,8 +17,7 @@ A run directory is what the stages hand each other::
     RUN/stages/<stage>.json               stage markers (pkdot.pipeline.base)
 
 :class:`RunDir` is the only place these paths are built; :func:`atomic_path` the only place a temporary file is
-renamed into place (a reader never sees a half-written file; a killed writer leaves a ``.<name>.tmp-<pid>``).
-"""
+renamed into place (a reader never sees a half-written file; a killed writer leaves a ``.<name>.tmp-<pid>``)."""
 
 from __future__ import annotations
 
@@ -66,7 +65,6 @@ class RunDir:
         self.report = root / "report"
         self.report_md = self.report / "report.md"
         self.summary = self.report / "summary.json"
-        #: what ``pkdot diagnose --run`` writes (diagnose.json, diagnose.png)
         self.diagnose = root / "diagnose"
 
     def synthetic_root(self, kind: str) -> Path:

@@ -1,7 +1,6 @@
 """The pipeline: :data:`STAGES`, the one ordered list of stages, and the functions that run them. Each stage's
 module reads top to bottom (its body, then its ``Stage``); ``flows/`` and ``pkdot.cli`` build a task / a subcommand
-per stage.
-"""
+per stage."""
 
 from __future__ import annotations
 

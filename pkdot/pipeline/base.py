@@ -1,8 +1,7 @@
 """What a stage is, and :func:`execute`, the only code that decides whether a stage runs (Prefect and the CLI
 make no decision of their own): it skips the stage when its marker ``RUN/stages/<stage>.json`` records the same
 key (:func:`stage_key`) and intact outputs; otherwise it marks the stage pending (downstream refuses the old
-outputs), lets the stage remove stale outputs, runs the body, and records key, fingerprint and output stamps.
-"""
+outputs), lets the stage remove stale outputs, runs the body, and records key, fingerprint and output stamps."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Stage ``manifest``: the data set's adapter -> ``RUN/manifest.parquet`` (+ ``manifest_report.json``). Runs every
 time (a cheap re-scan); its fingerprint covers the rows, a generated set's parameters and the identity of every
-recording and index file, so a recording rewritten in place changes every key below.
-"""
+recording and index file, so a recording rewritten in place changes every key below."""
 
 from __future__ import annotations
 

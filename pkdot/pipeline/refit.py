@@ -1,8 +1,7 @@
 """Stage ``refit``: the configuration chosen on validation, retrained on every subject, and registered (the model
 to ship is the procedure refit on all the data). ``RUN/refit/`` is a run directory of its own (manifest and
 features linked) with one fold over every subject: a validation carve-out selects epochs, no test part (the
-estimate is ``evaluate``'s). First training seed only; ``train.refit: false`` skips it.
-"""
+estimate is ``evaluate``'s). First training seed only; ``train.refit: false`` skips it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Training jobs (one per fold x seed [x loss]) and what they share: context, checkpoints, prediction files.
 
 A job runs in a Ray Train worker (or directly, in tests) as *phases*; rank 0 writes each finished phase to the
-job's folder, so a restarted job loads finished phases and resumes the running one from its last checkpoint.
-"""
+job's folder, so a restarted job loads finished phases and resumes the running one from its last checkpoint."""
 
 from __future__ import annotations
 

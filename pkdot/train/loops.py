@@ -1,7 +1,6 @@
 """One epoch of training and the fit loop: plain PyTorch, no Ray, no MLflow (Ray Train's workers and the tests
 call the same functions). Each global batch is cut into ``world`` slices and worker ``rank`` takes its own, so
-the samples of a step do not depend on the number of workers. :class:`Amp` is ``train.precision``.
-"""
+the samples of a step do not depend on the number of workers. :class:`Amp` is ``train.precision``."""
 
 from __future__ import annotations
 

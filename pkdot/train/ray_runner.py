@@ -2,8 +2,7 @@
 each ``fit()`` in a 0-CPU Ray task so Ray places the worker groups on any node; :func:`pkdot.scheduler.run_bounded`
 bounds the runs in flight (a Tune ``Tuner`` is not used: a trial's bundle takes CPUs from the trainers). A failed
 worker group is restarted and resumes from ``ray.train.get_checkpoint()``, tied to the job folder's attempt
-token so a reset folder never resumes a stale one; a restarted driver re-runs only jobs without ``DONE.json``.
-"""
+token so a reset folder never resumes a stale one; a restarted driver re-runs only jobs without ``DONE.json``."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 the full-fold teacher's T-Net(s), frozen and *loaded* (the authors' script forgot to), its own fusion and head).
 ``train.student_init``: ``teacher-frozen`` (the paper's; trains from the cache alone, cached video tokens in),
 ``teacher-finetune``, ``scratch`` or ``pretrained`` (these read the face crops and run the backbone every step).
-With cross-fitted targets every training batch holds one crossfit group, for every loss.
-"""
+With cross-fitted targets every training batch holds one crossfit group, for every loss."""
 
 from __future__ import annotations
 

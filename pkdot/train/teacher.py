@@ -2,8 +2,7 @@
 ``unimodal-<m>`` per modality (backbone + head; also the report's reference models), ``teacher`` (gated
 cross-attention fusion, backbones from phase 1), ``tnet`` (per privileged modality, pooled video -> pooled
 privileged features of the frozen teacher, RBF-kernel MMD). A cross-fitting job (``job.group`` set) trains phases
-1-2 without one crossfit group and writes no predictions. ``DONE.json`` records the subjects trained on.
-"""
+1-2 without one crossfit group and writes no predictions. ``DONE.json`` records the subjects trained on."""
 
 from __future__ import annotations
 
