@@ -74,7 +74,9 @@ def resource_error(exc: BaseException) -> ResourceError | None:
             free = ""
             with contextlib.suppress(OSError):
                 if e.filename:
-                    free = f" ({shutil.disk_usage(_existing_parent(path)).free // 2**20} MB free now)"
+                    p = Path(os.path.abspath(str(path)))
+                    existing = next(q for q in (p, *p.parents) if q.exists())
+                    free = f" ({shutil.disk_usage(existing).free // 2**20} MB free now)"
             return ResourceError(
                 f"disk full writing {path}{free}: free space on that file system (or point run_dir elsewhere) "
                 "and re-run; finished work is kept"
@@ -88,8 +90,3 @@ def resource_error(exc: BaseException) -> ResourceError | None:
                 f"permission denied: {path}: make it writable by this user, or choose another run_dir"
             )
     return None
-
-
-def _existing_parent(path: str) -> Path:
-    p = Path(os.path.abspath(str(path)))
-    return next(q for q in (p, *p.parents) if q.exists())

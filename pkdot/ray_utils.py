@@ -1,16 +1,18 @@
 """Starting (or joining) Ray the same way everywhere in pkdot — on loopback unless opened on purpose.
 
-Ray binds all its listeners to the node IP and on Linux rewrites a requested ``127.0.0.1`` into the routable
-address unless multi-node clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; Ray 2.60).
-:func:`ensure_ray`, ``make ray-up`` and ``infra/local_stack.py`` start Ray that way. Opening Ray to a network is
-explicit (``PKDOT_RAY_NODE_IP``, ``RAY_NODE_IP``, ``--ray-node-ip``) and turns token authentication on.
+Ray binds its listeners to the node IP and on Linux rewrites a requested ``127.0.0.1`` into the routable address
+unless multi-node clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; Ray 2.60). Opening Ray to a
+network is explicit (``PKDOT_RAY_NODE_IP``, ``RAY_NODE_IP``, ``--ray-node-ip``) and turns token authentication on.
 """
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -42,16 +44,12 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def is_loopback(address: str) -> bool:
     """Whether an IP address (``127.0.0.0/8``, ``::1`` or IPv4-mapped loopback) is a loopback address."""
-    import ipaddress
-
     host = address.strip("[]")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return host == "localhost"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def loopback_env(node_ip: str = LOOPBACK) -> dict[str, str]:
@@ -121,12 +119,9 @@ def running_local_cluster() -> str | None:
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     """Initialise Ray unless it already is; return True when this call started it (the caller shuts it down).
-
-    ``num_cpus``: CPUs of a private Ray (None = all; ignored when joining). ``address``: a Ray cluster (``"auto"``
-    or ``host:port``); None = ``$RAY_ADDRESS`` if set, else a new private Ray (``address="local"``: a ``ray
-    start`` cluster on this machine is only joined when asked for, e.g. ``--ray-address auto``), on 127.0.0.1
-    unless ``$PKDOT_RAY_NODE_IP`` names another address. Usage statistics are off.
-    """
+    ``num_cpus``: CPUs of a private Ray (None = all). ``address``: a Ray cluster (``"auto"`` or ``host:port``); None
+    = ``$RAY_ADDRESS`` if set, else a new private Ray on 127.0.0.1 unless ``$PKDOT_RAY_NODE_IP`` names another
+    address (a ``ray start`` cluster on this machine is only joined when asked for). Usage statistics are off."""
     import ray
 
     started = not ray.is_initialized()
@@ -150,8 +145,7 @@ def _init(ray: Any, num_cpus: int | None, address: str | None) -> None:
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"{source} {target!r}: cannot connect to a Ray cluster there ({exc})") from exc
         return
-    existing = running_local_cluster()
-    if existing:
+    if existing := running_local_cluster():
         logger.warning(
             "a Ray cluster is running on this machine (%s); starting a private Ray instead "
             "(pass --ray-address auto to use that cluster)",
@@ -180,8 +174,7 @@ def _init(ray: Any, num_cpus: int | None, address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
     _set_loopback_only(loopback)
     ray.init(**kwargs)
-    url = ray._private.worker.global_worker.node.address_info.get("webui_url")
-    if url:
+    if url := ray._private.worker.global_worker.node.address_info.get("webui_url"):
         logger.info("private Ray started; dashboard at http://%s", url)
 
 
@@ -194,12 +187,9 @@ _RAY_INFRASTRUCTURE = (
 
 
 def is_infrastructure_error(exc: BaseException | None) -> bool:
-    """Whether an exception is a transient infrastructure failure (worth retrying) rather than bad input.
-
-    True for :class:`pkdot.errors.InfrastructureError`, ``OSError`` and Ray's worker/node deaths, OOM kills and
-    object-store failures (also as a task error's cause); False for other :class:`pkdot.errors.PkdotError`
-    (bad data stays bad), exhausted resources and any other exception (a bug fails the same way again).
-    """
+    """Whether an exception is a transient infrastructure failure (worth retrying): ``InfrastructureError``,
+    ``OSError``, Ray's worker/node deaths, OOM kills and object-store failures (also as a task error's cause); not
+    other ``PkdotError`` (bad data stays bad), exhausted resources or any other exception (a bug stays a bug)."""
     if exc is None or resource_error(exc) is not None:  # a full disk or memory: a retry cannot fix it
         return False
     if isinstance(exc, InfrastructureError):
@@ -221,8 +211,6 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pkdot.ray_utils head-args|head-env NODE_IP [--dashboard]`` (used by ``make ray-up``)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m pkdot.ray_utils")
     parser.add_argument("what", choices=["head-args", "head-env"])
     parser.add_argument("node_ip", nargs="?", default=LOOPBACK)
@@ -236,6 +224,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

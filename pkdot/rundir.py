@@ -17,8 +17,7 @@ A run directory is what the stages hand each other::
     RUN/stages/<stage>.json               stage markers (pkdot.pipeline.base)
 
 :class:`RunDir` is the only place these paths are built; :func:`atomic_path` the only place a temporary file is
-renamed into place (a reader never sees a half-written file; a killed writer leaves a ``.<name>.tmp-<pid>``).
-"""
+renamed into place (a reader never sees a half-written file; a killed writer leaves a ``.<name>.tmp-<pid>``)."""
 
 from __future__ import annotations
 
@@ -66,11 +65,7 @@ class RunDir:
         self.report = root / "report"
         self.report_md = self.report / "report.md"
         self.summary = self.report / "summary.json"
-        #: what ``pkdot diagnose --run`` writes (diagnose.json, diagnose.png)
         self.diagnose = root / "diagnose"
-
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r})"
 
     def synthetic_root(self, kind: str) -> Path:
         return self.root / "data" / f"synthetic-{kind}"
@@ -114,18 +109,13 @@ class RunDir:
 
 
 # ---- atomic writes ----------------------------------------------------------------------------------------
-def temp_path(path: str | Path) -> Path:
-    """The temporary sibling :func:`atomic_path` fills (keeps the suffix: matplotlib, OpenCV choose by it)."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success rename it onto ``path`` (atomic on POSIX), on error remove it."""
+    """Yield a temporary path to write (``.<stem>.tmp-<pid><suffix>``: matplotlib, OpenCV choose by the suffix);
+    on success rename it onto ``path`` (atomic on POSIX), on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -187,11 +177,8 @@ _identity_memo: dict[tuple[str, int, int, int], list[Any]] = {}
 
 def content_hash(path: str | Path) -> str:
     """SHA-256 (first 16 hex digits) of a file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
 def file_identity(path: str | Path | None) -> list[Any] | None:

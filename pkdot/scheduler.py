@@ -1,9 +1,6 @@
-"""One bounded scheduler over Ray tasks (training runs and extraction shards): :func:`run_bounded`.
-
-At most ``limit`` tasks are in flight (Ray's "limit pending tasks with ``ray.wait``" pattern). Failures end in
-one error naming every failed item: :class:`InfrastructureError` (the flow retries it) when every failure is one
-of the infrastructure (:func:`pkdot.ray_utils.is_infrastructure_error`), else ``error``. An interrupt cancels the
-tasks in flight.
+"""One bounded scheduler over Ray tasks (training runs and extraction shards): :func:`run_bounded`, Ray's "limit
+pending tasks with ``ray.wait``" pattern. Failures end in one error naming every failed item:
+:class:`InfrastructureError` (the flow retries it) when every failure is one of the infrastructure, else ``error``.
 """
 
 from __future__ import annotations
@@ -37,13 +34,9 @@ def run_bounded(
     poll_s: float | None = None,
 ) -> list[Any]:
     """Run ``start(item)`` (submits a Ray task, returns its ref) for every item, ``limit`` at a time; return the
-    results in completion order.
-
-    A failure is reported as ``"<what> failed ...: <describe(item)>: <exc>"``; after one, no task starts and the
-    running ones finish (``drain``) or are cancelled. ``on_result(item, result)`` runs on the driver as results
-    arrive. Progress (only with ``stage``): ``done`` units before this call of ``total``, each finished item adds
-    ``weight(item)``; ``poll(items in flight)`` runs every ``poll_s`` s and may return a detail text to show.
-    """
+    results in completion order. After a failure no task starts and the running ones finish (``drain``) or are
+    cancelled; an interrupt cancels them. Progress (only with ``stage``): ``done`` units before this call of
+    ``total``, each finished item adds ``weight(item)``; ``poll(in flight)`` every ``poll_s`` s: a detail text."""
     import ray
 
     total = done + sum(weight(i) for i in items) if total is None else total

@@ -1,8 +1,6 @@
-"""The pipeline: :data:`STAGES`, the one ordered list of stages, and the functions that run them.
-
-Each stage's module in this package reads top to bottom (its body, then its
-:class:`~pkdot.pipeline.base.Stage`); ``flows/pipeline.py`` and ``pkdot.cli`` build a task / a subcommand per stage.
-"""
+"""The pipeline: :data:`STAGES`, the one ordered list of stages, and the functions that run them. Each stage's
+module reads top to bottom (its body, then its ``Stage``); ``flows/`` and ``pkdot.cli`` build a task / a subcommand
+per stage."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ from typing import Any
 from pkdot.config import RunConfig
 from pkdot.errors import StageError
 from pkdot.pipeline import cache, distill, evaluate, extract, manifest, refit, train_teacher
-from pkdot.pipeline.base import Stage, StageResult, execute, stage_key
+from pkdot.pipeline.base import Stage, StageResult, execute
 from pkdot.pipeline.lock import run_dir_lock
 from pkdot.pipeline.prepare import prepare_run
 
@@ -45,11 +43,6 @@ def run_stage(name: str, cfg: RunConfig, upstream: str = "", **options: Any) -> 
     """Run stage ``name`` on ``cfg.run_dir`` unless it is up to date; ``upstream`` is the previous stage's output
     fingerprint when the caller has it (checked against that stage's marker)."""
     return execute(cfg, STAGES, STAGES.index(stage(name)), upstream, **options)
-
-
-def key_of(name: str, cfg: RunConfig, upstream: str, **options: Any) -> str:
-    """The key under which stage ``name``'s outputs are up to date (:func:`pkdot.pipeline.base.stage_key`)."""
-    return stage_key(cfg, stage(name), upstream, options)
 
 
 def run_all(cfg: RunConfig) -> dict[str, StageResult]:

@@ -1,12 +1,7 @@
-"""What a stage is, and the one decision of whether it is up to date.
-
-:func:`execute` is the only code that decides whether a stage runs: it skips the stage when its marker
-``RUN/stages/<stage>.json`` records the same key (:func:`stage_key`: config sections, upstream fingerprint, source
-code, the stage's options) and intact outputs. Otherwise it marks the stage pending (downstream refuses the old
-outputs), lets the stage remove stale outputs, runs the body, and records key, fingerprint and output stamps.
-A stage refuses to start when an earlier stage is pending or its recorded outputs changed, naming the command to
-re-run. Prefect (``flows/``) and the CLI make no decision of their own.
-"""
+"""What a stage is, and :func:`execute`, the only code that decides whether a stage runs (Prefect and the CLI
+make no decision of their own): it skips the stage when its marker ``RUN/stages/<stage>.json`` records the same
+key (:func:`stage_key`) and intact outputs; otherwise it marks the stage pending (downstream refuses the old
+outputs), lets the stage remove stale outputs, runs the body, and records key, fingerprint and output stamps."""
 
 from __future__ import annotations
 
@@ -50,15 +45,10 @@ class StageOutput:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage.
-
-    ``sections``: top-level config fields its outputs depend on (over-inclusion costs a re-run, under-inclusion
-    reuses stale results); ``code``: source files under ``pkdot/`` (a directory: every ``*.py`` in it) that
-    compute it; ``output``: ``RunDir -> Path`` of :attr:`StageResult.path`; ``body``: ``(cfg, **options) ->
-    StageOutput``; ``key_extra``: ``(cfg, options) -> dict``, what else enters the key; ``before``: ``(cfg,
-    inputs_changed, options)``, removes the stage's stale outputs before the body; ``is_current``: ``(cfg,
-    options) -> bool``, a check beyond the marker; ``always``: run every time (the manifest re-scans the data).
-    """
+    """One pipeline stage. ``sections``: the config fields its outputs depend on (over-inclusion costs a re-run,
+    under-inclusion reuses stale results); ``code``: files/folders under ``pkdot/`` that compute it; ``output``:
+    :attr:`StageResult.path`; ``key_extra``: what else enters the key; ``before(cfg, inputs_changed, options)``
+    removes stale outputs; ``is_current``: a check beyond the marker; ``always``: run every time."""
 
     name: str
     sections: tuple[str, ...]
@@ -139,22 +129,10 @@ def done_marker(cfg: RunConfig, stage: Stage, key: str) -> dict | None:
     doc = read_marker(cfg, stage)
     if doc is None or doc.get("inputs") != key or "fingerprint" not in doc:
         return None
-    changed = changed_outputs(cfg, doc)
-    if changed:
+    if changed := changed_outputs(cfg, doc):
         log.warning("stage %s: outputs changed since it ran (%s); running it again", stage.name, changed[:3])
         return None
     return doc
-
-
-def previous_inputs(cfg: RunConfig, stage: Stage) -> str | None:
-    """The key of the last (finished or interrupted) run of a stage, or None."""
-    doc = read_marker(cfg, stage)
-    return None if doc is None else str(doc.get("inputs", "")).removeprefix("pending:")
-
-
-def mark_pending(cfg: RunConfig, stage: Stage, key: str) -> None:
-    """Record the key a stage is working on, with no fingerprint: downstream refuses its outputs meanwhile."""
-    atomic_write_json(RunDir(cfg.run_dir).marker(stage.name), {"inputs": f"pending:{key}"})
 
 
 def mark_done(
@@ -170,12 +148,9 @@ def mark_done(
 
 
 def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream: str = "") -> str:
-    """The output fingerprint of ``stages[index - 1]``, after checking it and every earlier stage on disk.
-
-    Raises :class:`StageError` naming the stage to re-run when it has not completed, its last run failed or was
-    interrupted, an output it (or an earlier stage) recorded changed or disappeared since, or ``upstream`` (what
-    the caller was handed) is not what the stage recorded.
-    """
+    """The output fingerprint of ``stages[index - 1]``; a :class:`StageError` naming the stage to re-run when it
+    has not completed, its last run failed, an output it (or an earlier stage) recorded changed, or ``upstream``
+    (what the caller was handed) is not what it recorded."""
     previous = stages[index - 1]
     doc = read_marker(cfg, previous)
     if doc is None:
@@ -194,8 +169,7 @@ def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream
         )
     for earlier in stages[:index]:  # later stages read these too (features, splits, ...)
         earlier_doc = doc if earlier is previous else read_marker(cfg, earlier)
-        changed = changed_outputs(cfg, earlier_doc) if earlier_doc else []
-        if changed:
+        if changed := changed_outputs(cfg, earlier_doc) if earlier_doc else []:
             more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
             raise StageError(
                 f"the outputs of stage {earlier.name!r} changed since it wrote them: {', '.join(changed[:5])}"
@@ -230,8 +204,11 @@ def execute(
         if done is not None and (stage.is_current is None or stage.is_current(cfg, options)):
             return StageResult(stage.name, stage.output(rd), done["fingerprint"], True, done["details"])
         if stage.before is not None:
-            stage.before(cfg, previous_inputs(cfg, stage) not in (None, key), options)
-        mark_pending(cfg, stage, key)
+            doc = read_marker(cfg, stage)
+            previous = None if doc is None else str(doc.get("inputs", "")).removeprefix("pending:")
+            stage.before(cfg, previous not in (None, key), options)
+        # no fingerprint: downstream refuses the old outputs meanwhile
+        atomic_write_json(rd.marker(stage.name), {"inputs": f"pending:{key}"})
     t0 = time.time()
     try:
         out = stage.body(cfg, **options)

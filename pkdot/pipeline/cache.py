@@ -1,7 +1,6 @@
 """Stage ``cache``: each frozen teacher run once over its fold's samples -> ``RUN/embeddings/``.
 
-Only caches that are not fresh for their teacher (:func:`pkdot.train.cache.cache_is_fresh`) are rebuilt.
-"""
+Only caches that are not fresh for their teacher (:func:`pkdot.train.cache.cache_is_fresh`) are rebuilt."""
 
 from __future__ import annotations
 

@@ -18,8 +18,7 @@ from pkdot.train.ray_runner import run_jobs_on_ray
 def _losses(cfg: RunConfig, options: dict[str, Any]) -> list[str]:
     if not options.get("losses"):
         return list(cfg.distill.losses)
-    problem = loss_names_problem(list(options["losses"]))
-    if problem:
+    if problem := loss_names_problem(list(options["losses"])):
         raise ConfigError(f"--loss: {problem}")
     return list(options["losses"])
 

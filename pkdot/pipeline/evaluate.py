@@ -39,21 +39,19 @@ def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
-def register(cfg: RunConfig, summary: EvaluationSummary) -> dict[str, Any]:
-    """Register the student chosen on validation: its (fold, seed) run with the best validation score."""
-    sel = summary.selection
-    rd = RunDir(cfg.run_dir)
-    student, shapes = load_trained_student(cfg, sel.loss, sel.fold, sel.seed)
-    subjects = load_fold_plan(rd.splits).fold(sel.seed, sel.fold)
+def register(
+    cfg: RunConfig, summary: EvaluationSummary, rcfg: RunConfig, loss: str, fold: int, seed: int, **extra: Any
+) -> dict[str, Any]:
+    """Register the student (loss, fold, seed) of the run ``rcfg`` (this run, or its refit) in MLflow."""
+    student, shapes = load_trained_student(rcfg, loss, fold, seed)
     return tracking.register_best(
         cfg,
         summary,
         student,
         shapes[cfg.data.student_modalities[0]],
-        manifest=read_manifest(rd.manifest),
-        subjects={"train": subjects.train, "val": subjects.val, "test": subjects.test},
+        manifest=read_manifest(RunDir(cfg.run_dir).manifest),
         manifest_fingerprint=(read_marker(cfg, MANIFEST) or {}).get("fingerprint", ""),
-        unit=subjects.unit,
+        **extra,
     )
 
 
@@ -67,8 +65,11 @@ def run(cfg: RunConfig, *, robustness: bool | None = None) -> StageOutput:
         "summary_markdown": summary.report_path.read_text(),
         **tracking.log_evaluation(cfg, summary),
     }
-    if cfg.tracking.register_model and summary.selection is not None and not cfg.train.refit:
-        details.update(register(cfg, summary))
+    if cfg.tracking.register_model and (sel := summary.selection) is not None and not cfg.train.refit:
+        # the student chosen on validation: its (fold, seed) run with the best validation score
+        f = load_fold_plan(RunDir(cfg.run_dir).splits).fold(sel.seed, sel.fold)
+        subjects = {"train": f.train, "val": f.val, "test": f.test}
+        details |= register(cfg, summary, cfg, sel.loss, sel.fold, sel.seed, subjects=subjects, unit=f.unit)
     tracking.end_parent_run(cfg.run_dir, "FINISHED")
     return StageOutput([summary.report_path], details)
 

@@ -37,8 +37,7 @@ def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> Non
 def run(cfg: RunConfig) -> StageOutput:
     rd = RunDir(cfg.run_dir)
     report = run_extract(cfg, read_manifest(rd.manifest), rd.root, workers=cfg.features.workers)
-    tables = sorted(rd.features.glob("*.parquet"))
-    if not tables:
+    if not (tables := sorted(rd.features.glob("*.parquet"))):
         raise StageError(f"extraction wrote no feature table under {rd.features}")
     details = {
         k: report[k]

@@ -1,10 +1,7 @@
 """One writer per run directory: ``fcntl.flock`` on ``RUN/run.lock`` (released by the kernel when the holder
-dies, so a crash never leaves a stale lock). The holder writes who it is into the file; a second writer is refused
-with that line (or waits). Re-entrant within a process. Read-only commands do not take it.
-
-On NFS (v4, or v3 with lockd) Linux maps ``flock`` to server-held POSIX locks, so nodes exclude each other while
-the server's lock manager is reachable; where ``flock`` fails (some FUSE mounts) pkdot says so.
-"""
+dies: a crash never leaves a stale lock). The holder writes who it is into the file; a second writer is refused
+with that line (or waits). Re-entrant within a process. On NFS Linux maps ``flock`` to server-held POSIX locks,
+so nodes exclude each other; where ``flock`` fails (some FUSE mounts) pkdot says so."""
 
 from __future__ import annotations
 

@@ -1,14 +1,10 @@
-"""Stage ``manifest``: the data set's adapter -> ``RUN/manifest.parquet`` (+ ``manifest_report.json``).
-
-Runs every time (it re-scans the data root, cheap); its fingerprint covers the manifest's rows, the parameters
-of a generated set, and the identity of every recording and of the root's index files, so a recording rewritten
-in place changes the key of ``extract`` and of everything below it.
-"""
+"""Stage ``manifest``: the data set's adapter -> ``RUN/manifest.parquet`` (+ ``manifest_report.json``). Runs every
+time (a cheap re-scan); its fingerprint covers the rows, a generated set's parameters and the identity of every
+recording and index file, so a recording rewritten in place changes every key below."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -23,12 +19,8 @@ from pkdot.rundir import RunDir, file_identity, hash_json
 def recordings_identity(frame: pd.DataFrame, root: str | Path | None) -> str:
     """Hash of the identity (:func:`pkdot.rundir.file_identity`) of every recording a manifest names and of the
     data root's index files (a table root: the file itself)."""
-    idents: dict[str, Any] = {}
-    for col in ("video_path", "physio_path", "audio_path"):
-        if col in frame.columns:
-            for value in frame[col].tolist():
-                if isinstance(value, str) and value and value not in idents:
-                    idents[value] = file_identity(value)
+    columns = [c for c in ("video_path", "physio_path", "audio_path") if c in frame.columns]
+    idents = {v: file_identity(v) for c in columns for v in frame[c].tolist() if isinstance(v, str) and v}
     if root is not None:
         root = Path(root)
         for p in [root] if root.is_file() else sorted(q for q in root.iterdir() if q.is_file()):

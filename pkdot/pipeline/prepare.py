@@ -20,9 +20,7 @@ status = logging.getLogger("pkdot.status")
 
 def prepare_run(cfg: RunConfig) -> RunConfig:
     """Make the run directory, write config.yaml, and generate the synthetic set when no root is given.
-
-    Returns the config with an absolute ``run_dir`` and the data root (and a table's class count) filled in.
-    """
+    Returns the config with an absolute ``run_dir`` and the data root (and a table's class count) filled in."""
     rd = RunDir(Path(cfg.run_dir).resolve())
     rd.root.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": rd.root})

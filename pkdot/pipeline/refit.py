@@ -1,11 +1,7 @@
-"""Stage ``refit``: the configuration chosen on validation, retrained on every subject, and registered.
-
-Cross-validation estimates how well a *procedure* generalises; the model to ship is that procedure refit on all
-the data. ``RUN/refit/`` is a run directory of its own (manifest and features linked) with one fold over every
-subject: a validation carve-out (``train.val_fraction``) selects epochs, nothing is held out for test (the
-estimate is ``evaluate``'s cross-validated one). Same jobs as the fold models, first training seed only.
-``train.refit: false`` skips it: ``evaluate`` then registers the best-validation fold model.
-"""
+"""Stage ``refit``: the configuration chosen on validation, retrained on every subject, and registered (the model
+to ship is the procedure refit on all the data). ``RUN/refit/`` is a run directory of its own (manifest and
+features linked) with one fold over every subject: a validation carve-out selects epochs, no test part (the
+estimate is ``evaluate``'s). First training seed only; ``train.refit: false`` skips it."""
 
 from __future__ import annotations
 
@@ -18,14 +14,13 @@ from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
 from pkdot.evaluate.report import read_summary
 from pkdot.folds import FoldPlan, assign_crossfit_groups, crossfit_groups_of, refit_fold, save_folds
-from pkdot.pipeline.base import Stage, StageOutput, read_marker, remove_stale
-from pkdot.pipeline.manifest import STAGE as MANIFEST
+from pkdot.pipeline.base import Stage, StageOutput, remove_stale
+from pkdot.pipeline.evaluate import register
 from pkdot.rundir import RunDir, atomic_write_text
 from pkdot.train.cache import build_cache, cache_is_fresh
 from pkdot.train.data import load_samples
 from pkdot.train.jobs import student_jobs, teacher_jobs
 from pkdot.train.ray_runner import run_jobs_on_ray
-from pkdot.train.student import load_trained_student
 
 
 def refit_config(cfg: RunConfig, loss: str) -> RunConfig:
@@ -77,17 +72,9 @@ def run(cfg: RunConfig) -> StageOutput:
     run_jobs_on_ray(rcfg, "student", jobs, name="refit-student")
     details: dict[str, Any] = {"loss": sel.loss, "subjects": len(fold.train) + len(fold.val)}
     if cfg.tracking.register_model:
-        student, shapes = load_trained_student(rcfg, sel.loss, fold.index, seed)
-        details |= tracking.register_best(
-            cfg,
-            summary,
-            student,
-            shapes[cfg.data.student_modalities[0]],
-            manifest=manifest,
-            subjects={"train": fold.train, "val": fold.val},
-            manifest_fingerprint=(read_marker(cfg, MANIFEST) or {}).get("fingerprint", ""),
-            trained_on=f"all {details['subjects']} subjects (refit; {len(fold.val)} of them for epoch selection)",
-        )
+        subjects = {"train": fold.train, "val": fold.val}
+        on = f"all {details['subjects']} subjects (refit; {len(fold.val)} of them for epoch selection)"
+        details |= register(cfg, summary, rcfg, sel.loss, fold.index, seed, subjects=subjects, trained_on=on)
     tracking.end_parent_run(cfg.run_dir, "FINISHED")
     return StageOutput([j.done_marker for j in jobs], details)
 
@@ -100,7 +87,7 @@ def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> Non
 STAGE = Stage(
     name="refit",
     sections=("seed", "data", "features", "model", "train", "distill", "tracking"),
-    code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py", "tracking"),
+    code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py", "tracking", "pipeline/evaluate.py"),
     output=lambda rd: rd.refit.root,
     body=run,
     before=before,

@@ -1,14 +1,10 @@
-"""Stage 3: the frozen-teacher embedding cache, ``<run>/embeddings/fold-<k>-seed-<s>.parquet``.
+"""Stage 3: the frozen-teacher embedding cache, ``<run>/embeddings/fold-<k>-seed-<s>[-crossfit<J>].parquet``.
 
 Per sample: the teacher embedding (D,) and logits (C,), ``target_group`` (the crossfit group whose teacher gave
-the targets, -1 for the full-fold teacher) and the full-fold teacher's video-backbone tokens (N, D) (the paper
-freezes the student's backbone). The metadata records the hashes of the checkpoints it came from; a cache that
-does not match them is refused (:class:`~pkdot.errors.StaleCacheError`).
-
-Cross-fitted targets (``...-crossfit<J>.parquet``): a training sample of group j gets the targets of the teacher
-trained *without* group j, so no target comes from a teacher that saw its subject; val/test samples get the
-full-fold teacher's. ``distill.teacher_source = "privileged"``: embeddings and logits come from the
-``unimodal-<privileged>`` models instead (the tokens still from the fusion teacher).
+the targets, -1 for the full-fold teacher) and the full-fold teacher's video-backbone tokens (N, D). The metadata
+records the hashes of the source checkpoints; a cache that does not match them is refused (``StaleCacheError``).
+Cross-fitted targets: a training sample of group j gets the targets of the teacher trained *without* group j.
+``distill.teacher_source = "privileged"``: embeddings and logits from ``unimodal-<p>`` (tokens from the teacher).
 """
 
 from __future__ import annotations
@@ -27,7 +23,8 @@ from pkdot.features.schema import encode_tensor, read_tensors, tensor_fields
 from pkdot.folds import crossfit_groups_of, load_fold_plan
 from pkdot.rundir import DONE, RunDir, atomic_write_parquet, content_hash
 from pkdot.train.data import SampleSet
-from pkdot.train.loops import Amp
+from pkdot.train.loops import Amp, predict
+from pkdot.train.teacher import load_teacher, load_unimodal
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -43,13 +40,9 @@ CACHE_SCHEMA = pa.schema(
 CACHE_COLUMNS = ("teacher_embedding", "teacher_logits", "video_tokens")
 
 
-def target_checkpoints(meta_or_source: dict | str, privileged: str | None = None) -> tuple[str, ...]:
+def target_checkpoints(source: str, privileged: str | None) -> tuple[str, ...]:
     """The checkpoints (besides ``teacher``/``tnet``) whose outputs a cache holds: ``("unimodal-<p>",)`` for
-    ``teacher_source = "privileged"`` (from a cache's metadata, or a source name and the modality)."""
-    if isinstance(meta_or_source, dict):
-        source, privileged = meta_or_source.get("teacher_source", "fusion"), meta_or_source.get("privileged")
-    else:
-        source = meta_or_source
+    ``distill.teacher_source = "privileged"``."""
     if source == "fusion":
         return ()
     if source != "privileged" or not privileged:
@@ -72,36 +65,24 @@ def job_record(job_dir: Path) -> dict:
     return json.loads(_teacher_file(Path(job_dir) / DONE).read_text())
 
 
-@torch.no_grad()
-def _teacher_outputs(
-    cfg: RunConfig, teacher, samples: SampleSet, index: np.ndarray, batch_size: int, amp: Amp
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings (n, D), logits (n, C), student-modality tokens (n, N, D)) of ``teacher`` on rows ``index``."""
+def _outputs(
+    cfg: RunConfig, model, samples: SampleSet, rows: np.ndarray, batch: int, amp: Amp, modality: str = ""
+) -> tuple[np.ndarray, ...]:
+    """(embeddings (n, D), logits (n, C), student-modality tokens (n, N, D)) of the fusion teacher ``model`` on
+    ``rows``; (embeddings, logits) only of the ``modality`` unimodal model."""
     video = cfg.data.student_modalities[0]
-    emb, logits, tokens = [], [], []
-    for start in range(0, len(index), batch_size):
-        rows = index[start : start + batch_size]
-        inputs = {m: amp.tensor(samples.arrays[m][rows]) for m in cfg.data.modalities}
-        with amp.autocast():
-            out = teacher(inputs)
-            tok = out.tokens[video] if video in out.tokens else teacher.backbones[video](inputs[video])
-        emb.append(out.embedding.float().cpu().numpy())
-        logits.append(out.logits.float().cpu().numpy())
-        tokens.append(tok.float().cpu().numpy())
-    return np.concatenate(emb), np.concatenate(logits), np.concatenate(tokens)
 
+    @amp.wrap
+    def forward(idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        if modality:
+            out = model(amp.tensor(samples.arrays[modality][rows[idx]]))
+            return out.embedding, out.logits
+        inputs = {m: amp.tensor(samples.arrays[m][rows[idx]]) for m in cfg.data.modalities}
+        out = model(inputs)
+        tokens = out.tokens[video] if video in out.tokens else model.backbones[video](inputs[video])
+        return out.embedding, out.logits, tokens
 
-@torch.no_grad()
-def _unimodal_outputs(
-    model, modality: str, samples: SampleSet, index: np.ndarray, batch_size: int, amp: Amp
-) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings (n, D), logits (n, C)) of a unimodal model on rows ``index``."""
-    emb, logits = [], []
-    for start in range(0, len(index), batch_size):
-        out = amp.wrap(model)(amp.tensor(samples.arrays[modality][index[start : start + batch_size]]))
-        emb.append(out.embedding.float().cpu().numpy())
-        logits.append(out.logits.float().cpu().numpy())
-    return np.concatenate(emb), np.concatenate(logits)
+    return predict(forward, len(rows), batch)
 
 
 @torch.no_grad()
@@ -114,42 +95,29 @@ def build_cache(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
 ) -> Path:
-    """Run the frozen teacher(s) of (fold, seed) over ``samples`` and write the cache file atomically.
-
-    With ``distill.teacher_targets = "crossfit"`` the training samples of crossfit group j (``splits.json``)
-    take their embedding/logits from the teacher trained without group j (see the module doc).
-    """
-    from pkdot.train.teacher import load_teacher, load_unimodal
-
+    """Run the frozen teacher(s) of (fold, seed) over ``samples`` and write the cache file atomically."""
     run = RunDir(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
     source = cfg.distill.teacher_source
-    privileged = cfg.data.privileged_modalities[0] if source == "privileged" else None
+    privileged = cfg.data.privileged_modalities[0] if source == "privileged" else ""
     extra = target_checkpoints(source, privileged)
     jdir = run.teacher(fold, seed)
     hashes = checkpoint_hashes(jdir, ("teacher", "tnet", *extra))
     teacher, _tnets, _shapes = load_teacher(cfg, jdir, device)
     amp = Amp.of(cfg.train.precision, device)
     everything = np.arange(len(samples))
-    embedding, logits, tokens = _teacher_outputs(cfg, teacher, samples, everything, batch_size, amp)
-    if privileged is not None:
-        embedding, logits = _unimodal_outputs(
-            load_unimodal(cfg, jdir, privileged, device), privileged, samples, everything, batch_size, amp
-        )
+    embedding, logits, tokens = _outputs(cfg, teacher, samples, everything, batch_size, amp)
+    if privileged:
+        model = load_unimodal(cfg, jdir, privileged, device)
+        embedding, logits = _outputs(cfg, model, samples, everything, batch_size, amp, privileged)
     target_group = np.full(len(samples), -1, dtype=np.int32)
     meta: dict = {"fold": fold, "seed": seed, "teacher_targets": "fit", "teacher_source": source, **hashes}
-    if privileged is not None:
+    if privileged:
         meta["privileged"] = privileged
     if groups is not None:
-        the_fold = load_fold_plan(run.splits).fold(seed, fold)
-        if len(the_fold.crossfit) != groups:
-            raise StageError(
-                f"{run.splits}: fold {fold} of seed {seed} has {len(the_fold.crossfit)} crossfit "
-                f"groups, distill.crossfit_groups is {groups} (rerun train-teacher)"
-            )
         subjects = np.asarray(samples.subject_ids, dtype=object)
         records = []
-        for j, members in enumerate(the_fold.crossfit):
+        for j, members in enumerate(load_fold_plan(run.splits).fold(seed, fold).crossfit):
             gdir = run.teacher(fold, seed, j, groups)
             record = job_record(gdir)
             trained_on = set(record.get("train_subjects", []))
@@ -159,12 +127,11 @@ def build_cache(
                     f"{sorted(trained_on & set(members))[:5]} (stale teacher; rerun train-teacher)"
                 )
             rows = np.flatnonzero(np.isin(subjects, np.asarray(members, dtype=object)))
-            if privileged is None:
-                group_teacher, _, _ = load_teacher(cfg, gdir, device, with_tnets=False)
-                e, lg, _ = _teacher_outputs(cfg, group_teacher, samples, rows, batch_size, amp)
+            if not privileged:
+                model = load_teacher(cfg, gdir, device, with_tnets=False)[0]
             else:
                 model = load_unimodal(cfg, gdir, privileged, device)
-                e, lg = _unimodal_outputs(model, privileged, samples, rows, batch_size, amp)
+            e, lg = _outputs(cfg, model, samples, rows, batch_size, amp, privileged)[:2]
             embedding[rows], logits[rows], target_group[rows] = e, lg, j
             records.append(
                 {
@@ -211,11 +178,8 @@ def cache_metadata(path: Path) -> dict:
 def check_cache(
     run_dir: Path, fold: int, seed: int, crossfit: int | None = None, teacher_source: str | None = None
 ) -> dict:
-    """Raise :class:`StaleCacheError` unless the cache of (fold, seed) matches the teacher checkpoints.
-
-    ``crossfit`` = J checks the cross-fitted cache and the checkpoints of its J group teachers too;
-    ``teacher_source`` (``distill.teacher_source``), when given, must be the source the cache was built from.
-    """
+    """Raise :class:`StaleCacheError` unless the cache of (fold, seed) matches the teacher checkpoints (with
+    ``crossfit`` = J, its J group teachers' too) and, when given, ``distill.teacher_source``."""
     run = RunDir(run_dir)
     path = run.cache(fold, seed, crossfit)
     meta = cache_metadata(path)
@@ -225,7 +189,7 @@ def check_cache(
             f"embedding cache {path} holds the {built_from!r} teacher's targets, distill.teacher_source is "
             f"{teacher_source!r}; rebuild it with `pkdot cache`"
         )
-    extra = target_checkpoints(meta)
+    extra = target_checkpoints(built_from, meta.get("privileged"))
     jdir = run.teacher(fold, seed)
     expected = [(jdir, checkpoint_hashes(jdir, ("teacher", "tnet", *extra)), meta)]
     if crossfit is not None:
@@ -266,19 +230,15 @@ def read_cache(
     crossfit: int | None = None,
     columns: tuple[str, ...] = CACHE_COLUMNS,
 ) -> dict[str, np.ndarray]:
-    """The cached arrays of (fold, seed) for ``sample_ids`` (checked against the teacher(s) first).
-
-    ``columns`` may include ``target_group`` ((n,) int32: the crossfit group whose teacher gave the row's
-    targets, -1 for the full-fold teacher).
-    """
+    """The cached arrays of (fold, seed) for ``sample_ids`` (checked against the teacher(s) first); ``columns``
+    may include ``target_group`` ((n,) int32)."""
     check_cache(run_dir, fold, seed, crossfit)
     path = RunDir(run_dir).cache(fold, seed, crossfit)
     out = {}
     for col in columns:
         if col == "target_group":
             groups = pq.read_table(path, columns=["sample_id", col]).to_pandas().set_index("sample_id")[col]
-            missing = [s for s in sample_ids if s not in groups.index]
-            if missing:
+            if missing := [s for s in sample_ids if s not in groups.index]:
                 raise StageError(f"embedding cache {path} has no rows for samples {missing[:5]}")
             out[col] = groups.loc[sample_ids].to_numpy(dtype=np.int32)
         else:

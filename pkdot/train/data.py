@@ -100,10 +100,6 @@ class FoldData:
     val: SampleSet
     test: SampleSet
 
-    @property
-    def input_shapes(self) -> dict[str, tuple[int, ...]]:
-        return self.train.input_shapes
-
 
 def split_fold(samples: SampleSet, fold: Fold) -> FoldData:
     """The fold's parts, matched on the fold's unit (subject ids; sample ids under ``train.folds: clips``)."""

@@ -1,9 +1,7 @@
 """Training jobs (one per fold x seed [x loss]) and what they share: context, checkpoints, prediction files.
 
-A job runs inside a Ray Train worker (or directly, in tests) as *phases*; rank 0 writes each finished phase to
-the job's folder, so a restarted job loads finished phases and resumes the running one from its last epoch
-checkpoint. Checkpoints hold tensors and plain values only (:func:`load_checkpoint`: never unpickled).
-"""
+A job runs in a Ray Train worker (or directly, in tests) as *phases*; rank 0 writes each finished phase to the
+job's folder, so a restarted job loads finished phases and resumes the running one from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -47,12 +45,9 @@ PREDICTION_SCHEMA = pa.schema(
 @dataclass(frozen=True)
 class Job:
     """One unit of training: a fold, a seed and (for students) a distillation loss.
-
-    ``group`` (teachers only, cross-fitted targets): the crossfit group of the fold's training subjects this
-    teacher is trained *without*; it gives that group's distillation targets. None: the full-fold job.
-    ``with_test`` (teachers under ``train.teacher_scope: all``): the fold's test part is added to its training
-    part (:meth:`pkdot.folds.Fold.with_test_in_training`).
-    """
+    ``group`` (cross-fitting teachers): the crossfit group this teacher is trained *without* (it gives that
+    group's targets); None: the full-fold job. ``with_test`` (``train.teacher_scope: all``): train on the test
+    part too."""
 
     key: str
     out_dir: str
@@ -72,10 +67,8 @@ class Job:
 
 def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
     """The teacher jobs of a run: one per (seed, fold), plus J per (seed, fold) with cross-fitted targets.
-
     ``folds``: a :class:`~pkdot.folds.FoldPlan`, a ``{seed: folds}`` mapping, or one list of folds for every
-    seed of ``cfg.train.seeds``. Cross-fitting job ``j`` trains without crossfit group j (``Fold.crossfit``).
-    """
+    seed of ``cfg.train.seeds``. Cross-fitting job ``j`` trains without crossfit group j (``Fold.crossfit``)."""
     run = RunDir(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
     leak = cfg.train.teacher_scope == "all"
@@ -128,9 +121,7 @@ def teacher_checkpoints(job: Job) -> list[Path]:
 
 def teacher_cost(jobs: list[Job]) -> dict[str, float]:
     """Counts and job-seconds (from each job's ``DONE.json``) of full-fold and cross-fitting teacher jobs.
-
-    ``crossfit_jobs`` / ``crossfit_seconds`` are the extra cost of ``distill.teacher_targets = "crossfit"``.
-    """
+    ``crossfit_jobs`` / ``crossfit_seconds`` are the extra cost of ``distill.teacher_targets = "crossfit"``."""
     out = {"teacher_jobs": 0, "teacher_seconds": 0.0, "crossfit_jobs": 0, "crossfit_seconds": 0.0}
     for job in jobs:
         seconds = float(json.loads(job.done_marker.read_text()).get("seconds", 0.0)) if job.is_done() else 0.0
@@ -162,24 +153,16 @@ class WorkerContext:
     def fit_hooks(self, phase: str) -> dict[str, Any]:
         """:func:`~pkdot.train.loops.fit`'s ``on_epoch_end``, ``resume`` and ``progress`` for ``phase``."""
         report, progress = self.on_epoch_end, self.progress
-
-        def on_epoch_end(state: FitState) -> None:
-            if report is not None:
-                report(phase, state, dict(state.history[-1]))
-
         return {
-            "on_epoch_end": on_epoch_end,
+            "on_epoch_end": None if report is None else lambda s: report(phase, s, dict(s.history[-1])),
             "resume": self.resume["state"] if self.resume and self.resume.get("phase") == phase else None,
             "progress": None if progress is None else lambda epoch, record: progress(phase, epoch, record),
         }
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint of tensors and plain values, read with ``torch.load(weights_only=True)``.
-
-    Raises :class:`StageError` naming the file when it is missing, or holds anything else (a pickled object
-    is refused, never executed).
-    """
+    """A checkpoint of tensors and plain values (``torch.load(weights_only=True)``: a pickled object is refused
+    with a :class:`StageError`, never executed)."""
     path = Path(path)
     if not path.is_file():
         raise StageError(

@@ -1,12 +1,12 @@
 """One epoch of training and the fit loop: plain PyTorch, no Ray, no MLflow (Ray Train's workers and the tests
 call the same functions). Each global batch is cut into ``world`` slices and worker ``rank`` takes its own, so
-the samples of a step do not depend on the number of workers. :class:`Amp` is ``train.precision``.
-"""
+the samples of a step do not depend on the number of workers. :class:`Amp` is ``train.precision``."""
 
 from __future__ import annotations
 
 import copy
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pkdot.errors import StageError
 from pkdot.metrics import accuracy, ccc
 
 StepFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
@@ -68,8 +69,6 @@ class Amp:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's generators (CPU runs are then repeatable)."""
-    import random
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -86,14 +85,9 @@ def epoch_batches(
     world: int = 1,
     drop_last: bool = True,
 ) -> list[np.ndarray]:
-    """Index batches for one epoch, the ``rank``-th slice of each global batch.
-
-    With ``drop_last`` a last batch under 2 samples per worker is dropped (batch statistics and similarity
-    structures need two), and fewer than ``2 * world`` samples in all is a :class:`~pkdot.errors.StageError`.
-    """
+    """Index batches for one epoch, the ``rank``-th slice of each global batch. With ``drop_last`` a last batch
+    under 2 samples per worker is dropped (batch statistics and similarity structures need two)."""
     if drop_last and world > 1 and n < 2 * world:
-        from pkdot.errors import StageError
-
         # every worker runs the same steps (DDP), and each needs two samples per batch
         raise StageError(
             f"{n} training samples cannot be split over train.num_workers = {world} workers (each needs at "
@@ -115,13 +109,9 @@ def group_batches(
     world: int = 1,
     drop_last: bool = True,
 ) -> list[np.ndarray]:
-    """Like :func:`epoch_batches`, but every global batch holds samples of one group (``groups``: (N,) labels).
-
-    For cross-fitted targets: each crossfit group's targets live in its own teacher's embedding space, and
-    batch-structure losses compare the samples of a batch. Each group is shuffled and cut into batches, then
-    all batches are shuffled together; with ``drop_last`` a group's last batch under ``max(2, 2 * world)`` is
-    dropped (unless it is the group's only one and has at least 2 samples).
-    """
+    """Like :func:`epoch_batches`, but every global batch holds samples of one group (``groups``: (N,) labels):
+    each crossfit group's targets live in its own teacher's embedding space, and batch-structure losses compare
+    the samples of a batch. A group's only batch is kept when it has at least 2 samples."""
     groups = np.asarray(groups)
     rng = np.random.default_rng([seed, epoch])
     global_batches = []
@@ -139,7 +129,6 @@ def group_batches(
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> torch.Tensor:
     """Cross-entropy for classification (outputs = logits (B, C)); MSE for regression (outputs (B, 1)).
-
     Computed in float32 outside autocast, whatever the precision of ``outputs``."""
     with torch.autocast(outputs.device.type, enabled=False):
         if regression:
@@ -188,20 +177,20 @@ def task_metric(targets: np.ndarray, outputs: np.ndarray, regression: bool) -> f
 
 @torch.no_grad()
 def predict(
-    forward: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+    forward: Callable[[np.ndarray], Sequence[torch.Tensor]],
     n: int,
     batch_size: int,
     modules: Sequence[nn.Module] = (),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``forward(index) -> (outputs, embedding)`` over all ``n`` samples in order, in eval mode."""
+) -> tuple[np.ndarray, ...]:
+    """Run ``forward(index) -> tensors`` (e.g. outputs, embedding) over all ``n`` samples in order, in eval mode;
+    each output concatenated over the batches, as float32 numpy."""
     for m in modules:
         m.eval()
-    outs, embs = [], []
-    for start in range(0, n, batch_size):
-        o, e = forward(np.arange(start, min(n, start + batch_size)))
-        outs.append(o.float().cpu().numpy())
-        embs.append(e.float().cpu().numpy())
-    return np.concatenate(outs), np.concatenate(embs)
+    batches = [
+        [t.float().cpu().numpy() for t in forward(np.arange(start, min(n, start + batch_size)))]
+        for start in range(0, n, batch_size)
+    ]
+    return tuple(np.concatenate(parts) for parts in zip(*batches, strict=True))
 
 
 @dataclass
@@ -237,10 +226,7 @@ def fit(
     amp: Amp = Amp(),
 ) -> FitState:
     """Train ``epochs`` epochs, keep the weights of the best validation epoch (higher ``validate()`` is better).
-
-    ``model`` is what is saved/selected; ``train_modules`` (default ``[model]``) are put in train mode.
-    ``on_epoch_end`` receives the resumable state after every epoch; ``resume`` restores it and continues.
-    """
+    ``train_modules`` (default ``[model]``) are put in train mode; ``resume``: a state from ``on_epoch_end``."""
     state = resume or FitState()
     if resume is not None and resume.model_state is not None:
         state.resumed_from = [*state.resumed_from, state.epoch]

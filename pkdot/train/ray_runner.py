@@ -1,20 +1,15 @@
-"""Run training jobs on Ray: one Ray Train run per job (or bundle of ``train.jobs_per_run``), many at once.
-
-Each run is a ``TorchTrainer`` (its own ``ScalingConfig``, storage folder ``<run>/ray/<kind>-<config hash>/<run
-name>`` and ``FailureConfig(max_failures)``) whose ``fit()`` runs in a 0-CPU Ray task, so Ray places the worker
-groups on any node with room; :func:`pkdot.scheduler.run_bounded` bounds the runs in flight. A Tune ``Tuner``
-is not used: a trial must reserve a non-empty bundle, which takes CPUs from the trainers' placement groups.
-
-Fault tolerance: Ray Train restarts a failed worker group, and the job loads its finished phases from its folder
-and resumes the running one from ``ray.train.get_checkpoint()``; a restarted driver re-runs only jobs without a
-``DONE.json``. A checkpoint carries the job folder's *attempt token*, so a reset folder never resumes a stale one.
-"""
+"""Run training jobs on Ray: one Ray Train run (``TorchTrainer``) per job or bundle of ``train.jobs_per_run``,
+each ``fit()`` in a 0-CPU Ray task so Ray places the worker groups on any node; :func:`pkdot.scheduler.run_bounded`
+bounds the runs in flight (a Tune ``Tuner`` is not used: a trial's bundle takes CPUs from the trainers). A failed
+worker group is restarted and resumes from ``ray.train.get_checkpoint()``, tied to the job folder's attempt
+token so a reset folder never resumes a stale one; a restarted driver re-runs only jobs without ``DONE.json``."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -35,16 +30,14 @@ from pkdot.scheduler import run_bounded
 from pkdot.train.data import SampleSet, load_samples, split_fold
 from pkdot.train.jobs import Job, WorkerContext, fold_for_job, load_checkpoint
 from pkdot.train.loops import FitState
+from pkdot.train.student import load_student_samples, run_student_job
+from pkdot.train.teacher import run_teacher_job
 
 log = logging.getLogger(__name__)
 
 #: A callback run on every worker after every epoch: (job key, phase, epoch, rank) (fault-injection tests).
 EpochCallback = Callable[[str, str, int, int], None]
 
-#: Seconds between two reads of the workers' epoch records while the driver waits for the runs.
-PROGRESS_POLL_S = 2.0
-#: The file in a job's folder whose content ties checkpoints to this attempt of the job.
-ATTEMPT_TOKEN = ".attempt-token"
 #: Run directories already checked on every node, per Ray cluster (``check_run_dir_on_nodes``).
 _CHECKED_RUN_DIRS: set[tuple[str, str]] = set()
 
@@ -61,12 +54,7 @@ def _resolve_use_gpu_on_cluster(cfg: RunConfig, cluster: Mapping[str, float]) ->
 
 def job_inputs(cfg: RunConfig, kind: str) -> tuple[SampleSet, FoldPlan]:
     """The samples (``kind`` ``"teacher"`` or ``"student"``) and the fold plan the jobs of a stage train on."""
-    if kind == "teacher":
-        samples = load_samples(cfg)
-    else:
-        from pkdot.train.student import load_student_samples
-
-        samples = load_student_samples(cfg, Path(cfg.run_dir))
+    samples = load_samples(cfg) if kind == "teacher" else load_student_samples(cfg, Path(cfg.run_dir))
     return samples, load_fold_plan(RunDir(cfg.run_dir).splits)
 
 
@@ -74,12 +62,7 @@ def run_job(
     cfg: RunConfig, kind: str, job: Job, samples: SampleSet, plan: FoldPlan, ctx: WorkerContext
 ) -> dict[str, float]:
     """Run one teacher or student job on its fold of ``samples`` (what every Ray Train worker calls)."""
-    if kind == "teacher":
-        from pkdot.train.teacher import run_teacher_job as run
-    elif kind == "student":
-        from pkdot.train.student import run_student_job as run
-    else:
-        raise StageError(f"unknown job kind {kind!r} (expected 'teacher' or 'student')")
+    run = {"teacher": run_teacher_job, "student": run_student_job}[kind]
     return run(cfg, job, split_fold(samples, fold_for_job(plan, job)), ctx)
 
 
@@ -95,8 +78,8 @@ def resume_state(checkpoint_dir: str | Path, tokens: Mapping[str, str]) -> dict[
 
 
 def attempt_token(job: Job) -> str:
-    """The job folder's attempt token, created (atomically) when missing."""
-    path = Path(job.out_dir) / ATTEMPT_TOKEN
+    """The job folder's attempt token (``.attempt-token``: ties checkpoints to this attempt), made when missing."""
+    path = Path(job.out_dir) / ".attempt-token"
     if not path.is_file():
         atomic_write_text(path, uuid.uuid4().hex)
     return path.read_text().strip()
@@ -241,8 +224,6 @@ def runs_that_fit(cfg: RunConfig, cluster: Mapping[str, float], use_gpu: bool) -
 
 def _read_token_on_node(path: str, expected: str) -> str:
     """Body of the per-node check: read the token file; return '' when it matches, else why not."""
-    import socket
-
     try:
         found = Path(path).read_text().strip()
     except OSError as exc:
@@ -253,11 +234,8 @@ def _read_token_on_node(path: str, expected: str) -> str:
 
 
 def check_run_dir_on_nodes(run_dir: str | Path, *, timeout_s: float = 120.0) -> list[str]:
-    """Check that every alive Ray node reads the run directory (jobs run on any node); return the node ids.
-
-    The driver writes a fresh token into ``<run_dir>/.ray-node-check`` and a 0-CPU task pinned to each node
-    reads it back; a :class:`StageError` names each node that cannot (or reads another token).
-    """
+    """Check that every alive Ray node reads the run directory (jobs run on any node): a 0-CPU task pinned to
+    each node reads back a fresh token; a :class:`StageError` names each node that cannot. Returns the node ids."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -306,12 +284,8 @@ def run_jobs_on_ray(
 ) -> list[dict[str, Any]]:
     """Run the jobs without a ``DONE.json``, one Ray Train run per bundle of ``train.jobs_per_run``, at most
     ``train.max_concurrent_jobs`` at once (default: as many as the cluster holds); return :func:`_fit_run`'s
-    record of each run.
-
-    ``callbacks`` run on every worker after every epoch (chaos tests); ``name`` is the runs' storage folder
-    under ``<run_dir>/ray`` (default ``<kind>-<config hash>``). A run that failed after ``train.max_failures``
-    restarts is a :class:`StageError` naming its jobs (running runs finish, none starts after a failure).
-    """
+    record of each run. ``callbacks`` run on every worker after every epoch (chaos tests); ``name``: the runs'
+    storage folder under ``<run_dir>/ray`` (default ``<kind>-<config hash>``)."""
     import ray
 
     pending = [j for j in jobs if not j.is_done()]
@@ -369,9 +343,8 @@ def run_jobs_on_ray(
         total=len(jobs),
         weight=lambda spec: len(spec["jobs"]),
         poll=lambda running: describe_record(tail.poll([k for spec in running for k in spec["jobs"]])),
-        poll_s=PROGRESS_POLL_S,
+        poll_s=2.0,  # seconds between two reads of the workers' epoch records
     )
-    missing = [j.key for j in pending if not j.is_done()]
-    if missing:
+    if missing := [j.key for j in pending if not j.is_done()]:
         raise StageError(f"{kind} training finished but jobs {missing} wrote no DONE marker")
     return finished

@@ -1,13 +1,8 @@
-"""Student job of one loss x fold x seed: distil the frozen teacher into the video-only student.
-
-The student = a video backbone + the full-fold teacher's T-Net(s) (frozen, *loaded* — the authors' script forgot
-to load them) + its own fusion block and head. ``train.student_init`` chooses the backbone: ``teacher-frozen``
-(the paper's; the student then trains from the embedding cache alone, cached video tokens in),
-``teacher-finetune``, ``scratch`` (seeded by the job) or ``pretrained`` (``model.pretrained_video``). Non-frozen
-students read the face crops and run their backbone every step. With cross-fitted targets every training batch
-holds one crossfit group (:func:`pkdot.train.loops.group_batches`), for every loss, so all losses see the same
-batches.
-"""
+"""Student job of one loss x fold x seed: distil the frozen teacher into the video-only student (a video backbone,
+the full-fold teacher's T-Net(s), frozen and *loaded* (the authors' script forgot to), its own fusion and head).
+``train.student_init``: ``teacher-frozen`` (the paper's; trains from the cache alone, cached video tokens in),
+``teacher-finetune``, ``scratch`` or ``pretrained`` (these read the face crops and run the backbone every step).
+With cross-fitted targets every training batch holds one crossfit group, for every loss."""
 
 from __future__ import annotations
 
@@ -47,6 +42,7 @@ from pkdot.train.loops import (
     task_loss,
     task_metric,
 )
+from pkdot.train.teacher import load_teacher
 
 
 def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
@@ -58,9 +54,8 @@ def load_student_samples(cfg: RunConfig, run_dir: Path) -> SampleSet:
 
 
 class DistillationObjective(nn.Module):
-    """Student + distillation loss as one module (so data-parallel wrapping syncs the loss's parameters too).
-
-    The student's forward pass runs under the caller's autocast; the task and distillation losses in float32."""
+    """Student + distillation loss as one module (so data-parallel wrapping syncs the loss's parameters too); the
+    student's forward pass runs under the caller's autocast, the task and distillation losses in float32."""
 
     def __init__(self, student: nn.Module, distill_loss: nn.Module, cfg: RunConfig) -> None:
         super().__init__()
@@ -97,9 +92,8 @@ def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:
     """Add the cached teacher arrays to every part (``video_tokens`` for a frozen backbone, ``target_group``
     to the training part with cross-fitted targets)."""
     crossfit = crossfit_groups_of(cfg)
-    columns = ("teacher_embedding", "teacher_logits")
-    if cfg.train.student_backbone_frozen:
-        columns += ("video_tokens",)
+    frozen = cfg.train.student_backbone_frozen
+    columns = ("teacher_embedding", "teacher_logits", *(("video_tokens",) if frozen else ()))
     for part in (data.train, data.val, data.test):
         extra = ("target_group",) if crossfit is not None and part is data.train else ()
         part.arrays.update(
@@ -108,35 +102,22 @@ def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:
 
 
 def build_student_for_job(
-    cfg: RunConfig,
-    job_fold: int,
-    job_seed: int,
-    device: torch.device | str = "cpu",
-    *,
-    initialise: bool = True,
+    cfg: RunConfig, fold: int, seed: int, device: torch.device | str = "cpu", *, initialise: bool = True
 ):
     """The untrained student of (fold, seed): its video backbone as ``train.student_init`` says, the full-fold
     teacher's loaded T-Nets, fresh fusion and head. ``initialise=False`` skips loading
     ``model.pretrained_video`` (a trained student's saved state_dict replaces every weight anyway)."""
-    from pkdot.train.teacher import load_teacher
-
-    teacher, tnets, shapes = load_teacher(cfg, RunDir(cfg.run_dir).teacher(job_fold, job_seed), device)
+    teacher, tnets, shapes = load_teacher(cfg, RunDir(cfg.run_dir).teacher(fold, seed), device)
     video = cfg.data.student_modalities[0]
     mode = cfg.train.student_init
     if mode in ("teacher-frozen", "teacher-finetune"):
         backbone = teacher.backbones[video]
     else:
         if video not in shapes:
-            raise StageError(
-                f"teacher checkpoint of fold {job_fold} seed {job_seed} has no {video!r} input shape"
-            )
+            raise StageError(f"teacher checkpoint of fold {fold} seed {seed} has no {video!r} input shape")
         fresh = cfg.model.model_copy(update={"pretrained_video": None})
-        backbone = build_backbone(video, shapes[video], fresh, seed=job_seed * 7919 + job_fold * 31 + 404)
+        backbone = build_backbone(video, shapes[video], fresh, seed=seed * 7919 + fold * 31 + 404)
         if mode == "pretrained" and initialise:
-            if cfg.model.pretrained_video is None:
-                raise ConfigError(
-                    "train.student_init 'pretrained' needs model.pretrained_video (a state_dict file)"
-                )
             if video != "video":
                 raise ConfigError(
                     f"train.student_init 'pretrained' loads a video backbone, the student reads {video!r}"

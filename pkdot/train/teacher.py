@@ -1,16 +1,8 @@
-"""Teacher job of one fold x seed: unimodal backbones, then the fusion teacher, then the T-Net(s).
-
-Phases, as the paper trains them (model selection on the fold's validation subjects only):
-
-1. ``unimodal-<m>`` per modality: backbone + head on that modality alone (also the report's reference models).
-2. ``teacher``: the gated cross-attention fusion, backbones initialised from phase 1.
-3. ``tnet``: per privileged modality, a T-Net from the frozen teacher's pooled video features to its pooled
-   privileged features, trained with an RBF-kernel MMD.
-
-A cross-fitting job (``job.group`` set) runs phases 1 and 2 without one crossfit group and no T-Net, and writes
-no ``predictions.parquet`` (it is not a model of the report). Every ``DONE.json`` records the subjects the job
-trained on (the cache's proof that no target comes from a teacher that saw the subject) and its seconds.
-"""
+"""Teacher job of one fold x seed, phases as the paper trains them (model selection on validation subjects only):
+``unimodal-<m>`` per modality (backbone + head; also the report's reference models), ``teacher`` (gated
+cross-attention fusion, backbones from phase 1), ``tnet`` (per privileged modality, pooled video -> pooled
+privileged features of the frozen teacher, RBF-kernel MMD). A cross-fitting job (``job.group`` set) trains phases
+1-2 without one crossfit group and writes no predictions. ``DONE.json`` records the subjects trained on."""
 
 from __future__ import annotations
 
@@ -203,7 +195,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     """Train (or resume) every phase of a teacher job; rank 0 writes the job's files. Returns test metrics."""
     started = time.perf_counter()
     full_fold = job.group is None
-    shapes = data.input_shapes
+    shapes = data.train.input_shapes
     amp = Amp.of(cfg.train.precision, ctx.device)
     histories: dict[str, FitState] = {}
     frames = []
@@ -240,7 +232,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     train = partial(_fit_supervised, cfg, job, ctx, "teacher", teacher, multi, data, groups)
     histories["teacher"] = _phase(job, ctx, "teacher", teacher, train, input_shapes=shapes)
     frames += _predictions(cfg, job, "teacher", teacher, multi, data, amp)
-    _frozen(teacher)
+    teacher.requires_grad_(False).eval()
 
     # 3. T-Nets (full-fold teachers only)
     if full_fold:
@@ -273,11 +265,6 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     return metrics
 
 
-def _frozen(model: nn.Module) -> None:
-    model.requires_grad_(False)
-    model.eval()
-
-
 def load_teacher(
     cfg: RunConfig, job_dir: Path, device: torch.device | str = "cpu", *, with_tnets: bool = True
 ):
@@ -285,14 +272,12 @@ def load_teacher(
     saved = load_checkpoint(Path(job_dir) / "teacher.pt", device)
     teacher = build_teacher(cfg, saved["input_shapes"])
     teacher.load_state_dict(saved["state_dict"])
-    _frozen(teacher)
     tnets = None
     if with_tnets:
         tnets = nn.ModuleDict(build_tnets(cfg))
         tnets.load_state_dict(load_checkpoint(Path(job_dir) / "tnet.pt", device)["state_dict"])
-        _frozen(tnets)
-        tnets = tnets.to(device)
-    return teacher.to(device), tnets, saved["input_shapes"]
+        tnets = tnets.requires_grad_(False).eval().to(device)
+    return teacher.requires_grad_(False).eval().to(device), tnets, saved["input_shapes"]
 
 
 def load_unimodal(cfg: RunConfig, job_dir: Path, modality: str, device: torch.device | str = "cpu"):
@@ -300,5 +285,4 @@ def load_unimodal(cfg: RunConfig, job_dir: Path, modality: str, device: torch.de
     saved = load_checkpoint(Path(job_dir) / f"unimodal-{modality}.pt", device)
     model = _unimodal(cfg, modality, tuple(saved["input_shape"]), "cpu")
     model.load_state_dict(saved["state_dict"])
-    _frozen(model)
-    return model.to(device)
+    return model.requires_grad_(False).eval().to(device)

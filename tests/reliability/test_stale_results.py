@@ -17,7 +17,7 @@ import pytest
 
 from pkdot import pipeline, rundir
 from pkdot.errors import FeatureError, StageError
-from pkdot.pipeline.base import code_hash
+from pkdot.pipeline.base import code_hash, stage_key
 from tests.reliability.conftest import extract, tiny_cfg
 
 
@@ -95,14 +95,14 @@ def test_a_rewritten_recording_changes_the_extract_key_and_the_version_string_do
 
     cfg = tiny_cfg(tiny_biovid, tmp_path / "run")
     manifest = pipeline.run_stage("manifest", cfg)
-    key = pipeline.key_of("extract", cfg, manifest.fingerprint)
+    key = stage_key(cfg, pipeline.stage("extract"), manifest.fingerprint)
     monkeypatch.setattr(pkdot, "__version__", "99.0")  # the version string is not part of any key
-    assert pipeline.key_of("extract", cfg, manifest.fingerprint) == key
+    assert stage_key(cfg, pipeline.stage("extract"), manifest.fingerprint) == key
 
     sorted((tiny_biovid / "video").rglob("*.mp4"))[0].write_bytes(b"")
     changed = pipeline.run_stage("manifest", cfg)
     assert changed.fingerprint != manifest.fingerprint
-    assert pipeline.key_of("extract", cfg, changed.fingerprint) != key
+    assert stage_key(cfg, pipeline.stage("extract"), changed.fingerprint) != key
 
 
 def test_editing_a_stage_source_file_changes_only_that_stage_key(tmp_path: Path) -> None:

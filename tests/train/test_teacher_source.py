@@ -105,7 +105,11 @@ def test_privileged_teacher_source_needs_one_privileged_modality(tmp_path):
 
 
 def test_teacher_source_changes_the_cache_key_only_where_it_matters(tmp_path):
-    from pkdot.pipeline import key_of
+    from pkdot.pipeline import stage
+    from pkdot.pipeline.base import stage_key
+
+    def key_of(name, cfg, upstream):
+        return stage_key(cfg, stage(name), upstream)
 
     fusion = load_config(overrides={"run_dir": str(tmp_path)})
     privileged = load_config(overrides={"run_dir": str(tmp_path), "distill.teacher_source": "privileged"})
