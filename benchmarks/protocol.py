@@ -163,7 +163,14 @@ class ProtocolReport:
 
 
 def protocol_settings(
-    protocol: Protocol, *, seeds: int, folds: int, subjects: int, quick: bool, work_dir: Path
+    protocol: Protocol,
+    *,
+    seeds: int,
+    folds: int,
+    subjects: int,
+    quick: bool,
+    work_dir: Path,
+    report_only: bool = False,
 ) -> ProtocolSettings:
     """The quality benchmark's settings for one protocol: base cell only, losses :data:`LOSSES`, its own
     run directories (``work_dir/<protocol>``)."""
@@ -177,6 +184,7 @@ def protocol_settings(
         work_dir=work_dir / protocol.name,
         base_losses=LOSSES,
         switches=protocol.switches,
+        report_only=report_only,
     )
 
 
@@ -189,8 +197,10 @@ def run_protocols(
     quick: bool = False,
     work_dir: Path = Path("runs/bench-protocol"),
     protocols: Sequence[str] = PROTOCOL_NAMES,
+    report_only: bool = False,
 ) -> ProtocolReport:
-    """Run (or resume: stages are idempotent) every protocol of ``protocols`` on ``data``.
+    """Run (or resume: stages are idempotent) every protocol of ``protocols`` on ``data``; ``report_only``: only
+    read the runs an earlier call finished (a protocol with none is reported as failed).
 
     The protocols read one data set (written by the first run, then shared). A protocol whose run fails is
     recorded in ``failures``; the others still run.
@@ -209,7 +219,13 @@ def run_protocols(
     failures: dict[str, str] = {}
     for protocol in (p for p in PROTOCOLS if p.name in protocols):
         settings = protocol_settings(
-            protocol, seeds=seeds, folds=folds, subjects=subjects, quick=quick, work_dir=work_dir
+            protocol,
+            seeds=seeds,
+            folds=folds,
+            subjects=subjects,
+            quick=quick,
+            work_dir=work_dir,
+            report_only=report_only,
         )
         print(f"[protocol] {data}: {protocol.name} ({protocol.description})", flush=True)
         start = time.perf_counter()
@@ -525,6 +541,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
         help="protocols to run (default all five)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only read the run directories an earlier call finished (no stage runs) and write the tables",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="run directories")
     parser.add_argument(
         "--out",
@@ -562,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         quick=args.quick,
         work_dir=args.work_dir,
         protocols=args.protocols,
+        report_only=args.report_only,
     )
     text = report_markdown(report, machine, command.strip())
     print("\n" + text)

@@ -164,6 +164,25 @@ def test_inflation_is_each_protocol_minus_sound_per_run(quick_run):
     assert "sum of the three single switches" in quick_run.read_text()
 
 
+def test_report_only_rereads_the_finished_runs_without_running_a_stage(quick_run, monkeypatch):
+    doc = json.loads(quick_run.with_suffix(".json").read_text())
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("--report-only ran a stage")
+
+    monkeypatch.setattr("pkdot.pipeline.run_all", no_stage)
+    monkeypatch.setattr("pkdot.pipeline.run_stage", no_stage)
+    for run_dir in doc["run_dirs"].values():  # the stand-in evaluated without the stage's marker
+        (Path(run_dir) / "stages" / "evaluate.json").write_text("{}")
+    work = quick_run.parent
+    again = protocol.main(
+        ["--data", "features", "--quick", "--seeds", "2", "--work-dir", str(work), "--out", str(work / "again.md"),
+         "--report-only"]
+    )  # fmt: skip
+    redone = json.loads(again.with_suffix(".json").read_text())
+    assert redone["table"] == doc["table"] and redone["inflation"] == doc["inflation"]
+
+
 def test_protocols_differ_only_in_their_switches(tmp_path):
     from pkdot.config import load_config
 
