@@ -189,7 +189,7 @@ def training_throughput(run_dir: Path, epochs: int = 5) -> list[dict[str, Any]]:
     cfg = load_config(Path(run_dir) / "config.yaml", overrides={"run_dir": str(run_dir)})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = split_fold(load_samples(cfg, run_dir), load_folds(Path(run_dir) / "splits.json")[0])
-    train, shapes = data.train, data.input_shapes
+    train, shapes = data.train, data.train.input_shapes
     regression, n_out, b = cfg.data.is_regression, cfg.data.num_outputs, cfg.train.teacher_batch_size
     targets = torch.from_numpy(train.targets).to(device)
     torch.manual_seed(0)
