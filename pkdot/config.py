@@ -700,7 +700,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             # 1-worker run per CPU slot takes a stage's jobs (2-worker DDP did not scale on 2 CPUs)
             "num_workers": 1,
             "jobs_per_run": "auto",
-            # 3 of the 5 subject folds and 4 students: the demo in ~3 min instead of ~5.5 on 2 CPUs
+            # 3 of the 5 subject folds and 4 students: the demo in ~4 min instead of ~5.5 on 2 CPUs
             # (benchmarks/results/speed.md); benchmarks and your own runs lift both.
             "max_folds": 3,
         },
