@@ -61,7 +61,7 @@ RAY_PORT ?= 6379
 RAY_CPUS ?= 2
 ray-up: $(BIN)/pkdot
 	env $$($(BIN)/python -m pkdot.ray_utils head-env $(RAY_NODE_IP)) $(BIN)/ray start --head --port $(RAY_PORT) \
-		--num-cpus $(RAY_CPUS) --disable-usage-stats $$($(BIN)/python -m pkdot.ray_utils head-args $(RAY_NODE_IP) --dashboard)
+		--num-cpus $(RAY_CPUS) --disable-usage-stats $$($(BIN)/python -m pkdot.ray_utils head-args $(RAY_NODE_IP) --dashboard --gcs-port $(RAY_PORT))
 	@echo "Ray head on $(RAY_NODE_IP):$(RAY_PORT) (dashboard URL above); run with: $(BIN)/pkdot run --ray-address auto"
 
 ray-down:

@@ -484,7 +484,7 @@ class LocalStack:
                 temp_dir,
                 "--disable-usage-stats",
                 "--block",
-                *loopback_head_args(self.ray_node_ip, dashboard=self.ray_dashboard),
+                *loopback_head_args(self.ray_node_ip, dashboard=self.ray_dashboard, gcs_port=port),
             ]
             if self.ray_dashboard and not self.free_ports:
                 dash_at = argv.index("--dashboard-port") + 1

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pkdot.errors import ConfigError, InfrastructureError, PkdotError, resource_error
@@ -35,11 +35,30 @@ PORT_FLAGS = (
 )
 
 
+def free_ports(n: int, host: str = LOOPBACK, *, exclude: Iterable[int] = ()) -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` right now, none in ``exclude`` (the OS picks them; every socket
+    stays bound until all are picked, so the OS cannot hand out one port twice; Ray's fixed defaults collide
+    between Rays, and Ray refuses a port given to two of its components)."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    avoid = set(exclude)
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+            if port not in avoid:
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port free on ``host`` right now (the OS picks it; Ray's fixed defaults collide between Rays)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on ``host`` right now."""
+    return free_ports(1, host)[0]
 
 
 def is_loopback(address: str) -> bool:
@@ -59,16 +78,26 @@ def loopback_env(node_ip: str = LOOPBACK) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token"}
 
 
-def loopback_head_args(node_ip: str = LOOPBACK, *, dashboard: bool = False) -> list[str]:
-    """``ray start --head`` arguments that put every listener on ``node_ip``, each on a free port (Ray's fixed
-    defaults 8265, 52365, 10001 collide with any other Ray on the machine). The GCS port is the caller's."""
+def loopback_head_args(
+    node_ip: str = LOOPBACK, *, dashboard: bool = False, gcs_port: int | None = None
+) -> list[str]:
+    """``ray start --head`` arguments that put every listener on ``node_ip``, each on its own free port (Ray's
+    fixed defaults 8265, 52365, 10001 collide with any other Ray on the machine). The GCS port is the caller's
+    ``gcs_port``, which none of these ports takes."""
+    ports = free_ports(len(PORT_FLAGS) + 1, exclude=() if gcs_port is None else (gcs_port,))
     args = ["--node-ip-address", node_ip]
-    for flag in PORT_FLAGS:
-        args += [flag, str(free_port())]
+    for flag, port in zip(PORT_FLAGS, ports[:-1], strict=True):
+        args += [flag, str(port)]
     if not dashboard:
         return [*args, "--include-dashboard=false"]
-    dash = ["--include-dashboard=true", "--dashboard-host", node_ip, "--dashboard-port", str(free_port())]
-    return args + dash
+    return [
+        *args,
+        "--include-dashboard=true",
+        "--dashboard-host",
+        node_ip,
+        "--dashboard-port",
+        str(ports[-1]),
+    ]
 
 
 _ORIGINAL_CLUSTER_FLAG: list[bool] = []
@@ -210,14 +239,17 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pkdot.ray_utils head-args|head-env NODE_IP [--dashboard]`` (used by ``make ray-up``)."""
+    """``python -m pkdot.ray_utils head-args|head-env NODE_IP [--dashboard] [--gcs-port P]`` (used by ``make ray-up``)."""
     parser = argparse.ArgumentParser(prog="python -m pkdot.ray_utils")
     parser.add_argument("what", choices=["head-args", "head-env"])
     parser.add_argument("node_ip", nargs="?", default=LOOPBACK)
     parser.add_argument("--dashboard", action="store_true")
+    parser.add_argument(
+        "--gcs-port", type=int, default=None, help="the head's --port, which no listener takes"
+    )
     args = parser.parse_args(argv)
     if args.what == "head-args":
-        print(" ".join(loopback_head_args(args.node_ip, dashboard=args.dashboard)))
+        print(" ".join(loopback_head_args(args.node_ip, dashboard=args.dashboard, gcs_port=args.gcs_port)))
     else:
         print(" ".join(f"{k}={v}" for k, v in loopback_env(args.node_ip).items()))
     return 0

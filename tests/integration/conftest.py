@@ -243,5 +243,4 @@ def it() -> Any:
         run_deployment=run_deployment,
         wait_for_deployment=wait_for_deployment,
         terminate_process_group=local_stack_module.terminate_process_group,
-        free_port=local_stack_module.free_port,
     )

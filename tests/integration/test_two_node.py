@@ -114,12 +114,14 @@ def _resumed_jobs(run_dir: Path) -> dict[str, dict[str, list[int]]]:
 
 
 @pytest.fixture
-def two_nodes(monkeypatch, it):
+def two_nodes(monkeypatch):
     """A head and a second node (1 CPU each) on 127.0.0.1; yields (cluster, dashboard address, node ids)."""
     from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
-    free_port = it.free_port
+    from pkdot.ray_utils import free_ports
+
+    metrics, dashboard, agent, metrics2 = free_ports(4)  # distinct: Ray refuses one port for two components
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -134,14 +136,14 @@ def two_nodes(monkeypatch, it):
             initialize_head=True,
             head_node_args={
                 **common,
-                "metrics_export_port": free_port(),
+                "metrics_export_port": metrics,
                 "include_dashboard": True,
                 "dashboard_host": "127.0.0.1",
-                "dashboard_port": free_port(),
-                "dashboard_agent_listen_port": free_port(),
+                "dashboard_port": dashboard,
+                "dashboard_agent_listen_port": agent,
             },
         )
-        cluster.add_node(**common | {"metrics_export_port": free_port()})
+        cluster.add_node(**common | {"metrics_export_port": metrics2})
         cluster.wait_for_nodes()
     finally:
         if previous is None:
