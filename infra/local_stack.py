@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pkdot.ray_utils import free_ports, loopback_env, loopback_head_args
+
 logger = logging.getLogger(__name__)
 
 SERVICES: tuple[str, ...] = ("prefect", "mlflow", "ray")
@@ -88,13 +90,6 @@ class ServiceProcess:
     marker: str  # a token of its command line, checked before signalling the PID
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -102,6 +97,11 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
+
+
+def _is_ours(service: dict | None) -> bool:
+    """Whether a recorded service's PID is alive and still runs the command we started."""
+    return bool(service) and _pid_alive(service["pid"]) and service["marker"] in _cmdline(service["pid"])
 
 
 def _http_ok(url: str, timeout: float = 3.0, user_password: str | None = None) -> bool:
@@ -297,15 +297,16 @@ class LocalStack:
             return found
         return str(path)
 
-    def _port(self, name: str) -> int:
+    def _ports(self, names: Sequence[str]) -> dict[str, int]:
+        """A port per service: all picked at once, so no two servers (none listening yet) share one."""
         if self.free_ports:
-            return free_port()
-        port = DEFAULT_PORTS[name]
-        if not port_is_free(port):
-            raise StackError(
-                f"{name}: port {port} on 127.0.0.1 is in use (stop that server or use --free-ports)"
-            )
-        return port
+            return dict(zip(names, free_ports(len(names)), strict=True))
+        for name in names:
+            if not port_is_free(DEFAULT_PORTS[name]):
+                raise StackError(
+                    f"{name}: port {DEFAULT_PORTS[name]} on 127.0.0.1 is in use (stop that server or use --free-ports)"
+                )
+        return {name: DEFAULT_PORTS[name] for name in names}
 
     def credentials(self) -> dict[str, str]:
         """The credentials from the environment; :class:`StackError` naming what is missing."""
@@ -409,12 +410,12 @@ class LocalStack:
         env = self._server_env()
         started: list[ServiceProcess] = []
         try:
-            for name in wanted:
-                old = state["services"].get(name)
-                if old and _pid_alive(old["pid"]) and old["marker"] in _cmdline(old["pid"]):
-                    logger.info("%s already running (PID %d)", name, old["pid"])
-                    continue
-                svc = self._start_one(name, env)
+            running = [n for n in wanted if _is_ours(state["services"].get(n))]
+            for name in running:
+                logger.info("%s already running (PID %d)", name, state["services"][name]["pid"])
+            ports = self._ports([n for n in wanted if n not in running])
+            for name, port in ports.items():
+                svc = self._start_one(name, env, port, taken=ports.values())
                 state["services"][name] = asdict(svc)
                 self._save(state)
                 started.append(svc)
@@ -428,8 +429,8 @@ class LocalStack:
             raise
         return self.env()
 
-    def _start_one(self, name: str, env: dict[str, str]) -> ServiceProcess:
-        port = self._port(name)
+    def _start_one(self, name: str, env: dict[str, str], port: int, taken: Iterable[int]) -> ServiceProcess:
+        """Start service ``name`` on ``port``; ``taken``: the ports the other new servers will listen on."""
         if name == "prefect":
             home = self.state_dir / "prefect-home"
             home.mkdir(parents=True, exist_ok=True)
@@ -468,8 +469,6 @@ class LocalStack:
             # Ray's session directory holds Unix sockets, whose paths must stay short: keep it under /tmp.
             temp_dir = tempfile.mkdtemp(prefix="pkdot-ray-", dir="/tmp")
             (self.state_dir / "ray-temp-dir").write_text(temp_dir)
-            from pkdot.ray_utils import loopback_env, loopback_head_args
-
             # Every listener (GCS, raylet, agents, metrics, client server, dashboard) on the node IP, which is
             # 127.0.0.1 unless --ray-node-ip opens it (then with Ray's token authentication), on free ports.
             argv = [
@@ -484,7 +483,7 @@ class LocalStack:
                 temp_dir,
                 "--disable-usage-stats",
                 "--block",
-                *loopback_head_args(self.ray_node_ip, dashboard=self.ray_dashboard, gcs_port=port),
+                *loopback_head_args(self.ray_node_ip, dashboard=self.ray_dashboard, taken=taken),
             ]
             if self.ray_dashboard and not self.free_ports:
                 dash_at = argv.index("--dashboard-port") + 1

@@ -79,12 +79,12 @@ def loopback_env(node_ip: str = LOOPBACK) -> dict[str, str]:
 
 
 def loopback_head_args(
-    node_ip: str = LOOPBACK, *, dashboard: bool = False, gcs_port: int | None = None
+    node_ip: str = LOOPBACK, *, dashboard: bool = False, taken: Iterable[int] = ()
 ) -> list[str]:
     """``ray start --head`` arguments that put every listener on ``node_ip``, each on its own free port (Ray's
-    fixed defaults 8265, 52365, 10001 collide with any other Ray on the machine). The GCS port is the caller's
-    ``gcs_port``, which none of these ports takes."""
-    ports = free_ports(len(PORT_FLAGS) + 1, exclude=() if gcs_port is None else (gcs_port,))
+    fixed defaults 8265, 52365, 10001 collide with any other Ray on the machine). None takes a port of ``taken``:
+    the caller's GCS port and those of servers not listening yet."""
+    ports = free_ports(len(PORT_FLAGS) + 1, exclude=taken)
     args = ["--node-ip-address", node_ip]
     for flag, port in zip(PORT_FLAGS, ports[:-1], strict=True):
         args += [flag, str(port)]
@@ -249,7 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.what == "head-args":
-        print(" ".join(loopback_head_args(args.node_ip, dashboard=args.dashboard, gcs_port=args.gcs_port)))
+        print(
+            " ".join(
+                loopback_head_args(
+                    args.node_ip, dashboard=args.dashboard, taken=[args.gcs_port] if args.gcs_port else []
+                )
+            )
+        )
     else:
         print(" ".join(f"{k}={v}" for k, v in loopback_env(args.node_ip).items()))
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from pkdot.distill import gather_rows, world_size
+from pkdot.ray_utils import free_port
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 WORLD = 2
@@ -30,12 +30,6 @@ def _load_worker():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_without_a_process_group_nothing_is_gathered() -> None:
@@ -52,7 +46,7 @@ def test_the_structure_losses_are_the_ones_gathered() -> None:
 
 def test_two_gloo_workers_give_the_one_process_loss_and_gradients(tmp_path) -> None:
     worker = _load_worker()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     procs = [
         subprocess.Popen(

@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from pkdot.ray_utils import free_port
+
 pytestmark = pytest.mark.integration
 
 SUPERUSER = "pkdot"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(command: str) -> subprocess.CompletedProcess:
@@ -52,7 +46,7 @@ def postgres() -> Iterator[dict[str, str]]:
     root = Path(tempfile.mkdtemp(prefix="pkdot-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     done = _as_postgres(f"{initdb} -D {data} -U {SUPERUSER} --auth=trust")
     assert done.returncode == 0, done.stderr
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
@@ -92,7 +86,7 @@ def test_init_script_creates_both_databases_idempotently(it, postgres) -> None:
 
 def test_prefect_server_runs_on_the_created_database(it, postgres, tmp_path: Path, processes) -> None:
     assert _init(it, postgres, "prefect", "mlflow").returncode == 0
-    port = _free_port()
+    port = free_port()
     env = it.base_env(tmp_path / "prefect-home")
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
         f"postgresql+asyncpg://{SUPERUSER}:@{postgres['PGHOST']}:{postgres['PGPORT']}/prefect"

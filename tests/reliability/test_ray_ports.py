@@ -1,49 +1,78 @@
-"""Ray's pre-selected ports are distinct: Ray refuses to start when two of its components get one port
-(CI's stop 28 failed on ``dashboard_agent_grpc`` drawing the GCS port a moment after it was released)."""
+"""Every port pkdot picks for servers that are not listening yet is distinct: Ray refuses to start when two of
+its components get one port (CI's stop 28 failed on ``dashboard_agent_grpc`` drawing the GCS port a moment after
+it was released), and two servers of the local stack cannot share one either.
+
+The OS here is a fake that hands out the lowest port not bound right now, as a real OS may reuse a released one.
+"""
 
 from __future__ import annotations
 
+import re
 import socket
+from pathlib import Path
 
 from pkdot import ray_utils
+from tests.infra.test_local_stack import ls
 
 
-class _ReusingSocket:
-    """A socket whose OS hands out the ports of ``script`` in turn (a real OS reuses a released port too)."""
-
-    script: list[int] = []
+class _LowestFreeSocket:
+    bound: set[int] = set()
 
     def __init__(self, *_: object) -> None:
-        self.port = 0
+        self.port: int | None = None
 
     def bind(self, _: tuple[str, int]) -> None:
-        self.port = _ReusingSocket.script.pop(0)
+        self.port = min(set(range(7000, 8000)) - _LowestFreeSocket.bound)
+        _LowestFreeSocket.bound.add(self.port)
 
     def getsockname(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
     def close(self) -> None:
-        pass
+        _LowestFreeSocket.bound.discard(self.port)
 
 
-def test_free_ports_skips_excluded_ports(monkeypatch) -> None:
-    monkeypatch.setattr(ray_utils.socket, "socket", _ReusingSocket)
-    _ReusingSocket.script = [5000, 5001, 5000, 5002]
-    assert ray_utils.free_ports(2, exclude=[5000]) == [5001, 5002]
+def _fake_os(monkeypatch) -> None:
+    _LowestFreeSocket.bound = set()
+    monkeypatch.setattr(ray_utils.socket, "socket", _LowestFreeSocket)
 
 
-def test_free_ports_holds_every_socket_until_all_are_picked() -> None:
-    ports = ray_utils.free_ports(64)
-    assert len(set(ports)) == 64
-    with socket.socket() as s:  # released afterwards: each one can be bound again
+def test_free_ports_are_distinct_and_skip_excluded_ports(monkeypatch) -> None:
+    _fake_os(monkeypatch)
+    assert ray_utils.free_ports(3, exclude=[7001]) == [7000, 7002, 7003]
+    assert _LowestFreeSocket.bound == set()  # all released
+
+
+def test_free_ports_on_the_real_os_can_be_bound_afterwards() -> None:
+    ports = ray_utils.free_ports(16)
+    assert len(set(ports)) == 16
+    with socket.socket() as s:
         s.bind(("127.0.0.1", ports[0]))
 
 
-def test_head_args_give_every_listener_its_own_port_and_leave_the_gcs_port(monkeypatch) -> None:
-    monkeypatch.setattr(ray_utils.socket, "socket", _ReusingSocket)
-    _ReusingSocket.script = [6379, *range(7000, 7010)]
-    args = ray_utils.loopback_head_args(dashboard=True, gcs_port=6379)
-    flags = [*ray_utils.PORT_FLAGS, "--dashboard-port"]
-    ports = [int(args[args.index(flag) + 1]) for flag in flags]
-    assert ports == list(range(7000, 7006))
-    assert args[args.index("--dashboard-host") + 1] == "127.0.0.1"
+def test_head_args_give_every_listener_its_own_port_and_none_of_the_taken_ones(monkeypatch) -> None:
+    _fake_os(monkeypatch)
+    args = ray_utils.loopback_head_args(dashboard=True, taken=[7000, 7002])
+    ports = [int(args[args.index(flag) + 1]) for flag in [*ray_utils.PORT_FLAGS, "--dashboard-port"]]
+    assert ports == [7001, 7003, 7004, 7005, 7006, 7007]
+
+
+def test_local_stack_servers_and_ray_listeners_all_get_distinct_ports(tmp_path: Path, monkeypatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ls.SERVICES:  # each server records its command line and dies at start
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "$@" > {bin_dir}/{name}.argv\nexit 3\n')
+        (bin_dir / name).chmod(0o755)
+    stack = ls.LocalStack(tmp_path / "state", free_ports=True, bin_dir=bin_dir)
+    _fake_os(monkeypatch)
+    try:
+        stack.start(list(ls.SERVICES), timeout=30)
+    except ls.StackError:
+        pass
+    monkeypatch.undo()
+    ports: list[int] = []
+    for name in ls.SERVICES:
+        argv = (bin_dir / f"{name}.argv").read_text()
+        ports += [int(p) for p in re.findall(r"-port (\d+)", argv)]
+    assert len(ports) == 2 + 1 + len(ray_utils.PORT_FLAGS)
+    assert len(set(ports)) == len(ports), ports
