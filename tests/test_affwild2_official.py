@@ -50,7 +50,10 @@ TINY = [
 
 
 def test_affwild2_run_uses_the_official_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+
     def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
+        ran.append(kind)
         run_jobs_local(cfg, kind, jobs, progress=False)
         return []
 
@@ -60,6 +63,7 @@ def test_affwild2_run_uses_the_official_partitions(tmp_path: Path, monkeypatch: 
     args += [x for item in TINY for x in ("--set", item)]
     args += ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main(args) == 0
+    assert ran == ["teacher", "student"]  # in this process (no Ray started)
 
     cfg = load_config(run / "config.yaml")
     assert cfg.train.folds == "official"  # the default for Aff-Wild2, nobody asked for it

@@ -118,9 +118,14 @@ def test_regression_table_with_three_views(tmp_path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _jobs_in_process(monkeypatch) -> None:
+def _jobs_in_process(monkeypatch):
+    ran: list[str] = []
+
     def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
+        ran.append(kind)
         run_jobs_local(cfg, kind, jobs, progress=False)
         return []
 
     monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)
+    yield
+    assert ran == ["teacher", "student"]  # in this process (no Ray started)

@@ -11,8 +11,8 @@ from pkdot.folds import load_fold_plan
 from pkdot.pipeline.base import Stage, StageOutput, remove_stale
 from pkdot.rundir import RunDir
 from pkdot.tracking import log_jobs
+from pkdot.train import ray_runner
 from pkdot.train.jobs import student_jobs
-from pkdot.train.ray_runner import run_jobs_on_ray
 
 
 def _losses(cfg: RunConfig, options: dict[str, Any]) -> list[str]:
@@ -37,7 +37,7 @@ def run(cfg: RunConfig, *, losses: list[str] | None = None, callbacks: Any = ())
     rd = RunDir(cfg.run_dir)
     losses = _losses(cfg, {"losses": losses})
     jobs = student_jobs(cfg, load_fold_plan(rd.splits), losses)
-    run_jobs_on_ray(cfg, "student", jobs, callbacks=callbacks)
+    ray_runner.run_jobs_on_ray(cfg, "student", jobs, callbacks=callbacks)
     log_jobs(cfg, "distill", jobs)
     return StageOutput([Path(j.out_dir) / "student.pt" for j in jobs], {"jobs": len(jobs), "losses": losses})
 

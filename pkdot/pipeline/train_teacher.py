@@ -11,9 +11,9 @@ from pkdot.config import RunConfig
 from pkdot.pipeline.base import Stage, StageOutput, remove_stale
 from pkdot.rundir import METRICS, RunDir
 from pkdot.tracking import log_jobs
+from pkdot.train import ray_runner
 from pkdot.train.data import write_run_folds
 from pkdot.train.jobs import teacher_checkpoints, teacher_cost, teacher_jobs
-from pkdot.train.ray_runner import run_jobs_on_ray
 
 
 def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> Non
 def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
     rd = RunDir(cfg.run_dir)
     jobs = teacher_jobs(cfg, write_run_folds(cfg, rd.root))
-    run_jobs_on_ray(cfg, "teacher", jobs, callbacks=callbacks)
+    ray_runner.run_jobs_on_ray(cfg, "teacher", jobs, callbacks=callbacks)
     metrics = {}
     for job in jobs:
         group = "" if job.group is None else f"_without{job.group}"  # cross-fitting teachers
