@@ -2,7 +2,7 @@
 
 Tiny on purpose (4 people, 4-s videos at 10 fps, 10-frame clips, one epoch per phase, one loss). It renders,
 extracts (one worker: in this process) and trains; the training jobs run in this process too
-(:func:`pkdot.train.ray_runner.run_jobs_local`, the job functions Ray Train calls), so no Ray starts.
+(:func:`tests.train.conftest.jobs_in_process`: the job functions Ray Train calls), so no Ray Train run starts.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import pytest
 from pkdot.cli import main
 from pkdot.config import load_config
 from pkdot.folds import load_folds
-from pkdot.train import ray_runner
-from tests.train.conftest import run_jobs_local
+from tests.train.conftest import jobs_in_process
 
 TINY = [
     "synth.subjects=4",
@@ -50,14 +49,7 @@ TINY = [
 
 
 def test_affwild2_run_uses_the_official_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ran: list[str] = []
-
-    def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
-        ran.append(kind)
-        run_jobs_local(cfg, kind, jobs, progress=False)
-        return []
-
-    monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)
+    ran = jobs_in_process(monkeypatch)
     run = tmp_path / "run"
     args = ["run", "--dataset", "affwild2", "--no-prefect", "--run-dir", str(run)]
     args += [x for item in TINY for x in ("--set", item)]

@@ -3,7 +3,7 @@
 A 10-class table and a regression table, each with three views of different lengths (one for the student, two
 privileged): the number of classes comes from the labels (no cap at 5), the regression target from a float
 ``target`` column, and the report shows the task's metrics. Training jobs run in this process
-(:func:`pkdot.train.ray_runner.run_jobs_local`, the same job functions Ray Train calls), so no Ray starts.
+(:func:`tests.train.conftest.jobs_in_process`: the job functions Ray Train calls), so no Ray Train run starts.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import pytest
 
 from pkdot import pipeline
 from pkdot.config import load_config
-from pkdot.train import ray_runner
-from tests.train.conftest import run_jobs_local
+from tests.train.conftest import jobs_in_process
 
 TINY = [
     "model.embed_dim=16",
@@ -119,13 +118,6 @@ def test_regression_table_with_three_views(tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _jobs_in_process(monkeypatch):
-    ran: list[str] = []
-
-    def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
-        ran.append(kind)
-        run_jobs_local(cfg, kind, jobs, progress=False)
-        return []
-
-    monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)
+    ran = jobs_in_process(monkeypatch)
     yield
-    assert ran == ["teacher", "student"]  # in this process (no Ray started)
+    assert ran == ["teacher", "student"]  # in this process (no Ray Train run)

@@ -130,6 +130,22 @@ def run_jobs_local(cfg: RunConfig, kind: str, jobs, *, progress: bool = False) -
             run_job(cfg, kind, job, samples, plan, ctx)
 
 
+def jobs_in_process(monkeypatch) -> list[str]:
+    """Make the stages run their training jobs with :func:`run_jobs_local` (no Ray Train run, no start-up);
+    returns the kinds run so far, so a test can check the patch applied."""
+    from pkdot.train import ray_runner
+
+    ran: list[str] = []
+
+    def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
+        ran.append(kind)
+        run_jobs_local(cfg, kind, jobs)
+        return []
+
+    monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)
+    return ran
+
+
 class FailOnce:
     """An epoch callback that raises once, at ``phase``/``epoch`` on worker ``rank`` (fault injection).
 
