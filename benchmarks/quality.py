@@ -417,6 +417,7 @@ class QualitySettings:
             # the benchmark compares models; it does not register them in the MLflow registry
             "tracking.register_model": False,
             "train.refit": False,  # the benchmark compares procedures; it ships no model
+            "evaluate.robustness": False,  # its tables read test scores, not degraded-video curves
         }
         if self.concurrent is not None:
             over["train.max_concurrent_jobs"] = self.concurrent
