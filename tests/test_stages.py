@@ -1,4 +1,8 @@
-"""Stages 2-5 end to end on a tiny run (Ray Train with one worker, MLflow in SQLite), twice, one registry."""
+"""Stages 2-5 end to end on a tiny run (MLflow in SQLite), twice, one registry.
+
+The training jobs run in this process (:func:`tests.train.conftest.jobs_in_process`); the same stages on Ray Train
+are run by tests/test_console.py (``pkdot run``), tests/integration/test_deployment.py (with the refit) and
+tests/integration/test_two_node.py."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 
 from pkdot import pipeline
 from pkdot.errors import StageError
-from tests.train.conftest import make_tiny_run
+from tests.train.conftest import jobs_in_process, make_tiny_run
 
 
 def _pipeline(cfg):
@@ -34,8 +38,10 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
         seed=5,
         overrides=overrides | {"seed": 1, "train": {"num_workers": 1, "jobs_per_run": 2, "refit": False}},
     )
+    ran = jobs_in_process(monkeypatch)
     res_a = _pipeline(first)
     res_b = _pipeline(second)
+    assert ran == ["teacher", "student"] * 3  # the first run refits, the second does not
 
     # files of every stage
     for cfg in (first, second):
