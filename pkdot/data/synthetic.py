@@ -98,17 +98,16 @@ def write_synthetic(
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     out.mkdir(parents=True, exist_ok=True)
+    spec = _Synth(out, subjects, seed, frame_size, fps, coupling, progress)
     if kind == "biovid":
         if samples_per_class < 1:
             raise ConfigError(f"synth.samples_per_class must be >= 1, got {samples_per_class}")
         if part not in BIOVID_CHANNELS:
             raise ConfigError(f"data.part must be 'A' or 'B', got {part!r}")
-        keep = list(BIOVID_CLASSES if classes is None else classes)
+        keep = tuple(BIOVID_CLASSES if classes is None else classes)
         if unknown := sorted(set(keep) - set(BIOVID_CLASSES)):
             raise ConfigError(f"synthetic Biovid classes {unknown}: expected some of {BIOVID_CLASSES}")
-        _write_biovid(
-            out, subjects, seed, samples_per_class, part, frame_size, fps, coupling, progress, keep, workers
-        )
+        _write_biovid(spec, samples_per_class, part, keep, workers)
     else:
         if classes is not None:
             raise ConfigError("synthetic Aff-Wild2 has no classes to choose (valence/arousal tracks)")
@@ -125,13 +124,24 @@ def write_synthetic(
             raise ConfigError(
                 f"synth.seconds_per_video * fps must give >= 2 frames, got {seconds_per_video * fps}"
             )
-        _write_affwild2(
-            out, subjects, seed, videos_per_subject, seconds_per_video, frame_size, fps, coupling, progress
-        )
+        _write_affwild2(spec, videos_per_subject, seconds_per_video)
     return out
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Synth:
+    """The arguments of :func:`write_synthetic` that both layouts use."""
+
+    out: Path
+    subjects: int
+    seed: int
+    frame_size: int
+    fps: int
+    coupling: float
+    progress: bool
+
+
 @contextmanager
 def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
     from rich import progress as rp
@@ -349,31 +359,27 @@ def _biovid_physio(
 class _BiovidSubject:
     """What one synthetic Biovid subject's windows are drawn from (one job of the writer's process pool)."""
 
-    out: Path
+    spec: _Synth
     s_idx: int
     name: str
     expressiveness: float
     reactivity: float
-    seed: int
     per_class: int
     part: str
-    frame_size: int
-    fps: int
-    coupling: float
     noise: np.ndarray
     keep: tuple[str, ...]
 
 
 def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
     """Write one subject's windows; returns its ``samples.csv`` rows (``{id}`` left to fill) and truth rows."""
-    out, s_idx, name, seed, fps, keep = job.out, job.s_idx, job.name, job.seed, job.fps, job.keep
-    coupling, part = job.coupling, job.part
+    out, seed, fps, coupling = job.spec.out, job.spec.seed, job.spec.fps, job.spec.coupling
+    s_idx, name, keep, part = job.s_idx, job.name, job.keep, job.part
     n_frames = int(round(BIOVID_SECONDS * fps))
     time_us = np.round(np.arange(int(round(BIOVID_SECONDS * BIOVID_FS))) * 1e6 / BIOVID_FS).astype(np.int64)
     channels = BIOVID_CHANNELS[part]
     srng = np.random.default_rng([seed, 2, s_idx])
     look = draw_subject_look(srng, job.expressiveness)
-    renderer = FaceRenderer(look, job.frame_size)
+    renderer = FaceRenderer(look, job.spec.frame_size)
     subject = {
         "reactivity": job.reactivity,
         "hr0": srng.uniform(58, 85),
@@ -447,35 +453,23 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
     return rows, truth
 
 
-def _write_biovid(
-    out: Path,
-    subjects: int,
-    seed: int,
-    per_class: int,
-    part: str,
-    frame_size: int,
-    fps: int,
-    coupling: float,
-    progress: bool,
-    classes: Sequence[str],
-    workers: int,
-) -> None:
-    rng = np.random.default_rng([seed, 1])
+def _write_biovid(spec: _Synth, per_class: int, part: str, classes: tuple[str, ...], workers: int) -> None:
+    out, subjects = spec.out, spec.subjects
+    rng = np.random.default_rng([spec.seed, 1])
     names = _subject_names(rng, subjects)
     expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = _spread(rng, subjects, 0.4, 1.0)
-    noise = _noise_bank(rng, frame_size)
+    noise = _noise_bank(rng, spec.frame_size)
     jobs = [
         _BiovidSubject(
-            out, s_idx, name, float(expressiveness[s_idx]), float(reactivity[s_idx]), seed, per_class, part,
-            frame_size, fps, coupling, noise, tuple(classes),
+            spec, s, name, float(expressiveness[s]), float(reactivity[s]), per_class, part, noise, classes
         )
-        for s_idx, name in enumerate(names)
-    ]  # fmt: skip
+        for s, name in enumerate(names)
+    ]
     sample_rows: list[str] = ["subject_id\tsubject_name\tclass_id\tclass_name\tsample_id\tsample_name"]
     truth: list[dict] = []
     per_subject = per_class * len(classes)
-    with _progress_bar(progress, subjects * per_subject, "synthetic Biovid") as advance:
+    with _progress_bar(spec.progress, subjects * per_subject, "synthetic Biovid") as advance:
         # every subject's draws are seeded by the subject: the files are the same whatever the worker count
         results = _map_subjects(_biovid_subject, jobs, workers)
         for rows, subject_truth in results:
@@ -583,17 +577,15 @@ def _voice(
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
-def _write_affwild2(
-    out: Path,
-    subjects: int,
-    seed: int,
-    per_subject: int,
-    seconds: float,
-    frame_size: int,
-    fps: int,
-    coupling: float,
-    progress: bool,
-) -> None:
+def _write_affwild2(spec: _Synth, per_subject: int, seconds: float) -> None:
+    out, subjects, seed, frame_size, fps, coupling = (
+        spec.out,
+        spec.subjects,
+        spec.seed,
+        spec.frame_size,
+        spec.fps,
+        spec.coupling,
+    )
     rng = np.random.default_rng([seed, 11])
     expressiveness = _spread(rng, subjects, 0.0, 1.0)
     n_val = max(1, int(round(0.25 * subjects)))
@@ -602,7 +594,7 @@ def _write_affwild2(
     noise = _noise_bank(rng, frame_size)
     ann_root = out / "annotations" / "VA_Estimation_Challenge"
     truth: list[dict] = []
-    with _progress_bar(progress, subjects * per_subject, "synthetic Aff-Wild2") as advance:
+    with _progress_bar(spec.progress, subjects * per_subject, "synthetic Aff-Wild2") as advance:
         for s_idx in range(subjects):
             srng = np.random.default_rng([seed, 12, s_idx])
             look = draw_subject_look(srng, float(expressiveness[s_idx]))

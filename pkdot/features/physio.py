@@ -223,8 +223,7 @@ def channel_quality(x: np.ndarray, fs: float) -> ChannelQuality:
     same = np.concatenate([[False], np.diff(finite) == 0])
     flat_runs = _runs(same)
     q.longest_flat_run_s = float((flat_runs.max() + 1) / fs) if len(flat_runs) else 0.0
-    lo, hi = finite.min(), finite.max()
-    q.clipped_fraction = float(((finite == lo) | (finite == hi)).mean())
+    q.clipped_fraction = float(((finite == finite.min()) | (finite == finite.max())).mean())
     return q
 
 
@@ -233,9 +232,8 @@ def interpolate_nans(x: np.ndarray) -> np.ndarray:
     nan = ~np.isfinite(x)
     if not nan.any():
         return x
-    idx = np.arange(len(x))
     out = x.copy()
-    out[nan] = np.interp(idx[nan], idx[~nan], x[~nan])
+    out[nan] = np.interp(np.flatnonzero(nan), np.flatnonzero(~nan), x[~nan])
     return out
 
 
@@ -352,9 +350,7 @@ def extract_physio(
     spectrogram = np.log(power + LOG_EPS).astype(np.float32)
 
     t = np.arange(length) / fs
-    eda = [filtered[c] for c in channels if CHANNEL_KIND[c] == "eda"]
-    ecg = [filtered[c] for c in channels if CHANNEL_KIND[c] == "ecg"]
-    emg = [filtered[c] for c in channels if CHANNEL_KIND[c] == "emg"]
+    eda, ecg, emg = ([filtered[c] for c in channels if CHANNEL_KIND[c] == k] for k in ("eda", "ecg", "emg"))
     outcome.features = PhysioFeatures(
         sample_id=sample_id,
         window=z,
