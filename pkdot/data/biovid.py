@@ -107,7 +107,6 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
     use_frames = data.faces == "frames" or (data.faces is None and frames_root.is_dir())
     want_physio = "physio" in data.modalities
     bio_columns = BIO_COLUMNS[data.part]
-    known_columns = set(BIO_COLUMNS["B"])
     rows: list[dict] = []
     seen: set[str] = set()
     for i, row in samples.iterrows():
@@ -164,7 +163,7 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
                 bad.bad(bio, sample, str(exc).removeprefix(f"{bio}: "))
                 continue
             missing = [c for c in bio_columns if c not in header]
-            unknown = [c for c in header if c not in known_columns]
+            unknown = [c for c in header if c not in BIO_COLUMNS["B"]]
             if missing or unknown:
                 bad.bad(
                     bio,

@@ -541,10 +541,8 @@ def draw_affwild2_tracks(
     t = np.arange(n_frames) / fps
     out: dict[str, np.ndarray] = {}
     for dim, mean in (("valence", mean_valence), ("arousal", mean_arousal)):
-        z = _smooth_normal(rng, n_ext, fps, VA_SMOOTH_S)
-        z_independent = _smooth_normal(rng, n_ext, fps, VA_SMOOTH_S)
-        face_noise = _smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S)
-        audio_noise = _smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S)
+        z, z_independent = (_smooth_normal(rng, n_ext, fps, VA_SMOOTH_S) for _ in range(2))
+        face_noise, audio_noise = (_smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S) for _ in range(2))
         latent = np.tanh(0.7 * z + mean)
         voice_latent = np.tanh(0.7 * _mix(coupling, z, z_independent) + mean)
         out[dim] = np.interp(t, t_ext, latent)
@@ -564,8 +562,7 @@ def _voice(
     n = int(round(len(arousal) / fps * AUDIO_SR))
     ta = np.arange(n) / AUDIO_SR
     tf = np.arange(len(arousal)) / fps
-    a = np.interp(ta, tf, arousal)
-    v = np.interp(ta, tf, valence)
+    a, v = np.interp(ta, tf, arousal), np.interp(ta, tf, valence)
     pitch = f0 * 2.0 ** (0.5 * a)
     phase = 2 * np.pi * np.cumsum(pitch) / AUDIO_SR
     tilt = 1.6 - 0.6 * v
