@@ -313,5 +313,4 @@ class FaceRenderer:
             frame += noise
         frame = cv2.LUT(np.clip(frame, 0, 255).astype(np.uint8), self._lut)
         s = self.box_side
-        box = np.array([cx - s / 2.0, cy - s / 2.0, s, s], np.float64)
-        return frame, box
+        return frame, np.array([cx - s / 2.0, cy - s / 2.0, s, s], np.float64)

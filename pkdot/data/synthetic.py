@@ -9,6 +9,7 @@ each with its own gain and noise, the face less reliably (:func:`draw_biovid_res
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -154,7 +155,7 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
     )
     with rp.Progress(*columns, disable=not enabled) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
+        yield functools.partial(bar.advance, task)
 
 
 def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
@@ -471,13 +472,11 @@ def _write_biovid(spec: _Synth, per_class: int, part: str, classes: tuple[str, .
     per_subject = per_class * len(classes)
     with _progress_bar(spec.progress, subjects * per_subject, "synthetic Biovid") as advance:
         # every subject's draws are seeded by the subject: the files are the same whatever the worker count
-        results = _map_subjects(_biovid_subject, jobs, workers)
-        for rows, subject_truth in results:
+        for rows, subject_truth in _map_subjects(_biovid_subject, jobs, workers):
             for row in rows:
                 sample_rows.append(row.replace("{id}", str(len(sample_rows) - 1)))
             truth.extend(subject_truth)
-            for _ in range(per_subject):
-                advance()
+            advance(per_subject)
     atomic_write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
     atomic_write_parquet(pa.Table.from_pylist(truth), out / TRUTH_FILE)
     logger.info("synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, len(truth), out)
@@ -491,9 +490,8 @@ def _map_subjects(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(
-        min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=spawn) as pool:
         yield from pool.map(fn, jobs)
 
 

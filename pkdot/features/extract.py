@@ -162,8 +162,7 @@ def extract_shard(job: ShardJob, features: FeatureConfig) -> dict[str, Any]:
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     metadata = {SHARD_META_KEY: json.dumps(summary.__dict__)}
-    rows = [results[sid] for sid in summary.ok]
-    write_table_atomic(rows, MODALITY_SCHEMA[job.modality], job.path, metadata)
+    write_table_atomic([results[s] for s in summary.ok], MODALITY_SCHEMA[job.modality], job.path, metadata)
     return summary.__dict__
 
 
