@@ -60,8 +60,7 @@ def read_samples_csv(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not a readable delimited table: {exc}") from exc
     df.columns = [c.strip().strip('"').lower() for c in df.columns]
-    for c in SAMPLES_COLUMNS:
-        df[c] = df[c].str.strip()
+    df[SAMPLES_COLUMNS] = df[SAMPLES_COLUMNS].apply(lambda column: column.str.strip())
     if df.empty:
         raise DatasetError(f"{path}: no samples (expected one row per sample after the header)")
     return df

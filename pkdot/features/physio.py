@@ -198,8 +198,7 @@ def sampling_rate(time: np.ndarray) -> float:
             f"time column is not strictly increasing (first bad step at row {int(np.argmax(steps <= 0)) + 1})"
         )
     step = float(np.median(steps))
-    _, unit = infer_time_unit(step)
-    return 1.0 / (step * unit)
+    return 1.0 / (step * infer_time_unit(step)[1])
 
 
 # ---- quality -----------------------------------------------------------------------------------------------
@@ -306,8 +305,7 @@ def extract_physio(
     problems: list[str] = []
     for name in channels:
         x = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
-        q = channel_quality(x, fs)
-        outcome.quality[name] = q
+        q = outcome.quality[name] = channel_quality(x, fs)
         if q.flat:
             problems.append(f"channel {name} is flat (constant or empty)")
         elif q.longest_nan_run_s > features.max_nan_gap_s:
