@@ -36,15 +36,6 @@ def subject_of(stem: str) -> str:
     return _SIDE.sub("", stem)
 
 
-def index_videos(videos_dir: Path) -> dict[str, list[Path]]:
-    """``stem -> [paths]`` of every .mp4/.avi under ``videos_dir`` (recursive, sorted)."""
-    index: dict[str, list[Path]] = {}
-    for path in sorted(videos_dir.rglob("*")):
-        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
-            index.setdefault(path.stem, []).append(path)
-    return index
-
-
 def read_va_annotation(path: Path) -> np.ndarray:
     """Parse one annotation file into an ``(n_frames, 2)`` float array (NaN rows = unannotated frames);
     :class:`DatasetError` names the file and line of a bad header, line or value."""
@@ -115,7 +106,10 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
     for p in PARTITIONS:
         if p not in present:
             logger.warning("Aff-Wild2: %s is missing; only %s are read", ann_root / p, present)
-    videos = index_videos(videos_dir) if videos_dir.is_dir() else {}
+    videos: dict[str, list[Path]] = {}  # stem -> every .mp4/.avi of that name under videos/ (sorted)
+    for path in sorted(videos_dir.rglob("*")) if videos_dir.is_dir() else []:
+        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
+            videos.setdefault(path.stem, []).append(path)
     bad = BadSamples(data.skip_bad)
     rows: list[dict] = []
     n_annotations = 0

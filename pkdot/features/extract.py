@@ -469,7 +469,11 @@ def run_extract(
         for modality in modalities:
             tmp = tables.enter_context(atomic_path(rd.feature_table(modality)))
             _merge(jobs, modality, keep_set, tmp, audio_frames)
-    _remove_stale_shards(rd.shards(), jobs)
+    current = {job.path.resolve() for job in jobs}
+    for path in rd.shards().glob("*/shard-*.parquet"):
+        if path.resolve() not in current:
+            logger.info("removing the stale shard %s", path)
+            path.unlink(missing_ok=True)
     if audio_frames is not None:
         report["audio"]["frames"] = audio_frames
     busy = [s for s in summaries if not s.get("skipped")]
@@ -585,14 +589,6 @@ def _build_report(
         "ray": use_ray,
     }
     return report, keep
-
-
-def _remove_stale_shards(shards_dir: Path, jobs: list[ShardJob]) -> None:
-    current = {job.path.resolve() for job in jobs}
-    for path in shards_dir.glob("*/shard-*.parquet"):
-        if path.resolve() not in current:
-            logger.info("removing the stale shard %s", path)
-            path.unlink(missing_ok=True)
 
 
 # ---- bring-your-own feature table ---------------------------------------------------------------------------

@@ -226,16 +226,6 @@ def channel_quality(x: np.ndarray, fs: float) -> ChannelQuality:
     return q
 
 
-def interpolate_nans(x: np.ndarray) -> np.ndarray:
-    """Linear interpolation over NaN samples (constant at the edges)."""
-    nan = ~np.isfinite(x)
-    if not nan.any():
-        return x
-    out = x.copy()
-    out[nan] = np.interp(np.flatnonzero(nan), np.flatnonzero(~nan), x[~nan])
-    return out
-
-
 # ---- filtering and features ---------------------------------------------------------------------------------
 def design_filter(kind: str, fs: float) -> np.ndarray:
     """Second-order sections of the Butterworth filter for a signal kind (``eda``, ``ecg``, ``emg``) at ``fs``."""
@@ -312,9 +302,11 @@ def extract_physio(
             problems.append(
                 f"channel {name} has a NaN run of {q.longest_nan_run_s:.3g} s (max_nan_gap_s {features.max_nan_gap_s} s)"
             )
-        else:
-            q.interpolated = int((~np.isfinite(x)).sum())
-            signals[name] = interpolate_nans(x)
+        else:  # linear interpolation over the NaN samples (constant at the edges)
+            nan = ~np.isfinite(x)
+            q.interpolated = int(nan.sum())
+            signals[name] = x.copy()
+            signals[name][nan] = np.interp(np.flatnonzero(nan), np.flatnonzero(~nan), x[~nan])
     if problems:
         outcome.reason = f"biosignal file {path}: " + "; ".join(problems)
         return outcome
