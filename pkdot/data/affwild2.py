@@ -36,15 +36,6 @@ def subject_of(stem: str) -> str:
     return _SIDE.sub("", stem)
 
 
-def index_videos(videos_dir: Path) -> dict[str, list[Path]]:
-    """``stem -> [paths]`` of every .mp4/.avi under ``videos_dir`` (recursive, sorted)."""
-    index: dict[str, list[Path]] = {}
-    for path in sorted(videos_dir.rglob("*")):
-        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
-            index.setdefault(path.stem, []).append(path)
-    return index
-
-
 def read_va_annotation(path: Path) -> np.ndarray:
     """Parse one annotation file into an ``(n_frames, 2)`` float array (NaN rows = unannotated frames);
     :class:`DatasetError` names the file and line of a bad header, line or value."""
@@ -115,7 +106,10 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
     for p in PARTITIONS:
         if p not in present:
             logger.warning("Aff-Wild2: %s is missing; only %s are read", ann_root / p, present)
-    videos = index_videos(videos_dir) if videos_dir.is_dir() else {}
+    videos: dict[str, list[Path]] = {}  # stem -> every .mp4/.avi of that name under videos/ (sorted)
+    for path in sorted(videos_dir.rglob("*")) if videos_dir.is_dir() else []:
+        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
+            videos.setdefault(path.stem, []).append(path)
     bad = BadSamples(data.skip_bad)
     rows: list[dict] = []
     n_annotations = 0
@@ -194,11 +188,6 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
 
 
 # ---- the challenge's evaluation: per-frame predictions over the whole partition -----------------------------
-def annotation_path(root: Path, partition: str, stem: str) -> Path:
-    """``<root>/annotations/VA_Estimation_Challenge/<partition>/<stem>.txt``."""
-    return Path(root) / "annotations" / "VA_Estimation_Challenge" / partition / f"{stem}.txt"
-
-
 def frame_predictions(
     manifest: pd.DataFrame, clip_predictions: pd.DataFrame, root: Path, task: str
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -222,9 +211,9 @@ def frame_predictions(
             raise DatasetError(
                 f"Aff-Wild2 video {stem!r} has clips in several partitions {sorted(partitions)}"
             )
-        labels = read_va_annotation(annotation_path(root, partitions.pop(), str(stem)))[:, column]
-        total = np.zeros(len(labels))
-        count = np.zeros(len(labels))
+        ann = Path(root) / "annotations" / "VA_Estimation_Challenge" / partitions.pop() / f"{stem}.txt"
+        labels = read_va_annotation(ann)[:, column]
+        total, count = np.zeros(len(labels)), np.zeros(len(labels))
         for start, length, value in zip(rows["start_frame"], rows["num_frames"], rows["y_pred"], strict=True):
             window = slice(int(start), min(int(start) + int(length), len(labels)))
             total[window] += float(value)
@@ -242,10 +231,8 @@ def frame_predictions(
             filled += int(gaps.size)
         trues.append(labels[annotated])
         preds.append(per_frame[annotated])
-    y_true = np.concatenate(trues) if trues else np.empty(0)
-    y_pred = np.concatenate(preds) if preds else np.empty(0)
-    counts = {"videos": len(trues), "frames": int(y_true.size), "filled_frames": filled}
-    return y_true, y_pred, counts
+    y_true, y_pred = (np.concatenate(ys) if ys else np.empty(0) for ys in (trues, preds))
+    return y_true, y_pred, {"videos": len(trues), "frames": int(y_true.size), "filled_frames": filled}
 
 
 def challenge_scores(

@@ -60,8 +60,7 @@ def read_samples_csv(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not a readable delimited table: {exc}") from exc
     df.columns = [c.strip().strip('"').lower() for c in df.columns]
-    for c in SAMPLES_COLUMNS:
-        df[c] = df[c].str.strip()
+    df[SAMPLES_COLUMNS] = df[SAMPLES_COLUMNS].apply(lambda column: column.str.strip())
     if df.empty:
         raise DatasetError(f"{path}: no samples (expected one row per sample after the header)")
     return df
@@ -107,7 +106,6 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
     use_frames = data.faces == "frames" or (data.faces is None and frames_root.is_dir())
     want_physio = "physio" in data.modalities
     bio_columns = BIO_COLUMNS[data.part]
-    known_columns = set(BIO_COLUMNS["B"])
     rows: list[dict] = []
     seen: set[str] = set()
     for i, row in samples.iterrows():
@@ -164,7 +162,7 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
                 bad.bad(bio, sample, str(exc).removeprefix(f"{bio}: "))
                 continue
             missing = [c for c in bio_columns if c not in header]
-            unknown = [c for c in header if c not in known_columns]
+            unknown = [c for c in header if c not in BIO_COLUMNS["B"]]
             if missing or unknown:
                 bad.bad(
                     bio,

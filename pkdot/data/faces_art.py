@@ -109,30 +109,27 @@ def expression_basis(lm: FaceLandmarks, xx: np.ndarray, yy: np.ndarray) -> np.nd
     d = lm.interocular
     mid_x = (lm.left_eye[0] + lm.right_eye[0]) / 2.0
     out = np.zeros((len(EXPRESSION_UNITS), *xx.shape, 2), np.float32)
-
-    def amp(unit: str) -> float:
-        return UNIT_AMPLITUDE[unit] * d
-
+    amp = {unit: a * d for unit, a in UNIT_AMPLITUDE.items()}
     # brow_lower: brows down + towards the midline.
     for bx, by in (lm.left_brow, lm.right_brow):
         g = _gauss(xx, yy, bx, by, 0.28 * d, 0.2 * d)
-        out[0, ..., 1] += amp("brow_lower") * g
-        out[0, ..., 0] += 0.35 * amp("brow_lower") * np.sign(mid_x - bx) * g
+        out[0, ..., 1] += amp["brow_lower"] * g
+        out[0, ..., 0] += 0.35 * amp["brow_lower"] * np.sign(mid_x - bx) * g
     # eye_narrow: compress towards the eye line (dy = -A * s * g with s the normalised offset).
     sy = 0.15 * d
     for ex, ey in (lm.left_eye, lm.right_eye):
         g = _gauss(xx, yy, ex, ey, 0.32 * d, sy)
-        out[1, ..., 1] += -amp("eye_narrow") * ((yy - ey) / sy) * g
+        out[1, ..., 1] += -amp["eye_narrow"] * ((yy - ey) / sy) * g
     # cheek_raise: below the eyes, up.
     for ex, ey in (lm.left_eye, lm.right_eye):
-        out[2, ..., 1] += -amp("cheek_raise") * _gauss(xx, yy, ex, ey + 0.45 * d, 0.3 * d, 0.22 * d)
+        out[2, ..., 1] += -amp["cheek_raise"] * _gauss(xx, yy, ex, ey + 0.45 * d, 0.3 * d, 0.22 * d)
     # lip_raise: upper lip and nose wings up.
     ux, uy = lm.upper_lip
-    out[3, ..., 1] += -amp("lip_raise") * _gauss(xx, yy, ux, uy - 0.1 * d, 0.4 * d, 0.22 * d)
+    out[3, ..., 1] += -amp["lip_raise"] * _gauss(xx, yy, ux, uy - 0.1 * d, 0.4 * d, 0.22 * d)
     for cx, cy in (lm.mouth_left, lm.mouth_right):
-        out[4, ..., 1] += -amp("mouth_corner_up") * _gauss(xx, yy, cx, cy, 0.18 * d, 0.18 * d)
+        out[4, ..., 1] += -amp["mouth_corner_up"] * _gauss(xx, yy, cx, cy, 0.18 * d, 0.18 * d)
     for bx, by in (lm.left_brow, lm.right_brow):
-        out[5, ..., 1] += -amp("brow_raise") * _gauss(xx, yy, bx, by - 0.05 * d, 0.35 * d, 0.25 * d)
+        out[5, ..., 1] += -amp["brow_raise"] * _gauss(xx, yy, bx, by - 0.05 * d, 0.35 * d, 0.25 * d)
     return out
 
 
@@ -316,5 +313,4 @@ class FaceRenderer:
             frame += noise
         frame = cv2.LUT(np.clip(frame, 0, 255).astype(np.uint8), self._lut)
         s = self.box_side
-        box = np.array([cx - s / 2.0, cy - s / 2.0, s, s], np.float64)
-        return frame, box
+        return frame, np.array([cx - s / 2.0, cy - s / 2.0, s, s], np.float64)

@@ -47,10 +47,8 @@ BIOVID_CLASSES = ["BL1", "PA1", "PA2", "PA3", "PA4"]
 def manifest_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows (dicts with any subset of the manifest columns) -> a DataFrame with every column, in order."""
     df = pd.DataFrame(rows)
-    for field in MANIFEST_SCHEMA:
-        if field.name not in df.columns:
-            df[field.name] = None
-    df = df[[f.name for f in MANIFEST_SCHEMA]]
+    missing = {name: None for name in MANIFEST_SCHEMA.names if name not in df.columns}
+    df = df.assign(**missing)[MANIFEST_SCHEMA.names]
     if df["sample_id"].duplicated().any():
         dup = df.loc[df["sample_id"].duplicated(), "sample_id"].iloc[0]
         raise DatasetError(f"manifest: sample_id {dup!r} appears more than once (expected unique ids)")

@@ -9,6 +9,7 @@ each with its own gain and noise, the face less reliably (:func:`draw_biovid_res
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -98,17 +99,16 @@ def write_synthetic(
     if not 0.0 <= coupling <= 1.0:
         raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     out.mkdir(parents=True, exist_ok=True)
+    spec = _Synth(out, subjects, seed, frame_size, fps, coupling, progress)
     if kind == "biovid":
         if samples_per_class < 1:
             raise ConfigError(f"synth.samples_per_class must be >= 1, got {samples_per_class}")
         if part not in BIOVID_CHANNELS:
             raise ConfigError(f"data.part must be 'A' or 'B', got {part!r}")
-        keep = list(BIOVID_CLASSES if classes is None else classes)
+        keep = tuple(BIOVID_CLASSES if classes is None else classes)
         if unknown := sorted(set(keep) - set(BIOVID_CLASSES)):
             raise ConfigError(f"synthetic Biovid classes {unknown}: expected some of {BIOVID_CLASSES}")
-        _write_biovid(
-            out, subjects, seed, samples_per_class, part, frame_size, fps, coupling, progress, keep, workers
-        )
+        _write_biovid(spec, samples_per_class, part, keep, workers)
     else:
         if classes is not None:
             raise ConfigError("synthetic Aff-Wild2 has no classes to choose (valence/arousal tracks)")
@@ -125,13 +125,24 @@ def write_synthetic(
             raise ConfigError(
                 f"synth.seconds_per_video * fps must give >= 2 frames, got {seconds_per_video * fps}"
             )
-        _write_affwild2(
-            out, subjects, seed, videos_per_subject, seconds_per_video, frame_size, fps, coupling, progress
-        )
+        _write_affwild2(spec, videos_per_subject, seconds_per_video)
     return out
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Synth:
+    """The arguments of :func:`write_synthetic` that both layouts use."""
+
+    out: Path
+    subjects: int
+    seed: int
+    frame_size: int
+    fps: int
+    coupling: float
+    progress: bool
+
+
 @contextmanager
 def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
     from rich import progress as rp
@@ -144,7 +155,7 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator:
     )
     with rp.Progress(*columns, disable=not enabled) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
+        yield functools.partial(bar.advance, task)
 
 
 def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
@@ -349,31 +360,27 @@ def _biovid_physio(
 class _BiovidSubject:
     """What one synthetic Biovid subject's windows are drawn from (one job of the writer's process pool)."""
 
-    out: Path
+    spec: _Synth
     s_idx: int
     name: str
     expressiveness: float
     reactivity: float
-    seed: int
     per_class: int
     part: str
-    frame_size: int
-    fps: int
-    coupling: float
     noise: np.ndarray
     keep: tuple[str, ...]
 
 
 def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
     """Write one subject's windows; returns its ``samples.csv`` rows (``{id}`` left to fill) and truth rows."""
-    out, s_idx, name, seed, fps, keep = job.out, job.s_idx, job.name, job.seed, job.fps, job.keep
-    coupling, part = job.coupling, job.part
+    out, seed, fps, coupling = job.spec.out, job.spec.seed, job.spec.fps, job.spec.coupling
+    s_idx, name, keep, part = job.s_idx, job.name, job.keep, job.part
     n_frames = int(round(BIOVID_SECONDS * fps))
     time_us = np.round(np.arange(int(round(BIOVID_SECONDS * BIOVID_FS))) * 1e6 / BIOVID_FS).astype(np.int64)
     channels = BIOVID_CHANNELS[part]
     srng = np.random.default_rng([seed, 2, s_idx])
     look = draw_subject_look(srng, job.expressiveness)
-    renderer = FaceRenderer(look, job.frame_size)
+    renderer = FaceRenderer(look, job.spec.frame_size)
     subject = {
         "reactivity": job.reactivity,
         "hr0": srng.uniform(58, 85),
@@ -447,43 +454,29 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
     return rows, truth
 
 
-def _write_biovid(
-    out: Path,
-    subjects: int,
-    seed: int,
-    per_class: int,
-    part: str,
-    frame_size: int,
-    fps: int,
-    coupling: float,
-    progress: bool,
-    classes: Sequence[str],
-    workers: int,
-) -> None:
-    rng = np.random.default_rng([seed, 1])
+def _write_biovid(spec: _Synth, per_class: int, part: str, classes: tuple[str, ...], workers: int) -> None:
+    out, subjects = spec.out, spec.subjects
+    rng = np.random.default_rng([spec.seed, 1])
     names = _subject_names(rng, subjects)
     expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = _spread(rng, subjects, 0.4, 1.0)
-    noise = _noise_bank(rng, frame_size)
+    noise = _noise_bank(rng, spec.frame_size)
     jobs = [
         _BiovidSubject(
-            out, s_idx, name, float(expressiveness[s_idx]), float(reactivity[s_idx]), seed, per_class, part,
-            frame_size, fps, coupling, noise, tuple(classes),
+            spec, s, name, float(expressiveness[s]), float(reactivity[s]), per_class, part, noise, classes
         )
-        for s_idx, name in enumerate(names)
-    ]  # fmt: skip
+        for s, name in enumerate(names)
+    ]
     sample_rows: list[str] = ["subject_id\tsubject_name\tclass_id\tclass_name\tsample_id\tsample_name"]
     truth: list[dict] = []
     per_subject = per_class * len(classes)
-    with _progress_bar(progress, subjects * per_subject, "synthetic Biovid") as advance:
+    with _progress_bar(spec.progress, subjects * per_subject, "synthetic Biovid") as advance:
         # every subject's draws are seeded by the subject: the files are the same whatever the worker count
-        results = _map_subjects(_biovid_subject, jobs, workers)
-        for rows, subject_truth in results:
+        for rows, subject_truth in _map_subjects(_biovid_subject, jobs, workers):
             for row in rows:
                 sample_rows.append(row.replace("{id}", str(len(sample_rows) - 1)))
             truth.extend(subject_truth)
-            for _ in range(per_subject):
-                advance()
+            advance(per_subject)
     atomic_write_text(out / "samples.csv", "\n".join(sample_rows) + "\n")
     atomic_write_parquet(pa.Table.from_pylist(truth), out / TRUTH_FILE)
     logger.info("synthetic Biovid part %s: %d subjects, %d samples -> %s", part, subjects, len(truth), out)
@@ -497,9 +490,8 @@ def _map_subjects(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(
-        min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=spawn) as pool:
         yield from pool.map(fn, jobs)
 
 
@@ -547,10 +539,8 @@ def draw_affwild2_tracks(
     t = np.arange(n_frames) / fps
     out: dict[str, np.ndarray] = {}
     for dim, mean in (("valence", mean_valence), ("arousal", mean_arousal)):
-        z = _smooth_normal(rng, n_ext, fps, VA_SMOOTH_S)
-        z_independent = _smooth_normal(rng, n_ext, fps, VA_SMOOTH_S)
-        face_noise = _smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S)
-        audio_noise = _smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S)
+        z, z_independent = (_smooth_normal(rng, n_ext, fps, VA_SMOOTH_S) for _ in range(2))
+        face_noise, audio_noise = (_smooth_normal(rng, n_frames, fps, VA_NOISE_SMOOTH_S) for _ in range(2))
         latent = np.tanh(0.7 * z + mean)
         voice_latent = np.tanh(0.7 * _mix(coupling, z, z_independent) + mean)
         out[dim] = np.interp(t, t_ext, latent)
@@ -570,8 +560,7 @@ def _voice(
     n = int(round(len(arousal) / fps * AUDIO_SR))
     ta = np.arange(n) / AUDIO_SR
     tf = np.arange(len(arousal)) / fps
-    a = np.interp(ta, tf, arousal)
-    v = np.interp(ta, tf, valence)
+    a, v = np.interp(ta, tf, arousal), np.interp(ta, tf, valence)
     pitch = f0 * 2.0 ** (0.5 * a)
     phase = 2 * np.pi * np.cumsum(pitch) / AUDIO_SR
     tilt = 1.6 - 0.6 * v
@@ -583,17 +572,15 @@ def _voice(
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
-def _write_affwild2(
-    out: Path,
-    subjects: int,
-    seed: int,
-    per_subject: int,
-    seconds: float,
-    frame_size: int,
-    fps: int,
-    coupling: float,
-    progress: bool,
-) -> None:
+def _write_affwild2(spec: _Synth, per_subject: int, seconds: float) -> None:
+    out, subjects, seed, frame_size, fps, coupling = (
+        spec.out,
+        spec.subjects,
+        spec.seed,
+        spec.frame_size,
+        spec.fps,
+        spec.coupling,
+    )
     rng = np.random.default_rng([seed, 11])
     expressiveness = _spread(rng, subjects, 0.0, 1.0)
     n_val = max(1, int(round(0.25 * subjects)))
@@ -602,7 +589,7 @@ def _write_affwild2(
     noise = _noise_bank(rng, frame_size)
     ann_root = out / "annotations" / "VA_Estimation_Challenge"
     truth: list[dict] = []
-    with _progress_bar(progress, subjects * per_subject, "synthetic Aff-Wild2") as advance:
+    with _progress_bar(spec.progress, subjects * per_subject, "synthetic Aff-Wild2") as advance:
         for s_idx in range(subjects):
             srng = np.random.default_rng([seed, 12, s_idx])
             look = draw_subject_look(srng, float(expressiveness[s_idx]))

@@ -70,16 +70,14 @@ def draw_feature_table(
         raise ConfigError(
             f"synthetic feature table: subjects and per_class must be >= 1, got {subjects}, {per_class}"
         )
-    if not 0.0 <= coupling <= 1.0:
-        raise ConfigError(f"synth.coupling must be in [0, 1], got {coupling}")
     classes = BINARY_CLASSES if task == "binary" else tuple(range(len(BIOVID_CLASSES)))
     rng = np.random.default_rng([seed, 11])
     names = synthetic._subject_names(rng, subjects)
     expressiveness = 0.1 + 0.9 * synthetic._spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = synthetic._spread(rng, subjects, 0.4, 1.0)
-    sample_ids: list[str] = []
-    subject_ids: list[str] = []
-    labels, face_rows, physio_rows, face_truth, physio_truth, landmark_rows = [], [], [], [], [], []
+    rows: list[
+        tuple
+    ] = []  # sample_id, subject_id, label, face_au, face_landmarks, physio, face/physio response
     for s, name in enumerate(names):
         srng = np.random.default_rng([seed, 12, s])
         e, r = float(expressiveness[s]), float(reactivity[s])
@@ -130,23 +128,16 @@ def draw_feature_table(
                 emg * wrng.uniform(1.5, 2.5) + wrng.normal(0.0, 0.5),
                 float(nonspecific),
             ]
-            sample_ids.append(f"{name}-{BIOVID_CLASSES[c]}-{i + 1:03d}")
-            subject_ids.append(name)
-            labels.append(classes.index(c) if task == "binary" else c)
-            face_rows.append(au)
-            landmark_rows.append(landmarks)
-            physio_rows.append(physio)
-            face_truth.append(float(resp["face_response"][i]))
-            physio_truth.append(float(resp["physio_response"][i]))
-    return {
-        "sample_id": sample_ids,
-        "subject_id": subject_ids,
-        "label": np.asarray(labels, dtype=np.int64),
-        "face_au": np.asarray(face_rows, dtype=np.float32),
-        "face_landmarks": np.asarray(landmark_rows, dtype=np.float32),
-        "physio": np.asarray(physio_rows, dtype=np.float32),
-        "face_response": np.asarray(face_truth),
-        "physio_response": np.asarray(physio_truth),
+            label = classes.index(c) if task == "binary" else c
+            responses = float(resp["face_response"][i]), float(resp["physio_response"][i])
+            rows.append(
+                (f"{name}-{BIOVID_CLASSES[c]}-{i + 1:03d}", name, label, au, landmarks, physio, *responses)
+            )
+    sample_ids, subject_ids, *arrays = zip(*rows, strict=True)
+    dtypes = {"label": np.int64, "face_au": np.float32, "face_landmarks": np.float32, "physio": np.float32}
+    columns = (*dtypes, "face_response", "physio_response")
+    return {"sample_id": list(sample_ids), "subject_id": list(subject_ids)} | {
+        key: np.asarray(column, dtype=dtypes.get(key)) for key, column in zip(columns, arrays, strict=True)
     }
 
 

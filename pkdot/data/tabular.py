@@ -115,9 +115,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
             )
     if (n := table.num_rows) == 0:
         raise DatasetError(f"table {path} has no rows")
-    sample_ids = table.column("sample_id").to_pylist()
-    subject_ids = table.column("subject_id").to_pylist()
-    targets = table.column(target).to_pylist()
+    sample_ids, subject_ids, targets = (table.column(c).to_pylist() for c in (*ID_COLUMNS, target))
     problems: dict[int, str] = {}  # row -> the first thing wrong with it
 
     def reject(i: int, column: str, reason: str) -> None:

@@ -54,16 +54,12 @@ class AudioFailure:
     reason: str
 
 
-def n_fft_for(sr: int, hop_length: int) -> int:
-    """FFT size: the power of two >= 25 ms at ``sr``, at least ``hop_length``."""
-    return max(hop_length, 2 ** math.ceil(math.log2(0.025 * sr)))
-
-
 def logmel(y: np.ndarray, sr: int, n_mels: int, hop_length: int) -> np.ndarray:
-    """Log-mel power spectrogram (dB) of a mono signal ``y`` (n,) -> float32 ``(n_mels, 1 + n // hop_length)``."""
+    """Log-mel power spectrogram (dB) of a mono signal ``y`` (n,) -> float32 ``(n_mels, 1 + n // hop_length)``;
+    FFT size: the power of two >= 25 ms at ``sr``, at least ``hop_length``."""
     import librosa
 
-    n_fft = n_fft_for(sr, hop_length)
+    n_fft = max(hop_length, 2 ** math.ceil(math.log2(0.025 * sr)))
     mel = librosa.feature.melspectrogram(
         y=np.asarray(y, np.float32), sr=sr, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
     )

@@ -44,15 +44,12 @@ logger = logging.getLogger(__name__)
 SHARD_META_KEY = "pkdot_shard"
 EXTRACTED_MODALITIES = ("video", "physio", "audio")
 MODALITY_SCHEMA = {"video": schema.FACES_SCHEMA, "physio": schema.PHYSIO_SCHEMA, "audio": schema.AUDIO_SCHEMA}
-#: Feature settings (FeatureConfig fields) each extractor's output depends on.
+#: Feature settings (FeatureConfig fields, space-separated) each extractor's output depends on.
 MODALITY_SETTINGS = {
-    modality: tuple(fields.split())
-    for modality, fields in {
-        "video": "n_frames crop_size face_margin detector yunet_model detect_width min_face_px detect_every "
-        "box_smoothing",
-        "physio": "physio_fs physio_channels physio_window max_nan_gap_s spec_nperseg spec_noverlap spec_nfft",
-        "audio": "audio_sr n_mels hop_length",
-    }.items()
+    "video": "n_frames crop_size face_margin detector yunet_model detect_width min_face_px detect_every "
+    "box_smoothing",
+    "physio": "physio_fs physio_channels physio_window max_nan_gap_s spec_nperseg spec_noverlap spec_nfft",
+    "audio": "audio_sr n_mels hop_length",
 }
 MODALITY_VERSION: dict[str, int] = {
     "video": face_features.FACES_VERSION,
@@ -112,7 +109,7 @@ def _shard_value(column: str, value: Any) -> int | str | None:
 
 def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dict[str, Any]:
     dump = features.model_dump(mode="json")
-    settings = {k: dump[k] for k in MODALITY_SETTINGS[modality]}
+    settings = {k: dump[k] for k in MODALITY_SETTINGS[modality].split()}
     settings["version"] = MODALITY_VERSION[modality]
     # The extractor's code: editing it re-extracts that modality's shards (not the others').
     package = rundir.PACKAGE_DIR  # read at call time (tests point it at an edited copy)
@@ -165,8 +162,7 @@ def extract_shard(job: ShardJob, features: FeatureConfig) -> dict[str, Any]:
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     metadata = {SHARD_META_KEY: json.dumps(summary.__dict__)}
-    rows = [results[sid] for sid in summary.ok]
-    write_table_atomic(rows, MODALITY_SCHEMA[job.modality], job.path, metadata)
+    write_table_atomic([results[s] for s in summary.ok], MODALITY_SCHEMA[job.modality], job.path, metadata)
     return summary.__dict__
 
 
@@ -326,9 +322,7 @@ def _run_jobs(
         rp.TimeRemainingColumn(),
         disable=not progress,
     ) as bar:
-        totals: dict[str, int] = defaultdict(int)
-        for job in jobs:
-            totals[job.modality] += len(job.rows)
+        totals = Counter(job.modality for job in jobs for _ in job.rows)
         tasks = {m: bar.add_task(f"{m} samples", total=n) for m, n in totals.items()}
         todo = []
         for job in jobs:
@@ -454,14 +448,13 @@ def run_extract(
     order = manifest["sample_id"].astype(str).tolist()
     report, keep = _build_report(cfg, summaries, order, workers, use_ray)
     keep_set = set(keep)
-    if report["quarantined"]:  # on the driver: shards on Ray workers log their own lines only there
-        first = report["quarantined"][0]
+    # on the driver: shards on Ray workers log their own lines only there
+    if quarantined := report["quarantined"]:
+        first = "{sample_id}, {modality}: {reason}".format(**quarantined[0])
         logger.warning(
-            "extract: %d sample(s) quarantined (first: %s, %s: %s); every reason is in %s",
-            len(report["quarantined"]),
-            first["sample_id"],
-            first["modality"],
-            first["reason"],
+            "extract: %d sample(s) quarantined (first: %s); every reason is in %s",
+            len(quarantined),
+            first,
             report_path,
         )
     if not keep:
@@ -476,7 +469,11 @@ def run_extract(
         for modality in modalities:
             tmp = tables.enter_context(atomic_path(rd.feature_table(modality)))
             _merge(jobs, modality, keep_set, tmp, audio_frames)
-    _remove_stale_shards(rd.shards(), jobs)
+    current = {job.path.resolve() for job in jobs}
+    for path in rd.shards().glob("*/shard-*.parquet"):
+        if path.resolve() not in current:
+            logger.info("removing the stale shard %s", path)
+            path.unlink(missing_ok=True)
     if audio_frames is not None:
         report["audio"]["frames"] = audio_frames
     busy = [s for s in summaries if not s.get("skipped")]
@@ -592,14 +589,6 @@ def _build_report(
         "ray": use_ray,
     }
     return report, keep
-
-
-def _remove_stale_shards(shards_dir: Path, jobs: list[ShardJob]) -> None:
-    current = {job.path.resolve() for job in jobs}
-    for path in shards_dir.glob("*/shard-*.parquet"):
-        if path.resolve() not in current:
-            logger.info("removing the stale shard %s", path)
-            path.unlink(missing_ok=True)
 
 
 # ---- bring-your-own feature table ---------------------------------------------------------------------------

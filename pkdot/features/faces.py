@@ -60,8 +60,7 @@ class YuvFrame:
         chroma = ((height + 1) // 2, (width + 1) // 2)
         self._frame = frame  # the planes are views of its buffers (no copy): keep it alive with them
         self.y = _plane(frame.planes[0], height, width)
-        self.u = _plane(frame.planes[1], *chroma)
-        self.v = _plane(frame.planes[2], *chroma)
+        self.u, self.v = (_plane(frame.planes[k], *chroma) for k in (1, 2))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -298,7 +297,7 @@ class FaceDetector:
             boxes = np.asarray(found, dtype=np.float64).reshape(-1, 4)
         return boxes / scale
 
-    def detect_all(self, rgb: Image, wanted: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+    def detect_all(self, rgb: Image, wanted: Callable[[np.ndarray], object] | None = None) -> np.ndarray:
         """Faces on the whole frame, (K, 4) source pixels: large faces at half the detection scale first, then
         (when none is found or passes ``wanted``) the smaller ones at the full scale."""
         self.full_searches += 1
@@ -321,9 +320,7 @@ class FaceDetector:
         scale = min(1.0, self.min_px / (TRACK_MIN_SCALE * side))
         max_side = max(self.min_px + 1, int(np.ceil(TRACK_MAX_SCALE * side * scale)))
         boxes = self._search(rgb, (x0, y0, x1, y1), scale, self.min_px, max_side)
-        if len(boxes):
-            boxes[:, 0] += x0
-            boxes[:, 1] += y0
+        boxes[:, :2] += (x0, y0)
         return boxes
 
     def _template_scale(self, box: Sequence[float]) -> float:
@@ -407,10 +404,6 @@ def choose_face(
     return float(x), float(y), float(w), float(h)
 
 
-def _qualifies(boxes: np.ndarray, frame_width: int, side: str | None, previous: Box | None) -> bool:
-    return choose_face(boxes, frame_width, side, previous) is not None
-
-
 def track_faces(
     frames: Sequence[Image], detector: FaceDetector, side: str | None = None, detect_every: int = 3
 ) -> list[Box | None]:
@@ -429,7 +422,7 @@ def track_faces(
             box = choose_face(detector.detect_near(image, previous), width, None, previous)
             last_detection = t
         if box is None:
-            qualifies = functools.partial(_qualifies, frame_width=width, side=side, previous=previous)
+            qualifies = functools.partial(choose_face, frame_width=width, side=side, previous=previous)
             box = choose_face(detector.detect_all(image, qualifies), width, side, previous)
             last_detection = t
         detections.append(box)
@@ -447,8 +440,7 @@ def smooth_boxes(detections: Sequence[Box | None], smoothing: float) -> tuple[np
         raise FeatureError("no face box to track: the face was not found in any frame")
     good = np.flatnonzero(detected)
     raw = np.array([(0, 0, 0, 0) if d is None else d for d in detections], dtype=np.float64)
-    for i in np.flatnonzero(~detected):
-        raw[i] = raw[good[np.argmin(np.abs(good - i))]]
+    raw = raw[good[np.abs(good[None, :] - np.arange(len(raw))[:, None]).argmin(axis=1)]]
     smoothed = np.empty_like(raw)
     smoothed[0] = raw[0]
     for t in range(1, len(raw)):

@@ -198,8 +198,7 @@ def sampling_rate(time: np.ndarray) -> float:
             f"time column is not strictly increasing (first bad step at row {int(np.argmax(steps <= 0)) + 1})"
         )
     step = float(np.median(steps))
-    _, unit = infer_time_unit(step)
-    return 1.0 / (step * unit)
+    return 1.0 / (step * infer_time_unit(step)[1])
 
 
 # ---- quality -----------------------------------------------------------------------------------------------
@@ -223,20 +222,8 @@ def channel_quality(x: np.ndarray, fs: float) -> ChannelQuality:
     same = np.concatenate([[False], np.diff(finite) == 0])
     flat_runs = _runs(same)
     q.longest_flat_run_s = float((flat_runs.max() + 1) / fs) if len(flat_runs) else 0.0
-    lo, hi = finite.min(), finite.max()
-    q.clipped_fraction = float(((finite == lo) | (finite == hi)).mean())
+    q.clipped_fraction = float(((finite == finite.min()) | (finite == finite.max())).mean())
     return q
-
-
-def interpolate_nans(x: np.ndarray) -> np.ndarray:
-    """Linear interpolation over NaN samples (constant at the edges)."""
-    nan = ~np.isfinite(x)
-    if not nan.any():
-        return x
-    idx = np.arange(len(x))
-    out = x.copy()
-    out[nan] = np.interp(idx[nan], idx[~nan], x[~nan])
-    return out
 
 
 # ---- filtering and features ---------------------------------------------------------------------------------
@@ -308,17 +295,18 @@ def extract_physio(
     problems: list[str] = []
     for name in channels:
         x = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
-        q = channel_quality(x, fs)
-        outcome.quality[name] = q
+        q = outcome.quality[name] = channel_quality(x, fs)
         if q.flat:
             problems.append(f"channel {name} is flat (constant or empty)")
         elif q.longest_nan_run_s > features.max_nan_gap_s:
             problems.append(
                 f"channel {name} has a NaN run of {q.longest_nan_run_s:.3g} s (max_nan_gap_s {features.max_nan_gap_s} s)"
             )
-        else:
-            q.interpolated = int((~np.isfinite(x)).sum())
-            signals[name] = interpolate_nans(x)
+        else:  # linear interpolation over the NaN samples (constant at the edges)
+            nan = ~np.isfinite(x)
+            q.interpolated = int(nan.sum())
+            signals[name] = x.copy()
+            signals[name][nan] = np.interp(np.flatnonzero(nan), np.flatnonzero(~nan), x[~nan])
     if problems:
         outcome.reason = f"biosignal file {path}: " + "; ".join(problems)
         return outcome
@@ -352,9 +340,7 @@ def extract_physio(
     spectrogram = np.log(power + LOG_EPS).astype(np.float32)
 
     t = np.arange(length) / fs
-    eda = [filtered[c] for c in channels if CHANNEL_KIND[c] == "eda"]
-    ecg = [filtered[c] for c in channels if CHANNEL_KIND[c] == "ecg"]
-    emg = [filtered[c] for c in channels if CHANNEL_KIND[c] == "emg"]
+    eda, ecg, emg = ([filtered[c] for c in channels if CHANNEL_KIND[c] == k] for k in ("eda", "ecg", "emg"))
     outcome.features = PhysioFeatures(
         sample_id=sample_id,
         window=z,
