@@ -73,13 +73,14 @@ class DistillLoss(nn.Module):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         """Validate ``batch``, detach the teacher's tensors and return ``compute(batch)`` (unweighted, shape ());
-        with ``batch_structure`` and W > 1 workers, on the global batch (:func:`gather_batch`)."""
+        with ``batch_structure`` and W > 1 workers, on the global batch (every tensor through :func:`gather_rows`)."""
         self._check_batch(batch)
         frozen = replace(
             batch, teacher_z=batch.teacher_z.detach(), teacher_logits=batch.teacher_logits.detach()
         )
         if self.batch_structure and world_size() > 1:
-            frozen = gather_batch(frozen)
+            present = {f.name: v for f in fields(frozen) if (v := getattr(frozen, f.name)) is not None}
+            frozen = replace(frozen, **{name: gather_rows(v) for name, v in present.items()})
         loss = self.compute(frozen)
         if loss.dim() != 0:
             raise StageError(
@@ -214,9 +215,3 @@ def gather_rows(x: Tensor) -> Tensor:
         x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))], dim=0)
     parts = dist_fn.all_gather(x)
     return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)], dim=0)
-
-
-def gather_batch(batch: DistillBatch) -> DistillBatch:
-    """The global batch: every tensor of ``batch`` gathered from all workers (:func:`gather_rows`)."""
-    gathered = {f.name: gather_rows(v) for f in fields(batch) if (v := getattr(batch, f.name)) is not None}
-    return replace(batch, **gathered)

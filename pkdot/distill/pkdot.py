@@ -41,14 +41,6 @@ def cosine_similarity_matrix(z: Tensor) -> Tensor:
     return unit @ unit.T
 
 
-def _resolve_k(k: int | str, batch_size: int) -> int:
-    if k == "all":
-        return batch_size
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"distill.pkdot.k must be a positive int or 'all', got {k!r}")
-    return min(k, batch_size)
-
-
 @float32_math
 def pkdot_structure(
     student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, anchors: str = "least"
@@ -67,7 +59,9 @@ def pkdot_structure(
         raise StageError(f"pkdot: needs a batch of at least 2 samples, got {batch_size}")
     if anchors not in ("least", "most"):
         raise ConfigError(f"distill.pkdot.anchors must be 'least' or 'most', got {anchors!r}")
-    n_anchors = _resolve_k(k, batch_size)
+    if k != "all" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"distill.pkdot.k must be a positive int or 'all', got {k!r}")
+    n_anchors = batch_size if k == "all" else min(k, batch_size)
     student_raw = cosine_similarity_matrix(student_z)
     teacher_raw = cosine_similarity_matrix(teacher_z.detach().to(student_z.dtype))
     student_sim = student_raw - student_raw.min()

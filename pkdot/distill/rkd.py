@@ -32,28 +32,19 @@ def _triplet_angles(z: Tensor) -> Tensor:
     return torch.bmm(diff, diff.transpose(1, 2))
 
 
-def rkd_distance_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
-    r"""Huber loss between mean-normalised pairwise distance matrices, (B, Ds) and (B, Dt) -> ()."""
-    teacher_dist = _normalised_distances(teacher_z.detach().to(student_z))
-    return F.smooth_l1_loss(_normalised_distances(student_z), teacher_dist)
-
-
-def rkd_angle_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
-    r"""Huber loss between the (B, B, B) triplet-angle cosines of student and teacher -> ()."""
-    teacher_angles = _triplet_angles(teacher_z.detach().to(student_z))
-    return F.smooth_l1_loss(_triplet_angles(student_z), teacher_angles)
-
-
 def rkd_loss(
     student_z: Tensor, teacher_z: Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0
 ) -> Tensor:
-    r"""RKD loss :math:`w_d \mathcal{L}_d + w_a \mathcal{L}_a` of (B, Ds) and (B, Dt, detached) embeddings.
+    r"""RKD loss :math:`w_d \mathcal{L}_d + w_a \mathcal{L}_a` of (B, Ds) and (B, Dt, detached) embeddings: Huber
+    losses between the mean-normalised distance matrices (B, B) and between the triplet-angle cosines (B, B, B).
 
     >= 0; zero when :math:`Z_s = c\, Z_t Q + t` (similarity transform); permutation invariant. Memory is
     O(B^2 D) for the angle term.
     """
-    distance = rkd_distance_loss(student_z, teacher_z)
-    return distance_weight * distance + angle_weight * rkd_angle_loss(student_z, teacher_z)
+    teacher_z = teacher_z.detach().to(student_z)
+    distance = F.smooth_l1_loss(_normalised_distances(student_z), _normalised_distances(teacher_z))
+    angle = F.smooth_l1_loss(_triplet_angles(student_z), _triplet_angles(teacher_z))
+    return distance_weight * distance + angle_weight * angle
 
 
 @register("rkd")
