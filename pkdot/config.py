@@ -21,7 +21,6 @@ from pkdot.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 Preset = Literal["demo", "paper"]
-DatasetName = Literal["biovid", "affwild2", "table", "synthetic-biovid", "synthetic-affwild2"]
 Task = Literal["binary", "multiclass", "valence", "arousal", "regression"]
 AnchorCount = Annotated[int, Field(ge=1)] | Literal["all"]
 

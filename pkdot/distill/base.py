@@ -54,12 +54,8 @@ class DistillLoss(nn.Module):
         self, *, student_dim: int, teacher_dim: int, num_outputs: int, regression: bool, num_samples: int
     ) -> None:
         super().__init__()
-        for field, value in (
-            ("student_dim", student_dim),
-            ("teacher_dim", teacher_dim),
-            ("num_outputs", num_outputs),
-            ("num_samples", num_samples),
-        ):
+        names = ("student_dim", "teacher_dim", "num_outputs", "num_samples")
+        for field, value in zip(names, (student_dim, teacher_dim, num_outputs, num_samples), strict=True):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(
                     f"distill loss {self.name!r}: {field} must be a positive int, got {value!r}"

@@ -30,14 +30,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
-def kd_regression_loss(student_outputs: Tensor, teacher_outputs: Tensor) -> Tensor:
-    r"""Regression KD: :math:`\frac{1}{B\,C} \sum_{b,c} (s_{bc} - t_{bc})^2` (shapes (B, C), usually C = 1)."""
-    return F.mse_loss(student_outputs, teacher_outputs.detach().to(student_outputs))
-
-
 @register("kd")
 class KnowledgeDistillation(DistillLoss):
-    """Soft targets at ``temperature`` (classification) or MSE to the teacher's outputs (regression)."""
+    """Soft targets at ``temperature`` (classification) or the mean squared error to the teacher's (B, C) outputs
+    (regression)."""
 
     def __init__(self, *, temperature: float, **dims: Any) -> None:
         super().__init__(**dims)
@@ -45,5 +41,5 @@ class KnowledgeDistillation(DistillLoss):
 
     def compute(self, batch: DistillBatch) -> Tensor:
         if self.regression:
-            return kd_regression_loss(batch.student_logits, batch.teacher_logits)
+            return F.mse_loss(batch.student_logits, batch.teacher_logits.to(batch.student_logits))
         return kd_loss(batch.student_logits, batch.teacher_logits, self.temperature)

@@ -1,10 +1,9 @@
 r"""Entropic optimal transport between point clouds: a log-domain Sinkhorn solver with epsilon-scaling.
 
-GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors; gradients by the envelope
-theorem (the loop runs without autograd, only a last soft-min step is differentiated). Why our own solver: at
-our sizes it takes 0.46-0.66x GeomLoss's time (B = 64..256, k = 30, ``benchmarks/bench_ot.py``) and ~1/250 of
-POT's log-domain Sinkhorn, which has no epsilon-scaling; GeomLoss, a development dependency only, pins our
-values and gradients in ``tests/distill/test_ot.py``.
+GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors, gradients by the envelope
+theorem (only a last soft-min step is differentiated). Why our own: at our sizes 0.46-0.66x GeomLoss's time
+(B = 64..256, k = 30, ``benchmarks/bench_ot.py``) and ~1/250 of POT's log-domain Sinkhorn (no epsilon-scaling);
+GeomLoss, a development dependency only, pins our values and gradients in ``tests/distill/test_ot.py``.
 """
 
 from __future__ import annotations
@@ -23,11 +22,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def float32_math(fn: F) -> F:
-    """Run ``fn`` outside autocast with its float16/bfloat16 tensor arguments cast to float32 (float64 kept).
-
-    Under mixed precision the cosine matrices and Sinkhorn iterations stay in float32: exponents of -C/eps with
-    eps = 0.01 are far beyond half precision's mantissa.
-    """
+    """Run ``fn`` outside autocast with float16/bfloat16 tensor arguments cast to float32 (float64 kept):
+    exponents of -C/eps with eps = 0.01 are far beyond half precision's mantissa."""
 
     def up(v: Any) -> Any:
         return v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v

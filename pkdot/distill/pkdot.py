@@ -1,10 +1,8 @@
 r"""PKDOT: structural distillation by optimal transport between similarity structures.
 
-Cosine-similarity matrices of the teacher's and the student's batch embeddings, each shifted to be non-negative;
-for each row the k columns with the least (the authors' default) or most teacher similarity are its anchors;
-the rows restricted to the anchors make two point clouds in R^k, and the loss is the debiased Sinkhorn divergence
-between them. Weight 0.6 (``distill.pkdot.weight``): the paper's total loss is CE + 0.6 PKDOT.
-
+The teacher's and the student's batch cosine-similarity matrices (shifted to be non-negative), each row cut to
+its k anchors (the columns of least, the authors' default, or most teacher similarity), make two clouds in R^k;
+the loss is their debiased Sinkhorn divergence. Weight 0.6 (``distill.pkdot.weight``): the paper's CE + 0.6 PKDOT.
 Reference: M. H. Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using
 Optimal Transport", IEEE FG 2024, arXiv:2401.15489.
 """
