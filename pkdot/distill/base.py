@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -42,8 +42,8 @@ class DistillLoss(nn.Module):
     parameters/buffers, optimised and saved with the student.
 
     ``student_dim``, ``teacher_dim``: Ds and Dt; ``num_outputs``: C (1 for regression); ``num_samples``: rows
-    of the training set (``DistillBatch.index``). Subclasses take their :class:`pkdot.config.LossOptions`
-    fields (weight excepted) as keyword arguments and implement ``compute``.
+    of the training set (``DistillBatch.index``); ``options``: the loss's :class:`pkdot.config.LossOptions` fields
+    (weight excepted), kept in ``self.options``. Subclasses implement ``compute``.
     """
 
     name: ClassVar[str] = ""
@@ -51,7 +51,14 @@ class DistillLoss(nn.Module):
     batch_structure: ClassVar[bool] = False
 
     def __init__(
-        self, *, student_dim: int, teacher_dim: int, num_outputs: int, regression: bool, num_samples: int
+        self,
+        *,
+        student_dim: int,
+        teacher_dim: int,
+        num_outputs: int,
+        regression: bool,
+        num_samples: int,
+        **options: Any,
     ) -> None:
         super().__init__()
         names = ("student_dim", "teacher_dim", "num_outputs", "num_samples")
@@ -61,7 +68,7 @@ class DistillLoss(nn.Module):
                     f"distill loss {self.name!r}: {field} must be a positive int, got {value!r}"
                 )
         self.student_dim, self.teacher_dim, self.num_outputs = student_dim, teacher_dim, num_outputs
-        self.regression, self.num_samples = bool(regression), num_samples
+        self.regression, self.num_samples, self.options = bool(regression), num_samples, options
 
     def compute(self, batch: DistillBatch) -> Tensor:
         """The scalar loss of a validated batch whose teacher tensors are detached."""

@@ -10,7 +10,6 @@ Optimal Transport", IEEE FG 2024, arXiv:2401.15489.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +98,6 @@ class PKDOT(DistillLoss):
     """PKDOT (Aslam et al., FG 2024): :func:`pkdot_loss` with the options of ``distill.pkdot``."""
 
     batch_structure = True
-
-    def __init__(self, *, k: int | str, anchors: str, blur: float, scaling: float, **dims: Any) -> None:
-        super().__init__(**dims)
-        self.options = {"k": k, "anchors": anchors, "blur": blur, "scaling": scaling}
 
     def compute(self, batch: DistillBatch) -> Tensor:
         return pkdot_loss(batch.student_z, batch.teacher_z, **self.options)

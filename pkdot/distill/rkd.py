@@ -7,8 +7,6 @@ Gathered across workers under DDP.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,10 +51,5 @@ class RelationalKD(DistillLoss):
 
     batch_structure = True
 
-    def __init__(self, *, distance_weight: float, angle_weight: float, **dims: Any) -> None:
-        super().__init__(**dims)
-        self.distance_weight, self.angle_weight = distance_weight, angle_weight
-
     def compute(self, batch: DistillBatch) -> Tensor:
-        weights = {"distance_weight": self.distance_weight, "angle_weight": self.angle_weight}
-        return rkd_loss(batch.student_z, batch.teacher_z, **weights)
+        return rkd_loss(batch.student_z, batch.teacher_z, **self.options)
