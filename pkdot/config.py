@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,8 +21,8 @@ from pkdot.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 Preset = Literal["demo", "paper"]
-DatasetName = Literal["biovid", "affwild2", "table", "synthetic-biovid", "synthetic-affwild2"]
 Task = Literal["binary", "multiclass", "valence", "arousal", "regression"]
+AnchorCount = Annotated[int, Field(ge=1)] | Literal["all"]
 
 #: Modality name -> feature file stem under ``<run>/features/`` for the extracted data sets.
 MODALITY_FILES: dict[str, str] = {"video": "faces", "physio": "physio", "audio": "audio"}
@@ -61,15 +61,11 @@ class DataConfig(_Section):
         "1-based, a missing file = no face); None = 'frames' when that folder exists under the root",
     )
     # Modalities: what the student sees at test time, and what only the teacher sees.
-    student_modalities: list[str] = Field(default_factory=lambda: ["video"])
-    privileged_modalities: list[str] = Field(default_factory=lambda: ["physio"])
+    student_modalities: list[str] = Field(default_factory=lambda: ["video"], min_length=1)
+    privileged_modalities: list[str] = Field(default_factory=lambda: ["physio"], min_length=1)
 
     @model_validator(mode="after")
     def _modalities(self) -> DataConfig:
-        if not self.student_modalities:
-            raise ValueError("student_modalities must name at least one modality")
-        if not self.privileged_modalities:
-            raise ValueError("privileged_modalities must name at least one modality")
         both = set(self.student_modalities) & set(self.privileged_modalities)
         if both:
             raise ValueError(f"modalities {sorted(both)} are both student and privileged")
@@ -232,7 +228,7 @@ _OPTIMISTIC = {"folds": "clips", "select_on": "test", "teacher_scope": "all"}
 class TrainConfig(_Section):
     """Teacher/student optimisation, folds and Ray Train scaling."""
 
-    folds: int | Literal["loso", "official", "clips"] | None = Field(
+    folds: Annotated[int, Field(ge=2)] | Literal["loso", "official", "clips"] | None = Field(
         None,
         description="Subject k-fold (int >= 2), 'loso', or 'official' (Aff-Wild2: train on Train_Set minus a "
         "validation carve-out, test on Validation_Set); None = 'official' for Aff-Wild2, 5 otherwise. "
@@ -288,19 +284,12 @@ class TrainConfig(_Section):
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs reserved per Ray Train worker (GPU runs)")
-    jobs_per_run: int | Literal["auto"] = Field(
+    jobs_per_run: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1,
         description="Jobs (fold x seed [x loss]) bundled into one Ray Train run, run one after another in it "
         "(amortises Ray Train's start-up, seconds per run, over short jobs); 'auto': as many runs as fit at "
         "once, the stage's jobs shared evenly between them",
     )
-
-    @field_validator("jobs_per_run")
-    @classmethod
-    def _jobs_per_run(cls, v: int | str) -> int | str:
-        if v != "auto" and v < 1:
-            raise ValueError("jobs_per_run must be >= 1 or 'auto'")
-        return v
 
     refit: bool = Field(
         True,
@@ -312,13 +301,6 @@ class TrainConfig(_Section):
         min_length=1,
         description="Training seeds: each repeats every fold with its own folds (one at least)",
     )
-
-    @field_validator("folds")
-    @classmethod
-    def _folds(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and v < 2:
-            raise ValueError("folds must be >= 2, 'loso', 'official' or 'clips'")
-        return v
 
     @property
     def optimistic_switches(self) -> list[str]:
@@ -378,17 +360,10 @@ class CRDOptions(LossOptions):
 
 class PkdotOptions(LossOptions):
     weight: float = _weight(0.6)
-    k: int | Literal["all"] = Field(30, description="Anchors per row (int >= 1 or 'all')")
+    k: AnchorCount = Field(30, description="Anchors per row (int >= 1 or 'all')")
     anchors: Literal["least", "most"] = Field("least", description="Least or most similar columns")
     blur: float = Field(0.1, gt=0, description="Sinkhorn blur (eps = blur^2)")
     scaling: float = Field(0.5, gt=0, lt=1, description="Epsilon-scaling ratio")
-
-    @field_validator("k")
-    @classmethod
-    def _k(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("k must be >= 1 or 'all'")
-        return v
 
 
 class PkdotMostOptions(PkdotOptions):
@@ -400,7 +375,7 @@ class PkdotMostOptions(PkdotOptions):
 class PkdotAllOptions(PkdotOptions):
     """PKDOT on every column of the similarity matrices (a structure-faithful variant)."""
 
-    k: int | Literal["all"] = Field("all", description="Anchors per row (int >= 1 or 'all')")
+    k: AnchorCount = Field("all", description="Anchors per row (int >= 1 or 'all')")
 
 
 class DistillConfig(_Section):
@@ -728,14 +703,12 @@ def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    cur = d
-    for p in parts[:-1]:
-        nxt = cur.setdefault(p, {})
-        if not isinstance(nxt, dict):
+    *sections, key = dotted.split(".")
+    for p in sections:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
             raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
-        cur = nxt
-    cur[parts[-1]] = value
+    d[key] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -786,14 +759,13 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            file_data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
+        if not isinstance(file_data, dict):
             raise ConfigError(
-                f"config file {p}: expected a mapping at the top level, got {type(loaded).__name__}"
+                f"config file {p}: expected a mapping at the top level, got {type(file_data).__name__}"
             )
-        file_data = loaded
         source = str(p)
     over: dict[str, Any] = {}
     if isinstance(overrides, list):

@@ -112,14 +112,11 @@ def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
     return sorted(set(ids))
 
 
-def _check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"train.val_fraction must be in (0, 1), got {val_fraction}")
-
-
 def _carve_validation(
     rest: list[str], val_fraction: float, rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"train.val_fraction must be in (0, 1), got {val_fraction}")
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
     chosen = set(rng.choice(np.asarray(rest, dtype=object), size=n_val, replace=False).tolist())
     return [s for s in rest if s not in chosen], sorted(chosen)
@@ -136,7 +133,6 @@ def subject_folds(
     """
     subjects = _unique_subjects(subject_ids)
     n = len(subjects)
-    _check_val_fraction(val_fraction)
     if scheme == "loso":
         groups = [[s] for s in subjects]
     elif isinstance(scheme, int) and not isinstance(scheme, bool) and scheme >= 2:
@@ -178,7 +174,6 @@ def clip_folds(
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    _check_val_fraction(val_fraction)
     ids = np.asarray(_unique_subjects(sample_ids), dtype=object)
     if len(ids) != len(sample_ids):
         raise StageError("train.folds='clips': sample ids repeat")
@@ -205,7 +200,6 @@ def official_folds(
 ) -> list[Fold]:
     """The official Aff-Wild2 protocol as one fold from each subject's (video's) partition: train on
     ``Train_Set`` (validation carved from it), test on ``Validation_Set`` (the challenge withholds test labels)."""
-    _check_val_fraction(val_fraction)
     unknown = sorted({p for p in subject_partition.values() if p not in (train_partition, test_partition)})
     if unknown:
         raise ConfigError(
@@ -229,7 +223,6 @@ def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fo
     """The one fold of a refit on every subject: ``val_fraction`` of them carved for epoch selection, the rest
     for training; its test split is the validation split again (nothing reports it)."""
     subjects = _unique_subjects(subject_ids)
-    _check_val_fraction(val_fraction)
     if len(subjects) < 2:
         raise ConfigError(
             f"train.refit: a refit needs at least 2 subjects (1 to train, 1 to validate), got {subjects}"
@@ -333,27 +326,22 @@ def fold_plan(
 ) -> list[Fold]:
     """The folds of a manifest's samples by ``train.folds`` (``clips``: stratified on the ``stratify`` column
     when the frame has it); ``select_on: test`` makes each fold's validation part its test part (no max_folds)."""
-    folds = _scheme_folds(frame, train, seed, stratify)
-    return [replace(f, val=f.test, leaky=True) for f in folds] if train.select_on == "test" else folds
-
-
-def _scheme_folds(frame: pd.DataFrame, train: TrainConfig, seed: int, stratify: str | None) -> list[Fold]:
     if train.folds == "clips":
         labels = frame[stratify].tolist() if stratify in frame.columns else None
-        return clip_folds(
-            frame["sample_id"].astype(str).tolist(), labels, val_fraction=train.val_fraction, seed=seed
-        )
-    if train.folds == "official":
-        return official_folds(subject_partitions(frame), val_fraction=train.val_fraction, seed=seed)
-    scheme = 5 if train.folds is None else train.folds
-    subjects = sorted(set(frame["subject_id"].astype(str)))
-    try:
-        return subject_folds(subjects, scheme, val_fraction=train.val_fraction, seed=seed)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"{exc} [the manifest has {len(frame)} samples from {len(subjects)} subject(s): "
-            f"{subjects[:10]}{' ...' if len(subjects) > 10 else ''}]"
-        ) from None
+        sample_ids = frame["sample_id"].astype(str).tolist()
+        folds = clip_folds(sample_ids, labels, val_fraction=train.val_fraction, seed=seed)
+    elif train.folds == "official":
+        folds = official_folds(subject_partitions(frame), val_fraction=train.val_fraction, seed=seed)
+    else:
+        subjects = sorted(set(frame["subject_id"].astype(str)))
+        try:
+            folds = subject_folds(subjects, train.folds or 5, val_fraction=train.val_fraction, seed=seed)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} [the manifest has {len(frame)} samples from {len(subjects)} subject(s): "
+                f"{subjects[:10]}{' ...' if len(subjects) > 10 else ''}]"
+            ) from None
+    return [replace(f, val=f.test, leaky=True) for f in folds] if train.select_on == "test" else folds
 
 
 def plan_run_folds(cfg: RunConfig, frame: pd.DataFrame) -> FoldPlan:

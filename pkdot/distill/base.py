@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -42,8 +42,8 @@ class DistillLoss(nn.Module):
     parameters/buffers, optimised and saved with the student.
 
     ``student_dim``, ``teacher_dim``: Ds and Dt; ``num_outputs``: C (1 for regression); ``num_samples``: rows
-    of the training set (``DistillBatch.index``). Subclasses take their :class:`pkdot.config.LossOptions`
-    fields (weight excepted) as keyword arguments and implement ``compute``.
+    of the training set (``DistillBatch.index``); ``options``: the loss's :class:`pkdot.config.LossOptions` fields
+    (weight excepted), kept in ``self.options``. Subclasses implement ``compute``.
     """
 
     name: ClassVar[str] = ""
@@ -51,21 +51,24 @@ class DistillLoss(nn.Module):
     batch_structure: ClassVar[bool] = False
 
     def __init__(
-        self, *, student_dim: int, teacher_dim: int, num_outputs: int, regression: bool, num_samples: int
+        self,
+        *,
+        student_dim: int,
+        teacher_dim: int,
+        num_outputs: int,
+        regression: bool,
+        num_samples: int,
+        **options: Any,
     ) -> None:
         super().__init__()
-        for field, value in (
-            ("student_dim", student_dim),
-            ("teacher_dim", teacher_dim),
-            ("num_outputs", num_outputs),
-            ("num_samples", num_samples),
-        ):
+        names = ("student_dim", "teacher_dim", "num_outputs", "num_samples")
+        for field, value in zip(names, (student_dim, teacher_dim, num_outputs, num_samples), strict=True):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(
                     f"distill loss {self.name!r}: {field} must be a positive int, got {value!r}"
                 )
         self.student_dim, self.teacher_dim, self.num_outputs = student_dim, teacher_dim, num_outputs
-        self.regression, self.num_samples = bool(regression), num_samples
+        self.regression, self.num_samples, self.options = bool(regression), num_samples, options
 
     def compute(self, batch: DistillBatch) -> Tensor:
         """The scalar loss of a validated batch whose teacher tensors are detached."""
@@ -73,13 +76,14 @@ class DistillLoss(nn.Module):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         """Validate ``batch``, detach the teacher's tensors and return ``compute(batch)`` (unweighted, shape ());
-        with ``batch_structure`` and W > 1 workers, on the global batch (:func:`gather_batch`)."""
+        with ``batch_structure`` and W > 1 workers, on the global batch (every tensor through :func:`gather_rows`)."""
         self._check_batch(batch)
         frozen = replace(
             batch, teacher_z=batch.teacher_z.detach(), teacher_logits=batch.teacher_logits.detach()
         )
         if self.batch_structure and world_size() > 1:
-            frozen = gather_batch(frozen)
+            present = {f.name: v for f in fields(frozen) if (v := getattr(frozen, f.name)) is not None}
+            frozen = replace(frozen, **{name: gather_rows(v) for name, v in present.items()})
         loss = self.compute(frozen)
         if loss.dim() != 0:
             raise StageError(
@@ -214,9 +218,3 @@ def gather_rows(x: Tensor) -> Tensor:
         x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))], dim=0)
     parts = dist_fn.all_gather(x)
     return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)], dim=0)
-
-
-def gather_batch(batch: DistillBatch) -> DistillBatch:
-    """The global batch: every tensor of ``batch`` gathered from all workers (:func:`gather_rows`)."""
-    gathered = {f.name: gather_rows(v) for f in fields(batch) if (v := getattr(batch, f.name)) is not None}
-    return replace(batch, **gathered)

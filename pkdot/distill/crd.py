@@ -1,10 +1,9 @@
 r"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020).
 
-Linear heads map student and teacher embeddings to a shared unit sphere; two momentum memory banks of
-``num_samples`` rows hold every training sample's vectors, and the NCE loss contrasts each sample's pair with
-K negatives drawn from the banks. Weight 0.8 (``distill.crd.weight``): Tian et al.'s experiments and reference
-code (HobbitLong/RepDistiller, ``crd/``). Gathered across workers under DDP, so every worker keeps the same
-memory bank and the number of workers does not change the loss.
+Linear heads map both embeddings to a unit sphere; two momentum memory banks (``num_samples`` rows) hold every
+sample's vectors, and the NCE loss contrasts each pair with K negatives drawn from them. Weight 0.8
+(``distill.crd.weight``): Tian et al.'s experiments and code (RepDistiller, ``crd/``). Gathered across workers
+under DDP, so every worker keeps the same memory banks and the loss does not depend on their number.
 """
 
 from __future__ import annotations
@@ -116,12 +115,8 @@ class ContrastiveRD(DistillLoss):
             scores_teacher / self.norm_teacher, self.num_samples
         )
         if self.training:
-            self._update_memory(index, v_student.detach(), v_teacher.detach())
+            with torch.no_grad():  # the batch's memory rows move: m <- unit(mu * m + (1 - mu) * v)
+                for memory, v in ((self.memory_student, v_student), (self.memory_teacher, v_teacher)):
+                    moved = memory[index] * self.momentum + v.to(memory) * (1.0 - self.momentum)
+                    memory.index_copy_(0, index, F.normalize(moved, dim=1))
         return loss
-
-    @torch.no_grad()
-    def _update_memory(self, index: Tensor, v_student: Tensor, v_teacher: Tensor) -> None:
-        """Momentum update of the memory rows ``index``: m <- unit(mu * m + (1 - mu) * v)."""
-        for memory, vectors in ((self.memory_student, v_student), (self.memory_teacher, v_teacher)):
-            moved = memory[index] * self.momentum + vectors.to(memory) * (1.0 - self.momentum)
-            memory.index_copy_(0, index, F.normalize(moved, dim=1))

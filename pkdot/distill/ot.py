@@ -1,16 +1,14 @@
 r"""Entropic optimal transport between point clouds: a log-domain Sinkhorn solver with epsilon-scaling.
 
-GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors; gradients by the envelope
-theorem (the loop runs without autograd, only a last soft-min step is differentiated). Why our own solver: at
-our sizes it takes 0.46-0.66x GeomLoss's time (B = 64..256, k = 30, ``benchmarks/bench_ot.py``) and ~1/250 of
-POT's log-domain Sinkhorn, which has no epsilon-scaling; GeomLoss, a development dependency only, pins our
-values and gradients in ``tests/distill/test_ot.py``.
+GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors, gradients by the envelope
+theorem (only a last soft-min step is differentiated). Why our own: at our sizes 0.46-0.66x GeomLoss's time
+(B = 64..256, k = 30, ``benchmarks/bench_ot.py``) and ~1/250 of POT's log-domain Sinkhorn (no epsilon-scaling);
+GeomLoss, a development dependency only, pins our values and gradients in ``tests/distill/test_ot.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -20,17 +18,12 @@ from torch import Tensor
 
 from pkdot.errors import ConfigError, StageError
 
-logger = logging.getLogger(__name__)
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def float32_math(fn: F) -> F:
-    """Run ``fn`` outside autocast with its float16/bfloat16 tensor arguments cast to float32 (float64 kept).
-
-    Under mixed precision the cosine matrices and Sinkhorn iterations stay in float32: exponents of -C/eps with
-    eps = 0.01 are far beyond half precision's mantissa.
-    """
+    """Run ``fn`` outside autocast with float16/bfloat16 tensor arguments cast to float32 (float64 kept):
+    exponents of -C/eps with eps = 0.01 are far beyond half precision's mantissa."""
 
     def up(v: Any) -> Any:
         return v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
@@ -137,58 +130,6 @@ def _check_clouds(x: Tensor, y: Tensor) -> None:
 
 
 @float32_math
-def sinkhorn_potentials(
-    x: Tensor,
-    y: Tensor,
-    *,
-    a: Tensor | None = None,
-    b: Tensor | None = None,
-    blur: float = 0.1,
-    scaling: float = 0.5,
-    debias: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, float]:
-    r"""Dual potentials ``(f_aa, g_bb, g_ab, f_ba, eps)`` of the entropic OT problems between x (N, D) and y (M, D).
-
-    ``a`` (N,), ``b`` (M,): weights summing to 1 (default uniform). ``f_ba``, ``g_ab`` solve
-    :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`; ``f_aa``, ``g_bb`` the symmetric problems (None without
-    ``debias``); ``eps = blur**2``. The potentials carry the envelope-theorem gradient (no second derivatives).
-    """
-    _check_clouds(x, y)
-    a_log = _log_weights(a, x.shape[0], x, "a")
-    b_log = _log_weights(b, y.shape[0], x, "b")
-    eps_list = epsilon_schedule(cloud_diameter(x, y), blur, scaling, p=2)
-    # Each cost matrix carries the gradient with respect to its *row* points only (its columns are
-    # detached), as in GeomLoss. Problems (rows -> columns): x -> y (f_ba), y -> x (g_ab), x -> x (f_aa),
-    # y -> y (g_bb); the potential of problem i on its columns is that of problem ``partner[i]``.
-    partner = [1, 0, 2, 3]
-    if debias and x.shape[0] == y.shape[0]:  # one (4, N, N) logsumexp per step
-        cost = squared_euclidean_cost(torch.stack([x, y, x, y]), torch.stack([y, x, x, y]).detach())
-        col_log_w = torch.stack([b_log, a_log, a_log, b_log])
-        with torch.no_grad():
-            pot = _softmin(eps_list[0], cost.detach(), col_log_w)
-            for eps in eps_list:
-                pot = 0.5 * (pot + _softmin(eps, cost.detach(), col_log_w + pot[partner] / eps))
-        pot = _softmin(eps_list[-1], cost, col_log_w + pot[partner] / eps_list[-1])
-        return pot[2], pot[3], pot[1], pot[0], eps_list[-1]
-    problems = [(x, y, b_log), (y, x, a_log)] + ([(x, x, a_log), (y, y, b_log)] if debias else [])
-    costs = [squared_euclidean_cost(rows, cols.detach()) for rows, cols, _ in problems]
-    col_log_ws = [w for *_, w in problems]
-    with torch.no_grad():
-        pots = [_softmin(eps_list[0], c, w) for c, w in zip(costs, col_log_ws, strict=True)]
-        for eps in eps_list:
-            pots = [
-                0.5 * (p + _softmin(eps, c, w + pots[j] / eps))
-                for p, c, w, j in zip(pots, costs, col_log_ws, partner, strict=False)
-            ]
-    eps = eps_list[-1]
-    f_ba, g_ab, *sym = [
-        _softmin(eps, c, w + pots[j] / eps) for c, w, j in zip(costs, col_log_ws, partner, strict=False)
-    ]
-    f_aa, g_bb = sym if debias else (None, None)
-    return f_aa, g_bb, g_ab, f_ba, eps
-
-
-@float32_math
 def sinkhorn_divergence(
     x: Tensor,
     y: Tensor,
@@ -213,51 +154,40 @@ def sinkhorn_divergence(
     References: Feydy et al., "Interpolating between Optimal Transport and MMD using Sinkhorn Divergences",
     AISTATS 2019; Feydy, PhD thesis, 2020, Section 3.3; Schmitzer, SIAM J. Sci. Comput. 2019.
     """
-    f_aa, g_bb, g_ab, f_ba, _ = sinkhorn_potentials(x, y, a=a, b=b, blur=blur, scaling=scaling, debias=debias)
+    _check_clouds(x, y)
+    a_log = _log_weights(a, x.shape[0], x, "a")
+    b_log = _log_weights(b, y.shape[0], x, "b")
+    eps_list = epsilon_schedule(cloud_diameter(x, y), blur, scaling, p=2)
+    # Each cost matrix carries the gradient with respect to its *row* points only (its columns are
+    # detached), as in GeomLoss. Problems (rows -> columns): x -> y (f_ba), y -> x (g_ab), x -> x (f_aa),
+    # y -> y (g_bb); the potential of problem i on its columns is that of problem ``partner[i]``.
+    partner = [1, 0, 2, 3]
+    if debias and x.shape[0] == y.shape[0]:  # one (4, N, N) logsumexp per step
+        cost = squared_euclidean_cost(torch.stack([x, y, x, y]), torch.stack([y, x, x, y]).detach())
+        col_log_w = torch.stack([b_log, a_log, a_log, b_log])
+        with torch.no_grad():
+            pot = _softmin(eps_list[0], cost.detach(), col_log_w)
+            for eps in eps_list:
+                pot = 0.5 * (pot + _softmin(eps, cost.detach(), col_log_w + pot[partner] / eps))
+        pots = _softmin(eps_list[-1], cost, col_log_w + pot[partner] / eps_list[-1])
+    else:
+        problems = [(x, y, b_log), (y, x, a_log)] + ([(x, x, a_log), (y, y, b_log)] if debias else [])
+        costs = [squared_euclidean_cost(rows, cols.detach()) for rows, cols, _ in problems]
+        col_log_ws = [w for *_, w in problems]
+        with torch.no_grad():
+            pots = [_softmin(eps_list[0], c, w) for c, w in zip(costs, col_log_ws, strict=True)]
+            for eps in eps_list:
+                pots = [
+                    0.5 * (p + _softmin(eps, c, w + pots[j] / eps))
+                    for p, c, w, j in zip(pots, costs, col_log_ws, partner, strict=False)
+                ]
+        eps = eps_list[-1]
+        pots = [
+            _softmin(eps, c, w + pots[j] / eps) for c, w, j in zip(costs, col_log_ws, partner, strict=False)
+        ]
+    f_ba, g_ab = pots[0], pots[1]
     a_w = torch.full_like(f_ba, 1.0 / f_ba.shape[0]) if a is None else a.to(f_ba)
     b_w = torch.full_like(g_ab, 1.0 / g_ab.shape[0]) if b is None else b.to(g_ab)
-    if f_aa is not None and g_bb is not None:
-        return (a_w * (f_ba - f_aa)).sum() + (b_w * (g_ab - g_bb)).sum()
+    if debias:
+        return (a_w * (f_ba - pots[2])).sum() + (b_w * (g_ab - pots[3])).sum()
     return (a_w * f_ba).sum() + (b_w * g_ab).sum()
-
-
-@float32_math
-def transport_plan(
-    x: Tensor,
-    y: Tensor,
-    *,
-    a: Tensor | None = None,
-    b: Tensor | None = None,
-    blur: float = 0.1,
-    scaling: float = 0.5,
-    tol: float = 1e-3,
-    max_iter: int = 10000,
-) -> Tensor:
-    r"""Entropic transport plan (N, M) between x (N, D) and y (M, D), without autograd (plots, inspection).
-
-    .. math::
-        \pi_{ij} = a_i\, b_j \exp\big( (f_i + g_j - C_{ij}) / \varepsilon \big)
-
-    with :math:`(f, g)` from :func:`sinkhorn_potentials`, refined by Sinkhorn updates at the final temperature
-    until the row marginals are within ``tol * max(a)`` (columns are exact after each update) or ``max_iter``
-    updates (then a warning).
-    """
-    with torch.no_grad():
-        _, _, g, f, eps = sinkhorn_potentials(x, y, a=a, b=b, blur=blur, scaling=scaling, debias=False)
-        a_log = _log_weights(a, x.shape[0], x, "a")
-        b_log = _log_weights(b, y.shape[0], x, "b")
-        cost = squared_euclidean_cost(x, y)
-        cost_t = cost.T.contiguous()
-        a_max = float(a_log.exp().max())
-        for it in range(max_iter + 1):
-            g = _softmin(eps, cost_t, a_log + f / eps)
-            log_plan = a_log[:, None] + b_log[None, :] + (f[:, None] + g[None, :] - cost) / eps
-            row_error = float((torch.logsumexp(log_plan, dim=1).exp() - a_log.exp()).abs().max())
-            if row_error <= tol * a_max:
-                break
-            if it == max_iter:
-                msg = "transport_plan: row marginals off by %.2e (tol %.1e) after %d updates"
-                logger.warning(msg, row_error, tol, it)
-                break
-            f = _softmin(eps, cost, b_log + g / eps)
-        return torch.exp(log_plan)

@@ -1,10 +1,8 @@
 r"""PKDOT: structural distillation by optimal transport between similarity structures.
 
-Cosine-similarity matrices of the teacher's and the student's batch embeddings, each shifted to be non-negative;
-for each row the k columns with the least (the authors' default) or most teacher similarity are its anchors;
-the rows restricted to the anchors make two point clouds in R^k, and the loss is the debiased Sinkhorn divergence
-between them. Weight 0.6 (``distill.pkdot.weight``): the paper's total loss is CE + 0.6 PKDOT.
-
+The teacher's and the student's batch cosine-similarity matrices (shifted to be non-negative), each row cut to
+its k anchors (the columns of least, the authors' default, or most teacher similarity), make two clouds in R^k;
+the loss is their debiased Sinkhorn divergence. Weight 0.6 (``distill.pkdot.weight``): the paper's CE + 0.6 PKDOT.
 Reference: M. H. Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using
 Optimal Transport", IEEE FG 2024, arXiv:2401.15489.
 """
@@ -12,7 +10,6 @@ Optimal Transport", IEEE FG 2024, arXiv:2401.15489.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +38,6 @@ def cosine_similarity_matrix(z: Tensor) -> Tensor:
     return unit @ unit.T
 
 
-def _resolve_k(k: int | str, batch_size: int) -> int:
-    if k == "all":
-        return batch_size
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"distill.pkdot.k must be a positive int or 'all', got {k!r}")
-    return min(k, batch_size)
-
-
 @float32_math
 def pkdot_structure(
     student_z: Tensor, teacher_z: Tensor, *, k: int | str = 30, anchors: str = "least"
@@ -67,7 +56,9 @@ def pkdot_structure(
         raise StageError(f"pkdot: needs a batch of at least 2 samples, got {batch_size}")
     if anchors not in ("least", "most"):
         raise ConfigError(f"distill.pkdot.anchors must be 'least' or 'most', got {anchors!r}")
-    n_anchors = _resolve_k(k, batch_size)
+    if k != "all" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"distill.pkdot.k must be a positive int or 'all', got {k!r}")
+    n_anchors = batch_size if k == "all" else min(k, batch_size)
     student_raw = cosine_similarity_matrix(student_z)
     teacher_raw = cosine_similarity_matrix(teacher_z.detach().to(student_z.dtype))
     student_sim = student_raw - student_raw.min()
@@ -107,10 +98,6 @@ class PKDOT(DistillLoss):
     """PKDOT (Aslam et al., FG 2024): :func:`pkdot_loss` with the options of ``distill.pkdot``."""
 
     batch_structure = True
-
-    def __init__(self, *, k: int | str, anchors: str, blur: float, scaling: float, **dims: Any) -> None:
-        super().__init__(**dims)
-        self.options = {"k": k, "anchors": anchors, "blur": blur, "scaling": scaling}
 
     def compute(self, batch: DistillBatch) -> Tensor:
         return pkdot_loss(batch.student_z, batch.teacher_z, **self.options)

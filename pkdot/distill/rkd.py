@@ -7,8 +7,6 @@ Gathered across workers under DDP.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,28 +30,19 @@ def _triplet_angles(z: Tensor) -> Tensor:
     return torch.bmm(diff, diff.transpose(1, 2))
 
 
-def rkd_distance_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
-    r"""Huber loss between mean-normalised pairwise distance matrices, (B, Ds) and (B, Dt) -> ()."""
-    teacher_dist = _normalised_distances(teacher_z.detach().to(student_z))
-    return F.smooth_l1_loss(_normalised_distances(student_z), teacher_dist)
-
-
-def rkd_angle_loss(student_z: Tensor, teacher_z: Tensor) -> Tensor:
-    r"""Huber loss between the (B, B, B) triplet-angle cosines of student and teacher -> ()."""
-    teacher_angles = _triplet_angles(teacher_z.detach().to(student_z))
-    return F.smooth_l1_loss(_triplet_angles(student_z), teacher_angles)
-
-
 def rkd_loss(
     student_z: Tensor, teacher_z: Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0
 ) -> Tensor:
-    r"""RKD loss :math:`w_d \mathcal{L}_d + w_a \mathcal{L}_a` of (B, Ds) and (B, Dt, detached) embeddings.
+    r"""RKD loss :math:`w_d \mathcal{L}_d + w_a \mathcal{L}_a` of (B, Ds) and (B, Dt, detached) embeddings: Huber
+    losses between the mean-normalised distance matrices (B, B) and between the triplet-angle cosines (B, B, B).
 
     >= 0; zero when :math:`Z_s = c\, Z_t Q + t` (similarity transform); permutation invariant. Memory is
     O(B^2 D) for the angle term.
     """
-    distance = rkd_distance_loss(student_z, teacher_z)
-    return distance_weight * distance + angle_weight * rkd_angle_loss(student_z, teacher_z)
+    teacher_z = teacher_z.detach().to(student_z)
+    distance = F.smooth_l1_loss(_normalised_distances(student_z), _normalised_distances(teacher_z))
+    angle = F.smooth_l1_loss(_triplet_angles(student_z), _triplet_angles(teacher_z))
+    return distance_weight * distance + angle_weight * angle
 
 
 @register("rkd")
@@ -62,10 +51,5 @@ class RelationalKD(DistillLoss):
 
     batch_structure = True
 
-    def __init__(self, *, distance_weight: float, angle_weight: float, **dims: Any) -> None:
-        super().__init__(**dims)
-        self.distance_weight, self.angle_weight = distance_weight, angle_weight
-
     def compute(self, batch: DistillBatch) -> Tensor:
-        weights = {"distance_weight": self.distance_weight, "angle_weight": self.angle_weight}
-        return rkd_loss(batch.student_z, batch.teacher_z, **weights)
+        return rkd_loss(batch.student_z, batch.teacher_z, **self.options)

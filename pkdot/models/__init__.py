@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pkdot.models.audio import LogMelCNN
 from pkdot.models.fusion import GatedCrossAttentionFusion
-from pkdot.models.heads import Backbone, UnimodalModel
-from pkdot.models.mlp import MLPBackbone
-from pkdot.models.physio import SpectrogramCNN, WindowCNN
+from pkdot.models.heads import Backbone, MLPBackbone, UnimodalModel
+from pkdot.models.physio import LogMelCNN, SpectrogramCNN, WindowCNN
 from pkdot.models.student import Student, build_student
 from pkdot.models.teacher import Teacher, build_backbone, build_teacher
 from pkdot.models.tnet import TNet, build_tnets, mmd_rbf

@@ -58,8 +58,6 @@ class GatedCrossAttentionFusion(nn.Module):
     ) -> None:
         super().__init__()
         modalities = list(modalities)
-        if not modalities:
-            raise ConfigError("fusion: at least one modality is required")
         if len(set(modalities)) != len(modalities):
             raise ConfigError(f"fusion: modalities must be distinct, got {modalities}")
         if dim % heads:
@@ -85,11 +83,7 @@ class GatedCrossAttentionFusion(nn.Module):
         )
         self.cross_norm = module_dict({m: nn.LayerNorm(dim) for m in modalities} if num > 1 else {})
         self.cross_dropout = nn.Dropout(dropout)
-        self.gate: nn.Module | None = None
-        if num == 2:
-            self.gate = nn.Linear(2 * dim, dim)
-        elif num > 2:
-            self.gate = nn.Linear(num * dim, num * dim)
+        self.gate = nn.Linear(num * dim, dim if num == 2 else num * dim) if num > 1 else None
 
     def _check(self, tokens: dict[str, Tensor]) -> None:
         missing = [m for m in self.modalities if m not in tokens]

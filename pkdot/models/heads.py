@@ -1,4 +1,5 @@
-"""Shared model pieces: the :class:`ModelOutput` every model returns, the :class:`Backbone` base, task heads."""
+"""Shared model pieces: the :class:`ModelOutput` every model returns, the :class:`Backbone` base (and the MLP
+backbone of table data), task heads."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pkdot.errors import StageError
+from pkdot.errors import ConfigError, StageError
 
 
 @dataclass
@@ -64,6 +65,35 @@ class Backbone(nn.Module):
             weight = next(self.parameters(), None)
             x = x if weight is None else x.to(weight.dtype)  # e.g. float64 features into a float32 network
         return self.encode(x)
+
+
+class MLPBackbone(Backbone):
+    """Vector encoder for bring-your-own tables (``modality``: the table column): ``float (B, D_in) ->`` one token
+    ``(B, 1, D)`` by ``Linear(D_in, hidden) -> ReLU -> Dropout -> Linear(hidden, D) -> ReLU -> Linear(D, D)``,
+    the last ``Linear(D, D)`` mirroring the other backbones' projection."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        embed_dim: int,
+        hidden: int = 64,
+        dropout: float = 0.1,
+        modality: str = "vector",
+    ) -> None:
+        super().__init__(modality, input_shape, embed_dim)
+        if len(self.input_shape) != 1:
+            raise ConfigError(f"{modality} backbone: expected a vector shape (D_in,), got {self.input_shape}")
+        self.layers = nn.Sequential(
+            nn.Linear(self.input_shape[0], hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, embed_dim),
+            nn.ReLU(),
+        )
+        self.projection = nn.Linear(embed_dim, embed_dim)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.projection(self.layers(x)).unsqueeze(1)
 
 
 class TaskHead(nn.Module):

@@ -11,11 +11,9 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from pkdot.errors import ConfigError, StageError
-from pkdot.models.audio import LogMelCNN
 from pkdot.models.fusion import GatedCrossAttentionFusion, module_dict
-from pkdot.models.heads import Backbone, ModelOutput, TaskHead, seeded
-from pkdot.models.mlp import MLPBackbone
-from pkdot.models.physio import SpectrogramCNN, WindowCNN
+from pkdot.models.heads import Backbone, MLPBackbone, ModelOutput, TaskHead, seeded
+from pkdot.models.physio import LogMelCNN, SpectrogramCNN, WindowCNN
 from pkdot.models.video import VideoBackbone, load_pretrained_video
 
 if TYPE_CHECKING:
@@ -25,20 +23,10 @@ if TYPE_CHECKING:
 def build_backbone(
     modality: str, input_shape: tuple[int, ...], cfg: ModelConfig, *, seed: int | None = None
 ) -> Backbone:
-    """The backbone for one modality, chosen by its name and the rank of one sample's shape.
-
-    ======================  =====================  =========================================================
-    modality                ``input_shape``         backbone
-    ======================  =====================  =========================================================
-    any                     ``(D_in,)``             :class:`MLPBackbone` (hidden ``mlp_hidden``), 1 token
-    ``video``               ``(T, H, W, 3)`` uint8  :class:`VideoBackbone` (``video_backbone``, ``video_width``)
-    ``physio``              ``(C, F, T)``           :class:`SpectrogramCNN` (``physio_width``)
-    ``physio``              ``(C, L)``              :class:`WindowCNN` (``physio_width``)
-    ``audio``               ``(n_mels, T)``         :class:`LogMelCNN` (``audio_width``)
-    ======================  =====================  =========================================================
-
-    ``cfg.pretrained_video`` (a local file) is loaded into a video backbone. ``seed``: of the initial weights
-    (global RNG restored afterwards; None draws from it).
+    """The backbone for one modality, by its name and the rank of one sample's shape: any modality's ``(D_in,)``
+    -> :class:`MLPBackbone`; ``video`` ``(T, H, W, 3)`` uint8 -> :class:`VideoBackbone` (``cfg.pretrained_video``
+    loaded); ``physio`` ``(C, F, T)`` -> :class:`SpectrogramCNN`, ``(C, L)`` -> :class:`WindowCNN`; ``audio``
+    ``(n_mels, T)`` -> :class:`LogMelCNN`. ``seed``: of the initial weights (global RNG restored; None draws from it).
     """
     shape = tuple(int(s) for s in input_shape)
     dim = cfg.embed_dim
@@ -53,19 +41,18 @@ def build_backbone(
                 load_pretrained_video(backbone, cfg.pretrained_video)
             return backbone
         if modality == "physio":
-            expected = {3: "spectrogram", 2: "window"}.get(len(shape))
-            if expected is None:
+            encoders = {3: ("spectrogram", SpectrogramCNN), 2: ("window", WindowCNN)}
+            if len(shape) not in encoders:
                 raise ConfigError(
                     f"physio backbone: expected a spectrogram (C, F, T) or a window (C, L), got {shape}"
                 )
+            expected, encoder = encoders[len(shape)]
             if expected != cfg.physio_input:
                 raise ConfigError(
                     f"model.physio_input is {cfg.physio_input!r} but the physio input has shape {shape} "
                     f"(a {expected}); set model.physio_input={expected} or feed the {cfg.physio_input}"
                 )
-            if expected == "spectrogram":
-                return SpectrogramCNN(shape, dim, width=cfg.physio_width, modality=modality)
-            return WindowCNN(shape, dim, width=cfg.physio_width, modality=modality)
+            return encoder(shape, dim, width=cfg.physio_width, modality=modality)
         if modality == "audio":
             return LogMelCNN(shape, dim, width=cfg.audio_width, modality=modality)
     raise ConfigError(

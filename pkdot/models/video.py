@@ -90,12 +90,7 @@ class VideoBackbone(Backbone):
             raise ConfigError(
                 f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}"
             )
-        bodies = {"r3d18": R3D18Body, "small3d": Small3dBody}
-        if arch not in bodies:
-            raise ConfigError(
-                f"model.video_backbone: unknown architecture {arch!r} (expected 'r3d18' or 'small3d')"
-            )
-        self.arch, self.body = arch, bodies[arch](width)
+        self.arch, self.body = arch, {"r3d18": R3D18Body, "small3d": Small3dBody}[arch](width)
         channels = self.body.out_channels
         to_embed = [] if channels == embed_dim else [nn.Linear(channels, embed_dim), nn.ReLU()]
         self.to_embed = nn.Sequential(*to_embed)

@@ -75,17 +75,19 @@ def test_options_are_typed_per_loss_and_reach_the_class(make_batch) -> None:
             options=RKDOptions(),
         )
     batch = make_batch()
-    from pkdot.distill.rkd import rkd_angle_loss
+    from pkdot.distill.rkd import rkd_loss
 
     cfg = DistillConfig(rkd={"distance_weight": 0.0, "angle_weight": 2.0})
     loss = _build("rkd", cfg)
-    assert (loss.distance_weight, loss.angle_weight) == (0.0, 2.0)
-    assert loss(batch).item() == pytest.approx(2.0 * rkd_angle_loss(batch.student_z, batch.teacher_z).item())
+    assert loss.options == {"distance_weight": 0.0, "angle_weight": 2.0}
+    assert loss(batch).item() == pytest.approx(
+        rkd_loss(batch.student_z, batch.teacher_z, distance_weight=0.0, angle_weight=2.0).item()
+    )
     # with no options, the defaults of the loss's section
     default = build_loss(
         "rkd", student_dim=12, teacher_dim=20, num_outputs=3, regression=False, num_samples=5
     )
-    assert (default.distance_weight, default.angle_weight) == (25.0, 50.0)
+    assert default.options == {"distance_weight": 25.0, "angle_weight": 50.0}
 
 
 def test_bad_dimensions_and_batches(make_batch, distill_cfg) -> None:

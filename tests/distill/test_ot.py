@@ -12,7 +12,6 @@ from pkdot.distill.ot import (
     epsilon_schedule,
     sinkhorn_divergence,
     squared_euclidean_cost,
-    transport_plan,
 )
 from pkdot.distill.pkdot import pkdot_structure
 from pkdot.errors import ConfigError, StageError
@@ -119,23 +118,6 @@ def test_cost_and_diameter() -> None:
     assert torch.allclose(squared_euclidean_cost(x, y), expected, atol=1e-12)
     both = torch.cat([x, y])
     assert cloud_diameter(x, y) >= float(torch.cdist(both, both).max()) - 1e-12
-
-
-def test_transport_plan_has_the_marginals_and_matches_points() -> None:
-    x, y = _clouds(12, 9, 3, seed=10, dtype=torch.float64)
-    plan = transport_plan(x, y, tol=1e-4)
-    assert plan.shape == (12, 9)
-    assert (plan >= 0).all()
-    assert torch.allclose(plan.sum(dim=0), torch.full((9,), 1 / 9, dtype=torch.float64), atol=1e-8)
-    assert torch.allclose(
-        plan.sum(dim=1), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-4 / 12 + 1e-9
-    )
-    # Well separated points transported onto a permuted copy of themselves: the plan is that permutation.
-    points = torch.arange(8, dtype=torch.float64)[:, None] * torch.ones(1, 2, dtype=torch.float64)
-    perm = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
-    plan = transport_plan(points, points[perm])
-    assert torch.equal(plan.argmax(dim=1), torch.argsort(perm))
-    assert float(plan.max(dim=1).values.sum()) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_bad_inputs_raise_pkdot_errors() -> None:

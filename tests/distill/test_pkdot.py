@@ -8,9 +8,9 @@ from geomloss import SamplesLoss
 
 from pkdot.config import PkdotOptions
 from pkdot.distill import build_loss, pkdot_loss, pkdot_structure
-from pkdot.distill.ot import transport_plan
 from pkdot.distill.pkdot import cosine_similarity_matrix
 from pkdot.errors import ConfigError, StageError
+from pkdot.evaluate.plots import transport_plan_pot
 
 
 def _embeddings(batch_size: int = 32, student_dim: int = 16, teacher_dim: int = 24, seed: int = 0):
@@ -129,7 +129,9 @@ def test_structure_plan_is_diagonal_for_identical_structures() -> None:
     gen = torch.Generator().manual_seed(2)
     teacher_z = torch.randn(12, 8, generator=gen)
     clouds = pkdot_structure(teacher_z, teacher_z, k="all")
-    plan = transport_plan(clouds.student_cloud, clouds.teacher_cloud, blur=0.1, scaling=0.5)
+    plan = torch.from_numpy(
+        transport_plan_pot(clouds.student_cloud.numpy(), clouds.teacher_cloud.numpy(), blur=0.1)
+    )
     assert plan.shape == (12, 12)
     assert float(plan.sum()) == pytest.approx(1.0, abs=1e-3)
     assert torch.equal(plan.argmax(dim=1), torch.arange(12))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pkdot.distill.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
+from pkdot.distill.rkd import rkd_loss
+
+
+def rkd_distance_loss(student, teacher):
+    return rkd_loss(student, teacher, distance_weight=1.0, angle_weight=0.0)
+
+
+def rkd_angle_loss(student, teacher):
+    return rkd_loss(student, teacher, distance_weight=0.0, angle_weight=1.0)
 
 
 def test_zero_under_a_similarity_transform_positive_otherwise(random_orthogonal) -> None:
