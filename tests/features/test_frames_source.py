@@ -17,6 +17,7 @@ from pkdot.data.biovid import build_biovid_manifest
 from pkdot.errors import DatasetError
 from pkdot.features import faces
 from pkdot.features.faces import ClipFailure, ClipRequest, FaceClip
+from tests.train.conftest import jobs_in_process
 
 FEATURES = FeatureConfig(n_frames=8, crop_size=32, min_face_px=24)
 MISSING_EVERY = 7  # every 7th crop is missing (frames where the organisers' detector found no face)
@@ -191,8 +192,10 @@ def test_crop_folders_are_faster_than_video_for_the_same_clips(affwild2_with_cro
 
 
 @pytest.mark.integration
-def test_cropped_aligned_runs_manifest_extract_train_evaluate(tmp_path, affwild2_with_crops):
+def test_cropped_aligned_runs_manifest_extract_train_evaluate(tmp_path, affwild2_with_crops, monkeypatch):
     from pkdot import pipeline
+
+    ran = jobs_in_process(monkeypatch)  # the subject is the frames source, not Ray Train
 
     cfg = load_config(
         preset="demo",
@@ -229,6 +232,7 @@ def test_cropped_aligned_runs_manifest_extract_train_evaluate(tmp_path, affwild2
     for name in [s.name for s in pipeline.STAGES]:
         results[name] = pipeline.run_stage(name, cfg, upstream)
         upstream = results[name].fingerprint
+    assert ran == ["teacher", "student"]
     manifest = pd.read_parquet(Path(cfg.run_dir) / "manifest.parquet")
     assert manifest["video_path"].map(lambda p: Path(p).parent.name == "cropped_aligned").all()
     import json
