@@ -260,7 +260,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(f) for f in files))
     if args.run is not None:
         from pkdot.config import load_config
-        from pkdot.tracking import Tracker
+        from pkdot.tracking.runs import Tracker
 
         cfg = load_config(RunDir(args.run).config)
         if cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
@@ -593,7 +593,7 @@ def _end_parent_run(args: argparse.Namespace, status: str) -> None:
     if run_dir is None or not (Path(run_dir) / "mlflow_parent.json").is_file():
         return
     try:
-        from pkdot.tracking import end_parent_run
+        from pkdot.tracking.runs import end_parent_run
 
         end_parent_run(run_dir, status)
     except Exception as exc:  # noqa: BLE001 - MLflow's own errors too: never hide the command's outcome

@@ -25,7 +25,7 @@ def class_names(task: str) -> list[str]:
 def resolve_registry_uri(tracking_uri: str | None = None) -> str:
     """The existing MLflow store ``pkdot predict`` reads from: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``; no
     default (MLflow's own, ``sqlite:///mlflow.db`` in the working directory, would create an empty store)."""
-    from pkdot.tracking import require_existing_store
+    from pkdot.tracking.registry import require_existing_store
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -39,7 +39,7 @@ def resolve_registry_uri(tracking_uri: str | None = None) -> str:
 
 def describe_model(model_uri: str, tracking_uri: str | None = None) -> str:
     """The one-line summary of a registered student's model card (the first line of its description)."""
-    from pkdot.tracking import model_version
+    from pkdot.tracking.registry import model_version
 
     mv = model_version(model_uri, resolve_registry_uri(tracking_uri))
     lines = (mv.description or "").strip().splitlines()
@@ -56,7 +56,7 @@ def predict_videos(
     """One prediction per video: the pain class and its probabilities, or the valence/arousal value, by
     ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` of the store :func:`resolve_registry_uri`."""
     from pkdot.features.faces import ClipRequest, FaceClip, FaceDetector, extract_video_clips
-    from pkdot.tracking import load_student, model_config_path
+    from pkdot.tracking.registry import load_student, model_config_path
 
     uri = resolve_registry_uri(tracking_uri)
     for video in videos:  # before anything is downloaded

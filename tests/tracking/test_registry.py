@@ -17,7 +17,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pkdot.config import load_config
 from pkdot.errors import StageError
 from pkdot.models.heads import ModelOutput
-from pkdot.tracking import Tracker, load_student, model_config_path, register_student, resolve_tracking_uri
+from pkdot.tracking.registry import load_student, model_config_path, register_student
+from pkdot.tracking.runs import Tracker, resolve_tracking_uri
 
 
 class TinyVideoStudent(torch.nn.Module):
@@ -213,7 +214,7 @@ def test_load_student_missing_model_raises(cfg):
 def test_registered_version_carries_its_own_scores_and_datasets(cfg):
     import pandas as pd
 
-    from pkdot.tracking import DatasetSplit
+    from pkdot.tracking.registry import DatasetSplit
 
     manifest = pd.DataFrame(
         {"sample_id": [f"s{i}" for i in range(6)], "subject_id": list("aabbcc"), "label": [0, 1] * 3}
@@ -348,7 +349,7 @@ def _run_results(test_gain: float, val_gain: float):
 def _register_best(cfg, summary, **kw):
     import pandas as pd
 
-    from pkdot.tracking import register_best
+    from pkdot.tracking.registry import register_best
 
     manifest = pd.DataFrame({"sample_id": [f"s{i}" for i in range(8)], "subject_id": list("aabbccdd")})
     subjects = {"train": ["a", "b"], "val": ["c"], "test": ["d"]}

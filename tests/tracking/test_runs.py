@@ -12,7 +12,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pkdot.config import load_config
 from pkdot.errors import StageError
-from pkdot.tracking import EXPERIMENT_KIND, PARENT_FILE, Tracker, end_parent_run, resolve_tracking_uri
+from pkdot.tracking.runs import EXPERIMENT_KIND, PARENT_FILE, Tracker, end_parent_run, resolve_tracking_uri
 
 
 @pytest.fixture()
@@ -118,7 +118,7 @@ def test_bad_inputs_raise_stage_errors(cfg):
 
 
 def test_public_uri_is_distinct_from_the_tracking_uri(tmp_path, monkeypatch):
-    from pkdot.tracking import PUBLIC_URI_ENV, resolve_public_uri, run_ui_url
+    from pkdot.tracking.runs import PUBLIC_URI_ENV, resolve_public_uri, run_ui_url
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv(PUBLIC_URI_ENV, raising=False)
@@ -149,7 +149,7 @@ def test_mlflow_store_chatter_is_muted_unless_verbose(tmp_path, verbose, shown):
         "import logging, sys\n"
         f"logging.basicConfig(level=logging.{'INFO' if verbose else 'WARNING'})\n"
         "from pkdot.config import load_config\n"
-        "from pkdot.tracking import Tracker\n"
+        "from pkdot.tracking.runs import Tracker\n"
         "Tracker(load_config(overrides={'run_dir': sys.argv[1]})).parent_run_id()\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL")}
@@ -169,7 +169,7 @@ def test_mlflow_run_links_on_stdout_are_off_by_default():
     """MLflow would print "View run ... at <tracking server>" per ended run (the internal address)."""
     from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
-    import pkdot.tracking  # noqa: F401 - sets the default on import
+    import pkdot.tracking.runs  # noqa: F401 - sets the default on import
 
     assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True
 
