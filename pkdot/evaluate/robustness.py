@@ -164,10 +164,7 @@ def _score(y_true: np.ndarray, outputs: np.ndarray, regression: bool) -> tuple[f
 
 
 def run_robustness(
-    cfg: RunConfig,
-    run_dir: Path | None = None,
-    *,
-    levels: dict[str, Sequence[float]] | None = None,
+    cfg: RunConfig, run_dir: Path | None = None, *, levels: dict[str, Sequence[float]] | None = None
 ) -> pd.DataFrame:
     """Score every trained video model on perturbed test clips (``levels``, default :data:`DEFAULT_LEVELS`): one
     row of :data:`RUN_COLUMNS` per (model, perturbation, level, fold, seed)."""
