@@ -3,10 +3,8 @@ r"""Fold/seed aggregation: per-run metrics, means with intervals corrected for r
 A model trained once per (fold, seed) has :math:`J` test scores whose training sets overlap, so the plain
 t interval :math:`s/\sqrt J` is too narrow: intervals and p-values use Nadeau and Bengio's corrected resampled t,
 :math:`\bar x \pm t_{1-\alpha/2, J-1}\, s \sqrt{1/J + n_{test}/n_{train}}`. Each distillation loss is compared
-with ``student-none`` paired by (fold, seed). Uncorrected numbers are kept as ``naive_*``.
-
-References: Nadeau & Bengio, "Inference for the Generalization Error", Machine Learning 52, 2003.
-"""
+with ``student-none`` paired by (fold, seed). Uncorrected numbers are kept as ``naive_*``. Reference: Nadeau &
+Bengio, "Inference for the Generalization Error", Machine Learning 52, 2003."""
 
 from __future__ import annotations
 

@@ -1,12 +1,10 @@
 """Will privileged information help on my data? Linear probes with subject-grouped cross-validation.
 
-On a feature table or a run's extracted features, before any training, repeated subject k-fold measures on
-test subjects: the head-room (student view, privileged view, both), the transfer (R² of the privileged model's
-output predicted from the student view, overall and beyond the label: only that part teaches what labels do
-not) and the gain of a student fitted on cross-fitted soft labels over one fitted on labels (generalised
-distillation, Lopez-Paz et al., ICLR 2016), with Nadeau-Bengio corrected intervals; the verdict rule is
-:data:`RULE`, fixed before any control was run.
-"""
+On a feature table or a run's features, before any training, repeated subject k-fold measures on test subjects
+the head-room (student view, privileged view, both), the transfer (R² of the privileged model's output
+predicted from the student view, overall and beyond the label: only that part teaches what labels do not) and
+the gain of a student fitted on cross-fitted soft labels over one fitted on labels (generalised distillation,
+Lopez-Paz et al., ICLR 2016), with Nadeau-Bengio corrected intervals; the verdict rule is :data:`RULE`."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 Reads every ``predictions.parquet`` and ``history.json`` of ``RUN/teacher/`` and ``RUN/student/``; writes
 ``report.md`` (short whatever the number of folds), ``summary.json`` (the same numbers, NaN as null, uncorrected
 intervals as ``naive_*``), ``per_fold.csv`` (one row per model, fold and seed), ``robustness.csv``
-(``--robustness``) and the figures of :mod:`pkdot.evaluate.plots`, each written atomically.
-"""
+(``--robustness``) and the figures of :mod:`pkdot.evaluate.plots`, each written atomically."""
 
 from __future__ import annotations
 
@@ -148,12 +147,8 @@ def _stack(column: pd.Series, what: str) -> np.ndarray:
 
 
 # ---- formatting --------------------------------------------------------------------------------------------
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _fmt_signed(x: float, digits: int = 3) -> str:
-    return "n/a" if math.isnan(x) else f"{x:+.{digits}f}"
+def _fmt(x: Any, digits: int = 3, sign: str = "") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{sign}.{digits}f}"
 
 
 def _fmt_p(p: float) -> str:
@@ -175,8 +170,8 @@ def _difference_table(diffs: pd.DataFrame, first: str, metric: str, name: Any) -
     rows = [
         [
             name(r),
-            _fmt_signed(float(r["mean_diff"]), 4),
-            f"[{_fmt_signed(float(r['ci_low']), 4)}, {_fmt_signed(float(r['ci_high']), 4)}]",
+            _fmt(float(r["mean_diff"]), 4, "+"),
+            f"[{_fmt(float(r['ci_low']), 4, '+')}, {_fmt(float(r['ci_high']), 4, '+')}]",
             _fmt_p(float(r["p_value"])),
             str(int(r["n"])),
         ]
@@ -211,8 +206,8 @@ def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
     else:
         verdict = "the interval includes 0: no significant difference in this run"
     return (
-        f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student trained "
-        f"without distillation (corrected 95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], corrected "
+        f"Measured: PKDOT changed the test {metric} by {_fmt(diff, 4, '+')} relative to the student trained "
+        f"without distillation (corrected 95% CI [{_fmt(low, 4, '+')}, {_fmt(high, 4, '+')}], corrected "
         f"paired t-test p = {_fmt_p(float(r['p_value']))}, n = {n} fold x seed runs); {verdict}."
     )
 

@@ -1,8 +1,7 @@
 """Robustness of the video models to degraded test video (``pkdot evaluate --robustness``): every trained
 student and unimodal video model re-scores its (fold, seed)'s test clips after ``frame_drop``, ``noise`` or
 ``blur`` at several levels (0 = clean), draws seeded by (seed, fold, perturbation, level) and shared by every
-model; scores get the main table's corrected intervals.
-"""
+model; scores get the main table's corrected intervals."""
 
 from __future__ import annotations
 

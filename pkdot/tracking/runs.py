@@ -110,14 +110,8 @@ def _metric_value(key: str, value: Any) -> float:
     return float(value)
 
 
-def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    entries = [Param(k, _param_value(k, v)) for k, v in params.items()]
-    for i in range(0, len(entries), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=entries[i : i + PARAMS_PER_BATCH])
-
-
 class StageRun:
-    """A nested MLflow run of one stage call; logs through :class:`mlflow.tracking.MlflowClient`."""
+    """A nested MLflow run of one stage call (or the parent run); logs through :class:`MlflowClient`."""
 
     def __init__(self, client: MlflowClient, run_id: str, name: str) -> None:
         self._client = client
@@ -136,7 +130,9 @@ class StageRun:
             self._client.log_batch(self.run_id, metrics=entries[i : i + METRICS_PER_BATCH])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        _log_params(self._client, self.run_id, params)
+        entries = [Param(k, _param_value(k, v)) for k, v in params.items()]
+        for i in range(0, len(entries), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=entries[i : i + PARAMS_PER_BATCH])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not Path(path).is_file():
@@ -236,7 +232,7 @@ class Tracker:
             "pkdot.config_hash": cfg.section_hash(),
         }
         run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
-        _log_params(self.client, run_id, cfg.flat())
+        StageRun(self.client, run_id, cfg.name).log_params(cfg.flat())
         self.client.log_text(run_id, cfg.yaml_text(), "config.yaml")
         doc = {"run_id": run_id, "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
         atomic_write_json(path, doc, indent=2)
