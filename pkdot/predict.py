@@ -16,12 +16,6 @@ from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.errors import ConfigError, FeatureError, PkdotError
 
 
-def class_names(task: str) -> list[str]:
-    return {"binary": [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]], "multiclass": list(BIOVID_CLASSES)}.get(
-        task, []
-    )
-
-
 def resolve_registry_uri(tracking_uri: str | None = None) -> str:
     """The existing MLflow store ``pkdot predict`` reads from: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``; no
     default (MLflow's own, ``sqlite:///mlflow.db`` in the working directory, would create an empty store)."""
@@ -70,7 +64,8 @@ def predict_videos(
     # the registered student is a torch.export program, exported in eval mode (it has no .eval())
     model = load_student(model_uri, tracking_uri=uri)
     detector = FaceDetector(cfg.features)
-    names = dict(enumerate(class_names(cfg.data.task)))
+    classes = {"binary": [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]], "multiclass": BIOVID_CLASSES}
+    names = dict(enumerate(classes.get(cfg.data.task, ())))
     rows: list[dict[str, Any]] = []
     for video in map(Path, videos):
         (clip,) = extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector)

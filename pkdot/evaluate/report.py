@@ -382,13 +382,12 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 def _draw_plots(
-    cfg: RunConfig, pred: pd.DataFrame, table: pd.DataFrame, out: Path, run_dir: Path, notes: list[str]
+    cfg: RunConfig, pred: pd.DataFrame, table: pd.DataFrame, run_dir: Path, notes: list[str], num_classes: int
 ) -> list[Path]:
-    regression = cfg.data.is_regression
+    regression, out = cfg.data.is_regression, RunDir(run_dir).report
     models = list(table["model"])
     plots = [plot_metric_bars(table, out / "metric_bars.png")]
     if not regression:
-        num_classes = _num_classes(cfg, pred)
         plots.append(
             plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models=models)
         )
@@ -514,7 +513,7 @@ def evaluate_run(
         robustness_runs = run_robustness(cfg, run_dir)
         robustness_table = summarise_robustness(robustness_runs, metric=metric, **stats)
     notes: list[str] = []
-    plots = _draw_plots(cfg, pred, table, rd.report, run_dir, notes)
+    plots = _draw_plots(cfg, pred, table, run_dir, notes, num_classes)
     if robustness_table is not None:
         plots.append(plot_robustness(robustness_table, rd.report / "robustness.png", metric=metric))
     summary = EvaluationSummary(
