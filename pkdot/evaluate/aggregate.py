@@ -20,7 +20,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 from scipy import stats
 
+from pkdot.data.manifest import read_manifest
 from pkdot.errors import StageError
+from pkdot.features.schema import read_sample_ids
+from pkdot.folds import load_fold_plan
 from pkdot.metrics import classification_metrics, regression_metrics
 from pkdot.rundir import RunDir
 
@@ -203,9 +206,6 @@ def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()
     """Per (fold, seed) run: ``n_test``, ``n_val`` and ``n_train`` (manifest samples, with features of
     ``modalities``, of the other subjects -- of the other samples when ``splits.json`` holds folds over samples,
     ``train.folds: clips``), for the corrected interval; None without ``manifest.parquet``."""
-    from pkdot.data.manifest import read_manifest
-    from pkdot.features.schema import read_sample_ids
-
     rd = RunDir(run_dir)
     if not rd.manifest.is_file():
         return None
@@ -216,8 +216,6 @@ def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()
     # the folds' unit: subjects, or samples under train.folds: clips (every subject is then in some test part)
     unit = "subject_id"
     if rd.splits.is_file():
-        from pkdot.folds import load_fold_plan
-
         plan = load_fold_plan(rd.splits)
         folds = list(plan.shared or ()) + [f for _, f in plan.pairs(plan.seeds)]
         if any(f.unit == "sample_id" for f in folds):

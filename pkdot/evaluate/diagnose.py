@@ -23,8 +23,11 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pkdot.config import load_config
+from pkdot.data.manifest import read_manifest
 from pkdot.errors import DatasetError, StageError
 from pkdot.evaluate.aggregate import corrected_and_naive
+from pkdot.features.schema import DEFAULT_TENSOR, iter_tensors
 from pkdot.metrics import ccc
 from pkdot.rundir import RunDir, atomic_write_json
 
@@ -254,10 +257,6 @@ def run_views(run: str | Path, student: Sequence[str] = (), privileged: Sequence
     """The views of a run directory's ``features/`` tables (by default the modalities of its ``config.yaml``):
     video as each clip's mean grey frame, other modalities' default tensor flattened; each reduced to
     :data:`MAX_DIMS` dimensions by PCA (fitted on all rows, no labels)."""
-    from pkdot.config import load_config
-    from pkdot.data.manifest import read_manifest
-    from pkdot.features.schema import DEFAULT_TENSOR, iter_tensors
-
     rd = RunDir(run)
     data = load_config(rd.config).data
     manifest = read_manifest(rd.manifest)

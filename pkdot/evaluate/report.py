@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from pkdot.config import RunConfig
+from pkdot.data.affwild2 import challenge_markdown, challenge_scores
+from pkdot.data.manifest import read_manifest
 from pkdot.errors import ConfigError, StageError
 from pkdot.evaluate.aggregate import (
     BASELINE_STUDENT,
@@ -43,6 +45,8 @@ from pkdot.evaluate.plots import (
     plot_robustness,
     plot_structure,
 )
+from pkdot.evaluate.robustness import run_robustness, summarise_robustness
+from pkdot.folds import describe_protocol
 from pkdot.rundir import RunDir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -336,8 +340,6 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         rows.append([*row, *extra, str(int(r["n"]))])
     lines += [_md_table(header, rows), ""]
     if not summary.challenge.empty:
-        from pkdot.data.affwild2 import challenge_markdown
-
         lines += challenge_markdown(summary.challenge, cfg.data.task)
 
     lines += [f"## Distillation losses vs. `{BASELINE_STUDENT}` (paired by fold and seed)", ""]
@@ -475,9 +477,6 @@ def evaluate_run(
 ) -> EvaluationSummary:
     """Evaluate every model of a run (default ``cfg.run_dir``), choose the student to ship on validation and write
     ``RUN/report/``; ``robustness`` adds the degraded-video evaluation (:mod:`pkdot.evaluate.robustness`)."""
-    from pkdot.data.manifest import read_manifest
-    from pkdot.folds import describe_protocol
-
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     rd = RunDir(run_dir)
     regression = cfg.data.is_regression
@@ -503,13 +502,9 @@ def evaluate_run(
     protocol = describe_protocol(cfg.train.folds, rd.splits) if rd.splits.is_file() else ""
     challenge = pd.DataFrame()  # Aff-Wild2: the challenge's per-frame CCC of every run
     if cfg.data.dataset == "affwild2" and cfg.data.root is not None:
-        from pkdot.data.affwild2 import challenge_scores
-
         challenge = challenge_scores(read_manifest(rd.manifest), pred, Path(cfg.data.root), cfg.data.task)
     robustness_runs = robustness_table = None
     if robustness:
-        from pkdot.evaluate.robustness import run_robustness, summarise_robustness
-
         robustness_runs = run_robustness(cfg, run_dir)
         robustness_table = summarise_robustness(robustness_runs, metric=metric, **stats)
     notes: list[str] = []
