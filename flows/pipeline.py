@@ -292,7 +292,7 @@ def _mlflow_run_link(
     """(link, description) of an MLflow run for people: its page on ``public_uri`` (the UI address,
     :func:`pkdot.tracking.resolve_public_uri`), else on the tracking server, else ``mlflow ui`` on a local
     store (:data:`LOCAL_MLFLOW_UI`)."""
-    from pkdot.tracking import run_ui_url
+    from pkdot.tracking.runs import run_ui_url
 
     if public_uri:
         where = f"{public_uri}" + (
@@ -388,7 +388,7 @@ pipeline.fn.__annotations__ = typing.get_type_hints(pipeline.fn)
 def _end_parent_run(cfg: RunConfig, status: str) -> None:
     """Mark the run's MLflow parent run ended (a failed or interrupted flow must not leave it RUNNING)."""
     try:
-        from pkdot.tracking import end_parent_run
+        from pkdot.tracking.runs import end_parent_run
 
         end_parent_run(cfg.run_dir, status)
     except Exception as exc:  # noqa: BLE001 - never hide the flow's own error behind a tracking one
@@ -435,7 +435,7 @@ def _pipeline_stages(cfg: RunConfig) -> dict[str, Any]:
         key=RESULTS_ARTIFACT_KEY,
         description=f"Test metric per model (mean, std and corrected 95% CI over runs) of {cfg.run_dir}",
     )
-    from pkdot.tracking import resolve_public_uri
+    from pkdot.tracking.runs import resolve_public_uri
 
     link, description = _mlflow_run_link(
         details["tracking_uri"],

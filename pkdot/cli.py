@@ -9,9 +9,11 @@ import logging
 import os
 import signal
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from pkdot import __version__
 from pkdot.errors import PkdotError
 
 log = logging.getLogger("pkdot")
@@ -37,14 +39,8 @@ for _k, _v in {
 
 def _set_option(p: argparse.ArgumentParser, what: str) -> None:
     """``--set KEY=VALUE`` (repeatable): dotted config overrides."""
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"{what}, e.g. --set train.epochs_student=3 (repeatable)",
-    )
+    text = f"{what}, e.g. --set train.epochs_student=3 (repeatable)"
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -260,7 +256,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(f) for f in files))
     if args.run is not None:
         from pkdot.config import load_config
-        from pkdot.tracking import Tracker
+        from pkdot.tracking.runs import Tracker
 
         cfg = load_config(RunDir(args.run).config)
         if cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
@@ -300,23 +296,28 @@ RUN/logs/pkdot.log, the per-epoch metrics also in MLflow.
 """
 
 
-#: An example line per stage subcommand (its --help epilogue).
-STAGE_EXAMPLES = {
+#: Each subcommand's examples (its --help epilogue).
+SUBCOMMAND_EXAMPLES = {
+    "synth": "  pkdot synth biovid --out /tmp/b --subjects 4 --seed 0\n",
+    "manifest": "  pkdot manifest --dataset biovid --root /tmp/b --out /tmp/m.parquet\n",
     "extract": "  pkdot extract --dataset biovid --root /data/biovid/PartA --out runs/r1 --workers 4\n",
     "train-teacher": "  pkdot train-teacher --run runs/r1 --set train.epochs_teacher=30\n",
     "cache": "  pkdot cache --run runs/r1\n",
     "distill": "  pkdot distill --run runs/r1 --loss pkdot --loss none,kd\n",
     "evaluate": "  pkdot evaluate --run runs/r1 --robustness\n",
     "refit": "  pkdot refit --run runs/r1\n  pkdot refit --run runs/r1 --set train.refit=false   # skip it\n",
+    "run": "  pkdot run\n"
+    "  pkdot run --dataset biovid --root /data/biovid/PartA --task multiclass --preset paper\n",
+    "predict": "  pkdot predict --model models:/pkdot-student-biovid@champion \\\n"
+    "      --tracking-uri sqlite:///runs/biovid-demo/mlflow.db clip1.mp4\n",
+    "diagnose": "  pkdot diagnose --table feats.parquet --student-modalities face "
+    "--privileged-modalities eeg,gsr\n  pkdot diagnose --run runs/r1\n",
 }
 
 
 def _lock_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--wait-lock",
-        action="store_true",
-        help="When another pkdot command writes to the run directory, wait for it instead of failing",
-    )
+    text = "When another pkdot command writes to the run directory, wait for it instead of failing"
+    p.add_argument("--wait-lock", action="store_true", help=text)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -336,15 +337,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return f"{text} (default: %(default)s)"
 
 
-def _add_parser(sub: Any, name: str, help: str, epilog: str = "") -> argparse.ArgumentParser:
+def _add_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand whose help lists every option with its default (and ``-v`` also after the command)."""
-    p = sub.add_parser(
-        name,
-        help=help,
-        description=help,
-        epilog=("examples:\n" + epilog) if epilog else None,
-        formatter_class=HelpFormatter,
-    )
+    epilog = "examples:\n" + SUBCOMMAND_EXAMPLES[name]
+    p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
     p.add_argument(
         "-v",
         "--verbose",
@@ -356,13 +352,9 @@ def _add_parser(sub: Any, name: str, help: str, epilog: str = "") -> argparse.Ar
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("pkdot")
     except PackageNotFoundError:  # a source checkout that was never installed
-        from pkdot import __version__
-
         return __version__
 
 
@@ -380,41 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add_parser(
-        sub,
-        "synth",
-        "Write a synthetic data set in the real Biovid / Aff-Wild2 layout",
-        "  pkdot synth biovid --out /tmp/b --subjects 4 --seed 0\n",
-    )
+    p = _add_parser(sub, "synth", "Write a synthetic data set in the real Biovid / Aff-Wild2 layout")
     p.add_argument("kind", choices=["biovid", "affwild2"], help="Which data set's layout to write")
     p.add_argument("--out", type=Path, required=True, help="Folder to write the data set to (required)")
-    p.add_argument("--subjects", type=int, default=8, help="Number of synthetic subjects")
-    p.add_argument("--seed", type=int, default=0, help="Random seed (same seed = byte-identical files)")
-    p.add_argument(
-        "--samples-per-class", type=int, default=4, help="Biovid: samples per subject and pain level"
-    )
-    p.add_argument("--part", choices=["A", "B"], default="A", help="Biovid part (B adds facial EMG)")
-    p.add_argument("--videos-per-subject", type=int, default=1, help="Aff-Wild2: videos per subject")
-    p.add_argument("--seconds-per-video", type=float, default=12.0, help="Aff-Wild2: length of each video")
-    p.add_argument(
-        "--frame-size", type=int, default=160, help="Frame side in pixels (>= 96 for reliable detection)"
-    )
-    p.add_argument("--fps", type=int, default=25, help="Frames per second of the videos")
-    p.add_argument(
-        "--coupling",
-        type=float,
-        default=1.0,
-        help="In [0, 1]: how much the privileged modality (physio / audio) and the face share one latent "
-        "response; 1 = shared, 0 = independent given the label (negative control)",
-    )
+    for flag, default, text in (  # the option's type is its default's
+        ("--subjects", 8, "Number of synthetic subjects"),
+        ("--seed", 0, "Random seed (same seed = byte-identical files)"),
+        ("--samples-per-class", 4, "Biovid: samples per subject and pain level"),
+        ("--part", "A", "Biovid part (B adds facial EMG)"),
+        ("--videos-per-subject", 1, "Aff-Wild2: videos per subject"),
+        ("--seconds-per-video", 12.0, "Aff-Wild2: length of each video"),
+        ("--frame-size", 160, "Frame side in pixels (>= 96 for reliable detection)"),
+        ("--fps", 25, "Frames per second of the videos"),
+        ("--coupling", 1.0, "In [0, 1]: how much the privileged modality (physio / audio) and the face "
+         "share one latent response; 1 = shared, 0 = independent given the label (negative control)"),
+    ):  # fmt: skip
+        choices = ["A", "B"] if flag == "--part" else None
+        p.add_argument(flag, type=type(default), default=default, choices=choices, help=text)
     p.set_defaults(fn=cmd_synth)
 
-    p = _add_parser(
-        sub,
-        "manifest",
-        "Dataset root -> manifest Parquet (one row per sample; bad samples named)",
-        "  pkdot manifest --dataset biovid --root /tmp/b --out /tmp/m.parquet\n",
-    )
+    manifest = "Dataset root -> manifest Parquet (one row per sample; bad samples named)"
+    p = _add_parser(sub, "manifest", manifest)
     _config_args(p)
     p.add_argument("--out", type=Path, required=True, help="Manifest Parquet file to write (required)")
     p.set_defaults(fn=cmd_manifest)
@@ -422,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pkdot.pipeline import STAGES
 
     for number, stage in enumerate(STAGES[1:], start=1):  # the manifest is part of extract
-        p = _add_parser(sub, stage.name, f"Stage {number}: {stage.help}", STAGE_EXAMPLES.get(stage.name, ""))
+        p = _add_parser(sub, stage.name, f"Stage {number}: {stage.help}")
         if stage.name == "extract":
             _config_args(p)
             p.add_argument("--out", type=Path, required=True, help="Run directory (required)")
@@ -464,12 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(fn=cmd_stage)
 
-    p = _add_parser(
-        sub,
-        "run",
-        "The whole pipeline (synthetic Biovid demo with no arguments)",
-        "  pkdot run\n  pkdot run --dataset biovid --root /data/biovid/PartA --task multiclass --preset paper\n",
-    )
+    p = _add_parser(sub, "run", "The whole pipeline (synthetic Biovid demo with no arguments)")
     _config_args(p)
     p.add_argument(
         "--run-dir", type=Path, default=None, help="Run directory (default: runs/<dataset>-<preset>)"
@@ -483,13 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lock_arg(p)
     p.set_defaults(fn=cmd_run)
 
-    p = _add_parser(
-        sub,
-        "predict",
-        "Predict pain level / VA per video with a registered student",
-        "  pkdot predict --model models:/pkdot-student-biovid@champion \\\n"
-        "      --tracking-uri sqlite:///runs/biovid-demo/mlflow.db clip1.mp4\n",
-    )
+    p = _add_parser(sub, "predict", "Predict pain level / VA per video with a registered student")
     p.add_argument(
         "--model",
         required=True,
@@ -512,13 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_predict)
 
-    p = _add_parser(
-        sub,
-        "diagnose",
-        "Will the privileged modality help the student? Linear probes with subject folds, before training",
-        "  pkdot diagnose --table feats.parquet --student-modalities face --privileged-modalities eeg,gsr\n"
-        "  pkdot diagnose --run runs/r1\n",
+    diagnose = (
+        "Will the privileged modality help the student? Linear probes with subject folds, before training"
     )
+    p = _add_parser(sub, "diagnose", diagnose)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--table", type=Path, help="A feature table, the layout of --dataset table (default: none; or --run)"
@@ -593,7 +557,7 @@ def _end_parent_run(args: argparse.Namespace, status: str) -> None:
     if run_dir is None or not (Path(run_dir) / "mlflow_parent.json").is_file():
         return
     try:
-        from pkdot.tracking import end_parent_run
+        from pkdot.tracking.runs import end_parent_run
 
         end_parent_run(run_dir, status)
     except Exception as exc:  # noqa: BLE001 - MLflow's own errors too: never hide the command's outcome

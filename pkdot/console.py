@@ -97,14 +97,6 @@ def remove_handlers() -> None:
 
 
 # ---- per-epoch lines ----------------------------------------------------------------------------------------
-def format_epoch(job_key: str, phase: str, epoch: int, record: dict[str, Any]) -> str:
-    """``[teacher/fold-0/seed-0] teacher epoch 3: loss=0.41 val_accuracy=0.82`` (``epoch`` left out)."""
-    extras = " ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "epoch"
-    )
-    return f"[{job_key}] {phase} epoch {epoch}: {extras}"
-
-
 def epoch_file(run_dir: str | Path, job_key: str) -> Path:
     """The epoch-record file of a job: ``<run>/logs/epochs/<job key, '/' -> '-'>.jsonl``."""
     return Path(run_dir) / "logs" / "epochs" / (job_key.replace("/", "-") + ".jsonl")
@@ -154,10 +146,14 @@ class EpochTail:
                 except ValueError:
                     epoch_log.warning("%s: unreadable epoch record %r", path, raw[:200])
                     continue
-                metrics = {k: v for k, v in rec.items() if k not in ("job", "phase", "epoch")}
-                epoch_log.info(
-                    format_epoch(rec.get("job", key), rec.get("phase", "?"), rec.get("epoch", 0), metrics)
+                # [teacher/fold-0/seed-0] teacher epoch 3: loss=0.41 val_accuracy=0.82
+                numbers = " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in rec.items()
+                    if k not in ("job", "phase", "epoch")
                 )
+                job, phase, epoch = rec.get("job", key), rec.get("phase", "?"), rec.get("epoch", 0)
+                epoch_log.info(f"[{job}] {phase} epoch {epoch}: {numbers}")
                 latest = rec
         return latest
 

@@ -14,19 +14,12 @@ import torch
 from pkdot.config import load_config
 from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.errors import ConfigError, FeatureError, PkdotError
-
-
-def class_names(task: str) -> list[str]:
-    return {"binary": [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]], "multiclass": list(BIOVID_CLASSES)}.get(
-        task, []
-    )
+from pkdot.tracking.registry import load_student, model_config_path, model_version, require_existing_store
 
 
 def resolve_registry_uri(tracking_uri: str | None = None) -> str:
     """The existing MLflow store ``pkdot predict`` reads from: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``; no
     default (MLflow's own, ``sqlite:///mlflow.db`` in the working directory, would create an empty store)."""
-    from pkdot.tracking import require_existing_store
-
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ConfigError(
@@ -39,8 +32,6 @@ def resolve_registry_uri(tracking_uri: str | None = None) -> str:
 
 def describe_model(model_uri: str, tracking_uri: str | None = None) -> str:
     """The one-line summary of a registered student's model card (the first line of its description)."""
-    from pkdot.tracking import model_version
-
     mv = model_version(model_uri, resolve_registry_uri(tracking_uri))
     lines = (mv.description or "").strip().splitlines()
     if not lines:
@@ -56,7 +47,6 @@ def predict_videos(
     """One prediction per video: the pain class and its probabilities, or the valence/arousal value, by
     ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` of the store :func:`resolve_registry_uri`."""
     from pkdot.features.faces import ClipRequest, FaceClip, FaceDetector, extract_video_clips
-    from pkdot.tracking import load_student, model_config_path
 
     uri = resolve_registry_uri(tracking_uri)
     for video in videos:  # before anything is downloaded
@@ -70,7 +60,8 @@ def predict_videos(
     # the registered student is a torch.export program, exported in eval mode (it has no .eval())
     model = load_student(model_uri, tracking_uri=uri)
     detector = FaceDetector(cfg.features)
-    names = dict(enumerate(class_names(cfg.data.task)))
+    classes = {"binary": [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]], "multiclass": BIOVID_CLASSES}
+    names = dict(enumerate(classes.get(cfg.data.task, ())))
     rows: list[dict[str, Any]] = []
     for video in map(Path, videos):
         (clip,) = extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector)

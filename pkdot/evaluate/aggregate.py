@@ -3,10 +3,8 @@ r"""Fold/seed aggregation: per-run metrics, means with intervals corrected for r
 A model trained once per (fold, seed) has :math:`J` test scores whose training sets overlap, so the plain
 t interval :math:`s/\sqrt J` is too narrow: intervals and p-values use Nadeau and Bengio's corrected resampled t,
 :math:`\bar x \pm t_{1-\alpha/2, J-1}\, s \sqrt{1/J + n_{test}/n_{train}}`. Each distillation loss is compared
-with ``student-none`` paired by (fold, seed). Uncorrected numbers are kept as ``naive_*``.
-
-References: Nadeau & Bengio, "Inference for the Generalization Error", Machine Learning 52, 2003.
-"""
+with ``student-none`` paired by (fold, seed). Uncorrected numbers are kept as ``naive_*``. Reference: Nadeau &
+Bengio, "Inference for the Generalization Error", Machine Learning 52, 2003."""
 
 from __future__ import annotations
 
@@ -22,7 +20,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 from scipy import stats
 
+from pkdot.data.manifest import read_manifest
 from pkdot.errors import StageError
+from pkdot.features.schema import read_sample_ids
+from pkdot.folds import load_fold_plan
 from pkdot.metrics import classification_metrics, regression_metrics
 from pkdot.rundir import RunDir
 
@@ -205,9 +206,6 @@ def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()
     """Per (fold, seed) run: ``n_test``, ``n_val`` and ``n_train`` (manifest samples, with features of
     ``modalities``, of the other subjects -- of the other samples when ``splits.json`` holds folds over samples,
     ``train.folds: clips``), for the corrected interval; None without ``manifest.parquet``."""
-    from pkdot.data.manifest import read_manifest
-    from pkdot.features.schema import read_sample_ids
-
     rd = RunDir(run_dir)
     if not rd.manifest.is_file():
         return None
@@ -218,8 +216,6 @@ def fold_sizes(run_dir: Path, pred: pd.DataFrame, modalities: Sequence[str] = ()
     # the folds' unit: subjects, or samples under train.folds: clips (every subject is then in some test part)
     unit = "subject_id"
     if rd.splits.is_file():
-        from pkdot.folds import load_fold_plan
-
         plan = load_fold_plan(rd.splits)
         folds = list(plan.shared or ()) + [f for _, f in plan.pairs(plan.seeds)]
         if any(f.unit == "sample_id" for f in folds):

@@ -1,12 +1,10 @@
 """Will privileged information help on my data? Linear probes with subject-grouped cross-validation.
 
-On a feature table or a run's extracted features, before any training, repeated subject k-fold measures on
-test subjects: the head-room (student view, privileged view, both), the transfer (R² of the privileged model's
-output predicted from the student view, overall and beyond the label: only that part teaches what labels do
-not) and the gain of a student fitted on cross-fitted soft labels over one fitted on labels (generalised
-distillation, Lopez-Paz et al., ICLR 2016), with Nadeau-Bengio corrected intervals; the verdict rule is
-:data:`RULE`, fixed before any control was run.
-"""
+On a feature table or a run's features, before any training, repeated subject k-fold measures on test subjects
+the head-room (student view, privileged view, both), the transfer (R² of the privileged model's output
+predicted from the student view, overall and beyond the label: only that part teaches what labels do not) and
+the gain of a student fitted on cross-fitted soft labels over one fitted on labels (generalised distillation,
+Lopez-Paz et al., ICLR 2016), with Nadeau-Bengio corrected intervals; the verdict rule is :data:`RULE`."""
 
 from __future__ import annotations
 
@@ -25,8 +23,11 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pkdot.config import load_config
+from pkdot.data.manifest import read_manifest
 from pkdot.errors import DatasetError, StageError
 from pkdot.evaluate.aggregate import corrected_and_naive
+from pkdot.features.schema import DEFAULT_TENSOR, iter_tensors
 from pkdot.metrics import ccc
 from pkdot.rundir import RunDir, atomic_write_json
 
@@ -256,10 +257,6 @@ def run_views(run: str | Path, student: Sequence[str] = (), privileged: Sequence
     """The views of a run directory's ``features/`` tables (by default the modalities of its ``config.yaml``):
     video as each clip's mean grey frame, other modalities' default tensor flattened; each reduced to
     :data:`MAX_DIMS` dimensions by PCA (fitted on all rows, no labels)."""
-    from pkdot.config import load_config
-    from pkdot.data.manifest import read_manifest
-    from pkdot.features.schema import DEFAULT_TENSOR, iter_tensors
-
     rd = RunDir(run)
     data = load_config(rd.config).data
     manifest = read_manifest(rd.manifest)

@@ -1,7 +1,6 @@
 """Report figures (matplotlib, Agg backend, PNG); each function writes one file atomically and returns its path:
 confusion matrices, learning curves, robustness curves, the teacher/student similarity structure with PKDOT's
-transport plan, a PCA map of embeddings, and the summary table's means with their intervals.
-"""
+transport plan, a PCA map of embeddings, and the summary table's means with their intervals."""
 
 from __future__ import annotations
 
@@ -44,21 +43,15 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_confusion_matrices(
-    pred: pd.DataFrame,
-    num_classes: int,
-    path: Path,
-    class_names: Sequence[str] | None = None,
-    models: Sequence[str] | None = None,
+    pred: pd.DataFrame, num_classes: int, path: Path, models: Sequence[str] | None = None
 ) -> Path:
     """One confusion matrix per model (test rows, counts summed over folds and seeds, row-normalised colours);
-    ``models`` sets the models and their order, ``class_names`` the tick labels."""
+    ``models`` sets the models and their order."""
     test = pred[pred["split"] == "test"]
     models = list(models) if models is not None else sorted(set(test["model"]))
     if not models:
         raise StageError("plot_confusion_matrices: no test predictions")
-    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise StageError(f"plot_confusion_matrices: {len(names)} class names for {num_classes} classes")
+    names = [str(i) for i in range(num_classes)]
     cols = min(len(models), 4)
     rows = -(-len(models) // cols)
     fig, axes = plt.subplots(

@@ -3,8 +3,7 @@
 Reads every ``predictions.parquet`` and ``history.json`` of ``RUN/teacher/`` and ``RUN/student/``; writes
 ``report.md`` (short whatever the number of folds), ``summary.json`` (the same numbers, NaN as null, uncorrected
 intervals as ``naive_*``), ``per_fold.csv`` (one row per model, fold and seed), ``robustness.csv``
-(``--robustness``) and the figures of :mod:`pkdot.evaluate.plots`, each written atomically.
-"""
+(``--robustness``) and the figures of :mod:`pkdot.evaluate.plots`, each written atomically."""
 
 from __future__ import annotations
 
@@ -19,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from pkdot.config import RunConfig
+from pkdot.data.affwild2 import challenge_markdown, challenge_scores
+from pkdot.data.manifest import read_manifest
 from pkdot.errors import ConfigError, StageError
 from pkdot.evaluate.aggregate import (
     BASELINE_STUDENT,
@@ -44,6 +45,8 @@ from pkdot.evaluate.plots import (
     plot_robustness,
     plot_structure,
 )
+from pkdot.evaluate.robustness import run_robustness, summarise_robustness
+from pkdot.folds import describe_protocol
 from pkdot.rundir import RunDir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -148,12 +151,8 @@ def _stack(column: pd.Series, what: str) -> np.ndarray:
 
 
 # ---- formatting --------------------------------------------------------------------------------------------
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _fmt_signed(x: float, digits: int = 3) -> str:
-    return "n/a" if math.isnan(x) else f"{x:+.{digits}f}"
+def _fmt(x: Any, digits: int = 3, sign: str = "") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{sign}.{digits}f}"
 
 
 def _fmt_p(p: float) -> str:
@@ -175,8 +174,8 @@ def _difference_table(diffs: pd.DataFrame, first: str, metric: str, name: Any) -
     rows = [
         [
             name(r),
-            _fmt_signed(float(r["mean_diff"]), 4),
-            f"[{_fmt_signed(float(r['ci_low']), 4)}, {_fmt_signed(float(r['ci_high']), 4)}]",
+            _fmt(float(r["mean_diff"]), 4, "+"),
+            f"[{_fmt(float(r['ci_low']), 4, '+')}, {_fmt(float(r['ci_high']), 4, '+')}]",
             _fmt_p(float(r["p_value"])),
             str(int(r["n"])),
         ]
@@ -211,8 +210,8 @@ def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
     else:
         verdict = "the interval includes 0: no significant difference in this run"
     return (
-        f"Measured: PKDOT changed the test {metric} by {_fmt_signed(diff, 4)} relative to the student trained "
-        f"without distillation (corrected 95% CI [{_fmt_signed(low, 4)}, {_fmt_signed(high, 4)}], corrected "
+        f"Measured: PKDOT changed the test {metric} by {_fmt(diff, 4, '+')} relative to the student trained "
+        f"without distillation (corrected 95% CI [{_fmt(low, 4, '+')}, {_fmt(high, 4, '+')}], corrected "
         f"paired t-test p = {_fmt_p(float(r['p_value']))}, n = {n} fold x seed runs); {verdict}."
     )
 
@@ -341,8 +340,6 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         rows.append([*row, *extra, str(int(r["n"]))])
     lines += [_md_table(header, rows), ""]
     if not summary.challenge.empty:
-        from pkdot.data.affwild2 import challenge_markdown
-
         lines += challenge_markdown(summary.challenge, cfg.data.task)
 
     lines += [f"## Distillation losses vs. `{BASELINE_STUDENT}` (paired by fold and seed)", ""]
@@ -387,13 +384,12 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 def _draw_plots(
-    cfg: RunConfig, pred: pd.DataFrame, table: pd.DataFrame, out: Path, run_dir: Path, notes: list[str]
+    cfg: RunConfig, pred: pd.DataFrame, table: pd.DataFrame, run_dir: Path, notes: list[str], num_classes: int
 ) -> list[Path]:
-    regression = cfg.data.is_regression
+    regression, out = cfg.data.is_regression, RunDir(run_dir).report
     models = list(table["model"])
     plots = [plot_metric_bars(table, out / "metric_bars.png")]
     if not regression:
-        num_classes = _num_classes(cfg, pred)
         plots.append(
             plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models=models)
         )
@@ -481,9 +477,6 @@ def evaluate_run(
 ) -> EvaluationSummary:
     """Evaluate every model of a run (default ``cfg.run_dir``), choose the student to ship on validation and write
     ``RUN/report/``; ``robustness`` adds the degraded-video evaluation (:mod:`pkdot.evaluate.robustness`)."""
-    from pkdot.data.manifest import read_manifest
-    from pkdot.folds import describe_protocol
-
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     rd = RunDir(run_dir)
     regression = cfg.data.is_regression
@@ -509,17 +502,13 @@ def evaluate_run(
     protocol = describe_protocol(cfg.train.folds, rd.splits) if rd.splits.is_file() else ""
     challenge = pd.DataFrame()  # Aff-Wild2: the challenge's per-frame CCC of every run
     if cfg.data.dataset == "affwild2" and cfg.data.root is not None:
-        from pkdot.data.affwild2 import challenge_scores
-
         challenge = challenge_scores(read_manifest(rd.manifest), pred, Path(cfg.data.root), cfg.data.task)
     robustness_runs = robustness_table = None
     if robustness:
-        from pkdot.evaluate.robustness import run_robustness, summarise_robustness
-
         robustness_runs = run_robustness(cfg, run_dir)
         robustness_table = summarise_robustness(robustness_runs, metric=metric, **stats)
     notes: list[str] = []
-    plots = _draw_plots(cfg, pred, table, rd.report, run_dir, notes)
+    plots = _draw_plots(cfg, pred, table, run_dir, notes, num_classes)
     if robustness_table is not None:
         plots.append(plot_robustness(robustness_table, rd.report / "robustness.png", metric=metric))
     summary = EvaluationSummary(

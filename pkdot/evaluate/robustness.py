@@ -1,14 +1,13 @@
 """Robustness of the video models to degraded test video (``pkdot evaluate --robustness``): every trained
 student and unimodal video model re-scores its (fold, seed)'s test clips after ``frame_drop``, ``noise`` or
 ``blur`` at several levels (0 = clean), draws seeded by (seed, fold, perturbation, level) and shared by every
-model; scores get the main table's corrected intervals.
-"""
+model; scores get the main table's corrected intervals."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -163,23 +162,15 @@ def _score(y_true: np.ndarray, outputs: np.ndarray, regression: bool) -> tuple[f
     return (ccc if regression else accuracy)(y_true, y_pred), y_pred
 
 
-def run_robustness(
-    cfg: RunConfig,
-    run_dir: Path | None = None,
-    *,
-    levels: dict[str, Sequence[float]] | None = None,
-) -> pd.DataFrame:
-    """Score every trained video model on perturbed test clips (``levels``, default :data:`DEFAULT_LEVELS`): one
-    row of :data:`RUN_COLUMNS` per (model, perturbation, level, fold, seed)."""
+def run_robustness(cfg: RunConfig, run_dir: Path | None = None) -> pd.DataFrame:
+    """Score every trained video model on perturbed test clips (:data:`DEFAULT_LEVELS`): one row of
+    :data:`RUN_COLUMNS` per (model, perturbation, level, fold, seed)."""
     from pkdot.train.data import load_samples
 
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     video = cfg.data.student_modalities[0]
     if video != "video":
         raise StageError(f"--robustness perturbs face video; the student modality of this run is {video!r}")
-    levels = {k: tuple(v) for k, v in (levels or DEFAULT_LEVELS).items()}
-    if unknown := sorted(set(levels) - set(PERTURBATIONS)):
-        raise StageError(f"robustness: unknown perturbations {unknown}; expected {list(PERTURBATIONS)}")
     jobs = trained_video_models(run_dir)
     if not jobs:
         raise StageError(f"{run_dir}: no trained student or unimodal video model to evaluate for robustness")
@@ -204,7 +195,7 @@ def run_robustness(
         y_true = samples.targets[index].astype(np.float64)
         forwards = {m: _load_model(cfg, m, fold, seed) for m in models}
         clean_outputs = {m: predict_clips(forwards[m], clean, batch) for m in models}
-        for p_index, (perturbation, plevels) in enumerate(levels.items()):
+        for p_index, (perturbation, plevels) in enumerate(DEFAULT_LEVELS.items()):
             for level in plevels:
                 rng = np.random.default_rng([seed, fold, p_index, int(round(level * 1000))])
                 clips, dropped = perturb_clips(clean, perturbation, level, rng)

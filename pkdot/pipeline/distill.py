@@ -10,7 +10,7 @@ from pkdot.errors import ConfigError
 from pkdot.folds import load_fold_plan
 from pkdot.pipeline.base import Stage, StageOutput, remove_stale
 from pkdot.rundir import RunDir
-from pkdot.tracking import log_jobs
+from pkdot.tracking.runs import log_jobs
 from pkdot.train import ray_runner
 from pkdot.train.jobs import student_jobs
 

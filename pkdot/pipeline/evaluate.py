@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pkdot import tracking
 from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
 from pkdot.errors import ConfigError
@@ -16,6 +15,7 @@ from pkdot.folds import load_fold_plan
 from pkdot.pipeline.base import Stage, StageOutput, read_marker
 from pkdot.pipeline.manifest import STAGE as MANIFEST
 from pkdot.rundir import RunDir
+from pkdot.tracking import registry, runs
 from pkdot.train.student import load_trained_student
 
 
@@ -33,7 +33,7 @@ def _robustness(cfg: RunConfig, options: dict[str, Any]) -> bool:
 
 def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
     # the MLflow store it registers to; a report with robustness curves is a different output
-    extra: dict[str, Any] = {"tracking_uri": tracking.resolve_tracking_uri(cfg)}
+    extra: dict[str, Any] = {"tracking_uri": runs.resolve_tracking_uri(cfg)}
     if _robustness(cfg, options):
         extra["robustness"] = True
     return extra
@@ -44,7 +44,7 @@ def register(
 ) -> dict[str, Any]:
     """Register the student (loss, fold, seed) of the run ``rcfg`` (this run, or its refit) in MLflow."""
     student, shapes = load_trained_student(rcfg, loss, fold, seed)
-    return tracking.register_best(
+    return registry.register_best(
         cfg,
         summary,
         student,
@@ -63,14 +63,14 @@ def run(cfg: RunConfig, *, robustness: bool | None = None) -> StageOutput:
         "report": str(summary.report_path),
         "best_student": summary.best_student,
         "summary_markdown": summary.report_path.read_text(),
-        **tracking.log_evaluation(cfg, summary),
+        **runs.log_evaluation(cfg, summary),
     }
     if cfg.tracking.register_model and (sel := summary.selection) is not None and not cfg.train.refit:
         # the student chosen on validation: its (fold, seed) run with the best validation score
         f = load_fold_plan(RunDir(cfg.run_dir).splits).fold(sel.seed, sel.fold)
         subjects = {"train": f.train, "val": f.val, "test": f.test}
         details |= register(cfg, summary, cfg, sel.loss, sel.fold, sel.seed, subjects=subjects, unit=f.unit)
-    tracking.end_parent_run(cfg.run_dir, "FINISHED")
+    runs.end_parent_run(cfg.run_dir, "FINISHED")
     return StageOutput([summary.report_path], details)
 
 

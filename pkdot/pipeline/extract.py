@@ -11,7 +11,7 @@ from pkdot.errors import StageError
 from pkdot.features.extract import run_extract
 from pkdot.pipeline.base import Stage, StageOutput, remove_stale
 from pkdot.rundir import RunDir
-from pkdot.tracking import log_stage
+from pkdot.tracking.runs import log_stage
 
 
 def _numeric(d: dict, prefix: str = "") -> dict[str, float]:

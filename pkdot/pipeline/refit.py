@@ -9,7 +9,6 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from pkdot import tracking
 from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
 from pkdot.evaluate.report import read_summary
@@ -17,6 +16,7 @@ from pkdot.folds import FoldPlan, assign_crossfit_groups, crossfit_groups_of, re
 from pkdot.pipeline.base import Stage, StageOutput, remove_stale
 from pkdot.pipeline.evaluate import register
 from pkdot.rundir import RunDir, atomic_write_text
+from pkdot.tracking.runs import end_parent_run
 from pkdot.train import ray_runner
 from pkdot.train.cache import build_cache, cache_is_fresh
 from pkdot.train.data import load_samples
@@ -75,7 +75,7 @@ def run(cfg: RunConfig) -> StageOutput:
         subjects = {"train": fold.train, "val": fold.val}
         on = f"all {details['subjects']} subjects (refit; {len(fold.val)} of them for epoch selection)"
         details |= register(cfg, summary, rcfg, sel.loss, fold.index, seed, subjects=subjects, trained_on=on)
-    tracking.end_parent_run(cfg.run_dir, "FINISHED")
+    end_parent_run(cfg.run_dir, "FINISHED")
     return StageOutput([j.done_marker for j in jobs], details)
 
 

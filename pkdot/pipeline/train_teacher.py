@@ -10,7 +10,7 @@ from typing import Any
 from pkdot.config import RunConfig
 from pkdot.pipeline.base import Stage, StageOutput, remove_stale
 from pkdot.rundir import METRICS, RunDir
-from pkdot.tracking import log_jobs
+from pkdot.tracking.runs import log_jobs
 from pkdot.train import ray_runner
 from pkdot.train.data import write_run_folds
 from pkdot.train.jobs import teacher_checkpoints, teacher_cost, teacher_jobs

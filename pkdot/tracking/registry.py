@@ -48,11 +48,6 @@ class Registration:
     previous_champion_version: int | None
     run_id: str
 
-    @property
-    def model_uri(self) -> str:
-        """``models:/<name>/<version>`` (load it with :func:`load_student`)."""
-        return f"models:/{self.name}/{self.version}"
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSplit:
@@ -296,14 +291,13 @@ def register_student(
     metric_value: float,
     dataset: str,
     higher_is_better: bool = True,
-    extra_artifacts: Sequence[Path] = (),
     scores: Mapping[str, float] | None = None,
     datasets: Sequence[DatasetSplit] = (),
     card: ModelCard | None = None,
 ) -> Registration:
     """Log ``model`` (one tensor in) as a new version of ``tracker.model_name(dataset)`` and alias it by the
     champion rule on ``metric_name``. ``input_example``: a batch of >= 2 inputs; ``scores``: the model's own;
-    ``datasets``: the rows it saw; ``extra_artifacts``: files under ``extra/`` (``config.yaml`` always)."""
+    ``datasets``: the rows it saw; its run also holds the run's ``config.yaml``."""
     own_scores = {str(k): float(v) for k, v in (scores or {}).items()}
     checked = {f"metric {metric_name!r}": metric_value} | {f"score {k!r}": v for k, v in own_scores.items()}
     for what, value in checked.items():
@@ -315,9 +309,6 @@ def register_student(
             f"register_student: input_example has shape {example.shape}; expected a batch of at least 2 samples "
             "on axis 0 (a batch of 1 fixes the exported batch size)"
         )
-    for p in extra_artifacts:
-        if not Path(p).is_file():
-            raise StageError(f"register_student: extra artifact {p} does not exist")
     name, task = tracker.model_name(dataset), tracker.cfg.data.task
     previous = _champion(tracker, name, metric_name, task)
 
@@ -360,8 +351,6 @@ def register_student(
                     validate_serving_input=isinstance(out, torch.Tensor),  # pyfunc serves single tensors only
                 )
             tracker.client.log_text(sr.run_id, tracker.cfg.yaml_text(), "config.yaml")  # model_config_path()
-            for p in extra_artifacts:
-                sr.log_artifact(p, "extra")
     finally:
         model.train(was_training)
 

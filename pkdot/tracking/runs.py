@@ -17,7 +17,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -110,14 +110,8 @@ def _metric_value(key: str, value: Any) -> float:
     return float(value)
 
 
-def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    entries = [Param(k, _param_value(k, v)) for k, v in params.items()]
-    for i in range(0, len(entries), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=entries[i : i + PARAMS_PER_BATCH])
-
-
 class StageRun:
-    """A nested MLflow run of one stage call; logs through :class:`mlflow.tracking.MlflowClient`."""
+    """A nested MLflow run of one stage call (or the parent run); logs through :class:`MlflowClient`."""
 
     def __init__(self, client: MlflowClient, run_id: str, name: str) -> None:
         self._client = client
@@ -136,7 +130,9 @@ class StageRun:
             self._client.log_batch(self.run_id, metrics=entries[i : i + METRICS_PER_BATCH])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        _log_params(self._client, self.run_id, params)
+        entries = [Param(k, _param_value(k, v)) for k, v in params.items()]
+        for i in range(0, len(entries), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=entries[i : i + PARAMS_PER_BATCH])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not Path(path).is_file():
@@ -147,10 +143,6 @@ class StageRun:
         if not Path(directory).is_dir():
             raise StageError(f"artifact directory {directory} does not exist")
         self._client.log_artifacts(self.run_id, str(directory), artifact_path)
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if tags:
-            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 class Tracker:
@@ -240,7 +232,7 @@ class Tracker:
             "pkdot.config_hash": cfg.section_hash(),
         }
         run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
-        _log_params(self.client, run_id, cfg.flat())
+        StageRun(self.client, run_id, cfg.name).log_params(cfg.flat())
         self.client.log_text(run_id, cfg.yaml_text(), "config.yaml")
         doc = {"run_id": run_id, "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
         atomic_write_json(path, doc, indent=2)
@@ -271,26 +263,6 @@ class Tracker:
             self.client.set_terminated(stage_run.run_id, RunStatus.to_string(status))
             raise
         self.client.set_terminated(stage_run.run_id, RunStatus.to_string(RunStatus.FINISHED))
-
-    def log_history(self, stage_run: StageRun, history: Mapping[str, Any]) -> None:
-        """Log a ``history.json``: numeric epoch fields at step = epoch, ``best_epoch``, tag ``pkdot.val_metric``."""
-        epochs = history.get("epochs") if isinstance(history, Mapping) else None
-        if not isinstance(epochs, list):
-            raise StageError(f"history of {stage_run.name}: expected {{'epochs': [...], 'metric': ...}}")
-        for i, entry in enumerate(epochs):
-            if not isinstance(entry, Mapping) or "epoch" not in entry:
-                raise StageError(f"history of {stage_run.name}: epochs[{i}] has no 'epoch' field")
-            numeric = {
-                k: v
-                for k, v in entry.items()
-                if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)
-            }
-            if numeric:
-                stage_run.log_metrics(numeric, step=int(entry["epoch"]))
-        if history.get("best_epoch") is not None:
-            stage_run.log_metrics({"best_epoch": history["best_epoch"]})
-        if history.get("metric"):
-            stage_run.set_tags({"pkdot.val_metric": history["metric"]})
 
     def model_name(self, dataset: str) -> str:
         """``cfg.tracking.model_name`` or ``pkdot-student-<dataset>``."""
@@ -342,11 +314,14 @@ def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
         ) as run:
             history = json.loads((jdir / HISTORY).read_text())
             for phase, doc in history.get("phases", {}).items():
-                epochs = [
-                    {f"{phase}/{k}": v for k, v in r.items() if k != "epoch"} | {"epoch": r["epoch"]}
-                    for r in doc["epochs"]
-                ]
-                tracker.log_history(run, {"epochs": epochs})
+                for r in doc["epochs"]:  # the numbers of each epoch at step = epoch
+                    numeric = {
+                        f"{phase}/{k}": v
+                        for k, v in r.items()
+                        if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)
+                    }
+                    if numeric:
+                        run.log_metrics(numeric, step=int(r["epoch"]))
             metrics = json.loads((jdir / METRICS).read_text())
             run.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()})
             run.log_artifact(jdir / HISTORY)

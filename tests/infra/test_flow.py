@@ -342,7 +342,7 @@ def _artifacts_of(flow_run_id) -> dict:
 def test_flow_publishes_summary_results_progress_and_mlflow_link_artifacts(
     prefect_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from pkdot.tracking import PUBLIC_URI_ENV
+    from pkdot.tracking.runs import PUBLIC_URI_ENV
 
     monkeypatch.delenv(PUBLIC_URI_ENV, raising=False)
     FakeStages(monkeypatch)

@@ -17,7 +17,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pkdot.config import load_config
 from pkdot.errors import StageError
 from pkdot.models.heads import ModelOutput
-from pkdot.tracking import Tracker, load_student, model_config_path, register_student, resolve_tracking_uri
+from pkdot.tracking.registry import load_student, model_config_path, register_student
+from pkdot.tracking.runs import Tracker, resolve_tracking_uri
 
 
 class TinyVideoStudent(torch.nn.Module):
@@ -84,21 +85,13 @@ def cfg(tmp_path, monkeypatch):
     return load_config(overrides={"run_dir": str(tmp_path / "run"), "tracking.experiment": "pkdot-test"})
 
 
-def test_register_champion_challenger_and_load(cfg, tmp_path):
+def test_register_champion_challenger_and_load(cfg):
     tracker = Tracker(cfg)
     example = _video(0, 2)
-    report = tmp_path / "report.md"
-    report.write_text("# report\n")
     first, second, third = TinyVideoStudent(1), TinyVideoStudent(2), TinyVideoStudent(3)
 
     r1 = register_student(
-        tracker,
-        first,
-        example,
-        metric_name="accuracy",
-        metric_value=0.70,
-        extra_artifacts=[report],
-        dataset="biovid",
+        tracker, first, example, metric_name="accuracy", metric_value=0.70, dataset="biovid"
     )
     r2 = register_student(
         tracker, second, example, metric_name="accuracy", metric_value=0.60, dataset="biovid"
@@ -112,7 +105,7 @@ def test_register_champion_challenger_and_load(cfg, tmp_path):
     reg_run = client.get_run(r1.run_id)
     assert reg_run.data.tags[MLFLOW_PARENT_RUN_ID] == tracker.parent_run_id()
     assert reg_run.data.metrics["accuracy"] == 0.70
-    assert "extra/report.md" in [a.path for a in client.list_artifacts(r1.run_id, "extra")]
+    assert "config.yaml" in [a.path for a in client.list_artifacts(r1.run_id)]
 
     # The champion loads back and gives the logged model's outputs, on a different batch size.
     video = torch.from_numpy(_video(5, 3))
@@ -162,7 +155,7 @@ def test_register_lower_is_better_dataclass_output(cfg):
     model = DataclassStudent(2).eval()
     video = torch.from_numpy(_video(7, 2))
     with torch.no_grad():
-        got = load_student(b.model_uri)(video)
+        got = load_student(f"models:/{b.name}/{b.version}")(video)
         torch.testing.assert_close(got["logits"], model(video).logits)
     with pytest.raises(StageError, match="batch of at least 2"):
         register_student(tracker, model, example[:1], metric_name="mse", metric_value=0.1, dataset="affwild2")
@@ -184,7 +177,7 @@ def test_register_model_output_student_and_its_config(cfg):
     torch.testing.assert_close(got.logits, expected.logits)
     torch.testing.assert_close(got.tokens["video"], expected.tokens["video"])
     logged = load_config(model_config_path(uri))
-    assert logged == cfg and load_config(model_config_path(reg.model_uri)) == cfg
+    assert logged == cfg and load_config(model_config_path(f"models:/{reg.name}/{reg.version}")) == cfg
     with pytest.raises(StageError, match="expected models:/"):
         model_config_path("runs:/abc/student")
 
@@ -213,7 +206,7 @@ def test_load_student_missing_model_raises(cfg):
 def test_registered_version_carries_its_own_scores_and_datasets(cfg):
     import pandas as pd
 
-    from pkdot.tracking import DatasetSplit
+    from pkdot.tracking.registry import DatasetSplit
 
     manifest = pd.DataFrame(
         {"sample_id": [f"s{i}" for i in range(6)], "subject_id": list("aabbcc"), "label": [0, 1] * 3}
@@ -348,7 +341,7 @@ def _run_results(test_gain: float, val_gain: float):
 def _register_best(cfg, summary, **kw):
     import pandas as pd
 
-    from pkdot.tracking import register_best
+    from pkdot.tracking.registry import register_best
 
     manifest = pd.DataFrame({"sample_id": [f"s{i}" for i in range(8)], "subject_id": list("aabbccdd")})
     subjects = {"train": ["a", "b"], "val": ["c"], "test": ["d"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,7 +13,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pkdot.config import load_config
 from pkdot.errors import StageError
-from pkdot.tracking import EXPERIMENT_KIND, PARENT_FILE, Tracker, end_parent_run, resolve_tracking_uri
+from pkdot.tracking.runs import (
+    EXPERIMENT_KIND,
+    PARENT_FILE,
+    Tracker,
+    end_parent_run,
+    log_jobs,
+    resolve_tracking_uri,
+)
 
 
 @pytest.fixture()
@@ -53,19 +61,10 @@ def test_parent_and_stage_runs(cfg):
     # A second Tracker (another stage/process) finds the same parent.
     assert Tracker(cfg).parent_run_id() == parent
 
-    history = {
-        "epochs": [
-            {"epoch": e, "train_loss": 1.0 / e, "val_metric": 0.5 + 0.1 * e, "loss_task": 0.3}
-            for e in (1, 2, 3)
-        ],
-        "metric": "accuracy",
-        "best_epoch": 3,
-    }
     with tracker.stage_run("train-teacher", fold=0, seed=1, loss="none") as sr:
         sr.log_params({"lr": 1e-3, "layers": [1, 2]})
         sr.log_params({f"many.p{i:03d}": i for i in range(250)})  # three MLflow batches of <= 100
         sr.log_metrics({"test_accuracy": 0.75}, step=2)
-        tracker.log_history(sr, history)
         stage_id = sr.run_id
     with pytest.raises(RuntimeError), tracker.stage_run("distill") as failed:
         failed_id = failed.run_id
@@ -87,14 +86,6 @@ def test_parent_and_stage_runs(cfg):
     assert {k: srun.data.params[k] for k in ("lr", "layers")} == {"lr": "0.001", "layers": "[1, 2]"}
     assert len(srun.data.params) == 252 and srun.data.params["many.p249"] == "249"
     assert srun.data.metrics["test_accuracy"] == 0.75
-    val = client.get_metric_history(stage_id, "val_metric")
-    assert [(m.step, round(m.value, 6)) for m in sorted(val, key=lambda m: m.step)] == [
-        (1, 0.6),
-        (2, 0.7),
-        (3, 0.8),
-    ]
-    assert len(client.get_metric_history(stage_id, "train_loss")) == 3
-    assert srun.data.metrics["best_epoch"] == 3 and srun.data.tags["pkdot.val_metric"] == "accuracy"
     assert client.get_run(failed_id).info.status == "FAILED"
     assert prun.info.status == "RUNNING"
     end_parent_run(cfg.run_dir, "FINISHED")
@@ -103,13 +94,34 @@ def test_parent_and_stage_runs(cfg):
         end_parent_run(cfg.run_dir, "DONE")
 
 
+def test_log_jobs_logs_each_epoch_at_its_step(cfg, tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    epochs = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_metric": 0.5 + 0.1 * e, "best": e == 3} for e in (1, 2, 3)
+    ]
+    (job_dir / "history.json").write_text(json.dumps({"phases": {"student": {"epochs": epochs}}}))
+    (job_dir / "metrics.json").write_text(json.dumps({"test/accuracy": 0.75}))
+    log_jobs(cfg, "distill", [SimpleNamespace(out_dir=job_dir, fold=0, seed=1, loss="pkdot")])
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    runs = client.search_runs([Tracker(cfg).experiment_id])
+    (run,) = [r for r in runs if r.info.run_name == "distill/pkdot/fold-0/seed-1"]
+    val = client.get_metric_history(run.info.run_id, "student/val_metric")
+    assert [(m.step, round(m.value, 6)) for m in sorted(val, key=lambda m: m.step)] == [
+        (1, 0.6),
+        (2, 0.7),
+        (3, 0.8),
+    ]
+    assert len(client.get_metric_history(run.info.run_id, "student/train_loss")) == 3
+    assert run.data.metrics["test_accuracy"] == 0.75 and "student/best" not in run.data.metrics
+    assert run.data.tags["loss"] == "pkdot" and run.data.tags["pkdot.fold"] == "0"
+
+
 def test_bad_inputs_raise_stage_errors(cfg):
     tracker = Tracker(cfg)
     with tracker.stage_run("x") as sr:
         with pytest.raises(StageError, match="metric 'acc'"):
             sr.log_metrics({"acc": "high"})
-        with pytest.raises(StageError, match="epochs"):
-            tracker.log_history(sr, {"metric": "accuracy"})
         with pytest.raises(StageError, match="does not exist"):
             sr.log_artifact(Path(cfg.run_dir) / "missing.txt")
     (Path(cfg.run_dir) / PARENT_FILE).write_text("not json")
@@ -118,7 +130,7 @@ def test_bad_inputs_raise_stage_errors(cfg):
 
 
 def test_public_uri_is_distinct_from_the_tracking_uri(tmp_path, monkeypatch):
-    from pkdot.tracking import PUBLIC_URI_ENV, resolve_public_uri, run_ui_url
+    from pkdot.tracking.runs import PUBLIC_URI_ENV, resolve_public_uri, run_ui_url
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv(PUBLIC_URI_ENV, raising=False)
@@ -149,7 +161,7 @@ def test_mlflow_store_chatter_is_muted_unless_verbose(tmp_path, verbose, shown):
         "import logging, sys\n"
         f"logging.basicConfig(level=logging.{'INFO' if verbose else 'WARNING'})\n"
         "from pkdot.config import load_config\n"
-        "from pkdot.tracking import Tracker\n"
+        "from pkdot.tracking.runs import Tracker\n"
         "Tracker(load_config(overrides={'run_dir': sys.argv[1]})).parent_run_id()\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL")}
@@ -169,7 +181,7 @@ def test_mlflow_run_links_on_stdout_are_off_by_default():
     """MLflow would print "View run ... at <tracking server>" per ended run (the internal address)."""
     from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
-    import pkdot.tracking  # noqa: F401 - sets the default on import
+    import pkdot.tracking.runs  # noqa: F401 - sets the default on import
 
     assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True
 
