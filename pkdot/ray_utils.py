@@ -244,18 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["head-args", "head-env"])
     parser.add_argument("node_ip", nargs="?", default=LOOPBACK)
     parser.add_argument("--dashboard", action="store_true")
-    parser.add_argument(
-        "--gcs-port", type=int, default=None, help="the head's --port, which no listener takes"
-    )
+    parser.add_argument("--gcs-port", type=int, help="the head's --port, which no listener takes")
     args = parser.parse_args(argv)
     if args.what == "head-args":
-        print(
-            " ".join(
-                loopback_head_args(
-                    args.node_ip, dashboard=args.dashboard, taken=[args.gcs_port] if args.gcs_port else []
-                )
-            )
-        )
+        taken = [args.gcs_port] if args.gcs_port else []
+        print(" ".join(loopback_head_args(args.node_ip, dashboard=args.dashboard, taken=taken)))
     else:
         print(" ".join(f"{k}={v}" for k, v in loopback_env(args.node_ip).items()))
     return 0
