@@ -223,13 +223,8 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         metrics = {f"{f['split'].iloc[0]}_{metric}": frame_metric(f, regression) for f in frames}
         metrics["best_epoch"] = state.best_epoch
         saved = {"state_dict": student.state_dict(), "loss_state": distill_loss.state_dict(), "cache": meta}
-        of_job = {
-            "fold": job.fold,
-            "seed": job.seed,
-            "loss": job.loss,
-            "student_init": cfg.train.student_init,
-        }
-        atomic_torch_save(saved | of_job, Path(job.out_dir) / "student.pt")
+        keys = {"fold": job.fold, "seed": job.seed, "loss": job.loss, "student_init": cfg.train.student_init}
+        atomic_torch_save(saved | keys, Path(job.out_dir) / "student.pt")
         write_job_files(job, frames, {phase: state}, metrics, metric)
         done = {"cache": meta, "seconds": round(time.perf_counter() - started, 2)}
         atomic_write_json(job.done_marker, done, indent=None)
