@@ -127,14 +127,6 @@ def _set_loopback_only(on: bool) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = _ORIGINAL_CLUSTER_FLAG[0]
 
 
-def _address_host(target: str) -> str | None:
-    """The host of a Ray address (``auto`` resolved to the running cluster's), None for a Ray client URL."""
-    address = running_local_cluster() if target == "auto" else target
-    if not address or "://" in address:
-        return None
-    return address.rsplit(":", 1)[0]
-
-
 def running_local_cluster() -> str | None:
     """The address of a ``ray start`` cluster this machine's Ray would join by default, or None."""
     try:
@@ -167,7 +159,9 @@ def _init(ray: Any, num_cpus: int | None, address: str | None) -> None:
     if target:
         source = "ray_address" if address else "$RAY_ADDRESS"
         logger.warning("joining the Ray cluster at %s (as asked by %s)", target, source)
-        host = _address_host(target)
+        joined = running_local_cluster() if target == "auto" else target
+        # no host to keep on loopback for a Ray client URL
+        host = joined.rsplit(":", 1)[0] if joined and "://" not in joined else None
         _set_loopback_only(host is not None and is_loopback(host))
         try:
             ray.init(address=target, logging_level=logging.WARNING, log_to_driver=True)
@@ -244,18 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["head-args", "head-env"])
     parser.add_argument("node_ip", nargs="?", default=LOOPBACK)
     parser.add_argument("--dashboard", action="store_true")
-    parser.add_argument(
-        "--gcs-port", type=int, default=None, help="the head's --port, which no listener takes"
-    )
+    parser.add_argument("--gcs-port", type=int, help="the head's --port, which no listener takes")
     args = parser.parse_args(argv)
     if args.what == "head-args":
-        print(
-            " ".join(
-                loopback_head_args(
-                    args.node_ip, dashboard=args.dashboard, taken=[args.gcs_port] if args.gcs_port else []
-                )
-            )
-        )
+        taken = [args.gcs_port] if args.gcs_port else []
+        print(" ".join(loopback_head_args(args.node_ip, dashboard=args.dashboard, taken=taken)))
     else:
         print(" ".join(f"{k}={v}" for k, v in loopback_env(args.node_ip).items()))
     return 0

@@ -124,17 +124,6 @@ def changed_outputs(cfg: RunConfig, doc: dict) -> list[str]:
     return changed
 
 
-def done_marker(cfg: RunConfig, stage: Stage, key: str) -> dict | None:
-    """The marker of ``stage`` when it completed for ``key`` and its recorded outputs are intact, else None."""
-    doc = read_marker(cfg, stage)
-    if doc is None or doc.get("inputs") != key or "fingerprint" not in doc:
-        return None
-    if changed := changed_outputs(cfg, doc):
-        log.warning("stage %s: outputs changed since it ran (%s); running it again", stage.name, changed[:3])
-        return None
-    return doc
-
-
 def mark_done(
     cfg: RunConfig, stage: Stage, key: str, fingerprint: str, out: StageOutput, seconds: float
 ) -> None:
@@ -200,11 +189,15 @@ def execute(
         key = "always"
     else:
         key = stage_key(cfg, stage, check_upstream(cfg, stages, index, upstream), options)
-        done = done_marker(cfg, stage, key)
-        if done is not None and (stage.is_current is None or stage.is_current(cfg, options)):
-            return StageResult(stage.name, stage.output(rd), done["fingerprint"], True, done["details"])
+        doc = read_marker(cfg, stage)
+        if doc is not None and doc.get("inputs") == key and "fingerprint" in doc:
+            if changed := changed_outputs(cfg, doc):
+                log.warning(
+                    "stage %s: outputs changed since it ran (%s); running it again", stage.name, changed[:3]
+                )
+            elif stage.is_current is None or stage.is_current(cfg, options):
+                return StageResult(stage.name, stage.output(rd), doc["fingerprint"], True, doc["details"])
         if stage.before is not None:
-            doc = read_marker(cfg, stage)
             previous = None if doc is None else str(doc.get("inputs", "")).removeprefix("pending:")
             stage.before(cfg, previous not in (None, key), options)
         # no fingerprint: downstream refuses the old outputs meanwhile

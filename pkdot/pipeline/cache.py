@@ -10,8 +10,7 @@ from pkdot.config import RunConfig
 from pkdot.folds import load_fold_plan
 from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.rundir import RunDir
-from pkdot.train.cache import build_cache, cache_is_fresh, crossfit_cost, crossfit_groups_of
-from pkdot.train.data import load_samples
+from pkdot.train.cache import build_stale_caches, cache_is_fresh, crossfit_cost, crossfit_groups_of
 
 
 def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
@@ -35,19 +34,7 @@ def is_current(cfg: RunConfig, options: dict[str, Any]) -> bool:
 
 
 def run(cfg: RunConfig) -> StageOutput:
-    rd = RunDir(cfg.run_dir)
-    cf = crossfit_groups_of(cfg)
-    samples = None
-    built = 0
-    paths = []
-    for s, f in _pairs(cfg):
-        paths.append(rd.cache(f.index, s, cf))
-        if cache_is_fresh(rd.root, f.index, s, cf, cfg.distill.teacher_source):
-            continue
-        if samples is None:
-            samples = load_samples(cfg, rd.root)
-        build_cache(cfg, samples, f.index, s)
-        built += 1
+    paths, built = build_stale_caches(cfg, _pairs(cfg))
     return StageOutput(paths, {"files": len(paths), "built": built, **crossfit_cost(paths)})
 
 

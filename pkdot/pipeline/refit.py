@@ -18,8 +18,7 @@ from pkdot.pipeline.evaluate import register
 from pkdot.rundir import RunDir, atomic_write_text
 from pkdot.tracking.runs import end_parent_run
 from pkdot.train import ray_runner
-from pkdot.train.cache import build_cache, cache_is_fresh
-from pkdot.train.data import load_samples
+from pkdot.train.cache import build_stale_caches
 from pkdot.train.jobs import student_jobs, teacher_jobs
 
 
@@ -65,9 +64,7 @@ def run(cfg: RunConfig) -> StageOutput:
     plan = FoldPlan(by_seed={seed: (fold,)})
     save_folds(plan, refit.splits)
     ray_runner.run_jobs_on_ray(rcfg, "teacher", teacher_jobs(rcfg, plan), name="refit-teacher")
-    cf = crossfit_groups_of(rcfg)
-    if not cache_is_fresh(refit.root, fold.index, seed, cf, rcfg.distill.teacher_source):
-        build_cache(rcfg, load_samples(rcfg, refit.root), fold.index, seed)
+    build_stale_caches(rcfg, plan.pairs(rcfg.train.seeds))
     jobs = student_jobs(rcfg, plan, [sel.loss])
     ray_runner.run_jobs_on_ray(rcfg, "student", jobs, name="refit-student")
     details: dict[str, Any] = {"loss": sel.loss, "subjects": len(fold.train) + len(fold.val)}

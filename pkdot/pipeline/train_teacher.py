@@ -13,7 +13,7 @@ from pkdot.rundir import METRICS, RunDir
 from pkdot.tracking.runs import log_jobs
 from pkdot.train import ray_runner
 from pkdot.train.data import write_run_folds
-from pkdot.train.jobs import teacher_checkpoints, teacher_cost, teacher_jobs
+from pkdot.train.jobs import teacher_cost, teacher_jobs
 
 
 def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +37,10 @@ def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
         group = "" if job.group is None else f"_without{job.group}"  # cross-fitting teachers
         for k, v in json.loads((Path(job.out_dir) / METRICS).read_text()).items():
             metrics[f"fold{job.fold}_seed{job.seed}{group}/{k}"] = v
-    checkpoints = [p for j in jobs for p in teacher_checkpoints(j)]
+    # cross-fitting jobs train no T-Net
+    checkpoints = [
+        Path(j.out_dir) / n for j in jobs for n in ("teacher.pt", "tnet.pt")[: 2 if j.group is None else 1]
+    ]
     details = {"jobs": len(jobs), "cost": teacher_cost(jobs), "metrics": metrics}
     log_jobs(cfg, "train-teacher", jobs)
     return StageOutput([*checkpoints, rd.splits], details)

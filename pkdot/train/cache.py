@@ -10,6 +10,7 @@ Cross-fitted targets: a training sample of group j gets the targets of the teach
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,9 @@ import torch
 from pkdot.config import RunConfig
 from pkdot.errors import StageError, StaleCacheError
 from pkdot.features.schema import encode_tensor, read_tensors, tensor_fields
-from pkdot.folds import crossfit_groups_of, load_fold_plan
+from pkdot.folds import Fold, crossfit_groups_of, load_fold_plan
 from pkdot.rundir import DONE, RunDir, atomic_write_parquet, content_hash
-from pkdot.train.data import SampleSet
+from pkdot.train.data import SampleSet, load_samples
 from pkdot.train.loops import Amp, predict
 from pkdot.train.teacher import load_teacher, load_unimodal
 
@@ -164,6 +165,23 @@ def build_cache(
     path = run.cache(fold, seed, groups)
     atomic_write_parquet(table, path, row_group_size=256)
     return path
+
+
+def build_stale_caches(cfg: RunConfig, pairs: Iterable[tuple[int, Fold]]) -> tuple[list[Path], int]:
+    """Build the caches of the ``(seed, fold)`` pairs that are not fresh for their teacher (the samples loaded
+    once); every pair's cache path and how many were built."""
+    run = RunDir(cfg.run_dir)
+    crossfit = crossfit_groups_of(cfg)
+    samples, paths, built = None, [], 0
+    for s, f in pairs:
+        paths.append(run.cache(f.index, s, crossfit))
+        if cache_is_fresh(run.root, f.index, s, crossfit, cfg.distill.teacher_source):
+            continue
+        if samples is None:
+            samples = load_samples(cfg, run.root)
+        build_cache(cfg, samples, f.index, s)
+        built += 1
+    return paths, built
 
 
 def cache_metadata(path: Path) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from pkdot.errors import StageError
 from pkdot.folds import Fold, FoldPlan, as_plan, crossfit_groups_of
-from pkdot.rundir import DONE, HISTORY, RunDir, atomic_write_json, atomic_write_parquet
+from pkdot.rundir import DONE, HISTORY, METRICS, RunDir, atomic_write_json, atomic_write_parquet
 from pkdot.train.data import FoldData
 from pkdot.train.loops import FitState, predict, task_metric
 
@@ -111,12 +111,6 @@ def fold_for_job(plan: FoldPlan, job: Job) -> Fold:
     fold = plan.fold(job.seed, job.fold)
     fold = fold if job.group is None else fold.without_group(job.group)
     return fold.with_test_in_training() if job.with_test else fold
-
-
-def teacher_checkpoints(job: Job) -> list[Path]:
-    """The checkpoint files a finished teacher job leaves (cross-fitting jobs train no T-Net)."""
-    names = ("teacher.pt", "tnet.pt") if job.group is None else ("teacher.pt",)
-    return [Path(job.out_dir) / n for n in names]
 
 
 def teacher_cost(jobs: list[Job]) -> dict[str, float]:
@@ -215,18 +209,25 @@ def frame_metric(frame: pd.DataFrame, regression: bool) -> float:
     return task_metric(frame["y_true"].to_numpy(), np.stack(frame["scores"].to_numpy()), regression)
 
 
-def write_predictions(frames: list[pd.DataFrame], path: Path) -> Path:
-    df = pd.concat(frames, ignore_index=True)
-    atomic_write_parquet(pa.Table.from_pandas(df, schema=PREDICTION_SCHEMA, preserve_index=False), path)
-    return path
-
-
-def write_history(out_dir: Path, phases: dict[str, FitState], metric: str) -> None:
-    """``<job>/history.json``: per phase the per-epoch records and the selected epoch (the last phase's also
-    at the top level)."""
-    doc: dict[str, Any] = {"metric": metric, "phases": {}}
+def write_job_files(
+    job: Job,
+    frames: list[pd.DataFrame] | None,
+    phases: dict[str, FitState],
+    metrics: dict[str, float],
+    metric: str,
+) -> None:
+    """Rank 0's files of a finished job but ``DONE.json``: ``predictions.parquet`` (unless ``frames`` is None),
+    ``history.json`` (per phase the per-epoch records and the selected epoch, the last phase's also at the top
+    level), ``metrics.json``."""
+    out = Path(job.out_dir)
+    if frames is not None:
+        df = pd.concat(frames, ignore_index=True)
+        table = pa.Table.from_pandas(df, schema=PREDICTION_SCHEMA, preserve_index=False)
+        atomic_write_parquet(table, out / "predictions.parquet")
+    history: dict[str, Any] = {"metric": metric, "phases": {}}
     for k, s in phases.items():
         record = {"epochs": s.history, "best_epoch": s.best_epoch, "best_val": s.best_score}
-        doc["phases"][k] = record | {"resumed_from": list(s.resumed_from)}
-        doc |= {"epochs": s.history, "best_epoch": s.best_epoch}
-    atomic_write_json(Path(out_dir) / HISTORY, doc)
+        history["phases"][k] = record | {"resumed_from": list(s.resumed_from)}
+        history |= {"epochs": s.history, "best_epoch": s.best_epoch}
+    atomic_write_json(out / HISTORY, history)
+    atomic_write_json(out / METRICS, metrics)

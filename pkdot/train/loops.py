@@ -20,6 +20,8 @@ from pkdot.metrics import accuracy, ccc
 
 StepFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
 F = TypeVar("F", bound=Callable[..., Any])
+#: gradient-norm clipping of every step
+GRAD_CLIP = 5.0
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -49,12 +51,7 @@ class Amp:
 
     def wrap(self, fn: F) -> F:
         """``fn`` run under :meth:`autocast` (a forward function for :func:`predict`)."""
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with self.autocast():
-                return fn(*args, **kwargs)
-
-        return wrapped  # type: ignore[return-value]
+        return self.autocast()(fn)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -80,7 +77,6 @@ def epoch_batches(
     *,
     seed: int,
     epoch: int,
-    shuffle: bool = True,
     rank: int = 0,
     world: int = 1,
     drop_last: bool = True,
@@ -93,7 +89,7 @@ def epoch_batches(
             f"{n} training samples cannot be split over train.num_workers = {world} workers (each needs at "
             f"least 2 per batch, so at least {2 * world} samples): use fewer workers or more training subjects"
         )
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
     batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
     kept = [b for i, b in enumerate(batches) if i == 0 or not drop_last or len(b) >= max(2, world * 2)]
     return [np.array_split(b, world)[rank] for b in kept]
@@ -142,7 +138,6 @@ def train_epoch(
     batches: Sequence[np.ndarray],
     *,
     modules: Sequence[nn.Module] = (),
-    grad_clip: float | None = 5.0,
     amp: Amp = Amp(),
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
@@ -157,10 +152,9 @@ def train_epoch(
             losses = step(index)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         scaler.step(optimizer)
         scaler.update()
         for k, v in losses.items():

@@ -181,20 +181,21 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     t0, started = time.monotonic(), time.time()
     # The dashboard's Train tab lists runs (by name, with their workers and nodes) only with state tracking.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    per_worker = {"CPU": spec["cpus_per_worker"]}
-    if spec["use_gpu"]:
-        per_worker["GPU"] = spec["gpus_per_worker"]
+    train, use_gpu = spec["loop_config"]["cfg"]["train"], spec["loop_config"]["use_gpu"]
+    per_worker = {"CPU": train["cpus_per_worker"]}
+    if use_gpu:
+        per_worker["GPU"] = train["gpus_per_worker"]
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=spec["loop_config"],
         scaling_config=ScalingConfig(
-            num_workers=spec["num_workers"], use_gpu=spec["use_gpu"], resources_per_worker=per_worker
+            num_workers=train["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         run_config=RayRunConfig(
             name=spec["name"],
             storage_path=spec["storage_path"],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=spec["max_failures"]),
+            failure_config=FailureConfig(max_failures=train["max_failures"]),
         ),
     )
     trainer.fit()
@@ -248,17 +249,17 @@ def check_run_dir_on_nodes(run_dir: str | Path, *, timeout_s: float = 120.0) -> 
     path = RunDir(run_dir).node_check
     atomic_write_text(path, token)
     reader = ray.remote(num_cpus=0, max_retries=0)(_read_token_on_node)
-    refs = {
-        n["NodeID"]: reader.options(
+    refs = [
+        reader.options(
             name="pkdot:check-run-dir",
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
         ).remote(str(path), token)
         for n in nodes
-    }
+    ]
     problems = []
-    for node in nodes:
+    for node, ref in zip(nodes, refs, strict=True):
         try:
-            why = ray.get(refs[node["NodeID"]], timeout=timeout_s)
+            why = ray.get(ref, timeout=timeout_s)
         except Exception as exc:  # a node that cannot run the check is a node that cannot run jobs
             why = f"the check did not run there ({type(exc).__name__}: {exc})"
         if why:
@@ -311,16 +312,11 @@ def run_jobs_on_ray(
         "use_gpu": use_gpu,
         "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
     }
-    run_spec = {
-        "storage_path": str(storage),
-        "use_gpu": use_gpu,
-        **cfg.train.model_dump(include={"num_workers", "cpus_per_worker", "gpus_per_worker", "max_failures"}),
-    }
     specs = [
-        run_spec
-        | {
+        {
             "name": run_name(bundle),
             "jobs": [j.key for j in bundle],
+            "storage_path": str(storage),
             "loop_config": base_config
             | {"jobs": [j.__dict__ for j in bundle], "tokens": {j.key: attempt_token(j) for j in bundle}},
         }

@@ -20,7 +20,7 @@ from pkdot.distill import DistillBatch, build_loss, total_loss
 from pkdot.errors import ConfigError, StageError
 from pkdot.folds import crossfit_groups_of
 from pkdot.models import build_backbone, build_student, load_pretrained_video
-from pkdot.rundir import METRICS, RunDir, atomic_torch_save, atomic_write_json
+from pkdot.rundir import RunDir, atomic_torch_save, atomic_write_json
 from pkdot.train.cache import check_cache, read_cache
 from pkdot.train.data import FoldData, SampleSet, load_samples
 from pkdot.train.jobs import (
@@ -29,8 +29,7 @@ from pkdot.train.jobs import (
     frame_metric,
     load_checkpoint,
     split_predictions,
-    write_history,
-    write_predictions,
+    write_job_files,
 )
 from pkdot.train.loops import (
     Amp,
@@ -137,7 +136,6 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     """Train (or resume) one student; rank 0 writes student.pt, predictions, history, metrics, DONE."""
     assert job.loss is not None
     started = time.perf_counter()
-    out_dir = Path(job.out_dir)
     regression = cfg.data.is_regression
     metric = "ccc" if regression else "accuracy"
     crossfit = crossfit_groups_of(cfg)
@@ -180,14 +178,9 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
     def step(index: np.ndarray) -> dict[str, torch.Tensor]:
         arrays = data.train.arrays
-        return train_objective(
-            amp.tensor(arrays[input_key][index]),
-            amp.tensor(arrays["teacher_embedding"][index]),
-            amp.tensor(arrays["teacher_logits"][index]),
-            amp.tensor(data.train.targets[index]),
-            amp.tensor(index.astype(np.int64)),
-            from_features,
-        )
+        inputs = [amp.tensor(arrays[k][index]) for k in (input_key, "teacher_embedding", "teacher_logits")]
+        target, rows = amp.tensor(data.train.targets[index]), amp.tensor(index.astype(np.int64))
+        return train_objective(*inputs, target, rows, from_features)
 
     @amp.wrap
     def forward(part: SampleSet, index: np.ndarray):
@@ -229,24 +222,12 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         frames = split_predictions(phase, job, data, forward, b, regression, [student])
         metrics = {f"{f['split'].iloc[0]}_{metric}": frame_metric(f, regression) for f in frames}
         metrics["best_epoch"] = state.best_epoch
-        atomic_torch_save(
-            {
-                "state_dict": student.state_dict(),
-                "loss_state": distill_loss.state_dict(),
-                "cache": meta,
-                "fold": job.fold,
-                "seed": job.seed,
-                "loss": job.loss,
-                "student_init": cfg.train.student_init,
-            },
-            out_dir / "student.pt",
-        )
-        write_predictions(frames, out_dir / "predictions.parquet")
-        write_history(out_dir, {phase: state}, metric)
-        atomic_write_json(out_dir / METRICS, metrics)
-        atomic_write_json(
-            job.done_marker, {"cache": meta, "seconds": round(time.perf_counter() - started, 2)}, indent=None
-        )
+        saved = {"state_dict": student.state_dict(), "loss_state": distill_loss.state_dict(), "cache": meta}
+        keys = {"fold": job.fold, "seed": job.seed, "loss": job.loss, "student_init": cfg.train.student_init}
+        atomic_torch_save(saved | keys, Path(job.out_dir) / "student.pt")
+        write_job_files(job, frames, {phase: state}, metrics, metric)
+        done = {"cache": meta, "seconds": round(time.perf_counter() - started, 2)}
+        atomic_write_json(job.done_marker, done, indent=None)
     return metrics
 
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from pkdot.config import RunConfig
 from pkdot.models import Backbone, UnimodalModel, build_backbone, build_teacher, build_tnets, mmd_rbf
-from pkdot.rundir import METRICS, atomic_torch_save, atomic_write_json, content_hash
+from pkdot.rundir import atomic_torch_save, atomic_write_json, content_hash
 from pkdot.train.data import FoldData, SampleSet
 from pkdot.train.jobs import (
     Job,
@@ -27,8 +27,7 @@ from pkdot.train.jobs import (
     frame_metric,
     load_checkpoint,
     split_predictions,
-    write_history,
-    write_predictions,
+    write_job_files,
 )
 from pkdot.train.loops import (
     Amp,
@@ -71,11 +70,7 @@ def _phase(
     return state
 
 
-def _out_emb(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    return out.logits, out.embedding
-
-
-def _fit_supervised(
+def _supervised_phase(
     cfg: RunConfig,
     job: Job,
     ctx: WorkerContext,
@@ -84,21 +79,22 @@ def _fit_supervised(
     inputs: Inputs,
     data: FoldData,
     groups: list[dict],
-) -> FitState:
-    """Train ``model`` (``model(inputs(samples, index))``) on the task loss, select on val."""
+    **extra: Any,
+) -> tuple[FitState, list[pd.DataFrame]]:
+    """Train ``model`` (``model(inputs(samples, index))``) on the task loss, select on val (or load the finished
+    phase); with its val/test prediction rows."""
     regression = cfg.data.is_regression
     batch_size = cfg.train.teacher_batch_size
-    train_model = ctx.wrap(model)
     seed = job.seed * 1000 + job.fold
     amp = Amp.of(cfg.train.precision, ctx.device)
 
-    def step(index: np.ndarray) -> dict[str, torch.Tensor]:
-        out = train_model(inputs(data.train, index))
-        return {"loss": task_loss(out.logits, amp.tensor(data.train.targets[index]), regression)}
+    @amp.wrap
+    def forward(part: SampleSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(inputs(part, idx))
+        return out.logits, out.embedding
 
     def validate() -> float:
-        forward = amp.wrap(lambda idx: _out_emb(model(inputs(data.val, idx))))
-        outputs, _ = predict(forward, len(data.val), batch_size, [model])
+        outputs, _ = predict(lambda idx: forward(data.val, idx), len(data.val), batch_size, [model])
         return task_metric(data.val.targets, outputs, regression)
 
     def recalibrate(epoch: int) -> None:
@@ -107,29 +103,30 @@ def _fit_supervised(
         batches = epoch_batches(len(data.train), batch_size, seed=seed, epoch=epoch, drop_last=False)
         update_bn((inputs(data.train, idx) for idx in batches), model)
 
-    return fit(
-        model,
-        _optimizer(cfg, groups),
-        train_step=step,
-        validate=validate,
-        epochs=cfg.train.epochs_teacher if phase == "teacher" else cfg.train.epochs_unimodal,
-        batches_for_epoch=lambda e: epoch_batches(
-            len(data.train), batch_size, seed=seed, epoch=e, rank=ctx.rank, world=ctx.world
-        ),
-        train_modules=[train_model],
-        recalibrate=recalibrate,
-        amp=amp,
-        **ctx.fit_hooks(phase),
-    )
+    def train() -> FitState:
+        train_model = ctx.wrap(model)
 
+        def step(index: np.ndarray) -> dict[str, torch.Tensor]:
+            out = train_model(inputs(data.train, index))
+            return {"loss": task_loss(out.logits, amp.tensor(data.train.targets[index]), regression)}
 
-def _predictions(
-    cfg: RunConfig, job: Job, name: str, model: nn.Module, inputs: Inputs, data: FoldData, amp: Amp
-):
-    forward = amp.wrap(lambda part, idx: _out_emb(model(inputs(part, idx))))
-    return split_predictions(
-        name, job, data, forward, cfg.train.teacher_batch_size, cfg.data.is_regression, [model]
-    )
+        return fit(
+            model,
+            _optimizer(cfg, groups),
+            train_step=step,
+            validate=validate,
+            epochs=cfg.train.epochs_teacher if phase == "teacher" else cfg.train.epochs_unimodal,
+            batches_for_epoch=lambda e: epoch_batches(
+                len(data.train), batch_size, seed=seed, epoch=e, rank=ctx.rank, world=ctx.world
+            ),
+            train_modules=[train_model],
+            recalibrate=recalibrate,
+            amp=amp,
+            **ctx.fit_hooks(phase),
+        )
+
+    state = _phase(job, ctx, phase, model, train, **extra)
+    return state, split_predictions(phase, job, data, forward, batch_size, regression, [model])
 
 
 @torch.no_grad()
@@ -211,10 +208,10 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
             return amp.tensor(samples.arrays[m][idx])
 
         groups = [{"params": list(model.parameters()), "lr": cfg.train.lr_backbone}]
-        train = partial(_fit_supervised, cfg, job, ctx, phase, model, one, data, groups)
-        histories[phase] = _phase(job, ctx, phase, model, train, input_shape=shapes[modality])
+        phase_args = (cfg, job, ctx, phase, model, one, data, groups)
+        histories[phase], rows = _supervised_phase(*phase_args, input_shape=shapes[modality])
         backbones[modality] = model.backbone
-        frames += _predictions(cfg, job, phase, model, one, data, amp)
+        frames += rows
 
     # 2. fusion teacher, backbones initialised from the unimodal models
     seed_everything(job.seed * 7919 + job.fold * 31 + 101)
@@ -229,9 +226,9 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         {"params": backbone_params, "lr": cfg.train.lr_teacher_backbone},
         {"params": [p for p in teacher.parameters() if id(p) not in ids], "lr": cfg.train.lr_fusion},
     ]
-    train = partial(_fit_supervised, cfg, job, ctx, "teacher", teacher, multi, data, groups)
-    histories["teacher"] = _phase(job, ctx, "teacher", teacher, train, input_shapes=shapes)
-    frames += _predictions(cfg, job, "teacher", teacher, multi, data, amp)
+    fusion_args = (cfg, job, ctx, "teacher", teacher, multi, data, groups)
+    histories["teacher"], rows = _supervised_phase(*fusion_args, input_shapes=shapes)
+    frames += rows
     teacher.requires_grad_(False).eval()
 
     # 3. T-Nets (full-fold teachers only)
@@ -243,15 +240,10 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
 
     metrics: dict[str, float] = {}
     if ctx.is_chief:
-        out = Path(job.out_dir)
         metric = "ccc" if cfg.data.is_regression else "accuracy"
-        if full_fold:
-            write_predictions(frames, out / "predictions.parquet")
-        write_history(out, histories, metric)
         for f in frames:
             if f["split"].iloc[0] == "test":
                 metrics[f"{f['model'].iloc[0]}/test_{metric}"] = frame_metric(f, cfg.data.is_regression)
-        atomic_write_json(out / METRICS, metrics)
         record = {
             "teacher_hash": content_hash(_phase_path(job, "teacher")),
             "train_subjects": sorted(set(data.train.subject_ids.tolist())),
@@ -261,6 +253,7 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
             record["tnet_hash"] = content_hash(_phase_path(job, "tnet"))
         else:
             record["held_out_group"] = job.group
+        write_job_files(job, frames if full_fold else None, histories, metrics, metric)
         atomic_write_json(job.done_marker, record)
     return metrics
 
