@@ -113,21 +113,15 @@ def tiny_run(tmp_path: Path) -> RunConfig:
     return make_tiny_run(tmp_path / "run")
 
 
-def run_jobs_local(cfg: RunConfig, kind: str, jobs, *, progress: bool = False) -> None:
+def run_jobs_local(cfg: RunConfig, kind: str, jobs) -> None:
     """Run jobs in this process (one worker, no Ray), with the functions every Ray Train worker calls."""
-    from pkdot.console import epoch_log, format_epoch
     from pkdot.train.jobs import WorkerContext
     from pkdot.train.ray_runner import job_inputs, run_job
 
     samples, plan = job_inputs(cfg, kind)
     for job in jobs:
         if not job.is_done():
-
-            def log_epoch(phase, epoch, metrics, key=job.key):  # one pkdot.epochs INFO line per epoch
-                epoch_log.info(format_epoch(key, phase, epoch, metrics))
-
-            ctx = WorkerContext(progress=log_epoch if progress else None)
-            run_job(cfg, kind, job, samples, plan, ctx)
+            run_job(cfg, kind, job, samples, plan, WorkerContext())
 
 
 def jobs_in_process(monkeypatch) -> list[str]:

@@ -37,7 +37,7 @@ def test_crossfit_targets_jobs_cache_and_batches(tmp_path, monkeypatch):
     jobs = teacher_jobs(cfg, plan)
     assert [j.group for j in jobs] == [None, 0, 1]
     assert len({j.key for j in jobs}) == len({j.out_dir for j in jobs}) == 3
-    run_jobs_local(cfg, "teacher", jobs, progress=False)
+    run_jobs_local(cfg, "teacher", jobs)
 
     # each cross-fitting teacher trained on the fold's training subjects minus its own group (its DONE record
     # lists the subjects of the data it was given)
@@ -80,7 +80,7 @@ def test_crossfit_targets_jobs_cache_and_batches(tmp_path, monkeypatch):
         return forward(self, student_input, teacher_z, teacher_logits, target, index, from_features)
 
     monkeypatch.setattr(DistillationObjective, "forward", spy)
-    run_jobs_local(cfg, "student", student_jobs(cfg, plan, ["pkdot"]), progress=False)
+    run_jobs_local(cfg, "student", student_jobs(cfg, plan, ["pkdot"]))
     train = split_fold(load_student_samples(cfg, run_dir), fold).train
     assert seen and sum(len(i) for i in seen) > 0
     for index in seen:

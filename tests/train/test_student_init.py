@@ -27,7 +27,7 @@ def teacher_run(tmp_path_factory) -> RunConfig:
     """A tiny run with a trained fold-0/seed-0 teacher and its embedding cache (shared by the modes)."""
     cfg = make_tiny_run(tmp_path_factory.mktemp("init") / "run", overrides=ONE_EPOCH)
     plan = write_run_folds(cfg)
-    run_jobs_local(cfg, "teacher", teacher_jobs(cfg, plan), progress=False)
+    run_jobs_local(cfg, "teacher", teacher_jobs(cfg, plan))
     build_cache(cfg, load_samples(cfg, Path(cfg.run_dir)), 0, 0)
     return cfg
 
@@ -49,7 +49,7 @@ def _backbone(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 def _train_student(cfg: RunConfig) -> dict[str, torch.Tensor]:
     job = student_jobs(cfg, load_fold_plan(Path(cfg.run_dir) / "splits.json"), ["kd"])[0]
-    run_jobs_local(cfg, "student", [job], progress=False)
+    run_jobs_local(cfg, "student", [job])
     saved = torch.load(Path(job.out_dir) / "student.pt", weights_only=True)
     assert saved["student_init"] == cfg.train.student_init
     return _backbone(saved["state_dict"], "video_backbone.")

@@ -42,7 +42,7 @@ def test_privileged_teacher_source_cache(tmp_path):
     run_dir = Path(cfg.run_dir)
     plan = write_run_folds(cfg)
     fold = plan.fold(0, 0)
-    run_jobs_local(cfg, "teacher", teacher_jobs(cfg, plan), progress=False)
+    run_jobs_local(cfg, "teacher", teacher_jobs(cfg, plan))
     samples = load_samples(cfg, run_dir)
     path = build_cache(cfg, samples, 0, 0)
     meta = cache_metadata(path)
@@ -72,7 +72,7 @@ def test_privileged_teacher_source_cache(tmp_path):
     np.testing.assert_allclose(cached["video_tokens"], out.tokens["video"].numpy(), rtol=1e-4, atol=1e-5)
 
     # a student trains from it; a config asking for the fusion teacher's targets refuses this cache
-    run_jobs_local(cfg, "student", student_jobs(cfg, plan, ["kd"]), progress=False)
+    run_jobs_local(cfg, "student", student_jobs(cfg, plan, ["kd"]))
     assert check_cache(run_dir, 0, 0, 2, "privileged")["teacher_source"] == "privileged"
     with pytest.raises(StaleCacheError, match="'privileged' teacher's targets"):
         check_cache(run_dir, 0, 0, 2, "fusion")
