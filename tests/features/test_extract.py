@@ -188,6 +188,17 @@ def test_ensure_ray_reuses_the_running_ray():
     assert ray.cluster_resources()["CPU"] == 2
 
 
+def test_the_private_rays_workers_get_ray_trains_short_poll_interval():
+    import os
+
+    import ray
+
+    from pkdot.ray_utils import TRAIN_POLL_ENV, TRAIN_POLL_S
+
+    # every Ray Train controller started on it reads the interval from its environment
+    assert ray.get(ray.remote(lambda: os.environ.get(TRAIN_POLL_ENV)).remote()) == TRAIN_POLL_S
+
+
 def test_manifest_problems_raise_before_any_work(biovid_like, tmp_path):
     with pytest.raises(DatasetError, match="appears more than once"):
         run_extract(_biovid_cfg(), pd.concat([biovid_like, biovid_like]), tmp_path, progress=False)
