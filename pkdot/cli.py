@@ -97,8 +97,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
+    """The config from ``--config``/``--preset`` and the CLI's options, or, with ``--run`` (the stages after
+    extract), that run directory's config.yaml with its ``--set`` overrides."""
     from pkdot.config import load_config, parse_override
 
+    if (run := getattr(args, "run", None)) is not None and not (run / "config.yaml").is_file():
+        raise PkdotError(f"{run / 'config.yaml'} does not exist: run `pkdot extract ... --out {run}` first")
     over: dict[str, Any] = {}
     if ds := getattr(args, "dataset", None):
         over["data.dataset"] = ds
@@ -115,23 +119,12 @@ def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
             over[f"data.{attr}"] = [s.strip() for s in v.split(",") if s.strip()]
     if run_dir is not None:
         over["run_dir"] = str(run_dir)
-    if getattr(args, "ray_address", None):
-        over["ray_address"] = args.ray_address
-    over |= dict(map(parse_override, args.overrides))
-    return load_config(args.config, preset=args.preset, overrides=over)
-
-
-def _run_config(args: argparse.Namespace):
-    """Config of an existing run directory (its config.yaml) with CLI overrides."""
-    from pkdot.config import load_config, parse_override
-
-    cfg_path = args.run / "config.yaml"
-    if not cfg_path.is_file():
-        raise PkdotError(f"{cfg_path} does not exist: run `pkdot extract ... --out {args.run}` first")
-    over: dict[str, Any] = {"run_dir": str(args.run), **dict(map(parse_override, args.overrides))}
-    if getattr(args, "ray_address", None):
-        over["ray_address"] = args.ray_address
-    return load_config(cfg_path, overrides=over)
+    ray = {"ray_address": args.ray_address} if getattr(args, "ray_address", None) else {}
+    over |= ray | dict(map(parse_override, args.overrides))
+    if run is None:
+        return load_config(args.config, preset=args.preset, overrides=over)
+    # on a run directory --ray-address wins over --set ray_address=... (on a new run --set wins)
+    return load_config(run / "config.yaml", overrides={"run_dir": str(run)} | over | ray)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
@@ -166,12 +159,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     """One stage on a run directory (extract: makes the run directory and its manifest first)."""
     from pkdot.pipeline import prepare_run, run_dir_lock, run_stage
 
-    if args.command == "extract":
-        if args.workers:
-            args.overrides = [*args.overrides, f"features.workers={args.workers}"]
-        cfg = _build_config(args, run_dir=args.out)
-    else:
-        cfg = _run_config(args)
+    if args.command == "extract" and args.workers:
+        args.overrides = [*args.overrides, f"features.workers={args.workers}"]
+    cfg = _build_config(args, run_dir=getattr(args, "out", None))
     with run_dir_lock(cfg.run_dir, wait=args.wait_lock):
         if args.command == "extract":
             cfg = prepare_run(cfg)

@@ -9,7 +9,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,9 @@ class StageOutput:
 class Stage:
     """One pipeline stage. ``sections``: the config fields its outputs depend on (over-inclusion costs a re-run,
     under-inclusion reuses stale results); ``code``: files/folders under ``pkdot/`` that compute it; ``output``:
-    :attr:`StageResult.path`; ``key_extra``: what else enters the key; ``before(cfg, inputs_changed, options)``
-    removes stale outputs; ``is_current``: a check beyond the marker; ``always``: run every time."""
+    :attr:`StageResult.path`; ``key_extra``: what else enters the key; ``stale(cfg, options)``: the outputs
+    removed when its inputs changed; ``before(cfg, options)``: runs before every run of the body; ``is_current``:
+    a check beyond the marker; ``always``: run every time."""
 
     name: str
     sections: tuple[str, ...]
@@ -57,7 +58,8 @@ class Stage:
     body: Callable[..., StageOutput]
     help: str
     key_extra: Callable[[RunConfig, dict[str, Any]], dict[str, Any]] | None = None
-    before: Callable[[RunConfig, bool, dict[str, Any]], None] | None = None
+    stale: Callable[[RunConfig, dict[str, Any]], Iterable[Path]] | None = None
+    before: Callable[[RunConfig, dict[str, Any]], None] | None = None
     is_current: Callable[[RunConfig, dict[str, Any]], bool] | None = None
     always: bool = False
 
@@ -197,9 +199,12 @@ def execute(
                 )
             elif stage.is_current is None or stage.is_current(cfg, options):
                 return StageResult(stage.name, stage.output(rd), doc["fingerprint"], True, doc["details"])
+        previous = None if doc is None else str(doc.get("inputs", "")).removeprefix("pending:")
+        if stage.stale is not None and previous not in (None, key):
+            for path in stage.stale(cfg, options):
+                remove_stale(path)
         if stage.before is not None:
-            previous = None if doc is None else str(doc.get("inputs", "")).removeprefix("pending:")
-            stage.before(cfg, previous not in (None, key), options)
+            stage.before(cfg, options)
         # no fingerprint: downstream refuses the old outputs meanwhile
         atomic_write_json(rd.marker(stage.name), {"inputs": f"pending:{key}"})
     t0 = time.time()

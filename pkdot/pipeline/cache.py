@@ -8,15 +8,14 @@ from typing import Any
 
 from pkdot.config import RunConfig
 from pkdot.folds import load_fold_plan
+from pkdot.pipeline import train_teacher
 from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.rundir import RunDir
 from pkdot.train.cache import build_stale_caches, cache_is_fresh, crossfit_cost, crossfit_groups_of
 
 
 def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    if cfg.distill.teacher_targets == "crossfit":
-        extra["teacher_targets"] = ["crossfit", cfg.distill.crossfit_groups]
+    extra = train_teacher.key_extra(cfg, options)  # cross-fitted targets
     if cfg.distill.teacher_source != "fusion":  # another model's targets (fusion keys stay as they were)
         extra["teacher_source"] = cfg.distill.teacher_source
     return extra

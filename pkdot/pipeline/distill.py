@@ -8,7 +8,7 @@ from typing import Any
 from pkdot.config import RunConfig, loss_names_problem
 from pkdot.errors import ConfigError
 from pkdot.folds import load_fold_plan
-from pkdot.pipeline.base import Stage, StageOutput, remove_stale
+from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.rundir import RunDir
 from pkdot.tracking.runs import log_jobs
 from pkdot.train import ray_runner
@@ -27,12 +27,6 @@ def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
     return {"losses": _losses(cfg, options)}
 
 
-def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> None:
-    if inputs_changed:
-        for loss in _losses(cfg, options):
-            remove_stale(RunDir(cfg.run_dir).students / loss)
-
-
 def run(cfg: RunConfig, *, losses: list[str] | None = None, callbacks: Any = ()) -> StageOutput:
     rd = RunDir(cfg.run_dir)
     losses = _losses(cfg, {"losses": losses})
@@ -49,6 +43,6 @@ STAGE = Stage(
     output=lambda rd: rd.students,
     body=run,
     key_extra=key_extra,
-    before=before,
+    stale=lambda cfg, options: [RunDir(cfg.run_dir).students / loss for loss in _losses(cfg, options)],
     help="Students, one per loss, fold and seed, on Ray Train",
 )

@@ -27,7 +27,7 @@ def _numeric(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> None:
+def before(cfg: RunConfig, options: dict[str, Any]) -> None:
     """Nothing downstream may read the old tables while (or if) this run fails: they go first; the shards stay."""
     rd = RunDir(cfg.run_dir)
     for path in [*sorted(rd.features.glob("*.parquet")), rd.extract_report]:

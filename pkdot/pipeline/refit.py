@@ -13,7 +13,7 @@ from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
 from pkdot.evaluate.report import read_summary
 from pkdot.folds import FoldPlan, assign_crossfit_groups, crossfit_groups_of, refit_fold, save_folds
-from pkdot.pipeline.base import Stage, StageOutput, remove_stale
+from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.pipeline.evaluate import register
 from pkdot.rundir import RunDir, atomic_write_text
 from pkdot.tracking.runs import end_parent_run
@@ -76,17 +76,12 @@ def run(cfg: RunConfig) -> StageOutput:
     return StageOutput([j.done_marker for j in jobs], details)
 
 
-def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> None:
-    if inputs_changed:  # another configuration, other data: its jobs are stale
-        remove_stale(RunDir(cfg.run_dir).refit.root)
-
-
 STAGE = Stage(
     name="refit",
     sections=("seed", "data", "features", "model", "train", "distill", "tracking"),
     code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py", "tracking", "pipeline/evaluate.py"),
     output=lambda rd: rd.refit.root,
     body=run,
-    before=before,
+    stale=lambda cfg, options: [RunDir(cfg.run_dir).refit.root],  # another configuration, other data
     help="The configuration chosen on validation, retrained on every subject and registered",
 )

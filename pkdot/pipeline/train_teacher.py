@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pkdot.config import RunConfig
-from pkdot.pipeline.base import Stage, StageOutput, remove_stale
+from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.rundir import METRICS, RunDir
 from pkdot.tracking.runs import log_jobs
 from pkdot.train import ray_runner
@@ -21,11 +21,6 @@ def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
     if cfg.distill.teacher_targets == "crossfit":
         return {"teacher_targets": ["crossfit", cfg.distill.crossfit_groups]}
     return {}
-
-
-def before(cfg: RunConfig, inputs_changed: bool, options: dict[str, Any]) -> None:
-    if inputs_changed:  # its jobs are stale
-        remove_stale(RunDir(cfg.run_dir).teachers)
 
 
 def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
@@ -53,6 +48,6 @@ STAGE = Stage(
     output=lambda rd: rd.teachers,
     body=run,
     key_extra=key_extra,
-    before=before,
+    stale=lambda cfg, options: [RunDir(cfg.run_dir).teachers],  # its jobs
     help="Teachers + T-Nets per fold and seed, on Ray Train",
 )

@@ -145,6 +145,19 @@ class StageRun:
         self._client.log_artifacts(self.run_id, str(directory), artifact_path)
 
 
+def _read_parent_file(path: Path) -> tuple[str, str] | None:
+    """The parent run's id and tracking URI recorded in ``path`` (``RUN/mlflow_parent.json``); None if absent."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return str(data["run_id"]), str(data["tracking_uri"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise StageError(
+            f"{path}: expected JSON {{'run_id', 'tracking_uri'}} naming the parent MLflow run ({exc})"
+        ) from exc
+
+
 class Tracker:
     """MLflow logging for one run directory (sets only MLflow's tracking URI, :func:`use_tracking_uri`)."""
 
@@ -190,24 +203,17 @@ class Tracker:
         with open(self.run_dir / f".{PARENT_FILE}.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                run_id = self._read_parent_file(path) or self._create_parent_run(path)
+                run_id = self._existing_parent(path) or self._create_parent_run(path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self._parent_run_id = run_id
         return run_id
 
-    def _read_parent_file(self, path: Path) -> str | None:
-        if not path.exists():
+    def _existing_parent(self, path: Path) -> str | None:
+        if (parent := _read_parent_file(path)) is None:
             return None
-        try:
-            data = json.loads(path.read_text())
-            run_id = str(data["run_id"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StageError(
-                f"{path}: expected JSON {{'run_id': ...}} naming the parent MLflow run ({exc})"
-            ) from exc
-        stored_uri = data.get("tracking_uri")
-        if stored_uri is not None and stored_uri != self.tracking_uri:
+        run_id, stored_uri = parent
+        if stored_uri != self.tracking_uri:
             logger.warning(
                 "%s names parent run %s in store %s; this run tracks to %s: starting a new parent",
                 path, run_id, stored_uri, self.tracking_uri,
@@ -274,16 +280,9 @@ def end_parent_run(run_dir: str | Path, status: str) -> str | None:
     or None when the run directory has none yet."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise StageError(f"end_parent_run: status must be FINISHED, FAILED or KILLED, got {status!r}")
-    path = RunDir(run_dir).mlflow_parent
-    if not path.is_file():
+    if (parent := _read_parent_file(RunDir(run_dir).mlflow_parent)) is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-        run_id, uri = str(data["run_id"]), str(data["tracking_uri"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise StageError(
-            f"{path}: expected JSON {{'run_id', 'tracking_uri'}} naming the parent run ({exc})"
-        ) from exc
+    run_id, uri = parent
     client = MlflowClient(tracking_uri=uri)
     if client.get_run(run_id).info.status != status:
         client.set_terminated(run_id, status)

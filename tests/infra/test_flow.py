@@ -169,7 +169,9 @@ class FakeStages:
         self.fail: dict[str, list[BaseException]] = {}
         monkeypatch.setattr(pipeline, "prepare_run", self.prepare_run)
         fakes = tuple(
-            dataclasses.replace(s, body=self._body(s), key_extra=None, before=None, is_current=None)
+            dataclasses.replace(
+                s, body=self._body(s), key_extra=None, stale=None, before=None, is_current=None
+            )
             for s in pipeline.STAGES
         )
         monkeypatch.setattr(pipeline, "STAGES", fakes)

@@ -124,7 +124,7 @@ def test_a_relative_run_directory_gives_jobs_absolute_output_folders(tmp_path, m
     output folder must not be relative (it was, and the jobs wrote under Ray's session folder)."""
     import argparse
 
-    from pkdot.cli import _run_config
+    from pkdot.cli import _build_config
     from pkdot.config import RunConfig
     from pkdot.train.jobs import student_jobs, teacher_jobs
 
@@ -132,7 +132,7 @@ def test_a_relative_run_directory_gives_jobs_absolute_output_folders(tmp_path, m
     folds = subject_folds(sorted(set(load_samples(cfg, Path(cfg.run_dir)).subject_ids.tolist())), 3, seed=0)
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(run=Path("runs/r1"), overrides=["train.epochs_teacher=1"], ray_address=None)
-    loaded = _run_config(args)
+    loaded = _build_config(args)
     assert Path(loaded.run_dir) == (tmp_path / "runs" / "r1").resolve()
     jobs = teacher_jobs(loaded, folds) + student_jobs(loaded, folds, ["none"])
     assert jobs and all(Path(j.out_dir).is_absolute() for j in jobs)
