@@ -99,9 +99,9 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def _is_ours(service: dict | None) -> bool:
-    """Whether a recorded service's PID is alive and still runs the command we started."""
-    return bool(service) and _pid_alive(service["pid"]) and service["marker"] in _cmdline(service["pid"])
+def _is_ours(pid: int, marker: str) -> bool:
+    """Whether a recorded server's PID is alive and still runs the command we started."""
+    return _pid_alive(pid) and marker in _cmdline(pid)
 
 
 def _http_ok(url: str, timeout: float = 3.0, user_password: str | None = None) -> bool:
@@ -410,7 +410,9 @@ class LocalStack:
         env = self._server_env()
         started: list[ServiceProcess] = []
         try:
-            running = [n for n in wanted if _is_ours(state["services"].get(n))]
+            running = [
+                n for n in wanted if (old := state["services"].get(n)) and _is_ours(old["pid"], old["marker"])
+            ]
             for name in running:
                 logger.info("%s already running (PID %d)", name, state["services"][name]["pid"])
             ports = self._ports([n for n in wanted if n not in running])
@@ -506,7 +508,7 @@ class LocalStack:
         """``{service: {"pid", "port", "url", "running", "healthy", "log"}}`` for the recorded servers."""
         out: dict[str, dict] = {}
         for name, svc in self.services().items():
-            running = _pid_alive(svc.pid) and svc.marker in _cmdline(svc.pid)
+            running = _is_ours(svc.pid, svc.marker)
             out[name] = {
                 "pid": svc.pid,
                 "port": svc.port,

@@ -14,6 +14,7 @@ from pkdot.tracking.runs import log_jobs
 from pkdot.train import ray_runner
 from pkdot.train.data import write_run_folds
 from pkdot.train.jobs import teacher_cost, teacher_jobs
+from pkdot.train.teacher import checkpoint_files
 
 
 def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
@@ -32,10 +33,7 @@ def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
         group = "" if job.group is None else f"_without{job.group}"  # cross-fitting teachers
         for k, v in json.loads((Path(job.out_dir) / METRICS).read_text()).items():
             metrics[f"fold{job.fold}_seed{job.seed}{group}/{k}"] = v
-    # cross-fitting jobs train no T-Net
-    checkpoints = [
-        Path(j.out_dir) / n for j in jobs for n in ("teacher.pt", "tnet.pt")[: 2 if j.group is None else 1]
-    ]
+    checkpoints = [p for j in jobs for p in checkpoint_files(j)]
     details = {"jobs": len(jobs), "cost": teacher_cost(jobs), "metrics": metrics}
     log_jobs(cfg, "train-teacher", jobs)
     return StageOutput([*checkpoints, rd.splits], details)

@@ -54,6 +54,11 @@ def _phase_path(job: Job, phase: str) -> Path:
     return Path(job.out_dir) / f"{phase}.pt"
 
 
+def checkpoint_files(job: Job) -> list[Path]:
+    """The checkpoints a finished teacher job leaves (cross-fitting jobs train no T-Net)."""
+    return [_phase_path(job, phase) for phase in ("teacher", "tnet")[: 2 if job.group is None else 1]]
+
+
 def _phase(
     job: Job, ctx: WorkerContext, phase: str, model: nn.Module, train: Callable[[], FitState], **extra: Any
 ) -> FitState:
