@@ -32,7 +32,7 @@ demo: $(BIN)/pkdot
 	$(BIN)/pkdot run
 
 test: $(BIN)/pkdot
-	$(BIN)/python -m pytest -q -m "not slow" --durations=25 tests
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --durations=25 tests
 
 test-fast: $(BIN)/pkdot
 	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
