@@ -41,7 +41,13 @@ def test_stages_register_the_better_student_as_champion(tmp_path, monkeypatch):
     ran = jobs_in_process(monkeypatch)
     res_a = _pipeline(first)
     res_b = _pipeline(second)
-    assert ran == ["teacher", "student"] * 3  # the first run refits, the second does not
+    # the first run refits (its teacher beside the fold teachers, its student in the refit stage), the second not
+    assert ran == ["teacher", "student", "student", "teacher", "student"]
+    assert (
+        res_a["train-teacher"].details["refit_jobs"] == 1
+        and res_b["train-teacher"].details["refit_jobs"] == 0
+    )
+    assert (Path(first.run_dir) / "refit" / "teacher" / "fold-0" / "seed-0" / "DONE.json").is_file()
 
     # files of every stage
     for cfg in (first, second):

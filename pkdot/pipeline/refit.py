@@ -1,7 +1,9 @@
 """Stage ``refit``: the configuration chosen on validation, retrained on every subject, and registered (the model
 to ship is the procedure refit on all the data). ``RUN/refit/`` is a run directory of its own (manifest and
 features linked) with one fold over every subject: a validation carve-out selects epochs, no test part (the
-estimate is ``evaluate``'s). First training seed only; ``train.refit: false`` skips it."""
+estimate is ``evaluate``'s). First training seed only; ``train.refit: false`` skips it. Its teacher does not
+depend on the choice, so ``train-teacher`` trains it beside the fold teachers (:func:`prepare_refit`); this stage
+trains the chosen student."""
 
 from __future__ import annotations
 
@@ -11,8 +13,16 @@ from typing import Any
 
 from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
+from pkdot.errors import StageError
 from pkdot.evaluate.report import read_summary
-from pkdot.folds import FoldPlan, assign_crossfit_groups, crossfit_groups_of, refit_fold, save_folds
+from pkdot.folds import (
+    FoldPlan,
+    assign_crossfit_groups,
+    crossfit_groups_of,
+    load_fold_plan,
+    refit_fold,
+    save_folds,
+)
 from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.pipeline.evaluate import register
 from pkdot.rundir import RunDir, atomic_write_text
@@ -22,10 +32,11 @@ from pkdot.train.cache import build_stale_caches
 from pkdot.train.jobs import student_jobs, teacher_jobs
 
 
-def refit_config(cfg: RunConfig, loss: str) -> RunConfig:
-    """The run config of ``RUN/refit/``: the chosen loss, the first training seed, every fold's subjects."""
+def refit_config(cfg: RunConfig, loss: str | None = None) -> RunConfig:
+    """The run config of ``RUN/refit/``: the chosen loss (None: as configured), the first training seed, every
+    fold's subjects."""
     train = cfg.train.model_copy(update={"seeds": cfg.train.seeds[:1], "max_folds": None})
-    distill = cfg.distill.model_copy(update={"losses": [loss]})
+    distill = cfg.distill.model_copy(update={"losses": [loss] if loss else cfg.distill.losses})
     return cfg.model_copy(
         update={"run_dir": RunDir(cfg.run_dir).refit.root, "train": train, "distill": distill}
     )
@@ -36,6 +47,26 @@ def _link(target: Any, link: Any) -> None:
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def prepare_refit(cfg: RunConfig) -> tuple[RunConfig, FoldPlan]:
+    """``RUN/refit/`` made ready for its teacher (features and manifest linked, its one fold written); its config
+    and plan."""
+    rd = RunDir(cfg.run_dir)
+    rcfg, refit = refit_config(cfg), rd.refit
+    refit.features.parent.mkdir(parents=True, exist_ok=True)
+    _link(rd.features, refit.features)
+    _link(rd.manifest, refit.manifest)
+    manifest = read_manifest(rd.manifest)
+    seed = rcfg.train.seeds[0]
+    fold = replace(
+        refit_fold(manifest["subject_id"].astype(str), cfg.train.val_fraction, cfg.seed), seed=seed
+    )
+    if crossfit_groups_of(rcfg) is not None:
+        fold = assign_crossfit_groups(fold, rcfg.distill.crossfit_groups, cfg.seed)
+    plan = FoldPlan(by_seed={seed: (fold,)})
+    save_folds(plan, refit.splits)
+    return rcfg, plan
 
 
 def run(cfg: RunConfig) -> StageOutput:
@@ -50,20 +81,12 @@ def run(cfg: RunConfig) -> StageOutput:
     sel = summary.selection
     rcfg = refit_config(cfg, sel.loss)
     refit = rd.refit
-    refit.features.parent.mkdir(parents=True, exist_ok=True)
-    _link(rd.features, refit.features)
-    _link(rd.manifest, refit.manifest)
     atomic_write_text(refit.config, rcfg.yaml_text())
-    manifest = read_manifest(rd.manifest)
+    plan = load_fold_plan(refit.splits)
     seed = rcfg.train.seeds[0]
-    fold = replace(
-        refit_fold(manifest["subject_id"].astype(str), cfg.train.val_fraction, cfg.seed), seed=seed
-    )
-    if crossfit_groups_of(rcfg) is not None:
-        fold = assign_crossfit_groups(fold, rcfg.distill.crossfit_groups, cfg.seed)
-    plan = FoldPlan(by_seed={seed: (fold,)})
-    save_folds(plan, refit.splits)
-    ray_runner.run_jobs_on_ray(rcfg, "teacher", teacher_jobs(rcfg, plan), name="refit-teacher")
+    fold = plan.fold(seed, 0)
+    if missing := [j.key for j in teacher_jobs(rcfg, plan) if not j.is_done()]:
+        raise StageError(f"the refit's teacher jobs {missing} are not done: re-run `pkdot train-teacher`")
     build_stale_caches(rcfg, plan.pairs(rcfg.train.seeds))
     jobs = student_jobs(rcfg, plan, [sel.loss])
     ray_runner.run_jobs_on_ray(rcfg, "student", jobs, name="refit-student")
@@ -82,6 +105,11 @@ STAGE = Stage(
     code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py", "tracking", "pipeline/evaluate.py"),
     output=lambda rd: rd.refit.root,
     body=run,
-    stale=lambda cfg, options: [RunDir(cfg.run_dir).refit.root],  # another configuration, other data
+    # its student (another choice, other data); the refit's teacher and fold are train-teacher's
+    stale=lambda cfg, options: [
+        (r := RunDir(cfg.run_dir).refit).students,
+        r.embeddings,
+        r.ray_runs("refit-student"),
+    ],
     help="The configuration chosen on validation, retrained on every subject and registered",
 )

@@ -1,5 +1,7 @@
 """Stage ``train-teacher``: per fold x seed, the unimodal backbones, the fusion teacher and the T-Nets, as Ray
-Train jobs (``RUN/teacher/``). Jobs that completed for the same key are kept and resumed."""
+Train jobs (``RUN/teacher/``), and with ``train.refit`` the refit's teacher (``RUN/refit/teacher/``: it does not
+depend on the student chosen later, so it shares this stage's Ray Train slots). Jobs that completed for the same
+key are kept and resumed."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pkdot.config import RunConfig
+from pkdot.pipeline import refit
 from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.rundir import METRICS, RunDir
 from pkdot.tracking.runs import log_jobs
@@ -27,25 +30,36 @@ def key_extra(cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
     rd = RunDir(cfg.run_dir)
     jobs = teacher_jobs(cfg, write_run_folds(cfg, rd.root))
-    ray_runner.run_jobs_on_ray(cfg, "teacher", jobs, callbacks=callbacks)
+    more = []
+    if cfg.train.refit:
+        rcfg, plan = refit.prepare_refit(cfg)
+        more.append((rcfg, teacher_jobs(rcfg, plan)))
+    ray_runner.run_jobs_on_ray(cfg, "teacher", jobs, callbacks=callbacks, more=more)
+    refit_jobs = [j for _, js in more for j in js]
     metrics = {}
     for job in jobs:
         group = "" if job.group is None else f"_without{job.group}"  # cross-fitting teachers
         for k, v in json.loads((Path(job.out_dir) / METRICS).read_text()).items():
             metrics[f"fold{job.fold}_seed{job.seed}{group}/{k}"] = v
-    checkpoints = [p for j in jobs for p in checkpoint_files(j)]
-    details = {"jobs": len(jobs), "cost": teacher_cost(jobs), "metrics": metrics}
+    checkpoints = [p for j in [*jobs, *refit_jobs] for p in checkpoint_files(j)]
+    details = {
+        "jobs": len(jobs),
+        "refit_jobs": len(refit_jobs),
+        "cost": teacher_cost(jobs),
+        "metrics": metrics,
+    }
     log_jobs(cfg, "train-teacher", jobs)
-    return StageOutput([*checkpoints, rd.splits], details)
+    splits = [rd.splits, rd.refit.splits] if refit_jobs else [rd.splits]
+    return StageOutput([*checkpoints, *splits], details)
 
 
 STAGE = Stage(
     name="train-teacher",
     sections=("seed", "data", "features", "model", "train"),
-    code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py"),
+    code=("models", "train", "folds.py", "scheduler.py", "ray_utils.py", "pipeline/refit.py"),
     output=lambda rd: rd.teachers,
     body=run,
     key_extra=key_extra,
-    stale=lambda cfg, options: [RunDir(cfg.run_dir).teachers],  # its jobs
+    stale=lambda cfg, options: [(rd := RunDir(cfg.run_dir)).teachers, rd.refit.teachers],  # its jobs
     help="Teachers + T-Nets per fold and seed, on Ray Train",
 )

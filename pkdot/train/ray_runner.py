@@ -282,51 +282,67 @@ def run_jobs_on_ray(
     *,
     callbacks: Sequence[EpochCallback] = (),
     name: str | None = None,
+    more: Sequence[tuple[RunConfig, Sequence[Job]]] = (),
 ) -> list[dict[str, Any]]:
     """Run the jobs without a ``DONE.json``, one Ray Train run per bundle of ``train.jobs_per_run``, at most
     ``train.max_concurrent_jobs`` at once (default: as many as the cluster holds); return :func:`_fit_run`'s
     record of each run. ``callbacks`` run on every worker after every epoch (chaos tests); ``name``: the runs'
-    storage folder under ``<run_dir>/ray`` (default ``<kind>-<config hash>``)."""
+    storage folder under ``<run_dir>/ray`` (default ``<kind>-<config hash>``). ``more``: jobs of other run
+    directories (the refit's), run beside these in the same slots; a run trains the jobs of one run directory."""
     import ray
 
-    pending = [j for j in jobs if not j.is_done()]
+    groups = [
+        (c, [j for j in js if not j.is_done()], n)
+        for c, js, n in [(cfg, jobs, name), *((c, js, None) for c, js in more)]
+    ]
+    total = len(jobs) + sum(len(js) for _, js in more)
+    pending = [j for _, p, _ in groups for j in p]
     stage = {"teacher": "train-teacher", "student": "distill"}.get(kind, kind)
-    report_progress(stage, len(jobs) - len(pending), len(jobs), "jobs")
+    report_progress(stage, total - len(pending), total, "jobs")
     if not pending:
-        log.info("all %d %s jobs are already done", len(jobs), kind)
+        log.info("all %d %s jobs are already done", total, kind)
         return []
     ensure_ray(num_cpus=None, address=cfg.ray_address)
-    run_dir = Path(cfg.run_dir).resolve()
-    check_run_dir_on_nodes(run_dir)
     cluster = ray.cluster_resources()
     use_gpu = _resolve_use_gpu_on_cluster(cfg, cluster)
     limit = cfg.train.max_concurrent_jobs or runs_that_fit(cfg, cluster, use_gpu)
-    bundles = bundle_jobs(pending, cfg.train.jobs_per_run, limit)
-    storage = RunDir(run_dir).ray_runs(
-        name or f"{kind}-{cfg.section_hash('data', 'features', 'model', 'train', 'distill')}"
-    )
-    base_config = {
-        "cfg": cfg.model_dump(mode="json") | {"run_dir": str(run_dir)},
-        "kind": kind,
-        "callbacks": list(callbacks),
-        "use_gpu": use_gpu,
-        "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
-    }
-    specs = [
-        {
-            "name": run_name(bundle),
-            "jobs": [j.key for j in bundle],
-            "storage_path": str(storage),
-            "loop_config": base_config
-            | {"jobs": [j.__dict__ for j in bundle], "tokens": {j.key: attempt_token(j) for j in bundle}},
+    specs, tails = [], []
+    for gcfg, gpending, gname in groups:
+        if not gpending:
+            continue
+        run_dir = Path(gcfg.run_dir).resolve()
+        check_run_dir_on_nodes(run_dir)
+        storage = RunDir(run_dir).ray_runs(
+            gname or f"{kind}-{gcfg.section_hash('data', 'features', 'model', 'train', 'distill')}"
+        )
+        base_config = {
+            "cfg": gcfg.model_dump(mode="json") | {"run_dir": str(run_dir)},
+            "kind": kind,
+            "callbacks": list(callbacks),
+            "use_gpu": use_gpu,
+            "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
         }
-        for bundle in bundles
-    ]
+        # The workers' epoch records: logged once here, the newest one shown as the stage's current metric.
+        tails.append(EpochTail(run_dir, [j.key for j in gpending]))
+        specs += [
+            {
+                "name": run_name(bundle),
+                "jobs": [j.key for j in bundle],
+                "tail": len(tails) - 1,
+                "storage_path": str(storage),
+                "loop_config": base_config
+                | {"jobs": [j.__dict__ for j in bundle], "tokens": {j.key: attempt_token(j) for j in bundle}},
+            }
+            for bundle in bundle_jobs(gpending, cfg.train.jobs_per_run, limit)
+        ]
     what = "%s: %d pending jobs in %d Ray Train runs, up to %d at once (%d worker(s) each)"
     log.info(what, kind, len(pending), len(specs), limit, cfg.train.num_workers)
     task = ray.remote(num_cpus=0, max_retries=0)(_fit_run)
-    # The workers' epoch records: logged once here, the newest one shown as the stage's current metric.
-    tail = EpochTail(run_dir, [j.key for j in pending])
+
+    def newest_record(running: list[dict[str, Any]]) -> str:
+        records = [r for spec in running if (r := tails[spec["tail"]].poll(spec["jobs"]))]
+        return describe_record(records[-1] if records else None)
+
     finished = run_bounded(
         specs,
         lambda spec: task.options(name=f"pkdot:{spec['name']}").remote(spec),
@@ -335,10 +351,10 @@ def run_jobs_on_ray(
         describe=lambda spec: f"{spec['name']} ({', '.join(spec['jobs'])})",
         stage=stage,
         unit="jobs",
-        done=len(jobs) - len(pending),
-        total=len(jobs),
+        done=total - len(pending),
+        total=total,
         weight=lambda spec: len(spec["jobs"]),
-        poll=lambda running: describe_record(tail.poll([k for spec in running for k in spec["jobs"]])),
+        poll=newest_record,
         poll_s=2.0,  # seconds between two reads of the workers' epoch records
     )
     if missing := [j.key for j in pending if not j.is_done()]:

@@ -131,9 +131,10 @@ def jobs_in_process(monkeypatch) -> list[str]:
 
     ran: list[str] = []
 
-    def run_here(cfg, kind, jobs, *, callbacks=(), name=None):
+    def run_here(cfg, kind, jobs, *, callbacks=(), name=None, more=()):
         ran.append(kind)
-        run_jobs_local(cfg, kind, jobs)
+        for c, js in [(cfg, jobs), *more]:
+            run_jobs_local(c, kind, js)
         return []
 
     monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)
