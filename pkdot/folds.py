@@ -112,14 +112,13 @@ def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
     return sorted(set(ids))
 
 
-def _carve_validation(
-    rest: list[str], val_fraction: float, rng: np.random.Generator
-) -> tuple[list[str], list[str]]:
+def _carve_validation(rest: list[str], val_fraction: float, *key: int) -> tuple[tuple[str, ...], ...]:
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"train.val_fraction must be in (0, 1), got {val_fraction}")
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
+    rng = np.random.default_rng(list(key))
     chosen = set(rng.choice(np.asarray(rest, dtype=object), size=n_val, replace=False).tolist())
-    return [s for s in rest if s not in chosen], sorted(chosen)
+    return tuple(s for s in rest if s not in chosen), tuple(sorted(chosen))
 
 
 def subject_folds(
@@ -153,8 +152,7 @@ def subject_folds(
     folds = []
     for i, group in enumerate(groups):
         rest = [s for s in subjects if s not in set(group)]
-        train, val = _carve_validation(rest, val_fraction, np.random.default_rng([seed, i]))
-        folds.append(Fold(index=i, train=tuple(train), val=tuple(val), test=tuple(sorted(group))))
+        folds.append(Fold(i, *_carve_validation(rest, val_fraction, seed, i), tuple(sorted(group))))
     log.info("%d subject folds (%s) over %d subjects", len(folds), scheme, n)
     return folds
 
@@ -184,8 +182,8 @@ def clip_folds(
     y = np.zeros(len(ids)) if labels is None else np.asarray(list(labels))[order]
     folds = []
     for i, (rest, test) in enumerate(splitter.split(ids, y)):
-        train, val = _carve_validation(ids[rest].tolist(), val_fraction, np.random.default_rng([seed, i]))
-        folds.append(Fold(i, tuple(train), tuple(val), tuple(ids[test].tolist()), unit="sample_id"))
+        train, val = _carve_validation(ids[rest].tolist(), val_fraction, seed, i)
+        folds.append(Fold(i, train, val, tuple(ids[test].tolist()), unit="sample_id"))
     log.info("%d clip folds over %d samples (subjects ignored)", len(folds), len(ids))
     return folds
 
@@ -214,9 +212,9 @@ def official_folds(
             f"{test_partition} subject, found {len(train_subjects)} and {len(test_subjects)} "
             "(use train.folds=<k> or 'loso')"
         )
-    train, val = _carve_validation(train_subjects, val_fraction, np.random.default_rng([seed, 0]))
+    train, val = _carve_validation(train_subjects, val_fraction, seed, 0)
     log.info("official folds: %d train, %d val, %d test subjects", len(train), len(val), len(test_subjects))
-    return [Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(test_subjects))]
+    return [Fold(0, train, val, tuple(test_subjects))]
 
 
 def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fold:
@@ -227,8 +225,8 @@ def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fo
         raise ConfigError(
             f"train.refit: a refit needs at least 2 subjects (1 to train, 1 to validate), got {subjects}"
         )
-    train, val = _carve_validation(subjects, val_fraction, np.random.default_rng([seed, 0x7E717]))
-    return Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(val), refit=True)
+    train, val = _carve_validation(subjects, val_fraction, seed, 0x7E717)
+    return Fold(0, train, val, val, refit=True)
 
 
 def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:

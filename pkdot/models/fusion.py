@@ -7,6 +7,7 @@ Transport", IEEE FG 2024 (arXiv 2401.15489).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -63,25 +64,16 @@ class GatedCrossAttentionFusion(nn.Module):
         if dim % heads:
             raise ConfigError(f"model.embed_dim ({dim}) must be divisible by model.fusion_heads ({heads})")
         self.modalities, self.dim = modalities, dim
+        new_layer = partial(nn.TransformerEncoderLayer, dim, heads, 2 * dim, dropout, batch_first=True)
         self.encoders = module_dict(
-            {
-                m: nn.TransformerEncoder(
-                    nn.TransformerEncoderLayer(
-                        dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True
-                    ),
-                    num_layers=layers,
-                    enable_nested_tensor=False,
-                )
-                for m in modalities
-            }
+            {m: nn.TransformerEncoder(new_layer(), layers, enable_nested_tensor=False) for m in modalities}
         )
         num = len(modalities)
+        crossed = modalities if num > 1 else []
         self.cross_attention = module_dict(
-            {m: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) for m in modalities}
-            if num > 1
-            else {}
+            {m: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) for m in crossed}
         )
-        self.cross_norm = module_dict({m: nn.LayerNorm(dim) for m in modalities} if num > 1 else {})
+        self.cross_norm = module_dict({m: nn.LayerNorm(dim) for m in crossed})
         self.cross_dropout = nn.Dropout(dropout)
         self.gate = nn.Linear(num * dim, dim if num == 2 else num * dim) if num > 1 else None
 

@@ -40,12 +40,8 @@ def build_backbone(
             if cfg.pretrained_video is not None:
                 load_pretrained_video(backbone, cfg.pretrained_video)
             return backbone
-        if modality == "physio":
-            encoders = {3: ("spectrogram", SpectrogramCNN), 2: ("window", WindowCNN)}
-            if len(shape) not in encoders:
-                raise ConfigError(
-                    f"physio backbone: expected a spectrogram (C, F, T) or a window (C, L), got {shape}"
-                )
+        encoders = {3: ("spectrogram", SpectrogramCNN), 2: ("window", WindowCNN)}
+        if modality == "physio" and len(shape) in encoders:
             expected, encoder = encoders[len(shape)]
             if expected != cfg.physio_input:
                 raise ConfigError(
@@ -125,13 +121,11 @@ def build_teacher(
         )
     dim = cfg.model.embed_dim
     with seeded(seed):
-        parts: dict[str, Backbone] = {}
-        for m in modalities:
-            if m in given:
-                check_backbone("build_teacher", given[m], m, input_shapes.get(m), dim)
-                parts[m] = given[m]
-            else:
-                parts[m] = build_backbone(m, input_shapes[m], cfg.model)
+        for m, backbone in given.items():
+            check_backbone("build_teacher", backbone, m, input_shapes.get(m), dim)
+        parts = {
+            m: given[m] if m in given else build_backbone(m, input_shapes[m], cfg.model) for m in modalities
+        }
         return Teacher(parts, *fusion_and_head(cfg, modalities))
 
 
