@@ -158,20 +158,16 @@ def subject_folds(
 
 
 def clip_folds(
-    sample_ids: Sequence[str],
-    labels: Sequence[object] | None,
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    n_splits: int = 5,
+    sample_ids: Sequence[str], labels: Sequence[object] | None, *, val_fraction: float = 0.2, seed: int = 0
 ) -> list[Fold]:
-    """The authors' folds (optimistic by construction): stratified k-fold over samples, ignoring subjects.
+    """The authors' folds (optimistic by construction): stratified 5-fold over samples, ignoring subjects.
 
-    ``StratifiedKFold(n_splits, shuffle=True, random_state=seed)`` on ``labels`` (None, e.g. regression:
+    ``StratifiedKFold(5, shuffle=True, random_state=seed)`` on ``labels`` (None, e.g. regression:
     ``KFold``); validation carved as in :func:`subject_folds`; the folds hold sample ids.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
+    n_splits = 5
     ids = np.asarray(_unique_subjects(sample_ids), dtype=object)
     if len(ids) != len(sample_ids):
         raise StageError("train.folds='clips': sample ids repeat")
@@ -189,15 +185,11 @@ def clip_folds(
 
 
 def official_folds(
-    subject_partition: Mapping[str, str],
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    train_partition: str = "Train_Set",
-    test_partition: str = "Validation_Set",
+    subject_partition: Mapping[str, str], *, val_fraction: float = 0.2, seed: int = 0
 ) -> list[Fold]:
     """The official Aff-Wild2 protocol as one fold from each subject's (video's) partition: train on
     ``Train_Set`` (validation carved from it), test on ``Validation_Set`` (the challenge withholds test labels)."""
+    train_partition, test_partition = "Train_Set", "Validation_Set"
     unknown = sorted({p for p in subject_partition.values() if p not in (train_partition, test_partition)})
     if unknown:
         raise ConfigError(

@@ -32,11 +32,9 @@ def build_backbone(
     dim = cfg.embed_dim
     with seeded(seed):
         if len(shape) == 1:
-            return MLPBackbone(shape, dim, hidden=cfg.mlp_hidden, dropout=cfg.dropout, modality=modality)
+            return MLPBackbone(modality, shape, dim, hidden=cfg.mlp_hidden, dropout=cfg.dropout)
         if modality == "video":
-            backbone = VideoBackbone(
-                shape, dim, arch=cfg.video_backbone, width=cfg.video_width, modality=modality
-            )
+            backbone = VideoBackbone(shape, dim, arch=cfg.video_backbone, width=cfg.video_width)
             if cfg.pretrained_video is not None:
                 load_pretrained_video(backbone, cfg.pretrained_video)
             return backbone

@@ -78,18 +78,11 @@ class VideoBackbone(Backbone):
     std: Tensor
 
     def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        embed_dim: int,
-        arch: str = "small3d",
-        width: int = 8,
-        modality: str = "video",
+        self, input_shape: tuple[int, ...], embed_dim: int, arch: str = "small3d", width: int = 8
     ) -> None:
-        super().__init__(modality, input_shape, embed_dim)
+        super().__init__("video", input_shape, embed_dim)
         if len(self.input_shape) != 4 or self.input_shape[3] != 3:
-            raise ConfigError(
-                f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}"
-            )
+            raise ConfigError(f"video backbone: expected input_shape (T, H, W, 3), got {self.input_shape}")
         self.arch, self.body = arch, {"r3d18": R3D18Body, "small3d": Small3dBody}[arch](width)
         channels = self.body.out_channels
         to_embed = [] if channels == embed_dim else [nn.Linear(channels, embed_dim), nn.ReLU()]
