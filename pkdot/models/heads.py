@@ -74,11 +74,11 @@ class MLPBackbone(Backbone):
 
     def __init__(
         self,
-        modality: str,
         input_shape: tuple[int, ...],
         embed_dim: int,
         hidden: int = 64,
         dropout: float = 0.1,
+        modality: str = "vector",
     ) -> None:
         super().__init__(modality, input_shape, embed_dim)
         if len(self.input_shape) != 1:

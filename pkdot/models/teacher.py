@@ -32,7 +32,7 @@ def build_backbone(
     dim = cfg.embed_dim
     with seeded(seed):
         if len(shape) == 1:
-            return MLPBackbone(modality, shape, dim, hidden=cfg.mlp_hidden, dropout=cfg.dropout)
+            return MLPBackbone(shape, dim, hidden=cfg.mlp_hidden, dropout=cfg.dropout, modality=modality)
         if modality == "video":
             backbone = VideoBackbone(shape, dim, arch=cfg.video_backbone, width=cfg.video_width)
             if cfg.pretrained_video is not None:
