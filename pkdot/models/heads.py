@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -134,26 +135,24 @@ class UnimodalModel(nn.Module):
         )
 
 
+def conv_bn(dims: int, cin: int, cout: int, kernel: Any, relu: bool = True, **conv: Any) -> nn.Sequential:
+    """``Conv{dims}d(cin, cout, kernel, bias=False, **conv) -> BatchNorm{dims}d -> ReLU`` (no ReLU: ``relu=False``)."""
+    layers = [(nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](cin, cout, kernel, bias=False, **conv)]
+    layers.append((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](cout))
+    return nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if relu else []))
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block in ``dims`` = 1, 2 or 3 dimensions: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``,
     ``stride`` in the first convolution; torchvision's module names, so ``r3d_18`` weights load into the 3-D one."""
 
     def __init__(self, dims: int, in_channels: int, channels: int, stride: int = 1, kernel: int = 3) -> None:
         super().__init__()
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
-        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
-        pad = kernel // 2
-        self.conv1 = nn.Sequential(
-            conv(in_channels, channels, kernel, stride=stride, padding=pad, bias=False),
-            norm(channels),
-            nn.ReLU(inplace=True),
-        )
-        self.conv2 = nn.Sequential(conv(channels, channels, kernel, padding=pad, bias=False), norm(channels))
+        self.conv1 = conv_bn(dims, in_channels, channels, kernel, stride=stride, padding=kernel // 2)
+        self.conv2 = conv_bn(dims, channels, channels, kernel, relu=False, padding=kernel // 2)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(
-                conv(in_channels, channels, 1, stride=stride, bias=False), norm(channels)
-            )
+            self.downsample = conv_bn(dims, in_channels, channels, 1, relu=False, stride=stride)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
