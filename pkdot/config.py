@@ -66,8 +66,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _modalities(self) -> DataConfig:
-        both = set(self.student_modalities) & set(self.privileged_modalities)
-        if both:
+        if both := set(self.student_modalities) & set(self.privileged_modalities):
             raise ValueError(f"modalities {sorted(both)} are both student and privileged")
         if self.dataset == "biovid" and self.task not in ("binary", "multiclass"):
             raise ValueError(f"task {self.task!r} is not a Biovid task (expected 'binary' or 'multiclass')")
@@ -421,8 +420,7 @@ class DistillConfig(_Section):
     @field_validator("losses")
     @classmethod
     def _losses(cls, v: list[str]) -> list[str]:
-        problem = loss_names_problem(v)
-        if problem:
+        if problem := loss_names_problem(v):
             raise ValueError(problem)
         return v
 
@@ -446,8 +444,7 @@ def loss_terms(name: str) -> list[str]:
 
 def _loss_name_problem(name: str) -> str | None:
     terms = loss_terms(name)
-    unknown = [t for t in terms if t not in LOSSES]
-    if unknown:
+    if unknown := [t for t in terms if t not in LOSSES]:
         return f"unknown loss(es) {unknown}" + (f" in {name!r}" if len(terms) > 1 else "")
     if len(terms) > 1 and "none" in terms:
         return f"{name!r}: 'none' cannot be part of a sum"
@@ -462,8 +459,7 @@ def loss_names_problem(names: list[str]) -> str | None:
         return "losses must name at least one loss"
     if len({frozenset(loss_terms(n)) for n in names}) != len(names):
         return f"losses has duplicates: {names}"
-    problems = [p for p in map(_loss_name_problem, names) if p]
-    if problems:
+    if problems := [p for p in map(_loss_name_problem, names) if p]:
         return f"{'; '.join(problems)} (valid: {', '.join(LOSSES)}, or sums of them such as 'kd+pkdot')"
     return None
 
@@ -518,8 +514,7 @@ def _upgrade(layer: dict[str, Any], source: str) -> dict[str, Any]:
         target = distill.setdefault(section, {})
         if not isinstance(target, dict) or target.setdefault(option, value) != value:
             raise ConfigError(f"{source}: distill.{key}={value!r} contradicts distill.{section}.{option}")
-    renamed = [f"distill.{k} -> distill.{s}.{o}" for k, s, o, _ in moved if not k.startswith("weights.")]
-    if renamed:
+    if renamed := [f"distill.{k} -> distill.{s}.{o}" for k, s, o, _ in moved if not k.startswith("weights.")]:
         logger.warning("%s: former distill fields, set the new ones: %s", source, ", ".join(renamed))
     return layer
 
@@ -778,8 +773,7 @@ def load_config(
     if chosen not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
     merged = copy.deepcopy(PRESETS[chosen])
-    switches = [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if _OPTIMISTIC.get(k) == v]
-    if switches:
+    if switches := [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if _OPTIMISTIC.get(k) == v]:
         raise ConfigError(
             f"preset {chosen!r} sets {', '.join(switches)}: the authors'-protocol switches are optimistic by "
             "construction and never part of a preset (set them in the run's config)"

@@ -106,8 +106,7 @@ class Fold:
 
 def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
     ids = list(subject_ids)
-    bad = [s for s in ids if not isinstance(s, str) or not s]
-    if bad:
+    if bad := [s for s in ids if not isinstance(s, str) or not s]:
         raise StageError(f"subject ids must be non-empty strings, got e.g. {bad[0]!r}")
     return sorted(set(ids))
 
@@ -302,8 +301,7 @@ def subject_partitions(frame: pd.DataFrame) -> dict[str, str]:
     """Each subject's manifest ``partition`` (each subject in one)."""
     pairs = frame[["subject_id", "partition"]].astype(str).drop_duplicates()
     counts = pairs.groupby("subject_id")["partition"].nunique()
-    both = sorted(counts[counts > 1].index)
-    if both:
+    if both := sorted(counts[counts > 1].index):
         raise DatasetError(
             f"manifest: subjects {both[:10]} ({len(both)} in all) have samples in more than one partition "
             "(expected each video/subject in exactly one of Train_Set and Validation_Set)"

@@ -164,8 +164,7 @@ def build_loss(
     (``DistillConfig.options("a+b")``). :class:`ConfigError` for an unknown name or another loss's options.
     """
     if "+" in name:
-        problem = loss_names_problem([name])
-        if problem:
+        if problem := loss_names_problem([name]):
             raise ConfigError(f"distill.losses: {problem}")
         given = options or {}
         return CompositeLoss(name, {t: build_loss(t, **dims, options=given.get(t)) for t in loss_terms(name)})

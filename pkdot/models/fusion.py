@@ -78,8 +78,7 @@ class GatedCrossAttentionFusion(nn.Module):
         self.gate = nn.Linear(num * dim, dim if num == 2 else num * dim) if num > 1 else None
 
     def _check(self, tokens: dict[str, Tensor]) -> None:
-        missing = [m for m in self.modalities if m not in tokens]
-        if missing:
+        if missing := [m for m in self.modalities if m not in tokens]:
             raise StageError(f"fusion: tokens for modalities {missing} are missing (got {sorted(tokens)})")
         for m in self.modalities:
             t = tokens[m]
@@ -90,8 +89,7 @@ class GatedCrossAttentionFusion(nn.Module):
         sizes = {m: int(tokens[m].shape[0]) for m in self.modalities}
         if len(set(sizes.values())) > 1:
             raise StageError(f"fusion: batch sizes differ across modalities: {sizes}")
-        empty = [m for m in self.modalities if tokens[m].shape[1] == 0]
-        if empty:
+        if empty := [m for m in self.modalities if tokens[m].shape[1] == 0]:
             raise StageError(f"fusion: modalities {empty} have no tokens (N = 0)")
 
     def forward(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -72,8 +72,7 @@ class Teacher(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor]) -> ModelOutput:
         """``{modality: batch}`` (extra keys such as ``target`` are ignored) -> :class:`ModelOutput`."""
-        missing = [m for m in self.modalities if m not in inputs]
-        if missing:
+        if missing := [m for m in self.modalities if m not in inputs]:
             raise StageError(f"teacher: inputs for modalities {missing} are missing (got {sorted(inputs)})")
         tokens = {m: self.backbones[m](inputs[m]) for m in self.modalities}
         z, gates = self.fusion(tokens)
@@ -107,13 +106,11 @@ def build_teacher(
     they are (e.g. pre-trained unimodal ones); ``seed``: of the new weights (global RNG restored)."""
     modalities = cfg.data.modalities
     given = dict(backbones or {})
-    extra = sorted(set(given) - set(modalities))
-    if extra:
+    if extra := sorted(set(given) - set(modalities)):
         raise StageError(
             f"build_teacher: backbones given for {extra}, which are not modalities of the run {modalities}"
         )
-    missing = [m for m in modalities if m not in input_shapes and m not in given]
-    if missing:
+    if missing := [m for m in modalities if m not in input_shapes and m not in given]:
         raise StageError(
             f"build_teacher: no input shape for modalities {missing} (got {sorted(input_shapes)})"
         )
