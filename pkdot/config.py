@@ -2,8 +2,7 @@
 
 Every field has a default, so ``pkdot run`` needs no file. A YAML file (or the CLI's ``--set a.b=value``
 overrides) replaces fields; a preset (``demo`` or ``paper``) is applied first. Invalid values raise
-:class:`pkdot.errors.ConfigError` naming the field, before any work starts.
-"""
+:class:`pkdot.errors.ConfigError` naming the field, before any work starts."""
 
 from __future__ import annotations
 
@@ -381,8 +380,7 @@ class DistillConfig(_Section):
     """The student's objective: task_weight * task loss + ``<loss>.weight`` * the loss of ``losses``.
 
     Each field typed by a :class:`LossOptions` subclass is one loss (named by the field's alias when it has
-    one, e.g. ``pkdot-most``); they make :data:`LOSSES`.
-    """
+    one, e.g. ``pkdot-most``); they make :data:`LOSSES`."""
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
@@ -745,8 +743,7 @@ def load_config(
     """Build a :class:`RunConfig` from a preset, an optional YAML file and dotted overrides.
 
     Order: defaults <- preset (``preset`` argument, else the file's ``preset`` key, else ``demo``)
-    <- YAML file <- overrides. Raises :class:`ConfigError` naming the field on any invalid value.
-    """
+    <- YAML file <- overrides. Raises :class:`ConfigError` naming the field on any invalid value."""
     file_data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:

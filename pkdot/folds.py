@@ -37,8 +37,7 @@ class Fold:
 
     ``seed``: the training seed whose partition this is (None: every seed's). ``crossfit``: J >= 2 disjoint
     groups covering ``train`` (cross-fitted teacher targets only). ``unit``: the manifest column of the ids
-    (``sample_id`` under ``train.folds: clips``). ``leaky``: the parts may overlap.
-    """
+    (``sample_id`` under ``train.folds: clips``). ``leaky``: the parts may overlap."""
 
     index: int
     train: tuple[str, ...]
@@ -127,8 +126,7 @@ def subject_folds(
 
     ``scheme`` ``k >= 2``: the sorted subjects, shuffled with ``seed``, cut into ``k`` test groups (sizes differ
     by at most 1); ``"loso"``: one fold per subject. Fold ``i``'s validation subjects are ``val_fraction`` of the
-    rest (at least 1, leaving at least 1 for training), drawn with ``default_rng([seed, i])``.
-    """
+    rest (at least 1, leaving at least 1 for training), drawn with ``default_rng([seed, i])``."""
     subjects = _unique_subjects(subject_ids)
     n = len(subjects)
     if scheme == "loso":
@@ -162,8 +160,7 @@ def clip_folds(
     """The authors' folds (optimistic by construction): stratified 5-fold over samples, ignoring subjects.
 
     ``StratifiedKFold(5, shuffle=True, random_state=seed)`` on ``labels`` (None, e.g. regression:
-    ``KFold``); validation carved as in :func:`subject_folds`; the folds hold sample ids.
-    """
+    ``KFold``); validation carved as in :func:`subject_folds`; the folds hold sample ids."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     n_splits = 5

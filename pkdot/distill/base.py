@@ -3,8 +3,7 @@ r"""The distillation-loss base class, the batch it reads, the registry and the t
 Global batch under data parallelism: a ``batch_structure`` loss (PKDOT, SP, RKD, PKT, CRD) gathers every
 tensor of the batch from all W workers with the differentiable ``all_gather``, so a worker's rows receive
 :math:`W\, \partial \mathcal{L} / \partial z_\text{local}` and DistributedDataParallel's *mean* of the
-workers' gradients is the gradient of the global-batch loss. Per-sample losses (KD, FitNet) need no gather.
-"""
+workers' gradients is the gradient of the global-batch loss. Per-sample losses (KD, FitNet) need no gather."""
 
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ class DistillLoss(nn.Module):
 
     ``student_dim``, ``teacher_dim``: Ds and Dt; ``num_outputs``: C (1 for regression); ``num_samples``: rows
     of the training set (``DistillBatch.index``); ``options``: the loss's :class:`pkdot.config.LossOptions` fields
-    (weight excepted), kept in ``self.options``. Subclasses implement ``compute``.
-    """
+    (weight excepted), kept in ``self.options``. Subclasses implement ``compute``."""
 
     name: ClassVar[str] = ""
     #: True for losses computed from relations between the samples of a batch: gathered across workers.
@@ -161,8 +159,7 @@ def build_loss(
     :class:`DistillLoss` dimensions ``dims`` (student_dim, teacher_dim, num_outputs, regression, num_samples).
 
     A sum ``a+b`` builds a :class:`CompositeLoss`, ``options`` then mapping each term to its options
-    (``DistillConfig.options("a+b")``). :class:`ConfigError` for an unknown name or another loss's options.
-    """
+    (``DistillConfig.options("a+b")``). :class:`ConfigError` for an unknown name or another loss's options."""
     if "+" in name:
         if problem := loss_names_problem([name]):
             raise ConfigError(f"distill.losses: {problem}")
@@ -183,8 +180,7 @@ def total_loss(
 ) -> dict[str, Tensor]:
     r"""The student's objective :math:`w_\text{task} \mathcal{L}_\text{task} + \sum_t w_t \mathcal{L}_t` and its
     weighted parts, ``{"loss": total, "loss_task": ..., "loss_<t>": ...}``; :math:`w_t` = ``cfg.<t>.weight``
-    for each term t of ``name`` (``distill_loss``: a scalar, or :class:`CompositeLoss`'s dict for a sum).
-    """
+    for each term t of ``name`` (``distill_loss``: a scalar, or :class:`CompositeLoss`'s dict for a sum)."""
     terms = dict(distill_loss) if isinstance(distill_loss, Mapping) else {name: distill_loss}
     if task_loss.dim() != 0 or any(v.dim() != 0 for v in terms.values()):
         shapes = {k: tuple(v.shape) for k, v in terms.items()}

@@ -3,8 +3,7 @@ r"""Entropic optimal transport between point clouds: a log-domain Sinkhorn solve
 GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors, gradients by the envelope
 theorem (only a last soft-min step is differentiated). Why our own: at our sizes 0.46-0.66x GeomLoss's time
 (B = 64..256, k = 30, ``benchmarks/bench_ot.py``) and ~1/250 of POT's log-domain Sinkhorn (no epsilon-scaling);
-GeomLoss, a development dependency only, pins our values and gradients in ``tests/distill/test_ot.py``.
-"""
+GeomLoss, a development dependency only, pins our values and gradients in ``tests/distill/test_ot.py``."""
 
 from __future__ import annotations
 
@@ -152,8 +151,7 @@ def sinkhorn_divergence(
     ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=debias)(x, y)`` up to rounding.
 
     References: Feydy et al., "Interpolating between Optimal Transport and MMD using Sinkhorn Divergences",
-    AISTATS 2019; Feydy, PhD thesis, 2020, Section 3.3; Schmitzer, SIAM J. Sci. Comput. 2019.
-    """
+    AISTATS 2019; Feydy, PhD thesis, 2020, Section 3.3; Schmitzer, SIAM J. Sci. Comput. 2019."""
     _check_clouds(x, y)
     a_log = _log_weights(a, x.shape[0], x, "a")
     b_log = _log_weights(b, y.shape[0], x, "b")

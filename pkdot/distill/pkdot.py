@@ -4,8 +4,7 @@ The teacher's and the student's batch cosine-similarity matrices (shifted to be 
 its k anchors (the columns of least, the authors' default, or most teacher similarity), make two clouds in R^k;
 the loss is their debiased Sinkhorn divergence. Weight 0.6 (``distill.pkdot.weight``): the paper's CE + 0.6 PKDOT.
 Reference: M. H. Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using
-Optimal Transport", IEEE FG 2024, arXiv:2401.15489.
-"""
+Optimal Transport", IEEE FG 2024, arXiv:2401.15489."""
 
 from __future__ import annotations
 

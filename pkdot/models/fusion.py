@@ -1,8 +1,7 @@
 """Gated cross-attention fusion of per-modality token sequences (the PKDOT teacher's and student's fusion).
 
 Reference: Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
-Transport", IEEE FG 2024 (arXiv 2401.15489).
-"""
+Transport", IEEE FG 2024 (arXiv 2401.15489)."""
 
 from __future__ import annotations
 
@@ -51,8 +50,7 @@ class GatedCrossAttentionFusion(nn.Module):
     3. Gate. ``M = 2``: ``g = sigmoid(W [c_1; c_2] + b)``, ``z = g * c_1 + (1 - g) * c_2``. ``M > 2``:
        ``G = softmax_m(reshape(W [c_1; ..; c_M] + b, (M, D)))``, ``z = sum_m G_m * c_m``. ``M = 1``: ``z = c_1``.
 
-    ``gates``: each modality's gate weights averaged over the ``D`` features (rows sum to 1).
-    """
+    ``gates``: each modality's gate weights averaged over the ``D`` features (rows sum to 1)."""
 
     def __init__(
         self, modalities: list[str], dim: int, heads: int, layers: int = 1, dropout: float = 0.1

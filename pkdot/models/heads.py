@@ -21,8 +21,7 @@ class ModelOutput:
     ``embedding`` (B, D): the distilled embedding (the fused ``z``; a unimodal model's mean token).
     ``logits`` (B, C), or the regression output (B, 1). ``tokens``: per-modality backbone tokens (B, N_m, D)
     (a student's privileged entries are its T-Nets' (B, 1, D)). ``gates`` (B, M): the fusion's mean gate of
-    each modality, rows summing to 1 (None for unimodal models).
-    """
+    each modality, rows summing to 1 (None for unimodal models)."""
 
     embedding: Tensor
     logits: Tensor

@@ -2,8 +2,7 @@
 
 Both are a small ResNet (stem + 4 stages of 2 basic blocks, widths ``w, 2w, 4w, 8w``, stride 2 each, like
 ResNet-18 without the max-pool; the paper used a ResNet-18 on one EMG channel's spectrogram) ending in
-``Linear(8w, D) -> ReLU -> Linear(D, D)`` (the paper's 512 -> 512 projection), tokens along time.
-"""
+``Linear(8w, D) -> ReLU -> Linear(D, D)`` (the paper's 512 -> 512 projection), tokens along time."""
 
 from __future__ import annotations
 

@@ -97,8 +97,7 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
 
     Either a whole :class:`VideoBackbone` state_dict (same architecture, width and ``embed_dim``), or the keys
     of ``backbone.body`` only (e.g. torchvision's ``r3d_18`` Kinetics weights for ``r3d18`` with
-    ``video_width=64``; its classifier ``fc.*`` is ignored; the projection stays as initialised).
-    """
+    ``video_width=64``; its classifier ``fc.*`` is ignored; the projection stays as initialised)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.pretrained_video: {path} does not exist")
