@@ -371,21 +371,19 @@ def _fold_entry(path: Path, k: int, entry: object) -> Fold:
     for name, value in (("fold", index), ("seed", seed)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise StageError(f"splits file {path}: entry {k}: {name!r} must be an integer, got {value!r}")
+    where = f"splits file {path}: fold {index}"
     for name in SPLIT_NAMES:
         if not _is_id_list(entry[name]):
-            raise StageError(
-                f"splits file {path}: fold {index}: {name!r} must be a list of subject ids (strings)"
-            )
+            raise StageError(f"{where}: {name!r} must be a list of subject ids (strings)")
     groups = entry.get("crossfit_groups", [])
     if not isinstance(groups, list) or not all(map(_is_id_list, groups)):
-        raise StageError(f"splits file {path}: fold {index}: 'crossfit_groups' must be lists of subject ids")
+        raise StageError(f"{where}: 'crossfit_groups' must be lists of subject ids")
     unit, leaky = entry.get("unit", "subject_id"), entry.get("leaky", False)
     if unit not in ("subject_id", "sample_id") or not isinstance(leaky, bool):
-        raise StageError(f"splits file {path}: fold {index}: bad 'unit' {unit!r} or 'leaky' {leaky!r}")
-    fields = {name: tuple(entry[name]) for name in SPLIT_NAMES}
-    fields |= {"seed": seed, "crossfit": tuple(tuple(g) for g in groups), "unit": unit, "leaky": leaky}
+        raise StageError(f"{where}: bad 'unit' {unit!r} or 'leaky' {leaky!r}")
+    splits = (tuple(entry[name]) for name in SPLIT_NAMES)
     try:
-        return Fold(index, **fields, refit=entry.get("refit") is True)
+        return Fold(index, *splits, seed, tuple(map(tuple, groups)), unit, leaky, entry.get("refit") is True)
     except StageError as exc:
         raise StageError(f"splits file {path}: {exc}") from exc
 
@@ -439,11 +437,9 @@ def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
     name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
     many = len(plan.seeds) > 1 and scheme != "loso"
     repeats = f", drawn anew for each of {len(plan.seeds)} seeds" if many else ""
-    selection = (
-        "each model's epoch selected on the test subjects themselves"
-        if on_test
-        else "validation subjects carved from each fold's training subjects"
-    )
+    selection = "each model's epoch selected on the test subjects themselves"
+    if not on_test:
+        selection = "validation subjects carved from each fold's training subjects"
     return (
         f"{name} cross-validation ({len(folds)} folds evaluated{repeats}; test subjects never seen in "
         f"training, {selection})"

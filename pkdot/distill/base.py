@@ -92,10 +92,9 @@ class DistillLoss(nn.Module):
     def _check_batch(self, batch: DistillBatch) -> None:
         where = f"distill loss {self.name!r}: DistillBatch"
         size = batch.student_z.shape[0] if batch.student_z.dim() > 0 else -1
+        names = ("student_z", "teacher_z", "student_logits", "teacher_logits")
         widths = (self.student_dim, self.teacher_dim, self.num_outputs, self.num_outputs)
-        for field, width in zip(
-            ("student_z", "teacher_z", "student_logits", "teacher_logits"), widths, strict=True
-        ):
+        for field, width in zip(names, widths, strict=True):
             value = getattr(batch, field)
             if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[1] != width:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -123,9 +122,8 @@ def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
                 f"register({name!r}): not a loss of pkdot.config.LOSSES ({', '.join(LOSSES)}); add its "
                 "options section to pkdot.config.DistillConfig first"
             )
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise ConfigError(f"register({name!r}): name already used by {existing.__qualname__}")
+        if (existing := _REGISTRY.get(name, cls).__qualname__) != cls.__qualname__:
+            raise ConfigError(f"register({name!r}): name already used by {existing}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -111,9 +111,7 @@ class GatedCrossAttentionFusion(nn.Module):
         if num == 2:
             g = torch.sigmoid(self.gate(torch.cat(pooled, dim=-1)))  # (B, D)
             z = g * pooled[0] + (1.0 - g) * pooled[1]
-            gates = torch.stack([g.mean(dim=-1), (1.0 - g).mean(dim=-1)], dim=1)
-            return z, gates
+            return z, torch.stack([g.mean(dim=-1), (1.0 - g).mean(dim=-1)], dim=1)
         stacked = torch.stack(pooled, dim=1)  # (B, M, D)
         weights = torch.softmax(self.gate(stacked.flatten(1)).view(-1, num, self.dim), dim=1)
-        z = (weights * stacked).sum(dim=1)
-        return z, weights.mean(dim=-1)
+        return (weights * stacked).sum(dim=1), weights.mean(dim=-1)

@@ -129,9 +129,7 @@ class UnimodalModel(nn.Module):
     def forward(self, x: Tensor) -> ModelOutput:
         tokens = self.backbone(x)
         embedding = tokens.mean(dim=1)
-        return ModelOutput(
-            embedding=embedding, logits=self.head(embedding), tokens={self.backbone.modality: tokens}
-        )
+        return ModelOutput(embedding, self.head(embedding), {self.backbone.modality: tokens})
 
 
 def conv_bn(dims: int, cin: int, cout: int, kernel: Any, relu: bool = True, **conv: Any) -> nn.Sequential:
