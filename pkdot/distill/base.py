@@ -138,8 +138,7 @@ class CompositeLoss(nn.Module):
 
     def __init__(self, name: str, terms: Mapping[str, DistillLoss]) -> None:
         super().__init__()
-        self.name = name
-        self.terms = nn.ModuleDict(terms)
+        self.name, self.terms = name, nn.ModuleDict(terms)
 
     def forward(self, batch: DistillBatch) -> dict[str, Tensor]:
         return {term: loss(batch) for term, loss in self.terms.items()}

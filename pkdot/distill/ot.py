@@ -167,7 +167,6 @@ def sinkhorn_divergence(
     costs = [squared_euclidean_cost(r, c.detach()) for r, c in zip(rows, cols, strict=True)]
 
     def step(eps: float, pots: list[Tensor]) -> list[Tensor]:
-        """Each problem's soft-C-transform given its partner's potential."""
         partners = [pots[0][partner]] if stacked else [pots[j] for j in partner[:n]]
         return [_softmin(eps, c, w + h / eps) for c, w, h in zip(costs, col_log_ws, partners, strict=True)]
 

@@ -60,8 +60,7 @@ def pkdot_structure(
     n_anchors = batch_size if k == "all" else min(k, batch_size)
     student_raw = cosine_similarity_matrix(student_z)
     teacher_raw = cosine_similarity_matrix(teacher_z.detach().to(student_z.dtype))
-    student_sim = student_raw - student_raw.min()
-    teacher_sim = teacher_raw - teacher_raw.min()
+    student_sim, teacher_sim = (raw - raw.min() for raw in (student_raw, teacher_raw))
     if n_anchors == batch_size:
         anchor_index = torch.arange(batch_size, device=student_z.device).expand(batch_size, batch_size)
     else:

@@ -114,10 +114,9 @@ def build_teacher(
         raise StageError(
             f"build_teacher: no input shape for modalities {missing} (got {sorted(input_shapes)})"
         )
-    dim = cfg.model.embed_dim
     with seeded(seed):
         for m, backbone in given.items():
-            check_backbone("build_teacher", backbone, m, input_shapes.get(m), dim)
+            check_backbone("build_teacher", backbone, m, input_shapes.get(m), cfg.model.embed_dim)
         parts = {
             m: given[m] if m in given else build_backbone(m, input_shapes[m], cfg.model) for m in modalities
         }

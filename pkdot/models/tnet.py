@@ -32,8 +32,7 @@ class TNet(nn.Module):
         if dim < 1 or any(h < 1 for h in hidden):
             raise ConfigError(f"model.tnet_hidden: widths must be >= 1, got dim={dim}, hidden={list(hidden)}")
         self.dim, self.hidden = dim, list(hidden)
-        widths = [dim, *hidden, dim]
-        layers = [m for cin, cout in pairwise(widths) for m in (nn.Linear(cin, cout), nn.ReLU())]
+        layers = [m for cin, cout in pairwise([dim, *hidden, dim]) for m in (nn.Linear(cin, cout), nn.ReLU())]
         self.layers = nn.Sequential(*layers[:-1])
 
     def forward(self, video_embedding: Tensor) -> Tensor:
