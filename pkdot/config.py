@@ -2,8 +2,7 @@
 
 Every field has a default, so ``pkdot run`` needs no file. A YAML file (or the CLI's ``--set a.b=value``
 overrides) replaces fields; a preset (``demo`` or ``paper``) is applied first. Invalid values raise
-:class:`pkdot.errors.ConfigError` naming the field, before any work starts.
-"""
+:class:`pkdot.errors.ConfigError` naming the field, before any work starts."""
 
 from __future__ import annotations
 
@@ -66,8 +65,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _modalities(self) -> DataConfig:
-        both = set(self.student_modalities) & set(self.privileged_modalities)
-        if both:
+        if both := set(self.student_modalities) & set(self.privileged_modalities):
             raise ValueError(f"modalities {sorted(both)} are both student and privileged")
         if self.dataset == "biovid" and self.task not in ("binary", "multiclass"):
             raise ValueError(f"task {self.task!r} is not a Biovid task (expected 'binary' or 'multiclass')")
@@ -382,8 +380,7 @@ class DistillConfig(_Section):
     """The student's objective: task_weight * task loss + ``<loss>.weight`` * the loss of ``losses``.
 
     Each field typed by a :class:`LossOptions` subclass is one loss (named by the field's alias when it has
-    one, e.g. ``pkdot-most``); they make :data:`LOSSES`.
-    """
+    one, e.g. ``pkdot-most``); they make :data:`LOSSES`."""
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
@@ -421,8 +418,7 @@ class DistillConfig(_Section):
     @field_validator("losses")
     @classmethod
     def _losses(cls, v: list[str]) -> list[str]:
-        problem = loss_names_problem(v)
-        if problem:
+        if problem := loss_names_problem(v):
             raise ValueError(problem)
         return v
 
@@ -446,8 +442,7 @@ def loss_terms(name: str) -> list[str]:
 
 def _loss_name_problem(name: str) -> str | None:
     terms = loss_terms(name)
-    unknown = [t for t in terms if t not in LOSSES]
-    if unknown:
+    if unknown := [t for t in terms if t not in LOSSES]:
         return f"unknown loss(es) {unknown}" + (f" in {name!r}" if len(terms) > 1 else "")
     if len(terms) > 1 and "none" in terms:
         return f"{name!r}: 'none' cannot be part of a sum"
@@ -462,8 +457,7 @@ def loss_names_problem(names: list[str]) -> str | None:
         return "losses must name at least one loss"
     if len({frozenset(loss_terms(n)) for n in names}) != len(names):
         return f"losses has duplicates: {names}"
-    problems = [p for p in map(_loss_name_problem, names) if p]
-    if problems:
+    if problems := [p for p in map(_loss_name_problem, names) if p]:
         return f"{'; '.join(problems)} (valid: {', '.join(LOSSES)}, or sums of them such as 'kd+pkdot')"
     return None
 
@@ -518,8 +512,7 @@ def _upgrade(layer: dict[str, Any], source: str) -> dict[str, Any]:
         target = distill.setdefault(section, {})
         if not isinstance(target, dict) or target.setdefault(option, value) != value:
             raise ConfigError(f"{source}: distill.{key}={value!r} contradicts distill.{section}.{option}")
-    renamed = [f"distill.{k} -> distill.{s}.{o}" for k, s, o, _ in moved if not k.startswith("weights.")]
-    if renamed:
+    if renamed := [f"distill.{k} -> distill.{s}.{o}" for k, s, o, _ in moved if not k.startswith("weights.")]:
         logger.warning("%s: former distill fields, set the new ones: %s", source, ", ".join(renamed))
     return layer
 
@@ -751,8 +744,7 @@ def load_config(
     """Build a :class:`RunConfig` from a preset, an optional YAML file and dotted overrides.
 
     Order: defaults <- preset (``preset`` argument, else the file's ``preset`` key, else ``demo``)
-    <- YAML file <- overrides. Raises :class:`ConfigError` naming the field on any invalid value.
-    """
+    <- YAML file <- overrides. Raises :class:`ConfigError` naming the field on any invalid value."""
     file_data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -779,8 +771,7 @@ def load_config(
     if chosen not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
     merged = copy.deepcopy(PRESETS[chosen])
-    switches = [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if _OPTIMISTIC.get(k) == v]
-    if switches:
+    if switches := [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if _OPTIMISTIC.get(k) == v]:
         raise ConfigError(
             f"preset {chosen!r} sets {', '.join(switches)}: the authors'-protocol switches are optimistic by "
             "construction and never part of a preset (set them in the run's config)"

@@ -37,8 +37,7 @@ class Fold:
 
     ``seed``: the training seed whose partition this is (None: every seed's). ``crossfit``: J >= 2 disjoint
     groups covering ``train`` (cross-fitted teacher targets only). ``unit``: the manifest column of the ids
-    (``sample_id`` under ``train.folds: clips``). ``leaky``: the parts may overlap.
-    """
+    (``sample_id`` under ``train.folds: clips``). ``leaky``: the parts may overlap."""
 
     index: int
     train: tuple[str, ...]
@@ -106,20 +105,18 @@ class Fold:
 
 def _unique_subjects(subject_ids: Sequence[str]) -> list[str]:
     ids = list(subject_ids)
-    bad = [s for s in ids if not isinstance(s, str) or not s]
-    if bad:
+    if bad := [s for s in ids if not isinstance(s, str) or not s]:
         raise StageError(f"subject ids must be non-empty strings, got e.g. {bad[0]!r}")
     return sorted(set(ids))
 
 
-def _carve_validation(
-    rest: list[str], val_fraction: float, rng: np.random.Generator
-) -> tuple[list[str], list[str]]:
+def _carve_validation(rest: list[str], val_fraction: float, *key: int) -> tuple[tuple[str, ...], ...]:
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"train.val_fraction must be in (0, 1), got {val_fraction}")
     n_val = min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
+    rng = np.random.default_rng(list(key))
     chosen = set(rng.choice(np.asarray(rest, dtype=object), size=n_val, replace=False).tolist())
-    return [s for s in rest if s not in chosen], sorted(chosen)
+    return tuple(s for s in rest if s not in chosen), tuple(sorted(chosen))
 
 
 def subject_folds(
@@ -129,8 +126,7 @@ def subject_folds(
 
     ``scheme`` ``k >= 2``: the sorted subjects, shuffled with ``seed``, cut into ``k`` test groups (sizes differ
     by at most 1); ``"loso"``: one fold per subject. Fold ``i``'s validation subjects are ``val_fraction`` of the
-    rest (at least 1, leaving at least 1 for training), drawn with ``default_rng([seed, i])``.
-    """
+    rest (at least 1, leaving at least 1 for training), drawn with ``default_rng([seed, i])``."""
     subjects = _unique_subjects(subject_ids)
     n = len(subjects)
     if scheme == "loso":
@@ -153,27 +149,21 @@ def subject_folds(
     folds = []
     for i, group in enumerate(groups):
         rest = [s for s in subjects if s not in set(group)]
-        train, val = _carve_validation(rest, val_fraction, np.random.default_rng([seed, i]))
-        folds.append(Fold(index=i, train=tuple(train), val=tuple(val), test=tuple(sorted(group))))
+        folds.append(Fold(i, *_carve_validation(rest, val_fraction, seed, i), tuple(sorted(group))))
     log.info("%d subject folds (%s) over %d subjects", len(folds), scheme, n)
     return folds
 
 
 def clip_folds(
-    sample_ids: Sequence[str],
-    labels: Sequence[object] | None,
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    n_splits: int = 5,
+    sample_ids: Sequence[str], labels: Sequence[object] | None, *, val_fraction: float = 0.2, seed: int = 0
 ) -> list[Fold]:
-    """The authors' folds (optimistic by construction): stratified k-fold over samples, ignoring subjects.
+    """The authors' folds (optimistic by construction): stratified 5-fold over samples, ignoring subjects.
 
-    ``StratifiedKFold(n_splits, shuffle=True, random_state=seed)`` on ``labels`` (None, e.g. regression:
-    ``KFold``); validation carved as in :func:`subject_folds`; the folds hold sample ids.
-    """
+    ``StratifiedKFold(5, shuffle=True, random_state=seed)`` on ``labels`` (None, e.g. regression:
+    ``KFold``); validation carved as in :func:`subject_folds`; the folds hold sample ids."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
+    n_splits = 5
     ids = np.asarray(_unique_subjects(sample_ids), dtype=object)
     if len(ids) != len(sample_ids):
         raise StageError("train.folds='clips': sample ids repeat")
@@ -184,22 +174,18 @@ def clip_folds(
     y = np.zeros(len(ids)) if labels is None else np.asarray(list(labels))[order]
     folds = []
     for i, (rest, test) in enumerate(splitter.split(ids, y)):
-        train, val = _carve_validation(ids[rest].tolist(), val_fraction, np.random.default_rng([seed, i]))
-        folds.append(Fold(i, tuple(train), tuple(val), tuple(ids[test].tolist()), unit="sample_id"))
+        train, val = _carve_validation(ids[rest].tolist(), val_fraction, seed, i)
+        folds.append(Fold(i, train, val, tuple(ids[test].tolist()), unit="sample_id"))
     log.info("%d clip folds over %d samples (subjects ignored)", len(folds), len(ids))
     return folds
 
 
 def official_folds(
-    subject_partition: Mapping[str, str],
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    train_partition: str = "Train_Set",
-    test_partition: str = "Validation_Set",
+    subject_partition: Mapping[str, str], *, val_fraction: float = 0.2, seed: int = 0
 ) -> list[Fold]:
     """The official Aff-Wild2 protocol as one fold from each subject's (video's) partition: train on
     ``Train_Set`` (validation carved from it), test on ``Validation_Set`` (the challenge withholds test labels)."""
+    train_partition, test_partition = "Train_Set", "Validation_Set"
     unknown = sorted({p for p in subject_partition.values() if p not in (train_partition, test_partition)})
     if unknown:
         raise ConfigError(
@@ -214,9 +200,9 @@ def official_folds(
             f"{test_partition} subject, found {len(train_subjects)} and {len(test_subjects)} "
             "(use train.folds=<k> or 'loso')"
         )
-    train, val = _carve_validation(train_subjects, val_fraction, np.random.default_rng([seed, 0]))
+    train, val = _carve_validation(train_subjects, val_fraction, seed, 0)
     log.info("official folds: %d train, %d val, %d test subjects", len(train), len(val), len(test_subjects))
-    return [Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(test_subjects))]
+    return [Fold(0, train, val, tuple(test_subjects))]
 
 
 def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fold:
@@ -227,8 +213,8 @@ def refit_fold(subject_ids: Sequence[str], val_fraction: float, seed: int) -> Fo
         raise ConfigError(
             f"train.refit: a refit needs at least 2 subjects (1 to train, 1 to validate), got {subjects}"
         )
-    train, val = _carve_validation(subjects, val_fraction, np.random.default_rng([seed, 0x7E717]))
-    return Fold(index=0, train=tuple(train), val=tuple(val), test=tuple(val), refit=True)
+    train, val = _carve_validation(subjects, val_fraction, seed, 0x7E717)
+    return Fold(0, train, val, val, refit=True)
 
 
 def fold_seed(scheme: int | str | None, run_seed: int, repeat_seed: int) -> int:
@@ -312,8 +298,7 @@ def subject_partitions(frame: pd.DataFrame) -> dict[str, str]:
     """Each subject's manifest ``partition`` (each subject in one)."""
     pairs = frame[["subject_id", "partition"]].astype(str).drop_duplicates()
     counts = pairs.groupby("subject_id")["partition"].nunique()
-    both = sorted(counts[counts > 1].index)
-    if both:
+    if both := sorted(counts[counts > 1].index):
         raise DatasetError(
             f"manifest: subjects {both[:10]} ({len(both)} in all) have samples in more than one partition "
             "(expected each video/subject in exactly one of Train_Set and Validation_Set)"
@@ -386,21 +371,19 @@ def _fold_entry(path: Path, k: int, entry: object) -> Fold:
     for name, value in (("fold", index), ("seed", seed)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise StageError(f"splits file {path}: entry {k}: {name!r} must be an integer, got {value!r}")
+    where = f"splits file {path}: fold {index}"
     for name in SPLIT_NAMES:
         if not _is_id_list(entry[name]):
-            raise StageError(
-                f"splits file {path}: fold {index}: {name!r} must be a list of subject ids (strings)"
-            )
+            raise StageError(f"{where}: {name!r} must be a list of subject ids (strings)")
     groups = entry.get("crossfit_groups", [])
     if not isinstance(groups, list) or not all(map(_is_id_list, groups)):
-        raise StageError(f"splits file {path}: fold {index}: 'crossfit_groups' must be lists of subject ids")
+        raise StageError(f"{where}: 'crossfit_groups' must be lists of subject ids")
     unit, leaky = entry.get("unit", "subject_id"), entry.get("leaky", False)
     if unit not in ("subject_id", "sample_id") or not isinstance(leaky, bool):
-        raise StageError(f"splits file {path}: fold {index}: bad 'unit' {unit!r} or 'leaky' {leaky!r}")
-    fields = {name: tuple(entry[name]) for name in SPLIT_NAMES}
-    fields |= {"seed": seed, "crossfit": tuple(tuple(g) for g in groups), "unit": unit, "leaky": leaky}
+        raise StageError(f"{where}: bad 'unit' {unit!r} or 'leaky' {leaky!r}")
+    splits = (tuple(entry[name]) for name in SPLIT_NAMES)
     try:
-        return Fold(index, **fields, refit=entry.get("refit") is True)
+        return Fold(index, *splits, seed, tuple(map(tuple, groups)), unit, leaky, entry.get("refit") is True)
     except StageError as exc:
         raise StageError(f"splits file {path}: {exc}") from exc
 
@@ -454,11 +437,9 @@ def describe_protocol(scheme: int | str | None, splits_path: str | Path) -> str:
     name = "leave-one-subject-out" if scheme == "loso" else f"subject {scheme}-fold"
     many = len(plan.seeds) > 1 and scheme != "loso"
     repeats = f", drawn anew for each of {len(plan.seeds)} seeds" if many else ""
-    selection = (
-        "each model's epoch selected on the test subjects themselves"
-        if on_test
-        else "validation subjects carved from each fold's training subjects"
-    )
+    selection = "each model's epoch selected on the test subjects themselves"
+    if not on_test:
+        selection = "validation subjects carved from each fold's training subjects"
     return (
         f"{name} cross-validation ({len(folds)} folds evaluated{repeats}; test subjects never seen in "
         f"training, {selection})"

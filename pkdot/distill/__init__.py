@@ -7,7 +7,6 @@ imports below register exactly those (``tests/distill/test_base.py`` checks it);
 
 from __future__ import annotations
 
-# The registered losses, one module each: importing a module registers its loss.
 from pkdot.distill import crd, fitnet, kd, none, pkdot, pkt, rkd, sp  # noqa: F401
 from pkdot.distill.base import (
     CompositeLoss,

@@ -3,8 +3,7 @@ r"""The distillation-loss base class, the batch it reads, the registry and the t
 Global batch under data parallelism: a ``batch_structure`` loss (PKDOT, SP, RKD, PKT, CRD) gathers every
 tensor of the batch from all W workers with the differentiable ``all_gather``, so a worker's rows receive
 :math:`W\, \partial \mathcal{L} / \partial z_\text{local}` and DistributedDataParallel's *mean* of the
-workers' gradients is the gradient of the global-batch loss. Per-sample losses (KD, FitNet) need no gather.
-"""
+workers' gradients is the gradient of the global-batch loss. Per-sample losses (KD, FitNet) need no gather."""
 
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ class DistillLoss(nn.Module):
 
     ``student_dim``, ``teacher_dim``: Ds and Dt; ``num_outputs``: C (1 for regression); ``num_samples``: rows
     of the training set (``DistillBatch.index``); ``options``: the loss's :class:`pkdot.config.LossOptions` fields
-    (weight excepted), kept in ``self.options``. Subclasses implement ``compute``.
-    """
+    (weight excepted), kept in ``self.options``. Subclasses implement ``compute``."""
 
     name: ClassVar[str] = ""
     #: True for losses computed from relations between the samples of a batch: gathered across workers.
@@ -94,10 +92,9 @@ class DistillLoss(nn.Module):
     def _check_batch(self, batch: DistillBatch) -> None:
         where = f"distill loss {self.name!r}: DistillBatch"
         size = batch.student_z.shape[0] if batch.student_z.dim() > 0 else -1
+        names = ("student_z", "teacher_z", "student_logits", "teacher_logits")
         widths = (self.student_dim, self.teacher_dim, self.num_outputs, self.num_outputs)
-        for field, width in zip(
-            ("student_z", "teacher_z", "student_logits", "teacher_logits"), widths, strict=True
-        ):
+        for field, width in zip(names, widths, strict=True):
             value = getattr(batch, field)
             if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[1] != width:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -125,9 +122,8 @@ def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
                 f"register({name!r}): not a loss of pkdot.config.LOSSES ({', '.join(LOSSES)}); add its "
                 "options section to pkdot.config.DistillConfig first"
             )
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise ConfigError(f"register({name!r}): name already used by {existing.__qualname__}")
+        if (existing := _REGISTRY.get(name, cls).__qualname__) != cls.__qualname__:
+            raise ConfigError(f"register({name!r}): name already used by {existing}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -142,8 +138,7 @@ class CompositeLoss(nn.Module):
 
     def __init__(self, name: str, terms: Mapping[str, DistillLoss]) -> None:
         super().__init__()
-        self.name = name
-        self.terms = nn.ModuleDict(terms)
+        self.name, self.terms = name, nn.ModuleDict(terms)
 
     def forward(self, batch: DistillBatch) -> dict[str, Tensor]:
         return {term: loss(batch) for term, loss in self.terms.items()}
@@ -161,11 +156,9 @@ def build_loss(
     :class:`DistillLoss` dimensions ``dims`` (student_dim, teacher_dim, num_outputs, regression, num_samples).
 
     A sum ``a+b`` builds a :class:`CompositeLoss`, ``options`` then mapping each term to its options
-    (``DistillConfig.options("a+b")``). :class:`ConfigError` for an unknown name or another loss's options.
-    """
+    (``DistillConfig.options("a+b")``). :class:`ConfigError` for an unknown name or another loss's options."""
     if "+" in name:
-        problem = loss_names_problem([name])
-        if problem:
+        if problem := loss_names_problem([name]):
             raise ConfigError(f"distill.losses: {problem}")
         given = options or {}
         return CompositeLoss(name, {t: build_loss(t, **dims, options=given.get(t)) for t in loss_terms(name)})
@@ -184,8 +177,7 @@ def total_loss(
 ) -> dict[str, Tensor]:
     r"""The student's objective :math:`w_\text{task} \mathcal{L}_\text{task} + \sum_t w_t \mathcal{L}_t` and its
     weighted parts, ``{"loss": total, "loss_task": ..., "loss_<t>": ...}``; :math:`w_t` = ``cfg.<t>.weight``
-    for each term t of ``name`` (``distill_loss``: a scalar, or :class:`CompositeLoss`'s dict for a sum).
-    """
+    for each term t of ``name`` (``distill_loss``: a scalar, or :class:`CompositeLoss`'s dict for a sum)."""
     terms = dict(distill_loss) if isinstance(distill_loss, Mapping) else {name: distill_loss}
     if task_loss.dim() != 0 or any(v.dim() != 0 for v in terms.values()):
         shapes = {k: tuple(v.shape) for k, v in terms.items()}

@@ -3,8 +3,7 @@ r"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020).
 Linear heads map both embeddings to a unit sphere; two momentum memory banks (``num_samples`` rows) hold every
 sample's vectors, and the NCE loss contrasts each pair with K negatives drawn from them. Weight 0.8
 (``distill.crd.weight``): Tian et al.'s experiments and code (RepDistiller, ``crd/``). Gathered across workers
-under DDP, so every worker keeps the same memory banks and the loss does not depend on their number.
-"""
+under DDP, so every worker keeps the same memory banks and the loss does not depend on their number."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ def nce_loss(scores: Tensor, num_samples: int) -> Tensor:
     r"""NCE loss :math:`-\frac1B \sum_i [\log D(h_{i0}) + \sum_k \log(1 - D(h_{ik}))]`, :math:`D(h) = h / (h + K P_n)`.
 
     ``scores`` (B, K + 1), non-negative: column 0 the positive pair, 1..K the negatives; noise uniform over
-    the ``num_samples`` = N memory rows, :math:`P_n = 1/N`.
-    """
+    the ``num_samples`` = N memory rows, :math:`P_n = 1/N`."""
     noise = (scores.shape[1] - 1) / num_samples  # K * Pn
     positive, negatives = scores[:, 0], scores[:, 1:]
     log_d1 = torch.log(positive / (positive + noise + _NCE_EPS))
@@ -51,8 +49,7 @@ class ContrastiveRD(DistillLoss):
     :math:`h^s_{ij} = \exp(v^s_i \cdot m^t_j / \tau) / Z_s` (and :math:`h^t` with :math:`m^s`) over the positive
     and K negative memory rows, :math:`Z` fixed on the first batch to :math:`N \cdot \mathrm{mean}(\exp(\cdot /
     \tau))`; loss :math:`\mathrm{NCE}(h^s) + \mathrm{NCE}(h^t)`, then the batch's memory rows move:
-    :math:`m \gets \mathrm{unit}(\mu m + (1 - \mu) v)`.
-    """
+    :math:`m \gets \mathrm{unit}(\mu m + (1 - \mu) v)`."""
 
     batch_structure = True
 

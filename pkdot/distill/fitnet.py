@@ -2,8 +2,7 @@ r"""FitNets: point-to-point regression of the teacher's embedding (Romero et al.
 
 Weight 1 (``distill.fitnet.weight``), a deviation from the reference code (RepDistiller: 100, on C x H x W
 maps): on our (B, D) embeddings 100 gives a gradient ~110x the cross-entropy's at initialisation (D = 64,
-B = 32), outside the 0.05x-20x band ``tests/distill/test_weights.py`` checks; 1 gives ~1.4x.
-"""
+B = 32), outside the 0.05x-20x band ``tests/distill/test_weights.py`` checks; 1 gives ~1.4x."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ def fitnet_loss(
 ) -> Tensor:
     r"""Hint loss :math:`\mathrm{MSE}(\text{adapter}(Z_s), Z_t)` of (B, Ds) and (B, Dt, detached) embeddings.
 
-    ``adapter``: the (B, Ds) -> (B, Dt) regressor (a ``nn.Linear``); None requires Ds = Dt.
-    """
+    ``adapter``: the (B, Ds) -> (B, Dt) regressor (a ``nn.Linear``); None requires Ds = Dt."""
     projected = adapter(student_z) if adapter is not None else student_z
     return F.mse_loss(projected, teacher_z.detach().to(projected))
 

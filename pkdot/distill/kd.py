@@ -2,8 +2,7 @@ r"""Knowledge distillation with soft targets (Hinton, Vinyals & Dean, NIPS DL Wo
 
 Weight 1 (``distill.kd.weight``): with the :math:`T^2` factor inside :func:`kd_loss` (which keeps the
 gradient scale as T changes), weight 1 next to the task loss's 1 is Hinton et al.'s formulation with equal
-weights (they give no fixed value; RepDistiller's KD runs use 0.9 soft / 0.1 hard).
-"""
+weights (they give no fixed value; RepDistiller's KD runs use 0.9 soft / 0.1 hard)."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
     .. math::
         \mathcal{L}_\text{KD} = \frac{T^2}{B} \sum_{b=1}^{B} \sum_{c=1}^{C} p^t_{bc} \log\frac{p^t_{bc}}{p^s_{bc}},
-        \quad p^t = \mathrm{softmax}(t / T),\ p^s = \mathrm{softmax}(s / T).
-    """
+        \quad p^t = \mathrm{softmax}(t / T),\ p^s = \mathrm{softmax}(s / T)."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().to(student_logits) / temperature, dim=1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2

@@ -3,8 +3,7 @@ r"""Entropic optimal transport between point clouds: a log-domain Sinkhorn solve
 GeomLoss's symmetric Sinkhorn loop (Feydy 2020, Algorithm 3.5) on dense tensors, gradients by the envelope
 theorem (only a last soft-min step is differentiated). Why our own: at our sizes 0.46-0.66x GeomLoss's time
 (B = 64..256, k = 30, ``benchmarks/bench_ot.py``) and ~1/250 of POT's log-domain Sinkhorn (no epsilon-scaling);
-GeomLoss, a development dependency only, pins our values and gradients in ``tests/distill/test_ot.py``.
-"""
+GeomLoss, a development dependency only, pins our values and gradients in ``tests/distill/test_ot.py``."""
 
 from __future__ import annotations
 
@@ -152,8 +151,7 @@ def sinkhorn_divergence(
     ``geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=debias)(x, y)`` up to rounding.
 
     References: Feydy et al., "Interpolating between Optimal Transport and MMD using Sinkhorn Divergences",
-    AISTATS 2019; Feydy, PhD thesis, 2020, Section 3.3; Schmitzer, SIAM J. Sci. Comput. 2019.
-    """
+    AISTATS 2019; Feydy, PhD thesis, 2020, Section 3.3; Schmitzer, SIAM J. Sci. Comput. 2019."""
     _check_clouds(x, y)
     a_log = _log_weights(a, x.shape[0], x, "a")
     b_log = _log_weights(b, y.shape[0], x, "b")
@@ -161,33 +159,25 @@ def sinkhorn_divergence(
     # Each cost matrix carries the gradient with respect to its *row* points only (its columns are
     # detached), as in GeomLoss. Problems (rows -> columns): x -> y (f_ba), y -> x (g_ab), x -> x (f_aa),
     # y -> y (g_bb); the potential of problem i on its columns is that of problem ``partner[i]``.
-    partner = [1, 0, 2, 3]
-    if debias and x.shape[0] == y.shape[0]:  # one (4, N, N) logsumexp per step
-        cost = squared_euclidean_cost(torch.stack([x, y, x, y]), torch.stack([y, x, x, y]).detach())
-        col_log_w = torch.stack([b_log, a_log, a_log, b_log])
-        with torch.no_grad():
-            pot = _softmin(eps_list[0], cost.detach(), col_log_w)
-            for eps in eps_list:
-                pot = 0.5 * (pot + _softmin(eps, cost.detach(), col_log_w + pot[partner] / eps))
-        pots = _softmin(eps_list[-1], cost, col_log_w + pot[partner] / eps_list[-1])
-    else:
-        problems = [(x, y, b_log), (y, x, a_log)] + ([(x, x, a_log), (y, y, b_log)] if debias else [])
-        costs = [squared_euclidean_cost(rows, cols.detach()) for rows, cols, _ in problems]
-        col_log_ws = [w for *_, w in problems]
-        with torch.no_grad():
-            pots = [_softmin(eps_list[0], c, w) for c, w in zip(costs, col_log_ws, strict=True)]
-            for eps in eps_list:
-                pots = [
-                    0.5 * (p + _softmin(eps, c, w + pots[j] / eps))
-                    for p, c, w, j in zip(pots, costs, col_log_ws, partner, strict=False)
-                ]
-        eps = eps_list[-1]
-        pots = [
-            _softmin(eps, c, w + pots[j] / eps) for c, w, j in zip(costs, col_log_ws, partner, strict=False)
-        ]
-    f_ba, g_ab = pots[0], pots[1]
+    n, partner = (4 if debias else 2), [1, 0, 2, 3]
+    rows, cols, col_log_ws = [x, y, x, y][:n], [y, x, x, y][:n], [b_log, a_log, a_log, b_log][:n]
+    stacked = debias and x.shape[0] == y.shape[0]  # one (4, N, N) logsumexp per step
+    if stacked:
+        rows, cols, col_log_ws = [torch.stack(rows)], [torch.stack(cols)], [torch.stack(col_log_ws)]
+    costs = [squared_euclidean_cost(r, c.detach()) for r, c in zip(rows, cols, strict=True)]
+
+    def step(eps: float, pots: list[Tensor]) -> list[Tensor]:
+        partners = [pots[0][partner]] if stacked else [pots[j] for j in partner[:n]]
+        return [_softmin(eps, c, w + h / eps) for c, w, h in zip(costs, col_log_ws, partners, strict=True)]
+
+    with torch.no_grad():
+        pots = [_softmin(eps_list[0], c, w) for c, w in zip(costs, col_log_ws, strict=True)]
+        for eps in eps_list:
+            pots = [0.5 * (p + q) for p, q in zip(pots, step(eps, pots), strict=True)]
+    pots = step(eps_list[-1], pots)
+    f_ba, g_ab, *self_pots = pots[0].unbind() if stacked else pots
     a_w = torch.full_like(f_ba, 1.0 / f_ba.shape[0]) if a is None else a.to(f_ba)
     b_w = torch.full_like(g_ab, 1.0 / g_ab.shape[0]) if b is None else b.to(g_ab)
     if debias:
-        return (a_w * (f_ba - pots[2])).sum() + (b_w * (g_ab - pots[3])).sum()
+        return (a_w * (f_ba - self_pots[0])).sum() + (b_w * (g_ab - self_pots[1])).sum()
     return (a_w * f_ba).sum() + (b_w * g_ab).sum()

@@ -4,8 +4,7 @@ The teacher's and the student's batch cosine-similarity matrices (shifted to be 
 its k anchors (the columns of least, the authors' default, or most teacher similarity), make two clouds in R^k;
 the loss is their debiased Sinkhorn divergence. Weight 0.6 (``distill.pkdot.weight``): the paper's CE + 0.6 PKDOT.
 Reference: M. H. Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using
-Optimal Transport", IEEE FG 2024, arXiv:2401.15489.
-"""
+Optimal Transport", IEEE FG 2024, arXiv:2401.15489."""
 
 from __future__ import annotations
 
@@ -61,8 +60,7 @@ def pkdot_structure(
     n_anchors = batch_size if k == "all" else min(k, batch_size)
     student_raw = cosine_similarity_matrix(student_z)
     teacher_raw = cosine_similarity_matrix(teacher_z.detach().to(student_z.dtype))
-    student_sim = student_raw - student_raw.min()
-    teacher_sim = teacher_raw - teacher_raw.min()
+    student_sim, teacher_sim = (raw - raw.min() for raw in (student_raw, teacher_raw))
     if n_anchors == batch_size:
         anchor_index = torch.arange(batch_size, device=student_z.device).expand(batch_size, batch_size)
     else:

@@ -27,8 +27,7 @@ def pkt_loss(student_z: Tensor, teacher_z: Tensor, eps: float = 1e-7) -> Tensor:
         \mathcal{L}_\text{PKT} = \frac{1}{B^2} \sum_{i,j} p^t_{j|i}
             \log \frac{p^t_{j|i} + \epsilon}{p^s_{j|i} + \epsilon}
 
-    Zero when the cosine structures agree (e.g. :math:`Z_s = Z_t Q`); permutation invariant.
-    """
+    Zero when the cosine structures agree (e.g. :math:`Z_s = Z_t Q`); permutation invariant."""
     p_student = _conditional_probabilities(student_z, eps)
     p_teacher = _conditional_probabilities(teacher_z.detach().to(student_z), eps)
     return torch.mean(p_teacher * torch.log((p_teacher + eps) / (p_student + eps)))

@@ -2,8 +2,7 @@ r"""Relational knowledge distillation (Park, Kim, Lu & Cho, CVPR 2019): distance
 
 Weight 1 (``distill.rkd.weight``): the paper's weights 25 (distance) and 50 (angle) are inside
 :func:`rkd_loss` (``distill.rkd.distance_weight``, ``angle_weight``); RepDistiller also adds it with weight 1.
-Gathered across workers under DDP.
-"""
+Gathered across workers under DDP."""
 
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ def rkd_loss(
     losses between the mean-normalised distance matrices (B, B) and between the triplet-angle cosines (B, B, B).
 
     >= 0; zero when :math:`Z_s = c\, Z_t Q + t` (similarity transform); permutation invariant. Memory is
-    O(B^2 D) for the angle term.
-    """
+    O(B^2 D) for the angle term."""
     teacher_z = teacher_z.detach().to(student_z)
     distance = F.smooth_l1_loss(_normalised_distances(student_z), _normalised_distances(teacher_z))
     angle = F.smooth_l1_loss(_triplet_angles(student_z), _triplet_angles(teacher_z))

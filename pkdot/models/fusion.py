@@ -1,12 +1,12 @@
 """Gated cross-attention fusion of per-modality token sequences (the PKDOT teacher's and student's fusion).
 
 Reference: Aslam et al., "Distilling Privileged Multimodal Information for Expression Recognition using Optimal
-Transport", IEEE FG 2024 (arXiv 2401.15489).
-"""
+Transport", IEEE FG 2024 (arXiv 2401.15489)."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,7 @@ class GatedCrossAttentionFusion(nn.Module):
     3. Gate. ``M = 2``: ``g = sigmoid(W [c_1; c_2] + b)``, ``z = g * c_1 + (1 - g) * c_2``. ``M > 2``:
        ``G = softmax_m(reshape(W [c_1; ..; c_M] + b, (M, D)))``, ``z = sum_m G_m * c_m``. ``M = 1``: ``z = c_1``.
 
-    ``gates``: each modality's gate weights averaged over the ``D`` features (rows sum to 1).
-    """
+    ``gates``: each modality's gate weights averaged over the ``D`` features (rows sum to 1)."""
 
     def __init__(
         self, modalities: list[str], dim: int, heads: int, layers: int = 1, dropout: float = 0.1
@@ -63,31 +62,21 @@ class GatedCrossAttentionFusion(nn.Module):
         if dim % heads:
             raise ConfigError(f"model.embed_dim ({dim}) must be divisible by model.fusion_heads ({heads})")
         self.modalities, self.dim = modalities, dim
+        new_layer = partial(nn.TransformerEncoderLayer, dim, heads, 2 * dim, dropout, batch_first=True)
         self.encoders = module_dict(
-            {
-                m: nn.TransformerEncoder(
-                    nn.TransformerEncoderLayer(
-                        dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True
-                    ),
-                    num_layers=layers,
-                    enable_nested_tensor=False,
-                )
-                for m in modalities
-            }
+            {m: nn.TransformerEncoder(new_layer(), layers, enable_nested_tensor=False) for m in modalities}
         )
         num = len(modalities)
+        crossed = modalities if num > 1 else []
         self.cross_attention = module_dict(
-            {m: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) for m in modalities}
-            if num > 1
-            else {}
+            {m: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) for m in crossed}
         )
-        self.cross_norm = module_dict({m: nn.LayerNorm(dim) for m in modalities} if num > 1 else {})
+        self.cross_norm = module_dict({m: nn.LayerNorm(dim) for m in crossed})
         self.cross_dropout = nn.Dropout(dropout)
         self.gate = nn.Linear(num * dim, dim if num == 2 else num * dim) if num > 1 else None
 
     def _check(self, tokens: dict[str, Tensor]) -> None:
-        missing = [m for m in self.modalities if m not in tokens]
-        if missing:
+        if missing := [m for m in self.modalities if m not in tokens]:
             raise StageError(f"fusion: tokens for modalities {missing} are missing (got {sorted(tokens)})")
         for m in self.modalities:
             t = tokens[m]
@@ -98,8 +87,7 @@ class GatedCrossAttentionFusion(nn.Module):
         sizes = {m: int(tokens[m].shape[0]) for m in self.modalities}
         if len(set(sizes.values())) > 1:
             raise StageError(f"fusion: batch sizes differ across modalities: {sizes}")
-        empty = [m for m in self.modalities if tokens[m].shape[1] == 0]
-        if empty:
+        if empty := [m for m in self.modalities if tokens[m].shape[1] == 0]:
             raise StageError(f"fusion: modalities {empty} have no tokens (N = 0)")
 
     def forward(self, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -123,9 +111,7 @@ class GatedCrossAttentionFusion(nn.Module):
         if num == 2:
             g = torch.sigmoid(self.gate(torch.cat(pooled, dim=-1)))  # (B, D)
             z = g * pooled[0] + (1.0 - g) * pooled[1]
-            gates = torch.stack([g.mean(dim=-1), (1.0 - g).mean(dim=-1)], dim=1)
-            return z, gates
+            return z, torch.stack([g.mean(dim=-1), (1.0 - g).mean(dim=-1)], dim=1)
         stacked = torch.stack(pooled, dim=1)  # (B, M, D)
         weights = torch.softmax(self.gate(stacked.flatten(1)).view(-1, num, self.dim), dim=1)
-        z = (weights * stacked).sum(dim=1)
-        return z, weights.mean(dim=-1)
+        return (weights * stacked).sum(dim=1), weights.mean(dim=-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +21,7 @@ class ModelOutput:
     ``embedding`` (B, D): the distilled embedding (the fused ``z``; a unimodal model's mean token).
     ``logits`` (B, C), or the regression output (B, 1). ``tokens``: per-modality backbone tokens (B, N_m, D)
     (a student's privileged entries are its T-Nets' (B, 1, D)). ``gates`` (B, M): the fusion's mean gate of
-    each modality, rows summing to 1 (None for unimodal models).
-    """
+    each modality, rows summing to 1 (None for unimodal models)."""
 
     embedding: Tensor
     logits: Tensor
@@ -129,9 +129,14 @@ class UnimodalModel(nn.Module):
     def forward(self, x: Tensor) -> ModelOutput:
         tokens = self.backbone(x)
         embedding = tokens.mean(dim=1)
-        return ModelOutput(
-            embedding=embedding, logits=self.head(embedding), tokens={self.backbone.modality: tokens}
-        )
+        return ModelOutput(embedding, self.head(embedding), {self.backbone.modality: tokens})
+
+
+def conv_bn(dims: int, cin: int, cout: int, kernel: Any, relu: bool = True, **conv: Any) -> nn.Sequential:
+    """``Conv{dims}d(cin, cout, kernel, bias=False, **conv) -> BatchNorm{dims}d -> ReLU`` (no ReLU: ``relu=False``)."""
+    layers = [(nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](cin, cout, kernel, bias=False, **conv)]
+    layers.append((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](cout))
+    return nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if relu else []))
 
 
 class BasicBlock(nn.Module):
@@ -140,20 +145,11 @@ class BasicBlock(nn.Module):
 
     def __init__(self, dims: int, in_channels: int, channels: int, stride: int = 1, kernel: int = 3) -> None:
         super().__init__()
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
-        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
-        pad = kernel // 2
-        self.conv1 = nn.Sequential(
-            conv(in_channels, channels, kernel, stride=stride, padding=pad, bias=False),
-            norm(channels),
-            nn.ReLU(inplace=True),
-        )
-        self.conv2 = nn.Sequential(conv(channels, channels, kernel, padding=pad, bias=False), norm(channels))
+        self.conv1 = conv_bn(dims, in_channels, channels, kernel, stride=stride, padding=kernel // 2)
+        self.conv2 = conv_bn(dims, channels, channels, kernel, relu=False, padding=kernel // 2)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(
-                conv(in_channels, channels, 1, stride=stride, bias=False), norm(channels)
-            )
+            self.downsample = conv_bn(dims, in_channels, channels, 1, relu=False, stride=stride)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,15 +2,14 @@
 
 Both are a small ResNet (stem + 4 stages of 2 basic blocks, widths ``w, 2w, 4w, 8w``, stride 2 each, like
 ResNet-18 without the max-pool; the paper used a ResNet-18 on one EMG channel's spectrogram) ending in
-``Linear(8w, D) -> ReLU -> Linear(D, D)`` (the paper's 512 -> 512 projection), tokens along time.
-"""
+``Linear(8w, D) -> ReLU -> Linear(D, D)`` (the paper's 512 -> 512 projection), tokens along time."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from pkdot.errors import ConfigError
-from pkdot.models.heads import Backbone, BasicBlock
+from pkdot.models.heads import Backbone, BasicBlock, conv_bn
 
 
 class _ResNetEncoder(Backbone):
@@ -28,13 +27,8 @@ class _ResNetEncoder(Backbone):
         if len(self.input_shape) != dims + 1:
             what = "a spectrogram shape (C, F, T)" if dims == 2 else "a window shape (C, L)"
             raise ConfigError(f"{modality} backbone: expected {what}, got {self.input_shape}")
-        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
         stride = 2 if dims == 1 else 1
-        self.stem = nn.Sequential(
-            conv(self.input_shape[0], width, kernel, stride=stride, padding=kernel // 2, bias=False),
-            norm(width),
-            nn.ReLU(inplace=True),
-        )
+        self.stem = conv_bn(dims, self.input_shape[0], width, kernel, stride=stride, padding=kernel // 2)
         layers: list[nn.Module] = []
         for cin, cout in ((width, width), (width, 2 * width), (2 * width, 4 * width), (4 * width, 8 * width)):
             layers += [BasicBlock(dims, cin, cout, 2, kernel), BasicBlock(dims, cout, cout, 1, kernel)]

@@ -2,8 +2,7 @@
 
 ``V = backbone(x)`` ``(B, N, D)``, ``P_m = T_m(mean_n V)[:, None, :]`` per privileged modality (none with
 ``distill.use_tnet = False``), ``z, gates = fusion({video: V, m: P_m})``, ``logits = head(z)``. With a frozen
-backbone distillation can cache ``V`` and train from :meth:`Student.forward_from_features`.
-"""
+backbone distillation can cache ``V`` and train from :meth:`Student.forward_from_features`."""
 
 from __future__ import annotations
 
@@ -92,8 +91,7 @@ def build_student(
     ``video_backbone`` and ``tnets`` (trained, one per privileged modality) are *copied*, so freezing them leaves
     the caller's modules alone; by default new ones (fresh T-Nets, with a warning, to load a state_dict into).
     ``freeze_backbone`` default: ``train.student_init == "teacher-frozen"``. ``seed``: of the new weights
-    (global RNG restored afterwards).
-    """
+    (global RNG restored afterwards)."""
     (modality,) = cfg.data.student_modalities
     dim = cfg.model.embed_dim
     freeze = cfg.train.student_backbone_frozen if freeze_backbone is None else bool(freeze_backbone)

@@ -34,18 +34,12 @@ def build_backbone(
         if len(shape) == 1:
             return MLPBackbone(shape, dim, hidden=cfg.mlp_hidden, dropout=cfg.dropout, modality=modality)
         if modality == "video":
-            backbone = VideoBackbone(
-                shape, dim, arch=cfg.video_backbone, width=cfg.video_width, modality=modality
-            )
+            backbone = VideoBackbone(shape, dim, arch=cfg.video_backbone, width=cfg.video_width)
             if cfg.pretrained_video is not None:
                 load_pretrained_video(backbone, cfg.pretrained_video)
             return backbone
-        if modality == "physio":
-            encoders = {3: ("spectrogram", SpectrogramCNN), 2: ("window", WindowCNN)}
-            if len(shape) not in encoders:
-                raise ConfigError(
-                    f"physio backbone: expected a spectrogram (C, F, T) or a window (C, L), got {shape}"
-                )
+        encoders = {3: ("spectrogram", SpectrogramCNN), 2: ("window", WindowCNN)}
+        if modality == "physio" and len(shape) in encoders:
             expected, encoder = encoders[len(shape)]
             if expected != cfg.physio_input:
                 raise ConfigError(
@@ -78,8 +72,7 @@ class Teacher(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor]) -> ModelOutput:
         """``{modality: batch}`` (extra keys such as ``target`` are ignored) -> :class:`ModelOutput`."""
-        missing = [m for m in self.modalities if m not in inputs]
-        if missing:
+        if missing := [m for m in self.modalities if m not in inputs]:
             raise StageError(f"teacher: inputs for modalities {missing} are missing (got {sorted(inputs)})")
         tokens = {m: self.backbones[m](inputs[m]) for m in self.modalities}
         z, gates = self.fusion(tokens)
@@ -113,25 +106,20 @@ def build_teacher(
     they are (e.g. pre-trained unimodal ones); ``seed``: of the new weights (global RNG restored)."""
     modalities = cfg.data.modalities
     given = dict(backbones or {})
-    extra = sorted(set(given) - set(modalities))
-    if extra:
+    if extra := sorted(set(given) - set(modalities)):
         raise StageError(
             f"build_teacher: backbones given for {extra}, which are not modalities of the run {modalities}"
         )
-    missing = [m for m in modalities if m not in input_shapes and m not in given]
-    if missing:
+    if missing := [m for m in modalities if m not in input_shapes and m not in given]:
         raise StageError(
             f"build_teacher: no input shape for modalities {missing} (got {sorted(input_shapes)})"
         )
-    dim = cfg.model.embed_dim
     with seeded(seed):
-        parts: dict[str, Backbone] = {}
-        for m in modalities:
-            if m in given:
-                check_backbone("build_teacher", given[m], m, input_shapes.get(m), dim)
-                parts[m] = given[m]
-            else:
-                parts[m] = build_backbone(m, input_shapes[m], cfg.model)
+        for m, backbone in given.items():
+            check_backbone("build_teacher", backbone, m, input_shapes.get(m), cfg.model.embed_dim)
+        parts = {
+            m: given[m] if m in given else build_backbone(m, input_shapes[m], cfg.model) for m in modalities
+        }
         return Teacher(parts, *fusion_and_head(cfg, modalities))
 
 

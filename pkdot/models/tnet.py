@@ -2,8 +2,7 @@
 
 The T-Net, an MLP ``R^D -> R^D`` trained next to the teacher, maps the pooled video features ``v`` so that
 ``T(v)`` matches the distribution of the privileged features (:func:`mmd_rbf`); at test time the student fuses
-``v`` with ``T(v)``. References: Gretton et al., JMLR 2012; Aslam et al., IEEE FG 2024.
-"""
+``v`` with ``T(v)``. References: Gretton et al., JMLR 2012; Aslam et al., IEEE FG 2024."""
 
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ class TNet(nn.Module):
         if dim < 1 or any(h < 1 for h in hidden):
             raise ConfigError(f"model.tnet_hidden: widths must be >= 1, got dim={dim}, hidden={list(hidden)}")
         self.dim, self.hidden = dim, list(hidden)
-        widths = [dim, *hidden, dim]
-        layers = [m for cin, cout in pairwise(widths) for m in (nn.Linear(cin, cout), nn.ReLU())]
+        layers = [m for cin, cout in pairwise([dim, *hidden, dim]) for m in (nn.Linear(cin, cout), nn.ReLU())]
         self.layers = nn.Sequential(*layers[:-1])
 
     def forward(self, video_embedding: Tensor) -> Tensor:
@@ -52,8 +50,7 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> 
 
     ``x`` (n, d), ``y`` (m, d), n, m >= 2. ``bandwidths``: the ``h_s`` (> 0); default the median heuristic
     ``h_s = s * median`` (median squared distance between distinct points of ``[x; y]``, not differentiated;
-    ``s`` in ``DEFAULT_BANDWIDTH_SCALES``). Unbiased, so slightly negative for equal distributions.
-    """
+    ``s`` in ``DEFAULT_BANDWIDTH_SCALES``). Unbiased, so slightly negative for equal distributions."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise StageError(
             f"mmd_rbf: expected x (n, d) and y (m, d) with the same d, got {tuple(x.shape)} and {tuple(y.shape)}"

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pkdot.errors import ConfigError
-from pkdot.models.heads import Backbone, BasicBlock
+from pkdot.models.heads import Backbone, BasicBlock, conv_bn
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,7 @@ class R3D18Body(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(
-            nn.Conv3d(3, w, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
-            nn.BatchNorm3d(w),
-            nn.ReLU(inplace=True),
-        )
+        self.stem = conv_bn(3, 3, w, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3))
         self.layer1 = nn.Sequential(BasicBlock(3, w, w), BasicBlock(3, w, w))
         self.layer2 = nn.Sequential(BasicBlock(3, w, 2 * w, stride=2), BasicBlock(3, 2 * w, 2 * w))
         self.layer3 = nn.Sequential(BasicBlock(3, 2 * w, 4 * w, stride=2), BasicBlock(3, 4 * w, 4 * w))
@@ -53,15 +49,9 @@ class Small3dBody(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         w = width
+        stages = ((3, w, (1, 2, 2)), (w, 2 * w, (1, 2, 2)), (2 * w, 4 * w, (2, 2, 2)))
         self.stages = nn.Sequential(
-            *(
-                nn.Sequential(
-                    nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                    nn.BatchNorm3d(cout),
-                    nn.ReLU(inplace=True),
-                )
-                for cin, cout, stride in ((3, w, (1, 2, 2)), (w, 2 * w, (1, 2, 2)), (2 * w, 4 * w, (2, 2, 2)))
-            )
+            *(conv_bn(3, cin, cout, 3, stride=s, padding=1) for cin, cout, s in stages)
         )
         self.out_channels = 4 * w
 
@@ -78,18 +68,11 @@ class VideoBackbone(Backbone):
     std: Tensor
 
     def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        embed_dim: int,
-        arch: str = "small3d",
-        width: int = 8,
-        modality: str = "video",
+        self, input_shape: tuple[int, ...], embed_dim: int, arch: str = "small3d", width: int = 8
     ) -> None:
-        super().__init__(modality, input_shape, embed_dim)
+        super().__init__("video", input_shape, embed_dim)
         if len(self.input_shape) != 4 or self.input_shape[3] != 3:
-            raise ConfigError(
-                f"{modality} backbone: expected input_shape (T, H, W, 3), got {self.input_shape}"
-            )
+            raise ConfigError(f"video backbone: expected input_shape (T, H, W, 3), got {self.input_shape}")
         self.arch, self.body = arch, {"r3d18": R3D18Body, "small3d": Small3dBody}[arch](width)
         channels = self.body.out_channels
         to_embed = [] if channels == embed_dim else [nn.Linear(channels, embed_dim), nn.ReLU()]
@@ -114,8 +97,7 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
 
     Either a whole :class:`VideoBackbone` state_dict (same architecture, width and ``embed_dim``), or the keys
     of ``backbone.body`` only (e.g. torchvision's ``r3d_18`` Kinetics weights for ``r3d18`` with
-    ``video_width=64``; its classifier ``fc.*`` is ignored; the projection stays as initialised).
-    """
+    ``video_width=64``; its classifier ``fc.*`` is ignored; the projection stays as initialised)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.pretrained_video: {path} does not exist")
