@@ -573,27 +573,20 @@ def _voice(
 
 
 def _write_affwild2(spec: _Synth, per_subject: int, seconds: float) -> None:
-    out, subjects, seed, frame_size, fps, coupling = (
-        spec.out,
-        spec.subjects,
-        spec.seed,
-        spec.frame_size,
-        spec.fps,
-        spec.coupling,
-    )
+    out, subjects, seed, fps, coupling = spec.out, spec.subjects, spec.seed, spec.fps, spec.coupling
     rng = np.random.default_rng([seed, 11])
     expressiveness = _spread(rng, subjects, 0.0, 1.0)
     n_val = max(1, int(round(0.25 * subjects)))
     validation = set(rng.permutation(subjects)[:n_val].tolist())
     n_frames = int(round(seconds * fps))
-    noise = _noise_bank(rng, frame_size)
+    noise = _noise_bank(rng, spec.frame_size)
     ann_root = out / "annotations" / "VA_Estimation_Challenge"
     truth: list[dict] = []
     with _progress_bar(spec.progress, subjects * per_subject, "synthetic Aff-Wild2") as advance:
         for s_idx in range(subjects):
             srng = np.random.default_rng([seed, 12, s_idx])
             look = draw_subject_look(srng, float(expressiveness[s_idx]))
-            renderer = FaceRenderer(look, frame_size)
+            renderer = FaceRenderer(look, spec.frame_size)
             f0 = float(srng.uniform(110, 230))
             mean_v, mean_a = float(srng.uniform(-0.3, 0.3)), float(srng.uniform(-0.3, 0.3))
             lags = {"face_lag_s": float(srng.uniform(0.1, 0.3)), "audio_lag_s": float(srng.uniform(0.2, 0.5))}

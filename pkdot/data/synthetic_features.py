@@ -75,9 +75,8 @@ def draw_feature_table(
     names = synthetic._subject_names(rng, subjects)
     expressiveness = 0.1 + 0.9 * synthetic._spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = synthetic._spread(rng, subjects, 0.4, 1.0)
-    rows: list[
-        tuple
-    ] = []  # sample_id, subject_id, label, face_au, face_landmarks, physio, face/physio response
+    # sample_id, subject_id, label, face_au, face_landmarks, physio, face/physio response
+    rows: list[tuple] = []
     for s, name in enumerate(names):
         srng = np.random.default_rng([seed, 12, s])
         e, r = float(expressiveness[s]), float(reactivity[s])
