@@ -207,9 +207,7 @@ def face_side(sample_id: str, source: str | Path) -> str | None:
     when the ``source`` is named after the annotation (it holds one person)."""
     stem = str(sample_id).rsplit("@", 1)[0]
     match = _SIDE.search(stem)
-    if match is None or stem in (Path(source).stem, Path(source).name):
-        return None
-    return match.group(1)
+    return None if match is None or stem in (Path(source).stem, Path(source).name) else match.group(1)
 
 
 # ---- detectors ----------------------------------------------------------------------------------------------
