@@ -209,8 +209,7 @@ def frame_predictions(
             total[window] += float(value)
             count[window] += 1
         covered = np.flatnonzero(count > 0)
-        per_frame = np.full(len(labels), np.nan)
-        per_frame[covered] = total[covered] / count[covered]
+        per_frame = np.divide(total, count, out=np.full(len(labels), np.nan), where=count > 0)
         annotated = np.flatnonzero(~np.isnan(labels))
         gaps = annotated[count[annotated] == 0]
         if gaps.size:

@@ -208,9 +208,8 @@ def blink_track(rng: np.random.Generator, n_frames: int, fps: float) -> np.ndarr
     """Eye-closure intensity per frame in [0, 1]: blinks every 2-6 s lasting ~0.2 s."""
     track = np.zeros(n_frames, np.float64)
     t = np.arange(n_frames) / fps
-    end = n_frames / fps
     start = rng.uniform(0.3, 3.0)
-    while start < end:
+    while start < n_frames / fps:
         track = np.maximum(track, np.exp(-0.5 * ((t - start) / 0.05) ** 2))
         start += rng.uniform(2.0, 6.0)
     return track

@@ -246,8 +246,7 @@ def _response(class_ids: np.ndarray, gate: np.ndarray, magnitude: np.ndarray) ->
     from scipy.stats import norm
 
     threshold = norm.ppf(np.asarray(NONRESPONSE)[class_ids])  # +inf for BL1
-    responded = gate > threshold
-    return np.where(responded, np.exp(RESPONSE_SIGMA * magnitude - RESPONSE_SIGMA**2 / 2.0), 0.0)
+    return np.where(gate > threshold, np.exp(RESPONSE_SIGMA * magnitude - RESPONSE_SIGMA**2 / 2.0), 0.0)
 
 
 def draw_biovid_responses(

@@ -17,6 +17,7 @@ import numpy as np
 from pkdot.data import synthetic
 from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.data.synthetic import FACE_GAIN, FACE_LEVEL, FACE_MAX_INTENSITY, draw_biovid_responses
+from pkdot.data.tabular import write_view_table
 from pkdot.errors import ConfigError
 
 #: OpenFace action units of the ``face_au`` view, in column order.
@@ -151,8 +152,6 @@ def write_feature_table(
 ) -> Path:
     """Write the table (``sample_id``, ``subject_id``, ``label``, ``face_au``, ``face_landmarks``, ``physio``)
     atomically in :mod:`pkdot.data.tabular`'s layout; the defaults are Biovid Part A's size. Returns ``path``."""
-    from pkdot.data.tabular import write_view_table
-
     cols = draw_feature_table(subjects=subjects, per_class=per_class, coupling=coupling, seed=seed, task=task)
     views = {view: cols[view] for view in ("face_au", "face_landmarks", "physio")}
     return write_view_table(path, cols["sample_id"], cols["subject_id"], cols["label"], views)

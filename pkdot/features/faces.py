@@ -25,8 +25,6 @@ from pkdot.errors import ConfigError, FeatureError
 
 logger = logging.getLogger(__name__)
 
-#: Bumped when the face pipeline changes in a way that changes its output (invalidates cached shards).
-FACES_VERSION = 3
 #: PyAV decoder threading (``"AUTO"``: frame and slice threads where the codec has them).
 DECODE_THREAD_TYPE = "AUTO"
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
@@ -595,9 +593,7 @@ def frame_table(path: str | Path) -> FrameTable | None:
         return None
     rank = {p: i for i, p in enumerate(pts)}
     keyframes = sorted(rank[int(p)] for p, key in packets if key)  # type: ignore[arg-type]
-    if not keyframes or keyframes[0] != 0:
-        return None
-    return FrameTable(pts, keyframes)
+    return FrameTable(pts, keyframes) if keyframes and keyframes[0] == 0 else None
 
 
 class _SeekMismatch(Exception):
