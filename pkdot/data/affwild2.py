@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pkdot.config import DataConfig
-from pkdot.data.manifest import BadSamples, ManifestResult, manifest_frame
+from pkdot.data.manifest import BadSamples, ManifestResult, manifest_frame, use_face_crops
 from pkdot.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -87,12 +87,9 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
     faces_dir = root / FRAMES_DIR
     want_video = "video" in data.modalities
     want_audio = "audio" in data.modalities
-    if want_video and data.faces == "frames" and not faces_dir.is_dir():
-        raise DatasetError(
-            f"Aff-Wild2 root {root}: {faces_dir} does not exist (data.faces 'frames' expects "
-            "cropped_aligned/<video>/<frame:05d>.jpg)"
-        )
-    use_frames = want_video and (data.faces == "frames" or (data.faces is None and faces_dir.is_dir()))
+    use_frames = use_face_crops(
+        data, f"Aff-Wild2 root {root}", faces_dir, "cropped_aligned/<video>/<frame:05d>.jpg"
+    )
     need_videos = want_audio or (want_video and not use_frames)
     if need_videos and not videos_dir.is_dir():
         raise DatasetError(
@@ -177,14 +174,7 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
             f"annotated frames" + (f" ({len(bad.skipped)} files skipped)" if bad.skipped else "")
         )
     frame = manifest_frame(rows).astype({"start_frame": "int64", "num_frames": "int64"})
-    logger.info(
-        "Aff-Wild2: %d clips from %d annotation files, %d subjects, %d skipped",
-        len(frame),
-        n_annotations,
-        frame["subject_id"].nunique(),
-        len(bad.skipped),
-    )
-    return ManifestResult(frame=frame, skipped=bad.skipped)
+    return bad.result(frame, f"Aff-Wild2 ({n_annotations} annotation files; a sample is a clip)")
 
 
 # ---- the challenge's evaluation: per-frame predictions over the whole partition -----------------------------
@@ -219,8 +209,7 @@ def frame_predictions(
             total[window] += float(value)
             count[window] += 1
         covered = np.flatnonzero(count > 0)
-        per_frame = np.full(len(labels), np.nan)
-        per_frame[covered] = total[covered] / count[covered]
+        per_frame = np.divide(total, count, out=np.full(len(labels), np.nan), where=count > 0)
         annotated = np.flatnonzero(~np.isnan(labels))
         gaps = annotated[count[annotated] == 0]
         if gaps.size:

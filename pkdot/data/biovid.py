@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from pkdot.config import DataConfig
-from pkdot.data.manifest import BIOVID_CLASSES, BadSamples, ManifestResult, manifest_frame
+from pkdot.data.manifest import BIOVID_CLASSES, BadSamples, ManifestResult, manifest_frame, use_face_crops
 from pkdot.errors import DatasetError
 from pkdot.tables import sniff_delimiter
 
@@ -98,12 +98,8 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
     bad = BadSamples(data.skip_bad)
     want_video = "video" in data.modalities
     frames_root = root / FRAMES_DIR
-    if want_video and data.faces == "frames" and not frames_root.is_dir():
-        raise DatasetError(
-            f"Biovid root {root}: {frames_root} does not exist (data.faces 'frames' expects "
-            "frames/<subject_name>/<sample_name>/<frame:05d>.jpg)"
-        )
-    use_frames = data.faces == "frames" or (data.faces is None and frames_root.is_dir())
+    layout = "frames/<subject_name>/<sample_name>/<frame:05d>.jpg"
+    use_frames = use_face_crops(data, f"Biovid root {root}", frames_root, layout)
     want_physio = "physio" in data.modalities
     bio_columns = BIO_COLUMNS[data.part]
     rows: list[dict] = []
@@ -135,20 +131,14 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
             "partition": "",
             "dataset": "biovid",
         }
-        if want_video and use_frames:
-            folder = root / FRAMES_DIR / subject / sample
-            if not folder.is_dir():
-                bad.bad(folder, sample, "the face-crop folder of this samples.csv entry does not exist")
-                continue
-            record["video_path"] = str(folder.resolve())
-        elif want_video:
-            video = root / "video" / subject / f"{sample}.mp4"
-            if not video.is_file():
-                bad.bad(
-                    video,
-                    sample,
-                    "the video of this samples.csv entry does not exist (expected an .mp4 file)",
-                )
+        if want_video:
+            video = (
+                frames_root / subject / sample if use_frames else root / "video" / subject / f"{sample}.mp4"
+            )
+            if not (video.is_dir() if use_frames else video.is_file()):
+                what = "face-crop folder" if use_frames else "video"
+                hint = "" if use_frames else " (expected an .mp4 file)"
+                bad.bad(video, sample, f"the {what} of this samples.csv entry does not exist{hint}")
                 continue
             record["video_path"] = str(video.resolve())
         if want_physio:
@@ -179,13 +169,4 @@ def build_biovid_manifest(data: DataConfig, root: Path) -> ManifestResult:
             f"Biovid root {root}: no usable samples for task {data.task!r}"
             + (f" ({len(bad.skipped)} skipped)" if bad.skipped else "")
         )
-    frame = manifest_frame(rows)
-    logger.info(
-        "Biovid part %s (%s): %d samples, %d subjects, %d skipped",
-        data.part,
-        data.task,
-        len(frame),
-        frame["subject_id"].nunique(),
-        len(bad.skipped),
-    )
-    return ManifestResult(frame=frame, skipped=bad.skipped)
+    return bad.result(manifest_frame(rows), f"Biovid part {data.part} ({data.task})")

@@ -208,9 +208,8 @@ def blink_track(rng: np.random.Generator, n_frames: int, fps: float) -> np.ndarr
     """Eye-closure intensity per frame in [0, 1]: blinks every 2-6 s lasting ~0.2 s."""
     track = np.zeros(n_frames, np.float64)
     t = np.arange(n_frames) / fps
-    end = n_frames / fps
     start = rng.uniform(0.3, 3.0)
-    while start < end:
+    while start < n_frames / fps:
         track = np.maximum(track, np.exp(-0.5 * ((t - start) / 0.05) ** 2))
         start += rng.uniform(2.0, 6.0)
     return track
@@ -274,9 +273,8 @@ class FaceRenderer:
             tex = _smooth_noise(rng, f, 6, 3) * 35.0
         elif style == 1:  # stripes (curtain / shelf)
             freq = rng.uniform(4, 10)
-            tex = (np.sin(2 * np.pi * freq * (xx if rng.uniform() < 0.5 else yy)) * 25.0)[
-                ..., None
-            ] * np.ones(3)
+            axis = xx if rng.uniform() < 0.5 else yy
+            tex = (np.sin(2 * np.pi * freq * axis) * 25.0)[..., None] * np.ones(3)
         else:  # fine grain + blobs
             tex = _smooth_noise(rng, f, 12, 3) * 20.0 + _smooth_noise(rng, f, 3, 3) * 30.0
         return np.clip(base + grad + tex, 0, 255).astype(np.float32)
@@ -292,13 +290,8 @@ class FaceRenderer:
         for k, weight in enumerate(np.asarray(expression, np.float64)):
             if weight != 0.0:
                 maps -= np.float32(weight) * self.basis[k]
-        face = cv2.remap(
-            self.face_rgba,
-            np.ascontiguousarray(maps[..., 0]),
-            np.ascontiguousarray(maps[..., 1]),
-            cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-        )
+        map_x, map_y = (np.ascontiguousarray(maps[..., k]) for k in (0, 1))
+        face = cv2.remap(self.face_rgba, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         f = self.frame_size
         cx = f / 2.0 + self.look.offset[0] * f + float(pose[0])
         cy = f / 2.0 + self.look.offset[1] * f + float(pose[1])

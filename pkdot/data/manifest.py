@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pkdot.config import DataConfig
 from pkdot.errors import DatasetError
 from pkdot.rundir import atomic_write_parquet
 
@@ -99,3 +100,19 @@ class BadSamples:
             raise DatasetError(f"{where}: {reason}")
         logger.warning("skipping %s%s: %s", path, f" (sample {sample_id!r})" if sample_id else "", reason)
         self.skipped.append({"path": str(path), "sample_id": sample_id, "reason": reason})
+
+    def result(self, frame: pd.DataFrame, what: str) -> ManifestResult:
+        """The manifest ``frame`` and the skipped samples, logged as ``<what>: N samples, S subjects, K skipped``."""
+        counts = (len(frame), frame["subject_id"].nunique(), len(self.skipped))
+        logger.info("%s: %d samples, %d subjects, %d skipped", what, *counts)
+        return ManifestResult(frame=frame, skipped=self.skipped)
+
+
+def use_face_crops(data: DataConfig, root: str, folder: Path, layout: str) -> bool:
+    """Whether the faces come from the crop ``folder`` (``data.faces`` 'frames', or unset and it exists) rather
+    than the videos; False without the video modality. 'frames' without the folder raises (naming ``root``)."""
+    if "video" not in data.modalities:
+        return False
+    if data.faces == "frames" and not folder.is_dir():
+        raise DatasetError(f"{root}: {folder} does not exist (data.faces 'frames' expects {layout})")
+    return data.faces == "frames" or (data.faces is None and folder.is_dir())

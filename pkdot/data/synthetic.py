@@ -246,8 +246,7 @@ def _response(class_ids: np.ndarray, gate: np.ndarray, magnitude: np.ndarray) ->
     from scipy.stats import norm
 
     threshold = norm.ppf(np.asarray(NONRESPONSE)[class_ids])  # +inf for BL1
-    responded = gate > threshold
-    return np.where(responded, np.exp(RESPONSE_SIGMA * magnitude - RESPONSE_SIGMA**2 / 2.0), 0.0)
+    return np.where(gate > threshold, np.exp(RESPONSE_SIGMA * magnitude - RESPONSE_SIGMA**2 / 2.0), 0.0)
 
 
 def draw_biovid_responses(
@@ -345,9 +344,8 @@ def _biovid_physio(
         bursts = np.clip(1.0 + 0.6 * gaussian_filter1d(rng.normal(0, 1, n), 40.0) / 0.084, 0.2, None)
         artefacts = np.zeros(n)
         for _ in range(int(rng.poisson(1.2))):
-            artefacts += rng.uniform(0.3, 1.5) * np.exp(
-                -0.5 * ((t - rng.uniform(0, BIOVID_SECONDS)) / 0.25) ** 2
-            )
+            size, centre = rng.uniform(0.3, 1.5), rng.uniform(0, BIOVID_SECONDS)
+            artefacts += size * np.exp(-0.5 * ((t - centre) / 0.25) ** 2)
         drive = weight[ch] * subject["emg_gain"] * level * emg_ramp * bursts + artefacts
         if ch == "emg_corrugator":
             drive = drive + 2.0 * brow
@@ -356,33 +354,21 @@ def _biovid_physio(
     return signals
 
 
-@dataclass(frozen=True)
-class _BiovidSubject:
-    """What one synthetic Biovid subject's windows are drawn from (one job of the writer's process pool)."""
-
-    spec: _Synth
-    s_idx: int
-    name: str
-    expressiveness: float
-    reactivity: float
-    per_class: int
-    part: str
-    noise: np.ndarray
-    keep: tuple[str, ...]
-
-
-def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
-    """Write one subject's windows; returns its ``samples.csv`` rows (``{id}`` left to fill) and truth rows."""
-    out, seed, fps, coupling = job.spec.out, job.spec.seed, job.spec.fps, job.spec.coupling
-    s_idx, name, keep, part = job.s_idx, job.name, job.keep, job.part
+def _biovid_subject(
+    spec: _Synth, per_class: int, part: str, noise: np.ndarray, keep: tuple[str, ...], job: tuple
+) -> tuple[list[str], list[dict]]:
+    """Write one subject's windows (``job``: index, name, expressiveness, reactivity); returns its
+    ``samples.csv`` rows (``{id}`` left to fill) and truth rows. One job of the writer's process pool."""
+    out, seed, fps, coupling = spec.out, spec.seed, spec.fps, spec.coupling
+    s_idx, name, expressiveness, reactivity = job
     n_frames = int(round(BIOVID_SECONDS * fps))
     time_us = np.round(np.arange(int(round(BIOVID_SECONDS * BIOVID_FS))) * 1e6 / BIOVID_FS).astype(np.int64)
     channels = BIOVID_CHANNELS[part]
     srng = np.random.default_rng([seed, 2, s_idx])
-    look = draw_subject_look(srng, job.expressiveness)
-    renderer = FaceRenderer(look, job.spec.frame_size)
+    look = draw_subject_look(srng, expressiveness)
+    renderer = FaceRenderer(look, spec.frame_size)
     subject = {
-        "reactivity": job.reactivity,
+        "reactivity": reactivity,
         "hr0": srng.uniform(58, 85),
         "hr_gain": srng.uniform(5, 12),
         "ecg_amp": srng.uniform(0.6, 1.4),
@@ -391,7 +377,7 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
         "emg0": srng.uniform(3.0, 10.0),
         "emg_gain": srng.uniform(0.5, 1.5),
     }
-    session = [c for _ in range(job.per_class) for c in range(len(BIOVID_CLASSES))]  # class of each window
+    session = [c for _ in range(per_class) for c in range(len(BIOVID_CLASSES))]  # class of each window
     order = srng.permutation(len(session))
     responses = draw_biovid_responses(np.random.default_rng([seed, 4, s_idx]), np.array(session), coupling)
     rows: list[str] = []
@@ -426,7 +412,7 @@ def _biovid_subject(job: _BiovidSubject) -> tuple[list[str], list[dict]]:
         expr[:, _UNIT["eye_narrow"]] = np.minimum(
             expr[:, _UNIT["eye_narrow"]] + 1.6 * blink_track(prng, n_frames, fps), 2.2
         )
-        frames, boxes = _render(renderer, prng, expr, fps, job.noise)
+        frames, boxes = _render(renderer, prng, expr, fps, noise)
         video_rel = Path("video") / name / f"{sample_name}.mp4"
         _write_video_cv2(out / video_rel, frames, fps)
         signals = _biovid_physio(prng, subject, level, onset, expr[:, _UNIT["brow_lower"]], fps, part)
@@ -461,18 +447,14 @@ def _write_biovid(spec: _Synth, per_class: int, part: str, classes: tuple[str, .
     expressiveness = 0.1 + 0.9 * _spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = _spread(rng, subjects, 0.4, 1.0)
     noise = _noise_bank(rng, spec.frame_size)
-    jobs = [
-        _BiovidSubject(
-            spec, s, name, float(expressiveness[s]), float(reactivity[s]), per_class, part, noise, classes
-        )
-        for s, name in enumerate(names)
-    ]
+    jobs = [(s, name, float(expressiveness[s]), float(reactivity[s])) for s, name in enumerate(names)]
+    draw = functools.partial(_biovid_subject, spec, per_class, part, noise, classes)
     sample_rows: list[str] = ["subject_id\tsubject_name\tclass_id\tclass_name\tsample_id\tsample_name"]
     truth: list[dict] = []
     per_subject = per_class * len(classes)
     with _progress_bar(spec.progress, subjects * per_subject, "synthetic Biovid") as advance:
         # every subject's draws are seeded by the subject: the files are the same whatever the worker count
-        for rows, subject_truth in _map_subjects(_biovid_subject, jobs, workers):
+        for rows, subject_truth in _map_subjects(draw, jobs, workers):
             for row in rows:
                 sample_rows.append(row.replace("{id}", str(len(sample_rows) - 1)))
             truth.extend(subject_truth)
@@ -573,27 +555,20 @@ def _voice(
 
 
 def _write_affwild2(spec: _Synth, per_subject: int, seconds: float) -> None:
-    out, subjects, seed, frame_size, fps, coupling = (
-        spec.out,
-        spec.subjects,
-        spec.seed,
-        spec.frame_size,
-        spec.fps,
-        spec.coupling,
-    )
+    out, subjects, seed, fps, coupling = spec.out, spec.subjects, spec.seed, spec.fps, spec.coupling
     rng = np.random.default_rng([seed, 11])
     expressiveness = _spread(rng, subjects, 0.0, 1.0)
     n_val = max(1, int(round(0.25 * subjects)))
     validation = set(rng.permutation(subjects)[:n_val].tolist())
     n_frames = int(round(seconds * fps))
-    noise = _noise_bank(rng, frame_size)
+    noise = _noise_bank(rng, spec.frame_size)
     ann_root = out / "annotations" / "VA_Estimation_Challenge"
     truth: list[dict] = []
     with _progress_bar(spec.progress, subjects * per_subject, "synthetic Aff-Wild2") as advance:
         for s_idx in range(subjects):
             srng = np.random.default_rng([seed, 12, s_idx])
             look = draw_subject_look(srng, float(expressiveness[s_idx]))
-            renderer = FaceRenderer(look, frame_size)
+            renderer = FaceRenderer(look, spec.frame_size)
             f0 = float(srng.uniform(110, 230))
             mean_v, mean_a = float(srng.uniform(-0.3, 0.3)), float(srng.uniform(-0.3, 0.3))
             lags = {"face_lag_s": float(srng.uniform(0.1, 0.3)), "audio_lag_s": float(srng.uniform(0.2, 0.5))}

@@ -17,6 +17,7 @@ import numpy as np
 from pkdot.data import synthetic
 from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.data.synthetic import FACE_GAIN, FACE_LEVEL, FACE_MAX_INTENSITY, draw_biovid_responses
+from pkdot.data.tabular import write_view_table
 from pkdot.errors import ConfigError
 
 #: OpenFace action units of the ``face_au`` view, in column order.
@@ -75,9 +76,8 @@ def draw_feature_table(
     names = synthetic._subject_names(rng, subjects)
     expressiveness = 0.1 + 0.9 * synthetic._spread(rng, subjects, 0.0, 1.0) ** 1.5  # skewed low
     reactivity = synthetic._spread(rng, subjects, 0.4, 1.0)
-    rows: list[
-        tuple
-    ] = []  # sample_id, subject_id, label, face_au, face_landmarks, physio, face/physio response
+    # sample_id, subject_id, label, face_au, face_landmarks, physio, face/physio response
+    rows: list[tuple] = []
     for s, name in enumerate(names):
         srng = np.random.default_rng([seed, 12, s])
         e, r = float(expressiveness[s]), float(reactivity[s])
@@ -152,8 +152,6 @@ def write_feature_table(
 ) -> Path:
     """Write the table (``sample_id``, ``subject_id``, ``label``, ``face_au``, ``face_landmarks``, ``physio``)
     atomically in :mod:`pkdot.data.tabular`'s layout; the defaults are Biovid Part A's size. Returns ``path``."""
-    from pkdot.data.tabular import write_view_table
-
     cols = draw_feature_table(subjects=subjects, per_class=per_class, coupling=coupling, seed=seed, task=task)
     views = {view: cols[view] for view in ("face_au", "face_landmarks", "physio")}
     return write_view_table(path, cols["sample_id"], cols["subject_id"], cols["label"], views)

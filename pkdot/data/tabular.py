@@ -176,15 +176,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
                 values.min(),
                 values.max(),
             )
-    logger.info(
-        "table %s: %d samples, %d subjects, task %s, %d skipped",
-        path,
-        len(frame),
-        frame["subject_id"].nunique(),
-        data.task,
-        len(bad.skipped),
-    )
-    return ManifestResult(frame=frame, skipped=bad.skipped)
+    return bad.result(frame, f"table {path} (task {data.task})")
 
 
 def _check_classes(data: DataConfig, path: Path, labels: list, problems: dict[int, str], reject) -> None:

@@ -19,8 +19,6 @@ import numpy as np
 from pkdot.config import FeatureConfig
 from pkdot.errors import FeatureError
 
-#: Bumped when the audio pipeline changes its output (invalidates cached shards).
-AUDIO_VERSION = 1
 #: Audio that ends at most this many seconds before a clip's end is zero-padded (tracks are often a few
 #: milliseconds shorter than the video); a longer shortfall quarantines the clip.
 MAX_SHORTFALL_S = 0.25

@@ -51,11 +51,6 @@ MODALITY_SETTINGS = {
     "physio": "physio_fs physio_channels physio_window max_nan_gap_s spec_nperseg spec_noverlap spec_nfft",
     "audio": "audio_sr n_mels hop_length",
 }
-MODALITY_VERSION: dict[str, int] = {
-    "video": face_features.FACES_VERSION,
-    "physio": physio_features.PHYSIO_VERSION,
-    "audio": audio_features.AUDIO_VERSION,
-}
 #: The module (in ``pkdot/features/``, with ``schema.py``) whose code computes each modality's shard rows.
 MODALITY_CODE = {"video": "faces.py", "physio": "physio.py", "audio": "audio.py"}
 #: Manifest columns each modality reads.
@@ -110,7 +105,6 @@ def _shard_value(column: str, value: Any) -> int | str | None:
 def _modality_settings(features: FeatureConfig, modality: str, part: str) -> dict[str, Any]:
     dump = features.model_dump(mode="json")
     settings = {k: dump[k] for k in MODALITY_SETTINGS[modality].split()}
-    settings["version"] = MODALITY_VERSION[modality]
     # The extractor's code: editing it re-extracts that modality's shards (not the others').
     package = rundir.PACKAGE_DIR  # read at call time (tests point it at an edited copy)
     code = [package / "features" / f for f in (MODALITY_CODE[modality], "schema.py")]

@@ -25,8 +25,6 @@ from pkdot.errors import ConfigError, FeatureError
 
 logger = logging.getLogger(__name__)
 
-#: Bumped when the face pipeline changes in a way that changes its output (invalidates cached shards).
-FACES_VERSION = 3
 #: PyAV decoder threading (``"AUTO"``: frame and slice threads where the codec has them).
 DECODE_THREAD_TYPE = "AUTO"
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
@@ -207,9 +205,7 @@ def face_side(sample_id: str, source: str | Path) -> str | None:
     when the ``source`` is named after the annotation (it holds one person)."""
     stem = str(sample_id).rsplit("@", 1)[0]
     match = _SIDE.search(stem)
-    if match is None or stem in (Path(source).stem, Path(source).name):
-        return None
-    return match.group(1)
+    return None if match is None or stem in (Path(source).stem, Path(source).name) else match.group(1)
 
 
 # ---- detectors ----------------------------------------------------------------------------------------------
@@ -597,9 +593,7 @@ def frame_table(path: str | Path) -> FrameTable | None:
         return None
     rank = {p: i for i, p in enumerate(pts)}
     keyframes = sorted(rank[int(p)] for p, key in packets if key)  # type: ignore[arg-type]
-    if not keyframes or keyframes[0] != 0:
-        return None
-    return FrameTable(pts, keyframes)
+    return FrameTable(pts, keyframes) if keyframes and keyframes[0] == 0 else None
 
 
 class _SeekMismatch(Exception):
@@ -712,22 +706,18 @@ def extract_folder_clips(
         if isinstance(indices, str):
             yield ClipFailure(clip.sample_id, indices)
             continue
-        crops: dict[int, np.ndarray] = {}
+        present = [i for i in sorted(set(indices.tolist())) if i + 1 in files]
+        images = {i: cv2.imread(str(files[i + 1]), cv2.IMREAD_COLOR) for i in present}
+        if broken := [files[i + 1].name for i in present if images[i] is None]:
+            yield ClipFailure(clip.sample_id, f"frame folder {folder}: {broken[0]} is not a readable image")
+            continue
         extent: dict[int, Box] = {}  # the box of a face crop: the whole image
-        failure = None
-        for i in sorted(set(indices.tolist())):
-            if (path := files.get(i + 1)) is None:
-                continue
-            if (bgr := cv2.imread(str(path), cv2.IMREAD_COLOR)) is None:
-                failure = f"frame folder {folder}: {path.name} is not a readable image"
-                break
+        crops: dict[int, np.ndarray] = {}
+        for i, bgr in images.items():
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             extent[i] = (0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0]))
             interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
             crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)
-        if failure is not None:
-            yield ClipFailure(clip.sample_id, failure)
-            continue
         if not crops:
             yield ClipFailure(
                 clip.sample_id,

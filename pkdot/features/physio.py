@@ -22,8 +22,6 @@ from pkdot.config import FeatureConfig
 from pkdot.errors import ConfigError, FeatureError
 from pkdot.tables import sniff_delimiter
 
-#: Bumped when the physio pipeline changes its output (invalidates cached shards).
-PHYSIO_VERSION = 1
 CHANNELS_BY_PART: dict[str, list[str]] = {
     "A": ["gsr", "ecg", "emg_trapezius"],
     "B": ["gsr", "ecg", "emg_trapezius", "emg_corrugator", "emg_zygomaticus"],
@@ -253,9 +251,7 @@ def heart_rate(ecg: np.ndarray, fs: float) -> float:
     if top <= 0:
         return float("nan")
     peaks, _ = signal.find_peaks(x, distance=max(1, int(0.3 * fs)), prominence=0.5 * top)
-    if len(peaks) < 2:
-        return float("nan")
-    return float(60.0 / np.median(np.diff(peaks) / fs))
+    return float(60.0 / np.median(np.diff(peaks) / fs)) if len(peaks) >= 2 else float("nan")
 
 
 def extract_physio(
@@ -305,8 +301,7 @@ def extract_physio(
         else:  # linear interpolation over the NaN samples (constant at the edges)
             nan = ~np.isfinite(x)
             q.interpolated = int(nan.sum())
-            signals[name] = x.copy()
-            signals[name][nan] = np.interp(np.flatnonzero(nan), np.flatnonzero(~nan), x[~nan])
+            signals[name] = np.where(nan, np.interp(np.arange(len(x)), np.flatnonzero(~nan), x[~nan]), x)
     if problems:
         outcome.reason = f"biosignal file {path}: " + "; ".join(problems)
         return outcome
@@ -321,10 +316,10 @@ def extract_physio(
         )
         return outcome
 
-    filtered: dict[str, np.ndarray] = {}
-    for name in channels:
-        sos = design_filter(CHANNEL_KIND[name], fs)
-        filtered[name] = signal.sosfiltfilt(sos, signals[name])[start : start + length]
+    filtered = {
+        c: signal.sosfiltfilt(design_filter(CHANNEL_KIND[c], fs), signals[c])[start : start + length]
+        for c in channels
+    }
     window = np.stack([filtered[c] for c in channels])
     std = window.std(axis=1, keepdims=True)
     tiny = 1e-12 * max(1.0, float(np.abs(window).max()))

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pkdot.errors import FeatureError
-from pkdot.rundir import atomic_path
+from pkdot.rundir import atomic_write_parquet
 
 #: Default tensor column the models read for each extracted modality.
 DEFAULT_TENSOR: dict[str, str] = {"video": "frames", "physio": "spectrogram", "audio": "logmel"}
@@ -68,8 +68,7 @@ def write_table_atomic(
     """Write rows to ``path`` atomically, in row groups; ``metadata`` goes into the file's schema metadata."""
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, row_group_size=ROW_GROUP_SIZE)
+    atomic_write_parquet(pa.Table.from_pylist(rows, schema=schema), path, row_group_size=ROW_GROUP_SIZE)
     return Path(path)
 
 
@@ -107,14 +106,10 @@ def read_tensors(
 ) -> tuple[list[str], np.ndarray]:
     """Read one tensor column fully: ``(sample_ids, array (N, *shape))``, in the order of ``sample_ids`` when
     given (an absent one raises FeatureError)."""
-    ids: list[str] = []
-    chunks: list[np.ndarray] = []
-    for b_ids, arr in iter_tensors(path, column):
-        ids.extend(b_ids)
-        chunks.append(arr)
-    if not chunks:
+    if not (batches := list(iter_tensors(path, column))):
         raise FeatureError(f"feature table {path} is empty")
-    data = np.concatenate(chunks)
+    ids = [sid for batch_ids, _ in batches for sid in batch_ids]
+    data = np.concatenate([arr for _, arr in batches])
     if sample_ids is None:
         return ids, data
     index = {s: i for i, s in enumerate(ids)}
