@@ -44,56 +44,32 @@ def _set_option(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        type=Path,
-        help="Run config YAML, every field optional (default: none: the preset's values)",
-    )
-    p.add_argument(
-        "--preset",
-        choices=["demo", "paper"],
-        help="Preset applied before the file: demo = tiny models, minutes on a CPU; paper = the paper's "
-        "sizes (default: the config file's preset, else demo)",
-    )
-    _set_option(p, "Override a config field")
-    p.add_argument(
-        "--dataset",
-        choices=["biovid", "affwild2", "table"],
-        help="Data set kind; table = a Parquet file of per-sample feature vectors (default: the config's "
-        "data.dataset, biovid)",
-    )
-    p.add_argument(
-        "--root",
-        type=Path,
-        help="Dataset root, a Parquet file for --dataset table (default: a synthetic set generated in "
-        "the run directory)",
-    )
-    p.add_argument(
-        "--task",
-        choices=["binary", "multiclass", "valence", "arousal", "regression"],
-        help="binary (BL1 vs PA4) / multiclass (Biovid), valence / arousal (Aff-Wild2), regression "
-        "(table with a float 'target' column) (default: binary; valence for --dataset affwild2)",
-    )
-    p.add_argument(
-        "--part", choices=["A", "B"], help="Biovid part; B adds facial EMG (default: the config's, A)"
-    )
-    p.add_argument("--skip-bad", action="store_true", help="Skip and report bad samples instead of failing")
-    p.add_argument(
-        "--student-modalities",
-        metavar="LIST",
-        help="Comma list (table data): the modality the student has at test time (default: video)",
-    )
-    p.add_argument(
-        "--privileged-modalities",
-        metavar="LIST",
-        help="Comma list (table data): teacher-only modalities (default: physio for Biovid, audio for "
-        "Aff-Wild2)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        help="Seed of the synthetic data and of the fold assignment (default: the config's seed, 0)",
-    )
+    for flag, kw, text in (
+        ("--config", {"type": Path}, "Run config YAML, every field optional (default: none: the preset's "
+         "values)"),
+        ("--preset", {"choices": ["demo", "paper"]}, "Preset applied before the file: demo = tiny models, "
+         "minutes on a CPU; paper = the paper's sizes (default: the config file's preset, else demo)"),
+        ("--set", {}, ""),
+        ("--dataset", {"choices": ["biovid", "affwild2", "table"]}, "Data set kind; table = a Parquet file "
+         "of per-sample feature vectors (default: the config's data.dataset, biovid)"),
+        ("--root", {"type": Path}, "Dataset root, a Parquet file for --dataset table (default: a synthetic "
+         "set generated in the run directory)"),
+        ("--task", {"choices": ["binary", "multiclass", "valence", "arousal", "regression"]}, "binary (BL1 "
+         "vs PA4) / multiclass (Biovid), valence / arousal (Aff-Wild2), regression (table with a float "
+         "'target' column) (default: binary; valence for --dataset affwild2)"),
+        ("--part", {"choices": ["A", "B"]}, "Biovid part; B adds facial EMG (default: the config's, A)"),
+        ("--skip-bad", {"action": "store_true"}, "Skip and report bad samples instead of failing"),
+        ("--student-modalities", {"metavar": "LIST"}, "Comma list (table data): the modality the student has "
+         "at test time (default: video)"),
+        ("--privileged-modalities", {"metavar": "LIST"}, "Comma list (table data): teacher-only modalities "
+         "(default: physio for Biovid, audio for Aff-Wild2)"),
+        ("--seed", {"type": int}, "Seed of the synthetic data and of the fold assignment (default: the "
+         "config's seed, 0)"),
+    ):  # fmt: skip
+        if flag == "--set":
+            _set_option(p, "Override a config field")
+        else:
+            p.add_argument(flag, **kw, help=text)
 
 
 def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
@@ -394,32 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.name == "extract":
             _config_args(p)
             p.add_argument("--out", type=Path, required=True, help="Run directory (required)")
-            p.add_argument(
-                "--workers",
-                type=int,
-                help="Parallel extraction tasks (default: the config's features.workers, 2 in both presets)",
-            )
+            text = "Parallel extraction tasks (default: the config's features.workers, 2 in both presets)"
+            p.add_argument("--workers", type=int, help=text)
         else:
-            p.add_argument(
-                "--run",
-                type=Path,
-                required=True,
-                help="Run directory (from 'pkdot extract --out') (required)",
-            )
+            text = "Run directory (from 'pkdot extract --out') (required)"
+            p.add_argument("--run", type=Path, required=True, help=text)
             _set_option(p, "Override a field of the run's config.yaml")
-        p.add_argument(
-            "--ray-address",
-            help="Ray cluster: 'auto' or host:port (default: the run's ray_address, else $RAY_ADDRESS, else a "
-            "private local Ray)",
-        )
+        text = "Ray cluster: 'auto' or host:port (default: the run's ray_address, else $RAY_ADDRESS, else a "
+        p.add_argument("--ray-address", help=text + "private local Ray)")
         _lock_arg(p)
         if stage.name == "distill":
-            p.add_argument(
-                "--loss",
-                action="append",
-                help="A registered loss (see distill.losses); repeatable or comma-separated (default: the "
-                "config's distill.losses)",
-            )
+            text = "A registered loss (see distill.losses); repeatable or comma-separated (default: the "
+            p.add_argument("--loss", action="append", help=text + "config's distill.losses)")
         if stage.name == "evaluate":
             p.add_argument(
                 "--robustness",
@@ -437,36 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir", type=Path, default=None, help="Run directory (default: runs/<dataset>-<preset>)"
     )
-    p.add_argument(
-        "--ray-address",
-        help="Ray cluster: 'auto' or host:port of a running cluster (default: $RAY_ADDRESS, else a private "
-        "local Ray)",
-    )
+    text = "Ray cluster: 'auto' or host:port of a running cluster (default: $RAY_ADDRESS, else a private "
+    p.add_argument("--ray-address", help=text + "local Ray)")
     p.add_argument("--no-prefect", action="store_true", help="Run the stages directly, without Prefect")
     _lock_arg(p)
     p.set_defaults(fn=cmd_run)
 
     p = _add_parser(sub, "predict", "Predict pain level / VA per video with a registered student")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="Registered model URI, e.g. models:/pkdot-student-biovid@champion (required)",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store holding the registered model, e.g. sqlite:///runs/biovid-demo/mlflow.db or "
-        "http://HOST:5000 (default: $MLFLOW_TRACKING_URI; required when that is unset)",
-    )
+    text = "Registered model URI, e.g. models:/pkdot-student-biovid@champion (required)"
+    p.add_argument("--model", required=True, help=text)
+    text = "MLflow store holding the registered model, e.g. sqlite:///runs/biovid-demo/mlflow.db or "
+    text += "http://HOST:5000 (default: $MLFLOW_TRACKING_URI; required when that is unset)"
+    p.add_argument("--tracking-uri", help=text)
     p.add_argument(
         "videos", nargs="*", type=Path, help="Video files (mp4, ...) to predict, one JSON line each"
     )
-    p.add_argument(
-        "--describe",
-        action="store_true",
-        help="Print the model card's one-line summary (what the model predicts, from what, its cross-validated "
-        "estimate, what it was trained on) first",
-    )
+    text = "Print the model card's one-line summary (what the model predicts, from what, its cross-validated "
+    p.add_argument("--describe", action="store_true", help=text + "estimate, what it was trained on) first")
     p.set_defaults(fn=cmd_predict)
 
     diagnose = (
