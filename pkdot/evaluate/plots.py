@@ -151,9 +151,7 @@ def plot_learning_curves(
                 if key == "val_metric":
                     best = int(np.argmax(mean))
                     label = f"{model} (best {mean[best]:.3f} @ epoch {epochs[best]})"
-                    ax.plot(
-                        epochs[best], mean[best], marker="*", markersize=13, color=color, markeredgecolor="k"
-                    )
+                    ax.plot(epochs[best], mean[best], marker="*", ms=13, color=color, mec="k")
                 ax.plot(epochs, mean, marker=".", color=color, label=label, lw=1.6)
                 # eight students' bands overlap into one blur: in a family of more than 3 models only the
                 # reference (student-none) and PKDOT's student keep their band
@@ -195,8 +193,7 @@ def transport_plan_pot(
     if blur <= 0:
         raise StageError(f"transport_plan_pot: blur must be > 0, got {blur}")
     cost = ot.dist(x, y, metric="sqeuclidean") / 2.0
-    a = np.full(x.shape[0], 1.0 / x.shape[0])
-    b = np.full(y.shape[0], 1.0 / y.shape[0])
+    a, b = ot.unif(x.shape[0]), ot.unif(y.shape[0])
     with warnings.catch_warnings():
         # the annealing's inner loops stop at 100 iterations per temperature and warn each time; what
         # matters is the final plan's marginals, checked below
@@ -340,22 +337,15 @@ def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Pat
             gm = g[g["model"] == model].sort_values("level")
             if gm.empty:
                 continue
-            x = gm["level"].to_numpy(float)
+            x, y = gm["level"].to_numpy(float), gm["mean"].to_numpy(float)
             band = model in banded
-            style = (
-                {"marker": "o", "linewidth": 2.0, "alpha": 1.0}
-                if band
-                else {"marker": ".", "linewidth": 1.0, "alpha": 0.8}
-            )
-            ax.plot(x, gm["mean"].to_numpy(float), **style, color=colors[model], label=model)
+            marker, width, alpha = ("o", 2.0, 1.0) if band else (".", 1.0, 0.8)
+            ax.plot(x, y, marker=marker, linewidth=width, alpha=alpha, color=colors[model], label=model)
             if band:
                 low, high = gm["ci_low"].to_numpy(float), gm["ci_high"].to_numpy(float)
                 ax.fill_between(x, low, high, alpha=0.15, color=colors[model])
-        ax.set(
-            title=perturbation.replace("_", " "),
-            xlabel=units.get(perturbation, "level"),
-            ylabel=f"test {metric}",
-        )
+        xlabel = units.get(perturbation, "level")
+        ax.set(title=perturbation.replace("_", " "), xlabel=xlabel, ylabel=f"test {metric}")
         ax.grid(alpha=0.3)
     axes.flat[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     n = int(robustness["n"].max()) if "n" in robustness.columns else 0

@@ -291,11 +291,8 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
     regression = cfg.data.is_regression
     metric = primary_metric(regression)
     table = summary.table
-    kind = (
-        "regression, metrics CCC, MAE and RMSE"
-        if regression
-        else f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
-    )
+    kind = f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
+    kind = "regression, metrics CCC, MAE and RMSE" if regression else kind
     part = f" (part {cfg.data.part})" if cfg.data.dataset == "biovid" else ""
     lines = [
         *protocol_banner(cfg),
@@ -390,13 +387,10 @@ def _draw_plots(
     models = list(table["model"])
     plots = [plot_metric_bars(table, out / "metric_bars.png")]
     if not regression:
-        plots.append(
-            plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models=models)
-        )
+        plots.append(plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models))
     histories = collect_histories(run_dir, models)
     if histories:
-        metric = primary_metric(regression)
-        plots.append(plot_learning_curves(histories, out / "learning_curves.png", metric=metric))
+        plots.append(plot_learning_curves(histories, out / "learning_curves.png", primary_metric(regression)))
     else:
         notes.append("learning curves (no history.json files)")
     students = [m for m in models if m.startswith("student-")]
