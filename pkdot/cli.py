@@ -161,11 +161,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def _print_where(details: dict[str, Any]) -> None:
     print(f"report: {details.get('report')}")
     if uri := details.get("tracking_uri"):
-        print(
-            f"MLflow UI: mlflow ui --backend-store-uri {uri}"
-            if uri.startswith("sqlite")
-            else f"MLflow: {uri}"
-        )
+        sqlite = uri.startswith("sqlite")
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}" if sqlite else f"MLflow: {uri}")
     if details.get("model_name"):
         print(
             f"registered model: models:/{details['model_name']}/{details['model_version']} "
@@ -307,13 +304,8 @@ def _add_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand whose help lists every option with its default (and ``-v`` also after the command)."""
     epilog = "examples:\n" + SUBCOMMAND_EXAMPLES[name]
     p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="Also show INFO logs and the per-epoch lines on the console (same as 'pkdot -v') (default: off)",
-    )
+    text = "Also show INFO logs and the per-epoch lines on the console (same as 'pkdot -v') (default: off)"
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=text)
     return p
 
 
@@ -328,13 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pkdot", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter
     )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="Also show INFO logs and the per-epoch training lines on the console (they are always in "
-        "RUN/logs/pkdot.log)",
-    )
+    text = "Also show INFO logs and the per-epoch training lines on the console (they are always in "
+    parser.add_argument("-v", "--verbose", action="store_true", help=text + "RUN/logs/pkdot.log)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -383,22 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
             text = "A registered loss (see distill.losses); repeatable or comma-separated (default: the "
             p.add_argument("--loss", action="append", help=text + "config's distill.losses)")
         if stage.name == "evaluate":
-            p.add_argument(
-                "--robustness",
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help="Evaluate the students and the unimodal video model on degraded test video (0-90%% "
-                "of frames dropped, Gaussian noise, blur): report/robustness.png, robustness.csv, a report "
-                "section and MLflow metrics (default: the config's evaluate.robustness, which is on whenever "
-                "the student watches video)",
-            )
+            text = "Evaluate the students and the unimodal video model on degraded test video (0-90%% of "
+            text += "frames dropped, Gaussian noise, blur): report/robustness.png, robustness.csv, a report "
+            text += "section and MLflow metrics (default: the config's evaluate.robustness, which is on "
+            text += "whenever the student watches video)"
+            p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=None, help=text)
         p.set_defaults(fn=cmd_stage)
 
     p = _add_parser(sub, "run", "The whole pipeline (synthetic Biovid demo with no arguments)")
     _config_args(p)
-    p.add_argument(
-        "--run-dir", type=Path, default=None, help="Run directory (default: runs/<dataset>-<preset>)"
-    )
+    p.add_argument("--run-dir", type=Path, help="Run directory (default: runs/<dataset>-<preset>)")
     text = "Ray cluster: 'auto' or host:port of a running cluster (default: $RAY_ADDRESS, else a private "
     p.add_argument("--ray-address", help=text + "local Ray)")
     p.add_argument("--no-prefect", action="store_true", help="Run the stages directly, without Prefect")
@@ -430,18 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", type=Path, help="A run directory after 'pkdot extract' (default: none; or --table)"
     )
     for view, default in (("student", "the table's first list column"), ("privileged", "the other ones")):
-        p.add_argument(
-            f"--{view}-modalities",
-            nargs="+",
-            metavar="NAME",
-            help=f"{view.capitalize()} columns/modalities, comma- or space-separated (default: {default}; "
-            "for --run, the run's config)",
-        )
+        text = f"{view.capitalize()} columns/modalities, comma- or space-separated (default: {default}; "
+        text += "for --run, the run's config)"
+        p.add_argument(f"--{view}-modalities", nargs="+", metavar="NAME", help=text)
     p.add_argument("--folds", type=int, default=5, help="Subject folds per repeat")
     p.add_argument("--repeats", type=int, default=3, help="Repeats of the subject k-fold (different folds)")
-    p.add_argument(
-        "--out", type=Path, help="Folder for diagnose.json/png (default: RUN/diagnose, FILE-diagnose)"
-    )
+    text = "Folder for diagnose.json/png (default: RUN/diagnose, FILE-diagnose)"
+    p.add_argument("--out", type=Path, help=text)
     p.set_defaults(fn=cmd_diagnose)
     return parser
 

@@ -221,13 +221,10 @@ class Tracker:
 
     def _create_parent_run(self, path: Path) -> str:
         cfg = self.cfg
-        tags = {
-            "pkdot.run_dir": str(self.run_dir),
-            "pkdot.preset": cfg.preset,
-            "pkdot.dataset": cfg.data.dataset,
-            "pkdot.task": cfg.data.task,
-            "pkdot.config_hash": cfg.section_hash(),
-        }
+        tags = dict(
+            run_dir=str(self.run_dir), preset=cfg.preset, dataset=cfg.data.dataset, task=cfg.data.task
+        )
+        tags = {f"pkdot.{k}": v for k, v in tags.items()} | {"pkdot.config_hash": cfg.section_hash()}
         run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
         StageRun(self.client, run_id, cfg.name).log_params(cfg.flat())
         self.client.log_text(run_id, cfg.yaml_text(), "config.yaml")
