@@ -270,8 +270,7 @@ def run_views(run: str | Path, student: Sequence[str] = (), privileged: Sequence
                 ids += batch_ids
                 rows.append(flat.reshape(len(batch_ids), -1))
             row_of = {sample: i for i, sample in enumerate(ids)}
-            missing = [sample for sample in order if sample not in row_of]
-            if missing:
+            if missing := [sample for sample in order if sample not in row_of]:
                 raise DatasetError(
                     f"{path}: no features for {len(missing)} manifest samples ({missing[:3]}...)"
                 )

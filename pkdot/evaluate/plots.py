@@ -54,9 +54,8 @@ def plot_confusion_matrices(
     names = [str(i) for i in range(num_classes)]
     cols = min(len(models), 4)
     rows = -(-len(models) // cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False, layout="constrained"
-    )
+    size = (3.2 * cols, 3.0 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
     for ax in axes.flat[len(models) :]:
         ax.axis("off")
     for ax, model in zip(axes.flat, models, strict=False):
@@ -132,9 +131,8 @@ def plot_learning_curves(
     by_size = [m for f in sorted(families, key=lambda f: -len(families[f])) for m in families[f]]
     colors = dict(zip(by_size, distinct_colors(len(by_size)), strict=True))
     order = [t for t, _ in MODEL_FAMILIES if t in families] + (["Other"] if "Other" in families else [])
-    fig, axes = plt.subplots(
-        len(order), 2, figsize=(12, 3.3 * len(order)), squeeze=False, layout="constrained"
-    )
+    size = (12, 3.3 * len(order))
+    fig, axes = plt.subplots(len(order), 2, figsize=size, squeeze=False, layout="constrained")
     for row, family in zip(axes, order, strict=True):
         ax_loss, ax_val = row
         loss_levels: list[float] = []
@@ -266,9 +264,8 @@ def plot_embedding_map(
     if not embeddings:
         raise StageError("plot_embedding_map: no embeddings")
     labels = np.asarray(labels)
-    fig, axes = plt.subplots(
-        1, len(embeddings), figsize=(4.8 * len(embeddings), 4.3), squeeze=False, layout="constrained"
-    )
+    size = (4.8 * len(embeddings), 4.3)
+    fig, axes = plt.subplots(1, len(embeddings), figsize=size, squeeze=False, layout="constrained")
     for ax, (name, emb) in zip(axes.flat, embeddings.items(), strict=True):
         x = np.asarray(emb, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] != labels.shape[0] or x.shape[0] < 2:

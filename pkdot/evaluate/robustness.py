@@ -169,8 +169,7 @@ def run_robustness(cfg: RunConfig, run_dir: Path | None = None) -> pd.DataFrame:
     video = cfg.data.student_modalities[0]
     if video != "video":
         raise StageError(f"--robustness perturbs face video; the student modality of this run is {video!r}")
-    jobs = trained_video_models(run_dir)
-    if not jobs:
+    if not (jobs := trained_video_models(run_dir)):
         raise StageError(f"{run_dir}: no trained student or unimodal video model to evaluate for robustness")
     regression = cfg.data.is_regression
     metric = primary_metric(regression)
