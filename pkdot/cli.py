@@ -44,56 +44,32 @@ def _set_option(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        type=Path,
-        help="Run config YAML, every field optional (default: none: the preset's values)",
-    )
-    p.add_argument(
-        "--preset",
-        choices=["demo", "paper"],
-        help="Preset applied before the file: demo = tiny models, minutes on a CPU; paper = the paper's "
-        "sizes (default: the config file's preset, else demo)",
-    )
-    _set_option(p, "Override a config field")
-    p.add_argument(
-        "--dataset",
-        choices=["biovid", "affwild2", "table"],
-        help="Data set kind; table = a Parquet file of per-sample feature vectors (default: the config's "
-        "data.dataset, biovid)",
-    )
-    p.add_argument(
-        "--root",
-        type=Path,
-        help="Dataset root, a Parquet file for --dataset table (default: a synthetic set generated in "
-        "the run directory)",
-    )
-    p.add_argument(
-        "--task",
-        choices=["binary", "multiclass", "valence", "arousal", "regression"],
-        help="binary (BL1 vs PA4) / multiclass (Biovid), valence / arousal (Aff-Wild2), regression "
-        "(table with a float 'target' column) (default: binary; valence for --dataset affwild2)",
-    )
-    p.add_argument(
-        "--part", choices=["A", "B"], help="Biovid part; B adds facial EMG (default: the config's, A)"
-    )
-    p.add_argument("--skip-bad", action="store_true", help="Skip and report bad samples instead of failing")
-    p.add_argument(
-        "--student-modalities",
-        metavar="LIST",
-        help="Comma list (table data): the modality the student has at test time (default: video)",
-    )
-    p.add_argument(
-        "--privileged-modalities",
-        metavar="LIST",
-        help="Comma list (table data): teacher-only modalities (default: physio for Biovid, audio for "
-        "Aff-Wild2)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        help="Seed of the synthetic data and of the fold assignment (default: the config's seed, 0)",
-    )
+    for flag, kw, text in (
+        ("--config", {"type": Path}, "Run config YAML, every field optional (default: none: the preset's "
+         "values)"),
+        ("--preset", {"choices": ["demo", "paper"]}, "Preset applied before the file: demo = tiny models, "
+         "minutes on a CPU; paper = the paper's sizes (default: the config file's preset, else demo)"),
+        ("--set", {}, ""),
+        ("--dataset", {"choices": ["biovid", "affwild2", "table"]}, "Data set kind; table = a Parquet file "
+         "of per-sample feature vectors (default: the config's data.dataset, biovid)"),
+        ("--root", {"type": Path}, "Dataset root, a Parquet file for --dataset table (default: a synthetic "
+         "set generated in the run directory)"),
+        ("--task", {"choices": ["binary", "multiclass", "valence", "arousal", "regression"]}, "binary (BL1 "
+         "vs PA4) / multiclass (Biovid), valence / arousal (Aff-Wild2), regression (table with a float "
+         "'target' column) (default: binary; valence for --dataset affwild2)"),
+        ("--part", {"choices": ["A", "B"]}, "Biovid part; B adds facial EMG (default: the config's, A)"),
+        ("--skip-bad", {"action": "store_true"}, "Skip and report bad samples instead of failing"),
+        ("--student-modalities", {"metavar": "LIST"}, "Comma list (table data): the modality the student has "
+         "at test time (default: video)"),
+        ("--privileged-modalities", {"metavar": "LIST"}, "Comma list (table data): teacher-only modalities "
+         "(default: physio for Biovid, audio for Aff-Wild2)"),
+        ("--seed", {"type": int}, "Seed of the synthetic data and of the fold assignment (default: the "
+         "config's seed, 0)"),
+    ):  # fmt: skip
+        if flag == "--set":
+            _set_option(p, "Override a config field")
+        else:
+            p.add_argument(flag, **kw, help=text)
 
 
 def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
@@ -185,11 +161,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def _print_where(details: dict[str, Any]) -> None:
     print(f"report: {details.get('report')}")
     if uri := details.get("tracking_uri"):
-        print(
-            f"MLflow UI: mlflow ui --backend-store-uri {uri}"
-            if uri.startswith("sqlite")
-            else f"MLflow: {uri}"
-        )
+        sqlite = uri.startswith("sqlite")
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}" if sqlite else f"MLflow: {uri}")
     if details.get("model_name"):
         print(
             f"registered model: models:/{details['model_name']}/{details['model_version']} "
@@ -331,13 +304,8 @@ def _add_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand whose help lists every option with its default (and ``-v`` also after the command)."""
     epilog = "examples:\n" + SUBCOMMAND_EXAMPLES[name]
     p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="Also show INFO logs and the per-epoch lines on the console (same as 'pkdot -v') (default: off)",
-    )
+    text = "Also show INFO logs and the per-epoch lines on the console (same as 'pkdot -v') (default: off)"
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=text)
     return p
 
 
@@ -352,13 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pkdot", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter
     )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="Also show INFO logs and the per-epoch training lines on the console (they are always in "
-        "RUN/logs/pkdot.log)",
-    )
+    text = "Also show INFO logs and the per-epoch training lines on the console (they are always in "
+    parser.add_argument("-v", "--verbose", action="store_true", help=text + "RUN/logs/pkdot.log)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -394,79 +357,46 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.name == "extract":
             _config_args(p)
             p.add_argument("--out", type=Path, required=True, help="Run directory (required)")
-            p.add_argument(
-                "--workers",
-                type=int,
-                help="Parallel extraction tasks (default: the config's features.workers, 2 in both presets)",
-            )
+            text = "Parallel extraction tasks (default: the config's features.workers, 2 in both presets)"
+            p.add_argument("--workers", type=int, help=text)
         else:
-            p.add_argument(
-                "--run",
-                type=Path,
-                required=True,
-                help="Run directory (from 'pkdot extract --out') (required)",
-            )
+            text = "Run directory (from 'pkdot extract --out') (required)"
+            p.add_argument("--run", type=Path, required=True, help=text)
             _set_option(p, "Override a field of the run's config.yaml")
-        p.add_argument(
-            "--ray-address",
-            help="Ray cluster: 'auto' or host:port (default: the run's ray_address, else $RAY_ADDRESS, else a "
-            "private local Ray)",
-        )
+        text = "Ray cluster: 'auto' or host:port (default: the run's ray_address, else $RAY_ADDRESS, else a "
+        p.add_argument("--ray-address", help=text + "private local Ray)")
         _lock_arg(p)
         if stage.name == "distill":
-            p.add_argument(
-                "--loss",
-                action="append",
-                help="A registered loss (see distill.losses); repeatable or comma-separated (default: the "
-                "config's distill.losses)",
-            )
+            text = "A registered loss (see distill.losses); repeatable or comma-separated (default: the "
+            p.add_argument("--loss", action="append", help=text + "config's distill.losses)")
         if stage.name == "evaluate":
-            p.add_argument(
-                "--robustness",
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help="Evaluate the students and the unimodal video model on degraded test video (0-90%% "
-                "of frames dropped, Gaussian noise, blur): report/robustness.png, robustness.csv, a report "
-                "section and MLflow metrics (default: the config's evaluate.robustness, which is on whenever "
-                "the student watches video)",
-            )
+            text = "Evaluate the students and the unimodal video model on degraded test video (0-90%% of "
+            text += "frames dropped, Gaussian noise, blur): report/robustness.png, robustness.csv, a report "
+            text += "section and MLflow metrics (default: the config's evaluate.robustness, which is on "
+            text += "whenever the student watches video)"
+            p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=None, help=text)
         p.set_defaults(fn=cmd_stage)
 
     p = _add_parser(sub, "run", "The whole pipeline (synthetic Biovid demo with no arguments)")
     _config_args(p)
-    p.add_argument(
-        "--run-dir", type=Path, default=None, help="Run directory (default: runs/<dataset>-<preset>)"
-    )
-    p.add_argument(
-        "--ray-address",
-        help="Ray cluster: 'auto' or host:port of a running cluster (default: $RAY_ADDRESS, else a private "
-        "local Ray)",
-    )
+    p.add_argument("--run-dir", type=Path, help="Run directory (default: runs/<dataset>-<preset>)")
+    text = "Ray cluster: 'auto' or host:port of a running cluster (default: $RAY_ADDRESS, else a private "
+    p.add_argument("--ray-address", help=text + "local Ray)")
     p.add_argument("--no-prefect", action="store_true", help="Run the stages directly, without Prefect")
     _lock_arg(p)
     p.set_defaults(fn=cmd_run)
 
     p = _add_parser(sub, "predict", "Predict pain level / VA per video with a registered student")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="Registered model URI, e.g. models:/pkdot-student-biovid@champion (required)",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store holding the registered model, e.g. sqlite:///runs/biovid-demo/mlflow.db or "
-        "http://HOST:5000 (default: $MLFLOW_TRACKING_URI; required when that is unset)",
-    )
+    text = "Registered model URI, e.g. models:/pkdot-student-biovid@champion (required)"
+    p.add_argument("--model", required=True, help=text)
+    text = "MLflow store holding the registered model, e.g. sqlite:///runs/biovid-demo/mlflow.db or "
+    text += "http://HOST:5000 (default: $MLFLOW_TRACKING_URI; required when that is unset)"
+    p.add_argument("--tracking-uri", help=text)
     p.add_argument(
         "videos", nargs="*", type=Path, help="Video files (mp4, ...) to predict, one JSON line each"
     )
-    p.add_argument(
-        "--describe",
-        action="store_true",
-        help="Print the model card's one-line summary (what the model predicts, from what, its cross-validated "
-        "estimate, what it was trained on) first",
-    )
+    text = "Print the model card's one-line summary (what the model predicts, from what, its cross-validated "
+    p.add_argument("--describe", action="store_true", help=text + "estimate, what it was trained on) first")
     p.set_defaults(fn=cmd_predict)
 
     diagnose = (
@@ -481,18 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", type=Path, help="A run directory after 'pkdot extract' (default: none; or --table)"
     )
     for view, default in (("student", "the table's first list column"), ("privileged", "the other ones")):
-        p.add_argument(
-            f"--{view}-modalities",
-            nargs="+",
-            metavar="NAME",
-            help=f"{view.capitalize()} columns/modalities, comma- or space-separated (default: {default}; "
-            "for --run, the run's config)",
-        )
+        text = f"{view.capitalize()} columns/modalities, comma- or space-separated (default: {default}; "
+        text += "for --run, the run's config)"
+        p.add_argument(f"--{view}-modalities", nargs="+", metavar="NAME", help=text)
     p.add_argument("--folds", type=int, default=5, help="Subject folds per repeat")
     p.add_argument("--repeats", type=int, default=3, help="Repeats of the subject k-fold (different folds)")
-    p.add_argument(
-        "--out", type=Path, help="Folder for diagnose.json/png (default: RUN/diagnose, FILE-diagnose)"
-    )
+    text = "Folder for diagnose.json/png (default: RUN/diagnose, FILE-diagnose)"
+    p.add_argument("--out", type=Path, help=text)
     p.set_defaults(fn=cmd_diagnose)
     return parser
 

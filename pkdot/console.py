@@ -318,17 +318,10 @@ def console_session(*, verbose: bool = False, run_dir: str | Path | None = None)
         stack.callback(remove_handlers)
         # a console handler Prefect put on the root logger earlier would print every record twice: set aside
         root = logging.getLogger()
-        prefect_console = [
-            h
-            for h in root.handlers
-            if not _ours(h)
-            and type(h).__module__.startswith("prefect.")
-            and isinstance(h, logging.StreamHandler)
-            and not isinstance(h, logging.FileHandler)
-        ]
-        for handler in prefect_console:
-            root.removeHandler(handler)
-            stack.callback(root.addHandler, handler)
+        for handler in [h for h in root.handlers if type(h).__module__.startswith("prefect.")]:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+                stack.callback(root.addHandler, handler)
         _route_ray_logs = True
         stack.callback(_stop_routing_ray_logs)
         log_path = attach_log_file(run_dir) if run_dir is not None else None

@@ -118,9 +118,4 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """``{"ccc": float, "mae": float, "rmse": float, "pearson": float}``."""
-    return {
-        "ccc": ccc(y_true, y_pred),
-        "mae": mae(y_true, y_pred),
-        "rmse": rmse(y_true, y_pred),
-        "pearson": pearson(y_true, y_pred),
-    }
+    return {metric.__name__: metric(y_true, y_pred) for metric in (ccc, mae, rmse, pearson)}

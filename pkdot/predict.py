@@ -20,8 +20,7 @@ from pkdot.tracking.registry import load_student, model_config_path, model_versi
 def resolve_registry_uri(tracking_uri: str | None = None) -> str:
     """The existing MLflow store ``pkdot predict`` reads from: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``; no
     default (MLflow's own, ``sqlite:///mlflow.db`` in the working directory, would create an empty store)."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+    if not (uri := tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise ConfigError(
             "pkdot predict: no MLflow store to read the model from; pass --tracking-uri (e.g. "
             "sqlite:///runs/biovid-demo/mlflow.db for a local run, http://HOST:5000 for a server) or set "
@@ -33,8 +32,7 @@ def resolve_registry_uri(tracking_uri: str | None = None) -> str:
 def describe_model(model_uri: str, tracking_uri: str | None = None) -> str:
     """The one-line summary of a registered student's model card (the first line of its description)."""
     mv = model_version(model_uri, resolve_registry_uri(tracking_uri))
-    lines = (mv.description or "").strip().splitlines()
-    if not lines:
+    if not (lines := (mv.description or "").strip().splitlines()):
         raise PkdotError(
             f"{model_uri} (version {mv.version}) has no model card (registered by an older pkdot)"
         )

@@ -35,10 +35,8 @@ def vector_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """``(lengths, has_nonfinite)`` per row of a list<float> column (length -1 for null rows)."""
     values = column.to_pylist()
     lengths = np.array([-1 if vec is None else len(vec) for vec in values], np.int64)
-    nonfinite = np.array(
-        [vec is not None and not np.isfinite(np.array(vec, dtype=np.float64)).all() for vec in values], bool
-    )
-    return lengths, nonfinite
+    nonfinite = [vec is not None and not np.isfinite(np.array(vec, dtype=np.float64)).all() for vec in values]
+    return lengths, np.array(nonfinite, bool)
 
 
 def modal_length(path: Path, column: str, lengths: np.ndarray) -> int:

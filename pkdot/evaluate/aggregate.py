@@ -158,8 +158,7 @@ def _read_predictions(path: Path) -> pd.DataFrame:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise StageError(f"predictions file {path} is not a readable Parquet file: {exc}") from exc
-    missing = [c for c in PREDICTION_COLUMNS if c not in table.column_names]
-    if missing:
+    if missing := [c for c in PREDICTION_COLUMNS if c not in table.column_names]:
         raise StageError(
             f"predictions file {path}: missing columns {missing} (expected {list(PREDICTION_COLUMNS)})"
         )
@@ -343,9 +342,8 @@ def aggregate(
         per_fold[f"val_{metric}"] = math.nan
     interval = {"level": level, "test_train_ratio": test_train_ratio}
     table = summary_table(per_fold, regression=regression, **interval)
-    students = [
-        m for m in order_models(per_fold["model"]) if m.startswith("student-") and m != BASELINE_STUDENT
-    ]
+    students = [m for m in order_models(per_fold["model"]) if m.startswith("student-")]
+    students = [m for m in students if m != BASELINE_STUDENT]
     if BASELINE_STUDENT in set(per_fold["model"]):
         paired = paired_table(per_fold, metric=metric, models=students, baseline=BASELINE_STUDENT, **interval)
     else:

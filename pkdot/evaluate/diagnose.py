@@ -144,20 +144,19 @@ class Diagnosis:
             return f"{s[k]['mean']:{f}} [{s[k]['ci_low']:{f}}, {s[k]['ci_high']:{f}}]"
 
         student, privileged = (", ".join(n) or "?" for n in self.names)
-        return "\n".join(
-            [
-                f"verdict: {self.verdict} (gain {ci('gain')}, R² beyond the label "
-                f"{s['r2_beyond_label']['mean']:+.2f}; {self.subjects} subjects, {len(s_runs)} runs)",
-                f"  {self.metric} on test subjects: student ({student}) {ci('student', '.3f')}, privileged "
-                f"({privileged}) {ci('privileged', '.3f')}, both {ci('both', '.3f')}",
-                f"  head-room privileged - student {ci('headroom')}; soft-label student "
-                f"{ci('soft_label_student', '.3f')}, gain over labels {ci('gain')}",
-                f"  privileged output from the student view: R² {ci('r2_output', '+.2f')}, beyond the label "
-                f"{ci('r2_beyond_label', '+.2f')}",
-                "  (means with 95 % Nadeau-Bengio corrected intervals over subject folds x repeats)",
-                f"  rule: {RULE}",
-            ]
-        )
+        lines = [
+            f"verdict: {self.verdict} (gain {ci('gain')}, R² beyond the label "
+            f"{s['r2_beyond_label']['mean']:+.2f}; {self.subjects} subjects, {len(s_runs)} runs)",
+            f"  {self.metric} on test subjects: student ({student}) {ci('student', '.3f')}, privileged "
+            f"({privileged}) {ci('privileged', '.3f')}, both {ci('both', '.3f')}",
+            f"  head-room privileged - student {ci('headroom')}; soft-label student "
+            f"{ci('soft_label_student', '.3f')}, gain over labels {ci('gain')}",
+            f"  privileged output from the student view: R² {ci('r2_output', '+.2f')}, beyond the label "
+            f"{ci('r2_beyond_label', '+.2f')}",
+            "  (means with 95 % Nadeau-Bengio corrected intervals over subject folds x repeats)",
+            f"  rule: {RULE}",
+        ]
+        return "\n".join(lines)
 
 
 def decide(subjects: int, summary: dict[str, dict[str, float]]) -> str:
@@ -271,8 +270,7 @@ def run_views(run: str | Path, student: Sequence[str] = (), privileged: Sequence
                 ids += batch_ids
                 rows.append(flat.reshape(len(batch_ids), -1))
             row_of = {sample: i for i, sample in enumerate(ids)}
-            missing = [sample for sample in order if sample not in row_of]
-            if missing:
+            if missing := [sample for sample in order if sample not in row_of]:
                 raise DatasetError(
                     f"{path}: no features for {len(missing)} manifest samples ({missing[:3]}...)"
                 )

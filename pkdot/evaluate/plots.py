@@ -54,9 +54,8 @@ def plot_confusion_matrices(
     names = [str(i) for i in range(num_classes)]
     cols = min(len(models), 4)
     rows = -(-len(models) // cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False, layout="constrained"
-    )
+    size = (3.2 * cols, 3.0 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
     for ax in axes.flat[len(models) :]:
         ax.axis("off")
     for ax, model in zip(axes.flat, models, strict=False):
@@ -132,9 +131,8 @@ def plot_learning_curves(
     by_size = [m for f in sorted(families, key=lambda f: -len(families[f])) for m in families[f]]
     colors = dict(zip(by_size, distinct_colors(len(by_size)), strict=True))
     order = [t for t, _ in MODEL_FAMILIES if t in families] + (["Other"] if "Other" in families else [])
-    fig, axes = plt.subplots(
-        len(order), 2, figsize=(12, 3.3 * len(order)), squeeze=False, layout="constrained"
-    )
+    size = (12, 3.3 * len(order))
+    fig, axes = plt.subplots(len(order), 2, figsize=size, squeeze=False, layout="constrained")
     for row, family in zip(axes, order, strict=True):
         ax_loss, ax_val = row
         loss_levels: list[float] = []
@@ -151,9 +149,7 @@ def plot_learning_curves(
                 if key == "val_metric":
                     best = int(np.argmax(mean))
                     label = f"{model} (best {mean[best]:.3f} @ epoch {epochs[best]})"
-                    ax.plot(
-                        epochs[best], mean[best], marker="*", markersize=13, color=color, markeredgecolor="k"
-                    )
+                    ax.plot(epochs[best], mean[best], marker="*", ms=13, color=color, mec="k")
                 ax.plot(epochs, mean, marker=".", color=color, label=label, lw=1.6)
                 # eight students' bands overlap into one blur: in a family of more than 3 models only the
                 # reference (student-none) and PKDOT's student keep their band
@@ -195,8 +191,7 @@ def transport_plan_pot(
     if blur <= 0:
         raise StageError(f"transport_plan_pot: blur must be > 0, got {blur}")
     cost = ot.dist(x, y, metric="sqeuclidean") / 2.0
-    a = np.full(x.shape[0], 1.0 / x.shape[0])
-    b = np.full(y.shape[0], 1.0 / y.shape[0])
+    a, b = ot.unif(x.shape[0]), ot.unif(y.shape[0])
     with warnings.catch_warnings():
         # the annealing's inner loops stop at 100 iterations per temperature and warn each time; what
         # matters is the final plan's marginals, checked below
@@ -269,9 +264,8 @@ def plot_embedding_map(
     if not embeddings:
         raise StageError("plot_embedding_map: no embeddings")
     labels = np.asarray(labels)
-    fig, axes = plt.subplots(
-        1, len(embeddings), figsize=(4.8 * len(embeddings), 4.3), squeeze=False, layout="constrained"
-    )
+    size = (4.8 * len(embeddings), 4.3)
+    fig, axes = plt.subplots(1, len(embeddings), figsize=size, squeeze=False, layout="constrained")
     for ax, (name, emb) in zip(axes.flat, embeddings.items(), strict=True):
         x = np.asarray(emb, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] != labels.shape[0] or x.shape[0] < 2:
@@ -340,22 +334,15 @@ def plot_robustness(robustness: pd.DataFrame, path: Path, *, metric: str) -> Pat
             gm = g[g["model"] == model].sort_values("level")
             if gm.empty:
                 continue
-            x = gm["level"].to_numpy(float)
+            x, y = gm["level"].to_numpy(float), gm["mean"].to_numpy(float)
             band = model in banded
-            style = (
-                {"marker": "o", "linewidth": 2.0, "alpha": 1.0}
-                if band
-                else {"marker": ".", "linewidth": 1.0, "alpha": 0.8}
-            )
-            ax.plot(x, gm["mean"].to_numpy(float), **style, color=colors[model], label=model)
+            marker, width, alpha = ("o", 2.0, 1.0) if band else (".", 1.0, 0.8)
+            ax.plot(x, y, marker=marker, linewidth=width, alpha=alpha, color=colors[model], label=model)
             if band:
                 low, high = gm["ci_low"].to_numpy(float), gm["ci_high"].to_numpy(float)
                 ax.fill_between(x, low, high, alpha=0.15, color=colors[model])
-        ax.set(
-            title=perturbation.replace("_", " "),
-            xlabel=units.get(perturbation, "level"),
-            ylabel=f"test {metric}",
-        )
+        xlabel = units.get(perturbation, "level")
+        ax.set(title=perturbation.replace("_", " "), xlabel=xlabel, ylabel=f"test {metric}")
         ax.grid(alpha=0.3)
     axes.flat[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     n = int(robustness["n"].max()) if "n" in robustness.columns else 0

@@ -125,8 +125,7 @@ def matched_test_embeddings(
         set(test.loc[test["model"] == m, ["fold", "seed"]].itertuples(index=False, name=None))
         for m in (teacher, student)
     )
-    common = sorted(t_runs & s_runs)
-    if not common:
+    if not (common := sorted(t_runs & s_runs)):
         raise StageError(f"{teacher} and {student} have no (fold, seed) with test predictions in common")
     fold, seed = (int(v) for v in common[0])
     sel = test[(test["fold"] == fold) & (test["seed"] == seed)]
@@ -171,16 +170,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _difference_table(diffs: pd.DataFrame, first: str, metric: str, name: Any) -> str:
     """A paired-difference table, one row per row of ``diffs`` (``name(row)``: its first cell)."""
-    rows = [
-        [
-            name(r),
-            _fmt(float(r["mean_diff"]), 4, "+"),
-            f"[{_fmt(float(r['ci_low']), 4, '+')}, {_fmt(float(r['ci_high']), 4, '+')}]",
-            _fmt_p(float(r["p_value"])),
-            str(int(r["n"])),
-        ]
-        for _, r in diffs.iterrows()
-    ]
+    rows = []
+    for _, r in diffs.iterrows():
+        diff, low, high = (_fmt(float(r[k]), 4, "+") for k in ("mean_diff", "ci_low", "ci_high"))
+        rows.append([name(r), diff, f"[{low}, {high}]", _fmt_p(float(r["p_value"])), str(int(r["n"]))])
     return _md_table([first, f"Δ {metric}", "95% CI (corrected)", "p (corrected paired t)", "n"], rows)
 
 
@@ -268,8 +261,7 @@ _LEAKS = {
 def protocol_banner(cfg: RunConfig) -> list[str]:
     """The report's first lines when the run uses an authors'-protocol switch (``train.folds: clips``,
     ``train.select_on: test``, ``train.teacher_scope: all``); none otherwise."""
-    switches = cfg.train.optimistic_switches
-    if not switches:
+    if not (switches := cfg.train.optimistic_switches):
         return []
     said = "; ".join(f"`{s}`: {_LEAKS[s]}" for s in switches)
     return [f"> **Optimistic by construction; for comparison with published numbers only.** {said}.", ""]
@@ -291,11 +283,8 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
     regression = cfg.data.is_regression
     metric = primary_metric(regression)
     table = summary.table
-    kind = (
-        "regression, metrics CCC, MAE and RMSE"
-        if regression
-        else f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
-    )
+    kind = f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
+    kind = "regression, metrics CCC, MAE and RMSE" if regression else kind
     part = f" (part {cfg.data.part})" if cfg.data.dataset == "biovid" else ""
     lines = [
         *protocol_banner(cfg),
@@ -331,11 +320,8 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
     header += [*(["MAE mean", "RMSE mean"] if regression else ["macro-F1 mean ± std"]), "n"]
     rows = []
     for _, r in table.iterrows():
-        extra = (
-            [_fmt(r["mae_mean"]), _fmt(r["rmse_mean"])]
-            if regression
-            else [f"{_fmt(r['macro_f1_mean'])} ± {_fmt(r['macro_f1_std'])}"]
-        )
+        f1 = f"{_fmt(r.get('macro_f1_mean'))} ± {_fmt(r.get('macro_f1_std'))}"
+        extra = [_fmt(r["mae_mean"]), _fmt(r["rmse_mean"])] if regression else [f1]
         row = [f"`{r['model']}`", _fmt(r.get("val_mean")), f"{_fmt(r['mean'])} ± {_fmt(r['std'])}", _ci(r)]
         rows.append([*row, *extra, str(int(r["n"]))])
     lines += [_md_table(header, rows), ""]
@@ -390,13 +376,9 @@ def _draw_plots(
     models = list(table["model"])
     plots = [plot_metric_bars(table, out / "metric_bars.png")]
     if not regression:
-        plots.append(
-            plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models=models)
-        )
-    histories = collect_histories(run_dir, models)
-    if histories:
-        metric = primary_metric(regression)
-        plots.append(plot_learning_curves(histories, out / "learning_curves.png", metric=metric))
+        plots.append(plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models))
+    if histories := collect_histories(run_dir, models):
+        plots.append(plot_learning_curves(histories, out / "learning_curves.png", primary_metric(regression)))
     else:
         notes.append("learning curves (no history.json files)")
     students = [m for m in models if m.startswith("student-")]

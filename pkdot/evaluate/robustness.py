@@ -40,10 +40,12 @@ SUMMARY_COLUMNS = (
 
 
 # ---- perturbations -----------------------------------------------------------------------------------------
-def _check_clip(clip: np.ndarray, what: str) -> np.ndarray:
+def _check_clip(clip: np.ndarray, what: str, amount: float = 0.0, name: str = "") -> np.ndarray:
     x = np.asarray(clip)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or x.shape[0] < 1:
         raise StageError(f"{what}: expected a uint8 clip (T, H, W, 3) with T >= 1, got {x.dtype} {x.shape}")
+    if amount < 0:
+        raise StageError(f"{name} must be >= 0, got {amount}")
     return x
 
 
@@ -71,9 +73,7 @@ def drop_frames(clip: np.ndarray, fraction: float, rng: np.random.Generator) -> 
 
 def add_noise(clip: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
     """``clip + N(0, std^2)`` per pixel and channel (0-255 scale), rounded and clipped to uint8."""
-    x = _check_clip(clip, "add_noise")
-    if std < 0:
-        raise StageError(f"noise: the standard deviation must be >= 0, got {std}")
+    x = _check_clip(clip, "add_noise", std, "noise: the standard deviation")
     if std == 0:
         return x.copy()
     noisy = x.astype(np.float32) + rng.normal(0.0, std, size=x.shape).astype(np.float32)
@@ -82,9 +82,7 @@ def add_noise(clip: np.ndarray, std: float, rng: np.random.Generator) -> np.ndar
 
 def blur(clip: np.ndarray, sigma: float) -> np.ndarray:
     """Spatial Gaussian blur of every frame (sigma in pixels over H and W; none over time or channels)."""
-    x = _check_clip(clip, "blur")
-    if sigma < 0:
-        raise StageError(f"blur: sigma must be >= 0, got {sigma}")
+    x = _check_clip(clip, "blur", sigma, "blur: sigma")
     if sigma == 0:
         return x.copy()
     out = ndimage.gaussian_filter(x.astype(np.float32), sigma=(0.0, sigma, sigma, 0.0), mode="nearest")
@@ -171,8 +169,7 @@ def run_robustness(cfg: RunConfig, run_dir: Path | None = None) -> pd.DataFrame:
     video = cfg.data.student_modalities[0]
     if video != "video":
         raise StageError(f"--robustness perturbs face video; the student modality of this run is {video!r}")
-    jobs = trained_video_models(run_dir)
-    if not jobs:
+    if not (jobs := trained_video_models(run_dir)):
         raise StageError(f"{run_dir}: no trained student or unimodal video model to evaluate for robustness")
     regression = cfg.data.is_regression
     metric = primary_metric(regression)
@@ -217,9 +214,7 @@ def run_robustness(cfg: RunConfig, run_dir: Path | None = None) -> pd.DataFrame:
                     changed = float(np.mean(y_pred != clean_pred))
                     output_change = float(np.abs(outputs - clean_outputs[model]).mean())
                     run = (model, perturbation, float(level), fold, seed, len(ids), metric, value)
-                    records.append(
-                        (*run, float(dropped.mean()), changed, output_change, agreement)
-                    )  # RUN_COLUMNS
+                    records.append((*run, float(dropped.mean()), changed, output_change, agreement))
         logger.info("robustness: fold %d seed %d done (%d models)", fold, seed, len(models))
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
 

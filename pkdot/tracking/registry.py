@@ -143,13 +143,13 @@ class ModelCard:
 
     def markdown(self, alias_note: str = "") -> str:
         low, high = self.cv_ci
+        modalities = (
+            f"student {self.student_modalities}; privileged (teacher only) {self.privileged_modalities}"
+        )
         rows = [
             ("Data set / task", f"{self.dataset} / {self.task}"),
             ("Distillation loss", f"`{self.loss}`"),
-            (
-                "Modalities",
-                f"student {self.student_modalities}; privileged (teacher only) {self.privileged_modalities}",
-            ),
+            ("Modalities", modalities),
             ("Protocol", self.protocol),
             ("Selection", self.selection_rule),
             (
@@ -327,9 +327,7 @@ def register_student(
         _check_batch_is_dynamic(export_model, torch.from_numpy(example))
         with tracker.stage_run("register", dataset=dataset, model_name=name) as sr:
             sr.log_metrics({metric_name: metric_value, **own_scores})
-            sr.log_params(
-                {"metric_name": metric_name, "higher_is_better": higher_is_better, "dataset": dataset}
-            )
+            sr.log_params(dict(metric_name=metric_name, higher_is_better=higher_is_better, dataset=dataset))
             use_tracking_uri(tracker.tracking_uri)  # another Tracker in this process may have moved it
             with mlflow.start_run(run_id=sr.run_id, nested=True):
                 for split in datasets:
@@ -403,9 +401,8 @@ def register_best(
     datasets = dataset_splits(cfg, manifest, subjects, label, manifest_fingerprint, unit)
     training_subjects = len(subjects["train"])
     if unit != "subject_id":  # clips folds: count the people behind the training clips
-        training_subjects = int(
-            next(d for d in datasets if d.context == "train").frame["subject_id"].nunique()
-        )
+        train_rows = next(d for d in datasets if d.context == "train").frame
+        training_subjects = int(train_rows["subject_id"].nunique())
     card = model_card(
         cfg, summary, input_example=example, training_subjects=training_subjects, trained_on=trained_on
     )

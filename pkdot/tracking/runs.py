@@ -67,12 +67,8 @@ def run_ui_url(public_uri: str, run_id: str, experiment_id: str | None = None) -
 
 def _mlflow_store_chatter_filter(record: logging.LogRecord) -> bool:
     """Store set-up chatter only as a warning, at INFO (``pkdot -v``) or with ``$MLFLOW_LOGGING_LEVEL``."""
-    root_level = logging.getLogger().getEffectiveLevel()
-    return (
-        record.levelno >= logging.WARNING
-        or root_level <= logging.INFO
-        or bool(os.environ.get("MLFLOW_LOGGING_LEVEL"))
-    )
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    return record.levelno >= logging.WARNING or verbose or bool(os.environ.get("MLFLOW_LOGGING_LEVEL"))
 
 
 for _name in MLFLOW_NOISY_LOGGERS:
@@ -138,11 +134,6 @@ class StageRun:
         if not Path(path).is_file():
             raise StageError(f"artifact {path} does not exist or is not a file")
         self._client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        if not Path(directory).is_dir():
-            raise StageError(f"artifact directory {directory} does not exist")
-        self._client.log_artifacts(self.run_id, str(directory), artifact_path)
 
 
 def _read_parent_file(path: Path) -> tuple[str, str] | None:
@@ -230,13 +221,10 @@ class Tracker:
 
     def _create_parent_run(self, path: Path) -> str:
         cfg = self.cfg
-        tags = {
-            "pkdot.run_dir": str(self.run_dir),
-            "pkdot.preset": cfg.preset,
-            "pkdot.dataset": cfg.data.dataset,
-            "pkdot.task": cfg.data.task,
-            "pkdot.config_hash": cfg.section_hash(),
-        }
+        tags = dict(
+            run_dir=str(self.run_dir), preset=cfg.preset, dataset=cfg.data.dataset, task=cfg.data.task
+        )
+        tags = {f"pkdot.{k}": v for k, v in tags.items()} | {"pkdot.config_hash": cfg.section_hash()}
         run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
         StageRun(self.client, run_id, cfg.name).log_params(cfg.flat())
         self.client.log_text(run_id, cfg.yaml_text(), "config.yaml")
@@ -308,17 +296,13 @@ def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
     for job in jobs:
         jdir = Path(job.out_dir)
         tags = {"loss": job.loss} if job.loss else {}
-        with tracker.stage_run(
-            f"{stage}/{job.loss}" if job.loss else stage, fold=job.fold, seed=job.seed, **tags
-        ) as run:
+        name = f"{stage}/{job.loss}" if job.loss else stage
+        with tracker.stage_run(name, fold=job.fold, seed=job.seed, **tags) as run:
             history = json.loads((jdir / HISTORY).read_text())
             for phase, doc in history.get("phases", {}).items():
-                for r in doc["epochs"]:  # the numbers of each epoch at step = epoch
-                    numeric = {
-                        f"{phase}/{k}": v
-                        for k, v in r.items()
-                        if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)
-                    }
+                for r in doc["epochs"]:  # the numbers of each epoch at step = epoch (a bool is no number)
+                    numeric = {f"{phase}/{k}": v for k, v in r.items() if type(v) in (int, float)}
+                    numeric.pop(f"{phase}/epoch", None)
                     if numeric:
                         run.log_metrics(numeric, step=int(r["epoch"]))
             metrics = json.loads((jdir / METRICS).read_text())
@@ -337,7 +321,7 @@ def log_evaluation(cfg: RunConfig, summary: Any) -> dict[str, Any]:
         if (rob := summary.robustness) is not None:  # e.g. robustness/student-pkdot/frame_drop_0.3
             cols = (rob[c] for c in ("model", "perturbation", "level", "mean"))
             run.log_metrics({f"robustness/{m}/{p}_{lv:g}": v for m, p, lv, v in zip(*cols, strict=True)})
-        run.log_artifacts(Path(summary.report_path).parent, artifact_path="report")
+        tracker.client.log_artifacts(run.run_id, str(Path(summary.report_path).parent), "report")
     return {
         "mlflow_run_id": tracker.parent_run_id(),
         "evaluate_run_id": run.run_id,
