@@ -31,6 +31,7 @@ OVERRIDES = {
     "synth.subjects": 4,
     "synth.samples_per_class": 2,
     "synth.frame_size": 64,
+    "synth.fps": 25,  # at 64 px the demo's 10 fps left one subject's 4 sampled frames without a detectable face
     "features.n_frames": 4,
     "features.crop_size": 32,
     "features.workers": 1,
