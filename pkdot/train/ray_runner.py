@@ -67,14 +67,15 @@ def run_job(
 
 
 def resume_state(checkpoint_dir: str | Path, tokens: Mapping[str, str]) -> dict[str, Any] | None:
-    """The resumable ``{"job", "phase", "state"}`` of a Ray Train checkpoint folder (``meta.json`` +
-    ``state.pt``), or None when it belongs to an earlier attempt of its job (another attempt token)."""
+    """The resumable ``{"job", "dir", "phase", "state"}`` of a Ray Train checkpoint folder (``meta.json`` +
+    ``state.pt``), or None when it belongs to an earlier attempt of its job (another attempt token; ``tokens``
+    by job folder)."""
     meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
-    if meta.get("token") != tokens.get(meta["job"]):
+    if meta.get("token") != tokens.get(meta.get("dir")):
         log.info("ignoring a checkpoint of an earlier attempt of %s", meta["job"])
         return None
     state = FitState(**load_checkpoint(Path(checkpoint_dir) / "state.pt"))
-    return {"job": meta["job"], "phase": meta["phase"], "state": state}
+    return {"job": meta["job"], "dir": meta["dir"], "phase": meta["phase"], "state": state}
 
 
 def attempt_token(job: Job) -> str:
@@ -102,12 +103,13 @@ def bundle_jobs(jobs: Sequence[Job], per_run: int | str, limit: int) -> list[lis
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train run: the jobs of a bundle (usually one), resumed from the run's checkpoint if any."""
+    """One Ray Train run: the jobs of a bundle, each with the run config of its run directory (``cfgs``),
+    resumed from the run's checkpoint if any."""
     import ray.train
     import ray.train.torch
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    cfg = RunConfig.model_validate(config["cfg"])
+    cfgs = [RunConfig.model_validate(c) for c in config["cfgs"]]
     tokens: dict[str, str] = config["tokens"]
     callbacks: list[EpochCallback] = config.get("callbacks") or []
     context = ray.train.get_context()
@@ -122,17 +124,18 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         if resume is not None and rank == 0:  # logging, not print (Ray Train's print patch doubles prints)
             log.info("resuming %s / %s after epoch %d", resume["job"], resume["phase"], resume["state"].epoch)
 
-    pending = [job for job in (Job(**j) for j in config["jobs"]) if not job.is_done()]
-    if not pending:
-        return
-    samples, plan = job_inputs(cfg, config["kind"])
+    pending = [(cfgs[i], job) for i, job in ((i, Job(**j)) for i, j in config["jobs"]) if not job.is_done()]
+    inputs: dict[str, tuple[SampleSet, FoldPlan]] = {}  # per run directory
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         return module if world == 1 else ray.train.torch.prepare_model(module, move_to_device=False)
 
     last_checkpoint = [time.monotonic()]
-    every = float(cfg.train.checkpoint_every_s)
-    for job in pending:
+    every = float(cfgs[0].train.checkpoint_every_s)
+    for cfg, job in pending:
+        if str(cfg.run_dir) not in inputs:
+            inputs[str(cfg.run_dir)] = job_inputs(cfg, config["kind"])
+        samples, plan = inputs[str(cfg.run_dir)]
 
         def on_epoch_end(phase: str, state: FitState, metrics: dict[str, float], job: Job = job) -> None:
             reported = {"job": job.key, "phase": phase, **{k: float(v) for k, v in metrics.items()}}
@@ -146,7 +149,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             if due:
                 last_checkpoint[0] = time.monotonic()
                 if rank == 0:
-                    meta = {"job": job.key, "phase": phase, "token": tokens[job.key]}
+                    meta = {"job": job.key, "dir": job.out_dir, "phase": phase, "token": tokens[job.out_dir]}
                     with tempfile.TemporaryDirectory() as tmp:
                         (Path(tmp) / "meta.json").write_text(json.dumps(meta))
                         torch.save(state.__dict__, Path(tmp) / "state.pt")  # tensors and plain values
@@ -161,7 +164,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             world=world,
             device=device,
             on_epoch_end=on_epoch_end,
-            resume=resume if resume is not None and resume["job"] == job.key else None,
+            resume=resume if resume is not None and resume["dir"] == job.out_dir else None,
             wrap=wrap,
             # Epoch lines go to a file the driver reads (EpochTail), not to stdout: Ray Train's print patch
             # would send them to the worker's console log, which Ray forwards to the driver's console.
@@ -181,7 +184,7 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     t0, started = time.monotonic(), time.time()
     # The dashboard's Train tab lists runs (by name, with their workers and nodes) only with state tracking.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    train, use_gpu = spec["loop_config"]["cfg"]["train"], spec["loop_config"]["use_gpu"]
+    train, use_gpu = spec["loop_config"]["cfgs"][0]["train"], spec["loop_config"]["use_gpu"]
     per_worker = {"CPU": train["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = train["gpus_per_worker"]
@@ -287,60 +290,59 @@ def run_jobs_on_ray(
     """Run the jobs without a ``DONE.json``, one Ray Train run per bundle of ``train.jobs_per_run``, at most
     ``train.max_concurrent_jobs`` at once (default: as many as the cluster holds); return :func:`_fit_run`'s
     record of each run. ``callbacks`` run on every worker after every epoch (chaos tests); ``name``: the runs'
-    storage folder under ``<run_dir>/ray`` (default ``<kind>-<config hash>``). ``more``: jobs of other run
-    directories (the refit's), run beside these in the same slots; a run trains the jobs of one run directory."""
+    storage folder under ``<run_dir>/ray`` (default ``<kind>-<config hash>``). ``more``: (run config, jobs) of
+    other run directories (the refit's), bundled with these (a run may train jobs of several run directories)."""
     import ray
 
-    groups = [
-        (c, [j for j in js if not j.is_done()], n)
-        for c, js, n in [(cfg, jobs, name), *((c, js, None) for c, js in more)]
-    ]
-    total = len(jobs) + sum(len(js) for _, js in more)
-    pending = [j for _, p, _ in groups for j in p]
+    groups = [(cfg, jobs, name), *((c, js, None) for c, js in more)]
+    pending = [(i, j) for i, (_, js, _) in enumerate(groups) for j in js if not j.is_done()]
+    total = sum(len(js) for _, js, _ in groups)
     stage = {"teacher": "train-teacher", "student": "distill"}.get(kind, kind)
     report_progress(stage, total - len(pending), total, "jobs")
     if not pending:
         log.info("all %d %s jobs are already done", total, kind)
         return []
     ensure_ray(num_cpus=None, address=cfg.ray_address)
+    run_dirs = [Path(c.run_dir).resolve() for c, _, _ in groups]
+    for run_dir in run_dirs:
+        check_run_dir_on_nodes(run_dir)
     cluster = ray.cluster_resources()
     use_gpu = _resolve_use_gpu_on_cluster(cfg, cluster)
     limit = cfg.train.max_concurrent_jobs or runs_that_fit(cfg, cluster, use_gpu)
-    specs, tails = [], []
-    for gcfg, gpending, gname in groups:
-        if not gpending:
-            continue
-        run_dir = Path(gcfg.run_dir).resolve()
-        check_run_dir_on_nodes(run_dir)
-        storage = RunDir(run_dir).ray_runs(
-            gname or f"{kind}-{gcfg.section_hash('data', 'features', 'model', 'train', 'distill')}"
-        )
-        base_config = {
-            "cfg": gcfg.model_dump(mode="json") | {"run_dir": str(run_dir)},
-            "kind": kind,
-            "callbacks": list(callbacks),
-            "use_gpu": use_gpu,
-            "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
+    storage = RunDir(run_dirs[0]).ray_runs(
+        name or f"{kind}-{cfg.section_hash('data', 'features', 'model', 'train', 'distill')}"
+    )
+    base_config = {
+        "cfgs": [
+            c.model_dump(mode="json") | {"run_dir": str(d)}
+            for (c, _, _), d in zip(groups, run_dirs, strict=True)
+        ],
+        "kind": kind,
+        "callbacks": list(callbacks),
+        "use_gpu": use_gpu,
+        "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
+    }
+    specs = [
+        {
+            "name": run_name([j for _, j in bundle]),
+            "jobs": [j.key for _, j in bundle],
+            "storage_path": str(storage),
+            "loop_config": base_config
+            | {
+                "jobs": [(i, j.__dict__) for i, j in bundle],
+                "tokens": {j.out_dir: attempt_token(j) for _, j in bundle},
+            },
         }
-        # The workers' epoch records: logged once here, the newest one shown as the stage's current metric.
-        tails.append(EpochTail(run_dir, [j.key for j in gpending]))
-        specs += [
-            {
-                "name": run_name(bundle),
-                "jobs": [j.key for j in bundle],
-                "tail": len(tails) - 1,
-                "storage_path": str(storage),
-                "loop_config": base_config
-                | {"jobs": [j.__dict__ for j in bundle], "tokens": {j.key: attempt_token(j) for j in bundle}},
-            }
-            for bundle in bundle_jobs(gpending, cfg.train.jobs_per_run, limit)
-        ]
+        for bundle in bundle_jobs(pending, cfg.train.jobs_per_run, limit)
+    ]
+    # The workers' epoch records: logged once here, the newest one shown as the stage's current metric.
+    tails = [EpochTail(d, [j.key for i, j in pending if i == g]) for g, d in enumerate(run_dirs)]
     what = "%s: %d pending jobs in %d Ray Train runs, up to %d at once (%d worker(s) each)"
     log.info(what, kind, len(pending), len(specs), limit, cfg.train.num_workers)
     task = ray.remote(num_cpus=0, max_retries=0)(_fit_run)
 
     def newest_record(running: list[dict[str, Any]]) -> str:
-        records = [r for spec in running if (r := tails[spec["tail"]].poll(spec["jobs"]))]
+        records = [r for spec in running for tail in tails if (r := tail.poll(spec["jobs"]))]
         return describe_record(records[-1] if records else None)
 
     finished = run_bounded(
@@ -357,6 +359,6 @@ def run_jobs_on_ray(
         poll=newest_record,
         poll_s=2.0,  # seconds between two reads of the workers' epoch records
     )
-    if missing := [j.key for j in pending if not j.is_done()]:
+    if missing := [j.key for _, j in pending if not j.is_done()]:
         raise StageError(f"{kind} training finished but jobs {missing} wrote no DONE marker")
     return finished

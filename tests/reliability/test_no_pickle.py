@@ -75,9 +75,16 @@ def test_ray_train_job_checkpoint_is_not_unpickled(tmp_path):
     ckpt = tmp_path / "checkpoint_000001"
     path = _plant(ckpt / "state.pt", marker, "torch")
     (ckpt / "meta.json").write_text(
-        json.dumps({"job": "teacher/fold-0/seed-0", "phase": "teacher", "token": "t"})
+        json.dumps(
+            {
+                "job": "teacher/fold-0/seed-0",
+                "dir": "/run/teacher/fold-0/seed-0",
+                "phase": "teacher",
+                "token": "t",
+            }
+        )
     )
-    _refused(lambda: resume_state(ckpt, {"teacher/fold-0/seed-0": "t"}), path, marker)
+    _refused(lambda: resume_state(ckpt, {"/run/teacher/fold-0/seed-0": "t"}), path, marker)
 
 
 def test_plain_checkpoints_still_load(tmp_path):
