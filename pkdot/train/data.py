@@ -61,10 +61,9 @@ def targets_from_manifest(cfg: RunConfig, manifest: pd.DataFrame) -> np.ndarray:
             raise StageError(f"manifest: column {column!r} has missing values for a regression task")
         return values
     labels = manifest["label"].to_numpy(dtype=np.int64)
-    if (labels < 0).any() or (labels >= cfg.data.num_outputs).any():
-        bad = labels[(labels < 0) | (labels >= cfg.data.num_outputs)][0]
+    if (bad := labels[(labels < 0) | (labels >= cfg.data.num_outputs)]).size:
         raise StageError(
-            f"manifest: label {bad} outside 0..{cfg.data.num_outputs - 1} for task {cfg.data.task!r}"
+            f"manifest: label {bad[0]} outside 0..{cfg.data.num_outputs - 1} for task {cfg.data.task!r}"
         )
     return labels
 
