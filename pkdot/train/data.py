@@ -41,12 +41,8 @@ class SampleSet:
 
     def subset(self, mask: np.ndarray) -> SampleSet:
         idx = np.flatnonzero(mask)
-        return SampleSet(
-            sample_ids=[self.sample_ids[i] for i in idx],
-            subject_ids=self.subject_ids[idx],
-            targets=self.targets[idx],
-            arrays={m: a[idx] for m, a in self.arrays.items()},
-        )
+        arrays = {m: a[idx] for m, a in self.arrays.items()}
+        return SampleSet([self.sample_ids[i] for i in idx], self.subject_ids[idx], self.targets[idx], arrays)
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -82,12 +78,8 @@ def load_samples(
         raise StageError(f"{run.root}: no sample has features for all of {mods} (run `pkdot extract`)")
     ids = manifest["sample_id"].tolist()
     arrays = {m: read_tensors(run.feature_table(m), tensor_column(cfg, m), ids)[1] for m in mods}
-    return SampleSet(
-        sample_ids=ids,
-        subject_ids=manifest["subject_id"].astype(str).to_numpy(),
-        targets=targets_from_manifest(cfg, manifest),
-        arrays=arrays,
-    )
+    subjects = manifest["subject_id"].astype(str).to_numpy()
+    return SampleSet(ids, subjects, targets_from_manifest(cfg, manifest), arrays)
 
 
 @dataclass

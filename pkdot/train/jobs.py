@@ -66,9 +66,8 @@ class Job:
 
 
 def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
-    """The teacher jobs of a run: one per (seed, fold), plus J per (seed, fold) with cross-fitted targets.
-    ``folds``: a :class:`~pkdot.folds.FoldPlan`, a ``{seed: folds}`` mapping, or one list of folds for every
-    seed of ``cfg.train.seeds``. Cross-fitting job ``j`` trains without crossfit group j (``Fold.crossfit``)."""
+    """The teacher jobs of a run: one per (seed, fold), plus J per (seed, fold) with cross-fitted targets (job
+    ``j`` trains without ``Fold.crossfit[j]``). ``folds``: anything :func:`~pkdot.folds.as_plan` takes."""
     run = RunDir(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
     leak = cfg.train.teacher_scope == "all"

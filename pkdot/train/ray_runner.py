@@ -185,7 +185,7 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     train, use_gpu = spec["loop_config"]["cfgs"][0]["train"], spec["loop_config"]["use_gpu"]
     per_worker = {"CPU": train["cpus_per_worker"], **({"GPU": train["gpus_per_worker"]} if use_gpu else {})}
-    trainer = TorchTrainer(
+    TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=spec["loop_config"],
         scaling_config=ScalingConfig(
@@ -197,8 +197,7 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=train["max_failures"]),
         ),
-    )
-    trainer.fit()
+    ).fit()
     return {
         "name": spec["name"],
         "jobs": spec["jobs"],
@@ -211,9 +210,8 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def runs_that_fit(cfg: RunConfig, cluster: Mapping[str, float], use_gpu: bool) -> int:
     """How many runs of ``train.num_workers`` workers the cluster's total CPUs (and GPUs) hold at once (>= 1)."""
-    need = {"CPU": cfg.train.num_workers * cfg.train.cpus_per_worker}
-    if use_gpu:
-        need["GPU"] = cfg.train.num_workers * cfg.train.gpus_per_worker
+    per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})}
+    need = {k: cfg.train.num_workers * v for k, v in per_worker.items()}
     fits = min(int(float(cluster.get(k, 0.0)) // v) for k, v in need.items())
     if fits < 1:
         has = {k: cluster.get(k, 0.0) for k in need}

@@ -50,9 +50,7 @@ class DistillationObjective(nn.Module):
 
     def __init__(self, student: nn.Module, distill_loss: nn.Module, cfg: RunConfig) -> None:
         super().__init__()
-        self.student = student
-        self.distill_loss = distill_loss
-        self.cfg = cfg
+        self.student, self.distill_loss, self.cfg = student, distill_loss, cfg
 
     def forward(
         self,

@@ -132,9 +132,7 @@ def pooled_features(
     backbone.eval()
     run = amp.wrap(lambda x: backbone(x).mean(1).float())
     arrays = samples.arrays[modality]
-    return torch.cat(
-        [run(amp.tensor(arrays[start : start + batch])) for start in range(0, len(samples), batch)]
-    )
+    return torch.cat([run(amp.tensor(arrays[s : s + batch])) for s in range(0, len(samples), batch)])
 
 
 def _unimodal(
