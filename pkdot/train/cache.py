@@ -108,13 +108,12 @@ def build_cache(
     amp = Amp.of(cfg.train.precision, device)
     everything = np.arange(len(samples))
     embedding, logits, tokens = _outputs(cfg, teacher, samples, everything, batch_size, amp)
+    meta: dict = {"fold": fold, "seed": seed, "teacher_targets": "fit", "teacher_source": source, **hashes}
     if privileged:
         model = load_unimodal(cfg, jdir, privileged, device)
         embedding, logits = _outputs(cfg, model, samples, everything, batch_size, amp, privileged)
-    target_group = np.full(len(samples), -1, dtype=np.int32)
-    meta: dict = {"fold": fold, "seed": seed, "teacher_targets": "fit", "teacher_source": source, **hashes}
-    if privileged:
         meta["privileged"] = privileged
+    target_group = np.full(len(samples), -1, dtype=np.int32)
     if groups is not None:
         subjects = np.asarray(samples.subject_ids, dtype=object)
         records = []
@@ -150,15 +149,11 @@ def build_cache(
             "extra_teacher_jobs": len(records),
             "extra_teacher_seconds": round(sum(r["seconds"] for r in records), 2),
         }
+    tensors = {"teacher_embedding": embedding, "teacher_logits": logits, "video_tokens": tokens}
     rows_out = [
-        {
-            "sample_id": samples.sample_ids[i],
-            **encode_tensor("teacher_embedding", embedding[i]),
-            **encode_tensor("teacher_logits", logits[i]),
-            "target_group": int(target_group[i]),
-            **encode_tensor("video_tokens", tokens[i]),
-        }
-        for i in range(len(samples))
+        {"sample_id": sid, "target_group": int(target_group[i])}
+        | {k: v for name, a in tensors.items() for k, v in encode_tensor(name, a[i]).items()}
+        for i, sid in enumerate(samples.sample_ids)
     ]
     table = pa.Table.from_pylist(rows_out, schema=CACHE_SCHEMA)
     table = table.replace_schema_metadata({b"pkdot": json.dumps(meta).encode()})

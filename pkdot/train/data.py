@@ -41,12 +41,8 @@ class SampleSet:
 
     def subset(self, mask: np.ndarray) -> SampleSet:
         idx = np.flatnonzero(mask)
-        return SampleSet(
-            sample_ids=[self.sample_ids[i] for i in idx],
-            subject_ids=self.subject_ids[idx],
-            targets=self.targets[idx],
-            arrays={m: a[idx] for m, a in self.arrays.items()},
-        )
+        arrays = {m: a[idx] for m, a in self.arrays.items()}
+        return SampleSet([self.sample_ids[i] for i in idx], self.subject_ids[idx], self.targets[idx], arrays)
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -61,10 +57,9 @@ def targets_from_manifest(cfg: RunConfig, manifest: pd.DataFrame) -> np.ndarray:
             raise StageError(f"manifest: column {column!r} has missing values for a regression task")
         return values
     labels = manifest["label"].to_numpy(dtype=np.int64)
-    if (labels < 0).any() or (labels >= cfg.data.num_outputs).any():
-        bad = labels[(labels < 0) | (labels >= cfg.data.num_outputs)][0]
+    if (bad := labels[(labels < 0) | (labels >= cfg.data.num_outputs)]).size:
         raise StageError(
-            f"manifest: label {bad} outside 0..{cfg.data.num_outputs - 1} for task {cfg.data.task!r}"
+            f"manifest: label {bad[0]} outside 0..{cfg.data.num_outputs - 1} for task {cfg.data.task!r}"
         )
     return labels
 
@@ -83,12 +78,8 @@ def load_samples(
         raise StageError(f"{run.root}: no sample has features for all of {mods} (run `pkdot extract`)")
     ids = manifest["sample_id"].tolist()
     arrays = {m: read_tensors(run.feature_table(m), tensor_column(cfg, m), ids)[1] for m in mods}
-    return SampleSet(
-        sample_ids=ids,
-        subject_ids=manifest["subject_id"].astype(str).to_numpy(),
-        targets=targets_from_manifest(cfg, manifest),
-        arrays=arrays,
-    )
+    subjects = manifest["subject_id"].astype(str).to_numpy()
+    return SampleSet(ids, subjects, targets_from_manifest(cfg, manifest), arrays)
 
 
 @dataclass

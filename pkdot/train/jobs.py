@@ -66,9 +66,8 @@ class Job:
 
 
 def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
-    """The teacher jobs of a run: one per (seed, fold), plus J per (seed, fold) with cross-fitted targets.
-    ``folds``: a :class:`~pkdot.folds.FoldPlan`, a ``{seed: folds}`` mapping, or one list of folds for every
-    seed of ``cfg.train.seeds``. Cross-fitting job ``j`` trains without crossfit group j (``Fold.crossfit``)."""
+    """The teacher jobs of a run: one per (seed, fold), plus J per (seed, fold) with cross-fitted targets (job
+    ``j`` trains without ``Fold.crossfit[j]``). ``folds``: anything :func:`~pkdot.folds.as_plan` takes."""
     run = RunDir(cfg.run_dir)
     groups = crossfit_groups_of(cfg)
     leak = cfg.train.teacher_scope == "all"
@@ -92,16 +91,11 @@ def teacher_jobs(cfg: RunConfig, folds: Any) -> list[Job]:
 def student_jobs(cfg: RunConfig, folds: Any, losses: list[str]) -> list[Job]:
     """One student job per (loss, seed, fold) of the fold plan (``folds`` as in :func:`teacher_jobs`)."""
     rd = RunDir(cfg.run_dir)
+    pairs = [(s, f.index) for s, f in as_plan(folds).pairs(cfg.train.seeds)]
     return [
-        Job(
-            f"student/{loss}/fold-{f.index}/seed-{s}",
-            str(rd.student(loss, f.index, s)),
-            f.index,
-            s,
-            loss=loss,
-        )
+        Job(f"student/{loss}/fold-{k}/seed-{s}", str(rd.student(loss, k, s)), k, s, loss=loss)
         for loss in losses
-        for s, f in as_plan(folds).pairs(cfg.train.seeds)
+        for s, k in pairs
     ]
 
 
@@ -198,10 +192,16 @@ def split_predictions(
             "scores": [row.tolist() for row in scores],
             "embedding": [row.astype(np.float32).tolist() for row in emb],
         }
-        frames.append(
-            pd.DataFrame(frame | {"model": model, "fold": job.fold, "seed": job.seed, "split": split})
-        )
+        frames.append(pd.DataFrame(frame | dict(model=model, fold=job.fold, seed=job.seed, split=split)))
     return frames
+
+
+def val_metric(
+    forward: Callable, data: FoldData, batch: int, model: torch.nn.Module, regression: bool
+) -> float:
+    """The task metric of ``forward`` (as in :func:`split_predictions`) on the val part, in eval mode."""
+    outputs, _ = predict(lambda idx: forward(data.val, idx), len(data.val), batch, [model])
+    return task_metric(data.val.targets, outputs, regression)
 
 
 def frame_metric(frame: pd.DataFrame, regression: bool) -> float:

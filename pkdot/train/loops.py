@@ -72,14 +72,7 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_batches(
-    n: int,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    rank: int = 0,
-    world: int = 1,
-    drop_last: bool = True,
+    n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1, drop_last: bool = True
 ) -> list[np.ndarray]:
     """Index batches for one epoch, the ``rank``-th slice of each global batch. With ``drop_last`` a last batch
     under 2 samples per worker is dropped (batch statistics and similarity structures need two)."""
@@ -243,12 +236,8 @@ def fit(
         score = float(validate())
         if scheduler is not None:
             scheduler.step(-score)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": losses.get("loss", float("nan")),
-            "val_metric": score,
-            **{k: v for k, v in losses.items() if k != "loss"},
-        }
+        train_loss = losses.pop("loss", math.nan)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_metric": score, **losses}
         state.history.append(record)
         if score > state.best_score or state.best_state is None:
             state.best_score, state.best_epoch = score, epoch + 1

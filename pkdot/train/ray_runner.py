@@ -68,8 +68,7 @@ def run_job(
 
 def resume_state(checkpoint_dir: str | Path, tokens: Mapping[str, str]) -> dict[str, Any] | None:
     """The resumable ``{"job", "dir", "phase", "state"}`` of a Ray Train checkpoint folder (``meta.json`` +
-    ``state.pt``), or None when it belongs to an earlier attempt of its job (another attempt token; ``tokens``
-    by job folder)."""
+    ``state.pt``), or None when it is of an earlier attempt of its job (its token is not ``tokens[dir]``)."""
     meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
     if meta.get("token") != tokens.get(meta.get("dir")):
         log.info("ignoring a checkpoint of an earlier attempt of %s", meta["job"])
@@ -185,10 +184,8 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     # The dashboard's Train tab lists runs (by name, with their workers and nodes) only with state tracking.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     train, use_gpu = spec["loop_config"]["cfgs"][0]["train"], spec["loop_config"]["use_gpu"]
-    per_worker = {"CPU": train["cpus_per_worker"]}
-    if use_gpu:
-        per_worker["GPU"] = train["gpus_per_worker"]
-    trainer = TorchTrainer(
+    per_worker = {"CPU": train["cpus_per_worker"], **({"GPU": train["gpus_per_worker"]} if use_gpu else {})}
+    TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=spec["loop_config"],
         scaling_config=ScalingConfig(
@@ -200,8 +197,7 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=train["max_failures"]),
         ),
-    )
-    trainer.fit()
+    ).fit()
     return {
         "name": spec["name"],
         "jobs": spec["jobs"],
@@ -214,9 +210,8 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def runs_that_fit(cfg: RunConfig, cluster: Mapping[str, float], use_gpu: bool) -> int:
     """How many runs of ``train.num_workers`` workers the cluster's total CPUs (and GPUs) hold at once (>= 1)."""
-    need = {"CPU": cfg.train.num_workers * cfg.train.cpus_per_worker}
-    if use_gpu:
-        need["GPU"] = cfg.train.num_workers * cfg.train.gpus_per_worker
+    per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})}
+    need = {k: cfg.train.num_workers * v for k, v in per_worker.items()}
     fits = min(int(float(cluster.get(k, 0.0)) // v) for k, v in need.items())
     if fits < 1:
         has = {k: cluster.get(k, 0.0) for k in need}

@@ -29,18 +29,10 @@ from pkdot.train.jobs import (
     frame_metric,
     load_checkpoint,
     split_predictions,
+    val_metric,
     write_job_files,
 )
-from pkdot.train.loops import (
-    Amp,
-    epoch_batches,
-    fit,
-    group_batches,
-    predict,
-    seed_everything,
-    task_loss,
-    task_metric,
-)
+from pkdot.train.loops import Amp, epoch_batches, fit, group_batches, seed_everything, task_loss
 from pkdot.train.teacher import load_teacher
 
 
@@ -58,9 +50,7 @@ class DistillationObjective(nn.Module):
 
     def __init__(self, student: nn.Module, distill_loss: nn.Module, cfg: RunConfig) -> None:
         super().__init__()
-        self.student = student
-        self.distill_loss = distill_loss
-        self.cfg = cfg
+        self.student, self.distill_loss, self.cfg = student, distill_loss, cfg
 
     def forward(
         self,
@@ -85,19 +75,6 @@ class DistillationObjective(nn.Module):
             )
             distill = self.distill_loss(batch)
             return total_loss(task, distill, self.cfg.distill, self.distill_loss.name)
-
-
-def _attach_cache(cfg: RunConfig, data: FoldData, job: Job) -> None:
-    """Add the cached teacher arrays to every part (``video_tokens`` for a frozen backbone, ``target_group``
-    to the training part with cross-fitted targets)."""
-    crossfit = crossfit_groups_of(cfg)
-    frozen = cfg.train.student_backbone_frozen
-    columns = ("teacher_embedding", "teacher_logits", *(("video_tokens",) if frozen else ()))
-    for part in (data.train, data.val, data.test):
-        extra = ("target_group",) if crossfit is not None and part is data.train else ()
-        part.arrays.update(
-            read_cache(cfg.run_dir, job.fold, job.seed, part.sample_ids, crossfit, columns + extra)
-        )
 
 
 def build_student_for_job(
@@ -140,9 +117,15 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     metric = "ccc" if regression else "accuracy"
     crossfit = crossfit_groups_of(cfg)
     meta = check_cache(cfg.run_dir, job.fold, job.seed, crossfit, cfg.distill.teacher_source)
-    _attach_cache(cfg, data, job)
     video = cfg.data.student_modalities[0]
     from_features = cfg.train.student_backbone_frozen
+    # the cached teacher arrays of every part (``target_group`` of the training part with cross-fitted targets)
+    columns = ("teacher_embedding", "teacher_logits", *(("video_tokens",) if from_features else ()))
+    for part in (data.train, data.val, data.test):
+        extra = ("target_group",) if crossfit is not None and part is data.train else ()
+        part.arrays.update(
+            read_cache(cfg.run_dir, job.fold, job.seed, part.sample_ids, crossfit, columns + extra)
+        )
     input_key = "video_tokens" if from_features else video
     if not from_features and video not in data.train.arrays:
         raise StageError(
@@ -188,10 +171,6 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         o = student.forward_from_features(x) if from_features else student(x)
         return o.logits, o.embedding
 
-    def validate() -> float:
-        outputs, _ = predict(lambda idx: forward(data.val, idx), len(data.val), b, [student])
-        return task_metric(data.val.targets, outputs, regression)
-
     def recalibrate(epoch: int) -> None:
         if not from_features:  # a trainable backbone: exact BatchNorm statistics of the current weights
             batches = epoch_batches(len(data.train), b, seed=0, epoch=epoch, drop_last=False)
@@ -208,7 +187,7 @@ def run_student_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         student,
         optimizer,
         train_step=step,
-        validate=validate,
+        validate=lambda: val_metric(forward, data, b, student, regression),
         epochs=cfg.train.epochs_student,
         batches_for_epoch=batches_for_epoch,
         scheduler=scheduler,

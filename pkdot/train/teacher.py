@@ -27,21 +27,10 @@ from pkdot.train.jobs import (
     frame_metric,
     load_checkpoint,
     split_predictions,
+    val_metric,
     write_job_files,
 )
-from pkdot.train.loops import (
-    Amp,
-    FitState,
-    epoch_batches,
-    fit,
-    predict,
-    seed_everything,
-    task_loss,
-    task_metric,
-)
-
-#: builds a model's input from rows ``index`` of a sample set
-Inputs = Callable[[SampleSet, np.ndarray], Any]
+from pkdot.train.loops import Amp, FitState, epoch_batches, fit, seed_everything, task_loss
 
 
 def _optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -81,26 +70,27 @@ def _supervised_phase(
     ctx: WorkerContext,
     phase: str,
     model: nn.Module,
-    inputs: Inputs,
+    modalities: str | list[str],
     data: FoldData,
     groups: list[dict],
     **extra: Any,
 ) -> tuple[FitState, list[pd.DataFrame]]:
-    """Train ``model`` (``model(inputs(samples, index))``) on the task loss, select on val (or load the finished
-    phase); with its val/test prediction rows."""
+    """Train ``model`` on the task loss, select on val (or load the finished phase); with its val/test prediction
+    rows. ``modalities``: one modality (the model takes its tensor) or a list (it takes a dict of them)."""
     regression = cfg.data.is_regression
     batch_size = cfg.train.teacher_batch_size
     seed = job.seed * 1000 + job.fold
     amp = Amp.of(cfg.train.precision, ctx.device)
 
+    def inputs(part: SampleSet, idx: np.ndarray) -> Any:
+        if isinstance(modalities, str):
+            return amp.tensor(part.arrays[modalities][idx])
+        return {m: amp.tensor(part.arrays[m][idx]) for m in modalities}
+
     @amp.wrap
     def forward(part: SampleSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(inputs(part, idx))
         return out.logits, out.embedding
-
-    def validate() -> float:
-        outputs, _ = predict(lambda idx: forward(data.val, idx), len(data.val), batch_size, [model])
-        return task_metric(data.val.targets, outputs, regression)
 
     def recalibrate(epoch: int) -> None:
         # "precise BN": exact BatchNorm statistics of the current weights over the whole training set (on
@@ -119,7 +109,7 @@ def _supervised_phase(
             model,
             _optimizer(cfg, groups),
             train_step=step,
-            validate=validate,
+            validate=lambda: val_metric(forward, data, batch_size, model, regression),
             epochs=cfg.train.epochs_teacher if phase == "teacher" else cfg.train.epochs_unimodal,
             batches_for_epoch=lambda e: epoch_batches(
                 len(data.train), batch_size, seed=seed, epoch=e, rank=ctx.rank, world=ctx.world
@@ -142,9 +132,7 @@ def pooled_features(
     backbone.eval()
     run = amp.wrap(lambda x: backbone(x).mean(1).float())
     arrays = samples.arrays[modality]
-    return torch.cat(
-        [run(amp.tensor(arrays[start : start + batch])) for start in range(0, len(samples), batch)]
-    )
+    return torch.cat([run(amp.tensor(arrays[s : s + batch])) for s in range(0, len(samples), batch)])
 
 
 def _unimodal(
@@ -198,7 +186,6 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
     started = time.perf_counter()
     full_fold = job.group is None
     shapes = data.train.input_shapes
-    amp = Amp.of(cfg.train.precision, ctx.device)
     histories: dict[str, FitState] = {}
     frames = []
     backbones: dict[str, Backbone] = {}
@@ -208,31 +195,25 @@ def run_teacher_job(cfg: RunConfig, job: Job, data: FoldData, ctx: WorkerContext
         phase = f"unimodal-{modality}"
         seed_everything(job.seed * 7919 + job.fold * 31 + len(backbones))
         model = _unimodal(cfg, modality, shapes[modality], ctx.device)
-
-        def one(samples: SampleSet, idx: np.ndarray, m: str = modality) -> torch.Tensor:
-            return amp.tensor(samples.arrays[m][idx])
-
         groups = [{"params": list(model.parameters()), "lr": cfg.train.lr_backbone}]
-        phase_args = (cfg, job, ctx, phase, model, one, data, groups)
-        histories[phase], rows = _supervised_phase(*phase_args, input_shape=shapes[modality])
+        histories[phase], rows = _supervised_phase(
+            cfg, job, ctx, phase, model, modality, data, groups, input_shape=shapes[modality]
+        )
         backbones[modality] = model.backbone
         frames += rows
 
     # 2. fusion teacher, backbones initialised from the unimodal models
     seed_everything(job.seed * 7919 + job.fold * 31 + 101)
     teacher = build_teacher(cfg, shapes, backbones=backbones).to(ctx.device)
-
-    def multi(samples: SampleSet, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        return {m: amp.tensor(samples.arrays[m][idx]) for m in cfg.data.modalities}
-
     backbone_params = list(teacher.backbones.parameters())
     ids = {id(p) for p in backbone_params}
     groups = [
         {"params": backbone_params, "lr": cfg.train.lr_teacher_backbone},
         {"params": [p for p in teacher.parameters() if id(p) not in ids], "lr": cfg.train.lr_fusion},
     ]
-    fusion_args = (cfg, job, ctx, "teacher", teacher, multi, data, groups)
-    histories["teacher"], rows = _supervised_phase(*fusion_args, input_shapes=shapes)
+    histories["teacher"], rows = _supervised_phase(
+        cfg, job, ctx, "teacher", teacher, cfg.data.modalities, data, groups, input_shapes=shapes
+    )
     frames += rows
     teacher.requires_grad_(False).eval()
 
