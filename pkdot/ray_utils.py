@@ -43,14 +43,12 @@ def free_ports(n: int, host: str = LOOPBACK, *, exclude: Iterable[int] = ()) -> 
     between Rays, and Ray refuses a port given to two of its components)."""
     held: list[socket.socket] = []
     ports: list[int] = []
-    avoid = set(exclude)
+    exclude = set(exclude)
     try:
         while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(s)
+            held.append(s := socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             s.bind((host, 0))
-            port = int(s.getsockname()[1])
-            if port not in avoid:
+            if (port := int(s.getsockname()[1])) not in exclude:
                 ports.append(port)
     finally:
         for s in held:
@@ -75,9 +73,7 @@ def is_loopback(address: str) -> bool:
 
 def loopback_env(node_ip: str = LOOPBACK) -> dict[str, str]:
     """Environment for a ``ray start --head`` process: loopback switch, or token auth for a network address."""
-    if is_loopback(node_ip):
-        return dict(LOOPBACK_ENV)
-    return {"RAY_AUTH_MODE": "token"}
+    return dict(LOOPBACK_ENV) if is_loopback(node_ip) else {"RAY_AUTH_MODE": "token"}
 
 
 def loopback_head_args(
@@ -90,16 +86,8 @@ def loopback_head_args(
     args = ["--node-ip-address", node_ip]
     for flag, port in zip(PORT_FLAGS, ports[:-1], strict=True):
         args += [flag, str(port)]
-    if not dashboard:
-        return [*args, "--include-dashboard=false"]
-    return [
-        *args,
-        "--include-dashboard=true",
-        "--dashboard-host",
-        node_ip,
-        "--dashboard-port",
-        str(ports[-1]),
-    ]
+    tail = ["--dashboard-host", node_ip, "--dashboard-port", str(ports[-1])] if dashboard else []
+    return [*args, f"--include-dashboard={str(dashboard).lower()}", *tail]
 
 
 _ORIGINAL_CLUSTER_FLAG: list[bool] = []
@@ -134,10 +122,9 @@ def running_local_cluster() -> str | None:
     try:
         from ray._private.services import find_bootstrap_address
 
-        found = find_bootstrap_address(None)
+        return find_bootstrap_address(None) or None
     except Exception:  # noqa: BLE001 - Ray's discovery reads /tmp files; anything odd means "none found"
         return None
-    return found or None
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
@@ -147,8 +134,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     address (a ``ray start`` cluster on this machine is only joined when asked for). Usage statistics are off."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
+    if started := not ray.is_initialized():
         _init(ray, num_cpus, address)
     for hook in _init_hooks:
         hook()
@@ -182,26 +168,24 @@ def _init(ray: Any, num_cpus: int | None, address: str | None) -> None:
     # (measured by polling a one-report run on this private Ray; the polls are local calls, cheap on one machine).
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     node_ip = os.environ.get(NODE_IP_ENV) or LOOPBACK
-    kwargs: dict[str, Any] = {
-        "address": "local",
-        "num_cpus": num_cpus,
-        # The dashboard (ray[default]) also serves the State API that Ray Train's placement-group cleaner
-        # polls; without it the cleaner floods the log. On the node IP, on a free port (8265 may be taken).
-        "include_dashboard": True,
-        "dashboard_host": node_ip,
-        "dashboard_port": free_port(),
-        "logging_level": logging.WARNING,
-        "_node_ip_address": node_ip,
-    }
-    loopback = is_loopback(node_ip)
-    if loopback:
+    if loopback := is_loopback(node_ip):
         logger.info("starting a private Ray on %s (num_cpus=%s)", node_ip, num_cpus)
     else:
         msg = "starting a private Ray on %s (%s): reachable from that network, with Ray token authentication"
         logger.warning(msg, node_ip, NODE_IP_ENV)
         os.environ["RAY_AUTH_MODE"] = "token"
     _set_loopback_only(loopback)
-    ray.init(**kwargs)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        # The dashboard (ray[default]) also serves the State API that Ray Train's placement-group cleaner
+        # polls; without it the cleaner floods the log. On the node IP, on a free port (8265 may be taken).
+        include_dashboard=True,
+        dashboard_host=node_ip,
+        dashboard_port=free_port(),
+        logging_level=logging.WARNING,
+        _node_ip_address=node_ip,
+    )
     if url := ray._private.worker.global_worker.node.address_info.get("webui_url"):
         logger.info("private Ray started; dashboard at http://%s", url)
 
@@ -220,10 +204,8 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
     other ``PkdotError`` (bad data stays bad), exhausted resources or any other exception (a bug stays a bug)."""
     if exc is None or resource_error(exc) is not None:  # a full disk or memory: a retry cannot fix it
         return False
-    if isinstance(exc, InfrastructureError):
-        return True
     if isinstance(exc, PkdotError):
-        return False
+        return isinstance(exc, InfrastructureError)
     if isinstance(exc, OSError):
         return True
     import ray.exceptions as rex

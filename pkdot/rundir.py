@@ -161,14 +161,10 @@ def atomic_write_parquet(frame: Any, path: str | Path, **kwargs: Any) -> None:
             pq.write_table(frame, tmp, **kwargs)
 
 
-def remove_temp_files(folder: str | Path) -> int:
-    """Remove the ``.<name>.tmp-<pid>`` files a killed writer left under ``folder``; returns how many."""
-    n = 0
+def remove_temp_files(folder: str | Path) -> None:
+    """Remove the ``.<name>.tmp-<pid>`` files a killed writer left under ``folder``."""
     for tmp in Path(folder).rglob(".*.tmp-*"):
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-            n += 1
-    return n
+        tmp.unlink(missing_ok=True)
 
 
 # ---- hashing ----------------------------------------------------------------------------------------------

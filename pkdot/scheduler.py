@@ -63,7 +63,7 @@ def run_bounded(
             for ref in ready:
                 item = in_flight.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    results.append(result := ray.get(ref))
                 except Exception as exc:  # Ray wraps the task's errors in its own types
                     failures.append((item, exc))
                     if not drain:
@@ -71,7 +71,6 @@ def run_bounded(
                             ray.cancel(other)
                         in_flight.clear()
                     continue
-                results.append(result)
                 if on_result is not None:
                     on_result(item, result)
                 done += weight(item)

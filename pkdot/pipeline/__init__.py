@@ -20,14 +20,8 @@ __all__ = ["STAGES", "Stage", "StageResult", "prepare_run", "run_all", "run_dir_
 status = logging.getLogger("pkdot.status")
 
 #: The stages, in execution order.
-STAGES: tuple[Stage, ...] = (
-    manifest.STAGE,
-    extract.STAGE,
-    train_teacher.STAGE,
-    cache.STAGE,
-    distill.STAGE,
-    evaluate.STAGE,
-    refit.STAGE,
+STAGES: tuple[Stage, ...] = tuple(
+    m.STAGE for m in (manifest, extract, train_teacher, cache, distill, evaluate, refit)
 )
 _INDEX = {s.name: i for i, s in enumerate(STAGES)}
 
@@ -53,9 +47,8 @@ def run_all(cfg: RunConfig) -> dict[str, StageResult]:
         upstream = ""
         for s in STAGES:
             t0 = time.time()
-            res = run_stage(s.name, cfg, upstream)
+            results[s.name] = res = run_stage(s.name, cfg, upstream)
             state = "skipped (up to date)" if res.skipped else "done"
             status.info("stage %s %s in %.1fs", s.name, state, time.time() - t0)
-            results[s.name] = res
             upstream = res.fingerprint
         return results

@@ -44,21 +44,16 @@ def register(
 ) -> dict[str, Any]:
     """Register the student (loss, fold, seed) of the run ``rcfg`` (this run, or its refit) in MLflow."""
     student, shapes = load_trained_student(rcfg, loss, fold, seed)
+    input_shape = shapes[cfg.data.student_modalities[0]]
+    manifest = read_manifest(RunDir(cfg.run_dir).manifest)
+    fingerprint = (read_marker(cfg, MANIFEST) or {}).get("fingerprint", "")
     return registry.register_best(
-        cfg,
-        summary,
-        student,
-        shapes[cfg.data.student_modalities[0]],
-        manifest=read_manifest(RunDir(cfg.run_dir).manifest),
-        manifest_fingerprint=(read_marker(cfg, MANIFEST) or {}).get("fingerprint", ""),
-        **extra,
+        cfg, summary, student, input_shape, manifest=manifest, manifest_fingerprint=fingerprint, **extra
     )
 
 
 def run(cfg: RunConfig, *, robustness: bool | None = None) -> StageOutput:
-    summary = evaluate_run(
-        cfg, RunDir(cfg.run_dir).root, robustness=_robustness(cfg, {"robustness": robustness})
-    )
+    summary = evaluate_run(cfg, robustness=_robustness(cfg, {"robustness": robustness}))
     details: dict[str, Any] = {
         "report": str(summary.report_path),
         "best_student": summary.best_student,

@@ -39,13 +39,9 @@ def run(cfg: RunConfig) -> StageOutput:
     report = run_extract(cfg, read_manifest(rd.manifest), rd.root, workers=cfg.features.workers)
     if not (tables := sorted(rd.features.glob("*.parquet"))):
         raise StageError(f"extraction wrote no feature table under {rd.features}")
-    details = {
-        k: report[k]
-        for k in ("counts", "face_detection_rate", "shards_done", "shards_skipped")
-        if k in report
-    }
     log_stage(cfg, "extract", metrics=_numeric(report), artifacts=[rd.extract_report])
-    return StageOutput(tables, details)
+    keys = ("counts", "face_detection_rate", "shards_done", "shards_skipped")
+    return StageOutput(tables, {k: report[k] for k in keys if k in report})
 
 
 STAGE = Stage(

@@ -19,7 +19,7 @@ from pkdot.errors import StageError
 from pkdot.rundir import RunDir
 
 #: Locks held by this process: path -> (file descriptor, depth).
-_HELD: dict[str, list[int]] = {}
+_HELD: dict[Path, list[int]] = {}
 
 
 class RunDirBusy(StageError):
@@ -40,13 +40,12 @@ def run_dir_lock(run_dir: str | Path, *, command: str | None = None, wait: bool 
     """Hold the run directory's lock for the block; raise :class:`RunDirBusy` naming the holder when another
     process holds it (``wait=True``: block until it is released)."""
     path = RunDir(run_dir).lock.resolve()
-    key = str(path)
-    if key in _HELD:
-        _HELD[key][1] += 1
+    if path in _HELD:
+        _HELD[path][1] += 1
         try:
             yield path
         finally:
-            _HELD[key][1] -= 1
+            _HELD[path][1] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -68,11 +67,11 @@ def run_dir_lock(run_dir: str | Path, *, command: str | None = None, wait: bool 
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
-        _HELD[key] = [fd, 1]
+        _HELD[path] = [fd, 1]
         try:
             yield path
         finally:
-            del _HELD[key]
+            del _HELD[path]
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the lock

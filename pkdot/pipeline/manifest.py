@@ -41,11 +41,8 @@ def run(cfg: RunConfig) -> StageOutput:
     payload = {"rows": rows, "recordings": recordings_identity(result.frame, cfg.data.root)}
     if synthetic.is_file():
         payload["synthetic"] = synthetic.read_text()
-    details = {
-        "samples": len(result.frame),
-        "skipped": len(result.skipped),
-        "subjects": int(result.frame["subject_id"].nunique()),
-    }
+    subjects = int(result.frame["subject_id"].nunique())
+    details = dict(samples=len(result.frame), skipped=len(result.skipped), subjects=subjects)
     return StageOutput([rd.manifest], details, fingerprint=hash_json(payload))
 
 

@@ -57,11 +57,9 @@ def prepare_refit(cfg: RunConfig) -> tuple[RunConfig, FoldPlan]:
     refit.features.parent.mkdir(parents=True, exist_ok=True)
     _link(rd.features, refit.features)
     _link(rd.manifest, refit.manifest)
-    manifest = read_manifest(rd.manifest)
+    subjects = read_manifest(rd.manifest)["subject_id"].astype(str)
     seed = rcfg.train.seeds[0]
-    fold = replace(
-        refit_fold(manifest["subject_id"].astype(str), cfg.train.val_fraction, cfg.seed), seed=seed
-    )
+    fold = replace(refit_fold(subjects, cfg.train.val_fraction, cfg.seed), seed=seed)
     if crossfit_groups_of(rcfg) is not None:
         fold = assign_crossfit_groups(fold, rcfg.distill.crossfit_groups, cfg.seed)
     plan = FoldPlan(by_seed={seed: (fold,)})
@@ -76,13 +74,11 @@ def run(cfg: RunConfig) -> StageOutput:
             [], {"refit": "off (train.refit: false): evaluate registered the best-validation fold model"}
         )
     summary = read_summary(rd)
-    if summary.selection is None:
+    if (sel := summary.selection) is None:
         return StageOutput([], {"refit": "no student to refit"})
-    sel = summary.selection
     rcfg = refit_config(cfg, sel.loss)
-    refit = rd.refit
-    atomic_write_text(refit.config, rcfg.yaml_text())
-    plan = load_fold_plan(refit.splits)
+    atomic_write_text(rd.refit.config, rcfg.yaml_text())
+    plan = load_fold_plan(rd.refit.splits)
     seed = rcfg.train.seeds[0]
     fold = plan.fold(seed, 0)
     if missing := [j.key for j in teacher_jobs(rcfg, plan) if not j.is_done()]:

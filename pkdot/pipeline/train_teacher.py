@@ -42,12 +42,7 @@ def run(cfg: RunConfig, *, callbacks: Any = ()) -> StageOutput:
         for k, v in json.loads((Path(job.out_dir) / METRICS).read_text()).items():
             metrics[f"fold{job.fold}_seed{job.seed}{group}/{k}"] = v
     checkpoints = [p for j in [*jobs, *refit_jobs] for p in checkpoint_files(j)]
-    details = {
-        "jobs": len(jobs),
-        "refit_jobs": len(refit_jobs),
-        "cost": teacher_cost(jobs),
-        "metrics": metrics,
-    }
+    details = dict(jobs=len(jobs), refit_jobs=len(refit_jobs), cost=teacher_cost(jobs), metrics=metrics)
     log_jobs(cfg, "train-teacher", jobs)
     splits = [rd.splits, rd.refit.splits] if refit_jobs else [rd.splits]
     return StageOutput([*checkpoints, *splits], details)
