@@ -4,8 +4,7 @@ Each (modality, shard) task writes ``shard-<i>-<key>.parquet`` atomically, its s
 the key hashes the rows, their recordings' identity, the settings and the extractor's code, so a re-run
 redoes only changed shards. Shards merge into ``features/{faces,physio,audio}.parquet`` (the samples every
 modality got); ``extract_report.json``, written last, marks a complete extraction. A ``table`` set's columns
-become ``<column>.parquet`` (``vector`` float32 (D,)) with the same checks and report, without shards.
-"""
+become ``<column>.parquet`` (``vector`` float32 (D,)) with the same checks and report, without shards."""
 
 from __future__ import annotations
 
@@ -427,8 +426,7 @@ def run_extract(
     workers = int(workers or cfg.features.workers)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    use_ray = workers > 1 or bool(address)
+    use_ray = workers > 1 or bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     jobs = plan_shards(cfg, manifest, run_dir)
     if use_ray:  # the whole machine (shards run `workers` at a time); left up for the training stages
         from pkdot.ray_utils import ensure_ray

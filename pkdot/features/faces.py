@@ -3,8 +3,7 @@
 A clip gives ``T = n_frames`` frames, the middle one of each of ``T`` equal segments, the only ones decoded. The
 detector (Haar or YuNet) searches the frame downscaled so a ``features.min_face_px`` face spans its smallest
 window, then tracks the face; boxes are filled, smoothed and cropped square. Face-crop folders need no
-detection: sampled frame ``i`` is file ``i + 1``.
-"""
+detection: sampled frame ``i`` is file ``i + 1``."""
 
 from __future__ import annotations
 
@@ -448,8 +447,7 @@ def crop_face(rgb: Image, box: Sequence[float], margin: float, size: int) -> np.
     """Square crop (side ``max(w, h) * (1 + 2 * margin)``, black outside the frame) centred on ``box``, resized
     to ``(size, size, 3)`` uint8."""
     x, y, w, h = (float(v) for v in box)
-    side = max(w, h) * (1.0 + 2.0 * margin)
-    side_px = max(2, int(round(side)))
+    side_px = max(2, int(round(max(w, h) * (1.0 + 2.0 * margin))))
     x0 = int(round(x + w / 2.0 - side_px / 2.0))
     y0 = int(round(y + h / 2.0 - side_px / 2.0))
     height, width = rgb.shape[:2]
@@ -464,15 +462,11 @@ def crop_face(rgb: Image, box: Sequence[float], margin: float, size: int) -> np.
 
 
 def faces_from_frames(
-    sample_id: str,
-    frames: Sequence[Image],
-    indices: np.ndarray,
-    features: FeatureConfig,
-    detector: FaceDetector,
-    source: str = "clip",
-    side: str | None = None,
+    clip: _PendingClip, features: FeatureConfig, detector: FaceDetector, source: str
 ) -> FaceClip | ClipFailure:
     """Detect, track and crop the face on a clip's sampled frames (``source`` names it in a failure)."""
+    sample_id, side, indices = clip.request.sample_id, clip.request.side, clip.indices
+    frames = [clip.frames[i] for i in indices]
     problem = frames_problem([image_gray(f, 0, 0, f.shape[1], f.shape[0]) for f in frames], indices)
     if problem is not None:
         return ClipFailure(sample_id, f"{source} is {problem}", sampled_frames=len(frames))
@@ -545,10 +539,7 @@ def extract_video_clips(
                 p.frames[index] = rgb
                 if len(p.frames) == len(set(p.indices.tolist())):
                     todo.remove(p)
-                    frames, req = [p.frames[i] for i in p.indices], p.request
-                    clip = faces_from_frames(
-                        req.sample_id, frames, p.indices, features, detector, f"video {path}", req.side
-                    )
+                    clip = faces_from_frames(p, features, detector, f"video {path}")
                     if isinstance(clip, FaceClip) and fps:
                         clip.video_seconds = total / fps
                     yield clip
@@ -714,10 +705,9 @@ def extract_folder_clips(
         extent: dict[int, Box] = {}  # the box of a face crop: the whole image
         crops: dict[int, np.ndarray] = {}
         for i, bgr in images.items():
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            extent[i] = (0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0]))
-            interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
-            crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)
+            extent[i] = (0.0, 0.0, float(bgr.shape[1]), float(bgr.shape[0]))
+            interp = cv2.INTER_AREA if max(bgr.shape[:2]) > size else cv2.INTER_LINEAR
+            crops[i] = cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=interp), cv2.COLOR_BGR2RGB)
         if not crops:
             yield ClipFailure(
                 clip.sample_id,
