@@ -251,12 +251,9 @@ def per_fold_metrics(
         raise StageError(f"no {split!r} predictions to evaluate (models: {sorted(set(pred['model']))})")
     records: list[dict[str, Any]] = []
     for (model, fold, seed), g in rows.groupby(["model", "fold", "seed"], sort=True):
-        y_true, y_pred = g["y_true"].to_numpy(np.float64), g["y_pred"].to_numpy(np.float64)
+        y, p = g["y_true"].to_numpy(np.float64), g["y_pred"].to_numpy(np.float64)
         try:
-            if regression:
-                m = regression_metrics(y_true, y_pred)
-            else:
-                m = classification_metrics(y_true, y_pred, num_classes)
+            m = regression_metrics(y, p) if regression else classification_metrics(y, p, num_classes)
         except StageError as exc:
             raise StageError(f"model {model!r} fold {fold} seed {seed} ({split} predictions): {exc}") from exc
         rec: dict[str, Any] = {"model": model, "fold": int(fold), "seed": int(seed), "n_samples": int(len(g))}
@@ -344,14 +341,13 @@ def aggregate(
     table = summary_table(per_fold, regression=regression, **interval)
     students = [m for m in order_models(per_fold["model"]) if m.startswith("student-")]
     students = [m for m in students if m != BASELINE_STUDENT]
+    paired = pd.DataFrame(columns=PAIRED_COLUMNS)
     if BASELINE_STUDENT in set(per_fold["model"]):
         paired = paired_table(per_fold, metric=metric, models=students, baseline=BASELINE_STUDENT, **interval)
-    else:
-        paired = pd.DataFrame(columns=PAIRED_COLUMNS)
-        if students:
-            logger.warning(
-                "no %s predictions: the distillation losses are not compared with it", BASELINE_STUDENT
-            )
+    elif students:
+        logger.warning(
+            "no %s predictions: the distillation losses are not compared with it", BASELINE_STUDENT
+        )
     return per_fold, table, paired
 
 

@@ -21,22 +21,7 @@ from pkdot.config import RunConfig
 from pkdot.data.affwild2 import challenge_markdown, challenge_scores
 from pkdot.data.manifest import read_manifest
 from pkdot.errors import ConfigError, StageError
-from pkdot.evaluate.aggregate import (
-    BASELINE_STUDENT,
-    BOUNDS_SENTENCE,
-    CORRECTION_FORMULA,
-    CORRECTION_NAME,
-    PAIRED_COLUMNS,
-    SELECTION_RULE,
-    Selection,
-    aggregate,
-    collect_predictions,
-    fold_size_ratio,
-    fold_sizes,
-    paired_table,
-    primary_metric,
-    select_student,
-)
+from pkdot.evaluate import aggregate as agg
 from pkdot.evaluate.plots import (
     plot_confusion_matrices,
     plot_embedding_map,
@@ -76,7 +61,7 @@ class EvaluationSummary:
     robustness: pd.DataFrame | None = None
     protocol: str = ""
     challenge: pd.DataFrame = field(default_factory=pd.DataFrame)
-    selection: Selection | None = None
+    selection: agg.Selection | None = None
 
 
 # ---- histories and embeddings ------------------------------------------------------------------------------
@@ -187,13 +172,11 @@ def pkdot_sentence(paired: pd.DataFrame, metric: str) -> str:
     """One sentence stating PKDOT's measured difference to ``student-none`` and whether its CI excludes 0."""
     row = paired[paired["model"] == PKDOT_STUDENT]
     if row.empty:
-        return f"PKDOT was not compared with `{BASELINE_STUDENT}` in this run (one of them is missing)."
+        return f"PKDOT was not compared with `{agg.BASELINE_STUDENT}` in this run (one of them is missing)."
     r = row.iloc[0]
     diff, low, high, n = float(r["mean_diff"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n"])
     if n == 0 or math.isnan(diff):
-        return (
-            f"PKDOT and `{BASELINE_STUDENT}` share no (fold, seed) run, so no paired difference was measured."
-        )
+        return f"PKDOT and `{agg.BASELINE_STUDENT}` share no (fold, seed) run, so no paired difference was measured."
     if n == 1:
         verdict = "with a single run there is no interval, so this is not evidence either way"
     elif low > 0:
@@ -281,7 +264,7 @@ FIGURE_TITLES = {
 def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[str], n_files: int) -> str:
     """The Markdown text of ``report.md`` (a summary: per-run numbers are in ``per_fold.csv``)."""
     regression = cfg.data.is_regression
-    metric = primary_metric(regression)
+    metric = agg.primary_metric(regression)
     table = summary.table
     kind = f"classification, {summary.num_classes} classes, metric accuracy and macro-F1"
     kind = "regression, metrics CCC, MAE and RMSE" if regression else kind
@@ -299,11 +282,11 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
         f"- Config hash: `{cfg.section_hash()}`",
         f"- Source: {n_files} predictions files; every score is computed on the test subjects of one (fold, seed) "
         "run, then averaged over runs (n = runs).",
-        f"- Statistics: intervals and p-values over runs use the {CORRECTION_NAME} (Nadeau & Bengio 2003), "
-        f"for runs whose training sets overlap: `{CORRECTION_FORMULA}`; here n_test/n_train = "
+        f"- Statistics: intervals and p-values over runs use the {agg.CORRECTION_NAME} (Nadeau & Bengio 2003), "
+        f"for runs whose training sets overlap: `{agg.CORRECTION_FORMULA}`; here n_test/n_train = "
         f"{_fmt(summary.test_train_ratio, 4)} ({summary.ratio_source}). "
         "Uncorrected intervals are only in `summary.json` (`naive_*`).",
-        f"- {BOUNDS_SENTENCE}",
+        f"- {agg.BOUNDS_SENTENCE}",
         "- Per-run scores (one row per model × fold × seed, with n_test, n_train and the validation score): "
         "[per_fold.csv](per_fold.csv).",
         "",
@@ -328,9 +311,9 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
     if not summary.challenge.empty:
         lines += challenge_markdown(summary.challenge, cfg.data.task)
 
-    lines += [f"## Distillation losses vs. `{BASELINE_STUDENT}` (paired by fold and seed)", ""]
+    lines += [f"## Distillation losses vs. `{agg.BASELINE_STUDENT}` (paired by fold and seed)", ""]
     if summary.paired.empty:
-        lines += [f"No comparison: the run has no `{BASELINE_STUDENT}` or no other student.", ""]
+        lines += [f"No comparison: the run has no `{agg.BASELINE_STUDENT}` or no other student.", ""]
     else:
         lines += [_difference_table(summary.paired, "student", metric, lambda r: f"`{r['model']}`"), ""]
     lines += [pkdot_sentence(summary.paired, metric), "", "## Teacher vs. unimodal models", ""]
@@ -346,13 +329,12 @@ def render_report(cfg: RunConfig, summary: EvaluationSummary, plot_names: list[s
             "",
         ]
 
-    sel = summary.selection
-    if sel is not None:
+    if (sel := summary.selection) is not None:
         best = table[table["model"] == sel.model].iloc[0]
         lines += [
             "## The student to ship (chosen on validation)",
             "",
-            f"Rule: {SELECTION_RULE.format(metric=metric)}. Chosen: `{sel.model}`, mean validation {metric} "
+            f"Rule: {agg.SELECTION_RULE.format(metric=metric)}. Chosen: `{sel.model}`, mean validation {metric} "
             f"{_fmt(sel.val_mean)}; its registered run is fold {sel.fold}, seed {sel.seed} (the best validation "
             f"{metric} of that loss). Cross-validated estimate of this choice: test {metric} "
             f"{_fmt(best['mean'])} {_ci(best)} (corrected 95% CI, n = {int(best['n'])} runs).",
@@ -378,7 +360,9 @@ def _draw_plots(
     if not regression:
         plots.append(plot_confusion_matrices(pred, num_classes, out / "confusion_matrices.png", models))
     if histories := collect_histories(run_dir, models):
-        plots.append(plot_learning_curves(histories, out / "learning_curves.png", primary_metric(regression)))
+        plots.append(
+            plot_learning_curves(histories, out / "learning_curves.png", agg.primary_metric(regression))
+        )
     else:
         notes.append("learning curves (no history.json files)")
     students = [m for m in models if m.startswith("student-")]
@@ -418,9 +402,9 @@ def test_train_sizes(
     """Per-run ``n_test``/``n_train`` (:func:`~pkdot.evaluate.aggregate.fold_sizes`), their mean ratio and
     where it came from. Without a manifest, the k-fold value ``1/(k-1)`` (``k = train.folds``, or the
     number of folds evaluated), which the report states."""
-    sizes = fold_sizes(run_dir, pred, cfg.data.modalities)
+    sizes = agg.fold_sizes(run_dir, pred, cfg.data.modalities)
     if sizes is not None:
-        return sizes, fold_size_ratio(sizes), "counted per run from the manifest and the folds' subjects"
+        return sizes, agg.fold_size_ratio(sizes), "counted per run from the manifest and the folds' subjects"
     k = cfg.train.folds if isinstance(cfg.train.folds, int) else int(pred["fold"].nunique())
     if k < 2:
         raise StageError(
@@ -450,7 +434,7 @@ def read_summary(rd: RunDir) -> EvaluationSummary:
         best_student=doc["best_student"],
         summary_path=rd.summary,
         protocol=doc.get("protocol") or "",
-        selection=None if sel is None else Selection(**sel),
+        selection=None if sel is None else agg.Selection(**sel),
     )
 
 
@@ -462,24 +446,24 @@ def evaluate_run(
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     rd = RunDir(run_dir)
     regression = cfg.data.is_regression
-    metric = primary_metric(regression)
-    pred = collect_predictions(run_dir)
+    metric = agg.primary_metric(regression)
+    pred = agg.collect_predictions(run_dir)
     num_classes = _num_classes(cfg, pred)
     n_files = int(pred["source"].nunique())
     sizes, ratio, ratio_source = test_train_sizes(cfg, run_dir, pred)
     stats = {"level": CONFIDENCE_LEVEL, "test_train_ratio": ratio}
-    per_fold, table, paired = aggregate(pred, regression=regression, num_classes=num_classes, **stats)
+    per_fold, table, paired = agg.aggregate(pred, regression=regression, num_classes=num_classes, **stats)
     if sizes is not None:
         per_fold = per_fold.merge(sizes[["fold", "seed", "n_train"]], on=["fold", "seed"], how="left")
     models = list(table["model"])
     unimodal = [m for m in models if m.startswith("unimodal-")] if "teacher" in models else []
     vs_unimodal = [
-        paired_table(per_fold, metric=metric, models=["teacher"], baseline=u, **stats) for u in unimodal
+        agg.paired_table(per_fold, metric=metric, models=["teacher"], baseline=u, **stats) for u in unimodal
     ]
     teacher_vs_unimodal = (
-        pd.concat(vs_unimodal, ignore_index=True) if unimodal else pd.DataFrame(columns=PAIRED_COLUMNS)
+        pd.concat(vs_unimodal, ignore_index=True) if unimodal else pd.DataFrame(columns=agg.PAIRED_COLUMNS)
     )
-    selection = select_student(per_fold, metric, cfg.distill.losses)
+    selection = agg.select_student(per_fold, metric, cfg.distill.losses)
     best_student = None if selection is None else selection.model
     protocol = describe_protocol(cfg.train.folds, rd.splits) if rd.splits.is_file() else ""
     challenge = pd.DataFrame()  # Aff-Wild2: the challenge's per-frame CCC of every run
@@ -521,16 +505,16 @@ def evaluate_run(
         "metric": metric,
         "confidence_level": CONFIDENCE_LEVEL,
         "statistics": {
-            "correction": CORRECTION_NAME,
-            "formula": CORRECTION_FORMULA,
+            "correction": agg.CORRECTION_NAME,
+            "formula": agg.CORRECTION_FORMULA,
             "test_train_ratio": ratio,
             "ratio_source": ratio_source,
-            "bounds": BOUNDS_SENTENCE,
+            "bounds": agg.BOUNDS_SENTENCE,
         },
         "config_hash": cfg.section_hash(),
         "best_student": best_student,
         "selection": None if selection is None else _records(pd.DataFrame([vars(selection)]))[0],
-        "selection_rule": SELECTION_RULE.format(metric=metric),
+        "selection_rule": agg.SELECTION_RULE.format(metric=metric),
         "table": _records(table),
         "paired": _records(paired),
         "teacher_vs_unimodal": _records(teacher_vs_unimodal),

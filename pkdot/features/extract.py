@@ -4,8 +4,7 @@ Each (modality, shard) task writes ``shard-<i>-<key>.parquet`` atomically, its s
 the key hashes the rows, their recordings' identity, the settings and the extractor's code, so a re-run
 redoes only changed shards. Shards merge into ``features/{faces,physio,audio}.parquet`` (the samples every
 modality got); ``extract_report.json``, written last, marks a complete extraction. A ``table`` set's columns
-become ``<column>.parquet`` (``vector`` float32 (D,)) with the same checks and report, without shards.
-"""
+become ``<column>.parquet`` (``vector`` float32 (D,)) with the same checks and report, without shards."""
 
 from __future__ import annotations
 
@@ -427,8 +426,7 @@ def run_extract(
     workers = int(workers or cfg.features.workers)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    use_ray = workers > 1 or bool(address)
+    use_ray = workers > 1 or bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     jobs = plan_shards(cfg, manifest, run_dir)
     if use_ray:  # the whole machine (shards run `workers` at a time); left up for the training stages
         from pkdot.ray_utils import ensure_ray
@@ -441,7 +439,6 @@ def run_extract(
     modalities = list(cfg.data.modalities)
     order = manifest["sample_id"].astype(str).tolist()
     report, keep = _build_report(cfg, summaries, order, workers, use_ray)
-    keep_set = set(keep)
     # on the driver: shards on Ray workers log their own lines only there
     if quarantined := report["quarantined"]:
         first = "{sample_id}, {modality}: {reason}".format(**quarantined[0])
@@ -458,11 +455,11 @@ def run_extract(
             f"extraction wrote no sample: none of the {len(order)} samples has every modality {modalities} "
             f"(see {report_path}; first reasons: {[q['reason'] for q in report['quarantined'][:3]]})"
         )
-    audio_frames = _audio_frames(jobs, keep_set) if "audio" in modalities else None
+    audio_frames = _audio_frames(jobs, keep) if "audio" in modalities else None
     with contextlib.ExitStack() as tables:  # every table is renamed into place only when all are merged
         for modality in modalities:
             tmp = tables.enter_context(atomic_path(rd.feature_table(modality)))
-            _merge(jobs, modality, keep_set, tmp, audio_frames)
+            _merge(jobs, modality, keep, tmp, audio_frames)
     current = {job.path.resolve() for job in jobs}
     for path in rd.shards().glob("*/shard-*.parquet"):
         if path.resolve() not in current:
@@ -527,13 +524,13 @@ def _check_durations(cfg: RunConfig, summaries: list[dict[str, Any]]) -> None:
 
 def _build_report(
     cfg: RunConfig, summaries: list[dict[str, Any]], order: list[str], workers: int = 1, use_ray: bool = False
-) -> tuple[dict[str, Any], list[str]]:
-    """The extraction report and the samples (manifest ``order``) that every modality extracted."""
+) -> tuple[dict[str, Any], set[str]]:
+    """The extraction report and the samples that every modality extracted."""
     modalities = list(cfg.data.modalities)
     summaries = sorted(summaries, key=lambda s: (modalities.index(s["modality"]), s["index"]))
     by_modality = {m: [s for s in summaries if s["modality"] == m] for m in modalities}
     ok = {m: {sid for s in group for sid in s["ok"]} for m, group in by_modality.items()}
-    keep = [sid for sid in order if all(sid in ok[m] for m in modalities)]
+    keep = {sid for sid in order if all(sid in ok[m] for m in modalities)}
     quarantined = [q for s in summaries for q in s["quarantined"]]
     failed_in: dict[str, list[str]] = defaultdict(list)
     for q in quarantined:
@@ -562,7 +559,7 @@ def _build_report(
         },
         "quarantined": quarantined,
         "not_written": [
-            {"sample_id": sid, "failed_modalities": failed_in[sid]} for sid in order if sid not in set(keep)
+            {"sample_id": sid, "failed_modalities": failed_in[sid]} for sid in order if sid not in keep
         ],
         "face_detection_rate": (detected / sampled) if sampled else None,
         "sampled_frames": sampled,
@@ -636,7 +633,6 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, rd: RunDir) -> dict:
         for m in modalities
     ]
     report, keep = _build_report(cfg, summaries, order)
-    keep_set = set(keep)
     report |= {"shards_total": 0, "shards_done": 0, "shards_skipped": 0, "shards": {}, "vector_dims": dims}
     report_path = rd.extract_report
     if not keep:
@@ -653,7 +649,7 @@ def _run_table(cfg: RunConfig, manifest: pd.DataFrame, rd: RunDir) -> dict:
         }
         for batch in pf.iter_batches(batch_size=ROW_GROUP_SIZE, columns=["sample_id", *modalities]):
             d = batch.to_pydict()
-            kept = [(i, sid) for i, sid in enumerate(map(str, d["sample_id"])) if sid in keep_set]
+            kept = [(i, sid) for i, sid in enumerate(map(str, d["sample_id"])) if sid in keep]
             for m in modalities:
                 rows = [
                     {"sample_id": sid, **encode_tensor("vector", np.asarray(d[m][i], np.float32))}

@@ -3,8 +3,7 @@
 A clip gives ``T = n_frames`` frames, the middle one of each of ``T`` equal segments, the only ones decoded. The
 detector (Haar or YuNet) searches the frame downscaled so a ``features.min_face_px`` face spans its smallest
 window, then tracks the face; boxes are filled, smoothed and cropped square. Face-crop folders need no
-detection: sampled frame ``i`` is file ``i + 1``.
-"""
+detection: sampled frame ``i`` is file ``i + 1``."""
 
 from __future__ import annotations
 
@@ -257,18 +256,12 @@ class FaceDetector:
         return self.min_px / self.scale_for(width)
 
     def _search(
-        self,
-        image: Image,
-        region: tuple[int, int, int, int],
-        scale: float,
-        min_side: int,
-        max_side: int | None = None,
-        coarse: bool = False,
+        self, image: Image, region: tuple[int, ...], scale: float, max_side: int = 0, coarse: bool = False
     ) -> np.ndarray:
-        """Boxes (K, 4) in ``region``'s pixels found on it resized by ``scale`` (``coarse``: a faster pyramid)."""
+        """Boxes (K, 4) in source pixels found in ``region`` resized by ``scale``, ``min_px`` to ``max_side`` (0:
+        any) wide on it (``coarse``: a faster pyramid)."""
         x0, y0, x1, y1 = region
-        width, height = x1 - x0, y1 - y0
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
         if self.kind == "yunet":
             rgb = image_rgb(image, x0, y0, x1, y1)
             small = rgb if scale == 1.0 else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
@@ -276,22 +269,22 @@ class FaceDetector:
             self._yunet.setInputSize((bgr.shape[1], bgr.shape[0]))
             _, faces = self._yunet.detect(bgr)
             boxes = np.zeros((0, 4)) if faces is None else np.asarray(faces, np.float64)[:, :4]
-            boxes = boxes[(boxes[:, 2] >= min_side) & (boxes[:, 2] <= (max_side or np.inf))]
+            boxes = boxes[(boxes[:, 2] >= self.min_px) & (boxes[:, 2] <= (max_side or np.inf))]
         else:
             gray = image_gray(image, x0, y0, x1, y1)
             if scale != 1.0:
                 gray = shrink(gray, size)
-            if min(gray.shape) < min_side:
+            if min(gray.shape) < self.min_px:
                 return np.zeros((0, 4))
             found = self._cascade.detectMultiScale(
                 gray,
                 scaleFactor=1.2 if coarse else 1.1,
                 minNeighbors=3 if coarse else 4,
-                minSize=(min_side, min_side),
+                minSize=(self.min_px, self.min_px),
                 maxSize=(max_side, max_side) if max_side else (0, 0),
             )
             boxes = np.asarray(found, dtype=np.float64).reshape(-1, 4)
-        return boxes / scale
+        return boxes / scale + (x0, y0, 0, 0)
 
     def detect_all(self, rgb: Image, wanted: Callable[[np.ndarray], object] | None = None) -> np.ndarray:
         """Faces on the whole frame, (K, 4) source pixels: large faces at half the detection scale first, then
@@ -300,10 +293,10 @@ class FaceDetector:
         height, width = rgb.shape[:2]
         scale = self.scale_for(width)
         region = (0, 0, width, height)
-        large = self._search(rgb, region, scale / 2.0, self.min_px, coarse=True)
+        large = self._search(rgb, region, scale / 2.0, coarse=True)
         if len(large) and (wanted is None or wanted(large)):
             return large
-        small = self._search(rgb, region, scale, self.min_px, 2 * self.min_px + 2, coarse=True)
+        small = self._search(rgb, region, scale, 2 * self.min_px + 2, coarse=True)
         return np.concatenate([large.reshape(-1, 4), small.reshape(-1, 4)])
 
     def detect_near(self, rgb: Image, box: Sequence[float]) -> np.ndarray:
@@ -315,9 +308,7 @@ class FaceDetector:
             return np.zeros((0, 4))
         scale = min(1.0, self.min_px / (TRACK_MIN_SCALE * side))
         max_side = max(self.min_px + 1, int(np.ceil(TRACK_MAX_SCALE * side * scale)))
-        boxes = self._search(rgb, (x0, y0, x1, y1), scale, self.min_px, max_side)
-        boxes[:, :2] += (x0, y0)
-        return boxes
+        return self._search(rgb, (x0, y0, x1, y1), scale, max_side)
 
     def _template_scale(self, box: Sequence[float]) -> float:
         return min(1.0, TEMPLATE_PX / max(float(box[2]), float(box[3]), 1.0))
@@ -448,8 +439,7 @@ def crop_face(rgb: Image, box: Sequence[float], margin: float, size: int) -> np.
     """Square crop (side ``max(w, h) * (1 + 2 * margin)``, black outside the frame) centred on ``box``, resized
     to ``(size, size, 3)`` uint8."""
     x, y, w, h = (float(v) for v in box)
-    side = max(w, h) * (1.0 + 2.0 * margin)
-    side_px = max(2, int(round(side)))
+    side_px = max(2, int(round(max(w, h) * (1.0 + 2.0 * margin))))
     x0 = int(round(x + w / 2.0 - side_px / 2.0))
     y0 = int(round(y + h / 2.0 - side_px / 2.0))
     height, width = rgb.shape[:2]
@@ -464,15 +454,11 @@ def crop_face(rgb: Image, box: Sequence[float], margin: float, size: int) -> np.
 
 
 def faces_from_frames(
-    sample_id: str,
-    frames: Sequence[Image],
-    indices: np.ndarray,
-    features: FeatureConfig,
-    detector: FaceDetector,
-    source: str = "clip",
-    side: str | None = None,
+    clip: _PendingClip, features: FeatureConfig, detector: FaceDetector, source: str
 ) -> FaceClip | ClipFailure:
     """Detect, track and crop the face on a clip's sampled frames (``source`` names it in a failure)."""
+    sample_id, side, indices = clip.request.sample_id, clip.request.side, clip.indices
+    frames = [clip.frames[i] for i in indices]
     problem = frames_problem([image_gray(f, 0, 0, f.shape[1], f.shape[0]) for f in frames], indices)
     if problem is not None:
         return ClipFailure(sample_id, f"{source} is {problem}", sampled_frames=len(frames))
@@ -545,10 +531,7 @@ def extract_video_clips(
                 p.frames[index] = rgb
                 if len(p.frames) == len(set(p.indices.tolist())):
                     todo.remove(p)
-                    frames, req = [p.frames[i] for i in p.indices], p.request
-                    clip = faces_from_frames(
-                        req.sample_id, frames, p.indices, features, detector, f"video {path}", req.side
-                    )
+                    clip = faces_from_frames(p, features, detector, f"video {path}")
                     if isinstance(clip, FaceClip) and fps:
                         clip.video_seconds = total / fps
                     yield clip
@@ -714,10 +697,9 @@ def extract_folder_clips(
         extent: dict[int, Box] = {}  # the box of a face crop: the whole image
         crops: dict[int, np.ndarray] = {}
         for i, bgr in images.items():
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            extent[i] = (0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0]))
-            interp = cv2.INTER_AREA if max(rgb.shape[:2]) > size else cv2.INTER_LINEAR
-            crops[i] = cv2.resize(rgb, (size, size), interpolation=interp)
+            extent[i] = (0.0, 0.0, float(bgr.shape[1]), float(bgr.shape[0]))
+            interp = cv2.INTER_AREA if max(bgr.shape[:2]) > size else cv2.INTER_LINEAR
+            crops[i] = cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=interp), cv2.COLOR_BGR2RGB)
         if not crops:
             yield ClipFailure(
                 clip.sample_id,
