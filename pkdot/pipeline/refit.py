@@ -11,25 +11,17 @@ import os
 from dataclasses import replace
 from typing import Any
 
+from pkdot import folds
 from pkdot.config import RunConfig
 from pkdot.data.manifest import read_manifest
-from pkdot.errors import StageError
 from pkdot.evaluate.report import read_summary
-from pkdot.folds import (
-    FoldPlan,
-    assign_crossfit_groups,
-    crossfit_groups_of,
-    load_fold_plan,
-    refit_fold,
-    save_folds,
-)
 from pkdot.pipeline.base import Stage, StageOutput
 from pkdot.pipeline.evaluate import register
 from pkdot.rundir import RunDir, atomic_write_text
 from pkdot.tracking.runs import end_parent_run
 from pkdot.train import ray_runner
 from pkdot.train.cache import build_stale_caches
-from pkdot.train.jobs import student_jobs, teacher_jobs
+from pkdot.train.jobs import student_jobs
 
 
 def refit_config(cfg: RunConfig, loss: str | None = None) -> RunConfig:
@@ -49,7 +41,7 @@ def _link(target: Any, link: Any) -> None:
     link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def prepare_refit(cfg: RunConfig) -> tuple[RunConfig, FoldPlan]:
+def prepare_refit(cfg: RunConfig) -> tuple[RunConfig, folds.FoldPlan]:
     """``RUN/refit/`` made ready for its teacher (features and manifest linked, its one fold written); its config
     and plan."""
     rd = RunDir(cfg.run_dir)
@@ -59,11 +51,11 @@ def prepare_refit(cfg: RunConfig) -> tuple[RunConfig, FoldPlan]:
     _link(rd.manifest, refit.manifest)
     subjects = read_manifest(rd.manifest)["subject_id"].astype(str)
     seed = rcfg.train.seeds[0]
-    fold = replace(refit_fold(subjects, cfg.train.val_fraction, cfg.seed), seed=seed)
-    if crossfit_groups_of(rcfg) is not None:
-        fold = assign_crossfit_groups(fold, rcfg.distill.crossfit_groups, cfg.seed)
-    plan = FoldPlan(by_seed={seed: (fold,)})
-    save_folds(plan, refit.splits)
+    fold = replace(folds.refit_fold(subjects, cfg.train.val_fraction, cfg.seed), seed=seed)
+    if folds.crossfit_groups_of(rcfg) is not None:
+        fold = folds.assign_crossfit_groups(fold, rcfg.distill.crossfit_groups, cfg.seed)
+    plan = folds.FoldPlan(by_seed={seed: (fold,)})
+    folds.save_folds(plan, refit.splits)
     return rcfg, plan
 
 
@@ -78,11 +70,9 @@ def run(cfg: RunConfig) -> StageOutput:
         return StageOutput([], {"refit": "no student to refit"})
     rcfg = refit_config(cfg, sel.loss)
     atomic_write_text(rd.refit.config, rcfg.yaml_text())
-    plan = load_fold_plan(rd.refit.splits)
+    plan = folds.load_fold_plan(rd.refit.splits)  # train-teacher wrote it, and trained the refit's teacher
     seed = rcfg.train.seeds[0]
     fold = plan.fold(seed, 0)
-    if missing := [j.key for j in teacher_jobs(rcfg, plan) if not j.is_done()]:
-        raise StageError(f"the refit's teacher jobs {missing} are not done: re-run `pkdot train-teacher`")
     build_stale_caches(rcfg, plan.pairs(rcfg.train.seeds))
     jobs = student_jobs(rcfg, plan, [sel.loss])
     ray_runner.run_jobs_on_ray(rcfg, "student", jobs, name="refit-student")
