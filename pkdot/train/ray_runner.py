@@ -123,18 +123,19 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         if resume is not None and rank == 0:  # logging, not print (Ray Train's print patch doubles prints)
             log.info("resuming %s / %s after epoch %d", resume["job"], resume["phase"], resume["state"].epoch)
 
-    pending = [(cfgs[i], job) for i, job in ((i, Job(**j)) for i, j in config["jobs"]) if not job.is_done()]
-    inputs: dict[str, tuple[SampleSet, FoldPlan]] = {}  # per run directory
+    pending = [(i, job) for i, job in ((i, Job(**j)) for i, j in config["jobs"]) if not job.is_done()]
+    inputs: dict[int, tuple[SampleSet, FoldPlan]] = {}  # per run directory (index into cfgs)
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         return module if world == 1 else ray.train.torch.prepare_model(module, move_to_device=False)
 
     last_checkpoint = [time.monotonic()]
     every = float(cfgs[0].train.checkpoint_every_s)
-    for cfg, job in pending:
-        if str(cfg.run_dir) not in inputs:
-            inputs[str(cfg.run_dir)] = job_inputs(cfg, config["kind"])
-        samples, plan = inputs[str(cfg.run_dir)]
+    for i, job in pending:
+        cfg = cfgs[i]
+        if i not in inputs:
+            inputs[i] = job_inputs(cfg, config["kind"])
+        samples, plan = inputs[i]
 
         def on_epoch_end(phase: str, state: FitState, metrics: dict[str, float], job: Job = job) -> None:
             reported = {"job": job.key, "phase": phase, **{k: float(v) for k, v in metrics.items()}}
