@@ -140,7 +140,7 @@ def mark_done(
 
 def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream: str = "") -> str:
     """The output fingerprint of ``stages[index - 1]``; a :class:`StageError` naming the stage to re-run when it
-    has not completed, its last run failed, an output it (or an earlier stage) recorded changed, or ``upstream``
+    (or an earlier stage that has run) has not completed, its last run failed, an output it (or an earlier stage) recorded changed, or ``upstream``
     (what the caller was handed) is not what it recorded."""
     previous = stages[index - 1]
     doc = read_marker(cfg, previous)
@@ -160,6 +160,13 @@ def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream
         )
     for earlier in stages[:index]:  # later stages read these too (features, splits, ...)
         earlier_doc = doc if earlier is previous else read_marker(cfg, earlier)
+        if (
+            earlier_doc is not None and "fingerprint" not in earlier_doc
+        ):  # re-running, or interrupted re-running
+            raise StageError(
+                f"stage {earlier.name!r} did not complete in {cfg.run_dir} (it is running, or its last run failed "
+                f"or was interrupted, and its old outputs were invalidated): re-run `{earlier.command}`"
+            )
         if changed := changed_outputs(cfg, earlier_doc) if earlier_doc else []:
             more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
             raise StageError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,14 +174,26 @@ def test_report_only_rereads_the_finished_runs_without_running_a_stage(quick_run
     monkeypatch.setattr("pkdot.pipeline.run_all", no_stage)
     monkeypatch.setattr("pkdot.pipeline.run_stage", no_stage)
     for run_dir in doc["run_dirs"].values():  # the stand-in evaluated without the stage's marker
-        (Path(run_dir) / "stages" / "evaluate.json").write_text("{}")
+        (Path(run_dir) / "stages" / "evaluate.json").write_text('{"inputs": "stand-in", "fingerprint": "0"}')
     work = quick_run.parent
-    again = protocol.main(
-        ["--data", "features", "--quick", "--seeds", "2", "--work-dir", str(work), "--out", str(work / "again.md"),
-         "--report-only"]
-    )  # fmt: skip
+    argv = ["--data", "features", "--quick", "--seeds", "2", "--work-dir", str(work), "--report-only"]
+    again = protocol.main([*argv, "--out", str(work / "again.md")])
     redone = json.loads(again.with_suffix(".json").read_text())
     assert redone["table"] == doc["table"] and redone["inflation"] == doc["inflation"]
+
+    # a stage re-running in one of the runs (its marker pending; here an interrupted re-run): that run's old
+    # outputs are refused, not read half-rewritten; the report names the run, the stage and what to re-run
+    marker = Path(doc["run_dirs"]["clips"]) / "stages" / "manifest.json"
+    done = marker.read_text()
+    marker.write_text(json.dumps({"inputs": "pending:0"}))
+    try:
+        with pytest.raises(SystemExit, match=r"failed: clips \("):
+            protocol.main([*argv, "--out", str(work / "refused.md")])
+    finally:
+        marker.write_text(done)
+    refused = " ".join((work / "refused.md").read_text().split())
+    assert re.search(r"\*\*clips\*\*: `StageError: stage 'manifest' did not complete in \S*clips", refused)
+    assert "re-run `pkdot extract`" in refused
 
 
 def test_protocols_differ_only_in_their_switches(tmp_path):

@@ -48,6 +48,24 @@ def test_failed_reextract_leaves_no_usable_features(tiny_biovid: Path, tmp_path:
     assert report["n_written"] == 0 and len(report["quarantined"]) == len(manifest_before)
 
 
+def test_an_earlier_stage_running_again_is_refused_downstream(tiny_biovid: Path, tmp_path: Path) -> None:
+    """Not only the previous stage: a stage further up that is running again (or whose re-run was interrupted)
+    has invalidated what it wrote before, so nothing downstream reads it, and readers of finished runs
+    (``pipeline.completed``) refuse it too."""
+    run = tmp_path / "run"
+    cfg = tiny_cfg(tiny_biovid, run)
+    extract(cfg)
+    assert pipeline.completed("extract", cfg) == _marker(run, "extract")["fingerprint"]
+    marker = run / "stages" / "manifest.json"
+    marker.write_text(
+        json.dumps({"inputs": "pending:" + _marker(run, "manifest")["inputs"]})
+    )  # as execute does
+    with pytest.raises(StageError, match=r"stage 'manifest' did not complete .* re-run `pkdot extract`"):
+        pipeline.run_stage("train-teacher", cfg)
+    with pytest.raises(StageError, match=r"stage 'manifest' did not complete"):
+        pipeline.completed("extract", cfg)
+
+
 def test_features_changed_behind_the_pipeline_are_refused(tiny_biovid: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = tiny_cfg(tiny_biovid, run)
