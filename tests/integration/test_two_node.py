@@ -1,5 +1,5 @@
 """Two Ray nodes on this machine: teacher and student jobs spread over both, a killed worker is resumed, and
-the metrics equal a single-node run's.
+the metrics equal those of the same jobs trained one after another in one process, without Ray.
 
 The cluster is Ray's own test helper (``ray.cluster_utils.Cluster``): a head and a second node with 1 CPU
 each, every listener on 127.0.0.1, ports chosen free (a fixed dashboard/metrics port collides with another
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-# Part of CI (about 4.5 min on a quiet 2-core machine). The kill waits for Ray Train's controller to have
+# Part of CI (about 2.6 min on a quiet 2-core machine). The kill waits for Ray Train's controller to have
 # *registered* a student-phase checkpoint (its checkpoint_manager_snapshot.json): killing as soon as a checkpoint
 # folder appeared on disk raced the controller's poll, and the restarted worker group got the T-Net phase's
 # checkpoint, so the student phase rightly restarted from epoch 1 and no resume was recorded.
@@ -51,11 +51,23 @@ OVERRIDES = {
     "train.refit": False,  # about spreading jobs over nodes; the refit stage is tested in test_deployment.py
 }
 STEP_TIMEOUT_S = 600
+#: The reference: the same three stages in one process with every job trained right there (the functions each
+#: Ray Train worker calls, on one torch thread as a worker has): no Ray at all, so the cluster's run (placement
+#: on two nodes, a worker killed and resumed) must reproduce plain sequential training, job by job.
 REFERENCE = (
     "import sys\n"
     "from pathlib import Path\n"
+    "import torch\n"
     "from pkdot import pipeline\n"
     "from pkdot.config import load_config\n"
+    "from pkdot.train import ray_runner\n"
+    "from tests.train.conftest import run_jobs_local\n"
+    "torch.set_num_threads(1)\n"
+    "def in_process(cfg, kind, jobs, *, callbacks=(), name=None, more=()):\n"
+    "    for c, js in [(cfg, jobs), *more]:\n"
+    "        run_jobs_local(c, kind, js)\n"
+    "    return []\n"
+    "ray_runner.run_jobs_on_ray = in_process\n"
     "run = Path(sys.argv[1])\n"
     "cfg = load_config(run / 'config.yaml', overrides={'run_dir': str(run)})\n"
     "for name in ('train-teacher', 'cache', 'distill'):\n"
@@ -159,7 +171,7 @@ def two_nodes(monkeypatch):
         cluster.shutdown()
 
 
-def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_node(it, tmp_path, two_nodes):
+def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_process(it, tmp_path, two_nodes):
     import psutil
     from ray.util.state import list_actors, list_tasks
 
@@ -173,9 +185,8 @@ def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_node(i
     shutil.copytree(base, one, symlinks=True)
     shutil.copytree(base, two, symlinks=True)
 
-    # -- the reference: one node (a local Ray started by the process), the three stages in one process (what
-    # `pkdot train-teacher/cache/distill --run` call, without paying Python's and Ray's start-up three times)
-    _checked(it, env, [str(it.PYTHON), "-c", REFERENCE, str(one)], "the one-node reference")
+    # -- the reference: the three stages and their jobs in one process, no Ray
+    _checked(it, env, [str(it.PYTHON), "-c", REFERENCE, str(one)], "the in-process reference")
 
     # -- the cluster: teacher jobs, one per node at a time (1 CPU each)
     _pkdot(it, env, "train-teacher", "--run", str(two), "--ray-address", cluster.address)
@@ -249,7 +260,7 @@ def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_node(i
         second_id,
     }
 
-    # -- same seeds, same data: the same metrics, job by job, as on one node
+    # -- same seeds, same data: the same metrics, job by job, as in one process
     reference, spread = _metrics(one), _metrics(two)
     assert len(reference) == 2 + 2, sorted(reference)
     assert spread == reference
