@@ -40,6 +40,26 @@ def test_logmel_shape_and_padding():
     assert audio.pad_logmel(m, 50).shape == (32, 50)
 
 
+@pytest.mark.parametrize("sr, n_mels, hop", [(16000, 32, 160), (22050, 40, 512)])
+def test_logmel_is_the_centred_hann_stft_through_slaney_mel_filters(sr, n_mels, hop):
+    """The spectrogram against SciPy's STFT (windows centred on ``k * hop``, zeros outside the signal: librosa's
+    ``center=True`` framing), the same filter bank and dB conversion: an independent route to the same numbers."""
+    from librosa.filters import mel
+    from scipy.signal import ShortTimeFFT, get_window
+
+    rng = np.random.default_rng(1)
+    t = np.arange(int(1.3 * sr)) / sr
+    y = (0.3 * np.sin(2 * np.pi * 700 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    m = audio.logmel(y, sr, n_mels=n_mels, hop_length=hop)
+    n_fft = max(hop, 2 ** int(np.ceil(np.log2(0.025 * sr))))
+    sft = ShortTimeFFT(get_window("hann", n_fft), hop=hop, fs=sr, mfft=n_fft, fft_mode="onesided")
+    power = np.abs(sft.stft(y.astype(np.float64), p0=0, p1=1 + y.size // hop)) ** 2
+    db = 10 * np.log10(np.maximum(mel(sr=sr, n_fft=n_fft, n_mels=n_mels) @ power, 1e-10))
+    expected = np.maximum(db, db.max() - audio.TOP_DB)
+    assert m.shape == expected.shape == (n_mels, 1 + y.size // hop)
+    np.testing.assert_allclose(m, expected, atol=1e-3)
+
+
 def test_clip_windows_follow_the_video_timeline_and_the_tone(tone_videos):
     low, high, _ = tone_videos
     clips = [AudioRequest("a", 0, 50), AudioRequest("b", 50, 25), AudioRequest("whole")]
