@@ -54,16 +54,9 @@ class AudioFailure:
 
 def logmel(y: np.ndarray, sr: int, n_mels: int, hop_length: int) -> np.ndarray:
     """Log-mel power spectrogram (dB) of a mono signal ``y`` (n,) -> float32 ``(n_mels, 1 + n // hop_length)``;
-    FFT size: the power of two >= 25 ms at ``sr``, at least ``hop_length``.
-
-    librosa's conventions (``feature.melspectrogram`` then ``power_to_db(ref=1, amin=1e-10, top_db=80)``:
-    centred frames zero-padded by ``n_fft // 2``, periodic Hann window, Slaney mel filters from
-    ``librosa.filters.mel``), computed with NumPy's FFT rather than ``librosa.stft``: importing librosa's
-    spectrum and utility modules compiles their numba kernels, about 20 s per fresh environment on 2 cores (every
-    CI run, and a new user's first Aff-Wild2 extraction), while the filter bank needs none. Equal to librosa's
-    output within float32 rounding (``tests/features/test_audio.py`` checks it against SciPy's STFT; checked
-    against librosa 0.11 itself when written: max |difference| 2e-4 dB on noise and tones, 3 settings).
-    """
+    FFT size: the power of two >= 25 ms at ``sr``, at least ``hop_length``. librosa's ``melspectrogram`` +
+    ``power_to_db`` (within 2e-4 dB) by NumPy's FFT: librosa's STFT modules compile numba kernels on import, ~20 s
+    per fresh environment; its filter bank does not."""
     from librosa.filters import mel as mel_filters
 
     y = np.asarray(y, np.float32)
