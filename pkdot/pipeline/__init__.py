@@ -1,11 +1,6 @@
 """The pipeline: :data:`STAGES`, the one ordered list of stages, and the functions that run them. Each stage's
 module reads top to bottom (its body, then its ``Stage``); ``flows/`` and ``pkdot.cli`` build a task / a subcommand
-per stage.
-
-The stage modules (and what they import: torch, MLflow, SciPy, ~4.5 s) load when :data:`STAGES` is first used, not
-when the package is: ``pkdot.pipeline.lock`` and ``pkdot.pipeline.base`` stay cheap to import (0.3 s) for the
-processes that need only them.
-"""
+per stage."""
 
 from __future__ import annotations
 
@@ -15,6 +10,7 @@ from typing import Any
 
 from pkdot.config import RunConfig
 from pkdot.errors import StageError
+from pkdot.pipeline import cache, distill, evaluate, extract, manifest, refit, train_teacher
 from pkdot.pipeline.base import Stage, StageResult, check_upstream, execute
 from pkdot.pipeline.lock import run_dir_lock
 from pkdot.pipeline.prepare import prepare_run
@@ -33,43 +29,31 @@ __all__ = [
 
 status = logging.getLogger("pkdot.status")
 
-
-def _stages() -> tuple[Stage, ...]:
-    """:data:`STAGES`: the stage modules are imported on first use, and the tuple is then a module global (which
-    is what the functions below read, so a test may replace it)."""
-    if "STAGES" not in globals():
-        from pkdot.pipeline import cache, distill, evaluate, extract, manifest, refit, train_teacher
-
-        modules = (manifest, extract, train_teacher, cache, distill, evaluate, refit)
-        globals()["STAGES"] = tuple(m.STAGE for m in modules)  #: The stages, in execution order.
-    return globals()["STAGES"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "STAGES":
-        return _stages()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The stages, in execution order.
+STAGES: tuple[Stage, ...] = tuple(
+    m.STAGE for m in (manifest, extract, train_teacher, cache, distill, evaluate, refit)
+)
+_INDEX = {s.name: i for i, s in enumerate(STAGES)}
 
 
 def stage(name: str) -> Stage:
     """The stage called ``name``."""
-    index = {s.name: i for i, s in enumerate(_stages())}
-    if name not in index:
-        raise StageError(f"unknown stage {name!r} (expected one of {list(index)})")
-    return _stages()[index[name]]
+    if name not in _INDEX:
+        raise StageError(f"unknown stage {name!r} (expected one of {list(_INDEX)})")
+    return STAGES[_INDEX[name]]
 
 
 def run_stage(name: str, cfg: RunConfig, upstream: str = "", **options: Any) -> StageResult:
     """Run stage ``name`` on ``cfg.run_dir`` unless it is up to date; ``upstream`` is the previous stage's output
     fingerprint when the caller has it (checked against that stage's marker)."""
-    return execute(cfg, _stages(), _stages().index(stage(name)), upstream, **options)
+    return execute(cfg, STAGES, STAGES.index(stage(name)), upstream, **options)
 
 
 def completed(name: str, cfg: RunConfig) -> str:
     """The output fingerprint of stage ``name`` in ``cfg.run_dir``, for a reader of finished runs; a
     :class:`StageError` naming the stage to re-run when it or an earlier stage has not completed (or is running
     again) or an output they recorded changed since."""
-    return check_upstream(cfg, _stages(), _stages().index(stage(name)) + 1)
+    return check_upstream(cfg, STAGES, STAGES.index(stage(name)) + 1)
 
 
 def run_all(cfg: RunConfig) -> dict[str, StageResult]:
@@ -78,7 +62,7 @@ def run_all(cfg: RunConfig) -> dict[str, StageResult]:
         cfg = prepare_run(cfg)
         results: dict[str, StageResult] = {}
         upstream = ""
-        for s in _stages():
+        for s in STAGES:
             t0 = time.time()
             results[s.name] = res = run_stage(s.name, cfg, upstream)
             state = "skipped (up to date)" if res.skipped else "done"
