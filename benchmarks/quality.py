@@ -645,13 +645,15 @@ def _read_run(spec: TaskSpec, cell: tuple[str, str], run_dir: Path, samples: int
     """A run a previous call completed (``--report-only``): its config and predictions, no stage runs."""
     import json
 
-    from pkdot.pipeline import completed
+    from pkdot.pipeline import STAGES
+    from pkdot.pipeline.base import check_upstream
 
     done = run_dir / "stages" / "evaluate.json"
     if not done.is_file():
         raise FileNotFoundError(f"{run_dir}: no completed evaluate stage")
     cfg = load_config(run_dir / "config.yaml")
-    completed("evaluate", cfg)  # a stage re-running (or interrupted) since, or an output changed: refused
+    # evaluate or a stage before it re-running (or interrupted) since, or an output changed: refused
+    check_upstream(cfg, STAGES, [s.name for s in STAGES].index("evaluate") + 1)
     per_fold, per_fold_val, table, ratio = _measure(spec, cell, cfg, run_dir)
     seconds: dict[str, tuple[float, bool]] = {}
     for stage in EARLIER_STAGES:

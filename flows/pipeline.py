@@ -41,7 +41,8 @@ from prefect.states import State
 from pkdot import pipeline as stages
 from pkdot.config import RunConfig, load_config
 from pkdot.errors import ConfigError, StageError
-from pkdot.pipeline import STAGES, Stage, StageResult
+from pkdot.pipeline import STAGES
+from pkdot.pipeline.base import Stage, StageResult
 from pkdot.progress import Progress, listening
 from pkdot.ray_utils import is_infrastructure_error
 from pkdot.rundir import RunDir

@@ -59,9 +59,8 @@ def logmel(y: np.ndarray, sr: int, n_mels: int, hop_length: int) -> np.ndarray:
     per fresh environment; its filter bank does not."""
     from librosa.filters import mel as mel_filters
 
-    y = np.asarray(y, np.float32)
     n_fft = max(hop_length, 2 ** math.ceil(math.log2(0.025 * sr)))
-    padded = np.pad(y, n_fft // 2)
+    padded = np.pad(np.asarray(y, np.float32), n_fft // 2)
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop_length]
     window = np.hanning(n_fft + 1)[:-1].astype(np.float32)  # periodic Hann (scipy's get_window("hann"))
     power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # (T, 1 + n_fft // 2)

@@ -11,21 +11,11 @@ from typing import Any
 from pkdot.config import RunConfig
 from pkdot.errors import StageError
 from pkdot.pipeline import cache, distill, evaluate, extract, manifest, refit, train_teacher
-from pkdot.pipeline.base import Stage, StageResult, check_upstream, execute
+from pkdot.pipeline.base import Stage, StageResult, execute
 from pkdot.pipeline.lock import run_dir_lock
 from pkdot.pipeline.prepare import prepare_run
 
-__all__ = [
-    "STAGES",
-    "Stage",
-    "StageResult",
-    "completed",
-    "prepare_run",
-    "run_all",
-    "run_dir_lock",
-    "run_stage",
-    "stage",
-]
+__all__ = ["STAGES", "prepare_run", "run_all", "run_dir_lock", "run_stage", "stage"]
 
 status = logging.getLogger("pkdot.status")
 
@@ -47,13 +37,6 @@ def run_stage(name: str, cfg: RunConfig, upstream: str = "", **options: Any) -> 
     """Run stage ``name`` on ``cfg.run_dir`` unless it is up to date; ``upstream`` is the previous stage's output
     fingerprint when the caller has it (checked against that stage's marker)."""
     return execute(cfg, STAGES, STAGES.index(stage(name)), upstream, **options)
-
-
-def completed(name: str, cfg: RunConfig) -> str:
-    """The output fingerprint of stage ``name`` in ``cfg.run_dir``, for a reader of finished runs; a
-    :class:`StageError` naming the stage to re-run when it or an earlier stage has not completed (or is running
-    again) or an output they recorded changed since."""
-    return check_upstream(cfg, STAGES, STAGES.index(stage(name)) + 1)
 
 
 def run_all(cfg: RunConfig) -> dict[str, StageResult]:

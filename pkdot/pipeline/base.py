@@ -140,29 +140,17 @@ def mark_done(
 
 def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream: str = "") -> str:
     """The output fingerprint of ``stages[index - 1]``; a :class:`StageError` naming the stage to re-run when it
-    (or an earlier stage that has run) has not completed, its last run failed, an output it (or an earlier stage) recorded changed, or ``upstream``
-    (what the caller was handed) is not what it recorded."""
+    has not run, when it or an earlier stage did not complete (running again, or its last run failed) or an output
+    it recorded changed, or when ``upstream`` (what the caller was handed) is not what it recorded."""
     previous = stages[index - 1]
     doc = read_marker(cfg, previous)
     if doc is None:
         raise StageError(
             f"stage {previous.name!r} has not completed in {cfg.run_dir}: run `{previous.command}` first"
         )
-    if "fingerprint" not in doc:
-        raise StageError(
-            f"stage {previous.name!r} did not complete in {cfg.run_dir} (its last run failed or was interrupted, "
-            f"and its old outputs were invalidated): re-run `{previous.command}`"
-        )
-    if upstream and upstream != doc["fingerprint"]:
-        raise StageError(
-            f"stage {previous.name!r} in {cfg.run_dir} recorded outputs {doc['fingerprint']}, not the {upstream} "
-            f"this stage was given: re-run `{previous.command}`"
-        )
     for earlier in stages[:index]:  # later stages read these too (features, splits, ...)
         earlier_doc = doc if earlier is previous else read_marker(cfg, earlier)
-        if (
-            earlier_doc is not None and "fingerprint" not in earlier_doc
-        ):  # re-running, or interrupted re-running
+        if earlier_doc is not None and "fingerprint" not in earlier_doc:
             raise StageError(
                 f"stage {earlier.name!r} did not complete in {cfg.run_dir} (it is running, or its last run failed "
                 f"or was interrupted, and its old outputs were invalidated): re-run `{earlier.command}`"
@@ -173,6 +161,11 @@ def check_upstream(cfg: RunConfig, stages: Sequence[Stage], index: int, upstream
                 f"the outputs of stage {earlier.name!r} changed since it wrote them: {', '.join(changed[:5])}"
                 f"{more}; re-run `{earlier.command}`"
             )
+    if upstream and upstream != doc["fingerprint"]:
+        raise StageError(
+            f"stage {previous.name!r} in {cfg.run_dir} recorded outputs {doc['fingerprint']}, not the {upstream} "
+            f"this stage was given: re-run `{previous.command}`"
+        )
     return str(doc["fingerprint"])
 
 

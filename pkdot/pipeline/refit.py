@@ -34,21 +34,15 @@ def refit_config(cfg: RunConfig, loss: str | None = None) -> RunConfig:
     )
 
 
-def _link(target: Any, link: Any) -> None:
-    """``link`` -> ``target`` (relative), replacing an older link."""
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(os.path.relpath(target, link.parent))
-
-
 def prepare_refit(cfg: RunConfig) -> tuple[RunConfig, folds.FoldPlan]:
     """``RUN/refit/`` made ready for its teacher (features and manifest linked, its one fold written); its config
     and plan."""
     rd = RunDir(cfg.run_dir)
     rcfg, refit = refit_config(cfg), rd.refit
     refit.features.parent.mkdir(parents=True, exist_ok=True)
-    _link(rd.features, refit.features)
-    _link(rd.manifest, refit.manifest)
+    for target, link in ((rd.features, refit.features), (rd.manifest, refit.manifest)):
+        link.unlink(missing_ok=True)  # an older link
+        link.symlink_to(os.path.relpath(target, link.parent))
     subjects = read_manifest(rd.manifest)["subject_id"].astype(str)
     seed = rcfg.train.seeds[0]
     fold = replace(folds.refit_fold(subjects, cfg.train.val_fraction, cfg.seed), seed=seed)

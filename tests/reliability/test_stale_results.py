@@ -17,7 +17,7 @@ import pytest
 
 from pkdot import pipeline, rundir
 from pkdot.errors import FeatureError, StageError
-from pkdot.pipeline.base import code_hash, stage_key
+from pkdot.pipeline.base import check_upstream, code_hash, stage_key
 from tests.reliability.conftest import extract, tiny_cfg
 
 
@@ -51,11 +51,12 @@ def test_failed_reextract_leaves_no_usable_features(tiny_biovid: Path, tmp_path:
 def test_an_earlier_stage_running_again_is_refused_downstream(tiny_biovid: Path, tmp_path: Path) -> None:
     """Not only the previous stage: a stage further up that is running again (or whose re-run was interrupted)
     has invalidated what it wrote before, so nothing downstream reads it, and readers of finished runs
-    (``pipeline.completed``) refuse it too."""
+    (``check_upstream`` past the last stage they read) refuse it too."""
     run = tmp_path / "run"
     cfg = tiny_cfg(tiny_biovid, run)
     extract(cfg)
-    assert pipeline.completed("extract", cfg) == _marker(run, "extract")["fingerprint"]
+    after_extract = pipeline.STAGES.index(pipeline.stage("extract")) + 1
+    assert check_upstream(cfg, pipeline.STAGES, after_extract) == _marker(run, "extract")["fingerprint"]
     marker = run / "stages" / "manifest.json"
     marker.write_text(
         json.dumps({"inputs": "pending:" + _marker(run, "manifest")["inputs"]})
@@ -63,7 +64,7 @@ def test_an_earlier_stage_running_again_is_refused_downstream(tiny_biovid: Path,
     with pytest.raises(StageError, match=r"stage 'manifest' did not complete .* re-run `pkdot extract`"):
         pipeline.run_stage("train-teacher", cfg)
     with pytest.raises(StageError, match=r"stage 'manifest' did not complete"):
-        pipeline.completed("extract", cfg)
+        check_upstream(cfg, pipeline.STAGES, after_extract)
 
 
 def test_features_changed_behind_the_pipeline_are_refused(tiny_biovid: Path, tmp_path: Path) -> None:
