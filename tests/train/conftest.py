@@ -131,14 +131,19 @@ def jobs_in_process(monkeypatch) -> list[str]:
 
     ran: list[str] = []
 
-    def run_here(cfg, kind, jobs, *, callbacks=(), name=None, more=()):
+    def run_here(cfg, kind, jobs, **kwargs):
         ran.append(kind)
-        for c, js in [(cfg, jobs), *more]:
-            run_jobs_local(c, kind, js)
-        return []
+        return jobs_here(cfg, kind, jobs, **kwargs)
 
     monkeypatch.setattr(ray_runner, "run_jobs_on_ray", run_here)
     return ran
+
+
+def jobs_here(cfg: RunConfig, kind: str, jobs, *, callbacks=(), name=None, more=()) -> list:
+    """:func:`pkdot.train.ray_runner.run_jobs_on_ray`'s call shape, every job run in this process."""
+    for c, js in [(cfg, jobs), *more]:
+        run_jobs_local(c, kind, js)
+    return []
 
 
 class FailOnce:
