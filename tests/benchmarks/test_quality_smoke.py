@@ -354,6 +354,17 @@ def test_speed_reads_the_cache_benchmark(tiny_report):
     assert res["speedup"] == pytest.approx(res["live_epoch_s"] / res["cached_epoch_s"])
 
 
+def test_speed_concurrency_times_the_jobs_in_process(tiny_report, tmp_path):
+    """The concurrent-jobs section's in-process way (the Ray ways add Ray Train runs: ``--only jobs``)."""
+    base = Path(tiny_report.tasks[0].cfg.run_dir)
+    res = speed.child_concurrency(base, tmp_path, n_jobs=2, ways=(("local", None),))
+    per_job = res["ways"]["local"]["per_job_s"]
+    assert len(per_job) == 2 and all(k.startswith("student/") and v > 0 for k, v in per_job.items())
+    assert res["job_samples"] > 0 and res["epochs_student"] == tiny_report.tasks[0].cfg.train.epochs_student
+    for key in per_job:  # each job trained for real, in its own sibling run directory
+        assert (tmp_path / "concurrency-local" / key / "metrics.json").is_file()
+
+
 def test_speed_ot_timings_agree_with_geomloss():
     (row,) = speed.ot_timings([16], repeats=1, pot_repeats=1, k=8)
     assert row["B"] == 16
