@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pkdot.errors import StageError
+from pkdot.pipeline import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ UPSTREAM_ENTRIES = (
     "teacher",
     "embeddings",
 )
+#: The stages up to the report (what a benchmark run times and reads), from pkdot's one ordered stage list.
+STAGES_TO_REPORT = tuple(s.name for s in STAGES[: [s.name for s in STAGES].index("evaluate") + 1])
 UPSTREAM_STAGE_MARKERS = ("manifest", "extract", "train-teacher", "cache")
 
 

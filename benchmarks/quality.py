@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402  (the benchmarks folder is not a package)
     RESULTS_DIR,
+    STAGES_TO_REPORT,
     fmt_float,
     link_upstream,
     machine_info,
@@ -82,7 +83,7 @@ logger = logging.getLogger(__name__)
 PKDOT_STUDENT = "student-pkdot"
 LOSSES = tuple(DEFAULT_LOSSES)  # the default eight (the PKDOT variants are opt-in: --base-losses)
 ABLATION_TASK = "binary"
-EARLIER_STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
+EARLIER_STAGES = STAGES_TO_REPORT
 
 
 @dataclass(frozen=True)
@@ -653,7 +654,7 @@ def _read_run(spec: TaskSpec, cell: tuple[str, str], run_dir: Path, samples: int
         raise FileNotFoundError(f"{run_dir}: no completed evaluate stage")
     cfg = load_config(run_dir / "config.yaml")
     # evaluate or a stage before it re-running (or interrupted) since, or an output changed: refused
-    check_upstream(cfg, STAGES, [s.name for s in STAGES].index("evaluate") + 1)
+    check_upstream(cfg, STAGES, len(EARLIER_STAGES))
     per_fold, per_fold_val, table, ratio = _measure(spec, cell, cfg, run_dir)
     seconds: dict[str, tuple[float, bool]] = {}
     for stage in EARLIER_STAGES:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (the benchmarks folder is not a package)
     BENCH_DIR,
     RESULTS_DIR,
+    STAGES_TO_REPORT,
     link_upstream,
     machine_info,
     machine_markdown,
@@ -58,7 +59,7 @@ from pkdot.rundir import atomic_write_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_STAGES = ("manifest", "extract", "train-teacher", "cache", "distill", "evaluate")
+PIPELINE_STAGES = STAGES_TO_REPORT
 RETRAIN_STAGES = ("train-teacher", "cache", "distill")
 #: The stages whose jobs run on Ray Train workers (the cache is built in the driver process).
 RAY_TRAIN_STAGES = ("train-teacher", "distill")
