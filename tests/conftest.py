@@ -2,10 +2,8 @@
 
 Each test module is one unit of work, so a module's own fixtures (a tiny run, a trained model) are built once, on
 one worker; ``tests/integration/`` is one unit, because its modules share the servers its conftest starts (a
-session fixture: one stack per worker that needs it). Units go out longest first, as far as a mark tells: the
-integration unit, then the other modules with ``integration`` tests (real servers, whole tiny pipelines), then the
-rest in collection order; a long unit that starts last keeps one worker busy while the other idles (measured:
-871 s of tests on 2 workers with only the integration unit first, for 1,636 s of work).
+session fixture: one stack per worker that needs it). Units go out in collection order with the integration
+unit first: it is the longest, and a long unit that starts last keeps one worker busy while the other idles.
 Without xdist (plain ``pytest``) only the order changes.
 """
 
@@ -19,10 +17,7 @@ INTEGRATION = "tests/integration/"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    heavy = {i.nodeid.split("::", 1)[0] for i in items if i.get_closest_marker("integration") is not None}
-    items.sort(  # stable: otherwise collection order
-        key=lambda item: (not item.nodeid.startswith(INTEGRATION), item.nodeid.split("::", 1)[0] not in heavy)
-    )
+    items.sort(key=lambda item: not item.nodeid.startswith(INTEGRATION))  # stable: otherwise collection order
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
