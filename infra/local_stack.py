@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import ipaddress
 import json
 import logging
@@ -78,6 +79,10 @@ class StackError(RuntimeError):
     """A local server could not be started, checked or stopped (the message names it and its log)."""
 
 
+class PortTaken(StackError):
+    """A server exited during start-up because another program took its port after it was picked as free."""
+
+
 @dataclass
 class ServiceProcess:
     """One server we started: its PID (= its process group), port, URL and log file."""
@@ -111,8 +116,43 @@ def _http_ok(url: str, timeout: float = 3.0, user_password: str | None = None) -
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return 200 <= resp.status < 300
-    except (urllib.error.URLError, OSError):
-        return False
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return False  # not (yet) our HTTP server: e.g. another program's gRPC on a port picked as free
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """``socket:[inode]`` of every TCP socket listening on ``port`` (any address), from ``/proc/net/tcp*``."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for f in (row.split() for row in rows):
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.add(f"socket:[{f[9]}]")
+    return found
+
+
+def _session_listens(sid: int, port: int) -> bool:
+    """Whether a process of session ``sid`` (a server we started with its own session) listens on ``port``.
+
+    A health check alone cannot tell: between picking a free port and binding it, another program (another
+    test's Ray or Prefect) may take the port and answer.
+    """
+    inodes = _listening_inodes(port)
+    for proc in Path("/proc").iterdir() if inodes else ():
+        try:
+            if (
+                not proc.name.isdigit()
+                or int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[3]) != sid
+            ):
+                continue
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue  # a process that exited meanwhile, or one we may not inspect
+    return False
 
 
 def _tcp_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -365,8 +405,13 @@ class LocalStack:
         while time.monotonic() < deadline:
             if not _pid_alive(svc.pid):
                 _reap(svc.pid)
-                raise StackError(f"{svc.name} exited during start-up; see {svc.log}:\n{_tail(Path(svc.log))}")
-            if self._healthy(svc):
+                tail = _tail(Path(svc.log))
+                if _listening_inodes(svc.port) or "address already in use" in tail.lower():
+                    raise PortTaken(
+                        f"{svc.name}: port {svc.port} was taken by another program; see {svc.log}"
+                    )
+                raise StackError(f"{svc.name} exited during start-up; see {svc.log}:\n{tail}")
+            if self._healthy(svc) and _session_listens(svc.pid, svc.port):
                 return
             time.sleep(0.5)
         raise StackError(
@@ -421,8 +466,8 @@ class LocalStack:
                 state["services"][name] = asdict(svc)
                 self._save(state)
                 started.append(svc)
-            for svc in started:
-                self._wait_healthy(svc, timeout)
+            for i in range(len(started)):
+                self._wait_healthy_or_move(started, i, env, ports, state, timeout)
         except BaseException:
             for svc in reversed(started):
                 terminate_process_group(svc.pid, svc.name, timeout=15, marker=svc.marker)
@@ -430,6 +475,33 @@ class LocalStack:
             self._save(state)
             raise
         return self.env()
+
+    def _wait_healthy_or_move(
+        self,
+        started: list[ServiceProcess],
+        i: int,
+        env: dict,
+        ports: dict[str, int],
+        state: dict,
+        timeout: float,
+    ) -> None:
+        """Wait for ``started[i]``; with free ports, start it again on another port if its port was taken (3 tries;
+        ``started[i]`` is always the process to stop on failure)."""
+        tries = 3
+        while True:
+            svc = started[i]
+            try:
+                self._wait_healthy(svc, timeout)
+                return
+            except PortTaken as exc:
+                tries -= 1
+                if not self.free_ports or tries == 0:
+                    raise
+                ports[svc.name] = free_ports(1, exclude=ports.values())[0]
+                logger.warning("%s; starting it again on port %d", exc, ports[svc.name])
+                started[i] = self._start_one(svc.name, env, ports[svc.name], taken=ports.values())
+                state["services"][svc.name] = asdict(started[i])
+                self._save(state)
 
     def _start_one(self, name: str, env: dict[str, str], port: int, taken: Iterable[int]) -> ServiceProcess:
         """Start service ``name`` on ``port``; ``taken``: the ports the other new servers will listen on."""

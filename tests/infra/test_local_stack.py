@@ -6,11 +6,13 @@ The servers themselves are started for real by tests/integration/.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +101,75 @@ def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path: Path) ->
         stack.start(["mlflow"], timeout=30)
     assert "mlflow.log" in str(err.value)
     assert stack.services() == {}  # nothing recorded as running
+
+
+#: A stand-in for ``mlflow server``: imports for a second, then serves 200 on its ``--port``, or exits as
+#: uvicorn/gunicorn do when the port is taken.
+FAKE_MLFLOW = """#!{python}
+import http.server, sys, time
+time.sleep(1.0)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"OK")
+try:
+    server = http.server.HTTPServer(("127.0.0.1", port), Ok)
+except OSError as exc:
+    print(f"[Errno 98] Address already in use: {{exc}}", file=sys.stderr)
+    sys.exit(1)
+server.serve_forever()
+"""
+
+#: What another program on a port picked as free answers: an HTTP 200 (another test's server) or a gRPC
+#: server's HTTP/2 SETTINGS frame (another test's Ray), which urllib reports as BadStatusLine.
+FOREIGN_REPLIES = {
+    "http-200": b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nOK",
+    "grpc": b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x05\x00\x00\x40\x00\r\n",
+}
+
+
+@pytest.mark.parametrize("reply", sorted(FOREIGN_REPLIES))
+def test_a_free_port_taken_by_another_program_before_the_server_binds_it_moves_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, reply: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger=ls.logger.name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (fake := bin_dir / "mlflow").write_text(FAKE_MLFLOW.format(python=sys.executable))
+    fake.chmod(0o755)
+    foreign = socket.socket()
+    foreign.bind(("127.0.0.1", 0))
+    foreign.listen(8)
+    foreign.settimeout(0.2)
+    taken = foreign.getsockname()[1]
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = foreign.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(1024)
+                conn.sendall(FOREIGN_REPLIES[reply])
+
+    threading.Thread(target=answer, daemon=True).start()
+    picks = iter([[taken]])  # the race: the first port handed out is the one another program took
+    real = ls.free_ports
+    monkeypatch.setattr(ls, "free_ports", lambda n, **kw: next(picks, None) or real(n, **kw))
+    stack = ls.LocalStack(tmp_path / "state", free_ports=True, bin_dir=bin_dir)
+    try:
+        stack.start(["mlflow"], timeout=30)
+        port = stack.ports()["mlflow"]
+        assert port != taken
+        assert ls._http_ok(f"http://127.0.0.1:{port}/health")
+        assert f"port {taken} was taken by another program" in caplog.text
+        assert f"starting it again on port {port}" in caplog.text
+    finally:
+        stack.stop()
+        stop.set()
+        foreign.close()
 
 
 def test_unknown_service_is_an_error(tmp_path: Path) -> None:
