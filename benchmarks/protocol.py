@@ -171,12 +171,14 @@ def protocol_settings(
     quick: bool,
     work_dir: Path,
     report_only: bool = False,
+    first_seed: int = 0,
 ) -> ProtocolSettings:
     """The quality benchmark's settings for one protocol: base cell only, losses :data:`LOSSES`, its own
     run directories (``work_dir/<protocol>``)."""
     return ProtocolSettings(
         tasks=(),
         seeds=seeds,
+        first_seed=first_seed,
         subjects=subjects,
         folds=folds,
         grid=False,
@@ -198,6 +200,7 @@ def run_protocols(
     work_dir: Path = Path("runs/bench-protocol"),
     protocols: Sequence[str] = PROTOCOL_NAMES,
     report_only: bool = False,
+    first_seed: int = 0,
 ) -> ProtocolReport:
     """Run (or resume: stages are idempotent) every protocol of ``protocols`` on ``data``; ``report_only``: only
     read the runs an earlier call finished (a protocol with none is reported as failed).
@@ -226,6 +229,7 @@ def run_protocols(
             quick=quick,
             work_dir=work_dir,
             report_only=report_only,
+            first_seed=first_seed,
         )
         print(f"[protocol] {data}: {protocol.name} ({protocol.description})", flush=True)
         start = time.perf_counter()
@@ -529,6 +533,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=sorted(DATA_TASKS), default="features", help="data set")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 5; --quick 1)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1 (more seeds in another work dir, see --pool-with)",
+    )
     parser.add_argument("--folds", type=int, default=None, help="folds evaluated (default 5; --quick 2)")
     parser.add_argument(
         "--subjects", type=int, default=None, help="synthetic video subjects (default 10; --quick 4)"
@@ -584,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         work_dir=args.work_dir,
         protocols=args.protocols,
         report_only=args.report_only,
+        first_seed=args.first_seed,
     )
     text = report_markdown(report, machine, command.strip())
     print("\n" + text)

@@ -345,6 +345,9 @@ class QualitySettings:
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     seeds: int = 5
+    #: the seeds are ``first_seed .. first_seed + seeds - 1`` (a seed draws the same folds in any run, so runs
+    #: with disjoint seeds can be pooled: ``protocol.py --pool-with``)
+    first_seed: int = 0
     subjects: int = 10
     folds: int = 5
     workers: int = 1
@@ -383,8 +386,10 @@ class QualitySettings:
                     "of them such as kd+pkdot, including none and pkdot (the report compares PKDOT with the "
                     f"student without distillation){': ' + problem if problem else ''}"
                 )
-        if self.seeds < 1:
-            raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.seeds < 1 or self.first_seed < 0:
+            raise ConfigError(
+                f"--seeds must be >= 1 and --first-seed >= 0, got {self.seeds}, {self.first_seed}"
+            )
         if self.folds < 2:
             raise ConfigError(f"--folds must be >= 2, got {self.folds}")
         if self.subjects < self.folds + 2:
@@ -409,7 +414,7 @@ class QualitySettings:
             "train.folds": self.folds,
             "train.max_folds": self.folds,
             # each seed draws its own subject folds (repeated subject k-fold)
-            "train.seeds": list(range(self.seeds)),
+            "train.seeds": list(range(self.first_seed, self.first_seed + self.seeds)),
             "train.num_workers": self.workers,
             "train.jobs_per_run": self.jobs_per_run,
             "train.student_init": cell[0],
