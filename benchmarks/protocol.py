@@ -44,7 +44,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from quality import (  # noqa: E402
     QualitySettings,
     RunResult,
     format_stage_seconds,
+    pooled_run,
     run_task,
 )
 
@@ -201,9 +202,12 @@ def run_protocols(
     protocols: Sequence[str] = PROTOCOL_NAMES,
     report_only: bool = False,
     first_seed: int = 0,
+    pool_with: Sequence[Path] = (),
 ) -> ProtocolReport:
     """Run (or resume: stages are idempotent) every protocol of ``protocols`` on ``data``; ``report_only``: only
-    read the runs an earlier call finished (a protocol with none is reported as failed).
+    read the runs an earlier call finished (a protocol with none is reported as failed); ``pool_with``: work
+    dirs of earlier calls with other seeds (``first_seed``), whose runs are read too and pooled with these
+    (:func:`quality.pooled_run`: every (fold, seed) run in one table).
 
     The protocols read one data set (written by the first run, then shared). A protocol whose run fails is
     recorded in ``failures``; the others still run.
@@ -235,6 +239,14 @@ def run_protocols(
         start = time.perf_counter()
         try:
             result = run_task(spec, settings, data_roots, cells=(BASE_CELL,))
+            if pool_with:
+                more = [
+                    run_task(
+                        spec, replace(settings, work_dir=Path(d) / data / protocol.name), {}, (BASE_CELL,)
+                    )
+                    for d in pool_with
+                ]
+                result.runs[BASE_CELL] = pooled_run([result.base, *(r.base for r in more)])
         except Exception as exc:  # any stage's error (pkdot's, Ray's, MLflow's): reported, the next one runs
             logger.exception("protocol %s failed", protocol.name)
             failures[protocol.name] = f"{type(exc).__name__}: {exc}"
@@ -243,7 +255,8 @@ def run_protocols(
             wall[protocol.name] = time.perf_counter() - start
         runs[protocol.name] = result.base
         print(f"[protocol] {data}: {protocol.name} done in {wall[protocol.name]:.0f} s", flush=True)
-    return ProtocolReport(data, seeds, folds, quick, runs, wall, failures)
+    seeds_read = {len(run.cfg.train.seeds) for run in runs.values()}
+    return ProtocolReport(data, max(seeds_read, default=seeds), folds, quick, runs, wall, failures)
 
 
 # ---- tables ----------------------------------------------------------------------------------------------------
@@ -558,6 +571,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
     )
     parser.add_argument("--work-dir", type=Path, default=None, help="run directories")
     parser.add_argument(
+        "--pool-with",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="WORK_DIR",
+        help="with --report-only: work dirs of runs with other seeds (--first-seed), pooled with WORK_DIR's",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -565,6 +586,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
         "--quick: WORK_DIR/protocol.md); the JSON goes beside it",
     )
     args = parser.parse_args(argv)
+    if args.pool_with and not args.report_only:
+        parser.error("--pool-with reads finished runs: use it with --report-only")
     if args.quick:
         args.seeds, args.folds, args.subjects = args.seeds or 1, args.folds or 2, args.subjects or 4
     else:
@@ -595,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         protocols=args.protocols,
         report_only=args.report_only,
         first_seed=args.first_seed,
+        pool_with=args.pool_with,
     )
     text = report_markdown(report, machine, command.strip())
     print("\n" + text)

@@ -551,13 +551,22 @@ def format_stage_seconds(stage_seconds: dict[str, tuple[float, bool]]) -> str:
     )
 
 
-def _measure(spec: TaskSpec, cell: tuple[str, str], cfg: RunConfig, run_dir: Path) -> tuple:
-    """Test and validation metrics per run, the corrected table and the test/train size ratio of a run dir."""
-    from pkdot.evaluate.aggregate import per_fold_metrics
+def _measure(spec: TaskSpec, cell: tuple[str, str], cfg: RunConfig, run_dir: Path | Sequence[Path]) -> tuple:
+    """Test and validation metrics per run, the corrected table and the test/train size ratio of a run dir, or
+    of several run dirs of one task and cell with disjoint seeds, their runs pooled (:func:`pooled_run`)."""
+    from pkdot.evaluate.aggregate import fold_size_ratio, per_fold_metrics
     from pkdot.evaluate.report import test_train_sizes
 
-    pred = collect_predictions(run_dir)
-    _, ratio, _ = test_train_sizes(cfg, run_dir, pred)
+    run_dirs = [run_dir] if isinstance(run_dir, Path) else list(run_dir)
+    preds = [collect_predictions(d) for d in run_dirs]
+    pred = pd.concat(preds, ignore_index=True)
+    if len(run_dirs) == 1:
+        _, ratio, _ = test_train_sizes(cfg, run_dirs[0], pred)
+    else:  # every run's own sizes: the same seed draws the same folds in any run
+        sizes = [test_train_sizes(cfg, d, p)[0] for d, p in zip(run_dirs, preds, strict=True)]
+        if any(s is None for s in sizes):
+            raise ConfigError(f"pooled runs {run_dirs}: each needs its manifest to count test/train sizes")
+        ratio = fold_size_ratio(pd.concat(sizes, ignore_index=True))
     num_classes = (
         int(max(pred["y_true"].max(), pred["y_pred"].max()) + 1) if not cfg.data.is_regression else 1
     )
@@ -571,6 +580,43 @@ def _measure(spec: TaskSpec, cell: tuple[str, str], cfg: RunConfig, run_dir: Pat
     )
     metric = primary_metric(cfg.data.is_regression)
     return per_fold, per_fold_val, model_table(per_fold, table, metric=metric, test_train_ratio=ratio), ratio
+
+
+#: Config fields that may differ between runs pooled by :func:`pooled_run` (where they live, and the seeds).
+POOL_MAY_DIFFER = ("run_dir", "data.root", "train.seeds")
+
+
+def pooled_run(runs: Sequence[RunResult]) -> RunResult:
+    """Runs of one task and cell made with disjoint seeds (``first_seed``; e.g. more seeds later, in another work
+    dir) as one run: predictions pooled, per-run metrics and the corrected table over every (fold, seed) run.
+
+    :class:`ConfigError` when the seeds overlap or the configs differ elsewhere than :data:`POOL_MAY_DIFFER`.
+    """
+    first = runs[0]
+    flat = [r.cfg.flat() for r in runs]
+    for run, other in zip(runs[1:], flat[1:], strict=True):
+        differ = sorted(k for k in flat[0].keys() | other.keys() if flat[0].get(k) != other.get(k))
+        differ = [k for k in differ if k not in POOL_MAY_DIFFER and not k.startswith("tracking.")]
+        if differ or run.cell != first.cell:
+            raise ConfigError(
+                f"cannot pool {run.cfg.run_dir} with {first.cfg.run_dir}: they differ in {differ or 'cell'}"
+            )
+    seeds = [s for r in runs for s in r.cfg.train.seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"cannot pool runs whose seeds overlap: {[list(r.cfg.train.seeds) for r in runs]}")
+    cfg = first.cfg.model_copy(update={"train": first.cfg.train.model_copy(update={"seeds": sorted(seeds)})})
+    per_fold, per_fold_val, table, ratio = _measure(
+        first.spec, first.cell, cfg, [Path(r.cfg.run_dir) for r in runs]
+    )
+    seconds: dict[str, tuple[float, bool]] = {}
+    for run in runs:
+        for stage, (sec, ran) in run.stage_seconds.items():
+            before, ran_before = seconds.get(stage, (0.0, False))
+            seconds[stage] = (before + sec, ran or ran_before)
+    wall = sum(r.wall_s for r in runs)
+    return RunResult(
+        first.spec, first.cell, cfg, per_fold, per_fold_val, table, ratio, wall, seconds, first.samples
+    )
 
 
 def run_full(

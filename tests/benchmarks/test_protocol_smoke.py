@@ -173,8 +173,7 @@ def test_report_only_rereads_the_finished_runs_without_running_a_stage(quick_run
 
     monkeypatch.setattr("pkdot.pipeline.run_all", no_stage)
     monkeypatch.setattr("pkdot.pipeline.run_stage", no_stage)
-    for run_dir in doc["run_dirs"].values():  # the stand-in evaluated without the stage's marker
-        (Path(run_dir) / "stages" / "evaluate.json").write_text('{"inputs": "stand-in", "fingerprint": "0"}')
+    _mark_evaluated(doc)
     work = quick_run.parent
     argv = ["--data", "features", "--quick", "--seeds", "2", "--work-dir", str(work), "--report-only"]
     again = protocol.main([*argv, "--out", str(work / "again.md")])
@@ -194,6 +193,45 @@ def test_report_only_rereads_the_finished_runs_without_running_a_stage(quick_run
     refused = " ".join((work / "refused.md").read_text().split())
     assert re.search(r"\*\*clips\*\*: `StageError: stage 'manifest' did not complete in \S*clips", refused)
     assert "re-run `pkdot extract`" in refused
+
+
+def _stand_in(argv: list[str]) -> dict:
+    """``protocol.main(argv)`` with the stand-in pipeline: its JSON; ``--report-only`` can read its runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("pkdot.pipeline.run_all", fake_run_all)
+        mp.setattr("pkdot.evaluate.report._draw_plots", lambda *a, **k: [])
+        out = protocol.main(argv)
+    doc = json.loads(out.with_suffix(".json").read_text())
+    _mark_evaluated(doc)
+    return doc
+
+
+def _mark_evaluated(doc: dict) -> None:
+    """The evaluate markers of a stand-in run's directories (the stand-in evaluates without the stage)."""
+    for run_dir in doc["run_dirs"].values():
+        (Path(run_dir) / "stages" / "evaluate.json").write_text('{"inputs": "stand-in", "fingerprint": "0"}')
+
+
+def test_runs_with_other_seeds_pool_into_the_table_of_one_run_with_all_seeds(quick_run, tmp_path):
+    base = ["--data", "features", "--quick", "--protocols", "sound"]
+    more, whole = tmp_path / "seed-2", tmp_path / "seeds-0-2"
+    _stand_in(
+        [*base, "--seeds", "1", "--first-seed", "2", "--work-dir", str(more), "--out", str(more / "p.md")]
+    )
+    reference = _stand_in([*base, "--seeds", "3", "--work-dir", str(whole), "--out", str(whole / "p.md")])
+    _mark_evaluated(json.loads(quick_run.with_suffix(".json").read_text()))
+    read = [*base, "--report-only", "--work-dir", str(quick_run.parent)]
+    out = protocol.main([*read, "--pool-with", str(more), "--out", str(tmp_path / "pooled.md")])
+    pooled = json.loads(out.with_suffix(".json").read_text())
+    assert pooled["seeds"] == 3 and pooled["table"][0]["n"] == 3 * 2
+    assert pooled["table"] == reference["table"] and pooled["per_fold"] == reference["per_fold"]
+    assert "5 folds" not in out.read_text() and "2 folds x 3 seeds" in out.read_text()
+    # a seed in both work dirs is refused, not counted twice
+    with pytest.raises(SystemExit, match="failed: sound"):
+        protocol.main([*read, "--pool-with", str(whole), "--out", str(tmp_path / "overlap.md")])
+    assert "seeds overlap" in (tmp_path / "overlap.md").read_text()
+    with pytest.raises(SystemExit):
+        protocol.parse_args(["--pool-with", str(more)])  # only with --report-only
 
 
 def test_protocols_differ_only_in_their_switches(tmp_path):
