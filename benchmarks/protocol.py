@@ -71,6 +71,7 @@ from quality import (  # noqa: E402
     run_task,
 )
 
+from pkdot.config import parse_override  # noqa: E402
 from pkdot.errors import ConfigError  # noqa: E402
 from pkdot.evaluate.aggregate import CORRECTION_NAME, paired_difference  # noqa: E402
 from pkdot.evaluate.report import protocol_banner  # noqa: E402
@@ -137,11 +138,14 @@ class ProtocolSettings(QualitySettings):
     """One protocol's settings: :class:`quality.QualitySettings` plus the protocol's switches."""
 
     switches: tuple[tuple[str, Any], ...] = ()
+    #: ``--set`` overrides, the same for every protocol (e.g. the settings of an earlier run to pool with)
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def overrides(
         self, spec: Any, run_dir: Path, cell: tuple[str, str], losses: Sequence[str]
     ) -> dict[str, Any]:
         over = super().overrides(spec, run_dir, cell, losses)
+        over.update(dict(self.extra))
         over.update(dict(self.switches))  # train.folds: clips replaces the subject k-fold
         return over
 
@@ -173,6 +177,7 @@ def protocol_settings(
     work_dir: Path,
     report_only: bool = False,
     first_seed: int = 0,
+    extra: Sequence[tuple[str, Any]] = (),
 ) -> ProtocolSettings:
     """The quality benchmark's settings for one protocol: base cell only, losses :data:`LOSSES`, its own
     run directories (``work_dir/<protocol>``)."""
@@ -187,6 +192,7 @@ def protocol_settings(
         work_dir=work_dir / protocol.name,
         base_losses=LOSSES,
         switches=protocol.switches,
+        extra=tuple(extra),
         report_only=report_only,
     )
 
@@ -203,6 +209,7 @@ def run_protocols(
     report_only: bool = False,
     first_seed: int = 0,
     pool_with: Sequence[Path] = (),
+    extra: Sequence[tuple[str, Any]] = (),
 ) -> ProtocolReport:
     """Run (or resume: stages are idempotent) every protocol of ``protocols`` on ``data``; ``report_only``: only
     read the runs an earlier call finished (a protocol with none is reported as failed); ``pool_with``: work
@@ -234,6 +241,7 @@ def run_protocols(
             work_dir=work_dir,
             report_only=report_only,
             first_seed=first_seed,
+            extra=extra,
         )
         print(f"[protocol] {data}: {protocol.name} ({protocol.description})", flush=True)
         start = time.perf_counter()
@@ -563,6 +571,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
         choices=list(PROTOCOL_NAMES),
         help="protocols to run (default all five)",
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every protocol (repeatable), e.g. to match the runs of --pool-with",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
     parser.add_argument(
         "--report-only",
@@ -619,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         report_only=args.report_only,
         first_seed=args.first_seed,
         pool_with=args.pool_with,
+        extra=[parse_override(o) for o in args.overrides],
     )
     text = report_markdown(report, machine, command.strip())
     print("\n" + text)

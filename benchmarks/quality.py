@@ -582,8 +582,10 @@ def _measure(spec: TaskSpec, cell: tuple[str, str], cfg: RunConfig, run_dir: Pat
     return per_fold, per_fold_val, model_table(per_fold, table, metric=metric, test_train_ratio=ratio), ratio
 
 
-#: Config fields that may differ between runs pooled by :func:`pooled_run` (where they live, and the seeds).
-POOL_MAY_DIFFER = ("run_dir", "data.root", "train.seeds")
+#: Config fields that may differ between runs pooled by :func:`pooled_run`: where they live, the seeds, and
+#: whether evaluate also drew robustness curves (the benchmark turns them off; runs made before the field existed
+#: read its default), which the tables do not read.
+POOL_MAY_DIFFER = ("run_dir", "data.root", "train.seeds", "evaluate.robustness")
 
 
 def pooled_run(runs: Sequence[RunResult]) -> RunResult:

@@ -266,6 +266,17 @@ def test_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         protocol.parse_args(["--folds", "6"])
     assert "clips protocols have 5 folds" in capsys.readouterr().err
+    # --set: the same override for every protocol, after the benchmark's own settings, under the switches
+    args, _ = protocol.parse_args(["--set", "synth.fps=25", "--set", "train.folds=3"])
+    extra = [protocol.parse_override(o) for o in args.overrides]
+    quality = protocol.sys.modules["quality"]
+    for name in ("sound", "authors"):
+        p = next(p for p in protocol.PROTOCOLS if p.name == name)
+        settings = protocol.protocol_settings(
+            p, seeds=1, folds=5, subjects=10, quick=False, work_dir=tmp_path, extra=extra
+        )
+        over = settings.overrides(quality.TASKS["binary"], tmp_path, protocol.BASE_CELL, protocol.LOSSES)
+        assert over["synth.fps"] == 25 and over["train.folds"] == (3 if name == "sound" else "clips")
 
 
 @pytest.mark.slow
