@@ -33,7 +33,7 @@ DETECTOR_MIN_PX: dict[str, int] = {"haar": 24, "yunet": 20}
 #: Tracking window: the search region around the last box is this many box widths per side.
 TRACK_PAD = 0.75
 #: Tracking accepts faces from ``TRACK_MIN_SCALE`` to ``TRACK_MAX_SCALE`` times the last box width.
-TRACK_MIN_SCALE, TRACK_MAX_SCALE = 0.6, 1.6
+TRACK_MIN_SCALE, TRACK_MAX_SCALE = 0.75, 1.33
 #: Template tracking: the face patch is matched at this width (pixels), and a match needs this correlation.
 TEMPLATE_PX, TEMPLATE_MIN_SCORE = 32, 0.6
 #: A clip is *blank* when every sampled frame's grey levels have a standard deviation below ``BLANK_SD``, and
@@ -83,10 +83,13 @@ def as_image(frame: av.VideoFrame) -> Image:
 
 def shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Downscale to ``size`` (width, height) by area averaging; beyond 4x, first keep every ``k = floor(ratio /
-    2)``-th pixel (>= 2 x 2 source pixels per output pixel, at ``1 / k^2`` of the cost)."""
+    2)``-th pixel (>= 2 x 2 source pixels per output pixel, ``1 / k^2`` of the cost; RGB pixels copied as one
+    item each, 2x faster than OpenCV reads a strided view)."""
     height, width = image.shape[:2]
     k = int(min(width / size[0], height / size[1]) / 2)
-    if k >= 2:
+    if k >= 2 and image.ndim == 3 and image.dtype == np.uint8 and image.strides[1:] == (image.shape[2], 1):
+        image = np.ascontiguousarray(image.view(np.dtype((np.void, image.shape[2])))[::k, ::k]).view(np.uint8)
+    elif k >= 2:
         image = image[::k, ::k]
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
@@ -180,22 +183,22 @@ def sample_indices(num_frames: int, n_frames: int, start: int = 0) -> np.ndarray
 
 
 def frames_problem(grey: Sequence[np.ndarray], indices: np.ndarray) -> str | None:
-    """Why a clip's sampled grey frames hold no usable face (:data:`BLANK_SD`, :data:`FROZEN_DIFF`), or None."""
-    small = [np.asarray(g)[::4, ::4].astype(np.float32) for g in grey]
-    spread = max(float(g.std()) for g in small)
-    if spread < BLANK_SD:
+    """Why a clip's sampled grey frames hold no usable face (:data:`BLANK_SD`, :data:`FROZEN_DIFF`), or None
+    (each test stops at the first frame that passes it: a usable clip costs one sd and one difference)."""
+    small = [np.asarray(g)[::4, ::4] for g in grey]
+    sd = lambda g: float(g.astype(np.float32).std())  # noqa: E731
+    change = lambda g: float(np.abs(g.astype(np.float32) - small[0]).mean())  # noqa: E731
+    if not any(sd(g) >= BLANK_SD for g in small):
         return (
             f"blank: every one of the {len(small)} sampled frames is one flat colour "
-            f"(grey-level sd {spread:.2g} < {BLANK_SD})"
+            f"(grey-level sd {max(map(sd, small)):.2g} < {BLANK_SD})"
         )
     distinct = sorted(set(np.asarray(indices).tolist()))
-    if len(distinct) > 1:
-        change = max(float(np.abs(g - small[0]).mean()) for g in small[1:])
-        if change < FROZEN_DIFF:
-            return (
-                f"frozen: the {len(distinct)} sampled frames {distinct[0]}..{distinct[-1]} are identical "
-                f"(mean grey-level change {change:.2g} < {FROZEN_DIFF})"
-            )
+    if len(distinct) > 1 and not any(change(g) >= FROZEN_DIFF for g in small[1:]):
+        return (
+            f"frozen: the {len(distinct)} sampled frames {distinct[0]}..{distinct[-1]} are identical "
+            f"(mean grey-level change {max(map(change, small[1:])):.2g} < {FROZEN_DIFF})"
+        )
     return None
 
 
@@ -272,8 +275,7 @@ class FaceDetector:
             boxes = boxes[(boxes[:, 2] >= self.min_px) & (boxes[:, 2] <= (max_side or np.inf))]
         else:
             gray = image_gray(image, x0, y0, x1, y1)
-            if scale != 1.0:
-                gray = shrink(gray, size)
+            gray = gray if scale == 1.0 else shrink(gray, size)
             if min(gray.shape) < self.min_px:
                 return np.zeros((0, 4))
             found = self._cascade.detectMultiScale(

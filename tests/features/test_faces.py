@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -244,3 +245,14 @@ def test_choose_face_prefers_the_tracked_face_then_the_named_side():
     assert faces.choose_face(boxes, 320, side="left", previous=(190, 12, 58, 58)) == (200.0, 10.0, 60.0, 60.0)
     with pytest.raises(ConfigError):
         faces.choose_face(boxes, 320, side="top")
+
+
+def test_shrink_is_area_averaging_of_every_kth_pixel_for_any_view() -> None:
+    """``shrink`` keeps every k-th pixel (k = floor(ratio / 2)) then area-averages; the RGB path copies whole
+    pixels itself: the result must not depend on how the input is laid out in memory."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (900, 1000, 3), dtype=np.uint8)
+    for image in (frame[10:497, 21:508], frame, frame[::-1], frame[:, :, 1], frame[:, ::2]):
+        k = int(min(image.shape[1] / 112, image.shape[0] / 112) / 2)
+        expected = cv2.resize(np.ascontiguousarray(image[::k, ::k]), (112, 112), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(faces.shrink(image, (112, 112)), expected), image.shape
