@@ -32,6 +32,9 @@ Usage::
     python benchmarks/protocol.py --data features                  # 5 folds x 5 seeds -> results/protocol.md
     python benchmarks/protocol.py --data video --seeds 3           # -> results/protocol-video.md
     python benchmarks/protocol.py --data features --quick --work-dir /tmp/p   # tiny sizes (the smoke test)
+    # more seeds later, in another work dir, with the first runs' settings; then one table over all of them
+    python benchmarks/protocol.py --data video --seeds 2 --first-seed 3 --work-dir D2 [--set KEY=VALUE ...]
+    python benchmarks/protocol.py --data video --work-dir D1 --report-only --pool-with D2
 """
 
 from __future__ import annotations
