@@ -406,7 +406,7 @@ class LocalStack:
             if not _pid_alive(svc.pid):
                 _reap(svc.pid)
                 tail = _tail(Path(svc.log))
-                if _listening_inodes(svc.port) or "address already in use" in tail.lower():
+                if _listening_inodes(svc.port) or "already in use" in tail.lower():
                     raise PortTaken(
                         f"{svc.name}: port {svc.port} was taken by another program; see {svc.log}"
                     )

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,22 +85,28 @@ def test_init_script_creates_both_databases_idempotently(it, postgres) -> None:
 
 def test_prefect_server_runs_on_the_created_database(it, postgres, tmp_path: Path, processes) -> None:
     assert _init(it, postgres, "prefect", "mlflow").returncode == 0
-    port = free_port()
     env = it.base_env(tmp_path / "prefect-home")
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
         f"postgresql+asyncpg://{SUPERUSER}:@{postgres['PGHOST']}:{postgres['PGPORT']}/prefect"
     )
-    argv = [str(it.BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = processes.start("prefect-on-postgres", argv, env)
-    deadline = time.monotonic() + 180
-    while True:
-        assert server.poll() is None, processes.log("prefect-on-postgres")[-4000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=3):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, processes.log("prefect-on-postgres")[-4000:]
+    stack = it.local_stack
+    # a port picked as free may be taken by another test's server before Prefect binds it: then another port
+    for attempt in range(3):
+        port, name = free_port(), f"prefect-on-postgres-{attempt}"
+        argv = [str(it.BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        server = processes.start(name, argv, env)
+        deadline = time.monotonic() + 180
+        while server.poll() is None and not (
+            stack._http_ok(f"http://127.0.0.1:{port}/api/health") and stack._session_listens(server.pid, port)
+        ):
+            assert time.monotonic() < deadline, processes.log(name)[-4000:]
             time.sleep(1)
+        if server.poll() is None:
+            break
+        # only a taken port may stop it: uvicorn says "address already in use", Prefect "port N is already in use"
+        assert "already in use" in processes.log(name).lower(), processes.log(name)[-4000:]
+    else:
+        pytest.fail("three free ports in a row were taken before Prefect could bind them")
     tables = subprocess.run(
         ["psql", "-h", postgres["PGHOST"], "-p", postgres["PGPORT"], "-U", SUPERUSER, "-d", "prefect", "-tAc",
          "select count(*) from information_schema.tables where table_name in ('flow', 'flow_run', 'deployment')"],
