@@ -582,10 +582,10 @@ def _measure(spec: TaskSpec, cell: tuple[str, str], cfg: RunConfig, run_dir: Pat
     return per_fold, per_fold_val, model_table(per_fold, table, metric=metric, test_train_ratio=ratio), ratio
 
 
-#: Config fields that may differ between runs pooled by :func:`pooled_run`: where they live, the seeds, and
-#: whether evaluate also drew robustness curves (the benchmark turns them off; runs made before the field existed
-#: read its default), which the tables do not read.
-POOL_MAY_DIFFER = ("run_dir", "data.root", "train.seeds", "evaluate.robustness")
+#: Config fields (dotted prefixes) that may differ between runs pooled by :func:`pooled_run`: where they live and
+#: are tracked, the seeds, and whether evaluate also drew robustness curves (the benchmark turns them off; runs
+#: made before the field existed read its default), which the tables do not read.
+POOL_MAY_DIFFER = ("run_dir", "data.root", "tracking.", "train.seeds", "evaluate.robustness")
 
 
 def pooled_run(runs: Sequence[RunResult]) -> RunResult:
@@ -597,8 +597,10 @@ def pooled_run(runs: Sequence[RunResult]) -> RunResult:
     first = runs[0]
     flat = [r.cfg.flat() for r in runs]
     for run, other in zip(runs[1:], flat[1:], strict=True):
-        differ = sorted(k for k in flat[0].keys() | other.keys() if flat[0].get(k) != other.get(k))
-        differ = [k for k in differ if k not in POOL_MAY_DIFFER and not k.startswith("tracking.")]
+        keys = flat[0].keys() | other.keys()
+        differ = sorted(
+            k for k in keys if flat[0].get(k) != other.get(k) and not k.startswith(POOL_MAY_DIFFER)
+        )
         if differ or run.cell != first.cell:
             raise ConfigError(
                 f"cannot pool {run.cfg.run_dir} with {first.cfg.run_dir}: they differ in {differ or 'cell'}"

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,34 +82,23 @@ def test_init_script_creates_both_databases_idempotently(it, postgres) -> None:
     assert "shared" not in _databases(postgres)
 
 
-def test_prefect_server_runs_on_the_created_database(it, postgres, tmp_path: Path, processes) -> None:
+def test_prefect_server_runs_on_the_created_database(
+    it, postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert _init(it, postgres, "prefect", "mlflow").returncode == 0
-    env = it.base_env(tmp_path / "prefect-home")
-    env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
-        f"postgresql+asyncpg://{SUPERUSER}:@{postgres['PGHOST']}:{postgres['PGPORT']}/prefect"
+    # the stack's own Prefect server (and its start-up rule on a port another program takes), on the database
+    monkeypatch.setenv(
+        "PREFECT_API_DATABASE_CONNECTION_URL",
+        f"postgresql+asyncpg://{SUPERUSER}:@{postgres['PGHOST']}:{postgres['PGPORT']}/prefect",
     )
-    stack = it.local_stack
-    # a port picked as free may be taken by another test's server before Prefect binds it: then another port
-    for attempt in range(3):
-        port, name = free_port(), f"prefect-on-postgres-{attempt}"
-        argv = [str(it.BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        server = processes.start(name, argv, env)
-        deadline = time.monotonic() + 180
-        while server.poll() is None and not (
-            stack._http_ok(f"http://127.0.0.1:{port}/api/health") and stack._session_listens(server.pid, port)
-        ):
-            assert time.monotonic() < deadline, processes.log(name)[-4000:]
-            time.sleep(1)
-        if server.poll() is None:
-            break
-        # only a taken port may stop it: uvicorn says "address already in use", Prefect "port N is already in use"
-        assert "already in use" in processes.log(name).lower(), processes.log(name)[-4000:]
-    else:
-        pytest.fail("three free ports in a row were taken before Prefect could bind them")
-    tables = subprocess.run(
-        ["psql", "-h", postgres["PGHOST"], "-p", postgres["PGPORT"], "-U", SUPERUSER, "-d", "prefect", "-tAc",
-         "select count(*) from information_schema.tables where table_name in ('flow', 'flow_run', 'deployment')"],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
+    stack = it.local_stack.LocalStack(tmp_path / "stack", free_ports=True)
+    try:
+        stack.start(["prefect"], timeout=180)
+        tables = subprocess.run(
+            ["psql", "-h", postgres["PGHOST"], "-p", postgres["PGPORT"], "-U", SUPERUSER, "-d", "prefect", "-tAc",
+             "select count(*) from information_schema.tables where table_name in ('flow', 'flow_run', 'deployment')"],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        stack.stop()
     assert tables.stdout.strip() == "3", "Prefect did not create its tables in the Postgres database"
-    processes.stop("prefect-on-postgres")
