@@ -1024,11 +1024,10 @@ def demo_breakdown(run_dir: Path, wall_s: float) -> dict[str, Any]:
             seconds = json.loads(done.read_text()).get("seconds")
             if seconds is not None:
                 jobs.setdefault(kind, []).append(float(seconds))
-    ray_runs = {
-        d.name: sum(1 for r in d.iterdir() if r.is_dir())
-        for d in sorted((run_dir / "ray").glob("*"))
-        if d.is_dir()
-    }
+    ray_runs: dict[str, int] = {}  # the driver's line per call of run_jobs_on_ray (local mode stores no run)
+    for line in (run_dir / "logs" / "pkdot.log").read_text().splitlines():
+        if m := re.search(r"ray_runner: (\w+): \d+ pending jobs in (\d+) Ray Train runs", line):
+            ray_runs[m[1]] = ray_runs.get(m[1], 0) + int(m[2])
     synthetic = _log_seconds(run_dir / "logs" / "pkdot.log", "generating a synthetic", "synthetic ")
     return {
         "wall_s": wall_s,
@@ -1065,8 +1064,8 @@ def demo_markdown(runs: list[dict[str, Any]], command: str, machine: dict[str, A
             ]
         )
     rows.append(
-        ["  Ray Train runs per stage folder"]
-        + ["; ".join(f"{k.split('-')[0]} {v}" for k, v in r["ray_train_runs"].items()) for r in runs]
+        ["  Ray Train runs per job kind (the refit's included)"]
+        + ["; ".join(f"{k} {v}" for k, v in r["ray_train_runs"].items()) for r in runs]
     )
     return "\n".join(
         [
@@ -1075,8 +1074,8 @@ def demo_markdown(runs: list[dict[str, Any]], command: str, machine: dict[str, A
             f"Seconds. Measured {machine.get('date', '')} by `{command}` on {machine.get('cpu_count', '?')} CPUs, "
             f"load average {machine.get('load_average')} at the start. Each run: a fresh run directory, the "
             "demo preset, embedded Prefect/MLflow/Ray, every stage up to the registered model. Job seconds are "
-            "each job's own time in its Ray Train worker (`DONE.json`); the rest of a stage is Ray Train's "
-            "start-up, scheduling and the driver's work.",
+            "each job's own time in its Ray Train worker or, in local mode (`train.num_workers` 0), its Ray task "
+            "(`DONE.json`); the rest of a stage is Ray Train's start-up, scheduling and the driver's work.",
             "",
             markdown_table(["", *[f"run {i + 1}" for i in range(len(runs))]], rows),
             "",

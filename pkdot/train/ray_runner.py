@@ -2,7 +2,10 @@
 each ``fit()`` in a 0-CPU Ray task so Ray places the worker groups on any node; :func:`pkdot.scheduler.run_bounded`
 bounds the runs in flight (a Tune ``Tuner`` is not used: a trial's bundle takes CPUs from the trainers). A failed
 worker group is restarted and resumes from ``ray.train.get_checkpoint()``, tied to the job folder's attempt
-token so a reset folder never resumes a stale one; a restarted driver re-runs only jobs without ``DONE.json``."""
+token so a reset folder never resumes a stale one; a restarted driver re-runs only jobs without ``DONE.json``.
+``train.num_workers = 0`` is Ray Train's local mode: the task itself reserves a worker's resources and trains
+(no controller, worker group or process group to start; Ray reuses the task's process, torch imported, for the
+next run); a failed task is retried from its first job without ``DONE.json``, without epoch checkpoints."""
 
 from __future__ import annotations
 
@@ -112,7 +115,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens: dict[str, str] = config["tokens"]
     callbacks: list[EpochCallback] = config.get("callbacks") or []
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world, local = context.get_world_rank(), context.get_world_size(), bool(config.get("local"))
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
 
     resume: dict[str, Any] | None = None
@@ -141,7 +144,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             reported = {"job": job.key, "phase": phase, **{k: float(v) for k, v in metrics.items()}}
             # A report is a synchronisation point of all workers through Ray Train's controller (about a
             # second each here), so reports are spaced: rank 0 decides by its clock, every rank follows.
-            due = time.monotonic() - last_checkpoint[0] >= every
+            # local mode keeps no checkpoint (a report only logs): nothing to report
+            due = not local and time.monotonic() - last_checkpoint[0] >= every
             if world > 1:
                 flag = torch.tensor([1.0 if due else 0.0])
                 torch.distributed.broadcast(flag, src=0)
@@ -186,12 +190,15 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     train, use_gpu = spec["loop_config"]["cfgs"][0]["train"], spec["loop_config"]["use_gpu"]
     per_worker = {"CPU": train["cpus_per_worker"], **({"GPU": train["gpus_per_worker"]} if use_gpu else {})}
+    scaling = (
+        ScalingConfig(num_workers=train["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker)
+        if train["num_workers"]
+        else ScalingConfig(num_workers=0)  # local mode: this task holds the resources (run_jobs_on_ray)
+    )
     TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=spec["loop_config"],
-        scaling_config=ScalingConfig(
-            num_workers=train["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker
-        ),
+        scaling_config=scaling,
         run_config=RayRunConfig(
             name=spec["name"],
             storage_path=spec["storage_path"],
@@ -210,9 +217,10 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def runs_that_fit(cfg: RunConfig, cluster: Mapping[str, float], use_gpu: bool) -> int:
-    """How many runs of ``train.num_workers`` workers the cluster's total CPUs (and GPUs) hold at once (>= 1)."""
+    """How many runs of ``train.num_workers`` workers (local mode: one) the cluster's total CPUs (and GPUs) hold
+    at once (>= 1)."""
     per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})}
-    need = {k: cfg.train.num_workers * v for k, v in per_worker.items()}
+    need = {k: max(1, cfg.train.num_workers) * v for k, v in per_worker.items()}
     fits = min(int(float(cluster.get(k, 0.0)) // v) for k, v in need.items())
     if fits < 1:
         has = {k: cluster.get(k, 0.0) for k in need}
@@ -316,6 +324,7 @@ def run_jobs_on_ray(
         "kind": kind,
         "callbacks": list(callbacks),
         "use_gpu": use_gpu,
+        "local": cfg.train.num_workers == 0,
         "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
     }
     specs = [
@@ -333,9 +342,20 @@ def run_jobs_on_ray(
     ]
     # The workers' epoch records: logged once here, the newest one shown as the stage's current metric.
     tails = [EpochTail(d, [j.key for i, j in pending if i == g]) for g, d in enumerate(run_dirs)]
-    what = "%s: %d pending jobs in %d Ray Train runs, up to %d at once (%d worker(s) each)"
-    log.info(what, kind, len(pending), len(specs), limit, cfg.train.num_workers)
-    task = ray.remote(num_cpus=0, max_retries=0)(_fit_run)
+    what = "%s: %d pending jobs in %d Ray Train runs, up to %d at once (%s each)"
+    each = f"{cfg.train.num_workers} worker(s)" if cfg.train.num_workers else "local mode, in one task"
+    log.info(what, kind, len(pending), len(specs), limit, each)
+    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
+    if (
+        cfg.train.num_workers == 0
+    ):  # local mode: the task is the worker; Ray retries it (DONE jobs are skipped)
+        options = {
+            "num_cpus": cfg.train.cpus_per_worker,
+            "num_gpus": cfg.train.gpus_per_worker if use_gpu else 0,
+            "max_retries": cfg.train.max_failures,
+            "retry_exceptions": True,
+        }
+    task = ray.remote(**options)(_fit_run)
 
     def newest_record(running: list[dict[str, Any]]) -> str:
         records = [r for spec in running for tail in tails if (r := tail.poll(spec["jobs"]))]

@@ -47,6 +47,47 @@ def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
     assert run_folders and any(run_folders[0].rglob("state.pt"))
 
 
+def test_local_mode_trains_in_the_task_and_retries_a_failed_run_from_its_first_unfinished_job(tmp_path):
+    """``train.num_workers = 0``: Ray Train's local mode in a task that holds a worker's CPU; two jobs in one
+    run; the second fails once mid-training, the task is retried, the finished first job is not trained again
+    and the second starts afresh (no epoch checkpoint is kept)."""
+    from pkdot.train.jobs import teacher_jobs
+
+    cfg = make_tiny_run(
+        tmp_path / "run",
+        overrides={
+            "train": {
+                "num_workers": 0,
+                "seeds": [0, 1],
+                "epochs_unimodal": 1,
+                "epochs_tnet": 1,
+                "epochs_teacher": 3,
+                "max_failures": 1,
+                "checkpoint_every_s": 0,
+                "jobs_per_run": 2,
+            }
+        },
+    )
+    folds = subject_folds([f"s{i}" for i in range(6)], 3, val_fraction=0.2, seed=0)[:1]
+    save_folds(folds, Path(cfg.run_dir) / "splits.json")
+    jobs = teacher_jobs(cfg, folds)
+    fail = FailOnce(tmp_path / "failed", phase="teacher", epoch=2, rank=0)
+
+    def only_seed_1(job_key: str, phase: str, epoch: int, rank: int) -> None:
+        if job_key.endswith("seed-1"):
+            fail(job_key, phase, epoch, rank)
+
+    runs = run_jobs_on_ray(cfg, "teacher", jobs, callbacks=[only_seed_1])
+    assert (tmp_path / "failed").is_file(), "the injected failure never fired"
+    assert [r["name"] for r in runs] == ["teacher-fold-0-seed-0+1"] and all(j.is_done() for j in jobs)
+    first_done = jobs[0].done_marker.stat().st_mtime
+    assert first_done < (tmp_path / "failed").stat().st_mtime, "the first job was trained again"
+    history = _teacher_history(jobs[1])
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3]
+    assert not history.get("resumed_from")
+    assert not list((Path(cfg.run_dir) / "ray").rglob("state.pt")), "local mode wrote epoch checkpoints"
+
+
 def test_jobs_run_as_separate_concurrent_runs_and_a_failed_run_resumes(tmp_path):
     """Two jobs (1 worker each) run at once as two Ray Train runs; a run that exhausted its retries fails
     the stage naming its job, and the next call resumes that job from the run's last checkpoint."""
