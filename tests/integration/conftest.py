@@ -40,12 +40,14 @@ TINY_OVERRIDES: dict[str, Any] = {
     "train.epochs_teacher": 1,
     "train.epochs_tnet": 1,
     "train.epochs_student": 1,
-    "train.num_workers": 1,
+    # Ray Train's local mode, as the demo preset: no worker group to start per run. The worker-group path
+    # (checkpoints, a killed worker resumed, several nodes): tests/train/test_ray_runner.py, test_two_node.py.
+    "train.num_workers": 0,
     "features.workers": 1,
     # These tests are about the servers, the flow and resumption, not the student's init: the paper's frozen
     # init (students from the embedding cache) keeps them fast (teacher-finetune: tests/train/test_student_init.py).
     "train.student_init": "teacher-frozen",
-    # Both students in one Ray Train run: one start-up per stage (bundling: tests/train/test_bundles.py).
+    # Both students in one Ray Train run (bundling: tests/train/test_bundles.py).
     "train.jobs_per_run": 2,
     # The refit stage (one more teacher + student job) is tested where the champion is checked:
     # test_deployment.py turns it back on.

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.conftest import registered_metrics
+
 # Part of CI (about 2.6 min on a quiet 2-core machine). The kill waits for Ray Train's controller to have
 # *registered* a student-phase checkpoint (its checkpoint_manager_snapshot.json): killing as soon as a checkpoint
 # folder appeared on disk raced the controller's poll, and the restarted worker group got the T-Net phase's
@@ -87,28 +89,6 @@ def _metrics(run_dir: Path) -> dict[str, dict]:
         for sub in ("teacher", "student")
         for p in sorted((run_dir / sub).rglob("metrics.json"))
     }
-
-
-def _readable(path: Path) -> bool:
-    """A checkpoint's meta.json that is complete (Ray copies checkpoint folders in while we look)."""
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _registered_phase(run_dir: Path, run_name: str) -> str:
-    """The phase of the newest checkpoint Ray Train's controller registered for a run ('' when none)."""
-    for snapshot in (run_dir / "ray").glob(f"student-*/{run_name}/checkpoint_manager_snapshot.json"):
-        if not _readable(snapshot):
-            continue
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-        except json.JSONDecodeError:  # caught mid-write
-            continue
-        return str((latest.get("metrics") or {}).get("phase", ""))
-    return ""
 
 
 def _resumed_jobs(run_dir: Path) -> dict[str, dict[str, list[int]]]:
@@ -230,7 +210,7 @@ def test_jobs_spread_over_two_nodes_survive_a_killed_worker_and_match_one_proces
                 # previous registered checkpoint (the one-epoch T-Net phase's, already finished), and the
                 # student phase would rightly start again from epoch 1. The controller's snapshot file is
                 # what it hands to the restarted worker group.
-                if _registered_phase(two, run_name).startswith("student-"):
+                if str(registered_metrics(two, "student", run_name).get("phase", "")).startswith("student-"):
                     os.kill(actor.pid, signal.SIGKILL)
                     killed = run_name
                     break

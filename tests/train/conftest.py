@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,18 +148,49 @@ def jobs_here(cfg: RunConfig, kind: str, jobs, *, callbacks=(), name=None, more=
     return []
 
 
+def registered_metrics(run_dir: str | Path, kind: str, run_name: str) -> dict:
+    """The metrics of the newest checkpoint Ray Train's controller registered for the run ``run_name`` of
+    ``kind`` (``teacher``/``student``) under ``<run_dir>/ray`` ({} when none yet). The controller registers a
+    report when it next polls the worker, and its snapshot file is what a restarted worker group resumes from:
+    a checkpoint folder on disk is not enough."""
+    for snapshot in Path(run_dir, "ray").glob(f"{kind}-*/{run_name}/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):  # caught mid-write
+            continue
+        return dict(latest.get("metrics") or {})
+    return {}
+
+
 class FailOnce:
     """An epoch callback that raises once, at ``phase``/``epoch`` on worker ``rank`` (fault injection).
 
     A marker file makes it fire only once across restarts of the worker group, so Ray Train's recovery
-    (``FailureConfig(max_failures)``) and the checkpoint resume can be exercised on purpose.
+    (``FailureConfig(max_failures)``) and the checkpoint resume can be exercised on purpose. With
+    ``registered=(run_dir, kind, run_name)`` it first waits (up to 60 s) until the controller has registered this
+    epoch's checkpoint, so the restarted group resumes from it and not from an earlier one.
     """
 
-    def __init__(self, marker: str | Path, *, phase: str, epoch: int, rank: int = 0) -> None:
+    def __init__(
+        self,
+        marker: str | Path,
+        *,
+        phase: str,
+        epoch: int,
+        rank: int = 0,
+        registered: tuple[str, str, str] | None = None,
+    ) -> None:
         self.marker, self.phase, self.epoch, self.rank = str(marker), phase, epoch, rank
+        self.registered = registered
 
     def __call__(self, job_key: str, phase: str, epoch: int, rank: int) -> None:
         hit = (phase, epoch, rank) == (self.phase, self.epoch, self.rank)
         if hit and not Path(self.marker).exists():
+            deadline = time.monotonic() + 60.0
+            while self.registered and time.monotonic() < deadline:
+                metrics = registered_metrics(*self.registered)
+                if (metrics.get("phase"), metrics.get("epoch")) == (phase, float(epoch)):
+                    break
+                time.sleep(0.1)
             Path(self.marker).write_text(f"{job_key} {phase} epoch {epoch} rank {rank}\n")
             raise RuntimeError(f"injected worker failure in {job_key} {phase} after epoch {epoch}")

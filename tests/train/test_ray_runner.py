@@ -31,9 +31,9 @@ def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
     save_folds(folds, Path(cfg.run_dir) / "splits.json")
     jobs = teacher_jobs(cfg, folds)
     marker = tmp_path / "failed-once"
-    runs = run_jobs_on_ray(
-        cfg, "teacher", jobs, callbacks=[FailOnce(marker, phase="teacher", epoch=2, rank=1)]
-    )
+    registered = (str(cfg.run_dir), "teacher", "teacher-fold-0-seed-0")
+    fail = FailOnce(marker, phase="teacher", epoch=2, rank=1, registered=registered)
+    runs = run_jobs_on_ray(cfg, "teacher", jobs, callbacks=[fail])
     assert marker.is_file(), "the injected failure never fired"
     jdir = Path(jobs[0].out_dir)
     assert (jdir / "DONE.json").is_file()
