@@ -9,7 +9,8 @@ written to ``benchmarks/results/speed.md`` with the date and the machine:
 2. **Extraction throughput** -- face frames/s and physio windows/s per worker, from the extraction report of
    the middle scaling run (the same figures as ``bench_extract.py``).
 3. **Ray Train workers** -- the teacher and distill stages (the ones on Ray Train) of the middle run again
-   with ``train.num_workers=1`` (on the same features, Ray already up) against the demo's 2 workers.
+   with ``train.num_workers=1`` (on the same features, Ray already up) against the demo's setting (0: Ray Train's
+   local mode; a preset with 1 is compared with 2).
 4. **Training throughput** -- samples/s of one training epoch (forward + backward + step) of the unimodal
    backbones and the fusion teacher on fold 0 of the middle run; the student from the embedding cache vs with
    a live teacher forward (``bench_cache.py``, run as a child process).
@@ -289,6 +290,10 @@ def _f(x: float, d: int = 1) -> str:
     return f"{x:.{d}f}"
 
 
+def _workers(n: str) -> str:
+    return "local mode (0 workers)" if n == "0" else f"{n} worker(s)"
+
+
 def report_markdown(results: dict[str, Any], machine: dict[str, Any], command: str, wall_s: float) -> str:
     """All tables as Markdown."""
     scaling = results["scaling"]
@@ -390,7 +395,7 @@ def report_markdown(results: dict[str, Any], machine: dict[str, Any], command: s
         "(seconds; Ray already running, so its start-up is not counted).",
         "",
         markdown_table(
-            ["stage", *(f"{n} worker(s)" for n in counts), f"{counts[-1]} / {counts[0]} workers"],
+            ["stage", *(_workers(n) for n in counts), f"{_workers(counts[-1])} / {_workers(counts[0])}"],
             [
                 [s, *(_f(w[n][s]) for n in counts), _f(w[counts[-1]][s] / w[counts[0]][s], 2)]
                 for s in RAY_TRAIN_STAGES

@@ -11,7 +11,7 @@ from pkdot.errors import StageError
 from pkdot.folds import FoldPlan, as_plan, save_folds, subject_folds
 from pkdot.train.jobs import Job, fold_for_job
 from pkdot.train.ray_runner import _read_token_on_node, run_jobs_on_ray, run_name, runs_that_fit
-from tests.train.conftest import FailOnce, make_tiny_run
+from tests.train.conftest import FailOnce, make_tiny_run, run_jobs_local
 
 
 def _teacher_history(job: Job) -> dict:
@@ -86,6 +86,13 @@ def test_local_mode_trains_in_the_task_and_retries_a_failed_run_from_its_first_u
     assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3]
     assert not history.get("resumed_from")
     assert not list((Path(cfg.run_dir) / "ray").rglob("state.pt")), "local mode wrote epoch checkpoints"
+    # the same jobs in this process (the reference of tests/integration/test_two_node.py): the same metrics
+    ref = make_tiny_run(tmp_path / "ref", overrides={"train": cfg.train.model_dump(mode="json")})
+    save_folds(folds, Path(ref.run_dir) / "splits.json")
+    run_jobs_local(ref, "teacher", teacher_jobs(ref, folds))
+    for job, ref_job in zip(jobs, teacher_jobs(ref, folds), strict=True):
+        metrics = [json.loads((Path(j.out_dir) / "metrics.json").read_text()) for j in (job, ref_job)]
+        assert metrics[0] == metrics[1], job.key
 
 
 def test_jobs_run_as_separate_concurrent_runs_and_a_failed_run_resumes(tmp_path):
