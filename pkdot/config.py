@@ -265,13 +265,7 @@ class TrainConfig(_Section):
         "(freshly initialised), 'pretrained' (loads model.pretrained_video). Non-frozen students read the face "
         "crops. Replaces freeze_student_backbone (true = teacher-frozen, false = teacher-finetune; still read)",
     )
-    num_workers: int = Field(
-        2,
-        ge=0,
-        description="Ray Train workers per run; 0: Ray Train's local mode, each run trains in one Ray task "
-        "(cpus_per_worker [gpus_per_worker] reserved) without a worker group, so without a run's start-up; no "
-        "epoch checkpoints: a failed run is retried (max_failures) from its first job without DONE.json",
-    )
+    num_workers: int = Field(2, ge=0, description="Ray Train workers per run; 0: local mode, the task trains")
     use_gpu: bool | Literal["auto"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -670,13 +664,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             # Picked by validation in the quality benchmark (benchmarks/results/quality-biovid.md: val
             # accuracy 0.650/0.654/0.625 for none/kd/pkdot vs 0.604/0.583/0.596 with 'teacher-frozen').
             "student_init": "teacher-finetune",
-            # a demo job trains for seconds, a Ray Train run's worker group starts in ~11 s
-            # (benchmarks/results/speed.md): local-mode runs (no worker group), one per CPU slot, take a stage's jobs
+            # seconds per job, ~7-11 s to start a worker group (benchmarks/results/speed.md): local-mode runs
             "num_workers": 0,
             "jobs_per_run": "auto",
-            # 3 of the 5 subject folds and 4 students: the demo in ~4 min instead of ~5.5 on 2 CPUs
-            # (benchmarks/results/speed.md); benchmarks and your own runs lift both.
-            "max_folds": 3,
+            "max_folds": 3,  # 3 of 5 folds and 4 students: a short demo (benchmarks and your runs lift both)
         },
         "distill": {"losses": ["none", "kd", "rkd", "pkdot"], "pkdot": {"k": 10}, "pkdot-most": {"k": 10}},
         # 10 fps: the 8 frames the features sample per window, from a set 2.5x cheaper to render and decode

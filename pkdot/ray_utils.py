@@ -2,8 +2,7 @@
 
 Ray binds its listeners to the node IP and on Linux rewrites a requested ``127.0.0.1`` into the routable address
 unless multi-node clusters are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; Ray 2.60). Opening Ray to a
-network is explicit (``PKDOT_RAY_NODE_IP``, ``RAY_NODE_IP``, ``--ray-node-ip``) and turns token authentication on.
-"""
+network is explicit (``PKDOT_RAY_NODE_IP``, ``RAY_NODE_IP``, ``--ray-node-ip``) and turns token authentication on."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ Layout: ``videos/**/<video>.mp4|.avi``, ``annotations/VA_Estimation_Challenge/{T
 windows of ``data.clip_frames`` frames every ``data.clip_stride``, kept when ``data.min_annotated`` of their
 frames are annotated (labels: the means over those); ``sample_id = f"{video}@{start_frame}"``, ``subject_id``
 = the stem without ``_left`` / ``_right``. With ``cropped_aligned/<stem>/<frame:05d>.jpg`` (1-based) and
-``data.faces`` None or ``'frames'``, a clip's ``video_path`` is that folder; ``audio_path`` is the video.
-"""
+``data.faces`` None or ``'frames'``, a clip's ``video_path`` is that folder; ``audio_path`` is the video."""
 
 from __future__ import annotations
 

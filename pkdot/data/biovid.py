@@ -5,8 +5,7 @@ Layout: ``samples.csv`` (``subject_id subject_name class_id class_name sample_id
 (``time gsr ecg emg_trapezius [emg_corrugator emg_zygomaticus]``; header checked here), tab, comma or
 semicolon separated; ``sample_id``/``subject_id`` = ``sample_name``/``subject_name``; ``binary`` keeps BL1 and
 PA4. Face crops ``frames/<subject_name>/<sample_name>/<frame:05d>.jpg`` replace the videos with ``data.faces:
-frames`` (or unset and ``frames/`` present).
-"""
+frames`` (or unset and ``frames/`` present)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 The face and eyes are found once with Haar cascades, brows and mouth placed from the eye geometry. An
 *expression unit* (AU4 brow lowering, AU6/7 eye narrowing, AU6 cheek raise, AU9/10 lip raise, mouth corners,
 AU1/2 brow raise) is a smooth displacement field around those landmarks, applied with :func:`cv2.remap` to the
-subject's tinted, warped head, placed with a rigid pose over a background; the face box follows the Haar box.
-"""
+subject's tinted, warped head, placed with a rigid pose over a background; the face box follows the Haar box."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ Per sample: the teacher embedding (D,) and logits (C,), ``target_group`` (the cr
 the targets, -1 for the full-fold teacher) and the full-fold teacher's video-backbone tokens (N, D). The metadata
 records the hashes of the source checkpoints; a cache that does not match them is refused (``StaleCacheError``).
 Cross-fitted targets: a training sample of group j gets the targets of the teacher trained *without* group j.
-``distill.teacher_source = "privileged"``: embeddings and logits from ``unimodal-<p>`` (tokens from the teacher).
-"""
+``distill.teacher_source = "privileged"``: embeddings and logits from ``unimodal-<p>`` (tokens from the teacher)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,8 @@ each ``fit()`` in a 0-CPU Ray task so Ray places the worker groups on any node; 
 bounds the runs in flight (a Tune ``Tuner`` is not used: a trial's bundle takes CPUs from the trainers). A failed
 worker group is restarted and resumes from ``ray.train.get_checkpoint()``, tied to the job folder's attempt
 token so a reset folder never resumes a stale one; a restarted driver re-runs only jobs without ``DONE.json``.
-``train.num_workers = 0`` is Ray Train's local mode: the task itself reserves a worker's resources and trains
-(no controller, worker group or process group to start; Ray reuses the task's process, torch imported, for the
-next run); a failed task is retried from its first job without ``DONE.json``, without epoch checkpoints."""
+``train.num_workers = 0``, Ray Train's local mode: the task holds a worker's resources and trains (no worker group
+to start; Ray reuses its process); a failed task is retried from its first job without ``DONE.json``."""
 
 from __future__ import annotations
 
@@ -143,8 +142,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_epoch_end(phase: str, state: FitState, metrics: dict[str, float], job: Job = job) -> None:
             reported = {"job": job.key, "phase": phase, **{k: float(v) for k, v in metrics.items()}}
             # A report is a synchronisation point of all workers through Ray Train's controller (about a
-            # second each here), so reports are spaced: rank 0 decides by its clock, every rank follows.
-            # local mode keeps no checkpoint (a report only logs): nothing to report
+            # second each here), so reports are spaced: rank 0 decides by its clock, every rank follows. Local
+            # mode keeps no checkpoint (a report only logs): none is due.
             due = not local and time.monotonic() - last_checkpoint[0] >= every
             if world > 1:
                 flag = torch.tensor([1.0 if due else 0.0])
@@ -190,15 +189,12 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     train, use_gpu = spec["loop_config"]["cfgs"][0]["train"], spec["loop_config"]["use_gpu"]
     per_worker = {"CPU": train["cpus_per_worker"], **({"GPU": train["gpus_per_worker"]} if use_gpu else {})}
-    scaling = (
-        ScalingConfig(num_workers=train["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker)
-        if train["num_workers"]
-        else ScalingConfig(num_workers=0)  # local mode: this task holds the resources (run_jobs_on_ray)
-    )
     TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=spec["loop_config"],
-        scaling_config=scaling,
+        scaling_config=ScalingConfig(  # num_workers 0, local mode: this task holds the resources
+            num_workers=train["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
         run_config=RayRunConfig(
             name=spec["name"],
             storage_path=spec["storage_path"],
@@ -217,8 +213,7 @@ def _fit_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def runs_that_fit(cfg: RunConfig, cluster: Mapping[str, float], use_gpu: bool) -> int:
-    """How many runs of ``train.num_workers`` workers (local mode: one) the cluster's total CPUs (and GPUs) hold
-    at once (>= 1)."""
+    """How many runs of ``train.num_workers`` workers (or 1) the cluster's total CPUs (and GPUs) hold at once."""
     per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})}
     need = {k: max(1, cfg.train.num_workers) * v for k, v in per_worker.items()}
     fits = min(int(float(cluster.get(k, 0.0)) // v) for k, v in need.items())
@@ -345,17 +340,10 @@ def run_jobs_on_ray(
     what = "%s: %d pending jobs in %d Ray Train runs, up to %d at once (%s each)"
     each = f"{cfg.train.num_workers} worker(s)" if cfg.train.num_workers else "local mode, in one task"
     log.info(what, kind, len(pending), len(specs), limit, each)
-    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
-    if (
-        cfg.train.num_workers == 0
-    ):  # local mode: the task is the worker; Ray retries it (DONE jobs are skipped)
-        options = {
-            "num_cpus": cfg.train.cpus_per_worker,
-            "num_gpus": cfg.train.gpus_per_worker if use_gpu else 0,
-            "max_retries": cfg.train.max_failures,
-            "retry_exceptions": True,
-        }
-    task = ray.remote(**options)(_fit_run)
+    # local mode: the task is the worker, and Ray retries it (its finished jobs are skipped)
+    local = {"num_cpus": cfg.train.cpus_per_worker, "num_gpus": cfg.train.gpus_per_worker * use_gpu}
+    local |= {"max_retries": cfg.train.max_failures, "retry_exceptions": True}
+    task = ray.remote(**(local if base_config["local"] else {"num_cpus": 0, "max_retries": 0}))(_fit_run)
 
     def newest_record(running: list[dict[str, Any]]) -> str:
         records = [r for spec in running for tail in tails if (r := tail.poll(spec["jobs"]))]
