@@ -178,7 +178,7 @@ TINY = [
     "distill.losses=[none, pkdot]",
     "distill.pkdot.k=4",
     "tracking.register_model=false",
-    "train.refit=false",  # (the refit stage: tests/test_stages.py, tests/integration/test_deployment.py)
+    "train.refit=false",  # (the refit stage: tests/test_stages.py, tests/integration/servers/test_deployment.py)
     "tracking.log_checkpoints=false",
     "features.workers=1",
 ]

@@ -1,7 +1,7 @@
 """Stages 2-5 end to end on a tiny run (MLflow in SQLite), twice, one registry.
 
 The training jobs run in this process (:func:`tests.train.conftest.jobs_in_process`); the same stages on Ray Train
-are run by tests/test_console.py (``pkdot run``), tests/integration/test_deployment.py (with the refit) and
+are run by tests/test_console.py (``pkdot run``), tests/integration/servers/test_deployment.py (with the refit) and
 tests/integration/test_two_node.py."""
 
 from __future__ import annotations

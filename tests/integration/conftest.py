@@ -1,4 +1,5 @@
-"""Real servers for the integration tests: a Prefect server, an MLflow server and a Ray head on 127.0.0.1.
+"""Real servers for the integration tests under ``servers/``: a Prefect server, an MLflow server and a Ray head on
+127.0.0.1 (the other modules here need no server; tests/conftest.py sends ``servers/`` to one xdist worker).
 
 They are started by ``infra/local_stack.py`` (the code behind ``infra/local-stack.sh``) on free ports, with their
 stores in a temporary directory, and stopped by PID at the end of the session. Credentials are on (``--auth``):
@@ -50,7 +51,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     # Both students in one Ray Train run (bundling: tests/train/test_bundles.py).
     "train.jobs_per_run": 2,
     # The refit stage (one more teacher + student job) is tested where the champion is checked:
-    # test_deployment.py turns it back on.
+    # servers/test_deployment.py turns it back on.
     "train.refit": False,
 }
 TINY_LOSSES = ["none", "pkdot"]

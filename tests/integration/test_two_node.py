@@ -50,7 +50,7 @@ OVERRIDES = {
     "model.dropout": 0.0,
     "tracking.log_checkpoints": False,
     "distill.losses": ["none"],
-    "train.refit": False,  # about spreading jobs over nodes; the refit stage is tested in test_deployment.py
+    "train.refit": False,  # about spreading jobs over nodes; the refit stage is tested in servers/test_deployment.py
 }
 STEP_TIMEOUT_S = 600
 #: The reference: the same three stages in one process with every job trained right there (the functions each

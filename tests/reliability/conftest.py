@@ -128,11 +128,12 @@ def non_loopback(found: list[tuple[str, str, str]]) -> list[tuple[str, str, str]
 
 
 def terminate_session(sid: int) -> None:
-    """SIGTERM then SIGKILL every process of a session this test started (by PID, never by name)."""
+    """SIGTERM then SIGKILL every process of a session this test started (by PID, never by name). 3 s of grace:
+    Ray's gcs_server and dashboard outlive a SIGTERM by 15 s and more, and these sessions are only torn down."""
     import signal
     import time
 
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
         pids = session_pids(sid)
         for pid in pids:
             try:

@@ -9,7 +9,7 @@ import pytest
 
 from pkdot.errors import StageError
 from pkdot.folds import FoldPlan, as_plan, save_folds, subject_folds
-from pkdot.train.jobs import Job, fold_for_job
+from pkdot.train.jobs import Job, fold_for_job, teacher_jobs
 from pkdot.train.ray_runner import _read_token_on_node, run_jobs_on_ray, run_name, runs_that_fit
 from tests.train.conftest import FailOnce, make_tiny_run, run_jobs_local
 
@@ -19,7 +19,6 @@ def _teacher_history(job: Job) -> dict:
 
 
 def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
-    from pkdot.train.jobs import teacher_jobs
 
     cfg = make_tiny_run(
         tmp_path / "run",
@@ -47,36 +46,38 @@ def test_worker_failure_resumes_from_checkpoint_and_finishes(tmp_path):
     assert run_folders and any(run_folders[0].rglob("state.pt"))
 
 
-def test_local_mode_trains_in_the_task_and_retries_a_failed_run_from_its_first_unfinished_job(tmp_path):
-    """``train.num_workers = 0``: Ray Train's local mode in a task that holds a worker's CPU; two jobs in one
-    run; the second fails once mid-training, the task is retried, the finished first job is not trained again
-    and the second starts afresh (no epoch checkpoint is kept)."""
-    from pkdot.train.jobs import teacher_jobs
+def _seed_1_fails_once(tmp_path: Path, **train) -> tuple:
+    """Teacher jobs of seeds 0 and 1 on one fold (1 epoch per phase but 3 teacher epochs, ``train`` on top) and an
+    epoch callback that fails seed 1's job once after teacher epoch 2: (config, folds, jobs, callback)."""
 
-    cfg = make_tiny_run(
-        tmp_path / "run",
-        overrides={
-            "train": {
-                "num_workers": 0,
-                "seeds": [0, 1],
-                "epochs_unimodal": 1,
-                "epochs_tnet": 1,
-                "epochs_teacher": 3,
-                "max_failures": 1,
-                "checkpoint_every_s": 0,
-                "jobs_per_run": 2,
-            }
-        },
-    )
+    base = {
+        "seeds": [0, 1],
+        "epochs_unimodal": 1,
+        "epochs_tnet": 1,
+        "epochs_teacher": 3,
+        "checkpoint_every_s": 0,
+    }
+    cfg = make_tiny_run(tmp_path / "run", overrides={"train": base | train})
     folds = subject_folds([f"s{i}" for i in range(6)], 3, val_fraction=0.2, seed=0)[:1]
     save_folds(folds, Path(cfg.run_dir) / "splits.json")
     jobs = teacher_jobs(cfg, folds)
+    assert len(jobs) == 2
     fail = FailOnce(tmp_path / "failed", phase="teacher", epoch=2, rank=0)
 
     def only_seed_1(job_key: str, phase: str, epoch: int, rank: int) -> None:
         if job_key.endswith("seed-1"):
             fail(job_key, phase, epoch, rank)
 
+    return cfg, folds, jobs, only_seed_1
+
+
+def test_local_mode_trains_in_the_task_and_retries_a_failed_run_from_its_first_unfinished_job(tmp_path):
+    """``train.num_workers = 0``: Ray Train's local mode in a task that holds a worker's CPU; two jobs in one
+    run; the second fails once mid-training, the task is retried, the finished first job is not trained again
+    and the second starts afresh (no epoch checkpoint is kept)."""
+    cfg, folds, jobs, only_seed_1 = _seed_1_fails_once(
+        tmp_path, num_workers=0, max_failures=1, jobs_per_run=2
+    )
     runs = run_jobs_on_ray(cfg, "teacher", jobs, callbacks=[only_seed_1])
     assert (tmp_path / "failed").is_file(), "the injected failure never fired"
     assert [r["name"] for r in runs] == ["teacher-fold-0-seed-0+1"] and all(j.is_done() for j in jobs)
@@ -98,33 +99,10 @@ def test_local_mode_trains_in_the_task_and_retries_a_failed_run_from_its_first_u
 def test_jobs_run_as_separate_concurrent_runs_and_a_failed_run_resumes(tmp_path):
     """Two jobs (1 worker each) run at once as two Ray Train runs; a run that exhausted its retries fails
     the stage naming its job, and the next call resumes that job from the run's last checkpoint."""
-    from pkdot.train.jobs import teacher_jobs
-
-    cfg = make_tiny_run(
-        tmp_path / "run",
-        overrides={
-            "train": {
-                "num_workers": 1,
-                "seeds": [0, 1],
-                "epochs_unimodal": 1,
-                "epochs_tnet": 1,
-                "epochs_teacher": 3,
-                "max_failures": 0,
-                "checkpoint_every_s": 0,
-                "max_concurrent_jobs": 2,
-            }
-        },
-    )
-    folds = subject_folds([f"s{i}" for i in range(6)], 3, val_fraction=0.2, seed=0)[:1]
-    save_folds(folds, Path(cfg.run_dir) / "splits.json")
-    jobs = teacher_jobs(cfg, folds)
-    assert len(jobs) == 2
     # seed 1's job dies after teacher epoch 2 with no retry left; seed 0's job is unaffected
-    fail = FailOnce(tmp_path / "failed", phase="teacher", epoch=2, rank=0)
-
-    def only_seed_1(job_key: str, phase: str, epoch: int, rank: int) -> None:
-        if job_key.endswith("seed-1"):
-            fail(job_key, phase, epoch, rank)
+    cfg, _, jobs, only_seed_1 = _seed_1_fails_once(
+        tmp_path, num_workers=1, max_failures=0, max_concurrent_jobs=2
+    )
 
     with pytest.raises(StageError, match="teacher/fold-0/seed-1"):
         run_jobs_on_ray(cfg, "teacher", jobs, callbacks=[only_seed_1])
