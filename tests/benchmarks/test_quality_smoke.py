@@ -9,6 +9,7 @@ this size) scores. ``benchmarks/speed.py``: its measurement helpers on the same 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -498,3 +499,33 @@ def test_variant_choice_takes_each_runs_best_validation_variant_and_scores_it_on
         **{**run.__dict__, "per_fold": run.per_fold[run.per_fold["model"] != "student-pkdot-most"]}
     )
     assert quality.variant_choice(one) is None  # a single variant: nothing to choose
+
+
+def test_demo_breakdown_reads_stages_jobs_and_the_ray_train_runs_from_the_driver_log(tmp_path):
+    """``speed.py --only demo``'s breakdown of a finished run: stage markers, the synthetic set's seconds from the
+    log, job seconds from ``DONE.json`` and the Ray Train runs per job kind from the driver's lines (local mode
+    stores no run folder)."""
+    from pkdot.pipeline import STAGES
+
+    for i, s in enumerate(STAGES):
+        (tmp_path / "stages").mkdir(exist_ok=True)
+        (tmp_path / "stages" / f"{s.name}.json").write_text(json.dumps({"seconds": float(i + 1)}))
+    for kind, seconds in (("teacher/fold-0/seed-0", 3.0), ("teacher/fold-1/seed-0", 5.0)):
+        (tmp_path / kind).mkdir(parents=True)
+        (tmp_path / kind / "DONE.json").write_text(json.dumps({"seconds": seconds}))
+    (tmp_path / "logs").mkdir()
+    runner = "INFO pkdot.train.ray_runner:"
+    (tmp_path / "logs" / "pkdot.log").write_text(
+        "2026-12-06 14:00:00,000 INFO pkdot.data.synthetic: generating a synthetic Biovid set\n"
+        "2026-12-06 14:00:06,500 INFO pkdot.data.synthetic: synthetic set written\n"
+        f"2026-12-06 14:00:10,000 {runner} teacher: 4 pending jobs in 2 Ray Train runs, up to 2 at once (x)\n"
+        f"2026-12-06 14:00:40,000 {runner} student: 12 pending jobs in 2 Ray Train runs, up to 2 at once (x)\n"
+        f"2026-12-06 14:01:00,000 {runner} student: 1 pending jobs in 1 Ray Train runs, up to 2 at once (x)\n"
+    )
+    wall = float(sum(range(1, len(STAGES) + 1))) + 20.0
+    out = speed.demo_breakdown(tmp_path, wall)
+    assert out["ray_train_runs"] == {"teacher": 2, "student": 3}
+    assert out["synthetic_s"] == pytest.approx(6.5) and out["outside_stages_s"] == pytest.approx(20.0)
+    assert out["jobs_s"] == {"teacher": {"n": 2, "sum": 8.0, "median": 4.0}}
+    table = speed.demo_markdown([out], "python benchmarks/speed.py --only demo", {"cpu_count": 2})
+    assert "| teacher 2; student 3 |" in table and "| 20.0 |" in table
