@@ -456,17 +456,17 @@ GPU_MFU = 0.30
 STORAGE_BYTES_PER_S = 1e9
 
 
-#: The concurrent-jobs section's ways: (name, train.max_concurrent_jobs; None: in-process, no Ray). "lm2": two
-#: at once in Ray Train's local mode (train.num_workers 0: the Ray task trains, no worker group); the rest 1 worker.
-WAYS: tuple[tuple[str, int | None], ...] = (("local", None), ("1", 1), ("2", 2), ("lm2", 2))
+#: The concurrent-jobs section's ways: (name, train.max_concurrent_jobs -- None: in-process, no Ray --,
+#: train.num_workers -- 0: Ray Train's local mode, the Ray task trains without a worker group).
+WAYS: tuple[tuple[str, int | None, int], ...] = (("local", None, 1), ("1", 1, 1), ("2", 2, 1), ("lm2", 2, 0))
 
 
 def child_concurrency(
-    base_run: Path, work: Path, n_jobs: int, ways: Sequence[tuple[str, int | None]] = WAYS
+    base_run: Path, work: Path, n_jobs: int, ways: Sequence[tuple[str, int | None, int]] = WAYS
 ) -> dict[str, Any]:
     """``n_jobs`` student jobs of ``base_run`` four ways: in-process without Ray, as Ray Train runs (1 worker
-    each) with 1 and then 2 runs at once, and 2 at once in local mode (no worker group). Ray is started before the clock; each way in a fresh sibling
-    run directory that links the base run's teacher and embedding cache.
+    each) with 1 and then 2 runs at once, and 2 at once in local mode (no worker group). Ray is started before
+    the clock; each way in a fresh sibling run directory that links the base run's teacher and embedding cache.
 
     Returns per way the wall seconds, and per job the in-process seconds and the Ray run's seconds (task wall
     time: Ray Train's start-up + the job).
@@ -479,19 +479,19 @@ def child_concurrency(
 
     base = load_config(base_run / "config.yaml", overrides={"run_dir": str(base_run)})
     out: dict[str, Any] = {"n_jobs": n_jobs, "ways": {}}
-    if any(concurrent is not None for _, concurrent in ways):
+    if any(concurrent is not None for _, concurrent, _ in ways):
         ensure_ray(num_cpus=None, address=base.ray_address)
         import ray
 
         out["cpus"] = ray.cluster_resources().get("CPU", 0.0)
-    for way, concurrent in ways:
+    for way, concurrent, workers in ways:
         run_dir = work / f"concurrency-{way}"
         link_upstream(base_run, run_dir)
         cfg = load_config(
             base_run / "config.yaml",
             overrides={
                 "run_dir": str(run_dir),
-                "train.num_workers": 0 if way == "lm2" else 1,
+                "train.num_workers": workers,
                 "train.jobs_per_run": 1,  # one Ray Train run per job: what this section measures
                 "train.max_concurrent_jobs": concurrent,
             },

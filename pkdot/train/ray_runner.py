@@ -114,7 +114,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens: dict[str, str] = config["tokens"]
     callbacks: list[EpochCallback] = config.get("callbacks") or []
     context = ray.train.get_context()
-    rank, world, local = context.get_world_rank(), context.get_world_size(), bool(config.get("local"))
+    rank, world, local = context.get_world_rank(), context.get_world_size(), cfgs[0].train.num_workers == 0
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
 
     resume: dict[str, Any] | None = None
@@ -319,7 +319,6 @@ def run_jobs_on_ray(
         "kind": kind,
         "callbacks": list(callbacks),
         "use_gpu": use_gpu,
-        "local": cfg.train.num_workers == 0,
         "threads": int(os.environ.get("PKDOT_WORKER_THREADS", "1")),
     }
     specs = [
@@ -343,7 +342,7 @@ def run_jobs_on_ray(
     # local mode: the task is the worker, and Ray retries it (its finished jobs are skipped)
     local = {"num_cpus": cfg.train.cpus_per_worker, "num_gpus": cfg.train.gpus_per_worker * use_gpu}
     local |= {"max_retries": cfg.train.max_failures, "retry_exceptions": True}
-    task = ray.remote(**(local if base_config["local"] else {"num_cpus": 0, "max_retries": 0}))(_fit_run)
+    task = ray.remote(**({"num_cpus": 0, "max_retries": 0} if cfg.train.num_workers else local))(_fit_run)
 
     def newest_record(running: list[dict[str, Any]]) -> str:
         records = [r for spec in running for tail in tails if (r := tail.poll(spec["jobs"]))]

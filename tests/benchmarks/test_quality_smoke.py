@@ -358,7 +358,7 @@ def test_speed_reads_the_cache_benchmark(tiny_report):
 def test_speed_concurrency_times_the_jobs_in_process(tiny_report, tmp_path):
     """The concurrent-jobs section's in-process way (the Ray ways add Ray Train runs: ``--only jobs``)."""
     base = Path(tiny_report.tasks[0].cfg.run_dir)
-    res = speed.child_concurrency(base, tmp_path, n_jobs=2, ways=(("local", None),))
+    res = speed.child_concurrency(base, tmp_path, n_jobs=2, ways=(("local", None, 1),))
     per_job = res["ways"]["local"]["per_job_s"]
     assert len(per_job) == 2 and all(k.startswith("student/") and v > 0 for k, v in per_job.items())
     assert res["job_samples"] > 0 and res["epochs_student"] == tiny_report.tasks[0].cfg.train.epochs_student
