@@ -1048,6 +1048,10 @@ def demo_breakdown(run_dir: Path, wall_s: float) -> dict[str, Any]:
     for line in (run_dir / "logs" / "pkdot.log").read_text().splitlines():
         if m := re.search(r"ray_runner: (\w+): \d+ pending jobs in (\d+) Ray Train runs", line):
             ray_runs[m[1]] = ray_runs.get(m[1], 0) + int(m[2])
+    if (
+        not ray_runs
+    ):  # the line's wording is pkdot.train.ray_runner's: a changed wording must not read as 0 runs
+        raise StageError(f"{run_dir}/logs/pkdot.log has no 'N pending jobs in M Ray Train runs' line")
     synthetic = _log_seconds(run_dir / "logs" / "pkdot.log", "generating a synthetic", "synthetic ")
     return {
         "wall_s": wall_s,

@@ -529,3 +529,7 @@ def test_demo_breakdown_reads_stages_jobs_and_the_ray_train_runs_from_the_driver
     assert out["jobs_s"] == {"teacher": {"n": 2, "sum": 8.0, "median": 4.0}}
     table = speed.demo_markdown([out], "python benchmarks/speed.py --only demo", {"cpu_count": 2})
     assert "| teacher 2; student 3 |" in table and "| 20.0 |" in table
+    log = tmp_path / "logs" / "pkdot.log"
+    log.write_text(log.read_text().replace("Ray Train runs", "runs"))
+    with pytest.raises(StageError, match="no 'N pending jobs in M Ray Train runs' line"):
+        speed.demo_breakdown(tmp_path, wall)
