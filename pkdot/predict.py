@@ -44,7 +44,7 @@ def predict_videos(
 ) -> list[dict[str, Any]]:
     """One prediction per video: the pain class and its probabilities, or the valence/arousal value, by
     ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` of the store :func:`resolve_registry_uri`."""
-    from pkdot.features.faces import ClipRequest, FaceClip, FaceDetector, extract_video_clips
+    from pkdot.features.faces import ClipRequest, FaceClip, FaceDetector, extract_faces
 
     uri = resolve_registry_uri(tracking_uri)
     for video in videos:  # before anything is downloaded
@@ -61,8 +61,8 @@ def predict_videos(
     classes = {"binary": [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]], "multiclass": BIOVID_CLASSES}
     names = dict(enumerate(classes.get(cfg.data.task, ())))
     rows: list[dict[str, Any]] = []
-    for video in map(Path, videos):
-        (clip,) = extract_video_clips(video, [ClipRequest(sample_id=video.name)], cfg.features, detector)
+    requests = [(Path(video), [ClipRequest(sample_id=Path(video).name)]) for video in videos]
+    for video, clip in extract_faces(requests, cfg.features, detector):  # one clip per video, in order
         if not isinstance(clip, FaceClip):
             raise FeatureError(f"{video}: {clip.reason}")
         with torch.no_grad():

@@ -178,37 +178,36 @@ def _by_recording(job: ShardJob, summary: _ShardSummary, columns: tuple[str, ...
 def _extract_faces_rows(job: ShardJob, features: FeatureConfig, summary: _ShardSummary) -> dict[str, dict]:
     detector = face_features.FaceDetector(features)
     results: dict[str, dict] = {}
-    for (path,), rows in _by_recording(job, summary, ("video_path",), "no video_path").items():
-        clips = [
-            ClipRequest(
-                r["sample_id"], r["start_frame"] or 0, r["num_frames"], face_side(r["sample_id"], path)
-            )
-            for r in rows
-        ]
-        # A folder is a face-crop source (Aff-Wild2 cropped_aligned, Biovid frame folders); a file a video.
-        extracted = (
-            face_features.extract_folder_clips(path, clips, features)
-            if Path(path).is_dir()
-            else face_features.extract_video_clips(path, clips, features, detector)
+    sources = [  # a folder is a face-crop source (Aff-Wild2 cropped_aligned, Biovid frame folders); a file a video
+        (
+            path,
+            [
+                ClipRequest(
+                    r["sample_id"], r["start_frame"] or 0, r["num_frames"], face_side(r["sample_id"], path)
+                )
+                for r in rows
+            ],
         )
-        for clip in extracted:
-            if isinstance(clip, ClipFailure):
-                summary.sampled_frames += clip.sampled_frames
-                _quarantine(summary, clip.sample_id, clip.reason)
-                continue
-            summary.sampled_frames += len(clip.detected)
-            summary.detected_frames += int(clip.detected.sum())
-            if clip.lost_frames:
-                summary.lost_frames[clip.sample_id] = clip.lost_frames
-            if clip.video_seconds is not None:
-                summary.durations[clip.sample_id] = (path, clip.video_seconds)
-            results[clip.sample_id] = {
-                "sample_id": clip.sample_id,
-                **encode_tensor("frames", clip.frames),
-                "face_found": clip.face_found,
-                "boxes": clip.boxes.reshape(-1).tolist(),
-                "lost_frames": clip.lost_frames,
-            }
+        for (path,), rows in _by_recording(job, summary, ("video_path",), "no video_path").items()
+    ]
+    for path, clip in face_features.extract_faces(sources, features, detector):
+        if isinstance(clip, ClipFailure):
+            summary.sampled_frames += clip.sampled_frames
+            _quarantine(summary, clip.sample_id, clip.reason)
+            continue
+        summary.sampled_frames += len(clip.detected)
+        summary.detected_frames += int(clip.detected.sum())
+        if clip.lost_frames:
+            summary.lost_frames[clip.sample_id] = clip.lost_frames
+        if clip.video_seconds is not None:
+            summary.durations[clip.sample_id] = (path, clip.video_seconds)
+        results[clip.sample_id] = {
+            "sample_id": clip.sample_id,
+            **encode_tensor("frames", clip.frames),
+            "face_found": clip.face_found,
+            "boxes": clip.boxes.reshape(-1).tolist(),
+            "lost_frames": clip.lost_frames,
+        }
     return results
 
 

@@ -11,9 +11,12 @@ import bisect
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -24,8 +27,12 @@ from pkdot.errors import ConfigError, FeatureError
 
 logger = logging.getLogger(__name__)
 
-#: PyAV decoder threading (``"AUTO"``: frame and slice threads where the codec has them).
-DECODE_THREAD_TYPE = "AUTO"
+#: PyAV decoder threading: none. The decoder has its own thread beside the detector, a seek drains frame threads,
+#: and at 1388 x 1038 ``"AUTO"`` took 1.4x the CPU time of ``"NONE"`` for no gain (``benchmarks/results/extract.md``).
+DECODE_THREAD_TYPE = "NONE"
+#: Frames :func:`extract_faces` decodes ahead of the detector in a thread (PyAV and OpenCV release the GIL, so
+#: decoding overlaps detection); bounds what the read-ahead holds (one 1388 x 1038 frame is 2.2 MB).
+READ_AHEAD_FRAMES = 16
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 #: Smallest face (pixels, on the frame the detector sees) each detector finds: the Haar cascade's window is
 #: 24 x 24; YuNet's smallest anchors are ~10 px, 20 px keeps its recall.
@@ -492,60 +499,105 @@ def video_length(path: Path) -> tuple[int, float | None]:
         return sum(1 for p in container.demux(stream) if p.size > 0), fps
 
 
-def extract_video_clips(
-    video_path: str | Path,
-    clips: Sequence[ClipRequest],
+def extract_faces(
+    sources: Iterable[tuple[str | Path, Sequence[ClipRequest]]],
     features: FeatureConfig,
-    detector: FaceDetector | None = None,
-) -> Iterator[FaceClip | ClipFailure]:
-    """Face crops for every clip of one video, decoding each needed frame once: one :class:`FaceClip` or
-    :class:`ClipFailure` (bad media included) per clip, in completion order."""
-    path = Path(video_path)
-    detector = detector or FaceDetector(features)
-    try:
-        if not path.is_file():
-            raise FileNotFoundError(f"video {path} does not exist")
-        total, fps = video_length(path)
-    except (av.FFmpegError, OSError, IndexError) as exc:
-        reason = _media_reason(path, exc)
-        yield from (ClipFailure(clip.sample_id, reason) for clip in clips)
-        return
-    todo: list[_PendingClip] = []
-    for clip in clips:
-        window = _sample_window(f"video {path}", clip, total, features.n_frames, bounded=True)
-        if isinstance(window, str):
-            yield ClipFailure(clip.sample_id, window)
+    detector: FaceDetector,
+) -> Iterator[tuple[str | Path, FaceClip | ClipFailure]]:
+    """``(source, FaceClip or ClipFailure)`` for every clip of each ``(video file or face-crop folder, clips)``
+    (bad media included), folders first, then videos in completion order, each needed frame decoded once. A
+    thread decodes up to :data:`READ_AHEAD_FRAMES` frames ahead, into the next video, while this one detects."""
+    videos = []
+    for path, clips in sources:
+        if Path(path).is_dir():
+            yield from ((path, clip) for clip in extract_folder_clips(path, clips, features))
         else:
-            todo.append(_PendingClip(clip, window))
-    if not todo:
-        return
-    wanted: dict[int, list[_PendingClip]] = {}
-    for p in todo:
-        for idx in set(p.indices.tolist()):
-            wanted.setdefault(idx, []).append(p)
-    decoded = 0
-    error: str | None = None
-    try:
-        for index, frame in decode_frames(path, sorted(wanted)):
-            decoded = index + 1
-            rgb = as_image(frame)
-            for p in wanted.pop(index):
-                p.frames[index] = rgb
+            videos.append((path, clips))
+    video = _Video("", [])
+    for item in _read_ahead(_read_videos(videos, features.n_frames), READ_AHEAD_FRAMES):
+        if isinstance(item, _Video):
+            video = item
+            yield from ((video.path, failure) for failure in video.failures)
+        elif isinstance(item, tuple):
+            for p in video.wanted.pop(item[0]):
+                p.frames[item[0]] = item[1]
                 if len(p.frames) == len(set(p.indices.tolist())):
-                    todo.remove(p)
-                    clip = faces_from_frames(p, features, detector, f"video {path}")
-                    if isinstance(clip, FaceClip) and fps:
-                        clip.video_seconds = total / fps
-                    yield clip
+                    video.todo.remove(p)
+                    clip = faces_from_frames(p, features, detector, f"video {video.path}")
+                    if isinstance(clip, FaceClip) and video.fps:
+                        clip.video_seconds = video.total / video.fps
+                    yield video.path, clip
                     p.frames.clear()
-    except (av.FFmpegError, OSError) as exc:
-        error = f"{_media_reason(path, exc)} (after frame {decoded})"
-    for p in todo:
-        reason = error or (
-            f"video {path} is truncated: decoding stopped after {decoded} frames of {total}, "
-            f"clip needs frames up to {int(p.indices.max())}"
-        )
-        yield ClipFailure(p.request.sample_id, reason)
+        else:  # the video's end: how many frames were decoded, or why decoding stopped
+            for p in video.todo:
+                truncated = (
+                    f"video {video.path} is truncated: decoding stopped after {item} frames of {video.total}"
+                )
+                reason = (
+                    item
+                    if isinstance(item, str)
+                    else f"{truncated}, clip needs frames up to {p.indices.max()}"
+                )
+                yield video.path, ClipFailure(p.request.sample_id, reason)
+
+
+@dataclass
+class _Video:
+    """A video as :func:`_read_videos` hands it over: the clips failed at once, those to cut from its frames."""
+
+    path: str | Path
+    failures: list[ClipFailure]
+    total: int = 0
+    fps: float | None = None
+    todo: list[_PendingClip] = field(default_factory=list)
+    wanted: dict[int, list[_PendingClip]] = field(default_factory=dict)  # frame index -> clips that need it
+
+
+def _read_videos(
+    videos: Iterable[tuple[str | Path, Sequence[ClipRequest]]], n_frames: int
+) -> Iterator[_Video | tuple[int, Image] | int | str]:
+    """The decoding half of :func:`extract_faces`: per video its :class:`_Video`, then its needed frames
+    ``(index, image)`` in order, then the number of frames decoded or why decoding stopped."""
+    for video_path, clips in videos:
+        path = Path(video_path)
+        try:
+            if not path.is_file():
+                raise FileNotFoundError(f"video {path} does not exist")
+            video = _Video(video_path, [], *video_length(path))
+        except (av.FFmpegError, OSError, IndexError) as exc:
+            yield _Video(video_path, [ClipFailure(c.sample_id, _media_reason(path, exc)) for c in clips])
+            yield 0
+            continue
+        for clip in clips:
+            window = _sample_window(f"video {path}", clip, video.total, n_frames, bounded=True)
+            if isinstance(window, str):
+                video.failures.append(ClipFailure(clip.sample_id, window))
+                continue
+            video.todo.append(_PendingClip(clip, window))
+            for idx in set(window.tolist()):
+                video.wanted.setdefault(idx, []).append(video.todo[-1])
+        needed, decoded = sorted(video.wanted), -1  # the last frame decoded
+        yield video  # the consumer's from here on
+        try:
+            for decoded, frame in decode_frames(path, needed) if needed else ():
+                yield decoded, as_image(frame)
+        except (av.FFmpegError, OSError) as exc:
+            yield f"{_media_reason(path, exc)} (after frame {decoded + 1})"
+            continue
+        yield decoded + 1
+
+
+def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items``, each taken by one thread up to ``depth`` ahead of the caller (an exception is raised here)."""
+    done = object()
+    with ThreadPoolExecutor(1, "pkdot-read-ahead") as pool:
+        ahead = deque(pool.submit(next, items, done) for _ in range(depth))
+        try:
+            while (item := ahead.popleft().result()) is not done:
+                ahead.append(pool.submit(next, items, done))
+                yield item
+        finally:  # the caller stopped: no more items
+            pool.shutdown(cancel_futures=True)
 
 
 def _sample_window(src: str, clip: ClipRequest, total: int, n_frames: int, bounded: bool) -> np.ndarray | str:

@@ -211,3 +211,10 @@ def ray_local():
     yield
     if started:
         ray.shutdown()
+
+
+def face_clips(path, clips, features) -> list:
+    """The clips of one video or face-crop folder, as :func:`pkdot.features.faces.extract_faces` gives them."""
+    from pkdot.features import faces
+
+    return [clip for _, clip in faces.extract_faces([(path, clips)], features, faces.FaceDetector(features))]

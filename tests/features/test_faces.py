@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from pkdot.config import FeatureConfig
 from pkdot.errors import ConfigError, FeatureError
 from pkdot.features import faces
 from pkdot.features.faces import ClipFailure, ClipRequest, FaceClip
+from tests.features.conftest import face_clips
 
 FEATURES = FeatureConfig(n_frames=8, crop_size=48, min_face_px=24)  # the fixture faces are ~42 px
 
@@ -66,9 +69,7 @@ def test_crop_face_is_square_centred_and_black_outside_the_frame():
 
 def test_detects_and_centres_the_face_on_a_video(face_clip_video):
     clips = list(
-        faces.extract_video_clips(
-            face_clip_video.path, [ClipRequest("whole"), ClipRequest("window", 20, 60)], FEATURES
-        )
+        face_clips(face_clip_video.path, [ClipRequest("whole"), ClipRequest("window", 20, 60)], FEATURES)
     )
     assert {c.sample_id for c in clips} == {"whole", "window"}
     for clip in clips:
@@ -85,9 +86,9 @@ def test_detects_and_centres_the_face_on_a_video(face_clip_video):
 
 def test_seeking_gives_the_same_frames_as_decoding_from_the_start(face_clip_video, monkeypatch):
     request = [ClipRequest("late", 100, 30), ClipRequest("early", 3, 40)]
-    seeked = {c.sample_id: c for c in faces.extract_video_clips(face_clip_video.path, request, FEATURES)}
+    seeked = {c.sample_id: c for c in face_clips(face_clip_video.path, request, FEATURES)}
     monkeypatch.setattr(faces, "frame_table", lambda path: None)  # no timestamps: decode from the start
-    plain = {c.sample_id: c for c in faces.extract_video_clips(face_clip_video.path, request, FEATURES)}
+    plain = {c.sample_id: c for c in face_clips(face_clip_video.path, request, FEATURES)}
     for sid in ("late", "early"):
         assert np.array_equal(plain[sid].frame_indices, seeked[sid].frame_indices)
         assert np.array_equal(plain[sid].frames, seeked[sid].frames)
@@ -121,10 +122,73 @@ def test_bad_videos_become_failures_with_a_reason(tmp_path, media):
         tmp_path / "missing.mp4": "does not exist",
     }
     for path, expected in cases.items():
-        (result,) = list(faces.extract_video_clips(path, [ClipRequest("s")], FEATURES))
+        (result,) = face_clips(path, [ClipRequest("s")], FEATURES)
         assert isinstance(result, ClipFailure) and expected in result.reason and str(path) in result.reason
-    (past_end,) = list(faces.extract_video_clips(good, [ClipRequest("s", 40, 30)], FEATURES))
+    (past_end,) = face_clips(good, [ClipRequest("s", 40, 30)], FEATURES)
     assert isinstance(past_end, ClipFailure) and "runs past its end" in past_end.reason
+
+
+def test_many_videos_decode_ahead_in_a_thread_and_give_what_each_video_gives_alone(
+    tmp_path, media, monkeypatch
+):
+    import threading
+
+    good = [media.face_video(tmp_path / f"good{k}.mp4", seconds=2.0, seed=k).path for k in range(3)]
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    videos = [
+        (good[0], [ClipRequest("a"), ClipRequest("a-past-end", 40, 30)]),
+        (tmp_path / "missing.mp4", [ClipRequest("missing")]),
+        (good[1], [ClipRequest("b", 0, 20), ClipRequest("b2", 10, 30)]),
+        (text, [ClipRequest("text")]),
+        (good[2], [ClipRequest("c")]),
+    ]
+    alone = {c.sample_id: (path, c) for path, clips in videos for c in face_clips(path, clips, FEATURES)}
+    decoded_in = set()
+    as_image = faces.as_image
+    monkeypatch.setattr(
+        faces, "as_image", lambda f: decoded_in.add(threading.current_thread().name) or as_image(f)
+    )
+    together = list(faces.extract_faces(videos, FEATURES, faces.FaceDetector(FEATURES)))
+    assert decoded_in == {"pkdot-read-ahead_0"}  # not the caller's thread
+    assert sorted(c.sample_id for _, c in together) == sorted(alone)
+    for path, clip in together:
+        assert path == alone[clip.sample_id][0]
+        other = alone[clip.sample_id][1]
+        assert type(clip) is type(other), (clip.sample_id, getattr(clip, "reason", ""))
+        if isinstance(clip, FaceClip):
+            assert np.array_equal(clip.frames, other.frames) and np.array_equal(clip.boxes, other.boxes)
+        else:
+            assert clip.reason == other.reason
+    assert {c.sample_id for _, c in together if isinstance(c, FaceClip)} == {"a", "b", "b2", "c"}
+
+
+def test_read_ahead_stays_within_its_depth_raises_the_source_error_and_closes_the_source():
+    made, closed = [], []
+
+    def source(n, fail_at=None, seconds=0.0):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise FeatureError(f"item {i} is bad")
+                time.sleep(seconds)
+                made.append(i)
+                yield i
+        finally:
+            closed.append(n)
+
+    got = []
+    for item in faces._read_ahead(source(50), depth=4):
+        got.append(item)
+        assert len(made) <= len(got) + 4  # never more than ``depth`` ahead of the caller
+    assert got == list(range(50)) and closed == [50]
+    with pytest.raises(FeatureError, match="item 3 is bad"):
+        list(faces._read_ahead(source(10, fail_at=3), depth=2))
+    made.clear()
+    ahead = faces._read_ahead(source(1000, seconds=0.05), depth=3)
+    assert [next(ahead), next(ahead)] == [0, 1]
+    ahead.close()  # the caller stops early: the item being made is the last one, and the source is closed
+    assert closed[-1] == 1000 and made == [0, 1, 2]
 
 
 def test_truncated_stream_with_intact_header_is_reported(tmp_path, media):
@@ -143,7 +207,7 @@ def test_truncated_stream_with_intact_header_is_reported(tmp_path, media):
     data = faststart.read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: int(len(data) * 0.4)])
-    (result,) = list(faces.extract_video_clips(cut, [ClipRequest("s")], FEATURES))
+    (result,) = face_clips(cut, [ClipRequest("s")], FEATURES)
     assert isinstance(result, ClipFailure)
     assert "truncated" in result.reason and str(cut) in result.reason
 
@@ -217,10 +281,7 @@ def test_two_person_video_gives_each_side_its_own_face(two_person_video):
         for side in ("left", "right")
     ]
     assert [r.side for r in requests] == ["left", "right"]
-    clips = {
-        c.sample_id.split("_")[-1].split("@")[0]: c
-        for c in faces.extract_video_clips(path, requests, features)
-    }
+    clips = {c.sample_id.split("_")[-1].split("@")[0]: c for c in face_clips(path, requests, features)}
     for side in ("left", "right"):
         clip = clips[side]
         assert isinstance(clip, FaceClip), getattr(clip, "reason", "")
@@ -232,7 +293,7 @@ def test_two_person_video_gives_each_side_its_own_face(two_person_video):
     within = np.abs(np.diff(clips["left"].frames.astype(float), axis=0)).mean()
     assert between > 3 * within, (between, within)
     # Without a side, the largest face (the right person) is taken: the old behaviour for both tracks.
-    (unsided,) = list(faces.extract_video_clips(path, [ClipRequest("x", 0, 60)], features))
+    (unsided,) = face_clips(path, [ClipRequest("x", 0, 60)], features)
     assert np.all(_iou(unsided.boxes, truth["right"][unsided.frame_indices]) > 0.5)
 
 

@@ -17,6 +17,7 @@ from pkdot.data.biovid import build_biovid_manifest
 from pkdot.errors import DatasetError
 from pkdot.features import faces
 from pkdot.features.faces import ClipFailure, ClipRequest, FaceClip
+from tests.features.conftest import face_clips
 from tests.train.conftest import jobs_in_process
 
 FEATURES = FeatureConfig(n_frames=8, crop_size=32, min_face_px=24)
@@ -176,11 +177,7 @@ def test_crop_folders_are_faster_than_video_for_the_same_clips(affwild2_with_cro
             clips = [
                 ClipRequest(r.sample_id, int(r.start_frame), int(r.num_frames)) for r in rows.itertuples()
             ]
-            source = (
-                faces.extract_folder_clips(path, clips, features)
-                if name == "frames"
-                else faces.extract_video_clips(path, clips, features)
-            )
+            source = face_clips(path, clips, features)  # a folder or a video
             failures = [c.reason for c in source if isinstance(c, ClipFailure)]
             # The crops never fail; Haar misses one synthetic 96-px subject in some windows (as before).
             assert name == "video" or not failures, failures
