@@ -85,8 +85,7 @@ def _build_config(args: argparse.Namespace, run_dir: Path | None = None):
         if ds == "affwild2":
             over |= {"data.privileged_modalities": ["audio"], "data.task": "valence"}
     for attr, key in (("root", "data.root"), ("task", "data.task"), ("part", "data.part"), ("seed", "seed")):
-        v = getattr(args, attr, None)
-        if v is not None:
+        if (v := getattr(args, attr, None)) is not None:
             over[key] = str(v) if isinstance(v, Path) else v
     if getattr(args, "skip_bad", False):
         over["data.skip_bad"] = True
@@ -468,8 +467,7 @@ def _run_dir_of(args: argparse.Namespace) -> Path | None:
 
 def _end_parent_run(args: argparse.Namespace, status: str) -> None:
     """End the run directory's MLflow parent run (if the command made one) so it never stays RUNNING."""
-    run_dir = _run_dir_of(args)
-    if run_dir is None or not (Path(run_dir) / "mlflow_parent.json").is_file():
+    if (run_dir := _run_dir_of(args)) is None or not (Path(run_dir) / "mlflow_parent.json").is_file():
         return
     try:
         from pkdot.tracking.runs import end_parent_run

@@ -479,8 +479,7 @@ def _upgrade(layer: dict[str, Any], source: str) -> dict[str, Any]:
     ``distill.{k,anchors,blur,scaling,temperature,options}``; and ``distill.weights.<loss>`` (an alias of
     ``distill.<loss>.weight``)."""
     layer = dict(layer)
-    train = layer.get("train")
-    if isinstance(train, dict) and "freeze_student_backbone" in train:
+    if isinstance(train := layer.get("train"), dict) and "freeze_student_backbone" in train:
         train = layer["train"] = dict(train)
         freeze = train.pop("freeze_student_backbone")
         mapped = "teacher-frozen" if freeze is True else "teacher-finetune" if freeze is False else None
@@ -489,8 +488,7 @@ def _upgrade(layer: dict[str, Any], source: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{source}: train.freeze_student_backbone={freeze!r} {problem} (set student_init only)"
             )
-    distill = layer.get("distill")
-    if not isinstance(distill, dict):
+    if not isinstance(distill := layer.get("distill"), dict):
         return layer
     distill = layer["distill"] = dict(distill)
     if "weight" in distill:
@@ -576,9 +574,8 @@ class RunConfig(_Section):
     def _cross(self) -> RunConfig:
         known = {"biovid": ("Biovid", "video", "physio"), "affwild2": ("Aff-Wild2", "video", "audio")}
         name, *allowed = known.get(self.data.dataset, ("", *self.data.modalities))
-        for m in self.data.modalities:
-            if m not in allowed:
-                raise ValueError(f"{name} has modalities {' and '.join(allowed)}, not {m!r}")
+        if bad := [m for m in self.data.modalities if m not in allowed]:
+            raise ValueError(f"{name} has modalities {' and '.join(allowed)}, not {bad[0]!r}")
         if self.train.student_init == "pretrained" and self.model.pretrained_video is None:
             raise ValueError(
                 "train.student_init 'pretrained' needs model.pretrained_video (a local state_dict file of the "
@@ -764,8 +761,7 @@ def load_config(
         pairs = [(k, v) for k, v in (overrides or {}).items() if v is not None]
     for k, v in pairs:
         _set_dotted(over, k, v)
-    chosen = preset or over.get("preset") or file_data.get("preset") or "demo"
-    if chosen not in PRESETS:
+    if (chosen := preset or over.get("preset") or file_data.get("preset") or "demo") not in PRESETS:
         raise ConfigError(f"preset: unknown preset {chosen!r} (expected one of {sorted(PRESETS)})")
     merged = copy.deepcopy(PRESETS[chosen])
     if switches := [f"train.{k}={v}" for k, v in merged.get("train", {}).items() if _OPTIMISTIC.get(k) == v]:

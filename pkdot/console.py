@@ -79,9 +79,7 @@ def attach_log_file(run_dir: str | Path) -> Path:
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # pkdot's own records at INFO, other libraries' from WARNING (their INFO is chatter)
-    handler.addFilter(
-        lambda r: r.levelno >= logging.WARNING or r.name == "pkdot" or r.name.startswith("pkdot.")
-    )
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.partition(".")[0] == "pkdot")
     handler._pkdot_console = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     logging.getLogger("pkdot").setLevel(logging.INFO)
@@ -230,8 +228,7 @@ def _stop_routing_ray_logs() -> None:
         return
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    names = [name for name, _ in dispatcher.handlers]
-    if _OUR_PRINTER in names:
+    if _OUR_PRINTER in [name for name, _ in dispatcher.handlers]:
         dispatcher.remove_handler(_OUR_PRINTER)
         import ray
 
@@ -248,8 +245,7 @@ class StageProgressDisplay:
     ``skip``: stages that draw their own display."""
 
     def __init__(self, *, skip: frozenset[str] = frozenset({"extract"}), file: TextIO | None = None) -> None:
-        self.skip = skip
-        self.file = file
+        self.skip, self.file = skip, file
         self._stage: str | None = None
         self._progress: Any = None
         self._task: Any = None

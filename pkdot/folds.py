@@ -372,9 +372,8 @@ def _fold_entry(path: Path, k: int, entry: object) -> Fold:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise StageError(f"splits file {path}: entry {k}: {name!r} must be an integer, got {value!r}")
     where = f"splits file {path}: fold {index}"
-    for name in SPLIT_NAMES:
-        if not _is_id_list(entry[name]):
-            raise StageError(f"{where}: {name!r} must be a list of subject ids (strings)")
+    if bad := [name for name in SPLIT_NAMES if not _is_id_list(entry[name])]:
+        raise StageError(f"{where}: {bad[0]!r} must be a list of subject ids (strings)")
     groups = entry.get("crossfit_groups", [])
     if not isinstance(groups, list) or not all(map(_is_id_list, groups)):
         raise StageError(f"{where}: 'crossfit_groups' must be lists of subject ids")

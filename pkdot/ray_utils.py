@@ -142,8 +142,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
 
 def _init(ray: Any, num_cpus: int | None, address: str | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    if target:
+    if target := address or os.environ.get("RAY_ADDRESS") or None:
         source = "ray_address" if address else "$RAY_ADDRESS"
         logger.warning("joining the Ray cluster at %s (as asked by %s)", target, source)
         joined = running_local_cluster() if target == "auto" else target

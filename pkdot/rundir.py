@@ -133,11 +133,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def atomic_write_json(path: str | Path, payload: Any, *, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(payload, indent=indent, default=str))
 
@@ -212,8 +207,7 @@ def hash_files(paths: Iterable[str | Path]) -> str:
     """One hash of a set of files: each file's name and content hash, in sorted path order."""
     h = hashlib.sha256()
     for p in sorted(Path(p) for p in paths):
-        h.update(p.name.encode())
-        h.update(content_hash(p).encode())
+        h.update(p.name.encode() + content_hash(p).encode())
     return h.hexdigest()[:16]
 
 
@@ -221,8 +215,5 @@ def source_hash(files: Iterable[Path], base: Path) -> str:
     """Hash of source files: each file's path relative to ``base`` and its content."""
     h = hashlib.sha256()
     for f in sorted(set(files)):
-        h.update(f.relative_to(base).as_posix().encode())
-        h.update(b"\0")
-        h.update(f.read_bytes())
-        h.update(b"\0")
+        h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]

@@ -99,9 +99,8 @@ def build_affwild2_manifest(data: DataConfig, root: Path) -> ManifestResult:
             f"Aff-Wild2 root {root}: neither {ann_root / PARTITIONS[0]} nor {ann_root / PARTITIONS[1]} exists "
             "(expected the VA annotation files)"
         )
-    for p in PARTITIONS:
-        if p not in present:
-            logger.warning("Aff-Wild2: %s is missing; only %s are read", ann_root / p, present)
+    for p in [p for p in PARTITIONS if p not in present]:
+        logger.warning("Aff-Wild2: %s is missing; only %s are read", ann_root / p, present)
     videos: dict[str, list[Path]] = {}  # stem -> every .mp4/.avi of that name under videos/ (sorted)
     for path in sorted(videos_dir.rglob("*")) if videos_dir.is_dir() else []:
         if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
@@ -210,8 +209,7 @@ def frame_predictions(
         covered = np.flatnonzero(count > 0)
         per_frame = np.divide(total, count, out=np.full(len(labels), np.nan), where=count > 0)
         annotated = np.flatnonzero(~np.isnan(labels))
-        gaps = annotated[count[annotated] == 0]
-        if gaps.size:
+        if (gaps := annotated[count[annotated] == 0]).size:
             nearest = np.clip(np.searchsorted(covered, gaps), 0, len(covered) - 1)
             left = np.clip(nearest - 1, 0, len(covered) - 1)
             left_closer = np.abs(covered[left] - gaps) <= np.abs(covered[nearest] - gaps)

@@ -4,13 +4,11 @@
 Aff-Wild2-like set (videos with audio, per-frame valence/arousal), plus the truth ``synthetic_truth.parquet``
 (latent responses, ``expressiveness``, ``coupling``, face ``boxes``). The modalities read one latent response,
 each with its own gain and noise, the face less reliably (:func:`draw_biovid_responses`,
-:func:`draw_affwild2_tracks`); Part B's corrugator EMG also follows the brow.
-"""
+:func:`draw_affwild2_tracks`); Part B's corrugator EMG also follows the brow."""
 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +29,7 @@ from pkdot.data.biovid import BIO_COLUMNS
 from pkdot.data.faces_art import EXPRESSION_UNITS, FaceRenderer, blink_track, draw_subject_look, head_motion
 from pkdot.data.manifest import BIOVID_CLASSES
 from pkdot.errors import ConfigError
-from pkdot.rundir import atomic_path, atomic_write_bytes, atomic_write_parquet, atomic_write_text
+from pkdot.rundir import atomic_path, atomic_write_parquet, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -216,11 +214,10 @@ def _write_video_av(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray,
 def _write_bio_csv(path: Path, time_us: np.ndarray, signals: dict[str, np.ndarray]) -> None:
     """A Biovid biosignal CSV: tab-separated, header ``time <channels>``, values rounded to 6 decimals."""
     table = pa.table({"time": time_us, **{ch: np.round(x, 6) for ch, x in signals.items()}})
-    buffer = io.BytesIO()
-    buffer.write(("\t".join(table.column_names) + "\n").encode())
     options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    pcsv.write_csv(table, buffer, options)
-    atomic_write_bytes(path, buffer.getvalue())
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(("\t".join(table.column_names) + "\n").encode())
+        pcsv.write_csv(table, fh, options)
 
 
 def _render(renderer: FaceRenderer, rng: np.random.Generator, expr: np.ndarray, fps: int, noise: np.ndarray):

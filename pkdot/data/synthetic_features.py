@@ -4,8 +4,7 @@ the synthetic videos (:func:`pkdot.data.synthetic.draw_biovid_responses`), cheap
 AU09/10 plus per-person nuisances; ``face_landmarks`` (student): mostly face shape, pose and jitter, a few
 points moved by the pain display (the regime where privileged information helps: Vapnik & Izmailov 2015);
 ``physio`` (privileged): 8 window features scaling with ``PHYSIO_LEVEL[c] * reactivity * R_physio``.
-The constants were set from the physiology before any distillation result was seen; they are not tuned.
-"""
+The constants were set from the physiology before any distillation result was seen; they are not tuned."""
 
 from __future__ import annotations
 

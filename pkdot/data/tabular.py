@@ -4,8 +4,7 @@ The root is one Parquet FILE with ``sample_id`` (unique), ``subject_id``, the ta
 0..K-1 for ``binary`` / ``multiclass``; ``target``: finite floats for ``regression``) and one list-of-float
 column per modality (one length per column: the most common one; a tie raises). Stage 1 reads the vectors
 from the table itself. Every bad row is found first, then all are reported in one :class:`DatasetError`
-(the first :data:`MAX_LISTED`), or skipped and listed under ``data.skip_bad``.
-"""
+(the first :data:`MAX_LISTED`), or skipped and listed under ``data.skip_bad``."""
 
 from __future__ import annotations
 
@@ -147,8 +146,7 @@ def build_table_manifest(data: DataConfig, root: Path) -> ManifestResult:
     if problems and not data.skip_bad:
         raise DatasetError(_bad_rows_message(path, sample_ids, problems))
     for i in sorted(problems):
-        sid = None if sample_ids[i] is None else str(sample_ids[i])
-        bad.bad(path, sid, problems[i])
+        bad.bad(path, None if sample_ids[i] is None else str(sample_ids[i]), problems[i])
     if not (keep := [i for i in range(n) if i not in problems]):
         raise DatasetError(f"table {path}: no usable rows ({len(bad.skipped)} skipped)")
     rows = [

@@ -1,9 +1,8 @@
 """Distillation losses: PKDOT (optimal transport between similarity structures) and the baselines.
 
-One module per loss: a plain loss function and a class registered under its name. The losses are the names
-of :data:`pkdot.config.LOSSES` (one options section each in :class:`pkdot.config.DistillConfig`), and the
-imports below register exactly those (``tests/distill/test_base.py`` checks it); :func:`build_loss` builds one.
-"""
+One module per loss: a plain loss function and a class registered under its name. The losses are the names of
+:data:`pkdot.config.LOSSES` (one options section each in :class:`pkdot.config.DistillConfig`), and the imports
+below register exactly those (``tests/distill/test_base.py`` checks it); :func:`build_loss` builds one."""
 
 from __future__ import annotations
 

@@ -142,8 +142,7 @@ def corrected_and_naive(
 
 def fold_size_ratio(sizes: pd.DataFrame) -> float:
     r"""Mean over runs of :math:`n_{test}/n_{train}` (columns ``n_test``, ``n_train``); raises when a run has none."""
-    bad = sizes[~(sizes["n_train"] > 0)]
-    if not bad.empty:
+    if not (bad := sizes[~(sizes["n_train"] > 0)]).empty:
         r = bad.iloc[0]
         raise StageError(
             f"fold {r.get('fold')} seed {r.get('seed')}: {r['n_train']} training samples; cannot compute "
@@ -187,8 +186,7 @@ def collect_predictions(run_dir: Path) -> pd.DataFrame:
             "(run the teacher and distill stages)"
         )
     pred = pd.concat([_read_predictions(p) for p in files], ignore_index=True)
-    dup = pred.duplicated(["model", "fold", "seed", "split", "sample_id"], keep=False)
-    if dup.any():
+    if (dup := pred.duplicated(["model", "fold", "seed", "split", "sample_id"], keep=False)).any():
         row = pred.loc[dup].iloc[0]
         sources = sorted(set(pred.loc[dup & (pred["model"] == row["model"]), "source"]))
         raise StageError(

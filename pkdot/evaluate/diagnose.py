@@ -238,9 +238,8 @@ def table_views(path: str | Path, student: Sequence[str] = (), privileged: Seque
     lists = [f.name for f in table.schema if str(f.type).startswith(("list", "large_list", "fixed_size"))]
     student = list(student) or lists[:1]
     privileged = list(privileged) or [c for c in lists if c not in student]
-    for name in ("subject_id", *student, *privileged):
-        if name not in table.column_names:
-            raise DatasetError(f"table {path}: no column {name!r} (columns: {table.column_names})")
+    if missing := [c for c in ("subject_id", *student, *privileged) if c not in table.column_names]:
+        raise DatasetError(f"table {path}: no column {missing[0]!r} (columns: {table.column_names})")
     if not student or not privileged:
         raise DatasetError(f"table {path}: needs a student and a privileged list column, found {lists}")
     regression = "target" in table.column_names

@@ -103,8 +103,7 @@ def _mean_curve(runs: Sequence[Sequence[Mapping[str, float]]], key: str):
     by_epoch: dict[int, list[float]] = {}
     for run in runs:
         for rec in run:
-            value = rec.get(key)
-            if value is not None and np.isfinite(value):
+            if (value := rec.get(key)) is not None and np.isfinite(value):
                 by_epoch.setdefault(int(rec["epoch"]), []).append(float(value))
     if not by_epoch:
         return None
@@ -240,16 +239,15 @@ def plot_structure(
         (clouds.student_sim.numpy(), f"{student_name}: cosine similarity (shifted)", "viridis"),
         (plan * batch, f"OT plan x B (diagonal mass {diagonal_mass:.2f})", "magma"),
     ]
+    lab = None if labels is None else np.asarray(labels)
+    edges = [] if lab is None else np.flatnonzero(lab[1:] != lab[:-1]) + 0.5  # where the label changes
     for ax, (matrix, title, cmap) in zip(axes, panels, strict=True):
         im = ax.imshow(matrix, cmap=cmap)
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-        if labels is not None:
-            lab = np.asarray(labels)
-            edges = np.flatnonzero(lab[1:] != lab[:-1]) + 0.5
-            for e in edges:
-                ax.axhline(e, color="white", lw=0.6)
-                ax.axvline(e, color="white", lw=0.6)
+        for e in edges:
+            ax.axhline(e, color="white", lw=0.6)
+            ax.axvline(e, color="white", lw=0.6)
     axes[2].set(xlabel="teacher sample", ylabel="student sample")
     fig.suptitle(
         f"Similarity structure of {batch} test samples (k={k}, anchors={anchors}, blur={blur})", fontsize=10

@@ -81,12 +81,10 @@ def collect_histories(run_dir: Path, models: list[str]) -> dict[str, list[list[d
             raise StageError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(doc, dict):
             raise StageError(f"{path}: expected a JSON object with 'epochs' (docs/interfaces.md)")
-        phases = doc.get("phases")
-        if isinstance(phases, dict) and phases:
+        if isinstance(phases := doc.get("phases"), dict) and phases:
             runs = {name: p.get("epochs") if isinstance(p, dict) else None for name, p in phases.items()}
-            for name, epochs in runs.items():
-                if not isinstance(epochs, list):
-                    raise StageError(f"{path}: phases.{name}.epochs must be a list of epoch records")
+            if bad := [name for name, epochs in runs.items() if not isinstance(epochs, list)]:
+                raise StageError(f"{path}: phases.{bad[0]}.epochs must be a list of epoch records")
         else:
             runs = {default_model: doc.get("epochs")}
             if not isinstance(runs[default_model], list):
@@ -378,8 +376,7 @@ def _draw_plots(
         notes.append(f"similarity structure and embedding map ({exc})")
         return plots
     labels = matched["y_true"].to_numpy()
-    batch = min(cfg.train.batch_size, len(matched))
-    if batch < 2:
+    if (batch := min(cfg.train.batch_size, len(matched))) < 2:
         notes.append(
             f"similarity structure (fold {fold} seed {seed} has {len(matched)} matched test samples)"
         )
@@ -402,8 +399,7 @@ def test_train_sizes(
     """Per-run ``n_test``/``n_train`` (:func:`~pkdot.evaluate.aggregate.fold_sizes`), their mean ratio and
     where it came from. Without a manifest, the k-fold value ``1/(k-1)`` (``k = train.folds``, or the
     number of folds evaluated), which the report states."""
-    sizes = agg.fold_sizes(run_dir, pred, cfg.data.modalities)
-    if sizes is not None:
+    if (sizes := agg.fold_sizes(run_dir, pred, cfg.data.modalities)) is not None:
         return sizes, agg.fold_size_ratio(sizes), "counted per run from the manifest and the folds' subjects"
     k = cfg.train.folds if isinstance(cfg.train.folds, int) else int(pred["fold"].nunique())
     if k < 2:

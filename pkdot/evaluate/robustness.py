@@ -62,8 +62,7 @@ def drop_frames(clip: np.ndarray, fraction: float, rng: np.random.Generator) -> 
     frames from the kept ones (frame ``i`` = kept frame ``floor(i * kept / T)``); returns it and the count dropped."""
     x = _check_clip(clip, "drop_frames")
     t = x.shape[0]
-    n_drop = frames_to_drop(t, fraction)
-    if n_drop == 0:
+    if (n_drop := frames_to_drop(t, fraction)) == 0:
         return x.copy(), 0
     dropped = rng.choice(t, size=n_drop, replace=False)
     kept = np.setdiff1d(np.arange(t), dropped)
@@ -166,8 +165,7 @@ def run_robustness(cfg: RunConfig, run_dir: Path | None = None) -> pd.DataFrame:
     from pkdot.train.data import load_samples
 
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
-    video = cfg.data.student_modalities[0]
-    if video != "video":
+    if (video := cfg.data.student_modalities[0]) != "video":
         raise StageError(f"--robustness perturbs face video; the student modality of this run is {video!r}")
     if not (jobs := trained_video_models(run_dir)):
         raise StageError(f"{run_dir}: no trained student or unimodal video model to evaluate for robustness")

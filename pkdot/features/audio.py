@@ -3,8 +3,7 @@
 The first audio stream is decoded with PyAV, mixed to mono and resampled to ``features.audio_sr``. A clip covers
 ``start_frame / fps .. (start_frame + num_frames) / fps`` seconds (the whole track when the window is null); its
 ``(n_mels, T)`` log-mel power spectrogram (librosa's conventions, ``top_db`` 80) is padded to a common ``T`` when the table
-is merged (:func:`pad_logmel`). A file is decoded once per shard for all its clips.
-"""
+is merged (:func:`pad_logmel`). A file is decoded once per shard for all its clips."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 A clip gives ``T = n_frames`` frames, the middle one of each of ``T`` equal segments, the only ones decoded. The
 detector (Haar or YuNet) searches the frame downscaled so a ``features.min_face_px`` face spans its smallest
 window, then tracks the face; boxes are filled, smoothed and cropped square. Face-crop folders need no
-detection: sampled frame ``i`` is file ``i + 1``."""
+detection: sampled frame ``i`` is file ``i + 1``. A thread decodes ahead of the detector (our own read-ahead, a
+one-thread executor: at 1388 x 1038 it brought extraction from 1.55-1.62x to 1.19-1.24x the decode-only time)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pkdot.errors import ConfigError, FeatureError
 logger = logging.getLogger(__name__)
 
 #: PyAV decoder threading: none. The decoder has its own thread beside the detector, a seek drains frame threads,
-#: and at 1388 x 1038 ``"AUTO"`` took 1.4x the CPU time of ``"NONE"`` for no gain (``benchmarks/results/extract.md``).
+#: and at 1388 x 1038 ``"AUTO"`` cost 1.4x the CPU time for no gain (``benchmarks/results/extract.md``).
 DECODE_THREAD_TYPE = "NONE"
 #: Frames :func:`extract_faces` decodes ahead of the detector in a thread (PyAV and OpenCV release the GIL, so
 #: decoding overlaps detection); bounds what the read-ahead holds (one 1388 x 1038 frame is 2.2 MB).
@@ -513,11 +514,12 @@ def extract_faces(
             yield from ((path, clip) for clip in extract_folder_clips(path, clips, features))
         else:
             videos.append((path, clips))
-    video = _Video("", [])
+    video = _Video("")
     for item in _read_ahead(_read_videos(videos, features.n_frames), READ_AHEAD_FRAMES):
         if isinstance(item, _Video):
             video = item
-            yield from ((video.path, failure) for failure in video.failures)
+        elif isinstance(item, ClipFailure):
+            yield video.path, item
         elif isinstance(item, tuple):
             for p in video.wanted.pop(item[0]):
                 p.frames[item[0]] = item[1]
@@ -529,24 +531,19 @@ def extract_faces(
                     yield video.path, clip
                     p.frames.clear()
         else:  # the video's end: how many frames were decoded, or why decoding stopped
+            stop = f"video {video.path} is truncated: decoding stopped after {item} frames of {video.total}"
             for p in video.todo:
-                truncated = (
-                    f"video {video.path} is truncated: decoding stopped after {item} frames of {video.total}"
-                )
                 reason = (
-                    item
-                    if isinstance(item, str)
-                    else f"{truncated}, clip needs frames up to {p.indices.max()}"
+                    item if isinstance(item, str) else f"{stop}, clip needs frames up to {p.indices.max()}"
                 )
                 yield video.path, ClipFailure(p.request.sample_id, reason)
 
 
 @dataclass
 class _Video:
-    """A video as :func:`_read_videos` hands it over: the clips failed at once, those to cut from its frames."""
+    """A video as :func:`_read_videos` hands it over, with the clips to cut from its frames."""
 
     path: str | Path
-    failures: list[ClipFailure]
     total: int = 0
     fps: float | None = None
     todo: list[_PendingClip] = field(default_factory=list)
@@ -555,29 +552,30 @@ class _Video:
 
 def _read_videos(
     videos: Iterable[tuple[str | Path, Sequence[ClipRequest]]], n_frames: int
-) -> Iterator[_Video | tuple[int, Image] | int | str]:
-    """The decoding half of :func:`extract_faces`: per video its :class:`_Video`, then its needed frames
-    ``(index, image)`` in order, then the number of frames decoded or why decoding stopped."""
+) -> Iterator[_Video | ClipFailure | tuple[int, Image] | int | str]:
+    """The decoding half of :func:`extract_faces`: per video its :class:`_Video`, its clips that fail at once,
+    its needed frames ``(index, image)`` in order, then the number of frames decoded or why decoding stopped."""
     for video_path, clips in videos:
         path = Path(video_path)
         try:
             if not path.is_file():
                 raise FileNotFoundError(f"video {path} does not exist")
-            video = _Video(video_path, [], *video_length(path))
+            video = _Video(video_path, *video_length(path))
         except (av.FFmpegError, OSError, IndexError) as exc:
-            yield _Video(video_path, [ClipFailure(c.sample_id, _media_reason(path, exc)) for c in clips])
+            yield _Video(video_path)
+            yield from (ClipFailure(c.sample_id, _media_reason(path, exc)) for c in clips)
             yield 0
             continue
-        for clip in clips:
-            window = _sample_window(f"video {path}", clip, video.total, n_frames, bounded=True)
-            if isinstance(window, str):
-                video.failures.append(ClipFailure(clip.sample_id, window))
-                continue
-            video.todo.append(_PendingClip(clip, window))
-            for idx in set(window.tolist()):
-                video.wanted.setdefault(idx, []).append(video.todo[-1])
+        windows = [
+            (c, _sample_window(f"video {path}", c, video.total, n_frames, bounded=True)) for c in clips
+        ]
+        video.todo = [_PendingClip(c, w) for c, w in windows if not isinstance(w, str)]
+        for p in video.todo:
+            for idx in set(p.indices.tolist()):
+                video.wanted.setdefault(idx, []).append(p)
         needed, decoded = sorted(video.wanted), -1  # the last frame decoded
         yield video  # the consumer's from here on
+        yield from (ClipFailure(c.sample_id, w) for c, w in windows if isinstance(w, str))
         try:
             for decoded, frame in decode_frames(path, needed) if needed else ():
                 yield decoded, as_image(frame)

@@ -4,8 +4,7 @@ A ``<sample>_bio.csv`` has ``time`` (us, ms or s, from the step), ``gsr``, ``ecg
 also ``emg_corrugator``, ``emg_zygomaticus``). The rate must be within 2 % of ``features.physio_fs``; NaN runs
 up to ``max_nan_gap_s`` are interpolated, longer ones or a flat channel quarantine the sample; zero-phase
 Butterworth filters; the ``physio_window`` is z-scored per channel (``window`` (C, L)), ``spectrogram``
-(C, F, T) = ``log(S + 1e-10)``; descriptors from the filtered window (NaN without their channel).
-"""
+(C, F, T) = ``log(S + 1e-10)``; descriptors from the filtered window (NaN without their channel)."""
 
 from __future__ import annotations
 
@@ -114,8 +113,7 @@ def window_length(features: FeatureConfig) -> int:
 def check_settings(features: FeatureConfig, part: str) -> None:
     """Fail before any work on settings that cannot produce a spectrogram or a valid filter."""
     resolve_channels(features, part)
-    length = window_length(features)
-    if length < features.spec_nperseg:
+    if (length := window_length(features)) < features.spec_nperseg:
         raise ConfigError(
             f"features.physio_window {features.physio_window} gives {length} samples at {features.physio_fs} Hz, "
             f"fewer than features.spec_nperseg ({features.spec_nperseg})"

@@ -157,13 +157,6 @@ class BasicBlock(nn.Module):
         return self.relu(self.conv2(self.conv1(x)) + shortcut)
 
 
-def freeze_(module: nn.Module) -> nn.Module:
-    """Set ``requires_grad=False`` on every parameter and put the module in eval mode; returns it."""
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module.eval()
-
-
 @contextlib.contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
     """Run the block with ``torch.manual_seed(seed)``, restoring the global CPU RNG state afterwards (None: as is)."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pkdot.errors import ConfigError, StageError
 from pkdot.models.fusion import GatedCrossAttentionFusion, module_dict
-from pkdot.models.heads import Backbone, ModelOutput, TaskHead, freeze_, seeded
+from pkdot.models.heads import Backbone, ModelOutput, TaskHead, seeded
 from pkdot.models.teacher import build_backbone, check_backbone, fusion_and_head
 from pkdot.models.tnet import TNet, build_tnets
 
@@ -47,11 +47,10 @@ class Student(nn.Module):
         self.modality, self.video_backbone = modality, video_backbone
         self.tnets = module_dict(dict(tnets))
         self.fusion, self.head, self.backbone_frozen = fusion, head, bool(freeze_backbone)
-        freeze_(self.tnets)
+        self.tnets.requires_grad_(False).eval()
+        self.video_backbone.requires_grad_(not self.backbone_frozen)
         if self.backbone_frozen:
-            freeze_(self.video_backbone)
-        else:
-            self.video_backbone.requires_grad_(True)
+            self.video_backbone.eval()
 
     def train(self, mode: bool = True) -> Student:
         """Set train/eval mode, the frozen parts staying in eval mode."""

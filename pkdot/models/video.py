@@ -126,12 +126,11 @@ def load_pretrained_video(backbone: VideoBackbone, path: str | Path) -> None:
             f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}"
         )
     current = target.state_dict()
-    wrong = [
+    if wrong := [
         f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape)}"
         for k, v in state.items()
         if tuple(v.shape) != tuple(current[k].shape)
-    ]
-    if wrong:
+    ]:
         raise ConfigError(
             f"model.pretrained_video: {path} has {len(wrong)} tensors of the wrong shape "
             f"(check model.video_width / model.embed_dim), e.g. {wrong[:3]}"

@@ -30,17 +30,9 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
         kind, s = cfg.data.dataset, cfg.synth
         root = rd.synthetic_root(kind)
         done = root / ".synthetic-complete.json"
-        params = {
-            "subjects": s.subjects,
-            "seed": cfg.seed,
-            "samples_per_class": s.samples_per_class,
-            "part": cfg.data.part,
-            "videos_per_subject": s.videos_per_subject,
-            "seconds_per_video": s.seconds_per_video,
-            "frame_size": s.frame_size,
-            "fps": s.fps,
-            "coupling": s.coupling,
-        }
+        # write_synthetic's arguments: the synth section with the run's seed and Biovid part (in this order)
+        params = {"subjects": s.subjects, "seed": cfg.seed, "samples_per_class": s.samples_per_class}
+        params |= {"part": cfg.data.part, **s.model_dump(exclude={"subjects", "samples_per_class"})}
         if kind == "biovid" and cfg.data.task == "binary":  # the windows the task reads: BL1 and PA4
             params["classes"] = [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]]
         marker = {"kind": kind, **params, "generator_version": GENERATOR_VERSION}

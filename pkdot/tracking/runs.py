@@ -110,9 +110,7 @@ class StageRun:
     """A nested MLflow run of one stage call (or the parent run); logs through :class:`MlflowClient`."""
 
     def __init__(self, client: MlflowClient, run_id: str, name: str) -> None:
-        self._client = client
-        self.run_id = run_id
-        self.name = name
+        self._client, self.run_id, self.name = client, run_id, name
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics at ``step`` (0 when None); MLflow refuses '+' in names: a composite loss's
@@ -167,16 +165,14 @@ class Tracker:
         """Id of ``cfg.tracking.experiment`` (created on first use, tagged :data:`EXPERIMENT_KIND`)."""
         if self._experiment_id is None:
             name = self.cfg.tracking.experiment
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
+            if (exp := self.client.get_experiment_by_name(name)) is None:
                 sqlite = self.tracking_uri.startswith("sqlite:")
                 location = (self.run_dir / "mlartifacts").as_uri() if sqlite else None
                 try:
                     self.client.create_experiment(name, artifact_location=location)
                 except MlflowException as exc:  # created meanwhile by another process
                     logger.debug("experiment %r: %s", name, exc)
-                exp = self.client.get_experiment_by_name(name)
-                if exp is None:
+                if (exp := self.client.get_experiment_by_name(name)) is None:
                     raise StageError(
                         f"MLflow experiment {name!r} could not be created at {self.tracking_uri}"
                     )
@@ -244,8 +240,7 @@ class Tracker:
         parts = {k: v for k, v in (("fold", fold), ("seed", seed)) if v is not None}
         name = stage + "".join(f"/{k}-{v}" for k, v in parts.items())
         run_tags = {MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: name, "pkdot.stage": stage}
-        run_tags.update({f"pkdot.{k}": str(v) for k, v in parts.items()})
-        run_tags.update({k: str(v) for k, v in tags.items()})
+        run_tags |= {f"pkdot.{k}": str(v) for k, v in parts.items()} | {k: str(v) for k, v in tags.items()}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags)
         if self.client.get_run(parent).info.status != "RUNNING":  # an earlier command ended the parent
             self.client.update_run(parent, status="RUNNING")
@@ -298,8 +293,7 @@ def log_jobs(cfg: RunConfig, stage: str, jobs: Sequence[Any]) -> None:
         tags = {"loss": job.loss} if job.loss else {}
         name = f"{stage}/{job.loss}" if job.loss else stage
         with tracker.stage_run(name, fold=job.fold, seed=job.seed, **tags) as run:
-            history = json.loads((jdir / HISTORY).read_text())
-            for phase, doc in history.get("phases", {}).items():
+            for phase, doc in json.loads((jdir / HISTORY).read_text()).get("phases", {}).items():
                 for r in doc["epochs"]:  # the numbers of each epoch at step = epoch (a bool is no number)
                     numeric = {f"{phase}/{k}": v for k, v in r.items() if type(v) in (int, float)}
                     numeric.pop(f"{phase}/epoch", None)

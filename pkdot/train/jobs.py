@@ -44,10 +44,9 @@ PREDICTION_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of training: a fold, a seed and (for students) a distillation loss.
-    ``group`` (cross-fitting teachers): the crossfit group this teacher is trained *without* (it gives that
-    group's targets); None: the full-fold job. ``with_test`` (``train.teacher_scope: all``): train on the test
-    part too."""
+    """One unit of training: a fold, a seed and (for students) a distillation loss. ``group`` (cross-fitting
+    teachers): the crossfit group this teacher is trained *without* (it gives that group's targets); None: the
+    full-fold job. ``with_test`` (``train.teacher_scope: all``): train on the test part too."""
 
     key: str
     out_dir: str

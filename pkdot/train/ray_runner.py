@@ -118,8 +118,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
 
     resume: dict[str, Any] | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
             resume = resume_state(d, tokens)
         if resume is not None and rank == 0:  # logging, not print (Ray Train's print patch doubles prints)

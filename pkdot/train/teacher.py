@@ -52,8 +52,7 @@ def _phase(
     job: Job, ctx: WorkerContext, phase: str, model: nn.Module, train: Callable[[], FitState], **extra: Any
 ) -> FitState:
     """Load a finished phase's weights from ``<job>/<phase>.pt``, or train it and (rank 0) save them."""
-    path = _phase_path(job, phase)
-    if path.is_file():
+    if (path := _phase_path(job, phase)).is_file():
         saved = load_checkpoint(path, ctx.device)
         model.load_state_dict(saved["state_dict"])
         return FitState(**saved["fit"])
