@@ -61,7 +61,7 @@ def predict_videos(
     classes = {"binary": [BIOVID_CLASSES[0], BIOVID_CLASSES[-1]], "multiclass": BIOVID_CLASSES}
     names = dict(enumerate(classes.get(cfg.data.task, ())))
     rows: list[dict[str, Any]] = []
-    requests = [(Path(video), [ClipRequest(sample_id=Path(video).name)]) for video in videos]
+    requests = [(video, [ClipRequest(sample_id=video.name)]) for video in map(Path, videos)]
     for video, clip in extract_faces(requests, cfg.features, detector):  # one clip per video, in order
         if not isinstance(clip, FaceClip):
             raise FeatureError(f"{video}: {clip.reason}")

@@ -178,18 +178,15 @@ def _by_recording(job: ShardJob, summary: _ShardSummary, columns: tuple[str, ...
 def _extract_faces_rows(job: ShardJob, features: FeatureConfig, summary: _ShardSummary) -> dict[str, dict]:
     detector = face_features.FaceDetector(features)
     results: dict[str, dict] = {}
-    sources = [  # a folder is a face-crop source (Aff-Wild2 cropped_aligned, Biovid frame folders); a file a video
-        (
-            path,
-            [
-                ClipRequest(
-                    r["sample_id"], r["start_frame"] or 0, r["num_frames"], face_side(r["sample_id"], path)
-                )
-                for r in rows
-            ],
-        )
-        for (path,), rows in _by_recording(job, summary, ("video_path",), "no video_path").items()
-    ]
+    sources = []  # (video file or face-crop folder, its clips): extract_faces tells them apart
+    for (path,), rows in _by_recording(job, summary, ("video_path",), "no video_path").items():
+        clips = [
+            ClipRequest(
+                r["sample_id"], r["start_frame"] or 0, r["num_frames"], face_side(r["sample_id"], path)
+            )
+            for r in rows
+        ]
+        sources.append((path, clips))
     for path, clip in face_features.extract_faces(sources, features, detector):
         if isinstance(clip, ClipFailure):
             summary.sampled_frames += clip.sampled_frames
